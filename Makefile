@@ -1,0 +1,32 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   install, then run the main job on the embedded Fashion-MNIST default (offline)
+#   make test   install, then lint and run the test suite (what .ci/run calls)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU build of torch that this machine keeps on disk; any torch>=2.4 works for users (see pyproject.toml).
+TORCH_SPEC ?= torch==2.13.0
+FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup data demo test lint
+setup: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev,tensorboard]"
+	touch $@
+
+data: $(FMNIST)
+$(FMNIST):
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+demo: setup data
+	$(VENV)/bin/retrofit run recipes/fashion-mnist.yaml --overwrite
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: setup data lint
+	$(PY) -m pytest

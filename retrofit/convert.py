@@ -1,0 +1,66 @@
+"""`convert`: load a checkpoint, insert a PatchMerger, report the cost and export: the Python API behind the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PreTrainedModel
+
+from .atomic import check_output
+from .cost import Cost, compare, model_cost
+from .export import export
+from .loading import load_config, load_image_processor, load_model
+from .surgery import check_merge, insert_patch_merger
+
+
+@dataclass
+class ConvertResult:
+    """What `convert` made: the merged model, its cost before/after, and where it was written."""
+
+    model: PreTrainedModel
+    before: Cost
+    after: Cost
+    output: Path | None
+
+    @property
+    def speedup(self) -> float:
+        """Theoretical speed-up: the ratio of FLOPs before and after."""
+        return self.before.gflops / self.after.gflops
+
+
+def convert(
+    source: str | Path,
+    *,
+    after_layer: int,
+    num_tokens: int,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    calibrate_on: str | None = None,
+    log: Callable[[str], None] = print,
+) -> ConvertResult:
+    """Insert a PatchMerger into `source` (Hub id or folder) after `after_layer` layers with `num_tokens` tokens.
+
+    Bad input raises `RetrofitError` before anything is written; `output`, if given, is written atomically.
+    """
+    if output is not None:
+        check_output(output, overwrite)
+    config = load_config(source, trust_remote_code=trust_remote_code, revision=revision)
+    check_merge(config, after_layer, num_tokens)
+    model = load_model(source, config=config, trust_remote_code=trust_remote_code, revision=revision)
+    model.eval()
+    merged = insert_patch_merger(model, after_layer, num_tokens, source=str(source))
+    if calibrate_on is not None:
+        from .calibrate import calibrate_from_data
+
+        calibrate_from_data(merged, calibrate_on, source=str(source), log=log)
+    before, after = model_cost(config), model_cost(merged.config)
+    log(compare(before, after))
+    if output is not None:
+        processor = load_image_processor(source, config, revision=revision, log=log)
+        export(merged, output, image_processor=processor, overwrite=overwrite, source_config=config)
+        log(f"wrote {output}")
+    return ConvertResult(model=merged, before=before, after=after, output=Path(output) if output else None)

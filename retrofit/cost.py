@@ -1,0 +1,81 @@
+"""Theoretical cost of a (merged) ViT: tokens seen by each layer and multiply-accumulates per image.
+
+Per encoder layer with N tokens, width D and MLP width I: N·(4·D² + 2·D·I) + 2·N²·D MACs (projections, MLP,
+attention scores and weighted sum; ≈ 12·N·D² + 2·N²·D for I = 4·D). A PatchMerger with N inputs and M outputs
+adds 2·N·M·D (scores and weighted sum). Patch embedding: N·D·C·p². GFLOPs = 2 × MACs / 1e9.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from transformers import PreTrainedConfig
+
+from .loading import family_and_head, is_merged, layer_config
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Cost of one model on one image size."""
+
+    tokens_per_layer: list[int]
+    macs: float
+    merger_macs: float = 0.0
+
+    @property
+    def gflops(self) -> float:
+        return 2 * self.macs / 1e9
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "gflops": self.gflops}
+
+
+def _pair(value: int | list | tuple) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def num_patches(config: PreTrainedConfig, image_size: int | tuple[int, int] | None = None) -> int:
+    """Number of patch tokens for a (layer) config at its own or the given image size."""
+    height, width = _pair(image_size or config.image_size)
+    patch_h, patch_w = _pair(config.patch_size)
+    return (height // patch_h) * (width // patch_w)
+
+
+def layer_macs(tokens: int, hidden: int, intermediate: int) -> float:
+    """MACs of one transformer layer on `tokens` tokens."""
+    return tokens * (4 * hidden * hidden + 2 * hidden * intermediate) + 2 * tokens * tokens * hidden
+
+
+def model_cost(config: PreTrainedConfig, image_size: int | tuple[int, int] | None = None) -> Cost:
+    """Cost of the model a (source or merged) config describes; `image_size` defaults to the config's."""
+    family, head = family_and_head(config)
+    lc = layer_config(config, head)
+    hidden, intermediate, channels = lc.hidden_size, lc.intermediate_size, getattr(lc, "num_channels", 3)
+    patches = num_patches(lc, image_size)
+    prefix = family.num_prefix_tokens(lc)
+    tokens = patches + prefix
+    patch_h, patch_w = _pair(lc.patch_size)
+    macs = patches * hidden * channels * patch_h * patch_w
+    merger_macs = 0.0
+    seen = []
+    for index in range(lc.num_hidden_layers):
+        if is_merged(config) and index == config.merge_after_layer:
+            merger_macs = 2 * patches * config.merge_num_tokens * hidden
+            tokens = prefix + config.merge_num_tokens
+        seen.append(tokens)
+        macs += layer_macs(tokens, hidden, intermediate)
+    return Cost(tokens_per_layer=seen, macs=macs + merger_macs, merger_macs=merger_macs)
+
+
+def compare(before: Cost, after: Cost) -> str:
+    """A Markdown table of tokens per layer and GFLOPs before/after, with the ratio."""
+    layers = len(before.tokens_per_layer)
+    lines = ["| layer | " + " | ".join(str(i) for i in range(layers)) + " |", "|---" * (layers + 1) + "|"]
+    lines.append("| tokens before | " + " | ".join(map(str, before.tokens_per_layer)) + " |")
+    lines.append("| tokens after | " + " | ".join(map(str, after.tokens_per_layer)) + " |")
+    lines.append("")
+    lines.append(
+        f"GFLOPs per image: {before.gflops:.4g} -> {after.gflops:.4g} "
+        f"({before.gflops / after.gflops:.3f}x fewer; merger {2 * after.merger_macs / 1e9:.2g})"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,46 @@
+"""Export a merged model as a complete Hub model repository: weights, config, code, processor, card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from huggingface_hub import ModelCard
+from transformers import PreTrainedModel
+
+from .atomic import atomic_dir
+from .card import build_card
+from .hub_code import load_classes
+from .loading import family_and_head, is_merged
+
+REQUIRED_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "README.md")
+
+
+def export(
+    model: PreTrainedModel,
+    output: str | Path,
+    *,
+    image_processor=None,
+    card: ModelCard | None = None,
+    overwrite: bool = False,
+    source_config=None,
+) -> Path:
+    """Write `model` (a merged model) to `output` as a Hub repository, atomically.
+
+    The folder holds ``config.json`` (with ``auto_map``), ``model.safetensors``, the generated
+    ``configuration_*.py``/``modeling_*.py``, ``preprocessor_config.json`` and a ``README.md`` model card.
+    Load it with ``AutoModelForImageClassification.from_pretrained(output, trust_remote_code=True)``.
+    """
+    if not is_merged(model.config):
+        raise ValueError("export() takes a merged model; use retrofit.insert_patch_merger first")
+    family, head = family_and_head(model.config)
+    classes = load_classes(family, head)
+    model.config.auto_map = dict(classes.auto_map)
+    card = card or build_card(model, source_config=source_config)
+    with atomic_dir(output, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        for filename, text in classes.files.items():
+            (tmp / filename).write_text(text)
+        if image_processor is not None:
+            image_processor.save_pretrained(tmp)
+        card.save(tmp / "README.md")
+    return Path(output)

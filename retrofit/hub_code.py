@@ -1,0 +1,117 @@
+"""The exported modeling code: rendered per family from `templates/`, written into exports, imported in-process.
+
+The in-memory merged model retrofit trains and the model users load from the Hub with ``trust_remote_code=True``
+are instances of the very same generated classes, so what is measured here is what gets published.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import importlib.util
+import inspect
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from string import Template
+
+from . import __version__
+from .families import Family, Head
+from .merger import PatchMerger
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+@dataclass(frozen=True)
+class MergedClasses:
+    """The generated classes for one (family, head) and the files that define them."""
+
+    config_class: type
+    model_class: type
+    files: dict[str, str]
+    auto_map: dict[str, str]
+
+
+def _names(family: Family, head: Head) -> dict[str, str]:
+    prefix = family.display_name
+    model_class = head.class_name
+    if model_class.startswith(prefix):
+        model_class = f"{prefix}PatchMerger{model_class[len(prefix) :]}"
+    else:
+        model_class = f"PatchMerger{model_class}"
+    stem = f"{family.name}_patch_merger"
+    return {
+        "model_type": stem,
+        "config_class": f"{prefix}PatchMergerConfig",
+        "model_class": model_class,
+        "layer_class": f"{family.layer_class}WithPatchMerger",
+        "config_module_name": f"configuration_{stem}",
+        "modeling_module_name": f"modeling_{stem}",
+    }
+
+
+def render(family: Family, head: Head) -> tuple[dict[str, str], dict[str, str]]:
+    """The generated source files (name -> text) and the ``auto_map`` for a family's head class."""
+    names = _names(family, head)
+    values = {
+        **names,
+        "retrofit_version": __version__,
+        "config_module": family.config_module,
+        "modeling_module": family.modeling_module,
+        "source_config_class": family.config_class,
+        "source_model_class": head.class_name,
+        "source_layer_class": family.layer_class,
+        "layers_path": head.layers_path,
+        "layer_config": head.layer_config,
+        "merger_source": inspect.getsource(PatchMerger).rstrip(),
+    }
+    files = {
+        f"{names[module]}.py": Template((TEMPLATES / template).read_text()).substitute(values)
+        for module, template in (
+            ("config_module_name", "configuration.py.tmpl"),
+            ("modeling_module_name", "modeling.py.tmpl"),
+        )
+    }
+    auto_map = {
+        "AutoConfig": f"{names['config_module_name']}.{names['config_class']}",
+        head.auto_class: f"{names['modeling_module_name']}.{names['model_class']}",
+    }
+    return files, auto_map
+
+
+@cache
+def _module_root() -> Path:
+    root = Path(tempfile.mkdtemp(prefix="retrofit-code-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
+
+
+@cache
+def load_classes(family: Family, head: Head) -> MergedClasses:
+    """Render the code for (family, head), import it as a package, and return its classes."""
+    files, auto_map = render(family, head)
+    names = _names(family, head)
+    package = f"retrofit_generated_{names['model_type']}_{head.class_name.lower()}"
+    package_dir = _module_root() / package
+    package_dir.mkdir(parents=True, exist_ok=True)
+    (package_dir / "__init__.py").write_text("")
+    for filename, text in files.items():
+        (package_dir / filename).write_text(text)
+    spec = importlib.util.spec_from_file_location(
+        package, package_dir / "__init__.py", submodule_search_locations=[str(package_dir)]
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[package] = module
+    spec.loader.exec_module(module)
+    config_module = importlib.import_module(f"{package}.{names['config_module_name']}")
+    modeling_module = importlib.import_module(f"{package}.{names['modeling_module_name']}")
+    return MergedClasses(
+        config_class=getattr(config_module, names["config_class"]),
+        model_class=getattr(modeling_module, names["model_class"]),
+        files=files,
+        auto_map=auto_map,
+    )

@@ -1,0 +1,139 @@
+"""Loading source checkpoints and retrofit exports, with every failure turned into a one-line `RetrofitError`."""
+
+from __future__ import annotations
+
+import operator
+from pathlib import Path
+
+import transformers
+from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
+
+from .errors import RetrofitError
+from .families import Family, Head, family_for
+
+MERGED_SUFFIX = "_patch_merger"
+
+
+def _source_error(source: str, exc: Exception) -> RetrofitError:
+    text = " ".join(str(exc).split())
+    if "safetensor" in text.lower() or "deserializ" in text.lower() or "header" in text.lower():
+        return RetrofitError(
+            f"the weights in '{source}' are corrupt or truncated ({text[:160]}); re-download or re-save the checkpoint"
+        )
+    if Path(source).exists() or source.startswith((".", "/", "~")):
+        return RetrofitError(f"cannot load '{source}': {text[:200]}; pass a folder holding config.json and weights")
+    return RetrofitError(
+        f"'{source}' is neither a local folder nor a reachable Hub model id ({text[:160]}); "
+        "check the path or id, your network, or log in with `hf auth login` for private models"
+    )
+
+
+def load_config(
+    source: str | Path, *, trust_remote_code: bool = False, revision: str | None = None
+) -> PreTrainedConfig:
+    """The config of a local folder or Hub id. Remote code is run only if the user asked for it."""
+    source = str(source)
+    if source.startswith((".", "/", "~")) and not Path(source).expanduser().exists():
+        raise RetrofitError(f"'{source}' does not exist; pass an existing folder or a Hub model id")
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
+    except ValueError as exc:
+        if MERGED_SUFFIX in str(exc) or "trust_remote_code" in str(exc):
+            # A retrofit export: its config class is ours, so read the raw dict and recreate it below.
+            return _load_export_config(source, revision)
+        raise _source_error(source, exc) from None
+    except OSError as exc:
+        raise _source_error(source, exc) from None
+
+
+def _load_export_config(source: str, revision: str | None) -> PreTrainedConfig:
+    config_dict, _ = PreTrainedConfig.get_config_dict(source, revision=revision)
+    model_type = config_dict.get("model_type", "")
+    if not model_type.endswith(MERGED_SUFFIX):
+        raise RetrofitError(
+            f"'{source}' needs custom code (model type '{model_type}'); pass --trust-remote-code if you trust it"
+        )
+    family, head = merged_family_and_head(config_dict)
+    from .hub_code import load_classes
+
+    return load_classes(family, head).config_class.from_pretrained(source, revision=revision)
+
+
+def merged_family_and_head(config: PreTrainedConfig | dict) -> tuple[Family, Head]:
+    """The (family, head) of a retrofit export's config."""
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    family = family_for(get("model_type", "").removesuffix(MERGED_SUFFIX))
+    architectures = get("architectures") or []
+    for head in family.heads.values():
+        if architectures and architectures[0].replace("PatchMerger", "") == head.class_name:
+            return family, head
+    raise RetrofitError(f"cannot tell which {family.display_name} class this export is ({architectures}); re-export it")
+
+
+def is_merged(config: PreTrainedConfig) -> bool:
+    """True for the config of a model that already has a PatchMerger."""
+    return config.model_type.endswith(MERGED_SUFFIX)
+
+
+def family_and_head(config: PreTrainedConfig) -> tuple[Family, Head]:
+    """The (family, head) a source config will be loaded as: its own architecture if supported, else the first head."""
+    if is_merged(config):
+        return merged_family_and_head(config)
+    family = family_for(config.model_type)
+    architectures = getattr(config, "architectures", None) or []
+    for name in architectures:
+        if name in family.heads:
+            return family, family.heads[name]
+    return family, next(iter(family.heads.values()))
+
+
+def layer_config(config: PreTrainedConfig, head: Head) -> PreTrainedConfig:
+    """The config the encoder layers are built from (``config`` itself, or e.g. ``config.vision_config``)."""
+    path = head.layer_config.removeprefix("config").lstrip(".")
+    return operator.attrgetter(path)(config) if path else config
+
+
+def load_model(
+    source: str | Path,
+    *,
+    config: PreTrainedConfig | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    dtype: str | None = None,
+    **kwargs,
+) -> PreTrainedModel:
+    """Load a supported source checkpoint or a retrofit export as a transformers model.
+
+    Exports are loaded with retrofit's own generated classes, so no code from the folder is executed.
+    """
+    source = str(source)
+    config = config or load_config(source, trust_remote_code=trust_remote_code, revision=revision)
+    family, head = family_and_head(config)
+    if is_merged(config):
+        from .hub_code import load_classes
+
+        model_class = load_classes(family, head).model_class
+    else:
+        model_class = getattr(transformers, head.class_name)
+    try:
+        return model_class.from_pretrained(source, config=config, revision=revision, dtype=dtype, **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise _source_error(source, exc) from None
+    except Exception as exc:  # safetensors raises its own SafetensorError for corrupt files
+        if type(exc).__name__ == "SafetensorError":
+            raise _source_error(source, exc) from None
+        raise
+
+
+def load_image_processor(source: str | Path, config: PreTrainedConfig, *, revision: str | None = None, log=print):
+    """The source's image processor; if it has none, a ViT-style one for the config's image size (and a warning)."""
+    from transformers import AutoImageProcessor, ViTImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(str(source), revision=revision)
+    except (OSError, ValueError):
+        _, head = family_and_head(config)
+        lc = layer_config(config, head)
+        size = lc.image_size if isinstance(lc.image_size, int) else lc.image_size[0]
+        log(f"warning: '{source}' has no image processor; using resize to {size}x{size} and mean=std=0.5")
+        return ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)

@@ -1,0 +1,90 @@
+"""Surgery: insert a PatchMerger into a loaded transformers model, keeping every original weight bit-exact."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedConfig, PreTrainedModel
+
+from .cost import num_patches
+from .errors import RetrofitError
+from .families import Family, Head
+from .hub_code import load_classes
+from .loading import family_and_head, is_merged, layer_config
+
+
+def check_merge(config: PreTrainedConfig, after_layer: int, num_tokens: int) -> tuple[Family, Head, int]:
+    """Validate a merge setting against a source config; return (family, head, number of prefix tokens)."""
+    if is_merged(config):
+        raise RetrofitError(
+            "this checkpoint already has a PatchMerger (it is a retrofit export); convert its source instead, "
+            "or pass it to `retrofit finetune` to continue training it"
+        )
+    family, head = family_and_head(config)
+    lc = layer_config(config, head)
+    layers = lc.num_hidden_layers
+    if not 1 <= after_layer < layers:
+        raise RetrofitError(
+            f"--after-layer {after_layer} is out of range: this model has {layers} layers, so use 1..{layers - 1}"
+        )
+    patches = num_patches(lc)
+    if not 1 <= num_tokens < patches:
+        raise RetrofitError(
+            f"--tokens {num_tokens} is out of range: the model has {patches} patch tokens, so use 1..{patches - 1}"
+        )
+    return family, head, family.num_prefix_tokens(lc)
+
+
+def merged_config(
+    model: PreTrainedModel, after_layer: int, num_tokens: int, *, source: str | None = None
+) -> PreTrainedConfig:
+    """The config of `model` with the merge settings added, as the generated config class."""
+    family, head, prefix = check_merge(model.config, after_layer, num_tokens)
+    classes = load_classes(family, head)
+    values = model.config.to_dict()
+    for key in ("model_type", "transformers_version", "auto_map"):
+        values.pop(key, None)
+    config = classes.config_class.from_dict(
+        {
+            **values,
+            "architectures": [classes.model_class.__name__],
+            "merge_after_layer": after_layer,
+            "merge_num_tokens": num_tokens,
+            "merge_num_prefix_tokens": prefix,
+            "merge_source": source or getattr(model.config, "_name_or_path", None) or None,
+        }
+    )
+    config._attn_implementation = model.config._attn_implementation
+    return config
+
+
+def insert_patch_merger(
+    model: PreTrainedModel, after_layer: int, num_tokens: int, *, source: str | None = None
+) -> PreTrainedModel:
+    """Return `model` with a PatchMerger before encoder layer `after_layer` (a new model object).
+
+    The merged model shares its original parameters with `model` (no copy is made; train a separate copy if you
+    still need the source). The merger is randomly initialised (see `retrofit.calibrate` for a data-driven start).
+    """
+    family, head, _ = check_merge(model.config, after_layer, num_tokens)
+    config = merged_config(model, after_layer, num_tokens, source=source)
+    model_class = load_classes(family, head).model_class
+    with torch.device("meta"):
+        merged = model_class(config)
+    state = model.state_dict()
+    missing, unexpected = merged.load_state_dict(state, strict=False, assign=True)
+    merger_prefix = f"{head.layers_path}.{after_layer}.patch_merger."
+    if unexpected or any(not key.startswith(merger_prefix) for key in missing):
+        raise RuntimeError(f"surgery mismatch for {head.class_name}: missing={missing} unexpected={unexpected}")
+    # Buffers that are not saved in the state dict (e.g. position ids) are taken from the source model.
+    source_buffers = dict(model.named_buffers())
+    for name, buffer in list(merged.named_buffers()):
+        if buffer.is_meta:
+            module_name, _, buffer_name = name.rpartition(".")
+            merged.get_submodule(module_name)._buffers[buffer_name] = source_buffers[name]
+    reference = next(model.parameters())
+    merger = merged.patch_merger
+    merger.to_empty(device=reference.device)
+    merger.reset_parameters(std=merged._merger_init_std())
+    merger.to(dtype=reference.dtype)
+    merged.train(model.training)
+    return merged
