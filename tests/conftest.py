@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny random checkpoints built from configs and saved to temp folders, standing in for Hub ids."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TINY = dict(
+    hidden_size=32,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    intermediate_size=64,
+    image_size=32,
+    patch_size=8,
+    num_labels=3,
+    id2label={0: "cat", 1: "dog", 2: "bird"},
+    label2id={"cat": 0, "dog": 1, "bird": 2},
+)
+
+
+def save_tiny(model, path: Path, image_size: int = 32) -> Path:
+    """Save a model plus an image processor, as a Hub checkpoint folder would have."""
+    from transformers import ViTImageProcessor
+
+    model.save_pretrained(path)
+    ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory) -> Path:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    return save_tiny(ViTForImageClassification(ViTConfig(**TINY)), tmp_path_factory.mktemp("vit") / "tiny-vit")
+
+
+@pytest.fixture(scope="session")
+def tiny_deit(tmp_path_factory) -> Path:
+    from transformers import DeiTConfig, DeiTForImageClassification
+
+    torch.manual_seed(1)
+    return save_tiny(DeiTForImageClassification(DeiTConfig(**TINY)), tmp_path_factory.mktemp("deit") / "tiny-deit")
+
+
+@pytest.fixture(scope="session")
+def tiny_deit_distilled(tmp_path_factory) -> Path:
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
+
+    torch.manual_seed(2)
+    model = DeiTForImageClassificationWithTeacher(DeiTConfig(**TINY))
+    return save_tiny(model, tmp_path_factory.mktemp("deitd") / "tiny-deit-distilled")
+
+
+@pytest.fixture
+def pixels() -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
