@@ -35,6 +35,8 @@ def atomic_dir(output: str | Path, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o755)
+        for path in tmp.rglob("*"):  # temp files are created 0600; exports are meant to be shared
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
         if output.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
             os.replace(output, old / output.name)
