@@ -1,0 +1,267 @@
+"""`retrofit convert`: surgery, export round trip, loading without retrofit, pipeline, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoModelForImageClassification, pipeline
+
+from retrofit import RetrofitError, convert, insert_patch_merger, load_model
+from retrofit.cli import main
+from retrofit.cost import model_cost
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def vit_export(tiny_vit, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exports") / "vit-pm"
+    result = convert(tiny_vit, after_layer=2, num_tokens=4, output=out, log=lambda _: None)
+    result.model.eval()
+    return result, out
+
+
+def logits(model, pixels):
+    with torch.no_grad():
+        return model(pixel_values=pixels).logits
+
+
+def test_export_folder_is_a_complete_hub_repo(vit_export):
+    _, out = vit_export
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= names
+    assert {"configuration_vit_patch_merger.py", "modeling_vit_patch_merger.py"} <= names
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "vit_patch_merger"
+    assert config["merge_after_layer"] == 2 and config["merge_num_tokens"] == 4
+    assert config["merge_num_prefix_tokens"] == 1
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_vit_patch_merger.ViTPatchMergerConfig",
+        "AutoModelForImageClassification": "modeling_vit_patch_merger.ViTPatchMergerForImageClassification",
+    }
+    card = (out / "README.md").read_text()
+    assert "trust_remote_code=True" in card and "patch-merger" in card
+    assert not list(out.parent.glob(".vit-pm.tmp-*")), "temporary folder left behind"
+
+
+def test_round_trip_logits_match_in_memory_model(vit_export, pixels):
+    result, out = vit_export
+    loaded = AutoModelForImageClassification.from_pretrained(out, trust_remote_code=True).eval()
+    assert (logits(loaded, pixels) - logits(result.model, pixels)).abs().max() <= 1e-5
+
+
+def test_original_weights_are_bit_exact(tiny_vit, vit_export):
+    _, out = vit_export
+    source, merged = load_file(tiny_vit / "model.safetensors"), load_file(out / "model.safetensors")
+    for name, tensor in source.items():
+        assert torch.equal(merged[name], tensor), name
+    # transformers saves the legacy names (vit.encoder.layer.N) for both; the merger adds exactly three tensors.
+    extra = sorted(set(merged) - set(source))
+    assert extra == [f"vit.encoder.layer.2.patch_merger.{n}" for n in ("norm.bias", "norm.weight", "queries")]
+
+
+def test_merged_layers_see_fewer_tokens(vit_export, pixels):
+    result, _ = vit_export
+    with torch.no_grad():
+        hidden = result.model(pixel_values=pixels, output_hidden_states=True).hidden_states
+    # embeddings + 4 layers: 16 patches + CLS until layer 2 merges them into 4 (+ CLS).
+    assert [h.shape[1] for h in hidden] == [17, 17, 17, 5, 5]
+    assert result.after.tokens_per_layer == [17, 17, 5, 5]
+    assert result.speedup == pytest.approx(result.before.gflops / model_cost(result.model.config).gflops)
+    assert result.speedup > 1.3
+
+
+def test_cost_ratio_is_printed(tiny_vit, tmp_path, capsys):
+    assert main(["convert", str(tiny_vit), "--after-layer", "1", "--tokens", "2", "-o", str(tmp_path / "o")]) == 0
+    printed = capsys.readouterr().out
+    assert "| tokens before | 17 | 17 | 17 | 17 |" in printed
+    assert "| tokens after | 17 | 3 | 3 | 3 |" in printed
+    before, after = printed.split("GFLOPs per image: ")[1].split(" (")[0].split(" -> ")
+    assert float(before) / float(after) > 2
+
+
+def test_pipeline_classifies_a_pil_image(vit_export):
+    _, out = vit_export
+    classifier = pipeline("image-classification", model=str(out), trust_remote_code=True)
+    image = Image.fromarray((np.random.default_rng(0).random((48, 40, 3)) * 255).astype("uint8"))
+    predictions = classifier(image)
+    assert {p["label"] for p in predictions} == {"cat", "dog", "bird"}
+    assert sum(p["score"] for p in predictions) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_export_loads_in_a_process_without_retrofit(vit_export, pixels, tmp_path):
+    result, out = vit_export
+    torch.save(pixels, tmp_path / "pixels.pt")
+    torch.save(logits(result.model, pixels), tmp_path / "expected.pt")
+    blocker = tmp_path / "blocker"
+    (blocker / "retrofit").mkdir(parents=True)
+    (blocker / "retrofit" / "__init__.py").write_text("raise ImportError('retrofit must not be needed')\n")
+    script = textwrap.dedent(f"""
+        import torch
+        try:
+            import retrofit
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("retrofit was importable")
+        from transformers import AutoModelForImageClassification
+        model = AutoModelForImageClassification.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+        with torch.no_grad():
+            got = model(pixel_values=torch.load({str(tmp_path / "pixels.pt")!r})).logits
+        diff = (got - torch.load({str(tmp_path / "expected.pt")!r})).abs().max().item()
+        assert diff <= 1e-5, diff
+        print("OK", diff)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(blocker), "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith("OK")
+
+
+def test_export_load_save_reproduces_tensors(vit_export, tmp_path):
+    _, out = vit_export
+    loaded = AutoModelForImageClassification.from_pretrained(out, trust_remote_code=True)
+    loaded.save_pretrained(tmp_path / "again")
+    first, second = load_file(out / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_retrofit_loads_its_export_without_remote_code(vit_export, pixels):
+    result, out = vit_export
+    model = load_model(out).eval()
+    assert type(model).__name__ == "ViTPatchMergerForImageClassification"
+    assert (logits(model, pixels) - logits(result.model, pixels)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("fixture,prefix", [("tiny_deit", 2), ("tiny_deit_distilled", 2)])
+def test_deit_round_trip(request, fixture, prefix, tmp_path, pixels):
+    source = request.getfixturevalue(fixture)
+    out = tmp_path / f"{fixture}-pm"  # transformers caches remote code by folder name within a process
+    result = convert(source, after_layer=1, num_tokens=3, output=out, log=lambda _: None)
+    assert result.model.config.merge_num_prefix_tokens == prefix
+    assert result.after.tokens_per_layer == [18, 5, 5, 5]
+    loaded = AutoModelForImageClassification.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(loaded).__name__ == type(result.model).__name__
+    assert (logits(loaded, pixels) - logits(result.model.eval(), pixels)).abs().max() <= 1e-5
+
+
+def test_surgery_keeps_source_outputs_before_the_merge(tiny_vit, pixels):
+    source = load_model(tiny_vit).eval()
+    with torch.no_grad():
+        before = source(pixel_values=pixels, output_hidden_states=True).hidden_states
+    merged = insert_patch_merger(source, 3, 2).eval()
+    with torch.no_grad():
+        after = merged(pixel_values=pixels, output_hidden_states=True).hidden_states
+    for layer in range(4):  # embeddings and the first 3 layers are untouched
+        assert torch.equal(before[layer], after[layer])
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2, nothing written
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    code = main(list(map(str, args)))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def assert_refused(capsys, out: Path, *args, match: str):
+    code, err = run_cli(capsys, "convert", *args, "--output", out)
+    assert code == 2, err
+    assert err.startswith("retrofit: error: ") and "\n" not in err and "Traceback" not in err
+    assert match in err, err
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.*")), "temporary folder left behind"
+
+
+def test_missing_path(capsys, tmp_path):
+    assert_refused(capsys, tmp_path / "o", tmp_path / "nope", "--after-layer", 1, "--tokens", 2, match="does not exist")
+
+
+def test_unreachable_hub_id(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert_refused(capsys, tmp_path / "o", "nobody-xyz/no-such-model", "--after-layer", 1, "--tokens", 2,
+                   match="neither a local folder nor a reachable Hub model id")  # fmt: skip
+
+
+@pytest.mark.parametrize("k", [0, 4, -1])
+def test_after_layer_out_of_range(capsys, tmp_path, tiny_vit, k):
+    assert_refused(capsys, tmp_path / "o", tiny_vit, "--after-layer", k, "--tokens", 2, match="use 1..3")
+
+
+@pytest.mark.parametrize("m", [0, 16, 100])
+def test_tokens_out_of_range(capsys, tmp_path, tiny_vit, m):
+    assert_refused(capsys, tmp_path / "o", tiny_vit, "--after-layer", 1, "--tokens", m, match="use 1..15")
+
+
+def test_unsupported_architecture(capsys, tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    source = tmp_path / "bert"
+    BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=32)).save_pretrained(source)  # fmt: skip
+    assert_refused(capsys, tmp_path / "o", source, "--after-layer", 1, "--tokens", 2, match="supported families: ViT")
+
+
+def test_output_exists_refused_unless_overwrite(capsys, tmp_path, tiny_vit):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    code, err = run_cli(capsys, "convert", tiny_vit, "--after-layer", 1, "--tokens", 2, "--output", out)
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    assert (out / "keep.txt").read_text() == "user data"
+    code, _ = run_cli(capsys, "convert", tiny_vit, "--after-layer", 1, "--tokens", 2, "--output", out, "--overwrite")
+    assert code == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_weights(capsys, tmp_path, tiny_vit, damage):
+    import shutil
+
+    source = tmp_path / "src"
+    shutil.copytree(tiny_vit, source)
+    weights = source / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00garbage" * 64)
+    assert_refused(capsys, tmp_path / "o", source, "--after-layer", 1, "--tokens", 2, match="corrupt or truncated")
+
+
+def test_converting_an_export_is_refused(capsys, tmp_path, vit_export):
+    _, out = vit_export
+    assert_refused(capsys, tmp_path / "o", out, "--after-layer", 1, "--tokens", 2, match="already has a PatchMerger")
+
+
+def test_source_code_never_runs_without_trust_remote_code(capsys, tmp_path, tiny_vit):
+    import shutil
+
+    source = tmp_path / "custom"
+    shutil.copytree(tiny_vit, source)
+    marker = tmp_path / "code-ran"
+    (source / "configuration_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import ViTConfig\n\nclass EvilConfig(ViTConfig):\n    model_type = 'evil'\n"
+    )
+    config = json.loads((source / "config.json").read_text())
+    config.update(model_type="evil", auto_map={"AutoConfig": "configuration_evil.EvilConfig"})
+    (source / "config.json").write_text(json.dumps(config))
+    code, err = run_cli(capsys, "convert", source, "--after-layer", 1, "--tokens", 2, "--output", tmp_path / "o")
+    assert code == 2 and "--trust-remote-code" in err, err
+    assert not marker.exists()
+
+
+def test_python_api_raises_retrofit_error(tiny_vit):
+    with pytest.raises(RetrofitError, match="use 1..3"):
+        convert(tiny_vit, after_layer=9, num_tokens=2, log=lambda _: None)
