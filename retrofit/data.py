@@ -1,0 +1,409 @@
+"""Data: load an image-classification split (Fashion-MNIST from Debian's files, a local image folder, or a Hub
+dataset) and turn it into batches of ``{"pixel_values", "labels"}`` with the checkpoint's own preprocessing.
+
+Every failure (unknown dataset, missing column, unreadable image, empty split, batch larger than the data) is a
+one-line `RetrofitError`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import RetrofitError
+
+FASHION_MNIST = "fashion-mnist"
+FASHION_MNIST_DIR = Path(os.environ.get("RETROFIT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+_FMNIST_FILES = {"train": "train", "test": "t10k"}
+_SPLIT_ALIASES = {"validation": "test", "valid": "test", "val": "test", "eval": "test"}
+CACHE_DIR = Path(os.environ.get("RETROFIT_CACHE", Path.home() / ".cache" / "retrofit"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading splits
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _read_idx(path: Path, offset: int) -> np.ndarray:
+    try:
+        with gzip.open(path) as handle:
+            raw = handle.read()
+    except FileNotFoundError:
+        raise RetrofitError(
+            f"Fashion-MNIST file '{path}' is missing; install it with `sudo apt-get install dataset-fashion-mnist` "
+            "(or `make data`)"
+        ) from None
+    except (OSError, EOFError) as exc:
+        raise RetrofitError(
+            f"Fashion-MNIST file '{path}' is unreadable ({exc}); reinstall dataset-fashion-mnist"
+        ) from None
+    return np.frombuffer(raw, dtype=np.uint8, offset=offset)
+
+
+def _fashion_mnist(split: str, limit: int | None):
+    """Fashion-MNIST as a `datasets.Dataset` (Image + ClassLabel), built from the IDX files and cached on disk."""
+    from datasets import ClassLabel, Dataset, Features, Image, load_from_disk
+
+    split = _SPLIT_ALIASES.get(split, split)
+    if split not in _FMNIST_FILES:
+        raise RetrofitError(f"fashion-mnist has no split '{split}'; use train or test (validation = test)")
+    prefix = FASHION_MNIST_DIR / _FMNIST_FILES[split]
+    images_path, labels_path = Path(f"{prefix}-images-idx3-ubyte.gz"), Path(f"{prefix}-labels-idx1-ubyte.gz")
+    stamp = hashlib.sha1(
+        f"{images_path.stat().st_mtime if images_path.exists() else 0}:{limit is None}".encode()
+    ).hexdigest()[:8]
+    cached = CACHE_DIR / "datasets" / f"fashion-mnist-{split}-{stamp}"
+    if limit is None and cached.is_dir():
+        try:
+            return load_from_disk(str(cached))
+        except Exception:  # a damaged cache is rebuilt below
+            shutil.rmtree(cached, ignore_errors=True)
+    images = _read_idx(images_path, 16).reshape(-1, 28, 28)
+    labels = _read_idx(labels_path, 8).astype(np.int64)
+    if len(images) != len(labels):
+        raise RetrofitError(f"Fashion-MNIST '{split}' files disagree ({len(images)} images, {len(labels)} labels)")
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    features = Features({"image": Image(), "label": ClassLabel(names=FASHION_MNIST_CLASSES)})
+    dataset = Dataset.from_dict({"image": list(images), "label": labels.tolist()}, features=features)
+    if limit is None:
+        try:  # cache the encoded split (atomically: temp folder + rename); a failure only costs time next run
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=f".{cached.name}.tmp-", dir=cached.parent)
+            from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+            was_disabled = are_progress_bars_disabled()
+            disable_progress_bars()
+            try:
+                dataset.save_to_disk(tmp)
+            finally:
+                if not was_disabled:
+                    enable_progress_bars()
+            os.replace(tmp, cached)
+            dataset = load_from_disk(str(cached))
+        except OSError:
+            pass
+    return dataset
+
+
+def _check_local_images(dataset, image_column: str, source: str) -> None:
+    """Fail early, naming the file, if a local image cannot be opened (header check only: cheap)."""
+    from datasets import Image
+    from PIL import Image as PILImage
+
+    raw = dataset.cast_column(image_column, Image(decode=False))
+    for index, item in enumerate(raw[image_column]):
+        path = (item or {}).get("path")
+        try:
+            if item.get("bytes") is not None:
+                import io
+
+                PILImage.open(io.BytesIO(item["bytes"])).verify()
+            else:
+                with PILImage.open(path) as image:
+                    image.verify()
+        except Exception as exc:  # PIL raises many types for bad files
+            raise RetrofitError(
+                f"image {index} ('{path}') in '{source}' is unreadable ({type(exc).__name__}); remove or replace it"
+            ) from None
+
+
+def load_split(
+    data: str,
+    split: str,
+    *,
+    image_column: str = "image",
+    label_column: str | None = "label",
+    limit: int | None = None,
+):
+    """One split of an image-classification dataset as a `datasets.Dataset` with columns ``image`` (and ``label``).
+
+    `data` is ``fashion-mnist`` (Debian's files, split ``train``/``test``; ``validation`` means ``test``), a local
+    folder in the `datasets` imagefolder layout, or a Hub dataset id. `limit` keeps the first `limit` examples.
+    """
+    import datasets
+
+    if limit is not None and limit < 1:
+        raise RetrofitError(f"--limit must be at least 1 (got {limit})")
+    data = str(data)
+    if data.lower() in (FASHION_MNIST, "fashion_mnist", "fashionmnist"):
+        dataset = _fashion_mnist(split, limit)
+    else:
+        local = Path(data).expanduser()
+        is_local = local.exists() or data.startswith((".", "/", "~"))
+        try:
+            if is_local:
+                if not local.is_dir():
+                    raise RetrofitError(
+                        f"dataset '{data}' does not exist or is not a folder; pass fashion-mnist, an image folder "
+                        "(class sub-folders, optionally under train/ and test/) or a Hub dataset id"
+                    )
+                splits = datasets.load_dataset("imagefolder", data_dir=str(local))
+            else:
+                splits = datasets.load_dataset(data)
+        except RetrofitError:
+            raise
+        except Exception as exc:
+            text = " ".join(str(exc).split())[:160]
+            raise RetrofitError(
+                f"cannot load dataset '{data}' ({type(exc).__name__}: {text}); pass fashion-mnist, an image folder "
+                "or a reachable Hub dataset id"
+            ) from None
+        available = list(splits.keys())
+        chosen = split if split in splits else None
+        if chosen is None and split in ("validation", "test"):
+            chosen = next((name for name in ("validation", "test", "valid", "val") if name in splits), None)
+        if chosen is None:
+            raise RetrofitError(f"dataset '{data}' has no split '{split}'; available: {', '.join(available)}")
+        dataset = splits[chosen]
+        if limit is not None:
+            dataset = dataset.select(range(min(limit, len(dataset))))
+        for column in (image_column, label_column):
+            if column is not None and column not in dataset.column_names:
+                raise RetrofitError(
+                    f"dataset '{data}' has no column '{column}'; available: {', '.join(dataset.column_names)} "
+                    f"(choose with --image-column / --label-column)"
+                )
+        if not isinstance(dataset.features[image_column], datasets.Image):
+            raise RetrofitError(
+                f"column '{image_column}' of '{data}' does not hold images ({dataset.features[image_column]}); "
+                "choose another with --image-column"
+            )
+        keep = [image_column] + ([label_column] if label_column else [])
+        dataset = dataset.remove_columns([c for c in dataset.column_names if c not in keep])
+        if image_column != "image":
+            dataset = dataset.rename_column(image_column, "image")
+        if label_column and label_column != "label":
+            dataset = dataset.rename_column(label_column, "label")
+        if is_local and len(dataset):
+            _check_local_images(dataset, "image", data)
+    if label_column is None and "label" in dataset.column_names:
+        dataset = dataset.remove_columns("label")
+    if len(dataset) == 0:
+        raise RetrofitError(f"split '{split}' of dataset '{data}' is empty; choose another split or dataset")
+    return dataset
+
+
+def class_names(dataset) -> list[str] | None:
+    """The class names of a split's ``label`` column, if it is a `ClassLabel` (else None)."""
+    from datasets import ClassLabel
+
+    feature = dataset.features.get("label") if "label" in dataset.column_names else None
+    return list(feature.names) if isinstance(feature, ClassLabel) else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preprocessing and batching
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _size(value) -> tuple[int, int] | int:
+    """(height, width), or an int meaning "shortest edge", from an image processor's size/crop_size."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return (value, value)
+    value = dict(value)
+    if "height" in value and "width" in value:
+        return (int(value["height"]), int(value["width"]))
+    if "shortest_edge" in value:
+        return int(value["shortest_edge"])
+    raise RetrofitError(f"unsupported image processor size {value}; use a processor with height/width")
+
+
+class ImageTransform:
+    """The checkpoint's preprocessing (resize, centre crop, rescale, normalise) in PIL + torch, with optional
+    train-time augmentation (random resized crop + horizontal flip) that is a pure function of (seed, epoch, index),
+    so a resumed run sees exactly the same augmented images as an uninterrupted one."""
+
+    def __init__(self, image_processor, *, num_channels: int | None = None, augment: bool = False, seed: int = 0):
+        from PIL import Image
+
+        processor = image_processor
+        mean = getattr(processor, "image_mean", None)
+        std = getattr(processor, "image_std", None)
+        if isinstance(mean, (int, float)):
+            mean = [mean]
+        if isinstance(std, (int, float)):
+            std = [std]
+        self.num_channels = num_channels or (len(mean) if mean else 3)
+        self.do_resize = getattr(processor, "do_resize", True) is not False
+        self.size = _size(getattr(processor, "size", None)) or (224, 224)
+        self.do_center_crop = bool(getattr(processor, "do_center_crop", False))
+        self.crop_size = _size(getattr(processor, "crop_size", None)) if self.do_center_crop else None
+        self.do_rescale = getattr(processor, "do_rescale", True) is not False
+        self.rescale_factor = float(getattr(processor, "rescale_factor", 1 / 255) or 1 / 255)
+        self.do_normalize = getattr(processor, "do_normalize", True) is not False and mean is not None
+        if self.do_normalize:
+            mean = list(mean) * self.num_channels if len(mean) == 1 else list(mean)
+            std = list(std) * self.num_channels if len(std) == 1 else list(std)
+            if len(mean) != self.num_channels:
+                mean, std = mean[: self.num_channels], std[: self.num_channels]
+            self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+            self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        resample = getattr(processor, "resample", None)
+        self.resample = Image.Resampling(int(resample)) if resample is not None else Image.Resampling.BILINEAR
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+
+    def _resize(self, image):
+        if not self.do_resize:
+            return image
+        if isinstance(self.size, int):  # shortest edge
+            width, height = image.size
+            scale = self.size / min(width, height)
+            target = (max(1, round(width * scale)), max(1, round(height * scale)))
+        else:
+            target = (self.size[1], self.size[0])
+        return image if image.size == target else image.resize(target, self.resample)
+
+    def _crop(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.crop_size:
+            return tensor
+        crop_h, crop_w = self.crop_size if isinstance(self.crop_size, tuple) else (self.crop_size,) * 2
+        _, height, width = tensor.shape
+        top, left = max(0, (height - crop_h) // 2), max(0, (width - crop_w) // 2)
+        return tensor[:, top : top + crop_h, left : left + crop_w]
+
+    def _augment(self, tensor: torch.Tensor, index: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFFFFFF)
+        _, height, width = tensor.shape
+        area = height * width
+        for _ in range(10):  # random resized crop, scale (0.7, 1), aspect (3/4, 4/3), as in Inception-style crops
+            scale = 0.7 + 0.3 * torch.rand((), generator=generator).item()
+            log_ratio = (
+                math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand((), generator=generator).item()
+            )
+            ratio = math.exp(log_ratio)
+            crop_w = round(math.sqrt(area * scale * ratio))
+            crop_h = round(math.sqrt(area * scale / ratio))
+            if 0 < crop_w <= width and 0 < crop_h <= height:
+                top = int(torch.randint(0, height - crop_h + 1, (), generator=generator))
+                left = int(torch.randint(0, width - crop_w + 1, (), generator=generator))
+                crop = tensor[:, top : top + crop_h, left : left + crop_w]
+                tensor = F.interpolate(crop[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+                break
+        if torch.rand((), generator=generator).item() < 0.5:
+            tensor = tensor.flip(-1)
+        return tensor
+
+    def __call__(self, image, index: int = 0) -> torch.Tensor:
+        """A PIL image -> float tensor (C, H, W) ready for the model."""
+        mode = "L" if self.num_channels == 1 else "RGB"
+        if image.mode != mode:
+            image = image.convert(mode)
+        image = self._resize(image)
+        array = np.asarray(image, dtype=np.float32)
+        tensor = torch.from_numpy(array.copy()).unsqueeze(0) if array.ndim == 2 else torch.from_numpy(array.copy())
+        if tensor.ndim == 3 and tensor.shape[-1] == self.num_channels and tensor.shape[0] != self.num_channels:
+            tensor = tensor.permute(2, 0, 1)
+        tensor = self._crop(tensor)
+        if self.do_rescale:
+            tensor = tensor * self.rescale_factor
+        if self.augment:
+            tensor = self._augment(tensor, index)
+        if self.do_normalize:
+            tensor = (tensor - self.mean) / self.std
+        return tensor.contiguous()
+
+
+class TransformedDataset(torch.utils.data.Dataset):
+    """A `datasets.Dataset` split seen through an `ImageTransform` (and an optional label remapping)."""
+
+    def __init__(self, dataset, transform: ImageTransform, label_map: dict[int, int] | None = None):
+        self.dataset = dataset
+        self.transform = transform
+        self.has_labels = "label" in dataset.column_names
+        self.label_map = label_map
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.transform.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            item = self.dataset[int(index)]
+            pixels = self.transform(item["image"], int(index))
+        except RetrofitError:
+            raise
+        except Exception as exc:  # PIL/datasets errors on a bad image
+            raise RetrofitError(f"image {index} is unreadable ({type(exc).__name__}: {exc}); fix the dataset") from None
+        out = {"pixel_values": pixels}
+        if self.has_labels:
+            label = item["label"]
+            if label is None or (isinstance(label, int) and label < 0):
+                raise RetrofitError(f"example {index} has no label; use --loss kd for unlabelled data")
+            label = int(label)
+            out["labels"] = self.label_map.get(label, label) if self.label_map else label
+        return out
+
+
+def collate(items: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack items into ``{"pixel_values": (B, C, H, W) float, "labels": (B,) long}``."""
+    batch = {"pixel_values": torch.stack([item["pixel_values"] for item in items])}
+    if "labels" in items[0]:
+        batch["labels"] = torch.tensor([item["labels"] for item in items], dtype=torch.long)
+    return batch
+
+
+def make_dataloader(
+    dataset,
+    image_processor,
+    *,
+    batch_size: int,
+    train: bool = False,
+    augment: bool = False,
+    num_workers: int = 0,
+    seed: int = 0,
+    drop_last: bool = False,
+    num_channels: int | None = None,
+    label_map: dict[int, int] | None = None,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader of ``{"pixel_values", "labels"}`` batches (no ``labels`` if the split has none).
+
+    `train` shuffles (with a generator seeded by `seed`); `augment` adds random resized crops and flips;
+    `num_channels` (default: from the processor's mean) converts grey <-> RGB; `label_map` remaps dataset label ids
+    to the model's.
+    """
+    if batch_size < 1:
+        raise RetrofitError(f"batch size must be at least 1 (got {batch_size})")
+    if batch_size > len(dataset):
+        raise RetrofitError(
+            f"batch size {batch_size} is larger than the data ({len(dataset)} examples); lower --batch-size"
+        )
+    transform = ImageTransform(image_processor, num_channels=num_channels, augment=augment, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        TransformedDataset(dataset, transform, label_map),
+        batch_size=batch_size,
+        shuffle=train,
+        generator=generator if train else None,
+        num_workers=num_workers,
+        collate_fn=collate,
+        drop_last=drop_last,
+        persistent_workers=False,
+    )
