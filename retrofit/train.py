@@ -1,0 +1,677 @@
+"""Fine-tune a merged model back to accuracy (or pretrain a baseline) with `accelerate`.
+
+Read it top to bottom like Accelerate's ``examples/complete_cv_example.py``:
+
+1. `TrainArgs` holds every knob of a run (the CLI and the recipes fill it in).
+2. `finetune` loads SOURCE, inserts the PatchMerger (unless SOURCE is already a retrofit export), optionally
+   calibrates it, loads the frozen teacher for distillation, calls `train_loop`, and exports a Hub repository.
+3. `pretrain` builds a ViT from a config and trains it from scratch with the same loop (the Fashion-MNIST baseline).
+4. `train_loop` is the loop: Accelerator (mixed precision, gradient accumulation, trackers), AdamW with warm-up and
+   cosine decay, gradient clipping, atomic checkpoints every N steps with ``--resume`` mid-epoch, NaN guard, and
+   periodic evaluation with ``gather_for_metrics``.
+
+Checkpoints go to ``--checkpoint-dir`` (default: ``<output>-checkpoints`` next to ``--output``), never into the
+export, which stays a clean Hub repository. Each checkpoint is written to a temporary folder and renamed into place,
+so a run killed at any moment leaves only complete checkpoints; ``--resume`` continues from the newest one and
+reaches the same weights as an uninterrupted run with the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import RetrofitError
+
+LOSSES = ("kd", "ce", "mix")
+TRAINABLE = ("merger-and-after", "all")
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+@dataclass
+class TrainArgs:
+    """Every setting of a training run (defaults = the recommended fine-tune)."""
+
+    data: str = "fashion-mnist"
+    split: str = "train"
+    eval_split: str | None = "test"
+    image_column: str = "image"
+    label_column: str | None = "label"
+    limit: int | None = None
+    eval_limit: int | None = None
+    loss: str = "kd"
+    temperature: float = 2.0
+    alpha: float = 0.5  # weight of CE in "mix" (KD gets 1 - alpha)
+    train: str = "all"
+    epochs: float = 1.0
+    max_steps: int | None = None
+    lr: float = 2e-4
+    weight_decay: float = 0.05
+    warmup_ratio: float = 0.05
+    batch_size: int = 64
+    eval_batch_size: int | None = None
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    seed: int = 0
+    augment: bool = False
+    num_workers: int = 0
+    eval_every: int = 0  # optimizer steps; 0 = at the end of each epoch
+    save_every: int = 200  # optimizer steps; checkpoints are also saved at the end
+    keep_checkpoints: int = 2
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    report_to: str | None = None
+    num_labels: int | None = None
+    stop_after: int | None = None  # stop (with a checkpoint) after this many steps of the full schedule
+    progress: bool = True
+
+    def check(self) -> None:
+        """Refuse bad settings before anything is loaded or written."""
+        if self.loss not in LOSSES:
+            raise RetrofitError(f"--loss {self.loss!r} is not one of {', '.join(LOSSES)}")
+        if self.train not in TRAINABLE:
+            raise RetrofitError(f"--train {self.train!r} is not one of {', '.join(TRAINABLE)}")
+        if self.mixed_precision not in PRECISIONS:
+            raise RetrofitError(f"--mixed-precision {self.mixed_precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.epochs <= 0 and not self.max_steps:
+            raise RetrofitError(f"--epochs must be positive (got {self.epochs})")
+        for name in ("lr", "batch_size", "grad_accum", "save_every", "keep_checkpoints", "temperature"):
+            if getattr(self, name) <= 0:
+                raise RetrofitError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
+        if not 0 <= self.alpha <= 1:
+            raise RetrofitError(f"--alpha must be in [0, 1] (got {self.alpha})")
+        if self.report_to not in (None, "none", "tensorboard", "all", "wandb", "mlflow", "comet_ml", "aim"):
+            raise RetrofitError(f"--report-to {self.report_to!r} is not a tracker Accelerate knows; try tensorboard")
+
+
+@dataclass
+class TrainResult:
+    """What a run did: steps, the last training loss, evaluation history and where things were written."""
+
+    steps: int
+    epochs: float
+    last_loss: float | None
+    eval_history: list[dict] = field(default_factory=list)
+    output: Path | None = None
+    checkpoint_dir: Path | None = None
+    seconds: float = 0.0
+    model: object = None
+
+    @property
+    def final_accuracy(self) -> float | None:
+        return self.eval_history[-1].get("accuracy") if self.eval_history else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton distillation: T² · KL(softmax(teacher/T) ‖ softmax(student/T)), averaged over the batch."""
+    t = temperature
+    student = F.log_softmax(student_logits.float() / t, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * t * t
+
+
+def compute_loss(logits, labels, teacher_logits, args: TrainArgs) -> torch.Tensor:
+    """The training loss for one batch (see `TrainArgs.loss`)."""
+    if args.loss == "ce":
+        return F.cross_entropy(logits.float(), labels)
+    distill = kd_loss(logits, teacher_logits, args.temperature)
+    if args.loss == "kd":
+        return distill
+    return args.alpha * F.cross_entropy(logits.float(), labels) + (1 - args.alpha) * distill
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """The loop's position, saved with every checkpoint (registered with ``accelerator.register_for_checkpointing``)."""
+
+    def __init__(self) -> None:
+        self.step = 0  # optimizer steps done
+        self.epoch = 0  # current epoch
+        self.batch = 0  # batches of the current epoch consumed (per process)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.epoch, self.batch = int(state["step"]), int(state["epoch"]), int(state["batch"])
+
+
+def default_checkpoint_dir(output: str | Path) -> Path:
+    """``<output>-checkpoints`` next to the export (the export itself stays a clean Hub repository)."""
+    output = Path(output)
+    return output.parent / f"{output.name}-checkpoints"
+
+
+def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (``step-NNNNNNNN``) oldest first; temporary folders of killed runs are ignored."""
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def save_checkpoint(accelerator, checkpoint_dir: Path, step: int, keep: int) -> Path:
+    """`accelerator.save_state` into a temporary folder, renamed into place, keeping the newest `keep`."""
+    final = checkpoint_dir / f"step-{step:08d}"
+    tmp = checkpoint_dir / f".step-{step:08d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(checkpoint_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data and model helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _generic_labels(id2label: dict) -> bool:
+    return all(str(name) == f"LABEL_{index}" for index, name in id2label.items())
+
+
+def label_map_for(model_config, names: list[str] | None, num_labels: int | None) -> dict[int, int] | None:
+    """Map dataset label ids to the model's; a mismatch is a `RetrofitError` unless `num_labels` re-initialises."""
+    if names is None or num_labels is not None:
+        return None
+    id2label = {int(k): str(v) for k, v in (model_config.id2label or {}).items()}
+    if _generic_labels(id2label) and len(id2label) == len(names):
+        return None
+    label2id = {name: index for index, name in id2label.items()}
+    if set(names) != set(label2id):
+        extra = sorted(set(names) - set(label2id))[:5]
+        raise RetrofitError(
+            f"the data's {len(names)} classes do not match the model head's {len(id2label)} labels "
+            f"(e.g. {extra or sorted(set(label2id) - set(names))[:5]}); pass --num-labels {len(names)} to "
+            "re-initialise the head, or --loss kd to distil without labels"
+        )
+    mapping = {index: label2id[name] for index, name in enumerate(names)}
+    return None if all(k == v for k, v in mapping.items()) else mapping
+
+
+def reinit_head(model, names: list[str] | None, num_labels: int) -> None:
+    """Replace the classifier(s) with fresh ones for `num_labels` classes and update the config's labels."""
+    names = names if names and len(names) == num_labels else [f"LABEL_{i}" for i in range(num_labels)]
+    replaced = 0
+    for attr in ("classifier", "cls_classifier", "distillation_classifier"):
+        old = getattr(model, attr, None)
+        if isinstance(old, torch.nn.Linear):
+            new = torch.nn.Linear(old.in_features, num_labels)
+            torch.nn.init.zeros_(new.weight)
+            torch.nn.init.zeros_(new.bias)
+            setattr(model, attr, new.to(old.weight.dtype))
+            replaced += 1
+    if not replaced:
+        raise RetrofitError("cannot find this model's classifier to re-initialise; drop --num-labels")
+    model.config.num_labels = num_labels
+    model.config.id2label = dict(enumerate(names))
+    model.config.label2id = {name: i for i, name in enumerate(names)}
+
+
+def set_trainable(model, scope: str) -> tuple[int, int]:
+    """Freeze per `scope` ("all" or "merger-and-after": the merger, the layers after it and the head).
+
+    Returns (trainable, total) parameter counts.
+    """
+    from .loading import family_and_head, is_merged
+
+    if scope == "merger-and-after" and is_merged(model.config):
+        _, head = family_and_head(model.config)
+        k = model.config.merge_after_layer
+        frozen = [f"{head.layers_path}.{i}." for i in range(k)]
+        for name, param in model.named_parameters():
+            before_merge = "embeddings" in name or any(name.startswith(prefix) for prefix in frozen)
+            param.requires_grad_(not before_merge)
+    else:
+        for param in model.parameters():
+            param.requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def evaluate_loop(model, dataloader, accelerator, teacher=None) -> dict:
+    """Accuracy (or, without labels, agreement with the teacher) over a prepared dataloader, on all processes."""
+    model.eval()
+    correct = seen = 0
+    reference = "labels"
+    for batch in dataloader:
+        with accelerator.autocast():
+            logits = model(pixel_values=batch["pixel_values"]).logits
+        predictions = logits.argmax(-1)
+        targets = batch.get("labels")
+        if targets is None and teacher is not None:
+            with accelerator.autocast():
+                targets = teacher(pixel_values=batch["pixel_values"]).logits.argmax(-1)
+            reference = "teacher"
+
+        if targets is None:
+            continue
+        predictions, targets = accelerator.gather_for_metrics((predictions, targets))
+        correct += (predictions == targets).sum().item()
+        seen += targets.numel()
+    model.train()
+    return {"accuracy": correct / seen, "examples": seen, "reference": reference} if seen else {}
+
+
+def _make_accelerator(args: TrainArgs, project_dir: Path | None):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    log_with = None if args.report_to in (None, "none") else args.report_to
+    return Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.grad_accum,
+        log_with=log_with,
+        project_config=ProjectConfiguration(
+            project_dir=str(project_dir) if project_dir else None,
+            logging_dir=str(project_dir / "logs") if project_dir else None,
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def train_loop(
+    model,
+    image_processor,
+    args: TrainArgs,
+    *,
+    teacher=None,
+    checkpoint_dir: Path | None = None,
+    on_end: Callable | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train `model` per `args` on the data; `on_end(accelerator, unwrapped_model, result)` runs on the main process
+    after the last step (export). Data problems are found before anything is written."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    from .data import class_names, load_split, make_dataloader
+
+    started = time.perf_counter()
+    args.check()
+    set_seed(args.seed)
+
+    # --- data (every data error is raised here, before any folder is created) ---
+    label_column = None if args.loss == "kd" else args.label_column
+    train_set = load_split(
+        args.data, args.split, image_column=args.image_column, label_column=label_column, limit=args.limit
+    )
+    names = class_names(train_set)
+    if args.num_labels is not None:
+        if args.loss != "ce":
+            raise RetrofitError("--num-labels re-initialises the head, so the teacher cannot guide it; use --loss ce")
+        reinit_head(model, names, args.num_labels)
+    label_map = label_map_for(model.config, names, args.num_labels)
+    num_channels = getattr(model.config, "num_channels", None)
+    train_dl = make_dataloader(
+        train_set,
+        image_processor,
+        batch_size=args.batch_size,
+        train=True,
+        augment=args.augment,
+        num_workers=args.num_workers,
+        seed=args.seed,
+        num_channels=num_channels,
+        label_map=label_map,
+    )
+    eval_dl = None
+    if args.eval_split:
+        eval_set = load_split(
+            args.data,
+            args.eval_split,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            limit=args.eval_limit,
+        )
+        eval_map = None
+        if args.num_labels is None and args.label_column:
+            try:
+                eval_map = label_map_for(model.config, class_names(eval_set), None)
+            except RetrofitError:
+                if args.loss != "kd":
+                    raise
+                # Distilling onto a head with other classes: evaluate agreement with the teacher instead.
+                eval_set = eval_set.remove_columns("label")
+        eval_dl = make_dataloader(
+            eval_set,
+            image_processor,
+            batch_size=min(args.eval_batch_size or args.batch_size, len(eval_set)),
+            num_workers=args.num_workers,
+            num_channels=num_channels,
+            label_map=eval_map,
+        )
+
+    # --- checkpoints: refuse to mix runs ---
+    existing = list_checkpoints(checkpoint_dir) if checkpoint_dir else []
+    if existing and not args.resume and not args.overwrite:
+        raise RetrofitError(
+            f"'{checkpoint_dir}' holds checkpoints of an earlier run; pass --resume to continue it or "
+            "--overwrite to start over"
+        )
+    if args.resume and not existing:
+        log(f"--resume: no checkpoint in '{checkpoint_dir}'; starting from the beginning")
+
+    # --- accelerator, optimizer, schedule ---
+    accelerator = _make_accelerator(args, checkpoint_dir)
+    if checkpoint_dir and accelerator.is_main_process:
+        if existing and not args.resume:  # --overwrite: start over
+            shutil.rmtree(checkpoint_dir)
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    trainable, total = set_trainable(model, args.train)
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "queries" in name or "embeddings" in name else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
+    )
+    model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
+    if eval_dl is not None:
+        eval_dl = accelerator.prepare(eval_dl)
+    if teacher is not None:
+        teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
+    steps_per_epoch = max(1, math.ceil(len(train_dl) / args.grad_accum))
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+    warmup = int(args.warmup_ratio * total_steps)
+    # The prepared scheduler steps once per process for each optimizer step, hence the factor.
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, warmup * accelerator.num_processes, total_steps * accelerator.num_processes
+    )
+    scheduler = accelerator.prepare(scheduler)
+    progress = Progress()
+    accelerator.register_for_checkpointing(progress)
+    if args.resume and existing:
+        latest = list_checkpoints(checkpoint_dir)[-1]
+        accelerator.load_state(str(latest))
+        log(f"resumed from {latest} (step {progress.step}, epoch {progress.epoch}, batch {progress.batch})")
+    if accelerator.trackers == [] and args.report_to not in (None, "none"):
+        accelerator.init_trackers("retrofit", config={k: v for k, v in asdict(args).items() if v is not None})
+    log(
+        f"training {trainable / 1e6:.3g}M of {total / 1e6:.3g}M parameters ({args.train}) with loss {args.loss} for "
+        f"{total_steps} steps ({total_steps / steps_per_epoch:.3g} epochs of {steps_per_epoch} steps) on "
+        f"{accelerator.num_processes} process(es), {accelerator.device}, precision {args.mixed_precision}"
+    )
+
+    result = TrainResult(steps=progress.step, epochs=0.0, last_loss=None, checkpoint_dir=checkpoint_dir)
+
+    def run_eval() -> None:
+        if eval_dl is None:
+            return
+        metrics = evaluate_loop(model, eval_dl, accelerator, teacher=teacher)
+        metrics["step"] = progress.step
+        result.eval_history.append(metrics)
+        if metrics:
+            what = "accuracy" if metrics["reference"] == "labels" else "agreement with the teacher"
+            log(f"step {progress.step}: eval {what} {metrics['accuracy']:.4f} on {metrics['examples']} images")
+            accelerator.log({"eval/accuracy": metrics["accuracy"]}, step=progress.step)
+
+    bar = tqdm(
+        total=total_steps,
+        initial=progress.step,
+        disable=not (args.progress and accelerator.is_main_process),
+        desc="train",
+        dynamic_ncols=True,
+    )
+    model.train()
+    stop_at = min(total_steps, args.stop_after or total_steps)
+    last_saved = progress.step if args.resume and existing else -1
+    epoch = progress.epoch
+    while progress.step < stop_at:
+        train_dl.set_epoch(epoch)
+        train_dl.dataset.set_epoch(epoch)
+        skip = progress.batch if epoch == progress.epoch else 0
+        batches = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+        progress.epoch, progress.batch = epoch, skip
+        for batch in batches:
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    logits = model(pixel_values=batch["pixel_values"]).logits
+                    teacher_logits = None
+                    if args.loss != "ce":
+                        with torch.no_grad():
+                            teacher_logits = teacher(pixel_values=batch["pixel_values"]).logits
+                loss = compute_loss(logits, batch.get("labels"), teacher_logits, args)
+                bad = accelerator.reduce(torch.tensor(float(not torch.isfinite(loss)), device=loss.device), "sum")
+                if bad.item() > 0:
+                    good = list_checkpoints(checkpoint_dir) if checkpoint_dir else []
+                    raise RetrofitError(
+                        f"the loss became {loss.item()} at step {progress.step + 1}; stopped. "
+                        f"Last good checkpoint: {good[-1] if good else 'none'}; lower --lr, use "
+                        "--mixed-precision no or bf16, and --resume"
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            progress.batch += 1
+            if not accelerator.sync_gradients:
+                continue
+            progress.step += 1
+            result.last_loss = loss.item()
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.last_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            accelerator.log({"train/loss": result.last_loss, "train/lr": scheduler.get_last_lr()[0]}, progress.step)
+            if checkpoint_dir and progress.step % args.save_every == 0:
+                save_checkpoint(accelerator, checkpoint_dir, progress.step, args.keep_checkpoints)
+                last_saved = progress.step
+            if args.eval_every and progress.step % args.eval_every == 0:
+                run_eval()
+            if progress.step >= stop_at:
+                break
+        else:  # the epoch ran to its end
+            epoch += 1
+            progress.epoch, progress.batch = epoch, 0
+            if not args.eval_every and progress.step < stop_at:
+                run_eval()
+            continue
+    bar.close()
+    if checkpoint_dir and last_saved != progress.step:
+        save_checkpoint(accelerator, checkpoint_dir, progress.step, args.keep_checkpoints)
+    if progress.step >= total_steps and (not result.eval_history or result.eval_history[-1]["step"] != progress.step):
+        run_eval()
+    result.steps = progress.step
+    result.epochs = progress.step / steps_per_epoch
+    result.seconds = time.perf_counter() - started
+    unwrapped = accelerator.unwrap_model(model)
+    result.model = unwrapped
+    accelerator.wait_for_everyone()
+    if progress.step >= total_steps and on_end is not None and accelerator.is_main_process:
+        result.output = on_end(accelerator, unwrapped, result)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _training_info(args: TrainArgs, result: TrainResult, init: str):
+    from .card import TrainingInfo
+
+    notes = [f"trained: {args.train}; lr {args.lr}, batch {args.batch_size}x{args.grad_accum}, seed {args.seed}"]
+    if result.final_accuracy is not None:
+        notes.append(f"accuracy on `{args.data}` {args.eval_split}: {result.final_accuracy:.4f}")
+    return TrainingInfo(
+        data=args.data, steps=result.steps, epochs=round(result.epochs, 3), loss=args.loss, init=init, notes=notes
+    )
+
+
+def finetune(
+    source: str | Path,
+    *,
+    output: str | Path,
+    after_layer: int | None = None,
+    num_tokens: int | None = None,
+    calibrate: bool = True,
+    teacher: str | Path | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    log: Callable[[str], None] = print,
+    **settings,
+) -> TrainResult:
+    """Insert a PatchMerger into `source` (or continue training a retrofit export) and fine-tune it; export to
+    `output`. `settings` are `TrainArgs` fields (loss, epochs, lr, data, ...)."""
+    from .atomic import check_output
+    from .loading import is_merged, load_config, load_image_processor, load_model
+    from .surgery import check_merge, insert_patch_merger
+
+    args = TrainArgs(**settings)
+    args.check()
+    if not args.resume:
+        check_output(output, args.overwrite)
+    checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else default_checkpoint_dir(output)
+    config = load_config(source, trust_remote_code=trust_remote_code, revision=revision)
+    init = "continued from a retrofit export"
+    if is_merged(config):
+        if after_layer not in (None, config.merge_after_layer) or num_tokens not in (None, config.merge_num_tokens):
+            raise RetrofitError(
+                f"'{source}' is already merged (after layer {config.merge_after_layer}, {config.merge_num_tokens} "
+                "tokens); drop --after-layer/--tokens to continue training it, or fine-tune its source"
+            )
+        model = load_model(source, config=config, revision=revision)
+        teacher_source = teacher or config.merge_source
+        source_config = load_config(teacher_source) if teacher_source and args.loss != "ce" else None
+    else:
+        if after_layer is None or num_tokens is None:
+            raise RetrofitError("--after-layer and --tokens are required when SOURCE is not a retrofit export")
+        check_merge(config, after_layer, num_tokens)
+        base = load_model(source, config=config, trust_remote_code=trust_remote_code, revision=revision)
+        model = insert_patch_merger(base.eval(), after_layer, num_tokens, source=str(source))
+        teacher_source, source_config = teacher or source, config
+        init = "random"
+    processor = load_image_processor(source, config, revision=revision, log=log)
+    teacher_model = None
+    if args.loss != "ce":
+        if not teacher_source:
+            raise RetrofitError(f"'{source}' does not name its source model; pass --teacher for --loss {args.loss}")
+        # A separate copy: the student shares its tensors with a freshly loaded source, so load the teacher again.
+        teacher_model = load_model(teacher_source, trust_remote_code=trust_remote_code).eval()
+    if calibrate and init == "random" and not (args.resume and list_checkpoints(checkpoint_dir)):
+        from .calibrate import calibrate_from_data
+
+        calibrate_from_data(
+            model,
+            args.data,
+            source=str(source),
+            log=log,
+            split=args.split,
+            image_column=args.image_column,
+            seed=args.seed,
+        )
+        init = "calibrated (k-means of layer-K tokens)"
+    model.float()
+
+    def on_end(accelerator, trained, result: TrainResult) -> Path:
+        from .card import build_card
+        from .export import export
+
+        trained = trained.float().eval()
+        card = build_card(trained, source_config=source_config, training=_training_info(args, result, init))
+        export(trained, output, image_processor=processor, card=card, overwrite=True, source_config=source_config)
+        log(f"wrote {output} (checkpoints in {checkpoint_dir})")
+        return Path(output)
+
+    return train_loop(
+        model, processor, args, teacher=teacher_model, checkpoint_dir=checkpoint_dir, on_end=on_end, log=log
+    )
+
+
+def pretrain(
+    model_config: dict,
+    *,
+    output: str | Path,
+    image_processor: dict | None = None,
+    log: Callable[[str], None] = print,
+    **settings,
+) -> TrainResult:
+    """Train a ViT (built from `model_config`, a `ViTConfig` dict) from scratch with cross-entropy; save a plain
+    transformers checkpoint (config, weights, image processor) to `output`. Labels come from the data."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    from .atomic import atomic_dir, check_output
+    from .data import class_names, load_split
+
+    args = TrainArgs(**{"loss": "ce", "lr": 1e-3, **settings})
+    args.check()
+    if args.loss != "ce":
+        raise RetrofitError("pretraining has no teacher; use loss ce")
+    if not args.resume:
+        check_output(output, args.overwrite)
+    names = class_names(load_split(args.data, args.split, label_column=args.label_column, limit=1))
+    if not names:
+        raise RetrofitError(f"'{args.data}' has no class names (ClassLabel); pretraining needs them")
+    try:
+        config = ViTConfig(
+            **model_config,
+            num_labels=len(names),
+            id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)},
+        )
+    except TypeError as exc:
+        raise RetrofitError(f"bad model config for pretraining: {exc}") from None
+    channels = config.num_channels
+    size = config.image_size
+    processor_kwargs = {"image_mean": [0.5] * channels, "image_std": [0.5] * channels, **(image_processor or {})}
+    processor = ViTImageProcessor(size={"height": size, "width": size}, **processor_kwargs)
+    torch.manual_seed(args.seed)
+    model = ViTForImageClassification(config)
+    checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else default_checkpoint_dir(output)
+
+    def on_end(accelerator, trained, result: TrainResult) -> Path:
+        with atomic_dir(output, overwrite=True) as tmp:
+            trained.float().save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+            info = {
+                "data": args.data,
+                "steps": result.steps,
+                "epochs": result.epochs,
+                "accuracy": result.final_accuracy,
+                "eval_split": args.eval_split,
+                "settings": asdict(args),
+            }
+            (tmp / "training.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+        log(f"wrote {output}")
+        return Path(output)
+
+    return train_loop(model, processor, args, checkpoint_dir=checkpoint_dir, on_end=on_end, log=log)
