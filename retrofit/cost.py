@@ -41,7 +41,7 @@ def num_patches(config: PreTrainedConfig, image_size: int | tuple[int, int] | No
     return (height // patch_h) * (width // patch_w)
 
 
-def layer_macs(tokens: int, hidden: int, intermediate: int) -> float:
+def layer_macs(tokens: int, hidden: int, intermediate: float) -> float:
     """MACs of one transformer layer on `tokens` tokens."""
     return tokens * (4 * hidden * hidden + 2 * hidden * intermediate) + 2 * tokens * tokens * hidden
 
@@ -50,7 +50,7 @@ def model_cost(config: PreTrainedConfig, image_size: int | tuple[int, int] | Non
     """Cost of the model a (source or merged) config describes; `image_size` defaults to the config's."""
     family, head = family_and_head(config)
     lc = layer_config(config, head)
-    hidden, intermediate, channels = lc.hidden_size, lc.intermediate_size, getattr(lc, "num_channels", 3)
+    hidden, intermediate, channels = lc.hidden_size, family.mlp_width(lc), getattr(lc, "num_channels", 3)
     patches = num_patches(lc, image_size)
     prefix = family.num_prefix_tokens(lc)
     tokens = patches + prefix

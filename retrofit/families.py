@@ -44,34 +44,44 @@ class Family:
         modeling_module / config_module: where transformers defines the family's classes.
         config_class: the top-level config class of the checkpoints (the one in ``config.json``).
         layer_class: the encoder layer class; layer K is replaced by a subclass of it that merges first.
-        heads: the convertible classes, by class name.
+        heads: the convertible classes, by class name; the first is used when the checkpoint's own class is not one.
         num_prefix_tokens: tokens in front of the patch tokens (CLS, distillation, registers), from the layer config.
+        mlp_width: I such that the MLP of one layer costs 2·D·I multiply-accumulates per token (for `retrofit.cost`).
         notes: what changes, or breaks, after a merge.
         refusal: if set, the family is recognised but refused with this reason.
+        display: the name shown to users; defaults to the config class without ``Config``.
     """
 
     name: str
     model_types: tuple[str, ...]
-    example_id: str
-    modeling_module: str
-    config_module: str
-    config_class: str
-    layer_class: str
+    example_id: str = ""
+    modeling_module: str = ""
+    config_module: str = ""
+    config_class: str = ""
+    layer_class: str = ""
     heads: dict[str, Head] = field(default_factory=dict)
     num_prefix_tokens: Callable[[PreTrainedConfig], int] = lambda config: 1
+    mlp_width: Callable[[PreTrainedConfig], float] = lambda config: config.intermediate_size
     notes: str = ""
     refusal: str | None = None
+    display: str = ""
 
     @property
     def display_name(self) -> str:
-        return self.config_class.removesuffix("Config")
+        """The prefix of the generated class names, e.g. ``CLIPVision`` for ``CLIPVisionConfig``."""
+        return self.config_class.removesuffix("Config") or self.display
+
+    @property
+    def user_name(self) -> str:
+        """The family's name in messages and docs."""
+        return self.display or self.display_name
 
     def head(self, class_name: str) -> Head:
         """The `Head` for a transformers class name, or a clear refusal."""
         if class_name not in self.heads:
             supported = ", ".join(self.heads)
             raise RetrofitError(
-                f"{class_name} is not supported for {self.display_name}; load the checkpoint as one of: {supported}"
+                f"{class_name} is not supported for {self.user_name}; load the checkpoint as one of: {supported}"
             )
         return self.heads[class_name]
 
@@ -130,9 +140,231 @@ register(
 )
 
 
+def _dinov2_mlp_width(config: PreTrainedConfig) -> float:
+    """DINOv2's MLP width: ``mlp_ratio·D``; SwiGLU (3 matrices of D × 2/3 of that, rounded to 8) counts 1.5×."""
+    width = int(config.hidden_size * config.mlp_ratio)
+    if config.use_swiglu_ffn:
+        return 1.5 * ((int(width * 2 / 3) + 7) // 8 * 8)
+    return width
+
+
+register(
+    Family(
+        name="dinov2",
+        display="DINOv2",
+        model_types=("dinov2",),
+        example_id="facebook/dinov2-small",
+        modeling_module="transformers.models.dinov2.modeling_dinov2",
+        config_module="transformers.models.dinov2.configuration_dinov2",
+        config_class="Dinov2Config",
+        layer_class="Dinov2Layer",
+        heads={
+            "Dinov2ForImageClassification": Head(
+                "Dinov2ForImageClassification",
+                "dinov2.encoder.layer",
+                reads="CLS ⊕ mean of the tokens after CLS: after the merge, CLS ⊕ mean of the M merged tokens",
+            ),
+        },
+        num_prefix_tokens=lambda config: 1,
+        mlp_width=_dinov2_mlp_width,
+        notes=(
+            "Backbone checkpoints (Dinov2Model) load as Dinov2ForImageClassification with a new classifier. "
+            "Layer scale is per channel, so it is unaffected. Position embeddings are always interpolated to the "
+            "image size, so N varies with it. A user-supplied attention_mask no longer fits after the merge."
+        ),
+    )
+)
+
+register(
+    Family(
+        name="dinov2_with_registers",
+        display="DINOv2 with registers",
+        model_types=("dinov2_with_registers",),
+        example_id="facebook/dinov2-with-registers-small",
+        modeling_module="transformers.models.dinov2_with_registers.modeling_dinov2_with_registers",
+        config_module="transformers.models.dinov2_with_registers.configuration_dinov2_with_registers",
+        config_class="Dinov2WithRegistersConfig",
+        layer_class="Dinov2WithRegistersLayer",
+        heads={
+            "Dinov2WithRegistersForImageClassification": Head(
+                "Dinov2WithRegistersForImageClassification",
+                "dinov2_with_registers.encoder.layer",
+                reads=(
+                    "CLS ⊕ mean of tokens[1 + num_register_tokens:]: after the merge, CLS ⊕ mean of the M merged "
+                    "tokens (the registers still sit in front of them)"
+                ),
+            ),
+        },
+        num_prefix_tokens=lambda config: 1 + config.num_register_tokens,
+        mlp_width=_dinov2_mlp_width,
+        notes=(
+            "CLS and the register tokens bypass the merger. Backbone checkpoints load as "
+            "Dinov2WithRegistersForImageClassification with a new classifier. Position embeddings are always "
+            "interpolated to the image size, so N varies with it."
+        ),
+    )
+)
+
+_CLIP_NOTES = (
+    "Pre-LayerNorm (pre_layrnorm) runs before the layers, so the merger sees normalised-then-residual tokens like "
+    "any layer does. interpolate_pos_encoding=True gives other image sizes."
+)
+
+register(
+    Family(
+        name="clip",
+        display="CLIP",
+        model_types=("clip",),
+        example_id="openai/clip-vit-base-patch32",
+        modeling_module="transformers.models.clip.modeling_clip",
+        config_module="transformers.models.clip.configuration_clip",
+        config_class="CLIPConfig",
+        layer_class="CLIPEncoderLayer",
+        heads={
+            "CLIPForImageClassification": Head(
+                "CLIPForImageClassification",
+                "vision_model.encoder.layers",
+                layer_config="config.vision_config",
+                reads="mean of the tokens after CLS: after the merge, the mean of the M merged tokens",
+            ),
+        },
+        num_prefix_tokens=lambda config: 1,
+        notes=(
+            "A full CLIPModel checkpoint loads as CLIPForImageClassification: the vision tower is kept, the text "
+            "tower and projections are dropped and the classifier is new (fine-tune it). " + _CLIP_NOTES
+        ),
+    )
+)
+
+register(
+    Family(
+        name="clip_vision",
+        display="CLIP vision tower",
+        model_types=("clip_vision_model",),
+        example_id="openai/clip-vit-base-patch32",
+        modeling_module="transformers.models.clip.modeling_clip",
+        config_module="transformers.models.clip.configuration_clip",
+        config_class="CLIPVisionConfig",
+        layer_class="CLIPEncoderLayer",
+        heads={
+            "CLIPVisionModel": Head(
+                "CLIPVisionModel",
+                "encoder.layers",
+                auto_class="AutoModel",
+                reads="pooler_output = post-LayerNorm of CLS (unchanged); last_hidden_state has 1 + M tokens",
+            ),
+        },
+        num_prefix_tokens=lambda config: 1,
+        notes="Checkpoints saved from CLIPVisionModel (model type clip_vision_model). " + _CLIP_NOTES,
+    )
+)
+
+register(
+    Family(
+        name="siglip",
+        display="SigLIP",
+        model_types=("siglip",),
+        example_id="google/siglip-base-patch16-224",
+        modeling_module="transformers.models.siglip.modeling_siglip",
+        config_module="transformers.models.siglip.configuration_siglip",
+        config_class="SiglipConfig",
+        layer_class="SiglipEncoderLayer",
+        heads={
+            "SiglipForImageClassification": Head(
+                "SiglipForImageClassification",
+                "vision_model.encoder.layers",
+                layer_config="config.vision_config",
+                reads="mean of all tokens: after the merge, the mean of the M merged tokens",
+            ),
+        },
+        num_prefix_tokens=lambda config: 0,
+        notes=(
+            "No CLS token: every token is merged (zero prefix tokens). A full SiglipModel checkpoint loads as "
+            "SiglipForImageClassification: the vision tower is kept, the text tower is dropped and the classifier "
+            "is new. interpolate_pos_encoding=True gives other image sizes."
+        ),
+    )
+)
+
+register(
+    Family(
+        name="siglip_vision",
+        display="SigLIP vision tower",
+        model_types=("siglip_vision_model",),
+        example_id="google/siglip-base-patch16-224",
+        modeling_module="transformers.models.siglip.modeling_siglip",
+        config_module="transformers.models.siglip.configuration_siglip",
+        config_class="SiglipVisionConfig",
+        layer_class="SiglipEncoderLayer",
+        heads={
+            "SiglipVisionModel": Head(
+                "SiglipVisionModel",
+                "encoder.layers",
+                auto_class="AutoModel",
+                reads="pooler_output = attention pooling over all tokens: after the merge, over the M merged tokens",
+            ),
+        },
+        num_prefix_tokens=lambda config: 0,
+        notes=(
+            "Checkpoints saved from SiglipVisionModel (model type siglip_vision_model). No CLS token: every token is "
+            "merged. interpolate_pos_encoding=True gives other image sizes."
+        ),
+    )
+)
+
+register(
+    Family(
+        name="beit",
+        model_types=("beit", "data2vec-vision"),
+        display="BEiT / Data2Vec-vision",
+        refusal=(
+            "each layer adds a learned relative position bias between patch positions, and merged tokens have no "
+            "position (dropping or averaging the bias would change what the pretrained layers compute)"
+        ),
+    )
+)
+
+register(
+    Family(
+        name="hierarchical",
+        model_types=(
+            "swin",
+            "swinv2",
+            "convnext",
+            "convnextv2",
+            "dinov3_convnext",
+            "dinat",
+            "focalnet",
+            "hiera",
+            "pvt",
+            "pvt_v2",
+            "cvt",
+            "levit",
+            "poolformer",
+            "resnet",
+            "regnet",
+            "bit",
+            "efficientnet",
+            "mobilenet_v1",
+            "mobilenet_v2",
+            "mobilevit",
+            "mobilevitv2",
+            "swiftformer",
+            "hgnet_v2",
+            "textnet",
+        ),
+        display="hierarchical or convolutional",
+        refusal=(
+            "its stages work on a 2-D grid of patches that they downsample, so there is no single token sequence for "
+            "a PatchMerger to merge"
+        ),
+    )
+)
+
+
 def supported_names() -> str:
     """'ViT, DeiT, ...': the families retrofit converts, for error messages."""
-    return ", ".join(f.display_name for f in FAMILIES.values() if f.refusal is None)
+    return ", ".join(f.user_name for f in FAMILIES.values() if f.refusal is None)
 
 
 def family_for(model_type: str) -> Family:
@@ -140,7 +372,10 @@ def family_for(model_type: str) -> Family:
     for family in FAMILIES.values():
         if model_type in family.model_types:
             if family.refusal:
-                raise RetrofitError(f"{family.display_name} cannot be merged: {family.refusal}")
+                raise RetrofitError(
+                    f"model type '{model_type}' ({family.user_name}) cannot be merged: {family.refusal}; "
+                    f"supported families: {supported_names()}"
+                )
             return family
     if model_type.endswith("_patch_merger"):
         raise RetrofitError(

@@ -9,7 +9,7 @@ import transformers
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
 from .errors import RetrofitError
-from .families import Family, Head, family_for
+from .families import FAMILIES, Family, Head, family_for
 
 MERGED_SUFFIX = "_patch_merger"
 
@@ -62,7 +62,9 @@ def _load_export_config(source: str, revision: str | None) -> PreTrainedConfig:
 def merged_family_and_head(config: PreTrainedConfig | dict) -> tuple[Family, Head]:
     """The (family, head) of a retrofit export's config."""
     get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
-    family = family_for(get("model_type", "").removesuffix(MERGED_SUFFIX))
+    # Exports are typed `<family name>_patch_merger`; a family's name need not be one of its model types.
+    stem = get("model_type", "").removesuffix(MERGED_SUFFIX)
+    family = FAMILIES[stem] if stem in FAMILIES else family_for(stem)
     architectures = get("architectures") or []
     for head in family.heads.values():
         if architectures and architectures[0].replace("PatchMerger", "") == head.class_name:

@@ -1,0 +1,460 @@
+"""Every supported family through the real path: tiny checkpoints with the real Hub structure -> convert -> export ->
+reload without retrofit -> same outputs, pipeline, other image sizes, cost, fine-tune steps; refused families."""
+
+from __future__ import annotations
+
+import copy
+import json
+import operator
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, save_tiny
+from safetensors.torch import load_file
+from torch import nn
+
+from retrofit import FAMILIES, convert
+from retrofit.cli import main
+from retrofit.cost import layer_macs, model_cost
+from retrofit.families import supported_names
+from retrofit.loading import family_and_head, layer_config
+
+K, M = 2, 3  # merge after 2 of the 4 layers into 3 tokens (of 16 patches at 32x32, 36 at 48x48)
+LAYERS = TINY["num_hidden_layers"]
+LABELS = {key: TINY[key] for key in ("num_labels", "id2label", "label2id")}
+VISION = {key: TINY[key] for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size")}
+VISION |= {"patch_size": TINY["patch_size"], "intermediate_size": TINY["intermediate_size"]}
+TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99)
+TEXT |= dict(max_position_embeddings=16)
+# DINOv2 configs have mlp_ratio instead of intermediate_size.
+DINO = {key: value for key, value in VISION.items() if key != "intermediate_size"}
+
+
+def _deit_distilled():
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
+
+    return DeiTForImageClassificationWithTeacher(DeiTConfig(**TINY))
+
+
+def _dinov2():  # like facebook/dinov2-small: a Dinov2Model backbone checkpoint
+    from transformers import Dinov2Config, Dinov2Model
+
+    return Dinov2Model(Dinov2Config(**DINO, **LABELS, layerscale_value=0.5))
+
+
+def _dinov2_registers():  # like facebook/dinov2-with-registers-small: 4 register tokens
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    return Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**DINO, **LABELS, num_register_tokens=4))
+
+
+def _clip():  # like openai/clip-vit-base-patch32: a full CLIPModel (text + vision towers)
+    from transformers import CLIPConfig, CLIPModel
+
+    vision = {**VISION, "hidden_act": "quick_gelu"}
+    return CLIPModel(CLIPConfig(text_config=TEXT, vision_config=vision, projection_dim=16, **LABELS))
+
+
+def _clip_vision():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    return CLIPVisionModel(CLIPVisionConfig(**VISION, hidden_act="quick_gelu"))
+
+
+def _siglip():  # like google/siglip-base-patch16-224: a full SiglipModel
+    from transformers import SiglipConfig, SiglipModel
+
+    return SiglipModel(SiglipConfig(text_config=TEXT, vision_config=VISION, **LABELS))
+
+
+def _siglip_vision():
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    return SiglipVisionModel(SiglipVisionConfig(**VISION))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One family as users meet it: how its tiny checkpoint is built and what the merged model should be."""
+
+    family: str
+    make: Callable[[], nn.Module]
+    merged_class: str
+    prefix: int
+    classifier: bool = True
+    # keyword arguments that make the model run at another image size (DINOv2 always interpolates)
+    interpolate: dict = field(default_factory=lambda: {"interpolate_pos_encoding": True})
+
+
+CASES = {
+    "deit_distilled": Case("deit", _deit_distilled, "DeiTPatchMergerForImageClassificationWithTeacher", 2),
+    "dinov2": Case("dinov2", _dinov2, "Dinov2PatchMergerForImageClassification", 1, interpolate={}),
+    "dinov2_with_registers": Case(
+        "dinov2_with_registers",
+        _dinov2_registers,
+        "Dinov2WithRegistersPatchMergerForImageClassification",
+        1 + 4,
+        interpolate={},
+    ),
+    "clip": Case("clip", _clip, "CLIPPatchMergerForImageClassification", 1),
+    "clip_vision": Case("clip_vision", _clip_vision, "CLIPVisionPatchMergerModel", 1, classifier=False),
+    "siglip": Case("siglip", _siglip, "SiglipPatchMergerForImageClassification", 0),
+    "siglip_vision": Case("siglip_vision", _siglip_vision, "SiglipVisionPatchMergerModel", 0, classifier=False),
+}
+
+
+@dataclass
+class Converted:
+    case: Case
+    source: Path
+    output: Path
+    result: object  # ConvertResult
+
+
+def outputs(model: nn.Module, pixels: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
+    """The outputs users read: logits for classifiers, last hidden state and pooler output for backbones."""
+    with torch.no_grad():
+        out = model(pixel_values=pixels, **kwargs)
+    keys = ("logits",) if "logits" in out else ("last_hidden_state", "pooler_output")
+    return {key: out[key] for key in keys}
+
+
+def layers_of(model: nn.Module) -> nn.ModuleList:
+    _, head = family_and_head(model.config)
+    return operator.attrgetter(head.layers_path)(model)
+
+
+def tokens_seen(model: nn.Module, pixels: torch.Tensor, **kwargs) -> list[int]:
+    """How many tokens each encoder layer outputs (= works on) for `pixels`."""
+    seen: list[int] = []
+    hooks = [layer.register_forward_hook(lambda _m, _i, out: seen.append(out.shape[1])) for layer in layers_of(model)]
+    try:
+        outputs(model, pixels, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+PIXELS = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+PIXELS_48 = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> dict[str, Converted]:
+    """Each case saved as a checkpoint and converted with an export, as `retrofit convert` does."""
+    root = tmp_path_factory.mktemp("families")
+    made = {}
+    for seed, (name, case) in enumerate(CASES.items()):
+        torch.manual_seed(seed)
+        source = save_tiny(case.make(), root / name)
+        result = convert(source, after_layer=K, num_tokens=M, output=root / f"{name}-pm", log=lambda _: None)
+        result.model.eval()
+        made[name] = Converted(case, source, root / f"{name}-pm", result)
+    return made
+
+
+RELOAD_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    try:
+        import retrofit
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("retrofit was importable")
+    from PIL import Image
+    from transformers import AutoModel, AutoModelForImageClassification, pipeline
+
+    results = {}
+    for case in json.load(open(sys.argv[1])):
+        auto = AutoModelForImageClassification if case["classifier"] else AutoModel
+        model = auto.from_pretrained(case["output"], trust_remote_code=True).eval()
+        data = torch.load(case["data"])
+        got = {"class": type(model).__name__, "diff": {}}
+        with torch.no_grad():
+            for size, kwargs in (("32", {}), ("48", case["interpolate"])):
+                out = model(pixel_values=data["pixels" + size], **kwargs)
+                for key, expected in data["expected" + size].items():
+                    got["diff"][f"{key}@{size}"] = (out[key] - expected).abs().max().item()
+        if case["classifier"]:
+            classify = pipeline("image-classification", model=case["output"], trust_remote_code=True)
+            got["pipeline"] = classify(Image.new("RGB", (40, 30), (200, 40, 40)))
+        results[case["name"]] = got
+    json.dump(results, open(sys.argv[2], "w"))
+""")
+
+
+@pytest.fixture(scope="module")
+def reloaded(converted, tmp_path_factory) -> dict[str, dict]:
+    """Every export loaded with Auto classes + trust_remote_code in ONE fresh process where `import retrofit` fails."""
+    root = tmp_path_factory.mktemp("reload")
+    manifest = []
+    for name, item in converted.items():
+        model = item.result.model
+        data = {
+            "pixels32": PIXELS,
+            "pixels48": PIXELS_48,
+            "expected32": outputs(model, PIXELS),
+            "expected48": outputs(model, PIXELS_48, **item.case.interpolate),
+        }
+        torch.save(data, root / f"{name}.pt")
+        manifest.append(
+            {
+                "name": name,
+                "output": str(item.output),
+                "data": str(root / f"{name}.pt"),
+                "classifier": item.case.classifier,
+                "interpolate": item.case.interpolate,
+            }
+        )
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    (root / "blocker").mkdir()
+    (root / "blocker" / "retrofit.py").write_text("raise ImportError('retrofit must not be needed')\n")
+    env = {**os.environ, "PYTHONPATH": str(root / "blocker"), "HF_MODULES_CACHE": str(root / "modules")}
+    env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    command = [sys.executable, "-c", RELOAD_SCRIPT, str(root / "manifest.json"), str(root / "results.json")]
+    run = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads((root / "results.json").read_text())
+
+
+def test_every_supported_family_has_a_case():
+    tested = {case.family for case in CASES.values()} | {"vit"}  # plain ViT: tests/test_convert.py
+    assert tested == {name for name, family in FAMILIES.items() if family.refusal is None}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_export_reloads_without_retrofit_with_equal_outputs(name, converted, reloaded):
+    got, case = reloaded[name], CASES[name]
+    assert got["class"] == case.merged_class
+    keys = ["logits"] if case.classifier else ["last_hidden_state", "pooler_output"]
+    assert set(got["diff"]) == {f"{key}@{size}" for key in keys for size in ("32", "48")}
+    assert max(got["diff"].values()) <= 1e-5, got["diff"]
+    if case.classifier:
+        labels = {p["label"] for p in got["pipeline"]}
+        assert labels <= {"cat", "dog", "bird"} and len(got["pipeline"]) == 3, got["pipeline"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_export_files(name, converted):
+    item = converted[name]
+    family = FAMILIES[item.case.family]
+    config = json.loads((item.output / "config.json").read_text())
+    stem = f"{family.name}_patch_merger"
+    assert config["model_type"] == stem
+    assert config["architectures"] == [item.case.merged_class]
+    assert config["merge_num_prefix_tokens"] == item.case.prefix
+    auto = "AutoModelForImageClassification" if item.case.classifier else "AutoModel"
+    assert config["auto_map"] == {
+        "AutoConfig": f"configuration_{stem}.{family.display_name}PatchMergerConfig",
+        auto: f"modeling_{stem}.{item.case.merged_class}",
+    }
+    code = (item.output / f"modeling_{stem}.py").read_text()
+    assert "import retrofit" not in code and "from retrofit" not in code
+    assert f"from {family.modeling_module} import {family.layer_class}, " in code
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_prefix_tokens_bypass_the_merger(name, converted):
+    model = converted[name].result.model
+    prefix = CASES[name].prefix
+    merger = model.patch_merger
+    assert merger.num_prefix_tokens == prefix == model.config.merge_num_prefix_tokens
+    seen = {}
+    hook = merger.register_forward_hook(lambda _m, args, out: seen.update(input=args[0], output=out))
+    try:
+        outputs(model, PIXELS)
+    finally:
+        hook.remove()
+    assert seen["input"].shape[1] == prefix + 16 and seen["output"].shape[1] == prefix + M
+    assert torch.equal(seen["output"][:, :prefix], seen["input"][:, :prefix])
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_other_image_sizes_keep_m_tokens(name, converted):
+    """N follows the image size (16 patches at 32x32, 36 at 48x48); the layers after the merge always see P + M."""
+    model, case = converted[name].result.model, CASES[name]
+    for pixels, patches in ((PIXELS, 16), (PIXELS_48, 36)):
+        seen = tokens_seen(model, pixels, **case.interpolate)
+        assert seen == [case.prefix + patches] * K + [case.prefix + M] * (LAYERS - K)
+        assert seen == model_cost(model.config, image_size=pixels.shape[-1]).tokens_per_layer
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_cost_counts_tokens_and_macs(name, converted):
+    """Tokens per layer count the family's prefix tokens; per-layer MACs match the layer's actual matrices."""
+    item, prefix = converted[name], CASES[name].prefix
+    before, after = item.result.before, item.result.after
+    assert before.tokens_per_layer == [prefix + 16] * LAYERS
+    assert after.tokens_per_layer == [prefix + 16] * K + [prefix + M] * (LAYERS - K)
+    assert after.gflops < before.gflops
+    config = item.result.model.config
+    lc = layer_config(config, family_and_head(config)[1])
+    linear = sum(m.in_features * m.out_features for m in layers_of(item.result.model)[0].modules()
+                 if isinstance(m, nn.Linear))  # fmt: skip
+    tokens, width = prefix + 16, FAMILIES[CASES[name].family].mlp_width(lc)
+    assert layer_macs(tokens, lc.hidden_size, width) == tokens * linear + 2 * tokens**2 * lc.hidden_size
+
+
+def test_dinov2_swiglu_cost_matches_its_matrices():
+    from transformers import Dinov2Config
+    from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer
+
+    config = Dinov2Config(**DINO, use_swiglu_ffn=True)
+    linear = sum(m.in_features * m.out_features for m in Dinov2Layer(config).modules() if isinstance(m, nn.Linear))
+    assert layer_macs(1, 32, FAMILIES["dinov2"].mlp_width(config)) == linear + 2 * 32
+
+
+# ---------------------------------------------------------------- what each head reads after the merge
+
+
+def test_deit_distilled_heads_still_average(converted):
+    model = converted["deit_distilled"].result.model
+    with torch.no_grad():
+        out = model(pixel_values=PIXELS)
+        hidden = model.deit(pixel_values=PIXELS).last_hidden_state
+    assert hidden.shape[1] == 2 + M
+    assert torch.allclose(out.cls_logits, model.cls_classifier(hidden[:, 0]), atol=1e-6)
+    assert torch.allclose(out.distillation_logits, model.distillation_classifier(hidden[:, 1]), atol=1e-6)
+    assert torch.allclose(out.logits, (out.cls_logits + out.distillation_logits) / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, base", [("dinov2", "dinov2"), ("dinov2_with_registers", "dinov2_with_registers")])
+def test_dinov2_head_reads_cls_and_mean_of_merged_tokens(name, base, converted):
+    model = converted[name].result.model
+    prefix = CASES[name].prefix
+    with torch.no_grad():
+        hidden = getattr(model, base)(pixel_values=PIXELS).last_hidden_state
+        logits = model(pixel_values=PIXELS).logits
+    assert hidden.shape[1] == prefix + M  # the classifier's slice [:, 1 + num_register_tokens:] is the M merged tokens
+    expected = model.classifier(torch.cat([hidden[:, 0], hidden[:, prefix:].mean(dim=1)], dim=1))
+    assert torch.allclose(logits, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_clip_siglip_classifiers_read_mean_of_merged_tokens(name, converted):
+    model = converted[name].result.model
+    prefix = CASES[name].prefix
+    with torch.no_grad():
+        hidden = model.vision_model(pixel_values=PIXELS).last_hidden_state
+        logits = model(pixel_values=PIXELS).logits
+    assert hidden.shape[1] == prefix + M
+    assert torch.allclose(logits, model.classifier(hidden[:, prefix:].mean(dim=1)), atol=1e-6)
+
+
+def test_clip_vision_pooler_is_cls(converted):
+    model = converted["clip_vision"].result.model
+    with torch.no_grad():
+        out = model(pixel_values=PIXELS)
+    assert out.last_hidden_state.shape[1] == 1 + M
+    assert torch.allclose(out.pooler_output, model.post_layernorm(out.last_hidden_state[:, 0]), atol=1e-6)
+
+
+def test_siglip_vision_attention_pooling_reads_merged_tokens(converted):
+    model = converted["siglip_vision"].result.model
+    with torch.no_grad():
+        out = model(pixel_values=PIXELS)
+    assert out.last_hidden_state.shape[1] == M  # no prefix token: everything was merged
+    assert torch.allclose(out.pooler_output, model.head(out.last_hidden_state), atol=1e-6)
+
+
+@pytest.mark.parametrize("name, base", [("clip", "CLIPModel"), ("siglip", "SiglipModel")])
+def test_full_model_checkpoint_keeps_only_the_vision_tower(name, base, converted):
+    """A full CLIPModel/SiglipModel converts to the classifier: vision weights bit-exact, text tower dropped."""
+    item = converted[name]
+    assert json.loads((item.source / "config.json").read_text())["architectures"] == [base]
+    source, merged = load_file(item.source / "model.safetensors"), load_file(item.output / "model.safetensors")
+    vision = {key: value for key, value in source.items() if key.startswith("vision_model.")}
+    assert vision and all(torch.equal(merged[key], value) for key, value in vision.items())
+    assert not any(key.startswith("text_model.") for key in merged)
+    assert "classifier.weight" in merged
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_a_few_finetune_steps_train_the_merger(name, converted):
+    torch.manual_seed(0)
+    model = copy.deepcopy(converted[name].result.model).train()
+    hidden = model.patch_merger.hidden_size
+    probe = None if CASES[name].classifier else nn.Linear(hidden, 3)  # backbones: a linear probe on the pooler
+    params = list(model.parameters()) + (list(probe.parameters()) if probe else [])
+    optimizer = torch.optim.AdamW(params, lr=3e-3)
+    pixels = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    losses = []
+    for step in range(4):
+        out = model(pixel_values=pixels)
+        logits = out.logits if probe is None else probe(out.pooler_output)
+        loss = nn.functional.cross_entropy(logits, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        if step == 0:
+            grads = [p.grad for p in model.patch_merger.parameters()]
+            assert all(g is not None and g.abs().sum() > 0 for g in grads)
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def _swin():
+    from transformers import SwinConfig, SwinForImageClassification
+
+    config = SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 1], window_size=4)
+    return SwinForImageClassification(config)
+
+
+def _convnext():
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    return ConvNextForImageClassification(
+        ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], image_size=32)
+    )
+
+
+def _beit():
+    from transformers import BeitConfig, BeitForImageClassification
+
+    return BeitForImageClassification(BeitConfig(**TINY, use_relative_position_bias=True))
+
+
+def _data2vec_vision():
+    from transformers import Data2VecVisionConfig, Data2VecVisionForImageClassification
+
+    return Data2VecVisionForImageClassification(Data2VecVisionConfig(**TINY, use_relative_position_bias=True))
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (_swin, "'swin' (hierarchical or convolutional) cannot be merged"),
+        (_convnext, "'convnext' (hierarchical or convolutional) cannot be merged"),
+        (_beit, "'beit' (BEiT / Data2Vec-vision) cannot be merged: each layer adds a learned relative position bias"),
+        (_data2vec_vision, "'data2vec-vision' (BEiT / Data2Vec-vision) cannot be merged"),
+    ],
+)
+def test_refused_families(make, reason, tmp_path, capsys):
+    source = tmp_path / "source"
+    make().save_pretrained(source)
+    capsys.readouterr()  # saving prints a progress bar
+    out = tmp_path / "out"
+    code = main(["convert", str(source), "--after-layer", "1", "--tokens", "2", "--output", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("retrofit: error: model type ") and "\n" not in err and "Traceback" not in err
+    assert reason in err, err
+    assert err.endswith(f"supported families: {supported_names()}")
+    assert "DINOv2" in err and "CLIP" in err and "SigLIP" in err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
