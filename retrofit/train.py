@@ -73,6 +73,7 @@ class TrainArgs:
     overwrite: bool = False
     report_to: str | None = None
     num_labels: int | None = None
+    eval_at_start: bool = False  # evaluate before the first step too (the merged model before training)
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps of the full schedule
     progress: bool = True
 
@@ -169,6 +170,17 @@ def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
     return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def _check_checkpoints(checkpoint_dir: Path | None, args: TrainArgs) -> list[Path]:
+    """Refuse to mix runs: existing checkpoints need --resume (continue) or --overwrite (start over)."""
+    existing = list_checkpoints(checkpoint_dir) if checkpoint_dir else []
+    if existing and not args.resume and not args.overwrite:
+        raise RetrofitError(
+            f"'{checkpoint_dir}' holds checkpoints of an earlier run; pass --resume to continue it or "
+            "--overwrite to start over"
+        )
+    return existing
 
 
 def save_checkpoint(accelerator, checkpoint_dir: Path, step: int, keep: int) -> Path:
@@ -379,12 +391,7 @@ def train_loop(
         )
 
     # --- checkpoints: refuse to mix runs ---
-    existing = list_checkpoints(checkpoint_dir) if checkpoint_dir else []
-    if existing and not args.resume and not args.overwrite:
-        raise RetrofitError(
-            f"'{checkpoint_dir}' holds checkpoints of an earlier run; pass --resume to continue it or "
-            "--overwrite to start over"
-        )
+    existing = _check_checkpoints(checkpoint_dir, args)
     if args.resume and not existing:
         log(f"--resume: no checkpoint in '{checkpoint_dir}'; starting from the beginning")
 
@@ -449,6 +456,8 @@ def train_loop(
         desc="train",
         dynamic_ncols=True,
     )
+    if args.eval_at_start and progress.step == 0:
+        run_eval()
     model.train()
     stop_at = min(total_steps, args.stop_after or total_steps)
     last_saved = progress.step if args.resume and existing else -1
@@ -547,11 +556,15 @@ def finetune(
     teacher: str | Path | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    card_results: Callable[[TrainResult], str] | None = None,
     log: Callable[[str], None] = print,
     **settings,
 ) -> TrainResult:
     """Insert a PatchMerger into `source` (or continue training a retrofit export) and fine-tune it; export to
-    `output`. `settings` are `TrainArgs` fields (loss, epochs, lr, data, ...)."""
+    `output`. `settings` are `TrainArgs` fields (loss, epochs, lr, data, ...); `card_results(result)` may give the
+    model card's results table."""
+    from accelerate.utils import set_seed
+
     from .atomic import check_output
     from .loading import is_merged, load_config, load_image_processor, load_model
     from .surgery import check_merge, insert_patch_merger
@@ -561,6 +574,8 @@ def finetune(
     if not args.resume:
         check_output(output, args.overwrite)
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else default_checkpoint_dir(output)
+    _check_checkpoints(checkpoint_dir, args)
+    set_seed(args.seed)  # the merger's random initialisation must be the same in a resumed run
     config = load_config(source, trust_remote_code=trust_remote_code, revision=revision)
     init = "continued from a retrofit export"
     if is_merged(config):
@@ -607,7 +622,12 @@ def finetune(
         from .export import export
 
         trained = trained.float().eval()
-        card = build_card(trained, source_config=source_config, training=_training_info(args, result, init))
+        card = build_card(
+            trained,
+            source_config=source_config,
+            training=_training_info(args, result, init),
+            results_table=card_results(result) if card_results else None,
+        )
         export(trained, output, image_processor=processor, card=card, overwrite=True, source_config=source_config)
         log(f"wrote {output} (checkpoints in {checkpoint_dir})")
         return Path(output)
@@ -657,6 +677,7 @@ def pretrain(
     torch.manual_seed(args.seed)
     model = ViTForImageClassification(config)
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else default_checkpoint_dir(output)
+    _check_checkpoints(checkpoint_dir, args)
 
     def on_end(accelerator, trained, result: TrainResult) -> Path:
         with atomic_dir(output, overwrite=True) as tmp:

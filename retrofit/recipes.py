@@ -1,0 +1,376 @@
+"""Recipes: a YAML file describing one complete run (source, merge, data, training, evaluation, export), run with
+``retrofit run RECIPE``. Command-line flags override recipe fields. Unknown or mistyped keys are refused, naming the
+nearest valid key.
+
+A recipe either fine-tunes a merged model (``source`` + ``merge``) or pretrains a baseline from scratch
+(``pretrain``). ``source: retrofit:NAME`` names a checkpoint shipped in ``retrofit/assets/NAME``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from .errors import RetrofitError
+
+ASSETS = Path(__file__).parent / "assets"
+
+# Valid keys per section, with defaults (None = taken from TrainArgs / not set).
+SCHEMA: dict[str, dict | None] = {
+    "name": None,
+    "description": None,
+    "source": None,
+    "teacher": None,
+    "pretrain": {"model": None, "image_processor": None},
+    "merge": {"after_layer": None, "tokens": None, "calibrate": True},
+    "data": {
+        "name": None,
+        "train_split": "train",
+        "eval_split": "test",
+        "image_column": "image",
+        "label_column": "label",
+        "limit": None,
+        "eval_limit": None,
+        "num_workers": 0,
+        "augment": False,
+    },
+    "training": {
+        "loss": None,
+        "temperature": None,
+        "alpha": None,
+        "train": None,
+        "epochs": None,
+        "max_steps": None,
+        "lr": None,
+        "weight_decay": None,
+        "warmup_ratio": None,
+        "batch_size": None,
+        "grad_accum": None,
+        "max_grad_norm": None,
+        "mixed_precision": None,
+        "seed": None,
+        "save_every": None,
+        "keep_checkpoints": None,
+        "eval_every": None,
+        "report_to": None,
+        "num_labels": None,
+    },
+    "evaluation": {"before": True, "batch_size": 256, "speed": True, "speed_batch_size": 256},
+    "export": {"output": None, "checkpoint_dir": None},
+}
+
+# Command-line flags of `retrofit run` -> recipe keys.
+FLAG_KEYS = {
+    "source": "source",
+    "output": "export.output",
+    "checkpoint_dir": "export.checkpoint_dir",
+    "data": "data.name",
+    "limit": "data.limit",
+    "eval_limit": "data.eval_limit",
+    "after_layer": "merge.after_layer",
+    "tokens": "merge.tokens",
+    "loss": "training.loss",
+    "train": "training.train",
+    "epochs": "training.epochs",
+    "max_steps": "training.max_steps",
+    "lr": "training.lr",
+    "batch_size": "training.batch_size",
+    "mixed_precision": "training.mixed_precision",
+    "seed": "training.seed",
+    "report_to": "training.report_to",
+}
+
+
+def _nearest(key: str, valid) -> str:
+    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(valid)}"
+
+
+def validate(recipe: dict, where: str = "recipe") -> dict:
+    """Check every key against `SCHEMA` and fill in defaults; unknown keys -> `RetrofitError` naming the nearest."""
+    if not isinstance(recipe, dict):
+        raise RetrofitError(f"{where} must be a YAML mapping of sections (source, merge, data, training, ...)")
+    out: dict = {}
+    for key, value in recipe.items():
+        if key not in SCHEMA:
+            raise RetrofitError(f"unknown key '{key}' in {where}{_nearest(str(key), SCHEMA)}")
+        section = SCHEMA[key]
+        if section is None or key == "pretrain" and value is None:
+            out[key] = value
+            continue
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise RetrofitError(f"'{key}' in {where} must be a mapping with keys {', '.join(section)}")
+        for sub in value:
+            if sub not in section:
+                raise RetrofitError(f"unknown key '{key}.{sub}' in {where}{_nearest(str(sub), section)}")
+        out[key] = value
+    for key, section in SCHEMA.items():
+        if isinstance(section, dict) and key != "pretrain":
+            out[key] = {**section, **out.get(key, {})}
+        else:
+            out.setdefault(key, None)
+    if out["pretrain"] is None:
+        if not out["source"]:
+            raise RetrofitError(f"{where} needs 'source' (a Hub id, folder or retrofit:NAME) or a 'pretrain' section")
+        if out["merge"]["after_layer"] is None or out["merge"]["tokens"] is None:
+            raise RetrofitError(f"{where} needs merge.after_layer and merge.tokens")
+    elif out["source"]:
+        raise RetrofitError(f"{where} has both 'source' and 'pretrain'; a recipe either fine-tunes or pretrains")
+    if not out["data"]["name"]:
+        raise RetrofitError(f"{where} needs data.name (fashion-mnist, an image folder or a Hub dataset id)")
+    if not out["export"]["output"]:
+        raise RetrofitError(f"{where} needs export.output (the folder to write)")
+    return out
+
+
+def _parse_value(text: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(recipe: dict, overrides: dict[str, object]) -> dict:
+    """Set dotted keys (``training.epochs``) in a raw recipe; unknown keys are refused like in the file."""
+    for dotted, value in overrides.items():
+        section, _, sub = dotted.partition(".")
+        if section not in SCHEMA:
+            raise RetrofitError(f"unknown override '{dotted}'{_nearest(section, SCHEMA)}")
+        if sub:
+            if not isinstance(SCHEMA[section], dict) or sub not in SCHEMA[section]:
+                valid = SCHEMA[section] or {}
+                raise RetrofitError(f"unknown override '{dotted}'{_nearest(sub, valid)}")
+            recipe.setdefault(section, {})
+            if recipe[section] is None:
+                recipe[section] = {}
+            recipe[section][sub] = value
+        else:
+            recipe[section] = value
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: dict[str, object] | None = None) -> dict:
+    """Read, override and validate a recipe file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise RetrofitError(f"recipe '{path}' does not exist; pass a YAML file such as recipes/fashion-mnist.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RetrofitError(f"recipe '{path}' is not valid YAML ({' '.join(str(exc).split())[:160]})") from None
+    if not isinstance(raw, dict):
+        raise RetrofitError(f"recipe '{path}' must be a YAML mapping")
+    return validate(apply_overrides(raw, overrides or {}), where=f"recipe '{path}'")
+
+
+def resolve_source(source: str) -> str:
+    """``retrofit:NAME`` -> the shipped checkpoint folder; anything else unchanged."""
+    if source.startswith("retrofit:"):
+        folder = ASSETS / source.removeprefix("retrofit:")
+        if not (folder / "config.json").is_file():
+            raise RetrofitError(
+                f"shipped checkpoint '{source}' is missing ({folder}); rebuild it with "
+                "`retrofit run recipes/fashion-mnist-baseline.yaml --overwrite`"
+            )
+        return str(folder)
+    return source
+
+
+def _train_settings(recipe: dict, **extra) -> dict:
+    from .train import TrainArgs
+
+    valid = {f.name for f in fields(TrainArgs)}
+    data, training = recipe["data"], recipe["training"]
+    settings = {key: value for key, value in training.items() if value is not None and key in valid}
+    settings.update(
+        data=data["name"],
+        split=data["train_split"],
+        eval_split=data["eval_split"],
+        image_column=data["image_column"],
+        label_column=data["label_column"],
+        limit=data["limit"],
+        eval_limit=data["eval_limit"],
+        num_workers=data["num_workers"],
+        augment=data["augment"],
+        checkpoint_dir=recipe["export"]["checkpoint_dir"],
+        eval_batch_size=recipe["evaluation"]["batch_size"],
+        **extra,
+    )
+    return settings
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measurements for the before/after table
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def images_per_second(models: dict[str, torch.nn.Module], shape: tuple, *, repeats: int = 5) -> dict[str, float]:
+    """Measured CPU/GPU forward throughput of each model on a random batch of `shape`, alternating the models;
+    the median of `repeats` timed passes after a warm-up."""
+    pixels = torch.randn(*shape)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for model in models.values():
+        model.eval()(pixel_values=pixels)
+    for _ in range(repeats):
+        for name, model in models.items():
+            started = time.perf_counter()
+            model(pixel_values=pixels)
+            times[name].append(time.perf_counter() - started)
+    return {name: shape[0] / statistics.median(values) for name, values in times.items()}
+
+
+@torch.inference_mode()
+def accuracy(model, dataloader) -> float:
+    """Top-1 accuracy of `model` on a dataloader of labelled batches (single process)."""
+    model.eval()
+    correct = seen = 0
+    for batch in dataloader:
+        correct += (model(pixel_values=batch["pixel_values"]).logits.argmax(-1) == batch["labels"]).sum().item()
+        seen += len(batch["labels"])
+    return correct / seen
+
+
+def results_table(rows: list[dict]) -> str:
+    """A Markdown before/after table from rows of {model, accuracy, gflops, images_per_s}."""
+    lines = ["| model | accuracy | GFLOPs/image | images/s (measured) | speed-up |", "|---|---|---|---|---|"]
+    base_speed = rows[0].get("images_per_s") if rows else None
+    for row in rows:
+        acc = f"{100 * row['accuracy']:.2f} %" if row.get("accuracy") is not None else "n/a"
+        speed = row.get("images_per_s")
+        ratio = f"{speed / base_speed:.2f}x" if speed and base_speed else "n/a"
+        speed_text = f"{speed:.0f}" if speed else "n/a"
+        lines.append(f"| {row['model']} | {acc} | {row['gflops']:.4f} | {speed_text} | {ratio} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running a recipe
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_recipe(
+    path: str | Path,
+    overrides: dict[str, object] | None = None,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run a recipe end to end; returns a summary dict (also written as ``results.json`` next to the checkpoints)."""
+    recipe = load_recipe(path, overrides)
+    if recipe["pretrain"] is not None:
+        return _run_pretrain(recipe, overwrite=overwrite, resume=resume, log=log)
+    return _run_finetune(recipe, overwrite=overwrite, resume=resume, log=log)
+
+
+def _run_pretrain(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
+    from .train import pretrain
+
+    spec = recipe["pretrain"]
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+        raise RetrofitError("pretrain.model must be a mapping of ViTConfig fields (image_size, hidden_size, ...)")
+    output = recipe["export"]["output"]
+    result = pretrain(
+        spec["model"],
+        output=output,
+        image_processor=spec.get("image_processor"),
+        log=log,
+        **_train_settings(recipe, overwrite=overwrite, resume=resume),
+    )
+    summary = {"recipe": recipe, "steps": result.steps, "accuracy": result.final_accuracy, "seconds": result.seconds}
+    log(f"baseline accuracy: {result.final_accuracy}; trained {result.steps} steps in {result.seconds / 60:.1f} min")
+    return summary
+
+
+def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
+    from .atomic import check_output
+    from .cost import model_cost
+    from .data import load_split, make_dataloader
+    from .loading import load_config, load_image_processor, load_model
+    from .surgery import check_merge, insert_patch_merger
+    from .train import default_checkpoint_dir, finetune, label_map_for
+
+    source = resolve_source(str(recipe["source"]))
+    merge, data, evaluation, export = recipe["merge"], recipe["data"], recipe["evaluation"], recipe["export"]
+    output = export["output"]
+    if not resume:
+        check_output(output, overwrite)
+    config = load_config(source)
+    check_merge(config, merge["after_layer"], merge["tokens"])
+    settings = _train_settings(recipe, overwrite=overwrite, resume=resume, eval_at_start=bool(evaluation["before"]))
+
+    # Baseline: accuracy on the evaluation split, cost and measured speed (source vs merged architecture).
+    baseline = load_model(source, config=config).eval()
+    processor = load_image_processor(source, config, log=log)
+    rows = [{"model": f"baseline `{recipe['source']}`", "gflops": model_cost(config).gflops}]
+    merged_cost = model_cost(insert_patch_merger(load_model(source, config=config), merge["after_layer"],
+                                                 merge["tokens"]).config)  # fmt: skip
+    if evaluation["before"] and data["eval_split"]:
+        eval_set = load_split(data["name"], data["eval_split"], image_column=data["image_column"],
+                              label_column=data["label_column"], limit=data["eval_limit"])  # fmt: skip
+        from .data import class_names
+
+        eval_dl = make_dataloader(
+            eval_set,
+            processor,
+            batch_size=min(evaluation["batch_size"], len(eval_set)),
+            num_channels=getattr(config, "num_channels", None),
+            label_map=label_map_for(config, class_names(eval_set), None),
+        )
+        rows[0]["accuracy"] = accuracy(baseline, eval_dl)
+        log(f"baseline accuracy: {100 * rows[0]['accuracy']:.2f} %")
+    speeds = {}
+    if evaluation["speed"]:
+        merged_arch = insert_patch_merger(load_model(source, config=config), merge["after_layer"], merge["tokens"])
+        size = merged_arch.config.image_size
+        shape = (evaluation["speed_batch_size"], getattr(config, "num_channels", 3), size, size)
+        speeds = images_per_second({"baseline": baseline, "merged": merged_arch}, shape)
+        rows[0]["images_per_s"] = speeds["baseline"]
+        del merged_arch
+    tag = f"merged K={merge['after_layer']} M={merge['tokens']}"
+
+    def table_rows(result) -> list[dict]:
+        out = [dict(rows[0])]
+        history = [h for h in result.eval_history if h.get("reference") == "labels"]
+        if evaluation["before"] and history and history[0]["step"] == 0:
+            init = "calibrated" if merge["calibrate"] else "random"
+            out.append({"model": f"{tag}, {init} init, no training", "accuracy": history[0]["accuracy"],
+                        "gflops": merged_cost.gflops, "images_per_s": speeds.get("merged")})  # fmt: skip
+        out.append({"model": f"{tag}, fine-tuned ({result.steps} steps, loss {settings.get('loss', 'kd')})",
+                    "accuracy": history[-1]["accuracy"] if history else None, "gflops": merged_cost.gflops,
+                    "images_per_s": speeds.get("merged")})  # fmt: skip
+        return out
+
+    result = finetune(
+        source,
+        output=output,
+        after_layer=merge["after_layer"],
+        num_tokens=merge["tokens"],
+        calibrate=bool(merge["calibrate"]),
+        teacher=recipe["teacher"],
+        card_results=lambda res: results_table(table_rows(res)),
+        log=log,
+        **settings,
+    )
+    table = results_table(table_rows(result))
+    log("")
+    log(table)
+    summary = {"recipe": recipe, "rows": table_rows(result), "steps": result.steps, "seconds": result.seconds}
+    checkpoint_dir = Path(export["checkpoint_dir"] or default_checkpoint_dir(output))
+    if checkpoint_dir.is_dir():
+        (checkpoint_dir / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary

@@ -1,0 +1,118 @@
+"""Data loading: Fashion-MNIST from Debian's files, image folders, preprocessing, and every bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import ViTImageProcessor
+
+from retrofit.cli import main
+from retrofit.data import FASHION_MNIST_CLASSES, class_names, load_split, make_dataloader
+from retrofit.errors import RetrofitError
+
+COLOURS = {"cat": (220, 30, 30), "dog": (30, 220, 30), "bird": (30, 30, 220)}
+FMNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+
+
+def make_imagefolder(root: Path, per_class: int = 8, test_per_class: int = 4, size: int = 32, seed: int = 0) -> Path:
+    """A tiny learnable imagefolder: one colour per class (the tiny models' cat/dog/bird) plus noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", per_class), ("test", test_per_class)):
+        for name, colour in COLOURS.items():
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def imagefolder(tmp_path_factory) -> Path:
+    return make_imagefolder(tmp_path_factory.mktemp("images") / "colours")
+
+
+def processor(size: int = 32, channels: int = 3) -> ViTImageProcessor:
+    return ViTImageProcessor(
+        size={"height": size, "width": size}, image_mean=[0.5] * channels, image_std=[0.5] * channels
+    )
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist is not installed")
+def test_fashion_mnist_split_has_images_and_class_names():
+    data = load_split("fashion-mnist", "validation", limit=20)
+    assert len(data) == 20 and data.column_names == ["image", "label"]
+    assert class_names(data) == FASHION_MNIST_CLASSES
+    assert data[0]["image"].size == (28, 28) and data[0]["image"].mode == "L"
+    unlabelled = load_split("fashion-mnist", "train", label_column=None, limit=5)
+    assert unlabelled.column_names == ["image"] and class_names(unlabelled) is None
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist is not installed")
+def test_grey_images_become_rgb_and_back():
+    data = load_split("fashion-mnist", "test", limit=8)
+    rgb = next(iter(make_dataloader(data, processor(32), batch_size=4)))
+    assert rgb["pixel_values"].shape == (4, 3, 32, 32) and rgb["labels"].dtype == torch.long
+    grey = next(iter(make_dataloader(data, processor(28, 1), batch_size=4)))
+    assert grey["pixel_values"].shape == (4, 1, 28, 28)
+
+
+def test_imagefolder_batches(imagefolder):
+    data = load_split(str(imagefolder), "train")
+    assert len(data) == 24 and class_names(data) == ["bird", "cat", "dog"]
+    batch = next(iter(make_dataloader(data, processor(16), batch_size=5, train=True)))
+    assert batch["pixel_values"].shape == (5, 3, 16, 16) and batch["labels"].shape == (5,)
+    assert load_split(str(imagefolder), "validation").num_rows == 12  # falls back to test
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index(imagefolder):
+    data = load_split(str(imagefolder), "train")
+    first = make_dataloader(data, processor(), batch_size=4, augment=True).dataset
+    second = make_dataloader(data, processor(), batch_size=4, augment=True).dataset
+    assert torch.equal(first[3]["pixel_values"], second[3]["pixel_values"])
+    plain = make_dataloader(data, processor(), batch_size=4).dataset
+    assert not torch.equal(first[3]["pixel_values"], plain[3]["pixel_values"])
+    second.set_epoch(1)
+    assert not torch.equal(first[3]["pixel_values"], second[3]["pixel_values"])
+
+
+def test_bad_inputs_are_one_line_errors(imagefolder, tmp_path):
+    with pytest.raises(RetrofitError, match="does not exist"):
+        load_split(str(tmp_path / "missing"), "train")
+    with pytest.raises(RetrofitError, match="no column 'caption'.*available: image, label"):
+        load_split(str(imagefolder), "train", label_column="caption")
+    with pytest.raises(RetrofitError, match="no split 'holdout'"):
+        load_split(str(imagefolder), "holdout")
+    with pytest.raises(RetrofitError, match="larger than the data"):
+        make_dataloader(load_split(str(imagefolder), "test"), processor(), batch_size=13)
+    broken = make_imagefolder(tmp_path / "broken", per_class=2, test_per_class=1)
+    (broken / "train" / "cat" / "bad.png").write_bytes(b"not an image at all")
+    with pytest.raises(RetrofitError, match="bad.png.*unreadable"):
+        load_split(str(broken), "train")
+
+
+def test_empty_split_is_refused(monkeypatch):
+    from datasets import Dataset
+
+    import retrofit.data as data_module
+
+    monkeypatch.setattr(data_module, "_fashion_mnist", lambda split, limit: Dataset.from_dict({"image": []}))
+    with pytest.raises(RetrofitError, match="is empty"):
+        load_split("fashion-mnist", "train")
+
+
+def test_cli_bad_data_exits_2_and_writes_nothing(tiny_vit, imagefolder, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["finetune", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--output", str(out)]
+    assert main([*base, "--data", str(tmp_path / "nope")]) == 2
+    assert main([*base, "--data", str(imagefolder), "--loss", "ce", "--label-column", "kind"]) == 2
+    assert main([*base, "--data", str(imagefolder), "--batch-size", "1000"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3 and all(line.startswith("retrofit: error:") for line in errors)
+    assert "no column 'kind'" in errors[1] and "larger than the data" in errors[2]
+    assert not out.exists() and not (tmp_path / "out-checkpoints").exists()

@@ -1,0 +1,161 @@
+"""The fine-tune loop: it learns, exports a loadable Hub folder, resumes bit-for-bit, stops on NaN, checks labels."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_data import make_imagefolder
+
+import retrofit.train as train_module
+from retrofit.cli import main
+from retrofit.errors import RetrofitError
+from retrofit.loading import load_model
+from retrofit.train import finetune, list_checkpoints
+
+FAST = dict(batch_size=8, save_every=2, progress=False, eval_batch_size=12)
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    return str(make_imagefolder(tmp_path_factory.mktemp("train-data") / "colours", per_class=8, test_per_class=4))
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_ce_finetune_learns_and_exports(tiny_vit, colours, tmp_path):
+    out = tmp_path / "pm"
+    result = finetune(
+        tiny_vit,
+        output=out,
+        after_layer=2,
+        num_tokens=4,
+        data=colours,
+        loss="ce",
+        epochs=6,
+        lr=3e-3,
+        eval_at_start=True,
+        **FAST,
+    )
+    history = [h["accuracy"] for h in result.eval_history]
+    assert history[-1] > history[0] and history[-1] >= 0.75, history
+    assert result.steps == 18 and result.final_accuracy == history[-1]
+    assert {"config.json", "model.safetensors", "README.md", "preprocessor_config.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert not any(p.name.startswith("step-") for p in out.iterdir())  # checkpoints live next to it, not inside
+    assert [p.name for p in list_checkpoints(tmp_path / "pm-checkpoints")] == ["step-00000016", "step-00000018"]
+    assert "fine-tuned on" in (out / "README.md").read_text()
+    reloaded = load_model(out)
+    assert torch.equal(reloaded.patch_merger.queries, result.model.patch_merger.queries)
+
+
+def test_resume_reaches_the_same_weights(tiny_vit, colours, tmp_path):
+    settings = dict(after_layer=2, num_tokens=4, data=colours, loss="mix", epochs=2, augment=True, **FAST)
+    full = finetune(tiny_vit, output=tmp_path / "full", **settings)
+    assert full.steps == 6
+    # Interrupted after step 3 (after checkpoint 2): what a SIGKILL between checkpoints leaves behind.
+    partial = finetune(tiny_vit, output=tmp_path / "cut", stop_after=3, **settings)
+    assert partial.steps == 3 and partial.output is None and not (tmp_path / "cut").exists()
+    checkpoints = tmp_path / "cut-checkpoints"
+    shutil.rmtree(checkpoints / "step-00000003")
+    (checkpoints / ".step-00000004.tmp").mkdir()  # a half-written checkpoint of a killed run is ignored
+    with pytest.raises(RetrofitError, match="--resume"):
+        finetune(tiny_vit, output=tmp_path / "cut", **settings)
+    resumed = finetune(tiny_vit, output=tmp_path / "cut", resume=True, **settings)
+    assert resumed.steps == 6
+    expected, got = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_kd_needs_no_labels_and_merger_and_after_freezes_the_start(tiny_vit, colours, tmp_path):
+    result = finetune(
+        tiny_vit,
+        output=tmp_path / "kd",
+        after_layer=2,
+        num_tokens=4,
+        data=colours,
+        loss="kd",
+        label_column=None,
+        train="merger-and-after",
+        epochs=1,
+        lr=1e-2,
+        calibrate=False,
+        **FAST,
+    )
+    source = load_model(tiny_vit)
+    trained = result.model
+    for name, tensor in source.vit.layers[0].state_dict().items():
+        assert torch.equal(trained.vit.layers[0].state_dict()[name], tensor), name
+    assert torch.equal(trained.vit.embeddings.cls_token, source.vit.embeddings.cls_token)
+    assert not torch.equal(trained.classifier.weight, source.classifier.weight)
+
+
+def test_continue_training_an_export(tiny_vit, colours, tmp_path):
+    first = finetune(
+        tiny_vit, output=tmp_path / "a", after_layer=1, num_tokens=2, data=colours, loss="kd", max_steps=2, **FAST
+    )
+    again = finetune(tmp_path / "a", output=tmp_path / "b", data=colours, loss="kd", max_steps=2, **FAST)
+    assert again.model.config.merge_after_layer == 1 and first.output and again.output
+    with pytest.raises(RetrofitError, match="already merged"):
+        finetune(tmp_path / "a", output=tmp_path / "c", after_layer=2, num_tokens=2, data=colours, **FAST)
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint(tiny_vit, colours, tmp_path, monkeypatch):
+    real = train_module.compute_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(train_module, "compute_loss", poisoned)
+    with pytest.raises(RetrofitError, match=r"loss became nan at step 3.*step-00000002"):
+        finetune(
+            tiny_vit, output=tmp_path / "nan", after_layer=2, num_tokens=4, data=colours, loss="ce", epochs=2, **FAST
+        )
+    assert not (tmp_path / "nan").exists()
+    assert [p.name for p in list_checkpoints(tmp_path / "nan-checkpoints")] == ["step-00000002"]
+
+
+def test_label_mismatch_is_refused_unless_num_labels(tiny_vit, tmp_path):
+    other = make_imagefolder(tmp_path / "other", per_class=4, test_per_class=2)
+    (other / "train" / "bird").rename(other / "train" / "fish")
+    (other / "test" / "bird").rename(other / "test" / "fish")
+    with pytest.raises(RetrofitError, match="--num-labels 3"):
+        finetune(tiny_vit, output=tmp_path / "x", after_layer=2, num_tokens=4, data=str(other), loss="ce", **FAST)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x-checkpoints").exists()
+    result = finetune(
+        tiny_vit,
+        output=tmp_path / "y",
+        after_layer=2,
+        num_tokens=4,
+        data=str(other),
+        loss="ce",
+        num_labels=3,
+        max_steps=1,
+        **FAST,
+    )
+    assert result.model.config.id2label == {0: "cat", 1: "dog", 2: "fish"}
+    config = json.loads((tmp_path / "y" / "config.json").read_text())
+    assert config["id2label"] == {"0": "cat", "1": "dog", "2": "fish"}
+
+
+def test_cli_finetune(tiny_deit, colours, tmp_path, capsys):
+    out = tmp_path / "deit-pm"
+    args = ["finetune", str(tiny_deit), "--after-layer", "2", "--tokens", "3", "--data", colours, "--output", str(out)]
+    assert main([*args, "--loss", "kd", "--max-steps", "2", "--batch-size", "8", "--save-every", "1"]) == 0
+    assert (out / "model.safetensors").exists() and len(list_checkpoints(tmp_path / "deit-pm-checkpoints")) == 2
+    assert main([*args, "--max-steps", "2"]) == 2  # output exists
+    assert "already exists" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse refuses unknown choices itself, also with code 2
+        main([*args, "--loss", "focal"])
+    assert exit_info.value.code == 2
