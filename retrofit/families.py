@@ -32,6 +32,16 @@ class Head:
     layer_config: str = "config"
     reads: str = ""
 
+    @property
+    def is_classifier(self) -> bool:
+        """True if the class outputs logits (else it is a backbone: last hidden state and pooler output)."""
+        return self.auto_class == "AutoModelForImageClassification"
+
+    @property
+    def pipeline_tag(self) -> str:
+        """The Hub pipeline tag of an export of this class."""
+        return "image-classification" if self.is_classifier else "image-feature-extraction"
+
 
 @dataclass(frozen=True, eq=False)
 class Family:

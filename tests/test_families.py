@@ -252,6 +252,8 @@ def test_export_files(name, converted):
     assert config["model_type"] == stem
     assert config["architectures"] == [item.case.merged_class]
     assert config["merge_num_prefix_tokens"] == item.case.prefix
+    head = family_and_head(item.result.model.config)[1]
+    assert head.is_classifier == item.case.classifier
     auto = "AutoModelForImageClassification" if item.case.classifier else "AutoModel"
     assert config["auto_map"] == {
         "AutoConfig": f"configuration_{stem}.{family.display_name}PatchMergerConfig",
@@ -259,7 +261,8 @@ def test_export_files(name, converted):
     }
     code = (item.output / f"modeling_{stem}.py").read_text()
     assert "import retrofit" not in code and "from retrofit" not in code
-    assert f"from {family.modeling_module} import {family.layer_class}, " in code
+    assert f"from {family.modeling_module} import (\n    {family.layer_class},\n" in code
+    assert max(len(line) for line in code.splitlines()) <= 120
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -404,6 +407,25 @@ def test_a_few_finetune_steps_train_the_merger(name, converted):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("name", ["siglip"])
+def test_retrofit_finetune_runs_on_the_family(name, converted, tmp_path):
+    """`retrofit.train.finetune` end to end (k-means calibration, CE steps, export) with no prefix token."""
+    from test_data import make_imagefolder
+
+    from retrofit.loading import load_model
+    from retrofit.train import finetune
+
+    data = make_imagefolder(tmp_path / "colours", per_class=4, test_per_class=2)
+    out = tmp_path / "pm"
+    result = finetune(converted[name].source, output=out, after_layer=K, num_tokens=M, data=str(data), loss="ce",
+                      max_steps=3, batch_size=6, lr=3e-3, progress=False, log=lambda _: None)  # fmt: skip
+    assert result.steps == 3 and result.last_loss is not None and result.last_loss == result.last_loss
+    reloaded = load_model(out)
+    assert type(reloaded).__name__ == CASES[name].merged_class
+    assert torch.equal(reloaded.patch_merger.queries, result.model.patch_merger.queries)
+    assert not torch.equal(reloaded.patch_merger.queries, converted[name].result.model.patch_merger.queries)
 
 
 # ---------------------------------------------------------------- refusals
