@@ -11,7 +11,7 @@ from transformers import PreTrainedModel
 from .atomic import check_output
 from .cost import Cost, compare, model_cost
 from .export import export
-from .loading import load_config, load_image_processor, load_model
+from .loading import load_config, load_image_processor, load_model, processor_image_size
 from .surgery import check_merge, insert_patch_merger
 
 
@@ -49,7 +49,9 @@ def convert(
     if output is not None:
         check_output(output, overwrite)
     config = load_config(source, trust_remote_code=trust_remote_code, revision=revision)
-    check_merge(config, after_layer, num_tokens)
+    processor = load_image_processor(source, config, revision=revision, log=log)
+    image_size = processor_image_size(processor)
+    check_merge(config, after_layer, num_tokens, image_size)
     model = load_model(source, config=config, trust_remote_code=trust_remote_code, revision=revision)
     model.eval()
     merged = insert_patch_merger(model, after_layer, num_tokens, source=str(source))
@@ -57,10 +59,9 @@ def convert(
         from .calibrate import calibrate_from_data
 
         calibrate_from_data(merged, calibrate_on, source=str(source), log=log)
-    before, after = model_cost(config), model_cost(merged.config)
+    before, after = model_cost(config, image_size), model_cost(merged.config, image_size)
     log(compare(before, after))
     if output is not None:
-        processor = load_image_processor(source, config, revision=revision, log=log)
         export(merged, output, image_processor=processor, overwrite=overwrite, source_config=config)
         log(f"wrote {output}")
     return ConvertResult(model=merged, before=before, after=after, output=Path(output) if output else None)

@@ -139,3 +139,20 @@ def load_image_processor(source: str | Path, config: PreTrainedConfig, *, revisi
         size = lc.image_size if isinstance(lc.image_size, int) else lc.image_size[0]
         log(f"warning: '{source}' has no image processor; using resize to {size}x{size} and mean=std=0.5")
         return ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+def processor_image_size(processor) -> tuple[int, int] | None:
+    """The (height, width) of the images the processor hands the model: its crop size if it crops, else its size.
+
+    DINOv2 checkpoints, for one, say ``image_size: 518`` in their config but are fed 224x224 crops; costs and token
+    limits must use what the model really sees.
+    """
+    crop = getattr(processor, "crop_size", None)
+    if getattr(processor, "do_center_crop", False) and crop and "height" in crop:
+        return int(crop["height"]), int(crop["width"])
+    size = getattr(processor, "size", None) or {}
+    if "height" in size and "width" in size:
+        return int(size["height"]), int(size["width"])
+    if "shortest_edge" in size:
+        return int(size["shortest_edge"]), int(size["shortest_edge"])
+    return None

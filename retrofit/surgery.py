@@ -12,8 +12,13 @@ from .hub_code import load_classes
 from .loading import family_and_head, is_merged, layer_config
 
 
-def check_merge(config: PreTrainedConfig, after_layer: int, num_tokens: int) -> tuple[Family, Head, int]:
-    """Validate a merge setting against a source config; return (family, head, number of prefix tokens)."""
+def check_merge(
+    config: PreTrainedConfig, after_layer: int, num_tokens: int, image_size: tuple[int, int] | None = None
+) -> tuple[Family, Head, int]:
+    """Validate a merge setting against a source config; return (family, head, number of prefix tokens).
+
+    `image_size` is the size the model is fed (see `loading.processor_image_size`); defaults to the config's.
+    """
     if is_merged(config):
         raise RetrofitError(
             "this checkpoint already has a PatchMerger (it is a retrofit export); convert its source instead, "
@@ -26,7 +31,7 @@ def check_merge(config: PreTrainedConfig, after_layer: int, num_tokens: int) -> 
         raise RetrofitError(
             f"--after-layer {after_layer} is out of range: this model has {layers} layers, so use 1..{layers - 1}"
         )
-    patches = num_patches(lc)
+    patches = num_patches(lc, image_size)
     if not 1 <= num_tokens < patches:
         raise RetrofitError(
             f"--tokens {num_tokens} is out of range: the model has {patches} patch tokens, so use 1..{patches - 1}"
