@@ -301,7 +301,12 @@ def _make_accelerator(args: TrainArgs, project_dir: Path | None):
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     log_with = None if args.report_to in (None, "none") else args.report_to
+    # Without a GPU, say so: Accelerate then runs several launched processes as MULTI_CPU (gloo) instead of treating
+    # each as a separate single-process run.
+    has_device = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    has_device = has_device or torch.backends.mps.is_available()
     return Accelerator(
+        cpu=not has_device,
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.grad_accum,
         log_with=log_with,

@@ -1,0 +1,51 @@
+"""Calibrated merger initialisation: k-means, the bypass that reproduces the source, and convert --calibrate-on."""
+
+from __future__ import annotations
+
+import torch
+from test_data import make_imagefolder
+
+from retrofit.calibrate import bypass_merger, calibrate, calibrate_from_data, kmeans
+from retrofit.cli import main
+from retrofit.loading import load_model
+from retrofit.surgery import insert_patch_merger
+
+
+def test_kmeans_finds_separated_clusters():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[10.0, 0.0], [-10.0, 0.0], [0.0, 10.0]])
+    points = torch.cat([c + torch.randn(50, 2, generator=generator) for c in centres])
+    found = kmeans(points, 3, seed=1)
+    distance = torch.cdist(found, centres).min(dim=1).values
+    assert distance.max() < 1.0
+
+
+def test_bypass_gives_the_source_logits(tiny_vit, pixels):
+    source = load_model(tiny_vit).eval()
+    expected = source(pixel_values=pixels).logits
+    merged = insert_patch_merger(load_model(tiny_vit).eval(), 2, 4)
+    with bypass_merger(merged):
+        torch.testing.assert_close(merged(pixel_values=pixels).logits, expected)
+    assert not torch.allclose(merged(pixel_values=pixels).logits, expected)
+
+
+def test_calibration_never_moves_away_from_the_source(tiny_vit):
+    torch.manual_seed(0)
+    merged = insert_patch_merger(load_model(tiny_vit).eval(), 1, 2)
+    pixels = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    result = calibrate(merged, pixels, scales=(0.5, 2.0, 8.0))
+    assert result.kl_calibrated <= result.kl_random and result.images == 32
+    assert merged.patch_merger.queries.shape == (2, 32)
+
+
+def test_calibrate_from_an_imagefolder_and_convert_cli(tiny_vit, tmp_path, capsys):
+    data = make_imagefolder(tmp_path / "colours", per_class=4, test_per_class=1)
+    merged = insert_patch_merger(load_model(tiny_vit).eval(), 2, 4)
+    result = calibrate_from_data(merged, str(data), source=str(tiny_vit), num_images=10)
+    assert result.images == 10
+    out = tmp_path / "converted"
+    argv = ["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--output", str(out)]
+    assert main([*argv, "--calibrate-on", str(data)]) == 0
+    assert "calibrated the merger on 12 images" in capsys.readouterr().out
+    assert main([*argv, "--overwrite", "--calibrate-on", str(tmp_path / "missing")]) == 2
+    assert (out / "model.safetensors").exists()  # the earlier export is untouched by the failed run

@@ -1,0 +1,59 @@
+"""`accelerate launch` with 2 CPU processes (gloo): they train in sync, and only the main process writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from test_data import make_imagefolder
+
+from retrofit.train import list_checkpoints
+
+DRIVER = textwrap.dedent(
+    """
+    import json, sys
+    from accelerate import PartialState
+    from retrofit.train import finetune
+
+    source, data, output, report = sys.argv[1:5]
+    result = finetune(source, output=output, after_layer=2, num_tokens=4, data=data, loss="mix", max_steps=3,
+                      batch_size=4, save_every=2, progress=False, eval_batch_size=6, eval_at_start=True)
+    state = PartialState()
+    digest = {name: param.detach().double().sum().item() for name, param in result.model.named_parameters()}
+    record = {"rank": state.process_index, "processes": state.num_processes, "digest": digest,
+              "output": None if result.output is None else str(result.output), "history": result.eval_history}
+    with open(f"{report}/rank{state.process_index}.json", "w") as handle:
+        json.dump(record, handle)
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_stay_in_sync(tiny_vit, tmp_path):
+    data = make_imagefolder(tmp_path / "colours", per_class=4, test_per_class=2)
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    report = tmp_path / "report"
+    report.mkdir()
+    out = tmp_path / "runs" / "pm"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # On a machine without GPUs, `accelerate launch --multi_gpu` starts torchrun and Accelerate runs MULTI_CPU (gloo);
+    # `--cpu --num_processes 2` alone would start a single process.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(driver),
+               str(tiny_vit), str(data), str(out), str(report)]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[:6000]
+    ranks = [json.loads((report / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert [r["processes"] for r in ranks] == [2, 2]
+    assert ranks[0]["digest"] == ranks[1]["digest"]  # identical weights on both processes after training
+    assert ranks[0]["history"] == ranks[1]["history"]  # gathered metrics agree
+    assert ranks[0]["history"][0]["examples"] == 6  # gather_for_metrics drops the padding of the last batch
+    assert ranks[0]["output"] == str(out) and ranks[1]["output"] is None
+    assert sorted(p.name for p in out.parent.iterdir()) == ["pm", "pm-checkpoints"]  # no stray temp folders
+    checkpoint = list_checkpoints(out.parent / "pm-checkpoints")[-1]
+    assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors"} <= {p.name for p in checkpoint.iterdir()}

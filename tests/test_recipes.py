@@ -1,0 +1,69 @@
+"""Recipes: validation with nearest-key hints, overrides, the shipped recipes parse, and an end-to-end tiny run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from test_data import make_imagefolder
+
+from retrofit.cli import main
+from retrofit.errors import RetrofitError
+from retrofit.recipes import load_recipe, run_recipe
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def write(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def tiny_recipe(source, data, output) -> dict:
+    return {
+        "source": str(source),
+        "merge": {"after_layer": 2, "tokens": 4},
+        "data": {"name": str(data)},
+        "training": {"loss": "kd", "max_steps": 3, "batch_size": 8, "save_every": 2},
+        "evaluation": {"batch_size": 12, "speed_batch_size": 4},
+        "export": {"output": str(output)},
+    }
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(path):
+    recipe = load_recipe(path)
+    assert recipe["export"]["output"] and recipe["data"]["name"]
+
+
+def test_mistyped_keys_name_the_nearest(tmp_path, capsys):
+    recipe = tiny_recipe("x", "y", tmp_path / "out")
+    recipe["training"]["learning_rate"] = 1e-3
+    path = write(tmp_path / "bad.yaml", recipe)
+    with pytest.raises(RetrofitError, match="unknown key 'training.learning_rate'.*"):
+        load_recipe(path)
+    recipe["training"].pop("learning_rate")
+    recipe["trainng"] = {}
+    write(path, recipe)
+    with pytest.raises(RetrofitError, match="unknown key 'trainng'.*did you mean 'training'"):
+        load_recipe(path)
+    assert main(["run", str(path)]) == 2
+    assert main(["run", str(RECIPES / "fashion-mnist.yaml"), "--set", "training.epoch=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "did you mean 'training'" in err[0] and "did you mean 'epochs'" in err[1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_a_tiny_recipe_with_overrides(tiny_vit, tmp_path, capsys):
+    data = make_imagefolder(tmp_path / "colours", per_class=4, test_per_class=4)
+    path = write(tmp_path / "tiny.yaml", tiny_recipe(tiny_vit, data, tmp_path / "ignored"))
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--output", str(out), "--set", "training.max_steps=2", "--loss", "mix"]) == 0
+    printed = capsys.readouterr().out
+    assert "| baseline" in printed and "no training" in printed and "fine-tuned (2 steps, loss mix)" in printed
+    assert (out / "model.safetensors").exists() and not (tmp_path / "ignored").exists()
+    assert "| baseline" in (out / "README.md").read_text()
+    assert (tmp_path / "out-checkpoints" / "results.json").exists()
+    summary = run_recipe(path, {"export.output": str(out)}, overwrite=True, log=lambda *_: None)
+    assert summary["steps"] == 3 and len(summary["rows"]) == 3
