@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import PreTrainedModel
 
 from .cost import compare, model_cost
@@ -104,3 +105,164 @@ The modeling code ships in this repository (`modeling_*.py`, `configuration_*.py
 {results_table or "Not evaluated yet: run `retrofit evaluate SOURCE THIS_FOLDER --data ...` to add results."}
 """
     return ModelCard(content)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Results: `retrofit evaluate --card` / `retrofit bench --card` write measured numbers into an export's card
+# ----------------------------------------------------------------------------------------------------------------
+
+RESULTS_FILE = "retrofit_results.json"
+
+
+def _same_model(spec: str, export: Path) -> bool:
+    path = Path(spec).expanduser()
+    return path.exists() and path.resolve() == export.resolve()
+
+
+def _same_path(a: str, b: str) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def check_card_target(export: str | Path, models: list[str]) -> Path:
+    """Check that `export` is a retrofit export with a README.md and is one of `models`; return its path."""
+    from .errors import RetrofitError
+    from .loading import is_merged, load_config
+
+    export = Path(export)
+    if not (export / "README.md").is_file() or not (export / "config.json").is_file():
+        raise RetrofitError(f"--card {export}: not an export folder (no README.md/config.json); pass a convert output")
+    if not is_merged(load_config(export)):
+        raise RetrofitError(f"--card {export}: not a retrofit export (no PatchMerger in its config)")
+    if not any(_same_model(spec, export) for spec in models):
+        raise RetrofitError(f"--card {export}: the export must also be one of the models measured; add it to them")
+    return export
+
+
+def _rows(report: dict | None) -> list[dict]:
+    return list((report or {}).get("models", []))
+
+
+def _find(rows: list[dict], key: str, spec: str | None) -> dict | None:
+    return next((row for row in rows if spec is not None and row.get(key) == spec), None)
+
+
+def eval_results_from(evaluation: dict, row: dict) -> list[EvalResult]:
+    """model-index entries (top-1 and top-k accuracy) for one evaluated model."""
+    common = dict(
+        task_type="image-classification",
+        task_name="Image Classification",
+        dataset_type=evaluation["data"],
+        dataset_name=evaluation["data"],
+        dataset_split=evaluation.get("split"),
+        source_name="retrofit evaluate",
+    )
+    results = [EvalResult(metric_type="accuracy", metric_name="Top-1 accuracy", metric_value=row["top1"], **common)]
+    if row.get("top5") is not None:
+        k = evaluation.get("top_k", 5)
+        results.append(
+            EvalResult(
+                metric_type="top_k_accuracy",
+                metric_name=f"Top-{k} accuracy",
+                metric_value=row["top5"],
+                metric_args={"k": k},
+                **common,
+            )
+        )
+    return results
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f} %"
+
+
+def results_section(results: dict, export: Path) -> str:
+    """Markdown for the card's Results section: a before/after table, then the full evaluation and speed tables."""
+    evaluation, bench = results.get("evaluation"), results.get("benchmark")
+    this_eval = _find(_rows(evaluation), "model", (evaluation or {}).get("this"))
+    this_bench = _find(_rows(bench), "model", (bench or {}).get("this"))
+    source = (evaluation or {}).get("source")
+    before_eval = next(
+        (row for row in _rows(evaluation) if source and (row["model"] == source or _same_path(row["model"], source))),
+        None,
+    )
+    before_bench = _find(_rows(bench), "model", this_bench.get("baseline") if this_bench else None)
+    parts = []
+    speed_head = "images/s"
+    largest = None
+    if bench:
+        env = bench["environment"]
+        largest = str(max(bench["settings"]["batch_sizes"]))
+        speed_head = f"images/s ({env['hardware']}, {env['dtype']}, batch {largest})"
+    lines = [f"| | top-1 | top-5 | GFLOPs | {speed_head} |", "|---|---|---|---|---|"]
+    for label, ev, be in (("before: source", before_eval, before_bench), ("after: this model", this_eval, this_bench)):
+        if ev is None and be is None:
+            continue
+        rate = (be or {}).get("results", {}).get(largest or "", {}).get("images_per_s") if be else None
+        gflops = (ev or be or {}).get("gflops")
+        name = (ev or be or {}).get("model", "")
+        lines.append(
+            f"| {label} (`{name}`) | {_pct((ev or {}).get('top1'))} | {_pct((ev or {}).get('top5'))} | "
+            f"{'–' if gflops is None else f'{gflops:.3g}'} | {'–' if rate is None else f'{rate:.1f}'} |"
+        )
+    if len(lines) > 2:
+        parts.append("### Before / after\n\n" + "\n".join(lines))
+    if evaluation:
+        parts.append(
+            f"### Accuracy\n\nOn `{evaluation['data']}` split `{evaluation['split']}` "
+            f"({evaluation['num_examples']} images), measured with `retrofit evaluate`:\n\n{evaluation['table']}"
+        )
+    if bench:
+        from .benchmark import markdown_table
+
+        parts.append(
+            "### Speed\n\nMeasured with `retrofit bench` (median of repeats, models measured alternately):\n\n"
+            + markdown_table(bench)
+        )
+    return "\n\n".join(parts) if parts else "Not evaluated yet."
+
+
+def _replace_section(text: str, heading: str, body: str) -> str:
+    marker = f"\n## {heading}\n"
+    start = text.find(marker)
+    if start < 0:
+        return text.rstrip("\n") + f"\n{marker}\n{body}\n"
+    after = start + len(marker)
+    end = text.find("\n## ", after)
+    tail = "" if end < 0 else text[end:]
+    return text[:after] + f"\n{body}\n" + tail
+
+
+def update_card(export: str | Path, *, evaluation: dict | None = None, benchmark: dict | None = None) -> Path:
+    """Write new evaluation and/or benchmark results into an export: `retrofit_results.json`, the README's Results
+    section, and (for evaluations) the model-index metadata. Returns the README path."""
+    import json
+    import os
+
+    export = Path(export)
+    store = export / RESULTS_FILE
+    results = json.loads(store.read_text()) if store.is_file() else {}
+    for key, report in (("evaluation", evaluation), ("benchmark", benchmark)):
+        if report is None:
+            continue
+        report = dict(report)
+        this = next((row["model"] for row in report.get("models", []) if _same_model(row["model"], export)), None)
+        report["this"] = this
+        if key == "evaluation":
+            row = _find(report["models"], "model", this) or {}
+            report["source"] = row.get("source")
+        results[key] = report
+    readme = export / "README.md"
+    card = ModelCard.load(readme)
+    card.text = _replace_section(card.text, "Results", results_section(results, export))
+    evaluation = results.get("evaluation")
+    row = _find(_rows(evaluation), "model", (evaluation or {}).get("this"))
+    if row is not None:
+        card.data.model_name = card.data.model_name or export.resolve().name
+        card.data.eval_results = eval_results_from(evaluation, row)
+    for path, text in ((store, json.dumps(results, indent=2) + "\n"), (readme, str(card))):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    return readme

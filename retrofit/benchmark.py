@@ -1,0 +1,651 @@
+"""Speed benchmark: images/s per batch size, batch-1 latency, peak memory and theoretical GFLOPs of models, with the
+measured speed-up of each merged model next to its FLOPs ratio.
+
+Method: every model is built (or loaded) once, in the requested dtype, on the requested device, with the SDPA
+attention path. For each batch size all models are warmed up, then measured *alternately* (the order rotates each
+repeat) in one process; each measurement is a block of forward passes under ``torch.inference_mode`` timed with
+``time.perf_counter`` around CUDA synchronisations, and the reported images/s is the median over the repeats. An
+out-of-memory batch size is reported and skipped. Peak memory = the model's weights + the peak extra memory of one
+eager forward pass (CUDA: ``max_memory_allocated``; CPU: the process' peak RSS, reset through
+``/proc/self/clear_refs``).
+
+This module needs only torch and transformers (plus retrofit's core); ``bench/speed.py`` runs it on a GPU machine
+that has nothing else installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import RetrofitError
+
+# Random-weight model shapes (the ViT paper's configurations, 1000 classes), usable instead of a checkpoint.
+SHAPES: dict[str, dict] = {
+    "vit-ti16": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768),
+    "vit-s16": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),
+    "vit-b16": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "vit-l16": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "vit-h14": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, intermediate_size=5120),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_MODES = ("eager", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass
+class BenchSettings:
+    """What to measure and how."""
+
+    device: str = "cpu"
+    dtype: str = "fp32"
+    batch_sizes: tuple[int, ...] = (1, 32, 256)
+    compile_modes: tuple[str, ...] = ("eager",)
+    warmup: int = 3
+    repeats: int = 5
+    min_time: float = 0.5
+    latency_iters: int = 20
+    seed: int = 0
+
+
+@dataclass
+class Variant:
+    """One model in one execution mode (eager or a torch.compile mode)."""
+
+    name: str
+    model: torch.nn.Module
+    config: object
+    compile_mode: str
+    gflops: float
+    baseline: str | None = None
+    flops_ratio: float | None = None
+    runner: Callable | None = None
+    results: dict[int, dict] = field(default_factory=dict)
+    latency_ms: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.name if self.compile_mode == "eager" else f"{self.name} [compile={self.compile_mode}]"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parsing user input
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_device(device: str) -> torch.device:
+    """`cpu`, `cuda` or `cuda:N`; a clear error if unknown or if CUDA is asked for where there is none."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device or ""):
+        raise RetrofitError(f"unknown device '{device}'; use cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RetrofitError(f"--device {device} was asked for but this machine has no usable CUDA GPU; use cpu")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise RetrofitError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return torch.device(device)
+
+
+def parse_dtype(dtype: str) -> torch.dtype:
+    """`fp32`, `bf16` or `fp16` (also the torch spellings)."""
+    aliases = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+    key = aliases.get(dtype, dtype)
+    if key not in DTYPES:
+        raise RetrofitError(f"unknown dtype '{dtype}'; use fp32, bf16 or fp16")
+    return DTYPES[key]
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """``"1,32,256"`` -> (1, 32, 256)."""
+    try:
+        sizes = tuple(int(part) for part in str(text).split(",") if part.strip())
+    except ValueError:
+        raise RetrofitError(f"--batch-size '{text}' is not a comma-separated list of integers, e.g. 1,32,256") from None
+    if not sizes or min(sizes) < 1:
+        raise RetrofitError(f"--batch-size '{text}': give one or more sizes >= 1, e.g. 1,32,256")
+    return tuple(dict.fromkeys(sizes))
+
+
+def parse_compile(text: str | None) -> tuple[str, ...]:
+    """Compile modes to measure: ``eager``/``off``, ``default``, ``reduce-overhead`` (CUDA graphs), ``max-autotune``
+    ..., comma-separated; ``both`` = eager and default."""
+    if text is None:
+        return ("eager",)
+    modes: list[str] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if part == "both":
+            modes += ["eager", "default"]
+        elif part in ("off", "none", "eager"):
+            modes.append("eager")
+        elif part in COMPILE_MODES:
+            modes.append(part)
+        else:
+            raise RetrofitError(f"unknown --compile mode '{part}'; use {', '.join(COMPILE_MODES)}, both or off")
+    return tuple(dict.fromkeys(modes))
+
+
+def parse_merges(text: str | None) -> list[tuple[str, int]]:
+    """``"6:8"``, ``"half:8"`` or several comma-separated -> [(after_layer or 'half', tokens)]."""
+    if not text:
+        return []
+    merges = []
+    for part in str(text).split(","):
+        match = re.fullmatch(r"\s*(half|\d+):(\d+)\s*", part)
+        if not match:
+            raise RetrofitError(f"--merge '{part}' is not K:M (e.g. 6:8 or half:8)")
+        merges.append((match.group(1), int(match.group(2))))
+    return merges
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building the models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def shape_model(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A `ViTForImageClassification` of a named shape with random weights (built directly on `device`)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    patch = int(name[-2:])
+    config = ViTConfig(**SHAPES[name], patch_size=patch, image_size=224, num_labels=1000)
+    config._attn_implementation = "sdpa"
+    config._name_or_path = name
+    with torch.device("meta"):
+        model = ViTForImageClassification(config)
+    model.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for pname, param in model.named_parameters():
+            if param.dim() > 1 or "embeddings" in pname:
+                param.normal_(0.0, 0.02, generator=generator)
+            elif pname.endswith("weight"):
+                param.fill_(1.0)
+            else:
+                param.zero_()
+    return model.to(dtype).eval()
+
+
+def load_bench_model(spec: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A shape name (random weights) or a checkpoint / retrofit export, on `device` in `dtype`, SDPA attention."""
+    if spec in SHAPES:
+        return shape_model(spec, device, dtype)
+    if spec.startswith("vit-"):
+        raise RetrofitError(f"unknown model shape '{spec}'; shapes: {', '.join(SHAPES)} (or a checkpoint path/Hub id)")
+    from .loading import load_model
+
+    try:
+        model = load_model(spec, attn_implementation="sdpa")
+    except (ValueError, TypeError):  # a model class without SDPA support
+        model = load_model(spec)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _resolve_after_layer(config, after: str) -> int:
+    from .loading import family_and_head, layer_config
+
+    layers = layer_config(config, family_and_head(config)[1]).num_hidden_layers
+    return layers // 2 if after == "half" else int(after)
+
+
+def build_variants(
+    models: list[str], merges: list[tuple[str, int]], settings: BenchSettings, *, log: Callable[[str], None] = print
+) -> list[Variant]:
+    """Load every model (and a merged twin per `merges` for each unmerged one) and wrap each in every compile mode."""
+    from .cost import model_cost
+    from .loading import is_merged
+    from .surgery import insert_patch_merger
+
+    device, dtype = parse_device(settings.device), parse_dtype(settings.dtype)
+    if not models:
+        raise RetrofitError("no models to benchmark; pass shape names (vit-b16, ...) or checkpoint folders / Hub ids")
+    loaded: list[tuple[str, torch.nn.Module, str | None]] = []
+    for spec in models:
+        log(f"loading {spec} ...")
+        model = load_bench_model(spec, device, dtype)
+        baseline = None
+        if is_merged(model.config):
+            source = str(model.config.merge_source or "")
+            baseline = source if source in models else None
+        loaded.append((spec, model, baseline))
+        if not is_merged(model.config):
+            for after, tokens in merges:
+                k = _resolve_after_layer(model.config, after)
+                twin = insert_patch_merger(model, k, tokens, source=spec).eval()
+                twin.to(device=device, dtype=dtype)
+                loaded.append((f"{spec}+pm{k}:{tokens}", twin, spec))
+    sources = [name for name, model, _ in loaded if not is_merged(model.config)]
+    variants = []
+    for mode in settings.compile_modes:
+        for name, model, baseline in loaded:
+            if baseline is None and is_merged(model.config) and sources:
+                baseline = sources[0]
+            variants.append(
+                Variant(
+                    name=name,
+                    model=model,
+                    config=model.config,
+                    compile_mode=mode,
+                    gflops=model_cost(model.config).gflops,
+                    baseline=baseline,
+                )
+            )
+    by_key = {(v.name, v.compile_mode): v for v in variants}
+    for v in variants:
+        base = by_key.get((v.baseline, v.compile_mode)) if v.baseline else None
+        v.flops_ratio = base.gflops / v.gflops if base else None
+    for v in variants:
+        v.runner = v.model if v.compile_mode == "eager" else _compile(v.model, v.compile_mode)
+    return variants
+
+
+def _compile(model: torch.nn.Module, mode: str) -> Callable:
+    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measuring
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _forward(runner: Callable, pixel_values: torch.Tensor) -> torch.Tensor:
+    """One forward pass (the unit every timing measures)."""
+    return runner(pixel_values=pixel_values).logits
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _free(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _input_shape(config) -> tuple[int, int, int]:
+    from .loading import family_and_head, layer_config
+
+    lc = layer_config(config, family_and_head(config)[1])
+    size = lc.image_size if isinstance(lc.image_size, int) else lc.image_size[0]
+    return (getattr(lc, "num_channels", 3), size, size)
+
+
+def _time_block(runner: Callable, x: torch.Tensor, iters: int, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        _forward(runner, x)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _rss_mib(key: str) -> float | None:
+    try:
+        match = re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text())
+        return int(match.group(1)) / 1024 if match else None
+    except OSError:
+        return None
+
+
+def _weights_mib(model: torch.nn.Module) -> float:
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def _peak_memory_mib(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> float | None:
+    """Weights + peak extra memory of one eager forward pass on `x`."""
+    weights = _weights_mib(model)
+    if device.type == "cuda":
+        _sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        _forward(model, x)
+        _sync(device)
+        return weights + (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM) to the current RSS
+    except OSError:
+        return None
+    before = _rss_mib("VmRSS")
+    _forward(model, x)
+    peak = _rss_mib("VmHWM")
+    return None if before is None or peak is None else weights + max(0.0, peak - before)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def run_benchmark(
+    variants: list[Variant], settings: BenchSettings, *, log: Callable[[str], None] = print
+) -> list[Variant]:
+    """Measure every variant at every batch size (alternately), fill `results` and `latency_ms`, return them."""
+    device, dtype = parse_device(settings.device), parse_dtype(settings.dtype)
+    generator = torch.Generator().manual_seed(settings.seed)
+    with torch.inference_mode():
+        for batch_size in settings.batch_sizes:
+            _measure_batch_size(variants, batch_size, settings, device, dtype, generator, log)
+        _measure_latency(variants, settings, device, dtype, generator, log)
+    for v in variants:
+        base = next((b for b in variants if b.name == v.baseline and b.compile_mode == v.compile_mode), None)
+        for batch_size, result in v.results.items():
+            mine = result.get("images_per_s")
+            theirs = base.results.get(batch_size, {}).get("images_per_s") if base else None
+            result["speedup"] = mine / theirs if mine and theirs else None
+    return variants
+
+
+def _inputs(variants, batch_size, device, dtype, generator) -> dict[tuple, torch.Tensor]:
+    shapes = {_input_shape(v.config) for v in variants}
+    return {s: torch.randn(batch_size, *s, generator=generator).to(device=device, dtype=dtype) for s in shapes}
+
+
+def _fail(v: Variant, batch_size: int, exc: BaseException, device: torch.device, log) -> None:
+    if _is_oom(exc):
+        v.results[batch_size] = {"status": "oom", "images_per_s": None}
+        log(f"{v.label}: out of memory at batch size {batch_size}; going on with the other sizes")
+    else:
+        text = " ".join(str(exc).split())[:200]
+        v.results[batch_size] = {"status": f"error: {type(exc).__name__}: {text}", "images_per_s": None}
+        log(f"{v.label}: failed at batch size {batch_size} ({type(exc).__name__}: {text}); going on")
+    _free(device)
+
+
+def _measure_batch_size(variants, batch_size, settings, device, dtype, generator, log) -> None:
+    try:
+        inputs = _inputs(variants, batch_size, device, dtype, generator)
+    except BaseException as exc:  # noqa: BLE001 - the input itself may not fit
+        if not _is_oom(exc):
+            raise
+        for v in variants:
+            _fail(v, batch_size, exc, device, log)
+        return
+    iters: dict[str, int] = {}
+    # Warm-up (also compiles), then choose the number of passes per timed block from the last warm-up pass.
+    for v in variants:
+        x = inputs[_input_shape(v.config)]
+        try:
+            for _ in range(max(1, settings.warmup)):
+                seconds = _time_block(v.runner, x, 1, device)
+            iters[v.label] = max(1, math.ceil(settings.min_time / max(seconds, 1e-6)))
+        except Exception as exc:  # noqa: BLE001 - OOM or a compile failure: report it, go on
+            _fail(v, batch_size, exc, device, log)
+    alive = [v for v in variants if v.label in iters]
+    samples: dict[str, list[float]] = {v.label: [] for v in alive}
+    for repeat in range(max(1, settings.repeats)):
+        shift = repeat % max(1, len(alive))
+        for v in alive[shift:] + alive[:shift]:  # alternate, rotating the order each repeat
+            if v.label not in iters:
+                continue
+            try:
+                seconds = _time_block(v.runner, inputs[_input_shape(v.config)], iters[v.label], device)
+            except Exception as exc:  # noqa: BLE001
+                _fail(v, batch_size, exc, device, log)
+                iters.pop(v.label)
+                continue
+            samples[v.label].append(batch_size * iters[v.label] / seconds)
+    memory: dict[str, float | None] = {}
+    for v in alive:
+        if v.label not in iters:
+            continue
+        rates = samples[v.label]
+        result = {"status": "ok", "images_per_s": statistics.median(rates), "repeats": rates}
+        result["iters_per_repeat"] = iters[v.label]
+        if v.name not in memory:  # measured once per model, on its eager forward
+            try:
+                memory[v.name] = _peak_memory_mib(v.model, inputs[_input_shape(v.config)], device)
+            except Exception as exc:  # noqa: BLE001
+                if not _is_oom(exc):
+                    raise
+                memory[v.name] = None
+                _free(device)
+        result["peak_memory_mib"] = memory[v.name]
+        v.results[batch_size] = result
+        log(f"{v.label}: batch {batch_size}: {result['images_per_s']:.1f} images/s")
+    del inputs
+    _free(device)
+
+
+def _measure_latency(variants, settings, device, dtype, generator, log) -> None:
+    """p50/p90 of single-image forward passes, each timed on its own, models alternating pass by pass."""
+    inputs = _inputs(variants, 1, device, dtype, generator)
+    alive = []
+    for v in variants:
+        try:
+            for _ in range(max(1, settings.warmup)):
+                _time_block(v.runner, inputs[_input_shape(v.config)], 1, device)
+            alive.append(v)
+        except Exception as exc:  # noqa: BLE001
+            v.latency_ms = {"p50": None, "p90": None, "status": f"failed: {type(exc).__name__}"}
+            _free(device)
+    times: dict[str, list[float]] = {v.label: [] for v in alive}
+    for _ in range(max(1, settings.latency_iters)):
+        for v in alive:
+            times[v.label].append(1000 * _time_block(v.runner, inputs[_input_shape(v.config)], 1, device))
+    for v in alive:
+        v.latency_ms = {"p50": _percentile(times[v.label], 0.5), "p90": _percentile(times[v.label], 0.9)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reporting
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def hardware_name(device: str) -> str:
+    """A human-readable name of the device measured on, e.g. ``NVIDIA H100 80GB HBM3`` or ``AMD EPYC (2 threads)``."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name} CPU ({torch.get_num_threads()} threads)"
+
+
+def environment(settings: BenchSettings) -> dict:
+    """Hardware and software the numbers were taken with."""
+    import transformers
+
+    return {
+        "hardware": hardware_name(settings.device),
+        "device": settings.device,
+        "dtype": settings.dtype,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda if torch.device(settings.device).type == "cuda" else None,
+        "attention": "sdpa",
+    }
+
+
+def to_json(variants: list[Variant], settings: BenchSettings) -> dict:
+    """Everything measured, as a JSON-ready dict."""
+    rows = []
+    for v in variants:
+        config = v.config
+        rows.append(
+            {
+                "model": v.name,
+                "compile": v.compile_mode,
+                "baseline": v.baseline,
+                "merge_after_layer": getattr(config, "merge_after_layer", None),
+                "merge_num_tokens": getattr(config, "merge_num_tokens", None),
+                "attn_implementation": getattr(config, "_attn_implementation", None),
+                "gflops": v.gflops,
+                "flops_ratio": v.flops_ratio,
+                "results": {str(bs): r for bs, r in v.results.items()},
+                "latency_ms_batch1": v.latency_ms,
+            }
+        )
+    return {
+        "environment": environment(settings),
+        "settings": {
+            "batch_sizes": list(settings.batch_sizes),
+            "compile": list(settings.compile_modes),
+            "warmup": settings.warmup,
+            "repeats": settings.repeats,
+            "min_time_s": settings.min_time,
+            "latency_iters": settings.latency_iters,
+            "statistic": "median over repeats (models measured alternately)",
+        },
+        "models": rows,
+    }
+
+
+def _fmt(value: float | None, spec: str = ".1f", default: str = "–") -> str:
+    return default if value is None else format(value, spec)
+
+
+def markdown_table(report: dict) -> str:
+    """The benchmark as a Markdown table (one row per model and compile mode), preceded by the hardware line."""
+    env, sizes = report["environment"], report["settings"]["batch_sizes"]
+    largest = str(max(sizes))
+    header = ["model", "compile", "GFLOPs", "FLOPs ratio"]
+    header += [f"bs={bs} images/s (speed-up)" for bs in sizes]
+    header += [f"speed-up ÷ FLOPs ratio (bs={largest})", "latency p50 / p90 ms (bs=1)", f"peak MiB (bs={largest})"]
+    lines = [
+        f"Hardware: {env['hardware']}, {env['dtype']}, torch {env['torch']}, transformers {env['transformers']}, "
+        "SDPA attention",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for row in report["models"]:
+        cells = [f"`{row['model']}`", row["compile"], _fmt(row["gflops"], ".2f"), _fmt(row["flops_ratio"], ".3f")]
+        for bs in sizes:
+            result = row["results"].get(str(bs), {})
+            status = result.get("status", "–")
+            if status != "ok":
+                cells.append("OOM" if status == "oom" else status.split(":")[0])
+                continue
+            speedup = result.get("speedup")
+            extra = f" ({speedup:.2f}×)" if speedup is not None and row["baseline"] else ""
+            cells.append(f"{result['images_per_s']:.1f}{extra}")
+        last = row["results"].get(largest, {})
+        efficiency = None
+        if last.get("speedup") and row["flops_ratio"] and row["baseline"]:
+            efficiency = last["speedup"] / row["flops_ratio"]
+        cells.append(_fmt(efficiency, ".2f"))
+        latency = row["latency_ms_batch1"] or {}
+        cells.append(f"{_fmt(latency.get('p50'), '.2f')} / {_fmt(latency.get('p90'), '.2f')}")
+        cells.append(_fmt(last.get("peak_memory_mib"), ".0f"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def benchmark(
+    models: list[str],
+    *,
+    merges: list[tuple[str, int]] | str | None = None,
+    settings: BenchSettings | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Build, measure and report: the Python API behind ``retrofit bench`` and ``bench/speed.py``."""
+    settings = settings or BenchSettings()
+    parse_device(settings.device)
+    parse_dtype(settings.dtype)
+    if isinstance(merges, str) or merges is None:
+        merges = parse_merges(merges)
+    variants = build_variants(models, merges, settings, log=log)
+    run_benchmark(variants, settings, log=log)
+    return to_json(variants, settings)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line (shared by `retrofit bench` and `bench/speed.py`)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    """The bench options (models are added by the caller)."""
+    parser.add_argument(
+        "--merge",
+        metavar="K:M",
+        help="also measure a merged twin of each unmerged model: after layer K (or 'half') with M tokens; "
+        "comma-separate several",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (default fp32)")
+    parser.add_argument("--batch-size", default="1,32,256", help="comma-separated batch sizes (default 1,32,256)")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        metavar="MODES",
+        help="torch.compile the models: default, reduce-overhead (CUDA graphs), max-autotune, ...; comma-separate "
+        "several; 'both' = eager and default; bare --compile = default",
+    )
+    parser.add_argument("--warmup", type=int, default=3, help="warm-up passes per model and batch size (default 3)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported (default 5)")
+    parser.add_argument("--min-time", type=float, default=0.5, help="seconds per timed block (default 0.5)")
+    parser.add_argument("--latency-iters", type=int, default=20, help="batch-1 passes for p50/p90 (default 20)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--json", metavar="FILE", help="write all measurements to FILE")
+
+
+def settings_from_args(args) -> BenchSettings:
+    """`BenchSettings` from parsed `add_arguments` options (validated: bad values raise `RetrofitError`)."""
+    parse_device(args.device)
+    parse_dtype(args.dtype)
+    for name in ("warmup", "repeats", "latency_iters"):
+        if getattr(args, name) < 1:
+            raise RetrofitError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise RetrofitError("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    return BenchSettings(
+        device=args.device,
+        dtype=args.dtype,
+        batch_sizes=parse_batch_sizes(args.batch_size),
+        compile_modes=parse_compile(args.compile),
+        warmup=args.warmup,
+        repeats=args.repeats,
+        min_time=max(0.0, args.min_time),
+        latency_iters=args.latency_iters,
+    )
+
+
+def run_from_args(args, models: list[str], *, log: Callable[[str], None] | None = None) -> dict:
+    """Run the benchmark for parsed options; print the table on stdout, progress on stderr; write --json."""
+    import json
+    import sys
+
+    log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+    settings = settings_from_args(args)
+    merges = parse_merges(args.merge)
+    if args.json:
+        target = Path(args.json)
+        if not target.parent.exists():
+            raise RetrofitError(f"--json {args.json}: folder {target.parent} does not exist")
+    report = benchmark(models, merges=merges, settings=settings, log=log)
+    print(markdown_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        log(f"wrote {args.json}")
+    return report
