@@ -152,8 +152,10 @@ def test_label_mismatch_is_refused_unless_num_labels(tiny_vit, tmp_path):
 def test_cli_finetune(tiny_deit, colours, tmp_path, capsys):
     out = tmp_path / "deit-pm"
     args = ["finetune", str(tiny_deit), "--after-layer", "2", "--tokens", "3", "--data", colours, "--output", str(out)]
-    assert main([*args, "--loss", "kd", "--max-steps", "2", "--batch-size", "8", "--save-every", "1"]) == 0
+    tracked = ["--report-to", "tensorboard", "--mixed-precision", "bf16"]
+    assert main([*args, "--loss", "kd", "--max-steps", "2", "--batch-size", "8", "--save-every", "1", *tracked]) == 0
     assert (out / "model.safetensors").exists() and len(list_checkpoints(tmp_path / "deit-pm-checkpoints")) == 2
+    assert any((tmp_path / "deit-pm-checkpoints" / "logs").rglob("events.out.tfevents*"))
     assert main([*args, "--max-steps", "2"]) == 2  # output exists
     assert "already exists" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:  # argparse refuses unknown choices itself, also with code 2

@@ -1,0 +1,167 @@
+"""Recovery benchmark (not a test): how much accuracy a PatchMerger costs on Fashion-MNIST and how much fine-tuning
+wins back.
+
+For each merge setting (default: K = L/2 with M = 8, and the hard K = 1 with M = 4) it measures, on the test split:
+the baseline's accuracy; the merged model with no training (random and calibrated merger init); and after
+fine-tuning (from the calibrated init) with cross-entropy, distillation and both; plus theoretical GFLOPs and
+measured images/s on this machine. Optionally (``--compare-train``) KD with only the merger and later layers trained.
+
+    .venv/bin/python bench/recovery.py --json bench/results/recovery.json
+
+Prints a Markdown table and writes all numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from retrofit.calibrate import calibrate_from_data  # noqa: E402
+from retrofit.cost import model_cost  # noqa: E402
+from retrofit.data import class_names, load_split, make_dataloader  # noqa: E402
+from retrofit.loading import load_config, load_image_processor, load_model  # noqa: E402
+from retrofit.recipes import accuracy, images_per_second, resolve_source  # noqa: E402
+from retrofit.surgery import insert_patch_merger  # noqa: E402
+from retrofit.train import finetune, label_map_for  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", default="retrofit:fashion-mnist-vit")
+    parser.add_argument("--data", default="fashion-mnist")
+    parser.add_argument("--settings", default="half:8,1:4", help="K:M pairs; K may be 'half' (= L/2)")
+    parser.add_argument("--losses", default="ce,kd,mix")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--limit", type=int, help="training images (default: all 60k)")
+    parser.add_argument("--eval-limit", type=int, help="test images (default: all 10k)")
+    parser.add_argument("--compare-train", action="store_true", help="also KD with --train merger-and-after")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default="bench/results/recovery.json")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    source = resolve_source(args.source)
+    config = load_config(source)
+    processor = load_image_processor(source, config)
+    layers = config.num_hidden_layers
+    eval_set = load_split(args.data, "test", limit=args.eval_limit)
+    eval_dl = make_dataloader(
+        eval_set,
+        processor,
+        batch_size=500 if len(eval_set) >= 500 else len(eval_set),
+        num_channels=config.num_channels,
+        label_map=label_map_for(config, class_names(eval_set), None),
+    )
+    baseline = load_model(source, config=config).eval()
+    started = time.perf_counter()
+    base_acc = accuracy(baseline, eval_dl)
+    base_cost = model_cost(config)
+    print(f"baseline accuracy {100 * base_acc:.2f} %", flush=True)
+    rows = [{"setting": "baseline", "model": "baseline", "accuracy": base_acc, "gflops": base_cost.gflops}]
+    shape = (256, config.num_channels, config.image_size, config.image_size)
+    for pair in args.settings.split(","):
+        k_text, m_text = pair.split(":")
+        k = layers // 2 if k_text == "half" else int(k_text)
+        m = int(m_text)
+        setting = f"K={k}, M={m}"
+        torch.manual_seed(args.seed)
+        merged = insert_patch_merger(load_model(source, config=config).eval(), k, m, source=str(source))
+        cost = model_cost(merged.config)
+        speed = images_per_second({"baseline": baseline, "merged": merged}, shape)
+        common = {
+            "setting": setting,
+            "gflops": cost.gflops,
+            "images_per_s": speed["merged"],
+            "speedup": speed["merged"] / speed["baseline"],
+        }
+        rows[0].setdefault("images_per_s", speed["baseline"])
+        rows.append({**common, "model": "random init, no training", "accuracy": accuracy(merged, eval_dl)})
+        calibration = calibrate_from_data(merged, args.data, source=str(source), seed=args.seed)
+        rows.append(
+            {
+                **common,
+                "model": "calibrated init, no training",
+                "accuracy": accuracy(merged, eval_dl),
+                "calibration_scale": calibration.scale,
+            }
+        )
+        print(rows[-2], rows[-1], sep="\n", flush=True)
+        runs = [(loss, "all") for loss in args.losses.split(",")]
+        if args.compare_train:
+            runs.append(("kd", "merger-and-after"))
+        for loss, scope in runs:
+            with tempfile.TemporaryDirectory(prefix="recovery-") as tmp:
+                result = finetune(
+                    source,
+                    output=Path(tmp) / "out",
+                    after_layer=k,
+                    num_tokens=m,
+                    data=args.data,
+                    loss=loss,
+                    train=scope,
+                    epochs=args.epochs,
+                    lr=args.lr,
+                    batch_size=args.batch_size,
+                    limit=args.limit,
+                    eval_limit=args.eval_limit,
+                    eval_batch_size=500,
+                    seed=args.seed,
+                    progress=False,
+                    save_every=10**6,
+                    log=lambda *_: None,
+                )
+            label = f"fine-tuned, {loss}" + ("" if scope == "all" else f", train {scope}")
+            rows.append(
+                {
+                    **common,
+                    "model": label,
+                    "accuracy": result.final_accuracy,
+                    "steps": result.steps,
+                    "epochs": result.epochs,
+                    "train_seconds": result.seconds,
+                }
+            )
+            print(rows[-1], flush=True)
+    table = ["| setting | model | accuracy | Δ vs baseline | GFLOPs | images/s | speed-up |", "|---" * 7 + "|"]
+    for row in rows:
+        delta = 100 * (row["accuracy"] - base_acc)
+        speedup = f"{row['speedup']:.2f}x" if "speedup" in row else "1.00x"
+        table.append(
+            f"| {row['setting']} | {row['model']} | {100 * row['accuracy']:.2f} % | {delta:+.2f} pt | "
+            f"{row['gflops']:.4f} | {row.get('images_per_s', 0):.0f} | {speedup} |"
+        )
+    text = "\n".join(table)
+    print("\n" + text)
+    report = {
+        "command": " ".join([sys.executable.split("/")[-1], *sys.argv]),
+        "args": vars(args),
+        "rows": rows,
+        "table": text,
+        "machine": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+        "seconds": time.perf_counter() - started,
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
