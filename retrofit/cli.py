@@ -52,6 +52,61 @@ def cmd_convert(args: argparse.Namespace) -> None:
     )
 
 
+def _add_train_options(parser: argparse.ArgumentParser, recipe: bool = False) -> None:
+    """Training flags shared by `finetune` and `run` (in `run` they override the recipe; unset = recipe's value)."""
+    from .train import LOSSES, PRECISIONS, TRAINABLE
+
+    default = None if recipe else argparse.SUPPRESS
+    parser.add_argument("--loss", choices=LOSSES, default=default, help="kd (default; needs no labels), ce or mix")
+    parser.add_argument("--train", choices=TRAINABLE, default=default, help="what trains (default: all)")
+    parser.add_argument("--epochs", type=float, default=default, help="epochs (fractions allowed; default 1)")
+    parser.add_argument("--max-steps", type=int, default=default, help="optimizer steps (overrides --epochs)")
+    parser.add_argument("--lr", type=float, default=default, help="peak learning rate (default 2e-4)")
+    parser.add_argument("--batch-size", type=int, default=default, help="per-process batch size (default 64)")
+    parser.add_argument("--mixed-precision", choices=PRECISIONS, default=default, help="no (default), bf16 or fp16")
+    parser.add_argument("--seed", type=int, default=default, help="random seed (default 0)")
+    parser.add_argument("--report-to", default=default, help="tracker for Accelerate, e.g. tensorboard")
+    parser.add_argument("--limit", type=int, default=default, help="use only the first N training images")
+    parser.add_argument("--eval-limit", type=int, default=default, help="use only the first N evaluation images")
+    parser.add_argument("--checkpoint-dir", default=default, help="where checkpoints go (default <output>-checkpoints)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output and old checkpoints")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from .train import finetune
+
+    names = (
+        "data split eval_split image_column label_column limit eval_limit loss temperature alpha train epochs "
+        "max_steps lr weight_decay warmup_ratio batch_size grad_accum max_grad_norm mixed_precision seed augment "
+        "num_workers eval_every save_every keep_checkpoints checkpoint_dir resume overwrite report_to num_labels"
+    ).split()
+    settings = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    finetune(
+        args.source,
+        output=args.output,
+        after_layer=args.after_layer,
+        num_tokens=args.tokens,
+        calibrate=not args.no_calibrate,
+        teacher=args.teacher,
+        trust_remote_code=args.trust_remote_code,
+        revision=args.revision,
+        **settings,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from .recipes import FLAG_KEYS, _parse_value, run_recipe
+
+    overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag, None) is not None}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise RetrofitError(f"--set {item!r} must look like section.key=value, e.g. training.epochs=0.5")
+        overrides[key.strip()] = _parse_value(value)
+    run_recipe(args.recipe, overrides, overwrite=args.overwrite, resume=args.resume)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="retrofit", description="Make pretrained Vision Transformers faster with a PatchMerger."
@@ -70,6 +125,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_source_options(convert)
     convert.set_defaults(handler=cmd_convert)
+    finetune = commands.add_parser("finetune", help="insert a PatchMerger and fine-tune it back (Accelerate)")
+    finetune.add_argument("source", help="Hub model id, local folder, or a retrofit export to continue training")
+    _add_merge_options(finetune, required=False)
+    finetune.add_argument("--data", required=True, help="fashion-mnist, an image folder, or a Hub dataset id")
+    finetune.add_argument("--output", "-o", required=True, help="folder to write the Hub-format model to")
+    _add_train_options(finetune)
+    finetune.add_argument("--split", default=argparse.SUPPRESS, help="training split (default train)")
+    finetune.add_argument("--eval-split", default=argparse.SUPPRESS, help="evaluation split (default test)")
+    finetune.add_argument("--image-column", default=argparse.SUPPRESS, help="image column (default image)")
+    finetune.add_argument("--label-column", default=argparse.SUPPRESS, help="label column (default label)")
+    finetune.add_argument("--temperature", type=float, default=argparse.SUPPRESS, help="KD temperature (default 2)")
+    finetune.add_argument("--alpha", type=float, default=argparse.SUPPRESS, help="CE weight in --loss mix (0.5)")
+    finetune.add_argument("--weight-decay", type=float, default=argparse.SUPPRESS, help="AdamW weight decay (0.05)")
+    finetune.add_argument("--warmup-ratio", type=float, default=argparse.SUPPRESS, help="warm-up fraction (0.05)")
+    finetune.add_argument("--grad-accum", type=int, default=argparse.SUPPRESS, help="gradient accumulation steps")
+    finetune.add_argument("--max-grad-norm", type=float, default=argparse.SUPPRESS, help="gradient clipping (1.0)")
+    finetune.add_argument("--augment", action="store_true", default=argparse.SUPPRESS, help="random crops + flips")
+    finetune.add_argument("--num-workers", type=int, default=argparse.SUPPRESS, help="dataloader workers (0)")
+    finetune.add_argument("--eval-every", type=int, default=argparse.SUPPRESS, help="evaluate every N steps")
+    finetune.add_argument("--save-every", type=int, default=argparse.SUPPRESS, help="checkpoint every N steps (200)")
+    finetune.add_argument("--keep-checkpoints", type=int, default=argparse.SUPPRESS, help="checkpoints kept (2)")
+    finetune.add_argument("--num-labels", type=int, default=argparse.SUPPRESS, help="re-initialise the head")
+    finetune.add_argument("--teacher", help="KD teacher (default: SOURCE, or the export's source)")
+    finetune.add_argument("--no-calibrate", action="store_true", help="keep the merger's random initialisation")
+    _add_source_options(finetune)
+    finetune.set_defaults(handler=cmd_finetune)
+
+    run = commands.add_parser("run", help="run a recipe (recipes/*.yaml): merge, fine-tune, evaluate, export")
+    run.add_argument("recipe", help="path to a recipe YAML file")
+    run.add_argument("--source", help="override the recipe's source")
+    run.add_argument("--output", "-o", help="override export.output")
+    run.add_argument("--data", help="override data.name")
+    _add_merge_options(run, required=False)
+    _add_train_options(run, recipe=True)
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any field, e.g. training.lr=1e-4")
+    run.set_defaults(handler=cmd_run)
     return parser
 
 
