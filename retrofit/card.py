@@ -149,13 +149,14 @@ def _find(rows: list[dict], key: str, spec: str | None) -> dict | None:
 
 def eval_results_from(evaluation: dict, row: dict) -> list[EvalResult]:
     """model-index entries (top-1 and top-k accuracy) for one evaluated model."""
+    data = str(evaluation["data"])
+    local = Path(data).expanduser().exists() or data.startswith((".", "/", "~"))
     common = dict(
         task_type="image-classification",
         task_name="Image Classification",
-        dataset_type=evaluation["data"],
-        dataset_name=evaluation["data"],
+        dataset_type="imagefolder" if local else data,
+        dataset_name=Path(data).name if local else data,
         dataset_split=evaluation.get("split"),
-        source_name="retrofit evaluate",
     )
     results = [EvalResult(metric_type="accuracy", metric_name="Top-1 accuracy", metric_value=row["top1"], **common)]
     if row.get("top5") is not None:

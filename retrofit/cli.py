@@ -52,6 +52,39 @@ def cmd_convert(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_push(args: argparse.Namespace) -> None:
+    from .push import push
+
+    push(
+        args.export,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
+    )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .evaluation import run_from_args
+
+    run_from_args(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .benchmark import run_from_args
+
+    if args.card:
+        from .card import check_card_target
+
+        check_card_target(args.card, args.models)
+    report = run_from_args(args, args.models)
+    if args.card:
+        from .card import update_card
+
+        update_card(args.card, benchmark=report)
+        print(f"updated {args.card}/README.md", file=sys.stderr)
+
+
 def _add_train_options(parser: argparse.ArgumentParser, recipe: bool = False) -> None:
     """Training flags shared by `finetune` and `run` (in `run` they override the recipe; unset = recipe's value)."""
     from .train import LOSSES, PRECISIONS, TRAINABLE
@@ -125,6 +158,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_source_options(convert)
     convert.set_defaults(handler=cmd_convert)
+    evaluate = commands.add_parser("evaluate", help="top-1/top-5 accuracy and loss of several models, side by side")
+    evaluate.add_argument("models", nargs="+", help="checkpoints, Hub ids or exports (the first sets the labels)")
+    evaluate.add_argument("--data", required=True, help="fashion-mnist, an image folder or a Hub dataset id")
+    evaluate.add_argument("--split", default="validation", help="split to evaluate on (default validation)")
+    evaluate.add_argument("--limit", type=int, help="use only the first N images")
+    evaluate.add_argument("--batch-size", type=int, default=64, help="images per batch and process (default 64)")
+    evaluate.add_argument("--top-k", type=int, default=5, help="k of the top-k accuracy (default 5)")
+    evaluate.add_argument("--image-column", default="image", help="image column of the dataset (default image)")
+    evaluate.add_argument("--label-column", default="label", help="label column of the dataset (default label)")
+    evaluate.add_argument("--json", metavar="FILE", help="write the results to FILE")
+    evaluate.add_argument("--card", metavar="EXPORT", help="write the results into this export's README.md")
+    evaluate.add_argument(
+        "--trust-remote-code", action="store_true", help="allow the models' own code to run (off by default)"
+    )
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+    bench = commands.add_parser("bench", help="measure images/s, latency and memory of source and merged models")
+    bench.add_argument(
+        "models", nargs="+", help="checkpoint folders, Hub ids, exports, or shapes (vit-b16, vit-l16, vit-h14: random)"
+    )
+    from .benchmark import add_arguments as _add_bench_arguments
+
+    _add_bench_arguments(bench)
+    bench.add_argument("--card", metavar="EXPORT", help="write the speed table into this export's README.md")
+    bench.set_defaults(handler=cmd_bench)
+
+    push = commands.add_parser("push", help="upload an export to the Hugging Face Hub")
+    push.add_argument("export", help="the export folder (output of convert/finetune)")
+    push.add_argument("--repo-id", required=True, help="Hub repo to create or update, e.g. your-user/vit-b16-pm8")
+    push.add_argument("--private", action="store_true", help="create the repo as private")
+    push.add_argument("--revision", help="branch to push to (created if needed; default main)")
+    push.add_argument("--commit-message", help="commit message")
+    push.set_defaults(handler=cmd_push)
     finetune = commands.add_parser("finetune", help="insert a PatchMerger and fine-tune it back (Accelerate)")
     finetune.add_argument("source", help="Hub model id, local folder, or a retrofit export to continue training")
     _add_merge_options(finetune, required=False)

@@ -1,0 +1,245 @@
+"""`evaluate`: top-1 / top-k accuracy and loss of several models on the same data, side by side.
+
+Accuracy goes through `evaluate` metric modules that ship with retrofit (``retrofit/metrics/*``, loaded by path, so
+no Hub access is needed). Under ``accelerate launch`` the data are sharded over the processes and the predictions are
+gathered with ``gather_for_metrics`` (which drops the padding of the last batch: every image counts once).
+
+Labels: the first model's labels are the reference. Other models must have the same label *names* (their ids may
+differ: predictions are mapped by name); the data's class names must be among them (mapped by name too).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .errors import RetrofitError
+
+METRICS_DIR = Path(__file__).parent / "metrics"
+
+
+def load_metric(name: str):
+    """One of retrofit's shipped `evaluate` metrics (``accuracy``, ``top_k_accuracy``), loaded offline by path."""
+    import evaluate
+
+    path = METRICS_DIR / name
+    if not (path / f"{name}.py").is_file():
+        raise RetrofitError(f"metric '{name}' is not shipped with retrofit; available: accuracy, top_k_accuracy")
+    return evaluate.load(str(path), keep_in_memory=True)
+
+
+def _labels(config) -> dict[int, str]:
+    return {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+
+
+def _generic(id2label: dict[int, str]) -> bool:
+    return all(name == f"LABEL_{index}" for index, name in id2label.items())
+
+
+def prediction_map(reference: dict[int, str], other: dict[int, str], names: tuple[str, str]) -> list[int] | None:
+    """For each of `other`'s label ids, the reference id with the same name (None: identical ids already)."""
+    if other == reference:
+        return None
+    if _generic(other) and _generic(reference) and len(other) == len(reference):
+        return None
+    if set(other.values()) != set(reference.values()):
+        only = sorted(set(other.values()) ^ set(reference.values()))[:4]
+        raise RetrofitError(
+            f"'{names[1]}' and '{names[0]}' have different label sets ({len(other)} vs {len(reference)} labels, e.g. "
+            f"{only}); compare models trained on the same classes"
+        )
+    by_name = {name: index for index, name in reference.items()}
+    return [by_name[other[index]] for index in range(len(other))]
+
+
+def data_label_map(reference: dict[int, str], names: list[str] | None, data: str) -> dict[int, int] | None:
+    """Map the data's label ids to the reference model's, by class name (None: identical or unnamed)."""
+    if names is None or (_generic(reference) and len(names) == len(reference)):
+        return None
+    by_name = {name: index for index, name in reference.items()}
+    unknown = [name for name in names if name not in by_name]
+    if unknown:
+        raise RetrofitError(
+            f"the classes of '{data}' ({len(names)}, e.g. {unknown[:4]}) are not among the models' labels "
+            f"({len(reference)}, e.g. {list(by_name)[:4]}); evaluate on data with the models' classes"
+        )
+    mapping = {index: by_name[name] for index, name in enumerate(names)}
+    return None if all(k == v for k, v in mapping.items()) else mapping
+
+
+def _accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def evaluate_models(
+    models: list[str],
+    *,
+    data: str,
+    split: str = "validation",
+    limit: int | None = None,
+    batch_size: int = 64,
+    top_k: int = 5,
+    image_column: str = "image",
+    label_column: str = "label",
+    trust_remote_code: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Evaluate `models` (checkpoints, Hub ids, exports) on one split; returns a JSON-ready report with a table."""
+    from .cost import model_cost
+    from .data import class_names, load_split, make_dataloader
+    from .loading import is_merged, load_config, load_image_processor, load_model
+
+    if not models:
+        raise RetrofitError("no models to evaluate; pass one or more checkpoint folders, Hub ids or exports")
+    if top_k < 1:
+        raise RetrofitError(f"--top-k must be at least 1 (got {top_k})")
+    if batch_size < 1:
+        raise RetrofitError(f"--batch-size must be at least 1 (got {batch_size})")
+    configs = [load_config(spec, trust_remote_code=trust_remote_code) for spec in models]
+    reference = _labels(configs[0])
+    if not reference:
+        raise RetrofitError(f"'{models[0]}' has no labels (no classification head); evaluate classifiers")
+    maps = [
+        prediction_map(reference, _labels(config), (models[0], spec))
+        for spec, config in zip(models, configs, strict=True)
+    ]
+    dataset = load_split(data, split, image_column=image_column, label_column=label_column, limit=limit)
+    label_map = data_label_map(reference, class_names(dataset), data)
+
+    accelerator = _accelerator()
+    loaded = []
+    for spec, config in zip(models, configs, strict=True):
+        model = load_model(spec, config=config, trust_remote_code=trust_remote_code).eval()
+        processor = load_image_processor(spec, config, log=log)
+        loaded.append((spec, config, model.to(accelerator.device), processor))
+    # Models that preprocess the same way share one pass over the data.
+    groups: dict[str, list[int]] = {}
+    for index, (_, _, _, processor) in enumerate(loaded):
+        groups.setdefault(json.dumps(processor.to_dict(), sort_keys=True, default=str), []).append(index)
+
+    k = min(top_k, len(reference))
+    stats = {}
+    for indices in groups.values():
+        processor = loaded[indices[0]][3]
+        loader = make_dataloader(dataset, processor, batch_size=min(batch_size, len(dataset)), label_map=label_map)
+        loader = accelerator.prepare(loader)
+        for index in indices:
+            stats[index] = {
+                "top1": load_metric("accuracy"),
+                "topk": load_metric("top_k_accuracy"),
+                "loss": 0.0,
+                "count": 0,
+            }
+        with torch.inference_mode():
+            for batch in loader:
+                pixels, labels = batch["pixel_values"], batch["labels"]
+                for index in indices:
+                    _score_batch(loaded[index][2], maps[index], pixels, labels, k, accelerator, stats[index])
+    rows = []
+    for index, (spec, config, _, _) in enumerate(loaded):
+        s = stats[index]
+        count = s["count"]
+        top1 = s["top1"].compute()["accuracy"]
+        topk = s["topk"].compute(k=k)["top_k_accuracy"]
+        rows.append(
+            {
+                "model": spec,
+                "merged": is_merged(config),
+                "source": getattr(config, "merge_source", None) if is_merged(config) else None,
+                "merge_after_layer": getattr(config, "merge_after_layer", None),
+                "merge_num_tokens": getattr(config, "merge_num_tokens", None),
+                "top1": top1,
+                "top5": topk,
+                "loss": s["loss"] / count,
+                "num_examples": count,
+                "gflops": model_cost(config).gflops,
+            }
+        )
+    report = {
+        "data": data,
+        "split": split,
+        "num_examples": rows[0]["num_examples"],
+        "top_k": k,
+        "processes": accelerator.num_processes,
+        "labels": [reference[i] for i in range(len(reference))],
+        "models": rows,
+    }
+    report["table"] = markdown_table(report)
+    return report
+
+
+def _score_batch(model, pred_map, pixels, labels, k, accelerator, stats) -> None:
+    """Forward one batch; gather ranked predictions (reference ids), labels and per-image losses; add to metrics."""
+    logits = model(pixel_values=pixels.to(accelerator.device)).logits.float()
+    labels = labels.to(logits.device)
+    if pred_map is not None:
+        to_ref = torch.tensor(pred_map, device=logits.device)
+        to_model = torch.empty_like(to_ref)
+        to_model[to_ref] = torch.arange(len(pred_map), device=logits.device)
+        losses = torch.nn.functional.cross_entropy(logits, to_model[labels], reduction="none")
+        ranked = to_ref[logits.topk(k, dim=-1).indices]
+    else:
+        losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+        ranked = logits.topk(k, dim=-1).indices
+    ranked, labels, losses = accelerator.gather_for_metrics((ranked, labels, losses))
+    stats["top1"].add_batch(predictions=ranked[:, 0].tolist(), references=labels.tolist())
+    stats["topk"].add_batch(predictions=ranked.tolist(), references=labels.tolist())
+    stats["loss"] += float(losses.double().sum())
+    stats["count"] += len(labels)
+
+
+def markdown_table(report: dict) -> str:
+    """Models side by side: top-1, top-k, loss, GFLOPs and the change against the first model."""
+    k = report["top_k"]
+    lines = [
+        f"| model | top-1 | top-{k} | loss | GFLOPs | Δ top-1 vs first |",
+        "|---|---|---|---|---|---|",
+    ]
+    first = report["models"][0]["top1"]
+    for row in report["models"]:
+        delta = 100 * (row["top1"] - first)
+        lines.append(
+            f"| `{row['model']}` | {100 * row['top1']:.2f} % | {100 * row['top5']:.2f} % | {row['loss']:.4f} | "
+            f"{row['gflops']:.3g} | {delta:+.2f} pt |"
+        )
+    return "\n".join(lines)
+
+
+def run_from_args(args) -> dict:
+    """`retrofit evaluate`: evaluate, print the table (main process), write --json and --card."""
+    from accelerate import PartialState
+
+    if args.card:
+        from .card import check_card_target
+
+        check_card_target(args.card, args.models)
+    if args.json and not Path(args.json).resolve().parent.exists():
+        raise RetrofitError(f"--json {args.json}: its folder does not exist")
+    report = evaluate_models(
+        args.models,
+        data=args.data,
+        split=args.split,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        top_k=args.top_k,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        trust_remote_code=args.trust_remote_code,
+    )
+    if PartialState().is_main_process:
+        print(f"{args.data} / {args.split}: {report['num_examples']} images")
+        print(report["table"])
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+            print(f"wrote {args.json}")
+        if args.card:
+            from .card import update_card
+
+            update_card(args.card, evaluation=report)
+            print(f"updated {args.card}/README.md")
+    return report

@@ -1,0 +1,183 @@
+"""`retrofit evaluate`: numbers equal a hand computation, label mapping by name, JSON, card, accelerate launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import TINY, save_tiny
+from test_data import make_imagefolder
+from transformers import ViTConfig, ViTForImageClassification
+
+from retrofit import convert
+from retrofit.cli import main
+from retrofit.data import class_names, load_split, make_dataloader
+from retrofit.evaluation import evaluate_models, load_metric
+from retrofit.loading import load_image_processor, load_model
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    # 5 test images per class -> 15: an odd count, so 2 processes need padding that gather_for_metrics must drop.
+    return make_imagefolder(tmp_path_factory.mktemp("eval") / "colours", per_class=2, test_per_class=5)
+
+
+@pytest.fixture(scope="module")
+def trained_vit(tiny_vit, images, tmp_path_factory):
+    """The tiny ViT trained a few steps on the colours, so that its predictions differ between images."""
+    model = ViTForImageClassification.from_pretrained(tiny_vit)
+    processor = load_image_processor(tiny_vit, model.config)
+    dataset = load_split(str(images), "train")
+    names = class_names(dataset)
+    batch = next(iter(make_dataloader(dataset, processor, batch_size=len(dataset))))
+    labels = torch.tensor([model.config.label2id[names[i]] for i in batch["labels"]])
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(8):
+        optimizer.zero_grad()
+        model(pixel_values=batch["pixel_values"], labels=labels).loss.backward()
+        optimizer.step()
+    return save_tiny(model.eval(), tmp_path_factory.mktemp("trained") / "tiny-vit-trained")
+
+
+@pytest.fixture(scope="module")
+def export_dir(trained_vit, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evalexp") / "vit-pm"
+    convert(trained_vit, after_layer=2, num_tokens=4, output=out, log=lambda _: None)
+    return out
+
+
+def by_hand(path, images) -> dict:
+    """top-1, top-2 and mean loss computed directly from the logits."""
+    model = load_model(path).eval()
+    processor = load_image_processor(path, model.config)
+    dataset = load_split(str(images), "test")
+    batch = next(iter(make_dataloader(dataset, processor, batch_size=len(dataset))))
+    with torch.no_grad():
+        logits = model(pixel_values=batch["pixel_values"]).logits
+    # The image folder numbers its classes alphabetically; the model has its own ids: map by name.
+    names = class_names(dataset)
+    labels = torch.tensor([model.config.label2id[names[i]] for i in batch["labels"]])
+    return {
+        "top1": (logits.argmax(-1) == labels).float().mean().item(),
+        "top2": (logits.topk(2).indices == labels[:, None]).any(-1).float().mean().item(),
+        "loss": torch.nn.functional.cross_entropy(logits, labels).item(),
+        "distinct": len(set(logits.argmax(-1).tolist())),
+    }
+
+
+def test_shipped_metrics_load_offline():
+    assert load_metric("accuracy").compute(predictions=[0, 1, 1], references=[0, 1, 0])["accuracy"] == pytest.approx(
+        2 / 3
+    )
+    top_k = load_metric("top_k_accuracy").compute(predictions=[[2, 0], [1, 2]], references=[0, 0], k=2)
+    assert top_k["top_k_accuracy"] == 0.5
+
+
+def test_numbers_match_hand_computation(trained_vit, export_dir, images, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    argv = ["evaluate", str(trained_vit), str(export_dir), "--data", str(images), "--split", "test"]
+    assert main([*argv, "--batch-size", "4", "--top-k", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["num_examples"] == 15 and report["top_k"] == 2
+    for row, path in zip(report["models"], (trained_vit, export_dir), strict=True):
+        expected = by_hand(path, images)
+        assert expected["distinct"] > 1  # a real test: the model does not predict one class for everything
+        assert row["num_examples"] == 15
+        assert row["top1"] == pytest.approx(expected["top1"])
+        assert row["top5"] == pytest.approx(expected["top2"])
+        assert row["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert report["models"][1]["merged"] and report["models"][1]["source"] == str(trained_vit)
+    assert report["models"][1]["gflops"] < report["models"][0]["gflops"]
+    printed = capsys.readouterr().out
+    assert f"`{trained_vit}`" in printed and "top-2" in printed
+
+
+def test_permuted_labels_are_mapped_by_name(trained_vit, images, tmp_path):
+    """A copy of the model whose classifier rows and label ids are permuted gives the same results."""
+    model = ViTForImageClassification.from_pretrained(trained_vit)
+    order = [2, 0, 1]  # new id i holds old class order[i]
+    with torch.no_grad():
+        model.classifier.weight.copy_(model.classifier.weight[order])
+        model.classifier.bias.copy_(model.classifier.bias[order])
+    names = [TINY["id2label"][old] for old in order]
+    model.config.id2label = dict(enumerate(names))
+    model.config.label2id = {name: i for i, name in enumerate(names)}
+    permuted = save_tiny(model, tmp_path / "permuted")
+    report = evaluate_models([str(trained_vit), str(permuted)], data=str(images), split="test", top_k=2, log=print)
+    first, second = report["models"]
+    assert first["top1"] > 0.5  # predictions vary, so a wrong mapping would show
+    assert second["top1"] == pytest.approx(first["top1"])
+    assert second["top5"] == pytest.approx(first["top5"])
+    assert second["loss"] == pytest.approx(first["loss"], rel=1e-5)
+
+
+def test_different_label_sets_are_refused(tiny_vit, images, tmp_path, capsys):
+    other = save_tiny(
+        ViTForImageClassification(ViTConfig(**{**TINY, "id2label": {0: "a", 1: "b", 2: "c"}, "label2id": None})),
+        tmp_path / "other",
+    )
+    assert main(["evaluate", str(tiny_vit), str(other), "--data", str(images), "--split", "test"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "different label sets" in err and len(err.splitlines()) == 1
+
+
+def test_data_with_other_classes_is_refused(tiny_vit, tmp_path, capsys):
+    data = tmp_path / "shapes"
+    for name in ("square", "circle"):
+        (data / "test" / name).mkdir(parents=True)
+    from PIL import Image
+
+    for name in ("square", "circle"):
+        Image.new("RGB", (32, 32)).save(data / "test" / name / "0.png")
+    assert main(["evaluate", str(tiny_vit), "--data", str(data), "--split", "test"]) == 2
+    assert "not among the models' labels" in capsys.readouterr().err
+
+
+def test_card_gets_results_and_model_index(trained_vit, export_dir, images, tmp_path):
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    folder = tmp_path / "vit-pm"
+    shutil.copytree(export_dir, folder)
+    argv = ["evaluate", str(trained_vit), str(folder), "--data", str(images), "--split", "test", "--card", str(folder)]
+    assert main(argv) == 0
+    card = ModelCard.load(folder / "README.md")
+    (top1, top5) = card.data.eval_results
+    stored = json.loads((folder / "retrofit_results.json").read_text())["evaluation"]
+    assert top1.metric_type == "accuracy" and top1.metric_value == pytest.approx(stored["models"][1]["top1"])
+    assert top5.metric_type == "top_k_accuracy" and top1.dataset_split == "test"
+    assert "### Before / after" in card.text and "### Accuracy" in card.text
+    assert card.text.count("## Results") == 1
+    # A second run replaces the section instead of appending another one.
+    assert main(argv) == 0
+    assert ModelCard.load(folder / "README.md").text.count("### Accuracy") == 1
+
+
+def test_card_must_be_one_of_the_models(tiny_vit, export_dir, images, capsys):
+    argv = ["evaluate", str(tiny_vit), "--data", str(images), "--split", "test", "--card", str(export_dir)]
+    assert main(argv) == 2
+    assert "must also be one of the models" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_count_every_image_once(trained_vit, export_dir, images, tmp_path):
+    single = evaluate_models([str(trained_vit), str(export_dir)], data=str(images), split="test", batch_size=4)
+    out = tmp_path / "eval.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "retrofit.cli",
+               "evaluate", str(trained_vit), str(export_dir), "--data", str(images), "--split", "test",
+               "--batch-size", "4", "--json", str(out)]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["processes"] == 2 and report["num_examples"] == 15
+    for mine, theirs in zip(report["models"], single["models"], strict=True):
+        assert mine["top1"] == pytest.approx(theirs["top1"]) and mine["loss"] == pytest.approx(theirs["loss"])
+    assert done.stdout.count("images") == 1  # only the main process prints
