@@ -160,8 +160,15 @@ def load_split(
                         "(class sub-folders, optionally under train/ and test/) or a Hub dataset id"
                     )
                 splits = datasets.load_dataset("imagefolder", data_dir=str(local))
-            else:
-                splits = datasets.load_dataset(data)
+                available = list(splits.keys())
+            else:  # a Hub dataset: download only the split that is needed
+                available = list(datasets.get_dataset_split_names(data))
+            chosen = split if split in available else None
+            if chosen is None and split in ("validation", "test"):
+                chosen = next((name for name in ("validation", "test", "valid", "val") if name in available), None)
+            if chosen is None:
+                raise RetrofitError(f"dataset '{data}' has no split '{split}'; available: {', '.join(available)}")
+            dataset = splits[chosen] if is_local else datasets.load_dataset(data, split=chosen)
         except RetrofitError:
             raise
         except Exception as exc:
@@ -170,13 +177,6 @@ def load_split(
                 f"cannot load dataset '{data}' ({type(exc).__name__}: {text}); pass fashion-mnist, an image folder "
                 "or a reachable Hub dataset id"
             ) from None
-        available = list(splits.keys())
-        chosen = split if split in splits else None
-        if chosen is None and split in ("validation", "test"):
-            chosen = next((name for name in ("validation", "test", "valid", "val") if name in splits), None)
-        if chosen is None:
-            raise RetrofitError(f"dataset '{data}' has no split '{split}'; available: {', '.join(available)}")
-        dataset = splits[chosen]
         if limit is not None:
             dataset = dataset.select(range(min(limit, len(dataset))))
         for column in (image_column, label_column):

@@ -297,16 +297,24 @@ def evaluate_loop(model, dataloader, accelerator, teacher=None) -> dict:
 
 
 def _make_accelerator(args: TrainArgs, project_dir: Path | None):
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     log_with = None if args.report_to in (None, "none") else args.report_to
     # Without a GPU, say so: Accelerate then runs several launched processes as MULTI_CPU (gloo) instead of treating
     # each as a separate single-process run.
     has_device = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
     has_device = has_device or torch.backends.mps.is_available()
+    try:
+        return _accelerator(args, project_dir, log_with, cpu=not has_device)
+    except (ValueError, RuntimeError) as exc:  # e.g. fp16 without a GPU
+        raise RetrofitError(f"cannot set up training: {' '.join(str(exc).split())[:200]}") from None
+
+
+def _accelerator(args: TrainArgs, project_dir: Path | None, log_with, *, cpu: bool):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
     return Accelerator(
-        cpu=not has_device,
+        cpu=cpu,
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.grad_accum,
         log_with=log_with,
