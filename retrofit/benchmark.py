@@ -151,14 +151,21 @@ def parse_merges(text: str | None) -> list[tuple[str, int]]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def shape_model(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """A `ViTForImageClassification` of a named shape with random weights (built directly on `device`)."""
-    from transformers import ViTConfig, ViTForImageClassification
+def shape_config(name: str):
+    """The `ViTConfig` of a named shape (224x224 images, 1000 classes, SDPA attention)."""
+    from transformers import ViTConfig
 
-    patch = int(name[-2:])
-    config = ViTConfig(**SHAPES[name], patch_size=patch, image_size=224, num_labels=1000)
+    config = ViTConfig(**SHAPES[name], patch_size=int(name[-2:]), image_size=224, num_labels=1000)
     config._attn_implementation = "sdpa"
     config._name_or_path = name
+    return config
+
+
+def shape_model(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A `ViTForImageClassification` of a named shape with random weights (built directly on `device`)."""
+    from transformers import ViTForImageClassification
+
+    config = shape_config(name)
     with torch.device("meta"):
         model = ViTForImageClassification(config)
     model.to_empty(device=device)
@@ -207,6 +214,17 @@ def build_variants(
     device, dtype = parse_device(settings.device), parse_dtype(settings.dtype)
     if not models:
         raise RetrofitError("no models to benchmark; pass shape names (vit-b16, ...) or checkpoint folders / Hub ids")
+    # Check every model and merge setting before loading any weights.
+    from .loading import load_config
+    from .surgery import check_merge
+
+    for spec in models:
+        if spec.startswith("vit-") and spec not in SHAPES:
+            raise RetrofitError(f"unknown model shape '{spec}'; shapes: {', '.join(SHAPES)} (or a checkpoint/Hub id)")
+        config = shape_config(spec) if spec in SHAPES else load_config(spec)
+        if not is_merged(config):
+            for after, tokens in merges:
+                check_merge(config, _resolve_after_layer(config, after), tokens)
     loaded: list[tuple[str, torch.nn.Module, str | None]] = []
     for spec in models:
         log(f"loading {spec} ...")

@@ -1,0 +1,155 @@
+"""`retrofit bench` / `bench/speed.py`: what is measured and reported (no timing assertions), and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import ViTForImageClassification
+
+from retrofit import benchmark, convert
+from retrofit.cli import main
+from retrofit.cost import model_cost
+from retrofit.surgery import merged_config
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = ["--warmup", "1", "--repeats", "2", "--min-time", "0", "--latency-iters", "3"]
+
+
+@pytest.fixture(scope="module")
+def export_dir(tiny_vit, tmp_path_factory):
+    out = tmp_path_factory.mktemp("benchexp") / "vit-pm"
+    convert(tiny_vit, after_layer=2, num_tokens=4, output=out, log=lambda _: None)
+    return out
+
+
+def test_bench_reports_every_model_and_batch_size(tiny_vit, export_dir, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", str(tiny_vit), str(export_dir), "--merge", "1:2", "--batch-size", "1,3", "--json", str(out)]
+    assert main([*argv, *QUICK]) == 0
+    report = json.loads(out.read_text())
+    names = [row["model"] for row in report["models"]]
+    assert names == [str(tiny_vit), f"{tiny_vit}+pm1:2", str(export_dir)]
+    assert report["environment"]["device"] == "cpu" and "CPU" in report["environment"]["hardware"]
+    source, twin, export = report["models"]
+    assert source["baseline"] is None and twin["baseline"] == str(tiny_vit) and export["baseline"] == str(tiny_vit)
+    assert export["merge_after_layer"] == 2 and twin["merge_num_tokens"] == 2
+    assert all(row["attn_implementation"] == "sdpa" for row in report["models"])
+    assert export["gflops"] == pytest.approx(model_cost(convert_config(export_dir)).gflops)
+    assert export["flops_ratio"] == pytest.approx(source["gflops"] / export["gflops"])
+    for row in report["models"]:
+        for bs in ("1", "3"):
+            result = row["results"][bs]
+            assert result["status"] == "ok" and result["images_per_s"] > 0 and len(result["repeats"]) == 2
+            assert result["peak_memory_mib"] is None or result["peak_memory_mib"] > 0
+        assert 0 < row["latency_ms_batch1"]["p50"] <= row["latency_ms_batch1"]["p90"]
+    speedup = export["results"]["3"]["speedup"]
+    assert speedup == pytest.approx(export["results"]["3"]["images_per_s"] / source["results"]["3"]["images_per_s"])
+    table = capsys.readouterr().out
+    assert table.startswith("Hardware: ") and "| model | compile | GFLOPs | FLOPs ratio |" in table
+    assert f"`{tiny_vit}+pm1:2`" in table and "×)" in table
+
+
+def convert_config(path):
+    from retrofit.loading import load_config
+
+    return load_config(path)
+
+
+def test_out_of_memory_batch_size_is_reported_and_skipped(tiny_vit, monkeypatch, tmp_path, capsys):
+    real = benchmark._forward
+
+    def forward(runner, pixel_values):
+        if pixel_values.shape[0] == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(runner, pixel_values)
+
+    monkeypatch.setattr(benchmark, "_forward", forward)
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(tiny_vit), "--merge", "2:4", "--batch-size", "1,4,2", "--json", str(out), *QUICK]) == 0
+    captured = capsys.readouterr()
+    assert "out of memory at batch size 4" in captured.err
+    for row in json.loads(out.read_text())["models"]:
+        assert row["results"]["4"]["status"] == "oom"
+        assert row["results"]["1"]["status"] == row["results"]["2"]["status"] == "ok"
+    assert "| OOM |" in captured.out
+
+
+def test_bf16(tiny_vit, capsys):
+    assert main(["bench", str(tiny_vit), "--dtype", "bf16", "--batch-size", "2", *QUICK]) == 0
+    assert "bf16" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--dtype", "fp8"], "unknown dtype 'fp8'"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--batch-size", "a,b"], "--batch-size"),
+        (["--merge", "6-8"], "is not K:M"),
+        (["--compile", "turbo"], "unknown --compile mode"),
+        (["--merge", "9:4"], "--after-layer 9 is out of range"),
+    ],
+)
+def test_bad_options_exit_2(tiny_vit, capsys, options, message):
+    assert main(["bench", str(tiny_vit), *options]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_where_there_is_none(capsys):
+    assert main(["bench", "vit-b16", "--device", "cuda"]) == 2
+    assert "no usable CUDA GPU" in capsys.readouterr().err
+
+
+def test_unknown_shape(capsys):
+    assert main(["bench", "vit-x99"]) == 2
+    assert "unknown model shape 'vit-x99'" in capsys.readouterr().err
+
+
+def test_shape_cost_matches_the_paper_setting():
+    """ViT-B/16 merged after layer 6 with 8 tokens: ~1.9x fewer FLOPs (see docs/benchmarks.md)."""
+    config = benchmark.shape_config("vit-b16")
+    with torch.device("meta"):
+        model = ViTForImageClassification(config)
+    ratio = model_cost(config).gflops / model_cost(merged_config(model, 6, 8)).gflops
+    assert ratio == pytest.approx(1.905, abs=0.01)
+    assert benchmark.parse_compile("both") == ("eager", "default")
+    assert benchmark.parse_merges("half:8,3:16") == [("half", 8), ("3", 16)]
+
+
+def test_bench_card_names_the_hardware(tiny_vit, export_dir, tmp_path):
+    folder = tmp_path / "vit-pm"
+    shutil.copytree(export_dir, folder)
+    assert main(["bench", str(tiny_vit), str(folder), "--batch-size", "2", "--card", str(folder), *QUICK]) == 0
+    text = (folder / "README.md").read_text()
+    assert "### Speed" in text and "### Before / after" in text and "CPU" in text
+    stored = json.loads((folder / "retrofit_results.json").read_text())["benchmark"]
+    assert stored["this"] == str(folder)
+
+
+@pytest.mark.slow
+def test_speed_script_needs_only_torch_and_transformers(tmp_path):
+    """bench/speed.py runs without importing datasets, evaluate or matplotlib (the GPU machine may lack them)."""
+    out = tmp_path / "speed.json"
+    driver = (
+        "import runpy, sys, json\n"
+        f"sys.argv = ['speed.py', '--models', 'vit-ti16', '--merge', 'half:8', '--batch-size', '1', '--json', "
+        f"{str(out)!r}, '--warmup', '1', '--repeats', '1', '--min-time', '0', '--latency-iters', '1']\n"
+        "try:\n    runpy.run_path('bench/speed.py', run_name='__main__')\nexcept SystemExit as exit:\n"
+        "    assert not exit.code, exit.code\n"
+        "print(json.dumps([m for m in ('datasets', 'evaluate', 'matplotlib') if m in sys.modules]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", driver], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+    report = json.loads(out.read_text())
+    assert [row["model"] for row in report["models"]] == ["vit-ti16", "vit-ti16+pm6:8"]
+    assert report["models"][1]["flops_ratio"] > 1.8
