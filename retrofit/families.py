@@ -53,7 +53,7 @@ class Family:
         example_id: a Hub checkpoint of this family, for the docs.
         modeling_module / config_module: where transformers defines the family's classes.
         config_class: the top-level config class of the checkpoints (the one in ``config.json``).
-        layer_class: the encoder layer class; layer K is replaced by a subclass of it that merges first.
+        layer_class: the encoder layer class; layers K.. are replaced by a subclass (layer K merges its input first).
         heads: the convertible classes, by class name; the first is used when the checkpoint's own class is not one.
         num_prefix_tokens: tokens in front of the patch tokens (CLS, distillation, registers), from the layer config.
         mlp_width: I such that the MLP of one layer costs 2·D·I multiply-accumulates per token (for `retrofit.cost`).

@@ -47,7 +47,7 @@ def _names(family: Family, head: Head) -> dict[str, str]:
         "model_type": stem,
         "config_class": f"{prefix}PatchMergerConfig",
         "model_class": model_class,
-        "layer_class": f"{family.layer_class}WithPatchMerger",
+        "layer_class": f"{family.layer_class}OnMergedTokens",
         "config_module_name": f"configuration_{stem}",
         "modeling_module_name": f"modeling_{stem}",
     }

@@ -265,3 +265,13 @@ def test_source_code_never_runs_without_trust_remote_code(capsys, tmp_path, tiny
 def test_python_api_raises_retrofit_error(tiny_vit):
     with pytest.raises(RetrofitError, match="use 1..3"):
         convert(tiny_vit, after_layer=9, num_tokens=2, log=lambda _: None)
+
+
+def test_an_attention_mask_over_the_input_tokens_does_not_break_merged_layers(vit_export, pixels):
+    # transformers materialises an all-visible (B, N) mask in some paths (torch.compile in 5.17, user masks);
+    # layers after the merge run on P + M tokens and must not receive it.
+    result, _ = vit_export
+    mask = torch.ones(pixels.shape[0], 17, dtype=torch.long)
+    with torch.no_grad():
+        masked = result.model(pixel_values=pixels, attention_mask=mask).logits
+    torch.testing.assert_close(masked, logits(result.model, pixels))
