@@ -70,6 +70,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     run_from_args(args)
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from .sweep import run_from_args
+
+    run_from_args(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from .benchmark import run_from_args
 
@@ -183,6 +189,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_arguments(bench)
     bench.add_argument("--card", metavar="EXPORT", help="write the speed table into this export's README.md")
     bench.set_defaults(handler=cmd_bench)
+
+    sweep = commands.add_parser("sweep", help="accuracy and speed over after-layer x tokens; pick a setting")
+    sweep.add_argument("source", help="Hub model id or local folder (an unmerged classifier)")
+    sweep.add_argument("--after-layer", required=True, metavar="K,...", help="comma-separated K values, e.g. 3,6,9")
+    sweep.add_argument("--tokens", required=True, metavar="M,...", help="comma-separated M values, e.g. 4,8,16")
+    sweep.add_argument("--data", required=True, help="fashion-mnist, an image folder or a Hub dataset id")
+    sweep.add_argument("--split", default="test", help="split to measure accuracy on (default test)")
+    sweep.add_argument("--calibrate-split", default="train", help="split to calibrate/fine-tune on (default train)")
+    sweep.add_argument("--limit", type=int, default=1000, help="evaluate on the first N images (default 1000)")
+    sweep.add_argument("--calibrate-images", type=int, default=256, help="calibration images (default 256)")
+    sweep.add_argument(
+        "--method", default="calibrate", help="calibrate (k-means init, default) or finetune (short fine-tune)"
+    )
+    sweep.add_argument("--finetune-steps", type=int, default=100, help="steps per setting with --method finetune")
+    sweep.add_argument("--target-speedup", type=float, help="name the most accurate setting at least this fast")
+    sweep.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default 64)")
+    sweep.add_argument("--bench-batch-size", type=int, default=32, help="batch size of the speed test (default 32)")
+    sweep.add_argument("--bench-repeats", type=int, default=3, help="timed repeats of the speed test (default 3)")
+    sweep.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N for the speed test (default cpu)")
+    sweep.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 for the speed test (default fp32)")
+    sweep.add_argument("--output", "-o", help="folder for sweep.md/json/png (default sweep-<source name>)")
+    sweep.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    sweep.set_defaults(handler=cmd_sweep)
 
     push = commands.add_parser("push", help="upload an export to the Hugging Face Hub")
     push.add_argument("export", help="the export folder (output of convert/finetune)")

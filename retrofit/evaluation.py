@@ -119,33 +119,25 @@ def evaluate_models(
         loaded.append((spec, config, model.to(accelerator.device), processor))
     # Models that preprocess the same way share one pass over the data.
     groups: dict[str, list[int]] = {}
-    for index, (_, _, _, processor) in enumerate(loaded):
-        groups.setdefault(json.dumps(processor.to_dict(), sort_keys=True, default=str), []).append(index)
+    for index, (_, config, _, processor) in enumerate(loaded):
+        key = json.dumps([processor.to_dict(), getattr(config, "num_channels", None)], sort_keys=True, default=str)
+        groups.setdefault(key, []).append(index)
 
     k = min(top_k, len(reference))
-    stats = {}
+    scores: dict[int, dict] = {}
     for indices in groups.values():
-        processor = loaded[indices[0]][3]
-        loader = make_dataloader(dataset, processor, batch_size=min(batch_size, len(dataset)), label_map=label_map)
-        loader = accelerator.prepare(loader)
-        for index in indices:
-            stats[index] = {
-                "top1": load_metric("accuracy"),
-                "topk": load_metric("top_k_accuracy"),
-                "loss": 0.0,
-                "count": 0,
-            }
-        with torch.inference_mode():
-            for batch in loader:
-                pixels, labels = batch["pixel_values"], batch["labels"]
-                for index in indices:
-                    _score_batch(loaded[index][2], maps[index], pixels, labels, k, accelerator, stats[index])
+        _, config, _, processor = loaded[indices[0]]
+        loader = make_dataloader(
+            dataset,
+            processor,
+            batch_size=min(batch_size, len(dataset)),
+            label_map=label_map,
+            num_channels=getattr(config, "num_channels", None),
+        )
+        group = score_models([loaded[i][2] for i in indices], loader, k=k, maps=[maps[i] for i in indices])
+        scores.update(zip(indices, group, strict=True))
     rows = []
     for index, (spec, config, _, _) in enumerate(loaded):
-        s = stats[index]
-        count = s["count"]
-        top1 = s["top1"].compute()["accuracy"]
-        topk = s["topk"].compute(k=k)["top_k_accuracy"]
         rows.append(
             {
                 "model": spec,
@@ -153,10 +145,7 @@ def evaluate_models(
                 "source": getattr(config, "merge_source", None) if is_merged(config) else None,
                 "merge_after_layer": getattr(config, "merge_after_layer", None),
                 "merge_num_tokens": getattr(config, "merge_num_tokens", None),
-                "top1": top1,
-                "top5": topk,
-                "loss": s["loss"] / count,
-                "num_examples": count,
+                **scores[index],
                 "gflops": model_cost(config).gflops,
             }
         )
@@ -171,6 +160,32 @@ def evaluate_models(
     }
     report["table"] = markdown_table(report)
     return report
+
+
+def score_models(models: list, loader, *, k: int, maps: list | None = None) -> list[dict]:
+    """top-1, top-k, mean loss and image count of each model over one dataloader (prepared here), gathered over
+    the processes of an `accelerate launch`. `maps[i]` maps model i's label ids to the loader's (None: the same)."""
+    accelerator = _accelerator()
+    loader = accelerator.prepare(loader)
+    maps = maps or [None] * len(models)
+    models = [model.to(accelerator.device).eval() for model in models]
+    stats = [
+        {"top1": load_metric("accuracy"), "topk": load_metric("top_k_accuracy"), "loss": 0.0, "count": 0}
+        for _ in models
+    ]
+    with torch.inference_mode():
+        for batch in loader:
+            for model, pred_map, stat in zip(models, maps, stats, strict=True):
+                _score_batch(model, pred_map, batch["pixel_values"], batch["labels"], k, accelerator, stat)
+    return [
+        {
+            "top1": stat["top1"].compute()["accuracy"],
+            "top5": stat["topk"].compute(k=k)["top_k_accuracy"],
+            "loss": stat["loss"] / max(1, stat["count"]),
+            "num_examples": stat["count"],
+        }
+        for stat in stats
+    ]
 
 
 def _score_batch(model, pred_map, pixels, labels, k, accelerator, stats) -> None:

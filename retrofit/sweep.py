@@ -1,0 +1,337 @@
+"""`sweep`: accuracy and speed over merge placements (after-layer x tokens), to pick a setting for a target speed-up.
+
+Each setting gets the data-calibrated merger initialisation (`retrofit.calibrate`; cheap, shares the source weights)
+or, with ``method="finetune"``, a short fine-tune (`retrofit.train.finetune`, ``finetune_steps`` steps). Accuracy is
+measured on one split with the shipped `evaluate` metrics; speed with `retrofit.benchmark` (all settings and the source
+measured alternately in one process). Writes ``sweep.md``, ``sweep.json`` and ``sweep.png`` (accuracy against
+images/s, Pareto front marked, the source as a reference point) into the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import RetrofitError
+
+METHODS = ("calibrate", "finetune")
+
+
+@dataclass
+class SweepSettings:
+    """What to sweep and how to measure it."""
+
+    after_layers: tuple[int, ...]
+    tokens: tuple[int, ...]
+    data: str = "fashion-mnist"
+    split: str = "test"
+    calibrate_split: str = "train"
+    limit: int | None = 1000
+    calibrate_images: int = 256
+    method: str = "calibrate"
+    finetune_steps: int = 100
+    target_speedup: float | None = None
+    batch_size: int = 64
+    bench_batch_size: int = 32
+    bench_repeats: int = 3
+    device: str = "cpu"
+    dtype: str = "fp32"
+    seed: int = 0
+
+
+def parse_ints(text: str, option: str) -> tuple[int, ...]:
+    """``"3,6,9"`` -> (3, 6, 9), or a one-line error naming `option`."""
+    try:
+        values = tuple(dict.fromkeys(int(part) for part in str(text).split(",") if part.strip()))
+    except ValueError:
+        raise RetrofitError(f"{option} '{text}' is not a comma-separated list of integers, e.g. 3,6,9") from None
+    if not values:
+        raise RetrofitError(f"{option} is empty; give one or more integers, e.g. 3,6,9")
+    return values
+
+
+def pareto_front(points: list[dict], x: str = "images_per_s", y: str = "top1") -> list[dict]:
+    """The points not beaten on both `x` and `y` by another point, sorted by `x`."""
+    front = [
+        p
+        for p in points
+        if p.get(x) is not None
+        and not any(
+            q is not p and q.get(x) is not None and q[x] >= p[x] and q[y] >= p[y] and (q[x] > p[x] or q[y] > p[y])
+            for q in points
+        )
+    ]
+    return sorted(front, key=lambda p: p[x])
+
+
+def best_for_target(rows: list[dict], target: float | None) -> tuple[dict | None, str]:
+    """The most accurate setting whose measured speed-up reaches `target` (ties: the faster), and a sentence."""
+    if target is None:
+        return None, ""
+    reaching = [r for r in rows if (r.get("speedup") or 0) >= target]
+    if not reaching:
+        fastest = max(rows, key=lambda r: r.get("speedup") or 0)
+        return None, (
+            f"No setting reaches a measured speed-up of {target:g}x here; the fastest is after-layer "
+            f"{fastest['after_layer']}, {fastest['tokens']} tokens at {fastest.get('speedup') or 0:.2f}x "
+            f"(FLOPs ratio {fastest['flops_ratio']:.2f}x)."
+        )
+    best = max(reaching, key=lambda r: (r["top1"], r.get("speedup") or 0))
+    return best, (
+        f"Best setting for a {target:g}x speed-up: --after-layer {best['after_layer']} --tokens {best['tokens']} "
+        f"(top-1 {100 * best['top1']:.2f} %, measured {best['speedup']:.2f}x, FLOPs ratio {best['flops_ratio']:.2f}x)."
+    )
+
+
+def markdown_table(report: dict) -> str:
+    """One row per setting (and the source first)."""
+    src = report["source_row"]
+    lines = [
+        f"| after layer | tokens | top-1 | top-{report['top_k']} | loss | GFLOPs | FLOPs ratio | images/s "
+        "| measured speed-up | Pareto |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| source | all | {100 * src['top1']:.2f} % | {100 * src['top5']:.2f} % | {src['loss']:.4f} | "
+        f"{src['gflops']:.3g} | 1.00 | {src['images_per_s']:.1f} | 1.00× | |",
+    ]
+    for r in report["settings_results"]:
+        lines.append(
+            f"| {r['after_layer']} | {r['tokens']} | {100 * r['top1']:.2f} % | {100 * r['top5']:.2f} % | "
+            f"{r['loss']:.4f} | {r['gflops']:.3g} | {r['flops_ratio']:.2f} | {r['images_per_s']:.1f} | "
+            f"{r['speedup']:.2f}× | {'★' if r['pareto'] else ''} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    """accuracy against images/s, settings labelled K/M, Pareto front joined, the source as a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, src = report["settings_results"], report["source_row"]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    ax.scatter([r["images_per_s"] for r in rows], [100 * r["top1"] for r in rows], c="tab:blue", label="settings")
+    for r in rows:
+        ax.annotate(f"K={r['after_layer']},M={r['tokens']}", (r["images_per_s"], 100 * r["top1"]), fontsize=7)
+    front = [r for r in rows if r["pareto"]]
+    front.sort(key=lambda r: r["images_per_s"])
+    ax.plot(
+        [r["images_per_s"] for r in front], [100 * r["top1"] for r in front], "-o", c="tab:red", label="Pareto front"
+    )
+    ax.scatter([src["images_per_s"]], [100 * src["top1"]], marker="*", s=200, c="black", label="source", zorder=3)
+    if report.get("target_speedup"):
+        ax.axvline(src["images_per_s"] * report["target_speedup"], ls="--", c="grey", label="target speed-up")
+    if report.get("best"):
+        best = report["best"]
+        ax.scatter([best["images_per_s"]], [100 * best["top1"]], s=200, facecolors="none", edgecolors="green", lw=2)
+    env = report["environment"]
+    ax.set_xlabel(f"images/s ({env['hardware']}, {env['dtype']}, batch {report['bench_batch_size']})")
+    ax.set_ylabel(f"top-1 accuracy on {Path(report['data']).name} {report['split']} (%)")
+    ax.set_title(f"PatchMerger placement sweep: {Path(report['source']).name} ({report['method']})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _merged_models(source, source_model, config, settings: SweepSettings, work: Path, log) -> list[tuple]:
+    """(K, M, model) per setting, initialised by calibration or a short fine-tune."""
+    from .calibrate import calibrate_from_data
+    from .loading import load_model
+    from .surgery import insert_patch_merger
+
+    models = []
+    for k in settings.after_layers:
+        for m in settings.tokens:
+            log(f"setting after-layer {k}, {m} tokens ({settings.method}) ...")
+            if settings.method == "calibrate":
+                merged = insert_patch_merger(source_model, k, m, source=str(source)).eval()
+                calibrate_from_data(
+                    merged,
+                    settings.data,
+                    source=str(source),
+                    log=log,
+                    num_images=settings.calibrate_images,
+                    split=settings.calibrate_split,
+                    seed=settings.seed,
+                )
+            else:
+                from .train import finetune
+
+                out = work / f"k{k}-m{m}"
+                finetune(
+                    source,
+                    output=out,
+                    after_layer=k,
+                    num_tokens=m,
+                    data=settings.data,
+                    split=settings.calibrate_split,
+                    eval_split=None,
+                    max_steps=settings.finetune_steps,
+                    seed=settings.seed,
+                    progress=False,
+                    overwrite=True,
+                    log=log,
+                )
+                merged = load_model(out).eval()
+            models.append((k, m, merged))
+    return models
+
+
+def sweep(
+    source: str,
+    settings: SweepSettings,
+    *,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run the sweep; returns the report (and writes sweep.md/json/png into `output` if given)."""
+    import tempfile
+
+    from .atomic import atomic_dir, check_output
+    from .benchmark import BenchSettings, Variant, environment, run_benchmark
+    from .cost import model_cost
+    from .data import class_names, load_split, make_dataloader
+    from .evaluation import _labels, data_label_map, score_models
+    from .loading import load_config, load_image_processor, load_model
+    from .surgery import check_merge
+
+    if settings.method not in METHODS:
+        raise RetrofitError(f"--method {settings.method!r} is not one of {', '.join(METHODS)}")
+    if settings.target_speedup is not None and settings.target_speedup <= 1:
+        raise RetrofitError(f"--target-speedup must be above 1 (got {settings.target_speedup})")
+    if output is not None:
+        check_output(output, overwrite)
+    config = load_config(source)
+    for k in settings.after_layers:
+        for m in settings.tokens:
+            check_merge(config, k, m)
+    dataset = load_split(settings.data, settings.split, limit=settings.limit)
+    label_map = data_label_map(_labels(config), class_names(dataset), settings.data)
+    source_model = load_model(source, config=config).eval()
+    processor = load_image_processor(source, config, log=log)
+
+    with tempfile.TemporaryDirectory(prefix="retrofit-sweep-") as work:
+        merged = _merged_models(source, source_model, config, settings, Path(work), log)
+        loader = make_dataloader(
+            dataset,
+            processor,
+            batch_size=min(settings.batch_size, len(dataset)),
+            label_map=label_map,
+            num_channels=getattr(config, "num_channels", None),
+        )
+        k_top = min(5, len(_labels(config)))
+        log(f"evaluating {len(merged) + 1} models on {len(dataset)} images of {settings.data} {settings.split} ...")
+        scores = score_models([source_model] + [model for _, _, model in merged], loader, k=k_top)
+
+        bench = BenchSettings(
+            device=settings.device,
+            dtype=settings.dtype,
+            batch_sizes=(settings.bench_batch_size,),
+            warmup=2,
+            repeats=settings.bench_repeats,
+            min_time=0.5,
+            latency_iters=3,
+        )
+        source_gflops = model_cost(config).gflops
+        variants = [Variant("source", source_model, config, "eager", source_gflops)]
+        for k, m, model in merged:
+            gflops = model_cost(model.config).gflops
+            variants.append(
+                Variant(f"k{k}-m{m}", model, model.config, "eager", gflops, "source", source_gflops / gflops)
+            )
+        for v in variants:
+            v.runner = v.model.to(bench.device)
+        log("measuring speed (all settings alternately) ...")
+        run_benchmark(variants, bench, log=log)
+
+    bs = settings.bench_batch_size
+    source_row = {**scores[0], "gflops": source_gflops, "images_per_s": variants[0].results[bs].get("images_per_s")}
+    rows = []
+    for (k, m, _), score, v in zip(merged, scores[1:], variants[1:], strict=True):
+        result = v.results[bs]
+        rows.append(
+            {
+                "after_layer": k,
+                "tokens": m,
+                **score,
+                "gflops": v.gflops,
+                "flops_ratio": v.flops_ratio,
+                "images_per_s": result.get("images_per_s") or 0.0,
+                "speedup": result.get("speedup") or 0.0,
+            }
+        )
+    front = pareto_front(rows + [{**source_row, "source": True}])
+    for row in rows:
+        row["pareto"] = any(p is row for p in front)
+    best, verdict = best_for_target(rows, settings.target_speedup)
+    report = {
+        "source": str(source),
+        "method": settings.method if settings.method == "calibrate" else f"finetune {settings.finetune_steps} steps",
+        "data": settings.data,
+        "split": settings.split,
+        "num_examples": source_row["num_examples"],
+        "top_k": k_top,
+        "bench_batch_size": bs,
+        "environment": environment(bench),
+        "target_speedup": settings.target_speedup,
+        "source_row": source_row,
+        "settings_results": rows,
+        "best": best,
+        "verdict": verdict,
+    }
+    report["table"] = markdown_table(report)
+    if output is not None:
+        with atomic_dir(output, overwrite) as tmp:
+            (tmp / "sweep.json").write_text(json.dumps(report, indent=2) + "\n")
+            (tmp / "sweep.md").write_text(_markdown_report(report))
+            plot(report, tmp / "sweep.png")
+    return report
+
+
+def _markdown_report(report: dict) -> str:
+    env = report["environment"]
+    return (
+        f"# PatchMerger sweep of `{report['source']}`\n\n"
+        f"Initialisation: {report['method']}. Accuracy on `{report['data']}` {report['split']} "
+        f"({report['num_examples']} images); speed on {env['hardware']}, {env['dtype']}, batch "
+        f"{report['bench_batch_size']} (median of repeats, settings measured alternately).\n\n"
+        f"{report['table']}\n\n{report['verdict']}\n\n![sweep](sweep.png)\n"
+    )
+
+
+def run_from_args(args) -> dict:
+    """`retrofit sweep`: run, print the table and the verdict, write the output folder."""
+    settings = SweepSettings(
+        after_layers=parse_ints(args.after_layer, "--after-layer"),
+        tokens=parse_ints(args.tokens, "--tokens"),
+        data=args.data,
+        split=args.split,
+        calibrate_split=args.calibrate_split,
+        limit=args.limit,
+        calibrate_images=args.calibrate_images,
+        method=args.method,
+        finetune_steps=args.finetune_steps,
+        target_speedup=args.target_speedup,
+        batch_size=args.batch_size,
+        bench_batch_size=args.bench_batch_size,
+        bench_repeats=args.bench_repeats,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    from .benchmark import parse_device, parse_dtype
+
+    parse_device(settings.device)
+    parse_dtype(settings.dtype)
+    output = args.output or f"sweep-{Path(str(args.source).rstrip('/')).name}"
+    report = sweep(args.source, settings, output=output, overwrite=args.overwrite)
+    print(report["table"])
+    if report["verdict"]:
+        print(report["verdict"])
+    print(f"wrote {output}/sweep.md, sweep.json, sweep.png")
+    return report
