@@ -448,6 +448,8 @@ def _measure_batch_size(variants, batch_size, settings, device, dtype, generator
 
 def _measure_latency(variants, settings, device, dtype, generator, log) -> None:
     """p50/p90 of single-image forward passes, each timed on its own, models alternating pass by pass."""
+    if settings.latency_iters < 1:  # skipped (saves a batch-1 compilation per model)
+        return
     inputs = _inputs(variants, 1, device, dtype, generator)
     alive = []
     for v in variants:
@@ -621,7 +623,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="warm-up passes per model and batch size (default 3)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported (default 5)")
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds per timed block (default 0.5)")
-    parser.add_argument("--latency-iters", type=int, default=20, help="batch-1 passes for p50/p90 (default 20)")
+    parser.add_argument("--latency-iters", type=int, default=20, help="batch-1 passes for p50/p90 (0: skip)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--json", metavar="FILE", help="write all measurements to FILE")
 
@@ -630,7 +632,9 @@ def settings_from_args(args) -> BenchSettings:
     """`BenchSettings` from parsed `add_arguments` options (validated: bad values raise `RetrofitError`)."""
     parse_device(args.device)
     parse_dtype(args.dtype)
-    for name in ("warmup", "repeats", "latency_iters"):
+    if args.latency_iters < 0:
+        raise RetrofitError("--latency-iters must be 0 (skip) or more")
+    for name in ("warmup", "repeats"):
         if getattr(args, name) < 1:
             raise RetrofitError(f"--{name.replace('_', '-')} must be at least 1")
     if args.threads is not None:
