@@ -555,7 +555,7 @@ def markdown_table(report: dict) -> str:
         "|" + "---|" * len(header),
     ]
     for row in report["models"]:
-        cells = [f"`{row['model']}`", row["compile"], _fmt(row["gflops"], ".2f"), _fmt(row["flops_ratio"], ".3f")]
+        cells = [f"`{row['model']}`", row["compile"], _fmt(row["gflops"], ".4g"), _fmt(row["flops_ratio"], ".3f")]
         for bs in sizes:
             result = row["results"].get(str(bs), {})
             status = result.get("status", "–")

@@ -43,7 +43,9 @@ def test_sweep_writes_table_json_and_plot(tiny_vit, images, tmp_path, capsys):
         assert 0 <= row["top1"] <= 1 and row["num_examples"] == 9 and row["images_per_s"] > 0
         assert row["flops_ratio"] > 1
     assert report["source_row"]["num_examples"] == 9 and report["source_row"]["images_per_s"] > 0
-    assert any(row["pareto"] for row in report["settings_results"])
+    rows = report["settings_results"]
+    front = pareto_front(rows + [report["source_row"]])  # timings vary: check consistency, not which point wins
+    assert [row["pareto"] for row in rows] == [any(p is row for p in front) for row in rows]
     assert report["verdict"]
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| source | all |" in (out / "sweep.md").read_text()
