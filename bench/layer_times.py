@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrofit.benchmark import DTYPES, shape_model  # noqa: E402
-from retrofit.cost import layer_macs  # noqa: E402
+from retrofit.cost import layer_macs, num_patches  # noqa: E402
 from retrofit.surgery import insert_patch_merger  # noqa: E402
 
 
@@ -138,7 +138,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     rows = []
     for i in range(config.num_hidden_layers):
-        n_src, n_mrg = 197 if args.model != "vit-h14" else 257, None
+        n_src = num_patches(config) + 1
         n_mrg = n_src if i < after else tokens + 1
         macs = layer_macs(n_mrg, config.hidden_size, config.intermediate_size) / layer_macs(
             n_src, config.hidden_size, config.intermediate_size
