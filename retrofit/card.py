@@ -9,6 +9,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import PreTrainedModel
 
 from .cost import compare, model_cost
+from .loading import family_and_head
 
 
 @dataclass
@@ -51,22 +52,27 @@ def build_card(
     results_table: str | None = None,
     eval_results: list | None = None,
     repo_id: str | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> ModelCard:
-    """A model card for a merged model: metadata, how it was made, how to load it, and its cost."""
+    """A model card for a merged model: metadata, how it was made, how to load it, and its cost.
+
+    `image_size` is the size the processor feeds the model (for the cost table); defaults to the config's.
+    """
     config = model.config
+    _, head = family_and_head(config)
     source = str(config.merge_source or "")
     is_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~"))
     data = ModelCardData(
         base_model=source if is_hub_id else None,
         library_name="transformers",
-        pipeline_tag="image-classification" if getattr(config, "num_labels", 0) else "image-feature-extraction",
+        pipeline_tag=head.pipeline_tag,
         tags=["retrofit", "patch-merger", "token-merging", "vision", config.model_type.removesuffix("_patch_merger")],
         eval_results=eval_results or None,
         model_name=repo_id.split("/")[-1] if repo_id else None,
     )
     cost_text = ""
     if source_config is not None:
-        cost_text = compare(model_cost(source_config), model_cost(config))
+        cost_text = compare(model_cost(source_config, image_size), model_cost(config, image_size))
     name = repo_id or "path/to/this/folder"
     content = f"""---
 {data.to_yaml()}
@@ -87,10 +93,10 @@ tokens.
 ## How to use
 
 ```python
-from transformers import AutoModelForImageClassification, pipeline
+from transformers import {head.auto_class}, pipeline
 
-model = AutoModelForImageClassification.from_pretrained("{name}", trust_remote_code=True)
-classifier = pipeline("image-classification", model="{name}", trust_remote_code=True)
+model = {head.auto_class}.from_pretrained("{name}", trust_remote_code=True)
+pipe = pipeline("{head.pipeline_tag}", model="{name}", trust_remote_code=True)
 ```
 
 The modeling code ships in this repository (`modeling_*.py`, `configuration_*.py`); it needs only `torch` and

@@ -10,7 +10,7 @@ from transformers import PreTrainedModel
 from .atomic import atomic_dir
 from .card import build_card
 from .hub_code import load_classes
-from .loading import family_and_head, is_merged
+from .loading import family_and_head, is_merged, processor_image_size
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "README.md")
 
@@ -35,7 +35,9 @@ def export(
     family, head = family_and_head(model.config)
     classes = load_classes(family, head)
     model.config.auto_map = dict(classes.auto_map)
-    card = card or build_card(model, source_config=source_config)
+    if card is None:
+        image_size = processor_image_size(image_processor) if image_processor is not None else None
+        card = build_card(model, source_config=source_config, image_size=image_size)
     with atomic_dir(output, overwrite) as tmp:
         model.save_pretrained(tmp)
         for filename, text in classes.files.items():

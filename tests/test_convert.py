@@ -275,3 +275,32 @@ def test_an_attention_mask_over_the_input_tokens_does_not_break_merged_layers(vi
     with torch.no_grad():
         masked = result.model(pixel_values=pixels, attention_mask=mask).logits
     torch.testing.assert_close(masked, logits(result.model, pixels))
+
+
+def test_card_of_a_vision_tower_says_how_to_load_it(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from conftest import save_tiny
+
+    config = CLIPVisionConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                              image_size=32, patch_size=8)  # fmt: skip
+    source = save_tiny(CLIPVisionModel(config), tmp_path / "clip-vision")
+    convert(source, after_layer=2, num_tokens=4, output=tmp_path / "out", log=lambda _: None)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "pipeline_tag: image-feature-extraction" in card
+    assert "AutoModel.from_pretrained(" in card and "AutoModelForImageClassification" not in card
+
+
+def test_cost_uses_the_size_the_processor_feeds(tmp_path):
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2ForImageClassification
+
+    # Like facebook/dinov2-*: the config says a large image_size, the processor crops smaller.
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=2, image_size=64,
+                          patch_size=8, num_labels=2)  # fmt: skip
+    source = tmp_path / "dinov2"
+    Dinov2ForImageClassification(config).save_pretrained(source)
+    BitImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}).save_pretrained(source)
+    result = convert(source, after_layer=2, num_tokens=4, log=lambda _: None)
+    assert result.before.tokens_per_layer == [17] * 4  # 32x32 crops: 16 patches + CLS, not 64 + CLS
+    with pytest.raises(RetrofitError, match="use 1..15"):
+        convert(source, after_layer=2, num_tokens=20, log=lambda _: None)
