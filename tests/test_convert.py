@@ -278,9 +278,8 @@ def test_an_attention_mask_over_the_input_tokens_does_not_break_merged_layers(vi
 
 
 def test_card_of_a_vision_tower_says_how_to_load_it(tmp_path):
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
     from conftest import save_tiny
+    from transformers import CLIPVisionConfig, CLIPVisionModel
 
     config = CLIPVisionConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
                               image_size=32, patch_size=8)  # fmt: skip
