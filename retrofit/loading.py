@@ -12,6 +12,22 @@ from .errors import RetrofitError
 from .families import FAMILIES, Family, Head, family_for
 
 MERGED_SUFFIX = "_patch_merger"
+ASSETS = Path(__file__).parent / "assets"
+
+
+def resolve_source(source: str | Path) -> str:
+    """``retrofit:NAME`` -> the checkpoint shipped in ``retrofit/assets/NAME``; anything else unchanged."""
+    source = str(source)
+    if source.startswith("retrofit:"):
+        folder = ASSETS / source.removeprefix("retrofit:")
+        if not (folder / "config.json").is_file():
+            shipped = ", ".join(f"retrofit:{p.name}" for p in sorted(ASSETS.glob("*")) if p.is_dir()) or "none"
+            raise RetrofitError(
+                f"shipped checkpoint '{source}' is missing ({folder}; shipped: {shipped}); rebuild it with "
+                "`retrofit run recipes/fashion-mnist-baseline.yaml --overwrite`"
+            )
+        return str(folder)
+    return source
 
 
 def _source_error(source: str, exc: Exception) -> RetrofitError:
@@ -31,8 +47,8 @@ def _source_error(source: str, exc: Exception) -> RetrofitError:
 def load_config(
     source: str | Path, *, trust_remote_code: bool = False, revision: str | None = None
 ) -> PreTrainedConfig:
-    """The config of a local folder or Hub id. Remote code is run only if the user asked for it."""
-    source = str(source)
+    """The config of a local folder, Hub id or ``retrofit:NAME``. Remote code runs only if the user asked for it."""
+    source = resolve_source(source)
     if source.startswith((".", "/", "~")) and not Path(source).expanduser().exists():
         raise RetrofitError(f"'{source}' does not exist; pass an existing folder or a Hub model id")
     try:
@@ -108,7 +124,7 @@ def load_model(
 
     Exports are loaded with retrofit's own generated classes, so no code from the folder is executed.
     """
-    source = str(source)
+    source = resolve_source(source)
     config = config or load_config(source, trust_remote_code=trust_remote_code, revision=revision)
     family, head = family_and_head(config)
     if is_merged(config):
@@ -132,7 +148,7 @@ def load_image_processor(source: str | Path, config: PreTrainedConfig, *, revisi
     from transformers import AutoImageProcessor, ViTImageProcessor
 
     try:
-        return AutoImageProcessor.from_pretrained(str(source), revision=revision)
+        return AutoImageProcessor.from_pretrained(resolve_source(source), revision=revision)
     except (OSError, ValueError):
         _, head = family_and_head(config)
         lc = layer_config(config, head)

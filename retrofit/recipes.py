@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import RetrofitError
-
-ASSETS = Path(__file__).parent / "assets"
+from .loading import resolve_source
 
 # Valid keys per section, with defaults (None = taken from TrainArgs / not set).
 SCHEMA: dict[str, dict | None] = {
@@ -174,19 +173,6 @@ def load_recipe(path: str | Path, overrides: dict[str, object] | None = None) ->
     if not isinstance(raw, dict):
         raise RetrofitError(f"recipe '{path}' must be a YAML mapping")
     return validate(apply_overrides(raw, overrides or {}), where=f"recipe '{path}'")
-
-
-def resolve_source(source: str) -> str:
-    """``retrofit:NAME`` -> the shipped checkpoint folder; anything else unchanged."""
-    if source.startswith("retrofit:"):
-        folder = ASSETS / source.removeprefix("retrofit:")
-        if not (folder / "config.json").is_file():
-            raise RetrofitError(
-                f"shipped checkpoint '{source}' is missing ({folder}); rebuild it with "
-                "`retrofit run recipes/fashion-mnist-baseline.yaml --overwrite`"
-            )
-        return str(folder)
-    return source
 
 
 def _train_settings(recipe: dict, **extra) -> dict:
