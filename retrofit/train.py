@@ -311,8 +311,14 @@ def _make_accelerator(args: TrainArgs, project_dir: Path | None):
 
 def _accelerator(args: TrainArgs, project_dir: Path | None, log_with, *, cpu: bool):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
+    # Each call is a new training run, possibly with another precision than the last one in this process (sweeps,
+    # notebooks, the recovery benchmark). Accelerate keeps its state process-wide and refuses a change, so start from a
+    # clean AcceleratorState; the PartialState (devices, process group of `accelerate launch`) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     return Accelerator(
         cpu=cpu,
         mixed_precision=args.mixed_precision,
@@ -633,11 +639,13 @@ def finetune(
     def on_end(accelerator, trained, result: TrainResult) -> Path:
         from .card import build_card
         from .export import export
+        from .loading import processor_image_size
 
         trained = trained.float().eval()
         card = build_card(
             trained,
             source_config=source_config,
+            image_size=processor_image_size(processor),
             training=_training_info(args, result, init),
             results_table=card_results(result) if card_results else None,
         )
