@@ -465,7 +465,8 @@ def train_loop(
         result.eval_history.append(metrics)
         if metrics:
             what = "accuracy" if metrics["reference"] == "labels" else "agreement with the teacher"
-            log(f"step {progress.step}: eval {what} {metrics['accuracy']:.4f} on {metrics['examples']} images")
+            with tqdm.external_write_mode():  # print above the progress bar, not into it
+                log(f"step {progress.step}: eval {what} {metrics['accuracy']:.4f} on {metrics['examples']} images")
             accelerator.log({"eval/accuracy": metrics["accuracy"]}, step=progress.step)
 
     bar = tqdm(

@@ -1,0 +1,91 @@
+"""The embedded default on real data: the shipped Fashion-MNIST ViT, its exports through `pipeline`, and accuracy won
+back by fine-tuning (Debian's dataset-fashion-mnist; skipped where it is not installed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_data import FMNIST
+from transformers import pipeline
+
+from retrofit import insert_patch_merger, load_model
+from retrofit.calibrate import calibrate_from_data
+from retrofit.cli import main
+from retrofit.data import FASHION_MNIST_CLASSES, load_split, make_dataloader
+from retrofit.loading import load_config, load_image_processor, resolve_source
+from retrofit.recipes import accuracy
+from retrofit.train import finetune
+
+pytestmark = pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist is not installed")
+SOURCE = "retrofit:fashion-mnist-vit"
+EVAL_IMAGES = 2000
+
+
+@pytest.fixture(scope="module")
+def test_images():
+    source = resolve_source(SOURCE)
+    config = load_config(source)
+    data = load_split("fashion-mnist", "test", limit=EVAL_IMAGES)
+    return data, make_dataloader(data, load_image_processor(source, config), batch_size=500)
+
+
+def test_shipped_baseline_is_the_trained_model(test_images):
+    _, loader = test_images
+    info = json.loads((resolve_source(SOURCE) / "training.json").read_text())
+    measured = accuracy(load_model(SOURCE), loader)
+    assert abs(measured - info["accuracy"]) < 0.02  # 2,000 of the 10,000 test images the recorded number used
+    assert load_config(resolve_source(SOURCE)).id2label == dict(enumerate(FASHION_MNIST_CLASSES))
+
+
+def test_pipeline_on_an_export_agrees_with_retrofits_data_path(test_images, tmp_path, capsys):
+    """A grey PIL image through `pipeline` (which converts it to RGB) gives the prediction that retrofit's own
+    preprocessing gives: users and the evaluation see the same model."""
+    data, loader = test_images
+    out = tmp_path / "fm-pm8"
+    assert main(["convert", SOURCE, "--after-layer", "3", "--tokens", "8", "--output", str(out)]) == 0
+    capsys.readouterr()
+    classifier = pipeline("image-classification", model=str(out), trust_remote_code=True)
+    images = [data[i]["image"] for i in range(16)]
+    assert images[0].mode == "L"
+    predicted = [top[0]["label"] for top in classifier(images, top_k=1)]
+    merged = load_model(out).eval()
+    pixels = next(iter(loader))["pixel_values"][:16]
+    with torch.no_grad():
+        expected = [merged.config.id2label[i] for i in merged(pixel_values=pixels).logits.argmax(-1).tolist()]
+    assert predicted == expected
+
+
+@pytest.mark.slow
+def test_finetuning_wins_back_accuracy(test_images, tmp_path):
+    """Merge at L/2 with 8 tokens; a short distillation on real images recovers (most of) the baseline accuracy."""
+    _, loader = test_images
+    baseline = accuracy(load_model(SOURCE), loader)
+    torch.manual_seed(0)
+    merged = insert_patch_merger(load_model(SOURCE).eval(), 3, 8, source=SOURCE)
+    random_init = accuracy(merged, loader)
+    calibrate_from_data(merged, "fashion-mnist", source=SOURCE, log=lambda _: None)
+    calibrated = accuracy(merged, loader)
+    result = finetune(
+        SOURCE,
+        output=tmp_path / "out",
+        after_layer=3,
+        num_tokens=8,
+        data="fashion-mnist",
+        loss="kd",
+        epochs=1,
+        limit=8000,
+        lr=5e-4,
+        batch_size=128,
+        eval_limit=EVAL_IMAGES,
+        eval_batch_size=500,
+        progress=False,
+        save_every=10**6,
+        log=lambda _: None,
+    )
+    recovered = accuracy(load_model(tmp_path / "out"), loader)
+    assert recovered == pytest.approx(result.final_accuracy, abs=1e-9)  # the export is the trained model
+    assert calibrated >= random_init
+    assert recovered > calibrated + 0.01
+    assert recovered >= baseline - 0.02, (baseline, random_init, calibrated, recovered)
