@@ -48,6 +48,7 @@ SCHEMA: dict[str, dict | None] = {
         "epochs": None,
         "max_steps": None,
         "lr": None,
+        "merger_lr_scale": None,
         "weight_decay": None,
         "warmup_ratio": None,
         "batch_size": None,

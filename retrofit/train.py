@@ -55,6 +55,7 @@ class TrainArgs:
     epochs: float = 1.0
     max_steps: int | None = None
     lr: float = 2e-4
+    merger_lr_scale: float = 1.0  # the merger's learning rate = lr * this (it starts from scratch, the rest does not)
     weight_decay: float = 0.05
     warmup_ratio: float = 0.05
     batch_size: int = 64
@@ -87,7 +88,8 @@ class TrainArgs:
             raise RetrofitError(f"--mixed-precision {self.mixed_precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.epochs <= 0 and not self.max_steps:
             raise RetrofitError(f"--epochs must be positive (got {self.epochs})")
-        for name in ("lr", "batch_size", "grad_accum", "save_every", "keep_checkpoints", "temperature"):
+        positive = "lr merger_lr_scale batch_size grad_accum save_every keep_checkpoints temperature".split()
+        for name in positive:
             if getattr(self, name) <= 0:
                 raise RetrofitError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
         if not 0 <= self.alpha <= 1:
@@ -117,6 +119,25 @@ class TrainResult:
 # ----------------------------------------------------------------------------------------------------------------
 # Losses
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def param_groups(model: torch.nn.Module, args: TrainArgs) -> list[dict]:
+    """AdamW groups of the trainable parameters: weights decay; biases, norms and embeddings do not; the merger
+    (new, no pretrained start) takes no decay and ``lr * merger_lr_scale``."""
+    decay, no_decay, merger = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if "patch_merger." in name:
+            merger.append(param)
+        else:
+            (no_decay if param.ndim < 2 or "embeddings" in name else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": args.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": merger, "weight_decay": 0.0, "lr": args.lr * args.merger_lr_scale},
+    ]
+    return [group for group in groups if group["params"]]
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -421,13 +442,7 @@ def train_loop(
             shutil.rmtree(checkpoint_dir)
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
     trainable, total = set_trainable(model, args.train)
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or "queries" in name or "embeddings" in name else decay).append(param)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
-    )
+    optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr)
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
     if eval_dl is not None:
         eval_dl = accelerator.prepare(eval_dl)

@@ -4,6 +4,7 @@ back by fine-tuning (Debian's dataset-fashion-mnist; skipped where it is not ins
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,7 +34,7 @@ def test_images():
 
 def test_shipped_baseline_is_the_trained_model(test_images):
     _, loader = test_images
-    info = json.loads((resolve_source(SOURCE) / "training.json").read_text())
+    info = json.loads((Path(resolve_source(SOURCE)) / "training.json").read_text())
     measured = accuracy(load_model(SOURCE), loader)
     assert abs(measured - info["accuracy"]) < 0.02  # 2,000 of the 10,000 test images the recorded number used
     assert load_config(resolve_source(SOURCE)).id2label == dict(enumerate(FASHION_MNIST_CLASSES))

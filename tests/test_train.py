@@ -16,10 +16,11 @@ from safetensors.torch import load_file
 from test_data import make_imagefolder
 
 import retrofit.train as train_module
+from retrofit import insert_patch_merger
 from retrofit.cli import main
 from retrofit.errors import RetrofitError
 from retrofit.loading import load_model
-from retrofit.train import finetune, list_checkpoints
+from retrofit.train import TrainArgs, finetune, list_checkpoints, param_groups
 
 FAST = dict(batch_size=8, save_every=2, progress=False, eval_batch_size=12)
 
@@ -133,6 +134,19 @@ def test_kd_needs_no_labels_and_merger_and_after_freezes_the_start(tiny_vit, col
         assert torch.equal(trained.vit.layers[0].state_dict()[name], tensor), name
     assert torch.equal(trained.vit.embeddings.cls_token, source.vit.embeddings.cls_token)
     assert not torch.equal(trained.classifier.weight, source.classifier.weight)
+
+
+def test_the_merger_gets_its_own_learning_rate_and_no_weight_decay(tiny_vit):
+    model = insert_patch_merger(load_model(tiny_vit), after_layer=1, num_tokens=2)
+    groups = param_groups(model, TrainArgs(lr=1e-4, merger_lr_scale=10, weight_decay=0.05))
+    names = {id(p): n for n, p in model.named_parameters()}
+    grouped = [names[id(p)] for group in groups for p in group["params"]]
+    assert sorted(grouped) == sorted(names.values())  # every parameter exactly once
+    (merger,) = [g for g in groups if any("patch_merger." in names[id(p)] for p in g["params"])]
+    assert merger["lr"] == pytest.approx(1e-3) and merger["weight_decay"] == 0
+    assert all("patch_merger." in names[id(p)] for p in merger["params"])
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] for p in g["params"]}
+    assert "classifier.weight" in decayed and not any(n.endswith(".bias") for n in decayed)
 
 
 def test_continue_training_an_export(tiny_vit, colours, tmp_path):
