@@ -81,6 +81,22 @@ def test_resume_reaches_the_same_weights(tiny_vit, colours, tmp_path):
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
 
 
+def test_gradient_accumulation_matches_the_larger_batch(tiny_vit, colours, tmp_path):
+    """Two accumulated batches of 4 make the same optimizer steps as batches of 8: same data order, loss averaged."""
+    settings = dict(after_layer=2, num_tokens=4, data=colours, loss="ce", max_steps=3, lr=1e-3, **FAST)
+    settings.pop("batch_size")
+    big = finetune(tiny_vit, output=tmp_path / "big", batch_size=8, **settings)
+    accumulated = finetune(tiny_vit, output=tmp_path / "acc", batch_size=4, grad_accum=2, **settings)
+    assert big.steps == accumulated.steps == 3
+    expected, got = weights(tmp_path / "big"), weights(tmp_path / "acc")
+    changed = [
+        name for name in expected if not torch.equal(expected[name], weights(tiny_vit).get(name, expected[name]))
+    ]
+    assert changed  # the runs trained
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-5, msg=name)
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_reaches_the_same_weights(tiny_vit, colours, tmp_path):
     """A real `kill -9` of `retrofit finetune` at some moment between checkpoints: nothing half-written is used, no
