@@ -81,6 +81,17 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index(imagefolder):
     assert not torch.equal(first[3]["pixel_values"], second[3]["pixel_values"])
 
 
+def test_worker_processes_load_the_same_batches(imagefolder):
+    """--num-workers changes speed, not data: same shuffle, same augmentation as loading in the main process."""
+    data = load_split(str(imagefolder), "train")
+    settings = dict(batch_size=6, train=True, augment=True, seed=3)
+    in_process = list(make_dataloader(data, processor(16), num_workers=0, **settings))
+    in_workers = list(make_dataloader(data, processor(16), num_workers=2, **settings))
+    assert len(in_process) == len(in_workers) == 4
+    for a, b in zip(in_process, in_workers, strict=True):
+        assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["pixel_values"], b["pixel_values"])
+
+
 def test_bad_inputs_are_one_line_errors(imagefolder, tmp_path):
     with pytest.raises(RetrofitError, match="does not exist"):
         load_split(str(tmp_path / "missing"), "train")
