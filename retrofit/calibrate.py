@@ -3,12 +3,15 @@
 Random queries merge tokens into near-uniform averages, which the layers after the merger have never seen. Here the
 queries start as k-means centroids of the normalised layer-K patch tokens LN(X) over a calibration batch, so each
 merged token is (softly) the average of one cluster of similar patches. The centroid norm sets how sharp the
-softmax is; the scale is chosen from a small grid by agreement (KL) with the unmerged model on the same batch, which
-needs no labels: the unmerged model is the merged one with its merger bypassed (same weights).
+softmax is. k-means runs a few times; of all (run, scale) candidates the one closest to the unmerged model on the same
+batch wins (KL of the logits; cosine distance of the pooled output for backbones). That needs no labels: the unmerged
+model is the merged one with its merger bypassed (same weights). Layers 0..K-1 run once; each candidate re-runs only
+the layers after the merge, on M tokens, so the search costs little more than one forward pass.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,24 +20,32 @@ import torch
 import torch.nn.functional as F
 
 SCALES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+RESTARTS = 4  # k-means runs; the best of them by distance to the unmerged model wins
+CHUNK = 64  # images per forward pass
 
 
 @dataclass
 class CalibrationResult:
-    """The chosen query scale and the merged model's KL to / agreement with the unmerged model, before and after."""
+    """The chosen query scale, and how far the merged model is from the unmerged one before and after.
+
+    Classifiers are compared by KL of the logits and top-1 agreement; backbones (no logits) by the cosine distance
+    and cosine similarity of their pooled output.
+    """
 
     scale: float
-    kl_random: float
-    kl_calibrated: float
+    distance_random: float
+    distance_calibrated: float
     agreement_random: float
     agreement_calibrated: float
     images: int
+    metric: str = "KL"
 
     def summary(self) -> str:
+        agreement = "agreement with" if self.metric == "KL" else "cosine similarity to"
         return (
-            f"calibrated the merger on {self.images} images: agreement with the unmerged model "
+            f"calibrated the merger on {self.images} images: {agreement} the unmerged model "
             f"{self.agreement_random:.3f} (random init) -> {self.agreement_calibrated:.3f}, "
-            f"KL {self.kl_random:.3f} -> {self.kl_calibrated:.3f} (query scale {self.scale:g})"
+            f"{self.metric} {self.distance_random:.3f} -> {self.distance_calibrated:.3f} (query scale {self.scale:g})"
         )
 
 
@@ -46,6 +57,32 @@ def bypass_merger(model) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def replay_first_layers(model, merger_inputs: list[torch.Tensor]) -> Iterator[None]:
+    """Skip encoder layers 0..K-1: layer K-1 hands on its recorded outputs, one chunk per forward pass, in order.
+
+    They do not change while only the merger's queries do, so each calibration candidate costs only the layers that
+    run on merged tokens. (In transformers 5.x every family's encoder layer takes and returns a hidden-states tensor.)
+    """
+    after = model.config.merge_after_layer
+    layers = next(
+        module
+        for module in model.modules()
+        if isinstance(module, torch.nn.ModuleList)
+        and len(module) > after
+        and getattr(module[after], "patch_merger", None) is model.patch_merger
+    )
+    recorded = itertools.cycle(merger_inputs)
+    for layer in layers[: after - 1]:
+        layer.forward = lambda hidden_states, *args, **kwargs: hidden_states
+    layers[after - 1].forward = lambda hidden_states, *args, **kwargs: next(recorded)
+    try:
+        yield
+    finally:
+        for layer in layers[:after]:
+            del layer.forward
 
 
 def kmeans(points: torch.Tensor, k: int, *, iterations: int = 20, seed: int = 0) -> torch.Tensor:
@@ -71,56 +108,76 @@ def kmeans(points: torch.Tensor, k: int, *, iterations: int = 20, seed: int = 0)
 
 
 @torch.no_grad()
-def _logits(model, pixel_values: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    return torch.cat([model(pixel_values=chunk).logits.float() for chunk in pixel_values.split(batch_size)])
+def model_outputs(model, pixel_values: torch.Tensor, batch_size: int = CHUNK) -> torch.Tensor:
+    """What users read from the model, per image: the logits of a classifier, the pooled output of a backbone."""
+    outputs = []
+    for chunk in pixel_values.split(batch_size):
+        output = model(pixel_values=chunk)
+        outputs.append((output.logits if "logits" in output else output.pooler_output).float())
+    return torch.cat(outputs)
 
 
-def _compare(student: torch.Tensor, teacher: torch.Tensor) -> tuple[float, float]:
-    kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
-    return kl.item(), (student.argmax(-1) == teacher.argmax(-1)).float().mean().item()
+def _compare(student: torch.Tensor, teacher: torch.Tensor, metric: str) -> tuple[float, float]:
+    """(distance, agreement) of the merged model's outputs to the unmerged model's."""
+    if metric == "KL":
+        kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
+        return kl.item(), (student.argmax(-1) == teacher.argmax(-1)).float().mean().item()
+    similarity = F.cosine_similarity(student, teacher, dim=-1).mean().item()
+    return 1 - similarity, similarity
 
 
 @torch.no_grad()
 def calibrate(
-    model, pixel_values: torch.Tensor, *, iterations: int = 20, seed: int = 0, scales=SCALES
+    model,
+    pixel_values: torch.Tensor,
+    *,
+    iterations: int = 20,
+    seed: int = 0,
+    scales=SCALES,
+    restarts: int = RESTARTS,
 ) -> CalibrationResult:
-    """Set ``model.patch_merger.queries`` from k-means of LN(layer-K input patch tokens) on `pixel_values`."""
+    """Set ``model.patch_merger.queries`` from k-means of LN(layer-K input patch tokens) on `pixel_values`.
+
+    k-means runs `restarts` times (seeds `seed`, `seed + 1`, ...), each centroid set at every scale of `scales`;
+    the candidate closest to the unmerged model wins, or the random queries stay if none beats them. One full
+    forward pass records the layer-K inputs; the candidates then only run the layers after the merge.
+    """
     merger = model.patch_merger
     was_training = model.training
     model.eval()
-    device = merger.queries.device
-    pixel_values = pixel_values.to(device=device, dtype=next(model.parameters()).dtype)
-    captured: list[torch.Tensor] = []
-    hook = merger.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0].detach()))
+    pixel_values = pixel_values.to(device=merger.queries.device, dtype=next(model.parameters()).dtype)
+    recorded: list[torch.Tensor] = []
+    hook = merger.register_forward_pre_hook(lambda module, inputs: recorded.append(inputs[0].detach()))
     with bypass_merger(model):
-        teacher = _logits(model, pixel_values)
+        teacher = model_outputs(model, pixel_values)
     hook.remove()
-    kl_random, agree_random = _compare(_logits(model, pixel_values), teacher)
-    tokens = torch.cat(captured)[:, merger.num_prefix_tokens :]  # (B, N, D)
+    metric = "KL" if "logits" in model(pixel_values=pixel_values[:1]) else "1 - cos"  # classifier or backbone
+    tokens = torch.cat(recorded)[:, merger.num_prefix_tokens :]  # (B, N, D)
     normed = merger.norm(tokens).reshape(-1, tokens.shape[-1]).float()
-    centroids = kmeans(normed, merger.num_tokens, iterations=iterations, seed=seed)
-    # Unit-RMS centroids: score = scale * cos-like similarity * sqrt(D) / sqrt(D) ~ scale * similarity.
-    unit = centroids / centroids.pow(2).mean(dim=1, keepdim=True).sqrt().clamp(min=1e-6)
-    original = merger.queries.detach().clone()
-    best = None
-    for scale in scales:
-        merger.queries.copy_((unit * scale).to(merger.queries.dtype))
-        kl, agree = _compare(_logits(model, pixel_values), teacher)
-        if best is None or kl < best[1]:
-            best = (scale, kl, agree)
-    if best[1] >= kl_random:  # never make it worse than the random start
-        merger.queries.copy_(original)
-        best = (0.0, kl_random, agree_random)
-    else:
-        merger.queries.copy_((unit * best[0]).to(merger.queries.dtype))
+    with replay_first_layers(model, recorded):
+        original = merger.queries.detach().clone()
+        random = _compare(model_outputs(model, pixel_values), teacher, metric)
+        best = (original, 0.0, *random)  # never end worse than the random start
+        for restart in range(restarts):
+            centroids = kmeans(normed, merger.num_tokens, iterations=iterations, seed=seed + restart)
+            # Unit-RMS centroids: score = scale * cos-like similarity * sqrt(D) / sqrt(D) ~ scale * similarity.
+            unit = centroids / centroids.pow(2).mean(dim=1, keepdim=True).sqrt().clamp(min=1e-6)
+            for scale in scales:
+                queries = (unit * scale).to(merger.queries.dtype)
+                merger.queries.copy_(queries)
+                distance, agreement = _compare(model_outputs(model, pixel_values), teacher, metric)
+                if distance < best[2]:
+                    best = (queries, scale, distance, agreement)
+        merger.queries.copy_(best[0])
     model.train(was_training)
     return CalibrationResult(
-        scale=best[0],
-        kl_random=kl_random,
-        kl_calibrated=best[1],
-        agreement_random=agree_random,
-        agreement_calibrated=best[2],
+        scale=best[1],
+        distance_random=random[0],
+        distance_calibrated=best[2],
+        agreement_random=random[1],
+        agreement_calibrated=best[3],
         images=len(pixel_values),
+        metric=metric,
     )
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 from test_data import make_imagefolder
 
@@ -34,8 +37,20 @@ def test_calibration_never_moves_away_from_the_source(tiny_vit):
     merged = insert_patch_merger(load_model(tiny_vit).eval(), 1, 2)
     pixels = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     result = calibrate(merged, pixels, scales=(0.5, 2.0, 8.0))
-    assert result.kl_calibrated <= result.kl_random and result.images == 32
+    assert result.distance_calibrated <= result.distance_random and result.images == 32
     assert merged.patch_merger.queries.shape == (2, 32)
+
+
+def test_restarts_keep_the_best_run(tiny_vit):
+    pixels = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    fresh = insert_patch_merger(load_model(tiny_vit).eval(), 1, 3)
+    single = []
+    for seed in range(3):
+        model = copy.deepcopy(fresh)
+        single.append(calibrate(model, pixels, seed=seed, restarts=1).distance_calibrated)
+    assert len(set(single)) > 1  # the runs differ
+    best = calibrate(copy.deepcopy(fresh), pixels, seed=0, restarts=3).distance_calibrated
+    assert best == pytest.approx(min(single))
 
 
 def test_calibrate_from_an_imagefolder_and_convert_cli(tiny_vit, tmp_path, capsys):

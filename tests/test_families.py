@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from retrofit import FAMILIES, convert
+from retrofit.calibrate import calibrate, model_outputs, replay_first_layers
 from retrofit.cli import main
 from retrofit.cost import layer_macs, model_cost
 from retrofit.families import supported_names
@@ -407,6 +408,26 @@ def test_a_few_finetune_steps_train_the_merger(name, converted):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_calibration_works_on_the_family(name, converted):
+    """k-means calibration on classifiers and backbones: the shortcut it takes (layers 0..K-1 replayed from one
+    recorded pass) reproduces the full forward, and the result is no further from the unmerged model than random."""
+    model = copy.deepcopy(converted[name].result.model).eval()
+    pixels = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    full = model_outputs(model, pixels, batch_size=8)
+    recorded: list[torch.Tensor] = []
+    hook = model.patch_merger.register_forward_pre_hook(lambda module, inputs: recorded.append(inputs[0]))
+    with torch.no_grad():
+        model_outputs(model, pixels, batch_size=8)
+    hook.remove()
+    with replay_first_layers(model, recorded):
+        torch.testing.assert_close(model_outputs(model, pixels, batch_size=8), full)
+    torch.testing.assert_close(model_outputs(model, pixels, batch_size=8), full)  # the layers are back
+    result = calibrate(model, pixels, scales=(1.0, 8.0), restarts=2)
+    assert result.metric == ("KL" if CASES[name].classifier else "1 - cos")
+    assert result.distance_calibrated <= result.distance_random
 
 
 @pytest.mark.parametrize("name", ["siglip"])
