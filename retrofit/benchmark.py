@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import RetrofitError
+from .errors import RetrofitError, brief
 
 # Random-weight model shapes (the ViT paper's configurations, 1000 classes), usable instead of a checkpoint.
 SHAPES: dict[str, dict] = {
@@ -385,7 +385,7 @@ def _fail(v: Variant, batch_size: int, exc: BaseException, device: torch.device,
         v.results[batch_size] = {"status": "oom", "images_per_s": None}
         log(f"{v.label}: out of memory at batch size {batch_size}; going on with the other sizes")
     else:
-        text = " ".join(str(exc).split())[:200]
+        text = brief(exc, 200)
         v.results[batch_size] = {"status": f"error: {type(exc).__name__}: {text}", "images_per_s": None}
         log(f"{v.label}: failed at batch size {batch_size} ({type(exc).__name__}: {text}); going on")
     _free(device)

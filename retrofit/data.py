@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import RetrofitError
+from .errors import RetrofitError, brief
 
 FASHION_MNIST = "fashion-mnist"
 FASHION_MNIST_DIR = Path(os.environ.get("RETROFIT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
@@ -172,7 +172,7 @@ def load_split(
         except RetrofitError:
             raise
         except Exception as exc:
-            text = " ".join(str(exc).split())[:160]
+            text = brief(exc)
             raise RetrofitError(
                 f"cannot load dataset '{data}' ({type(exc).__name__}: {text}); pass fashion-mnist, an image folder "
                 "or a reachable Hub dataset id"

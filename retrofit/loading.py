@@ -8,7 +8,7 @@ from pathlib import Path
 import transformers
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
-from .errors import RetrofitError
+from .errors import RetrofitError, brief
 from .families import FAMILIES, Family, Head, family_for
 
 MERGED_SUFFIX = "_patch_merger"
@@ -31,15 +31,17 @@ def resolve_source(source: str | Path) -> str:
 
 
 def _source_error(source: str, exc: Exception) -> RetrofitError:
-    text = " ".join(str(exc).split())
+    text = str(exc)
     if "safetensor" in text.lower() or "deserializ" in text.lower() or "header" in text.lower():
         return RetrofitError(
-            f"the weights in '{source}' are corrupt or truncated ({text[:160]}); re-download or re-save the checkpoint"
+            f"the weights in '{source}' are corrupt or truncated ({brief(exc)}); re-download or re-save the checkpoint"
         )
     if Path(source).exists() or source.startswith((".", "/", "~")):
-        return RetrofitError(f"cannot load '{source}': {text[:200]}; pass a folder holding config.json and weights")
+        return RetrofitError(
+            f"cannot load '{source}': {brief(exc, 200)}; pass a folder holding config.json and weights"
+        )
     return RetrofitError(
-        f"'{source}' is neither a local folder nor a reachable Hub model id ({text[:160]}); "
+        f"'{source}' is neither a local folder nor a reachable Hub model id ({brief(exc)}); "
         "check the path or id, your network, or log in with `hf auth login` for private models"
     )
 

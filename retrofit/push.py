@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import RetrofitError
+from .errors import RetrofitError, brief
 
 # Never uploaded: caches, editor and OS leftovers, retrofit's own temporary files.
 IGNORE_PATTERNS = ["__pycache__/*", "*.pyc", ".*", "*/.*", "*.tmp"]
@@ -55,7 +55,7 @@ def export_files(export: str | Path) -> list[str]:
 
 
 def _hub_error(exc: Exception, repo_id: str) -> RetrofitError:
-    text = " ".join(str(exc).split())[:200]
+    text = brief(exc, 200)
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if status == 401 or "401" in text or "Invalid user token" in text or "not logged in" in text.lower():
         return RetrofitError("the Hub rejected your token (401); log in with `hf auth login` or set HF_TOKEN")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import RetrofitError
+from .errors import RetrofitError, brief
 from .loading import resolve_source
 
 # Valid keys per section, with defaults (None = taken from TrainArgs / not set).
@@ -170,7 +170,7 @@ def load_recipe(path: str | Path, overrides: dict[str, object] | None = None) ->
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise RetrofitError(f"recipe '{path}' is not valid YAML ({' '.join(str(exc).split())[:160]})") from None
+        raise RetrofitError(f"recipe '{path}' is not valid YAML ({brief(exc)})") from None
     if not isinstance(raw, dict):
         raise RetrofitError(f"recipe '{path}' must be a YAML mapping")
     return validate(apply_overrides(raw, overrides or {}), where=f"recipe '{path}'")

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import RetrofitError
+from .errors import RetrofitError, brief
 
 LOSSES = ("kd", "ce", "mix")
 TRAINABLE = ("merger-and-after", "all")
@@ -327,7 +327,7 @@ def _make_accelerator(args: TrainArgs, project_dir: Path | None):
     try:
         return _accelerator(args, project_dir, log_with, cpu=not has_device)
     except (ValueError, RuntimeError) as exc:  # e.g. fp16 without a GPU
-        raise RetrofitError(f"cannot set up training: {' '.join(str(exc).split())[:200]}") from None
+        raise RetrofitError(f"cannot set up training: {brief(exc, 200)}") from None
 
 
 def _accelerator(args: TrainArgs, project_dir: Path | None, log_with, *, cpu: bool):

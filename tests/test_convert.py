@@ -19,6 +19,7 @@ from transformers import AutoModelForImageClassification, pipeline
 from retrofit import RetrofitError, convert, insert_patch_merger, load_model
 from retrofit.cli import main
 from retrofit.cost import model_cost
+from retrofit.errors import brief
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -193,6 +194,16 @@ def test_unreachable_hub_id(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert_refused(capsys, tmp_path / "o", "nobody-xyz/no-such-model", "--after-layer", 1, "--tokens", 2,
                    match="neither a local folder nor a reachable Hub model id")  # fmt: skip
+
+
+def test_long_library_messages_are_cut_at_a_sentence_or_word():
+    sentences = ValueError(
+        "We could not connect to the Hub.\nCheck your network   or see the offline docs at " + "x" * 200
+    )
+    assert brief(sentences) == "We could not connect to the Hub."
+    words = brief(ValueError("word " * 100), limit=40)
+    assert words.endswith("word …") and len(words) <= 42
+    assert brief(KeyError("short")) == "'short'"
 
 
 @pytest.mark.parametrize("k", [0, 4, -1])
