@@ -78,13 +78,13 @@ def build_card(
 {data.to_yaml()}
 ---
 
-# {repo_id or config.merge_source.split("/")[-1] + "-patch-merger"}
+# {repo_id or source.split("/")[-1].removeprefix("retrofit:") + "-patch-merger"}
 
 This is {f"[`{source}`](https://huggingface.co/{source})" if is_hub_id else f"`{source}`"} with a **PatchMerger**
 (Renggli et al., [Learning to Merge Tokens in Vision Transformers](https://arxiv.org/abs/2202.12015)) inserted
-by [retrofit](https://github.com/retrofit-vit/retrofit): after encoder layer {config.merge_after_layer} the patch tokens
-are replaced by {config.merge_num_tokens} learned weighted averages of them, so the remaining layers run on far fewer
-tokens.
+by [retrofit](https://github.com/retrofit-vit/retrofit): after its first {config.merge_after_layer} encoder layers the
+patch tokens are replaced by {config.merge_num_tokens} learned weighted averages of them, so the remaining layers run
+on far fewer tokens.
 
 ## How it was made
 

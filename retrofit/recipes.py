@@ -231,8 +231,9 @@ def accuracy(model, dataloader) -> float:
     return correct / seen
 
 
-def results_table(rows: list[dict]) -> str:
-    """A Markdown before/after table from rows of {model, accuracy, gflops, images_per_s}."""
+def results_table(rows: list[dict], note: str | None = None) -> str:
+    """A Markdown before/after table from rows of {model, accuracy, gflops, images_per_s}; `note` (how the speed was
+    measured) goes under it."""
     lines = ["| model | accuracy | GFLOPs/image | images/s (measured) | speed-up |", "|---|---|---|---|---|"]
     base_speed = rows[0].get("images_per_s") if rows else None
     for row in rows:
@@ -241,6 +242,8 @@ def results_table(rows: list[dict]) -> str:
         ratio = f"{speed / base_speed:.2f}x" if speed and base_speed else "n/a"
         speed_text = f"{speed:.0f}" if speed else "n/a"
         lines.append(f"| {row['model']} | {acc} | {row['gflops']:.4f} | {speed_text} | {ratio} |")
+    if note:
+        lines += ["", note]
     return "\n".join(lines)
 
 
@@ -285,13 +288,15 @@ def _run_pretrain(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
 
 def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
     from .atomic import check_output
+    from .benchmark import hardware_name
     from .cost import model_cost
     from .data import load_split, make_dataloader
     from .loading import load_config, load_image_processor, load_model
     from .surgery import check_merge, insert_patch_merger
     from .train import default_checkpoint_dir, finetune, label_map_for
 
-    source = resolve_source(str(recipe["source"]))
+    source = str(recipe["source"])  # as the user wrote it (a Hub id, a folder or retrofit:NAME): it goes in the card
+    resolve_source(source)  # a missing shipped checkpoint is refused here, before anything runs
     merge, data, evaluation, export = recipe["merge"], recipe["data"], recipe["evaluation"], recipe["export"]
     output = export["output"]
     if not resume:
@@ -320,13 +325,17 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
         )
         rows[0]["accuracy"] = accuracy(baseline, eval_dl)
         log(f"baseline accuracy: {100 * rows[0]['accuracy']:.2f} %")
-    speeds = {}
+    speeds, speed_note = {}, None
     if evaluation["speed"]:
         merged_arch = insert_patch_merger(load_model(source, config=config), merge["after_layer"], merge["tokens"])
         size = merged_arch.config.image_size
         shape = (evaluation["speed_batch_size"], getattr(config, "num_channels", 3), size, size)
         speeds = images_per_second({"baseline": baseline, "merged": merged_arch}, shape)
         rows[0]["images_per_s"] = speeds["baseline"]
+        speed_note = (
+            f"images/s: {hardware_name('cpu')}, fp32, batch {shape[0]} at {size}×{size}, median of 5 passes, "
+            "the two models alternated"
+        )
         del merged_arch
     tag = f"merged K={merge['after_layer']} M={merge['tokens']}"
 
@@ -349,11 +358,11 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
         num_tokens=merge["tokens"],
         calibrate=bool(merge["calibrate"]),
         teacher=recipe["teacher"],
-        card_results=lambda res: results_table(table_rows(res)),
+        card_results=lambda res: results_table(table_rows(res), note=speed_note),
         log=log,
         **settings,
     )
-    table = results_table(table_rows(result))
+    table = results_table(table_rows(result), note=speed_note)
     log("")
     log(table)
     summary = {"recipe": recipe, "rows": table_rows(result), "steps": result.steps, "seconds": result.seconds}

@@ -63,7 +63,9 @@ def test_run_a_tiny_recipe_with_overrides(tiny_vit, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| baseline" in printed and "no training" in printed and "fine-tuned (2 steps, loss mix)" in printed
     assert (out / "model.safetensors").exists() and not (tmp_path / "ignored").exists()
-    assert "| baseline" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "| baseline" in card and "images/s: " in card and " CPU (" in card  # the speed says what it ran on
+    assert f"This is `{tiny_vit}`" in card  # the source as the recipe names it
     assert (tmp_path / "out-checkpoints" / "results.json").exists()
     summary = run_recipe(path, {"export.output": str(out)}, overwrite=True, log=lambda *_: None)
     assert summary["steps"] == 3 and len(summary["rows"]) == 3
