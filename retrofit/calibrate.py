@@ -6,7 +6,8 @@ merged token is (softly) the average of one cluster of similar patches. The cent
 softmax is. k-means runs a few times; of all (run, scale) candidates the one closest to the unmerged model on the same
 batch wins (KL of the logits; cosine distance of the pooled output for backbones). That needs no labels: the unmerged
 model is the merged one with its merger bypassed (same weights). Layers 0..K-1 run once; each candidate re-runs only
-the layers after the merge, on M tokens, so the search costs little more than one forward pass.
+the layers after the merge, on M tokens: the 1 + 4 × 8 candidates of a ViT-B/16 merged at layer 6 cost about two
+full forward passes instead of 33 (the whole calibration, k-means included, is about 4.5).
 """
 
 from __future__ import annotations
