@@ -13,12 +13,15 @@ full forward passes instead of 33 (the whole calibration, k-means included, is a
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .loading import family_and_head
 
 SCALES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 RESTARTS = 4  # k-means runs; the best of them by distance to the unmerged model wins
@@ -68,13 +71,8 @@ def replay_first_layers(model, merger_inputs: list[torch.Tensor]) -> Iterator[No
     run on merged tokens. (In transformers 5.x every family's encoder layer takes and returns a hidden-states tensor.)
     """
     after = model.config.merge_after_layer
-    layers = next(
-        module
-        for module in model.modules()
-        if isinstance(module, torch.nn.ModuleList)
-        and len(module) > after
-        and getattr(module[after], "patch_merger", None) is model.patch_merger
-    )
+    _, head = family_and_head(model.config)
+    layers = operator.attrgetter(head.layers_path)(model)
     recorded = itertools.cycle(merger_inputs)
     for layer in layers[: after - 1]:
         layer.forward = lambda hidden_states, *args, **kwargs: hidden_states
@@ -152,7 +150,7 @@ def calibrate(
     with bypass_merger(model):
         teacher = model_outputs(model, pixel_values)
     hook.remove()
-    metric = "KL" if "logits" in model(pixel_values=pixel_values[:1]) else "1 - cos"  # classifier or backbone
+    metric = "KL" if family_and_head(model.config)[1].is_classifier else "1 - cos"  # classifier or backbone
     tokens = torch.cat(recorded)[:, merger.num_prefix_tokens :]  # (B, N, D)
     normed = merger.norm(tokens).reshape(-1, tokens.shape[-1]).float()
     with replay_first_layers(model, recorded):

@@ -55,13 +55,15 @@ def export_files(export: str | Path) -> list[str]:
 
 
 def _hub_error(exc: Exception, repo_id: str) -> RetrofitError:
-    text = brief(exc, 200)
+    full = str(exc)
     status = getattr(getattr(exc, "response", None), "status_code", None)
-    if status == 401 or "401" in text or "Invalid user token" in text or "not logged in" in text.lower():
+    if status == 401 or "401" in full or "Invalid user token" in full or "not logged in" in full.lower():
         return RetrofitError("the Hub rejected your token (401); log in with `hf auth login` or set HF_TOKEN")
     if status == 403:
         return RetrofitError(f"no write access to '{repo_id}' (403); use a repo id under your user or organisation")
-    return RetrofitError(f"upload to '{repo_id}' failed ({type(exc).__name__}: {text}); check your network and repo id")
+    return RetrofitError(
+        f"upload to '{repo_id}' failed ({type(exc).__name__}: {brief(exc, 200)}); check your network and repo id"
+    )
 
 
 def push(

