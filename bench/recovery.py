@@ -5,6 +5,8 @@ For each merge setting (default: K = L/2 with M = 8, and the hard K = 1 with M =
 the baseline's accuracy; the merged model with no training (random and calibrated merger init); and after
 fine-tuning (from the calibrated init) with cross-entropy, distillation and both; plus theoretical GFLOPs and
 measured images/s on this machine. Optionally (``--compare-train``) KD with only the merger and later layers trained.
+``--feature-weights 0,2`` compares distillation with and without the feature term; ``--seeds 0,1,2`` repeats every
+fine-tune per seed and reports the mean (the per-seed numbers are in the JSON).
 
     .venv/bin/python bench/recovery.py --json bench/results/recovery.json
 
@@ -30,8 +32,8 @@ import torch  # noqa: E402
 from retrofit.calibrate import calibrate_from_data  # noqa: E402
 from retrofit.cost import model_cost  # noqa: E402
 from retrofit.data import class_names, load_split, make_dataloader  # noqa: E402
-from retrofit.loading import load_config, load_image_processor, load_model  # noqa: E402
-from retrofit.recipes import accuracy, images_per_second, resolve_source  # noqa: E402
+from retrofit.loading import load_config, load_image_processor, load_model, resolve_source  # noqa: E402
+from retrofit.recipes import accuracy, images_per_second  # noqa: E402
 from retrofit.surgery import insert_patch_merger  # noqa: E402
 from retrofit.train import finetune, label_map_for  # noqa: E402
 
@@ -48,14 +50,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="training images (default: all 60k)")
     parser.add_argument("--eval-limit", type=int, help="test images (default: all 10k)")
     parser.add_argument("--compare-train", action="store_true", help="also KD with --train merger-and-after")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--feature-weights", default="2", help="--feature-weight values for kd and mix runs")
+    parser.add_argument("--seeds", default="0", help="seeds of the fine-tunes (the mean is reported)")
     parser.add_argument("--json", default="bench/results/recovery.json")
     return parser.parse_args(argv)
 
 
+def finetune_once(args, source, k: int, m: int, loss: str, scope: str, feature_weight: float, seed: int) -> dict:
+    """One fine-tune from the calibrated init, in a temporary folder; its final test accuracy, steps and time."""
+    with tempfile.TemporaryDirectory(prefix="recovery-") as tmp:
+        result = finetune(
+            source,
+            output=Path(tmp) / "out",
+            after_layer=k,
+            num_tokens=m,
+            data=args.data,
+            loss=loss,
+            feature_weight=feature_weight,
+            train=scope,
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            limit=args.limit,
+            eval_limit=args.eval_limit,
+            eval_batch_size=500,
+            seed=seed,
+            progress=False,
+            save_every=10**6,
+            log=lambda *_: None,
+        )
+    run = {"seed": seed, "accuracy": result.final_accuracy, "steps": result.steps, "train_seconds": result.seconds}
+    print(f"  {loss} {scope} feature weight {feature_weight:g} seed {seed}: {100 * run['accuracy']:.2f} %", flush=True)
+    return run
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    feature_weights = [float(weight) for weight in args.feature_weights.split(",")]
     source = resolve_source(args.source)
     config = load_config(source)
     processor = load_image_processor(source, config)
@@ -80,7 +112,7 @@ def main(argv=None) -> int:
         k = layers // 2 if k_text == "half" else int(k_text)
         m = int(m_text)
         setting = f"K={k}, M={m}"
-        torch.manual_seed(args.seed)
+        torch.manual_seed(seeds[0])
         merged = insert_patch_merger(load_model(source, config=config).eval(), k, m, source=str(source))
         cost = model_cost(merged.config)
         speed = images_per_second({"baseline": baseline, "merged": merged}, shape)
@@ -92,7 +124,7 @@ def main(argv=None) -> int:
         }
         rows[0].setdefault("images_per_s", speed["baseline"])
         rows.append({**common, "model": "random init, no training", "accuracy": accuracy(merged, eval_dl)})
-        calibration = calibrate_from_data(merged, args.data, source=str(source), seed=args.seed)
+        calibration = calibrate_from_data(merged, args.data, source=str(source), seed=seeds[0])
         rows.append(
             {
                 **common,
@@ -102,49 +134,42 @@ def main(argv=None) -> int:
             }
         )
         print(rows[-2], rows[-1], sep="\n", flush=True)
-        runs = [(loss, "all") for loss in args.losses.split(",")]
+        runs = [
+            (loss, "all", weight)
+            for loss in args.losses.split(",")
+            for weight in (feature_weights if loss != "ce" else [0])
+        ]
         if args.compare_train:
-            runs.append(("kd", "merger-and-after"))
-        for loss, scope in runs:
-            with tempfile.TemporaryDirectory(prefix="recovery-") as tmp:
-                result = finetune(
-                    source,
-                    output=Path(tmp) / "out",
-                    after_layer=k,
-                    num_tokens=m,
-                    data=args.data,
-                    loss=loss,
-                    train=scope,
-                    epochs=args.epochs,
-                    lr=args.lr,
-                    batch_size=args.batch_size,
-                    limit=args.limit,
-                    eval_limit=args.eval_limit,
-                    eval_batch_size=500,
-                    seed=args.seed,
-                    progress=False,
-                    save_every=10**6,
-                    log=lambda *_: None,
-                )
-            label = f"fine-tuned, {loss}" + ("" if scope == "all" else f", train {scope}")
+            runs.append(("kd", "merger-and-after", feature_weights[-1]))
+        for loss, scope, weight in runs:
+            per_seed = [finetune_once(args, source, k, m, loss, scope, weight, seed) for seed in seeds]
+            label = f"fine-tuned, {loss}"
+            if loss != "ce" and len(feature_weights) > 1:
+                label += f", feature weight {weight:g}"
+            if scope != "all":
+                label += f", train {scope}"
+            accuracies = [run["accuracy"] for run in per_seed]
             rows.append(
                 {
                     **common,
                     "model": label,
-                    "accuracy": result.final_accuracy,
-                    "steps": result.steps,
-                    "epochs": result.epochs,
-                    "train_seconds": result.seconds,
+                    "accuracy": sum(accuracies) / len(accuracies),
+                    "seeds": dict(zip(seeds, accuracies, strict=True)),
+                    "runs": per_seed,
                 }
             )
             print(rows[-1], flush=True)
-    table = ["| setting | model | accuracy | Δ vs baseline | GFLOPs | images/s | speed-up |", "|---" * 7 + "|"]
+    several = len(seeds) > 1
+    header = "| setting | model | accuracy" + (f" (mean of {len(seeds)} seeds) | per seed" if several else "")
+    table = [header + " | Δ vs baseline | GFLOPs | images/s | speed-up |", "|---" * (8 if several else 7) + "|"]
     for row in rows:
         delta = 100 * (row["accuracy"] - base_acc)
         speedup = f"{row['speedup']:.2f}x" if "speedup" in row else "1.00x"
+        per_seed = ", ".join(f"{100 * a:.2f}" for a in row.get("seeds", {}).values())
         table.append(
-            f"| {row['setting']} | {row['model']} | {100 * row['accuracy']:.2f} % | {delta:+.2f} pt | "
-            f"{row['gflops']:.4f} | {row.get('images_per_s', 0):.0f} | {speedup} |"
+            f"| {row['setting']} | {row['model']} | {100 * row['accuracy']:.2f} % |"
+            + (f" {per_seed} |" if several else "")
+            + f" {delta:+.2f} pt | {row['gflops']:.4f} | {row.get('images_per_s', 0):.0f} | {speedup} |"
         )
     text = "\n".join(table)
     print("\n" + text)

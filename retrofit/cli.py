@@ -116,10 +116,10 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from .train import finetune
 
     names = (
-        "data split eval_split image_column label_column limit eval_limit loss temperature alpha train epochs "
-        "max_steps lr merger_lr_scale weight_decay warmup_ratio batch_size grad_accum max_grad_norm mixed_precision "
-        "seed augment num_workers eval_every save_every keep_checkpoints checkpoint_dir resume overwrite report_to "
-        "num_labels"
+        "data split eval_split image_column label_column limit eval_limit loss temperature alpha feature_weight "
+        "train epochs max_steps lr merger_lr_scale weight_decay warmup_ratio batch_size grad_accum max_grad_norm "
+        "mixed_precision seed augment num_workers eval_every save_every keep_checkpoints checkpoint_dir resume "
+        "overwrite report_to num_labels"
     ).split()
     settings = {name: getattr(args, name) for name in names if hasattr(args, name)}
     finetune(
@@ -233,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--label-column", default=argparse.SUPPRESS, help="label column (default label)")
     finetune.add_argument("--temperature", type=float, default=argparse.SUPPRESS, help="KD temperature (default 2)")
     finetune.add_argument("--alpha", type=float, default=argparse.SUPPRESS, help="CE weight in --loss mix (0.5)")
+    finetune.add_argument(
+        "--feature-weight",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="kd/mix: weight of distilling the features the head reads (default 2; 0 = logits only)",
+    )
     finetune.add_argument(
         "--merger-lr-scale", type=float, default=argparse.SUPPRESS, help="merger's lr = lr × this (default 1)"
     )

@@ -24,6 +24,8 @@ class Head:
         auto_class: the Auto class that loads it (written into the export's ``auto_map``).
         layer_config: Python expression, in terms of ``config``, for the config the layers are built from.
         reads: what the head reads from the last hidden state, and what that becomes after a merge.
+        classifiers: the head's final layers (classifiers only); their inputs are the features the head reads, which
+            `--feature-weight` distils (several are concatenated).
     """
 
     class_name: str
@@ -31,6 +33,7 @@ class Head:
     auto_class: str = "AutoModelForImageClassification"
     layer_config: str = "config"
     reads: str = ""
+    classifiers: tuple[str, ...] = ("classifier",)
 
     @property
     def is_classifier(self) -> bool:
@@ -141,6 +144,7 @@ register(
                 "DeiTForImageClassificationWithTeacher",
                 "deit.layers",
                 reads="CLS and distillation tokens, two heads averaged (both tokens unchanged)",
+                classifiers=("cls_classifier", "distillation_classifier"),
             ),
         },
         # transformers' DeiT embeddings always prepend a CLS and a distillation token.

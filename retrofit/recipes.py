@@ -45,6 +45,7 @@ SCHEMA: dict[str, dict | None] = {
         "loss": None,
         "temperature": None,
         "alpha": None,
+        "feature_weight": None,
         "train": None,
         "epochs": None,
         "max_steps": None,

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,7 @@ class TrainArgs:
     loss: str = "kd"
     temperature: float = 2.0
     alpha: float = 0.5  # weight of CE in "mix" (KD gets 1 - alpha)
+    feature_weight: float = 2.0  # kd/mix: weight of feature distillation (see `feature_loss`); 0 = logits only
     train: str = "all"
     epochs: float = 1.0
     max_steps: int | None = None
@@ -92,6 +94,8 @@ class TrainArgs:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise RetrofitError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
+        if self.feature_weight < 0:
+            raise RetrofitError(f"--feature-weight must be 0 or more (got {self.feature_weight})")
         if not 0 <= self.alpha <= 1:
             raise RetrofitError(f"--alpha must be in [0, 1] (got {self.alpha})")
         if self.report_to not in (None, "none", "tensorboard", "all", "wandb", "mlflow", "comet_ml", "aim"):
@@ -140,6 +144,45 @@ def param_groups(model: torch.nn.Module, args: TrainArgs) -> list[dict]:
     return [group for group in groups if group["params"]]
 
 
+class Outputs(NamedTuple):
+    """What the losses compare: logits (None for a backbone) and the features the head reads (None if not asked)."""
+
+    logits: torch.Tensor | None
+    features: torch.Tensor | None
+
+
+class HeadReader:
+    """Runs a model and returns its `Outputs`. The features are what its head reads: the input of a classifier's
+    final layer(s) (`Head.classifiers` in the family registry, recorded by a forward pre-hook, so no extra pass;
+    DeiT's two heads are concatenated), or a backbone's pooled output."""
+
+    def __init__(self, model: torch.nn.Module, *, features: bool) -> None:
+        from .loading import family_and_head
+
+        head = family_and_head(model.config)[1]
+        self.is_classifier = head.is_classifier
+        self._recording = False
+        self._recorded: list[torch.Tensor] = []
+        names = head.classifiers if features and head.is_classifier else ()
+        for name in names:
+            model.get_submodule(name).register_forward_pre_hook(self._record)
+
+    def _record(self, module: torch.nn.Module, args: tuple) -> None:
+        if self._recording:
+            self._recorded.append(args[0])
+
+    def __call__(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> Outputs:
+        """`model` may be the prepared (wrapped) form of the model the reader was built on."""
+        self._recording, self._recorded = True, []
+        try:
+            output = model(pixel_values=pixel_values)
+        finally:
+            self._recording = False
+        if not self.is_classifier:
+            return Outputs(None, output.pooler_output)
+        return Outputs(output.logits, torch.cat(self._recorded, dim=-1) if self._recorded else None)
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton distillation: T² · KL(softmax(teacher/T) ‖ softmax(student/T)), averaged over the batch."""
     t = temperature
@@ -148,14 +191,27 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * t * t
 
 
-def compute_loss(logits, labels, teacher_logits, args: TrainArgs) -> torch.Tensor:
-    """The training loss for one batch (see `TrainArgs.loss`)."""
+def feature_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """Feature distillation: ‖s − t‖² / ‖t‖² per image (relative squared error of the features the head reads),
+    averaged over the batch. Relative, so one weight suits models whose features differ in scale."""
+    student, teacher = student_features.float(), teacher_features.float()
+    error = (student - teacher).pow(2).sum(-1) / teacher.pow(2).sum(-1).clamp_min(1e-12)
+    return error.mean()
+
+
+def compute_loss(student: Outputs, teacher: Outputs | None, labels, args: TrainArgs) -> torch.Tensor:
+    """The training loss for one batch (see `TrainArgs.loss`): `kd` is the logits' KL plus `feature_weight` times
+    the `feature_loss` (a backbone has only the second); `mix` is alpha · CE + (1 - alpha) · kd."""
     if args.loss == "ce":
-        return F.cross_entropy(logits.float(), labels)
-    distill = kd_loss(logits, teacher_logits, args.temperature)
+        return F.cross_entropy(student.logits.float(), labels)
+    distill = torch.zeros((), device=student.features.device if student.logits is None else student.logits.device)
+    if student.logits is not None:
+        distill = kd_loss(student.logits, teacher.logits, args.temperature)
+    if args.feature_weight:
+        distill = distill + args.feature_weight * feature_loss(student.features, teacher.features)
     if args.loss == "kd":
         return distill
-    return args.alpha * F.cross_entropy(logits.float(), labels) + (1 - args.alpha) * distill
+    return args.alpha * F.cross_entropy(student.logits.float(), labels) + (1 - args.alpha) * distill
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -294,27 +350,41 @@ def set_trainable(model, scope: str) -> tuple[int, int]:
 
 @torch.no_grad()
 def evaluate_loop(model, dataloader, accelerator, teacher=None) -> dict:
-    """Accuracy (or, without labels, agreement with the teacher) over a prepared dataloader, on all processes."""
+    """Accuracy over a prepared dataloader, on all processes; without labels, top-1 agreement with the teacher; for
+    a backbone, the mean cosine similarity of its pooled output to the teacher's."""
     model.eval()
-    correct = seen = 0
+    read = HeadReader(accelerator.unwrap_model(model), features=False)
+    read_teacher = HeadReader(teacher, features=False) if teacher is not None else None
+    total = seen = 0.0
     reference = "labels"
     for batch in dataloader:
+        pixels = batch["pixel_values"]
         with accelerator.autocast():
-            logits = model(pixel_values=batch["pixel_values"]).logits
-        predictions = logits.argmax(-1)
-        targets = batch.get("labels")
-        if targets is None and teacher is not None:
+            student = read(model, pixels)
+        targets = batch.get("labels") if student.logits is not None else None
+        if targets is None and read_teacher is not None:
             with accelerator.autocast():
-                targets = teacher(pixel_values=batch["pixel_values"]).logits.argmax(-1)
-            reference = "teacher"
-
+                expected = read_teacher(teacher, pixels)
+            if student.logits is None:
+                targets = F.cosine_similarity(student.features.float(), expected.features.float(), dim=-1)
+                reference = "teacher features"
+            else:
+                targets, reference = expected.logits.argmax(-1), "teacher"
         if targets is None:
             continue
-        predictions, targets = accelerator.gather_for_metrics((predictions, targets))
-        correct += (predictions == targets).sum().item()
+        if student.logits is None:
+            similarities = accelerator.gather_for_metrics(targets)
+            total += similarities.sum().item()
+            seen += similarities.numel()
+            continue
+        predictions, targets = accelerator.gather_for_metrics((student.logits.argmax(-1), targets))
+        total += (predictions == targets).sum().item()
         seen += targets.numel()
     model.train()
-    return {"accuracy": correct / seen, "examples": seen, "reference": reference} if seen else {}
+    if not seen:
+        return {}
+    key = "similarity" if reference == "teacher features" else "accuracy"
+    return {key: total / seen, "examples": int(seen), "reference": reference}
 
 
 def _make_accelerator(args: TrainArgs, project_dir: Path | None):
@@ -375,9 +445,15 @@ def train_loop(
     from transformers import get_cosine_schedule_with_warmup
 
     from .data import class_names, load_split, make_dataloader
+    from .loading import family_and_head
 
     started = time.perf_counter()
     args.check()
+    if not family_and_head(model.config)[1].is_classifier and (args.loss != "kd" or not args.feature_weight):
+        raise RetrofitError(
+            f"{type(model).__name__} is a backbone (no classifier head, no logits): fine-tune it with --loss kd and "
+            "a positive --feature-weight, which distil its pooled output from the unmerged model"
+        )
     set_seed(args.seed)
 
     # --- data (every data error is raised here, before any folder is created) ---
@@ -442,6 +518,9 @@ def train_loop(
             shutil.rmtree(checkpoint_dir)
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
     trainable, total = set_trainable(model, args.train)
+    features = args.loss != "ce" and args.feature_weight > 0
+    read = HeadReader(model, features=features)  # before `prepare`: hooks go on the model itself
+    read_teacher = HeadReader(teacher, features=features) if teacher is not None else None
     optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr)
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
     if eval_dl is not None:
@@ -479,10 +558,13 @@ def train_loop(
         metrics["step"] = progress.step
         result.eval_history.append(metrics)
         if metrics:
-            what = "accuracy" if metrics["reference"] == "labels" else "agreement with the teacher"
+            what = {"labels": "accuracy", "teacher": "agreement with the teacher"}.get(
+                metrics["reference"], "cosine similarity to the teacher"
+            )
+            key = "accuracy" if "accuracy" in metrics else "similarity"
             with tqdm.external_write_mode():  # print above the progress bar, not into it
-                log(f"step {progress.step}: eval {what} {metrics['accuracy']:.4f} on {metrics['examples']} images")
-            accelerator.log({"eval/accuracy": metrics["accuracy"]}, step=progress.step)
+                log(f"step {progress.step}: eval {what} {metrics[key]:.4f} on {metrics['examples']} images")
+            accelerator.log({f"eval/{key}": metrics[key]}, step=progress.step)
 
     bar = tqdm(
         total=total_steps,
@@ -506,12 +588,12 @@ def train_loop(
         for batch in batches:
             with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    logits = model(pixel_values=batch["pixel_values"]).logits
-                    teacher_logits = None
+                    student = read(model, batch["pixel_values"])
+                    expected = None
                     if args.loss != "ce":
                         with torch.no_grad():
-                            teacher_logits = teacher(pixel_values=batch["pixel_values"]).logits
-                loss = compute_loss(logits, batch.get("labels"), teacher_logits, args)
+                            expected = read_teacher(teacher, batch["pixel_values"])
+                loss = compute_loss(student, expected, batch.get("labels"), args)
                 bad = accelerator.reduce(torch.tensor(float(not torch.isfinite(loss)), device=loss.device), "sum")
                 if bad.item() > 0:
                     good = list_checkpoints(checkpoint_dir) if checkpoint_dir else []

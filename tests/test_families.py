@@ -26,6 +26,7 @@ from retrofit.cli import main
 from retrofit.cost import layer_macs, model_cost
 from retrofit.families import supported_names
 from retrofit.loading import family_and_head, layer_config
+from retrofit.train import HeadReader
 
 K, M = 2, 3  # merge after 2 of the 4 layers into 3 tokens (of 16 patches at 32x32, 36 at 48x48)
 LAYERS = TINY["num_hidden_layers"]
@@ -408,6 +409,28 @@ def test_a_few_finetune_steps_train_the_merger(name, converted):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_feature_distillation_reads_what_the_head_reads(name, converted):
+    """`--feature-weight` compares the features the head reads: a classifier's layer(s) applied to them give the
+    logits (DeiT's two heads averaged); a backbone's are its pooled output. Recorded without a second forward."""
+    model = copy.deepcopy(converted[name].result.model).eval()
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    read = HeadReader(model, features=True)
+    with torch.no_grad():
+        got = read(model, pixels)
+        model(pixel_values=pixels)  # a plain forward (evaluation, the teacher's logits) records nothing
+        head = family_and_head(model.config)[1]
+        assert len(read._recorded) == (len(head.classifiers) if CASES[name].classifier else 0)
+        if CASES[name].classifier:
+            classifiers = [model.get_submodule(n) for n in head.classifiers]
+            parts = got.features.split([c.in_features for c in classifiers], dim=-1)
+            heads = torch.stack([c(part) for c, part in zip(classifiers, parts, strict=True)]).mean(0)
+            torch.testing.assert_close(heads, got.logits)
+        else:
+            assert got.logits is None
+            torch.testing.assert_close(got.features, model(pixel_values=pixels).pooler_output)
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -228,3 +228,46 @@ def test_cli_finetune(tiny_deit, colours, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # argparse refuses unknown choices itself, also with code 2
         main([*args, "--loss", "focal"])
     assert exit_info.value.code == 2
+
+
+def test_feature_loss_is_relative_and_adds_to_kd():
+    teacher = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    student = teacher + 0.1 * torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
+    loss = train_module.feature_loss(student, teacher)
+    assert train_module.feature_loss(teacher, teacher) == 0 and loss > 0
+    torch.testing.assert_close(train_module.feature_loss(10 * student, 10 * teacher), loss)  # scale-free
+    logits = torch.randn(4, 3), torch.randn(4, 3)
+    s, t = train_module.Outputs(logits[0], student), train_module.Outputs(logits[1], teacher)
+    kd = train_module.kd_loss(logits[0], logits[1], 2.0)
+    both = train_module.compute_loss(s, t, None, TrainArgs(loss="kd", feature_weight=3.0))
+    torch.testing.assert_close(both, kd + 3.0 * loss)
+    torch.testing.assert_close(train_module.compute_loss(s, t, None, TrainArgs(loss="kd", feature_weight=0)), kd)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_vision(tmp_path_factory):
+    from conftest import TINY, save_tiny
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size", "patch_size")
+    torch.manual_seed(3)
+    model = CLIPVisionModel(CLIPVisionConfig(**{key: TINY[key] for key in keys}))
+    return save_tiny(model, tmp_path_factory.mktemp("clip") / "tiny-clip-vision")
+
+
+def test_a_backbone_is_distilled_through_its_pooled_output(tiny_clip_vision, colours, tmp_path, capsys):
+    """A vision tower (no logits) fine-tunes with kd on its pooled output and reports its similarity to the teacher;
+    losses that need logits are refused with one line and exit code 2."""
+    out = tmp_path / "clip-pm"
+    result = finetune(
+        tiny_clip_vision, output=out, after_layer=1, num_tokens=2, data=colours, epochs=3, lr=3e-4,
+        calibrate=False, eval_at_start=True, **FAST,
+    )  # fmt: skip
+    before, after = (h["similarity"] for h in (result.eval_history[0], result.eval_history[-1]))
+    assert result.eval_history[-1]["reference"] == "teacher features" and result.final_accuracy is None
+    assert before < 0.99 < after <= 1, (before, after)  # 0.975 -> 0.999 (cosine of the pooled outputs)
+    assert type(load_model(out)).__name__ == "CLIPVisionPatchMergerModel"
+    args = ["finetune", str(tiny_clip_vision), "--after-layer", "2", "--tokens", "3", "--data", colours]
+    assert main([*args, "--output", str(tmp_path / "ce"), "--loss", "ce"]) == 2
+    assert "backbone" in capsys.readouterr().err and not (tmp_path / "ce").exists()
+    assert main([*args, "--output", str(tmp_path / "w0"), "--feature-weight", "0"]) == 2
