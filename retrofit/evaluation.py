@@ -35,6 +35,16 @@ def _labels(config) -> dict[int, str]:
     return {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
 
 
+def _is_backbone(config) -> bool:
+    """True for a supported family's backbone class (CLIPVisionModel, ...); unknown models are left to the rest."""
+    from .loading import family_and_head
+
+    try:
+        return not family_and_head(config)[1].is_classifier
+    except RetrofitError:
+        return False
+
+
 def _generic(id2label: dict[int, str]) -> bool:
     return all(name == f"LABEL_{index}" for index, name in id2label.items())
 
@@ -101,6 +111,13 @@ def evaluate_models(
     if batch_size < 1:
         raise RetrofitError(f"--batch-size must be at least 1 (got {batch_size})")
     configs = [load_config(spec, trust_remote_code=trust_remote_code) for spec in models]
+    for spec, config in zip(models, configs, strict=True):
+        if _is_backbone(config):
+            kind = (config.architectures or ["?"])[0]
+            raise RetrofitError(
+                f"'{spec}' is a vision backbone ({kind}) without a classification head, so it has no accuracy; "
+                "evaluate its ...ForImageClassification form"
+            )
     reference = _labels(configs[0])
     if not reference:
         raise RetrofitError(f"'{models[0]}' has no labels (no classification head); evaluate classifiers")

@@ -652,6 +652,14 @@ def train_loop(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def describe_loss(args: TrainArgs) -> str:
+    """The loss in words, for the model card."""
+    if args.loss == "ce":
+        return "ce (cross-entropy on labels)"
+    kd = f"kd from the unmerged model (T = {args.temperature:g}, feature weight {args.feature_weight:g})"
+    return kd if args.loss == "kd" else f"mix ({args.alpha:g} × ce + {1 - args.alpha:g} × {kd})"
+
+
 def _training_info(args: TrainArgs, result: TrainResult, init: str):
     from .card import TrainingInfo
 
@@ -659,7 +667,12 @@ def _training_info(args: TrainArgs, result: TrainResult, init: str):
     if result.final_accuracy is not None:
         notes.append(f"accuracy on `{args.data}` {args.eval_split}: {result.final_accuracy:.4f}")
     return TrainingInfo(
-        data=args.data, steps=result.steps, epochs=round(result.epochs, 3), loss=args.loss, init=init, notes=notes
+        data=args.data,
+        steps=result.steps,
+        epochs=round(result.epochs, 3),
+        loss=describe_loss(args),
+        init=init,
+        notes=notes,
     )
 
 

@@ -57,6 +57,7 @@ def test_ce_finetune_learns_and_exports(tiny_vit, colours, tmp_path):
     assert not any(p.name.startswith("step-") for p in out.iterdir())  # checkpoints live next to it, not inside
     assert [p.name for p in list_checkpoints(tmp_path / "pm-checkpoints")] == ["step-00000016", "step-00000018"]
     assert "fine-tuned on" in (out / "README.md").read_text()
+    assert "loss: ce (cross-entropy on labels)" in (out / "README.md").read_text()
     reloaded = load_model(out)
     assert torch.equal(reloaded.patch_merger.queries, result.model.patch_merger.queries)
 
@@ -267,7 +268,11 @@ def test_a_backbone_is_distilled_through_its_pooled_output(tiny_clip_vision, col
     assert result.eval_history[-1]["reference"] == "teacher features" and result.final_accuracy is None
     assert before < 0.99 < after <= 1, (before, after)  # 0.975 -> 0.999 (cosine of the pooled outputs)
     assert type(load_model(out)).__name__ == "CLIPVisionPatchMergerModel"
+    assert "loss: kd from the unmerged model (T = 2, feature weight 2)" in (out / "README.md").read_text()
     args = ["finetune", str(tiny_clip_vision), "--after-layer", "2", "--tokens", "3", "--data", colours]
     assert main([*args, "--output", str(tmp_path / "ce"), "--loss", "ce"]) == 2
     assert "backbone" in capsys.readouterr().err and not (tmp_path / "ce").exists()
     assert main([*args, "--output", str(tmp_path / "w0"), "--feature-weight", "0"]) == 2
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--data", colours]) == 2  # accuracy needs a classifier: say so
+    assert "vision backbone (CLIPVisionPatchMergerModel)" in capsys.readouterr().err
