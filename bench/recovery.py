@@ -50,13 +50,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="training images (default: all 60k)")
     parser.add_argument("--eval-limit", type=int, help="test images (default: all 10k)")
     parser.add_argument("--compare-train", action="store_true", help="also KD with --train merger-and-after")
-    parser.add_argument("--feature-weights", default="2", help="--feature-weight values for kd and mix runs")
+    parser.add_argument(
+        "--feature-weights", help="--feature-weight values for the kd and mix runs (default: finetune's default)"
+    )
     parser.add_argument("--seeds", default="0", help="seeds of the fine-tunes (the mean is reported)")
     parser.add_argument("--json", default="bench/results/recovery.json")
     return parser.parse_args(argv)
 
 
-def finetune_once(args, source, k: int, m: int, loss: str, scope: str, feature_weight: float, seed: int) -> dict:
+def finetune_once(args, source, k: int, m: int, loss: str, scope: str, feature_weight: float | None, seed: int) -> dict:
     """One fine-tune from the calibrated init, in a temporary folder; its final test accuracy, steps and time."""
     with tempfile.TemporaryDirectory(prefix="recovery-") as tmp:
         result = finetune(
@@ -80,14 +82,15 @@ def finetune_once(args, source, k: int, m: int, loss: str, scope: str, feature_w
             log=lambda *_: None,
         )
     run = {"seed": seed, "accuracy": result.final_accuracy, "steps": result.steps, "train_seconds": result.seconds}
-    print(f"  {loss} {scope} feature weight {feature_weight:g} seed {seed}: {100 * run['accuracy']:.2f} %", flush=True)
+    weight = "default" if feature_weight is None else f"{feature_weight:g}"
+    print(f"  {loss} {scope} feature weight {weight} seed {seed}: {100 * run['accuracy']:.2f} %", flush=True)
     return run
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    feature_weights = [float(weight) for weight in args.feature_weights.split(",")]
+    feature_weights = [float(w) for w in args.feature_weights.split(",")] if args.feature_weights else [None]
     source = resolve_source(args.source)
     config = load_config(source)
     processor = load_image_processor(source, config)

@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--feature-weight",
         type=float,
         default=argparse.SUPPRESS,
-        help="kd/mix: weight of distilling the features the head reads (default 2; 0 = logits only)",
+        help="kd/mix: weight of distilling the features the head reads (default 0; backbones 1)",
     )
     finetune.add_argument(
         "--merger-lr-scale", type=float, default=argparse.SUPPRESS, help="merger's lr = lr × this (default 1)"

@@ -52,7 +52,8 @@ class TrainArgs:
     loss: str = "kd"
     temperature: float = 2.0
     alpha: float = 0.5  # weight of CE in "mix" (KD gets 1 - alpha)
-    feature_weight: float = 2.0  # kd/mix: weight of feature distillation (see `feature_loss`); 0 = logits only
+    # kd/mix: weight of feature distillation (see `feature_loss`); None = only where there are no logits (backbones: 1)
+    feature_weight: float | None = None
     train: str = "all"
     epochs: float = 1.0
     max_steps: int | None = None
@@ -94,7 +95,7 @@ class TrainArgs:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise RetrofitError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
-        if self.feature_weight < 0:
+        if self.feature_weight is not None and self.feature_weight < 0:
             raise RetrofitError(f"--feature-weight must be 0 or more (got {self.feature_weight})")
         if not 0 <= self.alpha <= 1:
             raise RetrofitError(f"--alpha must be in [0, 1] (got {self.alpha})")
@@ -449,7 +450,10 @@ def train_loop(
 
     started = time.perf_counter()
     args.check()
-    if not family_and_head(model.config)[1].is_classifier and (args.loss != "kd" or not args.feature_weight):
+    classifier = family_and_head(model.config)[1].is_classifier
+    if args.feature_weight is None:  # measured neutral on top of the logits' KL (docs/recovery.md): logits only
+        args.feature_weight = 0.0 if classifier else 1.0
+    if not classifier and (args.loss != "kd" or not args.feature_weight):
         raise RetrofitError(
             f"{type(model).__name__} is a backbone (no classifier head, no logits): fine-tune it with --loss kd and "
             "a positive --feature-weight, which distil its pooled output from the unmerged model"
@@ -656,7 +660,8 @@ def describe_loss(args: TrainArgs) -> str:
     """The loss in words, for the model card."""
     if args.loss == "ce":
         return "ce (cross-entropy on labels)"
-    kd = f"kd from the unmerged model (T = {args.temperature:g}, feature weight {args.feature_weight:g})"
+    features = f", feature weight {args.feature_weight:g}" if args.feature_weight else ""
+    kd = f"kd from the unmerged model (T = {args.temperature:g}{features})"
     return kd if args.loss == "kd" else f"mix ({args.alpha:g} × ce + {1 - args.alpha:g} × {kd})"
 
 

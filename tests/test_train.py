@@ -151,6 +151,7 @@ def test_kd_needs_no_labels_and_merger_and_after_freezes_the_start(tiny_vit, col
         assert torch.equal(trained.vit.layers[0].state_dict()[name], tensor), name
     assert torch.equal(trained.vit.embeddings.cls_token, source.vit.embeddings.cls_token)
     assert not torch.equal(trained.classifier.weight, source.classifier.weight)
+    assert "loss: kd from the unmerged model (T = 2)\n" in (tmp_path / "kd" / "README.md").read_text()  # logits only
 
 
 def test_the_merger_gets_its_own_learning_rate_and_no_weight_decay(tiny_vit):
@@ -268,7 +269,7 @@ def test_a_backbone_is_distilled_through_its_pooled_output(tiny_clip_vision, col
     assert result.eval_history[-1]["reference"] == "teacher features" and result.final_accuracy is None
     assert before < 0.99 < after <= 1, (before, after)  # 0.975 -> 0.999 (cosine of the pooled outputs)
     assert type(load_model(out)).__name__ == "CLIPVisionPatchMergerModel"
-    assert "loss: kd from the unmerged model (T = 2, feature weight 2)" in (out / "README.md").read_text()
+    assert "loss: kd from the unmerged model (T = 2, feature weight 1)" in (out / "README.md").read_text()
     args = ["finetune", str(tiny_clip_vision), "--after-layer", "2", "--tokens", "3", "--data", colours]
     assert main([*args, "--output", str(tmp_path / "ce"), "--loss", "ce"]) == 2
     assert "backbone" in capsys.readouterr().err and not (tmp_path / "ce").exists()
