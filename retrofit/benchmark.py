@@ -275,8 +275,8 @@ def _compile(model: torch.nn.Module, mode: str) -> Callable:
 
 
 def _forward(runner: Callable, pixel_values: torch.Tensor) -> torch.Tensor:
-    """One forward pass (the unit every timing measures)."""
-    return runner(pixel_values=pixel_values).logits
+    """One forward pass (the unit every timing measures); the logits of a classifier, a backbone's last hidden state."""
+    return runner(pixel_values=pixel_values)[0]
 
 
 def _sync(device: torch.device) -> None:

@@ -35,14 +35,20 @@ def _labels(config) -> dict[int, str]:
     return {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
 
 
-def _is_backbone(config) -> bool:
-    """True for a supported family's backbone class (CLIPVisionModel, ...); unknown models are left to the rest."""
+def refuse_backbone(spec: str, config, command: str) -> None:
+    """A clear error for a supported family's backbone (CLIPVisionModel, ...): accuracy needs a classifier head."""
     from .loading import family_and_head
 
     try:
-        return not family_and_head(config)[1].is_classifier
-    except RetrofitError:
-        return False
+        backbone = not family_and_head(config)[1].is_classifier
+    except RetrofitError:  # not a family retrofit converts: left to the label checks
+        return
+    if backbone:
+        kind = (config.architectures or ["?"])[0]
+        raise RetrofitError(
+            f"'{spec}' is a vision backbone ({kind}) without a classification head, so {command} cannot measure its "
+            "accuracy; use its ...ForImageClassification form (`retrofit bench` measures a backbone's speed)"
+        )
 
 
 def _generic(id2label: dict[int, str]) -> bool:
@@ -112,12 +118,7 @@ def evaluate_models(
         raise RetrofitError(f"--batch-size must be at least 1 (got {batch_size})")
     configs = [load_config(spec, trust_remote_code=trust_remote_code) for spec in models]
     for spec, config in zip(models, configs, strict=True):
-        if _is_backbone(config):
-            kind = (config.architectures or ["?"])[0]
-            raise RetrofitError(
-                f"'{spec}' is a vision backbone ({kind}) without a classification head, so it has no accuracy; "
-                "evaluate its ...ForImageClassification form"
-            )
+        refuse_backbone(spec, config, "evaluate")
     reference = _labels(configs[0])
     if not reference:
         raise RetrofitError(f"'{models[0]}' has no labels (no classification head); evaluate classifiers")

@@ -197,7 +197,7 @@ def sweep(
     from .benchmark import BenchSettings, Variant, environment, run_benchmark
     from .cost import model_cost
     from .data import class_names, load_split, make_dataloader
-    from .evaluation import _labels, data_label_map, score_models
+    from .evaluation import _labels, data_label_map, refuse_backbone, score_models
     from .loading import load_config, load_image_processor, load_model
     from .surgery import check_merge
 
@@ -208,6 +208,7 @@ def sweep(
     if output is not None:
         check_output(output, overwrite)
     config = load_config(source)
+    refuse_backbone(source, config, "sweep")
     for k in settings.after_layers:
         for m in settings.tokens:
             check_merge(config, k, m)

@@ -85,6 +85,19 @@ def test_bf16(tiny_vit, capsys):
     assert "bf16" in capsys.readouterr().out
 
 
+def test_bench_times_a_vision_backbone(tmp_path):
+    """Backbones (no logits) are timed too: every model gets a speed, none an error."""
+    from conftest import TINY, save_tiny
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size", "patch_size")
+    source = save_tiny(SiglipVisionModel(SiglipVisionConfig(**{key: TINY[key] for key in keys})), tmp_path / "tower")
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(source), "--merge", "2:4", "--batch-size", "2", "--json", str(out), *QUICK]) == 0
+    results = [model["results"]["2"] for model in json.loads(out.read_text())["models"]]
+    assert len(results) == 2 and all(r["status"] == "ok" and r["images_per_s"] > 0 for r in results), results
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

@@ -277,3 +277,6 @@ def test_a_backbone_is_distilled_through_its_pooled_output(tiny_clip_vision, col
     capsys.readouterr()
     assert main(["evaluate", str(out), "--data", colours]) == 2  # accuracy needs a classifier: say so
     assert "vision backbone (CLIPVisionPatchMergerModel)" in capsys.readouterr().err
+    sweep = ["sweep", str(tiny_clip_vision), "--after-layer", "1", "--tokens", "2", "--data", colours]
+    assert main([*sweep, "--output", str(tmp_path / "sweep")]) == 2
+    assert "sweep cannot measure its accuracy" in capsys.readouterr().err and not (tmp_path / "sweep").exists()
