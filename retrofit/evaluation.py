@@ -35,7 +35,7 @@ def _labels(config) -> dict[int, str]:
     return {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
 
 
-def refuse_backbone(spec: str, config, command: str) -> None:
+def refuse_backbone(spec: str, config, command: str, hint: str | None = None) -> None:
     """A clear error for a supported family's backbone (CLIPVisionModel, ...): accuracy needs a classifier head."""
     from .loading import family_and_head
 
@@ -47,7 +47,7 @@ def refuse_backbone(spec: str, config, command: str) -> None:
         kind = (config.architectures or ["?"])[0]
         raise RetrofitError(
             f"'{spec}' is a vision backbone ({kind}) without a classification head, so {command} cannot measure its "
-            "accuracy; use its ...ForImageClassification form (`retrofit bench` measures a backbone's speed)"
+            f"accuracy; {hint or 'use its ...ForImageClassification form (`retrofit bench` measures its speed)'}"
         )
 
 

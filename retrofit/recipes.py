@@ -295,6 +295,7 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
     from .benchmark import hardware_name
     from .cost import model_cost
     from .data import load_split, make_dataloader
+    from .evaluation import refuse_backbone
     from .loading import load_config, load_image_processor, load_model
     from .surgery import check_merge, insert_patch_merger
     from .train import default_checkpoint_dir, finetune, label_map_for
@@ -305,6 +306,7 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
     if not resume:
         check_output(output, overwrite)
     config = load_config(source)
+    refuse_backbone(source, config, "a recipe", "fine-tune it with `retrofit finetune` (kd on its pooled output)")
     check_merge(config, merge["after_layer"], merge["tokens"])
     settings = _train_settings(recipe, overwrite=overwrite, resume=resume, eval_at_start=bool(evaluation["before"]))
 

@@ -280,3 +280,7 @@ def test_a_backbone_is_distilled_through_its_pooled_output(tiny_clip_vision, col
     sweep = ["sweep", str(tiny_clip_vision), "--after-layer", "1", "--tokens", "2", "--data", colours]
     assert main([*sweep, "--output", str(tmp_path / "sweep")]) == 2
     assert "sweep cannot measure its accuracy" in capsys.readouterr().err and not (tmp_path / "sweep").exists()
+    recipe = tmp_path / "tower.yaml"
+    recipe.write_text(f"source: {tiny_clip_vision}\nmerge: {{after_layer: 2, tokens: 3}}\ndata: {{name: {colours}}}\n")
+    assert main(["run", str(recipe), "--output", str(tmp_path / "run")]) == 2
+    assert "retrofit finetune" in capsys.readouterr().err and not (tmp_path / "run").exists()
