@@ -165,8 +165,12 @@ class HeadReader:
         self._recording = False
         self._recorded: list[torch.Tensor] = []
         names = head.classifiers if features and head.is_classifier else ()
-        for name in names:
-            model.get_submodule(name).register_forward_pre_hook(self._record)
+        self._hooks = [model.get_submodule(name).register_forward_pre_hook(self._record) for name in names]
+
+    def close(self) -> None:
+        """Remove the hooks (the trained model is handed back without them)."""
+        for hook in self._hooks:
+            hook.remove()
 
     def _record(self, module: torch.nn.Module, args: tuple) -> None:
         if self._recording:
@@ -451,7 +455,8 @@ def train_loop(
     started = time.perf_counter()
     args.check()
     classifier = family_and_head(model.config)[1].is_classifier
-    if args.feature_weight is None:  # measured neutral on top of the logits' KL (docs/recovery.md): logits only
+    if args.feature_weight is None:  # filled in here, so the model card names it
+        # classifiers: logits only (features measured neutral on top of them, docs/recovery.md); backbones: features
         args.feature_weight = 0.0 if classifier else 1.0
     if not classifier and (args.loss != "kd" or not args.feature_weight):
         raise RetrofitError(
@@ -634,6 +639,9 @@ def train_loop(
                 run_eval()
             continue
     bar.close()
+    for reader in (read, read_teacher):
+        if reader is not None:
+            reader.close()
     if checkpoint_dir and last_saved != progress.step:
         save_checkpoint(accelerator, checkpoint_dir, progress.step, args.keep_checkpoints)
     if progress.step >= total_steps and (not result.eval_history or result.eval_history[-1]["step"] != progress.step):

@@ -423,6 +423,8 @@ def test_feature_distillation_reads_what_the_head_reads(name, converted):
         model(pixel_values=pixels)  # a plain forward (evaluation, the teacher's logits) records nothing
         head = family_and_head(model.config)[1]
         assert len(read._recorded) == (len(head.classifiers) if CASES[name].classifier else 0)
+        read.close()
+        assert not any(module._forward_pre_hooks for module in model.modules())
         if CASES[name].classifier:
             classifiers = [model.get_submodule(n) for n in head.classifiers]
             parts = got.features.split([c.in_features for c in classifiers], dim=-1)
