@@ -553,9 +553,10 @@ def train_loop(
     if accelerator.trackers == [] and args.report_to not in (None, "none"):
         accelerator.init_trackers("retrofit", config={k: v for k, v in asdict(args).items() if v is not None})
     log(
-        f"training {trainable / 1e6:.3g}M of {total / 1e6:.3g}M parameters ({args.train}) with loss {args.loss} for "
-        f"{total_steps} steps ({total_steps / steps_per_epoch:.3g} epochs of {steps_per_epoch} steps) on "
-        f"{accelerator.num_processes} process(es), {accelerator.device}, precision {args.mixed_precision}"
+        f"training {trainable / 1e6:.3g}M of {total / 1e6:.3g}M parameters ({args.train}) with loss "
+        f"{describe_loss(args)} for {total_steps} steps ({total_steps / steps_per_epoch:.3g} epochs of "
+        f"{steps_per_epoch} steps) on {accelerator.num_processes} process(es), {accelerator.device}, "
+        f"precision {args.mixed_precision}"
     )
 
     result = TrainResult(steps=progress.step, epochs=0.0, last_loss=None, checkpoint_dir=checkpoint_dir)
