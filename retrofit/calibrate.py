@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .loading import family_and_head
+from .train import HeadReader
 
 SCALES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 RESTARTS = 4  # k-means runs; the best of them by distance to the unmerged model wins
@@ -109,11 +110,9 @@ def kmeans(points: torch.Tensor, k: int, *, iterations: int = 20, seed: int = 0)
 @torch.no_grad()
 def model_outputs(model, pixel_values: torch.Tensor, batch_size: int = CHUNK) -> torch.Tensor:
     """What users read from the model, per image: the logits of a classifier, the pooled output of a backbone."""
-    outputs = []
-    for chunk in pixel_values.split(batch_size):
-        output = model(pixel_values=chunk)
-        outputs.append((output.logits if "logits" in output else output.pooler_output).float())
-    return torch.cat(outputs)
+    read = HeadReader(model, features=False)
+    outputs = [read(model, chunk) for chunk in pixel_values.split(batch_size)]
+    return torch.cat([(out.features if out.logits is None else out.logits).float() for out in outputs])
 
 
 def _compare(student: torch.Tensor, teacher: torch.Tensor, metric: str) -> tuple[float, float]:

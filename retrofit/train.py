@@ -209,11 +209,12 @@ def compute_loss(student: Outputs, teacher: Outputs | None, labels, args: TrainA
     the `feature_loss` (a backbone has only the second); `mix` is alpha · CE + (1 - alpha) · kd."""
     if args.loss == "ce":
         return F.cross_entropy(student.logits.float(), labels)
-    distill = torch.zeros((), device=student.features.device if student.logits is None else student.logits.device)
+    terms = []
     if student.logits is not None:
-        distill = kd_loss(student.logits, teacher.logits, args.temperature)
+        terms.append(kd_loss(student.logits, teacher.logits, args.temperature))
     if args.feature_weight:
-        distill = distill + args.feature_weight * feature_loss(student.features, teacher.features)
+        terms.append(args.feature_weight * feature_loss(student.features, teacher.features))
+    distill = sum(terms)
     if args.loss == "kd":
         return distill
     return args.alpha * F.cross_entropy(student.logits.float(), labels) + (1 - args.alpha) * distill
@@ -360,36 +361,33 @@ def evaluate_loop(model, dataloader, accelerator, teacher=None) -> dict:
     model.eval()
     read = HeadReader(accelerator.unwrap_model(model), features=False)
     read_teacher = HeadReader(teacher, features=False) if teacher is not None else None
-    total = seen = 0.0
+    total = seen = 0
     reference = "labels"
     for batch in dataloader:
         pixels = batch["pixel_values"]
         with accelerator.autocast():
             student = read(model, pixels)
-        targets = batch.get("labels") if student.logits is not None else None
-        if targets is None and read_teacher is not None:
+        labels = batch.get("labels") if student.logits is not None else None
+        if labels is None:
+            if read_teacher is None:
+                continue
             with accelerator.autocast():
                 expected = read_teacher(teacher, pixels)
-            if student.logits is None:
-                targets = F.cosine_similarity(student.features.float(), expected.features.float(), dim=-1)
-                reference = "teacher features"
-            else:
-                targets, reference = expected.logits.argmax(-1), "teacher"
-        if targets is None:
-            continue
         if student.logits is None:
-            similarities = accelerator.gather_for_metrics(targets)
-            total += similarities.sum().item()
-            seen += similarities.numel()
-            continue
-        predictions, targets = accelerator.gather_for_metrics((student.logits.argmax(-1), targets))
-        total += (predictions == targets).sum().item()
-        seen += targets.numel()
+            scores = F.cosine_similarity(student.features.float(), expected.features.float(), dim=-1)
+            reference = "teacher features"
+        else:
+            if labels is None:
+                labels, reference = expected.logits.argmax(-1), "teacher"
+            scores = (student.logits.argmax(-1) == labels).float()
+        scores = accelerator.gather_for_metrics(scores)
+        total += scores.sum().item()
+        seen += scores.numel()
     model.train()
     if not seen:
         return {}
     key = "similarity" if reference == "teacher features" else "accuracy"
-    return {key: total / seen, "examples": int(seen), "reference": reference}
+    return {key: total / seen, "examples": seen, "reference": reference}
 
 
 def _make_accelerator(args: TrainArgs, project_dir: Path | None):
