@@ -20,3 +20,12 @@ def brief(exc: BaseException, limit: int = 160) -> str:
     if ". " in head:
         return head[: head.rindex(". ") + 1]
     return head.rsplit(" ", 1)[0].rstrip(" ,;:(") + " …"
+
+
+def did_you_mean(key: str, valid) -> str:
+    """A hint for an unknown `key`: "; did you mean 'X'?" for a close match, else the list of valid keys."""
+    import difflib
+
+    valid = list(valid)
+    match = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(map(str, valid))}"

@@ -8,7 +8,6 @@ A recipe either fine-tunes a merged model (``source`` + ``merge``) or pretrains 
 
 from __future__ import annotations
 
-import difflib
 import json
 import statistics
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import RetrofitError, brief
+from .errors import RetrofitError, brief, did_you_mean
 
 SPEED_REPEATS = 5  # timed passes per model in the before/after speed measurement
 
@@ -68,6 +67,9 @@ SCHEMA: dict[str, dict | None] = {
     "export": {"output": None, "checkpoint_dir": None},
 }
 
+# Mappings passed through as keyword arguments (checked where they are used), so `--set` may reach inside them.
+FREE_FORM = {"pretrain.model", "pretrain.image_processor"}
+
 # Command-line flags of `retrofit run` -> recipe keys.
 FLAG_KEYS = {
     "source": "source",
@@ -90,11 +92,6 @@ FLAG_KEYS = {
 }
 
 
-def _nearest(key: str, valid) -> str:
-    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(valid)}"
-
-
 def validate(recipe: dict, where: str = "recipe") -> dict:
     """Check every key against `SCHEMA` and fill in defaults; unknown keys -> `RetrofitError` naming the nearest."""
     if not isinstance(recipe, dict):
@@ -102,7 +99,7 @@ def validate(recipe: dict, where: str = "recipe") -> dict:
     out: dict = {}
     for key, value in recipe.items():
         if key not in SCHEMA:
-            raise RetrofitError(f"unknown key '{key}' in {where}{_nearest(str(key), SCHEMA)}")
+            raise RetrofitError(f"unknown key '{key}' in {where}{did_you_mean(str(key), SCHEMA)}")
         section = SCHEMA[key]
         if section is None or key == "pretrain" and value is None:
             out[key] = value
@@ -113,7 +110,7 @@ def validate(recipe: dict, where: str = "recipe") -> dict:
             raise RetrofitError(f"'{key}' in {where} must be a mapping with keys {', '.join(section)}")
         for sub in value:
             if sub not in section:
-                raise RetrofitError(f"unknown key '{key}.{sub}' in {where}{_nearest(str(sub), section)}")
+                raise RetrofitError(f"unknown key '{key}.{sub}' in {where}{did_you_mean(str(sub), section)}")
         out[key] = value
     for key, section in SCHEMA.items():
         if isinstance(section, dict) and key != "pretrain":
@@ -144,21 +141,24 @@ def _parse_value(text: str):
 
 
 def apply_overrides(recipe: dict, overrides: dict[str, object]) -> dict:
-    """Set dotted keys (``training.epochs``) in a raw recipe; unknown keys are refused like in the file."""
+    """Set dotted keys in a raw recipe: ``training.epochs``, or one level deeper inside a free-form mapping
+    (`FREE_FORM`), such as ``pretrain.model.hidden_size``. Unknown keys are refused like in the file."""
     for dotted, value in overrides.items():
-        section, _, sub = dotted.partition(".")
+        keys = dotted.split(".")
+        section = keys[0]
         if section not in SCHEMA:
-            raise RetrofitError(f"unknown override '{dotted}'{_nearest(section, SCHEMA)}")
-        if sub:
-            if not isinstance(SCHEMA[section], dict) or sub not in SCHEMA[section]:
-                valid = SCHEMA[section] or {}
-                raise RetrofitError(f"unknown override '{dotted}'{_nearest(sub, valid)}")
-            recipe.setdefault(section, {})
-            if recipe[section] is None:
-                recipe[section] = {}
-            recipe[section][sub] = value
-        else:
-            recipe[section] = value
+            raise RetrofitError(f"unknown override '{dotted}'{did_you_mean(section, SCHEMA)}")
+        valid = SCHEMA[section] or {}
+        if len(keys) > 1 and keys[1] not in valid:
+            raise RetrofitError(f"unknown override '{dotted}'{did_you_mean(keys[1], valid)}")
+        if len(keys) > 3 or len(keys) == 3 and ".".join(keys[:2]) not in FREE_FORM:
+            raise RetrofitError(f"unknown override '{dotted}'; only {', '.join(sorted(FREE_FORM))} take a third key")
+        target = recipe
+        for key in keys[:-1]:
+            if not isinstance(target.get(key), dict):
+                target[key] = {}
+            target = target[key]
+        target[keys[-1]] = value
     return recipe
 
 

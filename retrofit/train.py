@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .errors import RetrofitError, brief
+from .errors import RetrofitError, brief, did_you_mean
 
 LOSSES = ("kd", "ce", "mix")
 TRAINABLE = ("merger-and-after", "all")
@@ -781,6 +781,13 @@ def finetune(
     )
 
 
+def _check_keys(given: dict, valid, where: str, what: str) -> None:
+    """Refuse keys that `valid` lacks: configs accept unknown keyword arguments silently."""
+    for key in given:
+        if key not in valid:
+            raise RetrofitError(f"unknown {what} '{key}' in {where}{did_you_mean(key, valid)}")
+
+
 def pretrain(
     model_config: dict,
     *,
@@ -800,6 +807,12 @@ def pretrain(
     args.check()
     if args.loss != "ce":
         raise RetrofitError("pretraining has no teacher; use loss ce")
+    for key in {"num_labels", "id2label", "label2id"} & set(model_config):
+        raise RetrofitError(f"pretrain.model.{key} is taken from the data's class names; remove it from the recipe")
+    _check_keys(model_config, ViTConfig().to_dict(), "pretrain.model", "ViTConfig field")
+    _check_keys(
+        image_processor or {}, ViTImageProcessor().to_dict(), "pretrain.image_processor", "ViTImageProcessor field"
+    )
     if not args.resume:
         check_output(output, args.overwrite)
     names = class_names(load_split(args.data, args.split, label_column=args.label_column, limit=1))

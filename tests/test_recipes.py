@@ -69,3 +69,31 @@ def test_run_a_tiny_recipe_with_overrides(tiny_vit, tmp_path, capsys):
     assert (tmp_path / "out-checkpoints" / "results.json").exists()
     summary = run_recipe(path, {"export.output": str(out)}, overwrite=True, log=lambda *_: None)
     assert summary["steps"] == 3 and len(summary["rows"]) == 3
+
+
+def test_pretrain_recipe_with_nested_overrides(tmp_path, capsys):
+    """A `pretrain` recipe trains a plain ViT; `--set` reaches inside pretrain.model, and a mistyped ViTConfig field
+    is refused (transformers configs would accept it silently) before anything is written."""
+    from transformers import AutoModelForImageClassification
+
+    data = make_imagefolder(tmp_path / "colours", per_class=4, test_per_class=2, size=16)
+    recipe = {
+        "pretrain": {"model": {"image_size": 16, "patch_size": 4, "hidden_size": 16, "num_hidden_layers": 2,
+                               "num_attention_heads": 2, "intermediate_size": 32}},
+        "data": {"name": str(data)},
+        "training": {"loss": "ce", "max_steps": 2, "batch_size": 4},
+        "export": {"output": str(tmp_path / "baseline")},
+    }  # fmt: skip
+    path = write(tmp_path / "pretrain.yaml", recipe)
+    for override in ("pretrain.model.hiden_size=32", "pretrain.model.hidden_size.x=1", "pretrain.model.num_labels=3"):
+        assert main(["run", str(path), "--set", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "unknown ViTConfig field 'hiden_size'" in err[0] and "did you mean 'hidden_size'" in err[0]
+    assert "only pretrain.image_processor, pretrain.model take a third key" in err[1]
+    assert "pretrain.model.num_labels is taken from the data's class names" in err[2]
+    assert not (tmp_path / "baseline").exists()
+
+    assert main(["run", str(path), "--set", "pretrain.model.hidden_size=24", "--set", "training.max_steps=1"]) == 0
+    model = AutoModelForImageClassification.from_pretrained(tmp_path / "baseline")
+    assert model.config.hidden_size == 24 and model.config.num_labels == 3
+    assert model.config.id2label[0] in {"bird", "cat", "dog"}
