@@ -23,8 +23,8 @@ def resolve_source(source: str | Path) -> str:
         if not (folder / "config.json").is_file():
             shipped = ", ".join(f"retrofit:{p.name}" for p in sorted(ASSETS.glob("*")) if p.is_dir()) or "none"
             raise RetrofitError(
-                f"shipped checkpoint '{source}' is missing ({folder}; shipped: {shipped}); rebuild it with "
-                "`retrofit run recipes/fashion-mnist-baseline.yaml --overwrite`"
+                f"shipped checkpoint '{source}' is missing ({folder}; shipped: {shipped}); rebuild it with the recipe "
+                "that writes it, e.g. `retrofit run recipes/fashion-mnist-baseline-wide.yaml --overwrite`"
             )
         return str(folder)
     return source

@@ -32,12 +32,16 @@ def test_images():
     return data, make_dataloader(data, load_image_processor(source, config), batch_size=500)
 
 
-def test_shipped_baseline_is_the_trained_model(test_images):
-    _, loader = test_images
-    info = json.loads((Path(resolve_source(SOURCE)) / "training.json").read_text())
-    measured = accuracy(load_model(SOURCE), loader)
+@pytest.mark.parametrize("source", [SOURCE, "retrofit:fashion-mnist-vit-wide"])  # tests' baseline, demo's baseline
+def test_shipped_baselines_are_the_trained_models(test_images, source):
+    data, _ = test_images
+    folder = resolve_source(source)
+    config = load_config(folder)
+    loader = make_dataloader(data, load_image_processor(folder, config), batch_size=500)
+    info = json.loads((Path(folder) / "training.json").read_text())
+    measured = accuracy(load_model(source), loader)
     assert abs(measured - info["accuracy"]) < 0.02  # 2,000 of the 10,000 test images the recorded number used
-    assert load_config(resolve_source(SOURCE)).id2label == dict(enumerate(FASHION_MNIST_CLASSES))
+    assert config.id2label == dict(enumerate(FASHION_MNIST_CLASSES))
 
 
 def test_pipeline_on_an_export_agrees_with_retrofits_data_path(test_images, tmp_path, capsys):
