@@ -807,8 +807,11 @@ def pretrain(
     args.check()
     if args.loss != "ce":
         raise RetrofitError("pretraining has no teacher; use loss ce")
-    for key in {"num_labels", "id2label", "label2id"} & set(model_config):
-        raise RetrofitError(f"pretrain.model.{key} is taken from the data's class names; remove it from the recipe")
+    reserved = sorted({"num_labels", "id2label", "label2id"} & set(model_config))
+    if reserved:
+        raise RetrofitError(
+            f"pretrain.model.{reserved[0]} is taken from the data's class names; remove it from the recipe"
+        )
     _check_keys(model_config, ViTConfig().to_dict(), "pretrain.model", "ViTConfig field")
     _check_keys(
         image_processor or {}, ViTImageProcessor().to_dict(), "pretrain.image_processor", "ViTImageProcessor field"
