@@ -194,9 +194,7 @@ def calibration_batch(
     from .data import load_split, make_dataloader
     from .loading import load_image_processor
 
-    dataset = load_split(data, split, image_column=image_column, label_column=None)
-    if len(dataset) > num_images:
-        dataset = dataset.shuffle(seed=seed).select(range(num_images))
+    dataset = load_split(data, split, image_column=image_column, label_column=None, limit=num_images, sample_seed=seed)
     processor = load_image_processor(source, model.config, log=log)
     loader = make_dataloader(
         dataset, processor, batch_size=len(dataset), num_channels=getattr(model.config, "num_channels", None)

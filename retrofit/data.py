@@ -136,19 +136,23 @@ def load_split(
     image_column: str = "image",
     label_column: str | None = "label",
     limit: int | None = None,
+    sample_seed: int | None = None,
 ):
     """One split of an image-classification dataset as a `datasets.Dataset` with columns ``image`` (and ``label``).
 
     `data` is ``fashion-mnist`` (Debian's files, split ``train``/``test``; ``validation`` means ``test``), a local
-    folder in the `datasets` imagefolder layout, or a Hub dataset id. `limit` keeps the first `limit` examples.
+    folder in the `datasets` imagefolder layout, or a Hub dataset id. `limit` keeps the first `limit` examples, or,
+    with `sample_seed`, a shuffled sample of `limit` examples. From the Hub, a limited split is streamed: only the
+    examples kept are downloaded, not the whole split.
     """
     import datasets
 
     if limit is not None and limit < 1:
         raise RetrofitError(f"--limit must be at least 1 (got {limit})")
     data = str(data)
+    sample = limit is not None and sample_seed is not None
     if data.lower() in (FASHION_MNIST, "fashion_mnist", "fashionmnist"):
-        dataset = _fashion_mnist(split, limit)
+        dataset = _fashion_mnist(split, None if sample else limit)
     else:
         local = Path(data).expanduser()
         is_local = local.exists() or data.startswith((".", "/", "~"))
@@ -168,7 +172,7 @@ def load_split(
                 chosen = next((name for name in ("validation", "test", "valid", "val") if name in available), None)
             if chosen is None:
                 raise RetrofitError(f"dataset '{data}' has no split '{split}'; available: {', '.join(available)}")
-            dataset = splits[chosen] if is_local else datasets.load_dataset(data, split=chosen)
+            dataset = splits[chosen] if is_local else _hub_split(data, chosen, limit, sample_seed)
         except RetrofitError:
             raise
         except Exception as exc:
@@ -177,7 +181,7 @@ def load_split(
                 f"cannot load dataset '{data}' ({type(exc).__name__}: {text}); pass fashion-mnist, an image folder "
                 "or a reachable Hub dataset id"
             ) from None
-        if limit is not None:
+        if limit is not None and not sample:
             dataset = dataset.select(range(min(limit, len(dataset))))
         for column in (image_column, label_column):
             if column is not None and column not in dataset.column_names:
@@ -198,11 +202,44 @@ def load_split(
             dataset = dataset.rename_column(label_column, "label")
         if is_local and len(dataset):
             _check_local_images(dataset, "image", data)
+    if sample and len(dataset) > limit:
+        dataset = dataset.shuffle(seed=sample_seed).select(range(limit))
     if label_column is None and "label" in dataset.column_names:
         dataset = dataset.remove_columns("label")
     if len(dataset) == 0:
         raise RetrofitError(f"split '{split}' of dataset '{data}' is empty; choose another split or dataset")
     return dataset
+
+
+def _hub_split(data: str, split: str, limit: int | None, sample_seed: int | None):
+    """A Hub dataset's split. With a `limit`, it is streamed and only `limit` examples are downloaded (the first
+    ones, or with `sample_seed` a sample from a shuffled stream) and then kept as a `datasets.Dataset` in the cache.
+    Calibrating on 256 ImageNet images thus reads a few hundred MB instead of the whole training split."""
+    import datasets
+
+    if limit is None:
+        return datasets.load_dataset(data, split=split)
+    stream = datasets.load_dataset(data, split=split, streaming=True)
+    if stream.features is None:  # no schema without reading the data: download the split after all
+        return datasets.load_dataset(data, split=split)
+    features = stream.features
+    if sample_seed is not None:
+        stream = stream.shuffle(seed=sample_seed, buffer_size=max(1_000, 4 * limit))
+    stream = stream.decode(False).take(limit)  # images stay as their encoded bytes
+    return datasets.Dataset.from_generator(_examples, features=features, gen_kwargs={"stream": stream})
+
+
+def _examples(stream):
+    """The examples of `stream`, with the bytes of every image that the stream names only by path read in, so that
+    the kept split decodes offline later."""
+    from datasets.utils.file_utils import xopen
+
+    for example in stream:
+        for value in example.values():
+            if isinstance(value, dict) and value.get("bytes") is None and value.get("path"):
+                with xopen(value["path"], "rb") as file:
+                    value["bytes"], value["path"] = file.read(), None
+        yield example
 
 
 def class_names(dataset) -> list[str] | None:

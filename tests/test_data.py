@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +128,90 @@ def test_cli_bad_data_exits_2_and_writes_nothing(tiny_vit, imagefolder, tmp_path
     assert len(errors) == 3 and all(line.startswith("retrofit: error:") for line in errors)
     assert "no column 'kind'" in errors[1] and "larger than the data" in errors[2]
     assert not out.exists() and not (tmp_path / "out-checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hub datasets: a stand-in Hub id served from local parquet files (the real `datasets` streaming code runs on them)
+# ----------------------------------------------------------------------------------------------------------------
+
+HUB_ID = "someone/colours"
+
+
+@pytest.fixture
+def hub_dataset(tmp_path, monkeypatch):
+    """Serve `HUB_ID` from parquet files; returns the calls to `datasets.load_dataset` and the full train split."""
+    import datasets
+
+    root = tmp_path / "hub"
+    folder = datasets.load_dataset("imagefolder", data_dir=str(make_imagefolder(tmp_path / "colours", per_class=10)))
+    train = datasets.Dataset.from_dict(  # images stored as bytes in the parquet file, as on the Hub
+        {"image": [np.asarray(image) for image in folder["train"]["image"]], "label": folder["train"]["label"]},
+        features=folder["train"].features,
+    )
+    train.to_parquet(str(root / "train.parquet"))
+    folder["test"].to_parquet(str(root / "test.parquet"))  # images named by path only
+    files = {split: str(root / f"{split}.parquet") for split in ("train", "test")}
+    calls: list[dict] = []
+    real_load = datasets.load_dataset
+
+    def load_dataset(path, split=None, streaming=False, **kwargs):
+        if path != HUB_ID:
+            return real_load(path, split=split, streaming=streaming, **kwargs)
+        calls.append({"split": split, "streaming": streaming})
+        return real_load("parquet", data_files=files, split=split, streaming=streaming)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(datasets, "get_dataset_split_names", lambda path, **kwargs: list(files))
+    return calls, real_load("parquet", data_files=files, split="train")
+
+
+def test_a_limited_hub_split_is_streamed_not_downloaded_whole(hub_dataset, tmp_path):
+    calls, full = hub_dataset
+    part = load_split(HUB_ID, "train", limit=7)
+    assert calls == [{"split": "train", "streaming": True}]
+    assert len(part) == 7 and part["label"] == full["label"][:7]
+    assert class_names(part) == ["bird", "cat", "dog"]
+    assert np.array_equal(np.asarray(part[6]["image"]), np.asarray(full[6]["image"]))  # the same image, decoded
+
+    calls.clear()
+    assert len(load_split(HUB_ID, "validation")) == 12  # 'validation' finds 'test'
+    assert calls == [{"split": "test", "streaming": False}]  # no limit: the whole split, as before
+
+    # A stream that names its images by path (an image-folder repo): the kept split holds their bytes.
+    expected = np.asarray(load_split(HUB_ID, "test")[1]["image"])
+    by_path = load_split(HUB_ID, "test", limit=2)
+    shutil.rmtree(tmp_path / "colours" / "test")
+    assert np.array_equal(np.asarray(by_path[1]["image"]), expected)
+
+
+def test_a_calibration_sample_from_the_hub_is_streamed_and_seeded(hub_dataset, tiny_vit):
+    from retrofit.calibrate import calibration_batch
+    from retrofit.loading import load_model
+
+    calls, full = hub_dataset
+    first = load_split(HUB_ID, "train", label_column=None, limit=6, sample_seed=0)
+    again = load_split(HUB_ID, "train", label_column=None, limit=6, sample_seed=0)
+    other = load_split(HUB_ID, "train", label_column=None, limit=6, sample_seed=1)
+    assert all(call["streaming"] for call in calls)
+    assert first.column_names == ["image"] and len(first) == 6
+    pixels = [[np.asarray(image).tobytes() for image in part["image"]] for part in (first, again, other)]
+    assert pixels[0] == pixels[1] and pixels[0] != pixels[2]  # a function of the seed
+    everything = {np.asarray(image).tobytes() for image in full["image"]}
+    assert set(pixels[0]) <= everything and len(set(pixels[0])) == 6
+
+    calls.clear()
+    model = load_model(str(tiny_vit))
+    batch = calibration_batch(model, HUB_ID, source=str(tiny_vit), num_images=5, log=lambda _: None)
+    assert batch.shape == (5, 3, 32, 32) and calls == [{"split": "train", "streaming": True}]
+
+
+def test_an_unreachable_hub_stream_is_a_one_line_error(hub_dataset, monkeypatch):
+    import datasets
+
+    def offline(path, split=None, streaming=False, **kwargs):
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (LocalEntryNotFoundError)\nmore lines")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(RetrofitError, match=r"cannot load dataset 'someone/colours' \(ConnectionError") as error:
+        load_split(HUB_ID, "train", limit=3)
+    assert "\n" not in str(error.value)
