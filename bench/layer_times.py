@@ -15,6 +15,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrofit.benchmark import DTYPES, shape_model  # noqa: E402
-from retrofit.cost import layer_macs, num_patches  # noqa: E402
+from retrofit.cost import layer_macs, model_cost, num_patches  # noqa: E402
 from retrofit.surgery import insert_patch_merger  # noqa: E402
 
 
@@ -46,48 +47,102 @@ class PatchGemm(torch.nn.Module):
         return out.transpose(1, 2).reshape(b, -1, h // p, w // p)  # the conv's (B, D, H/p, W/p) layout
 
 
-def use_patch_gemm(model: torch.nn.Module) -> torch.nn.Module:
-    embeddings = model.vit.embeddings.patch_embeddings
-    embeddings.projection = PatchGemm(embeddings.projection)
+class ChannelsLastConv(torch.nn.Module):
+    """The patch-embedding conv run on channels-last (NHWC) input and weights, which cuDNN may serve faster."""
+
+    def __init__(self, conv: torch.nn.Conv2d):
+        super().__init__()
+        self.conv = conv.to(memory_format=torch.channels_last)
+
+    @property
+    def weight(self) -> torch.Tensor:  # transformers reads the projection's dtype from it
+        return self.conv.weight
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.conv(pixels.contiguous(memory_format=torch.channels_last))
+
+
+PATCH_EMBEDS = {"conv": None, "channels-last": ChannelsLastConv, "gemm": PatchGemm}
+
+
+def use_patch_embed(model: torch.nn.Module, kind: str) -> torch.nn.Module:
+    """Compute `model`'s patch embedding the `kind` way (same weights)."""
+    if PATCH_EMBEDS[kind] is not None:
+        embeddings = model.vit.embeddings.patch_embeddings
+        embeddings.projection = PATCH_EMBEDS[kind](embeddings.projection)
     return model
 
 
-def time_modules(model: torch.nn.Module, modules: dict[str, torch.nn.Module], pixels: torch.Tensor, repeats: int):
-    """Median milliseconds per named module over `repeats` forward passes (CUDA events around each call)."""
-    events: dict[str, list] = {name: [] for name in modules}
+class Clock:
+    """Timestamps on the device's own clock: CUDA events on a GPU, `time.perf_counter` on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def ms(self, start, end) -> float:
+        return start.elapsed_time(end) if self.cuda else (end - start) * 1000
+
+
+def time_modules(model, modules: dict[str, torch.nn.Module], pixels: torch.Tensor, repeats: int, clock: Clock):
+    """Median milliseconds per named module over `repeats` forward passes (timestamps from forward hooks)."""
+    marks: dict[str, list] = {name: [] for name in modules}
     handles = []
     for name, module in modules.items():
 
         def pre(_module, _args, name=name):
-            start = torch.cuda.Event(enable_timing=True)
-            start.record()
-            events[name].append([start, None])
+            marks[name].append([clock.mark(), None])
 
         def post(_module, _args, _output, name=name):
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            events[name][-1][1] = end
+            marks[name][-1][1] = clock.mark()
 
         handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
     with torch.inference_mode():
         for _ in range(3):
             model(pixel_values=pixels)
-        torch.cuda.synchronize()
-        for times in events.values():
+        clock.sync()
+        for times in marks.values():
             times.clear()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         totals = []
         for _ in range(repeats):
-            start.record()
+            start = clock.mark()
             model(pixel_values=pixels)
-            end.record()
-            torch.cuda.synchronize()
-            totals.append(start.elapsed_time(end))
+            end = clock.mark()
+            clock.sync()
+            totals.append(clock.ms(start, end))
     for handle in handles:
         handle.remove()
-    result = {name: statistics.median(s.elapsed_time(e) for s, e in times) for name, times in events.items()}
+    result = {name: statistics.median(clock.ms(s, e) for s, e in times) for name, times in marks.items()}
     result["total"] = statistics.median(totals)
     return result
+
+
+def time_forwards(models: dict[str, torch.nn.Module], pixels: torch.Tensor, repeats: int, clock: Clock):
+    """Median milliseconds of a whole forward pass per model, no hooks, the models alternating pass by pass."""
+    totals: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for _ in range(3):
+            for model in models.values():
+                model(pixel_values=pixels)
+        clock.sync()
+        for _ in range(repeats):
+            for name, model in models.items():
+                start = clock.mark()
+                model(pixel_values=pixels)
+                end = clock.mark()
+                clock.sync()
+                totals[name].append(clock.ms(start, end))
+    return {name: statistics.median(times) for name, times in totals.items()}
 
 
 def main() -> int:
@@ -96,27 +151,45 @@ def main() -> int:
     parser.add_argument("--merge", default="6:8", help="K:M")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (slow; for trying the script out)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", help="write the table to this file")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN pick the fastest conv algorithm")
-    parser.add_argument("--patch-gemm", action="store_true", help="compute the patch embedding as a GEMM (both models)")
+    parser.add_argument(
+        "--patch-embed",
+        default="conv",
+        choices=sorted(PATCH_EMBEDS),
+        help="how the patch embedding is computed: the model's conv, the conv on channels-last tensors, or one GEMM "
+        "over unfolded patches (same weights)",
+    )
+    parser.add_argument("--patch-gemm", action="store_true", help="the same as --patch-embed gemm")
+    parser.add_argument(
+        "--merged-only",
+        action="store_true",
+        help="change the patch embedding of the merged model only (the source keeps its conv)",
+    )
     args = parser.parse_args()
+    if args.patch_gemm:
+        args.patch_embed = "gemm"
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    if not torch.cuda.is_available():
-        print("layer_times.py: error: needs a CUDA GPU", file=sys.stderr)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("layer_times.py: error: --device cuda needs a CUDA GPU (try --device cpu)", file=sys.stderr)
         return 2
-    device, dtype = torch.device("cuda"), DTYPES[args.dtype]
+    dtype, clock = DTYPES[args.dtype], Clock(device)
     after, tokens = (int(v) for v in args.merge.split(":"))
     source = shape_model(args.model, device, dtype)
     merged = insert_patch_merger(shape_model(args.model, device, dtype), after, tokens).to(device, dtype).eval()
     pixels = torch.randn(args.batch_size, 3, 224, 224, device=device, dtype=dtype)
-    if args.patch_gemm:
+    if args.patch_embed != "conv":
         with torch.inference_mode():
-            reference = source(pixel_values=pixels[:4]).logits
-        use_patch_gemm(source), use_patch_gemm(merged)
+            reference = merged(pixel_values=pixels[:4]).logits
+        if not args.merged_only:
+            use_patch_embed(source, args.patch_embed)
+        use_patch_embed(merged, args.patch_embed)
         with torch.inference_mode():
-            diff = (source(pixel_values=pixels[:4]).logits - reference).abs().max().item()
-        print(f"patch embedding as GEMM: max |logit difference| vs the conv = {diff:.3g} ({args.dtype})")
+            diff = (merged(pixel_values=pixels[:4]).logits - reference).abs().max().item()
+        print(f"patch embedding as {args.patch_embed}: max |logit difference| vs the conv = {diff:.3g} ({args.dtype})")
 
     def named(model):
         layers = model.vit.layers
@@ -126,13 +199,16 @@ def main() -> int:
         return parts
 
     src, mrg = (
-        time_modules(source, named(source), pixels, args.repeats),
-        time_modules(merged, named(merged), pixels, args.repeats),
+        time_modules(source, named(source), pixels, args.repeats, clock),
+        time_modules(merged, named(merged), pixels, args.repeats, clock),
     )
+    plain = time_forwards({"source": source, "merged": merged}, pixels, args.repeats, clock)
     config = source.config
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    patch = f"{args.patch_embed}{' (merged model only)' if args.merged_only else ''}"
     print(
-        f"{args.model}, merge {args.merge}, batch {args.batch_size}, {args.dtype}, {torch.cuda.get_device_name()}, "
-        f"cudnn.benchmark={args.cudnn_benchmark}, patch embedding as GEMM={args.patch_gemm}"
+        f"{args.model}, merge {args.merge}, batch {args.batch_size}, {args.dtype}, {hardware}, "
+        f"cudnn.benchmark={args.cudnn_benchmark}, patch embedding: {patch}"
     )
     print("| part | tokens source → merged | ms source | ms merged | time ratio | MACs ratio |")
     print("|---|---|---|---|---|---|")
@@ -161,8 +237,21 @@ def main() -> int:
         f"\nfirst {after} layers {first:.2f} ms; layers {after}.. {rest_src:.2f} → {rest_mrg:.2f} ms "
         f"(merger {mrg['merger']:.2f} ms); outside the layers {other:.2f} ms"
     )
+    flops_ratio = model_cost(source.config).gflops / model_cost(merged.config).gflops
+    speedup = plain["source"] / plain["merged"]
+    print(
+        f"whole forward without hooks: {plain['source']:.2f} → {plain['merged']:.2f} ms, speed-up {speedup:.2f}x, "
+        f"FLOPs ratio {flops_ratio:.3f}x, speed-up ÷ FLOPs ratio {speedup / flops_ratio:.2f}"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "source": src, "merged": mrg}, indent=2))
+        report = {
+            "settings": {**vars(args), "hardware": hardware},
+            "rows": rows,
+            "source": src,
+            "merged": mrg,
+            "without_hooks": {**plain, "speedup": speedup, "flops_ratio": flops_ratio},
+        }
+        Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
 
 

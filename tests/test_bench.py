@@ -166,3 +166,19 @@ def test_speed_script_needs_only_torch_and_transformers(tmp_path):
     report = json.loads(out.read_text())
     assert [row["model"] for row in report["models"]] == ["vit-ti16", "vit-ti16+pm6:8"]
     assert report["models"][1]["flops_ratio"] > 1.8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("patch", [["gemm", "--merged-only"], ["channels-last"]])
+def test_layer_times_script_runs_on_the_cpu(tmp_path, patch):
+    """bench/layer_times.py (a GPU diagnostic) is tried on the CPU, so that a lent GPU's time is not spent on bugs."""
+    out = tmp_path / "layers.json"
+    command = [sys.executable, "bench/layer_times.py", "--device", "cpu", "--model", "vit-ti16", "--merge", "6:8"]
+    command += ["--batch-size", "1", "--dtype", "fp32", "--repeats", "1", "--patch-embed", *patch]
+    done = subprocess.run([*command, "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "max |logit difference| vs the conv" in done.stdout and "speed-up ÷ FLOPs ratio" in done.stdout
+    report = json.loads(out.read_text())
+    assert [row["tokens"] for row in report["rows"]] == [[197, 197]] * 6 + [[197, 9]] * 6
+    assert report["without_hooks"]["flops_ratio"] > 1.8 and report["without_hooks"]["merged"] > 0
+    assert report["settings"]["patch_embed"] == patch[0] and report["settings"]["hardware"] == "CPU"
