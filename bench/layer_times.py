@@ -73,6 +73,28 @@ def use_patch_embed(model: torch.nn.Module, kind: str) -> torch.nn.Module:
     return model
 
 
+SDPA_BACKENDS = {
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "math": "MATH",
+}
+
+
+def pin_sdpa_backend(layers: list[torch.nn.Module], backend: str) -> None:
+    """Make `layers` run their scaled-dot-product attention on one backend (e.g. the math path for 9-token inputs)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = getattr(SDPBackend, SDPA_BACKENDS[backend])
+    for layer in layers:
+
+        def forward(*args, _forward=layer.forward, **kwargs):
+            with sdpa_kernel([chosen]):
+                return _forward(*args, **kwargs)
+
+        layer.forward = forward
+
+
 class Clock:
     """Timestamps on the device's own clock: CUDA events on a GPU, `time.perf_counter` on the CPU."""
 
@@ -168,6 +190,11 @@ def main() -> int:
         action="store_true",
         help="change the patch embedding of the merged model only (the source keeps its conv)",
     )
+    parser.add_argument(
+        "--merged-sdpa",
+        choices=sorted(SDPA_BACKENDS),
+        help="the attention backend of the merged model's layers after the merge (default: torch's choice)",
+    )
     args = parser.parse_args()
     if args.patch_gemm:
         args.patch_embed = "gemm"
@@ -181,6 +208,8 @@ def main() -> int:
     source = shape_model(args.model, device, dtype)
     merged = insert_patch_merger(shape_model(args.model, device, dtype), after, tokens).to(device, dtype).eval()
     pixels = torch.randn(args.batch_size, 3, 224, 224, device=device, dtype=dtype)
+    if args.merged_sdpa:
+        pin_sdpa_backend(list(merged.vit.layers)[after:], args.merged_sdpa)
     if args.patch_embed != "conv":
         with torch.inference_mode():
             reference = merged(pixel_values=pixels[:4]).logits
@@ -208,7 +237,8 @@ def main() -> int:
     patch = f"{args.patch_embed}{' (merged model only)' if args.merged_only else ''}"
     print(
         f"{args.model}, merge {args.merge}, batch {args.batch_size}, {args.dtype}, {hardware}, "
-        f"cudnn.benchmark={args.cudnn_benchmark}, patch embedding: {patch}"
+        f"cudnn.benchmark={args.cudnn_benchmark}, patch embedding: {patch}, "
+        f"attention after the merge: {args.merged_sdpa or 'torch default'}"
     )
     print("| part | tokens source → merged | ms source | ms merged | time ratio | MACs ratio |")
     print("|---|---|---|---|---|---|")

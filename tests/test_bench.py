@@ -169,7 +169,7 @@ def test_speed_script_needs_only_torch_and_transformers(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("patch", [["gemm", "--merged-only"], ["channels-last"]])
+@pytest.mark.parametrize("patch", [["gemm", "--merged-only"], ["channels-last", "--merged-sdpa", "math"]])
 def test_layer_times_script_runs_on_the_cpu(tmp_path, patch):
     """bench/layer_times.py (a GPU diagnostic) is tried on the CPU, so that a lent GPU's time is not spent on bugs."""
     out = tmp_path / "layers.json"
