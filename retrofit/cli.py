@@ -49,6 +49,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
         trust_remote_code=args.trust_remote_code,
         revision=args.revision,
         calibrate_on=args.calibrate_on,
+        calibrate_split=args.calibrate_split,
+        calibrate_images=args.calibrate_images,
+        image_column=args.image_column,
     )
 
 
@@ -161,8 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--output", "-o", required=True, help="folder to write the Hub-format model to")
     convert.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     convert.add_argument(
-        "--calibrate-on", metavar="DATA", help="initialise the merger from k-means of layer-K tokens on DATA"
+        "--calibrate-on",
+        metavar="DATA",
+        help="initialise the merger from k-means of layer-K tokens on DATA (fashion-mnist, an image folder or a Hub "
+        "dataset id)",
     )
+    convert.add_argument("--calibrate-split", default="train", help="split of DATA to calibrate on (default train)")
+    convert.add_argument(
+        "--calibrate-images", type=int, default=256, help="images to calibrate on, a shuffled sample (default 256)"
+    )
+    convert.add_argument("--image-column", default="image", help="image column of DATA (default image)")
     _add_source_options(convert)
     convert.set_defaults(handler=cmd_convert)
     evaluate = commands.add_parser("evaluate", help="top-1/top-5 accuracy and loss of several models, side by side")

@@ -10,6 +10,7 @@ from transformers import PreTrainedModel
 
 from .atomic import check_output
 from .cost import Cost, compare, model_cost
+from .errors import RetrofitError
 from .export import export
 from .loading import load_config, load_image_processor, load_model, processor_image_size
 from .surgery import check_merge, insert_patch_merger
@@ -40,12 +41,20 @@ def convert(
     trust_remote_code: bool = False,
     revision: str | None = None,
     calibrate_on: str | None = None,
+    calibrate_split: str = "train",
+    calibrate_images: int = 256,
+    image_column: str = "image",
     log: Callable[[str], None] = print,
 ) -> ConvertResult:
     """Insert a PatchMerger into `source` (Hub id or folder) after `after_layer` layers with `num_tokens` tokens.
 
-    Bad input raises `RetrofitError` before anything is written; `output`, if given, is written atomically.
+    With `calibrate_on` (fashion-mnist, an image folder or a Hub dataset id), the merger starts from k-means of the
+    layer-K tokens of a shuffled sample of `calibrate_images` images of its `calibrate_split` split (column
+    `image_column`) instead of at random. Bad input raises `RetrofitError` before anything is written; `output`, if
+    given, is written atomically.
     """
+    if calibrate_images < 1:
+        raise RetrofitError(f"--calibrate-images must be at least 1 (got {calibrate_images})")
     if output is not None:
         check_output(output, overwrite)
     config = load_config(source, trust_remote_code=trust_remote_code, revision=revision)
@@ -58,7 +67,15 @@ def convert(
     if calibrate_on is not None:
         from .calibrate import calibrate_from_data
 
-        calibrate_from_data(merged, calibrate_on, source=str(source), log=log)
+        calibrate_from_data(
+            merged,
+            calibrate_on,
+            source=str(source),
+            num_images=calibrate_images,
+            split=calibrate_split,
+            image_column=image_column,
+            log=log,
+        )
     before, after = model_cost(config, image_size), model_cost(merged.config, image_size)
     log(compare(before, after))
     if output is not None:

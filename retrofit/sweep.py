@@ -205,6 +205,8 @@ def sweep(
         raise RetrofitError(f"--method {settings.method!r} is not one of {', '.join(METHODS)}")
     if settings.target_speedup is not None and settings.target_speedup <= 1:
         raise RetrofitError(f"--target-speedup must be above 1 (got {settings.target_speedup})")
+    if settings.calibrate_images < 1:
+        raise RetrofitError(f"--calibrate-images must be at least 1 (got {settings.calibrate_images})")
     if output is not None:
         check_output(output, overwrite)
     config = load_config(source)

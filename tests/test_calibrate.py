@@ -64,3 +64,13 @@ def test_calibrate_from_an_imagefolder_and_convert_cli(tiny_vit, tmp_path, capsy
     assert "calibrated the merger on 12 images" in capsys.readouterr().out
     assert main([*argv, "--overwrite", "--calibrate-on", str(tmp_path / "missing")]) == 2
     assert (out / "model.safetensors").exists()  # the earlier export is untouched by the failed run
+    capsys.readouterr()
+
+    # Another split, a smaller sample, another image column: each reaches the calibration.
+    options = ["--calibrate-split", "test", "--calibrate-images", "2"]
+    assert main([*argv, "--overwrite", "--calibrate-on", str(data), *options]) == 0
+    assert "calibrated the merger on 2 images" in capsys.readouterr().out
+    assert main([*argv, "--overwrite", "--calibrate-on", str(data), "--image-column", "img"]) == 2
+    assert "no column 'img'" in capsys.readouterr().err
+    assert main([*argv, "--overwrite", "--calibrate-on", str(data), "--calibrate-images", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "retrofit: error: --calibrate-images must be at least 1 (got 0)"

@@ -60,6 +60,7 @@ def test_sweep_writes_table_json_and_plot(tiny_vit, images, tmp_path, capsys):
         (["--after-layer", "x", "--tokens", "2"], "not a comma-separated list"),
         (["--after-layer", "1", "--tokens", "2", "--target-speedup", "0.5"], "--target-speedup"),
         (["--after-layer", "1", "--tokens", "2", "--method", "magic"], "--method"),
+        (["--after-layer", "1", "--tokens", "2", "--calibrate-images", "0"], "--calibrate-images must be at least 1"),
     ],
 )
 def test_bad_sweep_input(tiny_vit, images, tmp_path, capsys, options, message):
