@@ -31,16 +31,16 @@ def _how_made(config, training: TrainingInfo | None) -> str:
         f"run on all tokens), {config.merge_num_tokens} merged tokens, {config.merge_num_prefix_tokens} prefix "
         "token(s) passed through",
     ]
-    if training is not None:
-        lines.append(f"- merger initialisation: {training.init}")
-        if training.data:
-            lines.append(
-                f"- fine-tuned on `{training.data}` for {training.steps} steps ({training.epochs} epochs), "
-                f"loss: {training.loss}"
-            )
-        lines.extend(f"- {note}" for note in training.notes)
+    training = training or TrainingInfo()
+    lines.append(f"- merger initialisation: {training.init}")
+    if training.data:
+        lines.append(
+            f"- fine-tuned on `{training.data}` for {training.steps} steps ({training.epochs} epochs), "
+            f"loss: {training.loss}"
+        )
     else:
         lines.append("- not fine-tuned after the merge: expect lower accuracy than the source until it is")
+    lines.extend(f"- {note}" for note in training.notes)
     return "\n".join(lines)
 
 

@@ -64,10 +64,12 @@ def convert(
     model = load_model(source, config=config, trust_remote_code=trust_remote_code, revision=revision)
     model.eval()
     merged = insert_patch_merger(model, after_layer, num_tokens, source=str(source))
+    training = None
     if calibrate_on is not None:
         from .calibrate import calibrate_from_data
+        from .card import TrainingInfo
 
-        calibrate_from_data(
+        calibration = calibrate_from_data(
             merged,
             calibrate_on,
             source=str(source),
@@ -76,9 +78,15 @@ def convert(
             image_column=image_column,
             log=log,
         )
+        closeness = "top-1 agreement" if calibration.metric == "KL" else "cosine similarity of the pooled output"
+        training = TrainingInfo(
+            init=f"calibrated: k-means of the layer-{after_layer} tokens of {calibration.images} images of "
+            f"`{calibrate_on}` ({calibrate_split} split), query scale {calibration.scale:g}; {closeness} with the "
+            f"source {calibration.agreement_calibrated:.3f} (random queries: {calibration.agreement_random:.3f})"
+        )
     before, after = model_cost(config, image_size), model_cost(merged.config, image_size)
     log(compare(before, after))
     if output is not None:
-        export(merged, output, image_processor=processor, overwrite=overwrite, source_config=config)
+        export(merged, output, image_processor=processor, overwrite=overwrite, source_config=config, training=training)
         log(f"wrote {output}")
     return ConvertResult(model=merged, before=before, after=after, output=Path(output) if output else None)

@@ -8,7 +8,7 @@ from huggingface_hub import ModelCard
 from transformers import PreTrainedModel
 
 from .atomic import atomic_dir
-from .card import build_card
+from .card import TrainingInfo, build_card
 from .hub_code import load_classes
 from .loading import family_and_head, is_merged, processor_image_size
 
@@ -23,12 +23,14 @@ def export(
     card: ModelCard | None = None,
     overwrite: bool = False,
     source_config=None,
+    training: TrainingInfo | None = None,
 ) -> Path:
     """Write `model` (a merged model) to `output` as a Hub repository, atomically.
 
     The folder holds ``config.json`` (with ``auto_map``), ``model.safetensors``, the generated
     ``configuration_*.py``/``modeling_*.py``, ``preprocessor_config.json`` and a ``README.md`` model card.
-    Load it with ``AutoModelForImageClassification.from_pretrained(output, trust_remote_code=True)``.
+    Load it with ``AutoModelForImageClassification.from_pretrained(output, trust_remote_code=True)``. Without a
+    `card`, one is built from the model, `source_config` (for the cost table) and `training` (how it was made).
     """
     if not is_merged(model.config):
         raise ValueError("export() takes a merged model; use retrofit.insert_patch_merger first")
@@ -37,7 +39,7 @@ def export(
     model.config.auto_map = dict(classes.auto_map)
     if card is None:
         image_size = processor_image_size(image_processor) if image_processor is not None else None
-        card = build_card(model, source_config=source_config, image_size=image_size)
+        card = build_card(model, source_config=source_config, image_size=image_size, training=training)
     with atomic_dir(output, overwrite) as tmp:
         model.save_pretrained(tmp)
         for filename, text in classes.files.items():

@@ -57,6 +57,7 @@ def test_build_card_metadata(tiny_vit, export_dir):
     assert card.data.library_name == "transformers"
     assert {"retrofit", "patch-merger", "vit"} <= set(card.data.tags)
     assert "trust_remote_code=True" in card.text and "me/vit-pm" in card.text
+    assert "- merger initialisation: random\n- not fine-tuned after the merge" in card.text
 
 
 def test_update_card_writes_before_after_table_and_model_index(tiny_vit, export_dir, tmp_path):
