@@ -53,6 +53,15 @@ class CalibrationResult:
             f"{self.metric} {self.distance_random:.3f} -> {self.distance_calibrated:.3f} (query scale {self.scale:g})"
         )
 
+    def describe(self, data: str, split: str, layer: int) -> str:
+        """How the merger was initialised, for the model card."""
+        closeness = "top-1 agreement" if self.metric == "KL" else "cosine similarity of the pooled output"
+        return (
+            f"calibrated: k-means of the layer-{layer} tokens of {self.images} images of `{data}` ({split} split), "
+            f"query scale {self.scale:g}; {closeness} with the source {self.agreement_calibrated:.3f} "
+            f"(random queries: {self.agreement_random:.3f})"
+        )
+
 
 @contextmanager
 def bypass_merger(model) -> Iterator[None]:

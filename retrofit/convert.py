@@ -78,12 +78,7 @@ def convert(
             image_column=image_column,
             log=log,
         )
-        closeness = "top-1 agreement" if calibration.metric == "KL" else "cosine similarity of the pooled output"
-        training = TrainingInfo(
-            init=f"calibrated: k-means of the layer-{after_layer} tokens of {calibration.images} images of "
-            f"`{calibrate_on}` ({calibrate_split} split), query scale {calibration.scale:g}; {closeness} with the "
-            f"source {calibration.agreement_calibrated:.3f} (random queries: {calibration.agreement_random:.3f})"
-        )
+        training = TrainingInfo(init=calibration.describe(calibrate_on, calibrate_split, after_layer))
     before, after = model_cost(config, image_size), model_cost(merged.config, image_size)
     log(compare(before, after))
     if output is not None:

@@ -744,10 +744,12 @@ def finetune(
             raise RetrofitError(f"'{source}' does not name its source model; pass --teacher for --loss {args.loss}")
         # A separate copy: the student shares its tensors with a freshly loaded source, so load the teacher again.
         teacher_model = load_model(teacher_source, trust_remote_code=trust_remote_code).eval()
-    if calibrate and init == "random" and not (args.resume and list_checkpoints(checkpoint_dir)):
+    if calibrate and init == "random" and args.resume and list_checkpoints(checkpoint_dir):
+        init = f"calibrated (k-means of the layer-{after_layer} tokens of `{args.data}`; the run was resumed)"
+    elif calibrate and init == "random":
         from .calibrate import calibrate_from_data
 
-        calibrate_from_data(
+        calibration = calibrate_from_data(
             model,
             args.data,
             source=str(source),
@@ -756,7 +758,7 @@ def finetune(
             image_column=args.image_column,
             seed=args.seed,
         )
-        init = "calibrated (k-means of layer-K tokens)"
+        init = calibration.describe(args.data, args.split, after_layer)
     model.float()
 
     def on_end(accelerator, trained, result: TrainResult) -> Path:

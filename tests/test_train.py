@@ -58,6 +58,7 @@ def test_ce_finetune_learns_and_exports(tiny_vit, colours, tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path / "pm-checkpoints")] == ["step-00000016", "step-00000018"]
     assert "fine-tuned on" in (out / "README.md").read_text()
     assert "loss: ce (cross-entropy on labels)" in (out / "README.md").read_text()
+    assert "- merger initialisation: calibrated: k-means of the layer-2 tokens of " in (out / "README.md").read_text()
     reloaded = load_model(out)
     assert torch.equal(reloaded.patch_merger.queries, result.model.patch_merger.queries)
 
@@ -80,6 +81,8 @@ def test_resume_reaches_the_same_weights(tiny_vit, colours, tmp_path):
     assert expected.keys() == got.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+    assert "(k-means of the layer-2 tokens of " in (tmp_path / "cut" / "README.md").read_text()
+    assert "the run was resumed" in (tmp_path / "cut" / "README.md").read_text()
 
 
 def test_gradient_accumulation_matches_the_larger_batch(tiny_vit, colours, tmp_path):
