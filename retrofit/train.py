@@ -744,21 +744,22 @@ def finetune(
             raise RetrofitError(f"'{source}' does not name its source model; pass --teacher for --loss {args.loss}")
         # A separate copy: the student shares its tensors with a freshly loaded source, so load the teacher again.
         teacher_model = load_model(teacher_source, trust_remote_code=trust_remote_code).eval()
-    if calibrate and init == "random" and args.resume and list_checkpoints(checkpoint_dir):
-        init = f"calibrated (k-means of the layer-{after_layer} tokens of `{args.data}`; the run was resumed)"
-    elif calibrate and init == "random":
-        from .calibrate import calibrate_from_data
+    if calibrate and init == "random":
+        if args.resume and list_checkpoints(checkpoint_dir):  # the checkpoint holds the calibrated merger
+            init = f"calibrated (k-means of the layer-{after_layer} tokens of `{args.data}`; the run was resumed)"
+        else:
+            from .calibrate import calibrate_from_data
 
-        calibration = calibrate_from_data(
-            model,
-            args.data,
-            source=str(source),
-            log=log,
-            split=args.split,
-            image_column=args.image_column,
-            seed=args.seed,
-        )
-        init = calibration.describe(args.data, args.split, after_layer)
+            calibration = calibrate_from_data(
+                model,
+                args.data,
+                source=str(source),
+                log=log,
+                split=args.split,
+                image_column=args.image_column,
+                seed=args.seed,
+            )
+            init = calibration.describe(args.data, args.split, after_layer)
     model.float()
 
     def on_end(accelerator, trained, result: TrainResult) -> Path:
