@@ -37,6 +37,15 @@ def _add_merge_options(parser: argparse.ArgumentParser, required: bool = True) -
     )
 
 
+def _add_push_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="REPO_ID",
+        help="upload the export to this Hub repo when done (the login is checked first), e.g. your-user/vit-b16-pm8",
+    )
+    parser.add_argument("--private", action="store_true", default=None, help="with --push-to-hub: a private repo")
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     from .convert import convert
 
@@ -52,6 +61,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
         calibrate_split=args.calibrate_split,
         calibrate_images=args.calibrate_images,
         image_column=args.image_column,
+        push_to_hub=args.push_to_hub,
+        private=bool(args.private),
     )
 
 
@@ -134,6 +145,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         teacher=args.teacher,
         trust_remote_code=args.trust_remote_code,
         revision=args.revision,
+        push_to_hub=args.push_to_hub,
+        private=bool(args.private),
         **settings,
     )
 
@@ -174,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibrate-images", type=int, default=256, help="images to calibrate on, a shuffled sample (default 256)"
     )
     convert.add_argument("--image-column", default="image", help="image column of DATA (default image)")
+    _add_push_options(convert)
     _add_source_options(convert)
     convert.set_defaults(handler=cmd_convert)
     evaluate = commands.add_parser("evaluate", help="top-1/top-5 accuracy and loss of several models, side by side")
@@ -265,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--num-labels", type=int, default=argparse.SUPPRESS, help="re-initialise the head")
     finetune.add_argument("--teacher", help="KD teacher (default: SOURCE, or the export's source)")
     finetune.add_argument("--no-calibrate", action="store_true", help="keep the merger's random initialisation")
+    _add_push_options(finetune)
     _add_source_options(finetune)
     finetune.set_defaults(handler=cmd_finetune)
 
@@ -275,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data", help="override data.name")
     _add_merge_options(run, required=False)
     _add_train_options(run, recipe=True)
+    _add_push_options(run)
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any field, e.g. training.lr=1e-4")
     run.set_defaults(handler=cmd_run)
     return parser

@@ -13,6 +13,7 @@ from .cost import Cost, compare, model_cost
 from .errors import RetrofitError
 from .export import export
 from .loading import load_config, load_image_processor, load_model, processor_image_size
+from .push import check_push, push_written
 from .surgery import check_merge, insert_patch_merger
 
 
@@ -44,19 +45,26 @@ def convert(
     calibrate_split: str = "train",
     calibrate_images: int = 256,
     image_column: str = "image",
+    push_to_hub: str | None = None,
+    private: bool = False,
     log: Callable[[str], None] = print,
 ) -> ConvertResult:
     """Insert a PatchMerger into `source` (Hub id or folder) after `after_layer` layers with `num_tokens` tokens.
 
     With `calibrate_on` (fashion-mnist, an image folder or a Hub dataset id), the merger starts from k-means of the
     layer-K tokens of a shuffled sample of `calibrate_images` images of its `calibrate_split` split (column
-    `image_column`) instead of at random. Bad input raises `RetrofitError` before anything is written; `output`, if
-    given, is written atomically.
+    `image_column`) instead of at random. With `push_to_hub` (a repo id), the export is then uploaded there
+    (`private` if the repo is new); the login is checked first. Bad input raises `RetrofitError` before anything is
+    written; `output`, if given, is written atomically.
     """
     if calibrate_images < 1:
         raise RetrofitError(f"--calibrate-images must be at least 1 (got {calibrate_images})")
     if output is not None:
         check_output(output, overwrite)
+    if push_to_hub:
+        if output is None:
+            raise RetrofitError("--push-to-hub uploads the export, so it needs --output")
+        check_push(push_to_hub)
     config = load_config(source, trust_remote_code=trust_remote_code, revision=revision)
     processor = load_image_processor(source, config, revision=revision, log=log)
     image_size = processor_image_size(processor)
@@ -84,4 +92,6 @@ def convert(
     if output is not None:
         export(merged, output, image_processor=processor, overwrite=overwrite, source_config=config, training=training)
         log(f"wrote {output}")
+        if push_to_hub:
+            push_written(output, push_to_hub, private=private, log=log)
     return ConvertResult(model=merged, before=before, after=after, output=Path(output) if output else None)

@@ -66,22 +66,12 @@ def _hub_error(exc: Exception, repo_id: str) -> RetrofitError:
     )
 
 
-def push(
-    export: str | Path,
-    repo_id: str,
-    *,
-    private: bool = False,
-    revision: str | None = None,
-    commit_message: str | None = None,
-    token: str | None = None,
-    log: Callable[[str], None] = print,
-) -> str:
-    """Create `repo_id` if needed (and branch `revision`), upload the export folder; return the repo (tree) URL."""
+def check_push(repo_id: str, token: str | None = None) -> str:
+    """Check, before any work, that `repo_id` is a valid namespaced id and that the Hub accepts our token; returns the
+    token. `convert`/`finetune --push-to-hub` call it first, so a long run does not end in "not logged in"."""
     from huggingface_hub import HfApi, constants, get_token
-    from huggingface_hub.errors import HfHubHTTPError
     from huggingface_hub.utils import validate_repo_id
 
-    files = export_files(export)
     try:
         validate_repo_id(repo_id)
     except Exception as exc:  # noqa: BLE001 - HFValidationError
@@ -93,9 +83,29 @@ def push(
     token = token or get_token()
     if not token:
         raise RetrofitError("not logged in to the Hugging Face Hub; run `hf auth login` or set HF_TOKEN, then retry")
-    api = HfApi(token=token)
     try:
-        api.whoami()
+        HfApi(token=token).whoami()
+    except Exception as exc:  # noqa: BLE001 - HTTP and connection errors: one line, not a traceback
+        raise _hub_error(exc, repo_id) from None
+    return token
+
+
+def push(
+    export: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+    log: Callable[[str], None] = print,
+) -> str:
+    """Create `repo_id` if needed (and branch `revision`), upload the export folder; return the repo (tree) URL."""
+    from huggingface_hub import HfApi
+
+    files = export_files(export)
+    api = HfApi(token=check_push(repo_id, token))
+    try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
@@ -107,9 +117,7 @@ def push(
             commit_message=commit_message or f"Upload {Path(export).resolve().name} (retrofit PatchMerger export)",
             ignore_patterns=IGNORE_PATTERNS,
         )
-    except HfHubHTTPError as exc:
-        raise _hub_error(exc, repo_id) from None
-    except Exception as exc:  # noqa: BLE001 - connection errors, timeouts: one line, not a traceback
+    except Exception as exc:  # noqa: BLE001 - HfHubHTTPError, connection errors, timeouts: one line
         raise _hub_error(exc, repo_id) from None
     base = str(url).rstrip("/")
     tree = f"{base}/tree/{revision}" if revision else base
@@ -118,3 +126,12 @@ def push(
     if commit_url:
         log(f"commit: {commit_url}")
     return tree
+
+
+def push_written(export: str | Path, repo_id: str, *, private: bool = False, log: Callable[[str], None] = print) -> str:
+    """`push` right after retrofit wrote `export`: if the upload fails, say that the export is safe and how to retry."""
+    try:
+        return push(export, repo_id, private=private, log=log)
+    except RetrofitError as exc:
+        retry = f"retrofit push {export} --repo-id {repo_id}" + (" --private" if private else "")
+        raise RetrofitError(f"wrote {export}, but the upload failed: {exc}; retry with `{retry}`") from None

@@ -64,7 +64,7 @@ SCHEMA: dict[str, dict | None] = {
         "num_labels": None,
     },
     "evaluation": {"before": True, "batch_size": 256, "speed": True, "speed_batch_size": 256},
-    "export": {"output": None, "checkpoint_dir": None},
+    "export": {"output": None, "checkpoint_dir": None, "push_to_hub": None, "private": False},
 }
 
 # Mappings passed through as keyword arguments (checked where they are used), so `--set` may reach inside them.
@@ -75,6 +75,8 @@ FLAG_KEYS = {
     "source": "source",
     "output": "export.output",
     "checkpoint_dir": "export.checkpoint_dir",
+    "push_to_hub": "export.push_to_hub",
+    "private": "export.private",
     "data": "data.name",
     "limit": "data.limit",
     "eval_limit": "data.eval_limit",
@@ -128,6 +130,11 @@ def validate(recipe: dict, where: str = "recipe") -> dict:
         raise RetrofitError(f"{where} needs data.name (fashion-mnist, an image folder or a Hub dataset id)")
     if not out["export"]["output"]:
         raise RetrofitError(f"{where} needs export.output (the folder to write)")
+    if out["pretrain"] is not None and out["export"]["push_to_hub"]:
+        raise RetrofitError(
+            f"{where} pretrains a plain transformers checkpoint, which export.push_to_hub does not upload; remove it "
+            "and upload the folder with `hf upload`"
+        )
     return out
 
 
@@ -305,6 +312,10 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
     output = export["output"]
     if not resume:
         check_output(output, overwrite)
+    if export["push_to_hub"]:  # before the baseline is measured: a run must not end in "not logged in"
+        from .push import check_push
+
+        check_push(export["push_to_hub"])
     config = load_config(source)
     refuse_backbone(source, config, "a recipe", "fine-tune it with `retrofit finetune` (kd on its pooled output)")
     check_merge(config, merge["after_layer"], merge["tokens"])
@@ -364,6 +375,8 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
         calibrate=bool(merge["calibrate"]),
         teacher=recipe["teacher"],
         card_results=lambda res: results_table(table_rows(res), note=speed_note),
+        push_to_hub=export["push_to_hub"],
+        private=bool(export["private"]),
         log=log,
         **settings,
     )

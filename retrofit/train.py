@@ -699,12 +699,15 @@ def finetune(
     trust_remote_code: bool = False,
     revision: str | None = None,
     card_results: Callable[[TrainResult], str] | None = None,
+    push_to_hub: str | None = None,
+    private: bool = False,
     log: Callable[[str], None] = print,
     **settings,
 ) -> TrainResult:
     """Insert a PatchMerger into `source` (or continue training a retrofit export) and fine-tune it; export to
     `output`. `settings` are `TrainArgs` fields (loss, epochs, lr, data, ...); `card_results(result)` may give the
-    model card's results table."""
+    model card's results table. With `push_to_hub` (a repo id) the main process uploads the export at the end (the
+    login is checked before training starts)."""
     from accelerate.utils import set_seed
 
     from .atomic import check_output
@@ -715,6 +718,10 @@ def finetune(
     args.check()
     if not args.resume:
         check_output(output, args.overwrite)
+    if push_to_hub:
+        from .push import check_push
+
+        check_push(push_to_hub)
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else default_checkpoint_dir(output)
     _check_checkpoints(checkpoint_dir, args)
     set_seed(args.seed)  # the merger's random initialisation must be the same in a resumed run
@@ -779,9 +786,14 @@ def finetune(
         log(f"wrote {output} (checkpoints in {checkpoint_dir})")
         return Path(output)
 
-    return train_loop(
+    result = train_loop(
         model, processor, args, teacher=teacher_model, checkpoint_dir=checkpoint_dir, on_end=on_end, log=log
     )
+    if push_to_hub and result.output is not None:  # set on the main process, once the export is written
+        from .push import push_written
+
+        push_written(result.output, push_to_hub, private=private, log=log)
+    return result
 
 
 def _check_keys(given: dict, valid, where: str, what: str) -> None:

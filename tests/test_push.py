@@ -118,3 +118,77 @@ def test_offline_mode_is_explained(export_dir, hub, monkeypatch, capsys):
 def test_bad_repo_id(export_dir, hub, capsys):
     assert main(["push", str(export_dir), "--repo-id", "no-namespace"]) == 2
     assert "namespace" in capsys.readouterr().err
+
+
+# --- --push-to-hub on convert / finetune / run: checked before any work, uploaded after the export is written ---
+
+
+def test_convert_push_to_hub_uploads_the_new_export(tiny_vit, hub, tmp_path, capsys):
+    out = tmp_path / "pm"
+    argv = ["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "-o", str(out)]
+    assert main([*argv, "--push-to-hub", "me/vit-pm", "--private"]) == 0
+    assert hub["repos"] == [("me/vit-pm", {"private": True, "exist_ok": True, "repo_type": "model"})]
+    (commit,) = hub["commits"]
+    assert set(commit["files"]) == {p.name for p in out.iterdir()} and "model.safetensors" in commit["files"]
+    assert "https://huggingface.co/me/vit-pm" in capsys.readouterr().out
+
+
+def test_push_to_hub_checks_the_login_before_any_work(tiny_vit, hub, monkeypatch, tmp_path, capsys):
+    from test_data import make_imagefolder
+    from test_recipes import tiny_recipe, write
+
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    data = make_imagefolder(tmp_path / "colours", per_class=2, test_per_class=2)
+    recipe = write(tmp_path / "tiny.yaml", tiny_recipe(tiny_vit, data, tmp_path / "run-out"))
+    merge = [str(tiny_vit), "--after-layer", "2", "--tokens", "4"]
+    commands = [
+        ["convert", *merge, "-o", str(tmp_path / "c")],
+        ["finetune", *merge, "--data", str(data), "-o", str(tmp_path / "f")],
+        ["run", str(recipe)],
+    ]
+    for argv in commands:
+        assert main([*argv, "--push-to-hub", "me/x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all("not logged in" in line for line in err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["colours", "tiny.yaml"]  # no output, no checkpoints
+    assert hub["commits"] == [] and hub["repos"] == []
+
+
+def test_recipe_run_pushes_the_finished_export(tiny_vit, hub, tmp_path):
+    from test_data import make_imagefolder
+    from test_recipes import tiny_recipe, write
+
+    data = make_imagefolder(tmp_path / "colours", per_class=4, test_per_class=2)
+    out = tmp_path / "out"
+    recipe = tiny_recipe(tiny_vit, data, out)
+    recipe["export"].update(push_to_hub="me/tiny-pm", private=True)
+    assert main(["run", str(write(tmp_path / "tiny.yaml", recipe)), "--max-steps", "2"]) == 0
+    (commit,) = hub["commits"]
+    assert set(commit["files"]) == {p.name for p in out.iterdir()}
+    assert hub["repos"][0][1]["private"] is True
+    card = (out / "README.md").read_text()
+    assert "fine-tuned (2 steps, loss kd)" in card and hub["yaml"] == [card]
+
+
+def test_failed_upload_keeps_the_export_and_says_how_to_retry(tiny_vit, hub, monkeypatch, tmp_path, capsys):
+    def refuse(self, *args, **kwargs):
+        raise ConnectionError("connection reset by peer")
+
+    monkeypatch.setattr(HfApi, "create_commit", refuse)
+    out = tmp_path / "pm"
+    argv = ["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "-o", str(out), "--push-to-hub", "me/x"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"wrote {out}, but the upload failed" in err
+    assert "connection reset by peer" in err and f"`retrofit push {out} --repo-id me/x`" in err
+    assert export_files(out)  # complete: the retry can push it as it is
+
+
+def test_pretrain_recipe_refuses_push_to_hub(tmp_path, capsys):
+    import yaml
+
+    recipe = {"pretrain": {"model": {}}, "data": {"name": "fashion-mnist"}, "export": {"output": str(tmp_path / "b")}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(tmp_path / "p.yaml"), "--push-to-hub", "me/x"]) == 2
+    assert "hf upload" in capsys.readouterr().err
