@@ -120,6 +120,13 @@ def _add_train_options(parser: argparse.ArgumentParser, recipe: bool = False) ->
     parser.add_argument("--seed", type=int, default=default, help="random seed (default 0)")
     parser.add_argument("--report-to", default=default, help="tracker for Accelerate, e.g. tensorboard")
     parser.add_argument("--limit", type=int, default=default, help="use only the first N training images")
+    parser.add_argument(
+        "--sample",
+        type=int,
+        metavar="N",
+        default=default,
+        help="train on a shuffled sample of N images (seeded by --seed; from the Hub only those are downloaded)",
+    )
     parser.add_argument("--eval-limit", type=int, default=default, help="use only the first N evaluation images")
     parser.add_argument("--checkpoint-dir", default=default, help="where checkpoints go (default <output>-checkpoints)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
@@ -130,7 +137,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from .train import finetune
 
     names = (
-        "data split eval_split image_column label_column limit eval_limit loss temperature alpha feature_weight "
+        "data split eval_split image_column label_column limit sample eval_limit loss temperature alpha feature_weight "
         "train epochs max_steps lr merger_lr_scale weight_decay warmup_ratio batch_size grad_accum max_grad_norm "
         "mixed_precision seed augment num_workers eval_every save_every keep_checkpoints checkpoint_dir resume "
         "overwrite report_to num_labels"
@@ -229,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", default="calibrate", help="calibrate (k-means init, default) or finetune (short fine-tune)"
     )
     sweep.add_argument("--finetune-steps", type=int, default=100, help="steps per setting with --method finetune")
+    sweep.add_argument(
+        "--finetune-batch-size",
+        type=int,
+        default=64,
+        help="batch size of those steps (default 64); they read a shuffled sample of steps × this many images",
+    )
     sweep.add_argument("--target-speedup", type=float, help="name the most accurate setting at least this fast")
     sweep.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default 64)")
     sweep.add_argument("--bench-batch-size", type=int, default=32, help="batch size of the speed test (default 32)")

@@ -407,6 +407,14 @@ def collate(items: list[dict]) -> dict[str, torch.Tensor]:
     return batch
 
 
+class BatchLargerThanData(RetrofitError):
+    """A batch size above the number of examples (a caller may name its own option in the message)."""
+
+    def __init__(self, batch_size: int, examples: int, option: str = "--batch-size") -> None:
+        super().__init__(f"batch size {batch_size} is larger than the data ({examples} examples); lower {option}")
+        self.batch_size, self.examples = batch_size, examples
+
+
 def make_dataloader(
     dataset,
     image_processor,
@@ -429,9 +437,7 @@ def make_dataloader(
     if batch_size < 1:
         raise RetrofitError(f"batch size must be at least 1 (got {batch_size})")
     if batch_size > len(dataset):
-        raise RetrofitError(
-            f"batch size {batch_size} is larger than the data ({len(dataset)} examples); lower --batch-size"
-        )
+        raise BatchLargerThanData(batch_size, len(dataset))
     transform = ImageTransform(image_processor, num_channels=num_channels, augment=augment, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(

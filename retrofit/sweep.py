@@ -32,6 +32,7 @@ class SweepSettings:
     calibrate_images: int = 256
     method: str = "calibrate"
     finetune_steps: int = 100
+    finetune_batch_size: int = 64
     target_speedup: float | None = None
     batch_size: int = 64
     bench_batch_size: int = 32
@@ -160,23 +161,31 @@ def _merged_models(source, source_model, config, settings: SweepSettings, work: 
                     seed=settings.seed,
                 )
             else:
+                from .data import BatchLargerThanData
                 from .train import finetune
 
                 out = work / f"k{k}-m{m}"
-                finetune(
-                    source,
-                    output=out,
-                    after_layer=k,
-                    num_tokens=m,
-                    data=settings.data,
-                    split=settings.calibrate_split,
-                    eval_split=None,
-                    max_steps=settings.finetune_steps,
-                    seed=settings.seed,
-                    progress=False,
-                    overwrite=True,
-                    log=log,
-                )
+                try:
+                    finetune(
+                        source,
+                        output=out,
+                        after_layer=k,
+                        num_tokens=m,
+                        data=settings.data,
+                        split=settings.calibrate_split,
+                        # as many images as the steps read, the same shuffled sample for every setting: from the
+                        # Hub only these are downloaded
+                        sample=settings.finetune_steps * settings.finetune_batch_size,
+                        batch_size=settings.finetune_batch_size,
+                        eval_split=None,
+                        max_steps=settings.finetune_steps,
+                        seed=settings.seed,
+                        progress=False,
+                        overwrite=True,
+                        log=log,
+                    )
+                except BatchLargerThanData as exc:
+                    raise BatchLargerThanData(exc.batch_size, exc.examples, "--finetune-batch-size") from None
                 merged = load_model(out).eval()
             models.append((k, m, merged))
     return models
@@ -207,6 +216,9 @@ def sweep(
         raise RetrofitError(f"--target-speedup must be above 1 (got {settings.target_speedup})")
     if settings.calibrate_images < 1:
         raise RetrofitError(f"--calibrate-images must be at least 1 (got {settings.calibrate_images})")
+    for option in ("finetune_steps", "finetune_batch_size"):
+        if getattr(settings, option) < 1:
+            raise RetrofitError(f"--{option.replace('_', '-')} must be at least 1 (got {getattr(settings, option)})")
     if output is not None:
         check_output(output, overwrite)
     config = load_config(source)
@@ -320,6 +332,7 @@ def run_from_args(args) -> dict:
         calibrate_images=args.calibrate_images,
         method=args.method,
         finetune_steps=args.finetune_steps,
+        finetune_batch_size=args.finetune_batch_size,
         target_speedup=args.target_speedup,
         batch_size=args.batch_size,
         bench_batch_size=args.bench_batch_size,

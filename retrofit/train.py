@@ -47,7 +47,8 @@ class TrainArgs:
     eval_split: str | None = "test"
     image_column: str = "image"
     label_column: str | None = "label"
-    limit: int | None = None
+    limit: int | None = None  # the first N training images
+    sample: int | None = None  # a shuffled sample of N training images (seeded by `seed`); not with `limit`
     eval_limit: int | None = None
     loss: str = "kd"
     temperature: float = 2.0
@@ -95,6 +96,10 @@ class TrainArgs:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise RetrofitError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
+        if self.limit is not None and self.sample is not None:
+            raise RetrofitError("--limit (the first N images) and --sample (a shuffled sample) exclude each other")
+        if self.sample is not None and self.sample < 1:
+            raise RetrofitError(f"--sample must be at least 1 (got {self.sample})")
         if self.feature_weight is not None and self.feature_weight < 0:
             raise RetrofitError(f"--feature-weight must be 0 or more (got {self.feature_weight})")
         if not 0 <= self.alpha <= 1:
@@ -466,7 +471,12 @@ def train_loop(
     # --- data (every data error is raised here, before any folder is created) ---
     label_column = None if args.loss == "kd" else args.label_column
     train_set = load_split(
-        args.data, args.split, image_column=args.image_column, label_column=label_column, limit=args.limit
+        args.data,
+        args.split,
+        image_column=args.image_column,
+        label_column=label_column,
+        limit=args.sample or args.limit,
+        sample_seed=args.seed if args.sample else None,
     )
     names = class_names(train_set)
     if args.num_labels is not None:

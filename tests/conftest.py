@@ -62,3 +62,36 @@ def tiny_deit_distilled(tmp_path_factory) -> Path:
 @pytest.fixture
 def pixels() -> torch.Tensor:
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+HUB_ID = "someone/colours"
+
+
+@pytest.fixture
+def hub_dataset(tmp_path, monkeypatch):
+    """Serve `HUB_ID` from parquet files; returns the calls to `datasets.load_dataset` and the full train split."""
+    import datasets
+    import numpy as np
+    from test_data import make_imagefolder
+
+    root = tmp_path / "hub"
+    folder = datasets.load_dataset("imagefolder", data_dir=str(make_imagefolder(tmp_path / "colours", per_class=10)))
+    train = datasets.Dataset.from_dict(  # images stored as bytes in the parquet file, as on the Hub
+        {"image": [np.asarray(image) for image in folder["train"]["image"]], "label": folder["train"]["label"]},
+        features=folder["train"].features,
+    )
+    train.to_parquet(str(root / "train.parquet"))
+    folder["test"].to_parquet(str(root / "test.parquet"))  # images named by path only
+    files = {split: str(root / f"{split}.parquet") for split in ("train", "test")}
+    calls: list[dict] = []
+    real_load = datasets.load_dataset
+
+    def load_dataset(path, split=None, streaming=False, **kwargs):
+        if path != HUB_ID:
+            return real_load(path, split=split, streaming=streaming, **kwargs)
+        calls.append({"split": split, "streaming": streaming})
+        return real_load("parquet", data_files=files, split=split, streaming=streaming)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(datasets, "get_dataset_split_names", lambda path, **kwargs: list(files))
+    return calls, real_load("parquet", data_files=files, split="train")

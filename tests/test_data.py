@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import HUB_ID
 from transformers import ViTImageProcessor
 
 from retrofit.cli import main
@@ -133,36 +134,6 @@ def test_cli_bad_data_exits_2_and_writes_nothing(tiny_vit, imagefolder, tmp_path
 # ----------------------------------------------------------------------------------------------------------------
 # Hub datasets: a stand-in Hub id served from local parquet files (the real `datasets` streaming code runs on them)
 # ----------------------------------------------------------------------------------------------------------------
-
-HUB_ID = "someone/colours"
-
-
-@pytest.fixture
-def hub_dataset(tmp_path, monkeypatch):
-    """Serve `HUB_ID` from parquet files; returns the calls to `datasets.load_dataset` and the full train split."""
-    import datasets
-
-    root = tmp_path / "hub"
-    folder = datasets.load_dataset("imagefolder", data_dir=str(make_imagefolder(tmp_path / "colours", per_class=10)))
-    train = datasets.Dataset.from_dict(  # images stored as bytes in the parquet file, as on the Hub
-        {"image": [np.asarray(image) for image in folder["train"]["image"]], "label": folder["train"]["label"]},
-        features=folder["train"].features,
-    )
-    train.to_parquet(str(root / "train.parquet"))
-    folder["test"].to_parquet(str(root / "test.parquet"))  # images named by path only
-    files = {split: str(root / f"{split}.parquet") for split in ("train", "test")}
-    calls: list[dict] = []
-    real_load = datasets.load_dataset
-
-    def load_dataset(path, split=None, streaming=False, **kwargs):
-        if path != HUB_ID:
-            return real_load(path, split=split, streaming=streaming, **kwargs)
-        calls.append({"split": split, "streaming": streaming})
-        return real_load("parquet", data_files=files, split=split, streaming=streaming)
-
-    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    monkeypatch.setattr(datasets, "get_dataset_split_names", lambda path, **kwargs: list(files))
-    return calls, real_load("parquet", data_files=files, split="train")
 
 
 def test_a_limited_hub_split_is_streamed_not_downloaded_whole(hub_dataset, tmp_path):

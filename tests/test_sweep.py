@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import HUB_ID
 from test_data import make_imagefolder
 
 from retrofit.cli import main
@@ -61,6 +62,7 @@ def test_sweep_writes_table_json_and_plot(tiny_vit, images, tmp_path, capsys):
         (["--after-layer", "1", "--tokens", "2", "--target-speedup", "0.5"], "--target-speedup"),
         (["--after-layer", "1", "--tokens", "2", "--method", "magic"], "--method"),
         (["--after-layer", "1", "--tokens", "2", "--calibrate-images", "0"], "--calibrate-images must be at least 1"),
+        (["--after-layer", "1", "--tokens", "2", "--finetune-batch-size", "0"], "--finetune-batch-size must be at"),
     ],
 )
 def test_bad_sweep_input(tiny_vit, images, tmp_path, capsys, options, message):
@@ -68,3 +70,21 @@ def test_bad_sweep_input(tiny_vit, images, tmp_path, capsys, options, message):
     assert main(["sweep", str(tiny_vit), *options, "--data", str(images), "--output", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_finetune_sweep_on_a_hub_dataset_streams_only_what_it_uses(tiny_vit, hub_dataset, tmp_path, capsys):
+    """--method finetune: each setting is fine-tuned briefly on a shuffled sample of the calibration split (steps x
+    batch images), so a Hub dataset is streamed, never downloaded whole."""
+    calls, _ = hub_dataset
+    out = tmp_path / "sweep"
+    argv = ["sweep", str(tiny_vit), "--after-layer", "1,2", "--tokens", "2", "--data", HUB_ID, "--split", "test"]
+    argv += ["--method", "finetune", "--finetune-steps", "2", "--bench-batch-size", "2", "--bench-repeats", "1"]
+    assert main([*argv, "--output", str(out), "--finetune-batch-size", "64"]) == 2  # 64 > the 30 training images
+    assert "lower --finetune-batch-size" in capsys.readouterr().err and not out.exists()
+    calls.clear()
+    assert main([*argv, "--output", str(out), "--finetune-batch-size", "8"]) == 0
+    report = json.loads((out / "sweep.json").read_text())
+    assert report["method"] == "finetune 2 steps" and len(report["settings_results"]) == 2
+    assert all(row["num_examples"] == 12 for row in report["settings_results"])
+    assert calls and all(call["streaming"] for call in calls), calls
+    assert {call["split"] for call in calls} == {"train", "test"}

@@ -101,6 +101,22 @@ def test_gradient_accumulation_matches_the_larger_batch(tiny_vit, colours, tmp_p
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-5, msg=name)
 
 
+def test_sample_trains_on_a_seeded_shuffled_subset(tiny_vit, colours, tmp_path, monkeypatch, capsys):
+    import retrofit.data
+
+    asked, real = [], retrofit.data.load_split
+    monkeypatch.setattr(retrofit.data, "load_split", lambda *a, **kw: asked.append(kw) or real(*a, **kw))
+    settings = dict(after_layer=2, num_tokens=4, data=colours, epochs=1, eval_split=None, **FAST)
+    result = finetune(tiny_vit, output=tmp_path / "pm", sample=16, seed=3, calibrate=False, **settings)
+    assert result.steps == 2  # 16 of the 24 training images, batch 8
+    assert [(kw["limit"], kw["sample_seed"]) for kw in asked] == [(16, 3)]
+    # --limit and --sample together: one line, nothing written
+    base = ["finetune", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--data", colours]
+    assert main([*base, "--output", str(tmp_path / "both"), "--limit", "8", "--sample", "8"]) == 2
+    assert "--limit (the first N images) and --sample" in capsys.readouterr().err
+    assert not (tmp_path / "both").exists()
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_reaches_the_same_weights(tiny_vit, colours, tmp_path):
     """A real `kill -9` of `retrofit finetune` at some moment between checkpoints: nothing half-written is used, no
