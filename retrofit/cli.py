@@ -149,6 +149,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         after_layer=args.after_layer,
         num_tokens=args.tokens,
         calibrate=not args.no_calibrate,
+        calibrate_images=args.calibrate_images,
         teacher=args.teacher,
         trust_remote_code=args.trust_remote_code,
         revision=args.revision,
@@ -292,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--num-labels", type=int, default=argparse.SUPPRESS, help="re-initialise the head")
     finetune.add_argument("--teacher", help="KD teacher (default: SOURCE, or the export's source)")
     finetune.add_argument("--no-calibrate", action="store_true", help="keep the merger's random initialisation")
+    finetune.add_argument(
+        "--calibrate-images", type=int, default=256, help="training images to calibrate on, a shuffled sample (256)"
+    )
     _add_push_options(finetune)
     _add_source_options(finetune)
     finetune.set_defaults(handler=cmd_finetune)

@@ -28,7 +28,7 @@ SCHEMA: dict[str, dict | None] = {
     "source": None,
     "teacher": None,
     "pretrain": {"model": None, "image_processor": None},
-    "merge": {"after_layer": None, "tokens": None, "calibrate": True},
+    "merge": {"after_layer": None, "tokens": None, "calibrate": True, "calibrate_images": 256},
     "data": {
         "name": None,
         "train_split": "train",
@@ -376,6 +376,7 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
         after_layer=merge["after_layer"],
         num_tokens=merge["tokens"],
         calibrate=bool(merge["calibrate"]),
+        calibrate_images=merge["calibrate_images"],
         teacher=recipe["teacher"],
         card_results=lambda res: results_table(table_rows(res), note=speed_note),
         push_to_hub=export["push_to_hub"],

@@ -173,6 +173,7 @@ def _merged_models(source, source_model, config, settings: SweepSettings, work: 
                         num_tokens=m,
                         data=settings.data,
                         split=settings.calibrate_split,
+                        calibrate_images=settings.calibrate_images,
                         # as many images as the steps read, the same shuffled sample for every setting: from the
                         # Hub only these are downloaded
                         sample=settings.finetune_steps * settings.finetune_batch_size,

@@ -705,6 +705,7 @@ def finetune(
     after_layer: int | None = None,
     num_tokens: int | None = None,
     calibrate: bool = True,
+    calibrate_images: int = 256,
     teacher: str | Path | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
@@ -716,8 +717,9 @@ def finetune(
 ) -> TrainResult:
     """Insert a PatchMerger into `source` (or continue training a retrofit export) and fine-tune it; export to
     `output`. `settings` are `TrainArgs` fields (loss, epochs, lr, data, ...); `card_results(result)` may give the
-    model card's results table. With `push_to_hub` (a repo id) the main process uploads the export at the end (the
-    login is checked before training starts)."""
+    model card's results table. `calibrate` starts the merger from k-means of the layer-K tokens of a shuffled sample
+    of `calibrate_images` training images (`retrofit.calibrate`) instead of at random. With `push_to_hub` (a repo id)
+    the main process uploads the export at the end (the login is checked before training starts)."""
     from accelerate.utils import set_seed
 
     from .atomic import check_output
@@ -726,6 +728,8 @@ def finetune(
 
     args = TrainArgs(**settings)
     args.check()
+    if calibrate and calibrate_images < 1:
+        raise RetrofitError(f"--calibrate-images must be at least 1 (got {calibrate_images})")
     if not args.resume:
         check_output(output, args.overwrite)
     if push_to_hub:
@@ -772,6 +776,7 @@ def finetune(
                 args.data,
                 source=str(source),
                 log=log,
+                num_images=calibrate_images,
                 split=args.split,
                 image_column=args.image_column,
                 seed=args.seed,

@@ -101,19 +101,23 @@ def test_gradient_accumulation_matches_the_larger_batch(tiny_vit, colours, tmp_p
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-5, msg=name)
 
 
-def test_sample_trains_on_a_seeded_shuffled_subset(tiny_vit, colours, tmp_path, monkeypatch, capsys):
+def test_sample_and_calibration_images_are_seeded_shuffled_subsets(tiny_vit, colours, tmp_path, monkeypatch, capsys):
     import retrofit.data
 
     asked, real = [], retrofit.data.load_split
     monkeypatch.setattr(retrofit.data, "load_split", lambda *a, **kw: asked.append(kw) or real(*a, **kw))
     settings = dict(after_layer=2, num_tokens=4, data=colours, epochs=1, eval_split=None, **FAST)
-    result = finetune(tiny_vit, output=tmp_path / "pm", sample=16, seed=3, calibrate=False, **settings)
+    result = finetune(tiny_vit, output=tmp_path / "pm", sample=16, seed=3, calibrate_images=5, **settings)
     assert result.steps == 2  # 16 of the 24 training images, batch 8
-    assert [(kw["limit"], kw["sample_seed"]) for kw in asked] == [(16, 3)]
-    # --limit and --sample together: one line, nothing written
+    assert [(kw["limit"], kw["sample_seed"]) for kw in asked] == [(5, 3), (16, 3)]  # calibration, then training
+    assert "k-means of the layer-2 tokens of 5 images of" in (tmp_path / "pm" / "README.md").read_text()
+    capsys.readouterr()
+    # --limit with --sample, no calibration images: one line each, nothing written
     base = ["finetune", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--data", colours]
     assert main([*base, "--output", str(tmp_path / "both"), "--limit", "8", "--sample", "8"]) == 2
-    assert "--limit (the first N images) and --sample" in capsys.readouterr().err
+    assert main([*base, "--output", str(tmp_path / "both"), "--calibrate-images", "0"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert "--limit (the first N images) and --sample" in err[0] and "--calibrate-images must be at least 1" in err[1]
     assert not (tmp_path / "both").exists()
 
 
