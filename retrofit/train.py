@@ -782,6 +782,7 @@ def finetune(
                 seed=args.seed,
             )
             init = calibration.describe(args.data, args.split, after_layer)
+    stored_dtype = model.dtype  # the source's (a bf16 checkpoint loads as bf16): the export is saved the same way
     model.float()
 
     def on_end(accelerator, trained, result: TrainResult) -> Path:
@@ -789,7 +790,9 @@ def finetune(
         from .export import export
         from .loading import processor_image_size
 
-        trained = trained.float().eval()
+        trained = trained.to(stored_dtype).eval()
+        if stored_dtype != torch.float32:
+            log(f"saving in {str(stored_dtype).removeprefix('torch.')}, as the source is stored (trained in float32)")
         card = build_card(
             trained,
             source_config=source_config,

@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from conftest import save_tiny
 from safetensors.torch import load_file
 from test_data import make_imagefolder
 
@@ -198,6 +199,20 @@ def test_continue_training_an_export(tiny_vit, colours, tmp_path):
     assert again.model.config.merge_after_layer == 1 and first.output and again.output
     with pytest.raises(RetrofitError, match="already merged"):
         finetune(tmp_path / "a", output=tmp_path / "c", after_layer=2, num_tokens=2, data=colours, **FAST)
+
+
+def test_a_bf16_source_is_exported_in_bf16_like_it(tiny_vit, colours, tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    source = tmp_path / "bf16"
+    save_tiny(load_model(tiny_vit).to(torch.bfloat16), source)
+    result = finetune(source, output=tmp_path / "pm", after_layer=2, num_tokens=4, data=colours, max_steps=2, **FAST)
+    assert {tensor.dtype for tensor in weights(tmp_path / "pm").values()} == {torch.bfloat16}
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "pm", trust_remote_code=True)
+    assert reloaded.dtype == torch.bfloat16
+    pixels = torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixel_values=pixels).logits, result.model(pixel_values=pixels).logits)
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(tiny_vit, colours, tmp_path, monkeypatch):
