@@ -10,7 +10,7 @@ from transformers import PreTrainedModel
 
 from .atomic import check_output
 from .cost import Cost, compare, model_cost
-from .errors import RetrofitError
+from .errors import RetrofitError, check_at_least_one
 from .export import export
 from .loading import load_config, load_image_processor, load_model, processor_image_size
 from .push import check_push, push_written
@@ -57,8 +57,7 @@ def convert(
     (`private` if the repo is new); the login is checked first. Bad input raises `RetrofitError` before anything is
     written; `output`, if given, is written atomically.
     """
-    if calibrate_images < 1:
-        raise RetrofitError(f"--calibrate-images must be at least 1 (got {calibrate_images})")
+    check_at_least_one("--calibrate-images", calibrate_images)
     if output is not None:
         check_output(output, overwrite)
     if push_to_hub:

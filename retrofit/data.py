@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import RetrofitError, brief
+from .errors import RetrofitError, brief, check_at_least_one
 
 FASHION_MNIST = "fashion-mnist"
 FASHION_MNIST_DIR = Path(os.environ.get("RETROFIT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
@@ -147,8 +147,7 @@ def load_split(
     """
     import datasets
 
-    if limit is not None and limit < 1:
-        raise RetrofitError(f"--limit must be at least 1 (got {limit})")
+    check_at_least_one("--limit", limit)
     data = str(data)
     sample = limit is not None and sample_seed is not None
     if data.lower() in (FASHION_MNIST, "fashion_mnist", "fashionmnist"):

@@ -22,6 +22,12 @@ def brief(exc: BaseException, limit: int = 160) -> str:
     return head.rsplit(" ", 1)[0].rstrip(" ,;:(") + " …"
 
 
+def check_at_least_one(option: str, value: int | None) -> None:
+    """Refuse a count below 1 given for `option` (None: not set) with the usual one-line error."""
+    if value is not None and value < 1:
+        raise RetrofitError(f"{option} must be at least 1 (got {value})")
+
+
 def did_you_mean(key: str, valid) -> str:
     """A hint for an unknown `key`: "; did you mean 'X'?" for a close match, else the list of valid keys."""
     import difflib

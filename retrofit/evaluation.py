@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import RetrofitError
+from .errors import RetrofitError, check_at_least_one
 
 METRICS_DIR = Path(__file__).parent / "metrics"
 
@@ -112,10 +112,8 @@ def evaluate_models(
 
     if not models:
         raise RetrofitError("no models to evaluate; pass one or more checkpoint folders, Hub ids or exports")
-    if top_k < 1:
-        raise RetrofitError(f"--top-k must be at least 1 (got {top_k})")
-    if batch_size < 1:
-        raise RetrofitError(f"--batch-size must be at least 1 (got {batch_size})")
+    check_at_least_one("--top-k", top_k)
+    check_at_least_one("--batch-size", batch_size)
     configs = [load_config(spec, trust_remote_code=trust_remote_code) for spec in models]
     for spec, config in zip(models, configs, strict=True):
         refuse_backbone(spec, config, "evaluate")

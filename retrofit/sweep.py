@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import RetrofitError
+from .errors import RetrofitError, check_at_least_one
 
 METHODS = ("calibrate", "finetune")
 
@@ -215,11 +215,8 @@ def sweep(
         raise RetrofitError(f"--method {settings.method!r} is not one of {', '.join(METHODS)}")
     if settings.target_speedup is not None and settings.target_speedup <= 1:
         raise RetrofitError(f"--target-speedup must be above 1 (got {settings.target_speedup})")
-    if settings.calibrate_images < 1:
-        raise RetrofitError(f"--calibrate-images must be at least 1 (got {settings.calibrate_images})")
-    for option in ("finetune_steps", "finetune_batch_size"):
-        if getattr(settings, option) < 1:
-            raise RetrofitError(f"--{option.replace('_', '-')} must be at least 1 (got {getattr(settings, option)})")
+    for option in ("calibrate_images", "finetune_steps", "finetune_batch_size"):
+        check_at_least_one(f"--{option.replace('_', '-')}", getattr(settings, option))
     if output is not None:
         check_output(output, overwrite)
     config = load_config(source)

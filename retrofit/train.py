@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .errors import RetrofitError, brief, did_you_mean
+from .errors import RetrofitError, brief, check_at_least_one, did_you_mean
 
 LOSSES = ("kd", "ce", "mix")
 TRAINABLE = ("merger-and-after", "all")
@@ -98,8 +98,7 @@ class TrainArgs:
                 raise RetrofitError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
         if self.limit is not None and self.sample is not None:
             raise RetrofitError("--limit (the first N images) and --sample (a shuffled sample) exclude each other")
-        if self.sample is not None and self.sample < 1:
-            raise RetrofitError(f"--sample must be at least 1 (got {self.sample})")
+        check_at_least_one("--sample", self.sample)
         if self.feature_weight is not None and self.feature_weight < 0:
             raise RetrofitError(f"--feature-weight must be 0 or more (got {self.feature_weight})")
         if not 0 <= self.alpha <= 1:
@@ -728,8 +727,8 @@ def finetune(
 
     args = TrainArgs(**settings)
     args.check()
-    if calibrate and calibrate_images < 1:
-        raise RetrofitError(f"--calibrate-images must be at least 1 (got {calibrate_images})")
+    if calibrate:
+        check_at_least_one("--calibrate-images", calibrate_images)
     if not args.resume:
         check_output(output, args.overwrite)
     if push_to_hub:
