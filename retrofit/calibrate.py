@@ -4,7 +4,7 @@ Random queries merge tokens into near-uniform averages, which the layers after t
 queries start as k-means centroids of the normalised layer-K patch tokens LN(X) over a calibration batch, so each
 merged token is (softly) the average of one cluster of similar patches. The centroid norm sets how sharp the
 softmax is. k-means runs a few times; of all (run, scale) candidates the one closest to the unmerged model on the same
-batch wins (KL of the logits; cosine distance of the pooled output for backbones). That needs no labels: the unmerged
+batch wins (KL of the logits; cosine distance of a backbone's features). That needs no labels: the unmerged
 model is the merged one with its merger bypassed (same weights). Layers 0..K-1 run once; each candidate re-runs only
 the layers after the merge, on M tokens: the 1 + 4 × 8 candidates of a ViT-B/16 merged at layer 6 cost about two
 full forward passes instead of 33 (the whole calibration, k-means included, is about 4.5).
@@ -34,7 +34,7 @@ class CalibrationResult:
     """The chosen query scale, and how far the merged model is from the unmerged one before and after.
 
     Classifiers are compared by KL of the logits and top-1 agreement; backbones (no logits) by the cosine distance
-    and cosine similarity of their pooled output.
+    and cosine similarity of their features (`Head.features`).
     """
 
     scale: float
@@ -55,7 +55,7 @@ class CalibrationResult:
 
     def describe(self, data: str, split: str, layer: int) -> str:
         """How the merger was initialised, for the model card."""
-        closeness = "top-1 agreement" if self.metric == "KL" else "cosine similarity of the pooled output"
+        closeness = "top-1 agreement" if self.metric == "KL" else "cosine similarity of the features"
         return (
             f"calibrated: k-means of the layer-{layer} tokens of {self.images} images of `{data}` ({split} split), "
             f"query scale {self.scale:g}; {closeness} with the source {self.agreement_calibrated:.3f} "
@@ -118,7 +118,7 @@ def kmeans(points: torch.Tensor, k: int, *, iterations: int = 20, seed: int = 0)
 
 @torch.no_grad()
 def model_outputs(model, pixel_values: torch.Tensor, batch_size: int = CHUNK) -> torch.Tensor:
-    """What users read from the model, per image: the logits of a classifier, the pooled output of a backbone."""
+    """What users read from the model, per image: the logits of a classifier, a backbone's `Head.features`."""
     read = HeadReader(model, features=False)
     outputs = [read(model, chunk) for chunk in pixel_values.split(batch_size)]
     return torch.cat([(out.features if out.logits is None else out.logits).float() for out in outputs])

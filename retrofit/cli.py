@@ -37,6 +37,17 @@ def _add_merge_options(parser: argparse.ArgumentParser, required: bool = True) -
     )
 
 
+def _add_task_option(parser: argparse.ArgumentParser) -> None:
+    from .families import TASKS
+
+    parser.add_argument(
+        "--task",
+        choices=TASKS,
+        help="convert SOURCE as its family's classifier or backbone (default: as the checkpoint's own class; e.g. "
+        "a DINOv2 backbone gets a new classifier, a full CLIP checkpoint gives its vision tower alone)",
+    )
+
+
 def _add_push_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--push-to-hub",
@@ -54,6 +65,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
         after_layer=args.after_layer,
         num_tokens=args.tokens,
         output=args.output,
+        task=args.task,
         overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code,
         revision=args.revision,
@@ -148,6 +160,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         output=args.output,
         after_layer=args.after_layer,
         num_tokens=args.tokens,
+        task=args.task,
         calibrate=not args.no_calibrate,
         calibrate_images=args.calibrate_images,
         teacher=args.teacher,
@@ -182,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser("convert", help="insert a PatchMerger into a checkpoint and export it")
     convert.add_argument("source", help="Hub model id or local folder")
     _add_merge_options(convert)
+    _add_task_option(convert)
     convert.add_argument("--output", "-o", required=True, help="folder to write the Hub-format model to")
     convert.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     convert.add_argument(
@@ -263,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune = commands.add_parser("finetune", help="insert a PatchMerger and fine-tune it back (Accelerate)")
     finetune.add_argument("source", help="Hub model id, local folder, or a retrofit export to continue training")
     _add_merge_options(finetune, required=False)
+    _add_task_option(finetune)
     finetune.add_argument("--data", required=True, help="fashion-mnist, an image folder, or a Hub dataset id")
     finetune.add_argument("--output", "-o", required=True, help="folder to write the Hub-format model to")
     _add_train_options(finetune)
@@ -290,7 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--eval-every", type=int, default=argparse.SUPPRESS, help="evaluate every N steps")
     finetune.add_argument("--save-every", type=int, default=argparse.SUPPRESS, help="checkpoint every N steps (200)")
     finetune.add_argument("--keep-checkpoints", type=int, default=argparse.SUPPRESS, help="checkpoints kept (2)")
-    finetune.add_argument("--num-labels", type=int, default=argparse.SUPPRESS, help="re-initialise the head")
+    finetune.add_argument(
+        "--num-labels",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="a new N-class classifier (implies --task image-classification)",
+    )
     finetune.add_argument("--teacher", help="KD teacher (default: SOURCE, or the export's source)")
     finetune.add_argument("--no-calibrate", action="store_true", help="keep the merger's random initialisation")
     finetune.add_argument(

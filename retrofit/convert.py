@@ -38,6 +38,7 @@ def convert(
     after_layer: int,
     num_tokens: int,
     output: str | Path | None = None,
+    task: str | None = None,
     overwrite: bool = False,
     trust_remote_code: bool = False,
     revision: str | None = None,
@@ -50,6 +51,10 @@ def convert(
     log: Callable[[str], None] = print,
 ) -> ConvertResult:
     """Insert a PatchMerger into `source` (Hub id or folder) after `after_layer` layers with `num_tokens` tokens.
+
+    The checkpoint is converted as its own class; `task` (``image-classification`` or ``image-feature-extraction``)
+    converts it as the family's classifier or backbone instead (e.g. a DINOv2 backbone with a new classifier, or the
+    vision tower of a full CLIP checkpoint).
 
     With `calibrate_on` (fashion-mnist, an image folder or a Hub dataset id), the merger starts from k-means of the
     layer-K tokens of a shuffled sample of `calibrate_images` images of its `calibrate_split` split (column
@@ -64,7 +69,7 @@ def convert(
         if output is None:
             raise RetrofitError("--push-to-hub uploads the export, so it needs --output")
         check_push(push_to_hub)
-    config = load_config(source, trust_remote_code=trust_remote_code, revision=revision)
+    config = load_config(source, trust_remote_code=trust_remote_code, revision=revision, task=task)
     processor = load_image_processor(source, config, revision=revision, log=log)
     image_size = processor_image_size(processor)
     check_merge(config, after_layer, num_tokens, image_size)

@@ -26,6 +26,9 @@ class Head:
         reads: what the head reads from the last hidden state, and what that becomes after a merge.
         classifiers: the head's final layers (classifiers only); their inputs are the features the head reads, which
             `--feature-weight` distils (several are concatenated).
+        features: backbones only, what users read from them and fine-tuning distils: ``pooler`` (``pooler_output``),
+            ``cls`` (the CLS token of ``last_hidden_state``) or ``cls+mean`` (CLS ⊕ mean of the tokens after the
+            prefix tokens, DINOv2's linear-probe features).
     """
 
     class_name: str
@@ -34,6 +37,7 @@ class Head:
     layer_config: str = "config"
     reads: str = ""
     classifiers: tuple[str, ...] = ("classifier",)
+    features: str = "pooler"
 
     @property
     def is_classifier(self) -> bool:
@@ -42,8 +46,11 @@ class Head:
 
     @property
     def pipeline_tag(self) -> str:
-        """The Hub pipeline tag of an export of this class."""
+        """The Hub pipeline tag of an export of this class, which is also its `--task`."""
         return "image-classification" if self.is_classifier else "image-feature-extraction"
+
+
+TASKS = ("image-classification", "image-feature-extraction")
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,6 +70,8 @@ class Family:
         notes: what changes, or breaks, after a merge.
         refusal: if set, the family is recognised but refused with this reason.
         display: the name shown to users; defaults to the config class without ``Config``.
+        tower: for multi-modal checkpoints, the family of their vision tower (built from ``config.vision_config``),
+            which `--task image-feature-extraction` converts.
     """
 
     name: str
@@ -78,6 +87,7 @@ class Family:
     notes: str = ""
     refusal: str | None = None
     display: str = ""
+    tower: str = ""
 
     @property
     def display_name(self) -> str:
@@ -121,6 +131,13 @@ register(
             "ViTForImageClassification": Head(
                 "ViTForImageClassification", "vit.layers", reads="CLS token after the final LayerNorm (unchanged)"
             ),
+            "ViTModel": Head(
+                "ViTModel",
+                "layers",
+                auto_class="AutoModel",
+                reads="CLS token after the final LayerNorm (unchanged; the pooler reads it); last_hidden_state: 1 + M",
+                features="cls",
+            ),
         },
         num_prefix_tokens=lambda config: 1,
         notes="CLS bypasses the merger; nothing else depends on the token count after the embeddings.",
@@ -145,6 +162,13 @@ register(
                 "deit.layers",
                 reads="CLS and distillation tokens, two heads averaged (both tokens unchanged)",
                 classifiers=("cls_classifier", "distillation_classifier"),
+            ),
+            "DeiTModel": Head(
+                "DeiTModel",
+                "layers",
+                auto_class="AutoModel",
+                reads="CLS token after the final LayerNorm (unchanged; the pooler reads it); last_hidden_state: 2 + M",
+                features="cls",
             ),
         },
         # transformers' DeiT embeddings always prepend a CLS and a distillation token.
@@ -178,13 +202,21 @@ register(
                 "dinov2.encoder.layer",
                 reads="CLS ⊕ mean of the tokens after CLS: after the merge, CLS ⊕ mean of the M merged tokens",
             ),
+            "Dinov2Model": Head(
+                "Dinov2Model",
+                "encoder.layer",
+                auto_class="AutoModel",
+                reads="pooler_output = CLS after the final LayerNorm (unchanged); last_hidden_state: 1 + M tokens",
+                features="cls+mean",
+            ),
         },
         num_prefix_tokens=lambda config: 1,
         mlp_width=_dinov2_mlp_width,
         notes=(
-            "Backbone checkpoints (Dinov2Model) load as Dinov2ForImageClassification with a new classifier. "
-            "Layer scale is per channel, so it is unaffected. Position embeddings are always interpolated to the "
-            "image size, so N varies with it. A user-supplied attention_mask no longer fits after the merge."
+            "Backbone checkpoints (Dinov2Model) stay backbones; --task image-classification gives them a new "
+            "classifier. Layer scale is per channel, so it is unaffected. Position embeddings are always "
+            "interpolated to the image size, so N varies with it. A user-supplied attention_mask no longer fits "
+            "after the merge."
         ),
     )
 )
@@ -208,12 +240,19 @@ register(
                     "tokens (the registers still sit in front of them)"
                 ),
             ),
+            "Dinov2WithRegistersModel": Head(
+                "Dinov2WithRegistersModel",
+                "encoder.layer",
+                auto_class="AutoModel",
+                reads="pooler_output = CLS after the final LayerNorm (unchanged); last_hidden_state: 1 + R + M",
+                features="cls+mean",
+            ),
         },
         num_prefix_tokens=lambda config: 1 + config.num_register_tokens,
         mlp_width=_dinov2_mlp_width,
         notes=(
-            "CLS and the register tokens bypass the merger. Backbone checkpoints load as "
-            "Dinov2WithRegistersForImageClassification with a new classifier. Position embeddings are always "
+            "CLS and the register tokens bypass the merger. Backbone checkpoints stay backbones; --task "
+            "image-classification gives them a new classifier. Position embeddings are always "
             "interpolated to the image size, so N varies with it."
         ),
     )
@@ -245,8 +284,10 @@ register(
         num_prefix_tokens=lambda config: 1,
         notes=(
             "A full CLIPModel checkpoint loads as CLIPForImageClassification: the vision tower is kept, the text "
-            "tower and projections are dropped and the classifier is new (fine-tune it). " + _CLIP_NOTES
+            "tower and projections are dropped and the classifier is new (fine-tune it); --task "
+            "image-feature-extraction keeps the vision tower alone (CLIPVisionModel). " + _CLIP_NOTES
         ),
+        tower="clip_vision",
     )
 )
 
@@ -295,8 +336,10 @@ register(
         notes=(
             "No CLS token: every token is merged (zero prefix tokens). A full SiglipModel checkpoint loads as "
             "SiglipForImageClassification: the vision tower is kept, the text tower is dropped and the classifier "
-            "is new. interpolate_pos_encoding=True gives other image sizes."
+            "is new; --task image-feature-extraction keeps the vision tower alone (SiglipVisionModel). "
+            "interpolate_pos_encoding=True gives other image sizes."
         ),
+        tower="siglip_vision",
     )
 )
 

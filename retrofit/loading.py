@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import operator
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import transformers
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
 from .errors import RetrofitError, brief
-from .families import FAMILIES, Family, Head, family_for
+from .families import FAMILIES, TASKS, Family, Head, family_for
 
 MERGED_SUFFIX = "_patch_merger"
 ASSETS = Path(__file__).parent / "assets"
@@ -47,21 +48,62 @@ def _source_error(source: str, exc: Exception) -> RetrofitError:
 
 
 def load_config(
-    source: str | Path, *, trust_remote_code: bool = False, revision: str | None = None
+    source: str | Path, *, trust_remote_code: bool = False, revision: str | None = None, task: str | None = None
 ) -> PreTrainedConfig:
-    """The config of a local folder, Hub id or ``retrofit:NAME``. Remote code runs only if the user asked for it."""
+    """The config of a local folder, Hub id or ``retrofit:NAME``. Remote code runs only if the user asked for it.
+
+    `task` (``image-classification`` or ``image-feature-extraction``) picks the class the checkpoint is loaded as
+    (see `for_task`); None keeps the checkpoint's own class where retrofit supports it.
+    """
     source = resolve_source(source)
     if source.startswith((".", "/", "~")) and not Path(source).expanduser().exists():
         raise RetrofitError(f"'{source}' does not exist; pass an existing folder or a Hub model id")
     try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
     except ValueError as exc:
         if MERGED_SUFFIX in str(exc) or "trust_remote_code" in str(exc):
             # A retrofit export: its config class is ours, so read the raw dict and recreate it below.
-            return _load_export_config(source, revision)
-        raise _source_error(source, exc) from None
+            config = _load_export_config(source, revision)
+        else:
+            raise _source_error(source, exc) from None
     except OSError as exc:
         raise _source_error(source, exc) from None
+    return for_task(config, task)
+
+
+def for_task(config: PreTrainedConfig, task: str | None) -> PreTrainedConfig:
+    """The config that loads `config`'s checkpoint as a model for `task` (a copy; `config` is left as it is).
+
+    ``image-classification`` picks the family's ...ForImageClassification class (a backbone checkpoint gets a new
+    classifier), ``image-feature-extraction`` its backbone class (a classifier checkpoint loses its classifier; a
+    full CLIP/SigLIP checkpoint gives its vision tower alone). An export can only be what it is.
+    """
+    if task is None:
+        return config
+    if task not in TASKS:
+        raise RetrofitError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
+    family, head = family_and_head(config)
+    if head.pipeline_tag == task:
+        return config
+    if is_merged(config):
+        raise RetrofitError(
+            f"this export is an {head.pipeline_tag} model ({head.class_name} with a PatchMerger), not {task}; "
+            f"drop --task, or convert its source with --task {task}"
+        )
+    for candidate in family.heads.values():
+        if candidate.pipeline_tag == task:
+            config = copy.deepcopy(config)
+            config.architectures = [candidate.class_name]
+            return config
+    if family.tower and task == "image-feature-extraction":
+        tower = copy.deepcopy(layer_config(config, head))
+        tower.architectures = [next(iter(FAMILIES[family.tower].heads))]
+        tower._name_or_path = config._name_or_path
+        if getattr(tower, "dtype", None) is None:
+            tower.dtype = config.dtype  # a bf16 checkpoint's tower loads as bf16, like the checkpoint
+        return tower
+    classes = ", ".join(f"{h.class_name} ({h.pipeline_tag})" for h in family.heads.values())
+    raise RetrofitError(f"{family.user_name} checkpoints cannot become an {task} model; retrofit converts: {classes}")
 
 
 def _load_export_config(source: str, revision: str | None) -> PreTrainedConfig:
@@ -95,8 +137,18 @@ def is_merged(config: PreTrainedConfig) -> bool:
     return config.model_type.endswith(MERGED_SUFFIX)
 
 
+def classifier_is_new(saved: PreTrainedConfig, loaded: PreTrainedConfig) -> bool:
+    """True if `loaded` (`saved`, possibly through `for_task`) is a classifier the checkpoint does not hold, so its
+    head starts random: a backbone, or a full CLIP/SigLIP checkpoint, loaded for image classification."""
+    if is_merged(saved) or not family_and_head(loaded)[1].is_classifier:
+        return False
+    architectures = getattr(saved, "architectures", None) or []
+    return bool(architectures) and family_and_head(loaded)[1].class_name not in architectures
+
+
 def family_and_head(config: PreTrainedConfig) -> tuple[Family, Head]:
-    """The (family, head) a source config will be loaded as: its own architecture if supported, else the first head."""
+    """The (family, head) a source config will be loaded as: its own architecture if supported, else the first head
+    (`for_task` sets the architecture to choose another)."""
     if is_merged(config):
         return merged_family_and_head(config)
     family = family_for(config.model_type)

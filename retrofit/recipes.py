@@ -306,9 +306,9 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
     from .cost import model_cost
     from .data import load_split, make_dataloader
     from .evaluation import refuse_backbone
-    from .loading import load_config, load_image_processor, load_model
+    from .loading import for_task, load_config, load_image_processor, load_model
     from .surgery import check_merge, insert_patch_merger
-    from .train import default_checkpoint_dir, finetune, label_map_for
+    from .train import check_teacher_logits, default_checkpoint_dir, finetune, label_map_for, task_for
 
     source = str(recipe["source"])  # as the user wrote it (a Hub id, a folder or retrofit:NAME): it goes in the card
     merge, data, evaluation, export = recipe["merge"], recipe["data"], recipe["evaluation"], recipe["export"]
@@ -319,10 +319,12 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
         from .push import check_push
 
         check_push(export["push_to_hub"])
-    config = load_config(source)
-    refuse_backbone(source, config, "a recipe", "fine-tune it with `retrofit finetune` (kd on its pooled output)")
-    check_merge(config, merge["after_layer"], merge["tokens"])
     settings = _train_settings(recipe, overwrite=overwrite, resume=resume, eval_at_start=bool(evaluation["before"]))
+    saved = load_config(source)
+    config = for_task(saved, task_for(None, settings.get("num_labels")))  # as `finetune` will load it
+    refuse_backbone(source, config, "a recipe", "fine-tune it with `retrofit finetune` (kd on its features)")
+    check_teacher_logits(source, saved, config, settings.get("loss", "kd"))
+    check_merge(config, merge["after_layer"], merge["tokens"])
 
     # Baseline: accuracy on the evaluation split, cost and measured speed (source vs merged architecture).
     baseline = load_model(source, config=config).eval()

@@ -159,13 +159,19 @@ class Outputs(NamedTuple):
 class HeadReader:
     """Runs a model and returns its `Outputs`. The features are what its head reads: the input of a classifier's
     final layer(s) (`Head.classifiers` in the family registry, recorded by a forward pre-hook, so no extra pass;
-    DeiT's two heads are concatenated), or a backbone's pooled output."""
+    DeiT's two heads are concatenated), or what a backbone's users read (`Head.features`: its pooled output, its CLS
+    token, or CLS ⊕ mean of the other tokens)."""
 
     def __init__(self, model: torch.nn.Module, *, features: bool) -> None:
-        from .loading import family_and_head
+        from .loading import family_and_head, layer_config
 
-        head = family_and_head(model.config)[1]
+        family, head = family_and_head(model.config)
         self.is_classifier = head.is_classifier
+        self.backbone_features = head.features
+        config = model.config
+        self.num_prefix_tokens = getattr(config, "merge_num_prefix_tokens", None)
+        if self.num_prefix_tokens is None:
+            self.num_prefix_tokens = family.num_prefix_tokens(layer_config(config, head))
         self._recording = False
         self._recorded: list[torch.Tensor] = []
         names = head.classifiers if features and head.is_classifier else ()
@@ -188,8 +194,17 @@ class HeadReader:
         finally:
             self._recording = False
         if not self.is_classifier:
-            return Outputs(None, output.pooler_output)
+            return Outputs(None, self._backbone_features(output))
         return Outputs(output.logits, torch.cat(self._recorded, dim=-1) if self._recorded else None)
+
+    def _backbone_features(self, output) -> torch.Tensor:
+        """What a backbone's users read (`Head.features`): its pooled output, CLS token, or CLS ⊕ mean of the rest."""
+        if self.backbone_features == "pooler":
+            return output.pooler_output
+        hidden = output.last_hidden_state
+        if self.backbone_features == "cls":
+            return hidden[:, 0]
+        return torch.cat([hidden[:, 0], hidden[:, self.num_prefix_tokens :].mean(dim=1)], dim=-1)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -361,7 +376,7 @@ def set_trainable(model, scope: str) -> tuple[int, int]:
 @torch.no_grad()
 def evaluate_loop(model, dataloader, accelerator, teacher=None) -> dict:
     """Accuracy over a prepared dataloader, on all processes; without labels, top-1 agreement with the teacher; for
-    a backbone, the mean cosine similarity of its pooled output to the teacher's."""
+    a backbone, the mean cosine similarity of its features to the teacher's."""
     model.eval()
     read = HeadReader(accelerator.unwrap_model(model), features=False)
     read_teacher = HeadReader(teacher, features=False) if teacher is not None else None
@@ -463,7 +478,7 @@ def train_loop(
     if not classifier and (args.loss != "kd" or not args.feature_weight):
         raise RetrofitError(
             f"{type(model).__name__} is a backbone (no classifier head, no logits): fine-tune it with --loss kd and "
-            "a positive --feature-weight, which distil its pooled output from the unmerged model"
+            "a positive --feature-weight, which distil its features from the unmerged model"
         )
     set_seed(args.seed)
 
@@ -697,12 +712,39 @@ def _training_info(args: TrainArgs, result: TrainResult, init: str):
     )
 
 
+def task_for(task: str | None, num_labels: int | None) -> str | None:
+    """The `--task` a fine-tune loads its source for: `--num-labels` asks for a new classifier, so it implies
+    ``image-classification`` (a DINOv2 backbone checkpoint then gets one)."""
+    if num_labels is None or task == "image-classification":
+        return task
+    if task is not None:
+        raise RetrofitError(
+            f"--num-labels gives the model a new classifier, which a {task} model has none of; drop one of them"
+        )
+    return "image-classification"
+
+
+def check_teacher_logits(source: str | Path, saved, config, loss: str) -> None:
+    """Refuse distilling logits into a classifier the checkpoint does not have: teacher and student would each get
+    their own random head (a backbone or a full CLIP/SigLIP checkpoint loaded for image classification)."""
+    from .loading import classifier_is_new
+
+    if loss != "ce" and classifier_is_new(saved, config):
+        saved_as = (saved.architectures or ["?"])[0]
+        raise RetrofitError(
+            f"'{source}' is a {saved_as} checkpoint, so its classifier would be new and random, with no logits to "
+            f"distil (--loss {loss}); train one with --num-labels N --loss ce on labelled data, or keep a backbone "
+            "with --task image-feature-extraction"
+        )
+
+
 def finetune(
     source: str | Path,
     *,
     output: str | Path,
     after_layer: int | None = None,
     num_tokens: int | None = None,
+    task: str | None = None,
     calibrate: bool = True,
     calibrate_images: int = 256,
     teacher: str | Path | None = None,
@@ -717,12 +759,14 @@ def finetune(
     """Insert a PatchMerger into `source` (or continue training a retrofit export) and fine-tune it; export to
     `output`. `settings` are `TrainArgs` fields (loss, epochs, lr, data, ...); `card_results(result)` may give the
     model card's results table. `calibrate` starts the merger from k-means of the layer-K tokens of a shuffled sample
-    of `calibrate_images` training images (`retrofit.calibrate`) instead of at random. With `push_to_hub` (a repo id)
-    the main process uploads the export at the end (the login is checked before training starts)."""
+    of `calibrate_images` training images (`retrofit.calibrate`) instead of at random. `task` loads the source as
+    the family's classifier or backbone (`retrofit.convert.convert`); `--num-labels` implies a classifier. With
+    `push_to_hub` (a repo id) the main process uploads the export at the end (the login is checked before training
+    starts)."""
     from accelerate.utils import set_seed
 
     from .atomic import check_output
-    from .loading import is_merged, load_config, load_image_processor, load_model
+    from .loading import family_and_head, for_task, is_merged, load_config, load_image_processor, load_model
     from .surgery import check_merge, insert_patch_merger
 
     args = TrainArgs(**settings)
@@ -738,7 +782,10 @@ def finetune(
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else default_checkpoint_dir(output)
     _check_checkpoints(checkpoint_dir, args)
     set_seed(args.seed)  # the merger's random initialisation must be the same in a resumed run
-    config = load_config(source, trust_remote_code=trust_remote_code, revision=revision)
+    saved = load_config(source, trust_remote_code=trust_remote_code, revision=revision)
+    config = for_task(saved, task_for(task, args.num_labels))
+    check_teacher_logits(source, saved, config, args.loss)
+    task = family_and_head(config)[1].pipeline_tag  # the teacher is loaded as the same kind of model
     init = "continued from a retrofit export"
     if is_merged(config):
         if after_layer not in (None, config.merge_after_layer) or num_tokens not in (None, config.merge_num_tokens):
@@ -748,7 +795,7 @@ def finetune(
             )
         model = load_model(source, config=config, revision=revision)
         teacher_source = teacher or config.merge_source
-        source_config = load_config(teacher_source) if teacher_source and args.loss != "ce" else None
+        source_config = load_config(teacher_source, task=task) if teacher_source and args.loss != "ce" else None
     else:
         if after_layer is None or num_tokens is None:
             raise RetrofitError("--after-layer and --tokens are required when SOURCE is not a retrofit export")
@@ -763,7 +810,8 @@ def finetune(
         if not teacher_source:
             raise RetrofitError(f"'{source}' does not name its source model; pass --teacher for --loss {args.loss}")
         # A separate copy: the student shares its tensors with a freshly loaded source, so load the teacher again.
-        teacher_model = load_model(teacher_source, trust_remote_code=trust_remote_code).eval()
+        teacher_config = load_config(teacher_source, trust_remote_code=trust_remote_code, task=task)
+        teacher_model = load_model(teacher_source, config=teacher_config, trust_remote_code=trust_remote_code).eval()
     if calibrate and init == "random":
         if args.resume and list_checkpoints(checkpoint_dir):  # the checkpoint holds the calibrated merger
             init = f"calibrated (k-means of the layer-{after_layer} tokens of `{args.data}`; the run was resumed)"

@@ -39,6 +39,18 @@ TEXT |= dict(max_position_embeddings=16)
 DINO = {key: value for key, value in VISION.items() if key != "intermediate_size"}
 
 
+def _vit_backbone():  # like google/vit-base-patch16-224-in21k or facebook/dino-vitb16: a ViTModel checkpoint
+    from transformers import ViTConfig, ViTModel
+
+    return ViTModel(ViTConfig(**TINY))
+
+
+def _deit_backbone():
+    from transformers import DeiTConfig, DeiTModel
+
+    return DeiTModel(DeiTConfig(**TINY))
+
+
 def _deit_distilled():
     from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
 
@@ -93,21 +105,39 @@ class Case:
     classifier: bool = True
     # keyword arguments that make the model run at another image size (DINOv2 always interpolates)
     interpolate: dict = field(default_factory=lambda: {"interpolate_pos_encoding": True})
+    task: str | None = None  # `convert --task`; None converts the checkpoint as its own class
 
 
+BACKBONE, CLASSIFIER = "image-feature-extraction", "image-classification"
 CASES = {
+    "vit_backbone": Case("vit", _vit_backbone, "ViTPatchMergerModel", 1, classifier=False),
     "deit_distilled": Case("deit", _deit_distilled, "DeiTPatchMergerForImageClassificationWithTeacher", 2),
-    "dinov2": Case("dinov2", _dinov2, "Dinov2PatchMergerForImageClassification", 1, interpolate={}),
+    "deit_backbone": Case("deit", _deit_backbone, "DeiTPatchMergerModel", 2, classifier=False),
+    "dinov2": Case("dinov2", _dinov2, "Dinov2PatchMergerModel", 1, classifier=False, interpolate={}),
+    "dinov2_classifier": Case(
+        "dinov2", _dinov2, "Dinov2PatchMergerForImageClassification", 1, interpolate={}, task=CLASSIFIER
+    ),
     "dinov2_with_registers": Case(
+        "dinov2_with_registers",
+        _dinov2_registers,
+        "Dinov2WithRegistersPatchMergerModel",
+        1 + 4,
+        classifier=False,
+        interpolate={},
+    ),
+    "dinov2_with_registers_classifier": Case(
         "dinov2_with_registers",
         _dinov2_registers,
         "Dinov2WithRegistersPatchMergerForImageClassification",
         1 + 4,
         interpolate={},
+        task=CLASSIFIER,
     ),
     "clip": Case("clip", _clip, "CLIPPatchMergerForImageClassification", 1),
+    "clip_tower": Case("clip_vision", _clip, "CLIPVisionPatchMergerModel", 1, classifier=False, task=BACKBONE),
     "clip_vision": Case("clip_vision", _clip_vision, "CLIPVisionPatchMergerModel", 1, classifier=False),
     "siglip": Case("siglip", _siglip, "SiglipPatchMergerForImageClassification", 0),
+    "siglip_tower": Case("siglip_vision", _siglip, "SiglipVisionPatchMergerModel", 0, classifier=False, task=BACKBONE),
     "siglip_vision": Case("siglip_vision", _siglip_vision, "SiglipVisionPatchMergerModel", 0, classifier=False),
 }
 
@@ -157,7 +187,8 @@ def converted(tmp_path_factory) -> dict[str, Converted]:
     for seed, (name, case) in enumerate(CASES.items()):
         torch.manual_seed(seed)
         source = save_tiny(case.make(), root / name)
-        result = convert(source, after_layer=K, num_tokens=M, output=root / f"{name}-pm", log=lambda _: None)
+        output = root / f"{name}-pm"
+        result = convert(source, after_layer=K, num_tokens=M, output=output, task=case.task, log=lambda _: None)
         result.model.eval()
         made[name] = Converted(case, source, root / f"{name}-pm", result)
     return made
@@ -228,9 +259,14 @@ def reloaded(converted, tmp_path_factory) -> dict[str, dict]:
     return json.loads((root / "results.json").read_text())
 
 
-def test_every_supported_family_has_a_case():
-    tested = {case.family for case in CASES.values()} | {"vit"}  # plain ViT: tests/test_convert.py
-    assert tested == {name for name, family in FAMILIES.items() if family.refusal is None}
+def test_every_supported_class_has_a_case(converted):
+    """Every (family, class) retrofit converts is built here, except the two tests/test_convert.py covers."""
+    tested = {
+        (item.case.family, family_and_head(item.result.model.config)[1].class_name) for item in converted.values()
+    }
+    tested |= {("vit", "ViTForImageClassification"), ("deit", "DeiTForImageClassification")}
+    supported = {(name, cls) for name, family in FAMILIES.items() if family.refusal is None for cls in family.heads}
+    assert tested == supported
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -332,7 +368,9 @@ def test_deit_distilled_heads_still_average(converted):
     assert torch.allclose(out.logits, (out.cls_logits + out.distillation_logits) / 2, atol=1e-6)
 
 
-@pytest.mark.parametrize("name, base", [("dinov2", "dinov2"), ("dinov2_with_registers", "dinov2_with_registers")])
+@pytest.mark.parametrize(
+    "name, base", [("dinov2_classifier", "dinov2"), ("dinov2_with_registers_classifier", "dinov2_with_registers")]
+)
 def test_dinov2_head_reads_cls_and_mean_of_merged_tokens(name, base, converted):
     model = converted[name].result.model
     prefix = CASES[name].prefix
@@ -371,16 +409,23 @@ def test_siglip_vision_attention_pooling_reads_merged_tokens(converted):
     assert torch.allclose(out.pooler_output, model.head(out.last_hidden_state), atol=1e-6)
 
 
-@pytest.mark.parametrize("name, base", [("clip", "CLIPModel"), ("siglip", "SiglipModel")])
+@pytest.mark.parametrize(
+    "name, base",
+    [("clip", "CLIPModel"), ("siglip", "SiglipModel"), ("clip_tower", "CLIPModel"), ("siglip_tower", "SiglipModel")],
+)
 def test_full_model_checkpoint_keeps_only_the_vision_tower(name, base, converted):
-    """A full CLIPModel/SiglipModel converts to the classifier: vision weights bit-exact, text tower dropped."""
+    """A full CLIPModel/SiglipModel converts to the classifier (new head), or with --task image-feature-extraction
+    to its vision tower alone: vision weights bit-exact, text tower dropped."""
     item = converted[name]
     assert json.loads((item.source / "config.json").read_text())["architectures"] == [base]
     source, merged = load_file(item.source / "model.safetensors"), load_file(item.output / "model.safetensors")
     vision = {key: value for key, value in source.items() if key.startswith("vision_model.")}
+    if not CASES[name].classifier:  # a vision tower saves its weights without the prefix
+        vision = {key.removeprefix("vision_model."): value for key, value in vision.items()}
     assert vision and all(torch.equal(merged[key], value) for key, value in vision.items())
     assert not any(key.startswith("text_model.") for key in merged)
-    assert "classifier.weight" in merged
+    new = {key for key in set(merged) - set(vision) if ".patch_merger." not in key}
+    assert new == ({"classifier.weight", "classifier.bias"} if CASES[name].classifier else set())
 
 
 # ---------------------------------------------------------------- fine-tuning
@@ -432,7 +477,14 @@ def test_feature_distillation_reads_what_the_head_reads(name, converted):
             torch.testing.assert_close(heads, got.logits)
         else:
             assert got.logits is None
-            torch.testing.assert_close(got.features, model(pixel_values=pixels).pooler_output)
+            out, prefix = model(pixel_values=pixels), CASES[name].prefix
+            hidden = out.last_hidden_state
+            expected = {
+                "pooler": out.pooler_output,
+                "cls": hidden[:, 0],
+                "cls+mean": torch.cat([hidden[:, 0], hidden[:, prefix:].mean(dim=1)], dim=-1),
+            }[head.features]
+            torch.testing.assert_close(got.features, expected)
 
 
 @pytest.mark.parametrize("name", CASES)

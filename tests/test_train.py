@@ -322,3 +322,57 @@ def test_a_backbone_is_distilled_through_its_pooled_output(tiny_clip_vision, col
     recipe.write_text(f"source: {tiny_clip_vision}\nmerge: {{after_layer: 2, tokens: 3}}\ndata: {{name: {colours}}}\n")
     assert main(["run", str(recipe), "--output", str(tmp_path / "run")]) == 2
     assert "retrofit finetune" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_multimodal(tmp_path_factory) -> dict[str, str]:
+    """A full CLIPModel (text + vision towers) and a Dinov2Model backbone, saved as their Hub checkpoints are."""
+    from conftest import TINY
+    from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model
+
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size")
+    vision = {key: TINY[key] for key in keys}
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99)
+    root = tmp_path_factory.mktemp("tasks")
+    torch.manual_seed(5)
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config={**vision, "intermediate_size": 64}))
+    return {
+        "clip": str(save_tiny(clip, root / "tiny-clip")),
+        "dinov2": str(save_tiny(Dinov2Model(Dinov2Config(**vision)), root / "tiny-dinov2")),
+    }
+
+
+def test_task_trains_a_vision_tower_or_a_new_classifier(tiny_multimodal, colours, tmp_path, capsys):
+    """--task image-feature-extraction on a full CLIP checkpoint distils its vision tower from the unmerged tower;
+    --num-labels on a DINOv2 backbone trains a new classifier; kd into a classifier the checkpoint does not have (its
+    head would be random, differently in teacher and student) and contradictory tasks are one-line errors."""
+    clip, dinov2 = tiny_multimodal["clip"], tiny_multimodal["dinov2"]
+    tower = finetune(clip, output=tmp_path / "tower", after_layer=1, num_tokens=2, data=colours, max_steps=2,
+                     task="image-feature-extraction", calibrate=False, eval_at_start=True, **FAST)  # fmt: skip
+    assert tower.eval_history[0]["reference"] == "teacher features" and tower.eval_history[0]["similarity"] > 0.5
+    assert type(load_model(tmp_path / "tower")).__name__ == "CLIPVisionPatchMergerModel"
+    classifier = finetune(dinov2, output=tmp_path / "cls", after_layer=1, num_tokens=2, data=colours, max_steps=2,
+                          loss="ce", num_labels=3, calibrate=False, **FAST)  # fmt: skip
+    reloaded = load_model(tmp_path / "cls")
+    assert type(reloaded).__name__ == "Dinov2PatchMergerForImageClassification" and classifier.steps == 2
+    assert sorted(reloaded.config.id2label.values()) == ["bird", "cat", "dog"]  # the data's class names
+
+    capsys.readouterr()
+
+    def refused(*args: str) -> str:
+        output = tmp_path / "refused"
+        assert main([*args, "--after-layer", "1", "--tokens", "2", "--output", str(output)]) == 2
+        assert not output.exists()
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+        return err
+
+    assert "CLIPModel checkpoint, so its classifier would be new" in refused("finetune", clip, "--data", colours)
+    err = refused("finetune", dinov2, "--data", colours, "--task", "image-classification")
+    assert "Dinov2Model checkpoint, so its classifier would be new" in err and "--num-labels N --loss ce" in err
+    err = refused("finetune", dinov2, "--data", colours, "--num-labels", "3", "--task", "image-feature-extraction")
+    assert "--num-labels gives the model a new classifier" in err
+    err = refused("convert", str(tmp_path / "tower"), "--task", "image-classification")
+    assert "this export is an image-feature-extraction model" in err and "convert its source" in err
+    err = refused("finetune", str(tmp_path / "tower"), "--data", colours, "--task", "image-classification")
+    assert "this export is an image-feature-extraction model" in err
