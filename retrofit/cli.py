@@ -129,6 +129,12 @@ def _add_train_options(parser: argparse.ArgumentParser, recipe: bool = False) ->
     parser.add_argument("--lr", type=float, default=default, help="peak learning rate (default 2e-4)")
     parser.add_argument("--batch-size", type=int, default=default, help="per-process batch size (default 64)")
     parser.add_argument("--mixed-precision", choices=PRECISIONS, default=default, help="no (default), bf16 or fp16")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        default=default,
+        help="recompute activations in the backward pass (less memory for large models, one more forward pass)",
+    )
     parser.add_argument("--seed", type=int, default=default, help="random seed (default 0)")
     parser.add_argument("--report-to", default=default, help="tracker for Accelerate, e.g. tensorboard")
     parser.add_argument("--limit", type=int, default=default, help="use only the first N training images")
@@ -151,8 +157,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     names = (
         "data split eval_split image_column label_column limit sample eval_limit loss temperature alpha feature_weight "
         "train epochs max_steps lr merger_lr_scale weight_decay warmup_ratio batch_size grad_accum max_grad_norm "
-        "mixed_precision seed augment num_workers eval_every save_every keep_checkpoints checkpoint_dir resume "
-        "overwrite report_to num_labels"
+        "mixed_precision gradient_checkpointing seed augment num_workers eval_every save_every keep_checkpoints "
+        "checkpoint_dir resume overwrite report_to num_labels"
     ).split()
     settings = {name: getattr(args, name) for name in names if hasattr(args, name)}
     finetune(

@@ -57,6 +57,7 @@ SCHEMA: dict[str, dict | None] = {
         "grad_accum": None,
         "max_grad_norm": None,
         "mixed_precision": None,
+        "gradient_checkpointing": None,
         "seed": None,
         "save_every": None,
         "keep_checkpoints": None,
@@ -91,6 +92,7 @@ FLAG_KEYS = {
     "lr": "training.lr",
     "batch_size": "training.batch_size",
     "mixed_precision": "training.mixed_precision",
+    "gradient_checkpointing": "training.gradient_checkpointing",
     "seed": "training.seed",
     "report_to": "training.report_to",
 }

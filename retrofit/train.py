@@ -67,6 +67,7 @@ class TrainArgs:
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, one more forward
     seed: int = 0
     augment: bool = False
     num_workers: int = 0
@@ -553,6 +554,12 @@ def train_loop(
     read = HeadReader(model, features=features)  # before `prepare`: hooks go on the model itself
     read_teacher = HeadReader(teacher, features=features) if teacher is not None else None
     optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr)
+    if args.gradient_checkpointing:  # every encoder layer, the merging one included (it is a checkpointed layer)
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
     if eval_dl is not None:
         eval_dl = accelerator.prepare(eval_dl)

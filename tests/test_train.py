@@ -102,6 +102,36 @@ def test_gradient_accumulation_matches_the_larger_batch(tiny_vit, colours, tmp_p
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-5, msg=name)
 
 
+def test_gradient_checkpointing_recomputes_layers_and_reaches_the_same_weights(
+    tiny_vit, colours, tmp_path, monkeypatch
+):
+    """--gradient-checkpointing re-runs the encoder layers (the merging one included) in the backward pass and
+    trains to the same weights as a run that keeps the activations."""
+    from transformers.models.vit.modeling_vit import ViTMLP
+
+    calls = {"n": 0}
+    forward = ViTMLP.forward
+
+    def counting(self, *args, **kwargs):
+        if torch.is_grad_enabled():  # training passes, not evaluation or the teacher
+            calls["n"] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(ViTMLP, "forward", counting)
+    settings = dict(after_layer=2, num_tokens=4, data=colours, max_steps=2, lr=1e-3, eval_split=None, **FAST)
+    runs = {}
+    for flag in (False, True):
+        calls["n"] = 0
+        finetune(tiny_vit, output=tmp_path / str(flag), gradient_checkpointing=flag, calibrate=False, **settings)
+        runs[flag] = calls["n"]
+    assert runs[True] == 2 * runs[False] > 0  # each layer's MLP runs again in the backward pass
+    expected, got = weights(tmp_path / "False"), weights(tmp_path / "True")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+    config = json.loads((tmp_path / "True" / "config.json").read_text())
+    assert "gradient_checkpointing" not in config  # a training setting, not part of the published model
+
+
 def test_sample_and_calibration_images_are_seeded_shuffled_subsets(tiny_vit, colours, tmp_path, monkeypatch, capsys):
     import retrofit.data
 
