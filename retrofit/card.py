@@ -154,16 +154,21 @@ def _find(rows: list[dict], key: str, spec: str | None) -> dict | None:
 
 
 def eval_results_from(evaluation: dict, row: dict) -> list[EvalResult]:
-    """model-index entries (top-1 and top-k accuracy) for one evaluated model."""
+    """model-index entries (top-1 and top-k accuracy; a backbone's feature similarity) for one evaluated model."""
     data = str(evaluation["data"])
     local = Path(data).expanduser().exists() or data.startswith((".", "/", "~"))
+    similarity = evaluation.get("metric") == "similarity"
     common = dict(
-        task_type="image-classification",
-        task_name="Image Classification",
+        task_type="image-feature-extraction" if similarity else "image-classification",
+        task_name="Image Feature Extraction" if similarity else "Image Classification",
         dataset_type="imagefolder" if local else data,
         dataset_name=Path(data).name if local else data,
         dataset_split=evaluation.get("split"),
     )
+    if similarity:
+        reference = evaluation["models"][0]["model"]
+        name = f"Feature cosine similarity to {reference}"
+        return [EvalResult(metric_type="cosine_similarity", metric_name=name, metric_value=row["similarity"], **common)]
     results = [EvalResult(metric_type="accuracy", metric_name="Top-1 accuracy", metric_value=row["top1"], **common)]
     if row.get("top5") is not None:
         k = evaluation.get("top_k", 5)
@@ -201,22 +206,29 @@ def results_section(results: dict, export: Path) -> str:
         env = bench["environment"]
         largest = str(max(bench["settings"]["batch_sizes"]))
         speed_head = f"images/s ({env['hardware']}, {env['dtype']}, batch {largest})"
-    lines = [f"| | top-1 | top-5 | GFLOPs | {speed_head} |", "|---|---|---|---|---|"]
+    similarity = (evaluation or {}).get("metric") == "similarity"
+    quality = "feature similarity to the first model evaluated" if similarity else "top-1 | top-5"
+    lines = [f"| | {quality} | GFLOPs | {speed_head} |", f"|---|{'---|' if similarity else '---|---|'}---|---|"]
     for label, ev, be in (("before: source", before_eval, before_bench), ("after: this model", this_eval, this_bench)):
         if ev is None and be is None:
             continue
         rate = (be or {}).get("results", {}).get(largest or "", {}).get("images_per_s") if be else None
         gflops = (ev or be or {}).get("gflops")
         name = (ev or be or {}).get("model", "")
+        if similarity:
+            score = "–" if (ev or {}).get("similarity") is None else f"{ev['similarity']:.4f}"
+        else:
+            score = f"{_pct((ev or {}).get('top1'))} | {_pct((ev or {}).get('top5'))}"
         lines.append(
-            f"| {label} (`{name}`) | {_pct((ev or {}).get('top1'))} | {_pct((ev or {}).get('top5'))} | "
+            f"| {label} (`{name}`) | {score} | "
             f"{'–' if gflops is None else f'{gflops:.3g}'} | {'–' if rate is None else f'{rate:.1f}'} |"
         )
     if len(lines) > 2:
         parts.append("### Before / after\n\n" + "\n".join(lines))
     if evaluation:
         parts.append(
-            f"### Accuracy\n\nOn `{evaluation['data']}` split `{evaluation['split']}` "
+            f"### {'Feature similarity' if similarity else 'Accuracy'}\n\nOn `{evaluation['data']}` split "
+            f"`{evaluation['split']}` "
             f"({evaluation['num_examples']} images), measured with `retrofit evaluate`:\n\n{evaluation['table']}"
         )
     if bench:

@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=cmd_bench)
 
     sweep = commands.add_parser("sweep", help="accuracy and speed over after-layer x tokens; pick a setting")
-    sweep.add_argument("source", help="Hub model id or local folder (an unmerged classifier)")
+    sweep.add_argument("source", help="Hub model id or local folder (an unmerged classifier or backbone)")
     sweep.add_argument("--after-layer", required=True, metavar="K,...", help="comma-separated K values, e.g. 3,6,9")
     sweep.add_argument("--tokens", required=True, metavar="M,...", help="comma-separated M values, e.g. 4,8,16")
     sweep.add_argument("--data", required=True, help="fashion-mnist, an image folder or a Hub dataset id")

@@ -6,6 +6,10 @@ gathered with ``gather_for_metrics`` (which drops the padding of the last batch:
 
 Labels: the first model's labels are the reference. Other models must have the same label *names* (their ids may
 differ: predictions are mapped by name); the data's class names must be among them (mapped by name too).
+
+Backbones (DINOv2, CLIP/SigLIP vision towers, ...) have no labels: for them the report is the mean cosine similarity
+of each model's features (`Head.features`, what `finetune` distils) to the first model's, per image, on the same
+images (labels are not read). Classifiers and backbones are not mixed in one run.
 """
 
 from __future__ import annotations
@@ -35,15 +39,20 @@ def _labels(config) -> dict[int, str]:
     return {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
 
 
-def refuse_backbone(spec: str, config, command: str, hint: str | None = None) -> None:
-    """A clear error for a supported family's backbone (CLIPVisionModel, ...): accuracy needs a classifier head."""
+def is_backbone(config) -> bool:
+    """True for a supported family's backbone (Dinov2Model, CLIPVisionModel, ...); False for classifiers and for
+    models of families retrofit does not convert (left to the label checks)."""
     from .loading import family_and_head
 
     try:
-        backbone = not family_and_head(config)[1].is_classifier
-    except RetrofitError:  # not a family retrofit converts: left to the label checks
-        return
-    if backbone:
+        return not family_and_head(config)[1].is_classifier
+    except RetrofitError:
+        return False
+
+
+def refuse_backbone(spec: str, config, command: str, hint: str | None = None) -> None:
+    """A clear error for a supported family's backbone (CLIPVisionModel, ...): accuracy needs a classifier head."""
+    if is_backbone(config):
         kind = (config.architectures or ["?"])[0]
         raise RetrofitError(
             f"'{spec}' is a vision backbone ({kind}) without a classification head, so {command} cannot measure its "
@@ -106,17 +115,27 @@ def evaluate_models(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Evaluate `models` (checkpoints, Hub ids, exports) on one split; returns a JSON-ready report with a table."""
-    from .cost import model_cost
     from .data import class_names, load_split, make_dataloader
-    from .loading import is_merged, load_config, load_image_processor, load_model
+    from .loading import load_config, load_image_processor, load_model
 
     if not models:
         raise RetrofitError("no models to evaluate; pass one or more checkpoint folders, Hub ids or exports")
     check_at_least_one("--top-k", top_k)
     check_at_least_one("--batch-size", batch_size)
     configs = [load_config(spec, trust_remote_code=trust_remote_code) for spec in models]
-    for spec, config in zip(models, configs, strict=True):
-        refuse_backbone(spec, config, "evaluate")
+    backbones = [is_backbone(config) for config in configs]
+    if any(backbones):
+        if not all(backbones):
+            kinds = {True: "a vision backbone", False: "a classifier"}
+            raise RetrofitError(
+                f"'{models[0]}' is {kinds[backbones[0]]} and '{models[backbones.index(not backbones[0])]}' "
+                f"{kinds[not backbones[0]]}; evaluate compares classifiers by accuracy or backbones by feature "
+                "similarity, so pass models of one kind"
+            )
+        return _evaluate_backbones(
+            models, configs, data=data, split=split, limit=limit, batch_size=batch_size, image_column=image_column,
+            trust_remote_code=trust_remote_code, log=log,
+        )  # fmt: skip
     reference = _labels(configs[0])
     if not reference:
         raise RetrofitError(f"'{models[0]}' has no labels (no classification head); evaluate classifiers")
@@ -152,20 +171,9 @@ def evaluate_models(
         )
         group = score_models([loaded[i][2] for i in indices], loader, k=k, maps=[maps[i] for i in indices])
         scores.update(zip(indices, group, strict=True))
-    rows = []
-    for index, (spec, config, _, _) in enumerate(loaded):
-        rows.append(
-            {
-                "model": spec,
-                "merged": is_merged(config),
-                "source": getattr(config, "merge_source", None) if is_merged(config) else None,
-                "merge_after_layer": getattr(config, "merge_after_layer", None),
-                "merge_num_tokens": getattr(config, "merge_num_tokens", None),
-                **scores[index],
-                "gflops": model_cost(config).gflops,
-            }
-        )
+    rows = [{**_row(spec, config), **scores[index]} for index, (spec, config, _, _) in enumerate(loaded)]
     report = {
+        "metric": "accuracy",
         "data": data,
         "split": split,
         "num_examples": rows[0]["num_examples"],
@@ -176,6 +184,85 @@ def evaluate_models(
     }
     report["table"] = markdown_table(report)
     return report
+
+
+def _row(spec: str, config) -> dict:
+    """The columns every evaluated model has: what it is and what it costs."""
+    from .cost import model_cost
+    from .loading import is_merged
+
+    merged = is_merged(config)
+    return {
+        "model": spec,
+        "merged": merged,
+        "source": getattr(config, "merge_source", None) if merged else None,
+        "merge_after_layer": getattr(config, "merge_after_layer", None),
+        "merge_num_tokens": getattr(config, "merge_num_tokens", None),
+        "gflops": model_cost(config).gflops,
+    }
+
+
+def _evaluate_backbones(
+    models: list[str], configs: list, *, data, split, limit, batch_size, image_column, trust_remote_code, log
+) -> dict:
+    """Feature similarity of backbones to the first one, on one split (its labels are not read)."""
+    from .data import load_split, make_dataloader
+    from .loading import load_image_processor, load_model
+
+    dataset = load_split(data, split, image_column=image_column, label_column=None, limit=limit)
+    loaded = [
+        load_model(spec, config=config, trust_remote_code=trust_remote_code).eval()
+        for spec, config in zip(models, configs, strict=True)
+    ]
+    processor = load_image_processor(models[0], configs[0], log=log)  # the same images for all: the first's processor
+    loader = make_dataloader(
+        dataset,
+        processor,
+        batch_size=min(batch_size, len(dataset)),
+        num_channels=getattr(configs[0], "num_channels", None),
+    )
+    scores = feature_similarity(loaded, loader, names=models)
+    rows = [{**_row(spec, config), **score} for spec, config, score in zip(models, configs, scores, strict=True)]
+    report = {
+        "metric": "similarity",
+        "data": data,
+        "split": split,
+        "num_examples": rows[0]["num_examples"],
+        "processes": _accelerator().num_processes,
+        "models": rows,
+    }
+    report["table"] = markdown_table(report)
+    return report
+
+
+def feature_similarity(models: list, loader, *, names: list[str] | None = None) -> list[dict]:
+    """Mean cosine similarity, per image, of each model's features (`Head.features`) to the first model's over one
+    dataloader (prepared here; gathered over the processes of an `accelerate launch`). The first model scores 1."""
+    import torch.nn.functional as F
+
+    from .train import HeadReader
+
+    accelerator = _accelerator()
+    loader = accelerator.prepare(loader)
+    models = [model.to(accelerator.device).eval() for model in models]
+    readers = [HeadReader(model, features=False) for model in models]
+    names = names or [type(model).__name__ for model in models]
+    totals, count = torch.zeros(len(models), dtype=torch.float64), 0
+    with torch.inference_mode():
+        for batch in loader:
+            pixels = batch["pixel_values"].to(accelerator.device)
+            features = [read(model, pixels).features.float() for read, model in zip(readers, models, strict=True)]
+            for name, feature in zip(names, features, strict=True):
+                if feature.shape != features[0].shape:
+                    raise RetrofitError(
+                        f"'{name}' gives {feature.shape[-1]} features and '{names[0]}' {features[0].shape[-1]}, so "
+                        "they cannot be compared; evaluate a merged model against its own source"
+                    )
+            similarity = torch.stack([F.cosine_similarity(f, features[0], dim=-1) for f in features], dim=1)
+            similarity = accelerator.gather_for_metrics(similarity)
+            totals += similarity.double().sum(dim=0).cpu()
+            count += len(similarity)
+    return [{"similarity": float(total) / max(1, count), "num_examples": count} for total in totals]
 
 
 def score_models(models: list, loader, *, k: int, maps: list | None = None) -> list[dict]:
@@ -225,7 +312,16 @@ def _score_batch(model, pred_map, pixels, labels, k, accelerator, stats) -> None
 
 
 def markdown_table(report: dict) -> str:
-    """Models side by side: top-1, top-k, loss, GFLOPs and the change against the first model."""
+    """Models side by side: top-1, top-k, loss, GFLOPs and the change against the first model (backbones: feature
+    similarity to the first model and GFLOPs)."""
+    if report.get("metric") == "similarity":
+        lines = [
+            f"| model | feature similarity to `{report['models'][0]['model']}` | GFLOPs |",
+            "|---|---|---|",
+        ]
+        for row in report["models"]:
+            lines.append(f"| `{row['model']}` | {row['similarity']:.4f} | {row['gflops']:.3g} |")
+        return "\n".join(lines)
     k = report["top_k"]
     lines = [
         f"| model | top-1 | top-{k} | loss | GFLOPs | Δ top-1 vs first |",

@@ -2,9 +2,11 @@
 
 Each setting gets the data-calibrated merger initialisation (`retrofit.calibrate`; cheap, shares the source weights)
 or, with ``method="finetune"``, a short fine-tune (`retrofit.train.finetune`, ``finetune_steps`` steps). Accuracy is
-measured on one split with the shipped `evaluate` metrics; speed with `retrofit.benchmark` (all settings and the source
-measured alternately in one process). Writes ``sweep.md``, ``sweep.json`` and ``sweep.png`` (accuracy against
-images/s, Pareto front marked, the source as a reference point) into the output folder.
+measured on one split with the shipped `evaluate` metrics (for a backbone: the cosine similarity of its features to
+the unmerged model's, `retrofit.evaluation.feature_similarity`, which needs no labels); speed with
+`retrofit.benchmark` (all settings and the source measured alternately in one process). Writes ``sweep.md``,
+``sweep.json`` and ``sweep.png`` (accuracy or similarity against images/s, Pareto front marked, the source as a
+reference point) into the output folder.
 """
 
 from __future__ import annotations
@@ -67,8 +69,14 @@ def pareto_front(points: list[dict], x: str = "images_per_s", y: str = "top1") -
     return sorted(front, key=lambda p: p[x])
 
 
-def best_for_target(rows: list[dict], target: float | None) -> tuple[dict | None, str]:
-    """The most accurate setting whose measured speed-up reaches `target` (ties: the faster), and a sentence."""
+def _score(key: str, row: dict) -> str:
+    """A setting's quality as printed: top-1 in %, or feature similarity."""
+    return f"top-1 {100 * row[key]:.2f} %" if key == "top1" else f"feature similarity {row[key]:.4f}"
+
+
+def best_for_target(rows: list[dict], target: float | None, key: str = "top1") -> tuple[dict | None, str]:
+    """The best setting (by `key`: top1, or similarity for backbones) whose measured speed-up reaches `target`
+    (ties: the faster), and a sentence."""
     if target is None:
         return None, ""
     reaching = [r for r in rows if (r.get("speedup") or 0) >= target]
@@ -79,16 +87,30 @@ def best_for_target(rows: list[dict], target: float | None) -> tuple[dict | None
             f"{fastest['after_layer']}, {fastest['tokens']} tokens at {fastest.get('speedup') or 0:.2f}x "
             f"(FLOPs ratio {fastest['flops_ratio']:.2f}x)."
         )
-    best = max(reaching, key=lambda r: (r["top1"], r.get("speedup") or 0))
+    best = max(reaching, key=lambda r: (r[key], r.get("speedup") or 0))
     return best, (
         f"Best setting for a {target:g}x speed-up: --after-layer {best['after_layer']} --tokens {best['tokens']} "
-        f"(top-1 {100 * best['top1']:.2f} %, measured {best['speedup']:.2f}x, FLOPs ratio {best['flops_ratio']:.2f}x)."
+        f"({_score(key, best)}, measured {best['speedup']:.2f}x, FLOPs ratio {best['flops_ratio']:.2f}x)."
     )
 
 
 def markdown_table(report: dict) -> str:
     """One row per setting (and the source first)."""
     src = report["source_row"]
+    if report.get("metric") == "similarity":
+        lines = [
+            "| after layer | tokens | feature similarity | GFLOPs | FLOPs ratio | images/s | measured speed-up "
+            "| Pareto |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| source | all | 1.0000 | {src['gflops']:.3g} | 1.00 | {src['images_per_s']:.1f} | 1.00× | |",
+        ]
+        for r in report["settings_results"]:
+            lines.append(
+                f"| {r['after_layer']} | {r['tokens']} | {r['similarity']:.4f} | {r['gflops']:.3g} | "
+                f"{r['flops_ratio']:.2f} | {r['images_per_s']:.1f} | {r['speedup']:.2f}× | "
+                f"{'★' if r['pareto'] else ''} |"
+            )
+        return "\n".join(lines)
     lines = [
         f"| after layer | tokens | top-1 | top-{report['top_k']} | loss | GFLOPs | FLOPs ratio | images/s "
         "| measured speed-up | Pareto |",
@@ -106,31 +128,35 @@ def markdown_table(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    """accuracy against images/s, settings labelled K/M, Pareto front joined, the source as a star."""
+    """accuracy (backbones: feature similarity) against images/s, settings labelled K/M, Pareto front joined, the
+    source as a star."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows, src = report["settings_results"], report["source_row"]
+    key = "similarity" if report.get("metric") == "similarity" else "top1"
+    scale = 1 if key == "similarity" else 100
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    ax.scatter([r["images_per_s"] for r in rows], [100 * r["top1"] for r in rows], c="tab:blue", label="settings")
+    ax.scatter([r["images_per_s"] for r in rows], [scale * r[key] for r in rows], c="tab:blue", label="settings")
     for r in rows:
-        ax.annotate(f"K={r['after_layer']},M={r['tokens']}", (r["images_per_s"], 100 * r["top1"]), fontsize=7)
+        ax.annotate(f"K={r['after_layer']},M={r['tokens']}", (r["images_per_s"], scale * r[key]), fontsize=7)
     front = [r for r in rows if r["pareto"]]
     front.sort(key=lambda r: r["images_per_s"])
     ax.plot(
-        [r["images_per_s"] for r in front], [100 * r["top1"] for r in front], "-o", c="tab:red", label="Pareto front"
+        [r["images_per_s"] for r in front], [scale * r[key] for r in front], "-o", c="tab:red", label="Pareto front"
     )
-    ax.scatter([src["images_per_s"]], [100 * src["top1"]], marker="*", s=200, c="black", label="source", zorder=3)
+    ax.scatter([src["images_per_s"]], [scale * src[key]], marker="*", s=200, c="black", label="source", zorder=3)
     if report.get("target_speedup"):
         ax.axvline(src["images_per_s"] * report["target_speedup"], ls="--", c="grey", label="target speed-up")
     if report.get("best"):
         best = report["best"]
-        ax.scatter([best["images_per_s"]], [100 * best["top1"]], s=200, facecolors="none", edgecolors="green", lw=2)
+        ax.scatter([best["images_per_s"]], [scale * best[key]], s=200, facecolors="none", edgecolors="green", lw=2)
     env = report["environment"]
     ax.set_xlabel(f"images/s ({env['hardware']}, {env['dtype']}, batch {report['bench_batch_size']})")
-    ax.set_ylabel(f"top-1 accuracy on {Path(report['data']).name} {report['split']} (%)")
+    quality = "feature similarity to the source" if key == "similarity" else "top-1 accuracy (%)"
+    ax.set_ylabel(f"{quality} on {Path(report['data']).name} {report['split']}")
     ax.set_title(f"PatchMerger placement sweep: {Path(report['source']).name} ({report['method']})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -207,7 +233,7 @@ def sweep(
     from .benchmark import BenchSettings, Variant, environment, run_benchmark
     from .cost import model_cost
     from .data import class_names, load_split, make_dataloader
-    from .evaluation import _labels, data_label_map, refuse_backbone, score_models
+    from .evaluation import _labels, data_label_map, feature_similarity, is_backbone, score_models
     from .loading import load_config, load_image_processor, load_model
     from .surgery import check_merge
 
@@ -220,12 +246,15 @@ def sweep(
     if output is not None:
         check_output(output, overwrite)
     config = load_config(source)
-    refuse_backbone(source, config, "sweep")
+    backbone = is_backbone(config)  # ranked by feature similarity to the source, not accuracy (no labels read)
+    key = "similarity" if backbone else "top1"
     for k in settings.after_layers:
         for m in settings.tokens:
             check_merge(config, k, m)
-    dataset = load_split(settings.data, settings.split, limit=settings.limit)
-    label_map = data_label_map(_labels(config), class_names(dataset), settings.data)
+    dataset = load_split(
+        settings.data, settings.split, limit=settings.limit, label_column=None if backbone else "label"
+    )
+    label_map = None if backbone else data_label_map(_labels(config), class_names(dataset), settings.data)
     source_model = load_model(source, config=config).eval()
     processor = load_image_processor(source, config, log=log)
 
@@ -238,9 +267,10 @@ def sweep(
             label_map=label_map,
             num_channels=getattr(config, "num_channels", None),
         )
-        k_top = min(5, len(_labels(config)))
+        k_top = None if backbone else min(5, len(_labels(config)))
         log(f"evaluating {len(merged) + 1} models on {len(dataset)} images of {settings.data} {settings.split} ...")
-        scores = score_models([source_model] + [model for _, _, model in merged], loader, k=k_top)
+        models = [source_model] + [model for _, _, model in merged]
+        scores = feature_similarity(models, loader) if backbone else score_models(models, loader, k=k_top)
 
         bench = BenchSettings(
             device=settings.device,
@@ -279,12 +309,13 @@ def sweep(
                 "speedup": result.get("speedup") or 0.0,
             }
         )
-    front = pareto_front(rows + [{**source_row, "source": True}])
+    front = pareto_front(rows + [{**source_row, "source": True}], y=key)
     for row in rows:
         row["pareto"] = any(p is row for p in front)
-    best, verdict = best_for_target(rows, settings.target_speedup)
+    best, verdict = best_for_target(rows, settings.target_speedup, key)
     report = {
         "source": str(source),
+        "metric": "similarity" if backbone else "accuracy",
         "method": settings.method if settings.method == "calibrate" else f"finetune {settings.finetune_steps} steps",
         "data": settings.data,
         "split": settings.split,
@@ -311,7 +342,9 @@ def _markdown_report(report: dict) -> str:
     env = report["environment"]
     return (
         f"# PatchMerger sweep of `{report['source']}`\n\n"
-        f"Initialisation: {report['method']}. Accuracy on `{report['data']}` {report['split']} "
+        f"Initialisation: {report['method']}. "
+        f"{'Feature similarity to the source' if report.get('metric') == 'similarity' else 'Accuracy'} on "
+        f"`{report['data']}` {report['split']} "
         f"({report['num_examples']} images); speed on {env['hardware']}, {env['dtype']}, batch "
         f"{report['bench_batch_size']} (median of repeats, settings measured alternately).\n\n"
         f"{report['table']}\n\n{report['verdict']}\n\n![sweep](sweep.png)\n"

@@ -327,7 +327,7 @@ def tiny_clip_vision(tmp_path_factory):
 
 def test_a_backbone_is_distilled_through_its_pooled_output(tiny_clip_vision, colours, tmp_path, capsys):
     """A vision tower (no logits) fine-tunes with kd on its pooled output and reports its similarity to the teacher;
-    losses that need logits are refused with one line and exit code 2."""
+    losses that need logits, and recipes (which rank by accuracy), are refused with one line and exit code 2."""
     out = tmp_path / "clip-pm"
     result = finetune(
         tiny_clip_vision, output=out, after_layer=1, num_tokens=2, data=colours, epochs=3, lr=3e-4,
@@ -343,11 +343,6 @@ def test_a_backbone_is_distilled_through_its_pooled_output(tiny_clip_vision, col
     assert "backbone" in capsys.readouterr().err and not (tmp_path / "ce").exists()
     assert main([*args, "--output", str(tmp_path / "w0"), "--feature-weight", "0"]) == 2
     capsys.readouterr()
-    assert main(["evaluate", str(out), "--data", colours]) == 2  # accuracy needs a classifier: say so
-    assert "vision backbone (CLIPVisionPatchMergerModel)" in capsys.readouterr().err
-    sweep = ["sweep", str(tiny_clip_vision), "--after-layer", "1", "--tokens", "2", "--data", colours]
-    assert main([*sweep, "--output", str(tmp_path / "sweep")]) == 2
-    assert "sweep cannot measure its accuracy" in capsys.readouterr().err and not (tmp_path / "sweep").exists()
     recipe = tmp_path / "tower.yaml"
     recipe.write_text(f"source: {tiny_clip_vision}\nmerge: {{after_layer: 2, tokens: 3}}\ndata: {{name: {colours}}}\n")
     assert main(["run", str(recipe), "--output", str(tmp_path / "run")]) == 2
@@ -406,3 +401,46 @@ def test_task_trains_a_vision_tower_or_a_new_classifier(tiny_multimodal, colours
     assert "this export is an image-feature-extraction model" in err and "convert its source" in err
     err = refused("finetune", str(tmp_path / "tower"), "--data", colours, "--task", "image-classification")
     assert "this export is an image-feature-extraction model" in err
+
+
+def test_evaluate_and_sweep_rank_backbones_by_feature_similarity(tiny_clip_vision, colours, tmp_path, capsys, tiny_vit):
+    """Backbones have no labels: `evaluate` reports each model's feature similarity to the first one (the source
+    scores 1, a merged twin less), writes it into the export's card, and refuses to mix in a classifier; `sweep`
+    ranks its settings by the same similarity and names one for a target speed-up."""
+    import yaml
+    from huggingface_hub import ModelCard
+
+    from retrofit import convert
+
+    export = tmp_path / "tower-pm"
+    convert(tiny_clip_vision, after_layer=2, num_tokens=3, output=export, log=lambda _: None)
+    report_file = tmp_path / "eval.json"
+    tower = str(tiny_clip_vision)
+    args = ["evaluate", tower, str(export), "--data", colours, "--split", "test", "--batch-size", "5"]
+    assert main([*args, "--json", str(report_file), "--card", str(export)]) == 0
+    report = json.loads(report_file.read_text())
+    source, merged = report["models"]
+    assert report["metric"] == "similarity" and report["num_examples"] == 12  # every test image, counted once
+    assert source["similarity"] == pytest.approx(1.0) and 0 < merged["similarity"] < 0.9999
+    assert merged["merged"] and merged["gflops"] < source["gflops"]
+    card = ModelCard.load(export / "README.md")
+    assert "### Feature similarity" in card.text and f"{merged['similarity']:.4f}" in card.text
+    index = yaml.safe_load(card.content.split("---")[1])["model-index"][0]["results"][0]
+    assert index["task"]["type"] == "image-feature-extraction"
+    assert index["metrics"][0] == {
+        "type": "cosine_similarity",
+        "value": merged["similarity"],
+        "name": f"Feature cosine similarity to {tower}",
+    }
+    capsys.readouterr()
+    assert main(["evaluate", tower, str(tiny_vit), "--data", colours, "--split", "test"]) == 2
+    assert "pass models of one kind" in capsys.readouterr().err
+
+    sweep = ["sweep", tower, "--after-layer", "1,2", "--tokens", "2,8", "--data", colours]
+    sweep += ["--limit", "6", "--batch-size", "6", "--calibrate-images", "8", "--bench-batch-size", "4"]
+    assert main([*sweep, "--target-speedup", "1.01", "--output", str(tmp_path / "sweep")]) == 0
+    result = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert result["metric"] == "similarity" and len(result["settings_results"]) == 4
+    assert all(0 < row["similarity"] <= 1 for row in result["settings_results"])
+    assert "| after layer | tokens | feature similarity |" in result["table"]
+    assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 0
