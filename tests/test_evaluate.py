@@ -165,19 +165,43 @@ def test_card_must_be_one_of_the_models(tiny_vit, export_dir, images, capsys):
     assert "must also be one of the models" in capsys.readouterr().err
 
 
+def _evaluate_in_two_processes(models: list[str], images, out) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "retrofit.cli",
+               "evaluate", *models, "--data", str(images), "--split", "test", "--batch-size", "4",
+               "--json", str(out)]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("images") == 1  # only the main process prints
+    return done
+
+
 @pytest.mark.slow
 def test_two_processes_count_every_image_once(trained_vit, export_dir, images, tmp_path):
     single = evaluate_models([str(trained_vit), str(export_dir)], data=str(images), split="test", batch_size=4)
     out = tmp_path / "eval.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "retrofit.cli",
-               "evaluate", str(trained_vit), str(export_dir), "--data", str(images), "--split", "test",
-               "--batch-size", "4", "--json", str(out)]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    _evaluate_in_two_processes([str(trained_vit), str(export_dir)], images, out)
     report = json.loads(out.read_text())
     assert report["processes"] == 2 and report["num_examples"] == 15
     for mine, theirs in zip(report["models"], single["models"], strict=True):
         assert mine["top1"] == pytest.approx(theirs["top1"]) and mine["loss"] == pytest.approx(theirs["loss"])
-    assert done.stdout.count("images") == 1  # only the main process prints
+
+
+@pytest.mark.slow
+def test_two_processes_gather_backbone_similarity_once_per_image(images, tmp_path):
+    """A backbone and its merged twin (feature similarity, no labels): the same numbers in 2 processes as in one."""
+    from transformers import ViTModel
+
+    torch.manual_seed(0)
+    source = save_tiny(ViTModel(ViTConfig(**TINY)), tmp_path / "backbone")
+    convert(source, after_layer=2, num_tokens=3, output=tmp_path / "backbone-pm", log=lambda _: None)
+    models = [str(source), str(tmp_path / "backbone-pm")]
+    single = evaluate_models(models, data=str(images), split="test", batch_size=4)
+    out = tmp_path / "eval.json"
+    _evaluate_in_two_processes(models, images, out)
+    report = json.loads(out.read_text())
+    assert report["metric"] == "similarity" and report["processes"] == 2 and report["num_examples"] == 15
+    assert single["num_examples"] == 15 and single["models"][1]["similarity"] < 0.9999
+    for mine, theirs in zip(report["models"], single["models"], strict=True):
+        assert mine["similarity"] == pytest.approx(theirs["similarity"], abs=1e-6)
