@@ -95,34 +95,28 @@ def best_for_target(rows: list[dict], target: float | None, key: str = "top1") -
 
 
 def markdown_table(report: dict) -> str:
-    """One row per setting (and the source first)."""
-    src = report["source_row"]
+    """One row per setting (and the source first): top-1, top-k and loss, or a backbone's feature similarity."""
     if report.get("metric") == "similarity":
-        lines = [
-            "| after layer | tokens | feature similarity | GFLOPs | FLOPs ratio | images/s | measured speed-up "
-            "| Pareto |",
-            "|---|---|---|---|---|---|---|---|",
-            f"| source | all | 1.0000 | {src['gflops']:.3g} | 1.00 | {src['images_per_s']:.1f} | 1.00× | |",
-        ]
-        for r in report["settings_results"]:
-            lines.append(
-                f"| {r['after_layer']} | {r['tokens']} | {r['similarity']:.4f} | {r['gflops']:.3g} | "
-                f"{r['flops_ratio']:.2f} | {r['images_per_s']:.1f} | {r['speedup']:.2f}× | "
-                f"{'★' if r['pareto'] else ''} |"
-            )
-        return "\n".join(lines)
+        head, columns = "feature similarity", 1
+
+        def quality(row: dict) -> str:
+            return f"{row['similarity']:.4f}"
+    else:
+        head, columns = f"top-1 | top-{report['top_k']} | loss", 3
+
+        def quality(row: dict) -> str:
+            return f"{100 * row['top1']:.2f} % | {100 * row['top5']:.2f} % | {row['loss']:.4f}"
+
+    src = report["source_row"]
     lines = [
-        f"| after layer | tokens | top-1 | top-{report['top_k']} | loss | GFLOPs | FLOPs ratio | images/s "
-        "| measured speed-up | Pareto |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        f"| source | all | {100 * src['top1']:.2f} % | {100 * src['top5']:.2f} % | {src['loss']:.4f} | "
-        f"{src['gflops']:.3g} | 1.00 | {src['images_per_s']:.1f} | 1.00× | |",
+        f"| after layer | tokens | {head} | GFLOPs | FLOPs ratio | images/s | measured speed-up | Pareto |",
+        "|" + "---|" * (columns + 7),
+        f"| source | all | {quality(src)} | {src['gflops']:.3g} | 1.00 | {src['images_per_s']:.1f} | 1.00× | |",
     ]
     for r in report["settings_results"]:
         lines.append(
-            f"| {r['after_layer']} | {r['tokens']} | {100 * r['top1']:.2f} % | {100 * r['top5']:.2f} % | "
-            f"{r['loss']:.4f} | {r['gflops']:.3g} | {r['flops_ratio']:.2f} | {r['images_per_s']:.1f} | "
-            f"{r['speedup']:.2f}× | {'★' if r['pareto'] else ''} |"
+            f"| {r['after_layer']} | {r['tokens']} | {quality(r)} | {r['gflops']:.3g} | {r['flops_ratio']:.2f} | "
+            f"{r['images_per_s']:.1f} | {r['speedup']:.2f}× | {'★' if r['pareto'] else ''} |"
         )
     return "\n".join(lines)
 
