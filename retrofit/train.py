@@ -556,7 +556,7 @@ def train_loop(
     optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr)
     if args.gradient_checkpointing:  # every encoder layer, the merging one included (it is a checkpointed layer)
         kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
+        if hasattr(model, "activation_checkpointing_enable"):  # newer transformers 5.x; the old name warns there
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
