@@ -140,10 +140,11 @@ def is_merged(config: PreTrainedConfig) -> bool:
 def classifier_is_new(saved: PreTrainedConfig, loaded: PreTrainedConfig) -> bool:
     """True if `loaded` (`saved`, possibly through `for_task`) is a classifier the checkpoint does not hold, so its
     head starts random: a backbone, or a full CLIP/SigLIP checkpoint, loaded for image classification."""
-    if is_merged(saved) or not family_and_head(loaded)[1].is_classifier:
+    if is_merged(saved):
         return False
+    head = family_and_head(loaded)[1]
     architectures = getattr(saved, "architectures", None) or []
-    return bool(architectures) and family_and_head(loaded)[1].class_name not in architectures
+    return head.is_classifier and bool(architectures) and head.class_name not in architectures
 
 
 def family_and_head(config: PreTrainedConfig) -> tuple[Family, Head]:
