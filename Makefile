@@ -8,7 +8,12 @@ TORCH_SPEC ?= torch==2.13.0
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data demo test lint
+# Exported models must load with the oldest transformers their code supports (retrofit/hub_code.py): the tests
+# reload every family's export in this second environment too.
+OLDEST_TRANSFORMERS ?= 5.0.0
+OLDEST_VENV ?= .venv-oldest
+
+.PHONY: setup data demo test lint oldest
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,5 +33,12 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-test: setup data lint
-	$(PY) -m pytest
+oldest: $(OLDEST_VENV)/.installed
+$(OLDEST_VENV)/.installed: Makefile
+	python3 -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/pip install -q "$(TORCH_SPEC)" "transformers==$(OLDEST_TRANSFORMERS)" pillow
+	touch $@
+
+test: setup data lint oldest
+	RETROFIT_OLDEST_PYTHON=$(OLDEST_VENV)/bin/python $(PY) -m pytest
+

@@ -9,6 +9,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import PreTrainedModel
 
 from .cost import compare, model_cost
+from .hub_code import OLDEST_TRANSFORMERS
 from .loading import family_and_head
 
 
@@ -100,7 +101,7 @@ pipe = pipeline("{head.pipeline_tag}", model="{name}", trust_remote_code=True)
 ```
 
 The modeling code ships in this repository (`modeling_*.py`, `configuration_*.py`); it needs only `torch` and
-`transformers`, not retrofit.
+`transformers>={OLDEST_TRANSFORMERS}`, not retrofit.
 
 ## Cost (theoretical, per image)
 

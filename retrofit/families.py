@@ -20,7 +20,8 @@ class Head:
 
     Attributes:
         class_name: the transformers class, e.g. ``ViTForImageClassification``.
-        layers_path: attribute path from that class to the ``nn.ModuleList`` of encoder layers.
+        layers_path: attribute path from that class to the ``nn.ModuleList`` of encoder layers, in the transformers
+            releases retrofit runs on (the exported code finds the list by its layer class, for older releases too).
         auto_class: the Auto class that loads it (written into the export's ``auto_map``).
         layer_config: Python expression, in terms of ``config``, for the config the layers are built from.
         reads: what the head reads from the last hidden state, and what that becomes after a merge.

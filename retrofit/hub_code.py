@@ -23,6 +23,9 @@ from .families import Family, Head
 from .merger import PatchMerger
 
 TEMPLATES = Path(__file__).parent / "templates"
+# The oldest transformers release the exported code supports; `make test` reloads every family's export with it
+# (Makefile `OLDEST_TRANSFORMERS`). retrofit itself needs a newer one (pyproject.toml).
+OLDEST_TRANSFORMERS = "5.0.0"
 
 
 @dataclass(frozen=True)
@@ -59,12 +62,12 @@ def render(family: Family, head: Head) -> tuple[dict[str, str], dict[str, str]]:
     values = {
         **names,
         "retrofit_version": __version__,
+        "oldest_transformers": OLDEST_TRANSFORMERS,
         "config_module": family.config_module,
         "modeling_module": family.modeling_module,
         "source_config_class": family.config_class,
         "source_model_class": head.class_name,
         "source_layer_class": family.layer_class,
-        "layers_path": head.layers_path,
         "layer_config": head.layer_config,
         "merger_source": inspect.getsource(PatchMerger).rstrip(),
     }

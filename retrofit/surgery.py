@@ -92,4 +92,9 @@ def insert_patch_merger(
     merger.reset_parameters(std=merged._merger_init_std())
     merger.to(dtype=reference.dtype)
     merged.train(model.training)
+    # transformers renames old checkpoint weights on load (`encoder.layer.N` -> `layers.N`, ...) and names them back
+    # on save with the renamings it used, kept on the model. Keeping them makes the export carry the source
+    # checkpoint's weight names, which older transformers releases can load.
+    if hasattr(model, "_weight_conversions"):
+        merged._weight_conversions = model._weight_conversions
     return merged

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY, save_tiny
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from retrofit import FAMILIES, convert
@@ -25,6 +25,7 @@ from retrofit.calibrate import calibrate, model_outputs, replay_first_layers
 from retrofit.cli import main
 from retrofit.cost import layer_macs, model_cost
 from retrofit.families import supported_names
+from retrofit.hub_code import OLDEST_TRANSFORMERS
 from retrofit.loading import family_and_head, layer_config
 from retrofit.train import HeadReader
 
@@ -106,6 +107,9 @@ class Case:
     # keyword arguments that make the model run at another image size (DINOv2 always interpolates)
     interpolate: dict = field(default_factory=lambda: {"interpolate_pos_encoding": True})
     task: str | None = None  # `convert --task`; None converts the checkpoint as its own class
+    # prefix of every weight name in the checkpoint: vision towers saved by transformers < 5.6 (all of those on the
+    # Hub) have `vision_model.`, which transformers 5.6+ strips on load; one made from a config here has none
+    checkpoint_prefix: str = ""
 
 
 BACKBONE, CLASSIFIER = "image-feature-extraction", "image-classification"
@@ -135,10 +139,24 @@ CASES = {
     ),
     "clip": Case("clip", _clip, "CLIPPatchMergerForImageClassification", 1),
     "clip_tower": Case("clip_vision", _clip, "CLIPVisionPatchMergerModel", 1, classifier=False, task=BACKBONE),
-    "clip_vision": Case("clip_vision", _clip_vision, "CLIPVisionPatchMergerModel", 1, classifier=False),
+    "clip_vision": Case(
+        "clip_vision",
+        _clip_vision,
+        "CLIPVisionPatchMergerModel",
+        1,
+        classifier=False,
+        checkpoint_prefix="vision_model.",
+    ),
     "siglip": Case("siglip", _siglip, "SiglipPatchMergerForImageClassification", 0),
     "siglip_tower": Case("siglip_vision", _siglip, "SiglipVisionPatchMergerModel", 0, classifier=False, task=BACKBONE),
-    "siglip_vision": Case("siglip_vision", _siglip_vision, "SiglipVisionPatchMergerModel", 0, classifier=False),
+    "siglip_vision": Case(
+        "siglip_vision",
+        _siglip_vision,
+        "SiglipVisionPatchMergerModel",
+        0,
+        classifier=False,
+        checkpoint_prefix="vision_model.",
+    ),
 }
 
 
@@ -187,6 +205,11 @@ def converted(tmp_path_factory) -> dict[str, Converted]:
     for seed, (name, case) in enumerate(CASES.items()):
         torch.manual_seed(seed)
         source = save_tiny(case.make(), root / name)
+        if case.checkpoint_prefix:
+            weights = load_file(source / "model.safetensors")
+            save_file(
+                {case.checkpoint_prefix + key: value for key, value in weights.items()}, source / "model.safetensors"
+            )
         output = root / f"{name}-pm"
         result = convert(source, after_layer=K, num_tokens=M, output=output, task=case.task, log=lambda _: None)
         result.model.eval()
@@ -204,10 +227,11 @@ RELOAD_SCRIPT = textwrap.dedent("""
     else:
         raise SystemExit("retrofit was importable")
     from PIL import Image
+    import transformers
     from transformers import AutoModel, AutoModelForImageClassification, pipeline
 
     results = {}
-    for case in json.load(open(sys.argv[1])):
+    def reload(case):
         auto = AutoModelForImageClassification if case["classifier"] else AutoModel
         model = auto.from_pretrained(case["output"], trust_remote_code=True).eval()
         data = torch.load(case["data"])
@@ -217,17 +241,37 @@ RELOAD_SCRIPT = textwrap.dedent("""
                 out = model(pixel_values=data["pixels" + size], **kwargs)
                 for key, expected in data["expected" + size].items():
                     got["diff"][f"{key}@{size}"] = (out[key] - expected).abs().max().item()
+        image = Image.new("RGB", (40, 30), (200, 40, 40))
         if case["classifier"]:
             classify = pipeline("image-classification", model=case["output"], trust_remote_code=True)
-            got["pipeline"] = classify(Image.new("RGB", (40, 30), (200, 40, 40)))
-        results[case["name"]] = got
-    json.dump(results, open(sys.argv[2], "w"))
+            got["pipeline"] = classify(image)
+        else:  # the model card's example for backbones: one vector per output token
+            extract = pipeline("image-feature-extraction", model=case["output"], trust_remote_code=True)
+            got["pipeline_tokens"] = len(extract(image)[0])
+        return got
+
+    for case in json.load(open(sys.argv[1])):
+        try:
+            results[case["name"]] = reload(case)
+        except Exception as error:  # reported per case by the test
+            results[case["name"]] = {"error": f"{type(error).__name__}: {error}"}
+    json.dump({"transformers": transformers.__version__, "cases": results}, open(sys.argv[2], "w"))
 """)
 
 
-@pytest.fixture(scope="module")
-def reloaded(converted, tmp_path_factory) -> dict[str, dict]:
-    """Every export loaded with Auto classes + trust_remote_code in ONE fresh process where `import retrofit` fails."""
+# A Python whose transformers is the oldest release exports support (`make test` builds it: Makefile `oldest`).
+OLDEST_PYTHON = os.environ.get("RETROFIT_OLDEST_PYTHON") and os.path.abspath(os.environ["RETROFIT_OLDEST_PYTHON"])
+
+
+@pytest.fixture(scope="module", params=["installed", "oldest"])
+def reloaded(request, converted, tmp_path_factory) -> dict:
+    """Every export loaded with Auto classes + trust_remote_code in ONE fresh process where `import retrofit` fails,
+    with the installed transformers and with the oldest release the exported code supports."""
+    python = sys.executable
+    if request.param == "oldest":
+        if not OLDEST_PYTHON:
+            pytest.skip("RETROFIT_OLDEST_PYTHON is not set (`make test` sets it)")
+        python = OLDEST_PYTHON
     root = tmp_path_factory.mktemp("reload")
     manifest = []
     for name, item in converted.items():
@@ -253,7 +297,13 @@ def reloaded(converted, tmp_path_factory) -> dict[str, dict]:
     (root / "blocker" / "retrofit.py").write_text("raise ImportError('retrofit must not be needed')\n")
     env = {**os.environ, "PYTHONPATH": str(root / "blocker"), "HF_MODULES_CACHE": str(root / "modules")}
     env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    command = [sys.executable, "-c", RELOAD_SCRIPT, str(root / "manifest.json"), str(root / "results.json")]
+    command = [
+        python,
+        "-c",
+        RELOAD_SCRIPT,
+        str(root / "manifest.json"),
+        str(root / "results.json"),
+    ]
     run = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads((root / "results.json").read_text())
@@ -269,9 +319,27 @@ def test_every_supported_class_has_a_case(converted):
     assert tested == supported
 
 
+def test_reloads_ran_with_the_installed_and_the_oldest_transformers(request, reloaded):
+    import transformers
+
+    expected = OLDEST_TRANSFORMERS if request.node.callspec.params["reloaded"] == "oldest" else transformers.__version__
+    assert reloaded["transformers"] == expected
+
+
+def test_exported_code_refuses_an_older_transformers_in_one_line(converted, monkeypatch):
+    """transformers 4.x would fail inside the encoder; the exported config module says what to do instead."""
+    import transformers
+
+    code = (converted["vit_backbone"].output / "configuration_vit_patch_merger.py").read_text()
+    monkeypatch.setattr(transformers, "__version__", "4.57.1")
+    with pytest.raises(ImportError, match=r"^this model needs transformers>=5\.0\.0, found 4\.57\.1: pip install -U"):
+        exec(compile(code, "configuration_vit_patch_merger.py", "exec"), {})
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_export_reloads_without_retrofit_with_equal_outputs(name, converted, reloaded):
-    got, case = reloaded[name], CASES[name]
+    got, case = reloaded["cases"][name], CASES[name]
+    assert "error" not in got, got["error"]
     assert got["class"] == case.merged_class
     keys = ["logits"] if case.classifier else ["last_hidden_state", "pooler_output"]
     assert set(got["diff"]) == {f"{key}@{size}" for key in keys for size in ("32", "48")}
@@ -279,6 +347,29 @@ def test_export_reloads_without_retrofit_with_equal_outputs(name, converted, rel
     if case.classifier:
         labels = {p["label"] for p in got["pipeline"]}
         assert labels <= {"cat", "dog", "bird"} and len(got["pipeline"]) == 3, got["pipeline"]
+    else:
+        assert got["pipeline_tokens"] == case.prefix + M
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_export_keeps_the_source_checkpoints_weight_names(name, converted):
+    """transformers renames old checkpoint weights on load and names them back on save; the export does the same,
+    so its weights have the source checkpoint's names (plus the merger's, next to layer K's) and transformers
+    releases from before a renaming load it too."""
+    item = converted[name]
+    source = set(load_file(item.source / "model.safetensors"))
+    export = set(load_file(item.output / "model.safetensors"))
+    prefix = item.result.model.base_model_prefix + "."  # a classifier made from a backbone adds it
+    merger = {key for key in export if ".patch_merger." in key}
+    assert {key.split(".patch_merger.")[1] for key in merger} == {"norm.weight", "norm.bias", "queries"}
+    (layer_k,) = {key.split(".patch_merger.")[0] + "." for key in merger}
+    assert any(key.startswith((layer_k, layer_k.removeprefix(prefix))) for key in source), layer_k
+    # a classifier made from a backbone or from a full CLIP/SigLIP checkpoint has a new head
+    new_head = {key for key in export if key.startswith("classifier.") and key not in source}
+    renamed = {
+        key for key in export - merger - new_head if key not in source and key.removeprefix(prefix) not in source
+    }
+    assert not renamed, sorted(renamed)[:5]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -420,8 +511,6 @@ def test_full_model_checkpoint_keeps_only_the_vision_tower(name, base, converted
     assert json.loads((item.source / "config.json").read_text())["architectures"] == [base]
     source, merged = load_file(item.source / "model.safetensors"), load_file(item.output / "model.safetensors")
     vision = {key: value for key, value in source.items() if key.startswith("vision_model.")}
-    if not CASES[name].classifier:  # a vision tower saves its weights without the prefix
-        vision = {key.removeprefix("vision_model."): value for key, value in vision.items()}
     assert vision and all(torch.equal(merged[key], value) for key, value in vision.items())
     assert not any(key.startswith("text_model.") for key in merged)
     new = {key for key in set(merged) - set(vision) if ".patch_merger." not in key}
