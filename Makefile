@@ -13,7 +13,11 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 OLDEST_TRANSFORMERS ?= 5.0.0
 OLDEST_VENV ?= .venv-oldest
 
-.PHONY: setup data demo test lint oldest
+# `make test-lowest` runs the suite with the Hugging Face libraries at the lowest versions pyproject.toml allows
+# (not part of CI: run it when a change uses a newer API or moves a floor).
+LOWEST_VENV ?= .venv-lowest
+
+.PHONY: setup data demo test lint oldest test-lowest
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -42,3 +46,8 @@ $(OLDEST_VENV)/.installed: Makefile
 test: setup data lint oldest
 	RETROFIT_OLDEST_PYTHON=$(OLDEST_VENV)/bin/python $(PY) -m pytest
 
+test-lowest: data oldest
+	python3 -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(LOWEST_VENV)/bin/pip install -q -e ".[dev,tensorboard]" $$(python3 .ci/lowest-pins)
+	RETROFIT_OLDEST_PYTHON=$(OLDEST_VENV)/bin/python $(LOWEST_VENV)/bin/python -m pytest
