@@ -329,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run a recipe (recipes/*.yaml): merge, fine-tune, evaluate, export")
     run.add_argument("recipe", help="path to a recipe YAML file")
     run.add_argument("--source", help="override the recipe's source")
+    _add_task_option(run)
     run.add_argument("--output", "-o", help="override export.output")
     run.add_argument("--data", help="override data.name")
     _add_merge_options(run, required=False)

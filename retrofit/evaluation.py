@@ -50,16 +50,6 @@ def is_backbone(config) -> bool:
         return False
 
 
-def refuse_backbone(spec: str, config, command: str, hint: str | None = None) -> None:
-    """A clear error for a supported family's backbone (CLIPVisionModel, ...): accuracy needs a classifier head."""
-    if is_backbone(config):
-        kind = (config.architectures or ["?"])[0]
-        raise RetrofitError(
-            f"'{spec}' is a vision backbone ({kind}) without a classification head, so {command} cannot measure its "
-            f"accuracy; {hint or 'use its ...ForImageClassification form (`retrofit bench` measures its speed)'}"
-        )
-
-
 def _generic(id2label: dict[int, str]) -> bool:
     return all(name == f"LABEL_{index}" for index, name in id2label.items())
 

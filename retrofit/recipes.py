@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import RetrofitError, brief, did_you_mean
+from .families import TASKS
 
 SPEED_REPEATS = 5  # timed passes per model in the before/after speed measurement
 
@@ -26,6 +27,7 @@ SCHEMA: dict[str, dict | None] = {
     "name": None,
     "description": None,
     "source": None,
+    "task": None,  # image-classification | image-feature-extraction, as `finetune --task` (None: the source's own)
     "teacher": None,
     "pretrain": {"model": None, "image_processor": None},
     "merge": {"after_layer": None, "tokens": None, "calibrate": True, "calibrate_images": 256},
@@ -75,6 +77,7 @@ FREE_FORM = {"pretrain.model", "pretrain.image_processor"}
 # Command-line flags of `retrofit run` -> recipe keys.
 FLAG_KEYS = {
     "source": "source",
+    "task": "task",
     "output": "export.output",
     "checkpoint_dir": "export.checkpoint_dir",
     "push_to_hub": "export.push_to_hub",
@@ -130,6 +133,8 @@ def validate(recipe: dict, where: str = "recipe") -> dict:
             raise RetrofitError(f"{where} needs merge.after_layer and merge.tokens")
     elif out["source"]:
         raise RetrofitError(f"{where} has both 'source' and 'pretrain'; a recipe either fine-tunes or pretrains")
+    if out["task"] not in (None, *TASKS):
+        raise RetrofitError(f"task in {where} must be one of {', '.join(TASKS)}, not {out['task']!r}")
     if not out["data"]["name"]:
         raise RetrofitError(f"{where} needs data.name (fashion-mnist, an image folder or a Hub dataset id)")
     if not out["export"]["output"]:
@@ -248,12 +253,16 @@ def accuracy(model, dataloader) -> float:
 
 
 def results_table(rows: list[dict], note: str | None = None) -> str:
-    """A Markdown before/after table from rows of {model, accuracy, gflops, images_per_s}; `note` (how the speed was
+    """A Markdown before/after table from rows of {model, accuracy, gflops, images_per_s} (a backbone's rows have
+    `similarity`, its features' cosine similarity to the baseline's, instead of `accuracy`); `note` (how the speed was
     measured) goes under it."""
-    lines = ["| model | accuracy | GFLOPs/image | images/s (measured) | speed-up |", "|---|---|---|---|---|"]
+    backbone = any("similarity" in row for row in rows)
+    quality = "feature similarity" if backbone else "accuracy"
+    lines = [f"| model | {quality} | GFLOPs/image | images/s (measured) | speed-up |", "|---|---|---|---|---|"]
     base_speed = rows[0].get("images_per_s") if rows else None
     for row in rows:
-        acc = f"{100 * row['accuracy']:.2f} %" if row.get("accuracy") is not None else "n/a"
+        value = row.get("similarity" if backbone else "accuracy")
+        acc = "n/a" if value is None else f"{value:.4f}" if backbone else f"{100 * value:.2f} %"
         speed = row.get("images_per_s")
         ratio = f"{speed / base_speed:.2f}x" if speed and base_speed else "n/a"
         speed_text = f"{speed:.0f}" if speed else "n/a"
@@ -307,7 +316,7 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
     from .benchmark import hardware_name
     from .cost import model_cost
     from .data import load_split, make_dataloader
-    from .evaluation import refuse_backbone
+    from .evaluation import is_backbone
     from .loading import for_task, load_config, load_image_processor, load_model
     from .surgery import check_merge, insert_patch_merger
     from .train import check_teacher_logits, default_checkpoint_dir, finetune, label_map_for, task_for
@@ -323,8 +332,10 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
         check_push(export["push_to_hub"])
     settings = _train_settings(recipe, overwrite=overwrite, resume=resume, eval_at_start=bool(evaluation["before"]))
     saved = load_config(source)
-    config = for_task(saved, task_for(None, settings.get("num_labels")))  # as `finetune` will load it
-    refuse_backbone(source, config, "a recipe", "fine-tune it with `retrofit finetune` (kd on its features)")
+    config = for_task(saved, task_for(recipe["task"], settings.get("num_labels")))  # as `finetune` will load it
+    # A backbone has no labels to score: its rows give the cosine similarity of its features to the baseline's.
+    backbone = is_backbone(config)
+    quality, reference = ("similarity", "teacher features") if backbone else ("accuracy", "labels")
     check_teacher_logits(source, saved, config, settings.get("loss", "kd"))
     check_merge(config, merge["after_layer"], merge["tokens"])
 
@@ -334,7 +345,9 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
     rows = [{"model": f"baseline `{recipe['source']}`", "gflops": model_cost(config).gflops}]
     merged_cost = model_cost(insert_patch_merger(load_model(source, config=config), merge["after_layer"],
                                                  merge["tokens"]).config)  # fmt: skip
-    if evaluation["before"] and data["eval_split"]:
+    if backbone:  # similarity to the teacher: the baseline itself unless the recipe names another one
+        rows[0]["similarity"] = None if recipe["teacher"] else 1.0
+    elif evaluation["before"] and data["eval_split"]:
         eval_set = load_split(data["name"], data["eval_split"], image_column=data["image_column"],
                               label_column=data["label_column"], limit=data["eval_limit"])  # fmt: skip
         from .data import class_names
@@ -364,13 +377,13 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
 
     def table_rows(result) -> list[dict]:
         out = [dict(rows[0])]
-        history = [h for h in result.eval_history if h.get("reference") == "labels"]
+        history = [h for h in result.eval_history if h.get("reference") == reference]
         if evaluation["before"] and history and history[0]["step"] == 0:
             init = "calibrated" if merge["calibrate"] else "random"
-            out.append({"model": f"{tag}, {init} init, no training", "accuracy": history[0]["accuracy"],
+            out.append({"model": f"{tag}, {init} init, no training", quality: history[0][quality],
                         "gflops": merged_cost.gflops, "images_per_s": speeds.get("merged")})  # fmt: skip
         out.append({"model": f"{tag}, fine-tuned ({result.steps} steps, loss {settings.get('loss', 'kd')})",
-                    "accuracy": history[-1]["accuracy"] if history else None, "gflops": merged_cost.gflops,
+                    quality: history[-1][quality] if history else None, "gflops": merged_cost.gflops,
                     "images_per_s": speeds.get("merged")})  # fmt: skip
         return out
 
@@ -382,6 +395,7 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
         calibrate=bool(merge["calibrate"]),
         calibrate_images=merge["calibrate_images"],
         teacher=recipe["teacher"],
+        task=recipe["task"],
         card_results=lambda res: results_table(table_rows(res), note=speed_note),
         push_to_hub=export["push_to_hub"],
         private=bool(export["private"]),

@@ -327,7 +327,7 @@ def tiny_clip_vision(tmp_path_factory):
 
 def test_a_backbone_is_distilled_through_its_pooled_output(tiny_clip_vision, colours, tmp_path, capsys):
     """A vision tower (no logits) fine-tunes with kd on its pooled output and reports its similarity to the teacher;
-    losses that need logits, and recipes (which rank by accuracy), are refused with one line and exit code 2."""
+    losses that need logits are refused with one line and exit code 2. A recipe reports the same similarity."""
     out = tmp_path / "clip-pm"
     result = finetune(
         tiny_clip_vision, output=out, after_layer=1, num_tokens=2, data=colours, epochs=3, lr=3e-4,
@@ -344,9 +344,18 @@ def test_a_backbone_is_distilled_through_its_pooled_output(tiny_clip_vision, col
     assert main([*args, "--output", str(tmp_path / "w0"), "--feature-weight", "0"]) == 2
     capsys.readouterr()
     recipe = tmp_path / "tower.yaml"
-    recipe.write_text(f"source: {tiny_clip_vision}\nmerge: {{after_layer: 2, tokens: 3}}\ndata: {{name: {colours}}}\n")
-    assert main(["run", str(recipe), "--output", str(tmp_path / "run")]) == 2
-    assert "retrofit finetune" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    recipe.write_text(
+        f"source: {tiny_clip_vision}\nmerge: {{after_layer: 2, tokens: 3}}\ndata: {{name: {colours}}}\n"
+        "training: {max_steps: 4, batch_size: 8, lr: 3.0e-4}\n"
+        "evaluation: {batch_size: 12, speed_batch_size: 4}\n"
+    )
+    assert main(["run", str(recipe), "--output", str(tmp_path / "run")]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| model | feature similarity |") and table[2].startswith("| baseline ")
+    similarity = [float(line.split("|")[2]) for line in table[2:]]
+    assert similarity[0] == 1 and similarity[1] < similarity[2] < 1, similarity  # fine-tuning moves it up
+    assert "no training" in table[3] and "fine-tuned (4 steps, loss kd)" in table[4]
+    assert "| model | feature similarity |" in (tmp_path / "run" / "README.md").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -381,8 +390,15 @@ def test_task_trains_a_vision_tower_or_a_new_classifier(tiny_multimodal, colours
     reloaded = load_model(tmp_path / "cls")
     assert type(reloaded).__name__ == "Dinov2PatchMergerForImageClassification" and classifier.steps == 2
     assert sorted(reloaded.config.id2label.values()) == ["bird", "cat", "dog"]  # the data's class names
-
+    recipe = tmp_path / "clip.yaml"  # a recipe takes the task too, and reports the tower's feature similarity
+    recipe.write_text(
+        f"source: {clip}\nmerge: {{after_layer: 1, tokens: 2}}\ndata: {{name: {colours}}}\n"
+        "training: {max_steps: 2, batch_size: 8}\nevaluation: {batch_size: 12, speed: false}\n"
+    )
     capsys.readouterr()
+    assert main(["run", str(recipe), "--task", "image-feature-extraction", "--output", str(tmp_path / "run")]) == 0
+    assert "| model | feature similarity |" in capsys.readouterr().out
+    assert type(load_model(tmp_path / "run")).__name__ == "CLIPVisionPatchMergerModel"
 
     def refused(*args: str) -> str:
         output = tmp_path / "refused"
@@ -393,6 +409,9 @@ def test_task_trains_a_vision_tower_or_a_new_classifier(tiny_multimodal, colours
         return err
 
     assert "CLIPModel checkpoint, so its classifier would be new" in refused("finetune", clip, "--data", colours)
+    assert "CLIPModel checkpoint, so its classifier would be new" in refused("run", str(recipe))
+    err = refused("run", str(recipe), "--set", "task=segmentation")
+    assert "must be one of image-classification, image-feature-extraction, not 'segmentation'" in err
     err = refused("finetune", dinov2, "--data", colours, "--task", "image-classification")
     assert "Dinov2Model checkpoint, so its classifier would be new" in err and "--num-labels N --loss ce" in err
     err = refused("finetune", dinov2, "--data", colours, "--num-labels", "3", "--task", "image-feature-extraction")
