@@ -317,7 +317,7 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
     from .cost import model_cost
     from .data import load_split, make_dataloader
     from .evaluation import is_backbone
-    from .loading import for_task, load_config, load_image_processor, load_model
+    from .loading import classifier_is_new, for_task, load_config, load_image_processor, load_model
     from .surgery import check_merge, insert_patch_merger
     from .train import check_teacher_logits, default_checkpoint_dir, finetune, label_map_for, task_for
 
@@ -330,9 +330,13 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
         from .push import check_push
 
         check_push(export["push_to_hub"])
-    settings = _train_settings(recipe, overwrite=overwrite, resume=resume, eval_at_start=bool(evaluation["before"]))
     saved = load_config(source)
-    config = for_task(saved, task_for(recipe["task"], settings.get("num_labels")))  # as `finetune` will load it
+    config = for_task(saved, task_for(recipe["task"], recipe["training"]["num_labels"]))  # as `finetune` will load it
+    # A classifier the checkpoint does not hold (a backbone given --num-labels) starts random: nothing to score
+    # before training, so only the fine-tuned row has an accuracy.
+    new_classifier = classifier_is_new(saved, config)
+    before = bool(evaluation["before"]) and not new_classifier
+    settings = _train_settings(recipe, overwrite=overwrite, resume=resume, eval_at_start=before)
     # A backbone has no labels to score: its rows give the cosine similarity of its features to the baseline's.
     backbone = is_backbone(config)
     quality, reference = ("similarity", "teacher features") if backbone else ("accuracy", "labels")
@@ -342,12 +346,15 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
     # Baseline: accuracy on the evaluation split, cost and measured speed (source vs merged architecture).
     baseline = load_model(source, config=config).eval()
     processor = load_image_processor(source, config, log=log)
-    rows = [{"model": f"baseline `{recipe['source']}`", "gflops": model_cost(config).gflops}]
+    baseline_name = f"baseline `{recipe['source']}`" + (
+        " (its classifier is new: not scored)" if new_classifier else ""
+    )
+    rows = [{"model": baseline_name, "gflops": model_cost(config).gflops}]
     merged_cost = model_cost(insert_patch_merger(load_model(source, config=config), merge["after_layer"],
                                                  merge["tokens"]).config)  # fmt: skip
     if backbone:  # similarity to the teacher: the baseline itself unless the recipe names another one
         rows[0]["similarity"] = None if recipe["teacher"] else 1.0
-    elif evaluation["before"] and data["eval_split"]:
+    elif before and data["eval_split"]:
         eval_set = load_split(data["name"], data["eval_split"], image_column=data["image_column"],
                               label_column=data["label_column"], limit=data["eval_limit"])  # fmt: skip
         from .data import class_names
@@ -378,7 +385,7 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
     def table_rows(result) -> list[dict]:
         out = [dict(rows[0])]
         history = [h for h in result.eval_history if h.get("reference") == reference]
-        if evaluation["before"] and history and history[0]["step"] == 0:
+        if before and history and history[0]["step"] == 0:
             init = "calibrated" if merge["calibrate"] else "random"
             out.append({"model": f"{tag}, {init} init, no training", quality: history[0][quality],
                         "gflops": merged_cost.gflops, "images_per_s": speeds.get("merged")})  # fmt: skip

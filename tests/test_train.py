@@ -399,6 +399,12 @@ def test_task_trains_a_vision_tower_or_a_new_classifier(tiny_multimodal, colours
     assert main(["run", str(recipe), "--task", "image-feature-extraction", "--output", str(tmp_path / "run")]) == 0
     assert "| model | feature similarity |" in capsys.readouterr().out
     assert type(load_model(tmp_path / "run")).__name__ == "CLIPVisionPatchMergerModel"
+    # a backbone given a classifier by a recipe: the random head before training is not scored
+    overrides = ["--set", "training.num_labels=3", "--loss", "ce", "--output", str(tmp_path / "run-cls")]
+    assert main(["run", str(recipe), "--source", dinov2, *overrides]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert len(table) == 4 and "(its classifier is new: not scored) | n/a |" in table[2]
+    assert "fine-tuned (2 steps, loss ce)" in table[3] and " % |" in table[3]
 
     def refused(*args: str) -> str:
         output = tmp_path / "refused"
