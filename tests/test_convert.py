@@ -288,6 +288,14 @@ def test_an_attention_mask_over_the_input_tokens_does_not_break_merged_layers(vi
     torch.testing.assert_close(masked, logits(result.model, pixels))
 
 
+@pytest.mark.slow
+def test_merged_model_compiles_as_one_graph(vit_export, pixels):
+    """`bench --compile` and users' torch.compile: the merged layers add no graph break (fullgraph=True)."""
+    result, _ = vit_export
+    compiled = torch.compile(result.model, fullgraph=True)
+    torch.testing.assert_close(logits(compiled, pixels), logits(result.model, pixels))
+
+
 def test_card_of_a_vision_tower_says_how_to_load_it(tmp_path):
     from conftest import save_tiny
     from transformers import CLIPVisionConfig, CLIPVisionModel
