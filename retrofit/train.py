@@ -451,6 +451,16 @@ def _accelerator(args: TrainArgs, project_dir: Path | None, log_with, *, cpu: bo
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute every encoder layer's activations in the backward pass (the merging layer included: it is a
+    checkpointed layer too) instead of keeping them: less memory for one more forward pass per layer."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # newer transformers 5.x; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def train_loop(
     model,
     image_processor,
@@ -554,12 +564,8 @@ def train_loop(
     read = HeadReader(model, features=features)  # before `prepare`: hooks go on the model itself
     read_teacher = HeadReader(teacher, features=features) if teacher is not None else None
     optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr)
-    if args.gradient_checkpointing:  # every encoder layer, the merging one included (it is a checkpointed layer)
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # newer transformers 5.x; the old name warns there
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
     if eval_dl is not None:
         eval_dl = accelerator.prepare(eval_dl)

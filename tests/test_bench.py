@@ -182,3 +182,19 @@ def test_layer_times_script_runs_on_the_cpu(tmp_path, patch):
     assert [row["tokens"] for row in report["rows"]] == [[197, 197]] * 6 + [[197, 9]] * 6
     assert report["without_hooks"]["flops_ratio"] > 1.8 and report["without_hooks"]["merged"] > 0
     assert report["settings"]["patch_embed"] == patch[0] and report["settings"]["hardware"] == "CPU"
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_script_measures_both_settings(tmp_path):
+    """bench/gradient_checkpointing.py runs each setting in its own process and reports memory and step time."""
+    out = tmp_path / "ckpt.json"
+    command = [sys.executable, "bench/gradient_checkpointing.py", "--model", "vit-ti16", "--merge", "6:8"]
+    command += ["--batch-size", "2", "--steps", "1", "--json", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| gradient checkpointing | peak memory above weights + optimizer (MiB) |" in done.stdout
+    report = json.loads(out.read_text())
+    assert [row["checkpointing"] for row in report["results"]] == [False, True]
+    assert all(row["step_s"] > 0 and row["peak_extra_mib"] >= 0 for row in report["results"])
+    bad = subprocess.run([*command[:2], "--merge", "six"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "is not K:M" in bad.stderr and "Traceback" not in bad.stderr
