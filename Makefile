@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,tensorboard]"
+	$(PY) -m pip install -q -e ".[dev,tensorboard,onnx]"
 	touch $@
 
 data: $(FMNIST)
@@ -49,5 +49,5 @@ test: setup data lint oldest
 test-lowest: data oldest
 	python3 -m venv $(LOWEST_VENV)
 	$(LOWEST_VENV)/bin/pip install -q "$(TORCH_SPEC)"
-	$(LOWEST_VENV)/bin/pip install -q -e ".[dev,tensorboard]" $$(python3 .ci/lowest-pins)
+	$(LOWEST_VENV)/bin/pip install -q -e ".[dev,tensorboard,onnx]" $$(python3 .ci/lowest-pins)
 	RETROFIT_OLDEST_PYTHON=$(OLDEST_VENV)/bin/python $(LOWEST_VENV)/bin/python -m pytest
