@@ -198,3 +198,18 @@ def test_gradient_checkpointing_script_measures_both_settings(tmp_path):
     assert all(row["step_s"] > 0 and row["peak_extra_mib"] >= 0 for row in report["results"])
     bad = subprocess.run([*command[:2], "--merge", "six"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "is not K:M" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_onnx_speed_script_times_source_and_merged_in_onnx_runtime(tmp_path):
+    """bench/onnx_speed.py exports both models to ONNX and times them in ONNX Runtime."""
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "onnx.json"
+    command = [sys.executable, "bench/onnx_speed.py", "--model", "vit-ti16", "--merge", "half:8"]
+    done = subprocess.run([*command, "--batch-size", "2", "--repeats", "1", "--json", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| `vit-ti16+pm6:8` |" in done.stdout
+    report = json.loads(out.read_text())
+    assert report["merge"] == "6:8" and report["flops_ratio"] > 1.8 and report["speedup"] > 0
+    assert set(report["images_per_s"]) == {"source", "merged"}
