@@ -691,6 +691,10 @@ def train_loop(
     if progress.step >= total_steps and on_end is not None and accelerator.is_main_process:
         result.output = on_end(accelerator, unwrapped, result)
     accelerator.wait_for_everyone()
+    # Release the distributed (DDP) wrapper while the process group still exists: if DDP's reducer held the last
+    # reference to a gloo group, destroying the group would wait on gloo's threads with the GIL held, a deadlock seen
+    # under `accelerate launch` on CPU. The caller gets the unwrapped model (`result.model`).
+    model, optimizer, scheduler = accelerator.free_memory(model, optimizer, scheduler)
     accelerator.end_training()
     return result
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -23,6 +27,30 @@ TINY = dict(
     id2label={0: "cat", 1: "dog", 2: "bird"},
     label2id={"cat": 0, "dog": 1, "bird": 2},
 )
+
+
+def launch_two_cpu_processes(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`accelerate launch` of `args` on 2 CPU processes (gloo), on a free port: the machine may be running another
+    test suite, whose launches would otherwise meet this one's on accelerate's default port and hang."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # On a machine without GPUs, `accelerate launch --multi_gpu` starts torchrun and Accelerate runs MULTI_CPU (gloo);
+    # `--cpu --num_processes 2` alone would start a single process.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+               "--dynamo_backend", "no", *args]  # fmt: skip
+    pipe = subprocess.PIPE
+    with subprocess.Popen(command, env=env, stdout=pipe, stderr=pipe, text=True) as process:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:  # kill the rank processes too (torchrun starts them in sessions of their own)
+            for child in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
+                child.kill()
+            out, err = process.communicate()
+            pytest.fail(f"accelerate launch hung for {timeout} s; its stderr ended with:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
 def save_tiny(model, path: Path, image_size: int = 32) -> Path:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from conftest import launch_two_cpu_processes
 from test_data import make_imagefolder
 
 from retrofit.train import list_checkpoints
@@ -40,13 +38,7 @@ def test_two_cpu_processes_stay_in_sync(tiny_vit, tmp_path):
     report = tmp_path / "report"
     report.mkdir()
     out = tmp_path / "runs" / "pm"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    # On a machine without GPUs, `accelerate launch --multi_gpu` starts torchrun and Accelerate runs MULTI_CPU (gloo);
-    # `--cpu --num_processes 2` alone would start a single process.
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(driver),
-               str(tiny_vit), str(data), str(out), str(report)]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = launch_two_cpu_processes(str(driver), str(tiny_vit), str(data), str(out), str(report))
     assert done.returncode == 0, done.stderr[:6000]
     ranks = [json.loads((report / f"rank{i}.json").read_text()) for i in (0, 1)]
     assert [r["processes"] for r in ranks] == [2, 2]

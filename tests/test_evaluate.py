@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import TINY, save_tiny
+from conftest import TINY, launch_two_cpu_processes, save_tiny
 from test_data import make_imagefolder
 from transformers import ViTConfig, ViTForImageClassification
 
@@ -166,12 +164,8 @@ def test_card_must_be_one_of_the_models(tiny_vit, export_dir, images, capsys):
 
 
 def _evaluate_in_two_processes(models: list[str], images, out) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "retrofit.cli",
-               "evaluate", *models, "--data", str(images), "--split", "test", "--batch-size", "4",
-               "--json", str(out)]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = launch_two_cpu_processes("-m", "retrofit.cli", "evaluate", *models, "--data", str(images), "--split", "test",
+                                    "--batch-size", "4", "--json", str(out))  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("images") == 1  # only the main process prints
     return done
