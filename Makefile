@@ -8,10 +8,14 @@ TORCH_SPEC ?= torch==2.13.0
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-# Exported models must load with the oldest transformers their code supports (retrofit/hub_code.py): the tests
-# reload every family's export in this second environment too.
+# Exported models must load with the oldest transformers their code supports (retrofit/hub_code.py) and the
+# releases since: the tests reload every family's export in this second environment too, with OLDEST_TRANSFORMERS
+# and with each of LATER_TRANSFORMERS (releases whose layouts differ again), installed next to it with pip --target.
 OLDEST_TRANSFORMERS ?= 5.0.0
+LATER_TRANSFORMERS ?= 5.8.0 5.17.0
 OLDEST_VENV ?= .venv-oldest
+empty :=
+OVERLAYS := $(subst $(empty) $(empty),:,$(foreach v,$(LATER_TRANSFORMERS),$(abspath $(OLDEST_VENV))/transformers-$(v)))
 
 # `make test-lowest` runs the suite with the Hugging Face libraries at the lowest versions pyproject.toml allows
 # (not part of CI: run it when a change uses a newer API or moves a floor).
@@ -41,13 +45,17 @@ oldest: $(OLDEST_VENV)/.installed
 $(OLDEST_VENV)/.installed: Makefile
 	python3 -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/pip install -q "$(TORCH_SPEC)" "transformers==$(OLDEST_TRANSFORMERS)" pillow
+	for version in $(LATER_TRANSFORMERS); do rm -rf $(OLDEST_VENV)/transformers-$$version && \
+	  $(OLDEST_VENV)/bin/pip install -q --target $(OLDEST_VENV)/transformers-$$version "transformers==$$version" \
+	  || exit 1; done
 	touch $@
 
 test: setup data lint oldest
-	RETROFIT_OLDEST_PYTHON=$(OLDEST_VENV)/bin/python $(PY) -m pytest
+	RETROFIT_OLDEST_PYTHON=$(OLDEST_VENV)/bin/python RETROFIT_TRANSFORMERS_OVERLAYS=$(OVERLAYS) $(PY) -m pytest
 
 test-lowest: data oldest
 	python3 -m venv $(LOWEST_VENV)
 	$(LOWEST_VENV)/bin/pip install -q "$(TORCH_SPEC)"
 	$(LOWEST_VENV)/bin/pip install -q -e ".[dev,tensorboard,onnx]" $$(python3 .ci/lowest-pins)
-	RETROFIT_OLDEST_PYTHON=$(OLDEST_VENV)/bin/python $(LOWEST_VENV)/bin/python -m pytest
+	RETROFIT_OLDEST_PYTHON=$(OLDEST_VENV)/bin/python RETROFIT_TRANSFORMERS_OVERLAYS=$(OVERLAYS) \
+	  $(LOWEST_VENV)/bin/python -m pytest

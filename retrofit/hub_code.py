@@ -18,6 +18,8 @@ from functools import cache
 from pathlib import Path
 from string import Template
 
+import transformers
+
 from . import __version__
 from .families import Family, Head
 from .merger import PatchMerger
@@ -66,6 +68,7 @@ def render(family: Family, head: Head) -> tuple[dict[str, str], dict[str, str]]:
         "config_module": family.config_module,
         "modeling_module": family.modeling_module,
         "source_config_class": family.config_class,
+        "source_model_type": getattr(transformers, family.config_class).model_type,
         "source_model_class": head.class_name,
         "source_layer_class": family.layer_class,
         "layer_config": head.layer_config,

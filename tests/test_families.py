@@ -259,19 +259,21 @@ RELOAD_SCRIPT = textwrap.dedent("""
 """)
 
 
-# A Python whose transformers is the oldest release exports support (`make test` builds it: Makefile `oldest`).
+# `make test` (Makefile `oldest`) builds a Python whose transformers is the oldest release exports support, and next
+# to it `pip --target` folders of later releases whose layouts differ again (transformers-5.8.0, ...), run with it.
 OLDEST_PYTHON = os.environ.get("RETROFIT_OLDEST_PYTHON") and os.path.abspath(os.environ["RETROFIT_OLDEST_PYTHON"])
+OVERLAYS = {Path(p).name: Path(p) for p in os.environ.get("RETROFIT_TRANSFORMERS_OVERLAYS", "").split(os.pathsep) if p}
 
 
-@pytest.fixture(scope="module", params=["installed", "oldest"])
+@pytest.fixture(scope="module", params=["installed", "oldest", *OVERLAYS])
 def reloaded(request, converted, tmp_path_factory) -> dict:
     """Every export loaded with Auto classes + trust_remote_code in ONE fresh process where `import retrofit` fails,
-    with the installed transformers and with the oldest release the exported code supports."""
-    python = sys.executable
-    if request.param == "oldest":
+    with the installed transformers, the oldest release the exported code supports, and releases in between."""
+    python, path = sys.executable, []
+    if request.param != "installed":
         if not OLDEST_PYTHON:
             pytest.skip("RETROFIT_OLDEST_PYTHON is not set (`make test` sets it)")
-        python = OLDEST_PYTHON
+        python, path = OLDEST_PYTHON, [str(OVERLAYS[request.param])] if request.param in OVERLAYS else []
     root = tmp_path_factory.mktemp("reload")
     manifest = []
     for name, item in converted.items():
@@ -295,7 +297,8 @@ def reloaded(request, converted, tmp_path_factory) -> dict:
     (root / "manifest.json").write_text(json.dumps(manifest))
     (root / "blocker").mkdir()
     (root / "blocker" / "retrofit.py").write_text("raise ImportError('retrofit must not be needed')\n")
-    env = {**os.environ, "PYTHONPATH": str(root / "blocker"), "HF_MODULES_CACHE": str(root / "modules")}
+    python_path = os.pathsep.join([str(root / "blocker"), *path])
+    env = {**os.environ, "PYTHONPATH": python_path, "HF_MODULES_CACHE": str(root / "modules")}
     env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     command = [
         python,
@@ -319,11 +322,12 @@ def test_every_supported_class_has_a_case(converted):
     assert tested == supported
 
 
-def test_reloads_ran_with_the_installed_and_the_oldest_transformers(request, reloaded):
+def test_reloads_ran_with_the_transformers_they_name(request, reloaded):
     import transformers
 
-    expected = OLDEST_TRANSFORMERS if request.node.callspec.params["reloaded"] == "oldest" else transformers.__version__
-    assert reloaded["transformers"] == expected
+    param = request.node.callspec.params["reloaded"]
+    expected = {"installed": transformers.__version__, "oldest": OLDEST_TRANSFORMERS}.get(param)
+    assert reloaded["transformers"] == (expected or param.removeprefix("transformers-"))
 
 
 def test_exported_code_refuses_an_older_transformers_in_one_line(converted, monkeypatch):
