@@ -32,18 +32,22 @@ from retrofit.benchmark import (  # noqa: E402
     hardware_name,
     parse_device,
     parse_merges,
+    resolve_after_layer,
+    rss_mib,
+    shape_config,
     shape_model,
 )
 from retrofit.errors import RetrofitError  # noqa: E402
-from retrofit.surgery import insert_patch_merger  # noqa: E402
+from retrofit.surgery import check_merge, insert_patch_merger  # noqa: E402
 from retrofit.train import enable_gradient_checkpointing  # noqa: E402
 
 
-def _rss_mib(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{key}:"):
-            return int(line.split()[1]) / 1024
-    raise RetrofitError(f"/proc/self/status has no {key}; CPU memory needs Linux")
+def _rss(key: str) -> float:
+    """Resident memory from /proc (`rss_mib`), in bytes; the CPU measurement needs Linux."""
+    value = rss_mib(key)
+    if value is None:
+        raise RetrofitError(f"/proc/self/status has no {key}; CPU memory needs Linux")
+    return value * 2**20
 
 
 def measure(args: argparse.Namespace, checkpointing: bool) -> dict:
@@ -52,8 +56,7 @@ def measure(args: argparse.Namespace, checkpointing: bool) -> dict:
     torch.manual_seed(0)
     source = shape_model(args.model, device, torch.float32)
     (after, tokens), *_ = parse_merges(args.merge)
-    layers = source.config.num_hidden_layers
-    model = insert_patch_merger(source, layers // 2 if after == "half" else int(after), tokens).train()
+    model = insert_patch_merger(source, resolve_after_layer(source.config, after), tokens).train()
     if checkpointing:
         enable_gradient_checkpointing(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -76,13 +79,13 @@ def measure(args: argparse.Namespace, checkpointing: bool) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     else:
         Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS to the current RSS
-        before = _rss_mib("VmRSS") * 2**20
+        before = _rss("VmRSS")
     times = []
     for _ in range(args.steps):
         started = time.perf_counter()
         step()
         times.append(time.perf_counter() - started)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_mib("VmHWM") * 2**20
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss("VmHWM")
     gradients = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2**20
     return {
         "checkpointing": checkpointing,
@@ -123,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", choices=("on", "off"), help=argparse.SUPPRESS)  # one setting, as JSON on stdout
     args = parser.parse_args(argv)
     try:
-        parse_device(args.device), parse_merges(args.merge)
+        parse_device(args.device)
+        (after, tokens), *_ = parse_merges(args.merge)
+        config = shape_config(args.model)
+        check_merge(config, resolve_after_layer(config, after), tokens)  # before any process is started
         if args.child:
             print(json.dumps(measure(args, args.child == "on")))
             return 0

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrofit.benchmark import SHAPES, hardware_name, parse_merges, shape_model  # noqa: E402
+from retrofit.benchmark import SHAPES, hardware_name, parse_merges, resolve_after_layer, shape_model  # noqa: E402
 from retrofit.cost import model_cost  # noqa: E402
 from retrofit.errors import RetrofitError  # noqa: E402
 from retrofit.surgery import insert_patch_merger  # noqa: E402
@@ -61,13 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         (after, tokens), *_ = parse_merges(args.merge)
+        source = shape_model(args.model, torch.device("cpu"), torch.float32)
+        after_layer = resolve_after_layer(source.config, after)
+        merged = insert_patch_merger(source, after_layer, tokens).eval()
     except RetrofitError as exc:
         print(f"onnx_speed.py: error: {exc}", file=sys.stderr)
         return 2
-
-    source = shape_model(args.model, torch.device("cpu"), torch.float32)
-    after_layer = source.config.num_hidden_layers // 2 if after == "half" else int(after)
-    merged = insert_patch_merger(source, after_layer, tokens).eval()
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = args.threads
     size = source.config.image_size

@@ -196,7 +196,8 @@ def load_bench_model(spec: str, device: torch.device, dtype: torch.dtype) -> tor
     return model.to(device=device, dtype=dtype).eval()
 
 
-def _resolve_after_layer(config, after: str) -> int:
+def resolve_after_layer(config, after: str) -> int:
+    """The layer index of a `--merge` K: an integer, or ``half`` for L // 2."""
     from .loading import family_and_head, layer_config
 
     layers = layer_config(config, family_and_head(config)[1]).num_hidden_layers
@@ -224,7 +225,7 @@ def build_variants(
         config = shape_config(spec) if spec in SHAPES else load_config(spec)
         if not is_merged(config):
             for after, tokens in merges:
-                check_merge(config, _resolve_after_layer(config, after), tokens)
+                check_merge(config, resolve_after_layer(config, after), tokens)
     loaded: list[tuple[str, torch.nn.Module, str | None]] = []
     for spec in models:
         log(f"loading {spec} ...")
@@ -236,7 +237,7 @@ def build_variants(
         loaded.append((spec, model, baseline))
         if not is_merged(model.config):
             for after, tokens in merges:
-                k = _resolve_after_layer(model.config, after)
+                k = resolve_after_layer(model.config, after)
                 twin = insert_patch_merger(model, k, tokens, source=spec).eval()
                 twin.to(device=device, dtype=dtype)
                 loaded.append((f"{spec}+pm{k}:{tokens}", twin, spec))
@@ -316,7 +317,8 @@ def _time_block(runner: Callable, x: torch.Tensor, iters: int, device: torch.dev
     return time.perf_counter() - start
 
 
-def _rss_mib(key: str) -> float | None:
+def rss_mib(key: str) -> float | None:
+    """A memory figure of this process (``VmRSS``, or ``VmHWM``: peak RSS) in MiB, from /proc; None off Linux."""
     try:
         match = re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text())
         return int(match.group(1)) / 1024 if match else None
@@ -343,9 +345,9 @@ def _peak_memory_mib(model: torch.nn.Module, x: torch.Tensor, device: torch.devi
         Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM) to the current RSS
     except OSError:
         return None
-    before = _rss_mib("VmRSS")
+    before = rss_mib("VmRSS")
     _forward(model, x)
-    peak = _rss_mib("VmHWM")
+    peak = rss_mib("VmHWM")
     return None if before is None or peak is None else weights + max(0.0, peak - before)
 
 

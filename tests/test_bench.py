@@ -196,8 +196,9 @@ def test_gradient_checkpointing_script_measures_both_settings(tmp_path):
     report = json.loads(out.read_text())
     assert [row["checkpointing"] for row in report["results"]] == [False, True]
     assert all(row["step_s"] > 0 and row["peak_extra_mib"] >= 0 for row in report["results"])
-    bad = subprocess.run([*command[:2], "--merge", "six"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "is not K:M" in bad.stderr and "Traceback" not in bad.stderr
+    for merge, message in (("six", "is not K:M"), ("99:8", "--after-layer 99 is out of range")):
+        bad = subprocess.run([*command[:2], "--merge", merge], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and message in bad.stderr, bad.stderr
 
 
 @pytest.mark.slow
@@ -213,3 +214,5 @@ def test_onnx_speed_script_times_source_and_merged_in_onnx_runtime(tmp_path):
     report = json.loads(out.read_text())
     assert report["merge"] == "6:8" and report["flops_ratio"] > 1.8 and report["speedup"] > 0
     assert set(report["images_per_s"]) == {"source", "merged"}
+    bad = subprocess.run([*command[:4], "--merge", "99:8"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "out of range" in bad.stderr, bad.stderr
