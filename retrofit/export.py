@@ -10,7 +10,7 @@ from transformers import PreTrainedModel
 from .atomic import atomic_dir
 from .card import TrainingInfo, build_card
 from .hub_code import load_classes
-from .loading import family_and_head, is_merged, processor_image_size
+from .loading import family_and_head, is_merged, processor_image_size, save_image_processor
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "README.md")
 
@@ -45,6 +45,6 @@ def export(
         for filename, text in classes.files.items():
             (tmp / filename).write_text(text)
         if image_processor is not None:
-            image_processor.save_pretrained(tmp)
+            save_image_processor(image_processor, tmp)
         card.save(tmp / "README.md")
     return Path(output)

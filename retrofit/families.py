@@ -28,8 +28,9 @@ class Head:
         classifiers: the head's final layers (classifiers only); their inputs are the features the head reads, which
             `--feature-weight` distils (several are concatenated).
         features: backbones only, what users read from them and fine-tuning distils: ``pooler`` (``pooler_output``),
-            ``cls`` (the CLS token of ``last_hidden_state``) or ``cls+mean`` (CLS ⊕ mean of the tokens after the
-            prefix tokens, DINOv2's linear-probe features).
+            ``cls`` (the CLS token of ``last_hidden_state``), ``cls+mean`` (CLS ⊕ mean of the tokens after the
+            prefix tokens, DINOv2's linear-probe features) or ``mean`` (mean of the tokens after the prefix tokens,
+            for models without a CLS token).
     """
 
     class_name: str
@@ -73,6 +74,10 @@ class Family:
         display: the name shown to users; defaults to the config class without ``Config``.
         tower: for multi-modal checkpoints, the family of their vision tower (built from ``config.vision_config``),
             which `--task image-feature-extraction` converts.
+        rope: the layers rotate the queries and keys of the patch tokens by the patches' positions (RoPE: the encoder
+            hands each layer ``position_embeddings``, the (cos, sin) of the N patches, which apply to the last N
+            tokens). A merged token has no position of its own, so the layers after the merge rotate none of the
+            merged tokens, as transformers already does for the prefix tokens.
     """
 
     name: str
@@ -89,6 +94,7 @@ class Family:
     refusal: str | None = None
     display: str = ""
     tower: str = ""
+    rope: bool = False
 
     @property
     def display_name(self) -> str:
@@ -179,6 +185,63 @@ register(
 )
 
 
+register(
+    Family(
+        name="vit_msn",
+        display="ViT-MSN",
+        model_types=("vit_msn",),
+        example_id="facebook/vit-msn-small",
+        modeling_module="transformers.models.vit_msn.modeling_vit_msn",
+        config_module="transformers.models.vit_msn.configuration_vit_msn",
+        config_class="ViTMSNConfig",
+        layer_class="ViTMSNLayer",
+        heads={
+            "ViTMSNForImageClassification": Head(
+                "ViTMSNForImageClassification", "vit.layers", reads="CLS token after the final LayerNorm (unchanged)"
+            ),
+            "ViTMSNModel": Head(
+                "ViTMSNModel",
+                "layers",
+                auto_class="AutoModel",
+                reads="CLS token after the final LayerNorm (unchanged); last_hidden_state: 1 + M tokens",
+                features="cls",
+            ),
+        },
+        num_prefix_tokens=lambda config: 1,
+        notes="A ViT pretrained with Masked Siamese Networks: CLS bypasses the merger, as in ViT.",
+    )
+)
+
+register(
+    Family(
+        name="ijepa",
+        display="I-JEPA",
+        model_types=("ijepa",),
+        example_id="facebook/ijepa_vith14_1k",
+        modeling_module="transformers.models.ijepa.modeling_ijepa",
+        config_module="transformers.models.ijepa.configuration_ijepa",
+        config_class="IJepaConfig",
+        layer_class="IJepaLayer",
+        heads={
+            "IJepaForImageClassification": Head(
+                "IJepaForImageClassification",
+                "ijepa.layers",
+                reads="mean of all tokens: after the merge, the mean of the M merged tokens",
+            ),
+            "IJepaModel": Head(
+                "IJepaModel",
+                "layers",
+                auto_class="AutoModel",
+                reads="mean of all tokens: after the merge, the mean of the M merged tokens; last_hidden_state: M",
+                features="mean",
+            ),
+        },
+        num_prefix_tokens=lambda config: 0,
+        notes="No CLS token: every token is merged (zero prefix tokens), as in SigLIP.",
+    )
+)
+
+
 def _dinov2_mlp_width(config: PreTrainedConfig) -> float:
     """DINOv2's MLP width: ``mlp_ratio·D``; SwiGLU (3 matrices of D × 2/3 of that, rounded to 8) counts 1.5×."""
     width = int(config.hidden_size * config.mlp_ratio)
@@ -255,6 +318,43 @@ register(
             "CLS and the register tokens bypass the merger. Backbone checkpoints stay backbones; --task "
             "image-classification gives them a new classifier. Position embeddings are always "
             "interpolated to the image size, so N varies with it."
+        ),
+    )
+)
+
+
+def _gated_mlp_width(config: PreTrainedConfig) -> float:
+    """An MLP of width I costs 2·D·I MACs per token; a gated one (gate, up and down projections) 3·D·I."""
+    return config.intermediate_size * (1.5 if config.use_gated_mlp else 1)
+
+
+register(
+    Family(
+        name="dinov3_vit",
+        display="DINOv3",
+        model_types=("dinov3_vit",),
+        example_id="facebook/dinov3-vits16-pretrain-lvd1689m",
+        modeling_module="transformers.models.dinov3_vit.modeling_dinov3_vit",
+        config_module="transformers.models.dinov3_vit.configuration_dinov3_vit",
+        config_class="DINOv3ViTConfig",
+        layer_class="DINOv3ViTLayer",
+        heads={
+            "DINOv3ViTModel": Head(
+                "DINOv3ViTModel",
+                "model.layer",
+                auto_class="AutoModel",
+                reads="pooler_output = CLS after the final LayerNorm (unchanged); last_hidden_state: 1 + R + M tokens",
+                features="pooler",
+            ),
+        },
+        num_prefix_tokens=lambda config: 1 + config.num_register_tokens,
+        mlp_width=_gated_mlp_width,
+        rope=True,
+        notes=(
+            "CLS and the register tokens bypass the merger. Positions enter only through RoPE, which rotates the "
+            "patch tokens' queries and keys in every layer; merged tokens mix patches from the whole image and are "
+            "not rotated (like CLS and the registers), so the layers after the merge attend by content, as a ViT's "
+            "do after the merge. RoPE follows the image size, so N varies with it without a flag."
         ),
     )
 )

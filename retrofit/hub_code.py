@@ -40,6 +40,17 @@ class MergedClasses:
     auto_map: dict[str, str]
 
 
+# Rendered into the merged layers of families whose layers rotate the patch tokens by position (`Family.rope`).
+ROPE = """
+        # RoPE: the encoder hands every layer the rotation (cos, sin) of the N patches, which transformers applies to
+        # the last N tokens. A merged token mixes patches from the whole image and has no position, so no merged
+        # token is rotated (as no prefix token is): pass the rotation of zero patches. Unmerged tokens (P + N, e.g.
+        # with the merger replaced by the identity) are rotated as in the source model.
+        cos, sin = kwargs["position_embeddings"]
+        if hidden_states.shape[-2] != self.num_prefix_tokens + cos.shape[-2]:
+            kwargs["position_embeddings"] = (cos[..., :0, :], sin[..., :0, :])"""
+
+
 def _names(family: Family, head: Head) -> dict[str, str]:
     prefix = family.display_name
     model_class = head.class_name
@@ -73,6 +84,7 @@ def render(family: Family, head: Head) -> tuple[dict[str, str], dict[str, str]]:
         "source_layer_class": family.layer_class,
         "layer_config": head.layer_config,
         "merger_source": inspect.getsource(PatchMerger).rstrip(),
+        "rope": ROPE if family.rope else "",
     }
     files = {
         f"{names[module]}.py": Template((TEMPLATES / template).read_text()).substitute(values)

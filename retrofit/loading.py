@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import operator
 from pathlib import Path
 
@@ -199,17 +200,52 @@ def load_model(
 
 
 def load_image_processor(source: str | Path, config: PreTrainedConfig, *, revision: str | None = None, log=print):
-    """The source's image processor; if it has none, a ViT-style one for the config's image size (and a warning)."""
+    """The source's image processor; if it has none, a ViT-style one for the config's image size (and a warning).
+
+    Some processors (DINOv3's) exist only for torchvision; without it, a PIL ViT processor with the same settings
+    prepares the images (a warning says so), and exports still get the source's own processor config
+    (`save_image_processor`).
+    """
     from transformers import AutoImageProcessor, ViTImageProcessor
 
     try:
         return AutoImageProcessor.from_pretrained(resolve_source(source), revision=revision)
+    except ImportError as exc:
+        if "torchvision" not in str(exc).lower():
+            raise
+        return _pil_processor(source, revision=revision, log=log)
     except (OSError, ValueError):
         _, head = family_and_head(config)
         lc = layer_config(config, head)
         size = lc.image_size if isinstance(lc.image_size, int) else lc.image_size[0]
         log(f"warning: '{source}' has no image processor; using resize to {size}x{size} and mean=std=0.5")
         return ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+def _pil_processor(source: str | Path, *, revision: str | None, log):
+    """A PIL `ViTImageProcessorPil` with the settings of `source`'s torchvision-only processor."""
+    from transformers import ViTImageProcessorPil
+    from transformers.image_processing_utils import ImageProcessingMixin
+
+    settings, _ = ImageProcessingMixin.get_image_processor_dict(resolve_source(source), revision=revision)
+    kind = settings.get("image_processor_type", "its image processor")
+    log(
+        f"warning: '{source}' uses {kind}, which needs torchvision (not installed); preparing images with a PIL "
+        "ViT processor with the same settings (pip install torchvision for the original)"
+    )
+    names = ("image_processor_type", "processor_class")
+    processor = ViTImageProcessorPil(**{k: v for k, v in settings.items() if v is not None and k not in names})
+    processor.retrofit_source_settings = settings  # what exports save (`save_image_processor`)
+    return processor
+
+
+def save_image_processor(processor, folder: Path) -> None:
+    """Save `processor` into `folder`; a stand-in for a torchvision-only processor saves the source's settings."""
+    settings = getattr(processor, "retrofit_source_settings", None)
+    if settings is None:
+        processor.save_pretrained(folder)
+    else:
+        (Path(folder) / "preprocessor_config.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
 
 def processor_image_size(processor) -> tuple[int, int] | None:

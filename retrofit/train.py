@@ -199,13 +199,17 @@ class HeadReader:
         return Outputs(output.logits, torch.cat(self._recorded, dim=-1) if self._recorded else None)
 
     def _backbone_features(self, output) -> torch.Tensor:
-        """What a backbone's users read (`Head.features`): its pooled output, CLS token, or CLS ⊕ mean of the rest."""
+        """What a backbone's users read (`Head.features`): its pooled output, its CLS token, CLS ⊕ mean of the
+        tokens after the prefix tokens, or that mean alone."""
         if self.backbone_features == "pooler":
             return output.pooler_output
         hidden = output.last_hidden_state
         if self.backbone_features == "cls":
             return hidden[:, 0]
-        return torch.cat([hidden[:, 0], hidden[:, self.num_prefix_tokens :].mean(dim=1)], dim=-1)
+        mean = hidden[:, self.num_prefix_tokens :].mean(dim=1)
+        if self.backbone_features == "mean":
+            return mean
+        return torch.cat([hidden[:, 0], mean], dim=-1)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -58,6 +58,24 @@ def _deit_distilled():
     return DeiTForImageClassificationWithTeacher(DeiTConfig(**TINY))
 
 
+def _vit_msn():  # like facebook/vit-msn-small: a ViTMSNModel backbone checkpoint
+    from transformers import ViTMSNConfig, ViTMSNModel
+
+    return ViTMSNModel(ViTMSNConfig(**TINY))
+
+
+def _ijepa():  # like facebook/ijepa_vith14_1k: an IJepaModel backbone checkpoint, no CLS token
+    from transformers import IJepaConfig, IJepaModel
+
+    return IJepaModel(IJepaConfig(**TINY))
+
+
+def _ijepa_classifier():
+    from transformers import IJepaConfig, IJepaForImageClassification
+
+    return IJepaForImageClassification(IJepaConfig(**TINY))
+
+
 def _dinov2():  # like facebook/dinov2-small: a Dinov2Model backbone checkpoint
     from transformers import Dinov2Config, Dinov2Model
 
@@ -68,6 +86,13 @@ def _dinov2_registers():  # like facebook/dinov2-with-registers-small: 4 registe
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
     return Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**DINO, **LABELS, num_register_tokens=4))
+
+
+def _dinov3():  # like facebook/dinov3-vith16plus-pretrain-lvd1689m: 4 registers, gated MLP, RoPE
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    config = DINOv3ViTConfig(**VISION, num_register_tokens=4, use_gated_mlp=True, layerscale_value=0.5)
+    return DINOv3ViTModel(config)
 
 
 def _clip():  # like openai/clip-vit-base-patch32: a full CLIPModel (text + vision towers)
@@ -110,6 +135,7 @@ class Case:
     # prefix of every weight name in the checkpoint: vision towers saved by transformers < 5.6 (all of those on the
     # Hub) have `vision_model.`, which transformers 5.6+ strips on load; one made from a config here has none
     checkpoint_prefix: str = ""
+    pooler: bool = True  # backbones: whether the model returns a pooler_output (ViTMSNModel and IJepaModel do not)
 
 
 BACKBONE, CLASSIFIER = "image-feature-extraction", "image-classification"
@@ -117,6 +143,10 @@ CASES = {
     "vit_backbone": Case("vit", _vit_backbone, "ViTPatchMergerModel", 1, classifier=False),
     "deit_distilled": Case("deit", _deit_distilled, "DeiTPatchMergerForImageClassificationWithTeacher", 2),
     "deit_backbone": Case("deit", _deit_backbone, "DeiTPatchMergerModel", 2, classifier=False),
+    "vit_msn": Case("vit_msn", _vit_msn, "ViTMSNPatchMergerModel", 1, classifier=False, pooler=False),
+    "vit_msn_classifier": Case("vit_msn", _vit_msn, "ViTMSNPatchMergerForImageClassification", 1, task=CLASSIFIER),
+    "ijepa": Case("ijepa", _ijepa, "IJepaPatchMergerModel", 0, classifier=False, pooler=False),
+    "ijepa_classifier": Case("ijepa", _ijepa_classifier, "IJepaPatchMergerForImageClassification", 0),
     "dinov2": Case("dinov2", _dinov2, "Dinov2PatchMergerModel", 1, classifier=False, interpolate={}),
     "dinov2_classifier": Case(
         "dinov2", _dinov2, "Dinov2PatchMergerForImageClassification", 1, interpolate={}, task=CLASSIFIER
@@ -137,6 +167,7 @@ CASES = {
         interpolate={},
         task=CLASSIFIER,
     ),
+    "dinov3": Case("dinov3_vit", _dinov3, "DINOv3ViTPatchMergerModel", 1 + 4, classifier=False, interpolate={}),
     "clip": Case("clip", _clip, "CLIPPatchMergerForImageClassification", 1),
     "clip_tower": Case("clip_vision", _clip, "CLIPVisionPatchMergerModel", 1, classifier=False, task=BACKBONE),
     "clip_vision": Case(
@@ -169,11 +200,12 @@ class Converted:
 
 
 def outputs(model: nn.Module, pixels: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
-    """The outputs users read: logits for classifiers, last hidden state and pooler output for backbones."""
+    """The outputs users read: logits for classifiers, last hidden state and pooler output (where the backbone has
+    one) for backbones."""
     with torch.no_grad():
         out = model(pixel_values=pixels, **kwargs)
     keys = ("logits",) if "logits" in out else ("last_hidden_state", "pooler_output")
-    return {key: out[key] for key in keys}
+    return {key: out[key] for key in keys if out.get(key) is not None}
 
 
 def layers_of(model: nn.Module) -> nn.ModuleList:
@@ -346,6 +378,8 @@ def test_export_reloads_without_retrofit_with_equal_outputs(name, converted, rel
     assert "error" not in got, got["error"]
     assert got["class"] == case.merged_class
     keys = ["logits"] if case.classifier else ["last_hidden_state", "pooler_output"]
+    if not case.pooler:
+        keys.remove("pooler_output")
     assert set(got["diff"]) == {f"{key}@{size}" for key in keys for size in ("32", "48")}
     assert max(got["diff"].values()) <= 1e-5, got["diff"]
     if case.classifier:
@@ -449,6 +483,51 @@ def test_dinov2_swiglu_cost_matches_its_matrices():
     assert layer_macs(1, 32, FAMILIES["dinov2"].mlp_width(config)) == linear + 2 * 32
 
 
+DINOV3_PROCESSOR = {  # as published with the DINOv3 checkpoints: a torchvision-only processor
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_processor_type": "DINOv3ViTImageProcessorFast",
+    "image_std": [0.229, 0.224, 0.225],
+    "resample": 2,
+    "rescale_factor": 1 / 255,
+    "size": {"height": 32, "width": 32},
+}
+
+
+def test_a_torchvision_only_processor_is_stood_in_for_and_exported_as_it_was(converted, tmp_path, capsys):
+    """Without torchvision, DINOv3's processor cannot load: a PIL processor with its settings prepares the images
+    (one warning line) and the export keeps the source's processor config, for users who have torchvision."""
+    import importlib.util
+
+    from PIL import Image
+
+    from retrofit.loading import load_config, load_image_processor
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: DINOv3's own processor loads")
+    source = tmp_path / "dinov3"
+    source.mkdir()
+    for file in ("config.json", "model.safetensors"):
+        (source / file).write_bytes((converted["dinov3"].source / file).read_bytes())
+    (source / "preprocessor_config.json").write_text(json.dumps(DINOV3_PROCESSOR))
+    out = tmp_path / "out"
+    assert main(["convert", str(source), "--after-layer", "2", "--tokens", "3", "--output", str(out)]) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: '{source}' uses DINOv3ViTImageProcessorFast, which needs torchvision (not installed); preparing "
+        "images with a PIL ViT processor with the same settings (pip install torchvision for the original)"
+    ]
+    assert json.loads((out / "preprocessor_config.json").read_text()) == DINOV3_PROCESSOR
+    processor = load_image_processor(out, load_config(out), log=lambda _: None)
+    pixels = processor(Image.new("RGB", (40, 30), (200, 40, 40)), return_tensors="pt").pixel_values
+    mean, std = torch.tensor(DINOV3_PROCESSOR["image_mean"]), torch.tensor(DINOV3_PROCESSOR["image_std"])
+    expected = (torch.tensor([200, 40, 40]) / 255 - mean) / std
+    assert pixels.shape == (1, 3, 32, 32)
+    torch.testing.assert_close(pixels[0], expected[:, None, None].expand(3, 32, 32))
+
+
 # ---------------------------------------------------------------- what each head reads after the merge
 
 
@@ -528,16 +607,19 @@ def test_full_model_checkpoint_keeps_only_the_vision_tower(name, base, converted
 def test_a_few_finetune_steps_train_the_merger(name, converted):
     torch.manual_seed(0)
     model = copy.deepcopy(converted[name].result.model).train()
-    hidden = model.patch_merger.hidden_size
-    probe = None if CASES[name].classifier else nn.Linear(hidden, 3)  # backbones: a linear probe on the pooler
-    params = list(model.parameters()) + (list(probe.parameters()) if probe else [])
-    optimizer = torch.optim.AdamW(params, lr=3e-3)
+    read = HeadReader(model, features=False)
     pixels = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    probe = None  # backbones: a linear probe on the features their users read
+    if not CASES[name].classifier:
+        with torch.no_grad():
+            probe = nn.Linear(read(model, pixels).features.shape[-1], 3)
+    params = list(model.parameters()) + (list(probe.parameters()) if probe else [])
+    optimizer = torch.optim.AdamW(params, lr=3e-3)
     losses = []
     for step in range(4):
-        out = model(pixel_values=pixels)
-        logits = out.logits if probe is None else probe(out.pooler_output)
+        out = read(model, pixels)
+        logits = out.logits if probe is None else probe(out.features)
         loss = nn.functional.cross_entropy(logits, labels)
         optimizer.zero_grad()
         loss.backward()
@@ -573,11 +655,36 @@ def test_feature_distillation_reads_what_the_head_reads(name, converted):
             out, prefix = model(pixel_values=pixels), CASES[name].prefix
             hidden = out.last_hidden_state
             expected = {
-                "pooler": out.pooler_output,
+                "pooler": out.get("pooler_output"),
                 "cls": hidden[:, 0],
                 "cls+mean": torch.cat([hidden[:, 0], hidden[:, prefix:].mean(dim=1)], dim=-1),
+                "mean": hidden[:, prefix:].mean(dim=1),
             }[head.features]
             torch.testing.assert_close(got.features, expected)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_bypassed_merger_computes_the_source_model(name, converted):
+    """With the merger replaced by the identity the merged model is its source, exactly: calibration measures its
+    candidates against that (`bypass_merger`). DINOv3's RoPE must then rotate the patches as the source does."""
+    from retrofit.calibrate import bypass_merger
+    from retrofit.loading import for_task, load_config, load_model
+
+    item = converted[name]
+    source = load_model(item.source, config=for_task(load_config(item.source), item.case.task)).eval()
+    merged = item.result.model
+
+    def last_layer_output(model: nn.Module) -> torch.Tensor:
+        seen = []
+        hook = layers_of(model)[-1].register_forward_hook(lambda _m, _i, out: seen.append(out))
+        try:
+            outputs(model, PIXELS_48, **item.case.interpolate)
+        finally:
+            hook.remove()
+        return seen[0]
+
+    with bypass_merger(merged):
+        torch.testing.assert_close(last_layer_output(merged), last_layer_output(source), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", CASES)
