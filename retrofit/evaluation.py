@@ -9,13 +9,14 @@ differ: predictions are mapped by name); the data's class names must be among th
 
 Backbones (DINOv2, CLIP/SigLIP vision towers, ...) have no labels: for them the report is the mean cosine similarity
 of each model's features (`Head.features`, what `finetune` distils) to the first model's, per image, on the same
-images (labels are not read). Classifiers and backbones are not mixed in one run.
+images (labels are not read), each model seeing them as its own image processor prepares them. Classifiers and
+backbones are not mixed in one run.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -142,11 +143,7 @@ def evaluate_models(
         model = load_model(spec, config=config, trust_remote_code=trust_remote_code).eval()
         processor = load_image_processor(spec, config, log=log)
         loaded.append((spec, config, model.to(accelerator.device), processor))
-    # Models that preprocess the same way share one pass over the data.
-    groups: dict[str, list[int]] = {}
-    for index, (_, config, _, processor) in enumerate(loaded):
-        key = json.dumps([processor.to_dict(), getattr(config, "num_channels", None)], sort_keys=True, default=str)
-        groups.setdefault(key, []).append(index)
+    groups = _preprocessing_groups([(processor, config) for _, config, _, processor in loaded])
 
     k = min(top_k, len(reference))
     scores: dict[int, dict] = {}
@@ -176,6 +173,16 @@ def evaluate_models(
     return report
 
 
+def _preprocessing_groups(pairs: list[tuple]) -> dict[str, list[int]]:
+    """Indices of the (image processor, config) pairs that prepare images the same way (equal processor settings and
+    channel count), keyed by those settings: such models share one pass over the data."""
+    groups: dict[str, list[int]] = {}
+    for index, (processor, config) in enumerate(pairs):
+        key = json.dumps([processor.to_dict(), getattr(config, "num_channels", None)], sort_keys=True, default=str)
+        groups.setdefault(key, []).append(index)
+    return groups
+
+
 def _row(spec: str, config) -> dict:
     """The columns every evaluated model has: what it is and what it costs."""
     from .cost import model_cost
@@ -195,7 +202,8 @@ def _row(spec: str, config) -> dict:
 def _evaluate_backbones(
     models: list[str], configs: list, *, data, split, limit, batch_size, image_column, trust_remote_code, log
 ) -> dict:
-    """Feature similarity of backbones to the first one, on one split (its labels are not read)."""
+    """Feature similarity of backbones to the first one, on one split (its labels are not read). Each model sees the
+    images as its own image processor prepares them; models that prepare them the same way share one loader."""
     from .data import load_split, make_dataloader
     from .loading import load_image_processor, load_model
 
@@ -204,14 +212,18 @@ def _evaluate_backbones(
         load_model(spec, config=config, trust_remote_code=trust_remote_code).eval()
         for spec, config in zip(models, configs, strict=True)
     ]
-    processor = load_image_processor(models[0], configs[0], log=log)  # the same images for all: the first's processor
-    loader = make_dataloader(
-        dataset,
-        processor,
-        batch_size=min(batch_size, len(dataset)),
-        num_channels=getattr(configs[0], "num_channels", None),
-    )
-    scores = feature_similarity(loaded, loader, names=models)
+    processors = [load_image_processor(spec, config, log=log) for spec, config in zip(models, configs, strict=True)]
+    loaders: list = [None] * len(models)
+    for indices in _preprocessing_groups(list(zip(processors, configs, strict=True))).values():
+        loader = make_dataloader(  # no shuffling: every loader gives the same images in the same order
+            dataset,
+            processors[indices[0]],
+            batch_size=min(batch_size, len(dataset)),
+            num_channels=getattr(configs[indices[0]], "num_channels", None),
+        )
+        for index in indices:
+            loaders[index] = loader
+    scores = feature_similarity(loaded, loaders, names=models)
     rows = [{**_row(spec, config), **score} for spec, config, score in zip(models, configs, scores, strict=True)]
     report = {
         "metric": "similarity",
@@ -225,23 +237,48 @@ def _evaluate_backbones(
     return report
 
 
-def feature_similarity(models: list, loader, *, names: list[str] | None = None) -> list[dict]:
-    """Mean cosine similarity, per image, of each model's features (`Head.features`) to the first model's over one
-    dataloader (prepared here; gathered over the processes of an `accelerate launch`). The first model scores 1."""
+def feature_similarity(
+    models: list,
+    loader: torch.utils.data.DataLoader | Sequence[torch.utils.data.DataLoader],
+    *,
+    names: list[str] | None = None,
+) -> list[dict]:
+    """Mean cosine similarity, per image, of each model's features (`Head.features`) to the first model's; the first
+    model scores 1. Gathered over the processes of an `accelerate launch`.
+
+    `loader` is one dataloader for all models, or a sequence of one dataloader per model (the same loader object may
+    serve several models: it is run once). Per-model loaders must give the same images in the same order (the same
+    unshuffled dataset and batch size, each with its model's preprocessing); they are prepared here and read in
+    lockstep, so every batch compares the models on the same images."""
     import torch.nn.functional as F
 
     from .train import HeadReader
 
+    names = names or [type(model).__name__ for model in models]
+    per_model = list(loader) if isinstance(loader, Sequence) else [loader] * len(models)
+    if len(per_model) != len(models):
+        raise RetrofitError(f"{len(per_model)} dataloaders for {len(models)} models; pass one loader, or one per model")
+    distinct = list({id(each): each for each in per_model}.values())
+    if len(distinct) > 1:
+        shapes = {(len(each.dataset), each.batch_size) for each in distinct}
+        shuffled = any(not isinstance(each.sampler, torch.utils.data.SequentialSampler) for each in distinct)
+        if len(shapes) > 1 or shuffled:
+            raise RetrofitError(
+                f"the models' dataloaders do not give the same images in the same order ((images, batch size): "
+                f"{sorted(shapes)}, shuffled: {shuffled}); build them over one dataset, one batch size, no shuffling"
+            )
+    which = [next(i for i, each in enumerate(distinct) if each is mine) for mine in per_model]
     accelerator = _accelerator()
-    loader = accelerator.prepare(loader)
+    prepared = [accelerator.prepare(each) for each in distinct]  # prepared alike, so the shards hold the same images
     models = [model.to(accelerator.device).eval() for model in models]
     readers = [HeadReader(model, features=False) for model in models]
-    names = names or [type(model).__name__ for model in models]
     totals, count = torch.zeros(len(models), dtype=torch.float64), 0
     with torch.inference_mode():
-        for batch in loader:
-            pixels = batch["pixel_values"].to(accelerator.device)
-            features = [read(model, pixels).features.float() for read, model in zip(readers, models, strict=True)]
+        for batches in zip(*prepared, strict=True):  # equal lengths and padding: gather_for_metrics drops it once
+            pixels = [batches[i]["pixel_values"].to(accelerator.device) for i in which]
+            features = [
+                read(model, mine).features.float() for read, model, mine in zip(readers, models, pixels, strict=True)
+            ]
             for name, feature in zip(names, features, strict=True):
                 if feature.shape != features[0].shape:
                     raise RetrofitError(

@@ -14,6 +14,7 @@ from transformers import ViTConfig, ViTForImageClassification
 from retrofit import convert
 from retrofit.cli import main
 from retrofit.data import class_names, load_split, make_dataloader
+from retrofit.errors import RetrofitError
 from retrofit.evaluation import evaluate_models, load_metric
 from retrofit.loading import load_image_processor, load_model
 
@@ -183,19 +184,98 @@ def test_two_processes_count_every_image_once(trained_vit, export_dir, images, t
 
 
 @pytest.mark.slow
-def test_two_processes_gather_backbone_similarity_once_per_image(images, tmp_path):
-    """A backbone and its merged twin (feature similarity, no labels): the same numbers in 2 processes as in one."""
-    from transformers import ViTModel
-
-    torch.manual_seed(0)
-    source = save_tiny(ViTModel(ViTConfig(**TINY)), tmp_path / "backbone")
-    convert(source, after_layer=2, num_tokens=3, output=tmp_path / "backbone-pm", log=lambda _: None)
-    models = [str(source), str(tmp_path / "backbone-pm")]
+def test_two_processes_gather_backbone_similarity_once_per_image(backbone, backbone_other_processor, images, tmp_path):
+    """A backbone, its merged twin and a copy with another image processor (feature similarity, no labels; two
+    dataloaders read in lockstep): the same numbers in 2 processes as in one."""
+    convert(backbone, after_layer=2, num_tokens=3, output=tmp_path / "backbone-pm", log=lambda _: None)
+    models = [str(backbone), str(tmp_path / "backbone-pm"), str(backbone_other_processor)]
     single = evaluate_models(models, data=str(images), split="test", batch_size=4)
     out = tmp_path / "eval.json"
     _evaluate_in_two_processes(models, images, out)
     report = json.loads(out.read_text())
     assert report["metric"] == "similarity" and report["processes"] == 2 and report["num_examples"] == 15
     assert single["num_examples"] == 15 and single["models"][1]["similarity"] < 0.9999
+    assert single["models"][2]["similarity"] == pytest.approx(
+        similarity_by_hand(backbone, backbone_other_processor, images), abs=1e-6
+    )
     for mine, theirs in zip(report["models"], single["models"], strict=True):
         assert mine["similarity"] == pytest.approx(theirs["similarity"], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    from transformers import ViTModel
+
+    torch.manual_seed(0)
+    return save_tiny(ViTModel(ViTConfig(**TINY)), tmp_path_factory.mktemp("backbone") / "backbone")
+
+
+@pytest.fixture(scope="module")
+def backbone_other_processor(backbone, tmp_path_factory):
+    """The same weights as `backbone`, saved with an image processor that normalises differently."""
+    from transformers import ViTImageProcessor, ViTModel
+
+    path = tmp_path_factory.mktemp("backbone-other") / "backbone-other"
+    ViTModel.from_pretrained(backbone).save_pretrained(path)
+    other = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.2, 0.4, 0.6], image_std=[0.3, 0.2, 0.1])
+    other.save_pretrained(path)
+    return path
+
+
+def similarity_by_hand(first, other, images) -> float:
+    """Mean per-image cosine of `other`'s features to `first`'s, each model on its own processor's pixels."""
+    from retrofit.train import HeadReader
+
+    dataset = load_split(str(images), "test", label_column=None)
+    features = []
+    for path in (first, other):
+        model = load_model(path).eval()
+        batch = next(iter(make_dataloader(dataset, load_image_processor(path, model.config), batch_size=len(dataset))))
+        with torch.no_grad():
+            features.append(HeadReader(model, features=False)(model, batch["pixel_values"]).features)
+    return torch.nn.functional.cosine_similarity(features[1], features[0], dim=-1).mean().item()
+
+
+def test_backbones_see_images_through_their_own_processors(backbone, backbone_other_processor, images):
+    """Identical weights, different preprocessing: the second model is scored on its own processor's pixels (so below
+    1), exactly as computed by hand, not on the first model's pixels (which would give 1)."""
+    expected = similarity_by_hand(backbone, backbone_other_processor, images)
+    assert expected < 0.999  # a real test: the processors' pixels give different features
+    report = evaluate_models(
+        [str(backbone), str(backbone_other_processor)], data=str(images), split="test", batch_size=4
+    )
+    first, second = report["models"]
+    assert report["num_examples"] == 15 and second["num_examples"] == 15
+    assert first["similarity"] == pytest.approx(1.0)
+    assert second["similarity"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_backbones_with_equal_processors_share_one_pass(backbone, backbone_other_processor, images, monkeypatch):
+    """A model compared with itself scores 1; models whose processors are equal share one dataloader."""
+    import retrofit.data
+
+    built = []
+    original = retrofit.data.make_dataloader
+    monkeypatch.setattr(retrofit.data, "make_dataloader", lambda *a, **kw: built.append(a[1]) or original(*a, **kw))
+    models = [str(backbone), str(backbone), str(backbone_other_processor)]
+    report = evaluate_models(models, data=str(images), split="test", batch_size=4)
+    assert len(built) == 2  # one loader per distinct processor, not one per model
+    assert [row["similarity"] for row in report["models"][:2]] == pytest.approx([1.0, 1.0])
+    expected = similarity_by_hand(backbone, backbone_other_processor, images)
+    assert report["models"][2]["similarity"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_feature_similarity_takes_one_loader_or_one_per_model(backbone, images):
+    from retrofit.evaluation import feature_similarity
+
+    model = load_model(backbone).eval()
+    dataset = load_split(str(images), "test", label_column=None)
+    loader = make_dataloader(dataset, load_image_processor(backbone, model.config), batch_size=5)
+    shared = feature_similarity([model, model], loader)
+    assert [row["similarity"] for row in shared] == pytest.approx([1.0, 1.0]) and shared[1]["num_examples"] == 15
+    assert feature_similarity([model, model], [loader, loader]) == shared
+    with pytest.raises(RetrofitError, match="2 dataloaders for 3 models"):
+        feature_similarity([model, model, model], [loader, loader])
+    other = make_dataloader(dataset, load_image_processor(backbone, model.config), batch_size=3)
+    with pytest.raises(RetrofitError, match="same images in the same order"):
+        feature_similarity([model, model], [loader, other])
