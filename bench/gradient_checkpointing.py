@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrofit.benchmark import (  # noqa: E402
     DTYPES,
-    SHAPES,
+    VIT_SHAPES,
     hardware_name,
     parse_device,
     parse_merges,
@@ -116,7 +116,7 @@ def markdown_table(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="vit-b16", choices=SHAPES, help="model shape (random weights)")
+    parser.add_argument("--model", default="vit-b16", choices=VIT_SHAPES, help="ViT shape (random weights)")
     parser.add_argument("--merge", default="half:8", help="K:M, where to merge and into how many tokens")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="fp32", choices=DTYPES, help="autocast dtype of the forward pass")

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrofit.benchmark import DTYPES, shape_model  # noqa: E402
+from retrofit.benchmark import DTYPES, VIT_SHAPES, shape_model  # noqa: E402
 from retrofit.cost import layer_macs, model_cost, num_patches  # noqa: E402
 from retrofit.surgery import insert_patch_merger  # noqa: E402
 
@@ -169,7 +169,7 @@ def time_forwards(models: dict[str, torch.nn.Module], pixels: torch.Tensor, repe
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="vit-b16")
+    parser.add_argument("--model", default="vit-b16", choices=VIT_SHAPES)
     parser.add_argument("--merge", default="6:8", help="K:M")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))

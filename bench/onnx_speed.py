@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrofit.benchmark import SHAPES, hardware_name, parse_merges, resolve_after_layer, shape_model  # noqa: E402
+from retrofit.benchmark import VIT_SHAPES, hardware_name, parse_merges, resolve_after_layer, shape_model  # noqa: E402
 from retrofit.cost import model_cost  # noqa: E402
 from retrofit.errors import RetrofitError  # noqa: E402
 from retrofit.surgery import insert_patch_merger  # noqa: E402
@@ -47,7 +47,7 @@ def export_onnx(model: torch.nn.Module, path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="vit-b16", choices=SHAPES, help="model shape (random weights)")
+    parser.add_argument("--model", default="vit-b16", choices=VIT_SHAPES, help="ViT shape (random weights)")
     parser.add_argument("--merge", default="half:8", help="K:M, where to merge and into how many tokens")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")

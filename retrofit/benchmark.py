@@ -29,14 +29,23 @@ import torch
 
 from .errors import RetrofitError, brief
 
-# Random-weight model shapes (the ViT paper's configurations, 1000 classes), usable instead of a checkpoint.
+# Random-weight model shapes, usable instead of a checkpoint (224x224 images): the ViT paper's configurations as
+# ViTForImageClassification (1000 classes), and DINOv3's published ViTs as DINOv3ViTModel (4 registers, RoPE).
+_S = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536)
+_B = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+_L = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+_DINOV3 = dict(model_type="dinov3_vit", num_register_tokens=4, layerscale_value=1e-5)
 SHAPES: dict[str, dict] = {
     "vit-ti16": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768),
-    "vit-s16": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),
-    "vit-b16": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-    "vit-l16": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "vit-s16": _S,
+    "vit-b16": _B,
+    "vit-l16": _L,
     "vit-h14": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, intermediate_size=5120),
+    "dinov3-vits16": _S | _DINOV3,
+    "dinov3-vitb16": _B | _DINOV3,
+    "dinov3-vitl16": _L | _DINOV3,
 }
+VIT_SHAPES = [name for name in SHAPES if name.startswith("vit-")]  # ViTForImageClassification ones
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("eager", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -152,29 +161,39 @@ def parse_merges(text: str | None) -> list[tuple[str, int]]:
 
 
 def shape_config(name: str):
-    """The `ViTConfig` of a named shape (224x224 images, 1000 classes, SDPA attention)."""
-    from transformers import ViTConfig
+    """The config of a named shape (224x224 images, SDPA attention; ViTs with 1000 classes)."""
+    from transformers import AutoConfig
 
-    config = ViTConfig(**SHAPES[name], patch_size=int(name[-2:]), image_size=224, num_labels=1000)
+    settings = dict(SHAPES[name])
+    model_type = settings.pop("model_type", "vit")
+    if model_type == "vit":
+        settings["num_labels"] = 1000
+    config = AutoConfig.for_model(model_type, **settings, patch_size=int(name[-2:]), image_size=224)
     config._attn_implementation = "sdpa"
     config._name_or_path = name
     return config
 
 
 def shape_model(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """A `ViTForImageClassification` of a named shape with random weights (built directly on `device`)."""
-    from transformers import ViTForImageClassification
+    """A model of a named shape with random weights (its family's first class, built directly on `device`)."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    from .loading import family_and_head
 
     config = shape_config(name)
-    with torch.device("meta"):
-        model = ViTForImageClassification(config)
+    with init_empty_weights(include_buffers=False):  # the parameters on the meta device, the buffers (RoPE's) not
+        model = getattr(transformers, family_and_head(config)[1].class_name)(config)
+    buffers = {key: buffer.clone() for key, buffer in model.named_buffers()}
     model.to_empty(device=device)
+    for key, buffer in model.named_buffers():
+        buffer.copy_(buffers[key])
     generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for pname, param in model.named_parameters():
             if param.dim() > 1 or "embeddings" in pname:
                 param.normal_(0.0, 0.02, generator=generator)
-            elif pname.endswith("weight"):
+            elif pname.endswith(("weight", "lambda1")):  # norms and layer scales
                 param.fill_(1.0)
             else:
                 param.zero_()
@@ -185,7 +204,7 @@ def load_bench_model(spec: str, device: torch.device, dtype: torch.dtype) -> tor
     """A shape name (random weights) or a checkpoint / retrofit export, on `device` in `dtype`, SDPA attention."""
     if spec in SHAPES:
         return shape_model(spec, device, dtype)
-    if spec.startswith("vit-"):
+    if spec.startswith(("vit-", "dinov3-")):
         raise RetrofitError(f"unknown model shape '{spec}'; shapes: {', '.join(SHAPES)} (or a checkpoint path/Hub id)")
     from .loading import load_model
 
@@ -220,7 +239,7 @@ def build_variants(
     from .surgery import check_merge
 
     for spec in models:
-        if spec.startswith("vit-") and spec not in SHAPES:
+        if spec.startswith(("vit-", "dinov3-")) and spec not in SHAPES:
             raise RetrofitError(f"unknown model shape '{spec}'; shapes: {', '.join(SHAPES)} (or a checkpoint/Hub id)")
         config = shape_config(spec) if spec in SHAPES else load_config(spec)
         if not is_merged(config):

@@ -222,6 +222,9 @@ def load_image_processor(source: str | Path, config: PreTrainedConfig, *, revisi
         return ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
 
+_STOOD_IN: set[str] = set()  # sources whose processor `_pil_processor` has warned about
+
+
 def _pil_processor(source: str | Path, *, revision: str | None, log):
     """A PIL `ViTImageProcessorPil` with the settings of `source`'s torchvision-only processor."""
     from transformers import ViTImageProcessorPil
@@ -229,10 +232,12 @@ def _pil_processor(source: str | Path, *, revision: str | None, log):
 
     settings, _ = ImageProcessingMixin.get_image_processor_dict(resolve_source(source), revision=revision)
     kind = settings.get("image_processor_type", "its image processor")
-    log(
-        f"warning: '{source}' uses {kind}, which needs torchvision (not installed); preparing images with a PIL "
-        "ViT processor with the same settings (pip install torchvision for the original)"
-    )
+    if str(source) not in _STOOD_IN:  # once per source, though a run loads its processor more than once
+        _STOOD_IN.add(str(source))
+        log(
+            f"warning: '{source}' uses {kind}, which needs torchvision (not installed); preparing images with a PIL "
+            "ViT processor with the same settings (pip install torchvision for the original)"
+        )
     names = ("image_processor_type", "processor_class")
     processor = ViTImageProcessorPil(**{k: v for k, v in settings.items() if v is not None and k not in names})
     processor.retrofit_source_settings = settings  # what exports save (`save_image_processor`)

@@ -127,6 +127,23 @@ def test_unknown_shape(capsys):
     assert "unknown model shape 'vit-x99'" in capsys.readouterr().err
 
 
+def test_dinov3_shape_is_a_working_dinov3_with_registers_and_rope():
+    """`dinov3-vits16` is a random DINOv3ViTModel (4 registers) whose RoPE buffer is real, not left uninitialised
+    by the meta-device build; merged at half:8 its layers 6.. see CLS + 4 registers + 8 tokens."""
+    from transformers import DINOv3ViTModel
+
+    model = benchmark.shape_model("dinov3-vits16", torch.device("cpu"), torch.float32)
+    assert isinstance(model, DINOv3ViTModel) and model.config.num_register_tokens == 4
+    rope = model.rope_embeddings
+    expected = 1 / rope.base ** torch.arange(0, 1, 4 / rope.head_dim, dtype=torch.float32)
+    torch.testing.assert_close(rope.inv_freq, expected)
+    with torch.no_grad():
+        out = model(pixel_values=torch.randn(1, 3, 224, 224))
+    assert out.last_hidden_state.shape == (1, 5 + 196, 384) and torch.isfinite(out.last_hidden_state).all()
+    merged = merged_config(model, benchmark.resolve_after_layer(model.config, "half"), 8)
+    assert model_cost(merged).tokens_per_layer == [5 + 196] * 6 + [5 + 8] * 6
+
+
 def test_shape_cost_matches_the_paper_setting():
     """ViT-B/16 merged after layer 6 with 8 tokens: ~1.9x fewer FLOPs (see docs/benchmarks.md)."""
     config = benchmark.shape_config("vit-b16")
