@@ -9,7 +9,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import PreTrainedModel
 
 from .cost import compare, model_cost
-from .hub_code import OLDEST_TRANSFORMERS
+from .hub_code import OLDEST_TRANSFORMERS, base_head
 from .loading import family_and_head
 
 
@@ -60,7 +60,8 @@ def build_card(
     `image_size` is the size the processor feeds the model (for the cost table); defaults to the config's.
     """
     config = model.config
-    _, head = family_and_head(config)
+    family, head = family_and_head(config)
+    base = base_head(family, head)
     source = str(config.merge_source or "")
     is_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~"))
     data = ModelCardData(
@@ -75,6 +76,13 @@ def build_card(
     if source_config is not None:
         cost_text = compare(model_cost(source_config, image_size), model_cost(config, image_size))
     name = repo_id or "path/to/this/folder"
+    encoder_only = (
+        f'\n`AutoModel.from_pretrained("{name}", trust_remote_code=True)` loads the encoder without the classifier '
+        f"({base.class_name} with the merger), as it does for the source checkpoint; its `last_hidden_state` has "
+        f"{config.merge_num_prefix_tokens} + {config.merge_num_tokens} tokens.\n"
+        if base
+        else ""
+    )
     content = f"""---
 {data.to_yaml()}
 ---
@@ -99,7 +107,7 @@ from transformers import {head.auto_class}, pipeline
 model = {head.auto_class}.from_pretrained("{name}", trust_remote_code=True)
 pipe = pipeline("{head.pipeline_tag}", model="{name}", trust_remote_code=True)
 ```
-
+{encoder_only}
 The modeling code ships in this repository (`modeling_*.py`, `configuration_*.py`); it needs only `torch` and
 `transformers>={OLDEST_TRANSFORMERS}`, not retrofit.
 

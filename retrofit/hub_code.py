@@ -69,9 +69,29 @@ def _names(family: Family, head: Head) -> dict[str, str]:
     }
 
 
+def base_head(family: Family, head: Head) -> Head | None:
+    """The family's backbone class of a classifier with the same config (ViTModel for ViTForImageClassification):
+    the export of the classifier also loads as it with `AutoModel`, as the source checkpoint does."""
+    if not head.is_classifier:
+        return None
+    return next((other for other in family.heads.values() if not other.is_classifier), None)
+
+
 def render(family: Family, head: Head) -> tuple[dict[str, str], dict[str, str]]:
-    """The generated source files (name -> text) and the ``auto_map`` for a family's head class."""
+    """The generated source files (name -> text) and the ``auto_map`` for a family's head class (and, for a
+    classifier, for its family's backbone class, which `AutoModel` loads the same export as)."""
     names = _names(family, head)
+    heads = [head] + [base for base in [base_head(family, head)] if base is not None]
+    model_class_template = Template((TEMPLATES / "model_class.py.tmpl").read_text())
+    classes = [
+        model_class_template.substitute(
+            model_class=_names(family, each)["model_class"],
+            source_model_class=each.class_name,
+            config_class=names["config_class"],
+            layer_config=head.layer_config,
+        )
+        for each in heads
+    ]
     values = {
         **names,
         "retrofit_version": __version__,
@@ -85,6 +105,9 @@ def render(family: Family, head: Head) -> tuple[dict[str, str], dict[str, str]]:
         "layer_config": head.layer_config,
         "merger_source": inspect.getsource(PatchMerger).rstrip(),
         "rope": ROPE if family.rope else "",
+        "source_model_imports": "\n".join(f"    {each.class_name}," for each in heads),
+        "model_classes": "\n".join(classes),
+        "all_model_classes": "\n".join(f'    "{_names(family, each)["model_class"]}",' for each in heads),
     }
     files = {
         f"{names[module]}.py": Template((TEMPLATES / template).read_text()).substitute(values)
@@ -93,10 +116,9 @@ def render(family: Family, head: Head) -> tuple[dict[str, str], dict[str, str]]:
             ("modeling_module_name", "modeling.py.tmpl"),
         )
     }
-    auto_map = {
-        "AutoConfig": f"{names['config_module_name']}.{names['config_class']}",
-        head.auto_class: f"{names['modeling_module_name']}.{names['model_class']}",
-    }
+    auto_map = {"AutoConfig": f"{names['config_module_name']}.{names['config_class']}"}
+    for each in heads:
+        auto_map[each.auto_class] = f"{names['modeling_module_name']}.{_names(family, each)['model_class']}"
     return files, auto_map
 
 

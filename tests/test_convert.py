@@ -49,6 +49,7 @@ def test_export_folder_is_a_complete_hub_repo(vit_export):
     assert config["auto_map"] == {
         "AutoConfig": "configuration_vit_patch_merger.ViTPatchMergerConfig",
         "AutoModelForImageClassification": "modeling_vit_patch_merger.ViTPatchMergerForImageClassification",
+        "AutoModel": "modeling_vit_patch_merger.ViTPatchMergerModel",  # the encoder alone, as for the source
     }
     card = (out / "README.md").read_text()
     assert "trust_remote_code=True" in card and "patch-merger" in card

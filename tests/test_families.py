@@ -277,7 +277,15 @@ RELOAD_SCRIPT = textwrap.dedent("""
         if case["classifier"]:
             classify = pipeline("image-classification", model=case["output"], trust_remote_code=True)
             got["pipeline"] = classify(image)
-        else:  # the model card's example for backbones: one vector per output token
+        if case["base"]:  # a classifier's export loads as its family's backbone too, as its source does
+            base = AutoModel.from_pretrained(case["output"], trust_remote_code=True).eval()
+            got["base_class"] = type(base).__name__
+            with torch.no_grad():
+                hidden = base(pixel_values=data["pixels32"]).last_hidden_state
+            got["base_diff"] = (hidden - data["base_hidden32"]).abs().max().item()
+            extract = pipeline("image-feature-extraction", model=case["output"], trust_remote_code=True)
+            got["pipeline_tokens"] = len(extract(image)[0])
+        elif not case["classifier"]:  # the model card's example for backbones: one vector per output token
             extract = pipeline("image-feature-extraction", model=case["output"], trust_remote_code=True)
             got["pipeline_tokens"] = len(extract(image)[0])
         return got
@@ -295,6 +303,14 @@ RELOAD_SCRIPT = textwrap.dedent("""
 # to it `pip --target` folders of later releases whose layouts differ again (transformers-5.8.0, ...), run with it.
 OLDEST_PYTHON = os.environ.get("RETROFIT_OLDEST_PYTHON") and os.path.abspath(os.environ["RETROFIT_OLDEST_PYTHON"])
 OVERLAYS = {Path(p).name: Path(p) for p in os.environ.get("RETROFIT_TRANSFORMERS_OVERLAYS", "").split(os.pathsep) if p}
+
+
+def _base_class(item: Converted) -> str | None:
+    """The merged backbone class `AutoModel` loads a classifier's export as (None: backbones, CLIP/SigLIP)."""
+    family = FAMILIES[item.case.family]
+    if not item.case.classifier or not any(not head.is_classifier for head in family.heads.values()):
+        return None
+    return item.case.merged_class.split("For")[0] + "Model"
 
 
 @pytest.fixture(scope="module", params=["installed", "oldest", *OVERLAYS])
@@ -316,6 +332,10 @@ def reloaded(request, converted, tmp_path_factory) -> dict:
             "expected32": outputs(model, PIXELS),
             "expected48": outputs(model, PIXELS_48, **item.case.interpolate),
         }
+        base = _base_class(item)
+        if base:
+            with torch.no_grad():
+                data["base_hidden32"] = model.base_model(pixel_values=PIXELS).last_hidden_state
         torch.save(data, root / f"{name}.pt")
         manifest.append(
             {
@@ -324,6 +344,7 @@ def reloaded(request, converted, tmp_path_factory) -> dict:
                 "data": str(root / f"{name}.pt"),
                 "classifier": item.case.classifier,
                 "interpolate": item.case.interpolate,
+                "base": base,
             }
         )
     (root / "manifest.json").write_text(json.dumps(manifest))
@@ -385,7 +406,10 @@ def test_export_reloads_without_retrofit_with_equal_outputs(name, converted, rel
     if case.classifier:
         labels = {p["label"] for p in got["pipeline"]}
         assert labels <= {"cat", "dog", "bird"} and len(got["pipeline"]) == 3, got["pipeline"]
-    else:
+    base = _base_class(converted[name])
+    if base:  # AutoModel and the feature-extraction pipeline on a classifier's export, as on its source
+        assert got["base_class"] == base and got["base_diff"] <= 1e-5, got
+    if base or not case.classifier:
         assert got["pipeline_tokens"] == case.prefix + M
 
 
@@ -422,9 +446,11 @@ def test_export_files(name, converted):
     head = family_and_head(item.result.model.config)[1]
     assert head.is_classifier == item.case.classifier
     auto = "AutoModelForImageClassification" if item.case.classifier else "AutoModel"
+    base = {"AutoModel": f"modeling_{stem}.{_base_class(item)}"} if _base_class(item) else {}
     assert config["auto_map"] == {
         "AutoConfig": f"configuration_{stem}.{family.display_name}PatchMergerConfig",
         auto: f"modeling_{stem}.{item.case.merged_class}",
+        **base,
     }
     code = (item.output / f"modeling_{stem}.py").read_text()
     assert "import retrofit" not in code and "from retrofit" not in code
