@@ -233,3 +233,17 @@ def test_onnx_speed_script_times_source_and_merged_in_onnx_runtime(tmp_path):
     assert set(report["images_per_s"]) == {"source", "merged"}
     bad = subprocess.run([*command[:4], "--merge", "99:8"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "out of range" in bad.stderr, bad.stderr
+
+
+def test_rope_merge_script_compares_both_rotations(tmp_path):
+    """bench/rope_merge.py end to end on a few images: both variants calibrated and distilled, a table and JSON."""
+    out = tmp_path / "rope.json"
+    run = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "rope_merge.py"), "--epochs", "1", "--limit", "256", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert [row["variant"] for row in report["rows"]] == ["no rotation (retrofit)", "rotation at merged positions"]
+    assert all(0 <= row[key] <= 1 for row in report["rows"] for key in ("calibrated", "distilled"))
+    assert "| rotation at merged positions | 0 |" in run.stdout
