@@ -160,6 +160,12 @@ def parse_merges(text: str | None) -> list[tuple[str, int]]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def check_shape(spec: str) -> None:
+    """Refuse a name that looks like a shape (``vit-…``, ``dinov3-…``) but is not one; checkpoints pass."""
+    if spec.startswith(("vit-", "dinov3-")) and spec not in SHAPES:
+        raise RetrofitError(f"unknown model shape '{spec}'; shapes: {', '.join(SHAPES)} (or a checkpoint path/Hub id)")
+
+
 def shape_config(name: str):
     """The config of a named shape (224x224 images, SDPA attention; ViTs with 1000 classes)."""
     from transformers import AutoConfig
@@ -204,8 +210,7 @@ def load_bench_model(spec: str, device: torch.device, dtype: torch.dtype) -> tor
     """A shape name (random weights) or a checkpoint / retrofit export, on `device` in `dtype`, SDPA attention."""
     if spec in SHAPES:
         return shape_model(spec, device, dtype)
-    if spec.startswith(("vit-", "dinov3-")):
-        raise RetrofitError(f"unknown model shape '{spec}'; shapes: {', '.join(SHAPES)} (or a checkpoint path/Hub id)")
+    check_shape(spec)
     from .loading import load_model
 
     try:
@@ -239,8 +244,7 @@ def build_variants(
     from .surgery import check_merge
 
     for spec in models:
-        if spec.startswith(("vit-", "dinov3-")) and spec not in SHAPES:
-            raise RetrofitError(f"unknown model shape '{spec}'; shapes: {', '.join(SHAPES)} (or a checkpoint/Hub id)")
+        check_shape(spec)
         config = shape_config(spec) if spec in SHAPES else load_config(spec)
         if not is_merged(config):
             for after, tokens in merges:

@@ -82,15 +82,16 @@ def render(family: Family, head: Head) -> tuple[dict[str, str], dict[str, str]]:
     classifier, for its family's backbone class, which `AutoModel` loads the same export as)."""
     names = _names(family, head)
     heads = [head] + [base for base in [base_head(family, head)] if base is not None]
+    merged_classes = {each.class_name: _names(family, each)["model_class"] for each in heads}  # source -> merged
     model_class_template = Template((TEMPLATES / "model_class.py.tmpl").read_text())
     classes = [
         model_class_template.substitute(
-            model_class=_names(family, each)["model_class"],
-            source_model_class=each.class_name,
+            model_class=merged,
+            source_model_class=source,
             config_class=names["config_class"],
             layer_config=head.layer_config,
         )
-        for each in heads
+        for source, merged in merged_classes.items()
     ]
     values = {
         **names,
@@ -105,9 +106,9 @@ def render(family: Family, head: Head) -> tuple[dict[str, str], dict[str, str]]:
         "layer_config": head.layer_config,
         "merger_source": inspect.getsource(PatchMerger).rstrip(),
         "rope": ROPE if family.rope else "",
-        "source_model_imports": "\n".join(f"    {each.class_name}," for each in heads),
+        "source_model_imports": "\n".join(f"    {source}," for source in merged_classes),
         "model_classes": "\n".join(classes),
-        "all_model_classes": "\n".join(f'    "{_names(family, each)["model_class"]}",' for each in heads),
+        "all_model_classes": "\n".join(f'    "{merged}",' for merged in merged_classes.values()),
     }
     files = {
         f"{names[module]}.py": Template((TEMPLATES / template).read_text()).substitute(values)
@@ -118,7 +119,7 @@ def render(family: Family, head: Head) -> tuple[dict[str, str], dict[str, str]]:
     }
     auto_map = {"AutoConfig": f"{names['config_module_name']}.{names['config_class']}"}
     for each in heads:
-        auto_map[each.auto_class] = f"{names['modeling_module_name']}.{_names(family, each)['model_class']}"
+        auto_map[each.auto_class] = f"{names['modeling_module_name']}.{merged_classes[each.class_name]}"
     return files, auto_map
 
 
