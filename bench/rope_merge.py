@@ -1,14 +1,15 @@
-"""DINOv3's RoPE after a merge: rotate no merged token (retrofit's choice) or rotate each at its merged position.
+"""DINOv3's RoPE after a merge: merged tokens rotated at their mean positions (the default) or not rotated.
 
 A DINOv3 rotates the queries and keys of its patch tokens by the patches' positions in every layer. A merged token
-has no single position: retrofit rotates none of them (`hub_code.ROPE`). The alternative measured here rotates each
-merged token at the merge-weighted mean of its patches' centre coordinates, recomputed for every image. This script
-trains a small DINOv3 (D = 64, 6 layers, 4 registers, patch 4, a linear head on `pooler_output`) on Fashion-MNIST,
-merges it after layer K into M tokens with retrofit's calibration, and compares the two on the test set: right after
-calibration and after one epoch of distillation from the unmerged model (KL of the logits at T = 2), paired on the
-same seeds. Prints a Markdown table and writes JSON.
+has no single position: retrofit rotates each at the merge-weighted mean of its patches' centre coordinates,
+recomputed for every image (`--rope-positions mean`, the default), or rotates none of them (`--rope-positions none`,
+as the prefix tokens). This script trains a small DINOv3 (D = 64, 6 layers, 4 registers, patch 4, a linear head on
+`pooler_output`) on Fashion-MNIST, merges it after layer K into M tokens with retrofit's calibration, once each way
+(the exported model code, `retrofit.insert_patch_merger(..., rope_positions=...)`), and compares the two on the test
+set: right after calibration and after one epoch of distillation from the unmerged model (KL of the logits at
+T = 2), paired on the same seeds. Prints a Markdown table and writes JSON.
 
-    python bench/rope_merge.py --epochs 3 --seeds 0,1 --json bench/results/rope-merge.json
+    python bench/rope_merge.py --epochs 3 --seeds 0,1,2 --json bench/results/rope-merge.json
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrofit.calibrate import calibrate  # noqa: E402
 from retrofit.data import load_split, make_dataloader  # noqa: E402
+from retrofit.families import ROPE_POSITIONS  # noqa: E402
 from retrofit.surgery import insert_patch_merger  # noqa: E402
+
+VARIANTS = {"mean": "at their mean positions (`mean`, default)", "none": "not rotated (`none`)"}
 
 
 class Probe(nn.Module):
@@ -53,41 +57,6 @@ def dinov3(seed: int) -> nn.Module:
         patch_size=4, num_register_tokens=4, layerscale_value=1.0,
     )  # fmt: skip
     return DINOv3ViTModel(config)
-
-
-def rotate_at_merged_positions(merged: nn.Module) -> None:
-    """Make the merged layers rotate each merged token at the merge-weighted mean of its patches' coordinates."""
-    from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTLayer, get_patches_center_coordinates
-
-    layers = merged.model.layer
-    k = merged.config.merge_after_layer
-    merger = layers[k].patch_merger
-    rope = merged.rope_embeddings
-    state: dict = {}
-
-    def layer_k(hidden_states, *args, position_embeddings=None, **kwargs):
-        p = merger.num_prefix_tokens
-        tokens = hidden_states[:, p:]
-        out = merger(hidden_states)
-        if out.shape[1] == hidden_states.shape[1]:  # merger bypassed (calibration's teacher): the source's rotation
-            state["rotation"] = position_embeddings
-        else:
-            side = math.isqrt(tokens.shape[1])
-            coords = get_patches_center_coordinates(side, side, torch.float32, tokens.device)  # (N, 2)
-            centres = merger.merge_weights(tokens).transpose(1, 2).float() @ coords  # (B, M, 2)
-            angles = (2 * math.pi * centres[..., None] * rope.inv_freq).flatten(2).tile(2)  # (B, M, head_dim)
-            state["rotation"] = (angles.cos()[:, None].to(out.dtype), angles.sin()[:, None].to(out.dtype))
-        return DINOv3ViTLayer.forward(layers[k], out, position_embeddings=state["rotation"], **kwargs)
-
-    def later(layer):
-        def forward(hidden_states, *args, position_embeddings=None, **kwargs):
-            return DINOv3ViTLayer.forward(layer, hidden_states, position_embeddings=state["rotation"], **kwargs)
-
-        return forward
-
-    layers[k].forward = layer_k
-    for layer in layers[k + 1 :]:
-        layer.forward = later(layer)
 
 
 def accuracy(model: nn.Module, loader) -> float:
@@ -154,17 +123,19 @@ def main() -> None:
 
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        for variant in ("no rotation (retrofit)", "rotation at merged positions"):
+        for positions in ROPE_POSITIONS:
+            variant = VARIANTS[positions]
             merged = copy.deepcopy(source)
-            merged.backbone = insert_patch_merger(merged.backbone, args.after_layer, args.tokens)
-            if variant.startswith("rotation"):
-                rotate_at_merged_positions(merged.backbone)
+            merged.backbone = insert_patch_merger(
+                merged.backbone, args.after_layer, args.tokens, rope_positions=positions
+            )
             torch.manual_seed(seed)
             calibrate(merged.backbone.eval(), calibration["pixel_values"], seed=seed)
             calibrated = accuracy(merged, test_loader)
             train(merged, train_loader, 1, lr=1e-3, teacher=source.eval(), seed=seed)
             distilled = accuracy(merged, test_loader)
-            row = {"variant": variant, "seed": seed, "calibrated": calibrated, "distilled": distilled}
+            row = {"positions": positions, "variant": variant, "seed": seed, "calibrated": calibrated,
+                   "distilled": distilled}  # fmt: skip
             print(row, flush=True)
             rows.append(row)
 
@@ -172,12 +143,16 @@ def main() -> None:
         f"source DINOv3 (D = 64, 6 layers, 4 registers): {100 * baseline:.2f} %; merged K = {args.after_layer}, "
         f"M = {args.tokens}",
         "",
-        "| merged tokens | seed | calibrated, no training | after 1 epoch of kd |",
+        "| merged tokens (`--rope-positions`) | seed | calibrated, no training | after 1 epoch of kd |",
         "|---|---|---|---|",
     ]
     lines += [
         f"| {r['variant']} | {r['seed']} | {100 * r['calibrated']:.2f} % | {100 * r['distilled']:.2f} % |" for r in rows
     ]
+    for positions in ROPE_POSITIONS:  # the mean over the seeds
+        mine = [r for r in rows if r["positions"] == positions]
+        calibrated, distilled = (sum(r[key] for r in mine) / len(mine) for key in ("calibrated", "distilled"))
+        lines.append(f"| {VARIANTS[positions]} | mean | {100 * calibrated:.2f} % | {100 * distilled:.2f} % |")
     print("\n".join(lines))
     if args.json:
         report = {"source_accuracy": baseline, "pretrain_epochs": args.epochs, "after_layer": args.after_layer,

@@ -32,6 +32,10 @@ def _how_made(config, training: TrainingInfo | None) -> str:
         f"run on all tokens), {config.merge_num_tokens} merged tokens, {config.merge_num_prefix_tokens} prefix "
         "token(s) passed through",
     ]
+    rope = getattr(config, "merge_rope_positions", None)  # RoPE families (DINOv3) only
+    if rope is not None:
+        where = "at the merge-weighted mean position of their patches" if rope == "mean" else "not rotated"
+        lines.append(f"- RoPE after the merge: merged tokens {where} (`merge_rope_positions: {rope}`)")
     training = training or TrainingInfo()
     lines.append(f"- merger initialisation: {training.init}")
     if training.data:

@@ -21,6 +21,8 @@ def _add_source_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_merge_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    from .families import ROPE_POSITIONS
+
     parser.add_argument(
         "--after-layer",
         type=int,
@@ -34,6 +36,12 @@ def _add_merge_options(parser: argparse.ArgumentParser, required: bool = True) -
         required=required,
         metavar="M",
         help="number of merged tokens (prefix tokens such as CLS come on top)",
+    )
+    parser.add_argument(
+        "--rope-positions",
+        choices=ROPE_POSITIONS,
+        help="RoPE models (DINOv3): rotate each merged token at the mean position of its patches (mean, the "
+        "default) or not at all (none)",
     )
 
 
@@ -64,6 +72,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
         args.source,
         after_layer=args.after_layer,
         num_tokens=args.tokens,
+        rope_positions=args.rope_positions,
         output=args.output,
         task=args.task,
         overwrite=args.overwrite,
@@ -166,6 +175,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         output=args.output,
         after_layer=args.after_layer,
         num_tokens=args.tokens,
+        rope_positions=args.rope_positions,
         task=args.task,
         calibrate=not args.no_calibrate,
         calibrate_images=args.calibrate_images,

@@ -37,6 +37,7 @@ def convert(
     *,
     after_layer: int,
     num_tokens: int,
+    rope_positions: str | None = None,
     output: str | Path | None = None,
     task: str | None = None,
     overwrite: bool = False,
@@ -54,7 +55,7 @@ def convert(
 
     The checkpoint is converted as its own class; `task` (``image-classification`` or ``image-feature-extraction``)
     converts it as the family's classifier or backbone instead (e.g. a DINOv2 backbone with a new classifier, or the
-    vision tower of a full CLIP checkpoint).
+    vision tower of a full CLIP checkpoint). `rope_positions` is for RoPE models (DINOv3): see `insert_patch_merger`.
 
     With `calibrate_on` (fashion-mnist, an image folder or a Hub dataset id), the merger starts from k-means of the
     layer-K tokens of a shuffled sample of `calibrate_images` images of its `calibrate_split` split (column
@@ -72,10 +73,10 @@ def convert(
     config = load_config(source, trust_remote_code=trust_remote_code, revision=revision, task=task)
     processor = load_image_processor(source, config, revision=revision, log=log)
     image_size = processor_image_size(processor)
-    check_merge(config, after_layer, num_tokens, image_size)
+    check_merge(config, after_layer, num_tokens, image_size, rope_positions=rope_positions)
     model = load_model(source, config=config, trust_remote_code=trust_remote_code, revision=revision)
     model.eval()
-    merged = insert_patch_merger(model, after_layer, num_tokens, source=str(source))
+    merged = insert_patch_merger(model, after_layer, num_tokens, source=str(source), rope_positions=rope_positions)
     training = None
     if calibrate_on is not None:
         from .calibrate import calibrate_from_data

@@ -54,6 +54,11 @@ class Head:
 
 TASKS = ("image-classification", "image-feature-extraction")
 
+# Where the layers of RoPE families (`Family.rope`) rotate the merged tokens (the export's `merge_rope_positions`),
+# the default first: each at the merge-weighted mean of its patches' centres, per image (measured better than no
+# rotation: docs/families.md), or not at all.
+ROPE_POSITIONS = ("mean", "none")
+
 
 @dataclass(frozen=True, eq=False)
 class Family:
@@ -74,10 +79,11 @@ class Family:
         display: the name shown to users; defaults to the config class without ``Config``.
         tower: for multi-modal checkpoints, the family of their vision tower (built from ``config.vision_config``),
             which `--task image-feature-extraction` converts.
-        rope: the layers rotate the queries and keys of the patch tokens by the patches' positions (RoPE: the encoder
-            hands each layer ``position_embeddings``, the (cos, sin) of the N patches, which apply to the last N
-            tokens). A merged token has no position of its own, so the layers after the merge rotate none of the
-            merged tokens, as transformers already does for the prefix tokens.
+        rope: if the layers rotate the queries and keys of the patch tokens by the patches' positions (RoPE), the
+            class of the module that computes the rotation (the encoder hands each layer its output,
+            ``position_embeddings``, the (cos, sin) of the N patches, which apply to the last N tokens). The merged
+            layers rotate each merged token at the mean position of the patches it averages, or none of them
+            (`hub_code.ROPE_POSITIONS`).
     """
 
     name: str
@@ -94,7 +100,7 @@ class Family:
     refusal: str | None = None
     display: str = ""
     tower: str = ""
-    rope: bool = False
+    rope: str | None = None
 
     @property
     def display_name(self) -> str:
@@ -349,12 +355,12 @@ register(
         },
         num_prefix_tokens=lambda config: 1 + config.num_register_tokens,
         mlp_width=_gated_mlp_width,
-        rope=True,
+        rope="DINOv3ViTRopePositionEmbedding",
         notes=(
             "CLS and the register tokens bypass the merger. Positions enter only through RoPE, which rotates the "
-            "patch tokens' queries and keys in every layer; merged tokens mix patches from the whole image and are "
-            "not rotated (like CLS and the registers), so the layers after the merge attend by content, as a ViT's "
-            "do after the merge. RoPE follows the image size, so N varies with it without a flag."
+            "patch tokens' queries and keys in every layer; the layers after the merge rotate each merged token at "
+            "the merge-weighted mean of its patches' centres, per image (--rope-positions none: not at all, like "
+            "CLS and the registers). RoPE follows the image size, so N varies with it without a flag."
         ),
     )
 )

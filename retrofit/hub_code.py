@@ -40,15 +40,28 @@ class MergedClasses:
     auto_map: dict[str, str]
 
 
-# Rendered into the merged layers of families whose layers rotate the patch tokens by position (`Family.rope`).
+# Rendered into the merged layers of RoPE families (`Family.rope`), after the masks are dropped.
 ROPE = """
-        # RoPE: the encoder hands every layer the rotation (cos, sin) of the N patches, which transformers applies to
-        # the last N tokens. A merged token mixes patches from the whole image and has no position, so no merged
-        # token is rotated (as no prefix token is): pass the rotation of zero patches. Unmerged tokens (P + N, e.g.
-        # with the merger replaced by the identity) are rotated as in the source model.
-        cos, sin = kwargs["position_embeddings"]
+        # RoPE: transformers rotates the last N tokens by the rotation of the N patches it is given. Unmerged tokens
+        # (P + N, e.g. with the merger replaced by the identity) keep it, as in the source model. Merged tokens get
+        # the rotation layer K gave them (`merge_rope_positions="mean"`), or none, as the prefix tokens get none.
+        rotation = kwargs["position_embeddings"]
+        cos, sin = rotation
         if hidden_states.shape[-2] != self.num_prefix_tokens + cos.shape[-2]:
-            kwargs["position_embeddings"] = (cos[..., :0, :], sin[..., :0, :])"""
+            kwargs["position_embeddings"] = getattr(rotation, "merged", None) or (cos[..., :0, :], sin[..., :0, :])"""
+
+ROPE_INSERT = """
+    if config.merge_rope_positions == "mean":
+        rotate_merged_tokens(model)
+    elif config.merge_rope_positions != "none":
+        raise ValueError(f"merge_rope_positions must be 'mean' or 'none', got {config.merge_rope_positions!r}")"""
+
+ROPE_CONFIG_DOC = """
+        merge_rope_positions (`str`, *optional*, defaults to `"none"`):
+            Where the layers after the merge place the merged tokens for RoPE. `"mean"`: each merged token is rotated
+            at the merge-weighted mean of the centres of the patches it averages, computed for every image. `"none"`:
+            merged tokens are not rotated (they attend by content, as the CLS and register tokens do); exports made
+            before this setting existed work this way."""
 
 
 def _names(family: Family, head: Head) -> dict[str, str]:
@@ -105,8 +118,10 @@ def render(family: Family, head: Head) -> tuple[dict[str, str], dict[str, str]]:
         "source_layer_class": family.layer_class,
         "layer_config": head.layer_config,
         "merger_source": inspect.getsource(PatchMerger).rstrip(),
-        "rope": ROPE if family.rope else "",
-        "source_model_imports": "\n".join(f"    {source}," for source in merged_classes),
+        **_rope_values(family),
+        "source_imports": "\n".join(
+            f"    {name}," for name in [family.layer_class, *merged_classes, *_rope_imports(family)]
+        ),
         "model_classes": "\n".join(classes),
         "all_model_classes": "\n".join(f'    "{merged}",' for merged in merged_classes.values()),
     }
@@ -121,6 +136,34 @@ def render(family: Family, head: Head) -> tuple[dict[str, str], dict[str, str]]:
     for each in heads:
         auto_map[each.auto_class] = f"{names['modeling_module_name']}.{merged_classes[each.class_name]}"
     return files, auto_map
+
+
+def _rope_imports(family: Family) -> list[str]:
+    return [family.rope, "get_patches_center_coordinates"] if family.rope else []
+
+
+def _rope_values(family: Family) -> dict[str, str]:
+    """The template values that differ for families whose layers use RoPE (`Family.rope`)."""
+    if not family.rope:
+        return {
+            "imports": "import torch\nfrom torch import nn",
+            "rope_code": "",
+            "merge_call": "self.patch_merger(hidden_states)",
+            "rope": "",
+            "rope_insert": "",
+            "rope_config_doc": "",
+            "rope_config_field": "",
+        }
+    rope_code = Template((TEMPLATES / "rope.py.tmpl").read_text()).substitute(rope_class=family.rope)
+    return {
+        "imports": "import math\n\nimport torch\nfrom torch import nn",
+        "rope_code": "\n" + rope_code.rstrip(),
+        "merge_call": 'place_merged_tokens(self.patch_merger, hidden_states, kwargs["position_embeddings"])',
+        "rope": ROPE,
+        "rope_insert": ROPE_INSERT,
+        "rope_config_doc": ROPE_CONFIG_DOC,
+        "rope_config_field": '\n    merge_rope_positions: str = "none"',
+    }
 
 
 @cache

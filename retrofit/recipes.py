@@ -30,7 +30,7 @@ SCHEMA: dict[str, dict | None] = {
     "task": None,  # image-classification | image-feature-extraction, as `finetune --task` (None: the source's own)
     "teacher": None,
     "pretrain": {"model": None, "image_processor": None},
-    "merge": {"after_layer": None, "tokens": None, "calibrate": True, "calibrate_images": 256},
+    "merge": {"after_layer": None, "tokens": None, "rope_positions": None, "calibrate": True, "calibrate_images": 256},
     "data": {
         "name": None,
         "train_split": "train",
@@ -88,6 +88,7 @@ FLAG_KEYS = {
     "eval_limit": "data.eval_limit",
     "after_layer": "merge.after_layer",
     "tokens": "merge.tokens",
+    "rope_positions": "merge.rope_positions",
     "loss": "training.loss",
     "train": "training.train",
     "epochs": "training.epochs",
@@ -341,7 +342,7 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
     backbone = is_backbone(config)
     quality, reference = ("similarity", "teacher features") if backbone else ("accuracy", "labels")
     check_teacher_logits(source, saved, config, settings.get("loss", "kd"))
-    check_merge(config, merge["after_layer"], merge["tokens"])
+    check_merge(config, merge["after_layer"], merge["tokens"], rope_positions=merge["rope_positions"])
 
     # Baseline: accuracy on the evaluation split, cost and measured speed (source vs merged architecture).
     baseline = load_model(source, config=config).eval()
@@ -350,8 +351,12 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
         " (its classifier is new: not scored)" if new_classifier else ""
     )
     rows = [{"model": baseline_name, "gflops": model_cost(config).gflops}]
-    merged_cost = model_cost(insert_patch_merger(load_model(source, config=config), merge["after_layer"],
-                                                 merge["tokens"]).config)  # fmt: skip
+
+    def merged_architecture():
+        return insert_patch_merger(load_model(source, config=config), merge["after_layer"], merge["tokens"],
+                                   rope_positions=merge["rope_positions"])  # fmt: skip
+
+    merged_cost = model_cost(merged_architecture().config)
     if backbone:  # similarity to the teacher: the baseline itself unless the recipe names another one
         rows[0]["similarity"] = None if recipe["teacher"] else 1.0
     elif before and data["eval_split"]:
@@ -370,7 +375,7 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
         log(f"baseline accuracy: {100 * rows[0]['accuracy']:.2f} %")
     speeds, speed_note = {}, None
     if evaluation["speed"]:
-        merged_arch = insert_patch_merger(load_model(source, config=config), merge["after_layer"], merge["tokens"])
+        merged_arch = merged_architecture()
         size = merged_arch.config.image_size
         shape = (evaluation["speed_batch_size"], getattr(config, "num_channels", 3), size, size)
         speeds = images_per_second({"baseline": baseline, "merged": merged_arch}, shape)
@@ -399,6 +404,7 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
         output=output,
         after_layer=merge["after_layer"],
         num_tokens=merge["tokens"],
+        rope_positions=merge["rope_positions"],
         calibrate=bool(merge["calibrate"]),
         calibrate_images=merge["calibrate_images"],
         teacher=recipe["teacher"],

@@ -7,17 +7,23 @@ from transformers import PreTrainedConfig, PreTrainedModel
 
 from .cost import num_patches
 from .errors import RetrofitError
-from .families import Family, Head
+from .families import ROPE_POSITIONS, Family, Head
 from .hub_code import load_classes
 from .loading import family_and_head, is_merged, layer_config
 
 
 def check_merge(
-    config: PreTrainedConfig, after_layer: int, num_tokens: int, image_size: tuple[int, int] | None = None
+    config: PreTrainedConfig,
+    after_layer: int,
+    num_tokens: int,
+    image_size: tuple[int, int] | None = None,
+    *,
+    rope_positions: str | None = None,
 ) -> tuple[Family, Head, int]:
     """Validate a merge setting against a source config; return (family, head, number of prefix tokens).
 
     `image_size` is the size the model is fed (see `loading.processor_image_size`); defaults to the config's.
+    `rope_positions` (see `insert_patch_merger`) is only for families whose layers use RoPE.
     """
     if is_merged(config):
         raise RetrofitError(
@@ -36,14 +42,27 @@ def check_merge(
         raise RetrofitError(
             f"--tokens {num_tokens} is out of range: the model has {patches} patch tokens, so use 1..{patches - 1}"
         )
+    if rope_positions is not None and rope_positions not in ROPE_POSITIONS:
+        raise RetrofitError(f"unknown --rope-positions '{rope_positions}': use one of {', '.join(ROPE_POSITIONS)}")
+    if rope_positions is not None and not family.rope:
+        raise RetrofitError(
+            f"--rope-positions is for models whose layers use RoPE (DINOv3); {family.user_name} has position "
+            "embeddings instead: drop the option"
+        )
     return family, head, family.num_prefix_tokens(lc)
 
 
 def merged_config(
-    model: PreTrainedModel, after_layer: int, num_tokens: int, *, source: str | None = None
+    model: PreTrainedModel,
+    after_layer: int,
+    num_tokens: int,
+    *,
+    source: str | None = None,
+    rope_positions: str | None = None,
 ) -> PreTrainedConfig:
     """The config of `model` with the merge settings added, as the generated config class."""
-    family, head, prefix = check_merge(model.config, after_layer, num_tokens)
+    family, head, prefix = check_merge(model.config, after_layer, num_tokens, rope_positions=rope_positions)
+    rope = {"merge_rope_positions": rope_positions or ROPE_POSITIONS[0]} if family.rope else {}
     classes = load_classes(family, head)
     values = model.config.to_dict()
     for key in ("model_type", "transformers_version", "auto_map"):
@@ -56,6 +75,7 @@ def merged_config(
             "merge_num_tokens": num_tokens,
             "merge_num_prefix_tokens": prefix,
             "merge_source": source or getattr(model.config, "_name_or_path", None) or None,
+            **rope,
         }
     )
     config._attn_implementation = model.config._attn_implementation
@@ -63,15 +83,22 @@ def merged_config(
 
 
 def insert_patch_merger(
-    model: PreTrainedModel, after_layer: int, num_tokens: int, *, source: str | None = None
+    model: PreTrainedModel,
+    after_layer: int,
+    num_tokens: int,
+    *,
+    source: str | None = None,
+    rope_positions: str | None = None,
 ) -> PreTrainedModel:
     """Return `model` with a PatchMerger before encoder layer `after_layer` (a new model object).
 
     The merged model shares its original parameters with `model` (no copy is made; train a separate copy if you
     still need the source). The merger is randomly initialised (see `retrofit.calibrate` for a data-driven start).
+    For families whose layers use RoPE (DINOv3), `rope_positions` says where the merged tokens are rotated: "mean"
+    (the default: at the merge-weighted mean of their patches' positions, per image) or "none" (not rotated).
     """
-    family, head, _ = check_merge(model.config, after_layer, num_tokens)
-    config = merged_config(model, after_layer, num_tokens, source=source)
+    family, head, _ = check_merge(model.config, after_layer, num_tokens, rope_positions=rope_positions)
+    config = merged_config(model, after_layer, num_tokens, source=source, rope_positions=rope_positions)
     model_class = load_classes(family, head).model_class
     with torch.device("meta"):
         merged = model_class(config)

@@ -765,6 +765,7 @@ def finetune(
     output: str | Path,
     after_layer: int | None = None,
     num_tokens: int | None = None,
+    rope_positions: str | None = None,
     task: str | None = None,
     calibrate: bool = True,
     calibrate_images: int = 256,
@@ -781,7 +782,8 @@ def finetune(
     `output`. `settings` are `TrainArgs` fields (loss, epochs, lr, data, ...); `card_results(result)` may give the
     model card's results table. `calibrate` starts the merger from k-means of the layer-K tokens of a shuffled sample
     of `calibrate_images` training images (`retrofit.calibrate`) instead of at random. `task` loads the source as
-    the family's classifier or backbone (`retrofit.convert.convert`); `--num-labels` implies a classifier. With
+    the family's classifier or backbone (`retrofit.convert.convert`); `--num-labels` implies a classifier.
+    `rope_positions` is for RoPE models (DINOv3): see `retrofit.insert_patch_merger`. With
     `push_to_hub` (a repo id) the main process uploads the export at the end (the login is checked before training
     starts)."""
     from accelerate.utils import set_seed
@@ -814,15 +816,23 @@ def finetune(
                 f"'{source}' is already merged (after layer {config.merge_after_layer}, {config.merge_num_tokens} "
                 "tokens); drop --after-layer/--tokens to continue training it, or fine-tune its source"
             )
+        if rope_positions not in (None, getattr(config, "merge_rope_positions", None)):
+            raise RetrofitError(
+                f"'{source}' is already merged with --rope-positions "
+                f"{getattr(config, 'merge_rope_positions', None) or '(none: not a RoPE model)'}; drop "
+                "--rope-positions to continue training it, or fine-tune its source"
+            )
         model = load_model(source, config=config, revision=revision)
         teacher_source = teacher or config.merge_source
         source_config = load_config(teacher_source, task=task) if teacher_source and args.loss != "ce" else None
     else:
         if after_layer is None or num_tokens is None:
             raise RetrofitError("--after-layer and --tokens are required when SOURCE is not a retrofit export")
-        check_merge(config, after_layer, num_tokens)
+        check_merge(config, after_layer, num_tokens, rope_positions=rope_positions)
         base = load_model(source, config=config, trust_remote_code=trust_remote_code, revision=revision)
-        model = insert_patch_merger(base.eval(), after_layer, num_tokens, source=str(source))
+        model = insert_patch_merger(
+            base.eval(), after_layer, num_tokens, source=str(source), rope_positions=rope_positions
+        )
         teacher_source, source_config = teacher or source, config
         init = "random"
     processor = load_image_processor(source, config, revision=revision, log=log)

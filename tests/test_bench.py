@@ -244,6 +244,7 @@ def test_rope_merge_script_compares_both_rotations(tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert [row["variant"] for row in report["rows"]] == ["no rotation (retrofit)", "rotation at merged positions"]
+    assert [row["positions"] for row in report["rows"]] == ["mean", "none"]
     assert all(0 <= row[key] <= 1 for row in report["rows"] for key in ("calibrated", "distilled"))
-    assert "| rotation at merged positions | 0 |" in run.stdout
+    assert "| at their mean positions (`mean`, default) | 0 |" in run.stdout
+    assert "| not rotated (`none`) | mean |" in run.stdout
