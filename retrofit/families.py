@@ -83,7 +83,7 @@ class Family:
             class of the module that computes the rotation (the encoder hands each layer its output,
             ``position_embeddings``, the (cos, sin) of the N patches, which apply to the last N tokens). The merged
             layers rotate each merged token at the mean position of the patches it averages, or none of them
-            (`hub_code.ROPE_POSITIONS`).
+            (`ROPE_POSITIONS`, the export's `merge_rope_positions`).
     """
 
     name: str

@@ -211,3 +211,42 @@ def test_bad_rope_positions_are_refused_in_one_line(checkpoint, tiny_vit, tmp_pa
     convert(checkpoint, after_layer=K, num_tokens=M, output=export, log=lambda _: None)
     with pytest.raises(RetrofitError, match=r"already merged with --rope-positions mean; drop --rope-positions"):
         finetune(export, output=tmp_path / "more", rope_positions="none", data="fashion-mnist", loss="ce")
+
+
+@pytest.mark.slow
+def test_onnx_export_keeps_the_positions(source, tmp_path):
+    """The README's deployment path (torch.onnx.export with a dynamic batch, ONNX Runtime) computes the merged
+    tokens' positions per image as PyTorch does."""
+    ort = pytest.importorskip("onnxruntime")
+    merged = insert_patch_merger(source, K, M).eval()
+    with torch.no_grad():
+        merged.patch_merger.queries.mul_(50)  # sharp weights: the positions matter
+    torch.onnx.export(
+        merged,
+        kwargs={"pixel_values": torch.randn(2, 3, 32, 32)},
+        f=tmp_path / "model.onnx",
+        dynamo=True,
+        input_names=["pixel_values"],
+        output_names=["last_hidden_state", "pooler_output"],
+        dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}},
+    )
+    pixels = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    got = ort.InferenceSession(tmp_path / "model.onnx").run(None, {"pixel_values": pixels.numpy()})[0]
+    with torch.no_grad():
+        expected = merged(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_recipe_takes_the_positions_and_refuses_them_for_a_vit(tmp_path, capsys):
+    """`merge.rope_positions` in a recipe (or `retrofit run --rope-positions`) is checked before anything runs."""
+    from retrofit.recipes import validate
+
+    recipe = {"source": "x", "merge": {"after_layer": 1, "tokens": 2, "rope_positions": "none"}}
+    recipe |= {"data": {"name": "fashion-mnist"}, "export": {"output": "out"}}
+    assert validate(recipe)["merge"]["rope_positions"] == "none"
+    out = tmp_path / "out"
+    repo = Path(__file__).resolve().parents[1]
+    code = main(["run", str(repo / "recipes" / "fashion-mnist.yaml"), "-o", str(out), "--rope-positions", "mean"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "--rope-positions is for models whose layers use RoPE" in err, err
+    assert not out.exists()
