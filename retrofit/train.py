@@ -290,6 +290,47 @@ def _check_checkpoints(checkpoint_dir: Path | None, args: TrainArgs) -> list[Pat
     return existing
 
 
+# What a checkpoint's weights and optimizer state were made for (`run.json` in the checkpoint folder), with the flag
+# that sets each: resuming with another value would load them into a different model, or change it silently.
+RUN_SETTINGS = {
+    "architecture": "--task",
+    "num_labels": "--num-labels",
+    "merge_after_layer": "--after-layer",
+    "merge_num_tokens": "--tokens",
+    "merge_rope_positions": "--rope-positions",
+    "train": "--train",
+}
+
+
+def run_settings(model, args: TrainArgs) -> dict:
+    """The settings in `RUN_SETTINGS` of a run training `model` with `args`."""
+    from .loading import family_and_head
+
+    config = model.config
+    settings = {key: getattr(config, key, None) for key in RUN_SETTINGS if key.startswith("merge_")}
+    classifier = hasattr(config, "num_labels") and family_and_head(config)[1].is_classifier
+    return {
+        "architecture": (config.architectures or [type(model).__name__])[0],
+        "num_labels": config.num_labels if classifier else None,
+        **settings,
+        "train": args.train,
+    }
+
+
+def check_same_run(checkpoint_dir: Path, settings: dict) -> None:
+    """Refuse to resume checkpoints written with other `RUN_SETTINGS` (a one-line error naming the first)."""
+    path = checkpoint_dir / "run.json"
+    if not path.is_file():  # written by a retrofit from before run.json; loading the state checks what it can
+        return
+    saved = json.loads(path.read_text())
+    for key, flag in RUN_SETTINGS.items():
+        if key in saved and saved[key] != settings[key]:
+            raise RetrofitError(
+                f"'{checkpoint_dir}' holds checkpoints of a run with {flag} {saved[key]}, not {settings[key]}: "
+                f"resume with {flag} {saved[key]}, or pass --overwrite to start over"
+            )
+
+
 def save_checkpoint(accelerator, checkpoint_dir: Path, step: int, keep: int) -> Path:
     """`accelerator.save_state` into a temporary folder, renamed into place, keeping the newest `keep`."""
     final = checkpoint_dir / f"step-{step:08d}"
@@ -556,6 +597,9 @@ def train_loop(
     existing = _check_checkpoints(checkpoint_dir, args)
     if args.resume and not existing:
         log(f"--resume: no checkpoint in '{checkpoint_dir}'; starting from the beginning")
+    settings = run_settings(model, args)
+    if args.resume and existing:
+        check_same_run(checkpoint_dir, settings)
 
     # --- accelerator, optimizer, schedule ---
     accelerator = _make_accelerator(args, checkpoint_dir)
@@ -563,6 +607,10 @@ def train_loop(
         if existing and not args.resume:  # --overwrite: start over
             shutil.rmtree(checkpoint_dir)
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        if not (args.resume and existing):
+            tmp = checkpoint_dir / ".run.json.tmp"
+            tmp.write_text(json.dumps(settings, indent=2) + "\n")
+            os.replace(tmp, checkpoint_dir / "run.json")
     trainable, total = set_trainable(model, args.train)
     features = args.loss != "ce" and args.feature_weight > 0
     read = HeadReader(model, features=features)  # before `prepare`: hooks go on the model itself
@@ -587,7 +635,13 @@ def train_loop(
     accelerator.register_for_checkpointing(progress)
     if args.resume and existing:
         latest = list_checkpoints(checkpoint_dir)[-1]
-        accelerator.load_state(str(latest))
+        try:
+            accelerator.load_state(str(latest))
+        except (RuntimeError, ValueError, KeyError) as exc:  # e.g. other merge settings, from before run.json
+            raise RetrofitError(
+                f"checkpoint '{latest}' does not fit this run ({brief(exc, 200)}); resume with the settings of the "
+                "run that wrote it, or pass --overwrite to start over"
+            ) from None
         log(f"resumed from {latest} (step {progress.step}, epoch {progress.epoch}, batch {progress.batch})")
     if accelerator.trackers == [] and args.report_to not in (None, "none"):
         accelerator.init_trackers("retrofit", config={k: v for k, v in asdict(args).items() if v is not None})

@@ -86,6 +86,28 @@ def test_resume_reaches_the_same_weights(tiny_vit, colours, tmp_path):
     assert "the run was resumed" in (tmp_path / "cut" / "README.md").read_text()
 
 
+def test_resume_refuses_checkpoints_of_other_merge_settings(tiny_vit, colours, tmp_path):
+    """Checkpoints remember what they were trained for (run.json): resuming them with another --tokens or --train
+    is a one-line error naming the flag, not a state-dict traceback, and the checkpoints stay as they were. Older
+    checkpoint folders without run.json get a one-line error from loading the state."""
+    settings = dict(after_layer=2, data=colours, loss="ce", max_steps=4, **FAST)
+    finetune(tiny_vit, output=tmp_path / "out", num_tokens=4, stop_after=2, **settings)
+    checkpoints = tmp_path / "out-checkpoints"
+    assert json.loads((checkpoints / "run.json").read_text())["merge_num_tokens"] == 4
+    before = sorted(p.name for p in checkpoints.iterdir())
+    message = r"^'.*out-checkpoints' holds checkpoints of a run with --tokens 4, not 5: resume with --tokens 4, or"
+    with pytest.raises(RetrofitError, match=message):
+        finetune(tiny_vit, output=tmp_path / "out", num_tokens=5, resume=True, **settings)
+    with pytest.raises(RetrofitError, match="a run with --train all, not merger-and-after: resume with --train all"):
+        finetune(tiny_vit, output=tmp_path / "out", num_tokens=4, resume=True, train="merger-and-after", **settings)
+    assert sorted(p.name for p in checkpoints.iterdir()) == before
+    (checkpoints / "run.json").unlink()
+    with pytest.raises(RetrofitError, match=r"does not fit this run \(Error\(s\) in loading state_dict .*\); resume"):
+        finetune(tiny_vit, output=tmp_path / "out", num_tokens=5, resume=True, **settings)
+    resumed = finetune(tiny_vit, output=tmp_path / "out", num_tokens=4, resume=True, **settings)
+    assert resumed.steps == 4
+
+
 def test_gradient_accumulation_matches_the_larger_batch(tiny_vit, colours, tmp_path):
     """Two accumulated batches of 4 make the same optimizer steps as batches of 8: same data order, loss averaged."""
     settings = dict(after_layer=2, num_tokens=4, data=colours, loss="ce", max_steps=3, lr=1e-3, **FAST)
