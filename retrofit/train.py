@@ -325,9 +325,13 @@ def check_same_run(checkpoint_dir: Path, settings: dict) -> None:
     saved = json.loads(path.read_text())
     for key, flag in RUN_SETTINGS.items():
         if key in saved and saved[key] != settings[key]:
+            if key == "architecture":  # a class name, set through --task / --num-labels
+                was, fix = f"{saved[key]} ({flag})", f"the {flag} of that run"
+            else:
+                was, fix = f"{flag} {saved[key]}", f"{flag} {saved[key]}"
             raise RetrofitError(
-                f"'{checkpoint_dir}' holds checkpoints of a run with {flag} {saved[key]}, not {settings[key]}: "
-                f"resume with {flag} {saved[key]}, or pass --overwrite to start over"
+                f"'{checkpoint_dir}' holds checkpoints of a run with {was}, not {settings[key]}: resume with {fix}, "
+                "or pass --overwrite to start over"
             )
 
 
