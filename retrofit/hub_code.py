@@ -50,6 +50,13 @@ ROPE = """
         if hidden_states.shape[-2] != self.num_prefix_tokens + cos.shape[-2]:
             kwargs["position_embeddings"] = getattr(rotation, "merged", None) or (cos[..., :0, :], sin[..., :0, :])"""
 
+ROPE_DOC = """
+
+The layers rotate the patch tokens' queries and keys by the patches' positions (RoPE). With
+`config.merge_rope_positions == "mean"` the RoPE module also says where the patches are ([`PatchRotation`]), and
+layer K places each merged token at the merge-weighted mean of its patches' centres, for every image
+([`place_merged_tokens`]); with `"none"` merged tokens are not rotated, like the prefix tokens."""
+
 ROPE_INSERT = """
     if config.merge_rope_positions == "mean":
         rotate_merged_tokens(model)
@@ -150,6 +157,7 @@ def _rope_values(family: Family) -> dict[str, str]:
             "rope_code": "",
             "merge_call": "self.patch_merger(hidden_states)",
             "rope": "",
+            "rope_doc": "",
             "rope_insert": "",
             "rope_config_doc": "",
             "rope_config_field": "",
@@ -160,6 +168,7 @@ def _rope_values(family: Family) -> dict[str, str]:
         "rope_code": "\n" + rope_code.rstrip(),
         "merge_call": 'place_merged_tokens(self.patch_merger, hidden_states, kwargs["position_embeddings"])',
         "rope": ROPE,
+        "rope_doc": ROPE_DOC,
         "rope_insert": ROPE_INSERT,
         "rope_config_doc": ROPE_CONFIG_DOC,
         "rope_config_field": '\n    merge_rope_positions: str = "none"',
