@@ -351,12 +351,10 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
         " (its classifier is new: not scored)" if new_classifier else ""
     )
     rows = [{"model": baseline_name, "gflops": model_cost(config).gflops}]
-
-    def merged_architecture():
-        return insert_patch_merger(load_model(source, config=config), merge["after_layer"], merge["tokens"],
-                                   rope_positions=merge["rope_positions"])  # fmt: skip
-
-    merged_cost = model_cost(merged_architecture().config)
+    # The untrained merged architecture: its cost here, its speed below (the fine-tuned model is built by `finetune`).
+    merged_arch = insert_patch_merger(load_model(source, config=config), merge["after_layer"], merge["tokens"],
+                                      rope_positions=merge["rope_positions"]).eval()  # fmt: skip
+    merged_cost = model_cost(merged_arch.config)
     if backbone:  # similarity to the teacher: the baseline itself unless the recipe names another one
         rows[0]["similarity"] = None if recipe["teacher"] else 1.0
     elif before and data["eval_split"]:
@@ -375,7 +373,6 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
         log(f"baseline accuracy: {100 * rows[0]['accuracy']:.2f} %")
     speeds, speed_note = {}, None
     if evaluation["speed"]:
-        merged_arch = merged_architecture()
         size = merged_arch.config.image_size
         shape = (evaluation["speed_batch_size"], getattr(config, "num_channels", 3), size, size)
         speeds = images_per_second({"baseline": baseline, "merged": merged_arch}, shape)
@@ -384,7 +381,7 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
             f"images/s: {hardware_name('cpu')}, fp32, batch {shape[0]} at {size}×{size}, median of {SPEED_REPEATS} "
             "passes, the two models alternated"
         )
-        del merged_arch
+    del merged_arch
     tag = f"merged K={merge['after_layer']} M={merge['tokens']}"
 
     def table_rows(result) -> list[dict]:

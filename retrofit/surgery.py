@@ -97,8 +97,8 @@ def insert_patch_merger(
     For families whose layers use RoPE (DINOv3), `rope_positions` says where the merged tokens are rotated: "mean"
     (the default: at the merge-weighted mean of their patches' positions, per image) or "none" (not rotated).
     """
-    family, head, _ = check_merge(model.config, after_layer, num_tokens, rope_positions=rope_positions)
-    config = merged_config(model, after_layer, num_tokens, source=source, rope_positions=rope_positions)
+    config = merged_config(model, after_layer, num_tokens, source=source, rope_positions=rope_positions)  # validated
+    family, head = family_and_head(model.config)
     model_class = load_classes(family, head).model_class
     with torch.device("meta"):
         merged = model_class(config)
