@@ -200,10 +200,15 @@ def cmd_run(args: argparse.Namespace) -> None:
     run_recipe(args.recipe, overrides, overwrite=args.overwrite, resume=args.resume)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (what was wrong, where to look) with exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="retrofit", description="Make pretrained Vision Transformers faster with a PatchMerger."
-    )
+    parser = _Parser(prog="retrofit", description="Make pretrained Vision Transformers faster with a PatchMerger.")
     parser.add_argument("--version", action="version", version=f"retrofit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and full tracebacks")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
