@@ -526,6 +526,20 @@ register(
 )
 
 
+register(
+    Family(
+        name="timm",
+        model_types=("timm_wrapper", "timm_backbone"),
+        display="timm",
+        refusal=(
+            "transformers runs timm's own model code for it (TimmWrapper), and retrofit rewrites transformers' "
+            "classes; convert a transformers checkpoint of the model instead (e.g. google/vit-base-patch16-224 for a "
+            "ViT-B/16)"
+        ),
+    )
+)
+
+
 def supported_names() -> str:
     """'ViT, DeiT, ...': the families retrofit converts, for error messages."""
     return ", ".join(f.user_name for f in FAMILIES.values() if f.refusal is None)

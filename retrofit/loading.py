@@ -69,7 +69,25 @@ def load_config(
             raise _source_error(source, exc) from None
     except OSError as exc:
         raise _source_error(source, exc) from None
+    except ImportError as exc:  # a config class that needs a package (timm's TimmWrapperConfig needs timm)
+        model_type = _raw_model_type(source, revision)
+        if model_type:
+            family_for(model_type)  # a refused family says why it is refused, whether or not the package is there
+        raise RetrofitError(f"loading '{source}' needs a package that is not installed ({brief(exc)})") from None
     return for_task(config, task)
+
+
+def _raw_model_type(source: str, revision: str | None) -> str:
+    """The model type in a checkpoint's config.json without building its config class ('' if unreadable).
+
+    timm checkpoints have none: their config.json names an ``architecture``, which transformers loads as
+    ``timm_wrapper``.
+    """
+    try:
+        config_dict, _ = PreTrainedConfig.get_config_dict(source, revision=revision)
+    except (OSError, ValueError):
+        return ""
+    return config_dict.get("model_type") or ("timm_wrapper" if "architecture" in config_dict else "")
 
 
 def for_task(config: PreTrainedConfig, task: str | None) -> PreTrainedConfig:

@@ -804,3 +804,19 @@ def test_refused_families(make, reason, tmp_path, capsys):
     assert err.endswith(f"supported families: {supported_names()}")
     assert "DINOv2" in err and "CLIP" in err and "SigLIP" in err
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_timm_checkpoints_are_refused_in_one_line(tmp_path, capsys):
+    """A timm Hub repo's config.json (no model_type; transformers loads it as TimmWrapper, which needs timm)."""
+    source = tmp_path / "timm-vit"
+    source.mkdir()
+    config = {"architecture": "vit_base_patch16_224", "num_classes": 1000, "global_pool": "token",
+              "pretrained_cfg": {"input_size": [3, 224, 224], "num_classes": 1000}}  # fmt: skip
+    (source / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    code = main(["convert", str(source), "--after-layer", "6", "--tokens", "8", "--output", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "Traceback" not in err, err
+    assert "model type 'timm_wrapper' (timm) cannot be merged" in err, err
+    assert "google/vit-base-patch16-224" in err and err.endswith(f"supported families: {supported_names()}")
+    assert not out.exists()
