@@ -1,4 +1,4 @@
-"""Write a folder completely or not at all: build it in a temporary sibling, then rename it into place."""
+"""Write a folder or a file completely or not at all: build it as a temporary sibling, then rename it into place."""
 
 from __future__ import annotations
 
@@ -19,7 +19,41 @@ def check_output(output: str | Path, overwrite: bool = False) -> Path:
         raise RetrofitError(f"output '{output}' already exists; choose another --output or pass --overwrite")
     if output.exists() and not output.is_dir():
         raise RetrofitError(f"output '{output}' exists and is not a folder; choose another --output")
+    if output.exists() and Path.cwd().resolve().is_relative_to(output.resolve()):
+        raise RetrofitError(
+            f"output '{output}' holds the current folder, so it cannot be replaced; choose another --output"
+        )
     return output
+
+
+def check_file_target(path: str | Path, option: str) -> Path:
+    """Refuse a file target (``--json FILE``) that cannot be written: a folder, or under a file. Call before work."""
+    path = Path(path)
+    if path.is_dir():
+        raise RetrofitError(f"{option} '{path}' is a folder; give a file name, e.g. {path / 'results.json'}")
+    parent = next((p for p in path.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise RetrofitError(f"{option} '{path}' is under '{parent}', which is a file; choose another path")
+    if not os.access(parent, os.W_OK):
+        raise RetrofitError(f"{option} '{path}': cannot write in '{parent}' (permission denied); choose another path")
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` through a temporary sibling renamed into place: readers see the old file or the new
+    one, never half of it (a full disk leaves the old file as it was)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 @contextmanager

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 
 from . import __version__
-from .errors import RetrofitError
+from .errors import RetrofitError, describe_os_error, is_file_system_error
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -378,6 +378,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"retrofit: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # the file system said no (full disk, permissions): nothing retrofit can work around
+        if args.verbose or not is_file_system_error(exc):
+            raise
+        print(f"retrofit: error: {describe_os_error(exc)} (-v shows where)", file=sys.stderr)
+        return RetrofitError.exit_code
     except KeyboardInterrupt:
         print("retrofit: interrupted", file=sys.stderr)
         return 130

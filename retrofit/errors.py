@@ -1,4 +1,6 @@
-"""The one exception type that carries a user-facing, one-line message."""
+"""The one exception type that carries a user-facing, one-line message, and one-line messages for others."""
+
+import errno
 
 
 class RetrofitError(Exception):
@@ -35,3 +37,15 @@ def did_you_mean(key: str, valid) -> str:
     valid = list(valid)
     match = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
     return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(map(str, valid))}"
+
+
+def describe_os_error(exc: OSError) -> str:
+    """A one-line message for a file-system error (full disk, permissions, a file where a folder should be)."""
+    names = " -> ".join(f"'{name}'" for name in (exc.filename, exc.filename2) if name is not None)
+    what = exc.strerror or brief(exc)
+    return f"{what}{f' ({names})' if names else ''}; check the path, its permissions and the free space"
+
+
+def is_file_system_error(exc: OSError) -> bool:
+    """True for an error about a file or the disk (not, say, a network error, which also subclasses OSError)."""
+    return exc.filename is not None or exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
