@@ -9,6 +9,7 @@ A recipe either fine-tunes a merged model (``source`` + ``merge``) or pretrains 
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -71,6 +72,32 @@ SCHEMA: dict[str, dict | None] = {
     "export": {"output": None, "checkpoint_dir": None, "push_to_hub": None, "private": False},
 }
 
+# The types of the keys outside `training` and `data` (those two become `TrainArgs`, which checks its own).
+TYPES: dict[str, type | tuple[type, ...]] = {
+    "name": str,
+    "description": str,
+    "source": str,
+    "teacher": str,
+    "merge.after_layer": int,
+    "merge.tokens": int,
+    "merge.rope_positions": str,
+    "merge.calibrate": bool,
+    "merge.calibrate_images": int,
+    "evaluation.before": bool,
+    "evaluation.batch_size": int,
+    "evaluation.speed": bool,
+    "evaluation.speed_batch_size": int,
+    "export.output": str,
+    "export.checkpoint_dir": str,
+    "export.push_to_hub": str,
+    "export.private": bool,
+}
+TYPE_NAMES = {str: "text", int: "a whole number", bool: "true or false"}
+POSITIVE = {"merge.after_layer", "merge.tokens", "merge.calibrate_images", "evaluation.batch_size",
+            "evaluation.speed_batch_size"}  # fmt: skip
+# YAML 1.1 (PyYAML) reads 1e-4 as text; it needs 1.0e-4. Numbers written that way are read as numbers here.
+EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
 # Mappings passed through as keyword arguments (checked where they are used), so `--set` may reach inside them.
 FREE_FORM = {"pretrain.model", "pretrain.image_processor"}
 
@@ -124,9 +151,10 @@ def validate(recipe: dict, where: str = "recipe") -> dict:
         out[key] = value
     for key, section in SCHEMA.items():
         if isinstance(section, dict) and key != "pretrain":
-            out[key] = {**section, **out.get(key, {})}
+            out[key] = {sub: _number(value) for sub, value in {**section, **out.get(key, {})}.items()}
         else:
             out.setdefault(key, None)
+    _check_types(out, where)
     if out["pretrain"] is None:
         if not out["source"]:
             raise RetrofitError(f"{where} needs 'source' (a Hub id, folder or retrofit:NAME) or a 'pretrain' section")
@@ -145,7 +173,28 @@ def validate(recipe: dict, where: str = "recipe") -> dict:
             f"{where} pretrains a plain transformers checkpoint, which export.push_to_hub does not upload; remove it "
             "and upload the folder with `hf upload`"
         )
+    from .train import TrainArgs
+
+    TrainArgs(**_train_settings(out)).check()  # the training settings too, before anything is loaded
     return out
+
+
+def _number(value):
+    """`value`, or the float it spells if it is text such as ``1e-4`` (see `EXPONENT_NUMBER`)."""
+    return float(value) if isinstance(value, str) and EXPONENT_NUMBER.fullmatch(value.strip()) else value
+
+
+def _check_types(recipe: dict, where: str) -> None:
+    """Refuse a value of the wrong type (``merge.tokens: eight``) in one line, before anything is loaded."""
+    for dotted, kind in TYPES.items():
+        section, _, sub = dotted.partition(".")
+        value = recipe[section].get(sub) if sub else recipe[section]
+        if value is None:
+            continue
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise RetrofitError(f"{dotted} in {where} must be {TYPE_NAMES[kind]}, not {value!r}")
+        if dotted in POSITIVE and value < 1:
+            raise RetrofitError(f"{dotted} in {where} must be at least 1 (got {value})")
 
 
 def _parse_value(text: str):

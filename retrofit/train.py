@@ -24,7 +24,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -84,7 +84,9 @@ class TrainArgs:
     progress: bool = True
 
     def check(self) -> None:
-        """Refuse bad settings before anything is loaded or written."""
+        """Refuse bad settings before anything is loaded or written (from the CLI, a recipe or Python)."""
+        for setting in fields(self):
+            _check_type(f"--{setting.name.replace('_', '-')}", getattr(self, setting.name), setting.type)
         if self.loss not in LOSSES:
             raise RetrofitError(f"--loss {self.loss!r} is not one of {', '.join(LOSSES)}")
         if self.train not in TRAINABLE:
@@ -94,18 +96,49 @@ class TrainArgs:
         if self.epochs <= 0 and not self.max_steps:
             raise RetrofitError(f"--epochs must be positive (got {self.epochs})")
         positive = "lr merger_lr_scale batch_size grad_accum save_every keep_checkpoints temperature".split()
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise RetrofitError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
+        for name in positive + ["max_steps", "eval_batch_size", "stop_after"]:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise RetrofitError(f"--{name.replace('_', '-')} must be positive (got {value})")
+        for name in ("weight_decay", "max_grad_norm", "num_workers", "eval_every"):
+            if getattr(self, name) < 0:
+                raise RetrofitError(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(self, name)})")
+        if not 0 <= self.warmup_ratio < 1:
+            raise RetrofitError(f"--warmup-ratio must be in [0, 1) (got {self.warmup_ratio})")
+        if not 0 <= self.seed < 2**32:
+            raise RetrofitError(f"--seed must be in [0, 2**32) (got {self.seed})")
+        if self.num_labels is not None and self.num_labels < 2:
+            raise RetrofitError(f"--num-labels must be at least 2 (got {self.num_labels})")
         if self.limit is not None and self.sample is not None:
             raise RetrofitError("--limit (the first N images) and --sample (a shuffled sample) exclude each other")
-        check_at_least_one("--sample", self.sample)
+        for name in ("limit", "sample", "eval_limit"):
+            check_at_least_one(f"--{name.replace('_', '-')}", getattr(self, name))
         if self.feature_weight is not None and self.feature_weight < 0:
             raise RetrofitError(f"--feature-weight must be 0 or more (got {self.feature_weight})")
         if not 0 <= self.alpha <= 1:
             raise RetrofitError(f"--alpha must be in [0, 1] (got {self.alpha})")
         if self.report_to not in (None, "none", "tensorboard", "all", "wandb", "mlflow", "comet_ml", "aim"):
             raise RetrofitError(f"--report-to {self.report_to!r} is not a tracker Accelerate knows; try tensorboard")
+
+
+# `TrainArgs` annotations (strings, see `from __future__ import annotations`) -> what a value may be and how to say it
+_KINDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "str": ((str,), "text"),
+    "int": ((int,), "a whole number"),
+    "float": ((int, float), "a finite number"),
+    "bool": ((bool,), "true or false"),
+}
+
+
+def _check_type(option: str, value, annotation: str) -> None:
+    """Refuse a value of the wrong type for a `TrainArgs` field (a recipe says ``lr: fast`` or ``batch_size: 16.5``)."""
+    kind, optional = annotation.removesuffix(" | None"), annotation.endswith(" | None")
+    if kind not in _KINDS or value is None and optional:
+        return
+    types, description = _KINDS[kind]
+    wrong = not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
+    if wrong or kind == "float" and not math.isfinite(value):
+        raise RetrofitError(f"{option} must be {description}, not {value!r}")
 
 
 @dataclass
@@ -322,7 +355,15 @@ def check_same_run(checkpoint_dir: Path, settings: dict) -> None:
     path = checkpoint_dir / "run.json"
     if not path.is_file():  # written by a retrofit from before run.json; loading the state checks what it can
         return
-    saved = json.loads(path.read_text())
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        saved = exc
+    if not isinstance(saved, dict):
+        raise RetrofitError(
+            f"'{path}' is damaged ({brief(saved) if isinstance(saved, Exception) else 'not a JSON object'}); "
+            "pass --overwrite to start over"
+        )
     for key, flag in RUN_SETTINGS.items():
         if key in saved and saved[key] != settings[key]:
             if key == "architecture":  # a class name, set through --task / --num-labels
@@ -638,14 +679,20 @@ def train_loop(
     progress = Progress()
     accelerator.register_for_checkpointing(progress)
     if args.resume and existing:
-        latest = list_checkpoints(checkpoint_dir)[-1]
+        *older, latest = list_checkpoints(checkpoint_dir)
         try:
             accelerator.load_state(str(latest))
         except (RuntimeError, ValueError, KeyError) as exc:  # e.g. other merge settings, from before run.json
             raise RetrofitError(
                 f"checkpoint '{latest}' does not fit this run ({brief(exc, 200)}); resume with the settings of the "
                 "run that wrote it, or pass --overwrite to start over"
-            ) from None
+            ) from exc
+        except Exception as exc:  # a file missing or damaged since it was written (checkpoints are written whole)
+            fallback = f"delete it to resume from {older[-1].name}, " if older else "delete it "
+            raise RetrofitError(
+                f"checkpoint '{latest}' is damaged ({type(exc).__name__}: {brief(exc, 120)}); {fallback}or pass "
+                "--overwrite to start over"
+            ) from exc
         log(f"resumed from {latest} (step {progress.step}, epoch {progress.epoch}, batch {progress.batch})")
     if accelerator.trackers == [] and args.report_to not in (None, "none"):
         accelerator.init_trackers("retrofit", config={k: v for k, v in asdict(args).items() if v is not None})

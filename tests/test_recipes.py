@@ -97,3 +97,29 @@ def test_pretrain_recipe_with_nested_overrides(tmp_path, capsys):
     model = AutoModelForImageClassification.from_pretrained(tmp_path / "baseline")
     assert model.config.hidden_size == 24 and model.config.num_labels == 3
     assert model.config.id2label[0] in {"bird", "cat", "dog"}
+
+
+def test_values_of_the_wrong_type_are_refused_and_1e_4_is_a_number(tmp_path, capsys):
+    """PyYAML reads `lr: 1e-4` as text (YAML 1.1 wants 1.0e-4): retrofit reads it as the number the user meant.
+    Other wrong types are one-line errors naming the key, before anything is loaded."""
+    recipe = tiny_recipe("x", "y", tmp_path / "out")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe).replace("max_steps: 3", "max_steps: 3\n  lr: 1e-4"))
+    assert "lr: 1e-4" in path.read_text() and load_recipe(path)["training"]["lr"] == 1e-4
+    assert load_recipe(path, {"training.lr": "3e-3"})["training"]["lr"] == 3e-3
+    for dotted, value, message in [
+        ("merge.tokens", {"a": 1}, "merge.tokens in recipe '.*' must be a whole number, not {'a': 1}"),
+        ("merge.tokens", 0, "merge.tokens in recipe '.*' must be at least 1 \\(got 0\\)"),
+        ("merge.calibrate", "yes", "merge.calibrate in recipe '.*' must be true or false, not 'yes'"),
+        ("evaluation.speed_batch_size", 2.5, "evaluation.speed_batch_size in recipe '.*' must be a whole number"),
+        ("source", 5, "source in recipe '.*' must be text, not 5"),
+    ]:
+        with pytest.raises(RetrofitError, match=message):
+            load_recipe(path, {dotted: value})
+    assert main(["run", str(path), "--set", "training.batch_size=16.5"]) == 2
+    assert main(["run", str(path), "--set", "training.lr=.nan"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "retrofit: error: --batch-size must be a whole number, not 16.5",
+        "retrofit: error: --lr must be a finite number, not nan",
+    ]

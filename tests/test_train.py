@@ -491,3 +491,51 @@ def test_evaluate_and_sweep_rank_backbones_by_feature_similarity(tiny_clip_visio
     assert all(0 < row["similarity"] <= 1 for row in result["settings_results"])
     assert "| after layer | tokens | feature similarity |" in result["table"]
     assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (dict(lr=float("nan")), "--lr must be a finite number, not nan"),
+        (dict(epochs=float("inf")), "--epochs must be a finite number, not inf"),
+        (dict(batch_size=16.5), "--batch-size must be a whole number, not 16.5"),
+        (dict(lr="fast"), "--lr must be a finite number, not 'fast'"),
+        (dict(augment="yes"), "--augment must be true or false, not 'yes'"),
+        (dict(limit=True), "--limit must be a whole number, not True"),
+        (dict(seed=-1), r"--seed must be in \[0, 2\*\*32\) \(got -1\)"),
+        (dict(num_workers=-1), "--num-workers must be 0 or more"),
+        (dict(warmup_ratio=1.0), r"--warmup-ratio must be in \[0, 1\)"),
+        (dict(num_labels=-1), "--num-labels must be at least 2"),
+        (dict(max_steps=0), "--max-steps must be positive"),
+        (dict(eval_limit=0), "--eval-limit must be at least 1"),
+    ],
+)
+def test_bad_training_settings_are_refused_before_any_work(setting, message, tmp_path):
+    """From the CLI, a recipe or Python: wrong types, NaN/inf and out-of-range values are one-line errors, raised
+    before the source is even looked at (it does not exist here)."""
+    with pytest.raises(RetrofitError, match=f"^{message}"):
+        finetune(tmp_path / "missing", output=tmp_path / "out", after_layer=2, num_tokens=4, **setting)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out-checkpoints").exists()
+    TrainArgs(lr=1, epochs=2).check()  # an int where a float is expected is fine
+
+
+def test_resume_from_a_damaged_checkpoint_is_one_line(tiny_vit, colours, tmp_path):
+    """A checkpoint damaged after it was written (a file deleted or truncated, run.json edited) is named, with the
+    older checkpoint to resume from instead."""
+    settings = dict(after_layer=2, num_tokens=4, data=colours, loss="ce", max_steps=6, **FAST)
+    finetune(tiny_vit, output=tmp_path / "out", stop_after=4, **settings)
+    checkpoints = tmp_path / "out-checkpoints"
+    latest = list_checkpoints(checkpoints)[-1]
+    (latest / "model.safetensors").write_bytes((latest / "model.safetensors").read_bytes()[:100])
+    with pytest.raises(
+        RetrofitError, match=r"step-00000004' is damaged \(.*\); delete it to resume from step-00000002"
+    ):
+        finetune(tiny_vit, output=tmp_path / "out", resume=True, **settings)
+    shutil.rmtree(latest)
+    (checkpoints / "step-00000002" / "optimizer.bin").unlink()
+    with pytest.raises(RetrofitError, match=r"step-00000002' is damaged \(.*\); delete it or pass --overwrite"):
+        finetune(tiny_vit, output=tmp_path / "out", resume=True, **settings)
+    (checkpoints / "run.json").write_text("{not json")
+    with pytest.raises(RetrofitError, match=r"run.json' is damaged \(.*\); pass --overwrite to start over"):
+        finetune(tiny_vit, output=tmp_path / "out", resume=True, **settings)
+    assert finetune(tiny_vit, output=tmp_path / "out", overwrite=True, **settings).steps == 6
