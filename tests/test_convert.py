@@ -347,3 +347,32 @@ def test_cost_uses_the_size_the_processor_feeds(tmp_path):
     assert result.before.tokens_per_layer == [17] * 4  # 32x32 crops: 16 patches + CLS, not 64 + CLS
     with pytest.raises(RetrofitError, match="use 1..15"):
         convert(source, after_layer=2, num_tokens=20, log=lambda _: None)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(capsys, tmp_path, tiny_vit, monkeypatch):
+    """A file-system error (here the disk fills up as the export is moved into place) is one line naming the path,
+    not a traceback, and the temporary folder is removed."""
+    import errno
+
+    import retrofit.atomic
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(retrofit.atomic.os, "replace", full)
+    out = tmp_path / "o"
+    message = f"No space left on device ('{out}'); check the path, its permissions and the free space"
+    assert_refused(capsys, out, tiny_vit, "--after-layer", 1, "--tokens", 2, match=message)
+
+
+def test_an_output_holding_the_current_folder_is_refused(capsys, tmp_path, tiny_vit, monkeypatch):
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    for output in (".", ".."):
+        code, err = run_cli(capsys, "convert", tiny_vit, "--after-layer", 1, "--tokens", 2, "--output", output,
+                            "--overwrite")  # fmt: skip
+        assert code == 2 and err == (
+            f"retrofit: error: output '{output}' holds the current folder, so it cannot be replaced; choose another "
+            "--output"
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"] and not list((tmp_path / "work").iterdir())
