@@ -42,18 +42,27 @@ def check_file_target(path: str | Path, option: str) -> Path:
 def write_text(path: str | Path, text: str) -> Path:
     """Write `text` to `path` through a temporary sibling renamed into place: readers see the old file or the new
     one, never half of it (a full disk leaves the old file as it was)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    write_files({Path(path): text})
+    return Path(path)
+
+
+def write_files(files: dict[Path, str]) -> None:
+    """Write several files (path -> UTF-8 text) together: every text first goes to a temporary sibling, where a full
+    disk fails before any file is touched, and only then is each renamed into place. Temporary files never stay."""
+    staged: list[tuple[Path, Path]] = []
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        for path, text in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+            staged.append((Path(tmp), path))
+            with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+                handle.write(text)
+            os.chmod(tmp, 0o644)
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import PreTrainedModel
 
+from .atomic import write_files
 from .cost import compare, model_cost
+from .errors import RetrofitError, brief, describe_os_error
 from .hub_code import OLDEST_TRANSFORMERS, base_head
 from .loading import family_and_head
 
@@ -131,6 +137,7 @@ The modeling code ships in this repository (`modeling_*.py`, `configuration_*.py
 # ----------------------------------------------------------------------------------------------------------------
 
 RESULTS_FILE = "retrofit_results.json"
+_REPORTS = ("evaluation", "benchmark")
 
 
 def _same_model(spec: str, export: Path) -> bool:
@@ -143,9 +150,61 @@ def _same_path(a: str, b: str) -> bool:
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
+@contextmanager
+def _no_missing_metadata_warning() -> Iterator[None]:
+    """Silence huggingface_hub's "Repo card metadata block was not found." for a README without YAML (we add it)."""
+    logger = logging.getLogger("huggingface_hub.repocard")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _load_card(export: Path) -> ModelCard:
+    """The export's README.md as a ModelCard; a broken YAML front matter is a one-line `RetrofitError`."""
+    readme = export / "README.md"
+    try:
+        with _no_missing_metadata_warning():
+            return ModelCard.load(readme)
+    except Exception as exc:  # noqa: BLE001 - yaml.YAMLError, ValueError, UnicodeDecodeError: one line
+        raise RetrofitError(
+            f"--card {export}: {readme.name}'s metadata (the YAML between its first two '---' lines) cannot be read "
+            f"({type(exc).__name__}: {brief(exc, 120)}); fix that block or delete it, then retry"
+        ) from None
+
+
+def _load_results(export: Path) -> dict:
+    """The results stored by earlier `--card` runs ({} if none); a corrupt file is a one-line `RetrofitError`."""
+    store = export / RESULTS_FILE
+    if not store.exists():
+        return {}
+    try:
+        results = json.loads(store.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RetrofitError(
+            f"--card {export}: {RESULTS_FILE} cannot be read ({brief(exc, 120)}); fix it, or delete it to start the "
+            "card's results afresh"
+        ) from None
+    if not isinstance(results, dict) or not all(isinstance(results.get(key, {}), dict) for key in _REPORTS):
+        raise RetrofitError(
+            f"--card {export}: {RESULTS_FILE} does not hold retrofit's results (a JSON object with "
+            "'evaluation'/'benchmark' reports); delete it to start the card's results afresh"
+        )
+    return results
+
+
+def _render(results: dict, export: Path) -> tuple[str, list[EvalResult] | None]:
+    """The card's Results section and model-index entries (None: no evaluation of the export) for `results`."""
+    evaluation = results.get("evaluation")
+    row = _find(_rows(evaluation), "model", (evaluation or {}).get("this"))
+    return results_section(results, export), None if row is None else eval_results_from(evaluation, row)
+
+
 def check_card_target(export: str | Path, models: list[str]) -> Path:
-    """Check that `export` is a retrofit export with a README.md and is one of `models`; return its path."""
-    from .errors import RetrofitError
+    """Check that `export` is a retrofit export with a README.md and is one of `models`, and that its card and
+    stored results can be read and updated; return its path. Called before any measurement."""
     from .loading import is_merged, load_config
 
     export = Path(export)
@@ -155,6 +214,15 @@ def check_card_target(export: str | Path, models: list[str]) -> Path:
         raise RetrofitError(f"--card {export}: not a retrofit export (no PatchMerger in its config)")
     if not any(_same_model(spec, export) for spec in models):
         raise RetrofitError(f"--card {export}: the export must also be one of the models measured; add it to them")
+    _load_card(export)
+    results = _load_results(export)
+    try:
+        _render(results, export)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise RetrofitError(
+            f"--card {export}: {RESULTS_FILE} does not hold retrofit's results ({type(exc).__name__}: "
+            f"{brief(exc, 80)}); delete it to start the card's results afresh"
+        ) from None
     return export
 
 
@@ -164,6 +232,17 @@ def _rows(report: dict | None) -> list[dict]:
 
 def _find(rows: list[dict], key: str, spec: str | None) -> dict | None:
     return next((row for row in rows if spec is not None and row.get(key) == spec), None)
+
+
+def top_k(evaluation: dict | None) -> int:
+    """The k of an evaluation report's top-k accuracy (``top_k``; 5 for reports that do not say)."""
+    return int((evaluation or {}).get("top_k") or 5)
+
+
+def top_k_value(row: dict, k: int) -> float | None:
+    """A model row's top-k accuracy: under ``top<k>``, ``topk`` or, as `retrofit evaluate` writes it for any k,
+    ``top5``."""
+    return next((row[key] for key in (f"top{k}", "topk", "top5") if row.get(key) is not None), None)
 
 
 def eval_results_from(evaluation: dict, row: dict) -> list[EvalResult]:
@@ -183,13 +262,13 @@ def eval_results_from(evaluation: dict, row: dict) -> list[EvalResult]:
         name = f"Feature cosine similarity to {reference}"
         return [EvalResult(metric_type="cosine_similarity", metric_name=name, metric_value=row["similarity"], **common)]
     results = [EvalResult(metric_type="accuracy", metric_name="Top-1 accuracy", metric_value=row["top1"], **common)]
-    if row.get("top5") is not None:
-        k = evaluation.get("top_k", 5)
+    k = top_k(evaluation)
+    if top_k_value(row, k) is not None:
         results.append(
             EvalResult(
                 metric_type="top_k_accuracy",
                 metric_name=f"Top-{k} accuracy",
-                metric_value=row["top5"],
+                metric_value=top_k_value(row, k),
                 metric_args={"k": k},
                 **common,
             )
@@ -220,7 +299,8 @@ def results_section(results: dict, export: Path) -> str:
         largest = str(max(bench["settings"]["batch_sizes"]))
         speed_head = f"images/s ({env['hardware']}, {env['dtype']}, batch {largest})"
     similarity = (evaluation or {}).get("metric") == "similarity"
-    quality = "feature similarity to the first model evaluated" if similarity else "top-1 | top-5"
+    k = top_k(evaluation)
+    quality = "feature similarity to the first model evaluated" if similarity else f"top-1 | top-{k}"
     lines = [f"| | {quality} | GFLOPs | {speed_head} |", f"|---|{'---|' if similarity else '---|---|'}---|---|"]
     for label, ev, be in (("before: source", before_eval, before_bench), ("after: this model", this_eval, this_bench)):
         if ev is None and be is None:
@@ -231,7 +311,7 @@ def results_section(results: dict, export: Path) -> str:
         if similarity:
             score = "–" if (ev or {}).get("similarity") is None else f"{ev['similarity']:.4f}"
         else:
-            score = f"{_pct((ev or {}).get('top1'))} | {_pct((ev or {}).get('top5'))}"
+            score = f"{_pct((ev or {}).get('top1'))} | {_pct(top_k_value(ev or {}, k))}"
         lines.append(
             f"| {label} (`{name}`) | {score} | "
             f"{'–' if gflops is None else f'{gflops:.3g}'} | {'–' if rate is None else f'{rate:.1f}'} |"
@@ -267,13 +347,9 @@ def _replace_section(text: str, heading: str, body: str) -> str:
 
 def update_card(export: str | Path, *, evaluation: dict | None = None, benchmark: dict | None = None) -> Path:
     """Write new evaluation and/or benchmark results into an export: `retrofit_results.json`, the README's Results
-    section, and (for evaluations) the model-index metadata. Returns the README path."""
-    import json
-    import os
-
+    section, and (for evaluations) the model-index metadata, both files or neither. Returns the README path."""
     export = Path(export)
-    store = export / RESULTS_FILE
-    results = json.loads(store.read_text()) if store.is_file() else {}
+    results = _load_results(export)
     for key, report in (("evaluation", evaluation), ("benchmark", benchmark)):
         if report is None:
             continue
@@ -285,16 +361,16 @@ def update_card(export: str | Path, *, evaluation: dict | None = None, benchmark
             report["source"] = row.get("source")
         results[key] = report
     readme = export / "README.md"
-    card = ModelCard.load(readme)
-    card.text = _replace_section(card.text, "Results", results_section(results, export))
-    evaluation = results.get("evaluation")
-    row = _find(_rows(evaluation), "model", (evaluation or {}).get("this"))
-    if row is not None:
+    card = _load_card(export)
+    section, eval_results = _render(results, export)
+    card.text = _replace_section(card.text, "Results", section)
+    if eval_results is not None:
         card.data.model_name = card.data.model_name or export.resolve().name
-        card.data.eval_results = eval_results_from(evaluation, row)
-    for path, text in ((store, json.dumps(results, indent=2) + "\n"), (readme, str(card))):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        card.data.eval_results = eval_results
+    try:
+        write_files({export / RESULTS_FILE: json.dumps(results, indent=2) + "\n", readme: str(card)})
+    except OSError as exc:
+        raise RetrofitError(
+            f"--card {export}: could not write the results ({describe_os_error(exc)}); the card was left as it was"
+        ) from None
     return readme

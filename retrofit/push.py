@@ -3,18 +3,104 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import quote
 
 from .errors import RetrofitError, brief
 
 # Never uploaded: caches, editor and OS leftovers, retrofit's own temporary files.
 IGNORE_PATTERNS = ["__pycache__/*", "*.pyc", ".*", "*/.*", "*.tmp"]
 
+# An open pull request of the repo: huggingface_hub commits to it with `revision="refs/pr/N"`.
+PR_REVISION = re.compile(r"refs/pr/([1-9][0-9]*)")
+# What git (`git check-ref-format --branch`) refuses anywhere in a branch name.
+_BAD_BRANCH_TEXT = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
+
+
+def check_revision(revision: str | None) -> str | None:
+    """Refuse, before any work, a `--revision` the Hub cannot take as a branch: git's branch-name rules, or an open
+    pull request ``refs/pr/N``. Returns the revision, None for the default branch."""
+    if revision is None:
+        return None
+    why = None
+    bad = _BAD_BRANCH_TEXT.search(revision)
+    if not revision:
+        why = "is empty"
+    elif bad:
+        why = f"holds {bad.group()!r} (no spaces, control characters, '..', '//', '@{{' or any of ~ ^ : ? * [ \\)"
+    elif revision.startswith(("-", "/")) or revision.endswith(("/", ".")):
+        why = "starts with '-' or '/', or ends with '/' or '.'"
+    elif any(part.startswith(".") or part.endswith(".lock") for part in revision.split("/")):
+        why = "has a part that starts with '.' or ends with '.lock'"
+    elif revision in ("@", "HEAD"):
+        why = "is reserved by git"
+    elif revision.startswith("refs/") and not PR_REVISION.fullmatch(revision):
+        why = "is a git ref other than an open pull request (refs/pr/N)"
+    if why:
+        raise RetrofitError(
+            f"--revision {revision!r} is not a valid branch name: it {why}; use a branch name such as 'v1' "
+            "(created if needed) or 'refs/pr/N' for an open pull request"
+        )
+    return revision
+
+
+def _not_complete(export: str | Path, what: str) -> RetrofitError:
+    return RetrofitError(f"'{export}' is not a complete export: {what}; re-export it with `retrofit convert`")
+
+
+def _read_json(path: Path, export: str | Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise _not_complete(export, f"{path.name} is not readable JSON") from None
+
+
+def _check_safetensors(path: Path, export: str | Path) -> None:
+    """Refuse a weight file whose safetensors header is unreadable or does not cover the file (truncated, padded)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as weights:
+            weights.keys()
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError: one line
+        raise _not_complete(export, f"{path.name} is corrupt or truncated ({brief(exc, 120)})") from None
+
+
+def _shard_names(index: Path, export: str | Path) -> list[str]:
+    """The weight files a sharded export's ``model.safetensors.index.json`` names, checked to be file names."""
+    content = _read_json(index, export)
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise _not_complete(export, f'{index.name} has no "weight_map" object of tensor -> file')
+    for name in weight_map.values():
+        if not isinstance(name, str) or not name or name.startswith("/") or ".." in Path(name).parts:
+            raise _not_complete(export, f"{index.name} names a weight file {name!r} that is not a file name")
+    return sorted(set(weight_map.values()))
+
+
+def _code_files(auto_map: object, export: str | Path) -> list[str]:
+    """The modeling/configuration files the config's ``auto_map`` ({"AutoX": "module.Class", ...}) names."""
+    if auto_map is not None and not isinstance(auto_map, dict):
+        raise _not_complete(export, f"config.json's auto_map is a {type(auto_map).__name__}, not an object")
+    if not auto_map:
+        raise RetrofitError(f"'{export}/config.json' has no auto_map; it cannot load without retrofit, re-export it")
+    files = []
+    for auto_class, reference in auto_map.items():
+        for ref in reference if isinstance(reference, list) else [reference]:
+            if ref is None:  # [slow, fast] pairs may leave one out
+                continue
+            module = ref.split("--")[-1].rsplit(".", 1)[0] if isinstance(ref, str) and "." in ref else ""
+            if not module or "/" in module or "\\" in module:
+                raise _not_complete(export, f"config.json's auto_map[{auto_class!r}] = {ref!r} is not 'module.Class'")
+            files.append(module + ".py")
+    return files
+
 
 def export_files(export: str | Path) -> list[str]:
-    """The files a complete export must hold: `REQUIRED_FILES`, the weights (single file or shards) and the code
-    files its config's ``auto_map`` names. Raises `RetrofitError` naming whatever is missing."""
+    """The files a complete export must hold: `REQUIRED_FILES`, the weights (single file or shards, their safetensors
+    headers read) and the code files its config's ``auto_map`` names. Raises `RetrofitError` naming what is wrong."""
     from .export import REQUIRED_FILES
 
     folder = Path(export)
@@ -24,33 +110,27 @@ def export_files(export: str | Path) -> list[str]:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         raise RetrofitError(f"'{export}' has no readable config.json: not a complete export; re-export it") from None
+    if not isinstance(config, dict):
+        raise _not_complete(export, "config.json is not a JSON object")
     if not str(config.get("model_type", "")).endswith("_patch_merger"):
         raise RetrofitError(f"'{export}' is not a retrofit export (model_type '{config.get('model_type')}')")
     required = [name for name in REQUIRED_FILES if name != "model.safetensors"]
     index = folder / "model.safetensors.index.json"
-    if (folder / "model.safetensors").is_file():
-        required.append("model.safetensors")
-    elif index.is_file():
-        required.append(index.name)
-        try:
-            required += sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError):
-            raise RetrofitError(f"'{index}' is corrupt; re-export the model") from None
+    if (folder / "model.safetensors").is_file() or not index.is_file():
+        weights = ["model.safetensors"]
     else:
-        required.append("model.safetensors")
-    auto_map = config.get("auto_map") or {}
-    if not auto_map:
-        raise RetrofitError(f"'{export}/config.json' has no auto_map; it cannot load without retrofit, re-export it")
-    for reference in auto_map.values():
-        for ref in reference if isinstance(reference, list) else [reference]:
-            if ref:
-                required.append(ref.split("--")[-1].rsplit(".", 1)[0] + ".py")
+        required.append(index.name)
+        weights = _shard_names(index, export)
+    required += weights
+    required += _code_files(config.get("auto_map"), export)
     required = list(dict.fromkeys(required))
     missing = [name for name in required if not (folder / name).is_file() or (folder / name).stat().st_size == 0]
     if missing:
         raise RetrofitError(
             f"'{export}' is not a complete export (missing or empty: {', '.join(missing)}); re-run `retrofit convert`"
         )
+    for name in weights:
+        _check_safetensors(folder / name, export)
     return required
 
 
@@ -100,15 +180,38 @@ def push(
     token: str | None = None,
     log: Callable[[str], None] = print,
 ) -> str:
-    """Create `repo_id` if needed (and branch `revision`), upload the export folder; return the repo (tree) URL."""
+    """Create `repo_id` if needed (and branch `revision`), upload the export folder; return the repo (tree) URL.
+
+    `revision` ``refs/pr/N`` uploads into open pull request N of an existing repo. A branch is created before the
+    upload; if the Hub refuses it on a repo this call created, that repo is deleted again (nothing left behind)."""
     from huggingface_hub import HfApi
 
+    check_revision(revision)
     files = export_files(export)
     api = HfApi(token=check_push(repo_id, token))
+    pull = PR_REVISION.fullmatch(revision or "")
+    branch = revision if revision not in (None, "main") and not pull else None
     try:
-        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if revision:
-            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        if pull:
+            if not api.repo_exists(repo_id, repo_type="model"):
+                raise RetrofitError(
+                    f"--revision {revision} names a pull request, but '{repo_id}' does not exist (or is not visible "
+                    "to you); push to a branch, or open the pull request first"
+                )
+            url = f"{api.endpoint}/{repo_id}"
+        else:
+            existed = api.repo_exists(repo_id, repo_type="model") if branch else True
+            url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if branch:
+            try:
+                api.create_branch(repo_id, branch=branch, exist_ok=True, repo_type="model")
+            except Exception:
+                if not existed:  # the empty repo created above would be all this push leaves: remove it
+                    try:
+                        api.delete_repo(repo_id, repo_type="model", missing_ok=True)
+                    except Exception:  # noqa: BLE001, S110 - best effort; the branch error is the one to report
+                        pass
+                raise
         info = api.upload_folder(
             repo_id=repo_id,
             folder_path=str(export),
@@ -117,10 +220,15 @@ def push(
             commit_message=commit_message or f"Upload {Path(export).resolve().name} (retrofit PatchMerger export)",
             ignore_patterns=IGNORE_PATTERNS,
         )
+    except RetrofitError:
+        raise
     except Exception as exc:  # noqa: BLE001 - HfHubHTTPError, connection errors, timeouts: one line
         raise _hub_error(exc, repo_id) from None
     base = str(url).rstrip("/")
-    tree = f"{base}/tree/{revision}" if revision else base
+    if pull:
+        tree = f"{base}/discussions/{pull.group(1)}"
+    else:
+        tree = f"{base}/tree/{quote(revision, safe='')}" if revision else base
     log(f"uploaded {export} ({len(files)} required files present) to {tree}")
     commit_url = getattr(info, "commit_url", None)
     if commit_url:

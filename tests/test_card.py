@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import sys
 
 import pytest
 from huggingface_hub import ModelCard
@@ -90,3 +92,84 @@ def test_card_target_checks(tiny_vit, export_dir):
     with pytest.raises(RetrofitError, match="must also be one of the models"):
         check_card_target(export_dir, [str(tiny_vit)])
     assert check_card_target(export_dir, [str(export_dir)]) == export_dir
+
+
+# --- --card on a broken or full export: refused up front in one line, and never half-updated ---
+
+
+BROKEN_CARDS = {
+    "yaml": ("README.md", "---\nfoo: [unclosed\n---\n# hi\n", "README.md's metadata"),
+    "yaml-list": ("README.md", "---\n- a\n- b\n---\n# hi\n", "README.md's metadata"),
+    "json": ("retrofit_results.json", "{not json", "retrofit_results.json cannot be read"),
+    "json-list": ("retrofit_results.json", "[1, 2]", "does not hold retrofit's results"),
+    "json-shape": ("retrofit_results.json", '{"evaluation": {"models": [{"x": 1}]}}', "does not hold retrofit's"),
+}
+
+
+@pytest.mark.parametrize("broken", BROKEN_CARDS)
+def test_card_target_refuses_a_broken_readme_or_results_file(tiny_vit, export_dir, tmp_path, capsys, broken):
+    from retrofit.cli import main
+
+    name, text, message = BROKEN_CARDS[broken]
+    folder = tmp_path / "vit-pm"
+    shutil.copytree(export_dir, folder)
+    (folder / name).write_text(text)
+    with pytest.raises(RetrofitError, match=message):
+        check_card_target(folder, [str(folder)])
+    # The CLI refuses before it loads any data (which does not exist here), in one line.
+    argv = ["evaluate", str(tiny_vit), str(folder), "--data", str(tmp_path / "no-data"), "--card", str(folder)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "delete" in err and len(err.splitlines()) == 1
+
+
+def test_readme_without_metadata_is_updated_quietly(tiny_vit, export_dir, tmp_path, caplog):
+    folder = tmp_path / "vit-pm"
+    shutil.copytree(export_dir, folder)
+    (folder / "README.md").write_text("# my notes\n\nHand-written card.\n")
+    with caplog.at_level(logging.INFO):
+        check_card_target(folder, [str(folder)])
+        update_card(folder, evaluation=evaluation(str(tiny_vit), str(folder)))
+    assert not [r for r in caplog.records if "metadata" in r.getMessage()]  # huggingface_hub: "...block was not found."
+    card = ModelCard.load(folder / "README.md")
+    assert "Hand-written card." in card.text and card.data.eval_results[0].metric_value == 0.85
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE and SIGXFSZ as on Linux")
+def test_update_card_on_a_full_disk_leaves_the_export_as_it_was(tiny_vit, export_dir, tmp_path):
+    import resource
+    import signal
+
+    folder = tmp_path / "vit-pm"
+    shutil.copytree(export_dir, folder)
+    update_card(folder, benchmark=bench(str(tiny_vit), str(folder)))  # an earlier results file to keep
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    # Writes past this size fail (EFBIG) as on a full disk: the new results file fits, the longer new README not.
+    limit = len(before["README.md"])
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        with pytest.raises(RetrofitError, match="the card was left as it was") as refused:
+            update_card(folder, evaluation=evaluation(str(tiny_vit), str(folder)))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert len(str(refused.value).splitlines()) == 1
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before  # no temp file, nothing replaced
+
+
+@pytest.mark.parametrize("key", ["top5", "top2"])  # `retrofit evaluate` stores top-k under "top5" for any k
+def test_card_names_the_k_of_top_k(tiny_vit, export_dir, tmp_path, key):
+    folder = tmp_path / "vit-pm"
+    shutil.copytree(export_dir, folder)
+    report = evaluation(str(tiny_vit), str(folder))
+    report["top_k"] = 2
+    report["models"] = [{**{k: v for k, v in row.items() if k != "top5"}, key: row["top5"]} for row in report["models"]]
+    update_card(folder, evaluation=report)
+    card = ModelCard.load(folder / "README.md")
+    before_after = card.text.split("### Before / after")[1].split("###")[0]
+    assert "| top-1 | top-2 |" in before_after and "top-5" not in before_after
+    assert f"| after: this model (`{folder}`) | 85.00 % | 98.00 % |" in before_after
+    (_, top_k) = card.data.eval_results
+    assert (top_k.metric_name, top_k.metric_value, top_k.metric_args) == ("Top-2 accuracy", 0.98, {"k": 2})

@@ -23,7 +23,7 @@ def export_dir(tiny_vit, tmp_path_factory):
 @pytest.fixture
 def hub(monkeypatch):
     """Intercept the HTTP-level HfApi calls; `upload_folder` itself runs for real and builds the commit."""
-    calls: dict = {"commits": [], "repos": [], "branches": []}
+    calls: dict = {"commits": [], "repos": [], "branches": [], "existing": set(), "deleted": []}
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     monkeypatch.setattr(HfApi, "whoami", lambda self, token=None, **kw: {"name": "me"})
@@ -47,6 +47,14 @@ def hub(monkeypatch):
         url = f"https://huggingface.co/{repo_id}/commit/abc123"
         return CommitInfo(commit_url=url, commit_message=commit_message, commit_description="", oid="abc123")
 
+    def repo_exists(self, repo_id, **kwargs):
+        return repo_id in calls["existing"]
+
+    def delete_repo(self, repo_id, **kwargs):
+        calls["deleted"].append(repo_id)
+
+    monkeypatch.setattr(HfApi, "repo_exists", repo_exists)
+    monkeypatch.setattr(HfApi, "delete_repo", delete_repo)
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "create_branch", create_branch)
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
@@ -94,6 +102,109 @@ def test_incomplete_export_is_refused(export_dir, hub, tmp_path, capsys, remove)
     err = capsys.readouterr().err.strip()
     assert "not a complete export" in err and remove in err and len(err.splitlines()) == 1
     assert hub["commits"] == [] and hub["repos"] == []
+
+
+def _copy(export_dir, folder):
+    shutil.copytree(export_dir, folder)
+    return folder
+
+
+def _shard(folder):
+    """Turn the single weight file into a one-shard export with an index, as large models are saved."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), framework="numpy") as weights:
+        names = list(weights.keys())
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    index = {"metadata": {}, "weight_map": dict.fromkeys(names, "model-00001-of-00001.safetensors")}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_truncated_weights_are_refused(export_dir, hub, tmp_path, capsys, sharded):
+    folder = _copy(export_dir, tmp_path / "trunc")
+    weights = "model.safetensors"
+    if sharded:
+        weights = "model-00001-of-00001.safetensors"
+        assert weights in export_files(_shard(folder))  # a complete sharded export passes
+    data = (folder / weights).read_bytes()
+    (folder / weights).write_bytes(data[: len(data) // 2])
+    assert main(["push", str(folder), "--repo-id", "me/x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"not a complete export: {weights} is corrupt or truncated" in err and len(err.splitlines()) == 1
+    assert hub["commits"] == [] and hub["repos"] == []
+
+
+MALFORMED = {
+    "config-list": ("config.json", [1, 2], "config.json is not a JSON object"),
+    "index-list": ("model.safetensors.index.json", [1], 'has no "weight_map"'),
+    "index-number": ("model.safetensors.index.json", {"weight_map": {"a": 5}}, "names a weight file 5"),
+    "index-outside": ("model.safetensors.index.json", {"weight_map": {"a": "../w.safetensors"}}, "not a file name"),
+    "auto-map-string": ("auto_map", "x", "auto_map is a str, not an object"),
+    "auto-map-number": ("auto_map", {"AutoConfig": 5}, "auto_map['AutoConfig'] = 5 is not 'module.Class'"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_export_json_is_refused_in_one_line(export_dir, hub, tmp_path, capsys, case):
+    import json
+
+    name, value, message = MALFORMED[case]
+    folder = _copy(export_dir, tmp_path / "bad")
+    if name == "auto_map":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "auto_map": value}))
+    else:
+        if name.endswith("index.json"):
+            (folder / "model.safetensors").unlink()
+        (folder / name).write_text(json.dumps(value))
+    assert main(["push", str(folder), "--repo-id", "me/x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a complete export" in err and message in err and len(err.splitlines()) == 1
+    assert hub["commits"] == [] and hub["repos"] == []
+
+
+@pytest.mark.parametrize("revision", ["", "a b", "../../etc", "-x", "/x", "x/", "v1.lock", "x..y", "refs/heads/x", "@"])
+def test_bad_revision_is_refused_before_anything_is_created(export_dir, hub, capsys, revision):
+    assert main(["push", str(export_dir), "--repo-id", "me/x", f"--revision={revision}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--revision {revision!r} is not a valid branch name" in err and len(err.splitlines()) == 1
+    assert hub["repos"] == [] and hub["branches"] == [] and hub["commits"] == []
+
+
+def test_branch_url_is_quoted(export_dir, hub, capsys):
+    assert main(["push", str(export_dir), "--repo-id", "me/x", "--revision", "exp/k6-m8"]) == 0
+    assert hub["branches"] == [("me/x", "exp/k6-m8")] and hub["commits"][0]["revision"] == "exp/k6-m8"
+    assert "to https://huggingface.co/me/x/tree/exp%2Fk6-m8\n" in capsys.readouterr().out
+
+
+def test_push_to_an_open_pull_request(export_dir, hub, capsys):
+    argv = ["push", str(export_dir), "--repo-id", "me/x", "--revision", "refs/pr/3"]
+    assert main(argv) == 2  # no such repo: refused, and none created for it
+    assert "names a pull request, but 'me/x' does not exist" in capsys.readouterr().err
+    assert hub["repos"] == [] and hub["commits"] == []
+    hub["existing"].add("me/x")
+    assert main(argv) == 0
+    assert hub["repos"] == [] and hub["branches"] == []  # the pull request's ref exists; no branch to create
+    assert hub["commits"][0]["revision"] == "refs/pr/3"
+    assert "to https://huggingface.co/me/x/discussions/3\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_refused_branch_leaves_no_new_empty_repo(export_dir, hub, monkeypatch, capsys, existed):
+    def refuse(self, repo_id, *, branch, **kwargs):  # as the Hub's 400 (BadRequestError) would
+        raise RuntimeError("Invalid reference for a branch")
+
+    monkeypatch.setattr(HfApi, "create_branch", refuse)
+    if existed:
+        hub["existing"].add("me/x")
+    assert main(["push", str(export_dir), "--repo-id", "me/x", "--revision", "v1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Invalid reference for a branch" in err and len(err.splitlines()) == 1
+    assert hub["deleted"] == ([] if existed else ["me/x"]) and hub["commits"] == []
 
 
 def test_source_checkpoint_is_refused(tiny_vit, hub, capsys):
