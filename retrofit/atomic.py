@@ -12,16 +12,31 @@ from pathlib import Path
 from .errors import RetrofitError
 
 
-def check_output(output: str | Path, overwrite: bool = False) -> Path:
-    """Refuse an existing output folder unless `overwrite`; return the path. Call before any heavy work."""
+def check_output(output: str | Path, overwrite: bool = False, *, keep: tuple[str | Path, ...] = ()) -> Path:
+    """Refuse an output folder that cannot be written, or exists (unless `overwrite`), or is or holds one of the
+    folders in `keep` (a source checkpoint) or the current folder; return the path. Call before any heavy work."""
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise RetrofitError(f"output '{output}' already exists; choose another --output or pass --overwrite")
+    if not str(output).strip():
+        raise RetrofitError("--output is empty; give the folder to write")
     if output.exists() and not output.is_dir():
         raise RetrofitError(f"output '{output}' exists and is not a folder; choose another --output")
+    if output.exists() and not overwrite:
+        raise RetrofitError(f"output '{output}' already exists; choose another --output or pass --overwrite")
+    for folder in keep:
+        if Path(folder).exists() and Path(folder).resolve().is_relative_to(output.resolve()):
+            raise RetrofitError(
+                f"output '{output}' is or holds '{folder}', which this run reads; choose another --output"
+            )
     if output.exists() and Path.cwd().resolve().is_relative_to(output.resolve()):
         raise RetrofitError(
             f"output '{output}' holds the current folder, so it cannot be replaced; choose another --output"
+        )
+    parent = next((p for p in output.absolute().parents if p.exists()), Path("/"))
+    if not parent.is_dir():
+        raise RetrofitError(f"output '{output}' is under '{parent}', which is a file; choose another --output")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RetrofitError(
+            f"output '{output}': cannot write in '{parent}' (read-only or no permission); choose another --output"
         )
     return output
 

@@ -65,7 +65,7 @@ def convert(
     """
     check_at_least_one("--calibrate-images", calibrate_images)
     if output is not None:
-        check_output(output, overwrite)
+        check_output(output, overwrite, keep=(source,))
     if push_to_hub:
         if output is None:
             raise RetrofitError("--push-to-hub uploads the export, so it needs --output")

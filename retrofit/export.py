@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from huggingface_hub import ModelCard
+from safetensors import SafetensorError
 from transformers import PreTrainedModel
 
 from .atomic import atomic_dir
 from .card import TrainingInfo, build_card
+from .errors import RetrofitError, brief
 from .hub_code import load_classes
 from .loading import family_and_head, is_merged, processor_image_size, save_image_processor
 
@@ -41,7 +43,12 @@ def export(
         image_size = processor_image_size(image_processor) if image_processor is not None else None
         card = build_card(model, source_config=source_config, image_size=image_size, training=training)
     with atomic_dir(output, overwrite) as tmp:
-        model.save_pretrained(tmp)
+        try:
+            model.save_pretrained(tmp)
+        except SafetensorError as exc:  # safetensors' own I/O error (a full disk), not an OSError
+            raise RetrofitError(
+                f"cannot write the weights to '{output}' ({brief(exc)}); check the free space"
+            ) from None
         for filename, text in classes.files.items():
             (tmp / filename).write_text(text)
         if image_processor is not None:

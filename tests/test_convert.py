@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -376,3 +377,39 @@ def test_an_output_holding_the_current_folder_is_refused(capsys, tmp_path, tiny_
             "--output"
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["work"] and not list((tmp_path / "work").iterdir())
+
+
+def test_an_output_that_is_or_holds_the_source_is_refused(capsys, tmp_path, tiny_vit):
+    """--overwrite must never replace the checkpoint being read: the source is kept, nothing is written."""
+    source = tmp_path / "models" / "vit"
+    shutil.copytree(tiny_vit, source)
+    before = sorted(p.name for p in source.iterdir())
+    for output in (source, source.parent):
+        code, err = run_cli(capsys, "convert", source, "--after-layer", 1, "--tokens", 2, "--output", output,
+                            "--overwrite")  # fmt: skip
+        assert code == 2 and err == (
+            f"retrofit: error: output '{output}' is or holds '{source}', which this run reads; choose another --output"
+        )
+    assert sorted(p.name for p in source.iterdir()) == before
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(capsys, tmp_path, tiny_vit):
+    (tmp_path / "a-file").write_text("x")
+    assert_refused(capsys, tmp_path / "a-file" / "out", tiny_vit, "--after-layer", 1, "--tokens", 2,
+                   match=f"is under '{tmp_path / 'a-file'}', which is a file; choose another --output")  # fmt: skip
+    code, err = run_cli(capsys, "convert", tiny_vit, "--after-layer", 1, "--tokens", 2, "--output", " ")
+    assert code == 2 and err == "retrofit: error: --output is empty; give the folder to write"
+
+
+def test_a_full_disk_while_saving_the_weights_is_one_line(capsys, tmp_path, tiny_vit, monkeypatch):
+    """safetensors reports its own I/O errors as SafetensorError, not OSError: still one line, nothing left."""
+    from safetensors import SafetensorError
+    from transformers import PreTrainedModel
+
+    def full(self, *args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    out = tmp_path / "o"
+    assert_refused(capsys, out, tiny_vit, "--after-layer", 1, "--tokens", 2,
+                   match=f"cannot write the weights to '{out}' (Error while serializing")  # fmt: skip
