@@ -83,6 +83,13 @@ class TrainArgs:
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps of the full schedule
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        # Python callers may pass paths (pathlib) for the data folder and the checkpoint folder: keep them as text,
+        # as the CLI and recipes give them, so that they check, print and serialise the same way.
+        for name in ("data", "checkpoint_dir"):
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
+
     def check(self) -> None:
         """Refuse bad settings before anything is loaded or written (from the CLI, a recipe or Python)."""
         for setting in fields(self):
@@ -376,11 +383,17 @@ def check_same_run(checkpoint_dir: Path, settings: dict) -> None:
             )
 
 
-def save_checkpoint(accelerator, checkpoint_dir: Path, step: int, keep: int) -> Path:
-    """`accelerator.save_state` into a temporary folder, renamed into place, keeping the newest `keep`."""
+def save_checkpoint(accelerator, checkpoint_dir: Path, step: int, keep: int, settings: dict) -> Path:
+    """`accelerator.save_state` into a temporary folder, renamed into place, keeping the newest `keep`. The first
+    checkpoint in the folder also writes `run.json` (`settings`, replacing one left by a run that stopped before its
+    first checkpoint): a run that stops before it leaves no folder behind."""
+    from .atomic import write_text
+
     final = checkpoint_dir / f"step-{step:08d}"
     tmp = checkpoint_dir / f".step-{step:08d}.tmp"
     if accelerator.is_main_process:
+        if not list_checkpoints(checkpoint_dir):
+            write_text(checkpoint_dir / "run.json", json.dumps(settings, indent=2) + "\n")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
@@ -648,14 +661,8 @@ def train_loop(
 
     # --- accelerator, optimizer, schedule ---
     accelerator = _make_accelerator(args, checkpoint_dir)
-    if checkpoint_dir and accelerator.is_main_process:
-        if existing and not args.resume:  # --overwrite: start over
-            shutil.rmtree(checkpoint_dir)
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        if not (args.resume and existing):
-            tmp = checkpoint_dir / ".run.json.tmp"
-            tmp.write_text(json.dumps(settings, indent=2) + "\n")
-            os.replace(tmp, checkpoint_dir / "run.json")
+    if checkpoint_dir and accelerator.is_main_process and existing and not args.resume:  # --overwrite: start over
+        shutil.rmtree(checkpoint_dir)
     trainable, total = set_trainable(model, args.train)
     features = args.loss != "ce" and args.feature_weight > 0
     read = HeadReader(model, features=features)  # before `prepare`: hooks go on the model itself
@@ -682,12 +689,13 @@ def train_loop(
         *older, latest = list_checkpoints(checkpoint_dir)
         try:
             accelerator.load_state(str(latest))
-        except (RuntimeError, ValueError, KeyError) as exc:  # e.g. other merge settings, from before run.json
-            raise RetrofitError(
-                f"checkpoint '{latest}' does not fit this run ({brief(exc, 200)}); resume with the settings of the "
-                "run that wrote it, or pass --overwrite to start over"
-            ) from exc
-        except Exception as exc:  # a file missing or damaged since it was written (checkpoints are written whole)
+        except Exception as exc:
+            if isinstance(exc, RuntimeError) and "state_dict" in str(exc):  # other merge settings (before run.json)
+                raise RetrofitError(
+                    f"checkpoint '{latest}' does not fit this run ({brief(exc, 200)}); resume with the settings of "
+                    "the run that wrote it, or pass --overwrite to start over"
+                ) from exc
+            # a file missing or damaged since it was written (checkpoints are written whole)
             fallback = f"delete it to resume from {older[-1].name}, " if older else "delete it "
             raise RetrofitError(
                 f"checkpoint '{latest}' is damaged ({type(exc).__name__}: {brief(exc, 120)}); {fallback}or pass "
@@ -750,11 +758,12 @@ def train_loop(
                 loss = compute_loss(student, expected, batch.get("labels"), args)
                 bad = accelerator.reduce(torch.tensor(float(not torch.isfinite(loss)), device=loss.device), "sum")
                 if bad.item() > 0:
+                    bar.close()  # the error line goes below the progress bar, not into it
                     good = list_checkpoints(checkpoint_dir) if checkpoint_dir else []
+                    again = f"--resume from the last good checkpoint, {good[-1]}" if good else "start again"
                     raise RetrofitError(
-                        f"the loss became {loss.item()} at step {progress.step + 1}; stopped. "
-                        f"Last good checkpoint: {good[-1] if good else 'none'}; lower --lr, use "
-                        "--mixed-precision no or bf16, and --resume"
+                        f"the loss became {loss.item()} at step {progress.step + 1}; stopped. Lower --lr or use "
+                        f"--mixed-precision no or bf16, then {again}"
                     )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
@@ -771,7 +780,7 @@ def train_loop(
             bar.set_postfix(loss=f"{result.last_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             accelerator.log({"train/loss": result.last_loss, "train/lr": scheduler.get_last_lr()[0]}, progress.step)
             if checkpoint_dir and progress.step % args.save_every == 0:
-                save_checkpoint(accelerator, checkpoint_dir, progress.step, args.keep_checkpoints)
+                save_checkpoint(accelerator, checkpoint_dir, progress.step, args.keep_checkpoints, settings)
                 last_saved = progress.step
             if args.eval_every and progress.step % args.eval_every == 0:
                 run_eval()
@@ -788,7 +797,7 @@ def train_loop(
         if reader is not None:
             reader.close()
     if checkpoint_dir and last_saved != progress.step:
-        save_checkpoint(accelerator, checkpoint_dir, progress.step, args.keep_checkpoints)
+        save_checkpoint(accelerator, checkpoint_dir, progress.step, args.keep_checkpoints, settings)
     if progress.step >= total_steps and (not result.eval_history or result.eval_history[-1]["step"] != progress.step):
         run_eval()
     result.steps = progress.step
@@ -864,6 +873,35 @@ def check_teacher_logits(source: str | Path, saved, config, loss: str) -> None:
         )
 
 
+def check_teacher_fits(teacher, student, processor, teacher_source) -> None:
+    """Refuse, before training, a teacher that cannot read the student's images or gives other outputs (another
+    image size, another number of labels): one forward pass of a blank image through both."""
+    from .loading import processor_image_size
+
+    height, width = processor_image_size(processor)
+    channels = getattr(student.config, "num_channels", None) or getattr(
+        getattr(student.config, "vision_config", None), "num_channels", 3
+    )
+    pixels = torch.zeros(1, channels, height, width, dtype=student.dtype)
+    outputs = {}
+    for name, model in (("teacher", teacher), ("student", student)):
+        try:
+            with torch.no_grad():
+                read = HeadReader(model, features=False)(model, pixels.to(model.dtype))
+                outputs[name] = read.logits if read.logits is not None else read.features
+        except Exception as exc:  # noqa: BLE001 - any failure here would end the run at its first step
+            raise RetrofitError(
+                f"the teacher '{teacher_source}' cannot run on the {height}×{width} images the model is trained on "
+                f"({brief(exc, 120)}); pass a --teacher made for them"
+            ) from None
+    shapes = {name: tuple(output.shape) for name, output in outputs.items()}
+    if shapes["teacher"] != shapes["student"]:
+        raise RetrofitError(
+            f"the teacher '{teacher_source}' gives outputs of shape {shapes['teacher']}, the model {shapes['student']} "
+            "(other labels?); pass a --teacher with the same labels, or use --loss ce"
+        )
+
+
 def finetune(
     source: str | Path,
     *,
@@ -894,26 +932,40 @@ def finetune(
     from accelerate.utils import set_seed
 
     from .atomic import check_output
-    from .loading import family_and_head, for_task, is_merged, load_config, load_image_processor, load_model
+    from .loading import (
+        family_and_head,
+        for_task,
+        is_merged,
+        load_config,
+        load_image_processor,
+        load_model,
+        processor_image_size,
+    )
     from .surgery import check_merge, insert_patch_merger
 
     args = TrainArgs(**settings)
     args.check()
     if calibrate:
         check_at_least_one("--calibrate-images", calibrate_images)
-    if not args.resume:
-        check_output(output, args.overwrite)
+    checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else default_checkpoint_dir(output)
+    if checkpoint_dir.absolute().is_relative_to(Path(output).absolute()):
+        raise RetrofitError(
+            f"--checkpoint-dir '{checkpoint_dir}' is inside --output '{output}', which the export replaces; put the "
+            "checkpoints elsewhere (the default is <output>-checkpoints)"
+        )
+    resuming = args.resume and bool(list_checkpoints(checkpoint_dir))  # then the run being resumed owns `output`
+    check_output(output, args.overwrite or resuming, keep=(source, teacher or source, checkpoint_dir))
     if push_to_hub:
         from .push import check_push
 
         check_push(push_to_hub)
-    checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else default_checkpoint_dir(output)
     _check_checkpoints(checkpoint_dir, args)
     set_seed(args.seed)  # the merger's random initialisation must be the same in a resumed run
     saved = load_config(source, trust_remote_code=trust_remote_code, revision=revision)
     config = for_task(saved, task_for(task, args.num_labels))
     check_teacher_logits(source, saved, config, args.loss)
     task = family_and_head(config)[1].pipeline_tag  # the teacher is loaded as the same kind of model
+    processor = load_image_processor(source, config, revision=revision, log=log)
     init = "continued from a retrofit export"
     if is_merged(config):
         if after_layer not in (None, config.merge_after_layer) or num_tokens not in (None, config.merge_num_tokens):
@@ -929,18 +981,27 @@ def finetune(
             )
         model = load_model(source, config=config, revision=revision)
         teacher_source = teacher or config.merge_source
-        source_config = load_config(teacher_source, task=task) if teacher_source and args.loss != "ce" else None
+        source_config = None
+        if teacher_source and args.loss != "ce":
+            try:
+                source_config = load_config(teacher_source, task=task)
+            except RetrofitError as exc:
+                if teacher:
+                    raise
+                raise RetrofitError(
+                    f"the teacher of --loss {args.loss} is '{source}''s source, '{teacher_source}' (its merge_source), "
+                    f"which cannot be loaded ({exc}); pass --teacher, or use --loss ce"
+                ) from None
     else:
         if after_layer is None or num_tokens is None:
             raise RetrofitError("--after-layer and --tokens are required when SOURCE is not a retrofit export")
-        check_merge(config, after_layer, num_tokens, rope_positions=rope_positions)
+        check_merge(config, after_layer, num_tokens, processor_image_size(processor), rope_positions=rope_positions)
         base = load_model(source, config=config, trust_remote_code=trust_remote_code, revision=revision)
         model = insert_patch_merger(
             base.eval(), after_layer, num_tokens, source=str(source), rope_positions=rope_positions
         )
         teacher_source, source_config = teacher or source, config
         init = "random"
-    processor = load_image_processor(source, config, revision=revision, log=log)
     teacher_model = None
     if args.loss != "ce":
         if not teacher_source:
@@ -948,6 +1009,7 @@ def finetune(
         # A separate copy: the student shares its tensors with a freshly loaded source, so load the teacher again.
         teacher_config = load_config(teacher_source, trust_remote_code=trust_remote_code, task=task)
         teacher_model = load_model(teacher_source, config=teacher_config, trust_remote_code=trust_remote_code).eval()
+        check_teacher_fits(teacher_model, model, processor, teacher_source)
     if calibrate and init == "random":
         if args.resume and list_checkpoints(checkpoint_dir):  # the checkpoint holds the calibrated merger
             init = f"calibrated (k-means of the layer-{after_layer} tokens of `{args.data}`; the run was resumed)"

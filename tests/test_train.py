@@ -539,3 +539,65 @@ def test_resume_from_a_damaged_checkpoint_is_one_line(tiny_vit, colours, tmp_pat
     with pytest.raises(RetrofitError, match=r"run.json' is damaged \(.*\); pass --overwrite to start over"):
         finetune(tiny_vit, output=tmp_path / "out", resume=True, **settings)
     assert finetune(tiny_vit, output=tmp_path / "out", overwrite=True, **settings).steps == 6
+
+
+def test_a_run_that_stops_before_its_first_checkpoint_leaves_no_folder(tiny_vit, colours, tmp_path, monkeypatch):
+    """run.json is written with the first checkpoint, so a run that fails before it leaves nothing to --resume or to
+    refuse later; and a run.json left by an older run without checkpoints is replaced, not trusted."""
+    monkeypatch.setattr(train_module, "compute_loss", lambda *args, **kwargs: torch.tensor(float("nan")))
+    with pytest.raises(RetrofitError, match=r"loss became nan at step 1; stopped\. .*then start again$"):
+        finetune(tiny_vit, output=tmp_path / "o", after_layer=2, num_tokens=4, data=colours, loss="ce", **FAST)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o-checkpoints").exists()
+    monkeypatch.undo()
+    (tmp_path / "o-checkpoints").mkdir()
+    (tmp_path / "o-checkpoints" / "run.json").write_text(json.dumps({"merge_num_tokens": 99}))
+    finetune(tiny_vit, output=tmp_path / "o", after_layer=2, num_tokens=4, data=colours, loss="ce", max_steps=2, **FAST)
+    assert json.loads((tmp_path / "o-checkpoints" / "run.json").read_text())["merge_num_tokens"] == 4
+
+
+def test_checkpoints_inside_the_output_are_refused(tiny_vit, colours, tmp_path):
+    with pytest.raises(
+        RetrofitError, match=r"--checkpoint-dir '.*' is inside --output '.*', which the export replaces"
+    ):
+        finetune(tiny_vit, output=tmp_path / "o", checkpoint_dir=tmp_path / "o" / "ckpt", after_layer=2, num_tokens=4,
+                 data=colours, **FAST)  # fmt: skip
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(num_labels=5), r"gives outputs of shape \(1, 5\), the model \(1, 3\) \(other labels\?\)"),
+        (dict(image_size=48), r"cannot run on the 32×32 images the model is trained on"),
+    ],
+)
+def test_a_teacher_that_does_not_fit_is_refused_before_training(tiny_vit, colours, tmp_path, change, message):
+    from conftest import TINY
+    from transformers import ViTConfig, ViTForImageClassification
+
+    labels = {"id2label": {i: f"c{i}" for i in range(5)}, "label2id": {f"c{i}": i for i in range(5)}}
+    extra = labels if "num_labels" in change else {}
+    teacher = save_tiny(ViTForImageClassification(ViTConfig(**{**TINY, **change, **extra})), tmp_path / "teacher")
+    with pytest.raises(RetrofitError, match=f"the teacher '{teacher}' {message}"):
+        finetune(tiny_vit, output=tmp_path / "o", teacher=str(teacher), after_layer=2, num_tokens=4, data=colours,
+                 loss="kd", **FAST)  # fmt: skip
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o-checkpoints").exists()
+
+
+def test_an_export_whose_source_is_gone_needs_a_teacher(tiny_vit, colours, tmp_path):
+    """Continuing an export with kd distils from its merge_source; when that is gone, say so and how to go on."""
+    from retrofit import convert
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_vit, source)
+    convert(str(source), after_layer=2, num_tokens=4, output=tmp_path / "pm")
+    shutil.rmtree(source)
+    message = (
+        r"the teacher of --loss kd is .*'s source, '.*source' \(its merge_source\), which cannot be loaded \(.*\); "
+        r"pass --teacher, or use --loss ce$"
+    )
+    with pytest.raises(RetrofitError, match=message):
+        finetune(tmp_path / "pm", output=tmp_path / "o", data=colours, loss="kd", **FAST)
+    result = finetune(tmp_path / "pm", output=tmp_path / "o", data=colours, teacher=str(tiny_vit), loss="kd",
+                      max_steps=1, **FAST)  # fmt: skip
+    assert result.steps == 1
