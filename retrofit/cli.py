@@ -364,6 +364,13 @@ def _quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # datasets' bars ("Generating train split", "Map"): read from the environment when datasets is imported, which
+    # most commands never do (importing it here would slow every command down); switched off directly if it is.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "datasets" in sys.modules:
+        from datasets.utils import disable_progress_bars
+
+        disable_progress_bars()
 
 
 def main(argv: list[str] | None = None) -> int:

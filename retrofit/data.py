@@ -148,6 +148,11 @@ def load_split(
     import datasets
 
     check_at_least_one("--limit", limit)
+    if label_column is not None and label_column == image_column:
+        raise RetrofitError(
+            f"--label-column and --image-column are both '{label_column}'; the labels need a column of their own: "
+            "choose it with --label-column"
+        )
     data = str(data)
     sample = limit is not None and sample_seed is not None
     if data.lower() in (FASHION_MNIST, "fashion_mnist", "fashionmnist"):
@@ -176,9 +181,10 @@ def load_split(
             raise
         except Exception as exc:
             text = brief(exc)
+            local_too = "" if is_local else f", and there is no local folder '{data}' either"
             raise RetrofitError(
-                f"cannot load dataset '{data}' ({type(exc).__name__}: {text}); pass fashion-mnist, an image folder "
-                "or a reachable Hub dataset id"
+                f"cannot load dataset '{data}' ({type(exc).__name__}: {text}){local_too}; pass fashion-mnist, an "
+                "image folder or a reachable Hub dataset id"
             ) from None
         if limit is not None and not sample:
             dataset = dataset.select(range(min(limit, len(dataset))))
@@ -249,6 +255,45 @@ def class_names(dataset) -> list[str] | None:
     return list(feature.names) if isinstance(feature, ClassLabel) else None
 
 
+def label_id(value, label_map: dict | None = None) -> int | None:
+    """A label as a class id: an int (or a whole float), after `label_map` (keys: data ids or class names); None if
+    it is not one (a string, a fraction, a list). Missing labels (None, negative ids) come back as they are."""
+    if label_map and isinstance(value, (int, float, str)) and value in label_map:
+        value = label_map[value]
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    if isinstance(value, (float, np.floating)) and not float(value).is_integer():
+        return None
+    return int(value)
+
+
+def check_labels(
+    dataset,
+    num_labels: int,
+    *,
+    data: str | None = None,
+    label_map: dict | None = None,
+    hint: str = "fix the labels of the split",
+) -> None:
+    """Refuse, before any image is read, a ``label`` column (no-op without one) with an example whose label is not
+    a class id in 0..num_labels-1 once `label_map` has been applied: missing (None, -1), a fraction, a string with
+    no mapping, or a number out of range. The one-line message names the first such example and its value."""
+    if "label" not in dataset.column_names:
+        return
+    for index, value in enumerate(dataset["label"]):
+        label = label_id(value, label_map)
+        if label is not None and 0 <= label < num_labels:
+            continue
+        if value is None or (label is not None and label < 0):
+            what = f"has no label ({value!r})"
+        elif label is None:
+            what = f"has the label {value!r}, which is not a class id (an integer) or a known class name"
+        else:
+            what = f"has the label {value!r}, outside the {num_labels} classes (ids 0..{num_labels - 1})"
+        where = f" of '{data}'" if data else ""
+        raise RetrofitError(f"example {index}{where} {what}; {hint}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Preprocessing and batching
 # ----------------------------------------------------------------------------------------------------------------
@@ -271,7 +316,8 @@ def _size(value) -> tuple[int, int] | int:
 class ImageTransform:
     """The checkpoint's preprocessing (resize, centre crop, rescale, normalise) in PIL + torch, with optional
     train-time augmentation (random resized crop + horizontal flip) that is a pure function of (seed, epoch, index),
-    so a resumed run sees exactly the same augmented images as an uninterrupted one."""
+    so a resumed run sees exactly the same augmented images as an uninterrupted one. A shortest-edge resize with no
+    centre crop is followed by a centre square crop, so every image comes out in the one size a ViT takes."""
 
     def __init__(self, image_processor, *, num_channels: int | None = None, augment: bool = False, seed: int = 0):
         from PIL import Image
@@ -288,6 +334,10 @@ class ImageTransform:
         self.size = _size(getattr(processor, "size", None)) or (224, 224)
         self.do_center_crop = bool(getattr(processor, "do_center_crop", False))
         self.crop_size = _size(getattr(processor, "crop_size", None)) if self.do_center_crop else None
+        if self.do_resize and isinstance(self.size, int) and not self.crop_size:
+            # A shortest-edge resize without a crop keeps the aspect ratio, so images of other shapes would come out
+            # in other sizes, which a ViT (fixed number of patches) cannot take: crop the centre square instead.
+            self.crop_size = (self.size, self.size)
         self.do_rescale = getattr(processor, "do_rescale", True) is not False
         self.rescale_factor = float(getattr(processor, "rescale_factor", 1 / 255) or 1 / 255)
         self.do_normalize = getattr(processor, "do_normalize", True) is not False and mean is not None
@@ -390,16 +440,27 @@ class TransformedDataset(torch.utils.data.Dataset):
             raise RetrofitError(f"image {index} is unreadable ({type(exc).__name__}: {exc}); fix the dataset") from None
         out = {"pixel_values": pixels}
         if self.has_labels:
-            label = item["label"]
-            if label is None or (isinstance(label, int) and label < 0):
+            value = item["label"]
+            label = label_id(value, self.label_map)
+            if value is None or (label is not None and label < 0):
                 raise RetrofitError(f"example {index} has no label; use --loss kd for unlabelled data")
-            label = int(label)
-            out["labels"] = self.label_map.get(label, label) if self.label_map else label
+            if label is None:
+                raise RetrofitError(
+                    f"example {index} has the label {value!r}, which is not a class id (an integer) or a known class "
+                    "name; give every example a class id or a ClassLabel"
+                )
+            out["labels"] = label
         return out
 
 
 def collate(items: list[dict]) -> dict[str, torch.Tensor]:
     """Stack items into ``{"pixel_values": (B, C, H, W) float, "labels": (B,) long}``."""
+    shapes = sorted({"x".join(map(str, item["pixel_values"].shape)) for item in items})
+    if len(shapes) > 1:
+        raise RetrofitError(
+            f"the image processor gives images of different sizes ({shapes[0]} and {shapes[1]}); use a processor "
+            "that resizes or crops every image to one size"
+        )
     batch = {"pixel_values": torch.stack([item["pixel_values"] for item in items])}
     if "labels" in items[0]:
         batch["labels"] = torch.tensor([item["labels"] for item in items], dtype=torch.long)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import RetrofitError, check_at_least_one
+from .errors import RetrofitError, brief, check_at_least_one
 
 METRICS_DIR = Path(__file__).parent / "metrics"
 
@@ -86,6 +86,34 @@ def data_label_map(reference: dict[int, str], names: list[str] | None, data: str
     return None if all(k == v for k, v in mapping.items()) else mapping
 
 
+def dataset_label_map(
+    reference: dict[int, str], dataset, data: str, *, hint: str = "fix the labels of the split"
+) -> dict | None:
+    """Map a split's labels to the reference model's ids, then check them (`data.check_labels`) before any image is
+    read. A ClassLabel column is mapped by class name (`data_label_map`), a column of strings by name too (keys: the
+    names), a column of ids is taken as the model's ids. None: no mapping (or no label column)."""
+    from .data import check_labels, class_names
+
+    if "label" not in dataset.column_names:
+        return None
+    names = class_names(dataset)
+    label_map: dict | None = None
+    if names is not None:
+        label_map = data_label_map(reference, names, data)
+    elif getattr(dataset.features["label"], "dtype", None) in ("string", "large_string"):
+        by_name = {name: index for index, name in reference.items()}
+        present = {value for value in dataset["label"] if value is not None}
+        unknown = sorted(present - set(by_name))
+        if unknown:
+            raise RetrofitError(
+                f"the class names in '{data}' ({len(present)}, e.g. {unknown[:4]}) are not among the models' labels "
+                f"({len(reference)}, e.g. {list(by_name)[:4]}); evaluate on data with the models' classes"
+            )
+        label_map = {name: by_name[name] for name in present}
+    check_labels(dataset, len(reference), data=data, label_map=label_map, hint=hint)
+    return label_map
+
+
 def _accelerator():
     from accelerate import Accelerator
 
@@ -106,22 +134,30 @@ def evaluate_models(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Evaluate `models` (checkpoints, Hub ids, exports) on one split; returns a JSON-ready report with a table."""
-    from .data import class_names, load_split, make_dataloader
-    from .loading import load_config, load_image_processor, load_model
+    from .data import load_split, make_dataloader
+    from .loading import family_and_head, load_config, load_image_processor, load_model, trained_head_config
 
     if not models:
         raise RetrofitError("no models to evaluate; pass one or more checkpoint folders, Hub ids or exports")
     check_at_least_one("--top-k", top_k)
     check_at_least_one("--batch-size", batch_size)
-    configs = [load_config(spec, trust_remote_code=trust_remote_code) for spec in models]
+    saved = [load_config(spec, trust_remote_code=trust_remote_code) for spec in models]
+    configs = [trained_head_config(config) for config in saved]  # unsupported types are refused here
+    for spec, before, config in zip(models, saved, configs, strict=True):
+        if config is not before:
+            log(
+                f"note: '{spec}' ({', '.join(before.architectures)}) has no trained classifier; comparing the features "
+                f"of its {family_and_head(config)[1].class_name}"
+            )
     backbones = [is_backbone(config) for config in configs]
     if any(backbones):
         if not all(backbones):
+            other = backbones.index(not backbones[0])
             kinds = {True: "a vision backbone", False: "a classifier"}
             raise RetrofitError(
-                f"'{models[0]}' is {kinds[backbones[0]]} and '{models[backbones.index(not backbones[0])]}' "
-                f"{kinds[not backbones[0]]}; evaluate compares classifiers by accuracy or backbones by feature "
-                "similarity, so pass models of one kind"
+                f"'{models[0]}' is {kinds[backbones[0]]} ({_kind(saved[0], configs[0])}) and '{models[other]}' "
+                f"{kinds[not backbones[0]]} ({_kind(saved[other], configs[other])}); evaluate compares classifiers "
+                "by accuracy or backbones by feature similarity, so pass models of one kind"
             )
         return _evaluate_backbones(
             models, configs, data=data, split=split, limit=limit, batch_size=batch_size, image_column=image_column,
@@ -135,7 +171,13 @@ def evaluate_models(
         for spec, config in zip(models, configs, strict=True)
     ]
     dataset = load_split(data, split, image_column=image_column, label_column=label_column, limit=limit)
-    label_map = data_label_map(reference, class_names(dataset), data)
+    label_map = dataset_label_map(
+        reference,
+        dataset,
+        data,
+        hint=f"evaluate needs a label for every image, a class id (0..{len(reference) - 1}) or one of the models' "
+        "class names: fix the data, or choose the label column with --label-column",
+    )
 
     accelerator = _accelerator()
     loaded = []
@@ -171,6 +213,15 @@ def evaluate_models(
     }
     report["table"] = markdown_table(report)
     return report
+
+
+def _kind(saved, config) -> str:
+    """What a model is scored as, for messages: its class, and for a full CLIP/SigLIP model the part compared."""
+    from .loading import family_and_head
+
+    name = family_and_head(config)[1].class_name
+    own = ", ".join(getattr(saved, "architectures", None) or []) or name
+    return own if own == name or config is saved else f"{own}, compared by its {name}"
 
 
 def _preprocessing_groups(pairs: list[tuple]) -> dict[str, list[int]]:
@@ -277,7 +328,8 @@ def feature_similarity(
         for batches in zip(*prepared, strict=True):  # equal lengths and padding: gather_for_metrics drops it once
             pixels = [batches[i]["pixel_values"].to(accelerator.device) for i in which]
             features = [
-                read(model, mine).features.float() for read, model, mine in zip(readers, models, pixels, strict=True)
+                _forward(read, model, mine).features.float()
+                for read, model, mine in zip(readers, models, pixels, strict=True)
             ]
             for name, feature in zip(names, features, strict=True):
                 if feature.shape != features[0].shape:
@@ -295,6 +347,12 @@ def feature_similarity(
 def score_models(models: list, loader, *, k: int, maps: list | None = None) -> list[dict]:
     """top-1, top-k, mean loss and image count of each model over one dataloader (prepared here), gathered over
     the processes of an `accelerate launch`. `maps[i]` maps model i's label ids to the loader's (None: the same)."""
+    from .data import TransformedDataset, check_labels
+
+    data = getattr(loader, "dataset", None)
+    num_labels = getattr(getattr(models[0], "config", None), "num_labels", None) if models else None
+    if isinstance(data, TransformedDataset) and data.has_labels and num_labels:
+        check_labels(data.dataset, num_labels, label_map=data.label_map)  # one line, not an IndexError mid-run
     accelerator = _accelerator()
     loader = accelerator.prepare(loader)
     maps = maps or [None] * len(models)
@@ -318,9 +376,24 @@ def score_models(models: list, loader, *, k: int, maps: list | None = None) -> l
     ]
 
 
+def _forward(call: Callable, model, pixels: torch.Tensor):
+    """`call(model, pixels)`; a model that refuses the images (a size other than its ``image_size``) is one line."""
+    try:
+        return call(model, pixels)
+    except ValueError as exc:
+        if "size" not in str(exc):
+            raise
+        reason = brief(exc).rstrip(".")
+        raise RetrofitError(
+            f"{type(model).__name__} cannot take the images its image processor gives ({reason}); make the "
+            "processor's size (or crop_size) match the model's image_size"
+        ) from exc
+
+
 def _score_batch(model, pred_map, pixels, labels, k, accelerator, stats) -> None:
     """Forward one batch; gather ranked predictions (reference ids), labels and per-image losses; add to metrics."""
-    logits = model(pixel_values=pixels.to(accelerator.device)).logits.float()
+    logits = _forward(lambda model, pixels: model(pixel_values=pixels), model, pixels.to(accelerator.device))
+    logits = logits.logits.float()
     labels = labels.to(logits.device)
     if pred_map is not None:
         to_ref = torch.tensor(pred_map, device=logits.device)
@@ -368,12 +441,16 @@ def run_from_args(args) -> dict:
     """`retrofit evaluate`: evaluate, print the table (main process), write --json and --card."""
     from accelerate import PartialState
 
+    from .atomic import check_file_target, write_text
+
     if args.card:
         from .card import check_card_target
 
         check_card_target(args.card, args.models)
-    if args.json and not Path(args.json).resolve().parent.exists():
-        raise RetrofitError(f"--json {args.json}: its folder does not exist")
+    if args.json:
+        check_file_target(args.json, "--json")
+        if not Path(args.json).resolve().parent.exists():
+            raise RetrofitError(f"--json {args.json}: its folder does not exist; create it or choose another path")
     report = evaluate_models(
         args.models,
         data=args.data,
@@ -389,7 +466,7 @@ def run_from_args(args) -> dict:
         print(f"{args.data} / {args.split}: {report['num_examples']} images")
         print(report["table"])
         if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+            write_text(args.json, json.dumps(report, indent=2) + "\n")
             print(f"wrote {args.json}")
         if args.card:
             from .card import update_card

@@ -34,6 +34,11 @@ def resolve_source(source: str | Path) -> str:
 
 def _source_error(source: str, exc: Exception) -> RetrofitError:
     text = str(exc)
+    if "no file named" in text.lower():
+        return RetrofitError(
+            f"'{source}' has no weights file ({brief(exc)}); copy the checkpoint's weights (model.safetensors) into "
+            "it, or re-download or re-save the checkpoint"
+        )
     if "safetensor" in text.lower() or "deserializ" in text.lower() or "header" in text.lower():
         return RetrofitError(
             f"the weights in '{source}' are corrupt or truncated ({brief(exc)}); re-download or re-save the checkpoint"
@@ -164,6 +169,15 @@ def classifier_is_new(saved: PreTrainedConfig, loaded: PreTrainedConfig) -> bool
     head = family_and_head(loaded)[1]
     architectures = getattr(saved, "architectures", None) or []
     return head.is_classifier and bool(architectures) and head.class_name not in architectures
+
+
+def trained_head_config(config: PreTrainedConfig) -> PreTrainedConfig:
+    """The config to score `config`'s checkpoint with (`evaluate`, `sweep`): its own class, or, where that class
+    would get a new random classifier (a full CLIP/SigLIP model, a checkpoint of a class retrofit does not load such
+    as ViTForMaskedImageModeling), its backbone (`for_task`: for CLIP/SigLIP the vision tower alone), which is
+    scored by its features. An unsupported model type is refused here, before any data is read."""
+    family_and_head(config)  # "model type 'bert' is not supported ..."
+    return for_task(config, "image-feature-extraction") if classifier_is_new(config, config) else config
 
 
 def family_and_head(config: PreTrainedConfig) -> tuple[Family, Head]:

@@ -186,3 +186,100 @@ def test_an_unreachable_hub_stream_is_a_one_line_error(hub_dataset, monkeypatch)
     with pytest.raises(RetrofitError, match=r"cannot load dataset 'someone/colours' \(ConnectionError") as error:
         load_split(HUB_ID, "train", limit=3)
     assert "\n" not in str(error.value)
+
+
+def test_label_column_cannot_be_the_image_column(imagefolder):
+    with pytest.raises(RetrofitError, match="--label-column and --image-column are both 'image'"):
+        load_split(str(imagefolder), "test", label_column="image")
+
+
+def test_a_mistyped_local_folder_is_named(tmp_path, monkeypatch):
+    """A relative path that does not exist is tried as a Hub id; the error also says no such folder exists."""
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RetrofitError, match="there is no local folder 'data/colour' either") as error:
+        load_split("data/colour", "test")
+    assert "\n" not in str(error.value)
+
+
+def test_shortest_edge_resize_without_crop_gives_one_square_size(tmp_path):
+    """Non-square images through a shortest-edge processor with no centre crop: each image is resized (aspect kept)
+    and its centre square kept, so a batch of mixed shapes stacks into the size a ViT takes."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    rng = np.random.default_rng(0)
+    shapes = [(40, 40), (60, 40), (40, 90), (50, 20)]  # (width, height)
+    for index, (width, height) in enumerate(shapes):
+        folder = tmp_path / "mixed" / "test" / ("cat" if index % 2 else "dog")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+    edge = CLIPImageProcessor(
+        size={"shortest_edge": 16}, do_center_crop=False, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    data = load_split(str(tmp_path / "mixed"), "test")
+    batch = next(iter(make_dataloader(data, edge, batch_size=4)))
+    assert batch["pixel_values"].shape == (4, 3, 16, 16)
+    # The centre square of the shortest-edge resize, exactly as the processor's own resize + a 16x16 centre crop.
+    cropping = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+                                  image_mean=[0.5] * 3, image_std=[0.5] * 3)  # fmt: skip
+    assert torch.equal(batch["pixel_values"], next(iter(make_dataloader(data, cropping, batch_size=4)))["pixel_values"])
+
+
+def test_images_of_different_sizes_are_one_line(tmp_path):
+    from PIL import Image
+
+    for index, size in enumerate((16, 24)):
+        folder = tmp_path / "sizes" / "test" / "cat"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (size, size)).save(folder / f"{index}.png")
+    keep_size = ViTImageProcessor(do_resize=False)
+    loader = make_dataloader(load_split(str(tmp_path / "sizes"), "test", label_column=None), keep_size, batch_size=2)
+    with pytest.raises(RetrofitError, match=r"images of different sizes \(3x16x16 and 3x24x24\)"):
+        next(iter(loader))
+
+
+def test_labels_are_checked_as_class_ids():
+    from datasets import Dataset
+
+    from retrofit.data import check_labels
+
+    check_labels(Dataset.from_dict({"label": [0, 2, 1.0]}), 3)  # a whole float is a class id
+    check_labels(Dataset.from_dict({"label": ["b", "a"]}), 3, label_map={"a": 0, "b": 2})
+    check_labels(Dataset.from_dict({"image": [1]}), 3)  # no label column: nothing to check
+    for labels, message in (
+        ([0, 3], r"example 1 has the label 3, outside the 3 classes \(ids 0..2\)"),
+        ([0.0, 1.5], "example 1 has the label 1.5, which is not a class id"),
+        ([1, None], r"example 1 has no label \(None\)"),
+        ([-1, 0], r"example 0 has no label \(-1\)"),
+        (["a", "z"], "example 1 has the label 'z', which is not a class id"),
+    ):
+        with pytest.raises(RetrofitError, match=f"{message}.*; fix the labels"):
+            check_labels(Dataset.from_dict({"label": labels}), 3, label_map={"a": 0})
+
+
+def test_a_label_that_is_not_a_class_id_is_one_line_when_read(imagefolder):
+    """Training reads labels example by example: a string there is a one-line error, not a ValueError."""
+    from datasets import Value
+
+    data = load_split(str(imagefolder), "test").cast_column("label", Value("string"))
+    dataset = make_dataloader(data, processor(), batch_size=2).dataset
+    with pytest.raises(RetrofitError, match="example 0 has the label '.*', which is not a class id"):
+        dataset[0]
+
+
+def test_datasets_progress_bars_stay_off_stderr(tiny_vit, imagefolder, tmp_path):
+    """The first load of an image folder ("Generating train split") prints nothing: the CLI's stderr is the error."""
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "fresh"
+    shutil.copytree(imagefolder, data)
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    env.pop("HF_DATASETS_DISABLE_PROGRESS_BARS", None)
+    argv = [sys.executable, "-m", "retrofit.cli", "evaluate", str(tiny_vit), "--data", str(data), "--label-column",
+            "kind"]  # fmt: skip
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "no column 'kind'" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr

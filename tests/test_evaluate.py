@@ -279,3 +279,158 @@ def test_feature_similarity_takes_one_loader_or_one_per_model(backbone, images):
     other = make_dataloader(dataset, load_image_processor(backbone, model.config), batch_size=3)
     with pytest.raises(RetrofitError, match="same images in the same order"):
         feature_similarity([model, model], [loader, other])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input: one line, before the work
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_bad_json_targets_are_refused_before_evaluating(tiny_vit, images, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    argv = ["evaluate", str(tiny_vit), "--data", str(images), "--split", "test", "--json"]
+    for target, message in ((tmp_path, "is a folder"), (tmp_path / "a-file" / "x.json", "which is a file")):
+        assert main([*argv, str(target)]) == 2
+        out, err = capsys.readouterr()
+        assert message in err and len(err.splitlines()) == 1
+        assert out == ""  # refused before the run: no table printed
+
+
+def test_json_is_written_whole_or_not_at_all(tiny_vit, images, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import retrofit.atomic
+
+    target = tmp_path / "eval.json"
+    target.write_text('{"old": true}\n')
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(retrofit.atomic.os, "replace", disk_full)
+    assert main(["evaluate", str(tiny_vit), "--data", str(images), "--split", "test", "--json", str(target)]) == 2
+    assert "No space left" in capsys.readouterr().err
+    assert target.read_text() == '{"old": true}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]
+
+
+def _labelled_folder(root, images, labels: list) -> str:
+    """A flat folder of the first test images of `images` with a metadata.csv `label` column holding `labels`."""
+    import shutil
+
+    root.mkdir()
+    rows = ["file_name,label"]
+    for index, (path, label) in enumerate(zip(sorted((images / "test").glob("*/*.png")), labels, strict=False)):
+        shutil.copy(path, root / f"{index}.png")
+        rows.append(f"{index}.png,{label}")
+    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
+    return str(root)
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        ([0, 1, 7, 2], "example 2 of '.*' has the label 7, outside the 3 classes"),
+        ([0, 0.5, 1, 2], "example 1 of '.*' has the label 0.5, which is not a class id"),
+        ([0, 1, -1, 2], r"example 2 of '.*' has no label \(-1\)"),
+        (
+            ["cat", "dog", "fish", "bird"],
+            r"class names in '.*' \(4, e.g. \['fish'\]\) are not among the models' labels",
+        ),
+    ],
+)
+def test_labels_that_are_not_class_ids_are_refused(tiny_vit, images, tmp_path, capsys, monkeypatch, labels, message):
+    """Labels outside a ClassLabel column: one line naming the example and its value, with evaluate's own hint (no
+    --loss), before any model is loaded."""
+    import re
+
+    import retrofit.loading
+
+    data = _labelled_folder(tmp_path / "labelled", images, labels)
+    monkeypatch.setattr(retrofit.loading, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main(["evaluate", str(tiny_vit), "--data", data, "--split", "train", "--batch-size", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.search(message, err) and len(err.splitlines()) == 1 and "--loss" not in err
+
+
+def test_string_labels_are_mapped_by_class_name(trained_vit, images, tmp_path):
+    """A label column of class names scores exactly as the image folder's ClassLabel does on the same images."""
+    files = sorted((images / "test").glob("*/*.png"))
+    data = _labelled_folder(tmp_path / "named", images, [path.parent.name for path in files])
+    named = evaluate_models([str(trained_vit)], data=data, split="train", top_k=2)["models"][0]
+    folder = evaluate_models([str(trained_vit)], data=str(images), split="test", top_k=2)["models"][0]
+    assert folder["top1"] > 0.5  # a real test: names mapped in another order would score lower
+    assert named["num_examples"] == folder["num_examples"] == 15
+    assert named["top1"] == pytest.approx(folder["top1"]) and named["loss"] == pytest.approx(folder["loss"], rel=1e-5)
+
+
+def test_score_models_refuses_labels_out_of_range(tiny_vit, images, tmp_path):
+    """`sweep` scores through `score_models` directly: a label out of range is one line, not an IndexError."""
+    from retrofit.evaluation import score_models
+
+    data = load_split(_labelled_folder(tmp_path / "labelled", images, [0, 1, 3, 2]), "train")
+    model = load_model(tiny_vit).eval()
+    loader = make_dataloader(data, load_image_processor(tiny_vit, model.config), batch_size=2)
+    with pytest.raises(RetrofitError, match="example 2 has the label 3, outside the 3 classes"):
+        score_models([model], loader, k=1)
+
+
+@pytest.fixture(scope="module")
+def full_clip(tmp_path_factory):
+    """A tiny two-tower CLIPModel (no classifier) and a CLIPVisionModel holding the same vision weights."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionModel
+
+    torch.manual_seed(0)
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                  patch_size=8)  # fmt: skip
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+    model = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=16))
+    root = tmp_path_factory.mktemp("clip")
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    model.save_pretrained(root / "clip")
+    processor.save_pretrained(root / "clip")
+    tower = CLIPVisionModel(model.config.vision_config)
+    tower.load_state_dict(model.vision_model.state_dict())  # transformers >= 5.6: no vision_model wrapper
+    tower.save_pretrained(root / "tower")
+    processor.save_pretrained(root / "tower")
+    return root / "clip", root / "tower"
+
+
+def test_a_full_clip_model_is_compared_by_its_vision_tower(full_clip, tiny_vit, images, capsys):
+    """No random classifier is scored: the full model's features are its vision tower's (similarity 1 to a tower
+    holding the same weights), and mixing it with a classifier names it for what it is."""
+    clip, tower = full_clip
+    report = evaluate_models([str(clip), str(tower)], data=str(images), split="test", batch_size=5)
+    assert report["metric"] == "similarity" and report["num_examples"] == 15
+    assert report["models"][1]["similarity"] == pytest.approx(1.0, abs=1e-6)
+    capsys.readouterr()
+    assert main(["evaluate", str(tiny_vit), str(clip), "--data", str(images), "--split", "test"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"'{clip}' a vision backbone (CLIPModel, compared by its CLIPVisionModel)" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_unsupported_models_and_missing_weights_are_named(tiny_vit, images, tmp_path, capsys):
+    import shutil
+
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
+        tmp_path / "bert"
+    )
+    shutil.copytree(tiny_vit, tmp_path / "no-weights")
+    (tmp_path / "no-weights" / "model.safetensors").unlink()
+    for model, message in (("bert", "model type 'bert' is not supported"), ("no-weights", "has no weights file")):
+        assert main(["evaluate", str(tmp_path / model), "--data", str(images), "--split", "test"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and "corrupt" not in err
+
+
+def test_a_processor_size_the_model_refuses_is_one_line(tiny_vit, images, tmp_path, capsys):
+    from transformers import ViTImageProcessor
+
+    folder = tmp_path / "vit-48"
+    load_model(tiny_vit).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 48, "width": 48}).save_pretrained(folder)
+    assert main(["evaluate", str(folder), "--data", str(images), "--split", "test"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot take the images its image processor gives" in err and len(err.splitlines()) == 1
