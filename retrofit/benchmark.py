@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import platform
 import re
 import statistics
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import RetrofitError, brief
+from .errors import RetrofitError, brief, check_at_least_one
 
 # Random-weight model shapes, usable instead of a checkpoint (224x224 images): the ViT paper's configurations as
 # ViTForImageClassification (1000 classes), and DINOv3's published ViTs as DINOv3ViTModel (4 registers, RoPE).
@@ -48,6 +49,16 @@ SHAPES: dict[str, dict] = {
 VIT_SHAPES = [name for name in SHAPES if name.startswith("vit-")]  # ViTForImageClassification ones
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("eager", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+MAX_DIMENSION = 2**63 - 1  # the largest tensor dimension torch takes; larger sizes overflow inside torch
+MAX_MIN_TIME = 3600.0  # seconds per timed block; more is a typo, not a benchmark
+# The command-line option of each checked `BenchSettings` field (sweep names its own for the ones it sets).
+OPTIONS = {
+    "batch_sizes": "--batch-size",
+    "warmup": "--warmup",
+    "repeats": "--repeats",
+    "min_time": "--min-time",
+    "latency_iters": "--latency-iters",
+}
 
 
 @dataclass
@@ -120,7 +131,58 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
         raise RetrofitError(f"--batch-size '{text}' is not a comma-separated list of integers, e.g. 1,32,256") from None
     if not sizes or min(sizes) < 1:
         raise RetrofitError(f"--batch-size '{text}': give one or more sizes >= 1, e.g. 1,32,256")
+    for size in sizes:
+        check_batch_size(size, "--batch-size")
     return tuple(dict.fromkeys(sizes))
+
+
+def check_batch_size(value: int, option: str = "--batch-size") -> None:
+    """Refuse a batch size that is not an integer >= 1 or cannot be a tensor dimension (one line naming `option`).
+
+    A size that can be a dimension but does not fit in memory is measured as an out-of-memory row instead.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RetrofitError(f"{option} must be an integer (got {value!r})")
+    check_at_least_one(option, value)
+    if value > MAX_DIMENSION:
+        raise RetrofitError(f"{option} {value} is too large to be a tensor dimension (at most 2**63 - 1); lower it")
+
+
+def check_threads(threads: int | None) -> None:
+    """Refuse a ``--threads`` below 1 or above this machine's CPU count (None: torch's choice)."""
+    if threads is None:
+        return
+    cpus = os.cpu_count() or 1
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus:
+        raise RetrofitError(f"--threads must be between 1 and {cpus}, this machine's CPU count (got {threads})")
+
+
+def check_settings(settings: BenchSettings, options: dict[str, str] | None = None) -> None:
+    """Refuse bad `settings` before any model is loaded: one line naming the option (`options` maps a field to the
+    option that set it, for callers such as sweep whose options have other names)."""
+    names = {**OPTIONS, **(options or {})}
+    parse_device(settings.device)
+    parse_dtype(settings.dtype)
+    if not settings.batch_sizes:
+        raise RetrofitError(f"{names['batch_sizes']} is empty; give one or more sizes >= 1, e.g. 1,32,256")
+    for size in settings.batch_sizes:
+        check_batch_size(size, names["batch_sizes"])
+    for mode in settings.compile_modes:
+        if mode not in COMPILE_MODES:
+            raise RetrofitError(f"unknown --compile mode '{mode}'; use {', '.join(COMPILE_MODES)}, both or off")
+    for name in ("warmup", "repeats", "latency_iters"):
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RetrofitError(f"{names[name]} must be an integer (got {value!r})")
+    check_at_least_one(names["warmup"], settings.warmup)
+    check_at_least_one(names["repeats"], settings.repeats)
+    if settings.latency_iters < 0:
+        raise RetrofitError(f"{names['latency_iters']} must be 0 (skip) or more (got {settings.latency_iters})")
+    min_time = settings.min_time
+    if isinstance(min_time, bool) or not isinstance(min_time, int | float) or not 0 <= min_time <= MAX_MIN_TIME:
+        raise RetrofitError(
+            f"{names['min_time']} must be a number of seconds from 0 to {MAX_MIN_TIME:g} (got {min_time!r})"
+        )
 
 
 def parse_compile(text: str | None) -> tuple[str, ...]:
@@ -217,6 +279,14 @@ def load_bench_model(spec: str, device: torch.device, dtype: torch.dtype) -> tor
         model = load_model(spec, attn_implementation="sdpa")
     except (ValueError, TypeError):  # a model class without SDPA support
         model = load_model(spec)
+    return place_model(model, device, dtype)
+
+
+def place_model(model: torch.nn.Module, device: torch.device | str, dtype: torch.dtype | str) -> torch.nn.Module:
+    """`model` moved to `device` and cast to `dtype` (names such as ``bf16`` or torch objects), in eval mode: how every
+    measured model runs (`retrofit bench` and `retrofit sweep` alike)."""
+    device = parse_device(device) if isinstance(device, str) else device
+    dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -231,24 +301,49 @@ def resolve_after_layer(config, after: str) -> int:
 def build_variants(
     models: list[str], merges: list[tuple[str, int]], settings: BenchSettings, *, log: Callable[[str], None] = print
 ) -> list[Variant]:
-    """Load every model (and a merged twin per `merges` for each unmerged one) and wrap each in every compile mode."""
+    """Load every model (and a merged twin per `merges` for each unmerged one) and wrap each in every compile mode.
+
+    A model or merge setting given twice is measured once (a note says so), as sweep does with repeated values.
+    `merges` apply to unmerged models only: a note names each already-merged model they skip, and if every model is
+    merged they are refused.
+    """
     from .cost import model_cost
-    from .loading import is_merged
-    from .surgery import insert_patch_merger
+    from .loading import is_merged, load_config
+    from .surgery import check_merge, insert_patch_merger
 
     device, dtype = parse_device(settings.device), parse_dtype(settings.dtype)
     if not models:
         raise RetrofitError("no models to benchmark; pass shape names (vit-b16, ...) or checkpoint folders / Hub ids")
-    # Check every model and merge setting before loading any weights.
-    from .loading import load_config
-    from .surgery import check_merge
-
+    for spec in sorted({spec for spec in models if models.count(spec) > 1}, key=models.index):
+        log(f"note: '{spec}' is given {models.count(spec)} times; measuring it once")
+    models = list(dict.fromkeys(models))
+    # Check every model and merge setting before loading any weights; plan each unmerged model's twins (K, M).
+    twins: dict[str, list[tuple[int, int]]] = {}
+    merged_specs = []
     for spec in models:
         check_shape(spec)
         config = shape_config(spec) if spec in SHAPES else load_config(spec)
-        if not is_merged(config):
-            for after, tokens in merges:
-                check_merge(config, resolve_after_layer(config, after), tokens)
+        if is_merged(config):
+            merged_specs.append((spec, str(getattr(config, "merge_source", "") or "")))
+            continue
+        twins[spec] = []
+        for after, tokens in merges:
+            k = resolve_after_layer(config, after)
+            check_merge(config, k, tokens)
+            if (k, tokens) in twins[spec]:
+                log(f"note: --merge {after}:{tokens} repeats after-layer {k}, {tokens} tokens for '{spec}'; skipped")
+            else:
+                twins[spec].append((k, tokens))
+    if merges and merged_specs:
+        if not twins:
+            spec, source = merged_specs[0]
+            hint = f", e.g. its source '{source}'" if source else ""
+            raise RetrofitError(
+                f"--merge adds merged twins of unmerged models, but '{spec}' is already merged and no unmerged model "
+                f"is given; drop --merge, or add an unmerged model{hint}"
+            )
+        for spec, _ in merged_specs:
+            log(f"note: '{spec}' is already merged; --merge applies to unmerged models only, it is measured as is")
     loaded: list[tuple[str, torch.nn.Module, str | None]] = []
     for spec in models:
         log(f"loading {spec} ...")
@@ -258,12 +353,9 @@ def build_variants(
             source = str(model.config.merge_source or "")
             baseline = source if source in models else None
         loaded.append((spec, model, baseline))
-        if not is_merged(model.config):
-            for after, tokens in merges:
-                k = resolve_after_layer(model.config, after)
-                twin = insert_patch_merger(model, k, tokens, source=spec).eval()
-                twin.to(device=device, dtype=dtype)
-                loaded.append((f"{spec}+pm{k}:{tokens}", twin, spec))
+        for k, tokens in twins.get(spec, []):
+            twin = place_model(insert_patch_merger(model, k, tokens, source=spec), device, dtype)
+            loaded.append((f"{spec}+pm{k}:{tokens}", twin, spec))
     sources = [name for name, model, _ in loaded if not is_merged(model.config)]
     variants = []
     for mode in settings.compile_modes:
@@ -312,7 +404,9 @@ def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+    # "storage size calculation overflowed": a batch of more bytes than any memory holds (e.g. --batch-size 1e20)
+    memory = ("out of memory", "can't allocate memory", "storage size calculation overflowed")
+    return isinstance(exc, RuntimeError) and any(phrase in text for phrase in memory)
 
 
 def _free(device: torch.device) -> None:
@@ -611,8 +705,7 @@ def benchmark(
 ) -> dict:
     """Build, measure and report: the Python API behind ``retrofit bench`` and ``bench/speed.py``."""
     settings = settings or BenchSettings()
-    parse_device(settings.device)
-    parse_dtype(settings.dtype)
+    check_settings(settings)
     if isinstance(merges, str) or merges is None:
         merges = parse_merges(merges)
     variants = build_variants(models, merges, settings, log=log)
@@ -631,7 +724,8 @@ def add_arguments(parser) -> None:
         "--merge",
         metavar="K:M",
         help="also measure a merged twin of each unmerged model: after layer K (or 'half') with M tokens; "
-        "comma-separate several",
+        "comma-separate several. Already-merged models (exports) are measured as they are (a note says so); "
+        "--merge with only merged models is refused. A model or setting given twice is measured once",
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (default fp32)")
@@ -647,35 +741,36 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--warmup", type=int, default=3, help="warm-up passes per model and batch size (default 3)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported (default 5)")
-    parser.add_argument("--min-time", type=float, default=0.5, help="seconds per timed block (default 0.5)")
+    parser.add_argument(
+        "--min-time", type=float, default=0.5, help=f"seconds per timed block, 0 to {MAX_MIN_TIME:g} (default 0.5)"
+    )
     parser.add_argument("--latency-iters", type=int, default=20, help="batch-1 passes for p50/p90 (0: skip)")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads for torch, 1 to the machine's CPU count (default: torch's choice)"
+    )
     parser.add_argument("--json", metavar="FILE", help="write all measurements to FILE")
 
 
 def settings_from_args(args) -> BenchSettings:
-    """`BenchSettings` from parsed `add_arguments` options (validated: bad values raise `RetrofitError`)."""
+    """`BenchSettings` from parsed `add_arguments` options (validated: bad values raise `RetrofitError`); sets
+    torch's thread count if ``--threads`` is given."""
     parse_device(args.device)
     parse_dtype(args.dtype)
-    if args.latency_iters < 0:
-        raise RetrofitError("--latency-iters must be 0 (skip) or more")
-    for name in ("warmup", "repeats"):
-        if getattr(args, name) < 1:
-            raise RetrofitError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise RetrofitError("--threads must be at least 1")
-        torch.set_num_threads(args.threads)
-    return BenchSettings(
+    settings = BenchSettings(
         device=args.device,
         dtype=args.dtype,
         batch_sizes=parse_batch_sizes(args.batch_size),
         compile_modes=parse_compile(args.compile),
         warmup=args.warmup,
         repeats=args.repeats,
-        min_time=max(0.0, args.min_time),
+        min_time=args.min_time,
         latency_iters=args.latency_iters,
     )
+    check_settings(settings)
+    check_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return settings
 
 
 def run_from_args(args, models: list[str], *, log: Callable[[str], None] | None = None) -> dict:
@@ -683,16 +778,26 @@ def run_from_args(args, models: list[str], *, log: Callable[[str], None] | None 
     import json
     import sys
 
+    from .atomic import check_file_target, write_text
+    from .errors import describe_os_error
+
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     settings = settings_from_args(args)
     merges = parse_merges(args.merge)
-    if args.json:
-        target = Path(args.json)
+    if args.json is not None:
+        if not str(args.json).strip():
+            raise RetrofitError("--json is empty; give a file name, e.g. --json bench.json")
+        target = check_file_target(args.json, "--json")
+        if target.exists() and not target.is_file():  # a device or a pipe: the atomic rename would replace it
+            raise RetrofitError(f"--json '{args.json}' exists and is not a regular file; give the path of a file")
         if not target.parent.exists():
             raise RetrofitError(f"--json {args.json}: folder {target.parent} does not exist")
     report = benchmark(models, merges=merges, settings=settings, log=log)
-    print(markdown_table(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    print(markdown_table(report), flush=True)
+    if args.json is not None:
+        try:
+            write_text(args.json, json.dumps(report, indent=2) + "\n")
+        except OSError as exc:  # a full disk: the table above is complete, the old file (if any) is left as it was
+            raise RetrofitError(f"cannot write --json {args.json}: {describe_os_error(exc)}") from None
         log(f"wrote {args.json}")
     return report

@@ -12,13 +12,20 @@ reference point) into the output folder.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import RetrofitError, check_at_least_one
 
+if TYPE_CHECKING:
+    from .benchmark import BenchSettings
+
 METHODS = ("calibrate", "finetune")
+# `SweepSettings` fields checked by `benchmark.check_settings`, by the option that sets them
+BENCH_OPTIONS = {"batch_sizes": "--bench-batch-size", "repeats": "--bench-repeats"}
 
 
 @dataclass
@@ -76,15 +83,21 @@ def _score(key: str, row: dict) -> str:
 
 def best_for_target(rows: list[dict], target: float | None, key: str = "top1") -> tuple[dict | None, str]:
     """The best setting (by `key`: top1, or similarity for backbones) whose measured speed-up reaches `target`
-    (ties: the faster), and a sentence."""
+    (ties: the faster), and a sentence. Settings whose speed-up could not be measured (None) are skipped."""
     if target is None:
         return None, ""
-    reaching = [r for r in rows if (r.get("speedup") or 0) >= target]
+    measured = [r for r in rows if r.get("speedup") is not None]
+    if not measured:
+        return None, (
+            f"No setting's speed-up could be measured (see the images/s column), so none can be named for "
+            f"{target:g}x; lower --bench-batch-size and run again."
+        )
+    reaching = [r for r in measured if r["speedup"] >= target]
     if not reaching:
-        fastest = max(rows, key=lambda r: r.get("speedup") or 0)
+        fastest = max(measured, key=lambda r: r["speedup"])
         return None, (
             f"No setting reaches a measured speed-up of {target:g}x here; the fastest is after-layer "
-            f"{fastest['after_layer']}, {fastest['tokens']} tokens at {fastest.get('speedup') or 0:.2f}x "
+            f"{fastest['after_layer']}, {fastest['tokens']} tokens at {fastest['speedup']:.2f}x "
             f"(FLOPs ratio {fastest['flops_ratio']:.2f}x)."
         )
     best = max(reaching, key=lambda r: (r[key], r.get("speedup") or 0))
@@ -94,8 +107,21 @@ def best_for_target(rows: list[dict], target: float | None, key: str = "top1") -
     )
 
 
+def _unmeasured(row: dict) -> str:
+    """How a row whose speed could not be measured shows: ``OOM`` (out of memory) or ``failed``."""
+    return "OOM" if row.get("speed_status") == "oom" else "failed"
+
+
+def _speed_cells(row: dict, speedup: float | None) -> str:
+    """The images/s and measured speed-up cells of a row (``OOM``/``failed`` and ``–`` where not measured)."""
+    if row.get("images_per_s") is None:
+        return f"{_unmeasured(row)} | –"
+    return f"{row['images_per_s']:.1f} | " + ("–" if speedup is None else f"{speedup:.2f}×")
+
+
 def markdown_table(report: dict) -> str:
-    """One row per setting (and the source first): top-1, top-k and loss, or a backbone's feature similarity."""
+    """One row per setting (and the source first): top-1, top-k and loss, or a backbone's feature similarity; a
+    speed that could not be measured shows as OOM or failed."""
     if report.get("metric") == "similarity":
         head, columns = "feature similarity", 1
 
@@ -111,25 +137,28 @@ def markdown_table(report: dict) -> str:
     lines = [
         f"| after layer | tokens | {head} | GFLOPs | FLOPs ratio | images/s | measured speed-up | Pareto |",
         "|" + "---|" * (columns + 7),
-        f"| source | all | {quality(src)} | {src['gflops']:.3g} | 1.00 | {src['images_per_s']:.1f} | 1.00× | |",
+        f"| source | all | {quality(src)} | {src['gflops']:.3g} | 1.00 | {_speed_cells(src, 1.0)} | |",
     ]
     for r in report["settings_results"]:
         lines.append(
             f"| {r['after_layer']} | {r['tokens']} | {quality(r)} | {r['gflops']:.3g} | {r['flops_ratio']:.2f} | "
-            f"{r['images_per_s']:.1f} | {r['speedup']:.2f}× | {'★' if r['pareto'] else ''} |"
+            f"{_speed_cells(r, r['speedup'])} | {'★' if r['pareto'] else ''} |"
         )
     return "\n".join(lines)
 
 
 def plot(report: dict, path: Path) -> None:
     """accuracy (backbones: feature similarity) against images/s, settings labelled K/M, Pareto front joined, the
-    source as a star."""
+    source as a star; settings whose speed could not be measured are listed under the plot instead."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, src = report["settings_results"], report["source_row"]
+    src = report["source_row"]
+    rows = [r for r in report["settings_results"] if r.get("images_per_s") is not None]
+    unmeasured = [f"K={r['after_layer']},M={r['tokens']}" for r in report["settings_results"] if r not in rows]
+    unmeasured = (["source"] if src.get("images_per_s") is None else []) + unmeasured
     key = "similarity" if report.get("metric") == "similarity" else "top1"
     scale = 1 if key == "similarity" else 100
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
@@ -141,9 +170,12 @@ def plot(report: dict, path: Path) -> None:
     ax.plot(
         [r["images_per_s"] for r in front], [scale * r[key] for r in front], "-o", c="tab:red", label="Pareto front"
     )
-    ax.scatter([src["images_per_s"]], [scale * src[key]], marker="*", s=200, c="black", label="source", zorder=3)
-    if report.get("target_speedup"):
-        ax.axvline(src["images_per_s"] * report["target_speedup"], ls="--", c="grey", label="target speed-up")
+    if src.get("images_per_s") is not None:
+        ax.scatter([src["images_per_s"]], [scale * src[key]], marker="*", s=200, c="black", label="source", zorder=3)
+        if report.get("target_speedup"):
+            ax.axvline(src["images_per_s"] * report["target_speedup"], ls="--", c="grey", label="target speed-up")
+    if unmeasured:  # a legend entry without a marker
+        ax.plot([], [], " ", label=f"speed not measured (OOM or failed): {', '.join(unmeasured)}")
     if report.get("best"):
         best = report["best"]
         ax.scatter([best["images_per_s"]], [scale * best[key]], s=200, facecolors="none", edgecolors="green", lw=2)
@@ -159,9 +191,10 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _merged_models(source, source_model, config, settings: SweepSettings, work: Path, log) -> list[tuple]:
-    """(K, M, model) per setting, initialised by calibration or a short fine-tune."""
-    from .calibrate import calibrate_from_data
+def _merged_models(source, source_model, pixels, settings: SweepSettings, work: Path, log) -> list[tuple]:
+    """(K, M, model) per setting, initialised by calibration on `pixels` (the same images for every setting) or a
+    short fine-tune."""
+    from .calibrate import calibrate
     from .loading import load_model
     from .surgery import insert_patch_merger
 
@@ -171,15 +204,7 @@ def _merged_models(source, source_model, config, settings: SweepSettings, work: 
             log(f"setting after-layer {k}, {m} tokens ({settings.method}) ...")
             if settings.method == "calibrate":
                 merged = insert_patch_merger(source_model, k, m, source=str(source)).eval()
-                calibrate_from_data(
-                    merged,
-                    settings.data,
-                    source=str(source),
-                    log=log,
-                    num_images=settings.calibrate_images,
-                    split=settings.calibrate_split,
-                    seed=settings.seed,
-                )
+                log(calibrate(merged, pixels, seed=settings.seed).summary())
             else:
                 from .data import BatchLargerThanData
                 from .train import finetune
@@ -212,6 +237,42 @@ def _merged_models(source, source_model, config, settings: SweepSettings, work: 
     return models
 
 
+def bench_settings(settings: SweepSettings) -> BenchSettings:
+    """How a sweep measures speed: every setting and the source at one batch size, alternately."""
+    from .benchmark import BenchSettings
+
+    return BenchSettings(
+        device=settings.device,
+        dtype=settings.dtype,
+        batch_sizes=(settings.bench_batch_size,),
+        warmup=2,
+        repeats=settings.bench_repeats,
+        min_time=0.5,
+        latency_iters=3,
+    )
+
+
+def check_settings(settings: SweepSettings, output: str | Path | None = None, overwrite: bool = False) -> None:
+    """Refuse bad `settings` (and a bad `output` folder) with one line naming the option, before any work."""
+    from .atomic import check_output
+    from .benchmark import check_settings as check_bench_settings
+
+    if settings.method not in METHODS:
+        raise RetrofitError(f"--method {settings.method!r} is not one of {', '.join(METHODS)}")
+    target = settings.target_speedup
+    if target is not None and (isinstance(target, bool) or not isinstance(target, int | float)):
+        raise RetrofitError(f"--target-speedup must be a number above 1 (got {target!r})")
+    if target is not None and not (math.isfinite(target) and target > 1):
+        raise RetrofitError(f"--target-speedup must be a finite number above 1, e.g. 1.8 (got {target})")
+    for option in ("calibrate_images", "finetune_steps", "finetune_batch_size", "batch_size"):
+        check_at_least_one(f"--{option.replace('_', '-')}", getattr(settings, option))
+    check_bench_settings(bench_settings(settings), BENCH_OPTIONS)
+    if output is not None:
+        if not str(output).strip():
+            raise RetrofitError("--output is empty; give a folder name, or leave it out for sweep-<source name>")
+        check_output(output, overwrite)
+
+
 def sweep(
     source: str,
     settings: SweepSettings,
@@ -223,22 +284,14 @@ def sweep(
     """Run the sweep; returns the report (and writes sweep.md/json/png into `output` if given)."""
     import tempfile
 
-    from .atomic import atomic_dir, check_output
-    from .benchmark import BenchSettings, Variant, environment, run_benchmark
+    from .benchmark import Variant, environment, place_model, run_benchmark
     from .cost import model_cost
     from .data import class_names, load_split, make_dataloader
     from .evaluation import _labels, data_label_map, feature_similarity, is_backbone, score_models
     from .loading import load_config, load_image_processor, load_model
     from .surgery import check_merge
 
-    if settings.method not in METHODS:
-        raise RetrofitError(f"--method {settings.method!r} is not one of {', '.join(METHODS)}")
-    if settings.target_speedup is not None and settings.target_speedup <= 1:
-        raise RetrofitError(f"--target-speedup must be above 1 (got {settings.target_speedup})")
-    for option in ("calibrate_images", "finetune_steps", "finetune_batch_size"):
-        check_at_least_one(f"--{option.replace('_', '-')}", getattr(settings, option))
-    if output is not None:
-        check_output(output, overwrite)
+    check_settings(settings, output, overwrite)
     config = load_config(source)
     backbone = is_backbone(config)  # ranked by feature similarity to the source, not accuracy (no labels read)
     key = "similarity" if backbone else "top1"
@@ -248,12 +301,26 @@ def sweep(
     dataset = load_split(
         settings.data, settings.split, limit=settings.limit, label_column=None if backbone else "label"
     )
+    # The calibration images, loaded before any setting starts (a missing --calibrate-split fails here): calibrate
+    # uses them for every setting; finetune reads its own sample of the split, so one image checks the split.
+    calibrate_on = load_split(
+        settings.data,
+        settings.calibrate_split,
+        label_column=None,
+        limit=settings.calibrate_images if settings.method == "calibrate" else 1,
+        sample_seed=settings.seed if settings.method == "calibrate" else None,
+    )
     label_map = None if backbone else data_label_map(_labels(config), class_names(dataset), settings.data)
     source_model = load_model(source, config=config).eval()
     processor = load_image_processor(source, config, log=log)
+    pixels = None
+    if settings.method == "calibrate":
+        channels = getattr(config, "num_channels", None)
+        batch = make_dataloader(calibrate_on, processor, batch_size=len(calibrate_on), num_channels=channels)
+        pixels = next(iter(batch))["pixel_values"]
 
     with tempfile.TemporaryDirectory(prefix="retrofit-sweep-") as work:
-        merged = _merged_models(source, source_model, config, settings, Path(work), log)
+        merged = _merged_models(source, source_model, pixels, settings, Path(work), log)
         loader = make_dataloader(
             dataset,
             processor,
@@ -266,15 +333,7 @@ def sweep(
         models = [source_model] + [model for _, _, model in merged]
         scores = feature_similarity(models, loader) if backbone else score_models(models, loader, k=k_top)
 
-        bench = BenchSettings(
-            device=settings.device,
-            dtype=settings.dtype,
-            batch_sizes=(settings.bench_batch_size,),
-            warmup=2,
-            repeats=settings.bench_repeats,
-            min_time=0.5,
-            latency_iters=3,
-        )
+        bench = bench_settings(settings)
         source_gflops = model_cost(config).gflops
         variants = [Variant("source", source_model, config, "eager", source_gflops)]
         for k, m, model in merged:
@@ -282,13 +341,19 @@ def sweep(
             variants.append(
                 Variant(f"k{k}-m{m}", model, model.config, "eager", gflops, "source", source_gflops / gflops)
             )
-        for v in variants:
-            v.runner = v.model.to(bench.device)
+        for v in variants:  # evaluated in float32 above; measured on the device in the dtype asked for
+            v.runner = place_model(v.model, bench.device, bench.dtype)
         log("measuring speed (all settings alternately) ...")
         run_benchmark(variants, bench, log=log)
 
     bs = settings.bench_batch_size
-    source_row = {**scores[0], "gflops": source_gflops, "images_per_s": variants[0].results[bs].get("images_per_s")}
+    source_result = variants[0].results[bs]
+    source_row = {
+        **scores[0],
+        "gflops": source_gflops,
+        "images_per_s": source_result.get("images_per_s"),
+        "speed_status": _status(source_result),
+    }
     rows = []
     for (k, m, _), score, v in zip(merged, scores[1:], variants[1:], strict=True):
         result = v.results[bs]
@@ -299,8 +364,9 @@ def sweep(
                 **score,
                 "gflops": v.gflops,
                 "flops_ratio": v.flops_ratio,
-                "images_per_s": result.get("images_per_s") or 0.0,
-                "speedup": result.get("speedup") or 0.0,
+                "images_per_s": result.get("images_per_s"),  # None: not measured (speed_status says why)
+                "speedup": result.get("speedup"),
+                "speed_status": _status(result),
             }
         )
     front = pareto_front(rows + [{**source_row, "source": True}], y=key)
@@ -325,11 +391,27 @@ def sweep(
     }
     report["table"] = markdown_table(report)
     if output is not None:
+        write_report(report, output, overwrite)
+    return report
+
+
+def _status(result: dict) -> str:
+    """A benchmark result's status: ``ok``, ``oom`` or ``error: ...`` (`retrofit.benchmark`)."""
+    return str(result.get("status") or "failed")
+
+
+def write_report(report: dict, output: str | Path, overwrite: bool = False) -> None:
+    """sweep.json, sweep.md and sweep.png into the folder `output`, all or nothing; a write error is one line."""
+    from .atomic import atomic_dir
+    from .errors import describe_os_error
+
+    try:
         with atomic_dir(output, overwrite) as tmp:
-            (tmp / "sweep.json").write_text(json.dumps(report, indent=2) + "\n")
+            (tmp / "sweep.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
             (tmp / "sweep.md").write_text(_markdown_report(report))
             plot(report, tmp / "sweep.png")
-    return report
+    except OSError as exc:  # a full disk: nothing is left behind
+        raise RetrofitError(f"cannot write the sweep into '{output}': {describe_os_error(exc)}") from None
 
 
 def _markdown_report(report: dict) -> str:
@@ -365,14 +447,13 @@ def run_from_args(args) -> dict:
         device=args.device,
         dtype=args.dtype,
     )
-    from .benchmark import parse_device, parse_dtype
-
-    parse_device(settings.device)
-    parse_dtype(settings.dtype)
-    output = args.output or f"sweep-{Path(str(args.source).rstrip('/')).name}"
-    report = sweep(args.source, settings, output=output, overwrite=args.overwrite)
+    output = f"sweep-{Path(str(args.source).rstrip('/')).name}" if args.output is None else args.output
+    check_settings(settings, output, args.overwrite)
+    # the folder is written after the table is printed, so that a full disk does not lose the results
+    report = sweep(args.source, settings, log=print)
     print(report["table"])
     if report["verdict"]:
         print(report["verdict"])
+    write_report(report, output, args.overwrite)
     print(f"wrote {output}/sweep.md, sweep.json, sweep.png")
     return report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from transformers import ViTForImageClassification
 from retrofit import benchmark, convert
 from retrofit.cli import main
 from retrofit.cost import model_cost
+from retrofit.errors import RetrofitError
 from retrofit.surgery import merged_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,12 +110,98 @@ def test_bench_times_a_vision_backbone(tmp_path):
         (["--merge", "6-8"], "is not K:M"),
         (["--compile", "turbo"], "unknown --compile mode"),
         (["--merge", "9:4"], "--after-layer 9 is out of range"),
+        (["--batch-size", "1,99999999999999999999999"], "too large to be a tensor dimension"),
+        (["--threads", "0"], "--threads must be between 1 and"),
+        (["--threads", str((os.cpu_count() or 1) + 1)], "--threads must be between 1 and"),
+        (["--min-time", "inf"], "--min-time must be a number of seconds from 0 to 3600"),
+        (["--min-time", "nan"], "--min-time must be a number of seconds"),
+        (["--min-time", "-1"], "--min-time must be a number of seconds"),
+        (["--json", ""], "--json is empty"),
     ],
 )
 def test_bad_options_exit_2(tiny_vit, capsys, options, message):
     assert main(["bench", str(tiny_vit), *options]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_bad_json_target_is_refused_before_any_work(tiny_vit, tmp_path, capsys):
+    """A --json that is a folder, under a file, or a special file (a pipe, a device: the atomic rename would replace
+    it) is refused before loading anything (not after the run)."""
+    (tmp_path / "afile").write_text("x")
+    os.mkfifo(tmp_path / "fifo")
+    bad = [(tmp_path, "is a folder"), (tmp_path / "afile" / "b.json", "which is a file")]
+    for target, message in [*bad, (tmp_path / "fifo", "exists and is not a regular file")]:
+        assert main(["bench", str(tiny_vit), "--json", str(target), *QUICK]) == 2
+        captured = capsys.readouterr()
+        assert message in captured.err and len(captured.err.strip().splitlines()) == 1
+        assert "loading" not in captured.err and not captured.out
+
+
+def test_bad_settings_are_refused_by_the_python_api(tiny_vit):
+    """`benchmark()` checks its settings itself, before loading a model (Python callers have no argparse)."""
+    bad = [
+        (dict(min_time=float("nan")), "--min-time"),
+        (dict(batch_sizes=(0,)), "--batch-size must be at least 1"),
+        (dict(batch_sizes=(2**63,)), "too large to be a tensor dimension"),
+        (dict(repeats=0), "--repeats must be at least 1"),
+        (dict(latency_iters=-1), "--latency-iters must be 0"),
+    ]
+    for changes, message in bad:
+        settings = benchmark.BenchSettings(**{**dict(warmup=1, repeats=1, min_time=0, latency_iters=0), **changes})
+        with pytest.raises(RetrofitError, match=message):
+            benchmark.benchmark([str(tiny_vit)], settings=settings, log=pytest.fail)  # fails if it logs "loading"
+
+
+def test_a_batch_size_too_large_for_any_memory_is_an_out_of_memory_row(tiny_vit, tmp_path, capsys):
+    """2**63 - 1 is a valid dimension, but its input cannot be allocated (torch: storage size overflow): it is
+    reported like any other out-of-memory size, not as a traceback."""
+    out = tmp_path / "bench.json"
+    argv = ["bench", str(tiny_vit), "--batch-size", f"1,{2**63 - 1}", "--json", str(out), *QUICK]
+    assert main(argv) == 0
+    results = json.loads(out.read_text())["models"][0]["results"]
+    assert results["1"]["status"] == "ok" and results[str(2**63 - 1)]["status"] == "oom"
+    assert "| OOM |" in capsys.readouterr().out
+
+
+def test_repeated_models_and_merges_are_measured_once(tiny_vit, export_dir, tmp_path, capsys):
+    """A model or merge setting given twice (also as 'half' and its K) gets one row, not two sharing one label;
+    --merge skips an export with a note, and is refused when every model is already merged."""
+    out = tmp_path / "bench.json"
+    argv = ["bench", str(tiny_vit), str(export_dir), str(tiny_vit), "--merge", "2:2,half:2", "--batch-size", "2"]
+    assert main([*argv, "--json", str(out), *QUICK]) == 0
+    names = [row["model"] for row in json.loads(out.read_text())["models"]]
+    assert names == [str(tiny_vit), f"{tiny_vit}+pm2:2", str(export_dir)]
+    err = capsys.readouterr().err
+    assert f"'{tiny_vit}' is given 2 times; measuring it once" in err
+    assert "--merge half:2 repeats after-layer 2, 2 tokens" in err
+    assert f"'{export_dir}' is already merged; --merge applies to unmerged models only" in err
+    assert main(["bench", str(export_dir), "--merge", "1:2", *QUICK]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already merged and no unmerged model is given" in err and f"its source '{tiny_vit}'" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_json_is_written_whole_or_not_at_all(tiny_vit, tmp_path):
+    """A --json write that fails half way (here: a file-size limit, as a full disk would) leaves the old file as it
+    was and ends in one line, not a traceback over a half-written file."""
+    import resource
+    import signal
+
+    out = tmp_path / "bench.json"
+    out.write_text("old\n")
+
+    def limit_file_size() -> None:  # runs in the child: writes past 600 bytes fail with EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (600, 600))
+
+    command = [sys.executable, "-m", "retrofit", "bench", str(tiny_vit), "--batch-size", "1,2,3", "--json", str(out)]
+    done = subprocess.run([*command, *QUICK], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit_file_size)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "cannot write --json" in done.stderr and "Traceback" not in done.stderr
+    assert "| model |" in done.stdout  # the table was printed before the write
+    assert out.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["bench.json"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

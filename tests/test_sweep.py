@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import json
 
 import pytest
+import torch
 from conftest import HUB_ID
 from test_data import make_imagefolder
 
+from retrofit import benchmark
+from retrofit import sweep as sweep_module
 from retrofit.cli import main
-from retrofit.sweep import best_for_target, pareto_front
+from retrofit.errors import RetrofitError
+from retrofit.sweep import SweepSettings, best_for_target, markdown_table, pareto_front, plot, sweep
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +68,114 @@ def test_sweep_writes_table_json_and_plot(tiny_vit, images, tmp_path, capsys):
         (["--after-layer", "1", "--tokens", "2", "--method", "magic"], "--method"),
         (["--after-layer", "1", "--tokens", "2", "--calibrate-images", "0"], "--calibrate-images must be at least 1"),
         (["--after-layer", "1", "--tokens", "2", "--finetune-batch-size", "0"], "--finetune-batch-size must be at"),
+        (["--after-layer", "1", "--tokens", "2", "--target-speedup", "nan"], "--target-speedup must be a finite"),
+        (["--after-layer", "1", "--tokens", "2", "--target-speedup", "inf"], "--target-speedup must be a finite"),
+        (["--after-layer", "1", "--tokens", "2", "--bench-batch-size", "0"], "--bench-batch-size must be at least 1"),
+        (["--after-layer", "1", "--tokens", "2", "--bench-batch-size", "-2"], "--bench-batch-size must be at least"),
+        (["--after-layer", "1", "--tokens", "2", "--bench-batch-size", str(2**80)], "too large to be a tensor"),
+        (["--after-layer", "1", "--tokens", "2", "--bench-repeats", "0"], "--bench-repeats must be at least 1"),
+        (["--after-layer", "1", "--tokens", "2", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--after-layer", "1", "--tokens", "2", "--calibrate-split", "nope"], "has no split 'nope'"),
     ],
 )
 def test_bad_sweep_input(tiny_vit, images, tmp_path, capsys, options, message):
+    """Refused in one line before any setting is calibrated (not after the sweep's work)."""
     out = tmp_path / "sweep"
     assert main(["sweep", str(tiny_vit), *options, "--data", str(images), "--output", str(out)]) == 2
-    assert message in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert message in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert "setting after-layer" not in captured.out
     assert not out.exists()
+
+
+def test_empty_output_is_refused(tiny_vit, images, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["sweep", str(tiny_vit), "--after-layer", "1", "--tokens", "2", "--data", str(images), "-o", ""]
+    assert main(argv) == 2
+    assert "--output is empty" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_the_python_api_checks_its_settings(tiny_vit, images, tmp_path):
+    """`sweep()` refuses bad settings itself, before loading anything (Python callers have no argparse)."""
+    base = dict(after_layers=(1,), tokens=(2,), data=str(images), split="test", calibrate_images=6)
+    bad = [
+        (dict(target_speedup=float("nan")), "--target-speedup"),
+        (dict(bench_batch_size=0), "--bench-batch-size"),
+        (dict(bench_repeats=0), "--bench-repeats"),
+        (dict(dtype="fp8"), "unknown dtype"),
+    ]
+    for changes, message in bad:
+        with pytest.raises(RetrofitError, match=message):
+            sweep(str(tiny_vit), SweepSettings(**{**base, **changes}), log=pytest.fail)
+    with pytest.raises(RetrofitError, match="--output is empty"):
+        sweep(str(tiny_vit), SweepSettings(**base), output="", log=pytest.fail)
+
+
+def test_speed_is_measured_in_the_dtype_asked_for_and_a_failed_one_shows(tiny_vit, images, tmp_path, monkeypatch):
+    """--dtype bf16 times bf16 models (as `retrofit bench` does), not float32 ones under a bf16 label; a setting that
+    runs out of memory shows as OOM (table, JSON null, no Pareto mark) instead of a speed of 0 or a crash."""
+    real, seen = benchmark._forward, []
+
+    def forward(runner, pixel_values):
+        seen.append(next(runner.parameters()).dtype)
+        if getattr(runner.config, "merge_num_tokens", None) == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(runner, pixel_values)
+
+    monkeypatch.setattr(benchmark, "_forward", forward)
+    out = tmp_path / "sweep"
+    argv = ["sweep", str(tiny_vit), "--after-layer", "1", "--tokens", "2,4", "--data", str(images), "--split", "test"]
+    argv += ["--calibrate-images", "6", "--bench-batch-size", "2", "--bench-repeats", "1", "--dtype", "bf16"]
+    assert main([*argv, "--target-speedup", "1.01", "--output", str(out)]) == 0
+    assert seen and set(seen) == {torch.bfloat16}
+    report = json.loads((out / "sweep.json").read_text())
+    assert report["environment"]["dtype"] == "bf16"
+    measured, failed = report["settings_results"]
+    assert measured["tokens"] == 2 and measured["images_per_s"] > 0 and measured["speed_status"] == "ok"
+    assert failed["tokens"] == 4 and failed["images_per_s"] is None and failed["speedup"] is None
+    assert failed["speed_status"] == "oom" and not failed["pareto"]
+    assert report["best"] is None or report["best"]["tokens"] == 2
+    assert "| 1 | 4 |" in report["table"] and "| OOM | – |" in report["table"].split("| 1 | 4 |")[1]
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_source_whose_speed_was_not_measured_is_reported(tmp_path):
+    """The source out of memory (no speed-up can be computed): table, verdict and plot say so instead of crashing."""
+    quality = dict(top1=0.5, top5=1.0, loss=1.0, num_examples=4)
+    source = dict(quality, gflops=2.0, images_per_s=None, speed_status="oom")
+    rows = [
+        dict(quality, after_layer=1, tokens=2, gflops=1.0, flops_ratio=2.0, images_per_s=50.0, speedup=None,
+             speed_status="ok", pareto=True),
+        dict(quality, after_layer=1, tokens=4, gflops=1.5, flops_ratio=1.3, images_per_s=None, speedup=None,
+             speed_status="error: RuntimeError: boom", pareto=False),
+    ]  # fmt: skip
+    best, verdict = best_for_target(rows, 1.5)
+    assert best is None and "could be measured" in verdict and "lower --bench-batch-size" in verdict
+    report = dict(metric="accuracy", top_k=3, source_row=source, settings_results=rows, target_speedup=1.5, best=None)
+    report |= dict(environment=dict(hardware="CPU", dtype="fp32"), bench_batch_size=8, data="d", split="test")
+    report |= dict(source="s", method="calibrate")
+    table = markdown_table(report).splitlines()
+    assert table[2].endswith("| 1.00 | OOM | – | |") and "| 50.0 | – |" in table[3] and "| failed | – |" in table[4]
+    plot(report, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+
+
+def test_a_write_failure_after_the_sweep_keeps_the_table(tiny_vit, images, tmp_path, monkeypatch, capsys):
+    """A full disk while writing the folder: the table is printed first, the error is one line, nothing is left."""
+
+    def full_disk(report, path):
+        path.write_bytes(b"\x89PNG")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sweep_module, "plot", full_disk)
+    out = tmp_path / "sweep"
+    argv = ["sweep", str(tiny_vit), "--after-layer", "1", "--tokens", "2", "--data", str(images), "--split", "test"]
+    argv += ["--calibrate-images", "6", "--bench-batch-size", "2", "--bench-repeats", "1", "--output", str(out)]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "| after layer | tokens |" in captured.out and "| 1 | 2 |" in captured.out
+    assert "No space left on device" in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_finetune_sweep_on_a_hub_dataset_streams_only_what_it_uses(tiny_vit, hub_dataset, tmp_path, capsys):
