@@ -286,8 +286,8 @@ def sweep(
 
     from .benchmark import Variant, environment, place_model, run_benchmark
     from .cost import model_cost
-    from .data import class_names, load_split, make_dataloader
-    from .evaluation import _labels, data_label_map, feature_similarity, is_backbone, score_models
+    from .data import load_split, make_dataloader
+    from .evaluation import _labels, dataset_label_map, feature_similarity, is_backbone, score_models
     from .loading import load_config, load_image_processor, load_model
     from .surgery import check_merge
 
@@ -310,7 +310,9 @@ def sweep(
         limit=settings.calibrate_images if settings.method == "calibrate" else 1,
         sample_seed=settings.seed if settings.method == "calibrate" else None,
     )
-    label_map = None if backbone else data_label_map(_labels(config), class_names(dataset), settings.data)
+    label_map = None
+    if not backbone:  # string labels mapped by class name, bad ones refused before any setting is built
+        label_map = dataset_label_map(_labels(config), dataset, settings.data)
     source_model = load_model(source, config=config).eval()
     processor = load_image_processor(source, config, log=log)
     pixels = None

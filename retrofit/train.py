@@ -580,7 +580,7 @@ def train_loop(
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    from .data import class_names, load_split, make_dataloader
+    from .data import check_labels, class_names, load_split, make_dataloader
     from .loading import family_and_head
 
     started = time.perf_counter()
@@ -612,6 +612,9 @@ def train_loop(
             raise RetrofitError("--num-labels re-initialises the head, so the teacher cannot guide it; use --loss ce")
         reinit_head(model, names, args.num_labels)
     label_map = label_map_for(model.config, names, args.num_labels)
+    if label_column and classifier:  # one line now, not a missing label or an IndexError at some step mid-run
+        check_labels(train_set, model.config.num_labels, data=args.data, label_map=label_map,
+                     hint="fix the labels of the split, or use --loss kd, which needs none")  # fmt: skip
     num_channels = getattr(model.config, "num_channels", None)
     train_dl = make_dataloader(
         train_set,

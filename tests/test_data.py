@@ -34,6 +34,17 @@ def make_imagefolder(root: Path, per_class: int = 8, test_per_class: int = 4, si
     return root
 
 
+def make_labelled_folder(root: Path, images: Path, labels: list) -> str:
+    """A flat folder of the first test images of `images` with a metadata.csv `label` column holding `labels`."""
+    root.mkdir()
+    rows = ["file_name,label"]
+    for index, (path, label) in enumerate(zip(sorted((images / "test").glob("*/*.png")), labels, strict=False)):
+        shutil.copy(path, root / f"{index}.png")
+        rows.append(f"{index}.png,{label}")
+    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
+    return str(root)
+
+
 @pytest.fixture(scope="session")
 def imagefolder(tmp_path_factory) -> Path:
     return make_imagefolder(tmp_path_factory.mktemp("images") / "colours")

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import torch
 from conftest import TINY, launch_two_cpu_processes, save_tiny
-from test_data import make_imagefolder
+from test_data import make_imagefolder, make_labelled_folder
 from transformers import ViTConfig, ViTForImageClassification
 
 from retrofit import convert
@@ -313,19 +313,6 @@ def test_json_is_written_whole_or_not_at_all(tiny_vit, images, tmp_path, capsys,
     assert target.read_text() == '{"old": true}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]
 
 
-def _labelled_folder(root, images, labels: list) -> str:
-    """A flat folder of the first test images of `images` with a metadata.csv `label` column holding `labels`."""
-    import shutil
-
-    root.mkdir()
-    rows = ["file_name,label"]
-    for index, (path, label) in enumerate(zip(sorted((images / "test").glob("*/*.png")), labels, strict=False)):
-        shutil.copy(path, root / f"{index}.png")
-        rows.append(f"{index}.png,{label}")
-    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
-    return str(root)
-
-
 @pytest.mark.parametrize(
     ("labels", "message"),
     [
@@ -345,7 +332,7 @@ def test_labels_that_are_not_class_ids_are_refused(tiny_vit, images, tmp_path, c
 
     import retrofit.loading
 
-    data = _labelled_folder(tmp_path / "labelled", images, labels)
+    data = make_labelled_folder(tmp_path / "labelled", images, labels)
     monkeypatch.setattr(retrofit.loading, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     assert main(["evaluate", str(tiny_vit), "--data", data, "--split", "train", "--batch-size", "2"]) == 2
     err = capsys.readouterr().err.strip()
@@ -355,7 +342,7 @@ def test_labels_that_are_not_class_ids_are_refused(tiny_vit, images, tmp_path, c
 def test_string_labels_are_mapped_by_class_name(trained_vit, images, tmp_path):
     """A label column of class names scores exactly as the image folder's ClassLabel does on the same images."""
     files = sorted((images / "test").glob("*/*.png"))
-    data = _labelled_folder(tmp_path / "named", images, [path.parent.name for path in files])
+    data = make_labelled_folder(tmp_path / "named", images, [path.parent.name for path in files])
     named = evaluate_models([str(trained_vit)], data=data, split="train", top_k=2)["models"][0]
     folder = evaluate_models([str(trained_vit)], data=str(images), split="test", top_k=2)["models"][0]
     assert folder["top1"] > 0.5  # a real test: names mapped in another order would score lower
@@ -367,7 +354,7 @@ def test_score_models_refuses_labels_out_of_range(tiny_vit, images, tmp_path):
     """`sweep` scores through `score_models` directly: a label out of range is one line, not an IndexError."""
     from retrofit.evaluation import score_models
 
-    data = load_split(_labelled_folder(tmp_path / "labelled", images, [0, 1, 3, 2]), "train")
+    data = load_split(make_labelled_folder(tmp_path / "labelled", images, [0, 1, 3, 2]), "train")
     model = load_model(tiny_vit).eval()
     loader = make_dataloader(data, load_image_processor(tiny_vit, model.config), batch_size=2)
     with pytest.raises(RetrofitError, match="example 2 has the label 3, outside the 3 classes"):

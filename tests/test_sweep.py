@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from conftest import HUB_ID
-from test_data import make_imagefolder
+from test_data import make_imagefolder, make_labelled_folder
 
 from retrofit import benchmark
 from retrofit import sweep as sweep_module
@@ -194,3 +194,16 @@ def test_finetune_sweep_on_a_hub_dataset_streams_only_what_it_uses(tiny_vit, hub
     assert all(row["num_examples"] == 12 for row in report["settings_results"])
     assert calls and all(call["streaming"] for call in calls), calls
     assert {call["split"] for call in calls} == {"train", "test"}
+
+
+def test_labels_that_are_not_class_ids_are_refused_before_any_setting(tiny_vit, images, tmp_path, capsys, monkeypatch):
+    """The same label check as `evaluate` (string labels mapped by class name), before the source is loaded."""
+    import retrofit.loading
+
+    data = make_labelled_folder(tmp_path / "labelled", images, [0, 1, 7, 2])
+    monkeypatch.setattr(retrofit.loading, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    argv = ["sweep", str(tiny_vit), "--after-layer", "1", "--tokens", "2", "--data", data, "--split", "train"]
+    assert main([*argv, "--calibrate-split", "train", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "example 2 of" in err and "has the label 7, outside the 3 classes" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import save_tiny
 from safetensors.torch import load_file
-from test_data import make_imagefolder
+from test_data import make_imagefolder, make_labelled_folder
 
 import retrofit.train as train_module
 from retrofit import insert_patch_merger
@@ -601,3 +601,15 @@ def test_an_export_whose_source_is_gone_needs_a_teacher(tiny_vit, colours, tmp_p
     result = finetune(tmp_path / "pm", output=tmp_path / "o", data=colours, teacher=str(tiny_vit), loss="kd",
                       max_steps=1, **FAST)  # fmt: skip
     assert result.steps == 1
+
+
+def test_training_labels_that_are_not_class_ids_are_refused_before_training(tiny_vit, colours, tmp_path):
+    """A ce run checks every training label first (not an IndexError at some step); kd reads no labels at all."""
+    from pathlib import Path
+
+    data = make_labelled_folder(tmp_path / "labelled", Path(colours), [0, 1, 2, 5, 0, 1, 2, 0])
+    settings = dict(after_layer=2, num_tokens=4, data=data, eval_split=None, max_steps=1, **FAST)
+    with pytest.raises(RetrofitError, match=r"example 3 of '.*' has the label 5, outside the 3 classes .*--loss kd"):
+        finetune(tiny_vit, output=tmp_path / "o", loss="ce", **settings)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o-checkpoints").exists()
+    assert finetune(tiny_vit, output=tmp_path / "o", loss="kd", **settings).steps == 1
