@@ -1,9 +1,29 @@
 """retrofit: make pretrained Vision Transformers faster by inserting a PatchMerger, then fine-tuning it back.
 
-The Python API mirrors the CLI::
+The Python API mirrors the CLI, one function per command::
 
-    from retrofit import convert, insert_patch_merger, export, load_model, model_cost
+    from retrofit import convert, evaluate_models, finetune, run_recipe
+    from retrofit.benchmark import BenchSettings, benchmark
+    from retrofit.push import push
+    from retrofit.sweep import SweepSettings, sweep
+
+    convert(source, after_layer=6, num_tokens=8, output=...)              # retrofit convert
+    finetune(source, after_layer=6, num_tokens=8, output=..., data=...)   # retrofit finetune
+    evaluate_models([source, export], data=..., split=...)                # retrofit evaluate
+    benchmark([source, export], settings=BenchSettings(...))              # retrofit bench
+    sweep(source, SweepSettings(after_layers=(3, 6), tokens=(8,)))         # retrofit sweep
+    push(export, repo_id)                                                  # retrofit push
+    run_recipe("recipes/fashion-mnist.yaml")                               # retrofit run
+
+plus the building blocks: `insert_patch_merger`, `export`, `load_model`, `model_cost`, `update_card`. (`benchmark`,
+`sweep`, `push` and `calibrate` are also the names of their modules, so their functions are imported from them.)
+Bad input raises `RetrofitError` (one line: what is wrong, what to do). The commands that need `accelerate`,
+`datasets`, `evaluate` or `matplotlib` are imported on first use, so ``import retrofit`` stays light.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
@@ -16,6 +36,29 @@ from .loading import load_model  # noqa: E402
 from .merger import PatchMerger  # noqa: E402
 from .surgery import insert_patch_merger  # noqa: E402
 
+# name -> module, imported when the name is first used (PEP 562)
+_LAZY = {
+    "finetune": "train",
+    "TrainArgs": "train",
+    "TrainResult": "train",
+    "evaluate_models": "evaluation",
+    "run_recipe": "recipes",
+    "update_card": "card",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'retrofit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
     "FAMILIES",
     "ConvertResult",
@@ -24,10 +67,16 @@ __all__ = [
     "Head",
     "PatchMerger",
     "RetrofitError",
+    "TrainArgs",
+    "TrainResult",
     "convert",
+    "evaluate_models",
     "export",
+    "finetune",
     "insert_patch_merger",
     "load_model",
     "model_cost",
     "register",
+    "run_recipe",
+    "update_card",
 ]

@@ -703,14 +703,17 @@ def benchmark(
     settings: BenchSettings | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Build, measure and report: the Python API behind ``retrofit bench`` and ``bench/speed.py``."""
+    """Build, measure and report: the Python API behind ``retrofit bench`` and ``bench/speed.py``. Returns the
+    JSON-ready report, with its Markdown table under ``"table"`` (as `retrofit.evaluate_models` does)."""
     settings = settings or BenchSettings()
     check_settings(settings)
     if isinstance(merges, str) or merges is None:
         merges = parse_merges(merges)
     variants = build_variants(models, merges, settings, log=log)
     run_benchmark(variants, settings, log=log)
-    return to_json(variants, settings)
+    report = to_json(variants, settings)
+    report["table"] = markdown_table(report)
+    return report
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -793,7 +796,7 @@ def run_from_args(args, models: list[str], *, log: Callable[[str], None] | None 
         if not target.parent.exists():
             raise RetrofitError(f"--json {args.json}: folder {target.parent} does not exist")
     report = benchmark(models, merges=merges, settings=settings, log=log)
-    print(markdown_table(report), flush=True)
+    print(report["table"], flush=True)
     if args.json is not None:
         try:
             write_text(args.json, json.dumps(report, indent=2) + "\n")

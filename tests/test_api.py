@@ -1,0 +1,61 @@
+"""The Python API as the README shows it: its code block runs as written, and the top-level names stay light."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_data import FMNIST
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_block(heading: str) -> str:
+    """The first ```python block after `heading` in the README."""
+    text = README.read_text()
+    section = text[text.index(heading) :]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist is not installed")
+def test_the_readme_python_api_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(readme_block("## Python API"), "README.md (Python API)", "exec"), namespace)
+    printed = capsys.readouterr().out
+    assert "1.70x fewer FLOPs" in printed
+    models = {row["model"]: row for row in namespace["report"]["models"]}
+    assert list(models) == ["retrofit:fashion-mnist-vit", "out/api-pm8", "out/api-pm8-kd"]
+    source, calibrated, distilled = models.values()
+    assert source["top1"] > 0.8 and calibrated["top1"] > 0.7  # the shipped model, merged without training
+    assert distilled["top1"] > calibrated["top1"] - 0.02  # distillation does not lose what calibration kept
+    assert namespace["result"].steps == 4096 // 128
+    assert namespace["report"]["table"] in printed and namespace["speed"]["table"] in printed
+    results = json.loads((tmp_path / "out/api-pm8-kd/retrofit_results.json").read_text())
+    assert set(results) >= {"evaluation", "benchmark"}
+    assert "model-index" in (tmp_path / "out/api-pm8-kd/README.md").read_text()
+
+
+def test_top_level_names_import_lazily():
+    """`import retrofit` does not pull in datasets, evaluate or matplotlib; the commands needing them load on use."""
+    code = (
+        "import sys, retrofit\n"
+        "heavy = [m for m in ('datasets', 'evaluate', 'matplotlib') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "from retrofit import TrainArgs, evaluate_models, finetune, run_recipe, update_card\n"
+        "import retrofit.sweep, retrofit.benchmark\n"
+        "assert callable(retrofit.sweep.sweep) and callable(retrofit.benchmark.benchmark)\n"
+        "assert set(retrofit.__all__) <= set(dir(retrofit))\n"
+        "for name in retrofit.__all__: getattr(retrofit, name)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        import retrofit
+
+        retrofit.nope  # noqa: B018
