@@ -18,6 +18,9 @@ from .errors import RetrofitError, brief, describe_os_error
 from .hub_code import OLDEST_TRANSFORMERS, base_head
 from .loading import family_and_head
 
+# How the card's loading examples name the model before it is pushed; `retrofit push` names the repo instead.
+LOCAL_NAME = "path/to/this/folder"
+
 
 @dataclass
 class TrainingInfo:
@@ -85,7 +88,7 @@ def build_card(
     cost_text = ""
     if source_config is not None:
         cost_text = compare(model_cost(source_config, image_size), model_cost(config, image_size))
-    name = repo_id or "path/to/this/folder"
+    name = repo_id or LOCAL_NAME
     encoder_only = (
         f'\n`AutoModel.from_pretrained("{name}", trust_remote_code=True)` loads the encoder without the classifier '
         f"({base.class_name} with the merger), as it does for the source checkpoint; its `last_hidden_state` has "

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
@@ -146,6 +149,34 @@ def _hub_error(exc: Exception, repo_id: str) -> RetrofitError:
     )
 
 
+def hub_card(text: str, repo_id: str, revision: str | None = None) -> str:
+    """An export's README.md as the Hub repo shows it: the loading examples (``from_pretrained``, ``pipeline``) name
+    `repo_id`, and the branch `revision` if it is not main, instead of the local folder. A pull request
+    (``refs/pr/N``) is shown as the repo alone, which it becomes once merged."""
+    from .card import LOCAL_NAME
+
+    branch = revision not in (None, "main") and not PR_REVISION.fullmatch(revision or "")
+    return text.replace(f'"{LOCAL_NAME}"', f'"{repo_id}"' + (f', revision="{revision}"' if branch else ""))
+
+
+@contextmanager
+def staged_for_hub(export: Path, repo_id: str, revision: str | None) -> Iterator[Path]:
+    """A temporary folder that holds `export` as links to its files (nothing is copied, the weights included), except
+    for README.md, which is written there with `hub_card`'s changes. The export itself is left as it is."""
+    with tempfile.TemporaryDirectory(prefix="retrofit-push-") as tmp:
+        staged = Path(tmp)
+        for path in sorted(export.rglob("*")):
+            if not path.is_file():
+                continue
+            target = staged / path.relative_to(export)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if path.relative_to(export).as_posix() == "README.md":
+                target.write_text(hub_card(path.read_text(encoding="utf-8"), repo_id, revision), encoding="utf-8")
+            else:
+                os.symlink(path.resolve(), target)
+        yield staged
+
+
 def check_push(repo_id: str, token: str | None = None) -> str:
     """Check, before any work, that `repo_id` is a valid namespaced id and that the Hub accepts our token; returns the
     token. `convert`/`finetune --push-to-hub` call it first, so a long run does not end in "not logged in"."""
@@ -212,14 +243,15 @@ def push(
                     except Exception:  # noqa: BLE001, S110 - best effort; the branch error is the one to report
                         pass
                 raise
-        info = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=str(export),
-            repo_type="model",
-            revision=revision,
-            commit_message=commit_message or f"Upload {Path(export).resolve().name} (retrofit PatchMerger export)",
-            ignore_patterns=IGNORE_PATTERNS,
-        )
+        with staged_for_hub(Path(export), repo_id, revision) as staged:
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=str(staged),
+                repo_type="model",
+                revision=revision,
+                commit_message=commit_message or f"Upload {Path(export).resolve().name} (retrofit PatchMerger export)",
+                ignore_patterns=list(IGNORE_PATTERNS),
+            )
     except RetrofitError:
         raise
     except Exception as exc:  # noqa: BLE001 - HfHubHTTPError, connection errors, timeouts: one line

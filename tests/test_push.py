@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 from huggingface_hub import HfApi, RepoUrl, constants
@@ -39,7 +40,9 @@ def hub(monkeypatch):
         calls["commits"].append(
             {
                 "repo_id": repo_id,
-                "files": {op.path_in_repo: op.path_or_fileobj for op in operations},
+                # where each file is read from (links resolved) and what it holds, read while the upload runs
+                "files": {op.path_in_repo: Path(op.path_or_fileobj).resolve() for op in operations},
+                "contents": {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations},
                 "message": commit_message,
                 "revision": revision,
             }
@@ -81,11 +84,18 @@ def test_push_uploads_exactly_the_export(export_dir, hub, capsys, tmp_path):
     assert set(commit["files"]) == expected
     assert {"model.safetensors", "config.json", "README.md", "modeling_vit_patch_merger.py"} <= expected
     assert commit["message"] == "hi" and commit["revision"] == "v1"
-    for name, source in commit["files"].items():
-        assert (folder / name).read_bytes() == (export_dir / name).read_bytes(), name
-        assert str(source).startswith(str(folder))
+    for name, source in commit["files"].items():  # the export's own files, not copies, except the card
+        if name != "README.md":
+            assert source == (folder / name).resolve() and commit["contents"][name] == (export_dir / name).read_bytes()
     assert "https://huggingface.co/me/vit-pm/tree/v1" in capsys.readouterr().out
-    assert hub["yaml"] == [(export_dir / "README.md").read_text()]
+    # The Hub's card says how to load the repo (on its branch); the local card is left as it was.
+    local = (export_dir / "README.md").read_text()
+    assert (folder / "README.md").read_text() == local and 'from_pretrained("path/to/this/folder"' in local
+    hub_card = commit["contents"]["README.md"].decode()
+    assert hub_card == local.replace('"path/to/this/folder"', '"me/vit-pm", revision="v1"')
+    assert 'from_pretrained("me/vit-pm", revision="v1", trust_remote_code=True)' in hub_card
+    assert 'pipeline("image-classification", model="me/vit-pm", revision="v1", trust_remote_code=True)' in hub_card
+    assert hub["yaml"] == [hub_card]
 
 
 def test_export_files_names_code_from_auto_map(export_dir):
@@ -278,8 +288,10 @@ def test_recipe_run_pushes_the_finished_export(tiny_vit, hub, tmp_path):
     (commit,) = hub["commits"]
     assert set(commit["files"]) == {p.name for p in out.iterdir()}
     assert hub["repos"][0][1]["private"] is True
-    card = (out / "README.md").read_text()
+    card = commit["contents"]["README.md"].decode()
     assert "fine-tuned (2 steps, loss kd)" in card and hub["yaml"] == [card]
+    assert card == (out / "README.md").read_text().replace('"path/to/this/folder"', '"me/tiny-pm"')
+    assert 'from_pretrained("me/tiny-pm", trust_remote_code=True)' in card  # main: no revision
 
 
 def test_failed_upload_keeps_the_export_and_says_how_to_retry(tiny_vit, hub, monkeypatch, tmp_path, capsys):
@@ -303,3 +315,14 @@ def test_pretrain_recipe_refuses_push_to_hub(tmp_path, capsys):
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["run", str(tmp_path / "p.yaml"), "--push-to-hub", "me/x"]) == 2
     assert "hf upload" in capsys.readouterr().err
+
+
+def test_hub_card_names_the_repo_and_branch_but_not_a_pull_request():
+    from retrofit.push import hub_card
+
+    text = 'm = X.from_pretrained("path/to/this/folder", trust_remote_code=True)'
+    assert hub_card(text, "me/x") == 'm = X.from_pretrained("me/x", trust_remote_code=True)'
+    assert hub_card(text, "me/x", "main") == hub_card(text, "me/x")
+    assert hub_card(text, "me/x", "v1") == 'm = X.from_pretrained("me/x", revision="v1", trust_remote_code=True)'
+    assert hub_card(text, "me/x", "refs/pr/3") == hub_card(text, "me/x")  # what it will be once merged
+    assert hub_card("a hand-written card", "me/x") == "a hand-written card"
