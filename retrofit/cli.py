@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("source", help="Hub model id or local folder (an unmerged classifier or backbone)")
     sweep.add_argument("--after-layer", required=True, metavar="K,...", help="comma-separated K values, e.g. 3,6,9")
     sweep.add_argument("--tokens", required=True, metavar="M,...", help="comma-separated M values, e.g. 4,8,16")
-    sweep.add_argument("--data", required=True, help="fashion-mnist, an image folder or a Hub dataset id")
+    sweep.add_argument("--data", help="fashion-mnist, an image folder or a Hub dataset id (not with --dry-run)")
     sweep.add_argument("--split", default="test", help="split to measure accuracy on (default test)")
     sweep.add_argument("--calibrate-split", default="train", help="split to calibrate/fine-tune on (default train)")
     sweep.add_argument("--limit", type=int, default=1000, help="evaluate on the first N images (default 1000)")
@@ -286,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 for the speed test (default fp32)")
     sweep.add_argument("--output", "-o", help="folder for sweep.md/json/png (default sweep-<source name>)")
     sweep.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    sweep.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print each setting's theoretical GFLOPs and FLOPs ratio from the config alone (no weights, data or "
+        "measurement; nothing written)",
+    )
     sweep.set_defaults(handler=cmd_sweep)
 
     push = commands.add_parser("push", help="upload an export to the Hugging Face Hub")

@@ -46,8 +46,17 @@ def layer_macs(tokens: int, hidden: int, intermediate: float) -> float:
     return tokens * (4 * hidden * hidden + 2 * hidden * intermediate) + 2 * tokens * tokens * hidden
 
 
-def model_cost(config: PreTrainedConfig, image_size: int | tuple[int, int] | None = None) -> Cost:
-    """Cost of the model a (source or merged) config describes; `image_size` defaults to the config's."""
+def model_cost(
+    config: PreTrainedConfig,
+    image_size: int | tuple[int, int] | None = None,
+    *,
+    merge: tuple[int, int] | None = None,
+) -> Cost:
+    """Cost of the model a (source or merged) config describes; `image_size` defaults to the config's. `merge`
+    (K, M) prices an unmerged config as if a PatchMerger were inserted before layer K with M tokens, without building
+    the merged model (`retrofit sweep --dry-run`)."""
+    if merge is None and is_merged(config):
+        merge = (config.merge_after_layer, config.merge_num_tokens)
     family, head = family_and_head(config)
     lc = layer_config(config, head)
     hidden, intermediate, channels = lc.hidden_size, family.mlp_width(lc), getattr(lc, "num_channels", 3)
@@ -59,9 +68,9 @@ def model_cost(config: PreTrainedConfig, image_size: int | tuple[int, int] | Non
     merger_macs = 0.0
     seen = []
     for index in range(lc.num_hidden_layers):
-        if is_merged(config) and index == config.merge_after_layer:
-            merger_macs = 2 * patches * config.merge_num_tokens * hidden
-            tokens = prefix + config.merge_num_tokens
+        if merge is not None and index == merge[0]:
+            merger_macs = 2 * patches * merge[1] * hidden
+            tokens = prefix + merge[1]
         seen.append(tokens)
         macs += layer_macs(tokens, hidden, intermediate)
     return Cost(tokens_per_layer=seen, macs=macs + merger_macs, merger_macs=merger_macs)

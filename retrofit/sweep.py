@@ -429,8 +429,84 @@ def _markdown_report(report: dict) -> str:
     )
 
 
+def cost_grid(
+    source: str, after_layers: tuple[int, ...], tokens: tuple[int, ...], *, target_speedup: float | None = None
+) -> dict:
+    """Every setting's theoretical cost from the source's config and image processor alone (`retrofit sweep
+    --dry-run`): no weights or images are read, so it says in seconds which settings can reach a speed-up at all.
+    Returns a JSON-ready report with a Markdown table and, for `target_speedup`, a verdict."""
+    from .cost import model_cost
+    from .loading import load_config, load_image_processor, processor_image_size
+    from .surgery import check_merge
+
+    config = load_config(source)
+    image_size = processor_image_size(load_image_processor(source, config, log=lambda _: None))
+    for k in after_layers:
+        for m in tokens:
+            check_merge(config, k, m, image_size)  # every setting checked before any row is printed
+    before = model_cost(config, image_size)
+    rows = []
+    for k in after_layers:
+        for m in tokens:
+            after = model_cost(config, image_size, merge=(k, m))
+            rows.append(
+                {"after_layer": k, "tokens": m, "gflops": after.gflops, "flops_ratio": before.gflops / after.gflops}
+            )
+    lines = [
+        f"| after layer | tokens | GFLOPs | FLOPs ratio |{' reaches target |' if target_speedup else ''}",
+        "|---|---|---|---|" + ("---|" if target_speedup else ""),
+        f"| source | all | {before.gflops:.4g} | 1.00 |{' |' if target_speedup else ''}",
+    ]
+    for row in rows:
+        mark = (" ✓ |" if row["flops_ratio"] >= target_speedup else " |") if target_speedup else ""
+        lines.append(
+            f"| {row['after_layer']} | {row['tokens']} | {row['gflops']:.4g} | {row['flops_ratio']:.2f} |{mark}"
+        )
+    verdict = ""
+    if target_speedup:
+        reaching = [r for r in rows if r["flops_ratio"] >= target_speedup]
+        if reaching:
+            names = ", ".join(f"K={r['after_layer']} M={r['tokens']}" for r in reaching)
+            verdict = (
+                f"{len(reaching)} of {len(rows)} settings have a FLOPs ratio of {target_speedup:g}x or more ({names}). "
+                "A measured speed-up is lower than the FLOPs ratio; run the sweep without --dry-run to measure it "
+                "and the accuracy of each."
+            )
+        else:
+            best = max(rows, key=lambda r: r["flops_ratio"])
+            verdict = (
+                f"No setting reaches {target_speedup:g}x fewer FLOPs; the most is {best['flops_ratio']:.2f}x "
+                f"(K={best['after_layer']} M={best['tokens']}): merge earlier or into fewer tokens."
+            )
+    return {
+        "source": str(source),
+        "dry_run": True,
+        "image_size": list(image_size) if image_size else None,
+        "source_gflops": before.gflops,
+        "settings_results": rows,
+        "target_speedup": target_speedup,
+        "verdict": verdict,
+        "table": "\n".join(lines),
+    }
+
+
 def run_from_args(args) -> dict:
-    """`retrofit sweep`: run, print the table and the verdict, write the output folder."""
+    """`retrofit sweep`: run, print the table and the verdict, write the output folder. With --dry-run, print each
+    setting's theoretical cost instead, and write nothing."""
+    if args.dry_run:
+        target = args.target_speedup
+        if target is not None and not (math.isfinite(target) and target > 1):
+            raise RetrofitError(f"--target-speedup must be a finite number above 1, e.g. 1.8 (got {target})")
+        after_layers, tokens = parse_ints(args.after_layer, "--after-layer"), parse_ints(args.tokens, "--tokens")
+        report = cost_grid(args.source, after_layers, tokens, target_speedup=target)
+        size = "x".join(map(str, report["image_size"] or [])) or "the config's size"
+        print(f"{args.source}: theoretical cost per image at {size} (no weights or data read)")
+        print(report["table"])
+        if report["verdict"]:
+            print(report["verdict"])
+        return report
+    if args.data is None:
+        raise RetrofitError("--data is required: the sweep measures accuracy on it (or pass --dry-run for FLOPs alone)")
     settings = SweepSettings(
         after_layers=parse_ints(args.after_layer, "--after-layer"),
         tokens=parse_ints(args.tokens, "--tokens"),

@@ -207,3 +207,36 @@ def test_labels_that_are_not_class_ids_are_refused_before_any_setting(tiny_vit, 
     err = capsys.readouterr().err.strip()
     assert "example 2 of" in err and "has the label 7, outside the 3 classes" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_prices_every_setting_from_the_config_alone(tiny_vit, tmp_path, monkeypatch, capsys):
+    """--dry-run needs no data and reads no weights; its GFLOPs are those of the merged models convert builds."""
+    import retrofit.loading
+    from retrofit import insert_patch_merger, load_model, model_cost
+
+    model = load_model(tiny_vit)
+    merged = {(k, m): model_cost(insert_patch_merger(model, k, m).config).gflops for k in (1, 3) for m in (2, 8)}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(retrofit.loading, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    argv = ["sweep", str(tiny_vit), "--after-layer", "1,3", "--tokens", "2,8", "--dry-run"]
+    assert main([*argv, "--target-speedup", "1.5"]) == 0
+    out = capsys.readouterr().out
+    report = sweep_module.cost_grid(str(tiny_vit), (1, 3), (2, 8), target_speedup=1.5)
+    assert report["table"] in out and report["verdict"] in out and "32x32 (no weights or data read)" in out
+    assert {(r["after_layer"], r["tokens"]): r["gflops"] for r in report["settings_results"]} == pytest.approx(merged)
+    source = model_cost(model.config).gflops
+    for row in report["settings_results"]:
+        assert row["flops_ratio"] == pytest.approx(source / row["gflops"])
+        assert (f"| {row['after_layer']} | {row['tokens']} |" in out) and row["flops_ratio"] > 1
+    reaching = [r for r in report["settings_results"] if r["flops_ratio"] >= 1.5]
+    assert 0 < len(reaching) < 4 and report["verdict"].startswith(f"{len(reaching)} of 4 settings")
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    assert main([*argv[:-1], "--target-speedup", "50", "--dry-run"]) == 0
+    assert "No setting reaches 50x fewer FLOPs" in capsys.readouterr().out
+
+
+def test_dry_run_refuses_bad_settings_and_a_real_sweep_needs_data(tiny_vit, capsys):
+    assert main(["sweep", str(tiny_vit), "--after-layer", "1", "--tokens", "99", "--dry-run"]) == 2
+    assert "--tokens 99 is out of range" in capsys.readouterr().err
+    assert main(["sweep", str(tiny_vit), "--after-layer", "1", "--tokens", "2"]) == 2
+    assert "--data is required" in capsys.readouterr().err
