@@ -433,14 +433,20 @@ def cost_grid(
     source: str, after_layers: tuple[int, ...], tokens: tuple[int, ...], *, target_speedup: float | None = None
 ) -> dict:
     """Every setting's theoretical cost from the source's config and image processor alone (`retrofit sweep
-    --dry-run`): no weights or images are read, so it says in seconds which settings can reach a speed-up at all.
+    --dry-run`; `source` may also be a `retrofit.benchmark.SHAPES` name such as vit-b16): no weights or images are
+    read, so it says in seconds which settings can reach a speed-up at all.
     Returns a JSON-ready report with a Markdown table and, for `target_speedup`, a verdict."""
+    from .benchmark import SHAPES, check_shape, shape_config
     from .cost import model_cost
     from .loading import load_config, load_image_processor, processor_image_size
     from .surgery import check_merge
 
-    config = load_config(source)
-    image_size = processor_image_size(load_image_processor(source, config, log=lambda _: None))
+    check_shape(source)
+    if source in SHAPES:  # a named shape (vit-b16, ...): its config, at 224x224
+        config, image_size = shape_config(source), (224, 224)
+    else:
+        config = load_config(source)
+        image_size = processor_image_size(load_image_processor(source, config, log=lambda _: None))
     for k in after_layers:
         for m in tokens:
             check_merge(config, k, m, image_size)  # every setting checked before any row is printed
