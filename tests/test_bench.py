@@ -336,3 +336,31 @@ def test_rope_merge_script_compares_both_rotations(tmp_path):
     assert all(0 <= row[key] <= 1 for row in report["rows"] for key in ("calibrated", "distilled"))
     assert "| at their mean positions (`mean`, default) | 0 |" in run.stdout
     assert "| not rotated (`none`) | mean |" in run.stdout
+
+
+@pytest.mark.slow
+def test_the_prepared_gpu_session_runs_every_step_on_the_cpu(tmp_path):
+    """bench/gpu_session.sh is what a session with a lent GPU runs as one command: its smoke mode runs every kind of
+    step on the smallest shapes here, so the GPU minutes are not spent on a typo in it."""
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_session.sh"
+    env = {**os.environ, "SMOKE": "1", "DEVICE": "cpu", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.tgz", "session.log"]  # the device tool's limits
+    log = (tmp_path / "session.log").read_text()
+    assert "0 step(s) failed" in log and "FAILED" not in log and "skipped" not in log
+    with tarfile.open(tmp_path / "results.tgz") as results:
+        names = sorted(Path(name).name for name in results.getnames() if name.endswith(".json"))
+    assert names == [
+        "checkpointing-vit-ti16.json",
+        "layers-vit-ti16-channels-last.json",
+        "layers-vit-ti16-conv.json",
+        "layers-vit-ti16-gemm-merged-only.json",
+        "layers-vit-ti16-sdpa-math.json",
+        "speed-dinov3.json",
+    ]
