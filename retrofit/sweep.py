@@ -163,8 +163,6 @@ def plot(report: dict, path: Path) -> None:
     scale = 1 if key == "similarity" else 100
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     ax.scatter([r["images_per_s"] for r in rows], [scale * r[key] for r in rows], c="tab:blue", label="settings")
-    for r in rows:
-        ax.annotate(f"K={r['after_layer']},M={r['tokens']}", (r["images_per_s"], scale * r[key]), fontsize=7)
     front = [r for r in rows if r["pareto"]]
     front.sort(key=lambda r: r["images_per_s"])
     ax.plot(
@@ -187,8 +185,43 @@ def plot(report: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
+    source_point = [(src["images_per_s"], scale * src[key])] if src.get("images_per_s") is not None else []
+    names = [(f"K={r['after_layer']},M={r['tokens']}", r["images_per_s"], scale * r[key]) for r in rows]
+    _label_points(fig, ax, names, avoid=source_point)
     fig.savefig(path)
     plt.close(fig)
+
+
+# Where a point's label may go, in points from the point, tried in this order.
+LABEL_OFFSETS = ((4, 3), (4, -9), (-4, 3), (-4, -9), (4, 10), (-4, 10), (4, -16), (-4, -16))
+
+
+def _label_points(fig, ax, labels: list[tuple[str, float, float]], avoid: list[tuple[float, float]] = ()) -> None:
+    """Label each point (text, x, y) beside it, at the first of `LABEL_OFFSETS` where the label stays inside the axes
+    and overlaps no label placed before it, no other point and none of `avoid` (x, y); at the first offset if none is
+    free. Settings that lie close together so stay readable. Labels are placed from the top of the plot down."""
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    obstacles = ax.transData.transform([(x, y) for _, x, y in labels] + list(avoid)) if labels else []
+    placed = []
+    for text, x, y in sorted(labels, key=lambda label: -label[2]):
+        here = ax.transData.transform((x, y))
+        others = [point for point in obstacles if abs(point[0] - here[0]) + abs(point[1] - here[1]) > 1e-6]
+        for dx, dy in (*LABEL_OFFSETS, None):
+            offset = (dx, dy) if dx is not None else LABEL_OFFSETS[0]  # None: nowhere free, the first place
+            label = ax.annotate(
+                text, (x, y), xytext=offset, textcoords="offset points", fontsize=7,
+                ha="left" if offset[0] > 0 else "right",
+            )  # fmt: skip
+            box = label.get_window_extent(renderer)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            padded = box.expanded(1.05, 1.1)
+            free = inside and not any(padded.overlaps(other) for other in placed)
+            free = free and not any(padded.expanded(1.0, 1.0).contains(px, py) for px, py in others)
+            if free or dx is None:
+                placed.append(box)
+                break
+            label.remove()
 
 
 def _merged_models(source, source_model, pixels, settings: SweepSettings, work: Path, log) -> list[tuple]:

@@ -261,3 +261,25 @@ def test_dry_run_of_the_vit_shapes_follows_the_cost_model(shape, layers, width, 
     (row,) = sweep_module.cost_grid(shape, (layers // 2,), (8,))["settings_results"]
     assert row["flops_ratio"] == pytest.approx(before / after, rel=1e-9)
     assert round(row["flops_ratio"], 3) == ratio  # as docs/benchmarks.md quotes them
+
+
+def test_labels_of_close_settings_do_not_overlap():
+    """Settings that measure almost alike get labels that neither overlap nor leave the plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    points = [("K=5,M=2", 2200, 86.0), ("K=5,M=4", 2210, 85.8), ("K=5,M=8", 2230, 86.1), ("K=1,M=2", 7400, 37.0)]
+    ax.scatter([x for _, x, _ in points], [y for _, _, y in points])
+    fig.tight_layout()
+    sweep_module._label_points(fig, ax, points)
+    renderer = fig.canvas.get_renderer()
+    boxes = {text.get_text(): text.get_window_extent(renderer) for text in ax.texts}
+    assert sorted(boxes) == sorted(name for name, _, _ in points)
+    frame = ax.get_window_extent(renderer)
+    for name, box in boxes.items():
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1, name  # the rightmost label turned to the left
+        assert not any(box.overlaps(other) for other_name, other in boxes.items() if other_name != name), name
+    plt.close(fig)
