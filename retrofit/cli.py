@@ -96,6 +96,7 @@ def cmd_push(args: argparse.Namespace) -> None:
         private=args.private,
         revision=args.revision,
         commit_message=args.commit_message,
+        create_pr=args.create_pr,
     )
 
 
@@ -300,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true", help="create the repo as private")
     push.add_argument("--revision", help="branch to push to (created if needed; default main)")
     push.add_argument("--commit-message", help="commit message")
+    push.add_argument(
+        "--create-pr",
+        action="store_true",
+        help="open a pull request on an existing repo instead of committing to it (e.g. an organisation's repo)",
+    )
     push.set_defaults(handler=cmd_push)
     finetune = commands.add_parser("finetune", help="insert a PatchMerger and fine-tune it back (Accelerate)")
     finetune.add_argument("source", help="Hub model id, local folder, or a retrofit export to continue training")

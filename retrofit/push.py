@@ -208,22 +208,39 @@ def push(
     private: bool = False,
     revision: str | None = None,
     commit_message: str | None = None,
+    create_pr: bool = False,
     token: str | None = None,
     log: Callable[[str], None] = print,
 ) -> str:
     """Create `repo_id` if needed (and branch `revision`), upload the export folder; return the repo (tree) URL.
 
-    `revision` ``refs/pr/N`` uploads into open pull request N of an existing repo. A branch is created before the
-    upload; if the Hub refuses it on a repo this call created, that repo is deleted again (nothing left behind)."""
+    `revision` ``refs/pr/N`` uploads into open pull request N of an existing repo; `create_pr` opens a new pull
+    request on an existing repo instead of committing to it (for a repo you may not write to, such as an
+    organisation's), and returns its URL. A branch is created before the upload; if the Hub refuses it on a repo this
+    call created, that repo is deleted again (nothing left behind)."""
     from huggingface_hub import HfApi
 
     check_revision(revision)
+    if create_pr and revision not in (None, "main"):
+        raise RetrofitError(
+            f"--create-pr opens a pull request against the main branch, so it takes no --revision ({revision}); "
+            "drop one of them"
+        )
+    if create_pr and private:
+        raise RetrofitError("--private sets the visibility of a new repo, and --create-pr needs an existing one")
     files = export_files(export)
     api = HfApi(token=check_push(repo_id, token))
     pull = PR_REVISION.fullmatch(revision or "")
     branch = revision if revision not in (None, "main") and not pull else None
     try:
-        if pull:
+        if create_pr:
+            if not api.repo_exists(repo_id, repo_type="model"):
+                raise RetrofitError(
+                    f"--create-pr opens a pull request on an existing repo, but '{repo_id}' does not exist (or is not "
+                    "visible to you); push without --create-pr to create it"
+                )
+            url = f"{api.endpoint}/{repo_id}"
+        elif pull:
             if not api.repo_exists(repo_id, repo_type="model"):
                 raise RetrofitError(
                     f"--revision {revision} names a pull request, but '{repo_id}' does not exist (or is not visible "
@@ -251,12 +268,17 @@ def push(
                 revision=revision,
                 commit_message=commit_message or f"Upload {Path(export).resolve().name} (retrofit PatchMerger export)",
                 ignore_patterns=list(IGNORE_PATTERNS),
+                create_pr=create_pr,
             )
     except RetrofitError:
         raise
     except Exception as exc:  # noqa: BLE001 - HfHubHTTPError, connection errors, timeouts: one line
         raise _hub_error(exc, repo_id) from None
     base = str(url).rstrip("/")
+    opened = getattr(info, "pr_url", None) if create_pr else None
+    if opened:
+        log(f"uploaded {export} ({len(files)} required files present) to {repo_id} as pull request {opened}")
+        return str(opened)
     if pull:
         tree = f"{base}/discussions/{pull.group(1)}"
     else:

@@ -45,10 +45,14 @@ def hub(monkeypatch):
                 "contents": {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations},
                 "message": commit_message,
                 "revision": revision,
+                "create_pr": kwargs.get("create_pr"),
             }
         )
         url = f"https://huggingface.co/{repo_id}/commit/abc123"
-        return CommitInfo(commit_url=url, commit_message=commit_message, commit_description="", oid="abc123")
+        pr_url = f"https://huggingface.co/{repo_id}/discussions/7" if kwargs.get("create_pr") else None
+        return CommitInfo(
+            commit_url=url, commit_message=commit_message, commit_description="", oid="abc123", pr_url=pr_url
+        )
 
     def repo_exists(self, repo_id, **kwargs):
         return repo_id in calls["existing"]
@@ -326,3 +330,21 @@ def test_hub_card_names_the_repo_and_branch_but_not_a_pull_request():
     assert hub_card(text, "me/x", "v1") == 'm = X.from_pretrained("me/x", revision="v1", trust_remote_code=True)'
     assert hub_card(text, "me/x", "refs/pr/3") == hub_card(text, "me/x")  # what it will be once merged
     assert hub_card("a hand-written card", "me/x") == "a hand-written card"
+
+
+def test_create_pr_opens_a_pull_request_on_an_existing_repo(export_dir, hub, capsys):
+    """For a repo the user may not write to: no repo or branch is created, one commit is opened as a pull request."""
+    assert main(["push", str(export_dir), "--repo-id", "org/vit-pm", "--create-pr"]) == 2
+    assert "'org/vit-pm' does not exist" in capsys.readouterr().err and hub["commits"] == []
+    hub["existing"].add("org/vit-pm")
+    assert main(["push", str(export_dir), "--repo-id", "org/vit-pm", "--create-pr"]) == 0
+    (commit,) = hub["commits"]
+    assert commit["create_pr"] is True and commit["revision"] is None
+    assert hub["repos"] == [] and hub["branches"] == []
+    assert 'from_pretrained("org/vit-pm", trust_remote_code=True)' in commit["contents"]["README.md"].decode()
+    assert "as pull request https://huggingface.co/org/vit-pm/discussions/7" in capsys.readouterr().out
+    for extra in (["--revision", "v1"], ["--private"]):
+        assert main(["push", str(export_dir), "--repo-id", "org/vit-pm", "--create-pr", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("retrofit: error: ") and len(err.splitlines()) == 1
+    assert len(hub["commits"]) == 1
