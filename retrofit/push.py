@@ -233,19 +233,17 @@ def push(
     pull = PR_REVISION.fullmatch(revision or "")
     branch = revision if revision not in (None, "main") and not pull else None
     try:
-        if create_pr:
+        if create_pr or pull:  # a pull request, new or open, needs the repo to exist already
             if not api.repo_exists(repo_id, repo_type="model"):
-                raise RetrofitError(
-                    f"--create-pr opens a pull request on an existing repo, but '{repo_id}' does not exist (or is not "
-                    "visible to you); push without --create-pr to create it"
+                what, fix = (
+                    ("--create-pr opens a pull request on an existing repo", "push without --create-pr to create it")
+                    if create_pr
+                    else (
+                        f"--revision {revision} names a pull request",
+                        "push to a branch, or open the pull request first",
+                    )
                 )
-            url = f"{api.endpoint}/{repo_id}"
-        elif pull:
-            if not api.repo_exists(repo_id, repo_type="model"):
-                raise RetrofitError(
-                    f"--revision {revision} names a pull request, but '{repo_id}' does not exist (or is not visible "
-                    "to you); push to a branch, or open the pull request first"
-                )
+                raise RetrofitError(f"{what}, but '{repo_id}' does not exist (or is not visible to you); {fix}")
             url = f"{api.endpoint}/{repo_id}"
         else:
             existed = api.repo_exists(repo_id, repo_type="model") if branch else True
