@@ -149,14 +149,19 @@ def _hub_error(exc: Exception, repo_id: str) -> RetrofitError:
     )
 
 
+def branch_of(revision: str | None) -> str | None:
+    """The branch other than main that `revision` names, or None (main, or a pull request ``refs/pr/N``)."""
+    return revision if revision not in (None, "main") and not PR_REVISION.fullmatch(revision or "") else None
+
+
 def hub_card(text: str, repo_id: str, revision: str | None = None) -> str:
     """An export's README.md as the Hub repo shows it: the loading examples (``from_pretrained``, ``pipeline``) name
     `repo_id`, and the branch `revision` if it is not main, instead of the local folder. A pull request
     (``refs/pr/N``) is shown as the repo alone, which it becomes once merged."""
     from .card import LOCAL_NAME
 
-    branch = revision not in (None, "main") and not PR_REVISION.fullmatch(revision or "")
-    return text.replace(f'"{LOCAL_NAME}"', f'"{repo_id}"' + (f', revision="{revision}"' if branch else ""))
+    branch = branch_of(revision)
+    return text.replace(f'"{LOCAL_NAME}"', f'"{repo_id}"' + (f', revision="{branch}"' if branch else ""))
 
 
 @contextmanager
@@ -168,9 +173,10 @@ def staged_for_hub(export: Path, repo_id: str, revision: str | None) -> Iterator
         for path in sorted(export.rglob("*")):
             if not path.is_file():
                 continue
-            target = staged / path.relative_to(export)
+            name = path.relative_to(export)
+            target = staged / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            if path.relative_to(export).as_posix() == "README.md":
+            if name.as_posix() == "README.md":
                 target.write_text(hub_card(path.read_text(encoding="utf-8"), repo_id, revision), encoding="utf-8")
             else:
                 os.symlink(path.resolve(), target)
@@ -231,7 +237,7 @@ def push(
     files = export_files(export)
     api = HfApi(token=check_push(repo_id, token))
     pull = PR_REVISION.fullmatch(revision or "")
-    branch = revision if revision not in (None, "main") and not pull else None
+    branch = branch_of(revision)
     try:
         if create_pr or pull:  # a pull request, new or open, needs the repo to exist already
             if not api.repo_exists(repo_id, repo_type="model"):

@@ -285,6 +285,14 @@ def bench_settings(settings: SweepSettings) -> BenchSettings:
     )
 
 
+def check_target_speedup(target: float | None) -> None:
+    """Refuse a `--target-speedup` that is not a finite number above 1 (None: no target)."""
+    if target is not None and (isinstance(target, bool) or not isinstance(target, int | float)):
+        raise RetrofitError(f"--target-speedup must be a number above 1 (got {target!r})")
+    if target is not None and not (math.isfinite(target) and target > 1):
+        raise RetrofitError(f"--target-speedup must be a finite number above 1, e.g. 1.8 (got {target})")
+
+
 def check_settings(settings: SweepSettings, output: str | Path | None = None, overwrite: bool = False) -> None:
     """Refuse bad `settings` (and a bad `output` folder) with one line naming the option, before any work."""
     from .atomic import check_output
@@ -292,11 +300,7 @@ def check_settings(settings: SweepSettings, output: str | Path | None = None, ov
 
     if settings.method not in METHODS:
         raise RetrofitError(f"--method {settings.method!r} is not one of {', '.join(METHODS)}")
-    target = settings.target_speedup
-    if target is not None and (isinstance(target, bool) or not isinstance(target, int | float)):
-        raise RetrofitError(f"--target-speedup must be a number above 1 (got {target!r})")
-    if target is not None and not (math.isfinite(target) and target > 1):
-        raise RetrofitError(f"--target-speedup must be a finite number above 1, e.g. 1.8 (got {target})")
+    check_target_speedup(settings.target_speedup)
     for option in ("calibrate_images", "finetune_steps", "finetune_batch_size", "batch_size"):
         check_at_least_one(f"--{option.replace('_', '-')}", getattr(settings, option))
     check_bench_settings(bench_settings(settings), BENCH_OPTIONS)
@@ -480,13 +484,11 @@ def cost_grid(
     else:
         config = load_config(source)
         image_size = processor_image_size(load_image_processor(source, config, log=lambda _: None))
-    for k in after_layers:
-        for m in tokens:
-            check_merge(config, k, m, image_size)  # every setting checked before any row is printed
     before = model_cost(config, image_size)
     rows = []
     for k in after_layers:
         for m in tokens:
+            check_merge(config, k, m, image_size)
             after = model_cost(config, image_size, merge=(k, m))
             rows.append(
                 {"after_layer": k, "tokens": m, "gflops": after.gflops, "flops_ratio": before.gflops / after.gflops}
@@ -533,11 +535,9 @@ def run_from_args(args) -> dict:
     """`retrofit sweep`: run, print the table and the verdict, write the output folder. With --dry-run, print each
     setting's theoretical cost instead, and write nothing."""
     if args.dry_run:
-        target = args.target_speedup
-        if target is not None and not (math.isfinite(target) and target > 1):
-            raise RetrofitError(f"--target-speedup must be a finite number above 1, e.g. 1.8 (got {target})")
+        check_target_speedup(args.target_speedup)
         after_layers, tokens = parse_ints(args.after_layer, "--after-layer"), parse_ints(args.tokens, "--tokens")
-        report = cost_grid(args.source, after_layers, tokens, target_speedup=target)
+        report = cost_grid(args.source, after_layers, tokens, target_speedup=args.target_speedup)
         size = "x".join(map(str, report["image_size"] or [])) or "the config's size"
         print(f"{args.source}: theoretical cost per image at {size} (no weights or data read)")
         print(report["table"])

@@ -951,13 +951,13 @@ def finetune(
     if calibrate:
         check_at_least_one("--calibrate-images", calibrate_images)
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else default_checkpoint_dir(output)
-    if checkpoint_dir.absolute().is_relative_to(Path(output).absolute()):
+    if checkpoint_dir.resolve().is_relative_to(Path(output).resolve()):
         raise RetrofitError(
             f"--checkpoint-dir '{checkpoint_dir}' is inside --output '{output}', which the export replaces; put the "
             "checkpoints elsewhere (the default is <output>-checkpoints)"
         )
     resuming = args.resume and bool(list_checkpoints(checkpoint_dir))  # then the run being resumed owns `output`
-    check_output(output, args.overwrite or resuming, keep=(source, teacher or source, checkpoint_dir))
+    check_output(output, args.overwrite or resuming, keep=(source, teacher or source))
     if push_to_hub:
         from .push import check_push
 
