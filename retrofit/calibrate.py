@@ -73,20 +73,27 @@ def bypass_merger(model) -> Iterator[None]:
         handle.remove()
 
 
+def encoder_layers(model) -> torch.nn.ModuleList:
+    """The model's encoder layers (where the family keeps them in the installed transformers)."""
+    _, head = family_and_head(model.config)
+    return operator.attrgetter(head.layers_path)(model)
+
+
 @contextmanager
-def replay_first_layers(model, merger_inputs: list[torch.Tensor]) -> Iterator[None]:
+def replay_first_layers(model, merger_inputs: list[torch.Tensor], *, tuples: bool = False) -> Iterator[None]:
     """Skip encoder layers 0..K-1: layer K-1 hands on its recorded outputs, one chunk per forward pass, in order.
 
     They do not change while only the merger's queries do, so each calibration candidate costs only the layers that
-    run on merged tokens. (In transformers 5.x every family's encoder layer takes and returns a hidden-states tensor.)
+    run on merged tokens. The layers return the hidden states as a tensor, or as the first item of a tuple where the
+    family's code in the installed transformers still does so (`tuples`, e.g. Data2Vec-vision).
     """
     after = model.config.merge_after_layer
-    _, head = family_and_head(model.config)
-    layers = operator.attrgetter(head.layers_path)(model)
+    layers = encoder_layers(model)
     recorded = itertools.cycle(merger_inputs)
+    wrap = (lambda hidden_states: (hidden_states,)) if tuples else (lambda hidden_states: hidden_states)
     for layer in layers[: after - 1]:
-        layer.forward = lambda hidden_states, *args, **kwargs: hidden_states
-    layers[after - 1].forward = lambda hidden_states, *args, **kwargs: next(recorded)
+        layer.forward = lambda hidden_states, *args, **kwargs: wrap(hidden_states)
+    layers[after - 1].forward = lambda hidden_states, *args, **kwargs: wrap(next(recorded))
     try:
         yield
     finally:
@@ -154,14 +161,19 @@ def calibrate(
     model.eval()
     pixel_values = pixel_values.to(device=merger.queries.device, dtype=next(model.parameters()).dtype)
     recorded: list[torch.Tensor] = []
-    hook = merger.register_forward_pre_hook(lambda module, inputs: recorded.append(inputs[0].detach()))
+    tuples: list[bool] = []  # whether the encoder layers return tuples
+    hooks = [
+        merger.register_forward_pre_hook(lambda module, inputs: recorded.append(inputs[0].detach())),
+        encoder_layers(model)[0].register_forward_hook(lambda module, i, output: tuples.append(type(output) is tuple)),
+    ]
     with bypass_merger(model):
         teacher = model_outputs(model, pixel_values)
-    hook.remove()
+    for hook in hooks:
+        hook.remove()
     metric = "KL" if family_and_head(model.config)[1].is_classifier else "1 - cos"  # classifier or backbone
     tokens = torch.cat(recorded)[:, merger.num_prefix_tokens :]  # (B, N, D)
     normed = merger.norm(tokens).reshape(-1, tokens.shape[-1]).float()
-    with replay_first_layers(model, recorded):
+    with replay_first_layers(model, recorded, tuples=tuples[0]):
         original = merger.queries.detach().clone()
         random = _compare(model_outputs(model, pixel_values), teacher, metric)
         best = (original, 0.0, *random)  # never end worse than the random start

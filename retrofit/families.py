@@ -84,6 +84,9 @@ class Family:
             ``position_embeddings``, the (cos, sin) of the N patches, which apply to the last N tokens). The merged
             layers rotate each merged token at the mean position of the patches it averages, or none of them
             (`ROPE_POSITIONS`, the export's `merge_rope_positions`).
+        relative_position_bias: if the layers add a learned bias to the attention scores by the relative positions of
+            the patches (BEiT), the class of the module that computes it. The layers after the merge give the merged
+            tokens the merge-weighted bias of the patches they average, per image.
     """
 
     name: str
@@ -101,6 +104,7 @@ class Family:
     display: str = ""
     tower: str = ""
     rope: str | None = None
+    relative_position_bias: str | None = None
 
     @property
     def display_name(self) -> str:
@@ -476,17 +480,65 @@ register(
     )
 )
 
-register(
-    Family(
-        name="beit",
-        model_types=("beit", "data2vec-vision"),
-        display="BEiT / Data2Vec-vision",
-        refusal=(
-            "each layer adds a learned relative position bias between patch positions, and merged tokens have no "
-            "position (dropping or averaging the bias would change what the pretrained layers compute)"
-        ),
-    )
+_BEIT_NOTES = (
+    "Each layer adds a learned relative position bias to its attention scores (per layer in the fine-tuned "
+    "checkpoints, one shared by all layers in some pretrained ones). The layers after the merge give each pair of "
+    "tokens the merge-weighted bias of the patches they average, per image (Tᵀ·bias·T): the source's own bias for a "
+    "merged token that copies one patch. The classifier reads the LayerNorm of the mean of the tokens after CLS "
+    "(use_mean_pooling, as published), or CLS. interpolate_pos_encoding=True gives other image sizes."
 )
+
+
+def _beit_family(name: str, display: str, example_id: str, prefix: str, module: str, base: str, layers: str,
+                 backbone: Head) -> Family:  # fmt: skip
+    """BEiT or Data2Vec-vision: the same model, whose code transformers keeps twice. `prefix` starts the class names
+    (``Beit``), `module` is the modeling module under ``transformers.models``, `base` the classifier's base model
+    attribute, `layers` the layers' path in the base model, `backbone` the base model's `Head`."""
+    return Family(
+        name=name,
+        display=display,
+        model_types=(name.replace("_", "-"),),
+        example_id=example_id,
+        modeling_module=f"transformers.models.{module}",
+        config_module=f"transformers.models.{module.replace('modeling', 'configuration')}",
+        config_class=f"{prefix}Config",
+        layer_class=f"{prefix}Layer",
+        heads={
+            f"{prefix}ForImageClassification": Head(
+                f"{prefix}ForImageClassification",
+                f"{base}.{layers}",
+                reads=(
+                    "LayerNorm of the mean of the tokens after CLS (use_mean_pooling): after the merge, of the M "
+                    "merged tokens; without mean pooling, CLS after the final LayerNorm (unchanged)"
+                ),
+            ),
+            backbone.class_name: backbone,
+        },
+        num_prefix_tokens=lambda config: 1,
+        relative_position_bias=f"{prefix}RelativePositionBias",
+        notes=_BEIT_NOTES,
+    )
+
+
+register(
+    _beit_family(
+        "beit", "BEiT", "microsoft/beit-base-patch16-224", "Beit", "beit.modeling_beit", "beit", "layers",
+        Head("BeitModel", "layers", auto_class="AutoModel", features="pooler",
+             reads="pooler_output as the classifier reads it (mean of the M merged tokens, or CLS); "
+                   "last_hidden_state: 1 + M tokens"),
+    )
+)  # fmt: skip
+register(
+    _beit_family(
+        "data2vec_vision", "Data2Vec-vision", "facebook/data2vec-vision-base-ft1k", "Data2VecVision",
+        "data2vec.modeling_data2vec_vision", "data2vec_vision", "encoder.layer",
+        # Data2VecVisionModel has no pooler by default: its users read the tokens
+        Head("Data2VecVisionModel", "encoder.layer", auto_class="AutoModel", features="mean",
+             reads="no pooler; last_hidden_state: 1 + M tokens (features: the mean of the M merged tokens, which "
+                   "the classifier's mean pooling reads)"),
+    )
+)  # fmt: skip
+
 
 register(
     Family(

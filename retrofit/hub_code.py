@@ -40,6 +40,13 @@ class MergedClasses:
     auto_map: dict[str, str]
 
 
+# Rendered into the merged layers of every family: the mask built for the P + N input tokens is dropped.
+MASKS = """
+        # The encoder passes its mask positionally or by keyword, depending on the transformers release: drop it
+        # either way (the layer's other positional arguments, where it has any, are masks as well).
+        args = (None,) * len(args)
+        kwargs = {name: None if name.endswith("mask") else value for name, value in kwargs.items()}"""
+
 # Rendered into the merged layers of RoPE families (`Family.rope`), after the masks are dropped.
 ROPE = """
         # RoPE: transformers rotates the last N tokens by the rotation of the N patches it is given. Unmerged tokens
@@ -69,6 +76,24 @@ ROPE_CONFIG_DOC = """
             at the merge-weighted mean of the centres of the patches it averages, computed for every image. `"none"`:
             merged tokens are not rotated (they attend by content, as the CLS and register tokens do); exports made
             before this setting existed work this way."""
+
+# Rendered into the merged layers of families with a relative position bias (`Family.relative_position_bias`).
+BIAS_MASKS = """
+        # The bias shared by all layers (`use_shared_relative_position_bias`) arrives for the P + N input tokens,
+        # as `relative_position_bias` or inside `attention_mask` depending on the transformers release: it is
+        # merge-weighted for the merged tokens. Any other mask does not fit them and is dropped, as in every family.
+        args = (None,) * len(args)
+        kwargs = {name: self.merged_positions.layer_argument(name, value) for name, value in kwargs.items()}"""
+
+BIAS_DOC = """
+
+The layers add a learned relative position bias to their attention scores. Layer K records each image's merge
+weights ([`place_merged_tokens`]), and the layers after it give the merged tokens the merge-weighted bias of the
+patches they average ([`MergedTokenPositions`]): exact for a merged token that copies one patch, and the source
+model's own bias with the merger bypassed."""
+
+BIAS_INSERT = """
+    give_merged_tokens_positions(model, list(layers[k:]), config.merge_num_prefix_tokens)"""
 
 
 def _names(family: Family, head: Head) -> dict[str, str]:
@@ -125,9 +150,9 @@ def render(family: Family, head: Head) -> tuple[dict[str, str], dict[str, str]]:
         "source_layer_class": family.layer_class,
         "layer_config": head.layer_config,
         "merger_source": inspect.getsource(PatchMerger).rstrip(),
-        **_rope_values(family),
+        **_positions_values(family),
         "source_imports": "\n".join(
-            f"    {name}," for name in [family.layer_class, *merged_classes, *_rope_imports(family)]
+            f"    {name}," for name in [family.layer_class, *merged_classes, *_position_imports(family)]
         ),
         "model_classes": "\n".join(classes),
         "all_model_classes": "\n".join(f'    "{merged}",' for merged in merged_classes.values()),
@@ -145,34 +170,53 @@ def render(family: Family, head: Head) -> tuple[dict[str, str], dict[str, str]]:
     return files, auto_map
 
 
-def _rope_imports(family: Family) -> list[str]:
-    return [family.rope, "get_patches_center_coordinates"] if family.rope else []
+def _position_imports(family: Family) -> list[str]:
+    if family.rope:
+        return [family.rope, "get_patches_center_coordinates"]
+    return [family.relative_position_bias] if family.relative_position_bias else []
 
 
-def _rope_values(family: Family) -> dict[str, str]:
-    """The template values that differ for families whose layers use RoPE (`Family.rope`)."""
-    if not family.rope:
-        return {
-            "imports": "import torch\nfrom torch import nn",
-            "rope_code": "",
-            "merge_call": "self.patch_merger(hidden_states)",
-            "rope": "",
-            "rope_doc": "",
-            "rope_insert": "",
-            "rope_config_doc": "",
-            "rope_config_field": "",
-        }
-    rope_code = Template((TEMPLATES / "rope.py.tmpl").read_text()).substitute(rope_class=family.rope)
-    return {
-        "imports": "import math\n\nimport torch\nfrom torch import nn",
-        "rope_code": "\n" + rope_code.rstrip(),
-        "merge_call": 'place_merged_tokens(self.patch_merger, hidden_states, kwargs["position_embeddings"])',
-        "rope": ROPE,
-        "rope_doc": ROPE_DOC,
-        "rope_insert": ROPE_INSERT,
-        "rope_config_doc": ROPE_CONFIG_DOC,
-        "rope_config_field": '\n    merge_rope_positions: str = "none"',
+def _positions_values(family: Family) -> dict[str, str]:
+    """The template values that say where the merged tokens are, for families whose layers use the patches'
+    positions: RoPE (`Family.rope`) or a relative position bias (`Family.relative_position_bias`)."""
+    values = {
+        "imports": "import torch\nfrom torch import nn",
+        "positions_code": "",
+        "merge_call": "self.patch_merger(hidden_states)",
+        "masks": MASKS,
+        "positions": "",
+        "positions_doc": "",
+        "positions_insert": "",
+        "layer_arguments": "",
+        "rope_config_doc": "",
+        "rope_config_field": "",
     }
+    if family.rope:
+        rope_code = Template((TEMPLATES / "rope.py.tmpl").read_text()).substitute(rope_class=family.rope)
+        values |= {
+            "imports": "import math\n\nimport torch\nfrom torch import nn",
+            "positions_code": "\n" + rope_code.rstrip(),
+            "merge_call": 'place_merged_tokens(self.patch_merger, hidden_states, kwargs["position_embeddings"])',
+            "positions": ROPE,
+            "positions_doc": ROPE_DOC,
+            "positions_insert": ROPE_INSERT,
+            "rope_config_doc": ROPE_CONFIG_DOC,
+            "rope_config_field": '\n    merge_rope_positions: str = "none"',
+        }
+    elif family.relative_position_bias:
+        bias_code = Template((TEMPLATES / "relative_position_bias.py.tmpl").read_text()).substitute(
+            bias_class=family.relative_position_bias, source_layer_class=family.layer_class
+        )
+        values |= {
+            "imports": "import inspect\n\nimport torch\nfrom torch import nn",
+            "positions_code": "\n" + bias_code.rstrip(),
+            "merge_call": "place_merged_tokens(self.patch_merger, hidden_states, self.merged_positions)",
+            "masks": BIAS_MASKS,
+            "positions_doc": BIAS_DOC,
+            "positions_insert": BIAS_INSERT,
+            "layer_arguments": "\n            **source_layer_arguments(layers[index]),",
+        }
+    return values
 
 
 @cache

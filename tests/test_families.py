@@ -120,6 +120,43 @@ def _siglip_vision():
     return SiglipVisionModel(SiglipVisionConfig(**VISION))
 
 
+def _beit():  # like microsoft/beit-base-patch16-224: a relative position bias per layer, mean pooling, layer scale
+    from transformers import BeitConfig, BeitForImageClassification
+
+    config = BeitConfig(**TINY, use_relative_position_bias=True, use_mean_pooling=True, layer_scale_init_value=0.1)
+    return _random_bias(BeitForImageClassification(config))
+
+
+def _beit_shared():  # like microsoft/beit-base-patch16-224-pt22k as BeitModel: one bias shared by all layers, CLS
+    from transformers import BeitConfig, BeitModel
+
+    config = BeitConfig(**VISION, use_shared_relative_position_bias=True, use_mean_pooling=False)
+    return _random_bias(BeitModel(config))
+
+
+def _data2vec_vision():  # like facebook/data2vec-vision-base-ft1k
+    from transformers import Data2VecVisionConfig, Data2VecVisionForImageClassification
+
+    config = Data2VecVisionConfig(**TINY, use_relative_position_bias=True, use_mean_pooling=True)
+    return _random_bias(Data2VecVisionForImageClassification(config))
+
+
+def _data2vec_vision_backbone():
+    from transformers import Data2VecVisionConfig, Data2VecVisionModel
+
+    return _random_bias(Data2VecVisionModel(Data2VecVisionConfig(**VISION, use_relative_position_bias=True)))
+
+
+def _random_bias(model: nn.Module) -> nn.Module:
+    """transformers initialises relative position biases to zero; trained ones are not, and the tests must see them."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    return model
+
+
 @dataclass(frozen=True)
 class Case:
     """One family as users meet it: how its tiny checkpoint is built and what the merged model should be."""
@@ -168,6 +205,17 @@ CASES = {
         task=CLASSIFIER,
     ),
     "dinov3": Case("dinov3_vit", _dinov3, "DINOv3ViTPatchMergerModel", 1 + 4, classifier=False, interpolate={}),
+    "beit": Case("beit", _beit, "BeitPatchMergerForImageClassification", 1),
+    "beit_shared_bias": Case("beit", _beit_shared, "BeitPatchMergerModel", 1, classifier=False),
+    "data2vec_vision": Case("data2vec_vision", _data2vec_vision, "Data2VecVisionPatchMergerForImageClassification", 1),
+    "data2vec_vision_backbone": Case(
+        "data2vec_vision",
+        _data2vec_vision_backbone,
+        "Data2VecVisionPatchMergerModel",
+        1,
+        classifier=False,
+        pooler=False,
+    ),
     "clip": Case("clip", _clip, "CLIPPatchMergerForImageClassification", 1),
     "clip_tower": Case("clip_vision", _clip, "CLIPVisionPatchMergerModel", 1, classifier=False, task=BACKBONE),
     "clip_vision": Case(
@@ -216,7 +264,11 @@ def layers_of(model: nn.Module) -> nn.ModuleList:
 def tokens_seen(model: nn.Module, pixels: torch.Tensor, **kwargs) -> list[int]:
     """How many tokens each encoder layer outputs (= works on) for `pixels`."""
     seen: list[int] = []
-    hooks = [layer.register_forward_hook(lambda _m, _i, out: seen.append(out.shape[1])) for layer in layers_of(model)]
+
+    def record(module: nn.Module, inputs, output) -> None:  # some families' layers return a tuple
+        seen.append((output[0] if isinstance(output, tuple) else output).shape[1])
+
+    hooks = [layer.register_forward_hook(record) for layer in layers_of(model)]
     try:
         outputs(model, pixels, **kwargs)
     finally:
@@ -721,11 +773,16 @@ def test_calibration_works_on_the_family(name, converted):
     pixels = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     full = model_outputs(model, pixels, batch_size=8)
     recorded: list[torch.Tensor] = []
-    hook = model.patch_merger.register_forward_pre_hook(lambda module, inputs: recorded.append(inputs[0]))
+    tuples: list[bool] = []  # Data2Vec-vision's layers still return tuples
+    hooks = [
+        model.patch_merger.register_forward_pre_hook(lambda module, inputs: recorded.append(inputs[0])),
+        layers_of(model)[0].register_forward_hook(lambda module, i, output: tuples.append(type(output) is tuple)),
+    ]
     with torch.no_grad():
         model_outputs(model, pixels, batch_size=8)
-    hook.remove()
-    with replay_first_layers(model, recorded):
+    for hook in hooks:
+        hook.remove()
+    with replay_first_layers(model, recorded, tuples=tuples[0]):
         torch.testing.assert_close(model_outputs(model, pixels, batch_size=8), full)
     torch.testing.assert_close(model_outputs(model, pixels, batch_size=8), full)  # the layers are back
     result = calibrate(model, pixels, scales=(1.0, 8.0), restarts=2)
@@ -770,25 +827,11 @@ def _convnext():
     )
 
 
-def _beit():
-    from transformers import BeitConfig, BeitForImageClassification
-
-    return BeitForImageClassification(BeitConfig(**TINY, use_relative_position_bias=True))
-
-
-def _data2vec_vision():
-    from transformers import Data2VecVisionConfig, Data2VecVisionForImageClassification
-
-    return Data2VecVisionForImageClassification(Data2VecVisionConfig(**TINY, use_relative_position_bias=True))
-
-
 @pytest.mark.parametrize(
     "make, reason",
     [
         (_swin, "'swin' (hierarchical or convolutional) cannot be merged"),
         (_convnext, "'convnext' (hierarchical or convolutional) cannot be merged"),
-        (_beit, "'beit' (BEiT / Data2Vec-vision) cannot be merged: each layer adds a learned relative position bias"),
-        (_data2vec_vision, "'data2vec-vision' (BEiT / Data2Vec-vision) cannot be merged"),
     ],
 )
 def test_refused_families(make, reason, tmp_path, capsys):
