@@ -2,7 +2,9 @@
 
 Per encoder layer with N tokens, width D and MLP width I: N·(4·D² + 2·D·I) + 2·N²·D MACs (projections, MLP,
 attention scores and weighted sum; ≈ 12·N·D² + 2·N²·D for I = 4·D). A PatchMerger with N inputs and M outputs
-adds 2·N·M·D (scores and weighted sum). Patch embedding: N·D·C·p². GFLOPs = 2 × MACs / 1e9.
+adds 2·N·M·D (scores and weighted sum). Patch embedding: N·D·C·p². GFLOPs = 2 × MACs / 1e9. In families with a
+relative position bias (BEiT), each layer after the merge merges a bias (T^T · bias · T, with S = P + N and Q = P + M
+tokens): heads · Q · S · (S + Q), counted with the merger.
 """
 
 from __future__ import annotations
@@ -67,10 +69,16 @@ def model_cost(
     macs = patches * hidden * channels * patch_h * patch_w
     merger_macs = 0.0
     seen = []
+    # relative position biases each layer adds (its own and / or one shared by all layers), BEiT only
+    biases = int(bool(getattr(lc, "use_relative_position_bias", False))) if family.relative_position_bias else 0
+    biases += int(bool(getattr(lc, "use_shared_relative_position_bias", False))) if family.relative_position_bias else 0
     for index in range(lc.num_hidden_layers):
         if merge is not None and index == merge[0]:
             merger_macs = 2 * patches * merge[1] * hidden
             tokens = prefix + merge[1]
+        if merge is not None and index >= merge[0]:
+            full = prefix + patches
+            merger_macs += biases * lc.num_attention_heads * tokens * full * (full + tokens)
         seen.append(tokens)
         macs += layer_macs(tokens, hidden, intermediate)
     return Cost(tokens_per_layer=seen, macs=macs + merger_macs, merger_macs=merger_macs)

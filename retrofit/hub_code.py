@@ -79,11 +79,18 @@ ROPE_CONFIG_DOC = """
 
 # Rendered into the merged layers of families with a relative position bias (`Family.relative_position_bias`).
 BIAS_MASKS = """
-        # The bias shared by all layers (`use_shared_relative_position_bias`) arrives for the P + N input tokens,
-        # as `relative_position_bias` or inside `attention_mask` depending on the transformers release: it is
-        # merge-weighted for the merged tokens. Any other mask does not fit them and is dropped, as in every family.
+        # The merge of this forward pass (T, None if not merged) gives the merged tokens their bias: the layer's own,
+        # and one shared by all layers (`use_shared_relative_position_bias`), which arrives for the P + N input tokens
+        # as `relative_position_bias` or inside `attention_mask`, depending on the transformers release. Any other
+        # mask does not fit the merged tokens and is dropped, as in every family.
+        transform = self.merged_positions.transform(kwargs.get("resolution"))
         args = (None,) * len(args)
-        kwargs = {name: self.merged_positions.layer_argument(name, value) for name, value in kwargs.items()}"""
+        kwargs = {name: merged_layer_argument(name, value, transform) for name, value in kwargs.items()}
+        for module in self.modules():
+            if isinstance(module, ${bias_class}ForMergedTokens):
+                module.merge_transform = transform  # for this call: super().forward asks it for the layer's bias"""
+
+BIAS_IMPORT = "from transformers.utils import is_torchdynamo_compiling"
 
 BIAS_DOC = """
 
@@ -208,10 +215,14 @@ def _positions_values(family: Family) -> dict[str, str]:
             bias_class=family.relative_position_bias, source_layer_class=family.layer_class
         )
         values |= {
-            "imports": "import inspect\n\nimport torch\nfrom torch import nn",
+            "imports": "\n".join(["import inspect", "", "import torch", "from torch import nn", BIAS_IMPORT]),
             "positions_code": "\n" + bias_code.rstrip(),
-            "merge_call": "place_merged_tokens(self.patch_merger, hidden_states, self.merged_positions)",
-            "masks": BIAS_MASKS,
+            "merge_call": (
+                "place_merged_tokens(\n"
+                '                self.patch_merger, hidden_states, self.merged_positions, kwargs.get("resolution")\n'
+                "            )"
+            ),
+            "masks": Template(BIAS_MASKS).substitute(bias_class=family.relative_position_bias),
             "positions_doc": BIAS_DOC,
             "positions_insert": BIAS_INSERT,
             "layer_arguments": "\n            **source_layer_arguments(layers[index]),",
