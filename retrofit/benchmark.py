@@ -31,11 +31,13 @@ import torch
 from .errors import RetrofitError, brief, check_at_least_one
 
 # Random-weight model shapes, usable instead of a checkpoint (224x224 images): the ViT paper's configurations as
-# ViTForImageClassification (1000 classes), and DINOv3's published ViTs as DINOv3ViTModel (4 registers, RoPE).
+# ViTForImageClassification (1000 classes), DINOv3's published ViTs as DINOv3ViTModel (4 registers, RoPE), and BEiT's
+# fine-tuned classifiers as BeitForImageClassification (1000 classes, a relative position bias per layer).
 _S = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536)
 _B = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 _L = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
 _DINOV3 = dict(model_type="dinov3_vit", num_register_tokens=4, layerscale_value=1e-5)
+_BEIT = dict(model_type="beit", use_relative_position_bias=True, use_mean_pooling=True, layer_scale_init_value=0.1)
 SHAPES: dict[str, dict] = {
     "vit-ti16": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768),
     "vit-s16": _S,
@@ -45,7 +47,10 @@ SHAPES: dict[str, dict] = {
     "dinov3-vits16": _S | _DINOV3,
     "dinov3-vitb16": _B | _DINOV3,
     "dinov3-vitl16": _L | _DINOV3,
+    "beit-b16": _B | _BEIT,
+    "beit-l16": _L | _BEIT,
 }
+SHAPE_PREFIXES = ("vit-", "dinov3-", "beit-")
 VIT_SHAPES = [name for name in SHAPES if name.startswith("vit-")]  # ViTForImageClassification ones
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("eager", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -223,18 +228,18 @@ def parse_merges(text: str | None) -> list[tuple[str, int]]:
 
 
 def check_shape(spec: str) -> None:
-    """Refuse a name that looks like a shape (``vit-…``, ``dinov3-…``) but is not one; checkpoints pass."""
-    if spec.startswith(("vit-", "dinov3-")) and spec not in SHAPES:
+    """Refuse a name that looks like a shape (``vit-…``, ``dinov3-…``, ``beit-…``) but is not one; checkpoints pass."""
+    if spec.startswith(SHAPE_PREFIXES) and spec not in SHAPES:
         raise RetrofitError(f"unknown model shape '{spec}'; shapes: {', '.join(SHAPES)} (or a checkpoint path/Hub id)")
 
 
 def shape_config(name: str):
-    """The config of a named shape (224x224 images, SDPA attention; ViTs with 1000 classes)."""
+    """The config of a named shape (224x224 images, SDPA attention; classifiers with 1000 classes)."""
     from transformers import AutoConfig
 
     settings = dict(SHAPES[name])
     model_type = settings.pop("model_type", "vit")
-    if model_type == "vit":
+    if model_type in ("vit", "beit"):
         settings["num_labels"] = 1000
     config = AutoConfig.for_model(model_type, **settings, patch_size=int(name[-2:]), image_size=224)
     config._attn_implementation = "sdpa"
@@ -261,7 +266,7 @@ def shape_model(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn
         for pname, param in model.named_parameters():
             if param.dim() > 1 or "embeddings" in pname:
                 param.normal_(0.0, 0.02, generator=generator)
-            elif pname.endswith(("weight", "lambda1")):  # norms and layer scales
+            elif pname.endswith(("weight", "lambda1", "lambda_1", "lambda_2")):  # norms and layer scales
                 param.fill_(1.0)
             else:
                 param.zero_()

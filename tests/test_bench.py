@@ -232,6 +232,24 @@ def test_dinov3_shape_is_a_working_dinov3_with_registers_and_rope():
     assert model_cost(merged).tokens_per_layer == [5 + 196] * 6 + [5 + 8] * 6
 
 
+def test_beit_shape_is_a_beit_classifier_with_a_random_bias_per_layer():
+    """`beit-b16` is a random BeitForImageClassification with a relative position bias table per layer (random, not
+    zero) and layer scale 1.0; merged at half:8 its layers 6.. see CLS + 8 tokens, and the cost counts merging the
+    bias (0.3 % of the merged model)."""
+    from transformers import BeitForImageClassification
+
+    config = benchmark.shape_config("beit-b16")
+    assert config.use_relative_position_bias and config.num_labels == 1000
+    cost = model_cost(config, merge=(6, 8))
+    assert cost.tokens_per_layer == [197] * 6 + [9] * 6
+    assert 0.002 < (cost.merger_macs - 2 * 196 * 8 * 768) / cost.macs < 0.004
+    model = benchmark.shape_model("beit-b16", torch.device("cpu"), torch.float32)
+    assert isinstance(model, BeitForImageClassification)
+    tables = [p for name, p in model.named_parameters() if name.endswith("relative_position_bias_table")]
+    assert len(tables) == 12 and all(table.std() > 0.01 for table in tables)
+    assert all(float(layer.lambda_1[0]) == 1.0 for layer in model.beit.layers)
+
+
 def test_shape_cost_matches_the_paper_setting():
     """ViT-B/16 merged after layer 6 with 8 tokens: ~1.9x fewer FLOPs (see docs/benchmarks.md)."""
     config = benchmark.shape_config("vit-b16")
@@ -323,19 +341,47 @@ def test_onnx_speed_script_times_source_and_merged_in_onnx_runtime(tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "out of range" in bad.stderr, bad.stderr
 
 
-def test_rope_merge_script_compares_both_rotations(tmp_path):
-    """bench/rope_merge.py end to end on a few images: both variants calibrated and distilled, a table and JSON."""
-    out = tmp_path / "rope.json"
-    run = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "rope_merge.py"), "--epochs", "1", "--limit", "256", "--json", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+@pytest.mark.parametrize(
+    "family, rows",
+    [
+        ("dinov3", ["| at their mean positions (`mean`, default) | 0 |", "| not rotated (`none`) | mean |"]),
+        ("beit", ["| merge-weighted bias (default) | 0 |", "| no bias between merged tokens | mean |"]),
+    ],
+)
+def test_position_merge_script_compares_both_variants(family, rows, tmp_path):
+    """bench/position_merge.py end to end on a few images: both variants calibrated and distilled, a table and JSON."""
+    out = tmp_path / "positions.json"
+    command = [sys.executable, str(REPO / "bench" / "position_merge.py"), "--family", family, "--epochs", "1",
+               "--limit", "256", "--json", str(out)]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert [row["positions"] for row in report["rows"]] == ["mean", "none"]
+    assert report["family"] == family and [row["positions"] for row in report["rows"]] == ["mean", "none"]
     assert all(0 <= row[key] <= 1 for row in report["rows"] for key in ("calibrated", "distilled"))
-    assert "| at their mean positions (`mean`, default) | 0 |" in run.stdout
-    assert "| not rotated (`none`) | mean |" in run.stdout
+    assert all(row in run.stdout for row in rows)
+
+
+def test_position_merge_beit_variant_drops_the_bias_between_merged_tokens():
+    """The script's BEiT `none` variant changes what the merged model computes (it is not a no-op), and only
+    inside its context."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("position_merge", REPO / "bench" / "position_merge.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model = script.Probe(script.beit(0)).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                parameter.normal_()
+    model.backbone = script.merge(model.backbone, "beit", 3, 8, "none")
+    pixels = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        default = model(pixels)
+        with script.variant(model, "beit", "none"):
+            without = model(pixels)
+        torch.testing.assert_close(model(pixels), default)
+    assert (without - default).abs().max() > 1e-4
 
 
 @pytest.mark.slow
