@@ -16,7 +16,7 @@ from .atomic import write_files
 from .cost import compare, model_cost
 from .errors import RetrofitError, brief, describe_os_error
 from .hub_code import OLDEST_TRANSFORMERS, base_head
-from .loading import family_and_head
+from .loading import family_and_head, layer_config
 
 # How the card's loading examples name the model before it is pushed; `retrofit push` names the repo instead.
 LOCAL_NAME = "path/to/this/folder"
@@ -45,6 +45,12 @@ def _how_made(config, training: TrainingInfo | None) -> str:
     if rope is not None:
         where = "at the merge-weighted mean position of their patches" if rope == "mean" else "not rotated"
         lines.append(f"- RoPE after the merge: merged tokens {where} (`merge_rope_positions: {rope}`)")
+    family, head = family_and_head(config)
+    if family.relative_position_biases(layer_config(config, head)):
+        lines.append(  # BEiT, Data2Vec-vision
+            "- relative position bias after the merge: between merged tokens, the merge-weighted mean of the bias "
+            "between the patches they average (Tᵀ·bias·T, per image); CLS keeps its own"
+        )
     training = training or TrainingInfo()
     lines.append(f"- merger initialisation: {training.init}")
     if training.data:

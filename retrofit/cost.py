@@ -69,9 +69,7 @@ def model_cost(
     macs = patches * hidden * channels * patch_h * patch_w
     merger_macs = 0.0
     seen = []
-    # relative position biases each layer adds (its own and / or one shared by all layers), BEiT only
-    biases = int(bool(getattr(lc, "use_relative_position_bias", False))) if family.relative_position_bias else 0
-    biases += int(bool(getattr(lc, "use_shared_relative_position_bias", False))) if family.relative_position_bias else 0
+    biases = family.relative_position_biases(lc)
     for index in range(lc.num_hidden_layers):
         if merge is not None and index == merge[0]:
             merger_macs = 2 * patches * merge[1] * hidden

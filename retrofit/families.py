@@ -116,6 +116,13 @@ class Family:
         """The family's name in messages and docs."""
         return self.display or self.display_name
 
+    def relative_position_biases(self, layer_config: PreTrainedConfig) -> int:
+        """How many relative position biases each layer adds (BEiT: its own and / or one shared by all layers)."""
+        if not self.relative_position_bias:
+            return 0
+        flags = ("use_relative_position_bias", "use_shared_relative_position_bias")
+        return sum(bool(getattr(layer_config, flag, False)) for flag in flags)
+
     def head(self, class_name: str) -> Head:
         """The `Head` for a transformers class name, or a clear refusal."""
         if class_name not in self.heads:

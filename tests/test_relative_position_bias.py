@@ -237,3 +237,20 @@ def test_cost_counts_merging_the_bias():
     assert model_cost(shared, merge=(K, M)).merger_macs == merger_macs + bias_macs
     no_bias = per_layer.to_dict() | {"use_relative_position_bias": False}
     assert model_cost(type(per_layer).from_dict(no_bias), merge=(K, M)).merger_macs == merger_macs
+
+
+def test_convert_prints_the_cost_and_the_card_says_how_the_bias_is_merged(tmp_path, capsys):
+    """`retrofit convert` on a BEiT checkpoint: the printed cost counts merging the bias, and the model card says
+    what the bias between merged tokens is."""
+    from retrofit.cli import main
+
+    source = tmp_path / "beit"
+    MODELS["beit-layer"]().save_pretrained(source)
+    capsys.readouterr()
+    out = tmp_path / "beit-pm"
+    assert main(["convert", str(source), "--after-layer", str(K), "--tokens", str(M), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    merger = 2 * 16 * M * 32 + 2 * (1 + M) * 17 * (17 + 1 + M) * (LAYERS - K)
+    assert f"merger {2 * merger / 1e9:.2g})" in printed, printed
+    card = (out / "README.md").read_text()
+    assert "relative position bias after the merge: between merged tokens, the merge-weighted mean" in card
