@@ -252,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure images/s, latency and memory of source and merged models")
     bench.add_argument(
-        "models", nargs="+", help="checkpoint folders, Hub ids, exports, or shapes (vit-b16, vit-l16, vit-h14: random)"
+        "models",
+        nargs="+",
+        help="checkpoint folders, Hub ids, exports, or random-weight shapes (vit-b16, ..., dinov3-vitb16, beit-b16)",
     )
     from .benchmark import add_arguments as _add_bench_arguments
 
