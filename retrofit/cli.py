@@ -63,6 +63,12 @@ def _add_push_options(parser: argparse.ArgumentParser) -> None:
         help="upload the export to this Hub repo when done (the login is checked first), e.g. your-user/vit-b16-pm8",
     )
     parser.add_argument("--private", action="store_true", default=None, help="with --push-to-hub: a private repo")
+    parser.add_argument(
+        "--create-pr",
+        action="store_true",
+        default=None,
+        help="with --push-to-hub: open a pull request on an existing repo (an organisation's) instead of committing",
+    )
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -84,6 +90,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
         image_column=args.image_column,
         push_to_hub=args.push_to_hub,
         private=bool(args.private),
+        create_pr=bool(args.create_pr),
     )
 
 
@@ -185,6 +192,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         revision=args.revision,
         push_to_hub=args.push_to_hub,
         private=bool(args.private),
+        create_pr=bool(args.create_pr),
         **settings,
     )
 

@@ -49,6 +49,7 @@ def convert(
     image_column: str = "image",
     push_to_hub: str | None = None,
     private: bool = False,
+    create_pr: bool = False,
     log: Callable[[str], None] = print,
 ) -> ConvertResult:
     """Insert a PatchMerger into `source` (Hub id or folder) after `after_layer` layers with `num_tokens` tokens.
@@ -60,8 +61,8 @@ def convert(
     With `calibrate_on` (fashion-mnist, an image folder or a Hub dataset id), the merger starts from k-means of the
     layer-K tokens of a shuffled sample of `calibrate_images` images of its `calibrate_split` split (column
     `image_column`) instead of at random. With `push_to_hub` (a repo id), the export is then uploaded there
-    (`private` if the repo is new); the login is checked first. Bad input raises `RetrofitError` before anything is
-    written; `output`, if given, is written atomically.
+    (`private` if the repo is new; `create_pr`: as a pull request on an existing repo); the login is checked first.
+    Bad input raises `RetrofitError` before anything is written; `output`, if given, is written atomically.
     """
     check_at_least_one("--calibrate-images", calibrate_images)
     if output is not None:
@@ -69,7 +70,7 @@ def convert(
     if push_to_hub:
         if output is None:
             raise RetrofitError("--push-to-hub uploads the export, so it needs --output")
-        check_push(push_to_hub)
+        check_push(push_to_hub, private=private, create_pr=create_pr)
     config = load_config(source, trust_remote_code=trust_remote_code, revision=revision, task=task)
     processor = load_image_processor(source, config, revision=revision, log=log)
     image_size = processor_image_size(processor)
@@ -98,5 +99,5 @@ def convert(
         export(merged, output, image_processor=processor, overwrite=overwrite, source_config=config, training=training)
         log(f"wrote {output}")
         if push_to_hub:
-            push_written(output, push_to_hub, private=private, log=log)
+            push_written(output, push_to_hub, private=private, create_pr=create_pr, log=log)
     return ConvertResult(model=merged, before=before, after=after, output=Path(output) if output else None)

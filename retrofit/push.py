@@ -183,9 +183,10 @@ def staged_for_hub(export: Path, repo_id: str, revision: str | None) -> Iterator
         yield staged
 
 
-def check_push(repo_id: str, token: str | None = None) -> str:
-    """Check, before any work, that `repo_id` is a valid namespaced id and that the Hub accepts our token; returns the
-    token. `convert`/`finetune --push-to-hub` call it first, so a long run does not end in "not logged in"."""
+def check_push(repo_id: str, token: str | None = None, *, private: bool = False, create_pr: bool = False) -> str:
+    """Check, before any work, that `repo_id` is a valid namespaced id and that the Hub accepts our token (and, for
+    `create_pr`, that the repo exists); returns the token. `convert`/`finetune`/`run --push-to-hub` call it first,
+    so a long run does not end in "not logged in"."""
     from huggingface_hub import HfApi, constants, get_token
     from huggingface_hub.utils import validate_repo_id
 
@@ -195,15 +196,24 @@ def check_push(repo_id: str, token: str | None = None) -> str:
         raise RetrofitError(f"--repo-id '{repo_id}' is not a valid Hub repo id ({exc}); use user/name") from None
     if "/" not in repo_id:
         raise RetrofitError(f"--repo-id '{repo_id}' needs a namespace: use your-user/{repo_id}")
+    if create_pr and private:
+        raise RetrofitError("--private sets the visibility of a new repo, and --create-pr needs an existing one")
     if constants.HF_HUB_OFFLINE:
         raise RetrofitError("HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it to push")
     token = token or get_token()
     if not token:
         raise RetrofitError("not logged in to the Hugging Face Hub; run `hf auth login` or set HF_TOKEN, then retry")
     try:
-        HfApi(token=token).whoami()
+        api = HfApi(token=token)
+        api.whoami()
+        exists = api.repo_exists(repo_id, repo_type="model") if create_pr else True
     except Exception as exc:  # noqa: BLE001 - HTTP and connection errors: one line, not a traceback
         raise _hub_error(exc, repo_id) from None
+    if not exists:
+        raise RetrofitError(
+            f"--create-pr opens a pull request on an existing repo, but '{repo_id}' does not exist (or is not visible "
+            "to you); push without --create-pr to create it"
+        )
     return token
 
 
@@ -232,24 +242,17 @@ def push(
             f"--create-pr opens a pull request against the main branch, so it takes no --revision ({revision}); "
             "drop one of them"
         )
-    if create_pr and private:
-        raise RetrofitError("--private sets the visibility of a new repo, and --create-pr needs an existing one")
     files = export_files(export)
-    api = HfApi(token=check_push(repo_id, token))
+    api = HfApi(token=check_push(repo_id, token, private=private, create_pr=create_pr))  # a new PR: the repo exists
     pull = PR_REVISION.fullmatch(revision or "")
     branch = branch_of(revision)
     try:
-        if create_pr or pull:  # a pull request, new or open, needs the repo to exist already
-            if not api.repo_exists(repo_id, repo_type="model"):
-                what, fix = (
-                    ("--create-pr opens a pull request on an existing repo", "push without --create-pr to create it")
-                    if create_pr
-                    else (
-                        f"--revision {revision} names a pull request",
-                        "push to a branch, or open the pull request first",
-                    )
-                )
-                raise RetrofitError(f"{what}, but '{repo_id}' does not exist (or is not visible to you); {fix}")
+        if pull and not api.repo_exists(repo_id, repo_type="model"):  # an open pull request needs the repo too
+            raise RetrofitError(
+                f"--revision {revision} names a pull request, but '{repo_id}' does not exist (or is not visible to "
+                "you); push to a branch, or open the pull request first"
+            )
+        if create_pr or pull:
             url = f"{api.endpoint}/{repo_id}"
         else:
             existed = api.repo_exists(repo_id, repo_type="model") if branch else True
@@ -294,10 +297,18 @@ def push(
     return tree
 
 
-def push_written(export: str | Path, repo_id: str, *, private: bool = False, log: Callable[[str], None] = print) -> str:
+def push_written(
+    export: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    create_pr: bool = False,
+    log: Callable[[str], None] = print,
+) -> str:
     """`push` right after retrofit wrote `export`: if the upload fails, say that the export is safe and how to retry."""
     try:
-        return push(export, repo_id, private=private, log=log)
+        return push(export, repo_id, private=private, create_pr=create_pr, log=log)
     except RetrofitError as exc:
         retry = f"retrofit push {export} --repo-id {repo_id}" + (" --private" if private else "")
+        retry += " --create-pr" if create_pr else ""
         raise RetrofitError(f"wrote {export}, but the upload failed: {exc}; retry with `{retry}`") from None

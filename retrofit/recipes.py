@@ -69,7 +69,7 @@ SCHEMA: dict[str, dict | None] = {
         "num_labels": None,
     },
     "evaluation": {"before": True, "batch_size": 256, "speed": True, "speed_batch_size": 256},
-    "export": {"output": None, "checkpoint_dir": None, "push_to_hub": None, "private": False},
+    "export": {"output": None, "checkpoint_dir": None, "push_to_hub": None, "private": False, "create_pr": False},
 }
 
 # The types of the keys outside `training` and `data` (those two become `TrainArgs`, which checks its own).
@@ -91,6 +91,7 @@ TYPES: dict[str, type | tuple[type, ...]] = {
     "export.checkpoint_dir": str,
     "export.push_to_hub": str,
     "export.private": bool,
+    "export.create_pr": bool,
 }
 TYPE_NAMES = {str: "text", int: "a whole number", bool: "true or false"}
 POSITIVE = {"merge.after_layer", "merge.tokens", "merge.calibrate_images", "evaluation.batch_size",
@@ -109,6 +110,7 @@ FLAG_KEYS = {
     "checkpoint_dir": "export.checkpoint_dir",
     "push_to_hub": "export.push_to_hub",
     "private": "export.private",
+    "create_pr": "export.create_pr",
     "data": "data.name",
     "limit": "data.limit",
     "sample": "data.sample",
@@ -379,7 +381,7 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
     if export["push_to_hub"]:  # before the baseline is measured: a run must not end in "not logged in"
         from .push import check_push
 
-        check_push(export["push_to_hub"])
+        check_push(export["push_to_hub"], private=bool(export["private"]), create_pr=bool(export["create_pr"]))
     saved = load_config(source)
     config = for_task(saved, task_for(recipe["task"], recipe["training"]["num_labels"]))  # as `finetune` will load it
     # A classifier the checkpoint does not hold (a backbone given --num-labels) starts random: nothing to score
@@ -458,6 +460,7 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
         card_results=lambda res: results_table(table_rows(res), note=speed_note),
         push_to_hub=export["push_to_hub"],
         private=bool(export["private"]),
+        create_pr=bool(export["create_pr"]),
         log=log,
         **settings,
     )

@@ -921,6 +921,7 @@ def finetune(
     card_results: Callable[[TrainResult], str] | None = None,
     push_to_hub: str | None = None,
     private: bool = False,
+    create_pr: bool = False,
     log: Callable[[str], None] = print,
     **settings,
 ) -> TrainResult:
@@ -930,8 +931,8 @@ def finetune(
     of `calibrate_images` training images (`retrofit.calibrate`) instead of at random. `task` loads the source as
     the family's classifier or backbone (`retrofit.convert.convert`); `--num-labels` implies a classifier.
     `rope_positions` is for RoPE models (DINOv3): see `retrofit.insert_patch_merger`. With
-    `push_to_hub` (a repo id) the main process uploads the export at the end (the login is checked before training
-    starts)."""
+    `push_to_hub` (a repo id) the main process uploads the export at the end (`create_pr`: as a pull request on an
+    existing repo; the login is checked before training starts)."""
     from accelerate.utils import set_seed
 
     from .atomic import check_output
@@ -961,7 +962,7 @@ def finetune(
     if push_to_hub:
         from .push import check_push
 
-        check_push(push_to_hub)
+        check_push(push_to_hub, private=private, create_pr=create_pr)
     _check_checkpoints(checkpoint_dir, args)
     set_seed(args.seed)  # the merger's random initialisation must be the same in a resumed run
     saved = load_config(source, trust_remote_code=trust_remote_code, revision=revision)
@@ -1058,7 +1059,7 @@ def finetune(
     if push_to_hub and result.output is not None:  # set on the main process, once the export is written
         from .push import push_written
 
-        push_written(result.output, push_to_hub, private=private, log=log)
+        push_written(result.output, push_to_hub, private=private, create_pr=create_pr, log=log)
     return result
 
 

@@ -280,6 +280,46 @@ def test_push_to_hub_checks_the_login_before_any_work(tiny_vit, hub, monkeypatch
     assert hub["commits"] == [] and hub["repos"] == []
 
 
+def test_push_to_hub_create_pr_opens_a_pull_request_once_the_export_is_written(tiny_vit, hub, tmp_path, capsys):
+    """`convert/finetune/run --push-to-hub R --create-pr`: a repo that does not exist, or --private with it, is
+    refused before any work; on an existing repo the export goes up as a pull request (no repo created)."""
+    from test_data import make_imagefolder
+    from test_recipes import tiny_recipe, write
+
+    data = make_imagefolder(tmp_path / "colours", per_class=4, test_per_class=2)
+    merge = [str(tiny_vit), "--after-layer", "2", "--tokens", "4"]
+    commands = {
+        "c": ["convert", *merge, "-o", str(tmp_path / "c")],
+        "f": [
+            "finetune",
+            *merge,
+            "--data",
+            str(data),
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "2",
+            "-o",
+            str(tmp_path / "f"),
+        ],
+        "r": ["run", str(write(tmp_path / "r.yaml", tiny_recipe(tiny_vit, data, tmp_path / "r"))), "--max-steps", "1"],
+    }
+    for argv in commands.values():
+        assert main([*argv, "--push-to-hub", "org/x", "--create-pr"]) == 2
+        assert main([*argv, "--push-to-hub", "org/x", "--create-pr", "--private"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 6 and all(line.startswith("retrofit: error: ") for line in err)
+    assert "'org/x' does not exist (or is not visible to you); push without --create-pr" in err[0]
+    assert "--private sets the visibility of a new repo, and --create-pr needs an existing one" in err[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["colours", "r.yaml"]  # no output, no checkpoints
+    hub["existing"].add("org/x")
+    for name, argv in commands.items():
+        assert main([*argv, "--push-to-hub", "org/x", "--create-pr"]) == 0
+        assert set(hub["commits"][-1]["files"]) == {p.name for p in (tmp_path / name).iterdir()}
+    assert [commit["create_pr"] for commit in hub["commits"]] == [True] * 3 and hub["repos"] == []
+    assert capsys.readouterr().out.count("as pull request https://huggingface.co/org/x/discussions/7") == 3
+
+
 def test_recipe_run_pushes_the_finished_export(tiny_vit, hub, tmp_path):
     from test_data import make_imagefolder
     from test_recipes import tiny_recipe, write
