@@ -32,10 +32,11 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 
 if [ "${SMOKE:-0}" = 1 ]; then  # every kind of step once, on the smallest shapes, to try the wiring out without a GPU
-    MODELS="vit-ti16:6"; B=vit-ti16; KB=6; CHECKPOINTED=vit-ti16; DINO=dinov3-vits16; BATCH=2; REPEATS=1; GC_BATCH=2
+    MODELS="vit-ti16:6"; B=vit-ti16; KB=6; CHECKPOINTED=vit-ti16; POSITIONS=dinov3-vits16; BATCH=2; REPEATS=1
+    GC_BATCH=2
 else
     MODELS="vit-b16:6 vit-l16:12 vit-h14:16"; B=vit-b16; KB=6; CHECKPOINTED="vit-b16 vit-h14"
-    DINO=dinov3-vitb16,dinov3-vitl16; BATCH=256; REPEATS=10; GC_BATCH=128
+    POSITIONS=dinov3-vitb16,dinov3-vitl16,beit-b16,beit-l16; BATCH=256; REPEATS=10; GC_BATCH=128
 fi
 DTYPE=$([ "$DEVICE" = cpu ] && echo fp32 || echo bf16)
 START=$SECONDS
@@ -78,9 +79,11 @@ for backend in math efficient cudnn; do
         --batch-size "$BATCH" --dtype "$DTYPE" --device "$DEVICE" --repeats "$REPEATS" --merged-sdpa "$backend" \
         --json "$WORK/layers-$B-sdpa-$backend.json"
 done
-# 3. DINOv3 shapes (RoPE, 4 registers; merged tokens rotated at their mean positions): only CPU numbers so far.
-step "speed-dinov3" 180 "$PYTHON" bench/speed.py --models "$DINO" --merge half:8 --device "$DEVICE" --dtype "$DTYPE" \
-    --batch-size "1,$BATCH" --repeats 3 --json "$WORK/speed-dinov3.json"
+# 3. The families whose merged layers place the merged tokens (DINOv3: RoPE at their mean positions; BEiT: the
+#    merge-weighted relative position bias, per image): only CPU numbers so far. (BEiT has no shape small enough for
+#    the CPU smoke run; its shapes take the same code path here.)
+step "speed-positions" 180 "$PYTHON" bench/speed.py --models "$POSITIONS" --merge half:8 --device "$DEVICE" \
+    --dtype "$DTYPE" --batch-size "1,$BATCH" --repeats 3 --json "$WORK/speed-positions.json"
 # 4. finetune --gradient-checkpointing on a GPU: memory and step time without and with it.
 for model in $CHECKPOINTED; do
     step "checkpointing-$model" 150 "$PYTHON" bench/gradient_checkpointing.py --model "$model" --merge half:8 \

@@ -408,5 +408,5 @@ def test_the_prepared_gpu_session_runs_every_step_on_the_cpu(tmp_path):
         "layers-vit-ti16-conv.json",
         "layers-vit-ti16-gemm-merged-only.json",
         "layers-vit-ti16-sdpa-math.json",
-        "speed-dinov3.json",
+        "speed-positions.json",
     ]
