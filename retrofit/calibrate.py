@@ -16,7 +16,7 @@ import itertools
 import operator
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -79,21 +79,49 @@ def encoder_layers(model) -> torch.nn.ModuleList:
     return operator.attrgetter(head.layers_path)(model)
 
 
+@dataclass
+class MergerInputs:
+    """The inputs of layer K (the merger's), one tensor per forward pass, as `recording_merger_inputs` saw them, and
+    whether the encoder layers return the hidden states in a tuple (as Data2Vec-vision's code in transformers 5.24
+    still does) instead of as a tensor."""
+
+    passes: list[torch.Tensor] = field(default_factory=list)
+    tuples: bool = False
+
+
 @contextmanager
-def replay_first_layers(model, merger_inputs: list[torch.Tensor], *, tuples: bool = False) -> Iterator[None]:
+def recording_merger_inputs(model) -> Iterator[MergerInputs]:
+    """Record the merger's inputs (detached) and the encoder layers' output form over the forward passes inside."""
+    recorded = MergerInputs()
+
+    def output_form(module, inputs, output) -> None:
+        recorded.tuples = type(output) is tuple
+
+    hooks = [
+        model.patch_merger.register_forward_pre_hook(lambda module, inputs: recorded.passes.append(inputs[0].detach())),
+        encoder_layers(model)[0].register_forward_hook(output_form),
+    ]
+    try:
+        yield recorded
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@contextmanager
+def replay_first_layers(model, recorded: MergerInputs) -> Iterator[None]:
     """Skip encoder layers 0..K-1: layer K-1 hands on its recorded outputs, one chunk per forward pass, in order.
 
     They do not change while only the merger's queries do, so each calibration candidate costs only the layers that
-    run on merged tokens. The layers return the hidden states as a tensor, or as the first item of a tuple where the
-    family's code in the installed transformers still does so (`tuples`, e.g. Data2Vec-vision).
+    run on merged tokens. The layers hand on the hidden states in the form they were recorded in (`MergerInputs`).
     """
     after = model.config.merge_after_layer
     layers = encoder_layers(model)
-    recorded = itertools.cycle(merger_inputs)
-    wrap = (lambda hidden_states: (hidden_states,)) if tuples else (lambda hidden_states: hidden_states)
+    passes = itertools.cycle(recorded.passes)
+    wrap = (lambda hidden_states: (hidden_states,)) if recorded.tuples else (lambda hidden_states: hidden_states)
     for layer in layers[: after - 1]:
         layer.forward = lambda hidden_states, *args, **kwargs: wrap(hidden_states)
-    layers[after - 1].forward = lambda hidden_states, *args, **kwargs: wrap(next(recorded))
+    layers[after - 1].forward = lambda hidden_states, *args, **kwargs: wrap(next(passes))
     try:
         yield
     finally:
@@ -160,20 +188,12 @@ def calibrate(
     was_training = model.training
     model.eval()
     pixel_values = pixel_values.to(device=merger.queries.device, dtype=next(model.parameters()).dtype)
-    recorded: list[torch.Tensor] = []
-    tuples: list[bool] = []  # whether the encoder layers return tuples
-    hooks = [
-        merger.register_forward_pre_hook(lambda module, inputs: recorded.append(inputs[0].detach())),
-        encoder_layers(model)[0].register_forward_hook(lambda module, i, output: tuples.append(type(output) is tuple)),
-    ]
-    with bypass_merger(model):
+    with bypass_merger(model), recording_merger_inputs(model) as recorded:
         teacher = model_outputs(model, pixel_values)
-    for hook in hooks:
-        hook.remove()
     metric = "KL" if family_and_head(model.config)[1].is_classifier else "1 - cos"  # classifier or backbone
-    tokens = torch.cat(recorded)[:, merger.num_prefix_tokens :]  # (B, N, D)
+    tokens = torch.cat(recorded.passes)[:, merger.num_prefix_tokens :]  # (B, N, D)
     normed = merger.norm(tokens).reshape(-1, tokens.shape[-1]).float()
-    with replay_first_layers(model, recorded, tuples=tuples[0]):
+    with replay_first_layers(model, recorded):
         original = merger.queries.detach().clone()
         random = _compare(model_outputs(model, pixel_values), teacher, metric)
         best = (original, 0.0, *random)  # never end worse than the random start

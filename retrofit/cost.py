@@ -70,12 +70,12 @@ def model_cost(
     merger_macs = 0.0
     seen = []
     biases = family.relative_position_biases(lc)
+    full = prefix + patches
     for index in range(lc.num_hidden_layers):
         if merge is not None and index == merge[0]:
             merger_macs = 2 * patches * merge[1] * hidden
             tokens = prefix + merge[1]
         if merge is not None and index >= merge[0]:
-            full = prefix + patches
             merger_macs += biases * lc.num_attention_heads * tokens * full * (full + tokens)
         seen.append(tokens)
         macs += layer_macs(tokens, hidden, intermediate)

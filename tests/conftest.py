@@ -62,6 +62,23 @@ def save_tiny(model, path: Path, image_size: int = 32) -> Path:
     return path
 
 
+def onnx_run(model, pixels: torch.Tensor, path: Path, output: str, *, dynamo: bool = True) -> torch.Tensor:
+    """The README's deployment path: `torch.onnx.export` `model` with a dynamic batch (traced at batch 2, with the
+    dynamo exporter, or the TorchScript one for models whose code the dynamo one cannot take), then ONNX Runtime on
+    `pixels` (another batch size); returns its first output, named `output`."""
+    import onnxruntime
+
+    example = {"pixel_values": torch.randn(2, *pixels.shape[1:])}
+    batch = (
+        {"dynamic_shapes": {"pixel_values": {0: torch.export.Dim("batch")}}}
+        if dynamo
+        else {"dynamic_axes": {"pixel_values": {0: "batch"}}}
+    )
+    torch.onnx.export(model, kwargs=example, f=path, dynamo=dynamo, input_names=["pixel_values"],
+                      output_names=[output], **batch)  # fmt: skip
+    return torch.from_numpy(onnxruntime.InferenceSession(path).run(None, {"pixel_values": pixels.numpy()})[0])
+
+
 @pytest.fixture(scope="session")
 def tiny_vit(tmp_path_factory) -> Path:
     from transformers import ViTConfig, ViTForImageClassification

@@ -302,24 +302,15 @@ def test_merged_model_compiles_as_one_graph(vit_export, pixels):
 def test_export_runs_in_onnx_runtime_with_any_batch_size(vit_export, tmp_path):
     """The README's deployment snippet: load the export with transformers, torch.onnx.export it with a dynamic
     batch, and ONNX Runtime gives the same logits at another batch size."""
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
+    from conftest import onnx_run
     from transformers import AutoModelForImageClassification
 
     _, out = vit_export
     model = AutoModelForImageClassification.from_pretrained(out, trust_remote_code=True).eval()
-    example = torch.randn(2, 3, 32, 32)
-    torch.onnx.export(
-        model,
-        kwargs={"pixel_values": example},
-        f=tmp_path / "model.onnx",
-        dynamo=True,
-        input_names=["pixel_values"],
-        output_names=["logits"],
-        dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}},
-    )
     pixels = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    (onnx_logits,) = ort.InferenceSession(tmp_path / "model.onnx").run(None, {"pixel_values": pixels.numpy()})
-    torch.testing.assert_close(torch.from_numpy(onnx_logits), logits(model, pixels), atol=1e-5, rtol=1e-4)
+    onnx_logits = onnx_run(model, pixels, tmp_path / "model.onnx", "logits")
+    torch.testing.assert_close(onnx_logits, logits(model, pixels), atol=1e-5, rtol=1e-4)
 
 
 def test_card_of_a_vision_tower_says_how_to_load_it(tmp_path):

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from retrofit import FAMILIES, convert
-from retrofit.calibrate import calibrate, model_outputs, replay_first_layers
+from retrofit.calibrate import calibrate, model_outputs, recording_merger_inputs, replay_first_layers
 from retrofit.cli import main
 from retrofit.cost import layer_macs, model_cost
 from retrofit.families import supported_names
@@ -772,17 +772,9 @@ def test_calibration_works_on_the_family(name, converted):
     model = copy.deepcopy(converted[name].result.model).eval()
     pixels = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     full = model_outputs(model, pixels, batch_size=8)
-    recorded: list[torch.Tensor] = []
-    tuples: list[bool] = []  # Data2Vec-vision's layers still return tuples
-    hooks = [
-        model.patch_merger.register_forward_pre_hook(lambda module, inputs: recorded.append(inputs[0])),
-        layers_of(model)[0].register_forward_hook(lambda module, i, output: tuples.append(type(output) is tuple)),
-    ]
-    with torch.no_grad():
+    with recording_merger_inputs(model) as recorded:
         model_outputs(model, pixels, batch_size=8)
-    for hook in hooks:
-        hook.remove()
-    with replay_first_layers(model, recorded, tuples=tuples[0]):
+    with replay_first_layers(model, recorded):
         torch.testing.assert_close(model_outputs(model, pixels, batch_size=8), full)
     torch.testing.assert_close(model_outputs(model, pixels, batch_size=8), full)  # the layers are back
     result = calibrate(model, pixels, scales=(1.0, 8.0), restarts=2)

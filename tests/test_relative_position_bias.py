@@ -261,22 +261,15 @@ def test_onnx_export_merges_the_bias_per_image(name, tmp_path):
     """torch.onnx.export with a dynamic batch, then ONNX Runtime, merges the bias for every image as PyTorch does.
     BEiT's own code does not export with `dynamo=True` (transformers 5.24, torch 2.13: the source models fail too),
     so this is the TorchScript exporter (`dynamo=False`) the docs name for these two families."""
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
+    from conftest import onnx_run
+
     merged = insert_patch_merger(MODELS[name](), K, M).eval()
     with torch.no_grad():
         merged.patch_merger.queries.mul_(50)  # sharp weights: the bias between merged tokens matters
     key = "logits" if "ForImageClassification" in type(merged).__name__ else "last_hidden_state"
-    torch.onnx.export(
-        merged,
-        kwargs={"pixel_values": torch.randn(2, 3, 32, 32)},
-        f=tmp_path / "model.onnx",
-        dynamo=False,
-        input_names=["pixel_values"],
-        output_names=[key],
-        dynamic_axes={"pixel_values": {0: "batch"}},
-    )
     pixels = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    got = ort.InferenceSession(tmp_path / "model.onnx").run(None, {"pixel_values": pixels.numpy()})[0]
+    got = onnx_run(merged, pixels, tmp_path / "model.onnx", key, dynamo=False)
     with torch.no_grad():
         expected = merged(pixel_values=pixels)[key]
-    torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)

@@ -226,24 +226,17 @@ def test_bad_rope_positions_are_refused_in_one_line(checkpoint, tiny_vit, tmp_pa
 def test_onnx_export_keeps_the_positions(source, tmp_path):
     """The README's deployment path (torch.onnx.export with a dynamic batch, ONNX Runtime) computes the merged
     tokens' positions per image as PyTorch does."""
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
+    from conftest import onnx_run
+
     merged = insert_patch_merger(source, K, M).eval()
     with torch.no_grad():
         merged.patch_merger.queries.mul_(50)  # sharp weights: the positions matter
-    torch.onnx.export(
-        merged,
-        kwargs={"pixel_values": torch.randn(2, 3, 32, 32)},
-        f=tmp_path / "model.onnx",
-        dynamo=True,
-        input_names=["pixel_values"],
-        output_names=["last_hidden_state", "pooler_output"],
-        dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}},
-    )
     pixels = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    got = ort.InferenceSession(tmp_path / "model.onnx").run(None, {"pixel_values": pixels.numpy()})[0]
+    got = onnx_run(merged, pixels, tmp_path / "model.onnx", "last_hidden_state")
     with torch.no_grad():
         expected = merged(pixel_values=pixels).last_hidden_state
-    torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_a_recipe_takes_the_positions_and_refuses_them_for_a_vit(tmp_path, capsys):
