@@ -17,27 +17,33 @@ The Python API mirrors the CLI, one function per command::
 
 plus the building blocks: `insert_patch_merger`, `export`, `load_model`, `model_cost`, `update_card`. (`benchmark`,
 `sweep`, `push` and `calibrate` are also the names of their modules, so their functions are imported from them.)
-Bad input raises `RetrofitError` (one line: what is wrong, what to do). The commands that need `accelerate`,
-`datasets`, `evaluate` or `matplotlib` are imported on first use, so ``import retrofit`` stays light.
+Bad input raises `RetrofitError` (one line: what is wrong, what to do). Every name is imported on first use (PEP 562),
+so ``import retrofit`` and ``retrofit --help`` load neither torch nor transformers.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
-from .convert import ConvertResult, convert  # noqa: E402
-from .cost import Cost, model_cost  # noqa: E402
-from .errors import RetrofitError  # noqa: E402
-from .export import export  # noqa: E402
-from .families import FAMILIES, Family, Head, register  # noqa: E402
-from .loading import load_model  # noqa: E402
-from .merger import PatchMerger  # noqa: E402
-from .surgery import insert_patch_merger  # noqa: E402
-
-# name -> module, imported when the name is first used (PEP 562)
+# name -> the module that defines it, imported when the name is first used
 _LAZY = {
+    "ConvertResult": "convert",
+    "convert": "convert",
+    "Cost": "cost",
+    "model_cost": "cost",
+    "RetrofitError": "errors",
+    "export": "export",
+    "FAMILIES": "families",
+    "Family": "families",
+    "Head": "families",
+    "register": "families",
+    "load_model": "loading",
+    "PatchMerger": "merger",
+    "insert_patch_merger": "surgery",
     "finetune": "train",
     "TrainArgs": "train",
     "TrainResult": "train",
@@ -58,6 +64,18 @@ def __getattr__(name: str):
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
+
+class _Package(types.ModuleType):
+    """Keeps `retrofit.convert` and `retrofit.export` the functions: importing a submodule binds its name on the
+    package, and these two share their module's name."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "FAMILIES",

@@ -216,164 +216,204 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="retrofit", description="Make pretrained Vision Transformers faster with a PatchMerger.")
-    parser.add_argument("--version", action="version", version=f"retrofit {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and full tracebacks")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    convert = commands.add_parser("convert", help="insert a PatchMerger into a checkpoint and export it")
-    convert.add_argument("source", help="Hub model id or local folder")
-    _add_merge_options(convert)
-    _add_task_option(convert)
-    convert.add_argument("--output", "-o", required=True, help="folder to write the Hub-format model to")
-    convert.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    convert.add_argument(
+def _convert_options(parser: argparse.ArgumentParser) -> None:
+    """`retrofit convert`: its arguments and handler."""
+    parser.add_argument("source", help="Hub model id or local folder")
+    _add_merge_options(parser)
+    _add_task_option(parser)
+    parser.add_argument("--output", "-o", required=True, help="folder to write the Hub-format model to")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    parser.add_argument(
         "--calibrate-on",
         metavar="DATA",
         help="initialise the merger from k-means of layer-K tokens on DATA (fashion-mnist, an image folder or a Hub "
         "dataset id)",
     )
-    convert.add_argument("--calibrate-split", default="train", help="split of DATA to calibrate on (default train)")
-    convert.add_argument(
+    parser.add_argument("--calibrate-split", default="train", help="split of DATA to calibrate on (default train)")
+    parser.add_argument(
         "--calibrate-images", type=int, default=256, help="images to calibrate on, a shuffled sample (default 256)"
     )
-    convert.add_argument("--image-column", default="image", help="image column of DATA (default image)")
-    _add_push_options(convert)
-    _add_source_options(convert)
-    convert.set_defaults(handler=cmd_convert)
-    evaluate = commands.add_parser("evaluate", help="top-1/top-5 accuracy and loss of several models, side by side")
-    evaluate.add_argument("models", nargs="+", help="checkpoints, Hub ids or exports (the first sets the labels)")
-    evaluate.add_argument("--data", required=True, help="fashion-mnist, an image folder or a Hub dataset id")
-    evaluate.add_argument("--split", default="validation", help="split to evaluate on (default validation)")
-    evaluate.add_argument("--limit", type=int, help="use only the first N images")
-    evaluate.add_argument("--batch-size", type=int, default=64, help="images per batch and process (default 64)")
-    evaluate.add_argument("--top-k", type=int, default=5, help="k of the top-k accuracy (default 5)")
-    evaluate.add_argument("--image-column", default="image", help="image column of the dataset (default image)")
-    evaluate.add_argument("--label-column", default="label", help="label column of the dataset (default label)")
-    evaluate.add_argument("--json", metavar="FILE", help="write the results to FILE")
-    evaluate.add_argument("--card", metavar="EXPORT", help="write the results into this export's README.md")
-    evaluate.add_argument(
+    parser.add_argument("--image-column", default="image", help="image column of DATA (default image)")
+    _add_push_options(parser)
+    _add_source_options(parser)
+    parser.set_defaults(handler=cmd_convert)
+
+
+def _evaluate_options(parser: argparse.ArgumentParser) -> None:
+    """`retrofit evaluate`: its arguments and handler."""
+    parser.add_argument("models", nargs="+", help="checkpoints, Hub ids or exports (the first sets the labels)")
+    parser.add_argument("--data", required=True, help="fashion-mnist, an image folder or a Hub dataset id")
+    parser.add_argument("--split", default="validation", help="split to evaluate on (default validation)")
+    parser.add_argument("--limit", type=int, help="use only the first N images")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch and process (default 64)")
+    parser.add_argument("--top-k", type=int, default=5, help="k of the top-k accuracy (default 5)")
+    parser.add_argument("--image-column", default="image", help="image column of the dataset (default image)")
+    parser.add_argument("--label-column", default="label", help="label column of the dataset (default label)")
+    parser.add_argument("--json", metavar="FILE", help="write the results to FILE")
+    parser.add_argument("--card", metavar="EXPORT", help="write the results into this export's README.md")
+    parser.add_argument(
         "--trust-remote-code", action="store_true", help="allow the models' own code to run (off by default)"
     )
-    evaluate.set_defaults(handler=cmd_evaluate)
+    parser.set_defaults(handler=cmd_evaluate)
 
-    bench = commands.add_parser("bench", help="measure images/s, latency and memory of source and merged models")
-    bench.add_argument(
+
+def _bench_options(parser: argparse.ArgumentParser) -> None:
+    """`retrofit bench`: its arguments and handler."""
+    parser.add_argument(
         "models",
         nargs="+",
         help="checkpoint folders, Hub ids, exports, or random-weight shapes (vit-b16, ..., dinov3-vitb16, beit-b16)",
     )
     from .benchmark import add_arguments as _add_bench_arguments
 
-    _add_bench_arguments(bench)
-    bench.add_argument("--card", metavar="EXPORT", help="write the speed table into this export's README.md")
-    bench.set_defaults(handler=cmd_bench)
+    _add_bench_arguments(parser)
+    parser.add_argument("--card", metavar="EXPORT", help="write the speed table into this export's README.md")
+    parser.set_defaults(handler=cmd_bench)
 
-    sweep = commands.add_parser("sweep", help="accuracy and speed over after-layer x tokens; pick a setting")
-    sweep.add_argument("source", help="Hub model id or local folder (an unmerged classifier or backbone)")
-    sweep.add_argument("--after-layer", required=True, metavar="K,...", help="comma-separated K values, e.g. 3,6,9")
-    sweep.add_argument("--tokens", required=True, metavar="M,...", help="comma-separated M values, e.g. 4,8,16")
-    sweep.add_argument("--data", help="fashion-mnist, an image folder or a Hub dataset id (not with --dry-run)")
-    sweep.add_argument("--split", default="test", help="split to measure accuracy on (default test)")
-    sweep.add_argument("--calibrate-split", default="train", help="split to calibrate/fine-tune on (default train)")
-    sweep.add_argument("--limit", type=int, default=1000, help="evaluate on the first N images (default 1000)")
-    sweep.add_argument("--calibrate-images", type=int, default=256, help="calibration images (default 256)")
-    sweep.add_argument(
+
+def _sweep_options(parser: argparse.ArgumentParser) -> None:
+    """`retrofit sweep`: its arguments and handler."""
+    parser.add_argument("source", help="Hub model id or local folder (an unmerged classifier or backbone)")
+    parser.add_argument("--after-layer", required=True, metavar="K,...", help="comma-separated K values, e.g. 3,6,9")
+    parser.add_argument("--tokens", required=True, metavar="M,...", help="comma-separated M values, e.g. 4,8,16")
+    parser.add_argument("--data", help="fashion-mnist, an image folder or a Hub dataset id (not with --dry-run)")
+    parser.add_argument("--split", default="test", help="split to measure accuracy on (default test)")
+    parser.add_argument("--calibrate-split", default="train", help="split to calibrate/fine-tune on (default train)")
+    parser.add_argument("--limit", type=int, default=1000, help="evaluate on the first N images (default 1000)")
+    parser.add_argument("--calibrate-images", type=int, default=256, help="calibration images (default 256)")
+    parser.add_argument(
         "--method", default="calibrate", help="calibrate (k-means init, default) or finetune (short fine-tune)"
     )
-    sweep.add_argument("--finetune-steps", type=int, default=100, help="steps per setting with --method finetune")
-    sweep.add_argument(
+    parser.add_argument("--finetune-steps", type=int, default=100, help="steps per setting with --method finetune")
+    parser.add_argument(
         "--finetune-batch-size",
         type=int,
         default=64,
         help="batch size of those steps (default 64); they read a shuffled sample of steps × this many images",
     )
-    sweep.add_argument("--target-speedup", type=float, help="name the most accurate setting at least this fast")
-    sweep.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default 64)")
-    sweep.add_argument("--bench-batch-size", type=int, default=32, help="batch size of the speed test (default 32)")
-    sweep.add_argument("--bench-repeats", type=int, default=3, help="timed repeats of the speed test (default 3)")
-    sweep.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N for the speed test (default cpu)")
-    sweep.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 for the speed test (default fp32)")
-    sweep.add_argument("--output", "-o", help="folder for sweep.md/json/png (default sweep-<source name>)")
-    sweep.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    sweep.add_argument(
+    parser.add_argument("--target-speedup", type=float, help="name the most accurate setting at least this fast")
+    parser.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default 64)")
+    parser.add_argument("--bench-batch-size", type=int, default=32, help="batch size of the speed test (default 32)")
+    parser.add_argument("--bench-repeats", type=int, default=3, help="timed repeats of the speed test (default 3)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N for the speed test (default cpu)")
+    parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 for the speed test (default fp32)")
+    parser.add_argument("--output", "-o", help="folder for sweep.md/json/png (default sweep-<source name>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="print each setting's theoretical GFLOPs and FLOPs ratio from the config alone (no weights, data or "
         "measurement; nothing written)",
     )
-    sweep.set_defaults(handler=cmd_sweep)
+    parser.set_defaults(handler=cmd_sweep)
 
-    push = commands.add_parser("push", help="upload an export to the Hugging Face Hub")
-    push.add_argument("export", help="the export folder (output of convert/finetune)")
-    push.add_argument("--repo-id", required=True, help="Hub repo to create or update, e.g. your-user/vit-b16-pm8")
-    push.add_argument("--private", action="store_true", help="create the repo as private")
-    push.add_argument("--revision", help="branch to push to (created if needed; default main)")
-    push.add_argument("--commit-message", help="commit message")
-    push.add_argument(
+
+def _push_options(parser: argparse.ArgumentParser) -> None:
+    """`retrofit push`: its arguments and handler."""
+    parser.add_argument("export", help="the export folder (output of convert/finetune)")
+    parser.add_argument("--repo-id", required=True, help="Hub repo to create or update, e.g. your-user/vit-b16-pm8")
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    parser.add_argument("--revision", help="branch to push to (created if needed; default main)")
+    parser.add_argument("--commit-message", help="commit message")
+    parser.add_argument(
         "--create-pr",
         action="store_true",
         help="open a pull request on an existing repo instead of committing to it (e.g. an organisation's repo)",
     )
-    push.set_defaults(handler=cmd_push)
-    finetune = commands.add_parser("finetune", help="insert a PatchMerger and fine-tune it back (Accelerate)")
-    finetune.add_argument("source", help="Hub model id, local folder, or a retrofit export to continue training")
-    _add_merge_options(finetune, required=False)
-    _add_task_option(finetune)
-    finetune.add_argument("--data", required=True, help="fashion-mnist, an image folder, or a Hub dataset id")
-    finetune.add_argument("--output", "-o", required=True, help="folder to write the Hub-format model to")
-    _add_train_options(finetune)
-    finetune.add_argument("--split", default=argparse.SUPPRESS, help="training split (default train)")
-    finetune.add_argument("--eval-split", default=argparse.SUPPRESS, help="evaluation split (default test)")
-    finetune.add_argument("--image-column", default=argparse.SUPPRESS, help="image column (default image)")
-    finetune.add_argument("--label-column", default=argparse.SUPPRESS, help="label column (default label)")
-    finetune.add_argument("--temperature", type=float, default=argparse.SUPPRESS, help="KD temperature (default 2)")
-    finetune.add_argument("--alpha", type=float, default=argparse.SUPPRESS, help="CE weight in --loss mix (0.5)")
-    finetune.add_argument(
+    parser.set_defaults(handler=cmd_push)
+
+
+def _finetune_options(parser: argparse.ArgumentParser) -> None:
+    """`retrofit finetune`: its arguments and handler."""
+    parser.add_argument("source", help="Hub model id, local folder, or a retrofit export to continue training")
+    _add_merge_options(parser, required=False)
+    _add_task_option(parser)
+    parser.add_argument("--data", required=True, help="fashion-mnist, an image folder, or a Hub dataset id")
+    parser.add_argument("--output", "-o", required=True, help="folder to write the Hub-format model to")
+    _add_train_options(parser)
+    parser.add_argument("--split", default=argparse.SUPPRESS, help="training split (default train)")
+    parser.add_argument("--eval-split", default=argparse.SUPPRESS, help="evaluation split (default test)")
+    parser.add_argument("--image-column", default=argparse.SUPPRESS, help="image column (default image)")
+    parser.add_argument("--label-column", default=argparse.SUPPRESS, help="label column (default label)")
+    parser.add_argument("--temperature", type=float, default=argparse.SUPPRESS, help="KD temperature (default 2)")
+    parser.add_argument("--alpha", type=float, default=argparse.SUPPRESS, help="CE weight in --loss mix (0.5)")
+    parser.add_argument(
         "--feature-weight",
         type=float,
         default=argparse.SUPPRESS,
         help="kd/mix: weight of distilling the features the head reads (default 0; backbones 1)",
     )
-    finetune.add_argument(
+    parser.add_argument(
         "--merger-lr-scale", type=float, default=argparse.SUPPRESS, help="merger's lr = lr × this (default 1)"
     )
-    finetune.add_argument("--weight-decay", type=float, default=argparse.SUPPRESS, help="AdamW weight decay (0.05)")
-    finetune.add_argument("--warmup-ratio", type=float, default=argparse.SUPPRESS, help="warm-up fraction (0.05)")
-    finetune.add_argument("--grad-accum", type=int, default=argparse.SUPPRESS, help="gradient accumulation steps")
-    finetune.add_argument("--max-grad-norm", type=float, default=argparse.SUPPRESS, help="gradient clipping (1.0)")
-    finetune.add_argument("--augment", action="store_true", default=argparse.SUPPRESS, help="random crops + flips")
-    finetune.add_argument("--num-workers", type=int, default=argparse.SUPPRESS, help="dataloader workers (0)")
-    finetune.add_argument("--eval-every", type=int, default=argparse.SUPPRESS, help="evaluate every N steps")
-    finetune.add_argument("--save-every", type=int, default=argparse.SUPPRESS, help="checkpoint every N steps (200)")
-    finetune.add_argument("--keep-checkpoints", type=int, default=argparse.SUPPRESS, help="checkpoints kept (2)")
-    finetune.add_argument(
+    parser.add_argument("--weight-decay", type=float, default=argparse.SUPPRESS, help="AdamW weight decay (0.05)")
+    parser.add_argument("--warmup-ratio", type=float, default=argparse.SUPPRESS, help="warm-up fraction (0.05)")
+    parser.add_argument("--grad-accum", type=int, default=argparse.SUPPRESS, help="gradient accumulation steps")
+    parser.add_argument("--max-grad-norm", type=float, default=argparse.SUPPRESS, help="gradient clipping (1.0)")
+    parser.add_argument("--augment", action="store_true", default=argparse.SUPPRESS, help="random crops + flips")
+    parser.add_argument("--num-workers", type=int, default=argparse.SUPPRESS, help="dataloader workers (0)")
+    parser.add_argument("--eval-every", type=int, default=argparse.SUPPRESS, help="evaluate every N steps")
+    parser.add_argument("--save-every", type=int, default=argparse.SUPPRESS, help="checkpoint every N steps (200)")
+    parser.add_argument("--keep-checkpoints", type=int, default=argparse.SUPPRESS, help="checkpoints kept (2)")
+    parser.add_argument(
         "--num-labels",
         type=int,
         default=argparse.SUPPRESS,
         help="a new N-class classifier (implies --task image-classification)",
     )
-    finetune.add_argument("--teacher", help="KD teacher (default: SOURCE, or the export's source)")
-    finetune.add_argument("--no-calibrate", action="store_true", help="keep the merger's random initialisation")
-    finetune.add_argument(
+    parser.add_argument("--teacher", help="KD teacher (default: SOURCE, or the export's source)")
+    parser.add_argument("--no-calibrate", action="store_true", help="keep the merger's random initialisation")
+    parser.add_argument(
         "--calibrate-images", type=int, default=256, help="training images to calibrate on, a shuffled sample (256)"
     )
-    _add_push_options(finetune)
-    _add_source_options(finetune)
-    finetune.set_defaults(handler=cmd_finetune)
+    _add_push_options(parser)
+    _add_source_options(parser)
+    parser.set_defaults(handler=cmd_finetune)
 
-    run = commands.add_parser("run", help="run a recipe (recipes/*.yaml): merge, fine-tune, evaluate, export")
-    run.add_argument("recipe", help="path to a recipe YAML file")
-    run.add_argument("--source", help="override the recipe's source")
-    _add_task_option(run)
-    run.add_argument("--output", "-o", help="override export.output")
-    run.add_argument("--data", help="override data.name")
-    _add_merge_options(run, required=False)
-    _add_train_options(run, recipe=True)
-    _add_push_options(run)
-    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any field, e.g. training.lr=1e-4")
-    run.set_defaults(handler=cmd_run)
+
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    """`retrofit run`: its arguments and handler."""
+    parser.add_argument("recipe", help="path to a recipe YAML file")
+    parser.add_argument("--source", help="override the recipe's source")
+    _add_task_option(parser)
+    parser.add_argument("--output", "-o", help="override export.output")
+    parser.add_argument("--data", help="override data.name")
+    _add_merge_options(parser, required=False)
+    _add_train_options(parser, recipe=True)
+    _add_push_options(parser)
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any field, e.g. training.lr=1e-4")
+    parser.set_defaults(handler=cmd_run)
+
+
+# name -> (help line, function adding the command's arguments), in the order `retrofit --help` lists them
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "convert": ("insert a PatchMerger into a checkpoint and export it", _convert_options),
+    "evaluate": ("top-1/top-5 accuracy and loss of several models, side by side", _evaluate_options),
+    "bench": ("measure images/s, latency and memory of source and merged models", _bench_options),
+    "sweep": ("accuracy and speed over after-layer x tokens; pick a setting", _sweep_options),
+    "push": ("upload an export to the Hugging Face Hub", _push_options),
+    "finetune": ("insert a PatchMerger and fine-tune it back (Accelerate)", _finetune_options),
+    "run": ("run a recipe (recipes/*.yaml): merge, fine-tune, evaluate, export", _run_options),
+}
+
+
+def _command_in(argv: list[str]) -> str | None:
+    """The command `argv` names (its first word that is not an option), or None."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The `retrofit` parser. Given `argv`, only the command it names gets its arguments: they import that command's
+    module (torch, transformers), which `retrofit --help` and the other commands do not need."""
+    parser = _Parser(prog="retrofit", description="Make pretrained Vision Transformers faster with a PatchMerger.")
+    parser.add_argument("--version", action="version", version=f"retrofit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and full tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    wanted = None if argv is None else _command_in(argv)
+    for name, (help_line, add_arguments) in COMMANDS.items():
+        command = commands.add_parser(name, help=help_line)
+        if argv is None or name == wanted:
+            add_arguments(command)
     return parser
 
 
@@ -397,7 +437,8 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     if not args.verbose:
         _quiet_libraries()
     try:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-from transformers import PreTrainedConfig
+from typing import TYPE_CHECKING
 
 from .errors import RetrofitError
+
+if TYPE_CHECKING:  # the registry itself imports no transformers code, so the CLI can read it fast
+    from transformers import PreTrainedConfig
 
 
 @dataclass(frozen=True)

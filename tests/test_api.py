@@ -42,14 +42,19 @@ def test_the_readme_python_api_example_runs_as_written(tmp_path, monkeypatch, ca
 
 
 def test_top_level_names_import_lazily():
-    """`import retrofit` does not pull in datasets, evaluate or matplotlib; the commands needing them load on use."""
+    """`import retrofit` loads neither torch nor transformers (nor datasets, evaluate, matplotlib); each name loads
+    its module on first use, and `retrofit.convert` / `retrofit.export` stay the functions even once their modules
+    are imported by others."""
     code = (
-        "import sys, retrofit\n"
-        "heavy = [m for m in ('datasets', 'evaluate', 'matplotlib') if m in sys.modules]\n"
+        "import sys, types, retrofit\n"
+        "heavy = [m for m in ('torch', 'transformers', 'datasets', 'evaluate', 'matplotlib') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
         "from retrofit import TrainArgs, evaluate_models, finetune, run_recipe, update_card\n"
-        "import retrofit.sweep, retrofit.benchmark\n"
+        "import retrofit.sweep, retrofit.benchmark, retrofit.convert, retrofit.export\n"
         "assert callable(retrofit.sweep.sweep) and callable(retrofit.benchmark.benchmark)\n"
+        "from retrofit import convert, export\n"
+        "assert isinstance(convert, types.FunctionType) and isinstance(export, types.FunctionType)\n"
+        "assert retrofit.convert is convert and sys.modules['retrofit.convert'].convert is convert\n"
         "assert set(retrofit.__all__) <= set(dir(retrofit))\n"
         "for name in retrofit.__all__: getattr(retrofit, name)\n"
     )
@@ -59,3 +64,21 @@ def test_top_level_names_import_lazily():
         import retrofit
 
         retrofit.nope  # noqa: B018
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["convert", "--help"], ["sweep", "x", "--tokens", "8"]])
+def test_help_and_usage_errors_answer_without_loading_torch(argv):
+    """`retrofit --help`, a light command's help and a usage error answer at once: the parser builds only the
+    arguments of the command named, and neither torch nor transformers is imported to do it."""
+    code = (
+        "import sys\nfrom retrofit.cli import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit as exit:\n    print('exit', exit.code)\n"
+        "print('loaded', [m for m in ('torch', 'transformers') if m in sys.modules])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.splitlines()[-1] == "loaded []", done.stdout[-2000:] + done.stderr[-2000:]
+    exit_code = done.stdout.splitlines()[-2]
+    if argv[-1] in ("--help", "--version"):
+        assert exit_code == "exit 0" and ("usage: retrofit" in done.stdout or "retrofit 0." in done.stdout)
+    else:  # one line: the missing flag and where to look
+        assert exit_code == "exit 2" and done.stderr.count("\n") == 1 and "--after-layer" in done.stderr
