@@ -33,10 +33,11 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 
 if [ "${SMOKE:-0}" = 1 ]; then  # every kind of step once, on the smallest shapes, to try the wiring out without a GPU
     MODELS="vit-ti16:6"; B=vit-ti16; KB=6; CHECKPOINTED=vit-ti16; POSITIONS=dinov3-vits16; BATCH=2; REPEATS=1
-    GC_BATCH=2
+    GC_BATCH=2; SPEED_TIMING="--repeats 1 --warmup 1 --min-time 0 --latency-iters 2"
 else
     MODELS="vit-b16:6 vit-l16:12 vit-h14:16"; B=vit-b16; KB=6; CHECKPOINTED="vit-b16 vit-h14"
     POSITIONS=dinov3-vitb16,dinov3-vitl16,beit-b16,beit-l16; BATCH=256; REPEATS=10; GC_BATCH=128
+    SPEED_TIMING="--repeats 3"
 fi
 DTYPE=$([ "$DEVICE" = cpu ] && echo fp32 || echo bf16)
 START=$SECONDS
@@ -83,7 +84,7 @@ done
 #    merge-weighted relative position bias, per image): only CPU numbers so far. (BEiT has no shape small enough for
 #    the CPU smoke run; its shapes take the same code path here.)
 step "speed-positions" 180 "$PYTHON" bench/speed.py --models "$POSITIONS" --merge half:8 --device "$DEVICE" \
-    --dtype "$DTYPE" --batch-size "1,$BATCH" --repeats 3 --json "$WORK/speed-positions.json"
+    --dtype "$DTYPE" --batch-size "1,$BATCH" $SPEED_TIMING --json "$WORK/speed-positions.json"
 # 4. finetune --gradient-checkpointing on a GPU: memory and step time without and with it.
 for model in $CHECKPOINTED; do
     step "checkpointing-$model" 150 "$PYTHON" bench/gradient_checkpointing.py --model "$model" --merge half:8 \

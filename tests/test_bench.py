@@ -291,36 +291,11 @@ def test_speed_script_needs_only_torch_and_transformers(tmp_path):
     assert report["models"][1]["flops_ratio"] > 1.8
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("patch", [["gemm", "--merged-only"], ["channels-last", "--merged-sdpa", "math"]])
-def test_layer_times_script_runs_on_the_cpu(tmp_path, patch):
-    """bench/layer_times.py (a GPU diagnostic) is tried on the CPU, so that a lent GPU's time is not spent on bugs."""
-    out = tmp_path / "layers.json"
-    command = [sys.executable, "bench/layer_times.py", "--device", "cpu", "--model", "vit-ti16", "--merge", "6:8"]
-    command += ["--batch-size", "1", "--dtype", "fp32", "--repeats", "1", "--patch-embed", *patch]
-    done = subprocess.run([*command, "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "max |logit difference| vs the conv" in done.stdout and "speed-up ÷ FLOPs ratio" in done.stdout
-    report = json.loads(out.read_text())
-    assert [row["tokens"] for row in report["rows"]] == [[197, 197]] * 6 + [[197, 9]] * 6
-    assert report["without_hooks"]["flops_ratio"] > 1.8 and report["without_hooks"]["merged"] > 0
-    assert report["settings"]["patch_embed"] == patch[0] and report["settings"]["hardware"] == "CPU"
-
-
-@pytest.mark.slow
-def test_gradient_checkpointing_script_measures_both_settings(tmp_path):
-    """bench/gradient_checkpointing.py runs each setting in its own process and reports memory and step time."""
-    out = tmp_path / "ckpt.json"
-    command = [sys.executable, "bench/gradient_checkpointing.py", "--model", "vit-ti16", "--merge", "6:8"]
-    command += ["--batch-size", "2", "--steps", "1", "--json", str(out)]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "| gradient checkpointing | peak memory above weights + optimizer (MiB) |" in done.stdout
-    report = json.loads(out.read_text())
-    assert [row["checkpointing"] for row in report["results"]] == [False, True]
-    assert all(row["step_s"] > 0 and row["peak_extra_mib"] >= 0 for row in report["results"])
+def test_gradient_checkpointing_script_refuses_a_bad_merge_in_one_line():
+    """bench/gradient_checkpointing.py's measurements are checked by the GPU-session test below; bad input here."""
     for merge, message in (("six", "is not K:M"), ("99:8", "--after-layer 99 is out of range")):
-        bad = subprocess.run([*command[:2], "--merge", merge], cwd=REPO, capture_output=True, text=True, timeout=300)
+        command = [sys.executable, "bench/gradient_checkpointing.py", "--model", "vit-ti16", "--merge", merge]
+        bad = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and message in bad.stderr, bad.stderr
 
 
@@ -387,26 +362,50 @@ def test_position_merge_beit_variant_drops_the_bias_between_merged_tokens():
 @pytest.mark.slow
 def test_the_prepared_gpu_session_runs_every_step_on_the_cpu(tmp_path):
     """bench/gpu_session.sh is what a session with a lent GPU runs as one command: its smoke mode runs every kind of
-    step on the smallest shapes here, so the GPU minutes are not spent on a typo in it."""
-    import subprocess
-    import sys
+    step on the smallest shapes here, so the GPU minutes are not spent on a typo in it, and checks what each step
+    measures (this is the test of bench/layer_times.py and bench/gradient_checkpointing.py)."""
     import tarfile
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_session.sh"
+    script = REPO / "bench" / "gpu_session.sh"
     env = {**os.environ, "SMOKE": "1", "DEVICE": "cpu", "OUT": str(tmp_path), "PYTHON": sys.executable}
     done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.tgz", "session.log"]  # the device tool's limits
     log = (tmp_path / "session.log").read_text()
     assert "0 step(s) failed" in log and "FAILED" not in log and "skipped" not in log
+    assert "max |logit difference| vs the conv" in log and "speed-up ÷ FLOPs ratio" in log  # layer_times' tables
+    assert "| gradient checkpointing | peak memory above weights + optimizer (MiB) |" in log
     with tarfile.open(tmp_path / "results.tgz") as results:
-        names = sorted(Path(name).name for name in results.getnames() if name.endswith(".json"))
-    assert names == [
-        "checkpointing-vit-ti16.json",
-        "layers-vit-ti16-channels-last.json",
-        "layers-vit-ti16-conv.json",
-        "layers-vit-ti16-gemm-merged-only.json",
-        "layers-vit-ti16-sdpa-math.json",
-        "speed-positions.json",
+        reports = {
+            Path(member.name).stem: json.load(results.extractfile(member))
+            for member in results.getmembers()
+            if member.name.endswith(".json")
+        }
+    assert sorted(reports) == [
+        "checkpointing-vit-ti16",
+        "layers-vit-ti16-channels-last",
+        "layers-vit-ti16-conv",
+        "layers-vit-ti16-gemm-merged-only",
+        "layers-vit-ti16-sdpa-math",
+        "speed-positions",
     ]
+    # bench/layer_times.py: each layer's tokens, the hook-free speed-up next to the FLOPs ratio, the variant asked for
+    for variant, settings in {
+        "conv": {"patch_embed": "conv", "merged_only": False, "merged_sdpa": None},
+        "gemm-merged-only": {"patch_embed": "gemm", "merged_only": True, "merged_sdpa": None},
+        "channels-last": {"patch_embed": "channels-last", "merged_only": False, "merged_sdpa": None},
+        "sdpa-math": {"patch_embed": "conv", "merged_only": False, "merged_sdpa": "math"},
+    }.items():
+        report = reports[f"layers-vit-ti16-{variant}"]
+        assert [row["tokens"] for row in report["rows"]] == [[197, 197]] * 6 + [[197, 9]] * 6
+        assert report["without_hooks"]["flops_ratio"] > 1.8 and report["without_hooks"]["merged"] > 0
+        assert {key: report["settings"][key] for key in settings} == settings
+        assert report["settings"]["hardware"] == "CPU"
+    # bench/gradient_checkpointing.py: both settings, each in its own process
+    results = reports["checkpointing-vit-ti16"]["results"]
+    assert [row["checkpointing"] for row in results] == [False, True]
+    assert all(row["step_s"] > 0 and row["peak_extra_mib"] >= 0 for row in results)
+    # bench/speed.py on a RoPE family: the source and its merged twin
+    models = reports["speed-positions"]["models"]
+    assert [row["model"] for row in models] == ["dinov3-vits16", "dinov3-vits16+pm6:8"]
+    assert models[1]["flops_ratio"] > 1.8
