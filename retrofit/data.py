@@ -182,9 +182,10 @@ def load_split(
         except Exception as exc:
             text = brief(exc)
             local_too = "" if is_local else f", and there is no local folder '{data}' either"
+            login = "" if is_local else " (log in with `hf auth login` for a gated or private one)"
             raise RetrofitError(
                 f"cannot load dataset '{data}' ({type(exc).__name__}: {text}){local_too}; pass fashion-mnist, an "
-                "image folder or a reachable Hub dataset id"
+                f"image folder or a reachable Hub dataset id{login}"
             ) from None
         if limit is not None and not sample:
             dataset = dataset.select(range(min(limit, len(dataset))))

@@ -199,6 +199,21 @@ def test_an_unreachable_hub_stream_is_a_one_line_error(hub_dataset, monkeypatch)
     assert "\n" not in str(error.value)
 
 
+def test_a_gated_hub_dataset_says_to_log_in(monkeypatch):
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    def gated(path, **kwargs):
+        raise DatasetNotFoundError(
+            f"Dataset '{path}' is a gated dataset on the Hub. You must be authenticated to access it."
+        )
+
+    monkeypatch.setattr(datasets, "get_dataset_split_names", gated)
+    with pytest.raises(RetrofitError, match=r"gated dataset on the Hub.*`hf auth login`") as error:
+        load_split("ILSVRC/imagenet-1k", "validation", limit=3)
+    assert "\n" not in str(error.value)
+
+
 def test_label_column_cannot_be_the_image_column(imagefolder):
     with pytest.raises(RetrofitError, match="--label-column and --image-column are both 'image'"):
         load_split(str(imagefolder), "test", label_column="image")
