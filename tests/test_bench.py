@@ -291,29 +291,35 @@ def test_speed_script_needs_only_torch_and_transformers(tmp_path):
     assert report["models"][1]["flops_ratio"] > 1.8
 
 
-def test_gradient_checkpointing_script_refuses_a_bad_merge_in_one_line():
+def test_gradient_checkpointing_script_refuses_a_bad_merge_in_one_line(capsys):
     """bench/gradient_checkpointing.py's measurements are checked by the GPU-session test below; bad input here."""
+    import runpy
+
+    script = runpy.run_path(str(REPO / "bench" / "gradient_checkpointing.py"))
     for merge, message in (("six", "is not K:M"), ("99:8", "--after-layer 99 is out of range")):
-        command = [sys.executable, "bench/gradient_checkpointing.py", "--model", "vit-ti16", "--merge", merge]
-        bad = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and message in bad.stderr, bad.stderr
+        assert script["main"](["--model", "vit-ti16", "--merge", merge]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and message in error, error
 
 
 @pytest.mark.slow
-def test_onnx_speed_script_times_source_and_merged_in_onnx_runtime(tmp_path):
-    """bench/onnx_speed.py exports both models to ONNX and times them in ONNX Runtime."""
+def test_onnx_speed_script_times_source_and_merged_in_onnx_runtime(tmp_path, capsys):
+    """bench/onnx_speed.py exports both models to ONNX and times them in ONNX Runtime (run in this process: a
+    subprocess would spend longer importing torch than exporting)."""
+    import runpy
+
     pytest.importorskip("onnxruntime")
+    script = runpy.run_path(str(REPO / "bench" / "onnx_speed.py"))
     out = tmp_path / "onnx.json"
-    command = [sys.executable, "bench/onnx_speed.py", "--model", "vit-ti16", "--merge", "half:8"]
-    done = subprocess.run([*command, "--batch-size", "2", "--repeats", "1", "--json", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "| `vit-ti16+pm6:8` |" in done.stdout
+    options = ["--model", "vit-ti16", "--batch-size", "2", "--repeats", "1"]
+    assert script["main"]([*options, "--merge", "half:8", "--json", str(out)]) == 0
+    assert "| `vit-ti16+pm6:8` |" in capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["merge"] == "6:8" and report["flops_ratio"] > 1.8 and report["speedup"] > 0
     assert set(report["images_per_s"]) == {"source", "merged"}
-    bad = subprocess.run([*command[:4], "--merge", "99:8"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "out of range" in bad.stderr, bad.stderr
+    assert script["main"]([*options, "--merge", "99:8"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "out of range" in error, error
 
 
 @pytest.mark.parametrize(
