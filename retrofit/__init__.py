@@ -26,8 +26,23 @@ from __future__ import annotations
 import importlib
 import sys
 import types
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # what type checkers and editors see; at run time each name is imported on first use (_LAZY)
+    from .card import update_card
+    from .convert import ConvertResult, convert
+    from .cost import Cost, model_cost
+    from .errors import RetrofitError
+    from .evaluation import evaluate_models
+    from .export import export
+    from .families import FAMILIES, Family, Head, register
+    from .loading import load_model
+    from .merger import PatchMerger
+    from .recipes import run_recipe
+    from .surgery import insert_patch_merger
+    from .train import TrainArgs, TrainResult, finetune
 
 # name -> the module that defines it, imported when the name is first used
 _LAZY = {

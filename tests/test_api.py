@@ -82,3 +82,17 @@ def test_help_and_usage_errors_answer_without_loading_torch(argv):
         assert exit_code == "exit 0" and ("usage: retrofit" in done.stdout or "retrofit 0." in done.stdout)
     else:  # one line: the missing flag and where to look
         assert exit_code == "exit 2" and done.stderr.count("\n") == 1 and "--after-layer" in done.stderr
+
+
+def test_type_checkers_see_every_lazy_name_from_its_module():
+    """The `if TYPE_CHECKING:` imports in retrofit/__init__.py (what editors complete) name the same modules as the
+    run-time `_LAZY` table, and `__all__` lists exactly those names."""
+    import ast
+
+    import retrofit
+
+    tree = ast.parse(Path(retrofit.__file__).read_text())
+    block = next(node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING")
+    seen = {alias.name: node.module for node in block.body for alias in node.names}
+    assert seen == retrofit._LAZY
+    assert sorted(retrofit.__all__) == sorted(seen)
