@@ -3,7 +3,7 @@
 #   make test   install, then lint and run the test suite (what .ci/run calls)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# A CPU build of torch that this machine keeps on disk; any torch>=2.4 works for users (see pyproject.toml).
+# A CPU build of torch that this machine keeps on disk; users need torch>=2.6 (see pyproject.toml).
 TORCH_SPEC ?= torch==2.13.0
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 # pip leaves compiling to bytecode to the first import (--no-compile), so only what is imported gets compiled:
