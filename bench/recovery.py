@@ -31,11 +31,11 @@ import torch  # noqa: E402
 
 from retrofit.calibrate import calibrate_from_data  # noqa: E402
 from retrofit.cost import model_cost  # noqa: E402
-from retrofit.data import class_names, load_split, make_dataloader  # noqa: E402
+from retrofit.data import dataset_label_map, load_split, make_dataloader, model_labels  # noqa: E402
 from retrofit.loading import load_config, load_image_processor, load_model, resolve_source  # noqa: E402
 from retrofit.recipes import accuracy, images_per_second  # noqa: E402
 from retrofit.surgery import insert_patch_merger  # noqa: E402
-from retrofit.train import finetune, label_map_for  # noqa: E402
+from retrofit.train import LABELS_FIX, finetune  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         processor,
         batch_size=500 if len(eval_set) >= 500 else len(eval_set),
         num_channels=config.num_channels,
-        label_map=label_map_for(config, class_names(eval_set), None),
+        label_map=dataset_label_map(model_labels(config), eval_set, args.data, fix=LABELS_FIX),
     )
     baseline = load_model(source, config=config).eval()
     started = time.perf_counter()

@@ -1,62 +1,289 @@
-"""Write a folder or a file completely or not at all: build it as a temporary sibling, then rename it into place."""
+"""Where retrofit may write, and writing there completely or not at all.
+
+One rule for every command that writes (convert, finetune, run, pretrain, sweep, the ``--json`` reports of bench and
+evaluate; checkpoints follow it in `retrofit.train`):
+
+- a path that does not exist is written (built as a temporary sibling, then renamed into place; if the path appears
+  meanwhile, the rename is refused instead of replacing it);
+- an existing path is replaced only with ``--overwrite`` (or by the run being resumed), and only if retrofit itself
+  wrote it, as the same kind of output (`Kind`: recognisable by what it holds), or it is an empty folder;
+- never, even with ``--overwrite``: an input of the same run (source, teacher, data, recipe) or a folder that holds
+  one, the current folder or one holding it, a checkpoint shipped with retrofit (``retrofit/assets``).
+
+Anything else is refused with one line naming the path, before any work (`check_output`, `check_file_output`) and
+again at the final rename (`atomic_dir`, `write_report`).
+"""
 
 from __future__ import annotations
 
+import errno
+import fnmatch
+import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RetrofitError
 
+ASSETS = Path(__file__).parent / "assets"  # the checkpoints shipped with retrofit (`retrofit:NAME`)
+SHIPPED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # the NAME of `retrofit:NAME`: a name, never a path
+REPORT_KEY = "retrofit_report"  # first key of every JSON report retrofit writes: what wrote it
 
-def check_output(output: str | Path, overwrite: bool = False, *, keep: tuple[str | Path, ...] = ()) -> Path:
-    """Refuse an output folder that cannot be written, or exists (unless `overwrite`), or is or holds one of the
-    folders in `keep` (a source checkpoint) or the current folder; return the path. Call before any heavy work."""
-    output = Path(output)
-    if not str(output).strip():
-        raise RetrofitError("--output is empty; give the folder to write")
-    if output.exists() and not output.is_dir():
-        raise RetrofitError(f"output '{output}' exists and is not a folder; choose another --output")
-    if output.exists() and not overwrite:
-        raise RetrofitError(f"output '{output}' already exists; choose another --output or pass --overwrite")
-    for folder in keep:
-        if Path(folder).exists() and Path(folder).resolve().is_relative_to(output.resolve()):
-            raise RetrofitError(
-                f"output '{output}' is or holds '{folder}', which this run reads; choose another --output"
-            )
-    if output.exists() and Path.cwd().resolve().is_relative_to(output.resolve()):
-        raise RetrofitError(
-            f"output '{output}' holds the current folder, so it cannot be replaced; choose another --output"
+
+def _json(path: Path) -> dict:
+    """The JSON object in `path`, or {} (missing, unreadable, not an object)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind of folder retrofit writes: recognised by a marker file's content (`marker`: file name and the keys it
+    must hold) and by holding nothing but the files retrofit writes for it (`files`: glob patterns)."""
+
+    name: str
+    marker: str
+    marker_keys: tuple[str, ...]
+    files: tuple[str, ...]
+    model_type_suffix: str | None = None
+
+    def marks(self, folder: Path) -> bool:
+        """True if `folder`'s marker file says it is this kind of output."""
+        marker = _json(folder / self.marker)
+        if not all(key in marker for key in self.marker_keys):
+            return False
+        return not self.model_type_suffix or str(marker.get("model_type", "")).endswith(self.model_type_suffix)
+
+    def written_here(self, folder: Path) -> bool:
+        """True if `folder` is this kind of output as retrofit wrote it: marked, and holding nothing else."""
+        return self.marks(folder) and not self.foreign_files(folder)
+
+    def foreign_files(self, folder: Path) -> list[str]:
+        """The entries of `folder` that retrofit does not write for this kind (sorted names)."""
+        return sorted(
+            entry.name
+            for entry in folder.iterdir()
+            if entry.is_symlink() or not entry.is_file() or not any(fnmatch.fnmatch(entry.name, p) for p in self.files)
         )
-    parent = next((p for p in output.absolute().parents if p.exists()), Path("/"))
+
+
+_WEIGHTS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")
+EXPORT = Kind(
+    "a retrofit export",
+    marker="config.json",
+    marker_keys=("model_type", "merge_after_layer"),
+    files=(
+        *_WEIGHTS,
+        "config.json",
+        "preprocessor_config.json",
+        "README.md",
+        "configuration_*.py",
+        "modeling_*.py",
+        "retrofit_results.json",
+    ),  # fmt: skip
+    model_type_suffix="_patch_merger",
+)
+BASELINE = Kind(
+    "a checkpoint retrofit pretrained",
+    marker="training.json",
+    marker_keys=("steps", "settings"),
+    files=(*_WEIGHTS, "config.json", "preprocessor_config.json", "training.json"),
+)
+SWEEP = Kind("a sweep report", marker="sweep.json", marker_keys=("source", "settings_results"),
+             files=("sweep.json", "sweep.md", "sweep.png"))  # fmt: skip
+
+
+def local_paths(paths: Iterable[str | os.PathLike | None]) -> list[Path]:
+    """The local files and folders among `paths` (a run's inputs: source, teacher, data, recipe), resolved;
+    ``retrofit:NAME`` becomes the shipped folder; Hub ids and missing paths are dropped."""
+    found = []
+    for path in paths:
+        if path is None or not str(path).strip():
+            continue
+        text = str(path)
+        name = text.removeprefix("retrofit:")
+        if text.startswith("retrofit:") and (not SHIPPED_NAME.fullmatch(name) or ".." in name):
+            continue  # not a shipped checkpoint: `loading.resolve_source` refuses it
+        candidate = ASSETS / name if text.startswith("retrofit:") else Path(text).expanduser()
+        if candidate.exists():
+            found.append(candidate.resolve())
+    return found
+
+
+def _what(option: str) -> str:
+    """How messages name a target: ``output 'x'`` for --output, ``--json 'x'`` for others."""
+    return "output" if option == "--output" else option
+
+
+def _refuse_shipped(path: Path, option: str) -> None:
+    """Refuse a target inside, or holding, the checkpoints shipped with retrofit."""
+    assets, target = ASSETS.resolve(), path.resolve()
+    if target.is_relative_to(assets) or assets.is_relative_to(target):
+        raise RetrofitError(
+            f"{_what(option)} '{path}' is or holds a checkpoint shipped with retrofit ({assets}); choose another "
+            f"{option}"
+        )
+
+
+def _refuse_protected(path: Path, option: str, inputs: Iterable) -> None:
+    """Refuse a target that is or holds an input of the run, holds the current folder, or touches a shipped
+    checkpoint, whatever --overwrite says."""
+    what, target = _what(option), path.resolve()
+    for source in local_paths(inputs):
+        if source.is_relative_to(target):
+            raise RetrofitError(
+                f"{what} '{path}' is or holds '{source}', which this run reads; choose another {option}"
+            )
+    _refuse_shipped(path, option)
+    if path.exists() and Path.cwd().resolve().is_relative_to(target):
+        raise RetrofitError(
+            f"{what} '{path}' holds the current folder, so it cannot be replaced; choose another {option}"
+        )
+
+
+def _check_writable(path: Path, option: str) -> None:
+    what = _what(option)
+    parent = next((p for p in path.absolute().parents if p.exists()), Path("/"))
     if not parent.is_dir():
-        raise RetrofitError(f"output '{output}' is under '{parent}', which is a file; choose another --output")
+        raise RetrofitError(f"{what} '{path}' is under '{parent}', which is a file; choose another {option}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise RetrofitError(
-            f"output '{output}': cannot write in '{parent}' (read-only or no permission); choose another --output"
+            f"{what} '{path}': cannot write in '{parent}' (read-only or no permission); choose another {option}"
         )
+
+
+def _refuse_replacing(output: Path, kind: Kind, option: str) -> None:
+    """Refuse to replace an existing folder that is not an empty one or `kind` as retrofit wrote it."""
+    if not any(output.iterdir()) or kind.written_here(output):
+        return
+    what = _what(option)
+    if kind.marks(output):
+        others = kind.foreign_files(output)
+        shown = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
+        raise RetrofitError(
+            f"{what} '{output}' is {kind.name} but also holds files retrofit did not write ({shown}), which "
+            f"--overwrite would delete; move them out or choose another {option}"
+        )
+    raise RetrofitError(
+        f"{what} '{output}' exists and is not {kind.name}, so --overwrite does not replace it (retrofit replaces "
+        f"only what it wrote itself); choose another {option}"
+    )
+
+
+def check_output(
+    output: str | Path,
+    overwrite: bool = False,
+    *,
+    kind: Kind = EXPORT,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    option: str = "--output",
+) -> Path:
+    """Refuse, before any work, an output folder that the rule in this module's docstring does not allow: one that
+    exists (unless `overwrite`, and then only `kind` as retrofit wrote it, or empty), is or holds one of `inputs`,
+    holds the current folder, touches a shipped checkpoint, or cannot be written. Returns the path."""
+    what, output = _what(option), Path(output)
+    if not str(output).strip():
+        raise RetrofitError(f"{option} is empty; give the folder to write")
+    if output.exists() and not output.is_dir():
+        raise RetrofitError(f"{what} '{output}' exists and is not a folder; choose another {option}")
+    _refuse_protected(output, option, inputs)
+    if output.exists():
+        if not overwrite:
+            raise RetrofitError(
+                f"{what} '{output}' already exists; choose another {option} or pass --overwrite (overwrite=True in "
+                "Python)"
+            )
+        _refuse_replacing(output, kind, option)
+    _check_writable(output, option)
     return output
 
 
-def check_file_target(path: str | Path, option: str) -> Path:
-    """Refuse a file target (``--json FILE``) that cannot be written: a folder, or under a file. Call before work."""
+def check_checkpoint_dir(folder: str | Path, option: str = "--checkpoint-dir") -> Path:
+    """Refuse a folder retrofit writes into but never replaces as a whole (checkpoints: it may hold the user's own
+    files, which stay) if it is a file, touches a shipped checkpoint or cannot be written."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise RetrofitError(f"{option} '{folder}' exists and is not a folder; choose another {option}")
+    _refuse_shipped(folder, option)
+    _check_writable(folder / "x" if folder.is_dir() else folder, option)
+    return folder
+
+
+def check_file_output(
+    path: str | Path, option: str, overwrite: bool = False, *, inputs: Iterable[str | os.PathLike | None] = ()
+) -> Path:
+    """Refuse, before any work, a JSON report target (``--json FILE``) that cannot be written (empty, a folder, under
+    a file, no folder, no permission), is an input of the run, or exists and is not a report retrofit wrote (an
+    existing report needs `overwrite`)."""
+    if not str(path).strip():
+        raise RetrofitError(f"{option} is empty; give a file name, e.g. {option} results.json")
     path = Path(path)
     if path.is_dir():
         raise RetrofitError(f"{option} '{path}' is a folder; give a file name, e.g. {path / 'results.json'}")
-    parent = next((p for p in path.parents if p.exists()), Path("."))
-    if not parent.is_dir():
-        raise RetrofitError(f"{option} '{path}' is under '{parent}', which is a file; choose another path")
-    if not os.access(parent, os.W_OK):
-        raise RetrofitError(f"{option} '{path}': cannot write in '{parent}' (permission denied); choose another path")
+    _refuse_protected(path, option, inputs)
+    for source in local_paths(inputs):  # a report goes next to the models and data it measures, never into them
+        if path.resolve().is_relative_to(source):
+            raise RetrofitError(f"{option} '{path}' is in '{source}', which this run reads; choose another {option}")
+    if path.exists() or path.is_symlink():
+        if not path.is_file() or path.is_symlink():
+            raise RetrofitError(f"{option} '{path}' exists and is not a regular file; give the path of a file")
+        if not overwrite:
+            raise RetrofitError(
+                f"{option} '{path}' already exists; choose another file or pass --overwrite (overwrite=True in Python)"
+            )
+        if REPORT_KEY not in _json(path):
+            raise RetrofitError(
+                f"{option} '{path}' exists and is not a report retrofit wrote, so --overwrite does not replace it; "
+                "choose another file"
+            )
+    parent = next((p for p in path.absolute().parents if p.exists()), Path("/"))
+    if parent != path.absolute().parent:
+        raise RetrofitError(
+            f"{option} '{path}': folder '{path.parent}' does not exist; create it or choose another path"
+        )
+    _check_writable(path, option)
+    return path
+
+
+def write_report(path: str | Path, report: dict, overwrite: bool = False, *, kind: str) -> Path:
+    """Write `report` as JSON to `path` (checked with `check_file_output`), marked as a retrofit report of `kind`,
+    through a temporary sibling: the file is whole or absent. Without `overwrite` an existing file is never replaced,
+    even one that appeared since the check."""
+    path = Path(path)
+    text = json.dumps({REPORT_KEY: kind, **report}, indent=2, default=str) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)
+        if overwrite and path.exists():
+            if REPORT_KEY not in _json(path):
+                raise RetrofitError(f"'{path}' exists and is not a report retrofit wrote, so it was not replaced")
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if `path` exists: never replaces it
+            except FileExistsError:
+                raise RetrofitError(
+                    f"'{path}' appeared while this run was working, so it was not replaced (pass --overwrite to "
+                    "replace a report retrofit wrote)"
+                ) from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return path
 
 
 def write_text(path: str | Path, text: str) -> Path:
     """Write `text` to `path` through a temporary sibling renamed into place: readers see the old file or the new
-    one, never half of it (a full disk leaves the old file as it was)."""
+    one, never half of it (a full disk leaves the old file as it was). For files inside retrofit's own outputs."""
     write_files({Path(path): text})
     return Path(path)
 
@@ -81,13 +308,23 @@ def write_files(files: dict[Path, str]) -> None:
 
 
 @contextmanager
-def atomic_dir(output: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary folder next to `output`; on success it replaces `output`, on error it is removed.
+def atomic_dir(
+    output: str | Path,
+    overwrite: bool = False,
+    *,
+    kind: Kind = EXPORT,
+    inputs: Iterable[str | os.PathLike | None] = (),
+) -> Iterator[Path]:
+    """Yield a fresh temporary folder next to `output`; on success it takes `output`'s place, on error it is removed.
 
-    The rename is atomic on one file system, so a reader (or a killed process) sees either the old folder, the new
-    one, or none, never a half-written one. Left-over ``.<name>.tmp-*`` folders from a killed run are harmless.
+    `output` is checked with `check_output` first and again right before the rename, which is atomic on one file
+    system: a reader (or a killed process) sees the old folder, the new one, or none, never a half-written one.
+    Without `overwrite`, an `output` that appeared meanwhile (another run writing the same path) is not replaced:
+    the folder is claimed with an exclusive ``mkdir`` before the rename. Left-over ``.<name>.tmp-*`` folders of a
+    killed run are harmless.
     """
-    output = check_output(output, overwrite)
+    inputs = list(inputs)
+    output = check_output(output, overwrite, kind=kind, inputs=inputs)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
@@ -95,13 +332,33 @@ def atomic_dir(output: str | Path, overwrite: bool = False) -> Iterator[Path]:
         os.chmod(tmp, 0o755)
         for path in tmp.rglob("*"):  # temp files are created 0600; exports are meant to be shared
             os.chmod(path, 0o755 if path.is_dir() else 0o644)
-        if output.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            os.replace(output, old / output.name)
-            os.replace(tmp, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output)
+        _move_into_place(tmp, output, overwrite, kind, inputs)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _move_into_place(tmp: Path, output: Path, overwrite: bool, kind: Kind, inputs: list) -> None:
+    if output.exists() and overwrite:
+        check_output(output, overwrite, kind=kind, inputs=inputs)  # still ours, as at the start?
+        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+        os.replace(output, old / output.name)
+        os.replace(tmp, output)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    try:
+        output.mkdir()  # the claim: exactly one writer gets it
+    except FileExistsError:
+        raise RetrofitError(
+            f"output '{output}' appeared while this run was working (another run writing the same path?); it was "
+            "not replaced: choose another path or pass --overwrite"
+        ) from None
+    try:
+        os.replace(tmp, output)  # a folder replaces the empty folder just made
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise RetrofitError(
+                f"output '{output}' was written to by someone else meanwhile; it was not replaced"
+            ) from None
+        output.rmdir()
         raise

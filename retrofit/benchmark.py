@@ -314,6 +314,7 @@ def build_variants(
     """
     from .cost import model_cost
     from .loading import is_merged, load_config
+    from .provenance import made_from
     from .surgery import check_merge, insert_patch_merger
 
     device, dtype = parse_device(settings.device), parse_dtype(settings.dtype)
@@ -354,9 +355,8 @@ def build_variants(
         log(f"loading {spec} ...")
         model = load_bench_model(spec, device, dtype)
         baseline = None
-        if is_merged(model.config):
-            source = str(model.config.merge_source or "")
-            baseline = source if source in models else None
+        if is_merged(model.config):  # its source among the models measured, if it is one
+            baseline = next((m for m in twins if m not in SHAPES and made_from(model.config, m)), None)
         loaded.append((spec, model, baseline))
         for k, tokens in twins.get(spec, []):
             twin = place_model(insert_patch_merger(model, k, tokens, source=spec), device, dtype)
@@ -757,6 +757,7 @@ def add_arguments(parser) -> None:
         "--threads", type=int, help="CPU threads for torch, 1 to the machine's CPU count (default: torch's choice)"
     )
     parser.add_argument("--json", metavar="FILE", help="write all measurements to FILE")
+    parser.add_argument("--overwrite", action="store_true", help="replace a --json report an earlier run wrote")
 
 
 def settings_from_args(args) -> BenchSettings:
@@ -783,28 +784,21 @@ def settings_from_args(args) -> BenchSettings:
 
 def run_from_args(args, models: list[str], *, log: Callable[[str], None] | None = None) -> dict:
     """Run the benchmark for parsed options; print the table on stdout, progress on stderr; write --json."""
-    import json
     import sys
 
-    from .atomic import check_file_target, write_text
+    from .atomic import check_file_output, write_report
     from .errors import describe_os_error
 
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     settings = settings_from_args(args)
     merges = parse_merges(args.merge)
     if args.json is not None:
-        if not str(args.json).strip():
-            raise RetrofitError("--json is empty; give a file name, e.g. --json bench.json")
-        target = check_file_target(args.json, "--json")
-        if target.exists() and not target.is_file():  # a device or a pipe: the atomic rename would replace it
-            raise RetrofitError(f"--json '{args.json}' exists and is not a regular file; give the path of a file")
-        if not target.parent.exists():
-            raise RetrofitError(f"--json {args.json}: folder {target.parent} does not exist")
+        check_file_output(args.json, "--json", args.overwrite, inputs=models)
     report = benchmark(models, merges=merges, settings=settings, log=log)
     print(report["table"], flush=True)
     if args.json is not None:
         try:
-            write_text(args.json, json.dumps(report, indent=2) + "\n")
+            write_report(args.json, report, args.overwrite, kind="bench")
         except OSError as exc:  # a full disk: the table above is complete, the old file (if any) is left as it was
             raise RetrofitError(f"cannot write --json {args.json}: {describe_os_error(exc)}") from None
         log(f"wrote {args.json}")

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .loading import family_and_head
+from .provenance import public_name
 from .train import HeadReader
 
 SCALES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
@@ -57,7 +58,8 @@ class CalibrationResult:
         """How the merger was initialised, for the model card."""
         closeness = "top-1 agreement" if self.metric == "KL" else "cosine similarity of the features"
         return (
-            f"calibrated: k-means of the layer-{layer} tokens of {self.images} images of `{data}` ({split} split), "
+            f"calibrated: k-means of the layer-{layer} tokens of {self.images} images of `{public_name(data)}` "
+            f"({split} split), "
             f"query scale {self.scale:g}; {closeness} with the source {self.agreement_calibrated:.3f} "
             f"(random queries: {self.agreement_random:.3f})"
         )

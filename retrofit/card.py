@@ -17,6 +17,7 @@ from .cost import compare, model_cost
 from .errors import RetrofitError, brief, describe_os_error
 from .hub_code import OLDEST_TRANSFORMERS, base_head
 from .loading import family_and_head, layer_config
+from .provenance import public_name
 
 # How the card's loading examples name the model before it is pushed; `retrofit push` names the repo instead.
 LOCAL_NAME = "path/to/this/folder"
@@ -35,8 +36,9 @@ class TrainingInfo:
 
 
 def _how_made(config, training: TrainingInfo | None) -> str:
+    revision = getattr(config, "merge_source_revision", None)
     lines = [
-        f"- source: `{config.merge_source}`",
+        f"- source: `{config.merge_source}`" + (f" at commit `{revision}`" if revision else ""),
         f"- PatchMerger before encoder layer {config.merge_after_layer} (layers 0..{config.merge_after_layer - 1} "
         f"run on all tokens), {config.merge_num_tokens} merged tokens, {config.merge_num_prefix_tokens} prefix "
         "token(s) passed through",
@@ -55,7 +57,7 @@ def _how_made(config, training: TrainingInfo | None) -> str:
     lines.append(f"- merger initialisation: {training.init}")
     if training.data:
         lines.append(
-            f"- fine-tuned on `{training.data}` for {training.steps} steps ({training.epochs} epochs), "
+            f"- fine-tuned on `{public_name(training.data)}` for {training.steps} steps ({training.epochs} epochs), "
             f"loss: {training.loss}"
         )
     else:

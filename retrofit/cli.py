@@ -250,6 +250,7 @@ def _evaluate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-column", default="image", help="image column of the dataset (default image)")
     parser.add_argument("--label-column", default="label", help="label column of the dataset (default label)")
     parser.add_argument("--json", metavar="FILE", help="write the results to FILE")
+    parser.add_argument("--overwrite", action="store_true", help="replace a --json report an earlier run wrote")
     parser.add_argument("--card", metavar="EXPORT", help="write the results into this export's README.md")
     parser.add_argument(
         "--trust-remote-code", action="store_true", help="allow the models' own code to run (off by default)"
@@ -426,6 +427,10 @@ def _quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # huggingface_hub logs each retry of an unreachable Hub ("Retrying in 8s"); the one-line error says it all
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()
     # datasets' bars ("Generating train split", "Map"): read from the environment when datasets is imported, which
     # most commands never do (importing it here would slow every command down); switched off directly if it is.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")

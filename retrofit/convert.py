@@ -12,7 +12,7 @@ from .atomic import check_output
 from .cost import Cost, compare, model_cost
 from .errors import RetrofitError, check_at_least_one
 from .export import export
-from .loading import load_config, load_image_processor, load_model, processor_image_size
+from .loading import load_config, load_image_processor, load_model, processor_image_size, resolve_source
 from .push import check_push, push_written
 from .surgery import check_merge, insert_patch_merger
 
@@ -65,8 +65,9 @@ def convert(
     Bad input raises `RetrofitError` before anything is written; `output`, if given, is written atomically.
     """
     check_at_least_one("--calibrate-images", calibrate_images)
+    resolve_source(source)  # a bad retrofit:NAME is refused first
     if output is not None:
-        check_output(output, overwrite, keep=(source,))
+        check_output(output, overwrite, inputs=(source, calibrate_on))
     if push_to_hub:
         if output is None:
             raise RetrofitError("--push-to-hub uploads the export, so it needs --output")

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import RetrofitError, brief, check_at_least_one
+from .provenance import CACHE_DIR
 
 FASHION_MNIST = "fashion-mnist"
 FASHION_MNIST_DIR = Path(os.environ.get("RETROFIT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
@@ -37,7 +38,6 @@ FASHION_MNIST_CLASSES = [
 ]
 _FMNIST_FILES = {"train": "train", "test": "t10k"}
 _SPLIT_ALIASES = {"validation": "test", "valid": "test", "val": "test", "eval": "test"}
-CACHE_DIR = Path(os.environ.get("RETROFIT_CACHE", Path.home() / ".cache" / "retrofit"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -266,6 +266,57 @@ def label_id(value, label_map: dict | None = None) -> int | None:
     if isinstance(value, (float, np.floating)) and not float(value).is_integer():
         return None
     return int(value)
+
+
+def model_labels(config) -> dict[int, str]:
+    """A config's label names by id (``id2label`` with int keys and text names)."""
+    return {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+
+
+def generic_labels(id2label: dict[int, str]) -> bool:
+    """True for transformers' placeholder names (``LABEL_0``, ``LABEL_1``, ...), which carry no class names."""
+    return all(name == f"LABEL_{index}" for index, name in id2label.items())
+
+
+def dataset_label_map(
+    reference: dict[int, str],
+    dataset,
+    data: str,
+    *,
+    hint: str = "fix the labels of the split",
+    fix: str = "evaluate on data with the models' classes",
+) -> dict | None:
+    """Map a split's labels to a model's label ids (`reference`: `model_labels`) by class name, then check every
+    label (`check_labels`) before any image is read. The one rule for evaluate, sweep, finetune and run:
+
+    - a ClassLabel column is mapped by its class names, a column of strings by those names; the data's classes must
+      be among the model's labels (a model with placeholder names ``LABEL_i`` takes a ClassLabel's ids as they are);
+    - a column of ids is taken as the model's ids.
+
+    Returns the mapping (keys: data ids or class names), None if none is needed or there is no label column. Classes
+    the model does not have are one line ending in `fix` (``{classes}`` in it: the data's number of classes); bad
+    labels one line ending in `hint`."""
+    if "label" not in dataset.column_names:
+        return None
+    names = class_names(dataset)
+    if names is not None and generic_labels(reference) and len(names) == len(reference):
+        names = None  # placeholder labels: the data's ids are the model's
+    label_map: dict | None = None
+    if names is not None or getattr(dataset.features["label"], "dtype", None) in ("string", "large_string"):
+        strings = names is None
+        present = sorted({value for value in dataset["label"] if value is not None}) if strings else names
+        by_name = {name: index for index, name in reference.items()}
+        unknown = [name for name in present if name not in by_name]
+        if unknown:
+            raise RetrofitError(
+                f"the class names in '{data}' ({len(present)}, e.g. {unknown[:4]}) are not among the models' labels "
+                f"({len(reference)}, e.g. {list(by_name)[:4]}); {fix.format(classes=len(present))}"
+            )
+        label_map = {(name if strings else index): by_name[name] for index, name in enumerate(present)}
+        if not strings and all(k == v for k, v in label_map.items()):
+            label_map = None
+    check_labels(dataset, len(reference), data=data, label_map=label_map, hint=hint)
+    return label_map
 
 
 def check_labels(

@@ -11,6 +11,17 @@ class RetrofitError(Exception):
 
     exit_code = 2
 
+    def __init__(self, message: str = "", *args) -> None:
+        # A DataLoader worker's error comes back re-raised as `RetrofitError("Caught RetrofitError in DataLoader
+        # worker process N.\nOriginal Traceback ...\nretrofit.errors.RetrofitError: <message>")`: keep the message.
+        if (
+            isinstance(message, str)
+            and message.startswith("Caught RetrofitError")
+            and "\nOriginal Traceback" in message
+        ):
+            message = message.rstrip().rsplit("\n", 1)[-1].split("RetrofitError: ", 1)[-1]
+        super().__init__(message, *args)
+
 
 def brief(exc: BaseException, limit: int = 160) -> str:
     """An exception's message on one line; past `limit` characters it ends at the last full sentence that fits, or

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .data import dataset_label_map, generic_labels, model_labels
 from .errors import RetrofitError, brief, check_at_least_one
 
 METRICS_DIR = Path(__file__).parent / "metrics"
@@ -36,10 +37,6 @@ def load_metric(name: str):
     return evaluate.load(str(path), keep_in_memory=True)
 
 
-def _labels(config) -> dict[int, str]:
-    return {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
-
-
 def is_backbone(config) -> bool:
     """True for a supported family's backbone (Dinov2Model, CLIPVisionModel, ...); False for classifiers and for
     models of families retrofit does not convert (left to the label checks)."""
@@ -51,15 +48,11 @@ def is_backbone(config) -> bool:
         return False
 
 
-def _generic(id2label: dict[int, str]) -> bool:
-    return all(name == f"LABEL_{index}" for index, name in id2label.items())
-
-
 def prediction_map(reference: dict[int, str], other: dict[int, str], names: tuple[str, str]) -> list[int] | None:
     """For each of `other`'s label ids, the reference id with the same name (None: identical ids already)."""
     if other == reference:
         return None
-    if _generic(other) and _generic(reference) and len(other) == len(reference):
+    if generic_labels(other) and generic_labels(reference) and len(other) == len(reference):
         return None
     if set(other.values()) != set(reference.values()):
         only = sorted(set(other.values()) ^ set(reference.values()))[:4]
@@ -69,49 +62,6 @@ def prediction_map(reference: dict[int, str], other: dict[int, str], names: tupl
         )
     by_name = {name: index for index, name in reference.items()}
     return [by_name[other[index]] for index in range(len(other))]
-
-
-def data_label_map(reference: dict[int, str], names: list[str] | None, data: str) -> dict[int, int] | None:
-    """Map the data's label ids to the reference model's, by class name (None: identical or unnamed)."""
-    if names is None or (_generic(reference) and len(names) == len(reference)):
-        return None
-    by_name = {name: index for index, name in reference.items()}
-    unknown = [name for name in names if name not in by_name]
-    if unknown:
-        raise RetrofitError(
-            f"the classes of '{data}' ({len(names)}, e.g. {unknown[:4]}) are not among the models' labels "
-            f"({len(reference)}, e.g. {list(by_name)[:4]}); evaluate on data with the models' classes"
-        )
-    mapping = {index: by_name[name] for index, name in enumerate(names)}
-    return None if all(k == v for k, v in mapping.items()) else mapping
-
-
-def dataset_label_map(
-    reference: dict[int, str], dataset, data: str, *, hint: str = "fix the labels of the split"
-) -> dict | None:
-    """Map a split's labels to the reference model's ids, then check them (`data.check_labels`) before any image is
-    read. A ClassLabel column is mapped by class name (`data_label_map`), a column of strings by name too (keys: the
-    names), a column of ids is taken as the model's ids. None: no mapping (or no label column)."""
-    from .data import check_labels, class_names
-
-    if "label" not in dataset.column_names:
-        return None
-    names = class_names(dataset)
-    label_map: dict | None = None
-    if names is not None:
-        label_map = data_label_map(reference, names, data)
-    elif getattr(dataset.features["label"], "dtype", None) in ("string", "large_string"):
-        by_name = {name: index for index, name in reference.items()}
-        present = {value for value in dataset["label"] if value is not None}
-        unknown = sorted(present - set(by_name))
-        if unknown:
-            raise RetrofitError(
-                f"the class names in '{data}' ({len(present)}, e.g. {unknown[:4]}) are not among the models' labels "
-                f"({len(reference)}, e.g. {list(by_name)[:4]}); evaluate on data with the models' classes"
-            )
-        label_map = {name: by_name[name] for name in present}
-    check_labels(dataset, len(reference), data=data, label_map=label_map, hint=hint)
-    return label_map
 
 
 def _accelerator():
@@ -163,11 +113,11 @@ def evaluate_models(
             models, configs, data=data, split=split, limit=limit, batch_size=batch_size, image_column=image_column,
             trust_remote_code=trust_remote_code, log=log,
         )  # fmt: skip
-    reference = _labels(configs[0])
+    reference = model_labels(configs[0])
     if not reference:
         raise RetrofitError(f"'{models[0]}' has no labels (no classification head); evaluate classifiers")
     maps = [
-        prediction_map(reference, _labels(config), (models[0], spec))
+        prediction_map(reference, model_labels(config), (models[0], spec))
         for spec, config in zip(models, configs, strict=True)
     ]
     dataset = load_split(data, split, image_column=image_column, label_column=label_column, limit=limit)
@@ -441,16 +391,14 @@ def run_from_args(args) -> dict:
     """`retrofit evaluate`: evaluate, print the table (main process), write --json and --card."""
     from accelerate import PartialState
 
-    from .atomic import check_file_target, write_text
+    from .atomic import check_file_output, write_report
 
     if args.card:
         from .card import check_card_target
 
         check_card_target(args.card, args.models)
-    if args.json:
-        check_file_target(args.json, "--json")
-        if not Path(args.json).resolve().parent.exists():
-            raise RetrofitError(f"--json {args.json}: its folder does not exist; create it or choose another path")
+    if args.json is not None:
+        check_file_output(args.json, "--json", args.overwrite, inputs=[*args.models, args.data])
     report = evaluate_models(
         args.models,
         data=args.data,
@@ -465,8 +413,8 @@ def run_from_args(args) -> dict:
     if PartialState().is_main_process:
         print(f"{args.data} / {args.split}: {report['num_examples']} images")
         print(report["table"])
-        if args.json:
-            write_text(args.json, json.dumps(report, indent=2) + "\n")
+        if args.json is not None:
+            write_report(args.json, report, args.overwrite, kind="evaluate")
             print(f"wrote {args.json}")
         if args.card:
             from .card import update_card

@@ -54,4 +54,9 @@ def export(
         if image_processor is not None:
             save_image_processor(image_processor, tmp)
         card.save(tmp / "README.md")
+    record = getattr(model, "retrofit_source", None)
+    if record is not None:
+        from .provenance import remember
+
+        remember(record)
     return Path(output)

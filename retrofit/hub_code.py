@@ -6,13 +6,11 @@ are instances of the very same generated classes, so what is measured here is wh
 
 from __future__ import annotations
 
-import atexit
 import importlib
+import importlib.abc
 import importlib.util
 import inspect
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -230,31 +228,40 @@ def _positions_values(family: Family) -> dict[str, str]:
     return values
 
 
-@cache
-def _module_root() -> Path:
-    root = Path(tempfile.mkdtemp(prefix="retrofit-code-"))
-    atexit.register(shutil.rmtree, root, ignore_errors=True)
-    return root
+class _GeneratedCode(importlib.abc.SourceLoader):
+    """Imports the rendered files of one package from memory: nothing is written to disk (so nothing is left behind
+    by a killed run), and `inspect.getsource` and tracebacks still show the code (through `get_source`)."""
+
+    def __init__(self, package: str, files: dict[str, str]) -> None:
+        self.package, self.files = package, files
+
+    def find_spec(self, fullname: str, path=None, target=None):
+        name = fullname.removeprefix(f"{self.package}.")
+        if fullname == self.package or f"{name}.py" in self.files and fullname.startswith(f"{self.package}."):
+            return importlib.util.spec_from_loader(fullname, self, is_package=fullname == self.package)
+        return None
+
+    def get_filename(self, fullname: str) -> str:
+        name = "__init__" if fullname == self.package else fullname.removeprefix(f"{self.package}.")
+        return f"{GENERATED_ROOT}/{self.package}/{name}.py"
+
+    def get_data(self, path: str) -> bytes:
+        return self.files.get(Path(path).name, "").encode()
+
+
+# Where generated modules say they come from (no such folder exists: the loader serves them from memory).
+GENERATED_ROOT = "/retrofit-generated"
 
 
 @cache
 def load_classes(family: Family, head: Head) -> MergedClasses:
-    """Render the code for (family, head), import it as a package, and return its classes."""
+    """Render the code for (family, head), import it as a package (from memory), and return its classes."""
     files, auto_map = render(family, head)
     names = _names(family, head)
     package = f"retrofit_generated_{names['model_type']}_{head.class_name.lower()}"
-    package_dir = _module_root() / package
-    package_dir.mkdir(parents=True, exist_ok=True)
-    (package_dir / "__init__.py").write_text("")
-    for filename, text in files.items():
-        (package_dir / filename).write_text(text)
-    spec = importlib.util.spec_from_file_location(
-        package, package_dir / "__init__.py", submodule_search_locations=[str(package_dir)]
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[package] = module
-    spec.loader.exec_module(module)
+    loader = _GeneratedCode(package, files)
+    sys.meta_path.append(loader)
+    importlib.import_module(package)
     config_module = importlib.import_module(f"{package}.{names['config_module_name']}")
     modeling_module = importlib.import_module(f"{package}.{names['modeling_module_name']}")
     return MergedClasses(

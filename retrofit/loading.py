@@ -5,35 +5,53 @@ from __future__ import annotations
 import copy
 import json
 import operator
+import pickle
 from pathlib import Path
 
 import transformers
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
+from .atomic import ASSETS, SHIPPED_NAME
 from .errors import RetrofitError, brief
 from .families import FAMILIES, TASKS, Family, Head, family_for
 
 MERGED_SUFFIX = "_patch_merger"
-ASSETS = Path(__file__).parent / "assets"
+
+
+def shipped_checkpoints() -> list[str]:
+    """The ``retrofit:NAME`` sources shipped with retrofit (folders of ``retrofit/assets``)."""
+    return [f"retrofit:{p.name}" for p in sorted(ASSETS.iterdir()) if p.is_dir() and SHIPPED_NAME.fullmatch(p.name)]
 
 
 def resolve_source(source: str | Path) -> str:
-    """``retrofit:NAME`` -> the checkpoint shipped in ``retrofit/assets/NAME``; anything else unchanged."""
+    """``retrofit:NAME`` -> the checkpoint shipped in ``retrofit/assets/NAME`` (NAME is a name, not a path);
+    anything else unchanged."""
     source = str(source)
-    if source.startswith("retrofit:"):
-        folder = ASSETS / source.removeprefix("retrofit:")
-        if not (folder / "config.json").is_file():
-            shipped = ", ".join(f"retrofit:{p.name}" for p in sorted(ASSETS.glob("*")) if p.is_dir()) or "none"
-            raise RetrofitError(
-                f"shipped checkpoint '{source}' is missing ({folder}; shipped: {shipped}); rebuild it with the recipe "
-                "that writes it, e.g. `retrofit run recipes/fashion-mnist-baseline-wide.yaml --overwrite`"
-            )
-        return str(folder)
-    return source
+    if not source.startswith("retrofit:"):
+        return source
+    name = source.removeprefix("retrofit:")
+    shipped = ", ".join(shipped_checkpoints()) or "none"
+    if not SHIPPED_NAME.fullmatch(name) or ".." in name or not (ASSETS / name).is_dir():
+        raise RetrofitError(
+            f"there is no shipped checkpoint '{source}' (retrofit:NAME names one of: {shipped}); for a folder of "
+            "your own, pass its path"
+        )
+    folder = ASSETS / name
+    if not (folder / "config.json").is_file():
+        raise RetrofitError(
+            f"shipped checkpoint '{source}' is incomplete ({folder} has no config.json); reinstall retrofit, or "
+            "rebuild it with its recipe (recipes/fashion-mnist-baseline-wide.yaml writes out/fashion-mnist-vit-wide)"
+        )
+    return str(folder)
 
 
 def _source_error(source: str, exc: Exception) -> RetrofitError:
     text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError):
+        return RetrofitError(
+            f"the weights in '{source}' are a pickle that is not plain tensors, so loading them was refused (it could "
+            "run code); use a checkpoint saved as safetensors, or re-save this one where you trust it"
+        )
     if "no file named" in text.lower():
         return RetrofitError(
             f"'{source}' has no weights file ({brief(exc)}); copy the checkpoint's weights (model.safetensors) into "
@@ -62,8 +80,11 @@ def load_config(
     (see `for_task`); None keeps the checkpoint's own class where retrofit supports it.
     """
     source = resolve_source(source)
-    if source.startswith((".", "/", "~")) and not Path(source).expanduser().exists():
+    local = Path(source).expanduser()
+    if source.startswith((".", "/", "~")) and not local.exists():
         raise RetrofitError(f"'{source}' does not exist; pass an existing folder or a Hub model id")
+    if local.exists():
+        _check_local_config(source, local)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
     except ValueError as exc:
@@ -79,7 +100,56 @@ def load_config(
         if model_type:
             family_for(model_type)  # a refused family says why it is refused, whether or not the package is there
         raise RetrofitError(f"loading '{source}' needs a package that is not installed ({brief(exc)})") from None
-    return for_task(config, task)
+    except Exception as exc:  # noqa: BLE001 - a field of the wrong type: TypeError, huggingface_hub's strict checks
+        raise RetrofitError(f"'{source}/config.json' is not a valid config ({brief(exc)}); fix or re-save it") from None
+    config = for_task(config, task)
+    check_config(config, f"'{source}/config.json'")
+    return config
+
+
+def _check_local_config(source: str, folder: Path) -> None:
+    """Refuse a local source that is not a folder holding a JSON object in config.json, in one line (transformers
+    would fail on it with a traceback)."""
+    if not folder.is_dir():
+        raise RetrofitError(f"'{source}' is a file; pass the folder that holds config.json and the weights")
+    try:
+        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RetrofitError(f"'{source}' has no config.json; pass a folder holding config.json and weights") from None
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise RetrofitError(f"'{source}/config.json' is not readable JSON ({brief(exc)}); fix or re-save it") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model_type", ""), str):
+        what = _json_kind(raw) if not isinstance(raw, dict) else "an object whose model_type is not text"
+        raise RetrofitError(f"'{source}/config.json' holds {what}, not a model config; fix or re-save it")
+
+
+def check_config(config: PreTrainedConfig, where: str) -> None:
+    """Refuse, in one line, a config whose sizes retrofit computes with are not positive whole numbers (a config.json
+    edited by hand: ``patch_size: 0``, ``"num_hidden_layers": "two"``), or an export whose merge settings are not.
+    Families retrofit does not convert are left to the family check."""
+    try:
+        family, head = family_and_head(config)
+    except RetrofitError:
+        return
+    lc = layer_config(config, head)
+    sizes = {
+        name: getattr(lc, name, None)
+        for name in ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+    }
+    if is_merged(config):
+        sizes |= {name: getattr(config, name, None) for name in ("merge_after_layer", "merge_num_tokens")}
+    for name, value in sizes.items():
+        values = list(value) if isinstance(value, list | tuple) and len(value) == 2 else [value]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+            raise RetrofitError(f"{where}: {name} must be a positive whole number, not {value!r}; fix the config")
+    prefix = getattr(config, "merge_num_prefix_tokens", 0) if is_merged(config) else 0
+    if not isinstance(prefix, int) or isinstance(prefix, bool) or prefix < 0:
+        raise RetrofitError(f"{where}: merge_num_prefix_tokens must be a whole number ≥ 0, not {prefix!r}")
+    if is_merged(config) and config.merge_after_layer >= lc.num_hidden_layers:
+        raise RetrofitError(
+            f"{where}: merge_after_layer {config.merge_after_layer} is not below num_hidden_layers "
+            f"{lc.num_hidden_layers}; fix the config"
+        )
 
 
 def _raw_model_type(source: str, revision: str | None) -> str:
@@ -223,12 +293,8 @@ def load_model(
         model_class = getattr(transformers, head.class_name)
     try:
         return model_class.from_pretrained(source, config=config, revision=revision, dtype=dtype, **kwargs)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise _source_error(source, exc) from None
-    except Exception as exc:  # safetensors raises its own SafetensorError for corrupt files
-        if type(exc).__name__ == "SafetensorError":
-            raise _source_error(source, exc) from None
-        raise
+    except Exception as exc:  # noqa: BLE001 - OSError, SafetensorError, UnpicklingError, ...: the files are bad
+        raise _source_error(source, exc) from exc
 
 
 def load_image_processor(source: str | Path, config: PreTrainedConfig, *, revision: str | None = None, log=print):
@@ -240,8 +306,20 @@ def load_image_processor(source: str | Path, config: PreTrainedConfig, *, revisi
     """
     from transformers import AutoImageProcessor, ViTImageProcessor
 
+    resolved = resolve_source(source)
+    local = Path(resolved).expanduser() / "preprocessor_config.json"
+    if local.exists():
+        try:
+            settings = json.loads(local.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            settings = exc
+        if not isinstance(settings, dict):
+            what = brief(settings) if isinstance(settings, Exception) else f"holds {_json_kind(settings)}"
+            raise RetrofitError(
+                f"'{local}' is not an image processor config ({what}); fix it, or delete it to use a default one"
+            )
     try:
-        return AutoImageProcessor.from_pretrained(resolve_source(source), revision=revision)
+        processor = AutoImageProcessor.from_pretrained(resolved, revision=revision)
     except ImportError as exc:
         if "torchvision" not in str(exc).lower():
             raise
@@ -249,9 +327,27 @@ def load_image_processor(source: str | Path, config: PreTrainedConfig, *, revisi
     except (OSError, ValueError):
         _, head = family_and_head(config)
         lc = layer_config(config, head)
-        size = lc.image_size if isinstance(lc.image_size, int) else lc.image_size[0]
-        log(f"warning: '{source}' has no image processor; using resize to {size}x{size} and mean=std=0.5")
-        return ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        height, width = (lc.image_size,) * 2 if isinstance(lc.image_size, int) else lc.image_size
+        log(f"warning: '{source}' has no image processor; using resize to {height}x{width} and mean=std=0.5")
+        return ViTImageProcessor(size={"height": height, "width": width}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    except Exception as exc:  # noqa: BLE001 - a field of the wrong type in the processor config
+        raise RetrofitError(
+            f"the image processor of '{source}' cannot be loaded ({brief(exc)}); fix its preprocessor_config.json"
+        ) from None
+    if getattr(processor, "auto_map", None):  # code outside transformers (another repo's): an export must not name it
+        log(f"warning: '{source}''s image processor names custom code ({processor.auto_map}); retrofit uses "
+            f"transformers' {type(processor).__name__} and exports do not name that code")  # fmt: skip
+        del processor.auto_map
+    return processor
+
+
+def _json_kind(value) -> str:
+    """How a message names a JSON value's type: null, a list, text, a number, ..."""
+    if value is None:
+        return "null"
+    return {list: "a list", str: "text", bool: "true or false", int: "a number", float: "a number"}.get(
+        type(value), f"a {type(value).__name__}"
+    )
 
 
 _STOOD_IN: set[str] = set()  # sources whose processor `_pil_processor` has warned about
@@ -272,7 +368,7 @@ def _pil_processor(source: str | Path, *, revision: str | None, log):
         )
     names = ("image_processor_type", "processor_class")
     processor = ViTImageProcessorPil(**{k: v for k, v in settings.items() if v is not None and k not in names})
-    processor.retrofit_source_settings = settings  # what exports save (`save_image_processor`)
+    processor.retrofit_source_settings = {k: v for k, v in settings.items() if k != "auto_map"}  # what exports save
     return processor
 
 

@@ -13,9 +13,6 @@ from urllib.parse import quote
 
 from .errors import RetrofitError, brief
 
-# Never uploaded: caches, editor and OS leftovers, retrofit's own temporary files.
-IGNORE_PATTERNS = ["__pycache__/*", "*.pyc", ".*", "*/.*", "*.tmp"]
-
 # An open pull request of the repo: huggingface_hub commits to it with `revision="refs/pr/N"`.
 PR_REVISION = re.compile(r"refs/pr/([1-9][0-9]*)")
 # What git (`git check-ref-format --branch`) refuses anywhere in a branch name.
@@ -102,8 +99,9 @@ def _code_files(auto_map: object, export: str | Path) -> list[str]:
 
 
 def export_files(export: str | Path) -> list[str]:
-    """The files a complete export must hold: `REQUIRED_FILES`, the weights (single file or shards, their safetensors
-    headers read) and the code files its config's ``auto_map`` names. Raises `RetrofitError` naming what is wrong."""
+    """The files of a complete export, which are all `push` uploads: `REQUIRED_FILES`, the weights (single file or
+    shards, their safetensors headers read), the code files its config's ``auto_map`` names, and the results file if
+    there is one. Each must be a regular file, not a link. Raises `RetrofitError` naming what is wrong."""
     from .export import REQUIRED_FILES
 
     folder = Path(export)
@@ -127,6 +125,12 @@ def export_files(export: str | Path) -> list[str]:
     required += weights
     required += _code_files(config.get("auto_map"), export)
     required = list(dict.fromkeys(required))
+    linked = [name for name in required if (folder / name).is_symlink()]
+    if linked:
+        raise RetrofitError(
+            f"'{export}' has links where its own files belong ({', '.join(linked)}); an export is uploaded only from "
+            "regular files it holds (a link could publish any file): copy the files in, or re-export it"
+        )
     missing = [name for name in required if not (folder / name).is_file() or (folder / name).stat().st_size == 0]
     if missing:
         raise RetrofitError(
@@ -134,6 +138,11 @@ def export_files(export: str | Path) -> list[str]:
         )
     for name in weights:
         _check_safetensors(folder / name, export)
+    from .card import RESULTS_FILE
+
+    results = folder / RESULTS_FILE  # written by `evaluate --card` / `bench --card`: part of the export too
+    if results.is_file() and not results.is_symlink():
+        required.append(RESULTS_FILE)
     return required
 
 
@@ -165,21 +174,19 @@ def hub_card(text: str, repo_id: str, revision: str | None = None) -> str:
 
 
 @contextmanager
-def staged_for_hub(export: Path, repo_id: str, revision: str | None) -> Iterator[Path]:
-    """A temporary folder that holds `export` as links to its files (nothing is copied, the weights included), except
-    for README.md, which is written there with `hub_card`'s changes. The export itself is left as it is."""
+def staged_for_hub(export: Path, files: list[str], repo_id: str, revision: str | None) -> Iterator[Path]:
+    """A temporary folder that holds the export's `files` (`export_files`) as links to them (nothing is copied, the
+    weights included), except for README.md, which is written there with `hub_card`'s changes. Nothing else in the
+    folder is uploaded, and the export itself is left as it is."""
     with tempfile.TemporaryDirectory(prefix="retrofit-push-") as tmp:
         staged = Path(tmp)
-        for path in sorted(export.rglob("*")):
-            if not path.is_file():
-                continue
-            name = path.relative_to(export)
+        for name in files:
             target = staged / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if name.as_posix() == "README.md":
-                target.write_text(hub_card(path.read_text(encoding="utf-8"), repo_id, revision), encoding="utf-8")
+            if name == "README.md":
+                text = (export / name).read_text(encoding="utf-8")
+                target.write_text(hub_card(text, repo_id, revision), encoding="utf-8")
             else:
-                os.symlink(path.resolve(), target)
+                os.symlink((export / name).resolve(), target)
         yield staged
 
 
@@ -267,14 +274,16 @@ def push(
                     except Exception:  # noqa: BLE001, S110 - best effort; the branch error is the one to report
                         pass
                 raise
-        with staged_for_hub(Path(export), repo_id, revision) as staged:
+        others = sorted(p.name for p in Path(export).iterdir() if p.name not in files)
+        if others:
+            log(f"not uploaded (not part of the export): {', '.join(others)}")
+        with staged_for_hub(Path(export), files, repo_id, revision) as staged:
             info = api.upload_folder(
                 repo_id=repo_id,
                 folder_path=str(staged),
                 repo_type="model",
                 revision=revision,
                 commit_message=commit_message or f"Upload {Path(export).resolve().name} (retrofit PatchMerger export)",
-                ignore_patterns=list(IGNORE_PATTERNS),
                 create_pr=create_pr,
             )
     except RetrofitError:

@@ -8,7 +8,6 @@ A recipe either fine-tunes a merged model (``source`` + ``merge``) or pretrains 
 
 from __future__ import annotations
 
-import json
 import re
 import statistics
 import time
@@ -238,9 +237,11 @@ def load_recipe(path: str | Path, overrides: dict[str, object] | None = None) ->
     if not path.is_file():
         raise RetrofitError(f"recipe '{path}' does not exist; pass a YAML file such as recipes/fashion-mnist.yaml")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise RetrofitError(f"recipe '{path}' is not valid YAML ({brief(exc)})") from None
+    except UnicodeDecodeError as exc:
+        raise RetrofitError(f"recipe '{path}' is not UTF-8 text ({brief(exc)}); save it as UTF-8") from None
     if not isinstance(raw, dict):
         raise RetrofitError(f"recipe '{path}' must be a YAML mapping")
     return validate(apply_overrides(raw, overrides or {}), where=f"recipe '{path}'")
@@ -338,7 +339,22 @@ def run_recipe(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run a recipe end to end; returns a summary dict (also written as ``results.json`` next to the checkpoints)."""
+    from .atomic import BASELINE, EXPORT, check_checkpoint_dir, check_output
+    from .train import default_checkpoint_dir, list_checkpoints
+
     recipe = load_recipe(path, overrides)
+    if recipe["source"]:
+        from .loading import resolve_source
+
+        resolve_source(recipe["source"])  # a bad retrofit:NAME is refused first
+    # Before anything is measured or trained: where the run writes (the pretrain or fine-tune checks it again).
+    output, export = recipe["export"]["output"], recipe["export"]
+    checkpoint_dir = Path(export["checkpoint_dir"] or default_checkpoint_dir(output))
+    check_checkpoint_dir(checkpoint_dir)
+    resuming = resume and bool(list_checkpoints(checkpoint_dir))  # the run being resumed owns the output
+    kind = EXPORT if recipe["pretrain"] is None else BASELINE
+    inputs = (path, recipe["source"], recipe["teacher"], recipe["data"]["name"])
+    check_output(output, overwrite or resuming, kind=kind, inputs=inputs)
     if recipe["pretrain"] is not None:
         return _run_pretrain(recipe, overwrite=overwrite, resume=resume, log=log)
     return _run_finetune(recipe, overwrite=overwrite, resume=resume, log=log)
@@ -364,20 +380,32 @@ def _run_pretrain(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
 
 
 def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
-    from .atomic import check_output
+    from .atomic import write_report
     from .benchmark import hardware_name
     from .cost import model_cost
     from .data import load_split, make_dataloader
     from .evaluation import is_backbone
-    from .loading import classifier_is_new, for_task, load_config, load_image_processor, load_model
+    from .loading import (
+        classifier_is_new,
+        for_task,
+        load_config,
+        load_image_processor,
+        load_model,
+        processor_image_size,
+    )
     from .surgery import check_merge, insert_patch_merger
-    from .train import check_teacher_logits, default_checkpoint_dir, finetune, label_map_for, task_for
+    from .train import (
+        LABELS_FIX,
+        check_runs_on_its_images,
+        check_teacher_logits,
+        default_checkpoint_dir,
+        finetune,
+        task_for,
+    )
 
     source = str(recipe["source"])  # as the user wrote it (a Hub id, a folder or retrofit:NAME): it goes in the card
     merge, data, evaluation, export = recipe["merge"], recipe["data"], recipe["evaluation"], recipe["export"]
     output = export["output"]
-    if not resume:
-        check_output(output, overwrite)
     if export["push_to_hub"]:  # before the baseline is measured: a run must not end in "not logged in"
         from .push import check_push
 
@@ -393,44 +421,46 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
     backbone = is_backbone(config)
     quality, reference = ("similarity", "teacher features") if backbone else ("accuracy", "labels")
     check_teacher_logits(source, saved, config, settings.get("loss", "kd"))
-    check_merge(config, merge["after_layer"], merge["tokens"], rope_positions=merge["rope_positions"])
+    processor = load_image_processor(source, config, log=log)
+    image_size = processor_image_size(processor)
+    check_merge(config, merge["after_layer"], merge["tokens"], image_size, rope_positions=merge["rope_positions"])
 
     # Baseline: accuracy on the evaluation split, cost and measured speed (source vs merged architecture).
     baseline = load_model(source, config=config).eval()
-    processor = load_image_processor(source, config, log=log)
+    check_runs_on_its_images(baseline, processor, source)
     baseline_name = f"baseline `{recipe['source']}`" + (
         " (its classifier is new: not scored)" if new_classifier else ""
     )
-    rows = [{"model": baseline_name, "gflops": model_cost(config).gflops}]
+    rows = [{"model": baseline_name, "gflops": model_cost(config, image_size).gflops}]
     # The untrained merged architecture: its cost here, its speed below (the fine-tuned model is built by `finetune`).
     merged_arch = insert_patch_merger(load_model(source, config=config), merge["after_layer"], merge["tokens"],
                                       rope_positions=merge["rope_positions"]).eval()  # fmt: skip
-    merged_cost = model_cost(merged_arch.config)
+    merged_cost = model_cost(merged_arch.config, image_size)
     if backbone:  # similarity to the teacher: the baseline itself unless the recipe names another one
         rows[0]["similarity"] = None if recipe["teacher"] else 1.0
     elif before and data["eval_split"]:
         eval_set = load_split(data["name"], data["eval_split"], image_column=data["image_column"],
                               label_column=data["label_column"], limit=data["eval_limit"])  # fmt: skip
-        from .data import class_names
+        from .data import dataset_label_map, model_labels
 
         eval_dl = make_dataloader(
             eval_set,
             processor,
             batch_size=min(evaluation["batch_size"], len(eval_set)),
             num_channels=getattr(config, "num_channels", None),
-            label_map=label_map_for(config, class_names(eval_set), None),
+            label_map=dataset_label_map(model_labels(config), eval_set, data["name"], fix=LABELS_FIX),
         )
         rows[0]["accuracy"] = accuracy(baseline, eval_dl)
         log(f"baseline accuracy: {100 * rows[0]['accuracy']:.2f} %")
     speeds, speed_note = {}, None
     if evaluation["speed"]:
-        size = merged_arch.config.image_size
-        shape = (evaluation["speed_batch_size"], getattr(config, "num_channels", 3), size, size)
+        height, width = image_size
+        shape = (evaluation["speed_batch_size"], getattr(config, "num_channels", 3), height, width)
         speeds = images_per_second({"baseline": baseline, "merged": merged_arch}, shape)
         rows[0]["images_per_s"] = speeds["baseline"]
         speed_note = (
-            f"images/s: {hardware_name('cpu')}, fp32, batch {shape[0]} at {size}×{size}, median of {SPEED_REPEATS} "
-            "passes, the two models alternated"
+            f"images/s: {hardware_name('cpu')}, fp32, batch {shape[0]} at {height}×{width}, median of "
+            f"{SPEED_REPEATS} passes, the two models alternated"
         )
     del merged_arch
     tag = f"merged K={merge['after_layer']} M={merge['tokens']}"
@@ -470,5 +500,8 @@ def _run_finetune(recipe: dict, *, overwrite: bool, resume: bool, log) -> dict:
     summary = {"recipe": recipe, "rows": table_rows(result), "steps": result.steps, "seconds": result.seconds}
     checkpoint_dir = Path(export["checkpoint_dir"] or default_checkpoint_dir(output))
     if checkpoint_dir.is_dir():
-        (checkpoint_dir / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        try:  # replaces the results.json of an earlier run, nothing else
+            write_report(checkpoint_dir / "results.json", summary, overwrite=True, kind="run")
+        except RetrofitError as exc:
+            log(f"warning: results.json not written: {exc}")
     return summary

@@ -10,6 +10,7 @@ from .errors import RetrofitError
 from .families import ROPE_POSITIONS, Family, Head
 from .hub_code import load_classes
 from .loading import family_and_head, is_merged, layer_config
+from .provenance import SourceRecord, source_record
 
 
 def check_merge(
@@ -57,15 +58,16 @@ def merged_config(
     after_layer: int,
     num_tokens: int,
     *,
-    source: str | None = None,
+    source: str | SourceRecord | None = None,
     rope_positions: str | None = None,
 ) -> PreTrainedConfig:
-    """The config of `model` with the merge settings added, as the generated config class."""
+    """The config of `model` with the merge settings added, as the generated config class. `source` (default: the
+    folder or Hub id `model` was loaded from) is recorded as `retrofit.provenance` says."""
     family, head, prefix = check_merge(model.config, after_layer, num_tokens, rope_positions=rope_positions)
     rope = {"merge_rope_positions": rope_positions or ROPE_POSITIONS[0]} if family.rope else {}
     classes = load_classes(family, head)
     values = model.config.to_dict()
-    for key in ("model_type", "transformers_version", "auto_map"):
+    for key in ("model_type", "transformers_version", "auto_map", "custom_pipelines"):
         values.pop(key, None)
     config = classes.config_class.from_dict(
         {
@@ -74,12 +76,18 @@ def merged_config(
             "merge_after_layer": after_layer,
             "merge_num_tokens": num_tokens,
             "merge_num_prefix_tokens": prefix,
-            "merge_source": source or getattr(model.config, "_name_or_path", None) or None,
+            **_record(model, source).config_fields(),
             **rope,
         }
     )
     config._attn_implementation = model.config._attn_implementation
     return config
+
+
+def _record(model: PreTrainedModel, source: str | SourceRecord | None) -> SourceRecord:
+    if isinstance(source, SourceRecord):
+        return source
+    return source_record(source or getattr(model.config, "_name_or_path", None) or None)
 
 
 def insert_patch_merger(
@@ -97,7 +105,8 @@ def insert_patch_merger(
     For families whose layers use RoPE (DINOv3), `rope_positions` says where the merged tokens are rotated: "mean"
     (the default: at the merge-weighted mean of their patches' positions, per image) or "none" (not rotated).
     """
-    config = merged_config(model, after_layer, num_tokens, source=source, rope_positions=rope_positions)  # validated
+    record = _record(model, source)
+    config = merged_config(model, after_layer, num_tokens, source=record, rope_positions=rope_positions)  # validated
     family, head = family_and_head(model.config)
     model_class = load_classes(family, head).model_class
     with torch.device("meta"):
@@ -124,4 +133,5 @@ def insert_patch_merger(
     # checkpoint's weight names, which older transformers releases can load.
     if hasattr(model, "_weight_conversions"):
         merged._weight_conversions = model._weight_conversions
+    merged.retrofit_source = record  # `export` notes where a local source lives, on this machine only
     return merged

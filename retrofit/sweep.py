@@ -293,9 +293,12 @@ def check_target_speedup(target: float | None) -> None:
         raise RetrofitError(f"--target-speedup must be a finite number above 1, e.g. 1.8 (got {target})")
 
 
-def check_settings(settings: SweepSettings, output: str | Path | None = None, overwrite: bool = False) -> None:
-    """Refuse bad `settings` (and a bad `output` folder) with one line naming the option, before any work."""
-    from .atomic import check_output
+def check_settings(
+    settings: SweepSettings, output: str | Path | None = None, overwrite: bool = False, *, source: str | None = None
+) -> None:
+    """Refuse bad `settings` (and a bad `output` folder for a sweep of `source`) with one line naming the option,
+    before any work."""
+    from .atomic import SWEEP, check_output
     from .benchmark import check_settings as check_bench_settings
 
     if settings.method not in METHODS:
@@ -307,7 +310,7 @@ def check_settings(settings: SweepSettings, output: str | Path | None = None, ov
     if output is not None:
         if not str(output).strip():
             raise RetrofitError("--output is empty; give a folder name, or leave it out for sweep-<source name>")
-        check_output(output, overwrite)
+        check_output(output, overwrite, kind=SWEEP, inputs=(source, settings.data))
 
 
 def sweep(
@@ -323,12 +326,12 @@ def sweep(
 
     from .benchmark import Variant, environment, place_model, run_benchmark
     from .cost import model_cost
-    from .data import load_split, make_dataloader
-    from .evaluation import _labels, dataset_label_map, feature_similarity, is_backbone, score_models
+    from .data import dataset_label_map, load_split, make_dataloader, model_labels
+    from .evaluation import feature_similarity, is_backbone, score_models
     from .loading import load_config, load_image_processor, load_model
     from .surgery import check_merge
 
-    check_settings(settings, output, overwrite)
+    check_settings(settings, output, overwrite, source=source)
     config = load_config(source)
     backbone = is_backbone(config)  # ranked by feature similarity to the source, not accuracy (no labels read)
     key = "similarity" if backbone else "top1"
@@ -349,7 +352,7 @@ def sweep(
     )
     label_map = None
     if not backbone:  # string labels mapped by class name, bad ones refused before any setting is built
-        label_map = dataset_label_map(_labels(config), dataset, settings.data)
+        label_map = dataset_label_map(model_labels(config), dataset, settings.data)
     source_model = load_model(source, config=config).eval()
     processor = load_image_processor(source, config, log=log)
     pixels = None
@@ -367,7 +370,7 @@ def sweep(
             label_map=label_map,
             num_channels=getattr(config, "num_channels", None),
         )
-        k_top = None if backbone else min(5, len(_labels(config)))
+        k_top = None if backbone else min(5, len(model_labels(config)))
         log(f"evaluating {len(merged) + 1} models on {len(dataset)} images of {settings.data} {settings.split} ...")
         models = [source_model] + [model for _, _, model in merged]
         scores = feature_similarity(models, loader) if backbone else score_models(models, loader, k=k_top)
@@ -430,7 +433,7 @@ def sweep(
     }
     report["table"] = markdown_table(report)
     if output is not None:
-        write_report(report, output, overwrite)
+        write_report(report, output, overwrite, source=source)
     return report
 
 
@@ -439,13 +442,13 @@ def _status(result: dict) -> str:
     return str(result.get("status") or "failed")
 
 
-def write_report(report: dict, output: str | Path, overwrite: bool = False) -> None:
+def write_report(report: dict, output: str | Path, overwrite: bool = False, *, source: str | None = None) -> None:
     """sweep.json, sweep.md and sweep.png into the folder `output`, all or nothing; a write error is one line."""
-    from .atomic import atomic_dir
+    from .atomic import SWEEP, atomic_dir
     from .errors import describe_os_error
 
     try:
-        with atomic_dir(output, overwrite) as tmp:
+        with atomic_dir(output, overwrite, kind=SWEEP, inputs=(source, report.get("data"))) as tmp:
             (tmp / "sweep.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
             (tmp / "sweep.md").write_text(_markdown_report(report))
             plot(report, tmp / "sweep.png")
@@ -565,12 +568,12 @@ def run_from_args(args) -> dict:
         dtype=args.dtype,
     )
     output = f"sweep-{Path(str(args.source).rstrip('/')).name}" if args.output is None else args.output
-    check_settings(settings, output, args.overwrite)
+    check_settings(settings, output, args.overwrite, source=args.source)
     # the folder is written after the table is printed, so that a full disk does not lose the results
     report = sweep(args.source, settings, log=print)
     print(report["table"])
     if report["verdict"]:
         print(report["verdict"])
-    write_report(report, output, args.overwrite)
+    write_report(report, output, args.overwrite, source=args.source)
     print(f"wrote {output}/sweep.md, sweep.json, sweep.png")
     return report

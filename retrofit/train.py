@@ -18,9 +18,11 @@ reaches the same weights as an uninterrupted run with the same seed.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -290,7 +292,7 @@ def compute_loss(student: Outputs, teacher: Outputs | None, labels, args: TrainA
 
 
 class Progress:
-    """The loop's position, saved with every checkpoint (registered with ``accelerator.register_for_checkpointing``)."""
+    """The loop's position, saved with every checkpoint as ``progress.json`` (text: loading it runs no code)."""
 
     def __init__(self) -> None:
         self.step = 0  # optimizer steps done
@@ -304,19 +306,47 @@ class Progress:
         self.step, self.epoch, self.batch = int(state["step"]), int(state["epoch"]), int(state["batch"])
 
 
+PROGRESS_FILE = "progress.json"
+# What an older retrofit stored the progress in: a pickle (Accelerate's custom state), which is never loaded.
+PICKLED_PROGRESS = "custom_checkpoint_0.pkl"
+CHECKPOINT_NAME = re.compile(r"step-(\d{8})")
+
+
 def default_checkpoint_dir(output: str | Path) -> Path:
     """``<output>-checkpoints`` next to the export (the export itself stays a clean Hub repository)."""
     output = Path(output)
     return output.parent / f"{output.name}-checkpoints"
 
 
+def is_checkpoint(folder: Path) -> bool:
+    """A complete checkpoint written by retrofit: a real ``step-NNNNNNNN`` folder holding Accelerate's state and
+    the progress (``progress.json``, or an older retrofit's pickle, which `--resume` refuses to load)."""
+    if folder.is_symlink() or not folder.is_dir() or not CHECKPOINT_NAME.fullmatch(folder.name):
+        return False
+    weights = (folder / "model.safetensors").is_file()
+    return (folder / PROGRESS_FILE).is_file() or weights and (folder / PICKLED_PROGRESS).is_file()
+
+
 def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (``step-NNNNNNNN``) oldest first; temporary folders of killed runs are ignored."""
+    """retrofit's complete checkpoints in `checkpoint_dir`, oldest first: temporary folders of killed runs and
+    anything retrofit did not write are left out (and never deleted)."""
     folder = Path(checkpoint_dir)
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
+    return sorted((p for p in folder.iterdir() if is_checkpoint(p)), key=lambda p: p.name)
+
+
+def remove_checkpoints(checkpoint_dir: Path) -> None:
+    """Start over (``--overwrite``): delete retrofit's checkpoints, its unfinished ``.step-N.tmp`` folders and its
+    ``run.json``, and nothing else: the folder may hold the user's own files."""
+    if not checkpoint_dir.is_dir():
+        return
+    for path in checkpoint_dir.iterdir():
+        unfinished = path.name.startswith(".step-") and path.name.endswith(".tmp") and not path.is_symlink()
+        if is_checkpoint(path) or unfinished and path.is_dir():
+            shutil.rmtree(path)
+    if (checkpoint_dir / "run.json").is_file():
+        (checkpoint_dir / "run.json").unlink()
 
 
 def _check_checkpoints(checkpoint_dir: Path | None, args: TrainArgs) -> list[Path]:
@@ -383,30 +413,73 @@ def check_same_run(checkpoint_dir: Path, settings: dict) -> None:
             )
 
 
-def save_checkpoint(accelerator, checkpoint_dir: Path, step: int, keep: int, settings: dict) -> Path:
-    """`accelerator.save_state` into a temporary folder, renamed into place, keeping the newest `keep`. The first
-    checkpoint in the folder also writes `run.json` (`settings`, replacing one left by a run that stopped before its
-    first checkpoint): a run that stops before it leaves no folder behind."""
-    from .atomic import write_text
+def save_checkpoint(accelerator, checkpoint_dir: Path, progress: Progress, keep: int, settings: dict) -> Path:
+    """`accelerator.save_state` and `progress` (``progress.json``) into a temporary folder, renamed into place,
+    keeping the newest `keep` checkpoints. The first checkpoint in the folder also writes `run.json` (`settings`,
+    replacing one left by a run that stopped before its first checkpoint): a run that stops before it leaves no
+    folder behind. A write that fails (a full disk, a file-size limit) is one line and leaves no temporary folder."""
+    from safetensors import SafetensorError
 
-    final = checkpoint_dir / f"step-{step:08d}"
-    tmp = checkpoint_dir / f".step-{step:08d}.tmp"
-    if accelerator.is_main_process:
-        if not list_checkpoints(checkpoint_dir):
-            write_text(checkpoint_dir / "run.json", json.dumps(settings, indent=2) + "\n")
+    from .atomic import write_text
+    from .errors import describe_os_error
+
+    final = checkpoint_dir / f"step-{progress.step:08d}"
+    tmp = checkpoint_dir / f".step-{progress.step:08d}.tmp"
+    if final.exists() and not is_checkpoint(final):
+        raise RetrofitError(f"'{final}' exists and is not a retrofit checkpoint; move it out of --checkpoint-dir")
+    try:
+        if accelerator.is_main_process:
+            if not list_checkpoints(checkpoint_dir):
+                write_text(checkpoint_dir / "run.json", json.dumps(settings, indent=2) + "\n")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / PROGRESS_FILE).write_text(json.dumps(progress.state_dict()) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in list_checkpoints(checkpoint_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    except (OSError, RuntimeError, SafetensorError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(checkpoint_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        why = describe_os_error(exc) if isinstance(exc, OSError) else f"{brief(exc, 120)}; check the free space"
+        raise RetrofitError(f"cannot write checkpoint '{final}': {why}") from None
     accelerator.wait_for_everyone()
     return final
+
+
+def load_checkpoint(accelerator, checkpoint: Path, progress: Progress, older: list[Path]) -> None:
+    """Restore a checkpoint written by `save_checkpoint`: the model, optimizer, scheduler and random states through
+    Accelerate with ``weights_only=True`` (no pickle runs code), the progress from ``progress.json``. A checkpoint
+    that does not fit or is damaged is one line."""
+    from accelerate.utils import load as load_tensors
+
+    fallback = f"delete it to resume from {older[-1].name}, " if older else "delete it "
+    if not (checkpoint / PROGRESS_FILE).is_file():
+        raise RetrofitError(
+            f"checkpoint '{checkpoint}' was written by an older retrofit, which kept its progress as a pickle that "
+            "retrofit no longer loads (it could run code); pass --overwrite to start over"
+        )
+    try:
+        progress.load_state_dict(json.loads((checkpoint / PROGRESS_FILE).read_text()))
+        # Accelerate ignores random states it cannot load: check them here, so a resumed run is the same run.
+        load_tensors(checkpoint / f"random_states_{accelerator.process_index}.pkl")
+        accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
+    except Exception as exc:
+        if isinstance(exc, RuntimeError) and "state_dict" in str(exc):  # other merge settings (before run.json)
+            raise RetrofitError(
+                f"checkpoint '{checkpoint}' does not fit this run ({brief(exc, 200)}); resume with the settings of "
+                "the run that wrote it, or pass --overwrite to start over"
+            ) from None
+        # a file missing or damaged since it was written (checkpoints are written whole), or one that is not what
+        # retrofit wrote (a pickle that is not plain tensors is refused by weights_only)
+        raise RetrofitError(
+            f"checkpoint '{checkpoint}' is damaged ({type(exc).__name__}: {brief(exc, 120)}); {fallback}or pass "
+            "--overwrite to start over"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -414,27 +487,8 @@ def save_checkpoint(accelerator, checkpoint_dir: Path, step: int, keep: int, set
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _generic_labels(id2label: dict) -> bool:
-    return all(str(name) == f"LABEL_{index}" for index, name in id2label.items())
-
-
-def label_map_for(model_config, names: list[str] | None, num_labels: int | None) -> dict[int, int] | None:
-    """Map dataset label ids to the model's; a mismatch is a `RetrofitError` unless `num_labels` re-initialises."""
-    if names is None or num_labels is not None:
-        return None
-    id2label = {int(k): str(v) for k, v in (model_config.id2label or {}).items()}
-    if _generic_labels(id2label) and len(id2label) == len(names):
-        return None
-    label2id = {name: index for index, name in id2label.items()}
-    if set(names) != set(label2id):
-        extra = sorted(set(names) - set(label2id))[:5]
-        raise RetrofitError(
-            f"the data's {len(names)} classes do not match the model head's {len(id2label)} labels "
-            f"(e.g. {extra or sorted(set(label2id) - set(names))[:5]}); pass --num-labels {len(names)} to "
-            "re-initialise the head, or --loss kd to distil without labels"
-        )
-    mapping = {index: label2id[name] for index, name in enumerate(names)}
-    return None if all(k == v for k, v in mapping.items()) else mapping
+# How a fine-tune ends the one line about data whose classes the model's head does not have.
+LABELS_FIX = "pass --num-labels {classes} to re-initialise the head, or --loss kd to distil without labels"
 
 
 def reinit_head(model, names: list[str] | None, num_labels: int) -> None:
@@ -580,7 +634,7 @@ def train_loop(
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    from .data import check_labels, class_names, load_split, make_dataloader
+    from .data import class_names, dataset_label_map, load_split, make_dataloader, model_labels
     from .loading import family_and_head
 
     started = time.perf_counter()
@@ -611,10 +665,15 @@ def train_loop(
         if args.loss != "ce":
             raise RetrofitError("--num-labels re-initialises the head, so the teacher cannot guide it; use --loss ce")
         reinit_head(model, names, args.num_labels)
-    label_map = label_map_for(model.config, names, args.num_labels)
+    label_map = None
     if label_column and classifier:  # one line now, not a missing label or an IndexError at some step mid-run
-        check_labels(train_set, model.config.num_labels, data=args.data, label_map=label_map,
-                     hint="fix the labels of the split, or use --loss kd, which needs none")  # fmt: skip
+        label_map = dataset_label_map(
+            model_labels(model.config),
+            train_set,
+            args.data,
+            hint="fix the labels of the split, or use --loss kd, which needs none",
+            fix=LABELS_FIX,
+        )
     num_channels = getattr(model.config, "num_channels", None)
     train_dl = make_dataloader(
         train_set,
@@ -639,7 +698,7 @@ def train_loop(
         eval_map = None
         if args.num_labels is None and args.label_column:
             try:
-                eval_map = label_map_for(model.config, class_names(eval_set), None)
+                eval_map = dataset_label_map(model_labels(model.config), eval_set, args.data, fix=LABELS_FIX)
             except RetrofitError:
                 if args.loss != "kd":
                     raise
@@ -665,7 +724,7 @@ def train_loop(
     # --- accelerator, optimizer, schedule ---
     accelerator = _make_accelerator(args, checkpoint_dir)
     if checkpoint_dir and accelerator.is_main_process and existing and not args.resume:  # --overwrite: start over
-        shutil.rmtree(checkpoint_dir)
+        remove_checkpoints(checkpoint_dir)
     trainable, total = set_trainable(model, args.train)
     features = args.loss != "ce" and args.feature_weight > 0
     read = HeadReader(model, features=features)  # before `prepare`: hooks go on the model itself
@@ -687,23 +746,9 @@ def train_loop(
     )
     scheduler = accelerator.prepare(scheduler)
     progress = Progress()
-    accelerator.register_for_checkpointing(progress)
     if args.resume and existing:
         *older, latest = list_checkpoints(checkpoint_dir)
-        try:
-            accelerator.load_state(str(latest))
-        except Exception as exc:
-            if isinstance(exc, RuntimeError) and "state_dict" in str(exc):  # other merge settings (before run.json)
-                raise RetrofitError(
-                    f"checkpoint '{latest}' does not fit this run ({brief(exc, 200)}); resume with the settings of "
-                    "the run that wrote it, or pass --overwrite to start over"
-                ) from exc
-            # a file missing or damaged since it was written (checkpoints are written whole)
-            fallback = f"delete it to resume from {older[-1].name}, " if older else "delete it "
-            raise RetrofitError(
-                f"checkpoint '{latest}' is damaged ({type(exc).__name__}: {brief(exc, 120)}); {fallback}or pass "
-                "--overwrite to start over"
-            ) from exc
+        load_checkpoint(accelerator, latest, progress, older)
         log(f"resumed from {latest} (step {progress.step}, epoch {progress.epoch}, batch {progress.batch})")
     if accelerator.trackers == [] and args.report_to not in (None, "none"):
         accelerator.init_trackers("retrofit", config={k: v for k, v in asdict(args).items() if v is not None})
@@ -744,63 +789,64 @@ def train_loop(
     stop_at = min(total_steps, args.stop_after or total_steps)
     last_saved = progress.step if args.resume and existing else -1
     epoch = progress.epoch
-    while progress.step < stop_at:
-        train_dl.set_epoch(epoch)
-        train_dl.dataset.set_epoch(epoch)
-        skip = progress.batch if epoch == progress.epoch else 0
-        batches = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
-        progress.epoch, progress.batch = epoch, skip
-        for batch in batches:
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    student = read(model, batch["pixel_values"])
-                    expected = None
-                    if args.loss != "ce":
-                        with torch.no_grad():
-                            expected = read_teacher(teacher, batch["pixel_values"])
-                loss = compute_loss(student, expected, batch.get("labels"), args)
-                bad = accelerator.reduce(torch.tensor(float(not torch.isfinite(loss)), device=loss.device), "sum")
-                if bad.item() > 0:
-                    bar.close()  # the error line goes below the progress bar, not into it
-                    good = list_checkpoints(checkpoint_dir) if checkpoint_dir else []
-                    again = f"--resume from the last good checkpoint, {good[-1]}" if good else "start again"
-                    raise RetrofitError(
-                        f"the loss became {loss.item()} at step {progress.step + 1}; stopped. Lower --lr or use "
-                        f"--mixed-precision no or bf16, then {again}"
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            progress.batch += 1
-            if not accelerator.sync_gradients:
+    try:  # the progress bar ends before any error line is printed
+        while progress.step < stop_at:
+            train_dl.set_epoch(epoch)
+            train_dl.dataset.set_epoch(epoch)
+            skip = progress.batch if epoch == progress.epoch else 0
+            batches = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+            progress.epoch, progress.batch = epoch, skip
+            for batch in batches:
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        student = read(model, batch["pixel_values"])
+                        expected = None
+                        if args.loss != "ce":
+                            with torch.no_grad():
+                                expected = read_teacher(teacher, batch["pixel_values"])
+                    loss = compute_loss(student, expected, batch.get("labels"), args)
+                    bad = accelerator.reduce(torch.tensor(float(not torch.isfinite(loss)), device=loss.device), "sum")
+                    if bad.item() > 0:
+                        good = list_checkpoints(checkpoint_dir) if checkpoint_dir else []
+                        again = f"--resume from the last good checkpoint, {good[-1]}" if good else "start again"
+                        raise RetrofitError(
+                            f"the loss became {loss.item()} at step {progress.step + 1}; stopped. Lower --lr or use "
+                            f"--mixed-precision no or bf16, then {again}"
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                progress.batch += 1
+                if not accelerator.sync_gradients:
+                    continue
+                progress.step += 1
+                result.last_loss = loss.item()
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.last_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                accelerator.log({"train/loss": result.last_loss, "train/lr": scheduler.get_last_lr()[0]}, progress.step)
+                if checkpoint_dir and progress.step % args.save_every == 0:
+                    save_checkpoint(accelerator, checkpoint_dir, progress, args.keep_checkpoints, settings)
+                    last_saved = progress.step
+                if args.eval_every and progress.step % args.eval_every == 0:
+                    run_eval()
+                if progress.step >= stop_at:
+                    break
+            else:  # the epoch ran to its end
+                epoch += 1
+                progress.epoch, progress.batch = epoch, 0
+                if not args.eval_every and progress.step < stop_at:
+                    run_eval()
                 continue
-            progress.step += 1
-            result.last_loss = loss.item()
-            bar.update(1)
-            bar.set_postfix(loss=f"{result.last_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            accelerator.log({"train/loss": result.last_loss, "train/lr": scheduler.get_last_lr()[0]}, progress.step)
-            if checkpoint_dir and progress.step % args.save_every == 0:
-                save_checkpoint(accelerator, checkpoint_dir, progress.step, args.keep_checkpoints, settings)
-                last_saved = progress.step
-            if args.eval_every and progress.step % args.eval_every == 0:
-                run_eval()
-            if progress.step >= stop_at:
-                break
-        else:  # the epoch ran to its end
-            epoch += 1
-            progress.epoch, progress.batch = epoch, 0
-            if not args.eval_every and progress.step < stop_at:
-                run_eval()
-            continue
-    bar.close()
+    finally:
+        bar.close()
     for reader in (read, read_teacher):
         if reader is not None:
             reader.close()
     if checkpoint_dir and last_saved != progress.step:
-        save_checkpoint(accelerator, checkpoint_dir, progress.step, args.keep_checkpoints, settings)
+        save_checkpoint(accelerator, checkpoint_dir, progress, args.keep_checkpoints, settings)
     if progress.step >= total_steps and (not result.eval_history or result.eval_history[-1]["step"] != progress.step):
         run_eval()
     result.steps = progress.step
@@ -825,26 +871,30 @@ def train_loop(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def describe_loss(args: TrainArgs) -> str:
-    """The loss in words, for the model card."""
+def describe_loss(args: TrainArgs, teacher: str | None = None) -> str:
+    """The loss in words, for the model card; `teacher`: a --teacher other than the unmerged source model."""
+    from .provenance import public_name
+
     if args.loss == "ce":
         return "ce (cross-entropy on labels)"
     features = f", feature weight {args.feature_weight:g}" if args.feature_weight else ""
-    kd = f"kd from the unmerged model (T = {args.temperature:g}{features})"
+    source = f"`{public_name(teacher)}`" if teacher else "the unmerged model"
+    kd = f"kd from {source} (T = {args.temperature:g}{features})"
     return kd if args.loss == "kd" else f"mix ({args.alpha:g} × ce + {1 - args.alpha:g} × {kd})"
 
 
-def _training_info(args: TrainArgs, result: TrainResult, init: str):
+def _training_info(args: TrainArgs, result: TrainResult, init: str, teacher: str | None = None):
     from .card import TrainingInfo
+    from .provenance import public_name
 
     notes = [f"trained: {args.train}; lr {args.lr}, batch {args.batch_size}x{args.grad_accum}, seed {args.seed}"]
     if result.final_accuracy is not None:
-        notes.append(f"accuracy on `{args.data}` {args.eval_split}: {result.final_accuracy:.4f}")
+        notes.append(f"accuracy on `{public_name(args.data)}` {args.eval_split}: {result.final_accuracy:.4f}")
     return TrainingInfo(
         data=args.data,
         steps=result.steps,
         epochs=round(result.epochs, 3),
-        loss=describe_loss(args),
+        loss=describe_loss(args, teacher),
         init=init,
         notes=notes,
     )
@@ -876,28 +926,48 @@ def check_teacher_logits(source: str | Path, saved, config, loss: str) -> None:
         )
 
 
+def blank_outputs(model, image_size: tuple[int, int]) -> torch.Tensor:
+    """What `model`'s head gives for one blank image of `image_size` (logits, or a backbone's features): a cheap
+    check that the model runs on the images it will be given."""
+    config = model.config
+    vision = getattr(config, "vision_config", None)
+    channels = getattr(config, "num_channels", None) or getattr(vision, "num_channels", 3)
+    pixels = torch.zeros(1, channels, *image_size, dtype=model.dtype)
+    with torch.no_grad():
+        read = HeadReader(model, features=False)(model, pixels)
+    return read.logits if read.logits is not None else read.features
+
+
+def check_runs_on_its_images(model, processor, source) -> tuple[int, int]:
+    """Refuse, before any work, a checkpoint that cannot run on the images its own image processor gives (another
+    size than its config's, say). Returns that size."""
+    from .loading import processor_image_size
+
+    height, width = processor_image_size(processor)
+    try:
+        blank_outputs(model, (height, width))
+    except Exception as exc:  # noqa: BLE001 - any failure here would end the run at its first step
+        raise RetrofitError(
+            f"'{source}' cannot run on the {height}×{width} images its image processor gives ({brief(exc, 120)}); "
+            "fix its preprocessor_config.json or config.json so that they agree"
+        ) from None
+    return height, width
+
+
 def check_teacher_fits(teacher, student, processor, teacher_source) -> None:
     """Refuse, before training, a teacher that cannot read the student's images or gives other outputs (another
     image size, another number of labels): one forward pass of a blank image through both."""
     from .loading import processor_image_size
 
     height, width = processor_image_size(processor)
-    channels = getattr(student.config, "num_channels", None) or getattr(
-        getattr(student.config, "vision_config", None), "num_channels", 3
-    )
-    pixels = torch.zeros(1, channels, height, width, dtype=student.dtype)
-    outputs = {}
-    for name, model in (("teacher", teacher), ("student", student)):
-        try:
-            with torch.no_grad():
-                read = HeadReader(model, features=False)(model, pixels.to(model.dtype))
-                outputs[name] = read.logits if read.logits is not None else read.features
-        except Exception as exc:  # noqa: BLE001 - any failure here would end the run at its first step
-            raise RetrofitError(
-                f"the teacher '{teacher_source}' cannot run on the {height}×{width} images the model is trained on "
-                f"({brief(exc, 120)}); pass a --teacher made for them"
-            ) from None
-    shapes = {name: tuple(output.shape) for name, output in outputs.items()}
+    try:
+        expected = blank_outputs(teacher, (height, width))
+    except Exception as exc:  # noqa: BLE001 - any failure here would end the run at its first step
+        raise RetrofitError(
+            f"the teacher '{teacher_source}' cannot run on the {height}×{width} images the model is trained on "
+            f"({brief(exc, 120)}); pass a --teacher made for them"
+        ) from None
+    shapes = {"teacher": tuple(expected.shape), "student": tuple(blank_outputs(student, (height, width)).shape)}
     if shapes["teacher"] != shapes["student"]:
         raise RetrofitError(
             f"the teacher '{teacher_source}' gives outputs of shape {shapes['teacher']}, the model {shapes['student']} "
@@ -935,7 +1005,7 @@ def finetune(
     existing repo; the login is checked before training starts)."""
     from accelerate.utils import set_seed
 
-    from .atomic import check_output
+    from .atomic import check_checkpoint_dir, check_output
     from .loading import (
         family_and_head,
         for_task,
@@ -944,11 +1014,14 @@ def finetune(
         load_image_processor,
         load_model,
         processor_image_size,
+        resolve_source,
     )
+    from .provenance import find_teacher, public_name
     from .surgery import check_merge, insert_patch_merger
 
     args = TrainArgs(**settings)
     args.check()
+    resolve_source(source)  # a bad retrofit:NAME is refused first
     if calibrate:
         check_at_least_one("--calibrate-images", calibrate_images)
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else default_checkpoint_dir(output)
@@ -957,8 +1030,9 @@ def finetune(
             f"--checkpoint-dir '{checkpoint_dir}' is inside --output '{output}', which the export replaces; put the "
             "checkpoints elsewhere (the default is <output>-checkpoints)"
         )
+    check_checkpoint_dir(checkpoint_dir)
     resuming = args.resume and bool(list_checkpoints(checkpoint_dir))  # then the run being resumed owns `output`
-    check_output(output, args.overwrite or resuming, keep=(source, teacher or source))
+    check_output(output, args.overwrite or resuming, inputs=(source, teacher, args.data))
     if push_to_hub:
         from .push import check_push
 
@@ -984,18 +1058,22 @@ def finetune(
                 "--rope-positions to continue training it, or fine-tune its source"
             )
         model = load_model(source, config=config, revision=revision)
-        teacher_source = teacher or config.merge_source
-        source_config = None
-        if teacher_source and args.loss != "ce":
+        teacher_source, teacher_revision, teacher_config = teacher, None, None
+        if args.loss != "ce":
+            if teacher is None:  # the model the export was made from, found and checked (`retrofit.provenance`)
+                teacher_source, teacher_revision = find_teacher(str(source), config)
             try:
-                source_config = load_config(teacher_source, task=task)
+                teacher_config = load_config(
+                    teacher_source, trust_remote_code=trust_remote_code, revision=teacher_revision, task=task
+                )
             except RetrofitError as exc:
                 if teacher:
                     raise
                 raise RetrofitError(
-                    f"the teacher of --loss {args.loss} is '{source}''s source, '{teacher_source}' (its merge_source), "
-                    f"which cannot be loaded ({exc}); pass --teacher, or use --loss ce"
+                    f"the teacher of --loss {args.loss} is '{source}''s source, '{config.merge_source}', which cannot "
+                    f"be loaded ({exc}); pass --teacher, or use --loss ce"
                 ) from None
+        source_config = teacher_config if teacher is None else None  # the card's cost table compares with it
     else:
         if after_layer is None or num_tokens is None:
             raise RetrofitError("--after-layer and --tokens are required when SOURCE is not a retrofit export")
@@ -1004,19 +1082,24 @@ def finetune(
         model = insert_patch_merger(
             base.eval(), after_layer, num_tokens, source=str(source), rope_positions=rope_positions
         )
-        teacher_source, source_config = teacher or source, config
+        teacher_source, teacher_revision, source_config = teacher or source, revision, config
+        teacher_config = None
+        if args.loss != "ce":
+            teacher_config = copy.deepcopy(config) if teacher is None else load_config(
+                teacher, trust_remote_code=trust_remote_code, task=task
+            )  # fmt: skip
         init = "random"
+    check_runs_on_its_images(model, processor, source)
     teacher_model = None
     if args.loss != "ce":
-        if not teacher_source:
-            raise RetrofitError(f"'{source}' does not name its source model; pass --teacher for --loss {args.loss}")
         # A separate copy: the student shares its tensors with a freshly loaded source, so load the teacher again.
-        teacher_config = load_config(teacher_source, trust_remote_code=trust_remote_code, task=task)
-        teacher_model = load_model(teacher_source, config=teacher_config, trust_remote_code=trust_remote_code).eval()
+        teacher_model = load_model(teacher_source, config=teacher_config, trust_remote_code=trust_remote_code,
+                                   revision=teacher_revision).eval()  # fmt: skip
         check_teacher_fits(teacher_model, model, processor, teacher_source)
     if calibrate and init == "random":
         if args.resume and list_checkpoints(checkpoint_dir):  # the checkpoint holds the calibrated merger
-            init = f"calibrated (k-means of the layer-{after_layer} tokens of `{args.data}`; the run was resumed)"
+            data = public_name(args.data)
+            init = f"calibrated (k-means of the layer-{after_layer} tokens of `{data}`; the run was resumed)"
         else:
             from .calibrate import calibrate_from_data
 
@@ -1046,10 +1129,11 @@ def finetune(
             trained,
             source_config=source_config,
             image_size=processor_image_size(processor),
-            training=_training_info(args, result, init),
+            training=_training_info(args, result, init, teacher),
             results_table=card_results(result) if card_results else None,
         )
-        export(trained, output, image_processor=processor, card=card, overwrite=True, source_config=source_config)
+        export(trained, output, image_processor=processor, card=card, overwrite=args.overwrite or resuming,
+               source_config=source_config)  # fmt: skip
         log(f"wrote {output} (checkpoints in {checkpoint_dir})")
         return Path(output)
 
@@ -1082,8 +1166,9 @@ def pretrain(
     transformers checkpoint (config, weights, image processor) to `output`. Labels come from the data."""
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-    from .atomic import atomic_dir, check_output
+    from .atomic import BASELINE, atomic_dir, check_checkpoint_dir, check_output
     from .data import class_names, load_split
+    from .loading import check_config, processor_image_size
 
     args = TrainArgs(**{"loss": "ce", "lr": 1e-3, **settings})
     args.check()
@@ -1098,8 +1183,10 @@ def pretrain(
     _check_keys(
         image_processor or {}, ViTImageProcessor().to_dict(), "pretrain.image_processor", "ViTImageProcessor field"
     )
-    if not args.resume:
-        check_output(output, args.overwrite)
+    checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else default_checkpoint_dir(output)
+    check_checkpoint_dir(checkpoint_dir)
+    resuming = args.resume and bool(list_checkpoints(checkpoint_dir))  # then the run being resumed owns `output`
+    check_output(output, args.overwrite or resuming, kind=BASELINE, inputs=(args.data,))
     names = class_names(load_split(args.data, args.split, label_column=args.label_column, limit=1))
     if not names:
         raise RetrofitError(f"'{args.data}' has no class names (ClassLabel); pretraining needs them")
@@ -1110,19 +1197,29 @@ def pretrain(
             id2label=dict(enumerate(names)),
             label2id={n: i for i, n in enumerate(names)},
         )
-    except TypeError as exc:
-        raise RetrofitError(f"bad model config for pretraining: {exc}") from None
-    channels = config.num_channels
-    size = config.image_size
-    processor_kwargs = {"image_mean": [0.5] * channels, "image_std": [0.5] * channels, **(image_processor or {})}
-    processor = ViTImageProcessor(size={"height": size, "width": size}, **processor_kwargs)
+        check_config(config, "pretrain.model")
+        size = config.image_size
+        processor = ViTImageProcessor(**{
+            "size": {"height": size, "width": size},
+            "image_mean": [0.5] * config.num_channels,
+            "image_std": [0.5] * config.num_channels,
+            **(image_processor or {}),
+        })  # fmt: skip
+    except RetrofitError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - TypeError, ValueError, huggingface_hub's StrictDataclassError
+        raise RetrofitError(f"bad pretrain.model or pretrain.image_processor: {brief(exc)}") from None
+    if processor_image_size(processor) != (size, size):
+        raise RetrofitError(
+            f"pretrain.image_processor gives {'×'.join(map(str, processor_image_size(processor)))} images, but "
+            f"pretrain.model.image_size is {size}; give both the same size"
+        )
     torch.manual_seed(args.seed)
     model = ViTForImageClassification(config)
-    checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else default_checkpoint_dir(output)
     _check_checkpoints(checkpoint_dir, args)
 
     def on_end(accelerator, trained, result: TrainResult) -> Path:
-        with atomic_dir(output, overwrite=True) as tmp:
+        with atomic_dir(output, args.overwrite or resuming, kind=BASELINE, inputs=(args.data,)) as tmp:
             trained.float().save_pretrained(tmp)
             processor.save_pretrained(tmp)
             info = {

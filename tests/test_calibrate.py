@@ -63,7 +63,8 @@ def test_calibrate_from_an_imagefolder_and_convert_cli(tiny_vit, tmp_path, capsy
     assert main([*argv, "--calibrate-on", str(data)]) == 0
     assert "calibrated the merger on 12 images" in capsys.readouterr().out
     card = (out / "README.md").read_text()
-    assert f"- merger initialisation: calibrated: k-means of the layer-2 tokens of 12 images of `{data}`" in card
+    # a local data folder by its name: nothing pushed holds a local path
+    assert "- merger initialisation: calibrated: k-means of the layer-2 tokens of 12 images of `colours`" in card
     assert "(train split)" in card and "top-1 agreement with the source" in card
     assert main([*argv, "--overwrite", "--calibrate-on", str(tmp_path / "missing")]) == 2
     assert (out / "model.safetensors").exists()  # the earlier export is untouched by the failed run

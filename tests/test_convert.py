@@ -234,9 +234,15 @@ def test_output_exists_refused_unless_overwrite(capsys, tmp_path, tiny_vit):
     code, err = run_cli(capsys, "convert", tiny_vit, "--after-layer", 1, "--tokens", 2, "--output", out)
     assert code == 2 and "already exists" in err and "--overwrite" in err
     assert (out / "keep.txt").read_text() == "user data"
-    code, _ = run_cli(capsys, "convert", tiny_vit, "--after-layer", 1, "--tokens", 2, "--output", out, "--overwrite")
-    assert code == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    # --overwrite replaces only what retrofit wrote: not this folder (tests/test_safety.py), but an export
+    code, err = run_cli(capsys, "convert", tiny_vit, "--after-layer", 1, "--tokens", 2, "--output", out, "--overwrite")
+    assert code == 2 and "is not a retrofit export" in err and (out / "keep.txt").read_text() == "user data"
+    (out / "keep.txt").unlink()
+    for _ in range(2):  # the empty folder, then its own export
+        code, _ = run_cli(
+            capsys, "convert", tiny_vit, "--after-layer", 1, "--tokens", 2, "--output", out, "--overwrite"
+        )
+        assert code == 0 and (out / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 

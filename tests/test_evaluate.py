@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,7 +91,7 @@ def test_numbers_match_hand_computation(trained_vit, export_dir, images, tmp_pat
         assert row["top1"] == pytest.approx(expected["top1"])
         assert row["top5"] == pytest.approx(expected["top2"])
         assert row["loss"] == pytest.approx(expected["loss"], rel=1e-5)
-    assert report["models"][1]["merged"] and report["models"][1]["source"] == str(trained_vit)
+    assert report["models"][1]["merged"] and report["models"][1]["source"] == Path(trained_vit).name
     assert report["models"][1]["gflops"] < report["models"][0]["gflops"]
     printed = capsys.readouterr().out
     assert f"`{trained_vit}`" in printed and "top-2" in printed
@@ -302,15 +303,18 @@ def test_json_is_written_whole_or_not_at_all(tiny_vit, images, tmp_path, capsys,
     import retrofit.atomic
 
     target = tmp_path / "eval.json"
-    target.write_text('{"old": true}\n')
+    target.write_text('{"retrofit_report": "evaluate"}\n')  # an earlier run's report, which --overwrite replaces
 
     def disk_full(*args):
         raise OSError(errno.ENOSPC, "No space left on device", str(target))
 
     monkeypatch.setattr(retrofit.atomic.os, "replace", disk_full)
-    assert main(["evaluate", str(tiny_vit), "--data", str(images), "--split", "test", "--json", str(target)]) == 2
+    argv = ["evaluate", str(tiny_vit), "--data", str(images), "--split", "test", "--json", str(target), "--overwrite"]
+    assert main(argv) == 2
     assert "No space left" in capsys.readouterr().err
-    assert target.read_text() == '{"old": true}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]
+    assert target.read_text() == '{"retrofit_report": "evaluate"}\n' and sorted(p.name for p in tmp_path.iterdir()) == [
+        "eval.json"
+    ]
 
 
 @pytest.mark.parametrize(

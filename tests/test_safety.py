@@ -1,0 +1,562 @@
+"""Nothing lost, nothing run: regression tests for the holes an adversarial run found (issue 20).
+
+Each test names the promise it keeps. `--overwrite` replaces only what retrofit wrote (`retrofit.atomic`), a resumed
+run loads no pickle, an export names no code outside itself and no local path, races, full disks and uploads lose
+nothing, and bad input is one line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, save_tiny
+from test_data import make_imagefolder
+
+import retrofit.atomic
+import retrofit.loading
+import retrofit.provenance
+from retrofit import convert
+from retrofit.cli import main
+from retrofit.errors import RetrofitError
+from retrofit.train import finetune, list_checkpoints
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = dict(batch_size=8, save_every=2, progress=False, eval_batch_size=12)
+MERGE = ["--after-layer", "2", "--tokens", "4"]
+# A recipe's tiny ViT to pretrain (for the output checks: they refuse before it is built)
+PRETRAIN = {**{k: TINY[k] for k in ("image_size", "patch_size", "num_attention_heads")}, "hidden_size": 16,
+            "num_hidden_layers": 2, "intermediate_size": 32}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def export_dir(tiny_vit, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("safety-export") / "vit-pm"
+    convert(tiny_vit, after_layer=2, num_tokens=4, output=out, log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory) -> str:
+    return str(make_imagefolder(tmp_path_factory.mktemp("safety-data") / "colours", per_class=8, test_per_class=4))
+
+
+def refused(capsys, *argv) -> str:
+    """Run the CLI; assert it refused with one line and exit code 2; return that line."""
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("retrofit: error: ") and "Traceback" not in err, err
+    return err
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its content."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+class Pwned:
+    """A pickle that runs a command when loaded (here: writes a file)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. --overwrite replaces only what retrofit wrote
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_overwrite_of_a_checkpoint_dir_keeps_the_users_files(tiny_vit, colours, tmp_path):
+    """`finetune --checkpoint-dir work --overwrite` deletes retrofit's step-* folders there, nothing else."""
+    work = tmp_path / "work"
+    shutil.copytree(tiny_vit, work / "my-source")
+    (work / "notes.txt").write_text("mine")
+    (work / "step-notes").mkdir()  # named like a checkpoint, but not one
+    mine = tree(work)
+    settings = dict(after_layer=2, num_tokens=4, data=colours, loss="ce", max_steps=4, checkpoint_dir=work, **FAST)
+    finetune(work / "my-source", output=tmp_path / "a", **settings)
+    assert [p.name for p in list_checkpoints(work)] == ["step-00000002", "step-00000004"]
+    finetune(work / "my-source", output=tmp_path / "a", overwrite=True, **{**settings, "max_steps": 2})
+    assert [p.name for p in list_checkpoints(work)] == ["step-00000002"]
+    kept = tree(work)
+    assert all(kept[name] == content for name, content in mine.items())  # the user's files are all there
+    assert (work / "step-notes").is_dir()
+
+
+def test_overwrite_replaces_an_export_but_no_other_folder(tiny_vit, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    err = refused(capsys, "convert", tiny_vit, *MERGE, "--output", out, "--overwrite")
+    assert f"output '{out}' exists and is not a retrofit export, so --overwrite does not replace it" in err
+    assert (out / "keep.txt").read_text() == "user data"
+    (out / "keep.txt").unlink()  # an empty folder loses nothing: replaced
+    assert main(["convert", str(tiny_vit), *MERGE, "--output", str(out), "--overwrite"]) == 0
+    assert main(["convert", str(tiny_vit), *MERGE, "--output", str(out), "--overwrite"]) == 0  # its own export
+    (out / "notes.md").write_text("mine")  # an export the user added a file to
+    err = refused(capsys, "convert", tiny_vit, *MERGE, "--output", out, "--overwrite")
+    assert "is a retrofit export but also holds files retrofit did not write (notes.md)" in err
+    assert (out / "notes.md").read_text() == "mine"
+
+
+def test_sweep_overwrite_refuses_a_folder_it_did_not_write_or_its_source(tiny_vit, colours, tmp_path, capsys):
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("mine")
+    sweep = ["sweep", tiny_vit, "--after-layer", "2", "--tokens", "4", "--data", colours, "--overwrite"]
+    assert "exists and is not a sweep report" in refused(capsys, *sweep, "--output", folder)
+    assert "which this run reads" in refused(capsys, *sweep, "--output", tiny_vit)
+    assert "which this run reads" in refused(capsys, *sweep, "--output", Path(colours).parent)
+    assert (folder / "mine.txt").read_text() == "mine" and (Path(tiny_vit) / "config.json").is_file()
+
+
+def test_run_never_replaces_its_data_or_an_output_it_did_not_make(colours, tmp_path, capsys):
+    """`run --resume` with no checkpoint yet is a new run: an existing output is refused as without --resume; an
+    output that is the data folder is refused even with --overwrite."""
+    import yaml
+
+    recipe = tmp_path / "pretrain.yaml"
+    out = tmp_path / "baseline"
+    out.mkdir()
+    (out / "thesis.pdf").write_text("years of work")
+    spec = {
+        "pretrain": {"model": PRETRAIN},
+        "data": {"name": colours},
+        "training": {"max_steps": 2, "batch_size": 8},
+        "export": {"output": str(out), "checkpoint_dir": str(tmp_path / "ckpt")},
+    }
+    recipe.write_text(yaml.safe_dump(spec))
+    assert "already exists" in refused(capsys, "run", recipe, "--resume")
+    assert "is not a checkpoint retrofit pretrained" in refused(capsys, "run", recipe, "--resume", "--overwrite")
+    assert "which this run reads" in refused(capsys, "run", recipe, "--overwrite", "--output", colours)
+    assert "which this run reads" in refused(capsys, "run", recipe, "--overwrite", "--output", tmp_path)
+    assert (out / "thesis.pdf").read_text() == "years of work" and (Path(colours) / "train").is_dir()
+
+
+@pytest.fixture
+def shipped(tmp_path, monkeypatch) -> Path:
+    """A copy of the shipped checkpoints standing in for retrofit/assets (so no test can harm the real ones)."""
+    assets = tmp_path / "assets"
+    shutil.copytree(retrofit.atomic.ASSETS / "fashion-mnist-vit", assets / "fashion-mnist-vit")
+    monkeypatch.setattr(retrofit.atomic, "ASSETS", assets)
+    monkeypatch.setattr(retrofit.loading, "ASSETS", assets)
+    return assets
+
+
+def test_retrofit_names_a_shipped_checkpoint_only_and_it_is_never_replaced(shipped, tmp_path, capsys):
+    outside = tmp_path / "some" / "folder"
+    shutil.copytree(shipped / "fashion-mnist-vit", outside)
+    for name in ("retrofit:nope", "retrofit:../some/folder", f"retrofit:{outside}", "retrofit:fashion-mnist-vit/.."):
+        err = refused(capsys, "convert", name, *MERGE, "--output", outside, "--overwrite")
+        assert f"there is no shipped checkpoint '{name}'" in err and "retrofit:fashion-mnist-vit" in err
+    before = tree(shipped)
+    err = refused(capsys, "convert", "retrofit:fashion-mnist-vit", *MERGE, "--overwrite", "--output",
+                  shipped / "fashion-mnist-vit")  # fmt: skip
+    assert "which this run reads" in err
+    err = refused(capsys, "convert", outside, *MERGE, "--overwrite", "--output", shipped / "fashion-mnist-vit")
+    assert "is or holds a checkpoint shipped with retrofit" in err
+    assert tree(shipped) == before and (outside / "config.json").is_file()
+
+
+def test_json_reports_replace_only_reports_and_never_a_model_file(tiny_vit, colours, tmp_path, capsys):
+    quick = ["--warmup", "1", "--repeats", "1", "--min-time", "0", "--latency-iters", "0", "--batch-size", "1"]
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}\n')
+    config = Path(tiny_vit) / "config.json"
+    before = config.read_bytes()
+    for command in (["bench", tiny_vit, *quick], ["evaluate", tiny_vit, "--data", colours, "--split", "test"]):
+        assert "already exists" in refused(capsys, *command, "--json", notes)
+        assert "is not a report retrofit wrote" in refused(capsys, *command, "--json", notes, "--overwrite")
+        assert "which this run reads" in refused(capsys, *command, "--json", config, "--overwrite")
+        report = tmp_path / f"{command[0]}.json"
+        assert main([str(a) for a in [*command, "--json", report]]) == 0
+        assert json.loads(report.read_text())["retrofit_report"] == command[0]
+        assert main([str(a) for a in [*command, "--json", report, "--overwrite"]]) == 0  # its own report
+        capsys.readouterr()
+    capsys.readouterr()
+    assert notes.read_text() == '{"mine": true}\n' and config.read_bytes() == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. No pickle runs on --resume
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_resume_runs_no_pickle_planted_in_a_checkpoint(tiny_vit, colours, tmp_path):
+    settings = dict(after_layer=2, num_tokens=4, data=colours, loss="ce", max_steps=4, **FAST)
+    finetune(tiny_vit, output=tmp_path / "o", stop_after=2, **settings)
+    (latest,) = list_checkpoints(tmp_path / "o-checkpoints")
+    assert json.loads((latest / "progress.json").read_text()) == {"step": 2, "epoch": 0, "batch": 2}
+    marker = tmp_path / "PWNED"
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "scheduler.bin"):
+        planted = tmp_path / "planted"
+        shutil.copytree(latest, planted)
+        (latest / name).write_bytes(pickle.dumps(Pwned(marker)))
+        with pytest.raises(RetrofitError, match=r"step-00000002' is damaged \((UnpicklingError|RuntimeError)"):
+            finetune(tiny_vit, output=tmp_path / "o", resume=True, **settings)
+        assert not marker.exists(), f"a pickle in {name} ran"
+        shutil.rmtree(latest)
+        planted.rename(latest)
+    (latest / "progress.json").unlink()  # a checkpoint of an older retrofit (progress as a pickle): refused
+    (latest / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(Pwned(marker)))
+    with pytest.raises(RetrofitError, match="written by an older retrofit.*pass --overwrite to start over"):
+        finetune(tiny_vit, output=tmp_path / "o", resume=True, **settings)
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. An export names no code outside itself
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_an_export_drops_the_sources_pointers_to_other_code(tiny_vit, tmp_path, capsys):
+    source = tmp_path / "source"
+    shutil.copytree(tiny_vit, source)
+    processor = json.loads((source / "preprocessor_config.json").read_text())
+    processor["auto_map"] = {"AutoImageProcessor": "evil/repo--image_processing_evil.EvilProcessor"}
+    (source / "preprocessor_config.json").write_text(json.dumps(processor))
+    config = json.loads((source / "config.json").read_text())
+    config["custom_pipelines"] = {"image-classification": {"impl": "evil/repo--pipe.Evil", "pt": []}}
+    config["auto_map"] = {"AutoConfig": "evil/repo--configuration_evil.EvilConfig"}
+    (source / "config.json").write_text(json.dumps(config))
+    assert main(["convert", str(source), *MERGE, "--output", str(tmp_path / "o")]) == 0
+    assert "image processor names custom code" in capsys.readouterr().out
+    for name in ("config.json", "preprocessor_config.json", "README.md"):
+        assert "evil" not in (tmp_path / "o" / name).read_text()
+    auto_map = json.loads((tmp_path / "o" / "config.json").read_text())["auto_map"]
+    assert all(
+        ref.startswith(("configuration_vit_patch_merger.", "modeling_vit_patch_merger.")) for ref in auto_map.values()
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. merge_source: unambiguous and private
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch) -> Path:
+    """A fresh record of local sources (`retrofit.provenance`), so the test sees only its own."""
+    cache = tmp_path / "retrofit-cache"
+    monkeypatch.setattr(retrofit.provenance, "CACHE_DIR", cache)
+    return cache
+
+
+def test_a_local_source_is_recorded_by_name_and_hash_and_found_from_anywhere(
+    tiny_vit, colours, tmp_path, monkeypatch, registry
+):
+    models = tmp_path / "models"
+    source = models / "vit"
+    shutil.copytree(tiny_vit, source)
+    monkeypatch.chdir(models)
+    convert("vit", after_layer=2, num_tokens=4, output=tmp_path / "pm")
+    config = json.loads((tmp_path / "pm" / "config.json").read_text())
+    assert config["merge_source"] == "vit" and config["merge_source_revision"] is None
+    assert len(config["merge_source_sha256"]) == 64
+    for name in ("config.json", "README.md"):  # nothing that is pushed holds a local path
+        assert str(tmp_path) not in (tmp_path / "pm" / name).read_text()
+    # From another folder, where ./vit is a different model: the recorded source is found and used, not ./vit.
+    elsewhere = tmp_path / "elsewhere"
+    torch.manual_seed(123)
+    from transformers import ViTConfig, ViTForImageClassification
+
+    save_tiny(ViTForImageClassification(ViTConfig(**TINY)), elsewhere / "vit")
+    monkeypatch.chdir(elsewhere)
+    logs: list[str] = []
+    finetune(tmp_path / "pm", output=tmp_path / "o", data=colours, loss="kd", max_steps=1, log=logs.append, **FAST)
+    assert "kd from the unmerged model" in (tmp_path / "o" / "README.md").read_text()
+    # The source changed since the export was made (re-trained in place): not silently used.
+    shutil.copytree(elsewhere / "vit", source, dirs_exist_ok=True)
+    with pytest.raises(
+        RetrofitError, match=r"made from a local folder named 'vit', which is not known on this machine"
+    ):
+        finetune(tmp_path / "pm", output=tmp_path / "o2", data=colours, loss="kd", max_steps=1, **FAST)
+    # --teacher overrides, and the card names it without its path.
+    finetune(tmp_path / "pm", output=tmp_path / "o2", data=colours, loss="kd", max_steps=1,
+             teacher=str(elsewhere / "vit"), **FAST)  # fmt: skip
+    card = (tmp_path / "o2" / "README.md").read_text()
+    assert "kd from `vit`" in card and str(tmp_path) not in card
+
+
+def test_a_hub_source_is_recorded_with_its_commit(tiny_vit, colours, tmp_path, monkeypatch, registry):
+    """A Hub id is recorded with the commit its files came from (here from a local Hub cache, offline), and the
+    teacher is loaded at that commit."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--tiny-vit" / "snapshots" / commit
+    shutil.copytree(tiny_vit, snapshot)
+    (cache / "models--someone--tiny-vit" / "refs").mkdir()
+    (cache / "models--someone--tiny-vit" / "refs" / "main").write_text(commit)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))  # read at each call
+    convert("someone/tiny-vit", after_layer=2, num_tokens=4, output=tmp_path / "pm")
+    config = json.loads((tmp_path / "pm" / "config.json").read_text())
+    assert config["merge_source"] == "someone/tiny-vit" and config["merge_source_revision"] == commit
+    card = (tmp_path / "pm" / "README.md").read_text()
+    assert "base_model: someone/tiny-vit" in card and commit in card
+    assert finetune(tmp_path / "pm", output=tmp_path / "o", data=colours, loss="kd", max_steps=1, **FAST).steps == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. Races, full disks, uploads, temporary files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_an_output_that_appears_during_the_run_is_not_replaced(tiny_vit, tmp_path, monkeypatch, capsys):
+    """Two runs to the same new --output: the one that finishes second is refused and the first one's export stays."""
+    export_module = sys.modules["retrofit.export"]  # `retrofit.export` is the function
+    out = tmp_path / "o"
+    real_save = export_module.save_image_processor
+
+    def other_run_finishes_first(processor, folder):
+        real_save(processor, folder)
+        if not others:  # while this run writes its export, another one writes the same output
+            others.append(folder)
+            assert main(["convert", str(tiny_vit), *MERGE, "--output", str(out)]) == 0
+
+    others: list[Path] = []
+
+    monkeypatch.setattr(export_module, "save_image_processor", other_run_finishes_first)
+    err = refused(capsys, "convert", tiny_vit, "--after-layer", "1", "--tokens", "2", "--output", out)
+    assert "appeared while this run was working" in err
+    assert json.loads((out / "config.json").read_text())["merge_after_layer"] == 2  # the other run's export
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_nothing(tiny_vit, colours, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    def disk_full(self, output_dir, **kwargs):
+        (Path(output_dir) / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 512")
+
+    monkeypatch.setattr(Accelerator, "save_state", disk_full)
+    with pytest.raises(RetrofitError, match=r"cannot write checkpoint '.*step-00000002': .*unexpected pos"):
+        finetune(tiny_vit, output=tmp_path / "o", after_layer=2, num_tokens=4, data=colours, loss="ce", max_steps=2,
+                 **FAST)  # fmt: skip
+    checkpoints = tmp_path / "o-checkpoints"
+    assert not (tmp_path / "o").exists() and not [p for p in checkpoints.iterdir() if p.name != "run.json"]
+
+
+def test_push_uploads_only_the_exports_own_regular_files(export_dir, tmp_path, capsys, monkeypatch):
+    from huggingface_hub import HfApi
+
+    folder = tmp_path / "pm"
+    shutil.copytree(export_dir, folder)
+    secret = tmp_path / "token"
+    secret.write_text("hf_secret")
+    (folder / "token").symlink_to(secret)  # an extra file: a link to a secret
+    (folder / "notes.txt").write_text("mine")
+    uploaded = {}
+
+    def upload_folder(self, *, folder_path, **kwargs):
+        uploaded.update({p.name: p.read_bytes() for p in Path(folder_path).iterdir()})
+        return type("Info", (), {"commit_url": None})()
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(HfApi, "whoami", lambda self: {"name": "me"})
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, *a, **k: "https://huggingface.co/me/pm")
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    assert main(["push", str(folder), "--repo-id", "me/pm"]) == 0
+    assert "not uploaded (not part of the export): notes.txt, token" in capsys.readouterr().out
+    assert set(uploaded) == {p.name for p in export_dir.iterdir()} and b"hf_secret" not in b"".join(uploaded.values())
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").symlink_to(export_dir / "model.safetensors")
+    assert "has links where its own files belong (model.safetensors)" in refused(
+        capsys, "push", folder, "--repo-id", "me/pm"
+    )
+
+
+def test_the_generated_code_is_imported_without_temporary_files(tmp_path):
+    """A run killed at any point leaves no folder of generated code behind: none is written."""
+    script = (
+        "import os; from retrofit.families import FAMILIES; from retrofit.hub_code import load_classes\n"
+        "family = FAMILIES['vit']; load_classes(family, next(iter(family.heads.values())))\n"
+        "os._exit(0)  # as if killed: no atexit handler runs\n"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, check=True, timeout=120)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. One line where a traceback was printed
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _edit_json(path: Path, change) -> None:
+    value = json.loads(path.read_text()) if path.exists() else None
+    path.write_text(json.dumps(change(value)))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("pickle", "are a pickle that is not plain tensors, so loading them was refused"),
+        ("config-file", "is a file; pass the folder that holds config.json"),
+        ("config-null", "config.json' holds null, not a model config"),
+        ("config-list", "config.json' holds a list, not a model config"),
+        ("processor-list", "preprocessor_config.json' is not an image processor config (holds a list)"),
+        ("patch-size-0", "patch_size must be a positive whole number, not 0"),
+        ("layers-text", "config.json' is not a valid config (Validation error for field 'num_hidden_layers'"),
+    ],
+)
+def test_a_broken_source_is_one_line(tiny_vit, tmp_path, capsys, damage, message):
+    source = tmp_path / "source"
+    shutil.copytree(tiny_vit, source)
+    marker = tmp_path / "PWNED"
+    if damage == "pickle":
+        (source / "model.safetensors").unlink()
+        (source / "pytorch_model.bin").write_bytes(pickle.dumps(Pwned(marker)))
+    elif damage == "config-null":
+        (source / "config.json").write_text("null")
+    elif damage == "config-list":
+        (source / "config.json").write_text("[1, 2]")
+    elif damage == "processor-list":
+        (source / "preprocessor_config.json").write_text("[]")
+    elif damage == "patch-size-0":
+        _edit_json(source / "config.json", lambda c: {**c, "patch_size": 0})
+    elif damage == "layers-text":
+        _edit_json(source / "config.json", lambda c: {**c, "num_hidden_layers": "two"})
+    target = source / "config.json" if damage == "config-file" else source
+    assert message in refused(capsys, "convert", target, *MERGE, "--output", tmp_path / "o")
+    assert not (tmp_path / "o").exists() and not marker.exists()
+
+
+def test_an_export_with_a_mistyped_merge_setting_is_one_line(export_dir, tmp_path, colours, capsys):
+    export = tmp_path / "pm"
+    shutil.copytree(export_dir, export)
+    _edit_json(export / "config.json", lambda c: {**c, "merge_num_tokens": "four"})
+    for command in (
+        ["evaluate", export, "--data", colours],
+        ["finetune", export, "--data", colours, "-o", tmp_path / "o"],
+    ):
+        assert "merge_num_tokens must be a positive whole number, not 'four'" in refused(capsys, *command)
+
+
+def test_bad_recipes_are_one_line(colours, tmp_path, capsys):
+    import yaml
+
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("name: café\n".encode("latin-1"))
+    assert "is not UTF-8 text" in refused(capsys, "run", latin)
+    recipe = tmp_path / "pretrain.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "pretrain": {"model": PRETRAIN},
+        "data": {"name": colours}, "export": {"output": str(tmp_path / "b")},
+    }))  # fmt: skip
+    err = refused(capsys, "run", recipe, "--set", "pretrain.image_processor.size=5")
+    assert "pretrain.image_processor gives 5×5 images, but pretrain.model.image_size is 32" in err
+    assert not (tmp_path / "b").exists()
+
+
+def _recipe(tmp_path: Path, source: Path, colours: str) -> Path:
+    import yaml
+
+    recipe = tmp_path / f"{source.name}.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "source": str(source), "merge": {"after_layer": 2, "tokens": 4},
+        "data": {"name": colours, "eval_limit": 6}, "training": {"max_steps": 1, "batch_size": 8},
+        "evaluation": {"batch_size": 6, "speed_batch_size": 2},
+        "export": {"output": str(tmp_path / f"{source.name}-pm")},
+    }))  # fmt: skip
+    return recipe
+
+
+def test_run_takes_non_square_models_and_refuses_a_processor_of_another_size(colours, tmp_path, capsys):
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    wide = tmp_path / "wide"
+    ViTForImageClassification(ViTConfig(**{**TINY, "image_size": [32, 48]})).save_pretrained(wide)
+    ViTImageProcessor(size={"height": 32, "width": 48}).save_pretrained(wide)
+    assert main(["run", str(_recipe(tmp_path, wide, colours))]) == 0
+    capsys.readouterr()
+    assert "at 32×48" in (tmp_path / "wide-pm" / "README.md").read_text()
+    other = save_tiny(ViTForImageClassification(ViTConfig(**TINY)), tmp_path / "other", image_size=48)
+    for argv in (
+        ["run", _recipe(tmp_path, other, colours)],
+        ["finetune", other, *MERGE, "--data", colours, "-o", tmp_path / "x"],
+    ):
+        err = refused(capsys, *argv)
+        assert f"'{other}' cannot run on the 48×48 images its image processor gives" in err
+    assert not (tmp_path / "other-pm").exists() and not (tmp_path / "x").exists()
+
+
+def test_a_bad_image_read_by_a_worker_is_one_line(tiny_vit, tmp_path, capsys):
+    """A PNG whose header is fine but whose pixels are not: found by a DataLoader worker, reported as one line."""
+    import struct
+    import zlib
+
+    data = make_imagefolder(tmp_path / "images", per_class=4, test_per_class=2)
+    image = sorted((data / "train" / "cat").glob("*.png"))[0]
+    raw = bytearray(image.read_bytes())
+    start = raw.find(b"IDAT")
+    length = struct.unpack(">I", raw[start - 4 : start])[0]
+    for index in range(start + 14, start + 4 + length - 10):
+        raw[index] ^= 0x5A  # scramble the compressed pixels, keep the chunk's checksum valid
+    raw[start + 4 + length : start + 8 + length] = struct.pack(">I", zlib.crc32(bytes(raw[start : start + 4 + length])))
+    image.write_bytes(bytes(raw))
+    argv = ["finetune", tiny_vit, *MERGE, "--data", data, "-o", tmp_path / "o", "--loss", "ce", "--no-calibrate",
+            "--batch-size", "4", "--num-workers", "2", "--eval-split", ""]  # fmt: skip
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()  # the progress bar, then one line
+    assert err.splitlines()[-1].startswith("retrofit: error: image ") and "is unreadable" in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_library_retry_messages_do_not_reach_the_user(tmp_path, capsys, monkeypatch):
+    """An unreachable Hub ends in the one line, without huggingface_hub's "Retrying in Ns" lines before it."""
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers import AutoConfig
+
+    def unreachable(*args, **kwargs):
+        for attempt in range(1, 6):
+            hub_logging.get_logger("huggingface_hub.utils._http").warning(f"Retrying in 1s [Retry {attempt}/5].")
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.")
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", unreachable)
+    for handler in logging.getLogger("huggingface_hub").handlers:  # as outside pytest: its records reach stderr
+        monkeypatch.setattr(handler, "stream", sys.stderr)
+    assert main(["convert", "someone/model", *MERGE, "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("retrofit: error: ") and "neither a local folder nor a reachable Hub model id" in err
+    assert len(err.splitlines()) == 1 and "Retrying" not in err
+
+
+def test_the_python_api_names_its_own_argument(tiny_vit, tmp_path):
+    (tmp_path / "o").mkdir()
+    with pytest.raises(RetrofitError, match=r"already exists; .*pass --overwrite \(overwrite=True in Python\)"):
+        convert(tiny_vit, after_layer=2, num_tokens=4, output=tmp_path / "o")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. Consistency
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_ce_accepts_class_names_as_evaluate_does(tiny_vit, colours, tmp_path, capsys):
+    from test_data import make_labelled_folder
+
+    data = make_labelled_folder(tmp_path / "named", Path(colours), ["cat", "dog", "bird", "cat", "dog", "bird"])
+    assert main(["evaluate", str(tiny_vit), "--data", data, "--split", "train"]) == 0
+    few = {**FAST, "batch_size": 2}
+    result = finetune(tiny_vit, output=tmp_path / "o", after_layer=2, num_tokens=4, data=data, loss="ce",
+                      eval_split=None, max_steps=1, **few)  # fmt: skip
+    assert result.steps == 1
+    other = make_labelled_folder(tmp_path / "fish", Path(colours), ["cat", "fish", "bird", "cat"])
+    with pytest.raises(RetrofitError, match=r"\['fish'\]\) are not among .*pass --num-labels 3"):
+        finetune(tiny_vit, output=tmp_path / "o2", after_layer=2, num_tokens=4, data=other, loss="ce",
+                 eval_split=None, max_steps=1, **few)  # fmt: skip
