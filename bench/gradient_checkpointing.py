@@ -30,8 +30,8 @@ from retrofit.benchmark import (  # noqa: E402
     DTYPES,
     VIT_SHAPES,
     hardware_name,
+    merge_option,
     parse_device,
-    parse_merges,
     resolve_after_layer,
     rss_mib,
     shape_config,
@@ -55,7 +55,7 @@ def measure(args: argparse.Namespace, checkpointing: bool) -> dict:
     device, dtype = parse_device(args.device), DTYPES[args.dtype]
     torch.manual_seed(0)
     source = shape_model(args.model, device, torch.float32)
-    (after, tokens), *_ = parse_merges(args.merge)
+    (after, tokens), *_ = merge_option(args.merge)
     model = insert_patch_merger(source, resolve_after_layer(source.config, after), tokens).train()
     if checkpointing:
         enable_gradient_checkpointing(model)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         parse_device(args.device)
-        (after, tokens), *_ = parse_merges(args.merge)
+        (after, tokens), *_ = merge_option(args.merge)
         config = shape_config(args.model)
         check_merge(config, resolve_after_layer(config, after), tokens)  # before any process is started
         if args.child:

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrofit.benchmark import VIT_SHAPES, hardware_name, parse_merges, resolve_after_layer, shape_model  # noqa: E402
+from retrofit.benchmark import VIT_SHAPES, hardware_name, merge_option, resolve_after_layer, shape_model  # noqa: E402
 from retrofit.cost import model_cost  # noqa: E402
 from retrofit.errors import RetrofitError  # noqa: E402
 from retrofit.surgery import insert_patch_merger  # noqa: E402
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print("onnx_speed.py: error: ONNX Runtime is not installed; pip install -e '.[onnx]'", file=sys.stderr)
         return 2
     try:
-        (after, tokens), *_ = parse_merges(args.merge)
+        (after, tokens), *_ = merge_option(args.merge)
         source = shape_model(args.model, torch.device("cpu"), torch.float32)
         after_layer = resolve_after_layer(source.config, after)
         merged = insert_patch_merger(source, after_layer, tokens).eval()

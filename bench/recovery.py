@@ -29,13 +29,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from retrofit.benchmark import images_per_second  # noqa: E402
 from retrofit.calibrate import calibrate_from_data  # noqa: E402
 from retrofit.cost import model_cost  # noqa: E402
 from retrofit.data import dataset_label_map, load_split, make_dataloader, model_labels  # noqa: E402
+from retrofit.evaluation import accuracy  # noqa: E402
+from retrofit.finetune import finetune  # noqa: E402
 from retrofit.loading import load_config, load_image_processor, load_model, resolve_source  # noqa: E402
-from retrofit.recipes import accuracy, images_per_second  # noqa: E402
 from retrofit.surgery import insert_patch_merger  # noqa: E402
-from retrofit.train import LABELS_FIX, finetune  # noqa: E402
+from retrofit.train import LABELS_FIX  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -109,7 +111,7 @@ def main(argv=None) -> int:
     base_cost = model_cost(config)
     print(f"baseline accuracy {100 * base_acc:.2f} %", flush=True)
     rows = [{"setting": "baseline", "model": "baseline", "accuracy": base_acc, "gflops": base_cost.gflops}]
-    shape = (256, config.num_channels, config.image_size, config.image_size)
+    image_size = (config.image_size, config.image_size)
     for pair in args.settings.split(","):
         k_text, m_text = pair.split(":")
         k = layers // 2 if k_text == "half" else int(k_text)
@@ -118,7 +120,7 @@ def main(argv=None) -> int:
         torch.manual_seed(seeds[0])
         merged = insert_patch_merger(load_model(source, config=config).eval(), k, m, source=str(source))
         cost = model_cost(merged.config)
-        speed = images_per_second({"baseline": baseline, "merged": merged}, shape)
+        speed = images_per_second({"baseline": baseline, "merged": merged}, batch_size=256, image_size=image_size)
         common = {
             "setting": setting,
             "gflops": cost.gflops,

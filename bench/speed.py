@@ -19,19 +19,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrofit.benchmark import add_arguments, run_from_args  # noqa: E402
+from retrofit.benchmark import run_bench  # noqa: E402
 from retrofit.errors import RetrofitError  # noqa: E402
+from retrofit.settings import BenchArgs, add_options, from_namespace  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--models" in argv:  # --models a,b is the models a b
+        index = argv.index("--models")
+        argv[index : index + 2] = argv[index + 1].split(",") if index + 1 < len(argv) else []
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="*", help="models to measure (or use --models)")
-    parser.add_argument("--models", dest="model_list", help="comma-separated models, e.g. vit-b16,vit-l16")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    models = list(args.models) + [m for m in (args.model_list or "").split(",") if m]
+    add_options(parser, BenchArgs)
+    namespace = parser.parse_args(argv)
     try:
-        run_from_args(args, models)
+        run_bench(from_namespace(BenchArgs, namespace))
     except RetrofitError as exc:
         print(f"speed.py: error: {exc}", file=sys.stderr)
         return 2

@@ -38,11 +38,13 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time each name i
     from .evaluation import evaluate_models
     from .export import export
     from .families import FAMILIES, Family, Head, register
+    from .finetune import finetune
     from .loading import load_model
     from .merger import PatchMerger
     from .recipes import run_recipe
+    from .settings import TrainSettings
     from .surgery import insert_patch_merger
-    from .train import TrainArgs, TrainResult, finetune
+    from .train import TrainResult
 
 # name -> the module that defines it, imported when the name is first used
 _LAZY = {
@@ -59,8 +61,8 @@ _LAZY = {
     "load_model": "loading",
     "PatchMerger": "merger",
     "insert_patch_merger": "surgery",
-    "finetune": "train",
-    "TrainArgs": "train",
+    "finetune": "finetune",
+    "TrainSettings": "settings",
     "TrainResult": "train",
     "evaluate_models": "evaluation",
     "run_recipe": "recipes",
@@ -81,8 +83,8 @@ def __dir__() -> list[str]:
 
 
 class _Package(types.ModuleType):
-    """Keeps `retrofit.convert` and `retrofit.export` the functions: importing a submodule binds its name on the
-    package, and these two share their module's name."""
+    """Keeps `retrofit.convert`, `retrofit.export` and `retrofit.finetune` the functions: importing a submodule binds
+    its name on the package, and these share their module's name."""
 
     def __setattr__(self, name: str, value) -> None:
         if isinstance(value, types.ModuleType) and _LAZY.get(name) == name:
@@ -100,8 +102,8 @@ __all__ = [
     "Head",
     "PatchMerger",
     "RetrofitError",
-    "TrainArgs",
     "TrainResult",
+    "TrainSettings",
     "convert",
     "evaluate_models",
     "export",

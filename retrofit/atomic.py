@@ -149,6 +149,11 @@ def _refuse_protected(path: Path, option: str, inputs: Iterable) -> None:
         )
 
 
+def refuse_inputs(path: str | Path, inputs: Iterable[str | os.PathLike | None], option: str = "--output") -> None:
+    """Refuse an output that is or holds one of `inputs` (for inputs `check_output` was not told about)."""
+    _refuse_protected(Path(path), option, inputs)
+
+
 def _check_writable(path: Path, option: str) -> None:
     what = _what(option)
     parent = next((p for p in path.absolute().parents if p.exists()), Path("/"))

@@ -17,68 +17,33 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import platform
 import re
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from .errors import RetrofitError, brief, check_at_least_one
+from .errors import RetrofitError, brief
+from .settings import DTYPE_NAMES, BenchArgs, BenchSettings, parse_merges
 
-# Random-weight model shapes, usable instead of a checkpoint (224x224 images): the ViT paper's configurations as
-# ViTForImageClassification (1000 classes), DINOv3's published ViTs as DINOv3ViTModel (4 registers, RoPE), and BEiT's
-# fine-tuned classifiers as BeitForImageClassification (1000 classes, a relative position bias per layer).
-_S = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536)
-_B = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
-_L = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
-_DINOV3 = dict(model_type="dinov3_vit", num_register_tokens=4, layerscale_value=1e-5)
-_BEIT = dict(model_type="beit", use_relative_position_bias=True, use_mean_pooling=True, layer_scale_init_value=0.1)
-SHAPES: dict[str, dict] = {
-    "vit-ti16": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768),
-    "vit-s16": _S,
-    "vit-b16": _B,
-    "vit-l16": _L,
-    "vit-h14": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, intermediate_size=5120),
-    "dinov3-vits16": _S | _DINOV3,
-    "dinov3-vitb16": _B | _DINOV3,
-    "dinov3-vitl16": _L | _DINOV3,
-    "beit-b16": _B | _BEIT,
-    "beit-l16": _L | _BEIT,
-}
-SHAPE_PREFIXES = ("vit-", "dinov3-", "beit-")
-VIT_SHAPES = [name for name in SHAPES if name.startswith("vit-")]  # ViTForImageClassification ones
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-COMPILE_MODES = ("eager", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-MAX_DIMENSION = 2**63 - 1  # the largest tensor dimension torch takes; larger sizes overflow inside torch
-MAX_MIN_TIME = 3600.0  # seconds per timed block; more is a typo, not a benchmark
-# The command-line option of each checked `BenchSettings` field (sweep names its own for the ones it sets).
-OPTIONS = {
-    "batch_sizes": "--batch-size",
-    "warmup": "--warmup",
-    "repeats": "--repeats",
-    "min_time": "--min-time",
-    "latency_iters": "--latency-iters",
-}
 
 
-@dataclass
-class BenchSettings:
-    """What to measure and how."""
+def _shapes() -> dict[str, tuple]:
+    """Random-weight model shapes usable instead of a checkpoint (224x224 images), from the family registry
+    (`Family.shapes`): name -> (family, config fields)."""
+    from .families import FAMILIES
 
-    device: str = "cpu"
-    dtype: str = "fp32"
-    batch_sizes: tuple[int, ...] = (1, 32, 256)
-    compile_modes: tuple[str, ...] = ("eager",)
-    warmup: int = 3
-    repeats: int = 5
-    min_time: float = 0.5
-    latency_iters: int = 20
-    seed: int = 0
+    return {name: (family, fields) for family in FAMILIES.values() for name, fields in family.shapes.items()}
+
+
+SHAPES = _shapes()
+SHAPE_PREFIXES = tuple(sorted({name.split("-")[0] + "-" for name in SHAPES}))
+VIT_SHAPES = [name for name, (family, _) in SHAPES.items() if family.name == "vit"]  # ViTForImageClassification
 
 
 @dataclass
@@ -93,6 +58,7 @@ class Variant:
     baseline: str | None = None
     flops_ratio: float | None = None
     runner: Callable | None = None
+    input_shape: tuple[int, int, int] | None = None  # (channels, height, width); default: the config's image size
     results: dict[int, dict] = field(default_factory=dict)
     latency_ms: dict[str, float | None] = field(default_factory=dict)
 
@@ -121,105 +87,9 @@ def parse_device(device: str) -> torch.device:
 
 def parse_dtype(dtype: str) -> torch.dtype:
     """`fp32`, `bf16` or `fp16` (also the torch spellings)."""
-    aliases = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
-    key = aliases.get(dtype, dtype)
-    if key not in DTYPES:
+    if dtype not in DTYPE_NAMES:
         raise RetrofitError(f"unknown dtype '{dtype}'; use fp32, bf16 or fp16")
-    return DTYPES[key]
-
-
-def parse_batch_sizes(text: str) -> tuple[int, ...]:
-    """``"1,32,256"`` -> (1, 32, 256)."""
-    try:
-        sizes = tuple(int(part) for part in str(text).split(",") if part.strip())
-    except ValueError:
-        raise RetrofitError(f"--batch-size '{text}' is not a comma-separated list of integers, e.g. 1,32,256") from None
-    if not sizes or min(sizes) < 1:
-        raise RetrofitError(f"--batch-size '{text}': give one or more sizes >= 1, e.g. 1,32,256")
-    for size in sizes:
-        check_batch_size(size, "--batch-size")
-    return tuple(dict.fromkeys(sizes))
-
-
-def check_batch_size(value: int, option: str = "--batch-size") -> None:
-    """Refuse a batch size that is not an integer >= 1 or cannot be a tensor dimension (one line naming `option`).
-
-    A size that can be a dimension but does not fit in memory is measured as an out-of-memory row instead.
-    """
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RetrofitError(f"{option} must be an integer (got {value!r})")
-    check_at_least_one(option, value)
-    if value > MAX_DIMENSION:
-        raise RetrofitError(f"{option} {value} is too large to be a tensor dimension (at most 2**63 - 1); lower it")
-
-
-def check_threads(threads: int | None) -> None:
-    """Refuse a ``--threads`` below 1 or above this machine's CPU count (None: torch's choice)."""
-    if threads is None:
-        return
-    cpus = os.cpu_count() or 1
-    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus:
-        raise RetrofitError(f"--threads must be between 1 and {cpus}, this machine's CPU count (got {threads})")
-
-
-def check_settings(settings: BenchSettings, options: dict[str, str] | None = None) -> None:
-    """Refuse bad `settings` before any model is loaded: one line naming the option (`options` maps a field to the
-    option that set it, for callers such as sweep whose options have other names)."""
-    names = {**OPTIONS, **(options or {})}
-    parse_device(settings.device)
-    parse_dtype(settings.dtype)
-    if not settings.batch_sizes:
-        raise RetrofitError(f"{names['batch_sizes']} is empty; give one or more sizes >= 1, e.g. 1,32,256")
-    for size in settings.batch_sizes:
-        check_batch_size(size, names["batch_sizes"])
-    for mode in settings.compile_modes:
-        if mode not in COMPILE_MODES:
-            raise RetrofitError(f"unknown --compile mode '{mode}'; use {', '.join(COMPILE_MODES)}, both or off")
-    for name in ("warmup", "repeats", "latency_iters"):
-        value = getattr(settings, name)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RetrofitError(f"{names[name]} must be an integer (got {value!r})")
-    check_at_least_one(names["warmup"], settings.warmup)
-    check_at_least_one(names["repeats"], settings.repeats)
-    if settings.latency_iters < 0:
-        raise RetrofitError(f"{names['latency_iters']} must be 0 (skip) or more (got {settings.latency_iters})")
-    min_time = settings.min_time
-    if isinstance(min_time, bool) or not isinstance(min_time, int | float) or not 0 <= min_time <= MAX_MIN_TIME:
-        raise RetrofitError(
-            f"{names['min_time']} must be a number of seconds from 0 to {MAX_MIN_TIME:g} (got {min_time!r})"
-        )
-
-
-def parse_compile(text: str | None) -> tuple[str, ...]:
-    """Compile modes to measure: ``eager``/``off``, ``default``, ``reduce-overhead`` (CUDA graphs), ``max-autotune``
-    ..., comma-separated; ``both`` = eager and default."""
-    if text is None:
-        return ("eager",)
-    modes: list[str] = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if part == "both":
-            modes += ["eager", "default"]
-        elif part in ("off", "none", "eager"):
-            modes.append("eager")
-        elif part in COMPILE_MODES:
-            modes.append(part)
-        else:
-            raise RetrofitError(f"unknown --compile mode '{part}'; use {', '.join(COMPILE_MODES)}, both or off")
-    return tuple(dict.fromkeys(modes))
-
-
-def parse_merges(text: str | None) -> list[tuple[str, int]]:
-    """``"6:8"``, ``"half:8"`` or several comma-separated -> [(after_layer or 'half', tokens)]."""
-    if not text:
-        return []
-    merges = []
-    for part in str(text).split(","):
-        match = re.fullmatch(r"\s*(half|\d+):(\d+)\s*", part)
-        if not match:
-            raise RetrofitError(f"--merge '{part}' is not K:M (e.g. 6:8 or half:8)")
-        merges.append((match.group(1), int(match.group(2))))
-    return merges
+    return DTYPES[DTYPE_NAMES[dtype]]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -237,11 +107,9 @@ def shape_config(name: str):
     """The config of a named shape (224x224 images, SDPA attention; classifiers with 1000 classes)."""
     from transformers import AutoConfig
 
-    settings = dict(SHAPES[name])
-    model_type = settings.pop("model_type", "vit")
-    if model_type in ("vit", "beit"):
-        settings["num_labels"] = 1000
-    config = AutoConfig.for_model(model_type, **settings, patch_size=int(name[-2:]), image_size=224)
+    family, settings = SHAPES[name]
+    labels = {"num_labels": 1000} if next(iter(family.heads.values())).is_classifier else {}
+    config = AutoConfig.for_model(family.model_types[0], **settings, **labels, image_size=224)
     config._attn_implementation = "sdpa"
     config._name_or_path = name
     return config
@@ -422,12 +290,15 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _input_shape(config) -> tuple[int, int, int]:
+def _input_shape(v: Variant) -> tuple[int, int, int]:
+    """The (channels, height, width) a variant is timed on: its own, or its config's image size."""
+    if v.input_shape is not None:
+        return v.input_shape
     from .loading import family_and_head, layer_config
 
-    lc = layer_config(config, family_and_head(config)[1])
-    size = lc.image_size if isinstance(lc.image_size, int) else lc.image_size[0]
-    return (getattr(lc, "num_channels", 3), size, size)
+    lc = layer_config(v.config, family_and_head(v.config)[1])
+    height, width = (lc.image_size,) * 2 if isinstance(lc.image_size, int) else lc.image_size
+    return (getattr(lc, "num_channels", 3), height, width)
 
 
 def _time_block(runner: Callable, x: torch.Tensor, iters: int, device: torch.device) -> float:
@@ -480,6 +351,29 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+def images_per_second(
+    models: dict[str, torch.nn.Module],
+    *,
+    batch_size: int,
+    image_size: tuple[int, int] | None = None,
+    repeats: int = 5,
+    device: str = "cpu",
+    dtype: str = "fp32",
+) -> dict[str, float | None]:
+    """Forward throughput of in-memory models on random images, measured alternately with `run_benchmark` (the one
+    timer retrofit has): one warm-up pass, then the median of `repeats` timed passes, each model in turn."""
+    settings = BenchSettings(device=device, dtype=dtype, batch_sizes=(batch_size,), warmup=1, repeats=repeats,
+                             min_time=0.0, latency_iters=0)  # fmt: skip
+    variants = []
+    for name, model in models.items():
+        variant = Variant(name, model, model.config, "eager", 0.0, runner=place_model(model, device, dtype))
+        if image_size is not None:
+            variant.input_shape = (_input_shape(variant)[0], *image_size)
+        variants.append(variant)
+    run_benchmark(variants, settings, log=lambda _: None)
+    return {v.name: v.results[batch_size].get("images_per_s") for v in variants}
+
+
 def run_benchmark(
     variants: list[Variant], settings: BenchSettings, *, log: Callable[[str], None] = print
 ) -> list[Variant]:
@@ -500,7 +394,7 @@ def run_benchmark(
 
 
 def _inputs(variants, batch_size, device, dtype, generator) -> dict[tuple, torch.Tensor]:
-    shapes = {_input_shape(v.config) for v in variants}
+    shapes = {_input_shape(v) for v in variants}
     return {s: torch.randn(batch_size, *s, generator=generator).to(device=device, dtype=dtype) for s in shapes}
 
 
@@ -527,7 +421,7 @@ def _measure_batch_size(variants, batch_size, settings, device, dtype, generator
     iters: dict[str, int] = {}
     # Warm-up (also compiles), then choose the number of passes per timed block from the last warm-up pass.
     for v in variants:
-        x = inputs[_input_shape(v.config)]
+        x = inputs[_input_shape(v)]
         try:
             for _ in range(max(1, settings.warmup)):
                 seconds = _time_block(v.runner, x, 1, device)
@@ -542,7 +436,7 @@ def _measure_batch_size(variants, batch_size, settings, device, dtype, generator
             if v.label not in iters:
                 continue
             try:
-                seconds = _time_block(v.runner, inputs[_input_shape(v.config)], iters[v.label], device)
+                seconds = _time_block(v.runner, inputs[_input_shape(v)], iters[v.label], device)
             except Exception as exc:  # noqa: BLE001
                 _fail(v, batch_size, exc, device, log)
                 iters.pop(v.label)
@@ -557,7 +451,7 @@ def _measure_batch_size(variants, batch_size, settings, device, dtype, generator
         result["iters_per_repeat"] = iters[v.label]
         if v.name not in memory:  # measured once per model, on its eager forward
             try:
-                memory[v.name] = _peak_memory_mib(v.model, inputs[_input_shape(v.config)], device)
+                memory[v.name] = _peak_memory_mib(v.model, inputs[_input_shape(v)], device)
             except Exception as exc:  # noqa: BLE001
                 if not _is_oom(exc):
                     raise
@@ -579,7 +473,7 @@ def _measure_latency(variants, settings, device, dtype, generator, log) -> None:
     for v in variants:
         try:
             for _ in range(max(1, settings.warmup)):
-                _time_block(v.runner, inputs[_input_shape(v.config)], 1, device)
+                _time_block(v.runner, inputs[_input_shape(v)], 1, device)
             alive.append(v)
         except Exception as exc:  # noqa: BLE001
             v.latency_ms = {"p50": None, "p90": None, "status": f"failed: {type(exc).__name__}"}
@@ -587,7 +481,7 @@ def _measure_latency(variants, settings, device, dtype, generator, log) -> None:
     times: dict[str, list[float]] = {v.label: [] for v in alive}
     for _ in range(max(1, settings.latency_iters)):
         for v in alive:
-            times[v.label].append(1000 * _time_block(v.runner, inputs[_input_shape(v.config)], 1, device))
+            times[v.label].append(1000 * _time_block(v.runner, inputs[_input_shape(v)], 1, device))
     for v in alive:
         v.latency_ms = {"p50": _percentile(times[v.label], 0.5), "p90": _percentile(times[v.label], 0.9)}
 
@@ -701,6 +595,14 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def merge_option(text: str | None) -> tuple[tuple[str, int], ...]:
+    """A ``--merge`` value (``6:8``, ``half:8``, comma-separated) as (K or 'half', M) pairs; else one line."""
+    try:
+        return parse_merges(text)
+    except ValueError as exc:
+        raise RetrofitError(f"--merge {exc}") from None
+
+
 def benchmark(
     models: list[str],
     *,
@@ -711,9 +613,8 @@ def benchmark(
     """Build, measure and report: the Python API behind ``retrofit bench`` and ``bench/speed.py``. Returns the
     JSON-ready report, with its Markdown table under ``"table"`` (as `retrofit.evaluate_models` does)."""
     settings = settings or BenchSettings()
-    check_settings(settings)
     if isinstance(merges, str) or merges is None:
-        merges = parse_merges(merges)
+        merges = merge_option(merges)
     variants = build_variants(models, merges, settings, log=log)
     run_benchmark(variants, settings, log=log)
     report = to_json(variants, settings)
@@ -726,75 +627,25 @@ def benchmark(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def add_arguments(parser) -> None:
-    """The bench options (models are added by the caller)."""
-    parser.add_argument(
-        "--merge",
-        metavar="K:M",
-        help="also measure a merged twin of each unmerged model: after layer K (or 'half') with M tokens; "
-        "comma-separate several. Already-merged models (exports) are measured as they are (a note says so); "
-        "--merge with only merged models is refused. A model or setting given twice is measured once",
-    )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (default fp32)")
-    parser.add_argument("--batch-size", default="1,32,256", help="comma-separated batch sizes (default 1,32,256)")
-    parser.add_argument(
-        "--compile",
-        nargs="?",
-        const="default",
-        default=None,
-        metavar="MODES",
-        help="torch.compile the models: default, reduce-overhead (CUDA graphs), max-autotune, ...; comma-separate "
-        "several; 'both' = eager and default; bare --compile = default",
-    )
-    parser.add_argument("--warmup", type=int, default=3, help="warm-up passes per model and batch size (default 3)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported (default 5)")
-    parser.add_argument(
-        "--min-time", type=float, default=0.5, help=f"seconds per timed block, 0 to {MAX_MIN_TIME:g} (default 0.5)"
-    )
-    parser.add_argument("--latency-iters", type=int, default=20, help="batch-1 passes for p50/p90 (0: skip)")
-    parser.add_argument(
-        "--threads", type=int, help="CPU threads for torch, 1 to the machine's CPU count (default: torch's choice)"
-    )
-    parser.add_argument("--json", metavar="FILE", help="write all measurements to FILE")
-    parser.add_argument("--overwrite", action="store_true", help="replace a --json report an earlier run wrote")
-
-
-def settings_from_args(args) -> BenchSettings:
-    """`BenchSettings` from parsed `add_arguments` options (validated: bad values raise `RetrofitError`); sets
-    torch's thread count if ``--threads`` is given."""
-    parse_device(args.device)
-    parse_dtype(args.dtype)
-    settings = BenchSettings(
-        device=args.device,
-        dtype=args.dtype,
-        batch_sizes=parse_batch_sizes(args.batch_size),
-        compile_modes=parse_compile(args.compile),
-        warmup=args.warmup,
-        repeats=args.repeats,
-        min_time=args.min_time,
-        latency_iters=args.latency_iters,
-    )
-    check_settings(settings)
-    check_threads(args.threads)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    return settings
-
-
-def run_from_args(args, models: list[str], *, log: Callable[[str], None] | None = None) -> dict:
-    """Run the benchmark for parsed options; print the table on stdout, progress on stderr; write --json."""
+def run_bench(args: BenchArgs, *, log: Callable[[str], None] | None = None) -> dict:
+    """`retrofit bench`: measure, print the table on stdout (progress on stderr), write --json and --card."""
     import sys
 
     from .atomic import check_file_output, write_report
     from .errors import describe_os_error
 
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
-    settings = settings_from_args(args)
-    merges = parse_merges(args.merge)
+    if args.card:
+        from .card import check_card_target
+
+        check_card_target(args.card, args.models)
     if args.json is not None:
-        check_file_output(args.json, "--json", args.overwrite, inputs=models)
-    report = benchmark(models, merges=merges, settings=settings, log=log)
+        check_file_output(args.json, "--json", args.overwrite, inputs=args.models)
+    parse_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    settings = BenchSettings(**{spec.name: getattr(args, spec.name) for spec in fields(BenchSettings)})
+    report = benchmark(args.models, merges=list(args.merge), settings=settings, log=log)
     print(report["table"], flush=True)
     if args.json is not None:
         try:
@@ -802,4 +653,9 @@ def run_from_args(args, models: list[str], *, log: Callable[[str], None] | None 
         except OSError as exc:  # a full disk: the table above is complete, the old file (if any) is left as it was
             raise RetrofitError(f"cannot write --json {args.json}: {describe_os_error(exc)}") from None
         log(f"wrote {args.json}")
+    if args.card:
+        from .card import update_card
+
+        update_card(args.card, benchmark=report)
+        log(f"updated {args.card}/README.md")
     return report

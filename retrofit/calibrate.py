@@ -13,7 +13,6 @@ full forward passes instead of 33 (the whole calibration, k-means included, is a
 from __future__ import annotations
 
 import itertools
-import operator
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from .loading import family_and_head
+from .losses import HeadReader
 from .provenance import public_name
-from .train import HeadReader
+from .surgery import encoder_layers
 
 SCALES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 RESTARTS = 4  # k-means runs; the best of them by distance to the unmerged model wins
@@ -75,12 +75,6 @@ def bypass_merger(model) -> Iterator[None]:
         handle.remove()
 
 
-def encoder_layers(model) -> torch.nn.ModuleList:
-    """The model's encoder layers (where the family keeps them in the installed transformers)."""
-    _, head = family_and_head(model.config)
-    return operator.attrgetter(head.layers_path)(model)
-
-
 @dataclass
 class MergerInputs:
     """The inputs of layer K (the merger's), one tensor per forward pass, as `recording_merger_inputs` saw them, and
@@ -101,7 +95,7 @@ def recording_merger_inputs(model) -> Iterator[MergerInputs]:
 
     hooks = [
         model.patch_merger.register_forward_pre_hook(lambda module, inputs: recorded.passes.append(inputs[0].detach())),
-        encoder_layers(model)[0].register_forward_hook(output_form),
+        encoder_layers(model)[1][0].register_forward_hook(output_form),
     ]
     try:
         yield recorded
@@ -118,7 +112,7 @@ def replay_first_layers(model, recorded: MergerInputs) -> Iterator[None]:
     run on merged tokens. The layers hand on the hidden states in the form they were recorded in (`MergerInputs`).
     """
     after = model.config.merge_after_layer
-    layers = encoder_layers(model)
+    _, layers = encoder_layers(model)
     passes = itertools.cycle(recorded.passes)
     wrap = (lambda hidden_states: (hidden_states,)) if recorded.tuples else (lambda hidden_states: hidden_states)
     for layer in layers[: after - 1]:

@@ -148,7 +148,7 @@ The modeling code ships in this repository (`modeling_*.py`, `configuration_*.py
 # ----------------------------------------------------------------------------------------------------------------
 
 RESULTS_FILE = "retrofit_results.json"
-_REPORTS = ("evaluation", "benchmark")
+_REPORTS = ("evaluation", "benchmark", "run")
 
 
 def _same_model(spec: str, export: Path) -> bool:
@@ -303,6 +303,8 @@ def results_section(results: dict, export: Path) -> str:
     )
     before_bench = _find(_rows(bench), "model", this_bench.get("baseline") if this_bench else None)
     parts = []
+    if results.get("run"):  # the before/after table of the recipe run that made the export
+        parts.append(f"### Before and after fine-tuning (`retrofit run`)\n\n{results['run']['table']}")
     speed_head = "images/s"
     largest = None
     if bench:
@@ -356,20 +358,29 @@ def _replace_section(text: str, heading: str, body: str) -> str:
     return text[:after] + f"\n{body}\n" + tail
 
 
-def update_card(export: str | Path, *, evaluation: dict | None = None, benchmark: dict | None = None) -> Path:
-    """Write new evaluation and/or benchmark results into an export: `retrofit_results.json`, the README's Results
-    section, and (for evaluations) the model-index metadata, both files or neither. Returns the README path."""
+def update_card(
+    export: str | Path, *, evaluation: dict | None = None, benchmark: dict | None = None, run: dict | None = None
+) -> Path:
+    """Write new evaluation and/or benchmark results (or a recipe run's before/after table, `run`: {"table": ...})
+    into an export: `retrofit_results.json`, the README's Results section, and (for evaluations) the model-index
+    metadata, both files or neither. Returns the README path."""
+    from .loading import load_config
+    from .provenance import made_from
+
     export = Path(export)
     results = _load_results(export)
+    if run is not None:
+        results["run"] = dict(run)
     for key, report in (("evaluation", evaluation), ("benchmark", benchmark)):
         if report is None:
             continue
         report = dict(report)
         this = next((row["model"] for row in report.get("models", []) if _same_model(row["model"], export)), None)
         report["this"] = this
-        if key == "evaluation":
-            row = _find(report["models"], "model", this) or {}
-            report["source"] = row.get("source")
+        if key == "evaluation":  # the row of the model the export was made from, if it was evaluated too
+            config = load_config(export)
+            others = (row["model"] for row in report["models"] if row["model"] != this and not row.get("merged"))
+            report["source"] = next((spec for spec in others if made_from(config, spec)), None)
         results[key] = report
     readme = export / "README.md"
     card = _load_card(export)

@@ -10,10 +10,11 @@ from transformers import PreTrainedModel
 
 from .atomic import check_output
 from .cost import Cost, compare, model_cost
-from .errors import RetrofitError, check_at_least_one
+from .errors import RetrofitError
 from .export import export
 from .loading import load_config, load_image_processor, load_model, processor_image_size, resolve_source
 from .push import check_push, push_written
+from .settings import ConvertArgs, from_options
 from .surgery import check_merge, insert_patch_merger
 
 
@@ -37,68 +38,56 @@ def convert(
     *,
     after_layer: int,
     num_tokens: int,
-    rope_positions: str | None = None,
     output: str | Path | None = None,
-    task: str | None = None,
-    overwrite: bool = False,
-    trust_remote_code: bool = False,
-    revision: str | None = None,
-    calibrate_on: str | None = None,
-    calibrate_split: str = "train",
-    calibrate_images: int = 256,
-    image_column: str = "image",
-    push_to_hub: str | None = None,
-    private: bool = False,
-    create_pr: bool = False,
     log: Callable[[str], None] = print,
+    **settings,
 ) -> ConvertResult:
-    """Insert a PatchMerger into `source` (Hub id or folder) after `after_layer` layers with `num_tokens` tokens.
+    """Insert a PatchMerger into `source` (Hub id, folder or ``retrofit:NAME``) after `after_layer` layers with
+    `num_tokens` tokens, report the cost and, with `output`, export it (atomically). `settings` are the other
+    `retrofit.settings.ConvertArgs` fields, the options of ``retrofit convert``: `task` converts the checkpoint as
+    its family's classifier or backbone (e.g. the vision tower of a full CLIP checkpoint); `rope_positions` is for
+    RoPE models (DINOv3); with `calibrate_on` (fashion-mnist, an image folder or a Hub dataset id) the merger starts
+    from k-means of the layer-K tokens of `calibrate_images` images of `calibrate_split` instead of at random; with
+    `push_to_hub` (a repo id) the export is uploaded (`private`, `create_pr`), the login checked first; `overwrite`,
+    `revision`, `trust_remote_code`. Bad input raises `RetrofitError` before anything is written."""
+    args = from_options(ConvertArgs, {"source": source, "after_layer": after_layer, "tokens": num_tokens,
+                                      "output": output, **settings}, where="convert()")  # fmt: skip
+    return run_convert(args, log=log)
 
-    The checkpoint is converted as its own class; `task` (``image-classification`` or ``image-feature-extraction``)
-    converts it as the family's classifier or backbone instead (e.g. a DINOv2 backbone with a new classifier, or the
-    vision tower of a full CLIP checkpoint). `rope_positions` is for RoPE models (DINOv3): see `insert_patch_merger`.
 
-    With `calibrate_on` (fashion-mnist, an image folder or a Hub dataset id), the merger starts from k-means of the
-    layer-K tokens of a shuffled sample of `calibrate_images` images of its `calibrate_split` split (column
-    `image_column`) instead of at random. With `push_to_hub` (a repo id), the export is then uploaded there
-    (`private` if the repo is new; `create_pr`: as a pull request on an existing repo); the login is checked first.
-    Bad input raises `RetrofitError` before anything is written; `output`, if given, is written atomically.
-    """
-    check_at_least_one("--calibrate-images", calibrate_images)
+def run_convert(args: ConvertArgs, *, log: Callable[[str], None] = print) -> ConvertResult:
+    """`convert` for settings already checked (``retrofit convert`` builds `ConvertArgs` itself)."""
+    source, output = args.source, args.output
     resolve_source(source)  # a bad retrofit:NAME is refused first
     if output is not None:
-        check_output(output, overwrite, inputs=(source, calibrate_on))
-    if push_to_hub:
+        check_output(output, args.overwrite, inputs=(source, args.calibrate_on))
+    if args.push_to_hub:
         if output is None:
             raise RetrofitError("--push-to-hub uploads the export, so it needs --output")
-        check_push(push_to_hub, private=private, create_pr=create_pr)
-    config = load_config(source, trust_remote_code=trust_remote_code, revision=revision, task=task)
-    processor = load_image_processor(source, config, revision=revision, log=log)
+        check_push(args.push_to_hub, private=args.private, create_pr=args.create_pr)
+    config = load_config(source, trust_remote_code=args.trust_remote_code, revision=args.revision, task=args.task)
+    processor = load_image_processor(source, config, revision=args.revision, log=log)
     image_size = processor_image_size(processor)
-    check_merge(config, after_layer, num_tokens, image_size, rope_positions=rope_positions)
-    model = load_model(source, config=config, trust_remote_code=trust_remote_code, revision=revision)
+    check_merge(config, args.after_layer, args.tokens, image_size, rope_positions=args.rope_positions)
+    model = load_model(source, config=config, trust_remote_code=args.trust_remote_code, revision=args.revision)
     model.eval()
-    merged = insert_patch_merger(model, after_layer, num_tokens, source=str(source), rope_positions=rope_positions)
+    merged = insert_patch_merger(model, args.after_layer, args.tokens, source=str(source),
+                                 rope_positions=args.rope_positions)  # fmt: skip
     training = None
-    if calibrate_on is not None:
+    if args.calibrate_on is not None:
         from .calibrate import calibrate_from_data
         from .card import TrainingInfo
 
-        calibration = calibrate_from_data(
-            merged,
-            calibrate_on,
-            source=str(source),
-            num_images=calibrate_images,
-            split=calibrate_split,
-            image_column=image_column,
-            log=log,
-        )
-        training = TrainingInfo(init=calibration.describe(calibrate_on, calibrate_split, after_layer))
+        calibration = calibrate_from_data(merged, args.calibrate_on, source=str(source), log=log,
+                                          num_images=args.calibrate_images, split=args.calibrate_split,
+                                          image_column=args.image_column)  # fmt: skip
+        training = TrainingInfo(init=calibration.describe(args.calibrate_on, args.calibrate_split, args.after_layer))
     before, after = model_cost(config, image_size), model_cost(merged.config, image_size)
     log(compare(before, after))
     if output is not None:
-        export(merged, output, image_processor=processor, overwrite=overwrite, source_config=config, training=training)
+        export(merged, output, image_processor=processor, overwrite=args.overwrite, source_config=config,
+               training=training)  # fmt: skip
         log(f"wrote {output}")
-        if push_to_hub:
-            push_written(output, push_to_hub, private=private, create_pr=create_pr, log=log)
+        if args.push_to_hub:
+            push_written(output, args.push_to_hub, private=args.private, create_pr=args.create_pr, log=log)
     return ConvertResult(model=merged, before=before, after=after, output=Path(output) if output else None)

@@ -351,158 +351,175 @@ def check_labels(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _size(value) -> tuple[int, int] | int:
-    """(height, width), or an int meaning "shortest edge", from an image processor's size/crop_size."""
-    if value is None:
+def _centre_square(processor) -> int | None:
+    """The side of the centre square kept after the processor's output, or None.
+
+    A shortest-edge resize without a centre crop keeps the aspect ratio, so images of other shapes would come out in
+    other sizes, which a ViT (a fixed number of patches) cannot take: retrofit keeps the centre square of the
+    processor's output, exactly as the processor itself would with a centre crop to that square."""
+    size = getattr(processor, "size", None) or {}
+    if getattr(processor, "do_resize", True) is False or getattr(processor, "do_center_crop", False):
         return None
-    if isinstance(value, int):
-        return (value, value)
-    value = dict(value)
-    if "height" in value and "width" in value:
-        return (int(value["height"]), int(value["width"]))
-    if "shortest_edge" in value:
-        return int(value["shortest_edge"])
-    raise RetrofitError(f"unsupported image processor size {value}; use a processor with height/width")
+    if size.get("shortest_edge") and not size.get("longest_edge"):
+        return int(size["shortest_edge"])
+    return None
 
 
-class ImageTransform:
-    """The checkpoint's preprocessing (resize, centre crop, rescale, normalise) in PIL + torch, with optional
-    train-time augmentation (random resized crop + horizontal flip) that is a pure function of (seed, epoch, index),
-    so a resumed run sees exactly the same augmented images as an uninterrupted one. A shortest-edge resize with no
-    centre crop is followed by a centre square crop, so every image comes out in the one size a ViT takes."""
+def _channel_stats(processor, num_channels: int) -> dict:
+    """``image_mean``/``image_std`` for the processor call when its own are for another number of channels than the
+    model takes (a 3-channel mean for a grey model: the first value); {} when they fit, as they do for any processor
+    saved with its model: the processor then runs exactly as saved."""
+    mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+    if getattr(processor, "do_normalize", False) is False or mean is None or std is None:
+        return {}
+    mean = [mean] if isinstance(mean, (int, float)) else list(mean)
+    std = [std] if isinstance(std, (int, float)) else list(std)
+    if len(mean) in (1, num_channels) and len(std) in (1, num_channels):
+        return {}
+    return {
+        "image_mean": (mean * num_channels)[:num_channels] if len(mean) == 1 else mean[:num_channels],
+        "image_std": (std * num_channels)[:num_channels] if len(std) == 1 else std[:num_channels],
+    }
 
-    def __init__(self, image_processor, *, num_channels: int | None = None, augment: bool = False, seed: int = 0):
-        from PIL import Image
 
-        processor = image_processor
-        mean = getattr(processor, "image_mean", None)
-        std = getattr(processor, "image_std", None)
-        if isinstance(mean, (int, float)):
-            mean = [mean]
-        if isinstance(std, (int, float)):
-            std = [std]
-        self.num_channels = num_channels or (len(mean) if mean else 3)
-        self.do_resize = getattr(processor, "do_resize", True) is not False
-        self.size = _size(getattr(processor, "size", None)) or (224, 224)
-        self.do_center_crop = bool(getattr(processor, "do_center_crop", False))
-        self.crop_size = _size(getattr(processor, "crop_size", None)) if self.do_center_crop else None
-        if self.do_resize and isinstance(self.size, int) and not self.crop_size:
-            # A shortest-edge resize without a crop keeps the aspect ratio, so images of other shapes would come out
-            # in other sizes, which a ViT (fixed number of patches) cannot take: crop the centre square instead.
-            self.crop_size = (self.size, self.size)
-        self.do_rescale = getattr(processor, "do_rescale", True) is not False
-        self.rescale_factor = float(getattr(processor, "rescale_factor", 1 / 255) or 1 / 255)
-        self.do_normalize = getattr(processor, "do_normalize", True) is not False and mean is not None
-        if self.do_normalize:
-            mean = list(mean) * self.num_channels if len(mean) == 1 else list(mean)
-            std = list(std) * self.num_channels if len(std) == 1 else list(std)
-            if len(mean) != self.num_channels:
-                mean, std = mean[: self.num_channels], std[: self.num_channels]
-            self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-            self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-        resample = getattr(processor, "resample", None)
-        self.resample = Image.Resampling(int(resample)) if resample is not None else Image.Resampling.BILINEAR
-        self.augment = augment
-        self.seed = seed
-        self.epoch = 0
+def augment_image(pixels: torch.Tensor, *, seed: int, epoch: int, index: int) -> torch.Tensor:
+    """Train-time augmentation of one processed image (C, H, W): a random resized crop (scale 0.7..1 of the area,
+    aspect 3/4..4/3, resized back bilinearly) and then a horizontal flip with probability 0.5.
 
-    def _resize(self, image):
-        if not self.do_resize:
-            return image
-        if isinstance(self.size, int):  # shortest edge
-            width, height = image.size
-            scale = self.size / min(width, height)
-            target = (max(1, round(width * scale)), max(1, round(height * scale)))
-        else:
-            target = (self.size[1], self.size[0])
-        return image if image.size == target else image.resize(target, self.resample)
+    A pure function of (seed, epoch, index), so a resumed run and a run with worker processes see exactly the same
+    images as an uninterrupted one in one process. Bilinear resizing and flipping commute with the processor's
+    per-channel rescale and normalisation, so augmenting its output equals (up to float rounding) augmenting the
+    rescaled pixels before normalising them."""
+    generator = torch.Generator().manual_seed(hash((seed, epoch, index)) & 0x7FFFFFFF)
+    _, height, width = pixels.shape
+    area = height * width
+    for _ in range(10):  # random resized crop, scale (0.7, 1), aspect (3/4, 4/3), as in Inception-style crops
+        scale = 0.7 + 0.3 * torch.rand((), generator=generator).item()
+        log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand((), generator=generator).item()
+        ratio = math.exp(log_ratio)
+        crop_w = round(math.sqrt(area * scale * ratio))
+        crop_h = round(math.sqrt(area * scale / ratio))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            top = int(torch.randint(0, height - crop_h + 1, (), generator=generator))
+            left = int(torch.randint(0, width - crop_w + 1, (), generator=generator))
+            crop = pixels[:, top : top + crop_h, left : left + crop_w]
+            pixels = F.interpolate(crop[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+            break
+    if torch.rand((), generator=generator).item() < 0.5:
+        pixels = pixels.flip(-1)
+    return pixels
 
-    def _crop(self, tensor: torch.Tensor) -> torch.Tensor:
-        if not self.crop_size:
-            return tensor
-        crop_h, crop_w = self.crop_size if isinstance(self.crop_size, tuple) else (self.crop_size,) * 2
-        _, height, width = tensor.shape
-        top, left = max(0, (height - crop_h) // 2), max(0, (width - crop_w) // 2)
-        return tensor[:, top : top + crop_h, left : left + crop_w]
 
-    def _augment(self, tensor: torch.Tensor, index: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFFFFFF)
-        _, height, width = tensor.shape
-        area = height * width
-        for _ in range(10):  # random resized crop, scale (0.7, 1), aspect (3/4, 4/3), as in Inception-style crops
-            scale = 0.7 + 0.3 * torch.rand((), generator=generator).item()
-            log_ratio = (
-                math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand((), generator=generator).item()
-            )
-            ratio = math.exp(log_ratio)
-            crop_w = round(math.sqrt(area * scale * ratio))
-            crop_h = round(math.sqrt(area * scale / ratio))
-            if 0 < crop_w <= width and 0 < crop_h <= height:
-                top = int(torch.randint(0, height - crop_h + 1, (), generator=generator))
-                left = int(torch.randint(0, width - crop_w + 1, (), generator=generator))
-                crop = tensor[:, top : top + crop_h, left : left + crop_w]
-                tensor = F.interpolate(crop[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-                break
-        if torch.rand((), generator=generator).item() < 0.5:
-            tensor = tensor.flip(-1)
-        return tensor
-
-    def __call__(self, image, index: int = 0) -> torch.Tensor:
-        """A PIL image -> float tensor (C, H, W) ready for the model."""
-        mode = "L" if self.num_channels == 1 else "RGB"
-        if image.mode != mode:
-            image = image.convert(mode)
-        image = self._resize(image)
-        array = np.asarray(image, dtype=np.float32)
-        tensor = torch.from_numpy(array.copy()).unsqueeze(0) if array.ndim == 2 else torch.from_numpy(array.copy())
-        if tensor.ndim == 3 and tensor.shape[-1] == self.num_channels and tensor.shape[0] != self.num_channels:
-            tensor = tensor.permute(2, 0, 1)
-        tensor = self._crop(tensor)
-        if self.do_rescale:
-            tensor = tensor * self.rescale_factor
-        if self.augment:
-            tensor = self._augment(tensor, index)
-        if self.do_normalize:
-            tensor = (tensor - self.mean) / self.std
-        return tensor.contiguous()
+def _unreadable(index: int, exc: Exception) -> RetrofitError:
+    return RetrofitError(f"image {index} is unreadable ({type(exc).__name__}: {brief(exc)}); fix the dataset")
 
 
 class TransformedDataset(torch.utils.data.Dataset):
-    """A `datasets.Dataset` split seen through an `ImageTransform` (and an optional label remapping)."""
+    """A `datasets.Dataset` split prepared by the checkpoint's own image processor (and an optional label
+    remapping), with optional train-time `augment`ation of the processor's output.
 
-    def __init__(self, dataset, transform: ImageTransform, label_map: dict[int, int] | None = None):
+    Each image is first converted to the mode the model takes ("RGB", or "L" for one channel), as transformers'
+    image-classification pipeline does. A DataLoader fetches a whole batch through `__getitems__`, so the processor
+    runs once per batch (in the worker processes too), not once per image."""
+
+    def __init__(
+        self,
+        dataset,
+        image_processor,
+        *,
+        num_channels: int,
+        label_map: dict | None = None,
+        augment: bool = False,
+        seed: int = 0,
+    ):
         self.dataset = dataset
-        self.transform = transform
+        self.image_processor = image_processor
+        self.num_channels = num_channels
+        self.mode = "L" if num_channels == 1 else "RGB"  # the PIL mode the model takes
+        self.overrides = _channel_stats(image_processor, num_channels)
+        self.square = _centre_square(image_processor)
         self.has_labels = "label" in dataset.column_names
         self.label_map = label_map
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def set_epoch(self, epoch: int) -> None:
-        self.transform.epoch = epoch
+        self.epoch = epoch
 
     def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
+
+    def _read(self, indices: list[int]) -> dict[str, list]:
+        """The examples at `indices` as columns; an image that cannot be decoded is one line naming its index."""
         try:
-            item = self.dataset[int(index)]
-            pixels = self.transform(item["image"], int(index))
-        except RetrofitError:
-            raise
-        except Exception as exc:  # PIL/datasets errors on a bad image
-            raise RetrofitError(f"image {index} is unreadable ({type(exc).__name__}: {exc}); fix the dataset") from None
-        out = {"pixel_values": pixels}
-        if self.has_labels:
-            value = item["label"]
-            label = label_id(value, self.label_map)
-            if value is None or (label is not None and label < 0):
-                raise RetrofitError(f"example {index} has no label; use --loss kd for unlabelled data")
-            if label is None:
-                raise RetrofitError(
-                    f"example {index} has the label {value!r}, which is not a class id (an integer) or a known class "
-                    "name; give every example a class id or a ClassLabel"
-                )
-            out["labels"] = label
-        return out
+            return self.dataset[indices]
+        except Exception:  # noqa: BLE001 - PIL/datasets raise many types: find the image, one at a time
+            for index in indices:
+                try:
+                    self.dataset[index]
+                except Exception as exc:  # noqa: BLE001
+                    raise _unreadable(index, exc) from None
+            raise  # every image reads on its own: not one bad image, so the library's error as it is
+
+    def _process(self, images: list, indices: list[int]) -> list[torch.Tensor]:
+        """The processor's pixel values for `images`, one (C, H, W) float tensor each (one processor call)."""
+        try:
+            images = [image if image.mode == self.mode else image.convert(self.mode) for image in images]
+            pixels = self.image_processor(images, **self.overrides)["pixel_values"]
+        except Exception as exc:  # noqa: BLE001 - find the image that fails, one at a time
+            if len(images) == 1:
+                raise _unreadable(indices[0], exc) from None
+            for image, index in zip(images, indices, strict=True):
+                self._process([image], [index])
+            raise RetrofitError(
+                f"the image processor fails on images {indices[0]}..{indices[-1]} together ({type(exc).__name__}: "
+                f"{brief(exc)}) though not on each alone; use a processor that prepares every image the same way"
+            ) from None
+        pixels = [value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value)) for value in pixels]
+        if self.square:
+            side = self.square
+            pixels = [_centre_crop(value, side) for value in pixels]
+        return pixels
+
+    def __getitems__(self, indices) -> list[dict]:
+        """The examples at `indices`, each ``{"pixel_values": (C, H, W) float, "labels": int}`` (no ``labels`` if
+        the split has none); `collate` stacks them."""
+        indices = [int(index) for index in indices]
+        columns = self._read(indices)
+        items = []
+        for position, index in enumerate(indices):
+            item = {}
+            if self.has_labels:
+                item["labels"] = self._label(columns["label"][position], index)
+            items.append(item)
+        pixels = self._process(columns["image"], indices)
+        for item, index, value in zip(items, indices, pixels, strict=True):
+            if self.augment:
+                value = augment_image(value, seed=self.seed, epoch=self.epoch, index=index)
+            item["pixel_values"] = value.contiguous()
+        return items
+
+    def _label(self, value, index: int) -> int:
+        label = label_id(value, self.label_map)
+        if value is None or (label is not None and label < 0):
+            raise RetrofitError(f"example {index} has no label; use --loss kd for unlabelled data")
+        if label is None:
+            raise RetrofitError(
+                f"example {index} has the label {value!r}, which is not a class id (an integer) or a known class "
+                "name; give every example a class id or a ClassLabel"
+            )
+        return label
+
+
+def _centre_crop(pixels: torch.Tensor, side: int) -> torch.Tensor:
+    """The centre `side` x `side` square of (C, H, W) pixels, placed as transformers' `center_crop` places it."""
+    _, height, width = pixels.shape
+    top, left = max(0, (height - side) // 2), max(0, (width - side) // 2)
+    return pixels[:, top : top + side, left : left + side]
 
 
 def collate(items: list[dict]) -> dict[str, torch.Tensor]:
@@ -540,20 +557,26 @@ def make_dataloader(
     num_channels: int | None = None,
     label_map: dict[int, int] | None = None,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader of ``{"pixel_values", "labels"}`` batches (no ``labels`` if the split has none).
+    """A DataLoader of ``{"pixel_values", "labels"}`` batches (no ``labels`` if the split has none), prepared by
+    `image_processor` (the checkpoint's own), one processor call per batch.
 
-    `train` shuffles (with a generator seeded by `seed`); `augment` adds random resized crops and flips;
-    `num_channels` (default: from the processor's mean) converts grey <-> RGB; `label_map` remaps dataset label ids
-    to the model's.
+    `train` shuffles (with a generator seeded by `seed`); `augment` adds random resized crops and flips to the
+    processor's output; `num_channels` (default: from the processor's mean) converts grey <-> RGB first;
+    `label_map` remaps dataset label ids to the model's.
     """
     if batch_size < 1:
         raise RetrofitError(f"batch size must be at least 1 (got {batch_size})")
     if batch_size > len(dataset):
         raise BatchLargerThanData(batch_size, len(dataset))
-    transform = ImageTransform(image_processor, num_channels=num_channels, augment=augment, seed=seed)
+    if not num_channels:
+        mean = getattr(image_processor, "image_mean", None)
+        num_channels = 1 if isinstance(mean, (int, float)) else len(mean) if mean else 3
+    prepared = TransformedDataset(
+        dataset, image_processor, num_channels=num_channels, label_map=label_map, augment=augment, seed=seed
+    )
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
-        TransformedDataset(dataset, transform, label_map),
+        prepared,
         batch_size=batch_size,
         shuffle=train,
         generator=generator if train else None,

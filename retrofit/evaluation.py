@@ -23,6 +23,7 @@ import torch
 
 from .data import dataset_label_map, generic_labels, model_labels
 from .errors import RetrofitError, brief, check_at_least_one
+from .settings import EvaluateArgs
 
 METRICS_DIR = Path(__file__).parent / "metrics"
 
@@ -243,6 +244,7 @@ def feature_similarity(
     loader: torch.utils.data.DataLoader | Sequence[torch.utils.data.DataLoader],
     *,
     names: list[str] | None = None,
+    accelerator=None,
 ) -> list[dict]:
     """Mean cosine similarity, per image, of each model's features (`Head.features`) to the first model's; the first
     model scores 1. Gathered over the processes of an `accelerate launch`.
@@ -250,10 +252,11 @@ def feature_similarity(
     `loader` is one dataloader for all models, or a sequence of one dataloader per model (the same loader object may
     serve several models: it is run once). Per-model loaders must give the same images in the same order (the same
     unshuffled dataset and batch size, each with its model's preprocessing); they are prepared here and read in
-    lockstep, so every batch compares the models on the same images."""
+    lockstep, so every batch compares the models on the same images. With an `accelerator` (a training loop's),
+    the loaders are ones it has prepared already."""
     import torch.nn.functional as F
 
-    from .train import HeadReader
+    from .losses import HeadReader
 
     names = names or [type(model).__name__ for model in models]
     per_model = list(loader) if isinstance(loader, Sequence) else [loader] * len(models)
@@ -269,18 +272,18 @@ def feature_similarity(
                 f"{sorted(shapes)}, shuffled: {shuffled}); build them over one dataset, one batch size, no shuffling"
             )
     which = [next(i for i, each in enumerate(distinct) if each is mine) for mine in per_model]
-    accelerator = _accelerator()
-    prepared = [accelerator.prepare(each) for each in distinct]  # prepared alike, so the shards hold the same images
+    accelerator, prepared = _prepared(accelerator, distinct)  # prepared alike, so the shards hold the same images
     models = [model.to(accelerator.device).eval() for model in models]
     readers = [HeadReader(model, features=False) for model in models]
     totals, count = torch.zeros(len(models), dtype=torch.float64), 0
     with torch.inference_mode():
         for batches in zip(*prepared, strict=True):  # equal lengths and padding: gather_for_metrics drops it once
             pixels = [batches[i]["pixel_values"].to(accelerator.device) for i in which]
-            features = [
-                _forward(read, model, mine).features.float()
-                for read, model, mine in zip(readers, models, pixels, strict=True)
-            ]
+            with accelerator.autocast():
+                features = [
+                    _forward(read, model, mine).features.float()
+                    for read, model, mine in zip(readers, models, pixels, strict=True)
+                ]
             for name, feature in zip(names, features, strict=True):
                 if feature.shape != features[0].shape:
                     raise RetrofitError(
@@ -294,18 +297,24 @@ def feature_similarity(
     return [{"similarity": float(total) / max(1, count), "num_examples": count} for total in totals]
 
 
-def score_models(models: list, loader, *, k: int, maps: list | None = None) -> list[dict]:
-    """top-1, top-k, mean loss and image count of each model over one dataloader (prepared here), gathered over
-    the processes of an `accelerate launch`. `maps[i]` maps model i's label ids to the loader's (None: the same)."""
+def score_models(
+    models: list, loader, *, k: int, maps: list | None = None, accelerator=None, labels_from=None
+) -> list[dict]:
+    """top-1, top-k, mean loss and image count of each model over one dataloader, gathered over the processes of an
+    `accelerate launch`: the one accuracy loop of retrofit (evaluate, sweep, the training loop, recipes, benchmarks).
+    `maps[i]` maps model i's label ids to the loader's (None: the same). `labels_from`: a model whose top-1 is the
+    label (agreement with a teacher, for data without labels). With an `accelerator` (a training loop's), `loader` is
+    one it has prepared already; without one, it is prepared here."""
     from .data import TransformedDataset, check_labels
 
     data = getattr(loader, "dataset", None)
     num_labels = getattr(getattr(models[0], "config", None), "num_labels", None) if models else None
     if isinstance(data, TransformedDataset) and data.has_labels and num_labels:
         check_labels(data.dataset, num_labels, label_map=data.label_map)  # one line, not an IndexError mid-run
-    accelerator = _accelerator()
-    loader = accelerator.prepare(loader)
+    accelerator, (loader,) = _prepared(accelerator, [loader])
     maps = maps or [None] * len(models)
+    if labels_from is not None:
+        labels_from = labels_from.to(accelerator.device).eval()
     models = [model.to(accelerator.device).eval() for model in models]
     stats = [
         {"top1": load_metric("accuracy"), "topk": load_metric("top_k_accuracy"), "loss": 0.0, "count": 0}
@@ -313,8 +322,12 @@ def score_models(models: list, loader, *, k: int, maps: list | None = None) -> l
     ]
     with torch.inference_mode():
         for batch in loader:
+            labels = batch.get("labels")
+            if labels_from is not None:
+                with accelerator.autocast():
+                    labels = labels_from(pixel_values=batch["pixel_values"].to(accelerator.device)).logits.argmax(-1)
             for model, pred_map, stat in zip(models, maps, stats, strict=True):
-                _score_batch(model, pred_map, batch["pixel_values"], batch["labels"], k, accelerator, stat)
+                _score_batch(model, pred_map, batch["pixel_values"], labels, k, accelerator, stat)
     return [
         {
             "top1": stat["top1"].compute()["accuracy"],
@@ -324,6 +337,20 @@ def score_models(models: list, loader, *, k: int, maps: list | None = None) -> l
         }
         for stat in stats
     ]
+
+
+def accuracy(model, loader) -> float:
+    """Top-1 accuracy of `model` on a dataloader of labelled images (`score_models`)."""
+    return score_models([model], loader, k=1)[0]["top1"]
+
+
+def _prepared(accelerator, loaders: list) -> tuple:
+    """(accelerator, loaders) ready for scoring: a given accelerator's loaders are prepared by it already; without
+    one, a new one prepares them."""
+    if accelerator is not None:
+        return accelerator, loaders
+    accelerator = _accelerator()
+    return accelerator, [accelerator.prepare(loader) for loader in loaders]
 
 
 def _forward(call: Callable, model, pixels: torch.Tensor):
@@ -342,7 +369,8 @@ def _forward(call: Callable, model, pixels: torch.Tensor):
 
 def _score_batch(model, pred_map, pixels, labels, k, accelerator, stats) -> None:
     """Forward one batch; gather ranked predictions (reference ids), labels and per-image losses; add to metrics."""
-    logits = _forward(lambda model, pixels: model(pixel_values=pixels), model, pixels.to(accelerator.device))
+    with accelerator.autocast():
+        logits = _forward(lambda model, pixels: model(pixel_values=pixels), model, pixels.to(accelerator.device))
     logits = logits.logits.float()
     labels = labels.to(logits.device)
     if pred_map is not None:
@@ -387,7 +415,7 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run_from_args(args) -> dict:
+def run_evaluate(args: EvaluateArgs) -> dict:
     """`retrofit evaluate`: evaluate, print the table (main process), write --json and --card."""
     from accelerate import PartialState
 

@@ -22,8 +22,6 @@ class Head:
 
     Attributes:
         class_name: the transformers class, e.g. ``ViTForImageClassification``.
-        layers_path: attribute path from that class to the ``nn.ModuleList`` of encoder layers, in the transformers
-            releases retrofit runs on (the exported code finds the list by its layer class, for older releases too).
         auto_class: the Auto class that loads it (written into the export's ``auto_map``).
         layer_config: Python expression, in terms of ``config``, for the config the layers are built from.
         reads: what the head reads from the last hidden state, and what that becomes after a merge.
@@ -36,7 +34,6 @@ class Head:
     """
 
     class_name: str
-    layers_path: str
     auto_class: str = "AutoModelForImageClassification"
     layer_config: str = "config"
     reads: str = ""
@@ -74,7 +71,8 @@ class Family:
         config_class: the top-level config class of the checkpoints (the one in ``config.json``).
         layer_class: the encoder layer class; layers K.. are replaced by a subclass (layer K merges its input first).
         heads: the convertible classes, by class name; the first is used when the checkpoint's own class is not one.
-        num_prefix_tokens: tokens in front of the patch tokens (CLS, distillation, registers), from the layer config.
+        prefix_tokens: the tokens in front of the patch tokens, which bypass the merger: ``CLS``, ``distillation``,
+            ``registers`` (as many as the layer config's ``num_register_tokens``).
         mlp_width: I such that the MLP of one layer costs 2·D·I multiply-accumulates per token (for `retrofit.cost`).
         notes: what changes, or breaks, after a merge.
         refusal: if set, the family is recognised but refused with this reason.
@@ -89,6 +87,8 @@ class Family:
         relative_position_bias: if the layers add a learned bias to the attention scores by the relative positions of
             the patches (BEiT), the class of the module that computes it. The layers after the merge give the merged
             tokens the merge-weighted bias of the patches they average, per image.
+        shapes: random-weight model shapes of the family's first class that ``retrofit bench`` and ``sweep
+            --dry-run`` take instead of a checkpoint (name -> config fields; 224x224 images).
     """
 
     name: str
@@ -99,7 +99,7 @@ class Family:
     config_class: str = ""
     layer_class: str = ""
     heads: dict[str, Head] = field(default_factory=dict)
-    num_prefix_tokens: Callable[[PreTrainedConfig], int] = lambda config: 1
+    prefix_tokens: tuple[str, ...] = ("CLS",)
     mlp_width: Callable[[PreTrainedConfig], float] = lambda config: config.intermediate_size
     notes: str = ""
     refusal: str | None = None
@@ -107,11 +107,23 @@ class Family:
     tower: str = ""
     rope: str | None = None
     relative_position_bias: str | None = None
+    shapes: dict[str, dict] = field(default_factory=dict)
 
     @property
     def display_name(self) -> str:
         """The prefix of the generated class names, e.g. ``CLIPVision`` for ``CLIPVisionConfig``."""
         return self.config_class.removesuffix("Config") or self.display
+
+    def num_prefix_tokens(self, layer_config: PreTrainedConfig) -> int:
+        """How many tokens bypass the merger (`prefix_tokens`, the registers counted from `layer_config`)."""
+        return sum(layer_config.num_register_tokens if token == "registers" else 1 for token in self.prefix_tokens)
+
+    @property
+    def prefix_description(self) -> str:
+        """The prefix tokens in words: ``1 (CLS)``, ``1 + registers (CLS, registers)``, ``0``."""
+        fixed = sum(token != "registers" for token in self.prefix_tokens)
+        count = f"{fixed} + registers" if "registers" in self.prefix_tokens else str(fixed)
+        return f"{count} ({', '.join(self.prefix_tokens)})" if self.prefix_tokens else "0"
 
     @property
     def user_name(self) -> str:
@@ -137,6 +149,23 @@ class Family:
 
 FAMILIES: dict[str, Family] = {}
 
+# The ViT sizes (ViT paper; S from DeiT): width, layers, heads, MLP width; and their patch size in the shapes' names.
+_SIZES = {"ti": (192, 12, 3, 768), "s": (384, 12, 6, 1536), "b": (768, 12, 12, 3072), "l": (1024, 24, 16, 4096),
+          "h": (1280, 32, 16, 5120)}  # fmt: skip
+_PATCH = {"ti": 16, "s": 16, "b": 16, "l": 16, "h": 14}
+
+
+def _shapes(prefix: str, sizes: str | list[str], *, vit: bool = False, **fields) -> dict[str, dict]:
+    """Benchmark shapes ``<prefix>-<size><patch>`` (``vit-b16``; with `vit`, ``<prefix>-vit<size><patch>``) for the
+    ViT sizes `sizes` (``"bl"``, or a list such as ["ti", "s"]), with the family's own config `fields`."""
+    shapes = {}
+    for size in sizes:
+        width, layers, heads, mlp = _SIZES[size]
+        name = f"{prefix}-{'vit' if vit else ''}{size}{_PATCH[size]}"
+        shapes[name] = dict(hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+                            intermediate_size=mlp, patch_size=_PATCH[size], **fields)  # fmt: skip
+    return shapes
+
 
 def register(family: Family) -> Family:
     """Add a family to the registry (also usable by plugins)."""
@@ -155,18 +184,17 @@ register(
         layer_class="ViTLayer",
         heads={
             "ViTForImageClassification": Head(
-                "ViTForImageClassification", "vit.layers", reads="CLS token after the final LayerNorm (unchanged)"
+                "ViTForImageClassification", reads="CLS token after the final LayerNorm (unchanged)"
             ),
             "ViTModel": Head(
                 "ViTModel",
-                "layers",
                 auto_class="AutoModel",
                 reads="CLS token after the final LayerNorm (unchanged; the pooler reads it); last_hidden_state: 1 + M",
                 features="cls",
             ),
         },
-        num_prefix_tokens=lambda config: 1,
         notes="CLS bypasses the merger; nothing else depends on the token count after the embeddings.",
+        shapes=_shapes("vit", ["ti", "s", "b", "l", "h"]),
     )
 )
 
@@ -181,24 +209,22 @@ register(
         layer_class="DeiTLayer",
         heads={
             "DeiTForImageClassification": Head(
-                "DeiTForImageClassification", "deit.layers", reads="CLS token after the final LayerNorm (unchanged)"
+                "DeiTForImageClassification", reads="CLS token after the final LayerNorm (unchanged)"
             ),
             "DeiTForImageClassificationWithTeacher": Head(
                 "DeiTForImageClassificationWithTeacher",
-                "deit.layers",
                 reads="CLS and distillation tokens, two heads averaged (both tokens unchanged)",
                 classifiers=("cls_classifier", "distillation_classifier"),
             ),
             "DeiTModel": Head(
                 "DeiTModel",
-                "layers",
                 auto_class="AutoModel",
                 reads="CLS token after the final LayerNorm (unchanged; the pooler reads it); last_hidden_state: 2 + M",
                 features="cls",
             ),
         },
         # transformers' DeiT embeddings always prepend a CLS and a distillation token.
-        num_prefix_tokens=lambda config: 2,
+        prefix_tokens=("CLS", "distillation"),
         notes="CLS and distillation tokens both bypass the merger.",
     )
 )
@@ -216,17 +242,15 @@ register(
         layer_class="ViTMSNLayer",
         heads={
             "ViTMSNForImageClassification": Head(
-                "ViTMSNForImageClassification", "vit.layers", reads="CLS token after the final LayerNorm (unchanged)"
+                "ViTMSNForImageClassification", reads="CLS token after the final LayerNorm (unchanged)"
             ),
             "ViTMSNModel": Head(
                 "ViTMSNModel",
-                "layers",
                 auto_class="AutoModel",
                 reads="CLS token after the final LayerNorm (unchanged); last_hidden_state: 1 + M tokens",
                 features="cls",
             ),
         },
-        num_prefix_tokens=lambda config: 1,
         notes="A ViT pretrained with Masked Siamese Networks: CLS bypasses the merger, as in ViT.",
     )
 )
@@ -244,18 +268,16 @@ register(
         heads={
             "IJepaForImageClassification": Head(
                 "IJepaForImageClassification",
-                "ijepa.layers",
                 reads="mean of all tokens: after the merge, the mean of the M merged tokens",
             ),
             "IJepaModel": Head(
                 "IJepaModel",
-                "layers",
                 auto_class="AutoModel",
                 reads="mean of all tokens: after the merge, the mean of the M merged tokens; last_hidden_state: M",
                 features="mean",
             ),
         },
-        num_prefix_tokens=lambda config: 0,
+        prefix_tokens=(),
         notes="No CLS token: every token is merged (zero prefix tokens), as in SigLIP.",
     )
 )
@@ -282,18 +304,15 @@ register(
         heads={
             "Dinov2ForImageClassification": Head(
                 "Dinov2ForImageClassification",
-                "dinov2.encoder.layer",
                 reads="CLS ⊕ mean of the tokens after CLS: after the merge, CLS ⊕ mean of the M merged tokens",
             ),
             "Dinov2Model": Head(
                 "Dinov2Model",
-                "encoder.layer",
                 auto_class="AutoModel",
                 reads="pooler_output = CLS after the final LayerNorm (unchanged); last_hidden_state: 1 + M tokens",
                 features="cls+mean",
             ),
         },
-        num_prefix_tokens=lambda config: 1,
         mlp_width=_dinov2_mlp_width,
         notes=(
             "Backbone checkpoints (Dinov2Model) stay backbones; --task image-classification gives them a new "
@@ -317,7 +336,6 @@ register(
         heads={
             "Dinov2WithRegistersForImageClassification": Head(
                 "Dinov2WithRegistersForImageClassification",
-                "dinov2_with_registers.encoder.layer",
                 reads=(
                     "CLS ⊕ mean of tokens[1 + num_register_tokens:]: after the merge, CLS ⊕ mean of the M merged "
                     "tokens (the registers still sit in front of them)"
@@ -325,13 +343,12 @@ register(
             ),
             "Dinov2WithRegistersModel": Head(
                 "Dinov2WithRegistersModel",
-                "encoder.layer",
                 auto_class="AutoModel",
                 reads="pooler_output = CLS after the final LayerNorm (unchanged); last_hidden_state: 1 + R + M",
                 features="cls+mean",
             ),
         },
-        num_prefix_tokens=lambda config: 1 + config.num_register_tokens,
+        prefix_tokens=("CLS", "registers"),
         mlp_width=_dinov2_mlp_width,
         notes=(
             "CLS and the register tokens bypass the merger. Backbone checkpoints stay backbones; --task "
@@ -360,15 +377,15 @@ register(
         heads={
             "DINOv3ViTModel": Head(
                 "DINOv3ViTModel",
-                "model.layer",
                 auto_class="AutoModel",
                 reads="pooler_output = CLS after the final LayerNorm (unchanged); last_hidden_state: 1 + R + M tokens",
                 features="pooler",
             ),
         },
-        num_prefix_tokens=lambda config: 1 + config.num_register_tokens,
+        prefix_tokens=("CLS", "registers"),
         mlp_width=_gated_mlp_width,
         rope="DINOv3ViTRopePositionEmbedding",
+        shapes=_shapes("dinov3", "sbl", vit=True, num_register_tokens=4, layerscale_value=1e-5),
         notes=(
             "CLS and the register tokens bypass the merger. Positions enter only through RoPE, which rotates the "
             "patch tokens' queries and keys in every layer; the layers after the merge rotate each merged token at "
@@ -396,12 +413,10 @@ register(
         heads={
             "CLIPForImageClassification": Head(
                 "CLIPForImageClassification",
-                "vision_model.encoder.layers",
                 layer_config="config.vision_config",
                 reads="mean of the tokens after CLS: after the merge, the mean of the M merged tokens",
             ),
         },
-        num_prefix_tokens=lambda config: 1,
         notes=(
             "A full CLIPModel checkpoint loads as CLIPForImageClassification: the vision tower is kept, the text "
             "tower and projections are dropped and the classifier is new (fine-tune it); --task "
@@ -424,12 +439,10 @@ register(
         heads={
             "CLIPVisionModel": Head(
                 "CLIPVisionModel",
-                "encoder.layers",
                 auto_class="AutoModel",
                 reads="pooler_output = post-LayerNorm of CLS (unchanged); last_hidden_state has 1 + M tokens",
             ),
         },
-        num_prefix_tokens=lambda config: 1,
         notes="Checkpoints saved from CLIPVisionModel (model type clip_vision_model). " + _CLIP_NOTES,
     )
 )
@@ -447,12 +460,11 @@ register(
         heads={
             "SiglipForImageClassification": Head(
                 "SiglipForImageClassification",
-                "vision_model.encoder.layers",
                 layer_config="config.vision_config",
                 reads="mean of all tokens: after the merge, the mean of the M merged tokens",
             ),
         },
-        num_prefix_tokens=lambda config: 0,
+        prefix_tokens=(),
         notes=(
             "No CLS token: every token is merged (zero prefix tokens). A full SiglipModel checkpoint loads as "
             "SiglipForImageClassification: the vision tower is kept, the text tower is dropped and the classifier "
@@ -476,12 +488,11 @@ register(
         heads={
             "SiglipVisionModel": Head(
                 "SiglipVisionModel",
-                "encoder.layers",
                 auto_class="AutoModel",
                 reads="pooler_output = attention pooling over all tokens: after the merge, over the M merged tokens",
             ),
         },
-        num_prefix_tokens=lambda config: 0,
+        prefix_tokens=(),
         notes=(
             "Checkpoints saved from SiglipVisionModel (model type siglip_vision_model). No CLS token: every token is "
             "merged. interpolate_pos_encoding=True gives other image sizes."
@@ -498,11 +509,10 @@ _BEIT_NOTES = (
 )
 
 
-def _beit_family(name: str, display: str, example_id: str, prefix: str, module: str, base: str, layers: str,
-                 backbone: Head) -> Family:  # fmt: skip
+def _beit_family(name: str, display: str, example_id: str, prefix: str, module: str, backbone: Head,
+                 shapes: dict[str, dict] | None = None) -> Family:  # fmt: skip
     """BEiT or Data2Vec-vision: the same model, whose code transformers keeps twice. `prefix` starts the class names
-    (``Beit``), `module` is the modeling module under ``transformers.models``, `base` the classifier's base model
-    attribute, `layers` the layers' path in the base model, `backbone` the base model's `Head`."""
+    (``Beit``), `module` is the modeling module under ``transformers.models``, `backbone` the base model's `Head`."""
     return Family(
         name=name,
         display=display,
@@ -515,7 +525,6 @@ def _beit_family(name: str, display: str, example_id: str, prefix: str, module: 
         heads={
             f"{prefix}ForImageClassification": Head(
                 f"{prefix}ForImageClassification",
-                f"{base}.{layers}",
                 reads=(
                     "LayerNorm of the mean of the tokens after CLS (use_mean_pooling): after the merge, of the M "
                     "merged tokens; without mean pooling, CLS after the final LayerNorm (unchanged)"
@@ -523,26 +532,28 @@ def _beit_family(name: str, display: str, example_id: str, prefix: str, module: 
             ),
             backbone.class_name: backbone,
         },
-        num_prefix_tokens=lambda config: 1,
         relative_position_bias=f"{prefix}RelativePositionBias",
         notes=_BEIT_NOTES,
+        shapes=shapes or {},
     )
 
 
 register(
     _beit_family(
-        "beit", "BEiT", "microsoft/beit-base-patch16-224", "Beit", "beit.modeling_beit", "beit", "layers",
-        Head("BeitModel", "layers", auto_class="AutoModel", features="pooler",
+        "beit", "BEiT", "microsoft/beit-base-patch16-224", "Beit", "beit.modeling_beit",
+        Head("BeitModel", auto_class="AutoModel", features="pooler",
              reads="pooler_output as the classifier reads it (mean of the M merged tokens, or CLS); "
                    "last_hidden_state: 1 + M tokens"),
+        # the fine-tuned classifiers: a relative position bias per layer, mean pooling
+        _shapes("beit", "bl", use_relative_position_bias=True, use_mean_pooling=True, layer_scale_init_value=0.1),
     )
 )  # fmt: skip
 register(
     _beit_family(
         "data2vec_vision", "Data2Vec-vision", "facebook/data2vec-vision-base-ft1k", "Data2VecVision",
-        "data2vec.modeling_data2vec_vision", "data2vec_vision", "encoder.layer",
+        "data2vec.modeling_data2vec_vision",
         # Data2VecVisionModel has no pooler by default: its users read the tokens
-        Head("Data2VecVisionModel", "encoder.layer", auto_class="AutoModel", features="mean",
+        Head("Data2VecVisionModel", auto_class="AutoModel", features="mean",
              reads="no pooler; last_hidden_state: 1 + M tokens (features: the mean of the M merged tokens, which "
                    "the classifier's mean pooling reads)"),
     )

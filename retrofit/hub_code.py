@@ -14,8 +14,8 @@ import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from string import Template
 
+import jinja2
 import transformers
 
 from . import __version__
@@ -36,69 +36,6 @@ class MergedClasses:
     model_class: type
     files: dict[str, str]
     auto_map: dict[str, str]
-
-
-# Rendered into the merged layers of every family: the mask built for the P + N input tokens is dropped.
-MASKS = """
-        # The encoder passes its mask positionally or by keyword, depending on the transformers release: drop it
-        # either way (the layer's other positional arguments, where it has any, are masks as well).
-        args = (None,) * len(args)
-        kwargs = {name: None if name.endswith("mask") else value for name, value in kwargs.items()}"""
-
-# Rendered into the merged layers of RoPE families (`Family.rope`), after the masks are dropped.
-ROPE = """
-        # RoPE: transformers rotates the last N tokens by the rotation of the N patches it is given. Unmerged tokens
-        # (P + N, e.g. with the merger replaced by the identity) keep it, as in the source model. Merged tokens get
-        # the rotation layer K gave them (`merge_rope_positions="mean"`), or none, as the prefix tokens get none.
-        rotation = kwargs["position_embeddings"]
-        cos, sin = rotation
-        if hidden_states.shape[-2] != self.num_prefix_tokens + cos.shape[-2]:
-            kwargs["position_embeddings"] = getattr(rotation, "merged", None) or (cos[..., :0, :], sin[..., :0, :])"""
-
-ROPE_DOC = """
-
-The layers rotate the patch tokens' queries and keys by the patches' positions (RoPE). With
-`config.merge_rope_positions == "mean"` the RoPE module also says where the patches are ([`PatchRotation`]), and
-layer K places each merged token at the merge-weighted mean of its patches' centres, for every image
-([`place_merged_tokens`]); with `"none"` merged tokens are not rotated, like the prefix tokens."""
-
-ROPE_INSERT = """
-    if config.merge_rope_positions == "mean":
-        rotate_merged_tokens(model)
-    elif config.merge_rope_positions != "none":
-        raise ValueError(f"merge_rope_positions must be 'mean' or 'none', got {config.merge_rope_positions!r}")"""
-
-ROPE_CONFIG_DOC = """
-        merge_rope_positions (`str`, *optional*, defaults to `"none"`):
-            Where the layers after the merge place the merged tokens for RoPE. `"mean"`: each merged token is rotated
-            at the merge-weighted mean of the centres of the patches it averages, computed for every image. `"none"`:
-            merged tokens are not rotated (they attend by content, as the CLS and register tokens do); exports made
-            before this setting existed work this way."""
-
-# Rendered into the merged layers of families with a relative position bias (`Family.relative_position_bias`).
-BIAS_MASKS = """
-        # The merge of this forward pass (T, None if not merged) gives the merged tokens their bias: the layer's own,
-        # and one shared by all layers (`use_shared_relative_position_bias`), which arrives for the P + N input tokens
-        # as `relative_position_bias` or inside `attention_mask`, depending on the transformers release. Any other
-        # mask does not fit the merged tokens and is dropped, as in every family.
-        transform = self.merged_positions.transform(kwargs.get("resolution"))
-        args = (None,) * len(args)
-        kwargs = {name: merged_layer_argument(name, value, transform) for name, value in kwargs.items()}
-        for module in self.modules():
-            if isinstance(module, ${bias_class}ForMergedTokens):
-                module.merge_transform = transform  # for this call: super().forward asks it for the layer's bias"""
-
-BIAS_IMPORT = "from transformers.utils import is_torchdynamo_compiling"
-
-BIAS_DOC = """
-
-The layers add a learned relative position bias to their attention scores. Layer K records each image's merge
-weights ([`place_merged_tokens`]), and the layers after it give the merged tokens the merge-weighted bias of the
-patches they average ([`MergedTokenPositions`]): exact for a merged token that copies one patch, and the source
-model's own bias with the merger bypassed."""
-
-BIAS_INSERT = """
-    give_merged_tokens_positions(model, list(layers[k:]), config.merge_num_prefix_tokens)"""
 
 
 def _names(family: Family, head: Head) -> dict[str, str]:
@@ -127,46 +64,35 @@ def base_head(family: Family, head: Head) -> Head | None:
     return next((other for other in family.heads.values() if not other.is_classifier), None)
 
 
-def render(family: Family, head: Head) -> tuple[dict[str, str], dict[str, str]]:
+def render(family: Family, head: Head, *, retrofit_version: str = __version__) -> tuple[dict[str, str], dict[str, str]]:
     """The generated source files (name -> text) and the ``auto_map`` for a family's head class (and, for a
-    classifier, for its family's backbone class, which `AutoModel` loads the same export as)."""
+    classifier, for its family's backbone class, which `AutoModel` loads the same export as).
+
+    The files are `templates/configuration.py.jinja` and `templates/modeling.py.jinja` rendered with `context`
+    (the templates' first comment says what each name in it is); `retrofit_version` goes into their headers only."""
     names = _names(family, head)
     heads = [head] + [base for base in [base_head(family, head)] if base is not None]
     merged_classes = {each.class_name: _names(family, each)["model_class"] for each in heads}  # source -> merged
-    model_class_template = Template((TEMPLATES / "model_class.py.tmpl").read_text())
-    classes = [
-        model_class_template.substitute(
-            model_class=merged,
-            source_model_class=source,
-            config_class=names["config_class"],
-            layer_config=head.layer_config,
-        )
-        for source, merged in merged_classes.items()
-    ]
-    values = {
-        **names,
-        "retrofit_version": __version__,
-        "oldest_transformers": OLDEST_TRANSFORMERS,
-        "config_module": family.config_module,
-        "modeling_module": family.modeling_module,
-        "source_config_class": family.config_class,
+    context = {
+        "family": family,
+        "head": head,
+        "merged": {
+            "config_class": names["config_class"],
+            "config_module": names["config_module_name"],
+            "layer_class": names["layer_class"],
+            "model_type": names["model_type"],
+        },
+        "models": [{"source": source, "merged": merged} for source, merged in merged_classes.items()],
         "source_model_type": getattr(transformers, family.config_class).model_type,
-        "source_model_class": head.class_name,
-        "source_layer_class": family.layer_class,
-        "layer_config": head.layer_config,
         "merger_source": inspect.getsource(PatchMerger).rstrip(),
-        **_positions_values(family),
-        "source_imports": "\n".join(
-            f"    {name}," for name in [family.layer_class, *merged_classes, *_position_imports(family)]
-        ),
-        "model_classes": "\n".join(classes),
-        "all_model_classes": "\n".join(f'    "{merged}",' for merged in merged_classes.values()),
+        "retrofit_version": retrofit_version,
+        "oldest_transformers": OLDEST_TRANSFORMERS,
     }
     files = {
-        f"{names[module]}.py": Template((TEMPLATES / template).read_text()).substitute(values)
+        f"{names[module]}.py": _templates().get_template(template).render(context)
         for module, template in (
-            ("config_module_name", "configuration.py.tmpl"),
-            ("modeling_module_name", "modeling.py.tmpl"),
+            ("config_module_name", "configuration.py.jinja"),
+            ("modeling_module_name", "modeling.py.jinja"),
         )
     }
     auto_map = {"AutoConfig": f"{names['config_module_name']}.{names['config_class']}"}
@@ -175,57 +101,17 @@ def render(family: Family, head: Head) -> tuple[dict[str, str], dict[str, str]]:
     return files, auto_map
 
 
-def _position_imports(family: Family) -> list[str]:
-    if family.rope:
-        return [family.rope, "get_patches_center_coordinates"]
-    return [family.relative_position_bias] if family.relative_position_bias else []
-
-
-def _positions_values(family: Family) -> dict[str, str]:
-    """The template values that say where the merged tokens are, for families whose layers use the patches'
-    positions: RoPE (`Family.rope`) or a relative position bias (`Family.relative_position_bias`)."""
-    values = {
-        "imports": "import torch\nfrom torch import nn",
-        "positions_code": "",
-        "merge_call": "self.patch_merger(hidden_states)",
-        "masks": MASKS,
-        "positions": "",
-        "positions_doc": "",
-        "positions_insert": "",
-        "layer_arguments": "",
-        "rope_config_doc": "",
-        "rope_config_field": "",
-    }
-    if family.rope:
-        rope_code = Template((TEMPLATES / "rope.py.tmpl").read_text()).substitute(rope_class=family.rope)
-        values |= {
-            "imports": "import math\n\nimport torch\nfrom torch import nn",
-            "positions_code": "\n" + rope_code.rstrip(),
-            "merge_call": 'place_merged_tokens(self.patch_merger, hidden_states, kwargs["position_embeddings"])',
-            "positions": ROPE,
-            "positions_doc": ROPE_DOC,
-            "positions_insert": ROPE_INSERT,
-            "rope_config_doc": ROPE_CONFIG_DOC,
-            "rope_config_field": '\n    merge_rope_positions: str = "none"',
-        }
-    elif family.relative_position_bias:
-        bias_code = Template((TEMPLATES / "relative_position_bias.py.tmpl").read_text()).substitute(
-            bias_class=family.relative_position_bias, source_layer_class=family.layer_class
-        )
-        values |= {
-            "imports": "\n".join(["import inspect", "", "import torch", "from torch import nn", BIAS_IMPORT]),
-            "positions_code": "\n" + bias_code.rstrip(),
-            "merge_call": (
-                "place_merged_tokens(\n"
-                '                self.patch_merger, hidden_states, self.merged_positions, kwargs.get("resolution")\n'
-                "            )"
-            ),
-            "masks": Template(BIAS_MASKS).substitute(bias_class=family.relative_position_bias),
-            "positions_doc": BIAS_DOC,
-            "positions_insert": BIAS_INSERT,
-            "layer_arguments": "\n            **source_layer_arguments(layers[index]),",
-        }
-    return values
+@cache
+def _templates() -> jinja2.Environment:
+    """The templates: Python, not HTML (no escaping); an undefined name is an error; block tags leave no blank lines."""
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=False,  # Python, not HTML
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
 
 
 class _GeneratedCode(importlib.abc.SourceLoader):
@@ -270,3 +156,52 @@ def load_classes(family: Family, head: Head) -> MergedClasses:
         files=files,
         auto_map=auto_map,
     )
+
+
+# The rendered files of every convertible (family, head) are kept in tests/golden/ (tests/test_hub_code.py checks that
+# rendering reproduces them byte for byte), rendered with this version in place of retrofit's own, so that they change
+# with the code only, not with every release.
+GOLDEN_VERSION = "<version>"
+GOLDEN_COMMAND = "python -m retrofit.hub_code --write-golden tests/golden"
+
+
+def golden_files() -> dict[str, str]:
+    """The generated files of every (family, head) that retrofit converts, by path: `<family>/<head class
+    lowercased>/<file>`, rendered with `GOLDEN_VERSION`."""
+    from .families import FAMILIES
+
+    files = {}
+    for family in FAMILIES.values():
+        if family.refusal:
+            continue
+        for head in family.heads.values():
+            rendered, _ = render(family, head, retrofit_version=GOLDEN_VERSION)
+            for name, text in rendered.items():
+                files[f"{family.name}/{head.class_name.lower()}/{name}"] = text
+    return files
+
+
+def write_golden(folder: Path) -> None:
+    """Write `golden_files()` under `folder`, removing the generated files there that they no longer include."""
+    files = golden_files()
+    for path in sorted(folder.glob("*/*/*.py")):
+        if path.relative_to(folder).as_posix() not in files:
+            path.unlink()
+            print(f"removed {path}")
+    for name, text in files.items():
+        path = folder / name
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            print(f"wrote {path}")
+    for directory in sorted(folder.glob("*/*/"), reverse=True) + sorted(folder.glob("*/")):
+        if directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m retrofit.hub_code", description="Keep the golden generated files.")
+    parser.add_argument("--write-golden", type=Path, required=True, metavar="FOLDER", help="e.g. tests/golden")
+    write_golden(parser.parse_args().write_golden)

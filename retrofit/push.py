@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from .errors import RetrofitError, brief
+from .settings import PushArgs
 
 # An open pull request of the repo: huggingface_hub commits to it with `revision="refs/pr/N"`.
 PR_REVISION = re.compile(r"refs/pr/([1-9][0-9]*)")
@@ -321,3 +322,9 @@ def push_written(
         retry = f"retrofit push {export} --repo-id {repo_id}" + (" --private" if private else "")
         retry += " --create-pr" if create_pr else ""
         raise RetrofitError(f"wrote {export}, but the upload failed: {exc}; retry with `{retry}`") from None
+
+
+def run_push(args: PushArgs) -> str:
+    """`retrofit push`."""
+    return push(args.export, args.repo_id, private=args.private, revision=args.revision,
+                commit_message=args.commit_message, create_pr=args.create_pr)  # fmt: skip

@@ -13,6 +13,21 @@ from .loading import family_and_head, is_merged, layer_config
 from .provenance import SourceRecord, source_record
 
 
+def encoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The model's encoder layers and their name, found by the family's layer class (`Family.layer_class`), wherever
+    the installed transformers release keeps them (``vit.encoder.layer`` became ``vit.layers`` in 5.9), as the
+    exported code finds them."""
+    family, _ = family_and_head(model.config)
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, torch.nn.ModuleList)
+            and len(module)
+            and all(any(cls.__name__ == family.layer_class for cls in type(layer).__mro__) for layer in module)
+        ):
+            return name, module
+    raise RuntimeError(f"no {family.layer_class} layers in {type(model).__name__}")
+
+
 def check_merge(
     config: PreTrainedConfig,
     after_layer: int,
@@ -113,7 +128,7 @@ def insert_patch_merger(
         merged = model_class(config)
     state = model.state_dict()
     missing, unexpected = merged.load_state_dict(state, strict=False, assign=True)
-    merger_prefix = f"{head.layers_path}.{after_layer}.patch_merger."
+    merger_prefix = f"{encoder_layers(merged)[0]}.{after_layer}.patch_merger."
     if unexpected or any(not key.startswith(merger_prefix) for key in missing):
         raise RuntimeError(f"surgery mismatch for {head.class_name}: missing={missing} unexpected={unexpected}")
     # Buffers that are not saved in the state dict (e.g. position ids) are taken from the source model.

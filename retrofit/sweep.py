@@ -1,7 +1,7 @@
 """`sweep`: accuracy and speed over merge placements (after-layer x tokens), to pick a setting for a target speed-up.
 
 Each setting gets the data-calibrated merger initialisation (`retrofit.calibrate`; cheap, shares the source weights)
-or, with ``method="finetune"``, a short fine-tune (`retrofit.train.finetune`, ``finetune_steps`` steps). Accuracy is
+or, with ``method="finetune"``, a short fine-tune (`retrofit.finetune.finetune`, ``finetune_steps`` steps). Accuracy is
 measured on one split with the shipped `evaluate` metrics (for a backbone: the cosine similarity of its features to
 the unmerged model's, `retrofit.evaluation.feature_similarity`, which needs no labels); speed with
 `retrofit.benchmark` (all settings and the source measured alternately in one process). Writes ``sweep.md``,
@@ -12,54 +12,12 @@ reference point) into the output folder.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .errors import RetrofitError, check_at_least_one
-
-if TYPE_CHECKING:
-    from .benchmark import BenchSettings
-
-METHODS = ("calibrate", "finetune")
-# `SweepSettings` fields checked by `benchmark.check_settings`, by the option that sets them
-BENCH_OPTIONS = {"batch_sizes": "--bench-batch-size", "repeats": "--bench-repeats"}
-
-
-@dataclass
-class SweepSettings:
-    """What to sweep and how to measure it."""
-
-    after_layers: tuple[int, ...]
-    tokens: tuple[int, ...]
-    data: str = "fashion-mnist"
-    split: str = "test"
-    calibrate_split: str = "train"
-    limit: int | None = 1000
-    calibrate_images: int = 256
-    method: str = "calibrate"
-    finetune_steps: int = 100
-    finetune_batch_size: int = 64
-    target_speedup: float | None = None
-    batch_size: int = 64
-    bench_batch_size: int = 32
-    bench_repeats: int = 3
-    device: str = "cpu"
-    dtype: str = "fp32"
-    seed: int = 0
-
-
-def parse_ints(text: str, option: str) -> tuple[int, ...]:
-    """``"3,6,9"`` -> (3, 6, 9), or a one-line error naming `option`."""
-    try:
-        values = tuple(dict.fromkeys(int(part) for part in str(text).split(",") if part.strip()))
-    except ValueError:
-        raise RetrofitError(f"{option} '{text}' is not a comma-separated list of integers, e.g. 3,6,9") from None
-    if not values:
-        raise RetrofitError(f"{option} is empty; give one or more integers, e.g. 3,6,9")
-    return values
+from .errors import RetrofitError
+from .settings import BenchSettings, SweepArgs, SweepSettings
 
 
 def pareto_front(points: list[dict], x: str = "images_per_s", y: str = "top1") -> list[dict]:
@@ -240,7 +198,7 @@ def _merged_models(source, source_model, pixels, settings: SweepSettings, work: 
                 log(calibrate(merged, pixels, seed=settings.seed).summary())
             else:
                 from .data import BatchLargerThanData
-                from .train import finetune
+                from .finetune import finetune
 
                 out = work / f"k{k}-m{m}"
                 try:
@@ -272,8 +230,6 @@ def _merged_models(source, source_model, pixels, settings: SweepSettings, work: 
 
 def bench_settings(settings: SweepSettings) -> BenchSettings:
     """How a sweep measures speed: every setting and the source at one batch size, alternately."""
-    from .benchmark import BenchSettings
-
     return BenchSettings(
         device=settings.device,
         dtype=settings.dtype,
@@ -285,28 +241,10 @@ def bench_settings(settings: SweepSettings) -> BenchSettings:
     )
 
 
-def check_target_speedup(target: float | None) -> None:
-    """Refuse a `--target-speedup` that is not a finite number above 1 (None: no target)."""
-    if target is not None and (isinstance(target, bool) or not isinstance(target, int | float)):
-        raise RetrofitError(f"--target-speedup must be a number above 1 (got {target!r})")
-    if target is not None and not (math.isfinite(target) and target > 1):
-        raise RetrofitError(f"--target-speedup must be a finite number above 1, e.g. 1.8 (got {target})")
-
-
-def check_settings(
-    settings: SweepSettings, output: str | Path | None = None, overwrite: bool = False, *, source: str | None = None
-) -> None:
-    """Refuse bad `settings` (and a bad `output` folder for a sweep of `source`) with one line naming the option,
-    before any work."""
+def check_output_folder(settings: SweepSettings, output: str | Path | None, overwrite: bool, source: str) -> None:
+    """Refuse, before any work, an `output` folder a sweep of `source` may not write (`retrofit.atomic`)."""
     from .atomic import SWEEP, check_output
-    from .benchmark import check_settings as check_bench_settings
 
-    if settings.method not in METHODS:
-        raise RetrofitError(f"--method {settings.method!r} is not one of {', '.join(METHODS)}")
-    check_target_speedup(settings.target_speedup)
-    for option in ("calibrate_images", "finetune_steps", "finetune_batch_size", "batch_size"):
-        check_at_least_one(f"--{option.replace('_', '-')}", getattr(settings, option))
-    check_bench_settings(bench_settings(settings), BENCH_OPTIONS)
     if output is not None:
         if not str(output).strip():
             raise RetrofitError("--output is empty; give a folder name, or leave it out for sweep-<source name>")
@@ -331,7 +269,9 @@ def sweep(
     from .loading import load_config, load_image_processor, load_model
     from .surgery import check_merge
 
-    check_settings(settings, output, overwrite, source=source)
+    if settings.data is None:
+        raise RetrofitError("--data is required: the sweep measures accuracy on it (or pass --dry-run for FLOPs alone)")
+    check_output_folder(settings, output, overwrite, source)
     config = load_config(source)
     backbone = is_backbone(config)  # ranked by feature similarity to the source, not accuracy (no labels read)
     key = "similarity" if backbone else "top1"
@@ -534,13 +474,11 @@ def cost_grid(
     }
 
 
-def run_from_args(args) -> dict:
+def run_sweep(args: SweepArgs) -> dict:
     """`retrofit sweep`: run, print the table and the verdict, write the output folder. With --dry-run, print each
     setting's theoretical cost instead, and write nothing."""
     if args.dry_run:
-        check_target_speedup(args.target_speedup)
-        after_layers, tokens = parse_ints(args.after_layer, "--after-layer"), parse_ints(args.tokens, "--tokens")
-        report = cost_grid(args.source, after_layers, tokens, target_speedup=args.target_speedup)
+        report = cost_grid(args.source, args.after_layers, args.tokens, target_speedup=args.target_speedup)
         size = "x".join(map(str, report["image_size"] or [])) or "the config's size"
         print(f"{args.source}: theoretical cost per image at {size} (no weights or data read)")
         print(report["table"])
@@ -549,26 +487,9 @@ def run_from_args(args) -> dict:
         return report
     if args.data is None:
         raise RetrofitError("--data is required: the sweep measures accuracy on it (or pass --dry-run for FLOPs alone)")
-    settings = SweepSettings(
-        after_layers=parse_ints(args.after_layer, "--after-layer"),
-        tokens=parse_ints(args.tokens, "--tokens"),
-        data=args.data,
-        split=args.split,
-        calibrate_split=args.calibrate_split,
-        limit=args.limit,
-        calibrate_images=args.calibrate_images,
-        method=args.method,
-        finetune_steps=args.finetune_steps,
-        finetune_batch_size=args.finetune_batch_size,
-        target_speedup=args.target_speedup,
-        batch_size=args.batch_size,
-        bench_batch_size=args.bench_batch_size,
-        bench_repeats=args.bench_repeats,
-        device=args.device,
-        dtype=args.dtype,
-    )
+    settings = SweepSettings(**{spec.name: getattr(args, spec.name) for spec in fields(SweepSettings)})
     output = f"sweep-{Path(str(args.source).rstrip('/')).name}" if args.output is None else args.output
-    check_settings(settings, output, args.overwrite, source=args.source)
+    check_output_folder(settings, output, args.overwrite, args.source)
     # the folder is written after the table is printed, so that a full disk does not lose the results
     report = sweep(args.source, settings, log=print)
     print(report["table"])

@@ -17,6 +17,7 @@ from retrofit import benchmark, convert
 from retrofit.cli import main
 from retrofit.cost import model_cost
 from retrofit.errors import RetrofitError
+from retrofit.settings import BenchSettings, parse_compile, parse_merges
 from retrofit.surgery import merged_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +109,7 @@ def test_bench_times_a_vision_backbone(tmp_path):
         (["--batch-size", "0"], "--batch-size"),
         (["--batch-size", "a,b"], "--batch-size"),
         (["--merge", "6-8"], "is not K:M"),
-        (["--compile", "turbo"], "unknown --compile mode"),
+        (["--compile", "turbo"], "--compile has the unknown mode 'turbo'"),
         (["--merge", "9:4"], "--after-layer 9 is out of range"),
         (["--batch-size", "1,99999999999999999999999"], "too large to be a tensor dimension"),
         (["--threads", "0"], "--threads must be between 1 and"),
@@ -148,8 +149,8 @@ def test_bad_settings_are_refused_by_the_python_api(tiny_vit):
         (dict(latency_iters=-1), "--latency-iters must be 0"),
     ]
     for changes, message in bad:
-        settings = benchmark.BenchSettings(**{**dict(warmup=1, repeats=1, min_time=0, latency_iters=0), **changes})
-        with pytest.raises(RetrofitError, match=message):
+        with pytest.raises(RetrofitError, match=message):  # refused as the settings are built
+            settings = BenchSettings(**{**dict(warmup=1, repeats=1, min_time=0, latency_iters=0), **changes})
             benchmark.benchmark([str(tiny_vit)], settings=settings, log=pytest.fail)  # fails if it logs "loading"
 
 
@@ -260,8 +261,8 @@ def test_shape_cost_matches_the_paper_setting():
         model = ViTForImageClassification(config)
     ratio = model_cost(config).gflops / model_cost(merged_config(model, 6, 8)).gflops
     assert ratio == pytest.approx(1.905, abs=0.01)
-    assert benchmark.parse_compile("both") == ("eager", "default")
-    assert benchmark.parse_merges("half:8,3:16") == [("half", 8), ("3", 16)]
+    assert parse_compile("both") == ("eager", "default")
+    assert parse_merges("half:8,3:16") == (("half", 8), ("3", 16))
 
 
 def test_bench_card_names_the_hardware(tiny_vit, export_dir, tmp_path):

@@ -208,14 +208,14 @@ def test_long_library_messages_are_cut_at_a_sentence_or_word():
     assert brief(KeyError("short")) == "'short'"
 
 
-@pytest.mark.parametrize("k", [0, 4, -1])
-def test_after_layer_out_of_range(capsys, tmp_path, tiny_vit, k):
-    assert_refused(capsys, tmp_path / "o", tiny_vit, "--after-layer", k, "--tokens", 2, match="use 1..3")
+@pytest.mark.parametrize(("k", "match"), [(0, "--after-layer must be at least 1"), (4, "use 1..3"), (-1, "at least 1")])
+def test_after_layer_out_of_range(capsys, tmp_path, tiny_vit, k, match):
+    assert_refused(capsys, tmp_path / "o", tiny_vit, "--after-layer", k, "--tokens", 2, match=match)
 
 
-@pytest.mark.parametrize("m", [0, 16, 100])
-def test_tokens_out_of_range(capsys, tmp_path, tiny_vit, m):
-    assert_refused(capsys, tmp_path / "o", tiny_vit, "--after-layer", 1, "--tokens", m, match="use 1..15")
+@pytest.mark.parametrize(("m", "match"), [(0, "--tokens must be at least 1"), (16, "use 1..15"), (100, "use 1..15")])
+def test_tokens_out_of_range(capsys, tmp_path, tiny_vit, m, match):
+    assert_refused(capsys, tmp_path / "o", tiny_vit, "--after-layer", 1, "--tokens", m, match=match)
 
 
 def test_unsupported_architecture(capsys, tmp_path):

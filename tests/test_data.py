@@ -252,6 +252,55 @@ def test_shortest_edge_resize_without_crop_gives_one_square_size(tmp_path):
     assert torch.equal(batch["pixel_values"], next(iter(make_dataloader(data, cropping, batch_size=4)))["pixel_values"])
 
 
+def _numbered(images: list):
+    """`images` as a split whose label is each image's index, to find every image again in a shuffled batch."""
+    from datasets import ClassLabel, Dataset, Features, Image
+
+    features = Features({"image": Image(), "label": ClassLabel(num_classes=len(images))})
+    return Dataset.from_dict({"image": images, "label": list(range(len(images)))}, features=features)
+
+
+def _counting(processor, sizes: list):
+    """`processor`'s class's __call__, noting the number of images of each call in `sizes`."""
+    call = type(processor).__call__
+    return lambda self, images, *args, **kwargs: sizes.append(len(images)) or call(self, images, *args, **kwargs)
+
+
+def test_batches_are_the_processors_own_output(imagefolder, monkeypatch):
+    """Training (augment off, shuffled) and evaluation batches hold exactly what the checkpoint's processor gives for
+    the same images, converted first to the model's mode as transformers' pipeline does: a ViT-style resize to
+    height x width and a DINOv2-style shortest-edge resize + centre crop, on non-square RGB and grey images; and a
+    grey model gets the processor's output for the grey image. The processor runs once per batch."""
+    from PIL import Image
+    from transformers import BitImageProcessor
+
+    rng = np.random.default_rng(0)
+    colour = [Image.fromarray(rng.integers(0, 256, (417, 300, 3), dtype=np.uint8)) for _ in range(4)]  # 300x417
+    grey = [Image.fromarray(rng.integers(0, 256, (417, 300), dtype=np.uint8), mode="L") for _ in range(2)]
+    images = colour + grey + [Image.open(path) for path in sorted(imagefolder.glob("test/*/*.png"))[:2]]
+    data = _numbered(images)
+    vit = ViTImageProcessor(size={"height": 24, "width": 40})
+    dinov2 = BitImageProcessor(  # facebook/dinov2-base's preprocessor_config.json, smaller
+        size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56}, resample=3, do_convert_rgb=True,
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+    )  # fmt: skip
+    grey_model = ViTImageProcessor(size={"height": 20, "width": 20}, image_mean=[0.5], image_std=[0.25])
+    for image_processor, mode, channels in ((vit, "RGB", 3), (dinov2, "RGB", 3), (grey_model, "L", 1)):
+        expected = torch.from_numpy(np.stack(image_processor([im.convert(mode) for im in images])["pixel_values"]))
+        assert expected.shape[:2] == (len(images), channels)
+        sizes = []
+        monkeypatch.setattr(type(image_processor), "__call__", _counting(image_processor, sizes))
+        for settings in (dict(train=True, seed=5), dict()):  # a training loader, then an evaluation loader
+            loader = make_dataloader(data, image_processor, batch_size=3, num_channels=channels, **settings)
+            batches = list(loader)
+            pixels = torch.cat([batch["pixel_values"] for batch in batches])
+            order = torch.cat([batch["labels"] for batch in batches])
+            assert pixels.dtype == torch.float32 and torch.equal(pixels, expected[order])
+            assert (order != torch.arange(len(images))).any() == bool(settings)  # only training shuffles
+        assert sizes == [3, 3, 2] * 2  # one processor call per batch
+        monkeypatch.undo()
+
+
 def test_images_of_different_sizes_are_one_line(tmp_path):
     from PIL import Image
 

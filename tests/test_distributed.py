@@ -9,13 +9,13 @@ import pytest
 from conftest import launch_two_cpu_processes
 from test_data import make_imagefolder
 
-from retrofit.train import list_checkpoints
+from retrofit.checkpoints import list_checkpoints
 
 DRIVER = textwrap.dedent(
     """
     import json, sys
     from accelerate import PartialState
-    from retrofit.train import finetune
+    from retrofit.finetune import finetune
 
     source, data, output, report = sys.argv[1:5]
     result = finetune(source, output=output, after_layer=2, num_tokens=4, data=data, loss="mix", max_steps=3,

@@ -225,7 +225,7 @@ def backbone_other_processor(backbone, tmp_path_factory):
 
 def similarity_by_hand(first, other, images) -> float:
     """Mean per-image cosine of `other`'s features to `first`'s, each model on its own processor's pixels."""
-    from retrofit.train import HeadReader
+    from retrofit.losses import HeadReader
 
     dataset = load_split(str(images), "test", label_column=None)
     features = []

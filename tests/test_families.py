@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import operator
 import os
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from retrofit.cost import layer_macs, model_cost
 from retrofit.families import supported_names
 from retrofit.hub_code import OLDEST_TRANSFORMERS
 from retrofit.loading import family_and_head, layer_config
-from retrofit.train import HeadReader
+from retrofit.losses import HeadReader
 
 K, M = 2, 3  # merge after 2 of the 4 layers into 3 tokens (of 16 patches at 32x32, 36 at 48x48)
 LAYERS = TINY["num_hidden_layers"]
@@ -257,8 +256,9 @@ def outputs(model: nn.Module, pixels: torch.Tensor, **kwargs) -> dict[str, torch
 
 
 def layers_of(model: nn.Module) -> nn.ModuleList:
-    _, head = family_and_head(model.config)
-    return operator.attrgetter(head.layers_path)(model)
+    from retrofit.surgery import encoder_layers
+
+    return encoder_layers(model)[1]
 
 
 def tokens_seen(model: nn.Module, pixels: torch.Tensor, **kwargs) -> list[int]:
@@ -787,8 +787,8 @@ def test_retrofit_finetune_runs_on_the_family(name, converted, tmp_path):
     """`retrofit.train.finetune` end to end (k-means calibration, CE steps, export) with no prefix token."""
     from test_data import make_imagefolder
 
+    from retrofit.finetune import finetune
     from retrofit.loading import load_model
-    from retrofit.train import finetune
 
     data = make_imagefolder(tmp_path / "colours", per_class=4, test_per_class=2)
     out = tmp_path / "pm"

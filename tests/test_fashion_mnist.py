@@ -15,9 +15,9 @@ from retrofit import insert_patch_merger, load_model
 from retrofit.calibrate import calibrate_from_data
 from retrofit.cli import main
 from retrofit.data import FASHION_MNIST_CLASSES, load_split, make_dataloader
+from retrofit.evaluation import accuracy
+from retrofit.finetune import finetune
 from retrofit.loading import load_config, load_image_processor, resolve_source
-from retrofit.recipes import accuracy
-from retrofit.train import finetune
 
 pytestmark = pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist is not installed")
 SOURCE = "retrofit:fashion-mnist-vit"

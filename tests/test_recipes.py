@@ -120,6 +120,6 @@ def test_values_of_the_wrong_type_are_refused_and_1e_4_is_a_number(tmp_path, cap
     assert main(["run", str(path), "--set", "training.lr=.nan"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        "retrofit: error: --batch-size must be a whole number, not 16.5",
-        "retrofit: error: --lr must be a finite number, not nan",
+        f"retrofit: error: training.batch_size in recipe '{path}' must be a whole number, not 16.5",
+        f"retrofit: error: training.lr in recipe '{path}' must be a finite number, not nan",
     ]

@@ -25,9 +25,10 @@ import retrofit.atomic
 import retrofit.loading
 import retrofit.provenance
 from retrofit import convert
+from retrofit.checkpoints import list_checkpoints
 from retrofit.cli import main
 from retrofit.errors import RetrofitError
-from retrofit.train import finetune, list_checkpoints
+from retrofit.finetune import finetune
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(batch_size=8, save_every=2, progress=False, eval_batch_size=12)

@@ -1,0 +1,209 @@
+"""Training checkpoints: written whole, resumed exactly, and never mixed up with anything else in their folder.
+
+A checkpoint is ``<checkpoint_dir>/step-NNNNNNNN``: Accelerate's state (model, optimizer, scheduler, random states;
+loaded with ``weights_only=True``) and ``progress.json`` (the loop's position: text, so loading it runs no code). It is
+written into ``.step-NNNNNNNN.tmp`` and renamed into place, so a run killed at any moment leaves only complete
+checkpoints. ``run.json`` records what the checkpoints were made for (`RUN_SETTINGS`); ``--resume`` refuses other
+settings. The folder may hold the user's own files: only retrofit's checkpoints are ever listed or deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from .errors import RetrofitError, brief
+
+
+class Progress:
+    """The loop's position, saved with every checkpoint as ``progress.json`` (text: loading it runs no code)."""
+
+    def __init__(self) -> None:
+        self.step = 0  # optimizer steps done
+        self.epoch = 0  # current epoch
+        self.batch = 0  # batches of the current epoch consumed (per process)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.epoch, self.batch = int(state["step"]), int(state["epoch"]), int(state["batch"])
+
+
+PROGRESS_FILE = "progress.json"
+# What an older retrofit stored the progress in: a pickle (Accelerate's custom state), which is never loaded.
+PICKLED_PROGRESS = "custom_checkpoint_0.pkl"
+CHECKPOINT_NAME = re.compile(r"step-(\d{8})")
+
+
+def default_checkpoint_dir(output: str | Path) -> Path:
+    """``<output>-checkpoints`` next to the export (the export itself stays a clean Hub repository)."""
+    output = Path(output)
+    return output.parent / f"{output.name}-checkpoints"
+
+
+def is_checkpoint(folder: Path) -> bool:
+    """A complete checkpoint written by retrofit: a real ``step-NNNNNNNN`` folder holding Accelerate's state and
+    the progress (``progress.json``, or an older retrofit's pickle, which `--resume` refuses to load)."""
+    if folder.is_symlink() or not folder.is_dir() or not CHECKPOINT_NAME.fullmatch(folder.name):
+        return False
+    weights = (folder / "model.safetensors").is_file()
+    return (folder / PROGRESS_FILE).is_file() or weights and (folder / PICKLED_PROGRESS).is_file()
+
+
+def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
+    """retrofit's complete checkpoints in `checkpoint_dir`, oldest first: temporary folders of killed runs and
+    anything retrofit did not write are left out (and never deleted)."""
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if is_checkpoint(p)), key=lambda p: p.name)
+
+
+def remove_checkpoints(checkpoint_dir: Path) -> None:
+    """Start over (``--overwrite``): delete retrofit's checkpoints, its unfinished ``.step-N.tmp`` folders and its
+    ``run.json``, and nothing else: the folder may hold the user's own files."""
+    if not checkpoint_dir.is_dir():
+        return
+    for path in checkpoint_dir.iterdir():
+        unfinished = path.name.startswith(".step-") and path.name.endswith(".tmp") and not path.is_symlink()
+        if is_checkpoint(path) or unfinished and path.is_dir():
+            shutil.rmtree(path)
+    if (checkpoint_dir / "run.json").is_file():
+        (checkpoint_dir / "run.json").unlink()
+
+
+def check_checkpoints(checkpoint_dir: Path | None, *, resume: bool, overwrite: bool) -> list[Path]:
+    """Refuse to mix runs: existing checkpoints need --resume (continue) or --overwrite (start over)."""
+    existing = list_checkpoints(checkpoint_dir) if checkpoint_dir else []
+    if existing and not resume and not overwrite:
+        raise RetrofitError(
+            f"'{checkpoint_dir}' holds checkpoints of an earlier run; pass --resume to continue it or "
+            "--overwrite to start over"
+        )
+    return existing
+
+
+# What a checkpoint's weights and optimizer state were made for (`run.json` in the checkpoint folder), with the flag
+# that sets each: resuming with another value would load them into a different model, or change it silently.
+RUN_SETTINGS = {
+    "architecture": "--task",
+    "num_labels": "--num-labels",
+    "merge_after_layer": "--after-layer",
+    "merge_num_tokens": "--tokens",
+    "merge_rope_positions": "--rope-positions",
+    "train": "--train",
+}
+
+
+def run_settings(model, train: str) -> dict:
+    """The settings in `RUN_SETTINGS` of a run training `model` (`train`: its --train)."""
+    from .loading import family_and_head
+
+    config = model.config
+    settings = {key: getattr(config, key, None) for key in RUN_SETTINGS if key.startswith("merge_")}
+    classifier = hasattr(config, "num_labels") and family_and_head(config)[1].is_classifier
+    return {
+        "architecture": (config.architectures or [type(model).__name__])[0],
+        "num_labels": config.num_labels if classifier else None,
+        **settings,
+        "train": train,
+    }
+
+
+def check_same_run(checkpoint_dir: Path, settings: dict) -> None:
+    """Refuse to resume checkpoints written with other `RUN_SETTINGS` (a one-line error naming the first)."""
+    path = checkpoint_dir / "run.json"
+    if not path.is_file():  # written by a retrofit from before run.json; loading the state checks what it can
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        saved = exc
+    if not isinstance(saved, dict):
+        raise RetrofitError(
+            f"'{path}' is damaged ({brief(saved) if isinstance(saved, Exception) else 'not a JSON object'}); "
+            "pass --overwrite to start over"
+        )
+    for key, flag in RUN_SETTINGS.items():
+        if key in saved and saved[key] != settings[key]:
+            if key == "architecture":  # a class name, set through --task / --num-labels
+                was, fix = f"{saved[key]} ({flag})", f"the {flag} of that run"
+            else:
+                was, fix = f"{flag} {saved[key]}", f"{flag} {saved[key]}"
+            raise RetrofitError(
+                f"'{checkpoint_dir}' holds checkpoints of a run with {was}, not {settings[key]}: resume with {fix}, "
+                "or pass --overwrite to start over"
+            )
+
+
+def save_checkpoint(accelerator, checkpoint_dir: Path, progress: Progress, keep: int, settings: dict) -> Path:
+    """`accelerator.save_state` and `progress` (``progress.json``) into a temporary folder, renamed into place,
+    keeping the newest `keep` checkpoints. The first checkpoint in the folder also writes `run.json` (`settings`,
+    replacing one left by a run that stopped before its first checkpoint): a run that stops before it leaves no
+    folder behind. A write that fails (a full disk, a file-size limit) is one line and leaves no temporary folder."""
+    from safetensors import SafetensorError
+
+    from .atomic import write_text
+    from .errors import describe_os_error
+
+    final = checkpoint_dir / f"step-{progress.step:08d}"
+    tmp = checkpoint_dir / f".step-{progress.step:08d}.tmp"
+    if final.exists() and not is_checkpoint(final):
+        raise RetrofitError(f"'{final}' exists and is not a retrofit checkpoint; move it out of --checkpoint-dir")
+    try:
+        if accelerator.is_main_process:
+            if not list_checkpoints(checkpoint_dir):
+                write_text(checkpoint_dir / "run.json", json.dumps(settings, indent=2) + "\n")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / PROGRESS_FILE).write_text(json.dumps(progress.state_dict()) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in list_checkpoints(checkpoint_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = describe_os_error(exc) if isinstance(exc, OSError) else f"{brief(exc, 120)}; check the free space"
+        raise RetrofitError(f"cannot write checkpoint '{final}': {why}") from None
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, checkpoint: Path, progress: Progress, older: list[Path]) -> None:
+    """Restore a checkpoint written by `save_checkpoint`: the model, optimizer, scheduler and random states through
+    Accelerate with ``weights_only=True`` (no pickle runs code), the progress from ``progress.json``. A checkpoint
+    that does not fit or is damaged is one line."""
+    from accelerate.utils import load as load_tensors
+
+    fallback = f"delete it to resume from {older[-1].name}, " if older else "delete it "
+    if not (checkpoint / PROGRESS_FILE).is_file():
+        raise RetrofitError(
+            f"checkpoint '{checkpoint}' was written by an older retrofit, which kept its progress as a pickle that "
+            "retrofit no longer loads (it could run code); pass --overwrite to start over"
+        )
+    try:
+        progress.load_state_dict(json.loads((checkpoint / PROGRESS_FILE).read_text()))
+        # Accelerate ignores random states it cannot load: check them here, so a resumed run is the same run.
+        load_tensors(checkpoint / f"random_states_{accelerator.process_index}.pkl")
+        accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
+    except Exception as exc:
+        if isinstance(exc, RuntimeError) and "state_dict" in str(exc):  # other merge settings (before run.json)
+            raise RetrofitError(
+                f"checkpoint '{checkpoint}' does not fit this run ({brief(exc, 200)}); resume with the settings of "
+                "the run that wrote it, or pass --overwrite to start over"
+            ) from None
+        # a file missing or damaged since it was written (checkpoints are written whole), or one that is not what
+        # retrofit wrote (a pickle that is not plain tensors is refused by weights_only)
+        raise RetrofitError(
+            f"checkpoint '{checkpoint}' is damaged ({type(exc).__name__}: {brief(exc, 120)}); {fallback}or pass "
+            "--overwrite to start over"
+        ) from None

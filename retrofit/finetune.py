@@ -1,0 +1,417 @@
+"""`finetune` and `pretrain`: the steps around the training loop, in the order they run.
+
+`finetune`: check where it writes → load the source (or a retrofit export to continue) → insert the PatchMerger →
+load the teacher → calibrate the merger → `retrofit.train.train` → export with its model card → push. `pretrain`
+builds a ViT from a config and trains it from scratch with the same loop (the Fashion-MNIST baselines).
+
+Checkpoints go to ``--checkpoint-dir`` (default: ``<output>-checkpoints`` next to ``--output``), never into the
+export, which stays a clean Hub repository; ``--resume`` continues from the newest and reaches the same weights as an
+uninterrupted run with the same seed (`retrofit.checkpoints`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import RetrofitError, brief, did_you_mean
+from .settings import FinetuneArgs, PretrainRun, TrainingRun, from_options
+from .train import TrainResult, train
+
+
+def finetune(
+    source: str | Path,
+    *,
+    output: str | Path,
+    after_layer: int | None = None,
+    num_tokens: int | None = None,
+    eval_at_start: bool = False,
+    stop_after: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    **settings,
+) -> TrainResult:
+    """Insert a PatchMerger into `source` after `after_layer` layers with `num_tokens` tokens (or continue training
+    a retrofit export) and fine-tune it; export to `output`. `settings` are `retrofit.settings.FinetuneArgs` fields
+    (data, loss, epochs, lr, task, teacher, calibrate, push_to_hub, ...: the options of ``retrofit finetune``).
+    `eval_at_start` also scores the merged model before training; `stop_after` N stops after N steps (a checkpoint
+    to resume from); `progress` shows a progress bar."""
+    args = from_options(
+        FinetuneArgs,
+        {"source": source, "output": output, "after_layer": after_layer, "tokens": num_tokens, **settings},
+        where="finetune()",
+    )
+    return run_finetune(args, eval_at_start=eval_at_start, stop_after=stop_after, progress=progress, log=log)
+
+
+@dataclass
+class Prepared:
+    """A fine-tune ready to train (`prepare`): the merged model, the teacher, how the images are prepared, and what
+    the export and its card need afterwards (`finish`)."""
+
+    model: torch.nn.Module
+    teacher: torch.nn.Module | None
+    processor: object
+    config: object  # the source's config as the model is trained (after --task)
+    source_config: object | None  # for the card's cost table
+    init: str  # how the merger started, for the card
+    checkpoint_dir: Path
+    resuming: bool
+    stored_dtype: torch.dtype  # the source's: the export is saved in it
+
+
+def run_finetune(
+    args: FinetuneArgs,
+    *,
+    eval_at_start: bool = False,
+    stop_after: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """`finetune` for settings already checked (the CLI builds `FinetuneArgs` itself): `prepare`, train, `finish`."""
+    ready = prepare(args, log=log)
+    result = train(ready.model.float(), ready.processor, args, teacher=ready.teacher,
+                   checkpoint_dir=ready.checkpoint_dir, resume=args.resume, overwrite=args.overwrite,
+                   eval_at_start=eval_at_start, stop_after=stop_after, progress_bar=progress, log=log)  # fmt: skip
+    finish(args, ready, result, log=log)
+    publish(args, result, log=log)
+    return result
+
+
+def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepared:
+    """Everything before the training loop, in order: check where the run writes (export, checkpoints, Hub login)
+    before any work → load the source as the model it is trained as (or a retrofit export to continue) → insert the
+    PatchMerger → load the teacher → calibrate the merger."""
+    from accelerate.utils import set_seed
+
+    from .atomic import check_checkpoint_dir, check_output
+    from .checkpoints import check_checkpoints, default_checkpoint_dir, list_checkpoints
+    from .loading import family_and_head, for_task, is_merged, load_config, load_image_processor, resolve_source
+
+    source, output = args.source, args.output
+    resolve_source(source)  # a bad retrofit:NAME is refused first
+    checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else default_checkpoint_dir(output)
+    if checkpoint_dir.resolve().is_relative_to(Path(output).resolve()):
+        raise RetrofitError(
+            f"--checkpoint-dir '{checkpoint_dir}' is inside --output '{output}', which the export replaces; put the "
+            "checkpoints elsewhere (the default is <output>-checkpoints)"
+        )
+    check_checkpoint_dir(checkpoint_dir)
+    resuming = args.resume and bool(list_checkpoints(checkpoint_dir))  # then the run being resumed owns `output`
+    check_output(output, args.overwrite or resuming, inputs=(source, args.teacher, args.data))
+    if args.push_to_hub:
+        from .push import check_push
+
+        check_push(args.push_to_hub, private=args.private, create_pr=args.create_pr)
+    check_checkpoints(checkpoint_dir, resume=args.resume, overwrite=args.overwrite)
+    set_seed(args.seed)  # the merger's random initialisation must be the same in a resumed run
+
+    saved = load_config(source, trust_remote_code=args.trust_remote_code, revision=args.revision)
+    config = for_task(saved, task_for(args.task, args.num_labels))
+    check_teacher_logits(source, saved, config, args.loss)
+    task = family_and_head(config)[1].pipeline_tag  # the teacher is loaded as the same kind of model
+    processor = load_image_processor(source, config, revision=args.revision, log=log)
+    if is_merged(config):
+        model, teacher, teacher_name, source_config = _continue_export(args, config, task)
+        init = "continued from a retrofit export"
+    else:
+        model, teacher, source_config = _merge_source(args, config, processor, task)
+        teacher_name, init = args.teacher or source, "random"
+    check_runs_on_its_images(model, processor, source)
+    if teacher is not None:
+        check_teacher_fits(teacher, model, processor, teacher_name)
+    if args.calibrate and init == "random":
+        init = _calibrate(model, args, resumed=resuming, log=log)
+    return Prepared(model, teacher, processor, config, source_config, init, checkpoint_dir, resuming, model.dtype)
+
+
+def finish(args: FinetuneArgs, ready: Prepared, result: TrainResult, *, log: Callable[[str], None] = print) -> None:
+    """After the training loop, on the process that writes: export the trained model with its model card, in the
+    source's dtype. A run stopped early (`stop_after`) writes nothing."""
+    if not (result.finished and result.is_main_process):
+        return
+    from .card import build_card
+    from .export import export
+    from .loading import processor_image_size
+
+    trained = result.model.to(ready.stored_dtype).eval()
+    if ready.stored_dtype != torch.float32:
+        log(f"saving in {str(ready.stored_dtype).removeprefix('torch.')}, as the source is stored (trained in float32)")
+    training = _training_info(args, result, ready.init, args.teacher)
+    card = build_card(trained, source_config=ready.source_config, image_size=processor_image_size(ready.processor),
+                      training=training)  # fmt: skip
+    export(trained, args.output, image_processor=ready.processor, card=card,
+           overwrite=args.overwrite or ready.resuming, source_config=ready.source_config)  # fmt: skip
+    log(f"wrote {args.output} (checkpoints in {ready.checkpoint_dir})")
+    result.output = Path(args.output)
+
+
+def publish(args: FinetuneArgs, result: TrainResult, *, log: Callable[[str], None] = print) -> None:
+    """Upload the export `finish` wrote, if ``--push-to-hub`` asks for it (the login was checked before training)."""
+    if args.push_to_hub and result.output is not None:
+        from .push import push_written
+
+        push_written(args.output, args.push_to_hub, private=args.private, create_pr=args.create_pr, log=log)
+
+
+def _merge_source(args: FinetuneArgs, config, processor, task: str) -> tuple:
+    """Load the source and insert the PatchMerger; the teacher for kd/mix is a frozen copy of the unmerged source
+    (or the --teacher). Returns (merged model, teacher or None, the source's config for the card)."""
+    from .loading import load_config, load_model, processor_image_size
+    from .surgery import check_merge, insert_patch_merger
+
+    if args.after_layer is None or args.tokens is None:
+        raise RetrofitError("--after-layer and --tokens are required when SOURCE is not a retrofit export")
+    check_merge(config, args.after_layer, args.tokens, processor_image_size(processor),
+                rope_positions=args.rope_positions)  # fmt: skip
+    base = load_model(args.source, config=config, trust_remote_code=args.trust_remote_code, revision=args.revision)
+    teacher = None
+    if args.loss != "ce":  # its own copy: the merged model shares the source's tensors
+        if args.teacher is None:
+            teacher = copy.deepcopy(base).eval()
+        else:
+            teacher_config = load_config(args.teacher, trust_remote_code=args.trust_remote_code, task=task)
+            teacher = load_model(args.teacher, config=teacher_config, trust_remote_code=args.trust_remote_code).eval()
+    model = insert_patch_merger(base.eval(), args.after_layer, args.tokens, source=str(args.source),
+                                rope_positions=args.rope_positions)  # fmt: skip
+    return model, teacher, config
+
+
+def _continue_export(args: FinetuneArgs, config, task: str) -> tuple:
+    """Load a retrofit export to train on, and the model to distil from: --teacher, or the model it was made from
+    (found and checked, `retrofit.provenance.find_teacher`). Returns (model, teacher or None, teacher's name, the
+    source's config for the card or None)."""
+    from .loading import load_config, load_model
+    from .provenance import find_teacher
+
+    if args.after_layer not in (None, config.merge_after_layer) or args.tokens not in (None, config.merge_num_tokens):
+        raise RetrofitError(
+            f"'{args.source}' is already merged (after layer {config.merge_after_layer}, {config.merge_num_tokens} "
+            "tokens); drop --after-layer/--tokens to continue training it, or fine-tune its source"
+        )
+    if args.rope_positions not in (None, getattr(config, "merge_rope_positions", None)):
+        raise RetrofitError(
+            f"'{args.source}' is already merged with --rope-positions "
+            f"{getattr(config, 'merge_rope_positions', None) or '(none: not a RoPE model)'}; drop "
+            "--rope-positions to continue training it, or fine-tune its source"
+        )
+    model = load_model(args.source, config=config, revision=args.revision)
+    if args.loss == "ce":
+        return model, None, None, None
+    name, revision = (args.teacher, None) if args.teacher else find_teacher(str(args.source), config)
+    try:
+        teacher_config = load_config(name, trust_remote_code=args.trust_remote_code, revision=revision, task=task)
+    except RetrofitError as exc:
+        if args.teacher:
+            raise
+        raise RetrofitError(
+            f"the teacher of --loss {args.loss} is '{args.source}''s source, '{config.merge_source}', which cannot "
+            f"be loaded ({exc}); pass --teacher, or use --loss ce"
+        ) from None
+    teacher = load_model(name, config=teacher_config, trust_remote_code=args.trust_remote_code, revision=revision)
+    return model, teacher.eval(), name, None if args.teacher else teacher_config
+
+
+def _calibrate(model, args: FinetuneArgs, *, resumed: bool, log) -> str:
+    """Start the merger from k-means of the layer-K tokens of a shuffled sample of training images; returns the
+    card's line for it. A resumed run's checkpoint already holds the calibrated merger."""
+    from .provenance import public_name
+
+    if resumed:
+        data = public_name(args.data)
+        return f"calibrated (k-means of the layer-{args.after_layer} tokens of `{data}`; the run was resumed)"
+    from .calibrate import calibrate_from_data
+
+    calibration = calibrate_from_data(model, args.data, source=str(args.source), log=log, seed=args.seed,
+                                      num_images=args.calibrate_images, split=args.split,
+                                      image_column=args.image_column)  # fmt: skip
+    return calibration.describe(args.data, args.split, args.after_layer)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks before training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def task_for(task: str | None, num_labels: int | None) -> str | None:
+    """The `--task` a fine-tune loads its source for: `--num-labels` asks for a new classifier, so it implies
+    ``image-classification`` (a DINOv2 backbone checkpoint then gets one)."""
+    if num_labels is None or task == "image-classification":
+        return task
+    if task is not None:
+        raise RetrofitError(
+            f"--num-labels gives the model a new classifier, which a {task} model has none of; drop one of them"
+        )
+    return "image-classification"
+
+
+def check_teacher_logits(source: str | Path, saved, config, loss: str) -> None:
+    """Refuse distilling logits into a classifier the checkpoint does not have: teacher and student would each get
+    their own random head (a backbone or a full CLIP/SigLIP checkpoint loaded for image classification)."""
+    from .loading import classifier_is_new
+
+    if loss != "ce" and classifier_is_new(saved, config):
+        saved_as = (saved.architectures or ["?"])[0]
+        raise RetrofitError(
+            f"'{source}' is a {saved_as} checkpoint, so its classifier would be new and random, with no logits to "
+            f"distil (--loss {loss}); train one with --num-labels N --loss ce on labelled data, or keep a backbone "
+            "with --task image-feature-extraction"
+        )
+
+
+def blank_outputs(model, image_size: tuple[int, int]) -> torch.Tensor:
+    """What `model`'s head gives for one blank image of `image_size` (logits, or a backbone's features): a cheap
+    check that the model runs on the images it will be given."""
+    from .losses import HeadReader
+
+    vision = getattr(model.config, "vision_config", None)
+    channels = getattr(model.config, "num_channels", None) or getattr(vision, "num_channels", 3)
+    pixels = torch.zeros(1, channels, *image_size, dtype=model.dtype)
+    with torch.no_grad():
+        read = HeadReader(model, features=False)(model, pixels)
+    return read.logits if read.logits is not None else read.features
+
+
+def check_runs_on_its_images(model, processor, source) -> tuple[int, int]:
+    """Refuse, before any work, a checkpoint that cannot run on the images its own image processor gives (another
+    size than its config's, say). Returns that size."""
+    from .loading import processor_image_size
+
+    height, width = processor_image_size(processor)
+    try:
+        blank_outputs(model, (height, width))
+    except Exception as exc:  # noqa: BLE001 - any failure here would end the run at its first step
+        raise RetrofitError(
+            f"'{source}' cannot run on the {height}×{width} images its image processor gives ({brief(exc, 120)}); "
+            "fix its preprocessor_config.json or config.json so that they agree"
+        ) from None
+    return height, width
+
+
+def check_teacher_fits(teacher, student, processor, teacher_source) -> None:
+    """Refuse, before training, a teacher that cannot read the student's images or gives other outputs (another
+    image size, another number of labels): one forward pass of a blank image through both."""
+    from .loading import processor_image_size
+
+    height, width = processor_image_size(processor)
+    try:
+        expected = blank_outputs(teacher, (height, width))
+    except Exception as exc:  # noqa: BLE001 - any failure here would end the run at its first step
+        raise RetrofitError(
+            f"the teacher '{teacher_source}' cannot run on the {height}×{width} images the model is trained on "
+            f"({brief(exc, 120)}); pass a --teacher made for them"
+        ) from None
+    shapes = {"teacher": tuple(expected.shape), "student": tuple(blank_outputs(student, (height, width)).shape)}
+    if shapes["teacher"] != shapes["student"]:
+        raise RetrofitError(
+            f"the teacher '{teacher_source}' gives outputs of shape {shapes['teacher']}, the model {shapes['student']} "
+            "(other labels?); pass a --teacher with the same labels, or use --loss ce"
+        )
+
+
+def _training_info(run: TrainingRun, result: TrainResult, init: str, teacher: str | None = None):
+    from .card import TrainingInfo
+    from .losses import describe_loss
+    from .provenance import public_name
+
+    notes = [f"trained: {run.train}; lr {run.lr}, batch {run.batch_size}x{run.grad_accum}, seed {run.seed}"]
+    if result.final_accuracy is not None:
+        notes.append(f"accuracy on `{public_name(run.data)}` {run.eval_split}: {result.final_accuracy:.4f}")
+    return TrainingInfo(data=run.data, steps=result.steps, epochs=round(result.epochs, 3),
+                        loss=describe_loss(run, teacher), init=init, notes=notes)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pretraining a baseline
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def pretrain(
+    model_config: dict,
+    *,
+    output: str | Path,
+    image_processor: dict | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    **settings,
+) -> TrainResult:
+    """Train a ViT (built from `model_config`, a `ViTConfig` dict) from scratch with cross-entropy and save a plain
+    transformers checkpoint (config, weights, image processor, ``training.json``) to `output`. `settings` are
+    `PretrainRun` fields (data, epochs, lr, ...; loss ce and lr 1e-3 unless given). Labels come from the data."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    from .atomic import BASELINE, atomic_dir, check_checkpoint_dir, check_output
+    from .checkpoints import check_checkpoints, default_checkpoint_dir, list_checkpoints
+    from .data import class_names, load_split
+    from .loading import check_config, processor_image_size
+
+    run = from_options(PretrainRun, settings, where="pretrain()")
+    if run.loss != "ce":
+        raise RetrofitError("pretraining has no teacher; use loss ce")
+    reserved = sorted({"num_labels", "id2label", "label2id"} & set(model_config))
+    if reserved:
+        raise RetrofitError(
+            f"pretrain.model.{reserved[0]} is taken from the data's class names; remove it from the recipe"
+        )
+    _check_keys(model_config, ViTConfig().to_dict(), "pretrain.model", "ViTConfig field")
+    _check_keys(
+        image_processor or {}, ViTImageProcessor().to_dict(), "pretrain.image_processor", "ViTImageProcessor field"
+    )
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(output)
+    check_checkpoint_dir(checkpoint_dir)
+    resuming = resume and bool(list_checkpoints(checkpoint_dir))  # then the run being resumed owns `output`
+    check_output(output, overwrite or resuming, kind=BASELINE, inputs=(run.data,))
+    check_checkpoints(checkpoint_dir, resume=resume, overwrite=overwrite)
+    names = class_names(load_split(run.data, run.split, label_column=run.label_column, limit=1))
+    if not names:
+        raise RetrofitError(f"'{run.data}' has no class names (ClassLabel); pretraining needs them")
+    try:
+        labels = {"num_labels": len(names), "id2label": dict(enumerate(names))}
+        config = ViTConfig(**model_config, **labels, label2id={n: i for i, n in enumerate(names)})
+        check_config(config, "pretrain.model")
+        size = config.image_size
+        processor = ViTImageProcessor(**{
+            "size": {"height": size, "width": size},
+            "image_mean": [0.5] * config.num_channels,
+            "image_std": [0.5] * config.num_channels,
+            **(image_processor or {}),
+        })  # fmt: skip
+    except RetrofitError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - TypeError, ValueError, huggingface_hub's StrictDataclassError
+        raise RetrofitError(f"bad pretrain.model or pretrain.image_processor: {brief(exc)}") from None
+    if processor_image_size(processor) != (size, size):
+        raise RetrofitError(
+            f"pretrain.image_processor gives {'×'.join(map(str, processor_image_size(processor)))} images, but "
+            f"pretrain.model.image_size is {size}; give both the same size"
+        )
+    torch.manual_seed(run.seed)
+    model = ViTForImageClassification(config)
+    result = train(model, processor, run, checkpoint_dir=checkpoint_dir, resume=resume, overwrite=overwrite,
+                   progress_bar=progress, log=log)  # fmt: skip
+    if not (result.finished and result.is_main_process):
+        return result
+    with atomic_dir(output, overwrite or resuming, kind=BASELINE, inputs=(run.data,)) as tmp:
+        result.model.float().save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        info = {"data": run.data, "steps": result.steps, "epochs": result.epochs, "accuracy": result.final_accuracy,
+                "eval_split": run.eval_split, "settings": asdict(run)}  # fmt: skip
+        (tmp / "training.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    log(f"wrote {output}")
+    result.output = Path(output)
+    return result
+
+
+def _check_keys(given: dict, valid, where: str, what: str) -> None:
+    """Refuse keys that `valid` lacks: configs accept unknown keyword arguments silently."""
+    for key in given:
+        if key not in valid:
+            raise RetrofitError(f"unknown {what} '{key}' in {where}{did_you_mean(key, valid)}")

@@ -1,0 +1,761 @@
+"""Every setting of every command, once: type, default, help, and the check of its value.
+
+Each command's settings are one dataclass (`ConvertArgs`, `FinetuneArgs`, ...), put together from groups that
+commands and recipes share (`MergeSettings`, `DataSettings`, `TrainSettings`, ...). From these fields come
+
+- the command-line options and their help (`add_options`; a field ``after_layer`` is ``--after-layer``),
+- the keyword arguments of the Python API (the field names),
+- the recipe schema: each recipe section is a few groups (`RECIPE_SECTIONS`), its keys their fields (a field may
+  keep an older recipe spelling: `setting(key=...)`, e.g. ``data: {name: ...}`` for `DataSettings.data`), and what
+  ``--set section.key=value`` may set;
+- the validation: building a dataclass checks every value (`Settings.__post_init__`), so a bad value is refused in
+  one line naming the option (or the recipe key), before anything is loaded.
+
+Why not transformers' ``HfArgumentParser``: ``retrofit --help`` and usage errors answer in 0.1 s because this module
+imports neither torch nor transformers (tests/test_api.py), and ``HfArgumentParser`` lives in transformers (0.8 s to
+import); it also registers every option twice (``--after_layer`` and ``--after-layer``), gives booleans an optional
+value (``--augment [AUGMENT]``) and has no positional arguments. `add_options` follows its rules otherwise:
+``X | None`` is optional, ``Literal`` gives choices, a bool is a flag (``--no-X`` where it defaults to True), and the
+help shows the default.
+"""
+
+import argparse
+import dataclasses
+import math
+import os
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Literal
+
+from .errors import RetrofitError, did_you_mean
+from .families import ROPE_POSITIONS, TASKS
+
+# ----------------------------------------------------------------------------------------------------------------
+# Declaring and checking settings
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def setting(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    key: str | None = None,
+    flag: str | None = None,
+    short: str | None = None,
+    metavar: str | None = None,
+    positional: bool = False,
+    nargs: str | None = None,
+    const: Any = None,
+    parse: typing.Callable[[str], Any] | None = None,
+    at_least: float | None = None,
+    positive: bool = False,
+    interval: tuple[float, float, str] | None = None,
+    expect: str | None = None,
+    cli: bool = True,
+) -> Any:
+    """A dataclass field that is a setting: `help` for ``--help``; `key` its recipe key and `flag` its option where
+    they are not the field name (``--batch-size`` for `BenchSettings.batch_sizes`); `short` an extra short option;
+    `positional` a positional argument (`nargs`, `const` as argparse's); `parse` turns an option's text into the value
+    (``"1,32,256"`` -> (1, 32, 256)). The value must be `at_least` N (0: "0 or more"), `positive`, or in `interval`
+    (low, high, text such as ``"[0, 1)"``; high excluded when the text ends in ``)``); `expect` says what it must be
+    when it is not (``a number of seconds from 0 to 3600``). `cli` False: a recipe or Python setting only."""
+    metadata = {
+        "help": help, "key": key, "flag": flag, "short": short, "metavar": metavar, "positional": positional,
+        "nargs": nargs, "const": const, "parse": parse, "at_least": at_least, "positive": positive,
+        "interval": interval, "expect": expect, "cli": cli,
+    }  # fmt: skip
+    if isinstance(default, list | dict | set):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+class SettingError(RetrofitError):
+    """A bad value of one setting: `name` (the field), `problem` (``must be positive (got 0)``). The message names the
+    option; a recipe names its key instead (`recipes.py`)."""
+
+    def __init__(self, cls: type, name: str, problem: str) -> None:
+        self.cls, self.name, self.problem = cls, name, problem
+        super().__init__(f"{option_of(cls, name)} {problem}")
+
+
+def option_of(cls: type, name: str) -> str:
+    """The command-line option of a setting (``after_layer`` -> ``--after-layer``, or its `setting(flag=...)`)."""
+    spec = next((spec for spec in fields(cls) if spec.name == name), None)
+    return (spec.metadata.get("flag") if spec is not None else None) or f"--{name.replace('_', '-')}"
+
+
+def _kind(annotation) -> tuple[Any, bool]:
+    """(the type a setting holds, whether None is allowed) from its annotation."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else annotation), type(None) in args
+    return annotation, False
+
+
+def _describe(kind) -> str:
+    if typing.get_origin(kind) is tuple:
+        return "a list of whole numbers" if typing.get_args(kind)[0] is int else "a list"
+    return {int: "a whole number", float: "a finite number", str: "text", bool: "true or false"}.get(kind, str(kind))
+
+
+def _problem(kind, value, spec: dataclasses.Field) -> str | None:
+    """What is wrong with `value` for a setting of type `kind`, or None."""
+    if typing.get_origin(kind) is Literal:
+        choices = typing.get_args(kind)
+        return None if value in choices else f"must be one of {', '.join(map(str, choices))}, not {value!r}"
+    if typing.get_origin(kind) is tuple:
+        item = typing.get_args(kind)[0]
+        items = {int: lambda v: isinstance(v, int) and not isinstance(v, bool), str: lambda v: isinstance(v, str)}
+        good = items.get(item, lambda v: True)
+        ok = isinstance(value, tuple | list) and all(good(v) for v in value)
+        values = list(value) if ok and item is int else []
+    else:
+        types = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}.get(kind, (object,))
+        ok = isinstance(value, types) and (kind is bool or not isinstance(value, bool))
+        ok = ok and not (kind is float and not math.isfinite(value))
+        values = [value] if ok and kind in (int, float) else []
+    meta = spec.metadata
+    if not ok:
+        if meta["expect"]:
+            return f"must be {meta['expect']} (got {value!r})"
+        return f"must be {_describe(kind)}, not {value!r}"
+    for number in values:
+        if meta["at_least"] is not None and number < meta["at_least"]:
+            least = "0 or more" if meta["at_least"] == 0 else f"at least {meta['at_least']:g}"
+            return f"must be {least} (got {number})"
+        if meta["positive"] and number <= 0:
+            return f"must be positive (got {number})"
+        if meta["interval"] is not None:
+            low, high, text = meta["interval"]
+            if not (low <= number and (number < high if text.endswith(")") else number <= high)):
+                return f"must be {meta['expect'] or f'in {text}'} (got {number})"
+    return None
+
+
+class Settings:
+    """Base of every settings dataclass: building one checks each value (type, range, choices), then `check` checks
+    how they go together. Paths given as `os.PathLike` are kept as text, as options and recipes give them."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for spec in fields(self):
+            setattr(self, spec.name, _checked(type(self), spec, hints[spec.name], getattr(self, spec.name)))
+        self.check()
+
+    def check(self) -> None:
+        """Checks across fields (subclasses extend it; each calls super().check())."""
+
+    def refuse(self, name: str, problem: str) -> None:
+        raise SettingError(type(self), name, problem)
+
+
+def _checked(cls: type, spec: dataclasses.Field, annotation, value):
+    """`value` for setting `spec` of `cls`, as it is kept (option text parsed, paths as text), or a `SettingError`."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    kind, optional = _kind(annotation)
+    if value is None and (optional or spec.default is None):
+        return value
+    if isinstance(value, str) and spec.metadata.get("parse") and kind is not str:  # option text
+        try:
+            value = spec.metadata["parse"](value)
+        except ValueError as exc:
+            raise SettingError(cls, spec.name, str(exc)) from None
+    if isinstance(value, list) and typing.get_origin(kind) is tuple:
+        value = tuple(value)
+    problem = None if typing.get_origin(kind) is list else _problem(kind, value, spec)
+    if problem:
+        raise SettingError(cls, spec.name, problem)
+    return value
+
+
+def from_options(cls: type, values: dict, *, where: str = "") -> Any:
+    """A `cls` from keyword arguments (field names): an unknown one is refused naming the nearest, a bad value
+    naming its option, then a missing required one (``--data is required``). `where` (``finetune()``) goes into the
+    message about an unknown one."""
+    specs = {spec.name: spec for spec in fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key not in specs:
+            raise RetrofitError(f"unknown setting '{key}'{f' for {where}' if where else ''}{did_you_mean(key, specs)}")
+        _checked(cls, specs[key], hints[key], value)
+    for name, spec in specs.items():
+        if name not in values and spec.default is MISSING and spec.default_factory is MISSING:
+            raise SettingError(cls, name, "is required")
+    return cls(**values)
+
+
+def split(values: dict, *classes: type) -> list[dict]:
+    """`values` (field names) shared out among `classes` by their fields; each key goes to the first class that has
+    it. Keys no class has stay in a last dict."""
+    parts: list[dict] = [{} for _ in classes] + [{}]
+    for key, value in values.items():
+        index = next((i for i, cls in enumerate(classes) if key in {f.name for f in fields(cls)}), len(classes))
+        parts[index][key] = value
+    return parts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command-line options from settings
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def add_options(parser, cls: type, *, unset: bool = False, shown: dict | None = None) -> None:
+    """Add an option (or positional argument) for every setting of `cls` that has one (`setting(cli=True)`), with
+    the setting's help and default. `unset`: an option not given is left out of the parsed namespace (``run``: the
+    recipe's value applies); `shown` (field -> value) is the default the help names instead."""
+    hints = typing.get_type_hints(cls)
+    groups: dict[type, Any] = {}
+    for spec in fields(cls):
+        meta = spec.metadata
+        if not meta.get("cli", True) or unset and meta["positional"]:
+            continue
+        owner = _owner(cls, spec.name)  # the group the setting belongs to: its options are listed together
+        if owner is not cls and not meta["positional"] and hasattr(parser, "add_argument_group"):
+            title = (owner.__doc__ or owner.__name__).splitlines()[0].replace("``", "").rstrip(".")
+            where = groups.setdefault(owner, parser.add_argument_group(title))
+        else:
+            where = parser
+        kind, _ = _kind(hints[spec.name])
+        required = spec.default is MISSING and spec.default_factory is MISSING
+        default = spec.default_factory() if spec.default_factory is not MISSING else spec.default
+        show = (shown or {}).get(spec.name, None if required else default)
+        hidden = show in (None, (), []) or show is False
+        note = "" if hidden else f" (default: {_show(show)}{', from the recipe' if shown else ''})"
+        kwargs: dict[str, Any] = {"help": meta["help"] + note}
+        if meta["positional"]:
+            where.add_argument(spec.name, nargs=meta["nargs"], **kwargs)
+            continue
+        names = [option_of(cls, spec.name)] + ([meta["short"]] if meta["short"] else [])
+        kwargs["dest"] = spec.name
+        if unset:
+            kwargs["default"] = argparse.SUPPRESS
+        elif required:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = default
+        if kind is bool:
+            where.add_argument(*names, action="store_true", **kwargs)
+            if default is True:
+                no = {key: value for key, value in kwargs.items() if key != "help"}
+                where.add_argument(f"--no-{names[0][2:]}", action="store_false", help=f"not {names[0]}", **no)
+            continue
+        if meta["parse"] is None and typing.get_origin(kind) is Literal:  # checked by the settings: one line
+            kwargs["metavar"] = "{" + ",".join(map(str, typing.get_args(kind))) + "}"
+        elif meta["parse"] is None and typing.get_origin(kind) is list and not meta["nargs"]:
+            kwargs["action"] = "append"
+        elif meta["parse"] is None and kind in (int, float):
+            kwargs["type"] = kind
+        kwargs["metavar"] = meta["metavar"] or kwargs.get("metavar")
+        if meta["nargs"]:
+            kwargs["nargs"], kwargs["const"] = meta["nargs"], meta["const"]
+        where.add_argument(*names, **kwargs)
+
+
+def _owner(cls: type, name: str) -> type:
+    """The class in `cls`'s hierarchy that declares setting `name`."""
+    return next(base for base in reversed(cls.__mro__) if name in getattr(base, "__annotations__", {}))
+
+
+def _show(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple | list) else str(value)
+
+
+def from_namespace(cls: type, namespace: argparse.Namespace) -> Any:
+    """The `cls` the parsed options of `add_options(parser, cls)` describe (checked as it is built)."""
+    return cls(**{spec.name: getattr(namespace, spec.name) for spec in fields(cls) if hasattr(namespace, spec.name)})
+
+
+def comma_ints(text: str) -> tuple[int, ...]:
+    """``"3,6,9"`` -> (3, 6, 9), repeats dropped; not a list of whole numbers -> ValueError."""
+    try:
+        values = tuple(dict.fromkeys(int(part) for part in str(text).split(",") if part.strip()))
+    except ValueError:
+        raise ValueError(f"'{text}' is not a comma-separated list of whole numbers, e.g. 3,6,9") from None
+    if not values:
+        raise ValueError("give one or more whole numbers, e.g. 3,6,9")
+    return values
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The groups of settings that commands and recipes share
+# ----------------------------------------------------------------------------------------------------------------
+
+SOURCE_HELP = (
+    "a Hub model id, a local folder, retrofit:NAME (a checkpoint shipped with retrofit: "
+    "retrofit:fashion-mnist-vit, retrofit:fashion-mnist-vit-wide)"
+)
+DATA_HELP = "fashion-mnist, an image folder (datasets' imagefolder layout) or a Hub dataset id"
+LOSSES = ("kd", "ce", "mix")
+TRAINABLE = ("merger-and-after", "all")
+PRECISIONS = ("no", "bf16", "fp16")
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+            "comet_ml": ("comet_ml",), "aim": ("aim",), "clearml": ("clearml",), "dvclive": ("dvclive",)}  # fmt: skip
+
+
+def task_setting() -> Any:
+    return setting(
+        None,
+        "convert SOURCE as its family's classifier or backbone (default: as the checkpoint's own class; e.g. a "
+        "DINOv2 backbone gets a new classifier, a full CLIP checkpoint gives its vision tower alone)",
+    )
+
+
+def calibrate_images_setting() -> Any:
+    return setting(256, "images to calibrate on, a shuffled sample", at_least=1)
+
+
+def image_column_setting() -> Any:
+    return setting("image", "image column of the data")
+
+
+def overwrite_setting(what: str, more: str = "") -> Any:
+    return setting(False, f"replace {what} if retrofit wrote it (never a folder of yours or an input of the run){more}")
+
+
+@dataclass(kw_only=True)
+class SourceSettings(Settings):
+    """How SOURCE is read."""
+
+    revision: str | None = setting(None, "Hub revision (branch, tag or commit) of SOURCE")
+    trust_remote_code: bool = setting(False, "allow SOURCE's own modeling code to run (off by default)")
+
+
+@dataclass(kw_only=True)
+class MergeSettings(Settings):
+    """Where the PatchMerger goes (recipe section ``merge``)."""
+
+    after_layer: int | None = setting(
+        None, "number of encoder layers that still run on all tokens (1 <= K < number of layers)", metavar="K",
+        at_least=1,
+    )  # fmt: skip
+    tokens: int | None = setting(
+        None, "number of merged tokens (prefix tokens such as CLS come on top)", metavar="M", at_least=1
+    )
+    rope_positions: Literal[ROPE_POSITIONS] | None = setting(
+        None,
+        "RoPE models (DINOv3): rotate each merged token at the merge-weighted mean position of its patches (mean, "
+        "the default) or not at all (none)",
+    )
+
+
+@dataclass(kw_only=True)
+class CalibrationSettings(Settings):
+    """How the merger starts (recipe section ``merge``)."""
+
+    calibrate: bool = setting(
+        True, "start the merger from k-means of the layer-K tokens of a shuffled sample of training images"
+    )
+    calibrate_images: int = calibrate_images_setting()
+
+
+@dataclass(kw_only=True)
+class DataSettings(Settings):
+    """The training and evaluation data (recipe section ``data``)."""
+
+    data: str = setting(help=DATA_HELP, key="name")
+    split: str = setting("train", "training split", key="train_split")
+    eval_split: str | None = setting("test", "evaluation split ('' for none)")
+    image_column: str = image_column_setting()
+    label_column: str | None = setting("label", "label column of the data")
+    limit: int | None = setting(None, "use only the first N training images", metavar="N", at_least=1)
+    sample: int | None = setting(
+        None, "train on a shuffled sample of N images (seeded by --seed; from the Hub only those are downloaded)",
+        metavar="N", at_least=1,
+    )  # fmt: skip
+    eval_limit: int | None = setting(None, "use only the first N evaluation images", metavar="N", at_least=1)
+    num_workers: int = setting(0, "dataloader worker processes", at_least=0)
+    augment: bool = setting(False, "random resized crops and horizontal flips of the training images")
+
+    def check(self) -> None:
+        super().check()
+        if self.eval_split == "":
+            self.eval_split = None
+        if self.limit is not None and self.sample is not None:
+            raise RetrofitError("--limit (the first N images) and --sample (a shuffled sample) exclude each other")
+
+
+@dataclass(kw_only=True)
+class TrainSettings(Settings):
+    """How the model is trained (recipe section ``training``)."""
+
+    loss: Literal[LOSSES] = setting(
+        "kd", "kd: distil the unmerged model (needs no labels); ce: cross-entropy on labels; mix: both"
+    )
+    temperature: float = setting(2.0, "KD temperature", positive=True)
+    alpha: float = setting(0.5, "weight of ce in --loss mix (kd gets 1 - alpha)", interval=(0, 1, "[0, 1]"))
+    feature_weight: float | None = setting(
+        None, "kd/mix: weight of distilling the features the head reads (default: 0 for classifiers, 1 for backbones)",
+        at_least=0,
+    )  # fmt: skip
+    train: Literal[TRAINABLE] = setting("all", "what trains: all, or the merger and the layers after it")
+    epochs: float = setting(1.0, "epochs (fractions allowed)")
+    max_steps: int | None = setting(None, "optimizer steps (overrides --epochs)", positive=True)
+    lr: float = setting(2e-4, "peak learning rate", positive=True)
+    merger_lr_scale: float = setting(1.0, "the merger's learning rate is --lr times this", positive=True)
+    weight_decay: float = setting(0.05, "AdamW weight decay", at_least=0)
+    warmup_ratio: float = setting(0.05, "fraction of the steps spent warming up", interval=(0, 1, "[0, 1)"))
+    batch_size: int = setting(64, "images per batch and process", positive=True)
+    eval_batch_size: int | None = setting(None, "evaluation batch size (default: --batch-size)", positive=True)
+    grad_accum: int = setting(1, "gradient accumulation steps", positive=True)
+    max_grad_norm: float = setting(1.0, "gradient clipping (0: none)", at_least=0)
+    mixed_precision: Literal[PRECISIONS] = setting("no", "no, bf16 or fp16")
+    gradient_checkpointing: bool = setting(
+        False, "recompute activations in the backward pass (less memory for large models, one more forward pass)"
+    )
+    seed: int = setting(0, "random seed", interval=(0, 2**32, "[0, 2**32)"))
+    eval_every: int = setting(0, "evaluate every N steps (0: at the end of each epoch)", at_least=0)
+    save_every: int = setting(200, "checkpoint every N steps (and at the end)", positive=True)
+    keep_checkpoints: int = setting(2, "checkpoints kept", positive=True)
+    report_to: str | None = setting(None, f"tracker for Accelerate: {', '.join(TRACKERS)} or all")
+    num_labels: int | None = setting(
+        None, "a new N-class classifier (implies --task image-classification)", metavar="N", at_least=2
+    )
+
+    def check(self) -> None:
+        super().check()
+        if self.epochs <= 0 and not self.max_steps:
+            self.refuse("epochs", f"must be positive (got {self.epochs})")
+        if self.report_to in (None, "none", "all"):
+            return
+        if self.report_to not in TRACKERS:
+            self.refuse("report_to", f"must be one of {', '.join(TRACKERS)} or all, not {self.report_to!r}")
+        import importlib.util
+
+        if not any(importlib.util.find_spec(package) for package in TRACKERS[self.report_to]):
+            self.refuse("report_to", f"{self.report_to} needs its package: pip install {TRACKERS[self.report_to][0]}")
+
+
+@dataclass(kw_only=True)
+class HubSettings(Settings):
+    """Uploading the export when it is written (recipe section ``export``)."""
+
+    push_to_hub: str | None = setting(
+        None, "upload the export to this Hub repo when done (the login is checked first), e.g. your-user/vit-b16-pm8",
+        metavar="REPO_ID",
+    )  # fmt: skip
+    private: bool = setting(False, "with --push-to-hub: a private repo")
+    create_pr: bool = setting(
+        False, "with --push-to-hub: open a pull request on an existing repo (an organisation's) instead of committing"
+    )
+
+
+@dataclass(kw_only=True)
+class OutputSettings(Settings):
+    """Where the export goes (recipe section ``export``)."""
+
+    output: str = setting(help="folder to write the Hub-format model to", short="-o")
+
+
+@dataclass(kw_only=True)
+class CheckpointSettings(Settings):
+    """Where training checkpoints go (recipe section ``export``)."""
+
+    checkpoint_dir: str | None = setting(None, "where checkpoints go (default: <output>-checkpoints)")
+
+
+@dataclass(kw_only=True)
+class TrainingRun(DataSettings, TrainSettings):
+    """What a training loop reads: the data and how to train on it (`retrofit.train.train`)."""
+
+
+@dataclass(kw_only=True)
+class PretrainSettings(TrainSettings):
+    """How a baseline is trained from scratch (a recipe with a ``pretrain`` section): cross-entropy, a higher lr."""
+
+    loss: Literal[LOSSES] = setting("ce", "pretraining has no teacher: ce")
+    lr: float = setting(1e-3, "peak learning rate", positive=True)
+
+
+@dataclass(kw_only=True)
+class PretrainRun(DataSettings, PretrainSettings):
+    """What `retrofit.finetune.pretrain` trains with."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One dataclass per command
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class ConvertArgs(HubSettings, OutputSettings, MergeSettings, SourceSettings):
+    """`retrofit convert`: insert a PatchMerger into a checkpoint and export it."""
+
+    source: str = setting(help=SOURCE_HELP, positional=True)
+    output: str | None = setting(
+        None, "folder to write the Hub-format model to (without it, convert reports the cost only)", short="-o"
+    )
+    task: Literal[TASKS] | None = task_setting()
+    overwrite: bool = overwrite_setting("--output")
+    calibrate_on: str | None = setting(
+        None, f"initialise the merger from k-means of layer-K tokens of DATA ({DATA_HELP})", metavar="DATA"
+    )
+    calibrate_split: str = setting("train", "split of DATA to calibrate on")
+    calibrate_images: int = calibrate_images_setting()
+    image_column: str = image_column_setting()
+
+    def check(self) -> None:
+        super().check()
+        for name in ("after_layer", "tokens"):
+            if getattr(self, name) is None:
+                self.refuse(name, "is required (see retrofit convert --help)")
+
+
+@dataclass(kw_only=True)
+class FinetuneArgs(HubSettings, CheckpointSettings, OutputSettings, TrainingRun, CalibrationSettings, MergeSettings,
+                   SourceSettings):  # fmt: skip
+    """`retrofit finetune`: insert a PatchMerger and fine-tune it back (or continue training an export)."""
+
+    source: str = setting(help=f"{SOURCE_HELP}, or a retrofit export to continue training", positional=True)
+    task: Literal[TASKS] | None = task_setting()
+    teacher: str | None = setting(None, "the model to distil from (default: SOURCE, or the export's source)")
+    overwrite: bool = overwrite_setting("--output", "; start over from no checkpoint")
+    resume: bool = setting(False, "continue from the newest checkpoint")
+
+
+@dataclass(kw_only=True)
+class EvaluateArgs(Settings):
+    """`retrofit evaluate`: top-1/top-5 accuracy and loss of several models, side by side."""
+
+    models: list[str] = setting(help="checkpoints, Hub ids or exports (the first sets the labels)", positional=True,
+                                nargs="+")  # fmt: skip
+    data: str = setting(help=DATA_HELP)
+    split: str = setting("validation", "split to evaluate on")
+    limit: int | None = setting(None, "use only the first N images", metavar="N", at_least=1)
+    batch_size: int = setting(64, "images per batch and process", at_least=1)
+    top_k: int = setting(5, "k of the top-k accuracy", at_least=1)
+    image_column: str = image_column_setting()
+    label_column: str = setting("label", "label column of the data")
+    json: str | None = setting(None, "write the results to FILE", metavar="FILE")
+    overwrite: bool = overwrite_setting("the --json file")
+    card: str | None = setting(None, "write the results into this export's README.md", metavar="EXPORT")
+    trust_remote_code: bool = setting(False, "allow the models' own code to run (off by default)")
+
+
+@dataclass(kw_only=True)
+class PushArgs(Settings):
+    """`retrofit push`: upload an export to the Hugging Face Hub."""
+
+    export: str = setting(help="the export folder (the --output of convert or finetune)", positional=True)
+    repo_id: str = setting(help="Hub repo to create or update, e.g. your-user/vit-b16-pm8")
+    private: bool = setting(False, "create the repo as private")
+    revision: str | None = setting(None, "branch to push to (created if needed; default main)")
+    commit_message: str | None = setting(None, "commit message")
+    create_pr: bool = setting(
+        False, "open a pull request on an existing repo instead of committing to it (e.g. an organisation's repo)"
+    )
+
+
+@dataclass(kw_only=True)
+class RunArgs(Settings):
+    """`retrofit run`: run a recipe. Every recipe setting is also an option here (`RECIPE_SECTIONS`); given, it
+    overrides the recipe's value."""
+
+    recipe: str = setting(help="path to a recipe YAML file (recipes/*.yaml)", positional=True)
+    set: list[str] = setting([], "override any recipe key, e.g. training.lr=1e-4", metavar="KEY=VALUE")
+    overwrite: bool = overwrite_setting("export.output", "; start over from no checkpoint")
+    resume: bool = setting(False, "continue from the newest checkpoint")
+
+
+@dataclass(kw_only=True)
+class RecipeInfo(Settings):
+    """A recipe's top-level keys."""
+
+    name: str | None = setting(None, "what the recipe is called", cli=False)
+    description: str | None = setting(None, "what it does", cli=False)
+    source: str | None = setting(None, SOURCE_HELP)
+    task: Literal[TASKS] | None = task_setting()
+    teacher: str | None = setting(None, "the model to distil from (default: source)")
+    pretrain: dict | None = setting(None, "train a ViT from scratch: model (ViTConfig fields), image_processor",
+                                    cli=False)  # fmt: skip
+
+
+@dataclass(kw_only=True)
+class RecipeEvaluation(Settings):
+    """A recipe's before/after table (recipe section ``evaluation``)."""
+
+    before: bool = setting(True, "score the source and the calibrated merged model before training", cli=False)
+    batch_size: int = setting(256, "evaluation batch size", at_least=1, cli=False)
+    speed: bool = setting(True, "measure images/s of the source and the merged model", cli=False)
+    speed_batch_size: int = setting(256, "batch size of the speed measurement", at_least=1, cli=False)
+
+
+# Recipe section -> the groups whose fields are its keys (the top-level keys are `RecipeInfo`'s).
+RECIPE_SECTIONS: dict[str, tuple[type, ...]] = {
+    "merge": (MergeSettings, CalibrationSettings),
+    "data": (DataSettings,),
+    "training": (TrainSettings,),
+    "evaluation": (RecipeEvaluation,),
+    "export": (OutputSettings, CheckpointSettings, HubSettings),
+}
+
+
+def recipe_key(spec: dataclasses.Field) -> str:
+    """A setting's key in a recipe section (its field name, or the older spelling `setting(key=...)` keeps)."""
+    return spec.metadata.get("key") or spec.name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measuring speed (`retrofit bench`) and sweeping settings (`retrofit sweep`)
+# ----------------------------------------------------------------------------------------------------------------
+
+DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "bf16": "bf16", "bfloat16": "bf16",
+               "fp16": "fp16", "float16": "fp16", "half": "fp16"}  # fmt: skip
+COMPILE_MODES = ("eager", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+MAX_DIMENSION = 2**63 - 1  # the largest tensor dimension torch takes; larger sizes overflow inside torch
+MAX_MIN_TIME = 3600.0  # seconds per timed block; more is a typo, not a benchmark
+
+
+def parse_compile(text: str | None) -> tuple[str, ...]:
+    """Compile modes to measure: ``eager``/``off``, ``default``, ``reduce-overhead`` (CUDA graphs), ``max-autotune``
+    ..., comma-separated; ``both`` = eager and default."""
+    if text is None:
+        return ("eager",)
+    modes: list[str] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if part == "both":
+            modes += ["eager", "default"]
+        elif part in ("off", "none", "eager"):
+            modes.append("eager")
+        elif part in COMPILE_MODES:
+            modes.append(part)
+        else:
+            raise ValueError(f"has the unknown mode '{part}'; use {', '.join(COMPILE_MODES)}, both or off")
+    return tuple(dict.fromkeys(modes))
+
+
+def parse_merges(text: str | None) -> tuple[tuple[str, int], ...]:
+    """``"6:8"``, ``"half:8"`` or several comma-separated -> ((after_layer or 'half', tokens), ...)."""
+    import re
+
+    merges = []
+    for part in str(text or "").split(","):
+        if not part.strip():
+            continue
+        match = re.fullmatch(r"\s*(half|\d+):(\d+)\s*", part)
+        if not match:
+            raise ValueError(f"'{part}' is not K:M (e.g. 6:8 or half:8)")
+        merges.append((match.group(1), int(match.group(2))))
+    return tuple(merges)
+
+
+def _check_batch_sizes(settings: Settings, name: str, sizes: tuple[int, ...]) -> None:
+    if not sizes:
+        settings.refuse(name, "is empty; give one or more sizes >= 1, e.g. 1,32,256")
+    for size in sizes:
+        if size > MAX_DIMENSION:
+            settings.refuse(name, f"{size} is too large to be a tensor dimension (at most 2**63 - 1); lower it")
+
+
+@dataclass(kw_only=True)
+class BenchSettings(Settings):
+    """What `retrofit bench` measures and how."""
+
+    device: str = setting("cpu", "cpu, cuda or cuda:N")
+    dtype: str = setting("fp32", "fp32, bf16 or fp16")
+    batch_sizes: tuple[int, ...] = setting((1, 32, 256), "comma-separated batch sizes", flag="--batch-size",
+                                           parse=comma_ints, at_least=1)  # fmt: skip
+    compile_modes: tuple[str, ...] = setting(
+        ("eager",), "torch.compile the models: default, reduce-overhead (CUDA graphs), max-autotune, ...; "
+        "comma-separate several; 'both' = eager and default; bare --compile = default", flag="--compile",
+        metavar="MODES", nargs="?", const="default", parse=parse_compile,
+    )  # fmt: skip
+    warmup: int = setting(3, "warm-up passes per model and batch size", at_least=1)
+    repeats: int = setting(5, "timed repeats; the median is reported", at_least=1)
+    min_time: float = setting(
+        0.5, f"seconds per timed block, 0 to {MAX_MIN_TIME:g}", interval=(0, MAX_MIN_TIME, f"[0, {MAX_MIN_TIME:g}]"),
+        expect=f"a number of seconds from 0 to {MAX_MIN_TIME:g}",
+    )  # fmt: skip
+    latency_iters: int = setting(20, "batch-1 passes for p50/p90 (0: skip)", at_least=0)
+    seed: int = setting(0, "seed of the random inputs", cli=False)
+
+    def check(self) -> None:
+        import re
+
+        super().check()
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device or ""):
+            raise RetrofitError(f"unknown device '{self.device}'; use cpu, cuda or cuda:N")
+        if self.dtype not in DTYPE_NAMES:
+            raise RetrofitError(f"unknown dtype '{self.dtype}'; use fp32, bf16 or fp16")
+        _check_batch_sizes(self, "batch_sizes", self.batch_sizes)
+        for mode in self.compile_modes:
+            if mode not in COMPILE_MODES:
+                raise RetrofitError(f"unknown --compile mode '{mode}'; use {', '.join(COMPILE_MODES)}, both or off")
+
+
+@dataclass(kw_only=True)
+class BenchArgs(BenchSettings):
+    """`retrofit bench`: images/s, latency and memory of source and merged models, measured alternately."""
+
+    models: list[str] = setting(
+        help="checkpoint folders, Hub ids, exports, or random-weight shapes (vit-b16, ..., dinov3-vitb16, beit-b16)",
+        positional=True, nargs="+",
+    )  # fmt: skip
+    merge: tuple[tuple[str, int], ...] = setting(
+        (), "also measure a merged twin of each unmerged model: after layer K (or 'half') with M tokens; "
+        "comma-separate several. Already-merged models (exports) are measured as they are", metavar="K:M",
+        parse=parse_merges,
+    )  # fmt: skip
+    threads: int | None = setting(None, "CPU threads for torch, 1 to the machine's CPU count (default: torch's)")
+    json: str | None = setting(None, "write all measurements to FILE", metavar="FILE")
+    overwrite: bool = overwrite_setting("the --json file")
+    card: str | None = setting(None, "write the speed table into this export's README.md", metavar="EXPORT")
+
+    def check(self) -> None:
+        super().check()
+        cpus = os.cpu_count() or 1
+        if self.threads is not None and not 1 <= self.threads <= cpus:
+            self.refuse("threads", f"must be between 1 and {cpus}, this machine's CPU count (got {self.threads})")
+
+
+METHODS = ("calibrate", "finetune")
+
+
+@dataclass(kw_only=True)
+class SweepSettings(Settings):
+    """What `retrofit sweep` tries and how it measures each setting."""
+
+    after_layers: tuple[int, ...] = setting(help="comma-separated K values, e.g. 3,6,9", flag="--after-layer",
+                                            metavar="K,...", parse=comma_ints)  # fmt: skip
+    tokens: tuple[int, ...] = setting(help="comma-separated M values, e.g. 4,8,16", metavar="M,...", parse=comma_ints)
+    data: str | None = setting(None, f"{DATA_HELP} (not with --dry-run)")
+    split: str = setting("test", "split to measure accuracy on")
+    calibrate_split: str = setting("train", "split to calibrate (and fine-tune) on")
+    limit: int | None = setting(1000, "evaluate on the first N images", metavar="N", at_least=1)
+    calibrate_images: int = calibrate_images_setting()
+    method: Literal[METHODS] = setting("calibrate", "calibrate (k-means start) or finetune (a short fine-tune)")
+    finetune_steps: int = setting(100, "steps per setting with --method finetune", at_least=1)
+    finetune_batch_size: int = setting(
+        64, "batch size of those steps; they read a shuffled sample of steps × this many images", at_least=1
+    )
+    target_speedup: float | None = setting(None, "name the most accurate setting at least this fast")
+    batch_size: int = setting(64, "evaluation batch size", at_least=1)
+    bench_batch_size: int = setting(32, "batch size of the speed test", at_least=1)
+    bench_repeats: int = setting(3, "timed repeats of the speed test", at_least=1)
+    device: str = setting("cpu", "cpu, cuda or cuda:N for the speed test")
+    dtype: str = setting("fp32", "fp32, bf16 or fp16 for the speed test")
+    seed: int = setting(0, "seed of the calibration sample", cli=False)
+
+    def check(self) -> None:
+        super().check()
+        if self.target_speedup is not None and not self.target_speedup > 1:
+            self.refuse("target_speedup", f"must be a finite number above 1, e.g. 1.8 (got {self.target_speedup})")
+        _check_batch_sizes(self, "bench_batch_size", (self.bench_batch_size,))
+        BenchSettings(device=self.device, dtype=self.dtype)  # their checks, under the same option names
+
+
+@dataclass(kw_only=True)
+class SweepArgs(SweepSettings):
+    """`retrofit sweep`: accuracy and speed over after-layer × tokens; pick a setting."""
+
+    source: str = setting(help=f"{SOURCE_HELP} (an unmerged classifier or backbone), or a shape such as vit-b16 "
+                          "with --dry-run", positional=True)  # fmt: skip
+    output: str | None = setting(None, "folder for sweep.md, sweep.json and sweep.png (default: sweep-<source>)",
+                                 short="-o")  # fmt: skip
+    overwrite: bool = overwrite_setting("--output")
+    dry_run: bool = setting(
+        False, "print each setting's theoretical GFLOPs and FLOPs ratio from the config alone (no weights, data or "
+        "measurement; nothing written)",
+    )  # fmt: skip

@@ -1,0 +1,79 @@
+"""One settings source per command (`retrofit.settings`): options, recipe keys, Python keywords, help and checks all
+come from the same dataclass fields."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from retrofit.cli import build_parser, main
+from retrofit.errors import RetrofitError
+from retrofit.recipes import load_recipe, option_overrides, section_keys
+from retrofit.settings import RECIPE_SECTIONS, FinetuneArgs, TrainSettings, option_of
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_help_of_run_shows_the_values_the_recipe_applies(capsys):
+    """`run RECIPE --help` shows the recipe's lr (5e-4) and batch size (128), not the fine-tune defaults."""
+    with pytest.raises(SystemExit):
+        main(["run", str(REPO / "recipes" / "fashion-mnist.yaml"), "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "peak learning rate (default: 0.0005, from the recipe)" in text
+    assert "images per batch and process (default: 128, from the recipe)" in text
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    assert "peak learning rate (default: 0.0002)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_every_training_setting_is_a_finetune_option_a_run_option_and_a_recipe_key():
+    finetune = {a.dest for a in build_parser(["finetune"])._subparsers._group_actions[0].choices["finetune"]._actions}
+    run = {a.dest for a in build_parser(["run"])._subparsers._group_actions[0].choices["run"]._actions}
+    for spec in fields(TrainSettings):
+        assert spec.name in finetune and spec.name in run and spec.name in section_keys("training")
+    assert option_overrides({"lr": 1e-4, "data": "x", "output": "o", "source": "s"}) == {
+        "training.lr": 1e-4, "data.name": "x", "export.output": "o", "source": "s",
+    }  # fmt: skip
+    for section, groups in RECIPE_SECTIONS.items():  # a recipe section's keys are its groups' fields
+        assert set(section_keys(section)) == {
+            spec.metadata.get("key") or spec.name for g in groups for spec in fields(g)
+        }
+
+
+def test_a_value_is_checked_once_whichever_way_it_comes(tmp_path, capsys):
+    """The same check, named as the user gave the value: an option, a Python keyword, a recipe key."""
+    with pytest.raises(RetrofitError, match=r"^--warmup-ratio must be in \[0, 1\) \(got 1.5\)$"):
+        FinetuneArgs(source="s", output="o", data="d", warmup_ratio=1.5)
+    assert main(["finetune", "s", "-o", str(tmp_path / "o"), "--data", "d", "--warmup-ratio", "1.5"]) == 2
+    assert capsys.readouterr().err.strip() == "retrofit: error: --warmup-ratio must be in [0, 1) (got 1.5)"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("source: s\nmerge: {after_layer: 1, tokens: 2}\ndata: {name: d}\nexport: {output: o}\n")
+    with pytest.raises(RetrofitError, match=r"training.warmup_ratio in recipe '.*' must be in \[0, 1\) \(got 1.5\)"):
+        load_recipe(recipe, {"training.warmup_ratio": 1.5})
+    assert option_of(TrainSettings, "warmup_ratio") == "--warmup-ratio"
+
+
+def test_a_tracker_that_is_not_installed_is_an_error():
+    """--report-to names a tracker whose package is missing: refused, not silently logging nothing."""
+    import importlib.util
+
+    missing = next(name for name in ("wandb", "mlflow", "comet_ml", "aim") if importlib.util.find_spec(name) is None)
+    with pytest.raises(RetrofitError, match=f"--report-to {missing} needs its package: pip install"):
+        TrainSettings(report_to=missing)
+    with pytest.raises(RetrofitError, match="--report-to must be one of tensorboard"):
+        TrainSettings(report_to="notebook")
+
+
+def test_help_and_usage_errors_import_no_torch():
+    """Settings and options are light: `run RECIPE --help` reads the recipe without torch or transformers."""
+    code = (
+        "import sys\nfrom retrofit.cli import main\n"
+        "try:\n    main(['run', 'recipes/fashion-mnist.yaml', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print([m for m in ('torch', 'transformers') if m in sys.modules])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.stdout.splitlines()[-1] == "[]", done.stderr[-2000:]
