@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time each name i
     from .export import export
     from .families import FAMILIES, Family, Head, register
     from .finetune import finetune
+    from .hub_code import register_auto_classes
     from .loading import load_model
     from .merger import PatchMerger
     from .recipes import run_recipe
@@ -61,6 +62,7 @@ _LAZY = {
     "load_model": "loading",
     "PatchMerger": "merger",
     "insert_patch_merger": "surgery",
+    "register_auto_classes": "hub_code",
     "finetune": "finetune",
     "TrainSettings": "settings",
     "TrainResult": "train",
@@ -112,6 +114,7 @@ __all__ = [
     "load_model",
     "model_cost",
     "register",
+    "register_auto_classes",
     "run_recipe",
     "update_card",
 ]

@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,11 +223,16 @@ def check_checkpoint_dir(folder: str | Path, option: str = "--checkpoint-dir") -
 
 
 def check_file_output(
-    path: str | Path, option: str, overwrite: bool = False, *, inputs: Iterable[str | os.PathLike | None] = ()
+    path: str | Path,
+    option: str,
+    overwrite: bool = False,
+    *,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    ours: Callable[[Path], bool] | None = None,
 ) -> Path:
-    """Refuse, before any work, a JSON report target (``--json FILE``) that cannot be written (empty, a folder, under
-    a file, no folder, no permission), is an input of the run, or exists and is not a report retrofit wrote (an
-    existing report needs `overwrite`)."""
+    """Refuse, before any work, a file target (``--json FILE``, an ONNX file) that cannot be written (empty, a folder,
+    under a file, no folder, no permission), is an input of the run or inside one, or exists and is not a file
+    retrofit wrote (`ours`; default: a JSON report); an existing one of retrofit's needs `overwrite`."""
     if not str(path).strip():
         raise RetrofitError(f"{option} is empty; give a file name, e.g. {option} results.json")
     path = Path(path)
@@ -244,9 +249,10 @@ def check_file_output(
             raise RetrofitError(
                 f"{option} '{path}' already exists; choose another file or pass --overwrite (overwrite=True in Python)"
             )
-        if REPORT_KEY not in _json(path):
+        if not (ours(path) if ours is not None else REPORT_KEY in _json(path)):
+            what = "a file" if ours is not None else "a report"
             raise RetrofitError(
-                f"{option} '{path}' exists and is not a report retrofit wrote, so --overwrite does not replace it; "
+                f"{option} '{path}' exists and is not {what} retrofit wrote, so --overwrite does not replace it; "
                 "choose another file"
             )
     parent = next((p for p in path.absolute().parents if p.exists()), Path("/"))

@@ -187,10 +187,19 @@ def build_variants(
 
     device, dtype = parse_device(settings.device), parse_dtype(settings.dtype)
     if not models:
-        raise RetrofitError("no models to benchmark; pass shape names (vit-b16, ...) or checkpoint folders / Hub ids")
+        raise RetrofitError(
+            "no models to benchmark; pass shape names (vit-b16, ...), checkpoint folders / Hub ids or .onnx files"
+        )
     for spec in sorted({spec for spec in models if models.count(spec) > 1}, key=models.index):
         log(f"note: '{spec}' is given {models.count(spec)} times; measuring it once")
     models = list(dict.fromkeys(models))
+    onnx_files = [spec for spec in models if str(spec).endswith(".onnx")]  # run in ONNX Runtime, in their own mode
+    models = [spec for spec in models if spec not in onnx_files]
+    if onnx_files:
+        from .deploy import check_onnx_file
+
+        for spec in onnx_files:
+            check_onnx_file(spec)
     # Check every model and merge setting before loading any weights; plan each unmerged model's twins (K, M).
     twins: dict[str, list[tuple[int, int]]] = {}
     merged_specs = []
@@ -245,12 +254,33 @@ def build_variants(
                     baseline=baseline,
                 )
             )
+    variants += _onnx_variants(onnx_files, settings, log)
     by_key = {(v.name, v.compile_mode): v for v in variants}
     for v in variants:
         base = by_key.get((v.baseline, v.compile_mode)) if v.baseline else None
         v.flops_ratio = base.gflops / v.gflops if base else None
     for v in variants:
-        v.runner = v.model if v.compile_mode == "eager" else _compile(v.model, v.compile_mode)
+        if v.runner is None:
+            v.runner = v.model if v.compile_mode == "eager" else _compile(v.model, v.compile_mode)
+    return variants
+
+
+def _onnx_variants(files: list[str], settings: BenchSettings, log: Callable[[str], None]) -> list[Variant]:
+    """ONNX files retrofit wrote (`retrofit.deploy`), run in ONNX Runtime; a merged one's baseline is the file of
+    its source among them (by the hash of the source's weights each file records)."""
+    if not files:
+        return []
+    from .deploy import OnnxModel
+
+    variants = []
+    for spec in files:
+        log(f"loading {spec} (ONNX Runtime) ...")
+        model = OnnxModel(spec, settings.device)
+        variants.append(Variant(spec, model, model.config, "onnxruntime", model.info["gflops"], runner=model,
+                                input_shape=model.input_shape))  # fmt: skip
+    for v in variants:
+        wanted = v.model.info.get("merge_source_sha256")
+        v.baseline = next((b.name for b in variants if wanted and b.model.info.get("weights_sha256") == wanted), None)
     return variants
 
 
@@ -320,6 +350,8 @@ def rss_mib(key: str) -> float | None:
 
 
 def _weights_mib(model: torch.nn.Module) -> float:
+    if hasattr(model, "weights_mib"):  # an ONNX Runtime model: its files
+        return model.weights_mib()
     tensors = list(model.parameters()) + list(model.buffers())
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
@@ -449,6 +481,8 @@ def _measure_batch_size(variants, batch_size, settings, device, dtype, generator
         rates = samples[v.label]
         result = {"status": "ok", "images_per_s": statistics.median(rates), "repeats": rates}
         result["iters_per_repeat"] = iters[v.label]
+        if v.compile_mode == "onnxruntime":  # ONNX Runtime's arena outlives a forward: no per-forward peak to read
+            memory[v.name] = None
         if v.name not in memory:  # measured once per model, on its eager forward
             try:
                 memory[v.name] = _peak_memory_mib(v.model, inputs[_input_shape(v)], device)

@@ -12,6 +12,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import PreTrainedModel
 
+from . import __version__
 from .atomic import write_files
 from .cost import compare, model_cost
 from .errors import RetrofitError, brief, describe_os_error
@@ -19,8 +20,15 @@ from .hub_code import OLDEST_TRANSFORMERS, base_head
 from .loading import family_and_head, layer_config
 from .provenance import public_name
 
-# How the card's loading examples name the model before it is pushed; `retrofit push` names the repo instead.
-LOCAL_NAME = "path/to/this/folder"
+
+def local_name(folder: str | Path | None) -> str:
+    """How a card's loading examples name an export before it is pushed (`retrofit push` names the repo instead):
+    the folder as it was given where that is a relative path inside the current folder, else its name alone (no
+    local path in anything that can be pushed)."""
+    if folder is None:
+        return "path/to/this/folder"
+    path = Path(folder)
+    return path.as_posix() if not path.is_absolute() and ".." not in path.parts else path.name
 
 
 @dataclass
@@ -75,10 +83,12 @@ def build_card(
     eval_results: list | None = None,
     repo_id: str | None = None,
     image_size: tuple[int, int] | None = None,
+    folder: str | Path | None = None,
 ) -> ModelCard:
     """A model card for a merged model: metadata, how it was made, how to load it, and its cost.
 
-    `image_size` is the size the processor feeds the model (for the cost table); defaults to the config's.
+    `image_size` is the size the processor feeds the model (for the cost table); defaults to the config's. The
+    loading examples name `repo_id`, else the export `folder` (`local_name`); `retrofit push` names the repo instead.
     """
     config = model.config
     family, head = family_and_head(config)
@@ -96,10 +106,10 @@ def build_card(
     cost_text = ""
     if source_config is not None:
         cost_text = compare(model_cost(source_config, image_size), model_cost(config, image_size))
-    name = repo_id or LOCAL_NAME
+    name = repo_id or local_name(folder)
     encoder_only = (
-        f'\n`AutoModel.from_pretrained("{name}", trust_remote_code=True)` loads the encoder without the classifier '
-        f"({base.class_name} with the merger), as it does for the source checkpoint; its `last_hidden_state` has "
+        f'\n`AutoModel.from_pretrained("{name}")` loads the encoder without the classifier ({base.class_name} with '
+        f"the merger), as it does for the source checkpoint; its `last_hidden_state` has "
         f"{config.merge_num_prefix_tokens} + {config.merge_num_tokens} tokens.\n"
         if base
         else ""
@@ -112,7 +122,7 @@ def build_card(
 
 This is {f"[`{source}`](https://huggingface.co/{source})" if is_hub_id else f"`{source}`"} with a **PatchMerger**
 (Renggli et al., [Learning to Merge Tokens in Vision Transformers](https://arxiv.org/abs/2202.12015)) inserted
-by [retrofit](https://github.com/retrofit-vit/retrofit): after its first {config.merge_after_layer} encoder layers the
+by retrofit {__version__}: after its first {config.merge_after_layer} encoder layers the
 patch tokens are replaced by {config.merge_num_tokens} learned weighted averages of them, so the remaining layers run
 on far fewer tokens.
 
@@ -122,15 +132,27 @@ on far fewer tokens.
 
 ## How to use
 
+Where retrofit is installed, transformers loads the model with retrofit's own classes: no code from this folder or
+repository runs.
+
+```python
+import retrofit
+from transformers import {head.auto_class}, pipeline
+
+retrofit.register_auto_classes()
+model = {head.auto_class}.from_pretrained("{name}")
+pipe = pipeline("{head.pipeline_tag}", model="{name}")
+```
+{encoder_only}
+Without retrofit, the modeling code that ships here (`modeling_*.py`, `configuration_*.py`; it needs only `torch`
+and `transformers>={OLDEST_TRANSFORMERS}`) runs when you allow it:
+
 ```python
 from transformers import {head.auto_class}, pipeline
 
 model = {head.auto_class}.from_pretrained("{name}", trust_remote_code=True)
 pipe = pipeline("{head.pipeline_tag}", model="{name}", trust_remote_code=True)
 ```
-{encoder_only}
-The modeling code ships in this repository (`modeling_*.py`, `configuration_*.py`); it needs only `torch` and
-`transformers>={OLDEST_TRANSFORMERS}`, not retrofit.
 
 ## Cost (theoretical, per image)
 

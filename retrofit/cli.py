@@ -22,6 +22,7 @@ from .settings import (
     BenchArgs,
     ConvertArgs,
     EvaluateArgs,
+    ExportOnnxArgs,
     FinetuneArgs,
     PushArgs,
     RecipeInfo,
@@ -40,6 +41,8 @@ COMMANDS: dict[str, tuple[str, type, str]] = {
     "bench": ("measure images/s, latency and memory of source and merged models", BenchArgs, "benchmark:run_bench"),
     "sweep": ("accuracy and speed over after-layer x tokens; pick a setting", SweepArgs, "sweep:run_sweep"),
     "push": ("upload an export to the Hugging Face Hub", PushArgs, "push:run_push"),
+    "export-onnx": ("an ONNX graph of an export, any batch size, checked against PyTorch", ExportOnnxArgs,
+                    "deploy:run_export_onnx"),
     "finetune": ("insert a PatchMerger and fine-tune it back (Accelerate)", FinetuneArgs, "finetune:run_finetune"),
     "run": ("run a recipe (recipes/*.yaml): merge, fine-tune, evaluate, export", RunArgs, "recipes:run_from_cli"),
 }  # fmt: skip

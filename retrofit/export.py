@@ -41,7 +41,7 @@ def export(
     model.config.auto_map = dict(classes.auto_map)
     if card is None:
         image_size = processor_image_size(image_processor) if image_processor is not None else None
-        card = build_card(model, source_config=source_config, image_size=image_size, training=training)
+        card = build_card(model, source_config=source_config, image_size=image_size, training=training, folder=output)
     with atomic_dir(output, overwrite) as tmp:
         try:
             model.save_pretrained(tmp)

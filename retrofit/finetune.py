@@ -144,7 +144,7 @@ def finish(args: FinetuneArgs, ready: Prepared, result: TrainResult, *, log: Cal
         log(f"saving in {str(ready.stored_dtype).removeprefix('torch.')}, as the source is stored (trained in float32)")
     training = _training_info(args, result, ready.init, args.teacher)
     card = build_card(trained, source_config=ready.source_config, image_size=processor_image_size(ready.processor),
-                      training=training)  # fmt: skip
+                      training=training, folder=args.output)  # fmt: skip
     export(trained, args.output, image_processor=ready.processor, card=card,
            overwrite=args.overwrite or ready.resuming, source_config=ready.source_config)  # fmt: skip
     log(f"wrote {args.output} (checkpoints in {ready.checkpoint_dir})")

@@ -158,6 +158,37 @@ def load_classes(family: Family, head: Head) -> MergedClasses:
     )
 
 
+def register_auto_classes() -> None:
+    """Register every family's merged config and model classes with transformers' Auto classes, so that an export
+    loads with ``AutoModelForImageClassification.from_pretrained(export)``, ``AutoModel`` and ``pipeline(...,
+    model=export)`` without ``trust_remote_code``: transformers then uses these classes, rendered in this process from
+    retrofit's own templates, and imports no file from the export (its bundled code is the same, for users without
+    retrofit). Calling it again does nothing."""
+    import transformers
+
+    from .families import FAMILIES
+
+    for family in FAMILIES.values():
+        if family.refusal:
+            continue
+        heads = list(family.heads.values())
+        # A classifier's package also holds the family's backbone class: its config class is the family's.
+        config_class = load_classes(family, next((h for h in heads if h.is_classifier), heads[0])).config_class
+        transformers.AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        by_auto: dict[str, list[type]] = {}
+        for head in heads:  # DeiT has two classifiers: transformers picks one by the config's `architectures`
+            classes = load_classes(family, head)
+            module = sys.modules[classes.model_class.__module__]
+            for auto_class, reference in classes.auto_map.items():
+                model_class = getattr(module, reference.rsplit(".", 1)[1]) if auto_class != "AutoConfig" else None
+                names = [each.__name__ for each in by_auto.get(auto_class, [])]
+                if model_class is not None and model_class.__name__ not in names:
+                    by_auto.setdefault(auto_class, []).append(model_class)
+        for auto_class, model_classes in by_auto.items():
+            chosen = model_classes[0] if len(model_classes) == 1 else tuple(model_classes)
+            getattr(transformers, auto_class).register(config_class, chosen, exist_ok=True)
+
+
 # The rendered files of every convertible (family, head) are kept in tests/golden/ (tests/test_hub_code.py checks that
 # rendering reproduces them byte for byte), rendered with this version in place of retrofit's own, so that they change
 # with the code only, not with every release.

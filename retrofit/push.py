@@ -164,14 +164,17 @@ def branch_of(revision: str | None) -> str | None:
     return revision if revision not in (None, "main") and not PR_REVISION.fullmatch(revision or "") else None
 
 
+# The model a card's loading example names: `from_pretrained("…"` or `model="…"`.
+LOADING = re.compile(r'(from_pretrained\(|model=)"[^"\n]*"')
+
+
 def hub_card(text: str, repo_id: str, revision: str | None = None) -> str:
     """An export's README.md as the Hub repo shows it: the loading examples (``from_pretrained``, ``pipeline``) name
     `repo_id`, and the branch `revision` if it is not main, instead of the local folder. A pull request
     (``refs/pr/N``) is shown as the repo alone, which it becomes once merged."""
-    from .card import LOCAL_NAME
-
     branch = branch_of(revision)
-    return text.replace(f'"{LOCAL_NAME}"', f'"{repo_id}"' + (f', revision="{branch}"' if branch else ""))
+    target = f'"{repo_id}"' + (f', revision="{branch}"' if branch else "")
+    return LOADING.sub(lambda match: match.group(1) + target, text)
 
 
 @contextmanager

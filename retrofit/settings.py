@@ -759,3 +759,18 @@ class SweepArgs(SweepSettings):
         False, "print each setting's theoretical GFLOPs and FLOPs ratio from the config alone (no weights, data or "
         "measurement; nothing written)",
     )  # fmt: skip
+
+
+@dataclass(kw_only=True)
+class ExportOnnxArgs(Settings):
+    """`retrofit export-onnx`: an ONNX graph of a model that takes any batch size, checked against PyTorch."""
+
+    model: str = setting(help="a retrofit export (or a checkpoint retrofit converts, to compare with)", positional=True)
+    output: str = setting(help="the .onnx file to write", short="-o")
+    dtype: Literal["fp32", "fp16"] = setting("fp32", "the graph's precision (fp16: half the size, for GPUs)")
+    images: int = setting(4, "noise images, prepared by the model's own processor, for the check", at_least=2)
+    tolerance: float | None = setting(
+        None, "largest accepted |ONNX - PyTorch| output difference, relative to the outputs' scale (default: 1e-4 "
+        "for fp32, 2e-2 for fp16)", positive=True,
+    )  # fmt: skip
+    overwrite: bool = overwrite_setting("--output")

@@ -308,8 +308,8 @@ def test_gradient_checkpointing_script_refuses_a_bad_merge_in_one_line(capsys):
 
 @pytest.mark.slow
 def test_onnx_speed_script_times_source_and_merged_in_onnx_runtime(tmp_path, capsys):
-    """bench/onnx_speed.py exports both models to ONNX and times them in ONNX Runtime (run in this process: a
-    subprocess would spend longer importing torch than exporting)."""
+    """bench/onnx_speed.py exports both models with `retrofit export-onnx` and measures them with `retrofit bench`,
+    PyTorch and ONNX Runtime side by side (run in this process: a subprocess would spend longer importing torch)."""
     import runpy
 
     pytest.importorskip("onnxruntime")
@@ -317,10 +317,10 @@ def test_onnx_speed_script_times_source_and_merged_in_onnx_runtime(tmp_path, cap
     out = tmp_path / "onnx.json"
     options = ["--model", "vit-ti16", "--batch-size", "2", "--repeats", "1"]
     assert script["main"]([*options, "--merge", "half:8", "--json", str(out)]) == 0
-    assert "| `vit-ti16+pm6:8` |" in capsys.readouterr().out
-    report = json.loads(out.read_text())
-    assert report["merge"] == "6:8" and report["flops_ratio"] > 1.8 and report["speedup"] > 0
-    assert set(report["images_per_s"]) == {"source", "merged"}
+    assert "| `vit-ti16/merged.onnx` | onnxruntime |" in capsys.readouterr().out
+    rows = {Path(row["model"]).name: row for row in json.loads(out.read_text())["models"]}
+    assert rows["merged.onnx"]["flops_ratio"] > 1.8 and rows["merged.onnx"]["results"]["2"]["speedup"] > 0
+    assert rows["merged"]["results"]["2"]["speedup"] > 0  # the PyTorch pair too
     assert script["main"]([*options, "--merge", "99:8"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "out of range" in error, error

@@ -62,6 +62,20 @@ def test_build_card_metadata(tiny_vit, export_dir):
     assert "- merger initialisation: random\n- not fine-tuned after the merge" in card.text
 
 
+def test_card_shows_both_ways_to_load_names_the_folder_and_guesses_no_link(tiny_vit, tmp_path, monkeypatch):
+    """Registered classes (no remote code) and bundled code (trust_remote_code), naming the export as it was given,
+    or by its name alone where that was an absolute path; no address the package does not declare."""
+    monkeypatch.chdir(tmp_path)
+    for output, name in (("out/vit-pm8", "out/vit-pm8"), (str(tmp_path / "abs-pm8"), "abs-pm8")):
+        convert(tiny_vit, after_layer=2, num_tokens=4, output=output, log=lambda _: None)
+        text = (tmp_path / output / "README.md").read_text()
+        assert "retrofit.register_auto_classes()" in text
+        assert f'AutoModelForImageClassification.from_pretrained("{name}")' in text
+        assert f'AutoModelForImageClassification.from_pretrained("{name}", trust_remote_code=True)' in text
+        assert "path/to/this/folder" not in text and str(tmp_path) not in text
+        assert "github.com" not in text and "retrofit-vit" not in text
+
+
 def test_update_card_writes_before_after_table_and_model_index(tiny_vit, export_dir, tmp_path):
     folder = tmp_path / "vit-pm"
     shutil.copytree(export_dir, folder)

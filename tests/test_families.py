@@ -304,12 +304,19 @@ def converted(tmp_path_factory) -> dict[str, Converted]:
 RELOAD_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
-    try:
+    REGISTERED = sys.argv[3:] == ["registered"]  # retrofit's classes registered, no trust_remote_code
+    if REGISTERED:
         import retrofit
-    except ImportError:
-        pass
+        retrofit.register_auto_classes()
+        TRUST = {}
     else:
-        raise SystemExit("retrofit was importable")
+        TRUST = {"trust_remote_code": True}
+        try:
+            import retrofit
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("retrofit was importable")
     from PIL import Image
     import transformers
     from transformers import AutoModel, AutoModelForImageClassification, pipeline
@@ -317,7 +324,7 @@ RELOAD_SCRIPT = textwrap.dedent("""
     results = {}
     def reload(case):
         auto = AutoModelForImageClassification if case["classifier"] else AutoModel
-        model = auto.from_pretrained(case["output"], trust_remote_code=True).eval()
+        model = auto.from_pretrained(case["output"], **TRUST).eval()
         data = torch.load(case["data"])
         got = {"class": type(model).__name__, "diff": {}}
         with torch.no_grad():
@@ -327,18 +334,18 @@ RELOAD_SCRIPT = textwrap.dedent("""
                     got["diff"][f"{key}@{size}"] = (out[key] - expected).abs().max().item()
         image = Image.new("RGB", (40, 30), (200, 40, 40))
         if case["classifier"]:
-            classify = pipeline("image-classification", model=case["output"], trust_remote_code=True)
+            classify = pipeline("image-classification", model=case["output"], **TRUST)
             got["pipeline"] = classify(image)
         if case["base"]:  # a classifier's export loads as its family's backbone too, as its source does
-            base = AutoModel.from_pretrained(case["output"], trust_remote_code=True).eval()
+            base = AutoModel.from_pretrained(case["output"], **TRUST).eval()
             got["base_class"] = type(base).__name__
             with torch.no_grad():
                 hidden = base(pixel_values=data["pixels32"]).last_hidden_state
             got["base_diff"] = (hidden - data["base_hidden32"]).abs().max().item()
-            extract = pipeline("image-feature-extraction", model=case["output"], trust_remote_code=True)
+            extract = pipeline("image-feature-extraction", model=case["output"], **TRUST)
             got["pipeline_tokens"] = len(extract(image)[0])
         elif not case["classifier"]:  # the model card's example for backbones: one vector per output token
-            extract = pipeline("image-feature-extraction", model=case["output"], trust_remote_code=True)
+            extract = pipeline("image-feature-extraction", model=case["output"], **TRUST)
             got["pipeline_tokens"] = len(extract(image)[0])
         return got
 
@@ -347,7 +354,9 @@ RELOAD_SCRIPT = textwrap.dedent("""
             results[case["name"]] = reload(case)
         except Exception as error:  # reported per case by the test
             results[case["name"]] = {"error": f"{type(error).__name__}: {error}"}
-    json.dump({"transformers": transformers.__version__, "cases": results}, open(sys.argv[2], "w"))
+    remote = sorted(name for name in sys.modules if name.startswith("transformers_modules"))
+    json.dump({"transformers": transformers.__version__, "cases": results, "remote_code_modules": remote},
+              open(sys.argv[2], "w"))
 """)
 
 
@@ -365,12 +374,13 @@ def _base_class(item: Converted) -> str | None:
     return item.case.merged_class.split("For")[0] + "Model"
 
 
-@pytest.fixture(scope="module", params=["installed", "oldest", *OVERLAYS])
+@pytest.fixture(scope="module", params=["registered", "installed", "oldest", *OVERLAYS])
 def reloaded(request, converted, tmp_path_factory) -> dict:
     """Every export loaded with Auto classes + trust_remote_code in ONE fresh process where `import retrofit` fails,
-    with the installed transformers, the oldest release the exported code supports, and releases in between."""
+    with the installed transformers, the oldest release the exported code supports, and releases in between; and
+    ("registered") in one where retrofit registered its classes, without trust_remote_code."""
     python, path = sys.executable, []
-    if request.param != "installed":
+    if request.param not in ("installed", "registered"):
         if not OLDEST_PYTHON:
             pytest.skip("RETROFIT_OLDEST_PYTHON is not set (`make test` sets it)")
         python, path = OLDEST_PYTHON, [str(OVERLAYS[request.param])] if request.param in OVERLAYS else []
@@ -402,16 +412,12 @@ def reloaded(request, converted, tmp_path_factory) -> dict:
     (root / "manifest.json").write_text(json.dumps(manifest))
     (root / "blocker").mkdir()
     (root / "blocker" / "retrofit.py").write_text("raise ImportError('retrofit must not be needed')\n")
-    python_path = os.pathsep.join([str(root / "blocker"), *path])
+    blocker = [] if request.param == "registered" else [str(root / "blocker")]
+    python_path = os.pathsep.join([*blocker, *path])
     env = {**os.environ, "PYTHONPATH": python_path, "HF_MODULES_CACHE": str(root / "modules")}
     env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    command = [
-        python,
-        "-c",
-        RELOAD_SCRIPT,
-        str(root / "manifest.json"),
-        str(root / "results.json"),
-    ]
+    mode = ["registered"] if request.param == "registered" else []
+    command = [python, "-c", RELOAD_SCRIPT, str(root / "manifest.json"), str(root / "results.json"), *mode]
     run = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads((root / "results.json").read_text())
@@ -431,8 +437,11 @@ def test_reloads_ran_with_the_transformers_they_name(request, reloaded):
     import transformers
 
     param = request.node.callspec.params["reloaded"]
-    expected = {"installed": transformers.__version__, "oldest": OLDEST_TRANSFORMERS}.get(param)
+    installed = transformers.__version__
+    expected = {"installed": installed, "registered": installed, "oldest": OLDEST_TRANSFORMERS}.get(param)
     assert reloaded["transformers"] == (expected or param.removeprefix("transformers-"))
+    # with retrofit's classes registered, no file of any export is imported; with trust_remote_code, each family's is
+    assert (reloaded["remote_code_modules"] == []) == (param == "registered")
 
 
 def test_exported_code_refuses_an_older_transformers_in_one_line(converted, monkeypatch):
@@ -855,3 +864,18 @@ def test_timm_checkpoints_are_refused_in_one_line(tmp_path, capsys):
     assert "model type 'timm_wrapper' (timm) cannot be merged" in err, err
     assert "google/vit-base-patch16-224" in err and err.endswith(f"supported families: {supported_names()}")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_export_onnx_matches_pytorch_at_any_batch_size(name, converted, tmp_path):
+    """`retrofit export-onnx` for every family and class: the exporter its family needs, traced at batch 2, checked
+    by ONNX Runtime against PyTorch on 4 images through the export's processor (refused above 1e-4)."""
+    from retrofit.deploy import export_onnx, onnx_info
+
+    item = converted[name]
+    result = export_onnx(item.output, tmp_path / "model.onnx", log=lambda _: None)
+    assert result.max_difference <= 1e-4 and result.images == 4
+    expected = "torchscript" if FAMILIES[item.case.family].relative_position_bias else "dynamo"
+    assert result.exporter == expected
+    info = onnx_info(tmp_path / "model.onnx")
+    assert info["merge_num_tokens"] == M and info["class"] == family_and_head(item.result.model.config)[1].class_name

@@ -94,9 +94,9 @@ def test_push_uploads_exactly_the_export(export_dir, hub, capsys, tmp_path):
     assert "https://huggingface.co/me/vit-pm/tree/v1" in capsys.readouterr().out
     # The Hub's card says how to load the repo (on its branch); the local card is left as it was.
     local = (export_dir / "README.md").read_text()
-    assert (folder / "README.md").read_text() == local and 'from_pretrained("path/to/this/folder"' in local
+    assert (folder / "README.md").read_text() == local and f'from_pretrained("{export_dir.name}"' in local
     hub_card = commit["contents"]["README.md"].decode()
-    assert hub_card == local.replace('"path/to/this/folder"', '"me/vit-pm", revision="v1"')
+    assert hub_card == local.replace(f'"{export_dir.name}"', '"me/vit-pm", revision="v1"')
     assert 'from_pretrained("me/vit-pm", revision="v1", trust_remote_code=True)' in hub_card
     assert 'pipeline("image-classification", model="me/vit-pm", revision="v1", trust_remote_code=True)' in hub_card
     assert hub["yaml"] == [hub_card]
@@ -334,7 +334,7 @@ def test_recipe_run_pushes_the_finished_export(tiny_vit, hub, tmp_path):
     assert hub["repos"][0][1]["private"] is True
     card = commit["contents"]["README.md"].decode()
     assert "fine-tuned (2 steps, loss kd)" in card and hub["yaml"] == [card]
-    assert card == (out / "README.md").read_text().replace('"path/to/this/folder"', '"me/tiny-pm"')
+    assert card == (out / "README.md").read_text().replace(f'"{out.name}"', '"me/tiny-pm"')
     assert 'from_pretrained("me/tiny-pm", trust_remote_code=True)' in card  # main: no revision
 
 

@@ -1,0 +1,281 @@
+"""`retrofit export-onnx`: an ONNX graph of a model (a retrofit export, or its source) that takes any batch size,
+checked against PyTorch before it is kept; and `OnnxModel`, how `retrofit bench` runs such a file in ONNX Runtime.
+
+The exporter is chosen per family: torch's ``dynamo=True`` exporter, or for the families whose code it cannot take
+(a relative position bias: BEiT, Data2Vec-vision) the TorchScript one. The graph's outputs are what users read:
+``logits`` for a classifier, ``last_hidden_state`` (and ``pooler_output`` where there is one) for a backbone. The
+file's metadata says what it was made from (`MODEL_KEY`), so ``--overwrite`` replaces only a file retrofit wrote and
+``bench`` knows its FLOPs and its source.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import RetrofitError, brief
+from .settings import ExportOnnxArgs, from_options
+
+MODEL_KEY = "retrofit"  # metadata_props key of the JSON that says what a file is (`onnx_info`)
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}  # largest |ONNX - PyTorch| output difference accepted, relative to scale
+
+
+@dataclass
+class OnnxResult:
+    """What `export_onnx` wrote and how close ONNX Runtime's outputs came to PyTorch's."""
+
+    output: Path
+    max_difference: float
+    tolerance: float
+    images: int
+    exporter: str
+
+
+def export_onnx(model: str | Path, output: str | Path, *, log: Callable[[str], None] = print, **settings) -> OnnxResult:
+    """Export `model` (a retrofit export, or a checkpoint retrofit converts) to the ONNX file `output`; `settings`
+    are `retrofit.settings.ExportOnnxArgs` fields (dtype, overwrite, images, tolerance)."""
+    args = from_options(ExportOnnxArgs, {"model": str(model), "output": str(output), **settings}, where="export_onnx()")
+    return run_export_onnx(args, log=log)
+
+
+def run_export_onnx(args: ExportOnnxArgs, *, log: Callable[[str], None] = print) -> OnnxResult:
+    """`export_onnx` for settings already checked (``retrofit export-onnx`` builds `ExportOnnxArgs` itself)."""
+    from .atomic import check_file_output
+    from .loading import family_and_head, load_config, load_image_processor, load_model
+
+    _need_onnx()
+    output = Path(args.output)
+    if output.suffix != ".onnx":
+        raise RetrofitError(f"--output '{output}' must be a file name ending in .onnx, e.g. {output.name}.onnx")
+    check_file_output(output, "--output", args.overwrite, inputs=(args.model,), ours=written_by_retrofit)
+    config = load_config(args.model)
+    family, head = family_and_head(config)
+    processor = load_image_processor(args.model, config, log=log)
+    model = load_model(args.model, config=config).eval()
+    pixels = _sample_images(processor, config, args.images)
+    with torch.no_grad():
+        expected = _outputs(model, pixels)
+    exported = model.half() if args.dtype == "fp16" else model.float()
+    exporter = "torchscript" if family.relative_position_bias else "dynamo"
+    tolerance = args.tolerance if args.tolerance is not None else TOLERANCE[args.dtype]
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.tmp-", dir=output.parent) as work:
+        path = Path(work) / output.name
+        names = _export(exported, pixels, path, exporter, log)
+        _write_metadata(path, _info(args, config, head))
+        got = _run(path, pixels)
+        difference = max(_relative_difference(got[name], expected[name]) for name in names)
+        log(f"ONNX Runtime against PyTorch on {len(pixels)} images: max |difference| {difference:.2e} of the outputs' "
+            f"scale (tolerance {tolerance:g}); exporter: {exporter}, {args.dtype}")  # fmt: skip
+        if not difference <= tolerance:
+            raise RetrofitError(
+                f"the ONNX graph's outputs differ from PyTorch's by {difference:.3g} (more than {tolerance:g}); it was "
+                "not written. Try --dtype fp32, or report the model"
+            )
+        _move_into_place(Path(work), output, args.overwrite)
+    log(f"wrote {output}")
+    return OnnxResult(output, difference, tolerance, len(pixels), exporter)
+
+
+def _need_onnx() -> None:
+    import importlib.util
+
+    missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise RetrofitError(f"ONNX export needs {', '.join(missing)}: pip install 'retrofit[onnx]'")
+
+
+def _sample_images(processor, config, count: int) -> torch.Tensor:
+    """`count` images of noise (seeded), larger than the model's input, prepared by the model's own processor."""
+    import numpy as np
+    from PIL import Image
+
+    from .loading import family_and_head, layer_config, processor_image_size
+
+    height, width = processor_image_size(processor) or (224, 224)
+    channels = getattr(layer_config(config, family_and_head(config)[1]), "num_channels", 3)
+    rng = np.random.default_rng(0)
+    mode = "L" if channels == 1 else "RGB"
+    shape = (height + 13, width + 7) if channels == 1 else (height + 13, width + 7, 3)
+    images = [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode) for _ in range(count)]
+    return torch.as_tensor(np.stack(processor(images)["pixel_values"])).float()
+
+
+class _Outputs(torch.nn.Module):
+    """The model with the outputs users read, as a tuple: what the ONNX graph returns, by name."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(pixel_values=pixel_values)
+        return tuple(out[name] for name in output_names(out))
+
+
+def output_names(out) -> list[str]:
+    """The outputs of a model's forward that the graph keeps: logits, or a backbone's hidden states and pooler."""
+    if out.get("logits") is not None:
+        return ["logits"]
+    return [name for name in ("last_hidden_state", "pooler_output") if out.get(name) is not None]
+
+
+def _outputs(model: torch.nn.Module, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    out = model(pixel_values=pixels)
+    return {name: out[name].float() for name in output_names(out)}
+
+
+def _export(model: torch.nn.Module, pixels: torch.Tensor, path: Path, exporter: str, log) -> list[str]:
+    """Write `model` to `path` with a dynamic batch (traced at batch 2); returns the output names."""
+    import warnings
+
+    dtype = next(model.parameters()).dtype
+    example = pixels[:2].to(dtype)
+    with torch.no_grad():
+        names = output_names(model(pixel_values=example))
+    batch = (
+        {"dynamic_shapes": {"pixel_values": {0: torch.export.Dim("batch")}}}
+        if exporter == "dynamo"
+        else {"dynamic_axes": {"pixel_values": {0: "batch"}, **{name: {0: "batch"} for name in names}}}
+    )
+    # Known noise of the exporters, not the user's business: TorchScript's deprecation and tracer notes, torch's
+    # internal FutureWarnings, and the dynamo exporter's log lines about torchvision ops it skips.
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    try:
+        registration.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            for category in (DeprecationWarning, FutureWarning, torch.jit.TracerWarning):
+                warnings.simplefilter("ignore", category=category)
+            torch.onnx.export(_Outputs(model).eval(), (example,), path, dynamo=exporter == "dynamo", verbose=False,
+                              input_names=["pixel_values"], output_names=names, **batch)  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - the exporters raise many kinds: one line, -v shows the rest
+        raise RetrofitError(f"torch.onnx.export ({exporter}) failed: {brief(exc, 200)}") from exc
+    finally:
+        registration.setLevel(level)
+    return names
+
+
+def _info(args: ExportOnnxArgs, config, head) -> dict:
+    """What the file says about itself (`onnx_info`): enough for `bench` and `--overwrite`, nothing private."""
+    from .cost import model_cost
+    from .loading import is_merged
+    from .provenance import public_name, source_record
+
+    merged = is_merged(config)
+    return {
+        "model": public_name(args.model),
+        "class": head.class_name,
+        "dtype": args.dtype,
+        "gflops": model_cost(config).gflops,
+        "merge_after_layer": getattr(config, "merge_after_layer", None) if merged else None,
+        "merge_num_tokens": getattr(config, "merge_num_tokens", None) if merged else None,
+        "merge_source_sha256": getattr(config, "merge_source_sha256", None) if merged else None,
+        "weights_sha256": source_record(args.model).sha256,
+    }
+
+
+def _write_metadata(path: Path, info: dict) -> None:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = MODEL_KEY, json.dumps(info)
+    onnx.save(model, str(path))
+
+
+def onnx_info(path: str | Path) -> dict | None:
+    """The metadata retrofit wrote into an ONNX file, or None (not an ONNX file retrofit wrote)."""
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        entry = next((prop for prop in model.metadata_props if prop.key == MODEL_KEY), None)
+        return json.loads(entry.value) if entry is not None else None
+    except Exception:  # noqa: BLE001 - not ONNX, unreadable, onnx not installed: not ours
+        return None
+
+
+def check_onnx_file(path: str | Path) -> dict:
+    """Refuse, in one line, a path that is not an ONNX file retrofit wrote; returns its metadata."""
+    _need_onnx()
+    if not Path(path).is_file():
+        raise RetrofitError(f"'{path}' does not exist; make it with `retrofit export-onnx EXPORT --output {path}`")
+    info = onnx_info(path)
+    if info is None:
+        raise RetrofitError(f"'{path}' is not an ONNX file retrofit wrote; make one with `retrofit export-onnx`")
+    return info
+
+
+def written_by_retrofit(path: Path) -> bool:
+    return onnx_info(path) is not None
+
+
+def _session(path: Path, device: str = "cpu"):
+    """An ONNX Runtime session on `device`, with as many CPU threads as torch uses (``bench --threads``), so that both
+    runtimes are measured alike."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            raise RetrofitError(
+                "this ONNX Runtime has no CUDA provider; pip install onnxruntime-gpu, or measure with --device cpu"
+            )
+        providers.insert(0, "CUDAExecutionProvider")
+    return onnxruntime.InferenceSession(str(path), options, providers=providers)
+
+
+def _run(path: Path, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    session = _session(path)
+    feed = pixels.numpy().astype(_input_dtype(session))
+    names = [output.name for output in session.get_outputs()]
+    values = session.run(None, {"pixel_values": feed})
+    return {name: torch.from_numpy(value).float() for name, value in zip(names, values, strict=True)}
+
+
+def _input_dtype(session) -> str:
+    return "float16" if session.get_inputs()[0].type == "tensor(float16)" else "float32"
+
+
+def _relative_difference(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |got - expected|, relative to the scale of `expected` (its largest magnitude, at least 1)."""
+    return float((got - expected).abs().max() / expected.abs().max().clamp_min(1.0))
+
+
+def _move_into_place(work: Path, output: Path, overwrite: bool) -> None:
+    """The file(s) the exporter wrote in `work` (the graph, and its weights beside it for models over 2 GB) into
+    `output`'s folder; an `output` that appeared meanwhile is not replaced without `overwrite`."""
+    for path in sorted(work.iterdir(), key=lambda p: p.name == output.name):  # the graph last: whole or absent
+        target = output.parent / path.name
+        if target.exists() and not overwrite:
+            raise RetrofitError(f"'{target}' appeared while this run was working; it was not replaced")
+        os.replace(path, target)
+
+
+class OnnxModel:
+    """An ONNX file retrofit wrote, run in ONNX Runtime, called as a model is (``model(pixel_values=x)[0]``) by
+    `retrofit.benchmark`. Its `config` carries what the file's metadata says (merge settings, FLOPs)."""
+
+    def __init__(self, path: str | Path, device: str = "cpu") -> None:
+        self.path, self.info = Path(path), check_onnx_file(path)
+        self.session = _session(self.path, device)
+        self.dtype = _input_dtype(self.session)
+        self.input_shape = tuple(self.session.get_inputs()[0].shape[1:])
+        self.config = type("OnnxConfig", (), {"_attn_implementation": "onnxruntime", **self.info})()
+
+    def __call__(self, pixel_values: torch.Tensor) -> tuple:
+        feed = pixel_values.detach().cpu().numpy().astype(self.dtype)
+        return tuple(torch.from_numpy(value) for value in self.session.run(None, {"pixel_values": feed}))
+
+    def weights_mib(self) -> float:
+        files = [self.path, *self.path.parent.glob(f"{self.path.name}.data")]
+        return sum(file.stat().st_size for file in files if file.is_file()) / 2**20

@@ -1,0 +1,88 @@
+"""`retrofit export-onnx` and ONNX files in `retrofit bench`: the graph is checked against PyTorch before it is
+kept, the file says what it is, and bad input is one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import retrofit.deploy as deploy
+from retrofit import convert
+from retrofit.cli import main
+
+
+@pytest.fixture(scope="module")
+def export_dir(tiny_vit, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "vit-pm"
+    convert(tiny_vit, after_layer=2, num_tokens=4, output=out, log=lambda _: None)
+    return out
+
+
+def refused(capsys, *argv) -> str:
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("retrofit: error: "), err
+    return err
+
+
+def test_export_and_bench_source_and_merged_in_onnx_runtime(tiny_vit, export_dir, tmp_path, capsys):
+    for model, name in ((tiny_vit, "source.onnx"), (export_dir, "merged.onnx")):
+        assert main(["export-onnx", str(model), "-o", str(tmp_path / name)]) == 0
+        out = capsys.readouterr().out
+        assert "ONNX Runtime against PyTorch on 4 images" in out and f"wrote {tmp_path / name}" in out
+    quick = ["--batch-size", "2", "--warmup", "1", "--repeats", "1", "--min-time", "0", "--latency-iters", "0"]
+    report = tmp_path / "bench.json"
+    argv = ["bench", str(tiny_vit), str(export_dir), str(tmp_path / "source.onnx"), str(tmp_path / "merged.onnx")]
+    assert main([*argv, *quick, "--json", str(report)]) == 0
+    rows = {row["model"]: row for row in json.loads(report.read_text())["models"]}
+    merged = rows[str(tmp_path / "merged.onnx")]
+    assert merged["compile"] == "onnxruntime" and merged["baseline"] == str(tmp_path / "source.onnx")
+    assert merged["flops_ratio"] == pytest.approx(rows[str(export_dir)]["flops_ratio"])
+    assert merged["results"]["2"]["status"] == "ok" and merged["results"]["2"]["speedup"] > 0
+    assert "| onnxruntime |" in capsys.readouterr().out
+
+
+def test_fp16_graph_and_overwrite_replaces_only_its_own_file(export_dir, tmp_path, capsys):
+    target = tmp_path / "model.onnx"
+    assert main(["export-onnx", str(export_dir), "-o", str(target), "--dtype", "fp16"]) == 0
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(target))
+    assert session.get_inputs()[0].type == "tensor(float16)"
+    assert "already exists" in refused(capsys, "export-onnx", export_dir, "-o", target)
+    assert main(["export-onnx", str(export_dir), "-o", str(target), "--overwrite"]) == 0  # its own file
+    other = tmp_path / "mine.onnx"
+    other.write_bytes(b"not retrofit's")
+    assert "is not a file retrofit wrote" in refused(capsys, "export-onnx", export_dir, "-o", other, "--overwrite")
+    assert other.read_bytes() == b"not retrofit's"
+
+
+def test_bad_input_is_one_line_and_writes_nothing(export_dir, tmp_path, capsys, monkeypatch):
+    assert "must be a file name ending in .onnx" in refused(capsys, "export-onnx", export_dir, "-o", tmp_path / "m")
+    assert "does not exist" in refused(capsys, "export-onnx", tmp_path / "nope", "-o", tmp_path / "m.onnx")
+    err = refused(capsys, "export-onnx", export_dir, "-o", export_dir / "model.onnx")
+    assert "which this run reads" in err
+    assert "--dtype must be one of fp32, fp16" in refused(capsys, "export-onnx", export_dir, "-o", "m.onnx", "--dtype",
+                                                         "int8")  # fmt: skip
+    real_run = deploy._run
+
+    def drifting(path, pixels):  # a graph that computes something else
+        return {name: value + 1.0 for name, value in real_run(path, pixels).items()}
+
+    monkeypatch.setattr(deploy, "_run", drifting)
+    err = refused(capsys, "export-onnx", export_dir, "-o", tmp_path / "m.onnx")
+    assert "differ from PyTorch's by" in err and "it was not written" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert "does not exist; make it with `retrofit export-onnx" in refused(capsys, "bench", tmp_path / "x.onnx")
+    (tmp_path / "x.onnx").write_bytes(b"junk")
+    assert "is not an ONNX file retrofit wrote" in refused(capsys, "bench", tmp_path / "x.onnx")
+
+
+def test_noise_images_go_through_the_models_own_processor(export_dir):
+    from retrofit.loading import load_config, load_image_processor
+
+    config = load_config(export_dir)
+    pixels = deploy._sample_images(load_image_processor(export_dir, config, log=lambda _: None), config, 3)
+    assert pixels.shape == (3, 3, 32, 32) and pixels.dtype == torch.float32 and pixels.std() > 0.1
