@@ -49,7 +49,9 @@ lint: setup
 oldest: $(OLDEST_VENV)/.installed
 $(OLDEST_VENV)/.installed: Makefile
 	python3 -m venv $(OLDEST_VENV)
-	$(OLDEST_VENV)/bin/python $(PIP_INSTALL) "$(TORCH_SPEC)" "transformers==$(OLDEST_TRANSFORMERS)" pillow
+	# what a user of an export needs: torch, transformers, PIL (pipelines), SigLIP's tokenizer (sentencepiece, protobuf)
+	$(OLDEST_VENV)/bin/python $(PIP_INSTALL) "$(TORCH_SPEC)" "transformers==$(OLDEST_TRANSFORMERS)" pillow \
+	  sentencepiece protobuf
 	for version in $(LATER_TRANSFORMERS); do rm -rf $(OLDEST_VENV)/transformers-$$version && \
 	  $(OLDEST_VENV)/bin/python $(PIP_INSTALL) --target $(OLDEST_VENV)/transformers-$$version "transformers==$$version" \
 	  || exit 1; done

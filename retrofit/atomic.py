@@ -76,6 +76,9 @@ class Kind:
 
 
 _WEIGHTS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")
+# A dual encoder's tokenizer as transformers saves it (BPE: tokenizer.json; SigLIP's sentencepiece: spiece.model)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "spiece.model")  # fmt: skip
 EXPORT = Kind(
     "a retrofit export",
     marker="config.json",
@@ -84,6 +87,7 @@ EXPORT = Kind(
         *_WEIGHTS,
         "config.json",
         "preprocessor_config.json",
+        *TOKENIZER_FILES,
         "README.md",
         "configuration_*.py",
         "modeling_*.py",

@@ -12,7 +12,14 @@ from .atomic import check_output
 from .cost import Cost, compare, model_cost
 from .errors import RetrofitError
 from .export import export
-from .loading import load_config, load_image_processor, load_model, processor_image_size, resolve_source
+from .loading import (
+    load_config,
+    load_image_processor,
+    load_model,
+    load_tokenizer,
+    processor_image_size,
+    resolve_source,
+)
 from .push import check_push, push_written
 from .settings import ConvertArgs, from_options
 from .surgery import check_merge, insert_patch_merger
@@ -67,6 +74,7 @@ def run_convert(args: ConvertArgs, *, log: Callable[[str], None] = print) -> Con
         check_push(args.push_to_hub, private=args.private, create_pr=args.create_pr)
     config = load_config(source, trust_remote_code=args.trust_remote_code, revision=args.revision, task=args.task)
     processor = load_image_processor(source, config, revision=args.revision, log=log)
+    tokenizer = load_tokenizer(source, config, revision=args.revision, log=log)  # dual encoders only
     image_size = processor_image_size(processor)
     check_merge(config, args.after_layer, args.tokens, image_size, rope_positions=args.rope_positions)
     model = load_model(source, config=config, trust_remote_code=args.trust_remote_code, revision=args.revision)
@@ -85,8 +93,8 @@ def run_convert(args: ConvertArgs, *, log: Callable[[str], None] = print) -> Con
     before, after = model_cost(config, image_size), model_cost(merged.config, image_size)
     log(compare(before, after))
     if output is not None:
-        export(merged, output, image_processor=processor, overwrite=args.overwrite, source_config=config,
-               training=training)  # fmt: skip
+        export(merged, output, image_processor=processor, tokenizer=tokenizer, overwrite=args.overwrite,
+               source_config=config, training=training)  # fmt: skip
         log(f"wrote {output}")
         if args.push_to_hub:
             push_written(output, args.push_to_hub, private=args.private, create_pr=args.create_pr, log=log)

@@ -3,9 +3,9 @@ checked against PyTorch before it is kept; and `OnnxModel`, how `retrofit bench`
 
 The exporter is chosen per family: torch's ``dynamo=True`` exporter, or for the families whose code it cannot take
 (a relative position bias: BEiT, Data2Vec-vision) the TorchScript one. The graph's outputs are what users read:
-``logits`` for a classifier, ``last_hidden_state`` (and ``pooler_output`` where there is one) for a backbone. The
-file's metadata says what it was made from (`MODEL_KEY`), so ``--overwrite`` replaces only a file retrofit wrote and
-``bench`` knows its FLOPs and its source.
+``logits`` for a classifier, ``last_hidden_state`` (and ``pooler_output`` where there is one) for a backbone,
+``image_embeds`` for a dual encoder (its image tower). The file's metadata says what it was made from (`MODEL_KEY`),
+so ``--overwrite`` replaces only a file retrofit wrote and ``bench`` knows its FLOPs and its source.
 """
 
 from __future__ import annotations
@@ -108,27 +108,33 @@ def _sample_images(processor, config, count: int) -> torch.Tensor:
 
 
 class _Outputs(torch.nn.Module):
-    """The model with the outputs users read, as a tuple: what the ONNX graph returns, by name."""
+    """The model with the outputs users read, as a tuple: what the ONNX graph returns, by name (`named`)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
+        from .loading import family_and_head
+
         super().__init__()
         self.model = model
+        self.dual = family_and_head(model.config)[1].is_dual_encoder
+
+    def named(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits, or a backbone's hidden states and pooler output, or a dual encoder's image embeddings (its image
+        tower: the text embeddings of a fixed set of prompts are computed once, outside the graph)."""
+        if self.dual:
+            from .zero_shot import image_embeddings
+
+            return {"image_embeds": image_embeddings(self.model, pixel_values)}
+        out = self.model(pixel_values=pixel_values)
+        if out.get("logits") is not None:
+            return {"logits": out["logits"]}
+        return {name: out[name] for name in ("last_hidden_state", "pooler_output") if out.get(name) is not None}
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model(pixel_values=pixel_values)
-        return tuple(out[name] for name in output_names(out))
-
-
-def output_names(out) -> list[str]:
-    """The outputs of a model's forward that the graph keeps: logits, or a backbone's hidden states and pooler."""
-    if out.get("logits") is not None:
-        return ["logits"]
-    return [name for name in ("last_hidden_state", "pooler_output") if out.get(name) is not None]
+        return tuple(self.named(pixel_values).values())
 
 
 def _outputs(model: torch.nn.Module, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-    out = model(pixel_values=pixels)
-    return {name: out[name].float() for name in output_names(out)}
+    return {name: value.float() for name, value in _Outputs(model).named(pixels).items()}
 
 
 def _export(model: torch.nn.Module, pixels: torch.Tensor, path: Path, exporter: str, log) -> list[str]:
@@ -138,7 +144,7 @@ def _export(model: torch.nn.Module, pixels: torch.Tensor, path: Path, exporter: 
     dtype = next(model.parameters()).dtype
     example = pixels[:2].to(dtype)
     with torch.no_grad():
-        names = output_names(model(pixel_values=example))
+        names = list(_Outputs(model).named(example))
     batch = (
         {"dynamic_shapes": {"pixel_values": {0: torch.export.Dim("batch")}}}
         if exporter == "dynamo"

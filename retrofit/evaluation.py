@@ -104,10 +104,9 @@ def evaluate_models(
     if any(backbones):
         if not all(backbones):
             other = backbones.index(not backbones[0])
-            kinds = {True: "a vision backbone", False: "a classifier"}
             raise RetrofitError(
-                f"'{models[0]}' is {kinds[backbones[0]]} ({_kind(saved[0], configs[0])}) and '{models[other]}' "
-                f"{kinds[not backbones[0]]} ({_kind(saved[other], configs[other])}); evaluate compares classifiers "
+                f"'{models[0]}' is {_what(configs[0])} ({_kind(saved[0], configs[0])}) and '{models[other]}' "
+                f"{_what(configs[other])} ({_kind(saved[other], configs[other])}); evaluate compares classifiers "
                 "by accuracy or backbones by feature similarity, so pass models of one kind"
             )
         return _evaluate_backbones(
@@ -164,6 +163,16 @@ def evaluate_models(
     }
     report["table"] = markdown_table(report)
     return report
+
+
+def _what(config) -> str:
+    """A model's kind in words, for messages."""
+    from .loading import family_and_head
+
+    head = family_and_head(config)[1]
+    if head.is_dual_encoder:
+        return "an image-text dual encoder"
+    return "a classifier" if head.is_classifier else "a vision backbone"
 
 
 def _kind(saved, config) -> str:

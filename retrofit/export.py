@@ -8,7 +8,7 @@ from huggingface_hub import ModelCard
 from safetensors import SafetensorError
 from transformers import PreTrainedModel
 
-from .atomic import atomic_dir
+from .atomic import TOKENIZER_FILES, atomic_dir
 from .card import TrainingInfo, build_card
 from .errors import RetrofitError, brief
 from .hub_code import load_classes
@@ -26,11 +26,13 @@ def export(
     overwrite: bool = False,
     source_config=None,
     training: TrainingInfo | None = None,
+    tokenizer=None,
 ) -> Path:
     """Write `model` (a merged model) to `output` as a Hub repository, atomically.
 
     The folder holds ``config.json`` (with ``auto_map``), ``model.safetensors``, the generated
-    ``configuration_*.py``/``modeling_*.py``, ``preprocessor_config.json`` and a ``README.md`` model card.
+    ``configuration_*.py``/``modeling_*.py``, ``preprocessor_config.json`` (a dual encoder's `tokenizer` too) and a
+    ``README.md`` model card.
     Load it with ``AutoModelForImageClassification.from_pretrained(output, trust_remote_code=True)``. Without a
     `card`, one is built from the model, `source_config` (for the cost table) and `training` (how it was made).
     """
@@ -51,8 +53,15 @@ def export(
             ) from None
         for filename, text in classes.files.items():
             (tmp / filename).write_text(text)
+        written = {path.name for path in tmp.iterdir()}
         if image_processor is not None:
             save_image_processor(image_processor, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+            unexpected = [path.name for path in tmp.iterdir() if path.name not in written and path.name not in
+                          TOKENIZER_FILES and path.name != "preprocessor_config.json"]  # fmt: skip
+            if unexpected:  # a file `--overwrite` would not recognise as ours, or `push` would leave out
+                raise RuntimeError(f"the tokenizer wrote files retrofit does not know: {unexpected}")
         card.save(tmp / "README.md")
     record = getattr(model, "retrofit_source", None)
     if record is not None:

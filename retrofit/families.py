@@ -30,7 +30,12 @@ class Head:
         features: backbones only, what users read from them and fine-tuning distils: ``pooler`` (``pooler_output``),
             ``cls`` (the CLS token of ``last_hidden_state``), ``cls+mean`` (CLS ⊕ mean of the tokens after the
             prefix tokens, DINOv2's linear-probe features) or ``mean`` (mean of the tokens after the prefix tokens,
-            for models without a CLS token).
+            for models without a CLS token), or ``image_embeds`` (a dual encoder's normalised image embeddings, what
+            zero-shot classification compares with the text embeddings).
+        encoder: where the model has more than one encoder (a dual encoder's text and vision towers), the submodule
+            that holds the layers to merge (``vision_model``); empty: the model's only encoder.
+        output_class: dual encoders only, the transformers output class of the model (``CLIPOutput``), which the
+            merged model returns when it is given images alone (their embeddings, without a text tower pass).
     """
 
     class_name: str
@@ -39,19 +44,34 @@ class Head:
     reads: str = ""
     classifiers: tuple[str, ...] = ("classifier",)
     features: str = "pooler"
+    encoder: str = ""
+    output_class: str = ""
 
     @property
     def is_classifier(self) -> bool:
-        """True if the class outputs logits (else it is a backbone: last hidden state and pooler output)."""
+        """True if the class outputs logits (else it is a backbone or a dual encoder)."""
         return self.auto_class == "AutoModelForImageClassification"
+
+    @property
+    def is_dual_encoder(self) -> bool:
+        """True for an image-text dual encoder (CLIPModel, SiglipModel): zero-shot classification and retrieval."""
+        return self.auto_class == "AutoModelForZeroShotImageClassification"
+
+    @property
+    def auto_classes(self) -> tuple[str, ...]:
+        """The Auto classes that load an export of this class (a dual encoder also loads with `AutoModel`, as the
+        source checkpoint does)."""
+        return (self.auto_class, "AutoModel") if self.is_dual_encoder else (self.auto_class,)
 
     @property
     def pipeline_tag(self) -> str:
         """The Hub pipeline tag of an export of this class, which is also its `--task`."""
+        if self.is_dual_encoder:
+            return "zero-shot-image-classification"
         return "image-classification" if self.is_classifier else "image-feature-extraction"
 
 
-TASKS = ("image-classification", "image-feature-extraction")
+TASKS = ("image-classification", "image-feature-extraction", "zero-shot-image-classification")
 
 # Where the layers of RoPE families (`Family.rope`) rotate the merged tokens (the export's `merge_rope_positions`),
 # the default first: each at the merge-weighted mean of its patches' centres, per image (measured better than no
@@ -411,6 +431,15 @@ register(
         config_class="CLIPConfig",
         layer_class="CLIPEncoderLayer",
         heads={
+            "CLIPModel": Head(
+                "CLIPModel",
+                auto_class="AutoModelForZeroShotImageClassification",
+                layer_config="config.vision_config",
+                reads="image embeddings = projection of the post-LayerNorm CLS (unchanged); text tower unchanged",
+                features="image_embeds",
+                encoder="vision_model",
+                output_class="CLIPOutput",
+            ),
             "CLIPForImageClassification": Head(
                 "CLIPForImageClassification",
                 layer_config="config.vision_config",
@@ -418,9 +447,10 @@ register(
             ),
         },
         notes=(
-            "A full CLIPModel checkpoint loads as CLIPForImageClassification: the vision tower is kept, the text "
-            "tower and projections are dropped and the classifier is new (fine-tune it); --task "
-            "image-feature-extraction keeps the vision tower alone (CLIPVisionModel). " + _CLIP_NOTES
+            "A full CLIPModel checkpoint stays a dual encoder: the vision tower is merged, the text tower, the "
+            "projections and the logit scale are kept bit-exact, and zero-shot classification works as before. "
+            "--task image-classification gives a CLIPForImageClassification (text tower dropped, new classifier: "
+            "fine-tune it), --task image-feature-extraction the vision tower alone (CLIPVisionModel). " + _CLIP_NOTES
         ),
         tower="clip_vision",
     )
@@ -458,6 +488,16 @@ register(
         config_class="SiglipConfig",
         layer_class="SiglipEncoderLayer",
         heads={
+            "SiglipModel": Head(
+                "SiglipModel",
+                auto_class="AutoModelForZeroShotImageClassification",
+                layer_config="config.vision_config",
+                reads="image embeddings = attention pooling over all tokens: after the merge, over the M merged "
+                "tokens; text tower unchanged",
+                features="image_embeds",
+                encoder="vision_model",
+                output_class="SiglipOutput",
+            ),
             "SiglipForImageClassification": Head(
                 "SiglipForImageClassification",
                 layer_config="config.vision_config",
@@ -466,9 +506,10 @@ register(
         },
         prefix_tokens=(),
         notes=(
-            "No CLS token: every token is merged (zero prefix tokens). A full SiglipModel checkpoint loads as "
-            "SiglipForImageClassification: the vision tower is kept, the text tower is dropped and the classifier "
-            "is new; --task image-feature-extraction keeps the vision tower alone (SiglipVisionModel). "
+            "No CLS token: every token is merged (zero prefix tokens). A full SiglipModel checkpoint stays a dual "
+            "encoder (vision tower merged; text tower, logit scale and bias kept bit-exact); --task "
+            "image-classification gives a SiglipForImageClassification (text tower dropped, new classifier), "
+            "--task image-feature-extraction the vision tower alone (SiglipVisionModel). "
             "interpolate_pos_encoding=True gives other image sizes."
         ),
         tower="siglip_vision",
@@ -593,6 +634,20 @@ register(
         refusal=(
             "its stages work on a 2-D grid of patches that they downsample, so there is no single token sequence for "
             "a PatchMerger to merge"
+        ),
+    )
+)
+
+
+register(
+    Family(
+        name="siglip2",
+        model_types=("siglip2", "siglip2_vision_model"),
+        display="SigLIP 2",
+        refusal=(
+            "its NaFlex vision tower takes each image as a variable number of patches padded to a fixed count, and "
+            "its layers and pooling head read a padding mask that merged tokens no longer fit; convert a SigLIP "
+            "checkpoint (e.g. google/siglip-base-patch16-224) instead"
         ),
     )
 )

@@ -63,6 +63,7 @@ class Prepared:
     checkpoint_dir: Path
     resuming: bool
     stored_dtype: torch.dtype  # the source's: the export is saved in it
+    tokenizer: object | None = None  # a dual encoder's, saved into the export
 
 
 def run_finetune(
@@ -91,7 +92,15 @@ def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepar
 
     from .atomic import check_checkpoint_dir, check_output
     from .checkpoints import check_checkpoints, default_checkpoint_dir, list_checkpoints
-    from .loading import family_and_head, for_task, is_merged, load_config, load_image_processor, resolve_source
+    from .loading import (
+        family_and_head,
+        for_task,
+        is_merged,
+        load_config,
+        load_image_processor,
+        load_tokenizer,
+        resolve_source,
+    )
 
     source, output = args.source, args.output
     resolve_source(source)  # a bad retrofit:NAME is refused first
@@ -116,6 +125,7 @@ def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepar
     check_teacher_logits(source, saved, config, args.loss)
     task = family_and_head(config)[1].pipeline_tag  # the teacher is loaded as the same kind of model
     processor = load_image_processor(source, config, revision=args.revision, log=log)
+    tokenizer = load_tokenizer(source, config, revision=args.revision, log=log)  # dual encoders only
     if is_merged(config):
         model, teacher, teacher_name, source_config = _continue_export(args, config, task)
         init = "continued from a retrofit export"
@@ -127,7 +137,8 @@ def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepar
         check_teacher_fits(teacher, model, processor, teacher_name)
     if args.calibrate and init == "random":
         init = _calibrate(model, args, resumed=resuming, log=log)
-    return Prepared(model, teacher, processor, config, source_config, init, checkpoint_dir, resuming, model.dtype)
+    return Prepared(model, teacher, processor, config, source_config, init, checkpoint_dir, resuming, model.dtype,
+                    tokenizer)  # fmt: skip
 
 
 def finish(args: FinetuneArgs, ready: Prepared, result: TrainResult, *, log: Callable[[str], None] = print) -> None:
@@ -145,7 +156,7 @@ def finish(args: FinetuneArgs, ready: Prepared, result: TrainResult, *, log: Cal
     training = _training_info(args, result, ready.init, args.teacher)
     card = build_card(trained, source_config=ready.source_config, image_size=processor_image_size(ready.processor),
                       training=training, folder=args.output)  # fmt: skip
-    export(trained, args.output, image_processor=ready.processor, card=card,
+    export(trained, args.output, image_processor=ready.processor, tokenizer=ready.tokenizer, card=card,
            overwrite=args.overwrite or ready.resuming, source_config=ready.source_config)  # fmt: skip
     log(f"wrote {args.output} (checkpoints in {ready.checkpoint_dir})")
     result.output = Path(args.output)

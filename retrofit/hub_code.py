@@ -61,7 +61,7 @@ def base_head(family: Family, head: Head) -> Head | None:
     the export of the classifier also loads as it with `AutoModel`, as the source checkpoint does."""
     if not head.is_classifier:
         return None
-    return next((other for other in family.heads.values() if not other.is_classifier), None)
+    return next((other for other in family.heads.values() if other.pipeline_tag == "image-feature-extraction"), None)
 
 
 def render(family: Family, head: Head, *, retrofit_version: str = __version__) -> tuple[dict[str, str], dict[str, str]]:
@@ -97,7 +97,8 @@ def render(family: Family, head: Head, *, retrofit_version: str = __version__) -
     }
     auto_map = {"AutoConfig": f"{names['config_module_name']}.{names['config_class']}"}
     for each in heads:
-        auto_map[each.auto_class] = f"{names['modeling_module_name']}.{merged_classes[each.class_name]}"
+        for auto_class in each.auto_classes:
+            auto_map[auto_class] = f"{names['modeling_module_name']}.{merged_classes[each.class_name]}"
     return files, auto_map
 
 

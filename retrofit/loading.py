@@ -341,6 +341,22 @@ def load_image_processor(source: str | Path, config: PreTrainedConfig, *, revisi
     return processor
 
 
+def load_tokenizer(source: str | Path, config: PreTrainedConfig, *, revision: str | None = None, log=print):
+    """A dual encoder's text tokenizer (CLIP's BPE, SigLIP's sentencepiece), which zero-shot classification and the
+    export's ``zero-shot-image-classification`` pipeline need; None for other models, or (with a warning) for a dual
+    encoder checkpoint that has none."""
+    from transformers import AutoTokenizer
+
+    if not family_and_head(config)[1].is_dual_encoder:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(resolve_source(source), revision=revision)
+    except (OSError, ValueError, ImportError) as exc:
+        log(f"warning: '{source}' has no usable tokenizer ({brief(exc)}); the export will not run zero-shot "
+            "classification until its tokenizer files are added")  # fmt: skip
+        return None
+
+
 def _json_kind(value) -> str:
     """How a message names a JSON value's type: null, a list, text, a number, ..."""
     if value is None:

@@ -27,7 +27,7 @@ class HeadReader:
     """Runs a model and returns its `Outputs`. The features are what its head reads: the input of a classifier's
     final layer(s) (`Head.classifiers` in the family registry, recorded by a forward pre-hook, so no extra pass;
     DeiT's two heads are concatenated), or what a backbone's users read (`Head.features`: its pooled output, its CLS
-    token, or CLS ⊕ mean of the other tokens)."""
+    token, or CLS ⊕ mean of the other tokens; a dual encoder's normalised image embeddings)."""
 
     def __init__(self, model: torch.nn.Module, *, features: bool) -> None:
         from .loading import family_and_head, layer_config
@@ -55,6 +55,10 @@ class HeadReader:
 
     def __call__(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> Outputs:
         """`model` may be the prepared (wrapped) form of the model the reader was built on."""
+        if self.backbone_features == "image_embeds":  # a dual encoder: its normalised image embeddings
+            from .zero_shot import image_embeddings
+
+            return Outputs(None, image_embeddings(model, pixel_values))
         self._recording, self._recorded = True, []
         try:
             output = model(pixel_values=pixel_values)

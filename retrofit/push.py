@@ -101,8 +101,9 @@ def _code_files(auto_map: object, export: str | Path) -> list[str]:
 
 def export_files(export: str | Path) -> list[str]:
     """The files of a complete export, which are all `push` uploads: `REQUIRED_FILES`, the weights (single file or
-    shards, their safetensors headers read), the code files its config's ``auto_map`` names, and the results file if
-    there is one. Each must be a regular file, not a link. Raises `RetrofitError` naming what is wrong."""
+    shards, their safetensors headers read), the code files its config's ``auto_map`` names, and the results file and
+    a dual encoder's tokenizer files if there are any. Each must be a regular file, not a link. Raises `RetrofitError`
+    naming what is wrong."""
     from .export import REQUIRED_FILES
 
     folder = Path(export)
@@ -144,6 +145,10 @@ def export_files(export: str | Path) -> list[str]:
     results = folder / RESULTS_FILE  # written by `evaluate --card` / `bench --card`: part of the export too
     if results.is_file() and not results.is_symlink():
         required.append(RESULTS_FILE)
+    from .atomic import TOKENIZER_FILES
+
+    # A dual encoder's tokenizer (regular files only, like the rest).
+    required += [name for name in TOKENIZER_FILES if (folder / name).is_file() and not (folder / name).is_symlink()]
     return required
 
 

@@ -25,7 +25,11 @@ def families_summary() -> str:
     """The README's table: one row per family."""
     lines = ["| family | Hub example | classes | prefix tokens |", "|---|---|---|---|"]
     for family in _supported():
-        classes = ", ".join(family.heads)
+        dual = [head.class_name for head in family.heads.values() if head.is_dual_encoder]
+        if dual:  # a row of its own: what CLIP/SigLIP users download, for zero-shot classification
+            name = f"{family.user_name} dual encoder (zero-shot)"
+            lines.append(f"| {name} | `{family.example_id}` | {', '.join(dual)} | {family.prefix_description} |")
+        classes = ", ".join(name for name in family.heads if name not in dual)
         lines.append(f"| {family.user_name} | `{family.example_id}` | {classes} | {family.prefix_description} |")
     return "\n".join(lines)
 
@@ -40,6 +44,8 @@ def families_detail() -> str:
         for index, head in enumerate(family.heads.values()):
             name = f"{family.user_name} (`{family.example_id}`)" if index == 0 else family.user_name
             features = "logits (and the classifier's input)" if head.is_classifier else f"`{head.features}`"
+            if head.is_dual_encoder:
+                features += " (the text tower stays frozen)"
             lines.append(
                 f"| {name} | {head.class_name} (`{head.auto_class}`) | {family.prefix_description} | {head.reads} | "
                 f"{features} |"

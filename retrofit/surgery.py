@@ -16,15 +16,16 @@ from .provenance import SourceRecord, source_record
 def encoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     """The model's encoder layers and their name, found by the family's layer class (`Family.layer_class`), wherever
     the installed transformers release keeps them (``vit.encoder.layer`` became ``vit.layers`` in 5.9), as the
-    exported code finds them."""
-    family, _ = family_and_head(model.config)
-    for name, module in model.named_modules():
+    exported code finds them. In a dual encoder they are the vision tower's (`Head.encoder`), not the text tower's."""
+    family, head = family_and_head(model.config)
+    scope = model.get_submodule(head.encoder) if head.encoder else model
+    for name, module in scope.named_modules():
         if (
             isinstance(module, torch.nn.ModuleList)
             and len(module)
             and all(any(cls.__name__ == family.layer_class for cls in type(layer).__mro__) for layer in module)
         ):
-            return name, module
+            return (f"{head.encoder}.{name}" if head.encoder else name), module
     raise RuntimeError(f"no {family.layer_class} layers in {type(model).__name__}")
 
 

@@ -53,6 +53,40 @@ def launch_two_cpu_processes(*args: str, timeout: float = 300) -> subprocess.Com
     return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
+# Captions for the tiny dual encoders' tokenizers: lowercase letters and a few marks, as the prompts use them.
+CAPTIONS = [f"a photo of a {name}." for name in ("cat", "dog", "bird", "t-shirt", "trouser", "ankle boot")]
+
+
+def tiny_clip_tokenizer():
+    """A CLIP BPE tokenizer over single characters (54 tokens; start 0, end 1), built offline."""
+    import string
+
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in string.ascii_lowercase + ".,-":
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[])
+
+
+def tiny_siglip_tokenizer(folder: Path):
+    """A SigLIP sentencepiece tokenizer trained offline on `CAPTIONS` (written to `folder`/spiece.model)."""
+    import io
+
+    import sentencepiece
+    from transformers import SiglipTokenizer
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(CAPTIONS * 4), model_writer=model, vocab_size=40, model_type="unigram", pad_id=0,
+        eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2,
+    )  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    return SiglipTokenizer(str(folder / "spiece.model"))
+
+
 def save_tiny(model, path: Path, image_size: int = 32) -> Path:
     """Save a model plus an image processor, as a Hub checkpoint folder would have."""
     from transformers import ViTImageProcessor

@@ -386,17 +386,17 @@ def full_clip(tmp_path_factory):
     return root / "clip", root / "tower"
 
 
-def test_a_full_clip_model_is_compared_by_its_vision_tower(full_clip, tiny_vit, images, capsys):
-    """No random classifier is scored: the full model's features are its vision tower's (similarity 1 to a tower
-    holding the same weights), and mixing it with a classifier names it for what it is."""
-    clip, tower = full_clip
-    report = evaluate_models([str(clip), str(tower)], data=str(images), split="test", batch_size=5)
+def test_a_full_clip_model_is_compared_by_its_image_embeddings(full_clip, tiny_vit, images, capsys):
+    """No random classifier is scored: a full CLIP model is a dual encoder, compared by its normalised image
+    embeddings (similarity 1 to itself), and mixing it with a classifier names it for what it is."""
+    clip, _ = full_clip
+    report = evaluate_models([str(clip), str(clip)], data=str(images), split="test", batch_size=5)
     assert report["metric"] == "similarity" and report["num_examples"] == 15
     assert report["models"][1]["similarity"] == pytest.approx(1.0, abs=1e-6)
     capsys.readouterr()
     assert main(["evaluate", str(tiny_vit), str(clip), "--data", str(images), "--split", "test"]) == 2
     err = capsys.readouterr().err.strip()
-    assert f"'{clip}' a vision backbone (CLIPModel, compared by its CLIPVisionModel)" in err
+    assert f"'{clip}' an image-text dual encoder (CLIPModel)" in err
     assert len(err.splitlines()) == 1
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, save_tiny
+from conftest import TINY, save_tiny, tiny_clip_tokenizer, tiny_siglip_tokenizer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -34,7 +34,9 @@ LABELS = {key: TINY[key] for key in ("num_labels", "id2label", "label2id")}
 VISION = {key: TINY[key] for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size")}
 VISION |= {"patch_size": TINY["patch_size"], "intermediate_size": TINY["intermediate_size"]}
 TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99)
-TEXT |= dict(max_position_embeddings=16)
+TEXT |= dict(max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=1)  # the tiny tokenizers'
+# Token ids the tiny text towers read: 3 texts, each ended by the end token (1), which CLIP pools.
+INPUT_IDS = torch.tensor([[0, 5, 7, 9, 1], [0, 3, 1, 1, 1], [0, 11, 13, 15, 1]])
 # DINOv2 configs have mlp_ratio instead of intermediate_size.
 DINO = {key: value for key, value in VISION.items() if key != "intermediate_size"}
 
@@ -172,6 +174,8 @@ class Case:
     # Hub) have `vision_model.`, which transformers 5.6+ strips on load; one made from a config here has none
     checkpoint_prefix: str = ""
     pooler: bool = True  # backbones: whether the model returns a pooler_output (ViTMSNModel and IJepaModel do not)
+    dual: bool = False  # an image-text dual encoder (CLIPModel, SiglipModel): zero-shot classification
+    tokenizer: Callable[[Path], object] | None = None  # builds the checkpoint's tokenizer (given a scratch folder)
 
 
 BACKBONE, CLASSIFIER = "image-feature-extraction", "image-classification"
@@ -215,7 +219,10 @@ CASES = {
         classifier=False,
         pooler=False,
     ),
-    "clip": Case("clip", _clip, "CLIPPatchMergerForImageClassification", 1),
+    "clip_dual": Case(
+        "clip", _clip, "CLIPPatchMergerModel", 1, classifier=False, dual=True, tokenizer=lambda _: tiny_clip_tokenizer()
+    ),
+    "clip": Case("clip", _clip, "CLIPPatchMergerForImageClassification", 1, task=CLASSIFIER),
     "clip_tower": Case("clip_vision", _clip, "CLIPVisionPatchMergerModel", 1, classifier=False, task=BACKBONE),
     "clip_vision": Case(
         "clip_vision",
@@ -225,7 +232,10 @@ CASES = {
         classifier=False,
         checkpoint_prefix="vision_model.",
     ),
-    "siglip": Case("siglip", _siglip, "SiglipPatchMergerForImageClassification", 0),
+    "siglip_dual": Case(
+        "siglip", _siglip, "SiglipPatchMergerModel", 0, classifier=False, dual=True, tokenizer=tiny_siglip_tokenizer
+    ),
+    "siglip": Case("siglip", _siglip, "SiglipPatchMergerForImageClassification", 0, task=CLASSIFIER),
     "siglip_tower": Case("siglip_vision", _siglip, "SiglipVisionPatchMergerModel", 0, classifier=False, task=BACKBONE),
     "siglip_vision": Case(
         "siglip_vision",
@@ -248,7 +258,11 @@ class Converted:
 
 def outputs(model: nn.Module, pixels: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
     """The outputs users read: logits for classifiers, last hidden state and pooler output (where the backbone has
-    one) for backbones."""
+    one) for backbones; a dual encoder's normalised image embeddings and its image-text logits (`INPUT_IDS`)."""
+    if hasattr(model, "get_text_features"):
+        with torch.no_grad():
+            full = model(input_ids=INPUT_IDS, pixel_values=pixels, **kwargs)
+        return {"image_embeds": full.image_embeds, "logits_per_image": full.logits_per_image}
     with torch.no_grad():
         out = model(pixel_values=pixels, **kwargs)
     keys = ("logits",) if "logits" in out else ("last_hidden_state", "pooler_output")
@@ -289,6 +303,8 @@ def converted(tmp_path_factory) -> dict[str, Converted]:
     for seed, (name, case) in enumerate(CASES.items()):
         torch.manual_seed(seed)
         source = save_tiny(case.make(), root / name)
+        if case.tokenizer is not None:
+            case.tokenizer(root / f"{name}-spm").save_pretrained(source)
         if case.checkpoint_prefix:
             weights = load_file(source / "model.safetensors")
             save_file(
@@ -319,20 +335,31 @@ RELOAD_SCRIPT = textwrap.dedent("""
             raise SystemExit("retrofit was importable")
     from PIL import Image
     import transformers
-    from transformers import AutoModel, AutoModelForImageClassification, pipeline
+    from transformers import AutoModel, AutoModelForImageClassification, AutoModelForZeroShotImageClassification
+    from transformers import pipeline
 
     results = {}
     def reload(case):
         auto = AutoModelForImageClassification if case["classifier"] else AutoModel
+        if case["dual"]:
+            auto = AutoModelForZeroShotImageClassification
         model = auto.from_pretrained(case["output"], **TRUST).eval()
         data = torch.load(case["data"])
         got = {"class": type(model).__name__, "diff": {}}
         with torch.no_grad():
             for size, kwargs in (("32", {}), ("48", case["interpolate"])):
                 out = model(pixel_values=data["pixels" + size], **kwargs)
+                if case["dual"]:  # images alone give their embeddings; with text, the image-text logits
+                    full = model(input_ids=data["input_ids"], pixel_values=data["pixels" + size], **kwargs)
+                    out = {"image_embeds": out.image_embeds, "logits_per_image": full.logits_per_image}
                 for key, expected in data["expected" + size].items():
                     got["diff"][f"{key}@{size}"] = (out[key] - expected).abs().max().item()
         image = Image.new("RGB", (40, 30), (200, 40, 40))
+        if case["dual"]:
+            classify = pipeline("zero-shot-image-classification", model=case["output"], **TRUST)
+            got["pipeline"] = classify(image, candidate_labels=["cat", "dog", "ankle boot"])
+            got["base_class"] = type(AutoModel.from_pretrained(case["output"], **TRUST)).__name__
+            return got
         if case["classifier"]:
             classify = pipeline("image-classification", model=case["output"], **TRUST)
             got["pipeline"] = classify(image)
@@ -369,7 +396,8 @@ OVERLAYS = {Path(p).name: Path(p) for p in os.environ.get("RETROFIT_TRANSFORMERS
 def _base_class(item: Converted) -> str | None:
     """The merged backbone class `AutoModel` loads a classifier's export as (None: backbones, CLIP/SigLIP)."""
     family = FAMILIES[item.case.family]
-    if not item.case.classifier or not any(not head.is_classifier for head in family.heads.values()):
+    backbones = [head for head in family.heads.values() if head.pipeline_tag == "image-feature-extraction"]
+    if not item.case.classifier or not backbones:
         return None
     return item.case.merged_class.split("For")[0] + "Model"
 
@@ -398,6 +426,8 @@ def reloaded(request, converted, tmp_path_factory) -> dict:
         if base:
             with torch.no_grad():
                 data["base_hidden32"] = model.base_model(pixel_values=PIXELS).last_hidden_state
+        if item.case.dual:
+            data["input_ids"] = INPUT_IDS
         torch.save(data, root / f"{name}.pt")
         manifest.append(
             {
@@ -405,6 +435,7 @@ def reloaded(request, converted, tmp_path_factory) -> dict:
                 "output": str(item.output),
                 "data": str(root / f"{name}.pt"),
                 "classifier": item.case.classifier,
+                "dual": item.case.dual,
                 "interpolate": item.case.interpolate,
                 "base": base,
             }
@@ -462,11 +493,18 @@ def test_export_reloads_without_retrofit_with_equal_outputs(name, converted, rel
     keys = ["logits"] if case.classifier else ["last_hidden_state", "pooler_output"]
     if not case.pooler:
         keys.remove("pooler_output")
+    if case.dual:
+        keys = ["image_embeds", "logits_per_image"]
     assert set(got["diff"]) == {f"{key}@{size}" for key in keys for size in ("32", "48")}
     assert max(got["diff"].values()) <= 1e-5, got["diff"]
     if case.classifier:
         labels = {p["label"] for p in got["pipeline"]}
         assert labels <= {"cat", "dog", "bird"} and len(got["pipeline"]) == 3, got["pipeline"]
+    if case.dual:  # the zero-shot pipeline ranks the candidate labels; AutoModel loads the same class
+        assert sorted(p["label"] for p in got["pipeline"]) == ["ankle boot", "cat", "dog"], got["pipeline"]
+        assert abs(sum(p["score"] for p in got["pipeline"]) - 1) < 1e-4 or "siglip" in name, got["pipeline"]
+        assert got["base_class"] == case.merged_class
+        return
     base = _base_class(converted[name])
     if base:  # AutoModel and the feature-extraction pipeline on a classifier's export, as on its source
         assert got["base_class"] == base and got["base_diff"] <= 1e-5, got
@@ -508,11 +546,21 @@ def test_export_files(name, converted):
     assert head.is_classifier == item.case.classifier
     auto = "AutoModelForImageClassification" if item.case.classifier else "AutoModel"
     base = {"AutoModel": f"modeling_{stem}.{_base_class(item)}"} if _base_class(item) else {}
+    if item.case.dual:  # the zero-shot pipeline's Auto class, and AutoModel, as for the source checkpoint
+        auto = "AutoModelForZeroShotImageClassification"
+        base = {"AutoModel": f"modeling_{stem}.{item.case.merged_class}"}
     assert config["auto_map"] == {
         "AutoConfig": f"configuration_{stem}.{family.display_name}PatchMergerConfig",
         auto: f"modeling_{stem}.{item.case.merged_class}",
         **base,
     }
+    tokenizer = {"clip": {"tokenizer.json", "tokenizer_config.json"}}
+    tokenizer["siglip"] = {"spiece.model", "tokenizer_config.json"}
+
+    assert {path.name for path in item.output.iterdir()} == {
+        "config.json", "model.safetensors", "preprocessor_config.json", "README.md", f"configuration_{stem}.py",
+        f"modeling_{stem}.py", *(tokenizer[family.name] if item.case.dual else ()),
+    }  # fmt: skip
     code = (item.output / f"modeling_{stem}.py").read_text()
     assert "import retrofit" not in code and "from retrofit" not in code
     assert f"from {family.modeling_module} import (\n    {family.layer_class},\n" in code
@@ -670,13 +718,31 @@ def test_siglip_vision_attention_pooling_reads_merged_tokens(converted):
     assert torch.allclose(out.pooler_output, model.head(out.last_hidden_state), atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["clip_dual", "siglip_dual"])
+def test_full_model_checkpoint_stays_a_dual_encoder(name, converted):
+    """By default a full CLIPModel/SiglipModel stays one: every source weight (text tower, projections, logit scale
+    and bias) bit-exact in the export, the merger's added; the text embeddings are the source's."""
+    from retrofit.loading import load_model
+    from retrofit.zero_shot import text_embeddings
+
+    item = converted[name]
+    source, merged = load_file(item.source / "model.safetensors"), load_file(item.output / "model.safetensors")
+    assert {key for key in merged if ".patch_merger." not in key} == set(source)
+    assert all(torch.equal(merged[key], value) for key, value in source.items())
+    assert any(key.startswith("text_model.") for key in merged) and "logit_scale" in merged
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(item.output)
+    texts = ["a photo of a cat.", "a dog"]
+    expected = text_embeddings(load_model(item.source).eval(), tokenizer, texts)
+    torch.testing.assert_close(text_embeddings(item.result.model, tokenizer, texts), expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     "name, base",
     [("clip", "CLIPModel"), ("siglip", "SiglipModel"), ("clip_tower", "CLIPModel"), ("siglip_tower", "SiglipModel")],
 )
 def test_full_model_checkpoint_keeps_only_the_vision_tower(name, base, converted):
-    """A full CLIPModel/SiglipModel converts to the classifier (new head), or with --task image-feature-extraction
-    to its vision tower alone: vision weights bit-exact, text tower dropped."""
+    """With --task image-classification a full CLIPModel/SiglipModel converts to the classifier (new head), with
+    --task image-feature-extraction to its vision tower alone: vision weights bit-exact, text tower dropped."""
     item = converted[name]
     assert json.loads((item.source / "config.json").read_text())["architectures"] == [base]
     source, merged = load_file(item.source / "model.safetensors"), load_file(item.output / "model.safetensors")
@@ -732,7 +798,11 @@ def test_feature_distillation_reads_what_the_head_reads(name, converted):
         assert len(read._recorded) == (len(head.classifiers) if CASES[name].classifier else 0)
         read.close()
         assert not any(module._forward_pre_hooks for module in model.modules())
-        if CASES[name].classifier:
+        if CASES[name].dual:  # its normalised image embeddings, as its forward gives them
+            assert got.logits is None
+            torch.testing.assert_close(got.features, model(pixel_values=pixels).image_embeds)
+            torch.testing.assert_close(got.features.norm(dim=-1), torch.ones(3))
+        elif CASES[name].classifier:
             classifiers = [model.get_submodule(n) for n in head.classifiers]
             parts = got.features.split([c.in_features for c in classifiers], dim=-1)
             heads = torch.stack([c(part) for c, part in zip(classifiers, parts, strict=True)]).mean(0)
@@ -802,7 +872,8 @@ def test_retrofit_finetune_runs_on_the_family(name, converted, tmp_path):
     data = make_imagefolder(tmp_path / "colours", per_class=4, test_per_class=2)
     out = tmp_path / "pm"
     result = finetune(converted[name].source, output=out, after_layer=K, num_tokens=M, data=str(data), loss="ce",
-                      max_steps=3, batch_size=6, lr=3e-3, progress=False, log=lambda _: None)  # fmt: skip
+                      task=CASES[name].task, max_steps=3, batch_size=6, lr=3e-3, progress=False,
+                      log=lambda _: None)  # fmt: skip
     assert result.steps == 3 and result.last_loss is not None and result.last_loss == result.last_loss
     reloaded = load_model(out)
     assert type(reloaded).__name__ == CASES[name].merged_class

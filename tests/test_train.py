@@ -439,10 +439,12 @@ def test_task_trains_a_vision_tower_or_a_new_classifier(tiny_multimodal, colours
         assert len(err.strip().splitlines()) == 1, err
         return err
 
-    assert "CLIPModel checkpoint, so its classifier would be new" in refused("finetune", clip, "--data", colours)
-    assert "CLIPModel checkpoint, so its classifier would be new" in refused("run", str(recipe))
+    classify = ("--task", "image-classification")  # without it, a full CLIP checkpoint stays a dual encoder
+    assert "CLIPModel checkpoint, so its classifier would be new" in refused("finetune", clip, "--data", colours,
+                                                                             *classify)  # fmt: skip
+    assert "CLIPModel checkpoint, so its classifier would be new" in refused("run", str(recipe), *classify)
     err = refused("run", str(recipe), "--set", "task=segmentation")
-    assert "must be one of image-classification, image-feature-extraction, not 'segmentation'" in err
+    assert "must be one of image-classification, image-feature-extraction, zero-shot-image-classification, not" in err
     err = refused("finetune", dinov2, "--data", colours, "--task", "image-classification")
     assert "Dinov2Model checkpoint, so its classifier would be new" in err and "--num-labels N --loss ce" in err
     err = refused("finetune", dinov2, "--data", colours, "--num-labels", "3", "--task", "image-feature-extraction")

@@ -1,0 +1,93 @@
+"""Dual encoders (CLIP, SigLIP): image and text embeddings, prompts from class names, zero-shot logits.
+
+A merged dual encoder keeps its source's text tower, projections and logit scale (and bias); only the vision tower
+is merged. Zero-shot classification compares an image's normalised embedding with the normalised embeddings of one
+prompt per class ("a photo of a {}."), scaled by the model's logit scale: what transformers'
+``zero-shot-image-classification`` pipeline computes, batched here over a dataset.
+"""
+
+from __future__ import annotations
+
+import string
+
+import torch
+
+from .errors import RetrofitError
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+def check_template(template: str) -> str:
+    """`template` if it holds exactly one ``{}`` (where the class name goes) and no other field; else one line."""
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as exc:  # an unmatched brace
+        raise RetrofitError(
+            f"--prompt-template {template!r} is not a template ({exc}); write one {{}} where the class name goes, "
+            f"e.g. {DEFAULT_TEMPLATE!r}"
+        ) from None
+    if fields != [""]:
+        raise RetrofitError(
+            f"--prompt-template {template!r} must hold exactly one {{}} (where the class name goes) and no other "
+            f"field, e.g. {DEFAULT_TEMPLATE!r}"
+        )
+    return template
+
+
+def prompts(class_names: list[str], template: str = DEFAULT_TEMPLATE) -> list[str]:
+    """One prompt per class: `template` with the class name in place of ``{}`` (underscores become spaces)."""
+    check_template(template)
+    return [template.format(name.replace("_", " ")) for name in class_names]
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel (or similar) wrapper."""
+    return getattr(model, "module", model)
+
+
+def image_embeddings(model: torch.nn.Module, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The normalised image embeddings of a dual encoder, as its forward computes them (``image_embeds``).
+
+    A merged dual encoder given images alone returns them without a text tower pass, so it is called through its
+    forward (which a training wrapper such as DDP needs); a source model takes ``get_image_features``."""
+    from .loading import is_merged
+
+    if is_merged(_unwrapped(model).config):
+        return model(pixel_values=pixel_values, **kwargs).image_embeds
+    features = _unwrapped(model).get_image_features(pixel_values=pixel_values, **kwargs)
+    embeds = getattr(features, "pooler_output", features)  # an output object in transformers 5.x
+    return embeds / embeds.norm(p=2, dim=-1, keepdim=True)
+
+
+def tokenize(tokenizer, texts: list[str], config) -> dict[str, torch.Tensor]:
+    """`texts` as the model's text tower takes them: SigLIP was trained on text padded to 64 tokens, as transformers'
+    zero-shot pipeline pads it; CLIP to the longest text."""
+    if "siglip" in config.model_type:
+        return tokenizer(texts, padding="max_length", max_length=64, truncation=True, return_tensors="pt")
+    return tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+
+
+@torch.no_grad()
+def text_embeddings(model: torch.nn.Module, tokenizer, texts: list[str], *, batch_size: int = 256) -> torch.Tensor:
+    """The normalised embeddings of `texts` by the dual encoder's text tower (no gradients: it stays frozen)."""
+    inner = _unwrapped(model)
+    device = next(inner.parameters()).device
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        inputs = tokenize(tokenizer, texts[start : start + batch_size], inner.config)
+        inputs = {key: value.to(device) for key, value in inputs.items() if key in ("input_ids", "attention_mask")}
+        if "siglip" in inner.config.model_type:
+            inputs.pop("attention_mask", None)  # SigLIP's text tower attends to its padding, as in the pipeline
+        features = inner.get_text_features(**inputs)
+        embeds = getattr(features, "pooler_output", features).float()
+        chunks.append(embeds / embeds.norm(p=2, dim=-1, keepdim=True))
+    return torch.cat(chunks)
+
+
+def zero_shot_logits(model: torch.nn.Module, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """Image-text logits (images × texts) as the model's forward computes ``logits_per_image``: cosine similarity
+    times the learned logit scale, plus SigLIP's learned bias."""
+    inner = _unwrapped(model)
+    logits = image_embeds.float() @ text_embeds.float().t().to(image_embeds.device) * inner.logit_scale.exp().float()
+    bias = getattr(inner, "logit_bias", None)
+    return logits + bias.float() if bias is not None else logits
