@@ -33,11 +33,12 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 
 if [ "${SMOKE:-0}" = 1 ]; then  # every kind of step once, on the smallest shapes, to try the wiring out without a GPU
     MODELS="vit-ti16:6"; B=vit-ti16; KB=6; CHECKPOINTED=vit-ti16; POSITIONS=dinov3-vits16; BATCH=2; REPEATS=1
-    GC_BATCH=2; SPEED_TIMING="--repeats 1 --warmup 1 --min-time 0 --latency-iters 2"
+    GC_BATCH=2; SPEED_TIMING="--repeats 1 --warmup 1 --min-time 0 --latency-iters 2"; CURVE=1,2
+    CURVE_COMPILE=eager
 else
     MODELS="vit-b16:6 vit-l16:12 vit-h14:16"; B=vit-b16; KB=6; CHECKPOINTED="vit-b16 vit-h14"
     POSITIONS=dinov3-vitb16,dinov3-vitl16,beit-b16,beit-l16; BATCH=256; REPEATS=10; GC_BATCH=128
-    SPEED_TIMING="--repeats 3"
+    SPEED_TIMING="--repeats 3"; CURVE=1,2,4,8,16,32,64,128,256; CURVE_COMPILE=eager,reduce-overhead
 fi
 DTYPE=$([ "$DEVICE" = cpu ] && echo fp32 || echo bf16)
 START=$SECONDS
@@ -61,6 +62,10 @@ step() {
 "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, \
 'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" 2>&1 | tee -a "$LOG"
 
+# 0. Issue 21: below which batch size is the merged ViT-B/16 slower than its source? The whole curve, eager and with
+#    CUDA graphs (reduce-overhead), plotted afterwards from the JSON with `retrofit.benchmark.plot_batch_sizes`.
+step "curve-$B" 240 "$PYTHON" bench/speed.py --models "$B" --merge "$KB:8" --device "$DEVICE" --dtype "$DTYPE" \
+    --batch-size "$CURVE" --compile "$CURVE_COMPILE" $SPEED_TIMING --json "$WORK/curve-$B.json"
 # 1. Issue 4's open target (speed-up >= 0.95 x FLOPs ratio): the hook-free ratio with the model's conv patch embedding,
 #    and with the merged model alone computing it as one GEMM (the question: should exports do that?).
 for spec in $MODELS; do

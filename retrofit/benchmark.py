@@ -6,8 +6,8 @@ attention path. For each batch size all models are warmed up, then measured *alt
 repeat) in one process; each measurement is a block of forward passes under ``torch.inference_mode`` timed with
 ``time.perf_counter`` around CUDA synchronisations, and the reported images/s is the median over the repeats. An
 out-of-memory batch size is reported and skipped. Peak memory = the model's weights + the peak extra memory of one
-eager forward pass (CUDA: ``max_memory_allocated``; CPU: the process' peak RSS, reset through
-``/proc/self/clear_refs``).
+eager forward pass (CUDA: ``max_memory_allocated``; CPU: the running total of the tensor allocations and frees that
+``torch.profiler`` records, whose peak the process' RSS does not show once the allocator holds freed memory).
 
 This module needs only torch and transformers (plus retrofit's core); ``bench/speed.py`` runs it on a GPU machine
 that has nothing else installed.
@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import platform
 import re
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -98,8 +100,10 @@ def parse_dtype(dtype: str) -> torch.dtype:
 
 
 def check_shape(spec: str) -> None:
-    """Refuse a name that looks like a shape (``vit-…``, ``dinov3-…``, ``beit-…``) but is not one; checkpoints pass."""
-    if spec.startswith(SHAPE_PREFIXES) and spec not in SHAPES:
+    """Refuse a name that looks like a shape (``vit-…``, ``clip-…``, ``beit-…``) but is not one; checkpoints (a
+    folder, a Hub id ``owner/name``) pass."""
+    looks_like_shape = spec.startswith(SHAPE_PREFIXES) and "/" not in spec and not Path(spec).expanduser().exists()
+    if looks_like_shape and spec not in SHAPES:
         raise RetrofitError(f"unknown model shape '{spec}'; shapes: {', '.join(SHAPES)} (or a checkpoint path/Hub id)")
 
 
@@ -108,8 +112,10 @@ def shape_config(name: str):
     from transformers import AutoConfig
 
     family, settings = SHAPES[name]
-    labels = {"num_labels": 1000} if next(iter(family.heads.values())).is_classifier else {}
-    config = AutoConfig.for_model(family.model_types[0], **settings, **labels, image_size=224)
+    head = next(iter(family.heads.values()))
+    labels = {"num_labels": 1000} if head.is_classifier else {}
+    size = {"image_size": 224} if head.layer_config == "config" else {}  # a dual encoder's is in its vision_config
+    config = AutoConfig.for_model(family.model_types[0], **settings, **labels, **size)
     config._attn_implementation = "sdpa"
     config._name_or_path = name
     return config
@@ -261,8 +267,37 @@ def build_variants(
         v.flops_ratio = base.gflops / v.gflops if base else None
     for v in variants:
         if v.runner is None:
-            v.runner = v.model if v.compile_mode == "eager" else _compile(v.model, v.compile_mode)
+            module = timed_part(v.model, v.config)
+            v.runner = module if v.compile_mode == "eager" else _compile(module, v.compile_mode)
     return variants
+
+
+def timed_part(model: torch.nn.Module, config) -> torch.nn.Module:
+    """What is timed of `model`: a dual encoder's image embeddings (`_ImageTower`), any other model whole."""
+    return _ImageTower(model) if _is_dual_encoder(config) else model
+
+
+def _is_dual_encoder(config) -> bool:
+    from .loading import family_and_head
+
+    try:
+        return family_and_head(config)[1].is_dual_encoder
+    except RetrofitError:
+        return False
+
+
+class _ImageTower(torch.nn.Module):
+    """What `bench` times of a dual encoder (CLIP, SigLIP): its image embeddings, the part a merge speeds up (the
+    text embeddings of a fixed set of prompts are computed once)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor]:
+        from .zero_shot import image_embeddings
+
+        return (image_embeddings(self.model, pixel_values),)
 
 
 def _onnx_variants(files: list[str], settings: BenchSettings, log: Callable[[str], None]) -> list[Variant]:
@@ -294,7 +329,8 @@ def _compile(model: torch.nn.Module, mode: str) -> Callable:
 
 
 def _forward(runner: Callable, pixel_values: torch.Tensor) -> torch.Tensor:
-    """One forward pass (the unit every timing measures); the logits of a classifier, a backbone's last hidden state."""
+    """One forward pass (the unit every timing measures); the logits of a classifier, a backbone's last hidden state,
+    a dual encoder's image embeddings."""
     return runner(pixel_values=pixel_values)[0]
 
 
@@ -366,14 +402,30 @@ def _peak_memory_mib(model: torch.nn.Module, x: torch.Tensor, device: torch.devi
         _forward(model, x)
         _sync(device)
         return weights + (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with _c_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as recorded:
+        _forward(model, x)
+    running = peak = 0
+    for event in sorted(recorded.events(), key=lambda event: event.time_range.start):
+        running += event.self_cpu_memory_usage  # allocations minus frees, in the order they happened
+        peak = max(peak, running)
+    return weights + peak / 2**20
+
+
+@contextlib.contextmanager
+def _c_stderr_silenced() -> Iterator[None]:
+    """Silence the process' stderr at the file-descriptor level: the profiler's C++ side (Kineto) prints a line
+    when it starts and stops, which no setting turns off. Python errors still raise as usual."""
+    sys.stderr.flush()
+    saved = os.dup(2)
     try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM) to the current RSS
-    except OSError:
-        return None
-    before = rss_mib("VmRSS")
-    _forward(model, x)
-    peak = rss_mib("VmHWM")
-    return None if before is None or peak is None else weights + max(0.0, peak - before)
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -398,7 +450,8 @@ def images_per_second(
                              min_time=0.0, latency_iters=0)  # fmt: skip
     variants = []
     for name, model in models.items():
-        variant = Variant(name, model, model.config, "eager", 0.0, runner=place_model(model, device, dtype))
+        runner = timed_part(place_model(model, device, dtype), model.config)
+        variant = Variant(name, model, model.config, "eager", 0.0, runner=runner)
         if image_size is not None:
             variant.input_shape = (_input_shape(variant)[0], *image_size)
         variants.append(variant)
@@ -485,7 +538,8 @@ def _measure_batch_size(variants, batch_size, settings, device, dtype, generator
             memory[v.name] = None
         if v.name not in memory:  # measured once per model, on its eager forward
             try:
-                memory[v.name] = _peak_memory_mib(v.model, inputs[_input_shape(v)], device)
+                eager = timed_part(v.model, v.config)
+                memory[v.name] = _peak_memory_mib(eager, inputs[_input_shape(v)], device)
             except Exception as exc:  # noqa: BLE001
                 if not _is_oom(exc):
                     raise
@@ -571,6 +625,7 @@ def to_json(variants: list[Variant], settings: BenchSettings) -> dict:
                 "flops_ratio": v.flops_ratio,
                 "results": {str(bs): r for bs, r in v.results.items()},
                 "latency_ms_batch1": v.latency_ms,
+                "faster_from_batch_size": faster_from(v.results) if v.baseline else None,
             }
         )
     return {
@@ -588,12 +643,37 @@ def to_json(variants: list[Variant], settings: BenchSettings) -> dict:
     }
 
 
+def faster_from(results: dict[int, dict]) -> int | None:
+    """The crossover: the smallest batch size from which a merged model is at least as fast as its source at every
+    batch size measured (None: slower at the largest, or nothing compared)."""
+    crossover = None
+    for batch_size in sorted(results, reverse=True):
+        speedup = results[batch_size].get("speedup")
+        if speedup is None or speedup < 1.0:
+            break
+        crossover = batch_size
+    return crossover
+
+
 def _fmt(value: float | None, spec: str = ".1f", default: str = "–") -> str:
     return default if value is None else format(value, spec)
 
 
+SPREAD_LIMIT = 0.10  # a measurement whose repeats spread wider than this (of the median) is flagged in the table
+
+
+def spread(result: dict) -> float | None:
+    """(max - min) / median of a measurement's repeats, in images/s; None if it has fewer than two."""
+    repeats = result.get("repeats") or []
+    if len(repeats) < 2 or not result.get("images_per_s"):
+        return None
+    return (max(repeats) - min(repeats)) / result["images_per_s"]
+
+
 def markdown_table(report: dict) -> str:
-    """The benchmark as a Markdown table (one row per model and compile mode), preceded by the hardware line."""
+    """The benchmark as a Markdown table (one row per model and compile mode), preceded by the hardware line and
+    followed by a note on each measurement whose repeats spread by more than `SPREAD_LIMIT` (flagged ``⚠``): on a
+    loaded machine a speed-up can be noise."""
     env, sizes = report["environment"], report["settings"]["batch_sizes"]
     largest = str(max(sizes))
     header = ["model", "compile", "GFLOPs", "FLOPs ratio"]
@@ -606,6 +686,7 @@ def markdown_table(report: dict) -> str:
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
+    flagged = []
     for row in report["models"]:
         cells = [f"`{row['model']}`", row["compile"], _fmt(row["gflops"], ".4g"), _fmt(row["flops_ratio"], ".3f")]
         for bs in sizes:
@@ -616,6 +697,10 @@ def markdown_table(report: dict) -> str:
                 continue
             speedup = result.get("speedup")
             extra = f" ({speedup:.2f}×)" if speedup is not None and row["baseline"] else ""
+            wide = spread(result)
+            if wide is not None and wide > SPREAD_LIMIT:
+                extra += " ⚠"
+                flagged.append(f"`{row['model']}` at batch {bs}: repeats spread by {100 * wide:.0f} %")
             cells.append(f"{result['images_per_s']:.1f}{extra}")
         last = row["results"].get(largest, {})
         efficiency = None
@@ -626,7 +711,82 @@ def markdown_table(report: dict) -> str:
         cells.append(f"{_fmt(latency.get('p50'), '.2f')} / {_fmt(latency.get('p90'), '.2f')}")
         cells.append(_fmt(last.get("peak_memory_mib"), ".0f"))
         lines.append("| " + " | ".join(cells) + " |")
+    crossovers = []
+    for row in report["models"]:
+        if row["baseline"] and len(sizes) > 1:
+            start = row.get("faster_from_batch_size")
+            where = f"from batch {start} up" if start is not None else "at no batch size from the largest down"
+            crossovers.append(f"`{row['model']}` ({row['compile']}) is at least as fast as its source {where}")
+    if crossovers:
+        lines += ["", "; ".join(crossovers) + "."]
+    if flagged:
+        lines += ["", f"⚠ spread over {100 * SPREAD_LIMIT:.0f} % of the median (a loaded machine?): "
+                  + "; ".join(flagged) + ". Measure again on an idle machine, or with more --repeats."]  # fmt: skip
     return "\n".join(lines)
+
+
+PLOT_MARK = "retrofit bench"  # the PNG's Software field: how --overwrite knows a plot retrofit drew
+
+
+def is_our_plot(path: Path) -> bool:
+    """True if `path` is a PNG that `plot_batch_sizes` drew."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.info.get("Software") == PLOT_MARK
+    except (OSError, ValueError):
+        return False
+
+
+def plot_batch_sizes(report: dict, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Images/s against batch size (log 2 scale) for every model and compile mode of `report`, each merged model's
+    crossover (`faster_from`) marked, written to the PNG `path` whole or not at all (an existing file only with
+    `overwrite`, and only one this function drew)."""
+    import os
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    for row in report["models"]:
+        points = sorted((int(bs), r["images_per_s"]) for bs, r in row["results"].items() if r.get("images_per_s"))
+        if not points:
+            continue
+        label = f"{row['model']} ({row['compile']})"
+        (line,) = ax.plot(*zip(*points, strict=True), marker="o", label=label)
+        start = row.get("faster_from_batch_size")
+        if row.get("baseline") and start is not None:
+            ax.axvline(start, color=line.get_color(), linestyle=":", linewidth=1)
+            ax.annotate(f"faster from {start}", (start, dict(points).get(start, points[0][1])), fontsize=8,
+                        color=line.get_color(), xytext=(4, -12), textcoords="offset points")  # fmt: skip
+    env = report["environment"]
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("images/s")
+    ax.set_title(f"{env['hardware']}, {env['dtype']}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, metadata={"Software": PLOT_MARK})
+        plt.close(fig)
+        if overwrite and path.exists():
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # never replaces a file that appeared meanwhile
+            except FileExistsError:
+                raise RetrofitError(f"'{path}' appeared while this run was working, so it was not replaced") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
 
 
 def merge_option(text: str | None) -> tuple[tuple[str, int], ...]:
@@ -675,6 +835,8 @@ def run_bench(args: BenchArgs, *, log: Callable[[str], None] | None = None) -> d
         check_card_target(args.card, args.models)
     if args.json is not None:
         check_file_output(args.json, "--json", args.overwrite, inputs=args.models)
+    if args.plot is not None:
+        check_file_output(args.plot, "--plot", args.overwrite, inputs=args.models, ours=is_our_plot)
     parse_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -687,6 +849,9 @@ def run_bench(args: BenchArgs, *, log: Callable[[str], None] | None = None) -> d
         except OSError as exc:  # a full disk: the table above is complete, the old file (if any) is left as it was
             raise RetrofitError(f"cannot write --json {args.json}: {describe_os_error(exc)}") from None
         log(f"wrote {args.json}")
+    if args.plot is not None:
+        plot_batch_sizes(report, args.plot, overwrite=args.overwrite)
+        log(f"wrote {args.plot}")
     if args.card:
         from .card import update_card
 

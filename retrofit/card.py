@@ -114,6 +114,14 @@ def build_card(
         if base
         else ""
     )
+    zero_shot = (
+        '\n```python\nfrom PIL import Image\n\nscores = pipe(Image.open("photo.jpg"), '
+        'candidate_labels=["cat", "dog"], hypothesis_template="a photo of a {}.")\n```\n\nThe text tower, the '
+        "projections and the logit scale are the source's, bit-exact: its text embeddings are unchanged; "
+        "`get_image_features` and `get_text_features` work as on the source.\n"
+        if head.is_dual_encoder
+        else ""
+    )
     content = f"""---
 {data.to_yaml()}
 ---
@@ -143,7 +151,7 @@ retrofit.register_auto_classes()
 model = {head.auto_class}.from_pretrained("{name}")
 pipe = pipeline("{head.pipeline_tag}", model="{name}")
 ```
-{encoder_only}
+{zero_shot}{encoder_only}
 Without retrofit, the modeling code that ships here (`modeling_*.py`, `configuration_*.py`; it needs only `torch`
 and `transformers>={OLDEST_TRANSFORMERS}`) runs when you allow it:
 
@@ -153,7 +161,7 @@ from transformers import {head.auto_class}, pipeline
 model = {head.auto_class}.from_pretrained("{name}", trust_remote_code=True)
 pipe = pipeline("{head.pipeline_tag}", model="{name}", trust_remote_code=True)
 ```
-
+{zero_shot}
 ## Cost (theoretical, per image)
 
 {cost_text or "See `config.json` for the merge settings."}
@@ -278,14 +286,24 @@ def top_k_value(row: dict, k: int) -> float | None:
     return next((row[key] for key in (f"top{k}", "topk", "top5") if row.get(key) is not None), None)
 
 
+_TASKS = {  # an evaluation's metric -> the model-index task it measures
+    "similarity": ("image-feature-extraction", "Image Feature Extraction"),
+    "zero-shot": ("zero-shot-image-classification", "Zero-Shot Image Classification"),
+}
+
+
 def eval_results_from(evaluation: dict, row: dict) -> list[EvalResult]:
-    """model-index entries (top-1 and top-k accuracy; a backbone's feature similarity) for one evaluated model."""
+    """model-index entries (top-1 and top-k accuracy, zero-shot for a dual encoder; a backbone's feature
+    similarity) for one evaluated model."""
     data = str(evaluation["data"])
     local = Path(data).expanduser().exists() or data.startswith((".", "/", "~"))
-    similarity = evaluation.get("metric") == "similarity"
+    metric = evaluation.get("metric")
+    similarity = metric == "similarity"
+    task_type, task_name = _TASKS.get(metric, ("image-classification", "Image Classification"))
+    zero_shot = "Zero-shot top" if metric == "zero-shot" else "Top"
     common = dict(
-        task_type="image-feature-extraction" if similarity else "image-classification",
-        task_name="Image Feature Extraction" if similarity else "Image Classification",
+        task_type=task_type,
+        task_name=task_name,
         dataset_type="imagefolder" if local else data,
         dataset_name=Path(data).name if local else data,
         dataset_split=evaluation.get("split"),
@@ -294,13 +312,14 @@ def eval_results_from(evaluation: dict, row: dict) -> list[EvalResult]:
         reference = evaluation["models"][0]["model"]
         name = f"Feature cosine similarity to {reference}"
         return [EvalResult(metric_type="cosine_similarity", metric_name=name, metric_value=row["similarity"], **common)]
-    results = [EvalResult(metric_type="accuracy", metric_name="Top-1 accuracy", metric_value=row["top1"], **common)]
+    top1 = EvalResult(metric_type="accuracy", metric_name=f"{zero_shot}-1 accuracy", metric_value=row["top1"], **common)
+    results = [top1]
     k = top_k(evaluation)
     if top_k_value(row, k) is not None:
         results.append(
             EvalResult(
                 metric_type="top_k_accuracy",
-                metric_name=f"Top-{k} accuracy",
+                metric_name=f"{zero_shot}-{k} accuracy",
                 metric_value=top_k_value(row, k),
                 metric_args={"k": k},
                 **common,
@@ -354,8 +373,13 @@ def results_section(results: dict, export: Path) -> str:
     if len(lines) > 2:
         parts.append("### Before / after\n\n" + "\n".join(lines))
     if evaluation:
+        heading = {"similarity": "Feature similarity", "zero-shot": "Zero-shot accuracy"}.get(
+            evaluation.get("metric"), "Accuracy"
+        )
+        if evaluation.get("metric") == "zero-shot":
+            heading += f" (prompts like {evaluation['prompts'][0]!r})"
         parts.append(
-            f"### {'Feature similarity' if similarity else 'Accuracy'}\n\nOn `{evaluation['data']}` split "
+            f"### {heading}\n\nOn `{evaluation['data']}` split "
             f"`{evaluation['split']}` "
             f"({evaluation['num_examples']} images), measured with `retrofit evaluate`:\n\n{evaluation['table']}"
         )

@@ -11,6 +11,11 @@ Backbones (DINOv2, CLIP/SigLIP vision towers, ...) have no labels: for them the 
 of each model's features (`Head.features`, what `finetune` distils) to the first model's, per image, on the same
 images (labels are not read), each model seeing them as its own image processor prepares them. Classifiers and
 backbones are not mixed in one run.
+
+Zero-shot (``--zero-shot``, image-text dual encoders: CLIP, SigLIP and their exports): one prompt per class of the
+data (`retrofit.zero_shot.prompts`), embedded once per model by its own tokenizer and text tower; each model is then a
+classifier over those prompts (`ZeroShotClassifier`) scored by the same loop, with the agreement of its top-1
+predictions with the first model's (`zero_shot_scores`).
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from .data import dataset_label_map, generic_labels, model_labels
 from .errors import RetrofitError, brief, check_at_least_one
 from .settings import EvaluateArgs
+from .zero_shot import DEFAULT_TEMPLATE
 
 METRICS_DIR = Path(__file__).parent / "metrics"
 
@@ -65,9 +72,16 @@ def prediction_map(reference: dict[int, str], other: dict[int, str], names: tupl
     return [by_name[other[index]] for index in range(len(other))]
 
 
-def _accelerator():
+def _accelerator(*, fresh: bool = False):
+    """The Accelerator scoring runs under. `fresh`: forget the precision a training run set (Accelerate keeps it
+    process-wide), so that models scored after training are scored as the ones before it were."""
     from accelerate import Accelerator
 
+    if fresh:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
     return Accelerator(cpu=not torch.cuda.is_available())
 
 
@@ -82,17 +96,29 @@ def evaluate_models(
     image_column: str = "image",
     label_column: str = "label",
     trust_remote_code: bool = False,
+    zero_shot: bool = False,
+    prompt_template: str = DEFAULT_TEMPLATE,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Evaluate `models` (checkpoints, Hub ids, exports) on one split; returns a JSON-ready report with a table."""
+    """Evaluate `models` (checkpoints, Hub ids, exports) on one split; returns a JSON-ready report with a table.
+    `zero_shot`: score image-text dual encoders by zero-shot classification with `prompt_template`."""
     from .data import load_split, make_dataloader
     from .loading import family_and_head, load_config, load_image_processor, load_model, trained_head_config
+    from .zero_shot import check_template
 
     if not models:
         raise RetrofitError("no models to evaluate; pass one or more checkpoint folders, Hub ids or exports")
     check_at_least_one("--top-k", top_k)
     check_at_least_one("--batch-size", batch_size)
+    if zero_shot:
+        check_template(prompt_template)
     saved = [load_config(spec, trust_remote_code=trust_remote_code) for spec in models]
+    if zero_shot:
+        return _evaluate_zero_shot(
+            models, saved, data=data, split=split, limit=limit, batch_size=batch_size, top_k=top_k,
+            image_column=image_column, label_column=label_column, template=prompt_template,
+            trust_remote_code=trust_remote_code, log=log,
+        )  # fmt: skip
     configs = [trained_head_config(config) for config in saved]  # unsupported types are refused here
     for spec, before, config in zip(models, saved, configs, strict=True):
         if config is not before:
@@ -210,15 +236,14 @@ def _row(spec: str, config) -> dict:
     }
 
 
-def _evaluate_backbones(
-    models: list[str], configs: list, *, data, split, limit, batch_size, image_column, trust_remote_code, log
-) -> dict:
-    """Feature similarity of backbones to the first one, on one split (its labels are not read). Each model sees the
-    images as its own image processor prepares them; models that prepare them the same way share one loader."""
-    from .data import load_split, make_dataloader
+def _models_and_loaders(
+    models: list[str], configs: list, dataset, batch_size: int, label_map, trust_remote_code: bool, log
+) -> tuple[list, list]:
+    """The models, loaded for scoring, and one dataloader per model over `dataset`, each preparing the images with
+    the model's own image processor; models that prepare them the same way share one loader (scored in one pass)."""
+    from .data import make_dataloader
     from .loading import load_image_processor, load_model
 
-    dataset = load_split(data, split, image_column=image_column, label_column=None, limit=limit)
     loaded = [
         load_model(spec, config=config, trust_remote_code=trust_remote_code).eval()
         for spec, config in zip(models, configs, strict=True)
@@ -230,10 +255,23 @@ def _evaluate_backbones(
             dataset,
             processors[indices[0]],
             batch_size=min(batch_size, len(dataset)),
+            label_map=label_map,
             num_channels=getattr(configs[indices[0]], "num_channels", None),
         )
         for index in indices:
             loaders[index] = loader
+    return loaded, loaders
+
+
+def _evaluate_backbones(
+    models: list[str], configs: list, *, data, split, limit, batch_size, image_column, trust_remote_code, log
+) -> dict:
+    """Feature similarity of backbones to the first one, on one split (its labels are not read). Each model sees the
+    images as its own image processor prepares them; models that prepare them the same way share one loader."""
+    from .data import load_split
+
+    dataset = load_split(data, split, image_column=image_column, label_column=None, limit=limit)
+    loaded, loaders = _models_and_loaders(models, configs, dataset, batch_size, None, trust_remote_code, log)
     scores = feature_similarity(loaded, loaders, names=models)
     rows = [{**_row(spec, config), **score} for spec, config, score in zip(models, configs, scores, strict=True)]
     report = {
@@ -242,6 +280,166 @@ def _evaluate_backbones(
         "split": split,
         "num_examples": rows[0]["num_examples"],
         "processes": _accelerator().num_processes,
+        "models": rows,
+    }
+    report["table"] = markdown_table(report)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Zero-shot classification of image-text dual encoders
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_dual_encoders(models: list[str], configs: list, *, where: str = "--zero-shot") -> None:
+    """Refuse (one line) a model that is not an image-text dual encoder: zero-shot classification needs a text tower."""
+    from .loading import family_and_head
+
+    for spec, config in zip(models, configs, strict=True):
+        head = family_and_head(config)[1]  # an unsupported model type is refused here
+        if not head.is_dual_encoder:
+            raise RetrofitError(
+                f"{where} needs image-text dual encoders, and '{spec}' is {_what(config)} ({head.class_name}); pass "
+                "full CLIPModel/SiglipModel checkpoints or their retrofit exports (converted without --task), or "
+                f"leave out {where}"
+            )
+
+
+def zero_shot_classes(dataset, data: str) -> tuple[list[str], dict | None]:
+    """The class names of a labelled split (a ClassLabel's names, as image folders and fashion-mnist have, or the
+    distinct names of a column of text labels, sorted) and the map of its labels to their index (None: the ids are);
+    every label checked. No class names: one line."""
+    from .data import check_labels, class_names
+
+    names, label_map = class_names(dataset), None
+    text = getattr(dataset.features.get("label"), "dtype", None) in ("string", "large_string")
+    if names is None and text:
+        names = sorted({value for value in dataset["label"] if value is not None})
+        label_map = {name: index for index, name in enumerate(names)}
+    if not names:
+        raise RetrofitError(
+            f"'{data}' has no class names to build prompts from (its label column holds numbers, not a ClassLabel "
+            "or text); zero-shot needs named classes: use an image folder (one sub-folder per class), fashion-mnist "
+            "or a dataset whose label column is a ClassLabel (choose it with --label-column)"
+        )
+    check_labels(dataset, len(names), data=data, label_map=label_map, hint="give every image one of the classes")
+    return names, label_map
+
+
+def load_zero_shot_tokenizer(spec: str, config, *, revision: str | None = None):
+    """A dual encoder's tokenizer, which zero-shot classification needs; none is one line saying what to add."""
+    from .loading import load_tokenizer
+
+    reasons: list[str] = []
+    tokenizer = load_tokenizer(spec, config, revision=revision, log=reasons.append)
+    if tokenizer is None:
+        raise RetrofitError(
+            f"'{spec}' has no usable tokenizer, which zero-shot classification needs to embed the prompts; copy its "
+            "source's tokenizer files (tokenizer.json or vocab.json/merges.txt or spiece.model, with "
+            "tokenizer_config.json and special_tokens_map.json) into it"
+        )
+    return tokenizer
+
+
+class ZeroShotClassifier(torch.nn.Module):
+    """A dual encoder as a classifier over fixed texts (one prompt per class): its logits are the model's image-text
+    logits (``logits_per_image``) of the images against the texts' embeddings, computed once (`text_embeds`,
+    normalised; `retrofit.zero_shot.text_embeddings`)."""
+
+    def __init__(self, model: torch.nn.Module, text_embeds: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("text_embeds", text_embeds, persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> SimpleNamespace:
+        from .zero_shot import image_embeddings, zero_shot_logits
+
+        embeds = image_embeddings(self.model, pixel_values)
+        return SimpleNamespace(logits=zero_shot_logits(self.model, embeds, self.text_embeds))
+
+
+def agreement(predictions: list[int], reference: list[int]) -> float:
+    """The share of images on which `predictions` (top-1 ids) equal `reference`'s (the shipped accuracy metric)."""
+    if len(predictions) != len(reference):
+        raise RetrofitError(f"{len(predictions)} predictions against {len(reference)}; score both on the same images")
+    return load_metric("accuracy").compute(predictions=predictions, references=reference)["accuracy"]
+
+
+def zero_shot_scores(
+    models: list,
+    tokenizers: list,
+    loader: torch.utils.data.DataLoader | Sequence[torch.utils.data.DataLoader],
+    texts: list[str],
+    *,
+    k: int,
+    reference: list[int] | None = None,
+    fresh: bool = False,
+) -> list[dict]:
+    """Zero-shot top-1, top-k and agreement of dual encoders on labelled images whose label i is the class of
+    ``texts[i]`` (one prompt per class): each model embeds the texts once with its tokenizer and text tower, then is
+    scored by `score_models`. Agreement: the share of images whose top-1 equals the first model's (or `reference`'s,
+    top-1 ids from an earlier call's ``predictions``). `loader` is one dataloader for all models, or one per model
+    (models that share one are scored in one pass; all must give the same images in the same order). `fresh`: after
+    a training run in this process, score at the precision the models before it were scored at (`_accelerator`)."""
+    from .zero_shot import text_embeddings
+
+    per_model = list(loader) if isinstance(loader, Sequence) else [loader] * len(models)
+    if len(per_model) != len(models) or len(tokenizers) != len(models):
+        raise RetrofitError(f"{len(models)} models, {len(tokenizers)} tokenizers, {len(per_model)} dataloaders")
+    accelerator = _accelerator(fresh=fresh)
+    classifiers = []
+    for model, tokenizer in zip(models, tokenizers, strict=True):
+        model = model.to(accelerator.device).eval()
+        classifiers.append(ZeroShotClassifier(model, text_embeddings(model, tokenizer, texts)))
+    scores: dict[int, dict] = {}
+    for mine in {id(each): each for each in per_model}.values():
+        indices = [i for i, each in enumerate(per_model) if each is mine]
+        group = score_models([classifiers[i] for i in indices], mine, k=k, predictions=True)
+        scores.update(zip(indices, group, strict=True))
+    first = reference if reference is not None else scores[0]["predictions"]
+    return [
+        {
+            "top1": scores[i]["top1"],
+            "top5": scores[i]["top5"],
+            "agreement": agreement(scores[i]["predictions"], first),
+            "num_examples": scores[i]["num_examples"],
+            "predictions": scores[i]["predictions"],
+        }
+        for i in range(len(models))
+    ]
+
+
+def _evaluate_zero_shot(
+    models: list[str], configs: list, *, data, split, limit, batch_size, top_k, image_column, label_column, template,
+    trust_remote_code, log,
+) -> dict:  # fmt: skip
+    """`evaluate --zero-shot`: everything a user can get wrong (not a dual encoder, data without class names, no
+    tokenizer) is refused before any model is loaded."""
+    from .data import load_split
+    from .zero_shot import prompts
+
+    check_dual_encoders(models, configs)
+    dataset = load_split(data, split, image_column=image_column, label_column=label_column, limit=limit)
+    names, label_map = zero_shot_classes(dataset, data)
+    texts = prompts(names, template)
+    tokenizers = [load_zero_shot_tokenizer(spec, config) for spec, config in zip(models, configs, strict=True)]
+    loaded, loaders = _models_and_loaders(models, configs, dataset, batch_size, label_map, trust_remote_code, log)
+    k = min(top_k, len(names))
+    scores = zero_shot_scores(loaded, tokenizers, loaders, texts, k=k)
+    rows = []
+    for spec, config, score in zip(models, configs, scores, strict=True):
+        score.pop("predictions")
+        rows.append({**_row(spec, config), **score})
+    report = {
+        "metric": "zero-shot",
+        "data": data,
+        "split": split,
+        "num_examples": rows[0]["num_examples"],
+        "top_k": k,
+        "processes": _accelerator().num_processes,
+        "template": template,
+        "labels": names,
+        "prompts": texts,
         "models": rows,
     }
     report["table"] = markdown_table(report)
@@ -307,13 +505,21 @@ def feature_similarity(
 
 
 def score_models(
-    models: list, loader, *, k: int, maps: list | None = None, accelerator=None, labels_from=None
+    models: list,
+    loader,
+    *,
+    k: int,
+    maps: list | None = None,
+    accelerator=None,
+    labels_from=None,
+    predictions: bool = False,
 ) -> list[dict]:
     """top-1, top-k, mean loss and image count of each model over one dataloader, gathered over the processes of an
     `accelerate launch`: the one accuracy loop of retrofit (evaluate, sweep, the training loop, recipes, benchmarks).
     `maps[i]` maps model i's label ids to the loader's (None: the same). `labels_from`: a model whose top-1 is the
-    label (agreement with a teacher, for data without labels). With an `accelerator` (a training loop's), `loader` is
-    one it has prepared already; without one, it is prepared here."""
+    label (agreement with a teacher, for data without labels). `predictions`: also each model's top-1 per image, in
+    the loader's order (``predictions``). With an `accelerator` (a training loop's), `loader` is one it has prepared
+    already; without one, it is prepared here."""
     from .data import TransformedDataset, check_labels
 
     data = getattr(loader, "dataset", None)
@@ -327,6 +533,7 @@ def score_models(
     models = [model.to(accelerator.device).eval() for model in models]
     stats = [
         {"top1": load_metric("accuracy"), "topk": load_metric("top_k_accuracy"), "loss": 0.0, "count": 0}
+        | ({"predictions": []} if predictions else {})
         for _ in models
     ]
     with torch.inference_mode():
@@ -344,6 +551,7 @@ def score_models(
             "loss": stat["loss"] / max(1, stat["count"]),
             "num_examples": stat["count"],
         }
+        | ({"predictions": stat["predictions"]} if predictions else {})
         for stat in stats
     ]
 
@@ -396,11 +604,27 @@ def _score_batch(model, pred_map, pixels, labels, k, accelerator, stats) -> None
     stats["topk"].add_batch(predictions=ranked.tolist(), references=labels.tolist())
     stats["loss"] += float(losses.double().sum())
     stats["count"] += len(labels)
+    if "predictions" in stats:
+        stats["predictions"].extend(ranked[:, 0].tolist())
 
 
 def markdown_table(report: dict) -> str:
     """Models side by side: top-1, top-k, loss, GFLOPs and the change against the first model (backbones: feature
-    similarity to the first model and GFLOPs)."""
+    similarity to the first model and GFLOPs; zero-shot: top-1, top-k, agreement with the first model, GFLOPs and the
+    change of top-1)."""
+    if report.get("metric") == "zero-shot":
+        k, first = report["top_k"], report["models"][0]
+        lines = [
+            f"| model | zero-shot top-1 | top-{k} | agreement with `{first['model']}` | GFLOPs | Δ top-1 vs first |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in report["models"]:
+            delta = 100 * (row["top1"] - first["top1"])
+            lines.append(
+                f"| `{row['model']}` | {100 * row['top1']:.2f} % | {100 * row['top5']:.2f} % | "
+                f"{100 * row['agreement']:.2f} % | {row['gflops']:.3g} | {delta:+.2f} pt |"
+            )
+        return "\n".join(lines)
     if report.get("metric") == "similarity":
         lines = [
             f"| model | feature similarity to `{report['models'][0]['model']}` | GFLOPs |",
@@ -446,9 +670,12 @@ def run_evaluate(args: EvaluateArgs) -> dict:
         image_column=args.image_column,
         label_column=args.label_column,
         trust_remote_code=args.trust_remote_code,
+        zero_shot=args.zero_shot,
+        prompt_template=args.prompt_template,
     )
     if PartialState().is_main_process:
-        print(f"{args.data} / {args.split}: {report['num_examples']} images")
+        classes = f", {len(report['prompts'])} prompts like {report['prompts'][0]!r}" if args.zero_shot else ""
+        print(f"{args.data} / {args.split}: {report['num_examples']} images{classes}")
         print(report["table"])
         if args.json is not None:
             write_report(args.json, report, args.overwrite, kind="evaluate")

@@ -36,6 +36,8 @@ class Head:
             that holds the layers to merge (``vision_model``); empty: the model's only encoder.
         output_class: dual encoders only, the transformers output class of the model (``CLIPOutput``), which the
             merged model returns when it is given images alone (their embeddings, without a text tower pass).
+        image_modules: dual encoders only, the submodules of the image side (the vision tower, its projection): the
+            only ones fine-tuning trains; the text tower, its projection and the logit scale/bias stay frozen.
     """
 
     class_name: str
@@ -46,6 +48,7 @@ class Head:
     features: str = "pooler"
     encoder: str = ""
     output_class: str = ""
+    image_modules: tuple[str, ...] = ()
 
     @property
     def is_classifier(self) -> bool:
@@ -185,6 +188,14 @@ def _shapes(prefix: str, sizes: str | list[str], *, vit: bool = False, **fields)
         shapes[name] = dict(hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
                             intermediate_size=mlp, patch_size=_PATCH[size], **fields)  # fmt: skip
     return shapes
+
+
+def _dual_shapes(prefix: str, size: str, patch: int, **vision) -> dict[str, dict]:
+    """A dual encoder's benchmark shape ``<prefix>-<size><patch>`` (``clip-b32``): the ViT size `size` as its vision
+    tower (224x224), with `vision` fields, and the family's default text tower."""
+    ((name, fields),) = _shapes(prefix, [size]).items()
+    fields = {**fields, "patch_size": patch, "image_size": 224, **vision}
+    return {name.removesuffix(str(_PATCH[size])) + str(patch): {"vision_config": fields}}
 
 
 def register(family: Family) -> Family:
@@ -439,6 +450,7 @@ register(
                 features="image_embeds",
                 encoder="vision_model",
                 output_class="CLIPOutput",
+                image_modules=("vision_model", "visual_projection"),
             ),
             "CLIPForImageClassification": Head(
                 "CLIPForImageClassification",
@@ -453,6 +465,7 @@ register(
             "fine-tune it), --task image-feature-extraction the vision tower alone (CLIPVisionModel). " + _CLIP_NOTES
         ),
         tower="clip_vision",
+        shapes=_dual_shapes("clip", "b", 32, hidden_act="quick_gelu"),
     )
 )
 
@@ -497,6 +510,7 @@ register(
                 features="image_embeds",
                 encoder="vision_model",
                 output_class="SiglipOutput",
+                image_modules=("vision_model",),
             ),
             "SiglipForImageClassification": Head(
                 "SiglipForImageClassification",
@@ -513,6 +527,7 @@ register(
             "interpolate_pos_encoding=True gives other image sizes."
         ),
         tower="siglip_vision",
+        shapes=_dual_shapes("siglip", "b", 16),
     )
 )
 

@@ -64,6 +64,7 @@ class Prepared:
     resuming: bool
     stored_dtype: torch.dtype  # the source's: the export is saved in it
     tokenizer: object | None = None  # a dual encoder's, saved into the export
+    text_embeds: torch.Tensor | None = None  # a dual encoder's prompt embeddings, for --prompt-weight
 
 
 def run_finetune(
@@ -76,7 +77,7 @@ def run_finetune(
 ) -> TrainResult:
     """`finetune` for settings already checked (the CLI builds `FinetuneArgs` itself): `prepare`, train, `finish`."""
     ready = prepare(args, log=log)
-    result = train(ready.model.float(), ready.processor, args, teacher=ready.teacher,
+    result = train(ready.model.float(), ready.processor, args, teacher=ready.teacher, text_embeds=ready.text_embeds,
                    checkpoint_dir=ready.checkpoint_dir, resume=args.resume, overwrite=args.overwrite,
                    eval_at_start=eval_at_start, stop_after=stop_after, progress_bar=progress, log=log)  # fmt: skip
     finish(args, ready, result, log=log)
@@ -87,7 +88,7 @@ def run_finetune(
 def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepared:
     """Everything before the training loop, in order: check where the run writes (export, checkpoints, Hub login)
     before any work → load the source as the model it is trained as (or a retrofit export to continue) → insert the
-    PatchMerger → load the teacher → calibrate the merger."""
+    PatchMerger → load the teacher → calibrate the merger → embed the prompts of ``--prompt-weight``."""
     from accelerate.utils import set_seed
 
     from .atomic import check_checkpoint_dir, check_output
@@ -137,8 +138,36 @@ def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepar
         check_teacher_fits(teacher, model, processor, teacher_name)
     if args.calibrate and init == "random":
         init = _calibrate(model, args, resumed=resuming, log=log)
-    return Prepared(model, teacher, processor, config, source_config, init, checkpoint_dir, resuming, model.dtype,
-                    tokenizer)  # fmt: skip
+    ready = Prepared(model, teacher, processor, config, source_config, init, checkpoint_dir, resuming, model.dtype,
+                     tokenizer)  # fmt: skip
+    if args.prompt_weight:
+        ready.text_embeds = prompt_embeddings(args, ready, log=log)
+    return ready
+
+
+def prompt_embeddings(args: FinetuneArgs, ready: Prepared, *, log: Callable[[str], None] = print) -> torch.Tensor:
+    """For ``--prompt-weight``: one text embedding per class of the training data, the mean of its prompts'
+    (``--prompt-templates``, CLIP's prompt ensembling) by the unmerged model's frozen text tower, normalised. What
+    cannot work (not a dual encoder, no tokenizer, data without class names) is one line, before training."""
+    from .data import load_split
+    from .evaluation import check_dual_encoders, zero_shot_classes
+    from .zero_shot import prompts, text_embeddings
+
+    check_dual_encoders([args.source], [ready.config], where="--prompt-weight")
+    if ready.tokenizer is None:
+        raise RetrofitError(
+            f"--prompt-weight embeds prompts with the model's tokenizer, and '{args.source}' has none; copy its "
+            "source's tokenizer files into it, or leave out --prompt-weight"
+        )
+    data = load_split(args.data, args.split, image_column=args.image_column, label_column=args.label_column,
+                      limit=args.sample or args.limit, sample_seed=args.seed if args.sample else None)  # fmt: skip
+    names = zero_shot_classes(data, args.data)[0]
+    text_model = ready.teacher if ready.teacher is not None else ready.model
+    per_template = [text_embeddings(text_model, ready.tokenizer, prompts(names, t)) for t in args.prompt_templates]
+    mean = torch.stack(per_template).mean(dim=0)
+    log(f"--prompt-weight: {len(names)} classes x {len(per_template)} prompt template(s), e.g. "
+        f"{prompts(names[:1], args.prompt_templates[0])[0]!r}")  # fmt: skip
+    return mean / mean.norm(dim=-1, keepdim=True)
 
 
 def finish(args: FinetuneArgs, ready: Prepared, result: TrainResult, *, log: Callable[[str], None] = print) -> None:
@@ -325,6 +354,12 @@ def check_teacher_fits(teacher, student, processor, teacher_source) -> None:
         )
 
 
+def _is_dual(model) -> bool:
+    from .loading import family_and_head
+
+    return model is not None and family_and_head(model.config)[1].is_dual_encoder
+
+
 def _training_info(run: TrainingRun, result: TrainResult, init: str, teacher: str | None = None):
     from .card import TrainingInfo
     from .losses import describe_loss
@@ -333,8 +368,9 @@ def _training_info(run: TrainingRun, result: TrainResult, init: str, teacher: st
     notes = [f"trained: {run.train}; lr {run.lr}, batch {run.batch_size}x{run.grad_accum}, seed {run.seed}"]
     if result.final_accuracy is not None:
         notes.append(f"accuracy on `{public_name(run.data)}` {run.eval_split}: {result.final_accuracy:.4f}")
-    return TrainingInfo(data=run.data, steps=result.steps, epochs=round(result.epochs, 3),
-                        loss=describe_loss(run, teacher), init=init, notes=notes)  # fmt: skip
+    loss = describe_loss(run, teacher, dual_encoder=_is_dual(result.model))
+    return TrainingInfo(data=run.data, steps=result.steps, epochs=round(result.epochs, 3), loss=loss, init=init,
+                        notes=notes)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -354,9 +390,11 @@ def pretrain(
     log: Callable[[str], None] = print,
     **settings,
 ) -> TrainResult:
-    """Train a ViT (built from `model_config`, a `ViTConfig` dict) from scratch with cross-entropy and save a plain
-    transformers checkpoint (config, weights, image processor, ``training.json``) to `output`. `settings` are
-    `PretrainRun` fields (data, epochs, lr, ...; loss ce and lr 1e-3 unless given). Labels come from the data."""
+    """Train a ViT (built from `model_config`, a `ViTConfig` dict) from scratch with cross-entropy, or a CLIP (a
+    `CLIPConfig` dict: ``vision_config``, ``text_config``, ``projection_dim``) with the contrastive loss on captions
+    written from the class names, and save a plain transformers checkpoint (config, weights, image processor, a CLIP's
+    tokenizer, ``training.json``) to `output`. `settings` are `PretrainRun` fields (data, epochs, lr, ...; loss ce
+    and lr 1e-3 unless given). Labels come from the data."""
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     from .atomic import BASELINE, atomic_dir, check_checkpoint_dir, check_output
@@ -365,14 +403,20 @@ def pretrain(
     from .loading import check_config, processor_image_size
 
     run = from_options(PretrainRun, settings, where="pretrain()")
-    if run.loss != "ce":
-        raise RetrofitError("pretraining has no teacher; use loss ce")
+    clip = "vision_config" in model_config  # a CLIP dual encoder, pretrained on captions
+    if clip != (run.loss == "contrastive"):
+        raise RetrofitError(
+            "pretraining a CLIP (pretrain.model with vision_config) needs loss contrastive, a ViT loss ce"
+        )
     reserved = sorted({"num_labels", "id2label", "label2id"} & set(model_config))
     if reserved:
         raise RetrofitError(
             f"pretrain.model.{reserved[0]} is taken from the data's class names; remove it from the recipe"
         )
-    _check_keys(model_config, ViTConfig().to_dict(), "pretrain.model", "ViTConfig field")
+    if clip:
+        _check_clip_keys(model_config)
+    else:
+        _check_keys(model_config, ViTConfig().to_dict(), "pretrain.model", "ViTConfig field")
     _check_keys(
         image_processor or {}, ViTImageProcessor().to_dict(), "pretrain.image_processor", "ViTImageProcessor field"
     )
@@ -384,15 +428,21 @@ def pretrain(
     names = class_names(load_split(run.data, run.split, label_column=run.label_column, limit=1))
     if not names:
         raise RetrofitError(f"'{run.data}' has no class names (ClassLabel); pretraining needs them")
+    tokenizer = None
     try:
-        labels = {"num_labels": len(names), "id2label": dict(enumerate(names))}
-        config = ViTConfig(**model_config, **labels, label2id={n: i for i, n in enumerate(names)})
-        check_config(config, "pretrain.model")
-        size = config.image_size
+        if clip:
+            tokenizer = character_tokenizer()
+            config = clip_config(model_config, tokenizer)
+            vision = config.vision_config
+        else:
+            labels = {"num_labels": len(names), "id2label": dict(enumerate(names))}
+            config = vision = ViTConfig(**model_config, **labels, label2id={n: i for i, n in enumerate(names)})
+        check_config(vision, "pretrain.model")
+        size = vision.image_size
         processor = ViTImageProcessor(**{
             "size": {"height": size, "width": size},
-            "image_mean": [0.5] * config.num_channels,
-            "image_std": [0.5] * config.num_channels,
+            "image_mean": [0.5] * vision.num_channels,
+            "image_std": [0.5] * vision.num_channels,
             **(image_processor or {}),
         })  # fmt: skip
     except RetrofitError:
@@ -405,20 +455,76 @@ def pretrain(
             f"pretrain.model.image_size is {size}; give both the same size"
         )
     torch.manual_seed(run.seed)
-    model = ViTForImageClassification(config)
-    result = train(model, processor, run, checkpoint_dir=checkpoint_dir, resume=resume, overwrite=overwrite,
-                   progress_bar=progress, log=log)  # fmt: skip
+    captions = None
+    if clip:
+        from transformers import CLIPModel
+
+        from .zero_shot import Captions
+
+        model = CLIPModel(config)
+        captions = Captions(tokenizer, names, run.caption_templates, config)
+    else:
+        model = ViTForImageClassification(config)
+    result = train(model, processor, run, captions=captions, checkpoint_dir=checkpoint_dir, resume=resume,
+                   overwrite=overwrite, progress_bar=progress, log=log)  # fmt: skip
     if not (result.finished and result.is_main_process):
         return result
     with atomic_dir(output, overwrite or resuming, kind=BASELINE, inputs=(run.data,)) as tmp:
         result.model.float().save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         info = {"data": run.data, "steps": result.steps, "epochs": result.epochs, "accuracy": result.final_accuracy,
                 "eval_split": run.eval_split, "settings": asdict(run)}  # fmt: skip
         (tmp / "training.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
     log(f"wrote {output}")
     result.output = Path(output)
     return result
+
+
+# The characters a pretrained CLIP's tokenizer knows (`character_tokenizer`): captions of class names, lowercased.
+CAPTION_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789 .,-/'&()"
+
+
+def character_tokenizer():
+    """A CLIP tokenizer whose tokens are single characters (BPE without merges; ``<|startoftext|>`` 0,
+    ``<|endoftext|>`` 1, also the padding and unknown token), built offline: enough for captions of class names, and
+    what a small CLIP pretrained here ships with."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in CAPTION_CHARACTERS.replace(" ", ""):
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    tokenizer.model_max_length = 64
+    return tokenizer
+
+
+def clip_config(model_config: dict, tokenizer):
+    """A `CLIPConfig` from a recipe's ``pretrain.model`` (``vision_config``, ``text_config``, ``projection_dim``),
+    its text tower sized for `tokenizer` (vocabulary, start/end/padding ids, 64 positions)."""
+    from transformers import CLIPConfig
+
+    text = {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "max_position_embeddings": tokenizer.model_max_length,
+        **model_config.get("text_config", {}),
+    }
+    rest = {key: value for key, value in model_config.items() if key not in ("vision_config", "text_config")}
+    return CLIPConfig(vision_config=model_config["vision_config"], text_config=text, **rest)
+
+
+def _check_clip_keys(model_config: dict) -> None:
+    from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+
+    _check_keys(model_config, CLIPConfig().to_dict(), "pretrain.model", "CLIPConfig field")
+    for key, config_class in (("vision_config", CLIPVisionConfig), ("text_config", CLIPTextConfig)):
+        _check_keys(model_config.get(key, {}), config_class().to_dict(), f"pretrain.model.{key}",
+                    f"{config_class.__name__} field")  # fmt: skip
 
 
 def _check_keys(given: dict, valid, where: str, what: str) -> None:

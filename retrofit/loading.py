@@ -345,12 +345,15 @@ def load_tokenizer(source: str | Path, config: PreTrainedConfig, *, revision: st
     """A dual encoder's text tokenizer (CLIP's BPE, SigLIP's sentencepiece), which zero-shot classification and the
     export's ``zero-shot-image-classification`` pipeline need; None for other models, or (with a warning) for a dual
     encoder checkpoint that has none."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedConfig
 
     if not family_and_head(config)[1].is_dual_encoder:
         return None
+    # An export's tokenizer_config.json names its class; a blank config keeps AutoTokenizer from reading the export's
+    # config.json, whose auto_map would ask to run the bundled code.
+    blank = {"config": PreTrainedConfig()} if is_merged(config) else {}
     try:
-        return AutoTokenizer.from_pretrained(resolve_source(source), revision=revision)
+        return AutoTokenizer.from_pretrained(resolve_source(source), revision=revision, **blank)
     except (OSError, ValueError, ImportError) as exc:
         log(f"warning: '{source}' has no usable tokenizer ({brief(exc)}); the export will not run zero-shot "
             "classification until its tokenizer files are added")  # fmt: skip

@@ -289,17 +289,28 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, log) -> 
             f"{image_size[0]}×{image_size[1]}, median of 5 passes, the two models alternated"
         )
 
-    result = train(ready.model.float(), ready.processor, args, teacher=ready.teacher,
+    zero_shot = _zero_shot_scorer(args, ready, evaluation) if evaluation.zero_shot else None
+    zero_shot_before = zero_shot([baseline, ready.model]) if zero_shot else None  # the untrained merger too
+    if zero_shot_before:
+        rows[0] |= _zero_shot_cells(zero_shot_before[0])
+        log(f"baseline zero-shot top-1: {100 * rows[0]['zero_shot_top1']:.2f} %")
+
+    result = train(ready.model.float(), ready.processor, args, teacher=ready.teacher, text_embeds=ready.text_embeds,
                    checkpoint_dir=ready.checkpoint_dir, resume=resume, overwrite=overwrite, eval_at_start=before,
                    log=log)  # fmt: skip
     history = [h for h in result.eval_history if quality in h]
     if before and history and history[0]["step"] == 0:
         init = "calibrated" if args.calibrate else "random"
         rows.append({"model": f"{tag}, {init} init, no training", quality: history[0][quality],
-                     "gflops": merged_cost.gflops, "images_per_s": speeds.get("merged")})  # fmt: skip
+                     "gflops": merged_cost.gflops, "images_per_s": speeds.get("merged")}
+                    | (_zero_shot_cells(zero_shot_before[1]) if zero_shot_before else {}))  # fmt: skip
+    after = {}
+    if zero_shot and result.is_main_process:  # agreement with the baseline's predictions before training
+        reference = zero_shot_before[0]["predictions"]
+        after = _zero_shot_cells(zero_shot([result.model], reference=reference, fresh=True)[0])
     rows.append({"model": f"{tag}, fine-tuned ({result.steps} steps, loss {args.loss})",
                  quality: history[-1][quality] if history else None, "gflops": merged_cost.gflops,
-                 "images_per_s": speeds.get("merged")})  # fmt: skip
+                 "images_per_s": speeds.get("merged")} | after)  # fmt: skip
     table = results_table(rows, note=speed_note)
     finish(args, ready, result, log=log)
     if result.output is not None:
@@ -314,6 +325,38 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, log) -> 
         except RetrofitError as exc:
             log(f"warning: results.json not written: {exc}")
     return summary
+
+
+def _zero_shot_scorer(args: FinetuneArgs, ready, evaluation: RecipeEvaluation) -> Callable[..., list[dict]]:
+    """For ``evaluation.zero_shot``: a function scoring dual encoders (`retrofit.evaluation.zero_shot_scores`) on
+    the evaluation split, one prompt per class (``evaluation.prompt_template``), with the source's tokenizer. What
+    cannot work (not a dual encoder, no evaluation split or class names, no tokenizer) is one line before
+    training."""
+    from .data import load_split, make_dataloader
+    from .evaluation import check_dual_encoders, zero_shot_classes, zero_shot_scores
+    from .zero_shot import prompts
+
+    check_dual_encoders([args.source], [ready.config], where="evaluation.zero_shot")
+    if not args.eval_split:
+        raise RetrofitError("evaluation.zero_shot scores the evaluation split: set data.eval_split")
+    if ready.tokenizer is None:
+        raise RetrofitError(
+            f"evaluation.zero_shot embeds prompts with the source's tokenizer, and '{args.source}' has none"
+        )
+    dataset = load_split(args.data, args.eval_split, image_column=args.image_column, label_column=args.label_column,
+                         limit=args.eval_limit)  # fmt: skip
+    names, label_map = zero_shot_classes(dataset, args.data)
+    loader = make_dataloader(dataset, ready.processor, batch_size=min(evaluation.batch_size, len(dataset)),
+                             label_map=label_map, num_channels=getattr(ready.config, "num_channels", None))  # fmt: skip
+    texts = prompts(names, evaluation.prompt_template)
+    return lambda models, **kwargs: zero_shot_scores(
+        models, [ready.tokenizer] * len(models), loader, texts, k=min(5, len(names)), **kwargs
+    )
+
+
+def _zero_shot_cells(score: dict) -> dict:
+    """A before/after row's zero-shot cells from one `zero_shot_scores` row."""
+    return {"zero_shot_top1": score["top1"], "agreement": score["agreement"]}
 
 
 def _baseline_accuracy(baseline, ready, args: FinetuneArgs) -> float:
@@ -337,11 +380,17 @@ def results_table(rows: list[dict], note: str | None = None) -> str:
     measured) goes under it."""
     backbone = any("similarity" in row for row in rows)
     quality = "feature similarity" if backbone else "accuracy"
-    lines = [f"| model | {quality} | GFLOPs/image | images/s (measured) | speed-up |", "|---|---|---|---|---|"]
+    zero_shot = any("zero_shot_top1" in row for row in rows)  # a dual encoder's, with evaluation.zero_shot
+    extra = " zero-shot top-1 | agreement with the baseline |" if zero_shot else ""
+    lines = [f"| model | {quality} |{extra} GFLOPs/image | images/s (measured) | speed-up |",
+             "|---|---|" + "---|" * (2 * zero_shot) + "---|---|---|"]  # fmt: skip
     base_speed = rows[0].get("images_per_s") if rows else None
     for row in rows:
         value = row.get("similarity" if backbone else "accuracy")
         acc = "n/a" if value is None else f"{value:.4f}" if backbone else f"{100 * value:.2f} %"
+        if zero_shot:
+            cells = [row.get("zero_shot_top1"), row.get("agreement")]
+            acc += "".join(" | n/a" if cell is None else f" | {100 * cell:.2f} %" for cell in cells)
         speed = row.get("images_per_s")
         ratio = f"{speed / base_speed:.2f}x" if speed and base_speed else "n/a"
         speed_text = f"{speed:.0f}" if speed else "n/a"

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from .errors import RetrofitError, did_you_mean
 from .families import ROPE_POSITIONS, TASKS
+from .zero_shot import DEFAULT_TEMPLATE, template_problem
 
 # ----------------------------------------------------------------------------------------------------------------
 # Declaring and checking settings
@@ -284,10 +285,13 @@ def comma_ints(text: str) -> tuple[int, ...]:
 
 SOURCE_HELP = (
     "a Hub model id, a local folder, retrofit:NAME (a checkpoint shipped with retrofit: "
-    "retrofit:fashion-mnist-vit, retrofit:fashion-mnist-vit-wide)"
+    "retrofit:fashion-mnist-vit, retrofit:fashion-mnist-vit-wide, retrofit:fashion-mnist-clip)"
 )
 DATA_HELP = "fashion-mnist, an image folder (datasets' imagefolder layout) or a Hub dataset id"
 LOSSES = ("kd", "ce", "mix")
+PRETRAIN_LOSSES = ("ce", "contrastive")  # a ViT classifier from labels; a CLIP dual encoder from captions
+# The captions a contrastive pretraining writes for each image from its class name (`PretrainSettings`).
+CAPTION_TEMPLATES = ("a photo of a {}.", "a {}.", "a picture of a {}.", "an image of a {}.", "a photo of the {}.")
 TRAINABLE = ("merger-and-after", "all")
 PRECISIONS = ("no", "bf16", "fp16")
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
@@ -386,10 +390,23 @@ class TrainSettings(Settings):
     temperature: float = setting(2.0, "KD temperature", positive=True)
     alpha: float = setting(0.5, "weight of ce in --loss mix (kd gets 1 - alpha)", interval=(0, 1, "[0, 1]"))
     feature_weight: float | None = setting(
-        None, "kd/mix: weight of distilling the features the head reads (default: 0 for classifiers, 1 for backbones)",
-        at_least=0,
+        None, "kd/mix: weight of distilling the features the head reads (default: 0 for classifiers, 1 for backbones "
+        "and dual encoders; a dual encoder's are its normalised image embeddings, compared by cosine)", at_least=0,
     )  # fmt: skip
-    train: Literal[TRAINABLE] = setting("all", "what trains: all, or the merger and the layers after it")
+    prompt_weight: float = setting(
+        0.0, "kd, dual encoders (CLIP, SigLIP): weight of the KL divergence between the unmerged and the merged "
+        "model's image-text similarity distributions over the data's class-name prompts (--prompt-templates; at "
+        "--temperature; text embedded once by the frozen text tower); 0: off", at_least=0,
+    )  # fmt: skip
+    prompt_templates: tuple[str, ...] = setting(
+        (DEFAULT_TEMPLATE,), "dual encoders, with --prompt-weight: the prompts made from each class name of the "
+        "training data ({} is where it goes); a class's text embedding is the mean of its prompts'",
+        nargs="+", metavar="TEMPLATE",
+    )  # fmt: skip
+    train: Literal[TRAINABLE] = setting(
+        "all", "what trains: all, or the merger and the layers after it (a dual encoder: of its vision tower; its "
+        "text tower, text projection and logit scale stay frozen)",
+    )  # fmt: skip
     epochs: float = setting(1.0, "epochs (fractions allowed)")
     max_steps: int | None = setting(None, "optimizer steps (overrides --epochs)", positive=True)
     lr: float = setting(2e-4, "peak learning rate", positive=True)
@@ -417,6 +434,7 @@ class TrainSettings(Settings):
         super().check()
         if self.epochs <= 0 and not self.max_steps:
             self.refuse("epochs", f"must be positive (got {self.epochs})")
+        _check_templates(self, "prompt_templates")
         if self.report_to in (None, "none", "all"):
             return
         if self.report_to not in TRACKERS:
@@ -460,12 +478,36 @@ class TrainingRun(DataSettings, TrainSettings):
     """What a training loop reads: the data and how to train on it (`retrofit.train.train`)."""
 
 
+def _check_templates(settings: Settings, name: str) -> None:
+    """Refuse an empty list of prompt templates, or one without exactly one {}."""
+    templates = getattr(settings, name)
+    if not templates:
+        settings.refuse(name, f"is empty; give one or more templates, e.g. {DEFAULT_TEMPLATE!r}")
+    for template in templates:
+        problem = template_problem(template)
+        if problem:
+            settings.refuse(name, problem)
+
+
 @dataclass(kw_only=True)
 class PretrainSettings(TrainSettings):
-    """How a baseline is trained from scratch (a recipe with a ``pretrain`` section): cross-entropy, a higher lr."""
+    """How a baseline is trained from scratch (a recipe with a ``pretrain`` section): cross-entropy for a ViT, a
+    contrastive loss on captions for a CLIP, a higher lr."""
 
-    loss: Literal[LOSSES] = setting("ce", "pretraining has no teacher: ce")
+    loss: Literal[PRETRAIN_LOSSES] = setting(
+        "ce", "pretraining has no teacher: ce (a ViT classifier, on labels) or contrastive (a CLIP model: CLIP's "
+        "symmetric InfoNCE between images and captions written from their class names, captions of one class "
+        "counted as matches)",
+    )  # fmt: skip
     lr: float = setting(1e-3, "peak learning rate", positive=True)
+    caption_templates: tuple[str, ...] = setting(
+        CAPTION_TEMPLATES, "contrastive: the captions of an image, its class name in each ({} is where it goes); each "
+        "image gets one of them at random at each step", cli=False,
+    )  # fmt: skip
+
+    def check(self) -> None:
+        super().check()
+        _check_templates(self, "caption_templates")
 
 
 @dataclass(kw_only=True)
@@ -514,9 +556,23 @@ class FinetuneArgs(HubSettings, CheckpointSettings, OutputSettings, TrainingRun,
     resume: bool = setting(False, "continue from the newest checkpoint")
 
 
+ZERO_SHOT_HELP = (
+    "score image-text dual encoders (CLIP, SigLIP and their exports) by zero-shot classification: one prompt per "
+    "class of the data, each model with its own tokenizer and text tower"
+)
+PROMPT_TEMPLATE_HELP = "the zero-shot prompt: the class name goes where {} is"
+
+
+def _check_prompt_template(settings: Settings) -> None:
+    problem = template_problem(settings.prompt_template)
+    if problem:
+        settings.refuse("prompt_template", problem)
+
+
 @dataclass(kw_only=True)
 class EvaluateArgs(Settings):
-    """`retrofit evaluate`: top-1/top-5 accuracy and loss of several models, side by side."""
+    """`retrofit evaluate`: top-1/top-5 accuracy and loss of several models, side by side (or their zero-shot
+    accuracy)."""
 
     models: list[str] = setting(help="checkpoints, Hub ids or exports (the first sets the labels)", positional=True,
                                 nargs="+")  # fmt: skip
@@ -531,6 +587,12 @@ class EvaluateArgs(Settings):
     overwrite: bool = overwrite_setting("the --json file")
     card: str | None = setting(None, "write the results into this export's README.md", metavar="EXPORT")
     trust_remote_code: bool = setting(False, "allow the models' own code to run (off by default)")
+    zero_shot: bool = setting(False, ZERO_SHOT_HELP + "; reports top-1, top-k and agreement with the first model")
+    prompt_template: str = setting(DEFAULT_TEMPLATE, PROMPT_TEMPLATE_HELP + " (with --zero-shot)", metavar="TEXT")
+
+    def check(self) -> None:
+        super().check()
+        _check_prompt_template(self)
 
 
 @dataclass(kw_only=True)
@@ -579,6 +641,13 @@ class RecipeEvaluation(Settings):
     batch_size: int = setting(256, "evaluation batch size", at_least=1, cli=False)
     speed: bool = setting(True, "measure images/s of the source and the merged model", cli=False)
     speed_batch_size: int = setting(256, "batch size of the speed measurement", at_least=1, cli=False)
+    zero_shot: bool = setting(False, "a dual encoder's rows: zero-shot accuracy on the evaluation split's classes",
+                              cli=False)  # fmt: skip
+    prompt_template: str = setting(DEFAULT_TEMPLATE, PROMPT_TEMPLATE_HELP, cli=False)
+
+    def check(self) -> None:
+        super().check()
+        _check_prompt_template(self)
 
 
 # Recipe section -> the groups whose fields are its keys (the top-level keys are `RecipeInfo`'s).
@@ -700,11 +769,17 @@ class BenchArgs(BenchSettings):
     )  # fmt: skip
     threads: int | None = setting(None, "CPU threads for torch, 1 to the machine's CPU count (default: torch's)")
     json: str | None = setting(None, "write all measurements to FILE", metavar="FILE")
-    overwrite: bool = overwrite_setting("the --json file")
+    plot: str | None = setting(
+        None, "draw images/s against batch size (each model and --compile mode; the batch size from which each merged "
+        "model is faster marked) into FILE.png: pass several --batch-size values, e.g. 1,2,4,...,256", metavar="FILE",
+    )  # fmt: skip
+    overwrite: bool = overwrite_setting("the --json and --plot files")
     card: str | None = setting(None, "write the speed table into this export's README.md", metavar="EXPORT")
 
     def check(self) -> None:
         super().check()
+        if self.plot is not None and not self.plot.endswith(".png"):
+            self.refuse("plot", f"must be a file name ending in .png, e.g. {self.plot or 'speed'}.png")
         cpus = os.cpu_count() or 1
         if self.threads is not None and not 1 <= self.threads <= cpus:
             self.refuse("threads", f"must be between 1 and {cpus}, this machine's CPU count (got {self.threads})")
@@ -736,10 +811,14 @@ class SweepSettings(Settings):
     bench_repeats: int = setting(3, "timed repeats of the speed test", at_least=1)
     device: str = setting("cpu", "cpu, cuda or cuda:N for the speed test")
     dtype: str = setting("fp32", "fp32, bf16 or fp16 for the speed test")
+    zero_shot: bool = setting(False, "rank a dual encoder's settings by zero-shot top-1 on the classes of DATA (one "
+                              "prompt per class) instead of image-embedding similarity")  # fmt: skip
+    prompt_template: str = setting(DEFAULT_TEMPLATE, PROMPT_TEMPLATE_HELP + " (with --zero-shot)", metavar="TEXT")
     seed: int = setting(0, "seed of the calibration sample", cli=False)
 
     def check(self) -> None:
         super().check()
+        _check_prompt_template(self)
         if self.target_speedup is not None and not self.target_speedup > 1:
             self.refuse("target_speedup", f"must be a finite number above 1, e.g. 1.8 (got {self.target_speedup})")
         _check_batch_sizes(self, "bench_batch_size", (self.bench_batch_size,))
@@ -750,8 +829,8 @@ class SweepSettings(Settings):
 class SweepArgs(SweepSettings):
     """`retrofit sweep`: accuracy and speed over after-layer × tokens; pick a setting."""
 
-    source: str = setting(help=f"{SOURCE_HELP} (an unmerged classifier or backbone), or a shape such as vit-b16 "
-                          "with --dry-run", positional=True)  # fmt: skip
+    source: str = setting(help=f"{SOURCE_HELP} (an unmerged classifier, backbone or dual encoder), or a shape such "
+                          "as vit-b16 with --dry-run", positional=True)  # fmt: skip
     output: str | None = setting(None, "folder for sweep.md, sweep.json and sweep.png (default: sweep-<source>)",
                                  short="-o")  # fmt: skip
     overwrite: bool = overwrite_setting("--output")

@@ -3,8 +3,9 @@
 Each setting gets the data-calibrated merger initialisation (`retrofit.calibrate`; cheap, shares the source weights)
 or, with ``method="finetune"``, a short fine-tune (`retrofit.finetune.finetune`, ``finetune_steps`` steps). Accuracy is
 measured on one split with the shipped `evaluate` metrics (for a backbone: the cosine similarity of its features to
-the unmerged model's, `retrofit.evaluation.feature_similarity`, which needs no labels); speed with
-`retrofit.benchmark` (all settings and the source measured alternately in one process). Writes ``sweep.md``,
+the unmerged model's, `retrofit.evaluation.feature_similarity`, which needs no labels; for a dual encoder with
+``zero_shot``: zero-shot top-1 over one prompt per class of the data, `retrofit.evaluation.zero_shot_scores`);
+speed with `retrofit.benchmark` (all settings and the source measured alternately in one process). Writes ``sweep.md``,
 ``sweep.json`` and ``sweep.png`` (accuracy or similarity against images/s, Pareto front marked, the source as a
 reference point) into the output folder.
 """
@@ -85,6 +86,11 @@ def markdown_table(report: dict) -> str:
 
         def quality(row: dict) -> str:
             return f"{row['similarity']:.4f}"
+    elif report.get("metric") == "zero-shot":
+        head, columns = f"zero-shot top-1 | top-{report['top_k']} | agreement with the source", 3
+
+        def quality(row: dict) -> str:
+            return f"{100 * row['top1']:.2f} % | {100 * row['top5']:.2f} % | {100 * row['agreement']:.2f} %"
     else:
         head, columns = f"top-1 | top-{report['top_k']} | loss", 3
 
@@ -138,6 +144,8 @@ def plot(report: dict, path: Path) -> None:
     env = report["environment"]
     ax.set_xlabel(f"images/s ({env['hardware']}, {env['dtype']}, batch {report['bench_batch_size']})")
     quality = "feature similarity to the source" if key == "similarity" else "top-1 accuracy (%)"
+    if report.get("metric") == "zero-shot":
+        quality = "zero-shot top-1 accuracy (%)"
     ax.set_ylabel(f"{quality} on {Path(report['data']).name} {report['split']}")
     ax.set_title(f"PatchMerger placement sweep: {Path(report['source']).name} ({report['method']})", fontsize=9)
     ax.grid(alpha=0.3)
@@ -262,18 +270,30 @@ def sweep(
     """Run the sweep; returns the report (and writes sweep.md/json/png into `output` if given)."""
     import tempfile
 
-    from .benchmark import Variant, environment, place_model, run_benchmark
+    from .benchmark import Variant, environment, place_model, run_benchmark, timed_part
     from .cost import model_cost
     from .data import dataset_label_map, load_split, make_dataloader, model_labels
-    from .evaluation import feature_similarity, is_backbone, score_models
+    from .evaluation import (
+        check_dual_encoders,
+        feature_similarity,
+        is_backbone,
+        load_zero_shot_tokenizer,
+        score_models,
+        zero_shot_classes,
+        zero_shot_scores,
+    )
     from .loading import load_config, load_image_processor, load_model
     from .surgery import check_merge
+    from .zero_shot import prompts
 
     if settings.data is None:
         raise RetrofitError("--data is required: the sweep measures accuracy on it (or pass --dry-run for FLOPs alone)")
     check_output_folder(settings, output, overwrite, source)
     config = load_config(source)
-    backbone = is_backbone(config)  # ranked by feature similarity to the source, not accuracy (no labels read)
+    zero_shot = settings.zero_shot  # a dual encoder ranked by zero-shot top-1 on the data's class names
+    if zero_shot:
+        check_dual_encoders([source], [config])
+    backbone = is_backbone(config) and not zero_shot  # ranked by feature similarity to the source (no labels read)
     key = "similarity" if backbone else "top1"
     for k in settings.after_layers:
         for m in settings.tokens:
@@ -281,6 +301,10 @@ def sweep(
     dataset = load_split(
         settings.data, settings.split, limit=settings.limit, label_column=None if backbone else "label"
     )
+    if zero_shot:  # class names, the prompts and the tokenizer, refused in one line before any setting is built
+        names, zero_shot_map = zero_shot_classes(dataset, settings.data)
+        texts = prompts(names, settings.prompt_template)
+        tokenizer = load_zero_shot_tokenizer(source, config)
     # The calibration images, loaded before any setting starts (a missing --calibrate-split fails here): calibrate
     # uses them for every setting; finetune reads its own sample of the split, so one image checks the split.
     calibrate_on = load_split(
@@ -290,8 +314,8 @@ def sweep(
         limit=settings.calibrate_images if settings.method == "calibrate" else 1,
         sample_seed=settings.seed if settings.method == "calibrate" else None,
     )
-    label_map = None
-    if not backbone:  # string labels mapped by class name, bad ones refused before any setting is built
+    label_map = zero_shot_map if zero_shot else None
+    if not (backbone or zero_shot):  # string labels mapped by class name, bad ones refused before any setting is built
         label_map = dataset_label_map(model_labels(config), dataset, settings.data)
     source_model = load_model(source, config=config).eval()
     processor = load_image_processor(source, config, log=log)
@@ -310,10 +334,17 @@ def sweep(
             label_map=label_map,
             num_channels=getattr(config, "num_channels", None),
         )
-        k_top = None if backbone else min(5, len(model_labels(config)))
+        k_top = None if backbone else min(5, len(names) if zero_shot else len(model_labels(config)))
         log(f"evaluating {len(merged) + 1} models on {len(dataset)} images of {settings.data} {settings.split} ...")
         models = [source_model] + [model for _, _, model in merged]
-        scores = feature_similarity(models, loader) if backbone else score_models(models, loader, k=k_top)
+        if zero_shot:
+            scores = zero_shot_scores(models, [tokenizer] * len(models), loader, texts, k=k_top)
+            for score in scores:
+                del score["predictions"]
+        elif backbone:
+            scores = feature_similarity(models, loader)
+        else:
+            scores = score_models(models, loader, k=k_top)
 
         bench = bench_settings(settings)
         source_gflops = model_cost(config).gflops
@@ -324,7 +355,7 @@ def sweep(
                 Variant(f"k{k}-m{m}", model, model.config, "eager", gflops, "source", source_gflops / gflops)
             )
         for v in variants:  # evaluated in float32 above; measured on the device in the dtype asked for
-            v.runner = place_model(v.model, bench.device, bench.dtype)
+            v.runner = timed_part(place_model(v.model, bench.device, bench.dtype), v.config)
         log("measuring speed (all settings alternately) ...")
         run_benchmark(variants, bench, log=log)
 
@@ -357,12 +388,13 @@ def sweep(
     best, verdict = best_for_target(rows, settings.target_speedup, key)
     report = {
         "source": str(source),
-        "metric": "similarity" if backbone else "accuracy",
+        "metric": "zero-shot" if zero_shot else "similarity" if backbone else "accuracy",
         "method": settings.method if settings.method == "calibrate" else f"finetune {settings.finetune_steps} steps",
         "data": settings.data,
         "split": settings.split,
         "num_examples": source_row["num_examples"],
         "top_k": k_top,
+        **({"template": settings.prompt_template, "prompts": texts} if zero_shot else {}),
         "bench_batch_size": bs,
         "environment": environment(bench),
         "target_speedup": settings.target_speedup,
@@ -396,12 +428,18 @@ def write_report(report: dict, output: str | Path, overwrite: bool = False, *, s
         raise RetrofitError(f"cannot write the sweep into '{output}': {describe_os_error(exc)}") from None
 
 
+_QUALITY = {  # a sweep's metric in its report's first line
+    "similarity": "Feature similarity to the source",
+    "zero-shot": "Zero-shot accuracy (one prompt per class)",
+}
+
+
 def _markdown_report(report: dict) -> str:
     env = report["environment"]
     return (
         f"# PatchMerger sweep of `{report['source']}`\n\n"
         f"Initialisation: {report['method']}. "
-        f"{'Feature similarity to the source' if report.get('metric') == 'similarity' else 'Accuracy'} on "
+        f"{_QUALITY.get(report.get('metric'), 'Accuracy')} on "
         f"`{report['data']}` {report['split']} "
         f"({report['num_examples']} images); speed on {env['hardware']}, {env['dtype']}, batch "
         f"{report['bench_batch_size']} (median of repeats, settings measured alternately).\n\n"

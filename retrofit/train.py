@@ -28,8 +28,9 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .errors import RetrofitError, brief
-from .losses import HeadReader, compute_loss, describe_loss
+from .losses import HeadReader, Outputs, compute_loss, describe_loss
 from .settings import TrainingRun, TrainSettings
+from .zero_shot import Captions, caption_logits
 
 # How a fine-tune ends the one line about data whose classes the model's head does not have.
 LABELS_FIX = "pass --num-labels {classes} to re-initialise the head, or --loss kd to distil without labels"
@@ -88,7 +89,7 @@ def training_data(model, image_processor, run: TrainingRun) -> tuple:
     eval_set = load_split(run.data, run.eval_split, image_column=run.image_column, label_column=run.label_column,
                           limit=run.eval_limit)  # fmt: skip
     eval_map = None
-    if run.num_labels is None and run.label_column:
+    if run.num_labels is None and run.label_column and classifier:
         try:
             eval_map = dataset_label_map(model_labels(model.config), eval_set, run.data, fix=LABELS_FIX)
         except RetrofitError:
@@ -122,14 +123,17 @@ def reinit_head(model, names: list[str] | None, num_labels: int) -> None:
     model.config.label2id = {name: i for i, name in enumerate(names)}
 
 
-def set_trainable(model, scope: str) -> tuple[int, int]:
+def set_trainable(model, scope: str, *, text: bool = False) -> tuple[int, int]:
     """Freeze per `scope` ("all", or "merger-and-after": the embeddings and the layers before the merger are
-    frozen). Returns (trainable, total) parameter counts."""
-    from .loading import is_merged
+    frozen). A dual encoder trains its image side only (`Head.image_modules`): the text tower, the text projection
+    and the logit scale/bias stay frozen, so that the text embeddings stay the source's; `text` (contrastive
+    pretraining) trains them too. Returns (trainable, total) parameter counts."""
+    from .loading import family_and_head, is_merged
     from .surgery import encoder_layers
 
-    for param in model.parameters():
-        param.requires_grad_(True)
+    image_side = () if text else tuple(f"{name}." for name in family_and_head(model.config)[1].image_modules)
+    for param_name, param in model.named_parameters():
+        param.requires_grad_(not image_side or param_name.startswith(image_side))
     if scope == "merger-and-after" and is_merged(model.config):
         _, layers = encoder_layers(model)
         for layer in list(layers)[: model.config.merge_after_layer]:
@@ -200,14 +204,21 @@ def make_accelerator(settings: TrainSettings, project_dir: Path | None):
         raise RetrofitError(f"cannot set up training: {brief(exc, 200)}") from None
 
 
-def evaluate(model, eval_dl, accelerator, teacher=None) -> dict:
+def evaluate(model, eval_dl, accelerator, teacher=None, captions: Captions | None = None) -> dict:
     """The model on the evaluation data, with `retrofit.evaluation`'s loop: accuracy on labels; without labels, top-1
-    agreement with the teacher; a backbone, the cosine similarity of its features to the teacher's."""
-    from .evaluation import feature_similarity, score_models
+    agreement with the teacher; a backbone, the cosine similarity of its features to the teacher's; a dual encoder
+    pretrained on `captions`, its zero-shot accuracy with their first template."""
+    from .evaluation import ZeroShotClassifier, feature_similarity, score_models
     from .loading import family_and_head
+    from .zero_shot import prompts, text_embeddings
 
     model = accelerator.unwrap_model(model)
-    if not family_and_head(model.config)[1].is_classifier:
+    if captions is not None and eval_dl.dataset.has_labels:
+        texts = prompts(captions.names, captions.templates[0])
+        classifier = ZeroShotClassifier(model, text_embeddings(model, captions.tokenizer, texts))
+        score = score_models([classifier], eval_dl, k=1, accelerator=accelerator)[0]
+        result = {"accuracy": score["top1"], "examples": score["num_examples"], "reference": "labels"}
+    elif not family_and_head(model.config)[1].is_classifier:
         score = feature_similarity([teacher, model], eval_dl, accelerator=accelerator)[1]
         result = {"similarity": score["similarity"], "examples": score["num_examples"], "reference": "teacher features"}
     elif eval_dl.dataset.has_labels or teacher is not None:
@@ -232,6 +243,8 @@ def train(
     run: TrainingRun,
     *,
     teacher=None,
+    text_embeds: torch.Tensor | None = None,
+    captions: Captions | None = None,
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -241,9 +254,12 @@ def train(
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train `model` on `run`'s data with `run`'s settings, distilling from `teacher` for kd/mix; return the trained
-    model (unwrapped, in float32) and what happened. Checkpoints go to `checkpoint_dir` (`resume`: continue from the
-    newest; `overwrite`: start over). `eval_at_start` also evaluates before the first step; `stop_after` N stops
-    after N steps of the full schedule (with a checkpoint), as if killed."""
+    model (unwrapped, in float32) and what happened. `text_embeds`: a dual encoder's normalised prompt embeddings
+    (classes × D), for the prompt term of its kd (`TrainSettings.prompt_weight`). `captions`: the captions of a
+    contrastive pretraining (``loss="contrastive"``), which also score its evaluations by zero-shot accuracy on their
+    class names with the first template. Checkpoints go to `checkpoint_dir`
+    (`resume`: continue from the newest; `overwrite`: start over). `eval_at_start` also evaluates before the first
+    step; `stop_after` N stops after N steps of the full schedule (with a checkpoint), as if killed."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
@@ -251,13 +267,27 @@ def train(
     from .loading import family_and_head
 
     started = time.perf_counter()
-    classifier = family_and_head(model.config)[1].is_classifier
+    head = family_and_head(model.config)[1]
+    classifier, dual = head.is_classifier, head.is_dual_encoder
     if run.feature_weight is None:  # filled in here, so that the model card names it
         run.feature_weight = 0.0 if classifier else 1.0  # classifiers: logits (features measured neutral on them)
-    if not classifier and (run.loss != "kd" or not run.feature_weight):
+    if run.loss == "contrastive" and (not dual or captions is None):
+        raise RetrofitError("loss contrastive pretrains an image-text dual encoder (CLIPModel) on captions")
+    distils = run.loss == "kd" and bool(run.feature_weight or (dual and run.prompt_weight))
+    if not classifier and run.loss != "contrastive" and not distils:
+        what = "an image-text dual encoder" if dual else "a backbone"
+        also = " or --prompt-weight" if dual else ""
         raise RetrofitError(
-            f"{type(model).__name__} is a backbone (no classifier head, no logits): fine-tune it with --loss kd and "
-            "a positive --feature-weight, which distil its features from the unmerged model"
+            f"{type(model).__name__} is {what} (no classifier head, no logits): fine-tune it with --loss kd and a "
+            f"positive --feature-weight{also}, which distil its {'image embeddings' if dual else 'features'} from "
+            "the unmerged model"
+        )
+    if run.prompt_weight and (not dual or text_embeds is None):
+        raise RetrofitError(
+            "--prompt-weight distils the image-text similarities of a dual encoder (CLIP, SigLIP) over the data's "
+            f"class-name prompts; {type(model).__name__} is not one"
+            if not dual
+            else "--prompt-weight needs the prompts' text embeddings (finetune makes them from the data's class names)"
         )
     set_seed(run.seed)
     train_dl, eval_dl = training_data(model, image_processor, run)
@@ -275,10 +305,11 @@ def train(
     accelerator = make_accelerator(run, checkpoint_dir)
     if checkpoint_dir and accelerator.is_main_process and existing and not resume:  # --overwrite: start over
         remove_checkpoints(checkpoint_dir)
-    trainable, total = set_trainable(model, run.train)
+    trainable, total = set_trainable(model, run.train, text=run.loss == "contrastive")
     features = run.loss != "ce" and run.feature_weight > 0
-    read = HeadReader(model, features=features)  # before `prepare`: hooks go on the model itself
-    read_teacher = HeadReader(teacher, features=features) if teacher is not None else None
+    prompts = text_embeds if run.prompt_weight else None
+    read = HeadReader(model, features=features, prompts=prompts)  # before `prepare`: hooks go on the model itself
+    read_teacher = HeadReader(teacher, features=features, prompts=prompts) if teacher is not None else None
     optimizer = torch.optim.AdamW(param_groups(model, run), lr=run.lr)
     if run.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -286,6 +317,9 @@ def train(
     eval_dl = accelerator.prepare(eval_dl) if eval_dl is not None else None
     if teacher is not None:
         teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
+    for reader in (read, read_teacher):
+        if reader is not None and reader.prompts is not None:
+            reader.prompts = reader.prompts.to(accelerator.device)
     steps_per_epoch = max(1, math.ceil(len(train_dl) / run.grad_accum))
     total_steps = run.max_steps or max(1, math.ceil(run.epochs * steps_per_epoch))
     warmup = int(run.warmup_ratio * total_steps)
@@ -300,10 +334,15 @@ def train(
         load_checkpoint(accelerator, latest, progress, older)
         log(f"resumed from {latest} (step {progress.step}, epoch {progress.epoch}, batch {progress.batch})")
     if accelerator.trackers == [] and run.report_to not in (None, "none"):
-        accelerator.init_trackers("retrofit", config={k: v for k, v in asdict(run).items() if v is not None})
+        # trackers take scalars: a list setting (the prompt templates) goes in as its text
+        hparams = {
+            k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in asdict(run).items() if v is not None
+        }
+        accelerator.init_trackers("retrofit", config=hparams)
+    loss_text = describe_loss(run, dual_encoder=dual)
     log(
-        f"training {trainable / 1e6:.3g}M of {total / 1e6:.3g}M parameters ({run.train}) with loss "
-        f"{describe_loss(run)} for {total_steps} steps ({total_steps / steps_per_epoch:.3g} epochs of "
+        f"training {trainable / 1e6:.3g}M of {total / 1e6:.3g}M parameters ({run.train}) with loss {loss_text} for "
+        f"{total_steps} steps ({total_steps / steps_per_epoch:.3g} epochs of "
         f"{steps_per_epoch} steps) on {accelerator.num_processes} process(es), {accelerator.device}, "
         f"precision {run.mixed_precision}"
     )
@@ -312,7 +351,7 @@ def train(
     def run_eval() -> None:
         if eval_dl is None:
             return
-        metrics = {**evaluate(model, eval_dl, accelerator, teacher), "step": progress.step}
+        metrics = {**evaluate(model, eval_dl, accelerator, teacher, captions), "step": progress.step}
         result.eval_history.append(metrics)
         if "reference" in metrics:
             what = {"labels": "accuracy", "teacher": "agreement with the teacher"}.get(
@@ -341,12 +380,16 @@ def train(
             for batch in batches:
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
-                        student = read(model, batch["pixel_values"])
+                        if captions is not None:  # contrastive: each image against one caption of each image
+                            texts = captions.sample(batch["labels"], seed=hash((run.seed, epoch, progress.batch)))
+                            student = Outputs(caption_logits(model, batch["pixel_values"], texts), None)
+                        else:
+                            student = read(model, batch["pixel_values"])
                         expected = None
-                        if run.loss != "ce":
+                        if run.loss in ("kd", "mix"):
                             with torch.no_grad():
                                 expected = read_teacher(teacher, batch["pixel_values"])
-                    loss = compute_loss(student, expected, batch.get("labels"), run)
+                    loss = compute_loss(student, expected, batch.get("labels"), run, embeddings=dual)
                     bad = accelerator.reduce(torch.tensor(float(not torch.isfinite(loss)), device=loss.device), "sum")
                     if bad.item() > 0:
                         good = list_checkpoints(checkpoint_dir) if checkpoint_dir else []

@@ -4,33 +4,49 @@ A merged dual encoder keeps its source's text tower, projections and logit scale
 is merged. Zero-shot classification compares an image's normalised embedding with the normalised embeddings of one
 prompt per class ("a photo of a {}."), scaled by the model's logit scale: what transformers'
 ``zero-shot-image-classification`` pipeline computes, batched here over a dataset.
+
+`retrofit evaluate --zero-shot`, `sweep --zero-shot` and recipes score a dual encoder with these, through the one
+accuracy loop (`evaluation.ZeroShotClassifier`, `evaluation.zero_shot_scores`).
+
+torch is imported where it is used: `retrofit.settings` checks a template with `template_problem` at option-parsing
+time, when no torch may load.
 """
 
 from __future__ import annotations
 
 import string
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import RetrofitError
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 
 
-def check_template(template: str) -> str:
-    """`template` if it holds exactly one ``{}`` (where the class name goes) and no other field; else one line."""
+def template_problem(template: str) -> str | None:
+    """What is wrong with a prompt template, said after its option or recipe key (``'a {} {}' must hold exactly one
+    {} ...``), or None if it holds exactly one ``{}`` (where the class name goes) and no other field."""
     try:
         fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
     except ValueError as exc:  # an unmatched brace
-        raise RetrofitError(
-            f"--prompt-template {template!r} is not a template ({exc}); write one {{}} where the class name goes, "
-            f"e.g. {DEFAULT_TEMPLATE!r}"
-        ) from None
-    if fields != [""]:
-        raise RetrofitError(
-            f"--prompt-template {template!r} must hold exactly one {{}} (where the class name goes) and no other "
-            f"field, e.g. {DEFAULT_TEMPLATE!r}"
+        return f"{template!r} is not a template ({exc}); write one {{}} where the class name goes, e.g. " + repr(
+            DEFAULT_TEMPLATE
         )
+    if fields != [""]:
+        return (
+            f"{template!r} must hold exactly one {{}} (where the class name goes) and no other field, e.g. "
+            f"{DEFAULT_TEMPLATE!r}"
+        )
+    return None
+
+
+def check_template(template: str) -> str:
+    """`template` if it holds exactly one ``{}`` (where the class name goes) and no other field; else one line."""
+    problem = template_problem(template)
+    if problem:
+        raise RetrofitError(f"--prompt-template {problem}")
     return template
 
 
@@ -67,20 +83,22 @@ def tokenize(tokenizer, texts: list[str], config) -> dict[str, torch.Tensor]:
     return tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
 
 
-@torch.no_grad()
 def text_embeddings(model: torch.nn.Module, tokenizer, texts: list[str], *, batch_size: int = 256) -> torch.Tensor:
     """The normalised embeddings of `texts` by the dual encoder's text tower (no gradients: it stays frozen)."""
+    import torch
+
     inner = _unwrapped(model)
     device = next(inner.parameters()).device
     chunks = []
-    for start in range(0, len(texts), batch_size):
-        inputs = tokenize(tokenizer, texts[start : start + batch_size], inner.config)
-        inputs = {key: value.to(device) for key, value in inputs.items() if key in ("input_ids", "attention_mask")}
-        if "siglip" in inner.config.model_type:
-            inputs.pop("attention_mask", None)  # SigLIP's text tower attends to its padding, as in the pipeline
-        features = inner.get_text_features(**inputs)
-        embeds = getattr(features, "pooler_output", features).float()
-        chunks.append(embeds / embeds.norm(p=2, dim=-1, keepdim=True))
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            inputs = tokenize(tokenizer, texts[start : start + batch_size], inner.config)
+            inputs = {key: value.to(device) for key, value in inputs.items() if key in ("input_ids", "attention_mask")}
+            if "siglip" in inner.config.model_type:
+                inputs.pop("attention_mask", None)  # SigLIP's text tower attends to its padding, as in the pipeline
+            features = inner.get_text_features(**inputs)
+            embeds = getattr(features, "pooler_output", features).float()
+            chunks.append(embeds / embeds.norm(p=2, dim=-1, keepdim=True))
     return torch.cat(chunks)
 
 
@@ -91,3 +109,34 @@ def zero_shot_logits(model: torch.nn.Module, image_embeds: torch.Tensor, text_em
     logits = image_embeds.float() @ text_embeds.float().t().to(image_embeds.device) * inner.logit_scale.exp().float()
     bias = getattr(inner, "logit_bias", None)
     return logits + bias.float() if bias is not None else logits
+
+
+class Captions:
+    """The captions of a contrastive pretraining (`retrofit.finetune.pretrain`): each class name in each template,
+    tokenized once (classes × templates × length). `sample` gives each image of a batch one caption of its class,
+    its template drawn at random from a seed, so that a resumed run draws the same ones."""
+
+    def __init__(self, tokenizer, names: list[str], templates: tuple[str, ...], config) -> None:
+        self.tokenizer, self.names, self.templates = tokenizer, list(names), tuple(templates)
+        texts = [template.format(name.replace("_", " ")) for name in names for template in templates]
+        inputs = tokenize(tokenizer, texts, config)
+        shape = (len(names), len(templates), -1)
+        self.input_ids = inputs["input_ids"].reshape(shape)
+        self.attention_mask = inputs["attention_mask"].reshape(shape)
+
+    def sample(self, labels: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+        """One caption per label (a class id), as text tower inputs on the labels' device."""
+        import torch
+
+        generator = torch.Generator().manual_seed(seed)
+        which = torch.randint(len(self.templates), (len(labels),), generator=generator)
+        rows = labels.cpu()
+        return {
+            "input_ids": self.input_ids[rows, which].to(labels.device),
+            "attention_mask": self.attention_mask[rows, which].to(labels.device),
+        }
+
+
+def caption_logits(model: torch.nn.Module, pixel_values: torch.Tensor, captions: dict) -> torch.Tensor:
+    """The image-caption logits (images × captions) of a dual encoder's forward, for `losses.contrastive_loss`."""
+    return model(pixel_values=pixel_values, **captions).logits_per_image

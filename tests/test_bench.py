@@ -58,6 +58,63 @@ def test_bench_reports_every_model_and_batch_size(tiny_vit, export_dir, tmp_path
     assert f"`{tiny_vit}+pm1:2`" in table and "×)" in table
 
 
+def test_peak_memory_counts_the_forwards_activations_on_the_cpu(tiny_vit):
+    """On the CPU the peak is the forward's tensor allocations on top of the weights, for every model measured (the
+    process' RSS showed about the weights alone for the second model: the allocator had kept the first's memory)."""
+    from retrofit.benchmark import _weights_mib
+    from retrofit.loading import load_model
+
+    settings = BenchSettings(batch_sizes=(64,), warmup=1, repeats=1, min_time=0.0, latency_iters=0)
+    report = benchmark.benchmark([str(tiny_vit), str(tiny_vit)], merges="2:2", settings=settings, log=lambda _: None)
+    weights = _weights_mib(load_model(tiny_vit))
+    activations = 64 * 17 * 32 * 4 / 2**20  # one (batch, tokens, width) float32 tensor
+    peaks = [row["results"]["64"]["peak_memory_mib"] for row in report["models"]]
+    assert len(peaks) == 2 and all(peak > weights + activations for peak in peaks), (peaks, weights)
+
+
+def test_batch_size_curve_is_plotted_with_the_crossover(tiny_vit, tmp_path, capsys):
+    """`--plot` draws images/s against batch size for each model; the report and the table name the batch size from
+    which the merged model is at least as fast as its source; --overwrite replaces only a plot retrofit drew."""
+    from PIL import Image
+
+    plot = tmp_path / "curve.png"
+    argv = ["bench", str(tiny_vit), "--merge", "2:2", "--batch-size", "1,2,4", "--plot", str(plot), *QUICK]
+    json_path = tmp_path / "bench.json"
+    assert main([*argv, "--json", str(json_path)]) == 0
+    with Image.open(plot) as image:
+        assert image.format == "PNG" and image.info["Software"] == "retrofit bench" and image.size[0] > 600
+    merged = json.loads(json_path.read_text())["models"][1]
+    speedups = {int(bs): r["speedup"] for bs, r in merged["results"].items()}
+    start = merged["faster_from_batch_size"]
+    assert start is None or all(speedups[bs] >= 1 for bs in speedups if bs >= start)
+    assert start is None or start == 1 or speedups[max(bs for bs in speedups if bs < start)] < 1
+    assert "is at least as fast as its source" in capsys.readouterr().out
+    Image.new("RGB", (4, 4)).save(plot)  # a PNG of the user's
+    assert main([*argv, "--overwrite"]) == 2
+    assert "is not a file retrofit wrote" in capsys.readouterr().err
+    assert main(["bench", str(tiny_vit), "--plot", str(tmp_path / "curve.svg")]) == 2
+    assert "--plot must be a file name ending in .png" in capsys.readouterr().err
+
+
+def test_crossover_is_the_batch_size_from_which_the_merged_model_stays_faster():
+    results = {1: {"speedup": 1.1}, 2: {"speedup": 0.9}, 4: {"speedup": 1.0}, 8: {"speedup": 1.3}}
+    assert benchmark.faster_from(results) == 4
+    assert benchmark.faster_from({**results, 8: {"speedup": 0.99}}) is None
+    assert benchmark.faster_from({1: {"speedup": 1.2}, 2: {"speedup": 1.5}}) == 1
+
+
+def test_a_measurement_whose_repeats_spread_is_flagged():
+    row = {"model": "m", "compile": "eager", "gflops": 1.0, "flops_ratio": None, "baseline": None,
+           "latency_ms_batch1": None}  # fmt: skip
+    report = {"environment": {"hardware": "CPU", "dtype": "fp32", "torch": "2", "transformers": "5"},
+              "settings": {"batch_sizes": [8]}}  # fmt: skip
+    steady = {"status": "ok", "images_per_s": 100.0, "repeats": [97.0, 100.0, 104.0]}
+    noisy = {"status": "ok", "images_per_s": 100.0, "repeats": [70.0, 100.0, 104.0]}
+    assert "⚠" not in benchmark.markdown_table({**report, "models": [{**row, "results": {"8": steady}}]})
+    table = benchmark.markdown_table({**report, "models": [{**row, "results": {"8": noisy}}]})
+    assert "| 100.0 ⚠ |" in table and "`m` at batch 8: repeats spread by 34 %" in table
+
+
 def convert_config(path):
     from retrofit.loading import load_config
 
@@ -99,6 +156,23 @@ def test_bench_times_a_vision_backbone(tmp_path):
     assert main(["bench", str(source), "--merge", "2:4", "--batch-size", "2", "--json", str(out), *QUICK]) == 0
     results = [model["results"]["2"] for model in json.loads(out.read_text())["models"]]
     assert len(results) == 2 and all(r["status"] == "ok" and r["images_per_s"] > 0 for r in results), results
+
+
+def test_bench_times_a_dual_encoders_image_embeddings(tmp_path):
+    """A full CLIP model and its merged twin are timed on what a merge speeds up, their image embeddings (a CLIPModel
+    cannot run on images alone), with the FLOPs ratio of the vision tower."""
+    from conftest import TINY, save_tiny
+    from transformers import CLIPConfig, CLIPModel
+
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size", "patch_size")
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99)
+    config = CLIPConfig(vision_config={key: TINY[key] for key in keys}, text_config=text, projection_dim=16)
+    source = save_tiny(CLIPModel(config), tmp_path / "clip")
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(source), "--merge", "2:4", "--batch-size", "2", "--json", str(out), *QUICK]) == 0
+    models = json.loads(out.read_text())["models"]
+    assert all(model["results"]["2"]["status"] == "ok" for model in models), models
+    assert models[1]["flops_ratio"] > 1 and models[1]["results"]["2"]["speedup"] is not None
 
 
 @pytest.mark.parametrize(
@@ -217,6 +291,26 @@ def test_cuda_where_there_is_none(capsys):
 def test_unknown_shape(capsys):
     assert main(["bench", "vit-x99"]) == 2
     assert "unknown model shape 'vit-x99'" in capsys.readouterr().err
+
+
+def test_dual_encoder_shapes_are_the_published_models(tmp_path, monkeypatch):
+    """`clip-b32` and `siglip-b16` are full dual encoders with the vision towers of openai/clip-vit-base-patch32 and
+    google/siglip-base-patch16-224 (224x224); a folder whose name starts like a shape is still a checkpoint."""
+    from retrofit.benchmark import check_shape, shape_config
+
+    for name, model_type, patch, tokens in (("clip-b32", "clip", 32, 1 + 49), ("siglip-b16", "siglip", 16, 196)):
+        config = shape_config(name)
+        vision = config.vision_config
+        assert config.model_type == model_type and config.architectures is None
+        sizes = (vision.hidden_size, vision.num_hidden_layers, vision.patch_size, vision.image_size)
+        assert sizes == (768, 12, patch, 224)
+        assert model_cost(config).tokens_per_layer == [tokens] * 12
+    assert shape_config("clip-b32").vision_config.hidden_act == "quick_gelu"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "clip-mine").mkdir()
+    check_shape("clip-mine")  # an existing folder: loaded as a checkpoint, not refused as a shape
+    with pytest.raises(RetrofitError, match="unknown model shape 'clip-l14'"):
+        check_shape("clip-l14")
 
 
 def test_dinov3_shape_is_a_working_dinov3_with_registers_and_rope():
@@ -393,12 +487,14 @@ def test_the_prepared_gpu_session_runs_every_step_on_the_cpu(tmp_path):
         }
     assert sorted(reports) == [
         "checkpointing-vit-ti16",
+        "curve-vit-ti16",
         "layers-vit-ti16-channels-last",
         "layers-vit-ti16-conv",
         "layers-vit-ti16-gemm-merged-only",
         "layers-vit-ti16-sdpa-math",
         "speed-positions",
     ]
+    assert reports["curve-vit-ti16"]["settings"]["batch_sizes"] == [1, 2]  # issue 21's batch-size curve
     # bench/layer_times.py: each layer's tokens, the hook-free speed-up next to the FLOPs ratio, the variant asked for
     for variant, settings in {
         "conv": {"patch_embed": "conv", "merged_only": False, "merged_sdpa": None},

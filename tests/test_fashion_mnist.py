@@ -94,3 +94,37 @@ def test_finetuning_wins_back_accuracy(test_images, tmp_path):
     assert calibrated >= random_init
     assert recovered > calibrated + 0.01
     assert recovered >= baseline - 0.02, (baseline, random_init, calibrated, recovered)
+
+
+def test_shipped_clip_does_zero_shot_and_its_export_through_the_pipeline(test_images, tmp_path):
+    """The shipped CLIP (pretrained on captions of the class names) has the zero-shot accuracy its training.json
+    records; merged and exported, transformers' zero-shot pipeline on grey PIL images predicts what
+    `evaluate --zero-shot`'s data path predicts."""
+    from retrofit import convert
+    from retrofit.evaluation import ZeroShotClassifier
+    from retrofit.loading import load_tokenizer
+    from retrofit.zero_shot import prompts, text_embeddings
+
+    data, _ = test_images
+    source = "retrofit:fashion-mnist-clip"
+    folder = resolve_source(source)
+    info = json.loads((Path(folder) / "training.json").read_text())
+    report = __import__("retrofit").evaluate_models(
+        [source], data="fashion-mnist", split="test", limit=EVAL_IMAGES, zero_shot=True, log=lambda _: None
+    )
+    assert abs(report["models"][0]["top1"] - info["accuracy"]) < 0.02  # 2,000 of the 10,000 images it used
+
+    out = tmp_path / "clip-pm8"
+    convert(source, after_layer=3, num_tokens=8, output=out, log=lambda _: None)
+    classify = pipeline("zero-shot-image-classification", model=str(out), trust_remote_code=True)
+    images = [data[i]["image"] for i in range(16)]
+    labels = list(FASHION_MNIST_CLASSES)
+    ranked = classify(images, candidate_labels=labels, hypothesis_template="a photo of a {}.")
+    predicted = [scores[0]["label"] for scores in ranked]
+    merged = load_model(out).eval()
+    config = load_config(out)
+    texts = text_embeddings(merged, load_tokenizer(out, config), prompts(labels))
+    loader = make_dataloader(data.select(range(16)), load_image_processor(out, config), batch_size=16)
+    with torch.no_grad():
+        logits = ZeroShotClassifier(merged, texts)(next(iter(loader))["pixel_values"]).logits
+    assert predicted == [labels[i] for i in logits.argmax(-1).tolist()]

@@ -123,3 +123,28 @@ def test_values_of_the_wrong_type_are_refused_and_1e_4_is_a_number(tmp_path, cap
         f"retrofit: error: training.batch_size in recipe '{path}' must be a whole number, not 16.5",
         f"retrofit: error: training.lr in recipe '{path}' must be a finite number, not nan",
     ]
+
+
+def test_a_dual_encoder_recipe_reports_zero_shot_before_and_after(tmp_path, capsys):
+    """`evaluation.zero_shot`: the before/after table of a CLIP recipe has zero-shot top-1 and agreement with the
+    baseline for the baseline, the untrained merger and the fine-tuned model; the card carries it."""
+    import torch
+    from conftest import save_tiny, tiny_clip_tokenizer
+    from test_families import _clip
+
+    torch.manual_seed(0)
+    source = save_tiny(_clip(), tmp_path / "clip")
+    tiny_clip_tokenizer().save_pretrained(source)
+    data = make_imagefolder(tmp_path / "animals", per_class=4, test_per_class=4)
+    recipe = tiny_recipe(source, data, tmp_path / "out")
+    recipe["training"] |= {"prompt_weight": 1.0, "batch_size": 4}
+    recipe["evaluation"] |= {"zero_shot": True, "prompt_template": "a {}."}
+    summary = run_recipe(write(tmp_path / "clip.yaml", recipe), log=lambda *_: None)
+    baseline, untrained, trained = summary["rows"]
+    assert baseline["agreement"] == 1.0 and "similarity" in trained
+    assert all(0 <= row["zero_shot_top1"] <= 1 for row in (baseline, untrained, trained))
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| zero-shot top-1 | agreement with the baseline |" in card
+    recipe["evaluation"]["prompt_template"] = "a photo"
+    with pytest.raises(RetrofitError, match="evaluation.prompt_template .*must hold exactly one"):
+        load_recipe(write(tmp_path / "bad.yaml", recipe))

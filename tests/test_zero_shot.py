@@ -1,0 +1,276 @@
+"""Whole CLIP/SigLIP dual encoders: `evaluate --zero-shot` equals transformers' zero-shot pipeline, its JSON and card,
+its refusals; label-free fine-tuning (cosine on image embeddings, optional prompt KL) with the text tower frozen;
+`sweep --zero-shot`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_tiny, tiny_clip_tokenizer, tiny_siglip_tokenizer
+from safetensors.torch import load_file
+from test_data import make_imagefolder
+from test_families import _clip, _siglip
+
+from retrofit import convert
+from retrofit.cli import main
+from retrofit.data import class_names, load_split
+from retrofit.evaluation import evaluate_models
+from retrofit.zero_shot import DEFAULT_TEMPLATE
+
+TOKENIZERS = {"clip": lambda _: tiny_clip_tokenizer(), "siglip": tiny_siglip_tokenizer}
+MAKERS = {"clip": _clip, "siglip": _siglip}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """Three named classes (cat, dog, bird), 4 test images each."""
+    return make_imagefolder(tmp_path_factory.mktemp("zs") / "animals", per_class=4, test_per_class=4)
+
+
+@pytest.fixture(scope="module")
+def duals(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """A tiny CLIPModel and SiglipModel checkpoint (processor and tokenizer included) and their merged exports."""
+    root = tmp_path_factory.mktemp("duals")
+    made = {}
+    for seed, (name, make) in enumerate(MAKERS.items()):
+        torch.manual_seed(seed)
+        source = save_tiny(make(), root / name)
+        TOKENIZERS[name](root / f"{name}-spm").save_pretrained(source)
+        output = root / f"{name}-pm"
+        convert(source, after_layer=2, num_tokens=3, output=output, log=lambda _: None)
+        made[name] = source, output
+    return made
+
+
+def pipeline_accuracy(model: Path, images: Path, template: str) -> float:
+    """Top-1 accuracy of transformers' own zero-shot pipeline over the test split (the export through the classes
+    retrofit registers, as a user without remote code loads it)."""
+    from PIL import Image
+    from transformers import pipeline
+
+    from retrofit.hub_code import register_auto_classes
+
+    register_auto_classes()
+    names = class_names(load_split(str(images), "test"))
+    classify = pipeline("zero-shot-image-classification", model=str(model))
+    right = total = 0
+    for index, name in enumerate(names):
+        for path in sorted((images / "test" / name).glob("*.png")):
+            ranked = classify(Image.open(path), candidate_labels=names, hypothesis_template=template)
+            right += ranked[0]["label"] == names[index]
+            total += 1
+    return right / total
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_zero_shot_accuracy_equals_the_transformers_pipeline(name, duals, images):
+    """Each model's zero-shot top-1 is what transformers' pipeline gives with the same template and class names;
+    the first model agrees with itself, top-3 of 3 classes is 100 %."""
+    source, export = duals[name]
+    template = "a {} in a photo."
+    report = evaluate_models([str(source), str(export)], data=str(images), split="test", zero_shot=True,
+                             prompt_template=template, top_k=5, log=lambda _: None)  # fmt: skip
+    assert report["metric"] == "zero-shot" and report["num_examples"] == 12 and report["top_k"] == 3
+    assert report["prompts"] == ["a bird in a photo.", "a cat in a photo.", "a dog in a photo."]
+    first, merged = report["models"]
+    assert first["agreement"] == 1.0 and first["top5"] == merged["top5"] == 1.0
+    assert first["top1"] == pytest.approx(pipeline_accuracy(source, images, template), abs=1e-9)
+    assert merged["top1"] == pytest.approx(pipeline_accuracy(export, images, template), abs=1e-9)
+    assert merged["gflops"] < first["gflops"]
+
+
+def test_evaluate_zero_shot_writes_json_and_card(duals, images, tmp_path, capsys):
+    """The CLI prints the prompts and a table, writes the JSON and puts the zero-shot results into the export's card
+    (results table and model-index)."""
+    source, export = duals["clip"]
+    out = tmp_path / "zs.json"
+    argv = ["evaluate", str(source), str(export), "--data", str(images), "--split", "test", "--zero-shot",
+            "--json", str(out), "--card", str(export)]  # fmt: skip
+    assert main(argv) == 0
+    printed, err = capsys.readouterr()
+    assert "custom code" not in printed + err  # the export's tokenizer loads without a remote-code prompt
+    assert "3 prompts like 'a photo of a bird.'" in printed and "| model | zero-shot top-1 |" in printed
+    report = json.loads(out.read_text())
+    assert report["template"] == DEFAULT_TEMPLATE and len(report["models"]) == 2
+    card = (export / "README.md").read_text()
+    assert "zero-shot" in card.lower()
+    assert f"{100 * report['models'][1]['top1']:.2f}" in card
+    assert "value:" in card and "zero-shot-image-classification" in card
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--prompt-template", "a {} of a {}"], "--prompt-template 'a {} of a {}' must hold exactly one {}"),
+        (["--prompt-template", "a photo"], "--prompt-template 'a photo' must hold exactly one {}"),
+        (["--prompt-template", "a {"], "--prompt-template 'a {' is not a template"),
+    ],
+)
+def test_a_bad_prompt_template_is_one_line(extra, message, duals, images, capsys):
+    source, _ = duals["clip"]
+    assert main(["evaluate", str(source), "--data", str(images), "--zero-shot", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_zero_shot_refuses_what_cannot_work(duals, images, tiny_vit, tmp_path, capsys):
+    """A model that is not a dual encoder, an export without its tokenizer and data without class names: each one
+    line, exit code 2."""
+    source, export = duals["clip"]
+    assert main(["evaluate", str(source), str(tiny_vit), "--data", str(images), "--zero-shot"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"'{tiny_vit}' is a classifier" in err and "dual encoders" in err and len(err.splitlines()) == 1
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for path in export.iterdir():
+        if not path.name.startswith(("tokenizer", "vocab", "merges", "special_tokens")):
+            (bare / path.name).write_bytes(path.read_bytes())
+    assert main(["evaluate", str(bare), "--data", str(images), "--split", "test", "--zero-shot"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no usable tokenizer" in err and len(err.splitlines()) == 1
+
+    numbers = tmp_path / "numbers"
+    numbers.mkdir()
+    (numbers / "metadata.csv").write_text("file_name,label\n0.png,0\n1.png,1\n")
+    for index, path in enumerate(sorted((images / "test").glob("*/*.png"))[:2]):
+        (numbers / f"{index}.png").write_bytes(path.read_bytes())
+    assert main(["evaluate", str(source), "--data", str(numbers), "--split", "train", "--zero-shot"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no class names to build prompts from" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_finetune_trains_the_image_side_and_keeps_the_text_tower(name, duals, images, tmp_path):
+    """Label-free fine-tuning of a dual encoder: cosine distillation of the image embeddings (plus the prompt KL),
+    the text tower, text projection and logit scale/bias bit-exact in the export, the vision tower changed; the card
+    says what the loss was."""
+    from retrofit import finetune
+
+    source, _ = duals[name]
+    out = tmp_path / "ft"
+    lines: list[str] = []
+    result = finetune(source, output=out, after_layer=2, num_tokens=3, data=str(images), max_steps=3, batch_size=4,
+                      lr=1e-2, prompt_weight=1.0, progress=False, log=lines.append)  # fmt: skip
+    assert result.finished and result.eval_history and "similarity" in result.eval_history[-1]
+    assert any("--prompt-weight: 3 classes x 1 prompt template(s)" in line for line in lines)
+    before, after = load_file(source / "model.safetensors"), load_file(out / "model.safetensors")
+    image_side = ("vision_model.", "visual_projection.")
+    for key, value in before.items():
+        if key.startswith(image_side):
+            continue
+        assert torch.equal(after[key], value), key  # text tower, text projection, logit scale and bias
+    assert any(not torch.equal(after[key], before[key]) for key in before if key.startswith("vision_model.encoder"))
+    card = (out / "README.md").read_text()
+    assert "cosine distance (1 − cos) of the normalised image embeddings" in card
+    assert "KL divergence of the image-text similarity distributions" in card and "text tower frozen" in card
+
+
+def test_prompt_weight_is_refused_where_it_cannot_work(tiny_vit, images, tmp_path, capsys):
+    """--prompt-weight on a classifier is one line before any training."""
+    argv = ["finetune", str(tiny_vit), "--after-layer", "2", "--tokens", "3", "--data", str(images),
+            "--max-steps", "1", "--prompt-weight", "1", "--output", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--prompt-weight" in err and "dual encoders" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_sweep_ranks_a_dual_encoders_settings_by_zero_shot_accuracy(duals, images, tmp_path, capsys):
+    """`sweep --zero-shot`: each calibrated setting scored by zero-shot top-1 over the data's class names (the
+    source agreeing with itself) and timed on its image embeddings; without --zero-shot, by image-embedding
+    similarity."""
+    source, _ = duals["siglip"]
+    argv = ["sweep", str(source), "--after-layer", "1,2", "--tokens", "3", "--data", str(images), "--split", "test",
+            "--calibrate-images", "6", "--bench-batch-size", "2", "--bench-repeats", "1"]  # fmt: skip
+    assert main([*argv, "--zero-shot", "--output", str(tmp_path / "zs")]) == 0
+    report = json.loads((tmp_path / "zs" / "sweep.json").read_text())
+    assert report["metric"] == "zero-shot" and report["prompts"][0] == "a photo of a bird."
+    assert report["source_row"]["agreement"] == 1.0 and report["source_row"]["num_examples"] == 12
+    for row in report["settings_results"]:
+        assert 0 <= row["top1"] <= 1 and 0 <= row["agreement"] <= 1 and row["images_per_s"] > 0
+    assert "zero-shot top-1 | top-3 | agreement with the source" in (tmp_path / "zs" / "sweep.md").read_text()
+    assert main([*argv, "--output", str(tmp_path / "similarity")]) == 0
+    assert json.loads((tmp_path / "similarity" / "sweep.json").read_text())["metric"] == "similarity"
+    capsys.readouterr()
+
+
+def test_calibration_of_a_dual_encoder_keeps_its_embeddings_close(duals, images, tmp_path):
+    """k-means calibration on a dual encoder's layer-K tokens gives image embeddings closer to the source's than
+    the random merger does (the data-driven start `finetune --calibrate` uses)."""
+    from retrofit.calibrate import calibrate_from_data
+    from retrofit.data import make_dataloader
+    from retrofit.loading import load_image_processor, load_model
+    from retrofit.surgery import insert_patch_merger
+    from retrofit.zero_shot import image_embeddings
+
+    source, _ = duals["clip"]
+    base = load_model(source).eval()
+    processor = load_image_processor(source, base.config)
+    pixels = next(iter(make_dataloader(load_split(str(images), "test"), processor, batch_size=12)))["pixel_values"]
+    torch.manual_seed(0)
+    random = insert_patch_merger(load_model(source).eval(), 2, 3).eval()
+    calibrated = insert_patch_merger(load_model(source).eval(), 2, 3).eval()
+    calibrate_from_data(calibrated, str(images), source=str(source), num_images=12, log=lambda _: None)
+    with torch.no_grad():
+        want = image_embeddings(base, pixels)
+        cosines = [torch.nn.functional.cosine_similarity(image_embeddings(m, pixels), want).mean() for m in
+                   (random, calibrated)]  # fmt: skip
+    assert cosines[1] > cosines[0]
+
+
+def test_contrastive_loss_is_clips_when_every_class_is_seen_once():
+    """With distinct labels the loss is CLIP's symmetric cross-entropy; captions of an image's own class are not
+    pushed away (a batch whose two images share a class has a lower loss than CLIP's for the same logits)."""
+    from retrofit.losses import contrastive_loss
+
+    logits = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+    targets = torch.arange(4)
+    clip = torch.nn.functional.cross_entropy(logits, targets) + torch.nn.functional.cross_entropy(logits.t(), targets)
+    torch.testing.assert_close(contrastive_loss(logits, torch.tensor([3, 1, 0, 2])), clip / 2)
+    assert contrastive_loss(logits, torch.tensor([0, 0, 1, 2])) != contrastive_loss(logits, targets)
+
+
+def test_pretrain_a_clip_on_captions_of_class_names(images, tmp_path):
+    """`pretrain` with a CLIPConfig trains a dual encoder from scratch on captions written from the class names: the
+    checkpoint is a plain CLIPModel with its character tokenizer, scored by zero-shot accuracy during training, and
+    `evaluate --zero-shot` reads it; the captions drawn for a batch depend on the seed alone."""
+    from transformers import CLIPModel
+
+    from retrofit.finetune import character_tokenizer, clip_config, pretrain
+    from retrofit.zero_shot import Captions
+
+    vision = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "intermediate_size": 64}  # fmt: skip
+    model = {"projection_dim": 16, "vision_config": vision, "text_config": {"hidden_size": 32, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "intermediate_size": 64}}  # fmt: skip
+    out = tmp_path / "clip"
+    result = pretrain(model, output=out, data=str(images), loss="contrastive", max_steps=4, batch_size=6,
+                      progress=False, log=lambda _: None)  # fmt: skip
+    assert result.finished and 0 <= result.eval_history[-1]["accuracy"] <= 1
+    assert type(CLIPModel.from_pretrained(out)).__name__ == "CLIPModel" and (out / "tokenizer.json").exists()
+    report = evaluate_models([str(out)], data=str(images), split="test", zero_shot=True, log=lambda _: None)
+    assert report["models"][0]["top1"] == pytest.approx(result.eval_history[-1]["accuracy"], abs=1e-6)
+
+    tokenizer = character_tokenizer()
+    captions = Captions(tokenizer, ["cat", "dog"], ("a {}.", "the {}!"), clip_config(model, tokenizer))
+    labels = torch.tensor([0, 1, 1, 0, 1])
+    first, again = captions.sample(labels, seed=3), captions.sample(labels, seed=3)
+    assert torch.equal(first["input_ids"], again["input_ids"])
+    texts = tokenizer.batch_decode(first["input_ids"], skip_special_tokens=True)
+    assert [("cat" in t, "dog" in t) for t in texts] == [(True, False), (False, True), (False, True), (True, False),
+                                                         (False, True)]  # fmt: skip
+
+
+def test_pretraining_a_clip_needs_the_contrastive_loss(images, tmp_path):
+    from retrofit.errors import RetrofitError
+    from retrofit.finetune import pretrain
+
+    model = {"vision_config": {"image_size": 32, "patch_size": 8}}
+    with pytest.raises(RetrofitError, match="needs loss contrastive"):
+        pretrain(model, output=tmp_path / "x", data=str(images), max_steps=1)
+    with pytest.raises(RetrofitError, match="unknown CLIPVisionConfig field 'patch'"):
+        pretrain({"vision_config": {"patch": 8}}, output=tmp_path / "x", data=str(images), loss="contrastive")
