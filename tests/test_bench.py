@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_data import FMNIST
 from transformers import ViTForImageClassification
 
 from retrofit import benchmark, convert
@@ -515,3 +516,30 @@ def test_the_prepared_gpu_session_runs_every_step_on_the_cpu(tmp_path):
     models = reports["speed-positions"]["models"]
     assert [row["model"] for row in models] == ["dinov3-vits16", "dinov3-vits16+pm6:8"]
     assert models[1]["flops_ratio"] > 1.8
+
+
+def test_forward_overhead_counts_the_mergers_operators(tmp_path):
+    """bench/forward_overhead.py (issue 21's CPU guard): each merged twin issues exactly the merger's 12 extra aten
+    calls per forward, and the report says so."""
+    out = tmp_path / "overhead.json"
+    argv = ["--model", "vit-ti16", "--merge", "6:8,6:195", "--blocks", "1", "--passes", "2", "--json", str(out)]
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "forward_overhead.py"), *argv], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    calls = {name: sum(ops.values()) for name, ops in report["operators"].items()}
+    assert calls["merged 6:8"] == calls["merged 6:195"] == calls["source"] + 12
+    assert "profiler_start" not in done.stderr  # the profiler's C++ lines are silenced
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist is not installed")
+def test_loop_overhead_times_the_loop_against_the_raw_step(tmp_path):
+    """bench/loop_overhead.py (issue 21 item 5): the raw kd step and the loop's per-step time, paired."""
+    out = tmp_path / "loop.json"
+    argv = ["--steps", "4", "--repeats", "1", "--batch-size", "8", "--json", str(out)]
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "loop_overhead.py"), *argv], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert len(report["raw_seconds"]) == len(report["loop_seconds"]) == 1 and report["raw_seconds"][0] > 0
+    assert "loop overhead:" in done.stdout

@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""How much the training loop adds to the arithmetic of a `finetune --loss kd` step.
+
+A step of kd is: the teacher's forward (no gradients), the merged student's forward and backward, the KL loss and an
+AdamW step. This times that step two ways on the same model, batch size and thread count, alternately:
+
+- **raw**: those operations alone, on one batch of images already in memory;
+- **loop**: `retrofit.train.train`, the loop `finetune` runs (its dataloader reading and preparing Fashion-MNIST
+  images through the checkpoint's processor, Accelerate's wrappers, the progress bar, logging), per step: the time of
+  a run of ``--steps`` steps minus a run of ``--steps // 4`` steps, divided by the difference, so the set-up both share
+  (loading, calibration, the Accelerator) cancels out.
+
+The loop's overhead is loop ÷ raw − 1 (the issue's target: at most 15 %). Example::
+
+    python bench/loop_overhead.py --json bench/results/cpu-loop-overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from retrofit.losses import kd_loss  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", default="retrofit:fashion-mnist-vit")
+    parser.add_argument("--merge", default="3:8", help="K:M")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=200, help="steps of the longer loop run")
+    parser.add_argument("--repeats", type=int, default=3, help="paired (raw, loop) measurements")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", help="write the measurements to FILE")
+    return parser.parse_args(argv)
+
+
+def raw_step_seconds(student, teacher, pixels: torch.Tensor, steps: int) -> float:
+    """Seconds per kd step on one in-memory batch: teacher forward, student forward/backward, AdamW."""
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4)
+    student.train()
+
+    def step() -> None:
+        with torch.no_grad():
+            expected = teacher(pixel_values=pixels).logits
+        loss = kd_loss(student(pixel_values=pixels).logits, expected, 2.0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    for _ in range(3):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def loop_step_seconds(merged, teacher, processor, batch_size: int, steps: int) -> float:
+    """Seconds per step of `train` (difference of a long and a short run, so that their shared set-up cancels)."""
+    from retrofit.settings import TrainingRun
+    from retrofit.train import train
+
+    def run(n: int) -> float:
+        settings = TrainingRun(data="fashion-mnist", loss="kd", max_steps=n, batch_size=batch_size, eval_split=None,
+                               sample=steps * batch_size, seed=0)  # fmt: skip
+        result = train(copy.deepcopy(merged), processor, settings, teacher=teacher, progress_bar=True,
+                       log=lambda _: None)  # fmt: skip
+        return result.seconds
+
+    short = max(1, steps // 4)
+    return (run(steps) - run(short)) / (steps - short)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from retrofit import insert_patch_merger, load_model
+    from retrofit.data import load_split, make_dataloader
+    from retrofit.loading import load_config, load_image_processor, resolve_source
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    folder = resolve_source(args.source)
+    config = load_config(folder)
+    processor = load_image_processor(folder, config)
+    teacher = load_model(args.source).eval().requires_grad_(False)
+    k, m = (int(part) for part in args.merge.split(":"))
+    torch.manual_seed(0)
+    merged = insert_patch_merger(copy.deepcopy(teacher).requires_grad_(True), k, m, source=args.source)
+    images = load_split("fashion-mnist", "train", limit=args.batch_size)
+    pixels = next(iter(make_dataloader(images, processor, batch_size=args.batch_size)))["pixel_values"]
+    raw, loop = [], []
+    for _ in range(args.repeats):  # paired: raw then loop, so machine load affects both alike
+        raw.append(raw_step_seconds(copy.deepcopy(merged), teacher, pixels, args.steps))
+        loop.append(loop_step_seconds(merged, teacher, processor, args.batch_size, args.steps))
+    overheads = [b / a - 1 for a, b in zip(raw, loop, strict=True)]
+    lines = [
+        f"`{args.source}` merged {args.merge}, kd, batch {args.batch_size}, CPU ({args.threads} threads), "
+        f"torch {torch.__version__}",
+        "",
+        "| step | ms per step (median) | repeats |",
+        "|---|---|---|",
+        f"| raw: teacher fwd + student fwd/bwd + AdamW | {1e3 * statistics.median(raw):.1f} | "
+        + " / ".join(f"{1e3 * s:.1f}" for s in raw)
+        + " |",
+        f"| `train()` loop, per step | {1e3 * statistics.median(loop):.1f} | "
+        + " / ".join(f"{1e3 * s:.1f}" for s in loop)
+        + " |",
+        "",
+        f"loop overhead: {100 * statistics.median(overheads):+.1f} % (median of the paired repeats: "
+        + ", ".join(f"{100 * o:+.1f} %" for o in overheads)
+        + ")",
+    ]
+    print("\n".join(lines))
+    if args.json:
+        report = {"settings": vars(args), "raw_seconds": raw, "loop_seconds": loop, "overheads": overheads,
+                  "torch": torch.__version__, "table": "\n".join(lines)}  # fmt: skip
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
