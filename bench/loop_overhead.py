@@ -19,20 +19,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # first: Hub and datasets offline, this repository on the import path
+import torch
 
-import torch  # noqa: E402
-
-from retrofit.losses import kd_loss  # noqa: E402
+from retrofit.losses import kd_loss
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -126,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         report = {"settings": vars(args), "raw_seconds": raw, "loop_seconds": loop, "overheads": overheads,
                   "torch": torch.__version__, "table": "\n".join(lines)}  # fmt: skip
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        common.write_json(args.json, report)
     return 0
 
 

@@ -17,7 +17,6 @@ Prints a Markdown table (mean and per-seed top-1, agreement with the source) and
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -26,11 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # first: Hub and datasets offline, this repository on the import path
 
-from retrofit import convert, evaluate_models, finetune  # noqa: E402
+from retrofit import convert, evaluate_models, finetune
 
 ROWS = ("source", "merged, calibrated, no training", "kd: cosine (1 epoch)", "kd: cosine + prompt KL (1 epoch)")
 
@@ -109,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     result["table"] = table(result)
     print(result["table"])
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    common.write_json(args.json, result)
     return 0
 
 

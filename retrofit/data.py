@@ -410,6 +410,17 @@ def augment_image(pixels: torch.Tensor, *, seed: int, epoch: int, index: int) ->
     return pixels
 
 
+def mixup_batch(pixels: torch.Tensor, *, seed: int) -> torch.Tensor:
+    """Mixup between the images of a batch (B, C, H, W): each image blended with another of the batch (a random
+    permutation) at a weight drawn uniformly from [0, 1] per image (Beta(1, 1)). No labels are mixed: it is for
+    distillation, where teacher and student read the same mixed images (function matching). A pure function of
+    `seed`, so a resumed run mixes as an uninterrupted one."""
+    generator = torch.Generator().manual_seed(seed & 0x7FFFFFFF)
+    partner = torch.randperm(len(pixels), generator=generator)
+    weight = torch.rand(len(pixels), generator=generator).to(pixels)[:, None, None, None]
+    return weight * pixels + (1 - weight) * pixels[partner.to(pixels.device)]
+
+
 def _unreadable(index: int, exc: Exception) -> RetrofitError:
     return RetrofitError(f"image {index} is unreadable ({type(exc).__name__}: {brief(exc)}); fix the dataset")
 

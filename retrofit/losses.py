@@ -185,5 +185,7 @@ def describe_loss(args: TrainSettings, teacher: str | None = None, *, dual_encod
             )
         return f"kd from {source}, label-free: {' + '.join(parts)}; text tower frozen"
     features = f", feature weight {args.feature_weight:g}" if args.feature_weight else ""
+    if args.function_matching:
+        features += "; function matching: teacher and student see the same cropped, flipped and mixed-up images"
     kd = f"kd from {source} (T = {args.temperature:g}{features})"
     return kd if args.loss == "kd" else f"mix ({args.alpha:g} × ce + {1 - args.alpha:g} × {kd})"

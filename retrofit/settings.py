@@ -387,6 +387,11 @@ class TrainSettings(Settings):
     loss: Literal[LOSSES] = setting(
         "kd", "kd: distil the unmerged model (needs no labels); ce: cross-entropy on labels; mix: both"
     )
+    function_matching: bool = setting(
+        False, "kd: teacher and student see the same strongly augmented view of each image (--augment's crops and "
+        "flips, then mixup between the images of the batch), so the student learns the teacher's function, not "
+        "only its outputs on the training images (Beyer et al. 2022); labels are not read",
+    )  # fmt: skip
     temperature: float = setting(2.0, "KD temperature", positive=True)
     alpha: float = setting(0.5, "weight of ce in --loss mix (kd gets 1 - alpha)", interval=(0, 1, "[0, 1]"))
     feature_weight: float | None = setting(
@@ -434,6 +439,8 @@ class TrainSettings(Settings):
         super().check()
         if self.epochs <= 0 and not self.max_steps:
             self.refuse("epochs", f"must be positive (got {self.epochs})")
+        if self.function_matching and self.loss != "kd":
+            self.refuse("function_matching", f"is for --loss kd, which reads no labels (got --loss {self.loss})")
         _check_templates(self, "prompt_templates")
         if self.report_to in (None, "none", "all"):
             return

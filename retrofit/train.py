@@ -27,6 +27,7 @@ from .checkpoints import (
     run_settings,
     save_checkpoint,
 )
+from .data import mixup_batch
 from .errors import RetrofitError, brief
 from .losses import HeadReader, Outputs, compute_loss, describe_loss
 from .settings import TrainingRun, TrainSettings
@@ -81,7 +82,8 @@ def training_data(model, image_processor, run: TrainingRun) -> tuple:
         hint = "fix the labels of the split, or use --loss kd, which needs none"
         label_map = dataset_label_map(model_labels(model.config), train_set, run.data, hint=hint, fix=LABELS_FIX)
     channels = getattr(model.config, "num_channels", None)
-    train_dl = make_dataloader(train_set, image_processor, batch_size=run.batch_size, train=True, augment=run.augment,
+    augment = run.augment or run.function_matching  # function matching: teacher and student see strong views
+    train_dl = make_dataloader(train_set, image_processor, batch_size=run.batch_size, train=True, augment=augment,
                                num_workers=run.num_workers, seed=run.seed, num_channels=channels,
                                label_map=label_map)  # fmt: skip
     if not run.eval_split:
@@ -379,16 +381,19 @@ def train(
             progress.epoch, progress.batch = epoch, skip
             for batch in batches:
                 with accelerator.accumulate(model):
+                    pixels = batch["pixel_values"]
+                    if run.function_matching:  # the same mixed view for teacher and student
+                        pixels = mixup_batch(pixels, seed=hash((run.seed, epoch, progress.batch)))
                     with accelerator.autocast():
                         if captions is not None:  # contrastive: each image against one caption of each image
                             texts = captions.sample(batch["labels"], seed=hash((run.seed, epoch, progress.batch)))
-                            student = Outputs(caption_logits(model, batch["pixel_values"], texts), None)
+                            student = Outputs(caption_logits(model, pixels, texts), None)
                         else:
-                            student = read(model, batch["pixel_values"])
+                            student = read(model, pixels)
                         expected = None
                         if run.loss in ("kd", "mix"):
                             with torch.no_grad():
-                                expected = read_teacher(teacher, batch["pixel_values"])
+                                expected = read_teacher(teacher, pixels)
                     loss = compute_loss(student, expected, batch.get("labels"), run, embeddings=dual)
                     bad = accelerator.reduce(torch.tensor(float(not torch.isfinite(loss)), device=loss.device), "sum")
                     if bad.item() > 0:

@@ -543,3 +543,24 @@ def test_loop_overhead_times_the_loop_against_the_raw_step(tmp_path):
     report = json.loads(out.read_text())
     assert len(report["raw_seconds"]) == len(report["loop_seconds"]) == 1 and report["raw_seconds"][0] > 0
     assert "loop overhead:" in done.stdout
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist is not installed")
+@pytest.mark.parametrize(
+    "script, argv, rows",
+    [
+        ("small_data.py", ["--images", "64", "--settings", "3:8", "--max-steps", "2", "--seeds", "0"], 3),
+        ("zero_shot_recovery.py", ["--epochs", "0.002", "--seeds", "0"], 4),
+    ],
+)
+def test_recovery_benchmarks_run_end_to_end(script, argv, rows, tmp_path):
+    """bench/small_data.py (issue 23) and bench/zero_shot_recovery.py (issue 24) on a few steps and test images."""
+    out = tmp_path / "report.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *argv, "--eval-limit", "100", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert len(report["rows"] if "rows" in report else report["summary"]) == rows
+    assert report["table"].count("\n| ") >= rows

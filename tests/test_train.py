@@ -620,3 +620,51 @@ def test_training_labels_that_are_not_class_ids_are_refused_before_training(tiny
         finetune(tiny_vit, output=tmp_path / "o", loss="ce", **settings)
     assert not (tmp_path / "o").exists() and not (tmp_path / "o-checkpoints").exists()
     assert finetune(tiny_vit, output=tmp_path / "o", loss="kd", **settings).steps == 1
+
+
+def test_function_matching_shows_teacher_and_student_the_same_mixed_views(tiny_vit, colours, tmp_path, monkeypatch):
+    """--function-matching: every batch is cropped, flipped (the dataset's --augment) and mixed up between its images,
+    the same tensor going to the teacher and the student; a resumed run mixes as the uninterrupted one (the same
+    weights); the card says so; with labels (ce, mix) it is refused in one line."""
+    from retrofit import data as data_module
+    from retrofit import train as train_module
+
+    seen: list[torch.Tensor] = []
+    mixup = data_module.mixup_batch
+
+    def recording_mixup(pixels, *, seed):
+        seen.append(mixed := mixup(pixels, seed=seed))
+        return mixed
+
+    monkeypatch.setattr(train_module, "mixup_batch", recording_mixup)
+    read: list[torch.Tensor] = []
+    original = train_module.HeadReader.__call__
+    monkeypatch.setattr(
+        train_module.HeadReader, "__call__", lambda self, model, px: read.append(px) or original(self, model, px)
+    )
+    settings = dict(after_layer=2, num_tokens=4, data=colours, loss="kd", epochs=2, function_matching=True, **FAST)
+    full = finetune(tiny_vit, output=tmp_path / "full", **settings)
+    assert full.steps == 6 and len(seen) == 6
+    for mixed in seen:  # the student and the teacher both read exactly the mixed batch
+        assert sum(px is mixed for px in read) == 2
+    assert "function matching" in (tmp_path / "full" / "README.md").read_text()
+    monkeypatch.undo()
+    fresh = finetune(tiny_vit, output=tmp_path / "fresh", **settings)
+    finetune(tiny_vit, output=tmp_path / "cut", stop_after=3, **settings)
+    finetune(tiny_vit, output=tmp_path / "cut", resume=True, **settings)
+    expected, got = weights(tmp_path / "fresh"), weights(tmp_path / "cut")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+    assert fresh.steps == 6
+    with pytest.raises(RetrofitError, match="function_matching is for --loss kd|--function-matching is for --loss kd"):
+        finetune(tiny_vit, output=tmp_path / "ce", **{**settings, "loss": "ce"})
+
+
+def test_mixup_blends_each_image_with_another_of_the_batch():
+    from retrofit.data import mixup_batch
+
+    pixels = torch.arange(4, dtype=torch.float32)[:, None, None, None].expand(4, 3, 2, 2)
+    mixed = mixup_batch(pixels, seed=7)
+    assert torch.equal(mixed, mixup_batch(pixels, seed=7)) and not torch.equal(mixed, mixup_batch(pixels, seed=8))
+    assert mixed.min() >= 0 and mixed.max() <= 3 and mixed.shape == pixels.shape
+    assert torch.allclose(mixed, mixed[:, :1].expand_as(mixed))  # one weight per image, over all its pixels
