@@ -661,8 +661,9 @@ register(
         display="SigLIP 2",
         refusal=(
             "its NaFlex vision tower takes each image as a variable number of patches padded to a fixed count, and "
-            "its layers and pooling head read a padding mask that merged tokens no longer fit; convert a SigLIP "
-            "checkpoint (e.g. google/siglip-base-patch16-224) instead"
+            "its layers and pooling head read a padding mask that merged tokens no longer fit; SigLIP 2's "
+            "fixed-resolution checkpoints (e.g. google/siglip2-base-patch16-224) are SiglipModel checkpoints and "
+            "convert as SigLIP"
         ),
     )
 )

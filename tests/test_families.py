@@ -899,11 +899,18 @@ def _convnext():
     )
 
 
+def _siglip2():  # a NaFlex SigLIP 2 (Siglip2Model); its fixed-resolution checkpoints are SiglipModel ones
+    from transformers import Siglip2Config, Siglip2Model
+
+    return Siglip2Model(Siglip2Config(text_config=TEXT, vision_config={**VISION, "num_patches": 16}))
+
+
 @pytest.mark.parametrize(
     "make, reason",
     [
         (_swin, "'swin' (hierarchical or convolutional) cannot be merged"),
         (_convnext, "'convnext' (hierarchical or convolutional) cannot be merged"),
+        (_siglip2, "are SiglipModel checkpoints and convert as SigLIP"),
     ],
 )
 def test_refused_families(make, reason, tmp_path, capsys):
