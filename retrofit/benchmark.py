@@ -274,16 +274,9 @@ def build_variants(
 
 def timed_part(model: torch.nn.Module, config) -> torch.nn.Module:
     """What is timed of `model`: a dual encoder's image embeddings (`_ImageTower`), any other model whole."""
-    return _ImageTower(model) if _is_dual_encoder(config) else model
+    from .loading import is_dual_encoder
 
-
-def _is_dual_encoder(config) -> bool:
-    from .loading import family_and_head
-
-    try:
-        return family_and_head(config)[1].is_dual_encoder
-    except RetrofitError:
-        return False
+    return _ImageTower(model) if is_dual_encoder(config) else model
 
 
 class _ImageTower(torch.nn.Module):

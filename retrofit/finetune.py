@@ -354,21 +354,16 @@ def check_teacher_fits(teacher, student, processor, teacher_source) -> None:
         )
 
 
-def _is_dual(model) -> bool:
-    from .loading import family_and_head
-
-    return model is not None and family_and_head(model.config)[1].is_dual_encoder
-
-
 def _training_info(run: TrainingRun, result: TrainResult, init: str, teacher: str | None = None):
     from .card import TrainingInfo
+    from .loading import is_dual_encoder
     from .losses import describe_loss
     from .provenance import public_name
 
     notes = [f"trained: {run.train}; lr {run.lr}, batch {run.batch_size}x{run.grad_accum}, seed {run.seed}"]
     if result.final_accuracy is not None:
         notes.append(f"accuracy on `{public_name(run.data)}` {run.eval_split}: {result.final_accuracy:.4f}")
-    loss = describe_loss(run, teacher, dual_encoder=_is_dual(result.model))
+    loss = describe_loss(run, teacher, dual_encoder=result.model is not None and is_dual_encoder(result.model.config))
     return TrainingInfo(data=run.data, steps=result.steps, epochs=round(result.epochs, 3), loss=loss, init=init,
                         notes=notes)  # fmt: skip
 

@@ -231,6 +231,15 @@ def is_merged(config: PreTrainedConfig) -> bool:
     return config.model_type.endswith(MERGED_SUFFIX)
 
 
+def is_dual_encoder(config: PreTrainedConfig) -> bool:
+    """True for an image-text dual encoder (a CLIPModel/SiglipModel or its export); False for every other model,
+    including models of families retrofit does not convert (refused elsewhere)."""
+    try:
+        return family_and_head(config)[1].is_dual_encoder
+    except RetrofitError:
+        return False
+
+
 def classifier_is_new(saved: PreTrainedConfig, loaded: PreTrainedConfig) -> bool:
     """True if `loaded` (`saved`, possibly through `for_task`) is a classifier the checkpoint does not hold, so its
     head starts random: a backbone, or a full CLIP/SigLIP checkpoint, loaded for image classification."""

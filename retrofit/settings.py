@@ -486,8 +486,9 @@ class TrainingRun(DataSettings, TrainSettings):
 
 
 def _check_templates(settings: Settings, name: str) -> None:
-    """Refuse an empty list of prompt templates, or one without exactly one {}."""
-    templates = getattr(settings, name)
+    """Refuse a prompt template (or an empty list of them, or one in it) without exactly one {}."""
+    value = getattr(settings, name)
+    templates = (value,) if isinstance(value, str) else value
     if not templates:
         settings.refuse(name, f"is empty; give one or more templates, e.g. {DEFAULT_TEMPLATE!r}")
     for template in templates:
@@ -570,12 +571,6 @@ ZERO_SHOT_HELP = (
 PROMPT_TEMPLATE_HELP = "the zero-shot prompt: the class name goes where {} is"
 
 
-def _check_prompt_template(settings: Settings) -> None:
-    problem = template_problem(settings.prompt_template)
-    if problem:
-        settings.refuse("prompt_template", problem)
-
-
 @dataclass(kw_only=True)
 class EvaluateArgs(Settings):
     """`retrofit evaluate`: top-1/top-5 accuracy and loss of several models, side by side (or their zero-shot
@@ -599,7 +594,7 @@ class EvaluateArgs(Settings):
 
     def check(self) -> None:
         super().check()
-        _check_prompt_template(self)
+        _check_templates(self, "prompt_template")
 
 
 @dataclass(kw_only=True)
@@ -654,7 +649,7 @@ class RecipeEvaluation(Settings):
 
     def check(self) -> None:
         super().check()
-        _check_prompt_template(self)
+        _check_templates(self, "prompt_template")
 
 
 # Recipe section -> the groups whose fields are its keys (the top-level keys are `RecipeInfo`'s).
@@ -825,7 +820,7 @@ class SweepSettings(Settings):
 
     def check(self) -> None:
         super().check()
-        _check_prompt_template(self)
+        _check_templates(self, "prompt_template")
         if self.target_speedup is not None and not self.target_speedup > 1:
             self.refuse("target_speedup", f"must be a finite number above 1, e.g. 1.8 (got {self.target_speedup})")
         _check_batch_sizes(self, "bench_batch_size", (self.bench_batch_size,))

@@ -309,7 +309,7 @@ def train(
         remove_checkpoints(checkpoint_dir)
     trainable, total = set_trainable(model, run.train, text=run.loss == "contrastive")
     features = run.loss != "ce" and run.feature_weight > 0
-    prompts = text_embeds if run.prompt_weight else None
+    prompts = text_embeds.to(accelerator.device) if run.prompt_weight else None
     read = HeadReader(model, features=features, prompts=prompts)  # before `prepare`: hooks go on the model itself
     read_teacher = HeadReader(teacher, features=features, prompts=prompts) if teacher is not None else None
     optimizer = torch.optim.AdamW(param_groups(model, run), lr=run.lr)
@@ -319,9 +319,6 @@ def train(
     eval_dl = accelerator.prepare(eval_dl) if eval_dl is not None else None
     if teacher is not None:
         teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
-    for reader in (read, read_teacher):
-        if reader is not None and reader.prompts is not None:
-            reader.prompts = reader.prompts.to(accelerator.device)
     steps_per_epoch = max(1, math.ceil(len(train_dl) / run.grad_accum))
     total_steps = run.max_steps or max(1, math.ceil(run.epochs * steps_per_epoch))
     warmup = int(run.warmup_ratio * total_steps)
