@@ -365,6 +365,25 @@ def agreement(predictions: list[int], reference: list[int]) -> float:
     return load_metric("accuracy").compute(predictions=predictions, references=reference)["accuracy"]
 
 
+def _loaders_per_model(loader, count: int) -> tuple[list, list]:
+    """`loader` (one dataloader for all `count` models, or one per model) as one per model, and the distinct ones
+    (a loader shared by several models is run once). Distinct loaders must give the same images in the same order:
+    the same number of images, one batch size, no shuffling; else one line."""
+    per_model = list(loader) if isinstance(loader, Sequence) else [loader] * count
+    if len(per_model) != count:
+        raise RetrofitError(f"{len(per_model)} dataloaders for {count} models; pass one loader, or one per model")
+    distinct = list({id(each): each for each in per_model}.values())
+    if len(distinct) > 1:
+        shapes = {(len(each.dataset), each.batch_size) for each in distinct}
+        shuffled = any(not isinstance(each.sampler, torch.utils.data.SequentialSampler) for each in distinct)
+        if len(shapes) > 1 or shuffled:
+            raise RetrofitError(
+                f"the models' dataloaders do not give the same images in the same order ((images, batch size): "
+                f"{sorted(shapes)}, shuffled: {shuffled}); build them over one dataset, one batch size, no shuffling"
+            )
+    return per_model, distinct
+
+
 def zero_shot_scores(
     models: list,
     tokenizers: list,
@@ -383,16 +402,16 @@ def zero_shot_scores(
     a training run in this process, score at the precision the models before it were scored at (`_accelerator`)."""
     from .zero_shot import text_embeddings
 
-    per_model = list(loader) if isinstance(loader, Sequence) else [loader] * len(models)
-    if len(per_model) != len(models) or len(tokenizers) != len(models):
-        raise RetrofitError(f"{len(models)} models, {len(tokenizers)} tokenizers, {len(per_model)} dataloaders")
+    if len(tokenizers) != len(models):
+        raise RetrofitError(f"{len(tokenizers)} tokenizers for {len(models)} models; pass one per model")
+    per_model, distinct = _loaders_per_model(loader, len(models))
     accelerator = _accelerator(fresh=fresh)
     classifiers = []
     for model, tokenizer in zip(models, tokenizers, strict=True):
         model = model.to(accelerator.device).eval()
         classifiers.append(ZeroShotClassifier(model, text_embeddings(model, tokenizer, texts)))
     scores: dict[int, dict] = {}
-    for mine in {id(each): each for each in per_model}.values():
+    for mine in distinct:
         indices = [i for i, each in enumerate(per_model) if each is mine]
         group = score_models([classifiers[i] for i in indices], mine, k=k, predictions=True)
         scores.update(zip(indices, group, strict=True))
@@ -466,18 +485,7 @@ def feature_similarity(
     from .losses import HeadReader
 
     names = names or [type(model).__name__ for model in models]
-    per_model = list(loader) if isinstance(loader, Sequence) else [loader] * len(models)
-    if len(per_model) != len(models):
-        raise RetrofitError(f"{len(per_model)} dataloaders for {len(models)} models; pass one loader, or one per model")
-    distinct = list({id(each): each for each in per_model}.values())
-    if len(distinct) > 1:
-        shapes = {(len(each.dataset), each.batch_size) for each in distinct}
-        shuffled = any(not isinstance(each.sampler, torch.utils.data.SequentialSampler) for each in distinct)
-        if len(shapes) > 1 or shuffled:
-            raise RetrofitError(
-                f"the models' dataloaders do not give the same images in the same order ((images, batch size): "
-                f"{sorted(shapes)}, shuffled: {shuffled}); build them over one dataset, one batch size, no shuffling"
-            )
+    per_model, distinct = _loaders_per_model(loader, len(models))
     which = [next(i for i, each in enumerate(distinct) if each is mine) for mine in per_model]
     accelerator, prepared = _prepared(accelerator, distinct)  # prepared alike, so the shards hold the same images
     models = [model.to(accelerator.device).eval() for model in models]
