@@ -305,7 +305,7 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, log) -> 
                      "gflops": merged_cost.gflops, "images_per_s": speeds.get("merged")}
                     | (_zero_shot_cells(zero_shot_before[1]) if zero_shot_before else {}))  # fmt: skip
     after = {}
-    if zero_shot and result.is_main_process:  # agreement with the baseline's predictions before training
+    if zero_shot:  # every process: the scores are gathered across them; agreement with the baseline's predictions
         reference = zero_shot_before[0]["predictions"]
         after = _zero_shot_cells(zero_shot([result.model], reference=reference, fresh=True)[0])
     rows.append({"model": f"{tag}, fine-tuned ({result.steps} steps, loss {args.loss})",
