@@ -73,6 +73,7 @@ def finetune_once(args, source, k: int, m: int, loss: str, scope: str, feature_w
             feature_weight=feature_weight,
             train=scope,
             epochs=args.epochs,
+            min_steps=0,  # --epochs exactly: the protocol of the numbers in docs/recovery.md (60,000 images)
             lr=args.lr,
             batch_size=args.batch_size,
             limit=args.limit,

@@ -5,14 +5,18 @@ The shipped ``retrofit:fashion-mnist-vit`` (87.12 % on the test split) is merged
 distilled (``--loss kd``, no labels) on a shuffled sample of ``--images`` Fashion-MNIST training images (the seed
 draws the sample and the training order: runs are paired by seed), then scored on all 10,000 test images. Runs:
 
-- ``plain``: today's defaults for a short run (``--epochs 3``, lr 2e-4, batch 64);
-- ``long``: the same with a step budget (``--max-steps``, default 600);
+- ``plain``: a short run as it was before the step floor (``--epochs 3 --min-steps 0``: 96 steps; lr 2e-4, batch 64);
+- ``default``: what a user gets without budget options (``--epochs 1`` raised to ``--min-steps``, 1,000 steps;
+  ``--epochs 3`` gives the same run): the step floor of issue 23;
+- ``long``: a step budget (``--max-steps``, default 600);
 - ``fm``: the step budget with function matching (``--function-matching``: teacher and student see the same
   cropped, flipped and mixed-up images).
 
     .venv/bin/python bench/small_data.py --images 2000 --json bench/results/small-data-2000.json
+    .venv/bin/python bench/small_data.py --images 2000 --runs default --json bench/results/small-data-2000-default.json
 
-Prints a Markdown table (mean, per-seed accuracy, Δ against the source, wall time) and writes all numbers as JSON.
+Prints the budget each run chose (finetune's line), a Markdown table (steps, mean and per-seed accuracy, Δ against the
+source, wall time) and writes all numbers as JSON.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--source", default="retrofit:fashion-mnist-vit")
     parser.add_argument("--images", type=int, default=2000, help="training images (a shuffled sample per seed)")
     parser.add_argument("--settings", default="3:8,1:4", help="K:M pairs")
-    parser.add_argument("--runs", default="plain,long,fm")
+    parser.add_argument("--runs", default="plain,default,long,fm")
     parser.add_argument("--max-steps", type=int, default=600, help="the step budget of the long and fm runs")
+    parser.add_argument("--min-steps", type=int, help="the default run's --min-steps (default: finetune's)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--eval-limit", type=int, help="test images (default: all 10,000)")
     parser.add_argument("--json", default="bench/results/small-data.json")
@@ -43,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 RUNS = {
-    "plain": lambda args: {"epochs": 3},
+    "plain": lambda args: {"epochs": 3, "min_steps": 0},
+    "default": lambda args: {} if args.min_steps is None else {"min_steps": args.min_steps},
     "long": lambda args: {"max_steps": args.max_steps},
     "fm": lambda args: {"max_steps": args.max_steps, "function_matching": True},
 }
@@ -62,28 +68,35 @@ def main(argv: list[str] | None = None) -> int:
         for setting in args.settings.split(","):
             k, m = (int(part) for part in setting.split(":"))
             for run in args.runs.split(","):
-                accuracies, seconds = [], []
+                accuracies, seconds, steps, budgets = [], [], [], []
                 for seed in seeds:
                     out = Path(work) / f"{setting}-{run}-{seed}".replace(":", "_")
                     started = time.perf_counter()
-                    finetune(args.source, output=out, after_layer=k, num_tokens=m, data="fashion-mnist", loss="kd",
-                             sample=args.images, seed=seed, eval_split=None, progress=False, log=quiet,
-                             **RUNS[run](args))  # fmt: skip
+                    said: list[str] = []
+                    result = finetune(args.source, output=out, after_layer=k, num_tokens=m, data="fashion-mnist",
+                                      loss="kd", sample=args.images, seed=seed, eval_split=None, progress=False,
+                                      log=said.append, **RUNS[run](args))  # fmt: skip
+                    budgets.append(next(line for line in said if line.startswith("training ")))  # the budget line
                     seconds.append(time.perf_counter() - started)
+                    steps.append(result.steps)
                     accuracies.append(score(str(out)))
+                    if seed == seeds[0]:
+                        print(f"K={k} M={m} {run}: {budgets[0]}", flush=True)
                     print(f"K={k} M={m} {run} seed {seed}: {100 * accuracies[-1]:.2f} % ({seconds[-1]:.0f} s)",
                           flush=True)  # fmt: skip
-                rows.append({"setting": setting, "run": run, "accuracies": accuracies, "seconds": seconds,
+                rows.append({"setting": setting, "run": run, "steps": steps, "budget": budgets[0],
+                             "accuracies": accuracies, "seconds": seconds,
                              "mean": statistics.mean(accuracies)})  # fmt: skip
     lines = [
-        f"| setting | run | accuracy (mean) | seeds {args.seeds} | Δ vs source | seconds per run |",
-        "|---|---|---|---|---|---|",
-        f"| source | – | {100 * source:.2f} % | | | |",
+        f"| setting | run | steps | accuracy (mean) | seeds {args.seeds} | Δ vs source | seconds per run |",
+        "|---|---|---|---|---|---|---|",
+        f"| source | – | | {100 * source:.2f} % | | | |",
     ]
     for row in rows:
         per = " / ".join(f"{100 * a:.2f}" for a in row["accuracies"])
+        steps = "/".join(str(n) for n in sorted(set(row["steps"])))
         lines.append(
-            f"| K={row['setting'].replace(':', ' M=')} | {row['run']} | {100 * row['mean']:.2f} % | {per} | "
+            f"| K={row['setting'].replace(':', ' M=')} | {row['run']} | {steps} | {100 * row['mean']:.2f} % | {per} | "
             f"{100 * (row['mean'] - source):+.2f} pt | {statistics.mean(row['seconds']):.0f} |"
         )
     table = "\n".join(lines)

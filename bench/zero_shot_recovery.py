@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> dict:
             for name, extra in (("cosine", {}), ("prompt", {"prompt_weight": 1.0})):
                 out = Path(work) / f"{name}-{seed}"
                 finetune(merged, output=out, data=args.data, epochs=args.epochs, lr=args.lr, seed=seed,
-                         eval_split=None, progress=False, log=quiet, **extra)  # fmt: skip
+                         min_steps=0, eval_split=None, progress=False, log=quiet, **extra)  # fmt: skip
                 models.append(str(out))
             report = evaluate_models(models, data=args.data, split="test", limit=args.eval_limit, zero_shot=True,
                                      log=quiet)  # fmt: skip

@@ -4,7 +4,8 @@ A checkpoint is ``<checkpoint_dir>/step-NNNNNNNN``: Accelerate's state (model, o
 loaded with ``weights_only=True``) and ``progress.json`` (the loop's position: text, so loading it runs no code). It is
 written into ``.step-NNNNNNNN.tmp`` and renamed into place, so a run killed at any moment leaves only complete
 checkpoints. ``run.json`` records what the checkpoints were made for (`RUN_SETTINGS`); ``--resume`` refuses other
-settings. The folder may hold the user's own files: only retrofit's checkpoints are ever listed or deleted.
+settings, and the training budget the run chose (`recorded_budget`), which a resumed run keeps. The folder may hold
+the user's own files: only retrofit's checkpoints are ever listed or deleted.
 """
 
 from __future__ import annotations
@@ -138,6 +139,19 @@ def check_same_run(checkpoint_dir: Path, settings: dict) -> None:
                 f"'{checkpoint_dir}' holds checkpoints of a run with {was}, not {settings[key]}: resume with {fix}, "
                 "or pass --overwrite to start over"
             )
+
+
+def recorded_budget(checkpoint_dir: Path) -> dict | None:
+    """The budget a run chose when it started (``run.json``'s ``budget``: steps, warm-up steps, why), which its
+    resumed runs keep; None where it was not recorded (a retrofit from before it, or a damaged ``run.json``, which
+    `check_same_run` refuses)."""
+    try:
+        budget = json.loads((checkpoint_dir / "run.json").read_text()).get("budget")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(budget, dict) or not all(isinstance(budget.get(key), int) for key in ("steps", "warmup")):
+        return None
+    return budget
 
 
 def save_checkpoint(accelerator, checkpoint_dir: Path, progress: Progress, keep: int, settings: dict) -> Path:

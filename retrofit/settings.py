@@ -412,12 +412,21 @@ class TrainSettings(Settings):
         "all", "what trains: all, or the merger and the layers after it (a dual encoder: of its vision tower; its "
         "text tower, text projection and logit scale stay frozen)",
     )  # fmt: skip
-    epochs: float = setting(1.0, "epochs (fractions allowed)")
-    max_steps: int | None = setting(None, "optimizer steps (overrides --epochs)", positive=True)
+    epochs: float = setting(
+        1.0, "epochs (fractions allowed); a budget below --min-steps is raised to it (more epochs of small data)"
+    )
+    max_steps: int | None = setting(None, "optimizer steps, exactly (overrides --epochs, --min-steps)", positive=True)
+    min_steps: int = setting(
+        1000, "the fewest optimizer steps an --epochs budget trains: on small data a few epochs are too few steps to "
+        "recover, so the run takes more epochs (docs/recovery.md, small data); 0: off", at_least=0,
+    )  # fmt: skip
     lr: float = setting(2e-4, "peak learning rate", positive=True)
     merger_lr_scale: float = setting(1.0, "the merger's learning rate is --lr times this", positive=True)
     weight_decay: float = setting(0.05, "AdamW weight decay", at_least=0)
-    warmup_ratio: float = setting(0.05, "fraction of the steps spent warming up", interval=(0, 1, "[0, 1)"))
+    warmup_ratio: float = setting(
+        0.05, "fraction of the steps trained (the budget chosen) spent warming up, before the cosine decay",
+        interval=(0, 1, "[0, 1)"),
+    )  # fmt: skip
     batch_size: int = setting(64, "images per batch and process", positive=True)
     eval_batch_size: int | None = setting(None, "evaluation batch size (default: --batch-size)", positive=True)
     grad_accum: int = setting(1, "gradient accumulation steps", positive=True)

@@ -1,7 +1,8 @@
 """The training loop, on Accelerate: read `train` top to bottom, like Accelerate's ``examples/complete_cv_example.py``.
 
 `train` takes a model (a merged model to fine-tune back, or a baseline to pretrain), builds the data, the
-Accelerator (mixed precision, gradient accumulation, trackers), AdamW with warm-up and cosine decay, resumes from a
+Accelerator (mixed precision, gradient accumulation, trackers), the budget (`training_budget`: --max-steps, or
+--epochs raised to --min-steps on small data; printed with why), AdamW with warm-up and cosine decay, resumes from a
 checkpoint if asked (`retrofit.checkpoints`), runs the steps (`retrofit.losses`: kd, ce or mix; gradient clipping; a
 NaN guard), evaluates with `retrofit.evaluation`'s loop and saves checkpoints on the way, and returns the trained
 model in a `TrainResult`. Loading, merging, calibrating and exporting around it are in `retrofit.finetune`.
@@ -23,6 +24,7 @@ from .checkpoints import (
     check_same_run,
     list_checkpoints,
     load_checkpoint,
+    recorded_budget,
     remove_checkpoints,
     run_settings,
     save_checkpoint,
@@ -60,6 +62,61 @@ class TrainResult:
 # ----------------------------------------------------------------------------------------------------------------
 # What the loop is built from
 # ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many optimizer steps a run trains, how many of them warm up, and why: `why` is the line `train` prints
+    before the first step (and ``run.json`` records, so that a resumed run keeps the budget)."""
+
+    steps: int
+    warmup: int
+    why: str
+
+
+def _epochs(epochs: float) -> str:
+    return f"{epochs:.3g} epoch{'' if epochs == 1 else 's'}"
+
+
+def training_budget(run: TrainSettings, images: int, steps_per_epoch: int, processes: int = 1) -> Budget:
+    """The budget of `run` on `images` training images, `steps_per_epoch` optimizer steps per epoch: ``--max-steps``
+    exactly; otherwise ``--epochs`` of the data, raised to ``--min-steps`` where that is more (a few epochs of a small
+    data set are a few dozen steps, too few to recover a merge: docs/recovery.md, small data). The warm-up is
+    ``--warmup-ratio`` of the steps chosen, then the learning rate decays along a cosine to 0 at the last step."""
+    per_step = run.batch_size * processes * run.grad_accum
+    parts = [f"{run.batch_size}"] + [f"{processes} processes"] * (processes > 1)
+    parts += [f"{run.grad_accum} accumulated"] * (run.grad_accum > 1)
+    data = f"{images:,} images at batch {per_step:,}" + (f" ({' × '.join(parts)})" if len(parts) > 1 else "")
+    from_epochs = max(1, math.ceil(run.epochs * steps_per_epoch))
+    if run.max_steps:
+        steps = run.max_steps
+        why = f"training {steps:,} steps (--max-steps: {_epochs(steps / steps_per_epoch)} of {data})"
+    elif run.min_steps and from_epochs < run.min_steps:
+        steps = run.min_steps
+        why = (
+            f"training {steps:,} steps ({_epochs(steps / steps_per_epoch)} of {data}): --epochs {run.epochs:g} would "
+            f"be {from_epochs:,} steps, below --min-steps {run.min_steps} (set --max-steps for an exact budget, "
+            "--min-steps 0 to turn this off)"
+        )
+    else:
+        steps = from_epochs
+        off = ", --min-steps 0" if not run.min_steps else ""
+        why = f"training {steps:,} steps ({_epochs(run.epochs)} of {data}{off})"
+    return Budget(steps=steps, warmup=int(run.warmup_ratio * steps), why=why)
+
+
+def resumed_budget(budget: Budget, recorded: dict | None) -> Budget:
+    """The budget a resumed run trains: the one its first run chose (`recorded`, from ``run.json``), whatever the
+    options now say (a different total would change the learning rate schedule halfway); `budget` where none was
+    recorded (checkpoints of a retrofit from before the record)."""
+    if recorded is None or (recorded["steps"], recorded["warmup"]) == (budget.steps, budget.warmup):
+        return budget
+    steps, warmup = recorded["steps"], recorded["warmup"]
+    why = (
+        f"training {steps:,} steps ({warmup:,} warm-up), the budget this run started with (its checkpoints' run.json), "
+        f"not the {budget.steps:,} these options give: pass --overwrite to start over with them"
+    )
+    return Budget(steps=steps, warmup=warmup, why=why)
 
 
 def training_data(model, image_processor, run: TrainingRun) -> tuple:
@@ -293,6 +350,7 @@ def train(
         )
     set_seed(run.seed)
     train_dl, eval_dl = training_data(model, image_processor, run)
+    images = len(train_dl.dataset)
 
     # Checkpoints: refuse to mix runs
     existing = check_checkpoints(checkpoint_dir, resume=resume, overwrite=overwrite)
@@ -320,11 +378,14 @@ def train(
     if teacher is not None:
         teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
     steps_per_epoch = max(1, math.ceil(len(train_dl) / run.grad_accum))
-    total_steps = run.max_steps or max(1, math.ceil(run.epochs * steps_per_epoch))
-    warmup = int(run.warmup_ratio * total_steps)
+    budget = training_budget(run, images, steps_per_epoch, accelerator.num_processes)
+    if resuming:
+        budget = resumed_budget(budget, recorded_budget(checkpoint_dir))
+    settings["budget"] = {"steps": budget.steps, "warmup": budget.warmup, "why": budget.why}  # for run.json
+    total_steps = budget.steps
     # The prepared scheduler steps once per process for each optimizer step, hence the factor.
     scheduler = get_cosine_schedule_with_warmup(
-        optimizer, warmup * accelerator.num_processes, total_steps * accelerator.num_processes
+        optimizer, budget.warmup * accelerator.num_processes, total_steps * accelerator.num_processes
     )
     scheduler = accelerator.prepare(scheduler)
     progress = Progress()
@@ -339,11 +400,11 @@ def train(
         }
         accelerator.init_trackers("retrofit", config=hparams)
     loss_text = describe_loss(run, dual_encoder=dual)
+    log(budget.why)
     log(
-        f"training {trainable / 1e6:.3g}M of {total / 1e6:.3g}M parameters ({run.train}) with loss {loss_text} for "
-        f"{total_steps} steps ({total_steps / steps_per_epoch:.3g} epochs of "
-        f"{steps_per_epoch} steps) on {accelerator.num_processes} process(es), {accelerator.device}, "
-        f"precision {run.mixed_precision}"
+        f"{trainable / 1e6:.3g}M of {total / 1e6:.3g}M parameters train ({run.train}) with loss {loss_text}, "
+        f"lr {run.lr:g} after {budget.warmup:,} warm-up steps, cosine decay to 0; on {accelerator.num_processes} "
+        f"process(es), {accelerator.device}, precision {run.mixed_precision}"
     )
     result = TrainResult(steps=progress.step, epochs=0.0, last_loss=None, checkpoint_dir=checkpoint_dir)
 

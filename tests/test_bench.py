@@ -549,7 +549,11 @@ def test_loop_overhead_times_the_loop_against_the_raw_step(tmp_path):
 @pytest.mark.parametrize(
     "script, argv, rows",
     [
-        ("small_data.py", ["--images", "64", "--settings", "3:8", "--max-steps", "2", "--seeds", "0"], 3),
+        (
+            "small_data.py",
+            ["--images", "64", "--settings", "3:8", "--max-steps", "2", "--min-steps", "2", "--seeds", "0"],
+            4,
+        ),
         ("zero_shot_recovery.py", ["--epochs", "0.002", "--seeds", "0"], 4),
     ],
 )

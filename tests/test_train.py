@@ -27,7 +27,8 @@ from retrofit.loading import load_model
 from retrofit.settings import TrainSettings
 from retrofit.train import param_groups
 
-FAST = dict(batch_size=8, save_every=2, progress=False, eval_batch_size=12)
+# min_steps 0: an --epochs budget of the tiny data is taken as it is (the 1,000-step floor is tested on its own)
+FAST = dict(batch_size=8, save_every=2, progress=False, eval_batch_size=12, min_steps=0)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,10 @@ def test_ce_finetune_learns_and_exports(tiny_vit, colours, tmp_path):
 
 
 def test_resume_reaches_the_same_weights(tiny_vit, colours, tmp_path):
-    settings = dict(after_layer=2, num_tokens=4, data=colours, loss="mix", epochs=2, augment=True, **FAST)
+    """A resumed run ends with the weights of an uninterrupted one, and keeps the budget its first run chose
+    (run.json), here raised by --min-steps, even when the options it is resumed with would choose another."""
+    settings = dict(after_layer=2, num_tokens=4, data=colours, loss="mix", epochs=1, augment=True, **FAST)
+    settings["min_steps"] = 6  # one epoch is 3 steps: raised to 6
     full = finetune(tiny_vit, output=tmp_path / "full", **settings)
     assert full.steps == 6
     # Interrupted after step 3 (after checkpoint 2): what a SIGKILL between checkpoints leaves behind.
@@ -80,8 +84,15 @@ def test_resume_reaches_the_same_weights(tiny_vit, colours, tmp_path):
     (checkpoints / ".step-00000004.tmp").mkdir()  # a half-written checkpoint of a killed run is ignored
     with pytest.raises(RetrofitError, match="--resume"):
         finetune(tiny_vit, output=tmp_path / "cut", **settings)
-    resumed = finetune(tiny_vit, output=tmp_path / "cut", resume=True, **settings)
+    said: list[str] = []
+    resumed = finetune(tiny_vit, output=tmp_path / "cut", resume=True, log=said.append, **{**settings, "min_steps": 0})
     assert resumed.steps == 6
+    assert (
+        "training 6 steps (0 warm-up), the budget this run started with (its checkpoints' run.json), not the 3 these "
+        "options give: pass --overwrite to start over with them"
+    ) in said
+    budget = json.loads((checkpoints / "run.json").read_text())["budget"]
+    assert budget["steps"] == 6 and "below --min-steps 6" in budget["why"]
     expected, got = weights(tmp_path / "full"), weights(tmp_path / "cut")
     assert expected.keys() == got.keys()
     for name in expected:
@@ -512,6 +523,7 @@ def test_evaluate_and_sweep_rank_backbones_by_feature_similarity(tiny_clip_visio
         (dict(warmup_ratio=1.0), r"--warmup-ratio must be in \[0, 1\)"),
         (dict(num_labels=-1), "--num-labels must be at least 2"),
         (dict(max_steps=0), "--max-steps must be positive"),
+        (dict(min_steps=1.5), "--min-steps must be a whole number, not 1.5"),
         (dict(eval_limit=0), "--eval-limit must be at least 1"),
     ],
 )
@@ -522,6 +534,63 @@ def test_bad_training_settings_are_refused_before_any_work(setting, message, tmp
         finetune(tmp_path / "missing", output=tmp_path / "out", after_layer=2, num_tokens=4, **setting)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out-checkpoints").exists()
     TrainSettings(lr=1, epochs=2)  # an int where a float is expected is fine
+
+
+def test_the_budget_is_raised_to_min_steps_on_small_data_and_says_why():
+    """--epochs gives the steps unless they are below --min-steps (small data), which then decides; --max-steps is
+    always exact; --min-steps 0 turns the floor off. The warm-up is --warmup-ratio of the steps chosen."""
+    from retrofit.train import training_budget
+
+    small = training_budget(TrainSettings(epochs=3), images=2000, steps_per_epoch=32)
+    assert (small.steps, small.warmup) == (1000, 50)
+    assert small.why == (
+        "training 1,000 steps (31.2 epochs of 2,000 images at batch 64): --epochs 3 would be 96 steps, below "
+        "--min-steps 1000 (set --max-steps for an exact budget, --min-steps 0 to turn this off)"
+    )
+    default = training_budget(TrainSettings(), images=2000, steps_per_epoch=32)  # --epochs 1: 32 steps
+    assert default.steps == 1000 and "--epochs 1 would be 32 steps, below --min-steps 1000" in default.why
+    large = training_budget(TrainSettings(epochs=3), images=60000, steps_per_epoch=938)
+    assert (large.steps, large.warmup) == (2814, 140)
+    assert large.why == "training 2,814 steps (3 epochs of 60,000 images at batch 64)"
+    exact = training_budget(TrainSettings(epochs=3, max_steps=200), images=2000, steps_per_epoch=32)
+    assert (exact.steps, exact.warmup) == (200, 10)
+    assert exact.why == "training 200 steps (--max-steps: 6.25 epochs of 2,000 images at batch 64)"
+    off = training_budget(TrainSettings(epochs=3, min_steps=0), images=2000, steps_per_epoch=32)
+    assert (off.steps, off.warmup) == (96, 4)
+    assert off.why == "training 96 steps (3 epochs of 2,000 images at batch 64, --min-steps 0)"
+    # the batch of one step: per process × processes × accumulated batches
+    shared = training_budget(TrainSettings(batch_size=32, grad_accum=2), images=2000, steps_per_epoch=16, processes=2)
+    assert shared.steps == 1000
+    assert shared.why.startswith("training 1,000 steps (62.5 epochs of 2,000 images at batch 128 (32 × 2 processes × 2")
+    with pytest.raises(RetrofitError, match="^--min-steps must be 0 or more"):
+        TrainSettings(min_steps=-1)
+
+
+def test_finetune_prints_the_budget_it_trains(tiny_vit, colours, tmp_path, capsys):
+    """The line is printed before training and the run trains what it says: raised from --epochs, or exactly
+    --max-steps; the CLI takes --min-steps, and a recipe its key training.min_steps."""
+    settings = dict(after_layer=2, num_tokens=4, data=colours, loss="kd", eval_split=None, calibrate=False,
+                    **{**FAST, "save_every": 100, "min_steps": 5})  # fmt: skip
+    said: list[str] = []
+    raised = finetune(tiny_vit, output=tmp_path / "raised", epochs=1, log=said.append, **settings)
+    assert raised.steps == 5 and raised.epochs == pytest.approx(5 / 3)
+    assert (
+        "training 5 steps (1.67 epochs of 24 images at batch 8): --epochs 1 would be 3 steps, below --min-steps 5 "
+        "(set --max-steps for an exact budget, --min-steps 0 to turn this off)"
+    ) in said
+    assert "for 5 steps (1.667 epochs)" in (tmp_path / "raised" / "README.md").read_text()
+    argv = ["finetune", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--data", colours, "--loss", "kd",
+            "--eval-split", "", "--no-calibrate", "--batch-size", "8", "--min-steps", "50"]  # fmt: skip
+    assert main([*argv, "--max-steps", "2", "--output", str(tmp_path / "exact")]) == 0
+    assert "training 2 steps (--max-steps: 0.667 epochs of 24 images at batch 8)\n" in capsys.readouterr().out
+    assert json.loads((tmp_path / "exact-checkpoints" / "run.json").read_text())["budget"]["steps"] == 2
+    from pathlib import Path
+
+    from retrofit.recipes import load_recipe
+
+    demo = Path(__file__).resolve().parents[1] / "recipes" / "fashion-mnist.yaml"  # one epoch exactly: min_steps 0
+    assert load_recipe(demo)["training"]["min_steps"] == 0
+    assert load_recipe(demo, {"training.min_steps": 300})["training"]["min_steps"] == 300
 
 
 def test_resume_from_a_damaged_checkpoint_is_one_line(tiny_vit, colours, tmp_path):
