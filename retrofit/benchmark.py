@@ -127,10 +127,11 @@ def shape_model(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn
     from accelerate import init_empty_weights
 
     from .loading import family_and_head
+    from .naflex import take_images
 
     config = shape_config(name)
     with init_empty_weights(include_buffers=False):  # the parameters on the meta device, the buffers (RoPE's) not
-        model = getattr(transformers, family_and_head(config)[1].class_name)(config)
+        model = take_images(getattr(transformers, family_and_head(config)[1].class_name)(config))
     buffers = {key: buffer.clone() for key, buffer in model.named_buffers()}
     model.to_empty(device=device)
     for key, buffer in model.named_buffers():
@@ -353,10 +354,11 @@ def _input_shape(v: Variant) -> tuple[int, int, int]:
     """The (channels, height, width) a variant is timed on: its own, or its config's image size."""
     if v.input_shape is not None:
         return v.input_shape
+    from .cost import image_size
     from .loading import family_and_head, layer_config
 
     lc = layer_config(v.config, family_and_head(v.config)[1])
-    height, width = (lc.image_size,) * 2 if isinstance(lc.image_size, int) else lc.image_size
+    height, width = image_size(lc)
     return (getattr(lc, "num_channels", 3), height, width)
 
 

@@ -9,6 +9,7 @@ tokens): heads · Q · S · (S + Q), counted with the merger.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from transformers import PreTrainedConfig
@@ -36,8 +37,21 @@ def _pair(value: int | list | tuple) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
+def image_size(config: PreTrainedConfig) -> tuple[int, int]:
+    """The (height, width) of a (layer) config's images: its ``image_size``; a NaFlex config (SigLIP 2) has none, and
+    retrofit feeds it squares of ``num_patches`` patches (`retrofit.naflex`)."""
+    size = getattr(config, "image_size", None)
+    if size is None:
+        side = math.isqrt(int(config.num_patches)) * int(config.patch_size)
+        return side, side
+    return _pair(size)
+
+
 def num_patches(config: PreTrainedConfig, image_size: int | tuple[int, int] | None = None) -> int:
-    """Number of patch tokens for a (layer) config at its own or the given image size."""
+    """Number of patch tokens for a (layer) config at its own or the given image size (a NaFlex config, SigLIP 2's,
+    has no image size: at most ``num_patches`` patches per image, whatever its shape)."""
+    if image_size is None and getattr(config, "image_size", None) is None:
+        return int(config.num_patches)
     height, width = _pair(image_size or config.image_size)
     patch_h, patch_w = _pair(config.patch_size)
     return (height // patch_h) * (width // patch_w)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import RetrofitError, brief, check_at_least_one
+from .naflex import patches_to_images
 from .provenance import CACHE_DIR
 
 FASHION_MNIST = "fashion-mnist"
@@ -449,6 +450,11 @@ class TransformedDataset(torch.utils.data.Dataset):
         self.mode = "L" if num_channels == 1 else "RGB"  # the PIL mode the model takes
         self.overrides = _channel_stats(image_processor, num_channels)
         self.square = _centre_square(image_processor)
+        # A NaFlex processor (SigLIP 2) gives each image as patches at its own aspect ratio; retrofit feeds it the
+        # centre square of each image and reads the patches back as one image (`retrofit.naflex`)
+        self.naflex_patch = getattr(image_processor, "patch_size", None)
+        if not getattr(image_processor, "max_num_patches", None):
+            self.naflex_patch = None
         self.has_labels = "label" in dataset.column_names
         self.label_map = label_map
         self.augment = augment
@@ -480,7 +486,12 @@ class TransformedDataset(torch.utils.data.Dataset):
         """The processor's pixel values for `images`, one (C, H, W) float tensor each (one processor call)."""
         try:
             images = [image if image.mode == self.mode else image.convert(self.mode) for image in images]
-            pixels = self.image_processor(images, **self.overrides)["pixel_values"]
+            if self.naflex_patch:
+                images = [_square_image(image) for image in images]
+                output = self.image_processor(images, **self.overrides, return_tensors="pt")
+                pixels = patches_to_images(output["pixel_values"], output["spatial_shapes"], self.naflex_patch)
+            else:
+                pixels = self.image_processor(images, **self.overrides)["pixel_values"]
         except Exception as exc:  # noqa: BLE001 - find the image that fails, one at a time
             if len(images) == 1:
                 raise _unreadable(indices[0], exc) from None
@@ -524,6 +535,13 @@ class TransformedDataset(torch.utils.data.Dataset):
                 "name; give every example a class id or a ClassLabel"
             )
         return label
+
+
+def _square_image(image):
+    """The centre square of a PIL image (for a NaFlex processor, which keeps each image's aspect ratio)."""
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image if image.width == image.height else image.crop((left, top, left + side, top + side))
 
 
 def _centre_crop(pixels: torch.Tensor, side: int) -> torch.Tensor:

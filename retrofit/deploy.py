@@ -57,6 +57,12 @@ def run_export_onnx(args: ExportOnnxArgs, *, log: Callable[[str], None] = print)
     check_file_output(output, "--output", args.overwrite, inputs=(args.model,), ours=written_by_retrofit)
     config = load_config(args.model)
     family, head = family_and_head(config)
+    if family.padded_patches:
+        raise RetrofitError(
+            f"retrofit export-onnx does not export {family.user_name} models: their vision tower takes each image as "
+            "a padded sequence of patches with a mask and its shape (NaFlex), which the graph would have to take as "
+            "inputs; serve the PyTorch export"
+        )
     processor = load_image_processor(args.model, config, log=log)
     model = load_model(args.model, config=config).eval()
     pixels = _sample_images(processor, config, args.images)

@@ -110,6 +110,11 @@ class Family:
         relative_position_bias: if the layers add a learned bias to the attention scores by the relative positions of
             the patches (BEiT), the class of the module that computes it. The layers after the merge give the merged
             tokens the merge-weighted bias of the patches they average, per image.
+        padded_patches: if the vision tower takes each image as a sequence of patches at its own aspect ratio, a batch
+            padded to one length, with ``pixel_attention_mask`` and ``spatial_shapes`` (SigLIP 2's NaFlex), the
+            class of its attention pooling head. The merger then merges the real patches of each image only (their
+            mask, read from the attention mask layer K is given), and the pooling head reads all M merged tokens.
+            retrofit's own data, training and timing feed such a model square images (`retrofit.naflex`).
         shapes: random-weight model shapes of the family's first class that ``retrofit bench`` and ``sweep
             --dry-run`` take instead of a checkpoint (name -> config fields; 224x224 images).
     """
@@ -130,6 +135,7 @@ class Family:
     tower: str = ""
     rope: str | None = None
     relative_position_bias: str | None = None
+    padded_patches: str | None = None
     shapes: dict[str, dict] = field(default_factory=dict)
 
     @property
@@ -556,6 +562,77 @@ register(
     )
 )
 
+_SIGLIP2_NOTES = (
+    "NaFlex: each image is a sequence of patches at its own aspect ratio (at most num_patches of them), a batch padded "
+    "to one length with pixel_attention_mask. The merger merges each image's real patches only (padding gets no "
+    "weight) into M tokens, so after layer K every image has M tokens and no padding; the attention pooling head "
+    "reads all of them. No CLS token: every token is merged. retrofit trains, scores and times it on square images "
+    "(the centre square of each, as max_num_patches patches); the export takes the processor's NaFlex inputs as the "
+    "source does. SigLIP 2's fixed-resolution checkpoints (e.g. google/siglip2-base-patch16-224) are SiglipModel "
+    "checkpoints and convert as SigLIP."
+)
+
+register(
+    Family(
+        name="siglip2",
+        display="SigLIP 2",
+        model_types=("siglip2",),
+        example_id="google/siglip2-base-patch16-naflex",
+        modeling_module="transformers.models.siglip2.modeling_siglip2",
+        config_module="transformers.models.siglip2.configuration_siglip2",
+        config_class="Siglip2Config",
+        layer_class="Siglip2EncoderLayer",
+        heads={
+            "Siglip2Model": Head(
+                "Siglip2Model",
+                auto_class="AutoModelForZeroShotImageClassification",
+                layer_config="config.vision_config",
+                reads="image embeddings = attention pooling over the M merged tokens (no padding after the merge); "
+                "text tower unchanged",
+                features="image_embeds",
+                encoder="vision_model",
+                output_class="Siglip2Output",
+                image_modules=("vision_model",),
+            ),
+        },
+        prefix_tokens=(),
+        padded_patches="Siglip2MultiheadAttentionPoolingHead",
+        notes=(
+            _SIGLIP2_NOTES + " A full Siglip2Model checkpoint stays a dual encoder (vision tower merged; text tower, "
+            "logit scale and bias kept bit-exact); --task image-feature-extraction gives the vision tower alone "
+            "(Siglip2VisionModel)."
+        ),
+        tower="siglip2_vision",
+        # google/siglip2-base-patch16-naflex at 256 patches (256x256 square images)
+        shapes={"siglip2-b16": {"vision_config": {**_shapes("siglip2", "b")["siglip2-b16"], "num_patches": 256}}},
+    )
+)
+
+register(
+    Family(
+        name="siglip2_vision",
+        display="SigLIP 2 vision tower",
+        model_types=("siglip2_vision_model",),
+        example_id="google/siglip2-base-patch16-naflex",
+        modeling_module="transformers.models.siglip2.modeling_siglip2",
+        config_module="transformers.models.siglip2.configuration_siglip2",
+        config_class="Siglip2VisionConfig",
+        layer_class="Siglip2EncoderLayer",
+        heads={
+            "Siglip2VisionModel": Head(
+                "Siglip2VisionModel",
+                auto_class="AutoModel",
+                reads="pooler_output = attention pooling over the M merged tokens; last_hidden_state: M tokens per "
+                "image, no padding",
+            ),
+        },
+        prefix_tokens=(),
+        padded_patches="Siglip2MultiheadAttentionPoolingHead",
+        notes="Checkpoints saved from Siglip2VisionModel (model type siglip2_vision_model). " + _SIGLIP2_NOTES,
+    )
+)
+
+
 _BEIT_NOTES = (
     "Each layer adds a learned relative position bias to its attention scores (per layer in the fine-tuned "
     "checkpoints, one shared by all layers in some pretrained ones). The layers after the merge give each pair of "
@@ -649,21 +726,6 @@ register(
         refusal=(
             "its stages work on a 2-D grid of patches that they downsample, so there is no single token sequence for "
             "a PatchMerger to merge"
-        ),
-    )
-)
-
-
-register(
-    Family(
-        name="siglip2",
-        model_types=("siglip2", "siglip2_vision_model"),
-        display="SigLIP 2",
-        refusal=(
-            "its NaFlex vision tower takes each image as a variable number of patches padded to a fixed count, and "
-            "its layers and pooling head read a padding mask that merged tokens no longer fit; SigLIP 2's "
-            "fixed-resolution checkpoints (e.g. google/siglip2-base-patch16-224) are SiglipModel checkpoints and "
-            "convert as SigLIP"
         ),
     )
 )

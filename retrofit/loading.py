@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import operator
 import pickle
 from pathlib import Path
@@ -14,6 +15,7 @@ from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 from .atomic import ASSETS, SHIPPED_NAME
 from .errors import RetrofitError, brief
 from .families import FAMILIES, TASKS, Family, Head, family_for
+from .naflex import take_images
 
 MERGED_SUFFIX = "_patch_merger"
 
@@ -136,6 +138,9 @@ def check_config(config: PreTrainedConfig, where: str) -> None:
         name: getattr(lc, name, None)
         for name in ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
     }
+    if family.padded_patches:  # NaFlex: no image size, at most num_patches patches per image
+        sizes["num_patches"] = getattr(lc, "num_patches", None)
+        sizes.pop("image_size")
     if is_merged(config):
         sizes |= {name: getattr(config, name, None) for name in ("merge_after_layer", "merge_num_tokens")}
     for name, value in sizes.items():
@@ -301,9 +306,10 @@ def load_model(
     else:
         model_class = getattr(transformers, head.class_name)
     try:
-        return model_class.from_pretrained(source, config=config, revision=revision, dtype=dtype, **kwargs)
+        model = model_class.from_pretrained(source, config=config, revision=revision, dtype=dtype, **kwargs)
     except Exception as exc:  # noqa: BLE001 - OSError, SafetensorError, UnpicklingError, ...: the files are bad
         raise _source_error(source, exc) from exc
+    return take_images(model) if family.padded_patches else model
 
 
 def load_image_processor(source: str | Path, config: PreTrainedConfig, *, revision: str | None = None, log=print):
@@ -335,8 +341,9 @@ def load_image_processor(source: str | Path, config: PreTrainedConfig, *, revisi
         return _pil_processor(source, revision=revision, log=log)
     except (OSError, ValueError):
         _, head = family_and_head(config)
-        lc = layer_config(config, head)
-        height, width = (lc.image_size,) * 2 if isinstance(lc.image_size, int) else lc.image_size
+        from .cost import image_size  # cost imports this module
+
+        height, width = image_size(layer_config(config, head))
         log(f"warning: '{source}' has no image processor; using resize to {height}x{width} and mean=std=0.5")
         return ViTImageProcessor(size={"height": height, "width": width}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     except Exception as exc:  # noqa: BLE001 - a field of the wrong type in the processor config
@@ -416,6 +423,10 @@ def processor_image_size(processor) -> tuple[int, int] | None:
     limits must use what the model really sees.
     """
     crop = getattr(processor, "crop_size", None)
+    patches, patch = getattr(processor, "max_num_patches", None), getattr(processor, "patch_size", None)
+    if patches and patch:  # NaFlex (SigLIP 2): retrofit feeds it squares of as many patches (`retrofit.naflex`)
+        side = math.isqrt(int(patches)) * int(patch)
+        return side, side
     if getattr(processor, "do_center_crop", False) and crop and "height" in crop:
         return int(crop["height"]), int(crop["width"])
     size = getattr(processor, "size", None) or {}

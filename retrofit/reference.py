@@ -30,7 +30,8 @@ def families_summary() -> str:
             name = f"{family.user_name} dual encoder (zero-shot)"
             lines.append(f"| {name} | `{family.example_id}` | {', '.join(dual)} | {family.prefix_description} |")
         classes = ", ".join(name for name in family.heads if name not in dual)
-        lines.append(f"| {family.user_name} | `{family.example_id}` | {classes} | {family.prefix_description} |")
+        if classes:  # SigLIP 2 has no classifier class: its dual encoder's row is all
+            lines.append(f"| {family.user_name} | `{family.example_id}` | {classes} | {family.prefix_description} |")
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ from .errors import RetrofitError
 from .families import ROPE_POSITIONS, Family, Head
 from .hub_code import load_classes
 from .loading import family_and_head, is_merged, layer_config
+from .naflex import take_images
 from .provenance import SourceRecord, source_record
 
 
@@ -150,4 +151,4 @@ def insert_patch_merger(
     if hasattr(model, "_weight_conversions"):
         merged._weight_conversions = model._weight_conversions
     merged.retrofit_source = record  # `export` notes where a local source lives, on this machine only
-    return merged
+    return take_images(merged) if family.padded_patches else merged

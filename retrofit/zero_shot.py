@@ -94,8 +94,10 @@ def text_embeddings(model: torch.nn.Module, tokenizer, texts: list[str], *, batc
         for start in range(0, len(texts), batch_size):
             inputs = tokenize(tokenizer, texts[start : start + batch_size], inner.config)
             inputs = {key: value.to(device) for key, value in inputs.items() if key in ("input_ids", "attention_mask")}
-            if "siglip" in inner.config.model_type:
-                inputs.pop("attention_mask", None)  # SigLIP's text tower attends to its padding, as in the pipeline
+            if inner.config.model_type.removesuffix("_patch_merger") == "siglip":
+                # SigLIP's text tower attends to its padding (its tokenizer gives no mask to the pipeline); SigLIP 2's
+                # tokenizer gives one, which the pipeline passes, and so does retrofit
+                inputs.pop("attention_mask", None)
             features = inner.get_text_features(**inputs)
             embeds = getattr(features, "pooler_output", features).float()
             chunks.append(embeds / embeds.norm(p=2, dim=-1, keepdim=True))

@@ -41,7 +41,8 @@ class PatchMerger(nn.Module):
     initialisation; the weights are applied to the *un-normalised* tokens x, not LN(x), so that merged tokens
     live on the residual stream's scale and the layers after the merger see inputs of the kind they were
     trained on; the softmax is computed in float32 for stability under bf16/fp16. N may vary from call to call
-    (other image sizes with ``interpolate_pos_encoding``); M is fixed.
+    (other image sizes with ``interpolate_pos_encoding``); M is fixed. Where a batch pads its images to one number of
+    patches (SigLIP 2's NaFlex inputs), ``valid`` (B, N) marks the real ones: padding gets no weight.
 
     Args:
         hidden_size: D, the width of the tokens.
@@ -65,15 +66,18 @@ class PatchMerger(nn.Module):
         nn.init.trunc_normal_(self.queries, std=std, a=-2 * std, b=2 * std)
         self.norm.reset_parameters()
 
-    def merge_weights(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The merge weights A of shape (B, N, M) for patch tokens of shape (B, N, D); columns sum to 1."""
-        scores = torch.matmul(self.norm(tokens), self.queries.t()) * self.scale
-        return torch.softmax(scores.float(), dim=1).to(tokens.dtype)
+    def merge_weights(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The merge weights A of shape (B, N, M) for patch tokens of shape (B, N, D); columns sum to 1 (over the
+        tokens that `valid`, a (B, N) boolean mask, marks as real, if given: the others get weight 0)."""
+        scores = (torch.matmul(self.norm(tokens), self.queries.t()) * self.scale).float()
+        if valid is not None:
+            scores = scores.masked_fill(~valid[:, :, None], float("-inf"))
+        return torch.softmax(scores, dim=1).to(tokens.dtype)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         prefix = hidden_states[:, : self.num_prefix_tokens]
         tokens = hidden_states[:, self.num_prefix_tokens :]
-        merged = torch.matmul(self.merge_weights(tokens).transpose(1, 2), tokens)
+        merged = torch.matmul(self.merge_weights(tokens, valid).transpose(1, 2), tokens)
         return torch.cat([prefix, merged], dim=1)
 
     def extra_repr(self) -> str:
