@@ -1,7 +1,8 @@
 """Training checkpoints: written whole, resumed exactly, and never mixed up with anything else in their folder.
 
 A checkpoint is ``<checkpoint_dir>/step-NNNNNNNN``: Accelerate's state (model, optimizer, scheduler, random states;
-loaded with ``weights_only=True``) and ``progress.json`` (the loop's position: text, so loading it runs no code). It is
+loaded with ``weights_only=True``), ``progress.json`` (the loop's position: text, so loading it runs no code) and, with
+``--ema-decay``, ``ema.safetensors`` (the moving average of the weights: tensors only). It is
 written into ``.step-NNNNNNNN.tmp`` and renamed into place, so a run killed at any moment leaves only complete
 checkpoints. ``run.json`` records what the checkpoints were made for (`RUN_SETTINGS`); ``--resume`` refuses other
 settings, and the training budget the run chose (`recorded_budget`), which a resumed run keeps. The folder may hold
@@ -35,6 +36,7 @@ class Progress:
 
 
 PROGRESS_FILE = "progress.json"
+EMA_FILE = "ema.safetensors"  # with --ema-decay: the moving average of the trainable weights
 # What an older retrofit stored the progress in: a pickle (Accelerate's custom state), which is never loaded.
 PICKLED_PROGRESS = "custom_checkpoint_0.pkl"
 CHECKPOINT_NAME = re.compile(r"step-(\d{8})")
@@ -97,11 +99,13 @@ RUN_SETTINGS = {
     "merge_num_tokens": "--tokens",
     "merge_rope_positions": "--rope-positions",
     "train": "--train",
+    "ema_decay": "--ema-decay",  # the moving average in the checkpoints (`EMA_FILE`) is of this decay
 }
 
 
-def run_settings(model, train: str) -> dict:
-    """The settings in `RUN_SETTINGS` of a run training `model` (`train`: its --train)."""
+def run_settings(model, train: str, ema_decay: float = 0.0) -> dict:
+    """The settings in `RUN_SETTINGS` of a run training `model` (`train`: its --train; `ema_decay`: its
+    --ema-decay)."""
     from .loading import family_and_head
 
     config = model.config
@@ -112,6 +116,7 @@ def run_settings(model, train: str) -> dict:
         "num_labels": config.num_labels if classifier else None,
         **settings,
         "train": train,
+        "ema_decay": ema_decay,
     }
 
 
@@ -154,12 +159,16 @@ def recorded_budget(checkpoint_dir: Path) -> dict | None:
     return budget
 
 
-def save_checkpoint(accelerator, checkpoint_dir: Path, progress: Progress, keep: int, settings: dict) -> Path:
-    """`accelerator.save_state` and `progress` (``progress.json``) into a temporary folder, renamed into place,
+def save_checkpoint(
+    accelerator, checkpoint_dir: Path, progress: Progress, keep: int, settings: dict, average=None
+) -> Path:
+    """`accelerator.save_state`, `progress` (``progress.json``) and the moving average of the weights `average` (an
+    object with ``state_dict()`` of float tensors: ``ema.safetensors``) into a temporary folder, renamed into place,
     keeping the newest `keep` checkpoints. The first checkpoint in the folder also writes `run.json` (`settings`,
     replacing one left by a run that stopped before its first checkpoint): a run that stops before it leaves no
     folder behind. A write that fails (a full disk, a file-size limit) is one line and leaves no temporary folder."""
     from safetensors import SafetensorError
+    from safetensors.torch import save_file
 
     from .atomic import write_text
     from .errors import describe_os_error
@@ -179,6 +188,8 @@ def save_checkpoint(accelerator, checkpoint_dir: Path, progress: Progress, keep:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (tmp / PROGRESS_FILE).write_text(json.dumps(progress.state_dict()) + "\n")
+            if average is not None:
+                save_file(average.state_dict(), str(tmp / EMA_FILE))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -192,11 +203,12 @@ def save_checkpoint(accelerator, checkpoint_dir: Path, progress: Progress, keep:
     return final
 
 
-def load_checkpoint(accelerator, checkpoint: Path, progress: Progress, older: list[Path]) -> None:
+def load_checkpoint(accelerator, checkpoint: Path, progress: Progress, older: list[Path], average=None) -> None:
     """Restore a checkpoint written by `save_checkpoint`: the model, optimizer, scheduler and random states through
-    Accelerate with ``weights_only=True`` (no pickle runs code), the progress from ``progress.json``. A checkpoint
-    that does not fit or is damaged is one line."""
+    Accelerate with ``weights_only=True`` (no pickle runs code), the progress from ``progress.json``, and `average`'s
+    state (``load_state_dict``) from ``ema.safetensors``. A checkpoint that does not fit or is damaged is one line."""
     from accelerate.utils import load as load_tensors
+    from safetensors.torch import load_file
 
     fallback = f"delete it to resume from {older[-1].name}, " if older else "delete it "
     if not (checkpoint / PROGRESS_FILE).is_file():
@@ -204,8 +216,15 @@ def load_checkpoint(accelerator, checkpoint: Path, progress: Progress, older: li
             f"checkpoint '{checkpoint}' was written by an older retrofit, which kept its progress as a pickle that "
             "retrofit no longer loads (it could run code); pass --overwrite to start over"
         )
+    if average is not None and not (checkpoint / EMA_FILE).is_file():
+        raise RetrofitError(
+            f"checkpoint '{checkpoint}' holds no moving average of the weights (its run had no --ema-decay): resume "
+            "without --ema-decay, or pass --overwrite to start over"
+        )
     try:
         progress.load_state_dict(json.loads((checkpoint / PROGRESS_FILE).read_text()))
+        if average is not None:
+            average.load_state_dict(load_file(checkpoint / EMA_FILE))
         # Accelerate ignores random states it cannot load: check them here, so a resumed run is the same run.
         load_tensors(checkpoint / f"random_states_{accelerator.process_index}.pkl")
         accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})

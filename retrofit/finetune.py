@@ -361,6 +361,8 @@ def _training_info(run: TrainingRun, result: TrainResult, init: str, teacher: st
     from .provenance import public_name
 
     notes = [f"trained: {run.train}; lr {run.lr}, batch {run.batch_size}x{run.grad_accum}, seed {run.seed}"]
+    if run.ema_decay:
+        notes.append(f"weights: the moving average over training (--ema-decay {run.ema_decay:g}), not the last step's")
     if result.final_accuracy is not None:
         notes.append(f"accuracy on `{public_name(run.data)}` {run.eval_split}: {result.final_accuracy:.4f}")
     loss = describe_loss(run, teacher, dual_encoder=result.model is not None and is_dual_encoder(result.model.config))

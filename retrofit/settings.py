@@ -427,6 +427,11 @@ class TrainSettings(Settings):
         0.05, "fraction of the steps trained (the budget chosen) spent warming up, before the cosine decay",
         interval=(0, 1, "[0, 1)"),
     )  # fmt: skip
+    ema_decay: float = setting(
+        0.0, "evaluate last and export an exponential moving average of the trainable weights, updated after each "
+        "optimizer step with this decay (bias-corrected: the start's weights count for nothing; 0.998 averages over "
+        "about the last 500 steps), instead of the last step's weights; 0: off", interval=(0, 1, "[0, 1)"),
+    )  # fmt: skip
     batch_size: int = setting(64, "images per batch and process", positive=True)
     eval_batch_size: int | None = setting(None, "evaluation batch size (default: --batch-size)", positive=True)
     grad_accum: int = setting(1, "gradient accumulation steps", positive=True)

@@ -101,6 +101,66 @@ def test_resume_reaches_the_same_weights(tiny_vit, colours, tmp_path):
     assert "the run was resumed" in (tmp_path / "cut" / "README.md").read_text()
 
 
+def test_ema_exports_the_moving_average_of_the_weights(tiny_vit, colours, tmp_path):
+    """--ema-decay: the live weights train as without it; the run evaluates last, and exports, the bias-corrected
+    moving average of the weights after each step (step j of n weighted by decay ** (n - j): the start's weights get
+    none), which every checkpoint holds as safetensors; the card says so."""
+    decay, steps = 0.6, 4
+    settings = dict(after_layer=2, num_tokens=4, data=colours, loss="kd", max_steps=steps, lr=1e-3,
+                    **{**FAST, "save_every": 1, "keep_checkpoints": steps})  # fmt: skip
+    said: list[str] = []
+    result = finetune(tiny_vit, output=tmp_path / "ema", ema_decay=decay, log=said.append, **settings)
+    checkpoints = list_checkpoints(tmp_path / "ema-checkpoints")
+    assert [p.name for p in checkpoints] == [f"step-{n:08d}" for n in range(1, steps + 1)]
+    live = [load_file(str(p / "model.safetensors")) for p in checkpoints]  # the weights after steps 1..4
+    averaged = load_file(str(checkpoints[-1] / "ema.safetensors"))
+    exported = load_model(tmp_path / "ema").state_dict()  # names as in memory (the file keeps the source's)
+    assert len(averaged) == len(dict(result.model.named_parameters()))  # --train all: every weight
+    norm = sum(decay ** (steps - j) for j in range(1, steps + 1))
+    for name, tensor in averaged.items():
+        expected = sum(decay ** (steps - j) * live[j - 1][name] for j in range(1, steps + 1)) / norm
+        torch.testing.assert_close(tensor, expected, rtol=0, atol=1e-6, msg=name)
+        assert torch.equal(exported[name], tensor), name
+    assert sum(not torch.equal(exported[name], live[-1][name]) for name in averaged) > len(averaged) / 2
+    assert result.eval_history[-1]["step"] == steps and result.eval_history[-1]["weights"] == "moving average"
+    assert any(line.startswith(f"step {steps}: eval accuracy (the moving average of the weights) ") for line in said)
+    assert any(line.endswith("; exports the moving average of the weights (--ema-decay 0.6)") for line in said)
+    assert "weights: the moving average over training (--ema-decay 0.6)" in (tmp_path / "ema" / "README.md").read_text()
+    plain = finetune(tiny_vit, output=tmp_path / "plain", **settings)  # the same live weights, exported as they are
+    assert "weights" not in plain.eval_history[-1]
+    assert not (list_checkpoints(tmp_path / "plain-checkpoints")[-1] / "ema.safetensors").exists()
+    for name, tensor in load_model(tmp_path / "plain").state_dict().items():
+        assert torch.equal(tensor, live[-1][name]), name
+
+
+def test_resume_with_ema_reaches_the_same_average(tiny_vit, colours, tmp_path):
+    """A resumed --ema-decay run exports the same average as an uninterrupted one (the average is in the checkpoint);
+    resuming with another --ema-decay, or with one from checkpoints that hold no average, is one line."""
+    settings = dict(after_layer=2, num_tokens=4, data=colours, loss="kd", max_steps=6, augment=True, **FAST)
+    finetune(tiny_vit, output=tmp_path / "full", ema_decay=0.7, **settings)
+    finetune(tiny_vit, output=tmp_path / "cut", ema_decay=0.7, stop_after=3, **settings)
+    checkpoints = tmp_path / "cut-checkpoints"
+    shutil.rmtree(checkpoints / "step-00000003")  # resumed from step 2
+    message = r"holds checkpoints of a run with --ema-decay 0.7, not 0.0: resume with --ema-decay 0.7, or pass"
+    with pytest.raises(RetrofitError, match=message):
+        finetune(tiny_vit, output=tmp_path / "cut", resume=True, **settings)
+    resumed = finetune(tiny_vit, output=tmp_path / "cut", ema_decay=0.7, resume=True, **settings)
+    assert resumed.steps == 6
+    expected, got = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    # checkpoints of a retrofit from before --ema-decay (no ema_decay in run.json, no average) cannot resume with it
+    finetune(tiny_vit, output=tmp_path / "old", stop_after=2, **settings)
+    run = json.loads((tmp_path / "old-checkpoints" / "run.json").read_text())
+    (tmp_path / "old-checkpoints" / "run.json").write_text(
+        json.dumps({k: v for k, v in run.items() if k != "ema_decay"})
+    )
+    message = r"^checkpoint '.*step-00000002' holds no moving average of the weights \(its run had no --ema-decay\)"
+    with pytest.raises(RetrofitError, match=message):
+        finetune(tiny_vit, output=tmp_path / "old", ema_decay=0.7, resume=True, **settings)
+
+
 def test_resume_refuses_checkpoints_of_other_merge_settings(tiny_vit, colours, tmp_path):
     """Checkpoints remember what they were trained for (run.json): resuming them with another --tokens or --train
     is a one-line error naming the flag, not a state-dict traceback, and the checkpoints stay as they were. Older
@@ -521,6 +581,8 @@ def test_evaluate_and_sweep_rank_backbones_by_feature_similarity(tiny_clip_visio
         (dict(seed=-1), r"--seed must be in \[0, 2\*\*32\) \(got -1\)"),
         (dict(num_workers=-1), "--num-workers must be 0 or more"),
         (dict(warmup_ratio=1.0), r"--warmup-ratio must be in \[0, 1\)"),
+        (dict(ema_decay=1.0), r"--ema-decay must be in \[0, 1\) \(got 1.0\)"),
+        (dict(ema_decay=-0.5), r"--ema-decay must be in \[0, 1\)"),
         (dict(num_labels=-1), "--num-labels must be at least 2"),
         (dict(max_steps=0), "--max-steps must be positive"),
         (dict(min_steps=1.5), "--min-steps must be a whole number, not 1.5"),
