@@ -116,7 +116,7 @@ def test_a_merged_token_that_is_one_patch_gets_that_patchs_bias(name, size):
     patches = (size // 8) ** 2
     index = torch.stack([torch.randperm(patches, generator=torch.Generator().manual_seed(b))[:M] for b in range(3)])
     one_hot = nn.functional.one_hot(index, patches).transpose(1, 2).float()  # (B, N, M)
-    merged.patch_merger.merge_weights = lambda tokens: one_hot.to(tokens.dtype)
+    merged.patch_merger.merge_weights = lambda tokens, valid=None: one_hot.to(tokens.dtype)
     keep = torch.cat([torch.zeros(3, 1, dtype=torch.long), index + 1], dim=1)  # CLS and the chosen patches
     kwargs = {"interpolate_pos_encoding": True} if size != 32 else {}
 

@@ -55,7 +55,7 @@ def test_a_merged_token_that_is_one_patch_is_rotated_as_that_patch(source, posit
     patches = (size[0] // 4) * (size[1] // 4)
     index = torch.stack([torch.randperm(patches, generator=torch.Generator().manual_seed(b))[:M] for b in range(3)])
     one_hot = torch.nn.functional.one_hot(index, patches).transpose(1, 2).float()  # (B, N, M)
-    merged.patch_merger.merge_weights = lambda tokens: one_hot.to(tokens.dtype)
+    merged.patch_merger.merge_weights = lambda tokens, valid=None: one_hot.to(tokens.dtype)
 
     layers = _layers(source)
     seen = []
