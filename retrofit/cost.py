@@ -9,12 +9,12 @@ tokens): heads · Q · S · (S + Q), counted with the merger.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 from transformers import PreTrainedConfig
 
 from .loading import family_and_head, is_merged, layer_config
+from .naflex import square_side
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def image_size(config: PreTrainedConfig) -> tuple[int, int]:
     retrofit feeds it squares of ``num_patches`` patches (`retrofit.naflex`)."""
     size = getattr(config, "image_size", None)
     if size is None:
-        side = math.isqrt(int(config.num_patches)) * int(config.patch_size)
+        side = square_side(config.num_patches, config.patch_size)
         return side, side
     return _pair(size)
 

@@ -452,9 +452,8 @@ class TransformedDataset(torch.utils.data.Dataset):
         self.square = _centre_square(image_processor)
         # A NaFlex processor (SigLIP 2) gives each image as patches at its own aspect ratio; retrofit feeds it the
         # centre square of each image and reads the patches back as one image (`retrofit.naflex`)
-        self.naflex_patch = getattr(image_processor, "patch_size", None)
-        if not getattr(image_processor, "max_num_patches", None):
-            self.naflex_patch = None
+        naflex = getattr(image_processor, "max_num_patches", None)
+        self.naflex_patch = getattr(image_processor, "patch_size", None) if naflex else None
         self.has_labels = "label" in dataset.column_names
         self.label_map = label_map
         self.augment = augment

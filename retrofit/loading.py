@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import operator
 import pickle
 from pathlib import Path
@@ -15,7 +14,7 @@ from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 from .atomic import ASSETS, SHIPPED_NAME
 from .errors import RetrofitError, brief
 from .families import FAMILIES, TASKS, Family, Head, family_for
-from .naflex import take_images
+from .naflex import square_side, take_images
 
 MERGED_SUFFIX = "_patch_merger"
 
@@ -425,7 +424,7 @@ def processor_image_size(processor) -> tuple[int, int] | None:
     crop = getattr(processor, "crop_size", None)
     patches, patch = getattr(processor, "max_num_patches", None), getattr(processor, "patch_size", None)
     if patches and patch:  # NaFlex (SigLIP 2): retrofit feeds it squares of as many patches (`retrofit.naflex`)
-        side = math.isqrt(int(patches)) * int(patch)
+        side = square_side(patches, patch)
         return side, side
     if getattr(processor, "do_center_crop", False) and crop and "height" in crop:
         return int(crop["height"]), int(crop["width"])

@@ -12,11 +12,17 @@ export itself knows nothing of this: it takes the processor's inputs, as its sou
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 
 # The vision tower classes whose forward takes (pixel_values, pixel_attention_mask, spatial_shapes).
 VISION_TOWERS = ("Siglip2VisionModel", "Siglip2VisionTransformer")
+
+
+def square_side(num_patches: int, patch_size: int) -> int:
+    """The side of the square images retrofit feeds a NaFlex model of at most `num_patches` patches per image."""
+    return math.isqrt(int(num_patches)) * int(patch_size)
 
 
 def images_to_patches(pixel_values: torch.Tensor, patch_size: int) -> dict[str, torch.Tensor]:

@@ -87,6 +87,8 @@ def text_embeddings(model: torch.nn.Module, tokenizer, texts: list[str], *, batc
     """The normalised embeddings of `texts` by the dual encoder's text tower (no gradients: it stays frozen)."""
     import torch
 
+    from .loading import MERGED_SUFFIX
+
     inner = _unwrapped(model)
     device = next(inner.parameters()).device
     chunks = []
@@ -94,7 +96,7 @@ def text_embeddings(model: torch.nn.Module, tokenizer, texts: list[str], *, batc
         for start in range(0, len(texts), batch_size):
             inputs = tokenize(tokenizer, texts[start : start + batch_size], inner.config)
             inputs = {key: value.to(device) for key, value in inputs.items() if key in ("input_ids", "attention_mask")}
-            if inner.config.model_type.removesuffix("_patch_merger") == "siglip":
+            if inner.config.model_type.removesuffix(MERGED_SUFFIX) == "siglip":
                 # SigLIP's text tower attends to its padding (its tokenizer gives no mask to the pipeline); SigLIP 2's
                 # tokenizer gives one, which the pipeline passes, and so does retrofit
                 inputs.pop("attention_mask", None)
