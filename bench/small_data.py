@@ -13,7 +13,13 @@ draws the sample and the training order: runs are paired by seed), then scored o
   cropped, flipped and mixed-up images);
 - ``ema``: the ``default`` run exporting a moving average of its weights (``--ema-decay``, default 0.998: a time
   constant of 500 steps, about the second half of the 1,000-step run, where the cosine's learning rate is below half
-  its peak).
+  its peak);
+- ``merger-lr``: the ``default`` run with the merger at a higher learning rate (``--merger-lr-scale``, default 10);
+- ``features``: the ``default`` run also distilling the features the head reads (``--feature-weight``, default 1:
+  the last layer's class token and mean token against the unmerged model's, a target on the tokens the merged layers
+  produce);
+- ``augment``: the ``default`` run on random resized crops and flips (``--augment``; teacher and student see the same
+  view, as in function matching but without mixup).
 
     .venv/bin/python bench/small_data.py --images 2000 --json bench/results/small-data-2000.json
     .venv/bin/python bench/small_data.py --images 2000 --runs default --json bench/results/small-data-2000-default.json
@@ -46,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=600, help="the step budget of the long and fm runs")
     parser.add_argument("--min-steps", type=int, help="the default run's --min-steps (default: finetune's)")
     parser.add_argument("--ema-decay", type=float, default=0.998, help="the ema run's --ema-decay")
+    parser.add_argument("--merger-lr-scale", type=float, default=10.0, help="the merger-lr run's --merger-lr-scale")
+    parser.add_argument("--feature-weight", type=float, default=1.0, help="the features run's --feature-weight")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--eval-limit", type=int, help="test images (default: all 10,000)")
     parser.add_argument("--json", default="bench/results/small-data.json")
@@ -56,6 +64,9 @@ RUNS = {
     "plain": lambda args: {"epochs": 3, "min_steps": 0},
     "default": lambda args: {} if args.min_steps is None else {"min_steps": args.min_steps},
     "ema": lambda args: {**RUNS["default"](args), "ema_decay": args.ema_decay},
+    "merger-lr": lambda args: {**RUNS["default"](args), "merger_lr_scale": args.merger_lr_scale},
+    "features": lambda args: {**RUNS["default"](args), "feature_weight": args.feature_weight},
+    "augment": lambda args: {**RUNS["default"](args), "augment": True},
     "long": lambda args: {"max_steps": args.max_steps},
     "fm": lambda args: {"max_steps": args.max_steps, "function_matching": True},
 }
