@@ -45,6 +45,7 @@ class LocalTarget:
         self.student_out: list[torch.Tensor] = []
         self.teacher_out: list[torch.Tensor] = []
         self.weights: torch.Tensor | None = None
+        self.values: list[float] = []  # the term at each step, unweighted
         self.hooks = [self.merger.register_forward_hook(self._record_weights)]
         self.hooks += [layer.register_forward_hook(self._keep(self.student_out)) for layer in student_layers[after:]]
         self.hooks += [layer.register_forward_hook(self._keep(self.teacher_out)) for layer in teacher_layers[after:]]
@@ -69,7 +70,9 @@ class LocalTarget:
             terms.append(error.mean())
         self.student_out.clear()
         self.teacher_out.clear()
-        return self.weight * torch.stack(terms).mean()
+        term = torch.stack(terms).mean()
+        self.values.append(term.item())
+        return self.weight * term
 
     def remove(self) -> None:
         for hook in self.hooks:
@@ -87,7 +90,10 @@ def patch(weight: float) -> None:
         try:
             return original_train(model, processor, args, teacher=teacher, **kwargs)
         finally:
-            active.pop().remove()
+            done = active.pop()
+            done.remove()
+            print(f"local term (relative squared error, weight {weight:g}): {done.values[0]:.4f} at the first "
+                  f"step, {done.values[-1]:.4f} at the last of {len(done.values)}", flush=True)  # fmt: skip
 
     def compute_loss(student, teacher, labels, args, **kwargs):
         return original_loss(student, teacher, labels, args, **kwargs) + active[-1].loss()

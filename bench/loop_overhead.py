@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=200, help="steps of the longer loop run")
     parser.add_argument("--repeats", type=int, default=3, help="paired (raw, loop) measurements")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--num-workers", type=int, default=0, help="the loop's dataloader worker processes")
     parser.add_argument("--json", help="write the measurements to FILE")
     return parser.parse_args(argv)
 
@@ -62,14 +63,14 @@ def raw_step_seconds(student, teacher, pixels: torch.Tensor, steps: int) -> floa
     return (time.perf_counter() - start) / steps
 
 
-def loop_step_seconds(merged, teacher, processor, batch_size: int, steps: int) -> float:
+def loop_step_seconds(merged, teacher, processor, batch_size: int, steps: int, num_workers: int = 0) -> float:
     """Seconds per step of `train` (difference of a long and a short run, so that their shared set-up cancels)."""
     from retrofit.settings import TrainingRun
     from retrofit.train import train
 
     def run(n: int) -> float:
         settings = TrainingRun(data="fashion-mnist", loss="kd", max_steps=n, batch_size=batch_size, eval_split=None,
-                               sample=steps * batch_size, seed=0)  # fmt: skip
+                               sample=steps * batch_size, seed=0, num_workers=num_workers)  # fmt: skip
         result = train(copy.deepcopy(merged), processor, settings, teacher=teacher, progress_bar=True,
                        log=lambda _: None)  # fmt: skip
         return result.seconds
@@ -97,10 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     raw, loop = [], []
     for _ in range(args.repeats):  # paired: raw then loop, so machine load affects both alike
         raw.append(raw_step_seconds(copy.deepcopy(merged), teacher, pixels, args.steps))
-        loop.append(loop_step_seconds(merged, teacher, processor, args.batch_size, args.steps))
+        loop.append(loop_step_seconds(merged, teacher, processor, args.batch_size, args.steps, args.num_workers))
     overheads = [b / a - 1 for a, b in zip(raw, loop, strict=True)]
     lines = [
         f"`{args.source}` merged {args.merge}, kd, batch {args.batch_size}, CPU ({args.threads} threads), "
+        f"{args.num_workers} dataloader workers, "
         f"torch {torch.__version__}",
         "",
         "| step | ms per step (median) | repeats |",

@@ -554,6 +554,12 @@ def test_loop_overhead_times_the_loop_against_the_raw_step(tmp_path):
             ["--images", "64", "--settings", "3:8", "--max-steps", "2", "--min-steps", "2", "--seeds", "0"],
             4,
         ),
+        (
+            "small_data.py",
+            "--images 64 --settings 3:8 --runs ema,merger-lr,features,augment --min-steps 2 --seeds 0".split(),
+            4,
+        ),
+        ("local_target.py", ["--images", "64", "--settings", "3:8", "--min-steps", "2", "--seeds", "0"], 1),
         ("zero_shot_recovery.py", ["--epochs", "0.002", "--seeds", "0"], 4),
     ],
 )
@@ -568,3 +574,6 @@ def test_recovery_benchmarks_run_end_to_end(script, argv, rows, tmp_path):
     report = json.loads(out.read_text())
     assert len(report["rows"] if "rows" in report else report["summary"]) == rows
     assert report["table"].count("\n| ") >= rows
+    if script == "local_target.py":  # the probe's term was added to the loss at every step, and was not zero
+        said = next(line for line in done.stdout.splitlines() if line.startswith("local term"))
+        assert said.endswith("of 2") and float(said.split(": ")[1].split()[0]) > 0
