@@ -34,11 +34,12 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 if [ "${SMOKE:-0}" = 1 ]; then  # every kind of step once, on the smallest shapes, to try the wiring out without a GPU
     MODELS="vit-ti16:6"; B=vit-ti16; KB=6; CHECKPOINTED=vit-ti16; POSITIONS=dinov3-vits16; BATCH=2; REPEATS=1
     GC_BATCH=2; SPEED_TIMING="--repeats 1 --warmup 1 --min-time 0 --latency-iters 2"; CURVE=1,2
-    CURVE_COMPILE=eager
+    CURVE_COMPILE=eager; LOOP="--batch-size 2 --steps 4 --repeats 1"; PRECISION=no
 else
     MODELS="vit-b16:6 vit-l16:12 vit-h14:16"; B=vit-b16; KB=6; CHECKPOINTED="vit-b16 vit-h14"
     POSITIONS=dinov3-vitb16,dinov3-vitl16,beit-b16,beit-l16; BATCH=256; REPEATS=10; GC_BATCH=128
     SPEED_TIMING="--repeats 3"; CURVE=1,2,4,8,16,32,64,128,256; CURVE_COMPILE=eager,reduce-overhead
+    LOOP="--batch-size 128 --steps 40 --repeats 3"; PRECISION=bf16
 fi
 DTYPE=$([ "$DEVICE" = cpu ] && echo fp32 || echo bf16)
 START=$SECONDS
@@ -66,6 +67,10 @@ step() {
 #    CUDA graphs (reduce-overhead), plotted afterwards from the JSON with `retrofit.benchmark.plot_batch_sizes`.
 step "curve-$B" 240 "$PYTHON" bench/speed.py --models "$B" --merge "$KB:8" --device "$DEVICE" --dtype "$DTYPE" \
     --batch-size "$CURVE" --compile "$CURVE_COMPILE" $SPEED_TIMING --json "$WORK/curve-$B.json"
+# 0b. Issue 21 item 5: the training loop's overhead over the bare kd step at ViT-B/16 (Fashion-MNIST upscaled to 224
+#     by the processor, as a user's images are prepared), with the data prepared by worker processes.
+step "loop-$B" 180 "$PYTHON" bench/loop_overhead.py --model "$B" --merge "$KB:8" --device "$DEVICE" \
+    --mixed-precision "$PRECISION" --num-workers 8 $LOOP --json "$WORK/loop-$B.json"
 # 1. Issue 4's open target (speed-up >= 0.95 x FLOPs ratio): the hook-free ratio with the model's conv patch embedding,
 #    and with the merged model alone computing it as one GEMM (the question: should exports do that?).
 for spec in $MODELS; do

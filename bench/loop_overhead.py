@@ -10,9 +10,14 @@ AdamW step. This times that step two ways on the same model, batch size and thre
   a run of ``--steps`` steps minus a run of ``--steps // 4`` steps, divided by the difference, so the set-up both share
   (loading, calibration, the Accelerator) cancels out.
 
-The loop's overhead is loop ÷ raw − 1 (the issue's target: at most 15 %). Example::
+The loop's overhead is loop ÷ raw − 1 (the issue's target: at most 15 %). ``--model vit-b16`` times a named shape
+instead (random weights, a 224×224 processor that upscales Fashion-MNIST, as `retrofit bench` builds it), on a GPU
+with ``--device cuda --mixed-precision bf16`` (the raw step under the same autocast; `train` picks the GPU itself).
+``--num-workers`` gives the loop's dataloader worker processes. Examples::
 
     python bench/loop_overhead.py --json bench/results/cpu-loop-overhead.json
+    python bench/loop_overhead.py --model vit-b16 --merge 6:8 --device cuda --mixed-precision bf16 --batch-size 128 \
+        --steps 40 --num-workers 8 --json bench/results/gpu-loop-overhead-vit-b16.json
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import argparse
 import copy
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import common  # first: Hub and datasets offline, this repository on the import path
 import torch
@@ -32,6 +39,9 @@ from retrofit.losses import kd_loss
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", default="retrofit:fashion-mnist-vit")
+    parser.add_argument("--model", help="a named shape (vit-b16, ...) with random weights instead of --source")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the raw step's; the loop takes the GPU if any)")
+    parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
     parser.add_argument("--merge", default="3:8", help="K:M")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=200, help="steps of the longer loop run")
@@ -42,35 +52,70 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def raw_step_seconds(student, teacher, pixels: torch.Tensor, steps: int) -> float:
-    """Seconds per kd step on one in-memory batch: teacher forward, student forward/backward, AdamW."""
+def raw_step_seconds(student, teacher, pixels: torch.Tensor, steps: int, precision: str = "no") -> float:
+    """Seconds per kd step on one in-memory batch: teacher forward, student forward/backward, AdamW (under autocast
+    to `precision` where it is not "no", as Accelerate runs the loop)."""
+    device = pixels.device
+    student, teacher = student.to(device).train(), teacher.to(device)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4)
-    student.train()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     def step() -> None:
-        with torch.no_grad():
-            expected = teacher(pixel_values=pixels).logits
-        loss = kd_loss(student(pixel_values=pixels).logits, expected, 2.0)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            with torch.no_grad():
+                expected = teacher(pixel_values=pixels).logits
+            loss = kd_loss(student(pixel_values=pixels).logits, expected, 2.0)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
 
     for _ in range(3):
         step()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    synchronize(device)
     return (time.perf_counter() - start) / steps
 
 
-def loop_step_seconds(merged, teacher, processor, batch_size: int, steps: int, num_workers: int = 0) -> float:
+def device_name(device: str, threads: int) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU ({threads} threads)"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def shape_folder(name: str, folder: Path) -> Path:
+    """A named shape with random weights saved with a processor that resizes any image to its input size (grey
+    images become RGB in retrofit's data path), so that `train` reads it like a checkpoint."""
+    from transformers import ViTImageProcessor
+
+    from retrofit.benchmark import shape_model
+
+    model = shape_model(name, torch.device("cpu"), torch.float32)
+    model.save_pretrained(folder)
+    size = model.config.image_size
+    ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
+        folder
+    )
+    return folder
+
+
+def loop_step_seconds(merged, teacher, processor, batch_size: int, steps: int, num_workers: int = 0,
+                      precision: str = "no") -> float:  # fmt: skip
     """Seconds per step of `train` (difference of a long and a short run, so that their shared set-up cancels)."""
     from retrofit.settings import TrainingRun
     from retrofit.train import train
 
     def run(n: int) -> float:
         settings = TrainingRun(data="fashion-mnist", loss="kd", max_steps=n, batch_size=batch_size, eval_split=None,
-                               sample=steps * batch_size, seed=0, num_workers=num_workers)  # fmt: skip
+                               sample=steps * batch_size, seed=0, num_workers=num_workers,
+                               mixed_precision=precision)  # fmt: skip
         result = train(copy.deepcopy(merged), processor, settings, teacher=teacher, progress_bar=True,
                        log=lambda _: None)  # fmt: skip
         return result.seconds
@@ -86,22 +131,26 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    folder = resolve_source(args.source)
-    config = load_config(folder)
-    processor = load_image_processor(folder, config)
-    teacher = load_model(args.source).eval().requires_grad_(False)
-    k, m = (int(part) for part in args.merge.split(":"))
-    torch.manual_seed(0)
-    merged = insert_patch_merger(copy.deepcopy(teacher).requires_grad_(True), k, m, source=args.source)
-    images = load_split("fashion-mnist", "train", limit=args.batch_size)
-    pixels = next(iter(make_dataloader(images, processor, batch_size=args.batch_size)))["pixel_values"]
-    raw, loop = [], []
-    for _ in range(args.repeats):  # paired: raw then loop, so machine load affects both alike
-        raw.append(raw_step_seconds(copy.deepcopy(merged), teacher, pixels, args.steps))
-        loop.append(loop_step_seconds(merged, teacher, processor, args.batch_size, args.steps, args.num_workers))
+    with tempfile.TemporaryDirectory(prefix="loop-overhead-") as work:
+        source = str(shape_folder(args.model, Path(work))) if args.model else args.source
+        folder = resolve_source(source)
+        processor = load_image_processor(folder, load_config(folder))
+        teacher = load_model(source).eval().requires_grad_(False)
+        k, m = (int(part) for part in args.merge.split(":"))
+        torch.manual_seed(0)
+        merged = insert_patch_merger(copy.deepcopy(teacher).requires_grad_(True), k, m, source=source)
+        images = load_split("fashion-mnist", "train", limit=args.batch_size)
+        pixels = next(iter(make_dataloader(images, processor, batch_size=args.batch_size)))["pixel_values"]
+        pixels = pixels.to(args.device)
+        raw, loop = [], []
+        for _ in range(args.repeats):  # paired: raw then loop, so machine load affects both alike
+            raw.append(raw_step_seconds(copy.deepcopy(merged), teacher, pixels, args.steps, args.mixed_precision))
+            loop.append(loop_step_seconds(merged, teacher, processor, args.batch_size, args.steps, args.num_workers,
+                                          args.mixed_precision))  # fmt: skip
     overheads = [b / a - 1 for a, b in zip(raw, loop, strict=True)]
     lines = [
-        f"`{args.source}` merged {args.merge}, kd, batch {args.batch_size}, CPU ({args.threads} threads), "
+        f"`{args.model or args.source}` merged {args.merge}, kd, batch {args.batch_size}, "
+        f"{device_name(args.device, args.threads)}, mixed precision {args.mixed_precision}, "
         f"{args.num_workers} dataloader workers, "
         f"torch {torch.__version__}",
         "",

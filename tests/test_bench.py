@@ -493,9 +493,13 @@ def test_the_prepared_gpu_session_runs_every_step_on_the_cpu(tmp_path):
         "layers-vit-ti16-conv",
         "layers-vit-ti16-gemm-merged-only",
         "layers-vit-ti16-sdpa-math",
+        "loop-vit-ti16",
         "speed-positions",
     ]
     assert reports["curve-vit-ti16"]["settings"]["batch_sizes"] == [1, 2]  # issue 21's batch-size curve
+    loop = reports["loop-vit-ti16"]  # issue 21 item 5: the loop against the bare kd step, with data workers
+    assert loop["settings"]["model"] == "vit-ti16" and loop["settings"]["num_workers"] == 8
+    assert len(loop["raw_seconds"]) == len(loop["loop_seconds"]) == 1 and "loop overhead:" in log
     # bench/layer_times.py: each layer's tokens, the hook-free speed-up next to the FLOPs ratio, the variant asked for
     for variant, settings in {
         "conv": {"patch_embed": "conv", "merged_only": False, "merged_sdpa": None},
