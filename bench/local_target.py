@@ -27,7 +27,6 @@ import common  # noqa: F401  first: Hub and datasets offline, this repository on
 import small_data
 import torch
 
-from retrofit.merger import PatchMerger
 from retrofit.surgery import encoder_layers
 
 
@@ -50,7 +49,7 @@ class LocalTarget:
         self.hooks += [layer.register_forward_hook(self._keep(self.student_out)) for layer in student_layers[after:]]
         self.hooks += [layer.register_forward_hook(self._keep(self.teacher_out)) for layer in teacher_layers[after:]]
 
-    def _record_weights(self, module: PatchMerger, args: tuple, output: torch.Tensor) -> None:
+    def _record_weights(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
         self.weights = module.merge_weights(args[0][:, module.num_prefix_tokens :])
 
     @staticmethod

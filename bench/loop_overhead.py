@@ -33,6 +33,7 @@ from pathlib import Path
 import common  # first: Hub and datasets offline, this repository on the import path
 import torch
 
+from retrofit.benchmark import DTYPES, hardware_name
 from retrofit.losses import kd_loss
 
 
@@ -58,7 +59,7 @@ def raw_step_seconds(student, teacher, pixels: torch.Tensor, steps: int, precisi
     device = pixels.device
     student, teacher = student.to(device).train(), teacher.to(device)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = DTYPES.get(precision)  # "no": None
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -77,12 +78,6 @@ def raw_step_seconds(student, teacher, pixels: torch.Tensor, steps: int, precisi
         step()
     synchronize(device)
     return (time.perf_counter() - start) / steps
-
-
-def device_name(device: str, threads: int) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"CPU ({threads} threads)"
 
 
 def synchronize(device: torch.device) -> None:
@@ -150,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     overheads = [b / a - 1 for a, b in zip(raw, loop, strict=True)]
     lines = [
         f"`{args.model or args.source}` merged {args.merge}, kd, batch {args.batch_size}, "
-        f"{device_name(args.device, args.threads)}, mixed precision {args.mixed_precision}, "
+        f"{hardware_name(args.device)}, mixed precision {args.mixed_precision}, "
         f"{args.num_workers} dataloader workers, "
         f"torch {torch.__version__}",
         "",
