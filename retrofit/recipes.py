@@ -12,9 +12,11 @@ A recipe either fine-tunes a merged model (``source`` + ``merge``) or pretrains 
 from __future__ import annotations
 
 import re
+import typing
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
+from typing import Literal
 
 from .errors import RetrofitError, brief, did_you_mean
 from .settings import (
@@ -67,7 +69,8 @@ def validate(recipe: dict, where: str = "recipe") -> dict:
                 raise RetrofitError(f"unknown key '{section}.{key}' in {where}{did_you_mean(str(key), keys)}")
         values = {}
         for group in dict.fromkeys(owner for owner, _ in keys.values()):
-            mine = {name: _number(given[key]) for key, (owner, name) in keys.items() if owner is group and key in given}
+            mine = {name: _as_meant(group, name, given[key])
+                    for key, (owner, name) in keys.items() if owner is group and key in given}  # fmt: skip
             _require(group, mine, section, where)
             built = _build(group, mine, lambda name, s=section, g=group: f"{s}.{_key_of(g, name)}", where)
             values.update({_key_of(group, name): value for name, value in vars(built).items()})
@@ -110,9 +113,18 @@ def _build(group: type, values: dict, name_of: Callable[[str], str], where: str)
         raise RetrofitError(f"{name_of(exc.name)} in {where} {exc.problem}") from None
 
 
-def _number(value):
-    """`value`, or the float it spells if it is text such as ``1e-4`` (see `EXPONENT_NUMBER`)."""
-    return float(value) if isinstance(value, str) and EXPONENT_NUMBER.fullmatch(value.strip()) else value
+def _as_meant(group: type, name: str, value):
+    """`value` as the recipe's author meant it: text such as ``1e-4`` is the number it spells (see
+    `EXPONENT_NUMBER`), and YAML 1.1's booleans ``no``/``yes`` (``false``/``true``, ``off``/``on``) are the words
+    ``no``/``yes`` where the setting is a choice of words that has them (``mixed_precision: no``)."""
+    if isinstance(value, str) and EXPONENT_NUMBER.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, bool):
+        kind = typing.get_type_hints(group).get(name)
+        word = "yes" if value else "no"
+        if typing.get_origin(kind) is Literal and word in typing.get_args(kind):
+            return word
+    return value
 
 
 def parse_value(text: str):

@@ -55,6 +55,24 @@ def test_mistyped_keys_name_the_nearest(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_yaml_no_is_the_word_no_where_a_setting_offers_it(tmp_path):
+    """YAML 1.1 reads ``no`` as false: ``mixed_precision: no`` in a file and ``--set training.mixed_precision=no``
+    must still mean "no mixed precision", while a true/false setting keeps its boolean and a bad one is refused."""
+    from retrofit.recipes import parse_value
+
+    path = tmp_path / "r.yaml"
+    text = yaml.safe_dump(tiny_recipe("x", "y", tmp_path / "out")).replace(
+        "loss: kd", "loss: kd\n  mixed_precision: no"
+    )
+    path.write_text(text)
+    assert load_recipe(path)["training"]["mixed_precision"] == "no"
+    overrides = {"training.mixed_precision": parse_value("no"), "training.gradient_checkpointing": parse_value("no")}
+    recipe = load_recipe(write(tmp_path / "s.yaml", tiny_recipe("x", "y", tmp_path / "out")), overrides)
+    assert recipe["training"]["mixed_precision"] == "no" and recipe["training"]["gradient_checkpointing"] is False
+    with pytest.raises(RetrofitError, match="training.mixed_precision .*must be one of no, bf16, fp16, not True"):
+        load_recipe(path, {"training.mixed_precision": parse_value("yes")})
+
+
 def test_run_a_tiny_recipe_with_overrides(tiny_vit, tmp_path, capsys):
     data = make_imagefolder(tmp_path / "colours", per_class=4, test_per_class=4)
     path = write(tmp_path / "tiny.yaml", tiny_recipe(tiny_vit, data, tmp_path / "ignored"))
