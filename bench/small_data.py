@@ -25,6 +25,11 @@ draws the sample and the training order: runs are paired by seed), then scored o
     .venv/bin/python bench/small_data.py --images 2000 --runs default --json bench/results/small-data-2000-default.json
     .venv/bin/python bench/small_data.py --images 2000 --runs ema --json bench/results/small-data-2000-ema.json
 
+On a GPU, for any source (bench/gpu_session.sh: the ViT-S/16 of recipes/fashion-mnist-vit-s16.yaml)::
+
+    python bench/small_data.py --source out/fashion-mnist-vit-s16 --settings 6:8,3:8 --runs default \
+        --mixed-precision bf16 --num-workers 8 --eval-batch-size 500 --json small-data-vit-s16.json
+
 Prints the budget each run chose (finetune's line), a Markdown table (steps, mean and per-seed accuracy, Δ against the
 source, wall time) and writes all numbers as JSON.
 """
@@ -39,8 +44,10 @@ import time
 from pathlib import Path
 
 import common  # first: Hub and datasets offline, this repository on the import path
+import torch
 
 from retrofit import evaluate_models, finetune
+from retrofit.benchmark import hardware_name
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--feature-weight", type=float, default=1.0, help="the features run's --feature-weight")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--eval-limit", type=int, help="test images (default: all 10,000)")
+    parser.add_argument("--eval-batch-size", type=int, default=64, help="batch size of the scoring on the test set")
+    parser.add_argument("--mixed-precision", default="no", help="finetune's --mixed-precision (bf16 on a GPU)")
+    parser.add_argument("--num-workers", type=int, default=0, help="finetune's --num-workers (dataloader processes)")
     parser.add_argument("--json", default="bench/results/small-data.json")
     return parser.parse_args(argv)
 
@@ -77,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet = lambda _: None  # noqa: E731
     seeds = [int(seed) for seed in args.seeds.split(",")]
     score = lambda model: evaluate_models(  # noqa: E731
-        [model], data="fashion-mnist", split="test", limit=args.eval_limit, log=quiet
+        [model], data="fashion-mnist", split="test", limit=args.eval_limit, batch_size=args.eval_batch_size, log=quiet
     )["models"][0]["top1"]
     source = score(args.source)
     rows = []
@@ -92,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                     said: list[str] = []
                     result = finetune(args.source, output=out, after_layer=k, num_tokens=m, data="fashion-mnist",
                                       loss="kd", sample=args.images, seed=seed, eval_split=None, progress=False,
+                                      mixed_precision=args.mixed_precision, num_workers=args.num_workers,
                                       log=said.append, **RUNS[run](args))  # fmt: skip
                     budgets.append(next(line for line in said if line.startswith("training ")))  # the budget line
                     seconds.append(time.perf_counter() - started)
@@ -116,9 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             f"| K={row['setting'].replace(':', ' M=')} | {row['run']} | {steps} | {100 * row['mean']:.2f} % | {per} | "
             f"{100 * (row['mean'] - source):+.2f} pt | {statistics.mean(row['seconds']):.0f} |"
         )
-    table = "\n".join(lines)
+    hardware = hardware_name("cuda" if torch.cuda.is_available() else "cpu")  # where Accelerate trained
+    table = f"`{args.source}`, {args.images} training images, {hardware}, precision {args.mixed_precision}\n\n"
+    table += "\n".join(lines)
     print(table)
-    report = {"settings": vars(args), "source_accuracy": source, "rows": rows, "table": table}
+    report = {"settings": vars(args), "hardware": hardware, "source_accuracy": source, "rows": rows, "table": table}
     common.write_json(args.json, report)
     return 0
 

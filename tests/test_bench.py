@@ -472,7 +472,8 @@ def test_the_prepared_gpu_session_runs_every_step_on_the_cpu(tmp_path):
     import tarfile
 
     script = REPO / "bench" / "gpu_session.sh"
-    env = {**os.environ, "SMOKE": "1", "DEVICE": "cpu", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    env = {**os.environ, "SMOKE": "1", "DEVICE": "cpu", "OUT": str(tmp_path), "PYTHON": sys.executable,
+           "WHEELS": str(tmp_path / "no-wheels")}  # a developer's .whl (for the GPU machine) stays out  # fmt: skip
     done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.tgz", "session.log"]  # the device tool's limits
@@ -481,6 +482,7 @@ def test_the_prepared_gpu_session_runs_every_step_on_the_cpu(tmp_path):
     assert "max |logit difference| vs the conv" in log and "speed-up ÷ FLOPs ratio" in log  # layer_times' tables
     assert "| gradient checkpointing | peak memory above weights + optimizer (MiB) |" in log
     with tarfile.open(tmp_path / "results.tgz") as results:
+        assert all(member.isdir() or member.name.endswith(".json") for member in results)  # no model comes back
         reports = {
             Path(member.name).stem: json.load(results.extractfile(member))
             for member in results.getmembers()
@@ -489,17 +491,26 @@ def test_the_prepared_gpu_session_runs_every_step_on_the_cpu(tmp_path):
     assert sorted(reports) == [
         "checkpointing-vit-ti16",
         "curve-vit-ti16",
+        "full-data-vit-s16",
         "layers-vit-ti16-channels-last",
         "layers-vit-ti16-conv",
         "layers-vit-ti16-gemm-merged-only",
         "layers-vit-ti16-sdpa-math",
         "loop-vit-ti16",
+        "small-data-vit-s16",
         "speed-positions",
     ]
     assert reports["curve-vit-ti16"]["settings"]["batch_sizes"] == [1, 2]  # issue 21's batch-size curve
     loop = reports["loop-vit-ti16"]  # issue 21 item 5: the loop against the bare kd step, with data workers
     assert loop["settings"]["model"] == "vit-ti16" and loop["settings"]["num_workers"] == 8
     assert len(loop["raw_seconds"]) == len(loop["loop_seconds"]) == 1 and "loop overhead:" in log
+    # issue 23 item 5: the recipe's teacher (shrunk) trained by `retrofit run`, then fine-tuned on a sample and scored
+    assert "baseline accuracy:" in log and "Fashion-MNIST test split: 10000 images" in log
+    for name, images in (("small-data-vit-s16", 64), ("full-data-vit-s16", 128)):
+        small = reports[name]
+        assert small["settings"]["images"] == images and small["settings"]["source"].endswith("vit-s16")
+        assert [(row["setting"], row["run"], row["steps"]) for row in small["rows"]] == [("2:4", "default", [2])]
+        assert 0 < small["source_accuracy"] <= 1 and 0 < small["rows"][0]["mean"] <= 1
     # bench/layer_times.py: each layer's tokens, the hook-free speed-up next to the FLOPs ratio, the variant asked for
     for variant, settings in {
         "conv": {"patch_embed": "conv", "merged_only": False, "merged_sdpa": None},
