@@ -92,6 +92,7 @@ EXPORT = Kind(
         "configuration_*.py",
         "modeling_*.py",
         "retrofit_results.json",
+        "speed.png",  # the card's batch-size curve (`retrofit bench --card`)
     ),  # fmt: skip
     model_type_suffix="_patch_merger",
 )
@@ -303,17 +304,18 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-def write_files(files: dict[Path, str]) -> None:
-    """Write several files (path -> UTF-8 text) together: every text first goes to a temporary sibling, where a full
-    disk fails before any file is touched, and only then is each renamed into place. Temporary files never stay."""
+def write_files(files: dict[Path, str | bytes]) -> None:
+    """Write several files (path -> UTF-8 text or bytes) together: every one first goes to a temporary sibling, where
+    a full disk fails before any file is touched, and only then is each renamed into place. Temporary files never
+    stay."""
     staged: list[tuple[Path, Path]] = []
     try:
-        for path, text in files.items():
+        for path, content in files.items():
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
             staged.append((Path(tmp), path))
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-                handle.write(text)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(content.encode("utf-8") if isinstance(content, str) else content)
             os.chmod(tmp, 0o644)
         for tmp, path in staged:
             os.replace(tmp, path)

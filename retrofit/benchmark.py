@@ -665,6 +665,44 @@ def spread(result: dict) -> float | None:
     return (max(repeats) - min(repeats)) / result["images_per_s"]
 
 
+def fastest_modes(report: dict) -> list[str]:
+    """For each merged model measured in more than one compile mode: the mode that serves each batch size fastest
+    (highest images/s), as runs of batch sizes, with the speed-up over its source in that same mode, and the batch
+    sizes where it is slower than its source even so. The advice the model card gives on how to serve it."""
+    lines = []
+    merged = [row for row in report["models"] if row["baseline"]]
+    for name in dict.fromkeys(row["model"] for row in merged):
+        rows = [row for row in merged if row["model"] == name]
+        if len(rows) < 2:
+            continue
+        runs: list[tuple[str, list[tuple[int, float | None]]]] = []  # (mode, [(batch size, speed-up), ...])
+        for bs in report["settings"]["batch_sizes"]:
+            measured = [(r["results"][str(bs)]["images_per_s"], r["compile"], r["results"][str(bs)].get("speedup"))
+                        for r in rows if (r["results"].get(str(bs)) or {}).get("images_per_s")]  # fmt: skip
+            if not measured:
+                continue
+            _, mode, speedup = max(measured, key=lambda m: m[0])
+            if runs and runs[-1][0] == mode:
+                runs[-1][1].append((bs, speedup))
+            else:
+                runs.append((mode, [(bs, speedup)]))
+        if not runs:
+            continue
+        parts = []
+        for mode, points in runs:
+            sizes = f"{points[0][0]}" if len(points) == 1 else f"{points[0][0]}–{points[-1][0]}"
+            known = [s for _, s in points if s is not None]
+            low, high = (min(known), max(known)) if known else (None, None)
+            gain = "" if low is None else f" ({low:.2f}×)" if low == high else f" ({low:.2f}–{high:.2f}×)"
+            parts.append(f"{mode} at batch {sizes}{gain}")
+        slower = [f"{bs} ({s:.2f}×)" for _, points in runs for bs, s in points if s is not None and s < 1.0]
+        verdict = (f"slower than its source in that mode at batch {', '.join(slower)}" if slower
+                   else "at least as fast as its source in that mode at every batch size measured")  # fmt: skip
+        lines.append(f"Fastest way to serve `{name}`: {'; '.join(parts)} (speed-up over the source in the same "
+                     f"mode); {verdict}.")  # fmt: skip
+    return lines
+
+
 def markdown_table(report: dict) -> str:
     """The benchmark as a Markdown table (one row per model and compile mode), preceded by the hardware line and
     followed by a note on each measurement whose repeats spread by more than `SPREAD_LIMIT` (flagged ``⚠``): on a
@@ -714,6 +752,8 @@ def markdown_table(report: dict) -> str:
             crossovers.append(f"`{row['model']}` ({row['compile']}) is at least as fast as its source {where}")
     if crossovers:
         lines += ["", "; ".join(crossovers) + "."]
+    for advice in fastest_modes(report):
+        lines += ["", advice]
     if flagged:
         lines += ["", f"⚠ spread over {100 * SPREAD_LIMIT:.0f} % of the median (a loaded machine?): "
                   + "; ".join(flagged) + ". Measure again on an idle machine, or with more --repeats."]  # fmt: skip
@@ -734,19 +774,16 @@ def is_our_plot(path: Path) -> bool:
         return False
 
 
-def plot_batch_sizes(report: dict, path: str | Path, *, overwrite: bool = False) -> Path:
+def batch_size_figure(report: dict) -> bytes:
     """Images/s against batch size (log 2 scale) for every model and compile mode of `report`, each merged model's
-    crossover (`faster_from`) marked, written to the PNG `path` whole or not at all (an existing file only with
-    `overwrite`, and only one this function drew)."""
-    import os
-    import tempfile
+    crossover (`faster_from`) marked, as PNG bytes marked as retrofit's (`PLOT_MARK`)."""
+    import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
     for row in report["models"]:
         points = sorted((int(bs), r["images_per_s"]) for bs, r in row["results"].items() if r.get("images_per_s"))
@@ -761,17 +798,33 @@ def plot_batch_sizes(report: dict, path: str | Path, *, overwrite: bool = False)
                         color=line.get_color(), xytext=(4, -12), textcoords="offset points")  # fmt: skip
     env = report["environment"]
     ax.set_xscale("log", base=2)
+    sizes = sorted({int(bs) for row in report["models"] for bs in row["results"]})
+    ax.set_xticks(sizes, [str(bs) for bs in sizes])  # the batch sizes measured, written out (not 2^k)
+    ax.minorticks_off()
     ax.set_xlabel("batch size")
     ax.set_ylabel("images/s")
     ax.set_title(f"{env['hardware']}, {env['dtype']}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": PLOT_MARK})
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def plot_batch_sizes(report: dict, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write `batch_size_figure` to the PNG `path` whole or not at all (an existing file only with `overwrite`, and
+    only one this function drew)."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    figure = batch_size_figure(report)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, metadata={"Software": PLOT_MARK})
-        plt.close(fig)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(figure)
         if overwrite and path.exists():
             os.replace(tmp, path)
         else:

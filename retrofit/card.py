@@ -178,6 +178,7 @@ pipe = pipeline("{head.pipeline_tag}", model="{name}", trust_remote_code=True)
 # ----------------------------------------------------------------------------------------------------------------
 
 RESULTS_FILE = "retrofit_results.json"
+CURVE_FILE = "speed.png"  # images/s against batch size, drawn by `bench --card` when it measured several batch sizes
 _REPORTS = ("evaluation", "benchmark", "run")
 
 
@@ -236,11 +237,24 @@ def _load_results(export: Path) -> dict:
     return results
 
 
-def _render(results: dict, export: Path) -> tuple[str, list[EvalResult] | None]:
-    """The card's Results section and model-index entries (None: no evaluation of the export) for `results`."""
+def _render(results: dict, export: Path, curve: bool = False) -> tuple[str, list[EvalResult] | None]:
+    """The card's Results section and model-index entries (None: no evaluation of the export) for `results`;
+    `curve`: the export holds `CURVE_FILE`, drawn from the stored benchmark."""
     evaluation = results.get("evaluation")
     row = _find(_rows(evaluation), "model", (evaluation or {}).get("this"))
-    return results_section(results, export), None if row is None else eval_results_from(evaluation, row)
+    return results_section(results, export, curve), None if row is None else eval_results_from(evaluation, row)
+
+
+def _check_curve(export: Path) -> None:
+    """Refuse to write the card's curve over a `CURVE_FILE` that retrofit did not draw."""
+    from .benchmark import is_our_plot
+
+    curve = export / CURVE_FILE
+    if (curve.exists() or curve.is_symlink()) and (curve.is_symlink() or not is_our_plot(curve)):
+        raise RetrofitError(
+            f"--card {export}: {CURVE_FILE} there is not a plot retrofit drew, and the card's batch-size curve goes "
+            "there; move it out of the export, then retry"
+        )
 
 
 def check_card_target(export: str | Path, models: list[str]) -> Path:
@@ -256,6 +270,7 @@ def check_card_target(export: str | Path, models: list[str]) -> Path:
     if not any(_same_model(spec, export) for spec in models):
         raise RetrofitError(f"--card {export}: the export must also be one of the models measured; add it to them")
     _load_card(export)
+    _check_curve(export)
     results = _load_results(export)
     try:
         _render(results, export)
@@ -332,8 +347,9 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f} %"
 
 
-def results_section(results: dict, export: Path) -> str:
-    """Markdown for the card's Results section: a before/after table, then the full evaluation and speed tables."""
+def results_section(results: dict, export: Path, curve: bool = False) -> str:
+    """Markdown for the card's Results section: a before/after table, then the full evaluation and speed tables
+    (with the batch-size curve, `CURVE_FILE`, where `curve`)."""
     evaluation, bench = results.get("evaluation"), results.get("benchmark")
     this_eval = _find(_rows(evaluation), "model", (evaluation or {}).get("this"))
     this_bench = _find(_rows(bench), "model", (bench or {}).get("this"))
@@ -386,9 +402,11 @@ def results_section(results: dict, export: Path) -> str:
     if bench:
         from .benchmark import markdown_table
 
+        picture = f"\n\n![images/s against batch size, source and merged]({CURVE_FILE})" if curve else ""
         parts.append(
             "### Speed\n\nMeasured with `retrofit bench` (median of repeats, models measured alternately):\n\n"
             + markdown_table(bench)
+            + picture
         )
     return "\n\n".join(parts) if parts else "Not evaluated yet."
 
@@ -408,8 +426,10 @@ def update_card(
     export: str | Path, *, evaluation: dict | None = None, benchmark: dict | None = None, run: dict | None = None
 ) -> Path:
     """Write new evaluation and/or benchmark results (or a recipe run's before/after table, `run`: {"table": ...})
-    into an export: `retrofit_results.json`, the README's Results section, and (for evaluations) the model-index
-    metadata, both files or neither. Returns the README path."""
+    into an export: `retrofit_results.json`, the README's Results section, (for evaluations) the model-index
+    metadata and (for a benchmark of several batch sizes) its curve, `CURVE_FILE`, all files or none. Returns the
+    README path."""
+    from .benchmark import is_our_plot
     from .loading import load_config
     from .provenance import made_from
 
@@ -430,13 +450,28 @@ def update_card(
         results[key] = report
     readme = export / "README.md"
     card = _load_card(export)
-    section, eval_results = _render(results, export)
+    curve = export / CURVE_FILE
+    drawn = None  # a new benchmark over several batch sizes: its curve goes into the card (and to the Hub with it)
+    if benchmark is not None and len(benchmark["settings"]["batch_sizes"]) > 1:
+        from .benchmark import batch_size_figure
+
+        _check_curve(export)
+        drawn = batch_size_figure(benchmark)
+    ours = curve.is_file() and not curve.is_symlink() and is_our_plot(curve)
+    stale = benchmark is not None and drawn is None and ours  # a curve of an older benchmark than the new one
+    has_curve = drawn is not None or (ours and not stale)
+    section, eval_results = _render(results, export, has_curve)
     card.text = _replace_section(card.text, "Results", section)
     if eval_results is not None:
         card.data.model_name = card.data.model_name or export.resolve().name
         card.data.eval_results = eval_results
+    files = {export / RESULTS_FILE: json.dumps(results, indent=2) + "\n", readme: str(card)}
+    if drawn is not None:
+        files[curve] = drawn
     try:
-        write_files({export / RESULTS_FILE: json.dumps(results, indent=2) + "\n", readme: str(card)})
+        write_files(files)
+        if stale:
+            curve.unlink()
     except OSError as exc:
         raise RetrofitError(
             f"--card {export}: could not write the results ({describe_os_error(exc)}); the card was left as it was"

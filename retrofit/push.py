@@ -101,9 +101,9 @@ def _code_files(auto_map: object, export: str | Path) -> list[str]:
 
 def export_files(export: str | Path) -> list[str]:
     """The files of a complete export, which are all `push` uploads: `REQUIRED_FILES`, the weights (single file or
-    shards, their safetensors headers read), the code files its config's ``auto_map`` names, and the results file and
-    a dual encoder's tokenizer files if there are any. Each must be a regular file, not a link. Raises `RetrofitError`
-    naming what is wrong."""
+    shards, their safetensors headers read), the code files its config's ``auto_map`` names, and the results file,
+    the card's speed curve and a dual encoder's tokenizer files if there are any. Each must be a regular file, not a
+    link. Raises `RetrofitError` naming what is wrong."""
     from .export import REQUIRED_FILES
 
     folder = Path(export)
@@ -140,11 +140,11 @@ def export_files(export: str | Path) -> list[str]:
         )
     for name in weights:
         _check_safetensors(folder / name, export)
-    from .card import RESULTS_FILE
+    from .card import CURVE_FILE, RESULTS_FILE
 
-    results = folder / RESULTS_FILE  # written by `evaluate --card` / `bench --card`: part of the export too
-    if results.is_file() and not results.is_symlink():
-        required.append(RESULTS_FILE)
+    for name in (RESULTS_FILE, CURVE_FILE):  # written by `evaluate --card` / `bench --card`: part of the export too
+        if (folder / name).is_file() and not (folder / name).is_symlink():
+            required.append(name)
     from .atomic import TOKENIZER_FILES
 
     # A dual encoder's tokenizer (regular files only, like the rest).

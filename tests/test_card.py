@@ -187,3 +187,77 @@ def test_card_names_the_k_of_top_k(tiny_vit, export_dir, tmp_path, key):
     assert f"| after: this model (`{folder}`) | 85.00 % | 98.00 % |" in before_after
     (_, top_k) = card.data.eval_results
     assert (top_k.metric_name, top_k.metric_value, top_k.metric_args) == ("Top-2 accuracy", 0.98, {"k": 2})
+
+
+def curve_bench(source: str, export: str) -> dict:
+    """A benchmark over batch sizes 1, 8 and 64 in two compile modes: CUDA graphs win at batch 1, eager above."""
+    rates = {  # (model, mode) -> images/s at batch 1, 8, 64
+        (source, "eager"): (100.0, 700.0, 1000.0),
+        (export, "eager"): (90.0, 800.0, 1800.0),
+        (source, "reduce-overhead"): (200.0, 720.0, 1000.0),
+        (export, "reduce-overhead"): (250.0, 790.0, 1700.0),
+    }
+    models = []
+    for (name, mode), row_rates in rates.items():
+        baseline = source if name == export else None
+        results = {}
+        for bs, rate in zip((1, 8, 64), row_rates, strict=True):
+            theirs = rates[(source, mode)][(1, 8, 64).index(bs)]
+            results[str(bs)] = {"status": "ok", "images_per_s": rate, "speedup": rate / theirs if baseline else None}
+        models.append({"model": name, "compile": mode, "baseline": baseline, "gflops": 9.2 if baseline else 17.6,
+                       "flops_ratio": 1.9 if baseline else None, "results": results, "latency_ms_batch1": None,
+                       "faster_from_batch_size": 1 if baseline and mode == "reduce-overhead" else None})  # fmt: skip
+    return {
+        "environment": {"hardware": "Test GPU", "dtype": "bf16", "torch": "2", "transformers": "5"},
+        "settings": {"batch_sizes": [1, 8, 64]},
+        "models": models,
+    }
+
+
+def test_the_card_shows_the_batch_size_curve_and_which_mode_serves_each_batch_size(tiny_vit, export_dir, tmp_path):
+    """A benchmark of several batch sizes puts its curve (speed.png, retrofit's PNG) into the export, shown in the
+    card with the advice of which compile mode serves each batch size; push uploads it; a later benchmark of one batch
+    size removes it; a speed.png of the user's is never replaced, and the card is then left as it was."""
+    from PIL import Image
+
+    from retrofit.push import export_files
+
+    folder = tmp_path / "vit-pm"
+    shutil.copytree(export_dir, folder)
+    update_card(folder, benchmark=curve_bench(str(tiny_vit), str(folder)))
+    with Image.open(folder / "speed.png") as image:
+        assert image.format == "PNG" and image.info["Software"] == "retrofit bench"
+    text = (folder / "README.md").read_text()
+    assert "![images/s against batch size, source and merged](speed.png)" in text
+    assert (
+        f"Fastest way to serve `{folder}`: reduce-overhead at batch 1 (1.25×); eager at batch 8–64 (1.14–1.80×) "
+        "(speed-up over the source in the same mode); at least as fast as its source in that mode at every batch "
+        "size measured." in text
+    )
+    assert "speed.png" in export_files(folder)
+    update_card(folder, evaluation=evaluation(str(tiny_vit), str(folder)))  # an evaluation keeps the curve
+    assert "](speed.png)" in (folder / "README.md").read_text() and (folder / "speed.png").is_file()
+    update_card(folder, benchmark=bench(str(tiny_vit), str(folder)))  # one batch size: no curve to show
+    assert not (folder / "speed.png").exists() and "speed.png" not in (folder / "README.md").read_text()
+    assert "speed.png" not in export_files(folder)
+    Image.new("RGB", (4, 4)).save(folder / "speed.png")  # the user's own picture
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    with pytest.raises(RetrofitError, match="speed.png there is not a plot retrofit drew"):
+        check_card_target(folder, [str(folder)])
+    with pytest.raises(RetrofitError, match="speed.png there is not a plot retrofit drew"):
+        update_card(folder, benchmark=curve_bench(str(tiny_vit), str(folder)))
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+
+
+def test_the_mode_advice_names_the_batch_sizes_where_the_export_is_slower():
+    from retrofit.benchmark import fastest_modes, markdown_table
+
+    report = curve_bench("src", "out")
+    report["models"][1]["results"]["8"].update(images_per_s=600.0, speedup=600.0 / 700.0)  # eager out, batch 8
+    report["models"][3]["results"]["8"].update(images_per_s=700.0, speedup=700.0 / 720.0)  # graphs out, batch 8
+    (advice,) = fastest_modes(report)
+    assert advice.startswith("Fastest way to serve `out`: reduce-overhead at batch 1–8 (0.97–1.25×); eager at batch ")
+    assert advice.endswith("slower than its source in that mode at batch 8 (0.97×).")
+    assert advice in markdown_table(report)
+    report["models"] = [row for row in report["models"] if row["compile"] == "eager"]  # one mode: nothing to choose
+    assert fastest_modes(report) == []
