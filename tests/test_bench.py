@@ -549,7 +549,8 @@ def test_forward_overhead_counts_the_mergers_operators(tmp_path):
 
 @pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist is not installed")
 def test_loop_overhead_times_the_loop_against_the_raw_step(tmp_path):
-    """bench/loop_overhead.py (issue 21 item 5): the raw kd step and the loop's per-step time, paired."""
+    """bench/loop_overhead.py (issue 21 item 5): the raw kd step and the loop's per-step time, paired, the loop also
+    with its data served from memory; the probe that serves it is undone afterwards."""
     out = tmp_path / "loop.json"
     argv = ["--steps", "4", "--repeats", "1", "--batch-size", "8", "--json", str(out)]
     done = subprocess.run([sys.executable, str(REPO / "bench" / "loop_overhead.py"), *argv], capture_output=True,
@@ -557,7 +558,26 @@ def test_loop_overhead_times_the_loop_against_the_raw_step(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
     assert len(report["raw_seconds"]) == len(report["loop_seconds"]) == 1 and report["raw_seconds"][0] > 0
-    assert "loop overhead:" in done.stdout
+    assert len(report["memory_loop_seconds"]) == 1 and report["memory_loop_seconds"][0] > 0
+    assert "loop overhead:" in done.stdout and "with the data in memory:" in done.stdout
+
+
+def test_the_loop_overhead_probe_serves_the_prepared_batch_and_restores_the_data_path(monkeypatch):
+    import importlib.util
+
+    from retrofit.data import TransformedDataset
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))  # the script's `import common`, as when it runs as a file
+
+    spec = importlib.util.spec_from_file_location("loop_overhead", REPO / "bench" / "loop_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    real = TransformedDataset.__getitems__
+    pixels = torch.randn(3, 3, 8, 8)
+    with module.data_in_memory(pixels):
+        items = TransformedDataset.__getitems__(None, [0, 4])  # the dataset is not read at all
+    assert TransformedDataset.__getitems__ is real
+    torch.testing.assert_close(torch.stack([item["pixel_values"] for item in items]), pixels[[0, 1]])
 
 
 @pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist is not installed")
