@@ -880,7 +880,7 @@ def run_bench(args: BenchArgs, *, log: Callable[[str], None] | None = None) -> d
     if args.card:
         from .card import check_card_target
 
-        check_card_target(args.card, args.models)
+        check_card_target(args.card, args.models, curve=len(args.batch_sizes) > 1)
     if args.json is not None:
         check_file_output(args.json, "--json", args.overwrite, inputs=args.models)
     if args.plot is not None:

@@ -257,9 +257,10 @@ def _check_curve(export: Path) -> None:
         )
 
 
-def check_card_target(export: str | Path, models: list[str]) -> Path:
+def check_card_target(export: str | Path, models: list[str], *, curve: bool = False) -> Path:
     """Check that `export` is a retrofit export with a README.md and is one of `models`, and that its card and
-    stored results can be read and updated; return its path. Called before any measurement."""
+    stored results (and, with `curve`, its `CURVE_FILE`) can be read and updated; return its path. Called before any
+    measurement."""
     from .loading import is_merged, load_config
 
     export = Path(export)
@@ -270,7 +271,8 @@ def check_card_target(export: str | Path, models: list[str]) -> Path:
     if not any(_same_model(spec, export) for spec in models):
         raise RetrofitError(f"--card {export}: the export must also be one of the models measured; add it to them")
     _load_card(export)
-    _check_curve(export)
+    if curve:
+        _check_curve(export)
     results = _load_results(export)
     try:
         _render(results, export)
