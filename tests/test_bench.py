@@ -15,6 +15,7 @@ from test_data import FMNIST
 from transformers import ViTForImageClassification
 
 from retrofit import benchmark, convert
+from retrofit.benchmark import is_our_plot
 from retrofit.cli import main
 from retrofit.cost import model_cost
 from retrofit.errors import RetrofitError
@@ -95,6 +96,26 @@ def test_batch_size_curve_is_plotted_with_the_crossover(tiny_vit, tmp_path, caps
     assert "is not a file retrofit wrote" in capsys.readouterr().err
     assert main(["bench", str(tiny_vit), "--plot", str(tmp_path / "curve.svg")]) == 2
     assert "--plot must be a file name ending in .png" in capsys.readouterr().err
+
+
+def test_bench_card_over_batch_sizes_draws_the_curve_into_the_export(tiny_vit, export_dir, tmp_path, capsys):
+    """`bench --card` over several batch sizes writes speed.png into the export and shows it in the card; a speed.png
+    of the user's there is refused in one line before anything is measured, and stays as it was."""
+    from PIL import Image
+
+    folder = tmp_path / "vit-pm"
+    shutil.copytree(export_dir, folder)
+    argv = ["bench", str(tiny_vit), str(folder), "--batch-size", "1,2", "--card", str(folder), *QUICK]
+    assert main(argv) == 0
+    assert is_our_plot(folder / "speed.png") and "](speed.png)" in (folder / "README.md").read_text()
+    capsys.readouterr()
+    (folder / "speed.png").unlink()
+    Image.new("RGB", (4, 4)).save(folder / "speed.png")
+    mine = (folder / "speed.png").read_bytes()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "speed.png there is not a plot retrofit drew" in err[0]
+    assert (folder / "speed.png").read_bytes() == mine
 
 
 def test_crossover_is_the_batch_size_from_which_the_merged_model_stays_faster():
