@@ -2,17 +2,19 @@
 """How much the training loop adds to the arithmetic of a `finetune --loss kd` step.
 
 A step of kd is: the teacher's forward (no gradients), the merged student's forward and backward, the KL loss and an
-AdamW step. This times that step two ways on the same model, batch size and thread count, alternately:
+AdamW step. This times that step two ways on the same model, batch size and thread count:
 
-- **raw**: those operations alone, on one batch of images already in memory;
+- **raw**: those operations alone, on one batch of images already in memory (a copy of the model);
 - **loop**: `retrofit.train.train`, the loop `finetune` runs (its dataloader reading and preparing Fashion-MNIST
-  images through the checkpoint's processor, Accelerate's wrappers, the progress bar, logging), per step: the time of
-  a run of ``--steps`` steps minus a run of ``--steps // 4`` steps, divided by the difference, so the set-up both share
-  (loading, calibration, the Accelerator) cancels out.
-
+  images through the checkpoint's processor, Accelerate's wrappers, clipping, the NaN check, the scheduler, the
+  progress bar);
 - **loop, data in memory**: the same loop with its dataset's ``__getitems__`` serving the raw step's prepared batch
-  (no image read or processed), so that the loop's own machinery (Accelerate, clipping, the NaN check, scheduler,
-  progress bar) is separated from preparing the images.
+  (no image read or processed), so that the loop's own machinery is separated from preparing the images.
+
+The two alternate inside one run of the loop, in blocks of ``--block`` steps: every ``--block`` loop steps, where the
+loop is about to compute its loss, ``--block`` raw steps run and are timed apart, so a loop block and the raw block
+after it see the same machine (a shared machine's speed drifts from one minute to the next). The first pair is
+warm-up and dropped; each pair gives loop ÷ raw − 1, and the overhead is the median over the pairs of all repeats.
 
 The loop's overhead is loop ÷ raw − 1 (the issue's target: at most 15 %). ``--model vit-b16`` times a named shape
 instead (random weights, a 224×224 processor that upscales Fashion-MNIST, as `retrofit bench` builds it), on a GPU
@@ -33,7 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import common  # first: Hub and datasets offline, this repository on the import path
@@ -51,16 +53,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
     parser.add_argument("--merge", default="3:8", help="K:M")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=200, help="steps of the longer loop run")
+    parser.add_argument("--steps", type=int, default=200, help="steps of each loop run")
+    parser.add_argument("--block", type=int, default=10, help="loop steps, then as many raw steps, alternately")
     parser.add_argument("--repeats", type=int, default=3, help="paired (raw, loop) measurements")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-workers", type=int, default=0, help="the loop's dataloader worker processes")
     parser.add_argument("--json", help="write the measurements to FILE")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.block < 1 or args.steps <= 2 * args.block:
+        parser.error(f"--steps must be above 2 × --block (the first block pair is warm-up), got {args.steps}")
+    return args
 
 
-def raw_step_seconds(student, teacher, pixels: torch.Tensor, steps: int, precision: str = "no") -> float:
-    """Seconds per kd step on one in-memory batch: teacher forward, student forward/backward, AdamW (under autocast
+def raw_stepper(student, teacher, pixels: torch.Tensor, precision: str = "no") -> Callable[[], None]:
+    """One kd step on one in-memory batch per call: teacher forward, student forward/backward, AdamW (under autocast
     to `precision` where it is not "no", as Accelerate runs the loop)."""
     device = pixels.device
     student, teacher = student.to(device).train(), teacher.to(device)
@@ -76,14 +82,7 @@ def raw_step_seconds(student, teacher, pixels: torch.Tensor, steps: int, precisi
         optimizer.step()
         optimizer.zero_grad()
 
-    for _ in range(3):
-        step()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    return (time.perf_counter() - start) / steps
+    return step
 
 
 def synchronize(device: torch.device) -> None:
@@ -122,22 +121,48 @@ def data_in_memory(pixels: torch.Tensor) -> Iterator[None]:
         TransformedDataset.__getitems__ = real
 
 
-def loop_step_seconds(merged, teacher, processor, batch_size: int, steps: int, num_workers: int = 0,
-                      precision: str = "no") -> float:  # fmt: skip
-    """Seconds per step of `train` (difference of a long and a short run, so that their shared set-up cancels)."""
+def interleaved_seconds(merged, teacher, processor, pixels: torch.Tensor, *, batch_size: int, steps: int, block: int,
+                        num_workers: int = 0, precision: str = "no") -> list[tuple[float, float]]:  # fmt: skip
+    """One run of `train` for `steps` steps with raw steps (on a copy of `merged`) run in between: every `block` loop
+    steps, where the loop is about to compute its loss, `block` raw steps. Returns (loop, raw) seconds per step of
+    each block pair after the first (warm-up)."""
+    import retrofit.train as loop_module
     from retrofit.settings import TrainingRun
-    from retrofit.train import train
 
-    def run(n: int) -> float:
-        settings = TrainingRun(data="fashion-mnist", loss="kd", max_steps=n, batch_size=batch_size, eval_split=None,
-                               sample=steps * batch_size, seed=0, num_workers=num_workers,
-                               mixed_precision=precision)  # fmt: skip
-        result = train(copy.deepcopy(merged), processor, settings, teacher=teacher, progress_bar=True,
-                       log=lambda _: None)  # fmt: skip
-        return result.seconds
+    device = pixels.device
+    raw = raw_stepper(copy.deepcopy(merged), teacher, pixels, precision)
+    for _ in range(3):
+        raw()
+    pairs: list[tuple[float, float]] = []
+    count, since = 0, 0.0
+    real = loop_module.compute_loss
 
-    short = max(1, steps // 4)
-    return (run(steps) - run(short)) / (steps - short)
+    def timed(*args, **kwargs):
+        nonlocal count, since
+        synchronize(device)
+        now = time.perf_counter()
+        if count and count % block == 0:  # a block of loop steps ended here: time it, then a block of raw steps
+            loop = (now - since) / block
+            for _ in range(block):
+                raw()
+            synchronize(device)
+            pairs.append((loop, (time.perf_counter() - now) / block))
+            now = time.perf_counter()
+        if count % block == 0:
+            since = now
+        count += 1
+        return real(*args, **kwargs)
+
+    settings = TrainingRun(data="fashion-mnist", loss="kd", max_steps=steps, batch_size=batch_size, eval_split=None,
+                           sample=steps * batch_size, seed=0, num_workers=num_workers,
+                           mixed_precision=precision)  # fmt: skip
+    loop_module.compute_loss = timed
+    try:
+        loop_module.train(copy.deepcopy(merged), processor, settings, teacher=teacher, progress_bar=True,
+                          log=lambda _: None)  # fmt: skip
+    finally:
+        loop_module.compute_loss = real
+    return pairs[1:]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,23 +183,34 @@ def main(argv: list[str] | None = None) -> int:
         images = load_split("fashion-mnist", "train", limit=args.batch_size)
         pixels = next(iter(make_dataloader(images, processor, batch_size=args.batch_size)))["pixel_values"]
         pixels = pixels.to(args.device)
-        raw, loop, memory = [], [], []
-        for _ in range(args.repeats):  # paired: raw, then both loops, so machine load affects all alike
-            raw.append(raw_step_seconds(copy.deepcopy(merged), teacher, pixels, args.steps, args.mixed_precision))
-            with data_in_memory(pixels):
-                memory.append(loop_step_seconds(merged, teacher, processor, args.batch_size, args.steps,
-                                                args.num_workers, args.mixed_precision))  # fmt: skip
-            loop.append(loop_step_seconds(merged, teacher, processor, args.batch_size, args.steps, args.num_workers,
-                                          args.mixed_precision))  # fmt: skip
-    overheads = [b / a - 1 for a, b in zip(raw, loop, strict=True)]
-    machinery = [b / a - 1 for a, b in zip(raw, memory, strict=True)]
+        runs = {"memory": [], "loop": []}  # each repeat: the (loop, raw) block pairs of one run
+        for _ in range(args.repeats):
+            for name in runs:
+                with data_in_memory(pixels) if name == "memory" else contextlib.nullcontext():
+                    runs[name].append(interleaved_seconds(
+                        merged, teacher, processor, pixels, batch_size=args.batch_size, steps=args.steps,
+                        block=args.block, num_workers=args.num_workers, precision=args.mixed_precision,
+                    ))  # fmt: skip
+    # per repeat: the median loop and raw step; the overheads: every pair's loop ÷ raw − 1, median over all repeats
+    loop = [statistics.median(lp for lp, _ in pairs) for pairs in runs["loop"]]
+    memory = [statistics.median(lp for lp, _ in pairs) for pairs in runs["memory"]]
+    raw = [statistics.median(r for _, r in pairs) for pairs in runs["loop"]]
+    ratios = {name: [lp / r - 1 for pairs in repeats for lp, r in pairs] for name, repeats in runs.items()}
+    overhead, machinery = statistics.median(ratios["loop"]), statistics.median(ratios["memory"])
+
+    def spread(values: list[float]) -> str:
+        if len(values) < 2:
+            return "one pair"
+        low, _, high = statistics.quantiles(values, n=4)
+        return f"middle half of the pairs {100 * low:+.1f} to {100 * high:+.1f} %"
+
     lines = [
         f"`{args.model or args.source}` merged {args.merge}, kd, batch {args.batch_size}, "
         f"{hardware_name(args.device)}, mixed precision {args.mixed_precision}, "
-        f"{args.num_workers} dataloader workers, "
-        f"torch {torch.__version__}",
+        f"{args.num_workers} dataloader workers, torch {torch.__version__}; loop and raw steps alternated in blocks of "
+        f"{args.block}, {len(ratios['loop'])} pairs per loop",
         "",
-        "| step | ms per step (median) | repeats |",
+        "| step | ms per step (median) | per repeat |",
         "|---|---|---|",
         f"| raw: teacher fwd + student fwd/bwd + AdamW | {1e3 * statistics.median(raw):.1f} | "
         + " / ".join(f"{1e3 * s:.1f}" for s in raw)
@@ -186,16 +222,13 @@ def main(argv: list[str] | None = None) -> int:
         + " / ".join(f"{1e3 * s:.1f}" for s in loop)
         + " |",
         "",
-        f"loop overhead: {100 * statistics.median(overheads):+.1f} % (median of the paired repeats: "
-        + ", ".join(f"{100 * o:+.1f} %" for o in overheads)
-        + f"); with the data in memory: {100 * statistics.median(machinery):+.1f} % ("
-        + ", ".join(f"{100 * o:+.1f} %" for o in machinery)
-        + ")",
+        f"loop overhead: {100 * overhead:+.1f} % ({spread(ratios['loop'])}); with the data in memory: "
+        f"{100 * machinery:+.1f} % ({spread(ratios['memory'])})",
     ]
     print("\n".join(lines))
     if args.json:
-        report = {"settings": vars(args), "raw_seconds": raw, "loop_seconds": loop, "overheads": overheads,
-                  "memory_loop_seconds": memory, "memory_overheads": machinery, "torch": torch.__version__,
+        report = {"settings": vars(args), "raw_seconds": raw, "loop_seconds": loop, "memory_loop_seconds": memory,
+                  "overhead": overhead, "memory_overhead": machinery, "pairs": runs, "torch": torch.__version__,
                   "table": "\n".join(lines)}  # fmt: skip
         common.write_json(args.json, report)
     return 0

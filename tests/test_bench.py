@@ -573,7 +573,7 @@ def test_loop_overhead_times_the_loop_against_the_raw_step(tmp_path):
     """bench/loop_overhead.py (issue 21 item 5): the raw kd step and the loop's per-step time, paired, the loop also
     with its data served from memory; the probe that serves it is undone afterwards."""
     out = tmp_path / "loop.json"
-    argv = ["--steps", "4", "--repeats", "1", "--batch-size", "8", "--json", str(out)]
+    argv = ["--steps", "6", "--block", "2", "--repeats", "1", "--batch-size", "8", "--json", str(out)]
     done = subprocess.run([sys.executable, str(REPO / "bench" / "loop_overhead.py"), *argv], capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
@@ -581,6 +581,9 @@ def test_loop_overhead_times_the_loop_against_the_raw_step(tmp_path):
     assert len(report["raw_seconds"]) == len(report["loop_seconds"]) == 1 and report["raw_seconds"][0] > 0
     assert len(report["memory_loop_seconds"]) == 1 and report["memory_loop_seconds"][0] > 0
     assert "loop overhead:" in done.stdout and "with the data in memory:" in done.stdout
+    # 6 steps in blocks of 2: raw blocks after loop steps 2 and 4, the first pair (warm-up) dropped
+    assert [len(pairs) for pairs in report["pairs"]["loop"]] == [1] == [len(p) for p in report["pairs"]["memory"]]
+    assert all(loop > 0 and raw > 0 for pairs in report["pairs"]["loop"] for loop, raw in pairs)
 
 
 def test_the_loop_overhead_probe_serves_the_prepared_batch_and_restores_the_data_path(monkeypatch):
