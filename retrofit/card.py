@@ -245,12 +245,17 @@ def _render(results: dict, export: Path, curve: bool = False) -> tuple[str, list
     return results_section(results, export, curve), None if row is None else eval_results_from(evaluation, row)
 
 
-def _check_curve(export: Path) -> None:
-    """Refuse to write the card's curve over a `CURVE_FILE` that retrofit did not draw."""
+def _is_our_curve(curve: Path) -> bool:
+    """True if `curve` is a regular file (not a link) holding a plot retrofit drew."""
     from .benchmark import is_our_plot
 
+    return curve.is_file() and not curve.is_symlink() and is_our_plot(curve)
+
+
+def _check_curve(export: Path) -> None:
+    """Refuse to write the card's curve over a `CURVE_FILE` that retrofit did not draw."""
     curve = export / CURVE_FILE
-    if (curve.exists() or curve.is_symlink()) and (curve.is_symlink() or not is_our_plot(curve)):
+    if (curve.exists() or curve.is_symlink()) and not _is_our_curve(curve):
         raise RetrofitError(
             f"--card {export}: {CURVE_FILE} there is not a plot retrofit drew, and the card's batch-size curve goes "
             "there; move it out of the export, then retry"
@@ -431,7 +436,6 @@ def update_card(
     into an export: `retrofit_results.json`, the README's Results section, (for evaluations) the model-index
     metadata and (for a benchmark of several batch sizes) its curve, `CURVE_FILE`, all files or none. Returns the
     README path."""
-    from .benchmark import is_our_plot
     from .loading import load_config
     from .provenance import made_from
 
@@ -459,7 +463,7 @@ def update_card(
 
         _check_curve(export)
         drawn = batch_size_figure(benchmark)
-    ours = curve.is_file() and not curve.is_symlink() and is_our_plot(curve)
+    ours = _is_our_curve(curve)
     stale = benchmark is not None and drawn is None and ours  # a curve of an older benchmark than the new one
     has_curve = drawn is not None or (ours and not stale)
     section, eval_results = _render(results, export, has_curve)
