@@ -14,16 +14,16 @@ AdamW step. This times that step two ways on the same model, batch size and thre
 The two alternate inside one run of the loop, in blocks of ``--block`` steps: every ``--block`` loop steps, where the
 loop is about to compute its loss, ``--block`` raw steps run and are timed apart, so a loop block and the raw block
 after it see the same machine (a shared machine's speed drifts from one minute to the next). The first pair is
-warm-up and dropped; each pair gives loop ÷ raw − 1, and the overhead is the median over the pairs of all repeats.
+warm-up and dropped; each pair gives loop ÷ raw − 1, and the loop's overhead is the median over the pairs of all
+repeats (the issue's target: at most 15 %).
 
-The loop's overhead is loop ÷ raw − 1 (the issue's target: at most 15 %). ``--model vit-b16`` times a named shape
-instead (random weights, a 224×224 processor that upscales Fashion-MNIST, as `retrofit bench` builds it), on a GPU
-with ``--device cuda --mixed-precision bf16`` (the raw step under the same autocast; `train` picks the GPU itself).
-``--num-workers`` gives the loop's dataloader worker processes. Examples::
+``--model vit-b16`` times a named shape instead (random weights, a 224×224 processor that upscales Fashion-MNIST, as
+`retrofit bench` builds it), on a GPU with ``--device cuda --mixed-precision bf16`` (the raw step under the same
+autocast; `train` picks the GPU itself). ``--num-workers`` gives the loop's dataloader worker processes. Examples::
 
     python bench/loop_overhead.py --json bench/results/cpu-loop-overhead.json
     python bench/loop_overhead.py --model vit-b16 --merge 6:8 --device cuda --mixed-precision bf16 --batch-size 128 \
-        --steps 40 --num-workers 8 --json bench/results/gpu-loop-overhead-vit-b16.json
+        --steps 60 --block 5 --num-workers 8 --json bench/results/gpu-loop-overhead-vit-b16.json
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=200, help="steps of each loop run")
     parser.add_argument("--block", type=int, default=10, help="loop steps, then as many raw steps, alternately")
-    parser.add_argument("--repeats", type=int, default=3, help="paired (raw, loop) measurements")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each loop (data in memory, then read)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-workers", type=int, default=0, help="the loop's dataloader worker processes")
     parser.add_argument("--json", help="write the measurements to FILE")
