@@ -6,7 +6,7 @@ loaded with ``weights_only=True``), ``progress.json`` (the loop's position: text
 written into ``.step-NNNNNNNN.tmp`` and renamed into place, so a run killed at any moment leaves only complete
 checkpoints. ``run.json`` records what the checkpoints were made for (`RUN_SETTINGS`); ``--resume`` refuses other
 settings, and the training budget the run chose (`recorded_budget`), which a resumed run keeps. The folder may hold
-the user's own files: only retrofit's checkpoints are ever listed or deleted.
+the user's own files: only retrofit's checkpoints and its own ``run.json`` are ever listed, replaced or deleted.
 """
 
 from __future__ import annotations
@@ -32,11 +32,16 @@ class Progress:
         return {"step": self.step, "epoch": self.epoch, "batch": self.batch}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.epoch, self.batch = int(state["step"]), int(state["epoch"]), int(state["batch"])
+        """Restore a saved position; a value that is not a count (an edited file) is a `ValueError`."""
+        values = [state[key] for key in ("step", "epoch", "batch")]
+        if not all(type(value) is int and value >= 0 for value in values):
+            raise ValueError(f"the position {state} is not three counts")
+        self.step, self.epoch, self.batch = values
 
 
 PROGRESS_FILE = "progress.json"
 EMA_FILE = "ema.safetensors"  # with --ema-decay: the moving average of the trainable weights
+RUN_FILE = "run.json"
 # What an older retrofit stored the progress in: a pickle (Accelerate's custom state), which is never loaded.
 PICKLED_PROGRESS = "custom_checkpoint_0.pkl"
 CHECKPOINT_NAME = re.compile(r"step-(\d{8})")
@@ -66,6 +71,21 @@ def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if is_checkpoint(p)), key=lambda p: p.name)
 
 
+def read_run_record(checkpoint_dir: Path) -> dict | None:
+    """The ``run.json`` retrofit wrote into `checkpoint_dir` (a regular file holding a JSON object with the keys every
+    retrofit since run.json records), or None: there is none, or the file there is not one (retrofit writes it whole,
+    so a damaged one was changed since)."""
+    path = checkpoint_dir / RUN_FILE
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    recorded = isinstance(record, dict) and {"architecture", "merge_after_layer", "merge_num_tokens"} <= record.keys()
+    return record if recorded else None
+
+
 def remove_checkpoints(checkpoint_dir: Path) -> None:
     """Start over (``--overwrite``): delete retrofit's checkpoints, its unfinished ``.step-N.tmp`` folders and its
     ``run.json``, and nothing else: the folder may hold the user's own files."""
@@ -75,12 +95,23 @@ def remove_checkpoints(checkpoint_dir: Path) -> None:
         unfinished = path.name.startswith(".step-") and path.name.endswith(".tmp") and not path.is_symlink()
         if is_checkpoint(path) or unfinished and path.is_dir():
             shutil.rmtree(path)
-    if (checkpoint_dir / "run.json").is_file():
-        (checkpoint_dir / "run.json").unlink()
+    if read_run_record(checkpoint_dir) is not None:
+        (checkpoint_dir / RUN_FILE).unlink()
 
 
 def check_checkpoints(checkpoint_dir: Path | None, *, resume: bool, overwrite: bool) -> list[Path]:
-    """Refuse to mix runs: existing checkpoints need --resume (continue) or --overwrite (start over)."""
+    """Refuse to mix runs: existing checkpoints need --resume (continue) or --overwrite (start over), not both; a
+    ``run.json`` there that retrofit did not write (the run writes its own) is the user's and stays."""
+    if resume and overwrite:
+        raise RetrofitError(
+            "--resume continues the newest checkpoint and --overwrite starts over from none; pass one of them"
+        )
+    record = checkpoint_dir / RUN_FILE if checkpoint_dir else None
+    if record and os.path.lexists(record) and read_run_record(checkpoint_dir) is None:
+        raise RetrofitError(
+            f"'{record}' is not a run record retrofit wrote (a file of yours, or one changed since), and retrofit "
+            "writes its own there: move it out of the checkpoint folder or choose another one"
+        )
     existing = list_checkpoints(checkpoint_dir) if checkpoint_dir else []
     if existing and not resume and not overwrite:
         raise RetrofitError(
@@ -121,19 +152,10 @@ def run_settings(model, train: str, ema_decay: float = 0.0) -> dict:
 
 
 def check_same_run(checkpoint_dir: Path, settings: dict) -> None:
-    """Refuse to resume checkpoints written with other `RUN_SETTINGS` (a one-line error naming the first)."""
-    path = checkpoint_dir / "run.json"
-    if not path.is_file():  # written by a retrofit from before run.json; loading the state checks what it can
-        return
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        saved = exc
-    if not isinstance(saved, dict):
-        raise RetrofitError(
-            f"'{path}' is damaged ({brief(saved) if isinstance(saved, Exception) else 'not a JSON object'}); "
-            "pass --overwrite to start over"
-        )
+    """Refuse to resume checkpoints written with other `RUN_SETTINGS` (a one-line error naming the first). Without a
+    record (a retrofit from before run.json; `check_checkpoints` refused any other file) loading the state checks what
+    it can."""
+    saved = read_run_record(checkpoint_dir) or {}
     for key, flag in RUN_SETTINGS.items():
         if key in saved and saved[key] != settings[key]:
             if key == "architecture":  # a class name, set through --task / --num-labels
@@ -148,14 +170,17 @@ def check_same_run(checkpoint_dir: Path, settings: dict) -> None:
 
 def recorded_budget(checkpoint_dir: Path) -> dict | None:
     """The budget a run chose when it started (``run.json``'s ``budget``: steps, warm-up steps, why), which its
-    resumed runs keep; None where it was not recorded (a retrofit from before it, or a damaged ``run.json``, which
-    `check_same_run` refuses)."""
-    try:
-        budget = json.loads((checkpoint_dir / "run.json").read_text()).get("budget")
-    except (OSError, ValueError, AttributeError):
+    resumed runs keep; None where it was not recorded (a retrofit from before it). One that is not a budget (at least
+    one step, 0 <= warm-up <= steps) was changed since: a one-line error."""
+    budget = (read_run_record(checkpoint_dir) or {}).get("budget")
+    if budget is None:
         return None
-    if not isinstance(budget, dict) or not all(isinstance(budget.get(key), int) for key in ("steps", "warmup")):
-        return None
+    steps, warmup = (budget.get(key) if isinstance(budget, dict) else None for key in ("steps", "warmup"))
+    if not (type(steps) is int and type(warmup) is int and 0 <= warmup <= steps and steps >= 1):
+        raise RetrofitError(
+            f"'{checkpoint_dir / RUN_FILE}' records no usable budget ({brief(str(budget), 80)}): it was changed since "
+            "retrofit wrote it; pass --overwrite to start over"
+        )
     return budget
 
 
@@ -180,7 +205,7 @@ def save_checkpoint(
     try:
         if accelerator.is_main_process:
             if not list_checkpoints(checkpoint_dir):
-                write_text(checkpoint_dir / "run.json", json.dumps(settings, indent=2) + "\n")
+                write_text(checkpoint_dir / RUN_FILE, json.dumps(settings, indent=2) + "\n")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
@@ -223,6 +248,8 @@ def load_checkpoint(accelerator, checkpoint: Path, progress: Progress, older: li
         )
     try:
         progress.load_state_dict(json.loads((checkpoint / PROGRESS_FILE).read_text()))
+        if progress.step != int(CHECKPOINT_NAME.fullmatch(checkpoint.name).group(1)):
+            raise ValueError(f"its progress.json says step {progress.step}")
         if average is not None:
             average.load_state_dict(load_file(checkpoint / EMA_FILE))
         # Accelerate ignores random states it cannot load: check them here, so a resumed run is the same run.

@@ -432,6 +432,11 @@ def train(
     if resuming:
         *older, latest = list_checkpoints(checkpoint_dir)
         load_checkpoint(accelerator, latest, progress, older, average)
+        if progress.step > total_steps:  # only checkpoints of an older retrofit, which kept no budget, get here
+            raise RetrofitError(
+                f"checkpoint '{latest}' is past this run's budget of {total_steps:,} steps; resume with --max-steps "
+                f"{progress.step} or more, or pass --overwrite to start over"
+            )
         log(f"resumed from {latest} (step {progress.step}, epoch {progress.epoch}, batch {progress.batch})")
     if accelerator.trackers == [] and run.report_to not in (None, "none"):
         # trackers take scalars: a list setting (the prompt templates) goes in as its text

@@ -671,9 +671,21 @@ def test_resume_from_a_damaged_checkpoint_is_one_line(tiny_vit, colours, tmp_pat
     (checkpoints / "step-00000002" / "optimizer.bin").unlink()
     with pytest.raises(RetrofitError, match=r"step-00000002' is damaged \(.*\); delete it or pass --overwrite"):
         finetune(tiny_vit, output=tmp_path / "out", resume=True, **settings)
-    (checkpoints / "run.json").write_text("{not json")
-    with pytest.raises(RetrofitError, match=r"run.json' is damaged \(.*\); pass --overwrite to start over"):
+    record = (checkpoints / "run.json").read_text()
+    (checkpoints / "run.json").write_text("{not json")  # edited since: not retrofit's, so not even --overwrite takes it
+    for how in (dict(resume=True), dict(overwrite=True)):
+        with pytest.raises(RetrofitError, match=r"run.json' is not a run record retrofit wrote \(a file of yours, or"):
+            finetune(tiny_vit, output=tmp_path / "out", **how, **settings)
+    assert (checkpoints / "run.json").read_text() == "{not json"
+    (checkpoints / "run.json").write_text(record.replace('"steps": 6', '"steps": -4'))
+    with pytest.raises(RetrofitError, match=r"run.json' records no usable budget \(.*\): it was changed since"):
         finetune(tiny_vit, output=tmp_path / "out", resume=True, **settings)
+    (checkpoints / "run.json").write_text(record)
+    for position in ({"step": -5, "epoch": 0, "batch": 0}, {"step": 1, "epoch": 0, "batch": 1}):
+        (checkpoints / "step-00000002" / "progress.json").write_text(json.dumps(position))
+        with pytest.raises(RetrofitError, match=r"step-00000002' is damaged \(ValueError: .*\); delete it or pass"):
+            finetune(tiny_vit, output=tmp_path / "out", resume=True, **settings)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["run.json", "step-00000002"]
     assert finetune(tiny_vit, output=tmp_path / "out", overwrite=True, **settings).steps == 6
 
 
@@ -686,9 +698,35 @@ def test_a_run_that_stops_before_its_first_checkpoint_leaves_no_folder(tiny_vit,
     assert not (tmp_path / "o").exists() and not (tmp_path / "o-checkpoints").exists()
     monkeypatch.undo()
     (tmp_path / "o-checkpoints").mkdir()
-    (tmp_path / "o-checkpoints" / "run.json").write_text(json.dumps({"merge_num_tokens": 99}))
+    older = {"architecture": "ViTForImageClassification", "merge_after_layer": 2, "merge_num_tokens": 99}
+    (tmp_path / "o-checkpoints" / "run.json").write_text(json.dumps(older))
     finetune(tiny_vit, output=tmp_path / "o", after_layer=2, num_tokens=4, data=colours, loss="ce", max_steps=2, **FAST)
     assert json.loads((tmp_path / "o-checkpoints" / "run.json").read_text())["merge_num_tokens"] == 4
+
+
+def test_a_run_json_of_the_users_in_the_checkpoint_folder_stays(tiny_vit, colours, tmp_path, capsys):
+    """The checkpoint folder may hold the user's files: a run.json retrofit did not write is neither replaced by the
+    run's record nor deleted by --overwrite (one line, exit 2, before any work); --resume with --overwrite, which
+    contradict each other, is refused the same way."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "run.json").write_text('{"my": "notes"}')
+    argv = ["finetune", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--data", colours, "--loss", "ce",
+            "--eval-split", "", "--no-calibrate", "--batch-size", "8", "--max-steps", "1",
+            "--checkpoint-dir", str(mine), "--output", str(tmp_path / "o")]  # fmt: skip
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        assert main([*argv, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"retrofit: error: '{mine / 'run.json'}' is not a run record retrofit wrote") and (
+            err.count("\n") == 1
+        )
+    assert (mine / "run.json").read_text() == '{"my": "notes"}' and not (tmp_path / "o").exists()
+    (mine / "run.json").unlink()
+    assert main([*argv, "--resume", "--overwrite"]) == 2
+    assert "--resume continues the newest checkpoint and --overwrite starts over from none; pass one of them\n" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "o").exists()
 
 
 def test_checkpoints_inside_the_output_are_refused(tiny_vit, colours, tmp_path):
