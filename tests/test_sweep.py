@@ -240,6 +240,12 @@ def test_dry_run_refuses_bad_settings_and_a_real_sweep_needs_data(tiny_vit, caps
     assert "--tokens 99 is out of range" in capsys.readouterr().err
     assert main(["sweep", str(tiny_vit), "--after-layer", "1", "--tokens", "2"]) == 2
     assert "--data is required" in capsys.readouterr().err
+    for option in ("--data", "--output"):  # a user who gives them expects data read, a folder written: neither happens
+        assert main(["sweep", str(tiny_vit), "--after-layer", "1", "--tokens", "2", "--dry-run", option, "x"]) == 2
+        assert capsys.readouterr().err == (
+            f"retrofit: error: {option} is not used with --dry-run, which reads the config alone and writes nothing; "
+            "drop one of them\n"
+        )
 
 
 @pytest.mark.parametrize(
