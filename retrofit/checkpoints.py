@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 from .errors import RetrofitError, brief
@@ -252,9 +253,11 @@ def load_checkpoint(accelerator, checkpoint: Path, progress: Progress, older: li
             raise ValueError(f"its progress.json says step {progress.step}")
         if average is not None:
             average.load_state_dict(load_file(checkpoint / EMA_FILE))
-        # Accelerate ignores random states it cannot load: check them here, so a resumed run is the same run.
-        load_tensors(checkpoint / f"random_states_{accelerator.process_index}.pkl")
-        accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
+        with warnings.catch_warnings():  # torch's note on a pickle retrofit did not write, which is refused anyway
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            # Accelerate ignores random states it cannot load: check them here, so a resumed run is the same run.
+            load_tensors(checkpoint / f"random_states_{accelerator.process_index}.pkl")
+            accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
     except Exception as exc:
         if isinstance(exc, RuntimeError) and "state_dict" in str(exc):  # other merge settings (before run.json)
             raise RetrofitError(
