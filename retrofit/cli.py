@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -126,7 +127,14 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    finally:
+        if argv is None:  # the process exits next: a Ctrl-C now would only break the libraries' exit handlers
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _main(argv: list[str]) -> int:
     namespace = build_parser(argv).parse_args(argv)
     _, settings, runner = COMMANDS[namespace.command]
     try:

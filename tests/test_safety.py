@@ -541,6 +541,23 @@ def test_library_retry_messages_do_not_reach_the_user(tmp_path, capsys, monkeypa
     assert len(err.splitlines()) == 1 and "Retrying" not in err
 
 
+def test_a_ctrl_c_while_the_cli_exits_prints_no_traceback():
+    """A Ctrl-C that arrives after the command finished, while the libraries' exit handlers run (the user pressing
+    it just as "wrote ..." appears), changes nothing and prints nothing."""
+    script = """if True:
+        import atexit, os, signal, sys
+        from retrofit.cli import main
+        def late_ctrl_c():  # registered last, so it runs first of the exit handlers
+            os.kill(os.getpid(), signal.SIGINT)
+            sum(range(1000))  # the interrupt lands here
+        atexit.register(late_ctrl_c)
+        sys.argv = ["retrofit", "sweep", "vit-b16", "--after-layer", "3", "--tokens", "8", "--dry-run"]
+        sys.exit(main())
+    """
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "KeyboardInterrupt" not in done.stderr and "Traceback" not in done.stderr
+
+
 def test_the_python_api_names_its_own_argument(tiny_vit, tmp_path):
     (tmp_path / "o").mkdir()
     with pytest.raises(RetrofitError, match=r"already exists; .*pass --overwrite \(overwrite=True in Python\)"):
