@@ -47,13 +47,15 @@ def _json(path: Path) -> dict:
 @dataclass(frozen=True)
 class Kind:
     """A kind of folder retrofit writes: recognised by a marker file's content (`marker`: file name and the keys it
-    must hold) and by holding nothing but the files retrofit writes for it (`files`: glob patterns)."""
+    must hold) and by holding nothing but the files retrofit writes for it (`files`: names or strict glob patterns;
+    `marked_files`: the names that depend on what the marker holds, e.g. an export's family)."""
 
     name: str
     marker: str
     marker_keys: tuple[str, ...]
     files: tuple[str, ...]
     model_type_suffix: str | None = None
+    marked_files: Callable[[dict], tuple[str, ...]] | None = None
 
     def marks(self, folder: Path) -> bool:
         """True if `folder`'s marker file says it is this kind of output."""
@@ -68,17 +70,35 @@ class Kind:
 
     def foreign_files(self, folder: Path) -> list[str]:
         """The entries of `folder` that retrofit does not write for this kind (sorted names)."""
+        names = (*self.files, *(self.marked_files(_json(folder / self.marker)) if self.marked_files else ()))
         return sorted(
             entry.name
             for entry in folder.iterdir()
-            if entry.is_symlink() or not entry.is_file() or not any(fnmatch.fnmatch(entry.name, p) for p in self.files)
+            if entry.is_symlink() or not entry.is_file() or not any(fnmatch.fnmatchcase(entry.name, p) for p in names)
         )
 
 
-_WEIGHTS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")
+# transformers' weight shards: model-00001-of-00002.safetensors
+_SHARD = f"model-{'[0-9]' * 5}-of-{'[0-9]' * 5}.safetensors"
+_WEIGHTS = ("model.safetensors", _SHARD, "model.safetensors.index.json")
 # A dual encoder's tokenizer as transformers saves it (BPE: tokenizer.json; SigLIP's sentencepiece: spiece.model)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "spiece.model")  # fmt: skip
+
+
+def family_files(config: dict) -> tuple[str, ...]:
+    """The files of an export that depend on its family and class (its config.json): the generated code
+    (`hub_code.code_files`) and a dual encoder's tokenizer; none where this retrofit cannot tell its class."""
+    from .hub_code import code_files
+    from .loading import merged_family_and_head
+
+    try:
+        family, head = merged_family_and_head(config)
+    except (RetrofitError, LookupError, AttributeError, TypeError):  # a family or class this retrofit does not know
+        return ()
+    return (*code_files(family, head), *(TOKENIZER_FILES if head.is_dual_encoder else ()))
+
+
 EXPORT = Kind(
     "a retrofit export",
     marker="config.json",
@@ -87,14 +107,12 @@ EXPORT = Kind(
         *_WEIGHTS,
         "config.json",
         "preprocessor_config.json",
-        *TOKENIZER_FILES,
         "README.md",
-        "configuration_*.py",
-        "modeling_*.py",
         "retrofit_results.json",
         "speed.png",  # the card's batch-size curve (`retrofit bench --card`)
     ),  # fmt: skip
     model_type_suffix="_patch_merger",
+    marked_files=family_files,
 )
 BASELINE = Kind(
     "a checkpoint retrofit pretrained",

@@ -56,6 +56,12 @@ def _names(family: Family, head: Head) -> dict[str, str]:
     }
 
 
+def code_files(family: Family, head: Head) -> tuple[str, str]:
+    """The names of the files `render` writes for (family, head): its configuration and modeling modules."""
+    names = _names(family, head)
+    return f"{names['config_module_name']}.py", f"{names['modeling_module_name']}.py"
+
+
 def base_head(family: Family, head: Head) -> Head | None:
     """The family's backbone class of a classifier with the same config (ViTModel for ViTForImageClassification):
     the export of the classifier also loads as it with `AutoModel`, as the source checkpoint does."""
@@ -88,12 +94,10 @@ def render(family: Family, head: Head, *, retrofit_version: str = __version__) -
         "retrofit_version": retrofit_version,
         "oldest_transformers": OLDEST_TRANSFORMERS,
     }
+    templates = ("configuration.py.jinja", "modeling.py.jinja")
     files = {
-        f"{names[module]}.py": _templates().get_template(template).render(context)
-        for module, template in (
-            ("config_module_name", "configuration.py.jinja"),
-            ("modeling_module_name", "modeling.py.jinja"),
-        )
+        name: _templates().get_template(template).render(context)
+        for name, template in zip(code_files(family, head), templates, strict=True)
     }
     auto_map = {"AutoConfig": f"{names['config_module_name']}.{names['config_class']}"}
     for each in heads:

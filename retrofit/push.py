@@ -145,10 +145,11 @@ def export_files(export: str | Path) -> list[str]:
     for name in (RESULTS_FILE, CURVE_FILE):  # written by `evaluate --card` / `bench --card`: part of the export too
         if (folder / name).is_file() and not (folder / name).is_symlink():
             required.append(name)
-    from .atomic import TOKENIZER_FILES
+    from .atomic import TOKENIZER_FILES, family_files
 
-    # A dual encoder's tokenizer (regular files only, like the rest).
-    required += [name for name in TOKENIZER_FILES if (folder / name).is_file() and not (folder / name).is_symlink()]
+    # A dual encoder's tokenizer (regular files only, like the rest); in any other export such a file is the user's.
+    tokenizer = [name for name in TOKENIZER_FILES if name in family_files(config)]
+    required += [name for name in tokenizer if (folder / name).is_file() and not (folder / name).is_symlink()]
     return required
 
 

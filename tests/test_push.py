@@ -102,9 +102,13 @@ def test_push_uploads_exactly_the_export(export_dir, hub, capsys, tmp_path):
     assert hub["yaml"] == [hub_card]
 
 
-def test_export_files_names_code_from_auto_map(export_dir):
+def test_export_files_names_code_from_auto_map(export_dir, tmp_path):
     files = export_files(export_dir)
     assert "configuration_vit_patch_merger.py" in files and "modeling_vit_patch_merger.py" in files
+    # a tokenizer file is a dual encoder's own; in a ViT export it is the user's, and stays on their machine
+    folder = _copy(export_dir, tmp_path / "with-notes")
+    (folder / "vocab.json").write_text('{"my": "notes"}')
+    assert export_files(folder) == files
 
 
 @pytest.mark.parametrize("remove", ["model.safetensors", "modeling_vit_patch_merger.py", "README.md"])

@@ -113,6 +113,21 @@ def test_overwrite_replaces_an_export_but_no_other_folder(tiny_vit, tmp_path, ca
     assert (out / "notes.md").read_text() == "mine"
 
 
+def test_overwrite_knows_retrofits_files_by_their_exact_names(tiny_vit, export_dir, tmp_path, capsys):
+    """Files only named like retrofit's (other code modules, a shard-like name, a tokenizer in a ViT export, which has
+    none) are the user's: --overwrite refuses to delete them; the names retrofit writes for this export are its own."""
+    out = tmp_path / "o"
+    shutil.copytree(export_dir, out)
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"")  # a shard's name: retrofit's
+    mine = ["configuration_mine.py", "model-notes-of-mine.safetensors", "modeling_my_tweak.py", "vocab.json"]
+    for name in mine:
+        (out / name).write_text("# mine")
+    assert retrofit.atomic.EXPORT.foreign_files(out) == mine
+    err = refused(capsys, "convert", tiny_vit, *MERGE, "--output", out, "--overwrite")
+    assert "holds files retrofit did not write (configuration_mine.py, model-notes-of-mine.safetensors, " in err
+    assert all((out / name).read_text() == "# mine" for name in mine)
+
+
 def test_sweep_overwrite_refuses_a_folder_it_did_not_write_or_its_source(tiny_vit, colours, tmp_path, capsys):
     folder = tmp_path / "reports"
     folder.mkdir()

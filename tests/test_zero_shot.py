@@ -82,6 +82,23 @@ def test_zero_shot_accuracy_equals_the_transformers_pipeline(name, duals, images
     assert merged["gflops"] < first["gflops"]
 
 
+def test_overwrite_replaces_a_dual_encoder_export_with_its_tokenizer(duals, tmp_path):
+    """A dual encoder's export holds its tokenizer as retrofit wrote it, so --overwrite replaces it (the same names in
+    a ViT export are the user's: tests/test_safety.py)."""
+    import shutil
+
+    from retrofit.atomic import EXPORT
+    from retrofit.push import export_files
+
+    for _, export in duals.values():
+        assert (export / "tokenizer_config.json").is_file() and EXPORT.foreign_files(export) == []
+        assert "tokenizer_config.json" in export_files(export)  # and push uploads it
+    source, export = duals["siglip"]
+    again = shutil.copytree(export, tmp_path / "again")
+    convert(source, after_layer=2, num_tokens=3, output=again, overwrite=True, log=lambda _: None)
+    assert sorted(path.name for path in again.iterdir()) == sorted(path.name for path in export.iterdir())
+
+
 def test_evaluate_zero_shot_writes_json_and_card(duals, images, tmp_path, capsys):
     """The CLI prints the prompts and a table, writes the JSON and puts the zero-shot results into the export's card
     (results table and model-index)."""
