@@ -177,6 +177,23 @@ def refuse_inputs(path: str | Path, inputs: Iterable[str | os.PathLike | None], 
     _refuse_protected(Path(path), option, inputs)
 
 
+def refuse_same_outputs(outputs: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse, before any work, two outputs of one run (option -> path; None: not given) that are the same path once
+    resolved: the second would replace the first."""
+    seen: dict[Path, tuple[str, str | os.PathLike]] = {}
+    for option, path in outputs.items():
+        if path is None or not str(path).strip():
+            continue
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            first, first_path = seen[resolved]
+            raise RetrofitError(
+                f"{option} '{path}' and {first} '{first_path}' are the same file, so one would replace the other; "
+                f"give {option} another path"
+            )
+        seen[resolved] = option, path
+
+
 def _check_writable(path: Path, option: str) -> None:
     what = _what(option)
     parent = next((p for p in path.absolute().parents if p.exists()), Path("/"))

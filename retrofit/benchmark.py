@@ -873,7 +873,7 @@ def run_bench(args: BenchArgs, *, log: Callable[[str], None] | None = None) -> d
     """`retrofit bench`: measure, print the table on stdout (progress on stderr), write --json and --card."""
     import sys
 
-    from .atomic import check_file_output, write_report
+    from .atomic import check_file_output, refuse_same_outputs, write_report
     from .errors import describe_os_error
 
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
@@ -881,6 +881,7 @@ def run_bench(args: BenchArgs, *, log: Callable[[str], None] | None = None) -> d
         from .card import check_card_target
 
         check_card_target(args.card, args.models, curve=len(args.batch_sizes) > 1)
+    refuse_same_outputs({"--json": args.json, "--plot": args.plot})
     if args.json is not None:
         check_file_output(args.json, "--json", args.overwrite, inputs=args.models)
     if args.plot is not None:

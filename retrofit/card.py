@@ -262,6 +262,18 @@ def _check_curve(export: Path) -> None:
         )
 
 
+def _check_card_files(export: Path) -> None:
+    """Refuse a README.md or `RESULTS_FILE` that is a link or not a regular file: the card update reads and rewrites
+    them, and would copy what a link points to into the export (and to the Hub with it)."""
+    for name in ("README.md", RESULTS_FILE):
+        path = export / name
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            raise RetrofitError(
+                f"--card {export}: {name} there is a link or not a regular file, and the card update rewrites it; put "
+                "a regular file in its place (or re-export), then retry"
+            )
+
+
 def check_card_target(export: str | Path, models: list[str], *, curve: bool = False) -> Path:
     """Check that `export` is a retrofit export with a README.md and is one of `models`, and that its card and
     stored results (and, with `curve`, its `CURVE_FILE`) can be read and updated; return its path. Called before any
@@ -269,6 +281,7 @@ def check_card_target(export: str | Path, models: list[str], *, curve: bool = Fa
     from .loading import is_merged, load_config
 
     export = Path(export)
+    _check_card_files(export)
     if not (export / "README.md").is_file() or not (export / "config.json").is_file():
         raise RetrofitError(f"--card {export}: not an export folder (no README.md/config.json); pass a convert output")
     if not is_merged(load_config(export)):
@@ -440,6 +453,7 @@ def update_card(
     from .provenance import made_from
 
     export = Path(export)
+    _check_card_files(export)
     results = _load_results(export)
     if run is not None:
         results["run"] = dict(run)

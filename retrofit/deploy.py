@@ -55,6 +55,7 @@ def run_export_onnx(args: ExportOnnxArgs, *, log: Callable[[str], None] = print)
     if output.suffix != ".onnx":
         raise RetrofitError(f"--output '{output}' must be a file name ending in .onnx, e.g. {output.name}.onnx")
     check_file_output(output, "--output", args.overwrite, inputs=(args.model,), ours=written_by_retrofit)
+    _check_weights_file(output)
     config = load_config(args.model)
     family, head = family_and_head(config)
     if family.padded_patches:
@@ -229,6 +230,25 @@ def written_by_retrofit(path: Path) -> bool:
     return onnx_info(path) is not None
 
 
+def _check_weights_file(output: Path) -> None:
+    """Refuse, before any work, a ``<output>.data`` (where the exporter writes the graph's weights) that exists and
+    is not the weights of the graph retrofit wrote at `output` (a regular file that graph names as its external
+    data): ``--overwrite`` replaces only retrofit's own files."""
+    data = output.with_name(f"{output.name}.data")
+    if not (data.exists() or data.is_symlink()):
+        return
+    if data.is_file() and not data.is_symlink() and written_by_retrofit(output):
+        import onnx
+
+        tensors = onnx.load(str(output), load_external_data=False).graph.initializer
+        if any(entry.key == "location" and entry.value == data.name for t in tensors for entry in t.external_data):
+            return
+    raise RetrofitError(
+        f"--output '{output}': '{data}' exists and is not the weights file of an ONNX graph retrofit wrote there "
+        "(the export writes its weights to that name), so it is not replaced; move it out or choose another --output"
+    )
+
+
 def _session(path: Path, device: str = "cpu"):
     """An ONNX Runtime session on `device`, with as many CPU threads as torch uses (``bench --threads``), so that both
     runtimes are measured alike."""
@@ -264,8 +284,9 @@ def _relative_difference(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def _move_into_place(work: Path, output: Path, overwrite: bool) -> None:
-    """The file(s) the exporter wrote in `work` (the graph, and its weights beside it for models over 2 GB) into
-    `output`'s folder; an `output` that appeared meanwhile is not replaced without `overwrite`."""
+    """The file(s) the exporter wrote in `work` (the graph, and ``<output>.data``, its weights, where the exporter
+    keeps them beside it) into `output`'s folder; an `output` that appeared meanwhile is not replaced without
+    `overwrite` (`_check_weights_file` checked the weights file before any work)."""
     for path in sorted(work.iterdir(), key=lambda p: p.name == output.name):  # the graph last: whole or absent
         target = output.parent / path.name
         if target.exists() and not overwrite:

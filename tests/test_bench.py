@@ -235,6 +235,19 @@ def test_bad_json_target_is_refused_before_any_work(tiny_vit, tmp_path, capsys):
         assert "loading" not in captured.err and not captured.out
 
 
+def test_json_and_plot_on_one_file_are_refused_before_any_work(tiny_vit, tmp_path, capsys):
+    """--json and --plot naming one file (however spelled) would replace one with the other: refused up front, with
+    or without --overwrite, and nothing is written."""
+    (tmp_path / "sub").mkdir()
+    same = ["--json", str(tmp_path / "s.png"), "--plot", str(tmp_path / "sub" / ".." / "s.png")]
+    for extra in ([], ["--overwrite"]):
+        assert main(["bench", str(tiny_vit), "--batch-size", "1,2", *same, *extra, *QUICK]) == 2
+        captured = capsys.readouterr()
+        assert "are the same file" in captured.err and len(captured.err.strip().splitlines()) == 1
+        assert "loading" not in captured.err and not captured.out
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["sub"]
+
+
 def test_bad_settings_are_refused_by_the_python_api(tiny_vit):
     """`benchmark()` checks its settings itself, before loading a model (Python callers have no argparse)."""
     bad = [

@@ -137,6 +137,34 @@ def test_card_target_refuses_a_broken_readme_or_results_file(tiny_vit, export_di
     assert message in err and "delete" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("name", ["README.md", "retrofit_results.json"])
+def test_card_refuses_a_link_or_a_folder_where_it_writes(tiny_vit, export_dir, tmp_path, capsys, name):
+    """A README.md or results file that is a link is refused before any measurement, in one line (the update would
+    copy the linked file into the export, and `push` would upload it), as is a folder in its place."""
+    from retrofit.cli import main
+
+    secret = tmp_path / "private.txt"
+    secret.write_text("SECRET=hunter2\n")
+    folder = tmp_path / "vit-pm"
+    shutil.copytree(export_dir, folder)
+    message = f"{name} there is a link or not a regular file"
+    (folder / name).unlink(missing_ok=True)
+    (folder / name).symlink_to(secret)
+    with pytest.raises(RetrofitError, match=message):
+        update_card(folder, evaluation=evaluation(str(tiny_vit), str(folder)))
+    argv = ["evaluate", str(tiny_vit), str(folder), "--data", str(tmp_path / "no-data"), "--card", str(folder)]
+    assert main(argv) == 2  # before it loads any data (there is none)
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert (folder / name).is_symlink() and secret.read_text() == "SECRET=hunter2\n"
+    copied = [path for path in folder.iterdir() if not path.is_symlink() and "SECRET" in path.read_text("latin-1")]
+    assert not copied
+    (folder / name).unlink()
+    (folder / name).mkdir()
+    with pytest.raises(RetrofitError, match=message):
+        check_card_target(folder, [str(folder)])
+
+
 def test_readme_without_metadata_is_updated_quietly(tiny_vit, export_dir, tmp_path, caplog):
     folder = tmp_path / "vit-pm"
     shutil.copytree(export_dir, folder)

@@ -59,6 +59,32 @@ def test_fp16_graph_and_overwrite_replaces_only_its_own_file(export_dir, tmp_pat
     assert other.read_bytes() == b"not retrofit's"
 
 
+def test_overwrite_replaces_only_the_weights_file_of_its_own_graph(export_dir, tmp_path, capsys, monkeypatch):
+    """``X.onnx.data`` is where the exporter puts a graph's weights: one that is not the weights of the retrofit graph
+    ``X.onnx`` beside it is refused before any work, with or without --overwrite; retrofit's own pair is replaced."""
+    import onnx
+
+    target, data = tmp_path / "new.onnx", tmp_path / "new.onnx.data"
+    export = [str(a) for a in ("export-onnx", export_dir, "-o", target)]
+    mine = "is not the weights file of an ONNX graph retrofit wrote"
+
+    def refused_before_loading(*extra: str) -> str:
+        with monkeypatch.context() as patch:
+            patch.setattr("retrofit.loading.load_model", lambda *a, **k: pytest.fail("loaded the model"))
+            return refused(capsys, *export, *extra)
+
+    data.write_text("precious")  # no graph beside it
+    assert mine in refused_before_loading() and mine in refused_before_loading("--overwrite")
+    data.unlink()
+    for extra in ((), ("--overwrite",)):  # the graph and its weights, written, then replaced
+        assert main([*export, *extra]) == 0
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["new.onnx", "new.onnx.data"]
+    onnx.save(onnx.load(str(target)), str(target))  # retrofit's graph, its weights inside (the TorchScript exporter)
+    data.write_text("precious")
+    assert mine in refused_before_loading("--overwrite")
+    assert data.read_text() == "precious" and deploy.onnx_info(target) is not None
+
+
 def test_bad_input_is_one_line_and_writes_nothing(export_dir, tmp_path, capsys, monkeypatch):
     assert "must be a file name ending in .onnx" in refused(capsys, "export-onnx", export_dir, "-o", tmp_path / "m")
     assert "does not exist" in refused(capsys, "export-onnx", tmp_path / "nope", "-o", tmp_path / "m.onnx")
