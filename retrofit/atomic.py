@@ -157,14 +157,17 @@ def _refuse_shipped(path: Path, option: str) -> None:
 
 
 def _refuse_protected(path: Path, option: str, inputs: Iterable) -> None:
-    """Refuse a target that is or holds an input of the run, holds the current folder, or touches a shipped
-    checkpoint, whatever --overwrite says."""
+    """Refuse a target that is, holds or is inside an input of the run (an export written into an image folder would
+    become one of its classes), holds the current folder, or touches a shipped checkpoint, whatever --overwrite
+    says."""
     what, target = _what(option), path.resolve()
     for source in local_paths(inputs):
         if source.is_relative_to(target):
             raise RetrofitError(
                 f"{what} '{path}' is or holds '{source}', which this run reads; choose another {option}"
             )
+        if target.is_relative_to(source):
+            raise RetrofitError(f"{what} '{path}' is in '{source}', which this run reads; choose another {option}")
     _refuse_shipped(path, option)
     if path.exists() and Path.cwd().resolve().is_relative_to(target):
         raise RetrofitError(
@@ -237,6 +240,10 @@ def check_output(
     what, output = _what(option), Path(output)
     if not str(output).strip():
         raise RetrofitError(f"{option} is empty; give the folder to write")
+    if output.is_symlink():  # replaced, the link would become a folder and what it points to stay as it was
+        raise RetrofitError(
+            f"{what} '{output}' is a link (to '{os.readlink(output)}'); give the folder itself, or another {option}"
+        )
     if output.exists() and not output.is_dir():
         raise RetrofitError(f"{what} '{output}' exists and is not a folder; choose another {option}")
     _refuse_protected(output, option, inputs)
@@ -251,10 +258,16 @@ def check_output(
     return output
 
 
-def check_checkpoint_dir(folder: str | Path, option: str = "--checkpoint-dir") -> Path:
+def check_checkpoint_dir(folder: str | Path, output: str | Path, option: str = "--checkpoint-dir") -> Path:
     """Refuse a folder retrofit writes into but never replaces as a whole (checkpoints: it may hold the user's own
-    files, which stay) if it is a file, touches a shipped checkpoint or cannot be written."""
+    files, which stay) if it is inside the run's `output` (which the export replaces), is a file, touches a shipped
+    checkpoint or cannot be written."""
     folder = Path(folder)
+    if folder.resolve().is_relative_to(Path(output).resolve()):
+        raise RetrofitError(
+            f"{option} '{folder}' is inside --output '{output}', which the export replaces; put the checkpoints "
+            "elsewhere (the default is <output>-checkpoints)"
+        )
     if folder.exists() and not folder.is_dir():
         raise RetrofitError(f"{option} '{folder}' exists and is not a folder; choose another {option}")
     _refuse_shipped(folder, option)
@@ -278,10 +291,7 @@ def check_file_output(
     path = Path(path)
     if path.is_dir():
         raise RetrofitError(f"{option} '{path}' is a folder; give a file name, e.g. {path / 'results.json'}")
-    _refuse_protected(path, option, inputs)
-    for source in local_paths(inputs):  # a report goes next to the models and data it measures, never into them
-        if path.resolve().is_relative_to(source):
-            raise RetrofitError(f"{option} '{path}' is in '{source}', which this run reads; choose another {option}")
+    _refuse_protected(path, option, inputs)  # a report goes next to the models and data it measures, never into them
     if path.exists() or path.is_symlink():
         if not path.is_file() or path.is_symlink():
             raise RetrofitError(f"{option} '{path}' exists and is not a regular file; give the path of a file")

@@ -106,12 +106,7 @@ def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepar
     source, output = args.source, args.output
     resolve_source(source)  # a bad retrofit:NAME is refused first
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else default_checkpoint_dir(output)
-    if checkpoint_dir.resolve().is_relative_to(Path(output).resolve()):
-        raise RetrofitError(
-            f"--checkpoint-dir '{checkpoint_dir}' is inside --output '{output}', which the export replaces; put the "
-            "checkpoints elsewhere (the default is <output>-checkpoints)"
-        )
-    check_checkpoint_dir(checkpoint_dir)
+    check_checkpoint_dir(checkpoint_dir, output)
     resuming = args.resume and bool(list_checkpoints(checkpoint_dir))  # then the run being resumed owns `output`
     check_output(output, args.overwrite or resuming, inputs=(source, args.teacher, args.data))
     if args.push_to_hub:
@@ -418,7 +413,7 @@ def pretrain(
         image_processor or {}, ViTImageProcessor().to_dict(), "pretrain.image_processor", "ViTImageProcessor field"
     )
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(output)
-    check_checkpoint_dir(checkpoint_dir)
+    check_checkpoint_dir(checkpoint_dir, output)
     resuming = resume and bool(list_checkpoints(checkpoint_dir))  # then the run being resumed owns `output`
     check_output(output, overwrite or resuming, kind=BASELINE, inputs=(run.data,))
     check_checkpoints(checkpoint_dir, resume=resume, overwrite=overwrite)

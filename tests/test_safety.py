@@ -159,7 +159,27 @@ def test_run_never_replaces_its_data_or_an_output_it_did_not_make(colours, tmp_p
     assert "is not a checkpoint retrofit pretrained" in refused(capsys, "run", recipe, "--resume", "--overwrite")
     assert "which this run reads" in refused(capsys, "run", recipe, "--overwrite", "--output", colours)
     assert "which this run reads" in refused(capsys, "run", recipe, "--overwrite", "--output", tmp_path)
+    inside = ["--output", tmp_path / "new", "--checkpoint-dir", tmp_path / "new" / "ckpt"]  # the export replaces it
+    assert "is inside --output" in refused(capsys, "run", recipe, *inside)
     assert (out / "thesis.pdf").read_text() == "years of work" and (Path(colours) / "train").is_dir()
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_output_inside_an_input_or_given_as_a_link_is_refused(tiny_vit, colours, tmp_path, capsys):
+    """An export written into the image folder it trains on would become one of its classes; an output that is a
+    link would be replaced by a folder while what it points to stays as it was. Both: one line, before any work."""
+    inside = Path(colours) / "train" / "merged"
+    finetune = ["finetune", tiny_vit, *MERGE, "--data", colours, "--max-steps", "1"]
+    assert f"is in '{Path(colours).resolve()}', which this run reads" in refused(capsys, *finetune, "-o", inside)
+    assert not inside.exists()
+    export = tmp_path / "export"
+    assert main(["convert", str(tiny_vit), *MERGE, "--output", str(export)]) == 0
+    for target in (export, tmp_path / "nowhere"):
+        link = tmp_path / f"link-to-{target.name}"
+        link.symlink_to(target)
+        err = refused(capsys, "convert", tiny_vit, *MERGE, "--output", link, "--overwrite")
+        assert f"output '{link}' is a link (to '{target}'); give the folder itself" in err
+        assert link.is_symlink() and not (tmp_path / "nowhere").exists()
 
 
 @pytest.fixture
