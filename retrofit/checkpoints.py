@@ -15,10 +15,9 @@ import json
 import os
 import re
 import shutil
-import warnings
 from pathlib import Path
 
-from .errors import RetrofitError, brief
+from .errors import RetrofitError, brief, pickle_refused_quietly
 
 
 class Progress:
@@ -253,8 +252,7 @@ def load_checkpoint(accelerator, checkpoint: Path, progress: Progress, older: li
             raise ValueError(f"its progress.json says step {progress.step}")
         if average is not None:
             average.load_state_dict(load_file(checkpoint / EMA_FILE))
-        with warnings.catch_warnings():  # torch's note on a pickle retrofit did not write, which is refused anyway
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        with pickle_refused_quietly():
             # Accelerate ignores random states it cannot load: check them here, so a resumed run is the same run.
             load_tensors(checkpoint / f"random_states_{accelerator.process_index}.pkl")
             accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})

@@ -13,6 +13,7 @@ from .cost import Cost, compare, model_cost
 from .errors import RetrofitError
 from .export import export
 from .loading import (
+    check_runs_on_its_images,
     load_config,
     load_image_processor,
     load_model,
@@ -79,6 +80,7 @@ def run_convert(args: ConvertArgs, *, log: Callable[[str], None] = print) -> Con
     check_merge(config, args.after_layer, args.tokens, image_size, rope_positions=args.rope_positions)
     model = load_model(source, config=config, trust_remote_code=args.trust_remote_code, revision=args.revision)
     model.eval()
+    check_runs_on_its_images(model, processor, source)
     merged = insert_patch_merger(model, args.after_layer, args.tokens, source=str(source),
                                  rope_positions=args.rope_positions)  # fmt: skip
     training = None

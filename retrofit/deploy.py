@@ -48,7 +48,7 @@ def export_onnx(model: str | Path, output: str | Path, *, log: Callable[[str], N
 def run_export_onnx(args: ExportOnnxArgs, *, log: Callable[[str], None] = print) -> OnnxResult:
     """`export_onnx` for settings already checked (``retrofit export-onnx`` builds `ExportOnnxArgs` itself)."""
     from .atomic import check_file_output
-    from .loading import family_and_head, load_config, load_image_processor, load_model
+    from .loading import check_runs_on_its_images, family_and_head, load_config, load_image_processor, load_model
 
     _need_onnx()
     output = Path(args.output)
@@ -66,6 +66,7 @@ def run_export_onnx(args: ExportOnnxArgs, *, log: Callable[[str], None] = print)
         )
     processor = load_image_processor(args.model, config, log=log)
     model = load_model(args.model, config=config).eval()
+    check_runs_on_its_images(model, processor, args.model)
     pixels = _sample_images(processor, config, args.images)
     with torch.no_grad():
         expected = _outputs(model, pixels)
@@ -299,8 +300,16 @@ class OnnxModel:
     `retrofit.benchmark`. Its `config` carries what the file's metadata says (merge settings, FLOPs)."""
 
     def __init__(self, path: str | Path, device: str = "cpu") -> None:
+        from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, NoSuchFile
+
         self.path, self.info = Path(path), check_onnx_file(path)
-        self.session = _session(self.path, device)
+        try:
+            self.session = _session(self.path, device)
+        except (Fail, InvalidArgument, InvalidGraph, NoSuchFile) as exc:  # its weights file missing or cut short, ...
+            raise RetrofitError(
+                f"ONNX Runtime cannot load '{path}' ({brief(exc, 160)}); its weights file {self.path.name}.data may be "
+                f"missing or cut short: write it again with `retrofit export-onnx MODEL --output {path} --overwrite`"
+            ) from None
         self.dtype = _input_dtype(self.session)
         self.input_shape = tuple(self.session.get_inputs()[0].shape[1:])
         self.config = type("OnnxConfig", (), {"_attn_implementation": "onnxruntime", **self.info})()

@@ -1,6 +1,9 @@
 """The one exception type that carries a user-facing, one-line message, and one-line messages for others."""
 
+import contextlib
 import errno
+import warnings
+from collections.abc import Iterator
 
 
 class RetrofitError(Exception):
@@ -60,3 +63,12 @@ def describe_os_error(exc: OSError) -> str:
 def is_file_system_error(exc: OSError) -> bool:
     """True for an error about a file or the disk (not, say, a network error, which also subclasses OSError)."""
     return exc.filename is not None or exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
+
+@contextlib.contextmanager
+def pickle_refused_quietly() -> Iterator[None]:
+    """Loading with ``weights_only=True``: silence torch's note on a pickle protocol it did not write (printed before
+    it refuses such a file), so that the refusal reaches the user as the one line retrofit makes of it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        yield

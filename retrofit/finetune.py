@@ -94,6 +94,7 @@ def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepar
     from .atomic import check_checkpoint_dir, check_output
     from .checkpoints import check_checkpoints, default_checkpoint_dir, list_checkpoints
     from .loading import (
+        check_runs_on_its_images,
         family_and_head,
         for_task,
         is_merged,
@@ -302,30 +303,12 @@ def check_teacher_logits(source: str | Path, saved, config, loss: str) -> None:
 def blank_outputs(model, image_size: tuple[int, int]) -> torch.Tensor:
     """What `model`'s head gives for one blank image of `image_size` (logits, or a backbone's features): a cheap
     check that the model runs on the images it will be given."""
+    from .loading import blank_images
     from .losses import HeadReader
 
-    vision = getattr(model.config, "vision_config", None)
-    channels = getattr(model.config, "num_channels", None) or getattr(vision, "num_channels", 3)
-    pixels = torch.zeros(1, channels, *image_size, dtype=model.dtype)
     with torch.no_grad():
-        read = HeadReader(model, features=False)(model, pixels)
+        read = HeadReader(model, features=False)(model, blank_images(model, image_size))
     return read.logits if read.logits is not None else read.features
-
-
-def check_runs_on_its_images(model, processor, source) -> tuple[int, int]:
-    """Refuse, before any work, a checkpoint that cannot run on the images its own image processor gives (another
-    size than its config's, say). Returns that size."""
-    from .loading import processor_image_size
-
-    height, width = processor_image_size(processor)
-    try:
-        blank_outputs(model, (height, width))
-    except Exception as exc:  # noqa: BLE001 - any failure here would end the run at its first step
-        raise RetrofitError(
-            f"'{source}' cannot run on the {height}×{width} images its image processor gives ({brief(exc, 120)}); "
-            "fix its preprocessor_config.json or config.json so that they agree"
-        ) from None
-    return height, width
 
 
 def check_teacher_fits(teacher, student, processor, teacher_source) -> None:
@@ -430,6 +413,10 @@ def pretrain(
             labels = {"num_labels": len(names), "id2label": dict(enumerate(names))}
             config = vision = ViTConfig(**model_config, **labels, label2id={n: i for i, n in enumerate(names)})
         check_config(vision, "pretrain.model")
+        if vision.num_channels not in (1, 3):  # `retrofit.data` reads images as L or RGB
+            raise RetrofitError(
+                f"pretrain.model: num_channels must be 1 (grey images) or 3 (RGB), not {vision.num_channels!r}"
+            )
         size = vision.image_size
         processor = ViTImageProcessor(**{
             "size": {"height": size, "width": size},

@@ -8,11 +8,12 @@ import operator
 import pickle
 from pathlib import Path
 
+import torch
 import transformers
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
 from .atomic import ASSETS, SHIPPED_NAME
-from .errors import RetrofitError, brief
+from .errors import RetrofitError, brief, pickle_refused_quietly
 from .families import FAMILIES, TASKS, Family, Head, family_for
 from .naflex import square_side, take_images
 
@@ -140,12 +141,15 @@ def check_config(config: PreTrainedConfig, where: str) -> None:
     if family.padded_patches:  # NaFlex: no image size, at most num_patches patches per image
         sizes["num_patches"] = getattr(lc, "num_patches", None)
         sizes.pop("image_size")
+    if hasattr(lc, "num_channels"):
+        sizes["num_channels"] = lc.num_channels
     if is_merged(config):
         sizes |= {name: getattr(config, name, None) for name in ("merge_after_layer", "merge_num_tokens")}
     for name, value in sizes.items():
         values = list(value) if isinstance(value, list | tuple) and len(value) == 2 else [value]
         if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
             raise RetrofitError(f"{where}: {name} must be a positive whole number, not {value!r}; fix the config")
+    _check_shapes(lc, sizes, where)
     prefix = getattr(config, "merge_num_prefix_tokens", 0) if is_merged(config) else 0
     if not isinstance(prefix, int) or isinstance(prefix, bool) or prefix < 0:
         raise RetrofitError(f"{where}: merge_num_prefix_tokens must be a whole number ≥ 0, not {prefix!r}")
@@ -153,6 +157,33 @@ def check_config(config: PreTrainedConfig, where: str) -> None:
         raise RetrofitError(
             f"{where}: merge_after_layer {config.merge_after_layer} is not below num_hidden_layers "
             f"{lc.num_hidden_layers}; fix the config"
+        )
+
+
+def _check_shapes(lc: PreTrainedConfig, sizes: dict, where: str) -> None:
+    """The checks of `check_config` that relate its sizes (all positive whole numbers by now), and the activation:
+    what would otherwise fail inside the first forward pass, or when the model is built."""
+    from transformers.activations import ACT2FN
+
+    def pair(value) -> list[int]:  # (height, width): one number, or two
+        return list(value) if isinstance(value, list | tuple) else [value, value]
+
+    patch = pair(sizes["patch_size"])
+    image = pair(sizes["image_size"]) if "image_size" in sizes else patch  # NaFlex: no image size
+    if any(p > i for p, i in zip(patch, image, strict=True)):
+        raise RetrofitError(
+            f"{where}: patch_size {sizes['patch_size']} is larger than image_size {sizes['image_size']}; make it at "
+            "most the image size"
+        )
+    if getattr(lc, "head_dim", None) is None and sizes["hidden_size"] % sizes["num_attention_heads"]:
+        raise RetrofitError(
+            f"{where}: hidden_size {sizes['hidden_size']} is not a multiple of num_attention_heads "
+            f"{sizes['num_attention_heads']}; change one of them"
+        )
+    act = getattr(lc, "hidden_act", None)
+    if act is not None and not (isinstance(act, str) and act in ACT2FN):
+        raise RetrofitError(
+            f"{where}: hidden_act {act!r} is not an activation transformers knows; use one of: {', '.join(ACT2FN)}"
         )
 
 
@@ -305,10 +336,29 @@ def load_model(
     else:
         model_class = getattr(transformers, head.class_name)
     try:
-        model = model_class.from_pretrained(source, config=config, revision=revision, dtype=dtype, **kwargs)
+        with pickle_refused_quietly():
+            model, info = model_class.from_pretrained(
+                source, config=config, revision=revision, dtype=dtype, output_loading_info=True, **kwargs
+            )
     except Exception as exc:  # noqa: BLE001 - OSError, SafetensorError, UnpicklingError, ...: the files are bad
         raise _source_error(source, exc) from exc
+    _check_missing_weights(source, info["missing_keys"], head)
     return take_images(model) if family.padded_patches else model
+
+
+def _check_missing_weights(source: str, missing, head: Head) -> None:
+    """Refuse, in one line, weights that leave part of the backbone random (a layer missing from the file, a
+    config.json with more layers than the weights). A new task head is expected (a backbone checkpoint loaded as a
+    classifier, a classifier's as a backbone): the classifier(s) and a pooler may be missing. transformers leaves
+    out of `missing` the keys a model may lack (non-persistent buffers, its ``_keys_to_ignore_on_load_missing``)."""
+    new_head = tuple(f"{name}." for name in head.classifiers)
+    lacking = sorted(key for key in missing if not key.startswith(new_head) and ".pooler." not in f".{key}")
+    if lacking:
+        names = ", ".join(lacking[:2]) + (", ..." if len(lacking) > 2 else "")
+        raise RetrofitError(
+            f"'{source}' lacks {len(lacking)} of the model's weights ({names}), which would start random; re-download "
+            "or re-save the checkpoint, or fix its config.json (num_hidden_layers, ...) to match its weights"
+        )
 
 
 def load_image_processor(source: str | Path, config: PreTrainedConfig, *, revision: str | None = None, log=print):
@@ -337,7 +387,7 @@ def load_image_processor(source: str | Path, config: PreTrainedConfig, *, revisi
     except ImportError as exc:
         if "torchvision" not in str(exc).lower():
             raise
-        return _pil_processor(source, revision=revision, log=log)
+        processor = _pil_processor(source, revision=revision, log=log)
     except (OSError, ValueError):
         _, head = family_and_head(config)
         from .cost import image_size  # cost imports this module
@@ -353,6 +403,12 @@ def load_image_processor(source: str | Path, config: PreTrainedConfig, *, revisi
         log(f"warning: '{source}''s image processor names custom code ({processor.auto_map}); retrofit uses "
             f"transformers' {type(processor).__name__} and exports do not name that code")  # fmt: skip
         del processor.auto_map
+    size = processor_image_size(processor)
+    if size is not None and min(size) < 1:
+        raise RetrofitError(
+            f"the image processor of '{source}' gives images of {size[0]}×{size[1]} pixels; fix the size (or "
+            "crop_size) in its preprocessor_config.json"
+        )
     return processor
 
 
@@ -434,3 +490,28 @@ def processor_image_size(processor) -> tuple[int, int] | None:
     if "shortest_edge" in size:
         return int(size["shortest_edge"]), int(size["shortest_edge"])
     return None
+
+
+def blank_images(model: PreTrainedModel, image_size: tuple[int, int]) -> torch.Tensor:
+    """One blank image of `image_size` with the model's channels and dtype."""
+    channels = getattr(layer_config(model.config, family_and_head(model.config)[1]), "num_channels", 3)
+    return torch.zeros(1, channels, *image_size, dtype=model.dtype)
+
+
+def check_runs_on_its_images(model: PreTrainedModel, processor, source: str | Path) -> None:
+    """Refuse, in one line and before any work is written, a model that cannot run on the images its image processor
+    gives (a preprocessor_config.json whose size is not the config's image_size, say): one blank image through it.
+    Every command that loads a model with its processor calls this."""
+    size = processor_image_size(processor)
+    if size is None:  # a processor that keeps each image's own size: nothing to try
+        return
+    dual_source = is_dual_encoder(model.config) and not is_merged(model.config)  # CLIPModel: no text, no forward
+    run = model.get_image_features if dual_source else model
+    try:
+        with torch.no_grad():
+            run(pixel_values=blank_images(model, size))
+    except Exception as exc:  # noqa: BLE001 - any failure here would end the command later, with a traceback
+        raise RetrofitError(
+            f"'{source}' cannot run on the {size[0]}×{size[1]} images its image processor gives ({brief(exc, 120)}); "
+            "fix its preprocessor_config.json or config.json so that they agree"
+        ) from None

@@ -282,7 +282,7 @@ def sweep(
         zero_shot_classes,
         zero_shot_scores,
     )
-    from .loading import load_config, load_image_processor, load_model
+    from .loading import check_runs_on_its_images, load_config, load_image_processor, load_model
     from .surgery import check_merge
     from .zero_shot import prompts
 
@@ -319,6 +319,7 @@ def sweep(
         label_map = dataset_label_map(model_labels(config), dataset, settings.data)
     source_model = load_model(source, config=config).eval()
     processor = load_image_processor(source, config, log=log)
+    check_runs_on_its_images(source_model, processor, source)
     pixels = None
     if settings.method == "calibrate":
         channels = getattr(config, "num_channels", None)

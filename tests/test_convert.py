@@ -258,6 +258,38 @@ def test_corrupt_weights(capsys, tmp_path, tiny_vit, damage):
     assert_refused(capsys, tmp_path / "o", source, "--after-layer", 1, "--tokens", 2, match="corrupt or truncated")
 
 
+def test_a_processor_size_the_model_refuses_is_refused_before_writing(capsys, tmp_path, tiny_vit):
+    source = tmp_path / "src"
+    shutil.copytree(tiny_vit, source)
+    (source / "preprocessor_config.json").write_text('{"image_processor_type": "ViTImageProcessor"}')  # 224×224
+    assert_refused(capsys, tmp_path / "o", source, "--after-layer", 2, "--tokens", 4,
+                   match=f"'{source}' cannot run on the 224×224 images its image processor gives")  # fmt: skip
+
+
+def test_weights_missing_from_the_backbone_are_refused(capsys, tmp_path, tiny_vit):
+    from safetensors.torch import save_file
+
+    weights = load_file(tiny_vit / "model.safetensors")
+    without_layer = tmp_path / "without-layer"
+    shutil.copytree(tiny_vit, without_layer)
+    kept = {name: value for name, value in weights.items() if "layer.3." not in name}
+    save_file(kept, without_layer / "model.safetensors", metadata={"format": "pt"})
+    assert_refused(capsys, tmp_path / "o", without_layer, "--after-layer", 2, "--tokens", 4,
+                   match=f"lacks {len(weights) - len(kept)} of the model's weights (vit.")  # fmt: skip
+    more_layers = tmp_path / "more-layers"
+    shutil.copytree(tiny_vit, more_layers)
+    config = json.loads((more_layers / "config.json").read_text())
+    (more_layers / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 8}))
+    assert_refused(capsys, tmp_path / "o", more_layers, "--after-layer", 2, "--tokens", 4,
+                   match=f"lacks {4 * (len(weights) - len(kept))} of the model's weights")  # fmt: skip
+    # a new classifier is expected, not refused: a classifier checkpoint without one loads with a new head
+    no_head = tmp_path / "no-head"
+    shutil.copytree(tiny_vit, no_head)
+    save_file({k: v for k, v in weights.items() if not k.startswith("classifier.")}, no_head / "model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+    assert run_cli(capsys, "convert", no_head, "--after-layer", 2, "--tokens", 4)[0] == 0
+
+
 def test_converting_an_export_is_refused(capsys, tmp_path, vit_export):
     _, out = vit_export
     assert_refused(capsys, tmp_path / "o", out, "--after-layer", 1, "--tokens", 2, match="already has a PatchMerger")

@@ -106,6 +106,32 @@ def test_bad_input_is_one_line_and_writes_nothing(export_dir, tmp_path, capsys, 
     assert "is not an ONNX file retrofit wrote" in refused(capsys, "bench", tmp_path / "x.onnx")
 
 
+def test_a_graph_whose_weights_file_is_missing_or_cut_short_is_one_line_in_bench(export_dir, tmp_path, capsys):
+    graph, data = tmp_path / "m.onnx", tmp_path / "m.onnx.data"
+    assert main(["export-onnx", str(export_dir), "-o", str(graph)]) == 0 and data.is_file()
+    whole = data.read_bytes()
+    quick = ["--batch-size", "1", "--warmup", "1", "--repeats", "1", "--min-time", "0", "--latency-iters", "0"]
+    for weights in (None, whole[:1000]):
+        data.unlink(missing_ok=True)
+        if weights is not None:
+            data.write_bytes(weights)
+        assert main(["bench", str(graph), *quick]) == 2
+        progress, err = capsys.readouterr().err.strip().splitlines()  # bench's progress is on stderr too
+        assert progress == f"loading {graph} (ONNX Runtime) ..." and err.startswith("retrofit: error: ")
+        assert f"ONNX Runtime cannot load '{graph}'" in err and "write it again with `retrofit export-onnx" in err
+
+
+def test_a_processor_size_the_model_refuses_is_one_line_and_writes_nothing(export_dir, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "vit-pm-224"
+    shutil.copytree(export_dir, model)
+    (model / "preprocessor_config.json").write_text('{"image_processor_type": "ViTImageProcessor"}')  # 224×224
+    err = refused(capsys, "export-onnx", model, "-o", tmp_path / "m.onnx")
+    assert f"'{model}' cannot run on the 224×224 images its image processor gives" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [model.name]
+
+
 def test_noise_images_go_through_the_models_own_processor(export_dir):
     from retrofit.loading import load_config, load_image_processor
 

@@ -449,7 +449,9 @@ def _edit_json(path: Path, change) -> None:
         ("config-null", "config.json' holds null, not a model config"),
         ("config-list", "config.json' holds a list, not a model config"),
         ("processor-list", "preprocessor_config.json' is not an image processor config (holds a list)"),
+        ("processor-size", "gives images of 0×0 pixels; fix the size (or crop_size) in its preprocessor_config.json"),
         ("patch-size-0", "patch_size must be a positive whole number, not 0"),
+        ("act-unknown", "config.json': hidden_act 'evil' is not an activation transformers knows"),
         ("layers-text", "config.json' is not a valid config (Validation error for field 'num_hidden_layers'"),
     ],
 )
@@ -466,13 +468,20 @@ def test_a_broken_source_is_one_line(tiny_vit, tmp_path, capsys, damage, message
         (source / "config.json").write_text("[1, 2]")
     elif damage == "processor-list":
         (source / "preprocessor_config.json").write_text("[]")
+    elif damage == "processor-size":  # was "--tokens 4 is out of range ... 1..0"
+        _edit_json(source / "preprocessor_config.json", lambda c: {**c, "size": {"height": 0, "width": 0}})
     elif damage == "patch-size-0":
         _edit_json(source / "config.json", lambda c: {**c, "patch_size": 0})
+    elif damage == "act-unknown":
+        _edit_json(source / "config.json", lambda c: {**c, "hidden_act": "evil"})
     elif damage == "layers-text":
         _edit_json(source / "config.json", lambda c: {**c, "num_hidden_layers": "two"})
     target = source / "config.json" if damage == "config-file" else source
-    assert message in refused(capsys, "convert", target, *MERGE, "--output", tmp_path / "o")
+    with warnings.catch_warnings(record=True) as caught:  # a warning would reach the user's stderr before the line
+        warnings.simplefilter("always")
+        assert message in refused(capsys, "convert", target, *MERGE, "--output", tmp_path / "o")
     assert not (tmp_path / "o").exists() and not marker.exists()
+    assert not [w for w in caught if "pickle" in str(w.message)]
 
 
 def test_an_export_with_a_mistyped_merge_setting_is_one_line(export_dir, tmp_path, colours, capsys):
@@ -499,6 +508,14 @@ def test_bad_recipes_are_one_line(colours, tmp_path, capsys):
     }))  # fmt: skip
     err = refused(capsys, "run", recipe, "--set", "pretrain.image_processor.size=5")
     assert "pretrain.image_processor gives 5×5 images, but pretrain.model.image_size is 32" in err
+    for setting, message in (  # each failed inside transformers or torch, or blamed the data
+        ("patch_size=64", "pretrain.model: patch_size 64 is larger than image_size 32"),
+        ("hidden_act=evil", "pretrain.model: hidden_act 'evil' is not an activation transformers knows; use one of"),
+        ("num_channels=0", "pretrain.model: num_channels must be a positive whole number, not 0"),
+        ("num_channels=2", "pretrain.model: num_channels must be 1 (grey images) or 3 (RGB), not 2"),
+        ("hidden_size=17", "pretrain.model: hidden_size 17 is not a multiple of num_attention_heads 2"),
+    ):
+        assert message in refused(capsys, "run", recipe, "--set", f"pretrain.model.{setting}")
     assert not (tmp_path / "b").exists()
 
 
