@@ -140,16 +140,14 @@ def export_files(export: str | Path) -> list[str]:
         )
     for name in weights:
         _check_safetensors(folder / name, export)
+    from .atomic import TOKENIZER_FILES, family_files
     from .card import CURVE_FILE, RESULTS_FILE
 
-    for name in (RESULTS_FILE, CURVE_FILE):  # written by `evaluate --card` / `bench --card`: part of the export too
-        if (folder / name).is_file() and not (folder / name).is_symlink():
-            required.append(name)
-    from .atomic import TOKENIZER_FILES, family_files
-
-    # A dual encoder's tokenizer (regular files only, like the rest); in any other export such a file is the user's.
-    tokenizer = [name for name in TOKENIZER_FILES if name in family_files(config)]
-    required += [name for name in tokenizer if (folder / name).is_file() and not (folder / name).is_symlink()]
+    # Written by `evaluate --card` / `bench --card`, and a dual encoder's tokenizer (in any other export such a file
+    # is the user's): part of the export where present, as regular files like the rest.
+    own = family_files(config)
+    optional = [RESULTS_FILE, CURVE_FILE, *(name for name in TOKENIZER_FILES if name in own)]
+    required += [name for name in optional if (folder / name).is_file() and not (folder / name).is_symlink()]
     return required
 
 
