@@ -235,19 +235,28 @@ def _check_weights_file(output: Path) -> None:
     """Refuse, before any work, a ``<output>.data`` (where the exporter writes the graph's weights) that exists and
     is not the weights of the graph retrofit wrote at `output` (a regular file that graph names as its external
     data): ``--overwrite`` replaces only retrofit's own files."""
-    data = output.with_name(f"{output.name}.data")
-    if not (data.exists() or data.is_symlink()):
+    data = _weights_file(output)
+    if not (data.exists() or data.is_symlink()) or _own_weights_file(output):
         return
-    if data.is_file() and not data.is_symlink() and written_by_retrofit(output):
-        import onnx
-
-        tensors = onnx.load(str(output), load_external_data=False).graph.initializer
-        if any(entry.key == "location" and entry.value == data.name for t in tensors for entry in t.external_data):
-            return
     raise RetrofitError(
         f"--output '{output}': '{data}' exists and is not the weights file of an ONNX graph retrofit wrote there "
         "(the export writes its weights to that name), so it is not replaced; move it out or choose another --output"
     )
+
+
+def _weights_file(output: Path) -> Path:
+    return output.with_name(f"{output.name}.data")
+
+
+def _own_weights_file(output: Path) -> bool:
+    """Whether ``<output>.data`` is a regular file that the retrofit graph at `output` names as its external data."""
+    data = _weights_file(output)
+    if not data.is_file() or data.is_symlink() or not written_by_retrofit(output):
+        return False
+    import onnx
+
+    tensors = onnx.load(str(output), load_external_data=False).graph.initializer
+    return any(entry.key == "location" and entry.value == data.name for t in tensors for entry in t.external_data)
 
 
 def _session(path: Path, device: str = "cpu"):
@@ -287,12 +296,17 @@ def _relative_difference(got: torch.Tensor, expected: torch.Tensor) -> float:
 def _move_into_place(work: Path, output: Path, overwrite: bool) -> None:
     """The file(s) the exporter wrote in `work` (the graph, and ``<output>.data``, its weights, where the exporter
     keeps them beside it) into `output`'s folder; an `output` that appeared meanwhile is not replaced without
-    `overwrite` (`_check_weights_file` checked the weights file before any work)."""
+    `overwrite` (`_check_weights_file` checked the weights file before any work). The weights file of the graph
+    replaced goes with it when the new graph keeps its weights inside (the TorchScript exporter's small graphs)."""
+    stale = _weights_file(output)
+    stale = stale if overwrite and not (work / stale.name).exists() and _own_weights_file(output) else None
     for path in sorted(work.iterdir(), key=lambda p: p.name == output.name):  # the graph last: whole or absent
         target = output.parent / path.name
         if target.exists() and not overwrite:
             raise RetrofitError(f"'{target}' appeared while this run was working; it was not replaced")
         os.replace(path, target)
+    if stale is not None:
+        stale.unlink(missing_ok=True)
 
 
 class OnnxModel:

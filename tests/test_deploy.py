@@ -85,6 +85,30 @@ def test_overwrite_replaces_only_the_weights_file_of_its_own_graph(export_dir, t
     assert data.read_text() == "precious" and deploy.onnx_info(target) is not None
 
 
+def test_overwrite_with_a_graph_that_keeps_its_weights_inside_removes_the_old_weights_file(
+    export_dir, tmp_path, monkeypatch
+):
+    """Replacing retrofit's graph + weights pair by a graph without external data (what the TorchScript exporter
+    writes for small models) leaves no stale ``.onnx.data`` beside it."""
+    import onnx
+
+    target = tmp_path / "new.onnx"
+    assert main(["export-onnx", str(export_dir), "-o", str(target)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.onnx", "new.onnx.data"]
+    real_export = deploy._export
+
+    def weights_inside(model, pixels, path, exporter, log):
+        names = real_export(model, pixels, path, exporter, log)
+        onnx.save(onnx.load(str(path)), str(path))  # loads the external data and writes one file
+        path.with_name(f"{path.name}.data").unlink()
+        return names
+
+    monkeypatch.setattr(deploy, "_export", weights_inside)
+    assert main(["export-onnx", str(export_dir), "-o", str(target), "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.onnx"]
+    assert deploy.onnx_info(target) is not None
+
+
 def test_bad_input_is_one_line_and_writes_nothing(export_dir, tmp_path, capsys, monkeypatch):
     assert "must be a file name ending in .onnx" in refused(capsys, "export-onnx", export_dir, "-o", tmp_path / "m")
     assert "does not exist" in refused(capsys, "export-onnx", tmp_path / "nope", "-o", tmp_path / "m.onnx")
