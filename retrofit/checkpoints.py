@@ -6,11 +6,13 @@ loaded with ``weights_only=True``), ``progress.json`` (the loop's position: text
 written into ``.step-NNNNNNNN.tmp`` and renamed into place, so a run killed at any moment leaves only complete
 checkpoints. ``run.json`` records what the checkpoints were made for (`RUN_SETTINGS`); ``--resume`` refuses other
 settings, and the training budget the run chose (`recorded_budget`), which a resumed run keeps. The folder may hold
-the user's own files: only retrofit's checkpoints and its own ``run.json`` are ever listed, replaced or deleted.
+the user's own files: only retrofit's checkpoints and its own ``run.json`` are ever listed, replaced or deleted. One
+run at a time uses a folder (`hold_checkpoint_lock`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -99,13 +101,73 @@ def remove_checkpoints(checkpoint_dir: Path) -> None:
         (checkpoint_dir / RUN_FILE).unlink()
 
 
+_HELD: dict[Path, tuple] = {}  # checkpoint folder → (lock file, its open handle), for the folders this process holds
+
+
+def _lock_key(checkpoint_dir: Path) -> Path:
+    return Path(os.path.abspath(checkpoint_dir)).resolve()
+
+
+def hold_checkpoint_lock(checkpoint_dir: Path) -> None:
+    """Refuse a second run on `checkpoint_dir` while this one uses it: both would write, prune and resume each
+    other's checkpoints. `check_checkpoints` takes the lock before any work and `train` releases it when it returns
+    (`release_checkpoint_lock`); it is held with ``flock`` on a file in retrofit's cache named by the folder's resolved
+    path (nothing is written beside the checkpoints, and the folder need not exist yet), so the system releases it
+    when the process ends, however it ends. Only the main process of ``accelerate launch`` takes it; without
+    ``fcntl`` (Windows) or a writable cache there is no lock."""
+    from .provenance import CACHE_DIR
+
+    folder = _lock_key(checkpoint_dir)
+    if folder in _HELD or int(os.environ.get("RANK", "0")) != 0:
+        return
+    try:
+        import fcntl
+
+        locks = CACHE_DIR / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+    except (ImportError, OSError):
+        return
+    path = locks / f"{hashlib.sha256(str(folder).encode()).hexdigest()[:32]}.lock"
+    while True:  # the holder removes the file when it is done: lock the file that is there after our open
+        handle = open(path, "a+")  # noqa: SIM115 - held until the run ends
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise RetrofitError(
+                f"another retrofit run (process {holder}) is using the checkpoint folder '{checkpoint_dir}'; wait for "
+                "it to end, or give this run another --checkpoint-dir"
+            ) from None
+        if path.exists() and os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+            break
+        handle.close()
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    _HELD[folder] = (path, handle)
+
+
+def release_checkpoint_lock(checkpoint_dir: Path) -> None:
+    """Let other runs use `checkpoint_dir` again (see `hold_checkpoint_lock`)."""
+    held = _HELD.pop(_lock_key(checkpoint_dir), None)
+    if held is not None:
+        path, handle = held
+        path.unlink(missing_ok=True)  # while still locked: a run that opened it meanwhile opens it again
+        handle.close()
+
+
 def check_checkpoints(checkpoint_dir: Path | None, *, resume: bool, overwrite: bool) -> list[Path]:
-    """Refuse to mix runs: existing checkpoints need --resume (continue) or --overwrite (start over), not both; a
-    ``run.json`` there that retrofit did not write (the run writes its own) is the user's and stays."""
+    """Refuse to mix runs: another run using the folder now (`hold_checkpoint_lock`), existing checkpoints without
+    --resume (continue) or --overwrite (start over), or with both; a ``run.json`` there that retrofit did not write
+    (the run writes its own) is the user's and stays."""
     if resume and overwrite:
         raise RetrofitError(
             "--resume continues the newest checkpoint and --overwrite starts over from none; pass one of them"
         )
+    if checkpoint_dir:
+        hold_checkpoint_lock(checkpoint_dir)
     record = checkpoint_dir / RUN_FILE if checkpoint_dir else None
     if record and os.path.lexists(record) and read_run_record(checkpoint_dir) is None:
         raise RetrofitError(

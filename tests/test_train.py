@@ -731,6 +731,40 @@ def test_a_run_json_of_the_users_in_the_checkpoint_folder_stays(tiny_vit, colour
     assert not (tmp_path / "o").exists()
 
 
+def test_a_second_run_on_a_checkpoint_folder_in_use_is_refused(tiny_vit, colours, tmp_path, capsys, monkeypatch):
+    """Two runs on one checkpoint folder would prune and resume each other's checkpoints: while another process runs
+    on it, a run is refused (one line naming that process, exit 2, before loading anything); the lock goes with the
+    process, and a finished run releases it for the next."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "ckpt"
+    holder = ("import sys; from pathlib import Path; from retrofit.checkpoints import check_checkpoints; "
+              f"check_checkpoints(Path({str(folder)!r}), resume=True, overwrite=False); print('held', flush=True); "
+              "sys.stdin.read()")  # fmt: skip
+    argv = ["finetune", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--data", colours, "--loss", "ce",
+            "--eval-split", "", "--no-calibrate", "--batch-size", "8", "--max-steps", "1",
+            "--checkpoint-dir", str(folder), "--output", str(tmp_path / "o")]  # fmt: skip
+    other = subprocess.Popen([sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline() == "held\n"
+        with monkeypatch.context() as patch:
+            patch.setattr("retrofit.loading.load_model", lambda *a, **k: pytest.fail("loaded the model"))
+            for extra in ([], ["--resume"], ["--overwrite"]):
+                assert main([*argv, *extra]) == 2
+                err = capsys.readouterr().err
+                assert err == (
+                    f"retrofit: error: another retrofit run (process {other.pid}) is using the checkpoint folder "
+                    f"'{folder}'; wait for it to end, or give this run another --checkpoint-dir\n"
+                )
+    finally:
+        other.communicate("")  # the process ends, and its lock with it
+    assert not (tmp_path / "o").exists() and not folder.exists()
+    assert main(argv) == 0 and (tmp_path / "o").is_dir()
+    after = subprocess.run([sys.executable, "-c", holder], input="", capture_output=True, text=True, timeout=120)
+    assert after.stdout == "held\n", after.stderr  # the finished run let go of the folder
+
+
 def test_checkpoints_inside_the_output_are_refused(tiny_vit, colours, tmp_path):
     with pytest.raises(
         RetrofitError, match=r"--checkpoint-dir '.*' is inside --output '.*', which the export replaces"
