@@ -21,7 +21,7 @@ draws the sample and the training order: runs are paired by seed), then scored o
 - ``augment``: the ``default`` run on random resized crops and flips (``--augment``; teacher and student see the same
   view, as in function matching but without mixup).
 
-    .venv/bin/python bench/small_data.py --images 2000 --json bench/results/small-data-2000.json
+    .venv/bin/python bench/small_data.py --images 2000 --runs plain,long,fm --json bench/results/small-data-2000.json
     .venv/bin/python bench/small_data.py --images 2000 --runs default --json bench/results/small-data-2000-default.json
     .venv/bin/python bench/small_data.py --images 2000 --runs ema --json bench/results/small-data-2000-ema.json
 

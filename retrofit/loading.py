@@ -286,10 +286,10 @@ def classifier_is_new(saved: PreTrainedConfig, loaded: PreTrainedConfig) -> bool
 
 
 def trained_head_config(config: PreTrainedConfig) -> PreTrainedConfig:
-    """The config to score `config`'s checkpoint with (`evaluate`, `sweep`): its own class, or, where that class
-    would get a new random classifier (a full CLIP/SigLIP model, a checkpoint of a class retrofit does not load such
-    as ViTForMaskedImageModeling), its backbone (`for_task`: for CLIP/SigLIP the vision tower alone), which is
-    scored by its features. An unsupported model type is refused here, before any data is read."""
+    """The config to score `config`'s checkpoint with (`evaluate`, `sweep`): its own class (a full CLIP/SigLIP model
+    is scored as a dual encoder), or, where that class would get a new random classifier (a checkpoint of a class
+    retrofit does not load, such as ViTForMaskedImageModeling), its backbone (`for_task`), which is scored by its
+    features. An unsupported model type is refused here, before any data is read."""
     family_and_head(config)  # "model type 'bert' is not supported ..."
     return for_task(config, "image-feature-extraction") if classifier_is_new(config, config) else config
 
