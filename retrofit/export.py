@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from huggingface_hub import ModelCard
@@ -11,6 +12,7 @@ from transformers import PreTrainedModel
 from .atomic import TOKENIZER_FILES, atomic_dir
 from .card import TrainingInfo, build_card
 from .errors import RetrofitError, brief
+from .families import Family
 from .hub_code import load_classes
 from .loading import family_and_head, is_merged, processor_image_size, save_image_processor
 
@@ -31,8 +33,8 @@ def export(
     """Write `model` (a merged model) to `output` as a Hub repository, atomically.
 
     The folder holds ``config.json`` (with ``auto_map``), ``model.safetensors``, the generated
-    ``configuration_*.py``/``modeling_*.py``, ``preprocessor_config.json`` (a dual encoder's `tokenizer` too) and a
-    ``README.md`` model card.
+    ``configuration_*.py``/``modeling_*.py``, ``preprocessor_config.json`` (a dual encoder's `tokenizer` too, naming
+    its processor class: `name_processor`) and a ``README.md`` model card.
     Load it with ``AutoModelForImageClassification.from_pretrained(output, trust_remote_code=True)``. Without a
     `card`, one is built from the model, `source_config` (for the cost table) and `training` (how it was made).
     """
@@ -58,6 +60,7 @@ def export(
             save_image_processor(image_processor, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            name_processor(tmp, family)
             unexpected = [path.name for path in tmp.iterdir() if path.name not in written and path.name not in
                           TOKENIZER_FILES and path.name != "preprocessor_config.json"]  # fmt: skip
             if unexpected:  # a file `--overwrite` would not recognise as ours, or `push` would leave out
@@ -69,3 +72,27 @@ def export(
 
         remember(record)
     return Path(output)
+
+
+def processor_class(family: Family) -> str | None:
+    """The processor class transformers gives the family's own checkpoints when their files name none (its
+    ``PROCESSOR_MAPPING_NAMES`` by model type: CLIPProcessor, SiglipProcessor, Siglip2Processor), or None."""
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    return next((PROCESSOR_MAPPING_NAMES[t] for t in family.model_types if PROCESSOR_MAPPING_NAMES.get(t)), None)
+
+
+def name_processor(folder: Path, family: Family) -> None:
+    """Name the processor class in the ``tokenizer_config.json`` a dual encoder's tokenizer wrote into `folder`, as
+    transformers' ``ProcessorMixin.save_pretrained`` does (``processor_class``), where the source's tokenizer did not.
+    ``AutoProcessor`` reads it there on every release exports support; without it, it looks the export's model type
+    (``clip_patch_merger``) up in its table, finds nothing and returns the tokenizer alone."""
+    path = folder / "tokenizer_config.json"
+    name = processor_class(family)
+    if name is None or not path.is_file():
+        return
+    settings = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(settings, dict) and not settings.get("processor_class"):  # the source's own name is kept
+        settings["processor_class"] = name
+        # as transformers writes it
+        path.write_text(json.dumps(settings, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -144,13 +144,19 @@ def test_the_dual_encoder_keeps_its_text_tower_and_class(siglip2):
 
 RELOAD = """
 import json, sys, torch, transformers
-from transformers import AutoModel
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
 data = torch.load(sys.argv[2])
 model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)
+# the tiny model's patches (Siglip2Processor's own defaults are 16 pixels and 256 patches, over the image processor's)
+inputs = processor(text=["a photo of a cat."], images=[Image.new("RGB", (48, 16), "red")], return_tensors="pt",
+                   padding="max_length", max_length=16, patch_size=8, max_num_patches=16)
 with torch.no_grad():
     image = model.get_image_features(**data["inputs"])
     text = model.get_text_features(input_ids=data["input_ids"])
     output = model(input_ids=data["input_ids"], **data["inputs"])
+    processed = model(**inputs)
 image = getattr(image, "pooler_output", image)
 text = getattr(text, "pooler_output", text)
 print(json.dumps({
@@ -158,6 +164,8 @@ print(json.dumps({
     "image": (image - data["image"]).abs().max().item(),
     "text": (text - data["text"]).abs().max().item(),
     "logits": list(output.logits_per_image.shape),
+    "processor": type(processor).__name__,
+    "processed": list(processed.logits_per_image.shape),
 }))
 """
 
@@ -165,7 +173,8 @@ print(json.dumps({
 @pytest.mark.parametrize("release", ["installed", "oldest", *OVERLAYS])
 def test_the_export_reloads_without_retrofit(release, siglip2, tmp_path):
     """In a process where `import retrofit` fails, with each transformers release the export supports: the same image
-    features for the processor's padded batch, the same text features, a full image-text forward."""
+    features for the processor's padded batch, the same text features, a full image-text forward; AutoProcessor gives
+    the source's Siglip2Processor (the export's tokenizer config names it), whose outputs the model runs on."""
     from test_families import INPUT_IDS
 
     from retrofit.loading import load_model
@@ -188,6 +197,7 @@ def test_the_export_reloads_without_retrofit(release, siglip2, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
     assert got["image"] < 1e-5 and got["text"] < 1e-5 and got["logits"] == [2, 3]
+    assert got["processor"] == "Siglip2Processor" and got["processed"] == [1, 1]
 
 
 def test_retrofit_feeds_square_images_as_the_processor_would(siglip2):
