@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 from . import __version__
 from .atomic import write_files
 from .cost import compare, model_cost
+from .data import hub_dataset_id
 from .errors import RetrofitError, brief, describe_os_error
 from .hub_code import OLDEST_TRANSFORMERS, base_head
 from .loading import family_and_head, layer_config
@@ -43,7 +44,67 @@ class TrainingInfo:
     notes: list[str] = field(default_factory=list)
 
 
-def _how_made(config, training: TrainingInfo | None) -> str:
+# The license fields of a model card's metadata (the Hub's model card spec), carried from the source's card.
+LICENSE_KEYS = ("license", "license_name", "license_link")
+HUB = "https://huggingface.co"
+
+
+def _is_hub_id(source: str) -> bool:
+    return source.count("/") == 1 and not source.startswith((".", "/", "~"))
+
+
+def hub_card_metadata(repo_id: str, revision: str | None = None) -> dict | None:
+    """The metadata (YAML front matter) of a Hub model's README.md, from the local cache or the Hub."""
+    from huggingface_hub import hf_hub_download, metadata_load
+
+    return metadata_load(hf_hub_download(repo_id, "README.md", revision=revision))
+
+
+def _source_card_metadata(model: PreTrainedModel) -> tuple[dict, str | None]:
+    """The metadata of the source's own model card and, for a Hub source, its repo id (None for a local one)."""
+    from huggingface_hub import metadata_load
+
+    from .provenance import find_local
+
+    config = model.config
+    record = getattr(model, "retrofit_source", None)  # set by `insert_patch_merger`: a local source's folder
+    folder = getattr(record, "folder", None)
+    source = str(getattr(config, "merge_source", None) or "")
+    if folder is None and _is_hub_id(source):
+        return hub_card_metadata(source, getattr(config, "merge_source_revision", None)) or {}, source
+    sha256 = getattr(config, "merge_source_sha256", None)
+    if folder is None and sha256 and not source.startswith("retrofit:"):  # an export trained on: where its source is
+        folder = find_local(sha256)
+    readme = Path(folder) / "README.md" if folder is not None else None
+    return (metadata_load(readme) or {}) if readme is not None and readme.is_file() else {}, None
+
+
+def source_license(model: PreTrainedModel) -> dict[str, str]:
+    """The license of the model a merged model was made from, as its own model card states it (`LICENSE_KEYS`): a
+    local folder's README.md front matter, or a Hub model's card. A merge does not change the license, so the export's
+    card carries it. Empty where the source has no card or it cannot be read (offline, say): never an error. A
+    relative ``license_link`` points into the source's Hub repo; a local source's is left out (the file is not in the
+    export, and no local path is published)."""
+    try:
+        metadata, repo_id = _source_card_metadata(model)
+    except Exception:  # noqa: BLE001 - no network, no such repo, broken YAML: the card goes without a license
+        return {}
+    if not isinstance(metadata, dict):
+        return {}
+    found = {
+        key: value.strip() for key in LICENSE_KEYS if isinstance(value := metadata.get(key), str) and value.strip()
+    }
+    link = found.get("license_link")
+    if link and not link.startswith(("https://", "http://")):
+        revision = getattr(model.config, "merge_source_revision", None) or "main"
+        if repo_id is None:
+            del found["license_link"]
+        else:
+            found["license_link"] = HUB + link if link.startswith("/") else f"{HUB}/{repo_id}/blob/{revision}/{link}"
+    return found if "license" in found else {}
+
+
+def _how_made(config, training: TrainingInfo | None, licensing: dict[str, str] | None = None) -> str:
     revision = getattr(config, "merge_source_revision", None)
     lines = [
         f"- source: `{config.merge_source}`" + (f" at commit `{revision}`" if revision else ""),
@@ -71,7 +132,45 @@ def _how_made(config, training: TrainingInfo | None) -> str:
     else:
         lines.append("- not fine-tuned after the merge: expect lower accuracy than the source until it is")
     lines.extend(f"- {note}" for note in training.notes)
+    if licensing:
+        named = licensing.get("license_name", licensing["license"])
+        link = f" ({licensing['license_link']})" if "license_link" in licensing else ""
+        lines.append(f"- license: `{named}`{link}, the source's, as its model card states it")
     return "\n".join(lines)
+
+
+def _zero_shot_usage(name: str, config) -> Callable[[bool], str]:
+    """A dual encoder's usage beyond the pipeline: its processor (the source's class: CLIPProcessor, SiglipProcessor,
+    ...) and a forward pass on an image and texts, with the padding and activation transformers' zero-shot pipeline
+    uses for the family (SigLIP: padded to 64 tokens, sigmoid). `remote`: for the section without retrofit, whose
+    every load of the export passes ``trust_remote_code=True`` (transformers 5.25's AutoProcessor and AutoTokenizer
+    read the export's config, and would ask whether to run its code)."""
+    siglip = "siglip" in config.model_type
+    padding = 'padding="max_length", max_length=64' if siglip else "padding=True"
+    scores = "sigmoid()  # one probability per text" if siglip else "softmax(dim=-1)  # over the texts"
+
+    def usage(remote: bool) -> str:
+        trust = ", trust_remote_code=True" if remote else ""
+        return f"""
+```python
+import torch
+from PIL import Image
+from transformers import AutoProcessor
+
+processor = AutoProcessor.from_pretrained("{name}"{trust})
+inputs = processor(text=["a photo of a cat.", "a photo of a dog."], images=Image.open("photo.jpg"),
+                   return_tensors="pt", {padding})
+with torch.no_grad():
+    probs = model(**inputs).logits_per_image.{scores}
+
+scores = pipe(Image.open("photo.jpg"), candidate_labels=["cat", "dog"], hypothesis_template="a photo of a {{}}.")
+```
+
+The text tower, the projections and the logit scale are the source's, bit-exact: its text embeddings are unchanged;
+`get_image_features` and `get_text_features` work as on the source.
+"""
+
+    return usage
 
 
 def build_card(
@@ -94,9 +193,13 @@ def build_card(
     family, head = family_and_head(config)
     base = base_head(family, head)
     source = str(config.merge_source or "")
-    is_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~"))
+    is_hub_id = _is_hub_id(source)
+    dataset = hub_dataset_id(training.data) if training else None  # a local folder's path is never published
+    licensing = source_license(model)
     data = ModelCardData(
         base_model=source if is_hub_id else None,
+        datasets=[dataset] if dataset else None,
+        **licensing,
         library_name="transformers",
         pipeline_tag=head.pipeline_tag,
         tags=["retrofit", "patch-merger", "token-merging", "vision", config.model_type.removesuffix("_patch_merger")],
@@ -114,14 +217,7 @@ def build_card(
         if base
         else ""
     )
-    zero_shot = (
-        '\n```python\nfrom PIL import Image\n\nscores = pipe(Image.open("photo.jpg"), '
-        'candidate_labels=["cat", "dog"], hypothesis_template="a photo of a {}.")\n```\n\nThe text tower, the '
-        "projections and the logit scale are the source's, bit-exact: its text embeddings are unchanged; "
-        "`get_image_features` and `get_text_features` work as on the source.\n"
-        if head.is_dual_encoder
-        else ""
-    )
+    zero_shot = _zero_shot_usage(name, config) if head.is_dual_encoder else lambda remote: ""
     content = f"""---
 {data.to_yaml()}
 ---
@@ -136,7 +232,7 @@ on far fewer tokens.
 
 ## How it was made
 
-{_how_made(config, training)}
+{_how_made(config, training, licensing)}
 
 ## How to use
 
@@ -151,7 +247,7 @@ retrofit.register_auto_classes()
 model = {head.auto_class}.from_pretrained("{name}")
 pipe = pipeline("{head.pipeline_tag}", model="{name}")
 ```
-{zero_shot}{encoder_only}
+{zero_shot(False)}{encoder_only}
 Without retrofit, the modeling code that ships here (`modeling_*.py`, `configuration_*.py`; it needs only `torch`
 and `transformers>={OLDEST_TRANSFORMERS}`) runs when you allow it:
 
@@ -161,7 +257,7 @@ from transformers import {head.auto_class}, pipeline
 model = {head.auto_class}.from_pretrained("{name}", trust_remote_code=True)
 pipe = pipeline("{head.pipeline_tag}", model="{name}", trust_remote_code=True)
 ```
-{zero_shot}
+{zero_shot(True)}
 ## Cost (theoretical, per image)
 
 {cost_text or "See `config.json` for the merge settings."}

@@ -130,6 +130,24 @@ def _check_local_images(dataset, image_column: str, source: str) -> None:
             ) from None
 
 
+def _is_fashion_mnist(data: str) -> bool:
+    return data.lower() in (FASHION_MNIST, "fashion_mnist", "fashionmnist")
+
+
+def _is_local(data: str) -> bool:
+    """True where `load_split` reads `data` from a local folder: it exists here, or is written as a path."""
+    return Path(data).expanduser().exists() or data.startswith((".", "/", "~"))
+
+
+def hub_dataset_id(data: str | os.PathLike | None) -> str | None:
+    """The Hub dataset id `load_split` reads `data` from; None for fashion-mnist (Debian's files) and local folders,
+    whose paths no model card may name."""
+    if data is None or not str(data).strip():
+        return None
+    data = str(data)
+    return None if _is_fashion_mnist(data) or _is_local(data) else data
+
+
 def load_split(
     data: str,
     split: str,
@@ -156,11 +174,11 @@ def load_split(
         )
     data = str(data)
     sample = limit is not None and sample_seed is not None
-    if data.lower() in (FASHION_MNIST, "fashion_mnist", "fashionmnist"):
+    if _is_fashion_mnist(data):
         dataset = _fashion_mnist(split, None if sample else limit)
     else:
         local = Path(data).expanduser()
-        is_local = local.exists() or data.startswith((".", "/", "~"))
+        is_local = _is_local(data)
         try:
             if is_local:
                 if not local.is_dir():

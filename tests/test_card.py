@@ -290,3 +290,70 @@ def test_the_mode_advice_names_the_batch_sizes_where_the_export_is_slower():
     assert advice in markdown_table(report)
     report["models"] = [row for row in report["models"] if row["compile"] == "eager"]  # one mode: nothing to choose
     assert fastest_modes(report) == []
+
+
+def _card_metadata(export) -> dict:
+    return ModelCard.load(export / "README.md").data.to_dict()
+
+
+def test_the_card_carries_the_license_of_a_local_sources_card(tiny_vit, export_dir, tmp_path):
+    """A merge keeps the source's license: `license` (and `license_name`, a web `license_link`) from the source
+    folder's README.md front matter; a relative link (a file not in the export) is left out; a source without a card
+    gives none."""
+    source = shutil.copytree(tiny_vit, tmp_path / "licensed")
+    (source / "README.md").write_text("---\nlicense: mit\nlicense_link: LICENSE\ntags: [x]\n---\n# A model\n")
+    convert(source, after_layer=2, num_tokens=4, output=tmp_path / "mit", log=lambda _: None)
+    data = _card_metadata(tmp_path / "mit")
+    assert data["license"] == "mit" and "license_link" not in data
+    assert "- license: `mit`, the source's" in (tmp_path / "mit" / "README.md").read_text()
+    link = "https://ai.meta.com/resources/models-and-libraries/dinov3-license/"
+    (source / "README.md").write_text(f"---\nlicense: other\nlicense_name: dinov3-license\nlicense_link: {link}\n---\n")
+    convert(source, after_layer=2, num_tokens=4, output=tmp_path / "other", log=lambda _: None)
+    data = _card_metadata(tmp_path / "other")
+    assert (data["license"], data["license_name"], data["license_link"]) == ("other", "dinov3-license", link)
+    assert not {"license", "license_name", "license_link"} & set(_card_metadata(export_dir))  # tiny_vit has no card
+
+
+def test_the_card_carries_the_license_of_a_hub_sources_card_and_fails_soft(tiny_vit, export_dir, monkeypatch):
+    """A Hub source's card is read through huggingface_hub (at the recorded commit; a relative license link points
+    into its repo); when it cannot be read (offline, here), the card has no license and the export is written."""
+    from retrofit import card
+    from retrofit.loading import load_model
+
+    model = load_model(export_dir)
+    model.config.merge_source, model.config.merge_source_revision = "google/vit-base-patch16-224", "abc123"
+    asked = []
+
+    def card_metadata(repo_id, revision=None):
+        asked.append((repo_id, revision))
+        return {"license": "apache-2.0", "license_link": "LICENSE.md", "datasets": ["imagenet-1k"]}
+
+    monkeypatch.setattr(card, "hub_card_metadata", card_metadata)
+    data = build_card(model).data.to_dict()
+    assert asked == [("google/vit-base-patch16-224", "abc123")]
+    assert data["license"] == "apache-2.0" and "datasets" not in data  # the source's training data is not ours
+    assert data["license_link"] == "https://huggingface.co/google/vit-base-patch16-224/blob/abc123/LICENSE.md"
+    monkeypatch.undo()
+    built = build_card(model)  # the real loader, offline (HF_HUB_OFFLINE=1 in the tests)
+    assert "license" not in built.data.to_dict() and "- license:" not in built.text
+
+    def unreachable(repo_id, revision=None):
+        raise OSError("no network")
+
+    monkeypatch.setattr(card, "hub_card_metadata", unreachable)
+    assert "license" not in build_card(model).data.to_dict()
+
+
+def test_a_fine_tune_lists_its_hub_dataset_but_not_a_local_folder(tiny_vit, hub_dataset, tmp_path):
+    """`datasets:` names the Hub dataset a fine-tune trained on; a local folder's path is never published."""
+    from conftest import HUB_ID
+
+    from retrofit import finetune
+
+    settings = dict(after_layer=2, num_tokens=4, max_steps=1, batch_size=8, progress=False, log=lambda _: None)
+    finetune(tiny_vit, output=tmp_path / "ft-hub", data=HUB_ID, split="train", **settings)
+    assert _card_metadata(tmp_path / "ft-hub")["datasets"] == [HUB_ID]
+    local = tmp_path / "colours"  # the image folder `hub_dataset` serves as HUB_ID
+    finetune(tiny_vit, output=tmp_path / "ft-local", data=str(local), split="train", **settings)
+    assert "datasets" not in _card_metadata(tmp_path / "ft-local")
+    assert str(tmp_path) not in (tmp_path / "ft-local" / "README.md").read_text()

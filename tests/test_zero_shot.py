@@ -5,6 +5,9 @@ its refusals; label-free fine-tuning (cosine on image embeddings, optional promp
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ import torch
 from conftest import save_tiny, tiny_clip_tokenizer, tiny_siglip_tokenizer
 from safetensors.torch import load_file
 from test_data import make_imagefolder
-from test_families import _clip, _siglip
+from test_families import OLDEST_PYTHON, OVERLAYS, _clip, _siglip
 
 from retrofit import convert
 from retrofit.cli import main
@@ -97,6 +100,92 @@ def test_overwrite_replaces_a_dual_encoder_export_with_its_tokenizer(duals, tmp_
     again = shutil.copytree(export, tmp_path / "again")
     convert(source, after_layer=2, num_tokens=3, output=again, overwrite=True, log=lambda _: None)
     assert sorted(path.name for path in again.iterdir()) == sorted(path.name for path in export.iterdir())
+    assert json.loads((again / "tokenizer_config.json").read_text())["processor_class"] == "SiglipProcessor"
+
+
+@pytest.mark.parametrize("name, processor", [("clip", "CLIPProcessor"), ("siglip", "SiglipProcessor")])
+def test_auto_processor_gives_the_sources_processor_class(name, processor, duals, tiny_vit, tmp_path):
+    """The source's files name no processor class, so transformers picks it by model type, which it does not know
+    for an export's (``clip_patch_merger``): the export's tokenizer config names it (``processor_class``, as
+    transformers' ProcessorMixin saves it), and AutoProcessor gives the source's class, whose outputs the model runs
+    on; a ViT export has no tokenizer config to name it in."""
+    from PIL import Image
+    from transformers import AutoModel, AutoProcessor
+
+    from retrofit.atomic import family_files
+
+    source, export = duals[name]
+    assert "processor_class" not in json.loads((source / "tokenizer_config.json").read_text())
+    assert type(AutoProcessor.from_pretrained(source)).__name__ == processor
+    loaded = AutoProcessor.from_pretrained(export, trust_remote_code=True)
+    assert type(loaded).__name__ == processor
+    padding = {"padding": "max_length", "max_length": 64} if name == "siglip" else {"padding": True}
+    inputs = loaded(text=["a photo of a cat.", "a photo of a dog."], images=Image.new("RGB", (40, 30), "red"),
+                    return_tensors="pt", **padding)  # fmt: skip
+    model = AutoModel.from_pretrained(export, trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert model(**inputs).logits_per_image.shape == (1, 2)
+    vit = convert(tiny_vit, after_layer=2, num_tokens=3, output=tmp_path / "vit", log=lambda _: None).output
+    assert not (vit / "tokenizer_config.json").exists()
+    assert "tokenizer_config.json" not in family_files(json.loads((vit / "config.json").read_text()))
+
+
+# Runs the python blocks of a section of each export's card ("registered": before "Without retrofit", else after it)
+# as written, in one process; prints what they made.
+CARD_USAGE = """
+import json, re, sys
+from pathlib import Path
+import transformers
+section, made = sys.argv[1], {}
+for folder in sys.argv[2:]:
+    usage = Path(folder, "README.md").read_text().split("## How to use")[1].split("\\n## ")[0]
+    part = usage.split("Without retrofit")[0 if section == "registered" else 1]
+    names = {}
+    exec(compile("\\n".join(re.findall(r"```python\\n(.*?)```", part, re.S)), folder, "exec"), names)
+    made[folder] = [type(names["model"]).__name__, type(names["processor"]).__name__, list(names["probs"].shape),
+                    sorted(score["label"] for score in names["scores"])]
+print(json.dumps({"transformers": transformers.__version__, "made": made}))
+"""
+
+
+@pytest.mark.parametrize("release", ["registered", "installed", "oldest", *OVERLAYS])
+def test_the_cards_usage_runs_as_written(release, duals, tmp_path):
+    """A dual encoder's card shows the model, the pipeline and the processor (the source's class) with a forward pass
+    on its outputs; each section runs as written, where the card names the export: with retrofit's classes
+    registered, and without retrofit (every load passes trust_remote_code=True, so transformers asks nothing) on each
+    release the exported code supports."""
+    from PIL import Image
+
+    python, path = sys.executable, []
+    if release not in ("installed", "registered"):
+        if not OLDEST_PYTHON:
+            pytest.skip("RETROFIT_OLDEST_PYTHON is not set (`make test` sets it)")
+        python, path = OLDEST_PYTHON, [str(OVERLAYS[release])] if release in OVERLAYS else []
+    for _, export in duals.values():
+        (tmp_path / export.name).symlink_to(export)  # where the card names it (`card.local_name`)
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "photo.jpg")
+    (tmp_path / "blocker").mkdir()
+    (tmp_path / "blocker" / "retrofit.py").write_text("raise ImportError('retrofit must not be needed')\n")
+    blocker = [] if release == "registered" else [str(tmp_path / "blocker")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*blocker, *path]), "HF_MODULES_CACHE": str(tmp_path / "mod")}
+    env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    section = "registered" if release == "registered" else "remote"
+    folders = [export.name for _, export in duals.values()]
+    run = subprocess.run([python, "-c", CARD_USAGE, section, *folders], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, stdin=subprocess.DEVNULL, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "[y/N]" not in run.stdout + run.stderr and "custom code" not in run.stdout + run.stderr
+    import transformers
+
+    from retrofit.hub_code import OLDEST_TRANSFORMERS
+
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    expected = {"oldest": OLDEST_TRANSFORMERS}.get(release, release.removeprefix("transformers-"))
+    assert got["transformers"] == (transformers.__version__ if release in ("installed", "registered") else expected)
+    assert got["made"] == {
+        "clip-pm": ["CLIPPatchMergerModel", "CLIPProcessor", [1, 2], ["cat", "dog"]],
+        "siglip-pm": ["SiglipPatchMergerModel", "SiglipProcessor", [1, 2], ["cat", "dog"]],
+    }
 
 
 def test_evaluate_zero_shot_writes_json_and_card(duals, images, tmp_path, capsys):
