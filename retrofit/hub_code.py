@@ -70,14 +70,24 @@ def base_head(family: Family, head: Head) -> Head | None:
     return next((other for other in family.heads.values() if other.pipeline_tag == "image-feature-extraction"), None)
 
 
+def classifier_head(family: Family, head: Head) -> Head | None:
+    """The family's classifier that a backbone or dual-encoder export also loads as, with
+    ``AutoModelForImageClassification`` and a new classifier (``num_labels=...``), as the source checkpoint does:
+    the family's first classifier (DeiTForImageClassification, not the one with a distillation head)."""
+    if head.is_classifier:
+        return None
+    return next((other for other in family.heads.values() if other.is_classifier), None)
+
+
 def render(family: Family, head: Head, *, retrofit_version: str = __version__) -> tuple[dict[str, str], dict[str, str]]:
-    """The generated source files (name -> text) and the ``auto_map`` for a family's head class (and, for a
-    classifier, for its family's backbone class, which `AutoModel` loads the same export as).
+    """The generated source files (name -> text) and the ``auto_map`` for a family's head class, and for the other
+    classes its export loads as: a classifier's family backbone (`base_head`, for `AutoModel`), a backbone's or dual
+    encoder's family classifier (`classifier_head`, for ``AutoModelForImageClassification``).
 
     The files are `templates/configuration.py.jinja` and `templates/modeling.py.jinja` rendered with `context`
     (the templates' first comment says what each name in it is); `retrofit_version` goes into their headers only."""
     names = _names(family, head)
-    heads = [head] + [base for base in [base_head(family, head)] if base is not None]
+    heads = [head] + [other for other in (base_head(family, head), classifier_head(family, head)) if other is not None]
     merged_classes = {each.class_name: _names(family, each)["model_class"] for each in heads}  # source -> merged
     context = {
         "family": family,
@@ -85,6 +95,7 @@ def render(family: Family, head: Head, *, retrofit_version: str = __version__) -
         "merged": {
             "config_class": names["config_class"],
             "config_module": names["config_module_name"],
+            "modeling_module": names["modeling_module_name"],
             "layer_class": names["layer_class"],
             "model_type": names["model_type"],
         },
@@ -120,11 +131,13 @@ def _templates() -> jinja2.Environment:
 
 
 class _GeneratedCode(importlib.abc.SourceLoader):
-    """Imports the rendered files of one package from memory: nothing is written to disk (so nothing is left behind
-    by a killed run), and `inspect.getsource` and tracebacks still show the code (through `get_source`)."""
+    """Imports the rendered files of one package from memory, so that what runs is what `render` returned (and
+    `inspect.getsource` and tracebacks show it, through `get_source`). The modules' ``__file__`` is in `folder`, where
+    `_write_copy` keeps a copy of the same files for ``save_pretrained`` to copy into a saved model (as it copies the
+    files of a model loaded with ``trust_remote_code``); in `GENERATED_ROOT` where there is none."""
 
-    def __init__(self, package: str, files: dict[str, str]) -> None:
-        self.package, self.files = package, files
+    def __init__(self, package: str, files: dict[str, str], folder: Path | None) -> None:
+        self.package, self.files, self.folder = package, files, folder
 
     def find_spec(self, fullname: str, path=None, target=None):
         name = fullname.removeprefix(f"{self.package}.")
@@ -134,27 +147,68 @@ class _GeneratedCode(importlib.abc.SourceLoader):
 
     def get_filename(self, fullname: str) -> str:
         name = "__init__" if fullname == self.package else fullname.removeprefix(f"{self.package}.")
-        return f"{GENERATED_ROOT}/{self.package}/{name}.py"
+        return f"{self.folder or f'{GENERATED_ROOT}/{self.package}'}/{name}.py"
 
     def get_data(self, path: str) -> bytes:
         return self.files.get(Path(path).name, "").encode()
 
 
-# Where generated modules say they come from (no such folder exists: the loader serves them from memory).
+# Where generated modules say they come from when no copy could be written (no such folder exists).
 GENERATED_ROOT = "/retrofit-generated"
+
+
+def _write_copy(package: str, files: dict[str, str]) -> Path | None:
+    """A folder holding `files` (and an empty ``__init__.py``) under ``$RETROFIT_CACHE/code``, named by the package and
+    a hash of the files, written whole (a temporary folder renamed into place) and checked; None where the cache
+    cannot be written."""
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    from .provenance import CACHE_DIR
+
+    digest = hashlib.sha256("\0".join(f"{name}\0{text}" for name, text in sorted(files.items())).encode())
+    folder = CACHE_DIR / "code" / f"{package}-{digest.hexdigest()[:16]}"
+    wanted = {**files, "__init__.py": ""}
+    try:
+        if not folder.is_dir():
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+            for name, text in wanted.items():
+                (work / name).write_text(text)
+            try:
+                os.rename(work, folder)
+            except OSError:  # another process wrote it meanwhile
+                shutil.rmtree(work, ignore_errors=True)
+        if all((folder / name).read_text() == text for name, text in wanted.items()):
+            return folder
+    except OSError:
+        pass
+    return None
 
 
 @cache
 def load_classes(family: Family, head: Head) -> MergedClasses:
-    """Render the code for (family, head), import it as a package (from memory), and return its classes."""
+    """Render the code for (family, head), import it as a package (from memory), and return its classes. They are
+    registered for their Auto classes, as transformers registers the classes of a model loaded with
+    ``trust_remote_code``: saving a model made of them (``save_pretrained``, ``Trainer``, ``push_to_hub``) writes their
+    files and the ``auto_map``, so that the saved folder loads without retrofit too."""
     files, auto_map = render(family, head)
     names = _names(family, head)
     package = f"retrofit_generated_{names['model_type']}_{head.class_name.lower()}"
-    loader = _GeneratedCode(package, files)
+    folder = _write_copy(package, files)
+    loader = _GeneratedCode(package, files, folder)
     sys.meta_path.append(loader)
     importlib.import_module(package)
     config_module = importlib.import_module(f"{package}.{names['config_module_name']}")
     modeling_module = importlib.import_module(f"{package}.{names['modeling_module_name']}")
+    if folder is not None:  # without a copy on disk, save_pretrained would have no files to copy
+        for auto_class, reference in auto_map.items():
+            module = config_module if auto_class == "AutoConfig" else modeling_module
+            generated = getattr(module, reference.rsplit(".", 1)[1])
+            if generated.__dict__.get("_auto_class") is None:  # a dual encoder's class serves two Auto classes
+                generated.register_for_auto_class(auto_class)
     return MergedClasses(
         config_class=getattr(config_module, names["config_class"]),
         model_class=getattr(modeling_module, names["model_class"]),

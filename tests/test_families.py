@@ -24,7 +24,7 @@ from retrofit.calibrate import calibrate, model_outputs, recording_merger_inputs
 from retrofit.cli import main
 from retrofit.cost import layer_macs, model_cost
 from retrofit.families import supported_names
-from retrofit.hub_code import OLDEST_TRANSFORMERS
+from retrofit.hub_code import OLDEST_TRANSFORMERS, classifier_head
 from retrofit.loading import family_and_head, layer_config
 from retrofit.losses import HeadReader
 
@@ -354,6 +354,15 @@ RELOAD_SCRIPT = textwrap.dedent("""
                     out = {"image_embeds": out.image_embeds, "logits_per_image": full.logits_per_image}
                 for key, expected in data["expected" + size].items():
                     got["diff"][f"{key}@{size}"] = (out[key] - expected).abs().max().item()
+        if case["probe"]:  # a backbone's or dual encoder's export loads as its family's classifier, a new head
+            probe = AutoModelForImageClassification.from_pretrained(case["output"], num_labels=5, **TRUST).eval()
+            with torch.no_grad():
+                tower = model.vision_model if case["dual"] else model
+                ours = probe.vision_model if case["dual"] else probe.base_model
+                hidden = tower(pixel_values=data["pixels32"]).last_hidden_state
+                logits = probe(pixel_values=data["pixels32"]).logits
+                diff = (ours(pixel_values=data["pixels32"]).last_hidden_state - hidden).abs().max().item()
+            got["probe"] = {"class": type(probe).__name__, "logits": list(logits.shape), "diff": diff}
         image = Image.new("RGB", (40, 30), (200, 40, 40))
         if case["dual"]:
             classify = pipeline("zero-shot-image-classification", model=case["output"], **TRUST)
@@ -402,6 +411,15 @@ def _base_class(item: Converted) -> str | None:
     return item.case.merged_class.split("For")[0] + "Model"
 
 
+def _probe_class(item: Converted) -> str | None:
+    """The classifier a backbone's or dual encoder's export loads as (`hub_code.classifier_head`), as its source does
+    with ``AutoModelForImageClassification.from_pretrained(source, num_labels=...)``; None for a classifier or a family
+    without one (CLIP's and SigLIP's vision towers, DINOv3)."""
+    family, head = family_and_head(item.result.model.config)
+    probe = classifier_head(family, head)
+    return None if probe is None else family.display_name + "PatchMerger" + probe.class_name[len(family.display_name) :]
+
+
 @pytest.fixture(scope="module", params=["registered", "installed", "oldest", *OVERLAYS])
 def reloaded(request, converted, tmp_path_factory) -> dict:
     """Every export loaded with Auto classes + trust_remote_code in ONE fresh process where `import retrofit` fails,
@@ -438,6 +456,7 @@ def reloaded(request, converted, tmp_path_factory) -> dict:
                 "dual": item.case.dual,
                 "interpolate": item.case.interpolate,
                 "base": base,
+                "probe": _probe_class(item),
             }
         )
     (root / "manifest.json").write_text(json.dumps(manifest))
@@ -477,6 +496,83 @@ def test_reloads_ran_with_the_transformers_they_name(request, reloaded):
     assert (reloaded["remote_code_modules"] == []) == (param == "registered")
 
 
+SAVED_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    from transformers import AutoModel, AutoModelForImageClassification, AutoModelForZeroShotImageClassification
+
+    AUTO = {"classifier": AutoModelForImageClassification, "backbone": AutoModel,
+            "dual": AutoModelForZeroShotImageClassification}
+    results = {}
+    for folder, kind, key in json.load(open(sys.argv[1])):  # in this order, in one process
+        model = AUTO[kind].from_pretrained(folder, trust_remote_code=True).eval()
+        diff = None
+        if key is not None:
+            data = torch.load(folder + ".pt")
+            with torch.no_grad():
+                diff = (model(pixel_values=data["pixels"])[key] - data["expected"]).abs().max().item()
+        results[folder] = [type(model).__name__, diff]
+    json.dump(results, open(sys.argv[2], "w"))
+""")
+SAVED_KINDS = {"vit_backbone": ("backbone", "last_hidden_state"), "deit_distilled": ("classifier", "logits"),
+               "clip_dual": ("dual", "image_embeds")}  # fmt: skip
+
+
+def test_a_model_saved_after_a_registered_load_or_from_convert_loads_without_retrofit(converted, tmp_path):
+    """``save_pretrained`` (so Trainer and ``push_to_hub``) of a model made of retrofit's classes, loaded after
+    `register_auto_classes` or returned by `convert`, writes their code files and ``auto_map`` as it does for a model
+    loaded with ``trust_remote_code``; the folder loads where retrofit is not installed. Two exports of one family in
+    folders of the same name (``runs/*/export``), loaded in one process, each load as their own class."""
+    import shutil
+
+    from transformers import AutoModel, AutoModelForImageClassification, AutoModelForZeroShotImageClassification
+
+    from retrofit import register_auto_classes
+
+    register_auto_classes()
+    auto = {"classifier": AutoModelForImageClassification, "backbone": AutoModel,
+            "dual": AutoModelForZeroShotImageClassification}  # fmt: skip
+    manifest = []
+    for name, (kind, key) in SAVED_KINDS.items():
+        item = converted[name]
+        stem = f"{item.case.family}_patch_merger"
+        for how in ("registered", "convert"):
+            model = auto[kind].from_pretrained(item.output) if how == "registered" else item.result.model
+            folder = tmp_path / how / name
+            model.save_pretrained(folder)
+            assert sorted(path.name for path in folder.glob("*.py")) == [
+                f"configuration_{stem}.py",
+                f"modeling_{stem}.py",
+            ]
+            assert json.loads((folder / "config.json").read_text())["auto_map"] == item.result.model.config.auto_map
+            with torch.no_grad():
+                expected = item.result.model(pixel_values=PIXELS)[key]
+            torch.save({"pixels": PIXELS, "expected": expected}, f"{folder}.pt")
+            manifest.append([str(folder), kind, key])
+    for parent, name, key in (("distilled", "deit_distilled", "logits"), ("probe", "deit_backbone", None)):
+        folder = tmp_path / parent / "export"  # the same folder name, family and Auto class; other model classes
+        shutil.copytree(converted[name].output, folder)
+        with torch.no_grad():
+            expected = converted[name].result.model(pixel_values=PIXELS).logits if key else None
+        torch.save({"pixels": PIXELS, "expected": expected}, f"{folder}.pt")
+        manifest.append([str(folder), "classifier", key])
+    (tmp_path / "blocker").mkdir()
+    (tmp_path / "blocker" / "retrofit.py").write_text("raise ImportError('retrofit must not be needed')\n")
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "blocker"), "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    command = [sys.executable, "-c", SAVED_SCRIPT, str(tmp_path / "manifest.json"), str(tmp_path / "results.json")]
+    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    for folder, _, _ in manifest[:-2]:
+        got = results[folder]
+        assert got[0] == CASES[Path(folder).name].merged_class and got[1] <= 1e-5, (folder, got)
+    distilled, probe = (results[folder] for folder, _, _ in manifest[-2:])
+    assert distilled[0] == "DeiTPatchMergerForImageClassificationWithTeacher" and distilled[1] <= 1e-5, distilled
+    assert probe[0] == "DeiTPatchMergerForImageClassification", probe
+
+
 def test_exported_code_refuses_an_older_transformers_in_one_line(converted, monkeypatch):
     """transformers 4.x would fail inside the encoder; the exported config module says what to do instead."""
     import transformers
@@ -502,6 +598,12 @@ def test_export_reloads_without_retrofit_with_equal_outputs(name, converted, rel
     if case.classifier:
         labels = {p["label"] for p in got["pipeline"]}
         assert labels <= {"cat", "dog", "bird"} and len(got["pipeline"]) == 3, got["pipeline"]
+    probe = _probe_class(converted[name])
+    if probe:  # a linear probe on the merged backbone: its tokens are the export's, the classifier is new
+        assert got["probe"]["class"] == probe and got["probe"]["logits"] == [2, 5], got["probe"]
+        assert got["probe"]["diff"] <= 1e-5, got["probe"]
+    else:
+        assert "probe" not in got
     if case.dual:  # the zero-shot pipeline ranks the candidate labels; AutoModel loads the same class
         assert sorted(p["label"] for p in got["pipeline"]) == ["ankle boot", "cat", "dog"], got["pipeline"]
         assert abs(sum(p["score"] for p in got["pipeline"]) - 1) < 1e-4 or "siglip" in name, got["pipeline"]
@@ -551,10 +653,12 @@ def test_export_files(name, converted):
     if item.case.dual:  # the zero-shot pipeline's Auto class, and AutoModel, as for the source checkpoint
         auto = "AutoModelForZeroShotImageClassification"
         base = {"AutoModel": f"modeling_{stem}.{item.case.merged_class}"}
+    probe = {"AutoModelForImageClassification": f"modeling_{stem}.{_probe_class(item)}"} if _probe_class(item) else {}
     assert config["auto_map"] == {
         "AutoConfig": f"configuration_{stem}.{family.display_name}PatchMergerConfig",
         auto: f"modeling_{stem}.{item.case.merged_class}",
         **base,
+        **probe,
     }
     tokenizer = {"clip": {"tokenizer.json", "tokenizer_config.json"}}
     tokenizer["siglip"] = {"spiece.model", "tokenizer_config.json"}

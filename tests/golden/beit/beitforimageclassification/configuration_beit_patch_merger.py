@@ -16,7 +16,9 @@ class BeitPatchMergerConfig(BeitConfig):
     r"""
     Configuration of a [`BeitConfig`] model in which a PatchMerger
     (Renggli et al., arXiv 2202.12015) turns the patch tokens into `merge_num_tokens` learned weighted averages
-    after `merge_after_layer` encoder layers. It takes every argument of [`BeitConfig`], plus:
+    after `merge_after_layer` encoder layers. It takes every argument of [`BeitConfig`], plus
+    the settings below. Its model classes (in `modeling_beit_patch_merger.py`, the exported one first):
+    [`BeitPatchMergerForImageClassification`], [`BeitPatchMergerModel`].
 
     Args:
         merge_after_layer (`int`, *optional*, defaults to 1):

@@ -23,6 +23,7 @@ from torch import nn
 from transformers.models.beit.modeling_beit import (
     BeitLayer,
     BeitModel,
+    BeitForImageClassification,
     BeitRelativePositionBias,
 )
 from transformers.utils import is_torchdynamo_compiling
@@ -363,8 +364,41 @@ class BeitPatchMergerModel(BeitModel):
             super()._init_weights(module)
 
 
+register_weight_conversions(
+    "BeitForImageClassification",
+    "BeitPatchMergerForImageClassification",
+)
+
+
+class BeitPatchMergerForImageClassification(BeitForImageClassification):
+    """[`BeitForImageClassification`] with a [`PatchMerger`] before layer `config.merge_after_layer`."""
+
+    config_class = BeitPatchMergerConfig
+    config: BeitPatchMergerConfig
+
+    def __init__(self, config: BeitPatchMergerConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        self._encoder_layers_name = insert_patch_merger(self, config)
+
+    def _merger_init_std(self) -> float:
+        return getattr(self.config, "initializer_range", 0.02)
+
+    @property
+    def patch_merger(self) -> PatchMerger:
+        """The model's [`PatchMerger`]."""
+        return self.get_submodule(self._encoder_layers_name)[self.config.merge_after_layer].patch_merger
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, PatchMerger):
+            module.reset_parameters(std=self._merger_init_std())
+        else:
+            super()._init_weights(module)
+
+
 __all__ = [
     "BeitPatchMergerModel",
+    "BeitPatchMergerForImageClassification",
     "BeitPatchMergerConfig",
     "PatchMerger",
 ]

@@ -16,7 +16,9 @@ class Data2VecVisionPatchMergerConfig(Data2VecVisionConfig):
     r"""
     Configuration of a [`Data2VecVisionConfig`] model in which a PatchMerger
     (Renggli et al., arXiv 2202.12015) turns the patch tokens into `merge_num_tokens` learned weighted averages
-    after `merge_after_layer` encoder layers. It takes every argument of [`Data2VecVisionConfig`], plus:
+    after `merge_after_layer` encoder layers. It takes every argument of [`Data2VecVisionConfig`], plus
+    the settings below. Its model classes (in `modeling_data2vec_vision_patch_merger.py`, the exported one first):
+    [`Data2VecVisionPatchMergerForImageClassification`], [`Data2VecVisionPatchMergerModel`].
 
     Args:
         merge_after_layer (`int`, *optional*, defaults to 1):

@@ -23,6 +23,7 @@ from torch import nn
 from transformers.models.data2vec.modeling_data2vec_vision import (
     Data2VecVisionLayer,
     Data2VecVisionModel,
+    Data2VecVisionForImageClassification,
     Data2VecVisionRelativePositionBias,
 )
 from transformers.utils import is_torchdynamo_compiling
@@ -363,8 +364,41 @@ class Data2VecVisionPatchMergerModel(Data2VecVisionModel):
             super()._init_weights(module)
 
 
+register_weight_conversions(
+    "Data2VecVisionForImageClassification",
+    "Data2VecVisionPatchMergerForImageClassification",
+)
+
+
+class Data2VecVisionPatchMergerForImageClassification(Data2VecVisionForImageClassification):
+    """[`Data2VecVisionForImageClassification`] with a [`PatchMerger`] before layer `config.merge_after_layer`."""
+
+    config_class = Data2VecVisionPatchMergerConfig
+    config: Data2VecVisionPatchMergerConfig
+
+    def __init__(self, config: Data2VecVisionPatchMergerConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        self._encoder_layers_name = insert_patch_merger(self, config)
+
+    def _merger_init_std(self) -> float:
+        return getattr(self.config, "initializer_range", 0.02)
+
+    @property
+    def patch_merger(self) -> PatchMerger:
+        """The model's [`PatchMerger`]."""
+        return self.get_submodule(self._encoder_layers_name)[self.config.merge_after_layer].patch_merger
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, PatchMerger):
+            module.reset_parameters(std=self._merger_init_std())
+        else:
+            super()._init_weights(module)
+
+
 __all__ = [
     "Data2VecVisionPatchMergerModel",
+    "Data2VecVisionPatchMergerForImageClassification",
     "Data2VecVisionPatchMergerConfig",
     "PatchMerger",
 ]

@@ -16,7 +16,9 @@ class Dinov2PatchMergerConfig(Dinov2Config):
     r"""
     Configuration of a [`Dinov2Config`] model in which a PatchMerger
     (Renggli et al., arXiv 2202.12015) turns the patch tokens into `merge_num_tokens` learned weighted averages
-    after `merge_after_layer` encoder layers. It takes every argument of [`Dinov2Config`], plus:
+    after `merge_after_layer` encoder layers. It takes every argument of [`Dinov2Config`], plus
+    the settings below. Its model classes (in `modeling_dinov2_patch_merger.py`, the exported one first):
+    [`Dinov2PatchMergerForImageClassification`], [`Dinov2PatchMergerModel`].
 
     Args:
         merge_after_layer (`int`, *optional*, defaults to 1):

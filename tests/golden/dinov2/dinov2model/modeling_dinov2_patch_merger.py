@@ -18,6 +18,7 @@ from torch import nn
 from transformers.models.dinov2.modeling_dinov2 import (
     Dinov2Layer,
     Dinov2Model,
+    Dinov2ForImageClassification,
 )
 
 from .configuration_dinov2_patch_merger import Dinov2PatchMergerConfig
@@ -215,8 +216,41 @@ class Dinov2PatchMergerModel(Dinov2Model):
             super()._init_weights(module)
 
 
+register_weight_conversions(
+    "Dinov2ForImageClassification",
+    "Dinov2PatchMergerForImageClassification",
+)
+
+
+class Dinov2PatchMergerForImageClassification(Dinov2ForImageClassification):
+    """[`Dinov2ForImageClassification`] with a [`PatchMerger`] before layer `config.merge_after_layer`."""
+
+    config_class = Dinov2PatchMergerConfig
+    config: Dinov2PatchMergerConfig
+
+    def __init__(self, config: Dinov2PatchMergerConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        self._encoder_layers_name = insert_patch_merger(self, config)
+
+    def _merger_init_std(self) -> float:
+        return getattr(self.config, "initializer_range", 0.02)
+
+    @property
+    def patch_merger(self) -> PatchMerger:
+        """The model's [`PatchMerger`]."""
+        return self.get_submodule(self._encoder_layers_name)[self.config.merge_after_layer].patch_merger
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, PatchMerger):
+            module.reset_parameters(std=self._merger_init_std())
+        else:
+            super()._init_weights(module)
+
+
 __all__ = [
     "Dinov2PatchMergerModel",
+    "Dinov2PatchMergerForImageClassification",
     "Dinov2PatchMergerConfig",
     "PatchMerger",
 ]

@@ -18,6 +18,7 @@ from torch import nn
 from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
     Dinov2WithRegistersLayer,
     Dinov2WithRegistersModel,
+    Dinov2WithRegistersForImageClassification,
 )
 
 from .configuration_dinov2_with_registers_patch_merger import Dinov2WithRegistersPatchMergerConfig
@@ -215,8 +216,41 @@ class Dinov2WithRegistersPatchMergerModel(Dinov2WithRegistersModel):
             super()._init_weights(module)
 
 
+register_weight_conversions(
+    "Dinov2WithRegistersForImageClassification",
+    "Dinov2WithRegistersPatchMergerForImageClassification",
+)
+
+
+class Dinov2WithRegistersPatchMergerForImageClassification(Dinov2WithRegistersForImageClassification):
+    """[`Dinov2WithRegistersForImageClassification`] with a [`PatchMerger`] before layer `config.merge_after_layer`."""
+
+    config_class = Dinov2WithRegistersPatchMergerConfig
+    config: Dinov2WithRegistersPatchMergerConfig
+
+    def __init__(self, config: Dinov2WithRegistersPatchMergerConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        self._encoder_layers_name = insert_patch_merger(self, config)
+
+    def _merger_init_std(self) -> float:
+        return getattr(self.config, "initializer_range", 0.02)
+
+    @property
+    def patch_merger(self) -> PatchMerger:
+        """The model's [`PatchMerger`]."""
+        return self.get_submodule(self._encoder_layers_name)[self.config.merge_after_layer].patch_merger
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, PatchMerger):
+            module.reset_parameters(std=self._merger_init_std())
+        else:
+            super()._init_weights(module)
+
+
 __all__ = [
     "Dinov2WithRegistersPatchMergerModel",
+    "Dinov2WithRegistersPatchMergerForImageClassification",
     "Dinov2WithRegistersPatchMergerConfig",
     "PatchMerger",
 ]

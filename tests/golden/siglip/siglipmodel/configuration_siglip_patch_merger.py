@@ -16,7 +16,9 @@ class SiglipPatchMergerConfig(SiglipConfig):
     r"""
     Configuration of a [`SiglipConfig`] model in which a PatchMerger
     (Renggli et al., arXiv 2202.12015) turns the patch tokens into `merge_num_tokens` learned weighted averages
-    after `merge_after_layer` encoder layers. It takes every argument of [`SiglipConfig`], plus:
+    after `merge_after_layer` encoder layers. It takes every argument of [`SiglipConfig`], plus
+    the settings below. Its model classes (in `modeling_siglip_patch_merger.py`, the exported one first):
+    [`SiglipPatchMergerModel`], [`SiglipPatchMergerForImageClassification`].
 
     Args:
         merge_after_layer (`int`, *optional*, defaults to 1):

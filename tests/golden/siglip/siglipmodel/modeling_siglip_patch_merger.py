@@ -22,6 +22,7 @@ from torch import nn
 from transformers.models.siglip.modeling_siglip import (
     SiglipEncoderLayer,
     SiglipModel,
+    SiglipForImageClassification,
     SiglipOutput,
 )
 
@@ -233,8 +234,41 @@ class SiglipPatchMergerModel(SiglipModel):
             super()._init_weights(module)
 
 
+register_weight_conversions(
+    "SiglipForImageClassification",
+    "SiglipPatchMergerForImageClassification",
+)
+
+
+class SiglipPatchMergerForImageClassification(SiglipForImageClassification):
+    """[`SiglipForImageClassification`] with a [`PatchMerger`] before layer `config.merge_after_layer`."""
+
+    config_class = SiglipPatchMergerConfig
+    config: SiglipPatchMergerConfig
+
+    def __init__(self, config: SiglipPatchMergerConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        self._encoder_layers_name = insert_patch_merger(self, config)
+
+    def _merger_init_std(self) -> float:
+        return getattr(self.config.vision_config, "initializer_range", 0.02)
+
+    @property
+    def patch_merger(self) -> PatchMerger:
+        """The model's [`PatchMerger`]."""
+        return self.get_submodule(self._encoder_layers_name)[self.config.merge_after_layer].patch_merger
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, PatchMerger):
+            module.reset_parameters(std=self._merger_init_std())
+        else:
+            super()._init_weights(module)
+
+
 __all__ = [
     "SiglipPatchMergerModel",
+    "SiglipPatchMergerForImageClassification",
     "SiglipPatchMergerConfig",
     "PatchMerger",
 ]

@@ -18,6 +18,7 @@ from torch import nn
 from transformers.models.vit_msn.modeling_vit_msn import (
     ViTMSNLayer,
     ViTMSNModel,
+    ViTMSNForImageClassification,
 )
 
 from .configuration_vit_msn_patch_merger import ViTMSNPatchMergerConfig
@@ -215,8 +216,41 @@ class ViTMSNPatchMergerModel(ViTMSNModel):
             super()._init_weights(module)
 
 
+register_weight_conversions(
+    "ViTMSNForImageClassification",
+    "ViTMSNPatchMergerForImageClassification",
+)
+
+
+class ViTMSNPatchMergerForImageClassification(ViTMSNForImageClassification):
+    """[`ViTMSNForImageClassification`] with a [`PatchMerger`] before layer `config.merge_after_layer`."""
+
+    config_class = ViTMSNPatchMergerConfig
+    config: ViTMSNPatchMergerConfig
+
+    def __init__(self, config: ViTMSNPatchMergerConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        self._encoder_layers_name = insert_patch_merger(self, config)
+
+    def _merger_init_std(self) -> float:
+        return getattr(self.config, "initializer_range", 0.02)
+
+    @property
+    def patch_merger(self) -> PatchMerger:
+        """The model's [`PatchMerger`]."""
+        return self.get_submodule(self._encoder_layers_name)[self.config.merge_after_layer].patch_merger
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, PatchMerger):
+            module.reset_parameters(std=self._merger_init_std())
+        else:
+            super()._init_weights(module)
+
+
 __all__ = [
     "ViTMSNPatchMergerModel",
+    "ViTMSNPatchMergerForImageClassification",
     "ViTMSNPatchMergerConfig",
     "PatchMerger",
 ]
