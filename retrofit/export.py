@@ -86,13 +86,22 @@ def name_processor(folder: Path, family: Family) -> None:
     """Name the processor class in the ``tokenizer_config.json`` a dual encoder's tokenizer wrote into `folder`, as
     transformers' ``ProcessorMixin.save_pretrained`` does (``processor_class``), where the source's tokenizer did not.
     ``AutoProcessor`` reads it there on every release exports support; without it, it looks the export's model type
-    (``clip_patch_merger``) up in its table, finds nothing and returns the tokenizer alone."""
+    (``clip_patch_merger``) up in its table, finds nothing and returns the tokenizer alone. The keys that only say
+    how this machine loaded the tokenizer (`LOADING_KEYS`, which transformers saves with it) are left out."""
     path = folder / "tokenizer_config.json"
     name = processor_class(family)
     if name is None or not path.is_file():
         return
     settings = json.loads(path.read_text(encoding="utf-8"))
-    if isinstance(settings, dict) and not settings.get("processor_class"):  # the source's own name is kept
-        settings["processor_class"] = name
+    if isinstance(settings, dict):
+        if not settings.get("processor_class"):  # the source's own name is kept
+            settings["processor_class"] = name
+        for key in LOADING_KEYS:
+            settings.pop(key, None)
         # as transformers writes it
         path.write_text(json.dumps(settings, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# What transformers 5.x adds to a tokenizer's saved settings about how it was loaded here (a local folder, offline):
+# nothing about the tokenizer, and not for a published model.
+LOADING_KEYS = ("is_local", "local_files_only")

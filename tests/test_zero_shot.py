@@ -108,7 +108,8 @@ def test_auto_processor_gives_the_sources_processor_class(name, processor, duals
     """The source's files name no processor class, so transformers picks it by model type, which it does not know
     for an export's (``clip_patch_merger``): the export's tokenizer config names it (``processor_class``, as
     transformers' ProcessorMixin saves it), and AutoProcessor gives the source's class, whose outputs the model runs
-    on; a ViT export has no tokenizer config to name it in."""
+    on; a ViT export has no tokenizer config to name it in. The keys transformers adds about how this machine loaded
+    the tokenizer are left out."""
     from PIL import Image
     from transformers import AutoModel, AutoProcessor
 
@@ -116,6 +117,8 @@ def test_auto_processor_gives_the_sources_processor_class(name, processor, duals
 
     source, export = duals[name]
     assert "processor_class" not in json.loads((source / "tokenizer_config.json").read_text())
+    saved = json.loads((export / "tokenizer_config.json").read_text())
+    assert not {"is_local", "local_files_only"} & set(saved), saved  # how this machine loaded it: not published
     assert type(AutoProcessor.from_pretrained(source)).__name__ == processor
     loaded = AutoProcessor.from_pretrained(export, trust_remote_code=True)
     assert type(loaded).__name__ == processor
