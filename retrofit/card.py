@@ -17,7 +17,7 @@ from .atomic import write_files
 from .cost import compare, model_cost
 from .data import hub_dataset_id
 from .errors import RetrofitError, brief, describe_os_error
-from .hub_code import OLDEST_TRANSFORMERS, base_head
+from .hub_code import OLDEST_TRANSFORMERS, base_head, classifier_head
 from .loading import family_and_head, layer_config
 from .provenance import public_name
 
@@ -217,6 +217,13 @@ def build_card(
         if base
         else ""
     )
+    probe = classifier_head(family, head)
+    if probe is not None:  # a backbone or dual encoder: a linear probe or fine-tune starts from a new classifier
+        encoder_only += (
+            f'\n`AutoModelForImageClassification.from_pretrained("{name}", num_labels=...)` loads it as '
+            f"{probe.class_name} with the merger and a new classifier (a linear probe, a fine-tune), as it does for "
+            "the source checkpoint.\n"
+        )
     zero_shot = _zero_shot_usage(name, config) if head.is_dual_encoder else lambda remote: ""
     content = f"""---
 {data.to_yaml()}

@@ -520,30 +520,39 @@ SAVED_KINDS = {"vit_backbone": ("backbone", "last_hidden_state"), "deit_distille
 
 def test_a_model_saved_after_a_registered_load_or_from_convert_loads_without_retrofit(converted, tmp_path):
     """``save_pretrained`` (so Trainer and ``push_to_hub``) of a model made of retrofit's classes, loaded after
-    `register_auto_classes` or returned by `convert`, writes their code files and ``auto_map`` as it does for a model
-    loaded with ``trust_remote_code``; the folder loads where retrofit is not installed. Two exports of one family in
-    folders of the same name (``runs/*/export``), loaded in one process, each load as their own class."""
+    `register_auto_classes` (in a process of its own: registering changes what every later load in a process gets)
+    or returned by `convert`, writes their code files and ``auto_map`` as it does for a model loaded with
+    ``trust_remote_code``; the folder loads where retrofit is not installed. Two exports of one family in folders of
+    the same name (``runs/*/export``), loaded in one process, each load as their own class."""
     import shutil
 
-    from transformers import AutoModel, AutoModelForImageClassification, AutoModelForZeroShotImageClassification
+    save_registered = textwrap.dedent("""
+        import json, sys
+        import retrofit
+        from transformers import AutoModel, AutoModelForImageClassification, AutoModelForZeroShotImageClassification
 
-    from retrofit import register_auto_classes
-
-    register_auto_classes()
-    auto = {"classifier": AutoModelForImageClassification, "backbone": AutoModel,
-            "dual": AutoModelForZeroShotImageClassification}  # fmt: skip
+        retrofit.register_auto_classes()
+        AUTO = {"classifier": AutoModelForImageClassification, "backbone": AutoModel,
+                "dual": AutoModelForZeroShotImageClassification}
+        for export, kind, folder in json.load(open(sys.argv[1])):
+            AUTO[kind].from_pretrained(export).save_pretrained(folder)
+    """)
+    jobs = [[str(converted[name].output), kind, str(tmp_path / "registered" / name)]
+            for name, (kind, _) in SAVED_KINDS.items()]  # fmt: skip
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    run = subprocess.run([sys.executable, "-c", save_registered, str(tmp_path / "jobs.json")], env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
     manifest = []
     for name, (kind, key) in SAVED_KINDS.items():
         item = converted[name]
         stem = f"{item.case.family}_patch_merger"
+        item.result.model.save_pretrained(tmp_path / "convert" / name)
         for how in ("registered", "convert"):
-            model = auto[kind].from_pretrained(item.output) if how == "registered" else item.result.model
             folder = tmp_path / how / name
-            model.save_pretrained(folder)
-            assert sorted(path.name for path in folder.glob("*.py")) == [
-                f"configuration_{stem}.py",
-                f"modeling_{stem}.py",
-            ]
+            code = sorted(path.name for path in folder.glob("*.py"))
+            assert code == [f"configuration_{stem}.py", f"modeling_{stem}.py"], (how, name, code)
             assert json.loads((folder / "config.json").read_text())["auto_map"] == item.result.model.config.auto_map
             with torch.no_grad():
                 expected = item.result.model(pixel_values=PIXELS)[key]
@@ -667,6 +676,9 @@ def test_export_files(name, converted):
         "config.json", "model.safetensors", "preprocessor_config.json", "README.md", f"configuration_{stem}.py",
         f"modeling_{stem}.py", *(tokenizer[family.name] if item.case.dual else ()),
     }  # fmt: skip
+    card = (item.output / "README.md").read_text()  # says what the export also loads as
+    probe_line = f'`AutoModelForImageClassification.from_pretrained("{item.output.name}", num_labels=...)` loads it as'
+    assert (probe_line in card) == bool(_probe_class(item))
     code = (item.output / f"modeling_{stem}.py").read_text()
     assert "import retrofit" not in code and "from retrofit" not in code
     assert f"from {family.modeling_module} import (\n    {family.layer_class},\n" in code
