@@ -146,6 +146,10 @@ def hold_checkpoint_lock(checkpoint_dir: Path) -> None:
     handle.truncate(0)
     handle.write(str(os.getpid()))
     handle.flush()
+    if not _HELD:  # a run that fails before `train` returns keeps its lock until the process ends: then tidy up
+        import atexit
+
+        atexit.register(_release_all)
     _HELD[folder] = (path, handle)
 
 
@@ -156,6 +160,11 @@ def release_checkpoint_lock(checkpoint_dir: Path) -> None:
         path, handle = held
         path.unlink(missing_ok=True)  # while still locked: a run that opened it meanwhile opens it again
         handle.close()
+
+
+def _release_all() -> None:
+    for folder in list(_HELD):
+        release_checkpoint_lock(folder)
 
 
 def check_checkpoints(checkpoint_dir: Path | None, *, resume: bool, overwrite: bool) -> list[Path]:
