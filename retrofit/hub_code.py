@@ -231,8 +231,11 @@ def register_auto_classes() -> None:
         if family.refusal:
             continue
         heads = list(family.heads.values())
-        # A classifier's package also holds the family's backbone class: its config class is the family's.
-        config_class = load_classes(family, next((h for h in heads if h.is_classifier), heads[0])).config_class
+        # The first head's package holds the classes the family's exports load as (its classifier and backbone, or
+        # dual encoder and classifier: `render`; DeiT's second classifier has its own), and the first registered
+        # class of each Auto class comes from it: its config class is the family's, so that a model loaded this way
+        # saves configuration and modeling files of one package.
+        config_class = load_classes(family, heads[0]).config_class
         transformers.AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         by_auto: dict[str, list[type]] = {}
         for head in heads:  # DeiT has two classifiers: transformers picks one by the config's `architectures`
