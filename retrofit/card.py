@@ -74,7 +74,7 @@ def _source_card_metadata(model: PreTrainedModel) -> tuple[dict, str | None]:
         return hub_card_metadata(source, getattr(config, "merge_source_revision", None)) or {}, source
     sha256 = getattr(config, "merge_source_sha256", None)
     if folder is None and sha256 and not source.startswith("retrofit:"):  # an export trained on: where its source is
-        folder = find_local(sha256)
+        folder = find_local(sha256, source)
     readme = Path(folder) / "README.md" if folder is not None else None
     return (metadata_load(readme) or {}) if readme is not None and readme.is_file() else {}, None
 

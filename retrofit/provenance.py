@@ -135,13 +135,17 @@ def remember(record: SourceRecord) -> None:
         pass
 
 
-def find_local(sha256: str) -> Path | None:
-    """A folder on this machine that `remember` recorded for weights with this hash and that still holds them."""
+def find_local(sha256: str, name: str | None = None) -> Path | None:
+    """A folder on this machine that `remember` recorded for weights with this hash and that still holds them: one
+    named `name` (the folder name an export records) where several hold the same weights (copies with other configs
+    or processors), else the one used most recently."""
     try:
         known = json.loads((CACHE_DIR / REGISTRY).read_text())
     except (OSError, ValueError):
         return None
-    for folder in known.get(sha256, []) if isinstance(known, dict) else []:
+    folders = known.get(sha256, []) if isinstance(known, dict) else []
+    folders = sorted(folders, key=lambda folder: Path(folder).name != name)  # stable: most recent first otherwise
+    for folder in folders:
         if Path(folder).is_dir() and weights_sha256(weight_files(folder)) == sha256:
             return Path(folder)
     return None
@@ -177,7 +181,7 @@ def find_teacher(export: str, config) -> tuple[str, str | None]:
                 "the unmerged model"
             )
         return name, revision
-    folder = find_local(sha256)
+    folder = find_local(sha256, name)
     if folder is None:
         raise RetrofitError(
             f"'{export}' was made from a local folder named '{name}', which is not known on this machine (or has "

@@ -330,6 +330,23 @@ def test_a_local_source_is_recorded_by_name_and_hash_and_found_from_anywhere(
     assert "kd from `vit`" in card and str(tmp_path) not in card
 
 
+def test_of_folders_holding_the_source_weights_the_one_with_the_recorded_name_is_the_teacher(
+    tiny_vit, tmp_path, registry
+):
+    """Copies of one checkpoint in several folders (with other configs or processors, say) hold the same weights:
+    an export's teacher is the folder with the name it recorded, even when another copy was used more recently."""
+    from retrofit.provenance import find_teacher
+
+    source, copy = tmp_path / "a" / "vit", tmp_path / "b" / "vit-copy"
+    shutil.copytree(tiny_vit, source)
+    shutil.copytree(tiny_vit, copy)
+    exported = convert(source, after_layer=2, num_tokens=4, output=tmp_path / "pm", log=lambda _: None)
+    convert(copy, after_layer=2, num_tokens=4, output=tmp_path / "pm-copy", log=lambda _: None)  # used last
+    assert find_teacher(str(tmp_path / "pm"), exported.model.config) == (str(source.resolve()), None)
+    shutil.rmtree(source)  # gone: another folder with the same weights serves
+    assert find_teacher(str(tmp_path / "pm"), exported.model.config) == (str(copy.resolve()), None)
+
+
 def test_a_hub_source_is_recorded_with_its_commit(tiny_vit, colours, tmp_path, monkeypatch, registry):
     """A Hub id is recorded with the commit its files came from (here from a local Hub cache, offline), and the
     teacher is loaded at that commit."""
