@@ -12,14 +12,19 @@ run at a time uses a folder (`hold_checkpoint_lock`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import RetrofitError, brief, pickle_refused_quietly
+
+T = TypeVar("T")
 
 
 class Progress:
@@ -108,33 +113,39 @@ def _lock_key(checkpoint_dir: Path) -> Path:
     return Path(os.path.abspath(checkpoint_dir)).resolve()
 
 
-def hold_checkpoint_lock(checkpoint_dir: Path) -> None:
-    """Refuse a second run on `checkpoint_dir` while this one uses it: both would write, prune and resume each
-    other's checkpoints. `check_checkpoints` takes the lock before any work and `train` releases it when it returns
-    (`release_checkpoint_lock`); it is held with ``flock`` on a file in retrofit's cache named by the folder's resolved
-    path (nothing is written beside the checkpoints, and the folder need not exist yet), so the system releases it
-    when the process ends, however it ends. Only the main process of ``accelerate launch`` takes it; without
-    ``fcntl`` (Windows) or a writable cache there is no lock."""
+def lock_file(checkpoint_dir: Path) -> Path:
+    """The file in retrofit's cache whose ``flock`` is the lock on `checkpoint_dir` (`hold_checkpoint_lock`)."""
     from .provenance import CACHE_DIR
 
+    return CACHE_DIR / "locks" / f"{hashlib.sha256(str(_lock_key(checkpoint_dir)).encode()).hexdigest()[:32]}.lock"
+
+
+def hold_checkpoint_lock(checkpoint_dir: Path) -> None:
+    """Refuse a second run on `checkpoint_dir` while this one uses it: both would write, prune and resume each
+    other's checkpoints and outputs. `check_checkpoints` takes the lock before any work; the whole run
+    (`releases_checkpoint_locks`: finetune, pretrain, a recipe) releases it when it returns or fails, after its
+    export is written. It is held with ``flock`` on a regular file in retrofit's cache named by the folder's resolved
+    path (nothing is written beside the checkpoints, and the folder need not exist yet; a link there is not
+    followed), so the system releases it when the process ends, however it ends. Only the main process of
+    ``accelerate launch`` takes it; without ``fcntl`` (Windows) or a writable cache there is no lock."""
     folder = _lock_key(checkpoint_dir)
     if folder in _HELD or int(os.environ.get("RANK", "0")) != 0:
         return
     try:
         import fcntl
-
-        locks = CACHE_DIR / "locks"
-        locks.mkdir(parents=True, exist_ok=True)
-    except (ImportError, OSError):
+    except ImportError:
         return
-    path = locks / f"{hashlib.sha256(str(folder).encode()).hexdigest()[:32]}.lock"
+    path = lock_file(folder)
     while True:  # the holder removes the file when it is done: lock the file that is there after our open
-        handle = open(path, "a+")  # noqa: SIM115 - held until the run ends
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600), "r+")
+        except OSError:  # a cache that cannot be written, or something other than a file there: no lock
+            return
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
+            holder = handle.read(32).strip() or "unknown"
             handle.close()
             raise RetrofitError(
                 f"another retrofit run (process {holder}) is using the checkpoint folder '{checkpoint_dir}'; wait for "
@@ -146,7 +157,7 @@ def hold_checkpoint_lock(checkpoint_dir: Path) -> None:
     handle.truncate(0)
     handle.write(str(os.getpid()))
     handle.flush()
-    if not _HELD:  # a run that fails before `train` returns keeps its lock until the process ends: then tidy up
+    if not _HELD:  # whatever happens to the run, tidy up when the process ends
         import atexit
 
         atexit.register(_release_all)
@@ -165,6 +176,20 @@ def release_checkpoint_lock(checkpoint_dir: Path) -> None:
 def _release_all() -> None:
     for folder in list(_HELD):
         release_checkpoint_lock(folder)
+
+
+def releases_checkpoint_locks(run: Callable[..., T]) -> Callable[..., T]:
+    """For a whole run (finetune, pretrain, a recipe): the checkpoint locks it took are released when it returns or
+    fails, so that a refused or interrupted call in a notebook does not keep other runs out."""
+
+    @functools.wraps(run)
+    def whole_run(*args, **kwargs):
+        try:
+            return run(*args, **kwargs)
+        finally:
+            _release_all()
+
+    return whole_run
 
 
 def check_checkpoints(checkpoint_dir: Path | None, *, resume: bool, overwrite: bool) -> list[Path]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoints import releases_checkpoint_locks
 from .errors import RetrofitError, brief, did_you_mean
 from .settings import FinetuneArgs, PretrainRun, TrainingRun, from_options
 from .train import TrainResult, train
@@ -67,6 +68,7 @@ class Prepared:
     text_embeds: torch.Tensor | None = None  # a dual encoder's prompt embeddings, for --prompt-weight
 
 
+@releases_checkpoint_locks
 def run_finetune(
     args: FinetuneArgs,
     *,
@@ -353,6 +355,7 @@ def _training_info(run: TrainingRun, result: TrainResult, init: str, teacher: st
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@releases_checkpoint_locks
 def pretrain(
     model_config: dict,
     *,

@@ -26,7 +26,6 @@ from .checkpoints import (
     list_checkpoints,
     load_checkpoint,
     recorded_budget,
-    release_checkpoint_lock,
     remove_checkpoints,
     run_settings,
     save_checkpoint,
@@ -563,6 +562,4 @@ def train(
     # under `accelerate launch` on CPU. The caller gets the unwrapped model (`result.model`).
     model, optimizer, scheduler = accelerator.free_memory(model, optimizer, scheduler)
     accelerator.end_training()
-    if checkpoint_dir:
-        release_checkpoint_lock(checkpoint_dir)  # taken by check_checkpoints: another run may use the folder now
     return result

@@ -765,6 +765,40 @@ def test_a_second_run_on_a_checkpoint_folder_in_use_is_refused(tiny_vit, colours
     assert after.stdout == "held\n", after.stderr  # the finished run let go of the folder
 
 
+def test_the_checkpoint_lock_lasts_the_whole_run_and_no_longer(tiny_vit, colours, tmp_path, monkeypatch):
+    """The lock covers the export too (a second run could otherwise take the folder while the first writes its
+    output), is released when a call fails (a refused or interrupted call in a notebook keeps no one out), and its
+    file in the cache is never followed: a link there is not written through."""
+    import importlib
+
+    from retrofit import checkpoints, finetune
+
+    module = importlib.import_module("retrofit.finetune")  # `retrofit.finetune` is the function
+    folder = tmp_path / "o-checkpoints"
+    real_finish, during = module.finish, []
+
+    def finish(*args, **kwargs):
+        during.append(checkpoints._lock_key(folder) in checkpoints._HELD)
+        return real_finish(*args, **kwargs)
+
+    monkeypatch.setattr(module, "finish", finish)
+    finetune(tiny_vit, output=tmp_path / "o", after_layer=2, num_tokens=4, data=colours, loss="ce", max_steps=1, **FAST)
+    assert during == [True] and not checkpoints._HELD
+    with pytest.raises(RetrofitError, match="holds checkpoints of an earlier run"):  # refused after the lock
+        finetune(tiny_vit, output=tmp_path / "o2", checkpoint_dir=folder, after_layer=2, num_tokens=4, data=colours,
+                 loss="ce", max_steps=1, **FAST)  # fmt: skip
+    assert not checkpoints._HELD and not checkpoints.lock_file(folder).exists()
+    precious = tmp_path / "precious.txt"
+    precious.write_text("mine")
+    lock = checkpoints.lock_file(folder)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.symlink_to(precious)
+    finetune(tiny_vit, output=tmp_path / "o", after_layer=2, num_tokens=4, data=colours, loss="ce", max_steps=2,
+             resume=True, **FAST)  # fmt: skip
+    assert precious.read_text() == "mine" and lock.is_symlink()
+    lock.unlink()
+
+
 def test_checkpoints_inside_the_output_are_refused(tiny_vit, colours, tmp_path):
     with pytest.raises(
         RetrofitError, match=r"--checkpoint-dir '.*' is inside --output '.*', which the export replaces"
