@@ -36,6 +36,7 @@ class MergedClasses:
     model_class: type
     files: dict[str, str]
     auto_map: dict[str, str]
+    saves_code: bool = True  # save_pretrained writes the files and auto_map (False: retrofit's cache is not writable)
 
 
 def _names(family: Family, head: Head) -> dict[str, str]:
@@ -171,6 +172,10 @@ def _write_copy(package: str, files: dict[str, str]) -> Path | None:
     digest = hashlib.sha256("\0".join(f"{name}\0{text}" for name, text in sorted(files.items())).encode())
     folder = CACHE_DIR / "code" / f"{package}-{digest.hexdigest()[:16]}"
     wanted = {**files, "__init__.py": ""}
+
+    def holds(path: Path, text: str) -> bool:
+        return path.is_file() and not path.is_symlink() and path.read_text() == text
+
     try:
         if not folder.is_dir():
             folder.parent.mkdir(parents=True, exist_ok=True)
@@ -181,7 +186,12 @@ def _write_copy(package: str, files: dict[str, str]) -> Path | None:
                 os.rename(work, folder)
             except OSError:  # another process wrote it meanwhile
                 shutil.rmtree(work, ignore_errors=True)
-        if all((folder / name).read_text() == text for name, text in wanted.items()):
+        for name, text in wanted.items():  # a file edited (or removed) since: written again, whole
+            if not holds(folder / name, text):
+                with tempfile.NamedTemporaryFile("w", dir=folder, prefix=f".{name}.", delete=False) as file:
+                    file.write(text)
+                os.replace(file.name, folder / name)
+        if all(holds(folder / name, text) for name, text in wanted.items()) and not folder.is_symlink():
             return folder
     except OSError:
         pass
@@ -209,12 +219,30 @@ def load_classes(family: Family, head: Head) -> MergedClasses:
             generated = getattr(module, reference.rsplit(".", 1)[1])
             if generated.__dict__.get("_auto_class") is None:  # a dual encoder's class serves two Auto classes
                 generated.register_for_auto_class(auto_class)
+                generated.save_pretrained = _saving_the_rendered_code(generated.save_pretrained, package, files)
     return MergedClasses(
         config_class=getattr(config_module, names["config_class"]),
         model_class=getattr(modeling_module, names["model_class"]),
         files=files,
         auto_map=auto_map,
+        saves_code=folder is not None,
     )
+
+
+def _saving_the_rendered_code(save_pretrained, package: str, files: dict[str, str]):
+    """`save_pretrained`, after making sure the copy it copies the code from holds what runs (`_write_copy` writes
+    again a file edited since), so that a saved model never carries other code than the rendered one."""
+
+    def save(self, *args, **kwargs):
+        if _write_copy(package, files) is None:
+            raise RuntimeError(
+                f"retrofit's copy of the generated code for {package} cannot be written again in its cache "
+                "($RETROFIT_CACHE/code); the model was not saved"
+            )
+        return save_pretrained(self, *args, **kwargs)
+
+    save.__doc__ = save_pretrained.__doc__
+    return save
 
 
 def register_auto_classes() -> None:

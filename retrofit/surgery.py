@@ -90,7 +90,8 @@ def merged_config(
         {
             **values,
             "architectures": [classes.model_class.__name__],
-            "auto_map": dict(classes.auto_map),  # saved with the model: its files load without retrofit
+            # saved with the model (with its code files): the folder loads without retrofit
+            **({"auto_map": dict(classes.auto_map)} if classes.saves_code else {}),
             "merge_after_layer": after_layer,
             "merge_num_tokens": num_tokens,
             "merge_num_prefix_tokens": prefix,

@@ -3,6 +3,7 @@ the encoder's arguments on."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from unittest import mock
@@ -56,3 +57,18 @@ def test_merged_layers_drop_masks_only_by_the_source_layer_s_parameter_names():
     with mock.patch.object(ViTLayer, "forward", return_value=hidden) as forward:
         layer(hidden, mask, other, head_mask=mask, output_attentions=True, position=other)
     forward.assert_called_once_with(hidden, None, other, head_mask=None, output_attentions=True, position=other)
+
+
+def test_a_saved_model_carries_the_code_that_runs_even_if_retrofit_s_copy_was_edited(tiny_vit, tmp_path):
+    """save_pretrained copies the generated code from retrofit's cache (`hub_code._write_copy`), where tracebacks
+    point; a copy edited there since the classes were imported is written again before it is copied, so what is
+    saved (and published) is what runs."""
+    from retrofit import convert
+
+    model = convert(tiny_vit, after_layer=2, num_tokens=3, log=lambda _: None).model
+    copy = Path(sys.modules[type(model).__module__].__file__)
+    rendered = copy.read_text()
+    copy.write_text(rendered + "\nprint('not the code that runs')\n")
+    model.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / copy.name).read_text() == rendered and copy.read_text() == rendered
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["auto_map"] == model.config.auto_map
