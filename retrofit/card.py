@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -76,7 +77,18 @@ def _source_card_metadata(model: PreTrainedModel) -> tuple[dict, str | None]:
     if folder is None and sha256 and not source.startswith("retrofit:"):  # an export trained on: where its source is
         folder = find_local(sha256, source)
     readme = Path(folder) / "README.md" if folder is not None else None
-    return (metadata_load(readme) or {}) if readme is not None and readme.is_file() else {}, None
+    if readme is None or not readme.is_file() or readme.is_symlink():  # a link may point at a private file
+        return {}, None
+    return metadata_load(readme) or {}, None
+
+
+# What a license field may hold to be carried over: an id (``mit``, ``apache-2.0``, ``other``), a name, a link
+# (a web address, or a file in the source's Hub repo); anything else (several lines, markup) is left out.
+_LICENSE_VALUE = {
+    "license": re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}"),
+    "license_name": re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}"),
+    "license_link": re.compile(r"(https?://)?[A-Za-z0-9._~/%+-]{1,400}(#[A-Za-z0-9._-]*)?"),
+}
 
 
 def source_license(model: PreTrainedModel) -> dict[str, str]:
@@ -92,7 +104,9 @@ def source_license(model: PreTrainedModel) -> dict[str, str]:
     if not isinstance(metadata, dict):
         return {}
     found = {
-        key: value.strip() for key in LICENSE_KEYS if isinstance(value := metadata.get(key), str) and value.strip()
+        key: value.strip()
+        for key in LICENSE_KEYS
+        if isinstance(value := metadata.get(key), str) and _LICENSE_VALUE[key].fullmatch(value.strip())
     }
     link = found.get("license_link")
     if link and not link.startswith(("https://", "http://")):

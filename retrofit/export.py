@@ -94,7 +94,8 @@ def name_processor(folder: Path, family: Family) -> None:
         return
     settings = json.loads(path.read_text(encoding="utf-8"))
     if isinstance(settings, dict):
-        if not settings.get("processor_class"):  # the source's own name is kept
+        given = settings.get("processor_class")
+        if not (isinstance(given, str) and given.isidentifier()):  # the source's own name is kept, if it is one
             settings["processor_class"] = name
         for key in LOADING_KEYS:
             settings.pop(key, None)

@@ -312,6 +312,19 @@ def test_the_card_carries_the_license_of_a_local_sources_card(tiny_vit, export_d
     data = _card_metadata(tmp_path / "other")
     assert (data["license"], data["license_name"], data["license_link"]) == ("other", "dinov3-license", link)
     assert not {"license", "license_name", "license_link"} & set(_card_metadata(export_dir))  # tiny_vit has no card
+    # Only a license id, a name and a web link are carried: not markup, not several lines, not another scheme.
+    bad = '---\nlicense: "mit\\n## Injected <img src=x>"\nlicense_link: "javascript:alert(1)"\n---\n'
+    (source / "README.md").write_text(bad)
+    convert(source, after_layer=2, num_tokens=4, output=tmp_path / "bad", log=lambda _: None)
+    assert "license" not in _card_metadata(tmp_path / "bad")
+    assert "Injected" not in (tmp_path / "bad" / "README.md").read_text()
+    # A README.md that is a link (to a private file, say) is not read.
+    private = tmp_path / "private.md"
+    private.write_text("---\nlicense: secret-note-of-mine\n---\n")
+    (source / "README.md").unlink()
+    (source / "README.md").symlink_to(private)
+    convert(source, after_layer=2, num_tokens=4, output=tmp_path / "linked", log=lambda _: None)
+    assert "secret-note-of-mine" not in (tmp_path / "linked" / "README.md").read_text()
 
 
 def test_the_card_carries_the_license_of_a_hub_sources_card_and_fails_soft(tiny_vit, export_dir, monkeypatch):

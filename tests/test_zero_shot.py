@@ -110,6 +110,8 @@ def test_auto_processor_gives_the_sources_processor_class(name, processor, duals
     transformers' ProcessorMixin saves it), and AutoProcessor gives the source's class, whose outputs the model runs
     on; a ViT export has no tokenizer config to name it in. The keys transformers adds about how this machine loaded
     the tokenizer are left out."""
+    import shutil
+
     from PIL import Image
     from transformers import AutoModel, AutoProcessor
 
@@ -128,6 +130,11 @@ def test_auto_processor_gives_the_sources_processor_class(name, processor, duals
     model = AutoModel.from_pretrained(export, trust_remote_code=True).eval()
     with torch.no_grad():
         assert model(**inputs).logits_per_image.shape == (1, 2)
+    odd = shutil.copytree(source, tmp_path / "odd")  # a processor_class that is not a class name: the family's
+    settings = json.loads((odd / "tokenizer_config.json").read_text())
+    (odd / "tokenizer_config.json").write_text(json.dumps({**settings, "processor_class": [processor]}))
+    fixed = convert(odd, after_layer=2, num_tokens=3, output=tmp_path / "odd-pm", log=lambda _: None).output
+    assert json.loads((fixed / "tokenizer_config.json").read_text())["processor_class"] == processor
     vit = convert(tiny_vit, after_layer=2, num_tokens=3, output=tmp_path / "vit", log=lambda _: None).output
     assert not (vit / "tokenizer_config.json").exists()
     assert "tokenizer_config.json" not in family_files(json.loads((vit / "config.json").read_text()))
