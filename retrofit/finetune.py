@@ -251,8 +251,34 @@ def _continue_export(args: FinetuneArgs, config, task: str) -> tuple:
             f"the teacher of --loss {args.loss} is '{args.source}''s source, '{config.merge_source}', which cannot "
             f"be loaded ({exc}); pass --teacher, or use --loss ce"
         ) from None
+    if not args.teacher:
+        _check_same_encoder(config, teacher_config, args.source, name)
     teacher = load_model(name, config=teacher_config, trust_remote_code=args.trust_remote_code, revision=revision)
     return model, teacher.eval(), name, None if args.teacher else teacher_config
+
+
+# Encoder settings an export and the model found as its source may differ in: names and bookkeeping, and the
+# merge's own (its config is the source's plus `merge_*`).
+_NOT_STRUCTURE = {"architectures", "auto_map", "model_type", "transformers_version", "_name_or_path", "torch_dtype",
+                  "dtype", "id2label", "label2id", "num_labels", "problem_type", "custom_pipelines"}  # fmt: skip
+
+
+def _check_same_encoder(config, teacher_config, export, found: str) -> None:
+    """Refuse a teacher found by the hash of its weights (a folder on this machine holding the weights the export was
+    made from) whose encoder is configured otherwise (another activation, norm epsilon, ...: a copy with another
+    config.json), before training distils from a model the export was never made from."""
+    from .loading import family_and_head, layer_config
+
+    ours = layer_config(config, family_and_head(config)[1]).to_dict()
+    theirs = layer_config(teacher_config, family_and_head(teacher_config)[1]).to_dict()
+    differ = sorted(key for key in ours.keys() & theirs.keys() - _NOT_STRUCTURE
+                    if not key.startswith("merge_") and ours[key] != theirs[key])  # fmt: skip
+    if differ:
+        key = differ[0]
+        raise RetrofitError(
+            f"'{found}' holds the weights '{export}' was made from, but its {key} is {theirs[key]!r}, the export's "
+            f"{ours[key]!r}: not the model it was made from; pass --teacher with the unmerged model"
+        )
 
 
 def _calibrate(model, args: FinetuneArgs, *, resumed: bool, log) -> str:

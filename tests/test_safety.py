@@ -347,6 +347,25 @@ def test_of_folders_holding_the_source_weights_the_one_with_the_recorded_name_is
     assert find_teacher(str(tmp_path / "pm"), exported.model.config) == (str(copy.resolve()), None)
 
 
+def test_a_folder_with_the_source_weights_but_another_encoder_config_is_not_the_teacher(
+    tiny_vit, colours, tmp_path, registry
+):
+    """A copy of the source whose config.json differs (another activation) holds the same weights: when the recorded
+    folder is gone, finetune EXPORT refuses it in one line instead of distilling from another model."""
+    source, copy = tmp_path / "vit", tmp_path / "vit-relu"
+    shutil.copytree(tiny_vit, source)
+    shutil.copytree(tiny_vit, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "hidden_act": "relu"}))
+    convert(source, after_layer=2, num_tokens=4, output=tmp_path / "pm", log=lambda _: None)
+    convert(copy, after_layer=2, num_tokens=4, output=tmp_path / "pm-relu", log=lambda _: None)
+    shutil.rmtree(source)
+    refusal = r"'.*vit-relu' holds the weights '.*pm' was made from, but its hidden_act is 'relu', the export's 'gelu'"
+    with pytest.raises(RetrofitError, match=refusal):
+        finetune(tmp_path / "pm", output=tmp_path / "o", data=colours, loss="kd", max_steps=1, **FAST)
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_hub_source_is_recorded_with_its_commit(tiny_vit, colours, tmp_path, monkeypatch, registry):
     """A Hub id is recorded with the commit its files came from (here from a local Hub cache, offline), and the
     teacher is loaded at that commit."""
