@@ -219,7 +219,7 @@ def load_classes(family: Family, head: Head) -> MergedClasses:
             generated = getattr(module, reference.rsplit(".", 1)[1])
             if generated.__dict__.get("_auto_class") is None:  # a dual encoder's class serves two Auto classes
                 generated.register_for_auto_class(auto_class)
-                generated.save_pretrained = _saving_the_rendered_code(generated.save_pretrained, package, files)
+                generated.save_pretrained = _saving_the_rendered_code(generated, package, files)
     return MergedClasses(
         config_class=getattr(config_module, names["config_class"]),
         model_class=getattr(modeling_module, names["model_class"]),
@@ -229,20 +229,21 @@ def load_classes(family: Family, head: Head) -> MergedClasses:
     )
 
 
-def _saving_the_rendered_code(save_pretrained, package: str, files: dict[str, str]):
-    """`save_pretrained`, after making sure the copy it copies the code from holds what runs (`_write_copy` writes
-    again a file edited since), so that a saved model never carries other code than the rendered one."""
+def _saving_the_rendered_code(generated: type, package: str, files: dict[str, str]):
+    """`generated`'s ``save_pretrained``: its parent's (looked up at each call), after making sure the copy it copies
+    the code from holds what runs (`_write_copy` writes again a file edited since), so that a saved model never
+    carries other code than the rendered one."""
 
-    def save(self, *args, **kwargs):
+    def save_pretrained(self, *args, **kwargs):
         if _write_copy(package, files) is None:
             raise RuntimeError(
                 f"retrofit's copy of the generated code for {package} cannot be written again in its cache "
                 "($RETROFIT_CACHE/code); the model was not saved"
             )
-        return save_pretrained(self, *args, **kwargs)
+        return super(generated, self).save_pretrained(*args, **kwargs)
 
-    save.__doc__ = save_pretrained.__doc__
-    return save
+    save_pretrained.__doc__ = generated.save_pretrained.__doc__
+    return save_pretrained
 
 
 def register_auto_classes() -> None:
