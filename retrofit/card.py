@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 from . import __version__
 from .atomic import write_files
 from .cost import compare, model_cost
-from .data import hub_dataset_id
+from .data import hub_dataset_id, is_local_data
 from .errors import RetrofitError, brief, describe_os_error
 from .hub_code import OLDEST_TRANSFORMERS, base_head, classifier_head
 from .loading import family_and_head, layer_config
@@ -448,7 +448,7 @@ def eval_results_from(evaluation: dict, row: dict) -> list[EvalResult]:
     """model-index entries (top-1 and top-k accuracy, zero-shot for a dual encoder; a backbone's feature
     similarity) for one evaluated model."""
     data = str(evaluation["data"])
-    local = Path(data).expanduser().exists() or data.startswith((".", "/", "~"))
+    local = is_local_data(data)
     metric = evaluation.get("metric")
     similarity = metric == "similarity"
     task_type, task_name = _TASKS.get(metric, ("image-classification", "Image Classification"))

@@ -134,7 +134,7 @@ def _is_fashion_mnist(data: str) -> bool:
     return data.lower() in (FASHION_MNIST, "fashion_mnist", "fashionmnist")
 
 
-def _is_local(data: str) -> bool:
+def is_local_data(data: str) -> bool:
     """True where `load_split` reads `data` from a local folder: it exists here, or is written as a path."""
     return Path(data).expanduser().exists() or data.startswith((".", "/", "~"))
 
@@ -145,7 +145,7 @@ def hub_dataset_id(data: str | os.PathLike | None) -> str | None:
     if data is None or not str(data).strip():
         return None
     data = str(data)
-    return None if _is_fashion_mnist(data) or _is_local(data) else data
+    return None if _is_fashion_mnist(data) or is_local_data(data) else data
 
 
 def load_split(
@@ -178,7 +178,7 @@ def load_split(
         dataset = _fashion_mnist(split, None if sample else limit)
     else:
         local = Path(data).expanduser()
-        is_local = _is_local(data)
+        is_local = is_local_data(data)
         try:
             if is_local:
                 if not local.is_dir():
