@@ -11,13 +11,17 @@ evaluate; checkpoints follow it in `retrofit.train`):
   one, the current folder or one holding it, a checkpoint shipped with retrofit (``retrofit/assets``).
 
 Anything else is refused with one line naming the path, before any work (`check_output`, `check_file_output`) and
-again at the final rename (`atomic_dir`, `write_report`).
+again at the final rename (`atomic_dir`, `write_report`). A run that writes for long (finetune, pretrain, a recipe,
+convert) also holds a lock on its output and checkpoint folders (`hold_write_lock`), so a second run on one of them is
+refused at its start, not after hours of training.
 """
 
 from __future__ import annotations
 
 import errno
 import fnmatch
+import functools
+import hashlib
 import json
 import os
 import re
@@ -27,8 +31,11 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import RetrofitError
+
+T = TypeVar("T")
 
 ASSETS = Path(__file__).parent / "assets"  # the checkpoints shipped with retrofit (`retrofit:NAME`)
 SHIPPED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # the NAME of `retrofit:NAME`: a name, never a path
@@ -424,3 +431,95 @@ def _move_into_place(tmp: Path, output: Path, overwrite: bool, kind: Kind, input
             ) from None
         output.rmdir()
         raise
+
+
+_HELD: dict[Path, tuple] = {}  # folder → (lock file, its open handle), for the folders this process holds
+
+
+def _lock_key(folder: str | Path) -> Path:
+    return Path(os.path.abspath(folder)).resolve()
+
+
+def lock_file(folder: str | Path) -> Path:
+    """The file in retrofit's cache whose ``flock`` is the lock on `folder` (`hold_write_lock`)."""
+    from .provenance import CACHE_DIR
+
+    return CACHE_DIR / "locks" / f"{hashlib.sha256(str(_lock_key(folder)).encode()).hexdigest()[:32]}.lock"
+
+
+def hold_write_lock(folder: str | Path, option: str) -> None:
+    """Refuse a second run that writes `folder` (given as `option`: ``--output``, ``--checkpoint-dir``) while this
+    one does: two runs on one checkpoint folder would prune and resume each other's checkpoints, and two runs on one
+    output would train for hours before the second one is refused (or, with ``--overwrite``, replaces the first's
+    export). Taken after `check_output` / `check_checkpoints`, before any work; the whole run
+    (`releases_write_locks`: finetune, pretrain, a recipe, convert) releases it when it returns or fails, after its
+    export is written. A folder is locked whichever option names it, so one run's checkpoint folder is not another's
+    output. The lock is ``flock`` on a regular file in retrofit's cache named by the folder's resolved path (nothing
+    is written beside the folder, which need not exist yet; a link there is not followed), so the system releases it
+    when the process ends, however it ends. Only the main process of ``accelerate launch`` takes it; without
+    ``fcntl`` (Windows) or a writable cache there is no lock."""
+    key = _lock_key(folder)
+    if key in _HELD or int(os.environ.get("RANK", "0")) != 0:
+        return
+    try:
+        import fcntl
+    except ImportError:
+        return
+    path = lock_file(key)
+    while True:  # the holder removes the file when it is done: lock the file that is there after our open
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600), "r+")
+        except OSError:  # a cache that cannot be written, or something other than a file there: no lock
+            return
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder, _, theirs = handle.read(64).strip().partition(" ")
+            handle.close()
+            raise RetrofitError(
+                f"another retrofit run (process {holder or 'unknown'}) is writing '{folder}' (its "
+                f"{theirs or option}); wait for it to end, or give this run another {option}"
+            ) from None
+        if path.exists() and os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+            break
+        handle.close()
+    handle.truncate(0)
+    handle.write(f"{os.getpid()} {option}")
+    handle.flush()
+    if not _HELD:  # whatever happens to the run, tidy up when the process ends
+        import atexit
+
+        atexit.register(_release_all)
+    _HELD[key] = (path, handle)
+
+
+def release_write_lock(folder: str | Path) -> None:
+    """Let other runs write `folder` again (see `hold_write_lock`)."""
+    held = _HELD.pop(_lock_key(folder), None)
+    if held is not None:
+        path, handle = held
+        path.unlink(missing_ok=True)  # while still locked: a run that opened it meanwhile opens it again
+        handle.close()
+
+
+def _release_all() -> None:
+    for folder in list(_HELD):
+        release_write_lock(folder)
+
+
+def releases_write_locks(run: Callable[..., T]) -> Callable[..., T]:
+    """For a whole run (finetune, pretrain, a recipe, convert): the write locks it took are released when it returns
+    or fails, so that a refused or interrupted call in a notebook does not keep other runs out. Locks held before
+    the call (a run that calls another) stay held."""
+
+    @functools.wraps(run)
+    def whole_run(*args, **kwargs):
+        held = set(_HELD)
+        try:
+            return run(*args, **kwargs)
+        finally:
+            for folder in set(_HELD) - held:
+                release_write_lock(folder)
+
+    return whole_run

@@ -7,24 +7,19 @@ written into ``.step-NNNNNNNN.tmp`` and renamed into place, so a run killed at a
 checkpoints. ``run.json`` records what the checkpoints were made for (`RUN_SETTINGS`); ``--resume`` refuses other
 settings, and the training budget the run chose (`recorded_budget`), which a resumed run keeps. The folder may hold
 the user's own files: only retrofit's checkpoints and its own ``run.json`` are ever listed, replaced or deleted. One
-run at a time uses a folder (`hold_checkpoint_lock`).
+run at a time uses a folder (`atomic.hold_write_lock`).
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import os
 import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
+from .atomic import hold_write_lock
 from .errors import RetrofitError, brief, pickle_refused_quietly
-
-T = TypeVar("T")
 
 
 class Progress:
@@ -106,94 +101,8 @@ def remove_checkpoints(checkpoint_dir: Path) -> None:
         (checkpoint_dir / RUN_FILE).unlink()
 
 
-_HELD: dict[Path, tuple] = {}  # checkpoint folder → (lock file, its open handle), for the folders this process holds
-
-
-def _lock_key(checkpoint_dir: Path) -> Path:
-    return Path(os.path.abspath(checkpoint_dir)).resolve()
-
-
-def lock_file(checkpoint_dir: Path) -> Path:
-    """The file in retrofit's cache whose ``flock`` is the lock on `checkpoint_dir` (`hold_checkpoint_lock`)."""
-    from .provenance import CACHE_DIR
-
-    return CACHE_DIR / "locks" / f"{hashlib.sha256(str(_lock_key(checkpoint_dir)).encode()).hexdigest()[:32]}.lock"
-
-
-def hold_checkpoint_lock(checkpoint_dir: Path) -> None:
-    """Refuse a second run on `checkpoint_dir` while this one uses it: both would write, prune and resume each
-    other's checkpoints and outputs. `check_checkpoints` takes the lock before any work; the whole run
-    (`releases_checkpoint_locks`: finetune, pretrain, a recipe) releases it when it returns or fails, after its
-    export is written. It is held with ``flock`` on a regular file in retrofit's cache named by the folder's resolved
-    path (nothing is written beside the checkpoints, and the folder need not exist yet; a link there is not
-    followed), so the system releases it when the process ends, however it ends. Only the main process of
-    ``accelerate launch`` takes it; without ``fcntl`` (Windows) or a writable cache there is no lock."""
-    folder = _lock_key(checkpoint_dir)
-    if folder in _HELD or int(os.environ.get("RANK", "0")) != 0:
-        return
-    try:
-        import fcntl
-    except ImportError:
-        return
-    path = lock_file(folder)
-    while True:  # the holder removes the file when it is done: lock the file that is there after our open
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600), "r+")
-        except OSError:  # a cache that cannot be written, or something other than a file there: no lock
-            return
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = handle.read(32).strip() or "unknown"
-            handle.close()
-            raise RetrofitError(
-                f"another retrofit run (process {holder}) is using the checkpoint folder '{checkpoint_dir}'; wait for "
-                "it to end, or give this run another --checkpoint-dir"
-            ) from None
-        if path.exists() and os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
-            break
-        handle.close()
-    handle.truncate(0)
-    handle.write(str(os.getpid()))
-    handle.flush()
-    if not _HELD:  # whatever happens to the run, tidy up when the process ends
-        import atexit
-
-        atexit.register(_release_all)
-    _HELD[folder] = (path, handle)
-
-
-def release_checkpoint_lock(checkpoint_dir: Path) -> None:
-    """Let other runs use `checkpoint_dir` again (see `hold_checkpoint_lock`)."""
-    held = _HELD.pop(_lock_key(checkpoint_dir), None)
-    if held is not None:
-        path, handle = held
-        path.unlink(missing_ok=True)  # while still locked: a run that opened it meanwhile opens it again
-        handle.close()
-
-
-def _release_all() -> None:
-    for folder in list(_HELD):
-        release_checkpoint_lock(folder)
-
-
-def releases_checkpoint_locks(run: Callable[..., T]) -> Callable[..., T]:
-    """For a whole run (finetune, pretrain, a recipe): the checkpoint locks it took are released when it returns or
-    fails, so that a refused or interrupted call in a notebook does not keep other runs out."""
-
-    @functools.wraps(run)
-    def whole_run(*args, **kwargs):
-        try:
-            return run(*args, **kwargs)
-        finally:
-            _release_all()
-
-    return whole_run
-
-
 def check_checkpoints(checkpoint_dir: Path | None, *, resume: bool, overwrite: bool) -> list[Path]:
-    """Refuse to mix runs: another run using the folder now (`hold_checkpoint_lock`), existing checkpoints without
+    """Refuse to mix runs: another run using the folder now (`atomic.hold_write_lock`), existing checkpoints without
     --resume (continue) or --overwrite (start over), or with both; a ``run.json`` there that retrofit did not write
     (the run writes its own) is the user's and stays."""
     if resume and overwrite:
@@ -201,7 +110,7 @@ def check_checkpoints(checkpoint_dir: Path | None, *, resume: bool, overwrite: b
             "--resume continues the newest checkpoint and --overwrite starts over from none; pass one of them"
         )
     if checkpoint_dir:
-        hold_checkpoint_lock(checkpoint_dir)
+        hold_write_lock(checkpoint_dir, "--checkpoint-dir")
     record = checkpoint_dir / RUN_FILE if checkpoint_dir else None
     if record and os.path.lexists(record) and read_run_record(checkpoint_dir) is None:
         raise RetrofitError(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from .atomic import check_output
+from .atomic import check_output, hold_write_lock, releases_write_locks
 from .cost import Cost, compare, model_cost
 from .errors import RetrofitError
 from .export import export
@@ -63,12 +63,14 @@ def convert(
     return run_convert(args, log=log)
 
 
+@releases_write_locks
 def run_convert(args: ConvertArgs, *, log: Callable[[str], None] = print) -> ConvertResult:
     """`convert` for settings already checked (``retrofit convert`` builds `ConvertArgs` itself)."""
     source, output = args.source, args.output
     resolve_source(source)  # a bad retrofit:NAME is refused first
     if output is not None:
         check_output(output, args.overwrite, inputs=(source, args.calibrate_on))
+        hold_write_lock(output, "--output")
     if args.push_to_hub:
         if output is None:
             raise RetrofitError("--push-to-hub uploads the export, so it needs --output")

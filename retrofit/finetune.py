@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import releases_checkpoint_locks
+from .atomic import releases_write_locks
 from .errors import RetrofitError, brief, did_you_mean
 from .settings import FinetuneArgs, PretrainRun, TrainingRun, from_options
 from .train import TrainResult, train
@@ -68,7 +68,7 @@ class Prepared:
     text_embeds: torch.Tensor | None = None  # a dual encoder's prompt embeddings, for --prompt-weight
 
 
-@releases_checkpoint_locks
+@releases_write_locks
 def run_finetune(
     args: FinetuneArgs,
     *,
@@ -93,7 +93,7 @@ def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepar
     PatchMerger → load the teacher → calibrate the merger → embed the prompts of ``--prompt-weight``."""
     from accelerate.utils import set_seed
 
-    from .atomic import check_checkpoint_dir, check_output
+    from .atomic import check_checkpoint_dir, check_output, hold_write_lock
     from .checkpoints import check_checkpoints, default_checkpoint_dir, list_checkpoints
     from .loading import (
         check_runs_on_its_images,
@@ -112,6 +112,7 @@ def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepar
     check_checkpoint_dir(checkpoint_dir, output)
     resuming = args.resume and bool(list_checkpoints(checkpoint_dir))  # then the run being resumed owns `output`
     check_output(output, args.overwrite or resuming, inputs=(source, args.teacher, args.data))
+    hold_write_lock(output, "--output")
     if args.push_to_hub:
         from .push import check_push
 
@@ -381,7 +382,7 @@ def _training_info(run: TrainingRun, result: TrainResult, init: str, teacher: st
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@releases_checkpoint_locks
+@releases_write_locks
 def pretrain(
     model_config: dict,
     *,
@@ -401,7 +402,7 @@ def pretrain(
     and lr 1e-3 unless given). Labels come from the data."""
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-    from .atomic import BASELINE, atomic_dir, check_checkpoint_dir, check_output
+    from .atomic import BASELINE, atomic_dir, check_checkpoint_dir, check_output, hold_write_lock
     from .checkpoints import check_checkpoints, default_checkpoint_dir, list_checkpoints
     from .data import class_names, load_split
     from .loading import check_config, processor_image_size
@@ -428,6 +429,7 @@ def pretrain(
     check_checkpoint_dir(checkpoint_dir, output)
     resuming = resume and bool(list_checkpoints(checkpoint_dir))  # then the run being resumed owns `output`
     check_output(output, overwrite or resuming, kind=BASELINE, inputs=(run.data,))
+    hold_write_lock(output, "--output")
     check_checkpoints(checkpoint_dir, resume=resume, overwrite=overwrite)
     names = class_names(load_split(run.data, run.split, label_column=run.label_column, limit=1))
     if not names:

@@ -18,7 +18,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Literal
 
-from .checkpoints import releases_checkpoint_locks
+from .atomic import releases_write_locks
 from .errors import RetrofitError, brief, did_you_mean
 from .settings import (
     RECIPE_SECTIONS,
@@ -257,7 +257,7 @@ def _run_pretrain(recipe: dict, path, *, overwrite: bool, resume: bool, log) -> 
     return summary
 
 
-@releases_checkpoint_locks
+@releases_write_locks
 def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, log) -> dict:
     """`finetune`'s steps with a before/after table: the source and the calibrated merged model are scored before
     training (the loop's step-0 evaluation) and timed against each other; the table goes into the model card."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -754,8 +755,8 @@ def test_a_second_run_on_a_checkpoint_folder_in_use_is_refused(tiny_vit, colours
                 assert main([*argv, *extra]) == 2
                 err = capsys.readouterr().err
                 assert err == (
-                    f"retrofit: error: another retrofit run (process {other.pid}) is using the checkpoint folder "
-                    f"'{folder}'; wait for it to end, or give this run another --checkpoint-dir\n"
+                    f"retrofit: error: another retrofit run (process {other.pid}) is writing '{folder}' (its "
+                    "--checkpoint-dir); wait for it to end, or give this run another --checkpoint-dir\n"
                 )
     finally:
         other.communicate("")  # the process ends, and its lock with it
@@ -765,32 +766,77 @@ def test_a_second_run_on_a_checkpoint_folder_in_use_is_refused(tiny_vit, colours
     assert after.stdout == "held\n", after.stderr  # the finished run let go of the folder
 
 
+def test_a_second_run_writing_an_output_in_use_is_refused_at_its_start(
+    tiny_vit, colours, tmp_path, capsys, monkeypatch
+):
+    """Two runs with one --output (their checkpoints elsewhere) used to train both, and the second was refused only
+    at its end (or, with --overwrite, replaced the first's export): while another process writes the output, a
+    finetune or convert to it is refused before loading anything, naming that process; one run's checkpoint folder
+    is not another's output either."""
+    output, elsewhere = tmp_path / "o", tmp_path / "elsewhere"
+    holder = ("import sys; from retrofit.atomic import hold_write_lock; "
+              f"hold_write_lock({str(output)!r}, '--output'); hold_write_lock({str(elsewhere)!r}, '--checkpoint-dir'); "
+              "print('held', flush=True); sys.stdin.read()")  # fmt: skip
+    tune = ["finetune", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--data", colours, "--loss", "ce",
+            "--eval-split", "", "--no-calibrate", "--batch-size", "8", "--max-steps", "1"]  # fmt: skip
+    other = subprocess.Popen([sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline() == "held\n"
+        convert_module = importlib.import_module("retrofit.convert")  # `retrofit.convert` is the function
+        with monkeypatch.context() as patch:
+            patch.setattr("retrofit.loading.load_model", lambda *a, **k: pytest.fail("loaded the model"))
+            patch.setattr(convert_module, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+            runs = [
+                [*tune, "--checkpoint-dir", str(tmp_path / "c1"), "--output", str(output)],
+                [*tune, "--checkpoint-dir", str(tmp_path / "c2"), "--output", str(output), "--overwrite"],
+                ["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--output", str(output)],
+            ]
+            for argv in runs:
+                assert main(argv) == 2
+                assert capsys.readouterr().err == (
+                    f"retrofit: error: another retrofit run (process {other.pid}) is writing '{output}' (its "
+                    "--output); wait for it to end, or give this run another --output\n"
+                )
+            assert (
+                main(["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--output", str(elsewhere)]) == 2
+            )
+            assert capsys.readouterr().err == (
+                f"retrofit: error: another retrofit run (process {other.pid}) is writing '{elsewhere}' (its "
+                "--checkpoint-dir); wait for it to end, or give this run another --output\n"
+            )
+    finally:
+        other.communicate("")
+    assert not output.exists() and not elsewhere.exists()
+    assert main([*tune, "--checkpoint-dir", str(tmp_path / "c1"), "--output", str(output)]) == 0 and output.is_dir()
+    assert main(["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--output", str(elsewhere)]) == 0
+
+
 def test_the_checkpoint_lock_lasts_the_whole_run_and_no_longer(tiny_vit, colours, tmp_path, monkeypatch):
     """The lock covers the export too (a second run could otherwise take the folder while the first writes its
     output), is released when a call fails (a refused or interrupted call in a notebook keeps no one out), and its
     file in the cache is never followed: a link there is not written through."""
     import importlib
 
-    from retrofit import checkpoints, finetune
+    from retrofit import atomic, finetune
 
     module = importlib.import_module("retrofit.finetune")  # `retrofit.finetune` is the function
     folder = tmp_path / "o-checkpoints"
     real_finish, during = module.finish, []
 
     def finish(*args, **kwargs):
-        during.append(checkpoints._lock_key(folder) in checkpoints._HELD)
+        during.append({atomic._lock_key(folder), atomic._lock_key(tmp_path / "o")} <= set(atomic._HELD))
         return real_finish(*args, **kwargs)
 
     monkeypatch.setattr(module, "finish", finish)
     finetune(tiny_vit, output=tmp_path / "o", after_layer=2, num_tokens=4, data=colours, loss="ce", max_steps=1, **FAST)
-    assert during == [True] and not checkpoints._HELD
+    assert during == [True] and not atomic._HELD
     with pytest.raises(RetrofitError, match="holds checkpoints of an earlier run"):  # refused after the lock
         finetune(tiny_vit, output=tmp_path / "o2", checkpoint_dir=folder, after_layer=2, num_tokens=4, data=colours,
                  loss="ce", max_steps=1, **FAST)  # fmt: skip
-    assert not checkpoints._HELD and not checkpoints.lock_file(folder).exists()
+    assert not atomic._HELD and not atomic.lock_file(folder).exists()
     precious = tmp_path / "precious.txt"
     precious.write_text("mine")
-    lock = checkpoints.lock_file(folder)
+    lock = atomic.lock_file(folder)
     lock.parent.mkdir(parents=True, exist_ok=True)
     lock.symlink_to(precious)
     finetune(tiny_vit, output=tmp_path / "o", after_layer=2, num_tokens=4, data=colours, loss="ce", max_steps=2,
