@@ -81,8 +81,14 @@ def _shard_names(index: Path, export: str | Path) -> list[str]:
     return sorted(set(weight_map.values()))
 
 
-def _code_files(auto_map: object, export: str | Path) -> list[str]:
-    """The modeling/configuration files the config's ``auto_map`` ({"AutoX": "module.Class", ...}) names."""
+# The modules retrofit generates (`hub_code.code_files`), for an export of a family this retrofit does not know.
+_GENERATED_MODULE = re.compile(r"(configuration|modeling)_[a-z0-9_]+_patch_merger")
+
+
+def _code_files(auto_map: object, export: str | Path, own: tuple[str, ...] = ()) -> list[str]:
+    """The modeling/configuration files the config's ``auto_map`` ({"AutoX": "module.Class", ...}) names, each one
+    of the files retrofit writes for the export (`own`: `atomic.family_files`; where empty, a generated module's
+    name): an ``auto_map`` edited to name another file of the folder does not upload it."""
     if auto_map is not None and not isinstance(auto_map, dict):
         raise _not_complete(export, f"config.json's auto_map is a {type(auto_map).__name__}, not an object")
     if not auto_map:
@@ -95,6 +101,11 @@ def _code_files(auto_map: object, export: str | Path) -> list[str]:
             module = ref.split("--")[-1].rsplit(".", 1)[0] if isinstance(ref, str) and "." in ref else ""
             if not module or "/" in module or "\\" in module:
                 raise _not_complete(export, f"config.json's auto_map[{auto_class!r}] = {ref!r} is not 'module.Class'")
+            if (module + ".py" not in own) if own else not _GENERATED_MODULE.fullmatch(module):
+                raise RetrofitError(
+                    f"'{export}/config.json' auto_map[{auto_class!r}] names {module}.py, which is not code retrofit "
+                    "writes for this export, so it is not uploaded; restore config.json's auto_map or re-export it"
+                )
             files.append(module + ".py")
     return files
 
@@ -125,7 +136,11 @@ def export_files(export: str | Path) -> list[str]:
         required.append(index.name)
         weights = _shard_names(index, export)
     required += weights
-    required += _code_files(config.get("auto_map"), export)
+    from .atomic import TOKENIZER_FILES, family_files
+    from .card import CURVE_FILE, RESULTS_FILE
+
+    own = family_files(config)
+    required += _code_files(config.get("auto_map"), export, own)
     required = list(dict.fromkeys(required))
     linked = [name for name in required if (folder / name).is_symlink()]
     if linked:
@@ -140,12 +155,15 @@ def export_files(export: str | Path) -> list[str]:
         )
     for name in weights:
         _check_safetensors(folder / name, export)
-    from .atomic import TOKENIZER_FILES, family_files
-    from .card import CURVE_FILE, RESULTS_FILE
-
+    try:  # the card is uploaded as `hub_card` rewrites it: text, read before anything is created on the Hub
+        (folder / "README.md").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RetrofitError(
+            f"'{export}/README.md' is not readable UTF-8 text ({type(exc).__name__}: {brief(exc, 120)}); save it as "
+            "UTF-8, or re-export it"
+        ) from None
     # Written by `evaluate --card` / `bench --card`, and a dual encoder's tokenizer (in any other export such a file
     # is the user's): part of the export where present, as regular files like the rest.
-    own = family_files(config)
     optional = [RESULTS_FILE, CURVE_FILE, *(name for name in TOKENIZER_FILES if name in own)]
     required += [name for name in optional if (folder / name).is_file() and not (folder / name).is_symlink()]
     return required
@@ -161,6 +179,11 @@ def _hub_error(exc: Exception, repo_id: str) -> RetrofitError:
     return RetrofitError(
         f"upload to '{repo_id}' failed ({type(exc).__name__}: {brief(exc, 200)}); check your network and repo id"
     )
+
+
+def _is_public(api, repo_id: str) -> bool:
+    """Whether the Hub says model repo `repo_id` is public (False where it does not say)."""
+    return api.repo_info(repo_id, repo_type="model").private is False
 
 
 def branch_of(revision: str | None) -> str | None:
@@ -247,8 +270,9 @@ def push(
 
     `revision` ``refs/pr/N`` uploads into open pull request N of an existing repo; `create_pr` opens a new pull
     request on an existing repo instead of committing to it (for a repo you may not write to, such as an
-    organisation's), and returns its URL. A branch is created before the upload; if the Hub refuses it on a repo this
-    call created, that repo is deleted again (nothing left behind)."""
+    organisation's), and returns its URL. `private` makes a new repo private and refuses an existing public one
+    (an upload does not change a repo's visibility). A branch is created before the upload; if the Hub refuses it on
+    a repo this call created, that repo is deleted again (nothing left behind)."""
     from huggingface_hub import HfApi
 
     check_revision(revision)
@@ -262,6 +286,11 @@ def push(
     pull = PR_REVISION.fullmatch(revision or "")
     branch = branch_of(revision)
     try:
+        if private and api.repo_exists(repo_id, repo_type="model") and _is_public(api, repo_id):
+            raise RetrofitError(  # create_repo leaves an existing repo's visibility as it is
+                f"--private: '{repo_id}' exists and is public, and --private only sets the visibility of a new repo, "
+                "so nothing was uploaded; make the repo private on the Hub first, or push without --private"
+            )
         if pull and not api.repo_exists(repo_id, repo_type="model"):  # an open pull request needs the repo too
             raise RetrofitError(
                 f"--revision {revision} names a pull request, but '{repo_id}' does not exist (or is not visible to "

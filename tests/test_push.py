@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from huggingface_hub import HfApi, RepoUrl, constants
@@ -223,6 +225,46 @@ def test_refused_branch_leaves_no_new_empty_repo(export_dir, hub, monkeypatch, c
     err = capsys.readouterr().err.strip()
     assert "Invalid reference for a branch" in err and len(err.splitlines()) == 1
     assert hub["deleted"] == ([] if existed else ["me/x"]) and hub["commits"] == []
+
+
+def test_an_auto_map_naming_a_file_retrofit_did_not_write_uploads_nothing(export_dir, hub, tmp_path, capsys):
+    """A hand-edited auto_map is no way to publish another file of the folder (a user's secrets, say)."""
+    folder = _copy(export_dir, tmp_path / "edited")
+    (folder / "secrets.py").write_text("HF_TOKEN = 'hf_private'\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"]["AutoModel"] = "secrets.ViTPatchMergerModel"
+    (folder / "config.json").write_text(json.dumps(config))
+    assert main(["push", str(folder), "--repo-id", "me/x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "names secrets.py, which is not code retrofit writes" in err and len(err.splitlines()) == 1
+    assert hub["commits"] == [] and hub["repos"] == []
+
+
+def test_a_card_that_is_not_utf8_is_refused_before_the_repo_is_created(export_dir, hub, tmp_path, capsys):
+    folder = _copy(export_dir, tmp_path / "latin1")
+    (folder / "README.md").write_bytes((folder / "README.md").read_bytes() + "Caf\xe9 notes\n".encode("latin-1"))
+    assert main(["push", str(folder), "--repo-id", "me/x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "README.md' is not readable UTF-8 text" in err and len(err.splitlines()) == 1
+    assert hub["repos"] == [] and hub["commits"] == []
+
+
+@pytest.mark.parametrize("public", [True, False])
+def test_private_refuses_an_existing_public_repo(export_dir, hub, monkeypatch, capsys, public):
+    """--private cannot make an existing repo private (the Hub keeps its visibility): nothing is uploaded to a public
+    one; an existing private repo takes the upload."""
+    hub["existing"].add("me/x")
+    monkeypatch.setattr(HfApi, "repo_info", lambda self, repo_id, **kw: SimpleNamespace(private=not public))
+    for extra in ([], ["--revision", "v1"]):
+        code = main(["push", str(export_dir), "--repo-id", "me/x", "--private", *extra])
+        err = capsys.readouterr().err.strip()
+        if public:
+            assert code == 2 and "'me/x' exists and is public" in err and len(err.splitlines()) == 1
+        else:
+            assert code == 0 and not err
+    assert len(hub["commits"]) == (0 if public else 2)
+    assert hub["repos"] == [] if public else len(hub["repos"]) == 2
+    assert hub["branches"] == ([] if public else [("me/x", "v1")])
 
 
 def test_source_checkpoint_is_refused(tiny_vit, hub, capsys):
