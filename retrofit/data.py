@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -186,7 +187,7 @@ def load_split(
                         f"dataset '{data}' does not exist or is not a folder; pass fashion-mnist, an image folder "
                         "(class sub-folders, optionally under train/ and test/) or a Hub dataset id"
                     )
-                splits = datasets.load_dataset("imagefolder", data_dir=str(local))
+                splits = _local_splits(local, data)
                 available = list(splits.keys())
             else:  # a Hub dataset: download only the split that is needed
                 available = list(datasets.get_dataset_split_names(data))
@@ -196,9 +197,16 @@ def load_split(
             if chosen is None:
                 raise RetrofitError(f"dataset '{data}' has no split '{split}'; available: {', '.join(available)}")
             dataset = splits[chosen] if is_local else _hub_split(data, chosen, limit, sample_seed)
+            if is_local and label_column == "label" and dataset.column_names == ["image"] and not _saved(local):
+                dataset = _one_class(dataset, local, data)  # an image folder's labels, or why it has none
         except RetrofitError:
             raise
         except Exception as exc:
+            if is_local and not _saved(local) and not any(_image_files(local)):
+                raise RetrofitError(
+                    f"dataset '{data}' holds no image files; pass an image folder (class sub-folders, optionally "
+                    "under train/ and test/) or a folder written by `datasets`' save_to_disk"
+                ) from None
             text = brief(exc)
             local_too = "" if is_local else f", and there is no local folder '{data}' either"
             login = "" if is_local else " (log in with `hf auth login` for a gated or private one)"
@@ -234,6 +242,69 @@ def load_split(
     if len(dataset) == 0:
         raise RetrofitError(f"split '{split}' of dataset '{data}' is empty; choose another split or dataset")
     return dataset
+
+
+def _saved(folder: Path) -> bool:
+    """Whether `folder` was written by `datasets`' ``save_to_disk`` (a DatasetDict, or one Dataset)."""
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def _local_splits(folder: Path, data: str) -> dict:
+    """The splits of a local folder by name: a ``save_to_disk`` folder's (one Dataset: the split it was saved as,
+    else train), else an image folder's (`datasets`' imagefolder)."""
+    import datasets
+
+    if not _saved(folder):
+        return dict(datasets.load_dataset("imagefolder", data_dir=str(folder)))
+    saved = datasets.load_from_disk(str(folder))
+    return dict(saved) if isinstance(saved, datasets.DatasetDict) else {str(saved.split or "train"): saved}
+
+
+def _image_files(folder: Path):
+    """The files under `folder` that `datasets`' imagefolder reads as images (by extension)."""
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    return (path for path in folder.rglob("*") if path.suffix.lower() in ImageFolder.EXTENSIONS and path.is_file())
+
+
+def _is_split_name(name: str) -> bool:
+    """Whether `datasets` reads a folder of this name as a split (train, test, val, ...), not a class."""
+    from datasets.data_files import SPLIT_KEYWORDS
+
+    words = {word for word in re.split(r"[-._ 0-9]+", name.lower()) if word}
+    return any(keyword in words for keywords in SPLIT_KEYWORDS.values() for keyword in keywords)
+
+
+def _one_class(dataset, folder: Path, data: str):
+    """An image folder's split that `datasets` left without labels: it infers classes only from two or more class
+    folders holding every image at one depth. Where all the split's images lie in one class folder, that class is its
+    label (a one-class folder is a folder of classes too); otherwise one line says why there are none."""
+    from datasets import ClassLabel, Image
+
+    root = os.path.abspath(folder)
+    places = []
+    for item in dataset.cast_column("image", Image(decode=False))["image"]:
+        relative = Path(os.path.relpath(os.path.abspath(item["path"]), root))
+        if relative.parts[:1] == ("..",):  # the folder is a link: datasets names its target
+            relative = Path(os.path.relpath(os.path.realpath(item["path"]), os.path.realpath(folder)))
+        places.append(relative)
+    parents = {path.parent for path in places}
+    (parent,) = parents if len(parents) == 1 else (None,)
+    if parent is not None and parent.parts and not _is_split_name(parent.name):
+        return dataset.add_column("label", [0] * len(dataset), feature=ClassLabel(names=[parent.name]))
+    shallow, deep = min(places, key=lambda p: len(p.parts)), max(places, key=lambda p: len(p.parts))
+    if len(shallow.parts) != len(deep.parts):
+        found = f"'{shallow}' and '{deep}' lie at different depths"
+    elif parent is not None:
+        found = f"'{shallow}' lies in no class folder"
+    else:
+        found = "the images of another split lie at another depth"
+    raise RetrofitError(
+        f"image folder '{data}' gives no class labels: datasets' imagefolder takes each image's class from the folder "
+        f"holding it only where every image lies in a class folder, all at one depth (CLASS/IMAGE or "
+        f"SPLIT/CLASS/IMAGE), and {found}; move the images into class folders, or name a metadata.csv column with "
+        "--label-column"
+    )
 
 
 def _hub_split(data: str, split: str, limit: int | None, sample_seed: int | None):
@@ -440,8 +511,30 @@ def mixup_batch(pixels: torch.Tensor, *, seed: int) -> torch.Tensor:
     return weight * pixels + (1 - weight) * pixels[partner.to(pixels.device)]
 
 
-def _unreadable(index: int, exc: Exception) -> RetrofitError:
-    return RetrofitError(f"image {index} is unreadable ({type(exc).__name__}: {brief(exc)}); fix the dataset")
+def _unreadable(index: int, exc: Exception, dataset=None) -> RetrofitError:
+    """One line for an image that cannot be read or prepared, naming its file where the split knows it."""
+    where = ""
+    if dataset is not None:
+        try:
+            from datasets import Image
+
+            path = dataset.cast_column("image", Image(decode=False))[index]["image"].get("path")
+            where = f" ('{path}')" if path else ""
+        except Exception:  # noqa: BLE001, S110 - the name is a courtesy; the error is the one to report
+            pass
+    return RetrofitError(f"image {index}{where} is unreadable ({type(exc).__name__}: {brief(exc)}); fix the dataset")
+
+
+def _in_mode(image, mode: str):
+    """`image` in PIL `mode` ("RGB" or "L"). A 16-bit grey image (a 16-bit PNG) is first brought to 8 bits by its top
+    byte: PIL's own conversion clips its values at 255, which turns nearly every pixel white."""
+    if image.mode == mode:
+        return image
+    if image.mode.startswith("I;16"):
+        from PIL import Image
+
+        image = Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8), mode="L")
+    return image if image.mode == mode else image.convert(mode)
 
 
 class TransformedDataset(torch.utils.data.Dataset):
@@ -449,8 +542,9 @@ class TransformedDataset(torch.utils.data.Dataset):
     remapping), with optional train-time `augment`ation of the processor's output.
 
     Each image is first converted to the mode the model takes ("RGB", or "L" for one channel), as transformers'
-    image-classification pipeline does. A DataLoader fetches a whole batch through `__getitems__`, so the processor
-    runs once per batch (in the worker processes too), not once per image."""
+    image-classification pipeline does (a 16-bit grey image by its top 8 bits, `_in_mode`). A DataLoader fetches a
+    whole batch through `__getitems__`, so the processor runs once per batch (in the worker processes too), not once
+    per image."""
 
     def __init__(
         self,
@@ -496,13 +590,13 @@ class TransformedDataset(torch.utils.data.Dataset):
                 try:
                     self.dataset[index]
                 except Exception as exc:  # noqa: BLE001
-                    raise _unreadable(index, exc) from None
+                    raise _unreadable(index, exc, self.dataset) from None
             raise  # every image reads on its own: not one bad image, so the library's error as it is
 
     def _process(self, images: list, indices: list[int]) -> list[torch.Tensor]:
         """The processor's pixel values for `images`, one (C, H, W) float tensor each (one processor call)."""
         try:
-            images = [image if image.mode == self.mode else image.convert(self.mode) for image in images]
+            images = [_in_mode(image, self.mode) for image in images]
             if self.naflex_patch:
                 images = [_square_image(image) for image in images]
                 output = self.image_processor(images, **self.overrides, return_tensors="pt")
@@ -511,7 +605,7 @@ class TransformedDataset(torch.utils.data.Dataset):
                 pixels = self.image_processor(images, **self.overrides)["pixel_values"]
         except Exception as exc:  # noqa: BLE001 - find the image that fails, one at a time
             if len(images) == 1:
-                raise _unreadable(indices[0], exc) from None
+                raise _unreadable(indices[0], exc, self.dataset) from None
             for image, index in zip(images, indices, strict=True):
                 self._process([image], [index])
             raise RetrofitError(

@@ -358,3 +358,77 @@ def test_datasets_progress_bars_stay_off_stderr(tiny_vit, imagefolder, tmp_path)
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "no column 'kind'" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Odd local folders: 16-bit images, files that fail to decode, one class, no class folders, save_to_disk folders
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_a_16_bit_grey_png_is_read_by_its_top_byte(tmp_path):
+    """PIL's own conversion clips 16-bit values at 255 (a nearly white image); the model sees the image's top byte."""
+    from PIL import Image
+
+    deep = (np.random.default_rng(0).random((32, 32)) * 65535).astype(np.uint16)
+    for name, image in (("a", Image.fromarray(deep)), ("b", Image.fromarray((deep >> 8).astype(np.uint8)))):
+        (tmp_path / "grey" / name).mkdir(parents=True)
+        image.save(tmp_path / "grey" / name / "0.png")
+    data = load_split(str(tmp_path / "grey"), "train")
+    assert data[0]["image"].mode == "I;16" and data[1]["image"].mode == "L"
+    for channels in (3, 1):
+        pixels = next(iter(make_dataloader(data, processor(32, channels), batch_size=2)))["pixel_values"]
+        assert torch.equal(pixels[0], pixels[1]) and pixels[0].mean().abs() < 0.1
+
+
+def test_an_image_that_fails_to_decode_is_named_by_its_file(imagefolder, tmp_path):
+    """A truncated JPEG passes the header check when the split loads; reading it names the file, not just an index."""
+    import io
+
+    from PIL import Image
+
+    folder = tmp_path / "cut"
+    shutil.copytree(imagefolder, folder)
+    encoded = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(encoded, "JPEG")
+    (folder / "test" / "cat" / "cut.jpg").write_bytes(encoded.getvalue()[: len(encoded.getvalue()) // 2])
+    data = load_split(str(folder), "test")
+    with pytest.raises(RetrofitError, match=r"image \d+ \('.*test/cat/cut.jpg'\) is unreadable \(OSError"):
+        list(make_dataloader(data, processor(), batch_size=13))
+
+
+def test_a_one_class_folder_is_labelled_and_a_folder_without_class_folders_says_why(imagefolder, tmp_path):
+    """datasets' imagefolder gives no labels to one class folder, nor to images outside class folders or at several
+    depths: the first is a class all the same, the others one line (not "no column 'label'")."""
+    one = tmp_path / "one"
+    for split in ("train", "test"):
+        shutil.copytree(imagefolder / split / "cat", one / split / "cat")
+    data = load_split(str(one), "test")
+    assert class_names(data) == ["cat"] and data["label"] == [0] * 4
+    assert load_split(str(one), "test", label_column=None).column_names == ["image"]
+    nested = tmp_path / "nested"
+    shutil.copytree(imagefolder, nested)
+    (nested / "test" / "cat" / "more").mkdir()
+    shutil.copy(imagefolder / "test" / "cat" / "0.png", nested / "test" / "cat" / "more" / "0.png")
+    with pytest.raises(RetrofitError, match=r"no class labels.*'test/bird/0.png' and 'test/cat/more/0.png' lie at"):
+        load_split(str(nested), "test")
+    flat = tmp_path / "flat"
+    shutil.copytree(imagefolder / "test" / "cat", flat / "test")
+    with pytest.raises(RetrofitError, match=r"no class labels.*'test/0.png' lies in no class folder"):
+        load_split(str(flat), "test")
+
+
+def test_a_folder_written_by_save_to_disk_is_read(imagefolder, tmp_path):
+    import datasets
+
+    splits = datasets.load_dataset("imagefolder", data_dir=str(imagefolder))
+    splits.save_to_disk(str(tmp_path / "all"))
+    splits["test"].save_to_disk(str(tmp_path / "test-only"))
+    for folder in ("all", "test-only"):
+        data = load_split(str(tmp_path / folder), "validation")
+        assert len(data) == 12 and class_names(data) == ["bird", "cat", "dog"] and data[0]["image"].size == (32, 32)
+    with pytest.raises(RetrofitError, match="has no split 'train'; available: test"):
+        load_split(str(tmp_path / "test-only"), "train")
+    (tmp_path / "tables").mkdir()
+    splits["test"].to_parquet(str(tmp_path / "tables" / "test.parquet"))
+    with pytest.raises(RetrofitError, match="'.*tables' holds no image files"):
+        load_split(str(tmp_path / "tables"), "test")
