@@ -11,15 +11,17 @@ A recipe either fine-tunes a merged model (``source`` + ``merge``) or pretrains 
 
 from __future__ import annotations
 
+import os
 import re
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Literal
 
 from .atomic import releases_write_locks
-from .errors import RetrofitError, brief, did_you_mean
+from .checkpoints import check_same_run, run_settings
+from .errors import RetrofitError, brief, describe_os_error, did_you_mean
 from .settings import (
     RECIPE_SECTIONS,
     FinetuneArgs,
@@ -60,6 +62,10 @@ def validate(recipe: dict, where: str = "recipe") -> dict:
     out = {}
     top = {key: recipe.get(key) for key in (spec.name for spec in fields(RecipeInfo))}
     out.update(vars(_build(RecipeInfo, top, lambda name: name, where)))
+    if out["pretrain"] is not None and not isinstance(out["pretrain"], dict):
+        raise RetrofitError(f"'pretrain' in {where} must be a mapping with keys model, image_processor")
+    if out["pretrain"] is not None:
+        _refuse_finetune_keys(recipe, where)
     for section in RECIPE_SECTIONS:
         given = recipe.get(section) or {}
         keys = section_keys(section, pretrain=out["pretrain"] is not None)
@@ -76,8 +82,6 @@ def validate(recipe: dict, where: str = "recipe") -> dict:
             built = _build(group, mine, lambda name, s=section, g=group: f"{s}.{_key_of(g, name)}", where)
             values.update({_key_of(group, name): value for name, value in vars(built).items()})
         out[section] = values
-    if out["pretrain"] is not None and not isinstance(out["pretrain"], dict):
-        raise RetrofitError(f"'pretrain' in {where} must be a mapping with keys model, image_processor")
     if out["pretrain"] is None:
         if not out["source"]:
             raise RetrofitError(f"{where} needs 'source' (a Hub id, folder or retrofit:NAME) or a 'pretrain' section")
@@ -91,6 +95,25 @@ def validate(recipe: dict, where: str = "recipe") -> dict:
             "and upload the folder with `hf upload`"
         )
     return out
+
+
+# What only a fine-tune reads: a pretraining recipe naming one would ignore it (`run pre.yaml --tokens 8` merged
+# nothing without a word). ``export.push_to_hub`` is refused in `validate` with its own hint.
+FINETUNE_ONLY = ("teacher", "task", "merge", "evaluation.before", "evaluation.speed", "evaluation.speed_batch_size",
+                 "evaluation.zero_shot", "evaluation.prompt_template")  # fmt: skip
+
+
+def _refuse_finetune_keys(recipe: dict, where: str) -> None:
+    """Refuse a pretraining recipe that sets a key only a fine-tune reads (`FINETUNE_ONLY`)."""
+    for dotted in FINETUNE_ONLY:
+        section, _, key = dotted.partition(".")
+        value = recipe.get(section)
+        given = (isinstance(value, dict) and key in value) if key else value not in (None, {})
+        if given:
+            raise RetrofitError(
+                f"{where} pretrains from scratch, which reads no {dotted}{'.*' if section == 'merge' else ''} (it "
+                "applies to fine-tuning a source): remove it"
+            )
 
 
 def _key_of(group: type, name: str) -> str:
@@ -136,17 +159,26 @@ def parse_value(text: str):
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    except RecursionError:
+        raise RetrofitError(f"--set value {brief(text, 60)!r} is nested too deeply; give a plain value") from None
 
 
 def apply_overrides(recipe: dict, overrides: dict[str, object]) -> dict:
     """Set dotted keys in a raw recipe: ``training.epochs``, or one level deeper inside a free-form mapping
     (`FREE_FORM`), such as ``pretrain.model.hidden_size``. Unknown keys are refused like in the file."""
     for dotted, value in overrides.items():
+        if not isinstance(dotted, str):
+            raise RetrofitError(f"an override's key is dotted text such as 'training.lr', not {_kind(dotted)}")
         keys = dotted.split(".")
         section = keys[0]
         if section not in _top_keys():
             raise RetrofitError(f"unknown override '{dotted}'{did_you_mean(section, _top_keys())}")
-        valid = section_keys(section) if section in RECIPE_SECTIONS else {"model": 0, "image_processor": 0}
+        if section in RECIPE_SECTIONS:  # a key of either kind of recipe: `validate` refuses the other kind's
+            valid = section_keys(section) | section_keys(section, pretrain=True)
+        elif section == "pretrain":
+            valid = {"model": 0, "image_processor": 0}
+        elif len(keys) > 1:
+            raise RetrofitError(f"unknown override '{dotted}'; '{section}' holds no keys: --set {section}=VALUE")
         if len(keys) > 1 and keys[1] not in valid:
             raise RetrofitError(f"unknown override '{dotted}'{did_you_mean(keys[1], valid)}")
         if len(keys) > 3 or len(keys) == 3 and ".".join(keys[:2]) not in FREE_FORM:
@@ -164,18 +196,88 @@ def load_recipe(path: str | Path, overrides: dict[str, object] | None = None) ->
     """Read, override and validate a recipe file."""
     import yaml
 
+    if not isinstance(path, str | os.PathLike):
+        raise RetrofitError(f"a recipe is a YAML file's path, such as recipes/fashion-mnist.yaml, not {_kind(path)}")
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise RetrofitError(f"overrides must be a mapping such as {{'training.lr': 1e-4}}, not {_kind(overrides)}")
     path = Path(path)
+    if path.is_dir():
+        raise RetrofitError(f"recipe '{path}' is a folder; pass a YAML file such as recipes/fashion-mnist.yaml")
     if not path.is_file():
         raise RetrofitError(f"recipe '{path}' does not exist; pass a YAML file such as recipes/fashion-mnist.yaml")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
+        raw = yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader that also refuses repeated keys
+    except _RepeatedKey as exc:
+        raise RetrofitError(f"recipe '{path}' {exc}; keep one of them") from None
     except yaml.YAMLError as exc:
         raise RetrofitError(f"recipe '{path}' is not valid YAML ({brief(exc)})") from None
     except UnicodeDecodeError as exc:
         raise RetrofitError(f"recipe '{path}' is not UTF-8 text ({brief(exc)}); save it as UTF-8") from None
+    except RecursionError:
+        raise RetrofitError(f"recipe '{path}' is nested too deeply to read; a recipe is sections of settings") from None
+    except OSError as exc:
+        raise RetrofitError(f"cannot read recipe '{path}': {describe_os_error(exc)}") from None
+    if raw is None:
+        raise RetrofitError(f"recipe '{path}' is empty; start from one in recipes/, such as recipes/fashion-mnist.yaml")
     if not isinstance(raw, dict):
         raise RetrofitError(f"recipe '{path}' must be a YAML mapping")
+    _check_size(raw, f"recipe '{path}'")
     return validate(apply_overrides(raw, overrides or {}), where=f"recipe '{path}'")
+
+
+# More values than any recipe holds (a CLIP recipe's 80 prompt templates are the most): YAML aliases can make a
+# short file read as billions of them (a list of a list of ... repeated by alias), which no check should walk.
+MAX_VALUES = 10_000
+
+
+def _check_size(raw: dict, where: str) -> None:
+    """Refuse a recipe holding more than `MAX_VALUES` values, counting each use of an alias."""
+    pending, count = [raw], 0
+    while pending:
+        value = pending.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise RetrofitError(
+                f"{where} holds more than {MAX_VALUES:,} values (an alias repeated inside itself?); a recipe is a "
+                "few dozen settings"
+            )
+        if isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, list | tuple):
+            pending.extend(value)
+
+
+class _RepeatedKey(Exception):
+    """A key given twice in one mapping of a recipe (PyYAML keeps the last one silently)."""
+
+
+def _loader() -> type:
+    """`yaml.SafeLoader` refusing a key repeated in one mapping: ``training:`` twice would drop the first section's
+    settings without a word. The keys ``<<: *alias`` merges in may be repeated (that is what merging is for)."""
+    import yaml
+
+    class RecipeLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                        continue
+                    key = self.construct_object(key_node)
+                    if key in seen:
+                        lines = f"lines {seen[key] + 1} and {key_node.start_mark.line + 1}"
+                        raise _RepeatedKey(f"sets '{key}' twice in one mapping ({lines})")
+                    seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep=deep)
+
+    return RecipeLoader
+
+
+def _kind(value) -> str:
+    """What `value` is, in a few words (never its possibly long repr)."""
+    return f"a {type(value).__name__}"
 
 
 def option_overrides(values: dict[str, object]) -> dict[str, object]:
@@ -231,7 +333,8 @@ def run_recipe(
     resume: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Run a recipe end to end; returns a summary dict (also written as ``results.json`` next to the checkpoints)."""
+    """Run a recipe end to end; returns a summary dict (a fine-tune's is also written as ``results.json`` next to the
+    checkpoints; a pretraining's output holds ``training.json``)."""
     recipe = load_recipe(path, overrides)
     if recipe["pretrain"] is not None:
         return _run_pretrain(recipe, path, overwrite=overwrite, resume=resume, log=log)
@@ -274,6 +377,8 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, log) -> 
     refuse_inputs(args.output, (path,))  # the recipe is an input of the run too
     evaluation = RecipeEvaluation(**recipe["evaluation"])
     ready = prepare(args, log=log)
+    if ready.resuming:  # checkpoints of another merge are refused now, not after scoring and timing the baseline
+        check_same_run(ready.checkpoint_dir, run_settings(ready.model, args.train, args.ema_decay))
     # A classifier the checkpoint does not hold (a backbone given --num-labels) starts random: nothing to score
     # before training, so only the fine-tuned row has an accuracy.
     new_classifier = classifier_is_new(load_config(args.source), ready.config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,51 @@ def test_mistyped_keys_name_the_nearest(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_recipe_file_that_is_no_recipe_is_one_line(tmp_path, capsys):
+    """A folder, an empty file, a key given twice (PyYAML keeps the last silently: `training:` twice dropped the
+    first section's settings), YAML nested too deeply (a RecursionError traceback), an alias repeated inside itself
+    (the error message's repr of a billion-item list hung), and in Python a recipe or overrides of the wrong type:
+    each is one `RetrofitError` line, at once."""
+    from retrofit.recipes import parse_value
+
+    recipe = yaml.safe_dump(tiny_recipe("x", "y", tmp_path / "out"))
+    repeated = tmp_path / "twice.yaml"
+    repeated.write_text(recipe + "training:\n  lr: 1.0e-3\n")
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    (tmp_path / "deep.yaml").write_text("name: " + "[" * 5000 + "]" * 5000 + "\n")
+    aliases = [f"  - &a0 [{', '.join(['lol'] * 9)}]"]
+    aliases += [f"  - &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    (tmp_path / "aliases.yaml").write_text("name:\n" + "\n".join(aliases) + "\n")
+    (tmp_path / "loop.yaml").write_text("name: &a [*a]\n")
+    for name, message in [
+        ("", "is a folder; pass a YAML file"),
+        ("empty.yaml", "is empty; start from one in recipes/"),
+        ("twice.yaml", "sets 'training' twice in one mapping \\(lines 12 and 17\\); keep one"),
+        ("deep.yaml", "is nested too deeply to read"),
+        ("aliases.yaml", "holds more than 10,000 values"),
+        ("loop.yaml", "holds more than 10,000 values"),
+    ]:
+        with pytest.raises(RetrofitError, match=message):
+            load_recipe(tmp_path / name)
+    # A key merged in (<<) may be set again beside it (that is what merging is for), and aliases still work.
+    merged = recipe.replace("training:\n", "training:\n  <<: {lr: 1.0e-2, max_steps: 5}\n")
+    (tmp_path / "merged.yaml").write_text(merged.replace("tokens: 4", "tokens: &m 4").replace("size: 8", "size: *m"))
+    loaded = load_recipe(tmp_path / "merged.yaml")["training"]
+    assert (loaded["lr"], loaded["max_steps"], loaded["batch_size"]) == (1e-2, 3, 4)
+    assert main(["run", str(tmp_path / "deep.yaml")]) == 2 and main(["run", str(repeated)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 2
+    for path, overrides, message in [
+        (5, None, "a recipe is a YAML file's path, such as recipes/fashion-mnist.yaml, not a int"),
+        ({"source": "x"}, None, "not a dict"),
+        (repeated, ["training.lr=1"], "overrides must be a mapping such as {'training.lr': 1e-4}, not a list"),
+        (tmp_path / "merged.yaml", {5: 1}, "an override's key is dotted text such as 'training.lr', not a int"),
+    ]:
+        with pytest.raises(RetrofitError, match=re.escape(message)):
+            run_recipe(path, overrides)
+    with pytest.raises(RetrofitError, match="nested too deeply"):
+        parse_value("[" * 5000)
+
+
 def test_yaml_no_is_the_word_no_where_a_setting_offers_it(tmp_path):
     """YAML 1.1 reads ``no`` as false: ``mixed_precision: no`` in a file and ``--set training.mixed_precision=no``
     must still mean "no mixed precision", while a true/false setting keeps its boolean and a bad one is refused."""
@@ -87,6 +133,12 @@ def test_run_a_tiny_recipe_with_overrides(tiny_vit, tmp_path, capsys):
     assert (tmp_path / "out-checkpoints" / "results.json").exists()
     summary = run_recipe(path, {"export.output": str(out)}, overwrite=True, log=lambda *_: None)
     assert summary["steps"] == 3 and len(summary["rows"]) == 3
+    # Resuming those checkpoints with another merge is refused before the baseline is scored and timed (on ImageNet,
+    # minutes of work that the refusal made useless).
+    logged: list[str] = []
+    with pytest.raises(RetrofitError, match="holds checkpoints of a run with --tokens 4, not 3"):
+        run_recipe(path, {"export.output": str(out), "merge.tokens": 3}, resume=True, log=logged.append)
+    assert not any("baseline" in line for line in logged), logged
 
 
 def test_pretrain_recipe_with_nested_overrides(tmp_path, capsys):
@@ -115,6 +167,30 @@ def test_pretrain_recipe_with_nested_overrides(tmp_path, capsys):
     model = AutoModelForImageClassification.from_pretrained(tmp_path / "baseline")
     assert model.config.hidden_size == 24 and model.config.num_labels == 3
     assert model.config.id2label[0] in {"bird", "cat", "dog"}
+
+
+def test_a_pretraining_recipe_refuses_what_only_a_fine_tune_reads(tmp_path, capsys):
+    """`run PRETRAIN.yaml --tokens 8` (or merge:, teacher: in the file) merged nothing without a word; a pretraining
+    key is taken by --set as in the file; `--set pretrain=5` names pretrain, not a training key it confused."""
+    recipe = {"pretrain": {"model": {"image_size": 16}}, "data": {"name": "x"}, "export": {"output": "o"}}
+    path = write(tmp_path / "pretrain.yaml", recipe)
+    for argv in (["--tokens", "8"], ["--teacher", "t"], ["--set", "evaluation.speed=false"]):
+        assert main(["run", str(path), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all("pretrains from scratch, which reads no" in line for line in err)
+    assert "merge.*" in err[0] and "teacher" in err[1] and "evaluation.speed" in err[2]
+    with pytest.raises(RetrofitError, match="reads no merge"):
+        load_recipe(write(path, recipe | {"merge": {"after_layer": 3}}))
+    path = write(path, recipe | {"evaluation": {"batch_size": 8}})
+    overrides = {"training.caption_templates": ["a {}"], "training.loss": "contrastive"}
+    assert load_recipe(path, overrides)["training"]["caption_templates"] == ("a {}",)
+    fine_tune = write(tmp_path / "tiny.yaml", tiny_recipe("x", "y", "o"))
+    with pytest.raises(RetrofitError, match="unknown key 'training.caption_templates'"):
+        load_recipe(fine_tune, overrides)
+    with pytest.raises(RetrofitError, match="'pretrain' in recipe .* must be a mapping"):
+        load_recipe(fine_tune, {"pretrain": 5})
+    with pytest.raises(RetrofitError, match="unknown override 'name.x'; 'name' holds no keys"):
+        load_recipe(fine_tune, {"name.x": 5})
 
 
 def test_values_of_the_wrong_type_are_refused_and_1e_4_is_a_number(tmp_path, capsys):
