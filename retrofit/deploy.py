@@ -82,9 +82,11 @@ def run_export_onnx(args: ExportOnnxArgs, *, log: Callable[[str], None] = print)
         log(f"ONNX Runtime against PyTorch on {len(pixels)} images: max |difference| {difference:.2e} of the outputs' "
             f"scale (tolerance {tolerance:g}); exporter: {exporter}, {args.dtype}")  # fmt: skip
         if not difference <= tolerance:
+            fp32 = "--dtype fp32, " if args.dtype != "fp32" else ""
             raise RetrofitError(
                 f"the ONNX graph's outputs differ from PyTorch's by {difference:.3g} (more than {tolerance:g}); it was "
-                "not written. Try --dtype fp32, or report the model"
+                f"not written. Try {fp32}a --tolerance above {difference:.3g} if that is close enough, or report the "
+                "model"
             )
         _move_into_place(Path(work), output, args.overwrite)
     log(f"wrote {output}")

@@ -124,6 +124,7 @@ def test_bad_input_is_one_line_and_writes_nothing(export_dir, tmp_path, capsys, 
     monkeypatch.setattr(deploy, "_run", drifting)
     err = refused(capsys, "export-onnx", export_dir, "-o", tmp_path / "m.onnx")
     assert "differ from PyTorch's by" in err and "it was not written" in err
+    assert "--tolerance above" in err and "--dtype fp32" not in err  # it was fp32 already
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     assert "does not exist; make it with `retrofit export-onnx" in refused(capsys, "bench", tmp_path / "x.onnx")
     (tmp_path / "x.onnx").write_bytes(b"junk")
