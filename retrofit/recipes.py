@@ -6,7 +6,9 @@ fields of its groups (`RECIPE_SECTIONS`: ``training:`` is `TrainSettings`, ``dat
 their defaults and checks. Unknown keys are refused naming the nearest valid key.
 
 A recipe either fine-tunes a merged model (``source`` + ``merge``) or pretrains a baseline from scratch
-(``pretrain``). ``source: retrofit:NAME`` names a checkpoint shipped in ``retrofit/assets/NAME``.
+(``pretrain``). ``source: retrofit:NAME`` names a checkpoint shipped in ``retrofit/assets/NAME``. Paths in a recipe
+(``source``, ``teacher``, ``data.name``, ``export.output``, ...) are relative to the current folder, as on the command
+line, not to the recipe's folder: the shipped recipes are run from the repository root.
 """
 
 from __future__ import annotations
@@ -331,17 +333,18 @@ def run_recipe(
     *,
     overwrite: bool = False,
     resume: bool = False,
+    progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run a recipe end to end; returns a summary dict (a fine-tune's is also written as ``results.json`` next to the
-    checkpoints; a pretraining's output holds ``training.json``)."""
+    checkpoints; a pretraining's output holds ``training.json``). `progress` shows the training's progress bar."""
     recipe = load_recipe(path, overrides)
     if recipe["pretrain"] is not None:
-        return _run_pretrain(recipe, path, overwrite=overwrite, resume=resume, log=log)
-    return _run_finetune(recipe, path, overwrite=overwrite, resume=resume, log=log)
+        return _run_pretrain(recipe, path, overwrite=overwrite, resume=resume, progress=progress, log=log)
+    return _run_finetune(recipe, path, overwrite=overwrite, resume=resume, progress=progress, log=log)
 
 
-def _run_pretrain(recipe: dict, path, *, overwrite: bool, resume: bool, log) -> dict:
+def _run_pretrain(recipe: dict, path, *, overwrite: bool, resume: bool, progress: bool, log) -> dict:
     from .atomic import refuse_inputs
     from .finetune import pretrain
 
@@ -353,15 +356,16 @@ def _run_pretrain(recipe: dict, path, *, overwrite: bool, resume: bool, log) -> 
                 for key, (_, name) in section_keys(section, pretrain=True).items()}  # fmt: skip
     settings["eval_batch_size"] = settings["eval_batch_size"] or recipe["evaluation"]["batch_size"]
     result = pretrain(spec["model"], output=recipe["export"]["output"], image_processor=spec.get("image_processor"),
-                      checkpoint_dir=recipe["export"]["checkpoint_dir"], resume=resume, overwrite=overwrite, log=log,
-                      **settings)  # fmt: skip
+                      checkpoint_dir=recipe["export"]["checkpoint_dir"], resume=resume, overwrite=overwrite,
+                      progress=progress, log=log, **settings)  # fmt: skip
     summary = {"recipe": recipe, "steps": result.steps, "accuracy": result.final_accuracy, "seconds": result.seconds}
-    log(f"baseline accuracy: {result.final_accuracy}; trained {result.steps} steps in {result.seconds / 60:.1f} min")
+    accuracy = "n/a (no data.eval_split)" if result.final_accuracy is None else f"{100 * result.final_accuracy:.2f} %"
+    log(f"baseline accuracy: {accuracy}; trained {result.steps} steps in {result.seconds / 60:.1f} min")
     return summary
 
 
 @releases_write_locks
-def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, log) -> dict:
+def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress: bool, log) -> dict:
     """`finetune`'s steps with a before/after table: the source and the calibrated merged model are scored before
     training (the loop's step-0 evaluation) and timed against each other; the table goes into the model card."""
     from .atomic import refuse_inputs, write_report
@@ -416,7 +420,7 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, log) -> 
 
     result = train(ready.model.float(), ready.processor, args, teacher=ready.teacher, text_embeds=ready.text_embeds,
                    checkpoint_dir=ready.checkpoint_dir, resume=resume, overwrite=overwrite, eval_at_start=before,
-                   log=log)  # fmt: skip
+                   progress_bar=progress, log=log)  # fmt: skip
     history = [h for h in result.eval_history if quality in h]
     if before and history and history[0]["step"] == 0:
         init = "calibrated" if args.calibrate else "random"

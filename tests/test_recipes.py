@@ -167,6 +167,11 @@ def test_pretrain_recipe_with_nested_overrides(tmp_path, capsys):
     model = AutoModelForImageClassification.from_pretrained(tmp_path / "baseline")
     assert model.config.hidden_size == 24 and model.config.num_labels == 3
     assert model.config.id2label[0] in {"bird", "cat", "dog"}
+    capsys.readouterr()
+    logged: list[str] = []  # from Python: no progress bar when asked, the accuracy as the CLI's tables give it
+    summary = run_recipe(path, {"training.max_steps": 1}, overwrite=True, progress=False, log=logged.append)
+    assert "train:" not in capsys.readouterr().err and summary["steps"] == 1
+    assert re.fullmatch(r"baseline accuracy: \d+\.\d\d %; trained 1 steps in .*", logged[-1]), logged[-1]
 
 
 def test_a_pretraining_recipe_refuses_what_only_a_fine_tune_reads(tmp_path, capsys):
