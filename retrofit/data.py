@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -379,8 +380,9 @@ def dataset_label_map(
     """Map a split's labels to a model's label ids (`reference`: `model_labels`) by class name, then check every
     label (`check_labels`) before any image is read. The one rule for evaluate, sweep, finetune and run:
 
-    - a ClassLabel column is mapped by its class names, a column of strings by those names; the data's classes must
-      be among the model's labels (a model with placeholder names ``LABEL_i`` takes a ClassLabel's ids as they are);
+    - a ClassLabel column is mapped by its class names, a column of strings by those names (compared as Unicode
+      NFC); the data's classes must be among the model's labels (a model with placeholder names ``LABEL_i`` takes a
+      ClassLabel's ids as they are);
     - a column of ids is taken as the model's ids.
 
     Returns the mapping (keys: data ids or class names), None if none is needed or there is no label column. Classes
@@ -395,18 +397,24 @@ def dataset_label_map(
     if names is not None or getattr(dataset.features["label"], "dtype", None) in ("string", "large_string"):
         strings = names is None
         present = sorted({value for value in dataset["label"] if value is not None}) if strings else names
-        by_name = {name: index for index, name in reference.items()}
-        unknown = [name for name in present if name not in by_name]
+        by_name = {_same_text(name): index for index, name in reference.items()}
+        unknown = [name for name in present if _same_text(name) not in by_name]
         if unknown:
             raise RetrofitError(
                 f"the class names in '{data}' ({len(present)}, e.g. {unknown[:4]}) are not among the models' labels "
                 f"({len(reference)}, e.g. {list(by_name)[:4]}); {fix.format(classes=len(present))}"
             )
-        label_map = {(name if strings else index): by_name[name] for index, name in enumerate(present)}
+        label_map = {(name if strings else index): by_name[_same_text(name)] for index, name in enumerate(present)}
         if not strings and all(k == v for k, v in label_map.items()):
             label_map = None
     check_labels(dataset, len(reference), data=data, label_map=label_map, hint=hint)
     return label_map
+
+
+def _same_text(name: str) -> str:
+    """A class name as compared with a model's labels: Unicode NFC, so that a folder named on macOS (decomposed,
+    NFD: "cafe" + U+0301) matches the label "café" it shows as."""
+    return unicodedata.normalize("NFC", str(name))
 
 
 def check_labels(

@@ -432,3 +432,19 @@ def test_a_folder_written_by_save_to_disk_is_read(imagefolder, tmp_path):
     splits["test"].to_parquet(str(tmp_path / "tables" / "test.parquet"))
     with pytest.raises(RetrofitError, match="'.*tables' holds no image files"):
         load_split(str(tmp_path / "tables"), "test")
+
+
+def test_class_names_match_a_models_labels_whatever_their_unicode_form():
+    """A folder named on macOS holds "café" decomposed (NFD); the model's label is composed (NFC): the same class."""
+    import unicodedata
+
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    from retrofit.data import dataset_label_map
+
+    model = {0: "dog", 1: unicodedata.normalize("NFC", "café")}
+    decomposed = unicodedata.normalize("NFD", "café")
+    by_id = Dataset.from_dict({"label": [0, 1]}, features=Features({"label": ClassLabel(names=[decomposed, "dog"])}))
+    assert dataset_label_map(model, by_id, "mac") == {0: 1, 1: 0}
+    by_text = Dataset.from_dict({"label": [decomposed, "dog"]}, features=Features({"label": Value("string")}))
+    assert dataset_label_map(model, by_text, "mac") == {decomposed: 1, "dog": 0}
