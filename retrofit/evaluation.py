@@ -21,6 +21,7 @@ predictions with the first model's (`zero_shot_scores`).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -273,6 +274,8 @@ def _evaluate_backbones(
     dataset = load_split(data, split, image_column=image_column, label_column=None, limit=limit)
     loaded, loaders = _models_and_loaders(models, configs, dataset, batch_size, None, trust_remote_code, log)
     scores = feature_similarity(loaded, loaders, names=models)
+    for score in scores:  # NaN (a model's or the first one's features) is not a similarity, nor valid JSON
+        score["similarity"] = score["similarity"] if math.isfinite(score["similarity"]) else None
     rows = [{**_row(spec, config), **score} for spec, config, score in zip(models, configs, scores, strict=True)]
     report = {
         "metric": "similarity",
@@ -422,6 +425,7 @@ def zero_shot_scores(
             "top5": scores[i]["top5"],
             "agreement": agreement(scores[i]["predictions"], first),
             "num_examples": scores[i]["num_examples"],
+            "nonfinite": scores[i]["nonfinite"],
             "predictions": scores[i]["predictions"],
         }
         for i in range(len(models))
@@ -473,7 +477,8 @@ def feature_similarity(
     accelerator=None,
 ) -> list[dict]:
     """Mean cosine similarity, per image, of each model's features (`Head.features`) to the first model's; the first
-    model scores 1. Gathered over the processes of an `accelerate launch`.
+    model scores 1. Gathered over the processes of an `accelerate launch`. ``nonfinite``: the images whose features
+    hold NaN or inf (the similarity is then NaN).
 
     `loader` is one dataloader for all models, or a sequence of one dataloader per model (the same loader object may
     serve several models: it is run once). Per-model loaders must give the same images in the same order (the same
@@ -491,6 +496,7 @@ def feature_similarity(
     models = [model.to(accelerator.device).eval() for model in models]
     readers = [HeadReader(model, features=False) for model in models]
     totals, count = torch.zeros(len(models), dtype=torch.float64), 0
+    nonfinite = torch.zeros(len(models), dtype=torch.long)  # images whose features hold NaN or inf, per model
     with torch.inference_mode():
         for batches in zip(*prepared, strict=True):  # equal lengths and padding: gather_for_metrics drops it once
             pixels = [batches[i]["pixel_values"].to(accelerator.device) for i in which]
@@ -506,10 +512,15 @@ def feature_similarity(
                         "they cannot be compared; evaluate a merged model against its own source"
                     )
             similarity = torch.stack([F.cosine_similarity(f, features[0], dim=-1) for f in features], dim=1)
-            similarity = accelerator.gather_for_metrics(similarity)
+            broken = torch.stack([~torch.isfinite(f).all(dim=-1) for f in features], dim=1)
+            similarity, broken = accelerator.gather_for_metrics((similarity, broken))
             totals += similarity.double().sum(dim=0).cpu()
+            nonfinite += broken.sum(dim=0).cpu()
             count += len(similarity)
-    return [{"similarity": float(total) / max(1, count), "num_examples": count} for total in totals]
+    return [
+        {"similarity": float(total) / max(1, count), "num_examples": count, "nonfinite": int(bad)}
+        for total, bad in zip(totals, nonfinite, strict=True)
+    ]
 
 
 def score_models(
@@ -524,6 +535,8 @@ def score_models(
 ) -> list[dict]:
     """top-1, top-k, mean loss and image count of each model over one dataloader, gathered over the processes of an
     `accelerate launch`: the one accuracy loop of retrofit (evaluate, sweep, the training loop, recipes, benchmarks).
+    An image whose logits are not all finite (NaN weights, an overflow) counts as wrong at top-1 and top-k, and is
+    counted in ``nonfinite``; the loss is then None (not a number, and not valid JSON as NaN).
     `maps[i]` maps model i's label ids to the loader's (None: the same). `labels_from`: a model whose top-1 is the
     label (agreement with a teacher, for data without labels). `predictions`: also each model's top-1 per image, in
     the loader's order (``predictions``). With an `accelerator` (a training loop's), `loader` is one it has prepared
@@ -541,6 +554,7 @@ def score_models(
     models = [model.to(accelerator.device).eval() for model in models]
     stats = [
         {"top1": load_metric("accuracy"), "topk": load_metric("top_k_accuracy"), "loss": 0.0, "count": 0}
+        | {"nonfinite": 0}
         | ({"predictions": []} if predictions else {})
         for _ in models
     ]
@@ -556,8 +570,9 @@ def score_models(
         {
             "top1": stat["top1"].compute()["accuracy"],
             "top5": stat["topk"].compute(k=k)["top_k_accuracy"],
-            "loss": stat["loss"] / max(1, stat["count"]),
+            "loss": stat["loss"] / max(1, stat["count"]) if not stat["nonfinite"] else None,
             "num_examples": stat["count"],
+            "nonfinite": stat["nonfinite"],
         }
         | ({"predictions": stat["predictions"]} if predictions else {})
         for stat in stats
@@ -607,11 +622,13 @@ def _score_batch(model, pred_map, pixels, labels, k, accelerator, stats) -> None
     else:
         losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
         ranked = logits.topk(k, dim=-1).indices
+    ranked = ranked.masked_fill(~torch.isfinite(logits).all(dim=-1, keepdim=True), -1)  # no class: wrong, not a guess
     ranked, labels, losses = accelerator.gather_for_metrics((ranked, labels, losses))
     stats["top1"].add_batch(predictions=ranked[:, 0].tolist(), references=labels.tolist())
     stats["topk"].add_batch(predictions=ranked.tolist(), references=labels.tolist())
     stats["loss"] += float(losses.double().sum())
     stats["count"] += len(labels)
+    stats["nonfinite"] += int((ranked[:, 0] < 0).sum())
     if "predictions" in stats:
         stats["predictions"].extend(ranked[:, 0].tolist())
 
@@ -632,15 +649,15 @@ def markdown_table(report: dict) -> str:
                 f"| `{row['model']}` | {100 * row['top1']:.2f} % | {100 * row['top5']:.2f} % | "
                 f"{100 * row['agreement']:.2f} % | {row['gflops']:.3g} | {delta:+.2f} pt |"
             )
-        return "\n".join(lines)
+        return "\n".join(lines + nonfinite_notes(report["models"]))
     if report.get("metric") == "similarity":
         lines = [
             f"| model | feature similarity to `{report['models'][0]['model']}` | GFLOPs |",
             "|---|---|---|",
         ]
         for row in report["models"]:
-            lines.append(f"| `{row['model']}` | {row['similarity']:.4f} | {row['gflops']:.3g} |")
-        return "\n".join(lines)
+            lines.append(f"| `{row['model']}` | {number(row['similarity'], '.4f')} | {row['gflops']:.3g} |")
+        return "\n".join(lines + nonfinite_notes(report["models"]))
     k = report["top_k"]
     lines = [
         f"| model | top-1 | top-{k} | loss | GFLOPs | Δ top-1 vs first |",
@@ -650,10 +667,27 @@ def markdown_table(report: dict) -> str:
     for row in report["models"]:
         delta = 100 * (row["top1"] - first)
         lines.append(
-            f"| `{row['model']}` | {100 * row['top1']:.2f} % | {100 * row['top5']:.2f} % | {row['loss']:.4f} | "
-            f"{row['gflops']:.3g} | {delta:+.2f} pt |"
+            f"| `{row['model']}` | {100 * row['top1']:.2f} % | {100 * row['top5']:.2f} % | "
+            f"{number(row['loss'], '.4f')} | {row['gflops']:.3g} | {delta:+.2f} pt |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + nonfinite_notes(report["models"]))
+
+
+def number(value: float | None, spec: str) -> str:
+    """A table cell: `value` formatted, or NaN where it could not be computed (None)."""
+    return "NaN" if value is None else format(value, spec)
+
+
+def nonfinite_notes(rows: list[dict], name: Callable[[dict], str] = lambda row: f"`{row['model']}`") -> list[str]:
+    """Lines under a table for each row whose model gave non-finite outputs (``nonfinite`` images): the numbers of
+    such a model are not its accuracy, and say so."""
+    notes = [
+        f"⚠ {name(row)} gives non-finite outputs (NaN or inf) on {row['nonfinite']} of {row['num_examples']} images: "
+        "they count as wrong and its loss or similarity is not a number; check its weights for NaN (or its dtype)."
+        for row in rows
+        if row.get("nonfinite")
+    ]
+    return ["", *notes] if notes else []
 
 
 def run_evaluate(args: EvaluateArgs) -> dict:

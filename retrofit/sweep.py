@@ -13,6 +13,7 @@ reference point) into the output folder.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -22,13 +23,19 @@ from .settings import BenchSettings, SweepArgs, SweepSettings
 
 
 def pareto_front(points: list[dict], x: str = "images_per_s", y: str = "top1") -> list[dict]:
-    """The points not beaten on both `x` and `y` by another point, sorted by `x`."""
+    """The points not beaten on both `x` and `y` by another point, sorted by `x` (points without both: none)."""
     front = [
         p
         for p in points
         if p.get(x) is not None
+        and p.get(y) is not None
         and not any(
-            q is not p and q.get(x) is not None and q[x] >= p[x] and q[y] >= p[y] and (q[x] > p[x] or q[y] > p[y])
+            q is not p
+            and q.get(x) is not None
+            and q.get(y) is not None
+            and q[x] >= p[x]
+            and q[y] >= p[y]
+            and (q[x] > p[x] or q[y] > p[y])
             for q in points
         )
     ]
@@ -45,7 +52,7 @@ def best_for_target(rows: list[dict], target: float | None, key: str = "top1") -
     (ties: the faster), and a sentence. Settings whose speed-up could not be measured (None) are skipped."""
     if target is None:
         return None, ""
-    measured = [r for r in rows if r.get("speedup") is not None]
+    measured = [r for r in rows if r.get("speedup") is not None and r.get(key) is not None]
     if not measured:
         return None, (
             f"No setting's speed-up could be measured (see the images/s column), so none can be named for "
@@ -80,12 +87,14 @@ def _speed_cells(row: dict, speedup: float | None) -> str:
 
 def markdown_table(report: dict) -> str:
     """One row per setting (and the source first): top-1, top-k and loss, or a backbone's feature similarity; a
-    speed that could not be measured shows as OOM or failed."""
+    speed that could not be measured shows as OOM or failed; a setting whose outputs were not finite is noted."""
+    from .evaluation import nonfinite_notes, number
+
     if report.get("metric") == "similarity":
         head, columns = "feature similarity", 1
 
         def quality(row: dict) -> str:
-            return f"{row['similarity']:.4f}"
+            return number(row["similarity"], ".4f")
     elif report.get("metric") == "zero-shot":
         head, columns = f"zero-shot top-1 | top-{report['top_k']} | agreement with the source", 3
 
@@ -95,7 +104,7 @@ def markdown_table(report: dict) -> str:
         head, columns = f"top-1 | top-{report['top_k']} | loss", 3
 
         def quality(row: dict) -> str:
-            return f"{100 * row['top1']:.2f} % | {100 * row['top5']:.2f} % | {row['loss']:.4f}"
+            return f"{100 * row['top1']:.2f} % | {100 * row['top5']:.2f} % | {number(row['loss'], '.4f')}"
 
     src = report["source_row"]
     lines = [
@@ -108,7 +117,11 @@ def markdown_table(report: dict) -> str:
             f"| {r['after_layer']} | {r['tokens']} | {quality(r)} | {r['gflops']:.3g} | {r['flops_ratio']:.2f} | "
             f"{_speed_cells(r, r['speedup'])} | {'★' if r['pareto'] else ''} |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + nonfinite_notes(report["settings_results"], _setting_name))
+
+
+def _setting_name(row: dict) -> str:
+    return f"after-layer {row['after_layer']}, {row['tokens']} tokens"
 
 
 def plot(report: dict, path: Path) -> None:
@@ -120,10 +133,10 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     src = report["source_row"]
-    rows = [r for r in report["settings_results"] if r.get("images_per_s") is not None]
+    key = "similarity" if report.get("metric") == "similarity" else "top1"
+    rows = [r for r in report["settings_results"] if r.get("images_per_s") is not None and r.get(key) is not None]
     unmeasured = [f"K={r['after_layer']},M={r['tokens']}" for r in report["settings_results"] if r not in rows]
     unmeasured = (["source"] if src.get("images_per_s") is None else []) + unmeasured
-    key = "similarity" if report.get("metric") == "similarity" else "top1"
     scale = 1 if key == "similarity" else 100
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     ax.scatter([r["images_per_s"] for r in rows], [scale * r[key] for r in rows], c="tab:blue", label="settings")
@@ -137,7 +150,7 @@ def plot(report: dict, path: Path) -> None:
         if report.get("target_speedup"):
             ax.axvline(src["images_per_s"] * report["target_speedup"], ls="--", c="grey", label="target speed-up")
     if unmeasured:  # a legend entry without a marker
-        ax.plot([], [], " ", label=f"speed not measured (OOM or failed): {', '.join(unmeasured)}")
+        ax.plot([], [], " ", label=f"not measured (OOM, failed or NaN): {', '.join(unmeasured)}")
     if report.get("best"):
         best = report["best"]
         ax.scatter([best["images_per_s"]], [scale * best[key]], s=200, facecolors="none", edgecolors="green", lw=2)
@@ -346,6 +359,15 @@ def sweep(
             scores = feature_similarity(models, loader)
         else:
             scores = score_models(models, loader, k=k_top)
+        if scores[0]["nonfinite"]:
+            raise RetrofitError(
+                f"'{source}' gives non-finite outputs (NaN or inf) on {scores[0]['nonfinite']} of "
+                f"{scores[0]['num_examples']} images of {settings.data} {settings.split}, so no setting can be "
+                "compared with it; check its weights for NaN"
+            )
+        for score in scores:  # NaN is not a similarity, nor valid JSON
+            if "similarity" in score and not math.isfinite(score["similarity"]):
+                score["similarity"] = None
 
         bench = bench_settings(settings)
         source_gflops = model_cost(config).gflops

@@ -425,3 +425,35 @@ def test_a_processor_size_the_model_refuses_is_one_line(tiny_vit, images, tmp_pa
     assert main(["evaluate", str(folder), "--data", str(images), "--split", "test"]) == 2
     err = capsys.readouterr().err.strip()
     assert "cannot take the images its image processor gives" in err and len(err.splitlines()) == 1
+
+
+def _with_nan(path: Path, out: Path, weight: str) -> Path:
+    """A copy of the checkpoint at `path` whose parameter `weight` is NaN (a diverged fine-tune)."""
+    from transformers import AutoModel, AutoModelForImageClassification
+
+    auto = AutoModelForImageClassification if "classifier" in weight else AutoModel
+    model = auto.from_pretrained(path)
+    with torch.no_grad():
+        model.get_parameter(weight).fill_(float("nan"))
+    return save_tiny(model, out)
+
+
+def test_non_finite_outputs_are_wrong_answers_not_guesses(trained_vit, backbone, images, tmp_path, capsys):
+    """A model whose logits are NaN scores 0 % (not the accuracy of argmax over NaN, which picks a class), its loss
+    and a backbone's similarity are null in valid JSON (not NaN), and the table says why."""
+    broken = _with_nan(trained_vit, tmp_path / "diverged", "classifier.weight")
+    out = tmp_path / "eval.json"
+    argv = ["evaluate", str(trained_vit), str(broken), "--data", str(images), "--split", "test", "--json", str(out)]
+    assert main(argv) == 0
+    report = json.loads(out.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    good, bad = report["models"]
+    assert good["nonfinite"] == 0 and good["loss"] > 0 and good["top1"] == by_hand(trained_vit, images)["top1"]
+    assert (bad["top1"], bad["top5"], bad["loss"], bad["nonfinite"]) == (0.0, 0.0, None, 15)
+    printed = capsys.readouterr().out
+    assert f"| `{broken}` | 0.00 % | 0.00 % | NaN |" in printed
+    assert f"⚠ `{broken}` gives non-finite outputs (NaN or inf) on 15 of 15 images" in printed
+
+    broken_backbone = _with_nan(backbone, tmp_path / "diverged-backbone", "layernorm.weight")
+    report = evaluate_models([str(backbone), str(broken_backbone)], data=str(images), split="test")
+    assert [row["similarity"] for row in report["models"]] == [pytest.approx(1.0), None]
+    assert [row["nonfinite"] for row in report["models"]] == [0, 15]

@@ -289,3 +289,38 @@ def test_labels_of_close_settings_do_not_overlap():
         assert frame.x0 <= box.x0 and box.x1 <= frame.x1, name  # the rightmost label turned to the left
         assert not any(box.overlaps(other) for other_name, other in boxes.items() if other_name != name), name
     plt.close(fig)
+
+
+def test_a_non_finite_source_is_one_line_and_nan_settings_are_not_ranked(tiny_vit, images, tmp_path, capsys):
+    """A source whose logits are NaN (a diverged checkpoint) is refused in one line, nothing written (its sweep.json
+    failed to serialise NaN, a traceback after all the work); a setting whose similarity is NaN (None) is neither on
+    the Pareto front nor named best, and the table says why."""
+    from conftest import save_tiny
+    from transformers import ViTForImageClassification
+
+    model = ViTForImageClassification.from_pretrained(tiny_vit)
+    with torch.no_grad():
+        model.classifier.weight.fill_(float("nan"))
+    broken = save_tiny(model, tmp_path / "diverged")
+    capsys.readouterr()
+    out = tmp_path / "sweep"
+    argv = ["sweep", str(broken), "--after-layer", "1", "--tokens", "2", "--data", str(images), "--split", "test"]
+    assert main([*argv, "--calibrate-images", "6", "--bench-repeats", "1", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"'{broken}' gives non-finite outputs (NaN or inf) on 9 of 9 images" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+    rows = [
+        {"after_layer": 1, "tokens": 2, "similarity": None, "nonfinite": 9, "num_examples": 9, "images_per_s": 300,
+         "speedup": 3.0, "flops_ratio": 3.1, "gflops": 1.0},
+        {"after_layer": 2, "tokens": 2, "similarity": 0.9, "nonfinite": 0, "num_examples": 9, "images_per_s": 200,
+         "speedup": 2.0, "flops_ratio": 2.1, "gflops": 1.5},
+    ]  # fmt: skip
+    assert pareto_front(rows, y="similarity") == [rows[1]]
+    assert best_for_target(rows, 1.5, "similarity")[0] is rows[1]
+    for row in rows:
+        row["pareto"] = row is rows[1]
+    source = {"similarity": 1.0, "gflops": 3.0, "images_per_s": 100}
+    table = markdown_table({"metric": "similarity", "source_row": source, "settings_results": rows})
+    assert "| 1 | 2 | NaN |" in table
+    assert "⚠ after-layer 1, 2 tokens gives non-finite outputs (NaN or inf) on 9 of 9 images" in table
