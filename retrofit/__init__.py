@@ -7,13 +7,13 @@ The Python API mirrors the CLI, one function per command::
     from retrofit.push import push
     from retrofit.sweep import SweepSettings, sweep
 
-    convert(source, after_layer=6, num_tokens=8, output=...)              # retrofit convert
-    finetune(source, after_layer=6, num_tokens=8, output=..., data=...)   # retrofit finetune
-    evaluate_models([source, export], data=..., split=...)                # retrofit evaluate
-    benchmark([source, export], settings=BenchSettings(...))              # retrofit bench
-    sweep(source, SweepSettings(after_layers=(3, 6), tokens=(8,)))         # retrofit sweep
-    push(export, repo_id)                                                  # retrofit push
-    run_recipe("recipes/fashion-mnist.yaml")                               # retrofit run
+    convert(source, after_layer=6, num_tokens=8, output=...)                  # retrofit convert
+    finetune(source, after_layer=6, num_tokens=8, output=..., data=...)       # retrofit finetune
+    evaluate_models([source, export], data=..., split=...)                    # retrofit evaluate
+    benchmark([source, export], settings=BenchSettings(...))                  # retrofit bench
+    sweep(source, SweepSettings(after_layers=(3, 6), tokens=(8,), data=...))  # retrofit sweep
+    push(export, repo_id)                                                     # retrofit push
+    run_recipe("recipes/fashion-mnist.yaml")                                  # retrofit run
 
 plus the building blocks: `insert_patch_merger`, `export`, `load_model`, `model_cost`, `update_card`. (`benchmark`,
 `sweep`, `push` and `calibrate` are also the names of their modules, so their functions are imported from them.)
