@@ -205,8 +205,10 @@ def load_recipe(path: str | Path, overrides: dict[str, object] | None = None) ->
     path = Path(path)
     if path.is_dir():
         raise RetrofitError(f"recipe '{path}' is a folder; pass a YAML file such as recipes/fashion-mnist.yaml")
-    if not path.is_file():
+    if not path.exists():
         raise RetrofitError(f"recipe '{path}' does not exist; pass a YAML file such as recipes/fashion-mnist.yaml")
+    if not path.is_file():  # a pipe (`<(...)`) or a device, which may never end: read only files
+        raise RetrofitError(f"recipe '{path}' is not a file (a pipe or a device?); save the recipe to a file first")
     try:
         text = path.read_text(encoding="utf-8")
         raw = yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader that also refuses repeated keys

@@ -74,6 +74,7 @@ def test_a_recipe_file_that_is_no_recipe_is_one_line(tmp_path, capsys):
     (tmp_path / "loop.yaml").write_text("name: &a [*a]\n")
     for name, message in [
         ("", "is a folder; pass a YAML file"),
+        ("/dev/null", "is not a file \\(a pipe or a device\\?\\); save the recipe to a file first"),
         ("empty.yaml", "is empty; start from one in recipes/"),
         ("twice.yaml", "sets 'training' twice in one mapping \\(lines 12 and 17\\); keep one"),
         ("deep.yaml", "is nested too deeply to read"),
