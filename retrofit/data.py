@@ -534,11 +534,12 @@ def _unreadable(index: int, exc: Exception, dataset=None) -> RetrofitError:
 
 
 def _in_mode(image, mode: str):
-    """`image` in PIL `mode` ("RGB" or "L"). A 16-bit grey image (a 16-bit PNG) is first brought to 8 bits by its top
-    byte: PIL's own conversion clips its values at 255, which turns nearly every pixel white."""
+    """`image` in PIL `mode` ("RGB" or "L"). A 16-bit grey image (a 16-bit PNG: mode I;16, or I in older Pillow) is
+    first brought to 8 bits by its top byte: PIL's own conversion clips its values at 255, which turns nearly every
+    pixel white."""
     if image.mode == mode:
         return image
-    if image.mode.startswith("I;16"):
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):
         from PIL import Image
 
         image = Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8), mode="L")

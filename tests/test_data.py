@@ -369,6 +369,8 @@ def test_a_16_bit_grey_png_is_read_by_its_top_byte(tmp_path):
     """PIL's own conversion clips 16-bit values at 255 (a nearly white image); the model sees the image's top byte."""
     from PIL import Image
 
+    from retrofit.data import _in_mode
+
     deep = (np.random.default_rng(0).random((32, 32)) * 65535).astype(np.uint16)
     for name, image in (("a", Image.fromarray(deep)), ("b", Image.fromarray((deep >> 8).astype(np.uint8)))):
         (tmp_path / "grey" / name).mkdir(parents=True)
@@ -378,6 +380,9 @@ def test_a_16_bit_grey_png_is_read_by_its_top_byte(tmp_path):
     for channels in (3, 1):
         pixels = next(iter(make_dataloader(data, processor(32, channels), batch_size=2)))["pixel_values"]
         assert torch.equal(pixels[0], pixels[1]) and pixels[0].mean().abs() < 0.1
+    older = Image.fromarray(deep.astype(np.int32))  # how older Pillow releases open the same PNG: mode I
+    older.format = "PNG"
+    assert np.array_equal(np.asarray(_in_mode(older, "L")), deep >> 8)
 
 
 def test_an_image_that_fails_to_decode_is_named_by_its_file(imagefolder, tmp_path):
