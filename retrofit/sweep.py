@@ -283,7 +283,7 @@ def sweep(
     """Run the sweep; returns the report (and writes sweep.md/json/png into `output` if given)."""
     import tempfile
 
-    from .benchmark import Variant, environment, place_model, run_benchmark, timed_part
+    from .benchmark import Variant, environment, parse_device, place_model, run_benchmark, timed_part
     from .cost import model_cost
     from .data import dataset_label_map, load_split, make_dataloader, model_labels
     from .evaluation import (
@@ -302,6 +302,7 @@ def sweep(
     if settings.data is None:
         raise RetrofitError("--data is required: the sweep measures accuracy on it (or pass --dry-run for FLOPs alone)")
     check_output_folder(settings, output, overwrite, source)
+    parse_device(settings.device)  # a GPU this machine lacks, before any setting is built (the speed test needs it)
     config = load_config(source)
     zero_shot = settings.zero_shot  # a dual encoder ranked by zero-shot top-1 on the data's class names
     if zero_shot:

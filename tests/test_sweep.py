@@ -324,3 +324,13 @@ def test_a_non_finite_source_is_one_line_and_nan_settings_are_not_ranked(tiny_vi
     table = markdown_table({"metric": "similarity", "source_row": source, "settings_results": rows})
     assert "| 1 | 2 | NaN |" in table
     assert "⚠ after-layer 1, 2 tokens gives non-finite outputs (NaN or inf) on 9 of 9 images" in table
+
+
+def test_a_device_this_machine_lacks_is_refused_before_any_setting(tiny_vit, images, tmp_path, capsys):
+    """--device names a GPU the speed test needs: one line before calibrating (or fine-tuning) any setting, not after
+    all of them."""
+    argv = ["sweep", str(tiny_vit), "--after-layer", "1", "--tokens", "2", "--data", str(images), "--split", "test"]
+    assert main([*argv, "--device", "cuda:99", "--output", str(tmp_path / "sweep")]) == 2
+    captured = capsys.readouterr()
+    assert "--device cuda:99" in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert "setting after-layer" not in captured.out and not (tmp_path / "sweep").exists()
