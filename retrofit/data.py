@@ -184,9 +184,10 @@ def load_split(
         try:
             if is_local:
                 if not local.is_dir():
+                    what = "is a file, not a folder" if local.is_file() else "does not exist or is not a folder"
                     raise RetrofitError(
-                        f"dataset '{data}' does not exist or is not a folder; pass fashion-mnist, an image folder "
-                        "(class sub-folders, optionally under train/ and test/) or a Hub dataset id"
+                        f"dataset '{data}' {what}; pass fashion-mnist, an image folder (class sub-folders, optionally "
+                        "under train/ and test/), a folder written by `datasets`' save_to_disk or a Hub dataset id"
                     )
                 splits = _local_splits(local, data)
                 available = list(splits.keys())

@@ -437,6 +437,8 @@ def test_a_folder_written_by_save_to_disk_is_read(imagefolder, tmp_path):
     splits["test"].to_parquet(str(tmp_path / "tables" / "test.parquet"))
     with pytest.raises(RetrofitError, match="'.*tables' holds no image files"):
         load_split(str(tmp_path / "tables"), "test")
+    with pytest.raises(RetrofitError, match="'.*test.parquet' is a file, not a folder; pass .* save_to_disk"):
+        load_split(str(tmp_path / "tables" / "test.parquet"), "test")
 
 
 def test_class_names_match_a_models_labels_whatever_their_unicode_form():
