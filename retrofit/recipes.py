@@ -285,9 +285,10 @@ def _kind(value) -> str:
 
 
 def option_overrides(values: dict[str, object]) -> dict[str, object]:
-    """``run``'s options as recipe keys: {"lr": 1e-4, "data": "x"} -> {"training.lr": 1e-4, "data.name": "x"}."""
+    """``run``'s options as recipe keys: {"lr": 1e-4, "data": "x"} -> {"training.lr": 1e-4, "data.name": "x"}. Only
+    settings that are options count: ``--batch-size`` is training.batch_size, not evaluation.batch_size (no option)."""
     owner = {spec.name: (section, recipe_key(spec)) for section, groups in RECIPE_SECTIONS.items()
-             for group in groups for spec in fields(group)}  # fmt: skip
+             for group in groups for spec in fields(group) if spec.metadata.get("cli", True)}  # fmt: skip
     out = {}
     for name, value in values.items():
         if name in owner:

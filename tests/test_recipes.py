@@ -124,8 +124,10 @@ def test_run_a_tiny_recipe_with_overrides(tiny_vit, tmp_path, capsys):
     data = make_imagefolder(tmp_path / "colours", per_class=4, test_per_class=4)
     path = write(tmp_path / "tiny.yaml", tiny_recipe(tiny_vit, data, tmp_path / "ignored"))
     out = tmp_path / "out"
-    assert main(["run", str(path), "--output", str(out), "--set", "training.max_steps=2", "--loss", "mix"]) == 0
+    options = ["--set", "training.max_steps=2", "--loss", "mix", "--batch-size", "4"]
+    assert main(["run", str(path), "--output", str(out), *options]) == 0
     printed = capsys.readouterr().out
+    assert "at batch 4)" in printed  # --batch-size is the training's (it set evaluation.batch_size, which has none)
     assert "| baseline" in printed and "no training" in printed and "fine-tuned (2 steps, loss mix)" in printed
     assert (out / "model.safetensors").exists() and not (tmp_path / "ignored").exists()
     card = (out / "README.md").read_text()
