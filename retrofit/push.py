@@ -223,8 +223,9 @@ def staged_for_hub(export: Path, files: list[str], repo_id: str, revision: str |
 
 def check_push(repo_id: str, token: str | None = None, *, private: bool = False, create_pr: bool = False) -> str:
     """Check, before any work, that `repo_id` is a valid namespaced id and that the Hub accepts our token (and, for
-    `create_pr`, that the repo exists); returns the token. `convert`/`finetune`/`run --push-to-hub` call it first,
-    so a long run does not end in "not logged in"."""
+    `create_pr`, that the repo exists; for `private`, that it is not an existing public repo, whose visibility an
+    upload does not change); returns the token. `convert`/`finetune`/`run --push-to-hub` call it first, so a long run
+    does not end in "not logged in" or in a refused upload."""
     from huggingface_hub import HfApi, constants, get_token
     from huggingface_hub.utils import validate_repo_id
 
@@ -244,10 +245,16 @@ def check_push(repo_id: str, token: str | None = None, *, private: bool = False,
     try:
         api = HfApi(token=token)
         api.whoami()
-        exists = api.repo_exists(repo_id, repo_type="model") if create_pr else True
+        exists = api.repo_exists(repo_id, repo_type="model") if create_pr or private else None
+        public = private and exists and _is_public(api, repo_id)
     except Exception as exc:  # noqa: BLE001 - HTTP and connection errors: one line, not a traceback
         raise _hub_error(exc, repo_id) from None
-    if not exists:
+    if public:
+        raise RetrofitError(
+            f"--private: '{repo_id}' exists and is public, and --private only sets the visibility of a new repo, so "
+            "nothing is uploaded; make the repo private on the Hub first, or push without --private"
+        )
+    if create_pr and not exists:
         raise RetrofitError(
             f"--create-pr opens a pull request on an existing repo, but '{repo_id}' does not exist (or is not visible "
             "to you); push without --create-pr to create it"
@@ -282,15 +289,11 @@ def push(
             "drop one of them"
         )
     files = export_files(export)
-    api = HfApi(token=check_push(repo_id, token, private=private, create_pr=create_pr))  # a new PR: the repo exists
+    # a new PR: the repo exists; --private: it is not public
+    api = HfApi(token=check_push(repo_id, token, private=private, create_pr=create_pr))
     pull = PR_REVISION.fullmatch(revision or "")
     branch = branch_of(revision)
     try:
-        if private and api.repo_exists(repo_id, repo_type="model") and _is_public(api, repo_id):
-            raise RetrofitError(  # create_repo leaves an existing repo's visibility as it is
-                f"--private: '{repo_id}' exists and is public, and --private only sets the visibility of a new repo, "
-                "so nothing was uploaded; make the repo private on the Hub first, or push without --private"
-            )
         if pull and not api.repo_exists(repo_id, repo_type="model"):  # an open pull request needs the repo too
             raise RetrofitError(
                 f"--revision {revision} names a pull request, but '{repo_id}' does not exist (or is not visible to "

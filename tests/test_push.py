@@ -250,20 +250,26 @@ def test_a_card_that_is_not_utf8_is_refused_before_the_repo_is_created(export_di
 
 
 @pytest.mark.parametrize("public", [True, False])
-def test_private_refuses_an_existing_public_repo(export_dir, hub, monkeypatch, capsys, public):
+def test_private_refuses_an_existing_public_repo(export_dir, tiny_vit, hub, monkeypatch, tmp_path, capsys, public):
     """--private cannot make an existing repo private (the Hub keeps its visibility): nothing is uploaded to a public
-    one; an existing private repo takes the upload."""
+    one, and convert --push-to-hub refuses it before any work; an existing private repo takes the upload."""
     hub["existing"].add("me/x")
     monkeypatch.setattr(HfApi, "repo_info", lambda self, repo_id, **kw: SimpleNamespace(private=not public))
-    for extra in ([], ["--revision", "v1"]):
-        code = main(["push", str(export_dir), "--repo-id", "me/x", "--private", *extra])
+    out = tmp_path / "pm"
+    for argv in (
+        ["push", str(export_dir), "--repo-id", "me/x", "--private"],
+        ["push", str(export_dir), "--repo-id", "me/x", "--private", "--revision", "v1"],
+        ["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "-o", str(out), "--push-to-hub", "me/x",
+         "--private"],
+    ):  # fmt: skip
+        code = main(argv)
         err = capsys.readouterr().err.strip()
         if public:
             assert code == 2 and "'me/x' exists and is public" in err and len(err.splitlines()) == 1
         else:
             assert code == 0 and not err
-    assert len(hub["commits"]) == (0 if public else 2)
-    assert hub["repos"] == [] if public else len(hub["repos"]) == 2
+    assert len(hub["commits"]) == (0 if public else 3) and out.exists() is not public
+    assert hub["repos"] == [] if public else len(hub["repos"]) == 3
     assert hub["branches"] == ([] if public else [("me/x", "v1")])
 
 
