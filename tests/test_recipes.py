@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import random
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 from test_data import make_imagefolder
 
@@ -134,8 +137,12 @@ def test_run_a_tiny_recipe_with_overrides(tiny_vit, tmp_path, capsys):
     assert "| baseline" in card and "images/s: " in card and " CPU (" in card  # the speed says what it ran on
     assert f"This is `{Path(tiny_vit).name}`" in card  # a local source by its name (no local path in an export)
     assert (tmp_path / "out-checkpoints" / "results.json").exists()
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)  # a caller's own generators, which the run seeds
+    before = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
     summary = run_recipe(path, {"export.output": str(out)}, overwrite=True, log=lambda *_: None)
     assert summary["steps"] == 3 and len(summary["rows"]) == 3
+    after = random.getstate(), np.random.get_state()[1], torch.get_rng_state()
+    assert after[0] == before[0] and (after[1] == before[1]).all() and torch.equal(after[2], before[2])
     # Resuming those checkpoints with another merge is refused before the baseline is scored and timed (on ImageNet,
     # minutes of work that the refusal made useless).
     logged: list[str] = []
