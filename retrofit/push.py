@@ -81,14 +81,14 @@ def _shard_names(index: Path, export: str | Path) -> list[str]:
     return sorted(set(weight_map.values()))
 
 
-# The modules retrofit generates (`hub_code.code_files`), for an export of a family this retrofit does not know.
+# The names of the modules retrofit generates (`hub_code.code_files`), as an export of another release has them.
 _GENERATED_MODULE = re.compile(r"(configuration|modeling)_[a-z0-9_]+_patch_merger")
 
 
 def _code_files(auto_map: object, export: str | Path, own: tuple[str, ...] = ()) -> list[str]:
     """The modeling/configuration files the config's ``auto_map`` ({"AutoX": "module.Class", ...}) names, each one
-    of the files retrofit writes for the export (`own`: `atomic.family_files`; where empty, a generated module's
-    name): an ``auto_map`` edited to name another file of the folder does not upload it."""
+    of the files retrofit writes for the export (`own`: `atomic.family_files`) or named as retrofit names them: an
+    ``auto_map`` edited to name another file of the folder does not upload it."""
     if auto_map is not None and not isinstance(auto_map, dict):
         raise _not_complete(export, f"config.json's auto_map is a {type(auto_map).__name__}, not an object")
     if not auto_map:
@@ -101,7 +101,7 @@ def _code_files(auto_map: object, export: str | Path, own: tuple[str, ...] = ())
             module = ref.split("--")[-1].rsplit(".", 1)[0] if isinstance(ref, str) and "." in ref else ""
             if not module or "/" in module or "\\" in module:
                 raise _not_complete(export, f"config.json's auto_map[{auto_class!r}] = {ref!r} is not 'module.Class'")
-            if (module + ".py" not in own) if own else not _GENERATED_MODULE.fullmatch(module):
+            if module + ".py" not in own and not _GENERATED_MODULE.fullmatch(module):
                 raise RetrofitError(
                     f"'{export}/config.json' auto_map[{auto_class!r}] names {module}.py, which is not code retrofit "
                     "writes for this export, so it is not uploaded; restore config.json's auto_map or re-export it"
