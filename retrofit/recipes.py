@@ -437,6 +437,10 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
             f"images/s: {hardware_name('cpu')}, fp32, batch {evaluation.speed_batch_size} at "
             f"{image_size[0]}×{image_size[1]}, median of 5 passes, the two models alternated"
         )
+        if None in speeds.values():  # out of memory at that batch size: the table says n/a, this says why
+            speed_note += "; not measured (out of memory?): lower evaluation.speed_batch_size"
+            log(f"warning: images/s not measured at evaluation.speed_batch_size {evaluation.speed_batch_size} (out "
+                "of memory?); lower it to time the models")  # fmt: skip
 
     zero_shot = _zero_shot_scorer(args, ready, evaluation) if evaluation.zero_shot else None
     zero_shot_before = zero_shot([baseline, ready.model]) if zero_shot else None  # the untrained merger too

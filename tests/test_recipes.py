@@ -139,13 +139,18 @@ def test_run_a_tiny_recipe_with_overrides(tiny_vit, tmp_path, capsys):
     assert (tmp_path / "out-checkpoints" / "results.json").exists()
     random.seed(7), np.random.seed(7), torch.manual_seed(7)  # a caller's own generators, which the run seeds
     before = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
-    summary = run_recipe(path, {"export.output": str(out)}, overwrite=True, log=lambda *_: None)
+    logged: list[str] = []  # a speed batch larger than memory: n/a in the table, and a line that says why
+    overrides = {"export.output": str(out), "evaluation.speed_batch_size": 10**11}
+    summary = run_recipe(path, overrides, overwrite=True, log=logged.append)
     assert summary["steps"] == 3 and len(summary["rows"]) == 3
+    assert all(row.get("images_per_s") is None for row in summary["rows"])
+    assert any("images/s not measured at evaluation.speed_batch_size 100000000000" in line for line in logged)
+    assert "not measured (out of memory?)" in (out / "README.md").read_text()
     after = random.getstate(), np.random.get_state()[1], torch.get_rng_state()
     assert after[0] == before[0] and (after[1] == before[1]).all() and torch.equal(after[2], before[2])
     # Resuming those checkpoints with another merge is refused before the baseline is scored and timed (on ImageNet,
     # minutes of work that the refusal made useless).
-    logged: list[str] = []
+    logged.clear()
     with pytest.raises(RetrofitError, match="holds checkpoints of a run with --tokens 4, not 3"):
         run_recipe(path, {"export.output": str(out), "merge.tokens": 3}, resume=True, log=logged.append)
     assert not any("baseline" in line for line in logged), logged
