@@ -329,9 +329,12 @@ def zero_shot_classes(dataset, data: str) -> tuple[list[str], dict | None]:
     return names, label_map
 
 
-def load_zero_shot_tokenizer(spec: str, config, *, revision: str | None = None):
-    """A dual encoder's tokenizer, which zero-shot classification needs; none is one line saying what to add."""
+def load_zero_shot_tokenizer(spec: str, config, *, revision: str | None = None, texts: Sequence[str] = ()):
+    """A dual encoder's tokenizer, which zero-shot classification needs; none is one line saying what to add, and so
+    is one that turns two of `texts` (the prompts) into the same tokens: the classes would tie (transformers builds a
+    tokenizer with an empty vocabulary for a checkpoint without tokenizer files, which gives every prompt the same)."""
     from .loading import load_tokenizer
+    from .zero_shot import tokenize
 
     reasons: list[str] = []
     tokenizer = load_tokenizer(spec, config, revision=revision, log=reasons.append)
@@ -341,6 +344,17 @@ def load_zero_shot_tokenizer(spec: str, config, *, revision: str | None = None):
             "source's tokenizer files (tokenizer.json or vocab.json/merges.txt or spiece.model, with "
             "tokenizer_config.json and special_tokens_map.json) into it"
         )
+    ids = tokenize(tokenizer, list(texts), config)["input_ids"].tolist() if texts else []
+    seen: dict[tuple, str] = {}
+    for text, tokens in zip(texts, map(tuple, ids), strict=True):
+        if tokens in seen:
+            raise RetrofitError(
+                f"the tokenizer of '{spec}' ({len(tokenizer)} tokens) gives the prompts {seen[tokens]!r} and "
+                f"{text!r} the same tokens, so zero-shot cannot tell their classes apart; if its tokenizer files are "
+                "missing, copy its source's (tokenizer.json or vocab.json/merges.txt or spiece.model, with "
+                "tokenizer_config.json) into it, else rename those classes or change --prompt-template"
+            )
+        seen[tokens] = text
     return tokenizer
 
 
@@ -445,7 +459,9 @@ def _evaluate_zero_shot(
     dataset = load_split(data, split, image_column=image_column, label_column=label_column, limit=limit)
     names, label_map = zero_shot_classes(dataset, data)
     texts = prompts(names, template)
-    tokenizers = [load_zero_shot_tokenizer(spec, config) for spec, config in zip(models, configs, strict=True)]
+    tokenizers = [
+        load_zero_shot_tokenizer(spec, config, texts=texts) for spec, config in zip(models, configs, strict=True)
+    ]
     loaded, loaders = _models_and_loaders(models, configs, dataset, batch_size, label_map, trust_remote_code, log)
     k = min(top_k, len(names))
     scores = zero_shot_scores(loaded, tokenizers, loaders, texts, k=k)

@@ -318,7 +318,7 @@ def sweep(
     if zero_shot:  # class names, the prompts and the tokenizer, refused in one line before any setting is built
         names, zero_shot_map = zero_shot_classes(dataset, settings.data)
         texts = prompts(names, settings.prompt_template)
-        tokenizer = load_zero_shot_tokenizer(source, config)
+        tokenizer = load_zero_shot_tokenizer(source, config, texts=texts)
     # The calibration images, loaded before any setting starts (a missing --calibrate-split fails here): calibrate
     # uses them for every setting; finetune reads its own sample of the split, so one image checks the split.
     calibrate_on = load_split(

@@ -457,3 +457,14 @@ def test_non_finite_outputs_are_wrong_answers_not_guesses(trained_vit, backbone,
     report = evaluate_models([str(backbone), str(broken_backbone)], data=str(images), split="test")
     assert [row["similarity"] for row in report["models"]] == [pytest.approx(1.0), None]
     assert [row["nonfinite"] for row in report["models"]] == [0, 15]
+
+
+def test_zero_shot_refuses_a_tokenizer_that_gives_two_prompts_the_same_tokens(full_clip, images, capsys):
+    """A CLIPModel checkpoint without tokenizer files loads one with an empty vocabulary: every prompt got the same
+    tokens, so every class the same logit, and evaluate reported those ties as zero-shot accuracy."""
+    clip, _ = full_clip
+    assert main(["evaluate", str(clip), "--data", str(images), "--split", "test", "--zero-shot"]) == 2
+    captured = capsys.readouterr()
+    prompts = "gives the prompts 'a photo of a bird.' and 'a photo of a cat.' the same tokens"
+    assert f"the tokenizer of '{clip}' (2 tokens) {prompts}" in captured.err
+    assert "copy its source's" in captured.err and len(captured.err.strip().splitlines()) == 1 and not captured.out
