@@ -559,6 +559,60 @@ def _replace_section(text: str, heading: str, body: str) -> str:
     return text[:after] + f"\n{body}\n" + tail
 
 
+_BACKTICKED = re.compile(r"`([^`\n]+)`")
+_NAMED_BY = ("model", "baseline", "this", "source", "data")  # report keys whose value names a model or data set
+
+
+def _published(report: dict) -> dict:
+    """`report` as an export's card and `RESULTS_FILE` publish it (`push` uploads both): every local path it names a
+    model or data set by (its fields, and the backticked names in its tables) becomes the path's last part
+    (`provenance.public_name`), or its last parts where two paths would otherwise read alike, so that rows stay
+    apart; Hub ids and ``retrofit:NAME`` stay as they are."""
+    found: set[str] = set()
+
+    def collect(value) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key in _NAMED_BY and isinstance(item, str):
+                    found.add(item)
+                collect(item)
+        elif isinstance(value, list):
+            for item in value:
+                collect(item)
+        elif isinstance(value, str):
+            found.update(_BACKTICKED.findall(value))
+
+    collect(report)
+    names = _short_names([spec for spec in found if public_name(spec) != spec])
+
+    def publish(value, key: str | None = None):
+        if isinstance(value, dict):
+            return {name: publish(item, name) for name, item in value.items()}
+        if isinstance(value, list):
+            return [publish(item) for item in value]
+        if isinstance(value, str):
+            if key in _NAMED_BY and value in names:
+                return names[value]
+            return _BACKTICKED.sub(lambda match: f"`{names.get(match.group(1), match.group(1))}`", value)
+        return value
+
+    return publish(report) if names else report
+
+
+def _short_names(paths: list[str]) -> dict[str, str]:
+    """Each local path by its last part, with more parts where that would name two different folders alike."""
+    resolved = {spec: Path(spec).expanduser().resolve().parts for spec in paths}
+    names: dict[str, str] = {}
+    for spec, parts in resolved.items():
+        depth = 1
+        while depth < len(parts) and any(
+            other[-depth:] == parts[-depth:] and other != parts for other in resolved.values()
+        ):
+            depth += 1
+        names[spec] = "/".join(parts[-depth:]).lstrip("/") or spec
+    return names
+
+
 def update_card(
     export: str | Path, *, evaluation: dict | None = None, benchmark: dict | None = None, run: dict | None = None
 ) -> Path:
@@ -573,7 +627,7 @@ def update_card(
     _check_card_files(export)
     results = _load_results(export)
     if run is not None:
-        results["run"] = dict(run)
+        results["run"] = _published(dict(run))
     for key, report in (("evaluation", evaluation), ("benchmark", benchmark)):
         if report is None:
             continue
@@ -584,7 +638,7 @@ def update_card(
             config = load_config(export)
             others = (row["model"] for row in report["models"] if row["model"] != this and not row.get("merged"))
             report["source"] = next((spec for spec in others if made_from(config, spec)), None)
-        results[key] = report
+        results[key] = _published(report)
     readme = export / "README.md"
     card = _load_card(export)
     curve = export / CURVE_FILE
@@ -593,7 +647,7 @@ def update_card(
         from .benchmark import batch_size_figure
 
         _check_curve(export)
-        drawn = batch_size_figure(benchmark)
+        drawn = batch_size_figure(results["benchmark"])  # its legend names the models as the card does
     ours = _is_our_curve(curve)
     stale = benchmark is not None and drawn is None and ours  # a curve of an older benchmark than the new one
     has_curve = drawn is not None or (ours and not stale)

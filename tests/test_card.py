@@ -85,8 +85,8 @@ def test_update_card_writes_before_after_table_and_model_index(tiny_vit, export_
     card = ModelCard.load(folder / "README.md")
     before_after = card.text.split("### Before / after")[1].split("###")[0]
     assert "images/s (Test CPU (2 threads), fp32, batch 8)" in before_after
-    assert f"| before: source (`{source}`) | 90.00 % | 99.00 % | 17.6 | 10.0 |" in before_after
-    assert f"| after: this model (`{folder}`) | 85.00 % | 98.00 % | 9.2 | 18.0 |" in before_after
+    assert f"| before: source (`{tiny_vit.name}`) | 90.00 % | 99.00 % | 17.6 | 10.0 |" in before_after
+    assert "| after: this model (`vit-pm`) | 85.00 % | 98.00 % | 9.2 | 18.0 |" in before_after
     assert "### Speed" in card.text and "1.80×" in card.text
     (top1, top5) = card.data.eval_results
     assert (top1.metric_type, top1.metric_value, top1.dataset_name) == ("accuracy", 0.85, "fashion-mnist")
@@ -98,6 +98,30 @@ def test_update_card_writes_before_after_table_and_model_index(tiny_vit, export_
     assert set(stored) == {"evaluation", "benchmark"}
     # The rest of the card is untouched, and only one Results section exists.
     assert card.text.count("## Results") == 1 and "## How to use" in card.text
+
+
+def test_a_card_names_local_models_and_data_without_their_paths(tiny_vit, export_dir, tmp_path):
+    """`evaluate --card` / `bench --card` results are pushed with the export (README.md, retrofit_results.json): a
+    local model or data set is named by its last parts, never by the path on this machine, with more parts where two
+    folders have one name, so the before/after rows stay the right ones; Hub ids stay as they are."""
+    source, folder = tmp_path / "runs" / "a" / "model", tmp_path / "runs" / "b" / "model"
+    shutil.copytree(tiny_vit, source)
+    shutil.copytree(export_dir, folder)
+    report = evaluation(str(source), str(folder))
+    report.update(data=str(tmp_path / "my images"), table=f"On `{tmp_path / 'my images'}`: `{source}` and `{folder}`")
+    update_card(folder, evaluation=report)
+    update_card(folder, benchmark=bench(str(source), str(folder)))
+    text, stored = (folder / "README.md").read_text(), (folder / "retrofit_results.json").read_text()
+    assert str(tmp_path) not in text and str(tmp_path) not in stored
+    assert "| before: source (`a/model`) | 90.00 % | 99.00 % | 17.6 | 10.0 |" in text
+    assert "| after: this model (`b/model`) | 85.00 % | 98.00 % | 9.2 | 18.0 |" in text
+    assert "On `my images`: `a/model` and `b/model`" in text
+    results = json.loads(stored)
+    assert results["evaluation"]["this"] == results["benchmark"]["this"] == "b/model"
+    assert [row["model"] for row in results["benchmark"]["models"]] == ["a/model", "b/model"]
+    update_card(folder, evaluation=evaluation("google/vit-base-patch16-224", str(folder)))
+    stored = json.loads((folder / "retrofit_results.json").read_text())["evaluation"]
+    assert stored["models"][0]["model"] == "google/vit-base-patch16-224" and stored["data"] == "fashion-mnist"
 
 
 def test_card_target_checks(tiny_vit, export_dir):
@@ -212,7 +236,7 @@ def test_card_names_the_k_of_top_k(tiny_vit, export_dir, tmp_path, key):
     card = ModelCard.load(folder / "README.md")
     before_after = card.text.split("### Before / after")[1].split("###")[0]
     assert "| top-1 | top-2 |" in before_after and "top-5" not in before_after
-    assert f"| after: this model (`{folder}`) | 85.00 % | 98.00 % |" in before_after
+    assert "| after: this model (`vit-pm`) | 85.00 % | 98.00 % |" in before_after
     (_, top_k) = card.data.eval_results
     assert (top_k.metric_name, top_k.metric_value, top_k.metric_args) == ("Top-2 accuracy", 0.98, {"k": 2})
 
@@ -258,7 +282,7 @@ def test_the_card_shows_the_batch_size_curve_and_which_mode_serves_each_batch_si
     text = (folder / "README.md").read_text()
     assert "![images/s against batch size, source and merged](speed.png)" in text
     assert (
-        f"Fastest way to serve `{folder}`: reduce-overhead at batch 1 (1.25×); eager at batch 8–64 (1.14–1.80×) "
+        "Fastest way to serve `vit-pm`: reduce-overhead at batch 1 (1.25×); eager at batch 8–64 (1.14–1.80×) "
         "(speed-up over the source in the same mode); at least as fast as its source in that mode at every batch "
         "size measured." in text
     )
