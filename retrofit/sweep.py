@@ -79,10 +79,34 @@ def _unmeasured(row: dict) -> str:
 
 
 def _speed_cells(row: dict, speedup: float | None) -> str:
-    """The images/s and measured speed-up cells of a row (``OOM``/``failed`` and ``–`` where not measured)."""
+    """The images/s and measured speed-up cells of a row (``OOM``/``failed`` and ``–`` where not measured; ``⚠``
+    where its repeats spread by more than `retrofit.benchmark.SPREAD_LIMIT`, as `retrofit bench` flags them)."""
     if row.get("images_per_s") is None:
         return f"{_unmeasured(row)} | –"
-    return f"{row['images_per_s']:.1f} | " + ("–" if speedup is None else f"{speedup:.2f}×")
+    flag = " ⚠" if _spread_too_wide(row) else ""
+    return f"{row['images_per_s']:.1f}{flag} | " + ("–" if speedup is None else f"{speedup:.2f}×")
+
+
+def _spread_too_wide(row: dict) -> bool:
+    from .benchmark import SPREAD_LIMIT
+
+    return (row.get("speed_spread") or 0.0) > SPREAD_LIMIT
+
+
+def _spread_note(report: dict) -> list[str]:
+    """The line under the table that names each speed whose repeats spread too wide: on a loaded machine a measured
+    speed-up (and the setting named for a target) can be noise."""
+    from .benchmark import SPREAD_LIMIT
+
+    rows = [("source", report["source_row"])] + [(_setting_name(r), r) for r in report["settings_results"]]
+    wide = [f"{name}: {100 * row['speed_spread']:.0f} %" for name, row in rows if _spread_too_wide(row)]
+    if not wide:
+        return []
+    return [
+        "",
+        f"⚠ speed repeats spread over {100 * SPREAD_LIMIT:.0f} % of the median (a loaded machine?): {'; '.join(wide)}. "
+        "Measure again on an idle machine, or with more --bench-repeats.",
+    ]
 
 
 def markdown_table(report: dict) -> str:
@@ -117,7 +141,7 @@ def markdown_table(report: dict) -> str:
             f"| {r['after_layer']} | {r['tokens']} | {quality(r)} | {r['gflops']:.3g} | {r['flops_ratio']:.2f} | "
             f"{_speed_cells(r, r['speedup'])} | {'★' if r['pareto'] else ''} |"
         )
-    return "\n".join(lines + nonfinite_notes(report["settings_results"], _setting_name))
+    return "\n".join(lines + nonfinite_notes(report["settings_results"], _setting_name) + _spread_note(report))
 
 
 def _setting_name(row: dict) -> str:
@@ -283,7 +307,7 @@ def sweep(
     """Run the sweep; returns the report (and writes sweep.md/json/png into `output` if given)."""
     import tempfile
 
-    from .benchmark import Variant, environment, parse_device, place_model, run_benchmark, timed_part
+    from .benchmark import Variant, environment, parse_device, place_model, run_benchmark, spread, timed_part
     from .cost import model_cost
     from .data import dataset_label_map, load_split, make_dataloader, model_labels
     from .evaluation import (
@@ -390,6 +414,7 @@ def sweep(
         "gflops": source_gflops,
         "images_per_s": source_result.get("images_per_s"),
         "speed_status": _status(source_result),
+        "speed_spread": spread(source_result),
     }
     rows = []
     for (k, m, _), score, v in zip(merged, scores[1:], variants[1:], strict=True):
@@ -404,6 +429,7 @@ def sweep(
                 "images_per_s": result.get("images_per_s"),  # None: not measured (speed_status says why)
                 "speedup": result.get("speedup"),
                 "speed_status": _status(result),
+                "speed_spread": spread(result),  # (max - min) / median of the repeats; None: fewer than two
             }
         )
     front = pareto_front(rows + [{**source_row, "source": True}], y=key)

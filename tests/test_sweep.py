@@ -47,7 +47,7 @@ def test_sweep_writes_table_json_and_plot(tiny_vit, images, tmp_path, capsys):
     assert settings == [(1, 2), (1, 4), (2, 2), (2, 4)]
     for row in report["settings_results"]:
         assert 0 <= row["top1"] <= 1 and row["num_examples"] == 9 and row["images_per_s"] > 0
-        assert row["flops_ratio"] > 1
+        assert row["flops_ratio"] > 1 and "speed_spread" in row  # None with one repeat
     assert report["source_row"]["num_examples"] == 9 and report["source_row"]["images_per_s"] > 0
     rows = report["settings_results"]
     front = pareto_front(rows + [report["source_row"]])  # timings vary: check consistency, not which point wins
@@ -334,3 +334,23 @@ def test_a_device_this_machine_lacks_is_refused_before_any_setting(tiny_vit, ima
     captured = capsys.readouterr()
     assert "--device cuda:99" in captured.err and len(captured.err.strip().splitlines()) == 1
     assert "setting after-layer" not in captured.out and not (tmp_path / "sweep").exists()
+
+
+def test_speeds_whose_repeats_spread_are_flagged_as_bench_flags_them():
+    """A sweep on a loaded machine named a setting for a target speed-up on noise, unflagged: a speed whose repeats
+    spread by more than 10 % of their median is marked, and a note names it and the spread."""
+    rows = [
+        {"after_layer": 1, "tokens": 2, "top1": 0.5, "top5": 1.0, "loss": 1.0, "gflops": 1.0, "flops_ratio": 3.0,
+         "images_per_s": 300.0, "speedup": 3.0, "speed_spread": 0.3, "pareto": True},
+        {"after_layer": 2, "tokens": 2, "top1": 0.5, "top5": 1.0, "loss": 1.0, "gflops": 2.0, "flops_ratio": 1.5,
+         "images_per_s": 150.0, "speedup": 1.5, "speed_spread": 0.05, "pareto": False},
+    ]  # fmt: skip
+    source = {"top1": 0.5, "top5": 1.0, "loss": 1.0, "gflops": 3.0, "images_per_s": 100.0, "speed_spread": 0.12}
+    table = markdown_table({"top_k": 5, "source_row": source, "settings_results": rows})
+    assert "| 100.0 ⚠ | 1.00× |" in table and "| 300.0 ⚠ | 3.00× |" in table and "| 150.0 | 1.50× |" in table
+    assert table.endswith(
+        "⚠ speed repeats spread over 10 % of the median (a loaded machine?): source: 12 %; after-layer 1, 2 tokens: "
+        "30 %. Measure again on an idle machine, or with more --bench-repeats."
+    )
+    source["speed_spread"] = rows[0]["speed_spread"] = None  # one repeat: nothing to flag
+    assert "⚠" not in markdown_table({"top_k": 5, "source_row": source, "settings_results": rows})
