@@ -146,10 +146,18 @@ def training_data(model, image_processor, run: TrainingRun) -> tuple:
                                label_map=label_map)  # fmt: skip
     if not run.eval_split:
         return train_dl, None
-    eval_set = load_split(run.data, run.eval_split, image_column=run.image_column, label_column=run.label_column,
-                          limit=run.eval_limit)  # fmt: skip
+    labels = run.label_column
+    try:
+        eval_set = load_split(run.data, run.eval_split, image_column=run.image_column, label_column=labels,
+                              limit=run.eval_limit)  # fmt: skip
+    except RetrofitError:
+        if run.loss != "kd" or not labels:
+            raise
+        labels = None  # kd needs no labels: an unlabelled split measures agreement with the teacher
+        eval_set = load_split(run.data, run.eval_split, image_column=run.image_column, label_column=None,
+                              limit=run.eval_limit)  # fmt: skip
     eval_map = None
-    if run.num_labels is None and run.label_column and classifier:
+    if run.num_labels is None and labels and classifier:
         try:
             eval_map = dataset_label_map(model_labels(model.config), eval_set, run.data, fix=LABELS_FIX)
         except RetrofitError:

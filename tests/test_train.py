@@ -845,6 +845,21 @@ def test_the_checkpoint_lock_lasts_the_whole_run_and_no_longer(tiny_vit, colours
     lock.unlink()
 
 
+def test_kd_evaluates_an_unlabelled_split_against_the_teacher(tiny_vit, colours, tmp_path):
+    """kd needs no labels: where the folder gives none (images at two depths), the evaluation split is scored as
+    agreement with the teacher instead of refusing the run (after calibrating) for want of labels it does not use."""
+    root = tmp_path / "unlabelled"
+    shutil.copytree(colours, root)
+    for split in ("train", "test"):
+        (root / split / "cat" / "more").mkdir()
+        shutil.copy(root / split / "cat" / "0.png", root / split / "cat" / "more" / "0.png")
+    lines = []
+    result = finetune(tiny_vit, output=tmp_path / "o", after_layer=2, num_tokens=4, data=root, loss="kd",
+                      eval_split="test", max_steps=2, log=lines.append, **FAST)  # fmt: skip
+    assert result.final_accuracy is not None and 0 <= result.final_accuracy <= 1
+    assert (tmp_path / "o" / "model.safetensors").exists()
+
+
 def test_checkpoints_inside_the_output_are_refused(tiny_vit, colours, tmp_path):
     with pytest.raises(
         RetrofitError, match=r"--checkpoint-dir '.*' is inside --output '.*', which the export replaces"
