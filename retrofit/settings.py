@@ -100,11 +100,26 @@ def _describe(kind) -> str:
     return {int: "a whole number", float: "a finite number", str: "text", bool: "true or false"}.get(kind, str(kind))
 
 
+def shown(value) -> str:
+    """`value` as an error message quotes it: a short repr (``reprlib``: long text, lists and nesting cut with "..."),
+    and for any other object its type, as a model passed where a path goes would print as many lines."""
+    import reprlib
+
+    if value is None or isinstance(value, str | int | float | bool | tuple | list | dict | set):
+        shortened = reprlib.Repr()
+        shortened.maxlevel, shortened.maxstring, shortened.maxother = 3, 80, 80
+        shortened.maxlist = shortened.maxtuple = shortened.maxdict = shortened.maxset = 8
+        return shortened.repr(value)
+    if hasattr(value, "save_pretrained"):  # a model object where a checkpoint's name or folder goes
+        return f"a {type(value).__name__} object (save it with save_pretrained and give its folder)"
+    return f"a {type(value).__name__}"
+
+
 def _problem(kind, value, spec: dataclasses.Field) -> str | None:
     """What is wrong with `value` for a setting of type `kind`, or None."""
     if typing.get_origin(kind) is Literal:
         choices = typing.get_args(kind)
-        return None if value in choices else f"must be one of {', '.join(map(str, choices))}, not {value!r}"
+        return None if value in choices else f"must be one of {', '.join(map(str, choices))}, not {shown(value)}"
     if typing.get_origin(kind) is tuple:
         item = typing.get_args(kind)[0]
         items = {int: lambda v: isinstance(v, int) and not isinstance(v, bool), str: lambda v: isinstance(v, str)}
@@ -119,8 +134,8 @@ def _problem(kind, value, spec: dataclasses.Field) -> str | None:
     meta = spec.metadata
     if not ok:
         if meta["expect"]:
-            return f"must be {meta['expect']} (got {value!r})"
-        return f"must be {_describe(kind)}, not {value!r}"
+            return f"must be {meta['expect']} (got {shown(value)})"
+        return f"must be {_describe(kind)}, not {shown(value)}"
     for number in values:
         if meta["at_least"] is not None and number < meta["at_least"]:
             least = "0 or more" if meta["at_least"] == 0 else f"at least {meta['at_least']:g}"

@@ -77,3 +77,23 @@ def test_help_and_usage_errors_import_no_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.stdout.splitlines()[-1] == "[]", done.stderr[-2000:]
+
+
+def test_a_wrong_value_is_quoted_short_in_its_one_line_message(tiny_vit):
+    """A model object where a checkpoint goes, or a huge value, gives a short line saying what it got (it printed the
+    whole model, many lines; a huge list hung while the message was built)."""
+    from transformers import AutoModelForImageClassification
+
+    import retrofit
+
+    model = AutoModelForImageClassification.from_pretrained(tiny_vit)
+    with pytest.raises(RetrofitError) as refused:
+        retrofit.convert(model, after_layer=1, num_tokens=2)
+    assert str(refused.value) == (
+        f"--source must be text, not a {type(model).__name__} object (save it with save_pretrained and give its folder)"
+    )
+    for value, shown in (([1] * 10**7, "[1, 1, 1, 1, 1, 1, 1, 1, ...]"), ("7" * 1000, "'77777")):
+        with pytest.raises(RetrofitError) as refused:
+            retrofit.convert(str(tiny_vit), after_layer=value, num_tokens=2)
+        assert f"--after-layer must be a whole number, not {shown}" in str(refused.value)
+        assert len(str(refused.value)) < 200 and "\n" not in str(refused.value)
