@@ -171,6 +171,27 @@ def check_same_run(checkpoint_dir: Path, settings: dict) -> None:
                 f"'{checkpoint_dir}' holds checkpoints of a run with {was}, not {settings[key]}: resume with {fix}, "
                 "or pass --overwrite to start over"
             )
+    for key, value in settings.items():  # a caller's own settings (`train`'s same_run): JSON, told apart by path
+        if key in RUN_SETTINGS or key == "budget" or key not in saved:
+            continue
+        difference = _first_difference(saved[key], json.loads(json.dumps(value, default=str)), key)
+        if difference is not None:
+            where, was, now = difference
+            raise RetrofitError(
+                f"'{checkpoint_dir}' holds checkpoints of a run with {where} {was!r}, not {now!r}: resume with that "
+                "run's settings, or pass --overwrite to start over"
+            )
+
+
+def _first_difference(saved, now, where: str) -> tuple[str, object, object] | None:
+    """The first place where two JSON values differ, as (dotted key, saved value, new value), or None."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        for key in sorted(saved.keys() | now.keys()):
+            difference = _first_difference(saved.get(key), now.get(key), f"{where}.{key}")
+            if difference is not None:
+                return difference
+        return None
+    return None if saved == now else (where, saved, now)
 
 
 def recorded_budget(checkpoint_dir: Path) -> dict | None:
@@ -210,7 +231,7 @@ def save_checkpoint(
     try:
         if accelerator.is_main_process:
             if not list_checkpoints(checkpoint_dir):
-                write_text(checkpoint_dir / RUN_FILE, json.dumps(settings, indent=2) + "\n")
+                write_text(checkpoint_dir / RUN_FILE, json.dumps(settings, indent=2, default=str) + "\n")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()

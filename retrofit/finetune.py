@@ -475,8 +475,9 @@ def pretrain(
         captions = Captions(tokenizer, names, run.caption_templates, config)
     else:
         model = ViTForImageClassification(config)
+    same_run = {"pretrain": {"model": model_config, "image_processor": image_processor or {}}}  # for --resume
     result = train(model, processor, run, captions=captions, checkpoint_dir=checkpoint_dir, resume=resume,
-                   overwrite=overwrite, progress_bar=progress, log=log)  # fmt: skip
+                   overwrite=overwrite, progress_bar=progress, same_run=same_run, log=log)  # fmt: skip
     if not (result.finished and result.is_main_process):
         return result
     with atomic_dir(output, overwrite or resuming, kind=BASELINE, inputs=(run.data,)) as tmp:

@@ -357,6 +357,7 @@ def train(
     eval_at_start: bool = False,
     stop_after: int | None = None,
     progress_bar: bool = True,
+    same_run: dict | None = None,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train `model` on `run`'s data with `run`'s settings, distilling from `teacher` for kd/mix; return the trained
@@ -364,8 +365,10 @@ def train(
     (classes × D), for the prompt term of its kd (`TrainSettings.prompt_weight`). `captions`: the captions of a
     contrastive pretraining (``loss="contrastive"``), which also score its evaluations by zero-shot accuracy on their
     class names with the first template. Checkpoints go to `checkpoint_dir`
-    (`resume`: continue from the newest; `overwrite`: start over). `eval_at_start` also evaluates before the first
-    step; `stop_after` N stops after N steps of the full schedule (with a checkpoint), as if killed."""
+    (`resume`: continue from the newest; `overwrite`: start over); `same_run`: more settings (JSON) that ``run.json``
+    records and a resumed run must share (pretraining's model and image processor). `eval_at_start` also evaluates
+    before the first step; `stop_after` N stops after N steps of the full schedule (with a checkpoint), as if
+    killed."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
@@ -404,7 +407,7 @@ def train(
     resuming = resume and bool(existing)
     if resume and not existing:
         log(f"--resume: no checkpoint in '{checkpoint_dir}'; starting from the beginning")
-    settings = run_settings(model, run.train, run.ema_decay)
+    settings = run_settings(model, run.train, run.ema_decay) | (same_run or {})
     if resuming:
         check_same_run(checkpoint_dir, settings)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -968,3 +969,25 @@ def test_mixup_blends_each_image_with_another_of_the_batch():
     assert torch.equal(mixed, mixup_batch(pixels, seed=7)) and not torch.equal(mixed, mixup_batch(pixels, seed=8))
     assert mixed.min() >= 0 and mixed.max() <= 3 and mixed.shape == pixels.shape
     assert torch.allclose(mixed, mixed[:, :1].expand_as(mixed))  # one weight per image, over all its pixels
+
+
+def test_a_resumed_pretraining_keeps_its_model_and_image_processor(colours, tmp_path):
+    """`pretrain --resume` with another activation or normalisation loaded the checkpoint's weights into the changed
+    model and exported them with the new settings, without a word: refused in one line naming the first difference;
+    the same settings resume."""
+    from retrofit.finetune import pretrain
+
+    vit = {"image_size": 32, "patch_size": 8, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+           "intermediate_size": 32}  # fmt: skip
+    common = dict(output=tmp_path / "base", data=colours, max_steps=2, batch_size=8, save_every=1, eval_split="",
+                  progress=False, log=lambda _: None)  # fmt: skip
+    pretrain(vit, **common)
+    written = (tmp_path / "base" / "config.json").read_text()
+    for model, processor, message in (
+        ({**vit, "hidden_act": "relu"}, None, "pretrain.model.hidden_act None, not 'relu'"),
+        (vit, {"image_mean": [0.1, 0.1, 0.1]}, "pretrain.image_processor.image_mean None, not [0.1, 0.1, 0.1]"),
+    ):
+        with pytest.raises(RetrofitError, match=r"holds checkpoints of a run with " + re.escape(message)):
+            pretrain(model, image_processor=processor, resume=True, **common)
+    assert (tmp_path / "base" / "config.json").read_text() == written
+    assert pretrain(vit, resume=True, **common).steps == 2
