@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 
 from .atomic import releases_write_locks
 from .errors import RetrofitError, brief, did_you_mean
-from .settings import FinetuneArgs, PretrainRun, TrainingRun, from_options
+from .settings import FinetuneArgs, PretrainRun, TrainingRun, from_options, shown
 from .train import TrainResult, train
 
 
@@ -408,6 +409,11 @@ def pretrain(
     from .loading import check_config, processor_image_size
 
     run = from_options(PretrainRun, settings, where="pretrain()")
+    for name, value in (("pretrain.model", model_config), ("pretrain.image_processor", image_processor or {})):
+        if not isinstance(value, dict):
+            raise RetrofitError(f"{name} must be a mapping of config fields, not {shown(value)}")
+    if not isinstance(output, str | os.PathLike):
+        raise RetrofitError(f"pretrain's output must be a folder's path, not {shown(output)}")
     clip = "vision_config" in model_config  # a CLIP dual encoder, pretrained on captions
     if clip != (run.loss == "contrastive"):
         raise RetrofitError(
@@ -459,6 +465,13 @@ def pretrain(
         raise
     except Exception as exc:  # noqa: BLE001 - TypeError, ValueError, huggingface_hub's StrictDataclassError
         raise RetrofitError(f"bad pretrain.model or pretrain.image_processor: {brief(exc)}") from None
+    for key in ("image_mean", "image_std"):
+        value = getattr(processor, key, None)
+        if isinstance(value, list | tuple) and len(value) != vision.num_channels:
+            raise RetrofitError(
+                f"pretrain.image_processor.{key} has {len(value)} values for {vision.num_channels} channels "
+                f"(pretrain.model.num_channels); give one per channel"
+            )
     if processor_image_size(processor) != (size, size):
         raise RetrofitError(
             f"pretrain.image_processor gives {'×'.join(map(str, processor_image_size(processor)))} images, but "
@@ -466,15 +479,18 @@ def pretrain(
         )
     torch.manual_seed(run.seed)
     captions = None
-    if clip:
-        from transformers import CLIPModel
+    try:
+        if clip:
+            from transformers import CLIPModel
 
-        from .zero_shot import Captions
+            from .zero_shot import Captions
 
-        model = CLIPModel(config)
-        captions = Captions(tokenizer, names, run.caption_templates, config)
-    else:
-        model = ViTForImageClassification(config)
+            model = CLIPModel(config)
+            captions = Captions(tokenizer, names, run.caption_templates, config)
+        else:
+            model = ViTForImageClassification(config)
+    except (MemoryError, RuntimeError) as exc:  # "can't allocate memory" for a model too large for this machine
+        raise RetrofitError(f"pretrain.model could not be built ({brief(exc)}); make it smaller") from None
     same_run = {"pretrain": {"model": model_config, "image_processor": image_processor or {}}}  # for --resume
     result = train(model, processor, run, captions=captions, checkpoint_dir=checkpoint_dir, resume=resume,
                    overwrite=overwrite, progress_bar=progress, same_run=same_run, log=log)  # fmt: skip
