@@ -17,7 +17,7 @@ from . import __version__
 from .atomic import write_files
 from .cost import compare, model_cost
 from .data import hub_dataset_id, is_local_data
-from .errors import RetrofitError, brief, describe_os_error
+from .errors import RetrofitError, brief, describe_os_error, shown
 from .hub_code import OLDEST_TRANSFORMERS, base_head, classifier_head
 from .loading import family_and_head, layer_config
 from .provenance import public_name
@@ -613,6 +613,24 @@ def _short_names(paths: list[str]) -> dict[str, str]:
     return names
 
 
+def _is_report(key: str, report) -> bool:
+    """True if `report` has the shape `update_card` reads for `key` (an evaluation, a benchmark or a run's table)."""
+    if not isinstance(report, dict):
+        return False
+    if key == "run":
+        return isinstance(report.get("table"), str)
+    rows = report.get("models")
+    if not isinstance(rows, list) or not all(
+        isinstance(row, dict) and isinstance(row.get("model"), str) for row in rows
+    ):
+        return False
+    settings = report.get("settings")
+    return key == "evaluation" or (
+        isinstance(settings, dict) and isinstance(settings.get("batch_sizes"), list)
+        and isinstance(report.get("environment"), dict)
+    )  # fmt: skip
+
+
 def update_card(
     export: str | Path, *, evaluation: dict | None = None, benchmark: dict | None = None, run: dict | None = None
 ) -> Path:
@@ -624,6 +642,11 @@ def update_card(
     from .provenance import made_from
 
     export = Path(export)
+    for key, report in (("evaluation", evaluation), ("benchmark", benchmark), ("run", run)):
+        if report is not None and not _is_report(key, report):
+            command = {"evaluation": "retrofit evaluate's", "benchmark": "retrofit bench's"}.get(key)
+            what = f"a report as {command} --json writes it" if command else 'a mapping with the "table" to show'
+            raise RetrofitError(f"update_card's {key} must be {what}, not {shown(report)}")
     _check_card_files(export)
     results = _load_results(export)
     if run is not None:

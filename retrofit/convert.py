@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import PreTrainedModel
@@ -30,7 +30,7 @@ from .surgery import check_merge, insert_patch_merger
 class ConvertResult:
     """What `convert` made: the merged model, its cost before/after, and where it was written."""
 
-    model: PreTrainedModel
+    model: PreTrainedModel = field(repr=False)  # printed, it would fill the screen
     before: Cost
     after: Cost
     output: Path | None

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 from transformers import PreTrainedConfig
 
+from .errors import RetrofitError, shown
 from .loading import family_and_head, is_merged, layer_config
 from .naflex import square_side
 
@@ -71,6 +72,8 @@ def model_cost(
     """Cost of the model a (source or merged) config describes; `image_size` defaults to the config's. `merge`
     (K, M) prices an unmerged config as if a PatchMerger were inserted before layer K with M tokens, without building
     the merged model (`retrofit sweep --dry-run`)."""
+    if not isinstance(config, PreTrainedConfig):
+        raise RetrofitError(f"model_cost takes a model's config (model.config, load_config), not {shown(config)}")
     if merge is None and is_merged(config):
         merge = (config.merge_after_layer, config.merge_num_tokens)
     family, head = family_and_head(config)

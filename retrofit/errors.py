@@ -38,6 +38,21 @@ def brief(exc: BaseException, limit: int = 160) -> str:
     return head.rsplit(" ", 1)[0].rstrip(" ,;:(") + " …"
 
 
+def shown(value) -> str:
+    """`value` as an error message quotes it: a short repr (``reprlib``: long text, lists and nesting cut with "..."),
+    and for any other object its type, as a model passed where a path goes would print as many lines."""
+    import reprlib
+
+    if value is None or isinstance(value, str | int | float | bool | tuple | list | dict | set):
+        shortened = reprlib.Repr()
+        shortened.maxlevel, shortened.maxstring, shortened.maxother = 3, 80, 80
+        shortened.maxlist = shortened.maxtuple = shortened.maxdict = shortened.maxset = 8
+        return shortened.repr(value)
+    if hasattr(value, "save_pretrained"):  # a model object where a checkpoint's name or folder goes
+        return f"a {type(value).__name__} object (save it with save_pretrained and give its folder)"
+    return f"a {type(value).__name__}"
+
+
 def check_at_least_one(option: str, value: int | None) -> None:
     """Refuse a count below 1 given for `option` (None: not set) with the usual one-line error."""
     if value is not None and value < 1:

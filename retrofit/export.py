@@ -38,8 +38,8 @@ def export(
     Load it with ``AutoModelForImageClassification.from_pretrained(output, trust_remote_code=True)``. Without a
     `card`, one is built from the model, `source_config` (for the cost table) and `training` (how it was made).
     """
-    if not is_merged(model.config):
-        raise ValueError("export() takes a merged model; use retrofit.insert_patch_merger first")
+    if not isinstance(model, PreTrainedModel) or not is_merged(model.config):
+        raise RetrofitError("export() takes a merged model; make one with retrofit.insert_patch_merger first")
     family, head = family_and_head(model.config)
     classes = load_classes(family, head)
     model.config.auto_map = dict(classes.auto_map)

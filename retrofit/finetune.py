@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from .atomic import releases_write_locks
-from .errors import RetrofitError, brief, did_you_mean
-from .settings import FinetuneArgs, PretrainRun, TrainingRun, from_options, shown
+from .errors import RetrofitError, brief, did_you_mean, shown
+from .settings import FinetuneArgs, PretrainRun, TrainingRun, from_options
 from .train import TrainResult, train
 
 

@@ -27,7 +27,7 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
 
-from .errors import RetrofitError, did_you_mean
+from .errors import RetrofitError, did_you_mean, shown
 from .families import ROPE_POSITIONS, TASKS
 from .zero_shot import DEFAULT_TEMPLATE, template_problem
 
@@ -98,21 +98,6 @@ def _describe(kind) -> str:
     if typing.get_origin(kind) is tuple:
         return "a list of whole numbers" if typing.get_args(kind)[0] is int else "a list"
     return {int: "a whole number", float: "a finite number", str: "text", bool: "true or false"}.get(kind, str(kind))
-
-
-def shown(value) -> str:
-    """`value` as an error message quotes it: a short repr (``reprlib``: long text, lists and nesting cut with "..."),
-    and for any other object its type, as a model passed where a path goes would print as many lines."""
-    import reprlib
-
-    if value is None or isinstance(value, str | int | float | bool | tuple | list | dict | set):
-        shortened = reprlib.Repr()
-        shortened.maxlevel, shortened.maxstring, shortened.maxother = 3, 80, 80
-        shortened.maxlist = shortened.maxtuple = shortened.maxdict = shortened.maxset = 8
-        return shortened.repr(value)
-    if hasattr(value, "save_pretrained"):  # a model object where a checkpoint's name or folder goes
-        return f"a {type(value).__name__} object (save it with save_pretrained and give its folder)"
-    return f"a {type(value).__name__}"
 
 
 def _problem(kind, value, spec: dataclasses.Field) -> str | None:

@@ -6,7 +6,7 @@ import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from .cost import num_patches
-from .errors import RetrofitError
+from .errors import RetrofitError, shown
 from .families import ROPE_POSITIONS, Family, Head
 from .hub_code import load_classes
 from .loading import family_and_head, is_merged, layer_config
@@ -124,6 +124,11 @@ def insert_patch_merger(
     For families whose layers use RoPE (DINOv3), `rope_positions` says where the merged tokens are rotated: "mean"
     (the default: at the merge-weighted mean of their patches' positions, per image) or "none" (not rotated).
     """
+    if not isinstance(model, PreTrainedModel):
+        raise RetrofitError(
+            f"insert_patch_merger takes a loaded model (retrofit.load_model), not {shown(model)}; or use "
+            "retrofit.convert, which takes a Hub id or folder"
+        )
     record = _record(model, source)
     config = merged_config(model, after_layer, num_tokens, source=record, rope_positions=rope_positions)  # validated
     family, head = family_and_head(model.config)

@@ -51,7 +51,7 @@ class TrainResult:
     output: Path | None = None  # the export (or baseline) written from it
     checkpoint_dir: Path | None = None
     seconds: float = 0.0
-    model: object = None
+    model: object = field(default=None, repr=False)  # printed, it would fill the screen
     finished: bool = False  # False: stopped early (`stop_after`), to be resumed
     is_main_process: bool = True  # the process that writes the export
 

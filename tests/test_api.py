@@ -97,3 +97,29 @@ def test_type_checkers_see_every_lazy_name_from_its_module():
     seen = {alias.name: node.module for node in block.body for alias in node.names}
     assert seen == retrofit._LAZY
     assert sorted(retrofit.__all__) == sorted(seen)
+
+
+def test_the_building_blocks_refuse_what_they_cannot_take_in_one_line(tiny_vit, tmp_path):
+    """The building blocks the README lists, given a path where a model goes, a name where a config goes, a source
+    where a merged model goes or a report of another shape, raise a RetrofitError saying what they take (they raised
+    AttributeError, ValueError and KeyError from inside); a result prints without its model."""
+    import retrofit
+    from retrofit.errors import RetrofitError
+
+    model = retrofit.load_model(str(tiny_vit))
+    calls = [
+        (lambda: retrofit.insert_patch_merger(str(tiny_vit), 1, 4), "insert_patch_merger takes a loaded model"),
+        (lambda: retrofit.model_cost("vit-b16", 224), "model_cost takes a model's config"),
+        (lambda: retrofit.export(model, tmp_path / "x"), "export() takes a merged model"),
+    ]
+    for call, message in calls:
+        with pytest.raises(RetrofitError, match=re.escape(message)):
+            call()
+    result = retrofit.convert(str(tiny_vit), after_layer=1, num_tokens=4, output=tmp_path / "pm", log=lambda _: None)
+    assert "PatchMerger" not in repr(result) and len(repr(result)) < 1000
+    for report in ({"a": 1}, {"models": [{"x": 1}]}, [1, 2]):
+        with pytest.raises(RetrofitError, match="update_card's evaluation must be a report as retrofit evaluate's"):
+            retrofit.update_card(tmp_path / "pm", evaluation=report)
+    with pytest.raises(RetrofitError, match="update_card's benchmark must be a report as retrofit bench's"):
+        retrofit.update_card(tmp_path / "pm", benchmark={"models": []})
+    assert not (tmp_path / "x").exists() and not (tmp_path / "pm" / "retrofit_results.json").exists()
