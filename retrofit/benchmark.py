@@ -206,7 +206,12 @@ def build_variants(
         from .deploy import check_onnx_file
 
         for spec in onnx_files:
-            check_onnx_file(spec)
+            _check_onnx_dtype(spec, check_onnx_file(spec).get("dtype") or "fp32", DTYPE_NAMES[settings.dtype])
+        if merges and not models:
+            raise RetrofitError(
+                "--merge adds merged twins of unmerged PyTorch models, and only ONNX files are given (each is "
+                "measured as it is); drop --merge, or add the unmerged checkpoint"
+            )
     # Check every model and merge setting before loading any weights; plan each unmerged model's twins (K, M).
     twins: dict[str, list[tuple[int, int]]] = {}
     merged_specs = []
@@ -234,6 +239,8 @@ def build_variants(
             )
         for spec, _ in merged_specs:
             log(f"note: '{spec}' is already merged; --merge applies to unmerged models only, it is measured as is")
+    for spec in onnx_files if merges else []:
+        log(f"note: '{spec}' is an ONNX file; --merge applies to unmerged PyTorch models only, it is measured as is")
     loaded: list[tuple[str, torch.nn.Module, str | None]] = []
     for spec in models:
         log(f"loading {spec} ...")
@@ -292,6 +299,18 @@ class _ImageTower(torch.nn.Module):
         from .zero_shot import image_embeddings
 
         return (image_embeddings(self.model, pixel_values),)
+
+
+def _check_onnx_dtype(spec: str, graph: str, wanted: str) -> None:
+    """Refuse an ONNX file whose graph is not in the dtype the run measures: ONNX Runtime runs it in its own, and
+    the table would give its speed as the other dtype's."""
+    if graph == wanted:
+        return
+    again = f", or write it again with `retrofit export-onnx MODEL --dtype {wanted}`" if wanted != "bf16" else ""
+    raise RetrofitError(
+        f"--dtype {wanted}: '{spec}' holds an {graph} graph, which ONNX Runtime runs in {graph} whatever --dtype "
+        f"says; pass --dtype {graph} to time it{again}"
+    )
 
 
 def _onnx_variants(files: list[str], settings: BenchSettings, log: Callable[[str], None]) -> list[Variant]:
@@ -742,7 +761,8 @@ def markdown_table(report: dict) -> str:
         cells.append(_fmt(efficiency, ".2f"))
         latency = row["latency_ms_batch1"] or {}
         cells.append(f"{_fmt(latency.get('p50'), '.2f')} / {_fmt(latency.get('p90'), '.2f')}")
-        cells.append(_fmt(last.get("peak_memory_mib"), ".0f"))
+        peak = last.get("peak_memory_mib")
+        cells.append(_fmt(peak, ".0f" if peak is None or peak >= 10 else ".2g"))  # a small model's is not 0 MiB
         lines.append("| " + " | ".join(cells) + " |")
     crossovers = []
     for row in report["models"]:

@@ -649,3 +649,53 @@ def test_recovery_benchmarks_run_end_to_end(script, argv, rows, tmp_path):
     if script == "local_target.py":  # the probe's term was added to the loss at every step, and was not zero
         said = next(line for line in done.stdout.splitlines() if line.startswith("local term"))
         assert said.endswith("of 2") and float(said.split(": ")[1].split()[0]) > 0
+
+
+def _onnx_file(path: Path, dtype: str) -> Path:
+    """A graph with the metadata `retrofit export-onnx` writes (in `dtype`); bench reads it before any session."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from retrofit.deploy import MODEL_KEY
+
+    kind = TensorProto.FLOAT16 if dtype == "fp16" else TensorProto.FLOAT
+    pixels = helper.make_tensor_value_info("pixel_values", kind, ["batch", 3, 32, 32])
+    logits = helper.make_tensor_value_info("logits", kind, ["batch", 3, 32, 32])
+    graph = helper.make_graph([helper.make_node("Identity", ["pixel_values"], ["logits"])], "g", [pixels], [logits])
+    model = helper.make_model(graph)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = MODEL_KEY, json.dumps({"model": "m", "dtype": dtype, "gflops": 1.0})
+    onnx.save(model, str(path))
+    return path
+
+
+def test_onnx_files_are_timed_in_their_own_dtype_and_take_no_merge(tmp_path, capsys):
+    """ONNX Runtime runs a graph in the dtype it was exported in: a run in another dtype is refused (its table gave
+    an fp32 graph's speed as fp16's), and --merge with ONNX files alone is refused (it was silently ignored)."""
+    pytest.importorskip("onnxruntime")
+    fp32, fp16 = _onnx_file(tmp_path / "a.onnx", "fp32"), _onnx_file(tmp_path / "b.onnx", "fp16")
+    for argv, message in (
+        ([str(fp32), "--dtype", "fp16"], f"--dtype fp16: '{fp32}' holds an fp32 graph, which ONNX Runtime runs"),
+        ([str(fp16)], f"--dtype fp32: '{fp16}' holds an fp16 graph"),
+        ([str(fp32), "--dtype", "bf16"], "pass --dtype fp32 to time it"),
+        ([str(fp32), "--merge", "1:2"], "--merge adds merged twins of unmerged PyTorch models, and only ONNX files"),
+    ):
+        assert main(["bench", *argv, *QUICK]) == 2
+        captured = capsys.readouterr()
+        assert message in captured.err and len(captured.err.strip().splitlines()) == 1 and not captured.out
+    assert main(["bench", str(fp16), "--dtype", "half", "--batch-size", "1", *QUICK]) == 0  # the graph's own dtype
+    assert "| `" + str(fp16) + "` | onnxruntime |" in capsys.readouterr().out
+
+
+def test_peak_memory_of_a_small_model_is_not_rounded_to_zero():
+    report = {
+        "environment": {"hardware": "cpu", "dtype": "fp32", "torch": "2", "transformers": "5"},
+        "settings": {"batch_sizes": [2]},
+        "models": [
+            {"model": m, "compile": "eager", "baseline": None, "gflops": 1.0, "flops_ratio": None,
+             "latency_ms_batch1": {}, "results": {"2": {"status": "ok", "images_per_s": 10.0, "peak_memory_mib": mib}}}
+            for m, mib in (("small", 0.19), ("large", 123.4))
+        ],
+    }  # fmt: skip
+    rows = [line for line in benchmark.markdown_table(report).splitlines() if line.startswith("| `")]
+    assert rows[0].endswith("| 0.19 |") and rows[1].endswith("| 123 |")
