@@ -23,7 +23,7 @@ import torch
 from .atomic import releases_write_locks
 from .errors import RetrofitError, brief, did_you_mean, shown
 from .settings import FinetuneArgs, PretrainRun, TrainingRun, from_options
-from .train import TrainResult, train
+from .train import TrainResult, keeps_callers_random_state, train
 
 
 def finetune(
@@ -70,6 +70,7 @@ class Prepared:
 
 
 @releases_write_locks
+@keeps_callers_random_state
 def run_finetune(
     args: FinetuneArgs,
     *,
@@ -384,6 +385,7 @@ def _training_info(run: TrainingRun, result: TrainResult, init: str, teacher: st
 
 
 @releases_write_locks
+@keeps_callers_random_state
 def pretrain(
     model_config: dict,
     *,

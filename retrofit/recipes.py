@@ -13,11 +13,10 @@ line, not to the recipe's folder: the shipped recipes are run from the repositor
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Literal
@@ -344,30 +343,13 @@ def run_recipe(
     checkpoints; a pretraining's output holds ``training.json``). `progress` shows the training's progress bar. The
     run seeds the random generators (``training.seed``); the caller's Python, NumPy and torch CPU generators are
     given back as they were."""
+    from .train import callers_random_state
+
     recipe = load_recipe(path, overrides)
-    with _callers_random_state():
+    with callers_random_state():
         if recipe["pretrain"] is not None:
             return _run_pretrain(recipe, path, overwrite=overwrite, resume=resume, progress=progress, log=log)
         return _run_finetune(recipe, path, overwrite=overwrite, resume=resume, progress=progress, log=log)
-
-
-@contextlib.contextmanager
-def _callers_random_state() -> Iterator[None]:
-    """Restore Python's, NumPy's and torch's CPU random generators afterwards: a run seeds them all (accelerate's
-    `set_seed`), which left a notebook's own draws reseeded to ``training.seed``. (CUDA's are not forked: that would
-    initialise every GPU in every process of a multi-GPU launch.)"""
-    import random
-
-    import numpy as np
-    import torch
-
-    python, numpy = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        try:
-            yield
-        finally:
-            random.setstate(python)
-            np.random.set_state(numpy)
 
 
 def _run_pretrain(recipe: dict, path, *, overwrite: bool, resume: bool, progress: bool, log) -> dict:

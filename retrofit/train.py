@@ -11,11 +11,14 @@ loop and saves checkpoints on the way, and returns the trained model (with --ema
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -35,6 +38,8 @@ from .errors import RetrofitError, brief
 from .losses import HeadReader, Outputs, compute_loss, describe_loss
 from .settings import TrainingRun, TrainSettings
 from .zero_shot import Captions, caption_logits
+
+T = TypeVar("T")
 
 # How a fine-tune ends the one line about data whose classes the model's head does not have.
 LABELS_FIX = "pass --num-labels {classes} to re-initialise the head, or --loss kd to distil without labels"
@@ -77,6 +82,36 @@ class Budget:
 
 def _epochs(epochs: float) -> str:
     return f"{epochs:.3g} epoch{'' if epochs == 1 else 's'}"
+
+
+@contextlib.contextmanager
+def callers_random_state() -> Iterator[None]:
+    """Restore Python's, NumPy's and torch's CPU random generators afterwards: a run seeds them all (accelerate's
+    `set_seed`), which left a notebook's own draws reseeded to the run's seed. (CUDA's are not forked: that would
+    initialise every GPU in every process of a multi-GPU launch.)"""
+    import random
+
+    import numpy as np
+
+    python, numpy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
+
+
+def keeps_callers_random_state(run: Callable[..., T]) -> Callable[..., T]:
+    """For a whole run called from Python (finetune, pretrain): the caller's random generators are given back as they
+    were (`callers_random_state`)."""
+
+    @functools.wraps(run)
+    def whole_run(*args, **kwargs):
+        with callers_random_state():
+            return run(*args, **kwargs)
+
+    return whole_run
 
 
 def training_budget(run: TrainSettings, images: int, steps_per_epoch: int, processes: int = 1) -> Budget:

@@ -1013,3 +1013,33 @@ def test_pretrain_refuses_what_it_cannot_build_in_one_line(colours, tmp_path):
         with pytest.raises(RetrofitError, match=re.escape(message)):
             pretrain(model, **options)
     assert not out.exists()
+
+
+def test_finetune_and_pretrain_give_the_callers_random_generators_back(tiny_vit, colours, tmp_path):
+    """A run seeds Python's, NumPy's and torch's generators (its own draws must repeat); a notebook's draws after
+    `finetune()` or `pretrain()` continue as if the run had not happened, as after `run_recipe()`."""
+    import random
+
+    import numpy as np
+
+    from retrofit.finetune import pretrain
+
+    def draws() -> tuple:
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    vit = {"image_size": 32, "patch_size": 8, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+           "intermediate_size": 32}  # fmt: skip
+    runs = [
+        lambda: finetune(
+            tiny_vit, output=tmp_path / "o", after_layer=2, num_tokens=4, data=colours, loss="ce", max_steps=1, **FAST
+        ),  # fmt: skip
+        lambda: pretrain(
+            vit, output=tmp_path / "b", data=colours, max_steps=1, batch_size=8, progress=False, log=lambda _: None
+        ),  # fmt: skip
+    ]
+    for run in runs:
+        random.seed(11), np.random.seed(11), torch.manual_seed(11)
+        expected = draws()
+        random.seed(11), np.random.seed(11), torch.manual_seed(11)
+        run()
+        assert draws() == expected
