@@ -287,7 +287,10 @@ SOURCE_HELP = (
     "a Hub model id, a local folder, retrofit:NAME (a checkpoint shipped with retrofit: "
     "retrofit:fashion-mnist-vit, retrofit:fashion-mnist-vit-wide, retrofit:fashion-mnist-clip)"
 )
-DATA_HELP = "fashion-mnist, an image folder (datasets' imagefolder layout) or a Hub dataset id"
+DATA_HELP = (
+    "fashion-mnist, an image folder (datasets' imagefolder layout), a folder written by datasets' save_to_disk, or a "
+    "Hub dataset id"
+)
 LOSSES = ("kd", "ce", "mix")
 PRETRAIN_LOSSES = ("ce", "contrastive")  # a ViT classifier from labels; a CLIP dual encoder from captions
 # The captions a contrastive pretraining writes for each image from its class name (`PretrainSettings`).
