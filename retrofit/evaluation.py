@@ -177,7 +177,9 @@ def evaluate_models(
         )
         group = score_models([loaded[i][2] for i in indices], loader, k=k, maps=[maps[i] for i in indices])
         scores.update(zip(indices, group, strict=True))
-    rows = [{**_row(spec, config), **scores[index]} for index, (spec, config, _, _) in enumerate(loaded)]
+    rows = [
+        {**_row(spec, config, processor), **scores[index]} for index, (spec, config, _, processor) in enumerate(loaded)
+    ]
     report = {
         "metric": "accuracy",
         "data": data,
@@ -221,10 +223,11 @@ def _preprocessing_groups(pairs: list[tuple]) -> dict[str, list[int]]:
     return groups
 
 
-def _row(spec: str, config) -> dict:
-    """The columns every evaluated model has: what it is and what it costs."""
+def _row(spec: str, config, processor) -> dict:
+    """The columns every evaluated model has: what it is and what it costs, at the size of the images its `processor`
+    gives it (what it was scored on; a DINOv2 config says 518 and its processor crops 224, as convert prices it)."""
     from .cost import model_cost
-    from .loading import is_merged
+    from .loading import is_merged, processor_image_size
 
     merged = is_merged(config)
     return {
@@ -233,15 +236,16 @@ def _row(spec: str, config) -> dict:
         "source": getattr(config, "merge_source", None) if merged else None,
         "merge_after_layer": getattr(config, "merge_after_layer", None),
         "merge_num_tokens": getattr(config, "merge_num_tokens", None),
-        "gflops": model_cost(config).gflops,
+        "gflops": model_cost(config, processor_image_size(processor)).gflops,
     }
 
 
 def _models_and_loaders(
     models: list[str], configs: list, dataset, batch_size: int, label_map, trust_remote_code: bool, log
-) -> tuple[list, list]:
-    """The models, loaded for scoring, and one dataloader per model over `dataset`, each preparing the images with
-    the model's own image processor; models that prepare them the same way share one loader (scored in one pass)."""
+) -> tuple[list, list, list]:
+    """The models, loaded for scoring, one dataloader per model over `dataset`, each preparing the images with the
+    model's own image processor (models that prepare them the same way share one loader, scored in one pass), and
+    those processors."""
     from .data import make_dataloader
     from .loading import load_image_processor, load_model
 
@@ -261,7 +265,7 @@ def _models_and_loaders(
         )
         for index in indices:
             loaders[index] = loader
-    return loaded, loaders
+    return loaded, loaders, processors
 
 
 def _evaluate_backbones(
@@ -272,11 +276,16 @@ def _evaluate_backbones(
     from .data import load_split
 
     dataset = load_split(data, split, image_column=image_column, label_column=None, limit=limit)
-    loaded, loaders = _models_and_loaders(models, configs, dataset, batch_size, None, trust_remote_code, log)
+    loaded, loaders, processors = _models_and_loaders(
+        models, configs, dataset, batch_size, None, trust_remote_code, log
+    )
     scores = feature_similarity(loaded, loaders, names=models)
     for score in scores:  # NaN (a model's or the first one's features) is not a similarity, nor valid JSON
         score["similarity"] = score["similarity"] if math.isfinite(score["similarity"]) else None
-    rows = [{**_row(spec, config), **score} for spec, config, score in zip(models, configs, scores, strict=True)]
+    rows = [
+        {**_row(spec, config, processor), **score}
+        for spec, config, processor, score in zip(models, configs, processors, scores, strict=True)
+    ]
     report = {
         "metric": "similarity",
         "data": data,
@@ -462,13 +471,15 @@ def _evaluate_zero_shot(
     tokenizers = [
         load_zero_shot_tokenizer(spec, config, texts=texts) for spec, config in zip(models, configs, strict=True)
     ]
-    loaded, loaders = _models_and_loaders(models, configs, dataset, batch_size, label_map, trust_remote_code, log)
+    loaded, loaders, processors = _models_and_loaders(
+        models, configs, dataset, batch_size, label_map, trust_remote_code, log
+    )
     k = min(top_k, len(names))
     scores = zero_shot_scores(loaded, tokenizers, loaders, texts, k=k)
     rows = []
-    for spec, config, score in zip(models, configs, scores, strict=True):
+    for spec, config, processor, score in zip(models, configs, processors, scores, strict=True):
         score.pop("predictions")
-        rows.append({**_row(spec, config), **score})
+        rows.append({**_row(spec, config, processor), **score})
     report = {
         "metric": "zero-shot",
         "data": data,

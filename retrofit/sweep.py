@@ -308,6 +308,7 @@ def sweep(
     import tempfile
 
     from .benchmark import Variant, environment, parse_device, place_model, run_benchmark, spread, timed_part
+    from .benchmark import _input_shape as input_shape
     from .cost import model_cost
     from .data import dataset_label_map, load_split, make_dataloader, model_labels
     from .evaluation import (
@@ -319,7 +320,13 @@ def sweep(
         zero_shot_classes,
         zero_shot_scores,
     )
-    from .loading import check_runs_on_its_images, load_config, load_image_processor, load_model
+    from .loading import (
+        check_runs_on_its_images,
+        load_config,
+        load_image_processor,
+        load_model,
+        processor_image_size,
+    )
     from .surgery import check_merge
     from .zero_shot import prompts
 
@@ -333,9 +340,13 @@ def sweep(
         check_dual_encoders([source], [config])
     backbone = is_backbone(config) and not zero_shot  # ranked by feature similarity to the source (no labels read)
     key = "similarity" if backbone else "top1"
+    # the size of the images the processor gives the model, which it is scored, timed and priced at (DINOv2's config
+    # says 518, its processor crops 224), as --dry-run and convert price it
+    processor = load_image_processor(source, config, log=log)
+    image_size = processor_image_size(processor)
     for k in settings.after_layers:
         for m in settings.tokens:
-            check_merge(config, k, m)
+            check_merge(config, k, m, image_size)
     dataset = load_split(
         settings.data, settings.split, limit=settings.limit, label_column=None if backbone else "label"
     )
@@ -356,7 +367,6 @@ def sweep(
     if not (backbone or zero_shot):  # string labels mapped by class name, bad ones refused before any setting is built
         label_map = dataset_label_map(model_labels(config), dataset, settings.data)
     source_model = load_model(source, config=config).eval()
-    processor = load_image_processor(source, config, log=log)
     check_runs_on_its_images(source_model, processor, source)
     pixels = None
     if settings.method == "calibrate":
@@ -395,15 +405,17 @@ def sweep(
                 score["similarity"] = None
 
         bench = bench_settings(settings)
-        source_gflops = model_cost(config).gflops
+        source_gflops = model_cost(config, image_size).gflops
         variants = [Variant("source", source_model, config, "eager", source_gflops)]
         for k, m, model in merged:
-            gflops = model_cost(model.config).gflops
+            gflops = model_cost(model.config, image_size).gflops
             variants.append(
                 Variant(f"k{k}-m{m}", model, model.config, "eager", gflops, "source", source_gflops / gflops)
             )
         for v in variants:  # evaluated in float32 above; measured on the device in the dtype asked for
             v.runner = timed_part(place_model(v.model, bench.device, bench.dtype), v.config)
+            if image_size is not None:  # on images of the size it was scored on
+                v.input_shape = (input_shape(v)[0], *image_size)
         log("measuring speed (all settings alternately) ...")
         run_benchmark(variants, bench, log=log)
 

@@ -468,3 +468,28 @@ def test_zero_shot_refuses_a_tokenizer_that_gives_two_prompts_the_same_tokens(fu
     prompts = "gives the prompts 'a photo of a bird.' and 'a photo of a cat.' the same tokens"
     assert f"the tokenizer of '{clip}' (2 tokens) {prompts}" in captured.err
     assert "copy its source's" in captured.err and len(captured.err.strip().splitlines()) == 1 and not captured.out
+
+
+def _dinov2_fed_smaller_crops(path: Path) -> Path:
+    """A tiny DINOv2 whose config says 64x64 images and whose processor crops 32x32 (as the Hub's say 518 and 224)."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                          image_size=64, patch_size=8)  # fmt: skip
+    Dinov2Model(config).save_pretrained(path)
+    crop = {"height": 32, "width": 32}
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size=crop, do_center_crop=True).save_pretrained(path)
+    return path
+
+
+def test_gflops_are_those_of_the_images_the_models_were_scored_on(images, tmp_path):
+    """evaluate priced a model at its config's image size (DINOv2: 518) while its processor fed it 224 crops, so its
+    GFLOPs and ratios disagreed with convert's and the card's, which price what the model sees."""
+    from retrofit.cost import model_cost
+
+    source = _dinov2_fed_smaller_crops(tmp_path / "dinov2")
+    merged = convert(source, after_layer=2, num_tokens=4, output=tmp_path / "merged", log=lambda _: None)
+    report = evaluate_models([str(source), str(merged.output)], data=str(images), split="test")
+    assert [row["gflops"] for row in report["models"]] == [merged.before.gflops, merged.after.gflops]
+    assert merged.before.gflops < model_cost(load_model(source).config).gflops  # what the config's 64x64 would cost

@@ -354,3 +354,27 @@ def test_speeds_whose_repeats_spread_are_flagged_as_bench_flags_them():
     )
     source["speed_spread"] = rows[0]["speed_spread"] = None  # one repeat: nothing to flag
     assert "⚠" not in markdown_table({"top_k": 5, "source_row": source, "settings_results": rows})
+
+
+def test_settings_are_checked_priced_and_timed_at_the_processors_image_size(images, tmp_path, capsys, monkeypatch):
+    """A DINOv2's config says 518 and its processor crops 224: the sweep took token counts the images do not have,
+    priced and timed every setting at the config's size (disagreeing with its own --dry-run) and scored them at the
+    processor's."""
+    from test_evaluate import _dinov2_fed_smaller_crops
+
+    source = _dinov2_fed_smaller_crops(tmp_path / "dinov2")  # config 64x64 (64 patches), processor 32x32 (16)
+    argv = ["sweep", str(source), "--after-layer", "2", "--data", str(images), "--split", "test"]
+    assert main([*argv, "--tokens", "20", "--output", str(tmp_path / "refused")]) == 2
+    assert "--tokens 20 is out of range: the model has 16 patch tokens" in capsys.readouterr().err
+    shapes = []
+    real_time_block = benchmark._time_block
+    monkeypatch.setattr(
+        benchmark, "_time_block", lambda runner, x, *a: shapes.append(x.shape[1:]) or real_time_block(runner, x, *a)
+    )
+    out = tmp_path / "sweep"
+    assert main([*argv, "--tokens", "4", "--bench-batch-size", "2", "--bench-repeats", "1", "--output", str(out)]) == 0
+    report = json.loads((out / "sweep.json").read_text())
+    dry = sweep_module.cost_grid(str(source), (2,), (4,))
+    assert report["source_row"]["gflops"] == dry["source_gflops"]
+    assert report["settings_results"][0]["gflops"] == dry["settings_results"][0]["gflops"]
+    assert set(shapes) == {torch.Size([3, 32, 32])}
