@@ -29,16 +29,26 @@ class Progress:
         self.step = 0  # optimizer steps done
         self.epoch = 0  # current epoch
         self.batch = 0  # batches of the current epoch consumed (per process)
+        self.evaluations: list[dict] = []  # the run's evaluations so far (`TrainResult.eval_history`)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "batch": self.batch}
+        return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "evaluations": self.evaluations}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a saved position; a value that is not a count (an edited file) is a `ValueError`."""
+        """Restore a saved position and the evaluations before it (none in checkpoints of an older retrofit); a
+        value that is not a count, or evaluations that are not a list of flat records (an edited file), is a
+        `ValueError`."""
         values = [state[key] for key in ("step", "epoch", "batch")]
         if not all(type(value) is int and value >= 0 for value in values):
             raise ValueError(f"the position {state} is not three counts")
+        evaluations = state.get("evaluations", [])
+        scalar = (str, int, float, bool, type(None))
+        if not isinstance(evaluations, list) or not all(
+            isinstance(entry, dict) and all(isinstance(v, scalar) for v in entry.values()) for entry in evaluations
+        ):
+            raise ValueError("its evaluations are not a list of records")
         self.step, self.epoch, self.batch = values
+        self.evaluations[:] = evaluations
 
 
 PROGRESS_FILE = "progress.json"

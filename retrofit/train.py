@@ -498,7 +498,13 @@ def train(
         f"process(es), {accelerator.device}, precision {run.mixed_precision}"
         + (f"; exports the moving average of the weights (--ema-decay {run.ema_decay:g})" if average else "")
     )
-    result = TrainResult(steps=progress.step, epochs=0.0, last_loss=None, checkpoint_dir=checkpoint_dir)
+    result = TrainResult(
+        steps=progress.step,
+        epochs=0.0,
+        last_loss=None,
+        checkpoint_dir=checkpoint_dir,
+        eval_history=progress.evaluations,
+    )  # saved with each checkpoint: a resumed run keeps it
 
     def run_eval(averaged: bool = False) -> None:
         if eval_dl is None:
@@ -573,11 +579,11 @@ def train(
                 bar.set_postfix(loss=f"{result.last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
                 bar.update(1)  # one refresh per step, with the new loss
                 accelerator.log({"train/loss": result.last_loss, "train/lr": lr}, progress.step)
+                if run.eval_every and progress.step % run.eval_every == 0:
+                    run_eval()  # before the checkpoint, which keeps the evaluations so far for a resumed run
                 if checkpoint_dir and progress.step % run.save_every == 0:
                     save_checkpoint(accelerator, checkpoint_dir, progress, run.keep_checkpoints, settings, average)
                     last_saved = progress.step
-                if run.eval_every and progress.step % run.eval_every == 0:
-                    run_eval()
                 if progress.step >= stop_at:
                     break
             else:  # the epoch ran to its end

@@ -74,7 +74,8 @@ def test_ce_finetune_learns_and_exports(tiny_vit, colours, tmp_path):
 def test_resume_reaches_the_same_weights(tiny_vit, colours, tmp_path):
     """A resumed run ends with the weights of an uninterrupted one, and keeps the budget its first run chose
     (run.json), here raised by --min-steps, even when the options it is resumed with would choose another."""
-    settings = dict(after_layer=2, num_tokens=4, data=colours, loss="mix", epochs=1, augment=True, **FAST)
+    settings = dict(after_layer=2, num_tokens=4, data=colours, loss="mix", epochs=1, augment=True, eval_every=2,
+                    **FAST)  # fmt: skip
     settings["min_steps"] = 6  # one epoch is 3 steps: raised to 6
     full = finetune(tiny_vit, output=tmp_path / "full", **settings)
     assert full.steps == 6
@@ -101,6 +102,9 @@ def test_resume_reaches_the_same_weights(tiny_vit, colours, tmp_path):
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
     assert "(k-means of the layer-2 tokens of " in (tmp_path / "cut" / "README.md").read_text()
     assert "the run was resumed" in (tmp_path / "cut" / "README.md").read_text()
+    # The evaluations before the interruption are kept (a recipe's before/after table lost its rows).
+    assert [entry["step"] for entry in full.eval_history] == [2, 4, 6]
+    assert resumed.eval_history == full.eval_history
 
 
 def test_ema_exports_the_moving_average_of_the_weights(tiny_vit, colours, tmp_path):
