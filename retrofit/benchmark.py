@@ -215,16 +215,18 @@ def build_variants(
     # Check every model and merge setting before loading any weights; plan each unmerged model's twins (K, M).
     twins: dict[str, list[tuple[int, int]]] = {}
     merged_specs = []
+    sizes: dict[str, tuple[int, int] | None] = {}  # the images each is timed on (None: its config's size)
     for spec in models:
         check_shape(spec)
         config = shape_config(spec) if spec in SHAPES else load_config(spec)
+        sizes[spec] = None if spec in SHAPES else processor_size(spec, config)
         if is_merged(config):
             merged_specs.append((spec, str(getattr(config, "merge_source", "") or "")))
             continue
         twins[spec] = []
         for after, tokens in merges:
             k = resolve_after_layer(config, after)
-            check_merge(config, k, tokens)
+            check_merge(config, k, tokens, sizes[spec])
             if (k, tokens) in twins[spec]:
                 log(f"note: --merge {after}:{tokens} repeats after-layer {k}, {tokens} tokens for '{spec}'; skipped")
             else:
@@ -241,33 +243,34 @@ def build_variants(
             log(f"note: '{spec}' is already merged; --merge applies to unmerged models only, it is measured as is")
     for spec in onnx_files if merges else []:
         log(f"note: '{spec}' is an ONNX file; --merge applies to unmerged PyTorch models only, it is measured as is")
-    loaded: list[tuple[str, torch.nn.Module, str | None]] = []
+    loaded: list[tuple[str, torch.nn.Module, str | None, tuple[int, int] | None]] = []
     for spec in models:
         log(f"loading {spec} ...")
         model = load_bench_model(spec, device, dtype)
         baseline = None
         if is_merged(model.config):  # its source among the models measured, if it is one
             baseline = next((m for m in twins if m not in SHAPES and made_from(model.config, m)), None)
-        loaded.append((spec, model, baseline))
+        loaded.append((spec, model, baseline, sizes[spec]))
         for k, tokens in twins.get(spec, []):
             twin = place_model(insert_patch_merger(model, k, tokens, source=spec), device, dtype)
-            loaded.append((f"{spec}+pm{k}:{tokens}", twin, spec))
-    sources = [name for name, model, _ in loaded if not is_merged(model.config)]
+            loaded.append((f"{spec}+pm{k}:{tokens}", twin, spec, sizes[spec]))
+    sources = [name for name, model, _, _ in loaded if not is_merged(model.config)]
     variants = []
     for mode in settings.compile_modes:
-        for name, model, baseline in loaded:
+        for name, model, baseline, size in loaded:
             if baseline is None and is_merged(model.config) and sources:
                 baseline = sources[0]
-            variants.append(
-                Variant(
-                    name=name,
-                    model=model,
-                    config=model.config,
-                    compile_mode=mode,
-                    gflops=model_cost(model.config).gflops,
-                    baseline=baseline,
-                )
+            variant = Variant(
+                name=name,
+                model=model,
+                config=model.config,
+                compile_mode=mode,
+                gflops=model_cost(model.config, size).gflops,
+                baseline=baseline,
             )
+            if size is not None:
+                variant.input_shape = (_input_shape(variant)[0], *size)
+            variants.append(variant)
     variants += _onnx_variants(onnx_files, settings, log)
     by_key = {(v.name, v.compile_mode): v for v in variants}
     for v in variants:
@@ -278,6 +281,15 @@ def build_variants(
             module = timed_part(v.model, v.config)
             v.runner = module if v.compile_mode == "eager" else _compile(module, v.compile_mode)
     return variants
+
+
+def processor_size(spec: str, config) -> tuple[int, int] | None:
+    """The (height, width) of the images `spec`'s image processor gives it, which it is timed and priced at, as
+    convert prices it and ``export-onnx`` traces it (a DINOv2 config says 518, its processor crops 224); None where
+    it cannot tell (its config's size; without a processor, the one retrofit makes up has that size)."""
+    from .loading import load_image_processor, processor_image_size
+
+    return processor_image_size(load_image_processor(spec, config, log=lambda _: None))
 
 
 def timed_part(model: torch.nn.Module, config) -> torch.nn.Module:

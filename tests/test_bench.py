@@ -699,3 +699,23 @@ def test_peak_memory_of_a_small_model_is_not_rounded_to_zero():
     }  # fmt: skip
     rows = [line for line in benchmark.markdown_table(report).splitlines() if line.startswith("| `")]
     assert rows[0].endswith("| 0.19 |") and rows[1].endswith("| 123 |")
+
+
+def test_a_checkpoint_is_timed_and_priced_at_its_processors_image_size(tmp_path, monkeypatch, capsys):
+    """A DINOv2's config says 518 and its processor crops 224 (what convert prices and export-onnx traces): bench
+    timed and priced it at 518, and took merges of more tokens than the 224 crops have patches."""
+    from test_evaluate import _dinov2_fed_smaller_crops
+
+    source = _dinov2_fed_smaller_crops(tmp_path / "dinov2")  # config 64x64 (64 patches), processor 32x32 (16)
+    assert main(["bench", str(source), "--merge", "2:20", *QUICK]) == 2
+    assert "--tokens 20 is out of range: the model has 16 patch tokens" in capsys.readouterr().err
+    shapes = []
+    real_time_block = benchmark._time_block
+    monkeypatch.setattr(
+        benchmark, "_time_block", lambda runner, x, *a: shapes.append(x.shape[1:]) or real_time_block(runner, x, *a)
+    )
+    settings = BenchSettings(batch_sizes=(2,), warmup=1, repeats=1, min_time=0.0, latency_iters=1)
+    report = benchmark.benchmark([str(source)], merges="2:4", settings=settings, log=lambda _: None)
+    converted = convert(source, after_layer=2, num_tokens=4, log=lambda _: None)
+    assert [row["gflops"] for row in report["models"]] == [converted.before.gflops, converted.after.gflops]
+    assert set(shapes) == {torch.Size([3, 32, 32])}
