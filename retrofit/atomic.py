@@ -23,6 +23,7 @@ import fnmatch
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -299,6 +300,13 @@ def check_file_output(
     if path.is_dir():
         raise RetrofitError(f"{option} '{path}' is a folder; give a file name, e.g. {path / 'results.json'}")
     _refuse_protected(path, option, inputs)  # a report goes next to the models and data it measures, never into them
+    folder = path.absolute().parent
+    for kind in (EXPORT, BASELINE, SWEEP):  # nor into another folder retrofit wrote (an export's speed.png, pushed)
+        if kind.marks(folder):
+            raise RetrofitError(
+                f"{option} '{path}' is inside {kind.name} ('{path.parent}'), whose files retrofit writes itself; "
+                "write it elsewhere"
+            )
     if path.exists() or path.is_symlink():
         if not path.is_file() or path.is_symlink():
             raise RetrofitError(f"{option} '{path}' exists and is not a regular file; give the path of a file")
@@ -321,12 +329,24 @@ def check_file_output(
     return path
 
 
+def _finite(value):
+    """`value` with every NaN or infinity as None: JSON has no such numbers (Python writes ``NaN``, which other
+    readers refuse)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
 def write_report(path: str | Path, report: dict, overwrite: bool = False, *, kind: str) -> Path:
     """Write `report` as JSON to `path` (checked with `check_file_output`), marked as a retrofit report of `kind`,
     through a temporary sibling: the file is whole or absent. Without `overwrite` an existing file is never replaced,
     even one that appeared since the check."""
     path = Path(path)
-    text = json.dumps({REPORT_KEY: kind, **report}, indent=2, default=str) + "\n"
+    text = json.dumps(_finite({REPORT_KEY: kind, **report}), indent=2, default=str) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:

@@ -76,7 +76,7 @@ def run_export_onnx(args: ExportOnnxArgs, *, log: Callable[[str], None] = print)
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.tmp-", dir=output.parent) as work:
         path = Path(work) / output.name
         names = _export(exported, pixels, path, exporter, log)
-        _write_metadata(path, _info(args, config, head))
+        _write_metadata(path, _info(args, config, head, processor))
         got = _run(path, pixels)
         difference = max(_relative_difference(got[name], expected[name]) for name in names)
         log(f"ONNX Runtime against PyTorch on {len(pixels)} images: max |difference| {difference:.2e} of the outputs' "
@@ -178,10 +178,11 @@ def _export(model: torch.nn.Module, pixels: torch.Tensor, path: Path, exporter: 
     return names
 
 
-def _info(args: ExportOnnxArgs, config, head) -> dict:
-    """What the file says about itself (`onnx_info`): enough for `bench` and `--overwrite`, nothing private."""
+def _info(args: ExportOnnxArgs, config, head, processor) -> dict:
+    """What the file says about itself (`onnx_info`): enough for `bench` and `--overwrite`, nothing private. Its
+    GFLOPs are at the size the graph runs at, the processor's (a DINOv2 config says 518, its processor crops 224)."""
     from .cost import model_cost
-    from .loading import is_merged
+    from .loading import is_merged, processor_image_size
     from .provenance import public_name, source_record
 
     merged = is_merged(config)
@@ -189,7 +190,7 @@ def _info(args: ExportOnnxArgs, config, head) -> dict:
         "model": public_name(args.model),
         "class": head.class_name,
         "dtype": args.dtype,
-        "gflops": model_cost(config).gflops,
+        "gflops": model_cost(config, processor_image_size(processor)).gflops,
         "merge_after_layer": getattr(config, "merge_after_layer", None) if merged else None,
         "merge_num_tokens": getattr(config, "merge_num_tokens", None) if merged else None,
         "merge_source_sha256": getattr(config, "merge_source_sha256", None) if merged else None,

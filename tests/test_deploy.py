@@ -163,3 +163,14 @@ def test_noise_images_go_through_the_models_own_processor(export_dir):
     config = load_config(export_dir)
     pixels = deploy._sample_images(load_image_processor(export_dir, config, log=lambda _: None), config, 3)
     assert pixels.shape == (3, 3, 32, 32) and pixels.dtype == torch.float32 and pixels.std() > 0.1
+
+
+def test_a_graph_records_the_gflops_of_the_images_it_runs_on(tmp_path):
+    """A DINOv2's config says one size and its processor crops a smaller one, the size the graph is traced at: the
+    file recorded the config size's GFLOPs, so bench showed the ONNX row at 4x the PyTorch row's cost."""
+    from test_evaluate import _dinov2_fed_smaller_crops
+
+    source = _dinov2_fed_smaller_crops(tmp_path / "dinov2")  # config 64x64, processor 32x32
+    merged = convert(source, after_layer=2, num_tokens=4, output=tmp_path / "pm", log=lambda _: None)
+    assert main(["export-onnx", str(tmp_path / "pm"), "--output", str(tmp_path / "pm.onnx")]) == 0
+    assert deploy.onnx_info(tmp_path / "pm.onnx")["gflops"] == pytest.approx(merged.after.gflops)

@@ -671,3 +671,29 @@ def test_ce_accepts_class_names_as_evaluate_does(tiny_vit, colours, tmp_path, ca
     with pytest.raises(RetrofitError, match=r"\['fish'\]\) are not among .*pass --num-labels 3"):
         finetune(tiny_vit, output=tmp_path / "o2", after_layer=2, num_tokens=4, data=other, loss="ce",
                  eval_split=None, max_steps=1, **few)  # fmt: skip
+
+
+def test_a_report_or_plot_never_goes_into_a_folder_retrofit_wrote(tiny_vit, export_dir, tmp_path, capsys):
+    """`bench other --plot EXPORT/speed.png --overwrite` replaced an export's card figure (pushed with it) with a
+    plot of another model, because retrofit had drawn that file: a --json or --plot file inside an export, a
+    pretrained baseline or a sweep folder is refused before any work, whoever drew it."""
+    export = tmp_path / "vit-pm"
+    shutil.copytree(export_dir, export)
+    (export / "notes.json").write_text("{}")
+    before = tree(export)
+    quick = ["--warmup", "1", "--repeats", "1", "--min-time", "0", "--latency-iters", "0", "--batch-size", "1"]
+    for option, name in (("--plot", "speed.png"), ("--json", "notes.json"), ("--json", "new.json")):
+        err = refused(capsys, "bench", tiny_vit, option, export / name, "--overwrite", *quick)
+        assert f"is inside a retrofit export ('{export}'), whose files retrofit writes itself" in err
+    err = refused(capsys, "evaluate", tiny_vit, "--data", "fashion-mnist", "--json", export / "r.json")
+    assert "is inside a retrofit export" in err
+    assert tree(export) == before
+
+
+def test_a_report_writes_nan_as_null_so_that_it_stays_json(tmp_path):
+    """Python writes NaN and Infinity, which JSON readers other than Python's refuse: a report holds null."""
+    path = retrofit.atomic.write_report(tmp_path / "r.json", {"loss": float("nan"), "rows": [{"x": float("inf")}]},
+                                        kind="test")  # fmt: skip
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text)["loss"] is None and json.loads(text)["rows"] == [{"x": None}]
