@@ -12,7 +12,7 @@ import torch
 import transformers
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
-from .atomic import ASSETS, SHIPPED_NAME
+from .atomic import ASSETS, SHIPPED_NAME, TOKENIZER_FILES
 from .errors import RetrofitError, brief, pickle_refused_quietly
 from .families import FAMILIES, TASKS, Family, Head, family_for
 from .naflex import square_side, take_images
@@ -423,6 +423,13 @@ def load_tokenizer(source: str | Path, config: PreTrainedConfig, *, revision: st
     # An export's tokenizer_config.json names its class; a blank config keeps AutoTokenizer from reading the export's
     # config.json, whose auto_map would ask to run the bundled code.
     blank = {"config": PreTrainedConfig()} if is_merged(config) else {}
+    folder = Path(resolve_source(source))
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would build a tokenizer of 2 tokens from config.json alone: every prompt the same, every class
+        # tied in zero-shot scores
+        log(f"warning: '{source}' has no tokenizer files; the export will not run zero-shot classification until "
+            "its tokenizer files are added")  # fmt: skip
+        return None
     try:
         return AutoTokenizer.from_pretrained(resolve_source(source), revision=revision, **blank)
     except (OSError, ValueError, ImportError) as exc:

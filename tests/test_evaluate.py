@@ -459,14 +459,25 @@ def test_non_finite_outputs_are_wrong_answers_not_guesses(trained_vit, backbone,
     assert [row["nonfinite"] for row in report["models"]] == [0, 15]
 
 
-def test_zero_shot_refuses_a_tokenizer_that_gives_two_prompts_the_same_tokens(full_clip, images, capsys):
-    """A CLIPModel checkpoint without tokenizer files loads one with an empty vocabulary: every prompt got the same
-    tokens, so every class the same logit, and evaluate reported those ties as zero-shot accuracy."""
+def test_zero_shot_refuses_a_tokenizer_that_gives_two_prompts_the_same_tokens(full_clip, images, capsys, tmp_path):
+    """transformers builds a CLIPModel checkpoint without tokenizer files a tokenizer with an empty vocabulary:
+    every prompt got the same tokens, so every class the same logit, and evaluate reported those ties as zero-shot
+    accuracy. Without tokenizer files there is no tokenizer; one saved that way is refused for what it does."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
     clip, _ = full_clip
     assert main(["evaluate", str(clip), "--data", str(images), "--split", "test", "--zero-shot"]) == 2
     captured = capsys.readouterr()
+    assert f"'{clip}' has no usable tokenizer, which zero-shot classification" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1 and not captured.out
+    empty = shutil.copytree(clip, tmp_path / "clip")
+    AutoTokenizer.from_pretrained(clip).save_pretrained(empty)  # the 2-token tokenizer, saved with the model
+    assert main(["evaluate", str(empty), "--data", str(images), "--split", "test", "--zero-shot"]) == 2
+    captured = capsys.readouterr()
     prompts = "gives the prompts 'a photo of a bird.' and 'a photo of a cat.' the same tokens"
-    assert f"the tokenizer of '{clip}' (2 tokens) {prompts}" in captured.err
+    assert f"the tokenizer of '{empty}' (2 tokens) {prompts}" in captured.err
     assert "copy its source's" in captured.err and len(captured.err.strip().splitlines()) == 1 and not captured.out
 
 
