@@ -399,10 +399,12 @@ def check_card_target(export: str | Path, models: list[str], *, curve: bool = Fa
 
     export = Path(export)
     _check_card_files(export)
-    if not (export / "README.md").is_file() or not (export / "config.json").is_file():
-        raise RetrofitError(f"--card {export}: not an export folder (no README.md/config.json); pass a convert output")
+    if not (export / "config.json").is_file():
+        raise RetrofitError(f"--card {export}: not a model folder (no config.json); pass a retrofit export")
     if not is_merged(load_config(export)):
         raise RetrofitError(f"--card {export}: not a retrofit export (no PatchMerger in its config)")
+    if not (export / "README.md").is_file():
+        raise RetrofitError(f"--card {export}: the export has no README.md (model card) to update; re-export it")
     if not any(_same_model(spec, export) for spec in models):
         raise RetrofitError(f"--card {export}: the export must also be one of the models measured; add it to them")
     _load_card(export)
@@ -446,7 +448,8 @@ _TASKS = {  # an evaluation's metric -> the model-index task it measures
 
 def eval_results_from(evaluation: dict, row: dict) -> list[EvalResult]:
     """model-index entries (top-1 and top-k accuracy, zero-shot for a dual encoder; a backbone's feature
-    similarity) for one evaluated model."""
+    similarity) for one evaluated model; a value the evaluation could not give (null: a model with non-finite
+    outputs) has no entry."""
     data = str(evaluation["data"])
     local = is_local_data(data)
     metric = evaluation.get("metric")
@@ -463,9 +466,14 @@ def eval_results_from(evaluation: dict, row: dict) -> list[EvalResult]:
     if similarity:
         reference = evaluation["models"][0]["model"]
         name = f"Feature cosine similarity to {reference}"
-        return [EvalResult(metric_type="cosine_similarity", metric_name=name, metric_value=row["similarity"], **common)]
-    top1 = EvalResult(metric_type="accuracy", metric_name=f"{zero_shot}-1 accuracy", metric_value=row["top1"], **common)
-    results = [top1]
+        value = row.get("similarity")
+        return [] if value is None else [
+            EvalResult(metric_type="cosine_similarity", metric_name=name, metric_value=value, **common)
+        ]  # fmt: skip
+    results = []
+    if row.get("top1") is not None:
+        name = f"{zero_shot}-1 accuracy"
+        results.append(EvalResult(metric_type="accuracy", metric_name=name, metric_value=row["top1"], **common))
     k = top_k(evaluation)
     if top_k_value(row, k) is not None:
         results.append(
@@ -676,9 +684,11 @@ def update_card(
     has_curve = drawn is not None or (ours and not stale)
     section, eval_results = _render(results, export, has_curve)
     card.text = _replace_section(card.text, "Results", section)
-    if eval_results is not None:
+    if eval_results:
         card.data.model_name = card.data.model_name or export.resolve().name
         card.data.eval_results = eval_results
+    elif eval_results is not None:  # evaluated, without a value to publish: no entries of an earlier evaluation
+        card.data.eval_results = None
     files = {export / RESULTS_FILE: json.dumps(results, indent=2) + "\n", readme: str(card)}
     if drawn is not None:
         files[curve] = drawn

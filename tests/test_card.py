@@ -125,7 +125,7 @@ def test_a_card_names_local_models_and_data_without_their_paths(tiny_vit, export
 
 
 def test_card_target_checks(tiny_vit, export_dir):
-    with pytest.raises(RetrofitError, match="not a retrofit export|not an export folder"):
+    with pytest.raises(RetrofitError, match="not a retrofit export"):
         check_card_target(tiny_vit, [str(tiny_vit)])
     with pytest.raises(RetrofitError, match="must also be one of the models"):
         check_card_target(export_dir, [str(tiny_vit)])
@@ -394,3 +394,21 @@ def test_a_fine_tune_lists_its_hub_dataset_but_not_a_local_folder(tiny_vit, hub_
     finetune(tiny_vit, output=tmp_path / "ft-local", data=str(local), split="train", **settings)
     assert "datasets" not in _card_metadata(tmp_path / "ft-local")
     assert str(tmp_path) not in (tmp_path / "ft-local" / "README.md").read_text()
+
+
+def test_a_value_the_evaluation_could_not_give_has_no_model_index_entry(tiny_vit, export_dir, tmp_path):
+    """A model with non-finite outputs gets null for its loss or similarity (`evaluate`): the model-index entry was
+    written without a value; now there is none, and an earlier evaluation's entries do not stay behind."""
+    folder = tmp_path / "vit-pm"
+    shutil.copytree(export_dir, folder)
+    update_card(folder, evaluation=evaluation(str(tiny_vit), str(folder)))
+    assert len(ModelCard.load(folder / "README.md").data.eval_results) == 2
+    report = evaluation(str(tiny_vit), str(folder))
+    report["models"][1] |= {"top1": None, "top5": None}
+    update_card(folder, evaluation=report)
+    card = ModelCard.load(folder / "README.md")
+    assert not card.data.eval_results and "model-index" not in card.data.to_dict()
+    report["models"][1] |= {"top1": 0.5}
+    update_card(folder, evaluation=report)
+    (top1,) = ModelCard.load(folder / "README.md").data.eval_results
+    assert (top1.metric_type, top1.metric_value) == ("accuracy", 0.5)
