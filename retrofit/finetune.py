@@ -374,6 +374,9 @@ def _training_info(run: TrainingRun, result: TrainResult, init: str, teacher: st
         notes.append(f"weights: the moving average over training (--ema-decay {run.ema_decay:g}), not the last step's")
     if result.final_accuracy is not None:
         notes.append(f"accuracy on `{public_name(run.data)}` {run.eval_split}: {result.final_accuracy:.4f}")
+    elif result.eval_history and "agreement" in result.eval_history[-1]:  # no labels this model knows
+        agreement = result.eval_history[-1]["agreement"]
+        notes.append(f"top-1 agreement with the teacher on `{public_name(run.data)}` {run.eval_split}: {agreement:.4f}")
     loss = describe_loss(run, teacher, dual_encoder=result.model is not None and is_dual_encoder(result.model.config))
     return TrainingInfo(data=run.data, steps=result.steps, epochs=round(result.epochs, 3), loss=loss, init=init,
                         notes=notes)  # fmt: skip

@@ -408,8 +408,14 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
     if backbone:  # similarity to the teacher: the baseline itself unless the recipe names another one
         rows[0]["similarity"] = None if args.teacher else 1.0
     elif before and args.eval_split:
-        rows[0]["accuracy"] = _baseline_accuracy(baseline, ready, args)
-        log(f"baseline accuracy: {100 * rows[0]['accuracy']:.2f} %")
+        accuracy = _baseline_accuracy(baseline, ready, args)
+        if accuracy is None:  # kd on a split without labels this model knows: agreement with the teacher
+            quality, rows[0]["teacher_agreement"] = "agreement", None if args.teacher else 1.0
+            log("baseline: the evaluation split has no labels this model knows; the table gives agreement with the "
+                "teacher's predictions")  # fmt: skip
+        else:
+            rows[0]["accuracy"] = accuracy
+            log(f"baseline accuracy: {100 * accuracy:.2f} %")
     speeds, speed_note = {}, None
     if evaluation.speed:
         speeds = images_per_second({"baseline": baseline, "merged": ready.model},
@@ -433,10 +439,13 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
     result = train(ready.model.float(), ready.processor, args, teacher=ready.teacher, text_embeds=ready.text_embeds,
                    checkpoint_dir=ready.checkpoint_dir, resume=resume, overwrite=overwrite, eval_at_start=before,
                    progress_bar=progress, log=log)  # fmt: skip
+    if quality == "accuracy" and any("agreement" in h for h in result.eval_history):
+        quality = "agreement"  # the training's evaluations had no labels this model knows
     history = [h for h in result.eval_history if quality in h]
+    column = "teacher_agreement" if quality == "agreement" else quality  # a row's "agreement" is zero-shot's
     if before and history and history[0]["step"] == 0:
         init = "calibrated" if args.calibrate else "random"
-        rows.append({"model": f"{tag}, {init} init, no training", quality: history[0][quality],
+        rows.append({"model": f"{tag}, {init} init, no training", column: history[0][quality],
                      "gflops": merged_cost.gflops, "images_per_s": speeds.get("merged")}
                     | (_zero_shot_cells(zero_shot_before[1]) if zero_shot_before else {}))  # fmt: skip
     after = {}
@@ -444,7 +453,7 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
         reference = zero_shot_before[0]["predictions"]
         after = _zero_shot_cells(zero_shot([result.model], reference=reference, fresh=True)[0])
     rows.append({"model": f"{tag}, fine-tuned ({result.steps} steps, loss {args.loss})",
-                 quality: history[-1][quality] if history else None, "gflops": merged_cost.gflops,
+                 column: history[-1][quality] if history else None, "gflops": merged_cost.gflops,
                  "images_per_s": speeds.get("merged")} | after)  # fmt: skip
     table = results_table(rows, note=speed_note)
     finish(args, ready, result, log=log)
@@ -494,34 +503,41 @@ def _zero_shot_cells(score: dict) -> dict:
     return {"zero_shot_top1": score["top1"], "agreement": score["agreement"]}
 
 
-def _baseline_accuracy(baseline, ready, args: FinetuneArgs) -> float:
-    """The source's accuracy on the evaluation split, through the one accuracy loop."""
+def _baseline_accuracy(baseline, ready, args: FinetuneArgs) -> float | None:
+    """The source's accuracy on the evaluation split, through the one accuracy loop; None for kd on a split without
+    labels the model knows (kd needs none: its evaluations are agreement with the teacher, `train.evaluate`)."""
     from .data import dataset_label_map, load_split, make_dataloader, model_labels
     from .evaluation import accuracy
     from .train import LABELS_FIX
 
-    eval_set = load_split(args.data, args.eval_split, image_column=args.image_column, label_column=args.label_column,
-                          limit=args.eval_limit)  # fmt: skip
+    try:
+        eval_set = load_split(args.data, args.eval_split, image_column=args.image_column,
+                              label_column=args.label_column, limit=args.eval_limit)  # fmt: skip
+        label_map = dataset_label_map(model_labels(ready.config), eval_set, args.data, fix=LABELS_FIX)
+    except RetrofitError:
+        if args.loss == "kd":
+            return None
+        raise
     loader = make_dataloader(eval_set, ready.processor, batch_size=min(args.eval_batch_size, len(eval_set)),
-                             num_channels=getattr(ready.config, "num_channels", None),
-                             label_map=dataset_label_map(model_labels(ready.config), eval_set, args.data,
-                                                         fix=LABELS_FIX))  # fmt: skip
+                             num_channels=getattr(ready.config, "num_channels", None), label_map=label_map)  # fmt: skip
     return accuracy(baseline, loader)
 
 
 def results_table(rows: list[dict], note: str | None = None) -> str:
     """A Markdown before/after table from rows of {model, accuracy, gflops, images_per_s} (a backbone's rows have
-    `similarity`, its features' cosine similarity to the baseline's, instead of `accuracy`); `note` (how the speed was
-    measured) goes under it."""
+    `similarity`, its features' cosine similarity to the baseline's, instead of `accuracy`; kd on a split without
+    labels the model knows, `teacher_agreement`); `note` (how the speed was measured) goes under it."""
     backbone = any("similarity" in row for row in rows)
-    quality = "feature similarity" if backbone else "accuracy"
+    agreement = not backbone and any("teacher_agreement" in row for row in rows)  # kd without labels the model knows
+    key = "similarity" if backbone else "teacher_agreement" if agreement else "accuracy"
+    quality = {"similarity": "feature similarity", "teacher_agreement": "agreement with the teacher"}.get(key, key)
     zero_shot = any("zero_shot_top1" in row for row in rows)  # a dual encoder's, with evaluation.zero_shot
     extra = " zero-shot top-1 | agreement with the baseline |" if zero_shot else ""
     lines = [f"| model | {quality} |{extra} GFLOPs/image | images/s (measured) | speed-up |",
              "|---|---|" + "---|" * (2 * zero_shot) + "---|---|---|"]  # fmt: skip
     base_speed = rows[0].get("images_per_s") if rows else None
     for row in rows:
-        value = row.get("similarity" if backbone else "accuracy")
+        value = row.get(key)
         acc = "n/a" if value is None else f"{value:.4f}" if backbone else f"{100 * value:.2f} %"
         if zero_shot:
             cells = [row.get("zero_shot_top1"), row.get("agreement")]

@@ -47,7 +47,9 @@ LABELS_FIX = "pass --num-labels {classes} to re-initialise the head, or --loss k
 
 @dataclass
 class TrainResult:
-    """What a run did: steps, the last training loss, evaluation history, the trained model (unwrapped)."""
+    """What a run did: steps, the last training loss, evaluation history (each evaluation's ``accuracy`` on labels,
+    ``agreement`` with the teacher's predictions on a split without labels the model knows, or a backbone's
+    ``similarity``), the trained model (unwrapped)."""
 
     steps: int
     epochs: float
@@ -366,7 +368,8 @@ def evaluate(model, eval_dl, accelerator, teacher=None, captions: Captions | Non
         reference = "labels" if eval_dl.dataset.has_labels else "teacher"
         labels_from = None if reference == "labels" else teacher
         score = score_models([model], eval_dl, k=1, accelerator=accelerator, labels_from=labels_from)[0]
-        result = {"accuracy": score["top1"], "examples": score["num_examples"], "reference": reference}
+        key = "accuracy" if reference == "labels" else "agreement"  # never published as accuracy
+        result = {key: score["top1"], "examples": score["num_examples"], "reference": reference}
     else:
         result = {}
     model.train()
@@ -517,7 +520,7 @@ def train(
             what = {"labels": "accuracy", "teacher": "agreement with the teacher"}.get(
                 metrics["reference"], "cosine similarity to the teacher"
             )
-            key = "accuracy" if "accuracy" in metrics else "similarity"
+            key = next(key for key in ("accuracy", "agreement", "similarity") if key in metrics)
             with tqdm.external_write_mode():  # print above the progress bar, not into it
                 of = " (the moving average of the weights)" if averaged else ""
                 log(f"step {progress.step}: eval {what}{of} {metrics[key]:.4f} on {metrics['examples']} images")

@@ -852,7 +852,10 @@ def test_the_checkpoint_lock_lasts_the_whole_run_and_no_longer(tiny_vit, colours
 
 def test_kd_evaluates_an_unlabelled_split_against_the_teacher(tiny_vit, colours, tmp_path):
     """kd needs no labels: where the folder gives none (images at two depths), the evaluation split is scored as
-    agreement with the teacher instead of refusing the run (after calibrating) for want of labels it does not use."""
+    agreement with the teacher instead of refusing the run (after calibrating) for want of labels it does not use,
+    and the agreement is never published as accuracy: not in the result, the card or a recipe's before/after table."""
+    from retrofit.recipes import run_recipe
+
     root = tmp_path / "unlabelled"
     shutil.copytree(colours, root)
     for split in ("train", "test"):
@@ -861,8 +864,20 @@ def test_kd_evaluates_an_unlabelled_split_against_the_teacher(tiny_vit, colours,
     lines = []
     result = finetune(tiny_vit, output=tmp_path / "o", after_layer=2, num_tokens=4, data=root, loss="kd",
                       eval_split="test", max_steps=2, log=lines.append, **FAST)  # fmt: skip
-    assert result.final_accuracy is not None and 0 <= result.final_accuracy <= 1
-    assert (tmp_path / "o" / "model.safetensors").exists()
+    assert result.final_accuracy is None and 0 <= result.eval_history[-1]["agreement"] <= 1
+    assert result.eval_history[-1]["reference"] == "teacher"
+    card = (tmp_path / "o" / "README.md").read_text()
+    assert "top-1 agreement with the teacher on `unlabelled` test: " in card and "accuracy on `unlabelled`" not in card
+    recipe = {"source": str(tiny_vit), "merge": {"after_layer": 2, "tokens": 4},
+              "data": {"name": str(root), "eval_split": "test"},
+              "training": {"loss": "kd", "max_steps": 2, "batch_size": 8, "min_steps": 0},
+              "evaluation": {"batch_size": 12, "speed": False}, "export": {"output": str(tmp_path / "r")}}  # fmt: skip
+    (tmp_path / "r.yaml").write_text(json.dumps(recipe))
+    summary = run_recipe(tmp_path / "r.yaml", progress=False, log=lambda _: None)
+    baseline, untrained, trained = summary["rows"]
+    assert baseline["teacher_agreement"] == 1.0 and "accuracy" not in trained
+    table = (tmp_path / "r" / "README.md").read_text()
+    assert "| model | agreement with the teacher |" in table and "| 100.00 % |" in table
 
 
 def test_checkpoints_inside_the_output_are_refused(tiny_vit, colours, tmp_path):
