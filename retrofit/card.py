@@ -451,7 +451,7 @@ def eval_results_from(evaluation: dict, row: dict) -> list[EvalResult]:
     similarity) for one evaluated model; a value the evaluation could not give (null: a model with non-finite
     outputs) has no entry."""
     data = str(evaluation["data"])
-    local = is_local_data(data)
+    local = evaluation.get("data_is_local", is_local_data(data))  # recorded by `update_card` before publishing
     metric = evaluation.get("metric")
     similarity = metric == "similarity"
     task_type, task_name = _TASKS.get(metric, ("image-classification", "Image Classification"))
@@ -591,7 +591,8 @@ def _published(report: dict) -> dict:
             found.update(_BACKTICKED.findall(value))
 
     collect(report)
-    names = _short_names([spec for spec in found if public_name(spec) != spec])
+    local = [spec for spec in found if public_name(spec) != spec or Path(spec).expanduser().exists()]
+    names = _short_names(local, taken={spec for spec in found if spec not in local})
 
     def publish(value, key: str | None = None):
         if isinstance(value, dict):
@@ -607,14 +608,16 @@ def _published(report: dict) -> dict:
     return publish(report) if names else report
 
 
-def _short_names(paths: list[str]) -> dict[str, str]:
-    """Each local path by its last part, with more parts where that would name two different folders alike."""
+def _short_names(paths: list[str], taken: set[str] = frozenset()) -> dict[str, str]:
+    """Each local path by its last part, with more parts where that would name two different folders alike or read
+    as one of the names in `taken` (the report's Hub ids)."""
     resolved = {spec: Path(spec).expanduser().resolve().parts for spec in paths}
     names: dict[str, str] = {}
     for spec, parts in resolved.items():
         depth = 1
-        while depth < len(parts) and any(
-            other[-depth:] == parts[-depth:] and other != parts for other in resolved.values()
+        while depth < len(parts) and (
+            "/".join(parts[-depth:]) in taken
+            or any(other[-depth:] == parts[-depth:] and other != parts for other in resolved.values())
         ):
             depth += 1
         names[spec] = "/".join(parts[-depth:]).lstrip("/") or spec
@@ -666,6 +669,7 @@ def update_card(
         this = next((row["model"] for row in report.get("models", []) if _same_model(row["model"], export)), None)
         report["this"] = this
         if key == "evaluation":  # the row of the model the export was made from, if it was evaluated too
+            report.setdefault("data_is_local", is_local_data(str(report.get("data"))))  # decided before publishing
             config = load_config(export)
             others = (row["model"] for row in report["models"] if row["model"] != this and not row.get("merged"))
             report["source"] = next((spec for spec in others if made_from(config, spec)), None)

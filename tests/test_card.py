@@ -124,6 +124,28 @@ def test_a_card_names_local_models_and_data_without_their_paths(tiny_vit, export
     assert stored["models"][0]["model"] == "google/vit-base-patch16-224" and stored["data"] == "fashion-mnist"
 
 
+def test_a_card_keeps_apart_a_folder_named_as_it_was_given_and_knows_local_data(
+    tiny_vit, export_dir, tmp_path, monkeypatch
+):
+    """`evaluate ../model model --card model`: a bare name was kept as given and read like the other folder's
+    shortened name, so the card showed the other model's numbers as this one's; and a local data folder, once
+    published by its name, was declared a Hub dataset in the model-index."""
+    source, folder = tmp_path / "a" / "model", tmp_path / "b" / "model"
+    shutil.copytree(tiny_vit, source)
+    shutil.copytree(export_dir, folder)
+    (tmp_path / "b" / "images").mkdir()
+    monkeypatch.chdir(tmp_path / "b")
+    report = evaluation("../a/model", "model")
+    report["data"] = "images"
+    update_card("model", evaluation=report)
+    text = (folder / "README.md").read_text()
+    assert "| before: source (`a/model`) | 90.00 % |" in text and "| after: this model (`b/model`) | 85.00 % |" in text
+    monkeypatch.chdir(tmp_path)  # a later update from elsewhere keeps what the data was
+    update_card(folder, benchmark=bench(str(source), str(folder)))
+    (top1, _) = ModelCard.load(folder / "README.md").data.eval_results
+    assert (top1.dataset_type, top1.dataset_name, top1.metric_value) == ("imagefolder", "images", 0.85)
+
+
 def test_card_target_checks(tiny_vit, export_dir):
     with pytest.raises(RetrofitError, match="not a retrofit export"):
         check_card_target(tiny_vit, [str(tiny_vit)])
