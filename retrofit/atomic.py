@@ -304,8 +304,8 @@ def check_file_output(
     for kind in (EXPORT, BASELINE, SWEEP):  # nor into another folder retrofit wrote (an export's speed.png, pushed)
         if kind.marks(folder):
             raise RetrofitError(
-                f"{option} '{path}' is inside {kind.name} ('{path.parent}'), whose files retrofit writes itself; "
-                "write it elsewhere"
+                f"{option} '{path}' is inside {kind.name} ('{path.parent}'), whose files are its own (the card's, "
+                "pushed with it); write it outside that folder"
             )
     if path.exists() or path.is_symlink():
         if not path.is_file() or path.is_symlink():
@@ -479,7 +479,7 @@ def hold_write_lock(folder: str | Path, option: str) -> None:
     when the process ends, however it ends. Only the main process of ``accelerate launch`` takes it; without
     ``fcntl`` (Windows) or a writable cache there is no lock."""
     key = _lock_key(folder)
-    if key in _HELD or int(os.environ.get("RANK", "0")) != 0:
+    if key in _HELD or os.environ.get("RANK", "0").strip() not in ("", "0"):  # another process of a launch
         return
     try:
         import fcntl

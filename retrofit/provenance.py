@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 from .errors import RetrofitError
 
@@ -199,6 +199,9 @@ def public_name(text: str | os.PathLike | None) -> str | None:
     path = Path(text).expanduser()
     if text.startswith(("/", ".", "~")) or os.sep in text and path.exists():
         return path.resolve().name or text
+    windows = PureWindowsPath(text)
+    if windows.drive or "\\" in text:  # C:/Users/me/model, a path with backslashes: a path on Windows
+        return windows.name or text
     return text
 
 

@@ -684,7 +684,7 @@ def test_a_report_or_plot_never_goes_into_a_folder_retrofit_wrote(tiny_vit, expo
     quick = ["--warmup", "1", "--repeats", "1", "--min-time", "0", "--latency-iters", "0", "--batch-size", "1"]
     for option, name in (("--plot", "speed.png"), ("--json", "notes.json"), ("--json", "new.json")):
         err = refused(capsys, "bench", tiny_vit, option, export / name, "--overwrite", *quick)
-        assert f"is inside a retrofit export ('{export}'), whose files retrofit writes itself" in err
+        assert f"is inside a retrofit export ('{export}'), whose files are its own (the card's, pushed with it)" in err
     err = refused(capsys, "evaluate", tiny_vit, "--data", "fashion-mnist", "--json", export / "r.json")
     assert "is inside a retrofit export" in err
     assert tree(export) == before
@@ -697,3 +697,27 @@ def test_a_report_writes_nan_as_null_so_that_it_stays_json(tmp_path):
     text = path.read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text)["loss"] is None and json.loads(text)["rows"] == [{"x": None}]
+
+
+@pytest.mark.parametrize(
+    "given, published",
+    [
+        ("C:/Users/me/models/vit-pm", "vit-pm"),
+        ("C:\\Users\\me\\models\\vit-pm", "vit-pm"),
+        ("\\\\server\\share\\vit-pm", "vit-pm"),
+        ("google/vit-base-patch16-224", "google/vit-base-patch16-224"),
+        ("retrofit:fashion-mnist-vit", "retrofit:fashion-mnist-vit"),
+    ],
+)
+def test_a_windows_path_is_published_by_its_name_alone(given, published):
+    """A path written on Windows (a drive, or backslashes) named a user's folders in what is pushed, where a POSIX
+    path was already cut to its last part; Hub ids and shipped names stay as they are."""
+    assert retrofit.provenance.public_name(given) == published
+
+
+def test_a_rank_that_is_not_a_number_takes_no_lock_and_no_traceback(tiny_vit, tmp_path, monkeypatch):
+    """`RANK` is set by launchers; a value that is not a number (a stray variable) raised a ValueError traceback in
+    every command that writes (the lock reads it): such a process takes no lock, like any process but the first."""
+    monkeypatch.setenv("RANK", "abc")
+    assert main(["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--output", str(tmp_path / "o")]) == 0
+    assert not retrofit.atomic._HELD
