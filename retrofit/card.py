@@ -592,7 +592,8 @@ def _published(report: dict) -> dict:
 
     collect(report)
     local = [spec for spec in found if public_name(spec) != spec or Path(spec).expanduser().exists()]
-    names = _short_names(local, taken={spec for spec in found if spec not in local})
+    short = {Path(spec).expanduser().resolve().name for spec in local}  # a table may name them so already
+    names = _short_names(local, taken={spec for spec in found if spec not in local and spec not in short})
 
     def publish(value, key: str | None = None):
         if isinstance(value, dict):

@@ -561,7 +561,7 @@ def test_evaluate_and_sweep_rank_backbones_by_feature_similarity(tiny_clip_visio
     assert index["metrics"][0] == {
         "type": "cosine_similarity",
         "value": merged["similarity"],
-        "name": f"Feature cosine similarity to {tower}",
+        "name": f"Feature cosine similarity to {tiny_clip_vision.name}",  # a local folder by name: the card is pushed
     }
     capsys.readouterr()
     assert main(["evaluate", tower, str(tiny_vit), "--data", colours, "--split", "test"]) == 2
