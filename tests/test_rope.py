@@ -123,8 +123,10 @@ def test_gradient_checkpointing_keeps_each_forward_passes_positions(reentrant):
 
     def gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
         trained = copy.deepcopy(model).train()
-        if checkpointing:
+        if checkpointing and hasattr(trained, "activation_checkpointing_enable"):  # its name from transformers 5.2x
             trained.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+        elif checkpointing:
+            trained.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         loss = sum(trained(pixel_values=x).pooler_output.square().sum() for x in (first, second))
         loss.backward()
         return {name: p.grad for name, p in trained.named_parameters() if p.grad is not None}
