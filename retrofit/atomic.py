@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from .errors import RetrofitError
+from .errors import RetrofitError, check_interrupted
 
 T = TypeVar("T")
 
@@ -352,6 +352,7 @@ def write_report(path: str | Path, report: dict, overwrite: bool = False, *, kin
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
             handle.write(text)
         os.chmod(tmp, 0o644)
+        check_interrupted()
         if overwrite and path.exists():
             if REPORT_KEY not in _json(path):
                 raise RetrofitError(f"'{path}' exists and is not a report retrofit wrote, so it was not replaced")
@@ -428,6 +429,7 @@ def atomic_dir(
 
 
 def _move_into_place(tmp: Path, output: Path, overwrite: bool, kind: Kind, inputs: list) -> None:
+    check_interrupted()  # a Ctrl-C that a library swallowed: the run stops here, its output unwritten
     if output.exists() and overwrite:
         check_output(output, overwrite, kind=kind, inputs=inputs)  # still ours, as at the start?
         old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))

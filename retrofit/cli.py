@@ -17,7 +17,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from . import __version__
-from .errors import RetrofitError, describe_os_error, is_file_system_error
+from .errors import RetrofitError, describe_os_error, interrupts_watched, is_file_system_error
 from .settings import (
     RECIPE_SECTIONS,
     BenchArgs,
@@ -135,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    with interrupts_watched():  # a Ctrl-C a library swallows still stops the command before it writes
+        return _command(argv)
+
+
+def _command(argv: list[str]) -> int:
     namespace = build_parser(argv).parse_args(argv)
     _, settings, runner = COMMANDS[namespace.command]
     try:

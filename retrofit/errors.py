@@ -26,6 +26,43 @@ class RetrofitError(Exception):
         super().__init__(message, *args)
 
 
+_INTERRUPTED = [False]  # set by `interrupt` (the CLI's Ctrl-C handler) until the command returns
+
+
+def interrupt(signum=None, frame=None) -> None:
+    """The CLI's SIGINT handler: Python's (raise KeyboardInterrupt), remembering that it came. Raised inside a
+    weakref callback or a ``__del__`` (a library's, mid-run), Python prints "Exception ignored" and goes on; the
+    run then stops at its next `check_interrupted` instead of writing its output."""
+    _INTERRUPTED[0] = True
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupts_watched() -> Iterator[None]:
+    """For one CLI command: Ctrl-C goes through `interrupt` (in the main thread, and only where Python's own handler
+    is installed: a caller's stays); afterwards the handler is restored and the interrupt forgotten."""
+    import signal
+    import threading
+
+    previous = signal.getsignal(signal.SIGINT)
+    ours = threading.current_thread() is threading.main_thread() and previous is signal.default_int_handler
+    if ours:
+        signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        _INTERRUPTED[0] = False
+        if ours:
+            signal.signal(signal.SIGINT, previous)
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt if Ctrl-C came since the command started, even where it was swallowed: called before
+    an output takes its place and after each training step."""
+    if _INTERRUPTED[0]:
+        raise KeyboardInterrupt
+
+
 def brief(exc: BaseException, limit: int = 160) -> str:
     """An exception's message on one line; past `limit` characters it ends at the last full sentence that fits, or
     at a word boundary with "…"."""

@@ -34,7 +34,7 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .data import mixup_batch
-from .errors import RetrofitError, brief
+from .errors import RetrofitError, brief, check_interrupted
 from .losses import HeadReader, Outputs, compute_loss, describe_loss
 from .settings import TrainingRun, TrainSettings
 from .zero_shot import Captions, caption_logits
@@ -575,6 +575,7 @@ def train(
                 if not accelerator.sync_gradients:
                     continue
                 progress.step += 1
+                check_interrupted()  # a Ctrl-C a library swallowed mid-step stops the run here
                 result.last_loss = loss.item()
                 if average is not None:
                     average.update(progress.step)

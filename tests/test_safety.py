@@ -721,3 +721,32 @@ def test_a_rank_that_is_not_a_number_takes_no_lock_and_no_traceback(tiny_vit, tm
     monkeypatch.setenv("RANK", "abc")
     assert main(["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--output", str(tmp_path / "o")]) == 0
     assert not retrofit.atomic._HELD
+
+
+def test_a_ctrl_c_a_library_swallowed_still_stops_the_command_before_it_writes(tiny_vit, tmp_path, capsys, monkeypatch):
+    """Ctrl-C landing in a weakref callback or a __del__ is printed by Python as "Exception ignored" and the run goes
+    on: `sweep --method finetune` went on to write its output. The CLI's handler remembers it, and the command stops
+    (exit 130) before its output takes its place; the next command starts afresh, and so does Python's handler."""
+    import importlib
+    import signal
+
+    from retrofit import errors
+
+    convert_module = importlib.import_module("retrofit.convert")  # `retrofit.convert` is the function
+    real = convert_module.insert_patch_merger
+
+    def merge_in_a_callback(*args, **kwargs):
+        try:
+            errors.interrupt()  # what the handler does when Ctrl-C comes ...
+        except KeyboardInterrupt:
+            pass  # ... and a library's callback swallowing it
+        return real(*args, **kwargs)
+
+    argv = ["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--output", str(tmp_path / "o")]
+    with monkeypatch.context() as patch:
+        patch.setattr(convert_module, "insert_patch_merger", merge_in_a_callback)
+        assert main(argv) == 130
+    assert "retrofit: interrupted" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary folder left either
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert main(argv) == 0 and (tmp_path / "o" / "config.json").exists()
