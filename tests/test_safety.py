@@ -743,10 +743,14 @@ def test_a_ctrl_c_a_library_swallowed_still_stops_the_command_before_it_writes(t
         return real(*args, **kwargs)
 
     argv = ["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--output", str(tmp_path / "o")]
-    with monkeypatch.context() as patch:
-        patch.setattr(convert_module, "insert_patch_merger", merge_in_a_callback)
-        assert main(argv) == 130
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job (CI) starts with SIG_IGN
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(convert_module, "insert_patch_merger", merge_in_a_callback)
+            assert main(argv) == 130
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's handler is back
+    finally:
+        signal.signal(signal.SIGINT, handler)
     assert "retrofit: interrupted" in capsys.readouterr().err and not (tmp_path / "o").exists()
     assert list(tmp_path.iterdir()) == []  # no temporary folder left either
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert main(argv) == 0 and (tmp_path / "o" / "config.json").exists()
