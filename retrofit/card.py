@@ -451,7 +451,7 @@ def eval_results_from(evaluation: dict, row: dict) -> list[EvalResult]:
     similarity) for one evaluated model; a value the evaluation could not give (null: a model with non-finite
     outputs) has no entry."""
     data = str(evaluation["data"])
-    local = evaluation.get("data_is_local", is_local_data(data))  # recorded by `update_card` before publishing
+    local = evaluation["data_is_local"] if "data_is_local" in evaluation else is_local_data(data)  # `update_card`
     metric = evaluation.get("metric")
     similarity = metric == "similarity"
     task_type, task_name = _TASKS.get(metric, ("image-classification", "Image Classification"))
@@ -670,7 +670,8 @@ def update_card(
         this = next((row["model"] for row in report.get("models", []) if _same_model(row["model"], export)), None)
         report["this"] = this
         if key == "evaluation":  # the row of the model the export was made from, if it was evaluated too
-            report.setdefault("data_is_local", is_local_data(str(report.get("data"))))  # decided before publishing
+            if "data_is_local" not in report:  # decided before publishing shortens the data's name
+                report["data_is_local"] = is_local_data(str(report.get("data")))
             config = load_config(export)
             others = (row["model"] for row in report["models"] if row["model"] != this and not row.get("merged"))
             report["source"] = next((spec for spec in others if made_from(config, spec)), None)
