@@ -506,21 +506,11 @@ def _zero_shot_cells(score: dict) -> dict:
 def _baseline_accuracy(baseline, ready, args: FinetuneArgs) -> float | None:
     """The source's accuracy on the evaluation split, through the one accuracy loop; None for kd on a split without
     labels the model knows (kd needs none: its evaluations are agreement with the teacher, `train.evaluate`)."""
-    from .data import dataset_label_map, load_split, make_dataloader, model_labels
     from .evaluation import accuracy
-    from .train import LABELS_FIX
+    from .train import evaluation_loader
 
-    try:
-        eval_set = load_split(args.data, args.eval_split, image_column=args.image_column,
-                              label_column=args.label_column, limit=args.eval_limit)  # fmt: skip
-        label_map = dataset_label_map(model_labels(ready.config), eval_set, args.data, fix=LABELS_FIX)
-    except RetrofitError:
-        if args.loss == "kd":
-            return None
-        raise
-    loader = make_dataloader(eval_set, ready.processor, batch_size=min(args.eval_batch_size, len(eval_set)),
-                             num_channels=getattr(ready.config, "num_channels", None), label_map=label_map)  # fmt: skip
-    return accuracy(baseline, loader)
+    loader, labelled = evaluation_loader(ready.config, ready.processor, args)
+    return accuracy(baseline, loader) if labelled else None
 
 
 def results_table(rows: list[dict], note: str | None = None) -> str:

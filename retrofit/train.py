@@ -183,6 +183,17 @@ def training_data(model, image_processor, run: TrainingRun) -> tuple:
                                label_map=label_map)  # fmt: skip
     if not run.eval_split:
         return train_dl, None
+    return train_dl, evaluation_loader(model.config, image_processor, run)[0]
+
+
+def evaluation_loader(config, image_processor, run: TrainingRun) -> tuple:
+    """The dataloader of `run`'s evaluation split for a model of `config`, and whether it is scored against labels
+    the model knows. kd needs no labels: on a split without them, or with classes the model does not know, its
+    loader has no labels and kd's evaluations are agreement with the teacher (`evaluate`). With ``--num-labels``
+    (a new head for the data's classes) the split's labels pass unmapped."""
+    from .data import dataset_label_map, load_split, make_dataloader, model_labels
+    from .loading import family_and_head
+
     labels = run.label_column
     try:
         eval_set = load_split(run.data, run.eval_split, image_column=run.image_column, label_column=labels,
@@ -190,21 +201,21 @@ def training_data(model, image_processor, run: TrainingRun) -> tuple:
     except RetrofitError:
         if run.loss != "kd" or not labels:
             raise
-        labels = None  # kd needs no labels: an unlabelled split measures agreement with the teacher
+        labels = None
         eval_set = load_split(run.data, run.eval_split, image_column=run.image_column, label_column=None,
                               limit=run.eval_limit)  # fmt: skip
     eval_map = None
-    if run.num_labels is None and labels and classifier:
+    if run.num_labels is None and labels and family_and_head(config)[1].is_classifier:
         try:
-            eval_map = dataset_label_map(model_labels(model.config), eval_set, run.data, fix=LABELS_FIX)
+            eval_map = dataset_label_map(model_labels(config), eval_set, run.data, fix=LABELS_FIX)
         except RetrofitError:
             if run.loss != "kd":
                 raise
-            eval_set = eval_set.remove_columns("label")  # a head with other classes: agreement with the teacher
+            labels, eval_set = None, eval_set.remove_columns("label")
     batch_size = min(run.eval_batch_size or run.batch_size, len(eval_set))
-    eval_dl = make_dataloader(eval_set, image_processor, batch_size=batch_size, num_workers=run.num_workers,
-                              num_channels=channels, label_map=eval_map)  # fmt: skip
-    return train_dl, eval_dl
+    loader = make_dataloader(eval_set, image_processor, batch_size=batch_size, num_workers=run.num_workers,
+                             num_channels=getattr(config, "num_channels", None), label_map=eval_map)  # fmt: skip
+    return loader, labels is not None
 
 
 def reinit_head(model, names: list[str] | None, num_labels: int) -> None:

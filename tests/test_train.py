@@ -878,6 +878,17 @@ def test_kd_evaluates_an_unlabelled_split_against_the_teacher(tiny_vit, colours,
     assert baseline["teacher_agreement"] == 1.0 and "accuracy" not in trained
     table = (tmp_path / "r" / "README.md").read_text()
     assert "| model | agreement with the teacher |" in table and "| 100.00 % |" in table
+    # Labels of classes the model does not know: the same agreement, in training and the baseline row alike.
+    other = tmp_path / "other"
+    shutil.copytree(colours, other)
+    for split in ("train", "test"):
+        for folder in sorted((other / split).iterdir()):
+            folder.rename(folder.with_name(f"unknown-{folder.name}"))
+    recipe["data"]["name"], recipe["export"]["output"] = str(other), str(tmp_path / "r2")
+    (tmp_path / "r2.yaml").write_text(json.dumps(recipe))
+    baseline, untrained, trained = run_recipe(tmp_path / "r2.yaml", progress=False, log=lambda _: None)["rows"]
+    assert baseline["teacher_agreement"] == 1.0 and 0 <= trained["teacher_agreement"] <= 1
+    assert not any("accuracy" in row for row in (baseline, untrained, trained))
 
 
 def test_checkpoints_inside_the_output_are_refused(tiny_vit, colours, tmp_path):
