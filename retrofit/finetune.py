@@ -23,7 +23,7 @@ import torch
 from .atomic import releases_write_locks
 from .errors import RetrofitError, brief, did_you_mean, shown
 from .settings import FinetuneArgs, PretrainRun, TrainingRun, from_options
-from .train import TrainResult, keeps_callers_random_state, train
+from .train import TrainResult, keeps_callers_random_state, train, training_data
 
 
 def finetune(
@@ -67,6 +67,7 @@ class Prepared:
     stored_dtype: torch.dtype  # the source's: the export is saved in it
     tokenizer: object | None = None  # a dual encoder's, saved into the export
     text_embeds: torch.Tensor | None = None  # a dual encoder's prompt embeddings, for --prompt-weight
+    data: tuple | None = None  # the training and evaluation dataloaders (`train.training_data`)
 
 
 @releases_write_locks
@@ -83,7 +84,8 @@ def run_finetune(
     ready = prepare(args, log=log)
     result = train(ready.model.float(), ready.processor, args, teacher=ready.teacher, text_embeds=ready.text_embeds,
                    checkpoint_dir=ready.checkpoint_dir, resume=args.resume, overwrite=args.overwrite,
-                   eval_at_start=eval_at_start, stop_after=stop_after, progress_bar=progress, log=log)  # fmt: skip
+                   data=ready.data, eval_at_start=eval_at_start, stop_after=stop_after, progress_bar=progress,
+                   log=log)  # fmt: skip
     finish(args, ready, result, log=log)
     publish(args, result, log=log)
     return result
@@ -92,7 +94,8 @@ def run_finetune(
 def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepared:
     """Everything before the training loop, in order: check where the run writes (export, checkpoints, Hub login)
     before any work → load the source as the model it is trained as (or a retrofit export to continue) → insert the
-    PatchMerger → load the teacher → calibrate the merger → embed the prompts of ``--prompt-weight``."""
+    PatchMerger → load the teacher → the dataloaders (every data error, before calibrating) → calibrate the merger
+    → embed the prompts of ``--prompt-weight``."""
     from accelerate.utils import set_seed
 
     from .atomic import check_checkpoint_dir, check_output, hold_write_lock
@@ -137,10 +140,11 @@ def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepar
     check_runs_on_its_images(model, processor, source)
     if teacher is not None:
         check_teacher_fits(teacher, model, processor, teacher_name)
+    data = training_data(model, processor, args)
     if args.calibrate and init == "random":
         init = _calibrate(model, args, resumed=resuming, log=log)
     ready = Prepared(model, teacher, processor, config, source_config, init, checkpoint_dir, resuming, model.dtype,
-                     tokenizer)  # fmt: skip
+                     tokenizer, data=data)  # fmt: skip
     if args.prompt_weight:
         ready.text_embeds = prompt_embeddings(args, ready, log=log)
     return ready

@@ -437,8 +437,8 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
         log(f"baseline zero-shot top-1: {100 * rows[0]['zero_shot_top1']:.2f} %")
 
     result = train(ready.model.float(), ready.processor, args, teacher=ready.teacher, text_embeds=ready.text_embeds,
-                   checkpoint_dir=ready.checkpoint_dir, resume=resume, overwrite=overwrite, eval_at_start=before,
-                   progress_bar=progress, log=log)  # fmt: skip
+                   checkpoint_dir=ready.checkpoint_dir, resume=resume, overwrite=overwrite, data=ready.data,
+                   eval_at_start=before, progress_bar=progress, log=log)  # fmt: skip
     if quality == "accuracy" and any("agreement" in h for h in result.eval_history):
         quality = "agreement"  # the training's evaluations had no labels this model knows
     history = [h for h in result.eval_history if quality in h]

@@ -407,6 +407,7 @@ def train(
     stop_after: int | None = None,
     progress_bar: bool = True,
     same_run: dict | None = None,
+    data: tuple | None = None,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train `model` on `run`'s data with `run`'s settings, distilling from `teacher` for kd/mix; return the trained
@@ -415,9 +416,10 @@ def train(
     contrastive pretraining (``loss="contrastive"``), which also score its evaluations by zero-shot accuracy on their
     class names with the first template. Checkpoints go to `checkpoint_dir`
     (`resume`: continue from the newest; `overwrite`: start over); `same_run`: more settings (JSON) that ``run.json``
-    records and a resumed run must share (pretraining's model and image processor). `eval_at_start` also evaluates
-    before the first step; `stop_after` N stops after N steps of the full schedule (with a checkpoint), as if
-    killed."""
+    records and a resumed run must share (pretraining's model and image processor); `data`: the (training, evaluation)
+    dataloaders `training_data` already made for `model` (finetune makes them before calibrating, so that a data
+    error comes before that work). `eval_at_start` also evaluates before the first step; `stop_after` N stops after N
+    steps of the full schedule (with a checkpoint), as if killed."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
@@ -448,7 +450,7 @@ def train(
             else "--prompt-weight needs the prompts' text embeddings (finetune makes them from the data's class names)"
         )
     set_seed(run.seed)
-    train_dl, eval_dl = training_data(model, image_processor, run)
+    train_dl, eval_dl = data or training_data(model, image_processor, run)
     images = len(train_dl.dataset)
 
     # Checkpoints: refuse to mix runs

@@ -1073,3 +1073,21 @@ def test_finetune_and_pretrain_give_the_callers_random_generators_back(tiny_vit,
         random.seed(11), np.random.seed(11), torch.manual_seed(11)
         run()
         assert draws() == expected
+
+
+def test_data_errors_come_before_calibrating(tiny_vit, colours, tmp_path, monkeypatch):
+    """A batch larger than the data, or labels the model does not know, is refused before the k-means calibration
+    (minutes on a real model), with nothing written."""
+    import retrofit.calibrate
+
+    def calibrated(*args, **kwargs):
+        raise AssertionError("calibrated before the data was checked")
+
+    monkeypatch.setattr(retrofit.calibrate, "calibrate_from_data", calibrated)
+    with pytest.raises(RetrofitError, match=r"batch size 1000 is larger than the data \(\d+ examples\)"):
+        finetune(tiny_vit, output=tmp_path / "o", after_layer=2, num_tokens=4, data=colours, max_steps=2,
+                 **FAST | {"batch_size": 1000})  # fmt: skip
+    with pytest.raises(RetrofitError, match="column 'kind'"):
+        finetune(tiny_vit, output=tmp_path / "o", after_layer=2, num_tokens=4, data=colours, loss="ce",
+                 label_column="kind", max_steps=2, **FAST)  # fmt: skip
+    assert not (tmp_path / "o").exists()
