@@ -194,10 +194,12 @@ def check_same_run(checkpoint_dir: Path, settings: dict) -> None:
 
 
 def _first_difference(saved, now, where: str) -> tuple[str, object, object] | None:
-    """The first place where two JSON values differ, as (dotted key, saved value, new value), or None."""
+    """The first place where two JSON values differ, as (dotted key, saved value, new value), or None. A key only one
+    side holds is not compared: the settings are recorded whole (every field of a config), so such a key is a field
+    one transformers release has and another lacks, not a setting."""
     if isinstance(saved, dict) and isinstance(now, dict):
-        for key in sorted(saved.keys() | now.keys()):
-            difference = _first_difference(saved.get(key), now.get(key), f"{where}.{key}")
+        for key in sorted(saved.keys() & now.keys()):
+            difference = _first_difference(saved[key], now[key], f"{where}.{key}")
             if difference is not None:
                 return difference
         return None

@@ -500,7 +500,9 @@ def pretrain(
             model = ViTForImageClassification(config)
     except (MemoryError, RuntimeError) as exc:  # "can't allocate memory" for a model too large for this machine
         raise RetrofitError(f"pretrain.model could not be built ({brief(exc)}); make it smaller") from None
-    same_run = {"pretrain": {"model": model_config, "image_processor": image_processor or {}}}  # for --resume
+    # For --resume: the model and processor as built, every field, so a field the recipe adds at its default value
+    # (or drops) changes nothing, and a changed one is named
+    same_run = {"pretrain": {"model": _fields(config.to_dict()), "image_processor": _fields(processor.to_dict())}}
     result = train(model, processor, run, captions=captions, checkpoint_dir=checkpoint_dir, resume=resume,
                    overwrite=overwrite, progress_bar=progress, same_run=same_run, log=log)  # fmt: skip
     if not (result.finished and result.is_main_process):
@@ -535,6 +537,12 @@ def character_tokenizer():
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
     tokenizer.model_max_length = 64
     return tokenizer
+
+
+def _fields(settings: dict) -> dict:
+    """A config's or image processor's `to_dict()` without the transformers release that wrote it (at any depth)."""
+    return {key: _fields(value) if isinstance(value, dict) else value
+            for key, value in settings.items() if key != "transformers_version"}  # fmt: skip
 
 
 def clip_config(model_config: dict, tokenizer):

@@ -1014,13 +1014,19 @@ def test_a_resumed_pretraining_keeps_its_model_and_image_processor(colours, tmp_
     pretrain(vit, **common)
     written = (tmp_path / "base" / "config.json").read_text()
     for model, processor, message in (
-        ({**vit, "hidden_act": "relu"}, None, "pretrain.model.hidden_act None, not 'relu'"),
-        (vit, {"image_mean": [0.1, 0.1, 0.1]}, "pretrain.image_processor.image_mean None, not [0.1, 0.1, 0.1]"),
+        ({**vit, "hidden_act": "relu"}, None, "pretrain.model.hidden_act 'gelu', not 'relu'"),
+        (
+            vit,
+            {"image_mean": [0.1, 0.1, 0.1]},
+            "pretrain.image_processor.image_mean [0.5, 0.5, 0.5], not [0.1, 0.1, 0.1]",
+        ),
     ):
         with pytest.raises(RetrofitError, match=r"holds checkpoints of a run with " + re.escape(message)):
             pretrain(model, image_processor=processor, resume=True, **common)
     assert (tmp_path / "base" / "config.json").read_text() == written
-    assert pretrain(vit, resume=True, **common).steps == 2
+    # The same model and processor, with a field written out at its default value: the same run.
+    same = {"hidden_act": "gelu", "layer_norm_eps": 1e-12}
+    assert pretrain(vit | same, image_processor={"do_resize": True}, resume=True, **common).steps == 2
 
 
 def test_pretrain_refuses_what_it_cannot_build_in_one_line(colours, tmp_path):
