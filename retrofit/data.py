@@ -7,6 +7,7 @@ one-line `RetrofitError`.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import math
@@ -15,6 +16,7 @@ import re
 import shutil
 import tempfile
 import unicodedata
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +48,24 @@ _SPLIT_ALIASES = {"validation": "test", "valid": "test", "val": "test", "eval": 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading splits
 # ----------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def datasets_progress_bars(shown: bool) -> Iterator[None]:
+    """datasets' own progress bars ("Generating train split", "Map") hidden in the block unless `shown`; as they were
+    after it (shown: left as they are, so the CLI's switch-off holds)."""
+    if shown:
+        yield
+        return
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
 
 
 def _read_idx(path: Path, offset: int) -> np.ndarray:
@@ -94,15 +114,8 @@ def _fashion_mnist(split: str, limit: int | None):
         try:  # cache the encoded split (atomically: temp folder + rename); a failure only costs time next run
             cached.parent.mkdir(parents=True, exist_ok=True)
             tmp = tempfile.mkdtemp(prefix=f".{cached.name}.tmp-", dir=cached.parent)
-            from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
-            was_disabled = are_progress_bars_disabled()
-            disable_progress_bars()
-            try:
+            with datasets_progress_bars(False):
                 dataset.save_to_disk(tmp)
-            finally:
-                if not was_disabled:
-                    enable_progress_bars()
             os.replace(tmp, cached)
             dataset = load_from_disk(str(cached))
         except OSError:

@@ -23,7 +23,7 @@ import torch
 from .atomic import releases_write_locks
 from .errors import RetrofitError, brief, did_you_mean, shown
 from .settings import FinetuneArgs, PretrainRun, TrainingRun, from_options
-from .train import TrainResult, keeps_callers_random_state, train, training_data
+from .train import TrainResult, hides_library_bars, keeps_callers_random_state, train, training_data
 
 
 def finetune(
@@ -42,7 +42,7 @@ def finetune(
     a retrofit export) and fine-tune it; export to `output`. `settings` are `retrofit.settings.FinetuneArgs` fields
     (data, loss, epochs, lr, task, teacher, calibrate, push_to_hub, ...: the options of ``retrofit finetune``).
     `eval_at_start` also scores the merged model before training; `stop_after` N stops after N steps (a checkpoint
-    to resume from); `progress` shows a progress bar."""
+    to resume from); `progress` shows progress bars (False: none, datasets' too)."""
     args = from_options(
         FinetuneArgs,
         {"source": source, "output": output, "after_layer": after_layer, "tokens": num_tokens, **settings},
@@ -72,6 +72,7 @@ class Prepared:
 
 @releases_write_locks
 @keeps_callers_random_state
+@hides_library_bars
 def run_finetune(
     args: FinetuneArgs,
     *,
@@ -393,6 +394,7 @@ def _training_info(run: TrainingRun, result: TrainResult, init: str, teacher: st
 
 @releases_write_locks
 @keeps_callers_random_state
+@hides_library_bars
 def pretrain(
     model_config: dict,
     *,

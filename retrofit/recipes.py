@@ -340,13 +340,13 @@ def run_recipe(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run a recipe end to end; returns a summary dict (a fine-tune's is also written as ``results.json`` next to the
-    checkpoints; a pretraining's output holds ``training.json``). `progress` shows the training's progress bar. The
-    run seeds the random generators (``training.seed``); the caller's Python, NumPy and torch CPU generators are
-    given back as they were."""
-    from .train import callers_random_state
+    checkpoints; a pretraining's output holds ``training.json``). `progress` shows progress bars (False: none,
+    datasets' too). The run seeds the random generators (``training.seed``); the caller's Python, NumPy and torch CPU
+    generators are given back as they were."""
+    from .train import callers_random_state, progress_bars
 
     recipe = load_recipe(path, overrides)
-    with callers_random_state():
+    with callers_random_state(), progress_bars(progress):
         if recipe["pretrain"] is not None:
             return _run_pretrain(recipe, path, overwrite=overwrite, resume=resume, progress=progress, log=log)
         return _run_finetune(recipe, path, overwrite=overwrite, resume=resume, progress=progress, log=log)

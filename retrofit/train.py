@@ -116,6 +116,42 @@ def keeps_callers_random_state(run: Callable[..., T]) -> Callable[..., T]:
     return whole_run
 
 
+@contextlib.contextmanager
+def progress_bars(shown: bool) -> Iterator[None]:
+    """The libraries' own progress bars (datasets' "Generating train split", transformers' "Loading weights" and
+    huggingface_hub's downloads) hidden in the block unless `shown`; as they were after it."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    from .data import datasets_progress_bars
+
+    if shown:
+        yield
+        return
+    transformers_bars, hub_bars = hf_logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # huggingface_hub's too
+    try:
+        with datasets_progress_bars(False):
+            yield
+    finally:
+        if transformers_bars:
+            hf_logging.enable_progress_bar()  # huggingface_hub's too
+        if not hub_bars:
+            disable_progress_bars()
+
+
+def hides_library_bars(run: Callable[..., T]) -> Callable[..., T]:
+    """For a whole run called from Python (finetune, pretrain): ``progress=False`` hides the libraries' progress bars
+    (`progress_bars`) as well as the training's."""
+
+    @functools.wraps(run)
+    def whole_run(*args, **kwargs):
+        with progress_bars(kwargs.get("progress", True)):
+            return run(*args, **kwargs)
+
+    return whole_run
+
+
 def training_budget(run: TrainSettings, images: int, steps_per_epoch: int, processes: int = 1) -> Budget:
     """The budget of `run` on `images` training images, `steps_per_epoch` optimizer steps per epoch: ``--max-steps``
     exactly; otherwise ``--epochs`` of the data, raised to ``--min-steps`` where that is more (a few epochs of a small

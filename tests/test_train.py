@@ -1097,3 +1097,29 @@ def test_data_errors_come_before_calibrating(tiny_vit, colours, tmp_path, monkey
         finetune(tiny_vit, output=tmp_path / "o", after_layer=2, num_tokens=4, data=colours, loss="ce",
                  label_column="kind", max_steps=2, **FAST)  # fmt: skip
     assert not (tmp_path / "o").exists()
+
+
+def test_progress_false_hides_the_libraries_bars_too(tiny_vit, colours, tmp_path, capfd):
+    """`finetune(progress=False)` from Python printed the libraries' own bars (datasets' "Generating train split" for
+    a new image folder, transformers' "Loading weights"); now nothing, and their switches are given back as they
+    were."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+
+    was_disabled = are_progress_bars_disabled(), not is_progress_bar_enabled()  # the CLI switches them off
+    enable_progress_bars()
+    enable_progress_bar()
+    try:
+        data = tmp_path / "new-data"  # not in datasets' cache: its splits are generated
+        shutil.copytree(colours, data)
+        capfd.readouterr()
+        finetune(tiny_vit, output=tmp_path / "o", after_layer=2, num_tokens=4, data=data, max_steps=1,
+                 log=lambda _: None, **FAST)  # fmt: skip
+        printed = capfd.readouterr().err
+        assert not are_progress_bars_disabled() and is_progress_bar_enabled()
+    finally:
+        if was_disabled[0]:
+            disable_progress_bars()
+        if was_disabled[1]:
+            disable_progress_bar()
+    assert "Generating" not in printed and "it/s]" not in printed and "examples/s]" not in printed, printed
