@@ -72,3 +72,30 @@ def test_a_saved_model_carries_the_code_that_runs_even_if_retrofit_s_copy_was_ed
     model.save_pretrained(tmp_path / "saved")
     assert (tmp_path / "saved" / copy.name).read_text() == rendered and copy.read_text() == rendered
     assert json.loads((tmp_path / "saved" / "config.json").read_text())["auto_map"] == model.config.auto_map
+
+
+def test_a_merger_the_checkpoint_lacks_is_initialised_and_a_loaded_one_kept(tiny_vit, tmp_path):
+    """A merged class loading weights without its merger's (a source checkpoint with a merged config, or an export with
+    another `merge_after_layer`) initialises the merger's queries, as transformers reports it does ("newly
+    initialized"), though transformers hands the merger to the `_init_weights` of the innermost model holding it: a
+    classifier's backbone, or a DINOv2 encoder (a model of its own in transformers 5.25), classes that know no merger.
+    The queries used to be left as `torch.empty` memory (garbage, NaN outputs). Loaded queries stay as saved."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from retrofit import convert
+
+    torch.manual_seed(0)
+    dinov2 = tmp_path / "dinov2"
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, image_size=32, patch_size=8)
+    Dinov2Model(config).save_pretrained(dinov2)
+    for source in (tiny_vit, dinov2):  # ViTForImageClassification (its backbone `vit`) and Dinov2Model
+        export = tmp_path / f"{source.name}-pm"
+        merged = convert(source, after_layer=2, num_tokens=3, output=export, log=lambda _: None).model
+        model_class = type(merged)
+        for loaded in (
+            model_class.from_pretrained(source, config=merged.config),  # the source's weights: no merger
+            model_class.from_pretrained(export, merge_after_layer=3),  # the export's merger is before layer 2
+        ):
+            queries = loaded.patch_merger.queries
+            assert torch.isfinite(queries).all() and 0.005 < queries.std().item() < 0.05, (source.name, queries.std())
+        assert torch.equal(model_class.from_pretrained(export).patch_merger.queries, merged.patch_merger.queries)

@@ -215,6 +215,19 @@ class ViTMSNPatchMergerForImageClassification(ViTMSNForImageClassification):
         else:
             super()._init_weights(module)
 
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """Initialise what was not loaded, the [`PatchMerger`]'s queries too (e.g. a source checkpoint loaded with a
+        merged config): transformers hands each module to the `_init_weights` of the innermost model holding it,
+        which for the merger may be one of the source's classes (the backbone of a classifier, an encoder that is a
+        model of its own), which knows no merger. Loaded weights carry transformers' `_is_hf_initialized` mark."""
+        super().initialize_weights()
+        for module in self.modules():
+            if isinstance(module, PatchMerger) and not getattr(module.queries, "_is_hf_initialized", False):
+                std = self._merger_init_std()
+                nn.init.trunc_normal_(module.queries, std=std, a=-2 * std, b=2 * std)
+                module.queries._is_hf_initialized = True
+
 
 register_weight_conversions(
     "ViTMSNModel",
@@ -246,6 +259,19 @@ class ViTMSNPatchMergerModel(ViTMSNModel):
             module.reset_parameters(std=self._merger_init_std())
         else:
             super()._init_weights(module)
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """Initialise what was not loaded, the [`PatchMerger`]'s queries too (e.g. a source checkpoint loaded with a
+        merged config): transformers hands each module to the `_init_weights` of the innermost model holding it,
+        which for the merger may be one of the source's classes (the backbone of a classifier, an encoder that is a
+        model of its own), which knows no merger. Loaded weights carry transformers' `_is_hf_initialized` mark."""
+        super().initialize_weights()
+        for module in self.modules():
+            if isinstance(module, PatchMerger) and not getattr(module.queries, "_is_hf_initialized", False):
+                std = self._merger_init_std()
+                nn.init.trunc_normal_(module.queries, std=std, a=-2 * std, b=2 * std)
+                module.queries._is_hf_initialized = True
 
 
 __all__ = [
