@@ -23,7 +23,7 @@ import torch
 from .atomic import releases_write_locks
 from .errors import RetrofitError, brief, did_you_mean, shown
 from .settings import FinetuneArgs, PretrainRun, TrainingRun, from_options
-from .train import TrainResult, hides_library_bars, keeps_callers_random_state, train, training_data
+from .train import TrainResult, hides_library_bars, keeps_callers_random_state, settle_losses, train, training_data
 
 
 def finetune(
@@ -141,6 +141,7 @@ def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepar
     check_runs_on_its_images(model, processor, source)
     if teacher is not None:
         check_teacher_fits(teacher, model, processor, teacher_name)
+    settle_losses(model, args)
     data = training_data(model, processor, args)
     if args.calibrate and init == "random":
         init = _calibrate(model, args, resumed=resuming, log=log)

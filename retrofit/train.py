@@ -193,6 +193,28 @@ def resumed_budget(budget: Budget, recorded: dict | None) -> Budget:
     return Budget(steps=steps, warmup=warmup, why=why)
 
 
+def settle_losses(model, run: TrainingRun, *, captions: Captions | None = None) -> None:
+    """Fill in `run`'s default feature weight for `model` (so that the model card names it) and refuse, in one line
+    and before any data is read, a loss `model` cannot train with: a backbone or dual encoder has no logits."""
+    from .loading import family_and_head
+
+    head = family_and_head(model.config)[1]
+    classifier, dual = head.is_classifier, head.is_dual_encoder
+    if run.feature_weight is None:
+        run.feature_weight = 0.0 if classifier else 1.0  # classifiers: logits (features measured neutral on them)
+    if run.loss == "contrastive" and (not dual or captions is None):
+        raise RetrofitError("loss contrastive pretrains an image-text dual encoder (CLIPModel) on captions")
+    distils = run.loss == "kd" and bool(run.feature_weight or (dual and run.prompt_weight))
+    if not classifier and run.loss != "contrastive" and not distils:
+        what = "an image-text dual encoder" if dual else "a backbone"
+        also = " or --prompt-weight" if dual else ""
+        raise RetrofitError(
+            f"{type(model).__name__} is {what} (no classifier head, no logits): fine-tune it with --loss kd and a "
+            f"positive --feature-weight{also}, which distil its {'image embeddings' if dual else 'features'} from "
+            "the unmerged model"
+        )
+
+
 def training_data(model, image_processor, run: TrainingRun) -> tuple:
     """The training and evaluation dataloaders of `run` for `model` (every data error is raised here, before any
     folder is created). Labels are mapped to the model's by class name; ``--num-labels`` gives the model a new head
@@ -463,21 +485,8 @@ def train(
     from .loading import family_and_head
 
     started = time.perf_counter()
-    head = family_and_head(model.config)[1]
-    classifier, dual = head.is_classifier, head.is_dual_encoder
-    if run.feature_weight is None:  # filled in here, so that the model card names it
-        run.feature_weight = 0.0 if classifier else 1.0  # classifiers: logits (features measured neutral on them)
-    if run.loss == "contrastive" and (not dual or captions is None):
-        raise RetrofitError("loss contrastive pretrains an image-text dual encoder (CLIPModel) on captions")
-    distils = run.loss == "kd" and bool(run.feature_weight or (dual and run.prompt_weight))
-    if not classifier and run.loss != "contrastive" and not distils:
-        what = "an image-text dual encoder" if dual else "a backbone"
-        also = " or --prompt-weight" if dual else ""
-        raise RetrofitError(
-            f"{type(model).__name__} is {what} (no classifier head, no logits): fine-tune it with --loss kd and a "
-            f"positive --feature-weight{also}, which distil its {'image embeddings' if dual else 'features'} from "
-            "the unmerged model"
-        )
+    settle_losses(model, run, captions=captions)
+    dual = family_and_head(model.config)[1].is_dual_encoder
     if run.prompt_weight and (not dual or text_embeds is None):
         raise RetrofitError(
             "--prompt-weight distils the image-text similarities of a dual encoder (CLIP, SigLIP) over the data's "

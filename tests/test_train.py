@@ -245,7 +245,7 @@ def test_sample_and_calibration_images_are_seeded_shuffled_subsets(tiny_vit, col
     settings = dict(after_layer=2, num_tokens=4, data=colours, epochs=1, eval_split=None, **FAST)
     result = finetune(tiny_vit, output=tmp_path / "pm", sample=16, seed=3, calibrate_images=5, **settings)
     assert result.steps == 2  # 16 of the 24 training images, batch 8
-    assert [(kw["limit"], kw["sample_seed"]) for kw in asked] == [(5, 3), (16, 3)]  # calibration, then training
+    assert [(kw["limit"], kw["sample_seed"]) for kw in asked] == [(16, 3), (5, 3)]  # the training data, calibration
     assert "k-means of the layer-2 tokens of 5 images of" in (tmp_path / "pm" / "README.md").read_text()
     capsys.readouterr()
     # --limit with --sample, no calibration images: one line each, nothing written
