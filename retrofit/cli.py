@@ -53,7 +53,13 @@ class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (what was wrong, where to look) with exit code 2."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def one_line(message: str) -> str:
+    """`message` as the one line an error is: a line break or other control character in it (from a value the user
+    gave, such as ``--device $'cuda\\n'``) is written as its escape (``\\n``), as `repr` shows it."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in message)
 
 
 def _command_in(argv: list[str]) -> str | None:
@@ -152,12 +158,12 @@ def _command(argv: list[str]) -> int:
     except RetrofitError as exc:
         if namespace.verbose:
             raise
-        print(f"retrofit: error: {exc}", file=sys.stderr)
+        print(f"retrofit: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:  # the file system said no (full disk, permissions): nothing retrofit can work around
         if namespace.verbose or not is_file_system_error(exc):
             raise
-        print(f"retrofit: error: {describe_os_error(exc)} (-v shows where)", file=sys.stderr)
+        print(f"retrofit: error: {one_line(describe_os_error(exc))} (-v shows where)", file=sys.stderr)
         return RetrofitError.exit_code
     except KeyboardInterrupt:
         print("retrofit: interrupted", file=sys.stderr)

@@ -97,3 +97,20 @@ def test_a_wrong_value_is_quoted_short_in_its_one_line_message(tiny_vit):
             retrofit.convert(str(tiny_vit), after_layer=value, num_tokens=2)
         assert f"--after-layer must be a whole number, not {shown}" in str(refused.value)
         assert len(str(refused.value)) < 200 and "\n" not in str(refused.value)
+
+
+def test_an_error_quoting_a_value_with_a_line_break_is_still_one_line(capsys):
+    """A value holding a line break (or another control character) is quoted escaped, as repr shows it: the error
+    stays one line (``--device $'cuda\\n'`` printed two)."""
+    for argv, shown in (
+        (["bench", "m", "--device", "cuda\n"], "unknown device 'cuda\\n'"),
+        (["sweep", "s", "--after-layer", "1\n2", "--tokens", "2"], "--after-layer '1\\n2' is not"),
+        (["push", "e", "--repo-id", "u/r", "extra\nword"], "unrecognized arguments: extra\\nword"),
+        (["bench", "m", "--dtype", "fp32\x1b[31m"], "unknown dtype 'fp32\\x1b[31m'"),
+    ):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # a usage error, from argparse
+            code = exc.code
+        err = capsys.readouterr().err
+        assert code == 2 and shown in err and err.count("\n") == 1, err
