@@ -52,6 +52,7 @@ def setting(
     positive: bool = False,
     interval: tuple[float, float, str] | None = None,
     expect: str | None = None,
+    blank: bool = False,
     cli: bool = True,
 ) -> Any:
     """A dataclass field that is a setting: `help` for ``--help``; `key` its recipe key and `flag` its option where
@@ -59,11 +60,13 @@ def setting(
     `positional` a positional argument (`nargs`, `const` as argparse's); `parse` turns an option's text into the value
     (``"1,32,256"`` -> (1, 32, 256)). The value must be `at_least` N (0: "0 or more"), `positive`, or in `interval`
     (low, high, text such as ``"[0, 1)"``; high excluded when the text ends in ``)``); `expect` says what it must be
-    when it is not (``a number of seconds from 0 to 3600``). `cli` False: a recipe or Python setting only."""
+    when it is not (``a number of seconds from 0 to 3600``). Text that is empty or only spaces is refused (an unset
+    shell variable: ``--data "$DATA"`` read the current folder as the data) unless `blank` (it means something, as
+    ``--eval-split ''`` does: none). `cli` False: a recipe or Python setting only."""
     metadata = {
         "help": help, "key": key, "flag": flag, "short": short, "metavar": metavar, "positional": positional,
         "nargs": nargs, "const": const, "parse": parse, "at_least": at_least, "positive": positive,
-        "interval": interval, "expect": expect, "cli": cli,
+        "interval": interval, "expect": expect, "blank": blank, "cli": cli,
     }  # fmt: skip
     if isinstance(default, list | dict | set):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
@@ -121,6 +124,9 @@ def _problem(kind, value, spec: dataclasses.Field) -> str | None:
         if meta["expect"]:
             return f"must be {meta['expect']} (got {shown(value)})"
         return f"must be {_describe(kind)}, not {shown(value)}"
+    if kind is str and not value.strip() and not meta.get("blank"):
+        required = spec.default is MISSING and spec.default_factory is MISSING
+        return f"is empty (got {shown(value)}); give a value{'' if required else ' or leave the option out'}"
     for number in values:
         if meta["at_least"] is not None and number < meta["at_least"]:
             least = "0 or more" if meta["at_least"] == 0 else f"at least {meta['at_least']:g}"
@@ -363,7 +369,7 @@ class DataSettings(Settings):
 
     data: str = setting(help=DATA_HELP, key="name")
     split: str = setting("train", "training split", key="train_split")
-    eval_split: str | None = setting("test", "evaluation split ('' for none)")
+    eval_split: str | None = setting("test", "evaluation split ('' for none)", blank=True)
     image_column: str = image_column_setting()
     label_column: str | None = setting("label", "label column of the data")
     limit: int | None = setting(None, "use only the first N training images", metavar="N", at_least=1)
@@ -643,8 +649,8 @@ class RunArgs(Settings):
 class RecipeInfo(Settings):
     """A recipe's top-level keys."""
 
-    name: str | None = setting(None, "what the recipe is called", cli=False)
-    description: str | None = setting(None, "what it does", cli=False)
+    name: str | None = setting(None, "what the recipe is called", blank=True, cli=False)
+    description: str | None = setting(None, "what it does", blank=True, cli=False)
     source: str | None = setting(None, SOURCE_HELP)
     task: Literal[TASKS] | None = task_setting()
     teacher: str | None = setting(None, "the model to distil from (default: source)")

@@ -427,7 +427,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(capsys, tmp
     assert_refused(capsys, tmp_path / "a-file" / "out", tiny_vit, "--after-layer", 1, "--tokens", 2,
                    match=f"is under '{tmp_path / 'a-file'}', which is a file; choose another --output")  # fmt: skip
     code, err = run_cli(capsys, "convert", tiny_vit, "--after-layer", 1, "--tokens", 2, "--output", " ")
-    assert code == 2 and err == "retrofit: error: --output is empty; give the folder to write"
+    assert code == 2 and err == "retrofit: error: --output is empty (got ' '); give a value or leave the option out"
 
 
 def test_a_full_disk_while_saving_the_weights_is_one_line(capsys, tmp_path, tiny_vit, monkeypatch):

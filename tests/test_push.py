@@ -191,7 +191,8 @@ def test_malformed_export_json_is_refused_in_one_line(export_dir, hub, tmp_path,
 def test_bad_revision_is_refused_before_anything_is_created(export_dir, hub, capsys, revision):
     assert main(["push", str(export_dir), "--repo-id", "me/x", f"--revision={revision}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert f"--revision {revision!r} is not a valid branch name" in err and len(err.splitlines()) == 1
+    problem = "is empty (got '')" if revision == "" else f"{revision!r} is not a valid branch name"
+    assert f"--revision {problem}" in err and len(err.splitlines()) == 1
     assert hub["repos"] == [] and hub["branches"] == [] and hub["commits"] == []
 
 

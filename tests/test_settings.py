@@ -114,3 +114,26 @@ def test_an_error_quoting_a_value_with_a_line_break_is_still_one_line(capsys):
             code = exc.code
         err = capsys.readouterr().err
         assert code == 2 and shown in err and err.count("\n") == 1, err
+
+
+def test_empty_text_is_refused_where_it_means_nothing(tmp_path, monkeypatch, capsys):
+    """An empty (or all-space) value, as an unset shell variable gives, is refused in one line before anything is
+    read: ``--data ''`` read the current folder as an image folder (100 s here) before it failed, ``--card ''`` and
+    ``--push-to-hub ''`` were ignored, ``-o ''`` became '.'. ``--eval-split ''`` keeps its meaning: none."""
+    monkeypatch.chdir(tmp_path)
+    for argv, option in (
+        (["evaluate", "m", "--data", ""], "--data"),
+        (["evaluate", "m", "--data", "d", "--card", " "], "--card"),
+        (["convert", "s", "--after-layer", "1", "--tokens", "2", "-o", "o", "--push-to-hub", ""], "--push-to-hub"),
+        (["export-onnx", "m", "-o", ""], "--output"),
+        (["run", ""], "--recipe"),
+        (["finetune", "s", "-o", "o", "--data", "d", "--teacher", ""], "--teacher"),
+    ):
+        assert main(argv) == 2
+        assert capsys.readouterr().err.startswith(f"retrofit: error: {option} is empty (got ")
+    assert not list(tmp_path.iterdir())
+    assert FinetuneArgs(source="s", output="o", data="d", eval_split="").eval_split is None
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("source: s\nmerge: {after_layer: 1, tokens: 2}\ndata: {name: ''}\nexport: {output: o}\n")
+    with pytest.raises(RetrofitError, match=r"^data.name in recipe '.*' is empty \(got ''\); give a value$"):
+        load_recipe(recipe)
