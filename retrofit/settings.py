@@ -274,15 +274,25 @@ def from_namespace(cls: type, namespace: argparse.Namespace) -> Any:
     return cls(**{spec.name: getattr(namespace, spec.name) for spec in fields(cls) if hasattr(namespace, spec.name)})
 
 
+def comma_items(text: str, example: str) -> list[str]:
+    """The items of a comma-separated option value, stripped. Every list option is read this way, as one rule: an
+    empty value, or an empty item (``1,,2``, ``1,2,``, ``,``: a typo or an unset shell variable) -> ValueError naming
+    `example`."""
+    items = [part.strip() for part in str(text).split(",")]
+    if not str(text).strip():
+        raise ValueError(f"is empty; give one or more values separated by commas, e.g. {example}")
+    if "" in items:
+        raise ValueError(f"{shown(str(text))} has an empty item; separate the values by single commas, e.g. {example}")
+    return items
+
+
 def comma_ints(text: str) -> tuple[int, ...]:
     """``"3,6,9"`` -> (3, 6, 9), repeats dropped; not a list of whole numbers -> ValueError."""
+    items = comma_items(text, "3,6,9")
     try:
-        values = tuple(dict.fromkeys(int(part) for part in str(text).split(",") if part.strip()))
+        return tuple(dict.fromkeys(int(part) for part in items))
     except ValueError:
-        raise ValueError(f"'{text}' is not a comma-separated list of whole numbers, e.g. 3,6,9") from None
-    if not values:
-        raise ValueError("give one or more whole numbers, e.g. 3,6,9")
-    return values
+        raise ValueError(f"{shown(str(text))} is not a comma-separated list of whole numbers, e.g. 3,6,9") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -707,8 +717,7 @@ def parse_compile(text: str | None) -> tuple[str, ...]:
     if text is None:
         return ("eager",)
     modes: list[str] = []
-    for part in str(text).split(","):
-        part = part.strip()
+    for part in comma_items(text, "default,reduce-overhead"):
         if part == "both":
             modes += ["eager", "default"]
         elif part in ("off", "none", "eager"):
@@ -716,23 +725,24 @@ def parse_compile(text: str | None) -> tuple[str, ...]:
         elif part in COMPILE_MODES:
             modes.append(part)
         else:
-            raise ValueError(f"has the unknown mode '{part}'; use {', '.join(COMPILE_MODES)}, both or off")
+            raise ValueError(f"has the unknown mode {shown(part)}; use {', '.join(COMPILE_MODES)}, both or off")
     return tuple(dict.fromkeys(modes))
 
 
 def parse_merges(text: str | None) -> tuple[tuple[str, int], ...]:
-    """``"6:8"``, ``"half:8"`` or several comma-separated -> ((after_layer or 'half', tokens), ...)."""
+    """``"6:8"``, ``"half:8"`` or several comma-separated -> ((after_layer or 'half', tokens), ...), repeats dropped;
+    None -> () (no merge)."""
     import re
 
+    if text is None:
+        return ()
     merges = []
-    for part in str(text or "").split(","):
-        if not part.strip():
-            continue
-        match = re.fullmatch(r"\s*(half|\d+):(\d+)\s*", part)
+    for part in comma_items(text, "6:8 or half:8,3:16"):
+        match = re.fullmatch(r"(half|\d+):(\d+)", part)
         if not match:
-            raise ValueError(f"'{part}' is not K:M (e.g. 6:8 or half:8)")
+            raise ValueError(f"{shown(part)} is not K:M (e.g. 6:8 or half:8)")
         merges.append((match.group(1), int(match.group(2))))
-    return tuple(merges)
+    return tuple(dict.fromkeys(merges))
 
 
 def _check_batch_sizes(settings: Settings, name: str, sizes: tuple[int, ...]) -> None:
@@ -818,8 +828,9 @@ class SweepSettings(Settings):
     """What `retrofit sweep` tries and how it measures each setting."""
 
     after_layers: tuple[int, ...] = setting(help="comma-separated K values, e.g. 3,6,9", flag="--after-layer",
-                                            metavar="K,...", parse=comma_ints)  # fmt: skip
-    tokens: tuple[int, ...] = setting(help="comma-separated M values, e.g. 4,8,16", metavar="M,...", parse=comma_ints)
+                                            metavar="K,...", parse=comma_ints, at_least=1)  # fmt: skip
+    tokens: tuple[int, ...] = setting(help="comma-separated M values, e.g. 4,8,16", metavar="M,...", parse=comma_ints,
+                                      at_least=1)  # fmt: skip
     data: str | None = setting(None, f"{DATA_HELP} (not with --dry-run)")
     split: str = setting("test", "split to measure accuracy on")
     calibrate_split: str = setting("train", "split to calibrate (and fine-tune) on")

@@ -137,3 +137,30 @@ def test_empty_text_is_refused_where_it_means_nothing(tmp_path, monkeypatch, cap
     recipe.write_text("source: s\nmerge: {after_layer: 1, tokens: 2}\ndata: {name: ''}\nexport: {output: o}\n")
     with pytest.raises(RetrofitError, match=r"^data.name in recipe '.*' is empty \(got ''\); give a value$"):
         load_recipe(recipe)
+
+
+def test_every_list_option_reads_its_commas_one_way(capsys):
+    """bench --batch-size/--merge/--compile and sweep --after-layer/--tokens: an empty item (``1,,2``, ``1,2,``,
+    ``,``) or an empty value is refused, not skipped (``--batch-size 1,,2`` measured 1 and 2, ``--merge ,`` merged
+    nothing); repeats are dropped; K and M below 1 are refused up front, as convert's are."""
+    from retrofit.settings import BenchArgs, SweepArgs, comma_ints, parse_compile, parse_merges
+
+    for value in ("1,,2", "1,2,", ",", "", " "):
+        for argv in (
+            ["bench", "m", "--batch-size", value],
+            ["bench", "m", "--merge", value.replace("1", "6:8").replace("2", "3:4")],
+            ["bench", "m", "--compile", value.replace("1", "eager").replace("2", "default")],
+            ["sweep", "s", "--after-layer", value, "--tokens", "2"],
+            ["sweep", "s", "--after-layer", "1", "--tokens", value],
+        ):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert ("has an empty item" in err or "is empty" in err) and err.count("\n") == 1, err
+    assert comma_ints(" 8, 8 ,16") == (8, 16) and parse_merges("half:8,half:8") == (("half", 8),)
+    assert parse_compile("eager,off") == ("eager",) and parse_merges(None) == ()
+    assert BenchArgs(models=["m"], batch_sizes="1, 32").batch_sizes == (1, 32)
+    for value in ("0", "-1", "3,0"):
+        with pytest.raises(RetrofitError, match=r"^--after-layer must be at least 1 \(got"):
+            SweepArgs(source="s", after_layers=value, tokens="2")
+        with pytest.raises(RetrofitError, match=r"^--tokens must be at least 1 \(got"):
+            SweepArgs(source="s", after_layers="1", tokens=value)
