@@ -98,8 +98,8 @@ def _kind(annotation) -> tuple[Any, bool]:
 
 
 def _describe(kind) -> str:
-    if typing.get_origin(kind) is tuple:
-        return "a list of whole numbers" if typing.get_args(kind)[0] is int else "a list"
+    if typing.get_origin(kind) in (tuple, list):
+        return {int: "a list of whole numbers", str: "a list of text"}.get(typing.get_args(kind)[0], "a list")
     return {int: "a whole number", float: "a finite number", str: "text", bool: "true or false"}.get(kind, str(kind))
 
 
@@ -108,7 +108,7 @@ def _problem(kind, value, spec: dataclasses.Field) -> str | None:
     if typing.get_origin(kind) is Literal:
         choices = typing.get_args(kind)
         return None if value in choices else f"must be one of {', '.join(map(str, choices))}, not {shown(value)}"
-    if typing.get_origin(kind) is tuple:
+    if typing.get_origin(kind) in (tuple, list):
         item = typing.get_args(kind)[0]
         items = {int: lambda v: isinstance(v, int) and not isinstance(v, bool), str: lambda v: isinstance(v, str)}
         good = items.get(item, lambda v: True)
@@ -171,7 +171,7 @@ def _checked(cls: type, spec: dataclasses.Field, annotation, value):
             raise SettingError(cls, spec.name, str(exc)) from None
     if isinstance(value, list) and typing.get_origin(kind) is tuple:
         value = tuple(value)
-    problem = None if typing.get_origin(kind) is list else _problem(kind, value, spec)
+    problem = _problem(kind, value, spec)
     if problem:
         raise SettingError(cls, spec.name, problem)
     return value

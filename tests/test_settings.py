@@ -164,3 +164,15 @@ def test_every_list_option_reads_its_commas_one_way(capsys):
             SweepArgs(source="s", after_layers=value, tokens="2")
         with pytest.raises(RetrofitError, match=r"^--tokens must be at least 1 \(got"):
             SweepArgs(source="s", after_layers="1", tokens=value)
+
+
+def test_a_list_of_text_is_checked_item_by_item(capsys):
+    """``run R --set=--`` (argparse hands such an option an empty list) raised AttributeError from the recipe code:
+    a list setting's items are checked like a tuple's."""
+    from retrofit.settings import EvaluateArgs
+
+    assert main(["run", "r.yaml", "--set=--"]) == 2
+    assert capsys.readouterr().err == "retrofit: error: --set must be a list of text, not [[]]\n"
+    with pytest.raises(RetrofitError, match=r"^--models must be a list of text, not \['a', 1\]$"):
+        EvaluateArgs(models=["a", 1], data="d")
+    assert EvaluateArgs(models=["a", "b"], data="d").models == ["a", "b"]
