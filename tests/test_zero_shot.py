@@ -15,7 +15,7 @@ import torch
 from conftest import save_tiny, tiny_clip_tokenizer, tiny_siglip_tokenizer
 from safetensors.torch import load_file
 from test_data import make_imagefolder
-from test_families import OLDEST_PYTHON, OVERLAYS, _clip, _siglip
+from test_families import INPUT_IDS, OLDEST_PYTHON, OVERLAYS, _clip, _siglip
 
 from retrofit import convert
 from retrofit.cli import main
@@ -390,3 +390,30 @@ def test_pretraining_a_clip_needs_the_contrastive_loss(images, tmp_path):
         pretrain(model, output=tmp_path / "x", data=str(images), max_steps=1)
     with pytest.raises(RetrofitError, match="unknown CLIPVisionConfig field 'patch'"):
         pretrain({"vision_config": {"patch": 8}}, output=tmp_path / "x", data=str(images), loss="contrastive")
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_images_alone_take_the_vision_arguments_and_return_dict(name, duals):
+    """The export called with images alone (its own shortcut: the source needs text) answers as the full forward does
+    for the image side: hidden states and attentions where asked (they were dropped: None), a tuple with
+    `return_dict=False` (it gave a ModelOutput); the text tower's arguments have no text to apply to."""
+    from transformers import AutoModel
+
+    from retrofit.hub_code import register_auto_classes
+
+    register_auto_classes()
+    model = AutoModel.from_pretrained(duals[name][1], attn_implementation="eager").eval()
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    asked = {"output_hidden_states": True, "output_attentions": True}
+    with torch.no_grad():
+        alone = model(pixel_values=pixels, attention_mask=torch.ones(3, 5), **asked)
+        full = model(input_ids=INPUT_IDS, pixel_values=pixels, **asked)
+        as_tuple = model(pixel_values=pixels, return_dict=False)
+    vision, expected = alone.vision_model_output, full.vision_model_output
+    assert len(vision.hidden_states) == 4 + 1 and len(vision.attentions) == 4
+    for got, want in zip(
+        (*vision.hidden_states, *vision.attentions), (*expected.hidden_states, *expected.attentions), strict=True
+    ):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(alone.image_embeds, full.image_embeds)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], alone.image_embeds)

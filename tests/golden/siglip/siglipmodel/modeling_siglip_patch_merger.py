@@ -217,13 +217,17 @@ class SiglipPatchMergerModel(SiglipModel):
     def forward(self, input_ids=None, pixel_values=None, *args, **kwargs):
         """[`SiglipModel.forward`]; called with images alone (no `input_ids`), it returns their normalised
         embeddings alone (`image_embeds`, as the full forward normalises them, and `vision_model_output`), without a
-        pass through the text tower: what is timed, calibrated and distilled for zero-shot classification."""
+        pass through the text tower: what is timed, calibrated and distilled for zero-shot classification. The
+        vision tower's arguments (`output_hidden_states`, `output_attentions`, ...) and `return_dict` apply as in
+        the full forward; those of the text tower (`attention_mask`, `position_ids`, `return_loss`) have no text."""
         if input_ids is None and pixel_values is not None and not args:
-            vision = self.get_image_features(
-                pixel_values=pixel_values, interpolate_pos_encoding=kwargs.get("interpolate_pos_encoding", False)
-            )
+            return_dict = kwargs.pop("return_dict", None)
+            for name in ("attention_mask", "position_ids", "return_loss"):
+                kwargs.pop(name, None)
+            vision = self.get_image_features(pixel_values=pixel_values, **kwargs)
             embeds = vision.pooler_output / vision.pooler_output.norm(p=2, dim=-1, keepdim=True)
-            return SiglipOutput(image_embeds=embeds, vision_model_output=vision)
+            output = SiglipOutput(image_embeds=embeds, vision_model_output=vision)
+            return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
         return super().forward(input_ids, pixel_values, *args, **kwargs)
 
     @torch.no_grad()
