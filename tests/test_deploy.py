@@ -174,3 +174,17 @@ def test_a_graph_records_the_gflops_of_the_images_it_runs_on(tmp_path):
     merged = convert(source, after_layer=2, num_tokens=4, output=tmp_path / "pm", log=lambda _: None)
     assert main(["export-onnx", str(tmp_path / "pm"), "--output", str(tmp_path / "pm.onnx")]) == 0
     assert deploy.onnx_info(tmp_path / "pm.onnx")["gflops"] == pytest.approx(merged.after.gflops)
+
+
+def test_a_bf16_export_gives_an_fp32_graph_checked_against_the_fp32_model(tiny_vit, tmp_path, capsys):
+    """An export keeps its source's dtype (a bf16 checkpoint gives a bf16 export); its fp32 graph is checked against
+    the model in fp32 (its weights upcast, exactly), not in bf16, whose rounding (~1e-3) failed the fp32 tolerance."""
+    from conftest import save_tiny
+    from transformers import ViTForImageClassification
+
+    source = save_tiny(ViTForImageClassification.from_pretrained(tiny_vit, dtype=torch.bfloat16), tmp_path / "bf16")
+    export = tmp_path / "bf16-pm"
+    convert(source, after_layer=2, num_tokens=4, output=export, log=lambda _: None)
+    assert json.loads((export / "config.json").read_text())["dtype"] == "bfloat16"
+    assert main(["export-onnx", str(export), "-o", str(tmp_path / "model.onnx")]) == 0
+    assert "(tolerance 0.0001); exporter: dynamo, fp32" in capsys.readouterr().out
