@@ -49,6 +49,7 @@ def setting(
     const: Any = None,
     parse: typing.Callable[[str], Any] | None = None,
     at_least: float | None = None,
+    at_most: float | None = None,
     positive: bool = False,
     interval: tuple[float, float, str] | None = None,
     expect: str | None = None,
@@ -58,14 +59,16 @@ def setting(
     """A dataclass field that is a setting: `help` for ``--help``; `key` its recipe key and `flag` its option where
     they are not the field name (``--batch-size`` for `BenchSettings.batch_sizes`); `short` an extra short option;
     `positional` a positional argument (`nargs`, `const` as argparse's); `parse` turns an option's text into the value
-    (``"1,32,256"`` -> (1, 32, 256)). The value must be `at_least` N (0: "0 or more"), `positive`, or in `interval`
+    (``"1,32,256"`` -> (1, 32, 256)). The value must be `at_least` N (0: "0 or more"), `at_most` N, `positive`, or in
+    `interval`
     (low, high, text such as ``"[0, 1)"``; high excluded when the text ends in ``)``); `expect` says what it must be
     when it is not (``a number of seconds from 0 to 3600``). Text that is empty or only spaces is refused (an unset
     shell variable: ``--data "$DATA"`` read the current folder as the data) unless `blank` (it means something, as
     ``--eval-split ''`` does: none). `cli` False: a recipe or Python setting only."""
     metadata = {
         "help": help, "key": key, "flag": flag, "short": short, "metavar": metavar, "positional": positional,
-        "nargs": nargs, "const": const, "parse": parse, "at_least": at_least, "positive": positive,
+        "nargs": nargs, "const": const, "parse": parse, "at_least": at_least, "at_most": at_most,
+        "positive": positive,
         "interval": interval, "expect": expect, "blank": blank, "cli": cli,
     }  # fmt: skip
     if isinstance(default, list | dict | set):
@@ -131,6 +134,8 @@ def _problem(kind, value, spec: dataclasses.Field) -> str | None:
         if meta["at_least"] is not None and number < meta["at_least"]:
             least = "0 or more" if meta["at_least"] == 0 else f"at least {meta['at_least']:g}"
             return f"must be {least} (got {number})"
+        if meta.get("at_most") is not None and number > meta["at_most"]:
+            return f"must be at most {meta['at_most']:,} (got {number:,})"
         if meta["positive"] and number <= 0:
             return f"must be positive (got {number})"
         if meta["interval"] is not None:
@@ -312,6 +317,13 @@ PRETRAIN_LOSSES = ("ce", "contrastive")  # a ViT classifier from labels; a CLIP 
 # The captions a contrastive pretraining writes for each image from its class name (`PretrainSettings`).
 CAPTION_TEMPLATES = ("a photo of a {}.", "a {}.", "a picture of a {}.", "an image of a {}.", "a photo of the {}.")
 TRAINABLE = ("merger-and-after", "all")
+# Upper bounds far above any real use, so that a typo (an extra digit, 1e30) is one line, not a MemoryError or a
+# fork of that many processes: --num-workers (DataLoader processes), --num-labels (the new head's rows and label
+# names), --epochs (1e308 overflowed the step count), export-onnx --images (one batch through both runtimes).
+MAX_WORKERS = 1024
+MAX_LABELS = 1_000_000
+MAX_EPOCHS = 1_000_000
+MAX_CHECK_IMAGES = 1024
 PRECISIONS = ("no", "bf16", "fp16")
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
             "comet_ml": ("comet_ml",), "aim": ("aim",), "clearml": ("clearml",), "dvclive": ("dvclive",)}  # fmt: skip
@@ -388,7 +400,7 @@ class DataSettings(Settings):
         metavar="N", at_least=1,
     )  # fmt: skip
     eval_limit: int | None = setting(None, "use only the first N evaluation images", metavar="N", at_least=1)
-    num_workers: int = setting(0, "dataloader worker processes", at_least=0)
+    num_workers: int = setting(0, "dataloader worker processes", at_least=0, at_most=MAX_WORKERS)
     augment: bool = setting(False, "random resized crops and horizontal flips of the training images")
 
     def check(self) -> None:
@@ -432,8 +444,9 @@ class TrainSettings(Settings):
         "text tower, text projection and logit scale stay frozen)",
     )  # fmt: skip
     epochs: float = setting(
-        1.0, "epochs (fractions allowed); a budget below --min-steps is raised to it (more epochs of small data)"
-    )
+        1.0, "epochs (fractions allowed); a budget below --min-steps is raised to it (more epochs of small data)",
+        at_most=MAX_EPOCHS,
+    )  # fmt: skip
     max_steps: int | None = setting(None, "optimizer steps, exactly (overrides --epochs, --min-steps)", positive=True)
     min_steps: int = setting(
         1000, "the fewest optimizer steps an --epochs budget trains: on small data a few epochs are too few steps to "
@@ -465,8 +478,9 @@ class TrainSettings(Settings):
     keep_checkpoints: int = setting(2, "checkpoints kept", positive=True)
     report_to: str | None = setting(None, f"tracker for Accelerate: {', '.join(TRACKERS)} or all")
     num_labels: int | None = setting(
-        None, "a new N-class classifier (implies --task image-classification)", metavar="N", at_least=2
-    )
+        None, "a new N-class classifier (implies --task image-classification)", metavar="N", at_least=2,
+        at_most=MAX_LABELS,
+    )  # fmt: skip
 
     def check(self) -> None:
         super().check()
@@ -890,7 +904,10 @@ class ExportOnnxArgs(Settings):
     model: str = setting(help="a retrofit export (or a checkpoint retrofit converts, to compare with)", positional=True)
     output: str = setting(help="the .onnx file to write", short="-o")
     dtype: Literal["fp32", "fp16"] = setting("fp32", "the graph's precision (fp16: half the size, for GPUs)")
-    images: int = setting(4, "noise images, prepared by the model's own processor, for the check", at_least=2)
+    images: int = setting(
+        4, "noise images, prepared by the model's own processor, for the check (one batch)", at_least=2,
+        at_most=MAX_CHECK_IMAGES,
+    )  # fmt: skip
     tolerance: float | None = setting(
         None, "largest accepted |ONNX - PyTorch| output difference, relative to the outputs' scale (default: 1e-4 "
         "for fp32, 2e-2 for fp16)", positive=True,

@@ -176,3 +176,33 @@ def test_a_list_of_text_is_checked_item_by_item(capsys):
     with pytest.raises(RetrofitError, match=r"^--models must be a list of text, not \['a', 1\]$"):
         EvaluateArgs(models=["a", 1], data="d")
     assert EvaluateArgs(models=["a", "b"], data="d").models == ["a", "b"]
+
+
+def test_a_count_far_above_any_real_use_is_refused_in_one_line(capsys):
+    """A typo's huge count is refused before anything runs: export-onnx --images 1e9 raised MemoryError making its
+    check batch, --num-labels 1e30 raised MemoryError naming the new head's labels, --epochs 1e308 raised
+    OverflowError counting the steps, and --num-workers 1e30 would have forked processes until the system refused."""
+    from retrofit.settings import MAX_CHECK_IMAGES, MAX_EPOCHS, MAX_LABELS, MAX_WORKERS, ExportOnnxArgs
+
+    huge = str(10**30)
+    for argv, message in (
+        (
+            ["export-onnx", "m", "-o", "m.onnx", "--images", str(10**9)],
+            "--images must be at most 1,024 (got 1,000,000,000)",
+        ),
+        (["finetune", "s", "-o", "o", "--data", "d", "--num-labels", huge], "--num-labels must be at most 1,000,000"),
+        (
+            ["finetune", "s", "-o", "o", "--data", "d", "--epochs", "1e308"],
+            "--epochs must be at most 1,000,000 (got 1e+308)",
+        ),
+        (["finetune", "s", "-o", "o", "--data", "d", "--num-workers", huge], "--num-workers must be at most 1,024"),
+    ):
+        assert main(argv) == 2
+        assert capsys.readouterr().err.startswith(f"retrofit: error: {message}")
+    assert main(["run", str(REPO / "recipes" / "fashion-mnist.yaml"), "--num-workers", huge]) == 2
+    assert "data.num_workers in recipe " in capsys.readouterr().err
+    good = FinetuneArgs(
+        source="s", output="o", data="d", num_labels=MAX_LABELS, epochs=MAX_EPOCHS, num_workers=MAX_WORKERS
+    )
+    assert (good.num_labels, good.num_workers) == (MAX_LABELS, MAX_WORKERS)
+    assert ExportOnnxArgs(model="m", output="m.onnx", images=MAX_CHECK_IMAGES).images == MAX_CHECK_IMAGES
