@@ -132,6 +132,8 @@ def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepar
     task = family_and_head(config)[1].pipeline_tag  # the teacher is loaded as the same kind of model
     processor = load_image_processor(source, config, revision=args.revision, log=log)
     tokenizer = load_tokenizer(source, config, revision=args.revision, log=log)  # dual encoders only
+    if args.prompt_weight:
+        check_prompt_weight(args, config, tokenizer)
     if is_merged(config):
         model, teacher, teacher_name, source_config = _continue_export(args, config, task)
         init = "continued from a retrofit export"
@@ -152,20 +154,27 @@ def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepar
     return ready
 
 
-def prompt_embeddings(args: FinetuneArgs, ready: Prepared, *, log: Callable[[str], None] = print) -> torch.Tensor:
-    """For ``--prompt-weight``: one text embedding per class of the training data, the mean of its prompts'
-    (``--prompt-templates``, CLIP's prompt ensembling) by the unmerged model's frozen text tower, normalised. What
-    cannot work (not a dual encoder, no tokenizer, data without class names) is one line, before training."""
-    from .data import load_split
-    from .evaluation import check_dual_encoders, zero_shot_classes
-    from .zero_shot import prompts, text_embeddings
+def check_prompt_weight(args: FinetuneArgs, config, tokenizer) -> None:
+    """What ``--prompt-weight`` cannot work with, in one line before the model is loaded: a model that is not a dual
+    encoder, or one without a tokenizer."""
+    from .evaluation import check_dual_encoders
 
-    check_dual_encoders([args.source], [ready.config], where="--prompt-weight")
-    if ready.tokenizer is None:
+    check_dual_encoders([args.source], [config], where="--prompt-weight")
+    if tokenizer is None:
         raise RetrofitError(
             f"--prompt-weight embeds prompts with the model's tokenizer, and '{args.source}' has none; copy its "
             "source's tokenizer files into it, or leave out --prompt-weight"
         )
+
+
+def prompt_embeddings(args: FinetuneArgs, ready: Prepared, *, log: Callable[[str], None] = print) -> torch.Tensor:
+    """For ``--prompt-weight``: one text embedding per class of the training data, the mean of its prompts'
+    (``--prompt-templates``, CLIP's prompt ensembling) by the unmerged model's frozen text tower, normalised. Data
+    without class names is one line, before training (`check_prompt_weight` refused the rest earlier)."""
+    from .data import load_split
+    from .evaluation import zero_shot_classes
+    from .zero_shot import prompts, text_embeddings
+
     data = load_split(args.data, args.split, image_column=args.image_column, label_column=args.label_column,
                       limit=args.sample or args.limit, sample_seed=args.seed if args.sample else None)  # fmt: skip
     names = zero_shot_classes(data, args.data)[0]
