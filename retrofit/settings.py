@@ -492,7 +492,7 @@ class TrainSettings(Settings):
         if self.report_to in (None, "none", "all"):
             return
         if self.report_to not in TRACKERS:
-            self.refuse("report_to", f"must be one of {', '.join(TRACKERS)} or all, not {self.report_to!r}")
+            self.refuse("report_to", f"must be one of {', '.join(TRACKERS)} or all, not {shown(self.report_to)}")
         import importlib.util
 
         if not any(importlib.util.find_spec(package) for package in TRACKERS[self.report_to]):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import string
 from typing import TYPE_CHECKING
 
-from .errors import RetrofitError
+from .errors import RetrofitError, shown
 
 if TYPE_CHECKING:
     import torch
@@ -31,12 +31,12 @@ def template_problem(template: str) -> str | None:
     try:
         fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
     except ValueError as exc:  # an unmatched brace
-        return f"{template!r} is not a template ({exc}); write one {{}} where the class name goes, e.g. " + repr(
+        return f"{shown(template)} is not a template ({exc}); write one {{}} where the class name goes, e.g. " + repr(
             DEFAULT_TEMPLATE
         )
     if fields != [""]:
         return (
-            f"{template!r} must hold exactly one {{}} (where the class name goes) and no other field, e.g. "
+            f"{shown(template)} must hold exactly one {{}} (where the class name goes) and no other field, e.g. "
             f"{DEFAULT_TEMPLATE!r}"
         )
     return None

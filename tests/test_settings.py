@@ -206,3 +206,18 @@ def test_a_count_far_above_any_real_use_is_refused_in_one_line(capsys):
     )
     assert (good.num_labels, good.num_workers) == (MAX_LABELS, MAX_WORKERS)
     assert ExportOnnxArgs(model="m", output="m.onnx", images=MAX_CHECK_IMAGES).images == MAX_CHECK_IMAGES
+
+
+def test_a_long_tracker_or_template_is_quoted_short():
+    """--report-to and a prompt template quoted the whole value (5,000 characters of a pasted file: a 5,000-character
+    'line'); they are cut as every other quoted value is."""
+    from retrofit.settings import EvaluateArgs
+
+    for build, option in (
+        (lambda value: TrainSettings(report_to=value), "--report-to"),
+        (lambda value: EvaluateArgs(models=["m"], data="d", prompt_template=value), "--prompt-template"),
+        (lambda value: TrainSettings(prompt_templates=("{}", value)), "--prompt-templates"),
+    ):
+        with pytest.raises(RetrofitError) as refused:
+            build("x" * 5000)
+        assert str(refused.value).startswith(f"{option} ") and len(str(refused.value)) < 250
