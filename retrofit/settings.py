@@ -794,13 +794,14 @@ class BenchSettings(Settings):
 
         super().check()
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device or ""):
-            raise RetrofitError(f"unknown device '{self.device}'; use cpu, cuda or cuda:N")
+            raise RetrofitError(f"unknown device {shown(self.device)}; use cpu, cuda or cuda:N")
         if self.dtype not in DTYPE_NAMES:
-            raise RetrofitError(f"unknown dtype '{self.dtype}'; use fp32, bf16 or fp16")
+            raise RetrofitError(f"unknown dtype {shown(self.dtype)}; use fp32, bf16 or fp16")
         _check_batch_sizes(self, "batch_sizes", self.batch_sizes)
         for mode in self.compile_modes:
             if mode not in COMPILE_MODES:
-                raise RetrofitError(f"unknown --compile mode '{mode}'; use {', '.join(COMPILE_MODES)}, both or off")
+                modes = ", ".join(COMPILE_MODES)
+                raise RetrofitError(f"unknown --compile mode {shown(mode)}; use {modes}, both or off")
 
 
 @dataclass(kw_only=True)
@@ -828,7 +829,8 @@ class BenchArgs(BenchSettings):
     def check(self) -> None:
         super().check()
         if self.plot is not None and not self.plot.endswith(".png"):
-            self.refuse("plot", f"must be a file name ending in .png, e.g. {self.plot or 'speed'}.png")
+            example = self.plot if 0 < len(self.plot) <= 60 and self.plot.isprintable() else "speed"
+            self.refuse("plot", f"must be a file name ending in .png, e.g. {example}.png (got {shown(self.plot)})")
         cpus = os.cpu_count() or 1
         if self.threads is not None and not 1 <= self.threads <= cpus:
             self.refuse("threads", f"must be between 1 and {cpus}, this machine's CPU count (got {self.threads})")

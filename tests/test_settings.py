@@ -209,14 +209,18 @@ def test_a_count_far_above_any_real_use_is_refused_in_one_line(capsys):
 
 
 def test_a_long_tracker_or_template_is_quoted_short():
-    """--report-to and a prompt template quoted the whole value (5,000 characters of a pasted file: a 5,000-character
-    'line'); they are cut as every other quoted value is."""
-    from retrofit.settings import EvaluateArgs
+    """--report-to, a prompt template, bench's and sweep's --device and --dtype, and --plot quoted the whole value
+    (5,000 characters of a pasted file: a 5,000-character 'line'); they are cut as every other quoted value is."""
+    from retrofit.settings import BenchArgs, EvaluateArgs, SweepArgs
 
     for build, option in (
         (lambda value: TrainSettings(report_to=value), "--report-to"),
         (lambda value: EvaluateArgs(models=["m"], data="d", prompt_template=value), "--prompt-template"),
         (lambda value: TrainSettings(prompt_templates=("{}", value)), "--prompt-templates"),
+        (lambda value: BenchArgs(models=["m"], device=value), "unknown device"),
+        (lambda value: BenchArgs(models=["m"], dtype=value), "unknown dtype"),
+        (lambda value: BenchArgs(models=["m"], plot=value), "--plot"),
+        (lambda value: SweepArgs(source="s", after_layers="1", tokens="2", device=value), "unknown device"),
     ):
         with pytest.raises(RetrofitError) as refused:
             build("x" * 5000)
