@@ -58,8 +58,15 @@ class _Parser(argparse.ArgumentParser):
 
 def one_line(message: str) -> str:
     """`message` as the one line an error is: a line break or other control character in it (from a value the user
-    gave, such as ``--device $'cuda\\n'``) is written as its escape (``\\n``), as `repr` shows it."""
-    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in message)
+    gave, such as ``--device $'cuda\\n'``) is written as its escape (``\\n``), as `repr` shows it, and a word longer
+    than `LONG_WORD` characters (a pasted value, quoted whole by the message) keeps its start and end around "…"."""
+    import re
+
+    text = "".join(char if char.isprintable() else repr(char)[1:-1] for char in message)
+    return re.sub(rf"\S{{{LONG_WORD + 1},}}", lambda word: f"{word[0][:120]}…{word[0][-60:]}", text)
+
+
+LONG_WORD = 200  # characters: paths and ids are shorter; a longer word is cut in the middle
 
 
 def _command_in(argv: list[str]) -> str | None:
@@ -72,7 +79,7 @@ def _recipe_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
     shows its values (what applies); else the settings' own defaults."""
     shown: dict[str, dict] = {}
     recipe = next((word for word in (argv or [])[1:] if not word.startswith("-")), None)
-    if recipe and Path(recipe).is_file():
+    if recipe and _is_file(recipe):
         try:
             from .recipes import load_recipe
 
@@ -86,6 +93,14 @@ def _recipe_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
         group_parser = parser.add_argument_group(f"recipe section {section}")
         for group in groups:
             add_options(group_parser, group, unset=True, shown=_by_field(group, shown.get(section, {})))
+
+
+def _is_file(path: str) -> bool:
+    """Whether `path` is a file; False where the system cannot even look (a name too long for it)."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _by_field(group: type, values: dict) -> dict:

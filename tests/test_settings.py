@@ -225,3 +225,14 @@ def test_a_long_tracker_or_template_is_quoted_short():
         with pytest.raises(RetrofitError) as refused:
             build("x" * 5000)
         assert str(refused.value).startswith(f"{option} ") and len(str(refused.value)) < 250
+
+
+def test_a_pasted_value_thousands_of_characters_long_gives_a_short_line(tmp_path, capsys):
+    """A 5,000-character path: `run` showed a traceback (looking for the recipe to show its values in the help, the
+    system refused the name), the others a 5,000-character line quoting it whole; the line keeps its start and end."""
+    long = str(tmp_path / ("x" * 5000))
+    for argv in (["run", long + ".yaml"], ["convert", long, "--after-layer", "1", "--tokens", "2"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("retrofit: error: ") and err.count("\n") == 1 and len(err) < 400, err[:500]
+        assert "xxx…xxx" in err
