@@ -324,6 +324,7 @@ MAX_WORKERS = 1024
 MAX_LABELS = 1_000_000
 MAX_EPOCHS = 1_000_000
 MAX_CHECK_IMAGES = 1024
+SEEDS = (0, 2**32, "[0, 2**32)")  # what every generator retrofit seeds takes (NumPy's refuses a negative seed)
 PRECISIONS = ("no", "bf16", "fp16")
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
             "comet_ml": ("comet_ml",), "aim": ("aim",), "clearml": ("clearml",), "dvclive": ("dvclive",)}  # fmt: skip
@@ -405,7 +406,7 @@ class DataSettings(Settings):
 
     def check(self) -> None:
         super().check()
-        if self.eval_split == "":
+        if self.eval_split is not None and not self.eval_split.strip():  # '' (or spaces): none
             self.eval_split = None
         if self.limit is not None and self.sample is not None:
             raise RetrofitError("--limit (the first N images) and --sample (a shuffled sample) exclude each other")
@@ -472,7 +473,7 @@ class TrainSettings(Settings):
     gradient_checkpointing: bool = setting(
         False, "recompute activations in the backward pass (less memory for large models, one more forward pass)"
     )
-    seed: int = setting(0, "random seed", interval=(0, 2**32, "[0, 2**32)"))
+    seed: int = setting(0, "random seed", interval=SEEDS)
     eval_every: int = setting(0, "evaluate every N steps (0: at the end of each epoch)", at_least=0)
     save_every: int = setting(200, "checkpoint every N steps (and at the end)", positive=True)
     keep_checkpoints: int = setting(2, "checkpoints kept", positive=True)
@@ -787,7 +788,7 @@ class BenchSettings(Settings):
         expect=f"a number of seconds from 0 to {MAX_MIN_TIME:g}",
     )  # fmt: skip
     latency_iters: int = setting(20, "batch-1 passes for p50/p90 (0: skip)", at_least=0)
-    seed: int = setting(0, "seed of the random inputs", cli=False)
+    seed: int = setting(0, "seed of the random inputs", interval=SEEDS, cli=False)
 
     def check(self) -> None:
         import re
@@ -866,7 +867,7 @@ class SweepSettings(Settings):
     zero_shot: bool = setting(False, "rank a dual encoder's settings by zero-shot top-1 on the classes of DATA (one "
                               "prompt per class) instead of image-embedding similarity")  # fmt: skip
     prompt_template: str = setting(DEFAULT_TEMPLATE, PROMPT_TEMPLATE_HELP + " (with --zero-shot)", metavar="TEXT")
-    seed: int = setting(0, "seed of the calibration sample", cli=False)
+    seed: int = setting(0, "seed of the calibration sample", interval=SEEDS, cli=False)
 
     def check(self) -> None:
         super().check()

@@ -236,3 +236,19 @@ def test_a_pasted_value_thousands_of_characters_long_gives_a_short_line(tmp_path
         err = capsys.readouterr().err
         assert err.startswith("retrofit: error: ") and err.count("\n") == 1 and len(err) < 400, err[:500]
         assert "xxx…xxx" in err
+
+
+def test_every_seed_is_one_the_generators_take():
+    """bench's and sweep's seeds (Python settings) took any integer: -1 or 2**70 reached NumPy or torch as a
+    ValueError traceback; they are checked as --seed is. An all-space --eval-split means none, as '' does."""
+    from retrofit.settings import BenchSettings, DataSettings, SweepSettings
+
+    for build in (
+        lambda seed: BenchSettings(seed=seed),
+        lambda seed: SweepSettings(after_layers="1", tokens="2", seed=seed),
+    ):
+        for seed in (-1, 2**70):
+            with pytest.raises(RetrofitError, match=r"^--seed must be in \[0, 2\*\*32\)"):
+                build(seed)
+        assert build(2**32 - 1).seed == 2**32 - 1
+    assert DataSettings(data="d", eval_split="  ").eval_split is None
