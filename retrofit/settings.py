@@ -133,16 +133,27 @@ def _problem(kind, value, spec: dataclasses.Field) -> str | None:
     for number in values:
         if meta["at_least"] is not None and number < meta["at_least"]:
             least = "0 or more" if meta["at_least"] == 0 else f"at least {meta['at_least']:g}"
-            return f"must be {least} (got {number})"
+            return f"must be {least} (got {_number(number)})"
         if meta.get("at_most") is not None and number > meta["at_most"]:
-            return f"must be at most {meta['at_most']:,} (got {number:,})"
+            return f"must be at most {_number(meta['at_most'], True)} (got {_number(number, True)})"
         if meta["positive"] and number <= 0:
-            return f"must be positive (got {number})"
+            return f"must be positive (got {_number(number)})"
         if meta["interval"] is not None:
             low, high, text = meta["interval"]
             if not (low <= number and (number < high if text.endswith(")") else number <= high)):
-                return f"must be {meta['expect'] or f'in {text}'} (got {number})"
+                return f"must be {meta['expect'] or f'in {text}'} (got {_number(number)})"
     return None
+
+
+def _number(number: float, commas: bool = False) -> str:
+    """`number` as a message quotes it; `commas`: whole ones in groups of three (1,000,000). A whole number too long to
+    write (Python refuses more than 4,300 digits) is said by its size."""
+    if isinstance(number, int) and number.bit_length() > 1000:
+        sign = "negative " if number < 0 else ""
+        return f"a {sign}number of about {int(number.bit_length() * math.log10(2))} digits"
+    if commas and (isinstance(number, int) or number.is_integer() and abs(number) < 1e16):
+        return f"{int(number):,}"
+    return str(number)
 
 
 class Settings:
@@ -324,6 +335,9 @@ MAX_WORKERS = 1024
 MAX_LABELS = 1_000_000
 MAX_EPOCHS = 1_000_000
 MAX_CHECK_IMAGES = 1024
+# --lr and --merger-lr-scale: AdamW's first step is 10 x their product, kept in float32 (1e300 raised a RuntimeError
+# from the optimizer); 1e6 each keeps it far inside, and far above any learning rate that trains.
+MAX_LR = 1e6
 SEEDS = (0, 2**32, "[0, 2**32)")  # what every generator retrofit seeds takes (NumPy's refuses a negative seed)
 PRECISIONS = ("no", "bf16", "fp16")
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
@@ -453,8 +467,10 @@ class TrainSettings(Settings):
         1000, "the fewest optimizer steps an --epochs budget trains: on small data a few epochs are too few steps to "
         "recover, so the run takes more epochs (docs/recovery.md, small data); 0: off", at_least=0,
     )  # fmt: skip
-    lr: float = setting(2e-4, "peak learning rate", positive=True)
-    merger_lr_scale: float = setting(1.0, "the merger's learning rate is --lr times this", positive=True)
+    lr: float = setting(2e-4, "peak learning rate", positive=True, at_most=MAX_LR)
+    merger_lr_scale: float = setting(
+        1.0, "the merger's learning rate is --lr times this", positive=True, at_most=MAX_LR
+    )
     weight_decay: float = setting(0.05, "AdamW weight decay", at_least=0)
     warmup_ratio: float = setting(
         0.05, "fraction of the steps trained (the budget chosen) spent warming up, before the cosine decay",
@@ -555,7 +571,7 @@ class PretrainSettings(TrainSettings):
         "symmetric InfoNCE between images and captions written from their class names, captions of one class "
         "counted as matches)",
     )  # fmt: skip
-    lr: float = setting(1e-3, "peak learning rate", positive=True)
+    lr: float = setting(1e-3, "peak learning rate", positive=True, at_most=MAX_LR)
     caption_templates: tuple[str, ...] = setting(
         CAPTION_TEMPLATES, "contrastive: the captions of an image, its class name in each ({} is where it goes); each "
         "image gets one of them at random at each step", cli=False,

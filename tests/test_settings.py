@@ -252,3 +252,17 @@ def test_every_seed_is_one_the_generators_take():
                 build(seed)
         assert build(2**32 - 1).seed == 2**32 - 1
     assert DataSettings(data="d", eval_split="  ").eval_split is None
+
+
+def test_a_learning_rate_beyond_float32_is_refused_and_a_huge_number_is_said_by_its_size(capsys):
+    """--lr 1e300 passed the checks and raised RuntimeError from AdamW's first step (float32 overflow); a whole number
+    of 5,000 digits (Python settings) raised ValueError writing the message that refused it."""
+    assert main(["finetune", "s", "-o", "o", "--data", "d", "--lr", "1e300"]) == 2
+    assert capsys.readouterr().err == "retrofit: error: --lr must be at most 1,000,000 (got 1e+300)\n"
+    with pytest.raises(RetrofitError, match=r"^--merger-lr-scale must be at most 1,000,000 \(got 10,000,000\)$"):
+        TrainSettings(merger_lr_scale=1e7)
+    with pytest.raises(
+        RetrofitError, match=r"^--batch-size must be positive \(got a negative number of about 5000 digits"
+    ):
+        TrainSettings(batch_size=-(10**5000))
+    assert TrainSettings(lr=1e6, merger_lr_scale=1e6).lr == 1e6
