@@ -810,7 +810,7 @@ class BenchSettings(Settings):
         import re
 
         super().check()
-        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device or ""):
+        if not re.fullmatch(r"cpu|cuda(:(0|[1-9][0-9]*))?", self.device or ""):
             raise RetrofitError(f"unknown device {shown(self.device)}; use cpu, cuda or cuda:N")
         if self.dtype not in DTYPE_NAMES:
             raise RetrofitError(f"unknown dtype {shown(self.dtype)}; use fp32, bf16 or fp16")

@@ -266,3 +266,16 @@ def test_a_learning_rate_beyond_float32_is_refused_and_a_huge_number_is_said_by_
     ):
         TrainSettings(batch_size=-(10**5000))
     assert TrainSettings(lr=1e6, merger_lr_scale=1e6).lr == 1e6
+
+
+def test_a_device_is_one_torch_reads():
+    """``cuda:00`` and ``cuda:٣`` (a non-ASCII digit) passed the device check, and torch refuses both with a
+    RuntimeError where there is a GPU."""
+    from retrofit.settings import BenchSettings, SweepSettings
+
+    for device in ("cuda:00", "cuda:٣", "cuda:-1", "cuda:"):
+        with pytest.raises(RetrofitError, match="^unknown device"):
+            BenchSettings(device=device)
+        with pytest.raises(RetrofitError, match="^unknown device"):
+            SweepSettings(after_layers="1", tokens="2", device=device)
+    assert [BenchSettings(device=device).device for device in ("cpu", "cuda", "cuda:0", "cuda:10")]
