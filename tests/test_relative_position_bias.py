@@ -6,6 +6,7 @@ checks what the bias after the merge is."""
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -151,7 +152,7 @@ def test_merged_bias_is_the_merge_weighted_mean_of_the_patches_bias():
     )
     with torch.no_grad():
         merged(pixel_values=pixels)
-        bias_module.merge_transform = None
+        sys.modules[type(merged).__module__].set_merge_transform(bias_module, None)  # the unmerged bias
         full = bias_module((4, 4))  # (1, heads, 17, 17)
     handle.remove()
     weights_hook.remove()
@@ -273,3 +274,44 @@ def test_onnx_export_merges_the_bias_per_image(name, tmp_path):
     with torch.no_grad():
         expected = merged(pixel_values=pixels)[key]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["beit-layer", "data2vec-layer"])
+def test_threads_running_the_model_at_once_each_merge_their_own_bias(name):
+    """An inference server runs one model from several threads at once. Each merged layer used to hand its bias module
+    the merge of the call as an attribute, shared by the threads: a thread merged its bias with another thread's
+    merge, a failing forward (another batch size) or a silently wrong one (the same batch size)."""
+    import threading
+
+    merged = insert_patch_merger(MODELS[name](), K, M).eval()
+    with torch.no_grad():
+        merged.patch_merger.queries.mul_(50)  # sharp weights: each batch's merge differs
+    batches = [
+        torch.randn(size, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i, size in enumerate([2, 2, 3])
+    ]
+    with torch.no_grad():
+        expected = [merged(pixel_values=pixels).logits for pixels in batches]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: the race shows within a few calls
+    failures = []
+
+    def run(index: int) -> None:
+        for _ in range(100):
+            try:
+                with torch.no_grad():
+                    got = merged(pixel_values=batches[index]).logits
+            except RuntimeError as error:
+                failures.append(f"batch {index}: {error}")
+                continue
+            if not torch.allclose(got, expected[index], rtol=0, atol=1e-5):
+                failures.append(f"batch {index}: logits differ by {(got - expected[index]).abs().max():.3g}")
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(batches))]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not failures, failures[:3]

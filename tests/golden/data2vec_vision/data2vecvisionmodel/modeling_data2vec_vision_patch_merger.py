@@ -17,6 +17,7 @@ model's own bias with the merger bypassed.
 """
 
 import inspect
+import threading
 
 import torch
 from torch import nn
@@ -169,18 +170,38 @@ class Data2VecVisionRelativePositionBiasForMergedTokens(Data2VecVisionRelativePo
     """[`Data2VecVisionRelativePositionBias`] that gives the layers after the merge the bias of their merged tokens.
 
     It computes the bias of the P + N tokens of the patch grid, as the source model does, and merges it with the T
-    its layer sets for the call (`merge_transform`; None: not merged). transformers passes the layer's token count as
-    `dim_size`, to which it resizes the bias under `interpolate_pos_encoding`: for P + N tokens that is the identity,
-    and the merged layers ask for the P + N tokens of the grid as well. The module that computes a bias shared by all
-    layers (`use_shared_relative_position_bias`) becomes one too: the merged layers merge what it gives them.
+    its layer sets for the call ([`set_merge_transform`]; None: not merged). transformers passes the layer's token
+    count as `dim_size`, to which it resizes the bias under `interpolate_pos_encoding`: for P + N tokens that is the
+    identity, and the merged layers ask for the P + N tokens of the grid as well. The module that computes a bias
+    shared by all layers (`use_shared_relative_position_bias`) becomes one too: the merged layers merge what it gives
+    them.
     """
 
-    merge_transform: torch.Tensor | None = None
+    merge_transform: torch.Tensor | None = None  # under torch.compile (eager calls keep one per thread)
 
     def forward(self, window_size, interpolate_pos_encoding: bool = False, dim_size=None) -> torch.Tensor:
         tokens = 1 + window_size[0] * window_size[1]  # CLS + the patches of the grid
         bias = super().forward(window_size, interpolate_pos_encoding, dim_size=tokens)
-        return bias if self.merge_transform is None else merge_bias(bias, self.merge_transform)
+        transform = merge_transform_of(self)
+        return bias if transform is None else merge_bias(bias, transform)
+
+
+def set_merge_transform(module: nn.Module, transform: torch.Tensor | None) -> None:
+    """Set the T that `module` (a [`Data2VecVisionRelativePositionBiasForMergedTokens`]) merges its bias with
+    in the calling thread's next call (None: not merged). Threads that run the model at once each have their own, as
+    they have their own forward passes (one attribute was shared: a thread merged its bias with another's T, a wrong
+    bias or a failing forward); a compiled model has one."""
+    if is_torchdynamo_compiling():
+        module.merge_transform = transform
+    else:
+        module.__dict__.setdefault("merge_transforms", {})[threading.get_ident()] = transform
+
+
+def merge_transform_of(module: nn.Module) -> torch.Tensor | None:
+    """The T that [`set_merge_transform`] set for `module` in the calling thread."""
+    if is_torchdynamo_compiling():
+        return module.merge_transform
+    return module.__dict__.get("merge_transforms", {}).get(threading.get_ident())
 
 
 def place_merged_tokens(
@@ -266,7 +287,7 @@ class Data2VecVisionLayerOnMergedTokens(Data2VecVisionLayer):
         kwargs = {name: merged_layer_argument(name, value, transform) for name, value in kwargs.items()}
         for module in self.modules():
             if isinstance(module, Data2VecVisionRelativePositionBiasForMergedTokens):
-                module.merge_transform = transform  # for this call: super().forward asks it for the layer's bias
+                set_merge_transform(module, transform)  # for this call: super().forward asks it for the layer's bias
         return super().forward(hidden_states, *args, **kwargs)
 
 
