@@ -78,7 +78,7 @@ def _recipe_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
     """`run`'s options for every recipe setting, unset unless given. With a readable recipe among `argv`, the help
     shows its values (what applies); else the settings' own defaults."""
     shown: dict[str, dict] = {}
-    recipe = next((word for word in (argv or [])[1:] if not word.startswith("-")), None)
+    recipe = _recipe_in((argv or [])[1:])
     if recipe and _is_file(recipe):
         try:
             from .recipes import load_recipe
@@ -93,6 +93,26 @@ def _recipe_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
         group_parser = parser.add_argument_group(f"recipe section {section}")
         for group in groups:
             add_options(group_parser, group, unset=True, shown=_by_field(group, shown.get(section, {})))
+
+
+class _Scratch(argparse.ArgumentParser):
+    """A parser that says nothing: its errors are exceptions."""
+
+    def error(self, message: str):
+        raise ValueError(message)
+
+
+def _recipe_in(words: list[str]) -> str | None:
+    """The recipe `run`'s arguments `words` name, wherever it stands among the options (``run --lr 1e-4 R``: R, not
+    the option's value), or None where they do not parse."""
+    scratch = _Scratch(add_help=False)
+    add_options(scratch, RunArgs)
+    for group in (RecipeInfo, *(group for groups in RECIPE_SECTIONS.values() for group in groups)):
+        add_options(scratch, group, unset=True)
+    try:
+        return scratch.parse_known_args(words)[0].recipe
+    except ValueError:
+        return None
 
 
 def _is_file(path: str) -> bool:

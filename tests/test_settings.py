@@ -279,3 +279,12 @@ def test_a_device_is_one_torch_reads():
         with pytest.raises(RetrofitError, match="^unknown device"):
             SweepSettings(after_layers="1", tokens="2", device=device)
     assert [BenchSettings(device=device).device for device in ("cpu", "cuda", "cuda:0", "cuda:10")]
+
+
+def test_the_help_of_run_finds_the_recipe_after_options(capsys):
+    """``run --lr 1e-3 RECIPE --help`` took the option's value (1e-3) for the recipe and showed the settings'
+    defaults; the recipe is the positional argument wherever it stands."""
+    for argv in (["--lr", "1e-3"], ["--data", "x", "--no-calibrate", "--set", "training.seed=1"]):
+        with pytest.raises(SystemExit):
+            main(["run", *argv, str(REPO / "recipes" / "fashion-mnist.yaml"), "--help"])
+        assert "peak learning rate (default: 0.0005, from the recipe)" in " ".join(capsys.readouterr().out.split())
