@@ -187,10 +187,25 @@ def _checked(cls: type, spec: dataclasses.Field, annotation, value):
             raise SettingError(cls, spec.name, str(exc)) from None
     if isinstance(value, list) and typing.get_origin(kind) is tuple:
         value = tuple(value)
+    if typing.get_origin(kind) is tuple and isinstance(value, tuple):
+        value = tuple(_plain_number(typing.get_args(kind)[0], item) for item in value)
+    value = _plain_number(kind, value)
     problem = _problem(kind, value, spec)
     if problem:
         raise SettingError(cls, spec.name, problem)
     return value
+
+
+def _plain_number(kind, value):
+    """A NumPy (or other `numbers`) integer or real given for an int or float setting, as Python's int or float
+    (``batch_size=np.int64(64)`` from ``np.arange`` was refused as "not a whole number"); anything else as it is."""
+    import numbers
+
+    if isinstance(value, bool | int | float) or not isinstance(value, numbers.Real):
+        return value
+    if kind is int and isinstance(value, numbers.Integral):
+        return int(value)
+    return float(value) if kind is float else value
 
 
 def from_options(cls: type, values: dict, *, where: str = "") -> Any:

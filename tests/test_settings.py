@@ -288,3 +288,17 @@ def test_the_help_of_run_finds_the_recipe_after_options(capsys):
         with pytest.raises(SystemExit):
             main(["run", *argv, str(REPO / "recipes" / "fashion-mnist.yaml"), "--help"])
         assert "peak learning rate (default: 0.0005, from the recipe)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_numpy_numbers_are_numbers():
+    """Python callers' NumPy numbers (``np.arange`` of batch sizes, a float32 learning rate) were refused as "not a
+    whole number" / "not a finite number"; they are kept as Python's int and float. A float for a count still is not."""
+    import numpy as np
+
+    from retrofit.settings import BenchSettings
+
+    run = TrainSettings(batch_size=np.int64(8), lr=np.float32(0.5), seed=np.uint32(3))
+    assert (run.batch_size, run.lr, run.seed) == (8, 0.5, 3) and type(run.batch_size) is int and type(run.lr) is float
+    assert BenchSettings(batch_sizes=tuple(np.arange(1, 3))).batch_sizes == (1, 2)
+    with pytest.raises(RetrofitError, match="^--batch-size must be a whole number"):
+        TrainSettings(batch_size=np.float64(8.0))
