@@ -830,6 +830,7 @@ class BenchSettings(Settings):
         if self.dtype not in DTYPE_NAMES:
             raise RetrofitError(f"unknown dtype {shown(self.dtype)}; use fp32, bf16 or fp16")
         _check_batch_sizes(self, "batch_sizes", self.batch_sizes)
+        self.batch_sizes = tuple(dict.fromkeys(self.batch_sizes))  # as the option's text gives them: repeats dropped
         for mode in self.compile_modes:
             if mode not in COMPILE_MODES:
                 modes = ", ".join(COMPILE_MODES)
@@ -902,6 +903,10 @@ class SweepSettings(Settings):
 
     def check(self) -> None:
         super().check()
+        for name, example in (("after_layers", "3,6,9"), ("tokens", "4,8,16")):  # as the option's text gives them
+            if not getattr(self, name):
+                self.refuse(name, f"is empty; give one or more values, e.g. {example}")
+            setattr(self, name, tuple(dict.fromkeys(getattr(self, name))))
         _check_templates(self, "prompt_template")
         if self.target_speedup is not None and not self.target_speedup > 1:
             self.refuse("target_speedup", f"must be a finite number above 1, e.g. 1.8 (got {self.target_speedup})")

@@ -302,3 +302,16 @@ def test_numpy_numbers_are_numbers():
     assert BenchSettings(batch_sizes=tuple(np.arange(1, 3))).batch_sizes == (1, 2)
     with pytest.raises(RetrofitError, match="^--batch-size must be a whole number"):
         TrainSettings(batch_size=np.float64(8.0))
+
+
+def test_python_lists_follow_the_rule_of_the_options_text():
+    """Given as Python lists, sweep's K and M lists could be empty (a sweep of nothing) and every list kept its
+    repeats, which the options' text drops: the same rule now holds both ways."""
+    from retrofit.settings import BenchSettings, SweepSettings
+
+    for empty in ({"after_layers": ()}, {"tokens": []}):
+        with pytest.raises(RetrofitError, match="is empty; give one or more values"):
+            SweepSettings(**{"after_layers": (1,), "tokens": (2,), **empty})
+    sweep = SweepSettings(after_layers=[3, 3, 1], tokens=(8, 8))
+    assert (sweep.after_layers, sweep.tokens) == ((3, 1), (8,))
+    assert BenchSettings(batch_sizes=[8, 8, 1]).batch_sizes == (8, 1)
