@@ -143,12 +143,17 @@ def check_config(config: PreTrainedConfig, where: str) -> None:
         sizes.pop("image_size")
     if hasattr(lc, "num_channels"):
         sizes["num_channels"] = lc.num_channels
+    if getattr(lc, "intermediate_size", None) is not None:  # 0 built empty MLPs, which trained and saved (pretrain)
+        sizes["intermediate_size"] = lc.intermediate_size
     if is_merged(config):
         sizes |= {name: getattr(config, name, None) for name in ("merge_after_layer", "merge_num_tokens")}
     for name, value in sizes.items():
         values = list(value) if isinstance(value, list | tuple) and len(value) == 2 else [value]
         if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
             raise RetrofitError(f"{where}: {name} must be a positive whole number, not {value!r}; fix the config")
+        if any(v > MAX_SIZE for v in values):
+            raise RetrofitError(f"{where}: {name} {value!r} is above what torch takes (2**63 - 1); fix the config")
+    _check_probabilities(lc, where)
     _check_shapes(lc, sizes, where)
     prefix = getattr(config, "merge_num_prefix_tokens", 0) if is_merged(config) else 0
     if not isinstance(prefix, int) or isinstance(prefix, bool) or prefix < 0:
@@ -158,6 +163,19 @@ def check_config(config: PreTrainedConfig, where: str) -> None:
             f"{where}: merge_after_layer {config.merge_after_layer} is not below num_hidden_layers "
             f"{lc.num_hidden_layers}; fix the config"
         )
+
+
+MAX_SIZE = 2**63 - 1  # the largest tensor dimension torch takes: above it torch raises TypeError, not a size error
+
+
+def _check_probabilities(lc: PreTrainedConfig, where: str) -> None:
+    """Refuse a dropout probability outside [0, 1] (``hidden_dropout_prob: 2`` raised ValueError from torch's Dropout
+    when the model was built)."""
+    for name, value in vars(lc).items():
+        if not (name.endswith(("dropout", "dropout_prob", "drop_path_rate")) and isinstance(value, int | float)):
+            continue
+        if isinstance(value, bool) or not 0 <= value <= 1:
+            raise RetrofitError(f"{where}: {name} must be a probability from 0 to 1, not {value!r}; fix the config")
 
 
 def _check_shapes(lc: PreTrainedConfig, sizes: dict, where: str) -> None:

@@ -3,6 +3,7 @@ come from the same dataclass fields."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from dataclasses import fields
@@ -315,3 +316,22 @@ def test_python_lists_follow_the_rule_of_the_options_text():
     sweep = SweepSettings(after_layers=[3, 3, 1], tokens=(8, 8))
     assert (sweep.after_layers, sweep.tokens) == ((3, 1), (8,))
     assert BenchSettings(batch_sizes=[8, 8, 1]).batch_sizes == (8, 1)
+
+
+def test_a_pretraining_model_with_impossible_sizes_is_one_line():
+    """``--set pretrain.model.hidden_dropout_prob=2`` raised ValueError from torch's Dropout, ``hidden_size=1e30`` a
+    TypeError from torch.randn, and ``intermediate_size=0`` trained and saved a model of empty MLPs."""
+    from transformers import ViTConfig
+
+    from retrofit.loading import check_config
+
+    base = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+    for change, message in (
+        ({"hidden_dropout_prob": 2.0}, "hidden_dropout_prob must be a probability from 0 to 1, not 2.0"),
+        ({"attention_probs_dropout_prob": float("nan")}, "attention_probs_dropout_prob must be a probability"),
+        ({"hidden_size": 10**30}, "hidden_size 1000000000000000000000000000000 is above what torch takes"),
+        ({"intermediate_size": 0}, "intermediate_size must be a positive whole number, not 0"),
+    ):
+        with pytest.raises(RetrofitError, match=f"^pretrain.model: {re.escape(message)}"):
+            check_config(ViTConfig(**{**base, **change}), "pretrain.model")
+    check_config(ViTConfig(**base, hidden_dropout_prob=0.1, intermediate_size=64), "pretrain.model")
