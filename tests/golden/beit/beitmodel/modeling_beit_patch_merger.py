@@ -92,6 +92,9 @@ class PatchMerger(nn.Module):
         return f"hidden_size={self.hidden_size}, num_tokens={self.num_tokens}, prefix={self.num_prefix_tokens}"
 
 
+_FILING = threading.Lock()  # module-level: a lock held by the instance would keep it from being deep-copied
+
+
 class MergedTokenPositions(nn.Module):
     r"""Where the merged tokens come from, for the relative position bias of the layers after the merge.
 
@@ -112,7 +115,7 @@ class MergedTokenPositions(nn.Module):
     One instance is shared by the merged layers and holds no weights. Each forward pass files its T under the
     `resolution` argument the encoder hands all its layers (a new object every pass), so that the layers of each pass
     find their own T, also when gradient checkpointing recomputes them after later passes. The last
-    `forward_passes` are kept (one under `torch.compile`).
+    `forward_passes` are kept (one under `torch.compile`), also over threads that run the model at once.
     """
 
     forward_passes = 8
@@ -133,9 +136,12 @@ class MergedTokenPositions(nn.Module):
             transform[:, prefix:, prefix:] = weights
         # A compiled model recomputes checkpointed layers in its own graph: one pass at a time is enough there, and
         # keeps the traced state the same from pass to pass.
-        keep = 0 if is_torchdynamo_compiling() else self.forward_passes - 1
-        kept = [entry for entry in self.transforms if entry[0] is not forward_pass]
-        self.transforms = kept[max(0, len(kept) - keep) :] + [(forward_pass, transform)]
+        if is_torchdynamo_compiling():
+            self.transforms = [(forward_pass, transform)]
+            return
+        with _FILING:  # threads running the model at once: one at a time, so that none loses another's entry
+            kept = [entry for entry in self.transforms if entry[0] is not forward_pass]
+            self.transforms = kept[max(0, len(kept) - self.forward_passes + 1) :] + [(forward_pass, transform)]
 
     def transform(self, forward_pass) -> torch.Tensor | None:
         """T of a forward pass, as layer K filed it."""
