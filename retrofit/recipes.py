@@ -69,7 +69,8 @@ def validate(recipe: dict, where: str = "recipe") -> dict:
     if out["pretrain"] is not None:
         _refuse_finetune_keys(recipe, where)
     for section in RECIPE_SECTIONS:
-        given = recipe.get(section) or {}
+        given = recipe.get(section)
+        given = {} if given is None else given  # an empty section; `[]`, `0` or `false` is refused below
         keys = section_keys(section, pretrain=out["pretrain"] is not None)
         if not isinstance(given, dict):
             raise RetrofitError(f"'{section}' in {where} must be a mapping with keys {', '.join(keys)}")
@@ -159,7 +160,7 @@ def parse_value(text: str):
 
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # ValueError: an integer of thousands of digits; the setting refuses it
         return text
     except RecursionError:
         raise RetrofitError(f"--set value {brief(text, 60)!r} is nested too deeply; give a plain value") from None
@@ -218,6 +219,8 @@ def load_recipe(path: str | Path, overrides: dict[str, object] | None = None) ->
         raise RetrofitError(f"recipe '{path}' is not valid YAML ({brief(exc)})") from None
     except UnicodeDecodeError as exc:
         raise RetrofitError(f"recipe '{path}' is not UTF-8 text ({brief(exc)}); save it as UTF-8") from None
+    except ValueError as exc:  # an integer of thousands of digits, which Python refuses to convert
+        raise RetrofitError(f"recipe '{path}' holds a value YAML cannot read ({brief(exc, 100)})") from None
     except RecursionError:
         raise RetrofitError(f"recipe '{path}' is nested too deeply to read; a recipe is sections of settings") from None
     except OSError as exc:

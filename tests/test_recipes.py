@@ -103,6 +103,12 @@ def test_a_recipe_file_that_is_no_recipe_is_one_line(tmp_path, capsys):
             run_recipe(path, overrides)
     with pytest.raises(RetrofitError, match="nested too deeply"):
         parse_value("[" * 5000)
+    # An integer of thousands of digits (Python refuses to convert it: a ValueError traceback), in the file or --set.
+    (tmp_path / "long.yaml").write_text(recipe.replace("max_steps: 3", "max_steps: " + "9" * 5000))
+    with pytest.raises(RetrofitError, match="holds a value YAML cannot read"):
+        load_recipe(tmp_path / "long.yaml")
+    with pytest.raises(RetrofitError, match="training.max_steps in recipe .* must be a whole number"):
+        load_recipe(tmp_path / "merged.yaml", {"training.max_steps": parse_value("9" * 5000)})
 
 
 def test_yaml_no_is_the_word_no_where_a_setting_offers_it(tmp_path):
@@ -227,6 +233,8 @@ def test_values_of_the_wrong_type_are_refused_and_1e_4_is_a_number(tmp_path, cap
         ("merge.calibrate", "yes", "merge.calibrate in recipe '.*' must be true or false, not 'yes'"),
         ("evaluation.speed_batch_size", 2.5, "evaluation.speed_batch_size in recipe '.*' must be a whole number"),
         ("source", 5, "source in recipe '.*' must be text, not 5"),
+        ("training", [], "'training' in recipe '.*' must be a mapping with keys"),  # was read as an empty section
+        ("training", False, "'training' in recipe '.*' must be a mapping with keys"),
     ]:
         with pytest.raises(RetrofitError, match=message):
             load_recipe(path, {dotted: value})
