@@ -475,9 +475,10 @@ def pretrain(
             raise RetrofitError(
                 f"pretrain.model: num_channels must be 1 (grey images) or 3 (RGB), not {vision.num_channels!r}"
             )
-        size = vision.image_size
+        size = vision.image_size  # one side, or (height, width) as transformers' configs take it
+        height, width = size if isinstance(size, list | tuple) else (size, size)
         processor = ViTImageProcessor(**{
-            "size": {"height": size, "width": size},
+            "size": {"height": height, "width": width},
             "image_mean": [0.5] * vision.num_channels,
             "image_std": [0.5] * vision.num_channels,
             **(image_processor or {}),
@@ -493,7 +494,7 @@ def pretrain(
                 f"pretrain.image_processor.{key} has {len(value)} values for {vision.num_channels} channels "
                 f"(pretrain.model.num_channels); give one per channel"
             )
-    if processor_image_size(processor) != (size, size):
+    if processor_image_size(processor) != (height, width):
         raise RetrofitError(
             f"pretrain.image_processor gives {'×'.join(map(str, processor_image_size(processor)))} images, but "
             f"pretrain.model.image_size is {size}; give both the same size"

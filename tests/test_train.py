@@ -1027,6 +1027,11 @@ def test_a_resumed_pretraining_keeps_its_model_and_image_processor(colours, tmp_
     # The same model and processor, with a field written out at its default value: the same run.
     same = {"hidden_act": "gelu", "layer_norm_eps": 1e-12}
     assert pretrain(vit | same, image_processor={"do_resize": True}, resume=True, **common).steps == 2
+    # An image size as (height, width), as transformers' configs take it (a TypeError traceback building the processor)
+    common["output"] = tmp_path / "oblong"
+    assert pretrain(vit | {"image_size": [32, 24]}, **common).steps == 2
+    processor = json.loads((tmp_path / "oblong" / "preprocessor_config.json").read_text())
+    assert processor["size"] == {"height": 32, "width": 24}
 
 
 def test_pretrain_refuses_what_it_cannot_build_in_one_line(colours, tmp_path):
