@@ -60,16 +60,14 @@ def setting(
     they are not the field name (``--batch-size`` for `BenchSettings.batch_sizes`); `short` an extra short option;
     `positional` a positional argument (`nargs`, `const` as argparse's); `parse` turns an option's text into the value
     (``"1,32,256"`` -> (1, 32, 256)). The value must be `at_least` N (0: "0 or more"), `at_most` N, `positive`, or in
-    `interval`
-    (low, high, text such as ``"[0, 1)"``; high excluded when the text ends in ``)``); `expect` says what it must be
-    when it is not (``a number of seconds from 0 to 3600``). Text that is empty or only spaces is refused (an unset
-    shell variable: ``--data "$DATA"`` read the current folder as the data) unless `blank` (it means something, as
-    ``--eval-split ''`` does: none). `cli` False: a recipe or Python setting only."""
+    `interval` (low, high, text such as ``"[0, 1)"``; high excluded when the text ends in ``)``); `expect` says what
+    it must be when it is not (``a number of seconds from 0 to 3600``). Text that is empty or only spaces is refused
+    (an unset shell variable: ``--data "$DATA"`` read the current folder as the data) unless `blank` (it means
+    something, as ``--eval-split ''`` does: none). `cli` False: a recipe or Python setting only."""
     metadata = {
         "help": help, "key": key, "flag": flag, "short": short, "metavar": metavar, "positional": positional,
         "nargs": nargs, "const": const, "parse": parse, "at_least": at_least, "at_most": at_most,
-        "positive": positive,
-        "interval": interval, "expect": expect, "blank": blank, "cli": cli,
+        "positive": positive, "interval": interval, "expect": expect, "blank": blank, "cli": cli,
     }  # fmt: skip
     if isinstance(default, list | dict | set):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
