@@ -924,6 +924,14 @@ def run_bench(args: BenchArgs, *, log: Callable[[str], None] | None = None) -> d
     settings = BenchSettings(**{spec.name: getattr(args, spec.name) for spec in fields(BenchSettings)})
     report = benchmark(args.models, merges=list(args.merge), settings=settings, log=log)
     print(report["table"], flush=True)
+    rows = report["models"]
+    if not any(r.get("images_per_s") for row in rows for r in row["results"].values()) and not any(
+        (row["latency_ms_batch1"] or {}).get("p50") for row in rows
+    ):  # every model failed at every batch size: a report, plot or card of n/a cells is not a result
+        raise RetrofitError(
+            "nothing was measured, so nothing was written: every model failed at every batch size (the lines above "
+            "say why: out of memory?); lower --batch-size"
+        )
     if args.json is not None:
         try:
             write_report(args.json, report, args.overwrite, kind="bench")

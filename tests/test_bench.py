@@ -719,3 +719,14 @@ def test_a_checkpoint_is_timed_and_priced_at_its_processors_image_size(tmp_path,
     converted = convert(source, after_layer=2, num_tokens=4, log=lambda _: None)
     assert [row["gflops"] for row in report["models"]] == [converted.before.gflops, converted.after.gflops]
     assert set(shapes) == {torch.Size([3, 32, 32])}
+
+
+def test_a_bench_that_measured_nothing_is_an_error_and_writes_nothing(tiny_vit, tmp_path, capsys):
+    """A batch size no model fits (out of memory at every size, no latency asked): exit 0 with a table of n/a and a
+    JSON report of nothing looked like a result. Now exit 2, nothing written, the reason one line."""
+    out = tmp_path / "speed.json"
+    argv = ["bench", str(tiny_vit), "--batch-size", str(2**40), "--json", str(out), *QUICK[:-1], "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any("out of memory at batch size" in line for line in err) and not out.exists()
+    assert err[-1].startswith("retrofit: error: nothing was measured, so nothing was written")
