@@ -159,8 +159,8 @@ def parse_value(text: str):
     import yaml
 
     try:
-        return yaml.safe_load(text)
-    except (yaml.YAMLError, ValueError):  # ValueError: an integer of thousands of digits; the setting refuses it
+        return yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader (see `_loader`)
+    except (yaml.YAMLError, ValueError, _RepeatedKey):  # ValueError: an integer of thousands of digits
         return text
     except RecursionError:
         raise RetrofitError(f"--set value {brief(text, 60)!r} is nested too deeply; give a plain value") from None
@@ -262,7 +262,8 @@ class _RepeatedKey(Exception):
 
 def _loader() -> type:
     """`yaml.SafeLoader` refusing a key repeated in one mapping: ``training:`` twice would drop the first section's
-    settings without a word. The keys ``<<: *alias`` merges in may be repeated (that is what merging is for)."""
+    settings without a word. The keys ``<<: *alias`` merges in may be repeated (that is what merging is for). A value
+    with a colon such as ``1:30`` stays text, as YAML 1.2 reads it (PyYAML's YAML 1.1 reads it in base 60: 90)."""
     import yaml
 
     class RecipeLoader(yaml.SafeLoader):
@@ -279,6 +280,16 @@ def _loader() -> type:
                     seen[key] = key_node.start_mark.line
             return super().construct_mapping(node, deep=deep)
 
+        def construct_yaml_int(self, node):
+            text = self.construct_scalar(node)  # YAML 1.1 reads 1:30 as 90 (base 60); YAML 1.2 as the text it is
+            return text if ":" in text else super().construct_yaml_int(node)
+
+        def construct_yaml_float(self, node):
+            text = self.construct_scalar(node)
+            return text if ":" in text else super().construct_yaml_float(node)
+
+    RecipeLoader.add_constructor("tag:yaml.org,2002:int", RecipeLoader.construct_yaml_int)
+    RecipeLoader.add_constructor("tag:yaml.org,2002:float", RecipeLoader.construct_yaml_float)
     return RecipeLoader
 
 

@@ -222,10 +222,18 @@ def test_a_pretraining_recipe_refuses_what_only_a_fine_tune_reads(tmp_path, caps
 def test_values_of_the_wrong_type_are_refused_and_1e_4_is_a_number(tmp_path, capsys):
     """PyYAML reads `lr: 1e-4` as text (YAML 1.1 wants 1.0e-4): retrofit reads it as the number the user meant.
     Other wrong types are one-line errors naming the key, before anything is loaded."""
+    from retrofit.recipes import parse_value
+
     recipe = tiny_recipe("x", "y", tmp_path / "out")
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe).replace("max_steps: 3", "max_steps: 3\n  lr: 1e-4"))
     assert "lr: 1e-4" in path.read_text() and load_recipe(path)["training"]["lr"] == 1e-4
+    # YAML 1.1 reads 1:30 in base 60 (90 epochs, or a name "must be text, not 90"); YAML 1.2, and retrofit, as text.
+    timed = tmp_path / "timed.yaml"
+    timed.write_text(path.read_text().replace("max_steps: 3", "max_steps: 3\n  epochs: 1:30") + "name: 1:30\n")
+    with pytest.raises(RetrofitError, match="training.epochs in recipe .* must be a finite number, not '1:30'"):
+        load_recipe(timed)
+    assert load_recipe(path, {"name": parse_value("1:30")})["name"] == "1:30"
     assert load_recipe(path, {"training.lr": "3e-3"})["training"]["lr"] == 3e-3
     for dotted, value, message in [
         ("merge.tokens", {"a": 1}, "merge.tokens in recipe '.*' must be a whole number, not {'a': 1}"),
