@@ -192,16 +192,24 @@ def branch_of(revision: str | None) -> str | None:
 
 
 # The model a card's loading example names: `from_pretrained("…"` or `model="…"`.
-LOADING = re.compile(r'(from_pretrained\(|model=)"[^"\n]*"')
+LOADING = re.compile(r'(from_pretrained\(|model=)"([^"\n]*)"')
 
 
 def hub_card(text: str, repo_id: str, revision: str | None = None) -> str:
     """An export's README.md as the Hub repo shows it: the loading examples (``from_pretrained``, ``pipeline``) name
-    `repo_id`, and the branch `revision` if it is not main, instead of the local folder. A pull request
-    (``refs/pr/N``) is shown as the repo alone, which it becomes once merged."""
+    `repo_id`, and the branch `revision` if it is not main, instead of the local folder. The folder is the one the
+    card's own examples name (the first under "## How to use"); a line naming another model (one a user added: the
+    source, a teacher) is left as it is. A pull request (``refs/pr/N``) is shown as the repo alone, which it becomes
+    once merged."""
+    usage = text.find("## How to use")
+    ours = LOADING.search(text, max(usage, 0)) or LOADING.search(text)
+    if ours is None:
+        return text
     branch = branch_of(revision)
     target = f'"{repo_id}"' + (f', revision="{branch}"' if branch else "")
-    return LOADING.sub(lambda match: match.group(1) + target, text)
+    return LOADING.sub(
+        lambda match: match.group(1) + target if match.group(2) == ours.group(2) else match.group(0), text
+    )
 
 
 @contextmanager

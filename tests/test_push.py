@@ -423,6 +423,9 @@ def test_hub_card_names_the_repo_and_branch_but_not_a_pull_request():
     assert hub_card(text, "me/x", "v1") == 'm = X.from_pretrained("me/x", revision="v1", trust_remote_code=True)'
     assert hub_card(text, "me/x", "refs/pr/3") == hub_card(text, "me/x")  # what it will be once merged
     assert hub_card("a hand-written card", "me/x") == "a hand-written card"
+    # Only the folder the card's own examples name: a line a user added about another model is published as written.
+    card = 'Compare: `X.from_pretrained("google/vit-base")`\n## How to use\n' + text + '\npipeline(model="other")'
+    assert hub_card(card, "me/x") == card.replace('"path/to/this/folder"', '"me/x"')
 
 
 def test_create_pr_opens_a_pull_request_on_an_existing_repo(export_dir, hub, capsys):
