@@ -80,6 +80,9 @@ def shown(value) -> str:
     and for any other object its type, as a model passed where a path goes would print as many lines."""
     import reprlib
 
+    if isinstance(value, int) and value.bit_length() > 1000:  # Python refuses to write more than 4,300 digits
+        digits = int(value.bit_length() * 0.30103)  # log10(2)
+        return f"a {'negative ' if value < 0 else ''}number of about {digits} digits"
     if value is None or isinstance(value, str | int | float | bool | tuple | list | dict | set):
         shortened = reprlib.Repr()
         shortened.maxlevel, shortened.maxstring, shortened.maxother = 3, 80, 80

@@ -147,8 +147,7 @@ def _number(number: float, commas: bool = False) -> str:
     """`number` as a message quotes it; `commas`: whole ones in groups of three (1,000,000). A whole number too long to
     write (Python refuses more than 4,300 digits) is said by its size."""
     if isinstance(number, int) and number.bit_length() > 1000:
-        sign = "negative " if number < 0 else ""
-        return f"a {sign}number of about {int(number.bit_length() * math.log10(2))} digits"
+        return shown(number)  # said by its size
     if commas and (isinstance(number, int) or number.is_integer() and abs(number) < 1e16):
         return f"{int(number):,}"
     return str(number)

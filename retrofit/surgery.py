@@ -53,12 +53,14 @@ def check_merge(
     layers = lc.num_hidden_layers
     if not 1 <= after_layer < layers:
         raise RetrofitError(
-            f"--after-layer {after_layer} is out of range: this model has {layers} layers, so use 1..{layers - 1}"
+            f"--after-layer {shown(after_layer)} is out of range: this model has {layers} layers, so use "
+            f"1..{layers - 1}"
         )
     patches = num_patches(lc, image_size)
     if not 1 <= num_tokens < patches:
         raise RetrofitError(
-            f"--tokens {num_tokens} is out of range: the model has {patches} patch tokens, so use 1..{patches - 1}"
+            f"--tokens {shown(num_tokens)} is out of range: the model has {patches} patch tokens, so use "
+            f"1..{patches - 1}"
         )
     if rope_positions is not None and rope_positions not in ROPE_POSITIONS:
         raise RetrofitError(f"unknown --rope-positions '{rope_positions}': use one of {', '.join(ROPE_POSITIONS)}")

@@ -218,6 +218,22 @@ def test_tokens_out_of_range(capsys, tmp_path, tiny_vit, m, match):
     assert_refused(capsys, tmp_path / "o", tiny_vit, "--after-layer", 1, "--tokens", m, match=match)
 
 
+def test_a_merge_of_a_number_too_long_to_write_is_refused_by_its_size(tiny_vit):
+    """`check_merge` from Python with a K or M of thousands of digits: the refusal itself raised ValueError (Python
+    writes at most 4,300 digits); now it says the number's size, as every quoted value does (`errors.shown`)."""
+    from retrofit.loading import load_config
+    from retrofit.surgery import check_merge
+
+    config = load_config(tiny_vit)
+    cases = [
+        (10**5000, 2, "--after-layer a number of about 5000 digits is out of range"),
+        (1, -(10**5000), "--tokens a negative number of about 5000 digits is out of range"),
+    ]
+    for k, m, message in cases:
+        with pytest.raises(RetrofitError, match=message):
+            check_merge(config, k, m)
+
+
 def test_unsupported_architecture(capsys, tmp_path):
     from transformers import BertConfig, BertForSequenceClassification
 
