@@ -353,6 +353,9 @@ def load_model(
         model_class = load_classes(family, head).model_class
     else:
         model_class = getattr(transformers, head.class_name)
+    # Shapes that differ from config.json are refused below, in one line: transformers' own error points at a report
+    # that its quieted log never shows.
+    kwargs.setdefault("ignore_mismatched_sizes", True)
     try:
         with pickle_refused_quietly():
             model, info = model_class.from_pretrained(
@@ -360,8 +363,24 @@ def load_model(
             )
     except Exception as exc:  # noqa: BLE001 - OSError, SafetensorError, UnpicklingError, ...: the files are bad
         raise _source_error(source, exc) from exc
+    _check_mismatched_weights(source, info.get("mismatched_keys") or ())
     _check_missing_weights(source, info["missing_keys"], head)
     return take_images(model) if family.padded_patches else model
+
+
+def _check_mismatched_weights(source: str, mismatched) -> None:
+    """Refuse, in one line, weights whose shapes are not the ones config.json gives (``num_labels`` edited, a
+    config.json from another size of the model); each entry is (name, checkpoint shape, model shape)."""
+    entries = sorted((tuple(entry) if isinstance(entry, tuple | list) else (entry,)) for entry in mismatched)
+    if not entries:
+        return
+    first = entries[0]
+    shapes = f" is {list(first[1])} in the weights but {list(first[2])} by config.json" if len(first) >= 3 else ""
+    more = f" (and {len(entries) - 1} more)" if len(entries) > 1 else ""
+    raise RetrofitError(
+        f"the weights in '{source}' do not match its config.json: {first[0]}{shapes}{more}; fix config.json "
+        "(num_labels, hidden_size, ...) to match the weights, or re-download or re-save the checkpoint"
+    )
 
 
 def _check_missing_weights(source: str, missing, head: Head) -> None:

@@ -306,6 +306,17 @@ def test_weights_missing_from_the_backbone_are_refused(capsys, tmp_path, tiny_vi
     assert run_cli(capsys, "convert", no_head, "--after-layer", 2, "--tokens", 4)[0] == 0
 
 
+def test_weights_of_other_shapes_than_the_config_are_one_line(capsys, tmp_path, tiny_vit):
+    # transformers raises "... For details look at the above report!" about a report its quieted log never shows
+    source = tmp_path / "more-labels"
+    shutil.copytree(tiny_vit, source)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "id2label": {str(i): f"c{i}" for i in range(5)},
+                                                    "label2id": {f"c{i}": i for i in range(5)}}))  # fmt: skip
+    match = "do not match its config.json: classifier.bias is [3] in the weights but [5] by config.json"
+    assert_refused(capsys, tmp_path / "o", source, "--after-layer", 2, "--tokens", 4, match=match)
+
+
 def test_converting_an_export_is_refused(capsys, tmp_path, vit_export):
     _, out = vit_export
     assert_refused(capsys, tmp_path / "o", out, "--after-layer", 1, "--tokens", 2, match="already has a PatchMerger")
