@@ -356,6 +356,7 @@ def load_model(
     # Shapes that differ from config.json are refused below, in one line: transformers' own error points at a report
     # that its quieted log never shows.
     kwargs.setdefault("ignore_mismatched_sizes", True)
+    _check_shard_index(source)
     try:
         with pickle_refused_quietly():
             model, info = model_class.from_pretrained(
@@ -366,6 +367,49 @@ def load_model(
     _check_mismatched_weights(source, info.get("mismatched_keys") or ())
     _check_missing_weights(source, info["missing_keys"], head)
     return take_images(model) if family.padded_patches else model
+
+
+WEIGHT_FILES = (
+    ("model.safetensors", "model.safetensors.index.json"),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+)
+
+
+def _check_shard_index(source: str) -> None:
+    """Refuse, in one line, a local folder whose sharded weights' index (the file transformers reads, in its order:
+    one weights file before an index) is not an index or names a shard the folder lacks; transformers fails on
+    those with a bare KeyError, TypeError or JSON error."""
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        return
+    for single, index_name in WEIGHT_FILES:
+        if (folder / single).is_file():
+            return
+        index = folder / index_name
+        if index.exists():
+            break
+    else:
+        return
+    try:
+        raw = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raw = exc
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        if isinstance(raw, Exception):
+            what = brief(raw)
+        elif not isinstance(raw, dict):
+            what = f"it holds {_json_kind(raw)}"
+        else:
+            what = "its weight_map is not an object of weight names and file names"
+        raise RetrofitError(f"'{index}' is not a shard index ({what}); re-download or re-save the checkpoint")
+    lacking = sorted(name for name in set(weight_map.values()) if not (folder / name).is_file())
+    if lacking:
+        more = f" (and {len(lacking) - 1} more)" if len(lacking) > 1 else ""
+        raise RetrofitError(
+            f"'{source}' lacks {lacking[0]}{more}, a shard of the weights its {index_name} names; copy it into the "
+            "folder, or re-download or re-save the checkpoint"
+        )
 
 
 def _check_mismatched_weights(source: str, mismatched) -> None:

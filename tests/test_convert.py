@@ -317,6 +317,42 @@ def test_weights_of_other_shapes_than_the_config_are_one_line(capsys, tmp_path, 
     assert_refused(capsys, tmp_path / "o", source, "--after-layer", 2, "--tokens", 4, match=match)
 
 
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        ("missing shard", "lacks model-00002-of-0000"),
+        ("not json", "model.safetensors.index.json' is not a shard index (Expecting"),
+        ("a list", "model.safetensors.index.json' is not a shard index (it holds a list)"),
+        ("no weight_map", "model.safetensors.index.json' is not a shard index (its weight_map is not an object"),
+    ],
+)
+def test_a_damaged_shard_index_is_one_line(capsys, tmp_path, tiny_vit, damage, match):
+    from transformers import ViTForImageClassification
+
+    source = tmp_path / "sharded"
+    ViTForImageClassification.from_pretrained(tiny_vit).save_pretrained(source, max_shard_size="50KB")
+    shutil.copy(tiny_vit / "preprocessor_config.json", source)
+    index = source / "model.safetensors.index.json"
+    shards = sorted(source.glob("model-*.safetensors"))
+    assert len(shards) > 2 and not (source / "model.safetensors").exists()
+    if damage == "missing shard":
+        shards[1].unlink()
+    else:
+        index.write_text({"not json": "{oops", "a list": "[]", "no weight_map": '{"metadata": {}}'}[damage])
+    capsys.readouterr()  # the progress bars of the saving above
+    assert_refused(capsys, tmp_path / "o", source, "--after-layer", 2, "--tokens", 4, match=match)
+
+
+def test_sharded_weights_convert(capsys, tmp_path, tiny_vit):
+    from transformers import ViTForImageClassification
+
+    source = tmp_path / "sharded"
+    ViTForImageClassification.from_pretrained(tiny_vit).save_pretrained(source, max_shard_size="50KB")
+    shutil.copy(tiny_vit / "preprocessor_config.json", source)
+    code, _ = run_cli(capsys, "convert", source, "--after-layer", 1, "--tokens", 2, "--output", tmp_path / "o")
+    assert code == 0 and (tmp_path / "o" / "model.safetensors").is_file()
+
+
 def test_converting_an_export_is_refused(capsys, tmp_path, vit_export):
     _, out = vit_export
     assert_refused(capsys, tmp_path / "o", out, "--after-layer", 1, "--tokens", 2, match="already has a PatchMerger")
