@@ -155,6 +155,14 @@ def check_config(config: PreTrainedConfig, where: str) -> None:
             raise RetrofitError(f"{where}: {name} {value!r} is above what torch takes (2**63 - 1); fix the config")
     _check_probabilities(lc, where)
     _check_shapes(lc, sizes, where)
+    for dtype in {id(c): getattr(c, "dtype", None) for c in (config, lc)}.values():
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            # transformers fails later with "'int' object has no attribute 'is_floating_point'" or "cannot be
+            # instantiated under `dtype=torch.int8`"
+            raise RetrofitError(
+                f"{where}: dtype {str(dtype).removeprefix('torch.')!r} is not a floating-point type; make it "
+                "float32, float16 or bfloat16 (the weights' type), or remove it"
+            )
     prefix = getattr(config, "merge_num_prefix_tokens", 0) if is_merged(config) else 0
     if not isinstance(prefix, int) or isinstance(prefix, bool) or prefix < 0:
         raise RetrofitError(f"{where}: merge_num_prefix_tokens must be a whole number ≥ 0, not {prefix!r}")

@@ -353,6 +353,17 @@ def test_sharded_weights_convert(capsys, tmp_path, tiny_vit):
     assert code == 0 and (tmp_path / "o" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
+def test_a_config_dtype_other_than_the_weights_converts_in_that_dtype(capsys, tmp_path, tiny_vit, key):
+    source = tmp_path / "half"
+    shutil.copytree(tiny_vit, source)
+    config = {k: v for k, v in json.loads((source / "config.json").read_text()).items() if k != "dtype"}
+    (source / "config.json").write_text(json.dumps({**config, key: "bfloat16"}))  # float32 weights
+    code, _ = run_cli(capsys, "convert", source, "--after-layer", 1, "--tokens", 2, "--output", tmp_path / "o")
+    assert code == 0
+    assert {t.dtype for t in load_file(tmp_path / "o" / "model.safetensors").values()} == {torch.bfloat16}
+
+
 def test_converting_an_export_is_refused(capsys, tmp_path, vit_export):
     _, out = vit_export
     assert_refused(capsys, tmp_path / "o", out, "--after-layer", 1, "--tokens", 2, match="already has a PatchMerger")

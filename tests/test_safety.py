@@ -490,6 +490,8 @@ def _edit_json(path: Path, change) -> None:
         ("patch-size-0", "patch_size must be a positive whole number, not 0"),
         ("act-unknown", "config.json': hidden_act 'evil' is not an activation transformers knows"),
         ("layers-text", "config.json' is not a valid config (Validation error for field 'num_hidden_layers'"),
+        ("dtype-number", "config.json': dtype '5' is not a floating-point type; make it float32, float16 or"),
+        ("dtype-int8", "config.json': dtype 'int8' is not a floating-point type"),
     ],
 )
 def test_a_broken_source_is_one_line(tiny_vit, tmp_path, capsys, damage, message):
@@ -513,6 +515,8 @@ def test_a_broken_source_is_one_line(tiny_vit, tmp_path, capsys, damage, message
         _edit_json(source / "config.json", lambda c: {**c, "hidden_act": "evil"})
     elif damage == "layers-text":
         _edit_json(source / "config.json", lambda c: {**c, "num_hidden_layers": "two"})
+    elif damage.startswith("dtype-"):  # was "'int' object has no attribute 'is_floating_point'; pass a folder ..."
+        _edit_json(source / "config.json", lambda c: {**c, "dtype": 5 if damage == "dtype-number" else "int8"})
     target = source / "config.json" if damage == "config-file" else source
     with warnings.catch_warnings(record=True) as caught:  # a warning would reach the user's stderr before the line
         warnings.simplefilter("always")
