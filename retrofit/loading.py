@@ -93,6 +93,8 @@ def load_config(
         if MERGED_SUFFIX in str(exc) or "trust_remote_code" in str(exc):
             # A retrofit export: its config class is ours, so read the raw dict and recreate it below.
             config = _load_export_config(source, revision)
+        elif local.is_dir():  # config.json is a JSON object (`_check_local_config`) that transformers refuses
+            raise _local_config_error(source, local, exc) from None
         else:
             raise _source_error(source, exc) from None
     except OSError as exc:
@@ -123,6 +125,17 @@ def _check_local_config(source: str, folder: Path) -> None:
     if not isinstance(raw, dict) or not isinstance(raw.get("model_type", ""), str):
         what = _json_kind(raw) if not isinstance(raw, dict) else "an object whose model_type is not text"
         raise RetrofitError(f"'{source}/config.json' holds {what}, not a model config; fix or re-save it")
+
+
+def _local_config_error(source: str, folder: Path, exc: Exception) -> RetrofitError:
+    """The one line for a local config.json that transformers refuses: no model type, an unknown one, or a field it
+    cannot read (``id2label`` keys that are not numbers); "pass a folder holding config.json" would not help."""
+    if not json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type"):
+        return RetrofitError(
+            f"'{source}/config.json' has no model_type; add the checkpoint's (vit, deit, dinov2, clip, ...), or "
+            "re-save it with transformers"
+        )
+    return RetrofitError(f"'{source}/config.json' is not a valid config ({brief(exc)}); fix or re-save it")
 
 
 def check_config(config: PreTrainedConfig, where: str) -> None:

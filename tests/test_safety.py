@@ -492,6 +492,9 @@ def _edit_json(path: Path, change) -> None:
         ("layers-text", "config.json' is not a valid config (Validation error for field 'num_hidden_layers'"),
         ("dtype-number", "config.json': dtype '5' is not a floating-point type; make it float32, float16 or"),
         ("dtype-int8", "config.json': dtype 'int8' is not a floating-point type"),
+        ("no-model-type", "config.json' has no model_type; add the checkpoint's (vit, deit"),
+        ("id2label-text", "config.json' is not a valid config (invalid literal for int() with base 10: 'a'); fix or"),
+        ("model-type-unknown", "config.json' is not a valid config (The checkpoint you are trying to load has model"),
     ],
 )
 def test_a_broken_source_is_one_line(tiny_vit, tmp_path, capsys, damage, message):
@@ -515,6 +518,12 @@ def test_a_broken_source_is_one_line(tiny_vit, tmp_path, capsys, damage, message
         _edit_json(source / "config.json", lambda c: {**c, "hidden_act": "evil"})
     elif damage == "layers-text":
         _edit_json(source / "config.json", lambda c: {**c, "num_hidden_layers": "two"})
+    elif damage == "no-model-type":  # these three were "cannot load ...; pass a folder holding config.json and weights"
+        _edit_json(source / "config.json", lambda c: {k: v for k, v in c.items() if k != "model_type"})
+    elif damage == "id2label-text":
+        _edit_json(source / "config.json", lambda c: {**c, "id2label": {"a": "cat"}})
+    elif damage == "model-type-unknown":
+        _edit_json(source / "config.json", lambda c: {**c, "model_type": "foobar"})
     elif damage.startswith("dtype-"):  # was "'int' object has no attribute 'is_floating_point'; pass a folder ..."
         _edit_json(source / "config.json", lambda c: {**c, "dtype": 5 if damage == "dtype-number" else "int8"})
     target = source / "config.json" if damage == "config-file" else source
