@@ -422,7 +422,7 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
     if backbone:  # similarity to the teacher: the baseline itself unless the recipe names another one
         rows[0]["similarity"] = None if args.teacher else 1.0
     elif before and args.eval_split:
-        accuracy = _baseline_accuracy(baseline, ready, args)
+        accuracy = _baseline_accuracy(baseline, ready)
         if accuracy is None:  # kd on a split without labels this model knows: agreement with the teacher
             quality, rows[0]["teacher_agreement"] = "agreement", None if args.teacher else 1.0
             log("baseline: the evaluation split has no labels this model knows; the table gives agreement with the "
@@ -517,14 +517,14 @@ def _zero_shot_cells(score: dict) -> dict:
     return {"zero_shot_top1": score["top1"], "agreement": score["agreement"]}
 
 
-def _baseline_accuracy(baseline, ready, args: FinetuneArgs) -> float | None:
-    """The source's accuracy on the evaluation split, through the one accuracy loop; None for kd on a split without
-    labels the model knows (kd needs none: its evaluations are agreement with the teacher, `train.evaluate`)."""
+def _baseline_accuracy(baseline, ready) -> float | None:
+    """The source's accuracy on the evaluation split (the training's own loader, `train.evaluation_loader`), through
+    the one accuracy loop; None for kd on a split without labels the model knows (kd needs none: its evaluations are
+    agreement with the teacher, `train.evaluate`)."""
     from .evaluation import accuracy
-    from .train import evaluation_loader
 
-    loader, labelled = evaluation_loader(ready.config, ready.processor, args)
-    return accuracy(baseline, loader) if labelled else None
+    loader = ready.data[1]
+    return accuracy(baseline, loader) if loader.dataset.has_labels else None
 
 
 def results_table(rows: list[dict], note: str | None = None) -> str:

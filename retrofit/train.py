@@ -241,14 +241,14 @@ def training_data(model, image_processor, run: TrainingRun) -> tuple:
                                label_map=label_map)  # fmt: skip
     if not run.eval_split:
         return train_dl, None
-    return train_dl, evaluation_loader(model.config, image_processor, run)[0]
+    return train_dl, evaluation_loader(model.config, image_processor, run)
 
 
-def evaluation_loader(config, image_processor, run: TrainingRun) -> tuple:
-    """The dataloader of `run`'s evaluation split for a model of `config`, and whether it is scored against labels
-    the model knows. kd needs no labels: on a split without them, or with classes the model does not know, its
-    loader has no labels and kd's evaluations are agreement with the teacher (`evaluate`). With ``--num-labels``
-    (a new head for the data's classes) the split's labels pass unmapped."""
+def evaluation_loader(config, image_processor, run: TrainingRun) -> torch.utils.data.DataLoader:
+    """The dataloader of `run`'s evaluation split for a model of `config`. kd needs no labels: on a split without
+    them, or with classes the model does not know, its loader has none (``loader.dataset.has_labels`` is False) and
+    kd's evaluations are agreement with the teacher (`evaluate`). With ``--num-labels`` (a new head for the data's
+    classes) the split's labels pass unmapped."""
     from .data import dataset_label_map, load_split, make_dataloader, model_labels
     from .loading import family_and_head
 
@@ -259,7 +259,7 @@ def evaluation_loader(config, image_processor, run: TrainingRun) -> tuple:
     except RetrofitError:
         if run.loss != "kd" or not labels:
             raise
-        labels = None
+        labels = None  # kd needs no labels: an unlabelled split measures agreement with the teacher
         eval_set = load_split(run.data, run.eval_split, image_column=run.image_column, label_column=None,
                               limit=run.eval_limit)  # fmt: skip
     eval_map = None
@@ -269,11 +269,10 @@ def evaluation_loader(config, image_processor, run: TrainingRun) -> tuple:
         except RetrofitError:
             if run.loss != "kd":
                 raise
-            labels, eval_set = None, eval_set.remove_columns("label")
+            eval_set = eval_set.remove_columns("label")  # a head with other classes: agreement with the teacher
     batch_size = min(run.eval_batch_size or run.batch_size, len(eval_set))
-    loader = make_dataloader(eval_set, image_processor, batch_size=batch_size, num_workers=run.num_workers,
-                             num_channels=getattr(config, "num_channels", None), label_map=eval_map)  # fmt: skip
-    return loader, labels is not None
+    return make_dataloader(eval_set, image_processor, batch_size=batch_size, num_workers=run.num_workers,
+                           num_channels=getattr(config, "num_channels", None), label_map=eval_map)  # fmt: skip
 
 
 def reinit_head(model, names: list[str] | None, num_labels: int) -> None:
