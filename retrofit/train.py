@@ -120,14 +120,14 @@ def keeps_callers_random_state(run: Callable[..., T]) -> Callable[..., T]:
 def progress_bars(shown: bool) -> Iterator[None]:
     """The libraries' own progress bars (datasets' "Generating train split", transformers' "Loading weights" and
     huggingface_hub's downloads) hidden in the block unless `shown`; as they were after it."""
+    if shown:
+        yield
+        return
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
     from transformers.utils import logging as hf_logging
 
     from .data import datasets_progress_bars
 
-    if shown:
-        yield
-        return
     transformers_bars, hub_bars = hf_logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
     hf_logging.disable_progress_bar()  # huggingface_hub's too
     try:
