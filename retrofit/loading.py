@@ -13,7 +13,7 @@ import transformers
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
 from .atomic import ASSETS, SHIPPED_NAME, TOKENIZER_FILES
-from .errors import RetrofitError, brief, pickle_refused_quietly
+from .errors import RetrofitError, brief, pickle_refused_quietly, shown
 from .families import FAMILIES, TASKS, Family, Head, family_for
 from .naflex import square_side, take_images
 
@@ -105,6 +105,8 @@ def load_config(
             family_for(model_type)  # a refused family says why it is refused, whether or not the package is there
         raise RetrofitError(f"loading '{source}' needs a package that is not installed ({brief(exc)})") from None
     except Exception as exc:  # noqa: BLE001 - a field of the wrong type: TypeError, huggingface_hub's strict checks
+        if local.is_dir():
+            raise _local_config_error(source, local, exc) from None
         raise RetrofitError(f"'{source}/config.json' is not a valid config ({brief(exc)}); fix or re-save it") from None
     config = for_task(config, task)
     check_config(config, f"'{source}/config.json'")
@@ -129,12 +131,26 @@ def _check_local_config(source: str, folder: Path) -> None:
 
 def _local_config_error(source: str, folder: Path, exc: Exception) -> RetrofitError:
     """The one line for a local config.json that transformers refuses: no model type, an unknown one, or a field it
-    cannot read (``id2label`` keys that are not numbers); "pass a folder holding config.json" would not help."""
-    if not json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type"):
+    cannot read (``id2label`` keys that are not numbers, a ``dtype`` torch does not have); "pass a folder holding
+    config.json" would not help."""
+    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    model_type = raw.get("model_type")
+    if not model_type:
         return RetrofitError(
             f"'{source}/config.json' has no model_type; add the checkpoint's (vit, deit, dinov2, clip, ...), or "
             "re-save it with transformers"
         )
+    try:
+        family_for(model_type)  # an unknown model type: say which families retrofit merges
+    except RetrofitError as refusal:
+        return refusal
+    for key in ("dtype", "torch_dtype"):
+        dtype = raw.get(key)
+        if isinstance(dtype, str) and isinstance(exc, AttributeError) and f"'{dtype}'" in str(exc):
+            return RetrofitError(
+                f"'{source}/config.json': {key} {shown(dtype)} is not a torch dtype; make it float32, bfloat16 or "
+                "float16, or remove it"
+            )
     return RetrofitError(f"'{source}/config.json' is not a valid config ({brief(exc)}); fix or re-save it")
 
 

@@ -494,7 +494,8 @@ def _edit_json(path: Path, change) -> None:
         ("dtype-int8", "config.json': dtype 'int8' is not a floating-point type"),
         ("no-model-type", "config.json' has no model_type; add the checkpoint's (vit, deit"),
         ("id2label-text", "config.json' is not a valid config (invalid literal for int() with base 10: 'a'); fix or"),
-        ("model-type-unknown", "config.json' is not a valid config (The checkpoint you are trying to load has model"),
+        ("model-type-unknown", "model type 'foobar' is not supported (no single token sequence retrofit knows how"),
+        ("dtype-auto", "config.json': dtype 'auto' is not a torch dtype; make it float32, bfloat16 or float16, or"),
     ],
 )
 def test_a_broken_source_is_one_line(tiny_vit, tmp_path, capsys, damage, message):
@@ -525,7 +526,8 @@ def test_a_broken_source_is_one_line(tiny_vit, tmp_path, capsys, damage, message
     elif damage == "model-type-unknown":
         _edit_json(source / "config.json", lambda c: {**c, "model_type": "foobar"})
     elif damage.startswith("dtype-"):  # was "'int' object has no attribute 'is_floating_point'; pass a folder ..."
-        _edit_json(source / "config.json", lambda c: {**c, "dtype": 5 if damage == "dtype-number" else "int8"})
+        dtype = {"dtype-number": 5, "dtype-int8": "int8", "dtype-auto": "auto"}[damage]  # auto: "module 'torch' has
+        _edit_json(source / "config.json", lambda c: {**c, "dtype": dtype})  # no attribute 'auto'" before
     target = source / "config.json" if damage == "config-file" else source
     with warnings.catch_warnings(record=True) as caught:  # a warning would reach the user's stderr before the line
         warnings.simplefilter("always")
