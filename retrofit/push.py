@@ -169,6 +169,22 @@ def export_files(export: str | Path) -> list[str]:
     return required
 
 
+def check_loads(export: str | Path) -> None:
+    """Refuse an export that retrofit cannot load and run as it stands: a config.json edited after the export so that
+    it no longer matches the weights (num_labels, hidden_size, the merge settings), a model type or
+    preprocessor_config.json retrofit cannot read. `export_files` checks that the files are there and whole; this
+    checks that they make a model, as `retrofit evaluate` would load it, before anything is created on the Hub."""
+    from .loading import check_runs_on_its_images, load_config, load_image_processor, load_model
+
+    try:
+        config = load_config(export)
+        processor = load_image_processor(export, config, log=lambda _: None)
+        model = load_model(export, config=config).eval()
+        check_runs_on_its_images(model, processor, export)
+    except RetrofitError as exc:
+        raise RetrofitError(f"'{export}' does not load as it stands, so nothing was uploaded: {exc}") from None
+
+
 def _hub_error(exc: Exception, repo_id: str) -> RetrofitError:
     full = str(exc)
     status = getattr(getattr(exc, "response", None), "status_code", None)
@@ -280,6 +296,7 @@ def push(
     create_pr: bool = False,
     token: str | None = None,
     log: Callable[[str], None] = print,
+    check: bool = True,
 ) -> str:
     """Create `repo_id` if needed (and branch `revision`), upload the export folder; return the repo (tree) URL.
 
@@ -287,7 +304,8 @@ def push(
     request on an existing repo instead of committing to it (for a repo you may not write to, such as an
     organisation's), and returns its URL. `private` makes a new repo private and refuses an existing public one
     (an upload does not change a repo's visibility). A branch is created before the upload; if the Hub refuses it on
-    a repo this call created, that repo is deleted again (nothing left behind)."""
+    a repo this call created, that repo is deleted again (nothing left behind). The export must load as it stands
+    (`check_loads`; `check=False`: retrofit has just written it)."""
     from huggingface_hub import HfApi
 
     check_revision(revision)
@@ -297,6 +315,8 @@ def push(
             "drop one of them"
         )
     files = export_files(export)
+    if check:
+        check_loads(export)
     # a new PR: the repo exists; --private: it is not public
     api = HfApi(token=check_push(repo_id, token, private=private, create_pr=create_pr))
     pull = PR_REVISION.fullmatch(revision or "")
@@ -364,7 +384,7 @@ def push_written(
 ) -> str:
     """`push` right after retrofit wrote `export`: if the upload fails, say that the export is safe and how to retry."""
     try:
-        return push(export, repo_id, private=private, create_pr=create_pr, log=log)
+        return push(export, repo_id, private=private, create_pr=create_pr, log=log, check=False)
     except RetrofitError as exc:
         retry = f"retrofit push {export} --repo-id {repo_id}" + (" --private" if private else "")
         retry += " --create-pr" if create_pr else ""

@@ -187,6 +187,31 @@ def test_malformed_export_json_is_refused_in_one_line(export_dir, hub, tmp_path,
     assert hub["commits"] == [] and hub["repos"] == []
 
 
+def test_an_export_whose_config_no_longer_matches_its_weights_is_not_uploaded(export_dir, hub, tmp_path, capsys):
+    """Every file there and whole, but config.json edited after the export (the merge, the labels, the width, the
+    model type) or preprocessor_config.json broken: a model that does not load is refused before the repo is made."""
+    edits = {
+        "merge_num_tokens": ({"merge_num_tokens": 8}, "patch_merger.queries is [4, 32] in the weights but [8, 32]"),
+        "merge_after_layer": ({"merge_after_layer": 3}, "lacks 3 of the model's weights (vit.layers.3.patch_merger"),
+        "num_labels": ({"id2label": {"0": "a", "1": "b"}, "label2id": {"a": 0, "b": 1}}, "classifier.bias is [3]"),
+        "model_type": ({"model_type": "foo_patch_merger"}, "model type 'foo' is not supported"),
+        "preprocessor": (None, "preprocessor_config.json' is not an image processor config"),
+    }
+    for name, (edit, message) in edits.items():
+        folder = _copy(export_dir, tmp_path / name)
+        if edit is None:
+            (folder / "preprocessor_config.json").write_text("{not json")
+        else:
+            config = json.loads((folder / "config.json").read_text())
+            (folder / "config.json").write_text(json.dumps({**config, **edit}))
+        assert export_files(folder)  # complete, file by file
+        assert main(["push", str(folder), "--repo-id", "me/x"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"'{folder}' does not load as it stands, so nothing was uploaded" in err, name
+        assert message in err and len(err.splitlines()) == 1, err
+    assert hub["commits"] == [] and hub["repos"] == []
+
+
 @pytest.mark.parametrize("revision", ["", "a b", "../../etc", "-x", "/x", "x/", "v1.lock", "x..y", "refs/heads/x", "@"])
 def test_bad_revision_is_refused_before_anything_is_created(export_dir, hub, capsys, revision):
     assert main(["push", str(export_dir), "--repo-id", "me/x", f"--revision={revision}"]) == 2
