@@ -254,12 +254,19 @@ def build_variants(
         for k, tokens in twins.get(spec, []):
             twin = place_model(insert_patch_merger(model, k, tokens, source=spec), device, dtype)
             loaded.append((f"{spec}+pm{k}:{tokens}", twin, spec, sizes[spec]))
-    sources = [name for name, model, _, _ in loaded if not is_merged(model.config)]
+    sources = [(name, _encoder_shape(model.config, size)) for name, model, _, size in loaded
+               if not is_merged(model.config)]  # fmt: skip
+    for index, (name, model, baseline, size) in enumerate(loaded):
+        if baseline is None and is_merged(model.config) and sources:  # its source not found: one of its shape
+            shape = _encoder_shape(model.config, size)
+            baseline = next((source for source, theirs in sources if theirs == shape), None)
+            if baseline is None:
+                log(f"note: '{name}' was not made from any unmerged model given, and none has its encoder's shape "
+                    "and image size: no speed-up for it; add its source to compare with")  # fmt: skip
+            loaded[index] = (name, model, baseline, size)
     variants = []
     for mode in settings.compile_modes:
         for name, model, baseline, size in loaded:
-            if baseline is None and is_merged(model.config) and sources:
-                baseline = sources[0]
             variant = Variant(
                 name=name,
                 model=model,
@@ -281,6 +288,20 @@ def build_variants(
             module = timed_part(v.model, v.config)
             v.runner = module if v.compile_mode == "eager" else _compile(module, v.compile_mode)
     return variants
+
+
+def _encoder_shape(config, size: tuple[int, int] | None) -> tuple:
+    """What a merged model's speed-up is measured against: its family, its encoder's dimensions (merge settings
+    aside) and the size of the images it is timed on. A merged model is compared only with an unmerged one of the
+    same shape (a speed-up over another model is not the merge's)."""
+    from .cost import image_size
+    from .loading import family_and_head, layer_config
+
+    family, head = family_and_head(config)
+    layers = layer_config(config, head)
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size",
+            "num_channels")  # fmt: skip
+    return (family.name, *(getattr(layers, key, None) for key in keys), tuple(size or image_size(layers)))
 
 
 def processor_size(spec: str, config) -> tuple[int, int] | None:

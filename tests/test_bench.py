@@ -730,3 +730,25 @@ def test_a_bench_that_measured_nothing_is_an_error_and_writes_nothing(tiny_vit, 
     err = capsys.readouterr().err.strip().splitlines()
     assert any("out of memory at batch size" in line for line in err) and not out.exists()
     assert err[-1].startswith("retrofit: error: nothing was measured, so nothing was written")
+
+
+def test_a_merged_model_is_compared_only_with_an_unmerged_model_of_its_shape(tiny_vit, export_dir, tmp_path):
+    """An export whose source was not among the models got the first unmerged model as its baseline whatever its
+    shape: a speed-up and FLOPs ratio over a wider ViT were reported as the merge's. Now it is compared with an
+    unmerged model of its encoder's shape and image size (another copy of its source), else with none, and a note
+    says so."""
+    from conftest import TINY, save_tiny
+    from transformers import ViTConfig
+
+    wider = ViTForImageClassification(ViTConfig(**{**TINY, "hidden_size": 64, "intermediate_size": 128}))
+    wider = save_tiny(wider, tmp_path / "wider")
+    torch.manual_seed(5)
+    same_shape = save_tiny(ViTForImageClassification(ViTConfig(**TINY)), tmp_path / "same-shape")  # not its source
+    settings = BenchSettings(warmup=1, repeats=1, min_time=0, latency_iters=0)
+    notes: list[str] = []
+    variants = benchmark.build_variants([str(wider), str(export_dir)], [], settings, log=notes.append)
+    assert [(v.baseline, v.flops_ratio) for v in variants] == [(None, None), (None, None)]
+    assert f"note: '{export_dir}' was not made from any unmerged model given" in "\n".join(notes)
+    variants = benchmark.build_variants([str(wider), str(export_dir), str(same_shape)], [], settings, log=print)
+    assert variants[1].baseline == str(same_shape)
+    assert variants[1].flops_ratio == pytest.approx(variants[2].gflops / variants[1].gflops)
