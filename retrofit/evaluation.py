@@ -334,8 +334,33 @@ def zero_shot_classes(dataset, data: str) -> tuple[list[str], dict | None]:
             "or text); zero-shot needs named classes: use an image folder (one sub-folder per class), fashion-mnist "
             "or a dataset whose label column is a ClassLabel (choose it with --label-column)"
         )
+    _check_class_names(names, data, text)
     check_labels(dataset, len(names), data=data, label_map=label_map, hint="give every image one of the classes")
     return names, label_map
+
+
+def _check_class_names(names: list[str], data: str, text: bool) -> None:
+    """Refuse class names that give no zero-shot score: one class (its prompt always wins: 100 % by construction), a
+    blank name (no prompt), two names that give one prompt (underscores become spaces: the classes would tie)."""
+    if len(names) < 2:
+        seen = " in the images read (--limit keeps the first N)" if text else ""
+        raise RetrofitError(
+            f"'{data}' has 1 class ({names[0]!r}){seen}: zero-shot over one prompt always picks it (100 % whatever "
+            "the model); use images of two or more classes"
+        )
+    shown: dict[str, str] = {}
+    for name in names:
+        if not name.strip():
+            raise RetrofitError(
+                f"'{data}' has a class with a blank name ({name!r}), which gives no prompt; name every class"
+            )
+        words = name.replace("_", " ")
+        if words in shown:
+            raise RetrofitError(
+                f"the classes {shown[words]!r} and {name!r} of '{data}' give one prompt (underscores become spaces), "
+                "so zero-shot cannot tell them apart; rename one of them"
+            )
+        shown[words] = name
 
 
 def load_zero_shot_tokenizer(spec: str, config, *, revision: str | None = None, texts: Sequence[str] = ()):

@@ -417,3 +417,36 @@ def test_images_alone_take_the_vision_arguments_and_return_dict(name, duals):
         torch.testing.assert_close(got, want)
     torch.testing.assert_close(alone.image_embeds, full.image_embeds)
     assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], alone.image_embeds)
+
+
+def test_class_names_that_give_no_zero_shot_score_are_refused(duals, images, tmp_path, capsys):
+    """One class (a folder of one class, or text labels cut to one by --limit) scored 100 % whatever the model, a
+    blank class name was scored as the prompt 'a photo of a  .', and two names that give one prompt tied: each is
+    one line, exit 2, and sweep refuses them too before any setting."""
+    import shutil
+
+    from test_data import make_labelled_folder
+
+    source, _ = duals["clip"]
+    one = tmp_path / "one" / "test" / "cat"
+    shutil.copytree(images / "test" / "cat", one)
+    cases = [
+        (str(tmp_path / "one"), [], "has 1 class ('cat'): zero-shot over one prompt always picks it"),
+        (make_labelled_folder(tmp_path / "cut", images, ["cat", "dog", "bird"]), ["--limit", "1"],
+         "has 1 class ('cat') in the images read (--limit keeps the first N)"),
+        (make_labelled_folder(tmp_path / "blank", images, ["cat", " ", "bird"]), [],
+         "has a class with a blank name (' '), which gives no prompt"),
+        (make_labelled_folder(tmp_path / "same", images, ["ankle_boot", "ankle boot", "bird"]), [],
+         "the classes 'ankle boot' and 'ankle_boot'"),
+    ]  # fmt: skip
+    for data, extra, message in cases:
+        split = "test" if data.endswith("one") else "train"
+        assert main(["evaluate", str(source), "--data", data, "--split", split, "--zero-shot", *extra]) == 2
+        captured = capsys.readouterr()
+        assert message in captured.err and len(captured.err.strip().splitlines()) == 1 and not captured.out
+    sweep = ["sweep", str(source), "--after-layer", "1", "--tokens", "3", "--data", cases[2][0], "--split", "train",
+             "--zero-shot", "--output", str(tmp_path / "sweep")]  # fmt: skip
+    assert main(sweep) == 2
+    captured = capsys.readouterr()
+    assert cases[2][2] in captured.err and "setting after-layer" not in captured.out + captured.err
+    assert not (tmp_path / "sweep").exists()
