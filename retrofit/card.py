@@ -33,6 +33,11 @@ def local_name(folder: str | Path | None) -> str:
     return path.as_posix() if not path.is_absolute() and ".." not in path.parts else path.name
 
 
+def python_text(text: str) -> str:
+    """`text` as a double-quoted Python string literal, as the card's loading examples name a model."""
+    return json.dumps(text, ensure_ascii=False)
+
+
 @dataclass
 class TrainingInfo:
     """How the merged model was made, beyond the merge settings in its config."""
@@ -171,7 +176,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
-processor = AutoProcessor.from_pretrained("{name}"{trust})
+processor = AutoProcessor.from_pretrained({name}{trust})
 inputs = processor(text=["a photo of a cat.", "a photo of a dog."], images=Image.open("photo.jpg"),
                    return_tensors="pt", {padding})
 with torch.no_grad():
@@ -223,9 +228,9 @@ def build_card(
     cost_text = ""
     if source_config is not None:
         cost_text = compare(model_cost(source_config, image_size), model_cost(config, image_size))
-    name = repo_id or local_name(folder)
+    name = python_text(repo_id or local_name(folder))  # a folder's name may hold a quote or a backslash
     encoder_only = (
-        f'\n`AutoModel.from_pretrained("{name}")` loads the encoder without the classifier ({base.class_name} with '
+        f"\n`AutoModel.from_pretrained({name})` loads the encoder without the classifier ({base.class_name} with "
         f"the merger), as it does for the source checkpoint; its `last_hidden_state` has "
         f"{config.merge_num_prefix_tokens} + {config.merge_num_tokens} tokens.\n"
         if base
@@ -234,7 +239,7 @@ def build_card(
     probe = classifier_head(family, head)
     if probe is not None:  # a backbone or dual encoder: a linear probe or fine-tune starts from a new classifier
         encoder_only += (
-            f'\n`AutoModelForImageClassification.from_pretrained("{name}", num_labels=...)` loads it as '
+            f"\n`AutoModelForImageClassification.from_pretrained({name}, num_labels=...)` loads it as "
             f"{probe.class_name} with the merger and a new classifier (a linear probe, a fine-tune), as it does for "
             "the source checkpoint.\n"
         )
@@ -265,8 +270,8 @@ import retrofit
 from transformers import {head.auto_class}, pipeline
 
 retrofit.register_auto_classes()
-model = {head.auto_class}.from_pretrained("{name}")
-pipe = pipeline("{head.pipeline_tag}", model="{name}")
+model = {head.auto_class}.from_pretrained({name})
+pipe = pipeline("{head.pipeline_tag}", model={name})
 ```
 {zero_shot(False)}{encoder_only}
 Without retrofit, the modeling code that ships here (`modeling_*.py`, `configuration_*.py`; it needs only `torch`
@@ -275,8 +280,8 @@ and `transformers>={OLDEST_TRANSFORMERS}`) runs when you allow it:
 ```python
 from transformers import {head.auto_class}, pipeline
 
-model = {head.auto_class}.from_pretrained("{name}", trust_remote_code=True)
-pipe = pipeline("{head.pipeline_tag}", model="{name}", trust_remote_code=True)
+model = {head.auto_class}.from_pretrained({name}, trust_remote_code=True)
+pipe = pipeline("{head.pipeline_tag}", model={name}, trust_remote_code=True)
 ```
 {zero_shot(True)}
 ## Cost (theoretical, per image)

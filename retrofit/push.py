@@ -207,8 +207,9 @@ def branch_of(revision: str | None) -> str | None:
     return revision if revision not in (None, "main") and not PR_REVISION.fullmatch(revision or "") else None
 
 
-# The model a card's loading example names: `from_pretrained("…"` or `model="…"`.
-LOADING = re.compile(r'(from_pretrained\(|model=)"([^"\n]*)"')
+# The model a card's loading example names: `from_pretrained("…"` or `model="…"`, a Python string literal
+# (`card.python_text`: a folder's quote or backslash escaped).
+LOADING = re.compile(r'(from_pretrained\(|model=)"((?:[^"\\\n]|\\.)*)"')
 
 
 def hub_card(text: str, repo_id: str, revision: str | None = None) -> str:

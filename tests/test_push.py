@@ -453,6 +453,30 @@ def test_hub_card_names_the_repo_and_branch_but_not_a_pull_request():
     assert hub_card(card, "me/x") == card.replace('"path/to/this/folder"', '"me/x"')
 
 
+def test_the_loading_examples_name_a_folder_with_a_quote_as_python_reads_it(export_dir):
+    """An export folder named `my"pm`: the card's examples were `from_pretrained("my"pm")` (not Python), and the Hub's
+    card `from_pretrained("me/x"pm")`, a model that is not the repo."""
+    import ast
+
+    from retrofit.card import build_card
+    from retrofit.loading import load_model
+    from retrofit.push import hub_card
+
+    model = load_model(export_dir)
+    for folder in ('my"pm', "back\\slash"):
+        local = build_card(model, folder=folder).text
+        for text, name in ((local, folder), (hub_card(local, "me/x", "v1"), "me/x")):
+            blocks = [block.split("```")[0] for block in text.split("```python\n")[1:]]
+            calls = [node for block in blocks for node in ast.walk(ast.parse(block)) if isinstance(node, ast.Call)]
+            named = [
+                ast.literal_eval(call.args[0]) for call in calls if getattr(call.func, "attr", "") == "from_pretrained"
+            ]
+            named += [ast.literal_eval(k.value) for call in calls for k in call.keywords if k.arg == "model"]
+            assert len(named) == 4 and set(named) == {name}, (folder, named)
+            revisions = [ast.literal_eval(k.value) for call in calls for k in call.keywords if k.arg == "revision"]
+            assert revisions == ([] if name == folder else ["v1"] * 4)
+
+
 def test_create_pr_opens_a_pull_request_on_an_existing_repo(export_dir, hub, capsys):
     """For a repo the user may not write to: no repo or branch is created, one commit is opened as a pull request."""
     assert main(["push", str(export_dir), "--repo-id", "org/vit-pm", "--create-pr"]) == 2
