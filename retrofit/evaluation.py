@@ -136,6 +136,14 @@ def evaluate_models(
                 f"{_what(configs[other])} ({_kind(saved[other], configs[other])}); evaluate compares classifiers "
                 "by accuracy or backbones by feature similarity, so pass models of one kind"
             )
+        features = [_features(config) for config in configs]
+        other = next((i for i, each in enumerate(features) if each != features[0]), None)
+        if other is not None:  # cosines of features of two kinds (a CLIP's projection against its tower's pooler)
+            raise RetrofitError(
+                f"'{models[0]}' ({_kind(saved[0], configs[0])}) is compared by {features[0]} and '{models[other]}' "
+                f"({_kind(saved[other], configs[other])}) by {features[other]}, which are not comparable; compare a "
+                "merged model with its own source (both full dual encoders, or both vision towers)"
+            )
         return _evaluate_backbones(
             models, configs, data=data, split=split, limit=limit, batch_size=batch_size, image_column=image_column,
             trust_remote_code=trust_remote_code, log=log,
@@ -202,6 +210,26 @@ def _what(config) -> str:
     if head.is_dual_encoder:
         return "an image-text dual encoder"
     return "a classifier" if head.is_classifier else "a vision backbone"
+
+
+FEATURES = {  # a backbone's `Head.features`, in words
+    "pooler": "its pooler output",
+    "cls": "its CLS token",
+    "cls+mean": "its CLS token and mean patch token",
+    "mean": "its mean patch token",
+    "image_embeds": "its projected image embeddings",
+}
+
+
+def _features(config) -> str:
+    """What feature similarity compares of a backbone or dual encoder, in words: a dual encoder whose image
+    embeddings are its vision tower's pooler output, normalised (SigLIP: no projection), compares as that tower."""
+    from .loading import family_and_head
+
+    head = family_and_head(config)[1]
+    if head.is_dual_encoder and tuple(head.image_modules) == (head.encoder,):
+        return FEATURES["pooler"]
+    return FEATURES.get(head.features, head.features)
 
 
 def _kind(saved, config) -> str:

@@ -504,3 +504,31 @@ def test_gflops_are_those_of_the_images_the_models_were_scored_on(images, tmp_pa
     report = evaluate_models([str(source), str(merged.output)], data=str(images), split="test")
     assert [row["gflops"] for row in report["models"]] == [merged.before.gflops, merged.after.gflops]
     assert merged.before.gflops < model_cost(load_model(source).config).gflops  # what the config's 64x64 would cost
+
+
+def test_a_dual_encoder_and_a_vision_tower_are_compared_only_by_like_features(full_clip, images, tmp_path, capsys):
+    """A CLIPModel is compared by its projected image embeddings and a CLIPVisionModel by its pooler output: with a
+    projection as wide as the tower, evaluate reported the cosine of the two (0.06 for the same vision weights) as
+    their similarity. Now one line; a SigLIP, whose image embeddings are its tower's pooler output, compares with
+    its tower (similarity 1)."""
+    from conftest import save_tiny
+    from test_families import TEXT, VISION
+    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel, SiglipVisionModel
+
+    _, tower = full_clip
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(vision_config=VISION, text_config=TEXT, projection_dim=VISION["hidden_size"]))
+    clip = save_tiny(clip, tmp_path / "clip")
+    capsys.readouterr()
+    assert main(["evaluate", str(clip), str(tower), "--data", str(images), "--split", "test"]) == 2
+    captured = capsys.readouterr()
+    compared = f"'{clip}' (CLIPModel) is compared by its projected image embeddings and '{tower}' (CLIPVisionModel)"
+    assert f"{compared} by its pooler output, which are not comparable" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1 and not captured.out
+
+    siglip = SiglipModel(SiglipConfig(vision_config=VISION, text_config=TEXT))
+    siglip_tower = SiglipVisionModel(siglip.config.vision_config)
+    siglip_tower.load_state_dict(siglip.vision_model.state_dict())
+    specs = [str(save_tiny(siglip, tmp_path / "siglip")), str(save_tiny(siglip_tower, tmp_path / "siglip-tower"))]
+    report = evaluate_models(specs, data=str(images), split="test", log=lambda _: None)
+    assert [row["similarity"] for row in report["models"]] == [pytest.approx(1.0), pytest.approx(1.0, abs=1e-5)]
