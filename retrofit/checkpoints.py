@@ -149,6 +149,41 @@ RUN_SETTINGS = {
 }
 
 
+# The settings of a `TrainingRun` that shape the trained weights (`training_options`): resumed with another value, a
+# run would continue other training than its checkpoints hold, and its model card would name only the second part's.
+# The budget (--epochs, --max-steps, --min-steps, --warmup-ratio) is kept from run.json instead; evaluation, logging
+# and checkpointing settings, --num-workers and --gradient-checkpointing leave the weights as they are.
+TRAINING_SETTINGS = ("data", "split", "image_column", "label_column", "limit", "sample", "augment", "loss",
+                     "function_matching", "temperature", "alpha", "feature_weight", "prompt_weight", "prompt_templates",
+                     "caption_templates", "lr", "merger_lr_scale", "weight_decay", "batch_size", "grad_accum",
+                     "max_grad_norm", "mixed_precision", "seed")  # fmt: skip
+OPTIONS = "options"  # run.json's record of them, by option (`check_same_run` names the option)
+PROCESSES = "accelerate launch --num_processes"  # the data's order and the random states are per process
+
+
+def local_or_named(value: str | None) -> str | None:
+    """A path that exists here as an absolute one (a resumed run may be started from another folder), else as it is
+    (a Hub id)."""
+    return os.path.abspath(value) if value and os.path.exists(value) else value
+
+
+def training_options(model, run, processes: int) -> dict:
+    """What a resumed `run` must share with the run that wrote its checkpoints (run.json's `OPTIONS`), by option:
+    `TRAINING_SETTINGS`, the teacher, the number of processes and the source's weights (their sha256, where `model`
+    records it)."""
+    from .settings import option_of
+
+    options = {option_of(type(run), name): getattr(run, name) for name in TRAINING_SETTINGS if hasattr(run, name)}
+    options["--data"] = local_or_named(run.data)
+    if hasattr(run, "teacher"):  # finetune's
+        options["--teacher"] = local_or_named(run.teacher)
+    options[PROCESSES] = processes
+    sha256 = getattr(model.config, "merge_source_sha256", None)
+    if sha256:
+        options["SOURCE's weights (sha256)"] = sha256
+    return options
+
+
 def run_settings(model, train: str, ema_decay: float = 0.0) -> dict:
     """The settings in `RUN_SETTINGS` of a run training `model` (`train`: its --train; `ema_decay`: its
     --ema-decay)."""
@@ -167,9 +202,9 @@ def run_settings(model, train: str, ema_decay: float = 0.0) -> dict:
 
 
 def check_same_run(checkpoint_dir: Path, settings: dict) -> None:
-    """Refuse to resume checkpoints written with other `RUN_SETTINGS` (a one-line error naming the first). Without a
-    record (a retrofit from before run.json; `check_checkpoints` refused any other file) loading the state checks what
-    it can."""
+    """Refuse to resume checkpoints written with other `RUN_SETTINGS`, other `OPTIONS` (`training_options`) or other
+    settings of the caller's (a one-line error naming the first). Without a record (a retrofit from before run.json;
+    `check_checkpoints` refused any other file) loading the state checks what it can."""
     saved = read_run_record(checkpoint_dir) or {}
     for key, flag in RUN_SETTINGS.items():
         if key in saved and saved[key] != settings[key]:
@@ -181,10 +216,11 @@ def check_same_run(checkpoint_dir: Path, settings: dict) -> None:
                 f"'{checkpoint_dir}' holds checkpoints of a run with {was}, not {settings[key]}: resume with {fix}, "
                 "or pass --overwrite to start over"
             )
-    for key, value in settings.items():  # a caller's own settings (`train`'s same_run): JSON, told apart by path
+    for key, value in settings.items():  # options and a caller's own settings (`train`'s same_run): JSON, by path
         if key in RUN_SETTINGS or key == "budget" or key not in saved:
             continue
-        difference = _first_difference(saved[key], json.loads(json.dumps(value, default=str)), key)
+        where = "" if key == OPTIONS else key  # an option is named by itself
+        difference = _first_difference(saved[key], json.loads(json.dumps(value, default=str)), where)
         if difference is not None:
             where, was, now = difference
             raise RetrofitError(
@@ -199,7 +235,7 @@ def _first_difference(saved, now, where: str) -> tuple[str, object, object] | No
     one transformers release has and another lacks, not a setting."""
     if isinstance(saved, dict) and isinstance(now, dict):
         for key in sorted(saved.keys() & now.keys()):
-            difference = _first_difference(saved[key], now[key], f"{where}.{key}")
+            difference = _first_difference(saved[key], now[key], f"{where}.{key}" if where else key)
             if difference is not None:
                 return difference
         return None

@@ -23,6 +23,7 @@ from typing import TypeVar
 import torch
 
 from .checkpoints import (
+    OPTIONS,
     Progress,
     check_checkpoints,
     check_same_run,
@@ -32,6 +33,7 @@ from .checkpoints import (
     remove_checkpoints,
     run_settings,
     save_checkpoint,
+    training_options,
 )
 from .data import mixup_batch
 from .errors import RetrofitError, brief, check_interrupted
@@ -503,11 +505,12 @@ def train(
     if resume and not existing:
         log(f"--resume: no checkpoint in '{checkpoint_dir}'; starting from the beginning")
     settings = run_settings(model, run.train, run.ema_decay) | (same_run or {})
-    if resuming:
-        check_same_run(checkpoint_dir, settings)
 
     # Accelerator, model, optimizer, schedule
     accelerator = make_accelerator(run, checkpoint_dir)
+    settings[OPTIONS] = training_options(model, run, accelerator.num_processes)
+    if resuming:
+        check_same_run(checkpoint_dir, settings)
     if checkpoint_dir and accelerator.is_main_process and existing and not resume:  # --overwrite: start over
         remove_checkpoints(checkpoint_dir)
     trainable, total = set_trainable(model, run.train, text=run.loss == "contrastive")

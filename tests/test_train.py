@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from conftest import save_tiny
+from conftest import TINY, save_tiny
 from safetensors.torch import load_file
 from test_data import make_imagefolder, make_labelled_folder
 
@@ -167,10 +167,14 @@ def test_resume_with_ema_reaches_the_same_average(tiny_vit, colours, tmp_path):
         finetune(tiny_vit, output=tmp_path / "old", ema_decay=0.7, resume=True, **settings)
 
 
-def test_resume_refuses_checkpoints_of_other_merge_settings(tiny_vit, colours, tmp_path):
-    """Checkpoints remember what they were trained for (run.json): resuming them with another --tokens or --train
-    is a one-line error naming the flag, not a state-dict traceback, and the checkpoints stay as they were. Older
-    checkpoint folders without run.json get a one-line error from loading the state."""
+def test_resume_refuses_checkpoints_of_other_merge_settings(tiny_vit, colours, tmp_path, monkeypatch):
+    """Checkpoints remember what they were trained for (run.json): resuming them with another --tokens or --train,
+    or with another source, data, seed, batch size or number of processes (which resumed silently, and the card named
+    only the new settings), is a one-line error naming the flag, not a state-dict traceback, and the checkpoints stay
+    as they were. The data given by another path to the same folder is the same run. Older checkpoint folders without
+    run.json get a one-line error from loading the state."""
+    from transformers import ViTConfig, ViTForImageClassification
+
     settings = dict(after_layer=2, data=colours, loss="ce", max_steps=4, **FAST)
     finetune(tiny_vit, output=tmp_path / "out", num_tokens=4, stop_after=2, **settings)
     checkpoints = tmp_path / "out-checkpoints"
@@ -181,7 +185,34 @@ def test_resume_refuses_checkpoints_of_other_merge_settings(tiny_vit, colours, t
         finetune(tiny_vit, output=tmp_path / "out", num_tokens=5, resume=True, **settings)
     with pytest.raises(RetrofitError, match="a run with --train all, not merger-and-after: resume with --train all"):
         finetune(tiny_vit, output=tmp_path / "out", num_tokens=4, resume=True, train="merger-and-after", **settings)
+    torch.manual_seed(7)  # the same architecture and labels, other weights
+    other = save_tiny(ViTForImageClassification(ViTConfig(**TINY)), tmp_path / "other-vit")
+    refusals = [
+        (other, {}, r"a run with SOURCE's weights \(sha256\) '[0-9a-f]{64}', not '[0-9a-f]{64}'"),
+        (tiny_vit, {"seed": 1}, "a run with --seed 0, not 1"),
+        (tiny_vit, {"batch_size": 4}, "a run with --batch-size 8, not 4"),
+        (
+            tiny_vit,
+            {"data": shutil.copytree(colours, tmp_path / "copy")},
+            f"a run with --data '{colours}', not '{tmp_path}/copy'",
+        ),
+    ]
+    for source, change, message in refusals:
+        with pytest.raises(RetrofitError, match=f"^'.*out-checkpoints' holds checkpoints of {message}: resume with"):
+            finetune(source, output=tmp_path / "out", num_tokens=4, resume=True, **{**settings, **change})
+    record = (checkpoints / "run.json").read_text()
+    launched = json.loads(record)
+    launched["options"]["accelerate launch --num_processes"] = 2  # as `accelerate launch --num_processes 2` writes
+    (checkpoints / "run.json").write_text(json.dumps(launched))
+    with pytest.raises(RetrofitError, match="a run with accelerate launch --num_processes 2, not 1: resume with"):
+        finetune(tiny_vit, output=tmp_path / "out", num_tokens=4, resume=True, **settings)
+    (checkpoints / "run.json").write_text(record)
     assert sorted(p.name for p in checkpoints.iterdir()) == before
+    monkeypatch.chdir(os.path.dirname(colours))
+    same = finetune(tiny_vit, output=tmp_path / "out", num_tokens=4, resume=True, stop_after=3,
+                    **{**settings, "data": os.path.basename(colours)})  # fmt: skip
+    assert same.steps == 3
+    shutil.rmtree(checkpoints / "step-00000003")
     (checkpoints / "run.json").unlink()
     with pytest.raises(RetrofitError, match=r"does not fit this run \(Error\(s\) in loading state_dict .*\); resume"):
         finetune(tiny_vit, output=tmp_path / "out", num_tokens=5, resume=True, **settings)
