@@ -69,6 +69,23 @@ def _check_safetensors(path: Path, export: str | Path) -> None:
         raise _not_complete(export, f"{path.name} is corrupt or truncated ({brief(exc, 120)})") from None
 
 
+def _check_card_metadata(text: str, export: str | Path) -> None:
+    """Refuse a card whose metadata (the YAML between its first two '---' lines) does not parse as a mapping: the Hub
+    refuses it at the upload, after the repo was created, which would be left empty."""
+    from huggingface_hub import ModelCard
+
+    from .card import _no_missing_metadata_warning
+
+    with _no_missing_metadata_warning():
+        try:
+            ModelCard(text, ignore_metadata_errors=False)
+        except Exception as exc:  # noqa: BLE001 - yaml.YAMLError, ValueError: one line
+            raise RetrofitError(
+                f"'{export}/README.md' has metadata (the YAML between its first two '---' lines) that cannot be read "
+                f"({type(exc).__name__}: {brief(exc, 120)}); fix that block or delete it, then retry"
+            ) from None
+
+
 def _shard_names(index: Path, export: str | Path) -> list[str]:
     """The weight files a sharded export's ``model.safetensors.index.json`` names, checked to be file names."""
     content = _read_json(index, export)
@@ -156,12 +173,13 @@ def export_files(export: str | Path) -> list[str]:
     for name in weights:
         _check_safetensors(folder / name, export)
     try:  # the card is uploaded as `hub_card` rewrites it: text, read before anything is created on the Hub
-        (folder / "README.md").read_text(encoding="utf-8")
+        card = (folder / "README.md").read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RetrofitError(
             f"'{export}/README.md' is not readable UTF-8 text ({type(exc).__name__}: {brief(exc, 120)}); save it as "
             "UTF-8, or re-export it"
         ) from None
+    _check_card_metadata(card, export)
     # Written by `evaluate --card` / `bench --card`, and a dual encoder's tokenizer (in any other export such a file
     # is the user's): part of the export where present, as regular files like the rest.
     optional = [RESULTS_FILE, CURVE_FILE, *(name for name in TOKENIZER_FILES if name in own)]

@@ -275,6 +275,19 @@ def test_a_card_that_is_not_utf8_is_refused_before_the_repo_is_created(export_di
     assert hub["repos"] == [] and hub["commits"] == []
 
 
+def test_a_card_whose_metadata_does_not_parse_is_refused_before_the_repo_is_created(export_dir, hub, tmp_path, capsys):
+    """The Hub refuses such a card at the upload, after `create_repo`: the new repo was left empty."""
+    folder = _copy(export_dir, tmp_path / "yaml")
+    text = (folder / "README.md").read_text()
+    for metadata in ("license: [mit\n", "- a list\n- not a mapping\n"):
+        (folder / "README.md").write_text(text.replace("---\n", "---\n" + metadata, 1))
+        assert main(["push", str(folder), "--repo-id", "me/x"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "README.md' has metadata (the YAML between its first two '---' lines) that cannot be read" in err
+        assert len(err.splitlines()) == 1
+    assert hub["repos"] == [] and hub["commits"] == []
+
+
 @pytest.mark.parametrize("public", [True, False])
 def test_private_refuses_an_existing_public_repo(export_dir, tiny_vit, hub, monkeypatch, tmp_path, capsys, public):
     """--private cannot make an existing repo private (the Hub keeps its visibility): nothing is uploaded to a public
