@@ -112,6 +112,10 @@ def test_overwrite_with_a_graph_that_keeps_its_weights_inside_removes_the_old_we
 def test_bad_input_is_one_line_and_writes_nothing(export_dir, tmp_path, capsys, monkeypatch):
     assert "must be a file name ending in .onnx" in refused(capsys, "export-onnx", export_dir, "-o", tmp_path / "m")
     assert "does not exist" in refused(capsys, "export-onnx", tmp_path / "nope", "-o", tmp_path / "m.onnx")
+    (tmp_path / "d.onnx").mkdir()
+    err = refused(capsys, "export-onnx", export_dir, "-o", tmp_path / "d.onnx")
+    assert f"is a folder; give a file name, e.g. {tmp_path / 'd.onnx' / 'model.onnx'}" in err
+    (tmp_path / "d.onnx").rmdir()
     err = refused(capsys, "export-onnx", export_dir, "-o", export_dir / "model.onnx")
     assert "which this run reads" in err
     assert "--dtype must be one of fp32, fp16" in refused(capsys, "export-onnx", export_dir, "-o", "m.onnx", "--dtype",
