@@ -322,10 +322,12 @@ def sweep(
     )
     from .loading import (
         check_runs_on_its_images,
+        family_and_head,
         load_config,
         load_image_processor,
         load_model,
         processor_image_size,
+        trained_head_config,
     )
     from .surgery import check_merge
     from .zero_shot import prompts
@@ -334,7 +336,13 @@ def sweep(
         raise RetrofitError("--data is required: the sweep measures accuracy on it (or pass --dry-run for FLOPs alone)")
     check_output_folder(settings, output, overwrite, source)
     parse_device(settings.device)  # a GPU this machine lacks, before any setting is built (the speed test needs it)
-    config = load_config(source)
+    saved = load_config(source)
+    config = trained_head_config(saved)  # a checkpoint without a trained classifier is ranked by its features
+    if config is not saved:
+        log(
+            f"note: '{source}' ({', '.join(saved.architectures)}) has no trained classifier; ranking the settings by "
+            f"the features of its {family_and_head(config)[1].class_name}"
+        )
     zero_shot = settings.zero_shot  # a dual encoder ranked by zero-shot top-1 on the data's class names
     if zero_shot:
         check_dual_encoders([source], [config])

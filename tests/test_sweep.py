@@ -378,3 +378,21 @@ def test_settings_are_checked_priced_and_timed_at_the_processors_image_size(imag
     assert report["source_row"]["gflops"] == dry["source_gflops"]
     assert report["settings_results"][0]["gflops"] == dry["settings_results"][0]["gflops"]
     assert set(shapes) == {torch.Size([3, 32, 32])}
+
+
+def test_a_checkpoint_without_a_trained_classifier_is_ranked_by_its_features(images, tmp_path):
+    """A ViTForMaskedImageModeling checkpoint (no classifier) was scored through a new random classifier: its top-1
+    ranked the settings and starred a Pareto front. It is ranked by the features of its ViTModel, as evaluate
+    compares it, and a note says so."""
+    from conftest import TINY, save_tiny
+    from transformers import ViTConfig, ViTForMaskedImageModeling
+
+    torch.manual_seed(0)
+    source = save_tiny(ViTForMaskedImageModeling(ViTConfig(**TINY)), tmp_path / "mim")
+    settings = SweepSettings(after_layers=(1,), tokens=(3,), data=str(images), split="test", calibrate_images=4,
+                             bench_batch_size=2, bench_repeats=1)  # fmt: skip
+    lines: list[str] = []
+    report = sweep(str(source), settings, log=lines.append)
+    assert report["metric"] == "similarity" and report["source_row"]["similarity"] == pytest.approx(1.0)
+    assert 0 < report["settings_results"][0]["similarity"] <= 1 and "top1" not in report["settings_results"][0]
+    assert f"note: '{source}' (ViTForMaskedImageModeling) has no trained classifier" in lines[0]
