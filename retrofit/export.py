@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from huggingface_hub import ModelCard
@@ -11,7 +12,7 @@ from transformers import PreTrainedModel
 
 from .atomic import TOKENIZER_FILES, atomic_dir
 from .card import TrainingInfo, build_card
-from .errors import RetrofitError, brief
+from .errors import RetrofitError, brief, shown
 from .families import Family
 from .hub_code import load_classes
 from .loading import family_and_head, is_merged, processor_image_size, save_image_processor
@@ -33,13 +34,15 @@ def export(
     """Write `model` (a merged model) to `output` as a Hub repository, atomically.
 
     The folder holds ``config.json`` (with ``auto_map``), ``model.safetensors``, the generated
-    ``configuration_*.py``/``modeling_*.py``, ``preprocessor_config.json`` (a dual encoder's `tokenizer` too, naming
-    its processor class: `name_processor`) and a ``README.md`` model card.
+    ``configuration_*.py``/``modeling_*.py``, ``preprocessor_config.json`` (from `image_processor`, the source's,
+    required; a dual encoder's `tokenizer` too, naming its processor class: `name_processor`) and a ``README.md``
+    model card.
     Load it with ``AutoModelForImageClassification.from_pretrained(output, trust_remote_code=True)``. Without a
     `card`, one is built from the model, `source_config` (for the cost table) and `training` (how it was made).
     """
     if not isinstance(model, PreTrainedModel) or not is_merged(model.config):
         raise RetrofitError("export() takes a merged model; make one with retrofit.insert_patch_merger first")
+    _check_arguments(output, image_processor, card, training, tokenizer)
     family, head = family_and_head(model.config)
     classes = load_classes(family, head)
     model.config.auto_map = dict(classes.auto_map)
@@ -72,6 +75,30 @@ def export(
 
         remember(record)
     return Path(output)
+
+
+def _check_arguments(output, image_processor, card, training, tokenizer) -> None:
+    """Refuse, before anything is written, what `export` cannot take: an output that is not a path, no image
+    processor (the export would lack preprocessor_config.json: its card's pipeline example fails to load it, and
+    `retrofit push` refuses it as incomplete), or objects of other kinds where the processor, card, training and
+    tokenizer go (they failed halfway, with an AttributeError)."""
+    if not isinstance(output, str | os.PathLike):
+        raise RetrofitError(f"export()'s output must be a folder path, not {shown(output)}")
+    if image_processor is None:
+        raise RetrofitError(
+            "export() needs the model's image_processor (the source's: retrofit.loading.load_image_processor(source, "
+            "config) or AutoImageProcessor.from_pretrained(source)); without preprocessor_config.json the export "
+            "does not load in a pipeline and `retrofit push` refuses it"
+        )
+    wanted = {"image_processor": (image_processor, "an image processor", "save_pretrained"),
+              "tokenizer": (tokenizer, "a tokenizer", "save_pretrained")}  # fmt: skip
+    for name, (value, what, method) in wanted.items():
+        if value is not None and not callable(getattr(value, method, None)):
+            raise RetrofitError(f"export()'s {name} must be {what}, not {shown(value)}")
+    if card is not None and not isinstance(card, ModelCard):
+        raise RetrofitError(f"export()'s card must be a huggingface_hub ModelCard (card.build_card), not {shown(card)}")
+    if training is not None and not isinstance(training, TrainingInfo):
+        raise RetrofitError(f"export()'s training must be a retrofit.card.TrainingInfo, not {shown(training)}")
 
 
 def processor_class(family: Family) -> str | None:

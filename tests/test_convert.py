@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,36 @@ def test_export_folder_is_a_complete_hub_repo(vit_export):
     card = (out / "README.md").read_text()
     assert "trust_remote_code=True" in card and "patch-merger" in card
     assert not list(out.parent.glob(".vit-pm.tmp-*")), "temporary folder left behind"
+
+
+def test_export_refuses_in_one_line_what_would_leave_an_export_incomplete(vit_export, tmp_path):
+    """`retrofit.export(merged, out)` without the image processor wrote an export without preprocessor_config.json:
+    its card's pipeline example failed to load, and `retrofit push` refused it; objects of other kinds where the
+    processor, card or training go failed halfway with an AttributeError."""
+    from transformers import ViTImageProcessor
+
+    from retrofit import export
+    from retrofit.card import TrainingInfo
+
+    merged, processor = vit_export[0].model, ViTImageProcessor(size={"height": 32, "width": 32})
+    out = tmp_path / "pm"
+    calls = {
+        "needs the model's image_processor": {},
+        "image_processor must be an image processor, not '/a/folder'": {"image_processor": "/a/folder"},
+        "card must be a huggingface_hub ModelCard (card.build_card), not '# my card'": {"card": "# my card"},
+        "training must be a retrofit.card.TrainingInfo, not {'data': 'x'}": {"training": {"data": "x"}},
+        "tokenizer must be a tokenizer, not 'x'": {"tokenizer": "x"},
+    }
+    for message, given in calls.items():
+        with pytest.raises(RetrofitError, match=re.escape(f"export()'s {message}" if "must" in message else message)):
+            export(merged, out, **({"image_processor": processor, **given} if given else {}))
+    with pytest.raises(RetrofitError, match=re.escape("export()'s output must be a folder path, not None")):
+        export(merged, None, image_processor=processor)
+    assert sorted(tmp_path.iterdir()) == []
+    export(merged, out, image_processor=processor, training=TrainingInfo(init="k-means"))
+    from retrofit.push import export_files
+
+    assert "preprocessor_config.json" in export_files(out)
 
 
 def test_round_trip_logits_match_in_memory_model(vit_export, pixels):
