@@ -182,11 +182,13 @@ def test_bypassed_merger_computes_the_source_model(name):
 
 
 @pytest.mark.parametrize(
-    "family, bias, cls", [("beit", "layer", "ForImageClassification"), ("data2vec", "shared", "Model")]
+    "family, bias, cls, reentrant",
+    [("beit", "layer", "ForImageClassification", False), ("data2vec", "shared", "Model", True)],
 )
-def test_gradient_checkpointing_keeps_each_forward_passes_merge(family, bias, cls):
+def test_gradient_checkpointing_keeps_each_forward_passes_merge(family, bias, cls, reentrant):
     """Each forward pass files its own merge weights, so two forward passes (other image sizes, so other N) before one
-    backward pass give the same gradients with the layers recomputed under gradient checkpointing as without."""
+    backward pass give the same gradients with the layers recomputed under gradient checkpointing as without, also
+    with reentrant checkpointing, whose first pass runs without gradients."""
     model = insert_patch_merger(_model(family, bias, cls, drop_path_rate=0.0), K, M)  # no random stochastic depth
     with torch.no_grad():
         model.patch_merger.queries.mul_(50)  # sharp weights: the bias between merged tokens matters
@@ -195,7 +197,7 @@ def test_gradient_checkpointing_keeps_each_forward_passes_merge(family, bias, cl
     def gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
         trained = copy.deepcopy(model).train()
         if checkpointing:
-            trained.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            trained.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         out = [trained(pixel_values=x, interpolate_pos_encoding=True) for x in (first, second)]
         loss = sum((o.logits if "logits" in o else o.last_hidden_state).square().sum() for o in out)
         loss.backward()
@@ -204,8 +206,9 @@ def test_gradient_checkpointing_keeps_each_forward_passes_merge(family, bias, cl
     plain, recomputed = gradients(False), gradients(True)
     assert plain.keys() == recomputed.keys()
     assert any("relative_position_bias" in name for name in plain) and any("patch_merger" in name for name in plain)
-    for name in plain:
-        torch.testing.assert_close(recomputed[name], plain[name], msg=name)
+    for name in plain:  # reentrant sums some gradients in another order: CLS's (~4e3) moves by ~1e-3
+        scale = float(plain[name].abs().max())
+        torch.testing.assert_close(recomputed[name], plain[name], atol=1e-5 + 1e-6 * scale, rtol=1.3e-6, msg=name)
 
 
 def test_compiles_as_one_graph():
@@ -280,15 +283,16 @@ def test_onnx_export_merges_the_bias_per_image(name, tmp_path):
 def test_threads_running_the_model_at_once_each_merge_their_own_bias(name):
     """An inference server runs one model from several threads at once. Each merged layer used to hand its bias module
     the merge of the call as an attribute, shared by the threads: a thread merged its bias with another thread's
-    merge, a failing forward (another batch size) or a silently wrong one (the same batch size)."""
+    merge, a failing forward (another batch size) or a silently wrong one (the same batch size). With more threads than
+    the forward passes kept for gradient checkpointing (8), a pass's merge weights were pushed out by the others'
+    before its last layer ran: a RuntimeError."""
     import threading
 
     merged = insert_patch_merger(MODELS[name](), K, M).eval()
     with torch.no_grad():
         merged.patch_merger.queries.mul_(50)  # sharp weights: each batch's merge differs
-    batches = [
-        torch.randn(size, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i, size in enumerate([2, 2, 3])
-    ]
+    sizes = [2, 2, 3] * 4  # 12 threads
+    batches = [torch.randn(size, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i, size in enumerate(sizes)]
     with torch.no_grad():
         expected = [merged(pixel_values=pixels).logits for pixels in batches]
     interval = sys.getswitchinterval()
@@ -296,7 +300,7 @@ def test_threads_running_the_model_at_once_each_merge_their_own_bias(name):
     failures = []
 
     def run(index: int) -> None:
-        for _ in range(100):
+        for _ in range(30):
             try:
                 with torch.no_grad():
                     got = merged(pixel_values=batches[index]).logits

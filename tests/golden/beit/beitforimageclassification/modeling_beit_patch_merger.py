@@ -114,8 +114,10 @@ class MergedTokenPositions(nn.Module):
 
     One instance is shared by the merged layers and holds no weights. Each forward pass files its T under the
     `resolution` argument the encoder hands all its layers (a new object every pass), so that the layers of each pass
-    find their own T, also when gradient checkpointing recomputes them after later passes. The last
-    `forward_passes` are kept (one under `torch.compile`), also over threads that run the model at once.
+    find their own T. A pass in training mode (`recomputable`) may have its layers recomputed by
+    gradient checkpointing after later passes, perhaps in the autograd engine's thread: the last `forward_passes` of
+    those are kept, over all threads. Any other pass runs its layers one after another in its own thread, which keeps
+    one entry for it: threads serving the model at once never push out each other's. Under `torch.compile`, one pass.
     """
 
     forward_passes = 8
@@ -123,9 +125,10 @@ class MergedTokenPositions(nn.Module):
     def __init__(self, num_prefix_tokens: int):
         super().__init__()
         self.num_prefix_tokens = num_prefix_tokens
-        self.transforms: list[tuple[object, torch.Tensor | None]] = []  # (forward pass, T), the newest last
+        self.transforms: list[tuple[object, torch.Tensor | None]] = []  # (forward pass, T), recomputable, newest last
+        self.current: dict[int, tuple[object, torch.Tensor | None]] = {}  # thread id -> its last other pass
 
-    def file(self, forward_pass, weights: torch.Tensor | None) -> None:
+    def file(self, forward_pass, weights: torch.Tensor | None, recomputable: bool) -> None:
         """File T for the merge weights A `(B, N, M)` of a forward pass (None: the merger is bypassed, T = I)."""
         transform = None
         if weights is not None:
@@ -140,11 +143,20 @@ class MergedTokenPositions(nn.Module):
             self.transforms = [(forward_pass, transform)]
             return
         with _FILING:  # threads running the model at once: one at a time, so that none loses another's entry
+            if not recomputable:
+                alive = {thread.ident for thread in threading.enumerate()}  # a finished thread's entry goes
+                self.current = {ident: entry for ident, entry in self.current.items() if ident in alive}
+                self.current[threading.get_ident()] = (forward_pass, transform)
+                return
             kept = [entry for entry in self.transforms if entry[0] is not forward_pass]
             self.transforms = kept[max(0, len(kept) - self.forward_passes + 1) :] + [(forward_pass, transform)]
 
     def transform(self, forward_pass) -> torch.Tensor | None:
         """T of a forward pass, as layer K filed it."""
+        if not is_torchdynamo_compiling():
+            filed, transform = self.current.get(threading.get_ident(), (None, None))
+            if filed is forward_pass:
+                return transform
         for filed, transform in reversed(self.transforms):
             if filed is forward_pass:
                 return transform
@@ -192,6 +204,9 @@ class BeitRelativePositionBiasForMergedTokens(BeitRelativePositionBias):
         return bias if transform is None else merge_bias(bias, transform)
 
 
+MERGED_BIAS = BeitRelativePositionBiasForMergedTokens  # what a merged layer hands the merge of its call
+
+
 def set_merge_transform(module: nn.Module, transform: torch.Tensor | None) -> None:
     """Set the T that `module` (a [`BeitRelativePositionBiasForMergedTokens`]) merges its bias with
     in the calling thread's next call (None: not merged). Threads that run the model at once each have their own, as
@@ -199,6 +214,8 @@ def set_merge_transform(module: nn.Module, transform: torch.Tensor | None) -> No
     bias or a failing forward); a compiled model has one."""
     if is_torchdynamo_compiling():
         module.merge_transform = transform
+    elif transform is None:  # after the call: a finished thread keeps nothing
+        module.__dict__.get("merge_transforms", {}).pop(threading.get_ident(), None)
     else:
         module.__dict__.setdefault("merge_transforms", {})[threading.get_ident()] = transform
 
@@ -211,17 +228,22 @@ def merge_transform_of(module: nn.Module) -> torch.Tensor | None:
 
 
 def place_merged_tokens(
-    patch_merger: PatchMerger, hidden_states: torch.Tensor, positions: MergedTokenPositions, forward_pass
+    patch_merger: PatchMerger,
+    hidden_states: torch.Tensor,
+    positions: MergedTokenPositions,
+    forward_pass,
+    recomputable: bool,
 ) -> torch.Tensor:
     """Merge `hidden_states` (the input of layer K) and file the merge weights in `positions` under `forward_pass`
-    for the relative position bias of the layers after the merge."""
+    for the relative position bias of the layers after the merge (`recomputable`: see [`MergedTokenPositions`])."""
     merged = patch_merger(hidden_states)
     if merged.shape[-2] == hidden_states.shape[-2]:
-        positions.file(forward_pass, None)  # the merger is bypassed (replaced by the identity): the source's bias
+        # the merger is bypassed (replaced by the identity): the source's bias
+        positions.file(forward_pass, None, recomputable)
         return merged
     with torch.no_grad():
         weights = patch_merger.merge_weights(hidden_states[:, patch_merger.num_prefix_tokens :])
-    positions.file(forward_pass, weights)
+    positions.file(forward_pass, weights, recomputable)
     return merged
 
 
@@ -279,8 +301,10 @@ class BeitLayerOnMergedTokens(BeitLayer):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         if self.patch_merger is not None:
+            # Only a pass in training mode can have its layers recomputed (gradient checkpointing; the reentrant kind
+            # runs the first pass without gradients).
             hidden_states = place_merged_tokens(
-                self.patch_merger, hidden_states, self.merged_positions, kwargs.get("resolution")
+                self.patch_merger, hidden_states, self.merged_positions, kwargs.get("resolution"), self.training
             )
         # The merge of this forward pass (T, None if not merged) gives the merged tokens their bias: the layer's own,
         # and one shared by all layers (`use_shared_relative_position_bias`), which arrives for the P + N input tokens
@@ -291,10 +315,14 @@ class BeitLayerOnMergedTokens(BeitLayer):
         named = [merged_layer_argument(name, value, transform) for name, value in zip(parameters, args, strict=False)]
         args = (*named, *args[len(named) :])
         kwargs = {name: merged_layer_argument(name, value, transform) for name, value in kwargs.items()}
-        for module in self.modules():
-            if isinstance(module, BeitRelativePositionBiasForMergedTokens):
-                set_merge_transform(module, transform)  # for this call: super().forward asks it for the layer's bias
-        return super().forward(hidden_states, *args, **kwargs)
+        biases = [module for module in self.modules() if isinstance(module, MERGED_BIAS)]
+        for module in biases:
+            set_merge_transform(module, transform)  # for this call: super().forward asks it for the layer's bias
+        try:
+            return super().forward(hidden_states, *args, **kwargs)
+        finally:
+            for module in biases:
+                set_merge_transform(module, None)
 
 
 def encoder_layers_name(model: nn.Module) -> str:
