@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -405,7 +406,7 @@ def push_written(
     try:
         return push(export, repo_id, private=private, create_pr=create_pr, log=log, check=False)
     except RetrofitError as exc:
-        retry = f"retrofit push {export} --repo-id {repo_id}" + (" --private" if private else "")
+        retry = f"retrofit push {shlex.quote(str(export))} --repo-id {repo_id}" + (" --private" if private else "")
         retry += " --create-pr" if create_pr else ""
         raise RetrofitError(f"wrote {export}, but the upload failed: {exc}; retry with `{retry}`") from None
 

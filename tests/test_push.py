@@ -434,12 +434,12 @@ def test_failed_upload_keeps_the_export_and_says_how_to_retry(tiny_vit, hub, mon
         raise ConnectionError("connection reset by peer")
 
     monkeypatch.setattr(HfApi, "create_commit", refuse)
-    out = tmp_path / "pm"
+    out = tmp_path / "my pm"  # the retry command is one a shell runs as given
     argv = ["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "-o", str(out), "--push-to-hub", "me/x"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"wrote {out}, but the upload failed" in err
-    assert "connection reset by peer" in err and f"`retrofit push {out} --repo-id me/x`" in err
+    assert "connection reset by peer" in err and f"`retrofit push '{out}' --repo-id me/x`" in err
     assert export_files(out)  # complete: the retry can push it as it is
 
 
