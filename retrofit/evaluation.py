@@ -113,6 +113,8 @@ def evaluate_models(
     check_at_least_one("--batch-size", batch_size)
     if zero_shot:
         check_template(prompt_template)
+    elif prompt_template != DEFAULT_TEMPLATE:
+        raise RetrofitError("--prompt-template is used with --zero-shot only; add --zero-shot, or drop it")
     saved = [load_config(spec, trust_remote_code=trust_remote_code) for spec in models]
     if zero_shot:
         return _evaluate_zero_shot(

@@ -573,6 +573,13 @@ def _check_templates(settings: Settings, name: str) -> None:
             settings.refuse(name, problem)
 
 
+def _check_zero_shot_only(settings: Settings) -> None:
+    """Refuse a prompt template given without --zero-shot, which would not be used (the models would be scored
+    otherwise, by accuracy or feature similarity)."""
+    if not settings.zero_shot and settings.prompt_template != DEFAULT_TEMPLATE:
+        settings.refuse("prompt_template", "is used with --zero-shot only; add --zero-shot, or drop it")
+
+
 @dataclass(kw_only=True)
 class PretrainSettings(TrainSettings):
     """How a baseline is trained from scratch (a recipe with a ``pretrain`` section): cross-entropy for a ViT, a
@@ -671,6 +678,7 @@ class EvaluateArgs(Settings):
     def check(self) -> None:
         super().check()
         _check_templates(self, "prompt_template")
+        _check_zero_shot_only(self)
 
 
 @dataclass(kw_only=True)
@@ -905,6 +913,7 @@ class SweepSettings(Settings):
                 self.refuse(name, f"is empty; give one or more values, e.g. {example}")
             setattr(self, name, tuple(dict.fromkeys(getattr(self, name))))
         _check_templates(self, "prompt_template")
+        _check_zero_shot_only(self)
         if self.target_speedup is not None and not self.target_speedup > 1:
             self.refuse("target_speedup", f"must be a finite number above 1, e.g. 1.8 (got {self.target_speedup})")
         _check_batch_sizes(self, "bench_batch_size", (self.bench_batch_size,))

@@ -450,3 +450,21 @@ def test_class_names_that_give_no_zero_shot_score_are_refused(duals, images, tmp
     captured = capsys.readouterr()
     assert cases[2][2] in captured.err and "setting after-layer" not in captured.out + captured.err
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_prompt_template_without_zero_shot_is_refused(duals, images, capsys):
+    """--prompt-template without --zero-shot did nothing: the models were scored by feature similarity, and the
+    report gave no sign of the template. One line, from the CLI and the Python API, before any model loads."""
+    from retrofit.errors import RetrofitError
+    from retrofit.sweep import SweepSettings
+
+    source, _ = duals["clip"]
+    message = "--prompt-template is used with --zero-shot only; add --zero-shot, or drop it"
+    for argv in (["evaluate", str(source)], ["sweep", str(source), "--after-layer", "1", "--tokens", "2"]):
+        assert main([*argv, "--data", str(images), "--prompt-template", "a {}."]) == 2
+        captured = capsys.readouterr()
+        assert message in captured.err and len(captured.err.strip().splitlines()) == 1 and not captured.out
+    with pytest.raises(RetrofitError, match=message):
+        evaluate_models([str(source)], data=str(images), prompt_template="a {}.", log=pytest.fail)
+    with pytest.raises(RetrofitError, match=message):
+        SweepSettings(after_layers=(1,), tokens=(2,), data=str(images), prompt_template="a {}.")
