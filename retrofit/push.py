@@ -242,7 +242,9 @@ def hub_card(text: str, repo_id: str, revision: str | None = None) -> str:
     if ours is None:
         return text
     branch = branch_of(revision)
-    target = f'"{repo_id}"' + (f', revision="{branch}"' if branch else "")
+    from .card import python_text
+
+    target = python_text(repo_id) + (f", revision={python_text(branch)}" if branch else "")
     return LOADING.sub(
         lambda match: match.group(1) + target if match.group(2) == ours.group(2) else match.group(0), text
     )

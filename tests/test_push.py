@@ -476,9 +476,9 @@ def test_the_loading_examples_name_a_folder_with_a_quote_as_python_reads_it(expo
     from retrofit.push import hub_card
 
     model = load_model(export_dir)
-    for folder in ('my"pm', "back\\slash"):
+    for folder, branch in (('my"pm', 'v"1'), ("back\\slash", "v1")):  # git takes a quote in a branch name
         local = build_card(model, folder=folder).text
-        for text, name in ((local, folder), (hub_card(local, "me/x", "v1"), "me/x")):
+        for text, name in ((local, folder), (hub_card(local, "me/x", branch), "me/x")):
             blocks = [block.split("```")[0] for block in text.split("```python\n")[1:]]
             calls = [node for block in blocks for node in ast.walk(ast.parse(block)) if isinstance(node, ast.Call)]
             named = [
@@ -487,7 +487,7 @@ def test_the_loading_examples_name_a_folder_with_a_quote_as_python_reads_it(expo
             named += [ast.literal_eval(k.value) for call in calls for k in call.keywords if k.arg == "model"]
             assert len(named) == 4 and set(named) == {name}, (folder, named)
             revisions = [ast.literal_eval(k.value) for call in calls for k in call.keywords if k.arg == "revision"]
-            assert revisions == ([] if name == folder else ["v1"] * 4)
+            assert revisions == ([] if name == folder else [branch] * 4)
 
 
 def test_create_pr_opens_a_pull_request_on_an_existing_repo(export_dir, hub, capsys):
