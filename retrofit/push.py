@@ -250,18 +250,36 @@ def hub_card(text: str, repo_id: str, revision: str | None = None) -> str:
     )
 
 
+def hub_model_name(text: str, folder_name: str, repo_id: str) -> str:
+    """The card `text` with its model-index (the evaluation results `update_card` wrote) naming the model as the repo
+    does, where it names it by the export's folder, `folder_name` (as `update_card` does); otherwise unchanged."""
+    if "model-index:" not in text:
+        return text
+    from huggingface_hub import ModelCard
+
+    from .card import _no_missing_metadata_warning
+
+    with _no_missing_metadata_warning():
+        card = ModelCard(text)
+    if card.data.model_name != folder_name:
+        return text
+    card.data.model_name = repo_id.split("/")[-1]
+    return str(card)
+
+
 @contextmanager
 def staged_for_hub(export: Path, files: list[str], repo_id: str, revision: str | None) -> Iterator[Path]:
     """A temporary folder that holds the export's `files` (`export_files`) as links to them (nothing is copied, the
-    weights included), except for README.md, which is written there with `hub_card`'s changes. Nothing else in the
-    folder is uploaded, and the export itself is left as it is."""
+    weights included), except for README.md, which is written there with `hub_card`'s and `hub_model_name`'s changes.
+    Nothing else in the folder is uploaded, and the export itself is left as it is."""
     with tempfile.TemporaryDirectory(prefix="retrofit-push-") as tmp:
         staged = Path(tmp)
         for name in files:
             target = staged / name
             if name == "README.md":
                 text = (export / name).read_text(encoding="utf-8")
-                target.write_text(hub_card(text, repo_id, revision), encoding="utf-8")
+                text = hub_model_name(hub_card(text, repo_id, revision), export.resolve().name, repo_id)
+                target.write_text(text, encoding="utf-8")
             else:
                 os.symlink((export / name).resolve(), target)
         yield staged

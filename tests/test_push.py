@@ -104,6 +104,27 @@ def test_push_uploads_exactly_the_export(export_dir, hub, capsys, tmp_path):
     assert hub["yaml"] == [hub_card]
 
 
+def test_the_hub_card_names_the_evaluated_model_as_the_repo_does(export_dir, hub, tmp_path):
+    """`evaluate --card` names the model in the card's model-index (the Hub's evaluation results) by its folder; the
+    Hub's card named the repo "vit-pm" whatever its id. The local card stays as it was."""
+    from huggingface_hub import ModelCard
+
+    from retrofit.card import update_card
+
+    folder = _copy(export_dir, tmp_path / "vit-pm")
+    rows = [{"model": str(folder), "merged": True, "top1": 0.85, "top5": 0.98, "loss": 0.4, "gflops": 9.2}]
+    update_card(folder, evaluation={"data": "fashion-mnist", "split": "test", "num_examples": 100, "models": rows,
+                                    "table": "T"})  # fmt: skip
+    local = (folder / "README.md").read_text()
+    assert main(["push", str(folder), "--repo-id", "me/vit-b16-pm8"]) == 0
+    hub_text = hub["commits"][0]["contents"]["README.md"].decode()
+    hub_card, local_card = ModelCard(hub_text), ModelCard(local)
+    assert local_card.data.model_name == "vit-pm" and hub_card.data.model_name == "vit-b16-pm8"
+    assert hub_card.data.eval_results[0].metric_value == 0.85
+    assert hub_card.text == local_card.text.replace('"vit-pm"', '"me/vit-b16-pm8"')
+    assert (folder / "README.md").read_text() == local
+
+
 def test_export_files_names_code_from_auto_map(export_dir, tmp_path):
     files = export_files(export_dir)
     assert "configuration_vit_patch_merger.py" in files and "modeling_vit_patch_merger.py" in files
