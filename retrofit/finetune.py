@@ -585,7 +585,11 @@ def _check_clip_keys(model_config: dict) -> None:
 
 
 def _check_keys(given: dict, valid, where: str, what: str) -> None:
-    """Refuse keys that `valid` lacks: configs accept unknown keyword arguments silently."""
-    for key in given:
+    """Refuse keys that `valid` lacks (configs accept unknown keyword arguments silently), and a value that is not
+    true or false where `valid` (a dict of defaults) holds a switch: `do_resize: maybe` resized, as any text is
+    true."""
+    for key, value in given.items():
         if key not in valid:
             raise RetrofitError(f"unknown {what} '{key}' in {where}{did_you_mean(key, valid)}")
+        if isinstance(valid, dict) and isinstance(valid[key], bool) and not isinstance(value, bool):
+            raise RetrofitError(f"{where}.{key} must be true or false, not {shown(value)}")

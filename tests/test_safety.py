@@ -560,6 +560,10 @@ def test_bad_recipes_are_one_line(colours, tmp_path, capsys):
     }))  # fmt: skip
     err = refused(capsys, "run", recipe, "--set", "pretrain.image_processor.size=5")
     assert "pretrain.image_processor gives 5×5 images, but pretrain.model.image_size is 32" in err
+    err = refused(capsys, "run", recipe, "--set", "pretrain.image_processor.do_resize=maybe")  # any text resized
+    assert "pretrain.image_processor.do_resize must be true or false, not 'maybe'" in err
+    err = refused(capsys, "run", recipe, "--set", "pretrain.model.qkv_bias=0")
+    assert "pretrain.model.qkv_bias must be true or false, not 0" in err
     for setting, message in (  # each failed inside transformers or torch, or blamed the data
         ("patch_size=64", "pretrain.model: patch_size 64 is larger than image_size 32"),
         ("hidden_act=evil", "pretrain.model: hidden_act 'evil' is not an activation transformers knows; use one of"),
