@@ -899,14 +899,17 @@ def merge_option(text: str | None) -> tuple[tuple[str, int], ...]:
 
 
 def benchmark(
-    models: list[str],
+    models: list[str | os.PathLike] | str | os.PathLike,
     *,
     merges: list[tuple[str, int]] | str | None = None,
     settings: BenchSettings | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Build, measure and report: the Python API behind ``retrofit bench`` and ``bench/speed.py``. Returns the
-    JSON-ready report, with its Markdown table under ``"table"`` (as `retrofit.evaluate_models` does)."""
+    JSON-ready report, with its Markdown table under ``"table"`` (as `retrofit.evaluate_models` does). `models`: one
+    or a list of shape names, checkpoints, exports or .onnx files (as text or paths)."""
+    models = [models] if isinstance(models, (str, os.PathLike)) else list(models or [])
+    models = [os.fspath(spec) if isinstance(spec, os.PathLike) else spec for spec in models]
     settings = settings or BenchSettings()
     if isinstance(merges, str) or merges is None:
         merges = merge_option(merges)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,7 +30,7 @@ from types import SimpleNamespace
 import torch
 
 from .data import dataset_label_map, generic_labels, model_labels
-from .errors import RetrofitError, brief, check_at_least_one
+from .errors import RetrofitError, brief
 from .settings import EvaluateArgs
 from .zero_shot import DEFAULT_TEMPLATE
 
@@ -87,9 +88,9 @@ def _accelerator(*, fresh: bool = False):
 
 
 def evaluate_models(
-    models: list[str],
+    models: list[str | os.PathLike] | str | os.PathLike,
     *,
-    data: str,
+    data: str | os.PathLike,
     split: str = "validation",
     limit: int | None = None,
     batch_size: int = 64,
@@ -101,20 +102,23 @@ def evaluate_models(
     prompt_template: str = DEFAULT_TEMPLATE,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Evaluate `models` (checkpoints, Hub ids, exports) on one split; returns a JSON-ready report with a table.
-    `zero_shot`: score image-text dual encoders by zero-shot classification with `prompt_template`."""
+    """Evaluate `models` (checkpoints, Hub ids, exports: one or a list) on one split; returns a JSON-ready report
+    with a table. `zero_shot`: score image-text dual encoders by zero-shot classification with `prompt_template`. The
+    settings are checked as the command's options are."""
     from .data import load_split, make_dataloader
     from .loading import family_and_head, load_config, load_image_processor, load_model, trained_head_config
-    from .zero_shot import check_template
 
+    models = [models] if isinstance(models, (str, os.PathLike)) else list(models or [])  # one model, or several
     if not models:
         raise RetrofitError("no models to evaluate; pass one or more checkpoint folders, Hub ids or exports")
-    check_at_least_one("--top-k", top_k)
-    check_at_least_one("--batch-size", batch_size)
-    if zero_shot:
-        check_template(prompt_template)
-    elif prompt_template != DEFAULT_TEMPLATE:
-        raise RetrofitError("--prompt-template is used with --zero-shot only; add --zero-shot, or drop it")
+    args = EvaluateArgs(  # the checks of the command's options, for Python callers too (folders as paths)
+        models=[os.fspath(spec) if isinstance(spec, os.PathLike) else spec for spec in models], data=data, split=split,
+        limit=limit, batch_size=batch_size, top_k=top_k, image_column=image_column, label_column=label_column,
+        trust_remote_code=trust_remote_code, zero_shot=zero_shot, prompt_template=prompt_template,
+    )  # fmt: skip
+    models, data, split, limit, batch_size, top_k = (args.models, args.data, args.split, args.limit, args.batch_size,
+                                                     args.top_k)  # fmt: skip
+    image_column, label_column, trust_remote_code = args.image_column, args.label_column, args.trust_remote_code
     saved = [load_config(spec, trust_remote_code=trust_remote_code) for spec in models]
     if zero_shot:
         return _evaluate_zero_shot(

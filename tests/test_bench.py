@@ -261,6 +261,11 @@ def test_bad_settings_are_refused_by_the_python_api(tiny_vit):
         with pytest.raises(RetrofitError, match=message):  # refused as the settings are built
             settings = BenchSettings(**{**dict(warmup=1, repeats=1, min_time=0, latency_iters=0), **changes})
             benchmark.benchmark([str(tiny_vit)], settings=settings, log=pytest.fail)  # fails if it logs "loading"
+    # one model as text or a path (it was read letter by letter, and a Path failed on str.startswith)
+    settings = BenchSettings(batch_sizes=(1,), warmup=1, repeats=1, min_time=0, latency_iters=0)
+    for models in (str(tiny_vit), [Path(tiny_vit)]):
+        report = benchmark.benchmark(models, merges="1:2", settings=settings, log=lambda _: None)
+        assert [row["model"] for row in report["models"]] == [str(tiny_vit), f"{tiny_vit}+pm1:2"]
 
 
 def test_a_batch_size_too_large_for_any_memory_is_an_out_of_memory_row(tiny_vit, tmp_path, capsys):

@@ -532,3 +532,16 @@ def test_a_dual_encoder_and_a_vision_tower_are_compared_only_by_like_features(fu
     specs = [str(save_tiny(siglip, tmp_path / "siglip")), str(save_tiny(siglip_tower, tmp_path / "siglip-tower"))]
     report = evaluate_models(specs, data=str(images), split="test", log=lambda _: None)
     assert [row["similarity"] for row in report["models"]] == [pytest.approx(1.0), pytest.approx(1.0, abs=1e-5)]
+
+
+def test_the_python_api_takes_paths_and_checks_its_settings_as_the_cli_does(tiny_vit, images):
+    """`evaluate_models` read one model given as text letter by letter ("'/' has no config.json"), put a data Path
+    into the JSON-ready report (which json.dumps then refused), and let a fractional top_k reach torch (TypeError)."""
+    report = evaluate_models(str(tiny_vit), data=images, split="test", limit=2, log=lambda _: None)
+    assert [row["model"] for row in report["models"]] == [str(tiny_vit)] and report["data"] == str(images)
+    json.dumps(report)
+    report = evaluate_models([Path(tiny_vit)], data=str(images), split="test", limit=2, log=lambda _: None)
+    assert report["models"][0]["model"] == str(tiny_vit)
+    for bad, message in ((dict(top_k=1.5), "--top-k must be a whole number"), (dict(split=""), "--split is empty")):
+        with pytest.raises(RetrofitError, match=message):
+            evaluate_models([tiny_vit], data=images, **bad, log=pytest.fail)
