@@ -141,16 +141,21 @@ def _how_made(config, training: TrainingInfo | None, licensing: dict[str, str] |
             "- relative position bias after the merge: between merged tokens, the merge-weighted mean of the bias "
             "between the patches they average (Tᵀ·bias·T, per image); CLS keeps its own"
         )
-    training = training or TrainingInfo()
-    lines.append(f"- merger initialisation: {training.init}")
-    if training.data:
+    if training is None:  # `retrofit.export` of a model made elsewhere: how is not known here
         lines.append(
-            f"- fine-tuned on `{public_name(training.data)}` for {training.steps} steps ({training.epochs} epochs), "
-            f"loss: {training.loss}"
+            "- merger initialisation and training after the merge: not recorded (exported with `retrofit.export`, "
+            "which was not told how the model was made)"
         )
     else:
-        lines.append("- not fine-tuned after the merge: expect lower accuracy than the source until it is")
-    lines.extend(f"- {note}" for note in training.notes)
+        lines.append(f"- merger initialisation: {training.init}")
+        if training.data:
+            lines.append(
+                f"- fine-tuned on `{public_name(training.data)}` for {training.steps} steps ({training.epochs} "
+                f"epochs), loss: {training.loss}"
+            )
+        else:
+            lines.append("- not fine-tuned after the merge: expect lower accuracy than the source until it is")
+        lines.extend(f"- {note}" for note in training.notes)
     if licensing:
         named = licensing.get("license_name", licensing["license"])
         link = f" ({licensing['license_link']})" if "license_link" in licensing else ""

@@ -9,6 +9,7 @@ from pathlib import Path
 from transformers import PreTrainedModel
 
 from .atomic import check_output, hold_write_lock, releases_write_locks
+from .card import TrainingInfo
 from .cost import Cost, compare, model_cost
 from .errors import RetrofitError
 from .export import export
@@ -85,10 +86,9 @@ def run_convert(args: ConvertArgs, *, log: Callable[[str], None] = print) -> Con
     check_runs_on_its_images(model, processor, source)
     merged = insert_patch_merger(model, args.after_layer, args.tokens, source=str(source),
                                  rope_positions=args.rope_positions)  # fmt: skip
-    training = None
+    training = TrainingInfo()  # random queries, not fine-tuned
     if args.calibrate_on is not None:
         from .calibrate import calibrate_from_data
-        from .card import TrainingInfo
 
         calibration = calibrate_from_data(merged, args.calibrate_on, source=str(source), log=log,
                                           num_images=args.calibrate_images, split=args.calibrate_split,

@@ -11,7 +11,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from retrofit import convert
-from retrofit.card import build_card, check_card_target, update_card
+from retrofit.card import TrainingInfo, build_card, check_card_target, update_card
 from retrofit.errors import RetrofitError
 
 
@@ -54,12 +54,28 @@ def test_build_card_metadata(tiny_vit, export_dir):
 
     model = load_model(export_dir)
     model.config.merge_source = "google/vit-base-patch16-224"
-    card = build_card(model, repo_id="me/vit-pm")
+    card = build_card(model, repo_id="me/vit-pm", training=TrainingInfo())
     assert card.data.base_model == "google/vit-base-patch16-224"
     assert card.data.library_name == "transformers"
     assert {"retrofit", "patch-merger", "vit"} <= set(card.data.tags)
     assert "trust_remote_code=True" in card.text and "me/vit-pm" in card.text
     assert "- merger initialisation: random\n- not fine-tuned after the merge" in card.text
+    assert "- merger initialisation: random\n- not fine-tuned after the merge" in (export_dir / "README.md").read_text()
+
+
+def test_a_card_says_how_the_model_was_made_only_where_it_was_told(export_dir, tmp_path):
+    """`retrofit.export(model, out, ...)` of a model trained elsewhere (a building block the README lists) wrote "merger
+    initialisation: random ... not fine-tuned after the merge: expect lower accuracy", which export() cannot know."""
+    from transformers import ViTImageProcessor
+
+    from retrofit import export
+    from retrofit.loading import load_model
+
+    model = load_model(export_dir)
+    export(model, tmp_path / "mine", image_processor=ViTImageProcessor(size={"height": 32, "width": 32}))
+    text = (tmp_path / "mine" / "README.md").read_text()
+    assert "- merger initialisation and training after the merge: not recorded" in text
+    assert "random" not in text and "not fine-tuned" not in text
 
 
 def test_card_shows_both_ways_to_load_names_the_folder_and_guesses_no_link(tiny_vit, tmp_path, monkeypatch):
