@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -64,14 +65,33 @@ def prediction_map(reference: dict[int, str], other: dict[int, str], names: tupl
         return None
     if generic_labels(other) and generic_labels(reference) and len(other) == len(reference):
         return None
-    if set(other.values()) != set(reference.values()):
-        only = sorted(set(other.values()) ^ set(reference.values()))[:4]
+    by_name, theirs = _ids_by_name(reference, names[0]), _ids_by_name(other, names[1])
+    if by_name.keys() != theirs.keys():
+        only = sorted(by_name.keys() ^ theirs.keys())[:4]
         raise RetrofitError(
             f"'{names[1]}' and '{names[0]}' have different label sets ({len(other)} vs {len(reference)} labels, e.g. "
             f"{only}); compare models trained on the same classes"
         )
-    by_name = {name: index for index, name in reference.items()}
-    return [by_name[other[index]] for index in range(len(other))]
+    return [by_name[_same_name(other[index])] for index in range(len(other))]
+
+
+def _same_name(name: str) -> str:
+    """A label name as models' labels are matched: Unicode NFC (as the data's class names are)."""
+    return unicodedata.normalize("NFC", name)
+
+
+def _ids_by_name(labels: dict[int, str], spec: str) -> dict[str, int]:
+    """A model's label ids by name, to map its predictions onto another model's; a name given to two ids is one
+    line (its predictions of either could not be told apart)."""
+    ids: dict[str, int] = {}
+    for index, name in sorted(labels.items()):
+        if _same_name(name) in ids:
+            raise RetrofitError(
+                f"'{spec}' names two classes {name!r} (ids {ids[_same_name(name)]} and {index}), so its predictions "
+                "cannot be mapped by name onto another model's ids; compare models whose labels have the same ids"
+            )
+        ids[_same_name(name)] = index
+    return ids
 
 
 def _accelerator(*, fresh: bool = False):

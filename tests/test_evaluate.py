@@ -121,6 +121,7 @@ def test_different_label_sets_are_refused(tiny_vit, images, tmp_path, capsys):
         ViTForImageClassification(ViTConfig(**{**TINY, "id2label": {0: "a", 1: "b", 2: "c"}, "label2id": None})),
         tmp_path / "other",
     )
+    capsys.readouterr()  # the save's progress bars
     assert main(["evaluate", str(tiny_vit), str(other), "--data", str(images), "--split", "test"]) == 2
     err = capsys.readouterr().err.strip()
     assert "different label sets" in err and len(err.splitlines()) == 1
@@ -545,3 +546,24 @@ def test_the_python_api_takes_paths_and_checks_its_settings_as_the_cli_does(tiny
     for bad, message in ((dict(top_k=1.5), "--top-k must be a whole number"), (dict(split=""), "--split is empty")):
         with pytest.raises(RetrofitError, match=message):
             evaluate_models([tiny_vit], data=images, **bad, log=pytest.fail)
+
+
+def test_labels_are_mapped_between_models_by_one_name_per_id(images, tmp_path, capsys):
+    """A model naming two classes alike (ImageNet's id2label has 'crane' twice) compared with another whose ids
+    differ: its label's id in the other model was read from uninitialised memory (an IndexError traceback 'Target
+    94646931462204 is out of bounds', or a wrong loss and accuracy). Now one line. Names match as Unicode NFC, as the
+    data's class names do (a label written decomposed is the same class)."""
+    from retrofit.evaluation import prediction_map
+
+    made = []
+    for name, labels in (("twice", {0: "cat", 1: "dog", 2: "cat"}), ("other-ids", {0: "dog", 1: "cat", 2: "cat"})):
+        config = ViTConfig(**{**TINY, "id2label": labels, "label2id": None})
+        made.append(str(save_tiny(ViTForImageClassification(config), tmp_path / name)))
+    data = make_labelled_folder(tmp_path / "ids", images, [0, 1, 2, 0, 1, 2])
+    capsys.readouterr()
+    assert main(["evaluate", *made, "--data", data, "--split", "train"]) == 2
+    captured = capsys.readouterr()
+    assert f"'{made[0]}' names two classes 'cat' (ids 0 and 2), so its predictions cannot be mapped" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1 and not captured.out
+    composed, decomposed = {0: "caf\u00e9", 1: "dog"}, {0: "dog", 1: "cafe\u0301"}
+    assert prediction_map(composed, decomposed, ("a", "b")) == [1, 0]
