@@ -227,6 +227,8 @@ def onnx_info(path: str | Path) -> dict | None:
 def check_onnx_file(path: str | Path) -> dict:
     """Refuse, in one line, a path that is not an ONNX file retrofit wrote; returns its metadata."""
     _need_onnx()
+    if Path(path).is_dir():
+        raise RetrofitError(f"'{path}' is a folder, not an ONNX file; give the .onnx file `retrofit export-onnx` wrote")
     if not Path(path).is_file():
         raise RetrofitError(f"'{path}' does not exist; make it with `retrofit export-onnx EXPORT --output {path}`")
     info = onnx_info(path)

@@ -115,6 +115,7 @@ def test_bad_input_is_one_line_and_writes_nothing(export_dir, tmp_path, capsys, 
     (tmp_path / "d.onnx").mkdir()
     err = refused(capsys, "export-onnx", export_dir, "-o", tmp_path / "d.onnx")
     assert f"is a folder; give a file name, e.g. {tmp_path / 'd.onnx' / 'model.onnx'}" in err
+    assert "is a folder, not an ONNX file" in refused(capsys, "bench", tmp_path / "d.onnx")  # it said: does not exist
     (tmp_path / "d.onnx").rmdir()
     err = refused(capsys, "export-onnx", export_dir, "-o", export_dir / "model.onnx")
     assert "which this run reads" in err
