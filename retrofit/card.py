@@ -364,6 +364,15 @@ def _load_results(export: Path) -> dict:
     return results
 
 
+def is_results_file(path: Path) -> bool:
+    """Whether `path` holds the results `update_card` stores (`RESULTS_FILE`), as far as its shape tells."""
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(results, dict) and any(_is_report(key, results.get(key)) for key in _REPORTS)
+
+
 def _render(results: dict, export: Path, curve: bool = False) -> tuple[str, list[EvalResult] | None]:
     """The card's Results section and model-index entries (None: no evaluation of the export) for `results`;
     `curve`: the export holds `CURVE_FILE`, drawn from the stored benchmark."""

@@ -182,10 +182,22 @@ def export_files(export: str | Path) -> list[str]:
         ) from None
     _check_card_metadata(card, export)
     # Written by `evaluate --card` / `bench --card`, and a dual encoder's tokenizer (in any other export such a file
-    # is the user's): part of the export where present, as regular files like the rest.
+    # is the user's): part of the export where present, as regular files like the rest. A results file or curve that
+    # retrofit did not write (a user's file of that name) is the user's too.
     optional = [RESULTS_FILE, CURVE_FILE, *(name for name in TOKENIZER_FILES if name in own)]
-    required += [name for name in optional if (folder / name).is_file() and not (folder / name).is_symlink()]
-    return required
+    present = [name for name in optional if (folder / name).is_file() and not (folder / name).is_symlink()]
+    return required + [name for name in present if _ours(folder / name)]
+
+
+def _ours(path: Path) -> bool:
+    """Whether an optional file of an export is retrofit's: the card's curve a plot retrofit drew, the results file
+    a JSON object of retrofit's reports (`card.RESULTS_FILE`); any tokenizer file."""
+    from .benchmark import is_our_plot
+    from .card import CURVE_FILE, RESULTS_FILE, is_results_file
+
+    if path.name == CURVE_FILE:
+        return is_our_plot(path)
+    return path.name != RESULTS_FILE or is_results_file(path)
 
 
 def check_loads(export: str | Path) -> None:

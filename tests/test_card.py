@@ -338,6 +338,10 @@ def test_the_card_shows_the_batch_size_curve_and_which_mode_serves_each_batch_si
     with pytest.raises(RetrofitError, match="speed.png there is not a plot retrofit drew"):
         update_card(folder, benchmark=curve_bench(str(tiny_vit), str(folder)))
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    # push uploads the card's own files, not the user's files of those names (it published both)
+    assert "speed.png" not in export_files(folder) and "retrofit_results.json" in export_files(folder)
+    (folder / "retrofit_results.json").write_text('{"my": "notes"}')
+    assert "retrofit_results.json" not in export_files(folder)
 
 
 def test_the_mode_advice_names_the_batch_sizes_where_the_export_is_slower():
