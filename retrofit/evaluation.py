@@ -75,6 +75,17 @@ def prediction_map(reference: dict[int, str], other: dict[int, str], names: tupl
     return [by_name[_same_name(other[index])] for index in range(len(other))]
 
 
+def check_label_ids(spec: str, config) -> None:
+    """Refuse a classifier whose labels are not numbered 0..N-1 (its config.json's id2label): its N logits could not
+    be named, nor a class id read as one of them (a label would be blamed on the data as out of range)."""
+    ids = sorted(model_labels(config))
+    if ids != list(range(len(ids))):
+        raise RetrofitError(
+            f"the labels of '{spec}' have the ids {ids[:8]}, not 0..{len(ids) - 1}: a classifier's N classes are "
+            "numbered 0..N-1; fix the id2label of its config.json"
+        )
+
+
 def _same_name(name: str) -> str:
     """A label name as models' labels are matched: Unicode NFC (as the data's class names are)."""
     return unicodedata.normalize("NFC", name)
@@ -177,6 +188,8 @@ def evaluate_models(
     reference = model_labels(configs[0])
     if not reference:
         raise RetrofitError(f"'{models[0]}' has no labels (no classification head); evaluate classifiers")
+    for spec, config in zip(models, configs, strict=True):
+        check_label_ids(spec, config)
     maps = [
         prediction_map(reference, model_labels(config), (models[0], spec))
         for spec, config in zip(models, configs, strict=True)

@@ -313,6 +313,7 @@ def sweep(
     from .data import dataset_label_map, load_split, make_dataloader, model_labels
     from .evaluation import (
         check_dual_encoders,
+        check_label_ids,
         feature_similarity,
         is_backbone,
         load_zero_shot_tokenizer,
@@ -373,6 +374,7 @@ def sweep(
     )
     label_map = zero_shot_map if zero_shot else None
     if not (backbone or zero_shot):  # string labels mapped by class name, bad ones refused before any setting is built
+        check_label_ids(source, config)
         label_map = dataset_label_map(model_labels(config), dataset, settings.data)
     source_model = load_model(source, config=config).eval()
     check_runs_on_its_images(source_model, processor, source)

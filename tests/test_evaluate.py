@@ -567,3 +567,19 @@ def test_labels_are_mapped_between_models_by_one_name_per_id(images, tmp_path, c
     assert len(captured.err.strip().splitlines()) == 1 and not captured.out
     composed, decomposed = {0: "caf\u00e9", 1: "dog"}, {0: "dog", 1: "cafe\u0301"}
     assert prediction_map(composed, decomposed, ("a", "b")) == [1, 0]
+
+
+def test_a_classifier_whose_labels_are_not_numbered_0_to_n_is_one_line(tiny_vit, images, tmp_path, capsys):
+    """A config.json whose id2label skips ids (0, 1, 5 for 3 classes): evaluate beside another model ended in a
+    KeyError traceback, alone it blamed the data ('the label 0, outside the 3 classes'); sweep too."""
+    bad = save_tiny(load_model(tiny_vit), tmp_path / "skips")
+    config = json.loads((bad / "config.json").read_text())
+    config["id2label"] = {"0": "cat", "1": "dog", "5": "bird"}
+    (bad / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    sweep = ["sweep", str(bad), "--after-layer", "1", "--tokens", "2", "--output", str(tmp_path / "sweep")]
+    for argv in (["evaluate", str(tiny_vit), str(bad)], ["evaluate", str(bad)], sweep):
+        assert main([*argv, "--data", str(images), "--split", "test"]) == 2
+        captured = capsys.readouterr()
+        assert f"the labels of '{bad}' have the ids [0, 1, 5], not 0..2" in captured.err
+        assert len(captured.err.strip().splitlines()) == 1 and not captured.out
