@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
+from .atomic import hold_write_lock, releases_write_locks
 from .errors import RetrofitError, brief
 from .settings import PushArgs
 
@@ -338,6 +339,7 @@ def check_push(repo_id: str, token: str | None = None, *, private: bool = False,
     return token
 
 
+@releases_write_locks
 def push(
     export: str | Path,
     repo_id: str,
@@ -367,6 +369,7 @@ def push(
             "drop one of them"
         )
     files = export_files(export)
+    hold_write_lock(export, "EXPORT")  # a run replacing the export meanwhile would swap its files under the upload
     if check:
         check_loads(export)
     # a new PR: the repo exists; --private: it is not public

@@ -125,6 +125,27 @@ def test_the_hub_card_names_the_evaluated_model_as_the_repo_does(export_dir, hub
     assert (folder / "README.md").read_text() == local
 
 
+def test_no_upload_while_another_run_writes_the_export(export_dir, hub, tmp_path, capsys):
+    """`finetune ... -o E --overwrite` swaps E's files when it ends: a push of E meanwhile would upload the old card
+    with the new weights. The run's lock refuses the push (and the push holds it, so no run replaces E meanwhile)."""
+    import fcntl
+
+    from retrofit.atomic import lock_file
+
+    folder = _copy(export_dir, tmp_path / "pm")
+    lock = lock_file(folder)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as held:  # another run's lock on the folder (flock: per open file, so this process too)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242 --output")
+        held.flush()
+        assert main(["push", str(folder), "--repo-id", "me/x"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "another retrofit run (process 4242) is writing" in err and len(err.splitlines()) == 1
+    assert hub["repos"] == [] and hub["commits"] == []
+    assert main(["push", str(folder), "--repo-id", "me/x"]) == 0 and len(hub["commits"]) == 1  # and freed after
+
+
 def test_export_files_names_code_from_auto_map(export_dir, tmp_path):
     files = export_files(export_dir)
     assert "configuration_vit_patch_merger.py" in files and "modeling_vit_patch_merger.py" in files
