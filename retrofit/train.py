@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -387,20 +388,31 @@ class WeightAverage:
             self.average[name].copy_(tensor)
 
 
+def launched_processes() -> int:
+    """How many processes `accelerate launch` (torchrun) started (``WORLD_SIZE``), 1 when not launched."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def make_accelerator(settings: TrainSettings, project_dir: Path | None):
     """A fresh Accelerator for one run (precision, accumulation, trackers logging under `project_dir`)."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration
 
-    # Each call is a new run, possibly with another precision than the last one in this process (sweeps, notebooks).
-    # Accelerate keeps its state process-wide and refuses a change, so start from a clean AcceleratorState; the
-    # PartialState (devices, process group of `accelerate launch`) is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
     # Without a GPU, say so: Accelerate then runs several launched processes as MULTI_CPU (gloo).
     has_device = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
     has_device = has_device or torch.backends.mps.is_available()
+    # Each call is a new run, possibly with another precision than the last one in this process (sweeps, notebooks).
+    # Accelerate keeps its state process-wide and refuses a change, so start from a clean AcceleratorState; the
+    # PartialState (devices, process group of `accelerate launch`: `train` leaves it for the next run) is kept, unless
+    # a script made it without a GPU before the run (a plain `PartialState()`: a single process, not distributed, in
+    # each launched process, which then trained a whole run of its own into the same checkpoints and export).
+    alone = PartialState._shared_state.get("distributed_type") == DistributedType.NO
+    AcceleratorState._reset_state(reset_partial_state=alone and not has_device and launched_processes() > 1)
+    GradientState._reset_state()
     try:
         return Accelerator(
             cpu=not has_device,
@@ -677,5 +689,21 @@ def train(
     # reference to a gloo group, destroying the group would wait on gloo's threads with the GIL held, a deadlock seen
     # under `accelerate launch` on CPU. The caller gets the unwrapped model (`result.model`).
     model, optimizer, scheduler = accelerator.free_memory(model, optimizer, scheduler)
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # `end_training` without destroying the process group (`keep_process_group`)
+        tracker.finish()
+    keep_process_group()
     return result
+
+
+@functools.cache
+def keep_process_group() -> None:
+    """Leave the process group of `accelerate launch` to later runs in this process (a sweep's fine-tunes, a script's
+    second call) and destroy it when the process exits: `Accelerator.end_training` destroyed it after the first run,
+    and the next one failed in DDP (a group made again hung in its rendezvous)."""
+    import atexit
+
+    def destroy() -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    atexit.register(destroy)

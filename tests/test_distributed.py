@@ -1,4 +1,5 @@
-"""`accelerate launch` with 2 CPU processes (gloo): they train in sync, and only the main process writes."""
+"""`accelerate launch` with 2 CPU processes (gloo): they train in sync, only the main process writes, and a run
+resumed in the same launch ends with the weights of an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -18,12 +19,17 @@ DRIVER = textwrap.dedent(
     from retrofit.finetune import finetune
 
     source, data, output, report = sys.argv[1:5]
-    result = finetune(source, output=output, after_layer=2, num_tokens=4, data=data, loss="mix", max_steps=3,
-                      batch_size=4, save_every=2, progress=False, eval_batch_size=6, eval_at_start=True)
-    state = PartialState()
-    digest = {name: param.detach().double().sum().item() for name, param in result.model.named_parameters()}
-    record = {"rank": state.process_index, "processes": state.num_processes, "digest": digest,
-              "output": None if result.output is None else str(result.output), "history": result.eval_history}
+    state = PartialState()  # before the runs, as a script that wants its rank makes it (on CPU: not distributed)
+    settings = dict(after_layer=2, num_tokens=4, data=data, loss="mix", max_steps=3, batch_size=4, save_every=2,
+                    progress=False, eval_batch_size=6, augment=True)
+    result = finetune(source, output=output, eval_at_start=True, **settings)
+    # the same run stopped after step 2 (the end of an epoch), then resumed in this process (the same process group)
+    finetune(source, output=output + "-cut", stop_after=2, **settings)
+    resumed = finetune(source, output=output + "-cut", resume=True, **settings)
+    digest = lambda model: {name: param.detach().double().sum().item() for name, param in model.named_parameters()}
+    record = {"rank": state.process_index, "processes": state.num_processes, "digest": digest(result.model),
+              "resumed": digest(resumed.model), "output": None if result.output is None else str(result.output),
+              "history": result.eval_history}
     with open(f"{report}/rank{state.process_index}.json", "w") as handle:
         json.dump(record, handle)
     """
@@ -43,9 +49,13 @@ def test_two_cpu_processes_stay_in_sync(tiny_vit, tmp_path):
     ranks = [json.loads((report / f"rank{i}.json").read_text()) for i in (0, 1)]
     assert [r["processes"] for r in ranks] == [2, 2]
     assert ranks[0]["digest"] == ranks[1]["digest"]  # identical weights on both processes after training
+    assert ranks[0]["resumed"] == ranks[0]["digest"]  # a resumed run (with augmentation) ends the same
     assert ranks[0]["history"] == ranks[1]["history"]  # gathered metrics agree
     assert ranks[0]["history"][0]["examples"] == 6  # gather_for_metrics drops the padding of the last batch
     assert ranks[0]["output"] == str(out) and ranks[1]["output"] is None
-    assert sorted(p.name for p in out.parent.iterdir()) == ["pm", "pm-checkpoints"]  # no stray temp folders
+    # no stray temp folders; the resumed run's checkpoints record its 2 processes (resuming with 1 is refused)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["pm", "pm-checkpoints", "pm-cut", "pm-cut-checkpoints"]
+    record = json.loads((out.parent / "pm-cut-checkpoints" / "run.json").read_text())
+    assert record["options"]["accelerate launch --num_processes"] == 2
     checkpoint = list_checkpoints(out.parent / "pm-checkpoints")[-1]
     assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors"} <= {p.name for p in checkpoint.iterdir()}
