@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -94,6 +95,27 @@ def save_tiny(model, path: Path, image_size: int = 32) -> Path:
     model.save_pretrained(path)
     ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(path)
     return path
+
+
+@contextlib.contextmanager
+def auto_classes_registered():
+    """`retrofit.register_auto_classes()` for the block only: registering changes what every later load in the process
+    gets (an export loaded with trust_remote_code would come back as retrofit's class, not its own code's)."""
+    from transformers.models.auto import auto_factory, configuration_auto, modeling_auto
+
+    from retrofit.hub_code import register_auto_classes
+
+    mappings = [configuration_auto.CONFIG_MAPPING] + [
+        value for value in vars(modeling_auto).values() if isinstance(value, auto_factory._LazyAutoMapping)
+    ]
+    saved = [dict(mapping._extra_content) for mapping in mappings]
+    register_auto_classes()
+    try:
+        yield
+    finally:
+        for mapping, content in zip(mappings, saved, strict=True):
+            mapping._extra_content.clear()
+            mapping._extra_content.update(content)
 
 
 def onnx_run(model, pixels: torch.Tensor, path: Path, output: str, *, dynamo: bool = True) -> torch.Tensor:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny, tiny_clip_tokenizer, tiny_siglip_tokenizer
+from conftest import auto_classes_registered, save_tiny, tiny_clip_tokenizer, tiny_siglip_tokenizer
 from safetensors.torch import load_file
 from test_data import make_imagefolder
 from test_families import INPUT_IDS, OLDEST_PYTHON, OVERLAYS, _clip, _siglip
@@ -54,11 +54,9 @@ def pipeline_accuracy(model: Path, images: Path, template: str) -> float:
     from PIL import Image
     from transformers import pipeline
 
-    from retrofit.hub_code import register_auto_classes
-
-    register_auto_classes()
     names = class_names(load_split(str(images), "test"))
-    classify = pipeline("zero-shot-image-classification", model=str(model))
+    with auto_classes_registered():
+        classify = pipeline("zero-shot-image-classification", model=str(model))
     right = total = 0
     for index, name in enumerate(names):
         for path in sorted((images / "test" / name).glob("*.png")):
@@ -399,10 +397,8 @@ def test_images_alone_take_the_vision_arguments_and_return_dict(name, duals):
     `return_dict=False` (it gave a ModelOutput); the text tower's arguments have no text to apply to."""
     from transformers import AutoModel
 
-    from retrofit.hub_code import register_auto_classes
-
-    register_auto_classes()
-    model = AutoModel.from_pretrained(duals[name][1], attn_implementation="eager").eval()
+    with auto_classes_registered():
+        model = AutoModel.from_pretrained(duals[name][1], attn_implementation="eager").eval()
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     asked = {"output_hidden_states": True, "output_attentions": True}
     with torch.no_grad():
