@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -553,6 +554,11 @@ def test_a_model_saved_after_a_registered_load_or_from_convert_loads_without_ret
             folder = tmp_path / how / name
             code = sorted(path.name for path in folder.glob("*.py"))
             assert code == [f"configuration_{stem}.py", f"modeling_{stem}.py"], (how, name, code)
+            # the configuration file names the model classes of the modeling file saved with it (a DeiT with teacher
+            # loaded through the registered classes saved the configuration file of the DeiT classifier's code)
+            named = re.search(r"Its model classes.*?:\s+(.*?)\.\n", (folder / code[0]).read_text(), re.S)[1]
+            defined = re.findall(r"^class (\w+)\(", (folder / code[1]).read_text(), re.M)
+            assert set(re.findall(r"\[`(\w+)`\]", named)) <= set(defined), (how, name, named)
             assert json.loads((folder / "config.json").read_text())["auto_map"] == item.result.model.config.auto_map
             with torch.no_grad():
                 expected = item.result.model(pixel_values=PIXELS)[key]

@@ -17,7 +17,7 @@ class BeitPatchMergerConfig(BeitConfig):
     Configuration of a [`BeitConfig`] model in which a PatchMerger
     (Renggli et al., arXiv 2202.12015) turns the patch tokens into `merge_num_tokens` learned weighted averages
     after `merge_after_layer` encoder layers. It takes every argument of [`BeitConfig`], plus
-    the settings below. Its model classes (in `modeling_beit_patch_merger.py`, the exported one first):
+    the settings below. Its model classes (in `modeling_beit_patch_merger.py`):
     [`BeitPatchMergerForImageClassification`], [`BeitPatchMergerModel`].
 
     Args:

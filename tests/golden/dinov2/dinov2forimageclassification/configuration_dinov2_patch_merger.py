@@ -17,7 +17,7 @@ class Dinov2PatchMergerConfig(Dinov2Config):
     Configuration of a [`Dinov2Config`] model in which a PatchMerger
     (Renggli et al., arXiv 2202.12015) turns the patch tokens into `merge_num_tokens` learned weighted averages
     after `merge_after_layer` encoder layers. It takes every argument of [`Dinov2Config`], plus
-    the settings below. Its model classes (in `modeling_dinov2_patch_merger.py`, the exported one first):
+    the settings below. Its model classes (in `modeling_dinov2_patch_merger.py`):
     [`Dinov2PatchMergerForImageClassification`], [`Dinov2PatchMergerModel`].
 
     Args:

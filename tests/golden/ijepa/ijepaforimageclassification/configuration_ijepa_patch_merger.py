@@ -17,7 +17,7 @@ class IJepaPatchMergerConfig(IJepaConfig):
     Configuration of a [`IJepaConfig`] model in which a PatchMerger
     (Renggli et al., arXiv 2202.12015) turns the patch tokens into `merge_num_tokens` learned weighted averages
     after `merge_after_layer` encoder layers. It takes every argument of [`IJepaConfig`], plus
-    the settings below. Its model classes (in `modeling_ijepa_patch_merger.py`, the exported one first):
+    the settings below. Its model classes (in `modeling_ijepa_patch_merger.py`):
     [`IJepaPatchMergerForImageClassification`], [`IJepaPatchMergerModel`].
 
     Args:

@@ -17,7 +17,7 @@ class Siglip2VisionPatchMergerConfig(Siglip2VisionConfig):
     Configuration of a [`Siglip2VisionConfig`] model in which a PatchMerger
     (Renggli et al., arXiv 2202.12015) turns the patch tokens into `merge_num_tokens` learned weighted averages
     after `merge_after_layer` encoder layers. It takes every argument of [`Siglip2VisionConfig`], plus
-    the settings below. Its model classes (in `modeling_siglip2_vision_patch_merger.py`, the exported one first):
+    the settings below. Its model classes (in `modeling_siglip2_vision_patch_merger.py`):
     [`Siglip2VisionPatchMergerModel`].
 
     Args:

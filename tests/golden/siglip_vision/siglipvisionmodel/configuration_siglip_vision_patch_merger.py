@@ -17,7 +17,7 @@ class SiglipVisionPatchMergerConfig(SiglipVisionConfig):
     Configuration of a [`SiglipVisionConfig`] model in which a PatchMerger
     (Renggli et al., arXiv 2202.12015) turns the patch tokens into `merge_num_tokens` learned weighted averages
     after `merge_after_layer` encoder layers. It takes every argument of [`SiglipVisionConfig`], plus
-    the settings below. Its model classes (in `modeling_siglip_vision_patch_merger.py`, the exported one first):
+    the settings below. Its model classes (in `modeling_siglip_vision_patch_merger.py`):
     [`SiglipVisionPatchMergerModel`].
 
     Args:

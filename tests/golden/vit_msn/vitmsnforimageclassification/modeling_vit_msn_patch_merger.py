@@ -197,6 +197,11 @@ class ViTMSNPatchMergerForImageClassification(ViTMSNForImageClassification):
     config: ViTMSNPatchMergerConfig
 
     def __init__(self, config: ViTMSNPatchMergerConfig, *args, **kwargs):
+        own = self.config_class
+        if type(config) is not own and type(config).__name__ == own.__name__:
+            # The same config from other code of this family (AutoConfig keeps one class per model type): made this
+            # code's own, so that save_pretrained writes the configuration file that goes with this modeling file.
+            config.__class__ = own
         super().__init__(config, *args, **kwargs)
         self._encoder_layers_name = insert_patch_merger(self, config)
 
@@ -242,6 +247,11 @@ class ViTMSNPatchMergerModel(ViTMSNModel):
     config: ViTMSNPatchMergerConfig
 
     def __init__(self, config: ViTMSNPatchMergerConfig, *args, **kwargs):
+        own = self.config_class
+        if type(config) is not own and type(config).__name__ == own.__name__:
+            # The same config from other code of this family (AutoConfig keeps one class per model type): made this
+            # code's own, so that save_pretrained writes the configuration file that goes with this modeling file.
+            config.__class__ = own
         super().__init__(config, *args, **kwargs)
         self._encoder_layers_name = insert_patch_merger(self, config)
 
