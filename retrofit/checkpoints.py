@@ -36,8 +36,8 @@ class Progress:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a saved position and the evaluations before it (none in checkpoints of an older retrofit); a
-        value that is not a count, or evaluations that are not a list of flat records (an edited file), is a
-        `ValueError`."""
+        value that is not a count, an epoch past the step, or evaluations that are not a list of flat records (an
+        edited file), is a `ValueError`."""
         values = [state[key] for key in ("step", "epoch", "batch")]
         if not all(type(value) is int and value >= 0 for value in values):
             raise ValueError(f"the position {state} is not three counts")
@@ -47,6 +47,8 @@ class Progress:
             isinstance(entry, dict) and all(isinstance(v, scalar) for v in entry.values()) for entry in evaluations
         ):
             raise ValueError("its evaluations are not a list of records")
+        if values[1] > values[0]:  # each epoch ends with an optimizer step
+            raise ValueError(f"the position {state} is past its step")
         self.step, self.epoch, self.batch = values
         self.evaluations[:] = evaluations
 
@@ -114,7 +116,7 @@ def remove_checkpoints(checkpoint_dir: Path) -> None:
 def check_checkpoints(checkpoint_dir: Path | None, *, resume: bool, overwrite: bool) -> list[Path]:
     """Refuse to mix runs: another run using the folder now (`atomic.hold_write_lock`), existing checkpoints without
     --resume (continue) or --overwrite (start over), or with both; a ``run.json`` there that retrofit did not write
-    (the run writes its own) is the user's and stays."""
+    (the run writes its own) is the user's and stays; so is a ``step-NNNNNNNN`` that is not a whole checkpoint."""
     if resume and overwrite:
         raise RetrofitError(
             "--resume continues the newest checkpoint and --overwrite starts over from none; pass one of them"
@@ -127,6 +129,13 @@ def check_checkpoints(checkpoint_dir: Path | None, *, resume: bool, overwrite: b
             f"'{record}' is not a run record retrofit wrote (a file of yours, or one changed since), and retrofit "
             "writes its own there: move it out of the checkpoint folder or choose another one"
         )
+    named = sorted(checkpoint_dir.iterdir()) if checkpoint_dir and checkpoint_dir.is_dir() else []
+    for path in named:  # resumed from an older one (or none) instead, and at its step the run could not save
+        if CHECKPOINT_NAME.fullmatch(path.name) and not is_checkpoint(path):
+            raise RetrofitError(
+                f"'{path}' is named like a checkpoint but is not a whole one retrofit wrote (a file of it deleted "
+                "since, or something of yours): delete it or move it out of the checkpoint folder"
+            )
     existing = list_checkpoints(checkpoint_dir) if checkpoint_dir else []
     if existing and not resume and not overwrite:
         raise RetrofitError(
@@ -302,10 +311,13 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator, checkpoint: Path, progress: Progress, older: list[Path], average=None) -> None:
+def load_checkpoint(
+    accelerator, checkpoint: Path, progress: Progress, older: list[Path], average=None, batches: int | None = None
+) -> None:
     """Restore a checkpoint written by `save_checkpoint`: the model, optimizer, scheduler and random states through
-    Accelerate with ``weights_only=True`` (no pickle runs code), the progress from ``progress.json``, and `average`'s
-    state (``load_state_dict``) from ``ema.safetensors``. A checkpoint that does not fit or is damaged is one line."""
+    Accelerate with ``weights_only=True`` (no pickle runs code), the progress from ``progress.json`` (its batch within
+    an epoch of `batches` batches), and `average`'s state (``load_state_dict``) from ``ema.safetensors``. A checkpoint
+    that does not fit or is damaged is one line."""
     from accelerate.utils import load as load_tensors
     from safetensors.torch import load_file
 
@@ -324,6 +336,8 @@ def load_checkpoint(accelerator, checkpoint: Path, progress: Progress, older: li
         progress.load_state_dict(json.loads((checkpoint / PROGRESS_FILE).read_text()))
         if progress.step != int(CHECKPOINT_NAME.fullmatch(checkpoint.name).group(1)):
             raise ValueError(f"its progress.json says step {progress.step}")
+        if batches is not None and progress.batch > batches:  # the rest of the epoch would be skipped
+            raise ValueError(f"its progress.json says batch {progress.batch} of an epoch of {batches}")
         if average is not None:
             average.load_state_dict(load_file(checkpoint / EMA_FILE))
         with pickle_refused_quietly():

@@ -552,7 +552,7 @@ def train(
     progress = Progress()
     if resuming:
         *older, latest = list_checkpoints(checkpoint_dir)
-        load_checkpoint(accelerator, latest, progress, older, average)
+        load_checkpoint(accelerator, latest, progress, older, average, batches=len(train_dl))
         if progress.step > total_steps:  # only checkpoints of an older retrofit, which kept no budget, get here
             raise RetrofitError(
                 f"checkpoint '{latest}' is past this run's budget of {total_steps:,} steps; resume with --max-steps "

@@ -720,11 +720,24 @@ def test_resume_from_a_damaged_checkpoint_is_one_line(tiny_vit, colours, tmp_pat
     with pytest.raises(RetrofitError, match=r"run.json' records no usable budget \(.*\): it was changed since"):
         finetune(tiny_vit, output=tmp_path / "out", resume=True, **settings)
     (checkpoints / "run.json").write_text(record)
-    for position in ({"step": -5, "epoch": 0, "batch": 0}, {"step": 1, "epoch": 0, "batch": 1}):
+    # past the step (an epoch of 10**30 was an OverflowError traceback), or past the epoch's 3 batches (it resumed,
+    # skipping the rest of the epoch)
+    positions = [{"step": -5, "epoch": 0, "batch": 0}, {"step": 1, "epoch": 0, "batch": 1}]
+    positions += [{"step": 2, "epoch": 10**30, "batch": 0}, {"step": 2, "epoch": 0, "batch": 99}]
+    for position in positions:
         (checkpoints / "step-00000002" / "progress.json").write_text(json.dumps(position))
         with pytest.raises(RetrofitError, match=r"step-00000002' is damaged \(ValueError: .*\); delete it or pass"):
             finetune(tiny_vit, output=tmp_path / "out", resume=True, **settings)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["run.json", "step-00000002"]
+    # Without its progress.json it is no checkpoint: --resume started from none and, after training to step 2, could
+    # not save there; refused before any work, as with --overwrite, which leaves it
+    (checkpoints / "step-00000002" / "progress.json").unlink()
+    message = r"step-00000002' is named like a checkpoint but is not a whole one retrofit wrote \(a file of it deleted"
+    for how in (dict(resume=True), dict(overwrite=True)):
+        with pytest.raises(RetrofitError, match=message):
+            finetune(tiny_vit, output=tmp_path / "out", stop_after=1, **how, **settings)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["run.json", "step-00000002"]
+    shutil.rmtree(checkpoints / "step-00000002")
     assert finetune(tiny_vit, output=tmp_path / "out", overwrite=True, **settings).steps == 6
 
 
