@@ -376,6 +376,22 @@ def check_teacher_fits(teacher, student, processor, teacher_source) -> None:
             f"the teacher '{teacher_source}' gives outputs of shape {shapes['teacher']}, the model {shapes['student']} "
             "(other labels?); pass a --teacher with the same labels, or use --loss ce"
         )
+    ours, theirs = _class_names(student), _class_names(teacher)
+    if ours and theirs and ours != theirs:  # as many classes, other names: kd would teach class i the teacher's i
+        index = next(i for i, (mine, its) in enumerate(zip(ours, theirs, strict=True)) if mine != its)
+        order = " in another order" if sorted(ours) == sorted(theirs) else ""
+        raise RetrofitError(
+            f"the teacher '{teacher_source}' has other classes{order}: class {index} is {shown(theirs[index])} to it, "
+            f"{shown(ours[index])} to the model; pass a --teacher with the model's labels, or use --loss ce"
+        )
+
+
+def _class_names(model) -> list[str] | None:
+    """The names of a classifier's classes in order, or None where it has none of its own (transformers' default
+    LABEL_0, LABEL_1, ..., as backbones and dual encoders have)."""
+    id2label = getattr(model.config, "id2label", None) or {}
+    names = [str(id2label.get(index, id2label.get(str(index), ""))) for index in range(len(id2label))]
+    return None if all(name == f"LABEL_{index}" for index, name in enumerate(names)) else names
 
 
 def _training_info(run: TrainingRun, result: TrainResult, init: str, teacher: str | None = None):

@@ -949,6 +949,9 @@ def test_checkpoints_inside_the_output_are_refused(tiny_vit, colours, tmp_path):
     [
         (dict(num_labels=5), r"gives outputs of shape \(1, 5\), the model \(1, 3\) \(other labels\?\)"),
         (dict(image_size=48), r"cannot run on the 32×32 images the model is trained on"),
+        # as many classes, in another order: kd taught the student's cat the teacher's dog
+        (dict(id2label={0: "dog", 1: "cat", 2: "bird"}), r"has other classes in another order: class 0 is 'dog' to it"),
+        (dict(id2label={0: "cat", 1: "dog", 2: "fish"}), r"has other classes: class 2 is 'fish' to it, 'bird' to the"),
     ],
 )
 def test_a_teacher_that_does_not_fit_is_refused_before_training(tiny_vit, colours, tmp_path, change, message):
@@ -957,6 +960,8 @@ def test_a_teacher_that_does_not_fit_is_refused_before_training(tiny_vit, colour
 
     labels = {"id2label": {i: f"c{i}" for i in range(5)}, "label2id": {f"c{i}": i for i in range(5)}}
     extra = labels if "num_labels" in change else {}
+    if "id2label" in change:
+        change = {**change, "label2id": {name: index for index, name in change["id2label"].items()}}
     teacher = save_tiny(ViTForImageClassification(ViTConfig(**{**TINY, **change, **extra})), tmp_path / "teacher")
     with pytest.raises(RetrofitError, match=f"the teacher '{teacher}' {message}"):
         finetune(tiny_vit, output=tmp_path / "o", teacher=str(teacher), after_layer=2, num_tokens=4, data=colours,
