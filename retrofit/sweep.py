@@ -227,9 +227,11 @@ def _label_points(fig, ax, labels: list[tuple[str, float, float]], avoid: list[t
             label.remove()
 
 
-def _merged_models(source, source_model, pixels, settings: SweepSettings, work: Path, log) -> list[tuple]:
+def _merged_models(
+    source, source_model, pixels, settings: SweepSettings, work: Path, log, task: str | None = None
+) -> list[tuple]:
     """(K, M, model) per setting, initialised by calibration on `pixels` (the same images for every setting) or a
-    short fine-tune."""
+    short fine-tune (of the source loaded for `task`: its backbone, where it has no trained classifier)."""
     from .calibrate import calibrate
     from .loading import load_model
     from .surgery import insert_patch_merger
@@ -262,6 +264,7 @@ def _merged_models(source, source_model, pixels, settings: SweepSettings, work: 
                         eval_split=None,
                         max_steps=settings.finetune_steps,
                         seed=settings.seed,
+                        task=task,
                         progress=False,
                         overwrite=True,
                         log=log,
@@ -385,7 +388,8 @@ def sweep(
         pixels = next(iter(batch))["pixel_values"]
 
     with tempfile.TemporaryDirectory(prefix="retrofit-sweep-") as work:
-        merged = _merged_models(source, source_model, pixels, settings, Path(work), log)
+        task = "image-feature-extraction" if config is not saved else None  # as it is scored: its backbone
+        merged = _merged_models(source, source_model, pixels, settings, Path(work), log, task)
         loader = make_dataloader(
             dataset,
             processor,

@@ -380,7 +380,7 @@ def test_settings_are_checked_priced_and_timed_at_the_processors_image_size(imag
     assert set(shapes) == {torch.Size([3, 32, 32])}
 
 
-def test_a_checkpoint_without_a_trained_classifier_is_ranked_by_its_features(images, tmp_path):
+def test_a_checkpoint_without_a_trained_classifier_is_ranked_by_its_features(images, tmp_path, monkeypatch):
     """A ViTForMaskedImageModeling checkpoint (no classifier) was scored through a new random classifier: its top-1
     ranked the settings and starred a Pareto front. It is ranked by the features of its ViTModel, as evaluate
     compares it, and a note says so."""
@@ -396,3 +396,18 @@ def test_a_checkpoint_without_a_trained_classifier_is_ranked_by_its_features(ima
     assert report["metric"] == "similarity" and report["source_row"]["similarity"] == pytest.approx(1.0)
     assert 0 < report["settings_results"][0]["similarity"] <= 1 and "top1" not in report["settings_results"][0]
     assert f"note: '{source}' (ViTForMaskedImageModeling) has no trained classifier" in lines[0]
+    # a short fine-tune per setting is asked for its backbone too (finetune refused the checkpoint: a new random
+    # classifier); here a conversion with the task asked for stands in for the fine-tune, which takes 30 s
+    import importlib
+
+    from retrofit import convert
+
+    asked = []
+
+    def fine_tune(source, *, output, after_layer, num_tokens, task=None, **_):
+        asked.append(task)
+        convert(source, after_layer=after_layer, num_tokens=num_tokens, output=output, task=task, log=lambda _: None)
+
+    monkeypatch.setattr(importlib.import_module("retrofit.finetune"), "finetune", fine_tune)
+    report = sweep(str(source), SweepSettings(**{**settings.__dict__, "method": "finetune"}), log=lambda _: None)
+    assert asked == ["image-feature-extraction"] and report["metric"] == "similarity"
