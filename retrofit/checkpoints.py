@@ -3,8 +3,8 @@
 A checkpoint is ``<checkpoint_dir>/step-NNNNNNNN``: Accelerate's state (model, optimizer, scheduler, random states;
 loaded with ``weights_only=True``), ``progress.json`` (the loop's position: text, so loading it runs no code) and, with
 ``--ema-decay``, ``ema.safetensors`` (the moving average of the weights: tensors only). It is
-written into ``.step-NNNNNNNN.tmp`` and renamed into place, so a run killed at any moment leaves only complete
-checkpoints. ``run.json`` records what the checkpoints were made for (`RUN_SETTINGS`); ``--resume`` refuses other
+written into ``.step-NNNNNNNN.tmp`` and renamed into place, and renamed out of place before it is deleted, so a run
+killed at any moment leaves only complete checkpoints. ``run.json`` records what the checkpoints were made for (`RUN_SETTINGS`); ``--resume`` refuses other
 settings, and the training budget the run chose (`recorded_budget`), which a resumed run keeps. The folder may hold
 the user's own files: only retrofit's checkpoints and its own ``run.json`` are ever listed, replaced or deleted. One
 run at a time uses a folder (`atomic.hold_write_lock`).
@@ -12,6 +12,7 @@ run at a time uses a folder (`atomic.hold_write_lock`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -100,6 +101,16 @@ def read_run_record(checkpoint_dir: Path) -> dict | None:
     return record if recorded else None
 
 
+def discard_checkpoint(checkpoint: Path) -> None:
+    """Delete `checkpoint` so that a run killed meanwhile leaves it whole or gone, never a part of it (which is no
+    checkpoint, and then refused as a stray `step-NNNNNNNN`): renamed out of the way first, to a hidden ``.tmp`` name
+    that `list_checkpoints` ignores and `remove_checkpoints` deletes."""
+    doomed = checkpoint.with_name(f".{checkpoint.name}.old.tmp")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def remove_checkpoints(checkpoint_dir: Path) -> None:
     """Start over (``--overwrite``): delete retrofit's checkpoints, its unfinished ``.step-N.tmp`` folders and its
     ``run.json``, and nothing else: the folder may hold the user's own files."""
@@ -107,7 +118,9 @@ def remove_checkpoints(checkpoint_dir: Path) -> None:
         return
     for path in checkpoint_dir.iterdir():
         unfinished = path.name.startswith(".step-") and path.name.endswith(".tmp") and not path.is_symlink()
-        if is_checkpoint(path) or unfinished and path.is_dir():
+        if is_checkpoint(path):
+            discard_checkpoint(path)
+        elif unfinished and path.is_dir():
             shutil.rmtree(path)
     if read_run_record(checkpoint_dir) is not None:
         (checkpoint_dir / RUN_FILE).unlink()
@@ -299,10 +312,11 @@ def save_checkpoint(
             if average is not None:
                 save_file(average.state_dict(), str(tmp / EMA_FILE))
             if final.exists():
-                shutil.rmtree(final)
+                discard_checkpoint(final)
             os.replace(tmp, final)
             for old in list_checkpoints(checkpoint_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    discard_checkpoint(old)
     except (OSError, RuntimeError, SafetensorError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         why = describe_os_error(exc) if isinstance(exc, OSError) else f"{brief(exc, 120)}; check the free space"

@@ -426,6 +426,30 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_nothing(tiny
     assert not (tmp_path / "o").exists() and not [p for p in checkpoints.iterdir() if p.name != "run.json"]
 
 
+def test_a_run_killed_while_it_deletes_an_old_checkpoint_leaves_whole_ones(tiny_vit, colours, tmp_path, monkeypatch):
+    """Keeping the newest --keep-checkpoints deletes the older ones: a run killed while one was being deleted (here
+    after its progress.json went) left a step folder that was no checkpoint, so --resume started over or was refused.
+    Now a checkpoint is whole or gone, and the run resumes from its newest (here: it had finished, and exports)."""
+    real_rmtree = shutil.rmtree
+
+    def killed_meanwhile(path, *args, **kwargs):
+        if (Path(path) / "progress.json").exists():  # a checkpoint being deleted
+            (Path(path) / "progress.json").unlink()
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    settings = dict(after_layer=2, num_tokens=4, data=colours, loss="ce", max_steps=6, eval_split="", **FAST)
+    monkeypatch.setattr(shutil, "rmtree", killed_meanwhile)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_vit, output=tmp_path / "o", **settings)
+    monkeypatch.undo()
+    checkpoints = tmp_path / "o-checkpoints"
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["step-00000004", "step-00000006"]
+    assert not (checkpoints / "step-00000002").exists() and not (tmp_path / "o").exists()
+    assert finetune(tiny_vit, output=tmp_path / "o", resume=True, **settings).steps == 6
+    assert (tmp_path / "o" / "model.safetensors").is_file()
+
+
 def test_push_uploads_only_the_exports_own_regular_files(export_dir, tmp_path, capsys, monkeypatch):
     from huggingface_hub import HfApi
 
