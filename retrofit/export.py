@@ -43,6 +43,7 @@ def export(
     if not isinstance(model, PreTrainedModel) or not is_merged(model.config):
         raise RetrofitError("export() takes a merged model; make one with retrofit.insert_patch_merger first")
     _check_arguments(output, image_processor, card, training, tokenizer)
+    output = os.path.expanduser(output)  # "~/pm" is in the home folder, as in the settings of every command
     family, head = family_and_head(model.config)
     classes = load_classes(family, head)
     model.config.auto_map = dict(classes.auto_map)

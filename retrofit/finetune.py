@@ -451,6 +451,9 @@ def pretrain(
             raise RetrofitError(f"{name} must be a mapping of config fields, not {shown(value)}")
     if not isinstance(output, str | os.PathLike):
         raise RetrofitError(f"pretrain's output must be a folder's path, not {shown(output)}")
+    output = os.path.expanduser(output)  # "~/baseline" is in the home folder, as `written` settings are
+    if isinstance(checkpoint_dir, str | os.PathLike):
+        checkpoint_dir = os.path.expanduser(checkpoint_dir)
     clip = "vision_config" in model_config  # a CLIP dual encoder, pretrained on captions
     if clip != (run.loss == "contrastive"):
         raise RetrofitError(

@@ -55,6 +55,7 @@ def setting(
     expect: str | None = None,
     blank: bool = False,
     cli: bool = True,
+    written: bool = False,
 ) -> Any:
     """A dataclass field that is a setting: `help` for ``--help``; `key` its recipe key and `flag` its option where
     they are not the field name (``--batch-size`` for `BenchSettings.batch_sizes`); `short` an extra short option;
@@ -63,11 +64,13 @@ def setting(
     `interval` (low, high, text such as ``"[0, 1)"``; high excluded when the text ends in ``)``); `expect` says what
     it must be when it is not (``a number of seconds from 0 to 3600``). Text that is empty or only spaces is refused
     (an unset shell variable: ``--data "$DATA"`` read the current folder as the data) unless `blank` (it means
-    something, as ``--eval-split ''`` does: none). `cli` False: a recipe or Python setting only."""
+    something, as ``--eval-split ''`` does: none). `cli` False: a recipe or Python setting only. `written`: a path
+    retrofit writes to, whose leading ``~`` is the home folder as it is in the paths it reads (``--output=~/pm``,
+    where the shell leaves it, and Python calls wrote a folder named ``~`` in the current one)."""
     metadata = {
         "help": help, "key": key, "flag": flag, "short": short, "metavar": metavar, "positional": positional,
         "nargs": nargs, "const": const, "parse": parse, "at_least": at_least, "at_most": at_most,
-        "positive": positive, "interval": interval, "expect": expect, "blank": blank, "cli": cli,
+        "positive": positive, "interval": interval, "expect": expect, "blank": blank, "cli": cli, "written": written,
     }  # fmt: skip
     if isinstance(default, list | dict | set):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
@@ -174,6 +177,8 @@ def _checked(cls: type, spec: dataclasses.Field, annotation, value):
     """`value` for setting `spec` of `cls`, as it is kept (option text parsed, paths as text), or a `SettingError`."""
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
+    if spec.metadata.get("written") and isinstance(value, str) and value.startswith("~"):
+        value = os.path.expanduser(value)
     kind, optional = _kind(annotation)
     if value is None and (optional or spec.default is None):
         return value
@@ -546,14 +551,14 @@ class HubSettings(Settings):
 class OutputSettings(Settings):
     """Where the export goes (recipe section ``export``)."""
 
-    output: str = setting(help="folder to write the Hub-format model to", short="-o")
+    output: str = setting(help="folder to write the Hub-format model to", short="-o", written=True)
 
 
 @dataclass(kw_only=True)
 class CheckpointSettings(Settings):
     """Where training checkpoints go (recipe section ``export``)."""
 
-    checkpoint_dir: str | None = setting(None, "where checkpoints go (default: <output>-checkpoints)")
+    checkpoint_dir: str | None = setting(None, "where checkpoints go (default: <output>-checkpoints)", written=True)
 
 
 @dataclass(kw_only=True)
@@ -617,7 +622,10 @@ class ConvertArgs(HubSettings, OutputSettings, MergeSettings, SourceSettings):
 
     source: str = setting(help=SOURCE_HELP, positional=True)
     output: str | None = setting(
-        None, "folder to write the Hub-format model to (without it, convert reports the cost only)", short="-o"
+        None,
+        "folder to write the Hub-format model to (without it, convert reports the cost only)",
+        short="-o",
+        written=True,
     )
     task: Literal[TASKS] | None = task_setting()
     overwrite: bool = overwrite_setting("--output")
@@ -668,7 +676,7 @@ class EvaluateArgs(Settings):
     top_k: int = setting(5, "k of the top-k accuracy", at_least=1)
     image_column: str = image_column_setting()
     label_column: str = setting("label", "label column of the data")
-    json: str | None = setting(None, "write the results to FILE", metavar="FILE")
+    json: str | None = setting(None, "write the results to FILE", metavar="FILE", written=True)
     overwrite: bool = overwrite_setting("the --json file")
     card: str | None = setting(None, "write the results into this export's README.md", metavar="EXPORT")
     trust_remote_code: bool = setting(False, "allow the models' own code to run (off by default)")
@@ -856,7 +864,7 @@ class BenchArgs(BenchSettings):
         parse=parse_merges,
     )  # fmt: skip
     threads: int | None = setting(None, "CPU threads for torch, 1 to the machine's CPU count (default: torch's)")
-    json: str | None = setting(None, "write all measurements to FILE", metavar="FILE")
+    json: str | None = setting(None, "write all measurements to FILE", metavar="FILE", written=True)
     plot: str | None = setting(
         None, "draw images/s against batch size (each model and --compile mode; the batch size from which each merged "
         "model is faster marked) into FILE.png: pass several --batch-size values, e.g. 1,2,4,...,256", metavar="FILE",
@@ -927,7 +935,7 @@ class SweepArgs(SweepSettings):
     source: str = setting(help=f"{SOURCE_HELP} (an unmerged classifier, backbone or dual encoder), or a shape such "
                           "as vit-b16 with --dry-run", positional=True)  # fmt: skip
     output: str | None = setting(None, "folder for sweep.md, sweep.json and sweep.png (default: sweep-<source>)",
-                                 short="-o")  # fmt: skip
+                                 short="-o", written=True)  # fmt: skip
     overwrite: bool = overwrite_setting("--output")
     dry_run: bool = setting(
         False, "print each setting's theoretical GFLOPs and FLOPs ratio from the config alone (no weights, data or "
@@ -947,7 +955,7 @@ class ExportOnnxArgs(Settings):
     """`retrofit export-onnx`: an ONNX graph of a model that takes any batch size, checked against PyTorch."""
 
     model: str = setting(help="a retrofit export (or a checkpoint retrofit converts, to compare with)", positional=True)
-    output: str = setting(help="the .onnx file to write", short="-o")
+    output: str = setting(help="the .onnx file to write", short="-o", written=True)
     dtype: Literal["fp32", "fp16"] = setting("fp32", "the graph's precision (fp16: half the size, for GPUs)")
     images: int = setting(
         4, "noise images, prepared by the model's own processor, for the check (one batch)", at_least=2,

@@ -547,3 +547,21 @@ def test_a_full_disk_while_saving_the_weights_is_one_line(capsys, tmp_path, tiny
     out = tmp_path / "o"
     assert_refused(capsys, out, tiny_vit, "--after-layer", 1, "--tokens", 2,
                    match=f"cannot write the weights to '{out}' (Error while serializing")  # fmt: skip
+
+
+def test_a_tilde_in_an_output_is_the_home_folder(tiny_vit, tmp_path, monkeypatch):
+    """``--output=~/pm`` (the shell leaves ``~`` alone after ``=``) and Python calls with "~/..." wrote a folder named
+    ``~`` in the current one, while the inputs' ``~`` was the home folder."""
+    from transformers import AutoImageProcessor
+
+    from retrofit import export
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    assert main(["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--output=~/cli"]) == 0
+    result = convert(str(tiny_vit), after_layer=2, num_tokens=4, output="~/api")
+    export(result.model, "~/exported", image_processor=AutoImageProcessor.from_pretrained(tiny_vit))
+    assert {path.name for path in home.iterdir()} == {"cli", "api", "exported"}
+    assert list(cwd.iterdir()) == []
