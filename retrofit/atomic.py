@@ -466,7 +466,7 @@ def lock_file(folder: str | Path) -> Path:
     """The file in retrofit's cache whose ``flock`` is the lock on `folder` (`hold_write_lock`)."""
     from .provenance import CACHE_DIR
 
-    return CACHE_DIR / "locks" / f"{hashlib.sha256(str(_lock_key(folder)).encode()).hexdigest()[:32]}.lock"
+    return CACHE_DIR / "locks" / f"{hashlib.sha256(os.fsencode(_lock_key(folder))).hexdigest()[:32]}.lock"
 
 
 def hold_write_lock(folder: str | Path, option: str) -> None:

@@ -131,6 +131,11 @@ def _problem(kind, value, spec: dataclasses.Field) -> str | None:
     if kind is str and not value.strip() and not meta.get("blank"):
         required = spec.default is MISSING and spec.default_factory is MISSING
         return f"is empty (got {shown(value)}); give a value{'' if required else ' or leave the option out'}"
+    if kind is str and not value.isascii():
+        try:  # a name of another encoding's bytes (Python keeps them as surrogates) cannot be written in a card or JSON
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"is not UTF-8 text (got {shown(value)}); use a name in UTF-8 (rename the file or folder)"
     for number in values:
         if meta["at_least"] is not None and number < meta["at_least"]:
             least = "0 or more" if meta["at_least"] == 0 else f"at least {meta['at_least']:g}"
@@ -897,6 +902,8 @@ class SweepSettings(Settings):
     split: str = setting("test", "split to measure accuracy on")
     calibrate_split: str = setting("train", "split to calibrate (and fine-tune) on")
     limit: int | None = setting(1000, "evaluate on the first N images", metavar="N", at_least=1)
+    image_column: str = image_column_setting()
+    label_column: str = setting("label", "label column of the data (not read for backbones)")
     calibrate_images: int = calibrate_images_setting()
     method: Literal[METHODS] = setting("calibrate", "calibrate (k-means start) or finetune (a short fine-tune)")
     finetune_steps: int = setting(100, "steps per setting with --method finetune", at_least=1)

@@ -3,6 +3,7 @@ come from the same dataclass fields."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -138,6 +139,21 @@ def test_empty_text_is_refused_where_it_means_nothing(tmp_path, monkeypatch, cap
     recipe.write_text("source: s\nmerge: {after_layer: 1, tokens: 2}\ndata: {name: ''}\nexport: {output: o}\n")
     with pytest.raises(RetrofitError, match=r"^data.name in recipe '.*' is empty \(got ''\); give a value$"):
         load_recipe(recipe)
+
+
+def test_a_name_that_is_not_utf8_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    """A file name in another encoding's bytes (``-o $'out-\\xff'``) reaches Python as text with surrogates, which no
+    card, JSON or lock name can hold: convert wrote the export's weights, then failed with a traceback."""
+    monkeypatch.chdir(tmp_path)
+    name, rename = os.fsdecode(b"out-\xff"), "(rename the file or folder)"
+    for argv, option in (
+        (["convert", "s", "--after-layer", "1", "--tokens", "2", "-o", name], "--output"),
+        (["bench", "m", "--json", name], "--json"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err == f"retrofit: error: {option} is not UTF-8 text (got 'out-\\udcff'); use a name in UTF-8 {rename}\n"
+    assert not list(tmp_path.iterdir())
 
 
 def test_every_list_option_reads_its_commas_one_way(capsys):
