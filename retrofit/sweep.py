@@ -256,6 +256,8 @@ def _merged_models(
                         num_tokens=m,
                         data=settings.data,
                         split=settings.calibrate_split,
+                        image_column=settings.image_column,
+                        label_column=settings.label_column,
                         calibrate_images=settings.calibrate_images,
                         # as many images as the steps read, the same shuffled sample for every setting: from the
                         # Hub only these are downloaded
@@ -360,8 +362,9 @@ def sweep(
         for m in settings.tokens:
             check_merge(config, k, m, image_size)
     dataset = load_split(
-        settings.data, settings.split, limit=settings.limit, label_column=None if backbone else "label"
-    )
+        settings.data, settings.split, limit=settings.limit, image_column=settings.image_column,
+        label_column=None if backbone else settings.label_column,
+    )  # fmt: skip
     if zero_shot:  # class names, the prompts and the tokenizer, refused in one line before any setting is built
         names, zero_shot_map = zero_shot_classes(dataset, settings.data)
         texts = prompts(names, settings.prompt_template)
@@ -371,6 +374,7 @@ def sweep(
     calibrate_on = load_split(
         settings.data,
         settings.calibrate_split,
+        image_column=settings.image_column,
         label_column=None,
         limit=settings.calibrate_images if settings.method == "calibrate" else 1,
         sample_seed=settings.seed if settings.method == "calibrate" else None,

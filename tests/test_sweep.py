@@ -411,3 +411,22 @@ def test_a_checkpoint_without_a_trained_classifier_is_ranked_by_its_features(ima
     monkeypatch.setattr(importlib.import_module("retrofit.finetune"), "finetune", fine_tune)
     report = sweep(str(source), SweepSettings(**{**settings.__dict__, "method": "finetune"}), log=lambda _: None)
     assert asked == ["image-feature-extraction"] and report["metric"] == "similarity"
+
+
+def test_the_data_columns_are_chosen_as_evaluate_chooses_them(tiny_vit, images, tmp_path, capsys):
+    """Data whose images and labels are in columns named otherwise (CIFAR-100's img and fine_label): sweep read only
+    'image' and 'label', and load_split's error sent the user to --image-column / --label-column, which sweep did
+    not take. It takes them, as evaluate does."""
+    import datasets
+
+    splits = datasets.load_dataset("imagefolder", data_dir=str(images))
+    splits = splits.rename_columns({"image": "img", "label": "fine_label"})
+    splits.save_to_disk(str(tmp_path / "renamed"))
+    argv = ["sweep", str(tiny_vit), "--after-layer", "1", "--tokens", "2", "--data", str(tmp_path / "renamed"),
+            "--split", "test", "--calibrate-images", "4", "--bench-batch-size", "2", "--bench-repeats", "1",
+            "--output", str(tmp_path / "sweep")]  # fmt: skip
+    assert main(argv) == 2
+    assert "has no column 'image'" in capsys.readouterr().err
+    assert main([*argv, "--image-column", "img", "--label-column", "fine_label"]) == 0
+    report = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert report["num_examples"] == 9 and report["source_row"]["top1"] >= 0
