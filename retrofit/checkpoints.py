@@ -2,11 +2,12 @@
 
 A checkpoint is ``<checkpoint_dir>/step-NNNNNNNN``: Accelerate's state (model, optimizer, scheduler, random states;
 loaded with ``weights_only=True``), ``progress.json`` (the loop's position: text, so loading it runs no code) and, with
-``--ema-decay``, ``ema.safetensors`` (the moving average of the weights: tensors only). It is
-written into ``.step-NNNNNNNN.tmp`` and renamed into place, and renamed out of place before it is deleted, so a run
-killed at any moment leaves only complete checkpoints. ``run.json`` records what the checkpoints were made for (`RUN_SETTINGS`); ``--resume`` refuses other
-settings, and the training budget the run chose (`recorded_budget`), which a resumed run keeps. The folder may hold
-the user's own files: only retrofit's checkpoints and its own ``run.json`` are ever listed, replaced or deleted. One
+``--ema-decay``, ``ema.safetensors`` (the moving average of the weights: tensors only). It is written into
+``.step-NNNNNNNN.tmp`` and renamed into place, and renamed out of place before it is deleted, so a run killed at any
+moment leaves only complete checkpoints. ``run.json`` records what the checkpoints were made for (`RUN_SETTINGS`, and
+the options that shape the weights, `training_options`); ``--resume`` refuses other settings, and the training budget
+the run chose (`recorded_budget`), which a resumed run keeps. The folder may hold the user's own files: only
+retrofit's checkpoints and its own ``run.json`` are ever listed, replaced or deleted. One
 run at a time uses a folder (`atomic.hold_write_lock`).
 """
 
@@ -142,7 +143,9 @@ def check_checkpoints(checkpoint_dir: Path | None, *, resume: bool, overwrite: b
             f"'{record}' is not a run record retrofit wrote (a file of yours, or one changed since), and retrofit "
             "writes its own there: move it out of the checkpoint folder or choose another one"
         )
-    named = sorted(checkpoint_dir.iterdir()) if checkpoint_dir and checkpoint_dir.is_dir() else []
+    # (by the main process: the others of a launch may look while it deletes checkpoints for --overwrite)
+    main = os.environ.get("RANK", "0").strip() in ("", "0")
+    named = sorted(checkpoint_dir.iterdir()) if main and checkpoint_dir and checkpoint_dir.is_dir() else []
     for path in named:  # resumed from an older one (or none) instead, and at its step the run could not save
         if CHECKPOINT_NAME.fullmatch(path.name) and not is_checkpoint(path):
             raise RetrofitError(

@@ -766,6 +766,22 @@ def test_a_rank_that_is_not_a_number_takes_no_lock_and_no_traceback(tiny_vit, tm
     assert not retrofit.atomic._HELD
 
 
+def test_a_step_folder_that_is_no_checkpoint_is_refused_by_the_main_process_only(tmp_path, monkeypatch):
+    """A ``step-NNNNNNNN`` that is no whole checkpoint is refused before any work, by the main process: another
+    process of `accelerate launch` may look while the main one renames checkpoints away for --overwrite, and must not
+    refuse those (its refusal would stop the launch)."""
+    from retrofit.checkpoints import check_checkpoints
+
+    (tmp_path / "step-00000002").mkdir()
+    try:
+        with pytest.raises(RetrofitError, match=r"step-00000002' is named like a checkpoint but is not a whole one"):
+            check_checkpoints(tmp_path, resume=False, overwrite=True)
+    finally:
+        retrofit.atomic.release_write_lock(tmp_path)
+    monkeypatch.setenv("RANK", "1")
+    assert check_checkpoints(tmp_path, resume=False, overwrite=True) == []
+
+
 def test_a_ctrl_c_a_library_swallowed_still_stops_the_command_before_it_writes(tiny_vit, tmp_path, capsys, monkeypatch):
     """Ctrl-C landing in a weakref callback or a __del__ is printed by Python as "Exception ignored" and the run goes
     on: `sweep --method finetune` went on to write its output. The CLI's handler remembers it, and the command stops
