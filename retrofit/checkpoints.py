@@ -231,6 +231,14 @@ def check_same_run(checkpoint_dir: Path, settings: dict) -> None:
     settings of the caller's (a one-line error naming the first). Without a record (a retrofit from before run.json;
     `check_checkpoints` refused any other file) loading the state checks what it can."""
     saved = read_run_record(checkpoint_dir) or {}
+    merged = [record.get("merge_after_layer") is not None for record in (saved, settings)]
+    if "merge_after_layer" in saved and merged[0] != merged[1]:  # no option of this command resumes those
+        kinds = ["a fine-tune (a merged model)", "a pretraining (no merge)"]
+        was, now = kinds if merged[0] else kinds[::-1]
+        raise RetrofitError(
+            f"'{checkpoint_dir}' holds checkpoints of {was}, not of {now}: give this run another checkpoint folder "
+            "(--checkpoint-dir), or pass --overwrite to start over"
+        )
     for key, flag in RUN_SETTINGS.items():
         if key in saved and saved[key] != settings[key]:
             if key == "architecture":  # a class name, set through --task / --num-labels

@@ -1076,6 +1076,10 @@ def test_a_resumed_pretraining_keeps_its_model_and_image_processor(colours, tmp_
     # The same model and processor, with a field written out at its default value: the same run.
     same = {"hidden_act": "gelu", "layer_norm_eps": 1e-12}
     assert pretrain(vit | same, image_processor={"do_resize": True}, resume=True, **common).steps == 2
+    # A fine-tune cannot resume a pretraining's checkpoints (it was told to resume with the --task of that run)
+    with pytest.raises(RetrofitError, match=r"holds checkpoints of a pretraining \(no merge\), not of a fine-tune"):
+        finetune(tmp_path / "base", after_layer=1, num_tokens=4, loss="ce", resume=True, calibrate=False,
+                 **{**common, "output": tmp_path / "tuned"}, checkpoint_dir=tmp_path / "base-checkpoints")  # fmt: skip
     # An image size as (height, width), as transformers' configs take it (a TypeError traceback building the processor)
     common["output"] = tmp_path / "oblong"
     assert pretrain(vit | {"image_size": [32, 24]}, **common).steps == 2
