@@ -27,17 +27,17 @@ DEFAULT_TEMPLATE = "a photo of a {}."
 
 def template_problem(template: str) -> str | None:
     """What is wrong with a prompt template, said after its option or recipe key (``'a {} {}' must hold exactly one
-    {} ...``), or None if it holds exactly one ``{}`` (where the class name goes) and no other field."""
+    {} ...``), or None if it holds exactly one bare ``{}`` (where the class name goes) and no other field."""
     try:
-        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+        fields = [part[1:] for part in string.Formatter().parse(template) if part[1] is not None]
     except ValueError as exc:  # an unmatched brace
         return f"{shown(template)} is not a template ({exc}); write one {{}} where the class name goes, e.g. " + repr(
             DEFAULT_TEMPLATE
         )
-    if fields != [""]:
+    if fields != [("", "", None)]:  # a format spec or conversion ({:d}, {!x}) fails on a class name, or pads it
         return (
-            f"{shown(template)} must hold exactly one {{}} (where the class name goes) and no other field, e.g. "
-            f"{DEFAULT_TEMPLATE!r}"
+            f"{shown(template)} must hold exactly one {{}} (where the class name goes, without a format spec or "
+            f"conversion) and no other field, e.g. {DEFAULT_TEMPLATE!r}"
         )
     return None
 

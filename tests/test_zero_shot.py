@@ -221,6 +221,9 @@ def test_evaluate_zero_shot_writes_json_and_card(duals, images, tmp_path, capsys
         (["--prompt-template", "a {} of a {}"], "--prompt-template 'a {} of a {}' must hold exactly one {}"),
         (["--prompt-template", "a photo"], "--prompt-template 'a photo' must hold exactly one {}"),
         (["--prompt-template", "a {"], "--prompt-template 'a {' is not a template"),
+        # a format spec or conversion: format() raised ValueError on every class name (a traceback)
+        (["--prompt-template", "a {:d}."], "--prompt-template 'a {:d}.' must hold exactly one {}"),
+        (["--prompt-template", "a {!x}."], "without a format spec or conversion"),
     ],
 )
 def test_a_bad_prompt_template_is_one_line(extra, message, duals, images, capsys):
