@@ -268,8 +268,8 @@ def check_output(
 
 def check_checkpoint_dir(folder: str | Path, output: str | Path, option: str = "--checkpoint-dir") -> Path:
     """Refuse a folder retrofit writes into but never replaces as a whole (checkpoints: it may hold the user's own
-    files, which stay) if it is inside the run's `output` (which the export replaces), is a file, touches a shipped
-    checkpoint or cannot be written."""
+    files, which stay) if it is inside the run's `output` (which the export replaces), is a file, is or is under a
+    link to nothing, touches a shipped checkpoint or cannot be written."""
     folder = Path(folder)
     if folder.resolve().is_relative_to(Path(output).resolve()):
         raise RetrofitError(
@@ -278,6 +278,9 @@ def check_checkpoint_dir(folder: str | Path, output: str | Path, option: str = "
         )
     if folder.exists() and not folder.is_dir():
         raise RetrofitError(f"{option} '{folder}' exists and is not a folder; choose another {option}")
+    dangling = next((p for p in (folder, *folder.parents) if p.is_symlink() and not p.exists()), None)
+    if dangling is not None:  # the first checkpoint could not be written, after all the steps before it
+        raise RetrofitError(f"{option} '{folder}': '{dangling}' is a link to nothing; choose another {option}")
     _refuse_shipped(folder, option)
     _check_writable(folder / "x" if folder.is_dir() else folder, option)
     return folder

@@ -942,6 +942,13 @@ def test_checkpoints_inside_the_output_are_refused(tiny_vit, colours, tmp_path):
         finetune(tiny_vit, output=tmp_path / "o", checkpoint_dir=tmp_path / "o" / "ckpt", after_layer=2, num_tokens=4,
                  data=colours, **FAST)  # fmt: skip
     assert not (tmp_path / "o").exists()
+    # a link to nothing (a moved disk) failed at the first checkpoint, after all the steps before it
+    (tmp_path / "gone").symlink_to(tmp_path / "unmounted")
+    for folder in (tmp_path / "gone", tmp_path / "gone" / "ckpt"):
+        with pytest.raises(RetrofitError, match=r"^--checkpoint-dir '.*': '.*gone' is a link to nothing; choose"):
+            finetune(tiny_vit, output=tmp_path / "o", checkpoint_dir=folder, after_layer=2, num_tokens=4, data=colours,
+                     **FAST)  # fmt: skip
+    assert not (tmp_path / "o").exists() and not (tmp_path / "unmounted").exists()
 
 
 @pytest.mark.parametrize(
