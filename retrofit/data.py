@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import RetrofitError, brief, check_at_least_one
+from .errors import RetrofitError, brief, check_at_least_one, shown
 from .naflex import patches_to_images
 from .provenance import CACHE_DIR
 
@@ -411,14 +411,28 @@ def dataset_label_map(
     if names is not None or getattr(dataset.features["label"], "dtype", None) in ("string", "large_string"):
         strings = names is None
         present = sorted({value for value in dataset["label"] if value is not None}) if strings else names
-        by_name = {_same_text(name): index for index, name in reference.items()}
+        by_name: dict[str, list[int]] = {}
+        for index, name in sorted(reference.items()):
+            by_name.setdefault(_same_text(name), []).append(index)
         unknown = [name for name in present if _same_text(name) not in by_name]
         if unknown:
             raise RetrofitError(
                 f"the class names in '{data}' ({len(present)}, e.g. {unknown[:4]}) are not among the models' labels "
                 f"({len(reference)}, e.g. {list(by_name)[:4]}); {fix.format(classes=len(present))}"
             )
-        label_map = {(name if strings else index): by_name[_same_text(name)] for index, name in enumerate(present)}
+        label_map = {}
+        for index, name in enumerate(present):
+            ids = by_name[_same_text(name)]
+            if not strings and index in ids:  # a name the model gives two ids (ImageNet's "crane"): the data's own id
+                label_map[index] = index
+            elif len(ids) == 1:
+                label_map[name if strings else index] = ids[0]
+            else:
+                raise RetrofitError(
+                    f"the class {shown(name)} of '{data}' is the name of {len(ids)} of the model's labels "
+                    f"(ids {', '.join(map(str, ids))}), so which one it is cannot be told by name; give the data "
+                    "a ClassLabel column numbered as the model's labels"
+                )
         if not strings and all(k == v for k, v in label_map.items()):
             label_map = None
     check_labels(dataset, len(reference), data=data, label_map=label_map, hint=hint)

@@ -455,3 +455,28 @@ def test_class_names_match_a_models_labels_whatever_their_unicode_form():
     assert dataset_label_map(model, by_id, "mac") == {0: 1, 1: 0}
     by_text = Dataset.from_dict({"label": [decomposed, "dog"]}, features=Features({"label": Value("string")}))
     assert dataset_label_map(model, by_text, "mac") == {decomposed: 1, "dog": 0}
+
+
+def test_a_class_name_the_model_gives_two_ids_keeps_the_datas_id_or_is_refused():
+    """ImageNet's labels name "crane" twice (the bird, 134, and the machine, 517): mapped by name, every crane of the
+    data became 517, silently (wrong accuracy; a fine-tune taught the bird as the machine). A ClassLabel whose id of
+    that name is one of the model's ids of that name keeps it; a name that cannot be told apart is one line."""
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    from retrofit.data import dataset_label_map
+
+    model = {0: "crane", 1: "dog", 2: "crane", 3: "cat"}
+
+    def classes(*names: str) -> Dataset:
+        return Dataset.from_dict({"label": [0, 1]}, features=Features({"label": ClassLabel(names=list(names))}))
+
+    assert dataset_label_map(model, classes("crane", "dog"), "imagenet") is None  # the data's ids are the model's
+    assert dataset_label_map(model, classes("dog", "cat", "crane"), "imagenet") == {0: 1, 1: 3, 2: 2}
+    refused = r"^the class 'crane' of 'imagenet' is the name of 2 of the model's labels \(ids 0, 2\), so which"
+    for labels, features in (
+        (["crane", "dog"], Features({"label": Value("string")})),
+        ([0, 1], Features({"label": ClassLabel(names=["dog", "crane"])})),  # its crane is 1: the model's 0 or 2?
+    ):
+        dataset = Dataset.from_dict({"label": labels}, features=features)
+        with pytest.raises(RetrofitError, match=refused):
+            dataset_label_map(model, dataset, "imagenet")
