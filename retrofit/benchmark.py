@@ -692,11 +692,14 @@ def to_json(variants: list[Variant], settings: BenchSettings) -> dict:
 
 def faster_from(results: dict[int, dict]) -> int | None:
     """The crossover: the smallest batch size from which a merged model is at least as fast as its source at every
-    batch size measured (None: slower at the largest, or nothing compared)."""
+    batch size where both were measured (None: slower at the largest of those, or nothing compared). A batch size
+    where one of them did not run (the source out of memory at the largest) compares nothing, so it is passed over."""
     crossover = None
     for batch_size in sorted(results, reverse=True):
         speedup = results[batch_size].get("speedup")
-        if speedup is None or speedup < 1.0:
+        if speedup is None:
+            continue
+        if speedup < 1.0:
             break
         crossover = batch_size
     return crossover
@@ -799,7 +802,8 @@ def markdown_table(report: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     crossovers = []
     for row in report["models"]:
-        if row["baseline"] and len(sizes) > 1:
+        compared = any(result.get("speedup") is not None for result in row["results"].values())
+        if row["baseline"] and len(sizes) > 1 and compared:
             start = row.get("faster_from_batch_size")
             where = f"from batch {start} up" if start is not None else "at no batch size from the largest down"
             crossovers.append(f"`{row['model']}` ({row['compile']}) is at least as fast as its source {where}")
@@ -810,6 +814,9 @@ def markdown_table(report: dict) -> str:
     if flagged:
         lines += ["", f"⚠ spread over {100 * SPREAD_LIMIT:.0f} % of the median (a loaded machine?): "
                   + "; ".join(flagged) + ". Measure again on an idle machine, or with more --repeats."]  # fmt: skip
+    if report["settings"].get("repeats") == 1:  # no spread to flag: a loaded machine's number would pass unseen
+        lines += ["", "Each measurement was taken once (--repeats 1), so how much it varies is not known; measure "
+                  "with --repeats 3 or more before comparing models."]  # fmt: skip
     return "\n".join(lines)
 
 

@@ -123,6 +123,9 @@ def test_crossover_is_the_batch_size_from_which_the_merged_model_stays_faster():
     assert benchmark.faster_from(results) == 4
     assert benchmark.faster_from({**results, 8: {"speedup": 0.99}}) is None
     assert benchmark.faster_from({1: {"speedup": 1.2}, 2: {"speedup": 1.5}}) == 1
+    # the source out of memory at the largest batch size: nothing compared there (it was "at no batch size")
+    assert benchmark.faster_from({**results, 16: {"status": "oom"}}) == 4
+    assert benchmark.faster_from({8: {"status": "oom"}}) is None
 
 
 def test_a_measurement_whose_repeats_spread_is_flagged():
@@ -135,6 +138,9 @@ def test_a_measurement_whose_repeats_spread_is_flagged():
     assert "⚠" not in benchmark.markdown_table({**report, "models": [{**row, "results": {"8": steady}}]})
     table = benchmark.markdown_table({**report, "models": [{**row, "results": {"8": noisy}}]})
     assert "| 100.0 ⚠ |" in table and "`m` at batch 8: repeats spread by 34 %" in table
+    once = {**report, "settings": {"batch_sizes": [8], "repeats": 1}}  # one repeat: no spread, and a note says so
+    table = benchmark.markdown_table({**once, "models": [{**row, "results": {"8": {**noisy, "repeats": [100.0]}}}]})
+    assert "⚠" not in table and "Each measurement was taken once (--repeats 1), so how much it varies" in table
 
 
 def convert_config(path):
