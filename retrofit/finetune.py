@@ -100,7 +100,16 @@ def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepar
     from accelerate.utils import set_seed
 
     from .atomic import check_checkpoint_dir, check_output, hold_write_lock
-    from .checkpoints import check_checkpoints, default_checkpoint_dir, list_checkpoints
+    from .checkpoints import (
+        OPTIONS,
+        PROCESSES,
+        check_checkpoints,
+        check_same_run,
+        default_checkpoint_dir,
+        list_checkpoints,
+        run_settings,
+        training_options,
+    )
     from .loading import (
         check_runs_on_its_images,
         family_and_head,
@@ -145,6 +154,9 @@ def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepar
         check_teacher_fits(teacher, model, processor, teacher_name)
     settle_losses(model, args)
     data = training_data(model, processor, args)
+    if resuming:  # checkpoints of other settings are refused now, not after calibrating (`train` checks them again)
+        options = {k: v for k, v in training_options(model, args, 1).items() if k != PROCESSES}  # launched: `train`
+        check_same_run(checkpoint_dir, run_settings(model, args.train, args.ema_decay) | {OPTIONS: options})
     if args.calibrate and init == "random":
         init = _calibrate(model, args, resumed=resuming, log=log)
     ready = Prepared(model, teacher, processor, config, source_config, init, checkpoint_dir, resuming, model.dtype,
