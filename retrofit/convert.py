@@ -15,6 +15,7 @@ from .errors import RetrofitError
 from .export import export
 from .loading import (
     check_runs_on_its_images,
+    classifier_is_new,
     load_config,
     load_image_processor,
     load_model,
@@ -87,6 +88,14 @@ def run_convert(args: ConvertArgs, *, log: Callable[[str], None] = print) -> Con
     merged = insert_patch_merger(model, args.after_layer, args.tokens, source=str(source),
                                  rope_positions=args.rope_positions)  # fmt: skip
     training = TrainingInfo()  # random queries, not fine-tuned
+    saved = load_config(source, trust_remote_code=args.trust_remote_code, revision=args.revision) if args.task else None
+    if saved is not None and classifier_is_new(saved, config):
+        new_head = (
+            f"the classifier is new (the checkpoint has none): its {config.num_labels} outputs are random until it is "
+            "trained (`retrofit finetune --loss ce --num-labels N`)"
+        )
+        log(f"note: {new_head}")
+        training.notes.append(new_head)
     if args.calibrate_on is not None:
         from .calibrate import calibrate_from_data
 

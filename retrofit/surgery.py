@@ -7,7 +7,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 
 from .cost import num_patches
 from .errors import RetrofitError, shown
-from .families import ROPE_POSITIONS, Family, Head
+from .families import ROPE_POSITIONS, Family, Head, family_for
 from .hub_code import load_classes
 from .loading import family_and_head, is_merged, layer_config
 from .naflex import take_images
@@ -131,6 +131,12 @@ def insert_patch_merger(
             f"insert_patch_merger takes a loaded model (retrofit.load_model), not {shown(model)}; or use "
             "retrofit.convert, which takes a Hub id or folder"
         )
+    if not is_merged(model.config):
+        family = family_for(model.config.model_type)
+        if type(model).__name__ in family.heads and (model.config.architectures or [None])[0] != type(model).__name__:
+            # A classifier loaded from a backbone or dual-encoder checkpoint (`ViTForImageClassification` from a
+            # ViTModel's): merged as the class it is, as save_pretrained would name it, not as its checkpoint's
+            model.config.architectures = [type(model).__name__]
     record = _record(model, source)
     config = merged_config(model, after_layer, num_tokens, source=record, rope_positions=rope_positions)  # validated
     family, head = family_and_head(model.config)

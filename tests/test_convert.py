@@ -565,3 +565,22 @@ def test_a_tilde_in_an_output_is_the_home_folder(tiny_vit, tmp_path, monkeypatch
     export(result.model, "~/exported", image_processor=AutoImageProcessor.from_pretrained(tiny_vit))
     assert {path.name for path in home.iterdir()} == {"cli", "api", "exported"}
     assert list(cwd.iterdir()) == []
+
+
+def test_a_classifier_loaded_from_a_backbone_checkpoint_is_merged_as_the_class_it_is(tmp_path):
+    """`ViTForImageClassification.from_pretrained(<a ViTModel checkpoint>)` keeps the checkpoint's architectures
+    (ViTModel): insert_patch_merger built a merged ViTModel for it and failed with "surgery mismatch"."""
+    from conftest import TINY
+    from transformers import ViTConfig, ViTForImageClassification, ViTModel
+
+    ViTModel(ViTConfig(**TINY)).save_pretrained(tmp_path / "backbone")
+    classifier = ViTForImageClassification.from_pretrained(tmp_path / "backbone")
+    merged = insert_patch_merger(classifier, 2, 4)
+    assert type(merged).__name__ == "ViTPatchMergerForImageClassification"
+    assert merged.config.architectures == ["ViTPatchMergerForImageClassification"]
+    # convert --task image-classification: the card and the log say that the classifier is random (it said nothing)
+    logged = []
+    convert(tmp_path / "backbone", after_layer=2, num_tokens=4, output=tmp_path / "pm", task="image-classification",
+            log=logged.append)  # fmt: skip
+    new = "the classifier is new (the checkpoint has none): its 3 outputs are random until it is trained"
+    assert f"note: {new}" in "\n".join(logged) and new in (tmp_path / "pm" / "README.md").read_text()
