@@ -594,12 +594,19 @@ register(
                 output_class="Siglip2Output",
                 image_modules=("vision_model",),
             ),
+            "Siglip2ForImageClassification": Head(
+                "Siglip2ForImageClassification",
+                layer_config="config.vision_config",
+                reads="mean of each image's own tokens (pixel_attention_mask): after the merge, the mean of its M "
+                "merged tokens",
+            ),
         },
         prefix_tokens=(),
         padded_patches="Siglip2MultiheadAttentionPoolingHead",
         notes=(
             _SIGLIP2_NOTES + " A full Siglip2Model checkpoint stays a dual encoder (vision tower merged; text tower, "
-            "logit scale and bias kept bit-exact); --task image-feature-extraction gives the vision tower alone "
+            "logit scale and bias kept bit-exact); --task image-classification gives a Siglip2ForImageClassification "
+            "(text tower dropped, new classifier), --task image-feature-extraction the vision tower alone "
             "(Siglip2VisionModel)."
         ),
         tower="siglip2_vision",

@@ -481,7 +481,8 @@ def test_every_supported_class_has_a_case(converted):
         (item.case.family, family_and_head(item.result.model.config)[1].class_name) for item in converted.values()
     }
     tested |= {("vit", "ViTForImageClassification"), ("deit", "DeiTForImageClassification")}
-    tested |= {("siglip2", "Siglip2Model"), ("siglip2_vision", "Siglip2VisionModel")}  # NaFlex: tests/test_siglip2.py
+    tested |= {("siglip2", "Siglip2Model"), ("siglip2", "Siglip2ForImageClassification")}  # NaFlex: test_siglip2.py
+    tested |= {("siglip2_vision", "Siglip2VisionModel")}
     supported = {(name, cls) for name, family in FAMILIES.items() if family.refusal is None for cls in family.heads}
     assert tested == supported
 

@@ -8,6 +8,7 @@ and times it on square images (`retrofit.naflex`).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -24,6 +25,7 @@ from retrofit import convert, finetune
 from retrofit.cli import main
 from retrofit.evaluation import evaluate_models
 from retrofit.naflex import images_to_patches, patches_to_images
+from retrofit.surgery import insert_patch_merger
 
 K, M = 2, 3
 VISION = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, patch_size=8)
@@ -142,10 +144,53 @@ def test_the_dual_encoder_keeps_its_text_tower_and_class(siglip2):
     assert torch.equal(text, merged_text)
 
 
+@pytest.fixture(scope="module")
+def siglip2_classifier(siglip2) -> Path:
+    """The tiny Siglip2Model converted with --task image-classification (a new classifier)."""
+    source, output = siglip2
+    classifier = output.with_name("classifier")
+    torch.manual_seed(1)
+    convert(source, after_layer=K, num_tokens=M, output=classifier, task="image-classification", log=lambda _: None)
+    config = json.loads((classifier / "config.json").read_text())
+    assert config["architectures"] == ["Siglip2PatchMergerForImageClassification"], config["architectures"]
+    return classifier
+
+
+def test_a_classifier_reads_the_mean_of_the_merged_tokens(siglip2, siglip2_classifier):
+    """`--task image-classification` gives a Siglip2ForImageClassification (it had no AutoModelForImageClassification
+    export). The source averages the last hidden state over each image's own patches; after the merge the classifier
+    reads the mean of the M merged tokens, so a padded image gets the logits it gets alone, and with the merger
+    bypassed the model is its source. The dual encoder's export loads as that classifier too (a linear probe)."""
+    from transformers import AutoModelForImageClassification, Siglip2ForImageClassification
+
+    from retrofit.calibrate import bypass_merger
+
+    source, output = siglip2
+    model = AutoModelForImageClassification.from_pretrained(siglip2_classifier, trust_remote_code=True).eval()
+    assert type(model).__name__ == "Siglip2PatchMergerForImageClassification"
+    batch = padded_batch()
+    alone = {key: value[1:, :12] for key, value in batch.items() if key != "spatial_shapes"}
+    alone["spatial_shapes"] = batch["spatial_shapes"][1:]
+    with torch.no_grad():
+        padded, single = model(**batch).logits, model(**alone).logits
+        tokens = model.vision_model(**batch).last_hidden_state
+        assert tokens.shape[1] == M and model(**batch, labels=torch.tensor([0, 1])).loss > 0
+    torch.testing.assert_close(padded[1:], single, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded, model.classifier(tokens.mean(1)))
+    torch.manual_seed(2)
+    unmerged = Siglip2ForImageClassification.from_pretrained(source, num_labels=3).eval()
+    merged = insert_patch_merger(copy.deepcopy(unmerged), K, M).eval()
+    square = {key: value[:1] for key, value in batch.items()}  # unpadded: the merged layers take no mask
+    with torch.no_grad(), bypass_merger(merged):
+        torch.testing.assert_close(merged(**square).logits, unmerged(**square).logits, atol=1e-5, rtol=1e-5)
+    probe = AutoModelForImageClassification.from_pretrained(output, trust_remote_code=True, num_labels=3)
+    assert type(probe).__name__ == "Siglip2PatchMergerForImageClassification"
+
+
 RELOAD = """
 import json, sys, torch, transformers
 from PIL import Image
-from transformers import AutoModel, AutoProcessor
+from transformers import AutoModel, AutoModelForImageClassification, AutoProcessor
 data = torch.load(sys.argv[2])
 model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
 processor = AutoProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)
@@ -157,6 +202,8 @@ with torch.no_grad():
     text = model.get_text_features(input_ids=data["input_ids"])
     output = model(input_ids=data["input_ids"], **data["inputs"])
     processed = model(**inputs)
+    classifier = AutoModelForImageClassification.from_pretrained(sys.argv[3], trust_remote_code=True).eval()
+    logits = classifier(**data["inputs"]).logits
 image = getattr(image, "pooler_output", image)
 text = getattr(text, "pooler_output", text)
 print(json.dumps({
@@ -166,15 +213,17 @@ print(json.dumps({
     "logits": list(output.logits_per_image.shape),
     "processor": type(processor).__name__,
     "processed": list(processed.logits_per_image.shape),
+    "classifier": (logits - data["logits"]).abs().max().item(),
 }))
 """
 
 
 @pytest.mark.parametrize("release", ["installed", "oldest", *OVERLAYS])
-def test_the_export_reloads_without_retrofit(release, siglip2, tmp_path):
+def test_the_export_reloads_without_retrofit(release, siglip2, siglip2_classifier, tmp_path):
     """In a process where `import retrofit` fails, with each transformers release the export supports: the same image
     features for the processor's padded batch, the same text features, a full image-text forward; AutoProcessor gives
-    the source's Siglip2Processor (the export's tokenizer config names it), whose outputs the model runs on."""
+    the source's Siglip2Processor (the export's tokenizer config names it), whose outputs the model runs on. The
+    classifier export gives the same logits for the padded batch."""
     from test_families import INPUT_IDS
 
     from retrofit.loading import load_model
@@ -187,16 +236,19 @@ def test_the_export_reloads_without_retrofit(release, siglip2, tmp_path):
     _, output = siglip2
     inputs = padded_batch()
     image, text = _features(load_model(output).eval(), inputs)
-    torch.save({"inputs": inputs, "input_ids": INPUT_IDS, "image": image, "text": text}, tmp_path / "data.pt")
+    with torch.no_grad():
+        logits = load_model(siglip2_classifier).eval()(**inputs).logits
+    data = {"inputs": inputs, "input_ids": INPUT_IDS, "image": image, "text": text, "logits": logits}
+    torch.save(data, tmp_path / "data.pt")
     (tmp_path / "blocker").mkdir()
     (tmp_path / "blocker" / "retrofit.py").write_text("raise ImportError('retrofit must not be needed')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "blocker"), *path])}
     env |= {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    run = subprocess.run([python, "-c", RELOAD, str(output), str(tmp_path / "data.pt")], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    run = subprocess.run([python, "-c", RELOAD, str(output), str(tmp_path / "data.pt"), str(siglip2_classifier)],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
-    assert got["image"] < 1e-5 and got["text"] < 1e-5 and got["logits"] == [2, 3]
+    assert got["image"] < 1e-5 and got["text"] < 1e-5 and got["logits"] == [2, 3] and got["classifier"] < 1e-5
     assert got["processor"] == "Siglip2Processor" and got["processed"] == [1, 1]
 
 
@@ -238,6 +290,13 @@ def test_finetune_and_calibration_train_the_image_side(siglip2, images, tmp_path
             assert torch.equal(after[key], value), key
     assert any(not torch.equal(after[key], before[key]) for key in before if key.startswith("vision_model.encoder"))
     report = evaluate_models([str(out)], data=str(images), split="test", zero_shot=True, log=lambda _: None)
+    assert 0 <= report["models"][0]["top1"] <= 1
+    # --task image-classification: a new classifier trained with cross-entropy on the data's classes, which scores
+    classifier = finetune(source, output=tmp_path / "cls", after_layer=K, num_tokens=M, data=str(images),
+                          task="image-classification", num_labels=3, loss="ce", max_steps=2, batch_size=4,
+                          progress=False, log=lambda _: None)  # fmt: skip
+    assert classifier.finished and type(classifier.model).__name__ == "Siglip2PatchMergerForImageClassification"
+    report = evaluate_models([str(tmp_path / "cls")], data=str(images), split="test", log=lambda _: None)
     assert 0 <= report["models"][0]["top1"] <= 1
 
 

@@ -18,7 +18,7 @@ class Siglip2PatchMergerConfig(Siglip2Config):
     (Renggli et al., arXiv 2202.12015) turns the patch tokens into `merge_num_tokens` learned weighted averages
     after `merge_after_layer` encoder layers. It takes every argument of [`Siglip2Config`], plus
     the settings below. Its model classes (in `modeling_siglip2_patch_merger.py`):
-    [`Siglip2PatchMergerModel`].
+    [`Siglip2PatchMergerModel`], [`Siglip2PatchMergerForImageClassification`].
 
     Args:
         merge_after_layer (`int`, *optional*, defaults to 1):

@@ -27,9 +27,11 @@ from torch import nn
 from transformers.models.siglip2.modeling_siglip2 import (
     Siglip2EncoderLayer,
     Siglip2Model,
+    Siglip2ForImageClassification,
     Siglip2Output,
     Siglip2MultiheadAttentionPoolingHead,
 )
+from transformers.modeling_outputs import ImageClassifierOutput
 
 from .configuration_siglip2_patch_merger import Siglip2PatchMergerConfig
 
@@ -295,8 +297,79 @@ class Siglip2PatchMergerModel(Siglip2Model):
                 module.queries._is_hf_initialized = True
 
 
+register_weight_conversions(
+    "Siglip2ForImageClassification",
+    "Siglip2PatchMergerForImageClassification",
+)
+
+
+class Siglip2PatchMergerForImageClassification(Siglip2ForImageClassification):
+    """[`Siglip2ForImageClassification`] with a [`PatchMerger`] before layer `config.merge_after_layer`."""
+
+    config_class = Siglip2PatchMergerConfig
+    config: Siglip2PatchMergerConfig
+
+    def __init__(self, config: Siglip2PatchMergerConfig, *args, **kwargs):
+        own = self.config_class
+        if type(config) is not own and type(config).__name__ == own.__name__:
+            # The same config from other code of this family (AutoConfig keeps one class per model type): made this
+            # code's own, so that save_pretrained writes the configuration file that goes with this modeling file.
+            config.__class__ = own
+        super().__init__(config, *args, **kwargs)
+        self._encoder_layers_name = insert_patch_merger(self, config)
+
+    def _merger_init_std(self) -> float:
+        return getattr(self.config.vision_config, "initializer_range", 0.02)
+
+    @property
+    def patch_merger(self) -> PatchMerger:
+        """The model's [`PatchMerger`]."""
+        return self.get_submodule(self._encoder_layers_name)[self.config.merge_after_layer].patch_merger
+
+    def forward(self, pixel_values=None, pixel_attention_mask=None, spatial_shapes=None, labels=None, **kwargs):
+        """[`Siglip2ForImageClassification.forward`] on the merged tokens. The source averages the last hidden
+        state over each image's own patches (`pixel_attention_mask`, (B, N)); after the merge every one of the M
+        tokens is an image's own, so the classifier reads their mean. A mask that fits (the merger bypassed) is
+        applied as in the source."""
+        return_dict = kwargs.pop("return_dict", None)
+        outputs = self.vision_model(pixel_values, pixel_attention_mask, spatial_shapes, **kwargs)
+        tokens = outputs.last_hidden_state
+        if pixel_attention_mask is not None and pixel_attention_mask.shape[-1] == tokens.shape[1]:
+            mask = pixel_attention_mask[..., None].to(tokens.dtype)
+            pooled = (tokens * mask).sum(dim=1) / mask.sum(dim=1)
+        else:
+            pooled = tokens.mean(dim=1)
+        logits = self.classifier(pooled)
+        loss = self.loss_function(labels, logits, self.config) if labels is not None else None
+        output = ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, PatchMerger):
+            module.reset_parameters(std=self._merger_init_std())
+        else:
+            super()._init_weights(module)
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """Initialise what was not loaded, the [`PatchMerger`]'s queries too (e.g. a source checkpoint loaded with a
+        merged config): transformers hands each module to the `_init_weights` of the innermost model holding it,
+        which for the merger may be one of the source's classes (the backbone of a classifier, an encoder that is a
+        model of its own), which knows no merger. Loaded weights carry transformers' `_is_hf_initialized` mark."""
+        super().initialize_weights()
+        for module in self.modules():
+            if isinstance(module, PatchMerger) and not getattr(module.queries, "_is_hf_initialized", False):
+                std = self._merger_init_std()
+                nn.init.trunc_normal_(module.queries, std=std, a=-2 * std, b=2 * std)
+                module.queries._is_hf_initialized = True
+
+
 __all__ = [
     "Siglip2PatchMergerModel",
+    "Siglip2PatchMergerForImageClassification",
     "Siglip2PatchMergerConfig",
     "PatchMerger",
 ]
