@@ -140,11 +140,10 @@ def _local_config_error(source: str, folder: Path, exc: Exception) -> RetrofitEr
             f"'{source}/config.json' has no model_type; add the checkpoint's (vit, deit, dinov2, clip, ...), or "
             "re-save it with transformers"
         )
-    if not str(model_type).endswith(MERGED_SUFFIX):
-        try:
-            family_for(model_type)  # an unknown model type: say which families retrofit merges
-        except RetrofitError as refusal:
-            return refusal
+    try:
+        family_for(model_type)  # an unknown model type: say which families retrofit merges
+    except RetrofitError as refusal:
+        return refusal
     for key in ("dtype", "torch_dtype"):
         dtype = raw.get(key)
         if isinstance(dtype, str) and isinstance(exc, AttributeError) and f"'{dtype}'" in str(exc):
