@@ -237,6 +237,8 @@ def load_split(
                     f"dataset '{data}' has no column '{column}'; available: {', '.join(dataset.column_names)} "
                     f"(choose with --image-column / --label-column)"
                 )
+        if is_local and _stored_as(dataset.features[image_column]) in ("paths", "bytes"):
+            dataset = _as_images(dataset, image_column, data)
         if not isinstance(dataset.features[image_column], datasets.Image):
             raise RetrofitError(
                 f"column '{image_column}' of '{data}' does not hold images ({dataset.features[image_column]}); "
@@ -257,6 +259,30 @@ def load_split(
     if len(dataset) == 0:
         raise RetrofitError(f"split '{split}' of dataset '{data}' is empty; choose another split or dataset")
     return dataset
+
+
+def _stored_as(feature) -> str | None:
+    """How a column without an `Image` feature holds images, as a ``save_to_disk`` folder written from paths or
+    files' bytes does: "paths" (text), "bytes" (binary values), else None."""
+    dtype = getattr(feature, "dtype", None)
+    return {"string": "paths", "large_string": "paths", "binary": "bytes", "large_binary": "bytes"}.get(dtype)
+
+
+def _as_images(dataset, column: str, data: str):
+    """A local split whose `column` holds image files' paths or encoded images' bytes, with that column as images
+    (then checked one by one, naming the file, as any local image is); a column of text that names no file is
+    refused as not holding images."""
+    from datasets import Image
+
+    if _stored_as(dataset.features[column]) == "paths":
+        for index, value in enumerate(dataset[column]):
+            if value is None or not Path(value).is_file():
+                raise RetrofitError(
+                    f"column '{column}' of '{data}' holds text, not images: example {index} is {shown(value)}, no "
+                    f"image file here (paths are read from {os.getcwd()}); choose another with --image-column, or "
+                    "give every example the path of its image"
+                )
+    return dataset.cast_column(column, Image())
 
 
 def _saved(folder: Path) -> bool:

@@ -441,6 +441,31 @@ def test_a_folder_written_by_save_to_disk_is_read(imagefolder, tmp_path):
         load_split(str(tmp_path / "tables" / "test.parquet"), "test")
 
 
+def test_a_saved_split_holding_image_paths_or_bytes_is_read_and_a_text_column_is_refused(imagefolder, tmp_path):
+    """A save_to_disk folder written without an Image feature holds its images as paths (text) or encoded bytes:
+    both are its images, read without writing anything into the folder; text that names no file is no image."""
+    from datasets import Dataset
+    from PIL import Image
+
+    paths = sorted(str(path) for path in (imagefolder / "test").glob("*/*.png"))
+    labels = [["bird", "cat", "dog"].index(Path(path).parent.name) for path in paths]
+    captions = ["a photo"] * len(paths)
+    Dataset.from_dict({"file": paths, "label": labels, "caption": captions}).save_to_disk(str(tmp_path / "paths"))
+    encoded = [Path(path).read_bytes() for path in paths]
+    Dataset.from_dict({"png": encoded, "label": labels}).save_to_disk(str(tmp_path / "bytes"))
+    before = {folder: sorted(p.name for p in (tmp_path / folder).iterdir()) for folder in ("paths", "bytes")}
+    for folder, column in (("paths", "file"), ("bytes", "png")):
+        data = load_split(str(tmp_path / folder), "train", image_column=column)
+        assert data.column_names == ["image", "label"] and data["label"] == labels
+        for index in (0, len(paths) - 1):
+            assert np.array_equal(np.asarray(data[index]["image"]), np.asarray(Image.open(paths[index])))
+        batch = next(iter(make_dataloader(data, processor(), batch_size=len(paths))))
+        assert batch["pixel_values"].shape == (len(paths), 3, 32, 32) and batch["labels"].tolist() == labels
+    assert {folder: sorted(p.name for p in (tmp_path / folder).iterdir()) for folder in before} == before
+    with pytest.raises(RetrofitError, match="column 'caption' .* holds text, not images: example 0 is 'a photo'"):
+        load_split(str(tmp_path / "paths"), "train", image_column="caption", label_column=None)
+
+
 def test_class_names_match_a_models_labels_whatever_their_unicode_form():
     """A folder named on macOS holds "café" decomposed (NFD); the model's label is composed (NFC): the same class."""
     import unicodedata
