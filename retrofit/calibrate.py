@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .errors import RetrofitError, brief
 from .loading import family_and_head
 from .losses import HeadReader
 from .provenance import public_name
@@ -180,12 +181,19 @@ def calibrate(
     the candidate closest to the unmerged model wins, or the random queries stay if none beats them. One full
     forward pass records the layer-K inputs; the candidates then only run the layers after the merge.
     """
+    _check_inputs(model, pixel_values)
     merger = model.patch_merger
     was_training = model.training
     model.eval()
     pixel_values = pixel_values.to(device=merger.queries.device, dtype=next(model.parameters()).dtype)
     with bypass_merger(model), recording_merger_inputs(model) as recorded:
-        teacher = model_outputs(model, pixel_values)
+        try:
+            teacher = model_outputs(model, pixel_values)
+        except ValueError as exc:  # transformers' own check of the image size or channels
+            model.train(was_training)
+            raise RetrofitError(
+                f"calibrate cannot run the model on pixel_values of shape {tuple(pixel_values.shape)}: {brief(exc)}"
+            ) from None
     metric = "KL" if family_and_head(model.config)[1].is_classifier else "1 - cos"  # classifier or backbone
     tokens = torch.cat(recorded.passes)[:, merger.num_prefix_tokens :]  # (B, N, D)
     normed = merger.norm(tokens).reshape(-1, tokens.shape[-1]).float()
@@ -214,6 +222,29 @@ def calibrate(
         images=len(pixel_values),
         metric=metric,
     )
+
+
+def _check_inputs(model, pixel_values) -> None:
+    """Refuse, in one line, what `calibrate` cannot take: a model without a PatchMerger (or not loaded: on the meta
+    device), pixel values that are not a batch of finite float images (NaN pixels kept the random queries silently)."""
+    if not isinstance(getattr(model, "patch_merger", None), torch.nn.Module):
+        raise RetrofitError(
+            f"calibrate takes a merged model (retrofit.insert_patch_merger's), not a {type(model).__name__} without a "
+            "PatchMerger"
+        )
+    if any(parameter.is_meta for parameter in model.parameters()):
+        raise RetrofitError("calibrate needs the model's weights, and this model is on the meta device; load it first")
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4 or not pixel_values.is_floating_point():
+        tensor = isinstance(pixel_values, torch.Tensor)
+        what = f"{pixel_values.dtype} of shape {tuple(pixel_values.shape)}" if tensor else type(pixel_values).__name__
+        raise RetrofitError(
+            f"calibrate takes pixel_values as a float tensor (images, channels, height, width), as the model's image "
+            f"processor gives them, not a {what}"
+        )
+    if len(pixel_values) == 0:
+        raise RetrofitError("calibrate needs at least one image in pixel_values; got none")
+    if not torch.isfinite(pixel_values).all():
+        raise RetrofitError("pixel_values hold NaN or infinite values; calibrate on the image processor's output")
 
 
 def calibration_batch(

@@ -123,3 +123,36 @@ def test_the_building_blocks_refuse_what_they_cannot_take_in_one_line(tiny_vit, 
     with pytest.raises(RetrofitError, match="update_card's benchmark must be a report as retrofit bench's"):
         retrofit.update_card(tmp_path / "pm", benchmark={"models": []})
     assert not (tmp_path / "x").exists() and not (tmp_path / "pm" / "retrofit_results.json").exists()
+
+
+def test_calibrate_refuses_what_it_cannot_take_in_one_line(tiny_vit):
+    """`retrofit.calibrate.calibrate` given an unmerged model, a model on the meta device, pixels that are not a float
+    batch, no images, another image size, or NaN pixels (which kept the random queries and printed "KL nan" without a
+    word) raises one RetrofitError line, leaving the queries as they were; finite float pixels calibrate."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    import retrofit
+    from retrofit.calibrate import calibrate
+    from retrofit.errors import RetrofitError
+
+    pixels = torch.randn(4, 3, 32, 32)
+    merged = retrofit.insert_patch_merger(retrofit.load_model(str(tiny_vit)), after_layer=2, num_tokens=4)
+    with torch.device("meta"):
+        meta = retrofit.insert_patch_merger(ViTForImageClassification(ViTConfig.from_pretrained(tiny_vit)), 2, 4)
+    queries = merged.patch_merger.queries.detach().clone()
+    merged.train()
+    for model, values, message in [
+        (retrofit.load_model(str(tiny_vit)), pixels, "calibrate takes a merged model"),
+        (meta, pixels, "this model is on the meta device"),
+        (merged, [pixels], "as a float tensor .* not a list$"),
+        (merged, pixels[0], "not a torch.float32 of shape \\(3, 32, 32\\)"),
+        (merged, (pixels * 50).to(torch.uint8), "not a torch.uint8"),
+        (merged, pixels[:0], "at least one image"),
+        (merged, torch.randn(2, 3, 48, 48), "cannot run the model on pixel_values of shape \\(2, 3, 48, 48\\)"),
+        (merged, torch.full_like(pixels, float("nan")), "NaN or infinite"),
+    ]:
+        with pytest.raises(RetrofitError, match=message):
+            calibrate(model, values)
+    assert torch.equal(merged.patch_merger.queries, queries) and merged.training
+    assert calibrate(merged, pixels).images == 4 and merged.training
