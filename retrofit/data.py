@@ -338,6 +338,12 @@ def _one_class(dataset, folder: Path, data: str):
         found = f"'{shallow}' and '{deep}' lie at different depths"
     elif parent is not None:
         found = f"'{shallow}' lies in no class folder"
+    elif len({path.parent.name for path in places}) == 1:  # CLASS/photos/IMAGE: one folder name above every image
+        other = next(path for path in places if path.parent != shallow.parent)
+        found = (
+            f"the folder holding each image has one name, '{shallow.parent.name}' ('{shallow}' and '{other}'), so "
+            "its images would be one class: a class folder must hold its images itself"
+        )
     else:
         found = "the images of another split lie at another depth"
     raise RetrofitError(

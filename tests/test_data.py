@@ -420,6 +420,11 @@ def test_a_one_class_folder_is_labelled_and_a_folder_without_class_folders_says_
     shutil.copytree(imagefolder / "test" / "cat", flat / "test")
     with pytest.raises(RetrofitError, match=r"no class labels.*'test/0.png' lies in no class folder"):
         load_split(str(flat), "test")
+    deep = tmp_path / "deep"  # CLASS/photos/IMAGE: every image's own folder is 'photos'
+    for name in ("bird", "cat"):
+        shutil.copytree(imagefolder / "test" / name, deep / name / "photos")
+    with pytest.raises(RetrofitError, match=r"no class labels.*one name, 'photos' \('bird/photos/0.png' and 'cat/"):
+        load_split(str(deep), "train")
 
 
 def test_a_folder_written_by_save_to_disk_is_read(imagefolder, tmp_path):
