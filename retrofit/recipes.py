@@ -168,7 +168,8 @@ def parse_value(text: str):
 
 def apply_overrides(recipe: dict, overrides: dict[str, object]) -> dict:
     """Set dotted keys in a raw recipe: ``training.epochs``, or one level deeper inside a free-form mapping
-    (`FREE_FORM`), such as ``pretrain.model.hidden_size``. Unknown keys are refused like in the file."""
+    (`FREE_FORM`), such as ``pretrain.model.hidden_size``. A mapping given for a mapping sets the keys it names (the
+    others stay); null for a whole section is refused. Unknown keys are refused like in the file."""
     for dotted, value in overrides.items():
         if not isinstance(dotted, str):
             raise RetrofitError(f"an override's key is dotted text such as 'training.lr', not {_kind(dotted)}")
@@ -191,8 +192,25 @@ def apply_overrides(recipe: dict, overrides: dict[str, object]) -> dict:
             if not isinstance(target.get(key), dict):
                 target[key] = {}
             target = target[key]
-        target[keys[-1]] = value
+        given = target.get(keys[-1])
+        if isinstance(given, dict) and value is None and dotted in RECIPE_SECTIONS:
+            raise RetrofitError(
+                f"override '{dotted}' is null, which would drop every key of the recipe's {dotted} section; set its "
+                f"keys instead: --set {dotted}.KEY=VALUE"
+            )
+        # A mapping for a mapping sets the keys it names (`--set 'training={lr: 1.0e-4}'` kept max_steps, epochs,
+        # ...: replacing the section dropped them to their defaults without a word).
+        target[keys[-1]] = _merged(given, value) if isinstance(given, dict) and isinstance(value, Mapping) else value
     return recipe
+
+
+def _merged(given: dict, value: Mapping) -> dict:
+    """`given` with the keys of `value` set, mappings inside merged the same way (new dicts: YAML aliases share)."""
+    out = dict(given)
+    for key, new in value.items():
+        old = out.get(key)
+        out[key] = _merged(old, new) if isinstance(old, dict) and isinstance(new, Mapping) else new
+    return out
 
 
 def load_recipe(path: str | Path, overrides: dict[str, object] | None = None) -> dict:

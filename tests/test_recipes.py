@@ -278,3 +278,30 @@ def test_a_dual_encoder_recipe_reports_zero_shot_before_and_after(tmp_path, caps
     recipe["evaluation"]["prompt_template"] = "a photo"
     with pytest.raises(RetrofitError, match="evaluation.prompt_template .*must hold exactly one"):
         load_recipe(write(tmp_path / "bad.yaml", recipe))
+
+
+def test_a_mapping_given_for_a_section_sets_its_keys_and_null_is_refused(tmp_path, capsys):
+    """`--set 'training={lr: 1.0e-4}'` replaced the whole section: max_steps (and epochs, loss, ...) fell back to their
+    defaults without a word, so the run trained for full epochs. A mapping now sets the keys it names, also inside
+    pretrain.model; `--set training=null`, which dropped the section, is one line."""
+    from retrofit.recipes import parse_value
+
+    path = write(tmp_path / "r.yaml", tiny_recipe("x", "y", tmp_path / "out"))
+    recipe = load_recipe(path, {"training": parse_value("{lr: 1.0e-4, seed: 3}")})
+    assert recipe["training"]["lr"] == 1e-4 and recipe["training"]["seed"] == 3
+    assert (recipe["training"]["max_steps"], recipe["training"]["batch_size"], recipe["training"]["loss"]) == (
+        3,
+        8,
+        "kd",
+    )
+    assert load_recipe(path, {"merge": {"tokens": 8}})["merge"] == load_recipe(path)["merge"] | {"tokens": 8}
+    assert main(["run", str(path), "--set", "training=null"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "would drop every key of the recipe's training section" in err[0]
+    model = {"image_size": 16, "patch_size": 4}
+    pretraining = write(
+        tmp_path / "p.yaml", {"pretrain": {"model": model}, "data": {"name": "y"}, "export": {"output": "o"}}
+    )
+    merged = load_recipe(pretraining, {"pretrain": {"model": {"hidden_size": 24}}})["pretrain"]["model"]
+    assert merged == model | {"hidden_size": 24}
+    assert not (tmp_path / "out").exists()
