@@ -130,7 +130,12 @@ def _check_local_images(dataset, image_column: str, source: str) -> None:
 
     raw = dataset.cast_column(image_column, Image(decode=False))
     for index, item in enumerate(raw[image_column]):
-        path = (item or {}).get("path")
+        if item is None or (item.get("bytes") is None and not item.get("path")):
+            raise RetrofitError(
+                f"image {index} in '{source}' is missing (the example has no image); remove the example or give it "
+                "an image"
+            )
+        path = item.get("path")
         try:
             if item.get("bytes") is not None:
                 import io
@@ -140,8 +145,9 @@ def _check_local_images(dataset, image_column: str, source: str) -> None:
                 with PILImage.open(path) as image:
                     image.verify()
         except Exception as exc:  # PIL raises many types for bad files
+            where = f" ('{path}')" if path else " (stored as bytes)"
             raise RetrofitError(
-                f"image {index} ('{path}') in '{source}' is unreadable ({type(exc).__name__}); remove or replace it"
+                f"image {index}{where} in '{source}' is unreadable ({type(exc).__name__}); remove or replace it"
             ) from None
 
 

@@ -469,6 +469,12 @@ def test_a_saved_split_holding_image_paths_or_bytes_is_read_and_a_text_column_is
     assert {folder: sorted(p.name for p in (tmp_path / folder).iterdir()) for folder in before} == before
     with pytest.raises(RetrofitError, match="column 'caption' .* holds text, not images: example 0 is 'a photo'"):
         load_split(str(tmp_path / "paths"), "train", image_column="caption", label_column=None)
+    Dataset.from_dict({"png": [encoded[0], None, b"GIF89a"]}).save_to_disk(str(tmp_path / "gaps"))
+    with pytest.raises(RetrofitError, match=r"image 1 in '.*gaps' is missing \(the example has no image\)"):
+        load_split(str(tmp_path / "gaps"), "train", image_column="png", label_column=None)
+    Dataset.from_dict({"png": [encoded[0], b"GIF89a"]}).save_to_disk(str(tmp_path / "cut"))
+    with pytest.raises(RetrofitError, match=r"image 1 \(stored as bytes\) in '.*cut' is unreadable"):
+        load_split(str(tmp_path / "cut"), "train", image_column="png", label_column=None)
 
 
 def test_class_names_match_a_models_labels_whatever_their_unicode_form():
