@@ -305,3 +305,14 @@ def test_a_mapping_given_for_a_section_sets_its_keys_and_null_is_refused(tmp_pat
     merged = load_recipe(pretraining, {"pretrain": {"model": {"hidden_size": 24}}})["pretrain"]["model"]
     assert merged == model | {"hidden_size": 24}
     assert not (tmp_path / "out").exists()
+
+
+def test_a_prompt_template_without_zero_shot_is_refused(tmp_path):
+    """`evaluation.prompt_template` is read by the zero-shot rows only: without `evaluation.zero_shot` a recipe's
+    template was ignored without a word (evaluate refuses --prompt-template without --zero-shot)."""
+    recipe = tiny_recipe("x", "y", tmp_path / "out")
+    recipe["evaluation"]["prompt_template"] = "a drawing of a {}."
+    path = write(tmp_path / "r.yaml", recipe)
+    with pytest.raises(RetrofitError, match="evaluation.prompt_template .* is used with evaluation.zero_shot only"):
+        load_recipe(path)
+    assert load_recipe(path, {"evaluation.zero_shot": True})["evaluation"]["prompt_template"] == "a drawing of a {}."
