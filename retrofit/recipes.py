@@ -181,8 +181,11 @@ def apply_overrides(recipe: dict, overrides: dict[str, object]) -> dict:
             raise RetrofitError(f"an override's key is dotted text such as 'training.lr', not {_kind(dotted)}")
         keys = dotted.split(".")
         section = keys[0]
-        if section not in _top_keys():
-            raise RetrofitError(f"unknown override '{dotted}'{did_you_mean(section, _top_keys())}")
+        if section not in _top_keys():  # a section's key without its section (`lr`) names where it lives
+            owners = [f"{name}.{section}" for name in RECIPE_SECTIONS
+                      if section in section_keys(name) | section_keys(name, pretrain=True)]  # fmt: skip
+            hint = f"; did you mean {' or '.join(map(repr, owners))}?" if owners else did_you_mean(section, _top_keys())
+            raise RetrofitError(f"unknown override '{dotted}'{hint}")
         if section in RECIPE_SECTIONS:  # a key of either kind of recipe: `validate` refuses the other kind's
             valid = section_keys(section) | section_keys(section, pretrain=True)
         elif section == "pretrain":

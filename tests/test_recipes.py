@@ -316,3 +316,12 @@ def test_a_prompt_template_without_zero_shot_is_refused(tmp_path):
     with pytest.raises(RetrofitError, match="evaluation.prompt_template .* is used with evaluation.zero_shot only"):
         load_recipe(path)
     assert load_recipe(path, {"evaluation.zero_shot": True})["evaluation"]["prompt_template"] == "a drawing of a {}."
+
+
+def test_an_override_without_its_section_names_the_section(tmp_path):
+    """`run_recipe(path, {"lr": 1e-4})` (or `--set lr=...`) listed the top-level keys; it names where the key lives."""
+    path = write(tmp_path / "r.yaml", tiny_recipe("x", "y", tmp_path / "out"))
+    with pytest.raises(RetrofitError, match=re.escape("unknown override 'lr'; did you mean 'training.lr'?")):
+        load_recipe(path, {"lr": 1e-4})
+    with pytest.raises(RetrofitError, match="did you mean 'training.batch_size' or 'evaluation.batch_size'"):
+        load_recipe(path, {"batch_size": 4})
