@@ -302,9 +302,44 @@ def _local_splits(folder: Path, data: str) -> dict:
     import datasets
 
     if not _saved(folder):
-        return dict(datasets.load_dataset("imagefolder", data_dir=str(folder)))
+        splits = dict(datasets.load_dataset("imagefolder", data_dir=str(folder)))
+        _check_split_folders(folder, splits, data)
+        return splits
     saved = datasets.load_from_disk(str(folder))
     return dict(saved) if isinstance(saved, datasets.DatasetDict) else {str(saved.split or "train"): saved}
+
+
+def _check_split_folders(folder: Path, splits: dict, data: str) -> None:
+    """Refuse an image folder whose splits `datasets` took from class folders named like a split: it reads a folder
+    named train, test, val, ... anywhere as a split, so a class 'train' (CIFAR-100's) puts test/train/ into the train
+    split too, and a flat folder with a class 'train' becomes a train split of that class alone, the other classes
+    read by no split. An image in two splits, or (without a metadata file, which may leave images out on purpose)
+    an image in none, is one line naming it."""
+    from datasets import Image
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    read: dict[str, str] = {}
+    for name, split in splits.items():
+        for item in split.cast_column("image", Image(decode=False))["image"]:
+            path = os.path.realpath(item["path"])
+            if read.setdefault(path, name) != name:
+                raise RetrofitError(
+                    f"image '{os.path.relpath(path, os.path.realpath(folder))}' of image folder '{data}' is in both "
+                    f"its {read[path]} and {name} splits: datasets takes every folder named like a split (train, "
+                    "test, val, ...) for one, class folders too; rename the class folder"
+                )
+    metadata = set(getattr(ImageFolder, "METADATA_FILENAMES", None) or ["metadata.csv", "metadata.jsonl"])
+    if any(path.name in metadata for path in folder.rglob("metadata.*")):
+        return
+    for path in _image_files(folder):
+        relative = path.relative_to(folder)
+        if not any(part.startswith((".", "__")) for part in relative.parts) and os.path.realpath(path) not in read:
+            raise RetrofitError(
+                f"image '{relative}' of image folder '{data}' is in none of its splits ({', '.join(splits)}): "
+                "datasets takes every folder named like a split (train, test, val, ...) for one, class folders too, "
+                "and then reads only those; rename the class folders named like a split, or put the class folders "
+                "under train/ (and test/)"
+            )
 
 
 def _image_files(folder: Path):

@@ -427,6 +427,30 @@ def test_a_one_class_folder_is_labelled_and_a_folder_without_class_folders_says_
         load_split(str(deep), "train")
 
 
+def test_a_class_folder_named_like_a_split_is_refused_not_read_as_a_split(tmp_path):
+    """datasets takes a folder named train, test, val, ... anywhere for a split, class folders too: CIFAR-100's
+    class 'train' put test/train/ into the train split as well, and in a flat folder made a train split of that class
+    alone, the other classes read by none. Both are one line naming an image; hidden folders stay ignored."""
+    from PIL import Image
+
+    def folder(root: Path, places: list[str]) -> str:
+        for place in places:
+            (root / place).mkdir(parents=True)
+            for index in range(2):
+                Image.fromarray(np.full((8, 8, 3), 40 * index, np.uint8)).save(root / place / f"{index}.png")
+        return str(root)
+
+    split = folder(tmp_path / "split", ["train/bus", "train/train", "test/bus", "test/train"])
+    with pytest.raises(RetrofitError, match="'test/train/0.png' of .* is in both its train and test splits"):
+        load_split(split, "train")
+    flat = folder(tmp_path / "flat", ["bus", "train"])
+    with pytest.raises(RetrofitError, match=r"'bus/0.png' of image folder .* is in none of its splits \(train\)"):
+        load_split(flat, "train")
+    hidden = folder(tmp_path / "hidden", ["bus", "car", ".thumbnails", "__MACOSX"])
+    data = load_split(hidden, "train")
+    assert class_names(data) == ["bus", "car"] and data["label"] == [0, 0, 1, 1]
+
+
 def test_a_folder_written_by_save_to_disk_is_read(imagefolder, tmp_path):
     import datasets
 
