@@ -250,6 +250,8 @@ def load_split(
                 f"column '{image_column}' of '{data}' does not hold images ({dataset.features[image_column]}); "
                 "choose another with --image-column"
             )
+        if not dataset.features[image_column].decode:  # saved with Image(decode=False): its images as dicts of bytes
+            dataset = dataset.cast_column(image_column, datasets.Image())
         keep = [image_column] + ([label_column] if label_column else [])
         dataset = dataset.remove_columns([c for c in dataset.column_names if c not in keep])
         if image_column != "image":

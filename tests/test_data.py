@@ -473,8 +473,8 @@ def test_a_folder_written_by_save_to_disk_is_read(imagefolder, tmp_path):
 def test_a_saved_split_holding_image_paths_or_bytes_is_read_and_a_text_column_is_refused(imagefolder, tmp_path):
     """A save_to_disk folder written without an Image feature holds its images as paths (text) or encoded bytes:
     both are its images, read without writing anything into the folder; text that names no file is no image."""
-    from datasets import Dataset
-    from PIL import Image
+    import PIL.Image
+    from datasets import Dataset, Image
 
     paths = sorted(str(path) for path in (imagefolder / "test").glob("*/*.png"))
     labels = [["bird", "cat", "dog"].index(Path(path).parent.name) for path in paths]
@@ -487,9 +487,13 @@ def test_a_saved_split_holding_image_paths_or_bytes_is_read_and_a_text_column_is
         data = load_split(str(tmp_path / folder), "train", image_column=column)
         assert data.column_names == ["image", "label"] and data["label"] == labels
         for index in (0, len(paths) - 1):
-            assert np.array_equal(np.asarray(data[index]["image"]), np.asarray(Image.open(paths[index])))
+            assert np.array_equal(np.asarray(data[index]["image"]), np.asarray(PIL.Image.open(paths[index])))
         batch = next(iter(make_dataloader(data, processor(), batch_size=len(paths))))
         assert batch["pixel_values"].shape == (len(paths), 3, 32, 32) and batch["labels"].tolist() == labels
+    undecoded = Dataset.from_dict({"image": paths, "label": labels}).cast_column("image", Image(decode=False))
+    undecoded.save_to_disk(str(tmp_path / "undecoded"))  # saved with Image(decode=False): still its images
+    batch = next(iter(make_dataloader(load_split(str(tmp_path / "undecoded"), "train"), processor(), batch_size=2)))
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
     assert {folder: sorted(p.name for p in (tmp_path / folder).iterdir()) for folder in before} == before
     with pytest.raises(RetrofitError, match="column 'caption' .* holds text, not images: example 0 is 'a photo'"):
         load_split(str(tmp_path / "paths"), "train", image_column="caption", label_column=None)
