@@ -304,6 +304,13 @@ def _local_splits(folder: Path, data: str) -> dict:
     import datasets
 
     if not _saved(folder):
+        real = os.path.realpath(folder)  # datasets reads the folder's path, links resolved, as a glob pattern
+        magic = sorted(set(re.findall(r"[][*?]", real)))
+        if magic:
+            raise RetrofitError(
+                f"image folder '{data}' lies at '{real}', whose {' '.join(magic)} datasets reads as a file pattern "
+                "(it then finds no images); rename the folders on that path, or move the images to another folder"
+            )
         splits = dict(datasets.load_dataset("imagefolder", data_dir=str(folder)))
         _check_split_folders(folder, splits, data)
         return splits

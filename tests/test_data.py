@@ -446,9 +446,12 @@ def test_a_class_folder_named_like_a_split_is_refused_not_read_as_a_split(tmp_pa
     flat = folder(tmp_path / "flat", ["bus", "train"])
     with pytest.raises(RetrofitError, match=r"'bus/0.png' of image folder .* is in none of its splits \(train\)"):
         load_split(flat, "train")
-    hidden = folder(tmp_path / "hidden", ["bus", "car", ".thumbnails", "__MACOSX"])
+    hidden = folder(tmp_path / "hidden", ["bus", "car [old]", ".thumbnails", "__MACOSX"])
     data = load_split(hidden, "train")
-    assert class_names(data) == ["bus", "car"] and data["label"] == [0, 0, 1, 1]
+    assert class_names(data) == ["bus", "car [old]"] and data["label"] == [0, 0, 1, 1]
+    shutil.copytree(hidden, tmp_path / "photos [2023]")  # brackets in a class folder are fine, not in its path
+    with pytest.raises(RetrofitError, match=r"'.*photos \[2023\]', whose \[ \] datasets reads as a file pattern"):
+        load_split(str(tmp_path / "photos [2023]"), "train")
 
 
 def test_a_folder_written_by_save_to_disk_is_read(imagefolder, tmp_path):
