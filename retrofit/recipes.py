@@ -386,6 +386,11 @@ def run_recipe(
     generators are given back as they were."""
     from .train import callers_random_state, progress_bars
 
+    if not callable(log):  # a TypeError from deep inside the run otherwise
+        raise RetrofitError(
+            f"run_recipe's log must be a function taking one line of text (print; lambda _: None for none), not "
+            f"{_kind(log)}"
+        )
     recipe = load_recipe(path, overrides)
     with callers_random_state(), progress_bars(progress):
         if recipe["pretrain"] is not None:

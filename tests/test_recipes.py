@@ -101,6 +101,8 @@ def test_a_recipe_file_that_is_no_recipe_is_one_line(tmp_path, capsys):
     ]:
         with pytest.raises(RetrofitError, match=re.escape(message)):
             run_recipe(path, overrides)
+    with pytest.raises(RetrofitError, match=re.escape("log must be a function taking one line of text (print; lambda")):
+        run_recipe(tmp_path / "merged.yaml", log=None)  # a TypeError traceback from inside the run
     with pytest.raises(RetrofitError, match="nested too deeply"):
         parse_value("[" * 5000)
     # An integer of thousands of digits (Python refuses to convert it: a ValueError traceback), in the file or --set.
