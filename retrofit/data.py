@@ -146,8 +146,9 @@ def _check_local_images(dataset, image_column: str, source: str) -> None:
                     image.verify()
         except Exception as exc:  # PIL raises many types for bad files
             where = f" ('{path}')" if path else " (stored as bytes)"
+            why = f"{type(exc).__name__}: {brief(exc)}" if str(exc).strip() else type(exc).__name__
             raise RetrofitError(
-                f"image {index}{where} in '{source}' is unreadable ({type(exc).__name__}); remove or replace it"
+                f"image {index}{where} in '{source}' is unreadable ({why}); remove or replace it"
             ) from None
 
 
