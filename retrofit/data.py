@@ -319,12 +319,16 @@ def _local_splits(folder: Path, data: str) -> dict:
     return dict(saved) if isinstance(saved, datasets.DatasetDict) else {str(saved.split or "train"): saved}
 
 
+# Photo formats datasets' imagefolder does not read (not in its extensions): a folder of them would lose them quietly
+_UNREAD_IMAGES = {".heic", ".heif", ".avif", ".jxl", ".svg", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2"}
+
+
 def _check_split_folders(folder: Path, splits: dict, data: str) -> None:
     """Refuse an image folder whose splits `datasets` took from class folders named like a split: it reads a folder
     named train, test, val, ... anywhere as a split, so a class 'train' (CIFAR-100's) puts test/train/ into the train
     split too, and a flat folder with a class 'train' becomes a train split of that class alone, the other classes
     read by no split. An image in two splits, or (without a metadata file, which may leave images out on purpose)
-    an image in none, is one line naming it."""
+    an image in none or a photo in a format it skips (HEIC, AVIF, raw), is one line naming it."""
     from datasets import Image
     from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
@@ -349,6 +353,13 @@ def _check_split_folders(folder: Path, splits: dict, data: str) -> None:
                 "datasets takes every folder named like a split (train, test, val, ...) for one, class folders too, "
                 "and then reads only those; rename the class folders named like a split, or put the class folders "
                 "under train/ (and test/)"
+            )
+    for path in folder.rglob("*"):
+        relative = path.relative_to(folder)
+        if path.suffix.lower() in _UNREAD_IMAGES and not any(part.startswith((".", "__")) for part in relative.parts):
+            raise RetrofitError(
+                f"'{relative}' of image folder '{data}' is a {path.suffix[1:].upper()} image, a format datasets' "
+                "imagefolder skips without a word; convert it to JPEG or PNG, or move it out of the folder"
             )
 
 

@@ -449,6 +449,10 @@ def test_a_class_folder_named_like_a_split_is_refused_not_read_as_a_split(tmp_pa
     hidden = folder(tmp_path / "hidden", ["bus", "car [old]", ".thumbnails", "__MACOSX"])
     data = load_split(hidden, "train")
     assert class_names(data) == ["bus", "car [old]"] and data["label"] == [0, 0, 1, 1]
+    (tmp_path / "hidden" / "car [old]" / "IMG_0001.HEIC").write_bytes(b"an iPhone photo")
+    with pytest.raises(RetrofitError, match=r"'car \[old\]/IMG_0001.HEIC' of image folder .* is a HEIC image"):
+        load_split(hidden, "train")
+    (tmp_path / "hidden" / "car [old]" / "IMG_0001.HEIC").unlink()
     shutil.copytree(hidden, tmp_path / "photos [2023]")  # brackets in a class folder are fine, not in its path
     with pytest.raises(RetrofitError, match=r"'.*photos \[2023\]', whose \[ \] datasets reads as a file pattern"):
         load_split(str(tmp_path / "photos [2023]"), "train")
