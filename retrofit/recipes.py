@@ -445,7 +445,9 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
     baseline = baseline or load_model(args.source, config=ready.config).eval()
     image_size = processor_image_size(ready.processor)
     tag = f"merged K={args.after_layer} M={args.tokens}"
+    continued = ready.init.startswith("continued")  # the source is a retrofit export: the baseline is merged too
     baseline_name = f"baseline `{args.source}`" + (" (its classifier is new: not scored)" if new_classifier else "")
+    baseline_name += " (a retrofit export, already merged)" if continued else ""
     rows = [{"model": baseline_name, "gflops": model_cost(ready.config, image_size).gflops}]
     merged_cost = model_cost(ready.model.config, image_size)
     # A backbone has no labels to score: its rows give the cosine similarity of its features to the baseline's.
@@ -490,8 +492,8 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
     history = [h for h in result.eval_history if quality in h]
     column = "teacher_agreement" if quality == "agreement" else quality  # a row's "agreement" is zero-shot's
     if before and history and history[0]["step"] == 0:
-        init = "calibrated" if args.calibrate else "random"
-        rows.append({"model": f"{tag}, {init} init, no training", column: history[0][quality],
+        init = "as exported" if continued else "calibrated init" if args.calibrate else "random init"
+        rows.append({"model": f"{tag}, {init}, no training", column: history[0][quality],
                      "gflops": merged_cost.gflops, "images_per_s": speeds.get("merged")}
                     | (_zero_shot_cells(zero_shot_before[1]) if zero_shot_before else {}))  # fmt: skip
     after = {}

@@ -327,3 +327,23 @@ def test_an_override_without_its_section_names_the_section(tmp_path):
         load_recipe(path, {"lr": 1e-4})
     with pytest.raises(RetrofitError, match="did you mean 'training.batch_size' or 'evaluation.batch_size'"):
         load_recipe(path, {"batch_size": 4})
+
+
+def test_a_recipe_continuing_an_export_does_not_call_it_the_unmerged_baseline(tiny_vit, tmp_path):
+    """A recipe whose source is a retrofit export (merged, not recalibrated) gave a table whose "baseline" row was that
+    merged export, and whose untrained row said "calibrated init" of a merger nobody calibrated; the card showed it.
+    The rows now say the baseline is already merged and the merger starts as exported."""
+    from retrofit import convert
+
+    data = make_imagefolder(tmp_path / "colours", per_class=4, test_per_class=4)
+    export = convert(str(tiny_vit), after_layer=2, num_tokens=4, output=tmp_path / "pm", log=lambda _: None).output
+    recipe = tiny_recipe(export, data, tmp_path / "out")
+    recipe["training"]["max_steps"], recipe["evaluation"]["speed"] = 1, False
+    rows = run_recipe(write(tmp_path / "r.yaml", recipe), progress=False, log=lambda _: None)["rows"]
+    assert [row["model"] for row in rows] == [
+        f"baseline `{export}` (a retrofit export, already merged)",
+        "merged K=2 M=4, as exported, no training",
+        "merged K=2 M=4, fine-tuned (1 steps, loss kd)",
+    ]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "as exported, no training" in card and "calibrated init" not in card
