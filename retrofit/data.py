@@ -328,7 +328,8 @@ def _check_split_folders(folder: Path, splits: dict, data: str) -> None:
     named train, test, val, ... anywhere as a split, so a class 'train' (CIFAR-100's) puts test/train/ into the train
     split too, and a flat folder with a class 'train' becomes a train split of that class alone, the other classes
     read by no split. An image in two splits, or (without a metadata file, which may leave images out on purpose)
-    an image in none or a photo in a format it skips (HEIC, AVIF, raw), is one line naming it."""
+    an image in none or a photo in a format it skips (HEIC, AVIF, raw), and a linked folder (not followed), is one
+    line naming it."""
     from datasets import Image
     from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
@@ -341,6 +342,15 @@ def _check_split_folders(folder: Path, splits: dict, data: str) -> None:
                     f"image '{os.path.relpath(path, os.path.realpath(folder))}' of image folder '{data}' is in both "
                     f"its {read[path]} and {name} splits: datasets takes every folder named like a split (train, "
                     "test, val, ...) for one, class folders too; rename the class folder"
+                )
+    for parent, folders, _ in os.walk(folder):
+        for name in folders:
+            relative = Path(parent, name).relative_to(folder)
+            if os.path.islink(Path(parent, name)) and not any(p.startswith((".", "__")) for p in relative.parts):
+                raise RetrofitError(
+                    f"'{relative}' of image folder '{data}' is a link to a folder, which datasets' imagefolder does "
+                    "not follow (its images would be left out without a word); copy the folder in, or link its "
+                    "files one by one"
                 )
     metadata = set(getattr(ImageFolder, "METADATA_FILENAMES", None) or ["metadata.csv", "metadata.jsonl"])
     if any(path.name in metadata for path in folder.rglob("metadata.*")):

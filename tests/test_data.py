@@ -453,6 +453,11 @@ def test_a_class_folder_named_like_a_split_is_refused_not_read_as_a_split(tmp_pa
     with pytest.raises(RetrofitError, match=r"'car \[old\]/IMG_0001.HEIC' of image folder .* is a HEIC image"):
         load_split(hidden, "train")
     (tmp_path / "hidden" / "car [old]" / "IMG_0001.HEIC").unlink()
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "bus").symlink_to(Path(hidden) / "bus", target_is_directory=True)
+    shutil.copytree(Path(hidden) / "car [old]", tmp_path / "linked" / "car")
+    with pytest.raises(RetrofitError, match=r"'bus' of image folder .* is a link to a folder, which datasets'"):
+        load_split(str(tmp_path / "linked"), "train")  # datasets would read the class car alone
     shutil.copytree(hidden, tmp_path / "photos [2023]")  # brackets in a class folder are fine, not in its path
     with pytest.raises(RetrofitError, match=r"'.*photos \[2023\]', whose \[ \] datasets reads as a file pattern"):
         load_split(str(tmp_path / "photos [2023]"), "train")
