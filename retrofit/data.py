@@ -358,11 +358,13 @@ def _check_split_folders(folder: Path, splits: dict, data: str) -> None:
     for path in _image_files(folder):
         relative = path.relative_to(folder)
         if not any(part.startswith((".", "__")) for part in relative.parts) and os.path.realpath(path) not in read:
+            taken, split = next(iter(read.items()), ("", ""))
+            example = f", e.g. '{os.path.relpath(taken, os.path.realpath(folder))}' as {split}" if taken else ""
             raise RetrofitError(
                 f"image '{relative}' of image folder '{data}' is in none of its splits ({', '.join(splits)}): "
-                "datasets takes every folder named like a split (train, test, val, ...) for one, class folders too, "
-                "and then reads only those; rename the class folders named like a split, or put the class folders "
-                "under train/ (and test/)"
+                "datasets takes every folder or file named like a split (train, test, val, ...) for one, class "
+                f"folders too, and then reads only those{example}; rename what is named like a split, or put the "
+                "class folders under train/ (and test/)"
             )
     for path in folder.rglob("*"):
         relative = path.relative_to(folder)

@@ -446,6 +446,10 @@ def test_a_class_folder_named_like_a_split_is_refused_not_read_as_a_split(tmp_pa
     flat = folder(tmp_path / "flat", ["bus", "train"])
     with pytest.raises(RetrofitError, match=r"'bus/0.png' of image folder .* is in none of its splits \(train\)"):
         load_split(flat, "train")
+    named = folder(tmp_path / "named", ["bus", "car"])  # a photo named test_*.png made a test split of itself alone
+    shutil.copy(Path(named) / "car" / "0.png", Path(named) / "car" / "test_drive.png")
+    with pytest.raises(RetrofitError, match=r"in none of its splits \(test\).* e.g. 'car/test_drive.png' as test;"):
+        load_split(named, "test")
     hidden = folder(tmp_path / "hidden", ["bus", "car [old]", ".thumbnails", "__MACOSX"])
     data = load_split(hidden, "train")
     assert class_names(data) == ["bus", "car [old]"] and data["label"] == [0, 0, 1, 1]
