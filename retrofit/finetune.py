@@ -489,7 +489,9 @@ def pretrain(
     check_output(output, overwrite or resuming, kind=BASELINE, inputs=(run.data,))
     hold_write_lock(output, "--output")
     check_checkpoints(checkpoint_dir, resume=resume, overwrite=overwrite)
-    names = class_names(load_split(run.data, run.split, label_column=run.label_column, limit=1))
+    names = class_names(
+        load_split(run.data, run.split, image_column=run.image_column, label_column=run.label_column, limit=1)
+    )
     if not names:
         raise RetrofitError(f"'{run.data}' has no class names (ClassLabel); pretraining needs them")
     tokenizer = None

@@ -1096,6 +1096,15 @@ def test_a_resumed_pretraining_keeps_its_model_and_image_processor(colours, tmp_
     assert pretrain(vit | {"image_size": [32, 24]}, **common).steps == 2
     processor = json.loads((tmp_path / "oblong" / "preprocessor_config.json").read_text())
     assert processor["size"] == {"height": 32, "width": 24}
+    # Data whose image column is named otherwise: --image-column (the class names were read from "image": refused)
+    from datasets import DatasetDict
+
+    from retrofit.data import load_split
+
+    saved = tmp_path / "renamed"
+    DatasetDict({"train": load_split(colours, "train").rename_column("image", "img")}).save_to_disk(saved)
+    common |= {"output": tmp_path / "renamed-base", "data": str(saved), "image_column": "img"}
+    assert pretrain(vit, **common).steps == 2
 
 
 def test_pretrain_refuses_what_it_cannot_build_in_one_line(colours, tmp_path):
