@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -672,7 +673,14 @@ def update_card(
     from .loading import load_config
     from .provenance import made_from
 
+    if not isinstance(export, str | os.PathLike):
+        raise RetrofitError(f"update_card takes an export's folder, not {shown(export)}")
     export = Path(export)
+    if not (export / "config.json").is_file() or not (export / "README.md").is_file():
+        raise RetrofitError(
+            f"update_card: '{export}' is not an export with a model card (no config.json or README.md); pass the "
+            "folder convert or finetune wrote"
+        )
     for key, report in (("evaluation", evaluation), ("benchmark", benchmark), ("run", run)):
         if report is not None and not _is_report(key, report):
             command = {"evaluation": "retrofit evaluate's", "benchmark": "retrofit bench's"}.get(key)

@@ -83,8 +83,14 @@ def shown(value) -> str:
     if isinstance(value, int) and value.bit_length() > 1000:  # Python refuses to write more than 4,300 digits
         digits = int(value.bit_length() * 0.30103)  # log10(2)
         return f"a {'negative ' if value < 0 else ''}number of about {digits} digits"
+
+    class Shortened(reprlib.Repr):
+        def repr_instance(self, x, level: int) -> str:  # an object inside a list: its type (a model's repr is long)
+            plain = x is None or isinstance(x, int | float | complex | bytes)
+            return super().repr_instance(x, level) if plain else f"<{type(x).__name__}>"
+
     if value is None or isinstance(value, str | int | float | bool | tuple | list | dict | set):
-        shortened = reprlib.Repr()
+        shortened = Shortened()
         shortened.maxlevel, shortened.maxstring, shortened.maxother = 3, 80, 80
         shortened.maxlist = shortened.maxtuple = shortened.maxdict = shortened.maxset = 8
         return shortened.repr(value)

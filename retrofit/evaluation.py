@@ -24,7 +24,7 @@ import json
 import math
 import os
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -139,7 +139,8 @@ def evaluate_models(
     from .data import load_split, make_dataloader
     from .loading import family_and_head, load_config, load_image_processor, load_model, trained_head_config
 
-    models = [models] if isinstance(models, (str, os.PathLike)) else list(models or [])  # one model, or several
+    one = isinstance(models, str | os.PathLike) or not isinstance(models, Iterable)  # a name, or a model object
+    models = [models] if one and models is not None else list(models or [])
     if not models:
         raise RetrofitError("no models to evaluate; pass one or more checkpoint folders, Hub ids or exports")
     args = EvaluateArgs(  # the checks of the command's options, for Python callers too (folders as paths)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import operator
+import os
 import pickle
 from pathlib import Path
 
@@ -28,7 +29,9 @@ def shipped_checkpoints() -> list[str]:
 def resolve_source(source: str | Path) -> str:
     """``retrofit:NAME`` -> the checkpoint shipped in ``retrofit/assets/NAME`` (NAME is a name, not a path);
     anything else unchanged."""
-    source = str(source)
+    if not isinstance(source, str | os.PathLike):  # str() of a model object or None was read as a Hub id
+        raise RetrofitError(f"a model is named by a Hub id, a folder or retrofit:NAME, not {shown(source)}")
+    source = os.fspath(source)
     if not source.startswith("retrofit:"):
         return source
     name = source.removeprefix("retrofit:")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 
@@ -131,6 +133,10 @@ def insert_patch_merger(
             f"insert_patch_merger takes a loaded model (retrofit.load_model), not {shown(model)}; or use "
             "retrofit.convert, which takes a Hub id or folder"
         )
+    for name, value in (("after_layer", after_layer), ("num_tokens", num_tokens)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # 2.0: a TypeError; True: "mismatch"
+            raise RetrofitError(f"insert_patch_merger's {name} must be a whole number, not {shown(value)}")
+    after_layer, num_tokens = int(after_layer), int(num_tokens)  # NumPy's as Python's: the config is saved as JSON
     if not is_merged(model.config):
         family = family_for(model.config.model_type)
         if type(model).__name__ in family.heads and (model.config.architectures or [None])[0] != type(model).__name__:

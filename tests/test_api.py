@@ -123,6 +123,31 @@ def test_the_building_blocks_refuse_what_they_cannot_take_in_one_line(tiny_vit, 
     with pytest.raises(RetrofitError, match="update_card's benchmark must be a report as retrofit bench's"):
         retrofit.update_card(tmp_path / "pm", benchmark={"models": []})
     assert not (tmp_path / "x").exists() and not (tmp_path / "pm" / "retrofit_results.json").exists()
+    # A model object where a name goes, None, a whole number given as 2.0 or True, a folder that is no export, a dict of
+    # settings: they were OSError "File name too long", 30 s of Hub retries for "None", TypeError, "surgery mismatch",
+    # "fix that block or delete it", "not iterable" and AttributeError tracebacks.
+    from retrofit.benchmark import benchmark
+
+    named = "a model is named by a Hub id, a folder or retrofit:NAME, not "
+    calls = [
+        (lambda: retrofit.load_model(model), named + "a ViTForImageClassification"),
+        (lambda: retrofit.load_model(None), named + "None"),
+        (lambda: retrofit.evaluate_models(model, data=str(tiny_vit)), "--models must be a list of text, not [<ViTFor"),
+        (lambda: retrofit.insert_patch_merger(model, 2.0, 4), "insert_patch_merger's after_layer must be a whole"),
+        (lambda: retrofit.insert_patch_merger(model, True, 4), "insert_patch_merger's after_layer must be a whole"),
+        (lambda: retrofit.update_card(model), "update_card takes an export's folder, not a ViTForImageClassification"),
+        (lambda: retrofit.update_card(tmp_path), "update_card: '" + str(tmp_path) + "' is not an export with a model"),
+        (lambda: benchmark(str(tiny_vit), settings={"batch_sizes": 0}), "--batch-size must be a list of whole"),
+        (lambda: benchmark(str(tiny_vit), settings=[1]), "benchmark's settings must be a BenchSettings or a dict"),
+    ]
+    for call, message in calls:
+        with pytest.raises(RetrofitError, match=re.escape(message)) as refused:
+            call()
+        assert "\n" not in str(refused.value)  # one line (a model in a list was quoted with its whole repr)
+    import numpy as np
+
+    merged = retrofit.insert_patch_merger(model, np.int64(2), np.int64(4))  # NumPy's whole numbers are whole numbers
+    assert merged.config.to_json_string() and merged.config.merge_after_layer == 2
 
 
 def test_calibrate_refuses_what_it_cannot_take_in_one_line(tiny_vit):
