@@ -266,16 +266,26 @@ def check_output(
     return output
 
 
-def check_checkpoint_dir(folder: str | Path, output: str | Path, option: str = "--checkpoint-dir") -> Path:
+def check_checkpoint_dir(
+    folder: str | Path,
+    output: str | Path,
+    option: str = "--checkpoint-dir",
+    *,
+    inputs: Iterable[str | os.PathLike | None] = (),
+) -> Path:
     """Refuse a folder retrofit writes into but never replaces as a whole (checkpoints: it may hold the user's own
-    files, which stay) if it is inside the run's `output` (which the export replaces), is a file, is or is under a
-    link to nothing, touches a shipped checkpoint or cannot be written."""
+    files, which stay) if it is inside the run's `output` (which the export replaces) or is or is inside one of its
+    `inputs` (the source, the data: checkpoints in an image folder would be read as a class), is a file, is or is
+    under a link to nothing, touches a shipped checkpoint or cannot be written."""
     folder = Path(folder)
     if folder.resolve().is_relative_to(Path(output).resolve()):
         raise RetrofitError(
             f"{option} '{folder}' is inside --output '{output}', which the export replaces; put the checkpoints "
             "elsewhere (the default is <output>-checkpoints)"
         )
+    for source in local_paths(inputs):
+        if folder.resolve().is_relative_to(source):
+            raise RetrofitError(f"{option} '{folder}' is in '{source}', which this run reads; choose another {option}")
     if folder.exists() and not folder.is_dir():
         raise RetrofitError(f"{option} '{folder}' exists and is not a folder; choose another {option}")
     dangling = next((p for p in (folder, *folder.parents) if p.is_symlink() and not p.exists()), None)

@@ -124,7 +124,7 @@ def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepar
     source, output = args.source, args.output
     resolve_source(source)  # a bad retrofit:NAME is refused first
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else default_checkpoint_dir(output)
-    check_checkpoint_dir(checkpoint_dir, output)
+    check_checkpoint_dir(checkpoint_dir, output, inputs=(source, args.teacher, args.data))
     resuming = args.resume and bool(list_checkpoints(checkpoint_dir))  # then the run being resumed owns `output`
     check_output(output, args.overwrite or resuming, inputs=(source, args.teacher, args.data))
     hold_write_lock(output, "--output")
@@ -484,7 +484,7 @@ def pretrain(
         image_processor or {}, ViTImageProcessor().to_dict(), "pretrain.image_processor", "ViTImageProcessor field"
     )
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(output)
-    check_checkpoint_dir(checkpoint_dir, output)
+    check_checkpoint_dir(checkpoint_dir, output, inputs=(run.data,))
     resuming = resume and bool(list_checkpoints(checkpoint_dir))  # then the run being resumed owns `output`
     check_output(output, overwrite or resuming, kind=BASELINE, inputs=(run.data,))
     hold_write_lock(output, "--output")

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -953,6 +954,12 @@ def test_checkpoints_inside_the_output_are_refused(tiny_vit, colours, tmp_path):
             finetune(tiny_vit, output=tmp_path / "o", checkpoint_dir=folder, after_layer=2, num_tokens=4, data=colours,
                      **FAST)  # fmt: skip
     assert not (tmp_path / "o").exists() and not (tmp_path / "unmounted").exists()
+    # in the source or the data: step folders were written among the model's files, or became a class of the images
+    for folder in (Path(tiny_vit), Path(colours) / "ckpt"):
+        with pytest.raises(RetrofitError, match=r"^--checkpoint-dir '.*' is in '.*', which this run reads; choose"):
+            finetune(tiny_vit, output=tmp_path / "o", checkpoint_dir=folder, after_layer=2, num_tokens=4, data=colours,
+                     **FAST)  # fmt: skip
+    assert not (Path(colours) / "ckpt").exists() and not list(Path(tiny_vit).glob("step-*"))
 
 
 @pytest.mark.parametrize(
