@@ -343,36 +343,43 @@ def _check_split_folders(folder: Path, splits: dict, data: str) -> None:
                     f"its {read[path]} and {name} splits: datasets takes every folder named like a split (train, "
                     "test, val, ...) for one, class folders too; rename the class folder"
                 )
-    for parent, folders, _ in os.walk(folder):
+    files = []  # one walk of the folder (which may hold a million images); like datasets, links are not followed
+    for parent, folders, names in os.walk(folder):
         for name in folders:
             relative = Path(parent, name).relative_to(folder)
-            if os.path.islink(Path(parent, name)) and not any(p.startswith((".", "__")) for p in relative.parts):
+            if os.path.islink(Path(parent, name)) and not _hidden(relative):
                 raise RetrofitError(
                     f"'{relative}' of image folder '{data}' is a link to a folder, which datasets' imagefolder does "
                     "not follow (its images would be left out without a word); copy the folder in, or link its "
                     "files one by one"
                 )
+        files += [Path(parent, name) for name in names]
     metadata = set(getattr(ImageFolder, "METADATA_FILENAMES", None) or ["metadata.csv", "metadata.jsonl"])
-    if any(path.name in metadata for path in folder.rglob("metadata.*")):
+    if any(path.name in metadata for path in files):
         return
-    for path in _image_files(folder):
-        relative = path.relative_to(folder)
-        if not any(part.startswith((".", "__")) for part in relative.parts) and os.path.realpath(path) not in read:
+    files = [path for path in files if not _hidden(path.relative_to(folder))]
+    for path in files:
+        if path.suffix.lower() in ImageFolder.EXTENSIONS and path.is_file() and os.path.realpath(path) not in read:
             taken, split = next(iter(read.items()), ("", ""))
             example = f", e.g. '{os.path.relpath(taken, os.path.realpath(folder))}' as {split}" if taken else ""
             raise RetrofitError(
-                f"image '{relative}' of image folder '{data}' is in none of its splits ({', '.join(splits)}): "
-                "datasets takes every folder or file named like a split (train, test, val, ...) for one, class "
-                f"folders too, and then reads only those{example}; rename what is named like a split, or put the "
-                "class folders under train/ (and test/)"
+                f"image '{path.relative_to(folder)}' of image folder '{data}' is in none of its splits "
+                f"({', '.join(splits)}): datasets takes every folder or file named like a split (train, test, val, "
+                f"...) for one, class folders too, and then reads only those{example}; rename what is named like a "
+                "split, or put the class folders under train/ (and test/)"
             )
-    for path in folder.rglob("*"):
-        relative = path.relative_to(folder)
-        if path.suffix.lower() in _UNREAD_IMAGES and not any(part.startswith((".", "__")) for part in relative.parts):
+    for path in files:
+        if path.suffix.lower() in _UNREAD_IMAGES:
             raise RetrofitError(
-                f"'{relative}' of image folder '{data}' is a {path.suffix[1:].upper()} image, a format datasets' "
-                "imagefolder skips without a word; convert it to JPEG or PNG, or move it out of the folder"
+                f"'{path.relative_to(folder)}' of image folder '{data}' is a {path.suffix[1:].upper()} image, a "
+                "format datasets' imagefolder skips without a word; convert it to JPEG or PNG, or move it out of the "
+                "folder"
             )
+
+
+def _hidden(relative: Path) -> bool:
+    """Whether a path inside an image folder is one that datasets' imagefolder passes over (.git, ._x, __MACOSX)."""
+    return any(part.startswith((".", "__")) for part in relative.parts)
 
 
 def _image_files(folder: Path):
