@@ -526,8 +526,8 @@ def dataset_label_map(
         present = sorted({value for value in dataset["label"] if value is not None}) if strings else names
         by_name: dict[str, list[int]] = {}
         for index, name in sorted(reference.items()):
-            by_name.setdefault(_same_text(name), []).append(index)
-        unknown = [name for name in present if _same_text(name) not in by_name]
+            by_name.setdefault(same_class_name(name), []).append(index)
+        unknown = [name for name in present if same_class_name(name) not in by_name]
         if unknown:
             raise RetrofitError(
                 f"the class names in '{data}' ({len(present)}, e.g. {unknown[:4]}) are not among the models' labels "
@@ -535,7 +535,7 @@ def dataset_label_map(
             )
         label_map = {}
         for index, name in enumerate(present):
-            ids = by_name[_same_text(name)]
+            ids = by_name[same_class_name(name)]
             if not strings and index in ids:  # a name the model gives two ids (ImageNet's "crane"): the data's own id
                 label_map[index] = index
             elif len(ids) == 1:
@@ -552,7 +552,7 @@ def dataset_label_map(
     return label_map
 
 
-def _same_text(name: str) -> str:
+def same_class_name(name: str) -> str:
     """A class name as compared with a model's labels: Unicode NFC, so that a folder named on macOS (decomposed,
     NFD: "cafe" + U+0301) matches the label "café" it shows as."""
     return unicodedata.normalize("NFC", str(name))

@@ -23,14 +23,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-from .data import dataset_label_map, generic_labels, model_labels
+from .data import dataset_label_map, generic_labels, model_labels, same_class_name
 from .errors import RetrofitError, brief
 from .settings import EvaluateArgs
 from .zero_shot import DEFAULT_TEMPLATE
@@ -72,7 +71,7 @@ def prediction_map(reference: dict[int, str], other: dict[int, str], names: tupl
             f"'{names[1]}' and '{names[0]}' have different label sets ({len(other)} vs {len(reference)} labels, e.g. "
             f"{only}); compare models trained on the same classes"
         )
-    return [by_name[_same_name(other[index])] for index in range(len(other))]
+    return [by_name[same_class_name(other[index])] for index in range(len(other))]
 
 
 def check_label_ids(spec: str, config) -> None:
@@ -86,22 +85,18 @@ def check_label_ids(spec: str, config) -> None:
         )
 
 
-def _same_name(name: str) -> str:
-    """A label name as models' labels are matched: Unicode NFC (as the data's class names are)."""
-    return unicodedata.normalize("NFC", name)
-
-
 def _ids_by_name(labels: dict[int, str], spec: str) -> dict[str, int]:
     """A model's label ids by name, to map its predictions onto another model's; a name given to two ids is one
     line (its predictions of either could not be told apart)."""
     ids: dict[str, int] = {}
     for index, name in sorted(labels.items()):
-        if _same_name(name) in ids:
+        key = same_class_name(name)
+        if key in ids:
             raise RetrofitError(
-                f"'{spec}' names two classes {name!r} (ids {ids[_same_name(name)]} and {index}), so its predictions "
-                "cannot be mapped by name onto another model's ids; compare models whose labels have the same ids"
+                f"'{spec}' names two classes {name!r} (ids {ids[key]} and {index}), so its predictions cannot be "
+                "mapped by name onto another model's ids; compare models whose labels have the same ids"
             )
-        ids[_same_name(name)] = index
+        ids[key] = index
     return ids
 
 
