@@ -23,14 +23,14 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from .errors import RetrofitError, brief, shown
-from .settings import DTYPE_NAMES, BenchArgs, BenchSettings, from_options, parse_merges
+from .settings import DTYPE_NAMES, BenchArgs, BenchSettings, from_options, model_list, parse_merges
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -915,9 +915,7 @@ def benchmark(
     """Build, measure and report: the Python API behind ``retrofit bench`` and ``bench/speed.py``. Returns the
     JSON-ready report, with its Markdown table under ``"table"`` (as `retrofit.evaluate_models` does). `models`: one
     or a list of shape names, checkpoints, exports or .onnx files (as text or paths)."""
-    one = isinstance(models, str | os.PathLike) or not isinstance(models, Iterable)  # a name, or a model object
-    models = [models] if one and models is not None else list(models or [])
-    models = [os.fspath(spec) if isinstance(spec, os.PathLike) else spec for spec in models]
+    models = model_list(models)  # one, or several
     if isinstance(settings, dict):  # the fields of BenchSettings, as a notebook writes them
         settings = from_options(BenchSettings, settings, where="benchmark()")
     elif settings is not None and not isinstance(settings, BenchSettings):

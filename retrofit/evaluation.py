@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,7 +31,7 @@ import torch
 
 from .data import dataset_label_map, generic_labels, model_labels, same_class_name
 from .errors import RetrofitError, brief
-from .settings import EvaluateArgs
+from .settings import EvaluateArgs, model_list
 from .zero_shot import DEFAULT_TEMPLATE
 
 METRICS_DIR = Path(__file__).parent / "metrics"
@@ -134,12 +134,11 @@ def evaluate_models(
     from .data import load_split, make_dataloader
     from .loading import family_and_head, load_config, load_image_processor, load_model, trained_head_config
 
-    one = isinstance(models, str | os.PathLike) or not isinstance(models, Iterable)  # a name, or a model object
-    models = [models] if one and models is not None else list(models or [])
+    models = model_list(models)  # one, or several
     if not models:
         raise RetrofitError("no models to evaluate; pass one or more checkpoint folders, Hub ids or exports")
     args = EvaluateArgs(  # the checks of the command's options, for Python callers too (folders as paths)
-        models=[os.fspath(spec) if isinstance(spec, os.PathLike) else spec for spec in models], data=data, split=split,
+        models=models, data=data, split=split,
         limit=limit, batch_size=batch_size, top_k=top_k, image_column=image_column, label_column=label_column,
         trust_remote_code=trust_remote_code, zero_shot=zero_shot, prompt_template=prompt_template,
     )  # fmt: skip

@@ -24,6 +24,7 @@ import dataclasses
 import math
 import os
 import typing
+from collections.abc import Iterable
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
 
@@ -213,6 +214,14 @@ def _plain_number(kind, value):
     if kind is int and isinstance(value, numbers.Integral):
         return int(value)
     return float(value) if kind is float else value
+
+
+def model_list(models) -> list:
+    """The models a Python call names, as a list: one (a name, a path, or an object, which the settings then refuse in
+    one line) or several; paths as text, as the options give them."""
+    one = isinstance(models, str | os.PathLike) or not isinstance(models, Iterable)
+    models = [models] if one and models is not None else list(models or [])
+    return [os.fspath(spec) if isinstance(spec, os.PathLike) else spec for spec in models]
 
 
 def from_options(cls: type, values: dict, *, where: str = "") -> Any:
