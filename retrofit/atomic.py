@@ -482,6 +482,11 @@ def lock_file(folder: str | Path) -> Path:
     return CACHE_DIR / "locks" / f"{hashlib.sha256(os.fsencode(_lock_key(folder))).hexdigest()[:32]}.lock"
 
 
+def is_launch_main() -> bool:
+    """Whether this is the main process of ``accelerate launch`` (torchrun's ``RANK`` 0), or no launch at all."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
+
+
 def hold_write_lock(folder: str | Path, option: str) -> None:
     """Refuse a second run that writes `folder` (given as `option`: ``--output``, ``--checkpoint-dir``) while this
     one does: two runs on one checkpoint folder would prune and resume each other's checkpoints, and two runs on one
@@ -494,7 +499,7 @@ def hold_write_lock(folder: str | Path, option: str) -> None:
     when the process ends, however it ends. Only the main process of ``accelerate launch`` takes it; without
     ``fcntl`` (Windows) or a writable cache there is no lock."""
     key = _lock_key(folder)
-    if key in _HELD or os.environ.get("RANK", "0").strip() not in ("", "0"):  # another process of a launch
+    if key in _HELD or not is_launch_main():  # another process of a launch
         return
     try:
         import fcntl

@@ -20,7 +20,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .atomic import hold_write_lock
+from .atomic import hold_write_lock, is_launch_main
 from .errors import RetrofitError, brief, pickle_refused_quietly
 
 
@@ -144,8 +144,7 @@ def check_checkpoints(checkpoint_dir: Path | None, *, resume: bool, overwrite: b
             "writes its own there: move it out of the checkpoint folder or choose another one"
         )
     # (by the main process: the others of a launch may look while it deletes checkpoints for --overwrite)
-    main = os.environ.get("RANK", "0").strip() in ("", "0")
-    named = sorted(checkpoint_dir.iterdir()) if main and checkpoint_dir and checkpoint_dir.is_dir() else []
+    named = sorted(checkpoint_dir.iterdir()) if is_launch_main() and checkpoint_dir and checkpoint_dir.is_dir() else []
     for path in named:  # resumed from an older one (or none) instead, and at its step the run could not save
         if CHECKPOINT_NAME.fullmatch(path.name) and not is_checkpoint(path):
             raise RetrofitError(
