@@ -401,9 +401,10 @@ def check_teacher_fits(teacher, student, processor, teacher_source) -> None:
 def _class_names(model) -> list[str] | None:
     """The names of a classifier's classes in order, or None where it has none of its own (transformers' default
     LABEL_0, LABEL_1, ..., as backbones and dual encoders have)."""
-    id2label = getattr(model.config, "id2label", None) or {}
-    names = [str(id2label.get(index, id2label.get(str(index), ""))) for index in range(len(id2label))]
-    return None if all(name == f"LABEL_{index}" for index, name in enumerate(names)) else names
+    from .data import generic_labels, model_labels
+
+    labels = model_labels(model.config)
+    return None if generic_labels(labels) else [labels[index] for index in sorted(labels)]
 
 
 def _training_info(run: TrainingRun, result: TrainResult, init: str, teacher: str | None = None):
