@@ -25,7 +25,6 @@ from .atomic import releases_write_locks
 from .checkpoints import check_same_run, run_settings
 from .errors import RetrofitError, brief, describe_os_error, did_you_mean
 from .settings import (
-    DEFAULT_TEMPLATE,
     RECIPE_SECTIONS,
     FinetuneArgs,
     PretrainSettings,
@@ -93,11 +92,6 @@ def validate(recipe: dict, where: str = "recipe") -> dict:
             raise RetrofitError(f"{where} needs merge.after_layer and merge.tokens")
     elif out["source"]:
         raise RetrofitError(f"{where} has both 'source' and 'pretrain'; a recipe either fine-tunes or pretrains")
-    if not out["evaluation"]["zero_shot"] and out["evaluation"]["prompt_template"] != DEFAULT_TEMPLATE:
-        raise RetrofitError(
-            f"evaluation.prompt_template in {where} is used with evaluation.zero_shot only (the rows give accuracy "
-            "otherwise); set evaluation.zero_shot: true, or drop it"
-        )
     if out["pretrain"] is not None and out["export"]["push_to_hub"]:
         raise RetrofitError(
             f"{where} pretrains a plain transformers checkpoint, which export.push_to_hub does not upload; remove it "

@@ -592,11 +592,11 @@ def _check_templates(settings: Settings, name: str) -> None:
             settings.refuse(name, problem)
 
 
-def _check_zero_shot_only(settings: Settings) -> None:
-    """Refuse a prompt template given without --zero-shot, which would not be used (the models would be scored
-    otherwise, by accuracy or feature similarity)."""
+def _check_zero_shot_only(settings: Settings, zero_shot: str = "--zero-shot", turn_on: str = "add --zero-shot") -> None:
+    """Refuse a prompt template given without zero-shot scoring (`zero_shot`: how the user turns it on), which would
+    not be used (the models would be scored otherwise, by accuracy or feature similarity)."""
     if not settings.zero_shot and settings.prompt_template != DEFAULT_TEMPLATE:
-        settings.refuse("prompt_template", "is used with --zero-shot only; add --zero-shot, or drop it")
+        settings.refuse("prompt_template", f"is used with {zero_shot} only; {turn_on}, or drop it")
 
 
 @dataclass(kw_only=True)
@@ -756,6 +756,7 @@ class RecipeEvaluation(Settings):
     def check(self) -> None:
         super().check()
         _check_templates(self, "prompt_template")
+        _check_zero_shot_only(self, "evaluation.zero_shot", "set evaluation.zero_shot: true")
 
 
 # Recipe section -> the groups whose fields are its keys (the top-level keys are `RecipeInfo`'s).
