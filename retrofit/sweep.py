@@ -210,8 +210,8 @@ def _label_points(fig, ax, labels: list[tuple[str, float, float]], avoid: list[t
     for text, x, y in sorted(labels, key=lambda label: -label[2]):
         here = ax.transData.transform((x, y))
         others = [point for point in obstacles if abs(point[0] - here[0]) + abs(point[1] - here[1]) > 1e-6]
-        for dx, dy in (*LABEL_OFFSETS, None):
-            offset = (dx, dy) if dx is not None else LABEL_OFFSETS[0]  # None: nowhere free, the first place
+        for tried in (*LABEL_OFFSETS, None):
+            offset = tried or LABEL_OFFSETS[0]  # None: nowhere free, the first place
             label = ax.annotate(
                 text, (x, y), xytext=offset, textcoords="offset points", fontsize=7,
                 ha="left" if offset[0] > 0 else "right",
@@ -221,7 +221,7 @@ def _label_points(fig, ax, labels: list[tuple[str, float, float]], avoid: list[t
             padded = box.expanded(1.05, 1.1)
             free = inside and not any(padded.overlaps(other) for other in placed)
             free = free and not any(padded.contains(px, py) for px, py in others)
-            if free or dx is None:
+            if free or tried is None:
                 placed.append(box)
                 break
             label.remove()

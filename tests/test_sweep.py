@@ -291,6 +291,23 @@ def test_labels_of_close_settings_do_not_overlap():
     plt.close(fig)
 
 
+def test_labels_with_nowhere_free_go_to_the_first_place():
+    """A plot too crowded for any free place still labels every setting, at the first offset (the fallback raised
+    TypeError, a traceback after a whole sweep's work, when all points sat on one accuracy in CI)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1, 1), dpi=60)  # no label fits inside
+    points = [("a long label K=1,M=2", 1544.4, 0.0), ("a long label K=1,M=4", 1212.3, 0.0)]
+    ax.scatter([x for _, x, _ in points], [y for _, _, y in points])
+    sweep_module._label_points(fig, ax, points, avoid=[(2118.0, 0.0)])
+    assert sorted(text.get_text() for text in ax.texts) == sorted(name for name, _, _ in points)
+    assert {text.get_position() for text in ax.texts} == {sweep_module.LABEL_OFFSETS[0]}
+    plt.close(fig)
+
+
 def test_a_non_finite_source_is_one_line_and_nan_settings_are_not_ranked(tiny_vit, images, tmp_path, capsys):
     """A source whose logits are NaN (a diverged checkpoint) is refused in one line, nothing written (its sweep.json
     failed to serialise NaN, a traceback after all the work); a setting whose similarity is NaN (None) is neither on
