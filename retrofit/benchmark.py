@@ -594,7 +594,7 @@ def _measure_batch_size(variants, batch_size, settings, device, dtype, generator
                 _free(device)
         result["peak_memory_mib"] = memory[v.name]
         v.results[batch_size] = result
-        log(f"{v.label}: batch {batch_size}: {result['images_per_s']:.1f} images/s")
+        log(f"{v.label}: batch {batch_size}: {rate_text(result['images_per_s'])} images/s")
     del inputs
     _free(device)
 
@@ -709,6 +709,14 @@ def _fmt(value: float | None, spec: str = ".1f", default: str = "–") -> str:
     return default if value is None else format(value, spec)
 
 
+def rate_text(images_per_s: float, decimals: int = 1) -> str:
+    """An images/s figure as retrofit prints it: with `decimals` decimals, or two significant digits where those
+    would show fewer (a large model on a CPU runs at 0.04 images/s, which one decimal printed as 0.0)."""
+    if images_per_s >= 10 ** (1 - decimals):
+        return f"{images_per_s:.{decimals}f}"
+    return f"{images_per_s:.2g}"
+
+
 SPREAD_LIMIT = 0.10  # a measurement whose repeats spread wider than this (of the median) is flagged in the table
 
 
@@ -789,7 +797,7 @@ def markdown_table(report: dict) -> str:
             if wide is not None and wide > SPREAD_LIMIT:
                 extra += " ⚠"
                 flagged.append(f"`{row['model']}` at batch {bs}: repeats spread by {100 * wide:.0f} %")
-            cells.append(f"{result['images_per_s']:.1f}{extra}")
+            cells.append(f"{rate_text(result['images_per_s'])}{extra}")
         last = row["results"].get(largest, {})
         efficiency = None
         if last.get("speedup") and row["flops_ratio"] and row["baseline"]:

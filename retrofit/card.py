@@ -515,6 +515,8 @@ def _pct(value: float | None) -> str:
 def results_section(results: dict, export: Path, curve: bool = False) -> str:
     """Markdown for the card's Results section: a before/after table, then the full evaluation and speed tables
     (with the batch-size curve, `CURVE_FILE`, where `curve`)."""
+    from .benchmark import rate_text
+
     evaluation, bench = results.get("evaluation"), results.get("benchmark")
     this_eval = _find(_rows(evaluation), "model", (evaluation or {}).get("this"))
     this_bench = _find(_rows(bench), "model", (bench or {}).get("this"))
@@ -549,7 +551,7 @@ def results_section(results: dict, export: Path, curve: bool = False) -> str:
             score = f"{_pct((ev or {}).get('top1'))} | {_pct(top_k_value(ev or {}, k))}"
         lines.append(
             f"| {label} (`{name}`) | {score} | "
-            f"{'–' if gflops is None else f'{gflops:.3g}'} | {'–' if rate is None else f'{rate:.1f}'} |"
+            f"{'–' if gflops is None else f'{gflops:.3g}'} | {'–' if rate is None else rate_text(rate)} |"
         )
     if len(lines) > 2:
         parts.append("### Before / after\n\n" + "\n".join(lines))

@@ -567,6 +567,8 @@ def results_table(rows: list[dict], note: str | None = None) -> str:
     extra = " zero-shot top-1 | agreement with the baseline |" if zero_shot else ""
     lines = [f"| model | {quality} |{extra} GFLOPs/image | images/s (measured) | speed-up |",
              "|---|---|" + "---|" * (2 * zero_shot) + "---|---|---|"]  # fmt: skip
+    from .benchmark import rate_text
+
     base_speed = rows[0].get("images_per_s") if rows else None
     for row in rows:
         value = row.get(key)
@@ -576,7 +578,7 @@ def results_table(rows: list[dict], note: str | None = None) -> str:
             acc += "".join(" | n/a" if cell is None else f" | {100 * cell:.2f} %" for cell in cells)
         speed = row.get("images_per_s")
         ratio = f"{speed / base_speed:.2f}x" if speed and base_speed else "n/a"
-        speed_text = f"{speed:.0f}" if speed else "n/a"
+        speed_text = rate_text(speed, decimals=0) if speed else "n/a"
         lines.append(f"| {row['model']} | {acc} | {row['gflops']:.4f} | {speed_text} | {ratio} |")
     if note:
         lines += ["", note]

@@ -83,8 +83,10 @@ def _speed_cells(row: dict, speedup: float | None) -> str:
     where its repeats spread by more than `retrofit.benchmark.SPREAD_LIMIT`, as `retrofit bench` flags them)."""
     if row.get("images_per_s") is None:
         return f"{_unmeasured(row)} | –"
+    from .benchmark import rate_text
+
     flag = " ⚠" if _spread_too_wide(row) else ""
-    return f"{row['images_per_s']:.1f}{flag} | " + ("–" if speedup is None else f"{speedup:.2f}×")
+    return f"{rate_text(row['images_per_s'])}{flag} | " + ("–" if speedup is None else f"{speedup:.2f}×")
 
 
 def _spread_too_wide(row: dict) -> bool:

@@ -143,6 +143,38 @@ def test_a_measurement_whose_repeats_spread_is_flagged():
     assert "⚠" not in table and "Each measurement was taken once (--repeats 1), so how much it varies" in table
 
 
+def test_a_slow_models_images_per_second_is_not_printed_as_zero(tmp_path):
+    """A large model on a CPU runs at a fraction of an image per second: the bench table, the card, the sweep table
+    and a recipe's before/after table printed 0.04 images/s as 0.0 (or 0) next to a real speed-up."""
+    from retrofit.card import results_section
+    from retrofit.recipes import results_table
+    from retrofit.sweep import markdown_table as sweep_table
+
+    def result(rate, speedup=None):
+        return {"status": "ok", "images_per_s": rate, "speedup": speedup, "repeats": [rate, rate]}
+
+    source = {"model": "s", "compile": "eager", "gflops": 300.0, "flops_ratio": None, "baseline": None,
+              "latency_ms_batch1": None, "results": {"1": result(0.04)}}  # fmt: skip
+    merged = {**source, "model": "m", "gflops": 150.0, "flops_ratio": 2.0, "baseline": "s",
+              "results": {"1": result(0.08, 2.0)}}  # fmt: skip
+    report = {"environment": {"hardware": "CPU", "dtype": "fp32", "torch": "2", "transformers": "5"},
+              "settings": {"batch_sizes": [1]}, "models": [source, merged]}  # fmt: skip
+    table = benchmark.markdown_table(report)
+    assert "| 0.04 |" in table and "| 0.08 (2.00×) |" in table and "0.0 " not in table
+    card = results_section({"benchmark": {**report, "this": "m"}}, tmp_path)
+    assert "| before: source (`s`) | – | – | 300 | 0.04 |" in card
+    assert "| after: this model (`m`) | – | – | 150 | 0.08 |" in card
+    quality = {"top1": 0.5, "top5": 1.0, "loss": 1.0, "gflops": 300.0, "speed_spread": None}
+    rows = [{**quality, "after_layer": 1, "tokens": 2, "flops_ratio": 2.0, "images_per_s": 0.08, "speedup": 2.0,
+             "pareto": True}]  # fmt: skip
+    table = sweep_table({"top_k": 5, "source_row": {**quality, "images_per_s": 0.04}, "settings_results": rows})
+    assert "| 0.04 | 1.00× |" in table and "| 0.08 | 2.00× |" in table
+    table = results_table([{"model": "baseline", "accuracy": 0.5, "gflops": 300.0, "images_per_s": 0.4},
+                           {"model": "merged", "accuracy": 0.5, "gflops": 150.0, "images_per_s": 0.8}])  # fmt: skip
+    assert "| 0.4 | 1.00x |" in table and "| 0.8 | 2.00x |" in table
+    assert benchmark.rate_text(1550.4) == "1550.4" and benchmark.rate_text(1550.4, decimals=0) == "1550"
+
+
 def convert_config(path):
     from retrofit.loading import load_config
 
