@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel
 
 from .atomic import check_output, hold_write_lock, releases_write_locks
@@ -57,9 +58,9 @@ def convert(
     `retrofit.settings.ConvertArgs` fields, the options of ``retrofit convert``: `task` converts the checkpoint as
     its family's classifier or backbone (e.g. the vision tower of a full CLIP checkpoint); `rope_positions` is for
     RoPE models (DINOv3); with `calibrate_on` (fashion-mnist, an image folder or a Hub dataset id) the merger starts
-    from k-means of the layer-K tokens of `calibrate_images` images of `calibrate_split` instead of at random; with
-    `push_to_hub` (a repo id) the export is uploaded (`private`, `create_pr`), the login checked first; `overwrite`,
-    `revision`, `trust_remote_code`. Bad input raises `RetrofitError` before anything is written."""
+    from k-means of the layer-K tokens of `calibrate_images` images of `calibrate_split` instead of at random (`seed`
+    draws either start: one seed, one export); with `push_to_hub` (a repo id) the export is uploaded (`private`,
+    `create_pr`), the login checked first; `overwrite`, `revision`, `trust_remote_code`. Bad input raises `RetrofitError` before anything is written."""
     args = from_options(ConvertArgs, {"source": source, "after_layer": after_layer, "tokens": num_tokens,
                                       "output": output, **settings}, where="convert()")  # fmt: skip
     return run_convert(args, log=log)
@@ -85,8 +86,10 @@ def run_convert(args: ConvertArgs, *, log: Callable[[str], None] = print) -> Con
     model = load_model(source, config=config, trust_remote_code=args.trust_remote_code, revision=args.revision)
     model.eval()
     check_runs_on_its_images(model, processor, source)
-    merged = insert_patch_merger(model, args.after_layer, args.tokens, source=str(source),
-                                 rope_positions=args.rope_positions)  # fmt: skip
+    with torch.random.fork_rng(devices=[]):  # the same export every time, and the caller's draws left alone
+        torch.manual_seed(args.seed)
+        merged = insert_patch_merger(model, args.after_layer, args.tokens, source=str(source),
+                                     rope_positions=args.rope_positions)  # fmt: skip
     training = TrainingInfo()  # random queries, not fine-tuned
     saved = load_config(source, trust_remote_code=args.trust_remote_code, revision=args.revision) if args.task else None
     if saved is not None and classifier_is_new(saved, config):
@@ -101,7 +104,7 @@ def run_convert(args: ConvertArgs, *, log: Callable[[str], None] = print) -> Con
 
         calibration = calibrate_from_data(merged, args.calibrate_on, source=str(source), log=log,
                                           num_images=args.calibrate_images, split=args.calibrate_split,
-                                          image_column=args.image_column)  # fmt: skip
+                                          image_column=args.image_column, seed=args.seed)  # fmt: skip
         training = TrainingInfo(init=calibration.describe(args.calibrate_on, args.calibrate_split, args.after_layer))
     before, after = model_cost(config, image_size), model_cost(merged.config, image_size)
     log(compare(before, after))

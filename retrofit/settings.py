@@ -649,6 +649,7 @@ class ConvertArgs(HubSettings, OutputSettings, MergeSettings, SourceSettings):
     calibrate_split: str = setting("train", "split of DATA to calibrate on")
     calibrate_images: int = calibrate_images_setting()
     image_column: str = image_column_setting()
+    seed: int = setting(0, "seed of the merger's random start and of the calibration sample", interval=SEEDS)
 
     def check(self) -> None:
         super().check()

@@ -584,3 +584,18 @@ def test_a_classifier_loaded_from_a_backbone_checkpoint_is_merged_as_the_class_i
             log=logged.append)  # fmt: skip
     new = "the classifier is new (the checkpoint has none): its 3 outputs are random until it is trained"
     assert f"note: {new}" in "\n".join(logged) and new in (tmp_path / "pm" / "README.md").read_text()
+
+
+def test_convert_is_reproducible_and_leaves_the_callers_random_state_alone(tiny_vit):
+    """Two converts of one checkpoint give the same merger (its random start was drawn from the caller's generator, so
+    each export differed and a notebook's later draws moved); --seed picks another start."""
+    state = torch.random.get_rng_state()
+    queries = [
+        dict(convert(tiny_vit, after_layer=1, num_tokens=4, log=lambda _: None, **seed).model.named_parameters())[
+            "vit.layers.1.patch_merger.queries"
+        ].detach()
+        for seed in ({}, {}, {"seed": 1})
+    ]
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(queries[0], queries[1]) and not torch.equal(queries[0], queries[2])
+    assert main(["convert", str(tiny_vit), "--after-layer", "1", "--tokens", "4", "--seed", "-1"]) == 2
