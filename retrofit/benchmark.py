@@ -717,6 +717,17 @@ def rate_text(images_per_s: float, decimals: int = 1) -> str:
     return f"{images_per_s:.2g}"
 
 
+def ratio_text(value: float, threshold: float) -> str:
+    """A speed-up or FLOPs ratio printed next to a `threshold` it is compared with (a target, 1.0 for "slower"):
+    with two decimals, or more where two would round it onto the other side (1.006 is not "1.01" when the target
+    1.01 is missed, nor 0.998 "1.00" when it is called slower)."""
+    for decimals in range(2, 7):
+        text = f"{value:.{decimals}f}"
+        if (float(text) >= threshold) == (value >= threshold):
+            return text
+    return f"{value:.2f}"
+
+
 SPREAD_LIMIT = 0.10  # a measurement whose repeats spread wider than this (of the median) is flagged in the table
 
 
@@ -758,7 +769,9 @@ def fastest_modes(report: dict) -> list[str]:
             low, high = (min(known), max(known)) if known else (None, None)
             gain = "" if low is None else f" ({low:.2f}×)" if low == high else f" ({low:.2f}–{high:.2f}×)"
             parts.append(f"{mode} at batch {sizes}{gain}")
-        slower = [f"{bs} ({s:.2f}×)" for _, points in runs for bs, s in points if s is not None and s < 1.0]
+        slower = [
+            f"{bs} ({ratio_text(s, 1.0)}×)" for _, points in runs for bs, s in points if s is not None and s < 1.0
+        ]
         verdict = (f"slower than its source in that mode at batch {', '.join(slower)}" if slower
                    else "at least as fast as its source in that mode at every batch size measured")  # fmt: skip
         lines.append(f"Fastest way to serve `{name}`: {'; '.join(parts)} (speed-up over the source in the same "

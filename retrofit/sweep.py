@@ -50,6 +50,8 @@ def _score(key: str, row: dict) -> str:
 def best_for_target(rows: list[dict], target: float | None, key: str = "top1") -> tuple[dict | None, str]:
     """The best setting (by `key`: top1, or similarity for backbones) whose measured speed-up reaches `target`
     (ties: the faster), and a sentence. Settings whose speed-up could not be measured (None) are skipped."""
+    from .benchmark import ratio_text
+
     if target is None:
         return None, ""
     measured = [r for r in rows if r.get("speedup") is not None and r.get(key) is not None]
@@ -63,13 +65,14 @@ def best_for_target(rows: list[dict], target: float | None, key: str = "top1") -
         fastest = max(measured, key=lambda r: r["speedup"])
         return None, (
             f"No setting reaches a measured speed-up of {target:g}x here; the fastest is after-layer "
-            f"{fastest['after_layer']}, {fastest['tokens']} tokens at {fastest['speedup']:.2f}x "
+            f"{fastest['after_layer']}, {fastest['tokens']} tokens at {ratio_text(fastest['speedup'], target)}x "
             f"(FLOPs ratio {fastest['flops_ratio']:.2f}x)."
         )
     best = max(reaching, key=lambda r: (r[key], r.get("speedup") or 0))
     return best, (
         f"Best setting for a {target:g}x speed-up: --after-layer {best['after_layer']} --tokens {best['tokens']} "
-        f"({_score(key, best)}, measured {best['speedup']:.2f}x, FLOPs ratio {best['flops_ratio']:.2f}x)."
+        f"({_score(key, best)}, measured {ratio_text(best['speedup'], target)}x, "
+        f"FLOPs ratio {best['flops_ratio']:.2f}x)."
     )
 
 
@@ -536,7 +539,7 @@ def cost_grid(
     --dry-run`; `source` may also be a `retrofit.benchmark.SHAPES` name such as vit-b16): no weights or images are
     read, so it says in seconds which settings can reach a speed-up at all.
     Returns a JSON-ready report with a Markdown table and, for `target_speedup`, a verdict."""
-    from .benchmark import SHAPES, check_shape, shape_config
+    from .benchmark import SHAPES, check_shape, ratio_text, shape_config
     from .cost import model_cost
     from .loading import load_config, load_image_processor, processor_image_size
     from .surgery import check_merge
@@ -579,7 +582,8 @@ def cost_grid(
         else:
             best = max(rows, key=lambda r: r["flops_ratio"])
             verdict = (
-                f"No setting reaches {target_speedup:g}x fewer FLOPs; the most is {best['flops_ratio']:.2f}x "
+                f"No setting reaches {target_speedup:g}x fewer FLOPs; the most is "
+                f"{ratio_text(best['flops_ratio'], target_speedup)}x "
                 f"(K={best['after_layer']} M={best['tokens']}): merge earlier or into fewer tokens."
             )
     return {

@@ -37,6 +37,26 @@ def test_pareto_front_and_best_setting():
     assert none is None and "No setting reaches" in verdict and "after-layer 1, 2 tokens" in verdict
 
 
+def test_a_speed_up_near_the_target_is_not_rounded_onto_its_other_side(monkeypatch):
+    """A setting measured at 1.006x missed a 1.01x target, and the verdict said "the fastest is ... at 1.01x"; a
+    slower mode at 0.998x was "slower than its source (1.00×)"; a FLOPs ratio of 1.4996 "the most" under 1.5x."""
+    import retrofit.cost
+    from retrofit.cost import Cost
+
+    row = {"after_layer": 1, "tokens": 2, "top1": 0.5, "speedup": 1.006, "flops_ratio": 1.3}
+    assert "at 1.006x (FLOPs ratio 1.30x)" in best_for_target([row], 1.01)[1]
+    best, verdict = best_for_target([{**row, "speedup": 1.2346}], 1.2345)
+    assert best and "measured 1.235x" in verdict  # not 1.23x, under the 1.2345x it reaches
+    assert "measured 1.50x" in best_for_target([{**row, "speedup": 1.5}], 1.5)[1]  # two decimals where they tell
+    priced = {None: Cost([], 1.4996e9 / 2), (6, 8): Cost([], 1e9 / 2)}  # 1.4996 and 1 GFLOPs
+    monkeypatch.setattr(retrofit.cost, "model_cost", lambda config, size=None, merge=None: priced[merge])
+    assert "the most is 1.4996x" in sweep_module.cost_grid("vit-b16", (6,), (8,), target_speedup=1.5)["verdict"]
+    rows = [{"model": "m", "compile": mode, "baseline": "s", "results": {"8": {"images_per_s": rate, "speedup": rate}}}
+            for mode, rate in (("eager", 0.998), ("default", 0.5))]  # fmt: skip
+    (advice,) = benchmark.fastest_modes({"settings": {"batch_sizes": [8]}, "models": rows})
+    assert "slower than its source in that mode at batch 8 (0.998×)" in advice
+
+
 def test_sweep_writes_table_json_and_plot(tiny_vit, images, tmp_path, capsys):
     out = tmp_path / "sweep"
     argv = ["sweep", str(tiny_vit), "--after-layer", "1,2", "--tokens", "2,4", "--data", str(images)]
