@@ -7,8 +7,9 @@ loaded with ``weights_only=True``), ``progress.json`` (the loop's position: text
 moment leaves only complete checkpoints. ``run.json`` records what the checkpoints were made for (`RUN_SETTINGS`, and
 the options that shape the weights, `training_options`); ``--resume`` refuses other settings, and the training budget
 the run chose (`recorded_budget`), which a resumed run keeps. The folder may hold the user's own files: only
-retrofit's checkpoints and its own ``run.json`` are ever listed, replaced or deleted. One
-run at a time uses a folder (`atomic.hold_write_lock`).
+retrofit's checkpoints and its own ``run.json`` are ever listed, replaced or deleted, and of a checkpoint only the
+files retrofit wrote there (``progress.json`` lists them): a user's file in one stays. One run at a time uses a folder
+(`atomic.hold_write_lock`).
 """
 
 from __future__ import annotations
@@ -102,19 +103,75 @@ def read_run_record(checkpoint_dir: Path) -> dict | None:
     return record if recorded else None
 
 
-def discard_checkpoint(checkpoint: Path) -> None:
-    """Delete `checkpoint` so that a run killed meanwhile leaves it whole or gone, never a part of it (which is no
-    checkpoint, and then refused as a stray `step-NNNNNNNN`): renamed out of the way first, to a hidden ``.tmp`` name
-    that `list_checkpoints` ignores and `remove_checkpoints` deletes."""
-    doomed = checkpoint.with_name(f".{checkpoint.name}.old.tmp")
-    shutil.rmtree(doomed, ignore_errors=True)
-    os.replace(checkpoint, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+# Accelerate's files, by name: what a checkpoint of a retrofit that did not list its files (`retrofit_files`) holds
+ACCELERATE_FILES = re.compile(
+    r"(model|optimizer|scheduler|sampler|dl_state_dict)(_\d+)?\.(safetensors|bin)|random_states_\d+\.pkl|scaler\.pt"
+)
+
+
+def folder_entries(folder: Path) -> tuple[set[str], set[str]]:
+    """The files (links included, never followed) and the real folders under `folder`, as relative POSIX paths."""
+    files, folders = set(), set()
+    for root, dirs, names in os.walk(folder):
+        where = Path(root).relative_to(folder)
+        for name in dirs:
+            (files if (Path(root) / name).is_symlink() else folders).add((where / name).as_posix())
+        files.update((where / name).as_posix() for name in names)
+    return files, folders
+
+
+def retrofit_files(checkpoint: Path) -> set[str]:
+    """The files in `checkpoint` that retrofit wrote there: those its ``progress.json`` lists (`save_checkpoint`), or,
+    in a checkpoint of a retrofit that listed none, its own and Accelerate's by name."""
+    files = folder_entries(checkpoint)[0]
+    try:
+        listed = json.loads((checkpoint / PROGRESS_FILE).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    if isinstance(listed, list) and all(isinstance(name, str) for name in listed):
+        return files & {*listed, PROGRESS_FILE}
+    ours = {PROGRESS_FILE, EMA_FILE, PICKLED_PROGRESS}
+    return {name for name in files if name in ours or ACCELERATE_FILES.fullmatch(name)}
+
+
+def users_files(checkpoint: Path) -> list[str]:
+    """What `checkpoint` holds that retrofit did not write (files and folders of the user's), sorted."""
+    ours = retrofit_files(checkpoint)
+    files, folders = folder_entries(checkpoint)
+    holding = {parent.as_posix() for name in files for parent in Path(name).parents}
+    return sorted((files - ours) | (folders - holding))
+
+
+def discard_checkpoint(checkpoint: Path, log=None) -> None:
+    """Delete the files retrofit wrote into `checkpoint` (`retrofit_files`), and the folder where nothing else is
+    left, so that a run killed meanwhile leaves it whole or gone, never a part of it (which is no checkpoint, and then
+    refused as a stray `step-NNNNNNNN`): renamed out of the way first, to a hidden ``.tmp`` name that
+    `list_checkpoints` ignores and `remove_checkpoints` deletes. Where the user put files of theirs into it, those
+    stay in place (without ``progress.json``, deleted first, it is no checkpoint any more), and `log` says so."""
+    theirs = users_files(checkpoint)
+    if not theirs:
+        doomed = checkpoint.with_name(f".{checkpoint.name}.old.tmp")
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(checkpoint, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        return
+    ours = retrofit_files(checkpoint)
+    for name in sorted(ours, key=lambda name: name != PROGRESS_FILE):
+        (checkpoint / name).unlink()
+    for folder in sorted({parent for name in ours for parent in Path(name).parents} - {Path(".")}, reverse=True):
+        with contextlib.suppress(OSError):  # a folder retrofit's files were in, emptied (deepest first)
+            (checkpoint / folder).rmdir()
+    if log is not None:
+        log(
+            f"deleted checkpoint '{checkpoint}' but kept the folder: it holds files retrofit did not write "
+            f"({brief(', '.join(theirs), 80)}); move them out of the checkpoint folder"
+        )
 
 
 def remove_checkpoints(checkpoint_dir: Path) -> None:
     """Start over (``--overwrite``): delete retrofit's checkpoints, its unfinished ``.step-N.tmp`` folders and its
-    ``run.json``, and nothing else: the folder may hold the user's own files."""
+    ``run.json``, and nothing else: the folder may hold the user's own files (`check_checkpoints` refused checkpoints
+    holding some)."""
     if not checkpoint_dir.is_dir():
         return
     for path in checkpoint_dir.iterdir():
@@ -152,6 +209,13 @@ def check_checkpoints(checkpoint_dir: Path | None, *, resume: bool, overwrite: b
                 "since, or something of yours): delete it or move it out of the checkpoint folder"
             )
     existing = list_checkpoints(checkpoint_dir) if checkpoint_dir else []
+    for path in existing if overwrite and is_launch_main() else []:  # deleted before any work: check all first
+        theirs = users_files(path)
+        if theirs:
+            raise RetrofitError(
+                f"checkpoint '{path}' holds files retrofit did not write ({brief(', '.join(theirs), 80)}), which "
+                "--overwrite would leave in place of the new run's: move them out of the checkpoint folder"
+            )
     if existing and not resume and not overwrite:
         raise RetrofitError(
             f"'{checkpoint_dir}' holds checkpoints of an earlier run; pass --resume to continue it or "
@@ -291,11 +355,12 @@ def recorded_budget(checkpoint_dir: Path) -> dict | None:
 
 
 def save_checkpoint(
-    accelerator, checkpoint_dir: Path, progress: Progress, keep: int, settings: dict, average=None
+    accelerator, checkpoint_dir: Path, progress: Progress, keep: int, settings: dict, average=None, log=None
 ) -> Path:
-    """`accelerator.save_state`, `progress` (``progress.json``) and the moving average of the weights `average` (an
-    object with ``state_dict()`` of float tensors: ``ema.safetensors``) into a temporary folder, renamed into place,
-    keeping the newest `keep` checkpoints. The first checkpoint in the folder also writes `run.json` (`settings`,
+    """`accelerator.save_state`, `progress` (``progress.json``, which lists the files retrofit wrote) and the moving
+    average of the weights `average` (an object with ``state_dict()`` of float tensors: ``ema.safetensors``) into a
+    temporary folder, renamed into place, keeping the newest `keep` checkpoints (`discard_checkpoint`: a user's files
+    in an older one stay, and `log` says so). The first checkpoint in the folder also writes `run.json` (`settings`,
     replacing one left by a run that stopped before its first checkpoint): a run that stops before it leaves no
     folder behind. A write that fails (a full disk, a file-size limit) is one line and leaves no temporary folder."""
     from safetensors import SafetensorError
@@ -318,15 +383,16 @@ def save_checkpoint(
         accelerator.save_state(str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            (tmp / PROGRESS_FILE).write_text(json.dumps(progress.state_dict()) + "\n")
             if average is not None:
                 save_file(average.state_dict(), str(tmp / EMA_FILE))
+            written = {"files": sorted({*folder_entries(tmp)[0], PROGRESS_FILE})}  # what pruning may delete
+            (tmp / PROGRESS_FILE).write_text(json.dumps(progress.state_dict() | written) + "\n")
             if final.exists():
                 discard_checkpoint(final)
             os.replace(tmp, final)
             for old in list_checkpoints(checkpoint_dir)[:-keep]:
                 with contextlib.suppress(OSError):
-                    discard_checkpoint(old)
+                    discard_checkpoint(old, log)
     except (OSError, RuntimeError, SafetensorError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         why = describe_os_error(exc) if isinstance(exc, OSError) else f"{brief(exc, 120)}; check the free space"

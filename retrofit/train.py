@@ -658,7 +658,7 @@ def train(
                 if run.eval_every and progress.step % run.eval_every == 0:
                     run_eval()  # before the checkpoint, which keeps the evaluations so far for a resumed run
                 if checkpoint_dir and progress.step % run.save_every == 0:
-                    save_checkpoint(accelerator, checkpoint_dir, progress, run.keep_checkpoints, settings, average)
+                    save_checkpoint(accelerator, checkpoint_dir, progress, run.keep_checkpoints, settings, average, log)
                     last_saved = progress.step
                 if progress.step >= stop_at:
                     break
@@ -673,7 +673,7 @@ def train(
         if reader is not None:
             reader.close()
     if checkpoint_dir and last_saved != progress.step:
-        save_checkpoint(accelerator, checkpoint_dir, progress, run.keep_checkpoints, settings, average)
+        save_checkpoint(accelerator, checkpoint_dir, progress, run.keep_checkpoints, settings, average, log)
     result.finished = progress.step >= total_steps
     if result.finished and average is not None:  # the live weights are done training: the average is the result
         average.copy_to_model()

@@ -1208,3 +1208,38 @@ def test_progress_false_hides_the_libraries_bars_too(tiny_vit, colours, tmp_path
         if was_disabled[1]:
             disable_progress_bar()
     assert "Generating" not in printed and "it/s]" not in printed and "examples/s]" not in printed, printed
+
+
+def test_pruning_and_overwrite_delete_only_what_retrofit_wrote(tiny_vit, colours, tmp_path):
+    """A checkpoint pruned to --keep-checkpoints loses the files retrofit wrote there and nothing else: files the
+    user put into it stay, and the log says so; --overwrite of checkpoints holding such files is refused before any
+    work, one line, nothing deleted."""
+    settings = dict(after_layer=2, num_tokens=4, data=colours, loss="ce", max_steps=3,
+                    **{**FAST, "save_every": 1, "keep_checkpoints": 5})  # fmt: skip
+    finetune(tiny_vit, output=tmp_path / "out", stop_after=2, **settings)
+    checkpoints = tmp_path / "out-checkpoints"
+    first = checkpoints / "step-00000001"
+    written = {p.name for p in first.iterdir()}
+    assert {"model.safetensors", "optimizer.bin", "progress.json"} <= written
+    (first / "notes.txt").write_text("mine")
+    (first / "eval").mkdir()
+    (first / "eval" / "result.json").write_text("{}")
+    (first / "empty").mkdir()
+    said: list[str] = []
+    finetune(tiny_vit, output=tmp_path / "out", resume=True, log=said.append, **{**settings, "keep_checkpoints": 1})
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["run.json", "step-00000001", "step-00000003"]
+    assert sorted(p.relative_to(first).as_posix() for p in first.rglob("*")) == [
+        "empty", "eval", "eval/result.json", "notes.txt"
+    ]  # fmt: skip
+    assert (first / "notes.txt").read_text() == "mine"
+    assert (
+        f"deleted checkpoint '{first}' but kept the folder: it holds files retrofit did not write (empty, "
+        "eval/result.json, notes.txt); move them out of the checkpoint folder"
+    ) in said
+    shutil.move(first / "notes.txt", checkpoints / "step-00000003" / "notes.txt")
+    shutil.rmtree(first)
+    with pytest.raises(RetrofitError, match=r"step-00000003' holds files retrofit did not write \(notes.txt\), which"):
+        finetune(tiny_vit, output=tmp_path / "out", overwrite=True, **settings)
+    assert (checkpoints / "step-00000003" / "model.safetensors").is_file()
+    (checkpoints / "step-00000003" / "notes.txt").unlink()
+    assert finetune(tiny_vit, output=tmp_path / "out", overwrite=True, **settings).steps == 3
