@@ -569,6 +569,8 @@ def _measure_batch_size(variants, batch_size, settings, device, dtype, generator
                 continue
             try:
                 seconds = _time_block(v.runner, inputs[_input_shape(v)], iters[v.label], device)
+                if seconds <= 0:  # a clock too coarse for the block: no rate can be computed from it
+                    raise RuntimeError(f"the clock read {seconds:g} s for {iters[v.label]} forward passes")
             except Exception as exc:  # noqa: BLE001
                 _fail(v, batch_size, exc, device, log)
                 iters.pop(v.label)

@@ -200,6 +200,24 @@ def test_out_of_memory_batch_size_is_reported_and_skipped(tiny_vit, monkeypatch,
     assert "| OOM |" in captured.out
 
 
+def test_a_block_the_clock_cannot_time_is_reported_not_divided_by(tiny_vit, monkeypatch):
+    """A clock that reads 0 s for a timed block (coarser than a very fast model's passes) raised ZeroDivisionError
+    after the warm-up: that measurement now fails as a status, and the other models keep their speed."""
+    from retrofit.loading import load_model
+    from retrofit.surgery import insert_patch_merger
+
+    real = benchmark._time_block
+
+    def clock(runner, x, iters, device):
+        seconds = real(runner, x, iters, device)
+        return 0.0 if getattr(runner.config, "merge_num_tokens", None) else seconds
+
+    monkeypatch.setattr(benchmark, "_time_block", clock)
+    model = load_model(tiny_vit)
+    rates = benchmark.images_per_second({"source": model, "merged": insert_patch_merger(model, 2, 4)}, batch_size=2)
+    assert rates["source"] > 0 and rates["merged"] is None
+
+
 def test_bf16(tiny_vit, capsys):
     assert main(["bench", str(tiny_vit), "--dtype", "bf16", "--batch-size", "2", *QUICK]) == 0
     assert "bf16" in capsys.readouterr().out
