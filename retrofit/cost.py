@@ -9,11 +9,12 @@ tokens): heads · Q · S · (S + Q), counted with the merger.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass
 
 from transformers import PreTrainedConfig
 
-from .errors import RetrofitError, shown
+from .errors import RetrofitError, shown, whole_number
 from .loading import family_and_head, is_merged, layer_config
 from .naflex import square_side
 
@@ -74,15 +75,18 @@ def model_cost(
     the merged model (`retrofit sweep --dry-run`)."""
     if not isinstance(config, PreTrainedConfig):
         raise RetrofitError(f"model_cost takes a model's config (model.config, load_config), not {shown(config)}")
-    if merge is None and is_merged(config):
-        merge = (config.merge_after_layer, config.merge_num_tokens)
     family, head = family_and_head(config)
     lc = layer_config(config, head)
+    patch_h, patch_w = _pair(lc.patch_size)
+    size = None if image_size is None else _checked_size(image_size, (patch_h, patch_w))
+    patches = num_patches(lc, size)
+    if merge is not None:
+        merge = _checked_merge(merge, lc.num_hidden_layers, patches)
+    elif is_merged(config):
+        merge = (config.merge_after_layer, config.merge_num_tokens)
     hidden, intermediate, channels = lc.hidden_size, family.mlp_width(lc), getattr(lc, "num_channels", 3)
-    patches = num_patches(lc, image_size)
     prefix = family.num_prefix_tokens(lc)
     tokens = patches + prefix
-    patch_h, patch_w = _pair(lc.patch_size)
     macs = patches * hidden * channels * patch_h * patch_w
     merger_macs = 0.0
     seen = []
@@ -96,7 +100,41 @@ def model_cost(
             merger_macs += biases * lc.num_attention_heads * tokens * full * (full + tokens)
         seen.append(tokens)
         macs += layer_macs(tokens, hidden, intermediate)
-    return Cost(tokens_per_layer=seen, macs=macs + merger_macs, merger_macs=merger_macs)
+    try:
+        return Cost(tokens_per_layer=seen, macs=float(macs + merger_macs), merger_macs=float(merger_macs))
+    except OverflowError:
+        raise RetrofitError(f"model_cost's image_size {shown(image_size)} is too large to price") from None
+
+
+def _checked_size(image_size, patch: tuple[int, int]) -> tuple[int, int]:
+    """`model_cost`'s `image_size` (a whole number or a (height, width) pair of them, NumPy's too) as a pair of ints,
+    each at least the model's `patch` side; anything else is a one-line error (``"32"`` cost 1 token a layer)."""
+    pair = isinstance(image_size, tuple | list) and len(image_size) == 2
+    if not pair and (isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral)):
+        raise RetrofitError(
+            f"model_cost's image_size must be a whole number or a (height, width) pair of them, not {shown(image_size)}"
+        )
+    sides = image_size if pair else (image_size, image_size)
+    height, width = (whole_number(side, "model_cost's image_size") for side in sides)
+    if height < patch[0] or width < patch[1]:
+        raise RetrofitError(
+            f"model_cost's image_size {shown(image_size)} is smaller than the model's {patch[0]}x{patch[1]} patches"
+        )
+    return height, width
+
+
+def _checked_merge(merge, layers: int, patches: int) -> tuple[int, int]:
+    """`model_cost`'s `merge` as (K, M) ints, K in 1..layers-1 and M in 1..patches-1 (as `surgery.check_merge`
+    allows); anything else is a one-line error (a merge past the last layer was priced as none)."""
+    if not (isinstance(merge, tuple | list) and len(merge) == 2):
+        raise RetrofitError(f"model_cost's merge must be a pair (after_layer, num_tokens), not {shown(merge)}")
+    after_layer = whole_number(merge[0], "model_cost's merge after_layer")
+    num_tokens = whole_number(merge[1], "model_cost's merge num_tokens")
+    if not 1 <= after_layer < layers:
+        raise RetrofitError(f"model_cost's merge after_layer {after_layer} is out of range: use 1..{layers - 1}")
+    if not 1 <= num_tokens < patches:
+        raise RetrofitError(f"model_cost's merge num_tokens {num_tokens} is out of range: use 1..{patches - 1}")
+    return after_layer, num_tokens
 
 
 def compare(before: Cost, after: Cost) -> str:

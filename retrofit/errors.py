@@ -75,6 +75,16 @@ def brief(exc: BaseException, limit: int = 160) -> str:
     return head.rsplit(" ", 1)[0].rstrip(" ,;:(") + " …"
 
 
+def whole_number(value, name: str) -> int:
+    """`value` as Python's int where it is a whole number (NumPy's too), else a one-line error naming the argument
+    `name` (``"insert_patch_merger's after_layer"``): a float such as 2.0 or a bool is no count, nor is text."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise RetrofitError(f"{name} must be a whole number, not {shown(value)}")
+    return int(value)
+
+
 def shown(value) -> str:
     """`value` as an error message quotes it: a short repr (``reprlib``: long text, lists and nesting cut with "..."),
     and for any other object its type, as a model passed where a path goes would print as many lines."""

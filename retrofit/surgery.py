@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from .cost import num_patches
-from .errors import RetrofitError, shown
+from .errors import RetrofitError, shown, whole_number
 from .families import ROPE_POSITIONS, Family, Head, family_for
 from .hub_code import load_classes
 from .loading import family_and_head, is_merged, layer_config
@@ -133,10 +131,9 @@ def insert_patch_merger(
             f"insert_patch_merger takes a loaded model (retrofit.load_model), not {shown(model)}; or use "
             "retrofit.convert, which takes a Hub id or folder"
         )
-    for name, value in (("after_layer", after_layer), ("num_tokens", num_tokens)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # 2.0: a TypeError; True: "mismatch"
-            raise RetrofitError(f"insert_patch_merger's {name} must be a whole number, not {shown(value)}")
-    after_layer, num_tokens = int(after_layer), int(num_tokens)  # NumPy's as Python's: the config is saved as JSON
+    # 2.0 was a TypeError, True a "mismatch"; NumPy's become Python's: the config is saved as JSON
+    after_layer = whole_number(after_layer, "insert_patch_merger's after_layer")
+    num_tokens = whole_number(num_tokens, "insert_patch_merger's num_tokens")
     if not is_merged(model.config):
         family = family_for(model.config.model_type)
         if type(model).__name__ in family.heads and (model.config.architectures or [None])[0] != type(model).__name__:

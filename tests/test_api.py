@@ -181,3 +181,37 @@ def test_calibrate_refuses_what_it_cannot_take_in_one_line(tiny_vit):
             calibrate(model, values)
     assert torch.equal(merged.patch_merger.queries, queries) and merged.training
     assert calibrate(merged, pixels).images == 4 and merged.training
+
+
+def test_model_cost_refuses_what_is_no_size_or_merge_in_one_line():
+    """model_cost prices whole numbers (NumPy's too) and nothing else: text, a float, a bool, a size below one patch,
+    a merge past the last layer or of no tokens were priced wrong without a word ("32" as 1 token a layer) or raised
+    TypeError/IndexError; a size too large to price is one line, not an OverflowError."""
+    import numpy as np
+    from conftest import TINY
+    from transformers import ViTConfig
+
+    import retrofit
+    from retrofit.errors import RetrofitError
+
+    config = ViTConfig(**TINY)  # 32x32 images of 8x8 patches, 4 layers
+    for size in (np.int64(32), (32, 32), [np.int32(32), 32]):
+        assert retrofit.model_cost(config, size) == retrofit.model_cost(config)
+    merged = retrofit.model_cost(config, merge=(np.int64(1), np.int32(4)))
+    assert merged.tokens_per_layer == [17, 5, 5, 5] and all(type(n) is int for n in merged.tokens_per_layer)
+    calls = [
+        (("32",), {}, "image_size must be a whole number or a (height, width) pair of them, not '32'"),
+        ((32.0,), {}, "image_size must be a whole number or a (height, width) pair of them, not 32.0"),
+        ((True,), {}, "image_size must be a whole number or a (height, width) pair of them, not True"),
+        (((32, "32"),), {}, "image_size must be a whole number, not '32'"),
+        ((0,), {}, "image_size 0 is smaller than the model's 8x8 patches"),
+        ((10**400,), {}, "image_size a number of about 400 digits is too large to price"),
+        ((), {"merge": ("1", 4)}, "merge after_layer must be a whole number, not '1'"),
+        ((), {"merge": (1, 2.5)}, "merge num_tokens must be a whole number, not 2.5"),
+        ((), {"merge": (4, 4)}, "merge after_layer 4 is out of range: use 1..3"),
+        ((), {"merge": (1, 0)}, "merge num_tokens 0 is out of range: use 1..15"),
+        ((), {"merge": 3}, "merge must be a pair (after_layer, num_tokens), not 3"),
+    ]
+    for args, kwargs, message in calls:
+        with pytest.raises(RetrofitError, match="^model_cost's " + re.escape(message) + "$"):
+            retrofit.model_cost(config, *args, **kwargs)
