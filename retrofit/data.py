@@ -16,7 +16,7 @@ import re
 import shutil
 import tempfile
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +178,9 @@ def load_split(
     label_column: str | None = "label",
     limit: int | None = None,
     sample_seed: int | None = None,
+    split_classes: bool = False,
+    log: Callable[[str], None] | None = None,
+    instead: str = "use --sample N for a shuffled sample of the split",
 ):
     """One split of an image-classification dataset as a `datasets.Dataset` with columns ``image`` (and ``label``).
 
@@ -185,6 +188,11 @@ def load_split(
     folder in the `datasets` imagefolder layout, or a Hub dataset id. `limit` keeps the first `limit` examples, or,
     with `sample_seed`, a shuffled sample of `limit` examples. From the Hub, a limited split is streamed: only the
     examples kept are downloaded, not the whole split.
+
+    Where the first `limit` examples hold fewer classes than the split (an image folder lists its classes one after
+    another), `log` gets one line saying so, ending in `instead`. `split_classes` (zero-shot, whose prompts are the
+    classes): a column of text labels names the classes of the whole split, not only those of the examples kept (a
+    ClassLabel of their sorted names); from a streamed Hub split only the examples read are known, and `log` says so.
     """
     import datasets
 
@@ -196,8 +204,15 @@ def load_split(
         )
     data = str(data)
     sample = limit is not None and sample_seed is not None
+    # the classes of the whole split and of its first `limit` examples, counted even where the labels are not read
+    # (kd, backbones): the first N of an image folder may be of one class
+    whole: list | None = None
+    kept: list | None = None
+    counted = label_column or "label"
     if _is_fashion_mnist(data):
         dataset = _fashion_mnist(split, None if sample else limit)
+        if limit is not None:
+            whole, kept = FASHION_MNIST_CLASSES, _distinct_labels(dataset, "label")
     else:
         local = Path(data).expanduser()
         is_local = is_local_data(data)
@@ -236,8 +251,11 @@ def load_split(
                 f"cannot load dataset '{data}' ({type(exc).__name__}: {text}){local_too}; pass fashion-mnist, an "
                 f"image folder or a reachable Hub dataset id{login}"
             ) from None
+        if limit is not None:  # a local split is whole here; a streamed Hub split has only its features' names
+            whole = _distinct_labels(dataset, counted) if is_local else _declared_classes(dataset, counted)
         if limit is not None and not sample:
             dataset = dataset.select(range(min(limit, len(dataset))))
+            kept = _distinct_labels(dataset, counted)
         for column in (image_column, label_column):
             if column is not None and column not in dataset.column_names:
                 raise RetrofitError(
@@ -267,7 +285,44 @@ def load_split(
         dataset = dataset.remove_columns("label")
     if len(dataset) == 0:
         raise RetrofitError(f"split '{split}' of dataset '{data}' is empty; choose another split or dataset")
+    if log is not None and limit is not None and not sample and whole and kept is not None and len(kept) < len(whole):
+        log(
+            f"note: the first {len(dataset)} images of '{data}' ({split}) hold {len(kept)} of its {len(whole)} "
+            f"classes, so what they measure is for those classes alone; {instead}"
+        )
+    if split_classes and limit is not None and "label" in dataset.column_names:
+        if getattr(dataset.features["label"], "dtype", None) in ("string", "large_string"):
+            if whole is None:
+                if log is not None:
+                    log(
+                        f"note: the classes of '{data}' ({split}) are those of the {len(dataset)} images read (a "
+                        "streamed Hub split names no classes before it is read)"
+                    )
+            elif set(whole) != set(_distinct_labels(dataset, "label")):  # classes left out: a ClassLabel names all
+                with datasets_progress_bars(False):
+                    dataset = dataset.cast_column("label", datasets.ClassLabel(names=sorted(whole)))
     return dataset
+
+
+def _declared_classes(dataset, column: str) -> list[str] | None:
+    """The class names of `dataset`'s `column` if it is a `ClassLabel` (else None)."""
+    from datasets import ClassLabel
+
+    feature = dataset.features.get(column) if column in dataset.column_names else None
+    return list(feature.names) if isinstance(feature, ClassLabel) else None
+
+
+def _distinct_labels(dataset, column: str | None) -> list | None:
+    """The distinct labels of `dataset`'s `column` (missing ones, None or a negative id, left out), read from Arrow;
+    None where it holds no labels one by one (no such column, lists)."""
+    from datasets import ClassLabel, Value
+
+    if column is None or column not in dataset.column_names:
+        return None
+    if not isinstance(dataset.features[column], ClassLabel | Value):
+        return None
+    values = dataset.unique(column)
+    return [value for value in values if value is not None and not (isinstance(value, int | np.integer) and value < 0)]
 
 
 def _stored_as(feature) -> str | None:
@@ -468,10 +523,7 @@ def _examples(stream):
 
 def class_names(dataset) -> list[str] | None:
     """The class names of a split's ``label`` column, if it is a `ClassLabel` (else None)."""
-    from datasets import ClassLabel
-
-    feature = dataset.features.get("label") if "label" in dataset.column_names else None
-    return list(feature.names) if isinstance(feature, ClassLabel) else None
+    return _declared_classes(dataset, "label")
 
 
 def label_id(value, label_map: dict | None = None) -> int | None:

@@ -31,7 +31,7 @@ import torch
 
 from .data import dataset_label_map, generic_labels, model_labels, same_class_name
 from .errors import RetrofitError, brief
-from .settings import EvaluateArgs, model_list
+from .settings import EVALUATE_SEED, EvaluateArgs, model_list
 from .zero_shot import DEFAULT_TEMPLATE
 
 METRICS_DIR = Path(__file__).parent / "metrics"
@@ -119,6 +119,7 @@ def evaluate_models(
     data: str | os.PathLike,
     split: str = "validation",
     limit: int | None = None,
+    sample: int | None = None,
     batch_size: int = 64,
     top_k: int = 5,
     image_column: str = "image",
@@ -128,9 +129,10 @@ def evaluate_models(
     prompt_template: str = DEFAULT_TEMPLATE,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Evaluate `models` (checkpoints, Hub ids, exports: one or a list) on one split; returns a JSON-ready report
-    with a table. `zero_shot`: score image-text dual encoders by zero-shot classification with `prompt_template`. The
-    settings are checked as the command's options are."""
+    """Evaluate `models` (checkpoints, Hub ids, exports: one or a list) on one split (its first `limit` images, or a
+    shuffled `sample` of them, the same every run); returns a JSON-ready report with a table. `zero_shot`: score
+    image-text dual encoders by zero-shot classification with `prompt_template`. The settings are checked as the
+    command's options are."""
     from .data import load_split, make_dataloader
     from .loading import family_and_head, load_config, load_image_processor, load_model, trained_head_config
 
@@ -138,17 +140,18 @@ def evaluate_models(
     if not models:
         raise RetrofitError("no models to evaluate; pass one or more checkpoint folders, Hub ids or exports")
     args = EvaluateArgs(  # the checks of the command's options, for Python callers too (folders as paths)
-        models=models, data=data, split=split,
-        limit=limit, batch_size=batch_size, top_k=top_k, image_column=image_column, label_column=label_column,
+        models=models, data=data, split=split, limit=limit, sample=sample,
+        batch_size=batch_size, top_k=top_k, image_column=image_column, label_column=label_column,
         trust_remote_code=trust_remote_code, zero_shot=zero_shot, prompt_template=prompt_template,
     )  # fmt: skip
-    models, data, split, limit, batch_size, top_k = (args.models, args.data, args.split, args.limit, args.batch_size,
-                                                     args.top_k)  # fmt: skip
+    models, data, split, batch_size, top_k = args.models, args.data, args.split, args.batch_size, args.top_k
+    # which images: the first --limit, or a shuffled --sample; `log` says where the first N miss classes of the split
+    choose = {"limit": args.sample or args.limit, "sample_seed": EVALUATE_SEED if args.sample else None, "log": log}
     image_column, label_column, trust_remote_code = args.image_column, args.label_column, args.trust_remote_code
     saved = [load_config(spec, trust_remote_code=trust_remote_code) for spec in models]
     if zero_shot:
         return _evaluate_zero_shot(
-            models, saved, data=data, split=split, limit=limit, batch_size=batch_size, top_k=top_k,
+            models, saved, data=data, split=split, choose=choose, batch_size=batch_size, top_k=top_k,
             image_column=image_column, label_column=label_column, template=prompt_template,
             trust_remote_code=trust_remote_code, log=log,
         )  # fmt: skip
@@ -177,7 +180,7 @@ def evaluate_models(
                 "merged model with its own source (both full dual encoders, or both vision towers)"
             )
         return _evaluate_backbones(
-            models, configs, data=data, split=split, limit=limit, batch_size=batch_size, image_column=image_column,
+            models, configs, data=data, split=split, choose=choose, batch_size=batch_size, image_column=image_column,
             trust_remote_code=trust_remote_code, log=log,
         )  # fmt: skip
     reference = model_labels(configs[0])
@@ -189,7 +192,7 @@ def evaluate_models(
         prediction_map(reference, model_labels(config), (models[0], spec))
         for spec, config in zip(models, configs, strict=True)
     ]
-    dataset = load_split(data, split, image_column=image_column, label_column=label_column, limit=limit)
+    dataset = load_split(data, split, image_column=image_column, label_column=label_column, **choose)
     label_map = dataset_label_map(
         reference,
         dataset,
@@ -331,13 +334,13 @@ def _models_and_loaders(
 
 
 def _evaluate_backbones(
-    models: list[str], configs: list, *, data, split, limit, batch_size, image_column, trust_remote_code, log
+    models: list[str], configs: list, *, data, split, choose, batch_size, image_column, trust_remote_code, log
 ) -> dict:
     """Feature similarity of backbones to the first one, on one split (its labels are not read). Each model sees the
     images as its own image processor prepares them; models that prepare them the same way share one loader."""
     from .data import load_split
 
-    dataset = load_split(data, split, image_column=image_column, label_column=None, limit=limit)
+    dataset = load_split(data, split, image_column=image_column, label_column=None, **choose)
     loaded, loaders, processors = _models_and_loaders(
         models, configs, dataset, batch_size, None, trust_remote_code, log
     )
@@ -381,8 +384,9 @@ def check_dual_encoders(models: list[str], configs: list, *, where: str = "--zer
 
 def zero_shot_classes(dataset, data: str) -> tuple[list[str], dict | None]:
     """The class names of a labelled split (a ClassLabel's names, as image folders and fashion-mnist have, or the
-    distinct names of a column of text labels, sorted) and the map of its labels to their index (None: the ids are);
-    every label checked. No class names: one line."""
+    distinct names of a column of text labels, sorted; a split limited by `load_split(split_classes=True)` names all
+    of its split's) and the map of its labels to their index (None: the ids are); every label checked. No class names:
+    one line."""
     from .data import check_labels, class_names
 
     names, label_map = class_names(dataset), None
@@ -396,18 +400,17 @@ def zero_shot_classes(dataset, data: str) -> tuple[list[str], dict | None]:
             "or text); zero-shot needs named classes: use an image folder (one sub-folder per class), fashion-mnist "
             "or a dataset whose label column is a ClassLabel (choose it with --label-column)"
         )
-    _check_class_names(names, data, text)
+    _check_class_names(names, data)
     check_labels(dataset, len(names), data=data, label_map=label_map, hint="give every image one of the classes")
     return names, label_map
 
 
-def _check_class_names(names: list[str], data: str, text: bool) -> None:
+def _check_class_names(names: list[str], data: str) -> None:
     """Refuse class names that give no zero-shot score: one class (its prompt always wins: 100 % by construction), a
     blank name (no prompt), two names that give one prompt (underscores become spaces: the classes would tie)."""
     if len(names) < 2:
-        seen = " in the images read (--limit keeps the first N)" if text else ""
         raise RetrofitError(
-            f"'{data}' has 1 class ({names[0]!r}){seen}: zero-shot over one prompt always picks it (100 % whatever "
+            f"'{data}' has 1 class ({names[0]!r}): zero-shot over one prompt always picks it (100 % whatever "
             "the model); use images of two or more classes"
         )
     shown: dict[str, str] = {}
@@ -543,7 +546,7 @@ def zero_shot_scores(
 
 
 def _evaluate_zero_shot(
-    models: list[str], configs: list, *, data, split, limit, batch_size, top_k, image_column, label_column, template,
+    models: list[str], configs: list, *, data, split, choose, batch_size, top_k, image_column, label_column, template,
     trust_remote_code, log,
 ) -> dict:  # fmt: skip
     """`evaluate --zero-shot`: everything a user can get wrong (not a dual encoder, data without class names, no
@@ -552,7 +555,8 @@ def _evaluate_zero_shot(
     from .zero_shot import prompts
 
     check_dual_encoders(models, configs)
-    dataset = load_split(data, split, image_column=image_column, label_column=label_column, limit=limit)
+    dataset = load_split(data, split, image_column=image_column, label_column=label_column, split_classes=True,
+                         **choose)  # fmt: skip
     names, label_map = zero_shot_classes(dataset, data)
     texts = prompts(names, template)
     tokenizers = [
@@ -821,6 +825,7 @@ def run_evaluate(args: EvaluateArgs) -> dict:
         data=args.data,
         split=args.split,
         limit=args.limit,
+        sample=args.sample,
         batch_size=args.batch_size,
         top_k=args.top_k,
         image_column=args.image_column,

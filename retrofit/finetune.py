@@ -153,7 +153,7 @@ def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepar
     if teacher is not None:
         check_teacher_fits(teacher, model, processor, teacher_name)
     settle_losses(model, args)
-    data = training_data(model, processor, args)
+    data = training_data(model, processor, args, log)
     if resuming:  # checkpoints of other settings are refused now, not after calibrating (`train` checks them again)
         options = {k: v for k, v in training_options(model, args, 1).items() if k != PROCESSES}  # launched: `train`
         check_same_run(checkpoint_dir, run_settings(model, args.train, args.ema_decay) | {OPTIONS: options})
@@ -188,7 +188,8 @@ def prompt_embeddings(args: FinetuneArgs, ready: Prepared, *, log: Callable[[str
     from .zero_shot import prompts, text_embeddings
 
     data = load_split(args.data, args.split, image_column=args.image_column, label_column=args.label_column,
-                      limit=args.sample or args.limit, sample_seed=args.seed if args.sample else None)  # fmt: skip
+                      limit=args.sample or args.limit, sample_seed=args.seed if args.sample else None,
+                      split_classes=True)  # fmt: skip
     names = zero_shot_classes(data, args.data)[0]
     text_model = ready.teacher if ready.teacher is not None else ready.model
     per_template = [text_embeddings(text_model, ready.tokenizer, prompts(names, t)) for t in args.prompt_templates]

@@ -472,7 +472,7 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
             log(f"warning: images/s not measured at evaluation.speed_batch_size {evaluation.speed_batch_size} (out "
                 "of memory?); lower it to time the models")  # fmt: skip
 
-    zero_shot = _zero_shot_scorer(args, ready, evaluation) if evaluation.zero_shot else None
+    zero_shot = _zero_shot_scorer(args, ready, evaluation, log) if evaluation.zero_shot else None
     zero_shot_before = zero_shot([baseline, ready.model]) if zero_shot else None  # the untrained merger too
     if zero_shot_before:
         rows[0] |= _zero_shot_cells(zero_shot_before[0])
@@ -513,13 +513,16 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
     return summary
 
 
-def _zero_shot_scorer(args: FinetuneArgs, ready, evaluation: RecipeEvaluation) -> Callable[..., list[dict]]:
+def _zero_shot_scorer(
+    args: FinetuneArgs, ready, evaluation: RecipeEvaluation, log: Callable[[str], None]
+) -> Callable[..., list[dict]]:
     """For ``evaluation.zero_shot``: a function scoring dual encoders (`retrofit.evaluation.zero_shot_scores`) on
     the evaluation split, one prompt per class (``evaluation.prompt_template``), with the source's tokenizer. What
     cannot work (not a dual encoder, no evaluation split or class names, no tokenizer) is one line before
     training."""
     from .data import load_split, make_dataloader
     from .evaluation import check_dual_encoders, zero_shot_classes, zero_shot_scores
+    from .train import EVAL_LIMIT_INSTEAD
     from .zero_shot import prompts
 
     check_dual_encoders([args.source], [ready.config], where="evaluation.zero_shot")
@@ -530,7 +533,7 @@ def _zero_shot_scorer(args: FinetuneArgs, ready, evaluation: RecipeEvaluation) -
             f"evaluation.zero_shot embeds prompts with the source's tokenizer, and '{args.source}' has none"
         )
     dataset = load_split(args.data, args.eval_split, image_column=args.image_column, label_column=args.label_column,
-                         limit=args.eval_limit)  # fmt: skip
+                         limit=args.eval_limit, split_classes=True, log=log, instead=EVAL_LIMIT_INSTEAD)  # fmt: skip
     names, label_map = zero_shot_classes(dataset, args.data)
     loader = make_dataloader(dataset, ready.processor, batch_size=min(evaluation.batch_size, len(dataset)),
                              label_map=label_map, num_channels=getattr(ready.config, "num_channels", None))  # fmt: skip

@@ -387,6 +387,20 @@ def calibrate_images_setting() -> Any:
     return setting(256, "images to calibrate on, a shuffled sample", at_least=1)
 
 
+def sample_setting(what: str, seed: str) -> Any:
+    """``--sample N``: `what` a shuffled sample of N images, seeded as `seed` says, instead of ``--limit``'s first N."""
+    return setting(
+        None, f"{what} a shuffled sample of N images ({seed}; from the Hub only those are downloaded)", metavar="N",
+        at_least=1,
+    )  # fmt: skip
+
+
+def _check_limit_or_sample(settings: "Settings") -> None:
+    """--limit (the first N images) and --sample (a shuffled sample) are two ways of choosing images: one at most."""
+    if settings.limit is not None and settings.sample is not None:
+        raise RetrofitError("--limit (the first N images) and --sample (a shuffled sample) exclude each other")
+
+
 def image_column_setting() -> Any:
     return setting("image", "image column of the data")
 
@@ -441,10 +455,7 @@ class DataSettings(Settings):
     image_column: str = image_column_setting()
     label_column: str | None = setting("label", "label column of the data")
     limit: int | None = setting(None, "use only the first N training images", metavar="N", at_least=1)
-    sample: int | None = setting(
-        None, "train on a shuffled sample of N images (seeded by --seed; from the Hub only those are downloaded)",
-        metavar="N", at_least=1,
-    )  # fmt: skip
+    sample: int | None = sample_setting("train on", "seeded by --seed")
     eval_limit: int | None = setting(None, "use only the first N evaluation images", metavar="N", at_least=1)
     num_workers: int = setting(0, "dataloader worker processes", at_least=0, at_most=MAX_WORKERS)
     augment: bool = setting(False, "random resized crops and horizontal flips of the training images")
@@ -453,8 +464,7 @@ class DataSettings(Settings):
         super().check()
         if self.eval_split is not None and not self.eval_split.strip():  # '' (or spaces): none
             self.eval_split = None
-        if self.limit is not None and self.sample is not None:
-            raise RetrofitError("--limit (the first N images) and --sample (a shuffled sample) exclude each other")
+        _check_limit_or_sample(self)
 
 
 @dataclass(kw_only=True)
@@ -675,6 +685,7 @@ ZERO_SHOT_HELP = (
     "class of the data, each model with its own tokenizer and text tower"
 )
 PROMPT_TEMPLATE_HELP = "the zero-shot prompt: the class name goes where {} is"
+EVALUATE_SEED = 0  # evaluate --sample: every run, and so every model compared across runs, scores the same images
 
 
 @dataclass(kw_only=True)
@@ -686,7 +697,9 @@ class EvaluateArgs(Settings):
                                 nargs="+")  # fmt: skip
     data: str = setting(help=DATA_HELP)
     split: str = setting("validation", "split to evaluate on")
-    limit: int | None = setting(None, "use only the first N images", metavar="N", at_least=1)
+    limit: int | None = setting(None, "use only the first N images (an image folder lists its classes in turn, so "
+                                "they may be of one class: see --sample)", metavar="N", at_least=1)  # fmt: skip
+    sample: int | None = sample_setting("evaluate on", f"seed {EVALUATE_SEED}: the same images every run")
     batch_size: int = setting(64, "images per batch and process", at_least=1)
     top_k: int = setting(5, "k of the top-k accuracy", at_least=1)
     image_column: str = image_column_setting()
@@ -700,6 +713,7 @@ class EvaluateArgs(Settings):
 
     def check(self) -> None:
         super().check()
+        _check_limit_or_sample(self)
         _check_templates(self, "prompt_template")
         _check_zero_shot_only(self)
 
@@ -899,6 +913,7 @@ class BenchArgs(BenchSettings):
 
 
 METHODS = ("calibrate", "finetune")
+SWEEP_LIMIT = 1000  # sweep scores every setting: the first 1000 images, unless --limit or --sample says otherwise
 
 
 @dataclass(kw_only=True)
@@ -912,7 +927,8 @@ class SweepSettings(Settings):
     data: str | None = setting(None, f"{DATA_HELP} (not with --dry-run)")
     split: str = setting("test", "split to measure accuracy on")
     calibrate_split: str = setting("train", "split to calibrate (and fine-tune) on")
-    limit: int | None = setting(1000, "evaluate on the first N images", metavar="N", at_least=1)
+    limit: int | None = setting(SWEEP_LIMIT, "evaluate on the first N images", metavar="N", at_least=1)
+    sample: int | None = sample_setting("evaluate on", "instead of the first --limit; seed 0")
     image_column: str = image_column_setting()
     label_column: str = setting("label", "label column of the data (not read for backbones)")
     calibrate_images: int = calibrate_images_setting()
@@ -938,6 +954,9 @@ class SweepSettings(Settings):
             if not getattr(self, name):
                 self.refuse(name, f"is empty; give one or more values, e.g. {example}")
             setattr(self, name, tuple(dict.fromkeys(getattr(self, name))))
+        if self.sample is not None and self.limit == SWEEP_LIMIT:
+            self.limit = None  # --sample replaces the default first N images
+        _check_limit_or_sample(self)
         _check_templates(self, "prompt_template")
         _check_zero_shot_only(self)
         if self.target_speedup is not None and not self.target_speedup > 1:

@@ -367,8 +367,9 @@ def sweep(
         for m in settings.tokens:
             check_merge(config, k, m, image_size)
     dataset = load_split(
-        settings.data, settings.split, limit=settings.limit, image_column=settings.image_column,
-        label_column=None if backbone else settings.label_column,
+        settings.data, settings.split, limit=settings.sample or settings.limit,
+        sample_seed=settings.seed if settings.sample else None, image_column=settings.image_column,
+        label_column=None if backbone else settings.label_column, split_classes=zero_shot, log=log,
     )  # fmt: skip
     if zero_shot:  # class names, the prompts and the tokenizer, refused in one line before any setting is built
         names, zero_shot_map = zero_shot_classes(dataset, settings.data)

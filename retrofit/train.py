@@ -218,17 +218,19 @@ def settle_losses(model, run: TrainingRun, *, captions: Captions | None = None) 
         )
 
 
-def training_data(model, image_processor, run: TrainingRun) -> tuple:
+def training_data(model, image_processor, run: TrainingRun, log: Callable[[str], None] | None = None) -> tuple:
     """The training and evaluation dataloaders of `run` for `model` (every data error is raised here, before any
     folder is created). Labels are mapped to the model's by class name; ``--num-labels`` gives the model a new head
-    for the data's classes. Without labels the model the evaluation compares with is the teacher."""
+    for the data's classes. Without labels the model the evaluation compares with is the teacher. `log` hears where
+    the first --limit or --eval-limit images hold fewer classes than their split."""
     from .data import class_names, dataset_label_map, load_split, make_dataloader, model_labels
     from .loading import family_and_head
 
     classifier = family_and_head(model.config)[1].is_classifier
     label_column = None if run.loss == "kd" else run.label_column
     train_set = load_split(run.data, run.split, image_column=run.image_column, label_column=label_column,
-                           limit=run.sample or run.limit, sample_seed=run.seed if run.sample else None)  # fmt: skip
+                           limit=run.sample or run.limit, sample_seed=run.seed if run.sample else None,
+                           log=log)  # fmt: skip
     if run.num_labels is not None:
         if run.loss != "ce":
             raise RetrofitError("--num-labels re-initialises the head, so the teacher cannot guide it; use --loss ce")
@@ -244,10 +246,15 @@ def training_data(model, image_processor, run: TrainingRun) -> tuple:
                                label_map=label_map)  # fmt: skip
     if not run.eval_split:
         return train_dl, None
-    return train_dl, evaluation_loader(model.config, image_processor, run)
+    return train_dl, evaluation_loader(model.config, image_processor, run, log)
 
 
-def evaluation_loader(config, image_processor, run: TrainingRun) -> torch.utils.data.DataLoader:
+EVAL_LIMIT_INSTEAD = "leave out --eval-limit (data.eval_limit in a recipe), or raise it, to measure every class"
+
+
+def evaluation_loader(
+    config, image_processor, run: TrainingRun, log: Callable[[str], None] | None = None
+) -> torch.utils.data.DataLoader:
     """The dataloader of `run`'s evaluation split for a model of `config`. kd needs no labels: on a split without
     them, or with classes the model does not know, its loader has none (``loader.dataset.has_labels`` is False) and
     kd's evaluations are agreement with the teacher (`evaluate`). With ``--num-labels`` (a new head for the data's
@@ -258,13 +265,13 @@ def evaluation_loader(config, image_processor, run: TrainingRun) -> torch.utils.
     labels = run.label_column
     try:
         eval_set = load_split(run.data, run.eval_split, image_column=run.image_column, label_column=labels,
-                              limit=run.eval_limit)  # fmt: skip
+                              limit=run.eval_limit, log=log, instead=EVAL_LIMIT_INSTEAD)  # fmt: skip
     except RetrofitError:
         if run.loss != "kd" or not labels:
             raise
         labels = None  # kd needs no labels: an unlabelled split measures agreement with the teacher
         eval_set = load_split(run.data, run.eval_split, image_column=run.image_column, label_column=None,
-                              limit=run.eval_limit)  # fmt: skip
+                              limit=run.eval_limit, log=log, instead=EVAL_LIMIT_INSTEAD)  # fmt: skip
     eval_map = None
     if run.num_labels is None and labels and family_and_head(config)[1].is_classifier:
         try:
@@ -508,7 +515,7 @@ def train(
             else "--prompt-weight needs the prompts' text embeddings (finetune makes them from the data's class names)"
         )
     set_seed(run.seed)
-    train_dl, eval_dl = data or training_data(model, image_processor, run)
+    train_dl, eval_dl = data or training_data(model, image_processor, run, log)
     images = len(train_dl.dataset)
 
     # Checkpoints: refuse to mix runs

@@ -83,6 +83,41 @@ def test_imagefolder_batches(imagefolder):
     assert load_split(str(imagefolder), "validation").num_rows == 12  # falls back to test
 
 
+def test_the_first_n_images_say_when_they_hold_fewer_classes_than_the_split(imagefolder, tmp_path):
+    """An image folder lists its classes one after another, so --limit's first N may be of one class: the accuracy
+    printed was that class's alone, without a word. One note says so (labels read or not: kd and backbones too),
+    naming the alternative; none for a sample, a limit past the split, or where every class is in. Zero-shot
+    (`split_classes`) names every class of a limited split of text labels, not only the classes of the first N."""
+    from retrofit.data import label_id
+
+    def notes(data: str, split: str, **kwargs) -> list[str]:
+        said: list[str] = []
+        load_split(data, split, log=said.append, **kwargs)
+        return said
+
+    folder = str(imagefolder)  # test split: 4 images of bird, then of cat, then of dog
+    one = notes(folder, "test", limit=4)
+    assert len(one) == 1 and "the first 4 images of" in one[0] and "hold 1 of its 3 classes" in one[0]
+    assert "use --sample N" in one[0]
+    assert notes(folder, "test", limit=5, label_column=None) != []  # kd and backbones read no labels
+    two = notes(folder, "test", limit=6, instead="raise it")
+    assert len(two) == 1 and "hold 2 of its 3 classes" in two[0] and two[0].endswith("; raise it")
+    assert notes(folder, "test", limit=4, sample_seed=0) == [] and notes(folder, "test", limit=100) == []
+    assert notes(folder, "test", limit=9) == []  # every class is in
+
+    text = make_labelled_folder(tmp_path / "text", imagefolder, ["cat", "cat", "dog", "bird"])
+    assert "hold 1 of its 3 classes" in notes(text, "train", limit=2)[0]
+    numbers = make_labelled_folder(tmp_path / "numbers", imagefolder, [0, 0, 1])  # ids without names
+    assert "hold 1 of its 2 classes" in notes(numbers, "train", limit=2)[0]
+    if FMNIST.exists():
+        assert "of its 10 classes" in notes("fashion-mnist", "test", limit=3)[0]
+
+    limited = load_split(text, "train", limit=3, split_classes=True)
+    assert class_names(limited) == ["bird", "cat", "dog"]  # bird is not among the first 3, yet a class of the split
+    assert [class_names(limited)[label_id(value)] for value in limited["label"]] == ["cat", "cat", "dog"]
+    assert load_split(text, "train", limit=3)["label"][:] == ["cat", "cat", "dog"]  # others read the text as it is
+
+
 def test_augmentation_is_a_function_of_seed_epoch_and_index(imagefolder):
     data = load_split(str(imagefolder), "train")
     first = make_dataloader(data, processor(), batch_size=4, augment=True).dataset
@@ -149,8 +184,10 @@ def test_cli_bad_data_exits_2_and_writes_nothing(tiny_vit, imagefolder, tmp_path
 
 def test_a_limited_hub_split_is_streamed_not_downloaded_whole(hub_dataset, tmp_path):
     calls, full = hub_dataset
-    part = load_split(HUB_ID, "train", limit=7)
+    said: list[str] = []
+    part = load_split(HUB_ID, "train", limit=7, log=said.append)
     assert calls == [{"split": "train", "streaming": True}]
+    assert len(said) == 1 and "hold 1 of its 3 classes" in said[0]  # the classes its features name
     assert len(part) == 7 and part["label"] == full["label"][:7]
     assert class_names(part) == ["bird", "cat", "dog"]
     assert np.array_equal(np.asarray(part[6]["image"]), np.asarray(full[6]["image"]))  # the same image, decoded

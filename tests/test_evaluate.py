@@ -548,6 +548,28 @@ def test_the_python_api_takes_paths_and_checks_its_settings_as_the_cli_does(tiny
             evaluate_models([tiny_vit], data=images, **bad, log=pytest.fail)
 
 
+def test_a_limit_of_one_class_says_so_and_a_sample_takes_every_class(trained_vit, images, capsys):
+    """The test split lists 5 birds, then 5 cats, then 5 dogs: --limit 5 scored the birds alone, printed as the
+    accuracy without a word. One note says so and names --sample, which scores a shuffled sample, the same images
+    every run; --limit and --sample together are one line."""
+    from retrofit.settings import EVALUATE_SEED
+
+    argv = ["evaluate", str(trained_vit), "--data", str(images), "--split", "test"]
+    assert main([*argv, "--limit", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "the first 5 images" in out and "hold 1 of its 3 classes" in out and "--sample N" in out
+    assert main([*argv, "--sample", "6"]) == 0
+    out = capsys.readouterr().out
+    assert ": 6 images" in out and "note:" not in out
+    assert len(set(load_split(str(images), "test", limit=6, sample_seed=EVALUATE_SEED)["label"])) > 1
+    runs = [evaluate_models(trained_vit, data=images, split="test", sample=6, log=pytest.fail) for _ in range(2)]
+    assert runs[0]["models"] == runs[1]["models"] and runs[0]["num_examples"] == 6
+    assert main([*argv, "--limit", "5", "--sample", "6"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--limit (the first N images) and --sample (a shuffled sample) exclude each other" in err
+    assert len(err.splitlines()) == 1
+
+
 def test_labels_are_mapped_between_models_by_one_name_per_id(images, tmp_path, capsys):
     """A model naming two classes alike (ImageNet's id2label has 'crane' twice) compared with another whose ids
     differ: its label's id in the other model was read from uninitialised memory (an IndexError traceback 'Target

@@ -129,6 +129,9 @@ def test_the_python_api_checks_its_settings(tiny_vit, images, tmp_path):
             sweep(str(tiny_vit), SweepSettings(**{**base, **changes}), log=pytest.fail)
     with pytest.raises(RetrofitError, match="--output is empty"):
         sweep(str(tiny_vit), SweepSettings(**base), output="", log=pytest.fail)
+    assert SweepSettings(**base, sample=5).limit is None  # --sample replaces the first 1000 images by default
+    with pytest.raises(RetrofitError, match="--limit .* and --sample .* exclude each other"):
+        SweepSettings(**base, limit=10, sample=5)
 
 
 def test_speed_is_measured_in_the_dtype_asked_for_and_a_failed_one_shows(tiny_vit, images, tmp_path, monkeypatch):
@@ -191,9 +194,10 @@ def test_a_write_failure_after_the_sweep_keeps_the_table(tiny_vit, images, tmp_p
     out = tmp_path / "sweep"
     argv = ["sweep", str(tiny_vit), "--after-layer", "1", "--tokens", "2", "--data", str(images), "--split", "test"]
     argv += ["--calibrate-images", "6", "--bench-batch-size", "2", "--bench-repeats", "1", "--output", str(out)]
-    assert main(argv) == 2
+    assert main([*argv, "--sample", "5"]) == 2
     captured = capsys.readouterr()
     assert "| after layer | tokens |" in captured.out and "| 1 | 2 |" in captured.out
+    assert "models on 5 images of" in captured.out  # a shuffled sample (of 3 classes, where the first 5 hold 2)
     assert "No space left on device" in captured.err and len(captured.err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
 

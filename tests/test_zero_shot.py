@@ -419,9 +419,11 @@ def test_images_alone_take_the_vision_arguments_and_return_dict(name, duals):
 
 
 def test_class_names_that_give_no_zero_shot_score_are_refused(duals, images, tmp_path, capsys):
-    """One class (a folder of one class, or text labels cut to one by --limit) scored 100 % whatever the model, a
-    blank class name was scored as the prompt 'a photo of a  .', and two names that give one prompt tied: each is
-    one line, exit 2, and sweep refuses them too before any setting."""
+    """One class (a folder of one class) scored 100 % whatever the model, a blank class name was scored as the prompt
+    'a photo of a  .', and two names that give one prompt tied: each is one line, exit 2, and sweep refuses them too
+    before any setting. Text labels of several classes cut by --limit to the images of one are scored over every
+    class of the split: the prompts were those of the images read (one: refused; two of three: an easier choice,
+    its accuracy inflated)."""
     import shutil
 
     from test_data import make_labelled_folder
@@ -431,8 +433,6 @@ def test_class_names_that_give_no_zero_shot_score_are_refused(duals, images, tmp
     shutil.copytree(images / "test" / "cat", one)
     cases = [
         (str(tmp_path / "one"), [], "has 1 class ('cat'): zero-shot over one prompt always picks it"),
-        (make_labelled_folder(tmp_path / "cut", images, ["cat", "dog", "bird"]), ["--limit", "1"],
-         "has 1 class ('cat') in the images read (--limit keeps the first N)"),
         (make_labelled_folder(tmp_path / "blank", images, ["cat", " ", "bird"]), [],
          "has a class with a blank name (' '), which gives no prompt"),
         (make_labelled_folder(tmp_path / "same", images, ["ankle_boot", "ankle boot", "bird"]), [],
@@ -443,12 +443,21 @@ def test_class_names_that_give_no_zero_shot_score_are_refused(duals, images, tmp
         assert main(["evaluate", str(source), "--data", data, "--split", split, "--zero-shot", *extra]) == 2
         captured = capsys.readouterr()
         assert message in captured.err and len(captured.err.strip().splitlines()) == 1 and not captured.out
-    sweep = ["sweep", str(source), "--after-layer", "1", "--tokens", "3", "--data", cases[2][0], "--split", "train",
+    cut = make_labelled_folder(tmp_path / "cut", images, ["cat", "dog", "bird"])
+    for limit in (1, 2):
+        report = evaluate_models(source, data=cut, split="train", limit=limit, zero_shot=True, log=lambda _: None)
+        assert report["labels"] == ["bird", "cat", "dog"] and report["num_examples"] == limit
+    sweep = ["sweep", str(source), "--after-layer", "1", "--tokens", "3", "--data", cases[1][0], "--split", "train",
              "--zero-shot", "--output", str(tmp_path / "sweep")]  # fmt: skip
     assert main(sweep) == 2
     captured = capsys.readouterr()
-    assert cases[2][2] in captured.err and "setting after-layer" not in captured.out + captured.err
+    assert cases[1][2] in captured.err and "setting after-layer" not in captured.out + captured.err
     assert not (tmp_path / "sweep").exists()
+    # sweep's prompts too are the split's classes: the first image alone passes the class check (and then stops, for
+    # want of a calibration split, before any setting is built)
+    sweep[sweep.index(cases[1][0])] = cut
+    assert main([*sweep, "--limit", "1", "--calibrate-split", "nosuch"]) == 2
+    assert "has no split 'nosuch'" in capsys.readouterr().err
 
 
 def test_a_prompt_template_without_zero_shot_is_refused(duals, images, capsys):
