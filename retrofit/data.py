@@ -285,7 +285,8 @@ def load_split(
         dataset = dataset.remove_columns("label")
     if len(dataset) == 0:
         raise RetrofitError(f"split '{split}' of dataset '{data}' is empty; choose another split or dataset")
-    if log is not None and limit is not None and not sample and whole and kept is not None and len(kept) < len(whole):
+    fewer = whole and kept is not None and len(kept) < min(len(whole), len(dataset))  # N images hold at most N
+    if log is not None and limit is not None and not sample and fewer:
         log(
             f"note: the first {len(dataset)} images of '{data}' ({split}) hold {len(kept)} of its {len(whole)} "
             f"classes, so what they measure is for those classes alone; {instead}"

@@ -103,14 +103,15 @@ def test_the_first_n_images_say_when_they_hold_fewer_classes_than_the_split(imag
     two = notes(folder, "test", limit=6, instead="raise it")
     assert len(two) == 1 and "hold 2 of its 3 classes" in two[0] and two[0].endswith("; raise it")
     assert notes(folder, "test", limit=4, sample_seed=0) == [] and notes(folder, "test", limit=100) == []
-    assert notes(folder, "test", limit=9) == []  # every class is in
+    assert notes(folder, "test", limit=9) == [] and notes(folder, "test", limit=1) == []  # every class it can hold
 
     text = make_labelled_folder(tmp_path / "text", imagefolder, ["cat", "cat", "dog", "bird"])
     assert "hold 1 of its 3 classes" in notes(text, "train", limit=2)[0]
     numbers = make_labelled_folder(tmp_path / "numbers", imagefolder, [0, 0, 1])  # ids without names
     assert "hold 1 of its 2 classes" in notes(numbers, "train", limit=2)[0]
     if FMNIST.exists():
-        assert "of its 10 classes" in notes("fashion-mnist", "test", limit=3)[0]
+        assert "hold 2 of its 10 classes" in notes("fashion-mnist", "train", limit=3)[0]  # labels 9, 0, 0
+        assert notes("fashion-mnist", "test", limit=3) == []  # 3 images of 3 classes: all that 3 can hold
 
     limited = load_split(text, "train", limit=3, split_classes=True)
     assert class_names(limited) == ["bird", "cat", "dog"]  # bird is not among the first 3, yet a class of the split
