@@ -617,8 +617,14 @@ def _measure_latency(variants, settings, device, dtype, generator, log) -> None:
             _free(device)
     times: dict[str, list[float]] = {v.label: [] for v in alive}
     for _ in range(max(1, settings.latency_iters)):
-        for v in alive:
-            times[v.label].append(1000 * _time_block(v.runner, inputs[_input_shape(v)], 1, device))
+        for v in list(alive):
+            try:
+                times[v.label].append(1000 * _time_block(v.runner, inputs[_input_shape(v)], 1, device))
+            except Exception as exc:  # noqa: BLE001 - a pass that fails after the warm-up (out of memory): as above
+                v.latency_ms = {"p50": None, "p90": None, "status": f"failed: {type(exc).__name__}"}
+                log(f"{v.label}: latency at batch 1 failed ({type(exc).__name__}: {brief(exc, 200)}); going on")
+                alive.remove(v)
+                _free(device)
     for v in alive:
         v.latency_ms = {"p50": _percentile(times[v.label], 0.5), "p90": _percentile(times[v.label], 0.9)}
 

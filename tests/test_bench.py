@@ -218,6 +218,34 @@ def test_a_block_the_clock_cannot_time_is_reported_not_divided_by(tiny_vit, monk
     assert rates["source"] > 0 and rates["merged"] is None
 
 
+def test_a_latency_pass_that_fails_after_the_warm_up_is_a_status(tiny_vit, monkeypatch):
+    """A batch-1 latency pass that ran out of memory after its warm-up raised a traceback out of the benchmark (every
+    model's images/s lost); it is that model's latency status now, as a failed batch size is."""
+    from retrofit.loading import load_model
+    from retrofit.surgery import insert_patch_merger
+
+    model = load_model(tiny_vit)
+    merged = insert_patch_merger(model, 2, 4)
+    real, passes = benchmark._forward, []
+
+    def forward(runner, pixel_values):
+        if runner is merged and pixel_values.shape[0] == 1:
+            passes.append(1)
+            if len(passes) > 1:  # the warm-up pass goes through
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(runner, pixel_values)
+
+    monkeypatch.setattr(benchmark, "_forward", forward)
+    variants = [benchmark.Variant("source", model, model.config, "eager", 1.0, runner=model),
+                benchmark.Variant("merged", merged, merged.config, "eager", 0.5, "source", runner=merged)]  # fmt: skip
+    settings = BenchSettings(batch_sizes=(2,), warmup=1, repeats=1, min_time=0.0, latency_iters=3)
+    logged = []
+    benchmark.run_benchmark(variants, settings, log=logged.append)
+    assert variants[0].latency_ms["p50"] > 0 and variants[1].results[2]["speedup"] > 0
+    assert variants[1].latency_ms == {"p50": None, "p90": None, "status": "failed: OutOfMemoryError"}
+    assert any("merged: latency at batch 1 failed (OutOfMemoryError" in line for line in logged)
+
+
 def test_bf16(tiny_vit, capsys):
     assert main(["bench", str(tiny_vit), "--dtype", "bf16", "--batch-size", "2", *QUICK]) == 0
     assert "bf16" in capsys.readouterr().out
