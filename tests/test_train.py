@@ -300,7 +300,10 @@ def test_sigkill_mid_run_then_resume_reaches_the_same_weights(tiny_vit, colours,
     args = ["finetune", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--data", colours, "--loss", "mix",
             "--max-steps", "150", "--batch-size", "8", "--save-every", "5", "--augment"]  # fmt: skip
     killed, checkpoints = tmp_path / "killed", tmp_path / "killed-checkpoints"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # same threads as this process
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # the threads of this process (conftest caps them at 2), which resumes the run and trains the straight one: on a
+    # machine with more cores the killed run had more, whose reductions round otherwise
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     process = subprocess.Popen(
         [sys.executable, "-m", "retrofit", *args, "--output", str(killed)],
         env=env,
