@@ -80,7 +80,9 @@ step() {
         SKIPPED+=("$name")
         return
     fi
-    [ "$limit" -gt "$left" ] && limit=$left
+    # the smoke run's tiny steps may use the whole budget left: the limits are the GPU's, and a loaded CPU ran the
+    # smoke's loop step (8 data workers on 2 cores) past its 180 s, which failed the test of the script's wiring
+    { [ "${SMOKE:-0}" = 1 ] || [ "$limit" -gt "$left" ]; } && limit=$left
     echo "== $name ($((SECONDS - START)) s in, ${limit} s at most): $*" | tee -a "$LOG"
     if ! timeout "$limit" "$@" 2>&1 | tee -a "$LOG"; then
         echo "== $name: FAILED or timed out after ${limit} s" | tee -a "$LOG"
