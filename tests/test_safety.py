@@ -620,7 +620,8 @@ def test_run_takes_non_square_models_and_refuses_a_processor_of_another_size(col
     ViTForImageClassification(ViTConfig(**{**TINY, "image_size": [32, 48]})).save_pretrained(wide)
     ViTImageProcessor(size={"height": 32, "width": 48}).save_pretrained(wide)
     assert main(["run", str(_recipe(tmp_path, wide, colours))]) == 0
-    capsys.readouterr()
+    out = capsys.readouterr().out  # data.eval_limit 6: the first 6 test images are 4 of one class and 2 of another
+    assert "hold 2 of its 3 classes" in out and "leave out --eval-limit (data.eval_limit in a recipe)" in out
     assert "at 32×48" in (tmp_path / "wide-pm" / "README.md").read_text()
     other = save_tiny(ViTForImageClassification(ViTConfig(**TINY)), tmp_path / "other", image_size=48)
     for argv in (
