@@ -920,10 +920,14 @@ SWEEP_LIMIT = 1000  # sweep scores every setting: the first 1000 images, unless 
 class SweepSettings(Settings):
     """What `retrofit sweep` tries and how it measures each setting."""
 
-    after_layers: tuple[int, ...] = setting(help="comma-separated K values, e.g. 3,6,9", flag="--after-layer",
-                                            metavar="K,...", parse=comma_ints, at_least=1)  # fmt: skip
-    tokens: tuple[int, ...] = setting(help="comma-separated M values, e.g. 4,8,16", metavar="M,...", parse=comma_ints,
-                                      at_least=1)  # fmt: skip
+    after_layers: tuple[int, ...] | None = setting(
+        None, "comma-separated K values, e.g. 3,6,9 (default: a quarter, half and three quarters of the depth)",
+        flag="--after-layer", metavar="K,...", parse=comma_ints, at_least=1,
+    )  # fmt: skip
+    tokens: tuple[int, ...] | None = setting(
+        None, "comma-separated M values, e.g. 4,8,16 (default: 8,16,32, those below the number of patches)",
+        metavar="M,...", parse=comma_ints, at_least=1,
+    )  # fmt: skip
     data: str | None = setting(None, f"{DATA_HELP} (not with --dry-run)")
     split: str = setting("test", "split to measure accuracy on")
     calibrate_split: str = setting("train", "split to calibrate (and fine-tune) on")
@@ -951,6 +955,8 @@ class SweepSettings(Settings):
     def check(self) -> None:
         super().check()
         for name, example in (("after_layers", "3,6,9"), ("tokens", "4,8,16")):  # as the option's text gives them
+            if getattr(self, name) is None:
+                continue  # the default grid, from the model (`retrofit.sweep.default_grid`)
             if not getattr(self, name):
                 self.refuse(name, f"is empty; give one or more values, e.g. {example}")
             setattr(self, name, tuple(dict.fromkeys(getattr(self, name))))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from .errors import RetrofitError
@@ -363,6 +363,10 @@ def sweep(
     # says 518, its processor crops 224), as --dry-run and convert price it
     processor = load_image_processor(source, config, log=log)
     image_size = processor_image_size(processor)
+    if settings.after_layers is None or settings.tokens is None:
+        after_layers, tokens = default_grid(config, image_size, settings.after_layers, settings.tokens)
+        log(f"trying after-layer {','.join(map(str, after_layers))} × tokens {','.join(map(str, tokens))}")
+        settings = replace(settings, after_layers=after_layers, tokens=tokens)
     for k in settings.after_layers:
         for m in settings.tokens:
             check_merge(config, k, m, image_size)
@@ -533,8 +537,32 @@ def _markdown_report(report: dict) -> str:
     )
 
 
+DEFAULT_TOKENS = (8, 16, 32)  # the paper's M = 8 (after L/2) and two milder merges
+
+
+def default_grid(
+    config, image_size: tuple[int, int] | None, after_layers: tuple[int, ...] | None, tokens: tuple[int, ...] | None
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The K and M values to try: those given, else K at a quarter, half and three quarters of the encoder's depth
+    (3,6,9 for 12 layers) and M from `DEFAULT_TOKENS` below the number of patches (half of them if none is)."""
+    from .cost import num_patches
+    from .loading import family_and_head, layer_config
+
+    layer = layer_config(config, family_and_head(config)[1])
+    depth, patches = layer.num_hidden_layers, num_patches(layer, image_size)
+    if after_layers is None:
+        after_layers = tuple(dict.fromkeys(min(max(round(depth * q), 1), depth - 1) for q in (0.25, 0.5, 0.75)))
+    if tokens is None:
+        tokens = tuple(m for m in DEFAULT_TOKENS if m < patches) or (max(patches // 2, 1),)
+    return after_layers, tokens
+
+
 def cost_grid(
-    source: str, after_layers: tuple[int, ...], tokens: tuple[int, ...], *, target_speedup: float | None = None
+    source: str,
+    after_layers: tuple[int, ...] | None,
+    tokens: tuple[int, ...] | None,
+    *,
+    target_speedup: float | None = None,
 ) -> dict:
     """Every setting's theoretical cost from the source's config and image processor alone (`retrofit sweep
     --dry-run`; `source` may also be a `retrofit.benchmark.SHAPES` name such as vit-b16): no weights or images are
@@ -552,6 +580,7 @@ def cost_grid(
         config = load_config(source)
         image_size = processor_image_size(load_image_processor(source, config, log=lambda _: None))
     before = model_cost(config, image_size)
+    after_layers, tokens = default_grid(config, image_size, after_layers, tokens)
     rows = []
     for k in after_layers:
         for m in tokens:

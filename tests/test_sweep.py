@@ -259,6 +259,26 @@ def test_dry_run_prices_every_setting_from_the_config_alone(tiny_vit, tmp_path, 
     assert "No setting reaches 50x fewer FLOPs" in capsys.readouterr().out
 
 
+def test_without_a_grid_the_sweep_tries_a_quarter_half_and_three_quarters_of_the_depth(tiny_vit, capsys):
+    """`retrofit sweep SOURCE --data D` alone was refused (--after-layer and --tokens were required): it now tries K
+    at a quarter, half and three quarters of the depth and M of 8, 16 and 32 that the patches allow."""
+    grid = {
+        "vit-b16": ((3, 6, 9), (8, 16, 32)),
+        "vit-l16": ((6, 12, 18), (8, 16, 32)),
+        str(tiny_vit): ((1, 2, 3), (8,)),
+    }
+    for source, (after_layers, tokens) in grid.items():
+        assert main(["sweep", source, "--dry-run"]) == 0
+        settings = [(row["after_layer"], row["tokens"]) for row in sweep_module.cost_grid(source, None, None)[
+            "settings_results"]]  # fmt: skip
+        assert settings == [(k, m) for k in after_layers for m in tokens]
+        assert all(f"| {k} | {m} |" in capsys.readouterr().out for k, m in settings[-1:])
+    assert main(["sweep", "vit-b16", "--dry-run", "--after-layer", "4"]) == 0
+    assert "| 4 | 32 |" in capsys.readouterr().out
+    assert main(["sweep", "vit-b16", "--dry-run", "--tokens", ""]) == 2
+    assert "--tokens is empty; give one or more values" in capsys.readouterr().err
+
+
 def test_dry_run_refuses_bad_settings_and_a_real_sweep_needs_data(tiny_vit, capsys):
     assert main(["sweep", str(tiny_vit), "--after-layer", "1", "--tokens", "99", "--dry-run"]) == 2
     assert "--tokens 99 is out of range" in capsys.readouterr().err
@@ -412,10 +432,12 @@ def test_settings_are_checked_priced_and_timed_at_the_processors_image_size(imag
     monkeypatch.setattr(
         benchmark, "_time_block", lambda runner, x, *a: shapes.append(x.shape[1:]) or real_time_block(runner, x, *a)
     )
-    out = tmp_path / "sweep"
-    assert main([*argv, "--tokens", "4", "--bench-batch-size", "2", "--bench-repeats", "1", "--output", str(out)]) == 0
+    out = tmp_path / "sweep"  # no --tokens: the default M below the processor's 16 patches (the config has 64)
+    assert main([*argv, "--bench-batch-size", "2", "--bench-repeats", "1", "--output", str(out)]) == 0
+    assert "trying after-layer 2 × tokens 8\n" in capsys.readouterr().out
     report = json.loads((out / "sweep.json").read_text())
-    dry = sweep_module.cost_grid(str(source), (2,), (4,))
+    assert [(row["after_layer"], row["tokens"]) for row in report["settings_results"]] == [(2, 8)]
+    dry = sweep_module.cost_grid(str(source), (2,), None)
     assert report["source_row"]["gflops"] == dry["source_gflops"]
     assert report["settings_results"][0]["gflops"] == dry["settings_results"][0]["gflops"]
     assert set(shapes) == {torch.Size([3, 32, 32])}
