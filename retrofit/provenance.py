@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 
@@ -125,14 +127,30 @@ def remember(record: SourceRecord) -> None:
 
     path = CACHE_DIR / REGISTRY
     try:
-        known = json.loads(path.read_text()) if path.is_file() else {}
-        known = known if isinstance(known, dict) else {}
-        folders = [str(record.folder), *(f for f in known.get(record.sha256, []) if f != str(record.folder))]
-        known[record.sha256] = folders
-        known = {sha: [f for f in found if Path(f).is_dir()] for sha, found in known.items()}
-        write_text(path, json.dumps({sha: found for sha, found in known.items() if found}, indent=1) + "\n")
+        with _registry_lock():  # runs exporting at once each read the file before the other wrote it: one was lost
+            known = json.loads(path.read_text()) if path.is_file() else {}
+            known = known if isinstance(known, dict) else {}
+            folders = [str(record.folder), *(f for f in known.get(record.sha256, []) if f != str(record.folder))]
+            known[record.sha256] = folders
+            known = {sha: [f for f in found if Path(f).is_dir()] for sha, found in known.items()}
+            write_text(path, json.dumps({sha: found for sha, found in known.items() if found}, indent=1) + "\n")
     except (OSError, ValueError, TypeError, AttributeError):
         pass
+
+
+@contextmanager
+def _registry_lock() -> Iterator[None]:
+    """``flock`` on a file beside the registry for the block, so that one process reads and rewrites it at a time
+    (waiting for the other); without ``fcntl`` (Windows) the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(CACHE_DIR / f"{REGISTRY}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+        yield
 
 
 def find_local(sha256: str, name: str | None = None) -> Path | None:
