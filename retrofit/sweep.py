@@ -103,6 +103,12 @@ def _spread_note(report: dict) -> list[str]:
     speed-up (and the setting named for a target) can be noise."""
     from .benchmark import SPREAD_LIMIT
 
+    if report.get("bench_repeats") == 1:  # no spread to flag: a loaded machine's speed would pass unseen (as in bench)
+        return [
+            "",
+            "Each speed was measured once (--bench-repeats 1), so how much it varies is not known; measure with "
+            "--bench-repeats 3 or more before choosing a setting by its speed-up.",
+        ]
     rows = [("source", report["source_row"])] + [(_setting_name(r), r) for r in report["settings_results"]]
     wide = [f"{name}: {100 * row['speed_spread']:.0f} %" for name, row in rows if _spread_too_wide(row)]
     if not wide:
@@ -486,6 +492,7 @@ def sweep(
         "top_k": k_top,
         **({"template": settings.prompt_template, "prompts": texts} if zero_shot else {}),
         "bench_batch_size": bs,
+        "bench_repeats": settings.bench_repeats,
         "environment": environment(bench),
         "target_speedup": settings.target_speedup,
         "source_row": source_row,
