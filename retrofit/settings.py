@@ -987,7 +987,8 @@ class SweepArgs(SweepSettings):
 
     def check(self) -> None:
         super().check()
-        for name in ("data", "output"):  # --dry-run reads no data and writes nothing: a user giving them expects both
+        for name in ("data", "sample", "output"):  # --dry-run reads no data and writes nothing: a user giving them
+            # expects both
             if self.dry_run and getattr(self, name) is not None:
                 self.refuse(name, "is not used with --dry-run, which reads the config alone and writes nothing; "
                             "drop one of them")  # fmt: skip
