@@ -775,7 +775,8 @@ def fastest_modes(report: dict) -> list[str]:
             sizes = f"{points[0][0]}" if len(points) == 1 else f"{points[0][0]}–{points[-1][0]}"
             known = [s for _, s in points if s is not None]
             low, high = (min(known), max(known)) if known else (None, None)
-            gain = "" if low is None else f" ({low:.2f}×)" if low == high else f" ({low:.2f}–{high:.2f}×)"
+            low, high = (None, None) if low is None else (ratio_text(low, 1.0), ratio_text(high, 1.0))
+            gain = "" if low is None else f" ({low}×)" if low == high else f" ({low}–{high}×)"
             parts.append(f"{mode} at batch {sizes}{gain}")
         slower = [
             f"{bs} ({ratio_text(s, 1.0)}×)" for _, points in runs for bs, s in points if s is not None and s < 1.0
@@ -813,7 +814,7 @@ def markdown_table(report: dict) -> str:
                 cells.append("OOM" if status == "oom" else status.split(":")[0])
                 continue
             speedup = result.get("speedup")
-            extra = f" ({speedup:.2f}×)" if speedup is not None and row["baseline"] else ""
+            extra = f" ({ratio_text(speedup, 1.0)}×)" if speedup is not None and row["baseline"] else ""
             wide = spread(result)
             if wide is not None and wide > SPREAD_LIMIT:
                 extra += " ⚠"

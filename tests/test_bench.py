@@ -126,6 +126,15 @@ def test_crossover_is_the_batch_size_from_which_the_merged_model_stays_faster():
     # the source out of memory at the largest batch size: nothing compared there (it was "at no batch size")
     assert benchmark.faster_from({**results, 16: {"status": "oom"}}) == 4
     assert benchmark.faster_from({8: {"status": "oom"}}) is None
+    # the table's speed-ups read as the crossover counts them: 0.998 is not "1.00×" next to "at no batch size"
+    row = {"model": "m", "compile": "eager", "gflops": 1.0, "flops_ratio": 2.0, "baseline": "s",
+           "latency_ms_batch1": None, "faster_from_batch_size": None}  # fmt: skip
+    rates = {"1": {"status": "ok", "images_per_s": 10.04, "speedup": 1.004}, "8": {"status": "ok", "images_per_s": 99.8,
+             "speedup": 0.998}}  # fmt: skip
+    report = {"environment": {"hardware": "CPU", "dtype": "fp32", "torch": "2", "transformers": "5"},
+              "settings": {"batch_sizes": [1, 8]}, "models": [{**row, "results": rates}]}  # fmt: skip
+    table = benchmark.markdown_table(report)
+    assert "| 10.0 (1.00×) | 99.8 (0.998×) |" in table and "at no batch size from the largest down" in table
 
 
 def test_a_measurement_whose_repeats_spread_is_flagged():
