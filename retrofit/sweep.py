@@ -81,15 +81,17 @@ def _unmeasured(row: dict) -> str:
     return "OOM" if row.get("speed_status") == "oom" else "failed"
 
 
-def _speed_cells(row: dict, speedup: float | None) -> str:
+def _speed_cells(row: dict, speedup: float | None, target: float | None = None) -> str:
     """The images/s and measured speed-up cells of a row (``OOM``/``failed`` and ``–`` where not measured; ``⚠``
-    where its repeats spread by more than `retrofit.benchmark.SPREAD_LIMIT`, as `retrofit bench` flags them)."""
+    where its repeats spread by more than `retrofit.benchmark.SPREAD_LIMIT`, as `retrofit bench` flags them; a
+    speed-up on the side of the `target` speed-up it is on)."""
     if row.get("images_per_s") is None:
         return f"{_unmeasured(row)} | –"
-    from .benchmark import rate_text
+    from .benchmark import rate_text, ratio_text
 
     flag = " ⚠" if _spread_too_wide(row) else ""
-    return f"{rate_text(row['images_per_s'])}{flag} | " + ("–" if speedup is None else f"{speedup:.2f}×")
+    ratio = "–" if speedup is None else f"{ratio_text(speedup, target or 1.0)}×"
+    return f"{rate_text(row['images_per_s'])}{flag} | {ratio}"
 
 
 def _spread_too_wide(row: dict) -> bool:
@@ -150,7 +152,7 @@ def markdown_table(report: dict) -> str:
     for r in report["settings_results"]:
         lines.append(
             f"| {r['after_layer']} | {r['tokens']} | {quality(r)} | {r['gflops']:.3g} | {r['flops_ratio']:.2f} | "
-            f"{_speed_cells(r, r['speedup'])} | {'★' if r['pareto'] else ''} |"
+            f"{_speed_cells(r, r['speedup'], report.get('target_speedup'))} | {'★' if r['pareto'] else ''} |"
         )
     return "\n".join(lines + nonfinite_notes(report["settings_results"], _setting_name) + _spread_note(report))
 

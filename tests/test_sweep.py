@@ -45,6 +45,10 @@ def test_a_speed_up_near_the_target_is_not_rounded_onto_its_other_side(monkeypat
 
     row = {"after_layer": 1, "tokens": 2, "top1": 0.5, "speedup": 1.006, "flops_ratio": 1.3}
     assert "at 1.006x (FLOPs ratio 1.30x)" in best_for_target([row], 1.01)[1]
+    source = {"top1": 0.5, "top5": 1.0, "loss": 1.0, "gflops": 2.6, "images_per_s": 100.0}
+    cells = {**row, **source, "gflops": 2.0, "images_per_s": 100.6, "pareto": True}
+    table = markdown_table({"top_k": 5, "source_row": source, "settings_results": [cells], "target_speedup": 1.01})
+    assert "| 100.6 | 1.006× |" in table  # the table's speed-up as the verdict's
     best, verdict = best_for_target([{**row, "speedup": 1.2346}], 1.2345)
     assert best and "measured 1.235x" in verdict  # not 1.23x, under the 1.2345x it reaches
     assert "measured 1.50x" in best_for_target([{**row, "speedup": 1.5}], 1.5)[1]  # two decimals where they tell
