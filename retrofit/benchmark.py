@@ -490,9 +490,11 @@ def images_per_second(
     repeats: int = 5,
     device: str = "cpu",
     dtype: str = "fp32",
+    spreads: dict[str, float | None] | None = None,
 ) -> dict[str, float | None]:
     """Forward throughput of in-memory models on random images, measured alternately with `run_benchmark` (the one
-    timer retrofit has): one warm-up pass, then the median of `repeats` timed passes, each model in turn."""
+    timer retrofit has): one warm-up pass, then the median of `repeats` timed passes, each model in turn. `spreads`,
+    if given, gets each model's `spread` of its passes (None where not measured)."""
     settings = BenchSettings(device=device, dtype=dtype, batch_sizes=(batch_size,), warmup=1, repeats=repeats,
                              min_time=0.0, latency_iters=0)  # fmt: skip
     variants = []
@@ -503,6 +505,8 @@ def images_per_second(
             variant.input_shape = (_input_shape(variant)[0], *image_size)
         variants.append(variant)
     run_benchmark(variants, settings, log=lambda _: None)
+    if spreads is not None:
+        spreads.update({v.name: spread(v.results[batch_size]) for v in variants})
     return {v.name: v.results[batch_size].get("images_per_s") for v in variants}
 
 

@@ -458,17 +458,14 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
         else:
             rows[0]["accuracy"] = accuracy
             log(f"baseline accuracy: {100 * accuracy:.2f} %")
-    speeds, speed_note = {}, None
+    speeds, speed_note, spreads = {}, None, {}
     if evaluation.speed:
         speeds = images_per_second({"baseline": baseline, "merged": ready.model},
-                                   batch_size=evaluation.speed_batch_size, image_size=image_size)  # fmt: skip
+                                   batch_size=evaluation.speed_batch_size, image_size=image_size,
+                                   spreads=spreads)  # fmt: skip
         rows[0]["images_per_s"] = speeds["baseline"]
-        speed_note = (
-            f"images/s: {hardware_name('cpu')}, fp32, batch {evaluation.speed_batch_size} at "
-            f"{image_size[0]}×{image_size[1]}, median of 5 passes, the two models alternated"
-        )
-        if None in speeds.values():  # out of memory at that batch size: the table says n/a, this says why
-            speed_note += "; not measured (out of memory?): lower evaluation.speed_batch_size"
+        speed_note = _speed_note(hardware_name("cpu"), evaluation.speed_batch_size, image_size, speeds, spreads)
+        if None in speeds.values():  # out of memory at that batch size: the table says n/a, the note says why
             log(f"warning: images/s not measured at evaluation.speed_batch_size {evaluation.speed_batch_size} (out "
                 "of memory?); lower it to time the models")  # fmt: skip
 
@@ -511,6 +508,23 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
         except RetrofitError as exc:
             log(f"warning: results.json not written: {exc}")
     return summary
+
+
+def _speed_note(hardware: str, batch_size: int, image_size: tuple[int, int], speeds: dict, spreads: dict) -> str:
+    """The line under a run's before/after table that says how its images/s were measured, and where they were not
+    (out of memory) or where a model's passes spread by more than `retrofit.benchmark.SPREAD_LIMIT` of their median
+    (a loaded machine: the speed-up in the card may be noise), as `retrofit bench` and `sweep` flag them."""
+    from .benchmark import SPREAD_LIMIT
+
+    note = (f"images/s: {hardware}, fp32, batch {batch_size} at {image_size[0]}×{image_size[1]}, median of 5 passes, "
+            "the two models alternated")  # fmt: skip
+    if None in speeds.values():
+        note += "; not measured (out of memory?): lower evaluation.speed_batch_size"
+    wide = [f"{name} {100 * value:.0f} %" for name, value in spreads.items() if (value or 0.0) > SPREAD_LIMIT]
+    if wide:
+        note += (f"; ⚠ passes spread over {100 * SPREAD_LIMIT:.0f} % of the median ({', '.join(wide)}: a loaded "
+                 "machine?), so the speed-up may be noise")  # fmt: skip
+    return note
 
 
 def _zero_shot_scorer(

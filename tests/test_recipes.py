@@ -257,6 +257,27 @@ def test_values_of_the_wrong_type_are_refused_and_1e_4_is_a_number(tmp_path, cap
     ]
 
 
+def test_a_runs_speed_note_flags_passes_that_spread_as_bench_does(tiny_vit):
+    """The before/after table a run writes into the card gave images/s and a speed-up measured on a loaded machine
+    without a word (bench and sweep flag repeats that spread by more than 10 % of their median); now its note does."""
+    from retrofit.benchmark import images_per_second
+    from retrofit.loading import load_model
+    from retrofit.recipes import _speed_note
+
+    model, spreads = load_model(tiny_vit), {}
+    speeds = images_per_second({"baseline": model, "merged": model}, batch_size=2, spreads=spreads)
+    assert set(spreads) == set(speeds) and all(value >= 0 for value in spreads.values())
+    steady = _speed_note("Test CPU", 32, (224, 224), {"baseline": 100.0, "merged": 180.0}, {"baseline": 0.04})
+    assert steady == "images/s: Test CPU, fp32, batch 32 at 224×224, median of 5 passes, the two models alternated"
+    noisy = _speed_note("Test CPU", 32, (224, 224), {"baseline": 100.0, "merged": 180.0}, {"baseline": 0.04,
+                        "merged": 0.3})  # fmt: skip
+    assert noisy == steady + (
+        "; ⚠ passes spread over 10 % of the median (merged 30 %: a loaded machine?), so the speed-up may be noise"
+    )
+    none = _speed_note("Test CPU", 32, (224, 224), {"baseline": None, "merged": None}, {"baseline": None})
+    assert none == steady + "; not measured (out of memory?): lower evaluation.speed_batch_size"
+
+
 def test_a_dual_encoder_recipe_reports_zero_shot_before_and_after(tmp_path, capsys):
     """`evaluation.zero_shot`: the before/after table of a CLIP recipe has zero-shot top-1 and agreement with the
     baseline for the baseline, the untrained merger and the fine-tuned model; the card carries it."""
