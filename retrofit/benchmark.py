@@ -521,12 +521,17 @@ def run_benchmark(
             _measure_batch_size(variants, batch_size, settings, device, dtype, generator, log)
         _measure_latency(variants, settings, device, dtype, generator, log)
     for v in variants:
-        base = next((b for b in variants if b.name == v.baseline and b.compile_mode == v.compile_mode), None)
+        base = _baseline_of(v, variants)
         for batch_size, result in v.results.items():
             mine = result.get("images_per_s")
             theirs = base.results.get(batch_size, {}).get("images_per_s") if base else None
             result["speedup"] = mine / theirs if mine and theirs else None
     return variants
+
+
+def _baseline_of(variant: Variant, variants: list[Variant]) -> Variant | None:
+    """The variant `variant` is compared with: its baseline model, timed in the same compile mode."""
+    return next((b for b in variants if b.name == variant.baseline and b.compile_mode == variant.compile_mode), None)
 
 
 def _inputs(variants, batch_size, device, dtype, generator) -> dict[tuple, torch.Tensor]:
@@ -672,6 +677,7 @@ def to_json(variants: list[Variant], settings: BenchSettings) -> dict:
     rows = []
     for v in variants:
         config = v.config
+        base = _baseline_of(v, variants)
         rows.append(
             {
                 "model": v.name,
@@ -684,7 +690,7 @@ def to_json(variants: list[Variant], settings: BenchSettings) -> dict:
                 "flops_ratio": v.flops_ratio,
                 "results": {str(bs): r for bs, r in v.results.items()},
                 "latency_ms_batch1": v.latency_ms,
-                "faster_from_batch_size": faster_from(v.results) if v.baseline else None,
+                "faster_from_batch_size": faster_from(v.results, base and base.results) if v.baseline else None,
             }
         )
     return {
@@ -702,14 +708,18 @@ def to_json(variants: list[Variant], settings: BenchSettings) -> dict:
     }
 
 
-def faster_from(results: dict[int, dict]) -> int | None:
+def faster_from(results: dict[int, dict], source_results: dict[int, dict] | None = None) -> int | None:
     """The crossover: the smallest batch size from which a merged model is at least as fast as its source at every
     batch size where both were measured (None: slower at the largest of those, or nothing compared). A batch size
-    where one of them did not run (the source out of memory at the largest) compares nothing, so it is passed over."""
+    where the source did not run (out of memory at the largest) or neither did compares nothing, so it is passed
+    over; one where only the merged model failed (`source_results` say the source ran) counts as slower."""
     crossover = None
     for batch_size in sorted(results, reverse=True):
         speedup = results[batch_size].get("speedup")
         if speedup is None:
+            source_ran = (source_results or {}).get(batch_size, {}).get("images_per_s")
+            if source_ran and not results[batch_size].get("images_per_s"):
+                break
             continue
         if speedup < 1.0:
             break

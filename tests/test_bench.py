@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_data import FMNIST
-from transformers import ViTForImageClassification
+from transformers import PretrainedConfig, ViTForImageClassification
 
 from retrofit import benchmark, convert
 from retrofit.benchmark import is_our_plot
@@ -126,6 +126,15 @@ def test_crossover_is_the_batch_size_from_which_the_merged_model_stays_faster():
     # the source out of memory at the largest batch size: nothing compared there (it was "at no batch size")
     assert benchmark.faster_from({**results, 16: {"status": "oom"}}) == 4
     assert benchmark.faster_from({8: {"status": "oom"}}) is None
+    # the merged model out of memory where its source ran is not "at least as fast" there (it read "from batch 4")
+    merged_oom = {**results, 16: {"status": "oom", "images_per_s": None, "speedup": None}}
+    assert benchmark.faster_from(merged_oom, {16: {"status": "ok", "images_per_s": 50.0}}) is None
+    assert benchmark.faster_from(merged_oom, {16: {"status": "oom", "images_per_s": None}}) == 4
+    source = benchmark.Variant("s", None, PretrainedConfig(), "eager", 2.0)
+    merged = benchmark.Variant("m", None, PretrainedConfig(), "eager", 1.0, "s")
+    source.results, merged.results = {4: {"images_per_s": 9.0}, 16: {"images_per_s": 50.0}}, merged_oom
+    rows = benchmark.to_json([source, merged], BenchSettings(batch_sizes=(4, 16)))["models"]
+    assert rows[1]["faster_from_batch_size"] is None  # to_json hands the source's results over
     # the table's speed-ups read as the crossover counts them: 0.998 is not "1.00×" next to "at no batch size"
     row = {"model": "m", "compile": "eager", "gflops": 1.0, "flops_ratio": 2.0, "baseline": "s",
            "latency_ms_batch1": None, "faster_from_batch_size": None}  # fmt: skip
