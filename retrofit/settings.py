@@ -361,8 +361,10 @@ CAPTION_TEMPLATES = ("a photo of a {}.", "a {}.", "a picture of a {}.", "an imag
 TRAINABLE = ("merger-and-after", "all")
 # Upper bounds far above any real use, so that a typo (an extra digit, 1e30) is one line, not a MemoryError or a
 # fork of that many processes: --num-workers (DataLoader processes), --num-labels (the new head's rows and label
-# names), --epochs (1e308 overflowed the step count), export-onnx --images (one batch through both runtimes).
+# names), --epochs (1e308 overflowed the step count), export-onnx --images (one batch through both runtimes),
+# --grad-accum (Accelerate divides the loss by it as a tensor: past 2**63 an OverflowError at the first step).
 MAX_WORKERS = 1024
+MAX_GRAD_ACCUM = 1_000_000
 MAX_LABELS = 1_000_000
 MAX_EPOCHS = 1_000_000
 MAX_CHECK_IMAGES = 1024
@@ -524,7 +526,7 @@ class TrainSettings(Settings):
     )  # fmt: skip
     batch_size: int = setting(64, "images per batch and process", positive=True)
     eval_batch_size: int | None = setting(None, "evaluation batch size (default: --batch-size)", positive=True)
-    grad_accum: int = setting(1, "gradient accumulation steps", positive=True)
+    grad_accum: int = setting(1, "gradient accumulation steps", positive=True, at_most=MAX_GRAD_ACCUM)
     max_grad_norm: float = setting(1.0, "gradient clipping (0: none)", at_least=0)
     mixed_precision: Literal[PRECISIONS] = setting("no", "no, bf16 or fp16")
     gradient_checkpointing: bool = setting(

@@ -198,8 +198,9 @@ def test_a_list_of_text_is_checked_item_by_item(capsys):
 def test_a_count_far_above_any_real_use_is_refused_in_one_line(capsys):
     """A typo's huge count is refused before anything runs: export-onnx --images 1e9 raised MemoryError making its
     check batch, --num-labels 1e30 raised MemoryError naming the new head's labels, --epochs 1e308 raised
-    OverflowError counting the steps, and --num-workers 1e30 would have forked processes until the system refused."""
-    from retrofit.settings import MAX_CHECK_IMAGES, MAX_EPOCHS, MAX_LABELS, MAX_WORKERS, ExportOnnxArgs
+    OverflowError counting the steps, --num-workers 1e30 would have forked processes until the system refused, and
+    --grad-accum 1e30 raised OverflowError at the first step (Accelerate divides the loss by it)."""
+    from retrofit.settings import MAX_CHECK_IMAGES, MAX_EPOCHS, MAX_GRAD_ACCUM, MAX_LABELS, MAX_WORKERS, ExportOnnxArgs
 
     huge = str(10**30)
     for argv, message in (
@@ -213,15 +214,15 @@ def test_a_count_far_above_any_real_use_is_refused_in_one_line(capsys):
             "--epochs must be at most 1,000,000 (got 1e+308)",
         ),
         (["finetune", "s", "-o", "o", "--data", "d", "--num-workers", huge], "--num-workers must be at most 1,024"),
+        (["finetune", "s", "-o", "o", "--data", "d", "--grad-accum", huge], "--grad-accum must be at most 1,000,000"),
     ):
         assert main(argv) == 2
         assert capsys.readouterr().err.startswith(f"retrofit: error: {message}")
     assert main(["run", str(REPO / "recipes" / "fashion-mnist.yaml"), "--num-workers", huge]) == 2
     assert "data.num_workers in recipe " in capsys.readouterr().err
-    good = FinetuneArgs(
-        source="s", output="o", data="d", num_labels=MAX_LABELS, epochs=MAX_EPOCHS, num_workers=MAX_WORKERS
-    )
-    assert (good.num_labels, good.num_workers) == (MAX_LABELS, MAX_WORKERS)
+    good = FinetuneArgs(source="s", output="o", data="d", num_labels=MAX_LABELS, epochs=MAX_EPOCHS,
+                        num_workers=MAX_WORKERS, grad_accum=MAX_GRAD_ACCUM)  # fmt: skip
+    assert (good.num_labels, good.num_workers, good.grad_accum) == (MAX_LABELS, MAX_WORKERS, MAX_GRAD_ACCUM)
     assert ExportOnnxArgs(model="m", output="m.onnx", images=MAX_CHECK_IMAGES).images == MAX_CHECK_IMAGES
 
 
