@@ -233,6 +233,11 @@ def _check_shapes(lc: PreTrainedConfig, sizes: dict, where: str) -> None:
             f"{where}: patch_size {sizes['patch_size']} is larger than image_size {sizes['image_size']}; make it at "
             "most the image size"
         )
+    if (image[0] // patch[0]) * (image[1] // patch[1]) >= MAX_SIZE:  # a TypeError from torch building the model
+        raise RetrofitError(
+            f"{where}: image_size {sizes['image_size']} makes more patches of patch_size {sizes['patch_size']} than "
+            "torch takes in a tensor (2**63 - 1); make it smaller"
+        )
     if getattr(lc, "head_dim", None) is None and sizes["hidden_size"] % sizes["num_attention_heads"]:
         raise RetrofitError(
             f"{where}: hidden_size {sizes['hidden_size']} is not a multiple of num_attention_heads "

@@ -337,7 +337,8 @@ def test_python_lists_follow_the_rule_of_the_options_text():
 
 def test_a_pretraining_model_with_impossible_sizes_is_one_line():
     """``--set pretrain.model.hidden_dropout_prob=2`` raised ValueError from torch's Dropout, ``hidden_size=1e30`` a
-    TypeError from torch.randn, and ``intermediate_size=0`` trained and saved a model of empty MLPs."""
+    TypeError from torch.randn (as did ``image_size=2**40``: 2**74 patches), and ``intermediate_size=0`` trained and
+    saved a model of empty MLPs."""
     from transformers import ViTConfig
 
     from retrofit.loading import check_config
@@ -348,6 +349,7 @@ def test_a_pretraining_model_with_impossible_sizes_is_one_line():
         ({"attention_probs_dropout_prob": float("nan")}, "attention_probs_dropout_prob must be a probability"),
         ({"hidden_size": 10**30}, "hidden_size 1000000000000000000000000000000 is above what torch takes"),
         ({"intermediate_size": 0}, "intermediate_size must be a positive whole number, not 0"),
+        ({"image_size": 2**40}, "image_size 1099511627776 makes more patches of patch_size 8 than torch takes"),
     ):
         with pytest.raises(RetrofitError, match=f"^pretrain.model: {re.escape(message)}"):
             check_config(ViTConfig(**{**base, **change}), "pretrain.model")
