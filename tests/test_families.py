@@ -718,6 +718,38 @@ def test_other_image_sizes_keep_m_tokens(name, converted):
         assert seen == model_cost(model.config, image_size=pixels.shape[-1]).tokens_per_layer
 
 
+def test_hidden_states_and_attentions_are_what_the_exported_code_says(converted):
+    """``output_hidden_states`` / ``output_attentions`` (eager) as the exported module's docstring describes them, for
+    every case: L + 1 hidden states, those up to layer K with P + N tokens and the rest with P + M; L attention maps,
+    those of layers K.. over P + M tokens; ``return_dict=False`` gives the same tensors in the output's order."""
+    import inspect
+
+    asked = {"output_hidden_states": True, "output_attentions": True}
+    for name, item in converted.items():
+        case = item.case  # eager set at load: BEiT-like models pick their attention classes when built
+        model = type(item.result.model).from_pretrained(item.output, attn_implementation="eager").eval()
+        doc = inspect.getmodule(type(model)).__doc__
+        assert "`output_hidden_states=True` returns L + 1 hidden states" in doc, name
+        text = {"input_ids": INPUT_IDS} if case.dual else {}
+        with torch.no_grad():
+            out = model(pixel_values=PIXELS, **text, **asked)
+            as_tuple = model(pixel_values=PIXELS, **text, **asked, return_dict=False)
+        vision = out.vision_model_output if case.dual else out
+        tokens = [case.prefix + 16] * (K + 1) + [case.prefix + M] * (LAYERS - K)
+        assert [hidden.shape[1] for hidden in vision.hidden_states] == tokens, name
+        assert [tuple(a.shape[-2:]) for a in vision.attentions] == [(n, n) for n in tokens[1:]], name
+        expected, got = _tensors(out), _tensors(as_tuple)
+        assert len(got) == len(expected) and all(map(torch.equal, got, expected)), name
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    """The tensors of a model output or its tuple, nested outputs (hidden states, a tower's output) in order."""
+    if torch.is_tensor(output):
+        return [output]
+    parts = output.to_tuple() if hasattr(output, "to_tuple") else output
+    return [tensor for part in parts for tensor in _tensors(part)]
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_cost_counts_tokens_and_macs(name, converted):
     """Tokens per layer count the family's prefix tokens; per-layer MACs match the layer's actual matrices."""

@@ -5,6 +5,10 @@
 The model is the unchanged transformers class except for encoder layer K, which first merges its input tokens:
 the P prefix tokens (CLS, distillation or register tokens, if any) pass through, the N patch tokens become M learned
 weighted averages of them, and layers K .. L-1 run on P + M tokens instead of P + N (without an attention mask).
+So the encoder's `last_hidden_state` holds P + M tokens (the merged ones are no longer one per patch: no grid);
+`output_hidden_states=True` returns L + 1 hidden states as the source does, the embeddings' and layers 0 .. K-1's
+with P + N tokens and layers K .. L-1's with P + M; `output_attentions=True` (eager attention) returns L maps, those
+of layers K .. L-1 of (P + M) x (P + M) tokens.
 All weights keep the names of the source checkpoint; the merger's own weights live next to layer K's, at
 `<encoder layers>.K.patch_merger`. The code finds the encoder layers and passes them their arguments the same way
 whichever transformers 5.x release runs it (the layers moved, e.g. from `vit.encoder.layer` to `vit.layers`, and
