@@ -774,6 +774,8 @@ class RecipeEvaluation(Settings):
         super().check()
         _check_templates(self, "prompt_template")
         _check_zero_shot_only(self, "evaluation.zero_shot", "set evaluation.zero_shot: true")
+        # (the speed measurement refused it only after the source was scored, naming bench's --batch-size)
+        _check_batch_sizes(self, "speed_batch_size", (self.speed_batch_size,))
 
 
 # Recipe section -> the groups whose fields are its keys (the top-level keys are `RecipeInfo`'s).

@@ -220,6 +220,14 @@ def test_a_count_far_above_any_real_use_is_refused_in_one_line(capsys):
         assert capsys.readouterr().err.startswith(f"retrofit: error: {message}")
     assert main(["run", str(REPO / "recipes" / "fashion-mnist.yaml"), "--num-workers", huge]) == 2
     assert "data.num_workers in recipe " in capsys.readouterr().err
+    # a recipe's speed batch was refused only after the source was scored, as bench's --batch-size
+    assert (
+        main(["run", str(REPO / "recipes" / "fashion-mnist.yaml"), "--set", f"evaluation.speed_batch_size={huge}"]) == 2
+    )
+    assert (
+        f"evaluation.speed_batch_size in recipe '{REPO / 'recipes' / 'fashion-mnist.yaml'}' {huge} is too large to be a"
+        in (capsys.readouterr().err)
+    )
     good = FinetuneArgs(source="s", output="o", data="d", num_labels=MAX_LABELS, epochs=MAX_EPOCHS,
                         num_workers=MAX_WORKERS, grad_accum=MAX_GRAD_ACCUM)  # fmt: skip
     assert (good.num_labels, good.num_workers, good.grad_accum) == (MAX_LABELS, MAX_WORKERS, MAX_GRAD_ACCUM)
