@@ -235,8 +235,9 @@ def test_resume_runs_no_pickle_planted_in_a_checkpoint(tiny_vit, colours, tmp_pa
     settings = dict(after_layer=2, num_tokens=4, data=colours, loss="ce", max_steps=4, **FAST)
     finetune(tiny_vit, output=tmp_path / "o", stop_after=2, **settings)
     (latest,) = list_checkpoints(tmp_path / "o-checkpoints")
+    written = ["model.safetensors", "optimizer.bin", "progress.json", "random_states_0.pkl", "scheduler.bin"]
     assert json.loads((latest / "progress.json").read_text()) == {"step": 2, "epoch": 0, "batch": 2,
-                                                                 "evaluations": []}  # fmt: skip
+                                                                 "evaluations": [], "files": written}  # fmt: skip
     marker = tmp_path / "PWNED"
     for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "scheduler.bin"):
         planted = tmp_path / "planted"
