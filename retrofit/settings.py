@@ -917,6 +917,7 @@ class BenchArgs(BenchSettings):
 
 
 METHODS = ("calibrate", "finetune")
+SWEEP_NEEDS_DATA = "is required: the sweep measures accuracy on it (or pass --dry-run for FLOPs alone)"
 SWEEP_LIMIT = 1000  # sweep scores every setting: the first 1000 images, unless --limit or --sample says otherwise
 
 
@@ -991,6 +992,8 @@ class SweepArgs(SweepSettings):
 
     def check(self) -> None:
         super().check()
+        if not self.dry_run and self.data is None:
+            self.refuse("data", SWEEP_NEEDS_DATA)
         for name in ("data", "sample", "output"):  # --dry-run reads no data and writes nothing: a user giving them
             # expects both
             if self.dry_run and getattr(self, name) is not None:

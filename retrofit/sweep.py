@@ -19,7 +19,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from .errors import RetrofitError
-from .settings import BenchSettings, SweepArgs, SweepSettings
+from .settings import SWEEP_NEEDS_DATA, BenchSettings, SweepArgs, SweepSettings
 
 
 def pareto_front(points: list[dict], x: str = "images_per_s", y: str = "top1") -> list[dict]:
@@ -352,7 +352,7 @@ def sweep(
     from .zero_shot import prompts
 
     if settings.data is None:
-        raise RetrofitError("--data is required: the sweep measures accuracy on it (or pass --dry-run for FLOPs alone)")
+        raise RetrofitError(f"--data {SWEEP_NEEDS_DATA}")
     check_output_folder(settings, output, overwrite, source)
     parse_device(settings.device)  # a GPU this machine lacks, before any setting is built (the speed test needs it)
     saved = load_config(source)
@@ -648,8 +648,6 @@ def run_sweep(args: SweepArgs) -> dict:
         if report["verdict"]:
             print(report["verdict"])
         return report
-    if args.data is None:
-        raise RetrofitError("--data is required: the sweep measures accuracy on it (or pass --dry-run for FLOPs alone)")
     settings = SweepSettings(**{spec.name: getattr(args, spec.name) for spec in fields(SweepSettings)})
     output = f"sweep-{Path(str(args.source).rstrip('/')).name}" if args.output is None else args.output
     check_output_folder(settings, output, args.overwrite, args.source)
