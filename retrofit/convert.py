@@ -60,7 +60,8 @@ def convert(
     RoPE models (DINOv3); with `calibrate_on` (fashion-mnist, an image folder or a Hub dataset id) the merger starts
     from k-means of the layer-K tokens of `calibrate_images` images of `calibrate_split` instead of at random (`seed`
     draws either start: one seed, one export); with `push_to_hub` (a repo id) the export is uploaded (`private`,
-    `create_pr`), the login checked first; `overwrite`, `revision`, `trust_remote_code`. Bad input raises `RetrofitError` before anything is written."""
+    `create_pr`), the login checked first; `overwrite`, `revision`, `trust_remote_code`. Bad input raises
+    `RetrofitError` before anything is written."""
     args = from_options(ConvertArgs, {"source": source, "after_layer": after_layer, "tokens": num_tokens,
                                       "output": output, **settings}, where="convert()")  # fmt: skip
     return run_convert(args, log=log)
