@@ -180,6 +180,11 @@ def _main(argv: list[str]) -> int:
         return _command(argv)
 
 
+def _in_a_launch() -> bool:
+    """Whether this process is one of several started by ``accelerate launch`` (torchrun's ``WORLD_SIZE``)."""
+    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
+
+
 def _command(argv: list[str]) -> int:
     namespace = build_parser(argv).parse_args(argv)
     _, settings, runner = COMMANDS[namespace.command]
@@ -189,6 +194,10 @@ def _command(argv: list[str]) -> int:
             _quiet_libraries()
         module, function = runner.split(":")
         run = getattr(importlib.import_module(f".{module}", __package__), function)
+        if _in_a_launch():  # its process group is destroyed before the interpreter is (else gloo may SIGABRT there)
+            from .train import keep_process_group
+
+            keep_process_group()
         code = run(args, namespace) if namespace.command == "run" else run(args)
     except RetrofitError as exc:
         if namespace.verbose:

@@ -706,7 +706,10 @@ def train(
 def keep_process_group() -> None:
     """Leave the process group of `accelerate launch` to later runs in this process (a sweep's fine-tunes, a script's
     second call) and destroy it when the process exits: `Accelerator.end_training` destroyed it after the first run,
-    and the next one failed in DDP (a group made again hung in its rendezvous)."""
+    and the next one failed in DDP (a group made again hung in its rendezvous). Every command of a launch registers
+    it (`cli`): a process that exits with the group alive may abort in the interpreter's teardown (gloo's threads
+    still hold tensors: "terminate called without an active exception", SIGABRT), failing the launch after its work
+    (`evaluate` did, once in CI)."""
     import atexit
 
     def destroy() -> None:

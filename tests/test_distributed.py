@@ -59,3 +59,19 @@ def test_two_cpu_processes_stay_in_sync(tiny_vit, tmp_path):
     assert record["options"]["accelerate launch --num_processes"] == 2
     checkpoint = list_checkpoints(out.parent / "pm-checkpoints")[-1]
     assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors"} <= {p.name for p in checkpoint.iterdir()}
+
+
+def test_every_command_of_a_launch_destroys_its_process_group_at_exit(monkeypatch, capsys):
+    """A process of `accelerate launch` whose command leaves its gloo process group alive may abort in the
+    interpreter's teardown (SIGABRT, "terminate called without an active exception": `evaluate` failed a launch so
+    after its work, in CI): every command of a launch registers the group's destruction at exit, not only training."""
+    import retrofit.train
+    from retrofit.cli import main
+
+    registered = []
+    monkeypatch.setattr(retrofit.train, "keep_process_group", lambda: registered.append(True))
+    for world_size, expected in (("1", []), ("2", [True])):
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+        assert main(["sweep", "vit-b16", "--after-layer", "6", "--tokens", "8", "--dry-run"]) == 0
+        assert registered == expected
+    capsys.readouterr()
