@@ -170,6 +170,12 @@ def hub_dataset_id(data: str | os.PathLike | None) -> str | None:
     return None if _is_fashion_mnist(data) or is_local_data(data) else data
 
 
+def chosen_images(limit: int | None, sample: int | None, seed: int) -> dict:
+    """`load_split`'s `limit` and `sample_seed` for a command's ``--limit N`` (the first N images) or ``--sample N``
+    (a shuffled sample of N, drawn with `seed`); the settings refuse both at once."""
+    return {"limit": sample or limit, "sample_seed": seed if sample else None}
+
+
 def load_split(
     data: str,
     split: str,

@@ -29,7 +29,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .data import dataset_label_map, generic_labels, model_labels, same_class_name
+from .data import chosen_images, dataset_label_map, generic_labels, model_labels, same_class_name
 from .errors import RetrofitError, brief
 from .settings import EVALUATE_SEED, EvaluateArgs, model_list
 from .zero_shot import DEFAULT_TEMPLATE
@@ -146,7 +146,7 @@ def evaluate_models(
     )  # fmt: skip
     models, data, split, batch_size, top_k = args.models, args.data, args.split, args.batch_size, args.top_k
     # which images: the first --limit, or a shuffled --sample; `log` says where the first N miss classes of the split
-    choose = {"limit": args.sample or args.limit, "sample_seed": EVALUATE_SEED if args.sample else None, "log": log}
+    choose = {**chosen_images(args.limit, args.sample, EVALUATE_SEED), "log": log}
     image_column, label_column, trust_remote_code = args.image_column, args.label_column, args.trust_remote_code
     saved = [load_config(spec, trust_remote_code=trust_remote_code) for spec in models]
     if zero_shot:

@@ -183,13 +183,12 @@ def prompt_embeddings(args: FinetuneArgs, ready: Prepared, *, log: Callable[[str
     """For ``--prompt-weight``: one text embedding per class of the training data, the mean of its prompts'
     (``--prompt-templates``, CLIP's prompt ensembling) by the unmerged model's frozen text tower, normalised. Data
     without class names is one line, before training (`check_prompt_weight` refused the rest earlier)."""
-    from .data import load_split
+    from .data import chosen_images, load_split
     from .evaluation import zero_shot_classes
     from .zero_shot import prompts, text_embeddings
 
     data = load_split(args.data, args.split, image_column=args.image_column, label_column=args.label_column,
-                      limit=args.sample or args.limit, sample_seed=args.seed if args.sample else None,
-                      split_classes=True)  # fmt: skip
+                      split_classes=True, **chosen_images(args.limit, args.sample, args.seed))  # fmt: skip
     names = zero_shot_classes(data, args.data)[0]
     text_model = ready.teacher if ready.teacher is not None else ready.model
     per_template = [text_embeddings(text_model, ready.tokenizer, prompts(names, t)) for t in args.prompt_templates]

@@ -328,7 +328,7 @@ def sweep(
     from .benchmark import Variant, environment, parse_device, place_model, run_benchmark, spread, timed_part
     from .benchmark import _input_shape as input_shape
     from .cost import model_cost
-    from .data import dataset_label_map, load_split, make_dataloader, model_labels
+    from .data import chosen_images, dataset_label_map, load_split, make_dataloader, model_labels
     from .evaluation import (
         check_dual_encoders,
         check_label_ids,
@@ -379,9 +379,9 @@ def sweep(
         for m in settings.tokens:
             check_merge(config, k, m, image_size)
     dataset = load_split(
-        settings.data, settings.split, limit=settings.sample or settings.limit,
-        sample_seed=settings.seed if settings.sample else None, image_column=settings.image_column,
+        settings.data, settings.split, image_column=settings.image_column,
         label_column=None if backbone else settings.label_column, split_classes=zero_shot, log=log,
+        **chosen_images(settings.limit, settings.sample, settings.seed),
     )  # fmt: skip
     if zero_shot:  # class names, the prompts and the tokenizer, refused in one line before any setting is built
         names, zero_shot_map = zero_shot_classes(dataset, settings.data)

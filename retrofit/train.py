@@ -223,14 +223,13 @@ def training_data(model, image_processor, run: TrainingRun, log: Callable[[str],
     folder is created). Labels are mapped to the model's by class name; ``--num-labels`` gives the model a new head
     for the data's classes. Without labels the model the evaluation compares with is the teacher. `log` hears where
     the first --limit or --eval-limit images hold fewer classes than their split."""
-    from .data import class_names, dataset_label_map, load_split, make_dataloader, model_labels
+    from .data import chosen_images, class_names, dataset_label_map, load_split, make_dataloader, model_labels
     from .loading import family_and_head
 
     classifier = family_and_head(model.config)[1].is_classifier
     label_column = None if run.loss == "kd" else run.label_column
     train_set = load_split(run.data, run.split, image_column=run.image_column, label_column=label_column,
-                           limit=run.sample or run.limit, sample_seed=run.seed if run.sample else None,
-                           log=log)  # fmt: skip
+                           log=log, **chosen_images(run.limit, run.sample, run.seed))  # fmt: skip
     if run.num_labels is not None:
         if run.loss != "ce":
             raise RetrofitError("--num-labels re-initialises the head, so the teacher cannot guide it; use --loss ce")
