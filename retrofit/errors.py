@@ -2,6 +2,7 @@
 
 import contextlib
 import errno
+import reprlib
 import warnings
 from collections.abc import Iterator
 
@@ -85,25 +86,30 @@ def whole_number(value, name: str) -> int:
     return int(value)
 
 
+class _Shortened(reprlib.Repr):
+    """The short repr `shown` quotes values with: long text, lists and nesting cut with "..."."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother = 3, 80, 80
+        self.maxlist = self.maxtuple = self.maxdict = self.maxset = 8
+
+    def repr_instance(self, x, level: int) -> str:  # an object inside a list: its type (a model's repr is long)
+        plain = x is None or isinstance(x, int | float | complex | bytes)
+        return super().repr_instance(x, level) if plain else f"<{type(x).__name__}>"
+
+
+_SHORTENED = _Shortened()
+
+
 def shown(value) -> str:
     """`value` as an error message quotes it: a short repr (``reprlib``: long text, lists and nesting cut with "..."),
     and for any other object its type, as a model passed where a path goes would print as many lines."""
-    import reprlib
-
     if isinstance(value, int) and value.bit_length() > 1000:  # Python refuses to write more than 4,300 digits
         digits = int(value.bit_length() * 0.30103)  # log10(2)
         return f"a {'negative ' if value < 0 else ''}number of about {digits} digits"
-
-    class Shortened(reprlib.Repr):
-        def repr_instance(self, x, level: int) -> str:  # an object inside a list: its type (a model's repr is long)
-            plain = x is None or isinstance(x, int | float | complex | bytes)
-            return super().repr_instance(x, level) if plain else f"<{type(x).__name__}>"
-
     if value is None or isinstance(value, str | int | float | bool | tuple | list | dict | set):
-        shortened = Shortened()
-        shortened.maxlevel, shortened.maxstring, shortened.maxother = 3, 80, 80
-        shortened.maxlist = shortened.maxtuple = shortened.maxdict = shortened.maxset = 8
-        return shortened.repr(value)
+        return _SHORTENED.repr(value)
     if hasattr(value, "save_pretrained"):  # a model object where a checkpoint's name or folder goes
         return f"a {type(value).__name__} object (save it with save_pretrained and give its folder)"
     return f"a {type(value).__name__}"
