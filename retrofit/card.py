@@ -516,6 +516,7 @@ def results_section(results: dict, export: Path, curve: bool = False) -> str:
     """Markdown for the card's Results section: a before/after table, then the full evaluation and speed tables
     (with the batch-size curve, `CURVE_FILE`, where `curve`)."""
     from .benchmark import rate_text
+    from .evaluation import images_text
 
     evaluation, bench = results.get("evaluation"), results.get("benchmark")
     this_eval = _find(_rows(evaluation), "model", (evaluation or {}).get("this"))
@@ -564,7 +565,7 @@ def results_section(results: dict, export: Path, curve: bool = False) -> str:
         parts.append(
             f"### {heading}\n\nOn `{evaluation['data']}` split "
             f"`{evaluation['split']}` "
-            f"({evaluation['num_examples']} images), measured with `retrofit evaluate`:\n\n{evaluation['table']}"
+            f"({images_text(evaluation)}), measured with `retrofit evaluate`:\n\n{evaluation['table']}"
         )
     if bench:
         from .benchmark import markdown_table

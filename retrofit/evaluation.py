@@ -230,6 +230,7 @@ def evaluate_models(
         "data": data,
         "split": split,
         "num_examples": rows[0]["num_examples"],
+        **images_chosen(choose, rows[0]["num_examples"]),
         "top_k": k,
         "processes": accelerator.num_processes,
         "labels": [reference[i] for i in range(len(reference))],
@@ -356,6 +357,7 @@ def _evaluate_backbones(
         "data": data,
         "split": split,
         "num_examples": rows[0]["num_examples"],
+        **images_chosen(choose, rows[0]["num_examples"]),
         "processes": _accelerator().num_processes,
         "models": rows,
     }
@@ -576,6 +578,7 @@ def _evaluate_zero_shot(
         "data": data,
         "split": split,
         "num_examples": rows[0]["num_examples"],
+        **images_chosen(choose, rows[0]["num_examples"]),
         "top_k": k,
         "processes": _accelerator().num_processes,
         "template": template,
@@ -751,6 +754,32 @@ def _score_batch(model, pred_map, pixels, labels, k, accelerator, stats) -> None
         stats["predictions"].extend(ranked[:, 0].tolist())
 
 
+def images_chosen(choose: dict, count: int) -> dict:
+    """What a report records of the images it was measured on, from `load_split`'s `limit` and `sample_seed`
+    (`retrofit.data.chosen_images`) and the number scored: ``images`` is ``first`` (the split's first `count`),
+    ``sample`` (a shuffled sample, drawn with ``sample_seed``) or ``all`` (no limit, or one the split is smaller
+    than)."""
+    limit, seed = choose.get("limit"), choose.get("sample_seed")
+    kind = "all" if limit is None or count < limit else "first" if seed is None else "sample"
+    return {"images": kind, "sample_seed": seed if kind == "sample" else None}
+
+
+def images_text(report: dict) -> str:
+    """The images a report's numbers are on, in words: "the first 1000 images", "a shuffled sample of 1000 images,
+    seed 0", "all 10000 images"; "1000 images" for a report written before retrofit recorded which."""
+    count, kind = report["num_examples"], report.get("images")
+    if kind == "first":
+        return f"the first {count} images"
+    if kind == "sample":
+        return f"a shuffled sample of {count} images, seed {report.get('sample_seed')}"
+    return f"all {count} images" if kind == "all" else f"{count} images"
+
+
+def first_images_text(limit: int | None, count: int) -> str:
+    """`images_text` for a training run's evaluation split, which is its first ``--eval-limit`` images (or all)."""
+    return images_text({"num_examples": count, **images_chosen({"limit": limit}, count)})
+
+
 def markdown_table(report: dict) -> str:
     """Models side by side: top-1, top-k, loss, GFLOPs and the change against the first model (backbones: feature
     similarity to the first model and GFLOPs; zero-shot: top-1, top-k, agreement with the first model, GFLOPs and the
@@ -836,7 +865,7 @@ def run_evaluate(args: EvaluateArgs) -> dict:
     )
     if PartialState().is_main_process:
         classes = f", {len(report['prompts'])} prompts like {report['prompts'][0]!r}" if args.zero_shot else ""
-        print(f"{args.data} / {args.split}: {report['num_examples']} images{classes}")
+        print(f"{args.data} / {args.split}: {images_text(report)}{classes}")
         print(report["table"])
         if args.json is not None:
             write_report(args.json, report, args.overwrite, kind="evaluate")

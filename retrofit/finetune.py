@@ -409,6 +409,7 @@ def _class_names(model) -> list[str] | None:
 
 def _training_info(run: TrainingRun, result: TrainResult, init: str, teacher: str | None = None):
     from .card import TrainingInfo
+    from .evaluation import first_images_text
     from .loading import is_dual_encoder
     from .losses import describe_loss
     from .provenance import public_name
@@ -416,11 +417,14 @@ def _training_info(run: TrainingRun, result: TrainResult, init: str, teacher: st
     notes = [f"trained: {run.train}; lr {run.lr}, batch {run.batch_size}x{run.grad_accum}, seed {run.seed}"]
     if run.ema_decay:
         notes.append(f"weights: the moving average over training (--ema-decay {run.ema_decay:g}), not the last step's")
+    last = result.eval_history[-1] if result.eval_history else {}
+    on = f"`{public_name(run.data)}` {run.eval_split}"
+    if "examples" in last:  # which of the split's images: the first --eval-limit, or all
+        on += f" ({first_images_text(run.eval_limit, last['examples'])})"
     if result.final_accuracy is not None:
-        notes.append(f"accuracy on `{public_name(run.data)}` {run.eval_split}: {result.final_accuracy:.4f}")
-    elif result.eval_history and "agreement" in result.eval_history[-1]:  # no labels this model knows
-        agreement = result.eval_history[-1]["agreement"]
-        notes.append(f"top-1 agreement with the teacher on `{public_name(run.data)}` {run.eval_split}: {agreement:.4f}")
+        notes.append(f"accuracy on {on}: {result.final_accuracy:.4f}")
+    elif "agreement" in last:  # no labels this model knows
+        notes.append(f"top-1 agreement with the teacher on {on}: {last['agreement']:.4f}")
     loss = describe_loss(run, teacher, dual_encoder=result.model is not None and is_dual_encoder(result.model.config))
     return TrainingInfo(data=run.data, steps=result.steps, epochs=round(result.epochs, 3), loss=loss, init=init,
                         notes=notes)  # fmt: skip

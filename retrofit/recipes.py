@@ -420,9 +420,10 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
     from .benchmark import hardware_name, images_per_second
     from .card import update_card
     from .cost import model_cost
-    from .evaluation import is_backbone
+    from .evaluation import first_images_text, is_backbone
     from .finetune import finish, prepare, publish
     from .loading import classifier_is_new, load_config, load_model, processor_image_size
+    from .provenance import public_name
     from .train import train
 
     args = finetune_args(recipe, overwrite=overwrite, resume=resume)
@@ -494,7 +495,11 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
     rows.append({"model": f"{tag}, fine-tuned ({result.steps} steps, loss {args.loss})",
                  column: history[-1][quality] if history else None, "gflops": merged_cost.gflops,
                  "images_per_s": speeds.get("merged")} | after)  # fmt: skip
-    table = results_table(rows, note=speed_note)
+    scored = None  # which images the quality column is on: the evaluation split's first data.eval_limit, or all
+    if ready.data is not None and ready.data[1] is not None:
+        count = len(ready.data[1].dataset)
+        scored = f"scored on `{public_name(args.data)}` {args.eval_split}: {first_images_text(args.eval_limit, count)}"
+    table = results_table(rows, note="\n\n".join(line for line in (scored, speed_note) if line) or None)
     finish(args, ready, result, log=log)
     if result.output is not None:
         update_card(result.output, run={"table": table})
@@ -575,7 +580,8 @@ def _baseline_accuracy(baseline, ready) -> float | None:
 def results_table(rows: list[dict], note: str | None = None) -> str:
     """A Markdown before/after table from rows of {model, accuracy, gflops, images_per_s} (a backbone's rows have
     `similarity`, its features' cosine similarity to the baseline's, instead of `accuracy`; kd on a split without
-    labels the model knows, `teacher_agreement`); `note` (how the speed was measured) goes under it."""
+    labels the model knows, `teacher_agreement`); `note` (which images were scored, how the speed was measured) goes
+    under it."""
     backbone = any("similarity" in row for row in rows)
     agreement = not backbone and any("teacher_agreement" in row for row in rows)  # kd without labels the model knows
     key = "similarity" if backbone else "teacher_agreement" if agreement else "accuracy"

@@ -333,6 +333,7 @@ def sweep(
         check_dual_encoders,
         check_label_ids,
         feature_similarity,
+        images_chosen,
         is_backbone,
         load_zero_shot_tokenizer,
         score_models,
@@ -378,10 +379,10 @@ def sweep(
     for k in settings.after_layers:
         for m in settings.tokens:
             check_merge(config, k, m, image_size)
+    chosen = chosen_images(settings.limit, settings.sample, settings.seed)  # the images every setting is scored on
     dataset = load_split(
         settings.data, settings.split, image_column=settings.image_column,
-        label_column=None if backbone else settings.label_column, split_classes=zero_shot, log=log,
-        **chosen_images(settings.limit, settings.sample, settings.seed),
+        label_column=None if backbone else settings.label_column, split_classes=zero_shot, log=log, **chosen,
     )  # fmt: skip
     if zero_shot:  # class names, the prompts and the tokenizer, refused in one line before any setting is built
         names, zero_shot_map = zero_shot_classes(dataset, settings.data)
@@ -491,6 +492,7 @@ def sweep(
         "data": settings.data,
         "split": settings.split,
         "num_examples": source_row["num_examples"],
+        **images_chosen(chosen, source_row["num_examples"]),
         "top_k": k_top,
         **({"template": settings.prompt_template, "prompts": texts} if zero_shot else {}),
         "bench_batch_size": bs,
@@ -534,13 +536,15 @@ _QUALITY = {  # a sweep's metric in its report's first line
 
 
 def _markdown_report(report: dict) -> str:
+    from .evaluation import images_text
+
     env = report["environment"]
     return (
         f"# PatchMerger sweep of `{report['source']}`\n\n"
         f"Initialisation: {report['method']}. "
         f"{_QUALITY.get(report.get('metric'), 'Accuracy')} on "
         f"`{report['data']}` {report['split']} "
-        f"({report['num_examples']} images); speed on {env['hardware']}, {env['dtype']}, batch "
+        f"({images_text(report)}); speed on {env['hardware']}, {env['dtype']}, batch "
         f"{report['bench_batch_size']} (median of repeats, settings measured alternately).\n\n"
         f"{report['table']}\n\n{report['verdict']}\n\n![sweep](sweep.png)\n"
     )

@@ -154,10 +154,14 @@ def test_card_gets_results_and_model_index(trained_vit, export_dir, images, tmp_
     assert top1.metric_type == "accuracy" and top1.metric_value == pytest.approx(stored["models"][1]["top1"])
     assert top5.metric_type == "top_k_accuracy" and top1.dataset_split == "test"
     assert "### Before / after" in card.text and "### Accuracy" in card.text
-    assert card.text.count("## Results") == 1
-    # A second run replaces the section instead of appending another one.
-    assert main(argv) == 0
-    assert ModelCard.load(folder / "README.md").text.count("### Accuracy") == 1
+    assert card.text.count("## Results") == 1 and "split `test` (all 15 images)" in card.text
+    assert stored["images"] == "all" and stored["sample_seed"] is None
+    # A second run replaces the section instead of appending another one, and says which images it scored.
+    assert main([*argv, "--sample", "6"]) == 0
+    text = ModelCard.load(folder / "README.md").text
+    assert text.count("### Accuracy") == 1 and "split `test` (a shuffled sample of 6 images, seed 0)" in text
+    stored = json.loads((folder / "retrofit_results.json").read_text())["evaluation"]
+    assert stored["num_examples"] == 6 and stored["images"] == "sample" and stored["sample_seed"] == 0
 
 
 def test_card_must_be_one_of_the_models(tiny_vit, export_dir, images, capsys):

@@ -135,7 +135,7 @@ def test_run_a_tiny_recipe_with_overrides(tiny_vit, tmp_path, capsys):
     data = make_imagefolder(tmp_path / "colours", per_class=4, test_per_class=4)
     path = write(tmp_path / "tiny.yaml", tiny_recipe(tiny_vit, data, tmp_path / "ignored"))
     out = tmp_path / "out"
-    options = ["--set", "training.max_steps=2", "--loss", "mix", "--batch-size", "4"]
+    options = ["--set", "training.max_steps=2", "--loss", "mix", "--batch-size", "4", "--set", "data.eval_limit=6"]
     assert main(["run", str(path), "--output", str(out), *options]) == 0
     printed = capsys.readouterr().out
     assert "at batch 4)" in printed  # --batch-size is the training's (it set evaluation.batch_size, which has none)
@@ -144,6 +144,9 @@ def test_run_a_tiny_recipe_with_overrides(tiny_vit, tmp_path, capsys):
     card = (out / "README.md").read_text()
     assert "| baseline" in card and "images/s: " in card and " CPU (" in card  # the speed says what it ran on
     assert f"This is `{Path(tiny_vit).name}`" in card  # a local source by its name (no local path in an export)
+    # which images the accuracies are on (data.eval_limit: the split's first 6), in the table and in how it was made
+    assert "scored on `colours` test: the first 6 images" in card and "scored on `colours` test: the first 6" in printed
+    assert re.search(r"accuracy on `colours` test \(the first 6 images\): \d\.\d{4}", card)
     assert (tmp_path / "out-checkpoints" / "results.json").exists()
     random.seed(7), np.random.seed(7), torch.manual_seed(7)  # a caller's own generators, which the run seeds
     before = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()

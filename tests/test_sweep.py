@@ -63,16 +63,17 @@ def test_a_speed_up_near_the_target_is_not_rounded_onto_its_other_side(monkeypat
 
 def test_sweep_writes_table_json_and_plot(tiny_vit, images, tmp_path, capsys):
     out = tmp_path / "sweep"
-    argv = ["sweep", str(tiny_vit), "--after-layer", "1,2", "--tokens", "2,4", "--data", str(images)]
+    argv = ["sweep", str(tiny_vit), "--after-layer", "1,2", "--tokens", "2,4", "--data", str(images), "--limit", "8"]
     argv += ["--split", "test", "--calibrate-images", "6", "--bench-batch-size", "2", "--bench-repeats", "1"]
     assert main([*argv, "--target-speedup", "1.01", "--output", str(out)]) == 0
     report = json.loads((out / "sweep.json").read_text())
     settings = [(r["after_layer"], r["tokens"]) for r in report["settings_results"]]
     assert settings == [(1, 2), (1, 4), (2, 2), (2, 4)]
     for row in report["settings_results"]:
-        assert 0 <= row["top1"] <= 1 and row["num_examples"] == 9 and row["images_per_s"] > 0
+        assert 0 <= row["top1"] <= 1 and row["num_examples"] == 8 and row["images_per_s"] > 0
         assert row["flops_ratio"] > 1 and "speed_spread" in row  # None with one repeat
-    assert report["source_row"]["num_examples"] == 9 and report["source_row"]["images_per_s"] > 0
+    assert report["source_row"]["num_examples"] == 8 and report["source_row"]["images_per_s"] > 0
+    assert report["images"] == "first" and "test (the first 8 images)" in (out / "sweep.md").read_text()
     rows = report["settings_results"]
     front = pareto_front(rows + [report["source_row"]])  # timings vary: check consistency, not which point wins
     assert [row["pareto"] for row in rows] == [any(p is row for p in front) for row in rows]
