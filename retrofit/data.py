@@ -533,6 +533,15 @@ def class_names(dataset) -> list[str] | None:
     return _declared_classes(dataset, "label")
 
 
+def named_classes(dataset) -> list[str] | None:
+    """The class names of a split's ``label`` column: a `ClassLabel`'s, or the sorted distinct names of a column of
+    text labels (missing ones left out); else None."""
+    names = class_names(dataset)
+    if names is None and getattr(dataset.features.get("label"), "dtype", None) in ("string", "large_string"):
+        names = sorted(_distinct_labels(dataset, "label"))
+    return names
+
+
 def label_id(value, label_map: dict | None = None) -> int | None:
     """A label as a class id: an int (or a whole float), after `label_map` (keys: data ids or class names); None if
     it is not one (a string, a fraction, a list). Missing labels (None, negative ids) come back as they are."""

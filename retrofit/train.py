@@ -46,6 +46,9 @@ T = TypeVar("T")
 
 # How a fine-tune ends the one line about data whose classes the model's head does not have.
 LABELS_FIX = "pass --num-labels {classes} to re-initialise the head, or --loss kd to distil without labels"
+NEW_HEAD_FIX = (
+    "the new head (--num-labels) has the training split's classes: evaluate on a split of those (--eval-split)"
+)
 
 
 @dataclass
@@ -223,17 +226,18 @@ def training_data(model, image_processor, run: TrainingRun, log: Callable[[str],
     folder is created). Labels are mapped to the model's by class name; ``--num-labels`` gives the model a new head
     for the data's classes. Without labels the model the evaluation compares with is the teacher. `log` hears where
     the first --limit or --eval-limit images hold fewer classes than their split."""
-    from .data import chosen_images, class_names, dataset_label_map, load_split, make_dataloader, model_labels
+    from .data import chosen_images, dataset_label_map, load_split, make_dataloader, model_labels, named_classes
     from .loading import family_and_head
 
     classifier = family_and_head(model.config)[1].is_classifier
     label_column = None if run.loss == "kd" else run.label_column
-    train_set = load_split(run.data, run.split, image_column=run.image_column, label_column=label_column,
-                           log=log, **chosen_images(run.limit, run.sample, run.seed))  # fmt: skip
-    if run.num_labels is not None:
+    new_head = run.num_labels is not None  # its classes are the data's: the whole split's, text labels too
+    train_set = load_split(run.data, run.split, image_column=run.image_column, label_column=label_column, log=log,
+                           split_classes=new_head, **chosen_images(run.limit, run.sample, run.seed))  # fmt: skip
+    if new_head:
         if run.loss != "ce":
             raise RetrofitError("--num-labels re-initialises the head, so the teacher cannot guide it; use --loss ce")
-        reinit_head(model, class_names(train_set), run.num_labels)
+        reinit_head(model, named_classes(train_set), run.num_labels)
     label_map = None
     if label_column and classifier:  # one line now, not a missing label or an IndexError at some step mid-run
         hint = "fix the labels of the split, or use --loss kd, which needs none"
@@ -256,8 +260,9 @@ def evaluation_loader(
 ) -> torch.utils.data.DataLoader:
     """The dataloader of `run`'s evaluation split for a model of `config`. kd needs no labels: on a split without
     them, or with classes the model does not know, its loader has none (``loader.dataset.has_labels`` is False) and
-    kd's evaluations are agreement with the teacher (`evaluate`). With ``--num-labels`` (a new head for the data's
-    classes) the split's labels pass unmapped."""
+    kd's evaluations are agreement with the teacher (`evaluate`). With ``--num-labels`` (a new head for the training
+    split's classes) the split's labels are mapped to the head's by name as well: its classes need not be numbered
+    as the training split's."""
     from .data import dataset_label_map, load_split, make_dataloader, model_labels
     from .loading import family_and_head
 
@@ -272,9 +277,10 @@ def evaluation_loader(
         eval_set = load_split(run.data, run.eval_split, image_column=run.image_column, label_column=None,
                               limit=run.eval_limit, log=log, instead=EVAL_LIMIT_INSTEAD)  # fmt: skip
     eval_map = None
-    if run.num_labels is None and labels and family_and_head(config)[1].is_classifier:
+    if labels and family_and_head(config)[1].is_classifier:  # a new head (--num-labels) too: by the data's names
+        fix = LABELS_FIX if run.num_labels is None else NEW_HEAD_FIX
         try:
-            eval_map = dataset_label_map(model_labels(config), eval_set, run.data, fix=LABELS_FIX)
+            eval_map = dataset_label_map(model_labels(config), eval_set, run.data, fix=fix)
         except RetrofitError:
             if run.loss != "kd":
                 raise

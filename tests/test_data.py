@@ -598,3 +598,43 @@ def test_a_class_name_the_model_gives_two_ids_keeps_the_datas_id_or_is_refused()
         dataset = Dataset.from_dict({"label": labels}, features=features)
         with pytest.raises(RetrofitError, match=refused):
             dataset_label_map(model, dataset, "imagenet")
+
+
+def test_a_new_head_takes_text_labels_and_its_evaluation_split_is_mapped_by_name(tmp_path):
+    """``--num-labels`` (a new head for the data's classes): a split of text labels (a metadata.csv of class names)
+    was refused, telling the user to pass the --num-labels they had passed; and the evaluation split's ids went to
+    the head unmapped, so a test split whose ClassLabel lacks a class (its ids [a, c]) scored every c as b:
+    silently wrong accuracy."""
+    import datasets
+    from conftest import TINY
+    from PIL import Image
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from retrofit.settings import TrainingRun
+    from retrofit.train import training_data
+
+    def split(labels: list, names: list[str] | None = None) -> datasets.Dataset:
+        label = datasets.ClassLabel(names=names) if names else datasets.Value("string")
+        features = datasets.Features({"image": datasets.Image(), "label": label})
+        return datasets.Dataset.from_dict(
+            {"image": [Image.new("RGB", (8, 8))] * len(labels), "label": labels}, features
+        )
+
+    def labels(loader) -> list[int]:
+        return [int(label) for batch in loader for label in batch["labels"]]
+
+    named = datasets.DatasetDict(train=split([0, 1, 2, 1], ["a", "b", "c"]), test=split([0, 1, 1], ["a", "c"]))
+    named.save_to_disk(str(tmp_path / "named"))
+    text = datasets.DatasetDict(train=split(["dog", "cat", "bird", "dog"]), test=split(["bird", "dog", "cat"]))
+    text.save_to_disk(str(tmp_path / "text"))
+    cases = (
+        ("named", ["a", "b", "c"], [0, 1, 1, 2], [0, 2, 2]),
+        ("text", ["bird", "cat", "dog"], [0, 1, 2, 2], [0, 2, 1]),
+    )
+    for data, classes, trained, scored in cases:
+        model = ViTForImageClassification(ViTConfig(**TINY))
+        run = TrainingRun(data=str(tmp_path / data), loss="ce", num_labels=3, batch_size=2)
+        train, evaluation = training_data(model, processor(), run)
+        assert list(model.config.id2label.values()) == classes
+        assert sorted(labels(train)) == trained  # shuffled
+        assert labels(evaluation) == scored
