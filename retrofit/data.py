@@ -439,6 +439,14 @@ def _check_split_folders(folder: Path, splits: dict, data: str) -> None:
             )
 
 
+def _metadata_files(folder: Path) -> list[Path]:
+    """The metadata files (metadata.csv, metadata.jsonl, ...) that datasets' imagefolder reads under `folder`."""
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    names = set(getattr(ImageFolder, "METADATA_FILENAMES", None) or ["metadata.csv", "metadata.jsonl"])
+    return sorted(path for path in folder.rglob("metadata.*") if path.name in names and path.is_file())
+
+
 def _hidden(relative: Path) -> bool:
     """Whether a path inside an image folder is one that datasets' imagefolder passes over (.git, ._x, __MACOSX)."""
     return any(part.startswith((".", "__")) for part in relative.parts)
@@ -476,6 +484,13 @@ def _one_class(dataset, folder: Path, data: str):
     (parent,) = parents if len(parents) == 1 else (None,)
     if parent is not None and parent.parts and not _is_split_name(parent.name):
         return dataset.add_column("label", [0] * len(dataset), feature=ClassLabel(names=[parent.name]))
+    metadata = _metadata_files(folder)
+    if metadata:  # datasets takes no classes from the folders of images a metadata file names
+        raise RetrofitError(
+            f"image folder '{data}' gives no class labels: its '{metadata[0].relative_to(folder)}' has no label "
+            "column, and datasets' imagefolder takes no classes from folders where a metadata file names the images; "
+            "add a label column to it (or name its column with --label-column), or move it out of the folder"
+        )
     shallow, deep = min(places, key=lambda p: len(p.parts)), max(places, key=lambda p: len(p.parts))
     if len(shallow.parts) != len(deep.parts):
         found = f"'{shallow}' and '{deep}' lie at different depths"

@@ -463,6 +463,12 @@ def test_a_one_class_folder_is_labelled_and_a_folder_without_class_folders_says_
         shutil.copytree(imagefolder / "test" / name, deep / name / "photos")
     with pytest.raises(RetrofitError, match=r"no class labels.*one name, 'photos' \('bird/photos/0.png' and 'cat/"):
         load_split(str(deep), "train")
+    listed = tmp_path / "listed"  # class folders, and a metadata.csv (file names only) that turns their classes off
+    shutil.copytree(imagefolder / "test", listed)
+    names = sorted(path.relative_to(listed).as_posix() for path in listed.glob("*/*.png"))
+    (listed / "metadata.csv").write_text("file_name\n" + "\n".join(names) + "\n")
+    with pytest.raises(RetrofitError, match=r"no class labels: its 'metadata.csv' has no label column, and datasets"):
+        load_split(str(listed), "train")  # was: "the images of another split lie at another depth"
 
 
 def test_a_class_folder_named_like_a_split_is_refused_not_read_as_a_split(tmp_path):
