@@ -187,6 +187,7 @@ def load_split(
     split_classes: bool = False,
     log: Callable[[str], None] | None = None,
     instead: str = "use --sample N for a shuffled sample of the split",
+    choose: str | None = None,
 ):
     """One split of an image-classification dataset as a `datasets.Dataset` with columns ``image`` (and ``label``).
 
@@ -199,6 +200,7 @@ def load_split(
     another), `log` gets one line saying so, ending in `instead`. `split_classes` (zero-shot, whose prompts are the
     classes): a column of text labels names the classes of the whole split, not only those of the examples kept (a
     ClassLabel of their sorted names); from a streamed Hub split only the examples read are known, and `log` says so.
+    `choose` ends the line refusing a split a local or Hub dataset lacks (how to name another: the caller's option).
     """
     import datasets
 
@@ -238,7 +240,8 @@ def load_split(
             if chosen is None and split in ("validation", "test"):
                 chosen = next((name for name in ("validation", "test", "valid", "val") if name in available), None)
             if chosen is None:
-                raise RetrofitError(f"dataset '{data}' has no split '{split}'; available: {', '.join(available)}")
+                how = f"; {choose}" if choose else ""
+                raise RetrofitError(f"dataset '{data}' has no split '{split}'; available: {', '.join(available)}{how}")
             dataset = splits[chosen] if is_local else _hub_split(data, chosen, limit, sample_seed)
             if is_local and label_column == "label" and dataset.column_names == ["image"] and not _saved(local):
                 dataset = _one_class(dataset, local, data)  # an image folder's labels, or why it has none

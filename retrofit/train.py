@@ -233,7 +233,8 @@ def training_data(model, image_processor, run: TrainingRun, log: Callable[[str],
     label_column = None if run.loss == "kd" else run.label_column
     new_head = run.num_labels is not None  # its classes are the data's: the whole split's, text labels too
     train_set = load_split(run.data, run.split, image_column=run.image_column, label_column=label_column, log=log,
-                           split_classes=new_head, **chosen_images(run.limit, run.sample, run.seed))  # fmt: skip
+                           split_classes=new_head, choose="choose one with --split",
+                           **chosen_images(run.limit, run.sample, run.seed))  # fmt: skip
     if new_head:
         if run.loss != "ce":
             raise RetrofitError("--num-labels re-initialises the head, so the teacher cannot guide it; use --loss ce")
@@ -267,15 +268,16 @@ def evaluation_loader(
     from .loading import family_and_head
 
     labels = run.label_column
+    choose = "choose one with --eval-split, or pass --eval-split '' to train without evaluating"
     try:
         eval_set = load_split(run.data, run.eval_split, image_column=run.image_column, label_column=labels,
-                              limit=run.eval_limit, log=log, instead=EVAL_LIMIT_INSTEAD)  # fmt: skip
+                              limit=run.eval_limit, log=log, instead=EVAL_LIMIT_INSTEAD, choose=choose)  # fmt: skip
     except RetrofitError:
         if run.loss != "kd" or not labels:
             raise
         labels = None  # kd needs no labels: an unlabelled split measures agreement with the teacher
         eval_set = load_split(run.data, run.eval_split, image_column=run.image_column, label_column=None,
-                              limit=run.eval_limit, log=log, instead=EVAL_LIMIT_INSTEAD)  # fmt: skip
+                              limit=run.eval_limit, log=log, instead=EVAL_LIMIT_INSTEAD, choose=choose)  # fmt: skip
     eval_map = None
     if labels and family_and_head(config)[1].is_classifier:  # a new head (--num-labels) too: by the data's names
         fix = LABELS_FIX if run.num_labels is None else NEW_HEAD_FIX

@@ -172,9 +172,13 @@ def test_cli_bad_data_exits_2_and_writes_nothing(tiny_vit, imagefolder, tmp_path
     assert main([*base, "--data", str(tmp_path / "nope")]) == 2
     assert main([*base, "--data", str(imagefolder), "--loss", "ce", "--label-column", "kind"]) == 2
     assert main([*base, "--data", str(imagefolder), "--batch-size", "1000"]) == 2
+    shutil.copytree(imagefolder / "train", tmp_path / "train-only" / "train")  # the default --eval-split is test
+    assert main([*base, "--data", str(tmp_path / "train-only"), "--batch-size", "8"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 3 and all(line.startswith("retrofit: error:") for line in errors)
+    assert len(errors) == 4 and all(line.startswith("retrofit: error:") for line in errors)
     assert "no column 'kind'" in errors[1] and "larger than the data" in errors[2]
+    assert errors[3].endswith("has no split 'test'; available: train; choose one with --eval-split, or pass "
+                              "--eval-split '' to train without evaluating")  # fmt: skip
     assert not out.exists() and not (tmp_path / "out-checkpoints").exists()
 
 
