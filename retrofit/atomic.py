@@ -310,9 +310,9 @@ def check_file_output(
     if not str(path).strip():
         raise RetrofitError(f"{option} is empty; give a file name, e.g. {option} results.json")
     path = Path(path)
+    _refuse_protected(path, option, inputs)  # a report goes next to the models and data it measures, never into them
     if path.is_dir():
         raise RetrofitError(f"{option} '{path}' is a folder; give a file name, e.g. {path / 'results.json'}")
-    _refuse_protected(path, option, inputs)  # a report goes next to the models and data it measures, never into them
     folder = path.absolute().parent
     for kind in (EXPORT, BASELINE, SWEEP):  # nor into another folder retrofit wrote (an export's speed.png, pushed)
         if kind.marks(folder):

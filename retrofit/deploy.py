@@ -52,10 +52,11 @@ def run_export_onnx(args: ExportOnnxArgs, *, log: Callable[[str], None] = print)
 
     _need_onnx()
     output = Path(args.output)
-    if output.suffix != ".onnx":
-        raise RetrofitError(f"--output '{output}' must be a file name ending in .onnx, e.g. {output.name}.onnx")
     if output.is_dir() and not output.is_symlink():  # `check_file_output` would suggest a JSON file in it
         raise RetrofitError(f"--output '{output}' is a folder; give a file name, e.g. {output / 'model.onnx'}")
+    if output.suffix != ".onnx":
+        example = output.with_suffix(".onnx") if output.name else "model.onnx"
+        raise RetrofitError(f"--output '{output}' must be a file name ending in .onnx, e.g. {example}")
     check_file_output(output, "--output", args.overwrite, inputs=(args.model,), ours=written_by_retrofit)
     _check_weights_file(output)
     config = load_config(args.model)

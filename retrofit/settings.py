@@ -26,6 +26,7 @@ import os
 import typing
 from collections.abc import Iterable
 from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal
 
 from .errors import RetrofitError, did_you_mean, shown
@@ -909,8 +910,11 @@ class BenchArgs(BenchSettings):
     def check(self) -> None:
         super().check()
         if self.plot is not None and not self.plot.endswith(".png"):
-            example = self.plot if 0 < len(self.plot) <= 60 and self.plot.isprintable() else "speed"
-            self.refuse("plot", f"must be a file name ending in .png, e.g. {example}.png (got {shown(self.plot)})")
+            named = (
+                0 < len(self.plot) <= 200 and self.plot.isprintable() and Path(self.plot).name not in ("", ".", "..")
+            )
+            example = Path(self.plot).with_suffix(".png") if named else "speed.png"
+            self.refuse("plot", f"must be a file name ending in .png, e.g. {example} (got {shown(self.plot)})")
         cpus = os.cpu_count() or 1
         if self.threads is not None and not 1 <= self.threads <= cpus:
             self.refuse("threads", f"must be between 1 and {cpus}, this machine's CPU count (got {self.threads})")

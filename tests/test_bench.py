@@ -95,7 +95,9 @@ def test_batch_size_curve_is_plotted_with_the_crossover(tiny_vit, tmp_path, caps
     assert main([*argv, "--overwrite"]) == 2
     assert "is not a file retrofit wrote" in capsys.readouterr().err
     assert main(["bench", str(tiny_vit), "--plot", str(tmp_path / "curve.svg")]) == 2
-    assert "--plot must be a file name ending in .png" in capsys.readouterr().err
+    assert f"--plot must be a file name ending in .png, e.g. {tmp_path / 'curve.png'} " in capsys.readouterr().err
+    assert main(["bench", str(tiny_vit), "--json", str(tiny_vit)]) == 2  # a folder it reads: not "use a file in it"
+    assert "which this run reads" in capsys.readouterr().err
 
 
 def test_bench_card_over_batch_sizes_draws_the_curve_into_the_export(tiny_vit, export_dir, tmp_path, capsys):

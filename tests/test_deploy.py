@@ -111,6 +111,10 @@ def test_overwrite_with_a_graph_that_keeps_its_weights_inside_removes_the_old_we
 
 def test_bad_input_is_one_line_and_writes_nothing(export_dir, tmp_path, capsys, monkeypatch):
     assert "must be a file name ending in .onnx" in refused(capsys, "export-onnx", export_dir, "-o", tmp_path / "m")
+    err = refused(capsys, "export-onnx", export_dir, "-o", tmp_path / "m.safetensors")
+    assert f"ending in .onnx, e.g. {tmp_path / 'm.onnx'}" in err  # in the folder given, not the current one
+    for folder in (".", "/"):  # a folder without .onnx: said so (it raised ValueError: "has an empty name")
+        assert "is a folder; give a file name, e.g. " in refused(capsys, "export-onnx", export_dir, "-o", folder)
     assert "does not exist" in refused(capsys, "export-onnx", tmp_path / "nope", "-o", tmp_path / "m.onnx")
     (tmp_path / "d.onnx").mkdir()
     err = refused(capsys, "export-onnx", export_dir, "-o", tmp_path / "d.onnx")
