@@ -363,6 +363,25 @@ def register_weight_conversions(source_class: str, model_class: str) -> None:
             return
 
 
+def check_merge_settings(config: BeitPatchMergerConfig, layer_config, num_layers: int) -> None:
+    """Refuse merge settings the model cannot run with (a config edited after the export) in one line, rather than
+    fail inside torch, or build a model that merges a token kept in front of the patches (the CLS token) or passes
+    patches on unmerged, without a word."""
+    for name in ("merge_after_layer", "merge_num_tokens"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+    if config.merge_after_layer >= num_layers:
+        raise ValueError(f"merge_after_layer must be in [1, {num_layers - 1}], got {config.merge_after_layer}")
+    prefix = 1  # CLS
+    given = config.merge_num_prefix_tokens
+    if isinstance(given, bool) or given != prefix:
+        raise ValueError(
+            f"merge_num_prefix_tokens must be {prefix}, the tokens in front of the patches that bypass the merger "
+            f"(CLS), got {given!r}"
+        )
+
+
 def insert_patch_merger(model: nn.Module, config: BeitPatchMergerConfig) -> str:
     """Give `model` a [`PatchMerger`] before encoder layer K; returns the name of its list of encoder layers.
 
@@ -370,10 +389,9 @@ def insert_patch_merger(model: nn.Module, config: BeitPatchMergerConfig) -> str:
     """
     layers_name = encoder_layers_name(model)
     layers: nn.ModuleList = model.get_submodule(layers_name)
-    k = config.merge_after_layer
-    if not 1 <= k < len(layers):
-        raise ValueError(f"merge_after_layer must be in [1, {len(layers) - 1}], got {k}")
     layer_config = config  # the config the encoder layers are built from
+    check_merge_settings(config, layer_config, len(layers))
+    k = config.merge_after_layer
     patch_merger = PatchMerger(
         layer_config.hidden_size,
         config.merge_num_tokens,

@@ -1,0 +1,63 @@
+"""An export in the hands of a transformers user: what they do with it after downloading it (load it with other
+settings, edit its config), in process with the export's own code (trust_remote_code)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForImageClassification
+
+from retrofit import FAMILIES, convert
+from retrofit.errors import RetrofitError
+from retrofit.hub_code import load_classes
+from retrofit.loading import load_model
+
+
+@pytest.fixture(scope="module")
+def vit_export(tiny_vit, tmp_path_factory):
+    out = tmp_path_factory.mktemp("use") / "vit-use-pm"  # transformers caches remote code by folder name
+    convert(tiny_vit, after_layer=2, num_tokens=3, output=out, log=lambda _: None)
+    return out
+
+
+def test_merge_settings_edited_after_the_export_are_refused_in_one_line(vit_export, tmp_path):
+    """A config whose merge settings the weights cannot run with is refused by the exported code with a ValueError
+    naming the setting, as transformers refuses its own bad settings. A prefix token count other than the family's ran
+    without a word: 0 merged ViT's CLS token into the patches (the classifier then read a merged token), 2 passed a
+    patch on unmerged; 0 merged tokens ran too, and a float or text raised a TypeError from inside torch."""
+    edits = {
+        "merge_num_prefix_tokens": [0, 2, True],
+        "merge_num_tokens": [0, -1, 2.5, None],
+        "merge_after_layer": ["2", 0, 4],
+    }
+    for name, values in edits.items():
+        for value in values:
+            with pytest.raises(ValueError, match=f"^{name} must be"):
+                AutoModelForImageClassification.from_pretrained(vit_export, trust_remote_code=True, **{name: value})
+    config = AutoConfig.from_pretrained(vit_export, trust_remote_code=True)
+    config.merge_num_prefix_tokens = 0
+    with pytest.raises(ValueError, match=r"^merge_num_prefix_tokens must be 1, .* \(CLS\), got 0$"):
+        AutoModelForImageClassification.from_config(config, trust_remote_code=True)
+    # retrofit's own loading of such an export: one line naming it
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    for path in vit_export.iterdir():
+        (edited / path.name).write_bytes(path.read_bytes())
+    text = (edited / "config.json").read_text().replace('"merge_num_prefix_tokens": 1', '"merge_num_prefix_tokens": 0')
+    (edited / "config.json").write_text(text)
+    with pytest.raises(RetrofitError, match="merge_num_prefix_tokens must be 1"):
+        load_model(edited)
+    # where the prefix counts the config's register tokens, and where there is no CLS token
+    family = FAMILIES["dinov2_with_registers"]
+    classes = load_classes(family, family.heads["Dinov2WithRegistersModel"])
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+    merge = dict(merge_after_layer=1, merge_num_tokens=3)
+    assert classes.model_class(classes.config_class(**sizes, **merge, num_register_tokens=4, merge_num_prefix_tokens=5))
+    with pytest.raises(ValueError, match=r"must be 3, .* \(CLS, registers\), got 5$"):
+        classes.model_class(classes.config_class(**sizes, **merge, num_register_tokens=2, merge_num_prefix_tokens=5))
+    family = FAMILIES["siglip_vision"]
+    classes = load_classes(family, family.heads["SiglipVisionModel"])
+    with pytest.raises(ValueError, match=r"must be 0, .* \(none\), got 1$"):
+        classes.model_class(classes.config_class(**sizes, **merge, merge_num_prefix_tokens=1))
+    assert torch.isfinite(classes.model_class(classes.config_class(**sizes, **merge, merge_num_prefix_tokens=0))(
+        pixel_values=torch.randn(1, 3, 32, 32)).last_hidden_state).all()  # fmt: skip
