@@ -609,24 +609,28 @@ def dataset_label_map(
     label_map: dict | None = None
     if names is not None or getattr(dataset.features["label"], "dtype", None) in ("string", "large_string"):
         strings = names is None
-        present = sorted({value for value in dataset["label"] if value is not None}) if strings else names
+        declared = sorted({value for value in dataset["label"] if value is not None}) if strings else names
+        # the ids the split holds: a ClassLabel may name more classes (an image folder's, those of all its splits)
+        held = set(range(len(declared))) if strings else set(_distinct_labels(dataset, "label"))
         by_name: dict[str, list[int]] = {}
         for index, name in sorted(reference.items()):
             by_name.setdefault(same_class_name(name), []).append(index)
-        unknown = [name for name in present if same_class_name(name) not in by_name]
+        unknown = [name for i, name in enumerate(declared) if i in held and same_class_name(name) not in by_name]
         if unknown:
             raise RetrofitError(
-                f"the class names in '{data}' ({len(present)}, e.g. {unknown[:4]}) are not among the models' labels "
-                f"({len(reference)}, e.g. {list(by_name)[:4]}); {fix.format(classes=len(present))}"
+                f"the class names in '{data}' ({len(declared)}, e.g. {unknown[:4]}) are not among the models' labels "
+                f"({len(reference)}, e.g. {list(by_name)[:4]}); {fix.format(classes=len(declared))}"
             )
         label_map = {}
-        for index, name in enumerate(present):
-            ids = by_name[same_class_name(name)]
+        for index, name in enumerate(declared):
+            ids = by_name.get(same_class_name(name))
+            if ids is None:  # a class of the data's ClassLabel that no example of the split has
+                continue
             if not strings and index in ids:  # a name the model gives two ids (ImageNet's "crane"): the data's own id
                 label_map[index] = index
             elif len(ids) == 1:
                 label_map[name if strings else index] = ids[0]
-            else:
+            elif index in held:
                 raise RetrofitError(
                     f"the class {shown(name)} of '{data}' is the name of {len(ids)} of the model's labels "
                     f"(ids {', '.join(map(str, ids))}), so which one it is cannot be told by name; give the data "

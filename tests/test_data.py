@@ -648,3 +648,20 @@ def test_a_new_head_takes_text_labels_and_its_evaluation_split_is_mapped_by_name
         assert list(model.config.id2label.values()) == classes
         assert sorted(labels(train)) == trained  # shuffled
         assert labels(evaluation) == scored
+
+
+def test_a_class_only_another_split_holds_does_not_refuse_this_one(imagefolder, tmp_path):
+    """An image folder's ClassLabel names the classes of all its splits: with a class in test/ alone (fish), the
+    train split of a cat/dog/bird model's classes was refused for 'fish', which none of its images is."""
+    from retrofit.data import dataset_label_map
+
+    folder = tmp_path / "fishy"
+    shutil.copytree(imagefolder, folder)
+    shutil.copytree(imagefolder / "test" / "cat", folder / "test" / "fish")
+    model = {0: "cat", 1: "dog", 2: "bird"}
+    train = load_split(str(folder), "train")
+    assert class_names(train) == ["bird", "cat", "dog", "fish"]
+    label_map = dataset_label_map(model, train, "fishy")
+    assert label_map == {0: 2, 1: 0, 2: 1} and sorted({label_map[label] for label in train["label"]}) == [0, 1, 2]
+    with pytest.raises(RetrofitError, match=r"the class names in 'fishy' \(4, e.g. \['fish'\]\) are not among"):
+        dataset_label_map(model, load_split(str(folder), "test"), "fishy")
