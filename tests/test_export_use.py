@@ -61,3 +61,31 @@ def test_merge_settings_edited_after_the_export_are_refused_in_one_line(vit_expo
         classes.model_class(classes.config_class(**sizes, **merge, merge_num_prefix_tokens=1))
     assert torch.isfinite(classes.model_class(classes.config_class(**sizes, **merge, merge_num_prefix_tokens=0))(
         pixel_values=torch.randn(1, 3, 32, 32)).last_hidden_state).all()  # fmt: skip
+
+
+def test_a_dual_encoder_s_forward_names_the_source_s_parameters_so_the_trainer_keeps_their_columns(tmp_path):
+    """The merged dual encoders override `forward` (images alone skip the text tower) as `(input_ids, pixel_values,
+    *args, **kwargs)`; transformers' Trainer keeps only the dataset columns `forward` names, and dropped
+    `attention_mask` (padded captions then attended to their padding) and `return_loss` (no loss: training stopped)."""
+    import inspect
+
+    import datasets
+    import transformers
+    from transformers import Trainer, TrainingArguments
+
+    for name in ("clip", "siglip", "siglip2"):
+        family = FAMILIES[name]
+        head = family.heads[f"{family.display_name}Model"]
+        model_class = load_classes(family, head).model_class
+        source = inspect.signature(getattr(transformers, head.class_name).forward)
+        assert inspect.signature(model_class.forward) == source, name
+    family = FAMILIES["clip"]
+    classes = load_classes(family, family.heads["CLIPModel"])
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99)
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+    merge = dict(merge_after_layer=1, merge_num_tokens=3, merge_num_prefix_tokens=1)
+    model = classes.model_class(classes.config_class(text_config=text, vision_config=vision, **merge))
+    columns = ["input_ids", "attention_mask", "pixel_values", "return_loss"]
+    data = datasets.Dataset.from_dict({"caption": ["a cat"]} | {column: [[1]] for column in columns})
+    trainer = Trainer(model=model, args=TrainingArguments(tmp_path, report_to=[], use_cpu=True))
+    assert trainer._remove_unused_columns(data).column_names == columns

@@ -257,6 +257,10 @@ class CLIPPatchMergerModel(CLIPModel):
             return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
         return super().forward(input_ids, pixel_values, *args, **kwargs)
 
+    # What reads the parameters (transformers' Trainer keeps the dataset columns `forward` names) reads the source's:
+    # `*args, **kwargs` named none of `attention_mask`, `position_ids`, `return_loss`, and the Trainer dropped them.
+    forward.__signature__ = inspect.signature(CLIPModel.forward)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, PatchMerger):
