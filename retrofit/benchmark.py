@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import RetrofitError, brief, shown
+from .errors import RetrofitError, brief, check_arguments, shown
 from .settings import DTYPE_NAMES, BenchArgs, BenchSettings, from_options, model_list, parse_merges
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -958,7 +958,9 @@ def benchmark(
 ) -> dict:
     """Build, measure and report: the Python API behind ``retrofit bench`` and ``bench/speed.py``. Returns the
     JSON-ready report, with its Markdown table under ``"table"`` (as `retrofit.evaluate_models` does). `models`: one
-    or a list of shape names, checkpoints, exports or .onnx files (as text or paths)."""
+    or a list of shape names, checkpoints, exports or .onnx files (as text or paths); `merges`: ``"6:8,half:8"`` as
+    ``--merge`` takes it, or (K or "half", M) pairs."""
+    check_arguments("benchmark", log=log)
     models = model_list(models)  # one, or several
     if isinstance(settings, dict):  # the fields of BenchSettings, as a notebook writes them
         settings = from_options(BenchSettings, settings, where="benchmark()")
@@ -967,8 +969,13 @@ def benchmark(
             f"benchmark's settings must be a BenchSettings or a dict of its fields, not {shown(settings)}"
         )
     settings = settings or BenchSettings()
-    if isinstance(merges, str) or merges is None:
-        merges = merge_option(merges)
+    if not isinstance(merges, str) and merges is not None:  # pairs: checked as the option's text is
+        pairs = list(merges) if isinstance(merges, list | tuple) else None
+        if pairs is None or not all(isinstance(pair, list | tuple) and len(pair) == 2 for pair in pairs):
+            raise RetrofitError(f'benchmark\'s merges must be text such as "6:8,half:8" or a list of (K, M) pairs, '
+                                f"not {shown(merges)}")  # fmt: skip
+        merges = ",".join(f"{after}:{tokens}" for after, tokens in pairs) or None
+    merges = merge_option(merges)
     variants = build_variants(models, merges, settings, log=log)
     run_benchmark(variants, settings, log=log)
     report = to_json(variants, settings)

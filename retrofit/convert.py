@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 from .atomic import check_output, hold_write_lock, releases_write_locks
 from .card import TrainingInfo
 from .cost import Cost, compare, model_cost
-from .errors import RetrofitError
+from .errors import RetrofitError, check_arguments
 from .export import export
 from .loading import (
     check_runs_on_its_images,
@@ -64,6 +64,7 @@ def convert(
     `RetrofitError` before anything is written."""
     args = from_options(ConvertArgs, {"source": source, "after_layer": after_layer, "tokens": num_tokens,
                                       "output": output, **settings}, where="convert()")  # fmt: skip
+    check_arguments("convert", log=log)
     return run_convert(args, log=log)
 
 

@@ -86,6 +86,24 @@ def whole_number(value, name: str) -> int:
     return int(value)
 
 
+def check_arguments(where: str, *, log=print, flags: dict | None = None, count: dict | None = None) -> None:
+    """Refuse, before any work, the arguments of a Python call (`where`: ``"finetune"``) that are no settings:
+    a `log` that is not a function (a TypeError at its first line, deep inside the run), `flags` that are not True or
+    False (``overwrite="no"`` is true), a `count` (name -> value) that is neither None nor a whole number >= 1."""
+    if not callable(log):
+        raise RetrofitError(
+            f"{where}'s log must be a function taking one line of text (print; lambda _: None for none), not "
+            f"{shown(log)}"
+        )
+    for name, value in (flags or {}).items():
+        numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+        if not isinstance(value, bool) and not numpy_bool:
+            raise RetrofitError(f"{where}'s {name} must be True or False, not {shown(value)}")
+    for name, value in (count or {}).items():
+        if value is not None and whole_number(value, f"{where}'s {name}") < 1:
+            raise RetrofitError(f"{where}'s {name} must be at least 1 (or None), not {value}")
+
+
 class _Shortened(reprlib.Repr):
     """The short repr `shown` quotes values with: long text, lists and nesting cut with "..."."""
 

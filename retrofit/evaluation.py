@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import torch
 
 from .data import chosen_images, dataset_label_map, generic_labels, model_labels, same_class_name
-from .errors import RetrofitError, brief
+from .errors import RetrofitError, brief, check_arguments
 from .settings import EVALUATE_SEED, EvaluateArgs, model_list
 from .zero_shot import DEFAULT_TEMPLATE
 
@@ -136,6 +136,7 @@ def evaluate_models(
     from .data import load_split, make_dataloader
     from .loading import family_and_head, load_config, load_image_processor, load_model, trained_head_config
 
+    check_arguments("evaluate_models", log=log)
     models = model_list(models)  # one, or several
     if not models:
         raise RetrofitError("no models to evaluate; pass one or more checkpoint folders, Hub ids or exports")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .atomic import releases_write_locks
-from .errors import RetrofitError, brief, did_you_mean, shown
+from .errors import RetrofitError, brief, check_arguments, did_you_mean, shown
 from .settings import FinetuneArgs, PretrainRun, TrainingRun, from_options
 from .train import TrainResult, hides_library_bars, keeps_callers_random_state, settle_losses, train, training_data
 
@@ -48,6 +48,8 @@ def finetune(
         {"source": source, "output": output, "after_layer": after_layer, "tokens": num_tokens, **settings},
         where="finetune()",
     )
+    check_arguments("finetune", log=log, flags={"eval_at_start": eval_at_start, "progress": progress},
+                    count={"stop_after": stop_after})  # fmt: skip
     return run_finetune(args, eval_at_start=eval_at_start, stop_after=stop_after, progress=progress, log=log)
 
 
@@ -463,6 +465,7 @@ def pretrain(
     from .loading import check_config, processor_image_size
 
     run = from_options(PretrainRun, settings, where="pretrain()")
+    check_arguments("pretrain", log=log, flags={"resume": resume, "overwrite": overwrite, "progress": progress})
     for name, value in (("pretrain.model", model_config), ("pretrain.image_processor", image_processor or {})):
         if not isinstance(value, dict):
             raise RetrofitError(f"{name} must be a mapping of config fields, not {shown(value)}")

@@ -13,7 +13,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from .atomic import hold_write_lock, releases_write_locks
-from .errors import RetrofitError, brief
+from .errors import RetrofitError, brief, check_arguments, shown
 from .settings import PushArgs
 
 # An open pull request of the repo: huggingface_hub commits to it with `revision="refs/pr/N"`.
@@ -362,6 +362,9 @@ def push(
     (`check_loads`; `check=False`: retrofit has just written it)."""
     from huggingface_hub import HfApi
 
+    check_arguments("push", log=log, flags={"private": private, "create_pr": create_pr, "check": check})
+    if not isinstance(export, str | os.PathLike):
+        raise RetrofitError(f"push takes an export's folder, not {shown(export)}")
     check_revision(revision)
     if create_pr and revision not in (None, "main"):
         raise RetrofitError(

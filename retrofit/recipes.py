@@ -23,7 +23,7 @@ from typing import Literal
 
 from .atomic import releases_write_locks
 from .checkpoints import check_same_run, run_settings
-from .errors import RetrofitError, brief, describe_os_error, did_you_mean
+from .errors import RetrofitError, brief, check_arguments, describe_os_error, did_you_mean
 from .settings import (
     RECIPE_SECTIONS,
     FinetuneArgs,
@@ -380,11 +380,7 @@ def run_recipe(
     generators are given back as they were."""
     from .train import callers_random_state, progress_bars
 
-    if not callable(log):  # a TypeError from deep inside the run otherwise
-        raise RetrofitError(
-            f"run_recipe's log must be a function taking one line of text (print; lambda _: None for none), not "
-            f"{_kind(log)}"
-        )
+    check_arguments("run_recipe", log=log, flags={"overwrite": overwrite, "resume": resume, "progress": progress})
     recipe = load_recipe(path, overrides)
     with callers_random_state(), progress_bars(progress):
         if recipe["pretrain"] is not None:

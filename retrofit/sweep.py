@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
 
-from .errors import RetrofitError
-from .settings import SWEEP_NEEDS_DATA, BenchSettings, SweepArgs, SweepSettings
+from .errors import RetrofitError, check_arguments, shown
+from .settings import SWEEP_NEEDS_DATA, BenchSettings, SweepArgs, SweepSettings, from_options
 
 
 def pareto_front(points: list[dict], x: str = "images_per_s", y: str = "top1") -> list[dict]:
@@ -322,7 +323,8 @@ def sweep(
     overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Run the sweep; returns the report (and writes sweep.md/json/png into `output` if given)."""
+    """Run the sweep; returns the report (and writes sweep.md/json/png into `output` if given). `settings`: a
+    `SweepSettings`, or a dict of its fields (as `retrofit.benchmark.benchmark` takes them)."""
     import tempfile
 
     from .benchmark import Variant, environment, parse_device, place_model, run_benchmark, spread, timed_part
@@ -352,6 +354,13 @@ def sweep(
     from .surgery import check_merge
     from .zero_shot import prompts
 
+    if isinstance(settings, dict):  # the fields of SweepSettings, as a notebook writes them
+        settings = from_options(SweepSettings, settings, where="sweep()")
+    elif not isinstance(settings, SweepSettings):
+        raise RetrofitError(f"sweep's settings must be a SweepSettings or a dict of its fields, not {shown(settings)}")
+    check_arguments("sweep", log=log, flags={"overwrite": overwrite})
+    if output is not None and not isinstance(output, str | os.PathLike):
+        raise RetrofitError(f"sweep's output must be a folder's path, not {shown(output)}")
     if settings.data is None:
         raise RetrofitError(f"--data {SWEEP_NEEDS_DATA}")
     check_output_folder(settings, output, overwrite, source)

@@ -224,3 +224,56 @@ def test_model_cost_refuses_what_is_no_size_or_merge_in_one_line():
     for args, kwargs, message in calls:
         with pytest.raises(RetrofitError, match="^model_cost's " + re.escape(message) + "$"):
             retrofit.model_cost(config, *args, **kwargs)
+
+
+def test_the_arguments_only_python_calls_take_are_refused_in_one_line_before_any_work(tiny_vit, tmp_path):
+    """What no option checks (`log`, the flags, `stop_after`, sweep's settings, bench's merges as pairs, push's
+    folder) is refused in one line before anything is loaded or written. They were TypeError tracebacks after the
+    work (log=None at its first line, after calibrating; stop_after="1" in the loop), AttributeError (sweep's
+    settings as a dict, which benchmark takes), or taken without a word: overwrite="no" is true, stop_after=-1 ran
+    no step and wrote no export, stop_after=1.5 and a merge (1.5, 4) were read as 2 and 1."""
+    import numpy as np
+
+    import retrofit
+    from retrofit.benchmark import benchmark
+    from retrofit.errors import RetrofitError
+    from retrofit.finetune import pretrain
+    from retrofit.push import push
+    from retrofit.recipes import run_recipe
+    from retrofit.sweep import sweep
+
+    source, out = str(tiny_vit), tmp_path / "out"
+    train = {"source": source, "output": out, "after_layer": 1, "num_tokens": 4, "data": str(tmp_path / "none")}
+    finetune, convert = retrofit.finetune, retrofit.convert
+    no_function = "'s log must be a function taking one line of text (print; lambda _: None for none), not "
+    calls = [
+        (lambda: convert(source, after_layer=1, num_tokens=4, output=out, log=None), "convert" + no_function + "None"),
+        (lambda: finetune(**train, log="x"), "finetune" + no_function + "'x'"),
+        (lambda: retrofit.evaluate_models(source, data=source, log=1), "evaluate_models" + no_function + "1"),
+        (lambda: benchmark(source, log=None), "benchmark" + no_function + "None"),
+        (lambda: sweep(source, {"data": source}, log=None), "sweep" + no_function + "None"),
+        (lambda: finetune(**train, stop_after="1"), "finetune's stop_after must be a whole number, not '1'"),
+        (lambda: finetune(**train, stop_after=1.5), "finetune's stop_after must be a whole number, not 1.5"),
+        (lambda: finetune(**train, stop_after=-1), "finetune's stop_after must be at least 1 (or None), not -1"),
+        (lambda: finetune(**train, progress="no"), "finetune's progress must be True or False, not 'no'"),
+        (lambda: finetune(**train, eval_at_start=1), "finetune's eval_at_start must be True or False, not 1"),
+        (lambda: pretrain({}, output=out, data=source, overwrite="no"), "pretrain's overwrite must be True or False"),
+        (lambda: run_recipe(tmp_path / "r.yaml", resume="no"), "run_recipe's resume must be True or False, not 'no'"),
+        (lambda: sweep(source, {"data": source}, output=out, overwrite="no"), "sweep's overwrite must be True or"),
+        (lambda: sweep(source, None), "sweep's settings must be a SweepSettings or a dict of its fields, not None"),
+        (lambda: sweep(source, {"data": source, "tokns": 4}), "unknown setting 'tokns' for sweep(); did you mean"),
+        (lambda: sweep(source, {"data": source}, output=3), "sweep's output must be a folder's path, not 3"),
+        (lambda: benchmark(source, merges=[(1.5, 4)]), "--merge '1.5:4' is not K:M"),
+        (lambda: benchmark(source, merges=5), 'benchmark\'s merges must be text such as "6:8,half:8" or a list of'),
+        (lambda: push(out, "me/x", private="no"), "push's private must be True or False, not 'no'"),
+        (lambda: push(retrofit.load_model(source), "me/x"), "push takes an export's folder, not a ViTForImage"),
+    ]  # fmt: skip
+    for call, message in calls:
+        with pytest.raises(RetrofitError, match=re.escape(message)) as refused:
+            call()
+        assert "\n" not in str(refused.value)
+    assert list(tmp_path.iterdir()) == []
+    # NumPy's True and whole numbers are taken, as the settings take them
+    from retrofit.errors import check_arguments
+
+    check_arguments("finetune", log=print, flags={"progress": np.bool_(False)}, count={"stop_after": np.int64(2)})
