@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import RetrofitError, brief
+from .errors import RetrofitError, brief, check_arguments
 from .settings import ExportOnnxArgs, from_options
 
 MODEL_KEY = "retrofit"  # metadata_props key of the JSON that says what a file is (`onnx_info`)
@@ -41,7 +41,8 @@ class OnnxResult:
 def export_onnx(model: str | Path, output: str | Path, *, log: Callable[[str], None] = print, **settings) -> OnnxResult:
     """Export `model` (a retrofit export, or a checkpoint retrofit converts) to the ONNX file `output`; `settings`
     are `retrofit.settings.ExportOnnxArgs` fields (dtype, overwrite, images, tolerance)."""
-    args = from_options(ExportOnnxArgs, {"model": str(model), "output": str(output), **settings}, where="export_onnx()")
+    args = from_options(ExportOnnxArgs, {"model": model, "output": output, **settings}, where="export_onnx()")
+    check_arguments("export_onnx", log=log)
     return run_export_onnx(args, log=log)
 
 

@@ -227,15 +227,17 @@ def test_model_cost_refuses_what_is_no_size_or_merge_in_one_line():
 
 
 def test_the_arguments_only_python_calls_take_are_refused_in_one_line_before_any_work(tiny_vit, tmp_path):
-    """What no option checks (`log`, the flags, `stop_after`, sweep's settings, bench's merges as pairs, push's
-    folder) is refused in one line before anything is loaded or written. They were TypeError tracebacks after the
-    work (log=None at its first line, after calibrating; stop_after="1" in the loop), AttributeError (sweep's
-    settings as a dict, which benchmark takes), or taken without a word: overwrite="no" is true, stop_after=-1 ran
-    no step and wrote no export, stop_after=1.5 and a merge (1.5, 4) were read as 2 and 1."""
+    """What no option checks (`log`, the flags, `stop_after`, sweep's settings, bench's merges as pairs, push's and
+    export_onnx's model) is refused in one line before anything is loaded or written. They were TypeError tracebacks
+    after the work (log=None at its first line, after calibrating; stop_after="1" in the loop), AttributeError
+    (sweep's settings as a dict, which benchmark takes), OSError "File name too long" (export_onnx given a model
+    object), or taken without a word: overwrite="no" is true, stop_after=-1 ran no step and wrote no export,
+    stop_after=1.5 and a merge (1.5, 4) were read as 2 and 1."""
     import numpy as np
 
     import retrofit
     from retrofit.benchmark import benchmark
+    from retrofit.deploy import export_onnx
     from retrofit.errors import RetrofitError
     from retrofit.finetune import pretrain
     from retrofit.push import push
@@ -267,6 +269,9 @@ def test_the_arguments_only_python_calls_take_are_refused_in_one_line_before_any
         (lambda: benchmark(source, merges=5), 'benchmark\'s merges must be text such as "6:8,half:8" or a list of'),
         (lambda: push(out, "me/x", private="no"), "push's private must be True or False, not 'no'"),
         (lambda: push(retrofit.load_model(source), "me/x"), "push takes an export's folder, not a ViTForImage"),
+        (lambda: export_onnx(retrofit.load_model(source), out), "--model must be text, not a ViTForImageClass"),
+        (lambda: export_onnx(source, None), "--output must be text, not None"),
+        (lambda: export_onnx(source, tmp_path / "m.onnx", log=None), "export_onnx" + no_function + "None"),
     ]  # fmt: skip
     for call, message in calls:
         with pytest.raises(RetrofitError, match=re.escape(message)) as refused:
