@@ -428,16 +428,19 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
     ready = prepare(args, log=log)
     if ready.resuming:  # checkpoints of another merge are refused now, not after scoring and timing the baseline
         check_same_run(ready.checkpoint_dir, run_settings(ready.model, args.train, args.ema_decay))
-    # A classifier the checkpoint does not hold (a backbone given --num-labels) starts random: nothing to score
-    # before training, so only the fine-tuned row has an accuracy.
-    new_classifier = classifier_is_new(load_config(args.source), ready.config)
+    # A classifier the checkpoint does not hold (a backbone given --num-labels) starts random, and --num-labels gives
+    # a classifier a new head (the source's predicts its own classes, in other ids): nothing to score before
+    # training, so only the fine-tuned row has an accuracy.
+    random_head = classifier_is_new(load_config(args.source), ready.config)
+    new_classifier = random_head or args.num_labels is not None
     before = evaluation.before and not new_classifier
     baseline = ready.teacher if args.teacher is None and ready.teacher is not None else None
     baseline = baseline or load_model(args.source, config=ready.config).eval()
     image_size = processor_image_size(ready.processor)
     tag = f"merged K={args.after_layer} M={args.tokens}"
     continued = ready.init.startswith("continued")  # the source is a retrofit export: the baseline is merged too
-    baseline_name = f"baseline `{args.source}`" + (" (its classifier is new: not scored)" if new_classifier else "")
+    unscored = " (its classifier is new: not scored)" if random_head else " (--num-labels gives a new head: not scored)"
+    baseline_name = f"baseline `{args.source}`" + (unscored if new_classifier else "")
     baseline_name += " (a retrofit export, already merged)" if continued else ""
     rows = [{"model": baseline_name, "gflops": model_cost(ready.config, image_size).gflops}]
     merged_cost = model_cost(ready.model.config, image_size)

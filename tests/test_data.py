@@ -665,3 +665,21 @@ def test_a_class_only_another_split_holds_does_not_refuse_this_one(imagefolder, 
     assert label_map == {0: 2, 1: 0, 2: 1} and sorted({label_map[label] for label in train["label"]}) == [0, 1, 2]
     with pytest.raises(RetrofitError, match=r"the class names in 'fishy' \(4, e.g. \['fish'\]\) are not among"):
         dataset_label_map(model, load_split(str(folder), "test"), "fishy")
+
+
+def test_a_recipe_giving_a_classifier_a_new_head_does_not_score_its_old_one(tiny_vit, tmp_path):
+    """``training.num_labels`` on a classifier: the baseline row scored the source's own head (cat, dog, bird as
+    ids 0, 1, 2) against labels in the new head's ids (the data's bird, cat, dog), and the merged row before
+    training the zeroed new head: two accuracies in the table and the card that measured nothing."""
+    from retrofit.recipes import run_recipe
+
+    data = make_imagefolder(tmp_path / "colours", per_class=2, test_per_class=2)
+    recipe = tmp_path / "head.yaml"
+    recipe.write_text(
+        f"source: {tiny_vit}\nmerge: {{after_layer: 2, tokens: 4}}\ndata: {{name: {data}}}\n"
+        "training: {loss: ce, num_labels: 3, max_steps: 1, batch_size: 6}\nevaluation: {speed: false}\n"
+    )
+    summary = run_recipe(recipe, {"export.output": str(tmp_path / "out")}, log=lambda line: None)
+    baseline, trained = summary["rows"][0], summary["rows"][-1]
+    assert len(summary["rows"]) == 2 and "(--num-labels gives a new head: not scored)" in baseline["model"]
+    assert baseline.get("accuracy") is None and trained["accuracy"] is not None
