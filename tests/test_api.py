@@ -244,7 +244,7 @@ def test_the_arguments_only_python_calls_take_are_refused_in_one_line_before_any
     from retrofit.recipes import run_recipe
     from retrofit.sweep import sweep
 
-    source, out = str(tiny_vit), tmp_path / "out"
+    source, out, onnx = str(tiny_vit), tmp_path / "out", tmp_path / "m.onnx"
     train = {"source": source, "output": out, "after_layer": 1, "num_tokens": 4, "data": str(tmp_path / "none")}
     finetune, convert = retrofit.finetune, retrofit.convert
     no_function = "'s log must be a function taking one line of text (print; lambda _: None for none), not "
@@ -269,9 +269,9 @@ def test_the_arguments_only_python_calls_take_are_refused_in_one_line_before_any
         (lambda: benchmark(source, merges=5), 'benchmark\'s merges must be text such as "6:8,half:8" or a list of'),
         (lambda: push(out, "me/x", private="no"), "push's private must be True or False, not 'no'"),
         (lambda: push(retrofit.load_model(source), "me/x"), "push takes an export's folder, not a ViTForImage"),
-        (lambda: export_onnx(retrofit.load_model(source), out), "--model must be text, not a ViTForImageClass"),
+        (lambda: export_onnx(retrofit.load_model(source), onnx), "--model must be text, not a ViTForImageClass"),
         (lambda: export_onnx(source, None), "--output must be text, not None"),
-        (lambda: export_onnx(source, tmp_path / "m.onnx", log=None), "export_onnx" + no_function + "None"),
+        (lambda: export_onnx(source, onnx, log=None), "export_onnx" + no_function + "None"),
     ]  # fmt: skip
     for call, message in calls:
         with pytest.raises(RetrofitError, match=re.escape(message)) as refused:
