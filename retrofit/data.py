@@ -377,7 +377,18 @@ def _local_splits(folder: Path, data: str) -> dict:
                 f"image folder '{data}' lies at '{real}', whose {' '.join(magic)} datasets reads as a file pattern "
                 "(it then finds no images); rename the folders on that path, or move the images to another folder"
             )
-        splits = dict(datasets.load_dataset("imagefolder", data_dir=str(folder)))
+        variable = _variable(real)
+        if variable:
+            raise RetrofitError(
+                f"image folder '{data}' lies at '{real}', whose {variable} datasets replaces with that environment "
+                "variable's value (it then reads another folder, or none); rename the folders on that path"
+            )
+        try:
+            splits = dict(datasets.load_dataset("imagefolder", data_dir=str(folder)))
+        except Exception:
+            for path in _image_files(folder):  # a file it could not open: a $NAME in its path?
+                _check_no_variable(path, folder, data)
+            raise
         _check_split_folders(folder, splits, data)
         return splits
     saved = datasets.load_from_disk(str(folder))
@@ -425,6 +436,7 @@ def _check_split_folders(folder: Path, splits: dict, data: str) -> None:
     files = [path for path in files if not _hidden(path.relative_to(folder))]
     for path in files:
         if path.suffix.lower() in ImageFolder.EXTENSIONS and path.is_file() and os.path.realpath(path) not in read:
+            _check_no_variable(path, folder, data)  # read as another file
             taken, split = next(iter(read.items()), ("", ""))
             example = f", e.g. '{os.path.relpath(taken, os.path.realpath(folder))}' as {split}" if taken else ""
             raise RetrofitError(
@@ -448,6 +460,26 @@ def _metadata_files(folder: Path) -> list[Path]:
 
     names = set(getattr(ImageFolder, "METADATA_FILENAMES", None) or ["metadata.csv", "metadata.jsonl"])
     return sorted(path for path in folder.rglob("metadata.*") if path.name in names and path.is_file())
+
+
+def _variable(path: str) -> str | None:
+    """The first ``$NAME`` or ``${NAME}`` in `path` that names an environment variable (datasets expands them in the
+    paths of local files, `os.path.expandvars`), else None."""
+    for match in re.finditer(r"\$(\w+|\{[^}]*\})", path):
+        if os.path.expandvars(match.group()) != match.group():
+            return match.group()
+    return None
+
+
+def _check_no_variable(path: Path, folder: Path, data: str) -> None:
+    """Refuse an image whose path inside the image folder has a ``$NAME`` datasets expands (`_variable`)."""
+    variable = _variable(str(path.relative_to(folder)))
+    if variable:
+        raise RetrofitError(
+            f"image '{path.relative_to(folder)}' of image folder '{data}' has {variable} in its path, which datasets "
+            "replaces with that environment variable's value when it opens the image (another file, or none); "
+            "rename it"
+        )
 
 
 def _hidden(relative: Path) -> bool:

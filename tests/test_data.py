@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -683,3 +684,28 @@ def test_a_recipe_giving_a_classifier_a_new_head_does_not_score_its_old_one(tiny
     baseline, trained = summary["rows"][0], summary["rows"][-1]
     assert len(summary["rows"]) == 2 and "(--num-labels gives a new head: not scored)" in baseline["model"]
     assert baseline.get("accuracy") is None and trained["accuracy"] is not None
+
+
+def test_a_dollar_name_in_an_image_folder_is_refused_not_read_as_another_path(tmp_path, monkeypatch):
+    """datasets expands environment variables in local files' paths (`os.path.expandvars`): a class folder 'a$EMPTY'
+    was refused as "in none of its splits ... named like a split", one named 'b$WHERE' as "cannot load dataset ... No
+    such file '.../b/elsewhere/0.png'", a data folder '$WHERE' as holding images in none of the splits (datasets read
+    the folder 'other'): each refusal named a wrong cause."""
+    from PIL import Image
+
+    monkeypatch.setenv("EMPTY", "")
+    monkeypatch.setenv("WHERE", "/elsewhere")
+    for folder, variable in (("a$EMPTY", "$EMPTY"), ("b$WHERE", "$WHERE")):
+        root = tmp_path / variable[1:]
+        for name in ("a", "b", folder):
+            (root / name).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (4, 4)).save(root / name / "0.png")
+        with pytest.raises(RetrofitError, match=rf"^image '{re.escape(folder)}/0.png' of .* has \{variable} in its"):
+            load_split(str(root), "train")
+    monkeypatch.setenv("WHERE", "other")  # the folder itself: the image folder 'other' would be read instead
+    for root in ("other", "$WHERE"):
+        for name in ("a", "b"):
+            (tmp_path / root / name).mkdir(parents=True)
+            Image.new("RGB", (4, 4)).save(tmp_path / root / name / "0.png")
+    with pytest.raises(RetrofitError, match=r"lies at '.*/\$WHERE', whose \$WHERE datasets replaces with"):
+        load_split(str(tmp_path / "$WHERE"), "train")
