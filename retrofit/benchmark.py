@@ -883,12 +883,7 @@ def batch_size_figure(report: dict) -> bytes:
     crossover (`faster_from`) marked, as PNG bytes marked as retrofit's (`PLOT_MARK`)."""
     import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    fig, ax = figure(figsize=(7.5, 4.8), dpi=120)
     for row in report["models"]:
         points = sorted((int(bs), r["images_per_s"]) for bs, r in row["results"].items() if r.get("images_per_s"))
         if not points:
@@ -913,8 +908,18 @@ def batch_size_figure(report: dict) -> bytes:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", metadata={"Software": PLOT_MARK})
-    plt.close(fig)
     return buffer.getvalue()
+
+
+def figure(**options) -> tuple:
+    """A matplotlib figure drawn by Agg and its axes, apart from pyplot: a notebook's backend (``matplotlib.use``
+    switched it to Agg for the rest of the session) and its open figures are left alone."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**options)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
 
 
 def plot_batch_sizes(report: dict, path: str | Path, *, overwrite: bool = False) -> Path:

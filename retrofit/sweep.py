@@ -165,10 +165,7 @@ def _setting_name(row: dict) -> str:
 def plot(report: dict, path: Path) -> None:
     """accuracy (backbones: feature similarity) against images/s, settings labelled K/M, Pareto front joined, the
     source as a star; settings whose speed could not be measured are listed under the plot instead."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .benchmark import figure
 
     src = report["source_row"]
     key = "similarity" if report.get("metric") == "similarity" else "top1"
@@ -176,7 +173,7 @@ def plot(report: dict, path: Path) -> None:
     unmeasured = [f"K={r['after_layer']},M={r['tokens']}" for r in report["settings_results"] if r not in rows]
     unmeasured = (["source"] if src.get("images_per_s") is None else []) + unmeasured
     scale = 1 if key == "similarity" else 100
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = figure(figsize=(7, 4.5), dpi=120)
     ax.scatter([r["images_per_s"] for r in rows], [scale * r[key] for r in rows], c="tab:blue", label="settings")
     front = [r for r in rows if r["pareto"]]
     front.sort(key=lambda r: r["images_per_s"])
@@ -206,7 +203,6 @@ def plot(report: dict, path: Path) -> None:
     names = [(f"K={r['after_layer']},M={r['tokens']}", r["images_per_s"], scale * r[key]) for r in rows]
     _label_points(fig, ax, names, avoid=source_point)
     fig.savefig(path)
-    plt.close(fig)
 
 
 # Where a point's label may go, in points from the point, tried in this order.

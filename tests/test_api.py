@@ -282,3 +282,31 @@ def test_the_arguments_only_python_calls_take_are_refused_in_one_line_before_any
     from retrofit.errors import check_arguments
 
     check_arguments("finetune", log=print, flags={"progress": np.bool_(False)}, count={"stop_after": np.int64(2)})
+
+
+def test_plots_leave_a_notebooks_matplotlib_backend_and_figures_alone(tmp_path):
+    """sweep's plot and bench's batch-size curve (sweep(output=...), update_card, bench --plot) draw apart from
+    pyplot: they called matplotlib.use("Agg"), which switched a notebook's backend for the rest of its session (its
+    own figures no longer showed)."""
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # a backend other than Agg, as a notebook's inline one is
+    import matplotlib.pyplot as plt
+
+    from retrofit.benchmark import batch_size_figure
+    from retrofit.sweep import plot
+
+    mine = plt.figure()
+    try:
+        row = dict(top1=0.5, gflops=1.0, images_per_s=50.0, after_layer=1, tokens=2, pareto=True)
+        report = dict(metric="accuracy", source_row=dict(row, images_per_s=40.0), settings_results=[row], best=row)
+        report |= dict(environment=dict(hardware="CPU", dtype="fp32"), bench_batch_size=8, data="d", split="test")
+        plot(report | dict(source="s", method="calibrate", target_speedup=1.2), tmp_path / "sweep.png")
+        results = {"1": {"images_per_s": 10.0}, "4": {"images_per_s": 30.0}}
+        curve = batch_size_figure({"models": [{"model": "m", "compile": "eager", "results": results}], **report})
+        assert curve[:8] == (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == [mine.number]
+    finally:
+        plt.close("all")
+        matplotlib.use(before)
