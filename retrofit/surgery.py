@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 
@@ -108,6 +110,11 @@ def merged_config(
 def _record(model: PreTrainedModel, source: str | SourceRecord | None) -> SourceRecord:
     if isinstance(source, SourceRecord):
         return source
+    if source is not None and not isinstance(source, str | os.PathLike):  # a model object: OSError "name too long"
+        raise RetrofitError(
+            f"insert_patch_merger's source is the Hub id or folder the model was loaded from (the export records it), "
+            f"not {shown(source)}"
+        )
     return source_record(source or getattr(model.config, "_name_or_path", None) or None)
 
 
@@ -125,6 +132,8 @@ def insert_patch_merger(
     still need the source). The merger is randomly initialised (see `retrofit.calibrate` for a data-driven start).
     For families whose layers use RoPE (DINOv3), `rope_positions` says where the merged tokens are rotated: "mean"
     (the default: at the merge-weighted mean of their patches' positions, per image) or "none" (not rotated).
+    `source`: the Hub id or folder `model` was loaded from, which the export records (default: the model's own
+    ``name_or_path``).
     """
     if not isinstance(model, PreTrainedModel):
         raise RetrofitError(

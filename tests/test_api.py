@@ -132,9 +132,10 @@ def test_the_building_blocks_refuse_what_they_cannot_take_in_one_line(tiny_vit, 
     with pytest.raises(RetrofitError, match="update_card's benchmark must be a report as retrofit bench's"):
         retrofit.update_card(tmp_path / "pm", benchmark={"models": []})
     assert not (tmp_path / "x").exists() and not (tmp_path / "pm" / "retrofit_results.json").exists()
-    # A model object where a name goes, None, a whole number given as 2.0 or True, a folder that is no export, a dict of
-    # settings: they were OSError "File name too long", 30 s of Hub retries for "None", TypeError, "surgery mismatch",
-    # "fix that block or delete it", "not iterable" and AttributeError tracebacks.
+    # A model object where a name goes (insert_patch_merger's source too), None, a whole number given as 2.0 or True, a
+    # folder that is no export, a dict of settings: they were OSError "File name too long", 30 s of Hub retries for
+    # "None", TypeError, "surgery mismatch", "fix that block or delete it", "not iterable" and AttributeError
+    # tracebacks; insert_patch_merger recorded source=5 as the source '5'.
     from retrofit.benchmark import benchmark
 
     named = "a model is named by a Hub id, a folder or retrofit:NAME, not "
@@ -144,6 +145,8 @@ def test_the_building_blocks_refuse_what_they_cannot_take_in_one_line(tiny_vit, 
         (lambda: retrofit.evaluate_models(model, data=str(tiny_vit)), "--models must be a list of text, not [<ViTFor"),
         (lambda: retrofit.insert_patch_merger(model, 2.0, 4), "insert_patch_merger's after_layer must be a whole"),
         (lambda: retrofit.insert_patch_merger(model, True, 4), "insert_patch_merger's after_layer must be a whole"),
+        (lambda: retrofit.insert_patch_merger(model, 2, 4, source=model), "insert_patch_merger's source is the Hub"),
+        (lambda: retrofit.insert_patch_merger(model, 2, 4, source=5), "the export records it), not 5"),
         (lambda: retrofit.update_card(model), "update_card takes an export's folder, not a ViTForImageClassification"),
         (lambda: retrofit.update_card(tmp_path), "update_card: '" + str(tmp_path) + "' is not an export with a model"),
         (lambda: benchmark(str(tiny_vit), settings={"batch_sizes": 0}), "--batch-size must be a list of whole"),
