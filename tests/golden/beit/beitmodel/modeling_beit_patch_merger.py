@@ -420,6 +420,18 @@ class BeitPatchMergerModel(BeitModel):
 
     config_class = BeitPatchMergerConfig
     config: BeitPatchMergerConfig
+    # `device_map="auto"` keeps each of these on one device, as the source's layers (it split a merged layer across
+    # devices, whose residual sums then met tensors on two).
+    _no_split_modules = [
+        *(BeitModel._no_split_modules or []),
+        "BeitLayerOnMergedTokens",
+    ]
+    # The hooks of a model dispatched over devices or offloaded pass `resolution` (no tensor) on as it is: the copy
+    # each layer got hid this forward pass's merge weights (`MergedTokenPositions`) from the merged layers.
+    _skip_keys_device_placement = [
+        *(BeitModel._skip_keys_device_placement or []),
+        "resolution",
+    ]
 
     def __init__(self, config: BeitPatchMergerConfig, *args, **kwargs):
         own = self.config_class
@@ -470,6 +482,18 @@ class BeitPatchMergerForImageClassification(BeitForImageClassification):
 
     config_class = BeitPatchMergerConfig
     config: BeitPatchMergerConfig
+    # `device_map="auto"` keeps each of these on one device, as the source's layers (it split a merged layer across
+    # devices, whose residual sums then met tensors on two).
+    _no_split_modules = [
+        *(BeitForImageClassification._no_split_modules or []),
+        "BeitLayerOnMergedTokens",
+    ]
+    # The hooks of a model dispatched over devices or offloaded pass `resolution` (no tensor) on as it is: the copy
+    # each layer got hid this forward pass's merge weights (`MergedTokenPositions`) from the merged layers.
+    _skip_keys_device_placement = [
+        *(BeitForImageClassification._skip_keys_device_placement or []),
+        "resolution",
+    ]
 
     def __init__(self, config: BeitPatchMergerConfig, *args, **kwargs):
         own = self.config_class

@@ -223,6 +223,12 @@ class CLIPPatchMergerModel(CLIPModel):
 
     config_class = CLIPPatchMergerConfig
     config: CLIPPatchMergerConfig
+    # `device_map="auto"` keeps each of these on one device, as the source's layers (it split a merged layer across
+    # devices, whose residual sums then met tensors on two).
+    _no_split_modules = [
+        *(CLIPModel._no_split_modules or []),
+        "CLIPEncoderLayerOnMergedTokens",
+    ]
 
     def __init__(self, config: CLIPPatchMergerConfig, *args, **kwargs):
         own = self.config_class
@@ -293,6 +299,12 @@ class CLIPPatchMergerForImageClassification(CLIPForImageClassification):
 
     config_class = CLIPPatchMergerConfig
     config: CLIPPatchMergerConfig
+    # `device_map="auto"` keeps each of these on one device, as the source's layers (it split a merged layer across
+    # devices, whose residual sums then met tensors on two).
+    _no_split_modules = [
+        *(CLIPForImageClassification._no_split_modules or []),
+        "CLIPEncoderLayerOnMergedTokens",
+    ]
 
     def __init__(self, config: CLIPPatchMergerConfig, *args, **kwargs):
         own = self.config_class

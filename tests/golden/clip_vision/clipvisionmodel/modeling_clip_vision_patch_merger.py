@@ -216,6 +216,12 @@ class CLIPVisionPatchMergerModel(CLIPVisionModel):
 
     config_class = CLIPVisionPatchMergerConfig
     config: CLIPVisionPatchMergerConfig
+    # `device_map="auto"` keeps each of these on one device, as the source's layers (it split a merged layer across
+    # devices, whose residual sums then met tensors on two).
+    _no_split_modules = [
+        *(CLIPVisionModel._no_split_modules or []),
+        "CLIPEncoderLayerOnMergedTokens",
+    ]
 
     def __init__(self, config: CLIPVisionPatchMergerConfig, *args, **kwargs):
         own = self.config_class

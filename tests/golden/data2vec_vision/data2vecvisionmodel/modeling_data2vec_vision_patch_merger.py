@@ -420,6 +420,18 @@ class Data2VecVisionPatchMergerModel(Data2VecVisionModel):
 
     config_class = Data2VecVisionPatchMergerConfig
     config: Data2VecVisionPatchMergerConfig
+    # `device_map="auto"` keeps each of these on one device, as the source's layers (it split a merged layer across
+    # devices, whose residual sums then met tensors on two).
+    _no_split_modules = [
+        *(Data2VecVisionModel._no_split_modules or []),
+        "Data2VecVisionLayerOnMergedTokens",
+    ]
+    # The hooks of a model dispatched over devices or offloaded pass `resolution` (no tensor) on as it is: the copy
+    # each layer got hid this forward pass's merge weights (`MergedTokenPositions`) from the merged layers.
+    _skip_keys_device_placement = [
+        *(Data2VecVisionModel._skip_keys_device_placement or []),
+        "resolution",
+    ]
 
     def __init__(self, config: Data2VecVisionPatchMergerConfig, *args, **kwargs):
         own = self.config_class
@@ -470,6 +482,18 @@ class Data2VecVisionPatchMergerForImageClassification(Data2VecVisionForImageClas
 
     config_class = Data2VecVisionPatchMergerConfig
     config: Data2VecVisionPatchMergerConfig
+    # `device_map="auto"` keeps each of these on one device, as the source's layers (it split a merged layer across
+    # devices, whose residual sums then met tensors on two).
+    _no_split_modules = [
+        *(Data2VecVisionForImageClassification._no_split_modules or []),
+        "Data2VecVisionLayerOnMergedTokens",
+    ]
+    # The hooks of a model dispatched over devices or offloaded pass `resolution` (no tensor) on as it is: the copy
+    # each layer got hid this forward pass's merge weights (`MergedTokenPositions`) from the merged layers.
+    _skip_keys_device_placement = [
+        *(Data2VecVisionForImageClassification._skip_keys_device_placement or []),
+        "resolution",
+    ]
 
     def __init__(self, config: Data2VecVisionPatchMergerConfig, *args, **kwargs):
         own = self.config_class

@@ -217,6 +217,12 @@ class DeiTPatchMergerModel(DeiTModel):
 
     config_class = DeiTPatchMergerConfig
     config: DeiTPatchMergerConfig
+    # `device_map="auto"` keeps each of these on one device, as the source's layers (it split a merged layer across
+    # devices, whose residual sums then met tensors on two).
+    _no_split_modules = [
+        *(DeiTModel._no_split_modules or []),
+        "DeiTLayerOnMergedTokens",
+    ]
 
     def __init__(self, config: DeiTPatchMergerConfig, *args, **kwargs):
         own = self.config_class
@@ -267,6 +273,12 @@ class DeiTPatchMergerForImageClassification(DeiTForImageClassification):
 
     config_class = DeiTPatchMergerConfig
     config: DeiTPatchMergerConfig
+    # `device_map="auto"` keeps each of these on one device, as the source's layers (it split a merged layer across
+    # devices, whose residual sums then met tensors on two).
+    _no_split_modules = [
+        *(DeiTForImageClassification._no_split_modules or []),
+        "DeiTLayerOnMergedTokens",
+    ]
 
     def __init__(self, config: DeiTPatchMergerConfig, *args, **kwargs):
         own = self.config_class

@@ -217,6 +217,12 @@ class Dinov2PatchMergerModel(Dinov2Model):
 
     config_class = Dinov2PatchMergerConfig
     config: Dinov2PatchMergerConfig
+    # `device_map="auto"` keeps each of these on one device, as the source's layers (it split a merged layer across
+    # devices, whose residual sums then met tensors on two).
+    _no_split_modules = [
+        *(Dinov2Model._no_split_modules or []),
+        "Dinov2LayerOnMergedTokens",
+    ]
 
     def __init__(self, config: Dinov2PatchMergerConfig, *args, **kwargs):
         own = self.config_class
@@ -267,6 +273,12 @@ class Dinov2PatchMergerForImageClassification(Dinov2ForImageClassification):
 
     config_class = Dinov2PatchMergerConfig
     config: Dinov2PatchMergerConfig
+    # `device_map="auto"` keeps each of these on one device, as the source's layers (it split a merged layer across
+    # devices, whose residual sums then met tensors on two).
+    _no_split_modules = [
+        *(Dinov2ForImageClassification._no_split_modules or []),
+        "Dinov2LayerOnMergedTokens",
+    ]
 
     def __init__(self, config: Dinov2PatchMergerConfig, *args, **kwargs):
         own = self.config_class

@@ -217,6 +217,12 @@ class Dinov2WithRegistersPatchMergerModel(Dinov2WithRegistersModel):
 
     config_class = Dinov2WithRegistersPatchMergerConfig
     config: Dinov2WithRegistersPatchMergerConfig
+    # `device_map="auto"` keeps each of these on one device, as the source's layers (it split a merged layer across
+    # devices, whose residual sums then met tensors on two).
+    _no_split_modules = [
+        *(Dinov2WithRegistersModel._no_split_modules or []),
+        "Dinov2WithRegistersLayerOnMergedTokens",
+    ]
 
     def __init__(self, config: Dinov2WithRegistersPatchMergerConfig, *args, **kwargs):
         own = self.config_class
@@ -267,6 +273,12 @@ class Dinov2WithRegistersPatchMergerForImageClassification(Dinov2WithRegistersFo
 
     config_class = Dinov2WithRegistersPatchMergerConfig
     config: Dinov2WithRegistersPatchMergerConfig
+    # `device_map="auto"` keeps each of these on one device, as the source's layers (it split a merged layer across
+    # devices, whose residual sums then met tensors on two).
+    _no_split_modules = [
+        *(Dinov2WithRegistersForImageClassification._no_split_modules or []),
+        "Dinov2WithRegistersLayerOnMergedTokens",
+    ]
 
     def __init__(self, config: Dinov2WithRegistersPatchMergerConfig, *args, **kwargs):
         own = self.config_class

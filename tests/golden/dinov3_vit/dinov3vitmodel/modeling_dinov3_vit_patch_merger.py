@@ -311,6 +311,12 @@ class DINOv3ViTPatchMergerModel(DINOv3ViTModel):
 
     config_class = DINOv3ViTPatchMergerConfig
     config: DINOv3ViTPatchMergerConfig
+    # `device_map="auto"` keeps each of these on one device, as the source's layers (it split a merged layer across
+    # devices, whose residual sums then met tensors on two).
+    _no_split_modules = [
+        *(DINOv3ViTModel._no_split_modules or []),
+        "DINOv3ViTLayerOnMergedTokens",
+    ]
 
     def __init__(self, config: DINOv3ViTPatchMergerConfig, *args, **kwargs):
         own = self.config_class

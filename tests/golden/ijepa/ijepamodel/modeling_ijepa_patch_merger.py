@@ -217,6 +217,12 @@ class IJepaPatchMergerModel(IJepaModel):
 
     config_class = IJepaPatchMergerConfig
     config: IJepaPatchMergerConfig
+    # `device_map="auto"` keeps each of these on one device, as the source's layers (it split a merged layer across
+    # devices, whose residual sums then met tensors on two).
+    _no_split_modules = [
+        *(IJepaModel._no_split_modules or []),
+        "IJepaLayerOnMergedTokens",
+    ]
 
     def __init__(self, config: IJepaPatchMergerConfig, *args, **kwargs):
         own = self.config_class
@@ -267,6 +273,12 @@ class IJepaPatchMergerForImageClassification(IJepaForImageClassification):
 
     config_class = IJepaPatchMergerConfig
     config: IJepaPatchMergerConfig
+    # `device_map="auto"` keeps each of these on one device, as the source's layers (it split a merged layer across
+    # devices, whose residual sums then met tensors on two).
+    _no_split_modules = [
+        *(IJepaForImageClassification._no_split_modules or []),
+        "IJepaLayerOnMergedTokens",
+    ]
 
     def __init__(self, config: IJepaPatchMergerConfig, *args, **kwargs):
         own = self.config_class

@@ -223,6 +223,12 @@ class SiglipPatchMergerModel(SiglipModel):
 
     config_class = SiglipPatchMergerConfig
     config: SiglipPatchMergerConfig
+    # `device_map="auto"` keeps each of these on one device, as the source's layers (it split a merged layer across
+    # devices, whose residual sums then met tensors on two).
+    _no_split_modules = [
+        *(SiglipModel._no_split_modules or []),
+        "SiglipEncoderLayerOnMergedTokens",
+    ]
 
     def __init__(self, config: SiglipPatchMergerConfig, *args, **kwargs):
         own = self.config_class
@@ -293,6 +299,12 @@ class SiglipPatchMergerForImageClassification(SiglipForImageClassification):
 
     config_class = SiglipPatchMergerConfig
     config: SiglipPatchMergerConfig
+    # `device_map="auto"` keeps each of these on one device, as the source's layers (it split a merged layer across
+    # devices, whose residual sums then met tensors on two).
+    _no_split_modules = [
+        *(SiglipForImageClassification._no_split_modules or []),
+        "SiglipEncoderLayerOnMergedTokens",
+    ]
 
     def __init__(self, config: SiglipPatchMergerConfig, *args, **kwargs):
         own = self.config_class

@@ -257,6 +257,13 @@ class Siglip2PatchMergerForImageClassification(Siglip2ForImageClassification):
 
     config_class = Siglip2PatchMergerConfig
     config: Siglip2PatchMergerConfig
+    # `device_map="auto"` keeps each of these on one device, as the source's layers (it split a merged layer across
+    # devices, whose residual sums then met tensors on two).
+    _no_split_modules = [
+        *(Siglip2ForImageClassification._no_split_modules or []),
+        "Siglip2EncoderLayerOnMergedTokens",
+        "Siglip2MultiheadAttentionPoolingHeadForMergedTokens",
+    ]
 
     def __init__(self, config: Siglip2PatchMergerConfig, *args, **kwargs):
         own = self.config_class

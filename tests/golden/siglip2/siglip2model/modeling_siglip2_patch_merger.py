@@ -264,6 +264,13 @@ class Siglip2PatchMergerModel(Siglip2Model):
 
     config_class = Siglip2PatchMergerConfig
     config: Siglip2PatchMergerConfig
+    # `device_map="auto"` keeps each of these on one device, as the source's layers (it split a merged layer across
+    # devices, whose residual sums then met tensors on two).
+    _no_split_modules = [
+        *(Siglip2Model._no_split_modules or []),
+        "Siglip2EncoderLayerOnMergedTokens",
+        "Siglip2MultiheadAttentionPoolingHeadForMergedTokens",
+    ]
 
     def __init__(self, config: Siglip2PatchMergerConfig, *args, **kwargs):
         own = self.config_class
@@ -334,6 +341,13 @@ class Siglip2PatchMergerForImageClassification(Siglip2ForImageClassification):
 
     config_class = Siglip2PatchMergerConfig
     config: Siglip2PatchMergerConfig
+    # `device_map="auto"` keeps each of these on one device, as the source's layers (it split a merged layer across
+    # devices, whose residual sums then met tensors on two).
+    _no_split_modules = [
+        *(Siglip2ForImageClassification._no_split_modules or []),
+        "Siglip2EncoderLayerOnMergedTokens",
+        "Siglip2MultiheadAttentionPoolingHeadForMergedTokens",
+    ]
 
     def __init__(self, config: Siglip2PatchMergerConfig, *args, **kwargs):
         own = self.config_class

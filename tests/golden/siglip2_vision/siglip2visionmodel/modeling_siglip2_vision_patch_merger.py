@@ -256,6 +256,13 @@ class Siglip2VisionPatchMergerModel(Siglip2VisionModel):
 
     config_class = Siglip2VisionPatchMergerConfig
     config: Siglip2VisionPatchMergerConfig
+    # `device_map="auto"` keeps each of these on one device, as the source's layers (it split a merged layer across
+    # devices, whose residual sums then met tensors on two).
+    _no_split_modules = [
+        *(Siglip2VisionModel._no_split_modules or []),
+        "Siglip2EncoderLayerOnMergedTokens",
+        "Siglip2MultiheadAttentionPoolingHeadForMergedTokens",
+    ]
 
     def __init__(self, config: Siglip2VisionPatchMergerConfig, *args, **kwargs):
         own = self.config_class

@@ -216,6 +216,12 @@ class SiglipVisionPatchMergerModel(SiglipVisionModel):
 
     config_class = SiglipVisionPatchMergerConfig
     config: SiglipVisionPatchMergerConfig
+    # `device_map="auto"` keeps each of these on one device, as the source's layers (it split a merged layer across
+    # devices, whose residual sums then met tensors on two).
+    _no_split_modules = [
+        *(SiglipVisionModel._no_split_modules or []),
+        "SiglipEncoderLayerOnMergedTokens",
+    ]
 
     def __init__(self, config: SiglipVisionPatchMergerConfig, *args, **kwargs):
         own = self.config_class

@@ -217,6 +217,12 @@ class ViTPatchMergerModel(ViTModel):
 
     config_class = ViTPatchMergerConfig
     config: ViTPatchMergerConfig
+    # `device_map="auto"` keeps each of these on one device, as the source's layers (it split a merged layer across
+    # devices, whose residual sums then met tensors on two).
+    _no_split_modules = [
+        *(ViTModel._no_split_modules or []),
+        "ViTLayerOnMergedTokens",
+    ]
 
     def __init__(self, config: ViTPatchMergerConfig, *args, **kwargs):
         own = self.config_class
@@ -267,6 +273,12 @@ class ViTPatchMergerForImageClassification(ViTForImageClassification):
 
     config_class = ViTPatchMergerConfig
     config: ViTPatchMergerConfig
+    # `device_map="auto"` keeps each of these on one device, as the source's layers (it split a merged layer across
+    # devices, whose residual sums then met tensors on two).
+    _no_split_modules = [
+        *(ViTForImageClassification._no_split_modules or []),
+        "ViTLayerOnMergedTokens",
+    ]
 
     def __init__(self, config: ViTPatchMergerConfig, *args, **kwargs):
         own = self.config_class

@@ -217,6 +217,12 @@ class ViTMSNPatchMergerModel(ViTMSNModel):
 
     config_class = ViTMSNPatchMergerConfig
     config: ViTMSNPatchMergerConfig
+    # `device_map="auto"` keeps each of these on one device, as the source's layers (it split a merged layer across
+    # devices, whose residual sums then met tensors on two).
+    _no_split_modules = [
+        *(ViTMSNModel._no_split_modules or []),
+        "ViTMSNLayerOnMergedTokens",
+    ]
 
     def __init__(self, config: ViTMSNPatchMergerConfig, *args, **kwargs):
         own = self.config_class
@@ -267,6 +273,12 @@ class ViTMSNPatchMergerForImageClassification(ViTMSNForImageClassification):
 
     config_class = ViTMSNPatchMergerConfig
     config: ViTMSNPatchMergerConfig
+    # `device_map="auto"` keeps each of these on one device, as the source's layers (it split a merged layer across
+    # devices, whose residual sums then met tensors on two).
+    _no_split_modules = [
+        *(ViTMSNForImageClassification._no_split_modules or []),
+        "ViTMSNLayerOnMergedTokens",
+    ]
 
     def __init__(self, config: ViTMSNPatchMergerConfig, *args, **kwargs):
         own = self.config_class
