@@ -8,6 +8,7 @@ one-line `RetrofitError`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import hashlib
 import math
@@ -176,6 +177,27 @@ def chosen_images(limit: int | None, sample: int | None, seed: int) -> dict:
     return {"limit": sample or limit, "sample_seed": seed if sample else None}
 
 
+def _cache_files_elsewhere(function: Callable) -> Callable:
+    """`function` with datasets' caching of transforms off while it runs: a dataset loaded from files (a save_to_disk
+    folder) otherwise gets the cache files of its shuffle, select and cast written next to those files, into the
+    user's data; with caching off they go to a temporary folder (removed at exit). Loading itself is unaffected."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        from datasets import disable_caching, enable_caching, is_caching_enabled
+
+        was_enabled = is_caching_enabled()
+        disable_caching()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            if was_enabled:
+                enable_caching()
+
+    return wrapper
+
+
+@_cache_files_elsewhere
 def load_split(
     data: str,
     split: str,
@@ -325,13 +347,15 @@ def _declared_classes(dataset, column: str) -> list[str] | None:
 def _distinct_labels(dataset, column: str | None) -> list | None:
     """The distinct labels of `dataset`'s `column` (missing ones, None or a negative id, left out), read from Arrow;
     None where it holds no labels one by one (no such column, lists)."""
+    import pyarrow.compute as pc
     from datasets import ClassLabel, Value
 
     if column is None or column not in dataset.column_names:
         return None
     if not isinstance(dataset.features[column], ClassLabel | Value):
         return None
-    values = dataset.unique(column)
+    # not `dataset.unique`: on a shuffled sample it writes the sample out first (into a save_to_disk folder's files)
+    values = pc.unique(dataset.with_format("arrow")[column]).to_pylist()
     return [value for value in values if value is not None and not (isinstance(value, int | np.integer) and value < 0)]
 
 

@@ -709,3 +709,24 @@ def test_a_dollar_name_in_an_image_folder_is_refused_not_read_as_another_path(tm
             Image.new("RGB", (4, 4)).save(tmp_path / root / name / "0.png")
     with pytest.raises(RetrofitError, match=r"lies at '.*/\$WHERE', whose \$WHERE datasets replaces with"):
         load_split(str(tmp_path / "$WHERE"), "train")
+
+
+def test_reading_a_saved_folder_writes_nothing_into_it(tmp_path):
+    """datasets writes the cache files of a shuffle, a select, a cast or `unique` of a dataset loaded from files next
+    to those files: --sample, a new head's text classes (``split_classes``) and the label checks left
+    cache-*.arrow files in the user's save_to_disk folder."""
+    import datasets
+    from PIL import Image
+
+    from retrofit.data import dataset_label_map, named_classes
+
+    images = [Image.new("RGB", (4, 4), (index * 40, 0, 0)) for index in range(6)]
+    for name, labels in (("ids", [0, 1, 2, 0, 1, 2]), ("names", ["cat", "dog", "bird", "cat", "dog", "bird"])):
+        folder = tmp_path / name
+        datasets.Dataset.from_dict({"image": images, "label": labels}).save_to_disk(str(folder))
+        before = sorted(folder.iterdir())
+        for sample_seed in (None, 3):
+            data = load_split(str(folder), "train", limit=2, sample_seed=sample_seed, split_classes=True)
+            assert len(data) == 2 and len(named_classes(data) or [0, 1, 2]) == 3
+            dataset_label_map({0: "cat", 1: "dog", 2: "bird"}, data, name)
+        assert sorted(folder.iterdir()) == before
