@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -468,7 +469,8 @@ def _move_into_place(tmp: Path, output: Path, overwrite: bool, kind: Kind, input
         raise
 
 
-_HELD: dict[Path, tuple] = {}  # folder → (lock file, its open handle), for the folders this process holds
+# folder → (lock file, its open handle, the thread of the run holding it, its option): the folders this process holds
+_HELD: dict[Path, tuple] = {}
 
 
 def _lock_key(folder: str | Path) -> Path:
@@ -494,13 +496,23 @@ def hold_write_lock(folder: str | Path, option: str) -> None:
     export). Taken after `check_output` / `check_checkpoints`, before any work; the whole run
     (`releases_write_locks`: finetune, pretrain, a recipe, convert) releases it when it returns or fails, after its
     export is written. A folder is locked whichever option names it, so one run's checkpoint folder is not another's
-    output. The lock is ``flock`` on a regular file in retrofit's cache named by the folder's resolved path (nothing
-    is written beside the folder, which need not exist yet; a link there is not followed), so the system releases it
-    when the process ends, however it ends. Only the main process of ``accelerate launch`` takes it; without
-    ``fcntl`` (Windows) or a writable cache there is no lock."""
+    output. A run in another thread of this process (a notebook's background run) is refused too; a run that calls
+    another (a recipe's fine-tune, an upload after the export) holds it once. The lock is ``flock`` on a regular file
+    in retrofit's cache named by the folder's resolved path (nothing is written beside the folder, which need not
+    exist yet; a link there is not followed), so the system releases it when the process ends, however it ends.
+    Only the main process of ``accelerate launch`` takes it; without ``fcntl`` (Windows) or a writable cache there is
+    no lock."""
     key = _lock_key(folder)
-    if key in _HELD or not is_launch_main():  # another process of a launch
+    if not is_launch_main():  # another process of a launch
         return
+    if key in _HELD:  # held by this process: by this run (a run that calls another), or by one in another thread
+        _, _, thread, theirs = _HELD[key]
+        if thread == threading.get_ident():
+            return
+        raise RetrofitError(
+            f"another retrofit run in this process (a notebook's other thread?) is writing '{folder}' (its {theirs}); "
+            f"wait for it to end, or give this run another {option}"
+        )
     try:
         import fcntl
     except ImportError:
@@ -531,14 +543,14 @@ def hold_write_lock(folder: str | Path, option: str) -> None:
         import atexit
 
         atexit.register(_release_all)
-    _HELD[key] = (path, handle)
+    _HELD[key] = (path, handle, threading.get_ident(), option)
 
 
 def release_write_lock(folder: str | Path) -> None:
     """Let other runs write `folder` again (see `hold_write_lock`)."""
     held = _HELD.pop(_lock_key(folder), None)
     if held is not None:
-        path, handle = held
+        path, handle = held[:2]
         path.unlink(missing_ok=True)  # while still locked: a run that opened it meanwhile opens it again
         handle.close()
 
@@ -551,15 +563,18 @@ def _release_all() -> None:
 def releases_write_locks(run: Callable[..., T]) -> Callable[..., T]:
     """For a whole run (finetune, pretrain, a recipe, convert): the write locks it took are released when it returns
     or fails, so that a refused or interrupted call in a notebook does not keep other runs out. Locks held before
-    the call (a run that calls another) stay held."""
+    the call (a run that calls another) stay held, and so do those of runs in other threads."""
 
     @functools.wraps(run)
     def whole_run(*args, **kwargs):
-        held = set(_HELD)
+        def this_threads() -> set[Path]:  # not those a run in another thread holds (a notebook's background run)
+            return {folder for folder, lock in list(_HELD.items()) if lock[2] == threading.get_ident()}
+
+        held = this_threads()
         try:
             return run(*args, **kwargs)
         finally:
-            for folder in set(_HELD) - held:
+            for folder in this_threads() - held:
                 release_write_lock(folder)
 
     return whole_run

@@ -313,3 +313,49 @@ def test_plots_leave_a_notebooks_matplotlib_backend_and_figures_alone(tmp_path):
     finally:
         plt.close("all")
         matplotlib.use(before)
+
+
+def test_a_run_in_another_thread_is_refused_its_output_and_keeps_its_own_lock(tiny_vit, tmp_path, monkeypatch):
+    """A notebook's background run (a thread) holds its output's write lock against the process's other threads: a
+    second convert to that output was let through (the lock counted for the whole process), and a run ending in one
+    thread released the locks another thread's run had just taken."""
+    import sys
+    import threading
+
+    import retrofit
+    from retrofit import atomic
+    from retrofit.errors import RetrofitError
+
+    convert_module = sys.modules[retrofit.convert.__module__]
+    working, finish = threading.Event(), threading.Event()
+    real_check = convert_module.check_runs_on_its_images
+
+    def slow_check(*args):  # the background run, paused after it took its lock
+        if threading.current_thread() is not threading.main_thread():
+            working.set()
+            finish.wait(60)
+        return real_check(*args)
+
+    monkeypatch.setattr(convert_module, "check_runs_on_its_images", slow_check)
+    background = threading.Thread(
+        target=retrofit.convert, args=(str(tiny_vit),),
+        kwargs=dict(after_layer=1, num_tokens=4, output=tmp_path / "a", log=lambda _: None),
+    )  # fmt: skip
+    background.start()
+    try:
+        assert working.wait(60)
+        with pytest.raises(RetrofitError, match="another retrofit run in this process .* is writing '.*a' \\(its --ou"):
+            retrofit.convert(str(tiny_vit), after_layer=1, num_tokens=4, output=tmp_path / "a", overwrite=True)
+
+        @atomic.releases_write_locks
+        def own_run() -> None:  # takes its lock, then the background run ends meanwhile
+            atomic.hold_write_lock(tmp_path / "b", "--output")
+            finish.set()
+            background.join(60)
+            assert set(atomic._HELD) == {atomic._lock_key(tmp_path / "b")}
+
+        own_run()
+    finally:
+        finish.set()
+        background.join(60)
+    assert not atomic._HELD and (tmp_path / "a" / "config.json").is_file()
