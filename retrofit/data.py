@@ -443,6 +443,14 @@ def _check_split_folders(folder: Path, splits: dict, data: str) -> None:
                     f"its {read[path]} and {name} splits: datasets takes every folder named like a split (train, "
                     "test, val, ...) for one, class folders too; rename the class folder"
                 )
+    for split in splits.values():  # SPLIT/IMAGE with a metadata file beside the split folders: classes 'test', 'train'
+        taken = sorted(set(_declared_classes(split, "label") or ()) & set(splits))
+        if taken:
+            raise RetrofitError(
+                f"image folder '{data}' gives its images the classes {', '.join(map(repr, taken))}: datasets took its "
+                "split folders for class folders; put the class folders in each split folder (SPLIT/CLASS/IMAGE), or "
+                "a metadata.csv with a label column in each split folder"
+            )
     files = []  # one walk of the folder (which may hold a million images); like datasets, links are not followed
     for parent, folders, names in os.walk(folder):
         for name in folders:

@@ -730,3 +730,20 @@ def test_reading_a_saved_folder_writes_nothing_into_it(tmp_path):
             assert len(data) == 2 and len(named_classes(data) or [0, 1, 2]) == 3
             dataset_label_map({0: "cat", 1: "dog", 2: "bird"}, data, name)
         assert sorted(folder.iterdir()) == before
+
+
+def test_split_folders_without_class_folders_are_not_read_as_two_classes(imagefolder, tmp_path):
+    """train/IMAGE and test/IMAGE (with a metadata.csv beside the split folders, or none): datasets labelled every
+    image by its split folder, ClassLabel ['test', 'train'], so a --num-labels 2 fine-tune learnt to tell the splits
+    apart and a two-class model was scored against 'train' = 1 without a word."""
+    root = tmp_path / "flat-splits"
+    rows = ["file_name,label"]
+    for split in ("train", "test"):
+        shutil.copytree(imagefolder / split / "cat", root / split)
+        rows += [f"{split}/{path.name},cat" for path in sorted((root / split).glob("*.png"))]
+    for metadata in (False, True):
+        if metadata:
+            (root / "metadata.csv").write_text("\n".join(rows) + "\n")
+        for split in ("train", "test"):
+            with pytest.raises(RetrofitError, match=r"gives its images the classes 'test', 'train': datasets took its"):
+                load_split(str(root), split)
