@@ -96,8 +96,9 @@ def test_device_map_keeps_merged_layers_whole_and_offloaded_layers_find_the_merg
     """`from_pretrained(..., device_map=...)`: transformers keeps each of `_no_split_modules` on one device, and the
     merged layers were not among them: `device_map="auto"` split one across devices (its residual sums then met
     tensors on two). The hooks of a dispatched or offloaded model copy each layer's arguments: BEiT's merged layers,
-    which find layer K's merge weights by the `resolution` object of the forward pass, found none (RuntimeError)."""
-    from transformers import AutoModel, BeitConfig, BeitModel
+    which find layer K's merge weights by the `resolution` object of the forward pass, found none (RuntimeError), and
+    DINOv3's RoPE rotation (a tuple that carries the merged tokens' rotation) could not be rebuilt (TypeError)."""
+    from transformers import AutoModel, BeitConfig, BeitModel, DINOv3ViTConfig, DINOv3ViTModel
     from transformers.integrations.accelerate import infer_auto_device_map
 
     model = AutoModelForImageClassification.from_pretrained(vit_export, trust_remote_code=True)
@@ -106,21 +107,28 @@ def test_device_map_keeps_merged_layers_whole_and_offloaded_layers_find_the_merg
     device_map = infer_auto_device_map(model, max_memory={"cpu": 110_000, "disk": 10**9},
                                        no_split_module_classes=model._no_split_modules)  # fmt: skip
     assert [name for name in device_map if name.startswith("vit.layers.2.")] == [], device_map
-    torch.manual_seed(0)
     sizes = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32)
-    source = tmp_path / "beit"
-    save_tiny(BeitModel(BeitConfig(**sizes, patch_size=8, use_shared_relative_position_bias=True)), source)
-    export = tmp_path / "beit-device-map-pm"
-    convert(source, after_layer=2, num_tokens=3, output=export, log=lambda _: None)
+    # layers 0 .. K on the CPU, the last one offloaded to the disk: every module gets hooks
+    on_cpu = {"embeddings": "cpu", "layers.0": "cpu", "layers.1": "cpu", "layers.2": "cpu", "layers.3": "disk"}
+    sources = {
+        "beit": (
+            BeitModel(BeitConfig(**sizes, patch_size=8, use_shared_relative_position_bias=True)),
+            {**on_cpu, "shared_position_bias": "cpu", "layernorm": "cpu", "pooler": "cpu"},
+        ),
+        "dinov3": (
+            DINOv3ViTModel(DINOv3ViTConfig(**sizes, patch_size=8, num_register_tokens=2)),
+            {key.replace("layers", "model.layer"): device for key, device in on_cpu.items()}
+            | {"rope_embeddings": "cpu", "norm": "cpu"},
+        ),
+    }
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = AutoModel.from_pretrained(export, trust_remote_code=True).eval()(pixel_values=pixels)
-        # layers 0 .. K on the CPU, the merged layers after K offloaded to the disk: every layer gets hooks
-        on_disk = {"layers.3": "disk", "layernorm": "disk", "pooler": "disk"}
-        placed = {"embeddings": "cpu", "shared_position_bias": "cpu", "layers.0": "cpu", "layers.1": "cpu",
-                  "layers.2": "cpu", **on_disk}  # fmt: skip
-        offloaded = AutoModel.from_pretrained(
-            export, trust_remote_code=True, device_map=placed, offload_folder=tmp_path / "offload"
-        ).eval()
-        got = offloaded(pixel_values=pixels)
-    torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state)
+    for name, (source, placed) in sources.items():
+        export = tmp_path / f"{name}-device-map-pm"
+        convert(save_tiny(source, tmp_path / name), after_layer=2, num_tokens=3, output=export, log=lambda _: None)
+        with torch.no_grad():
+            expected = AutoModel.from_pretrained(export, trust_remote_code=True).eval()(pixel_values=pixels)
+            offloaded = AutoModel.from_pretrained(
+                export, trust_remote_code=True, device_map=placed, offload_folder=tmp_path / f"{name}-offload"
+            ).eval()
+            got = offloaded(pixel_values=pixels)
+        torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state)

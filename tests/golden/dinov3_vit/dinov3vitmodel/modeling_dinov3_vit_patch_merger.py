@@ -110,16 +110,25 @@ class PatchRotation(tuple):
             tokens are placed without those augmentations.)
         inv_freq (`torch.FloatTensor` of shape `(head_dim / 4,)`):
             The RoPE frequencies.
-        merged (`tuple[torch.Tensor, torch.Tensor]`, *optional*):
-            `(cos, sin)` of shape `(batch_size, 1, M, head_dim)` for the merged tokens; set by layer K.
+        merged (`list`):
+            One item: `(cos, sin)` of shape `(batch_size, 1, M, head_dim)` for the merged tokens, set by layer K, or
+            None. The copies [`~PatchRotation.to`] makes share it.
     """
 
-    def __new__(cls, cos: torch.Tensor, sin: torch.Tensor, centres: torch.Tensor, inv_freq: torch.Tensor):
+    def __new__(cls, cos: torch.Tensor, sin: torch.Tensor, centres: torch.Tensor, inv_freq: torch.Tensor, merged=None):
         rotation = super().__new__(cls, (cos, sin))
         rotation.centres = centres
         rotation.inv_freq = inv_freq
-        rotation.merged = None
+        rotation.merged = [None] if merged is None else merged
         return rotation
+
+    def to(self, *args, **kwargs) -> "PatchRotation":
+        """The rotation moved as `torch.Tensor.to` moves a tensor, sharing `merged` with this one. The hooks of a
+        model dispatched over devices or offloaded (`device_map`) move each layer's arguments so: as a tuple they
+        rebuilt it from its items (TypeError), and the layers after K would not have seen K's merged rotation."""
+        cos, sin = (tensor.to(*args, **kwargs) for tensor in self)
+        centres, inv_freq = self.centres.to(cos.device), self.inv_freq.to(cos.device)
+        return PatchRotation(cos, sin, centres, inv_freq, self.merged)
 
 
 class DINOv3ViTRopePositionEmbeddingForMergedTokens(DINOv3ViTRopePositionEmbedding):
@@ -157,7 +166,7 @@ def place_merged_tokens(patch_merger: PatchMerger, hidden_states: torch.Tensor, 
             angles = 2 * math.pi * centres[..., None] * rotation.inv_freq
             angles = angles.flatten(2).tile(2)
     cos, sin = rotation
-    rotation.merged = (angles.cos()[:, None].to(cos.dtype), angles.sin()[:, None].to(sin.dtype))
+    rotation.merged[0] = (angles.cos()[:, None].to(cos.dtype), angles.sin()[:, None].to(sin.dtype))
     return merged
 
 
@@ -214,7 +223,11 @@ class DINOv3ViTLayerOnMergedTokens(DINOv3ViTLayer):
         rotation = kwargs["position_embeddings"]
         cos, sin = rotation
         if hidden_states.shape[-2] != self.num_prefix_tokens + cos.shape[-2]:
-            kwargs["position_embeddings"] = getattr(rotation, "merged", None) or (cos[..., :0, :], sin[..., :0, :])
+            merged = rotation.merged[0] if isinstance(rotation, PatchRotation) else None
+            if merged is None:
+                kwargs["position_embeddings"] = (cos[..., :0, :], sin[..., :0, :])
+            else:  # on layer K's device, which may be another than this layer's (`device_map`)
+                kwargs["position_embeddings"] = (merged[0].to(cos.device), merged[1].to(sin.device))
         return super().forward(hidden_states, *args, **kwargs)
 
 
