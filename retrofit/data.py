@@ -443,9 +443,9 @@ def _check_split_folders(folder: Path, splits: dict, data: str) -> None:
                     f"its {read[path]} and {name} splits: datasets takes every folder named like a split (train, "
                     "test, val, ...) for one, class folders too; rename the class folder"
                 )
-    for split in splits.values():  # SPLIT/IMAGE with a metadata file beside the split folders: classes 'test', 'train'
-        taken = sorted(set(_declared_classes(split, "label") or ()) & set(splits))
-        if taken:
+    for split in splits.values():  # SPLIT/IMAGE (a metadata file beside the split folders or none): 'test', 'train'
+        taken = _declared_classes(split, "label") or []
+        if taken and all(_is_split_name(name) for name in taken):
             raise RetrofitError(
                 f"image folder '{data}' gives its images the classes {', '.join(map(repr, taken))}: datasets took its "
                 "split folders for class folders; put the class folders in each split folder (SPLIT/CLASS/IMAGE), or "

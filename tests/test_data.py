@@ -747,3 +747,7 @@ def test_split_folders_without_class_folders_are_not_read_as_two_classes(imagefo
         for split in ("train", "test"):
             with pytest.raises(RetrofitError, match=r"gives its images the classes 'test', 'train': datasets took its"):
                 load_split(str(root), split)
+    for split in ("training", "testing"):  # split folders named otherwise: classes 'testing', 'training'
+        shutil.copytree(imagefolder / "test" / "cat", tmp_path / "named" / split)
+    with pytest.raises(RetrofitError, match=r"the classes 'testing', 'training': datasets took its split folders"):
+        load_split(str(tmp_path / "named"), "train")
