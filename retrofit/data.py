@@ -263,6 +263,8 @@ def load_split(
                 chosen = next((name for name in ("validation", "test", "valid", "val") if name in available), None)
             if chosen is None:
                 how = f"; {choose}" if choose else ""
+                if is_local and available == ["train"] and not _saved(local) and not (local / "train").is_dir():
+                    how = " (an image folder without split folders is one split, which datasets calls train)" + how
                 raise RetrofitError(f"dataset '{data}' has no split '{split}'; available: {', '.join(available)}{how}")
             dataset = splits[chosen] if is_local else _hub_split(data, chosen, limit, sample_seed)
             if is_local and label_column == "label" and dataset.column_names == ["image"] and not _saved(local):

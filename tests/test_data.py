@@ -149,6 +149,9 @@ def test_bad_inputs_are_one_line_errors(imagefolder, tmp_path):
         load_split(str(imagefolder), "train", label_column="caption")
     with pytest.raises(RetrofitError, match="no split 'holdout'"):
         load_split(str(imagefolder), "holdout")
+    flat = r"no split 'validation'; available: train \(an image folder without split folders is one split, which"
+    with pytest.raises(RetrofitError, match=flat):  # evaluate's default split, on a folder of class folders
+        load_split(str(imagefolder / "test"), "validation")
     with pytest.raises(RetrofitError, match="larger than the data"):
         make_dataloader(load_split(str(imagefolder), "test"), processor(), batch_size=13)
     broken = make_imagefolder(tmp_path / "broken", per_class=2, test_per_class=1)
