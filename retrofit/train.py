@@ -23,6 +23,7 @@ from typing import TypeVar
 
 import torch
 
+from .atomic import releases_write_locks
 from .checkpoints import (
     OPTIONS,
     Progress,
@@ -477,6 +478,7 @@ def evaluate(model, eval_dl, accelerator, teacher=None, captions: Captions | Non
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@releases_write_locks  # called from Python, the checkpoint folder's lock is released when it returns
 def train(
     model,
     image_processor,

@@ -359,3 +359,24 @@ def test_a_run_in_another_thread_is_refused_its_output_and_keeps_its_own_lock(ti
         finish.set()
         background.join(60)
     assert not atomic._HELD and (tmp_path / "a" / "config.json").is_file()
+
+
+def test_the_training_loop_called_from_python_releases_its_checkpoint_folder(tiny_vit, tmp_path):
+    """`retrofit.train.train(..., checkpoint_dir=)` (the loop bench/loop_overhead.py calls) releases the folder's write
+    lock when it returns: it held it until the notebook's kernel ended, and a `retrofit finetune --resume` of that
+    folder in a terminal was refused as "another retrofit run (process N) is writing" it."""
+    from test_data import make_imagefolder
+
+    import retrofit
+    from retrofit import atomic
+    from retrofit.loading import load_config, load_image_processor
+    from retrofit.settings import TrainingRun
+    from retrofit.train import train
+
+    data = make_imagefolder(tmp_path / "colours", per_class=2, test_per_class=1)
+    model = retrofit.insert_patch_merger(retrofit.load_model(str(tiny_vit)), 1, 4)
+    run = TrainingRun(data=str(data), loss="ce", max_steps=1, batch_size=4, eval_split=None)
+    processor = load_image_processor(str(tiny_vit), load_config(str(tiny_vit)))
+    result = train(model, processor, run, checkpoint_dir=tmp_path / "ck", log=lambda _: None, progress_bar=False)
+    assert result.finished and (tmp_path / "ck" / "step-00000001").is_dir()
+    assert not atomic._HELD and not atomic.lock_file(tmp_path / "ck").exists()
