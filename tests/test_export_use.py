@@ -97,7 +97,9 @@ def test_device_map_keeps_merged_layers_whole_and_offloaded_layers_find_the_merg
     merged layers were not among them: `device_map="auto"` split one across devices (its residual sums then met
     tensors on two). The hooks of a dispatched or offloaded model copy each layer's arguments: BEiT's merged layers,
     which find layer K's merge weights by the `resolution` object of the forward pass, found none (RuntimeError), and
-    DINOv3's RoPE rotation (a tuple that carries the merged tokens' rotation) could not be rebuilt (TypeError)."""
+    DINOv3's RoPE rotation (a tuple that carries the merged tokens' rotation) could not be rebuilt (TypeError). Both
+    read layer K's merge weights after the merger's call, when an offloaded merger's weights are on the meta device
+    again: the merged tokens' positions were wrong (no error)."""
     from transformers import AutoModel, BeitConfig, BeitModel, DINOv3ViTConfig, DINOv3ViTModel
     from transformers.integrations.accelerate import infer_auto_device_map
 
@@ -108,8 +110,8 @@ def test_device_map_keeps_merged_layers_whole_and_offloaded_layers_find_the_merg
                                        no_split_module_classes=model._no_split_modules)  # fmt: skip
     assert [name for name in device_map if name.startswith("vit.layers.2.")] == [], device_map
     sizes = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32)
-    # layers 0 .. K on the CPU, the last one offloaded to the disk: every module gets hooks
-    on_cpu = {"embeddings": "cpu", "layers.0": "cpu", "layers.1": "cpu", "layers.2": "cpu", "layers.3": "disk"}
+    # layers K and after offloaded to the disk: every module gets hooks
+    on_cpu = {"embeddings": "cpu", "layers.0": "cpu", "layers.1": "cpu", "layers.2": "disk", "layers.3": "disk"}
     sources = {
         "beit": (
             BeitModel(BeitConfig(**sizes, patch_size=8, use_shared_relative_position_bias=True)),

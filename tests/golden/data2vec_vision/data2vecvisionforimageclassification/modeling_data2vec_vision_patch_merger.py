@@ -86,11 +86,16 @@ class PatchMerger(nn.Module):
             scores = scores.masked_fill(~valid[:, :, None], float("-inf"))
         return torch.softmax(scores, dim=1).to(tokens.dtype)
 
-    def forward(self, hidden_states: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, valid: torch.Tensor | None = None, return_weights: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The P + M output tokens; with `return_weights`, also the merge weights A of this call (B, N, M): a model
+        offloaded by accelerate (`device_map`) holds the merger's weights only during its forward call."""
         prefix = hidden_states[:, : self.num_prefix_tokens]
         tokens = hidden_states[:, self.num_prefix_tokens :]
-        merged = torch.matmul(self.merge_weights(tokens, valid).transpose(1, 2), tokens)
-        return torch.cat([prefix, merged], dim=1)
+        weights = self.merge_weights(tokens, valid)
+        merged = torch.cat([prefix, torch.matmul(weights.transpose(1, 2), tokens)], dim=1)
+        return (merged, weights) if return_weights else merged
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, num_tokens={self.num_tokens}, prefix={self.num_prefix_tokens}"
@@ -240,14 +245,14 @@ def place_merged_tokens(
 ) -> torch.Tensor:
     """Merge `hidden_states` (the input of layer K) and file the merge weights in `positions` under `forward_pass`
     for the relative position bias of the layers after the merge (`recomputable`: see [`MergedTokenPositions`])."""
-    merged = patch_merger(hidden_states)
+    # The weights of this call (an offloaded model holds the merger's weights only during it)
+    output = patch_merger(hidden_states, return_weights=True)
+    merged = output[0] if isinstance(output, tuple) else output
     if merged.shape[-2] == hidden_states.shape[-2]:
-        # the merger is bypassed (replaced by the identity): the source's bias
+        # the merger is bypassed (made the identity): the source's bias
         positions.file(forward_pass, None, recomputable)
         return merged
-    with torch.no_grad():
-        weights = patch_merger.merge_weights(hidden_states[:, patch_merger.num_prefix_tokens :])
-    positions.file(forward_pass, weights, recomputable)
+    positions.file(forward_pass, output[1].detach(), recomputable)
     return merged
 
 

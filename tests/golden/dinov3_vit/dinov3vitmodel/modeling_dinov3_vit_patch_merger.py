@@ -85,11 +85,16 @@ class PatchMerger(nn.Module):
             scores = scores.masked_fill(~valid[:, :, None], float("-inf"))
         return torch.softmax(scores, dim=1).to(tokens.dtype)
 
-    def forward(self, hidden_states: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, valid: torch.Tensor | None = None, return_weights: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The P + M output tokens; with `return_weights`, also the merge weights A of this call (B, N, M): a model
+        offloaded by accelerate (`device_map`) holds the merger's weights only during its forward call."""
         prefix = hidden_states[:, : self.num_prefix_tokens]
         tokens = hidden_states[:, self.num_prefix_tokens :]
-        merged = torch.matmul(self.merge_weights(tokens, valid).transpose(1, 2), tokens)
-        return torch.cat([prefix, merged], dim=1)
+        weights = self.merge_weights(tokens, valid)
+        merged = torch.cat([prefix, torch.matmul(weights.transpose(1, 2), tokens)], dim=1)
+        return (merged, weights) if return_weights else merged
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, num_tokens={self.num_tokens}, prefix={self.num_prefix_tokens}"
@@ -154,12 +159,16 @@ def place_merged_tokens(patch_merger: PatchMerger, hidden_states: torch.Tensor, 
 
     The positions carry no gradient: the merged tokens are trained through their content, as the patches are.
     """
-    merged = patch_merger(hidden_states)
-    if not isinstance(rotation, PatchRotation) or merged.shape[-2] == hidden_states.shape[-2]:
-        return merged  # merged tokens are not rotated, or the merger is bypassed (replaced by the identity)
+    if not isinstance(rotation, PatchRotation):
+        return patch_merger(hidden_states)  # merged tokens are not rotated
+    # The weights of this call (an offloaded model holds the merger's weights only during it): (B, N, M)
+    output = patch_merger(hidden_states, return_weights=True)
+    if not isinstance(output, tuple) or output[0].shape[-2] == hidden_states.shape[-2]:
+        return output[0] if isinstance(output, tuple) else output  # the merger bypassed (made the identity)
+    merged, weights = output
     device_type = hidden_states.device.type if hidden_states.device.type != "mps" else "cpu"
     with torch.no_grad():
-        weights = patch_merger.merge_weights(hidden_states[:, patch_merger.num_prefix_tokens :])  # (B, N, M)
+        weights = weights.detach()
         with torch.autocast(device_type=device_type, enabled=False):  # positions in float32, as the source's
             centres = torch.matmul(weights.float().transpose(1, 2), rotation.centres)  # (B, M, 2)
             # (B, M, 2, head_dim / 4) -> (B, M, head_dim), laid out as the source lays out the patches' angles

@@ -78,11 +78,16 @@ class PatchMerger(nn.Module):
             scores = scores.masked_fill(~valid[:, :, None], float("-inf"))
         return torch.softmax(scores, dim=1).to(tokens.dtype)
 
-    def forward(self, hidden_states: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, valid: torch.Tensor | None = None, return_weights: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The P + M output tokens; with `return_weights`, also the merge weights A of this call (B, N, M): a model
+        offloaded by accelerate (`device_map`) holds the merger's weights only during its forward call."""
         prefix = hidden_states[:, : self.num_prefix_tokens]
         tokens = hidden_states[:, self.num_prefix_tokens :]
-        merged = torch.matmul(self.merge_weights(tokens, valid).transpose(1, 2), tokens)
-        return torch.cat([prefix, merged], dim=1)
+        weights = self.merge_weights(tokens, valid)
+        merged = torch.cat([prefix, torch.matmul(weights.transpose(1, 2), tokens)], dim=1)
+        return (merged, weights) if return_weights else merged
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, num_tokens={self.num_tokens}, prefix={self.num_prefix_tokens}"
