@@ -418,7 +418,10 @@ def _local_splits(folder: Path, data: str) -> dict:
         _check_split_folders(folder, splits, data)
         return splits
     saved = datasets.load_from_disk(str(folder))
-    return dict(saved) if isinstance(saved, datasets.DatasetDict) else {str(saved.split or "train"): saved}
+    if isinstance(saved, datasets.DatasetDict):
+        return dict(saved)
+    # one Dataset: the split it was loaded as, without a slice (load_dataset(..., split="train[:10%]") names it so)
+    return {re.sub(r"\[.*\]$", "", str(saved.split or "")) or "train": saved}
 
 
 # Photo formats datasets' imagefolder does not read (not in its extensions): a folder of them would lose them quietly

@@ -530,6 +530,11 @@ def test_a_folder_written_by_save_to_disk_is_read(imagefolder, tmp_path):
         assert len(data) == 12 and class_names(data) == ["bird", "cat", "dog"] and data[0]["image"].size == (32, 32)
     with pytest.raises(RetrofitError, match="has no split 'train'; available: test"):
         load_split(str(tmp_path / "test-only"), "train")
+    # a slice saved as it was loaded: its split is named 'test[:5]', which no --split matched but 'test[:5]' itself
+    datasets.load_dataset("imagefolder", data_dir=str(imagefolder), split="test[:5]").save_to_disk(
+        str(tmp_path / "cut")
+    )
+    assert len(load_split(str(tmp_path / "cut"), "test")) == 5
     (tmp_path / "tables").mkdir()
     splits["test"].to_parquet(str(tmp_path / "tables" / "test.parquet"))
     with pytest.raises(RetrofitError, match="'.*tables' holds no image files"):
