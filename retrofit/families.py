@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .errors import RetrofitError
+from .errors import RetrofitError, shown
 
 if TYPE_CHECKING:  # the registry itself imports no transformers code, so the CLI can read it fast
     from transformers import PreTrainedConfig
@@ -206,6 +206,8 @@ def _dual_shapes(prefix: str, size: str, patch: int, **vision) -> dict[str, dict
 
 def register(family: Family) -> Family:
     """Add a family to the registry (also usable by plugins)."""
+    if not isinstance(family, Family):  # AttributeError 'name' otherwise
+        raise RetrofitError(f"register takes a retrofit.Family, not {shown(family)}")
     FAMILIES[family.name] = family
     return family
 

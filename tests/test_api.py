@@ -151,6 +151,7 @@ def test_the_building_blocks_refuse_what_they_cannot_take_in_one_line(tiny_vit, 
         (lambda: retrofit.update_card(tmp_path), "update_card: '" + str(tmp_path) + "' is not an export with a model"),
         (lambda: benchmark(str(tiny_vit), settings={"batch_sizes": 0}), "--batch-size must be a list of whole"),
         (lambda: benchmark(str(tiny_vit), settings=[1]), "benchmark's settings must be a BenchSettings or a dict"),
+        (lambda: retrofit.register("vit"), "register takes a retrofit.Family, not 'vit'"),
     ]
     for call, message in calls:
         with pytest.raises(RetrofitError, match=re.escape(message)) as refused:
