@@ -269,6 +269,16 @@ def load_split(
             dataset = splits[chosen] if is_local else _hub_split(data, chosen, limit, sample_seed)
             if is_local and label_column == "label" and dataset.column_names == ["image"] and not _saved(local):
                 dataset = _one_class(dataset, local, data)  # an image folder's labels, or why it has none
+            if is_local and log is not None and label_column == "label" and not _saved(local):
+                shared = _shared_class_folders(dataset, local)
+                if shared:
+                    name, places = shared
+                    log(
+                        f"note: datasets takes each image's class from the folder holding it, so the images of "
+                        f"{' and '.join(map(repr, places[:2]))}{' ...' if len(places) > 2 else ''} in '{data}' are all "
+                        f"one class, {name!r}; if the class is the folder above, move each class's images into one "
+                        "folder (CLASS/IMAGE)"
+                    )
         except RetrofitError:
             raise
         except Exception as exc:
@@ -537,6 +547,23 @@ def _is_split_name(name: str) -> bool:
 
     words = {word for word in re.split(r"[-._ 0-9]+", name.lower()) if word}
     return any(keyword in words for keywords in SPLIT_KEYWORDS.values() for keyword in keywords)
+
+
+def _shared_class_folders(dataset, folder: Path) -> tuple[str, list[str]] | None:
+    """The first class of an image folder's split whose images lie in several folders (cat/2019 and dog/2019 are
+    both class '2019' to datasets), with those folders; None where each class is one folder."""
+    from datasets import Image
+
+    names = _declared_classes(dataset, "label")
+    if not names:
+        return None
+    places: dict[int, set[str]] = {}
+    items = dataset.cast_column("image", Image(decode=False))["image"]
+    for item, label in zip(items, dataset["label"], strict=True):
+        if label is not None and 0 <= label < len(names):
+            places.setdefault(label, set()).add(os.path.relpath(os.path.dirname(item["path"]), folder))
+    label = next((label for label, where in sorted(places.items()) if len(where) > 1), None)
+    return None if label is None else (names[label], sorted(places[label]))
 
 
 def _one_class(dataset, folder: Path, data: str):

@@ -759,3 +759,19 @@ def test_split_folders_without_class_folders_are_not_read_as_two_classes(imagefo
         shutil.copytree(imagefolder / "test" / "cat", tmp_path / "named" / split)
     with pytest.raises(RetrofitError, match=r"the classes 'testing', 'training': datasets took its split folders"):
         load_split(str(tmp_path / "named"), "train")
+
+
+def test_a_class_made_of_several_folders_is_said(imagefolder, tmp_path):
+    """CLASS/YEAR/IMAGE (cat/2019, dog/2019, ...): datasets takes the folder holding each image for its class, so
+    cats and dogs of one year were one class, '2019', without a word (a new head learnt the years). Which folder is
+    the class cannot be told (batch1/cat, batch2/cat is the other way round), so one note says it."""
+    root = tmp_path / "years"
+    for name in ("cat", "dog"):
+        for year in ("2019", "2020"):
+            shutil.copytree(imagefolder / "test" / name, root / name / year)
+    notes: list[str] = []
+    data = load_split(str(root), "train", log=notes.append)
+    assert class_names(data) == ["2019", "2020"] and len(notes) == 1
+    assert "the images of 'cat/2019' and 'dog/2019' in '" in notes[0] and "are all one class, '2019'" in notes[0]
+    load_split(str(imagefolder), "train", log=notes.append)  # one folder per class: nothing to say
+    assert len(notes) == 1
