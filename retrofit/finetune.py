@@ -461,7 +461,7 @@ def pretrain(
 
     from .atomic import BASELINE, atomic_dir, check_checkpoint_dir, check_output, hold_write_lock
     from .checkpoints import check_checkpoints, default_checkpoint_dir, list_checkpoints
-    from .data import class_names, load_split
+    from .data import chosen_images, class_names, load_split, named_classes
     from .loading import check_config, processor_image_size
 
     run = from_options(PretrainRun, settings, where="pretrain()")
@@ -497,11 +497,18 @@ def pretrain(
     check_output(output, overwrite or resuming, kind=BASELINE, inputs=(run.data,))
     hold_write_lock(output, "--output")
     check_checkpoints(checkpoint_dir, resume=resume, overwrite=overwrite)
-    names = class_names(
-        load_split(run.data, run.split, image_column=run.image_column, label_column=run.label_column, limit=1)
-    )
+    columns = {"image_column": run.image_column, "label_column": run.label_column}
+    first = load_split(run.data, run.split, **columns, limit=1)
+    names = class_names(first)
+    if names is None and not clip and named_classes(first) is not None:  # text labels: the sorted names training reads
+        names = named_classes(
+            load_split(
+                run.data, run.split, **columns, split_classes=True, **chosen_images(run.limit, run.sample, run.seed)
+            )
+        )
     if not names:
-        raise RetrofitError(f"'{run.data}' has no class names (ClassLabel); pretraining needs them")
+        what = "a ClassLabel" if clip else "a ClassLabel or text labels"
+        raise RetrofitError(f"'{run.data}' has no class names ({what}); pretraining needs them")
     tokenizer = None
     try:
         if clip:

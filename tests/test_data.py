@@ -775,3 +775,16 @@ def test_a_class_made_of_several_folders_is_said(imagefolder, tmp_path):
     assert "the images of 'cat/2019' and 'dog/2019' in '" in notes[0] and "are all one class, '2019'" in notes[0]
     load_split(str(imagefolder), "train", log=notes.append)  # one folder per class: nothing to say
     assert len(notes) == 1
+
+
+def test_pretraining_takes_text_labels_as_class_names(imagefolder, tmp_path):
+    """A metadata.csv of class names: evaluate and finetune read them, pretrain refused them ("has no class names
+    (ClassLabel)"). The ViT's labels are their sorted names, as a new head's are."""
+    from retrofit.finetune import pretrain
+
+    data = make_labelled_folder(tmp_path / "named", imagefolder, ["dog", "cat", "bird", "dog", "cat", "bird"])
+    model = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+             "image_size": 16, "patch_size": 8}  # fmt: skip
+    result = pretrain(model, output=tmp_path / "vit", data=data, eval_split=None, max_steps=1, min_steps=1,
+                      batch_size=2, progress=False, log=lambda line: None)  # fmt: skip
+    assert result.model.config.id2label == {0: "bird", 1: "cat", 2: "dog"} and result.steps == 1
