@@ -564,7 +564,7 @@ def test_a_limit_of_one_class_says_so_and_a_sample_takes_every_class(trained_vit
     assert "the first 5 images" in out and "hold 1 of its 3 classes" in out and "--sample N" in out
     assert main([*argv, "--sample", "6"]) == 0
     out = capsys.readouterr().out
-    assert ": 6 images" in out and "note:" not in out
+    assert ": a shuffled sample of 6 images, seed 0" in out and "note:" not in out
     assert len(set(load_split(str(images), "test", limit=6, sample_seed=EVALUATE_SEED)["label"])) > 1
     runs = [evaluate_models(trained_vit, data=images, split="test", sample=6, log=pytest.fail) for _ in range(2)]
     assert runs[0]["models"] == runs[1]["models"] and runs[0]["num_examples"] == 6
