@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .errors import RetrofitError, brief
+from .errors import RetrofitError, brief, shown, whole_number
 from .loading import family_and_head
 from .losses import HeadReader
 from .provenance import public_name
@@ -182,6 +182,7 @@ def calibrate(
     forward pass records the layer-K inputs; the candidates then only run the layers after the merge.
     """
     _check_inputs(model, pixel_values)
+    iterations, restarts, scales = _checked_search(iterations, seed, scales, restarts)
     merger = model.patch_merger
     was_training = model.training
     model.eval()
@@ -222,6 +223,28 @@ def calibrate(
         images=len(pixel_values),
         metric=metric,
     )
+
+
+def _checked_search(iterations, seed, scales, restarts) -> tuple[int, int, tuple[float, ...]]:
+    """calibrate's search settings, or one line naming the one that is wrong (they were TypeErrors from inside, and
+    no restart or no scale kept the random queries as a calibration)."""
+    import math
+    import numbers
+
+    iterations, restarts = (
+        whole_number(iterations, "calibrate's iterations"),
+        whole_number(restarts, "calibrate's restarts"),
+    )
+    whole_number(seed, "calibrate's seed")
+    if iterations < 0 or restarts < 1:
+        raise RetrofitError(f"calibrate needs iterations >= 0 and restarts >= 1, not {iterations} and {restarts}")
+    items = list(scales) if isinstance(scales, list | tuple) else []
+    good = all(isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in items)
+    if not items or not good:
+        raise RetrofitError(
+            f"calibrate's scales must be a list of positive numbers, such as {SCALES}, not {shown(scales)}"
+        )
+    return iterations, restarts, tuple(float(x) for x in items)
 
 
 def _check_inputs(model, pixel_values) -> None:

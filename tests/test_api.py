@@ -166,7 +166,8 @@ def test_the_building_blocks_refuse_what_they_cannot_take_in_one_line(tiny_vit, 
 def test_calibrate_refuses_what_it_cannot_take_in_one_line(tiny_vit):
     """`retrofit.calibrate.calibrate` given an unmerged model, a model on the meta device, pixels that are not a float
     batch, no images, another image size, or NaN pixels (which kept the random queries and printed "KL nan" without a
-    word) raises one RetrofitError line, leaving the queries as they were; finite float pixels calibrate."""
+    word), or search settings it cannot use, raises one RetrofitError line, leaving the queries as they were; finite
+    float pixels calibrate."""
     import torch
     from transformers import ViTConfig, ViTForImageClassification
 
@@ -192,6 +193,16 @@ def test_calibrate_refuses_what_it_cannot_take_in_one_line(tiny_vit):
     ]:
         with pytest.raises(RetrofitError, match=message):
             calibrate(model, values)
+    for search, message in [  # TypeErrors from inside; no restart or no scale "calibrated" to the random queries
+        ({"seed": "1"}, "calibrate's seed must be a whole number, not '1'"),
+        ({"iterations": 2.5}, "calibrate's iterations must be a whole number, not 2.5"),
+        ({"restarts": 0}, "calibrate needs iterations >= 0 and restarts >= 1, not 20 and 0"),
+        ({"scales": ()}, "calibrate's scales must be a list of positive numbers, such as (0.5,"),
+        ({"scales": 2.0}, "calibrate's scales must be a list of positive numbers"),
+        ({"scales": (1.0, float("nan"))}, "calibrate's scales must be a list of positive numbers"),
+    ]:
+        with pytest.raises(RetrofitError, match=re.escape(message)):
+            calibrate(merged, pixels, **search)
     assert torch.equal(merged.patch_merger.queries, queries) and merged.training
     assert calibrate(merged, pixels).images == 4 and merged.training
 
