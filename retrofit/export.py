@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 
 from .atomic import TOKENIZER_FILES, atomic_dir
 from .card import TrainingInfo, build_card
-from .errors import RetrofitError, brief, shown
+from .errors import RetrofitError, brief, check_arguments, shown
 from .families import Family
 from .hub_code import load_classes
 from .loading import family_and_head, is_merged, processor_image_size, save_image_processor
@@ -43,6 +43,13 @@ def export(
     if not isinstance(model, PreTrainedModel) or not is_merged(model.config):
         raise RetrofitError("export() takes a merged model; make one with retrofit.insert_patch_merger first")
     _check_arguments(output, image_processor, card, training, tokenizer)
+    check_arguments("export", flags={"overwrite": overwrite})
+    placed = {parameter.device.type for parameter in model.parameters()}
+    if "meta" in placed:  # safetensors failed halfway with NotImplementedError: no weights to write
+        raise RetrofitError(
+            "export() takes a model with its weights, and this one's are on the meta device (made under "
+            "init_empty_weights or device_map without loading them); load the weights first"
+        )
     output = os.path.expanduser(output)  # "~/pm" is in the home folder, as in the settings of every command
     family, head = family_and_head(model.config)
     classes = load_classes(family, head)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -81,6 +82,11 @@ def test_export_refuses_in_one_line_what_would_leave_an_export_incomplete(vit_ex
             export(merged, out, **({"image_processor": processor, **given} if given else {}))
     with pytest.raises(RetrofitError, match=re.escape("export()'s output must be a folder path, not None")):
         export(merged, None, image_processor=processor)
+    with pytest.raises(RetrofitError, match=re.escape("export's overwrite must be True or False, not 'no'")):
+        export(merged, out, image_processor=processor, overwrite="no")  # it was true
+    empty = copy.deepcopy(merged).to("meta")  # a NotImplementedError from safetensors, halfway
+    with pytest.raises(RetrofitError, match="this one's are on the meta device .* load the weights first"):
+        export(empty, out, image_processor=processor)
     assert sorted(tmp_path.iterdir()) == []
     export(merged, out, image_processor=processor, training=TrainingInfo(init="k-means"))
     from retrofit.push import export_files
