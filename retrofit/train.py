@@ -581,132 +581,138 @@ def train(
             k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in asdict(run).items() if v is not None
         }
         accelerator.init_trackers("retrofit", config=hparams)
-    loss_text = describe_loss(run, dual_encoder=dual)
-    log(budget.why)
-    log(
-        f"{trainable / 1e6:.3g}M of {total / 1e6:.3g}M parameters train ({run.train}) with loss {loss_text}, "
-        f"lr {run.lr:g} after {budget.warmup:,} warm-up steps, cosine decay to 0; on {accelerator.num_processes} "
-        f"process(es), {accelerator.device}, precision {run.mixed_precision}"
-        + (f"; exports the moving average of the weights (--ema-decay {run.ema_decay:g})" if average else "")
-    )
-    result = TrainResult(
-        steps=progress.step,
-        epochs=0.0,
-        last_loss=None,
-        checkpoint_dir=checkpoint_dir,
-        eval_history=progress.evaluations,
-    )  # saved with each checkpoint: a resumed run keeps it
+    try:  # the trackers are finished however the run ends (a Ctrl-C left a tensorboard writer's thread)
+        loss_text = describe_loss(run, dual_encoder=dual)
+        log(budget.why)
+        log(
+            f"{trainable / 1e6:.3g}M of {total / 1e6:.3g}M parameters train ({run.train}) with loss {loss_text}, "
+            f"lr {run.lr:g} after {budget.warmup:,} warm-up steps, cosine decay to 0; on {accelerator.num_processes} "
+            f"process(es), {accelerator.device}, precision {run.mixed_precision}"
+            + (f"; exports the moving average of the weights (--ema-decay {run.ema_decay:g})" if average else "")
+        )
+        result = TrainResult(
+            steps=progress.step,
+            epochs=0.0,
+            last_loss=None,
+            checkpoint_dir=checkpoint_dir,
+            eval_history=progress.evaluations,
+        )  # saved with each checkpoint: a resumed run keeps it
 
-    def run_eval(averaged: bool = False) -> None:
-        if eval_dl is None:
-            return
-        metrics = {**evaluate(model, eval_dl, accelerator, teacher, captions), "step": progress.step}
-        if averaged:
-            metrics["weights"] = "moving average"
-        result.eval_history.append(metrics)
-        if "reference" in metrics:
-            what = {"labels": "accuracy", "teacher": "agreement with the teacher"}.get(
-                metrics["reference"], "cosine similarity to the teacher"
-            )
-            key = next(key for key in ("accuracy", "agreement", "similarity") if key in metrics)
-            with tqdm.external_write_mode():  # print above the progress bar, not into it
-                of = " (the moving average of the weights)" if averaged else ""
-                log(f"step {progress.step}: eval {what}{of} {metrics[key]:.4f} on {metrics['examples']} images")
-            accelerator.log({f"eval/{key}": metrics[key]}, step=progress.step)
+        def run_eval(averaged: bool = False) -> None:
+            if eval_dl is None:
+                return
+            metrics = {**evaluate(model, eval_dl, accelerator, teacher, captions), "step": progress.step}
+            if averaged:
+                metrics["weights"] = "moving average"
+            result.eval_history.append(metrics)
+            if "reference" in metrics:
+                what = {"labels": "accuracy", "teacher": "agreement with the teacher"}.get(
+                    metrics["reference"], "cosine similarity to the teacher"
+                )
+                key = next(key for key in ("accuracy", "agreement", "similarity") if key in metrics)
+                with tqdm.external_write_mode():  # print above the progress bar, not into it
+                    of = " (the moving average of the weights)" if averaged else ""
+                    log(f"step {progress.step}: eval {what}{of} {metrics[key]:.4f} on {metrics['examples']} images")
+                accelerator.log({f"eval/{key}": metrics[key]}, step=progress.step)
 
-    if eval_at_start and progress.step == 0:
-        run_eval()  # before the bar starts, so that its time estimate is the training's alone
-    bar = tqdm(total=total_steps, initial=progress.step, desc="train", dynamic_ncols=True,
-               disable=not (progress_bar and accelerator.is_main_process))  # fmt: skip
-    model.train()
-    stop_at = min(total_steps, stop_after or total_steps)
-    last_saved = progress.step if resuming else -1
-    epoch = progress.epoch
-    try:  # the progress bar ends before any error line is printed
-        while progress.step < stop_at:
-            train_dl.set_epoch(epoch)
-            train_dl.dataset.set_epoch(epoch)
-            skip = progress.batch if epoch == progress.epoch else 0
-            batches = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
-            progress.epoch, progress.batch = epoch, skip
-            for batch in batches:
-                with accelerator.accumulate(model):
-                    pixels = batch["pixel_values"]
-                    if run.function_matching:  # the same mixed view for teacher and student
-                        pixels = mixup_batch(pixels, seed=hash((run.seed, epoch, progress.batch)))
-                    with accelerator.autocast():
-                        if captions is not None:  # contrastive: each image against one caption of each image
-                            texts = captions.sample(batch["labels"], seed=hash((run.seed, epoch, progress.batch)))
-                            student = Outputs(caption_logits(model, pixels, texts), None)
-                        else:
-                            student = read(model, pixels)
-                        expected = None
-                        if run.loss in ("kd", "mix"):
-                            with torch.no_grad():
-                                expected = read_teacher(teacher, pixels)
-                    loss = compute_loss(student, expected, batch.get("labels"), run, embeddings=dual)
-                    bad = accelerator.reduce(torch.tensor(float(not torch.isfinite(loss)), device=loss.device), "sum")
-                    if bad.item() > 0:
-                        good = list_checkpoints(checkpoint_dir) if checkpoint_dir else []
-                        again = f"--resume from the last good checkpoint, {good[-1]}" if good else "start again"
-                        raise RetrofitError(
-                            f"the loss became {loss.item()} at step {progress.step + 1}; stopped. Lower --lr or use "
-                            f"--mixed-precision no or bf16, then {again}"
+        if eval_at_start and progress.step == 0:
+            run_eval()  # before the bar starts, so that its time estimate is the training's alone
+        bar = tqdm(total=total_steps, initial=progress.step, desc="train", dynamic_ncols=True,
+                   disable=not (progress_bar and accelerator.is_main_process))  # fmt: skip
+        model.train()
+        stop_at = min(total_steps, stop_after or total_steps)
+        last_saved = progress.step if resuming else -1
+        epoch = progress.epoch
+        try:  # the progress bar ends before any error line is printed
+            while progress.step < stop_at:
+                train_dl.set_epoch(epoch)
+                train_dl.dataset.set_epoch(epoch)
+                skip = progress.batch if epoch == progress.epoch else 0
+                batches = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+                progress.epoch, progress.batch = epoch, skip
+                for batch in batches:
+                    with accelerator.accumulate(model):
+                        pixels = batch["pixel_values"]
+                        if run.function_matching:  # the same mixed view for teacher and student
+                            pixels = mixup_batch(pixels, seed=hash((run.seed, epoch, progress.batch)))
+                        with accelerator.autocast():
+                            if captions is not None:  # contrastive: each image against one caption of each image
+                                texts = captions.sample(batch["labels"], seed=hash((run.seed, epoch, progress.batch)))
+                                student = Outputs(caption_logits(model, pixels, texts), None)
+                            else:
+                                student = read(model, pixels)
+                            expected = None
+                            if run.loss in ("kd", "mix"):
+                                with torch.no_grad():
+                                    expected = read_teacher(teacher, pixels)
+                        loss = compute_loss(student, expected, batch.get("labels"), run, embeddings=dual)
+                        bad = accelerator.reduce(
+                            torch.tensor(float(not torch.isfinite(loss)), device=loss.device), "sum"
                         )
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and run.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), run.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
-                progress.batch += 1
-                if not accelerator.sync_gradients:
-                    continue
-                progress.step += 1
-                check_interrupted()  # a Ctrl-C a library swallowed mid-step stops the run here
-                result.last_loss = loss.item()
-                if average is not None:
-                    average.update(progress.step)
-                lr = scheduler.get_last_lr()[0]
-                bar.set_postfix(loss=f"{result.last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-                bar.update(1)  # one refresh per step, with the new loss
-                accelerator.log({"train/loss": result.last_loss, "train/lr": lr}, progress.step)
-                if run.eval_every and progress.step % run.eval_every == 0:
-                    run_eval()  # before the checkpoint, which keeps the evaluations so far for a resumed run
-                if checkpoint_dir and progress.step % run.save_every == 0:
-                    save_checkpoint(accelerator, checkpoint_dir, progress, run.keep_checkpoints, settings, average, log)
-                    last_saved = progress.step
-                if progress.step >= stop_at:
-                    break
-            else:  # the epoch ran to its end
-                epoch += 1
-                progress.epoch, progress.batch = epoch, 0
-                if not run.eval_every and progress.step < stop_at:
-                    run_eval()
+                        if bad.item() > 0:
+                            good = list_checkpoints(checkpoint_dir) if checkpoint_dir else []
+                            again = f"--resume from the last good checkpoint, {good[-1]}" if good else "start again"
+                            raise RetrofitError(
+                                f"the loss became {loss.item()} at step {progress.step + 1}; stopped. Lower --lr or "
+                                f"use --mixed-precision no or bf16, then {again}"
+                            )
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and run.max_grad_norm:
+                            accelerator.clip_grad_norm_(model.parameters(), run.max_grad_norm)
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad()
+                    progress.batch += 1
+                    if not accelerator.sync_gradients:
+                        continue
+                    progress.step += 1
+                    check_interrupted()  # a Ctrl-C a library swallowed mid-step stops the run here
+                    result.last_loss = loss.item()
+                    if average is not None:
+                        average.update(progress.step)
+                    lr = scheduler.get_last_lr()[0]
+                    bar.set_postfix(loss=f"{result.last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+                    bar.update(1)  # one refresh per step, with the new loss
+                    accelerator.log({"train/loss": result.last_loss, "train/lr": lr}, progress.step)
+                    if run.eval_every and progress.step % run.eval_every == 0:
+                        run_eval()  # before the checkpoint, which keeps the evaluations so far for a resumed run
+                    if checkpoint_dir and progress.step % run.save_every == 0:
+                        save_checkpoint(
+                            accelerator, checkpoint_dir, progress, run.keep_checkpoints, settings, average, log
+                        )
+                        last_saved = progress.step
+                    if progress.step >= stop_at:
+                        break
+                else:  # the epoch ran to its end
+                    epoch += 1
+                    progress.epoch, progress.batch = epoch, 0
+                    if not run.eval_every and progress.step < stop_at:
+                        run_eval()
+        finally:
+            bar.close()
+        for reader in (read, read_teacher):
+            if reader is not None:
+                reader.close()
+        if checkpoint_dir and last_saved != progress.step:
+            save_checkpoint(accelerator, checkpoint_dir, progress, run.keep_checkpoints, settings, average, log)
+        result.finished = progress.step >= total_steps
+        if result.finished and average is not None:  # the live weights are done training: the average is the result
+            average.copy_to_model()
+            run_eval(averaged=True)
+        elif result.finished and (not result.eval_history or result.eval_history[-1]["step"] != progress.step):
+            run_eval()
+        result.steps, result.epochs = progress.step, progress.step / steps_per_epoch
+        result.seconds = time.perf_counter() - started
+        result.model = accelerator.unwrap_model(model)
+        result.is_main_process = accelerator.is_main_process
+        accelerator.wait_for_everyone()
+        # Release the distributed (DDP) wrapper while the process group still exists: if DDP's reducer held the
+        # last reference to a gloo group, destroying the group would wait on gloo's threads with the GIL held, a
+        # deadlock seen under `accelerate launch` on CPU. The caller gets the unwrapped model (`result.model`).
+        model, optimizer, scheduler = accelerator.free_memory(model, optimizer, scheduler)
     finally:
-        bar.close()
-    for reader in (read, read_teacher):
-        if reader is not None:
-            reader.close()
-    if checkpoint_dir and last_saved != progress.step:
-        save_checkpoint(accelerator, checkpoint_dir, progress, run.keep_checkpoints, settings, average, log)
-    result.finished = progress.step >= total_steps
-    if result.finished and average is not None:  # the live weights are done training: the average is the result
-        average.copy_to_model()
-        run_eval(averaged=True)
-    elif result.finished and (not result.eval_history or result.eval_history[-1]["step"] != progress.step):
-        run_eval()
-    result.steps, result.epochs = progress.step, progress.step / steps_per_epoch
-    result.seconds = time.perf_counter() - started
-    result.model = accelerator.unwrap_model(model)
-    result.is_main_process = accelerator.is_main_process
-    accelerator.wait_for_everyone()
-    # Release the distributed (DDP) wrapper while the process group still exists: if DDP's reducer held the last
-    # reference to a gloo group, destroying the group would wait on gloo's threads with the GIL held, a deadlock seen
-    # under `accelerate launch` on CPU. The caller gets the unwrapped model (`result.model`).
-    model, optimizer, scheduler = accelerator.free_memory(model, optimizer, scheduler)
-    for tracker in accelerator.trackers:  # `end_training` without destroying the process group (`keep_process_group`)
-        tracker.finish()
+        for tracker in accelerator.trackers:  # `end_training` without destroying the process group
+            tracker.finish()
     keep_process_group()
     return result
 

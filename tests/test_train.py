@@ -1246,3 +1246,27 @@ def test_pruning_and_overwrite_delete_only_what_retrofit_wrote(tiny_vit, colours
     assert (checkpoints / "step-00000003" / "model.safetensors").is_file()
     (checkpoints / "step-00000003" / "notes.txt").unlink()
     assert finetune(tiny_vit, output=tmp_path / "out", overwrite=True, **settings).steps == 3
+
+
+def test_an_interrupted_run_finishes_its_tracker(tiny_vit, colours, tmp_path, monkeypatch):
+    """--report-to tensorboard: a run stopped by Ctrl-C (or any error) mid-run closes its tracker's writer (its event
+    file flushed, no writer thread left behind in a notebook), as a run that ends does."""
+    import threading
+
+    real, calls = train_module.compute_loss, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "compute_loss", interrupted)
+    before = set(threading.enumerate())
+    settings = dict(after_layer=2, num_tokens=4, data=colours, loss="ce", max_steps=3, report_to="tensorboard")
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_vit, output=tmp_path / "o", **settings, **FAST)
+    left = [thread for thread in set(threading.enumerate()) - before if thread.is_alive()]
+    assert not left, left
+    events = list((tmp_path / "o-checkpoints" / "logs").rglob("events.out.tfevents*"))
+    assert events and all(event.stat().st_size > 0 for event in events)
