@@ -27,13 +27,14 @@ def shipped_checkpoints() -> list[str]:
 
 
 def resolve_source(source: str | Path) -> str:
-    """``retrofit:NAME`` -> the checkpoint shipped in ``retrofit/assets/NAME`` (NAME is a name, not a path);
+    """``retrofit:NAME`` -> the checkpoint shipped in ``retrofit/assets/NAME`` (NAME is a name, not a path); a
+    leading ``~`` -> the home folder (a Python call's "~/model", which no shell expanded, was read as a Hub id);
     anything else unchanged."""
     if not isinstance(source, str | os.PathLike):  # str() of a model object or None was read as a Hub id
         raise RetrofitError(f"a model is named by a Hub id, a folder or retrofit:NAME, not {shown(source)}")
     source = os.fspath(source)
     if not source.startswith("retrofit:"):
-        return source
+        return os.path.expanduser(source) if source.startswith("~") else source
     name = source.removeprefix("retrofit:")
     shipped = ", ".join(shipped_checkpoints()) or "none"
     if not SHIPPED_NAME.fullmatch(name) or ".." in name or not (ASSETS / name).is_dir():

@@ -571,6 +571,12 @@ def test_a_tilde_in_an_output_is_the_home_folder(tiny_vit, tmp_path, monkeypatch
     export(result.model, "~/exported", image_processor=AutoImageProcessor.from_pretrained(tiny_vit))
     assert {path.name for path in home.iterdir()} == {"cli", "api", "exported"}
     assert list(cwd.iterdir()) == []
+    # a source under "~" in a Python call (no shell expands it) is the home folder's too: it was read as a Hub id
+    shutil.copytree(tiny_vit, home / "source")
+    again = convert("~/source", after_layer=2, num_tokens=4, output="~/from-home")
+    assert again.model.config.merge_source == "source" and (home / "from-home" / "config.json").is_file()
+    with pytest.raises(RetrofitError, match="which this run reads"):  # the home folder's source is an input
+        convert("~/source", after_layer=2, num_tokens=4, output=str(home / "source"), overwrite=True)
 
 
 def test_a_classifier_loaded_from_a_backbone_checkpoint_is_merged_as_the_class_it_is(tmp_path):
