@@ -192,6 +192,8 @@ def test_resume_refuses_checkpoints_of_other_merge_settings(tiny_vit, colours, t
         (other, {}, r"a run with SOURCE's weights \(sha256\) '[0-9a-f]{64}', not '[0-9a-f]{64}'"),
         (tiny_vit, {"seed": 1}, "a run with --seed 0, not 1"),
         (tiny_vit, {"batch_size": 4}, "a run with --batch-size 8, not 4"),
+        # the checkpoints hold the calibrated merger, but the card said "merger initialisation: random"
+        (tiny_vit, {"calibrate": False}, "a run with --calibrate True, not False"),
         (
             tiny_vit,
             {"data": shutil.copytree(colours, tmp_path / "copy")},
