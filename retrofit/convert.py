@@ -17,6 +17,7 @@ from .export import export
 from .loading import (
     check_runs_on_its_images,
     classifier_is_new,
+    converted_as_other_class,
     load_config,
     load_image_processor,
     load_model,
@@ -93,8 +94,14 @@ def run_convert(args: ConvertArgs, *, log: Callable[[str], None] = print) -> Con
         merged = insert_patch_merger(model, args.after_layer, args.tokens, source=str(source),
                                      rope_positions=args.rope_positions)  # fmt: skip
     training = TrainingInfo()  # random queries, not fine-tuned
-    saved = load_config(source, trust_remote_code=args.trust_remote_code, revision=args.revision) if args.task else None
-    if saved is not None and classifier_is_new(saved, config):
+    saved = (
+        load_config(source, trust_remote_code=args.trust_remote_code, revision=args.revision) if args.task else config
+    )
+    other_class = converted_as_other_class(saved, config) if args.task is None else None
+    if other_class:
+        log(f"note: {other_class}")
+        training.notes.append(other_class)
+    if classifier_is_new(saved, config):
         new_head = (
             f"the classifier is new (the checkpoint has none): its {config.num_labels} outputs are random until it is "
             "trained (`retrofit finetune --loss ce --num-labels N`)"
@@ -107,7 +114,7 @@ def run_convert(args: ConvertArgs, *, log: Callable[[str], None] = print) -> Con
         calibration = calibrate_from_data(merged, args.calibrate_on, source=str(source), log=log,
                                           num_images=args.calibrate_images, split=args.calibrate_split,
                                           image_column=args.image_column, seed=args.seed)  # fmt: skip
-        training = TrainingInfo(init=calibration.describe(args.calibrate_on, args.calibrate_split, args.after_layer))
+        training.init = calibration.describe(args.calibrate_on, args.calibrate_split, args.after_layer)
     before, after = model_cost(config, image_size), model_cost(merged.config, image_size)
     log(compare(before, after))
     if output is not None:

@@ -349,6 +349,22 @@ def classifier_is_new(saved: PreTrainedConfig, loaded: PreTrainedConfig) -> bool
     return head.is_classifier and bool(architectures) and head.class_name not in architectures
 
 
+def converted_as_other_class(saved: PreTrainedConfig, loaded: PreTrainedConfig) -> str | None:
+    """What a reader must know when `loaded` (no `--task`) is not the class `saved`'s checkpoint was saved as, because
+    retrofit does not convert that class (ViTForMaskedImageModeling, CLIPVisionModelWithProjection, ...): the
+    weights only that class has (a pretraining head, a projection) are not in the export. None otherwise."""
+    if is_merged(saved):
+        return None
+    family, head = family_and_head(loaded)
+    saved_as = (getattr(saved, "architectures", None) or [None])[0]
+    if not saved_as or saved_as in family.heads or saved_as == head.class_name:
+        return None
+    return (
+        f"the checkpoint is a {saved_as}, a class retrofit does not convert: it is converted as {head.class_name}, "
+        f"without the weights only {saved_as} has"
+    )
+
+
 def trained_head_config(config: PreTrainedConfig) -> PreTrainedConfig:
     """The config to score `config`'s checkpoint with (`evaluate`, `sweep`): its own class (a full CLIP/SigLIP model
     is scored as a dual encoder), or, where that class would get a new random classifier (a checkpoint of a class

@@ -1038,6 +1038,33 @@ def test_retrofit_finetune_runs_on_the_family(name, converted, tmp_path):
     assert not torch.equal(reloaded.patch_merger.queries, converted[name].result.model.patch_merger.queries)
 
 
+def test_a_class_retrofit_does_not_convert_is_named_in_the_log_and_card(tmp_path):
+    """A ViTForMaskedImageModeling checkpoint (a pretraining head) becomes a classifier with a new random head, a
+    CLIPVisionModelWithProjection its tower without the projection: both said in the log and the card, with
+    --calibrate-on too (the calibration's start replaced the card's notes)."""
+    from test_data import make_imagefolder
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, ViTConfig, ViTForMaskedImageModeling
+
+    data = make_imagefolder(tmp_path / "data", per_class=2, test_per_class=1)
+    made = {
+        "ViTForMaskedImageModeling": (ViTForMaskedImageModeling(ViTConfig(**VISION)), {"calibrate_on": str(data)}),
+        "CLIPVisionModelWithProjection": (CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION)), {}),
+    }
+    for saved_as, (model, options) in made.items():
+        source = save_tiny(model, tmp_path / saved_as)
+        logs: list[str] = []
+        out = tmp_path / f"{saved_as}-pm"
+        result = convert(source, after_layer=K, num_tokens=M, output=out, log=logs.append, **options)
+        converted_as = type(result.model).__name__.replace("PatchMerger", "")
+        said = f"the checkpoint is a {saved_as}, a class retrofit does not convert: it is converted as {converted_as}"
+        card = (out / "README.md").read_text()
+        assert any(line.startswith(f"note: {said}") for line in logs), logs
+        assert said in card
+        if saved_as == "ViTForMaskedImageModeling":
+            assert "k-means" in card or "calibrat" in card
+            assert "the classifier is new" in card and any("the classifier is new" in line for line in logs)
+
+
 # ---------------------------------------------------------------- refusals
 
 
