@@ -130,6 +130,9 @@ def _checked_merge(merge, layers: int, patches: int) -> tuple[int, int]:
         raise RetrofitError(f"model_cost's merge must be a pair (after_layer, num_tokens), not {shown(merge)}")
     after_layer = whole_number(merge[0], "model_cost's merge after_layer")
     num_tokens = whole_number(merge[1], "model_cost's merge num_tokens")
+    if layers < 2 or patches < 2:
+        what = f"{layers} layer" if layers < 2 else f"{patches} patch token"
+        raise RetrofitError(f"model_cost's merge cannot be priced: the model has {what}, too few to merge")
     if not 1 <= after_layer < layers:
         raise RetrofitError(f"model_cost's merge after_layer {after_layer} is out of range: use 1..{layers - 1}")
     if not 1 <= num_tokens < patches:

@@ -53,12 +53,22 @@ def check_merge(
     family, head = family_and_head(config)
     lc = layer_config(config, head)
     layers = lc.num_hidden_layers
+    if layers < 2:
+        raise RetrofitError(
+            f"this model has {layers} encoder layer{'s' * (layers != 1)}, and a merge needs at least one before and "
+            "one after it: merge a deeper model"
+        )
     if not 1 <= after_layer < layers:
         raise RetrofitError(
             f"--after-layer {shown(after_layer)} is out of range: this model has {layers} layers, so use "
             f"1..{layers - 1}"
         )
     patches = num_patches(lc, image_size)
+    if patches < 2:
+        raise RetrofitError(
+            f"the model has {patches} patch token{'s' * (patches != 1)} at its image size, so there is nothing to "
+            "merge: feed it larger images (its image processor's size) or merge a model with smaller patches"
+        )
     if not 1 <= num_tokens < patches:
         raise RetrofitError(
             f"--tokens {shown(num_tokens)} is out of range: the model has {patches} patch tokens, so use "

@@ -24,6 +24,7 @@ from retrofit import FAMILIES, convert
 from retrofit.calibrate import calibrate, model_outputs, recording_merger_inputs, replay_first_layers
 from retrofit.cli import main
 from retrofit.cost import layer_macs, model_cost
+from retrofit.errors import RetrofitError
 from retrofit.families import supported_names
 from retrofit.hub_code import OLDEST_TRANSFORMERS, classifier_head
 from retrofit.loading import family_and_head, layer_config
@@ -1103,6 +1104,22 @@ def test_refused_families(make, reason, tmp_path, capsys):
     assert err.endswith(f"supported families: {supported_names()}")
     assert "DINOv2" in err and "CLIP" in err and "SigLIP" in err
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_a_model_too_small_to_merge_is_refused_in_one_line(tmp_path, capsys):
+    """One encoder layer, or one patch at the processor's size: the refusal said "so use 1..0"."""
+    from transformers import ViTConfig, ViTModel
+
+    for name, changed in (("one-layer", {"num_hidden_layers": 1}), ("one-patch", {"image_size": 8})):
+        source = save_tiny(ViTModel(ViTConfig(**{**TINY, **changed})), tmp_path / name, changed.get("image_size", 32))
+        capsys.readouterr()
+        out = tmp_path / f"{name}-pm"
+        code = main(["convert", str(source), "--after-layer", "1", "--tokens", "1", "--output", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "\n" not in err and "1..0" not in err and not out.exists(), err
+        assert ("1 encoder layer" if name == "one-layer" else "1 patch token") in err, err
+        with pytest.raises(RetrofitError, match="too few to merge"):
+            model_cost(ViTConfig(**{**TINY, **changed}), merge=(1, 1))
 
 
 def test_timm_checkpoints_are_refused_in_one_line(tmp_path, capsys):
