@@ -248,6 +248,7 @@ TRAINING_SETTINGS = ("data", "split", "image_column", "label_column", "limit", "
                      "max_grad_norm", "mixed_precision", "seed", "calibrate")  # fmt: skip
 OPTIONS = "options"  # run.json's record of them, by option (`check_same_run` names the option)
 PROCESSES = "accelerate launch --num_processes"  # the data's order and the random states are per process
+IMAGES = "training images (--data, --split)"
 
 
 def local_or_named(value: str | None) -> str | None:
@@ -256,9 +257,10 @@ def local_or_named(value: str | None) -> str | None:
     return os.path.abspath(value) if value and os.path.exists(value) else value
 
 
-def training_options(model, run, processes: int) -> dict:
+def training_options(model, run, processes: int, images: int) -> dict:
     """What a resumed `run` must share with the run that wrote its checkpoints (run.json's `OPTIONS`), by option:
-    `TRAINING_SETTINGS`, the teacher, the number of processes and the source's weights (their sha256, where `model`
+    `TRAINING_SETTINGS`, the teacher, the number of processes, the number of training `images` (a data folder that
+    gained or lost some since is other data, in another order) and the source's weights (their sha256, where `model`
     records it)."""
     from .settings import option_of
 
@@ -267,6 +269,7 @@ def training_options(model, run, processes: int) -> dict:
     if hasattr(run, "teacher"):  # finetune's
         options["--teacher"] = local_or_named(run.teacher)
     options[PROCESSES] = processes
+    options[IMAGES] = images
     sha256 = getattr(model.config, "merge_source_sha256", None)
     if sha256:
         options["SOURCE's weights (sha256)"] = sha256

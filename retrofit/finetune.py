@@ -157,7 +157,8 @@ def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepar
     settle_losses(model, args)
     data = training_data(model, processor, args, log)
     if resuming:  # checkpoints of other settings are refused now, not after calibrating (`train` checks them again)
-        options = {k: v for k, v in training_options(model, args, 1).items() if k != PROCESSES}  # launched: `train`
+        options = training_options(model, args, 1, len(data[0].dataset))
+        options.pop(PROCESSES)  # launched: `train` checks it
         check_same_run(checkpoint_dir, run_settings(model, args.train, args.ema_decay) | {OPTIONS: options})
     if args.calibrate and init == "random":
         init = _calibrate(model, args, resumed=resuming, log=log)

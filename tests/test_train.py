@@ -207,6 +207,15 @@ def test_resume_refuses_checkpoints_of_other_merge_settings(tiny_vit, colours, t
                 RetrofitError, match=f"^'.*out-checkpoints' holds checkpoints of {message}: resume with"
             ):
                 finetune(source, output=tmp_path / "out", num_tokens=4, resume=True, **{**settings, **change})
+        # the data folder changed since (it resumed on other data, at a position in another order of it)
+        extra = Path(colours) / "train" / "cat" / "extra.png"
+        shutil.copy(extra.with_name("0.png"), extra)
+        try:
+            message = r"of a run with training images \(--data, --split\) 24, not 25: resume with"
+            with pytest.raises(RetrofitError, match=message):
+                finetune(tiny_vit, output=tmp_path / "out", num_tokens=4, resume=True, **settings)
+        finally:
+            extra.unlink()
     record = (checkpoints / "run.json").read_text()
     launched = json.loads(record)
     launched["options"]["accelerate launch --num_processes"] = 2  # as `accelerate launch --num_processes 2` writes
