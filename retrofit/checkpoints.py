@@ -39,21 +39,29 @@ class Progress:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a saved position and the evaluations before it (none in checkpoints of an older retrofit); a
-        value that is not a count, an epoch past the step, or evaluations that are not a list of flat records (an
-        edited file), is a `ValueError`."""
+        value that is not a count, an epoch past the step, or evaluations that are not a list of flat records of
+        steps up to it and numbers for scores (an edited file), is a `ValueError`."""
         values = [state[key] for key in ("step", "epoch", "batch")]
         if not all(type(value) is int and value >= 0 for value in values):
             raise ValueError(f"the position {state} is not three counts")
         evaluations = state.get("evaluations", [])
-        scalar = (str, int, float, bool, type(None))
-        if not isinstance(evaluations, list) or not all(
-            isinstance(entry, dict) and all(isinstance(v, scalar) for v in entry.values()) for entry in evaluations
-        ):
-            raise ValueError("its evaluations are not a list of records")
+        if not isinstance(evaluations, list) or not all(_is_evaluation(entry, values[0]) for entry in evaluations):
+            raise ValueError("its evaluations are not a list of records of this run's steps and scores")
         if values[1] > values[0]:  # each epoch ends with an optimizer step
             raise ValueError(f"the position {state} is past its step")
         self.step, self.epoch, self.batch = values
         self.evaluations[:] = evaluations
+
+
+def _is_evaluation(entry, step: int) -> bool:
+    """Whether `entry` is an evaluation record the loop wrote by `step`: flat, at a step from 0 to `step`, its scores
+    (and image count) numbers."""
+    scalar = (str, int, float, bool, type(None))
+    if not isinstance(entry, dict) or not all(isinstance(value, scalar) for value in entry.values()):
+        return False
+    numbers = [entry[key] for key in ("accuracy", "agreement", "similarity", "examples") if key in entry]
+    at = entry.get("step")
+    return type(at) is int and 0 <= at <= step and all(type(value) in (int, float) for value in numbers)
 
 
 PROGRESS_FILE = "progress.json"

@@ -743,6 +743,9 @@ def test_resume_from_a_damaged_checkpoint_is_one_line(tiny_vit, colours, tmp_pat
     # skipping the rest of the epoch)
     positions = [{"step": -5, "epoch": 0, "batch": 0}, {"step": 1, "epoch": 0, "batch": 1}]
     positions += [{"step": 2, "epoch": 10**30, "batch": 0}, {"step": 2, "epoch": 0, "batch": 99}]
+    # evaluations without their step, or not scores (a KeyError or ValueError traceback after training, at the card)
+    for evaluation in ({"accuracy": 0.5}, {"step": 2, "accuracy": "high"}, {"step": 7, "accuracy": 0.5}):
+        positions.append({"step": 2, "epoch": 0, "batch": 2, "evaluations": [evaluation]})
     for position in positions:
         (checkpoints / "step-00000002" / "progress.json").write_text(json.dumps(position))
         with pytest.raises(RetrofitError, match=r"step-00000002' is damaged \(ValueError: .*\); delete it or pass"):
