@@ -93,6 +93,10 @@ def _epochs(epochs: float) -> str:
     return f"{epochs:.3g} epoch{'' if epochs == 1 else 's'}"
 
 
+def _steps(steps: int) -> str:
+    return f"{steps:,} step{'' if steps == 1 else 's'}"
+
+
 @contextlib.contextmanager
 def callers_random_state() -> Iterator[None]:
     """Restore Python's, NumPy's and torch's CPU random generators afterwards: a run seeds them all (accelerate's
@@ -171,7 +175,7 @@ def training_budget(run: TrainSettings, images: int, steps_per_epoch: int, proce
     from_epochs = max(1, math.ceil(run.epochs * steps_per_epoch))
     if run.max_steps:
         steps = run.max_steps
-        why = f"training {steps:,} steps (--max-steps: {_epochs(steps / steps_per_epoch)} of {data})"
+        why = f"training {_steps(steps)} (--max-steps: {_epochs(steps / steps_per_epoch)} of {data})"
     elif run.min_steps and from_epochs < run.min_steps:
         steps = run.min_steps
         why = (
@@ -182,7 +186,7 @@ def training_budget(run: TrainSettings, images: int, steps_per_epoch: int, proce
     else:
         steps = from_epochs
         off = ", --min-steps 0" if not run.min_steps else ""
-        why = f"training {steps:,} steps ({_epochs(run.epochs)} of {data}{off})"
+        why = f"training {_steps(steps)} ({_epochs(steps / steps_per_epoch)} of {data}{off})"
     return Budget(steps=steps, warmup=int(run.warmup_ratio * steps), why=why)
 
 

@@ -678,6 +678,11 @@ def test_the_budget_is_raised_to_min_steps_on_small_data_and_says_why():
     off = training_budget(TrainSettings(epochs=3, min_steps=0), images=2000, steps_per_epoch=32)
     assert (off.steps, off.warmup) == (96, 4)
     assert off.why == "training 96 steps (3 epochs of 2,000 images at batch 64, --min-steps 0)"
+    # the epochs the steps are, not the --epochs they were rounded up from (it said 0.001 epochs)
+    tiny = training_budget(TrainSettings(epochs=0.001, min_steps=0, batch_size=8), images=24, steps_per_epoch=3)
+    assert tiny.steps == 1 and tiny.why == "training 1 step (0.333 epochs of 24 images at batch 8, --min-steps 0)"
+    part = training_budget(TrainSettings(epochs=1.5, min_steps=0, batch_size=8), images=24, steps_per_epoch=3)
+    assert part.why == "training 5 steps (1.67 epochs of 24 images at batch 8, --min-steps 0)"
     # the batch of one step: per process × processes × accumulated batches
     shared = training_budget(TrainSettings(batch_size=32, grad_accum=2), images=2000, steps_per_epoch=16, processes=2)
     assert shared.steps == 1000
