@@ -572,8 +572,13 @@ def train(
     progress = Progress()
     if resuming:
         *older, latest = list_checkpoints(checkpoint_dir)
+        if int(latest.name.removeprefix("step-")) > total_steps and recorded_budget(checkpoint_dir) is not None:
+            raise RetrofitError(  # run.json edited since: --max-steps would not change the budget it records
+                f"'{checkpoint_dir / 'run.json'}' records a budget of {_steps(total_steps)}, below its checkpoint "
+                f"'{latest}': it was changed since retrofit wrote it; pass --overwrite to start over"
+            )
         load_checkpoint(accelerator, latest, progress, older, average, batches=len(train_dl))
-        if progress.step > total_steps:  # only checkpoints of an older retrofit, which kept no budget, get here
+        if progress.step > total_steps:  # checkpoints of an older retrofit, which kept no budget
             raise RetrofitError(
                 f"checkpoint '{latest}' is past this run's budget of {total_steps:,} steps; resume with --max-steps "
                 f"{progress.step} or more, or pass --overwrite to start over"

@@ -743,6 +743,10 @@ def test_resume_from_a_damaged_checkpoint_is_one_line(tiny_vit, colours, tmp_pat
     (checkpoints / "run.json").write_text(record.replace('"steps": 6', '"steps": -4'))
     with pytest.raises(RetrofitError, match=r"run.json' records no usable budget \(.*\): it was changed since"):
         finetune(tiny_vit, output=tmp_path / "out", resume=True, **settings)
+    # a budget below its checkpoints' step: --max-steps, which it said to pass, changes no recorded budget
+    (checkpoints / "run.json").write_text(record.replace('"steps": 6', '"steps": 1'))
+    with pytest.raises(RetrofitError, match=r"run.json' records a budget of 1 step, below its checkpoint '.*step-0+2"):
+        finetune(tiny_vit, output=tmp_path / "out", resume=True, **settings)
     (checkpoints / "run.json").write_text(record)
     # past the step (an epoch of 10**30 was an OverflowError traceback), or past the epoch's 3 batches (it resumed,
     # skipping the rest of the epoch)
