@@ -187,5 +187,29 @@ def insert_patch_merger(
     # checkpoint's weight names, which older transformers releases can load.
     if hasattr(model, "_weight_conversions"):
         merged._weight_conversions = model._weight_conversions
+    if not getattr(model, "_weight_conversions", None) and _is_vision_tower(family):
+        # A vision tower saved by transformers >= 5.6 has no `vision_model.` in its weight names; releases before
+        # 5.6 (which exports support) load such names as random weights, without an error. Saved with the prefix
+        # that transformers strips on load, as towers saved by earlier releases are, every release loads the export.
+        merged._weight_conversions = _prefix_conversions(model)
     merged.retrofit_source = record  # `export` notes where a local source lives, on this machine only
     return take_images(merged) if family.padded_patches else merged
+
+
+def _is_vision_tower(family: Family) -> bool:
+    """True for a dual encoder's vision tower family (CLIPVisionModel, SiglipVisionModel, ...)."""
+    from .families import FAMILIES
+
+    return any(other.tower == family.name for other in FAMILIES.values())
+
+
+def _prefix_conversions(model: PreTrainedModel) -> list:
+    """The renamings transformers applies to `model`'s class when it loads a checkpoint that names its weights with a
+    prefix (``vision_model.``), as the model would have kept them had its checkpoint had that prefix; none where the
+    installed release has no such renaming."""
+    try:
+        from transformers.conversion_mapping import extract_weight_conversions_for_model
+        from transformers.core_model_loading import PrefixChange
+    except ImportError:
+        return []
+    return [change for change in extract_weight_conversions_for_model(model) or [] if isinstance(change, PrefixChange)]

@@ -1066,6 +1066,25 @@ def test_a_class_retrofit_does_not_convert_is_named_in_the_log_and_card(tmp_path
             assert "the classifier is new" in card and any("the classifier is new" in line for line in logs)
 
 
+def test_a_vision_tower_saved_without_its_prefix_is_exported_with_it(tmp_path):
+    """A CLIPVisionModel/SiglipVisionModel saved by transformers >= 5.6 names its weights without `vision_model.`;
+    its export did too, which transformers 5.0-5.5 (releases exports support) loaded as random weights without an
+    error. The export names them as every release loads them, and still reloads to the same outputs."""
+    from retrofit.loading import load_model
+
+    for make in (_clip_vision, _siglip_vision):
+        torch.manual_seed(0)
+        source = save_tiny(make(), tmp_path / make.__name__)
+        assert not any(key.startswith("vision_model.") for key in load_file(source / "model.safetensors"))
+        out = tmp_path / f"{make.__name__}-pm"
+        result = convert(source, after_layer=K, num_tokens=M, output=out, log=lambda _: None)
+        names = set(load_file(out / "model.safetensors"))
+        assert names and all(key.startswith("vision_model.") for key in names), sorted(names)[:3]
+        expected = outputs(result.model.eval(), PIXELS)
+        got = outputs(load_model(str(out)).eval(), PIXELS)
+        assert all(torch.equal(got[key], value) for key, value in expected.items())
+
+
 # ---------------------------------------------------------------- refusals
 
 
