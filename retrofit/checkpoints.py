@@ -142,6 +142,14 @@ def retrofit_files(checkpoint: Path) -> set[str]:
     return {name for name in files if name in ours or ACCELERATE_FILES.fullmatch(name)}
 
 
+def _lists_its_files(checkpoint: Path) -> bool:
+    """Whether `checkpoint`'s ``progress.json`` lists its files: written by a retrofit that also wrote ``run.json``."""
+    try:
+        return "files" in json.loads((checkpoint / PROGRESS_FILE).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def users_files(checkpoint: Path) -> list[str]:
     """What `checkpoint` holds that retrofit did not write (files and folders of the user's), sorted."""
     ours = retrofit_files(checkpoint)
@@ -304,8 +312,15 @@ def run_settings(model, train: str, ema_decay: float = 0.0) -> dict:
 def check_same_run(checkpoint_dir: Path, settings: dict) -> None:
     """Refuse to resume checkpoints written with other `RUN_SETTINGS`, other `OPTIONS` (`training_options`) or other
     settings of the caller's (a one-line error naming the first). Without a record (a retrofit from before run.json;
-    `check_checkpoints` refused any other file) loading the state checks what it can."""
-    saved = read_run_record(checkpoint_dir) or {}
+    `check_checkpoints` refused any other file) loading the state checks what it can; checkpoints that list their
+    files (`retrofit_files`) were written with one, so its absence is a file deleted since."""
+    saved = read_run_record(checkpoint_dir)
+    if saved is None and any(_lists_its_files(checkpoint) for checkpoint in list_checkpoints(checkpoint_dir)):
+        raise RetrofitError(
+            f"'{checkpoint_dir / RUN_FILE}' is missing: retrofit wrote it with the checkpoints there (what they were "
+            "trained with, which --resume checks); put it back, or pass --overwrite to start over"
+        )
+    saved = saved or {}
     merged = [record.get("merge_after_layer") is not None for record in (saved, settings)]
     if "merge_after_layer" in saved and merged[0] != merged[1]:  # no option of this command resumes those
         kinds = ["a fine-tune (a merged model)", "a pretraining (no merge)"]

@@ -229,7 +229,11 @@ def test_resume_refuses_checkpoints_of_other_merge_settings(tiny_vit, colours, t
                     **{**settings, "data": os.path.basename(colours)})  # fmt: skip
     assert same.steps == 3
     shutil.rmtree(checkpoints / "step-00000003")
-    (checkpoints / "run.json").unlink()
+    (checkpoints / "run.json").unlink()  # deleted since: it resumed another --seed, --lr, --data... without a word
+    with pytest.raises(RetrofitError, match=r"run.json' is missing: retrofit wrote it with the checkpoints .*; put it"):
+        finetune(tiny_vit, output=tmp_path / "out", num_tokens=4, resume=True, **{**settings, "seed": 1})
+    progress = checkpoints / "step-00000002" / "progress.json"  # as an older retrofit wrote it, without run.json
+    progress.write_text(json.dumps({k: v for k, v in json.loads(progress.read_text()).items() if k != "files"}))
     with pytest.raises(RetrofitError, match=r"does not fit this run \(Error\(s\) in loading state_dict .*\); resume"):
         finetune(tiny_vit, output=tmp_path / "out", num_tokens=5, resume=True, **settings)
     with pytest.raises(RetrofitError, match=r"step-00000002' is past this run's budget of 1 steps; resume with --max"):
