@@ -252,7 +252,9 @@ def build_variants(
             baseline = next((m for m in twins if m not in SHAPES and made_from(model.config, m)), None)
         loaded.append((spec, model, baseline, sizes[spec]))
         for k, tokens in twins.get(spec, []):
-            twin = place_model(insert_patch_merger(model, k, tokens, source=spec), device, dtype)
+            twin = place_model(
+                insert_patch_merger(model, k, tokens, source=spec, image_size=sizes[spec]), device, dtype
+            )
             loaded.append((f"{spec}+pm{k}:{tokens}", twin, spec, sizes[spec]))
     sources = [(name, _encoder_shape(model.config, size)) for name, model, _, size in loaded
                if not is_merged(model.config)]  # fmt: skip

@@ -92,7 +92,7 @@ def run_convert(args: ConvertArgs, *, log: Callable[[str], None] = print) -> Con
     with torch.random.fork_rng(devices=[]):  # the same export every time, and the caller's draws left alone
         torch.manual_seed(args.seed)
         merged = insert_patch_merger(model, args.after_layer, args.tokens, source=str(source),
-                                     rope_positions=args.rope_positions)  # fmt: skip
+                                     rope_positions=args.rope_positions, image_size=image_size)  # fmt: skip
     training = TrainingInfo()  # random queries, not fine-tuned
     saved = (
         load_config(source, trust_remote_code=args.trust_remote_code, revision=args.revision) if args.task else config

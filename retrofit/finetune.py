@@ -238,8 +238,8 @@ def _merge_source(args: FinetuneArgs, config, processor, task: str) -> tuple:
 
     if args.after_layer is None or args.tokens is None:
         raise RetrofitError("--after-layer and --tokens are required when SOURCE is not a retrofit export")
-    check_merge(config, args.after_layer, args.tokens, processor_image_size(processor),
-                rope_positions=args.rope_positions)  # fmt: skip
+    image_size = processor_image_size(processor)
+    check_merge(config, args.after_layer, args.tokens, image_size, rope_positions=args.rope_positions)
     base = load_model(args.source, config=config, trust_remote_code=args.trust_remote_code, revision=args.revision)
     teacher = None
     if args.loss != "ce":  # its own copy: the merged model shares the source's tensors
@@ -249,7 +249,7 @@ def _merge_source(args: FinetuneArgs, config, processor, task: str) -> tuple:
             teacher_config = load_config(args.teacher, trust_remote_code=args.trust_remote_code, task=task)
             teacher = load_model(args.teacher, config=teacher_config, trust_remote_code=args.trust_remote_code).eval()
     model = insert_patch_merger(base.eval(), args.after_layer, args.tokens, source=str(args.source),
-                                rope_positions=args.rope_positions)  # fmt: skip
+                                rope_positions=args.rope_positions, image_size=image_size)  # fmt: skip
     return model, teacher, config
 
 

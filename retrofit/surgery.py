@@ -91,10 +91,12 @@ def merged_config(
     *,
     source: str | SourceRecord | None = None,
     rope_positions: str | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> PreTrainedConfig:
     """The config of `model` with the merge settings added, as the generated config class. `source` (default: the
-    folder or Hub id `model` was loaded from) is recorded as `retrofit.provenance` says."""
-    family, head, prefix = check_merge(model.config, after_layer, num_tokens, rope_positions=rope_positions)
+    folder or Hub id `model` was loaded from) is recorded as `retrofit.provenance` says; `image_size` as in
+    `check_merge`."""
+    family, head, prefix = check_merge(model.config, after_layer, num_tokens, image_size, rope_positions=rope_positions)
     rope = {"merge_rope_positions": rope_positions or ROPE_POSITIONS[0]} if family.rope else {}
     classes = load_classes(family, head)
     values = model.config.to_dict()
@@ -135,6 +137,7 @@ def insert_patch_merger(
     *,
     source: str | None = None,
     rope_positions: str | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> PreTrainedModel:
     """Return `model` with a PatchMerger before encoder layer `after_layer` (a new model object).
 
@@ -143,7 +146,8 @@ def insert_patch_merger(
     For families whose layers use RoPE (DINOv3), `rope_positions` says where the merged tokens are rotated: "mean"
     (the default: at the merge-weighted mean of their patches' positions, per image) or "none" (not rotated).
     `source`: the Hub id or folder `model` was loaded from, which the export records (default: the model's own
-    ``name_or_path``).
+    ``name_or_path``). `image_size`: the (height, width) the model will be fed (its processor's,
+    `loading.processor_image_size`; default: the config's), which bounds `num_tokens` by its patch count.
     """
     if not isinstance(model, PreTrainedModel):
         raise RetrofitError(
@@ -160,7 +164,9 @@ def insert_patch_merger(
             # ViTModel's): merged as the class it is, as save_pretrained would name it, not as its checkpoint's
             model.config.architectures = [type(model).__name__]
     record = _record(model, source)
-    config = merged_config(model, after_layer, num_tokens, source=record, rope_positions=rope_positions)  # validated
+    config = merged_config(  # validated
+        model, after_layer, num_tokens, source=record, rope_positions=rope_positions, image_size=image_size
+    )
     family, head = family_and_head(model.config)
     model_class = load_classes(family, head).model_class
     with torch.device("meta"):

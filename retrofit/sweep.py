@@ -251,7 +251,8 @@ def _merged_models(
         for m in settings.tokens:
             log(f"setting after-layer {k}, {m} tokens ({settings.method}) ...")
             if settings.method == "calibrate":
-                merged = insert_patch_merger(source_model, k, m, source=str(source)).eval()
+                size = tuple(pixels.shape[-2:])  # the processor's: `check_merge` bounded m by it
+                merged = insert_patch_merger(source_model, k, m, source=str(source), image_size=size).eval()
                 log(calibrate(merged, pixels, seed=settings.seed).summary())
             else:
                 from .data import BatchLargerThanData

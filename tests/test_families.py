@@ -1085,6 +1085,17 @@ def test_a_vision_tower_saved_without_its_prefix_is_exported_with_it(tmp_path):
         assert all(torch.equal(got[key], value) for key, value in expected.items())
 
 
+def test_tokens_are_bounded_by_the_patches_the_processor_feeds(tmp_path):
+    """A DINOv2 whose processor feeds 48x48 (36 patches) while its config says 32x32 (16): convert checked --tokens 20
+    against the 36, then insert_patch_merger refused it against the 16 ("so use 1..15"), as it did SigLIP 2 with a
+    processor's max_num_patches above its config's num_patches (finetune, sweep and bench merged the same way)."""
+    torch.manual_seed(0)
+    source = save_tiny(_dinov2(), tmp_path / "dinov2", image_size=48)
+    result = convert(source, after_layer=K, num_tokens=20, output=tmp_path / "out", log=lambda _: None)
+    assert result.model.config.merge_num_tokens == 20
+    assert tokens_seen(result.model.eval(), PIXELS_48) == result.after.tokens_per_layer == [37, 37, 21, 21]
+
+
 # ---------------------------------------------------------------- refusals
 
 
