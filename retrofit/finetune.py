@@ -429,7 +429,8 @@ def _training_info(run: TrainingRun, result: TrainResult, init: str, teacher: st
     elif "agreement" in last:  # no labels this model knows
         notes.append(f"top-1 agreement with the teacher on {on}: {last['agreement']:.4f}")
     loss = describe_loss(run, teacher, dual_encoder=result.model is not None and is_dual_encoder(result.model.config))
-    return TrainingInfo(data=run.data, steps=result.steps, epochs=round(result.epochs, 3), loss=loss, init=init,
+    epochs = round(result.epochs, 3) or float(f"{result.epochs:.3g}")  # a few steps of large data: not 0.0
+    return TrainingInfo(data=run.data, steps=result.steps, epochs=epochs, loss=loss, init=init,
                         notes=notes)  # fmt: skip
 
 

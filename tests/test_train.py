@@ -1297,3 +1297,14 @@ def test_an_interrupted_run_finishes_its_tracker(tiny_vit, colours, tmp_path, mo
     assert not left, left
     events = list((tmp_path / "o-checkpoints" / "logs").rglob("events.out.tfevents*"))
     assert events and all(event.stat().st_size > 0 for event in events)
+
+
+def test_the_card_names_a_fraction_of_an_epoch_as_it_is():
+    """A few steps of a large data set are a small fraction of an epoch: the card said '(0.0 epochs)'."""
+    from retrofit.finetune import _training_info
+    from retrofit.settings import TrainingRun
+    from retrofit.train import TrainResult
+
+    run = TrainingRun(data="data", loss="ce", eval_split="")
+    assert _training_info(run, TrainResult(steps=1, epochs=1 / 3000, last_loss=0.5), "random").epochs == 0.000333
+    assert _training_info(run, TrainResult(steps=5, epochs=5 / 3, last_loss=0.5), "random").epochs == 1.667
