@@ -115,6 +115,8 @@ class Family:
             class of its attention pooling head. The merger then merges the real patches of each image only (their
             mask, read from the attention mask layer K is given), and the pooling head reads all M merged tokens.
             retrofit's own data, training and timing feed such a model square images (`retrofit.naflex`).
+        square_sizes: if transformers' class takes ``image_size`` and ``patch_size`` as one whole number each (square
+            images and patches; CLIP, SigLIP), so a (height, width) pair is refused in one line.
         shapes: random-weight model shapes of the family's first class that ``retrofit bench`` and ``sweep
             --dry-run`` take instead of a checkpoint (name -> config fields; 224x224 images).
     """
@@ -136,6 +138,7 @@ class Family:
     rope: str | None = None
     relative_position_bias: str | None = None
     padded_patches: str | None = None
+    square_sizes: bool = False
     shapes: dict[str, dict] = field(default_factory=dict)
 
     @property
@@ -442,6 +445,7 @@ _CLIP_NOTES = (
 register(
     Family(
         name="clip",
+        square_sizes=True,
         display="CLIP",
         model_types=("clip",),
         example_id="openai/clip-vit-base-patch32",
@@ -480,6 +484,7 @@ register(
 register(
     Family(
         name="clip_vision",
+        square_sizes=True,
         display="CLIP vision tower",
         model_types=("clip_vision_model",),
         example_id="openai/clip-vit-base-patch32",
@@ -501,6 +506,7 @@ register(
 register(
     Family(
         name="siglip",
+        square_sizes=True,
         display="SigLIP",
         model_types=("siglip",),
         example_id="google/siglip-base-patch16-224",
@@ -542,6 +548,7 @@ register(
 register(
     Family(
         name="siglip_vision",
+        square_sizes=True,
         display="SigLIP vision tower",
         model_types=("siglip_vision_model",),
         example_id="google/siglip-base-patch16-224",
@@ -577,6 +584,7 @@ _SIGLIP2_NOTES = (
 register(
     Family(
         name="siglip2",
+        square_sizes=True,
         display="SigLIP 2",
         model_types=("siglip2",),
         example_id="google/siglip2-base-patch16-naflex",
@@ -620,6 +628,7 @@ register(
 register(
     Family(
         name="siglip2_vision",
+        square_sizes=True,
         display="SigLIP 2 vision tower",
         model_types=("siglip2_vision_model",),
         example_id="google/siglip2-base-patch16-naflex",

@@ -181,6 +181,12 @@ def check_config(config: PreTrainedConfig, where: str) -> None:
     if is_merged(config):
         sizes |= {name: getattr(config, name, None) for name in ("merge_after_layer", "merge_num_tokens")}
     for name, value in sizes.items():
+        if family.square_sizes and name in ("image_size", "patch_size") and isinstance(value, list | tuple):
+            # transformers fails to build the model with "unsupported operand type(s) for //: 'list' and 'int'"
+            raise RetrofitError(
+                f"{where}: {name} must be one whole number for {family.user_name} (its transformers class takes "
+                f"square images and patches), not {value!r}; fix the config"
+            )
         values = list(value) if isinstance(value, list | tuple) and len(value) == 2 else [value]
         if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
             raise RetrofitError(f"{where}: {name} must be a positive whole number, not {value!r}; fix the config")
