@@ -97,7 +97,7 @@ def run_convert(args: ConvertArgs, *, log: Callable[[str], None] = print) -> Con
     saved = (
         load_config(source, trust_remote_code=args.trust_remote_code, revision=args.revision) if args.task else config
     )
-    other_class = converted_as_other_class(saved, config) if args.task is None else None
+    other_class = converted_as_other_class(saved, config)
     if other_class:
         log(f"note: {other_class}")
         training.notes.append(other_class)

@@ -356,14 +356,14 @@ def classifier_is_new(saved: PreTrainedConfig, loaded: PreTrainedConfig) -> bool
 
 
 def converted_as_other_class(saved: PreTrainedConfig, loaded: PreTrainedConfig) -> str | None:
-    """What a reader must know when `loaded` (no `--task`) is not the class `saved`'s checkpoint was saved as, because
-    retrofit does not convert that class (ViTForMaskedImageModeling, CLIPVisionModelWithProjection, ...): the
-    weights only that class has (a pretraining head, a projection) are not in the export. None otherwise."""
+    """What a reader must know when `loaded` (whatever the `--task`) is not the class `saved`'s checkpoint was saved
+    as, because retrofit does not convert that class (ViTForMaskedImageModeling, CLIPVisionModelWithProjection, ...):
+    the weights only that class has (a pretraining head, a projection) are not in the export. None otherwise."""
     if is_merged(saved):
         return None
-    family, head = family_and_head(loaded)
+    head = family_and_head(loaded)[1]
     saved_as = (getattr(saved, "architectures", None) or [None])[0]
-    if not saved_as or saved_as in family.heads or saved_as == head.class_name:
+    if not saved_as or saved_as in family_and_head(saved)[0].heads:
         return None
     return (
         f"the checkpoint is a {saved_as}, a class retrofit does not convert: it is converted as {head.class_name}, "
