@@ -420,7 +420,7 @@ def _training_info(run: TrainingRun, result: TrainResult, init: str, teacher: st
     notes = [f"trained: {run.train}; lr {run.lr}, batch {run.batch_size}x{run.grad_accum}, seed {run.seed}"]
     if run.ema_decay:
         notes.append(f"weights: the moving average over training (--ema-decay {run.ema_decay:g}), not the last step's")
-    last = result.eval_history[-1] if result.eval_history else {}
+    last = result.final_evaluation
     on = f"`{public_name(run.data)}` {run.eval_split}"
     if "examples" in last:  # which of the split's images: the first --eval-limit, or all
         on += f" ({first_images_text(run.eval_limit, last['examples'])})"

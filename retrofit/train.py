@@ -70,8 +70,15 @@ class TrainResult:
     is_main_process: bool = True  # the process that writes the export
 
     @property
+    def final_evaluation(self) -> dict:
+        """The evaluation of the weights the run ended with: the last one, where it is of the last step (a run resumed
+        without evaluations has only older ones), else {}."""
+        last = self.eval_history[-1] if self.eval_history else {}
+        return last if last.get("step") == self.steps else {}
+
+    @property
     def final_accuracy(self) -> float | None:
-        return self.eval_history[-1].get("accuracy") if self.eval_history else None
+        return self.final_evaluation.get("accuracy")
 
 
 # ----------------------------------------------------------------------------------------------------------------

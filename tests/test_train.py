@@ -1308,3 +1308,14 @@ def test_the_card_names_a_fraction_of_an_epoch_as_it_is():
     run = TrainingRun(data="data", loss="ce", eval_split="")
     assert _training_info(run, TrainResult(steps=1, epochs=1 / 3000, last_loss=0.5), "random").epochs == 0.000333
     assert _training_info(run, TrainResult(steps=5, epochs=5 / 3, last_loss=0.5), "random").epochs == 1.667
+
+
+def test_a_run_resumed_without_evaluations_reports_no_stale_accuracy(tiny_vit, colours, tmp_path):
+    """Resumed with --eval-split '' (no evaluation), a run's last evaluation is one from before the interruption: the
+    card gave it as the trained model's accuracy ("accuracy on `colours` None ...: 0.6667", of step 1)."""
+    settings = dict(after_layer=2, num_tokens=4, data=colours, loss="ce", max_steps=3, eval_every=1, **FAST)
+    finetune(tiny_vit, output=tmp_path / "o", stop_after=1, **settings)
+    resumed = finetune(tiny_vit, output=tmp_path / "o", resume=True, **{**settings, "eval_split": ""})
+    assert resumed.steps == 3 and [entry["step"] for entry in resumed.eval_history] == [1]
+    assert resumed.final_accuracy is None and resumed.final_evaluation == {}
+    assert "accuracy on" not in (tmp_path / "o" / "README.md").read_text()
