@@ -106,20 +106,16 @@ def model_cost(
         raise RetrofitError(f"model_cost's image_size {shown(image_size)} is too large to price") from None
 
 
-def _checked_size(image_size, patch: tuple[int, int]) -> tuple[int, int]:
+def _checked_size(image_size, patch: tuple[int, int], what: str = "model_cost's image_size") -> tuple[int, int]:
     """`model_cost`'s `image_size` (a whole number or a (height, width) pair of them, NumPy's too) as a pair of ints,
     each at least the model's `patch` side; anything else is a one-line error (``"32"`` cost 1 token a layer)."""
     pair = isinstance(image_size, tuple | list) and len(image_size) == 2
     if not pair and (isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral)):
-        raise RetrofitError(
-            f"model_cost's image_size must be a whole number or a (height, width) pair of them, not {shown(image_size)}"
-        )
+        raise RetrofitError(f"{what} must be a whole number or a (height, width) pair of them, not {shown(image_size)}")
     sides = image_size if pair else (image_size, image_size)
-    height, width = (whole_number(side, "model_cost's image_size") for side in sides)
+    height, width = (whole_number(side, what) for side in sides)
     if height < patch[0] or width < patch[1]:
-        raise RetrofitError(
-            f"model_cost's image_size {shown(image_size)} is smaller than the model's {patch[0]}x{patch[1]} patches"
-        )
+        raise RetrofitError(f"{what} {shown(image_size)} is smaller than the model's {patch[0]}x{patch[1]} patches")
     return height, width
 
 

@@ -1097,6 +1097,15 @@ def test_tokens_are_bounded_by_the_patches_the_processor_feeds(tmp_path):
     result = convert(source, after_layer=K, num_tokens=20, output=tmp_path / "out", log=lambda _: None)
     assert result.model.config.merge_num_tokens == 20
     assert tokens_seen(result.model.eval(), PIXELS_48) == result.after.tokens_per_layer == [37, 37, 21, 21]
+    # the Python API takes the size too, checked: "48" was read as 4x8 pixels, (48,) failed with an IndexError
+    from retrofit.loading import load_model
+    from retrofit.surgery import insert_patch_merger
+
+    model = load_model(str(source))
+    assert insert_patch_merger(model, K, 20, image_size=(48, 48)).config.merge_num_tokens == 20
+    for bad in ("48", (48,), (4, 4)):
+        with pytest.raises(RetrofitError, match="insert_patch_merger's image_size"):
+            insert_patch_merger(model, K, 20, image_size=bad)
 
 
 # ---------------------------------------------------------------- refusals
