@@ -18,7 +18,7 @@ from . import __version__
 from .atomic import write_files
 from .cost import compare, model_cost
 from .data import hub_dataset_id, is_local_data
-from .errors import RetrofitError, brief, describe_os_error, shown
+from .errors import RetrofitError, brief, counted, describe_os_error, shown
 from .hub_code import OLDEST_TRANSFORMERS, base_head, classifier_head
 from .loading import family_and_head, layer_config
 from .provenance import public_name
@@ -151,8 +151,8 @@ def _how_made(config, training: TrainingInfo | None, licensing: dict[str, str] |
         lines.append(f"- merger initialisation: {training.init}")
         if training.data:
             lines.append(
-                f"- fine-tuned on `{public_name(training.data)}` for {training.steps} steps ({training.epochs} "
-                f"epochs), loss: {training.loss}"
+                f"- fine-tuned on `{public_name(training.data)}` for {counted(training.steps, 'step')} "
+                f"({training.epochs} epochs), loss: {training.loss}"
             )
         else:
             lines.append("- not fine-tuned after the merge: expect lower accuracy than the source until it is")

@@ -76,6 +76,11 @@ def brief(exc: BaseException, limit: int = 160) -> str:
     return head.rsplit(" ", 1)[0].rstrip(" ,;:(") + " …"
 
 
+def counted(number: int, noun: str) -> str:
+    """``1 step``, ``469 steps``, ``1,000 steps``: a count and its noun, plural where it is not one."""
+    return f"{number:,} {noun}{'' if number == 1 else 's'}"
+
+
 def whole_number(value, name: str) -> int:
     """`value` as Python's int where it is a whole number (NumPy's too), else a one-line error naming the argument
     `name` (``"insert_patch_merger's after_layer"``): a float such as 2.0 or a bool is no count, nor is text."""

@@ -23,7 +23,7 @@ from typing import Literal
 
 from .atomic import releases_write_locks
 from .checkpoints import check_same_run, run_settings
-from .errors import RetrofitError, brief, check_arguments, describe_os_error, did_you_mean
+from .errors import RetrofitError, brief, check_arguments, counted, describe_os_error, did_you_mean
 from .settings import (
     RECIPE_SECTIONS,
     FinetuneArgs,
@@ -404,7 +404,7 @@ def _run_pretrain(recipe: dict, path, *, overwrite: bool, resume: bool, progress
                       progress=progress, log=log, **settings)  # fmt: skip
     summary = {"recipe": recipe, "steps": result.steps, "accuracy": result.final_accuracy, "seconds": result.seconds}
     accuracy = "n/a (no data.eval_split)" if result.final_accuracy is None else f"{100 * result.final_accuracy:.2f} %"
-    log(f"baseline accuracy: {accuracy}; trained {result.steps} steps in {result.seconds / 60:.1f} min")
+    log(f"baseline accuracy: {accuracy}; trained {counted(result.steps, 'step')} in {result.seconds / 60:.1f} min")
     return summary
 
 
@@ -491,8 +491,8 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
     if zero_shot:  # every process: the scores are gathered across them; agreement with the baseline's predictions
         reference = zero_shot_before[0]["predictions"]
         after = _zero_shot_cells(zero_shot([result.model], reference=reference, fresh=True)[0])
-    rows.append({"model": f"{tag}, fine-tuned ({result.steps} steps, loss {args.loss})",
-                 column: history[-1][quality] if history else None, "gflops": merged_cost.gflops,
+    rows.append({"model": f"{tag}, fine-tuned ({counted(result.steps, 'step')}, loss {args.loss})",
+                 column: result.final_evaluation.get(quality), "gflops": merged_cost.gflops,
                  "images_per_s": speeds.get("merged")} | after)  # fmt: skip
     scored = None  # which images the quality column is on: the evaluation split's first data.eval_limit, or all
     if ready.data is not None and ready.data[1] is not None:

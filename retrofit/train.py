@@ -38,7 +38,7 @@ from .checkpoints import (
     training_options,
 )
 from .data import mixup_batch
-from .errors import RetrofitError, brief, check_interrupted
+from .errors import RetrofitError, brief, check_interrupted, counted
 from .losses import HeadReader, Outputs, compute_loss, describe_loss
 from .settings import TrainingRun, TrainSettings
 from .zero_shot import Captions, caption_logits
@@ -98,10 +98,6 @@ class Budget:
 
 def _epochs(epochs: float) -> str:
     return f"{epochs:.3g} epoch{'' if epochs == 1 else 's'}"
-
-
-def _steps(steps: int) -> str:
-    return f"{steps:,} step{'' if steps == 1 else 's'}"
 
 
 @contextlib.contextmanager
@@ -182,7 +178,7 @@ def training_budget(run: TrainSettings, images: int, steps_per_epoch: int, proce
     from_epochs = max(1, math.ceil(run.epochs * steps_per_epoch))
     if run.max_steps:
         steps = run.max_steps
-        why = f"training {_steps(steps)} (--max-steps: {_epochs(steps / steps_per_epoch)} of {data})"
+        why = f"training {counted(steps, 'step')} (--max-steps: {_epochs(steps / steps_per_epoch)} of {data})"
     elif run.min_steps and from_epochs < run.min_steps:
         steps = run.min_steps
         why = (
@@ -193,7 +189,7 @@ def training_budget(run: TrainSettings, images: int, steps_per_epoch: int, proce
     else:
         steps = from_epochs
         off = ", --min-steps 0" if not run.min_steps else ""
-        why = f"training {_steps(steps)} ({_epochs(steps / steps_per_epoch)} of {data}{off})"
+        why = f"training {counted(steps, 'step')} ({_epochs(steps / steps_per_epoch)} of {data}{off})"
     return Budget(steps=steps, warmup=int(run.warmup_ratio * steps), why=why)
 
 
@@ -581,14 +577,14 @@ def train(
         *older, latest = list_checkpoints(checkpoint_dir)
         if int(latest.name.removeprefix("step-")) > total_steps and recorded_budget(checkpoint_dir) is not None:
             raise RetrofitError(  # run.json edited since: --max-steps would not change the budget it records
-                f"'{checkpoint_dir / 'run.json'}' records a budget of {_steps(total_steps)}, below its checkpoint "
-                f"'{latest}': it was changed since retrofit wrote it; pass --overwrite to start over"
+                f"'{checkpoint_dir / 'run.json'}' records a budget of {counted(total_steps, 'step')}, below its "
+                f"checkpoint '{latest}': it was changed since retrofit wrote it; pass --overwrite to start over"
             )
         load_checkpoint(accelerator, latest, progress, older, average, batches=len(train_dl))
         if progress.step > total_steps:  # checkpoints of an older retrofit, which kept no budget
             raise RetrofitError(
-                f"checkpoint '{latest}' is past this run's budget of {total_steps:,} steps; resume with --max-steps "
-                f"{progress.step} or more, or pass --overwrite to start over"
+                f"checkpoint '{latest}' is past this run's budget of {counted(total_steps, 'step')}; resume with "
+                f"--max-steps {progress.step} or more, or pass --overwrite to start over"
             )
         log(f"resumed from {latest} (step {progress.step}, epoch {progress.epoch}, batch {progress.batch})")
     if accelerator.trackers == [] and run.report_to not in (None, "none"):

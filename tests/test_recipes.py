@@ -197,7 +197,7 @@ def test_pretrain_recipe_with_nested_overrides(tmp_path, capsys):
     logged: list[str] = []  # from Python: no progress bar when asked, the accuracy as the CLI's tables give it
     summary = run_recipe(path, {"training.max_steps": 1}, overwrite=True, progress=False, log=logged.append)
     assert "train:" not in capsys.readouterr().err and summary["steps"] == 1
-    assert re.fullmatch(r"baseline accuracy: \d+\.\d\d %; trained 1 steps in .*", logged[-1]), logged[-1]
+    assert re.fullmatch(r"baseline accuracy: \d+\.\d\d %; trained 1 step in .*", logged[-1]), logged[-1]
 
 
 def test_a_pretraining_recipe_refuses_what_only_a_fine_tune_reads(tmp_path, capsys):
@@ -367,7 +367,27 @@ def test_a_recipe_continuing_an_export_does_not_call_it_the_unmerged_baseline(ti
     assert [row["model"] for row in rows] == [
         f"baseline `{export}` (a retrofit export, already merged)",
         "merged K=2 M=4, as exported, no training",
-        "merged K=2 M=4, fine-tuned (1 steps, loss kd)",
+        "merged K=2 M=4, fine-tuned (1 step, loss kd)",
     ]
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "as exported, no training" in card and "calibrated init" not in card
+    assert "as exported, no training" in card and "calibrated init" not in card and " for 1 step (" in card
+
+
+def test_a_run_resumed_without_evaluations_gives_its_trained_row_no_stale_score(tiny_vit, tmp_path):
+    """A recipe resumed with data.eval_split '' (no evaluation) gave its fine-tuned row the score of an evaluation
+    from before the interruption (step 1 of 3), as the trained model's, in the table and the card."""
+    from retrofit.finetune import run_finetune
+    from retrofit.recipes import finetune_args
+
+    data = make_imagefolder(tmp_path / "colours", per_class=4, test_per_class=4)
+    recipe = tiny_recipe(tiny_vit, data, tmp_path / "out")
+    recipe["training"].update(max_steps=3, save_every=1, eval_every=1)
+    recipe["evaluation"].update(speed=False, before=False)
+    args = finetune_args(load_recipe(write(tmp_path / "r.yaml", recipe)), overwrite=False, resume=False)
+    stopped = run_finetune(args, stop_after=1, progress=False, log=lambda _: None)
+    assert stopped.eval_history[-1]["step"] == 1 and stopped.eval_history[-1]["accuracy"] is not None
+    recipe["data"]["eval_split"] = ""
+    summary = run_recipe(write(tmp_path / "r.yaml", recipe), resume=True, progress=False, log=lambda _: None)
+    (trained,) = summary["rows"][1:]
+    assert summary["steps"] == 3 and trained["model"].endswith("fine-tuned (3 steps, loss kd)")
+    assert trained.get("accuracy") is None  # not step 1's

@@ -236,7 +236,7 @@ def test_resume_refuses_checkpoints_of_other_merge_settings(tiny_vit, colours, t
     progress.write_text(json.dumps({k: v for k, v in json.loads(progress.read_text()).items() if k != "files"}))
     with pytest.raises(RetrofitError, match=r"does not fit this run \(Error\(s\) in loading state_dict .*\); resume"):
         finetune(tiny_vit, output=tmp_path / "out", num_tokens=5, resume=True, **settings)
-    with pytest.raises(RetrofitError, match=r"step-00000002' is past this run's budget of 1 steps; resume with --max"):
+    with pytest.raises(RetrofitError, match=r"step-00000002' is past this run's budget of 1 step; resume with --max"):
         finetune(tiny_vit, output=tmp_path / "out", num_tokens=4, resume=True, **{**settings, "max_steps": 1})
     resumed = finetune(tiny_vit, output=tmp_path / "out", num_tokens=4, resume=True, **settings)
     assert resumed.steps == 4
