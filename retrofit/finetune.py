@@ -15,7 +15,7 @@ import copy
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -70,6 +70,7 @@ class Prepared:
     tokenizer: object | None = None  # a dual encoder's, saved into the export
     text_embeds: torch.Tensor | None = None  # a dual encoder's prompt embeddings, for --prompt-weight
     data: tuple | None = None  # the training and evaluation dataloaders (`train.training_data`)
+    notes: list[str] = field(default_factory=list)  # what the card must say about the source (a class not converted)
 
 
 @releases_write_locks
@@ -114,6 +115,7 @@ def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepar
     )
     from .loading import (
         check_runs_on_its_images,
+        converted_as_other_class,
         family_and_head,
         for_task,
         is_merged,
@@ -140,6 +142,9 @@ def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepar
     saved = load_config(source, trust_remote_code=args.trust_remote_code, revision=args.revision)
     config = for_task(saved, task_for(args.task, args.num_labels))
     check_teacher_logits(source, saved, config, args.loss)
+    other_class = converted_as_other_class(saved, config)  # a pretraining head or a projection left behind
+    if other_class:
+        log(f"note: {other_class}")
     task = family_and_head(config)[1].pipeline_tag  # the teacher is loaded as the same kind of model
     processor = load_image_processor(source, config, revision=args.revision, log=log)
     tokenizer = load_tokenizer(source, config, revision=args.revision, log=log)  # dual encoders only
@@ -163,7 +168,7 @@ def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepar
     if args.calibrate and init == "random":
         init = _calibrate(model, args, resumed=resuming, log=log)
     ready = Prepared(model, teacher, processor, config, source_config, init, checkpoint_dir, resuming, model.dtype,
-                     tokenizer, data=data)  # fmt: skip
+                     tokenizer, data=data, notes=[other_class] if other_class else [])  # fmt: skip
     if args.prompt_weight:
         ready.text_embeds = prompt_embeddings(args, ready, log=log)
     return ready
@@ -214,6 +219,7 @@ def finish(args: FinetuneArgs, ready: Prepared, result: TrainResult, *, log: Cal
     if ready.stored_dtype != torch.float32:
         log(f"saving in {str(ready.stored_dtype).removeprefix('torch.')}, as the source is stored (trained in float32)")
     training = _training_info(args, result, ready.init, args.teacher)
+    training.notes[:0] = ready.notes
     card = build_card(trained, source_config=ready.source_config, image_size=processor_image_size(ready.processor),
                       training=training, folder=args.output)  # fmt: skip
     export(trained, args.output, image_processor=ready.processor, tokenizer=ready.tokenizer, card=card,

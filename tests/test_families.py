@@ -1067,6 +1067,15 @@ def test_a_class_retrofit_does_not_convert_is_named_in_the_log_and_card(tmp_path
         if saved_as == "ViTForMaskedImageModeling":
             assert "k-means" in card or "calibrat" in card
             assert "the classifier is new" in card and any("the classifier is new" in line for line in logs)
+    # finetune says it too: it dropped CLIPVisionModelWithProjection's projection without a word
+    from retrofit.finetune import finetune
+
+    logs, out = [], tmp_path / "finetuned"
+    finetune(tmp_path / "CLIPVisionModelWithProjection", output=out, after_layer=K, num_tokens=M, data=str(data),
+             loss="kd", max_steps=1, batch_size=2, eval_split="", calibrate=False, progress=False,
+             log=logs.append)  # fmt: skip
+    said = "the checkpoint is a CLIPVisionModelWithProjection, a class retrofit does not convert: it is converted as"
+    assert any(line.startswith(f"note: {said}") for line in logs) and said in (out / "README.md").read_text()
 
 
 def test_a_vision_tower_saved_without_its_prefix_is_exported_with_it(tmp_path):
