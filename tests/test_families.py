@@ -700,7 +700,10 @@ def test_prefix_tokens_bypass_the_merger(name, converted):
     merger = model.patch_merger
     assert merger.num_prefix_tokens == prefix == model.config.merge_num_prefix_tokens
     seen = {}
-    hook = merger.register_forward_hook(lambda _m, args, out: seen.update(input=args[0], output=out))
+    # the families that read the merge weights (BEiT's bias, DINOv3's RoPE) call it with return_weights=True
+    hook = merger.register_forward_hook(
+        lambda _m, args, out: seen.update(input=args[0], output=out[0] if isinstance(out, tuple) else out)
+    )
     try:
         outputs(model, PIXELS)
     finally:
