@@ -35,7 +35,8 @@ class Cost:
         return {**asdict(self), "gflops": self.gflops}
 
 
-def _pair(value: int | list | tuple) -> tuple[int, int]:
+def size_pair(value: int | list | tuple) -> tuple[int, int]:
+    """A config's ``image_size`` or ``patch_size`` (one side, or a (height, width) pair) as (height, width)."""
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
@@ -46,7 +47,7 @@ def image_size(config: PreTrainedConfig) -> tuple[int, int]:
     if size is None:
         side = square_side(config.num_patches, config.patch_size)
         return side, side
-    return _pair(size)
+    return size_pair(size)
 
 
 def num_patches(config: PreTrainedConfig, image_size: int | tuple[int, int] | None = None) -> int:
@@ -54,8 +55,8 @@ def num_patches(config: PreTrainedConfig, image_size: int | tuple[int, int] | No
     has no image size: at most ``num_patches`` patches per image, whatever its shape)."""
     if image_size is None and getattr(config, "image_size", None) is None:
         return int(config.num_patches)
-    height, width = _pair(image_size or config.image_size)
-    patch_h, patch_w = _pair(config.patch_size)
+    height, width = size_pair(image_size or config.image_size)
+    patch_h, patch_w = size_pair(config.patch_size)
     return (height // patch_h) * (width // patch_w)
 
 
@@ -77,8 +78,8 @@ def model_cost(
         raise RetrofitError(f"model_cost takes a model's config (model.config, load_config), not {shown(config)}")
     family, head = family_and_head(config)
     lc = layer_config(config, head)
-    patch_h, patch_w = _pair(lc.patch_size)
-    size = None if image_size is None else _checked_size(image_size, (patch_h, patch_w))
+    patch_h, patch_w = size_pair(lc.patch_size)
+    size = None if image_size is None else checked_image_size(image_size, (patch_h, patch_w))
     patches = num_patches(lc, size)
     if merge is not None:
         merge = _checked_merge(merge, lc.num_hidden_layers, patches)
@@ -106,9 +107,10 @@ def model_cost(
         raise RetrofitError(f"model_cost's image_size {shown(image_size)} is too large to price") from None
 
 
-def _checked_size(image_size, patch: tuple[int, int], what: str = "model_cost's image_size") -> tuple[int, int]:
-    """`model_cost`'s `image_size` (a whole number or a (height, width) pair of them, NumPy's too) as a pair of ints,
-    each at least the model's `patch` side; anything else is a one-line error (``"32"`` cost 1 token a layer)."""
+def checked_image_size(image_size, patch: tuple[int, int], what: str = "model_cost's image_size") -> tuple[int, int]:
+    """An `image_size` given to `model_cost` or `surgery.insert_patch_merger` (`what` names it in errors: a whole
+    number or a (height, width) pair of them, NumPy's too) as a pair of ints, each at least the model's `patch` side;
+    anything else is a one-line error (``"32"`` cost 1 token a layer)."""
     pair = isinstance(image_size, tuple | list) and len(image_size) == 2
     if not pair and (isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral)):
         raise RetrofitError(f"{what} must be a whole number or a (height, width) pair of them, not {shown(image_size)}")

@@ -164,10 +164,10 @@ def insert_patch_merger(
             # ViTModel's): merged as the class it is, as save_pretrained would name it, not as its checkpoint's
             model.config.architectures = [type(model).__name__]
     if image_size is not None:  # "48" was read as 4x8 pixels, (48,) failed with an IndexError
-        from .cost import _checked_size, _pair
+        from .cost import checked_image_size, size_pair
 
-        patch = _pair(layer_config(model.config, family_and_head(model.config)[1]).patch_size)
-        image_size = _checked_size(image_size, patch, "insert_patch_merger's image_size")
+        patch = size_pair(layer_config(model.config, family_and_head(model.config)[1]).patch_size)
+        image_size = checked_image_size(image_size, patch, "insert_patch_merger's image_size")
     record = _record(model, source)
     config = merged_config(  # validated
         model, after_layer, num_tokens, source=record, rope_positions=rope_positions, image_size=image_size
