@@ -121,20 +121,53 @@ def checked_image_size(image_size, patch: tuple[int, int], what: str = "model_co
     return height, width
 
 
+def check_merge_range(
+    after_layer: int,
+    num_tokens: int,
+    layers: int,
+    patches: int,
+    *,
+    after_name: str = "--after-layer",
+    tokens_name: str = "--tokens",
+) -> None:
+    """The one range check of a merge setting, K in 1..layers-1 and M in 1..patches-1, for `surgery.check_merge`
+    (options' names) and `model_cost(merge=)` (its own); a model too small for any merge gets its own line."""
+    if layers < 2:
+        raise RetrofitError(
+            f"this model has {layers} encoder layer{'s' * (layers != 1)}, and a merge needs at least one before and "
+            "one after it: merge a deeper model"
+        )
+    if not 1 <= after_layer < layers:
+        raise RetrofitError(
+            f"{after_name} {shown(after_layer)} is out of range: this model has {layers} layers, so use 1..{layers - 1}"
+        )
+    if patches < 2:
+        raise RetrofitError(
+            f"the model has {patches} patch token{'s' * (patches != 1)} at its image size, so there is nothing to "
+            "merge: feed it larger images (its image processor's size) or merge a model with smaller patches"
+        )
+    if not 1 <= num_tokens < patches:
+        raise RetrofitError(
+            f"{tokens_name} {shown(num_tokens)} is out of range: the model has {patches} patch tokens, so use "
+            f"1..{patches - 1}"
+        )
+
+
 def _checked_merge(merge, layers: int, patches: int) -> tuple[int, int]:
-    """`model_cost`'s `merge` as (K, M) ints, K in 1..layers-1 and M in 1..patches-1 (as `surgery.check_merge`
-    allows); anything else is a one-line error (a merge past the last layer was priced as none)."""
+    """`model_cost`'s `merge` as (K, M) ints in the range `check_merge_range` allows; anything else is a one-line
+    error (a merge past the last layer was priced as none)."""
     if not (isinstance(merge, tuple | list) and len(merge) == 2):
         raise RetrofitError(f"model_cost's merge must be a pair (after_layer, num_tokens), not {shown(merge)}")
     after_layer = whole_number(merge[0], "model_cost's merge after_layer")
     num_tokens = whole_number(merge[1], "model_cost's merge num_tokens")
-    if layers < 2 or patches < 2:
-        what = f"{layers} layer" if layers < 2 else f"{patches} patch token"
-        raise RetrofitError(f"model_cost's merge cannot be priced: the model has {what}, too few to merge")
-    if not 1 <= after_layer < layers:
-        raise RetrofitError(f"model_cost's merge after_layer {after_layer} is out of range: use 1..{layers - 1}")
-    if not 1 <= num_tokens < patches:
-        raise RetrofitError(f"model_cost's merge num_tokens {num_tokens} is out of range: use 1..{patches - 1}")
+    check_merge_range(
+        after_layer,
+        num_tokens,
+        layers,
+        patches,
+        after_name="model_cost's merge after_layer",
+        tokens_name="model_cost's merge num_tokens",
+    )
     return after_layer, num_tokens
 
 

@@ -7,7 +7,7 @@ import os
 import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 
-from .cost import num_patches
+from .cost import check_merge_range, num_patches
 from .errors import RetrofitError, shown, whole_number
 from .families import ROPE_POSITIONS, Family, Head, family_for
 from .hub_code import load_classes
@@ -52,28 +52,7 @@ def check_merge(
         )
     family, head = family_and_head(config)
     lc = layer_config(config, head)
-    layers = lc.num_hidden_layers
-    if layers < 2:
-        raise RetrofitError(
-            f"this model has {layers} encoder layer{'s' * (layers != 1)}, and a merge needs at least one before and "
-            "one after it: merge a deeper model"
-        )
-    if not 1 <= after_layer < layers:
-        raise RetrofitError(
-            f"--after-layer {shown(after_layer)} is out of range: this model has {layers} layers, so use "
-            f"1..{layers - 1}"
-        )
-    patches = num_patches(lc, image_size)
-    if patches < 2:
-        raise RetrofitError(
-            f"the model has {patches} patch token{'s' * (patches != 1)} at its image size, so there is nothing to "
-            "merge: feed it larger images (its image processor's size) or merge a model with smaller patches"
-        )
-    if not 1 <= num_tokens < patches:
-        raise RetrofitError(
-            f"--tokens {shown(num_tokens)} is out of range: the model has {patches} patch tokens, so use "
-            f"1..{patches - 1}"
-        )
+    check_merge_range(after_layer, num_tokens, lc.num_hidden_layers, num_patches(lc, image_size))
     if rope_positions is not None and rope_positions not in ROPE_POSITIONS:
         raise RetrofitError(f"unknown --rope-positions '{rope_positions}': use one of {', '.join(ROPE_POSITIONS)}")
     if rope_positions is not None and not family.rope:
