@@ -77,10 +77,14 @@ def image_embeddings(model: torch.nn.Module, pixel_values: torch.Tensor, **kwarg
 
 def tokenize(tokenizer, texts: list[str], config) -> dict[str, torch.Tensor]:
     """`texts` as the model's text tower takes them: SigLIP was trained on text padded to 64 tokens, as transformers'
-    zero-shot pipeline pads it; CLIP to the longest text."""
+    zero-shot pipeline pads it; CLIP to the longest text. Either is cut at the text tower's positions (a tokenizer
+    without a ``model_max_length`` cut nothing, and a longer text raised in the text tower)."""
+    positions = getattr(getattr(config, "text_config", None), "max_position_embeddings", None) or 64
     if "siglip" in config.model_type:
-        return tokenizer(texts, padding="max_length", max_length=64, truncation=True, return_tensors="pt")
-    return tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        length = min(64, positions)
+        return tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    length = min(positions, getattr(tokenizer, "model_max_length", None) or positions)
+    return tokenizer(texts, padding=True, truncation=True, max_length=length, return_tensors="pt")
 
 
 def text_embeddings(model: torch.nn.Module, tokenizer, texts: list[str], *, batch_size: int = 256) -> torch.Tensor:
@@ -124,6 +128,16 @@ class Captions:
         self.tokenizer, self.names, self.templates = tokenizer, list(names), tuple(templates)
         texts = [template.format(name.replace("_", " ")) for name in names for template in templates]
         inputs = tokenize(tokenizer, texts, config)
+        seen: dict[tuple, tuple[str, str]] = {}  # tokens: (their class, caption)
+        classes = [name for name in names for _ in templates]
+        for name, text, tokens in zip(classes, texts, map(tuple, inputs["input_ids"].tolist()), strict=True):
+            other, caption = seen.setdefault(tokens, (name, text))
+            if other != name:  # characters the tokenizer does not know (its unknown token), or cut at its length
+                raise RetrofitError(
+                    f"the captions {caption!r} and {text!r} are the same tokens to the tokenizer (characters it does "
+                    "not know, or captions longer than the text tower takes), so pretraining could not tell their "
+                    "classes apart; rename those classes, or change the caption templates"
+                )
         shape = (len(names), len(templates), -1)
         self.input_ids = inputs["input_ids"].reshape(shape)
         self.attention_mask = inputs["attention_mask"].reshape(shape)

@@ -21,7 +21,7 @@ from retrofit import convert
 from retrofit.cli import main
 from retrofit.data import class_names, load_split
 from retrofit.evaluation import evaluate_models
-from retrofit.zero_shot import DEFAULT_TEMPLATE
+from retrofit.zero_shot import DEFAULT_TEMPLATE, Captions
 
 TOKENIZERS = {"clip": lambda _: tiny_clip_tokenizer(), "siglip": tiny_siglip_tokenizer}
 MAKERS = {"clip": _clip, "siglip": _siglip}
@@ -476,3 +476,31 @@ def test_a_prompt_template_without_zero_shot_is_refused(duals, images, capsys):
         evaluate_models([str(source)], data=str(images), prompt_template="a {}.", log=pytest.fail)
     with pytest.raises(RetrofitError, match=message):
         SweepSettings(after_layers=(1,), tokens=(2,), data=str(images), prompt_template="a {}.")
+
+
+def test_texts_longer_than_the_text_tower_are_cut_and_captions_that_tie_are_refused(duals, images, tmp_path):
+    """A tokenizer without a model_max_length (the tiny CLIP's, as a hand-built one has) cut nothing: a prompt of a
+    long class name raised in the text tower (a ValueError traceback); it is cut at the tower's positions, as CLIP's
+    own tokenizer cuts at 77. Pretraining captions that are the same tokens for two classes (characters the
+    character tokenizer does not know, or cut at a short text tower) trained on identical captions without a word."""
+    from test_data import make_labelled_folder
+
+    from retrofit.errors import RetrofitError
+    from retrofit.finetune import character_tokenizer, clip_config
+
+    source, _ = duals["clip"]
+    long = make_labelled_folder(tmp_path / "long", images, ["cat " * 30, "dog " * 30, "bird"])
+    report = evaluate_models(str(source), data=long, split="train", zero_shot=True, log=lambda _: None)
+    assert report["num_examples"] == 3 and len(report["prompts"]) == 3
+
+    tokenizer = character_tokenizer()
+    model = {"vision_config": {"image_size": 32, "patch_size": 8}}
+    for names, text, message in [
+        (["猫", "犬"], {}, "'a photo of a 猫.' and 'a photo of a 犬.' are the same tokens"),
+        (["bird", "cat"], {"max_position_embeddings": 8}, "'a photo of a bird.' and 'a photo of a cat.' are the same"),
+    ]:
+        config = clip_config({**model, "text_config": text}, tokenizer)
+        with pytest.raises(RetrofitError, match=message):
+            Captions(tokenizer, names, ("a photo of a {}.", "a photo of the {}."), config)
+    config = clip_config(model, tokenizer)
+    Captions(tokenizer, ["bird", "cat"], ("a {}.", "a {}. "), config)  # one class's captions may be the same tokens
