@@ -1047,6 +1047,11 @@ def make_dataloader(
     if not num_channels:
         mean = getattr(image_processor, "image_mean", None)
         num_channels = 1 if isinstance(mean, (int, float)) else len(mean) if mean else 3
+    if num_channels not in (1, 3):
+        raise RetrofitError(
+            f"this model takes {num_channels}-channel images, and retrofit reads a dataset's images as RGB or grey "
+            "(3 or 1 channels): it can convert and bench this model, but not evaluate, train or calibrate it on data"
+        )
     prepared = TransformedDataset(
         dataset, image_processor, num_channels=num_channels, label_map=label_map, augment=augment, seed=seed
     )

@@ -788,3 +788,34 @@ def test_pretraining_takes_text_labels_as_class_names(imagefolder, tmp_path):
     result = pretrain(model, output=tmp_path / "vit", data=data, eval_split=None, max_steps=1, min_steps=1,
                       batch_size=2, progress=False, log=lambda line: None)  # fmt: skip
     assert result.model.config.id2label == {0: "bird", 1: "cat", 2: "dog"} and result.steps == 1
+
+
+def test_a_model_of_other_than_1_or_3_channels_is_refused_data_in_one_line_naming_why(tmp_path, capsys):
+    """A 4-channel model was refused with "image 0 is unreadable (mean must have 3 elements ...); fix the dataset":
+    the dataset was fine, and the data path reads images as RGB or grey. convert without data still works."""
+    from PIL import Image
+    from transformers import ViTConfig, ViTForImageClassification
+
+    source = tmp_path / "rgba"
+    config = ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8, num_channels=4, num_labels=2)  # fmt: skip
+    ViTForImageClassification(config).save_pretrained(source)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 4, image_std=[0.5] * 4).save_pretrained(
+        source
+    )
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            (tmp_path / "images" / split / name).mkdir(parents=True)
+            Image.new("RGB", (32, 32)).save(tmp_path / "images" / split / name / "0.png")
+    data, out = str(tmp_path / "images"), tmp_path / "rgba-pm"
+    merge = ["--after-layer", "1", "--tokens", "4"]
+    for argv in (
+        ["evaluate", str(source), "--data", data],
+        ["convert", str(source), *merge, "--calibrate-on", data, "--output", str(out)],
+    ):
+        capsys.readouterr()
+        assert main(argv) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and "takes 4-channel images" in error and "fix the dataset" not in error, error
+        assert not out.exists()
+    assert main(["convert", str(source), *merge, "--output", str(out)]) == 0 and (out / "config.json").is_file()
