@@ -67,6 +67,7 @@ def _is_evaluation(entry, step: int) -> bool:
 PROGRESS_FILE = "progress.json"
 EMA_FILE = "ema.safetensors"  # with --ema-decay: the moving average of the trainable weights
 RUN_FILE = "run.json"
+OUTPUT = "output"  # run.json: the folder the run exports to (`output_record`), the one its resumed runs may replace
 # What an older retrofit stored the progress in: a pickle (Accelerate's custom state), which is never loaded.
 PICKLED_PROGRESS = "custom_checkpoint_0.pkl"
 CHECKPOINT_NAME = re.compile(r"step-(\d{8})")
@@ -94,6 +95,32 @@ def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted((p for p in folder.iterdir() if is_checkpoint(p)), key=lambda p: p.name)
+
+
+def output_record(output: str | Path) -> dict:
+    """What ``run.json`` records of the run's output (`OUTPUT`, absolute): a resumed run replaces that folder as its
+    own (`resume_owns_output`), and no other; not compared on --resume (a resumed run may export elsewhere)."""
+    return {OUTPUT: os.path.abspath(output)}
+
+
+def resume_owns_output(checkpoint_dir: Path, output: str | Path) -> bool:
+    """Whether a run resuming the checkpoints in `checkpoint_dir` may replace `output` without --overwrite (which
+    --resume excludes): the output their run exports to (``run.json``'s `OUTPUT`) or, in a record without it (an
+    older retrofit), the output the folder is named after (`default_checkpoint_dir`). Any other `output` that exists
+    is refused in one line: resuming makes neither another run's export nor anything else there this run's."""
+    recorded = (read_run_record(checkpoint_dir) or {}).get(OUTPUT)
+    target = Path(output).resolve()
+    if isinstance(recorded, str):
+        owned = Path(recorded).resolve() == target
+    else:
+        owned = Path(checkpoint_dir).resolve() == default_checkpoint_dir(target)
+    if not owned and os.path.lexists(output):
+        theirs = f"'{recorded}'" if isinstance(recorded, str) else "an output their run.json does not name"
+        raise RetrofitError(
+            f"output '{output}' already exists, and the checkpoints in '{checkpoint_dir}' export to {theirs}: "
+            "--resume replaces only its own run's output; resume with that --output or choose another one"
+        )
+    return owned
 
 
 def read_run_record(checkpoint_dir: Path) -> dict | None:
@@ -340,7 +367,7 @@ def check_same_run(checkpoint_dir: Path, settings: dict) -> None:
                 "or pass --overwrite to start over"
             )
     for key, value in settings.items():  # options and a caller's own settings (`train`'s same_run): JSON, by path
-        if key in RUN_SETTINGS or key == "budget" or key not in saved:
+        if key in RUN_SETTINGS or key in ("budget", OUTPUT) or key not in saved:
             continue
         where = "" if key == OPTIONS else key  # an option is named by itself
         difference = _first_difference(saved[key], json.loads(json.dumps(value, default=str)), where)

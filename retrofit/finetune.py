@@ -85,11 +85,13 @@ def run_finetune(
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """`finetune` for settings already checked (the CLI builds `FinetuneArgs` itself): `prepare`, train, `finish`."""
+    from .checkpoints import output_record
+
     ready = prepare(args, log=log)
     result = train(ready.model.float(), ready.processor, args, teacher=ready.teacher, text_embeds=ready.text_embeds,
                    checkpoint_dir=ready.checkpoint_dir, resume=args.resume, overwrite=args.overwrite,
                    data=ready.data, eval_at_start=eval_at_start, stop_after=stop_after, progress_bar=progress,
-                   log=log)  # fmt: skip
+                   same_run=output_record(args.output), log=log)  # fmt: skip
     finish(args, ready, result, log=log)
     publish(args, result, log=log)
     return result
@@ -110,6 +112,7 @@ def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepar
         check_same_run,
         default_checkpoint_dir,
         list_checkpoints,
+        resume_owns_output,
         run_settings,
         training_options,
     )
@@ -129,8 +132,9 @@ def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepar
     resolve_source(source)  # a bad retrofit:NAME is refused first
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else default_checkpoint_dir(output)
     check_checkpoint_dir(checkpoint_dir, output, inputs=(source, args.teacher, args.data))
-    resuming = args.resume and bool(list_checkpoints(checkpoint_dir))  # then the run being resumed owns `output`
-    check_output(output, args.overwrite or resuming, inputs=(source, args.teacher, args.data))
+    resuming = args.resume and bool(list_checkpoints(checkpoint_dir))
+    owned = resuming and resume_owns_output(checkpoint_dir, output)  # the output the resumed run was writing
+    check_output(output, args.overwrite or owned, inputs=(source, args.teacher, args.data))
     hold_write_lock(output, "--output")
     if args.push_to_hub:
         from .push import check_push
@@ -468,7 +472,13 @@ def pretrain(
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     from .atomic import BASELINE, atomic_dir, check_checkpoint_dir, check_output, hold_write_lock
-    from .checkpoints import check_checkpoints, default_checkpoint_dir, list_checkpoints
+    from .checkpoints import (
+        check_checkpoints,
+        default_checkpoint_dir,
+        list_checkpoints,
+        output_record,
+        resume_owns_output,
+    )
     from .data import chosen_images, class_names, load_split, named_classes
     from .loading import check_config, processor_image_size
 
@@ -501,8 +511,9 @@ def pretrain(
     )
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(output)
     check_checkpoint_dir(checkpoint_dir, output, inputs=(run.data,))
-    resuming = resume and bool(list_checkpoints(checkpoint_dir))  # then the run being resumed owns `output`
-    check_output(output, overwrite or resuming, kind=BASELINE, inputs=(run.data,))
+    resuming = resume and bool(list_checkpoints(checkpoint_dir))
+    owned = resuming and resume_owns_output(checkpoint_dir, output)  # the output the resumed run was writing
+    check_output(output, overwrite or owned, kind=BASELINE, inputs=(run.data,))
     hold_write_lock(output, "--output")
     check_checkpoints(checkpoint_dir, resume=resume, overwrite=overwrite)
     columns = {"image_column": run.image_column, "label_column": run.label_column}
@@ -572,11 +583,12 @@ def pretrain(
     # For --resume: the model and processor as built, every field, so a field the recipe adds at its default value
     # (or drops) changes nothing, and a changed one is named
     same_run = {"pretrain": {"model": _fields(config.to_dict()), "image_processor": _fields(processor.to_dict())}}
+    same_run |= output_record(output)
     result = train(model, processor, run, captions=captions, checkpoint_dir=checkpoint_dir, resume=resume,
                    overwrite=overwrite, progress_bar=progress, same_run=same_run, log=log)  # fmt: skip
     if not (result.finished and result.is_main_process):
         return result
-    with atomic_dir(output, overwrite or resuming, kind=BASELINE, inputs=(run.data,)) as tmp:
+    with atomic_dir(output, overwrite or owned, kind=BASELINE, inputs=(run.data,)) as tmp:
         result.model.float().save_pretrained(tmp)
         processor.save_pretrained(tmp)
         if tokenizer is not None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from .atomic import releases_write_locks
-from .checkpoints import check_same_run, run_settings
+from .checkpoints import check_same_run, output_record, run_settings
 from .errors import RetrofitError, brief, check_arguments, counted, describe_os_error, did_you_mean
 from .settings import (
     RECIPE_SECTIONS,
@@ -477,7 +477,8 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
 
     result = train(ready.model.float(), ready.processor, args, teacher=ready.teacher, text_embeds=ready.text_embeds,
                    checkpoint_dir=ready.checkpoint_dir, resume=resume, overwrite=overwrite, data=ready.data,
-                   eval_at_start=before, progress_bar=progress, log=log)  # fmt: skip
+                   eval_at_start=before, progress_bar=progress, same_run=output_record(args.output),
+                   log=log)  # fmt: skip
     if quality == "accuracy" and any("agreement" in h for h in result.eval_history):
         quality = "agreement"  # the training's evaluations had no labels this model knows
     history = [h for h in result.eval_history if quality in h]

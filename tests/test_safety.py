@@ -113,6 +113,31 @@ def test_overwrite_replaces_an_export_but_no_other_folder(tiny_vit, tmp_path, ca
     assert (out / "notes.md").read_text() == "mine"
 
 
+def test_resume_replaces_only_its_own_runs_output(tiny_vit, colours, export_dir, tmp_path):
+    """--resume may replace the output of the run it continues (its export, written before an upload failed), and no
+    other: resumed with another --output, an export already there (here convert's) was replaced without --overwrite,
+    by finetune and by pretrain alike."""
+    from retrofit.finetune import pretrain
+
+    other = tmp_path / "other"
+    shutil.copytree(export_dir, other)
+    before = tree(other)
+    settings = dict(after_layer=2, num_tokens=4, data=colours, loss="ce", max_steps=2, eval_split="", **FAST)
+    finetune(tiny_vit, output=tmp_path / "a", checkpoint_dir=tmp_path / "work", stop_after=1, **settings)
+    with pytest.raises(RetrofitError, match=f"output '{other}' already exists, and the checkpoints in .* export to "
+                                            f"'{tmp_path / 'a'}': --resume replaces only its own"):  # fmt: skip
+        finetune(tiny_vit, output=other, checkpoint_dir=tmp_path / "work", resume=True, **settings)
+    pretrain(PRETRAIN, output=tmp_path / "b", data=colours, checkpoint_dir=tmp_path / "work-b", max_steps=1,
+             eval_split="", **FAST)  # fmt: skip
+    with pytest.raises(RetrofitError, match="--resume replaces only its own run's output"):
+        pretrain(PRETRAIN, output=other, data=colours, checkpoint_dir=tmp_path / "work-b", max_steps=1, resume=True,
+                 eval_split="", **FAST)  # fmt: skip
+    assert tree(other) == before
+    for _ in range(2):  # resumed into its own output: written, then replaced (as after a failed upload)
+        finetune(tiny_vit, output=tmp_path / "a", checkpoint_dir=tmp_path / "work", resume=True, **settings)
+    assert (tmp_path / "a" / "model.safetensors").is_file()
+
+
 def test_overwrite_knows_retrofits_files_by_their_exact_names(tiny_vit, export_dir, tmp_path, capsys):
     """Files only named like retrofit's (other code modules, a shard-like name, a tokenizer in a ViT export, which has
     none) are the user's: --overwrite refuses to delete them; the names retrofit writes for this export are its own."""
