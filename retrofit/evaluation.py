@@ -436,7 +436,7 @@ def load_zero_shot_tokenizer(spec: str, config, *, revision: str | None = None, 
     is one that turns two of `texts` (the prompts) into the same tokens: the classes would tie (transformers builds a
     tokenizer with an empty vocabulary for a checkpoint without tokenizer files, which gives every prompt the same)."""
     from .loading import load_tokenizer
-    from .zero_shot import tokenize
+    from .zero_shot import same_tokens
 
     reasons: list[str] = []
     tokenizer = load_tokenizer(spec, config, revision=revision, log=reasons.append)
@@ -446,17 +446,14 @@ def load_zero_shot_tokenizer(spec: str, config, *, revision: str | None = None, 
             "source's tokenizer files (tokenizer.json or vocab.json/merges.txt or spiece.model, with "
             "tokenizer_config.json and special_tokens_map.json) into it"
         )
-    ids = tokenize(tokenizer, list(texts), config)["input_ids"].tolist() if texts else []
-    seen: dict[tuple, str] = {}
-    for text, tokens in zip(texts, map(tuple, ids), strict=True):
-        if tokens in seen:
-            raise RetrofitError(
-                f"the tokenizer of '{spec}' ({len(tokenizer)} tokens) gives the prompts {seen[tokens]!r} and "
-                f"{text!r} the same tokens, so zero-shot cannot tell their classes apart; if its tokenizer files are "
-                "missing, copy its source's (tokenizer.json or vocab.json/merges.txt or spiece.model, with "
-                "tokenizer_config.json) into it, else rename those classes or change --prompt-template"
-            )
-        seen[tokens] = text
+    pair = same_tokens(tokenizer, list(texts), config) if texts else None
+    if pair:
+        raise RetrofitError(
+            f"the tokenizer of '{spec}' ({len(tokenizer)} tokens) gives the prompts {pair[0]!r} and {pair[1]!r} the "
+            "same tokens, so zero-shot cannot tell their classes apart; if its tokenizer files are missing, copy its "
+            "source's (tokenizer.json or vocab.json/merges.txt or spiece.model, with tokenizer_config.json) into it, "
+            "else rename those classes or change --prompt-template"
+        )
     return tokenizer
 
 

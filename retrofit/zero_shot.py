@@ -87,13 +87,32 @@ def tokenize(tokenizer, texts: list[str], config) -> dict[str, torch.Tensor]:
     return tokenizer(texts, padding=True, truncation=True, max_length=length, return_tensors="pt")
 
 
+def same_tokens(tokenizer, texts: list[str], config) -> tuple[str, str] | None:
+    """The first two of `texts` that `tokenizer` turns into the same tokens (characters it does not know, or cut at
+    the text tower's length), or None: as prompts of two classes, those classes would tie."""
+    seen: dict[tuple, str] = {}
+    for text, tokens in zip(texts, map(tuple, tokenize(tokenizer, texts, config)["input_ids"].tolist()), strict=True):
+        if tokens in seen:
+            return seen[tokens], text
+        seen[tokens] = text
+    return None
+
+
 def text_embeddings(model: torch.nn.Module, tokenizer, texts: list[str], *, batch_size: int = 256) -> torch.Tensor:
-    """The normalised embeddings of `texts` by the dual encoder's text tower (no gradients: it stays frozen)."""
+    """The normalised embeddings of `texts` (one prompt per class) by the dual encoder's text tower (no gradients: it
+    stays frozen). Two prompts of the same tokens are one line: their classes would tie."""
     import torch
 
     from .loading import MERGED_SUFFIX
 
     inner = _unwrapped(model)
+    pair = same_tokens(tokenizer, texts, inner.config) if texts else None
+    if pair:
+        raise RetrofitError(
+            f"the tokenizer gives the prompts {pair[0]!r} and {pair[1]!r} the same tokens (characters it does not "
+            "know, or prompts longer than the text tower takes), so their classes would tie (one text embedding); "
+            "rename those classes, or change the prompt template"
+        )
     device = next(inner.parameters()).device
     chunks = []
     with torch.no_grad():

@@ -504,3 +504,36 @@ def test_texts_longer_than_the_text_tower_are_cut_and_captions_that_tie_are_refu
             Captions(tokenizer, names, ("a photo of a {}.", "a photo of the {}."), config)
     config = clip_config(model, tokenizer)
     Captions(tokenizer, ["bird", "cat"], ("a {}.", "a {}. "), config)  # one class's captions may be the same tokens
+
+
+def test_prompts_of_the_same_tokens_are_refused_by_a_recipe_and_prompt_weight(duals, images, tmp_path):
+    """A recipe's evaluation.zero_shot and finetune's --prompt-weight embedded prompts that the tokenizer turns into
+    the same tokens (class names in characters it does not know: 猫, 犬) as they were: the two classes tied, and the
+    run's before/after table showed a zero-shot top-1 without a word (evaluate and sweep refused them). One line,
+    before training, nothing written."""
+    import shutil
+
+    import yaml
+
+    from retrofit import finetune
+    from retrofit.errors import RetrofitError
+    from retrofit.recipes import run_recipe
+
+    source, _ = duals["siglip"]
+    data = tmp_path / "named"
+    for split in ("train", "test"):
+        for old, new in (("cat", "猫"), ("dog", "犬"), ("bird", "bird")):
+            shutil.copytree(images / split / old, data / split / new)
+    message = r"gives the prompts 'a \{\} 犬.' and 'a \{\} 猫.' the same tokens"
+    recipe = {"source": str(source), "merge": {"after_layer": 2, "tokens": 3, "calibrate": False},
+              "data": {"name": str(data), "eval_split": "test"}, "training": {"max_steps": 1, "batch_size": 4},
+              "evaluation": {"zero_shot": True, "prompt_template": "a photo of a {}.", "speed": False},
+              "export": {"output": str(tmp_path / "out")}}  # fmt: skip
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(recipe, allow_unicode=True))
+    with pytest.raises(RetrofitError, match=message.replace(r"\{\}", "photo of a")):
+        run_recipe(tmp_path / "run.yaml", log=lambda *_: None)
+    with pytest.raises(RetrofitError, match=message.replace(r"\{\}", "drawing of a")):
+        finetune(source, after_layer=2, num_tokens=3, data=str(data), prompt_weight=1.0,
+                 prompt_templates=("a drawing of a {}.",), max_steps=1, batch_size=4, calibrate=False,
+                 output=tmp_path / "ft", log=lambda *_: None)  # fmt: skip
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["named", "run.yaml"]
