@@ -217,6 +217,13 @@ def _check_writable(path: Path, option: str) -> None:
         )
 
 
+def _refuse_dangling(path: Path, option: str) -> None:
+    """Refuse a target that is, or is under, a link to nothing: its folder could not be made at the end of the run."""
+    dangling = next((p for p in (path, *path.parents) if p.is_symlink() and not p.exists()), None)
+    if dangling is not None:
+        raise RetrofitError(f"{option} '{path}': '{dangling}' is a link to nothing; choose another {option}")
+
+
 def _refuse_replacing(output: Path, kind: Kind, option: str) -> None:
     """Refuse to replace an existing folder that is not an empty one or `kind` as retrofit wrote it."""
     if not any(output.iterdir()) or kind.written_here(output):
@@ -255,6 +262,7 @@ def check_output(
         )
     if output.exists() and not output.is_dir():
         raise RetrofitError(f"{what} '{output}' exists and is not a folder; choose another {option}")
+    _refuse_dangling(output, option)  # (after work, making the folder under it failed as "File exists")
     _refuse_protected(output, option, inputs)
     if output.exists():
         if not overwrite:
@@ -289,9 +297,7 @@ def check_checkpoint_dir(
             raise RetrofitError(f"{option} '{folder}' is in '{source}', which this run reads; choose another {option}")
     if folder.exists() and not folder.is_dir():
         raise RetrofitError(f"{option} '{folder}' exists and is not a folder; choose another {option}")
-    dangling = next((p for p in (folder, *folder.parents) if p.is_symlink() and not p.exists()), None)
-    if dangling is not None:  # the first checkpoint could not be written, after all the steps before it
-        raise RetrofitError(f"{option} '{folder}': '{dangling}' is a link to nothing; choose another {option}")
+    _refuse_dangling(folder, option)  # the first checkpoint could not be written, after all the steps before it
     _refuse_shipped(folder, option)
     _check_writable(folder / "x" if folder.is_dir() else folder, option)
     return folder

@@ -205,6 +205,10 @@ def test_an_output_inside_an_input_or_given_as_a_link_is_refused(tiny_vit, colou
         err = refused(capsys, "convert", tiny_vit, *MERGE, "--output", link, "--overwrite")
         assert f"output '{link}' is a link (to '{target}'); give the folder itself" in err
         assert link.is_symlink() and not (tmp_path / "nowhere").exists()
+    # under a link to nothing: refused at the start, not after the training as "File exists" when making its folder
+    beyond = tmp_path / "link-to-nowhere" / "merged"
+    err = refused(capsys, *finetune, "-o", beyond, "--checkpoint-dir", tmp_path / "work")
+    assert f"--output '{beyond}': '{tmp_path / 'link-to-nowhere'}' is a link to nothing" in err
 
 
 @pytest.fixture
