@@ -446,7 +446,10 @@ def load_zero_shot_tokenizer(spec: str, config, *, revision: str | None = None, 
             "source's tokenizer files (tokenizer.json or vocab.json/merges.txt or spiece.model, with "
             "tokenizer_config.json and special_tokens_map.json) into it"
         )
-    pair = same_tokens(tokenizer, list(texts), config) if texts else None
+    try:
+        pair = same_tokens(tokenizer, list(texts), config) if texts else None
+    except RetrofitError as exc:  # a tokenizer without a padding token
+        raise RetrofitError(str(exc).replace("the model's tokenizer", f"the tokenizer of '{spec}'")) from None
     if pair:
         raise RetrofitError(
             f"the tokenizer of '{spec}' ({len(tokenizer)} tokens) gives the prompts {pair[0]!r} and {pair[1]!r} the "

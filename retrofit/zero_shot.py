@@ -79,6 +79,12 @@ def tokenize(tokenizer, texts: list[str], config) -> dict[str, torch.Tensor]:
     """`texts` as the model's text tower takes them: SigLIP was trained on text padded to 64 tokens, as transformers'
     zero-shot pipeline pads it; CLIP to the longest text. Either is cut at the text tower's positions (a tokenizer
     without a ``model_max_length`` cut nothing, and a longer text raised in the text tower)."""
+    if getattr(tokenizer, "pad_token_id", None) is None:  # transformers raised a ValueError (a traceback)
+        raise RetrofitError(
+            "the model's tokenizer has no padding token, which a batch of prompts needs; set the one its text tower "
+            "was trained with as pad_token in its tokenizer_config.json (CLIP's is '<|endoftext|>', SigLIP's '</s>', "
+            "SigLIP 2's '<pad>')"
+        )
     positions = getattr(getattr(config, "text_config", None), "max_position_embeddings", None) or 64
     if "siglip" in config.model_type:
         length = min(64, positions)

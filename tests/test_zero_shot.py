@@ -250,6 +250,18 @@ def test_zero_shot_refuses_what_cannot_work(duals, images, tiny_vit, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert "has no usable tokenizer" in err and len(err.splitlines()) == 1
 
+    # a tokenizer without a padding token (a plain tokenizers one): transformers' ValueError was a traceback
+    unpadded = tmp_path / "unpadded"
+    unpadded.mkdir()
+    for path in source.iterdir():
+        (unpadded / path.name).write_bytes(path.read_bytes())
+    settings = json.loads((source / "tokenizer_config.json").read_text())
+    settings = {**settings, "tokenizer_class": "PreTrainedTokenizerFast", "pad_token": None}
+    (unpadded / "tokenizer_config.json").write_text(json.dumps(settings))
+    assert main(["evaluate", str(source), str(unpadded), "--data", str(images), "--split", "test", "--zero-shot"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"the tokenizer of '{unpadded}' has no padding token" in err and len(err.splitlines()) == 1
+
     numbers = tmp_path / "numbers"
     numbers.mkdir()
     (numbers / "metadata.csv").write_text("file_name,label\n0.png,0\n1.png,1\n")
