@@ -539,6 +539,8 @@ def results_section(results: dict, export: Path, curve: bool = False) -> str:
     similarity = (evaluation or {}).get("metric") == "similarity"
     k = top_k(evaluation)
     quality = "feature similarity to the first model evaluated" if similarity else f"top-1 | top-{k}"
+    if (evaluation or {}).get("metric") == "zero-shot":  # not the accuracy of a classifier's own head
+        quality = f"zero-shot top-1 | zero-shot top-{k}"
     lines = [f"| | {quality} | GFLOPs | {speed_head} |", f"|---|{'---|' if similarity else '---|---|'}---|---|"]
     for label, ev, be in (("before: source", before_eval, before_bench), ("after: this model", this_eval, this_bench)):
         if ev is None and be is None:

@@ -212,6 +212,7 @@ def test_evaluate_zero_shot_writes_json_and_card(duals, images, tmp_path, capsys
     card = (export / "README.md").read_text()
     assert "zero-shot" in card.lower()
     assert f"{100 * report['models'][1]['top1']:.2f}" in card
+    assert "| | zero-shot top-1 | zero-shot top-3 | GFLOPs |" in card  # the before/after table said "top-1" alone
     assert "value:" in card and "zero-shot-image-classification" in card
 
 
