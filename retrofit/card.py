@@ -675,7 +675,7 @@ def update_card(
     into an export: `retrofit_results.json`, the README's Results section, (for evaluations) the model-index
     metadata and (for a benchmark of several batch sizes) its curve, `CURVE_FILE`, all files or none. Returns the
     README path."""
-    from .loading import load_config
+    from .loading import is_merged, load_config
     from .provenance import made_from
 
     if not isinstance(export, str | os.PathLike):
@@ -685,6 +685,11 @@ def update_card(
         raise RetrofitError(
             f"update_card: '{export}' is not an export with a model card (no config.json or README.md); pass the "
             "folder convert or finetune wrote"
+        )
+    if not is_merged(load_config(export)):  # a model of the user's: its card (a Results section of theirs) stays
+        raise RetrofitError(
+            f"update_card: '{export}' is not a retrofit export (no PatchMerger in its config), so its README.md is "
+            "not retrofit's to rewrite; pass the folder convert or finetune wrote"
         )
     for key, report in (("evaluation", evaluation), ("benchmark", benchmark), ("run", run)):
         if report is not None and not _is_report(key, report):

@@ -138,6 +138,20 @@ def test_resume_replaces_only_its_own_runs_output(tiny_vit, colours, export_dir,
     assert (tmp_path / "a" / "model.safetensors").is_file()
 
 
+def test_update_card_rewrites_only_a_retrofit_exports_card(tiny_vit, tmp_path):
+    """`retrofit.update_card` on a model folder of the user's (config.json and README.md, no merge) replaced the
+    Results section of their own card with retrofit's and added retrofit_results.json; `bench --card` refused it."""
+    from retrofit import update_card
+
+    folder = tmp_path / "my-model"
+    shutil.copytree(tiny_vit, folder)
+    (folder / "README.md").write_text("# My model\n\n## Results\n\nMy own numbers: 91.3 %\n")
+    before = tree(folder)
+    with pytest.raises(RetrofitError, match="is not a retrofit export .*so its README.md is not retrofit's to rewrite"):
+        update_card(folder, run={"table": "| model |\n|---|"})
+    assert tree(folder) == before
+
+
 def test_overwrite_knows_retrofits_files_by_their_exact_names(tiny_vit, export_dir, tmp_path, capsys):
     """Files only named like retrofit's (other code modules, a shard-like name, a tokenizer in a ViT export, which has
     none) are the user's: --overwrite refuses to delete them; the names retrofit writes for this export are its own."""
