@@ -5,8 +5,9 @@ evaluate; checkpoints follow it in `retrofit.train`):
 
 - a path that does not exist is written (built as a temporary sibling, then renamed into place; if the path appears
   meanwhile, the rename is refused instead of replacing it);
-- an existing path is replaced only with ``--overwrite`` (or by the run being resumed), and only if retrofit itself
-  wrote it, as the same kind of output (`Kind`: recognisable by what it holds), or it is an empty folder;
+- an existing path is replaced only with ``--overwrite`` (or by the run being resumed, where it is the output its
+  checkpoints' ``run.json`` names), and only if retrofit itself wrote it, as the same kind of output (`Kind`:
+  recognisable by what it holds), or it is an empty folder;
 - never, even with ``--overwrite``: an input of the same run (source, teacher, data, recipe) or a folder that holds
   one, the current folder or one holding it, a checkpoint shipped with retrofit (``retrofit/assets``).
 
