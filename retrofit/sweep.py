@@ -545,10 +545,13 @@ def _markdown_report(report: dict) -> str:
     from .evaluation import images_text
 
     env = report["environment"]
+    quality = _QUALITY.get(report.get("metric"), "Accuracy")
+    if report.get("prompts"):  # which prompts the zero-shot scores are over, as evaluate's card says
+        quality = quality.removesuffix(")") + f", like {report['prompts'][0]!r})"
     return (
         f"# PatchMerger sweep of `{report['source']}`\n\n"
         f"Initialisation: {report['method']}. "
-        f"{_QUALITY.get(report.get('metric'), 'Accuracy')} on "
+        f"{quality} on "
         f"`{report['data']}` {report['split']} "
         f"({images_text(report)}); speed on {env['hardware']}, {env['dtype']}, batch "
         f"{report['bench_batch_size']} (median of repeats, settings measured alternately).\n\n"

@@ -322,7 +322,9 @@ def test_sweep_ranks_a_dual_encoders_settings_by_zero_shot_accuracy(duals, image
     assert report["source_row"]["agreement"] == 1.0 and report["source_row"]["num_examples"] == 12
     for row in report["settings_results"]:
         assert 0 <= row["top1"] <= 1 and 0 <= row["agreement"] <= 1 and row["images_per_s"] > 0
-    assert "zero-shot top-1 | top-3 | agreement with the source" in (tmp_path / "zs" / "sweep.md").read_text()
+    markdown = (tmp_path / "zs" / "sweep.md").read_text()
+    assert "zero-shot top-1 | top-3 | agreement with the source" in markdown
+    assert "Zero-shot accuracy (one prompt per class, like 'a photo of a bird.') on" in markdown  # it named none
     assert main([*argv, "--output", str(tmp_path / "similarity")]) == 0
     assert json.loads((tmp_path / "similarity" / "sweep.json").read_text())["metric"] == "similarity"
     capsys.readouterr()
