@@ -381,8 +381,9 @@ TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",),
 def task_setting() -> Any:
     return setting(
         None,
-        "convert SOURCE as its family's classifier or backbone (default: as the checkpoint's own class; e.g. a "
-        "DINOv2 backbone gets a new classifier, a full CLIP checkpoint gives its vision tower alone)",
+        "convert SOURCE as its family's classifier, backbone or (CLIP, SigLIP) dual encoder (default: as the "
+        "checkpoint's own class; e.g. a DINOv2 backbone gets a new classifier, a full CLIP checkpoint gives its vision "
+        "tower alone)",
     )
 
 
