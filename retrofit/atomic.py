@@ -197,6 +197,7 @@ def refuse_same_outputs(outputs: dict[str, str | os.PathLike | None]) -> None:
     for option, path in outputs.items():
         if path is None or not str(path).strip():
             continue
+        _refuse_dangling(Path(path), option)  # (a loop of links: resolving it raised RuntimeError)
         resolved = Path(path).resolve()
         if resolved in seen:
             first, first_path = seen[resolved]
@@ -219,7 +220,8 @@ def _check_writable(path: Path, option: str) -> None:
 
 
 def _refuse_dangling(path: Path, option: str) -> None:
-    """Refuse a target that is, or is under, a link to nothing: its folder could not be made at the end of the run."""
+    """Refuse a target that is, or is under, a link to nothing (or a loop of links): its folder could not be made at
+    the end of the run."""
     dangling = next((p for p in (path, *path.parents) if p.is_symlink() and not p.exists()), None)
     if dangling is not None:
         raise RetrofitError(f"{option} '{path}': '{dangling}' is a link to nothing; choose another {option}")
@@ -288,6 +290,8 @@ def check_checkpoint_dir(
     `inputs` (the source, the data: checkpoints in an image folder would be read as a class), is a file, is or is
     under a link to nothing, touches a shipped checkpoint or cannot be written."""
     folder = Path(folder)
+    _refuse_dangling(folder, option)  # the first checkpoint could not be written, after all the steps before it
+    _refuse_dangling(Path(output), "--output")  # (nor resolved: a loop of links raised RuntimeError)
     if folder.resolve().is_relative_to(Path(output).resolve()):
         raise RetrofitError(
             f"{option} '{folder}' is inside --output '{output}', which the export replaces; put the checkpoints "
@@ -298,7 +302,6 @@ def check_checkpoint_dir(
             raise RetrofitError(f"{option} '{folder}' is in '{source}', which this run reads; choose another {option}")
     if folder.exists() and not folder.is_dir():
         raise RetrofitError(f"{option} '{folder}' exists and is not a folder; choose another {option}")
-    _refuse_dangling(folder, option)  # the first checkpoint could not be written, after all the steps before it
     _refuse_shipped(folder, option)
     _check_writable(folder / "x" if folder.is_dir() else folder, option)
     return folder
@@ -318,6 +321,7 @@ def check_file_output(
     if not str(path).strip():
         raise RetrofitError(f"{option} is empty; give a file name, e.g. {option} results.json")
     path = Path(path)
+    _refuse_dangling(path, option)  # (a loop of links: resolving it raised RuntimeError)
     _refuse_protected(path, option, inputs)  # a report goes next to the models and data it measures, never into them
     if path.is_dir():
         raise RetrofitError(f"{option} '{path}' is a folder; give a file name, e.g. {path / 'results.json'}")

@@ -223,6 +223,15 @@ def test_an_output_inside_an_input_or_given_as_a_link_is_refused(tiny_vit, colou
     beyond = tmp_path / "link-to-nowhere" / "merged"
     err = refused(capsys, *finetune, "-o", beyond, "--checkpoint-dir", tmp_path / "work")
     assert f"--output '{beyond}': '{tmp_path / 'link-to-nowhere'}' is a link to nothing" in err
+    # under a loop of links: a traceback (RuntimeError: Symlink loop, from resolving the path) for reports and ONNX
+    # files, and for an --output whose checkpoints go elsewhere
+    (tmp_path / "loop-a").symlink_to(tmp_path / "loop-b")
+    (tmp_path / "loop-b").symlink_to(tmp_path / "loop-a")
+    looped = tmp_path / "loop-a" / "x"
+    for argv in (["evaluate", tiny_vit, "--data", colours, "--json", f"{looped}.json"],
+                 ["bench", tiny_vit, "--json", f"{looped}.json"], ["export-onnx", export, "-o", f"{looped}.onnx"],
+                 [*finetune, "-o", looped, "--checkpoint-dir", tmp_path / "work"]):  # fmt: skip
+        assert f"'{tmp_path / 'loop-a'}' is a link to nothing" in refused(capsys, *argv)
 
 
 @pytest.fixture
