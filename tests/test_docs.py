@@ -37,3 +37,56 @@ def test_docs_links_point_at_files_that_exist():
 def test_readme_is_a_front_door():
     assert len((ROOT / "README.md").read_text()) < 10_000
     assert Path(ROOT / "docs" / "guide.md").is_file()
+
+
+def _doc_pages() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _code_lines(page: Path) -> list[str]:
+    """The lines of `page`'s fenced code blocks, a backslash-continued command joined into one line."""
+    lines, inside = [], False
+    for line in page.read_text().splitlines():
+        if line.strip().startswith("```"):
+            inside = not inside
+        elif inside:
+            lines.append(line)
+    return "\n".join(lines).replace("\\\n", " ").splitlines()
+
+
+def test_every_command_line_in_the_docs_parses():
+    """Each `retrofit ...` command the docs show runs as written as far as the command line goes: its options exist
+    and its values pass the settings' checks (no torch, nothing run), and a recipe it names exists; every `--option`
+    the docs name anywhere is an option of a retrofit command or of a bench/ script."""
+    import re
+    import shlex
+
+    from retrofit.cli import COMMANDS, build_parser
+    from retrofit.settings import from_namespace
+
+    options = set()
+    for name in COMMANDS:
+        parser = build_parser([name])._subparsers._group_actions[0].choices[name]
+        options.update(flag for action in parser._actions for flag in action.option_strings)
+    for script in (ROOT / "bench").glob("*.py"):
+        options.update(re.findall(r"""["'](--[a-z0-9-]+)""", script.read_text()))
+    foreign = {"--no-deps", "--target", "--num_processes"}  # pip's and accelerate's, in install and launch lines
+    commands = 0
+    for page in _doc_pages():
+        for line in _code_lines(page):
+            command = re.match(r"(?:\$ )?(?:accelerate launch .*?-m |\.venv/bin/)?retrofit (.*)", line.strip())
+            words = shlex.split(command[1], comments=True) if command else []
+            if not words or "..." in words:
+                continue
+            commands += 1
+            try:
+                namespace = build_parser(words).parse_args(words)
+            except SystemExit:
+                raise AssertionError(f"{page.name}: `{line.strip()}` does not parse") from None
+            from_namespace(COMMANDS[namespace.command][1], namespace)
+            if namespace.command == "run":
+                assert (ROOT / namespace.recipe).is_file(), f"{page.name}: no recipe {namespace.recipe}"
+        if page.name != "DEV_NOTES.md":
+            named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]+)", page.read_text()))
+            assert not named - options - foreign, f"{page.name} names options nothing has: {named - options - foreign}"
+    assert commands > 30
