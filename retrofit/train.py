@@ -485,6 +485,50 @@ def evaluate(model, eval_dl, accelerator, teacher=None, captions: Captions | Non
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def batch_loss(
+    batch: dict,
+    model,
+    read: HeadReader,
+    run: TrainingRun,
+    accelerator,
+    *,
+    seed: int,
+    dual: bool,
+    teacher=None,
+    read_teacher: HeadReader | None = None,
+    captions: Captions | None = None,
+) -> torch.Tensor:
+    """The loss of one batch: the student's forward pass (and the teacher's, without gradients, for kd/mix) under
+    the run's mixed precision, then `losses.compute_loss`. `seed` draws this batch's mixup (function matching) and,
+    for a contrastive run, its captions."""
+    pixels = batch["pixel_values"]
+    if run.function_matching:  # the same mixed view for teacher and student
+        pixels = mixup_batch(pixels, seed=seed)
+    with accelerator.autocast():
+        if captions is not None:  # contrastive: each image against one caption of each image
+            texts = captions.sample(batch["labels"], seed=seed)
+            student = Outputs(caption_logits(model, pixels, texts), None)
+        else:
+            student = read(model, pixels)
+        expected = None
+        if run.loss in ("kd", "mix"):
+            with torch.no_grad():
+                expected = read_teacher(teacher, pixels)
+    return compute_loss(student, expected, batch.get("labels"), run, embeddings=dual)
+
+
+def refuse_non_finite(loss: torch.Tensor, accelerator, step: int, checkpoint_dir: Path | None) -> None:
+    """Stop every process, in one line naming what to change, if any process's loss at `step` is NaN or infinite."""
+    bad = accelerator.reduce(torch.tensor(float(not torch.isfinite(loss)), device=loss.device), "sum")
+    if bad.item() > 0:
+        good = list_checkpoints(checkpoint_dir) if checkpoint_dir else []
+        again = f"--resume from the last good checkpoint, {good[-1]}" if good else "start again"
+        raise RetrofitError(
+            f"the loss became {loss.item()} at step {step}; stopped. Lower --lr or use --mixed-precision no or bf16, "
+            f"then {again}"
+        )
+
+
 @releases_write_locks  # called from Python, the checkpoint folder's lock is released when it returns
 def train(
     model,
@@ -644,30 +688,10 @@ def train(
                 progress.epoch, progress.batch = epoch, skip
                 for batch in batches:
                     with accelerator.accumulate(model):
-                        pixels = batch["pixel_values"]
-                        if run.function_matching:  # the same mixed view for teacher and student
-                            pixels = mixup_batch(pixels, seed=hash((run.seed, epoch, progress.batch)))
-                        with accelerator.autocast():
-                            if captions is not None:  # contrastive: each image against one caption of each image
-                                texts = captions.sample(batch["labels"], seed=hash((run.seed, epoch, progress.batch)))
-                                student = Outputs(caption_logits(model, pixels, texts), None)
-                            else:
-                                student = read(model, pixels)
-                            expected = None
-                            if run.loss in ("kd", "mix"):
-                                with torch.no_grad():
-                                    expected = read_teacher(teacher, pixels)
-                        loss = compute_loss(student, expected, batch.get("labels"), run, embeddings=dual)
-                        bad = accelerator.reduce(
-                            torch.tensor(float(not torch.isfinite(loss)), device=loss.device), "sum"
-                        )
-                        if bad.item() > 0:
-                            good = list_checkpoints(checkpoint_dir) if checkpoint_dir else []
-                            again = f"--resume from the last good checkpoint, {good[-1]}" if good else "start again"
-                            raise RetrofitError(
-                                f"the loss became {loss.item()} at step {progress.step + 1}; stopped. Lower --lr or "
-                                f"use --mixed-precision no or bf16, then {again}"
-                            )
+                        seed = hash((run.seed, epoch, progress.batch))
+                        loss = batch_loss(batch, model, read, run, accelerator, seed=seed, dual=dual,
+                                          teacher=teacher, read_teacher=read_teacher, captions=captions)  # fmt: skip
+                        refuse_non_finite(loss, accelerator, progress.step + 1, checkpoint_dir)
                         accelerator.backward(loss)
                         if accelerator.sync_gradients and run.max_grad_norm:
                             accelerator.clip_grad_norm_(model.parameters(), run.max_grad_norm)
