@@ -124,11 +124,21 @@ EXPORT = Kind(
     model_type_suffix="_patch_merger",
     marked_files=family_files,
 )
+
+
+def _pretrained_files(training: dict) -> tuple[str, ...]:
+    """The files of a pretrained checkpoint that depend on its training.json: a CLIP pretrained on captions (loss
+    contrastive) ships its tokenizer."""
+    settings = training.get("settings")
+    return TOKENIZER_FILES if isinstance(settings, dict) and settings.get("loss") == "contrastive" else ()
+
+
 BASELINE = Kind(
     "a checkpoint retrofit pretrained",
     marker="training.json",
     marker_keys=("steps", "settings"),
     files=(*_WEIGHTS, "config.json", "preprocessor_config.json", "training.json"),
+    marked_files=_pretrained_files,
 )
 SWEEP = Kind("a sweep report", marker="sweep.json", marker_keys=("source", "settings_results"),
              files=("sweep.json", "sweep.md", "sweep.png"))  # fmt: skip

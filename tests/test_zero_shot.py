@@ -372,8 +372,9 @@ def test_pretrain_a_clip_on_captions_of_class_names(images, tmp_path):
     `evaluate --zero-shot` reads it; the captions drawn for a batch depend on the seed alone."""
     from transformers import CLIPModel
 
+    from retrofit.atomic import BASELINE, check_output
+    from retrofit.errors import RetrofitError
     from retrofit.finetune import character_tokenizer, clip_config, pretrain
-    from retrofit.zero_shot import Captions
 
     vision = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
               "intermediate_size": 64}  # fmt: skip
@@ -384,6 +385,12 @@ def test_pretrain_a_clip_on_captions_of_class_names(images, tmp_path):
                       progress=False, log=lambda _: None)  # fmt: skip
     assert result.finished and 0 <= result.eval_history[-1]["accuracy"] <= 1
     assert type(CLIPModel.from_pretrained(out)).__name__ == "CLIPModel" and (out / "tokenizer.json").exists()
+    # --overwrite replaces it: its tokenizer files are retrofit's (they were "files retrofit did not write")
+    check_output(out, True, kind=BASELINE)
+    (out / "vocab.txt").write_text("mine")
+    with pytest.raises(RetrofitError, match=r"files retrofit did not write \(vocab.txt\)"):
+        check_output(out, True, kind=BASELINE)
+    (out / "vocab.txt").unlink()
     report = evaluate_models([str(out)], data=str(images), split="test", zero_shot=True, log=lambda _: None)
     assert report["models"][0]["top1"] == pytest.approx(result.eval_history[-1]["accuracy"], abs=1e-6)
 
