@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from .errors import RetrofitError, check_interrupted
+from .errors import RetrofitError, brief, check_interrupted
 
 T = TypeVar("T")
 
@@ -237,6 +237,21 @@ def _refuse_dangling(path: Path, option: str) -> None:
         raise RetrofitError(f"{option} '{path}': '{dangling}' is a link to nothing; choose another {option}")
 
 
+def _refuse_long_name(path: Path, option: str) -> None:
+    """Refuse a name too long for the temporary sibling a target is written as first (``.NAME.tmp-XXXXXXXX``, 14 bytes
+    more), which failed at the end of the run, after all its work."""
+    parent = next((p for p in path.absolute().parents if p.exists()), Path("/"))
+    try:
+        limit = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # not known here (or no pathconf: Windows)
+        limit = 255
+    if len(os.fsencode(path.name)) + 14 > limit:
+        raise RetrofitError(
+            f"{_what(option)} '{brief(path.name, 60)}' is too long a name ({len(os.fsencode(path.name))} bytes; at "
+            f"most {limit - 14} here, as it is written beside under a longer one first); choose a shorter {option}"
+        )
+
+
 def _refuse_replacing(output: Path, kind: Kind, option: str) -> None:
     """Refuse to replace an existing folder that is not an empty one or `kind` as retrofit wrote it."""
     if not any(output.iterdir()) or kind.written_here(output):
@@ -284,6 +299,7 @@ def check_output(
                 "Python)"
             )
         _refuse_replacing(output, kind, option)
+    _refuse_long_name(output, option)
     _check_writable(output, option)
     return output
 
@@ -360,6 +376,7 @@ def check_file_output(
         raise RetrofitError(
             f"{option} '{path}': folder '{path.parent}' does not exist; create it or choose another path"
         )
+    _refuse_long_name(path, option)
     _check_writable(path, option)
     return path
 

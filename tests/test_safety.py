@@ -232,6 +232,10 @@ def test_an_output_inside_an_input_or_given_as_a_link_is_refused(tiny_vit, colou
                  ["bench", tiny_vit, "--json", f"{looped}.json"], ["export-onnx", export, "-o", f"{looped}.onnx"],
                  [*finetune, "-o", looped, "--checkpoint-dir", tmp_path / "work"]):  # fmt: skip
         assert f"'{tmp_path / 'loop-a'}' is a link to nothing" in refused(capsys, *argv)
+    # a name that fits, but not as the temporary sibling it is written as first: failed after all the work
+    for argv in (["evaluate", tiny_vit, "--data", colours, "--json", tmp_path / f"{'j' * 240}.json"],
+                 ["convert", tiny_vit, *MERGE, "-o", tmp_path / ("m" * 245)]):  # fmt: skip
+        assert "is too long a name (245 bytes; at most" in refused(capsys, *argv)
 
 
 @pytest.fixture
