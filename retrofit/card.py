@@ -129,8 +129,12 @@ def _how_made(config, training: TrainingInfo | None, licensing: dict[str, str] |
     lines = [
         f"- source: `{config.merge_source}`" + (f" at commit `{revision}`" if revision else ""),
         f"- PatchMerger before encoder layer {config.merge_after_layer} (layers 0..{config.merge_after_layer - 1} "
-        f"run on all tokens), {config.merge_num_tokens} merged tokens, {config.merge_num_prefix_tokens} prefix "
-        "token(s) passed through",
+        f"run on all tokens), {counted(config.merge_num_tokens, 'merged token')}, "
+        + (
+            f"{counted(config.merge_num_prefix_tokens, 'prefix token')} passed through"
+            if config.merge_num_prefix_tokens
+            else "no prefix token (every token is merged)"
+        ),
     ]
     rope = getattr(config, "merge_rope_positions", None)  # RoPE families (DINOv3) only
     if rope is not None:

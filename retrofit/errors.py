@@ -76,9 +76,10 @@ def brief(exc: BaseException, limit: int = 160) -> str:
     return head.rsplit(" ", 1)[0].rstrip(" ,;:(") + " …"
 
 
-def counted(number: int, noun: str) -> str:
-    """``1 step``, ``469 steps``, ``1,000 steps``: a count and its noun, plural where it is not one."""
-    return f"{number:,} {noun}{'' if number == 1 else 's'}"
+def counted(number: int, noun: str, plural: str | None = None) -> str:
+    """``1 step``, ``469 steps``, ``1,000 steps``: a count and its noun, plural (`plural`, or the noun and "s") where
+    it is not one."""
+    return f"{number:,} {noun if number == 1 else plural or noun + 's'}"
 
 
 def whole_number(value, name: str) -> int:

@@ -642,8 +642,9 @@ def train(
         log(budget.why)
         log(
             f"{trainable / 1e6:.3g}M of {total / 1e6:.3g}M parameters train ({run.train}) with loss {loss_text}, "
-            f"lr {run.lr:g} after {budget.warmup:,} warm-up steps, cosine decay to 0; on {accelerator.num_processes} "
-            f"process(es), {accelerator.device}, precision {run.mixed_precision}"
+            f"lr {run.lr:g} after {budget.warmup:,} warm-up steps, cosine decay to 0; on "
+            f"{counted(accelerator.num_processes, 'process', 'processes')}, {accelerator.device}, "
+            f"precision {run.mixed_precision}"
             + (f"; exports the moving average of the weights (--ema-decay {run.ema_decay:g})" if average else "")
         )
         result = TrainResult(

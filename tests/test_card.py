@@ -60,6 +60,7 @@ def test_build_card_metadata(tiny_vit, export_dir):
     assert {"retrofit", "patch-merger", "vit"} <= set(card.data.tags)
     assert "trust_remote_code=True" in card.text and "me/vit-pm" in card.text
     assert "- merger initialisation: random\n- not fine-tuned after the merge" in card.text
+    assert "merged tokens, 1 prefix token passed through\n" in card.text  # was "1 prefix token(s)"
     assert "- merger initialisation: random\n- not fine-tuned after the merge" in (export_dir / "README.md").read_text()
 
 

@@ -1038,6 +1038,7 @@ def test_retrofit_finetune_runs_on_the_family(name, converted, tmp_path):
     assert result.steps == 3 and result.last_loss is not None and result.last_loss == result.last_loss
     reloaded = load_model(out)
     assert type(reloaded).__name__ == CASES[name].merged_class
+    assert "no prefix token (every token is merged)" in (out / "README.md").read_text()  # was "0 prefix token(s)"
     assert torch.equal(reloaded.patch_merger.queries, result.model.patch_merger.queries)
     assert not torch.equal(reloaded.patch_merger.queries, converted[name].result.model.patch_merger.queries)
 
