@@ -469,7 +469,7 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
             log(f"warning: images/s not measured at evaluation.speed_batch_size {evaluation.speed_batch_size} (out "
                 "of memory?); lower it to time the models")  # fmt: skip
 
-    zero_shot = _zero_shot_scorer(args, ready, evaluation, log) if evaluation.zero_shot else None
+    zero_shot, prompts = _zero_shot_scorer(args, ready, evaluation, log) if evaluation.zero_shot else (None, [])
     zero_shot_before = zero_shot([baseline, ready.model]) if zero_shot else None  # the untrained merger too
     if zero_shot_before:
         rows[0] |= _zero_shot_cells(zero_shot_before[0])
@@ -499,6 +499,8 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
     if ready.data is not None and ready.data[1] is not None:
         count = len(ready.data[1].dataset)
         scored = f"scored on `{public_name(args.data)}` {args.eval_split}: {first_images_text(args.eval_limit, count)}"
+        if prompts:  # which prompts the zero-shot column is over, as evaluate's card says
+            scored += f"; zero-shot over one prompt per class, like {prompts[0]!r}"
     table = results_table(rows, note="\n\n".join(line for line in (scored, speed_note) if line) or None)
     finish(args, ready, result, log=log)
     if result.output is not None:
@@ -534,11 +536,11 @@ def _speed_note(hardware: str, batch_size: int, image_size: tuple[int, int], spe
 
 def _zero_shot_scorer(
     args: FinetuneArgs, ready, evaluation: RecipeEvaluation, log: Callable[[str], None]
-) -> Callable[..., list[dict]]:
+) -> tuple[Callable[..., list[dict]], list[str]]:
     """For ``evaluation.zero_shot``: a function scoring dual encoders (`retrofit.evaluation.zero_shot_scores`) on
-    the evaluation split, one prompt per class (``evaluation.prompt_template``), with the source's tokenizer. What
-    cannot work (not a dual encoder, no evaluation split or class names, no tokenizer) is one line before
-    training."""
+    the evaluation split, one prompt per class (``evaluation.prompt_template``), with the source's tokenizer; and
+    those prompts. What cannot work (not a dual encoder, no evaluation split or class names, no tokenizer) is one
+    line before training."""
     from .data import load_split, make_dataloader
     from .evaluation import check_dual_encoders, zero_shot_classes, zero_shot_scores
     from .train import EVAL_LIMIT_INSTEAD
@@ -557,9 +559,11 @@ def _zero_shot_scorer(
     loader = make_dataloader(dataset, ready.processor, batch_size=min(evaluation.batch_size, len(dataset)),
                              label_map=label_map, num_channels=getattr(ready.config, "num_channels", None))  # fmt: skip
     texts = prompts(names, evaluation.prompt_template)
-    return lambda models, **kwargs: zero_shot_scores(
-        models, [ready.tokenizer] * len(models), loader, texts, k=min(5, len(names)), **kwargs
-    )
+
+    def score(models: list, **kwargs) -> list[dict]:
+        return zero_shot_scores(models, [ready.tokenizer] * len(models), loader, texts, k=min(5, len(names)), **kwargs)
+
+    return score, texts
 
 
 def _zero_shot_cells(score: dict) -> dict:

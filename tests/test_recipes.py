@@ -301,6 +301,7 @@ def test_a_dual_encoder_recipe_reports_zero_shot_before_and_after(tmp_path, caps
     assert all(0 <= row["zero_shot_top1"] <= 1 for row in (baseline, untrained, trained))
     card = (tmp_path / "out" / "README.md").read_text()
     assert "| zero-shot top-1 | agreement with the baseline |" in card
+    assert "; zero-shot over one prompt per class, like 'a bird.'" in card  # the prompts were named nowhere
     recipe["evaluation"]["prompt_template"] = "a photo"
     with pytest.raises(RetrofitError, match="evaluation.prompt_template .*must hold exactly one"):
         load_recipe(write(tmp_path / "bad.yaml", recipe))
