@@ -66,6 +66,7 @@ class Kind:
     files: tuple[str, ...]
     model_type_suffix: str | None = None
     marked_files: Callable[[dict], tuple[str, ...]] | None = None
+    ours: Callable[[Path], bool] | None = None  # of the files named as retrofit's, whether one is (by its content)
 
     def marks(self, folder: Path) -> bool:
         """True if `folder`'s marker file says it is this kind of output."""
@@ -84,7 +85,10 @@ class Kind:
         return sorted(
             entry.name
             for entry in folder.iterdir()
-            if entry.is_symlink() or not entry.is_file() or not any(fnmatch.fnmatchcase(entry.name, p) for p in names)
+            if entry.is_symlink()
+            or not entry.is_file()
+            or not any(fnmatch.fnmatchcase(entry.name, p) for p in names)
+            or (self.ours is not None and not self.ours(entry))
         )
 
 
@@ -109,6 +113,21 @@ def family_files(config: dict) -> tuple[str, ...]:
     return (*code_files(family, head), *(TOKENIZER_FILES if head.is_dual_encoder else ()))
 
 
+def _card_file_ours(path: Path) -> bool:
+    """Whether a file of an export is retrofit's: the card's curve and results file (`card.CURVE_FILE`,
+    `card.RESULTS_FILE`) only where they hold what retrofit writes there (a user's file of that name is the user's, as
+    `push` tells them apart); every other file by its name."""
+    if path.name == "speed.png":
+        from .benchmark import is_our_plot
+
+        return is_our_plot(path)
+    if path.name == "retrofit_results.json":
+        from .card import is_results_file
+
+        return is_results_file(path)
+    return True
+
+
 EXPORT = Kind(
     "a retrofit export",
     marker="config.json",
@@ -123,6 +142,7 @@ EXPORT = Kind(
     ),  # fmt: skip
     model_type_suffix="_patch_merger",
     marked_files=family_files,
+    ours=_card_file_ours,
 )
 
 

@@ -154,11 +154,14 @@ def test_update_card_rewrites_only_a_retrofit_exports_card(tiny_vit, tmp_path):
 
 def test_overwrite_knows_retrofits_files_by_their_exact_names(tiny_vit, export_dir, tmp_path, capsys):
     """Files only named like retrofit's (other code modules, a shard-like name, a tokenizer in a ViT export, which has
-    none) are the user's: --overwrite refuses to delete them; the names retrofit writes for this export are its own."""
+    none) are the user's: --overwrite refuses to delete them; the names retrofit writes for this export are its own.
+    The card's curve and results file are retrofit's only where they hold what it writes: a user's speed.png or
+    retrofit_results.json (which push does not upload as the card's) was deleted."""
     out = tmp_path / "o"
     shutil.copytree(export_dir, out)
     (out / "model-00001-of-00002.safetensors").write_bytes(b"")  # a shard's name: retrofit's
-    mine = ["configuration_mine.py", "model-notes-of-mine.safetensors", "modeling_my_tweak.py", "vocab.json"]
+    mine = ["configuration_mine.py", "model-notes-of-mine.safetensors", "modeling_my_tweak.py",
+            "retrofit_results.json", "speed.png", "vocab.json"]  # fmt: skip
     for name in mine:
         (out / name).write_text("# mine")
     assert retrofit.atomic.EXPORT.foreign_files(out) == mine
