@@ -15,9 +15,11 @@ from .cost import Cost, compare, model_cost
 from .errors import RetrofitError, check_arguments
 from .export import export
 from .loading import (
+    NO_TOKENIZER_NOTE,
     check_runs_on_its_images,
     classifier_is_new,
     converted_as_other_class,
+    family_and_head,
     load_config,
     load_image_processor,
     load_model,
@@ -101,6 +103,8 @@ def run_convert(args: ConvertArgs, *, log: Callable[[str], None] = print) -> Con
     if other_class:
         log(f"note: {other_class}")
         training.notes.append(other_class)
+    if tokenizer is None and family_and_head(config)[1].is_dual_encoder:
+        training.notes.append(NO_TOKENIZER_NOTE)
     if classifier_is_new(saved, config):
         new_head = (
             f"the classifier is new (the checkpoint has none): its {config.num_labels} outputs are random until it is "

@@ -117,6 +117,7 @@ def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepar
         training_options,
     )
     from .loading import (
+        NO_TOKENIZER_NOTE,
         check_runs_on_its_images,
         converted_as_other_class,
         family_and_head,
@@ -171,8 +172,11 @@ def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepar
         check_same_run(checkpoint_dir, run_settings(model, args.train, args.ema_decay) | {OPTIONS: options})
     if args.calibrate and init == "random":
         init = _calibrate(model, args, resumed=resuming, log=log)
+    notes = [other_class] if other_class else []
+    if tokenizer is None and family_and_head(config)[1].is_dual_encoder:
+        notes.append(NO_TOKENIZER_NOTE)
     ready = Prepared(model, teacher, processor, config, source_config, init, checkpoint_dir, resuming, model.dtype,
-                     tokenizer, data=data, notes=[other_class] if other_class else [])  # fmt: skip
+                     tokenizer, data=data, notes=notes)  # fmt: skip
     if args.prompt_weight:
         ready.text_embeds = prompt_embeddings(args, ready, log=log)
     return ready

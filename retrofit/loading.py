@@ -561,6 +561,14 @@ def load_image_processor(source: str | Path, config: PreTrainedConfig, *, revisi
     return processor
 
 
+# The card's note on a dual encoder exported without a tokenizer (`load_tokenizer` returned None): its usage examples
+# embed text, and a user reading them would not see the warning that went to the log.
+NO_TOKENIZER_NOTE = (
+    "no tokenizer: the source had no usable one, so this folder has none; copy the source's tokenizer files into it "
+    "before zero-shot use (the pipeline and `processor(text=...)` below need them)"
+)
+
+
 def load_tokenizer(source: str | Path, config: PreTrainedConfig, *, revision: str | None = None, log=print):
     """A dual encoder's text tokenizer (CLIP's BPE, SigLIP's sentencepiece), which zero-shot classification and the
     export's ``zero-shot-image-classification`` pipeline need; None for other models, or (with a warning) for a dual

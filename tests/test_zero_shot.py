@@ -559,3 +559,20 @@ def test_prompts_of_the_same_tokens_are_refused_by_a_recipe_and_prompt_weight(du
                  prompt_templates=("a drawing of a {}.",), max_steps=1, batch_size=4, calibrate=False,
                  output=tmp_path / "ft", log=lambda *_: None)  # fmt: skip
     assert sorted(path.name for path in tmp_path.iterdir()) == ["named", "run.yaml"]
+
+
+def test_a_dual_encoder_exported_without_a_tokenizer_says_so_in_its_card(duals, tmp_path):
+    """A CLIPModel checkpoint without tokenizer files converts (a warning in the log), but its card's examples embed
+    text (pipeline, processor(text=...)) and said nothing of the missing tokenizer: a note says what to add."""
+    source, _ = duals["clip"]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for path in source.iterdir():
+        if not path.name.startswith(("tokenizer", "vocab", "merges", "special_tokens")):
+            (bare / path.name).write_bytes(path.read_bytes())
+    logged = []
+    convert(bare, after_layer=2, num_tokens=3, output=tmp_path / "pm", log=logged.append)
+    assert any("has no tokenizer files" in line for line in logged)
+    assert "- no tokenizer: the source had no usable one" in (tmp_path / "pm" / "README.md").read_text()
+    convert(source, after_layer=2, num_tokens=3, output=tmp_path / "pm", overwrite=True, log=logged.append)
+    assert "no tokenizer" not in (tmp_path / "pm" / "README.md").read_text()
