@@ -429,6 +429,8 @@ def check_card_target(export: str | Path, models: list[str], *, curve: bool = Fa
         raise RetrofitError(f"--card {export}: not a retrofit export (no PatchMerger in its config)")
     if not (export / "README.md").is_file():
         raise RetrofitError(f"--card {export}: the export has no README.md (model card) to update; re-export it")
+    if not os.access(export, os.W_OK | os.X_OK):  # (it failed after all the measuring, the card left as it was)
+        raise RetrofitError(f"--card {export}: cannot write in it (read-only or no permission); copy the export")
     if not any(_same_model(spec, export) for spec in models):
         raise RetrofitError(f"--card {export}: the export must also be one of the models measured; add it to them")
     _load_card(export)

@@ -138,10 +138,12 @@ def test_resume_replaces_only_its_own_runs_output(tiny_vit, colours, export_dir,
     assert (tmp_path / "a" / "model.safetensors").is_file()
 
 
-def test_update_card_rewrites_only_a_retrofit_exports_card(tiny_vit, tmp_path):
+def test_update_card_rewrites_only_a_retrofit_exports_card(tiny_vit, export_dir, tmp_path, monkeypatch):
     """`retrofit.update_card` on a model folder of the user's (config.json and README.md, no merge) replaced the
-    Results section of their own card with retrofit's and added retrofit_results.json; `bench --card` refused it."""
+    Results section of their own card with retrofit's and added retrofit_results.json; `bench --card` refused it.
+    An export that cannot be written (a read-only mount) is refused before measuring, not after."""
     from retrofit import update_card
+    from retrofit.card import check_card_target
 
     folder = tmp_path / "my-model"
     shutil.copytree(tiny_vit, folder)
@@ -150,6 +152,10 @@ def test_update_card_rewrites_only_a_retrofit_exports_card(tiny_vit, tmp_path):
     with pytest.raises(RetrofitError, match="is not a retrofit export .*so its README.md is not retrofit's to rewrite"):
         update_card(folder, run={"table": "| model |\n|---|"})
     assert tree(folder) == before
+    read_only = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != export_dir and read_only(path, mode))
+    with pytest.raises(RetrofitError, match="--card .*: cannot write in it"):
+        check_card_target(export_dir, [str(export_dir)])
 
 
 def test_overwrite_knows_retrofits_files_by_their_exact_names(tiny_vit, export_dir, tmp_path, capsys):
