@@ -891,7 +891,8 @@ class BenchArgs(BenchSettings):
     """`retrofit bench`: images/s, latency and memory of source and merged models, measured alternately."""
 
     models: list[str] = setting(
-        help="checkpoint folders, Hub ids, exports, or random-weight shapes (vit-b16, ..., dinov3-vitb16, beit-b16)",
+        help="checkpoint folders, Hub ids, exports, .onnx files of `retrofit export-onnx` (run in ONNX Runtime), or "
+        "random-weight shapes (vit-b16, ..., dinov3-vitb16, beit-b16)",
         positional=True, nargs="+",
     )  # fmt: skip
     merge: tuple[tuple[str, int], ...] = setting(
