@@ -302,7 +302,10 @@ def for_task(config: PreTrainedConfig, task: str | None) -> PreTrainedConfig:
             tower.dtype = config.dtype  # a bf16 checkpoint's tower loads as bf16, like the checkpoint
         return tower
     classes = ", ".join(f"{h.class_name} ({h.pipeline_tag})" for h in family.heads.values())
-    raise RetrofitError(f"{family.user_name} checkpoints cannot become an {task} model; retrofit converts: {classes}")
+    article = "an" if task[0] in "aeiou" else "a"  # an image-classification, a zero-shot-image-classification model
+    raise RetrofitError(
+        f"{family.user_name} checkpoints cannot become {article} {task} model; retrofit converts: {classes}"
+    )
 
 
 def _load_export_config(source: str, revision: str | None) -> PreTrainedConfig:

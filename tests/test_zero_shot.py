@@ -241,6 +241,9 @@ def test_zero_shot_refuses_what_cannot_work(duals, images, tiny_vit, tmp_path, c
     assert main(["evaluate", str(source), str(tiny_vit), "--data", str(images), "--zero-shot"]) == 2
     err = capsys.readouterr().err.strip()
     assert f"'{tiny_vit}' is a classifier" in err and "dual encoders" in err and len(err.splitlines()) == 1
+    argv = ["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "3", "--output", str(tmp_path / "zs")]
+    assert main([*argv, "--task", "zero-shot-image-classification"]) == 2  # said "an zero-shot-..."
+    assert "ViT checkpoints cannot become a zero-shot-image-classification model" in capsys.readouterr().err
 
     bare = tmp_path / "bare"
     bare.mkdir()
