@@ -418,7 +418,7 @@ def _check_class_names(names: list[str], data: str) -> None:
         )
     shown: dict[str, str] = {}
     for name in names:
-        if not name.strip():
+        if not name.replace("_", " ").strip():  # "_" too: underscores become spaces
             raise RetrofitError(
                 f"'{data}' has a class with a blank name ({name!r}), which gives no prompt; name every class"
             )

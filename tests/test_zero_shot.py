@@ -460,6 +460,8 @@ def test_class_names_that_give_no_zero_shot_score_are_refused(duals, images, tmp
         (str(tmp_path / "one"), [], "has 1 class ('cat'): zero-shot over one prompt always picks it"),
         (make_labelled_folder(tmp_path / "blank", images, ["cat", " ", "bird"]), [],
          "has a class with a blank name (' '), which gives no prompt"),
+        (make_labelled_folder(tmp_path / "underscore", images, ["cat", "__", "bird"]), [],
+         "has a class with a blank name ('__'), which gives no prompt"),  # was scored as 'a photo of a   .'
         (make_labelled_folder(tmp_path / "same", images, ["ankle_boot", "ankle boot", "bird"]), [],
          "the classes 'ankle boot' and 'ankle_boot'"),
     ]  # fmt: skip
