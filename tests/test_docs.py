@@ -90,3 +90,16 @@ def test_every_command_line_in_the_docs_parses():
             named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]+)", page.read_text()))
             assert not named - options - foreign, f"{page.name} names options nothing has: {named - options - foreign}"
     assert commands > 30
+
+
+def test_the_guides_convert_example_prints_what_it_shows(capsys):
+    """docs/guide.md shows a real `retrofit convert` run on the shipped model: the command prints that table and cost
+    line today (run here without --output, so nothing is written and the last line, "wrote ...", is left out)."""
+    from retrofit.cli import main
+
+    guide = (ROOT / "docs" / "guide.md").read_text()
+    shown = guide.split("```console\n", 1)[1].split("```", 1)[0].splitlines()
+    command = shown[0].removeprefix("$ retrofit ").split()
+    assert command[:2] == ["convert", "retrofit:fashion-mnist-vit"] and shown[-1] == "wrote out/fm-pm8"
+    assert main(command[: command.index("--output")]) == 0
+    assert capsys.readouterr().out.splitlines() == shown[1:-1]
