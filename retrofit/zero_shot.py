@@ -93,11 +93,23 @@ def tokenize(tokenizer, texts: list[str], config) -> dict[str, torch.Tensor]:
     return tokenizer(texts, padding=True, truncation=True, max_length=length, return_tensors="pt")
 
 
+def pooled_tokens(ids: list[int], config) -> tuple[int, ...]:
+    """The tokens of one text that its embedding depends on: SigLIP's text tower attends to all of them; CLIP's is
+    causal and pools its end token (the first, or the highest id where its config's end token is the old 2), so a
+    character its tokenizer does not know, read as that end token (retrofit's pretraining tokenizer), ends the text."""
+    if "siglip" in config.model_type:
+        return tuple(ids)
+    end_token = getattr(getattr(config, "text_config", None), "eos_token_id", None)
+    end = ids.index(max(ids)) if end_token == 2 else ids.index(end_token) if end_token in ids else len(ids) - 1
+    return tuple(ids[: end + 1])
+
+
 def same_tokens(tokenizer, texts: list[str], config) -> tuple[str, str] | None:
-    """The first two of `texts` that `tokenizer` turns into the same tokens (characters it does not know, or cut at
-    the text tower's length), or None: as prompts of two classes, those classes would tie."""
+    """The first two of `texts` that `tokenizer` turns into the same tokens (`pooled_tokens`: characters it does not
+    know, or cut at the text tower's length), or None: as prompts of two classes, those classes would tie."""
     seen: dict[tuple, str] = {}
-    for text, tokens in zip(texts, map(tuple, tokenize(tokenizer, texts, config)["input_ids"].tolist()), strict=True):
+    for text, ids in zip(texts, tokenize(tokenizer, texts, config)["input_ids"].tolist(), strict=True):
+        tokens = pooled_tokens(ids, config)
         if tokens in seen:
             return seen[tokens], text
         seen[tokens] = text
@@ -155,8 +167,8 @@ class Captions:
         inputs = tokenize(tokenizer, texts, config)
         seen: dict[tuple, tuple[str, str]] = {}  # tokens: (their class, caption)
         classes = [name for name in names for _ in templates]
-        for name, text, tokens in zip(classes, texts, map(tuple, inputs["input_ids"].tolist()), strict=True):
-            other, caption = seen.setdefault(tokens, (name, text))
+        for name, text, ids in zip(classes, texts, inputs["input_ids"].tolist(), strict=True):
+            other, caption = seen.setdefault(pooled_tokens(ids, config), (name, text))
             if other != name:  # characters the tokenizer does not know (its unknown token), or cut at its length
                 raise RetrofitError(
                     f"the captions {caption!r} and {text!r} are the same tokens to the tokenizer (characters it does "
