@@ -71,6 +71,7 @@ OUTPUT = "output"  # run.json: the folder the run exports to (`output_record`), 
 # What an older retrofit stored the progress in: a pickle (Accelerate's custom state), which is never loaded.
 PICKLED_PROGRESS = "custom_checkpoint_0.pkl"
 CHECKPOINT_NAME = re.compile(r"step-(\d{8})")
+UNFINISHED_NAME = re.compile(r"\.step-\d{8}(\.old)?\.tmp")  # a checkpoint being written, or being deleted
 
 
 def default_checkpoint_dir(output: str | Path) -> Path:
@@ -218,7 +219,7 @@ def remove_checkpoints(checkpoint_dir: Path) -> None:
     if not checkpoint_dir.is_dir():
         return
     for path in checkpoint_dir.iterdir():
-        unfinished = path.name.startswith(".step-") and path.name.endswith(".tmp") and not path.is_symlink()
+        unfinished = UNFINISHED_NAME.fullmatch(path.name) and not path.is_symlink()
         if is_checkpoint(path):
             discard_checkpoint(path)
         elif unfinished and path.is_dir():

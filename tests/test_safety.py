@@ -86,6 +86,8 @@ def test_overwrite_of_a_checkpoint_dir_keeps_the_users_files(tiny_vit, colours, 
     shutil.copytree(tiny_vit, work / "my-source")
     (work / "notes.txt").write_text("mine")
     (work / "step-notes").mkdir()  # named like a checkpoint, but not one
+    (work / ".step-notes.tmp").mkdir()  # named like an unfinished one (.step-NNNNNNNN.tmp), but not one: was deleted
+    (work / ".step-notes.tmp" / "mine.txt").write_text("mine")
     mine = tree(work)
     settings = dict(after_layer=2, num_tokens=4, data=colours, loss="ce", max_steps=4, checkpoint_dir=work, **FAST)
     finetune(work / "my-source", output=tmp_path / "a", **settings)
