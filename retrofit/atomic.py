@@ -506,7 +506,12 @@ def _move_into_place(tmp: Path, output: Path, overwrite: bool, kind: Kind, input
         check_output(output, overwrite, kind=kind, inputs=inputs)  # still ours, as at the start?
         old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
         os.replace(output, old / output.name)
-        os.replace(tmp, output)
+        try:
+            os.replace(tmp, output)
+        except BaseException:  # the old output goes back in place, not left hidden in `old`
+            os.replace(old / output.name, output)
+            old.rmdir()
+            raise
         shutil.rmtree(old, ignore_errors=True)
         return
     try:

@@ -504,6 +504,25 @@ def test_an_output_that_appears_during_the_run_is_not_replaced(tiny_vit, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 
+def test_an_overwrite_stopped_at_its_last_rename_leaves_the_old_export_in_place(tiny_vit, tmp_path, monkeypatch):
+    """--overwrite moves the old export aside, then the new one in: stopped between the two (Ctrl-C, an error), the
+    old export stayed hidden in a .o.old-* folder and the output was gone."""
+    out = tmp_path / "o"
+    convert(tiny_vit, after_layer=2, num_tokens=4, output=out, log=lambda _: None)
+    real_replace = os.replace
+
+    def stopped(src, dst):
+        if Path(src).name.startswith(".o.tmp-") and Path(dst) == out:
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny_vit, after_layer=1, num_tokens=2, output=out, overwrite=True, log=lambda _: None)
+    assert json.loads((out / "config.json").read_text())["merge_after_layer"] == 2  # the old export, in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
 def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_nothing(tiny_vit, colours, tmp_path, monkeypatch):
     from accelerate import Accelerator
 
