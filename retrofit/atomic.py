@@ -413,10 +413,13 @@ def _finite(value):
     return value
 
 
-def write_report(path: str | Path, report: dict, overwrite: bool = False, *, kind: str) -> Path:
+def write_report(
+    path: str | Path, report: dict, overwrite: bool = False, *, kind: str, same_kind: bool = False
+) -> Path:
     """Write `report` as JSON to `path` (checked with `check_file_output`), marked as a retrofit report of `kind`,
     through a temporary sibling: the file is whole or absent. Without `overwrite` an existing file is never replaced,
-    even one that appeared since the check."""
+    even one that appeared since the check; with `same_kind` (a file a run replaces without --overwrite), only a
+    report of `kind`."""
     path = Path(path)
     text = json.dumps(_finite({REPORT_KEY: kind, **report}), indent=2, default=str) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
@@ -426,8 +429,13 @@ def write_report(path: str | Path, report: dict, overwrite: bool = False, *, kin
         os.chmod(tmp, 0o644)
         check_interrupted()
         if overwrite and path.exists():
-            if REPORT_KEY not in _json(path):
+            written = _json(path).get(REPORT_KEY)
+            if written is None:
                 raise RetrofitError(f"'{path}' exists and is not a report retrofit wrote, so it was not replaced")
+            if same_kind and written != kind:
+                raise RetrofitError(
+                    f"'{path}' is a report of `retrofit {written}`, not this run's, so it was not replaced"
+                )
             os.replace(tmp, path)
         else:
             try:

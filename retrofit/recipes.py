@@ -511,8 +511,8 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
     summary = {"recipe": recipe, "rows": rows, "steps": result.steps, "seconds": result.seconds}
     if ready.checkpoint_dir.is_dir():
         try:  # replaces the results.json of an earlier run, nothing else
-            write_report(ready.checkpoint_dir / "results.json", summary, overwrite=True, kind="run")
-        except RetrofitError as exc:
+            write_report(ready.checkpoint_dir / "results.json", summary, overwrite=True, kind="run", same_kind=True)
+        except (RetrofitError, OSError) as exc:  # (a full disk: the run itself is done, its export written)
             log(f"warning: results.json not written: {exc}")
     return summary
 

@@ -160,6 +160,28 @@ def test_update_card_rewrites_only_a_retrofit_exports_card(tiny_vit, export_dir,
         check_card_target(export_dir, [str(export_dir)])
 
 
+def test_a_run_replaces_only_its_own_results_file_in_the_checkpoint_folder(tiny_vit, colours, tmp_path):
+    """A recipe writes results.json into its checkpoint folder, replacing an earlier run's without --overwrite: an
+    evaluation report of the user's under that name (`evaluate --json work/results.json`) was replaced too."""
+    from test_recipes import tiny_recipe, write
+
+    from retrofit import run_recipe
+
+    work = tmp_path / "work"
+    work.mkdir()
+    theirs = work / "results.json"
+    theirs.write_text(json.dumps({"retrofit_report": "evaluate", "models": ["mine"]}))
+    recipe = tiny_recipe(tiny_vit, colours, tmp_path / "out")
+    recipe["training"].update(max_steps=1)
+    recipe["data"]["eval_split"] = ""
+    recipe["evaluation"].update(speed=False, before=False)
+    recipe["export"]["checkpoint_dir"] = str(work)
+    said = []
+    run_recipe(write(tmp_path / "r.yaml", recipe), progress=False, log=said.append)
+    assert json.loads(theirs.read_text()) == {"retrofit_report": "evaluate", "models": ["mine"]}
+    assert any("results.json not written" in line and "retrofit evaluate" in line for line in said)
+
+
 def test_overwrite_knows_retrofits_files_by_their_exact_names(tiny_vit, export_dir, tmp_path, capsys):
     """Files only named like retrofit's (other code modules, a shard-like name, a tokenizer in a ViT export, which has
     none) are the user's: --overwrite refuses to delete them; the names retrofit writes for this export are its own.
