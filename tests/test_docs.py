@@ -103,3 +103,23 @@ def test_the_guides_convert_example_prints_what_it_shows(capsys):
     assert command[:2] == ["convert", "retrofit:fashion-mnist-vit"] and shown[-1] == "wrote out/fm-pm8"
     assert main(command[: command.index("--output")]) == 0
     assert capsys.readouterr().out.splitlines() == shown[1:-1]
+
+
+def test_every_python_name_the_docs_give_exists():
+    """Each `retrofit.module.name` the user docs point at (a function, class or module to read or call) exists."""
+    import contextlib
+    import importlib
+    import re
+    from types import ModuleType
+
+    for page in _doc_pages():
+        if page.name == "DEV_NOTES.md":
+            continue
+        for name in set(re.findall(r"\bretrofit(?:\.[A-Za-z_]\w*)+", page.read_text())):
+            target = importlib.import_module("retrofit")
+            for depth, part in enumerate(name.split(".")[1:], 2):
+                if not hasattr(target, part) and isinstance(target, ModuleType):  # a module not imported yet
+                    with contextlib.suppress(ModuleNotFoundError):
+                        importlib.import_module(".".join(name.split(".")[:depth]))
+                assert hasattr(target, part), f"{page.name} names {name}, which does not exist"
+                target = getattr(target, part)
