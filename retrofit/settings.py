@@ -1012,7 +1012,11 @@ class ExportOnnxArgs(Settings):
     """`retrofit export-onnx`: an ONNX graph of a model that takes any batch size, checked against PyTorch."""
 
     model: str = setting(help="a retrofit export (or a checkpoint retrofit converts, to compare with)", positional=True)
-    output: str = setting(help="the .onnx file to write", short="-o", written=True)
+    output: str = setting(
+        help="the .onnx file to write (its weights may go beside it, in OUTPUT.data: keep the two together)",
+        short="-o",
+        written=True,
+    )
     dtype: Literal["fp32", "fp16"] = setting("fp32", "the graph's precision (fp16: half the size, for GPUs)")
     images: int = setting(
         4, "noise images, prepared by the model's own processor, for the check (one batch)", at_least=2,
