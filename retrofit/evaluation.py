@@ -453,9 +453,10 @@ def load_zero_shot_tokenizer(spec: str, config, *, revision: str | None = None, 
     if pair:
         raise RetrofitError(
             f"the tokenizer of '{spec}' ({len(tokenizer)} tokens) gives the prompts {pair[0]!r} and {pair[1]!r} the "
-            "same tokens, so zero-shot cannot tell their classes apart; if its tokenizer files are missing, copy its "
-            "source's (tokenizer.json or vocab.json/merges.txt or spiece.model, with tokenizer_config.json) into it, "
-            "else rename those classes or change --prompt-template"
+            "same tokens (as its text tower reads them: characters it does not know, or cut at its length), so "
+            "zero-shot cannot tell their classes apart; if its tokenizer files are missing, copy its source's "
+            "(tokenizer.json or vocab.json/merges.txt or spiece.model, with tokenizer_config.json) into it, else "
+            "rename those classes or change --prompt-template"
         )
     return tokenizer
 

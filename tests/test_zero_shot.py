@@ -396,6 +396,9 @@ def test_pretrain_a_clip_on_captions_of_class_names(images, tmp_path):
     (out / "vocab.txt").unlink()
     report = evaluate_models([str(out)], data=str(images), split="test", zero_shot=True, log=lambda _: None)
     assert report["models"][0]["top1"] == pytest.approx(result.eval_history[-1]["accuracy"], abs=1e-6)
+    # ':' is unknown to its tokenizer, read as the end token CLIP pools: every prompt read 'a photo' and tied
+    with pytest.raises(RetrofitError, match="gives the prompts 'a photo: bird' and 'a photo: cat' the same tokens"):
+        evaluate_models([str(out)], data=str(images), split="test", zero_shot=True, prompt_template="a photo: {}")
 
     tokenizer = character_tokenizer()
     captions = Captions(tokenizer, ["cat", "dog"], ("a {}.", "the {}!"), clip_config(model, tokenizer))
