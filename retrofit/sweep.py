@@ -591,13 +591,15 @@ def cost_grid(
     read, so it says in seconds which settings can reach a speed-up at all.
     Returns a JSON-ready report with a Markdown table and, for `target_speedup`, a verdict."""
     from .benchmark import SHAPES, check_shape, ratio_text, shape_config
+    from .cost import image_size as config_image_size
     from .cost import model_cost
-    from .loading import load_config, load_image_processor, processor_image_size
+    from .loading import family_and_head, layer_config, load_config, load_image_processor, processor_image_size
     from .surgery import check_merge
 
     check_shape(source)
-    if source in SHAPES:  # a named shape (vit-b16, ...): its config, at 224x224
-        config, image_size = shape_config(source), (224, 224)
+    if source in SHAPES:  # a named shape (vit-b16, ...): its config at its own size, as bench prices and times it
+        config = shape_config(source)
+        image_size = config_image_size(layer_config(config, family_and_head(config)[1]))
     else:
         config = load_config(source)
         image_size = processor_image_size(load_image_processor(source, config, log=lambda _: None))

@@ -284,6 +284,20 @@ def test_without_a_grid_the_sweep_tries_a_quarter_half_and_three_quarters_of_the
     assert "--tokens is empty; give one or more values" in capsys.readouterr().err
 
 
+def test_dry_run_prices_a_named_shape_at_the_size_bench_times_it():
+    """siglip2-b16 (256 NaFlex patches) was priced at 224x224 (196 patches): 34.94 GFLOPs where bench, the docs and
+    the model itself say 46.2."""
+    from retrofit.benchmark import shape_config
+    from retrofit.cost import model_cost
+
+    for shape in ("siglip2-b16", "vit-b16"):
+        report = sweep_module.cost_grid(shape, (6,), (8,))
+        config = shape_config(shape)
+        assert report["source_gflops"] == pytest.approx(model_cost(config).gflops)
+        assert report["settings_results"][0]["gflops"] == pytest.approx(model_cost(config, merge=(6, 8)).gflops)
+    assert sweep_module.cost_grid("siglip2-b16", (6,), (8,))["source_gflops"] == pytest.approx(46.2, abs=0.05)
+
+
 def test_dry_run_refuses_bad_settings_and_a_real_sweep_needs_data(tiny_vit, capsys):
     assert main(["sweep", str(tiny_vit), "--after-layer", "1", "--tokens", "99", "--dry-run"]) == 2
     assert "--tokens 99 is out of range" in capsys.readouterr().err
