@@ -300,9 +300,18 @@ pipe = pipeline("{head.pipeline_tag}", model={name}, trust_remote_code=True)
 
 ## Results
 
-{results_table or "Not evaluated yet: run `retrofit evaluate SOURCE THIS_FOLDER --data ...` to add results."}
+{results_table or _not_evaluated(source)}
 """
     return ModelCard(content)
+
+
+def _not_evaluated(source: str) -> str:
+    """The Results section of a card before any evaluation: the command that fills it in (with ``--card``, without
+    which evaluate writes no card)."""
+    return (
+        f"Not evaluated yet: `retrofit evaluate {source} THIS_FOLDER --data DATA --card THIS_FOLDER` scores it next to "
+        "its source and writes the results here."
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import sys
 
@@ -61,6 +62,10 @@ def test_build_card_metadata(tiny_vit, export_dir):
     assert "trust_remote_code=True" in card.text and "me/vit-pm" in card.text
     assert "- merger initialisation: random\n- not fine-tuned after the merge" in card.text
     assert "merged tokens, 1 prefix token passed through\n" in card.text  # was "1 prefix token(s)"
+    # the command that fills in the Results section writes into the card (it named no --card, so it wrote nothing)
+    assert re.search(
+        r"Not evaluated yet: `retrofit evaluate \S+ THIS_FOLDER --data DATA --card THIS_FOLDER`", card.text
+    )
     assert "- merger initialisation: random\n- not fine-tuned after the merge" in (export_dir / "README.md").read_text()
 
 
