@@ -261,6 +261,7 @@ def _merge_source(args: FinetuneArgs, config, processor, task: str) -> tuple:
             teacher = copy.deepcopy(base).eval()
         else:
             teacher_config = load_config(args.teacher, trust_remote_code=args.trust_remote_code, task=task)
+            check_teacher_head(args.teacher, teacher_config, args)
             teacher = load_model(args.teacher, config=teacher_config, trust_remote_code=args.trust_remote_code).eval()
     model = insert_patch_merger(base.eval(), args.after_layer, args.tokens, source=str(args.source),
                                 rope_positions=args.rope_positions, image_size=image_size)  # fmt: skip
@@ -298,7 +299,9 @@ def _continue_export(args: FinetuneArgs, config, task: str) -> tuple:
             f"the teacher of --loss {args.loss} is '{args.source}''s source, '{config.merge_source}', which cannot "
             f"be loaded ({exc}); pass --teacher, or use --loss ce"
         ) from None
-    if not args.teacher:
+    if args.teacher:
+        check_teacher_head(name, teacher_config, args)
+    else:
         _check_same_encoder(config, teacher_config, args.source, name)
     teacher = load_model(name, config=teacher_config, trust_remote_code=args.trust_remote_code, revision=revision)
     return model, teacher.eval(), name, None if args.teacher else teacher_config
@@ -372,6 +375,22 @@ def check_teacher_logits(source: str | Path, saved, config, loss: str) -> None:
             f"'{source}' is a {saved_as} checkpoint, so its classifier would be new and random, with no logits to "
             f"distil (--loss {loss}); train one with --num-labels N --loss ce on labelled data, or keep a backbone "
             "with --task image-feature-extraction"
+        )
+
+
+def check_teacher_head(teacher: str, loaded, args: FinetuneArgs) -> None:
+    """Refuse a --teacher whose checkpoint holds no classifier of the kind the model is trained as (a CLIP/SigLIP dual
+    encoder or a backbone as the teacher of a classifier): loaded as one, its head would be new and random, and kd
+    would distil random logits (its refusal named only their shape, as if the labels differed)."""
+    from .loading import classifier_is_new, family_and_head, load_config
+
+    saved = load_config(teacher, trust_remote_code=args.trust_remote_code)
+    if classifier_is_new(saved, loaded):
+        saved_as = (saved.architectures or ["?"])[0]
+        raise RetrofitError(
+            f"the teacher '{teacher}' is a {saved_as} checkpoint, with no classifier: loaded as a "
+            f"{family_and_head(loaded)[1].class_name}, its logits would come from a new, random one; pass a "
+            "--teacher that classifies the model's labels, or use --loss ce"
         )
 
 

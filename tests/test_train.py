@@ -1017,6 +1017,31 @@ def test_a_teacher_that_does_not_fit_is_refused_before_training(tiny_vit, colour
     assert not (tmp_path / "o").exists() and not (tmp_path / "o-checkpoints").exists()
 
 
+def test_a_teacher_without_a_classifier_is_refused_for_what_it_is(tiny_vit, colours, tmp_path):
+    """A backbone or a CLIP dual encoder as --teacher of a classifier got a new random head with transformers' 2
+    labels, and was refused as "gives outputs of shape (1, 2) ... (other labels?)"; with 3 labels it trained on
+    random logits. Also for a retrofit export continued with --teacher."""
+    from conftest import TINY
+    from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
+
+    clip = CLIPConfig(text_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                   "intermediate_size": 64, "vocab_size": 99},
+                      vision_config={**TINY}, projection_dim=16)  # fmt: skip
+    export = tmp_path / "pm"
+    assert main(["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--output", str(export)]) == 0
+    for name, model in (("backbone", ViTModel(ViTConfig(**TINY))), ("clip", CLIPModel(clip))):
+        teacher = save_tiny(model, tmp_path / name)
+        for source, merge in ((str(tiny_vit), dict(after_layer=2, num_tokens=4)), (str(export), {})):
+            with pytest.raises(
+                RetrofitError,
+                match=f"^the teacher '{teacher}' is a {type(model).__name__} "
+                "checkpoint, with no classifier: .* random one; pass a --teacher that classifies",
+            ):
+                finetune(source, output=tmp_path / "o", teacher=str(teacher), data=colours, loss="kd", **merge,
+                         **FAST)  # fmt: skip
+            assert not (tmp_path / "o").exists() and not (tmp_path / "o-checkpoints").exists()
+
+
 def test_an_export_whose_source_is_gone_needs_a_teacher(tiny_vit, colours, tmp_path, monkeypatch):
     """Continuing an export with kd distils from its merge_source; when that is gone, say so and how to go on."""
     import retrofit.provenance
