@@ -470,6 +470,7 @@ def write_files(files: dict[Path, str | bytes]) -> None:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(content.encode("utf-8") if isinstance(content, str) else content)
             os.chmod(tmp, 0o644)
+        check_interrupted()  # a Ctrl-C that a library swallowed: the files stay as they were
         for tmp, path in staged:
             os.replace(tmp, path)
     finally:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import RetrofitError, brief, check_arguments, shown
+from .errors import RetrofitError, brief, check_arguments, check_interrupted, shown
 from .settings import DTYPE_NAMES, BenchArgs, BenchSettings, from_options, model_list, parse_merges
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -850,9 +850,12 @@ def markdown_table(report: dict) -> str:
     for row in report["models"]:
         compared = any(result.get("speedup") is not None for result in row["results"].values())
         if row["baseline"] and len(sizes) > 1 and compared:
-            start = row.get("faster_from_batch_size")
-            where = f"from batch {start} up" if start is not None else "at no batch size from the largest down"
-            crossovers.append(f"`{row['model']}` ({row['compile']}) is at least as fast as its source {where}")
+            start, name = row.get("faster_from_batch_size"), f"`{row['model']}` ({row['compile']})"
+            crossovers.append(
+                f"{name} is at least as fast as its source from batch {start} up"
+                if start is not None
+                else f"{name} is slower than its source at the largest batch size measured, {largest}"
+            )
     if crossovers:
         lines += ["", "; ".join(crossovers) + "."]
     for advice in fastest_modes(report):
@@ -936,6 +939,7 @@ def plot_batch_sizes(report: dict, path: str | Path, *, overwrite: bool = False)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(figure)
+        check_interrupted()  # a Ctrl-C that a library swallowed: the run stops here, its file unwritten
         if overwrite and path.exists():
             os.replace(tmp, path)
         else:

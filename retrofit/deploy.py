@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import RetrofitError, brief, check_arguments
+from .errors import RetrofitError, brief, check_arguments, check_interrupted
 from .settings import ExportOnnxArgs, from_options
 
 MODEL_KEY = "retrofit"  # metadata_props key of the JSON that says what a file is (`onnx_info`)
@@ -310,6 +310,7 @@ def _move_into_place(work: Path, output: Path, overwrite: bool) -> None:
     keeps them beside it) into `output`'s folder; an `output` that appeared meanwhile is not replaced without
     `overwrite` (`_check_weights_file` checked the weights file before any work). The weights file of the graph
     replaced goes with it when the new graph keeps its weights inside (the TorchScript exporter's small graphs)."""
+    check_interrupted()  # a Ctrl-C that a library (the exporter) swallowed: the run stops here, its file unwritten
     stale = _weights_file(output)
     stale = stale if overwrite and not (work / stale.name).exists() and _own_weights_file(output) else None
     for path in sorted(work.iterdir(), key=lambda p: p.name == output.name):  # the graph last: whole or absent

@@ -948,3 +948,56 @@ def test_a_ctrl_c_a_library_swallowed_still_stops_the_command_before_it_writes(t
     assert "retrofit: interrupted" in capsys.readouterr().err and not (tmp_path / "o").exists()
     assert list(tmp_path.iterdir()) == []  # no temporary folder left either
     assert main(argv) == 0 and (tmp_path / "o" / "config.json").exists()
+
+
+def test_a_ctrl_c_a_library_swallowed_stops_onnx_plots_and_cards_before_they_are_written(
+    export_dir, tmp_path, capsys, monkeypatch
+):
+    """The same for the writers outside `atomic_dir`: export-onnx wrote its graph, bench its --plot and the card of
+    --card (bench, evaluate) after a swallowed Ctrl-C."""
+    import signal
+
+    import retrofit.benchmark
+    import retrofit.deploy
+    from retrofit import errors
+
+    def swallowing(real):
+        def step(*args, **kwargs):
+            try:
+                errors.interrupt()
+            except KeyboardInterrupt:
+                pass
+            return real(*args, **kwargs)
+
+        return step
+
+    export = tmp_path / "export"
+    shutil.copytree(export_dir, export)
+    card = tree(export)
+    bench = [
+        "bench",
+        export,
+        "--batch-size",
+        "1,2",
+        "--warmup",
+        "1",
+        "--repeats",
+        "1",
+        "--min-time",
+        "0",
+        "--latency-iters",
+        "1",
+    ]
+    runs = [(retrofit.deploy, "_export", ["export-onnx", export, "-o", tmp_path / "m.onnx"]),
+            (retrofit.benchmark, "run_benchmark", [*bench, "--plot", tmp_path / "p.png"]),
+            (retrofit.benchmark, "run_benchmark", [*bench, "--card", export])]  # fmt: skip
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job (CI) starts with SIG_IGN
+    try:
+        for module, name, argv in runs:
+            with monkeypatch.context() as patch:
+                patch.setattr(module, name, swallowing(getattr(module, name)))
+                assert main([str(a) for a in argv]) == 130, argv[0]
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert capsys.readouterr().err.count("retrofit: interrupted") == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"] and tree(export) == card
