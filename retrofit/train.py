@@ -663,9 +663,10 @@ def train(
                 metrics["weights"] = "moving average"
             result.eval_history.append(metrics)
             if "reference" in metrics:
-                what = {"labels": "accuracy", "teacher": "agreement with the teacher"}.get(
-                    metrics["reference"], "cosine similarity to the teacher"
-                )
+                what = {
+                    "labels": "zero-shot accuracy (first template)" if captions is not None else "accuracy",
+                    "teacher": "agreement with the teacher",
+                }.get(metrics["reference"], "cosine similarity to the teacher")
                 key = next(key for key in ("accuracy", "agreement", "similarity") if key in metrics)
                 with tqdm.external_write_mode():  # print above the progress bar, not into it
                     of = " (the moving average of the weights)" if averaged else ""

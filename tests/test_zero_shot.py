@@ -384,9 +384,11 @@ def test_pretrain_a_clip_on_captions_of_class_names(images, tmp_path):
     model = {"projection_dim": 16, "vision_config": vision, "text_config": {"hidden_size": 32, "num_hidden_layers": 1,
              "num_attention_heads": 2, "intermediate_size": 64}}  # fmt: skip
     out = tmp_path / "clip"
+    said = []
     result = pretrain(model, output=out, data=str(images), loss="contrastive", max_steps=4, batch_size=6,
-                      progress=False, log=lambda _: None)  # fmt: skip
+                      progress=False, log=said.append)  # fmt: skip
     assert result.finished and 0 <= result.eval_history[-1]["accuracy"] <= 1
+    assert any(line.startswith("step 4: eval zero-shot accuracy (first template) ") for line in said), said
     assert type(CLIPModel.from_pretrained(out)).__name__ == "CLIPModel" and (out / "tokenizer.json").exists()
     # --overwrite replaces it: its tokenizer files are retrofit's (they were "files retrofit did not write")
     check_output(out, True, kind=BASELINE)
