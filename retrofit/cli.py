@@ -78,21 +78,26 @@ def _recipe_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
     """`run`'s options for every recipe setting, unset unless given. With a readable recipe among `argv`, the help
     shows its values (what applies); else the settings' own defaults."""
     shown: dict[str, dict] = {}
+    given: dict[str, dict] = {}  # what the file itself sets (the rest is the settings' defaults)
     recipe = _recipe_in((argv or [])[1:])
     if recipe and _is_file(recipe):
         try:
+            import yaml
+
             from .recipes import load_recipe
 
             loaded = load_recipe(recipe)
             shown = {section: loaded[section] for section in RECIPE_SECTIONS} | {"": loaded}
+            raw = yaml.safe_load(Path(recipe).read_text(encoding="utf-8"))
+            given = {section: raw.get(section) or {} for section in RECIPE_SECTIONS} | {"": raw}
         except RetrofitError:
             shown = {}
-    top = parser.add_argument_group("recipe (top-level keys)")
-    add_options(top, RecipeInfo, unset=True, shown=_by_field(RecipeInfo, shown.get("", {})))
-    for section, groups in RECIPE_SECTIONS.items():
-        group_parser = parser.add_argument_group(f"recipe section {section}")
+    for section, groups in {"": (RecipeInfo,), **RECIPE_SECTIONS}.items():
+        title = f"recipe section {section}" if section else "recipe (top-level keys)"
+        group_parser = parser.add_argument_group(title)
         for group in groups:
-            add_options(group_parser, group, unset=True, shown=_by_field(group, shown.get(section, {})))
+            add_options(group_parser, group, unset=True, shown=_by_field(group, shown.get(section, {})),
+                        from_recipe=frozenset(_by_field(group, given.get(section, {}))))  # fmt: skip
 
 
 class _Scratch(argparse.ArgumentParser):

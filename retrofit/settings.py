@@ -256,10 +256,13 @@ def split(values: dict, *classes: type) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def add_options(parser, cls: type, *, unset: bool = False, shown: dict | None = None) -> None:
+def add_options(
+    parser, cls: type, *, unset: bool = False, shown: dict | None = None, from_recipe: frozenset[str] = frozenset()
+) -> None:
     """Add an option (or positional argument) for every setting of `cls` that has one (`setting(cli=True)`), with
     the setting's help and default. `unset`: an option not given is left out of the parsed namespace (``run``: the
-    recipe's value applies); `shown` (field -> value) is the default the help names instead."""
+    recipe's value applies); `shown` (field -> value) is the default the help names instead, said to come from the
+    recipe for the fields in `from_recipe` (the keys the recipe file sets)."""
     hints = typing.get_type_hints(cls)
     groups: dict[type, Any] = {}
     for spec in fields(cls):
@@ -277,7 +280,7 @@ def add_options(parser, cls: type, *, unset: bool = False, shown: dict | None = 
         default = spec.default_factory() if spec.default_factory is not MISSING else spec.default
         show = (shown or {}).get(spec.name, None if required else default)
         hidden = show in (None, (), []) or show is False
-        note = "" if hidden else f" (default: {_show(show)}{', from the recipe' if shown else ''})"
+        note = "" if hidden else f" (default: {_show(show)}{', from the recipe' if spec.name in from_recipe else ''})"
         kwargs: dict[str, Any] = {"help": meta["help"] + note}
         if meta["positional"]:
             where.add_argument(spec.name, nargs=meta["nargs"], **kwargs)

@@ -27,6 +27,8 @@ def test_the_help_of_run_shows_the_values_the_recipe_applies(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "peak learning rate (default: 0.0005, from the recipe)" in text
     assert "images per batch and process (default: 128, from the recipe)" in text
+    # a value the recipe does not set is the settings' default, not the recipe's (it said "256, from the recipe")
+    assert "images to calibrate on, a shuffled sample (default: 256)" in text
     with pytest.raises(SystemExit):
         main(["finetune", "--help"])
     assert "peak learning rate (default: 0.0002)" in " ".join(capsys.readouterr().out.split())
