@@ -285,8 +285,8 @@ def test_without_a_grid_the_sweep_tries_a_quarter_half_and_three_quarters_of_the
 
 
 def test_dry_run_prices_a_named_shape_at_the_size_bench_times_it():
-    """siglip2-b16 (256 NaFlex patches) was priced at 224x224 (196 patches): 34.94 GFLOPs where bench, the docs and
-    the model itself say 46.2."""
+    """siglip2-b16 (256 NaFlex patches) was priced at 224x224 (196 patches): 35.42 GFLOPs where bench and the model
+    itself say 46.82 (46.2 before its attention pooling head was counted)."""
     from retrofit.benchmark import shape_config
     from retrofit.cost import model_cost
 
@@ -295,7 +295,7 @@ def test_dry_run_prices_a_named_shape_at_the_size_bench_times_it():
         config = shape_config(shape)
         assert report["source_gflops"] == pytest.approx(model_cost(config).gflops)
         assert report["settings_results"][0]["gflops"] == pytest.approx(model_cost(config, merge=(6, 8)).gflops)
-    assert sweep_module.cost_grid("siglip2-b16", (6,), (8,))["source_gflops"] == pytest.approx(46.2, abs=0.05)
+    assert sweep_module.cost_grid("siglip2-b16", (6,), (8,))["source_gflops"] == pytest.approx(46.82, abs=0.01)
 
 
 def test_dry_run_refuses_bad_settings_and_a_real_sweep_needs_data(tiny_vit, capsys):
