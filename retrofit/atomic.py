@@ -251,10 +251,18 @@ def _check_writable(path: Path, option: str) -> None:
 
 def _refuse_dangling(path: Path, option: str) -> None:
     """Refuse a target that is, or is under, a link to nothing (or a loop of links): its folder could not be made at
-    the end of the run."""
+    the end of the run; or one that climbs (``..``) out of a folder that does not exist (``x/../y``: the checks saw no
+    ``y``, which the end of the run, having made ``x``, found there)."""
     dangling = next((p for p in (path, *path.parents) if p.is_symlink() and not p.exists()), None)
     if dangling is not None:
         raise RetrofitError(f"{option} '{path}': '{dangling}' is a link to nothing; choose another {option}")
+    parts = path.parts
+    missing = next((Path(*parts[:i]) for i, part in enumerate(parts) if part == ".." and not Path(*parts[:i]).exists()),
+                   None)  # fmt: skip
+    if missing is not None:
+        raise RetrofitError(
+            f"{option} '{path}' climbs ('..') out of '{missing}', which does not exist; give the path without '..'"
+        )
 
 
 def _refuse_long_name(path: Path, option: str) -> None:

@@ -1001,3 +1001,24 @@ def test_a_ctrl_c_a_library_swallowed_stops_onnx_plots_and_cards_before_they_are
         signal.signal(signal.SIGINT, handler)
     assert capsys.readouterr().err.count("retrofit: interrupted") == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"] and tree(export) == card
+
+
+def test_an_output_that_climbs_out_of_a_missing_folder_is_refused_before_any_work(
+    tiny_vit, tmp_path, monkeypatch, capsys
+):
+    """`-o x/../y` with no x: the checks asked the system about 'x/../y' (nothing there), the run made x at its end and
+    then found y, a user's folder: refused after all the work, or, with --overwrite, checked as nothing at all."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    merge = ["--after-layer", "2", "--tokens", "4"]
+    for argv in (
+        ["convert", str(tiny_vit), *merge, "--output", "nox/../mine", "--overwrite"],
+        ["evaluate", str(tiny_vit), "--data", "fashion-mnist", "--limit", "2", "--json", "nox/../mine/r.json"],
+    ):
+        capsys.readouterr()
+        assert main(argv) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and "climbs ('..') out of 'nox', which does not exist" in error, error
+    assert not (tmp_path / "nox").exists() and [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    assert main(["convert", str(tiny_vit), *merge, "--output", "mine/../pm"]) == 0 and Path("pm/config.json").is_file()
