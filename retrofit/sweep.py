@@ -358,6 +358,8 @@ def sweep(
     check_arguments("sweep", log=log, flags={"overwrite": overwrite})
     if output is not None and not isinstance(output, str | os.PathLike):
         raise RetrofitError(f"sweep's output must be a folder's path, not {shown(output)}")
+    if output is not None:  # "~/sweep" is in the home folder, as in the settings of every command
+        output = os.path.expanduser(output)
     if settings.data is None:
         raise RetrofitError(f"--data {SWEEP_NEEDS_DATA}")
     check_output_folder(settings, output, overwrite, source)

@@ -120,8 +120,9 @@ def test_empty_output_is_refused(tiny_vit, images, tmp_path, monkeypatch, capsys
     assert "--output is empty" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
-def test_the_python_api_checks_its_settings(tiny_vit, images, tmp_path):
-    """`sweep()` refuses bad settings itself, before loading anything (Python callers have no argparse)."""
+def test_the_python_api_checks_its_settings(tiny_vit, images, tmp_path, monkeypatch):
+    """`sweep()` refuses bad settings itself, before loading anything (Python callers have no argparse); its output
+    "~/NAME" is in the home folder, as every command's (it wrote a folder named '~')."""
     base = dict(after_layers=(1,), tokens=(2,), data=str(images), split="test", calibrate_images=6)
     bad = [
         (dict(target_speedup=float("nan")), "--target-speedup"),
@@ -134,6 +135,13 @@ def test_the_python_api_checks_its_settings(tiny_vit, images, tmp_path):
             sweep(str(tiny_vit), SweepSettings(**{**base, **changes}), log=pytest.fail)
     with pytest.raises(RetrofitError, match="--output is empty"):
         sweep(str(tiny_vit), SweepSettings(**base), output="", log=pytest.fail)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home" / "sweep").mkdir(parents=True)
+    (tmp_path / "home" / "sweep" / "notes.txt").write_text("mine")
+    with pytest.raises(RetrofitError, match=f"'{tmp_path}/home/sweep' already exists"):
+        sweep(str(tiny_vit), SweepSettings(**base), output="~/sweep", log=pytest.fail)
+    assert not (tmp_path / "~").exists()
     assert SweepSettings(**base, sample=5).limit is None  # --sample replaces the first 1000 images by default
     with pytest.raises(RetrofitError, match="--limit .* and --sample .* exclude each other"):
         SweepSettings(**base, limit=10, sample=5)
