@@ -313,11 +313,22 @@ def _move_into_place(work: Path, output: Path, overwrite: bool) -> None:
     check_interrupted()  # a Ctrl-C that a library (the exporter) swallowed: the run stops here, its file unwritten
     stale = _weights_file(output)
     stale = stale if overwrite and not (work / stale.name).exists() and _own_weights_file(output) else None
-    for path in sorted(work.iterdir(), key=lambda p: p.name == output.name):  # the graph last: whole or absent
-        target = output.parent / path.name
-        if target.exists() and not overwrite:
-            raise RetrofitError(f"'{target}' appeared while this run was working; it was not replaced")
-        os.replace(path, target)
+    set_aside: list[tuple[Path, Path]] = []  # (a replaced weights file, its old version) until the graph is in place
+    try:
+        for path in sorted(work.iterdir(), key=lambda p: p.name == output.name):  # the graph last: whole or absent
+            target = output.parent / path.name
+            if target.exists() and not overwrite:
+                raise RetrofitError(f"'{target}' appeared while this run was working; it was not replaced")
+            if path.name != output.name and target.exists():
+                set_aside.append((target, target.with_name(f".{target.name}.old-{os.getpid()}")))
+                os.replace(target, set_aside[-1][1])
+            os.replace(path, target)
+    except BaseException:  # stopped before the new graph was in place: the old graph keeps its own weights
+        for target, old in set_aside:
+            os.replace(old, target)
+        raise
+    for _, old in set_aside:
+        old.unlink(missing_ok=True)
     if stale is not None:
         stale.unlink(missing_ok=True)
 

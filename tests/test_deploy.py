@@ -4,6 +4,8 @@ kept, the file says what it is, and bad input is one line."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,3 +199,31 @@ def test_a_bf16_export_gives_an_fp32_graph_checked_against_the_fp32_model(tiny_v
     assert json.loads((export / "config.json").read_text())["dtype"] == "bfloat16"
     assert main(["export-onnx", str(export), "-o", str(tmp_path / "model.onnx")]) == 0
     assert "(tolerance 0.0001); exporter: dynamo, fp32" in capsys.readouterr().out
+
+
+def test_an_overwrite_stopped_between_the_weights_and_the_graph_keeps_the_old_pair(tmp_path, monkeypatch):
+    """The new weights file goes in before the new graph: a Ctrl-C between the two renames left the old graph with the
+    new graph's weights (offsets into another file). The old weights now go back beside the old graph."""
+    output, work = tmp_path / "m.onnx", tmp_path / "work"
+    work.mkdir()
+    output.write_bytes(b"old graph")
+    (tmp_path / "m.onnx.data").write_bytes(b"old weights")
+    (work / "m.onnx").write_bytes(b"new graph")
+    (work / "m.onnx.data").write_bytes(b"new weights")
+    replace = os.replace
+
+    def stopped_at_the_graph(source, target):
+        if Path(source) == work / "m.onnx":
+            raise KeyboardInterrupt
+        replace(source, target)
+
+    monkeypatch.setattr(deploy.os, "replace", stopped_at_the_graph)
+    with pytest.raises(KeyboardInterrupt):
+        deploy._move_into_place(work, output, overwrite=True)
+    assert output.read_bytes() == b"old graph" and (tmp_path / "m.onnx.data").read_bytes() == b"old weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data", "work"]
+    monkeypatch.setattr(deploy.os, "replace", replace)
+    (work / "m.onnx.data").write_bytes(b"new weights")  # the exporter's files again, as a rerun writes them
+    deploy._move_into_place(work, output, overwrite=True)
+    assert output.read_bytes() == b"new graph" and (tmp_path / "m.onnx.data").read_bytes() == b"new weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data", "work"]
