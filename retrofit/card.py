@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 from . import __version__
 from .atomic import write_files
 from .cost import compare, model_cost
-from .data import hub_dataset_id, is_local_data
+from .data import _SPLIT_ALIASES, _is_fashion_mnist, hub_dataset_id, is_local_data
 from .errors import RetrofitError, brief, counted, describe_os_error, shown
 from .hub_code import OLDEST_TRANSFORMERS, base_head, classifier_head
 from .loading import family_and_head, layer_config
@@ -475,6 +475,9 @@ def top_k_value(row: dict, k: int) -> float | None:
     return next((row[key] for key in (f"top{k}", "topk", "top5") if row.get(key) is not None), None)
 
 
+# The Hub dataset of fashion-mnist's IDX files (the same images, in the same order), which model-index entries name.
+FASHION_MNIST_HUB = "zalando-datasets/fashion_mnist"
+
 _TASKS = {  # an evaluation's metric -> the model-index task it measures
     "similarity": ("image-feature-extraction", "Image Feature Extraction"),
     "zero-shot": ("zero-shot-image-classification", "Zero-Shot Image Classification"),
@@ -491,12 +494,20 @@ def eval_results_from(evaluation: dict, row: dict) -> list[EvalResult]:
     similarity = metric == "similarity"
     task_type, task_name = _TASKS.get(metric, ("image-classification", "Image Classification"))
     zero_shot = "Zero-shot top" if metric == "zero-shot" else "Top"
+    split = evaluation.get("split")
+    dataset_type, dataset_name = ("imagefolder", Path(data).name) if local else (data, data)
+    if not local and _is_fashion_mnist(data):  # Debian's IDX files: the Hub's copy of them, whose test split it is
+        dataset_type, split = FASHION_MNIST_HUB, _SPLIT_ALIASES.get(split, split)
+    if evaluation.get("images") in ("first", "sample"):  # not the whole split: the Hub shows the name next to the value
+        from .evaluation import images_text
+
+        dataset_name += f" ({images_text(evaluation)})"
     common = dict(
         task_type=task_type,
         task_name=task_name,
-        dataset_type="imagefolder" if local else data,
-        dataset_name=Path(data).name if local else data,
-        dataset_split=evaluation.get("split"),
+        dataset_type=dataset_type,
+        dataset_name=dataset_name,
+        dataset_split=split,
     )
     if similarity:
         reference = evaluation["models"][0]["model"]

@@ -460,3 +460,24 @@ def test_a_value_the_evaluation_could_not_give_has_no_model_index_entry(tiny_vit
     update_card(folder, evaluation=report)
     (top1,) = ModelCard.load(folder / "README.md").data.eval_results
     assert (top1.metric_type, top1.metric_value) == ("accuracy", 0.5)
+
+
+def test_model_index_names_a_hub_dataset_and_the_images_the_values_are_on(tiny_vit, export_dir, tmp_path):
+    """`evaluate --data fashion-mnist --limit 128 --card` published "accuracy on fashion-mnist (type fashion-mnist,
+    split validation)": no Hub dataset of that id, fashion-mnist's validation is its test split, and nothing said
+    the value was on 128 images only. The entry round-trips through huggingface_hub as the Hub reads it."""
+    from huggingface_hub import metadata_load
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    folder = tmp_path / "vit-pm"
+    shutil.copytree(export_dir, folder)
+    report = evaluation(str(tiny_vit), str(folder)) | {"split": "validation", "images": "first", "num_examples": 128}
+    update_card(folder, evaluation=report)
+    name, results = model_index_to_eval_results(metadata_load(folder / "README.md")["model-index"])
+    assert name == "vit-pm" and [r.metric_value for r in results] == [0.85, 0.98]
+    for result in results:
+        assert (result.dataset_type, result.dataset_split) == ("zalando-datasets/fashion_mnist", "test")
+        assert result.dataset_name == "fashion-mnist (the first 128 images)"
+    update_card(folder, evaluation=report | {"data": "me/pets", "images": "all"})  # a Hub dataset, all of its split
+    (top1, _) = ModelCard.load(folder / "README.md").data.eval_results
+    assert (top1.dataset_type, top1.dataset_name, top1.dataset_split) == ("me/pets", "me/pets", "validation")
