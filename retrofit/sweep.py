@@ -67,13 +67,13 @@ def best_for_target(rows: list[dict], target: float | None, key: str = "top1") -
         return None, (
             f"No setting reaches a measured speed-up of {target:g}x here; the fastest is after-layer "
             f"{fastest['after_layer']}, {fastest['tokens']} tokens at {ratio_text(fastest['speedup'], target)}x "
-            f"(FLOPs ratio {fastest['flops_ratio']:.2f}x)."
+            f"(FLOPs ratio {ratio_text(fastest['flops_ratio'], target)}x)."
         )
     best = max(reaching, key=lambda r: (r[key], r.get("speedup") or 0))
     return best, (
         f"Best setting for a {target:g}x speed-up: --after-layer {best['after_layer']} --tokens {best['tokens']} "
         f"({_score(key, best)}, measured {ratio_text(best['speedup'], target)}x, "
-        f"FLOPs ratio {best['flops_ratio']:.2f}x)."
+        f"FLOPs ratio {ratio_text(best['flops_ratio'], target)}x)."
     )
 
 
@@ -623,7 +623,8 @@ def cost_grid(
     for row in rows:
         mark = (" ✓ |" if row["flops_ratio"] >= target_speedup else " |") if target_speedup else ""
         lines.append(
-            f"| {row['after_layer']} | {row['tokens']} | {row['gflops']:.4g} | {row['flops_ratio']:.2f} |{mark}"
+            f"| {row['after_layer']} | {row['tokens']} | {row['gflops']:.4g} | "
+            f"{ratio_text(row['flops_ratio'], target_speedup or 1.0)} |{mark}"
         )
     verdict = ""
     if target_speedup:

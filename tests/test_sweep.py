@@ -54,7 +54,8 @@ def test_a_speed_up_near_the_target_is_not_rounded_onto_its_other_side(monkeypat
     assert "measured 1.50x" in best_for_target([{**row, "speedup": 1.5}], 1.5)[1]  # two decimals where they tell
     priced = {None: Cost([], 1.4996e9 / 2), (6, 8): Cost([], 1e9 / 2)}  # 1.4996 and 1 GFLOPs
     monkeypatch.setattr(retrofit.cost, "model_cost", lambda config, size=None, merge=None: priced[merge])
-    assert "the most is 1.4996x" in sweep_module.cost_grid("vit-b16", (6,), (8,), target_speedup=1.5)["verdict"]
+    report = sweep_module.cost_grid("vit-b16", (6,), (8,), target_speedup=1.5)
+    assert "the most is 1.4996x" in report["verdict"] and "| 1.4996 | |" in report["table"]  # its row said 1.50
     rows = [{"model": "m", "compile": mode, "baseline": "s", "results": {"8": {"images_per_s": rate, "speedup": rate}}}
             for mode, rate in (("eager", 0.998), ("default", 0.5))]  # fmt: skip
     (advice,) = benchmark.fastest_modes({"settings": {"batch_sizes": [8]}, "models": rows})
