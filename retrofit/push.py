@@ -421,6 +421,9 @@ def push(
     if opened:
         log(f"uploaded {export} ({len(files)} required files present) to {repo_id} as pull request {opened}")
         return str(opened)
+    if create_pr:  # huggingface_hub skips a commit that changes nothing: the main branch already holds these files
+        log(f"no pull request opened: {repo_id}'s main branch already holds {export} as it is (nothing to upload)")
+        return base
     if pull:
         tree = f"{base}/discussions/{pull.group(1)}"
     else:

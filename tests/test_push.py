@@ -548,3 +548,18 @@ def test_create_pr_opens_a_pull_request_on_an_existing_repo(export_dir, hub, cap
         err = capsys.readouterr().err.strip()
         assert err.startswith("retrofit: error: ") and len(err.splitlines()) == 1
     assert len(hub["commits"]) == 1
+
+
+def test_create_pr_of_what_the_repo_already_holds_says_no_pull_request_was_opened(export_dir, hub, monkeypatch, capsys):
+    """Pushing the same export twice with --create-pr: huggingface_hub skips the commit that changes nothing and opens
+    no pull request; push said "uploaded ... to https://huggingface.co/org/vit-pm", as if it had."""
+    hub["existing"].add("org/vit-pm")
+
+    def unchanged(self, repo_id, operations, *, commit_message, **kwargs):  # as create_commit answers a no-op
+        url = f"https://huggingface.co/{repo_id}/commit/head"
+        return CommitInfo(commit_url=url, commit_message=commit_message, commit_description="", oid="head")
+
+    monkeypatch.setattr(HfApi, "create_commit", unchanged)
+    assert main(["push", str(export_dir), "--repo-id", "org/vit-pm", "--create-pr"]) == 0
+    out = capsys.readouterr().out
+    assert "no pull request opened: org/vit-pm's main branch already holds" in out and "uploaded" not in out
