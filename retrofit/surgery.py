@@ -138,6 +138,12 @@ def insert_patch_merger(
     num_tokens = whole_number(num_tokens, "insert_patch_merger's num_tokens")
     if not is_merged(model.config):
         family = family_for(model.config.model_type)
+        if type(model).__name__ not in family.heads:  # a CLIPVisionModelWithProjection: a "surgery mismatch"
+            raise RetrofitError(
+                f"insert_patch_merger merges the {family.user_name} classes retrofit converts "
+                f"({', '.join(family.heads)}), not a {type(model).__name__}; load the checkpoint with "
+                "retrofit.load_model, which loads it as one of them"
+            )
         if type(model).__name__ in family.heads and (model.config.architectures or [None])[0] != type(model).__name__:
             # A classifier loaded from a backbone or dual-encoder checkpoint (`ViTForImageClassification` from a
             # ViTModel's): merged as the class it is, as save_pretrained would name it, not as its checkpoint's

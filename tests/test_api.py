@@ -136,6 +136,8 @@ def test_the_building_blocks_refuse_what_they_cannot_take_in_one_line(tiny_vit, 
     # folder that is no export, a dict of settings: they were OSError "File name too long", 30 s of Hub retries for
     # "None", TypeError, "surgery mismatch", "fix that block or delete it", "not iterable" and AttributeError
     # tracebacks; insert_patch_merger recorded source=5 as the source '5'.
+    from transformers import ViTForMaskedImageModeling
+
     from retrofit.benchmark import benchmark
 
     named = "a model is named by a Hub id, a folder or retrofit:NAME, not "
@@ -152,6 +154,11 @@ def test_the_building_blocks_refuse_what_they_cannot_take_in_one_line(tiny_vit, 
         (lambda: benchmark(str(tiny_vit), settings={"batch_sizes": 0}), "--batch-size must be a list of whole"),
         (lambda: benchmark(str(tiny_vit), settings=[1]), "benchmark's settings must be a BenchSettings or a dict"),
         (lambda: retrofit.register("vit"), "register takes a retrofit.Family, not 'vit'"),
+        (  # a class retrofit does not convert was a RuntimeError "surgery mismatch ... missing=[...]"
+            lambda: retrofit.insert_patch_merger(ViTForMaskedImageModeling(model.config), 2, 4),
+            "insert_patch_merger merges the ViT classes retrofit converts (ViTForImageClassification, ViTModel), not "
+            "a ViTForMaskedImageModeling; load the checkpoint with retrofit.load_model",
+        ),
     ]
     for call, message in calls:
         with pytest.raises(RetrofitError, match=re.escape(message)) as refused:
