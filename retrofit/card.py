@@ -60,6 +60,15 @@ def _is_hub_id(source: str) -> bool:
     return source.count("/") == 1 and not source.startswith((".", "/", "~"))
 
 
+# The Hub dataset of fashion-mnist's IDX files (the same images, in the same order), which the card's metadata names.
+FASHION_MNIST_HUB = "zalando-datasets/fashion_mnist"
+
+
+def published_dataset(data: str | None) -> str | None:
+    """The Hub dataset a card's metadata names for `data`: its id, fashion-mnist's Hub copy, None for a local folder."""
+    return FASHION_MNIST_HUB if data is not None and _is_fashion_mnist(str(data)) else hub_dataset_id(data)
+
+
 def hub_card_metadata(repo_id: str, revision: str | None = None) -> dict | None:
     """The metadata (YAML front matter) of a Hub model's README.md, from the local cache or the Hub."""
     from huggingface_hub import hf_hub_download, metadata_load
@@ -223,7 +232,7 @@ def build_card(
     base = base_head(family, head)
     source = str(config.merge_source or "")
     is_hub_id = _is_hub_id(source)
-    dataset = hub_dataset_id(training.data) if training else None  # a local folder's path is never published
+    dataset = published_dataset(training.data) if training else None  # a local folder's path is never published
     licensing = source_license(model)
     data = ModelCardData(
         base_model=source if is_hub_id else None,
@@ -475,9 +484,6 @@ def top_k_value(row: dict, k: int) -> float | None:
     return next((row[key] for key in (f"top{k}", "topk", "top5") if row.get(key) is not None), None)
 
 
-# The Hub dataset of fashion-mnist's IDX files (the same images, in the same order), which model-index entries name.
-FASHION_MNIST_HUB = "zalando-datasets/fashion_mnist"
-
 _TASKS = {  # an evaluation's metric -> the model-index task it measures
     "similarity": ("image-feature-extraction", "Image Feature Extraction"),
     "zero-shot": ("zero-shot-image-classification", "Zero-Shot Image Classification"),
@@ -496,7 +502,7 @@ def eval_results_from(evaluation: dict, row: dict) -> list[EvalResult]:
     zero_shot = "Zero-shot top" if metric == "zero-shot" else "Top"
     split = evaluation.get("split")
     dataset_type, dataset_name = ("imagefolder", Path(data).name) if local else (data, data)
-    if not local and _is_fashion_mnist(data):  # Debian's IDX files: the Hub's copy of them, whose test split it is
+    if _is_fashion_mnist(data):  # read from Debian's IDX files: the Hub's copy of them, whose test split it is
         dataset_type, split = FASHION_MNIST_HUB, _SPLIT_ALIASES.get(split, split)
     if evaluation.get("images") in ("first", "sample"):  # not the whole split: the Hub shows the name next to the value
         from .evaluation import images_text

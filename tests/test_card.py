@@ -465,7 +465,8 @@ def test_a_value_the_evaluation_could_not_give_has_no_model_index_entry(tiny_vit
 def test_model_index_names_a_hub_dataset_and_the_images_the_values_are_on(tiny_vit, export_dir, tmp_path):
     """`evaluate --data fashion-mnist --limit 128 --card` published "accuracy on fashion-mnist (type fashion-mnist,
     split validation)": no Hub dataset of that id, fashion-mnist's validation is its test split, and nothing said
-    the value was on 128 images only. The entry round-trips through huggingface_hub as the Hub reads it."""
+    the value was on 128 images only (and a fine-tune on it listed no dataset). The entry round-trips through
+    huggingface_hub as the Hub reads it."""
     from huggingface_hub import metadata_load
     from huggingface_hub.repocard_data import model_index_to_eval_results
 
@@ -481,3 +482,8 @@ def test_model_index_names_a_hub_dataset_and_the_images_the_values_are_on(tiny_v
     update_card(folder, evaluation=report | {"data": "me/pets", "images": "all"})  # a Hub dataset, all of its split
     (top1, _) = ModelCard.load(folder / "README.md").data.eval_results
     assert (top1.dataset_type, top1.dataset_name, top1.dataset_split) == ("me/pets", "me/pets", "validation")
+    # a model fine-tuned on fashion-mnist lists the same Hub dataset under `datasets` (it listed none)
+    from retrofit.loading import load_model
+
+    training = TrainingInfo(data="fashion-mnist", steps=10, epochs=1.0, loss="kd")
+    assert build_card(load_model(export_dir), training=training).data.datasets == ["zalando-datasets/fashion_mnist"]
