@@ -527,7 +527,7 @@ def eval_results_from(evaluation: dict, row: dict) -> list[EvalResult]:
         name = f"{zero_shot}-1 accuracy"
         results.append(EvalResult(metric_type="accuracy", metric_name=name, metric_value=row["top1"], **common))
     k = top_k(evaluation)
-    if top_k_value(row, k) is not None:
+    if k > 1 and top_k_value(row, k) is not None:  # (top-1 is the entry above)
         results.append(
             EvalResult(
                 metric_type="top_k_accuracy",

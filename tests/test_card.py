@@ -283,6 +283,10 @@ def test_card_names_the_k_of_top_k(tiny_vit, export_dir, tmp_path, key):
     assert "| after: this model (`vit-pm`) | 85.00 % | 98.00 % |" in before_after
     (_, top_k) = card.data.eval_results
     assert (top_k.metric_name, top_k.metric_value, top_k.metric_args) == ("Top-2 accuracy", 0.98, {"k": 2})
+    # `evaluate --top-k 1`: one "Top-1 accuracy" entry (there were two, top_k_accuracy with k 1 the second)
+    update_card(folder, evaluation=report | {"top_k": 1})
+    (top1,) = ModelCard.load(folder / "README.md").data.eval_results
+    assert (top1.metric_type, top1.metric_name, top1.metric_value) == ("accuracy", "Top-1 accuracy", 0.85)
 
 
 def curve_bench(source: str, export: str) -> dict:
