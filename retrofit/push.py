@@ -168,6 +168,11 @@ def export_files(export: str | Path) -> list[str]:
             "regular files it holds (a link could publish any file): copy the files in, or re-export it"
         )
     missing = [name for name in required if not (folder / name).is_file() or (folder / name).stat().st_size == 0]
+    if missing == ["README.md"]:  # re-running convert would replace a fine-tuned export with an untrained merge
+        raise RetrofitError(
+            f"'{export}' is not a complete export: its model card README.md is missing or empty, and the Hub repo "
+            "would have none; put the card back (or write one), then retry"
+        )
     if missing:
         raise RetrofitError(
             f"'{export}' is not a complete export (missing or empty: {', '.join(missing)}); re-run `retrofit convert`"

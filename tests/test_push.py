@@ -164,6 +164,8 @@ def test_incomplete_export_is_refused(export_dir, hub, tmp_path, capsys, remove)
     err = capsys.readouterr().err.strip()
     assert "not a complete export" in err and remove in err and len(err.splitlines()) == 1
     assert hub["commits"] == [] and hub["repos"] == []
+    # a deleted card: re-running convert (the advice for missing weights) would undo a fine-tune
+    assert ("re-run `retrofit convert`" in err) is (remove != "README.md")
 
 
 def _copy(export_dir, folder):
