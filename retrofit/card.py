@@ -328,6 +328,7 @@ def _not_evaluated(source: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 RESULTS_FILE = "retrofit_results.json"
+MODEL_NAME = "model_name"  # in `RESULTS_FILE`: the name `update_card` gave the model in the card's model-index
 CURVE_FILE = "speed.png"  # images/s against batch size, drawn by `bench --card` when it measured several batch sizes
 _REPORTS = ("evaluation", "benchmark", "run")
 
@@ -760,7 +761,8 @@ def update_card(
     section, eval_results = _render(results, export, has_curve)
     card.text = _replace_section(card.text, "Results", section)
     if eval_results:
-        card.data.model_name = card.data.model_name or export.resolve().name
+        if card.data.model_name in (None, results.get(MODEL_NAME)):  # retrofit's name for it (a user's stays)
+            card.data.model_name = results[MODEL_NAME] = export.resolve().name  # the folder's, renamed or copied
         card.data.eval_results = eval_results
     elif eval_results is not None:  # evaluated, without a value to publish: no entries of an earlier evaluation
         card.data.eval_results = None

@@ -268,9 +268,10 @@ def hub_card(text: str, repo_id: str, revision: str | None = None) -> str:
     )
 
 
-def hub_model_name(text: str, folder_name: str, repo_id: str) -> str:
+def hub_model_name(text: str, folder_name: str, repo_id: str, written: str | None = None) -> str:
     """The card `text` with its model-index (the evaluation results `update_card` wrote) naming the model as the repo
-    does, where it names it by the export's folder, `folder_name` (as `update_card` does); otherwise unchanged."""
+    does, where it names it by the export's folder, `folder_name`, or by the name `update_card` wrote, `written` (the
+    folder's name then: it may have been renamed or copied since); otherwise (a user's name) unchanged."""
     if "model-index:" not in text:
         return text
     from huggingface_hub import ModelCard
@@ -279,10 +280,24 @@ def hub_model_name(text: str, folder_name: str, repo_id: str) -> str:
 
     with _no_missing_metadata_warning():
         card = ModelCard(text)
-    if card.data.model_name != folder_name:
+    if card.data.model_name not in (folder_name, written):
         return text
     card.data.model_name = repo_id.split("/")[-1]
     return str(card)
+
+
+def written_model_name(export: Path, files: list[str]) -> str | None:
+    """The model-index name `update_card` wrote into the export's card, as its results file records it (None where
+    there is no such record)."""
+    from .card import MODEL_NAME, RESULTS_FILE
+
+    if RESULTS_FILE not in files:
+        return None
+    try:
+        name = json.loads((export / RESULTS_FILE).read_text(encoding="utf-8")).get(MODEL_NAME)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
 
 
 @contextmanager
@@ -296,7 +311,8 @@ def staged_for_hub(export: Path, files: list[str], repo_id: str, revision: str |
             target = staged / name
             if name == "README.md":
                 text = (export / name).read_text(encoding="utf-8")
-                text = hub_model_name(hub_card(text, repo_id, revision), export.resolve().name, repo_id)
+                text = hub_model_name(hub_card(text, repo_id, revision), export.resolve().name, repo_id,
+                                      written_model_name(export, files))  # fmt: skip
                 target.write_text(text, encoding="utf-8")
             else:
                 os.symlink((export / name).resolve(), target)

@@ -117,7 +117,7 @@ def test_update_card_writes_before_after_table_and_model_index(tiny_vit, export_
     assert metadata["model-index"][0]["results"][0]["task"]["type"] == "image-classification"
     assert metadata["library_name"] == "transformers" and "patch-merger" in metadata["tags"]
     stored = json.loads((folder / "retrofit_results.json").read_text())
-    assert set(stored) == {"evaluation", "benchmark"}
+    assert set(stored) == {"evaluation", "benchmark", "model_name"}  # the name it gave the model in model-index
     # The rest of the card is untouched, and only one Results section exists.
     assert card.text.count("## Results") == 1 and "## How to use" in card.text
 

@@ -106,7 +106,8 @@ def test_push_uploads_exactly_the_export(export_dir, hub, capsys, tmp_path):
 
 def test_the_hub_card_names_the_evaluated_model_as_the_repo_does(export_dir, hub, tmp_path):
     """`evaluate --card` names the model in the card's model-index (the Hub's evaluation results) by its folder; the
-    Hub's card named the repo "vit-pm" whatever its id. The local card stays as it was."""
+    Hub's card named the repo "vit-pm" whatever its id (or after the folder was renamed). The local card stays as it
+    was."""
     from huggingface_hub import ModelCard
 
     from retrofit.card import update_card
@@ -123,6 +124,20 @@ def test_the_hub_card_names_the_evaluated_model_as_the_repo_does(export_dir, hub
     assert hub_card.data.eval_results[0].metric_value == 0.85
     assert hub_card.text == local_card.text.replace('"vit-pm"', '"me/vit-b16-pm8"')
     assert (folder / "README.md").read_text() == local
+    # The export renamed after its evaluation (`mv vit-pm final`): the Hub's card named the model "vit-pm"
+    renamed = folder.rename(tmp_path / "final")
+    assert main(["push", str(renamed), "--repo-id", "me/vit-b16-pm8"]) == 0
+    assert ModelCard(hub["commits"][-1]["contents"]["README.md"].decode()).data.model_name == "vit-b16-pm8"
+    # a later evaluation names it by its new folder; a name the user gave it stays, on the Hub too
+    update_card(renamed, evaluation={"data": "fashion-mnist", "split": "test", "num_examples": 100,
+                                     "models": [rows[0] | {"model": str(renamed)}], "table": "T"})  # fmt: skip
+    assert ModelCard.load(renamed / "README.md").data.model_name == "final"
+    (renamed / "README.md").write_text((renamed / "README.md").read_text().replace("- name: final", "- name: Mine"))
+    assert main(["push", str(renamed), "--repo-id", "me/vit-b16-pm8"]) == 0
+    assert ModelCard(hub["commits"][-1]["contents"]["README.md"].decode()).data.model_name == "Mine"
+    update_card(renamed, evaluation={"data": "fashion-mnist", "split": "test", "num_examples": 100,
+                                     "models": [rows[0] | {"model": str(renamed)}], "table": "T"})  # fmt: skip
+    assert ModelCard.load(renamed / "README.md").data.model_name == "Mine"
 
 
 def test_no_upload_while_another_run_writes_the_export(export_dir, hub, tmp_path, capsys):
