@@ -761,8 +761,9 @@ def update_card(
     section, eval_results = _render(results, export, has_curve)
     card.text = _replace_section(card.text, "Results", section)
     if eval_results:
-        if card.data.model_name in (None, results.get(MODEL_NAME)):  # retrofit's name for it (a user's stays)
-            card.data.model_name = results[MODEL_NAME] = export.resolve().name  # the folder's, renamed or copied
+        folder = export.resolve().name  # retrofit names it by its folder, which may have been renamed or copied since
+        if card.data.model_name in (None, results.get(MODEL_NAME), folder):  # retrofit's name for it (a user's stays)
+            card.data.model_name = results[MODEL_NAME] = folder
         card.data.eval_results = eval_results
     elif eval_results is not None:  # evaluated, without a value to publish: no entries of an earlier evaluation
         card.data.eval_results = None

@@ -124,7 +124,12 @@ def test_the_hub_card_names_the_evaluated_model_as_the_repo_does(export_dir, hub
     assert hub_card.data.eval_results[0].metric_value == 0.85
     assert hub_card.text == local_card.text.replace('"vit-pm"', '"me/vit-b16-pm8"')
     assert (folder / "README.md").read_text() == local
-    # The export renamed after its evaluation (`mv vit-pm final`): the Hub's card named the model "vit-pm"
+    # The export renamed after its evaluation (`mv vit-pm final`): the Hub's card named the model "vit-pm". (Its
+    # results file recorded no name before retrofit did: a new evaluation records it.)
+    stored = json.loads((folder / "retrofit_results.json").read_text())
+    del stored["model_name"]
+    (folder / "retrofit_results.json").write_text(json.dumps(stored))
+    update_card(folder, evaluation=stored["evaluation"] | {"models": rows})
     renamed = folder.rename(tmp_path / "final")
     assert main(["push", str(renamed), "--repo-id", "me/vit-b16-pm8"]) == 0
     assert ModelCard(hub["commits"][-1]["contents"]["README.md"].decode()).data.model_name == "vit-b16-pm8"
