@@ -12,9 +12,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
-from .atomic import hold_write_lock, releases_write_locks
+from .atomic import TOKENIZER_FILES, hold_write_lock, releases_write_locks
 from .errors import RetrofitError, brief, check_arguments, shown
 from .settings import PushArgs
+
+# What an earlier upload of an export may have left in the repo that this one has no file for (a results file and
+# curve since deleted, another release's or family's code, shards where the weights are now one file, a tokenizer):
+# the upload deletes them (a file this export has is replaced anyway). Stale weights would load instead of the
+# export's (transformers reads model.safetensors before a shard index); a tokenizer.json before a SigLIP's spiece.model.
+STALE_PATTERNS = (
+    "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors",
+    "configuration_*_patch_merger.py", "modeling_*_patch_merger.py", "retrofit_results.json", "speed.png",
+    *TOKENIZER_FILES,
+)  # fmt: skip
 
 # An open pull request of the repo: huggingface_hub commits to it with `revision="refs/pr/N"`.
 PR_REVISION = re.compile(r"refs/pr/([1-9][0-9]*)")
@@ -380,7 +390,8 @@ def push(
     organisation's), and returns its URL. `private` makes a new repo private and refuses an existing public one
     (an upload does not change a repo's visibility). A branch is created before the upload; if the Hub refuses it on
     a repo this call created, that repo is deleted again (nothing left behind). The export must load as it stands
-    (`check_loads`; `check=False`: retrofit has just written it)."""
+    (`check_loads`; `check=False`: retrofit has just written it). Files of an earlier export the repo holds and this one
+    lacks (`STALE_PATTERNS`) are deleted in the same commit."""
     from huggingface_hub import HfApi
 
     check_arguments("push", log=log, flags={"private": private, "create_pr": create_pr, "check": check})
@@ -432,6 +443,7 @@ def push(
                 revision=revision,
                 commit_message=commit_message or f"Upload {Path(export).resolve().name} (retrofit PatchMerger export)",
                 create_pr=create_pr,
+                delete_patterns=list(STALE_PATTERNS),
             )
     except RetrofitError:
         raise

@@ -39,12 +39,14 @@ def hub(monkeypatch):
         calls["branches"].append((repo_id, branch))
 
     def create_commit(self, repo_id, operations, *, commit_message, revision=None, **kwargs):
+        added = [op for op in operations if hasattr(op, "path_or_fileobj")]
         calls["commits"].append(
             {
                 "repo_id": repo_id,
                 # where each file is read from (links resolved) and what it holds, read while the upload runs
-                "files": {op.path_in_repo: Path(op.path_or_fileobj).resolve() for op in operations},
-                "contents": {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations},
+                "files": {op.path_in_repo: Path(op.path_or_fileobj).resolve() for op in added},
+                "contents": {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in added},
+                "deletes": sorted(op.path_in_repo for op in operations if op not in added),
                 "message": commit_message,
                 "revision": revision,
                 "create_pr": kwargs.get("create_pr"),
@@ -62,6 +64,12 @@ def hub(monkeypatch):
     def delete_repo(self, repo_id, **kwargs):
         calls["deleted"].append(repo_id)
 
+    calls["remote"] = {}  # repo id -> the files it holds before the upload
+
+    def list_repo_files(self, repo_id, **kwargs):
+        return [".gitattributes", *calls["remote"].get(repo_id, [])]
+
+    monkeypatch.setattr(HfApi, "list_repo_files", list_repo_files)
     monkeypatch.setattr(HfApi, "repo_exists", repo_exists)
     monkeypatch.setattr(HfApi, "delete_repo", delete_repo)
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
@@ -585,3 +593,17 @@ def test_create_pr_of_what_the_repo_already_holds_says_no_pull_request_was_opene
     assert main(["push", str(export_dir), "--repo-id", "org/vit-pm", "--create-pr"]) == 0
     out = capsys.readouterr().out
     assert "no pull request opened: org/vit-pm's main branch already holds" in out and "uploaded" not in out
+
+
+def test_a_second_upload_removes_what_an_earlier_export_left_in_the_repo(export_dir, hub):
+    """The repo held an earlier export, sharded, evaluated, with another family's code and a tokenizer: all stayed
+    next to the new files (transformers loads a stale model.safetensors before a shard index, a stale tokenizer.json
+    before a SigLIP's spiece.model; the old results file and curve went with a card that no longer shows them). A file
+    of the user's stays."""
+    old = ["README.md", "config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors", "notes.md",
+           "modeling_deit_patch_merger.py", "retrofit_results.json", "speed.png", "tokenizer.json"]  # fmt: skip
+    hub["remote"]["me/vit-pm"] = old
+    assert main(["push", str(export_dir), "--repo-id", "me/vit-pm"]) == 0
+    (commit,) = hub["commits"]
+    assert commit["deletes"] == sorted(set(old) - {"README.md", "config.json", "notes.md"})
+    assert set(commit["files"]) == {path.name for path in export_dir.iterdir()}
