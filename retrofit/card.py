@@ -485,6 +485,9 @@ def top_k_value(row: dict, k: int) -> float | None:
     return next((row[key] for key in (f"top{k}", "topk", "top5") if row.get(key) is not None), None)
 
 
+# The metric names of the model-index entries `eval_results_from` writes (any other entry is the user's).
+_OUR_METRIC = re.compile(r"(Zero-shot top|Top)-[0-9]+ accuracy|Feature cosine similarity to .+")
+
 _TASKS = {  # an evaluation's metric -> the model-index task it measures
     "similarity": ("image-feature-extraction", "Image Feature Extraction"),
     "zero-shot": ("zero-shot-image-classification", "Zero-Shot Image Classification"),
@@ -760,13 +763,15 @@ def update_card(
     has_curve = drawn is not None or (ours and not stale)
     section, eval_results = _render(results, export, has_curve)
     card.text = _replace_section(card.text, "Results", section)
+    if eval_results is not None:  # entries of an earlier evaluation go; those the user added stay, first
+        kept = [
+            result for result in card.data.eval_results or [] if not _OUR_METRIC.fullmatch(result.metric_name or "")
+        ]
+        card.data.eval_results = kept + eval_results or None
     if eval_results:
         folder = export.resolve().name  # retrofit names it by its folder, which may have been renamed or copied since
         if card.data.model_name in (None, results.get(MODEL_NAME), folder):  # retrofit's name for it (a user's stays)
             card.data.model_name = results[MODEL_NAME] = folder
-        card.data.eval_results = eval_results
-    elif eval_results is not None:  # evaluated, without a value to publish: no entries of an earlier evaluation
-        card.data.eval_results = None
     files = {export / RESULTS_FILE: json.dumps(results, indent=2) + "\n", readme: str(card)}
     if drawn is not None:
         files[curve] = drawn

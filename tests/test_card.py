@@ -491,3 +491,27 @@ def test_model_index_names_a_hub_dataset_and_the_images_the_values_are_on(tiny_v
 
     training = TrainingInfo(data="fashion-mnist", steps=10, epochs=1.0, loss="kd")
     assert build_card(load_model(export_dir), training=training).data.datasets == ["zalando-datasets/fashion_mnist"]
+
+
+def test_model_index_entries_the_user_added_stay(tiny_vit, export_dir, tmp_path):
+    """`evaluate --card` replaced the whole model-index: an entry the user had added (their own ImageNet score) was
+    lost. Now only retrofit's entries of an earlier evaluation are replaced, once each."""
+    from huggingface_hub import EvalResult
+
+    folder = tmp_path / "vit-pm"
+    shutil.copytree(export_dir, folder)
+    card = ModelCard.load(folder / "README.md")
+    card.data.model_name = "vit-pm"
+    mine = EvalResult(task_type="image-classification", dataset_type="imagenet-1k", dataset_name="ImageNet",
+                      metric_type="accuracy", metric_value=0.8, metric_name="ImageNet top-1 (my eval)")  # fmt: skip
+    card.data.eval_results = [mine]
+    card.save(folder / "README.md")
+    for _ in range(2):
+        update_card(folder, evaluation=evaluation(str(tiny_vit), str(folder)))
+        names = [result.metric_name for result in ModelCard.load(folder / "README.md").data.eval_results]
+        assert names == ["ImageNet top-1 (my eval)", "Top-1 accuracy", "Top-5 accuracy"]
+    report = evaluation(str(tiny_vit), str(folder))
+    report["models"][1] |= {"top1": None, "top5": None}
+    update_card(folder, evaluation=report)
+    (kept,) = ModelCard.load(folder / "README.md").data.eval_results
+    assert (kept.metric_name, kept.metric_value) == ("ImageNet top-1 (my eval)", 0.8)
