@@ -522,7 +522,7 @@ def eval_results_from(evaluation: dict, row: dict) -> list[EvalResult]:
     if similarity:
         reference = evaluation["models"][0]["model"]
         name = f"Feature cosine similarity to {reference}"
-        value = row.get("similarity")
+        value = None if row["model"] == reference else row.get("similarity")  # (the reference: 1 to itself)
         return [] if value is None else [
             EvalResult(metric_type="cosine_similarity", metric_name=name, metric_value=value, **common)
         ]  # fmt: skip

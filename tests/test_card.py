@@ -515,3 +515,20 @@ def test_model_index_entries_the_user_added_stay(tiny_vit, export_dir, tmp_path)
     update_card(folder, evaluation=report)
     (kept,) = ModelCard.load(folder / "README.md").data.eval_results
     assert (kept.metric_name, kept.metric_value) == ("ImageNet top-1 (my eval)", 0.8)
+
+
+def test_a_backbone_measured_against_itself_publishes_no_similarity(tiny_vit, export_dir, tmp_path):
+    """`evaluate EXPORT SOURCE --card EXPORT` of backbones: similarity is to the first model, the export itself, and
+    the model-index published "Feature cosine similarity to vit-pm: 1.0" as the export's result."""
+    folder = tmp_path / "vit-pm"
+    shutil.copytree(export_dir, folder)
+    rows = [{"model": str(folder), "merged": True, "similarity": 1.0, "gflops": 9.2},
+            {"model": str(tiny_vit), "merged": False, "similarity": 0.97, "gflops": 17.6}]  # fmt: skip
+    report = {"metric": "similarity", "data": "fashion-mnist", "split": "test", "num_examples": 100, "models": rows,
+              "table": "T"}  # fmt: skip
+    update_card(folder, evaluation=report)
+    assert not ModelCard.load(folder / "README.md").data.eval_results
+    update_card(folder, evaluation=report | {"models": rows[::-1]})  # the source first: similarity to it
+    (result,) = ModelCard.load(folder / "README.md").data.eval_results
+    assert (result.metric_type, result.metric_value) == ("cosine_similarity", 1.0)
+    assert result.metric_name == f"Feature cosine similarity to {tiny_vit.name}"
