@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 from . import __version__
 from .atomic import write_files
 from .cost import compare, model_cost
-from .data import _SPLIT_ALIASES, _is_fashion_mnist, hub_dataset_id, is_local_data
+from .data import FASHION_MNIST_HUB, fashion_mnist_split, hub_dataset_id, is_fashion_mnist, is_local_data
 from .errors import RetrofitError, brief, counted, describe_os_error, shown
 from .hub_code import OLDEST_TRANSFORMERS, base_head, classifier_head
 from .loading import family_and_head, layer_config
@@ -60,13 +60,9 @@ def _is_hub_id(source: str) -> bool:
     return source.count("/") == 1 and not source.startswith((".", "/", "~"))
 
 
-# The Hub dataset of fashion-mnist's IDX files (the same images, in the same order), which the card's metadata names.
-FASHION_MNIST_HUB = "zalando-datasets/fashion_mnist"
-
-
 def published_dataset(data: str | None) -> str | None:
     """The Hub dataset a card's metadata names for `data`: its id, fashion-mnist's Hub copy, None for a local folder."""
-    return FASHION_MNIST_HUB if data is not None and _is_fashion_mnist(str(data)) else hub_dataset_id(data)
+    return FASHION_MNIST_HUB if data is not None and is_fashion_mnist(str(data)) else hub_dataset_id(data)
 
 
 def hub_card_metadata(repo_id: str, revision: str | None = None) -> dict | None:
@@ -506,8 +502,8 @@ def eval_results_from(evaluation: dict, row: dict) -> list[EvalResult]:
     zero_shot = "Zero-shot top" if metric == "zero-shot" else "Top"
     split = evaluation.get("split")
     dataset_type, dataset_name = ("imagefolder", Path(data).name) if local else (data, data)
-    if _is_fashion_mnist(data):  # read from Debian's IDX files: the Hub's copy of them, whose test split it is
-        dataset_type, split = FASHION_MNIST_HUB, _SPLIT_ALIASES.get(split, split)
+    if is_fashion_mnist(data):  # read from Debian's IDX files: the Hub's copy of them, whose test split it is
+        dataset_type, split = FASHION_MNIST_HUB, fashion_mnist_split(split)
     if evaluation.get("images") in ("first", "sample"):  # not the whole split: the Hub shows the name next to the value
         from .evaluation import images_text
 

@@ -44,6 +44,8 @@ FASHION_MNIST_CLASSES = [
 ]
 _FMNIST_FILES = {"train": "train", "test": "t10k"}
 _SPLIT_ALIASES = {"validation": "test", "valid": "test", "val": "test", "eval": "test"}
+# The Hub dataset of the same IDX files (the same images, in the same order), which model cards name for fashion-mnist.
+FASHION_MNIST_HUB = "zalando-datasets/fashion_mnist"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -89,7 +91,7 @@ def _fashion_mnist(split: str, limit: int | None):
     """Fashion-MNIST as a `datasets.Dataset` (Image + ClassLabel), built from the IDX files and cached on disk."""
     from datasets import ClassLabel, Dataset, Features, Image, load_from_disk
 
-    split = _SPLIT_ALIASES.get(split, split)
+    split = fashion_mnist_split(split)
     if split not in _FMNIST_FILES:
         raise RetrofitError(f"fashion-mnist has no split '{split}'; use train or test (validation = test)")
     prefix = FASHION_MNIST_DIR / _FMNIST_FILES[split]
@@ -153,8 +155,14 @@ def _check_local_images(dataset, image_column: str, source: str) -> None:
             ) from None
 
 
-def _is_fashion_mnist(data: str) -> bool:
+def is_fashion_mnist(data: str) -> bool:
+    """True where `data` names Fashion-MNIST, which `load_split` reads from Debian's files (any of its spellings)."""
     return data.lower() in (FASHION_MNIST, "fashion_mnist", "fashionmnist")
+
+
+def fashion_mnist_split(split: str) -> str:
+    """The Fashion-MNIST split a split name reads (it has train and test; validation, val, ... are its test split)."""
+    return _SPLIT_ALIASES.get(split, split)
 
 
 def is_local_data(data: str) -> bool:
@@ -168,7 +176,7 @@ def hub_dataset_id(data: str | os.PathLike | None) -> str | None:
     if data is None or not str(data).strip():
         return None
     data = str(data)
-    return None if _is_fashion_mnist(data) or is_local_data(data) else data
+    return None if is_fashion_mnist(data) or is_local_data(data) else data
 
 
 def chosen_images(limit: int | None, sample: int | None, seed: int) -> dict:
@@ -239,7 +247,7 @@ def load_split(
     whole: list | None = None
     kept: list | None = None
     counted = label_column or "label"
-    if _is_fashion_mnist(data):
+    if is_fashion_mnist(data):
         dataset = _fashion_mnist(split, None if sample else limit)
         if limit is not None:
             whole, kept = FASHION_MNIST_CLASSES, _distinct_labels(dataset, "label")
