@@ -276,7 +276,8 @@ def _refuse_long_name(path: Path, option: str) -> None:
     if len(os.fsencode(path.name)) + 14 > limit:
         raise RetrofitError(
             f"{_what(option)} '{brief(path.name, 60)}' is too long a name ({len(os.fsencode(path.name))} bytes; at "
-            f"most {limit - 14} here, as it is written beside under a longer one first); choose a shorter {option}"
+            f"most {limit - 14} here: it is first written under a temporary name 14 bytes longer); choose a shorter "
+            f"{option}"
         )
 
 
