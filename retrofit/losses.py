@@ -136,10 +136,11 @@ def contrastive_loss(logits_per_image: torch.Tensor, labels: torch.Tensor) -> to
 def compute_loss(
     student: Outputs, teacher: Outputs | None, labels, args: TrainSettings, *, embeddings: bool = False
 ) -> torch.Tensor:
-    """The training loss for one batch (see `TrainArgs.loss`): `kd` is the logits' KL plus `feature_weight` times
-    the `feature_loss` (a backbone has only the second); `mix` is alpha · CE + (1 - alpha) · kd. `embeddings`: the
-    features are a dual encoder's normalised image embeddings, compared by `cosine_loss`, plus `prompt_weight` times
-    the KL of the image-prompt logits (`Outputs.prompt_logits`)."""
+    """The training loss for one batch (see `TrainSettings.loss`): `kd` is the logits' KL plus `feature_weight`
+    times the `feature_loss` (a backbone has only the second); `mix` is alpha · CE + (1 - alpha) · kd; `contrastive`
+    (pretrain) is `contrastive_loss` on the batch's image-caption logits. `embeddings`: the features are a dual
+    encoder's normalised image embeddings, compared by `cosine_loss`, plus `prompt_weight` times the KL of the
+    image-prompt logits (`Outputs.prompt_logits`)."""
     if args.loss == "ce":
         return F.cross_entropy(student.logits.float(), labels)
     if args.loss == "contrastive":  # `student.logits`: the batch's image-caption logits
