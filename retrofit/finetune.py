@@ -458,9 +458,9 @@ def _training_info(run: TrainingRun, result: TrainResult, init: str, teacher: st
     if "examples" in last:  # which of the split's images: the first --eval-limit, or all
         on += f" ({first_images_text(run.eval_limit, last['examples'])})"
     if result.final_accuracy is not None:
-        notes.append(f"accuracy on {on}: {result.final_accuracy:.4f}")
+        notes.append(f"accuracy on {on}: {100 * result.final_accuracy:.2f} %")  # in % as every table shows it
     elif "agreement" in last:  # no labels this model knows
-        notes.append(f"top-1 agreement with the teacher on {on}: {last['agreement']:.4f}")
+        notes.append(f"top-1 agreement with the teacher on {on}: {100 * last['agreement']:.2f} %")
     loss = describe_loss(run, teacher, dual_encoder=result.model is not None and is_dual_encoder(result.model.config))
     epochs = round(result.epochs, 3) or float(f"{result.epochs:.3g}")  # a few steps of large data: not 0.0
     return TrainingInfo(data=run.data, steps=result.steps, epochs=epochs, loss=loss, init=init,

@@ -146,7 +146,7 @@ def test_run_a_tiny_recipe_with_overrides(tiny_vit, tmp_path, capsys):
     assert f"This is `{Path(tiny_vit).name}`" in card  # a local source by its name (no local path in an export)
     # which images the accuracies are on (data.eval_limit: the split's first 6), in the table and in how it was made
     assert "scored on `colours` test: the first 6 images" in card and "scored on `colours` test: the first 6" in printed
-    assert re.search(r"accuracy on `colours` test \(the first 6 images\): \d\.\d{4}", card)
+    assert re.search(r"accuracy on `colours` test \(the first 6 images\): \d+\.\d{2} %", card)
     assert (tmp_path / "out-checkpoints" / "results.json").exists()
     random.seed(7), np.random.seed(7), torch.manual_seed(7)  # a caller's own generators, which the run seeds
     before = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
