@@ -127,6 +127,10 @@ def insert_patch_merger(
     `source`: the Hub id or folder `model` was loaded from, which the export records (default: the model's own
     ``name_or_path``). `image_size`: the (height, width) the model will be fed (its processor's,
     `loading.processor_image_size`; default: the config's), which bounds `num_tokens` by its patch count.
+
+    Refused in one line (`RetrofitError`): anything but a loaded model, a class of the family retrofit does not
+    convert (CLIPVisionModelWithProjection), a model that is already merged, and merge settings out of range
+    (`check_merge`). A SigLIP 2 (NaFlex) model is returned with `naflex.take_images` on it (it takes images).
     """
     if not isinstance(model, PreTrainedModel):
         raise RetrofitError(
@@ -144,7 +148,7 @@ def insert_patch_merger(
                 f"({', '.join(family.heads)}), not a {type(model).__name__}; load the checkpoint with "
                 "retrofit.load_model, which loads it as one of them"
             )
-        if type(model).__name__ in family.heads and (model.config.architectures or [None])[0] != type(model).__name__:
+        if (model.config.architectures or [None])[0] != type(model).__name__:
             # A classifier loaded from a backbone or dual-encoder checkpoint (`ViTForImageClassification` from a
             # ViTModel's): merged as the class it is, as save_pretrained would name it, not as its checkpoint's
             model.config.architectures = [type(model).__name__]
