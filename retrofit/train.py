@@ -3,7 +3,7 @@
 `train` takes a model (a merged model to fine-tune back, or a baseline to pretrain), builds the data, the
 Accelerator (mixed precision, gradient accumulation, trackers), the budget (`training_budget`: --max-steps, or
 --epochs raised to --min-steps on small data; printed with why), AdamW with warm-up and cosine decay, resumes from a
-checkpoint if asked (`retrofit.checkpoints`), runs the steps (`retrofit.losses`: kd, ce or mix; gradient clipping; a
+checkpoint if asked (`retrofit.checkpoints`), runs the steps (`retrofit.losses`: kd, ce, mix or contrastive; clipping; a
 NaN guard; with --ema-decay a moving average of the weights, `WeightAverage`), evaluates with `retrofit.evaluation`'s
 loop and saves checkpoints on the way, and returns the trained model (with --ema-decay: the average's weights) in a
 `TrainResult`. Loading, merging, calibrating and exporting around it are in `retrofit.finetune`.
@@ -549,15 +549,15 @@ def train(
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train `model` on `run`'s data with `run`'s settings, distilling from `teacher` for kd/mix; return the trained
-    model (unwrapped, in float32) and what happened. `text_embeds`: a dual encoder's normalised prompt embeddings
-    (classes × D), for the prompt term of its kd (`TrainSettings.prompt_weight`). `captions`: the captions of a
-    contrastive pretraining (``loss="contrastive"``), which also score its evaluations by zero-shot accuracy on their
-    class names with the first template. Checkpoints go to `checkpoint_dir`
-    (`resume`: continue from the newest; `overwrite`: start over); `same_run`: more settings (JSON) that ``run.json``
-    records and a resumed run must share (pretraining's model and image processor); `data`: the (training, evaluation)
-    dataloaders `training_data` already made for `model` (finetune makes them before calibrating, so that a data
-    error comes before that work). `eval_at_start` also evaluates before the first step; `stop_after` N stops after N
-    steps of the full schedule (with a checkpoint), as if killed."""
+    model (unwrapped, in the dtype it came in: finetune and run pass it in float32) and what happened. `text_embeds`: a
+    dual encoder's normalised prompt embeddings (classes × D), for the prompt term of its kd
+    (`TrainSettings.prompt_weight`). `captions`: the captions of a contrastive pretraining (``loss="contrastive"``),
+    which also score its evaluations by zero-shot accuracy on their class names with the first template. Checkpoints go
+    to `checkpoint_dir` (`resume`: continue from the newest; `overwrite`: start over); `same_run`: more settings (JSON)
+    that ``run.json`` records and a resumed run must share (pretraining's model and image processor); `data`: the
+    (training, evaluation) dataloaders `training_data` already made for `model` (finetune makes them before calibrating,
+    so that a data error comes before that work). `eval_at_start` also evaluates before the first step; `stop_after` N
+    stops after N steps of the full schedule (with a checkpoint), as if killed."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
