@@ -176,9 +176,9 @@ def _how_made(config, training: TrainingInfo | None, licensing: dict[str, str] |
 def _zero_shot_usage(name: str, config) -> Callable[[bool], str]:
     """A dual encoder's usage beyond the pipeline: its processor (the source's class: CLIPProcessor, SiglipProcessor,
     ...) and a forward pass on an image and texts, with the padding and activation transformers' zero-shot pipeline
-    uses for the family (SigLIP: padded to 64 tokens, sigmoid). `remote`: for the section without retrofit, whose
-    every load of the export passes ``trust_remote_code=True`` (transformers 5.25's AutoProcessor and AutoTokenizer
-    read the export's config, and would ask whether to run its code)."""
+    uses for the family (SigLIP: padded to 64 tokens, sigmoid), as a function of `remote`: True for the section
+    without retrofit, whose every load of the export passes ``trust_remote_code=True`` (transformers 5.25's
+    AutoProcessor and AutoTokenizer read the export's config, and would ask whether to run its code)."""
     siglip = "siglip" in config.model_type
     padding = 'padding="max_length", max_length=64' if siglip else "padding=True"
     scores = "sigmoid()  # one probability per text" if siglip else "softmax(dim=-1)  # over the texts"
@@ -491,9 +491,9 @@ _TASKS = {  # an evaluation's metric -> the model-index task it measures
 
 
 def eval_results_from(evaluation: dict, row: dict) -> list[EvalResult]:
-    """model-index entries (top-1 and top-k accuracy, zero-shot for a dual encoder; a backbone's feature
-    similarity) for one evaluated model; a value the evaluation could not give (null: a model with non-finite
-    outputs) has no entry."""
+    """model-index entries (top-1 and, for k > 1, top-k accuracy, zero-shot for a dual encoder; a backbone's feature
+    similarity to the first model evaluated, none for that model itself) for one evaluated model; a value the
+    evaluation could not give (null: a model with non-finite outputs) has no entry."""
     data = str(evaluation["data"])
     local = evaluation["data_is_local"] if "data_is_local" in evaluation else is_local_data(data)  # `update_card`
     metric = evaluation.get("metric")
@@ -706,7 +706,10 @@ def update_card(
     """Write new evaluation and/or benchmark results (or a recipe run's before/after table, `run`: {"table": ...})
     into an export: `retrofit_results.json`, the README's Results section, (for evaluations) the model-index
     metadata and (for a benchmark of several batch sizes) its curve, `CURVE_FILE`, all files or none. Returns the
-    README path."""
+    README path. Model-index entries the user added to the card stay; retrofit's own, of an earlier evaluation, are
+    replaced. Refused in one line: a folder that is not a retrofit export with a README.md, a report not of the shape
+    `retrofit evaluate` / `retrofit bench` ``--json`` write, a README.md or results file that is a link or cannot be
+    read, and (drawing a curve) a `CURVE_FILE` retrofit did not draw."""
     from .loading import is_merged, load_config
     from .provenance import made_from
 
