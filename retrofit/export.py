@@ -33,12 +33,15 @@ def export(
 ) -> Path:
     """Write `model` (a merged model) to `output` as a Hub repository, atomically.
 
-    The folder holds ``config.json`` (with ``auto_map``), ``model.safetensors``, the generated
-    ``configuration_*.py``/``modeling_*.py``, ``preprocessor_config.json`` (from `image_processor`, the source's,
-    required; a dual encoder's `tokenizer` too, naming its processor class: `name_processor`) and a ``README.md``
-    model card.
-    Load it with ``AutoModelForImageClassification.from_pretrained(output, trust_remote_code=True)``. Without a
-    `card`, one is built from the model, `source_config` (for the cost table) and `training` (how it was made).
+    The folder holds ``config.json`` (with ``auto_map``), ``model.safetensors`` (or its shards and their index), the
+    generated ``configuration_*.py``/``modeling_*.py``, ``preprocessor_config.json`` (from `image_processor`, the
+    source's, required; a dual encoder's `tokenizer` too, naming its processor class: `name_processor`) and a
+    ``README.md`` model card. Returns the folder's path.
+    Load it with `retrofit.load_model`, or with the Auto class of its head (``AutoModelForImageClassification`` for a
+    classifier, ``AutoModelForZeroShotImageClassification`` for a dual encoder, ``AutoModel`` for a backbone) and
+    ``trust_remote_code=True``. Without a `card`, one is built from the model, `source_config` (for the cost table)
+    and `training` (how it was made). Refused in one line before anything is written: a model that is not merged, or
+    whose weights are on the meta device, and what `_check_arguments` refuses.
     """
     if not isinstance(model, PreTrainedModel) or not is_merged(model.config):
         raise RetrofitError("export() takes a merged model; make one with retrofit.insert_patch_merger first")
