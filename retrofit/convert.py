@@ -58,9 +58,9 @@ def convert(
 ) -> ConvertResult:
     """Insert a PatchMerger into `source` (Hub id, folder or ``retrofit:NAME``) after `after_layer` layers with
     `num_tokens` tokens, report the cost and, with `output`, export it (atomically). `settings` are the other
-    `retrofit.settings.ConvertArgs` fields, the options of ``retrofit convert``: `task` converts the checkpoint as
-    its family's classifier or backbone (e.g. the vision tower of a full CLIP checkpoint); `rope_positions` is for
-    RoPE models (DINOv3); with `calibrate_on` (fashion-mnist, an image folder or a Hub dataset id) the merger starts
+    `retrofit.settings.ConvertArgs` fields, the options of ``retrofit convert``: `task` converts the checkpoint as its
+    family's classifier, backbone (e.g. the vision tower of a full CLIP checkpoint) or dual encoder; `rope_positions` is
+    for RoPE models (DINOv3); with `calibrate_on` (fashion-mnist, an image folder or a Hub dataset id) the merger starts
     from k-means of the layer-K tokens of `calibrate_images` images of `calibrate_split` instead of at random (`seed`
     draws either start: one seed, one export); with `push_to_hub` (a repo id) the export is uploaded (`private`,
     `create_pr`), the login checked first; `overwrite`, `revision`, `trust_remote_code`. Bad input raises
