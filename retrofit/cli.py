@@ -9,10 +9,12 @@ recipe; ``retrofit run RECIPE --help`` shows that recipe's values as the default
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import signal
 import sys
+import traceback
 from dataclasses import fields
 from pathlib import Path
 
@@ -50,7 +52,13 @@ COMMANDS: dict[str, tuple[str, type, str]] = {
 
 
 class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line (what was wrong, where to look) with exit code 2."""
+    """An argument parser whose errors are one line (what was wrong, where to look) with exit code 2, and that takes
+    no abbreviation of an option: ``--over`` is not read as ``--overwrite`` (a script's shortened option would change
+    meaning when a later release adds an option that starts the same)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
@@ -101,7 +109,11 @@ def _recipe_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
 
 
 class _Scratch(argparse.ArgumentParser):
-    """A parser that says nothing: its errors are exceptions."""
+    """A parser that says nothing: its errors are exceptions. It reads options as `_Parser` does (no abbreviations)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise ValueError(message)
@@ -138,11 +150,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     other commands need none of them)."""
     parser = _Parser(prog="retrofit", description="Make pretrained Vision Transformers faster with a PatchMerger.")
     parser.add_argument("--version", action="version", version=f"retrofit {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and full tracebacks")
+    verbose = "show library warnings and full tracebacks"
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     wanted = None if argv is None else _command_in(argv)
     for name, (help_line, settings, _) in COMMANDS.items():
         command = commands.add_parser(name, help=help_line, description=help_line)
+        # -v after the command too (``retrofit convert ... -v``); unset there unless given, so one before it stays
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose)
         if argv is None or name == wanted:
             add_options(command, settings)
             if name == "run":
@@ -190,8 +205,22 @@ def _in_a_launch() -> bool:
     return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """`argv` parsed; an unknown option is refused by its command's parser, with the option it may have meant."""
+    parser = build_parser(argv)
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = parser._subparsers._group_actions[0].choices[namespace.command]
+        options = [name for action in command._actions for name in action.option_strings if name.startswith("--")]
+        word = next((word.split("=", 1)[0] for word in unknown if word.startswith("--")), None)
+        close = difflib.get_close_matches(word, options, n=1, cutoff=0.6) if word else []
+        hint = f"; did you mean {close[0]}?" if close else ""
+        command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    return namespace
+
+
 def _command(argv: list[str]) -> int:
-    namespace = build_parser(argv).parse_args(argv)
+    namespace = _parse(argv)
     _, settings, runner = COMMANDS[namespace.command]
     try:
         args = from_namespace(settings, namespace)  # checks every value: one line, before any import of torch
@@ -205,14 +234,17 @@ def _command(argv: list[str]) -> int:
             keep_process_group()
         code = run(args, namespace) if namespace.command == "run" else run(args)
     except RetrofitError as exc:
-        if namespace.verbose:
-            raise
+        if namespace.verbose:  # the traceback, then the same line and exit code as without -v
+            traceback.print_exc()
         print(f"retrofit: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:  # the file system said no (full disk, permissions): nothing retrofit can work around
-        if namespace.verbose or not is_file_system_error(exc):
+        if not is_file_system_error(exc):
             raise
-        print(f"retrofit: error: {one_line(describe_os_error(exc))} (-v shows where)", file=sys.stderr)
+        if namespace.verbose:
+            traceback.print_exc()
+        print(f"retrofit: error: {one_line(describe_os_error(exc))}{'' if namespace.verbose else ' (-v shows where)'}",
+              file=sys.stderr)  # fmt: skip
         return RetrofitError.exit_code
     except KeyboardInterrupt:
         print("retrofit: interrupted", file=sys.stderr)

@@ -364,3 +364,25 @@ def test_a_pretraining_model_with_impossible_sizes_is_one_line():
         with pytest.raises(RetrofitError, match=f"^pretrain.model: {re.escape(message)}"):
             check_config(ViTConfig(**{**base, **change}), "pretrain.model")
     check_config(ViTConfig(**base, hidden_dropout_prob=0.1, intermediate_size=64), "pretrain.model")
+
+
+def test_options_are_read_whole_and_verbose_keeps_the_exit_code(tmp_path, monkeypatch, capsys):
+    """A shortened option was read as the one it starts (``--over`` as ``--overwrite``, ``--after 2`` as
+    ``--after-layer 2``): now refused with the option meant. ``-v`` after the command was an unknown argument, and
+    with ``-v`` bad input exited with 1 (the traceback escaped) instead of 2; now the traceback, then the same line."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as usage:
+        main(["convert", "s", "--after", "1", "--tokens", "2", "-o", "o"])
+    assert usage.value.code == 2
+    assert capsys.readouterr().err == (
+        "retrofit convert: error: unrecognized arguments: --after 1; did you mean --after-layer? "
+        "(see retrofit convert --help)\n"
+    )
+    for argv in (["-v", "convert", "s", "--after-layer", "0"], ["convert", "s", "--after-layer", "0", "-v"]):
+        assert main([*argv, "--tokens", "2", "-o", "o"]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" in err and err.endswith("retrofit: error: --after-layer must be at least 1 (got 0)\n"), err
+    assert main(["convert", "s", "--after-layer", "0", "--tokens", "2", "-o", "o"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
