@@ -133,6 +133,8 @@ def _problem(kind, value, spec: dataclasses.Field) -> str | None:
     if kind is str and not value.strip() and not meta.get("blank"):
         required = spec.default is MISSING and spec.default_factory is MISSING
         return f"is empty (got {shown(value)}); give a value{'' if required else ' or leave the option out'}"
+    if kind is str and meta.get("written") and value.strip() == "-":  # the usual "stdout" of other tools
+        return "is '-', which here would name a file '-', not stdout; give a path (such as out.json)"
     if kind is str and not value.isascii():
         try:  # a name of another encoding's bytes (Python keeps them as surrogates) cannot be written in a card or JSON
             value.encode("utf-8")

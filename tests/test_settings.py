@@ -386,3 +386,16 @@ def test_options_are_read_whole_and_verbose_keeps_the_exit_code(tmp_path, monkey
     assert "Traceback" not in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
+
+def test_a_dash_for_an_output_is_refused_not_written_as_a_file_named_dash(tmp_path, monkeypatch, capsys):
+    """``evaluate ... --json - | jq`` wrote the JSON into a file named '-' in the current folder and printed the table
+    (and "wrote -") to the pipe."""
+    monkeypatch.chdir(tmp_path)
+    for argv, option in (
+        (["evaluate", "m", "--data", "d", "--json", "-"], "--json"),
+        (["bench", "m", "--json", "-"], "--json"),
+        (["convert", "s", "--after-layer", "1", "--tokens", "2", "-o", "-"], "--output"),
+    ):
+        assert main(argv) == 2
+        assert capsys.readouterr().err.startswith(f"retrofit: error: {option} is '-', which here would name a file")
+    assert not list(tmp_path.iterdir())
