@@ -436,7 +436,7 @@ def make_accelerator(settings: TrainSettings, project_dir: Path | None):
     AcceleratorState._reset_state(reset_partial_state=alone and not has_device and launched_processes() > 1)
     GradientState._reset_state()
     try:
-        return Accelerator(
+        accelerator = Accelerator(
             cpu=not has_device,
             mixed_precision=settings.mixed_precision,
             gradient_accumulation_steps=settings.grad_accum,
@@ -447,8 +447,15 @@ def make_accelerator(settings: TrainSettings, project_dir: Path | None):
             ),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         )
-    except (ValueError, RuntimeError) as exc:  # e.g. fp16 without a GPU
+    except (ValueError, RuntimeError) as exc:  # e.g. fp16 on a device without it
         raise RetrofitError(f"cannot set up training: {brief(exc, 200)}") from None
+    if settings.mixed_precision != "no" and not accelerator.native_amp:
+        # Accelerate takes fp16 on the CPU without a word and trains in float32, which the log and run.json called fp16
+        raise RetrofitError(
+            f"--mixed-precision {settings.mixed_precision} does not run on the {accelerator.device.type.upper()} "
+            "(Accelerate would train in float32); use --mixed-precision bf16 or no there, or train on a GPU"
+        )
+    return accelerator
 
 
 def evaluate(model, eval_dl, accelerator, teacher=None, captions: Captions | None = None) -> dict:

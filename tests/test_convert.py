@@ -401,6 +401,22 @@ def test_a_config_dtype_other_than_the_weights_converts_in_that_dtype(capsys, tm
     assert {t.dtype for t in load_file(tmp_path / "o" / "model.safetensors").values()} == {torch.bfloat16}
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast runs on a GPU")
+def test_a_mixed_precision_the_cpu_cannot_run_is_refused_not_trained_in_float32():
+    """Accelerate takes fp16 on the CPU and trains in float32 without a word, while the log ("precision fp16") and
+    run.json said fp16; bf16 autocasts on the CPU and stays allowed."""
+    from retrofit.settings import TrainSettings
+    from retrofit.train import make_accelerator
+
+    with pytest.raises(
+        RetrofitError, match="--mixed-precision fp16 does not run on the CPU .*use --mixed-precision bf16"
+    ):
+        make_accelerator(TrainSettings(mixed_precision="fp16"), None)
+    accelerator = make_accelerator(TrainSettings(mixed_precision="bf16"), None)
+    with accelerator.autocast():
+        assert torch.nn.Linear(2, 2)(torch.ones(1, 2)).dtype == torch.bfloat16
+
+
 def test_converting_an_export_is_refused(capsys, tmp_path, vit_export):
     _, out = vit_export
     assert_refused(capsys, tmp_path / "o", out, "--after-layer", 1, "--tokens", 2, match="already has a PatchMerger")
