@@ -1,7 +1,7 @@
 """Where retrofit may write, and writing there completely or not at all.
 
-One rule for every command that writes (convert, finetune, run, pretrain, sweep, the ``--json`` reports of bench and
-evaluate; checkpoints follow it in `retrofit.train`):
+One rule for every command that writes (convert, finetune, run, pretrain, sweep, export-onnx, the ``--json`` reports of
+bench and evaluate; checkpoints follow it in `retrofit.checkpoints`):
 
 - a path that does not exist is written (built as a temporary sibling, then renamed into place; if the path appears
   meanwhile, the rename is refused instead of replacing it);
@@ -14,7 +14,7 @@ evaluate; checkpoints follow it in `retrofit.train`):
 Anything else is refused with one line naming the path, before any work (`check_output`, `check_file_output`) and
 again at the final rename (`atomic_dir`, `write_report`). A run that writes for long (finetune, pretrain, a recipe,
 convert) also holds a lock on its output and checkpoint folders (`hold_write_lock`), so a second run on one of them is
-refused at its start, not after hours of training.
+refused at its start, not after hours of training; `push` holds it on the export it uploads.
 """
 
 from __future__ import annotations
@@ -574,9 +574,8 @@ def hold_write_lock(folder: str | Path, option: str) -> None:
     """Refuse a second run that writes `folder` (given as `option`: ``--output``, ``--checkpoint-dir``) while this
     one does: two runs on one checkpoint folder would prune and resume each other's checkpoints, and two runs on one
     output would train for hours before the second one is refused (or, with ``--overwrite``, replaces the first's
-    export). Taken after `check_output` / `check_checkpoints`, before any work; the whole run
-    (`releases_write_locks`: finetune, pretrain, a recipe, convert) releases it when it returns or fails, after its
-    export is written. A folder is locked whichever option names it, so one run's checkpoint folder is not another's
+    export). Taken after `check_output` / `check_checkpoints`, before any work; the whole run (`releases_write_locks`:
+    finetune, pretrain, a recipe, convert, push) releases it when it returns or fails, after its export is written. A folder is locked whichever option names it, so one run's checkpoint folder is not another's
     output. A run in another thread of this process (a notebook's background run) is refused too; a run that calls
     another (a recipe's fine-tune, an upload after the export) holds it once. The lock is ``flock`` on a regular file
     in retrofit's cache named by the folder's resolved path (nothing is written beside the folder, which need not
