@@ -571,17 +571,17 @@ def is_launch_main() -> bool:
 
 
 def hold_write_lock(folder: str | Path, option: str) -> None:
-    """Refuse a second run that writes `folder` (given as `option`: ``--output``, ``--checkpoint-dir``) while this
-    one does: two runs on one checkpoint folder would prune and resume each other's checkpoints, and two runs on one
-    output would train for hours before the second one is refused (or, with ``--overwrite``, replaces the first's
-    export). Taken after `check_output` / `check_checkpoints`, before any work; the whole run (`releases_write_locks`:
-    finetune, pretrain, a recipe, convert, push) releases it when it returns or fails, after its export is written. A folder is locked whichever option names it, so one run's checkpoint folder is not another's
-    output. A run in another thread of this process (a notebook's background run) is refused too; a run that calls
-    another (a recipe's fine-tune, an upload after the export) holds it once. The lock is ``flock`` on a regular file
-    in retrofit's cache named by the folder's resolved path (nothing is written beside the folder, which need not
-    exist yet; a link there is not followed), so the system releases it when the process ends, however it ends.
-    Only the main process of ``accelerate launch`` takes it; without ``fcntl`` (Windows) or a writable cache there is
-    no lock."""
+    """Refuse a second run that writes `folder` (given as `option`: ``--output``, ``--checkpoint-dir``) while this one
+    does: two runs on one checkpoint folder would prune and resume each other's checkpoints, and two runs on one output
+    would train for hours before the second one is refused (or, with ``--overwrite``, replaces the first's export).
+    Taken after `check_output` / `check_checkpoints`, before any work; the whole run (`releases_write_locks`: finetune,
+    pretrain, a recipe, convert, push) releases it when it returns or fails, after its export is written. A folder is
+    locked whichever option names it, so one run's checkpoint folder is not another's output. A run in another thread of
+    this process (a notebook's background run) is refused too; a run that calls another (a recipe's fine-tune, an upload
+    after the export) holds it once. The lock is ``flock`` on a regular file in retrofit's cache named by the folder's
+    resolved path (nothing is written beside the folder, which need not exist yet; a link there is not followed), so the
+    system releases it when the process ends, however it ends. Only the main process of ``accelerate launch`` takes it;
+    without ``fcntl`` (Windows) or a writable cache there is no lock."""
     key = _lock_key(folder)
     if not is_launch_main():  # another process of a launch
         return
