@@ -82,8 +82,9 @@ def load_config(
 ) -> PreTrainedConfig:
     """The config of a local folder, Hub id or ``retrofit:NAME``. Remote code runs only if the user asked for it.
 
-    `task` (``image-classification`` or ``image-feature-extraction``) picks the class the checkpoint is loaded as
-    (see `for_task`); None keeps the checkpoint's own class where retrofit supports it.
+    `task` (``image-classification``, ``image-feature-extraction`` or ``zero-shot-image-classification``) picks the
+    class the checkpoint is loaded as (see `for_task`); None keeps the checkpoint's own class where retrofit supports
+    it.
     """
     source = resolve_source(source)
     local = Path(source).expanduser()
@@ -275,7 +276,9 @@ def for_task(config: PreTrainedConfig, task: str | None) -> PreTrainedConfig:
 
     ``image-classification`` picks the family's ...ForImageClassification class (a backbone checkpoint gets a new
     classifier), ``image-feature-extraction`` its backbone class (a classifier checkpoint loses its classifier; a
-    full CLIP/SigLIP checkpoint gives its vision tower alone). An export can only be what it is.
+    full CLIP/SigLIP checkpoint gives its vision tower alone), ``zero-shot-image-classification`` its dual encoder
+    (CLIP, SigLIP, SigLIP 2 only). An export can only be what it is; a task the family has no class for is refused
+    in one line naming the classes retrofit converts.
     """
     if task is None:
         return config
