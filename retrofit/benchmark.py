@@ -873,7 +873,8 @@ PLOT_MARK = "retrofit bench"  # the PNG's Software field: how --overwrite knows 
 
 
 def is_our_plot(path: Path) -> bool:
-    """True if `path` is a PNG that `plot_batch_sizes` drew."""
+    """True if `path` is a PNG that `batch_size_figure` drew (`plot_batch_sizes`, a card's curve): it carries
+    `PLOT_MARK`."""
     from PIL import Image
 
     try:
