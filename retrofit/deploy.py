@@ -39,8 +39,9 @@ class OnnxResult:
 
 
 def export_onnx(model: str | Path, output: str | Path, *, log: Callable[[str], None] = print, **settings) -> OnnxResult:
-    """Export `model` (a retrofit export, or a checkpoint retrofit converts) to the ONNX file `output`; `settings`
-    are `retrofit.settings.ExportOnnxArgs` fields (dtype, overwrite, images, tolerance)."""
+    """Export `model` (a retrofit export, or a checkpoint retrofit converts) to the ONNX file `output` (with the
+    dynamo exporter, its weights beside it in ``<output>.data``, to be kept with it); `settings` are
+    `retrofit.settings.ExportOnnxArgs` fields (dtype, overwrite, images, tolerance)."""
     args = from_options(ExportOnnxArgs, {"model": model, "output": output, **settings}, where="export_onnx()")
     check_arguments("export_onnx", log=log)
     return run_export_onnx(args, log=log)
