@@ -15,6 +15,7 @@ import contextlib
 import functools
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -682,7 +683,10 @@ def train(
 
         if eval_at_start and progress.step == 0:
             run_eval()  # before the bar starts, so that its time estimate is the training's alone
+        # stderr a log file or CI log, not a terminal (nor a notebook's widget): an update a minute, not ten a second
+        logged = tqdm.__module__ != "tqdm.notebook" and not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
         bar = tqdm(total=total_steps, initial=progress.step, desc="train", dynamic_ncols=True,
+                   mininterval=60 if logged else 0.1,
                    disable=not (progress_bar and accelerator.is_main_process))  # fmt: skip
         model.train()
         stop_at = min(total_steps, stop_after or total_steps)

@@ -445,11 +445,23 @@ def test_label_mismatch_is_refused_unless_num_labels(tiny_vit, tmp_path):
     assert config["id2label"] == {"0": "cat", "1": "dog", "2": "fish"}
 
 
-def test_cli_finetune(tiny_deit, colours, tmp_path, capsys):
+def test_cli_finetune(tiny_deit, colours, tmp_path, monkeypatch, capsys):
+    import tqdm.auto
+
+    intervals = []  # the training bar's, where stderr is no terminal (a CI log): a refresh a minute, not 10 a second
+
+    class Bar(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs) -> None:
+            if kwargs.get("desc") == "train":
+                intervals.append(kwargs.get("mininterval", 0.1))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
     out = tmp_path / "deit-pm"
     args = ["finetune", str(tiny_deit), "--after-layer", "2", "--tokens", "3", "--data", colours, "--output", str(out)]
     tracked = ["--report-to", "tensorboard", "--mixed-precision", "bf16"]
     assert main([*args, "--loss", "kd", "--max-steps", "2", "--batch-size", "8", "--save-every", "1", *tracked]) == 0
+    assert intervals == [60]
     assert (out / "model.safetensors").exists() and len(list_checkpoints(tmp_path / "deit-pm-checkpoints")) == 2
     assert any((tmp_path / "deit-pm-checkpoints" / "logs").rglob("events.out.tfevents*"))
     assert main([*args, "--max-steps", "2"]) == 2  # output exists
