@@ -411,13 +411,16 @@ def load_model(
     config: PreTrainedConfig | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
-    dtype: str | None = None,
+    dtype: str | torch.dtype | None = None,
     **kwargs,
 ) -> PreTrainedModel:
     """Load a supported source checkpoint or a retrofit export as a transformers model.
 
-    Exports are loaded with retrofit's own generated classes, so no code from the folder is executed.
+    Exports are loaded with retrofit's own generated classes, so no code from the folder is executed. `dtype`: None or
+    ``"auto"`` (as stored), a floating-point `torch.dtype`, or its name as torch or ``retrofit bench --dtype`` spells
+    it (``bfloat16``, ``bf16``, ...).
     """
+    dtype = _load_dtype(dtype)
     source = resolve_source(source)
     config = config or load_config(source, trust_remote_code=trust_remote_code, revision=revision)
     family, head = family_and_head(config)
@@ -441,6 +444,27 @@ def load_model(
     _check_mismatched_weights(source, info.get("mismatched_keys") or ())
     _check_missing_weights(source, info["missing_keys"], head)
     return take_images(model) if family.padded_patches else model
+
+
+def _load_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype | None:
+    """`load_model`'s `dtype` as transformers takes it; one line for one it cannot load in (transformers' own error,
+    for ``bf16`` or an integer type, was reported as a bad checkpoint folder)."""
+    from .settings import DTYPE_NAMES
+
+    if dtype is None or dtype == "auto":
+        return dtype
+    named = dtype
+    if isinstance(dtype, str):
+        named = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            DTYPE_NAMES.get(dtype), getattr(torch, dtype, None)
+        )
+    if isinstance(named, torch.dtype) and named.is_floating_point:
+        return named
+    shown_dtype = str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else shown(dtype)
+    raise RetrofitError(
+        f"load_model: dtype {shown_dtype} is not a floating-point type to load weights in; pass fp32, bf16 or fp16 "
+        "(torch.float32, torch.bfloat16, torch.float16), or None for the stored one"
+    )
 
 
 WEIGHT_FILES = (

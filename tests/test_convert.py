@@ -401,6 +401,17 @@ def test_a_config_dtype_other_than_the_weights_converts_in_that_dtype(capsys, tm
     assert {t.dtype for t in load_file(tmp_path / "o" / "model.safetensors").values()} == {torch.bfloat16}
 
 
+def test_load_model_takes_retrofits_dtype_names_and_refuses_others_as_the_dtype(tiny_vit):
+    """`load_model(dtype="bf16")`, as `retrofit bench --dtype` spells it, was refused as a bad checkpoint folder
+    ("pass a folder holding config.json and weights"), and so was an integer type."""
+    assert load_model(tiny_vit, dtype="bf16").dtype == torch.bfloat16
+    assert load_model(tiny_vit, dtype=torch.float16).dtype == torch.float16
+    for dtype, shown_as in (("int8", "'int8'"), (torch.int8, "int8"), ("fp8", "'fp8'")):
+        with pytest.raises(RetrofitError, match=f"^load_model: dtype {shown_as} is not a floating-point type") as info:
+            load_model(tiny_vit, dtype=dtype)
+        assert "folder" not in str(info.value)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast runs on a GPU")
 def test_a_mixed_precision_the_cpu_cannot_run_is_refused_not_trained_in_float32():
     """Accelerate takes fp16 on the CPU and trains in float32 without a word, while the log ("precision fp16") and
