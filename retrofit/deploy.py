@@ -83,7 +83,7 @@ def run_export_onnx(args: ExportOnnxArgs, *, log: Callable[[str], None] = print)
     tolerance = args.tolerance if args.tolerance is not None else TOLERANCE[args.dtype]
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.tmp-", dir=output.parent) as work:
         path = Path(work) / output.name
-        names = _export(exported, pixels, path, exporter, log)
+        names = _export(exported, pixels, path, exporter)
         _write_metadata(path, _info(args, config, head, processor))
         got = _run(path, pixels)
         difference = max(_relative_difference(got[name], expected[name]) for name in names)
@@ -155,7 +155,7 @@ def _outputs(model: torch.nn.Module, pixels: torch.Tensor) -> dict[str, torch.Te
     return {name: value.float() for name, value in _Outputs(model).named(pixels).items()}
 
 
-def _export(model: torch.nn.Module, pixels: torch.Tensor, path: Path, exporter: str, log) -> list[str]:
+def _export(model: torch.nn.Module, pixels: torch.Tensor, path: Path, exporter: str) -> list[str]:
     """Write `model` to `path` with a dynamic batch (traced at batch 2); returns the output names."""
     import warnings
 

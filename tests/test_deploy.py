@@ -99,8 +99,8 @@ def test_overwrite_with_a_graph_that_keeps_its_weights_inside_removes_the_old_we
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.onnx", "new.onnx.data"]
     real_export = deploy._export
 
-    def weights_inside(model, pixels, path, exporter, log):
-        names = real_export(model, pixels, path, exporter, log)
+    def weights_inside(model, pixels, path, exporter):
+        names = real_export(model, pixels, path, exporter)
         onnx.save(onnx.load(str(path)), str(path))  # loads the external data and writes one file
         path.with_name(f"{path.name}.data").unlink()
         return names
