@@ -196,8 +196,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    _writable_stdout()
     with interrupts_watched():  # a Ctrl-C a library swallows still stops the command before it writes
         return _command(argv)
+
+
+def _writable_stdout() -> None:
+    """Where stdout cannot encode every character (``PYTHONIOENCODING=ascii``, a Windows console's code page), the
+    tables' and notes' non-ASCII characters (Δ, →, …) are written as escapes (``\\u0394``), as Python's stderr does,
+    instead of a UnicodeEncodeError after the work is done."""
+    encoding = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+    if encoding not in ("utf8", "utf8sig") and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
 
 
 def _in_a_launch() -> bool:

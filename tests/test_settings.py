@@ -399,3 +399,18 @@ def test_a_dash_for_an_output_is_refused_not_written_as_a_file_named_dash(tmp_pa
         assert main(argv) == 2
         assert capsys.readouterr().err.startswith(f"retrofit: error: {option} is '-', which here would name a file")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_table_reaches_a_stdout_that_cannot_encode_it(tiny_vit, tmp_path, monkeypatch):
+    """With ``PYTHONIOENCODING=ascii`` (or a Windows code page) evaluate failed with a UnicodeEncodeError traceback
+    at its table's 'Δ top-1' column, after all the work; now the character is written as its escape."""
+    import io
+
+    from test_data import make_imagefolder
+
+    data = make_imagefolder(tmp_path / "colours", per_class=2, test_per_class=2)
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert main(["evaluate", str(tiny_vit), str(tiny_vit), "--data", str(data), "--split", "test", "--limit", "4"]) == 0
+    stdout.flush()
+    assert "| \\u0394 top-1 vs first |" in stdout.buffer.getvalue().decode("ascii")
