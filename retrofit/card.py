@@ -393,12 +393,12 @@ def is_results_file(path: Path) -> bool:
     return isinstance(results, dict) and any(_is_report(key, results.get(key)) for key in _REPORTS)
 
 
-def _render(results: dict, export: Path, curve: bool = False) -> tuple[str, list[EvalResult] | None]:
+def _render(results: dict, curve: bool = False) -> tuple[str, list[EvalResult] | None]:
     """The card's Results section and model-index entries (None: no evaluation of the export) for `results`;
     `curve`: the export holds `CURVE_FILE`, drawn from the stored benchmark."""
     evaluation = results.get("evaluation")
     row = _find(_rows(evaluation), "model", (evaluation or {}).get("this"))
-    return results_section(results, export, curve), None if row is None else eval_results_from(evaluation, row)
+    return results_section(results, curve), None if row is None else eval_results_from(evaluation, row)
 
 
 def _is_our_curve(curve: Path) -> bool:
@@ -453,7 +453,7 @@ def check_card_target(export: str | Path, models: list[str], *, curve: bool = Fa
         _check_curve(export)
     results = _load_results(export)
     try:
-        _render(results, export)
+        _render(results)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         raise RetrofitError(
             f"--card {export}: {RESULTS_FILE} does not hold retrofit's results ({type(exc).__name__}: "
@@ -544,7 +544,7 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f} %"
 
 
-def results_section(results: dict, export: Path, curve: bool = False) -> str:
+def results_section(results: dict, curve: bool = False) -> str:
     """Markdown for the card's Results section: a before/after table, then the full evaluation and speed tables
     (with the batch-size curve, `CURVE_FILE`, where `curve`)."""
     from .benchmark import rate_text
@@ -760,7 +760,7 @@ def update_card(
     ours = _is_our_curve(curve)
     stale = benchmark is not None and drawn is None and ours  # a curve of an older benchmark than the new one
     has_curve = drawn is not None or (ours and not stale)
-    section, eval_results = _render(results, export, has_curve)
+    section, eval_results = _render(results, has_curve)
     card.text = _replace_section(card.text, "Results", section)
     if eval_results is not None:  # entries of an earlier evaluation go; those the user added stay, first
         kept = [

@@ -167,7 +167,7 @@ def test_a_measurement_whose_repeats_spread_is_flagged():
     assert "⚠" not in table and "Each measurement was taken once (--repeats 1), so how much it varies" in table
 
 
-def test_a_slow_models_images_per_second_is_not_printed_as_zero(tmp_path):
+def test_a_slow_models_images_per_second_is_not_printed_as_zero():
     """A large model on a CPU runs at a fraction of an image per second: the bench table, the card, the sweep table
     and a recipe's before/after table printed 0.04 images/s as 0.0 (or 0) next to a real speed-up."""
     from retrofit.card import results_section
@@ -185,7 +185,7 @@ def test_a_slow_models_images_per_second_is_not_printed_as_zero(tmp_path):
               "settings": {"batch_sizes": [1]}, "models": [source, merged]}  # fmt: skip
     table = benchmark.markdown_table(report)
     assert "| 0.04 |" in table and "| 0.08 (2.00×) |" in table and "0.0 " not in table
-    card = results_section({"benchmark": {**report, "this": "m"}}, tmp_path)
+    card = results_section({"benchmark": {**report, "this": "m"}})
     assert "| before: source (`s`) | – | – | 300 | 0.04 |" in card
     assert "| after: this model (`m`) | – | – | 150 | 0.08 |" in card
     quality = {"top1": 0.5, "top5": 1.0, "loss": 1.0, "gflops": 300.0, "speed_spread": None}
