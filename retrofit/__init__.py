@@ -4,6 +4,7 @@ The Python API mirrors the CLI, one function per command::
 
     from retrofit import convert, evaluate_models, finetune, run_recipe
     from retrofit.benchmark import BenchSettings, benchmark
+    from retrofit.deploy import export_onnx
     from retrofit.push import push
     from retrofit.sweep import SweepSettings, sweep
 
@@ -13,6 +14,7 @@ The Python API mirrors the CLI, one function per command::
     benchmark([source, export], settings=BenchSettings(...))                  # retrofit bench
     sweep(source, SweepSettings(after_layers=(3, 6), tokens=(8,), data=...))  # retrofit sweep
     push(export, repo_id)                                                     # retrofit push
+    export_onnx(export, "model.onnx")                                         # retrofit export-onnx
     run_recipe("recipes/fashion-mnist.yaml")                                  # retrofit run
 
 plus the building blocks: `insert_patch_merger`, `export`, `load_model`, `model_cost`, `update_card`. (`benchmark`,
