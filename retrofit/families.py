@@ -1,7 +1,9 @@
 """The registry of supported model families: where each keeps its layers, its prefix tokens, what its head reads.
 
 Adding a family is adding one `Family` entry to `FAMILIES`. Everything else (surgery, export, cost, training)
-reads these entries; nothing else in retrofit knows a family by name.
+reads these entries; elsewhere in retrofit only the text side of SigLIP's dual encoders (how its prompts are padded
+and scored: `zero_shot.tokenize`, `pooled_tokens`, `text_embeddings`, the card's usage example) and bench's list of
+ViT shapes name a family.
 """
 
 from __future__ import annotations
