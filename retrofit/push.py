@@ -1,4 +1,5 @@
-"""`push`: upload a complete export to the Hugging Face Hub with huggingface_hub (create repo, branch, upload)."""
+"""`push`: upload a complete export to the Hugging Face Hub with huggingface_hub (create repo, branch, upload; the
+files of an earlier export that this one lacks go in the same commit, `STALE_PATTERNS`)."""
 
 from __future__ import annotations
 
