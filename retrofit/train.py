@@ -56,8 +56,8 @@ NEW_HEAD_FIX = (
 @dataclass
 class TrainResult:
     """What a run did: steps, the last training loss, evaluation history (each evaluation's ``accuracy`` on labels,
-    ``agreement`` with the teacher's predictions on a split without labels the model knows, or a backbone's
-    ``similarity``), the trained model (unwrapped)."""
+    zero-shot for a contrastive pretraining, ``agreement`` with the teacher's predictions on a split without labels
+    the model knows, or a backbone's or dual encoder's ``similarity``), the trained model (unwrapped)."""
 
     steps: int
     epochs: float
@@ -461,8 +461,9 @@ def make_accelerator(settings: TrainSettings, project_dir: Path | None):
 
 def evaluate(model, eval_dl, accelerator, teacher=None, captions: Captions | None = None) -> dict:
     """The model on the evaluation data, with `retrofit.evaluation`'s loop: accuracy on labels; without labels, top-1
-    agreement with the teacher; a backbone, the cosine similarity of its features to the teacher's; a dual encoder
-    pretrained on `captions`, its zero-shot accuracy with their first template."""
+    agreement with the teacher; a backbone or a dual encoder, the cosine similarity of its features to the teacher's;
+    a dual encoder pretrained on `captions`, its zero-shot accuracy with their first template. {} where there is
+    nothing to compare with (no labels and no teacher)."""
     from .evaluation import ZeroShotClassifier, feature_similarity, score_models
     from .loading import family_and_head
     from .zero_shot import prompts, text_embeddings
