@@ -203,7 +203,8 @@ def load_classes(family: Family, head: Head) -> MergedClasses:
     """Render the code for (family, head), import it as a package (from memory), and return its classes. They are
     registered for their Auto classes, as transformers registers the classes of a model loaded with
     ``trust_remote_code``: saving a model made of them (``save_pretrained``, ``Trainer``, ``push_to_hub``) writes their
-    files and the ``auto_map``, so that the saved folder loads without retrofit too."""
+    files and the ``auto_map``, so that the saved folder loads without retrofit too. Where the cache cannot be written
+    (no copy of the files on disk) they are not registered, and `MergedClasses.saves_code` is False."""
     files, auto_map = render(family, head)
     names = _names(family, head)
     package = f"retrofit_generated_{names['model_type']}_{head.class_name.lower()}"
