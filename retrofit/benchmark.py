@@ -496,20 +496,46 @@ def images_per_second(
 ) -> dict[str, float | None]:
     """Forward throughput of in-memory models on random images, measured alternately with `run_benchmark` (the one
     timer retrofit has): one warm-up pass, then the median of `repeats` timed passes, each model in turn. `spreads`,
-    if given, gets each model's `spread` of its passes (None where not measured)."""
+    if given, gets each model's `spread` of its passes (None where not measured). The models are handed back on the
+    device, in the dtype and in the mode they came in: a run times its bf16 teacher in float32, then distils from it in
+    bf16, as finetune does."""
     settings = BenchSettings(device=device, dtype=dtype, batch_sizes=(batch_size,), warmup=1, repeats=repeats,
                              min_time=0.0, latency_iters=0)  # fmt: skip
     variants = []
-    for name, model in models.items():
-        runner = timed_part(place_model(model, device, dtype), model.config)
-        variant = Variant(name, model, model.config, "eager", 0.0, runner=runner)
-        if image_size is not None:
-            variant.input_shape = (_input_shape(variant)[0], *image_size)
-        variants.append(variant)
-    run_benchmark(variants, settings, log=lambda _: None)
+    placed = {id(model): (model, *_placement(model)) for model in models.values()}  # before any (shared weights)
+    try:
+        for name, model in models.items():
+            runner = timed_part(place_model(model, device, dtype), model.config)
+            variant = Variant(name, model, model.config, "eager", 0.0, runner=runner)
+            if image_size is not None:
+                variant.input_shape = (_input_shape(variant)[0], *image_size)
+            variants.append(variant)
+        run_benchmark(variants, settings, log=lambda _: None)
+    finally:
+        for model, where, training in placed.values():
+            _restore_placement(model, where, training)
     if spreads is not None:
         spreads.update({v.name: spread(v.results[batch_size]) for v in variants})
     return {v.name: v.results[batch_size].get("images_per_s") for v in variants}
+
+
+def _placement(model: torch.nn.Module) -> tuple[dict[str, tuple[torch.device, torch.dtype]], bool]:
+    """Where each parameter and buffer of `model` is (by name), in which dtype, and whether it is training: what
+    `images_per_second` hands back (a model of several dtypes, e.g. a float32 merger in a bf16 model, keeps them)."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return {name: (tensor.device, tensor.dtype) for name, tensor in tensors}, model.training
+
+
+def _restore_placement(model: torch.nn.Module, where: dict, training: bool) -> None:
+    """Put `model` back where `_placement` found it (`Module.to` keeps a parameter object and replaces a buffer)."""
+    for name, (device, dtype) in where.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if leaf in owner._parameters:
+            owner._parameters[leaf].data = owner._parameters[leaf].data.to(device=device, dtype=dtype)
+        elif leaf in owner._buffers:
+            owner._buffers[leaf] = owner._buffers[leaf].to(device=device, dtype=dtype)
+    model.train(training)
 
 
 def run_benchmark(

@@ -242,6 +242,23 @@ def test_a_block_the_clock_cannot_time_is_reported_not_divided_by(tiny_vit, monk
     assert rates["source"] > 0 and rates["merged"] is None
 
 
+def test_images_per_second_hands_models_back_in_their_own_dtype_and_mode(tiny_vit):
+    """`run` times its baseline (the kd teacher) and the merged model in float32 before training: a bf16 teacher came
+    back cast to float32 in place (and in eval mode), so `run` distilled from another teacher than `finetune`."""
+    from retrofit.loading import load_model
+    from retrofit.surgery import insert_patch_merger
+
+    teacher = load_model(tiny_vit, dtype="bf16").train()
+    merged = insert_patch_merger(teacher, 2, 4)  # shares the teacher's weights
+    merged.patch_merger.float()  # a model of two dtypes keeps both
+    rates = benchmark.images_per_second({"baseline": teacher, "merged": merged}, batch_size=1, repeats=1)
+    assert rates["baseline"] > 0 and rates["merged"] > 0
+    assert teacher.training and merged.training
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+    assert merged.patch_merger.queries.dtype == torch.float32
+    assert {p.dtype for n, p in merged.named_parameters() if "patch_merger" not in n} == {torch.bfloat16}
+
+
 def test_a_latency_pass_that_fails_after_the_warm_up_is_a_status(tiny_vit, monkeypatch):
     """A batch-1 latency pass that ran out of memory after its warm-up raised a traceback out of the benchmark (every
     model's images/s lost); it is that model's latency status now, as a failed batch size is."""
