@@ -187,12 +187,26 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
+    """Run the CLI; returns the exit code (0 ok, 2 bad input, 130 interrupted, 141 stdout closed early)."""
     try:
         return _main(sys.argv[1:] if argv is None else argv)
+    except BrokenPipeError:  # ``retrofit ... | head -1``: the reader left; stop quietly as Unix tools do
+        _stdout_to_nowhere()
+        return 128 + signal.SIGPIPE
     finally:
         if argv is None:  # the process exits next: a Ctrl-C now would only break the libraries' exit handlers
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stdout_to_nowhere() -> None:
+    """Point the process's stdout at the null device, so that Python's flush at exit does not fail on the closed pipe
+    again (with "Exception ignored ... BrokenPipeError")."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    except (OSError, ValueError, AttributeError):  # no file behind sys.stdout (a caller's stream): nothing to flush
+        pass
 
 
 def _main(argv: list[str]) -> int:

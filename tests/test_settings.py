@@ -414,3 +414,21 @@ def test_a_table_reaches_a_stdout_that_cannot_encode_it(tiny_vit, tmp_path, monk
     assert main(["evaluate", str(tiny_vit), str(tiny_vit), "--data", str(data), "--split", "test", "--limit", "4"]) == 0
     stdout.flush()
     assert "| \\u0394 top-1 vs first |" in stdout.buffer.getvalue().decode("ascii")
+
+
+def test_a_reader_that_leaves_early_stops_the_command_quietly(tiny_vit, monkeypatch, capsys):
+    """``retrofit sweep ... --dry-run | head -1`` (the reader gone before the output ends) was a BrokenPipeError
+    traceback with exit code 1; now nothing more is written and the code is 141, as Unix tools give."""
+
+    class ClosedPipe:
+        encoding = "utf-8"
+
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["sweep", str(tiny_vit), "--dry-run"]) == 141
+    assert capsys.readouterr().err == ""
