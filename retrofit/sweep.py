@@ -314,7 +314,7 @@ def check_output_folder(settings: SweepSettings, output: str | Path | None, over
 
 def sweep(
     source: str,
-    settings: SweepSettings,
+    settings: SweepSettings | dict,
     *,
     output: str | Path | None = None,
     overwrite: bool = False,
