@@ -991,13 +991,13 @@ def benchmark(
     models: list[str | os.PathLike] | str | os.PathLike,
     *,
     merges: list[tuple[str, int]] | str | None = None,
-    settings: BenchSettings | None = None,
+    settings: BenchSettings | dict | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Build, measure and report: the Python API behind ``retrofit bench`` and ``bench/speed.py``. Returns the
     JSON-ready report, with its Markdown table under ``"table"`` (as `retrofit.evaluate_models` does). `models`: one
     or a list of shape names, checkpoints, exports or .onnx files (as text or paths); `merges`: ``"6:8,half:8"`` as
-    ``--merge`` takes it, or (K or "half", M) pairs."""
+    ``--merge`` takes it, or (K or "half", M) pairs; `settings`: a `BenchSettings`, or a dict of its fields."""
     check_arguments("benchmark", log=log)
     models = model_list(models)  # one, or several
     if isinstance(settings, dict):  # the fields of BenchSettings, as a notebook writes them
