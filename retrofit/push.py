@@ -386,9 +386,10 @@ def push(
 ) -> str:
     """Create `repo_id` if needed (and branch `revision`), upload the export folder; return the repo (tree) URL.
 
-    `revision` ``refs/pr/N`` uploads into open pull request N of an existing repo; `create_pr` opens a new pull
-    request on an existing repo instead of committing to it (for a repo you may not write to, such as an
-    organisation's), and returns its URL. `private` makes a new repo private and refuses an existing public one
+    `revision` ``refs/pr/N`` uploads into open pull request N of an existing repo (and returns its discussion URL);
+    `create_pr` opens a new pull request on an existing repo instead of committing to it (for a repo you may not
+    write to, such as an organisation's), and returns its URL, or the repo's where its main branch already holds
+    these files (no pull request is opened then). `private` makes a new repo private and refuses an existing public one
     (an upload does not change a repo's visibility). A branch is created before the upload; if the Hub refuses it on
     a repo this call created, that repo is deleted again (nothing left behind). The export must load as it stands
     (`check_loads`; `check=False`: retrofit has just written it). Files of an earlier export the repo holds and this one
