@@ -191,11 +191,35 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(sys.argv[1:] if argv is None else argv)
     except BrokenPipeError:  # ``retrofit ... | head -1``: the reader left; stop quietly as Unix tools do
+        if not _stdout_closed():
+            raise  # another pipe than stdout (a worker's): an error to show
         _stdout_to_nowhere()
         return 128 + signal.SIGPIPE
     finally:
         if argv is None:  # the process exits next: a Ctrl-C now would only break the libraries' exit handlers
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout's reader is gone: a pipe with no reader polls as an error; a stream without a file descriptor
+    (a caller's) fails to flush what it holds."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            return True
+        except (OSError, ValueError):
+            pass
+        return False
+    if not hasattr(select, "poll"):  # Windows: no poll; a broken pipe there is stdout's as good as always
+        return True
+    poll = select.poll()
+    poll.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poll.poll(0))
 
 
 def _stdout_to_nowhere() -> None:

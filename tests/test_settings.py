@@ -426,8 +426,8 @@ def test_a_reader_that_leaves_early_stops_the_command_quietly(tiny_vit, monkeypa
         def write(self, text: str) -> int:
             raise BrokenPipeError(32, "Broken pipe")
 
-        def flush(self) -> None:
-            pass
+        def flush(self) -> None:  # what a closed pipe still holds fails again
+            raise BrokenPipeError(32, "Broken pipe")
 
     monkeypatch.setattr(sys, "stdout", ClosedPipe())
     assert main(["sweep", str(tiny_vit), "--dry-run"]) == 141
