@@ -613,6 +613,11 @@ def train(
     eval_dl = accelerator.prepare(eval_dl) if eval_dl is not None else None
     if teacher is not None:
         teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
+        autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.mixed_precision)
+        if autocast_dtype is not None and teacher.dtype not in (torch.float32, autocast_dtype):
+            # an fp16 teacher (the source as stored) under bf16 autocast, or bf16 under fp16: autocast takes float32
+            # and its own dtype only, and failed inside torch.cat ("Unexpected floating ScalarType")
+            teacher = teacher.float()
     steps_per_epoch = max(1, math.ceil(len(train_dl) / run.grad_accum))
     budget = training_budget(run, images, steps_per_epoch, accelerator.num_processes)
     if resuming:

@@ -412,6 +412,23 @@ def test_load_model_takes_retrofits_dtype_names_and_refuses_others_as_the_dtype(
         assert "folder" not in str(info.value)
 
 
+def test_an_fp16_source_finetunes_under_bf16_autocast_and_exports_in_fp16(tiny_vit, tmp_path):
+    """The kd teacher is the source as stored: an fp16 one under --mixed-precision bf16 failed with a traceback from
+    inside torch.cat (autocast takes float32 and its own dtype only); the export stays in the source's fp16."""
+    from test_data import make_imagefolder
+
+    from retrofit import finetune
+
+    source = tmp_path / "fp16"
+    load_model(tiny_vit).half().save_pretrained(source)
+    shutil.copy(tiny_vit / "preprocessor_config.json", source)
+    data = make_imagefolder(tmp_path / "colours", per_class=2, test_per_class=1)
+    finetune(source, output=tmp_path / "o", after_layer=2, num_tokens=4, data=str(data), loss="kd", max_steps=1,
+             min_steps=0, batch_size=6, mixed_precision="bf16", calibrate=False, progress=False)  # fmt: skip
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["dtype"] == "float16"
+    assert {t.dtype for t in load_file(tmp_path / "o" / "model.safetensors").values()} == {torch.float16}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast runs on a GPU")
 def test_a_mixed_precision_the_cpu_cannot_run_is_refused_not_trained_in_float32():
     """Accelerate takes fp16 on the CPU and trains in float32 without a word, while the log ("precision fp16") and
