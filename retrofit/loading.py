@@ -301,8 +301,10 @@ def for_task(config: PreTrainedConfig, task: str | None) -> PreTrainedConfig:
         tower = copy.deepcopy(layer_config(config, head))
         tower.architectures = [next(iter(FAMILIES[family.tower].heads))]
         tower._name_or_path = config._name_or_path
-        if getattr(tower, "dtype", None) is None:
-            tower.dtype = config.dtype  # a bf16 checkpoint's tower loads as bf16, like the checkpoint
+        # A bf16 checkpoint's tower loads as bf16, like the checkpoint: the top-level dtype is the weights'
+        # (save_pretrained writes it), a sub-config's can be stale (float32 in a checkpoint saved after `.half()`).
+        if getattr(config, "dtype", None) is not None or getattr(tower, "dtype", None) is None:
+            tower.dtype = config.dtype
         return tower
     classes = ", ".join(f"{h.class_name} ({h.pipeline_tag})" for h in family.heads.values())
     article = "an" if task[0] in "aeiou" else "a"  # an image-classification, a zero-shot-image-classification model

@@ -401,6 +401,24 @@ def test_a_config_dtype_other_than_the_weights_converts_in_that_dtype(capsys, tm
     assert {t.dtype for t in load_file(tmp_path / "o" / "model.safetensors").values()} == {torch.bfloat16}
 
 
+def test_the_vision_tower_of_a_half_precision_clip_converts_in_its_dtype(tmp_path):
+    """A full CLIP saved after `.half()` says float16 at the top of config.json and (stale) float32 in vision_config:
+    `--task image-feature-extraction` exported its vision tower in float32, twice the size, without a word."""
+    from conftest import TINY, save_tiny
+    from transformers import CLIPConfig, CLIPModel
+
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size", "patch_size")
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99)
+    config = CLIPConfig(vision_config={key: TINY[key] for key in keys}, text_config=text, projection_dim=16)
+    config.vision_config.dtype = torch.float32  # as a checkpoint loaded in float32 and then halved carries it
+    source = save_tiny(CLIPModel(config).half(), tmp_path / "clip")
+    assert json.loads((source / "config.json").read_text())["vision_config"]["dtype"] == "float32"
+    convert(source, after_layer=2, num_tokens=4, output=tmp_path / "o", task="image-feature-extraction",
+            log=lambda _: None)  # fmt: skip
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["dtype"] == "float16"
+    assert {t.dtype for t in load_file(tmp_path / "o" / "model.safetensors").values()} == {torch.float16}
+
+
 def test_load_model_takes_retrofits_dtype_names_and_refuses_others_as_the_dtype(tiny_vit):
     """`load_model(dtype="bf16")`, as `retrofit bench --dtype` spells it, was refused as a bad checkpoint folder
     ("pass a folder holding config.json and weights"), and so was an integer type."""
