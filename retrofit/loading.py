@@ -71,6 +71,13 @@ def _source_error(source: str, exc: Exception) -> RetrofitError:
         return RetrofitError(
             f"cannot load '{source}': {brief(exc, 200)}; pass a folder holding config.json and weights"
         )
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:  # no network was tried: the cache lacks it
+        return RetrofitError(
+            f"'{source}' is neither a local folder nor a Hub model id in the cache, and HF_HUB_OFFLINE is set; "
+            "unset HF_HUB_OFFLINE to download it, or check the path or id"
+        )
     return RetrofitError(
         f"'{source}' is neither a local folder nor a reachable Hub model id ({brief(exc)}); "
         "check the path or id, your network, or log in with `hf auth login` for private models"

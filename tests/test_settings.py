@@ -432,3 +432,16 @@ def test_a_reader_that_leaves_early_stops_the_command_quietly(tiny_vit, monkeypa
     monkeypatch.setattr(sys, "stdout", ClosedPipe())
     assert main(["sweep", str(tiny_vit), "--dry-run"]) == 141
     assert capsys.readouterr().err == ""
+
+
+def test_a_hub_id_missing_from_the_cache_in_offline_mode_says_so(tmp_path, monkeypatch, capsys):
+    """With ``HF_HUB_OFFLINE=1`` (a CI job's cache) a model not in the cache was said to be unreachable, with "check
+    your network": no network was tried. The line now names the setting."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", "someone/not-in-the-cache", "--after-layer", "1", "--tokens", "2", "-o", "out"]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("and HF_HUB_OFFLINE is set; unset HF_HUB_OFFLINE to download it, or check the path or id\n")
+    assert not list(tmp_path.iterdir())
