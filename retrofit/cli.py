@@ -263,7 +263,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         word = next((word.split("=", 1)[0] for word in unknown if word.startswith("--")), None)
         close = difflib.get_close_matches(word, options, n=1, cutoff=0.6) if word else []
         hint = f"; did you mean {close[0]}?" if close else ""
-        command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+        more = f" … ({len(unknown)} in all)" if len(unknown) > 6 else ""  # a pasted list: the line stays short
+        command.error(f"unrecognized arguments: {' '.join(unknown[:6])}{more}{hint}")
     return namespace
 
 

@@ -378,6 +378,11 @@ def test_options_are_read_whole_and_verbose_keeps_the_exit_code(tmp_path, monkey
         "retrofit convert: error: unrecognized arguments: --after 1; did you mean --after-layer? "
         "(see retrofit convert --help)\n"
     )
+    with pytest.raises(SystemExit):  # a pasted list after an unknown option: named by its start and count
+        main(["evaluate", "m", "--data", "d", "--bogus", *map(str, range(3000))])
+    assert capsys.readouterr().err.startswith(
+        "retrofit evaluate: error: unrecognized arguments: --bogus 0 1 2 3 4 … (3001"
+    )
     for argv in (["-v", "convert", "s", "--after-layer", "0"], ["convert", "s", "--after-layer", "0", "-v"]):
         assert main([*argv, "--tokens", "2", "-o", "o"]) == 2
         err = capsys.readouterr().err
