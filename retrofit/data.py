@@ -26,10 +26,10 @@ import torch.nn.functional as F
 
 from .errors import RetrofitError, brief, check_at_least_one, shown
 from .naflex import patches_to_images
-from .provenance import CACHE_DIR
+from .provenance import CACHE_DIR, environment_folder
 
 FASHION_MNIST = "fashion-mnist"
-FASHION_MNIST_DIR = Path(os.environ.get("RETROFIT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+FASHION_MNIST_DIR = environment_folder("RETROFIT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
     "T-shirt/top",
     "Trouser",

@@ -24,7 +24,15 @@ from pathlib import Path, PureWindowsPath
 
 from .errors import RetrofitError
 
-CACHE_DIR = Path(os.environ.get("RETROFIT_CACHE", Path.home() / ".cache" / "retrofit"))
+
+def environment_folder(variable: str, default: Path | str) -> Path:
+    """The folder environment `variable` names (``~`` expanded), or `default` where it is unset or blank: an empty
+    value (``RETROFIT_CACHE=$UNSET``) meant the current folder, where the cache then wrote ``code/`` and ``locks/``."""
+    value = os.environ.get(variable, "").strip()
+    return Path(value).expanduser() if value else Path(default)
+
+
+CACHE_DIR = environment_folder("RETROFIT_CACHE", Path.home() / ".cache" / "retrofit")
 REGISTRY = "local-sources.json"
 # The files transformers loads a checkpoint's weights from, in the order it looks for them.
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")

@@ -450,3 +450,28 @@ def test_a_hub_id_missing_from_the_cache_in_offline_mode_says_so(tmp_path, monke
     err = capsys.readouterr().err
     assert err.endswith("and HF_HUB_OFFLINE is set; unset HF_HUB_OFFLINE to download it, or check the path or id\n")
     assert not list(tmp_path.iterdir())
+
+
+def test_an_empty_folder_variable_means_its_default_not_the_current_folder(tmp_path, monkeypatch):
+    """``RETROFIT_CACHE=`` (an unset variable in a CI file) put the cache in the current folder: convert wrote
+    ``code/`` and ``locks/`` there; ``RETROFIT_FASHION_MNIST_DIR=`` looked for the data files there."""
+    import importlib.util
+
+    import retrofit
+
+    monkeypatch.setenv("RETROFIT_CACHE", "")
+    monkeypatch.setenv("RETROFIT_FASHION_MNIST_DIR", " ")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    folders = {}
+    for module, constant in (("provenance", "CACHE_DIR"), ("data", "FASHION_MNIST_DIR")):  # fresh copies: read now
+        spec = importlib.util.spec_from_file_location(
+            f"retrofit._fresh_{module}", Path(retrofit.__file__).with_name(f"{module}.py")
+        )
+        copy = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, spec.name, copy)  # where its dataclasses look themselves up
+        spec.loader.exec_module(copy)
+        folders[constant] = getattr(copy, constant)
+    assert folders == {
+        "CACHE_DIR": tmp_path / ".cache" / "retrofit",
+        "FASHION_MNIST_DIR": Path("/usr/share/datasets/fashion-mnist"),
+    }
