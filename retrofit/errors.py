@@ -154,11 +154,40 @@ def did_you_mean(key: str, valid) -> str:
     return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(map(str, valid))}"
 
 
+# Environment variables that name where retrofit and the libraries it calls write caches (most specific first)
+CACHE_VARIABLES = ("RETROFIT_CACHE", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_MODULES_CACHE", "HF_HOME")
+
+
 def describe_os_error(exc: OSError) -> str:
-    """A one-line message for a file-system error (full disk, permissions, a file where a folder should be)."""
+    """A one-line message for a file-system error (full disk, permissions, a file where a folder should be); a path
+    under a cache folder an environment variable sets (``HF_HOME``, ...) names that variable, as the user gave no such
+    path."""
+    import os
+
+    paths = [
+        os.path.abspath(os.fsdecode(name)) for name in (exc.filename, exc.filename2) if isinstance(name, str | bytes)
+    ]
     names = " -> ".join(f"'{name}'" for name in (exc.filename, exc.filename2) if name is not None)
     what = exc.strerror or brief(exc)
+    for variable in CACHE_VARIABLES:
+        folder = os.environ.get(variable, "").strip()
+        where = os.path.abspath(os.path.expanduser(folder))
+        if folder and any(_inside(path, where) for path in paths):
+            return (
+                f"{what}{f' ({names})' if names else ''}, under {variable}={folder}; point {variable} at a folder you "
+                "can write, or check its permissions and the free space"
+            )
     return f"{what}{f' ({names})' if names else ''}; check the path, its permissions and the free space"
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether absolute `path` is `folder` or lies inside it (False for paths on two Windows drives)."""
+    import os
+
+    try:
+        return os.path.commonpath([folder, path]) == folder
+    except ValueError:
+        return False
 
 
 def is_file_system_error(exc: OSError) -> bool:

@@ -475,3 +475,20 @@ def test_an_empty_folder_variable_means_its_default_not_the_current_folder(tmp_p
         "CACHE_DIR": tmp_path / ".cache" / "retrofit",
         "FASHION_MNIST_DIR": Path("/usr/share/datasets/fashion-mnist"),
     }
+
+
+def test_a_cache_folder_that_cannot_be_written_names_its_variable(tmp_path, monkeypatch):
+    """``HF_HOME`` set to a file (or a folder the user cannot write) failed with "Not a directory
+    ('<HF_HOME>/modules'); check the path": a path the user never gave. The line now names the variable."""
+    import errno
+
+    from retrofit.errors import describe_os_error
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    inside = OSError(errno.ENOTDIR, "Not a directory", str(tmp_path / "hf" / "modules"))
+    assert describe_os_error(inside) == (
+        f"Not a directory ('{tmp_path}/hf/modules'), under HF_HOME={tmp_path}/hf; point HF_HOME at a folder you can "
+        "write, or check its permissions and the free space"
+    )
+    outside = OSError(errno.EACCES, "Permission denied", str(tmp_path / "hfx" / "out"))  # only a shared prefix
+    assert describe_os_error(outside).endswith("; check the path, its permissions and the free space")
