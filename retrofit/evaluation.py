@@ -620,7 +620,7 @@ def feature_similarity(
     readers = [HeadReader(model, features=False) for model in models]
     totals, count = torch.zeros(len(models), dtype=torch.float64), 0
     nonfinite = torch.zeros(len(models), dtype=torch.long)  # images whose features hold NaN or inf, per model
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode, as transformers' Trainer: see `score_models`
         for batches in zip(*prepared, strict=True):  # equal lengths and padding: gather_for_metrics drops it once
             pixels = [batches[i]["pixel_values"].to(accelerator.device) for i in which]
             with accelerator.autocast():
@@ -665,6 +665,7 @@ def score_models(
     the loader's order (``predictions``). With an `accelerator` (a training loop's), `loader` is one it has prepared
     already; without one, it is prepared here."""
     from .data import TransformedDataset, check_labels
+    from .loading import in_model_dtype
 
     data = getattr(loader, "dataset", None)
     num_labels = getattr(getattr(models[0], "config", None), "num_labels", None) if models else None
@@ -681,12 +682,16 @@ def score_models(
         | ({"predictions": []} if predictions else {})
         for _ in models
     ]
-    with torch.inference_mode():
+    # no_grad, not inference_mode (as transformers' Trainer evaluates): a tensor a model caches in its first call
+    # would be an inference tensor, which no later training in the process can use (BEiT's relative position index,
+    # cached process-wide by window size: evaluate, then finetune, failed with "Inference tensors cannot be saved")
+    with torch.no_grad():
         for batch in loader:
             labels = batch.get("labels")
             if labels_from is not None:
                 with accelerator.autocast():
-                    labels = labels_from(pixel_values=batch["pixel_values"].to(accelerator.device)).logits.argmax(-1)
+                    pixels = in_model_dtype(batch["pixel_values"].to(accelerator.device), labels_from)
+                    labels = labels_from(pixel_values=pixels).logits.argmax(-1)
             for model, pred_map, stat in zip(models, maps, stats, strict=True):
                 _score_batch(model, pred_map, batch["pixel_values"], labels, k, accelerator, stat)
     return [
@@ -717,9 +722,12 @@ def _prepared(accelerator, loaders: list) -> tuple:
 
 
 def _forward(call: Callable, model, pixels: torch.Tensor):
-    """`call(model, pixels)`; a model that refuses the images (a size other than its ``image_size``) is one line."""
+    """`call(model, pixels)`, the pixels in the model's dtype (`loading.in_model_dtype`); a model that refuses the
+    images (a size other than its ``image_size``) is one line."""
+    from .loading import in_model_dtype
+
     try:
-        return call(model, pixels)
+        return call(model, in_model_dtype(pixels, model))
     except ValueError as exc:
         if "size" not in str(exc):
             raise

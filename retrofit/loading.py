@@ -695,6 +695,13 @@ def processor_image_size(processor) -> tuple[int, int] | None:
     return None
 
 
+def in_model_dtype(pixels: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+    """`pixels` in the floating dtype of `model`'s weights, as transformers' pipelines feed a model: a bf16 or fp16
+    BEiT does not cast its input itself ("Input type (float) and bias type (c10::BFloat16)")."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), pixels.dtype)
+    return pixels.to(dtype) if pixels.is_floating_point() else pixels
+
+
 def blank_images(model: PreTrainedModel, image_size: tuple[int, int]) -> torch.Tensor:
     """One blank image of `image_size` with the model's channels and dtype."""
     channels = getattr(layer_config(model.config, family_and_head(model.config)[1]), "num_channels", 3)

@@ -66,7 +66,11 @@ class HeadReader:
             self._recorded.append(args[0])
 
     def __call__(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> Outputs:
-        """`model` may be the prepared (wrapped) form of the model the reader was built on."""
+        """`model` may be the prepared (wrapped) form of the model the reader was built on. The pixels go in in the
+        model's dtype (a bf16 teacher of a float32 run; `loading.in_model_dtype`)."""
+        from .loading import in_model_dtype
+
+        pixel_values = in_model_dtype(pixel_values, model)
         if self.backbone_features == "image_embeds":  # a dual encoder: its normalised image embeddings
             from .zero_shot import image_embeddings, zero_shot_logits
 

@@ -1240,3 +1240,25 @@ def test_cost_is_what_a_flop_counter_counts(converted):
                     model(pixel_values=PIXELS)
             counted = counter.get_total_flops() / len(PIXELS) / 1e9
             assert model_cost(model.config, 32).gflops == pytest.approx(counted, rel=0.01), (name, str(path))
+
+
+def test_a_half_precision_beit_is_evaluated_and_distilled_from(tmp_path, capsys):
+    """transformers' BEiT does not cast its input to its weights' dtype: a bf16 BEiT (or its export) failed in
+    evaluate, and as the kd teacher of finetune (the source as stored), with "Input type (float) and bias type
+    (c10::BFloat16)"; retrofit feeds every model its pixels in its own dtype, as transformers' pipelines do. And
+    evaluate, then finetune, in one process failed with "Inference tensors cannot be saved for backward": BEiT caches
+    its relative position index process-wide, and evaluate made it under torch.inference_mode (now no_grad). The
+    40x40 images give a window (5x5) no other test makes, so the cache starts empty here."""
+    from test_data import make_imagefolder
+    from transformers import BeitConfig, BeitForImageClassification
+
+    from retrofit.finetune import finetune
+
+    data = make_imagefolder(tmp_path / "colours", per_class=4, test_per_class=2, size=40)
+    config = BeitConfig(**{**TINY, "image_size": 40}, use_relative_position_bias=True, use_mean_pooling=True)
+    source = save_tiny(_random_bias(BeitForImageClassification(config)).to(torch.bfloat16), tmp_path / "beit", 40)
+    assert main(["evaluate", str(source), "--data", str(data), "--batch-size", "3"]) == 0, capsys.readouterr().err
+    result = finetune(str(source), output=tmp_path / "pm", after_layer=1, num_tokens=4, data=str(data), loss="kd",
+                      max_steps=1, batch_size=4, min_steps=0, progress=False, log=lambda _: None)  # fmt: skip
+    assert result.finished and result.last_loss == result.last_loss  # not NaN
+    assert main(["evaluate", str(source), str(tmp_path / "pm"), "--data", str(data)]) == 0, capsys.readouterr().err
