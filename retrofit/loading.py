@@ -296,7 +296,8 @@ def for_task(config: PreTrainedConfig, task: str | None) -> PreTrainedConfig:
         return config
     if is_merged(config):
         raise RetrofitError(
-            f"this export is an {head.pipeline_tag} model ({head.class_name} with a PatchMerger), not {task}; "
+            f"this export is {'an' if head.pipeline_tag[0] in 'aeiou' else 'a'} {head.pipeline_tag} model "
+            f"({head.class_name} with a PatchMerger), not {task}; "
             f"drop --task, or convert its source with --task {task}"
         )
     for candidate in family.heads.values():

@@ -244,6 +244,11 @@ def test_zero_shot_refuses_what_cannot_work(duals, images, tiny_vit, tmp_path, c
     argv = ["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "3", "--output", str(tmp_path / "zs")]
     assert main([*argv, "--task", "zero-shot-image-classification"]) == 2  # said "an zero-shot-..."
     assert "ViT checkpoints cannot become a zero-shot-image-classification model" in capsys.readouterr().err
+    from retrofit.errors import RetrofitError
+    from retrofit.loading import for_task, load_config
+
+    with pytest.raises(RetrofitError, match="^this export is a zero-shot-image-classification model "):  # "an"
+        for_task(load_config(str(export)), "image-classification")
 
     bare = tmp_path / "bare"
     bare.mkdir()
