@@ -68,7 +68,7 @@ def export(
                 f"cannot write the weights to '{output}' ({brief(exc)}); check the free space"
             ) from None
         for filename, text in classes.files.items():
-            (tmp / filename).write_text(text)
+            (tmp / filename).write_text(text, encoding="utf-8")
         written = {path.name for path in tmp.iterdir()}
         if image_processor is not None:
             save_image_processor(image_processor, tmp)

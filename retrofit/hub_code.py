@@ -174,14 +174,14 @@ def _write_copy(package: str, files: dict[str, str]) -> Path | None:
     wanted = {**files, "__init__.py": ""}
 
     def holds(path: Path, text: str) -> bool:
-        return path.is_file() and not path.is_symlink() and path.read_text() == text
+        return path.is_file() and not path.is_symlink() and path.read_text(encoding="utf-8") == text
 
     try:
         if not folder.is_dir():
             folder.parent.mkdir(parents=True, exist_ok=True)
             work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
             for name, text in wanted.items():
-                (work / name).write_text(text)
+                (work / name).write_text(text, encoding="utf-8")
             try:
                 os.rename(work, folder)
             except OSError:  # another process wrote it meanwhile

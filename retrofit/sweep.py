@@ -531,7 +531,7 @@ def write_report(report: dict, output: str | Path, overwrite: bool = False, *, s
     try:
         with atomic_dir(output, overwrite, kind=SWEEP, inputs=(source, report.get("data"))) as tmp:
             (tmp / "sweep.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-            (tmp / "sweep.md").write_text(_markdown_report(report))
+            (tmp / "sweep.md").write_text(_markdown_report(report), encoding="utf-8")
             plot(report, tmp / "sweep.png")
     except OSError as exc:  # a full disk: nothing is left behind
         raise RetrofitError(f"cannot write the sweep into '{output}': {describe_os_error(exc)}") from None

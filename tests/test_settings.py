@@ -492,3 +492,20 @@ def test_a_cache_folder_that_cannot_be_written_names_its_variable(tmp_path, monk
     )
     outside = OSError(errno.EACCES, "Permission denied", str(tmp_path / "hfx" / "out"))  # only a shared prefix
     assert describe_os_error(outside).endswith("; check the path, its permissions and the free space")
+
+
+def test_an_export_is_written_in_utf8_whatever_the_locale(tiny_vit, tmp_path):
+    """Under a locale whose encoding is not UTF-8 (``LC_ALL=C`` without Python's UTF-8 coercion, a Windows code page)
+    convert failed with a UnicodeEncodeError traceback writing the generated code (its '²'); a code page that has the
+    character would have written a modeling file Python cannot import as UTF-8."""
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0",
+           "PYTHONIOENCODING": "", "RETROFIT_CACHE": str(tmp_path / "cache")}  # fmt: skip
+    script = (
+        "import locale, sys; print(locale.getpreferredencoding()); "
+        "from retrofit.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    argv = ["convert", str(tiny_vit), "--after-layer", "1", "--tokens", "2", "-o", str(tmp_path / "out")]
+    done = subprocess.run([sys.executable, "-c", script, *argv], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.startswith("ANSI_X3.4-1968\n"), done.stderr[-2000:]
+    code = next((tmp_path / "out").glob("modeling_*.py")).read_text(encoding="utf-8")
+    assert not code.isascii()  # what the locale could not write
