@@ -233,7 +233,7 @@ def test_missing_path(capsys, tmp_path):
 def test_unreachable_hub_id(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert_refused(capsys, tmp_path / "o", "nobody-xyz/no-such-model", "--after-layer", 1, "--tokens", 2,
-                   match="neither a local folder nor a reachable Hub model id")  # fmt: skip
+                   match="nor a Hub model id in the cache, and HF_HUB_OFFLINE is set")  # fmt: skip
 
 
 def test_long_library_messages_are_cut_at_a_sentence_or_word():
