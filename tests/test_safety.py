@@ -799,6 +799,9 @@ def test_library_retry_messages_do_not_reach_the_user(tmp_path, capsys, monkeypa
             hub_logging.get_logger("huggingface_hub.utils._http").warning(f"Retrying in 1s [Retry {attempt}/5].")
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.")
 
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # online, the Hub unreachable (the tests run offline)
     monkeypatch.setattr(AutoConfig, "from_pretrained", unreachable)
     for handler in logging.getLogger("huggingface_hub").handlers:  # as outside pytest: its records reach stderr
         monkeypatch.setattr(handler, "stream", sys.stderr)
