@@ -129,7 +129,9 @@ def source_license(model: PreTrainedModel) -> dict[str, str]:
     return found if "license" in found else {}
 
 
-def _how_made(config, training: TrainingInfo | None, licensing: dict[str, str] | None = None) -> str:
+def _how_made(
+    config, training: TrainingInfo | None, licensing: dict[str, str] | None = None, dtype: str | None = None
+) -> str:
     revision = getattr(config, "merge_source_revision", None)
     lines = [
         f"- source: `{config.merge_source}`" + (f" at commit `{revision}`" if revision else ""),
@@ -141,6 +143,8 @@ def _how_made(config, training: TrainingInfo | None, licensing: dict[str, str] |
             else "no prefix token (every token is merged)"
         ),
     ]
+    if dtype not in (None, "float32"):  # a half-precision export: said where a reader looks, not only in the log
+        lines.append(f"- weights stored in {dtype}")
     rope = getattr(config, "merge_rope_positions", None)  # RoPE families (DINOv3) only
     if rope is not None:
         where = "at the merge-weighted mean position of their patches" if rope == "mean" else "not rotated"
@@ -273,7 +277,7 @@ on far fewer tokens.
 
 ## How it was made
 
-{_how_made(config, training, licensing)}
+{_how_made(config, training, licensing, str(model.dtype).removeprefix("torch."))}
 
 ## How to use
 

@@ -400,6 +400,7 @@ def test_a_config_dtype_other_than_the_weights_converts_in_that_dtype(capsys, tm
     code, _ = run_cli(capsys, "convert", source, "--after-layer", 1, "--tokens", 2, "--output", tmp_path / "o")
     assert code == 0
     assert {t.dtype for t in load_file(tmp_path / "o" / "model.safetensors").values()} == {torch.bfloat16}
+    assert "- weights stored in bfloat16\n" in (tmp_path / "o" / "README.md").read_text()  # only the log said it
 
 
 def test_the_vision_tower_of_a_half_precision_clip_converts_in_its_dtype(tmp_path):
@@ -418,6 +419,7 @@ def test_the_vision_tower_of_a_half_precision_clip_converts_in_its_dtype(tmp_pat
             log=lambda _: None)  # fmt: skip
     assert json.loads((tmp_path / "o" / "config.json").read_text())["dtype"] == "float16"
     assert {t.dtype for t in load_file(tmp_path / "o" / "model.safetensors").values()} == {torch.float16}
+    assert "- weights stored in float16\n" in (tmp_path / "o" / "README.md").read_text()
 
 
 def test_load_model_takes_retrofits_dtype_names_and_refuses_others_as_the_dtype(tiny_vit):
