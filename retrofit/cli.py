@@ -108,12 +108,8 @@ def _recipe_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
                         from_recipe=frozenset(_by_field(group, given.get(section, {}))))  # fmt: skip
 
 
-class _Scratch(argparse.ArgumentParser):
+class _Scratch(_Parser):
     """A parser that says nothing: its errors are exceptions. It reads options as `_Parser` does (no abbreviations)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise ValueError(message)

@@ -5,6 +5,7 @@ import errno
 import reprlib
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 
 class RetrofitError(Exception):
@@ -172,22 +173,12 @@ def describe_os_error(exc: OSError) -> str:
     for variable in CACHE_VARIABLES:
         folder = os.environ.get(variable, "").strip()
         where = os.path.abspath(os.path.expanduser(folder))
-        if folder and any(_inside(path, where) for path in paths):
+        if folder and any(Path(path).is_relative_to(where) for path in paths):
             return (
                 f"{what}{f' ({names})' if names else ''}, under {variable}={folder}; point {variable} at a folder you "
                 "can write, or check its permissions and the free space"
             )
     return f"{what}{f' ({names})' if names else ''}; check the path, its permissions and the free space"
-
-
-def _inside(path: str, folder: str) -> bool:
-    """Whether absolute `path` is `folder` or lies inside it (False for paths on two Windows drives)."""
-    import os
-
-    try:
-        return os.path.commonpath([folder, path]) == folder
-    except ValueError:
-        return False
 
 
 def is_file_system_error(exc: OSError) -> bool:
