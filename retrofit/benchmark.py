@@ -30,9 +30,8 @@ from pathlib import Path
 import torch
 
 from .errors import RetrofitError, brief, check_arguments, check_interrupted, shown
+from .loading import DTYPES  # re-exported: bench scripts read it here
 from .settings import DTYPE_NAMES, BenchArgs, BenchSettings, from_options, model_list, parse_merges
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _shapes() -> dict[str, tuple]:

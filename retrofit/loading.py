@@ -19,6 +19,7 @@ from .families import FAMILIES, TASKS, Family, Head, family_for
 from .naflex import square_side, take_images
 
 MERGED_SUFFIX = "_patch_merger"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # by `settings.DTYPE_NAMES`' names
 
 
 def shipped_checkpoints() -> list[str]:
@@ -465,9 +466,7 @@ def _load_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype | None:
         return dtype
     named = dtype
     if isinstance(dtype, str):
-        named = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
-            DTYPE_NAMES.get(dtype), getattr(torch, dtype, None)
-        )
+        named = DTYPES.get(DTYPE_NAMES.get(dtype), getattr(torch, dtype, None))
     if isinstance(named, torch.dtype) and named.is_floating_point:
         return named
     shown_dtype = str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else shown(dtype)

@@ -571,7 +571,7 @@ def train(
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    from .loading import family_and_head
+    from .loading import DTYPES, family_and_head
 
     started = time.perf_counter()
     settle_losses(model, run, captions=captions)
@@ -613,7 +613,7 @@ def train(
     eval_dl = accelerator.prepare(eval_dl) if eval_dl is not None else None
     if teacher is not None:
         teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
-        autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.mixed_precision)
+        autocast_dtype = DTYPES.get(run.mixed_precision)  # "no": None
         if autocast_dtype is not None and teacher.dtype not in (torch.float32, autocast_dtype):
             # an fp16 teacher (the source as stored) under bf16 autocast, or bf16 under fp16: autocast takes float32
             # and its own dtype only, and failed inside torch.cat ("Unexpected floating ScalarType")
