@@ -577,6 +577,19 @@ def _fail(v: Variant, batch_size: int, exc: BaseException, device: torch.device,
     _free(device)
 
 
+def _outside_inference_mode(enabled: bool) -> contextlib.AbstractContextManager:
+    """The first warm-up pass of an eager model runs under no_grad, not inference_mode (nothing is timed there):
+    a tensor a model caches process-wide in its first call would otherwise be an inference tensor that no later
+    training in the process can use (BEiT's relative position index: bench, then finetune, failed with "Inference
+    tensors cannot be saved for backward"). Compiled models are left alone, so that they compile once."""
+    if not enabled:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.no_grad())
+    return stack
+
+
 def _measure_batch_size(variants, batch_size, settings, device, dtype, generator, log) -> None:
     try:
         inputs = _inputs(variants, batch_size, device, dtype, generator)
@@ -591,8 +604,9 @@ def _measure_batch_size(variants, batch_size, settings, device, dtype, generator
     for v in variants:
         x = inputs[_input_shape(v)]
         try:
-            for _ in range(max(1, settings.warmup)):
-                seconds = _time_block(v.runner, x, 1, device)
+            for i in range(max(1, settings.warmup)):
+                with _outside_inference_mode(i == 0 and v.compile_mode == "eager"):
+                    seconds = _time_block(v.runner, x, 1, device)
             iters[v.label] = max(1, math.ceil(settings.min_time / max(seconds, 1e-6)))
         except Exception as exc:  # noqa: BLE001 - OOM or a compile failure: report it, go on
             _fail(v, batch_size, exc, device, log)

@@ -882,3 +882,27 @@ def test_a_merged_model_is_compared_only_with_an_unmerged_model_of_its_shape(tin
     variants = benchmark.build_variants([str(wider), str(export_dir), str(same_shape)], [], settings, log=print)
     assert variants[1].baseline == str(same_shape)
     assert variants[1].flops_ratio == pytest.approx(variants[2].gflops / variants[1].gflops)
+
+
+def test_bench_then_finetune_of_a_beit_in_one_process(tmp_path):
+    """bench times under torch.inference_mode; BEiT caches its relative position index process-wide on its first
+    call, so a notebook that benchmarked a BEiT and then fine-tuned it failed with "Inference tensors cannot be
+    saved for backward". The first (untimed) warm-up pass of an eager model now runs under no_grad."""
+    from conftest import TINY, save_tiny
+    from test_data import make_imagefolder
+    from transformers import BeitConfig, BeitForImageClassification
+    from transformers.models.beit.modeling_beit import BeitRelativePositionBias
+
+    from retrofit.finetune import finetune
+
+    cached = BeitRelativePositionBias.generate_relative_position_index  # transformers' lru_cache, inside its wrapper
+    next(c.cell_contents for c in cached.__closure__ if hasattr(c.cell_contents, "cache_clear")).cache_clear()
+    data = make_imagefolder(tmp_path / "colours", per_class=2, test_per_class=1, size=48)
+    config = BeitConfig(**{**TINY, "image_size": 48}, use_relative_position_bias=True)
+    source = save_tiny(BeitForImageClassification(config), tmp_path / "beit", 48)
+    settings = BenchSettings(batch_sizes=(2,), warmup=1, repeats=1, min_time=0.0, latency_iters=0)
+    assert benchmark.benchmark([source], settings=settings, log=lambda _: None)["models"][0]["results"]
+    result = finetune(str(source), output=tmp_path / "pm", after_layer=1, num_tokens=4, data=str(data), loss="kd",
+                      max_steps=1, batch_size=4, min_steps=0, eval_split=None, progress=False,
+                      log=lambda _: None)  # fmt: skip
+    assert result.finished and result.last_loss == result.last_loss  # not NaN
