@@ -437,6 +437,7 @@ def push(
         others = sorted(p.name for p in Path(export).iterdir() if p.name not in files)
         if others:
             log(f"not uploaded (not part of the export): {', '.join(others)}")
+        head = None if create_pr else _head_commit(api, repo_id, revision)
         with staged_for_hub(Path(export), files, repo_id, revision) as staged:
             info = api.upload_folder(
                 repo_id=repo_id,
@@ -463,11 +464,24 @@ def push(
         tree = f"{base}/discussions/{pull.group(1)}"
     else:
         tree = f"{base}/tree/{quote(revision, safe='')}" if revision else base
+    if head is not None and getattr(info, "oid", None) == head:  # huggingface_hub skipped a commit that changed nothing
+        log(f"nothing uploaded: {tree} already holds {export} as it is")
+        return tree
     log(f"uploaded {export} ({len(files)} required files present) to {tree}")
     commit_url = getattr(info, "commit_url", None)
     if commit_url:
         log(f"commit: {commit_url}")
     return tree
+
+
+def _head_commit(api, repo_id: str, revision: str | None) -> str | None:
+    """The commit `revision` (the main branch: None) of `repo_id` is at before an upload (None where that cannot be
+    read: a new branch, a failed request), so that an upload that changed nothing is not reported as one."""
+    try:
+        sha = api.repo_info(repo_id, repo_type="model", revision=revision).sha
+    except Exception:  # noqa: BLE001 - only what the log says depends on it; the upload reports real errors
+        return None
+    return sha if isinstance(sha, str) else None
 
 
 def push_written(

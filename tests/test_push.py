@@ -69,7 +69,13 @@ def hub(monkeypatch):
     def list_repo_files(self, repo_id, **kwargs):
         return [".gitattributes", *calls["remote"].get(repo_id, [])]
 
+    calls["heads"] = {}  # repo id -> the commit its main branch is at (repo_info's sha), where a test sets one
+
+    def repo_info(self, repo_id, **kwargs):
+        return SimpleNamespace(sha=calls["heads"].get(repo_id), private=None)
+
     monkeypatch.setattr(HfApi, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(HfApi, "repo_info", repo_info)
     monkeypatch.setattr(HfApi, "repo_exists", repo_exists)
     monkeypatch.setattr(HfApi, "delete_repo", delete_repo)
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
@@ -593,6 +599,30 @@ def test_create_pr_of_what_the_repo_already_holds_says_no_pull_request_was_opene
     assert main(["push", str(export_dir), "--repo-id", "org/vit-pm", "--create-pr"]) == 0
     out = capsys.readouterr().out
     assert "no pull request opened: org/vit-pm's main branch already holds" in out and "uploaded" not in out
+
+
+def test_pushing_what_the_repo_already_holds_says_nothing_was_uploaded(export_dir, hub, monkeypatch, capsys):
+    """Pushing the same export twice: huggingface_hub skips the commit that changes nothing and answers with the
+    branch's head commit; push said "uploaded ... " and named that older commit as if it were this upload's."""
+    hub["existing"].add("org/vit-pm")
+    hub["heads"]["org/vit-pm"] = "head"
+
+    def unchanged(self, repo_id, operations, *, commit_message, **kwargs):  # as create_commit answers a no-op
+        url = f"https://huggingface.co/{repo_id}/commit/head"
+        return CommitInfo(commit_url=url, commit_message=commit_message, commit_description="", oid="head")
+
+    monkeypatch.setattr(HfApi, "create_commit", unchanged)
+    assert main(["push", str(export_dir), "--repo-id", "org/vit-pm"]) == 0
+    out = capsys.readouterr().out
+    assert f"nothing uploaded: https://huggingface.co/org/vit-pm already holds {export_dir} as it is" in out
+    assert "uploaded " + str(export_dir) not in out and "commit: " not in out
+    hub["heads"]["org/vit-pm"] = "older"  # a real upload: a new commit
+    monkeypatch.setattr(HfApi, "create_commit", lambda self, repo_id, operations, **kw: CommitInfo(
+        commit_url="https://huggingface.co/org/vit-pm/commit/new", commit_message="", commit_description="",
+        oid="new"))  # fmt: skip
+    assert main(["push", str(export_dir), "--repo-id", "org/vit-pm"]) == 0
+    out = capsys.readouterr().out
+    assert f"uploaded {export_dir} " in out and "commit: https://huggingface.co/org/vit-pm/commit/new" in out
 
 
 def test_a_second_upload_removes_what_an_earlier_export_left_in_the_repo(export_dir, hub):
