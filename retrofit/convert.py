@@ -30,6 +30,7 @@ from .loading import (
 from .push import check_push, push_written
 from .settings import ConvertArgs, from_options
 from .surgery import check_merge, insert_patch_merger
+from .train import keeps_callers_random_state
 
 
 @dataclass
@@ -72,6 +73,7 @@ def convert(
 
 
 @releases_write_locks
+@keeps_callers_random_state
 def run_convert(args: ConvertArgs, *, log: Callable[[str], None] = print) -> ConvertResult:
     """`convert` for settings already checked (``retrofit convert`` builds `ConvertArgs` itself)."""
     source, output = args.source, args.output

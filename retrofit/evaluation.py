@@ -32,6 +32,7 @@ import torch
 from .data import chosen_images, dataset_label_map, generic_labels, model_labels, same_class_name
 from .errors import RetrofitError, brief, check_arguments
 from .settings import EVALUATE_SEED, EvaluateArgs, model_list
+from .train import keeps_callers_random_state
 from .zero_shot import DEFAULT_TEMPLATE
 
 METRICS_DIR = Path(__file__).parent / "metrics"
@@ -113,6 +114,7 @@ def _accelerator(*, fresh: bool = False):
     return Accelerator(cpu=not torch.cuda.is_available())
 
 
+@keeps_callers_random_state
 def evaluate_models(
     models: list[str | os.PathLike] | str | os.PathLike,
     *,

@@ -242,6 +242,8 @@ def _merged_models(
 ) -> list[tuple]:
     """(K, M, model) per setting, initialised by calibration on `pixels` (the same images for every setting) or a
     short fine-tune (of the source loaded for `task`: its backbone, where it has no trained classifier)."""
+    import torch
+
     from .calibrate import calibrate
     from .loading import load_model
     from .surgery import insert_patch_merger
@@ -252,7 +254,11 @@ def _merged_models(
             log(f"setting after-layer {k}, {m} tokens ({settings.method}) ...")
             if settings.method == "calibrate":
                 size = tuple(pixels.shape[-2:])  # the processor's: `check_merge` bounded m by it
-                merged = insert_patch_merger(source_model, k, m, source=str(source), image_size=size).eval()
+                # the random start (kept where no k-means candidate beats it) drawn from the seed, as convert draws
+                # it: it came from whatever the process had drawn before, so a sweep's numbers changed between runs
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(settings.seed)
+                    merged = insert_patch_merger(source_model, k, m, source=str(source), image_size=size).eval()
                 log(calibrate(merged, pixels, seed=settings.seed).summary())
             else:
                 from .data import BatchLargerThanData
@@ -321,7 +327,23 @@ def sweep(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run the sweep; returns the report (and writes sweep.md/json/png into `output` if given). `settings`: a
-    `SweepSettings`, or a dict of its fields (as `retrofit.benchmark.benchmark` takes them)."""
+    `SweepSettings`, or a dict of its fields (as `retrofit.benchmark.benchmark` takes them). The caller's random
+    generators are left as they were."""
+    from .train import callers_random_state
+
+    with callers_random_state():
+        return _sweep(source, settings, output=output, overwrite=overwrite, log=log)
+
+
+def _sweep(
+    source: str,
+    settings: SweepSettings | dict,
+    *,
+    output: str | Path | None,
+    overwrite: bool,
+    log: Callable[[str], None],
+) -> dict:
+    """`sweep`'s work."""
     import tempfile
 
     from .benchmark import Variant, environment, parse_device, place_model, run_benchmark, spread, timed_part

@@ -663,9 +663,12 @@ def test_a_classifier_loaded_from_a_backbone_checkpoint_is_merged_as_the_class_i
     assert f"note: {new}" in "\n".join(logged) and new in (tmp_path / "pm" / "README.md").read_text()
 
 
-def test_convert_is_reproducible_and_leaves_the_callers_random_state_alone(tiny_vit):
+def test_convert_is_reproducible_and_leaves_the_callers_random_state_alone(tiny_vit, tmp_path):
     """Two converts of one checkpoint give the same merger (its random start was drawn from the caller's generator, so
-    each export differed and a notebook's later draws moved); --seed picks another start."""
+    each export differed and a notebook's later draws moved); --seed picks another start. Calibrating leaves the
+    caller's draws alone too (its data loader drew from torch's generator)."""
+    from test_data import make_imagefolder
+
     state = torch.random.get_rng_state()
     queries = [
         dict(convert(tiny_vit, after_layer=1, num_tokens=4, log=lambda _: None, **seed).model.named_parameters())[
@@ -673,6 +676,9 @@ def test_convert_is_reproducible_and_leaves_the_callers_random_state_alone(tiny_
         ].detach()
         for seed in ({}, {}, {"seed": 1})
     ]
+    assert torch.equal(torch.random.get_rng_state(), state)
+    data = make_imagefolder(tmp_path / "colours", per_class=2, test_per_class=1)
+    convert(tiny_vit, after_layer=1, num_tokens=4, calibrate_on=str(data), calibrate_images=4, log=lambda _: None)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert torch.equal(queries[0], queries[1]) and not torch.equal(queries[0], queries[2])
     assert main(["convert", str(tiny_vit), "--after-layer", "1", "--tokens", "4", "--seed", "-1"]) == 2

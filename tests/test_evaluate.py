@@ -541,8 +541,11 @@ def test_a_dual_encoder_and_a_vision_tower_are_compared_only_by_like_features(fu
 
 def test_the_python_api_takes_paths_and_checks_its_settings_as_the_cli_does(tiny_vit, images):
     """`evaluate_models` read one model given as text letter by letter ("'/' has no config.json"), put a data Path
-    into the JSON-ready report (which json.dumps then refused), and let a fractional top_k reach torch (TypeError)."""
+    into the JSON-ready report (which json.dumps then refused), and let a fractional top_k reach torch (TypeError).
+    It leaves the caller's random generators as they were (its data loader drew from torch's)."""
+    state = torch.random.get_rng_state()
     report = evaluate_models(str(tiny_vit), data=images, split="test", limit=2, log=lambda _: None)
+    assert torch.equal(torch.random.get_rng_state(), state)
     assert [row["model"] for row in report["models"]] == [str(tiny_vit)] and report["data"] == str(images)
     json.dumps(report)
     report = evaluate_models([Path(tiny_vit)], data=str(images), split="test", limit=2, log=lambda _: None)

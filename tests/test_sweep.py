@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -83,6 +84,25 @@ def test_sweep_writes_table_json_and_plot(tiny_vit, images, tmp_path, capsys):
     assert "| source | all |" in (out / "sweep.md").read_text()
     printed = capsys.readouterr().out
     assert "| after layer | tokens |" in printed and report["verdict"] in printed
+
+
+def test_a_sweep_scores_the_same_models_every_run_and_leaves_the_callers_draws(tiny_vit, images, monkeypatch):
+    """Where no k-means candidate beats the merger's random start, calibration keeps it; that start was drawn from
+    the caller's generator, so two sweeps in one process (a notebook) scored different models, and each sweep moved
+    the caller's later draws. It is drawn from the sweep's seed now, as convert draws it."""
+    import retrofit.calibrate
+
+    kept = SimpleNamespace(summary=lambda: "no candidate beat the random start")
+    monkeypatch.setattr(retrofit.calibrate, "calibrate", lambda merged, pixels, seed: kept)
+    settings = SweepSettings(after_layers=(1,), tokens=(2,), data=str(images), split="test", calibrate_images=6,
+                             bench_batch_size=2, bench_repeats=1)  # fmt: skip
+    losses = []
+    for seed in (0, 1):  # what the caller drew before
+        torch.manual_seed(seed)
+        state = torch.random.get_rng_state()
+        losses.append(sweep(str(tiny_vit), settings, log=lambda _: None)["settings_results"][0]["loss"])
+        assert torch.equal(torch.random.get_rng_state(), state)
+    assert losses[0] == losses[1]
 
 
 @pytest.mark.parametrize(
