@@ -44,6 +44,7 @@ class TrainingInfo:
     """How the merged model was made, beyond the merge settings in its config."""
 
     data: str | None = None
+    images: str | None = None  # which of `data`'s images were trained on: "train (the first 1000 images)"
     steps: int | None = None
     epochs: float | None = None
     loss: str | None = None
@@ -164,7 +165,8 @@ def _how_made(
         lines.append(f"- merger initialisation: {training.init}")
         if training.data:
             lines.append(
-                f"- fine-tuned on `{public_name(training.data)}` for {counted(training.steps, 'step')} "
+                f"- fine-tuned on `{public_name(training.data)}`{f' {training.images}' if training.images else ''} "
+                f"for {counted(training.steps, 'step')} "
                 f"({training.epochs} epochs), loss: {training.loss}"
             )
         else:

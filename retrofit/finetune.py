@@ -226,7 +226,7 @@ def finish(args: FinetuneArgs, ready: Prepared, result: TrainResult, *, log: Cal
     trained = result.model.to(ready.stored_dtype).eval()
     if ready.stored_dtype != torch.float32:
         log(f"saving in {str(ready.stored_dtype).removeprefix('torch.')}, as the source is stored (trained in float32)")
-    training = _training_info(args, result, ready.init, args.teacher)
+    training = _training_info(args, result, ready.init, args.teacher, images=len(ready.data[0].dataset))
     training.notes[:0] = ready.notes
     card = build_card(trained, source_config=ready.source_config, image_size=processor_image_size(ready.processor),
                       training=training, folder=args.output)  # fmt: skip
@@ -443,14 +443,30 @@ def _class_names(model) -> list[str] | None:
     return None if generic_labels(labels) else [labels[index] for index in sorted(labels)]
 
 
-def _training_info(run: TrainingRun, result: TrainResult, init: str, teacher: str | None = None):
+def _training_info(
+    run: TrainingRun, result: TrainResult, init: str, teacher: str | None = None, *, images: int | None = None
+):
+    """How the model was trained, for its card: which `images` of the split (their number), the settings that shape
+    the weights (`checkpoints.TRAINING_SETTINGS`; the card named neither the split, a --limit or --sample, nor
+    --augment, --weight-decay, --warmup-ratio, --max-grad-norm, --merger-lr-scale, --mixed-precision), the accuracy."""
     from .card import TrainingInfo
-    from .evaluation import first_images_text
+    from .data import chosen_images
+    from .evaluation import first_images_text, images_chosen, images_text
     from .loading import is_dual_encoder
     from .losses import describe_loss
     from .provenance import public_name
+    from .train import launched_processes
 
-    notes = [f"trained: {run.train}; lr {run.lr}, batch {run.batch_size}x{run.grad_accum}, seed {run.seed}"]
+    lr = f"lr {run.lr:g}" + (f" (the merger's ×{run.merger_lr_scale:g})" if run.merger_lr_scale != 1 else "")
+    processes = launched_processes()
+    batch = f"batch {run.batch_size}x{run.grad_accum}" + (f" on each of {processes} processes" if processes > 1 else "")
+    clip = f"gradient norm clipped at {run.max_grad_norm:g}" if run.max_grad_norm else "no gradient clipping"
+    how = [lr, f"weight decay {run.weight_decay:g}", f"warm-up ratio {run.warmup_ratio:g}", clip, batch]
+    if run.mixed_precision != "no":
+        how.append(f"mixed precision {run.mixed_precision}")
+    if run.augment:
+        how.append("augmented (random resized crops and horizontal flips)")
+    notes = [f"trained: {run.train}; {', '.join(how)}, seed {run.seed}"]
     if run.ema_decay:
         notes.append(f"weights: the moving average over training (--ema-decay {run.ema_decay:g}), not the last step's")
     last = result.final_evaluation
@@ -463,7 +479,11 @@ def _training_info(run: TrainingRun, result: TrainResult, init: str, teacher: st
         notes.append(f"top-1 agreement with the teacher on {on}: {100 * last['agreement']:.2f} %")
     loss = describe_loss(run, teacher, dual_encoder=result.model is not None and is_dual_encoder(result.model.config))
     epochs = round(result.epochs, 3) or float(f"{result.epochs:.3g}")  # a few steps of large data: not 0.0
-    return TrainingInfo(data=run.data, steps=result.steps, epochs=epochs, loss=loss, init=init,
+    read = None
+    if images is not None:  # the split, and the first --limit, a --sample or all of it
+        chosen = images_chosen(chosen_images(run.limit, run.sample, run.seed), images)
+        read = f"{run.split} ({images_text({'num_examples': images, **chosen})})"
+    return TrainingInfo(data=run.data, images=read, steps=result.steps, epochs=epochs, loss=loss, init=init,
                         notes=notes)  # fmt: skip
 
 

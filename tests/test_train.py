@@ -289,15 +289,25 @@ def test_gradient_checkpointing_recomputes_layers_and_reaches_the_same_weights(
 
 
 def test_sample_and_calibration_images_are_seeded_shuffled_subsets(tiny_vit, colours, tmp_path, monkeypatch, capsys):
+    """The card names the images trained on and the settings that shape the weights: it said "fine-tuned on `colours`
+    for 2 steps (1.0 epochs)" of a sample of 16 of its 24 images, and named neither --augment nor the optimizer's
+    other settings, so its numbers could not be reproduced from it."""
     import retrofit.data
 
     asked, real = [], retrofit.data.load_split
     monkeypatch.setattr(retrofit.data, "load_split", lambda *a, **kw: asked.append(kw) or real(*a, **kw))
     settings = dict(after_layer=2, num_tokens=4, data=colours, epochs=1, eval_split=None, **FAST)
-    result = finetune(tiny_vit, output=tmp_path / "pm", sample=16, seed=3, calibrate_images=5, **settings)
+    result = finetune(tiny_vit, output=tmp_path / "pm", sample=16, seed=3, calibrate_images=5, augment=True,
+                      weight_decay=0.1, merger_lr_scale=3, **settings)  # fmt: skip
     assert result.steps == 2  # 16 of the 24 training images, batch 8
     assert [(kw["limit"], kw["sample_seed"]) for kw in asked] == [(16, 3), (5, 3)]  # the training data, calibration
-    assert "k-means of the layer-2 tokens of 5 images of" in (tmp_path / "pm" / "README.md").read_text()
+    card = (tmp_path / "pm" / "README.md").read_text()
+    assert "k-means of the layer-2 tokens of 5 images of" in card
+    assert "- fine-tuned on `colours` train (a shuffled sample of 16 images, seed 3) for 2 steps (1.0 epochs)" in card
+    assert (
+        "- trained: all; lr 0.0002 (the merger's ×3), weight decay 0.1, warm-up ratio 0.05, gradient norm clipped at "
+        "1, batch 8x1, augmented (random resized crops and horizontal flips), seed 3\n"
+    ) in card
     capsys.readouterr()
     # --limit with --sample, no calibration images: one line each, nothing written
     base = ["finetune", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--data", colours]
