@@ -602,10 +602,16 @@ def results_section(results: dict, curve: bool = False) -> str:
         )
         if evaluation.get("metric") == "zero-shot":
             heading += f" (prompts like {evaluation['prompts'][0]!r})"
+        versions = evaluation.get("versions")  # None in a report of a retrofit that did not record them
+        releases = (
+            f" ({', '.join(f'{name} {release}' for name, release in versions.items())})"
+            if isinstance(versions, dict)
+            else ""
+        )
         parts.append(
             f"### {heading}\n\nOn `{evaluation['data']}` split "
             f"`{evaluation['split']}` "
-            f"({images_text(evaluation)}), measured with `retrofit evaluate`:\n\n{evaluation['table']}"
+            f"({images_text(evaluation)}), measured with `retrofit evaluate`{releases}:\n\n{evaluation['table']}"
         )
     if bench:
         from .benchmark import markdown_table

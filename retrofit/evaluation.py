@@ -236,6 +236,7 @@ def evaluate_models(
         **images_chosen(choose, rows[0]["num_examples"]),
         "top_k": k,
         "processes": accelerator.num_processes,
+        "versions": versions(),
         "labels": [reference[i] for i in range(len(reference))],
         "models": rows,
     }
@@ -292,6 +293,18 @@ def _preprocessing_groups(pairs: list[tuple]) -> dict[str, list[int]]:
     return groups
 
 
+def versions() -> dict[str, str]:
+    """The releases of the libraries a report's numbers depend on (an image processor's resizing, a kernel's rounding
+    and the data's reading change between them), for a reader who reruns the command."""
+    import datasets
+    import transformers
+
+    from . import __version__
+
+    return {"retrofit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "datasets": datasets.__version__}  # fmt: skip
+
+
 def _row(spec: str, config, processor) -> dict:
     """The columns every evaluated model has: what it is and what it costs, at the size of the images its `processor`
     gives it (what it was scored on; a DINOv2 config says 518 and its processor crops 224, as convert prices it)."""
@@ -306,6 +319,8 @@ def _row(spec: str, config, processor) -> dict:
         "merge_after_layer": getattr(config, "merge_after_layer", None),
         "merge_num_tokens": getattr(config, "merge_num_tokens", None),
         "gflops": model_cost(config, processor_image_size(processor)).gflops,
+        # which class prepared its images: transformers resizes with torchvision where it is installed, else with PIL
+        "image_processor": type(processor).__name__,
     }
 
 
@@ -362,6 +377,7 @@ def _evaluate_backbones(
         "num_examples": rows[0]["num_examples"],
         **images_chosen(choose, rows[0]["num_examples"]),
         "processes": _accelerator().num_processes,
+        "versions": versions(),
         "models": rows,
     }
     report["table"] = markdown_table(report)
@@ -585,6 +601,7 @@ def _evaluate_zero_shot(
         **images_chosen(choose, rows[0]["num_examples"]),
         "top_k": k,
         "processes": _accelerator().num_processes,
+        "versions": versions(),
         "template": template,
         "labels": names,
         "prompts": texts,

@@ -12,12 +12,13 @@ from conftest import TINY, launch_two_cpu_processes, save_tiny
 from test_data import make_imagefolder, make_labelled_folder
 from transformers import ViTConfig, ViTForImageClassification
 
+import retrofit
 from retrofit import convert
 from retrofit.cli import main
 from retrofit.data import class_names, load_split, make_dataloader
 from retrofit.errors import RetrofitError
 from retrofit.evaluation import evaluate_models, load_metric
-from retrofit.loading import load_image_processor, load_model
+from retrofit.loading import load_config, load_image_processor, load_model
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +157,19 @@ def test_card_gets_results_and_model_index(trained_vit, export_dir, images, tmp_
     assert "### Before / after" in card.text and "### Accuracy" in card.text
     assert card.text.count("## Results") == 1 and "split `test` (all 15 images)" in card.text
     assert stored["images"] == "all" and stored["sample_seed"] is None
+    # The releases the numbers were measured with and the class that prepared each model's images (transformers
+    # resizes with torchvision where it is installed, else with PIL): a rerun elsewhere can tell why it differs.
+    import datasets
+    import transformers
+
+    releases = {"retrofit": retrofit.__version__, "torch": torch.__version__,
+                "transformers": transformers.__version__, "datasets": datasets.__version__}  # fmt: skip
+    assert stored["versions"] == releases
+    processor = load_image_processor(folder, load_config(folder), log=lambda _: None)
+    assert {row["image_processor"] for row in stored["models"]} == {type(processor).__name__}
+    assert (
+        "measured with `retrofit evaluate` (" + ", ".join(f"{k} {v}" for k, v in releases.items()) + "):" in card.text
+    )
     # A second run replaces the section instead of appending another one, and says which images it scored.
     assert main([*argv, "--sample", "6"]) == 0
     text = ModelCard.load(folder / "README.md").text
