@@ -134,3 +134,26 @@ def test_device_map_keeps_merged_layers_whole_and_offloaded_layers_find_the_merg
             ).eval()
             got = offloaded(pixel_values=pixels)
         torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state)
+
+
+def test_a_traced_export_runs_at_other_batch_sizes(tmp_path):
+    """`torch.jit.trace` of an export, as of its source, gives a model that takes any batch size. BEiT's merged layers
+    built their merge of the relative position bias by assigning into slices of a new tensor, which the tracer records
+    at the traced batch size: the traced model failed at any other ('The size of tensor a (5) must match ...')."""
+    import warnings
+
+    from transformers import AutoModel, BeitConfig, BeitModel
+
+    sizes = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32)
+    source = BeitModel(BeitConfig(**sizes, patch_size=8, use_relative_position_bias=True))
+    export = tmp_path / "beit-trace-pm"
+    convert(save_tiny(source, tmp_path / "beit"), after_layer=2, num_tokens=3, output=export, log=lambda _: None)
+    model = AutoModel.from_pretrained(export, trust_remote_code=True).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the source's own shape checks
+        traced = torch.jit.trace(model, (torch.randn(2, 3, 32, 32, generator=generator),), strict=False)
+        for batch_size in (1, 5):
+            pixels = torch.randn(batch_size, 3, 32, 32, generator=generator)
+            expected = model(pixel_values=pixels).last_hidden_state
+            torch.testing.assert_close(traced(pixels)["last_hidden_state"], expected)

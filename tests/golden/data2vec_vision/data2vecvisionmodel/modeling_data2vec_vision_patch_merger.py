@@ -141,11 +141,13 @@ class MergedTokenPositions(nn.Module):
         """File T for the merge weights A `(B, N, M)` of a forward pass (None: the merger is bypassed, T = I)."""
         transform = None
         if weights is not None:
-            batch_size, num_patches, num_merged = weights.shape
+            _, num_patches, num_merged = weights.shape
             prefix = self.num_prefix_tokens
-            transform = weights.new_zeros(batch_size, prefix + num_patches, prefix + num_merged)
-            transform[:, :prefix, :prefix] = torch.eye(prefix, dtype=weights.dtype, device=weights.device)
-            transform[:, prefix:, prefix:] = weights
+            # Padded and added, not assigned into slices of a new tensor: `torch.jit.trace` records a slice
+            # assignment's broadcast at the traced batch size, and the traced model failed at any other.
+            identity = torch.eye(prefix, dtype=weights.dtype, device=weights.device)
+            identity = nn.functional.pad(identity, (0, num_merged, 0, num_patches))  # (P + N, P + M)
+            transform = nn.functional.pad(weights, (prefix, 0, prefix, 0)) + identity
         # A compiled model recomputes checkpointed layers in its own graph: one pass at a time is enough there, and
         # keeps the traced state the same from pass to pass.
         if is_torchdynamo_compiling():
