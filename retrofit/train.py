@@ -672,7 +672,10 @@ def train(
         def run_eval(averaged: bool = False) -> None:
             if eval_dl is None:
                 return
-            metrics = {**evaluate(model, eval_dl, accelerator, teacher, captions), "step": progress.step}
+            # scoring draws from torch's generator (each pass over a loader draws its base seed): with dropout or
+            # drop path, whether and how often the run evaluated (--eval-every, --eval-split) changed its weights
+            with callers_random_state():
+                metrics = {**evaluate(model, eval_dl, accelerator, teacher, captions), "step": progress.step}
             if averaged:
                 metrics["weights"] = "moving average"
             result.eval_history.append(metrics)

@@ -18,6 +18,7 @@ import torch
 from conftest import TINY, save_tiny
 from safetensors.torch import load_file
 from test_data import make_imagefolder, make_labelled_folder
+from transformers import ViTConfig, ViTForImageClassification
 
 import retrofit.losses as losses
 import retrofit.train as train_module
@@ -106,6 +107,19 @@ def test_resume_reaches_the_same_weights(tiny_vit, colours, tmp_path):
     # The evaluations before the interruption are kept (a recipe's before/after table lost its rows).
     assert [entry["step"] for entry in full.eval_history] == [2, 4, 6]
     assert resumed.eval_history == full.eval_history
+
+
+def test_evaluating_during_training_leaves_the_trained_weights_alone(colours, tmp_path):
+    """With dropout, the weights depended on the evaluation settings (--eval-every, --eval-split, eval_at_start),
+    which the docs say leave them as they are: each pass over the evaluation data drew from torch's generator, and
+    the dropout masks after it changed."""
+    torch.manual_seed(0)
+    source = save_tiny(ViTForImageClassification(ViTConfig(**TINY, hidden_dropout_prob=0.1)), tmp_path / "dropout")
+    settings = dict(after_layer=2, num_tokens=4, data=colours, loss="mix", max_steps=3, lr=1e-3, **FAST)
+    finetune(source, output=tmp_path / "evaluated", eval_every=1, eval_at_start=True, **settings)
+    finetune(source, output=tmp_path / "not", eval_split=None, **settings)
+    evaluated, plain = weights(tmp_path / "evaluated"), weights(tmp_path / "not")
+    assert all(torch.equal(evaluated[name], plain[name]) for name in plain)
 
 
 def test_ema_exports_the_moving_average_of_the_weights(tiny_vit, colours, tmp_path):
