@@ -43,6 +43,10 @@ T = TypeVar("T")
 ASSETS = Path(__file__).parent / "assets"  # the checkpoints shipped with retrofit (`retrofit:NAME`)
 SHIPPED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # the NAME of `retrofit:NAME`: a name, never a path
 REPORT_KEY = "retrofit_report"  # first key of every JSON report retrofit writes: what wrote it
+# What `evaluate --card` / `bench --card` add to an export (`card.RESULTS_FILE`, `card.CURVE_FILE`): the reports
+# behind the card's Results section, and its images/s against batch size.
+RESULTS_FILE = "retrofit_results.json"
+CURVE_FILE = "speed.png"
 
 
 def _json(path: Path) -> dict:
@@ -113,15 +117,15 @@ def family_files(config: dict) -> tuple[str, ...]:
     return (*code_files(family, head), *(TOKENIZER_FILES if head.is_dual_encoder else ()))
 
 
-def _card_file_ours(path: Path) -> bool:
-    """Whether a file of an export is retrofit's: the card's curve and results file (`card.CURVE_FILE`,
-    `card.RESULTS_FILE`) only where they hold what retrofit writes there (a user's file of that name is the user's, as
-    `push` tells them apart); every other file by its name."""
-    if path.name == "speed.png":
+def card_file_ours(path: Path) -> bool:
+    """Whether a file of an export is retrofit's: the card's curve and results file (`CURVE_FILE`, `RESULTS_FILE`)
+    only where they hold what retrofit writes there (a user's file of that name is the user's, and `push` leaves it
+    out); every other file by its name."""
+    if path.name == CURVE_FILE:
         from .benchmark import is_our_plot
 
         return is_our_plot(path)
-    if path.name == "retrofit_results.json":
+    if path.name == RESULTS_FILE:
         from .card import is_results_file
 
         return is_results_file(path)
@@ -137,12 +141,12 @@ EXPORT = Kind(
         "config.json",
         "preprocessor_config.json",
         "README.md",
-        "retrofit_results.json",
-        "speed.png",  # the card's batch-size curve (`retrofit bench --card`)
+        RESULTS_FILE,
+        CURVE_FILE,
     ),  # fmt: skip
     model_type_suffix="_patch_merger",
     marked_files=family_files,
-    ours=_card_file_ours,
+    ours=card_file_ours,
 )
 
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
-from .atomic import TOKENIZER_FILES, hold_write_lock, releases_write_locks
+from .atomic import CURVE_FILE, RESULTS_FILE, TOKENIZER_FILES, card_file_ours, hold_write_lock, releases_write_locks
 from .errors import RetrofitError, brief, check_arguments, shown
 from .settings import PushArgs
 
@@ -23,7 +23,7 @@ from .settings import PushArgs
 # export's (transformers reads model.safetensors before a shard index); a tokenizer.json before a SigLIP's spiece.model.
 STALE_PATTERNS = (
     "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors",
-    "configuration_*_patch_merger.py", "modeling_*_patch_merger.py", "retrofit_results.json", "speed.png",
+    "configuration_*_patch_merger.py", "modeling_*_patch_merger.py", RESULTS_FILE, CURVE_FILE,
     *TOKENIZER_FILES,
 )  # fmt: skip
 
@@ -166,8 +166,7 @@ def export_files(export: str | Path) -> list[str]:
         required.append(index.name)
         weights = _shard_names(index, export)
     required += weights
-    from .atomic import TOKENIZER_FILES, family_files
-    from .card import CURVE_FILE, RESULTS_FILE
+    from .atomic import family_files
 
     own = family_files(config)
     required += _code_files(config.get("auto_map"), export, own)
@@ -203,18 +202,7 @@ def export_files(export: str | Path) -> list[str]:
     # retrofit did not write (a user's file of that name) is the user's too.
     optional = [RESULTS_FILE, CURVE_FILE, *(name for name in TOKENIZER_FILES if name in own)]
     present = [name for name in optional if (folder / name).is_file() and not (folder / name).is_symlink()]
-    return required + [name for name in present if _ours(folder / name)]
-
-
-def _ours(path: Path) -> bool:
-    """Whether an optional file of an export is retrofit's: the card's curve a plot retrofit drew, the results file
-    a JSON object of retrofit's reports (`card.RESULTS_FILE`); any tokenizer file."""
-    from .benchmark import is_our_plot
-    from .card import CURVE_FILE, RESULTS_FILE, is_results_file
-
-    if path.name == CURVE_FILE:
-        return is_our_plot(path)
-    return path.name != RESULTS_FILE or is_results_file(path)
+    return required + [name for name in present if card_file_ours(folder / name)]
 
 
 def check_loads(export: str | Path) -> None:
@@ -300,7 +288,7 @@ def hub_model_name(text: str, folder_name: str, repo_id: str, written: str | Non
 def written_model_name(export: Path, files: list[str]) -> str | None:
     """The model-index name `update_card` wrote into the export's card, as its results file records it (None where
     there is no such record)."""
-    from .card import MODEL_NAME, RESULTS_FILE
+    from .card import MODEL_NAME
 
     if RESULTS_FILE not in files:
         return None
