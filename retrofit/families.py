@@ -765,6 +765,13 @@ register(
 )
 
 
+# The refusal to merge a retrofit export again (`family_for`, `surgery.check_merge`).
+ALREADY_MERGED = (
+    "this checkpoint already has a PatchMerger (it is a retrofit export); convert its source instead, or pass it to "
+    "`retrofit finetune` to continue training it"
+)
+
+
 def supported_names() -> str:
     """'ViT, DeiT, ...': the families retrofit converts, for error messages."""
     return ", ".join(f.user_name for f in FAMILIES.values() if f.refusal is None)
@@ -781,10 +788,7 @@ def family_for(model_type: str) -> Family:
                 )
             return family
     if model_type.endswith("_patch_merger"):
-        raise RetrofitError(
-            "this checkpoint already has a PatchMerger (it is a retrofit export); convert its source instead, "
-            "or pass it to `retrofit finetune` to continue training it"
-        )
+        raise RetrofitError(ALREADY_MERGED)
     raise RetrofitError(
         f"model type '{model_type}' is not supported (no single token sequence retrofit knows how to merge); "
         f"supported families: {supported_names()}"

@@ -9,7 +9,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 
 from .cost import check_merge_range, num_patches
 from .errors import RetrofitError, shown, whole_number
-from .families import ROPE_POSITIONS, Family, Head, family_for
+from .families import ALREADY_MERGED, ROPE_POSITIONS, Family, Head, family_for
 from .hub_code import load_classes
 from .loading import family_and_head, is_merged, layer_config
 from .naflex import take_images
@@ -46,10 +46,7 @@ def check_merge(
     `rope_positions` (see `insert_patch_merger`) is only for families whose layers use RoPE.
     """
     if is_merged(config):
-        raise RetrofitError(
-            "this checkpoint already has a PatchMerger (it is a retrofit export); convert its source instead, "
-            "or pass it to `retrofit finetune` to continue training it"
-        )
+        raise RetrofitError(ALREADY_MERGED)
     family, head = family_and_head(config)
     lc = layer_config(config, head)
     check_merge_range(after_layer, num_tokens, lc.num_hidden_layers, num_patches(lc, image_size))
