@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .errors import RetrofitError, brief, check_interrupted
+from .families import MERGED_SUFFIX
 
 T = TypeVar("T")
 
@@ -144,7 +145,7 @@ EXPORT = Kind(
         RESULTS_FILE,
         CURVE_FILE,
     ),  # fmt: skip
-    model_type_suffix="_patch_merger",
+    model_type_suffix=MERGED_SUFFIX,
     marked_files=family_files,
     ours=card_file_ours,
 )

@@ -76,6 +76,9 @@ class Head:
         return "image-classification" if self.is_classifier else "image-feature-extraction"
 
 
+# An export's model type is its family's name with this suffix (``vit_patch_merger``): how retrofit knows one.
+MERGED_SUFFIX = "_patch_merger"
+
 TASKS = ("image-classification", "image-feature-extraction", "zero-shot-image-classification")
 
 # Where the layers of RoPE families (`Family.rope`) rotate the merged tokens (the export's `merge_rope_positions`),
@@ -787,7 +790,7 @@ def family_for(model_type: str) -> Family:
                     f"supported families: {supported_names()}"
                 )
             return family
-    if model_type.endswith("_patch_merger"):
+    if model_type.endswith(MERGED_SUFFIX):
         raise RetrofitError(ALREADY_MERGED)
     raise RetrofitError(
         f"model type '{model_type}' is not supported (no single token sequence retrofit knows how to merge); "

@@ -19,7 +19,7 @@ import jinja2
 import transformers
 
 from . import __version__
-from .families import Family, Head
+from .families import MERGED_SUFFIX, Family, Head
 from .merger import PatchMerger
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -46,7 +46,7 @@ def _names(family: Family, head: Head) -> dict[str, str]:
         model_class = f"{prefix}PatchMerger{model_class[len(prefix) :]}"
     else:
         model_class = f"PatchMerger{model_class}"
-    stem = f"{family.name}_patch_merger"
+    stem = f"{family.name}{MERGED_SUFFIX}"
     return {
         "model_type": stem,
         "config_class": f"{prefix}PatchMergerConfig",

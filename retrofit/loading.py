@@ -15,10 +15,9 @@ from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
 from .atomic import ASSETS, SHIPPED_NAME, TOKENIZER_FILES
 from .errors import RetrofitError, brief, pickle_refused_quietly, shown
-from .families import FAMILIES, TASKS, Family, Head, family_for
+from .families import FAMILIES, MERGED_SUFFIX, TASKS, Family, Head, family_for
 from .naflex import square_side, take_images
 
-MERGED_SUFFIX = "_patch_merger"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # by `settings.DTYPE_NAMES`' names
 
 

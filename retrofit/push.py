@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 from .atomic import CURVE_FILE, RESULTS_FILE, TOKENIZER_FILES, card_file_ours, hold_write_lock, releases_write_locks
 from .errors import RetrofitError, brief, check_arguments, shown
+from .families import MERGED_SUFFIX
 from .settings import PushArgs
 
 # What an earlier upload of an export may have left in the repo that this one has no file for (a results file and
@@ -112,7 +113,7 @@ def _shard_names(index: Path, export: str | Path) -> list[str]:
 
 
 # The names of the modules retrofit generates (`hub_code.code_files`), as an export of another release has them.
-_GENERATED_MODULE = re.compile(r"(configuration|modeling)_[a-z0-9_]+_patch_merger")
+_GENERATED_MODULE = re.compile(rf"(configuration|modeling)_[a-z0-9_]+{MERGED_SUFFIX}")
 
 
 def _code_files(auto_map: object, export: str | Path, own: tuple[str, ...] = ()) -> list[str]:
@@ -156,7 +157,7 @@ def export_files(export: str | Path) -> list[str]:
         raise RetrofitError(f"'{export}' has no readable config.json: not a complete export; re-export it") from None
     if not isinstance(config, dict):
         raise _not_complete(export, "config.json is not a JSON object")
-    if not str(config.get("model_type", "")).endswith("_patch_merger"):
+    if not str(config.get("model_type", "")).endswith(MERGED_SUFFIX):
         raise RetrofitError(f"'{export}' is not a retrofit export (model_type '{config.get('model_type')}')")
     required = [name for name in REQUIRED_FILES if name != "model.safetensors"]
     index = folder / "model.safetensors.index.json"

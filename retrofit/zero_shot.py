@@ -18,6 +18,7 @@ import string
 from typing import TYPE_CHECKING
 
 from .errors import RetrofitError, shown
+from .families import MERGED_SUFFIX
 
 if TYPE_CHECKING:
     import torch
@@ -120,8 +121,6 @@ def text_embeddings(model: torch.nn.Module, tokenizer, texts: list[str], *, batc
     """The normalised embeddings of `texts` (one prompt per class) by the dual encoder's text tower (no gradients: it
     stays frozen). Two prompts of the same tokens are one line: their classes would tie."""
     import torch
-
-    from .loading import MERGED_SUFFIX
 
     inner = _unwrapped(model)
     pair = same_tokens(tokenizer, texts, inner.config) if texts else None
