@@ -204,7 +204,7 @@ def evaluate_models(
         "class names: fix the data, or choose the label column with --label-column",
     )
 
-    accelerator = _accelerator()
+    accelerator = _accelerator(fresh=True)  # not at the precision of a training run earlier in this process
     loaded = []
     for spec, config in zip(models, configs, strict=True):
         model = load_model(spec, config=config, trust_remote_code=trust_remote_code).eval()
@@ -736,7 +736,9 @@ def _prepared(accelerator, loaders: list) -> tuple:
     one, a new one prepares them."""
     if accelerator is not None:
         return accelerator, loaders
-    accelerator = _accelerator()
+    # fresh: a --mixed-precision bf16 run earlier in this process (a notebook's finetune, a sweep's) left Accelerate's
+    # process-wide precision at bf16, and the same models scored after it gave other numbers (or an fp16 one failed)
+    accelerator = _accelerator(fresh=True)
     return accelerator, [accelerator.prepare(loader) for loader in loaders]
 
 

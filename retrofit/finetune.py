@@ -91,7 +91,7 @@ def run_finetune(
     result = train(ready.model.float(), ready.processor, args, teacher=ready.teacher, text_embeds=ready.text_embeds,
                    checkpoint_dir=ready.checkpoint_dir, resume=args.resume, overwrite=args.overwrite,
                    data=ready.data, eval_at_start=eval_at_start, stop_after=stop_after, progress_bar=progress,
-                   same_run=output_record(args.output), log=log)  # fmt: skip
+                   same_run=output_record(args.output), stored_dtype=ready.stored_dtype, log=log)  # fmt: skip
     finish(args, ready, result, log=log)
     publish(args, result, log=log)
     return result

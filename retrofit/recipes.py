@@ -478,7 +478,7 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
     result = train(ready.model.float(), ready.processor, args, teacher=ready.teacher, text_embeds=ready.text_embeds,
                    checkpoint_dir=ready.checkpoint_dir, resume=resume, overwrite=overwrite, data=ready.data,
                    eval_at_start=before, progress_bar=progress, same_run=output_record(args.output),
-                   log=log)  # fmt: skip
+                   stored_dtype=ready.stored_dtype, log=log)  # fmt: skip
     if quality == "accuracy" and any("agreement" in h for h in result.eval_history):
         quality = "agreement"  # the training's evaluations had no labels this model knows
     history = [h for h in result.eval_history if quality in h]

@@ -555,6 +555,7 @@ def train(
     progress_bar: bool = True,
     same_run: dict | None = None,
     data: tuple | None = None,
+    stored_dtype: torch.dtype | None = None,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train `model` on `run`'s data with `run`'s settings, distilling from `teacher` for kd/mix; return the trained
@@ -566,7 +567,9 @@ def train(
     that ``run.json`` records and a resumed run must share (pretraining's model and image processor); `data`: the
     (training, evaluation) dataloaders `training_data` already made for `model` (finetune makes them before calibrating,
     so that a data error comes before that work). `eval_at_start` also evaluates before the first step; `stop_after` N
-    stops after N steps of the full schedule (with a checkpoint), as if killed."""
+    stops after N steps of the full schedule (with a checkpoint), as if killed. `stored_dtype`: the dtype the export
+    stores the weights in (a bf16 source's); a finished run ends with the model in it, and its last evaluation is of
+    those weights, the ones published."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
@@ -669,7 +672,7 @@ def train(
             eval_history=progress.evaluations,
         )  # saved with each checkpoint: a resumed run keeps it
 
-        def run_eval(averaged: bool = False) -> None:
+        def run_eval(averaged: bool = False, stored: str | None = None) -> None:
             if eval_dl is None:
                 return
             # scoring draws from torch's generator (each pass over a loader draws its base seed): with dropout or
@@ -678,6 +681,8 @@ def train(
                 metrics = {**evaluate(model, eval_dl, accelerator, teacher, captions), "step": progress.step}
             if averaged:
                 metrics["weights"] = "moving average"
+            if stored:
+                metrics["dtype"] = stored
             result.eval_history.append(metrics)
             if "reference" in metrics:
                 what = {
@@ -687,6 +692,7 @@ def train(
                 key = next(key for key in ("accuracy", "agreement", "similarity") if key in metrics)
                 with tqdm.external_write_mode():  # print above the progress bar, not into it
                     of = " (the moving average of the weights)" if averaged else ""
+                    of += f" (the weights as stored, in {stored})" if stored else ""
                     log(f"step {progress.step}: eval {what}{of} {metrics[key]:.4f} on {metrics['examples']} images")
                 accelerator.log({f"eval/{key}": metrics[key]}, step=progress.step)
 
@@ -756,7 +762,14 @@ def train(
         result.finished = progress.step >= total_steps
         if result.finished and average is not None:  # the live weights are done training: the average is the result
             average.copy_to_model()
-            run_eval(averaged=True)
+        stored = None  # a bf16 source's export is stored in bf16: the card's accuracy is of those weights, not these
+        if result.finished and stored_dtype not in (None, next(model.parameters()).dtype):
+            # without the autocast Accelerate wrapped its forward in for --mixed-precision: as the export runs
+            accelerator.unwrap_model(model, keep_fp32_wrapper=False).to(stored_dtype)
+            stored = str(stored_dtype).removeprefix("torch.")
+        if result.finished and (average is not None or stored):
+            with without_autocast(accelerator) if stored else contextlib.nullcontext():  # as evaluate runs the export
+                run_eval(averaged=average is not None, stored=stored)
         elif result.finished and (not result.eval_history or result.eval_history[-1]["step"] != progress.step):
             run_eval()
         result.steps, result.epochs = progress.step, progress.step / steps_per_epoch
@@ -773,6 +786,20 @@ def train(
             tracker.finish()
     keep_process_group()
     return result
+
+
+@contextlib.contextmanager
+def without_autocast(accelerator) -> Iterator[None]:
+    """The accelerator's `autocast()` does nothing inside the block (its --mixed-precision off): the weights run in
+    their own dtype, as `retrofit evaluate` runs them."""
+    from accelerate.utils import AutocastKwargs
+
+    handler = accelerator.autocast_handler
+    accelerator.autocast_handler = AutocastKwargs(enabled=False)
+    try:
+        yield
+    finally:
+        accelerator.autocast_handler = handler
 
 
 @functools.cache
