@@ -31,7 +31,16 @@ import torch
 
 from .errors import RetrofitError, brief, check_arguments, check_interrupted, shown
 from .loading import DTYPES  # re-exported: bench scripts read it here
-from .settings import DTYPE_NAMES, BenchArgs, BenchSettings, from_options, model_list, parse_merges
+from .settings import (
+    DTYPE_NAMES,
+    BenchArgs,
+    BenchSettings,
+    check_device,
+    check_dtype,
+    from_options,
+    model_list,
+    parse_merges,
+)
 
 
 def _shapes() -> dict[str, tuple]:
@@ -74,9 +83,9 @@ class Variant:
 
 
 def parse_device(device: str) -> torch.device:
-    """`cpu`, `cuda` or `cuda:N`; a clear error if unknown or if CUDA is asked for where there is none."""
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device or ""):
-        raise RetrofitError(f"unknown device '{device}'; use cpu, cuda or cuda:N")
+    """`cpu`, `cuda` or `cuda:N`; a clear error if unknown (`settings.check_device`) or if CUDA is asked for where
+    there is none."""
+    check_device(device)
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise RetrofitError(f"--device {device} was asked for but this machine has no usable CUDA GPU; use cpu")
@@ -87,9 +96,8 @@ def parse_device(device: str) -> torch.device:
 
 
 def parse_dtype(dtype: str) -> torch.dtype:
-    """`fp32`, `bf16` or `fp16` (also the torch spellings)."""
-    if dtype not in DTYPE_NAMES:
-        raise RetrofitError(f"unknown dtype '{dtype}'; use fp32, bf16 or fp16")
+    """`fp32`, `bf16` or `fp16` (also the torch spellings: `settings.DTYPE_NAMES`)."""
+    check_dtype(dtype)
     return DTYPES[DTYPE_NAMES[dtype]]
 
 

@@ -807,6 +807,23 @@ def recipe_key(spec: dataclasses.Field) -> str:
 DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "bf16": "bf16", "bfloat16": "bf16",
                "fp16": "fp16", "float16": "fp16", "half": "fp16"}  # fmt: skip
 COMPILE_MODES = ("eager", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+DEVICE = r"cpu|cuda(:(0|[1-9][0-9]*))?"  # as torch reads it: N in ASCII digits, no leading zero
+
+
+def check_device(device: str) -> None:
+    """Refuse in one line a device other than cpu, cuda or cuda:N (`DEVICE`)."""
+    import re
+
+    if not isinstance(device, str) or not re.fullmatch(DEVICE, device):
+        raise RetrofitError(f"unknown device {shown(device)}; use cpu, cuda or cuda:N")
+
+
+def check_dtype(dtype: str) -> None:
+    """Refuse in one line a dtype name other than those of `DTYPE_NAMES`."""
+    if not isinstance(dtype, str) or dtype not in DTYPE_NAMES:
+        raise RetrofitError(f"unknown dtype {shown(dtype)}; use fp32, bf16 or fp16")
+
+
 MAX_DIMENSION = 2**63 - 1  # the largest tensor dimension torch takes; larger sizes overflow inside torch
 MAX_MIN_TIME = 3600.0  # seconds per timed block; more is a typo, not a benchmark
 
@@ -876,13 +893,9 @@ class BenchSettings(Settings):
     seed: int = setting(0, "seed of the random inputs", interval=SEEDS, cli=False)
 
     def check(self) -> None:
-        import re
-
         super().check()
-        if not re.fullmatch(r"cpu|cuda(:(0|[1-9][0-9]*))?", self.device or ""):
-            raise RetrofitError(f"unknown device {shown(self.device)}; use cpu, cuda or cuda:N")
-        if self.dtype not in DTYPE_NAMES:
-            raise RetrofitError(f"unknown dtype {shown(self.dtype)}; use fp32, bf16 or fp16")
+        check_device(self.device)
+        check_dtype(self.dtype)
         _check_batch_sizes(self, "batch_sizes", self.batch_sizes)
         self.batch_sizes = tuple(dict.fromkeys(self.batch_sizes))  # as the option's text gives them: repeats dropped
         for mode in self.compile_modes:

@@ -298,7 +298,11 @@ def test_a_learning_rate_beyond_float32_is_refused_and_a_huge_number_is_said_by_
 
 def test_a_device_is_one_torch_reads():
     """``cuda:00`` and ``cuda:٣`` (a non-ASCII digit) passed the device check, and torch refuses both with a
-    RuntimeError where there is a GPU."""
+    RuntimeError where there is a GPU. `benchmark.place_model` (the API, the bench scripts) checked devices with a copy
+    of the pattern that still took them."""
+    import torch
+
+    from retrofit.benchmark import place_model
     from retrofit.settings import BenchSettings, SweepSettings
 
     for device in ("cuda:00", "cuda:٣", "cuda:-1", "cuda:"):
@@ -306,6 +310,8 @@ def test_a_device_is_one_torch_reads():
             BenchSettings(device=device)
         with pytest.raises(RetrofitError, match="^unknown device"):
             SweepSettings(after_layers="1", tokens="2", device=device)
+        with pytest.raises(RetrofitError, match="^unknown device"):
+            place_model(torch.nn.Linear(1, 1), device, "fp32")
     assert [BenchSettings(device=device).device for device in ("cpu", "cuda", "cuda:0", "cuda:10")]
 
 
