@@ -120,6 +120,9 @@ class Family:
             class of its attention pooling head. The merger then merges the real patches of each image only (their
             mask, read from the attention mask layer K is given), and the pooling head reads all M merged tokens.
             retrofit's own data, training and timing feed such a model square images (`retrofit.naflex`).
+        padded_patch_towers: with `padded_patches`, the vision tower classes whose forward takes the padded patches
+            (``pixel_values``, the mask, ``spatial_shapes``), by the names transformers' releases give them, which
+            `naflex.take_images` lets take images.
         square_sizes: if transformers' class takes ``image_size`` and ``patch_size`` as one whole number each (square
             images and patches; CLIP, SigLIP), so a (height, width) pair is refused in one line.
         shapes: random-weight model shapes of the family's first class that ``retrofit bench`` and ``sweep
@@ -143,6 +146,7 @@ class Family:
     rope: str | None = None
     relative_position_bias: str | None = None
     padded_patches: str | None = None
+    padded_patch_towers: tuple[str, ...] = ()
     square_sizes: bool = False
     shapes: dict[str, dict] = field(default_factory=dict)
 
@@ -586,6 +590,8 @@ _SIGLIP2_NOTES = (
     "checkpoints and convert as SigLIP."
 )
 
+_SIGLIP2_TOWERS = ("Siglip2VisionModel", "Siglip2VisionTransformer")  # the second: older transformers releases
+
 register(
     Family(
         name="siglip2",
@@ -618,6 +624,7 @@ register(
         },
         prefix_tokens=(),
         padded_patches="Siglip2MultiheadAttentionPoolingHead",
+        padded_patch_towers=_SIGLIP2_TOWERS,
         notes=(
             _SIGLIP2_NOTES + " A full Siglip2Model checkpoint stays a dual encoder (vision tower merged; text tower, "
             "logit scale and bias kept bit-exact); --task image-classification gives a Siglip2ForImageClassification "
@@ -651,6 +658,7 @@ register(
         },
         prefix_tokens=(),
         padded_patches="Siglip2MultiheadAttentionPoolingHead",
+        padded_patch_towers=_SIGLIP2_TOWERS,
         notes="Checkpoints saved from Siglip2VisionModel (model type siglip2_vision_model). " + _SIGLIP2_NOTES,
     )
 )

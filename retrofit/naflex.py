@@ -16,8 +16,7 @@ import math
 
 import torch
 
-# The vision tower classes whose forward takes (pixel_values, pixel_attention_mask, spatial_shapes).
-VISION_TOWERS = ("Siglip2VisionModel", "Siglip2VisionTransformer")
+from .families import FAMILIES
 
 
 def square_side(num_patches: int, patch_size: int) -> int:
@@ -68,8 +67,9 @@ def _image_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[t
 def take_images(model: torch.nn.Module) -> torch.nn.Module:
     """Let `model`'s NaFlex vision towers (if it has any) take images (B, C, H, W) as `pixel_values`, as the other
     families do; returns `model`. Processor outputs (patch sequences) pass unchanged."""
+    towers = {name for family in FAMILIES.values() for name in family.padded_patch_towers}
     for module in model.modules():
-        if type(module).__name__ in VISION_TOWERS and not hasattr(module, "_retrofit_mask_name"):
+        if type(module).__name__ in towers and not hasattr(module, "_retrofit_mask_name"):
             parameters = inspect.signature(module.forward).parameters
             module._retrofit_mask_name = (
                 "pixel_attention_mask" if "pixel_attention_mask" in parameters else "attention_mask"
