@@ -54,6 +54,7 @@ def _shapes() -> dict[str, tuple]:
 SHAPES = _shapes()
 SHAPE_PREFIXES = tuple(sorted({name.split("-")[0] + "-" for name in SHAPES}))
 VIT_SHAPES = [name for name, (family, _) in SHAPES.items() if family.name == "vit"]  # ViTForImageClassification
+SPEED_REPEATS = 5  # `images_per_second`'s timed passes, whose median a run's before/after table gives (`recipes`)
 
 
 @dataclass
@@ -496,7 +497,7 @@ def images_per_second(
     *,
     batch_size: int,
     image_size: tuple[int, int] | None = None,
-    repeats: int = 5,
+    repeats: int = SPEED_REPEATS,
     device: str = "cpu",
     dtype: str = "fp32",
     spreads: dict[str, float | None] | None = None,

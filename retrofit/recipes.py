@@ -521,10 +521,10 @@ def _speed_note(hardware: str, batch_size: int, image_size: tuple[int, int], spe
     """The line under a run's before/after table that says how its images/s were measured, and where they were not
     (out of memory) or where a model's passes spread by more than `retrofit.benchmark.SPREAD_LIMIT` of their median
     (a loaded machine: the speed-up in the card may be noise), as `retrofit bench` and `sweep` flag them."""
-    from .benchmark import SPREAD_LIMIT
+    from .benchmark import SPEED_REPEATS, SPREAD_LIMIT
 
-    note = (f"images/s: {hardware}, fp32, batch {batch_size} at {image_size[0]}×{image_size[1]}, median of 5 passes, "
-            "the two models alternated")  # fmt: skip
+    note = (f"images/s: {hardware}, fp32, batch {batch_size} at {image_size[0]}×{image_size[1]}, median of "
+            f"{SPEED_REPEATS} passes, the two models alternated")  # fmt: skip
     if None in speeds.values():
         note += "; not measured (out of memory?): lower evaluation.speed_batch_size"
     wide = [f"{name} {100 * value:.0f} %" for name, value in spreads.items() if (value or 0.0) > SPREAD_LIMIT]
