@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from .atomic import releases_write_locks
-from .checkpoints import check_same_run, output_record, run_settings
+from .checkpoints import output_record
 from .errors import RetrofitError, brief, check_arguments, counted, describe_os_error, did_you_mean
 from .settings import (
     RECIPE_SECTIONS,
@@ -426,8 +426,6 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
     refuse_inputs(args.output, (path,))  # the recipe is an input of the run too
     evaluation = RecipeEvaluation(**recipe["evaluation"])
     ready = prepare(args, log=log)
-    if ready.resuming:  # checkpoints of another merge are refused now, not after scoring and timing the baseline
-        check_same_run(ready.checkpoint_dir, run_settings(ready.model, args.train, args.ema_decay))
     # A classifier the checkpoint does not hold (a backbone given --num-labels) starts random, and --num-labels gives
     # a classifier a new head (the source's predicts its own classes, in other ids): nothing to score before
     # training, so only the fine-tuned row has an accuracy.
