@@ -358,6 +358,7 @@ def _sweep(
         is_backbone,
         load_zero_shot_tokenizer,
         score_models,
+        versions,
         zero_shot_classes,
         zero_shot_scores,
     )
@@ -519,6 +520,16 @@ def _sweep(
         "source": str(source),
         "metric": "zero-shot" if zero_shot else "similarity" if backbone else "accuracy",
         "method": settings.method if settings.method == "calibrate" else f"finetune {settings.finetune_steps} steps",
+        # the images each setting started from, which its scores depend on (convert --calibrate-on with these makes
+        # a calibrate row's model): the sweep named only the method
+        "initialisation": {
+            "split": settings.calibrate_split,
+            "images": len(calibrate_on)
+            if settings.method == "calibrate"
+            else settings.finetune_steps * settings.finetune_batch_size,
+            "seed": settings.seed,
+            **({} if settings.method == "calibrate" else {"calibrate_images": settings.calibrate_images}),
+        },
         "data": settings.data,
         "split": settings.split,
         "num_examples": source_row["num_examples"],
@@ -528,6 +539,7 @@ def _sweep(
         "bench_batch_size": bs,
         "bench_repeats": settings.bench_repeats,
         "environment": environment(bench),
+        "versions": versions(),
         "target_speedup": settings.target_speedup,
         "source_row": source_row,
         "settings_results": rows,
@@ -572,9 +584,19 @@ def _markdown_report(report: dict) -> str:
     quality = _QUALITY.get(report.get("metric"), "Accuracy")
     if report.get("prompts"):  # which prompts the zero-shot scores are over, as evaluate's card says
         quality = quality.removesuffix(")") + f", like {report['prompts'][0]!r})"
+    start = report.get("initialisation")  # None in the report of a retrofit that did not record it
+    method = report["method"]
+    if start:
+        on = f"`{report['data']}` {start['split']} (a shuffled sample, seed {start['seed']})"
+        method = (
+            f"{method}, k-means of {start['images']} images of {on}"
+            if "calibrate_images" not in start
+            else f"{method} on {start['images']} images of {on}, the merger calibrated first on up to "
+            f"{start['calibrate_images']} images of that split"
+        )
     return (
         f"# PatchMerger sweep of `{report['source']}`\n\n"
-        f"Initialisation: {report['method']}. "
+        f"Initialisation: {method}. "
         f"{quality} on "
         f"`{report['data']}` {report['split']} "
         f"({images_text(report)}); speed on {env['hardware']}, {env['dtype']}, batch "

@@ -76,6 +76,12 @@ def test_sweep_writes_table_json_and_plot(tiny_vit, images, tmp_path, capsys):
         assert row["flops_ratio"] > 1 and "speed_spread" in row  # None with one repeat
     assert report["source_row"]["num_examples"] == 8 and report["source_row"]["images_per_s"] > 0
     assert report["images"] == "first" and "test (the first 8 images)" in (out / "sweep.md").read_text()
+    # the images every setting's merger started from, which its scores depend on (it said "Initialisation:
+    # calibrate."), and the releases: enough to make a row's model again with convert --calibrate-on
+    assert report["initialisation"] == {"split": "train", "images": 6, "seed": 0}
+    assert report["versions"]["torch"] == torch.__version__ and "retrofit" in report["versions"]
+    start = f"Initialisation: calibrate, k-means of 6 images of `{images}` train (a shuffled sample, seed 0)."
+    assert start in (out / "sweep.md").read_text()
     rows = report["settings_results"]
     front = pareto_front(rows + [report["source_row"]])  # timings vary: check consistency, not which point wins
     assert [row["pareto"] for row in rows] == [any(p is row for p in front) for row in rows]
@@ -249,6 +255,10 @@ def test_finetune_sweep_on_a_hub_dataset_streams_only_what_it_uses(tiny_vit, hub
     assert main([*argv, "--output", str(out), "--finetune-batch-size", "8"]) == 0
     report = json.loads((out / "sweep.json").read_text())
     assert report["method"] == "finetune 2 steps" and len(report["settings_results"]) == 2
+    assert report["initialisation"] == {"split": "train", "images": 16, "seed": 0, "calibrate_images": 256}
+    start = ("Initialisation: finetune 2 steps on 16 images of `someone/colours` train (a shuffled sample, seed 0), "
+             "the merger calibrated first on up to 256 images of that split.")  # fmt: skip
+    assert start in (out / "sweep.md").read_text()
     assert all(row["num_examples"] == 12 for row in report["settings_results"])
     assert calls and all(call["streaming"] for call in calls), calls
     assert {call["split"] for call in calls} == {"train", "test"}
