@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 
 from .errors import RetrofitError, brief, check_arguments, check_interrupted
-from .settings import ExportOnnxArgs, from_options
+from .settings import ONNX_TOLERANCE, ExportOnnxArgs, from_options
 
 MODEL_KEY = "retrofit"  # metadata_props key of the JSON that says what a file is (`onnx_info`)
-TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}  # largest |ONNX - PyTorch| output difference accepted, relative to scale
 
 
 @dataclass
@@ -80,7 +79,7 @@ def run_export_onnx(args: ExportOnnxArgs, *, log: Callable[[str], None] = print)
         expected = _outputs(model, pixels)
     exported = model.half() if args.dtype == "fp16" else model
     exporter = "torchscript" if family.relative_position_bias else "dynamo"
-    tolerance = args.tolerance if args.tolerance is not None else TOLERANCE[args.dtype]
+    tolerance = args.tolerance if args.tolerance is not None else ONNX_TOLERANCE[args.dtype]
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.tmp-", dir=output.parent) as work:
         path = Path(work) / output.name
         names = _export(exported, pixels, path, exporter)

@@ -1025,6 +1025,11 @@ class SweepArgs(SweepSettings):
                             "drop one of them")  # fmt: skip
 
 
+# export-onnx's precisions and, by default, the largest |ONNX - PyTorch| output difference each accepts (relative to
+# the outputs' scale)
+ONNX_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+
+
 @dataclass(kw_only=True)
 class ExportOnnxArgs(Settings):
     """`retrofit export-onnx`: an ONNX graph of a model that takes any batch size, checked against PyTorch."""
@@ -1035,13 +1040,14 @@ class ExportOnnxArgs(Settings):
         short="-o",
         written=True,
     )
-    dtype: Literal["fp32", "fp16"] = setting("fp32", "the graph's precision (fp16: half the size, for GPUs)")
+    dtype: Literal[tuple(ONNX_TOLERANCE)] = setting("fp32", "the graph's precision (fp16: half the size, for GPUs)")
     images: int = setting(
         4, "noise images, prepared by the model's own processor, for the check (one batch)", at_least=2,
         at_most=MAX_CHECK_IMAGES,
     )  # fmt: skip
     tolerance: float | None = setting(
-        None, "largest accepted |ONNX - PyTorch| output difference, relative to the outputs' scale (default: 1e-4 "
-        "for fp32, 2e-2 for fp16)", positive=True,
+        None, "largest accepted |ONNX - PyTorch| output difference, relative to the outputs' scale (default: "
+        + ", ".join(f"{limit:.0e} for {dtype}".replace("e-0", "e-") for dtype, limit in ONNX_TOLERANCE.items()) + ")",
+        positive=True,
     )  # fmt: skip
     overwrite: bool = overwrite_setting("--output")
