@@ -417,11 +417,10 @@ def _input_shape(v: Variant) -> tuple[int, int, int]:
     if v.input_shape is not None:
         return v.input_shape
     from .cost import image_size
-    from .loading import family_and_head, layer_config
+    from .loading import family_and_head, image_channels, layer_config
 
-    lc = layer_config(v.config, family_and_head(v.config)[1])
-    height, width = image_size(lc)
-    return (getattr(lc, "num_channels", 3), height, width)
+    height, width = image_size(layer_config(v.config, family_and_head(v.config)[1]))
+    return (image_channels(v.config), height, width)
 
 
 def _time_block(runner: Callable, x: torch.Tensor, iters: int, device: torch.device) -> float:

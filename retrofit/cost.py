@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from transformers import PreTrainedConfig
 
 from .errors import RetrofitError, shown, whole_number
-from .loading import family_and_head, is_merged, layer_config
+from .loading import family_and_head, image_channels, is_merged, layer_config
 from .naflex import square_side
 
 
@@ -93,7 +93,7 @@ def model_cost(
         merge = _checked_merge(merge, lc.num_hidden_layers, patches)
     elif is_merged(config):
         merge = (config.merge_after_layer, config.merge_num_tokens)
-    hidden, intermediate, channels = lc.hidden_size, family.mlp_width(lc), getattr(lc, "num_channels", 3)
+    hidden, intermediate, channels = lc.hidden_size, family.mlp_width(lc), image_channels(config)
     prefix = family.num_prefix_tokens(lc)
     tokens = patches + prefix
     macs = patches * hidden * channels * patch_h * patch_w

@@ -113,10 +113,10 @@ def _sample_images(processor, config, count: int) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
-    from .loading import family_and_head, layer_config, processor_image_size
+    from .loading import image_channels, processor_image_size
 
     height, width = processor_image_size(processor) or (224, 224)
-    channels = getattr(layer_config(config, family_and_head(config)[1]), "num_channels", 3)
+    channels = image_channels(config)
     rng = np.random.default_rng(0)
     mode = "L" if channels == 1 else "RGB"
     shape = (height + 13, width + 7) if channels == 1 else (height + 13, width + 7, 3)

@@ -701,10 +701,15 @@ def in_model_dtype(pixels: torch.Tensor, model: torch.nn.Module) -> torch.Tensor
     return pixels.to(dtype) if pixels.is_floating_point() else pixels
 
 
+def image_channels(config: PreTrainedConfig) -> int:
+    """How many channels the images of a (source or merged) config's model have: its layer config's ``num_channels``
+    (a dual encoder's is in its vision config), 3 where it has none."""
+    return getattr(layer_config(config, family_and_head(config)[1]), "num_channels", 3)
+
+
 def blank_images(model: PreTrainedModel, image_size: tuple[int, int]) -> torch.Tensor:
     """One blank image of `image_size` with the model's channels and dtype."""
-    channels = getattr(layer_config(model.config, family_and_head(model.config)[1]), "num_channels", 3)
-    return torch.zeros(1, channels, *image_size, dtype=model.dtype)
+    return torch.zeros(1, image_channels(model.config), *image_size, dtype=model.dtype)
 
 
 def check_runs_on_its_images(model: PreTrainedModel, processor, source: str | Path) -> None:
