@@ -55,12 +55,14 @@ class CalibrationResult:
             f"{self.metric} {self.distance_random:.3f} -> {self.distance_calibrated:.3f} (query scale {self.scale:g})"
         )
 
-    def describe(self, data: str, split: str, layer: int) -> str:
-        """How the merger was initialised, for the model card."""
+    def describe(self, data: str, split: str, layer: int, seed: int | None = None) -> str:
+        """How the merger was initialised, for the model card; `seed`: the one that drew the images (a shuffled
+        sample) and the k-means starts."""
         closeness = "top-1 agreement" if self.metric == "KL" else "cosine similarity of the features"
+        drawn = "" if seed is None else f", a shuffled sample, seed {seed}"
         return (
             f"calibrated: k-means of the layer-{layer} tokens of {self.images} images of `{public_name(data)}` "
-            f"({split} split), "
+            f"({split} split{drawn}), "
             f"query scale {self.scale:g}; {closeness} with the source {self.agreement_calibrated:.3f} "
             f"(random queries: {self.agreement_random:.3f})"
         )

@@ -97,7 +97,7 @@ def run_convert(args: ConvertArgs, *, log: Callable[[str], None] = print) -> Con
         torch.manual_seed(args.seed)
         merged = insert_patch_merger(model, args.after_layer, args.tokens, source=str(source),
                                      rope_positions=args.rope_positions, image_size=image_size)  # fmt: skip
-    training = TrainingInfo()  # random queries, not fine-tuned
+    training = TrainingInfo(init=f"random (seed {args.seed})")  # not fine-tuned; the card said no seed to rerun
     saved = (
         load_config(source, trust_remote_code=args.trust_remote_code, revision=args.revision) if args.task else config
     )
@@ -120,7 +120,7 @@ def run_convert(args: ConvertArgs, *, log: Callable[[str], None] = print) -> Con
         calibration = calibrate_from_data(merged, args.calibrate_on, source=str(source), log=log,
                                           num_images=args.calibrate_images, split=args.calibrate_split,
                                           image_column=args.image_column, seed=args.seed)  # fmt: skip
-        training.init = calibration.describe(args.calibrate_on, args.calibrate_split, args.after_layer)
+        training.init = calibration.describe(args.calibrate_on, args.calibrate_split, args.after_layer, args.seed)
     before, after = model_cost(config, image_size), model_cost(merged.config, image_size)
     log(compare(before, after))
     if output is not None:

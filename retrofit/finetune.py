@@ -344,7 +344,7 @@ def _calibrate(model, args: FinetuneArgs, *, resumed: bool, log) -> str:
     calibration = calibrate_from_data(model, args.data, source=str(args.source), log=log, seed=args.seed,
                                       num_images=args.calibrate_images, split=args.split,
                                       image_column=args.image_column)  # fmt: skip
-    return calibration.describe(args.data, args.split, args.after_layer)
+    return calibration.describe(args.data, args.split, args.after_layer, args.seed)
 
 
 # ----------------------------------------------------------------------------------------------------------------

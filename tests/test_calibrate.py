@@ -65,7 +65,8 @@ def test_calibrate_from_an_imagefolder_and_convert_cli(tiny_vit, tmp_path, capsy
     card = (out / "README.md").read_text()
     # a local data folder by its name: nothing pushed holds a local path
     assert "- merger initialisation: calibrated: k-means of the layer-2 tokens of 12 images of `colours`" in card
-    assert "(train split)" in card and "top-1 agreement with the source" in card
+    # which images: a shuffled sample drawn with --seed (the card named no seed, so no one could draw them again)
+    assert "(train split, a shuffled sample, seed 0)" in card and "top-1 agreement with the source" in card
     assert main([*argv, "--overwrite", "--calibrate-on", str(tmp_path / "missing")]) == 2
     assert (out / "model.safetensors").exists()  # the earlier export is untouched by the failed run
     capsys.readouterr()
