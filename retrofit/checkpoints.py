@@ -320,7 +320,7 @@ def training_options(model, run, processes: int, images: int) -> dict:
     return options
 
 
-def run_settings(model, train: str, ema_decay: float = 0.0) -> dict:
+def run_settings(model, train: str, ema_decay: float) -> dict:
     """The settings in `RUN_SETTINGS` of a run training `model` (`train`: its --train; `ema_decay`: its
     --ema-decay)."""
     from .loading import family_and_head
