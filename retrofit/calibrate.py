@@ -25,6 +25,7 @@ from .loading import family_and_head
 from .losses import HeadReader
 from .provenance import public_name
 from .surgery import encoder_layers
+from .train import keeps_callers_random_state
 
 SCALES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 RESTARTS = 4  # k-means runs; the best of them by distance to the unmerged model wins
@@ -272,6 +273,7 @@ def _check_inputs(model, pixel_values) -> None:
         raise RetrofitError("pixel_values hold NaN or infinite values; calibrate on the image processor's output")
 
 
+@keeps_callers_random_state  # its data loader draws from torch's generator
 def calibration_batch(
     model,
     data: str,

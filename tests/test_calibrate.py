@@ -56,8 +56,10 @@ def test_restarts_keep_the_best_run(tiny_vit):
 def test_calibrate_from_an_imagefolder_and_convert_cli(tiny_vit, tmp_path, capsys):
     data = make_imagefolder(tmp_path / "colours", per_class=4, test_per_class=1)
     merged = insert_patch_merger(load_model(tiny_vit).eval(), 2, 4)
+    state = torch.random.get_rng_state()
     result = calibrate_from_data(merged, str(data), source=str(tiny_vit), num_images=10)
     assert result.images == 10
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's draws are its own (a data loader drew)
     out = tmp_path / "converted"
     argv = ["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--output", str(out)]
     assert main([*argv, "--calibrate-on", str(data)]) == 0
