@@ -287,13 +287,11 @@ def calibration_batch(
 ) -> torch.Tensor:
     """`num_images` preprocessed images of `data` (a shuffled sample), as the model expects them."""
     from .data import load_split, make_dataloader
-    from .loading import load_image_processor
+    from .loading import image_channels, load_image_processor
 
     dataset = load_split(data, split, image_column=image_column, label_column=None, limit=num_images, sample_seed=seed)
     processor = load_image_processor(source, model.config, log=log)
-    loader = make_dataloader(
-        dataset, processor, batch_size=len(dataset), num_channels=getattr(model.config, "num_channels", None)
-    )
+    loader = make_dataloader(dataset, processor, batch_size=len(dataset), num_channels=image_channels(model.config))
     return next(iter(loader))["pixel_values"]
 
 

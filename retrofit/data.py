@@ -805,10 +805,11 @@ def _channel_stats(processor, num_channels: int) -> dict:
     mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
     if getattr(processor, "do_normalize", False) is False or mean is None or std is None:
         return {}
+    if all(isinstance(v, (int, float)) or len(v) == num_channels for v in (mean, std)):
+        return {}  # one number for every channel, or one per channel (a one-item list is not broadcast by every
+        # processor: torchvision's normalize refuses it for RGB images)
     mean = [mean] if isinstance(mean, (int, float)) else list(mean)
     std = [std] if isinstance(std, (int, float)) else list(std)
-    if len(mean) in (1, num_channels) and len(std) in (1, num_channels):
-        return {}
     return {
         "image_mean": (mean * num_channels)[:num_channels] if len(mean) == 1 else mean[:num_channels],
         "image_std": (std * num_channels)[:num_channels] if len(std) == 1 else std[:num_channels],

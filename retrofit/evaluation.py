@@ -136,7 +136,14 @@ def evaluate_models(
     image-text dual encoders by zero-shot classification with `prompt_template`. The settings are checked as the
     command's options are."""
     from .data import load_split, make_dataloader
-    from .loading import family_and_head, load_config, load_image_processor, load_model, trained_head_config
+    from .loading import (
+        family_and_head,
+        image_channels,
+        load_config,
+        load_image_processor,
+        load_model,
+        trained_head_config,
+    )
 
     check_arguments("evaluate_models", log=log)
     models = model_list(models)  # one, or several
@@ -221,7 +228,7 @@ def evaluate_models(
             processor,
             batch_size=min(batch_size, len(dataset)),
             label_map=label_map,
-            num_channels=getattr(config, "num_channels", None),
+            num_channels=image_channels(config),
         )
         group = score_models([loaded[i][2] for i in indices], loader, k=k, maps=[maps[i] for i in indices])
         scores.update(zip(indices, group, strict=True))
@@ -286,9 +293,11 @@ def _kind(saved, config) -> str:
 def _preprocessing_groups(pairs: list[tuple]) -> dict[str, list[int]]:
     """Indices of the (image processor, config) pairs that prepare images the same way (equal processor settings and
     channel count), keyed by those settings: such models share one pass over the data."""
+    from .loading import image_channels
+
     groups: dict[str, list[int]] = {}
     for index, (processor, config) in enumerate(pairs):
-        key = json.dumps([processor.to_dict(), getattr(config, "num_channels", None)], sort_keys=True, default=str)
+        key = json.dumps([processor.to_dict(), image_channels(config)], sort_keys=True, default=str)
         groups.setdefault(key, []).append(index)
     return groups
 
@@ -331,7 +340,7 @@ def _models_and_loaders(
     model's own image processor (models that prepare them the same way share one loader, scored in one pass), and
     those processors."""
     from .data import make_dataloader
-    from .loading import load_image_processor, load_model
+    from .loading import image_channels, load_image_processor, load_model
 
     loaded = [
         load_model(spec, config=config, trust_remote_code=trust_remote_code).eval()
@@ -345,7 +354,7 @@ def _models_and_loaders(
             processors[indices[0]],
             batch_size=min(batch_size, len(dataset)),
             label_map=label_map,
-            num_channels=getattr(configs[indices[0]], "num_channels", None),
+            num_channels=image_channels(configs[indices[0]]),
         )
         for index in indices:
             loaders[index] = loader

@@ -541,6 +541,7 @@ def _zero_shot_scorer(
     line before training."""
     from .data import load_split, make_dataloader
     from .evaluation import check_dual_encoders, zero_shot_classes, zero_shot_scores
+    from .loading import image_channels
     from .train import EVAL_LIMIT_INSTEAD
     from .zero_shot import prompts
 
@@ -555,7 +556,7 @@ def _zero_shot_scorer(
                          limit=args.eval_limit, split_classes=True, log=log, instead=EVAL_LIMIT_INSTEAD)  # fmt: skip
     names, label_map = zero_shot_classes(dataset, args.data)
     loader = make_dataloader(dataset, ready.processor, batch_size=min(evaluation.batch_size, len(dataset)),
-                             label_map=label_map, num_channels=getattr(ready.config, "num_channels", None))  # fmt: skip
+                             label_map=label_map, num_channels=image_channels(ready.config))  # fmt: skip
     texts = prompts(names, evaluation.prompt_template)
 
     def score(models: list, **kwargs) -> list[dict]:

@@ -365,6 +365,7 @@ def _sweep(
     from .loading import (
         check_runs_on_its_images,
         family_and_head,
+        image_channels,
         load_config,
         load_image_processor,
         load_model,
@@ -437,7 +438,7 @@ def _sweep(
     check_runs_on_its_images(source_model, processor, source)
     pixels = None
     if settings.method == "calibrate":
-        channels = getattr(config, "num_channels", None)
+        channels = image_channels(config)
         batch = make_dataloader(calibrate_on, processor, batch_size=len(calibrate_on), num_channels=channels)
         pixels = next(iter(batch))["pixel_values"]
 
@@ -449,7 +450,7 @@ def _sweep(
             processor,
             batch_size=min(settings.batch_size, len(dataset)),
             label_map=label_map,
-            num_channels=getattr(config, "num_channels", None),
+            num_channels=image_channels(config),
         )
         k_top = None if backbone else min(5, len(names) if zero_shot else len(model_labels(config)))
         log(f"evaluating {len(merged) + 1} models on {len(dataset)} images of {settings.data} {settings.split} ...")

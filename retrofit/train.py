@@ -236,7 +236,7 @@ def training_data(model, image_processor, run: TrainingRun, log: Callable[[str],
     for the data's classes. Without labels the model the evaluation compares with is the teacher. `log` hears where
     the first --limit or --eval-limit images hold fewer classes than their split."""
     from .data import chosen_images, dataset_label_map, load_split, make_dataloader, model_labels, named_classes
-    from .loading import family_and_head
+    from .loading import family_and_head, image_channels
 
     classifier = family_and_head(model.config)[1].is_classifier
     label_column = None if run.loss == "kd" else run.label_column
@@ -252,7 +252,7 @@ def training_data(model, image_processor, run: TrainingRun, log: Callable[[str],
     if label_column and classifier:  # one line now, not a missing label or an IndexError at some step mid-run
         hint = "fix the labels of the split, or use --loss kd, which needs none"
         label_map = dataset_label_map(model_labels(model.config), train_set, run.data, hint=hint, fix=LABELS_FIX)
-    channels = getattr(model.config, "num_channels", None)
+    channels = image_channels(model.config)
     augment = run.augment or run.function_matching  # function matching: teacher and student see strong views
     train_dl = make_dataloader(train_set, image_processor, batch_size=run.batch_size, train=True, augment=augment,
                                num_workers=run.num_workers, seed=run.seed, num_channels=channels,
@@ -274,7 +274,7 @@ def evaluation_loader(
     split's classes) the split's labels are mapped to the head's by name as well: its classes need not be numbered
     as the training split's."""
     from .data import dataset_label_map, load_split, make_dataloader, model_labels
-    from .loading import family_and_head
+    from .loading import family_and_head, image_channels
 
     labels = run.label_column
     choose = "choose one with --eval-split, or pass --eval-split '' to train without evaluating"
@@ -298,7 +298,7 @@ def evaluation_loader(
             eval_set = eval_set.remove_columns("label")  # a head with other classes: agreement with the teacher
     batch_size = min(run.eval_batch_size or run.batch_size, len(eval_set))
     return make_dataloader(eval_set, image_processor, batch_size=batch_size, num_workers=run.num_workers,
-                           num_channels=getattr(config, "num_channels", None), label_map=eval_map)  # fmt: skip
+                           num_channels=image_channels(config), label_map=eval_map)  # fmt: skip
 
 
 def reinit_head(model, names: list[str] | None, num_labels: int) -> None:

@@ -594,3 +594,26 @@ def test_a_dual_encoder_exported_without_a_tokenizer_says_so_in_its_card(duals, 
     assert "- no tokenizer: the source had no usable one" in (tmp_path / "pm" / "README.md").read_text()
     convert(source, after_layer=2, num_tokens=3, output=tmp_path / "pm", overwrite=True, log=logged.append)
     assert "no tokenizer" not in (tmp_path / "pm" / "README.md").read_text()
+
+
+def test_a_dual_encoder_whose_processor_gives_one_mean_takes_rgb_images(duals, images, tmp_path):
+    """A CLIP whose image processor holds one mean and std (``image_mean: [0.5]``, as a grey-image processor writes
+    them) takes 3-channel images as its vision config says: the channel count was read from the top-level config,
+    which a dual encoder's has none of, so the processor's one mean made the images grey, and evaluate, calibration
+    and finetune failed in the patch embedding ("expected ... 3 channels, but got 1 channels")."""
+    import shutil
+
+    from retrofit import finetune
+
+    source = tmp_path / "clip"
+    shutil.copytree(duals["clip"][0], source)
+    processor = source / "preprocessor_config.json"
+    settings = json.loads(processor.read_text())
+    processor.write_text(json.dumps(settings | {"image_mean": [0.5], "image_std": [0.5]}))
+    report = evaluate_models([source], data=str(images), split="test", zero_shot=True, log=lambda _: None)
+    assert report["models"][0]["num_examples"] == 12
+    out = tmp_path / "pm"
+    convert(source, after_layer=2, num_tokens=3, output=out, calibrate_on=str(images), log=lambda _: None)
+    result = finetune(out, output=tmp_path / "ft", data=str(images), max_steps=1, batch_size=4, progress=False,
+                      log=lambda _: None)  # fmt: skip
+    assert result.finished and result.eval_history
