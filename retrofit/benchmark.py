@@ -710,10 +710,13 @@ def environment(settings: BenchSettings) -> dict:
     """Hardware and software the numbers were taken with."""
     import transformers
 
+    from . import __version__
+
     return {
         "hardware": hardware_name(settings.device),
         "device": settings.device,
         "dtype": settings.dtype,
+        "retrofit": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "cuda": torch.version.cuda if torch.device(settings.device).type == "cuda" else None,

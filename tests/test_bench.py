@@ -41,6 +41,7 @@ def test_bench_reports_every_model_and_batch_size(tiny_vit, export_dir, tmp_path
     names = [row["model"] for row in report["models"]]
     assert names == [str(tiny_vit), f"{tiny_vit}+pm1:2", str(export_dir)]
     assert report["environment"]["device"] == "cpu" and "CPU" in report["environment"]["hardware"]
+    assert report["environment"]["retrofit"] == __import__("retrofit").__version__  # the release that measured it
     source, twin, export = report["models"]
     assert source["baseline"] is None and twin["baseline"] == str(tiny_vit) and export["baseline"] == str(tiny_vit)
     assert export["merge_after_layer"] == 2 and twin["merge_num_tokens"] == 2
