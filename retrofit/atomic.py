@@ -44,7 +44,7 @@ T = TypeVar("T")
 ASSETS = Path(__file__).parent / "assets"  # the checkpoints shipped with retrofit (`retrofit:NAME`)
 SHIPPED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # the NAME of `retrofit:NAME`: a name, never a path
 REPORT_KEY = "retrofit_report"  # first key of every JSON report retrofit writes: what wrote it
-# What `evaluate --card` / `bench --card` add to an export (`card.RESULTS_FILE`, `card.CURVE_FILE`): the reports
+# What `evaluate --card` / `bench --card` add to an export (`card.update_card` writes them): the reports
 # behind the card's Results section, and its images/s against batch size.
 RESULTS_FILE = "retrofit_results.json"
 CURVE_FILE = "speed.png"

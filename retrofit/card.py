@@ -15,10 +15,11 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import PreTrainedModel
 
 from . import __version__
-from .atomic import write_files
+from .atomic import CURVE_FILE, RESULTS_FILE, write_files
 from .cost import compare, model_cost
 from .data import FASHION_MNIST_HUB, fashion_mnist_split, hub_dataset_id, is_fashion_mnist, is_local_data
 from .errors import RetrofitError, brief, counted, describe_os_error, shown
+from .families import MERGED_SUFFIX
 from .hub_code import OLDEST_TRANSFORMERS, base_head, classifier_head
 from .loading import family_and_head, layer_config
 from .provenance import public_name
@@ -242,7 +243,7 @@ def build_card(
         **licensing,
         library_name="transformers",
         pipeline_tag=head.pipeline_tag,
-        tags=["retrofit", "patch-merger", "token-merging", "vision", config.model_type.removesuffix("_patch_merger")],
+        tags=["retrofit", "patch-merger", "token-merging", "vision", config.model_type.removesuffix(MERGED_SUFFIX)],
         eval_results=eval_results or None,
         model_name=repo_id.split("/")[-1] if repo_id else None,
     )
@@ -329,9 +330,9 @@ def _not_evaluated(source: str) -> str:
 # Results: `retrofit evaluate --card` / `retrofit bench --card` write measured numbers into an export's card
 # ----------------------------------------------------------------------------------------------------------------
 
-RESULTS_FILE = "retrofit_results.json"
+# `RESULTS_FILE` holds them; `CURVE_FILE`: images/s against batch size, drawn by `bench --card` when it measured
+# several batch sizes (named in `retrofit.atomic`, which tells them from a user's files of the same name).
 MODEL_NAME = "model_name"  # in `RESULTS_FILE`: the name `update_card` gave the model in the card's model-index
-CURVE_FILE = "speed.png"  # images/s against batch size, drawn by `bench --card` when it measured several batch sizes
 _REPORTS = ("evaluation", "benchmark", "run")
 
 

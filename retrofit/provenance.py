@@ -35,7 +35,6 @@ def environment_folder(variable: str, default: Path | str) -> Path:
 CACHE_DIR = environment_folder("RETROFIT_CACHE", Path.home() / ".cache" / "retrofit")
 REGISTRY = "local-sources.json"
 # The files transformers loads a checkpoint's weights from, in the order it looks for them.
-WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,9 @@ def _resolved_file(source: str, filename: str, revision: str | None) -> Path | N
 def weight_files(source: str, revision: str | None = None) -> list[Path]:
     """The weight files transformers loads for `source` (a folder, or a Hub repo already in the local cache): one
     file, or the shards an index names. Empty if there are none here."""
-    for name in WEIGHTS:
+    from .loading import WEIGHT_FILES
+
+    for name in (name for pair in WEIGHT_FILES for name in pair):
         found = _resolved_file(source, name, revision)
         if found is None:
             continue

@@ -943,6 +943,7 @@ class BenchArgs(BenchSettings):
 METHODS = ("calibrate", "finetune")
 SWEEP_NEEDS_DATA = "is required: the sweep measures accuracy on it (or pass --dry-run for FLOPs alone)"
 SWEEP_LIMIT = 1000  # sweep scores every setting: the first 1000 images, unless --limit or --sample says otherwise
+SWEEP_TOKENS = (8, 16, 32)  # sweep's default M values: the paper's M = 8 (after L/2) and two milder merges
 
 
 @dataclass(kw_only=True)
@@ -954,7 +955,8 @@ class SweepSettings(Settings):
         flag="--after-layer", metavar="K,...", parse=comma_ints, at_least=1,
     )  # fmt: skip
     tokens: tuple[int, ...] | None = setting(
-        None, "comma-separated M values, e.g. 4,8,16 (default: 8,16,32, those below the number of patches)",
+        None, f"comma-separated M values, e.g. 4,8,16 (default: {','.join(map(str, SWEEP_TOKENS))}, those below the "
+        "number of patches)",
         metavar="M,...", parse=comma_ints, at_least=1,
     )  # fmt: skip
     data: str | None = setting(None, f"{DATA_HELP} (not with --dry-run)")

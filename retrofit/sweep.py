@@ -20,7 +20,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from .errors import RetrofitError, check_arguments, shown
-from .settings import SWEEP_NEEDS_DATA, BenchSettings, SweepArgs, SweepSettings, from_options
+from .settings import SWEEP_NEEDS_DATA, SWEEP_TOKENS, BenchSettings, SweepArgs, SweepSettings, from_options
 
 
 def pareto_front(points: list[dict], x: str = "images_per_s", y: str = "top1") -> list[dict]:
@@ -606,14 +606,11 @@ def _markdown_report(report: dict) -> str:
     )
 
 
-DEFAULT_TOKENS = (8, 16, 32)  # the paper's M = 8 (after L/2) and two milder merges
-
-
 def default_grid(
     config, image_size: tuple[int, int] | None, after_layers: tuple[int, ...] | None, tokens: tuple[int, ...] | None
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The K and M values to try: those given, else K at a quarter, half and three quarters of the encoder's depth
-    (3,6,9 for 12 layers) and M from `DEFAULT_TOKENS` below the number of patches (half of them if none is)."""
+    (3,6,9 for 12 layers) and M from `SWEEP_TOKENS` below the number of patches (half of them if none is)."""
     from .cost import num_patches
     from .loading import family_and_head, layer_config
 
@@ -622,7 +619,7 @@ def default_grid(
     if after_layers is None:
         after_layers = tuple(dict.fromkeys(min(max(round(depth * q), 1), depth - 1) for q in (0.25, 0.5, 0.75)))
     if tokens is None:
-        tokens = tuple(m for m in DEFAULT_TOKENS if m < patches) or (max(patches // 2, 1),)
+        tokens = tuple(m for m in SWEEP_TOKENS if m < patches) or (max(patches // 2, 1),)
     return after_layers, tokens
 
 
