@@ -85,16 +85,29 @@ def run_finetune(
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """`finetune` for settings already checked (the CLI builds `FinetuneArgs` itself): `prepare`, train, `finish`."""
-    from .checkpoints import output_record
-
     ready = prepare(args, log=log)
-    result = train(ready.model.float(), ready.processor, args, teacher=ready.teacher, text_embeds=ready.text_embeds,
-                   checkpoint_dir=ready.checkpoint_dir, resume=args.resume, overwrite=args.overwrite,
-                   data=ready.data, eval_at_start=eval_at_start, stop_after=stop_after, progress_bar=progress,
-                   same_run=output_record(args.output), stored_dtype=ready.stored_dtype, log=log)  # fmt: skip
+    result = train_prepared(args, ready, eval_at_start=eval_at_start, stop_after=stop_after, progress=progress, log=log)
     finish(args, ready, result, log=log)
     publish(args, result, log=log)
     return result
+
+
+def train_prepared(
+    args: FinetuneArgs,
+    ready: Prepared,
+    *,
+    eval_at_start: bool = False,
+    stop_after: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """`retrofit.train.train` on what `prepare` made ready (``finetune`` and a recipe's fine-tune both run it)."""
+    from .checkpoints import output_record
+
+    return train(ready.model.float(), ready.processor, args, teacher=ready.teacher, text_embeds=ready.text_embeds,
+                 checkpoint_dir=ready.checkpoint_dir, resume=args.resume, overwrite=args.overwrite, data=ready.data,
+                 eval_at_start=eval_at_start, stop_after=stop_after, progress_bar=progress,
+                 same_run=output_record(args.output), stored_dtype=ready.stored_dtype, log=log)  # fmt: skip
 
 
 def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepared:

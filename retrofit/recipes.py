@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Literal
 
 from .atomic import releases_write_locks
-from .checkpoints import output_record
 from .errors import RetrofitError, brief, check_arguments, counted, describe_os_error, did_you_mean
 from .settings import (
     RECIPE_SECTIONS,
@@ -417,10 +416,9 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
     from .card import update_card
     from .cost import model_cost
     from .evaluation import first_images_text, is_backbone
-    from .finetune import finish, prepare, publish
+    from .finetune import finish, prepare, publish, train_prepared
     from .loading import classifier_is_new, load_config, load_model, processor_image_size
     from .provenance import public_name
-    from .train import train
 
     args = finetune_args(recipe, overwrite=overwrite, resume=resume)
     refuse_inputs(args.output, (path,))  # the recipe is an input of the run too
@@ -473,10 +471,7 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
         rows[0] |= _zero_shot_cells(zero_shot_before[0])
         log(f"baseline zero-shot top-1: {100 * rows[0]['zero_shot_top1']:.2f} %")
 
-    result = train(ready.model.float(), ready.processor, args, teacher=ready.teacher, text_embeds=ready.text_embeds,
-                   checkpoint_dir=ready.checkpoint_dir, resume=resume, overwrite=overwrite, data=ready.data,
-                   eval_at_start=before, progress_bar=progress, same_run=output_record(args.output),
-                   stored_dtype=ready.stored_dtype, log=log)  # fmt: skip
+    result = train_prepared(args, ready, eval_at_start=before, progress=progress, log=log)
     if quality == "accuracy" and any("agreement" in h for h in result.eval_history):
         quality = "agreement"  # the training's evaluations had no labels this model knows
     history = [h for h in result.eval_history if quality in h]
