@@ -351,8 +351,12 @@ def load_split(
                         "streamed Hub split names no classes before it is read)"
                     )
             elif set(whole) != set(_distinct_labels(dataset, "label")):  # classes left out: a ClassLabel names all
-                with datasets_progress_bars(False):
-                    dataset = dataset.cast_column("label", datasets.ClassLabel(names=sorted(whole)))
+                classes = datasets.ClassLabel(names=sorted(whole))
+                features = dataset.features.copy()
+                features["label"] = classes
+                with datasets_progress_bars(False):  # a map, not cast_column: datasets 4.6 cannot cast text to ids
+                    dataset = dataset.map(lambda labels: {"label": classes.str2int(labels)}, input_columns="label",
+                                          batched=True, features=features)  # fmt: skip
     return dataset
 
 
