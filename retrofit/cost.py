@@ -109,7 +109,7 @@ def model_cost(
             merger_macs += biases * lc.num_attention_heads * tokens * full * (full + tokens)
         seen.append(tokens)
         macs += layer_macs(tokens, hidden, intermediate)
-    if getattr(lc, "vision_use_head", False):  # SigLIP's pooling head (5 % of a tiny model, 1.4 % of a base one)
+    if family.pooling_head and getattr(lc, "vision_use_head", True):  # 5 % of a tiny SigLIP, 1.4 % of a base one
         macs += pooling_head_macs(tokens, hidden, intermediate)
     try:
         return Cost(tokens_per_layer=seen, macs=float(macs + merger_macs), merger_macs=float(merger_macs))

@@ -123,6 +123,9 @@ class Family:
         padded_patch_towers: with `padded_patches`, the vision tower classes whose forward takes the padded patches
             (``pixel_values``, the mask, ``spatial_shapes``), by the names transformers' releases give them, which
             `naflex.take_images` lets take images.
+        pooling_head: if the vision tower ends in an attention pooling head (SigLIP's) where its layer config's
+            ``vision_use_head`` is true or absent (transformers 5.18 has no such field and builds the head); its
+            cost reads the N or M tokens of the last layer (`retrofit.cost`).
         square_sizes: if transformers' class takes ``image_size`` and ``patch_size`` as one whole number each (square
             images and patches; CLIP, SigLIP), so a (height, width) pair is refused in one line.
         shapes: random-weight model shapes of the family's first class that ``retrofit bench`` and ``sweep
@@ -147,6 +150,7 @@ class Family:
     relative_position_bias: str | None = None
     padded_patches: str | None = None
     padded_patch_towers: tuple[str, ...] = ()
+    pooling_head: bool = False
     square_sizes: bool = False
     shapes: dict[str, dict] = field(default_factory=dict)
 
@@ -515,6 +519,7 @@ register(
 register(
     Family(
         name="siglip",
+        pooling_head=True,
         square_sizes=True,
         display="SigLIP",
         model_types=("siglip",),
@@ -557,6 +562,7 @@ register(
 register(
     Family(
         name="siglip_vision",
+        pooling_head=True,
         square_sizes=True,
         display="SigLIP vision tower",
         model_types=("siglip_vision_model",),
@@ -595,6 +601,7 @@ _SIGLIP2_TOWERS = ("Siglip2VisionModel", "Siglip2VisionTransformer")  # the seco
 register(
     Family(
         name="siglip2",
+        pooling_head=True,
         square_sizes=True,
         display="SigLIP 2",
         model_types=("siglip2",),
@@ -640,6 +647,7 @@ register(
 register(
     Family(
         name="siglip2_vision",
+        pooling_head=True,
         square_sizes=True,
         display="SigLIP 2 vision tower",
         model_types=("siglip2_vision_model",),

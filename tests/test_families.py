@@ -1221,6 +1221,28 @@ def test_export_onnx_matches_pytorch_at_any_batch_size(name, converted, tmp_path
     assert info["merge_num_tokens"] == M and info["class"] == family_and_head(item.result.model.config)[1].class_name
 
 
+def test_a_siglip_config_without_vision_use_head_is_priced_with_its_pooling_head(monkeypatch):
+    """transformers 5.18 (pyproject's floor) writes no ``vision_use_head`` into SigLIP's vision config and builds the
+    pooling head where the field is absent; the cost model left the head out there (siglip2-b16: 46.20 GFLOPs for
+    46.82). A family without a pooling head (ViT) is not given one for lacking the field."""
+    from retrofit.benchmark import shape_config
+    from retrofit.cost import pooling_head_macs
+
+    for shape in ("siglip-b16", "siglip2-b16"):
+        config = shape_config(shape)
+        with_field = model_cost(config, merge=(6, 8)).gflops
+        vision = config.vision_config if hasattr(config, "vision_config") else config
+        vision.__dict__.pop("vision_use_head", None)  # as 5.18 has it: neither on the config nor on its class
+        monkeypatch.delattr(type(vision), "vision_use_head", raising=False)
+        assert not hasattr(vision, "vision_use_head")
+        assert model_cost(config, merge=(6, 8)).gflops == pytest.approx(with_field)
+        vision.vision_use_head = False
+        head = pooling_head_macs(8, vision.hidden_size, vision.intermediate_size)
+        assert model_cost(config, merge=(6, 8)).gflops == pytest.approx(with_field - 2 * head / 1e9)
+    vit = shape_config("vit-b16")
+    assert not hasattr(vit, "vision_use_head") and model_cost(vit).gflops == pytest.approx(35.13, abs=0.01)
+
+
 def test_cost_is_what_a_flop_counter_counts(converted):
     """`model_cost` against torch's FlopCounterMode on the real modules (eager attention, which it counts), source
     and merged, every case: within 1 % (the counter also sees the classifier or projection, which the cost leaves
