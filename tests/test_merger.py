@@ -60,3 +60,37 @@ def test_bf16_keeps_weights_normalised():
     merger = make().to(torch.bfloat16)
     y = merger(torch.randn(2, 1 + 30, 16, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("prefix", [0, 2])
+def test_output_is_the_documented_formula(prefix):
+    """Against the formula of the class docstring, written out here: LN (with its affine and eps), the D^-0.5 scale,
+    a softmax over the N patch tokens, the weights applied to the un-normalised tokens, the prefix passed through."""
+    torch.manual_seed(0)
+    merger = PatchMerger(16, 3, prefix, layer_norm_eps=0.5)  # an eps large enough to matter
+    torch.nn.init.normal_(merger.queries, std=1.0)
+    torch.nn.init.normal_(merger.norm.weight, mean=1.0, std=0.5)  # not the identity: the affine counts
+    torch.nn.init.normal_(merger.norm.bias, std=0.5)
+    x = torch.randn(2, prefix + 7, 16) * 3 + 1
+    tokens = x[:, prefix:]
+    mean = tokens.mean(-1, keepdim=True)
+    var = tokens.var(-1, unbiased=False, keepdim=True)
+    normed = (tokens - mean) / torch.sqrt(var + 0.5) * merger.norm.weight + merger.norm.bias
+    scores = torch.einsum("bnd,md->bnm", normed, merger.queries) / 4.0  # sqrt(D) = 4
+    weights = torch.exp(scores - scores.amax(1, keepdim=True))
+    weights = weights / weights.sum(1, keepdim=True)  # over the N patch tokens
+    expected = torch.cat([x[:, :prefix], torch.einsum("bnm,bnd->bmd", weights, tokens)], dim=1)
+    with torch.no_grad():
+        output, returned = merger(x, return_weights=True)
+    torch.testing.assert_close(returned, weights)
+    torch.testing.assert_close(output, expected)
+    assert torch.equal(output[:, :prefix], x[:, :prefix])
+
+
+def test_reset_parameters_draws_queries_at_the_given_std():
+    """Surgery initialises the queries at the config's initializer_range: std is honoured, truncated at 2 std."""
+    merger = PatchMerger(64, 32, 1)
+    torch.nn.init.normal_(merger.norm.weight)
+    merger.reset_parameters(std=0.5)
+    assert 0.3 < merger.queries.std() < 0.5 and merger.queries.abs().max() <= 1.0
+    assert torch.equal(merger.norm.weight, torch.ones(64)) and torch.equal(merger.norm.bias, torch.zeros(64))
