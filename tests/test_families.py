@@ -779,6 +779,46 @@ def test_dinov2_swiglu_cost_matches_its_matrices():
     assert layer_macs(1, 32, FAMILIES["dinov2"].mlp_width(config)) == linear + 2 * 32
 
 
+def test_cost_of_an_oblong_image_and_the_ratio_printed_are_counted_here_again():
+    """`model_cost` of a 32x64 image (4 x 8 patches) with a merge, against the count of the module docstring written
+    out here; `compare` prints before / after (how many times fewer)."""
+    from transformers import ViTConfig
+
+    from retrofit.cost import compare
+
+    config = ViTConfig(**TINY)  # D 32, I 64, 3 channels, 8x8 patches, 4 layers, one CLS token
+    n, d, i, k, m = 4 * 8, 32, 64, 1, 5
+
+    def layer(t: int) -> int:
+        return t * d * d * 4 + t * d * i * 2 + t * t * d * 2
+
+    embed = n * d * 3 * 8 * 8
+    before, after = model_cost(config, (32, 64)), model_cost(config, (32, 64), merge=(k, m))
+    assert before.tokens_per_layer == [1 + n] * 4 and after.tokens_per_layer == [1 + n] + [1 + m] * 3
+    assert before.macs == embed + 4 * layer(1 + n) and before.gflops == 2 * before.macs / 1e9
+    assert after.merger_macs == 2 * n * m * d and after.macs == embed + layer(1 + n) + 3 * layer(1 + m) + 2 * n * m * d
+    assert model_cost(config, [64, 32]) == model_cost(config, (64, 32)) == before
+    assert f"({before.macs / after.macs:.3f}x fewer" in compare(before, after)
+
+
+def test_siglip_pooling_head_cost_is_what_a_flop_counter_counts():
+    """`pooling_head_macs`, exactly, against torch's FlopCounterMode on SigLIP's attention pooling head alone (the
+    whole-model test compares within 1 %, where a term of D² is lost)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import SiglipVisionConfig
+    from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionPoolingHead
+
+    from retrofit.cost import pooling_head_macs
+
+    config = SiglipVisionConfig(**VISION)
+    head = SiglipMultiheadAttentionPoolingHead(config).eval()
+    for tokens in (5, 17):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            head(torch.randn(1, tokens, config.hidden_size))
+        macs = pooling_head_macs(tokens, config.hidden_size, config.intermediate_size)
+        assert 2 * macs == counter.get_total_flops(), tokens
+
+
 DINOV3_PROCESSOR = {  # as published with the DINOv3 checkpoints: a torchvision-only processor
     "do_normalize": True,
     "do_rescale": True,
