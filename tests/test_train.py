@@ -508,6 +508,38 @@ def test_feature_loss_is_relative_and_adds_to_kd():
     torch.testing.assert_close(losses.compute_loss(s, t, None, TrainSettings(loss="kd", feature_weight=0)), kd)
 
 
+def test_losses_are_their_formulas_written_out():
+    """kd, feature, cosine and mix losses against their definitions computed here: T² · KL(teacher ‖ student) at T,
+    averaged over images; ‖s − t‖² / ‖t‖² per image; 1 − cos; alpha · ce + (1 − alpha) · (kd + w · features); a dual
+    encoder's w · cosine + prompt weight · kd of the prompt logits."""
+    gen = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(5, 7, generator=gen) * 3, torch.randn(5, 7, generator=gen) * 3
+    for t in (1.0, 3.0):
+        p, q = (teacher / t).softmax(-1), (student / t).softmax(-1)
+        expected = t * t * (p * (p.log() - q.log())).sum(-1).mean()
+        torch.testing.assert_close(losses.kd_loss(student, teacher, t), expected)
+    fs, ft = torch.randn(5, 4, generator=gen), torch.randn(5, 4, generator=gen)
+    feature = ((fs - ft) ** 2).sum(-1).div((ft**2).sum(-1)).mean()
+    torch.testing.assert_close(losses.feature_loss(fs, ft), feature)
+    cosine = 1 - (fs * ft).sum(-1).div(fs.norm(dim=-1) * ft.norm(dim=-1)).mean()
+    torch.testing.assert_close(losses.cosine_loss(fs, ft), cosine)
+    labels = torch.tensor([0, 1, 2, 3, 4])
+    ce = -student.log_softmax(-1)[torch.arange(5), labels].mean()
+    s, te = losses.Outputs(student, fs), losses.Outputs(teacher, ft)
+    mix = TrainSettings(loss="mix", alpha=0.3, temperature=3.0, feature_weight=2.0)
+    kd3 = losses.kd_loss(student, teacher, 3.0)
+    torch.testing.assert_close(losses.compute_loss(s, te, labels, mix), 0.3 * ce + 0.7 * (kd3 + 2.0 * feature))
+    dual = TrainSettings(loss="kd", temperature=3.0, feature_weight=2.0, prompt_weight=0.5)
+    s, te = losses.Outputs(None, fs, student), losses.Outputs(None, ft, teacher)
+    got = losses.compute_loss(s, te, None, dual, embeddings=True)
+    torch.testing.assert_close(got, 2.0 * cosine + 0.5 * kd3)
+    logits, classes = torch.randn(4, 4, generator=gen), torch.tensor([0, 0, 1, 2])  # two images of one class
+    target = torch.tensor([[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
+    rows = -(target * logits.log_softmax(1)).sum(1).mean()
+    columns = -(target * logits.t().log_softmax(1)).sum(1).mean()
+    torch.testing.assert_close(losses.contrastive_loss(logits, classes), (rows + columns) / 2)
+
+
 @pytest.fixture(scope="module")
 def tiny_clip_vision(tmp_path_factory):
     from conftest import TINY, save_tiny
