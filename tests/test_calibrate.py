@@ -21,6 +21,25 @@ def test_kmeans_finds_separated_clusters():
     found = kmeans(points, 3, seed=1)
     distance = torch.cdist(found, centres).min(dim=1).values
     assert distance.max() < 1.0
+    # Lloyd's iterations run to a fixed point: every centroid is the mean of the points nearest to it
+    points = torch.randn(200, 2, generator=generator)
+    found = kmeans(points, 4, iterations=100)
+    nearest = torch.cdist(points, found).argmin(dim=1)
+    torch.testing.assert_close(torch.stack([points[nearest == j].mean(0) for j in range(4)]), found)
+
+
+def test_closeness_is_kl_and_top1_agreement_or_cosine():
+    """What calibrate reports (and ranks its candidates by): KL(source ‖ merged) and top-1 agreement of logits; a
+    backbone's 1 − cos and cos of its features."""
+    from retrofit.calibrate import _compare
+
+    teacher = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    student = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    p, q = teacher.log_softmax(-1), student.log_softmax(-1)
+    distance, agreement = _compare(student, teacher, "KL")
+    assert distance == pytest.approx((p.exp() * (p - q)).sum(-1).mean().item()) and agreement == 0.5
+    cosine = torch.nn.functional.cosine_similarity(student, teacher, dim=-1).mean().item()
+    assert _compare(student, teacher, "1 - cos") == pytest.approx((1 - cosine, cosine))
 
 
 def test_bypass_gives_the_source_logits(tiny_vit, pixels):
@@ -81,3 +100,33 @@ def test_calibrate_from_an_imagefolder_and_convert_cli(tiny_vit, tmp_path, capsy
     assert "no column 'img'" in capsys.readouterr().err
     assert main([*argv, "--overwrite", "--calibrate-on", str(data), "--calibrate-images", "0"]) == 2
     assert capsys.readouterr().err.strip() == "retrofit: error: --calibrate-images must be at least 1 (got 0)"
+
+
+def test_the_result_is_what_the_model_it_leaves_computes(tiny_vit):
+    """calibrate's numbers are the merged model's, run whole (no replayed layers), against the source's logits: KL
+    and top-1 agreement, random and calibrated; the queries it leaves are the chosen scale times the unit-RMS k-means
+    centroids of LN(the source's layer-K patch tokens)."""
+    from retrofit.calibrate import SCALES
+
+    pixels = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    source = load_model(tiny_vit).eval()
+    merged = insert_patch_merger(load_model(tiny_vit).eval(), 2, 3)
+    random = merged.patch_merger.queries.detach().clone()
+    result = calibrate(merged, pixels, restarts=1)
+    assert result.scale in SCALES  # a calibrated start beat the random one
+    calibrated = merged.patch_merger.queries.detach().clone()
+    with torch.no_grad():
+        out = source(pixel_values=pixels, output_hidden_states=True)
+        p = out.logits.log_softmax(-1)
+        for queries, distance, agreement in [
+            (random, result.distance_random, result.agreement_random),
+            (calibrated, result.distance_calibrated, result.agreement_calibrated),
+        ]:
+            merged.patch_merger.queries.copy_(queries)
+            student = merged(pixel_values=pixels).logits
+            kl = (p.exp() * (p - student.log_softmax(-1))).sum(-1).mean()
+            assert distance == pytest.approx(kl.item(), rel=1e-4, abs=1e-6)
+            assert agreement == (student.argmax(-1) == out.logits.argmax(-1)).float().mean().item()
+        normed = merged.patch_merger.norm(out.hidden_states[2][:, 1:]).reshape(-1, 32)
+    centroids = kmeans(normed, 3, seed=0)
+    torch.testing.assert_close(calibrated, centroids / centroids.pow(2).mean(1, keepdim=True).sqrt() * result.scale)
