@@ -698,3 +698,21 @@ def test_convert_is_reproducible_and_leaves_the_callers_random_state_alone(tiny_
     assert torch.equal(torch.random.get_rng_state(), state)
     assert torch.equal(queries[0], queries[1]) and not torch.equal(queries[0], queries[2])
     assert main(["convert", str(tiny_vit), "--after-layer", "1", "--tokens", "4", "--seed", "-1"]) == 2
+
+
+def test_surgery_keeps_the_models_settings():
+    """The merged model keeps what the source model was given: its mode (eval or train), its dtype, its attention
+    implementation; the merger takes the config's layer_norm_eps and draws its queries at its initializer_range."""
+    from conftest import TINY
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(**TINY, layer_norm_eps=1e-3, initializer_range=0.5, attn_implementation="eager")
+    source = ViTForImageClassification(config).to(torch.bfloat16).eval()
+    merged = insert_patch_merger(source, 1, 8)
+    merger = merged.patch_merger
+    assert not merged.training and not merger.training
+    assert merger.queries.dtype == merger.norm.weight.dtype == torch.bfloat16
+    assert merger.norm.eps == 1e-3 and 0.3 < merger.queries.float().std() < 0.5
+    assert merged.config._attn_implementation == "eager"
+    assert insert_patch_merger(ViTForImageClassification(ViTConfig(**TINY)).train(), 1, 8).training
