@@ -1025,3 +1025,35 @@ def test_an_output_that_climbs_out_of_a_missing_folder_is_refused_before_any_wor
         assert error.count("\n") == 1 and "climbs ('..') out of 'nox', which does not exist" in error, error
     assert not (tmp_path / "nox").exists() and [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
     assert main(["convert", str(tiny_vit), *merge, "--output", "mine/../pm"]) == 0 and Path("pm/config.json").is_file()
+
+
+def test_atomic_writes_recheck_at_the_end_and_share_what_they_write(tmp_path):
+    """`write_report` never replaces a file that appeared after its check, a file that is not a report, or (with
+    `same_kind`) another command's report; `atomic_dir` checks its output again before the rename (a user's file put
+    there meanwhile stays) and leaves its files readable by all (0644, folders 0755), temporary ones included."""
+    import stat
+    import tempfile
+
+    from retrofit.atomic import atomic_dir, write_report
+
+    report = tmp_path / "r.json"
+    report.write_text('{"mine": 1}')
+    for overwrite in (False, True):
+        with pytest.raises(RetrofitError):
+            write_report(report, {"a": 1}, overwrite, kind="bench")
+    write_report(tmp_path / "e.json", {"a": 1}, kind="evaluate")
+    with pytest.raises(RetrofitError, match="not this run's"):
+        write_report(tmp_path / "e.json", {"a": 2}, True, kind="bench", same_kind=True)
+    assert report.read_text() == '{"mine": 1}' and json.loads((tmp_path / "e.json").read_text())["a"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json", "r.json"]
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(RetrofitError), atomic_dir(out, overwrite=True) as work:
+        (out / "notes.txt").write_text("the user's")
+    assert (out / "notes.txt").read_text() == "the user's"
+    with atomic_dir(tmp_path / "shared") as work:
+        tempfile.mkstemp(dir=work)
+        tempfile.mkdtemp(dir=work)
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "shared").rglob("*")}
+    assert modes == {0o644, 0o755}
