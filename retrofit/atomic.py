@@ -427,6 +427,34 @@ def _finite(value):
     return value
 
 
+def _to_disk(handle) -> None:
+    """Flush an open file's content to the disk, so that the rename which publishes it can never expose an empty or
+    partial file after a power loss (the rename may reach the disk before the data otherwise)."""
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _sync_file(path: Path) -> None:
+    """`_to_disk` for a file another library wrote and closed (``save_pretrained``'s, inside `atomic_dir`)."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it, a file made in it) to the disk; where a folder cannot be opened
+    for that (Windows), its renames are as durable as the file system makes them."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder: nothing more can be done there
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_report(
     path: str | Path, report: dict, overwrite: bool = False, *, kind: str, same_kind: bool = False
 ) -> Path:
@@ -440,6 +468,7 @@ def write_report(
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
             handle.write(text)
+            _to_disk(handle)
         os.chmod(tmp, 0o644)
         check_interrupted()
         if overwrite and path.exists():
@@ -459,6 +488,7 @@ def write_report(
                     f"'{path}' appeared while this run was working, so it was not replaced (pass --overwrite to "
                     "replace a report retrofit wrote)"
                 ) from None
+        _sync_folder(path.parent)
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
@@ -483,10 +513,13 @@ def write_files(files: dict[Path, str | bytes]) -> None:
             staged.append((Path(tmp), path))
             with os.fdopen(fd, "wb") as handle:
                 handle.write(content.encode("utf-8") if isinstance(content, str) else content)
+                _to_disk(handle)
             os.chmod(tmp, 0o644)
         check_interrupted()  # a Ctrl-C that a library swallowed: the files stay as they were
         for tmp, path in staged:
             os.replace(tmp, path)
+        for folder in {path.parent for _, path in staged}:
+            _sync_folder(folder)
     finally:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
@@ -517,7 +550,13 @@ def atomic_dir(
         os.chmod(tmp, 0o755)
         for path in tmp.rglob("*"):  # temp files are created 0600; exports are meant to be shared
             os.chmod(path, 0o755 if path.is_dir() else 0o644)
+            if path.is_dir():
+                _sync_folder(path)
+            else:
+                _sync_file(path)
+        _sync_folder(tmp)
         _move_into_place(tmp, output, overwrite, kind, inputs)
+        _sync_folder(output.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1057,3 +1057,51 @@ def test_atomic_writes_recheck_at_the_end_and_share_what_they_write(tmp_path):
         tempfile.mkdtemp(dir=work)
     modes = {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "shared").rglob("*")}
     assert modes == {0o644, 0o755}
+
+
+def test_what_a_write_publishes_is_on_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """Written whole or not at all after a power loss too: a rename can reach the disk before the data it
+    publishes, leaving an empty or partial file under the final name. Every file of an `atomic_dir` folder, of
+    `write_files` and of `write_report` is fsync'd before the rename that publishes it, and the folder it lands in
+    after it."""
+    from retrofit.atomic import SWEEP, atomic_dir, write_files, write_report
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
+
+    def fsync(fd):
+        events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", str(src)))
+        real_replace(src, dst)
+
+    def link(src, dst):
+        events.append(("rename", str(src)))
+        real_link(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "link", link)
+
+    def synced_before_renamed(expected_files: int) -> None:
+        renamed = next(i for i, (what, _) in enumerate(events) if what == "rename")
+        source = events[renamed][1]
+        synced = [path for what, path in events[:renamed] if what == "sync" and path.startswith(source)]
+        assert len(synced) >= expected_files, events
+        assert ("sync", str(tmp_path)) in events[renamed:], events  # the rename itself
+        events.clear()
+
+    with atomic_dir(tmp_path / "sweep", kind=SWEEP) as folder:
+        for name in ("sweep.json", "sweep.md"):
+            (folder / name).write_text("{}")  # closed without a sync, as save_pretrained leaves its files
+    synced_before_renamed(2 + 1)  # both files and the folder
+    write_files({tmp_path / "a.txt": "a", tmp_path / "b.txt": b"b"})
+    assert [what for what, _ in events].count("sync") >= 3
+    assert events.index(("sync", str(tmp_path))) > max(i for i, (what, _) in enumerate(events) if what == "rename")
+    first_rename = next(i for i, (what, _) in enumerate(events) if what == "rename")
+    assert sum(what == "sync" for what, _ in events[:first_rename]) == 2  # both files, before either is renamed
+    events.clear()
+    write_report(tmp_path / "r.json", {"x": 1}, kind="evaluate")
+    assert [what for what, _ in events] == ["sync", "rename", "sync"] and events[-1] == ("sync", str(tmp_path))
