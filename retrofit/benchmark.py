@@ -585,17 +585,17 @@ def _fail(v: Variant, batch_size: int, exc: BaseException, device: torch.device,
     _free(device)
 
 
-def _outside_inference_mode(enabled: bool) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def _outside_inference_mode(enabled: bool) -> Iterator[None]:
     """The first warm-up pass of an eager model runs under no_grad, not inference_mode (nothing is timed there):
     a tensor a model caches process-wide in its first call would otherwise be an inference tensor that no later
     training in the process can use (BEiT's relative position index: bench, then finetune, failed with "Inference
     tensors cannot be saved for backward"). Compiled models are left alone, so that they compile once."""
     if not enabled:
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.inference_mode(False))
-    stack.enter_context(torch.no_grad())
-    return stack
+        yield
+        return
+    with torch.inference_mode(False), torch.no_grad():
+        yield
 
 
 def _measure_batch_size(variants, batch_size, settings, device, dtype, generator, log) -> None:

@@ -278,6 +278,11 @@ def _raw_model_type(source: str, revision: str | None) -> str:
     return config_dict.get("model_type") or ("timm_wrapper" if "architecture" in config_dict else "")
 
 
+def _article(task: str) -> str:
+    """The article before a task's name: an image-classification, a zero-shot-image-classification model."""
+    return "an" if task[0] in "aeiou" else "a"
+
+
 def for_task(config: PreTrainedConfig, task: str | None) -> PreTrainedConfig:
     """The config that loads `config`'s checkpoint as a model for `task` (a copy; `config` is left as it is).
 
@@ -296,7 +301,7 @@ def for_task(config: PreTrainedConfig, task: str | None) -> PreTrainedConfig:
         return config
     if is_merged(config):
         raise RetrofitError(
-            f"this export is {'an' if head.pipeline_tag[0] in 'aeiou' else 'a'} {head.pipeline_tag} model "
+            f"this export is {_article(head.pipeline_tag)} {head.pipeline_tag} model "
             f"({head.class_name} with a PatchMerger), not {task}; "
             f"drop --task, or convert its source with --task {task}"
         )
@@ -315,9 +320,8 @@ def for_task(config: PreTrainedConfig, task: str | None) -> PreTrainedConfig:
             tower.dtype = config.dtype
         return tower
     classes = ", ".join(f"{h.class_name} ({h.pipeline_tag})" for h in family.heads.values())
-    article = "an" if task[0] in "aeiou" else "a"  # an image-classification, a zero-shot-image-classification model
     raise RetrofitError(
-        f"{family.user_name} checkpoints cannot become {article} {task} model; retrofit converts: {classes}"
+        f"{family.user_name} checkpoints cannot become {_article(task)} {task} model; retrofit converts: {classes}"
     )
 
 

@@ -34,7 +34,6 @@ def environment_folder(variable: str, default: Path | str) -> Path:
 
 CACHE_DIR = environment_folder("RETROFIT_CACHE", Path.home() / ".cache" / "retrofit")
 REGISTRY = "local-sources.json"
-# The files transformers loads a checkpoint's weights from, in the order it looks for them.
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from .settings import PushArgs
 # export's (transformers reads model.safetensors before a shard index); a tokenizer.json before a SigLIP's spiece.model.
 STALE_PATTERNS = (
     "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors",
-    "configuration_*_patch_merger.py", "modeling_*_patch_merger.py", RESULTS_FILE, CURVE_FILE,
+    f"configuration_*{MERGED_SUFFIX}.py", f"modeling_*{MERGED_SUFFIX}.py", RESULTS_FILE, CURVE_FILE,
     *TOKENIZER_FILES,
 )  # fmt: skip
 
