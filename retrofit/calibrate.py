@@ -56,11 +56,12 @@ class CalibrationResult:
             f"{self.metric} {self.distance_random:.3f} -> {self.distance_calibrated:.3f} (query scale {self.scale:g})"
         )
 
-    def describe(self, data: str, split: str, layer: int, seed: int | None = None) -> str:
+    def describe(self, data: str, split: str, layer: int, seed: int | None = None, of: str | None = None) -> str:
         """How the merger was initialised, for the model card; `seed`: the one that drew the images (a shuffled
-        sample) and the k-means starts."""
+        sample) and the k-means starts; `of`: the images of the split they were drawn from, where not all."""
         closeness = "top-1 agreement" if self.metric == "KL" else "cosine similarity of the features"
         drawn = "" if seed is None else f", a shuffled sample, seed {seed}"
+        drawn += f", from {of}" if of else ""
         return (
             f"calibrated: k-means of the layer-{layer} tokens of {self.images} images of `{public_name(data)}` "
             f"({split} split{drawn}), "
@@ -283,13 +284,22 @@ def calibration_batch(
     split: str = "train",
     image_column: str = "image",
     seed: int = 0,
+    within: dict | None = None,
     log: Callable[[str], None] = print,
 ) -> torch.Tensor:
-    """`num_images` preprocessed images of `data` (a shuffled sample), as the model expects them."""
-    from .data import load_split, make_dataloader
+    """`num_images` preprocessed images of `data` (a shuffled sample), as the model expects them. `within`: the
+    images a fine-tune trains on, as `data.chosen_images` gives them (``--limit N``'s first N or ``--sample N``'s
+    sample), which they are drawn from (all of them where they are no more than `num_images`)."""
+    from .data import load_split, make_dataloader, sample_of
     from .loading import image_channels, load_image_processor
 
-    dataset = load_split(data, split, image_column=image_column, label_column=None, limit=num_images, sample_seed=seed)
+    if within is None or within["limit"] is None:  # the whole split: only the sample is loaded (streamed from the Hub)
+        dataset = load_split(data, split, image_column=image_column, label_column=None, limit=num_images,
+                             sample_seed=seed)  # fmt: skip
+    else:  # --sample's images are shuffled already: their first ones (those a sample of the split with the
+        # same seed takes, for local data); --limit's first N are shuffled here
+        dataset = load_split(data, split, image_column=image_column, label_column=None, **within)
+        dataset = sample_of(dataset, num_images, None if within["sample_seed"] is not None else seed)
     processor = load_image_processor(source, model.config, log=log)
     loader = make_dataloader(dataset, processor, batch_size=len(dataset), num_channels=image_channels(model.config))
     return next(iter(loader))["pixel_values"]
@@ -305,11 +315,12 @@ def calibrate_from_data(
     split: str = "train",
     image_column: str = "image",
     seed: int = 0,
+    within: dict | None = None,
 ) -> CalibrationResult:
-    """Calibrate `merged`'s PatchMerger on `num_images` images of `data` (fashion-mnist, image folder or Hub id)."""
-    pixels = calibration_batch(
-        merged, data, source=source, num_images=num_images, split=split, image_column=image_column, seed=seed, log=log
-    )
+    """Calibrate `merged`'s PatchMerger on `num_images` images of `data` (fashion-mnist, image folder or Hub id),
+    drawn from the images `within` names (`calibration_batch`) or from the whole split."""
+    pixels = calibration_batch(merged, data, source=source, num_images=num_images, split=split,
+                               image_column=image_column, seed=seed, within=within, log=log)  # fmt: skip
     result = calibrate(merged, pixels, seed=seed)
     log(result.summary())
     return result

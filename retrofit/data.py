@@ -206,6 +206,16 @@ def _cache_files_elsewhere(function: Callable) -> Callable:
 
 
 @_cache_files_elsewhere
+def sample_of(dataset, size: int, seed: int | None):
+    """`size` examples of `dataset` (all of them where it holds no more): a shuffled sample drawn with `seed`, or
+    without one its first `size` (of a dataset already shuffled, such as ``--sample``'s, a shuffled sample too). No
+    cache file is written next to a save_to_disk folder's own."""
+    if len(dataset) <= size:
+        return dataset
+    return dataset.select(range(size)) if seed is None else dataset.shuffle(seed=seed).select(range(size))
+
+
+@_cache_files_elsewhere
 def load_split(
     data: str,
     split: str,
@@ -330,8 +340,8 @@ def load_split(
             dataset = dataset.rename_column(label_column, "label")
         if is_local and len(dataset):
             _check_local_images(dataset, "image", data)
-    if sample and len(dataset) > limit:
-        dataset = dataset.shuffle(seed=sample_seed).select(range(limit))
+    if sample:
+        dataset = sample_of(dataset, limit, sample_seed)
     if label_column is None and "label" in dataset.column_names:
         dataset = dataset.remove_columns("label")
     if len(dataset) == 0:

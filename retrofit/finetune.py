@@ -184,7 +184,7 @@ def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepar
         options.pop(PROCESSES)  # launched: `train` checks it
         check_same_run(checkpoint_dir, run_settings(model, args.train, args.ema_decay) | {OPTIONS: options})
     if args.calibrate and init == "random":
-        init = _calibrate(model, args, resumed=resuming, log=log)
+        init = _calibrate(model, args, resumed=resuming, trained_on=len(data[0].dataset), log=log)
     notes = [other_class] if other_class else []
     if tokenizer is None and family_and_head(config)[1].is_dual_encoder:
         notes.append(NO_TOKENIZER_NOTE)
@@ -344,9 +344,11 @@ def _check_same_encoder(config, teacher_config, export, found: str) -> None:
         )
 
 
-def _calibrate(model, args: FinetuneArgs, *, resumed: bool, log) -> str:
-    """Start the merger from k-means of the layer-K tokens of a shuffled sample of training images; returns the
-    card's line for it. A resumed run's checkpoint already holds the calibrated merger."""
+def _calibrate(model, args: FinetuneArgs, *, resumed: bool, trained_on: int, log) -> str:
+    """Start the merger from k-means of the layer-K tokens of a shuffled sample of the training images (of the
+    `trained_on` images of ``--limit`` or ``--sample``, not of the whole split); returns the card's line for it. A
+    resumed run's checkpoint already holds the calibrated merger."""
+    from .data import chosen_images
     from .provenance import public_name
 
     if resumed:
@@ -354,10 +356,12 @@ def _calibrate(model, args: FinetuneArgs, *, resumed: bool, log) -> str:
         return f"calibrated (k-means of the layer-{args.after_layer} tokens of `{data}`; the run was resumed)"
     from .calibrate import calibrate_from_data
 
+    within = chosen_images(args.limit, args.sample, args.seed)
     calibration = calibrate_from_data(model, args.data, source=str(args.source), log=log, seed=args.seed,
                                       num_images=args.calibrate_images, split=args.split,
-                                      image_column=args.image_column)  # fmt: skip
-    return calibration.describe(args.data, args.split, args.after_layer, args.seed)
+                                      image_column=args.image_column, within=within)  # fmt: skip
+    of = None if within["limit"] is None else f"the {trained_on:,} images trained on"
+    return calibration.describe(args.data, args.split, args.after_layer, args.seed, of=of)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -305,23 +305,55 @@ def test_gradient_checkpointing_recomputes_layers_and_reaches_the_same_weights(
 def test_sample_and_calibration_images_are_seeded_shuffled_subsets(tiny_vit, colours, tmp_path, monkeypatch, capsys):
     """The card names the images trained on and the settings that shape the weights: it said "fine-tuned on `colours`
     for 2 steps (1.0 epochs)" of a sample of 16 of its 24 images, and named neither --augment nor the optimizer's
-    other settings, so its numbers could not be reproduced from it."""
+    other settings, so its numbers could not be reproduced from it. The merger's k-means start drew its images from
+    the whole split, not from the N images of --limit N trained on."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    import retrofit.calibrate
     import retrofit.data
+    from retrofit.calibrate import calibration_batch
+    from retrofit.data import chosen_images, make_dataloader
+    from retrofit.loading import load_image_processor
 
     asked, real = [], retrofit.data.load_split
     monkeypatch.setattr(retrofit.data, "load_split", lambda *a, **kw: asked.append(kw) or real(*a, **kw))
+    calibrated_on, calibrate = [], retrofit.calibrate.calibrate
+    monkeypatch.setattr(
+        retrofit.calibrate, "calibrate", lambda m, p, **kw: calibrated_on.append(p) or calibrate(m, p, **kw)
+    )
     settings = dict(after_layer=2, num_tokens=4, data=colours, epochs=1, eval_split=None, **FAST)
     result = finetune(tiny_vit, output=tmp_path / "pm", sample=16, seed=3, calibrate_images=5, augment=True,
                       weight_decay=0.1, merger_lr_scale=3, **settings)  # fmt: skip
     assert result.steps == 2  # 16 of the 24 training images, batch 8
-    assert [(kw["limit"], kw["sample_seed"]) for kw in asked] == [(16, 3), (5, 3)]  # the training data, calibration
+    assert [(kw["limit"], kw["sample_seed"]) for kw in asked] == [(16, 3), (16, 3)]  # the training data, calibration
+    # k-means saw 5 of the 16 images trained on: the sample's first 5
+    config = AutoConfig.from_pretrained(tiny_vit)
+    processor = load_image_processor(str(tiny_vit), config, log=lambda _: None)
+
+    def images(**chosen) -> torch.Tensor:
+        dataset = real(colours, "train", label_column=None, **chosen)
+        return next(iter(make_dataloader(dataset, processor, batch_size=len(dataset))))["pixel_values"]
+
+    torch.testing.assert_close(calibrated_on.pop(), images(limit=16, sample_seed=3)[:5], rtol=0, atol=0)
     card = (tmp_path / "pm" / "README.md").read_text()
     assert "k-means of the layer-2 tokens of 5 images of" in card
+    assert "(train split, a shuffled sample, seed 3, from the 16 images trained on)" in card
     assert "- fine-tuned on `colours` train (a shuffled sample of 16 images, seed 3) for 2 steps (1.0 epochs)" in card
     assert (
         "- trained: all; lr 0.0002 (the merger's ×3), weight decay 0.1, warm-up ratio 0.05, gradient norm clipped at "
         "1, batch 8x1, augmented (random resized crops and horizontal flips), seed 3\n"
     ) in card
+    # --limit 16: 5 of those first 16 images (a shuffled sample of the whole split's 24 before), said on the card
+    finetune(tiny_vit, output=tmp_path / "first", limit=16, seed=3, calibrate_images=5, **settings)
+    first = images(limit=16).flatten(1)
+    assert all((first == image.flatten()).all(dim=1).any() for image in calibrated_on.pop())
+    assert "from the 16 images trained on" in (tmp_path / "first" / "README.md").read_text()
+    # --limit 4: all 4 of them, however many --calibrate-images asks for
+    batch = calibration_batch(SimpleNamespace(config=config), colours, source=str(tiny_vit), num_images=256,
+                              within=chosen_images(4, None, 0), log=lambda _: None)  # fmt: skip
+    assert sorted(batch.flatten(1).tolist()) == sorted(images(limit=4).flatten(1).tolist())
     capsys.readouterr()
     # --limit with --sample, no calibration images: one line each, nothing written
     base = ["finetune", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--data", colours]
