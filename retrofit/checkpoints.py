@@ -98,6 +98,9 @@ def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if is_checkpoint(p)), key=lambda p: p.name)
 
 
+INIT = "init"  # run.json: the card's line on how the merger started, which a resumed run's card repeats; not compared
+
+
 def output_record(output: str | Path) -> dict:
     """What ``run.json`` records of the run's output (`OUTPUT`, absolute): a resumed run replaces that folder as its
     own (`resume_owns_output`), and no other; not compared on --resume (a resumed run may export elsewhere)."""
@@ -368,7 +371,7 @@ def check_same_run(checkpoint_dir: Path, settings: dict) -> None:
                 "or pass --overwrite to start over"
             )
     for key, value in settings.items():  # options and a caller's own settings (`train`'s same_run): JSON, by path
-        if key in RUN_SETTINGS or key in ("budget", OUTPUT) or key not in saved:
+        if key in RUN_SETTINGS or key in ("budget", OUTPUT, INIT) or key not in saved:
             continue
         where = "" if key == OPTIONS else key  # an option is named by itself
         difference = _first_difference(saved[key], json.loads(json.dumps(value, default=str)), where)

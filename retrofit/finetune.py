@@ -102,12 +102,13 @@ def train_prepared(
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """`retrofit.train.train` on what `prepare` made ready (``finetune`` and a recipe's fine-tune both run it)."""
-    from .checkpoints import output_record
+    from .checkpoints import INIT, output_record
 
+    same_run = output_record(args.output) | {INIT: ready.init}  # a resumed run's card repeats how the merger started
     return train(ready.model.float(), ready.processor, args, teacher=ready.teacher, text_embeds=ready.text_embeds,
                  checkpoint_dir=ready.checkpoint_dir, resume=args.resume, overwrite=args.overwrite, data=ready.data,
-                 eval_at_start=eval_at_start, stop_after=stop_after, progress_bar=progress,
-                 same_run=output_record(args.output), stored_dtype=ready.stored_dtype, log=log)  # fmt: skip
+                 eval_at_start=eval_at_start, stop_after=stop_after, progress_bar=progress, same_run=same_run,
+                 stored_dtype=ready.stored_dtype, log=log)  # fmt: skip
 
 
 def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepared:
@@ -184,7 +185,8 @@ def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepar
         options.pop(PROCESSES)  # launched: `train` checks it
         check_same_run(checkpoint_dir, run_settings(model, args.train, args.ema_decay) | {OPTIONS: options})
     if args.calibrate and init == "random":
-        init = _calibrate(model, args, resumed=resuming, trained_on=len(data[0].dataset), log=log)
+        resumed = checkpoint_dir if resuming else None
+        init = _calibrate(model, args, resumed=resumed, trained_on=len(data[0].dataset), log=log)
     notes = [other_class] if other_class else []
     if tokenizer is None and family_and_head(config)[1].is_dual_encoder:
         notes.append(NO_TOKENIZER_NOTE)
@@ -344,15 +346,20 @@ def _check_same_encoder(config, teacher_config, export, found: str) -> None:
         )
 
 
-def _calibrate(model, args: FinetuneArgs, *, resumed: bool, trained_on: int, log) -> str:
+def _calibrate(model, args: FinetuneArgs, *, resumed: Path | None, trained_on: int, log) -> str:
     """Start the merger from k-means of the layer-K tokens of a shuffled sample of the training images (of the
     `trained_on` images of ``--limit`` or ``--sample``, not of the whole split); returns the card's line for it. A
-    resumed run's checkpoint already holds the calibrated merger."""
+    resumed run's checkpoints (in the folder `resumed`) already hold the calibrated merger: the line is the one their
+    run.json recorded."""
+    from .checkpoints import INIT, read_run_record
     from .data import chosen_images
     from .provenance import public_name
 
-    if resumed:
-        data = public_name(args.data)
+    if resumed is not None:
+        recorded = (read_run_record(resumed) or {}).get(INIT)
+        if isinstance(recorded, str) and recorded.startswith("calibrated"):
+            return f"{recorded} (the run was resumed)"
+        data = public_name(args.data)  # checkpoints of a retrofit that did not record it
         return f"calibrated (k-means of the layer-{args.after_layer} tokens of `{data}`; the run was resumed)"
     from .calibrate import calibrate_from_data
 
