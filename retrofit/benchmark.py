@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import RetrofitError, brief, check_arguments, check_interrupted, shown
+from .errors import RetrofitError, brief, check_arguments, check_interrupted, log_to_stderr, shown
 from .loading import DTYPES  # re-exported: bench scripts read it here
 from .settings import (
     DTYPE_NAMES,
@@ -1050,14 +1050,11 @@ def benchmark(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run_bench(args: BenchArgs, *, log: Callable[[str], None] | None = None) -> dict:
+def run_bench(args: BenchArgs, *, log: Callable[[str], None] = log_to_stderr) -> dict:
     """`retrofit bench`: measure, print the table on stdout (progress on stderr), write --json and --card."""
-    import sys
-
     from .atomic import check_file_output, refuse_same_outputs, write_report
     from .errors import describe_os_error
 
-    log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     if args.card:
         from .card import check_card_target
 

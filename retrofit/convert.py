@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 from .atomic import check_output, hold_write_lock, releases_write_locks
 from .card import TrainingInfo
 from .cost import Cost, compare, model_cost
-from .errors import RetrofitError, check_arguments
+from .errors import RetrofitError, check_arguments, log_to_stderr
 from .export import export
 from .loading import (
     NO_TOKENIZER_NOTE,
@@ -69,13 +69,16 @@ def convert(
     args = from_options(ConvertArgs, {"source": source, "after_layer": after_layer, "tokens": num_tokens,
                                       "output": output, **settings}, where="convert()")  # fmt: skip
     check_arguments("convert", log=log)
-    return run_convert(args, log=log)
+    return run_convert(args, log=log, show=log)
 
 
 @releases_write_locks
 @keeps_callers_random_state
-def run_convert(args: ConvertArgs, *, log: Callable[[str], None] = print) -> ConvertResult:
-    """`convert` for settings already checked (``retrofit convert`` builds `ConvertArgs` itself)."""
+def run_convert(
+    args: ConvertArgs, *, log: Callable[[str], None] = log_to_stderr, show: Callable[[str], None] = print
+) -> ConvertResult:
+    """`convert` for settings already checked (``retrofit convert`` builds `ConvertArgs` itself): the cost table goes
+    to `show` (the CLI's stdout), every other line to `log` (its stderr)."""
     source, output = args.source, args.output
     resolve_source(source)  # a bad retrofit:NAME is refused first
     if output is not None:
@@ -122,7 +125,7 @@ def run_convert(args: ConvertArgs, *, log: Callable[[str], None] = print) -> Con
                                           image_column=args.image_column, seed=args.seed)  # fmt: skip
         training.init = calibration.describe(args.calibrate_on, args.calibrate_split, args.after_layer, args.seed)
     before, after = model_cost(config, image_size), model_cost(merged.config, image_size)
-    log(compare(before, after))
+    show(compare(before, after))
     if output is not None:
         export(merged, output, image_processor=processor, tokenizer=tokenizer, overwrite=args.overwrite,
                source_config=config, training=training)  # fmt: skip

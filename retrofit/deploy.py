@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import RetrofitError, brief, check_arguments, check_interrupted
+from .errors import RetrofitError, brief, check_arguments, check_interrupted, log_to_stderr
 from .settings import ONNX_TOLERANCE, ExportOnnxArgs, from_options
 
 MODEL_KEY = "retrofit"  # metadata_props key of the JSON that says what a file is (`onnx_info`)
@@ -46,7 +46,7 @@ def export_onnx(model: str | Path, output: str | Path, *, log: Callable[[str], N
     return run_export_onnx(args, log=log)
 
 
-def run_export_onnx(args: ExportOnnxArgs, *, log: Callable[[str], None] = print) -> OnnxResult:
+def run_export_onnx(args: ExportOnnxArgs, *, log: Callable[[str], None] = log_to_stderr) -> OnnxResult:
     """`export_onnx` for settings already checked (``retrofit export-onnx`` builds `ExportOnnxArgs` itself)."""
     from .atomic import check_file_output
     from .loading import check_runs_on_its_images, family_and_head, load_config, load_image_processor, load_model

@@ -1,4 +1,5 @@
-"""The one exception type that carries a user-facing, one-line message, and one-line messages for others."""
+"""The one exception type that carries a user-facing, one-line message, one-line messages for others, and where the
+CLI's log lines go (`log_to_stderr`)."""
 
 import contextlib
 import errno
@@ -26,6 +27,14 @@ class RetrofitError(Exception):
         ):
             message = message.rstrip().rsplit("\n", 1)[-1].split("RetrofitError: ", 1)[-1]
         super().__init__(message, *args)
+
+
+def log_to_stderr(line: str) -> None:
+    """The CLI's log: every progress line, note and warning of a command goes to stderr, so that stdout holds only
+    its result (``retrofit evaluate ... > table.md`` keeps the table alone). The Python API logs with `print`."""
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
 
 
 _INTERRUPTED = [False]  # set by `interrupt` (the CLI's Ctrl-C handler) until the command returns

@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import torch
 
 from .data import chosen_images, dataset_label_map, generic_labels, model_labels, same_class_name
-from .errors import RetrofitError, brief, check_arguments
+from .errors import RetrofitError, brief, check_arguments, log_to_stderr
 from .settings import EVALUATE_SEED, EvaluateArgs, model_list
 from .train import keeps_callers_random_state
 from .zero_shot import DEFAULT_TEMPLATE
@@ -877,8 +877,9 @@ def nonfinite_notes(rows: list[dict], name: Callable[[dict], str] = lambda row: 
     return ["", *notes] if notes else []
 
 
-def run_evaluate(args: EvaluateArgs) -> dict:
-    """`retrofit evaluate`: evaluate, print the table (main process), write --json and --card."""
+def run_evaluate(args: EvaluateArgs, *, log: Callable[[str], None] = log_to_stderr) -> dict:
+    """`retrofit evaluate`: evaluate, print the table on stdout (main process; the rest goes to `log`), write --json
+    and --card."""
     from accelerate import PartialState
 
     from .atomic import check_file_output, write_report
@@ -902,17 +903,18 @@ def run_evaluate(args: EvaluateArgs) -> dict:
         trust_remote_code=args.trust_remote_code,
         zero_shot=args.zero_shot,
         prompt_template=args.prompt_template,
+        log=log,
     )
     if PartialState().is_main_process:
         classes = f", {len(report['prompts'])} prompts like {report['prompts'][0]!r}" if args.zero_shot else ""
-        print(f"{args.data} / {args.split}: {images_text(report)}{classes}")
-        print(report["table"])
+        log(f"{args.data} / {args.split}: {images_text(report)}{classes}")
+        print(report["table"], flush=True)
         if args.json is not None:
             write_report(args.json, report, args.overwrite, kind="evaluate")
-            print(f"wrote {args.json}")
+            log(f"wrote {args.json}")
         if args.card:
             from .card import update_card
 
             update_card(args.card, evaluation=report)
-            print(f"updated {args.card}/README.md")
+            log(f"updated {args.card}/README.md")
     return report

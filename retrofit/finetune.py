@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .atomic import releases_write_locks
-from .errors import RetrofitError, brief, check_arguments, did_you_mean, shown
+from .errors import RetrofitError, brief, check_arguments, did_you_mean, log_to_stderr, shown
 from .settings import FinetuneArgs, PretrainRun, TrainingRun, from_options
 from .train import TrainResult, hides_library_bars, keeps_callers_random_state, settle_losses, train, training_data
 
@@ -82,7 +82,7 @@ def run_finetune(
     eval_at_start: bool = False,
     stop_after: int | None = None,
     progress: bool = True,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = log_to_stderr,
 ) -> TrainResult:
     """`finetune` for settings already checked (the CLI builds `FinetuneArgs` itself): `prepare`, train, `finish`."""
     ready = prepare(args, log=log)

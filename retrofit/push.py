@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from .atomic import CURVE_FILE, RESULTS_FILE, TOKENIZER_FILES, card_file_ours, hold_write_lock, releases_write_locks
-from .errors import RetrofitError, brief, check_arguments, shown
+from .errors import RetrofitError, brief, check_arguments, log_to_stderr, shown
 from .families import MERGED_SUFFIX
 from .settings import PushArgs
 
@@ -490,7 +490,7 @@ def push_written(
         raise RetrofitError(f"wrote {export}, but the upload failed: {exc}; retry with `{retry}`") from None
 
 
-def run_push(args: PushArgs) -> str:
-    """`retrofit push`."""
+def run_push(args: PushArgs, *, log: Callable[[str], None] = log_to_stderr) -> str:
+    """`retrofit push`: every line is a log line (the upload is the result)."""
     return push(args.export, args.repo_id, private=args.private, revision=args.revision,
-                commit_message=args.commit_message, create_pr=args.create_pr)  # fmt: skip
+                commit_message=args.commit_message, create_pr=args.create_pr, log=log)  # fmt: skip

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from .atomic import releases_write_locks
-from .errors import RetrofitError, brief, check_arguments, counted, describe_os_error, did_you_mean
+from .errors import RetrofitError, brief, check_arguments, counted, describe_os_error, did_you_mean, log_to_stderr
 from .settings import (
     RECIPE_SECTIONS,
     FinetuneArgs,
@@ -348,8 +348,11 @@ def finetune_args(recipe: dict, *, overwrite: bool, resume: bool) -> FinetuneArg
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run_from_cli(args: RunArgs, namespace) -> dict:
-    """`retrofit run`: the recipe, with the options given (`cli._recipe_options`) and ``--set`` as overrides."""
+def run_from_cli(
+    args: RunArgs, namespace, *, log: Callable[[str], None] = log_to_stderr, show: Callable[[str], None] = print
+) -> dict:
+    """`retrofit run`: the recipe, with the options given (`cli._recipe_options`) and ``--set`` as overrides; the
+    before/after table goes to `show` (stdout), every other line to `log` (stderr)."""
     given = {name: value for name, value in vars(namespace).items() if name not in _RUN_OWN}
     overrides = option_overrides(given)
     for item in args.set:
@@ -357,7 +360,7 @@ def run_from_cli(args: RunArgs, namespace) -> dict:
         if not sep:
             raise RetrofitError(f"--set {item!r} must look like section.key=value, e.g. training.epochs=0.5")
         overrides[key.strip()] = parse_value(value)
-    return run_recipe(args.recipe, overrides, overwrite=args.overwrite, resume=args.resume)
+    return _run_recipe(args.recipe, overrides, overwrite=args.overwrite, resume=args.resume, log=log, show=show)
 
 
 # What the parsed options of `run` hold besides recipe settings.
@@ -377,14 +380,29 @@ def run_recipe(
     checkpoints; a pretraining's output holds ``training.json``). `progress` shows progress bars (False: none,
     datasets' too). The run seeds the random generators (``training.seed``); the caller's Python, NumPy and torch CPU
     generators are given back as they were."""
+    check_arguments("run_recipe", log=log, flags={"overwrite": overwrite, "resume": resume, "progress": progress})
+    return _run_recipe(path, overrides, overwrite=overwrite, resume=resume, progress=progress, log=log, show=log)
+
+
+def _run_recipe(
+    path: str | Path,
+    overrides: dict[str, object] | None,
+    *,
+    overwrite: bool,
+    resume: bool,
+    log: Callable[[str], None],
+    show: Callable[[str], None],
+    progress: bool = True,
+) -> dict:
+    """`run_recipe` for arguments already checked; a fine-tune's before/after table goes to `show`."""
     from .train import callers_random_state, progress_bars
 
-    check_arguments("run_recipe", log=log, flags={"overwrite": overwrite, "resume": resume, "progress": progress})
     recipe = load_recipe(path, overrides)
     with callers_random_state(), progress_bars(progress):
         if recipe["pretrain"] is not None:
             return _run_pretrain(recipe, path, overwrite=overwrite, resume=resume, progress=progress, log=log)
-        return _run_finetune(recipe, path, overwrite=overwrite, resume=resume, progress=progress, log=log)
+        return _run_finetune(recipe, path, overwrite=overwrite, resume=resume, progress=progress, log=log,
+                             show=show)  # fmt: skip
 
 
 def _run_pretrain(recipe: dict, path, *, overwrite: bool, resume: bool, progress: bool, log) -> dict:
@@ -408,7 +426,7 @@ def _run_pretrain(recipe: dict, path, *, overwrite: bool, resume: bool, progress
 
 
 @releases_write_locks
-def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress: bool, log) -> dict:
+def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress: bool, log, show) -> dict:
     """`finetune`'s steps with a before/after table: the source and the calibrated merged model are scored before
     training (the loop's step-0 evaluation) and timed against each other; the table goes into the model card."""
     from .atomic import refuse_inputs, write_report
@@ -500,7 +518,7 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
         update_card(result.output, run={"table": table})
         publish(args, result, log=log)
     log("")
-    log(table)
+    show(table)
     summary = {"recipe": recipe, "rows": rows, "steps": result.steps, "seconds": result.seconds}
     if ready.checkpoint_dir.is_dir():
         try:  # replaces the results.json of an earlier run, nothing else

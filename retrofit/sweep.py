@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
 
-from .errors import RetrofitError, check_arguments, shown
+from .errors import RetrofitError, check_arguments, log_to_stderr, shown
 from .settings import SWEEP_NEEDS_DATA, SWEEP_TOKENS, BenchSettings, SweepArgs, SweepSettings, from_options
 
 
@@ -697,25 +697,25 @@ def cost_grid(
     }
 
 
-def run_sweep(args: SweepArgs) -> dict:
-    """`retrofit sweep`: run, print the table and the verdict, write the output folder. With --dry-run, print each
-    setting's theoretical cost instead, and write nothing."""
+def run_sweep(args: SweepArgs, *, log: Callable[[str], None] = log_to_stderr) -> dict:
+    """`retrofit sweep`: run, print the table and the verdict on stdout (the rest goes to `log`), write the output
+    folder. With --dry-run, print each setting's theoretical cost instead, and write nothing."""
     if args.dry_run:
         report = cost_grid(args.source, args.after_layers, args.tokens, target_speedup=args.target_speedup)
         size = "x".join(map(str, report["image_size"] or [])) or "the config's size"
-        print(f"{args.source}: theoretical cost per image at {size} (no weights or data read)")
-        print(report["table"])
+        log(f"{args.source}: theoretical cost per image at {size} (no weights or data read)")
+        print(report["table"], flush=True)
         if report["verdict"]:
-            print(report["verdict"])
+            print(report["verdict"], flush=True)
         return report
     settings = SweepSettings(**{spec.name: getattr(args, spec.name) for spec in fields(SweepSettings)})
     output = f"sweep-{Path(str(args.source).rstrip('/')).name}" if args.output is None else args.output
     check_output_folder(settings, output, args.overwrite, args.source)
     # the folder is written after the table is printed, so that a full disk does not lose the results
-    report = sweep(args.source, settings, log=print)
-    print(report["table"])
+    report = sweep(args.source, settings, log=log)
+    print(report["table"], flush=True)
     if report["verdict"]:
-        print(report["verdict"])
+        print(report["verdict"], flush=True)
     write_report(report, output, args.overwrite, source=args.source)
-    print(f"wrote {output}/sweep.md, sweep.json, sweep.png")
+    log(f"wrote {output}/sweep.md, sweep.json, sweep.png")
     return report

@@ -88,6 +88,15 @@ def tiny_siglip_tokenizer(folder: Path):
     return SiglipTokenizer(str(folder / "spiece.model"))
 
 
+def error_line(err: str) -> str:
+    """The one error line of a command's stderr, which may hold its log before it (the log goes to stderr): the last
+    line, the only one that is an error, with no traceback."""
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith("retrofit: error: ") and "Traceback" not in err, err[-2000:]
+    assert sum(line.startswith("retrofit: error: ") for line in lines) == 1, err[-2000:]
+    return lines[-1]
+
+
 def save_tiny(model, path: Path, image_size: int = 32) -> Path:
     """Save a model plus an image processor, as a Hub checkpoint folder would have."""
     from transformers import ViTImageProcessor

@@ -84,7 +84,7 @@ def test_calibrate_from_an_imagefolder_and_convert_cli(tiny_vit, tmp_path, capsy
     out = tmp_path / "converted"
     argv = ["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--output", str(out)]
     assert main([*argv, "--calibrate-on", str(data)]) == 0
-    assert "calibrated the merger on 12 images" in capsys.readouterr().out
+    assert "calibrated the merger on 12 images" in capsys.readouterr().err
     card = (out / "README.md").read_text()
     # a local data folder by its name: nothing pushed holds a local path
     assert "- merger initialisation: calibrated: k-means of the layer-2 tokens of 12 images of `colours`" in card
@@ -97,7 +97,7 @@ def test_calibrate_from_an_imagefolder_and_convert_cli(tiny_vit, tmp_path, capsy
     # Another split, a smaller sample, another image column: each reaches the calibration.
     options = ["--calibrate-split", "test", "--calibrate-images", "2"]
     assert main([*argv, "--overwrite", "--calibrate-on", str(data), *options]) == 0
-    assert "calibrated the merger on 2 images" in capsys.readouterr().out
+    assert "calibrated the merger on 2 images" in capsys.readouterr().err
     assert main([*argv, "--overwrite", "--calibrate-on", str(data), "--image-column", "img"]) == 2
     assert "no column 'img'" in capsys.readouterr().err
     assert main([*argv, "--overwrite", "--calibrate-on", str(data), "--calibrate-images", "0"]) == 2

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import error_line
 
 import retrofit.deploy as deploy
 from retrofit import convert
@@ -24,16 +25,14 @@ def export_dir(tiny_vit, tmp_path_factory):
 
 def refused(capsys, *argv) -> str:
     assert main([str(a) for a in argv]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("retrofit: error: "), err
-    return err
+    return error_line(capsys.readouterr().err)  # the one error line, after the log lines, if any
 
 
 def test_export_and_bench_source_and_merged_in_onnx_runtime(tiny_vit, export_dir, tmp_path, capsys):
     for model, name in ((tiny_vit, "source.onnx"), (export_dir, "merged.onnx")):
         assert main(["export-onnx", str(model), "-o", str(tmp_path / name)]) == 0
-        out = capsys.readouterr().out
-        assert "ONNX Runtime against PyTorch on 4 images" in out and f"wrote {tmp_path / name}" in out
+        out, err = capsys.readouterr()  # every line is a log line, on stderr
+        assert "ONNX Runtime against PyTorch on 4 images" in err and f"wrote {tmp_path / name}" in err and not out
     quick = ["--batch-size", "2", "--warmup", "1", "--repeats", "1", "--min-time", "0", "--latency-iters", "0"]
     report = tmp_path / "bench.json"
     argv = ["bench", str(tiny_vit), str(export_dir), str(tmp_path / "source.onnx"), str(tmp_path / "merged.onnx")]
@@ -145,6 +144,7 @@ def test_bad_input_is_one_line_and_writes_nothing(export_dir, tmp_path, capsys, 
 def test_a_graph_whose_weights_file_is_missing_or_cut_short_is_one_line_in_bench(export_dir, tmp_path, capsys):
     graph, data = tmp_path / "m.onnx", tmp_path / "m.onnx.data"
     assert main(["export-onnx", str(export_dir), "-o", str(graph)]) == 0 and data.is_file()
+    capsys.readouterr()
     whole = data.read_bytes()
     quick = ["--batch-size", "1", "--warmup", "1", "--repeats", "1", "--min-time", "0", "--latency-iters", "0"]
     for weights in (None, whole[:1000]):
@@ -198,7 +198,7 @@ def test_a_bf16_export_gives_an_fp32_graph_checked_against_the_fp32_model(tiny_v
     convert(source, after_layer=2, num_tokens=4, output=export, log=lambda _: None)
     assert json.loads((export / "config.json").read_text())["dtype"] == "bfloat16"
     assert main(["export-onnx", str(export), "-o", str(tmp_path / "model.onnx")]) == 0
-    assert "(tolerance 0.0001); exporter: dynamo, fp32" in capsys.readouterr().out
+    assert "(tolerance 0.0001); exporter: dynamo, fp32" in capsys.readouterr().err
 
 
 def test_an_overwrite_stopped_between_the_weights_and_the_graph_keeps_the_old_pair(tmp_path, monkeypatch):

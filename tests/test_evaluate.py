@@ -95,7 +95,7 @@ def test_numbers_match_hand_computation(trained_vit, export_dir, images, tmp_pat
     assert report["models"][1]["merged"] and report["models"][1]["source"] == Path(trained_vit).name
     assert report["models"][1]["gflops"] < report["models"][0]["gflops"]
     printed = capsys.readouterr().out
-    assert f"`{trained_vit}`" in printed and "top-2" in printed
+    assert f"`{trained_vit}`" in printed and "top-2" in printed and "wrote" not in printed
 
 
 def test_permuted_labels_are_mapped_by_name(trained_vit, images, tmp_path):
@@ -188,7 +188,8 @@ def _evaluate_in_two_processes(models: list[str], images, out) -> subprocess.Com
     done = launch_two_cpu_processes("-m", "retrofit.cli", "evaluate", *models, "--data", str(images), "--split", "test",
                                     "--batch-size", "4", "--json", str(out))  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stdout.count("images") == 1  # only the main process prints
+    # only the main process prints: the table on stdout, which images it is on to stderr
+    assert done.stdout.count("| model |") == 1 and done.stderr.count(f"{images} / test: ") == 1
     return done
 
 
@@ -577,11 +578,11 @@ def test_a_limit_of_one_class_says_so_and_a_sample_takes_every_class(trained_vit
 
     argv = ["evaluate", str(trained_vit), "--data", str(images), "--split", "test"]
     assert main([*argv, "--limit", "5"]) == 0
-    out = capsys.readouterr().out
-    assert "the first 5 images" in out and "hold 1 of its 3 classes" in out and "--sample N" in out
+    err = capsys.readouterr().err
+    assert "the first 5 images" in err and "hold 1 of its 3 classes" in err and "--sample N" in err
     assert main([*argv, "--sample", "6"]) == 0
-    out = capsys.readouterr().out
-    assert ": a shuffled sample of 6 images, seed 0" in out and "note:" not in out
+    err = capsys.readouterr().err
+    assert ": a shuffled sample of 6 images, seed 0" in err and "note:" not in err
     assert len(set(load_split(str(images), "test", limit=6, sample_seed=EVALUATE_SEED)["label"])) > 1
     runs = [evaluate_models(trained_vit, data=images, split="test", sample=6, log=pytest.fail) for _ in range(2)]
     assert runs[0]["models"] == runs[1]["models"] and runs[0]["num_examples"] == 6

@@ -850,7 +850,7 @@ def test_a_torchvision_only_processor_is_stood_in_for_and_exported_as_it_was(con
     (source / "preprocessor_config.json").write_text(json.dumps(DINOV3_PROCESSOR))
     out = tmp_path / "out"
     assert main(["convert", str(source), "--after-layer", "2", "--tokens", "3", "--output", str(out)]) == 0
-    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert warnings == [
         f"warning: '{source}' uses DINOv3ViTImageProcessorFast, which needs torchvision (not installed); preparing "
         "images with a PIL ViT processor with the same settings (pip install torchvision for the original)"

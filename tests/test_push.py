@@ -107,7 +107,7 @@ def test_push_uploads_exactly_the_export(export_dir, hub, capsys, tmp_path):
     for name, source in commit["files"].items():  # the export's own files, not copies, except the card
         if name != "README.md":
             assert source == (folder / name).resolve() and commit["contents"][name] == (export_dir / name).read_bytes()
-    assert "https://huggingface.co/me/vit-pm/tree/v1" in capsys.readouterr().out
+    assert "https://huggingface.co/me/vit-pm/tree/v1" in capsys.readouterr().err
     # The Hub's card says how to load the repo (on its branch); the local card is left as it was.
     local = (export_dir / "README.md").read_text()
     assert (folder / "README.md").read_text() == local and f'from_pretrained("{export_dir.name}"' in local
@@ -302,7 +302,7 @@ def test_bad_revision_is_refused_before_anything_is_created(export_dir, hub, cap
 def test_branch_url_is_quoted(export_dir, hub, capsys):
     assert main(["push", str(export_dir), "--repo-id", "me/x", "--revision", "exp/k6-m8"]) == 0
     assert hub["branches"] == [("me/x", "exp/k6-m8")] and hub["commits"][0]["revision"] == "exp/k6-m8"
-    assert "to https://huggingface.co/me/x/tree/exp%2Fk6-m8\n" in capsys.readouterr().out
+    assert "to https://huggingface.co/me/x/tree/exp%2Fk6-m8\n" in capsys.readouterr().err
 
 
 def test_push_to_an_open_pull_request(export_dir, hub, capsys):
@@ -314,7 +314,7 @@ def test_push_to_an_open_pull_request(export_dir, hub, capsys):
     assert main(argv) == 0
     assert hub["repos"] == [] and hub["branches"] == []  # the pull request's ref exists; no branch to create
     assert hub["commits"][0]["revision"] == "refs/pr/3"
-    assert "to https://huggingface.co/me/x/discussions/3\n" in capsys.readouterr().out
+    assert "to https://huggingface.co/me/x/discussions/3\n" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("existed", [False, True])
@@ -384,7 +384,7 @@ def test_private_refuses_an_existing_public_repo(export_dir, tiny_vit, hub, monk
         if public:
             assert code == 2 and "'me/x' exists and is public" in err and len(err.splitlines()) == 1
         else:
-            assert code == 0 and not err
+            assert code == 0 and "error" not in err
     assert len(hub["commits"]) == (0 if public else 3) and out.exists() is not public
     assert hub["repos"] == [] if public else len(hub["repos"]) == 3
     assert hub["branches"] == ([] if public else [("me/x", "v1")])
@@ -424,7 +424,7 @@ def test_convert_push_to_hub_uploads_the_new_export(tiny_vit, hub, tmp_path, cap
     assert hub["repos"] == [("me/vit-pm", {"private": True, "exist_ok": True, "repo_type": "model"})]
     (commit,) = hub["commits"]
     assert set(commit["files"]) == {p.name for p in out.iterdir()} and "model.safetensors" in commit["files"]
-    assert "https://huggingface.co/me/vit-pm" in capsys.readouterr().out
+    assert "https://huggingface.co/me/vit-pm" in capsys.readouterr().err
 
 
 def test_push_to_hub_checks_the_login_before_any_work(tiny_vit, hub, monkeypatch, tmp_path, capsys):
@@ -486,7 +486,7 @@ def test_push_to_hub_create_pr_opens_a_pull_request_once_the_export_is_written(t
         assert main([*argv, "--push-to-hub", "org/x", "--create-pr"]) == 0
         assert set(hub["commits"][-1]["files"]) == {p.name for p in (tmp_path / name).iterdir()}
     assert [commit["create_pr"] for commit in hub["commits"]] == [True] * 3 and hub["repos"] == []
-    assert capsys.readouterr().out.count("as pull request https://huggingface.co/org/x/discussions/7") == 3
+    assert capsys.readouterr().err.count("as pull request https://huggingface.co/org/x/discussions/7") == 3
 
 
 def test_recipe_run_pushes_the_finished_export(tiny_vit, hub, tmp_path):
@@ -515,8 +515,8 @@ def test_failed_upload_keeps_the_export_and_says_how_to_retry(tiny_vit, hub, mon
     out = tmp_path / "my pm"  # the retry command is one a shell runs as given
     argv = ["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "-o", str(out), "--push-to-hub", "me/x"]
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"wrote {out}, but the upload failed" in err
+    *logged, err = capsys.readouterr().err.strip().splitlines()  # the log on stderr, then the error's one line
+    assert logged == [f"wrote {out}"] and err.startswith(f"retrofit: error: wrote {out}, but the upload failed")
     assert "connection reset by peer" in err and f"`retrofit push '{out}' --repo-id me/x`" in err
     assert export_files(out)  # complete: the retry can push it as it is
 
@@ -578,7 +578,7 @@ def test_create_pr_opens_a_pull_request_on_an_existing_repo(export_dir, hub, cap
     assert commit["create_pr"] is True and commit["revision"] is None
     assert hub["repos"] == [] and hub["branches"] == []
     assert 'from_pretrained("org/vit-pm", trust_remote_code=True)' in commit["contents"]["README.md"].decode()
-    assert "as pull request https://huggingface.co/org/vit-pm/discussions/7" in capsys.readouterr().out
+    assert "as pull request https://huggingface.co/org/vit-pm/discussions/7" in capsys.readouterr().err
     for extra in (["--revision", "v1"], ["--private"]):
         assert main(["push", str(export_dir), "--repo-id", "org/vit-pm", "--create-pr", *extra]) == 2
         err = capsys.readouterr().err.strip()
@@ -597,8 +597,8 @@ def test_create_pr_of_what_the_repo_already_holds_says_no_pull_request_was_opene
 
     monkeypatch.setattr(HfApi, "create_commit", unchanged)
     assert main(["push", str(export_dir), "--repo-id", "org/vit-pm", "--create-pr"]) == 0
-    out = capsys.readouterr().out
-    assert "no pull request opened: org/vit-pm's main branch already holds" in out and "uploaded" not in out
+    said = capsys.readouterr().err
+    assert "no pull request opened: org/vit-pm's main branch already holds" in said and "uploaded" not in said
 
 
 def test_pushing_what_the_repo_already_holds_says_nothing_was_uploaded(export_dir, hub, monkeypatch, capsys):
@@ -613,16 +613,16 @@ def test_pushing_what_the_repo_already_holds_says_nothing_was_uploaded(export_di
 
     monkeypatch.setattr(HfApi, "create_commit", unchanged)
     assert main(["push", str(export_dir), "--repo-id", "org/vit-pm"]) == 0
-    out = capsys.readouterr().out
-    assert f"nothing uploaded: https://huggingface.co/org/vit-pm already holds {export_dir} as it is" in out
-    assert "uploaded " + str(export_dir) not in out and "commit: " not in out
+    said = capsys.readouterr().err
+    assert f"nothing uploaded: https://huggingface.co/org/vit-pm already holds {export_dir} as it is" in said
+    assert "uploaded " + str(export_dir) not in said and "commit: " not in said
     hub["heads"]["org/vit-pm"] = "older"  # a real upload: a new commit
     monkeypatch.setattr(HfApi, "create_commit", lambda self, repo_id, operations, **kw: CommitInfo(
         commit_url="https://huggingface.co/org/vit-pm/commit/new", commit_message="", commit_description="",
         oid="new"))  # fmt: skip
     assert main(["push", str(export_dir), "--repo-id", "org/vit-pm"]) == 0
-    out = capsys.readouterr().out
-    assert f"uploaded {export_dir} " in out and "commit: https://huggingface.co/org/vit-pm/commit/new" in out
+    said = capsys.readouterr().err
+    assert f"uploaded {export_dir} " in said and "commit: https://huggingface.co/org/vit-pm/commit/new" in said
 
 
 def test_a_second_upload_removes_what_an_earlier_export_left_in_the_repo(export_dir, hub):

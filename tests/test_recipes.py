@@ -137,9 +137,10 @@ def test_run_a_tiny_recipe_with_overrides(tiny_vit, tmp_path, capsys):
     out = tmp_path / "out"
     options = ["--set", "training.max_steps=2", "--loss", "mix", "--batch-size", "4", "--set", "data.eval_limit=6"]
     assert main(["run", str(path), "--output", str(out), *options]) == 0
-    printed = capsys.readouterr().out
-    assert "at batch 4)" in printed  # --batch-size is the training's (it set evaluation.batch_size, which has none)
+    printed, err = capsys.readouterr()  # the before/after table on stdout, the log on stderr
+    assert "at batch 4)" in err  # --batch-size is the training's (it set evaluation.batch_size, which has none)
     assert "| baseline" in printed and "no training" in printed and "fine-tuned (2 steps, loss mix)" in printed
+    assert printed.startswith("| model |") and "wrote" not in printed and "wrote" in err
     assert (out / "model.safetensors").exists() and not (tmp_path / "ignored").exists()
     card = (out / "README.md").read_text()
     assert "| baseline" in card and "images/s: " in card and " CPU (" in card  # the speed says what it ran on

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, save_tiny
+from conftest import TINY, error_line, save_tiny
 from test_data import make_imagefolder
 
 import retrofit.atomic
@@ -52,12 +52,11 @@ def colours(tmp_path_factory) -> str:
 
 
 def refused(capsys, *argv) -> str:
-    """Run the CLI; assert it refused with one line and exit code 2; return that line."""
+    """Run the CLI; assert it refused with one line (after the log lines, if any) and exit code 2; return that line."""
     code = main([str(a) for a in argv])
-    err = capsys.readouterr().err.strip()
+    err = capsys.readouterr().err
     assert code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("retrofit: error: ") and "Traceback" not in err, err
-    return err
+    return error_line(err)
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -363,7 +362,7 @@ def test_an_export_drops_the_sources_pointers_to_other_code(tiny_vit, tmp_path, 
     config["auto_map"] = {"AutoConfig": "evil/repo--configuration_evil.EvilConfig"}
     (source / "config.json").write_text(json.dumps(config))
     assert main(["convert", str(source), *MERGE, "--output", str(tmp_path / "o")]) == 0
-    assert "image processor names custom code" in capsys.readouterr().out
+    assert "image processor names custom code" in capsys.readouterr().err
     for name in ("config.json", "preprocessor_config.json", "README.md"):
         assert "evil" not in (tmp_path / "o" / name).read_text()
     auto_map = json.loads((tmp_path / "o" / "config.json").read_text())["auto_map"]
@@ -605,7 +604,7 @@ def test_push_uploads_only_the_exports_own_regular_files(export_dir, tmp_path, c
     monkeypatch.setattr(HfApi, "create_repo", lambda self, *a, **k: "https://huggingface.co/me/pm")
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     assert main(["push", str(folder), "--repo-id", "me/pm"]) == 0
-    assert "not uploaded (not part of the export): notes.txt, token" in capsys.readouterr().out
+    assert "not uploaded (not part of the export): notes.txt, token" in capsys.readouterr().err
     assert set(uploaded) == {p.name for p in export_dir.iterdir()} and b"hf_secret" not in b"".join(uploaded.values())
     (folder / "model.safetensors").unlink()
     (folder / "model.safetensors").symlink_to(export_dir / "model.safetensors")
@@ -754,8 +753,8 @@ def test_run_takes_non_square_models_and_refuses_a_processor_of_another_size(col
     ViTForImageClassification(ViTConfig(**{**TINY, "image_size": [32, 48]})).save_pretrained(wide)
     ViTImageProcessor(size={"height": 32, "width": 48}).save_pretrained(wide)
     assert main(["run", str(_recipe(tmp_path, wide, colours))]) == 0
-    out = capsys.readouterr().out  # data.eval_limit 6: the first 6 test images are 4 of one class and 2 of another
-    assert "hold 2 of its 3 classes" in out and "leave out --eval-limit (data.eval_limit in a recipe)" in out
+    err = capsys.readouterr().err  # data.eval_limit 6: the first 6 test images are 4 of one class and 2 of another
+    assert "hold 2 of its 3 classes" in err and "leave out --eval-limit (data.eval_limit in a recipe)" in err
     assert "at 32×48" in (tmp_path / "wide-pm" / "README.md").read_text()
     other = save_tiny(ViTForImageClassification(ViTConfig(**TINY)), tmp_path / "other", image_size=48)
     for argv in (

@@ -797,6 +797,31 @@ def test_the_budget_is_raised_to_min_steps_on_small_data_and_says_why():
         TrainSettings(min_steps=-1)
 
 
+def test_cli_prints_results_on_stdout_and_logs_on_stderr(tiny_vit, colours, tmp_path, capsys):
+    """``retrofit evaluate ... > table.md`` keeps the table alone: each command's result (convert's cost table,
+    evaluate's accuracy table) is all its stdout holds; loading notes, the budget, "wrote ..." lines go to stderr.
+    finetune's result is its export: nothing on stdout."""
+    export, tuned, report = tmp_path / "pm", tmp_path / "ft", tmp_path / "report.json"
+    merge = ["--after-layer", "2", "--tokens", "4"]
+    assert main(["convert", str(tiny_vit), *merge, "--output", str(export)]) == 0
+    out, err = capsys.readouterr()
+    assert [line for line in out.splitlines() if not line.startswith("|")] == ["", out.splitlines()[-1]]
+    assert out.splitlines()[-1].startswith("GFLOPs per image: ") and "tokens after" in out
+    assert err.splitlines() == [f"wrote {export}"]
+    argv = ["finetune", str(tiny_vit), *merge, "--data", colours, "--loss", "kd", "--max-steps", "2", "--batch-size",
+            "8", "--eval-batch-size", "12", "--min-steps", "0", "--output", str(tuned)]  # fmt: skip
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "training 2 steps (--max-steps: " in err and f"wrote {tuned} (checkpoints in " in err
+    argv = ["evaluate", str(tiny_vit), str(tuned), "--data", colours, "--split", "test", "--json", str(report)]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    table = out.splitlines()
+    assert table[0].startswith("| model |") and all(line.startswith("|") or not line for line in table)
+    assert err.splitlines()[0].startswith(f"{colours} / test: ") and err.splitlines()[-1] == f"wrote {report}"
+
+
 def test_finetune_prints_the_budget_it_trains(tiny_vit, colours, tmp_path, capsys):
     """The line is printed before training and the run trains what it says: raised from --epochs, or exactly
     --max-steps; the CLI takes --min-steps, and a recipe its key training.min_steps."""
@@ -813,7 +838,7 @@ def test_finetune_prints_the_budget_it_trains(tiny_vit, colours, tmp_path, capsy
     argv = ["finetune", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--data", colours, "--loss", "kd",
             "--eval-split", "", "--no-calibrate", "--batch-size", "8", "--min-steps", "50"]  # fmt: skip
     assert main([*argv, "--max-steps", "2", "--output", str(tmp_path / "exact")]) == 0
-    assert "training 2 steps (--max-steps: 0.667 epochs of 24 images at batch 8)\n" in capsys.readouterr().out
+    assert "training 2 steps (--max-steps: 0.667 epochs of 24 images at batch 8)\n" in capsys.readouterr().err
     assert json.loads((tmp_path / "exact-checkpoints" / "run.json").read_text())["budget"]["steps"] == 2
     from pathlib import Path
 
