@@ -284,22 +284,18 @@ def calibration_batch(
     split: str = "train",
     image_column: str = "image",
     seed: int = 0,
-    within: dict | None = None,
+    images=None,
     log: Callable[[str], None] = print,
 ) -> torch.Tensor:
-    """`num_images` preprocessed images of `data` (a shuffled sample), as the model expects them. `within`: the
-    images a fine-tune trains on, as `data.chosen_images` gives them (``--limit N``'s first N or ``--sample N``'s
-    sample), which they are drawn from (all of them where they are no more than `num_images`)."""
-    from .data import load_split, make_dataloader, sample_of
+    """`num_images` preprocessed images of `data` (a shuffled sample of its `split`), as the model expects them; or,
+    given `images` (a `datasets.Dataset` with an ``image`` column, such as the images a fine-tune trains on), those."""
+    from .data import load_split, make_dataloader
     from .loading import image_channels, load_image_processor
 
-    if within is None or within["limit"] is None:  # the whole split: only the sample is loaded (streamed from the Hub)
+    dataset = images
+    if dataset is None:  # only the sample is loaded (from the Hub: streamed)
         dataset = load_split(data, split, image_column=image_column, label_column=None, limit=num_images,
                              sample_seed=seed)  # fmt: skip
-    else:  # --sample's images are shuffled already: their first ones (those a sample of the split with the
-        # same seed takes, for local data); --limit's first N are shuffled here
-        dataset = load_split(data, split, image_column=image_column, label_column=None, **within)
-        dataset = sample_of(dataset, num_images, None if within["sample_seed"] is not None else seed)
     processor = load_image_processor(source, model.config, log=log)
     loader = make_dataloader(dataset, processor, batch_size=len(dataset), num_channels=image_channels(model.config))
     return next(iter(loader))["pixel_values"]
@@ -315,12 +311,12 @@ def calibrate_from_data(
     split: str = "train",
     image_column: str = "image",
     seed: int = 0,
-    within: dict | None = None,
+    images=None,
 ) -> CalibrationResult:
-    """Calibrate `merged`'s PatchMerger on `num_images` images of `data` (fashion-mnist, image folder or Hub id),
-    drawn from the images `within` names (`calibration_batch`) or from the whole split."""
+    """Calibrate `merged`'s PatchMerger on `num_images` images of `data` (fashion-mnist, image folder or Hub id), or
+    on `images` where given (`calibration_batch`)."""
     pixels = calibration_batch(merged, data, source=source, num_images=num_images, split=split,
-                               image_column=image_column, seed=seed, within=within, log=log)  # fmt: skip
+                               image_column=image_column, seed=seed, images=images, log=log)  # fmt: skip
     result = calibrate(merged, pixels, seed=seed)
     log(result.summary())
     return result

@@ -186,7 +186,7 @@ def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepar
         check_same_run(checkpoint_dir, run_settings(model, args.train, args.ema_decay) | {OPTIONS: options})
     if args.calibrate and init == "random":
         resumed = checkpoint_dir if resuming else None
-        init = _calibrate(model, args, resumed=resumed, trained_on=len(data[0].dataset), log=log)
+        init = _calibrate(model, args, resumed=resumed, trained=data[0].dataset.dataset, log=log)
     notes = [other_class] if other_class else []
     if tokenizer is None and family_and_head(config)[1].is_dual_encoder:
         notes.append(NO_TOKENIZER_NOTE)
@@ -346,13 +346,13 @@ def _check_same_encoder(config, teacher_config, export, found: str) -> None:
         )
 
 
-def _calibrate(model, args: FinetuneArgs, *, resumed: Path | None, trained_on: int, log) -> str:
-    """Start the merger from k-means of the layer-K tokens of a shuffled sample of the training images (of the
-    `trained_on` images of ``--limit`` or ``--sample``, not of the whole split); returns the card's line for it. A
-    resumed run's checkpoints (in the folder `resumed`) already hold the calibrated merger: the line is the one their
-    run.json recorded."""
+def _calibrate(model, args: FinetuneArgs, *, resumed: Path | None, trained, log) -> str:
+    """Start the merger from k-means of the layer-K tokens of a shuffled sample of `trained`, the images the run
+    trains on (those ``--limit`` or ``--sample`` keep, not the whole split); returns the card's line for it. A resumed
+    run's checkpoints (in the folder `resumed`) already hold the calibrated merger: the line is the one their run.json
+    recorded."""
     from .checkpoints import INIT, read_run_record
-    from .data import chosen_images
+    from .data import sample_of
     from .provenance import public_name
 
     if resumed is not None:
@@ -363,11 +363,12 @@ def _calibrate(model, args: FinetuneArgs, *, resumed: Path | None, trained_on: i
         return f"calibrated (k-means of the layer-{args.after_layer} tokens of `{data}`; the run was resumed)"
     from .calibrate import calibrate_from_data
 
-    within = chosen_images(args.limit, args.sample, args.seed)
+    # --sample's images are shuffled already: their first ones (for local data, those a sample of the split with
+    # this seed takes); the whole split's and --limit's are shuffled here
+    images = sample_of(trained, args.calibrate_images, None if args.sample else args.seed).select_columns("image")
     calibration = calibrate_from_data(model, args.data, source=str(args.source), log=log, seed=args.seed,
-                                      num_images=args.calibrate_images, split=args.split,
-                                      image_column=args.image_column, within=within)  # fmt: skip
-    of = None if within["limit"] is None else f"the {trained_on:,} images trained on"
+                                      num_images=args.calibrate_images, split=args.split, images=images)  # fmt: skip
+    of = None if args.limit is None and args.sample is None else f"the {len(trained):,} images trained on"
     return calibration.describe(args.data, args.split, args.after_layer, args.seed, of=of)
 
 
