@@ -31,10 +31,15 @@ class RetrofitError(Exception):
 
 def log_to_stderr(line: str) -> None:
     """The CLI's log: every progress line, note and warning of a command goes to stderr, so that stdout holds only
-    its result (``retrofit evaluate ... > table.md`` keeps the table alone). The Python API logs with `print`."""
+    its result (``retrofit evaluate ... > table.md`` keeps the table alone). The Python API logs with `print`. Under
+    ``accelerate launch`` only the main process logs: every process runs the same command, and each line came once
+    per process."""
     import sys
 
-    print(line, file=sys.stderr, flush=True)
+    from .atomic import is_launch_main
+
+    if is_launch_main():
+        print(line, file=sys.stderr, flush=True)
 
 
 _INTERRUPTED = [False]  # set by `interrupt` (the CLI's Ctrl-C handler) until the command returns

@@ -184,9 +184,9 @@ def test_card_must_be_one_of_the_models(tiny_vit, export_dir, images, capsys):
     assert "must also be one of the models" in capsys.readouterr().err
 
 
-def _evaluate_in_two_processes(models: list[str], images, out) -> subprocess.CompletedProcess:
+def _evaluate_in_two_processes(models: list[str], images, out, *options: str) -> subprocess.CompletedProcess:
     done = launch_two_cpu_processes("-m", "retrofit.cli", "evaluate", *models, "--data", str(images), "--split", "test",
-                                    "--batch-size", "4", "--json", str(out))  # fmt: skip
+                                    "--batch-size", "4", "--json", str(out), *options)  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     # only the main process prints: the table on stdout, which images it is on to stderr
     assert done.stdout.count("| model |") == 1 and done.stderr.count(f"{images} / test: ") == 1
@@ -195,11 +195,15 @@ def _evaluate_in_two_processes(models: list[str], images, out) -> subprocess.Com
 
 @pytest.mark.slow
 def test_two_processes_count_every_image_once(trained_vit, export_dir, images, tmp_path):
-    single = evaluate_models([str(trained_vit), str(export_dir)], data=str(images), split="test", batch_size=4)
+    """5 images on 2 processes of batch 4 (one pads its last batch): each counted once. A note (the first 5 images
+    hold 1 of the split's 3 classes) is said once, not once per process."""
+    single = evaluate_models([str(trained_vit), str(export_dir)], data=str(images), split="test", batch_size=4,
+                             limit=5, log=lambda _: None)  # fmt: skip
     out = tmp_path / "eval.json"
-    _evaluate_in_two_processes([str(trained_vit), str(export_dir)], images, out)
+    done = _evaluate_in_two_processes([str(trained_vit), str(export_dir)], images, out, "--limit", "5")
+    assert done.stderr.count("hold 1 of its 3 classes") == 1, done.stderr
     report = json.loads(out.read_text())
-    assert report["processes"] == 2 and report["num_examples"] == 15
+    assert report["processes"] == 2 and report["num_examples"] == 5
     for mine, theirs in zip(report["models"], single["models"], strict=True):
         assert mine["top1"] == pytest.approx(theirs["top1"]) and mine["loss"] == pytest.approx(theirs["loss"])
 
