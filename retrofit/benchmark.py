@@ -708,17 +708,13 @@ def hardware_name(device: str) -> str:
 
 def environment(settings: BenchSettings) -> dict:
     """Hardware and software the numbers were taken with."""
-    import transformers
-
-    from . import __version__
+    from .provenance import versions
 
     return {
         "hardware": hardware_name(settings.device),
         "device": settings.device,
         "dtype": settings.dtype,
-        "retrofit": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        **versions(data=False),
         "cuda": torch.version.cuda if torch.device(settings.device).type == "cuda" else None,
         "attention": "sdpa",
     }

@@ -31,6 +31,7 @@ import torch
 
 from .data import chosen_images, dataset_label_map, generic_labels, model_labels, same_class_name
 from .errors import RetrofitError, brief, check_arguments, log_to_stderr
+from .provenance import versions
 from .settings import EVALUATE_SEED, EvaluateArgs, model_list
 from .train import keeps_callers_random_state
 from .zero_shot import DEFAULT_TEMPLATE
@@ -300,18 +301,6 @@ def _preprocessing_groups(pairs: list[tuple]) -> dict[str, list[int]]:
         key = json.dumps([processor.to_dict(), image_channels(config)], sort_keys=True, default=str)
         groups.setdefault(key, []).append(index)
     return groups
-
-
-def versions() -> dict[str, str]:
-    """The releases of the libraries a report's numbers depend on (an image processor's resizing, a kernel's rounding
-    and the data's reading change between them), for a reader who reruns the command."""
-    import datasets
-    import transformers
-
-    from . import __version__
-
-    return {"retrofit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "datasets": datasets.__version__}  # fmt: skip
 
 
 def _row(spec: str, config, processor) -> dict:

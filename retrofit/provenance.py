@@ -32,6 +32,23 @@ def environment_folder(variable: str, default: Path | str) -> Path:
     return Path(value).expanduser() if value else Path(default)
 
 
+def versions(*, data: bool = True) -> dict[str, str]:
+    """The releases of the libraries a report's numbers depend on (an image processor's resizing, a kernel's rounding
+    and the data's reading change between them), for a reader who reruns the command; `data`: with `datasets` (not
+    for timings, which a machine without it takes)."""
+    import torch
+    import transformers
+
+    from . import __version__
+
+    releases = {"retrofit": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    if data:
+        import datasets
+
+        releases["datasets"] = datasets.__version__
+    return releases
+
+
 CACHE_DIR = environment_folder("RETROFIT_CACHE", Path.home() / ".cache" / "retrofit")
 REGISTRY = "local-sources.json"
 

@@ -358,7 +358,6 @@ def _sweep(
         is_backbone,
         load_zero_shot_tokenizer,
         score_models,
-        versions,
         zero_shot_classes,
         zero_shot_scores,
     )
@@ -372,6 +371,7 @@ def _sweep(
         processor_image_size,
         trained_head_config,
     )
+    from .provenance import versions
     from .surgery import check_merge
     from .zero_shot import prompts
 
