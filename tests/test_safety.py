@@ -1104,3 +1104,146 @@ def test_what_a_write_publishes_is_on_the_disk_before_the_rename(tmp_path, monke
     events.clear()
     write_report(tmp_path / "r.json", {"x": 1}, kind="evaluate")
     assert [what for what, _ in events] == ["sync", "rename", "sync"] and events[-1] == ("sync", str(tmp_path))
+
+
+def test_the_checkpoint_folder_keeps_to_what_retrofit_wrote_there(tmp_path, monkeypatch):
+    """The bookkeeping under --resume, --overwrite and pruning, without a run: a link named like a checkpoint, or a
+    folder with an older retrofit's pickled progress but no weights, is no checkpoint (it is the user's: never
+    listed, moved or deleted), nor is a linked run.json a run record; --overwrite deletes retrofit's run.json and
+    unfinished folders; an older retrofit's checkpoint (no file list) owns its moving average; a deleted checkpoint
+    holding a user's file loses its progress.json first (killed meanwhile, what is left is no checkpoint, never a
+    part of one) and the folders its files were in; and a position at the end of a one-step epoch is a position."""
+    from retrofit.checkpoints import (
+        Progress,
+        discard_checkpoint,
+        is_checkpoint,
+        read_run_record,
+        remove_checkpoints,
+        retrofit_files,
+    )
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    elsewhere = tmp_path / "elsewhere"  # a whole checkpoint outside the folder, and a run record
+    elsewhere.mkdir()
+    (elsewhere / "model.safetensors").write_bytes(b"weights")
+    (elsewhere / "progress.json").write_text(json.dumps({"step": 1, "epoch": 0, "batch": 1, "files": []}))
+    record = {"architecture": "ViTForImageClassification", "merge_after_layer": 2, "merge_num_tokens": 4}
+    (elsewhere / "run.json").write_text(json.dumps(record))
+    (folder / "step-00000001").symlink_to(elsewhere, target_is_directory=True)
+    (folder / "run.json").symlink_to(elsewhere / "run.json")
+    pickled = folder / "step-00000002"
+    pickled.mkdir()
+    (pickled / "custom_checkpoint_0.pkl").write_bytes(b"mine")
+    assert not is_checkpoint(folder / "step-00000001") and not is_checkpoint(pickled)
+    assert read_run_record(folder) is None
+    remove_checkpoints(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["run.json", "step-00000001", "step-00000002"]
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["model.safetensors", "progress.json", "run.json"]
+    (folder / "run.json").unlink()  # retrofit's own run.json and unfinished folders go, a link of that name stays
+    (folder / "run.json").write_text(json.dumps(record))
+    (folder / ".step-00000005.tmp").mkdir()
+    (folder / ".step-00000006.old.tmp").mkdir()
+    (folder / ".step-00000007.tmp").symlink_to(elsewhere, target_is_directory=True)
+    remove_checkpoints(folder)
+    assert sorted(p.name for p in folder.iterdir()) == [".step-00000007.tmp", "step-00000001", "step-00000002"]
+
+    older = tmp_path / "older" / "step-00000004"  # written by a retrofit that listed no files
+    older.mkdir(parents=True)
+    for name in ("model.safetensors", "ema.safetensors", "random_states_0.pkl"):
+        (older / name).write_bytes(b"")
+    (older / "progress.json").write_text(json.dumps({"step": 4, "epoch": 1, "batch": 0}))
+    assert retrofit_files(older) == {"model.safetensors", "ema.safetensors", "random_states_0.pkl", "progress.json"}
+
+    checkpoint = folder / "step-00000003"
+    (checkpoint / "sub").mkdir(parents=True)
+    for name in ("model.safetensors", "optimizer.bin", "sub/extra.bin"):
+        (checkpoint / name).write_bytes(b"")
+    files = ["model.safetensors", "optimizer.bin", "progress.json", "sub/extra.bin"]
+    (checkpoint / "progress.json").write_text(json.dumps({"step": 3, "epoch": 0, "batch": 3, "files": files}))
+    (checkpoint / "notes.txt").write_text("mine")
+    real_unlink, unlinked = Path.unlink, []
+
+    def killed_at_the_second(path, *args, **kwargs):
+        if unlinked:
+            raise OSError("killed")
+        unlinked.append(path.name)
+        real_unlink(path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "unlink", killed_at_the_second)
+        with pytest.raises(OSError, match="killed"):
+            discard_checkpoint(checkpoint)
+    assert unlinked == ["progress.json"] and not is_checkpoint(checkpoint)
+    (checkpoint / "progress.json").write_text(json.dumps({"step": 3, "epoch": 0, "batch": 3, "files": files}))
+    said: list[str] = []
+    discard_checkpoint(checkpoint, said.append)
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["notes.txt"] and len(said) == 1
+
+    progress = Progress()  # one step per epoch: after step 1, epoch 1 begins
+    progress.load_state_dict({"step": 1, "epoch": 1, "batch": 0})
+    assert (progress.step, progress.epoch, progress.batch) == (1, 1, 0)
+
+
+def test_resume_compares_every_recorded_setting_but_the_budget_output_and_start(tmp_path):
+    """`check_same_run` against a run.json, without a run: each setting the weights depend on, an option or a
+    caller's own record (pretraining's model config, by key) that differs is refused in one line naming it; the
+    budget, the output and the card's line on the merger's start are not compared (the run keeps or repeats them),
+    nor is a key of a config only one side has (another transformers release). A budget that is not one (warm-up past
+    the steps, no step) was edited since, and so was a folder of listing checkpoints without its run.json. A fine-tune
+    records each option that shapes the weights, and none of the budget's (kept from run.json) or of the ones that
+    leave the weights as they are."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from retrofit.checkpoints import check_same_run, recorded_budget, training_options
+    from retrofit.settings import FinetuneArgs
+
+    saved = {"architecture": "ViTForImageClassification", "num_labels": 3, "merge_after_layer": 2,
+             "merge_num_tokens": 4, "merge_rope_positions": "mean", "train": "all", "ema_decay": 0.5,
+             "options": {"--lr": 0.001, "--loss": "kd", "--grad-accum": 1, "--teacher": "/t"},
+             "model": {"hidden_size": 16, "layer_norm_eps": 1e-12}, "budget": {"steps": 4, "warmup": 1, "why": "w"},
+             "output": "/out", "init": "random"}  # fmt: skip
+    (tmp_path / "run.json").write_text(json.dumps(saved))
+    same = {**saved, "budget": {"steps": 9, "warmup": 0, "why": "x"}, "output": "/elsewhere", "init": "k-means",
+            "model": {"hidden_size": 16, "only_in_this_release": True}}  # fmt: skip
+    check_same_run(tmp_path, same)
+    changes = [
+        ({"num_labels": 5}, "a run with --num-labels 3, not 5"),
+        ({"merge_rope_positions": "none"}, "a run with --rope-positions mean, not none"),
+        ({"ema_decay": 0.0}, "a run with --ema-decay 0.5, not 0.0"),
+        ({"merge_after_layer": None, "merge_num_tokens": None}, r"a fine-tune \(a merged model\), not"),
+        ({"options": {**saved["options"], "--lr": 0.01}}, "a run with --lr 0.001, not 0.01"),
+        ({"options": {**saved["options"], "--teacher": "/u"}}, "a run with --teacher '/t', not '/u'"),
+        ({"model": {"hidden_size": 32}}, "a run with model.hidden_size 16, not 32"),
+    ]
+    for change, message in changes:
+        with pytest.raises(RetrofitError, match=f"holds checkpoints of {message}"):
+            check_same_run(tmp_path, {**same, **change})
+    for budget in ({"steps": 2, "warmup": 3}, {"steps": 0, "warmup": 0}):
+        (tmp_path / "run.json").write_text(json.dumps({**saved, "budget": budget}))
+        with pytest.raises(RetrofitError, match="records no usable budget"):
+            recorded_budget(tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps({**saved, "budget": {"steps": 1, "warmup": 1}}))
+    assert recorded_budget(tmp_path) == {"steps": 1, "warmup": 1}
+    # what a fine-tune records of its options: each setting that shapes the weights, and none of the budget's
+    run = FinetuneArgs(source="s", data="d", after_layer=2, tokens=4, output="o")
+    model = SimpleNamespace(config=SimpleNamespace())
+    options = training_options(model, run, 1, 24)
+    shaping = dict(data="e", split="other", image_column="img", label_column="y", limit=5, sample=5, augment=True,
+                   loss="ce", function_matching=True, temperature=3.0, alpha=0.1, feature_weight=1.0,
+                   prompt_weight=1.0, prompt_templates=("a {}.",), lr=0.1, merger_lr_scale=2.0, weight_decay=0.0,
+                   batch_size=8, grad_accum=2, max_grad_norm=0.5, mixed_precision="bf16", seed=1, calibrate=False,
+                   teacher="t")  # fmt: skip
+    for name, value in shaping.items():
+        assert training_options(model, replace(run, **{name: value}), 1, 24) != options, name
+    assert training_options(model, run, 2, 24) != options != training_options(model, run, 1, 25)
+    budget = dict(max_steps=9, epochs=9.0, min_steps=9, warmup_ratio=0.5, eval_every=1, save_every=1,
+                  keep_checkpoints=9, num_workers=3, gradient_checkpointing=True)  # fmt: skip
+    assert training_options(model, replace(run, **budget), 1, 24) == options
+    checkpoint = tmp_path / "step-00000002"
+    checkpoint.mkdir()
+    (checkpoint / "progress.json").write_text(json.dumps({"step": 2, "epoch": 0, "batch": 2, "files": []}))
+    (tmp_path / "run.json").unlink()
+    with pytest.raises(RetrofitError, match=r"run.json' is missing: retrofit wrote it with the checkpoints there"):
+        check_same_run(tmp_path, same)
