@@ -1247,3 +1247,34 @@ def test_resume_compares_every_recorded_setting_but_the_budget_output_and_start(
     (tmp_path / "run.json").unlink()
     with pytest.raises(RetrofitError, match=r"run.json' is missing: retrofit wrote it with the checkpoints there"):
         check_same_run(tmp_path, same)
+
+
+def test_a_checkpoint_is_saved_beside_the_users_files_and_never_over_them(tmp_path):
+    """`save_checkpoint` with a stand-in for Accelerate: run.json is written with the first checkpoint only (a resumed
+    run's would replace the record of how its run started), progress.json lists what retrofit wrote, the newest
+    --keep-checkpoints stay, and a ``step-NNNNNNNN`` of the user's made meanwhile at the step it saves is refused,
+    nothing of it deleted."""
+    from types import SimpleNamespace
+
+    from retrofit.checkpoints import Progress, save_checkpoint
+
+    def save_state(path, **kwargs):
+        (Path(path) / "model.safetensors").write_bytes(b"weights")
+
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, save_state=save_state)
+    progress = Progress()
+    for step in (1, 2, 3):
+        progress.step = step
+        save_checkpoint(accelerator, tmp_path, progress, 2, {"started": step})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "step-00000002", "step-00000003"]
+    assert json.loads((tmp_path / "run.json").read_text()) == {"started": 1}
+    listed = json.loads((tmp_path / "step-00000003" / "progress.json").read_text())["files"]
+    assert listed == ["model.safetensors", "progress.json"]
+    mine = tmp_path / "step-00000004"
+    mine.mkdir()
+    (mine / "model.safetensors").write_text("mine")
+    progress.step = 4
+    with pytest.raises(RetrofitError, match=r"step-00000004' exists and is not a retrofit checkpoint; move it out"):
+        save_checkpoint(accelerator, tmp_path, progress, 2, {"started": 4})
+    assert (mine / "model.safetensors").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "step-00000002", "step-00000003", "step-00000004"]
