@@ -74,8 +74,9 @@ def test_ce_finetune_learns_and_exports(tiny_vit, colours, tmp_path):
 
 
 def test_resume_reaches_the_same_weights(tiny_vit, colours, tmp_path):
-    """A resumed run ends with the weights of an uninterrupted one, and keeps the budget its first run chose
-    (run.json), here raised by --min-steps, even when the options it is resumed with would choose another."""
+    """A resumed run ends with the weights of an uninterrupted one (resumed from the middle of an epoch or its end),
+    and keeps the budget its first run chose (run.json), here raised by --min-steps, even when the options it is
+    resumed with would choose another."""
     settings = dict(after_layer=2, num_tokens=4, data=colours, loss="mix", epochs=1, augment=True, eval_every=2,
                     **FAST)  # fmt: skip
     settings["min_steps"] = 6  # one epoch is 3 steps: raised to 6
@@ -85,6 +86,7 @@ def test_resume_reaches_the_same_weights(tiny_vit, colours, tmp_path):
     partial = finetune(tiny_vit, output=tmp_path / "cut", stop_after=3, **settings)
     assert partial.steps == 3 and partial.output is None and not (tmp_path / "cut").exists()
     checkpoints = tmp_path / "cut-checkpoints"
+    shutil.copytree(checkpoints, tmp_path / "end-checkpoints")  # step 3 ends an epoch: its position is batch 3 of 3
     shutil.rmtree(checkpoints / "step-00000003")
     (checkpoints / ".step-00000004.tmp").mkdir()  # a half-written checkpoint of a killed run is ignored
     with pytest.raises(RetrofitError, match="--resume"):
@@ -100,6 +102,11 @@ def test_resume_reaches_the_same_weights(tiny_vit, colours, tmp_path):
     assert budget["steps"] == 6 and "below --min-steps 6" in budget["why"]
     expected, got = weights(tmp_path / "full"), weights(tmp_path / "cut")
     assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+    # resumed from the checkpoint at the end of an epoch (refused as damaged, or its next epoch skipped, it would not)
+    assert finetune(tiny_vit, output=tmp_path / "end", resume=True, **settings).steps == 6
+    got = weights(tmp_path / "end")
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
     # the resumed run's card names the calibration its checkpoints started from (it had lost the images and scores)
