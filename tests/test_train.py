@@ -261,6 +261,8 @@ def test_resume_refuses_checkpoints_of_other_merge_settings(tiny_vit, colours, t
         finetune(tiny_vit, output=tmp_path / "out", num_tokens=5, resume=True, **settings)
     with pytest.raises(RetrofitError, match=r"step-00000002' is past this run's budget of 1 step; resume with --max"):
         finetune(tiny_vit, output=tmp_path / "out", num_tokens=4, resume=True, **{**settings, "max_steps": 1})
+    ended = finetune(tiny_vit, output=tmp_path / "out", num_tokens=4, resume=True, **{**settings, "max_steps": 2})
+    assert ended.steps == 2 and ended.finished  # a checkpoint at the end of its budget is not past it
     resumed = finetune(tiny_vit, output=tmp_path / "out", num_tokens=4, resume=True, **settings)
     assert resumed.steps == 4
 
