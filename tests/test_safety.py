@@ -1145,8 +1145,12 @@ def test_the_checkpoint_folder_keeps_to_what_retrofit_wrote_there(tmp_path, monk
     (folder / ".step-00000005.tmp").mkdir()
     (folder / ".step-00000006.old.tmp").mkdir()
     (folder / ".step-00000007.tmp").symlink_to(elsewhere, target_is_directory=True)
+    (folder / ".step-00000008.tmp-mine").mkdir()  # names that only begin like retrofit's are the user's
+    shutil.copytree(elsewhere, folder / "step-00000009-copy")
     remove_checkpoints(folder)
-    assert sorted(p.name for p in folder.iterdir()) == [".step-00000007.tmp", "step-00000001", "step-00000002"]
+    kept = [".step-00000007.tmp", ".step-00000008.tmp-mine", "step-00000001", "step-00000002", "step-00000009-copy"]
+    assert sorted(p.name for p in folder.iterdir()) == kept
+    assert sorted(p.name for p in (folder / "step-00000009-copy").iterdir()) == sorted(os.listdir(elsewhere))
 
     older = tmp_path / "older" / "step-00000004"  # written by a retrofit that listed no files
     older.mkdir(parents=True)
@@ -1196,7 +1200,7 @@ def test_resume_compares_every_recorded_setting_but_the_budget_output_and_start(
     from dataclasses import replace
     from types import SimpleNamespace
 
-    from retrofit.checkpoints import check_same_run, recorded_budget, training_options
+    from retrofit.checkpoints import check_same_run, recorded_budget, resume_owns_output, training_options
     from retrofit.settings import FinetuneArgs
 
     saved = {"architecture": "ViTForImageClassification", "num_labels": 3, "merge_after_layer": 2,
@@ -1247,6 +1251,15 @@ def test_resume_compares_every_recorded_setting_but_the_budget_output_and_start(
     (tmp_path / "run.json").unlink()
     with pytest.raises(RetrofitError, match=r"run.json' is missing: retrofit wrote it with the checkpoints there"):
         check_same_run(tmp_path, same)
+    # an older run.json names no output: the resumed run owns the one its folder is named after, and no other
+    older = tmp_path / "o-checkpoints"
+    older.mkdir()
+    (older / "run.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "output"}))
+    (tmp_path / "o").mkdir()
+    (tmp_path / "mine").mkdir()
+    assert resume_owns_output(older, tmp_path / "o")
+    with pytest.raises(RetrofitError, match=r"--resume replaces only its own run's output"):
+        resume_owns_output(older, tmp_path / "mine")
 
 
 def test_a_checkpoint_is_saved_beside_the_users_files_and_never_over_them(tmp_path):

@@ -1467,7 +1467,9 @@ def test_a_run_resumed_without_evaluations_reports_no_stale_accuracy(tiny_vit, c
     """Resumed with --eval-split '' (no evaluation), a run's last evaluation is one from before the interruption: the
     card gave it as the trained model's accuracy ("accuracy on `colours` None ...: 0.6667", of step 1)."""
     settings = dict(after_layer=2, num_tokens=4, data=colours, loss="ce", max_steps=3, eval_every=1, **FAST)
-    finetune(tiny_vit, output=tmp_path / "o", stop_after=1, **settings)
+    said: list[str] = []  # --resume on a folder without checkpoints starts from the beginning
+    finetune(tiny_vit, output=tmp_path / "o", stop_after=1, resume=True, log=said.append, **settings)
+    assert f"--resume: no checkpoint in '{tmp_path / 'o-checkpoints'}'; starting from the beginning" in said
     resumed = finetune(tiny_vit, output=tmp_path / "o", resume=True, **{**settings, "eval_split": ""})
     assert resumed.steps == 3 and [entry["step"] for entry in resumed.eval_history] == [1]
     assert resumed.final_accuracy is None and resumed.final_evaluation == {}
