@@ -1110,7 +1110,7 @@ def test_the_checkpoint_folder_keeps_to_what_retrofit_wrote_there(tmp_path, monk
     """The bookkeeping under --resume, --overwrite and pruning, without a run: a link named like a checkpoint, or a
     folder with an older retrofit's pickled progress but no weights, is no checkpoint (it is the user's: never
     listed, moved or deleted), nor is a linked run.json a run record; --overwrite deletes retrofit's run.json and
-    unfinished folders; an older retrofit's checkpoint (no file list) owns its moving average; a deleted checkpoint
+    unfinished folders, not the user's whose names only begin like those (``step-N-copy``); an older retrofit's checkpoint (no file list) owns its moving average; a deleted checkpoint
     holding a user's file loses its progress.json first (killed meanwhile, what is left is no checkpoint, never a
     part of one) and the folders its files were in; and a position at the end of a one-step epoch is a position."""
     from retrofit.checkpoints import (
@@ -1266,10 +1266,10 @@ def test_a_checkpoint_is_saved_beside_the_users_files_and_never_over_them(tmp_pa
     """`save_checkpoint` with a stand-in for Accelerate: run.json is written with the first checkpoint only (a resumed
     run's would replace the record of how its run started), progress.json lists what retrofit wrote, the newest
     --keep-checkpoints stay, and a ``step-NNNNNNNN`` of the user's made meanwhile at the step it saves is refused,
-    nothing of it deleted."""
+    nothing of it deleted. A damaged checkpoint's error names the newest older one to resume from."""
     from types import SimpleNamespace
 
-    from retrofit.checkpoints import Progress, save_checkpoint
+    from retrofit.checkpoints import Progress, load_checkpoint, save_checkpoint
 
     def save_state(path, **kwargs):
         (Path(path) / "model.safetensors").write_bytes(b"weights")
@@ -1291,3 +1291,9 @@ def test_a_checkpoint_is_saved_beside_the_users_files_and_never_over_them(tmp_pa
         save_checkpoint(accelerator, tmp_path, progress, 2, {"started": 4})
     assert (mine / "model.safetensors").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "step-00000002", "step-00000003", "step-00000004"]
+    (tmp_path / "step-00000003" / "progress.json").write_text("{}")  # damaged: the newest older one is named
+    older = [tmp_path / "step-00000001", tmp_path / "step-00000002"]
+    with pytest.raises(
+        RetrofitError, match=r"step-00000003' is damaged \(KeyError: .*\); delete it to resume from step-00000002,"
+    ):
+        load_checkpoint(accelerator, tmp_path / "step-00000003", Progress(), older)
