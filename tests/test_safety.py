@@ -1110,9 +1110,10 @@ def test_the_checkpoint_folder_keeps_to_what_retrofit_wrote_there(tmp_path, monk
     """The bookkeeping under --resume, --overwrite and pruning, without a run: a link named like a checkpoint, or a
     folder with an older retrofit's pickled progress but no weights, is no checkpoint (it is the user's: never
     listed, moved or deleted), nor is a linked run.json a run record; --overwrite deletes retrofit's run.json and
-    unfinished folders, not the user's whose names only begin like those (``step-N-copy``); an older retrofit's checkpoint (no file list) owns its moving average; a deleted checkpoint
-    holding a user's file loses its progress.json first (killed meanwhile, what is left is no checkpoint, never a
-    part of one) and the folders its files were in; and a position at the end of a one-step epoch is a position."""
+    unfinished folders, not the user's whose names only begin like those (``step-N-copy``); an older retrofit's
+    checkpoint (no file list) owns its moving average; a deleted checkpoint holding a user's file loses its
+    progress.json first (killed meanwhile, what is left is no checkpoint, never a part of one) and the folders its
+    files were in; and a position at the end of a one-step epoch is a position."""
     from retrofit.checkpoints import (
         Progress,
         discard_checkpoint,
