@@ -703,7 +703,8 @@ def run_sweep(args: SweepArgs, *, log: Callable[[str], None] = log_to_stderr) ->
     if args.dry_run:
         report = cost_grid(args.source, args.after_layers, args.tokens, target_speedup=args.target_speedup)
         size = "x".join(map(str, report["image_size"] or [])) or "the config's size"
-        log(f"{args.source}: theoretical cost per image at {size} (no weights or data read)")
+        # what the table is heads it (a table redirected to a file says so itself)
+        print(f"{args.source}: theoretical cost per image at {size} (no weights or data read)\n", flush=True)
         print(report["table"], flush=True)
         if report["verdict"]:
             print(report["verdict"], flush=True)

@@ -188,8 +188,8 @@ def _evaluate_in_two_processes(models: list[str], images, out, *options: str) ->
     done = launch_two_cpu_processes("-m", "retrofit.cli", "evaluate", *models, "--data", str(images), "--split", "test",
                                     "--batch-size", "4", "--json", str(out), *options)  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
-    # only the main process prints: the table on stdout, which images it is on to stderr
-    assert done.stdout.count("| model |") == 1 and done.stderr.count(f"{images} / test: ") == 1
+    # only the main process prints: the table on stdout, headed by the images it is on
+    assert done.stdout.count("| model |") == 1 and done.stdout.count(f"{images} / test: ") == 1
     return done
 
 

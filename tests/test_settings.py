@@ -442,9 +442,7 @@ def test_a_reader_that_leaves_early_stops_the_command_quietly(tiny_vit, monkeypa
 
     monkeypatch.setattr(sys, "stdout", ClosedPipe())
     assert main(["sweep", str(tiny_vit), "--dry-run"]) == 141
-    assert capsys.readouterr().err.splitlines() == [
-        f"{tiny_vit}: theoretical cost per image at 32x32 (no weights or data read)"
-    ]  # the log line, on stderr; no traceback after it
+    assert capsys.readouterr().err == ""  # no traceback
 
 
 def test_a_hub_id_missing_from_the_cache_in_offline_mode_says_so(tmp_path, monkeypatch, capsys):

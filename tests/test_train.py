@@ -800,8 +800,8 @@ def test_the_budget_is_raised_to_min_steps_on_small_data_and_says_why():
 
 def test_cli_prints_results_on_stdout_and_logs_on_stderr(tiny_vit, colours, tmp_path, capsys):
     """``retrofit evaluate ... > table.md`` keeps the table alone: each command's result (convert's cost table,
-    evaluate's accuracy table) is all its stdout holds; loading notes, the budget, "wrote ..." lines go to stderr.
-    finetune's result is its export: nothing on stdout."""
+    evaluate's accuracy table, headed by the images it is on) is all its stdout holds; loading notes, the budget,
+    "wrote ..." lines go to stderr. finetune's result is its export: nothing on stdout."""
     export, tuned, report = tmp_path / "pm", tmp_path / "ft", tmp_path / "report.json"
     merge = ["--after-layer", "2", "--tokens", "4"]
     assert main(["convert", str(tiny_vit), *merge, "--output", str(export)]) == 0
@@ -818,9 +818,10 @@ def test_cli_prints_results_on_stdout_and_logs_on_stderr(tiny_vit, colours, tmp_
     argv = ["evaluate", str(tiny_vit), str(tuned), "--data", colours, "--split", "test", "--json", str(report)]
     assert main(argv) == 0
     out, err = capsys.readouterr()
-    table = out.splitlines()
-    assert table[0].startswith("| model |") and all(line.startswith("|") or not line for line in table)
-    assert err.splitlines()[0].startswith(f"{colours} / test: ") and err.splitlines()[-1] == f"wrote {report}"
+    table = out.splitlines()  # headed by what it is on, so that the redirected table says it too
+    assert table[0].startswith(f"{colours} / test: ") and table[1] == "" and table[2].startswith("| model |")
+    assert all(line.startswith("|") or not line for line in table[1:])
+    assert err.splitlines() == [f"wrote {report}"]
 
 
 def test_finetune_prints_the_budget_it_trains(tiny_vit, colours, tmp_path, capsys):
