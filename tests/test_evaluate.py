@@ -585,8 +585,8 @@ def test_a_limit_of_one_class_says_so_and_a_sample_takes_every_class(trained_vit
     err = capsys.readouterr().err
     assert "the first 5 images" in err and "hold 1 of its 3 classes" in err and "--sample N" in err
     assert main([*argv, "--sample", "6"]) == 0
-    err = capsys.readouterr().err
-    assert ": a shuffled sample of 6 images, seed 0" in err and "note:" not in err
+    out, err = capsys.readouterr()
+    assert ": a shuffled sample of 6 images, seed 0" in out and "note:" not in err
     assert len(set(load_split(str(images), "test", limit=6, sample_seed=EVALUATE_SEED)["label"])) > 1
     runs = [evaluate_models(trained_vit, data=images, split="test", sample=6, log=pytest.fail) for _ in range(2)]
     assert runs[0]["models"] == runs[1]["models"] and runs[0]["num_examples"] == 6

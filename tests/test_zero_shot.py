@@ -206,7 +206,7 @@ def test_evaluate_zero_shot_writes_json_and_card(duals, images, tmp_path, capsys
     assert main(argv) == 0
     printed, err = capsys.readouterr()
     assert "custom code" not in printed + err  # the export's tokenizer loads without a remote-code prompt
-    assert "3 prompts like 'a photo of a bird.'" in err and "| model | zero-shot top-1 |" in printed
+    assert "3 prompts like 'a photo of a bird.'" in printed and "| model | zero-shot top-1 |" in printed
     report = json.loads(out.read_text())
     assert report["template"] == DEFAULT_TEMPLATE and len(report["models"]) == 2
     card = (export / "README.md").read_text()
