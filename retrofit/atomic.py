@@ -549,11 +549,9 @@ def atomic_dir(
         yield tmp
         os.chmod(tmp, 0o755)
         for path in tmp.rglob("*"):  # temp files are created 0600; exports are meant to be shared
-            os.chmod(path, 0o755 if path.is_dir() else 0o644)
-            if path.is_dir():
-                _sync_folder(path)
-            else:
-                _sync_file(path)
+            folder = path.is_dir()
+            os.chmod(path, 0o755 if folder else 0o644)
+            (_sync_folder if folder else _sync_file)(path)
         _sync_folder(tmp)
         _move_into_place(tmp, output, overwrite, kind, inputs)
         _sync_folder(output.parent)

@@ -697,6 +697,13 @@ def cost_grid(
     }
 
 
+def _print_table(report: dict) -> None:
+    """The result on stdout: a sweep's (or a dry run's) table, then its verdict where it has one."""
+    print(report["table"], flush=True)
+    if report["verdict"]:
+        print(report["verdict"], flush=True)
+
+
 def run_sweep(args: SweepArgs, *, log: Callable[[str], None] = log_to_stderr) -> dict:
     """`retrofit sweep`: run, print the table and the verdict on stdout (the rest goes to `log`), write the output
     folder. With --dry-run, print each setting's theoretical cost instead, and write nothing."""
@@ -705,18 +712,14 @@ def run_sweep(args: SweepArgs, *, log: Callable[[str], None] = log_to_stderr) ->
         size = "x".join(map(str, report["image_size"] or [])) or "the config's size"
         # what the table is heads it (a table redirected to a file says so itself)
         print(f"{args.source}: theoretical cost per image at {size} (no weights or data read)\n", flush=True)
-        print(report["table"], flush=True)
-        if report["verdict"]:
-            print(report["verdict"], flush=True)
+        _print_table(report)
         return report
     settings = SweepSettings(**{spec.name: getattr(args, spec.name) for spec in fields(SweepSettings)})
     output = f"sweep-{Path(str(args.source).rstrip('/')).name}" if args.output is None else args.output
     check_output_folder(settings, output, args.overwrite, args.source)
     # the folder is written after the table is printed, so that a full disk does not lose the results
     report = sweep(args.source, settings, log=log)
-    print(report["table"], flush=True)
-    if report["verdict"]:
-        print(report["verdict"], flush=True)
+    _print_table(report)
     write_report(report, output, args.overwrite, source=args.source)
     log(f"wrote {output}/sweep.md, sweep.json, sweep.png")
     return report
