@@ -3,6 +3,7 @@ CLI's log lines go (`log_to_stderr`)."""
 
 import contextlib
 import errno
+import re
 import reprlib
 import warnings
 from collections.abc import Iterator
@@ -179,10 +180,10 @@ def describe_os_error(exc: OSError) -> str:
     path."""
     import os
 
-    paths = [
-        os.path.abspath(os.fsdecode(name)) for name in (exc.filename, exc.filename2) if isinstance(name, str | bytes)
-    ]
-    names = " -> ".join(f"'{name}'" for name in (exc.filename, exc.filename2) if name is not None)
+    given = [_as_given(os.fsdecode(name)) if isinstance(name, str | bytes) else name
+             for name in (exc.filename, exc.filename2) if name is not None]  # fmt: skip
+    paths = [os.path.abspath(name) for name in given if isinstance(name, str)]
+    names = " -> ".join(f"'{name}'" for name in dict.fromkeys(given))
     what = exc.strerror or brief(exc)
     for variable in CACHE_VARIABLES:
         folder = os.environ.get(variable, "").strip()
@@ -193,6 +194,18 @@ def describe_os_error(exc: OSError) -> str:
                 "can write, or check its permissions and the free space"
             )
     return f"{what}{f' ({names})' if names else ''}; check the path, its permissions and the free space"
+
+
+# The sibling an output is written as first (`atomic`): ``.NAME.tmp-`` + tempfile's 8 random characters (+ a suffix).
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.tmp-[a-z0-9_]{8}(\.[A-Za-z0-9]+)?")
+
+
+def _as_given(path: str) -> str:
+    """A path with each temporary sibling in it named as the output it becomes: an error writing
+    ``out/.model.tmp-k2j4x9qa/config.json`` is about ``out/model/config.json``, the path the user gave."""
+    parts = Path(path).parts
+    named = [match["name"] if (match := _TEMPORARY.fullmatch(part)) else part for part in parts]
+    return path if named == list(parts) else str(Path(*named))
 
 
 def is_file_system_error(exc: OSError) -> bool:

@@ -573,13 +573,14 @@ def test_cost_uses_the_size_the_processor_feeds(tmp_path):
 
 def test_a_full_disk_is_one_line_and_leaves_nothing(capsys, tmp_path, tiny_vit, monkeypatch):
     """A file-system error (here the disk fills up as the export is moved into place) is one line naming the path,
-    not a traceback, and the temporary folder is removed."""
+    not a traceback, and the temporary folder is removed. The line names the output the user gave, not the temporary
+    sibling it was written as (``.o.tmp-k2j4x9qa``), which the error names first."""
     import errno
 
     import retrofit.atomic
 
     def full(src, dst):
-        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        raise OSError(errno.ENOSPC, "No space left on device", str(src), None, str(dst))  # as os.replace does
 
     monkeypatch.setattr(retrofit.atomic.os, "replace", full)
     out = tmp_path / "o"

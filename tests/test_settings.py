@@ -498,6 +498,11 @@ def test_a_cache_folder_that_cannot_be_written_names_its_variable(tmp_path, monk
     )
     outside = OSError(errno.EACCES, "Permission denied", str(tmp_path / "hfx" / "out"))  # only a shared prefix
     assert describe_os_error(outside).endswith("; check the path, its permissions and the free space")
+    # A file inside an output being written is named inside the output the user gave, not its temporary sibling.
+    writing = OSError(errno.EROFS, "Read-only file system", str(tmp_path / ".out.tmp-k2j_x9qa" / "config.json"))
+    assert describe_os_error(writing).startswith(f"Read-only file system ('{tmp_path}/out/config.json'); check")
+    plot = OSError(errno.EACCES, "Permission denied", str(tmp_path / ".speed.png.tmp-0a1b2c3d.png"))
+    assert describe_os_error(plot).startswith(f"Permission denied ('{tmp_path}/speed.png'); check")
 
 
 def test_an_export_is_written_in_utf8_whatever_the_locale(tiny_vit, tmp_path):
