@@ -71,6 +71,19 @@ def test_build_card_metadata(tiny_vit, export_dir):
     assert "- merger initialisation: random (seed 0)\n- not fine-tuned after the merge" in card
 
 
+def test_the_card_states_the_merge_that_config_json_holds(export_dir):
+    """Every sentence of convert's card that gives the merge (K, M, P) or the tokens per layer gives the export's own
+    numbers (`convert --after-layer 2 --tokens 4` of a 4-layer ViT, whose CLS token bypasses the merger)."""
+    config = json.loads((export_dir / "config.json").read_text())
+    k, m, p = config["merge_after_layer"], config["merge_num_tokens"], config["merge_num_prefix_tokens"]
+    assert (k, m, p, config["num_hidden_layers"]) == (2, 4, 1, 4)
+    text = (export_dir / "README.md").read_text()
+    assert f"after its first {k} encoder layers the\npatch tokens are replaced by {m} learned weighted averages" in text
+    assert f"- PatchMerger before encoder layer {k} (layers 0..{k - 1} run on all tokens), {m} merged tokens, " in text
+    assert f"its `last_hidden_state` has {p} + {m} tokens." in text
+    assert "| tokens before | 17 | 17 | 17 | 17 |\n| tokens after | 17 | 17 | 5 | 5 |" in text  # 1 + 16 patches, 1 + 4
+
+
 def test_a_card_says_how_the_model_was_made_only_where_it_was_told(export_dir, tmp_path):
     """`retrofit.export(model, out, ...)` of a model trained elsewhere (a building block the README lists) wrote "merger
     initialisation: random ... not fine-tuned after the merge: expect lower accuracy", which export() cannot know."""
