@@ -403,6 +403,10 @@ def test_the_card_carries_the_license_of_a_local_sources_card(tiny_vit, export_d
     data = _card_metadata(tmp_path / "other")
     assert (data["license"], data["license_name"], data["license_link"]) == ("other", "dinov3-license", link)
     assert not {"license", "license_name", "license_link"} & set(_card_metadata(export_dir))  # tiny_vit has no card
+    # A name or link without the license id: no license (the Hub's spec needs the id; the card read it and failed)
+    (source / "README.md").write_text(f"---\nlicense_name: dinov3-license\nlicense_link: {link}\n---\n")
+    convert(source, after_layer=2, num_tokens=4, output=tmp_path / "no-id", log=lambda _: None)
+    assert not {"license", "license_name", "license_link"} & set(_card_metadata(tmp_path / "no-id"))
     # Only a license id, a name and a web link are carried: not markup, not several lines, not another scheme.
     bad = '---\nlicense: "mit\\n## Injected <img src=x>"\nlicense_link: "javascript:alert(1)"\n---\n'
     (source / "README.md").write_text(bad)
