@@ -244,14 +244,24 @@ def refuse_same_outputs(outputs: dict[str, str | os.PathLike | None]) -> None:
 
 
 def _check_writable(path: Path, option: str) -> None:
+    """Refuse, before any work, a target whose nearest existing folder cannot be written. Permissions alone do not
+    tell (``root`` passes every permission check, yet cannot write in ``/proc``; a network or FUSE mount decides on
+    its server), so the folder is also tried with an empty file, removed at once."""
     what = _what(option)
     parent = next((p for p in path.absolute().parents if p.exists()), Path("/"))
     if not parent.is_dir():
         raise RetrofitError(f"{what} '{path}' is under '{parent}', which is a file; choose another {option}")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise RetrofitError(
-            f"{what} '{path}': cannot write in '{parent}' (read-only or no permission); choose another {option}"
-        )
+    why = None if os.access(parent, os.W_OK | os.X_OK) else "read-only or no permission"
+    if why is None:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".retrofit-write-check-", dir=parent)
+        except OSError as exc:
+            why = exc.strerror or brief(exc)
+        else:
+            os.close(fd)
+            os.unlink(probe)
+    if why is not None:
+        raise RetrofitError(f"{what} '{path}': cannot write in '{parent}' ({why}); choose another {option}")
 
 
 def _refuse_dangling(path: Path, option: str) -> None:

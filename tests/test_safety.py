@@ -114,6 +114,27 @@ def test_overwrite_replaces_an_export_but_no_other_folder(tiny_vit, tmp_path, ca
     assert (out / "notes.md").read_text() == "mine"
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, a folder no one can write files in")
+def test_a_folder_that_takes_no_files_is_refused_before_any_work(tiny_vit, tmp_path, capsys, monkeypatch):
+    """Run as root (a container, CI), the permission check passed for ``/proc``, a read-only network mount or a FUSE
+    folder, and the run did all its work (merge, calibration, hours of training) before the write failed. The folder
+    is now tried with an empty file first, which is left nowhere."""
+    import importlib
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the merge ran before the output was checked")
+
+    monkeypatch.setattr(importlib.import_module("retrofit.convert"), "insert_patch_merger", no_work)
+    err = refused(capsys, "convert", tiny_vit, *MERGE, "--output", "/proc/retrofit-out")
+    assert err.startswith("retrofit: error: output '/proc/retrofit-out': cannot write in '/proc' (")
+    assert err.endswith("); choose another --output") and not os.path.exists("/proc/retrofit-out")
+    err = refused(capsys, "evaluate", tiny_vit, "--data", "x", "--json", "/proc/retrofit.json")
+    assert err.startswith("retrofit: error: --json '/proc/retrofit.json': cannot write in '/proc' (")
+    monkeypatch.undo()
+    assert main(["convert", str(tiny_vit), *MERGE, "--output", str(tmp_path / "o")]) == 0  # a folder that takes them
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # and the trial file is gone
+
+
 def test_resume_replaces_only_its_own_runs_output(tiny_vit, colours, export_dir, tmp_path):
     """--resume may replace the output of the run it continues (its export, written before an upload failed), and no
     other: resumed with another --output, an export already there (here convert's) was replaced without --overwrite,
