@@ -139,7 +139,8 @@ def test_auto_processor_gives_the_sources_processor_class(name, processor, duals
 
 
 # Runs the python blocks of a section of each export's card ("registered": before "Without retrofit", else after it)
-# as written, in one process; prints what they made.
+# as written, in one process; prints what they made, and whether the forward pass's probabilities are the pipeline's
+# scores of the same texts (the padding and activation the pipeline uses for the family: SigLIP's are its own).
 CARD_USAGE = """
 import json, re, sys
 from pathlib import Path
@@ -150,8 +151,10 @@ for folder in sys.argv[2:]:
     part = usage.split("Without retrofit")[0 if section == "registered" else 1]
     names = {}
     exec(compile("\\n".join(re.findall(r"```python\\n(.*?)```", part, re.S)), folder, "exec"), names)
+    pipeline_scores = {score["label"]: score["score"] for score in names["scores"]}
+    same = all(abs(p - pipeline_scores[label]) < 1e-4 for p, label in zip(names["probs"][0].tolist(), ["cat", "dog"]))
     made[folder] = [type(names["model"]).__name__, type(names["processor"]).__name__, list(names["probs"].shape),
-                    sorted(score["label"] for score in names["scores"])]
+                    sorted(pipeline_scores), same]
 print(json.dumps({"transformers": transformers.__version__, "made": made}))
 """
 
@@ -191,8 +194,8 @@ def test_the_cards_usage_runs_as_written(release, duals, tmp_path):
     expected = {"oldest": OLDEST_TRANSFORMERS}.get(release, release.removeprefix("transformers-"))
     assert got["transformers"] == (transformers.__version__ if release in ("installed", "registered") else expected)
     assert got["made"] == {
-        "clip-pm": ["CLIPPatchMergerModel", "CLIPProcessor", [1, 2], ["cat", "dog"]],
-        "siglip-pm": ["SiglipPatchMergerModel", "SiglipProcessor", [1, 2], ["cat", "dog"]],
+        "clip-pm": ["CLIPPatchMergerModel", "CLIPProcessor", [1, 2], ["cat", "dog"], True],
+        "siglip-pm": ["SiglipPatchMergerModel", "SiglipProcessor", [1, 2], ["cat", "dog"], True],
     }
 
 
