@@ -69,6 +69,9 @@ def test_build_card_metadata(tiny_vit, export_dir):
     # convert's card names the seed that drew the merger's start (`convert --seed`): it said "random" alone
     card = (export_dir / "README.md").read_text()
     assert "- merger initialisation: random (seed 0)\n- not fine-tuned after the merge" in card
+    assert "base_model" not in ModelCard(card).data.to_dict()  # a local source: no Hub model to link to
+    # without a repo id, a Hub source's card is titled by its name, not its namespace
+    assert "\n# vit-base-patch16-224-patch-merger\n" in build_card(model, training=TrainingInfo()).text
 
 
 def test_the_card_states_the_merge_that_config_json_holds(export_dir):
@@ -402,6 +405,7 @@ def test_the_card_carries_the_license_of_a_local_sources_card(tiny_vit, export_d
     convert(source, after_layer=2, num_tokens=4, output=tmp_path / "other", log=lambda _: None)
     data = _card_metadata(tmp_path / "other")
     assert (data["license"], data["license_name"], data["license_link"]) == ("other", "dinov3-license", link)
+    assert f"- license: `dinov3-license` ({link}), the source's" in (tmp_path / "other" / "README.md").read_text()
     assert not {"license", "license_name", "license_link"} & set(_card_metadata(export_dir))  # tiny_vit has no card
     # A name or link without the license id: no license (the Hub's spec needs the id; the card read it and failed)
     (source / "README.md").write_text(f"---\nlicense_name: dinov3-license\nlicense_link: {link}\n---\n")
@@ -502,6 +506,9 @@ def test_model_index_names_a_hub_dataset_and_the_images_the_values_are_on(tiny_v
     for result in results:
         assert (result.dataset_type, result.dataset_split) == ("zalando-datasets/fashion_mnist", "test")
         assert result.dataset_name == "fashion-mnist (the first 128 images)"
+    update_card(folder, evaluation=report | {"images": "sample", "sample_seed": 3})
+    (top1, _) = ModelCard.load(folder / "README.md").data.eval_results
+    assert top1.dataset_name == "fashion-mnist (a shuffled sample of 128 images, seed 3)"
     update_card(folder, evaluation=report | {"data": "me/pets", "images": "all"})  # a Hub dataset, all of its split
     (top1, _) = ModelCard.load(folder / "README.md").data.eval_results
     assert (top1.dataset_type, top1.dataset_name, top1.dataset_split) == ("me/pets", "me/pets", "validation")
@@ -534,6 +541,27 @@ def test_model_index_entries_the_user_added_stay(tiny_vit, export_dir, tmp_path)
     update_card(folder, evaluation=report)
     (kept,) = ModelCard.load(folder / "README.md").data.eval_results
     assert (kept.metric_name, kept.metric_value) == ("ImageNet top-1 (my eval)", 0.8)
+
+
+def test_a_new_evaluation_replaces_retrofit_s_zero_shot_entries_and_names_the_source_it_was_made_from(
+    tiny_vit, tiny_deit, export_dir, tmp_path
+):
+    """A second `evaluate --zero-shot --card` left the first one's entries in the model-index next to its own (they
+    read as the user's), had retrofit not known its zero-shot metric names; and the before row is the model the export
+    was made from (its recorded weights), not the first unmerged model evaluated."""
+    folder = tmp_path / "vit-pm"
+    shutil.copytree(export_dir, folder)
+    report = evaluation(str(tiny_vit), str(folder))
+    report["models"].insert(0, {**report["models"][0], "model": str(tiny_deit), "top1": 0.5})  # not its source
+    for top1 in (0.6, 0.7):
+        report["models"][-1]["top1"] = top1
+        update_card(folder, evaluation=report | {"metric": "zero-shot", "prompts": ["a photo of a {}."]})
+    card = ModelCard.load(folder / "README.md")
+    assert [(r.metric_name, r.metric_value) for r in card.data.eval_results] == [
+        ("Zero-shot top-1 accuracy", 0.7),
+        ("Zero-shot top-5 accuracy", 0.98),
+    ]
+    assert f"| before: source (`{tiny_vit.name}`) | 90.00 % | 99.00 % |" in card.text
 
 
 def test_a_backbone_measured_against_itself_publishes_no_similarity(tiny_vit, export_dir, tmp_path):
