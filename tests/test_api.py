@@ -236,11 +236,13 @@ def test_model_cost_refuses_what_is_no_size_or_merge_in_one_line():
         ((True,), {}, "image_size must be a whole number or a (height, width) pair of them, not True"),
         (((32, "32"),), {}, "image_size must be a whole number, not '32'"),
         ((0,), {}, "image_size 0 is smaller than the model's 8x8 patches"),
+        (((4, 32),), {}, "image_size (4, 32) is smaller than the model's 8x8 patches"),  # one side below: no patch
         ((10**400,), {}, "image_size a number of about 400 digits is too large to price"),
         ((), {"merge": ("1", 4)}, "merge after_layer must be a whole number, not '1'"),
         ((), {"merge": (1, 2.5)}, "merge num_tokens must be a whole number, not 2.5"),
         ((), {"merge": (4, 4)}, "merge after_layer 4 is out of range: this model has 4 layers, so use 1..3"),
         ((), {"merge": (1, 0)}, "merge num_tokens 0 is out of range: the model has 16 patch tokens, so use 1..15"),
+        ((), {"merge": (1, 16)}, "merge num_tokens 16 is out of range: the model has 16 patch tokens, so use 1..15"),
         ((), {"merge": 3}, "merge must be a pair (after_layer, num_tokens), not 3"),
     ]
     for args, kwargs, message in calls:

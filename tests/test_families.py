@@ -781,7 +781,7 @@ def test_dinov2_swiglu_cost_matches_its_matrices():
 
 def test_cost_of_an_oblong_image_and_the_ratio_printed_are_counted_here_again():
     """`model_cost` of a 32x64 image (4 x 8 patches) with a merge, against the count of the module docstring written
-    out here; `compare` prints before / after (how many times fewer)."""
+    out here; `compare` prints before / after (how many times fewer) and the merger's GFLOPs."""
     from transformers import ViTConfig
 
     from retrofit.cost import compare
@@ -798,7 +798,8 @@ def test_cost_of_an_oblong_image_and_the_ratio_printed_are_counted_here_again():
     assert before.macs == embed + 4 * layer(1 + n) and before.gflops == 2 * before.macs / 1e9
     assert after.merger_macs == 2 * n * m * d and after.macs == embed + layer(1 + n) + 3 * layer(1 + m) + 2 * n * m * d
     assert model_cost(config, [64, 32]) == model_cost(config, (64, 32)) == before
-    assert f"({before.macs / after.macs:.3f}x fewer" in compare(before, after)
+    table = compare(before, after)  # the merger's share in GFLOPs too: 2 FLOPs a MAC, as the totals
+    assert f"({before.macs / after.macs:.3f}x fewer; merger {2 * 2 * n * m * d / 1e9:.2g})" in table
 
 
 def test_siglip_pooling_head_cost_is_what_a_flop_counter_counts():
