@@ -194,6 +194,15 @@ def test_card_target_checks(tiny_vit, export_dir):
     assert check_card_target(export_dir, [str(export_dir)]) == export_dir
 
 
+def test_update_card_refuses_a_results_file_of_another_shape_in_one_line(tiny_vit, export_dir, tmp_path):
+    folder = shutil.copytree(export_dir, tmp_path / "vit-pm")
+    (folder / "retrofit_results.json").write_text('{"benchmark": 5}')
+    before = (folder / "README.md").read_text()
+    with pytest.raises(RetrofitError, match="retrofit_results.json does not hold retrofit's results"):
+        update_card(folder, evaluation=evaluation(str(tiny_vit), str(folder)))
+    assert (folder / "README.md").read_text() == before
+
+
 # --- --card on a broken or full export: refused up front in one line, and never half-updated ---
 
 
@@ -531,6 +540,7 @@ def test_model_index_entries_the_user_added_stay(tiny_vit, export_dir, tmp_path)
     mine = EvalResult(task_type="image-classification", dataset_type="imagenet-1k", dataset_name="ImageNet",
                       metric_type="accuracy", metric_value=0.8, metric_name="ImageNet top-1 (my eval)")  # fmt: skip
     card.data.eval_results = [mine]
+    card.text += "\n## Citation\n\nMy paper.\n"  # a section of the user's after Results
     card.save(folder / "README.md")
     for _ in range(2):
         update_card(folder, evaluation=evaluation(str(tiny_vit), str(folder)))
@@ -539,8 +549,9 @@ def test_model_index_entries_the_user_added_stay(tiny_vit, export_dir, tmp_path)
     report = evaluation(str(tiny_vit), str(folder))
     report["models"][1] |= {"top1": None, "top5": None}
     update_card(folder, evaluation=report)
-    (kept,) = ModelCard.load(folder / "README.md").data.eval_results
-    assert (kept.metric_name, kept.metric_value) == ("ImageNet top-1 (my eval)", 0.8)
+    card = ModelCard.load(folder / "README.md")
+    assert [(r.metric_name, r.metric_value) for r in card.data.eval_results] == [("ImageNet top-1 (my eval)", 0.8)]
+    assert card.text.endswith("\n## Citation\n\nMy paper.\n") and card.text.count("## Results") == 1
 
 
 def test_a_new_evaluation_replaces_retrofit_s_zero_shot_entries_and_names_the_source_it_was_made_from(
