@@ -565,8 +565,11 @@ def test_cost_uses_the_size_the_processor_feeds(tmp_path):
     source = tmp_path / "dinov2"
     Dinov2ForImageClassification(config).save_pretrained(source)
     BitImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}).save_pretrained(source)
-    result = convert(source, after_layer=2, num_tokens=4, log=lambda _: None)
+    result = convert(source, after_layer=2, num_tokens=4, output=tmp_path / "pm", log=lambda _: None)
     assert result.before.tokens_per_layer == [17] * 4  # 32x32 crops: 16 patches + CLS, not 64 + CLS
+    card = (tmp_path / "pm" / "README.md").read_text()  # and the card's cost table, at the same size
+    assert "| tokens before | 17 | 17 | 17 | 17 |\n| tokens after | 17 | 17 | 5 | 5 |" in card
+    assert f"GFLOPs per image: {result.before.gflops:.4g} -> {result.after.gflops:.4g}" in card
     with pytest.raises(RetrofitError, match="use 1..15"):
         convert(source, after_layer=2, num_tokens=20, log=lambda _: None)
 
