@@ -258,6 +258,14 @@ def load_split(
     kept: list | None = None
     counted = label_column or "label"
     if is_fashion_mnist(data):
+        for column, option, its in (
+            (image_column, "--image-column", "image"),
+            (label_column, "--label-column", "label"),
+        ):
+            if column not in (None, its):  # the files are read as these two columns: another name was not honoured
+                raise RetrofitError(
+                    f"fashion-mnist's {its}s are its column '{its}', not '{column}'; leave out {option}"
+                )
         dataset = _fashion_mnist(split, None if sample else limit)
         if limit is not None:
             whole, kept = FASHION_MNIST_CLASSES, _distinct_labels(dataset, "label")

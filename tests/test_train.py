@@ -1099,6 +1099,24 @@ def test_kd_evaluates_an_unlabelled_split_against_the_teacher(tiny_vit, colours,
     assert not any("accuracy" in row for row in (baseline, untrained, trained))
 
 
+def test_kd_reads_the_label_column_the_user_named(tiny_vit, colours, tmp_path):
+    """kd falls back to agreement with the teacher where a split has no labels; a label column the user named is not
+    such a split: a misspelt ``--label-column`` (or the image column given twice) was silently dropped and the run
+    published agreement where the user asked for accuracy. Fashion-MNIST ignored both column options altogether."""
+    settings = dict(after_layer=2, num_tokens=4, data=colours, loss="kd", eval_split="test", max_steps=1, **FAST)
+    with pytest.raises(RetrofitError, match="dataset '.*' has no column 'lable'; available: image, label"):
+        finetune(tiny_vit, output=tmp_path / "a", label_column="lable", **settings)
+    with pytest.raises(RetrofitError, match="--label-column and --image-column are both 'image'"):
+        finetune(tiny_vit, output=tmp_path / "b", label_column="image", **settings)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    from retrofit.data import load_split
+
+    with pytest.raises(RetrofitError, match="fashion-mnist's labels are its column 'label', not 'lable'; leave out --"):
+        load_split("fashion-mnist", "test", label_column="lable", limit=1)
+    with pytest.raises(RetrofitError, match="fashion-mnist's images are its column 'image', not 'img'; leave out --"):
+        load_split("fashion-mnist", "test", image_column="img", limit=1)
+
+
 def test_checkpoints_inside_the_output_are_refused(tiny_vit, colours, tmp_path):
     with pytest.raises(
         RetrofitError, match=r"--checkpoint-dir '.*' is inside --output '.*', which the export replaces"
