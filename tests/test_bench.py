@@ -288,6 +288,60 @@ def test_a_latency_pass_that_fails_after_the_warm_up_is_a_status(tiny_vit, monke
     assert any("merged: latency at batch 1 failed (OutOfMemoryError" in line for line in logged)
 
 
+def test_speeds_speed_ups_and_latencies_are_the_arithmetic_of_a_scripted_clock(tiny_vit, monkeypatch):
+    """Every number bench reports, against a scripted clock (this machine's timings are noise): images/s is the batch
+    times a block's passes over its seconds, the median of the repeats; a block's passes fill --min-time from the last
+    of --warmup passes; the models take turns, the order rotating each repeat; a speed-up is over the source in the
+    same compile mode; latency is in ms, its p50/p90 interpolated; a spread is over the median; and the table's
+    speed-up ÷ FLOPs ratio is the merged model's."""
+    import functools
+
+    from retrofit.loading import load_model
+    from retrofit.surgery import insert_patch_merger
+
+    model = load_model(tiny_vit)
+    merged = insert_patch_merger(model, 2, 4)
+    blocks = {  # the seconds of each timed block of 4 passes at batch 4 (16 images), per repeat
+        ("source", "eager"): [0.2, 0.1, 0.25],  # 80, 160, 64 images/s: median 80 (mean 101.3)
+        ("merged", "eager"): [0.1, 0.1, 0.05],  # median 160: 2.00x
+        ("source", "default"): [0.1, 0.1, 0.1],  # 160
+        ("merged", "default"): [0.05, 0.05, 0.05],  # 320: 2.00x over the source in its mode (4.00x over eager's)
+    }
+    owner, calls, variants = {}, [], []
+    for (name, mode), timed in blocks.items():
+        net = model if name == "source" else merged
+        runner = functools.partial(net)  # one object per variant: the clock tells them apart
+        owner[id(runner)] = (name, mode, timed, [1.0, 1.0, 0.001, 0.002, 0.003, 0.010])  # 2 warm-ups, then 4 passes
+        base = "source" if name == "merged" else None
+        gflops, ratio = (0.8, 2.5) if base else (2.0, None)
+        variants.append(benchmark.Variant(name, net, net.config, mode, gflops, base, ratio, runner=runner))
+
+    def clock(runner, x, iters, device):
+        name, mode, timed, latency = owner[id(runner)]
+        calls.append((name, mode, x.shape[0], iters))
+        if x.shape[0] == 1:
+            return latency.pop(0)
+        return 0.125 if iters == 1 else timed.pop(0)  # a warm-up pass: --min-time 0.5 s is 4 passes a block
+
+    monkeypatch.setattr(benchmark, "_time_block", clock)
+    settings = BenchSettings(batch_sizes=(4,), warmup=2, repeats=3, min_time=0.5, latency_iters=4)
+    benchmark.run_benchmark(variants, settings, log=lambda _: None)
+    keys = list(blocks)
+    assert all(calls.count((*key, 4, 1)) == 2 for key in keys)  # --warmup 2
+    assert [call[:2] for call in calls if call[2:] == (4, 4)] == keys + keys[1:] + keys[:1] + keys[2:] + keys[:2]
+    rates = {(v.name, v.compile_mode): v.results[4] for v in variants}
+    assert rates["source", "eager"]["repeats"] == pytest.approx([80, 160, 64])
+    assert rates["source", "eager"]["images_per_s"] == pytest.approx(80) and rates["source", "eager"]["speedup"] is None
+    assert rates["merged", "eager"]["iters_per_repeat"] == 4 and rates["merged", "eager"]["speedup"] == pytest.approx(2)
+    assert rates["merged", "default"]["speedup"] == pytest.approx(2)
+    assert all(v.latency_ms == pytest.approx({"p50": 2.5, "p90": 7.9}) for v in variants)
+    report = benchmark.to_json(variants, settings)
+    assert report["settings"]["repeats"] == 3 and report["settings"]["warmup"] == 2
+    table = benchmark.markdown_table(report)
+    assert "| `merged` | eager | 0.8 | 2.500 | 160.0 (2.00×) ⚠ | 0.80 | 2.50 / 7.90 |" in table
+    assert "`source` at batch 4: repeats spread by 120 %; `merged` at batch 4: repeats spread by 100 %" in table
+
+
 def test_bf16(tiny_vit, capsys):
     assert main(["bench", str(tiny_vit), "--dtype", "bf16", "--batch-size", "2", *QUICK]) == 0
     assert "bf16" in capsys.readouterr().out
