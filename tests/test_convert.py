@@ -59,6 +59,28 @@ def test_export_folder_is_a_complete_hub_repo(vit_export):
     assert not list(out.parent.glob(".vit-pm.tmp-*")), "temporary folder left behind"
 
 
+def test_export_writes_its_code_and_auto_map_where_saving_the_model_writes_neither(vit_export, tmp_path, monkeypatch):
+    """Where retrofit's cache cannot be written, the generated classes are not registered for their Auto classes and
+    the merged config has no ``auto_map``, so ``save_pretrained`` writes neither: `export` writes both itself, and
+    the export loads without retrofit and is one `push` takes."""
+    from transformers import ViTImageProcessor
+
+    from retrofit import export
+    from retrofit.loading import load_model
+    from retrofit.push import export_files
+
+    model = load_model(vit_export[1])
+    for registered in (type(model), type(model.config)):
+        monkeypatch.setattr(registered, "_auto_class", None)
+    model.config.__dict__.pop("auto_map")
+    out = export(model, tmp_path / "pm", image_processor=ViTImageProcessor(size={"height": 32, "width": 32}))
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"] == json.loads((vit_export[1] / "config.json").read_text())["auto_map"]
+    for name in ("configuration_vit_patch_merger.py", "modeling_vit_patch_merger.py"):
+        assert (out / name).read_text() == (vit_export[1] / name).read_text()
+    assert "modeling_vit_patch_merger.py" in export_files(out)
+
+
 def test_export_refuses_in_one_line_what_would_leave_an_export_incomplete(vit_export, tmp_path):
     """`retrofit.export(merged, out)` without the image processor wrote an export without preprocessor_config.json:
     its card's pipeline example failed to load, and `retrofit push` refused it; objects of other kinds where the
