@@ -573,6 +573,8 @@ def test_a_new_evaluation_replaces_retrofit_s_zero_shot_entries_and_names_the_so
         ("Zero-shot top-5 accuracy", 0.98),
     ]
     assert f"| before: source (`{tiny_vit.name}`) | 90.00 % | 99.00 % |" in card.text
+    assert "| | zero-shot top-1 | zero-shot top-5 |" in card.text  # not a classifier's own accuracy
+    assert "### Zero-shot accuracy (prompts like 'a photo of a {}.')" in card.text
 
 
 def test_a_backbone_measured_against_itself_publishes_no_similarity(tiny_vit, export_dir, tmp_path):
