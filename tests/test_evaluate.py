@@ -80,22 +80,44 @@ def test_shipped_metrics_load_offline():
 
 
 def test_numbers_match_hand_computation(trained_vit, export_dir, images, tmp_path, capsys):
+    """Each column equals a hand computation. The trained model is right on every image (top-1 = top-2 = 100 %), so a
+    third copy favours 'cat' (a bias on its logit, so it says cat to every image): its top-1 misses what its top-2
+    finds, and the table's top-2 and delta columns are checked on numbers that differ."""
+    model = ViTForImageClassification.from_pretrained(trained_vit)
+    with torch.no_grad():
+        model.classifier.bias[model.config.label2id["cat"]] += 3.0
+    biased = save_tiny(model, tmp_path / "biased")
+    capsys.readouterr()  # the save's progress bars
     out = tmp_path / "eval.json"
-    argv = ["evaluate", str(trained_vit), str(export_dir), "--data", str(images), "--split", "test"]
+    argv = ["evaluate", str(trained_vit), str(export_dir), str(biased), "--data", str(images), "--split", "test"]
     assert main([*argv, "--batch-size", "4", "--top-k", "2", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["num_examples"] == 15 and report["top_k"] == 2
-    for row, path in zip(report["models"], (trained_vit, export_dir), strict=True):
+    assert report["labels"] == ["cat", "dog", "bird"]  # the first model's, by id (not sorted by name)
+    for row, path in zip(report["models"], (trained_vit, export_dir, biased), strict=True):
         expected = by_hand(path, images)
-        assert expected["distinct"] > 1  # a real test: the model does not predict one class for everything
+        # a real test: the model does not predict one class for everything (the biased copy says cat to all)
+        assert expected["distinct"] > 1 or path == biased
         assert row["num_examples"] == 15
         assert row["top1"] == pytest.approx(expected["top1"])
         assert row["top5"] == pytest.approx(expected["top2"])
         assert row["loss"] == pytest.approx(expected["loss"], rel=1e-5)
-    assert report["models"][1]["merged"] and report["models"][1]["source"] == Path(trained_vit).name
-    assert report["models"][1]["gflops"] < report["models"][0]["gflops"]
+    first, merged, favours_cat = report["models"]
+    assert favours_cat["top1"] < favours_cat["top5"]  # a real test of the top-2 column
+    assert merged["merged"] and merged["source"] == Path(trained_vit).name
+    assert (merged["merge_after_layer"], merged["merge_num_tokens"]) == (2, 4)
+    assert (first["merged"], first["source"], first["merge_after_layer"], first["merge_num_tokens"]) == (
+        False, None, None, None
+    )  # fmt: skip
+    assert merged["gflops"] < first["gflops"]
     printed = capsys.readouterr().out
     assert f"`{trained_vit}`" in printed and "top-2" in printed and "wrote" not in printed
+    line = next(line for line in printed.splitlines() if line.startswith(f"| `{biased}` |"))
+    delta = 100 * (favours_cat["top1"] - first["top1"])
+    assert delta < 0 and line == (
+        f"| `{biased}` | {100 * favours_cat['top1']:.2f} % | {100 * favours_cat['top5']:.2f} % | "
+        f"{favours_cat['loss']:.4f} | {favours_cat['gflops']:.3g} | {delta:+.2f} pt |"
+    )
 
 
 def test_permuted_labels_are_mapped_by_name(trained_vit, images, tmp_path):
@@ -273,6 +295,7 @@ def test_backbones_see_images_through_their_own_processors(backbone, backbone_ot
     assert report["num_examples"] == 15 and second["num_examples"] == 15
     assert first["similarity"] == pytest.approx(1.0)
     assert second["similarity"] == pytest.approx(expected, abs=1e-6)
+    assert f"| `{backbone_other_processor}` | {second['similarity']:.4f} |" in report["table"]
 
 
 def test_backbones_with_equal_processors_share_one_pass(backbone, backbone_other_processor, images, monkeypatch):
@@ -304,6 +327,9 @@ def test_feature_similarity_takes_one_loader_or_one_per_model(backbone, images):
     other = make_dataloader(dataset, load_image_processor(backbone, model.config), batch_size=3)
     with pytest.raises(RetrofitError, match="same images in the same order"):
         feature_similarity([model, model], [loader, other])
+    shuffled = make_dataloader(dataset, load_image_processor(backbone, model.config), batch_size=5, train=True)
+    with pytest.raises(RetrofitError, match=r"same images in the same order .*shuffled: True"):
+        feature_similarity([model, model], [loader, shuffled])  # the same size, in another order
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -424,6 +450,24 @@ def test_a_full_clip_model_is_compared_by_its_image_embeddings(full_clip, tiny_v
     assert len(err.splitlines()) == 1
 
 
+def test_a_checkpoint_without_a_trained_classifier_is_compared_by_its_features(images, tmp_path):
+    """A ViTForMaskedImageModeling checkpoint has no classifier (a new random one would score noise): evaluate
+    compares the features of its ViTModel, and says so for each such model."""
+    from transformers import ViTForMaskedImageModeling
+
+    torch.manual_seed(0)
+    mim = str(save_tiny(ViTForMaskedImageModeling(ViTConfig(**TINY)), tmp_path / "mim"))
+    said: list[str] = []
+    report = evaluate_models([mim, mim], data=str(images), split="test", batch_size=5, log=said.append)
+    assert report["metric"] == "similarity" and [row["similarity"] for row in report["models"]] == pytest.approx(
+        [1.0, 1.0]
+    )
+    note = (
+        f"note: '{mim}' (ViTForMaskedImageModeling) has no trained classifier; comparing the features of its ViTModel"
+    )
+    assert [line for line in said if "classifier" in line] == [note, note]
+
+
 def test_unsupported_models_and_missing_weights_are_named(tiny_vit, images, tmp_path, capsys):
     import shutil
 
@@ -476,6 +520,7 @@ def test_non_finite_outputs_are_wrong_answers_not_guesses(trained_vit, backbone,
     printed = capsys.readouterr().out
     assert f"| `{broken}` | 0.00 % | 0.00 % | NaN |" in printed
     assert f"⚠ `{broken}` gives non-finite outputs (NaN or inf) on 15 of 15 images" in printed
+    assert f"⚠ `{trained_vit}`" not in printed  # the model with finite outputs has no note
 
     broken_backbone = _with_nan(backbone, tmp_path / "diverged-backbone", "layernorm.weight")
     report = evaluate_models([str(backbone), str(broken_backbone)], data=str(images), split="test")
@@ -566,9 +611,12 @@ def test_the_python_api_takes_paths_and_checks_its_settings_as_the_cli_does(tiny
     report = evaluate_models(str(tiny_vit), data=images, split="test", limit=2, log=lambda _: None)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert [row["model"] for row in report["models"]] == [str(tiny_vit)] and report["data"] == str(images)
+    # top-5 of 3 classes is top-3, in the report and the table
+    assert report["top_k"] == 3 and "| top-3 |" in report["table"] and report["images"] == "first"
     json.dumps(report)
-    report = evaluate_models([Path(tiny_vit)], data=str(images), split="test", limit=2, log=lambda _: None)
+    report = evaluate_models([Path(tiny_vit)], data=str(images), split="test", limit=20, log=lambda _: None)
     assert report["models"][0]["model"] == str(tiny_vit)
+    assert report["num_examples"] == 15 and report["images"] == "all"  # a limit above the split's size: all of it
     for bad, message in ((dict(top_k=1.5), "--top-k must be a whole number"), (dict(split=""), "--split is empty")):
         with pytest.raises(RetrofitError, match=message):
             evaluate_models([tiny_vit], data=images, **bad, log=pytest.fail)
@@ -578,18 +626,23 @@ def test_a_limit_of_one_class_says_so_and_a_sample_takes_every_class(trained_vit
     """The test split lists 5 birds, then 5 cats, then 5 dogs: --limit 5 scored the birds alone, printed as the
     accuracy without a word. One note says so and names --sample, which scores a shuffled sample, the same images
     every run; --limit and --sample together are one line."""
+    from retrofit.evaluation import images_chosen
     from retrofit.settings import EVALUATE_SEED
 
     argv = ["evaluate", str(trained_vit), "--data", str(images), "--split", "test"]
     assert main([*argv, "--limit", "5"]) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "the first 5 images" in err and "hold 1 of its 3 classes" in err and "--sample N" in err
+    assert f"{images} / test: the first 5 images\n" in out  # the table's heading says it too
     assert main([*argv, "--sample", "6"]) == 0
     out, err = capsys.readouterr()
     assert ": a shuffled sample of 6 images, seed 0" in out and "note:" not in err
     assert len(set(load_split(str(images), "test", limit=6, sample_seed=EVALUATE_SEED)["label"])) > 1
     runs = [evaluate_models(trained_vit, data=images, split="test", sample=6, log=pytest.fail) for _ in range(2)]
     assert runs[0]["models"] == runs[1]["models"] and runs[0]["num_examples"] == 6
+    assert (runs[0]["images"], runs[0]["sample_seed"]) == ("sample", EVALUATE_SEED)
+    # a sample of more images than the split holds is all of them, in no order a seed chose
+    assert images_chosen({"limit": 20, "sample_seed": 0}, 15) == {"images": "all", "sample_seed": None}
     assert main([*argv, "--limit", "5", "--sample", "6"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--limit (the first N images) and --sample (a shuffled sample) exclude each other" in err
@@ -615,6 +668,10 @@ def test_labels_are_mapped_between_models_by_one_name_per_id(images, tmp_path, c
     assert len(captured.err.strip().splitlines()) == 1 and not captured.out
     composed, decomposed = {0: "caf\u00e9", 1: "dog"}, {0: "dog", 1: "cafe\u0301"}
     assert prediction_map(composed, decomposed, ("a", "b")) == [1, 0]
+    # placeholder names (LABEL_i) carry no classes: ids are the same only where the counts are
+    generic = {i: f"LABEL_{i}" for i in range(3)}
+    with pytest.raises(RetrofitError, match="'b' and 'a' have different label sets \\(2 vs 3 labels"):
+        prediction_map(generic, {0: "LABEL_0", 1: "LABEL_1"}, ("a", "b"))
 
 
 def test_a_classifier_whose_labels_are_not_numbered_0_to_n_is_one_line(tiny_vit, images, tmp_path, capsys):
