@@ -48,28 +48,39 @@ def duals(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     return made
 
 
-def pipeline_accuracy(model: Path, images: Path, template: str) -> float:
-    """Top-1 accuracy of transformers' own zero-shot pipeline over the test split (the export through the classes
-    retrofit registers, as a user without remote code loads it)."""
+def pipeline_predictions(model: Path, images: Path, template: str) -> list[tuple[str, str]]:
+    """(class, top-1 class) of each image of the test split, in its order, by transformers' own zero-shot pipeline
+    (the export through the classes retrofit registers, as a user without remote code loads it)."""
     from PIL import Image
     from transformers import pipeline
 
     names = class_names(load_split(str(images), "test"))
     with auto_classes_registered():
         classify = pipeline("zero-shot-image-classification", model=str(model))
-    right = total = 0
-    for index, name in enumerate(names):
+    predicted = []
+    for name in names:
         for path in sorted((images / "test" / name).glob("*.png")):
             ranked = classify(Image.open(path), candidate_labels=names, hypothesis_template=template)
-            right += ranked[0]["label"] == names[index]
-            total += 1
-    return right / total
+            predicted.append((name, ranked[0]["label"]))
+    return predicted
+
+
+def pipeline_accuracy(model: Path, images: Path, template: str) -> float:
+    """Top-1 accuracy of transformers' own zero-shot pipeline over the test split (`pipeline_predictions`)."""
+    predicted = pipeline_predictions(model, images, template)
+    return sum(name == top1 for name, top1 in predicted) / len(predicted)
 
 
 @pytest.mark.parametrize("name", ["clip", "siglip"])
 def test_zero_shot_accuracy_equals_the_transformers_pipeline(name, duals, images):
-    """Each model's zero-shot top-1 is what transformers' pipeline gives with the same template and class names;
-    the first model agrees with itself, top-3 of 3 classes is 100 %."""
+    """Each model's zero-shot top-1 is what transformers' pipeline gives with the same template and class names, and
+    so is the merged model's agreement with the source (the share of images of the same top-1); the first model
+    agrees with itself, top-3 of 3 classes is 100 %. Agreement with a `reference` (a recipe's fine-tuned row against
+    its baseline's predictions) is with those predictions."""
+    from retrofit.data import make_dataloader
+    from retrofit.evaluation import zero_shot_scores
+    from retrofit.loading import load_config, load_image_processor, load_model, load_tokenizer
+
     source, export = duals[name]
     template = "a {} in a photo."
     report = evaluate_models([str(source), str(export)], data=str(images), split="test", zero_shot=True,
@@ -78,9 +89,22 @@ def test_zero_shot_accuracy_equals_the_transformers_pipeline(name, duals, images
     assert report["prompts"] == ["a bird in a photo.", "a cat in a photo.", "a dog in a photo."]
     first, merged = report["models"]
     assert first["agreement"] == 1.0 and first["top5"] == merged["top5"] == 1.0
-    assert first["top1"] == pytest.approx(pipeline_accuracy(source, images, template), abs=1e-9)
-    assert merged["top1"] == pytest.approx(pipeline_accuracy(export, images, template), abs=1e-9)
+    by_source, by_export = (pipeline_predictions(path, images, template) for path in (source, export))
+    assert first["top1"] == pytest.approx(sum(a == b for a, b in by_source) / 12, abs=1e-9)
+    assert merged["top1"] == pytest.approx(sum(a == b for a, b in by_export) / 12, abs=1e-9)
+    same = sum(a[1] == b[1] for a, b in zip(by_source, by_export, strict=True)) / 12
+    assert merged["agreement"] == pytest.approx(same, abs=1e-9)
+    assert f"| {100 * merged['agreement']:.2f} % | {merged['gflops']:.3g} |" in report["table"]
     assert merged["gflops"] < first["gflops"]
+
+    model, config = load_model(export), load_config(export)
+    dataset = load_split(str(images), "test")
+    loader = make_dataloader(dataset, load_image_processor(export, config), batch_size=4)
+    tokenizers, texts = [load_tokenizer(export, config)], report["prompts"]
+    alone = zero_shot_scores([model], tokenizers, loader, texts, k=3)[0]
+    assert alone["agreement"] == 1.0 and alone["top1"] == merged["top1"]
+    other = [(top1 + 1) % 3 for top1 in alone["predictions"]]  # a reference that differs on every image
+    assert zero_shot_scores([model], tokenizers, loader, texts, k=3, reference=other)[0]["agreement"] == 0.0
 
 
 def test_overwrite_replaces_a_dual_encoder_export_with_its_tokenizer(duals, tmp_path):
