@@ -89,7 +89,7 @@ def test_the_first_n_images_say_when_they_hold_fewer_classes_than_the_split(imag
     printed was that class's alone, without a word. One note says so (labels read or not: kd and backbones too),
     naming the alternative; none for a sample, a limit past the split, or where every class is in. Zero-shot
     (`split_classes`) names every class of a limited split of text labels, not only the classes of the first N."""
-    from retrofit.data import label_id
+    from retrofit.data import label_id, sample_of
 
     def notes(data: str, split: str, **kwargs) -> list[str]:
         said: list[str] = []
@@ -104,6 +104,8 @@ def test_the_first_n_images_say_when_they_hold_fewer_classes_than_the_split(imag
     two = notes(folder, "test", limit=6, instead="raise it")
     assert len(two) == 1 and "hold 2 of its 3 classes" in two[0] and two[0].endswith("; raise it")
     assert notes(folder, "test", limit=4, sample_seed=0) == [] and notes(folder, "test", limit=100) == []
+    sample = load_split(folder, "test", limit=6, sample_seed=0)["label"][:]
+    assert len(sample) == 6 and len(set(sample)) == 3  # drawn from the whole split: dogs are its last 4 images
     assert notes(folder, "test", limit=9) == [] and notes(folder, "test", limit=1) == []  # every class it can hold
 
     text = make_labelled_folder(tmp_path / "text", imagefolder, ["cat", "cat", "dog", "bird"])
@@ -113,6 +115,9 @@ def test_the_first_n_images_say_when_they_hold_fewer_classes_than_the_split(imag
     if FMNIST.exists():
         assert "hold 2 of its 10 classes" in notes("fashion-mnist", "train", limit=3)[0]  # labels 9, 0, 0
         assert notes("fashion-mnist", "test", limit=3) == []  # 3 images of 3 classes: all that 3 can hold
+        # --sample draws from the whole split (its files are read whole for it), not from its first N
+        drawn = load_split("fashion-mnist", "test", limit=20, sample_seed=0)["label"][:]
+        assert drawn == sample_of(load_split("fashion-mnist", "test"), 20, 0)["label"][:]
 
     limited = load_split(text, "train", limit=3, split_classes=True)
     assert class_names(limited) == ["bird", "cat", "dog"]  # bird is not among the first 3, yet a class of the split
