@@ -540,7 +540,9 @@ class TrainSettings(Settings):
         False, "recompute activations in the backward pass (less memory for large models, one more forward pass)"
     )
     seed: int = setting(0, "random seed", interval=SEEDS)
-    eval_every: int = setting(0, "evaluate every N steps (0: at the end of each epoch)", at_least=0)
+    eval_every: int = setting(
+        0, "evaluate every N steps (0: at the end of each epoch, at most 10 times a run, and at the end)", at_least=0
+    )
     save_every: int = setting(200, "checkpoint every N steps (and at the end)", positive=True)
     keep_checkpoints: int = setting(2, "checkpoints kept", positive=True)
     report_to: str | None = setting(None, f"tracker for Accelerate: {', '.join(TRACKERS)} or all")

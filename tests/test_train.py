@@ -1117,6 +1117,20 @@ def test_kd_reads_the_label_column_the_user_named(tiny_vit, colours, tmp_path):
         load_split("fashion-mnist", "test", image_column="img", limit=1)
 
 
+def test_small_data_evaluates_at_most_ten_times_a_run(tiny_vit, colours, tmp_path):
+    """On small data the step floor makes dozens of short epochs, and --eval-every 0 scored the evaluation split after
+    each of them: more work than the training (1,000 steps on 2,000 images, 31 passes). It now evaluates every few
+    epochs, at most 10 times, and at the end; --eval-every N still evaluates every N steps."""
+    lines: list[str] = []
+    settings = dict(after_layer=2, num_tokens=4, data=colours, loss="ce", limit=8, epochs=1, **FAST)
+    result = finetune(tiny_vit, output=tmp_path / "a", **{**settings, "min_steps": 13, "save_every": 100},
+                      log=lines.append)  # fmt: skip
+    assert result.steps == 13 and [entry["step"] for entry in result.eval_history] == [2, 4, 6, 8, 10, 12, 13]
+    assert "evaluating every 2 epochs and at the end, not after each of the 13 (at most 10 evaluations a run; " in (
+        "\n".join(lines)
+    )
+
+
 def test_checkpoints_inside_the_output_are_refused(tiny_vit, colours, tmp_path):
     with pytest.raises(
         RetrofitError, match=r"--checkpoint-dir '.*' is inside --output '.*', which the export replaces"
