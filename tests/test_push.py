@@ -637,3 +637,13 @@ def test_a_second_upload_removes_what_an_earlier_export_left_in_the_repo(export_
     (commit,) = hub["commits"]
     assert commit["deletes"] == sorted(set(old) - {"README.md", "config.json", "notes.md"})
     assert set(commit["files"]) == {path.name for path in export_dir.iterdir()}
+
+
+def test_a_sharded_upload_removes_the_single_weight_file_an_earlier_export_left(export_dir, hub, tmp_path):
+    """The other way round: transformers would load the old model.safetensors instead of the new shards."""
+    folder = _shard(_copy(export_dir, tmp_path / "vit-pm"))
+    hub["remote"]["me/vit-pm"] = ["README.md", "config.json", "model.safetensors"]
+    assert main(["push", str(folder), "--repo-id", "me/vit-pm"]) == 0
+    (commit,) = hub["commits"]
+    assert commit["deletes"] == ["model.safetensors"]
+    assert {"model.safetensors.index.json", "model-00001-of-00001.safetensors"} <= set(commit["files"])
