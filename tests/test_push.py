@@ -202,6 +202,30 @@ def test_incomplete_export_is_refused(export_dir, hub, tmp_path, capsys, remove)
     assert ("re-run `retrofit convert`" in err) is (remove != "README.md")
 
 
+def test_an_empty_or_linked_file_of_the_export_is_refused(export_dir, hub, tmp_path, capsys):
+    """A code file or card left empty (a copy cut short) would be published as it is: retrofit's own loading check
+    does not read the code, which only users without retrofit run; a link in place of one of the export's files would
+    publish whatever it points to."""
+    messages = {
+        "modeling_vit_patch_merger.py": "(missing or empty: modeling_vit_patch_merger.py)",
+        "README.md": "its model card README.md is missing or empty",
+    }
+    for name, message in messages.items():
+        folder = _copy(export_dir, tmp_path / f"empty-{name}")
+        (folder / name).write_text("")
+        assert main(["push", str(folder), "--repo-id", "me/x"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    folder = _copy(export_dir, tmp_path / "linked")
+    (tmp_path / "elsewhere.py").write_text((folder / "modeling_vit_patch_merger.py").read_text())
+    (folder / "modeling_vit_patch_merger.py").unlink()
+    (folder / "modeling_vit_patch_merger.py").symlink_to(tmp_path / "elsewhere.py")
+    assert main(["push", str(folder), "--repo-id", "me/x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has links where its own files belong (modeling_vit_patch_merger.py)" in err and len(err.splitlines()) == 1
+    assert hub["commits"] == [] and hub["repos"] == []
+
+
 def _copy(export_dir, folder):
     shutil.copytree(export_dir, folder)
     return folder
