@@ -224,6 +224,13 @@ def test_an_empty_or_linked_file_of_the_export_is_refused(export_dir, hub, tmp_p
     err = capsys.readouterr().err.strip()
     assert "has links where its own files belong (modeling_vit_patch_merger.py)" in err and len(err.splitlines()) == 1
     assert hub["commits"] == [] and hub["repos"] == []
+    # a results file that is a link stays out of the upload, though it holds retrofit's results
+    folder = _copy(export_dir, tmp_path / "linked-results")
+    (folder / "retrofit_results.json").write_text('{"run": {"table": "T"}}')
+    assert "retrofit_results.json" in export_files(folder)
+    (folder / "retrofit_results.json").rename(tmp_path / "results.json")
+    (folder / "retrofit_results.json").symlink_to(tmp_path / "results.json")
+    assert "retrofit_results.json" not in export_files(folder)
 
 
 def _copy(export_dir, folder):
