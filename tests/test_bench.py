@@ -127,6 +127,11 @@ def test_crossover_is_the_batch_size_from_which_the_merged_model_stays_faster():
     assert benchmark.faster_from(results) == 4
     assert benchmark.faster_from({**results, 8: {"speedup": 0.99}}) is None
     assert benchmark.faster_from({1: {"speedup": 1.2}, 2: {"speedup": 1.5}}) == 1
+    rows = [{"model": "m", "compile": mode, "baseline": "s", "results": {"8": {"images_per_s": rate, "speedup": rate}}}
+            for mode, rate in (("eager", 1.0), ("default", 0.5))]  # fmt: skip
+    (advice,) = benchmark.fastest_modes({"settings": {"batch_sizes": [8]}, "models": rows})
+    assert advice.endswith("(1.00×) (speed-up over the source in the same mode); at least as fast as its source in "
+                           "that mode at every batch size measured.")  # fmt: skip
     # the source out of memory at the largest batch size: nothing compared there (it was "at no batch size")
     assert benchmark.faster_from({**results, 16: {"status": "oom"}}) == 4
     assert benchmark.faster_from({8: {"status": "oom"}}) is None
@@ -258,6 +263,12 @@ def test_images_per_second_hands_models_back_in_their_own_dtype_and_mode(tiny_vi
     assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
     assert merged.patch_merger.queries.dtype == torch.float32
     assert {p.dtype for n, p in merged.named_parameters() if "patch_merger" not in n} == {torch.bfloat16}
+    # timed at the size the processor gives, not the config's (a DINOv2's says 518, its processor crops 224), and
+    # over `repeats` passes (two give a spread)
+    teacher.config.image_size, spreads = 64, {}
+    rates = benchmark.images_per_second({"baseline": teacher}, batch_size=1, repeats=2, image_size=(32, 32),
+                                        spreads=spreads)  # fmt: skip
+    assert rates["baseline"] > 0 and spreads["baseline"] is not None
 
 
 def test_a_latency_pass_that_fails_after_the_warm_up_is_a_status(tiny_vit, monkeypatch):
@@ -324,6 +335,7 @@ def test_speeds_speed_ups_and_latencies_are_the_arithmetic_of_a_scripted_clock(t
         return 0.125 if iters == 1 else timed.pop(0)  # a warm-up pass: --min-time 0.5 s is 4 passes a block
 
     monkeypatch.setattr(benchmark, "_time_block", clock)
+    monkeypatch.setattr(benchmark, "_weights_mib", lambda model: 1000.0)  # the peak is the weights + the forward's
     settings = BenchSettings(batch_sizes=(4,), warmup=2, repeats=3, min_time=0.5, latency_iters=4)
     benchmark.run_benchmark(variants, settings, log=lambda _: None)
     keys = list(blocks)
@@ -335,6 +347,7 @@ def test_speeds_speed_ups_and_latencies_are_the_arithmetic_of_a_scripted_clock(t
     assert rates["merged", "eager"]["iters_per_repeat"] == 4 and rates["merged", "eager"]["speedup"] == pytest.approx(2)
     assert rates["merged", "default"]["speedup"] == pytest.approx(2)
     assert all(v.latency_ms == pytest.approx({"p50": 2.5, "p90": 7.9}) for v in variants)
+    assert all(1000 < result["peak_memory_mib"] < 1100 for result in rates.values())
     report = benchmark.to_json(variants, settings)
     assert report["settings"]["repeats"] == 3 and report["settings"]["warmup"] == 2
     table = benchmark.markdown_table(report)
@@ -915,6 +928,7 @@ def test_a_bench_that_measured_nothing_is_an_error_and_writes_nothing(tiny_vit, 
     err = capsys.readouterr().err.strip().splitlines()
     assert any("out of memory at batch size" in line for line in err) and not out.exists()
     assert err[-1].startswith("retrofit: error: nothing was measured, so nothing was written")
+    assert main([*argv[:3], "1", *argv[4:]]) == 0 and out.exists()  # images/s without latency: written
 
 
 def test_a_merged_model_is_compared_only_with_an_unmerged_model_of_its_shape(tiny_vit, export_dir, tmp_path):
@@ -934,6 +948,9 @@ def test_a_merged_model_is_compared_only_with_an_unmerged_model_of_its_shape(tin
     variants = benchmark.build_variants([str(wider), str(export_dir)], [], settings, log=notes.append)
     assert [(v.baseline, v.flops_ratio) for v in variants] == [(None, None), (None, None)]
     assert f"note: '{export_dir}' was not made from any unmerged model given" in "\n".join(notes)
+    other_size = save_tiny(ViTForImageClassification(ViTConfig(**{**TINY, "image_size": 48})), tmp_path / "48", 48)
+    variants = benchmark.build_variants([str(other_size), str(export_dir)], [], settings, log=lambda _: None)
+    assert variants[1].baseline is None  # its images are 48x48: a speed-up over it is not the merge's
     variants = benchmark.build_variants([str(wider), str(export_dir), str(same_shape)], [], settings, log=print)
     assert variants[1].baseline == str(same_shape)
     assert variants[1].flops_ratio == pytest.approx(variants[2].gflops / variants[1].gflops)
