@@ -13,7 +13,8 @@ from huggingface_hub.hf_api import CommitInfo
 
 from retrofit import convert
 from retrofit.cli import main
-from retrofit.push import export_files
+from retrofit.errors import RetrofitError
+from retrofit.push import export_files, push
 
 
 @pytest.fixture(scope="module")
@@ -545,10 +546,11 @@ def test_failed_upload_keeps_the_export_and_says_how_to_retry(tiny_vit, hub, mon
     monkeypatch.setattr(HfApi, "create_commit", refuse)
     out = tmp_path / "my pm"  # the retry command is one a shell runs as given
     argv = ["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "-o", str(out), "--push-to-hub", "me/x"]
-    assert main(argv) == 2
+    assert main([*argv, "--private"]) == 2
     *logged, err = capsys.readouterr().err.strip().splitlines()  # the log on stderr, then the error's one line
     assert logged == [f"wrote {out}"] and err.startswith(f"retrofit: error: wrote {out}, but the upload failed")
-    assert "connection reset by peer" in err and f"`retrofit push '{out}' --repo-id me/x`" in err
+    # the retry keeps the repo private: without --private it would create a public one
+    assert "connection reset by peer" in err and f"`retrofit push '{out}' --repo-id me/x --private`" in err
     assert export_files(out)  # complete: the retry can push it as it is
 
 
@@ -599,8 +601,10 @@ def test_the_loading_examples_name_a_folder_with_a_quote_as_python_reads_it(expo
             assert revisions == ([] if name == folder else [branch] * 4)
 
 
-def test_create_pr_opens_a_pull_request_on_an_existing_repo(export_dir, hub, capsys):
-    """For a repo the user may not write to: no repo or branch is created, one commit is opened as a pull request."""
+def test_create_pr_opens_a_pull_request_on_an_existing_repo(export_dir, hub, monkeypatch, capsys):
+    """For a repo the user may not write to (a public one, here): no repo or branch is created, one commit is opened
+    as a pull request."""
+    monkeypatch.setattr(HfApi, "repo_info", lambda self, repo_id, **kw: SimpleNamespace(sha=None, private=False))
     assert main(["push", str(export_dir), "--repo-id", "org/vit-pm", "--create-pr"]) == 2
     assert "'org/vit-pm' does not exist" in capsys.readouterr().err and hub["commits"] == []
     hub["existing"].add("org/vit-pm")
@@ -614,7 +618,9 @@ def test_create_pr_opens_a_pull_request_on_an_existing_repo(export_dir, hub, cap
         assert main(["push", str(export_dir), "--repo-id", "org/vit-pm", "--create-pr", *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("retrofit: error: ") and len(err.splitlines()) == 1
-    assert len(hub["commits"]) == 1
+    with pytest.raises(RetrofitError, match="takes no --revision"):  # the Python API refuses it too
+        push(export_dir, "org/vit-pm", create_pr=True, revision="v1", log=lambda _: None)
+    assert len(hub["commits"]) == 1 and hub["branches"] == []
 
 
 def test_create_pr_of_what_the_repo_already_holds_says_no_pull_request_was_opened(export_dir, hub, monkeypatch, capsys):
