@@ -137,12 +137,15 @@ def test_auto_processor_gives_the_sources_processor_class(name, processor, duals
     from PIL import Image
     from transformers import AutoModel, AutoProcessor
 
-    from retrofit.atomic import family_files
+    from retrofit.atomic import TOKENIZER_FILES, family_files
+    from retrofit.push import export_files
 
     source, export = duals[name]
     assert "processor_class" not in json.loads((source / "tokenizer_config.json").read_text())
     saved = json.loads((export / "tokenizer_config.json").read_text())
     assert not {"is_local", "local_files_only"} & set(saved), saved  # how this machine loaded it: not published
+    tokenizer = {path.name for path in export.iterdir() if path.name in TOKENIZER_FILES}
+    assert "tokenizer_config.json" in tokenizer and tokenizer <= set(export_files(export))  # `push` uploads them
     assert type(AutoProcessor.from_pretrained(source)).__name__ == processor
     loaded = AutoProcessor.from_pretrained(export, trust_remote_code=True)
     assert type(loaded).__name__ == processor
