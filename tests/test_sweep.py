@@ -36,6 +36,12 @@ def test_pareto_front_and_best_setting():
     assert (best["after_layer"], best["tokens"]) == (2, 2) and "--after-layer 2 --tokens 2" in verdict
     none, verdict = best_for_target(rows, 5.0)
     assert none is None and "No setting reaches" in verdict and "after-layer 1, 2 tokens" in verdict
+    # a tie on one axis: as fast and less accurate, or as accurate and slower, is dominated too
+    tied = {"after_layer": 4, "tokens": 2, "top1": 0.5, "images_per_s": 200, "speedup": 2.0, "flops_ratio": 2.1}
+    assert [(r["after_layer"], r["tokens"]) for r in pareto_front([*rows, tied])] == [(3, 4), (2, 2), (1, 2)]
+    # a tie on accuracy goes to the faster setting
+    faster = {**rows[1], "after_layer": 5, "images_per_s": 250, "speedup": 2.5}
+    assert best_for_target([rows[1], faster], 1.8)[0] is faster
 
 
 def test_a_speed_up_near_the_target_is_not_rounded_onto_its_other_side(monkeypatch):
@@ -176,7 +182,8 @@ def test_the_python_api_checks_its_settings(tiny_vit, images, tmp_path, monkeypa
 
 def test_speed_is_measured_in_the_dtype_asked_for_and_a_failed_one_shows(tiny_vit, images, tmp_path, monkeypatch):
     """--dtype bf16 times bf16 models (as `retrofit bench` does), not float32 ones under a bf16 label; a setting that
-    runs out of memory shows as OOM (table, JSON null, no Pareto mark) instead of a speed of 0 or a crash."""
+    runs out of memory shows as OOM (table, JSON null, no Pareto mark) instead of a speed of 0 or a crash; and, on a
+    scripted clock, a setting's speed-up is its images/s over the source's, which the verdict names."""
     real, seen = benchmark._forward, []
 
     def forward(runner, pixel_values):
@@ -185,7 +192,14 @@ def test_speed_is_measured_in_the_dtype_asked_for_and_a_failed_one_shows(tiny_vi
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return real(runner, pixel_values)
 
+    real_block = benchmark._time_block
+
+    def clock(runner, x, iters, device):  # the passes run (their dtype, the OOM), the seconds are scripted: 2x
+        real_block(runner, x, iters, device)
+        return iters * (0.125 if getattr(runner.config, "merge_num_tokens", None) else 0.25)  # few passes a block
+
     monkeypatch.setattr(benchmark, "_forward", forward)
+    monkeypatch.setattr(benchmark, "_time_block", clock)
     out = tmp_path / "sweep"
     argv = ["sweep", str(tiny_vit), "--after-layer", "1", "--tokens", "2,4", "--data", str(images), "--split", "test"]
     argv += ["--calibrate-images", "6", "--bench-batch-size", "2", "--bench-repeats", "1", "--dtype", "bf16"]
@@ -197,7 +211,11 @@ def test_speed_is_measured_in_the_dtype_asked_for_and_a_failed_one_shows(tiny_vi
     assert measured["tokens"] == 2 and measured["images_per_s"] > 0 and measured["speed_status"] == "ok"
     assert failed["tokens"] == 4 and failed["images_per_s"] is None and failed["speedup"] is None
     assert failed["speed_status"] == "oom" and not failed["pareto"]
-    assert report["best"] is None or report["best"]["tokens"] == 2
+    # a setting's speed-up is its images/s over the source's, both measured (one repeat: no spread)
+    assert report["source_row"]["images_per_s"] == pytest.approx(8) and measured["images_per_s"] == pytest.approx(16)
+    assert measured["speedup"] == pytest.approx(2) and measured["speed_spread"] is None and measured["pareto"]
+    assert report["best"]["tokens"] == 2 and "--after-layer 1 --tokens 2 (top-1" in report["verdict"]
+    assert "measured 2.00x" in report["verdict"]
     assert "| 1 | 4 |" in report["table"] and "| OOM | – |" in report["table"].split("| 1 | 4 |")[1]
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
