@@ -135,8 +135,13 @@ def _how_made(
     config, training: TrainingInfo | None, licensing: dict[str, str] | None = None, dtype: str | None = None
 ) -> str:
     revision = getattr(config, "merge_source_revision", None)
+    source = (
+        f"`{config.merge_source}`" + (f" at commit `{revision}`" if revision else "")
+        if config.merge_source
+        else "not recorded (merged from a model that was not loaded from a checkpoint)"
+    )
     lines = [
-        f"- source: `{config.merge_source}`" + (f" at commit `{revision}`" if revision else ""),
+        f"- source: {source}",
         f"- PatchMerger before encoder layer {config.merge_after_layer} (layers 0..{config.merge_after_layer - 1} "
         f"run on all tokens), {counted(config.merge_num_tokens, 'merged token')}, "
         + (
@@ -235,6 +240,10 @@ def build_card(
     base = base_head(family, head)
     source = str(config.merge_source or "")
     is_hub_id = _is_hub_id(source)
+    named = f"[`{source}`](https://huggingface.co/{source})" if is_hub_id else f"`{source}`"
+    if not source:  # a model built in memory and merged with `insert_patch_merger`: no source to name ("None")
+        named = f"a `{head.class_name}`"
+    title = source.split("/")[-1].removeprefix("retrofit:") or config.model_type.removesuffix(MERGED_SUFFIX)
     dataset = published_dataset(training.data) if training else None  # a local folder's path is never published
     licensing = source_license(model)
     data = ModelCardData(
@@ -270,9 +279,9 @@ def build_card(
 {data.to_yaml()}
 ---
 
-# {repo_id or source.split("/")[-1].removeprefix("retrofit:") + "-patch-merger"}
+# {repo_id or title + "-patch-merger"}
 
-This is {f"[`{source}`](https://huggingface.co/{source})" if is_hub_id else f"`{source}`"} with a **PatchMerger**
+This is {named} with a **PatchMerger**
 (Renggli et al., [Learning to Merge Tokens in Vision Transformers](https://arxiv.org/abs/2202.12015)) inserted
 by retrofit {__version__}: after its first {config.merge_after_layer} encoder layers the
 patch tokens are replaced by {config.merge_num_tokens} learned weighted averages of them, so the remaining layers run
@@ -312,7 +321,7 @@ pipe = pipeline("{head.pipeline_tag}", model={name}, trust_remote_code=True)
 
 ## Results
 
-{results_table or _not_evaluated(source)}
+{results_table or _not_evaluated(source or "SOURCE")}
 """
     return ModelCard(content)
 

@@ -87,6 +87,24 @@ def test_the_card_states_the_merge_that_config_json_holds(export_dir):
     assert "| tokens before | 17 | 17 | 17 | 17 |\n| tokens after | 17 | 17 | 5 | 5 |" in text  # 1 + 16 patches, 1 + 4
 
 
+def test_the_card_of_a_model_merged_in_memory_names_no_source():
+    """`insert_patch_merger` of a model built from a config (no checkpoint, so no source recorded), then
+    `retrofit.export`: the card said "- source: `None`", "This is `` with a PatchMerger", was titled "-patch-merger"
+    and told to run "retrofit evaluate  THIS_FOLDER"."""
+    from conftest import TINY
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from retrofit.surgery import insert_patch_merger
+
+    merged = insert_patch_merger(ViTForImageClassification(ViTConfig(**TINY)), after_layer=2, num_tokens=4)
+    assert merged.config.merge_source is None
+    text = build_card(merged).text
+    assert "\n# vit-patch-merger\n" in text and "This is a `ViTForImageClassification` with a **PatchMerger**" in text
+    assert "- source: not recorded (merged from a model that was not loaded from a checkpoint)\n" in text
+    assert "`retrofit evaluate SOURCE THIS_FOLDER --data DATA --card THIS_FOLDER`" in text
+    assert "`None`" not in text and "This is `` with" not in text
+
+
 def test_a_card_says_how_the_model_was_made_only_where_it_was_told(export_dir, tmp_path):
     """`retrofit.export(model, out, ...)` of a model trained elsewhere (a building block the README lists) wrote "merger
     initialisation: random ... not fine-tuned after the merge: expect lower accuracy", which export() cannot know."""
