@@ -374,6 +374,9 @@ def test_the_card_shows_the_batch_size_curve_and_which_mode_serves_each_batch_si
         assert image.format == "PNG" and image.info["Software"] == "retrofit bench"
     text = (folder / "README.md").read_text()
     assert "![images/s against batch size, source and merged](speed.png)" in text
+    assert "| images/s (Test GPU, bf16, batch 64) |" in text  # the before/after table: the largest batch's speeds
+    assert f"| before: source (`{tiny_vit.name}`) | – | – | 17.6 | 1000.0 |" in text
+    assert "| after: this model (`vit-pm`) | – | – | 9.2 | 1800.0 |" in text
     assert (
         "Fastest way to serve `vit-pm`: reduce-overhead at batch 1 (1.25×); eager at batch 8–64 (1.14–1.80×) "
         "(speed-up over the source in the same mode); at least as fast as its source in that mode at every batch "
