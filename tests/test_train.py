@@ -440,11 +440,15 @@ def test_the_merger_gets_its_own_learning_rate_and_no_weight_decay(tiny_vit):
 
 
 def test_continue_training_an_export(tiny_vit, colours, tmp_path):
+    source = shutil.copytree(tiny_vit, tmp_path / "licensed")
+    (source / "README.md").write_text("---\nlicense: mit\n---\n")
     first = finetune(
-        tiny_vit, output=tmp_path / "a", after_layer=1, num_tokens=2, data=colours, loss="kd", max_steps=2, **FAST
+        source, output=tmp_path / "a", after_layer=1, num_tokens=2, data=colours, loss="kd", max_steps=2, **FAST
     )
     again = finetune(tmp_path / "a", output=tmp_path / "b", data=colours, loss="kd", max_steps=2, **FAST)
     assert again.model.config.merge_after_layer == 1 and first.output and again.output
+    # the continued export keeps the license of the model it was first made from (found again by its weights)
+    assert "license: mit" in (tmp_path / "b" / "README.md").read_text()
     with pytest.raises(RetrofitError, match="already merged"):
         finetune(tmp_path / "a", output=tmp_path / "c", after_layer=2, num_tokens=2, data=colours, **FAST)
 
