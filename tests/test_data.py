@@ -61,6 +61,7 @@ def processor(size: int = 32, channels: int = 3) -> ViTImageProcessor:
 def test_fashion_mnist_split_has_images_and_class_names():
     data = load_split("fashion-mnist", "validation", limit=20)
     assert len(data) == 20 and data.column_names == ["image", "label"]
+    assert data["label"][:3] == [9, 2, 1]  # validation is its test split (whose train split starts 9, 0, 0)
     assert class_names(data) == FASHION_MNIST_CLASSES
     assert data[0]["image"].size == (28, 28) and data[0]["image"].mode == "L"
     unlabelled = load_split("fashion-mnist", "train", label_column=None, limit=5)
@@ -74,6 +75,12 @@ def test_grey_images_become_rgb_and_back():
     assert rgb["pixel_values"].shape == (4, 3, 32, 32) and rgb["labels"].dtype == torch.long
     grey = next(iter(make_dataloader(data, processor(28, 1), batch_size=4)))
     assert grey["pixel_values"].shape == (4, 1, 28, 28)
+    # a processor whose mean and std are per RGB channel, for a grey model (and the other way round): the first
+    # value serves the one channel, one value every channel, not an error on every image
+    grey_of_rgb = next(iter(make_dataloader(data, processor(28, 3), batch_size=4, num_channels=1)))
+    assert torch.equal(grey_of_rgb["pixel_values"], grey["pixel_values"])
+    rgb_of_grey = next(iter(make_dataloader(data, processor(32, 1), batch_size=4, num_channels=3)))
+    assert torch.equal(rgb_of_grey["pixel_values"], rgb["pixel_values"])
 
 
 def test_imagefolder_batches(imagefolder):
@@ -112,6 +119,9 @@ def test_the_first_n_images_say_when_they_hold_fewer_classes_than_the_split(imag
     assert "hold 1 of its 3 classes" in notes(text, "train", limit=2)[0]
     numbers = make_labelled_folder(tmp_path / "numbers", imagefolder, [0, 0, 1])  # ids without names
     assert "hold 1 of its 2 classes" in notes(numbers, "train", limit=2)[0]
+    missing = make_labelled_folder(tmp_path / "missing", imagefolder, [0, -1, 1, 2])  # -1: no label, not a class
+    said = notes(missing, "train", limit=2)
+    assert len(said) == 1 and "hold 1 of its 3 classes" in said[0]
     if FMNIST.exists():
         assert "hold 2 of its 10 classes" in notes("fashion-mnist", "train", limit=3)[0]  # labels 9, 0, 0
         assert notes("fashion-mnist", "test", limit=3) == []  # 3 images of 3 classes: all that 3 can hold
@@ -286,7 +296,7 @@ def test_shortest_edge_resize_without_crop_gives_one_square_size(tmp_path):
     from transformers import CLIPImageProcessor
 
     rng = np.random.default_rng(0)
-    shapes = [(40, 40), (60, 40), (40, 90), (50, 20)]  # (width, height)
+    shapes = [(40, 40), (60, 40), (40, 90), (50, 20), (34, 32)]  # (width, height); the last resizes to 17 x 16
     for index, (width, height) in enumerate(shapes):
         folder = tmp_path / "mixed" / "test" / ("cat" if index % 2 else "dog")
         folder.mkdir(parents=True, exist_ok=True)
@@ -295,12 +305,12 @@ def test_shortest_edge_resize_without_crop_gives_one_square_size(tmp_path):
         size={"shortest_edge": 16}, do_center_crop=False, image_mean=[0.5] * 3, image_std=[0.5] * 3
     )
     data = load_split(str(tmp_path / "mixed"), "test")
-    batch = next(iter(make_dataloader(data, edge, batch_size=4)))
-    assert batch["pixel_values"].shape == (4, 3, 16, 16)
+    batch = next(iter(make_dataloader(data, edge, batch_size=5)))
+    assert batch["pixel_values"].shape == (5, 3, 16, 16)
     # The centre square of the shortest-edge resize, exactly as the processor's own resize + a 16x16 centre crop.
     cropping = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
                                   image_mean=[0.5] * 3, image_std=[0.5] * 3)  # fmt: skip
-    assert torch.equal(batch["pixel_values"], next(iter(make_dataloader(data, cropping, batch_size=4)))["pixel_values"])
+    assert torch.equal(batch["pixel_values"], next(iter(make_dataloader(data, cropping, batch_size=5)))["pixel_values"])
 
 
 def _numbered(images: list):
@@ -368,16 +378,19 @@ def test_images_of_different_sizes_are_one_line(tmp_path):
 def test_labels_are_checked_as_class_ids():
     from datasets import Dataset
 
-    from retrofit.data import check_labels
+    from retrofit.data import check_labels, generic_labels
 
     check_labels(Dataset.from_dict({"label": [0, 2, 1.0]}), 3)  # a whole float is a class id
     check_labels(Dataset.from_dict({"label": ["b", "a"]}), 3, label_map={"a": 0, "b": 2})
     check_labels(Dataset.from_dict({"image": [1]}), 3)  # no label column: nothing to check
+    # placeholder names only where every label is one (a model naming some classes maps the data by name)
+    assert generic_labels({0: "LABEL_0", 1: "LABEL_1"}) and not generic_labels({0: "LABEL_0", 1: "dog"})
     for labels, message in (
         ([0, 3], r"example 1 has the label 3, outside the 3 classes \(ids 0..2\)"),
         ([0.0, 1.5], "example 1 has the label 1.5, which is not a class id"),
         ([1, None], r"example 1 has no label \(None\)"),
         ([-1, 0], r"example 0 has no label \(-1\)"),
+        ([True, False], "example 0 has the label True, which is not a class id"),  # a yes/no column, not ids
         (["a", "z"], "example 1 has the label 'z', which is not a class id"),
     ):
         with pytest.raises(RetrofitError, match=f"{message}.*; fix the labels"):
@@ -392,6 +405,9 @@ def test_a_label_that_is_not_a_class_id_is_one_line_when_read(imagefolder):
     dataset = make_dataloader(data, processor(), batch_size=2).dataset
     with pytest.raises(RetrofitError, match="example 0 has the label '.*', which is not a class id"):
         dataset[0]
+    missing = load_split(str(imagefolder), "test").cast_column("label", Value("int64")).map(lambda _: {"label": -1})
+    with pytest.raises(RetrofitError, match="example 1 has no label; use --loss kd"):  # not a class -1
+        make_dataloader(missing, processor(), batch_size=2).dataset[1]
 
 
 def test_datasets_progress_bars_stay_off_stderr(tiny_vit, imagefolder, tmp_path):
@@ -597,6 +613,23 @@ def test_class_names_match_a_models_labels_whatever_their_unicode_form():
     assert dataset_label_map(model, by_id, "mac") == {0: 1, 1: 0}
     by_text = Dataset.from_dict({"label": [decomposed, "dog"]}, features=Features({"label": Value("string")}))
     assert dataset_label_map(model, by_text, "mac") == {decomposed: 1, "dog": 0}
+
+
+def test_placeholder_labels_take_the_datas_ids_only_for_as_many_classes():
+    """A model whose labels are transformers' placeholders (LABEL_0, ...) takes a ClassLabel's ids as they are where
+    the data has as many classes; data of another number of classes is refused by name, not scored by id."""
+    from datasets import ClassLabel, Dataset, Features
+
+    from retrofit.data import dataset_label_map
+
+    generic = {i: f"LABEL_{i}" for i in range(3)}
+
+    def classes(*names: str) -> Dataset:
+        return Dataset.from_dict({"label": [0, 1]}, features=Features({"label": ClassLabel(names=list(names))}))
+
+    assert dataset_label_map(generic, classes("a", "b", "c"), "abc") is None
+    with pytest.raises(RetrofitError, match=r"the class names in 'ab' \(2, e.g. \['a', 'b'\]\) are not among"):
+        dataset_label_map(generic, classes("a", "b"), "ab")
 
 
 def test_a_class_name_the_model_gives_two_ids_keeps_the_datas_id_or_is_refused():
