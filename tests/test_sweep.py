@@ -536,11 +536,13 @@ def test_a_checkpoint_without_a_trained_classifier_is_ranked_by_its_features(ima
     torch.manual_seed(0)
     source = save_tiny(ViTForMaskedImageModeling(ViTConfig(**TINY)), tmp_path / "mim")
     settings = SweepSettings(after_layers=(1,), tokens=(3,), data=str(images), split="test", calibrate_images=4,
-                             bench_batch_size=2, bench_repeats=1)  # fmt: skip
+                             bench_batch_size=2, bench_repeats=1, target_speedup=1.01)  # fmt: skip
     lines: list[str] = []
     report = sweep(str(source), settings, log=lines.append)
     assert report["metric"] == "similarity" and report["source_row"]["similarity"] == pytest.approx(1.0)
     assert 0 < report["settings_results"][0]["similarity"] <= 1 and "top1" not in report["settings_results"][0]
+    # the verdict for a target ranks by similarity too (by top-1, no setting could be named: "none measured")
+    assert "after-layer 1" in report["verdict"] and "could be measured" not in report["verdict"]
     assert f"note: '{source}' (ViTForMaskedImageModeling) has no trained classifier" in lines[0]
     # a short fine-tune per setting is asked for its backbone too (finetune refused the checkpoint: a new random
     # classifier); here a conversion with the task asked for stands in for the fine-tune, which takes 30 s
