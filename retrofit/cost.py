@@ -81,7 +81,7 @@ def model_cost(
 ) -> Cost:
     """Cost of the model a (source or merged) config describes; `image_size` defaults to the config's. `merge`
     (K, M) prices an unmerged config as if a PatchMerger were inserted before layer K with M tokens, without building
-    the merged model (`retrofit sweep --dry-run`)."""
+    the merged model (`retrofit sweep --dry-run`); a config already merged is priced as it is, and refuses `merge`."""
     if not isinstance(config, PreTrainedConfig):
         raise RetrofitError(f"model_cost takes a model's config (model.config, load_config), not {shown(config)}")
     family, head = family_and_head(config)
@@ -89,6 +89,11 @@ def model_cost(
     patch_h, patch_w = size_pair(lc.patch_size)
     size = None if image_size is None else checked_image_size(image_size, (patch_h, patch_w))
     patches = num_patches(lc, size)
+    if merge is not None and is_merged(config):  # it was priced as its source with this merge instead of its own
+        raise RetrofitError(
+            f"model_cost's merge prices a merge of an unmerged config, and this one is already merged (after layer "
+            f"{config.merge_after_layer}, {config.merge_num_tokens} tokens): drop merge to price it as it is"
+        )
     if merge is not None:
         merge = _checked_merge(merge, lc.num_hidden_layers, patches)
     elif is_merged(config):

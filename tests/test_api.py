@@ -220,7 +220,7 @@ def test_model_cost_refuses_what_is_no_size_or_merge_in_one_line():
     TypeError/IndexError; a size too large to price is one line, not an OverflowError."""
     import numpy as np
     from conftest import TINY
-    from transformers import ViTConfig
+    from transformers import ViTConfig, ViTForImageClassification
 
     import retrofit
     from retrofit.errors import RetrofitError
@@ -248,6 +248,11 @@ def test_model_cost_refuses_what_is_no_size_or_merge_in_one_line():
     for args, kwargs, message in calls:
         with pytest.raises(RetrofitError, match="^model_cost's " + re.escape(message) + "$"):
             retrofit.model_cost(config, *args, **kwargs)
+    # a merged config with merge=: it was priced as its source merged that way, not as the model it describes
+    merged = retrofit.insert_patch_merger(ViTForImageClassification(config), 1, 4).config
+    assert retrofit.model_cost(merged) == retrofit.model_cost(config, merge=(1, 4))
+    with pytest.raises(RetrofitError, match=r"^model_cost's merge .* already merged \(after layer 1, 4 tokens\): drop"):
+        retrofit.model_cost(merged, merge=(2, 2))
 
 
 def test_the_arguments_only_python_calls_take_are_refused_in_one_line_before_any_work(tiny_vit, tmp_path):
