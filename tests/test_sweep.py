@@ -59,10 +59,14 @@ def test_a_speed_up_near_the_target_is_not_rounded_onto_its_other_side(monkeypat
     best, verdict = best_for_target([{**row, "speedup": 1.2346}], 1.2345)
     assert best and "measured 1.235x" in verdict  # not 1.23x, under the 1.2345x it reaches
     assert "measured 1.50x" in best_for_target([{**row, "speedup": 1.5}], 1.5)[1]  # two decimals where they tell
-    priced = {None: Cost([], 1.4996e9 / 2), (6, 8): Cost([], 1e9 / 2)}  # 1.4996 and 1 GFLOPs
+    priced = {None: Cost([], 1.4996e9 / 2), (6, 8): Cost([], 1e9 / 2), (6, 16): Cost([], 1.25e9 / 2)}  # GFLOPs
     monkeypatch.setattr(retrofit.cost, "model_cost", lambda config, size=None, merge=None: priced[merge])
-    report = sweep_module.cost_grid("vit-b16", (6,), (8,), target_speedup=1.5)
-    assert "the most is 1.4996x" in report["verdict"] and "| 1.4996 | |" in report["table"]  # its row said 1.50
+    report = sweep_module.cost_grid("vit-b16", (6,), (8, 16), target_speedup=1.5)
+    assert "the most is 1.4996x (K=6 M=8)" in report["verdict"] and "| 1.4996 | |" in report["table"]  # it said 1.50
+    priced[None] = Cost([], 1.5e9 / 2)  # a FLOPs ratio of exactly the target reaches it
+    report = sweep_module.cost_grid("vit-b16", (6,), (8, 16), target_speedup=1.5)
+    assert "| 6 | 8 | 1 | 1.50 | ✓ |" in report["table"] and "| 6 | 16 | 1.25 | 1.20 | |" in report["table"]
+    assert report["verdict"].startswith("1 of 2 settings have a FLOPs ratio of 1.5x or more (K=6 M=8).")
     rows = [{"model": "m", "compile": mode, "baseline": "s", "results": {"8": {"images_per_s": rate, "speedup": rate}}}
             for mode, rate in (("eager", 0.998), ("default", 0.5))]  # fmt: skip
     (advice,) = benchmark.fastest_modes({"settings": {"batch_sizes": [8]}, "models": rows})
