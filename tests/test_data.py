@@ -144,6 +144,8 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index(imagefolder):
     assert not torch.equal(first[3]["pixel_values"], plain[3]["pixel_values"])
     second.set_epoch(1)
     assert not torch.equal(first[3]["pixel_values"], second[3]["pixel_values"])
+    twins = make_dataloader(_numbered([data[3]["image"]] * 2), processor(), batch_size=2, augment=True).dataset
+    assert not torch.equal(*(item["pixel_values"] for item in twins.__getitems__([0, 1])))  # a crop per image
 
 
 def test_worker_processes_load_the_same_batches(imagefolder):

@@ -415,6 +415,22 @@ def test_score_models_refuses_labels_out_of_range(tiny_vit, images, tmp_path):
         score_models([model], loader, k=1)
 
 
+def test_agreement_with_a_teacher_is_scored_on_the_teachers_top1(trained_vit, images):
+    """`score_models(labels_from=teacher)` (kd on data without labels) takes the teacher's top-1 as each image's
+    label: the teacher agrees with itself on every image. The zero-shot table's delta is the row's top-1 minus the
+    first's."""
+    from retrofit.evaluation import markdown_table, score_models
+
+    teacher = load_model(trained_vit).eval()
+    dataset = load_split(str(images), "test", label_column=None)
+    loader = make_dataloader(dataset, load_image_processor(trained_vit, teacher.config), batch_size=5)
+    itself = score_models([teacher], loader, k=1, labels_from=teacher)[0]
+    assert (itself["top1"], itself["num_examples"]) == (1.0, 15)
+    rows = [{"model": name, "top1": top1, "top5": 1.0, "agreement": 1.0, "gflops": 1.0} for name, top1 in
+            (("a", 0.5), ("b", 0.25))]  # fmt: skip
+    assert markdown_table({"metric": "zero-shot", "top_k": 3, "models": rows}).endswith("| 1 | -25.00 pt |")
+
+
 @pytest.fixture(scope="module")
 def full_clip(tmp_path_factory):
     """A tiny two-tower CLIPModel (no classifier) and a CLIPVisionModel holding the same vision weights."""
