@@ -171,6 +171,7 @@ def test_a_measurement_whose_repeats_spread_is_flagged():
     once = {**report, "settings": {"batch_sizes": [8], "repeats": 1}}  # one repeat: no spread, and a note says so
     table = benchmark.markdown_table({**once, "models": [{**row, "results": {"8": {**noisy, "repeats": [100.0]}}}]})
     assert "⚠" not in table and "Each measurement was taken once (--repeats 1), so how much it varies" in table
+    assert benchmark.spread({**noisy, "repeats": [100.0]}) is None  # not 0: nothing is known of its spread
 
 
 def test_a_slow_models_images_per_second_is_not_printed_as_zero():

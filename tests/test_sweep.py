@@ -196,17 +196,22 @@ def test_speed_is_measured_in_the_dtype_asked_for_and_a_failed_one_shows(tiny_vi
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return real(runner, pixel_values)
 
-    real_block = benchmark._time_block
+    real_block, blocks = benchmark._time_block, []
 
-    def clock(runner, x, iters, device):  # the passes run (their dtype, the OOM), the seconds are scripted: 2x
+    def clock(runner, x, iters, device):  # the passes run (their dtype, the OOM), the seconds are scripted
         real_block(runner, x, iters, device)
-        return iters * (0.125 if getattr(runner.config, "merge_num_tokens", None) else 0.25)  # few passes a block
+        if not getattr(runner.config, "merge_num_tokens", None):
+            return iters * 0.25  # the source: 8 images/s at batch 2, 2 passes a block
+        if iters == 1:
+            return 0.125  # a warm-up or latency pass: 4 passes a block
+        blocks.append(iters)
+        return iters * (0.125 if len(blocks) % 2 else 0.1)  # 16 then 20 images/s
 
     monkeypatch.setattr(benchmark, "_forward", forward)
     monkeypatch.setattr(benchmark, "_time_block", clock)
     out = tmp_path / "sweep"
     argv = ["sweep", str(tiny_vit), "--after-layer", "1", "--tokens", "2,4", "--data", str(images), "--split", "test"]
-    argv += ["--calibrate-images", "6", "--bench-batch-size", "2", "--bench-repeats", "1", "--dtype", "bf16"]
+    argv += ["--calibrate-images", "6", "--bench-batch-size", "2", "--bench-repeats", "2", "--dtype", "bf16"]
     assert main([*argv, "--target-speedup", "1.01", "--output", str(out)]) == 0
     assert seen and set(seen) == {torch.bfloat16}
     report = json.loads((out / "sweep.json").read_text())
@@ -215,11 +220,13 @@ def test_speed_is_measured_in_the_dtype_asked_for_and_a_failed_one_shows(tiny_vi
     assert measured["tokens"] == 2 and measured["images_per_s"] > 0 and measured["speed_status"] == "ok"
     assert failed["tokens"] == 4 and failed["images_per_s"] is None and failed["speedup"] is None
     assert failed["speed_status"] == "oom" and not failed["pareto"]
-    # a setting's speed-up is its images/s over the source's, both measured (one repeat: no spread)
-    assert report["source_row"]["images_per_s"] == pytest.approx(8) and measured["images_per_s"] == pytest.approx(16)
-    assert measured["speedup"] == pytest.approx(2) and measured["speed_spread"] is None and measured["pareto"]
+    # a setting's speed-up is its images/s (the median of --bench-repeats) over the source's; each its own spread
+    source = report["source_row"]
+    assert source["images_per_s"] == pytest.approx(8) and source["speed_spread"] == 0
+    assert measured["images_per_s"] == pytest.approx(18) and measured["speed_spread"] == pytest.approx(4 / 18)
+    assert measured["speedup"] == pytest.approx(2.25) and measured["pareto"]
     assert report["best"]["tokens"] == 2 and "--after-layer 1 --tokens 2 (top-1" in report["verdict"]
-    assert "measured 2.00x" in report["verdict"]
+    assert "measured 2.25x" in report["verdict"] and "after-layer 1, 2 tokens: 22 %" in report["table"]
     assert "| 1 | 4 |" in report["table"] and "| OOM | – |" in report["table"].split("| 1 | 4 |")[1]
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -340,6 +347,9 @@ def test_without_a_grid_the_sweep_tries_a_quarter_half_and_three_quarters_of_the
             "settings_results"]]  # fmt: skip
         assert settings == [(k, m) for k in after_layers for m in tokens]
         assert all(f"| {k} | {m} |" in capsys.readouterr().out for k, m in settings[-1:])
+    from transformers import ViTConfig
+
+    assert sweep_module.default_grid(ViTConfig(num_hidden_layers=2), None, None, None)[0] == (1,)  # K < 2 layers
     assert main(["sweep", "vit-b16", "--dry-run", "--after-layer", "4"]) == 0
     assert "| 4 | 32 |" in capsys.readouterr().out
     assert main(["sweep", "vit-b16", "--dry-run", "--tokens", ""]) == 2
