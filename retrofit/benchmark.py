@@ -880,7 +880,8 @@ def markdown_table(report: dict) -> str:
             wide = spread(result)
             if wide is not None and wide > SPREAD_LIMIT:
                 extra += " ⚠"
-                flagged.append(f"`{row['model']}` at batch {bs}: repeats spread by {100 * wide:.0f} %")
+                mode = "" if row["compile"] == "eager" else f" [compile={row['compile']}]"  # as the log names it
+                flagged.append(f"`{row['model']}`{mode} at batch {bs}: repeats spread by {100 * wide:.0f} %")
             cells.append(f"{rate_text(result['images_per_s'])}{extra}")
         last = row["results"].get(largest, {})
         efficiency = None
