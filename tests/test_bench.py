@@ -132,6 +132,12 @@ def test_crossover_is_the_batch_size_from_which_the_merged_model_stays_faster():
     (advice,) = benchmark.fastest_modes({"settings": {"batch_sizes": [8]}, "models": rows})
     assert advice.endswith("(1.00×) (speed-up over the source in the same mode); at least as fast as its source in "
                            "that mode at every batch size measured.")  # fmt: skip
+    rates = {"eager": {"1": 50.0, "8": 90.0, "16": 95.0}, "default": {"1": 40.0, "8": 120.0, "16": 130.0}}
+    rows = [{"model": "m", "compile": mode, "baseline": "s",
+             "results": {bs: {"images_per_s": rate, "speedup": rate / 40} for bs, rate in by_size.items()}}
+            for mode, by_size in rates.items()]  # fmt: skip
+    (advice,) = benchmark.fastest_modes({"settings": {"batch_sizes": [1, 8, 16]}, "models": rows})
+    assert advice.startswith("Fastest way to serve `m`: eager at batch 1 (1.25×); default at batch 8–16 (3.00–3.25×)")
     # the source out of memory at the largest batch size: nothing compared there (it was "at no batch size")
     assert benchmark.faster_from({**results, 16: {"status": "oom"}}) == 4
     assert benchmark.faster_from({8: {"status": "oom"}}) is None
@@ -192,6 +198,7 @@ def test_a_slow_models_images_per_second_is_not_printed_as_zero():
               "settings": {"batch_sizes": [1]}, "models": [source, merged]}  # fmt: skip
     table = benchmark.markdown_table(report)
     assert "| 0.04 |" in table and "| 0.08 (2.00×) |" in table and "0.0 " not in table
+    assert "than its source" not in table  # one batch size: no crossover to name
     card = results_section({"benchmark": {**report, "this": "m"}})
     assert "| before: source (`s`) | – | – | 300 | 0.04 |" in card
     assert "| after: this model (`m`) | – | – | 150 | 0.08 |" in card
