@@ -927,6 +927,7 @@ def test_a_checkpoint_is_timed_and_priced_at_its_processors_image_size(tmp_path,
     report = benchmark.benchmark([str(source)], merges="2:4", settings=settings, log=lambda _: None)
     converted = convert(source, after_layer=2, num_tokens=4, log=lambda _: None)
     assert [row["gflops"] for row in report["models"]] == [converted.before.gflops, converted.after.gflops]
+    assert all(row["latency_ms_batch1"]["p50"] > 0 for row in report["models"])  # --latency-iters 1 is measured
     assert set(shapes) == {torch.Size([3, 32, 32])}
 
 

@@ -248,6 +248,7 @@ def test_a_source_whose_speed_was_not_measured_is_reported(tmp_path):
     report |= dict(source="s", method="calibrate")
     table = markdown_table(report).splitlines()
     assert table[2].endswith("| 1.00 | OOM | – | |") and "| 50.0 | – |" in table[3] and "| failed | – |" in table[4]
+    assert table[3].endswith("| 50.0 | – | ★ |") and table[4].endswith("| failed | – |  |")  # the Pareto front starred
     plot(report, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").stat().st_size > 0
 
