@@ -251,8 +251,8 @@ def _check_writable(path: Path, option: str) -> None:
     parent = next((p for p in path.absolute().parents if p.exists()), Path("/"))
     if not parent.is_dir():
         raise RetrofitError(f"{what} '{path}' is under '{parent}', which is a file; choose another {option}")
-    why = None if os.access(parent, os.W_OK | os.X_OK) else "read-only or no permission"
-    if why is None:
+    why = "read-only or no permission"
+    if os.access(parent, os.W_OK | os.X_OK):
         try:
             fd, probe = tempfile.mkstemp(prefix=".retrofit-write-check-", dir=parent)
         except OSError as exc:
@@ -260,8 +260,8 @@ def _check_writable(path: Path, option: str) -> None:
         else:
             os.close(fd)
             os.unlink(probe)
-    if why is not None:
-        raise RetrofitError(f"{what} '{path}': cannot write in '{parent}' ({why}); choose another {option}")
+            return
+    raise RetrofitError(f"{what} '{path}': cannot write in '{parent}' ({why}); choose another {option}")
 
 
 def _refuse_dangling(path: Path, option: str) -> None:

@@ -194,17 +194,10 @@ def training_budget(run: TrainSettings, images: int, steps_per_epoch: int, proce
     return Budget(steps=steps, warmup=int(run.warmup_ratio * steps), why=why)
 
 
-# --eval-every 0 evaluates at the end of each epoch, but not more often than this in a run: on small data the step
-# floor (--min-steps) makes dozens of short epochs, and scoring the evaluation split after each cost more than the
-# training itself (1,000 steps on 2,000 images: 31 passes over the evaluation split).
+# --eval-every 0 evaluates at the end of each epoch, but not more often than this in a run (and at the end): on small
+# data the step floor (--min-steps) makes dozens of short epochs, and scoring the evaluation split after each cost
+# more than the training itself (1,000 steps on 2,000 images: 31 passes over the evaluation split).
 MAX_EPOCH_EVALUATIONS = 10
-
-
-def epochs_between_evaluations(total_steps: int, steps_per_epoch: int) -> int:
-    """How many epochs ``--eval-every 0`` lets pass between evaluations: 1 (each epoch's end) for a run of at most
-    `MAX_EPOCH_EVALUATIONS` epochs; more for a longer one, so that it evaluates at most that often (and at the end)."""
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    return max(1, math.ceil(epochs / MAX_EPOCH_EVALUATIONS))
 
 
 def resumed_budget(budget: Budget, recorded: dict | None) -> Budget:
@@ -640,7 +633,8 @@ def train(
         budget = resumed_budget(budget, recorded_budget(checkpoint_dir))
     settings["budget"] = {"steps": budget.steps, "warmup": budget.warmup, "why": budget.why}  # for run.json
     total_steps = budget.steps
-    eval_epochs = epochs_between_evaluations(total_steps, steps_per_epoch)  # --eval-every 0
+    planned_epochs = math.ceil(total_steps / steps_per_epoch)
+    eval_epochs = max(1, math.ceil(planned_epochs / MAX_EPOCH_EVALUATIONS))  # between --eval-every 0 evaluations
     # The prepared scheduler steps once per process for each optimizer step, hence the factor.
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, budget.warmup * accelerator.num_processes, total_steps * accelerator.num_processes
@@ -674,7 +668,7 @@ def train(
         if eval_dl is not None and not run.eval_every and eval_epochs > 1:
             log(
                 f"evaluating every {eval_epochs} epochs and at the end, not after each of the "
-                f"{math.ceil(total_steps / steps_per_epoch):,} (at most {MAX_EPOCH_EVALUATIONS} evaluations a run; "
+                f"{planned_epochs:,} (at most {MAX_EPOCH_EVALUATIONS} evaluations a run; "
                 "--eval-every N for every N steps)"
             )
         log(
