@@ -647,3 +647,30 @@ def test_a_dual_encoder_whose_processor_gives_one_mean_takes_rgb_images(duals, i
     result = finetune(out, output=tmp_path / "ft", data=str(images), max_steps=1, batch_size=4, progress=False,
                       log=lambda _: None)  # fmt: skip
     assert result.finished and result.eval_history
+
+
+def test_zero_shot_logits_are_the_models_logits_per_image(duals):
+    """The logits zero-shot scores and the prompt term of kd read (`zero_shot_logits` of `image_embeddings` and
+    `text_embeddings`) are the model's own ``logits_per_image`` for the prompts as transformers' pipeline pads them:
+    its learned temperature (the logit scale, exponentiated) and SigLIP's bias included, source and export alike. A
+    scale or bias left out keeps every top-1 (accuracy and agreement unchanged) but gave the prompt KL another
+    temperature without a word."""
+    from retrofit.loading import load_config, load_model, load_tokenizer
+    from retrofit.zero_shot import image_embeddings, text_embeddings, zero_shot_logits
+
+    texts = ["a photo of a cat.", "a photo of a dog.", "a photo of a bird."]
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for name, path in (("clip", duals["clip"][0]), ("siglip", duals["siglip"][1])):  # a source, an export
+        model, config = load_model(path).eval(), load_config(path)
+        tokenizer = load_tokenizer(path, config)
+        with torch.no_grad():
+            model.logit_scale.fill_(1.5)  # exp: 4.48, not the scale's 1.5 itself
+            if name == "siglip":
+                model.logit_bias.fill_(-0.75)
+            padding = {"padding": "max_length", "max_length": 64} if name == "siglip" else {"padding": True}
+            inputs = tokenizer(texts, return_tensors="pt", **padding)
+            if name == "siglip":  # the pipeline gives SigLIP's text tower no mask
+                inputs.pop("attention_mask", None)
+            expected = model(pixel_values=pixels, **inputs).logits_per_image
+            got = zero_shot_logits(model, image_embeddings(model, pixels), text_embeddings(model, tokenizer, texts))
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=str(path))
