@@ -579,6 +579,26 @@ def test_losses_are_their_formulas_written_out():
     torch.testing.assert_close(losses.contrastive_loss(logits, classes), (rows + columns) / 2)
 
 
+def test_the_cards_loss_line_gives_each_term_its_own_weight():
+    """The card's loss line is what training minimised: mix's kd weight is 1 − alpha (it showed alpha twice where
+    alpha ≠ 0.5), a feature or cosine weight other than 1 is named, and a --teacher and function matching are said."""
+    from retrofit.settings import PretrainSettings
+
+    mix = losses.describe_loss(TrainSettings(loss="mix", alpha=0.3))
+    assert mix == "mix (0.3 × ce + 0.7 × kd from the unmerged model (T = 2))"
+    kd = losses.describe_loss(TrainSettings(temperature=4, feature_weight=0.5, function_matching=True), "org/big")
+    assert kd.startswith("kd from `org/big` (T = 4, feature weight 0.5; function matching: teacher and student see ")
+    dual = losses.describe_loss(TrainSettings(feature_weight=2.0, prompt_weight=0.5), dual_encoder=True)
+    assert dual.startswith("kd from the unmerged model, label-free: 2 × cosine distance (1 − cos) of the normalised ")
+    assert "+ 0.5 × KL divergence of the image-text similarity distributions" in dual and "T = 2); text tower" in dual
+    plain = losses.describe_loss(TrainSettings(feature_weight=1.0), dual_encoder=True)
+    assert (
+        plain == "kd from the unmerged model, label-free: cosine distance (1 − cos) of the normalised image "
+        "embeddings; text tower frozen"
+    )
+    assert "with 5 templates such as 'a photo of a {}.'" in losses.describe_loss(PretrainSettings(loss="contrastive"))
+
+
 @pytest.fixture(scope="module")
 def tiny_clip_vision(tmp_path_factory):
     from conftest import TINY, save_tiny
