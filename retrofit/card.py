@@ -492,8 +492,8 @@ def top_k(evaluation: dict | None) -> int:
 
 
 def top_k_value(row: dict, k: int) -> float | None:
-    """A model row's top-k accuracy: under ``top<k>``, ``topk`` or, as `retrofit evaluate` writes it for any k,
-    ``top5``."""
+    """A model row's top-k accuracy: under ``top<k>`` (as `retrofit evaluate` writes it), ``topk`` or, as results
+    files of earlier versions hold it for any k, ``top5``."""
     return next((row[key] for key in (f"top{k}", "topk", "top5") if row.get(key) is not None), None)
 
 

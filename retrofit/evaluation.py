@@ -555,7 +555,7 @@ def zero_shot_scores(
     return [
         {
             "top1": scores[i]["top1"],
-            "top5": scores[i]["top5"],
+            f"top{k}": scores[i][f"top{k}"],
             "agreement": agreement(scores[i]["predictions"], first),
             "num_examples": scores[i]["num_examples"],
             "nonfinite": scores[i]["nonfinite"],
@@ -714,7 +714,7 @@ def score_models(
     return [
         {
             "top1": stat["top1"].compute()["accuracy"],
-            "top5": stat["topk"].compute(k=k)["top_k_accuracy"],
+            f"top{k}": stat["topk"].compute(k=k)["top_k_accuracy"],
             "loss": stat["loss"] / max(1, stat["count"]) if not stat["nonfinite"] else None,
             "num_examples": stat["count"],
             "nonfinite": stat["nonfinite"],
@@ -822,7 +822,7 @@ def markdown_table(report: dict) -> str:
         for row in report["models"]:
             delta = 100 * (row["top1"] - first["top1"])
             lines.append(
-                f"| `{row['model']}` | {100 * row['top1']:.2f} % | {100 * row['top5']:.2f} % | "
+                f"| `{row['model']}` | {100 * row['top1']:.2f} % | {100 * row[f'top{k}']:.2f} % | "
                 f"{100 * row['agreement']:.2f} % | {row['gflops']:.3g} | {delta:+.2f} pt |"
             )
         return "\n".join(lines + nonfinite_notes(report["models"]))
@@ -843,7 +843,7 @@ def markdown_table(report: dict) -> str:
     for row in report["models"]:
         delta = 100 * (row["top1"] - first)
         lines.append(
-            f"| `{row['model']}` | {100 * row['top1']:.2f} % | {100 * row['top5']:.2f} % | "
+            f"| `{row['model']}` | {100 * row['top1']:.2f} % | {100 * row[f'top{k}']:.2f} % | "
             f"{number(row['loss'], '.4f')} | {row['gflops']:.3g} | {delta:+.2f} pt |"
         )
     return "\n".join(lines + nonfinite_notes(report["models"]))

@@ -128,6 +128,7 @@ def markdown_table(report: dict) -> str:
     speed that could not be measured shows as OOM or failed; a setting whose outputs were not finite is noted."""
     from .evaluation import nonfinite_notes, number
 
+    top_key = f"top{report.get('top_k')}"
     if report.get("metric") == "similarity":
         head, columns = "feature similarity", 1
 
@@ -137,12 +138,12 @@ def markdown_table(report: dict) -> str:
         head, columns = f"zero-shot top-1 | top-{report['top_k']} | agreement with the source", 3
 
         def quality(row: dict) -> str:
-            return f"{100 * row['top1']:.2f} % | {100 * row['top5']:.2f} % | {100 * row['agreement']:.2f} %"
+            return f"{100 * row['top1']:.2f} % | {100 * row[top_key]:.2f} % | {100 * row['agreement']:.2f} %"
     else:
         head, columns = f"top-1 | top-{report['top_k']} | loss", 3
 
         def quality(row: dict) -> str:
-            return f"{100 * row['top1']:.2f} % | {100 * row['top5']:.2f} % | {number(row['loss'], '.4f')}"
+            return f"{100 * row['top1']:.2f} % | {100 * row[top_key]:.2f} % | {number(row['loss'], '.4f')}"
 
     src = report["source_row"]
     lines = [

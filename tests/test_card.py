@@ -314,7 +314,7 @@ def test_update_card_on_a_full_disk_leaves_the_export_as_it_was(tiny_vit, export
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before  # no temp file, nothing replaced
 
 
-@pytest.mark.parametrize("key", ["top5", "top2"])  # `retrofit evaluate` stores top-k under "top5" for any k
+@pytest.mark.parametrize("key", ["top2", "top5"])  # as evaluate writes it; older files: "top5" for any k
 def test_card_names_the_k_of_top_k(tiny_vit, export_dir, tmp_path, key):
     folder = tmp_path / "vit-pm"
     shutil.copytree(export_dir, folder)

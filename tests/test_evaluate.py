@@ -100,10 +100,10 @@ def test_numbers_match_hand_computation(trained_vit, export_dir, images, tmp_pat
         assert expected["distinct"] > 1 or path == biased
         assert row["num_examples"] == 15
         assert row["top1"] == pytest.approx(expected["top1"])
-        assert row["top5"] == pytest.approx(expected["top2"])
+        assert row["top2"] == pytest.approx(expected["top2"]) and "top5" not in row  # the key names its k
         assert row["loss"] == pytest.approx(expected["loss"], rel=1e-5)
     first, merged, favours_cat = report["models"]
-    assert favours_cat["top1"] < favours_cat["top5"]  # a real test of the top-2 column
+    assert favours_cat["top1"] < favours_cat["top2"]  # a real test of the top-2 column
     assert merged["merged"] and merged["source"] == Path(trained_vit).name
     assert (merged["merge_after_layer"], merged["merge_num_tokens"]) == (2, 4)
     assert (first["merged"], first["source"], first["merge_after_layer"], first["merge_num_tokens"]) == (
@@ -115,7 +115,7 @@ def test_numbers_match_hand_computation(trained_vit, export_dir, images, tmp_pat
     line = next(line for line in printed.splitlines() if line.startswith(f"| `{biased}` |"))
     delta = 100 * (favours_cat["top1"] - first["top1"])
     assert delta < 0 and line == (
-        f"| `{biased}` | {100 * favours_cat['top1']:.2f} % | {100 * favours_cat['top5']:.2f} % | "
+        f"| `{biased}` | {100 * favours_cat['top1']:.2f} % | {100 * favours_cat['top2']:.2f} % | "
         f"{favours_cat['loss']:.4f} | {favours_cat['gflops']:.3g} | {delta:+.2f} pt |"
     )
 
@@ -135,7 +135,7 @@ def test_permuted_labels_are_mapped_by_name(trained_vit, images, tmp_path):
     first, second = report["models"]
     assert first["top1"] > 0.5  # predictions vary, so a wrong mapping would show
     assert second["top1"] == pytest.approx(first["top1"])
-    assert second["top5"] == pytest.approx(first["top5"])
+    assert second["top2"] == pytest.approx(first["top2"])
     assert second["loss"] == pytest.approx(first["loss"], rel=1e-5)
 
 
@@ -426,7 +426,7 @@ def test_agreement_with_a_teacher_is_scored_on_the_teachers_top1(trained_vit, im
     loader = make_dataloader(dataset, load_image_processor(trained_vit, teacher.config), batch_size=5)
     itself = score_models([teacher], loader, k=1, labels_from=teacher)[0]
     assert (itself["top1"], itself["num_examples"]) == (1.0, 15)
-    rows = [{"model": name, "top1": top1, "top5": 1.0, "agreement": 1.0, "gflops": 1.0} for name, top1 in
+    rows = [{"model": name, "top1": top1, "top3": 1.0, "agreement": 1.0, "gflops": 1.0} for name, top1 in
             (("a", 0.5), ("b", 0.25))]  # fmt: skip
     assert markdown_table({"metric": "zero-shot", "top_k": 3, "models": rows}).endswith("| 1 | -25.00 pt |")
 
@@ -532,7 +532,7 @@ def test_non_finite_outputs_are_wrong_answers_not_guesses(trained_vit, backbone,
     report = json.loads(out.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
     good, bad = report["models"]
     assert good["nonfinite"] == 0 and good["loss"] > 0 and good["top1"] == by_hand(trained_vit, images)["top1"]
-    assert (bad["top1"], bad["top5"], bad["loss"], bad["nonfinite"]) == (0.0, 0.0, None, 15)
+    assert (bad["top1"], bad["top3"], bad["loss"], bad["nonfinite"]) == (0.0, 0.0, None, 15)
     printed = capsys.readouterr().out
     assert f"| `{broken}` | 0.00 % | 0.00 % | NaN |" in printed
     assert f"⚠ `{broken}` gives non-finite outputs (NaN or inf) on 15 of 15 images" in printed

@@ -233,7 +233,7 @@ def test_speed_is_measured_in_the_dtype_asked_for_and_a_failed_one_shows(tiny_vi
 
 def test_a_source_whose_speed_was_not_measured_is_reported(tmp_path):
     """The source out of memory (no speed-up can be computed): table, verdict and plot say so instead of crashing."""
-    quality = dict(top1=0.5, top5=1.0, loss=1.0, num_examples=4)
+    quality = dict(top1=0.5, top3=1.0, loss=1.0, num_examples=4)
     source = dict(quality, gflops=2.0, images_per_s=None, speed_status="oom")
     rows = [
         dict(quality, after_layer=1, tokens=2, gflops=1.0, flops_ratio=2.0, images_per_s=50.0, speedup=None,
