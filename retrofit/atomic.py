@@ -244,24 +244,29 @@ def refuse_same_outputs(outputs: dict[str, str | os.PathLike | None]) -> None:
 
 
 def _check_writable(path: Path, option: str) -> None:
-    """Refuse, before any work, a target whose nearest existing folder cannot be written. Permissions alone do not
-    tell (``root`` passes every permission check, yet cannot write in ``/proc``; a network or FUSE mount decides on
-    its server), so the folder is also tried with an empty file, removed at once."""
+    """Refuse, before any work, a target whose nearest existing folder cannot be written (`cannot_write_in`)."""
     what = _what(option)
     parent = next((p for p in path.absolute().parents if p.exists()), Path("/"))
     if not parent.is_dir():
         raise RetrofitError(f"{what} '{path}' is under '{parent}', which is a file; choose another {option}")
-    why = "read-only or no permission"
-    if os.access(parent, os.W_OK | os.X_OK):
-        try:
-            fd, probe = tempfile.mkstemp(prefix=".retrofit-write-check-", dir=parent)
-        except OSError as exc:
-            why = exc.strerror or brief(exc)
-        else:
-            os.close(fd)
-            os.unlink(probe)
-            return
-    raise RetrofitError(f"{what} '{path}': cannot write in '{parent}' ({why}); choose another {option}")
+    why = cannot_write_in(parent)
+    if why is not None:
+        raise RetrofitError(f"{what} '{path}': cannot write in '{parent}' ({why}); choose another {option}")
+
+
+def cannot_write_in(folder: Path) -> str | None:
+    """Why no file can be made in `folder`, or None if one can. Permissions alone do not tell (``root`` passes every
+    permission check, yet cannot write in ``/proc``; a network or FUSE mount decides on its server), so the folder is
+    also tried with an empty file, removed at once."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "read-only or no permission"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".retrofit-write-check-", dir=folder)
+    except OSError as exc:
+        return exc.strerror or brief(exc)
+    os.close(fd)
+    os.unlink(probe)
+    return None
 
 
 def _refuse_dangling(path: Path, option: str) -> None:

@@ -15,7 +15,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import PreTrainedModel
 
 from . import __version__
-from .atomic import CURVE_FILE, RESULTS_FILE, write_files
+from .atomic import CURVE_FILE, RESULTS_FILE, cannot_write_in, write_files
 from .cost import compare, model_cost
 from .data import FASHION_MNIST_HUB, fashion_mnist_split, hub_dataset_id, is_fashion_mnist, is_local_data
 from .errors import RetrofitError, brief, counted, describe_os_error, shown
@@ -460,8 +460,9 @@ def check_card_target(export: str | Path, models: list[str], *, curve: bool = Fa
         raise RetrofitError(f"--card {export}: not a retrofit export (no PatchMerger in its config)")
     if not (export / "README.md").is_file():
         raise RetrofitError(f"--card {export}: the export has no README.md (model card) to update; re-export it")
-    if not os.access(export, os.W_OK | os.X_OK):  # (it failed after all the measuring, the card left as it was)
-        raise RetrofitError(f"--card {export}: cannot write in it (read-only or no permission); copy the export")
+    why = cannot_write_in(export)  # (it failed after all the measuring, the card left as it was)
+    if why is not None:
+        raise RetrofitError(f"--card {export}: cannot write in it ({why}); copy the export")
     if not any(_same_model(spec, export) for spec in models):
         raise RetrofitError(f"--card {export}: the export must also be one of the models measured; add it to them")
     _load_card(export)

@@ -7,6 +7,7 @@ nothing, and bad input is one line with exit code 2.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -177,6 +179,17 @@ def test_update_card_rewrites_only_a_retrofit_exports_card(tiny_vit, export_dir,
     read_only = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != export_dir and read_only(path, mode))
     with pytest.raises(RetrofitError, match="--card .*: cannot write in it"):
+        check_card_target(export_dir, [str(export_dir)])
+    monkeypatch.undo()  # a mount whose server says no, where every permission check passes
+    refused = tempfile.mkstemp
+
+    def read_only_mount(*args, dir=None, **kwargs):
+        if Path(dir) == export_dir:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return refused(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only_mount)
+    with pytest.raises(RetrofitError, match=r"--card .*: cannot write in it \(Read-only file system\)"):
         check_card_target(export_dir, [str(export_dir)])
 
 
