@@ -201,6 +201,23 @@ def test_pretrain_recipe_with_nested_overrides(tmp_path, capsys):
     assert re.fullmatch(r"baseline accuracy: \d+\.\d\d %; trained 1 step in .*", logged[-1]), logged[-1]
 
 
+def test_a_recipe_says_which_kind_of_run_it_is_whole(tmp_path):
+    """A fine-tune needs its source and both merge keys (one alone left the run to fail after loading, naming
+    command-line options the recipe has none of); a recipe naming a source and a pretrain section would pretrain
+    and drop the source without a word."""
+    fine_tune = tiny_recipe("x", "y", tmp_path / "out")
+    for merge in ({"after_layer": 2}, {"tokens": 4}):
+        with pytest.raises(RetrofitError, match="needs merge.after_layer and merge.tokens"):
+            load_recipe(write(tmp_path / "r.yaml", fine_tune | {"merge": merge}))
+    with pytest.raises(RetrofitError, match="needs 'source' .* or a 'pretrain' section"):
+        load_recipe(write(tmp_path / "r.yaml", {key: value for key, value in fine_tune.items() if key != "source"}))
+    pretraining = {"pretrain": {"model": {"image_size": 16}}, "data": {"name": "y"}, "export": {"output": "o"}}
+    with pytest.raises(
+        RetrofitError, match="has both 'source' and 'pretrain'; a recipe either fine-tunes or pretrains"
+    ):
+        load_recipe(write(tmp_path / "r.yaml", pretraining | {"source": "x"}))
+
+
 def test_a_pretraining_recipe_refuses_what_only_a_fine_tune_reads(tmp_path, capsys):
     """`run PRETRAIN.yaml --tokens 8` (or merge:, teacher: in the file) merged nothing without a word; a pretraining
     key is taken by --set as in the file; `--set pretrain=5` names pretrain, not a training key it confused."""
