@@ -99,12 +99,12 @@ def load_config(
         raise RetrofitError(f"'{source}' does not exist; pass an existing folder or a Hub model id")
     if local.exists():
         _check_local_config(source, local)
+    export = False
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
     except ValueError as exc:
         if MERGED_SUFFIX in str(exc) or "trust_remote_code" in str(exc):
-            # A retrofit export: its config class is ours, so read the raw dict and recreate it below.
-            config = _load_export_config(source, revision)
+            export = True  # a retrofit export: its config class is ours, read below (its errors are handled there)
         elif local.is_dir():  # config.json is a JSON object (`_check_local_config`) that transformers refuses
             raise _local_config_error(source, local, exc) from None
         else:
@@ -120,6 +120,8 @@ def load_config(
         if local.is_dir():
             raise _local_config_error(source, local, exc) from None
         raise RetrofitError(f"'{source}/config.json' is not a valid config ({brief(exc)}); fix or re-save it") from None
+    if export:
+        config = _load_export_config(source, local, revision)
     config = for_task(config, task)
     check_config(config, f"'{source}/config.json'")
     return config
@@ -153,7 +155,8 @@ def _local_config_error(source: str, folder: Path, exc: Exception) -> RetrofitEr
             "re-save it with transformers"
         )
     try:
-        family_for(model_type)  # an unknown model type: say which families retrofit merges
+        if not str(model_type).endswith(MERGED_SUFFIX):  # an export's type is known: it is one of its fields
+            family_for(model_type)  # an unknown model type: say which families retrofit merges
     except RetrofitError as refusal:
         return refusal
     for key in ("dtype", "torch_dtype"):
@@ -325,7 +328,9 @@ def for_task(config: PreTrainedConfig, task: str | None) -> PreTrainedConfig:
     )
 
 
-def _load_export_config(source: str, revision: str | None) -> PreTrainedConfig:
+def _load_export_config(source: str, local: Path, revision: str | None) -> PreTrainedConfig:
+    """The config of a retrofit export, built from its dict by retrofit's own config class (no remote code); a field
+    that class cannot read is one line, as for a source (a traceback from transformers before)."""
     config_dict, _ = PreTrainedConfig.get_config_dict(source, revision=revision)
     model_type = config_dict.get("model_type", "")
     if not model_type.endswith(MERGED_SUFFIX):
@@ -335,7 +340,12 @@ def _load_export_config(source: str, revision: str | None) -> PreTrainedConfig:
     family, head = merged_family_and_head(config_dict)
     from .hub_code import load_classes
 
-    return load_classes(family, head).config_class.from_pretrained(source, revision=revision)
+    try:
+        return load_classes(family, head).config_class.from_pretrained(source, revision=revision)
+    except Exception as exc:  # noqa: BLE001 - a field of the wrong type: ValueError, TypeError, AttributeError, ...
+        if local.is_dir():
+            raise _local_config_error(source, local, exc) from None
+        raise RetrofitError(f"'{source}/config.json' is not a valid config ({brief(exc)}); fix or re-save it") from None
 
 
 def merged_family_and_head(config: PreTrainedConfig | dict) -> tuple[Family, Head]:
