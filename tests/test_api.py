@@ -207,6 +207,7 @@ def test_calibrate_refuses_what_it_cannot_take_in_one_line(tiny_vit):
         ({"scales": ()}, "calibrate's scales must be a list of positive numbers, such as (0.5,"),
         ({"scales": 2.0}, "calibrate's scales must be a list of positive numbers"),
         ({"scales": (1.0, float("nan"))}, "calibrate's scales must be a list of positive numbers"),
+        ({"scales": (1.0, 0)}, "calibrate's scales must be a list of positive numbers"),
     ]:
         with pytest.raises(RetrofitError, match=re.escape(message)):
             calibrate(merged, pixels, **search)

@@ -74,13 +74,28 @@ def test_restarts_keep_the_best_run(tiny_vit):
     assert best == pytest.approx(min(single[start : start + 3]))
 
 
-def test_calibrate_from_an_imagefolder_and_convert_cli(tiny_vit, tmp_path, capsys):
+def test_calibrate_from_an_imagefolder_and_convert_cli(tiny_vit, tmp_path, capsys, monkeypatch):
+    import retrofit.calibrate
+    from retrofit.data import load_split, make_dataloader
+    from retrofit.loading import load_image_processor
+
+    def batch(dataset, processor) -> torch.Tensor:
+        return next(iter(make_dataloader(dataset, processor, batch_size=len(dataset))))["pixel_values"]
+
     data = make_imagefolder(tmp_path / "colours", per_class=4, test_per_class=1)
     merged = insert_patch_merger(load_model(tiny_vit).eval(), 2, 4)
     state = torch.random.get_rng_state()
-    result = calibrate_from_data(merged, str(data), source=str(tiny_vit), num_images=10)
+    seen, real = [], retrofit.calibrate.calibrate
+    monkeypatch.setattr(retrofit.calibrate, "calibrate", lambda m, p, **kw: seen.append((p, kw)) or real(m, p, **kw))
+    result = calibrate_from_data(merged, str(data), source=str(tiny_vit), num_images=10, seed=1)
     assert result.images == 10
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's draws are its own (a data loader drew)
+    # the seed the card names draws the sample and the k-means starts (each had used seed 0)
+    processor = load_image_processor(str(tiny_vit), merged.config, log=lambda _: None)
+    sample = load_split(str(data), "train", label_column=None, limit=10, sample_seed=1)
+    (pixels, options), first = seen.pop(), load_split(str(data), "train", label_column=None, limit=10, sample_seed=0)
+    assert options == {"seed": 1} and not torch.equal(batch(first, processor), batch(sample, processor))
+    torch.testing.assert_close(pixels, batch(sample, processor), rtol=0, atol=0)
     out = tmp_path / "converted"
     argv = ["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--output", str(out)]
     assert main([*argv, "--calibrate-on", str(data)]) == 0
@@ -132,3 +147,27 @@ def test_the_result_is_what_the_model_it_leaves_computes(tiny_vit):
         normed = merged.patch_merger.norm(out.hidden_states[2][:, 1:]).reshape(-1, 32)
     centroids = kmeans(normed, 3, seed=0)
     torch.testing.assert_close(calibrated, centroids / centroids.pow(2).mean(1, keepdim=True).sqrt() * result.scale)
+    # started from those queries, no candidate comes closer: they stay, and the result says none was chosen (scale 0)
+    again = calibrate(merged, pixels, restarts=1)
+    assert (again.scale, again.distance_calibrated) == (0.0, again.distance_random)
+    assert torch.equal(merged.patch_merger.queries, calibrated)
+
+
+def test_the_calibration_line_and_card_say_which_number_is_which():
+    """The log line and the card give the random start's number before the calibrated one's, for what was compared."""
+    from retrofit.calibrate import CalibrationResult
+
+    result = CalibrationResult(scale=4.0, distance_random=0.9, distance_calibrated=0.25, agreement_random=0.5,
+                               agreement_calibrated=0.875, images=12)  # fmt: skip
+    assert result.summary() == (
+        "calibrated the merger on 12 images: agreement with the unmerged model 0.500 (random init) -> 0.875, "
+        "KL 0.900 -> 0.250 (query scale 4)"
+    )
+    assert result.describe("org/data", "train", 3, seed=2, of="the 40 images trained on") == (
+        "calibrated: k-means of the layer-3 tokens of 12 images of `org/data` (train split, a shuffled sample, seed 2, "
+        "from the 40 images trained on), query scale 4; top-1 agreement with the source 0.875 (random queries: 0.500)"
+    )
+    backbone = CalibrationResult(4.0, 0.2, 0.1, 0.8, 0.9, 12, metric="1 - cos")
+    assert "cosine similarity to the unmerged model 0.800 (random init) -> 0.900, 1 - cos 0.200 -> 0.100" in (
+        backbone.summary()
+    )
