@@ -144,6 +144,7 @@ def test_run_a_tiny_recipe_with_overrides(tiny_vit, tmp_path, capsys):
     assert (out / "model.safetensors").exists() and not (tmp_path / "ignored").exists()
     card = (out / "README.md").read_text()
     assert "| baseline" in card and "images/s: " in card and " CPU (" in card  # the speed says what it ran on
+    assert "fp32, batch 4 at 32×32" in card  # evaluation.speed_batch_size, not evaluation.batch_size (12)
     assert f"This is `{Path(tiny_vit).name}`" in card  # a local source by its name (no local path in an export)
     # which images the accuracies are on (data.eval_limit: the split's first 6), in the table and in how it was made
     assert "scored on `colours` test: the first 6 images" in card and "scored on `colours` test: the first 6" in printed
@@ -216,6 +217,32 @@ def test_a_recipe_says_which_kind_of_run_it_is_whole(tmp_path):
         RetrofitError, match="has both 'source' and 'pretrain'; a recipe either fine-tunes or pretrains"
     ):
         load_recipe(write(tmp_path / "r.yaml", pretraining | {"source": "x"}))
+
+
+def test_a_recipes_evaluation_batch_size_is_its_training_evaluations(tmp_path, monkeypatch):
+    """``evaluation.batch_size`` is the batch of the evaluations during training (``training.eval_batch_size`` where
+    given), of a fine-tune and of a pretraining alike; dropped, they ran at the training's batch size."""
+    import importlib
+    from types import SimpleNamespace
+
+    from retrofit.recipes import finetune_args
+
+    recipe = tiny_recipe("x", "y", tmp_path / "out")  # training.batch_size 8, evaluation.batch_size 12
+    args = finetune_args(load_recipe(write(tmp_path / "r.yaml", recipe)), overwrite=False, resume=False)
+    assert (args.batch_size, args.eval_batch_size) == (8, 12)
+    given = load_recipe(tmp_path / "r.yaml", {"training.eval_batch_size": 5})
+    assert finetune_args(given, overwrite=False, resume=False).eval_batch_size == 5
+    called = {}
+
+    def pretrain(model, **settings):
+        called.update(settings)
+        return SimpleNamespace(steps=1, final_accuracy=None, seconds=1.0)
+
+    monkeypatch.setattr(importlib.import_module("retrofit.finetune"), "pretrain", pretrain)
+    pretraining = {"pretrain": {"model": {"image_size": 16}}, "data": {"name": "y"}, "export": {"output": "o"},
+                   "training": {"batch_size": 8}, "evaluation": {"batch_size": 12}}  # fmt: skip
+    run_recipe(write(tmp_path / "p.yaml", pretraining), log=lambda _: None)
+    assert (called["batch_size"], called["eval_batch_size"]) == (8, 12)
 
 
 def test_a_pretraining_recipe_refuses_what_only_a_fine_tune_reads(tmp_path, capsys):
@@ -297,6 +324,8 @@ def test_a_runs_speed_note_flags_passes_that_spread_as_bench_does(tiny_vit):
     )
     none = _speed_note("Test CPU", 32, (224, 224), {"baseline": None, "merged": None}, {"baseline": None})
     assert none == steady + "; not measured (out of memory?): lower evaluation.speed_batch_size"
+    # one model out of memory (the larger baseline) is said too: its row says n/a and the speed-up has no reference
+    assert _speed_note("Test CPU", 32, (224, 224), {"baseline": None, "merged": 180.0}, {}) == none
 
 
 def test_a_dual_encoder_recipe_reports_zero_shot_before_and_after(tmp_path, capsys):
