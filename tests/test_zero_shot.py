@@ -674,3 +674,20 @@ def test_zero_shot_logits_are_the_models_logits_per_image(duals):
             expected = model(pixel_values=pixels, **inputs).logits_per_image
             got = zero_shot_logits(model, image_embeddings(model, pixels), text_embeddings(model, tokenizer, texts))
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=str(path))
+
+
+def test_prompts_put_each_class_name_in_the_template_in_label_order():
+    """One prompt per class, in the labels' order, underscores read as spaces (``ankle_boot``: 'ankle boot'), and a
+    template that is not one is one line from the Python API too (`prompts` is what every caller builds them with)."""
+    from retrofit.errors import RetrofitError
+    from retrofit.zero_shot import prompts
+
+    assert prompts(["t_shirt", "ankle_boot", "cat"], "a {} here.") == [
+        "a t shirt here.",
+        "a ankle boot here.",
+        "a cat here.",
+    ]
+    assert prompts(["cat"]) == [DEFAULT_TEMPLATE.format("cat")]
+    for template in ("a {} {}", "a {:d}.", "a photo"):
+        with pytest.raises(RetrofitError, match="^--prompt-template .* must hold exactly one"):
+            prompts(["cat", "dog"], template)
