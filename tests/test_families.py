@@ -1199,6 +1199,8 @@ def test_refused_families(make, reason, tmp_path, capsys):
     assert reason in err, err
     assert err.endswith(f"supported families: {supported_names()}")
     assert "DINOv2" in err and "CLIP" in err and "SigLIP" in err
+    supported = err.split("supported families: ")[1]  # the refused families are not offered
+    assert "hierarchical" not in supported and "timm" not in supported, supported
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 

@@ -687,6 +687,8 @@ def _edit_json(path: Path, change) -> None:
         ("id2label-text", "config.json' is not a valid config (invalid literal for int() with base 10: 'a'); fix or"),
         ("model-type-unknown", "model type 'foobar' is not supported (no single token sequence retrofit knows how"),
         ("dtype-auto", "config.json': dtype 'auto' is not a torch dtype; make it float32, bfloat16 or float16, or"),
+        ("torch_dtype-unknown", "config.json': torch_dtype 'float33' is not a torch dtype; make it float32, bfloat16"),
+        ("model-type-number", "config.json' holds an object whose model_type is not text, not a model config"),
     ],
 )
 def test_a_broken_source_is_one_line(tiny_vit, tmp_path, capsys, damage, message):
@@ -716,6 +718,12 @@ def test_a_broken_source_is_one_line(tiny_vit, tmp_path, capsys, damage, message
         _edit_json(source / "config.json", lambda c: {**c, "id2label": {"a": "cat"}})
     elif damage == "model-type-unknown":
         _edit_json(source / "config.json", lambda c: {**c, "model_type": "foobar"})
+    elif damage == "torch_dtype-unknown":  # the older key, read when there is no dtype
+        _edit_json(
+            source / "config.json", lambda c: {**{k: v for k, v in c.items() if k != "dtype"}, "torch_dtype": "float33"}
+        )
+    elif damage == "model-type-number":
+        _edit_json(source / "config.json", lambda c: {**c, "model_type": 5})
     elif damage.startswith("dtype-"):  # was "'int' object has no attribute 'is_floating_point'; pass a folder ..."
         dtype = {"dtype-number": 5, "dtype-int8": "int8", "dtype-auto": "auto"}[damage]  # auto: "module 'torch' has
         _edit_json(source / "config.json", lambda c: {**c, "dtype": dtype})  # no attribute 'auto'" before
