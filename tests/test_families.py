@@ -1123,6 +1123,18 @@ def test_a_class_retrofit_does_not_convert_is_named_in_the_log_and_card(tmp_path
     assert any(line.startswith(f"note: {said}") for line in logs) and said in (out / "README.md").read_text()
 
 
+def test_a_task_the_checkpoint_already_has_keeps_its_class():
+    """`--task image-classification` on a distilled DeiT (DeiTForImageClassificationWithTeacher) keeps it that class,
+    with its distillation head, rather than the family's first classifier."""
+    from transformers import DeiTConfig
+
+    from retrofit.loading import for_task
+
+    distilled = DeiTConfig(**TINY, architectures=["DeiTForImageClassificationWithTeacher"])
+    loaded = for_task(distilled, "image-classification")
+    assert family_and_head(loaded)[1].class_name == "DeiTForImageClassificationWithTeacher"
+
+
 def test_a_vision_tower_saved_without_its_prefix_is_exported_with_it(tmp_path):
     """A CLIPVisionModel/SiglipVisionModel saved by transformers >= 5.6 names its weights without `vision_model.`;
     its export did too, which transformers 5.0-5.5 (releases exports support) loaded as random weights without an
