@@ -448,9 +448,14 @@ def test_continue_training_an_export(tiny_vit, colours, tmp_path):
     again = finetune(tmp_path / "a", output=tmp_path / "b", data=colours, loss="kd", max_steps=2, **FAST)
     assert again.model.config.merge_after_layer == 1 and first.output and again.output
     # the continued export keeps the license of the model it was first made from (found again by its weights)
-    assert "license: mit" in (tmp_path / "b" / "README.md").read_text()
+    card = (tmp_path / "b" / "README.md").read_text()
+    assert "license: mit" in card
+    # its trained merger goes on training: the default --calibrate does not replace its queries by a k-means start
+    assert "- merger initialisation: continued from a retrofit export" in card
     with pytest.raises(RetrofitError, match="already merged"):
         finetune(tmp_path / "a", output=tmp_path / "c", after_layer=2, num_tokens=2, data=colours, **FAST)
+    with pytest.raises(RetrofitError, match=r"already merged \(after layer 1, 2 tokens\)"):  # other tokens alone
+        finetune(tmp_path / "a", output=tmp_path / "c", after_layer=1, num_tokens=4, data=colours, **FAST)
 
 
 def test_a_bf16_source_is_exported_in_bf16_like_it(tiny_vit, colours, tmp_path):
