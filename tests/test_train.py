@@ -781,6 +781,7 @@ def test_evaluate_and_sweep_rank_backbones_by_feature_similarity(tiny_clip_visio
         (dict(max_steps=0), "--max-steps must be positive"),
         (dict(min_steps=1.5), "--min-steps must be a whole number, not 1.5"),
         (dict(eval_limit=0), "--eval-limit must be at least 1"),
+        (dict(), "--data is required$"),  # a Python call without it: a TypeError from the dataclass
         (dict(data="d", epochs=0), "--epochs must be positive"),  # a budget of no steps, without --max-steps
         (
             dict(data="d", loss="mix", function_matching=True),
