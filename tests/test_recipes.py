@@ -335,17 +335,27 @@ def test_a_dual_encoder_recipe_reports_zero_shot_before_and_after(tmp_path, caps
     from conftest import save_tiny, tiny_clip_tokenizer
     from test_families import _clip
 
-    torch.manual_seed(0)
-    source = save_tiny(_clip(), tmp_path / "clip")
-    tiny_clip_tokenizer().save_pretrained(source)
+    from retrofit import evaluate_models
+
+    source, teacher = tmp_path / "clip", tmp_path / "teacher"
+    for seed, folder in ((0, source), (6, teacher)):  # seed 6: a teacher of another zero-shot top-1 than the source
+        torch.manual_seed(seed)
+        save_tiny(_clip(), folder)
+        tiny_clip_tokenizer().save_pretrained(folder)
     data = make_imagefolder(tmp_path / "animals", per_class=4, test_per_class=4)
-    recipe = tiny_recipe(source, data, tmp_path / "out")
+    recipe = tiny_recipe(source, data, tmp_path / "out") | {"teacher": str(teacher)}
+    recipe["merge"]["calibrate"] = False
     recipe["training"] |= {"prompt_weight": 1.0, "batch_size": 4}
     recipe["evaluation"] |= {"zero_shot": True, "prompt_template": "a {}."}
     summary = run_recipe(write(tmp_path / "clip.yaml", recipe), log=lambda *_: None)
     baseline, untrained, trained = summary["rows"]
     assert baseline["agreement"] == 1.0 and "similarity" in trained
     assert all(0 <= row["zero_shot_top1"] <= 1 for row in (baseline, untrained, trained))
+    # The baseline row is the source (not the teacher the recipe names, whose similarity to itself is no 1.0), and
+    # the untrained merger says it starts random (merge.calibrate false).
+    alone = evaluate_models(source, data=data, split="test", zero_shot=True, prompt_template="a {}.", log=print)
+    assert baseline["zero_shot_top1"] == alone["models"][0]["top1"] and baseline["similarity"] is None
+    assert untrained["model"] == "merged K=2 M=4, random init, no training"
     card = (tmp_path / "out" / "README.md").read_text()
     assert "| zero-shot top-1 | agreement with the baseline |" in card
     assert "; zero-shot over one prompt per class, like 'a bird.'" in card  # the prompts were named nowhere
