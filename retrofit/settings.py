@@ -925,6 +925,7 @@ class BenchArgs(BenchSettings):
     plot: str | None = setting(
         None, "draw images/s against batch size (each model and --compile mode; the batch size from which each merged "
         "model is faster marked) into FILE.png: pass several --batch-size values, e.g. 1,2,4,...,256", metavar="FILE",
+        written=True,
     )  # fmt: skip
     overwrite: bool = overwrite_setting("the --json and --plot files")
     card: str | None = setting(None, "write the speed table into this export's README.md", metavar="EXPORT")

@@ -143,6 +143,31 @@ def test_empty_text_is_refused_where_it_means_nothing(tmp_path, monkeypatch, cap
         load_recipe(recipe)
 
 
+def test_every_path_retrofit_writes_to_under_a_tilde_is_in_the_home_folder(tmp_path, monkeypatch):
+    """A Python call's "~/..." (no shell expands it) for a path retrofit writes is the home folder's, as its inputs'
+    is; so is ``--plot=~/speed.png``, where the shell leaves it (bench refused it: "folder '~' does not exist")."""
+    from retrofit import settings
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    built = [
+        settings.FinetuneArgs(source="s", data="d", output="~/o", checkpoint_dir="~/checkpoints"),
+        settings.EvaluateArgs(models=["m"], data="d", json="~/evaluate.json"),
+        settings.BenchArgs(models=["m"], json="~/bench.json", plot="~/speed.png"),
+        settings.SweepArgs(source="s", data="d", output="~/sweep"),
+        settings.ExportOnnxArgs(model="m", output="~/m.onnx"),
+        settings.ConvertArgs(source="s", after_layer=1, tokens=2, output="~/converted"),
+    ]
+    checked = set()
+    for args in built:
+        for spec in fields(args):
+            if spec.metadata.get("written"):
+                value = getattr(args, spec.name)
+                assert value.startswith(str(tmp_path) + os.sep), (type(args).__name__, spec.name, value)
+                checked.add((type(args).__name__, spec.name))
+    assert len(checked) == 8  # every written setting of these commands
+    assert built[2].plot == str(tmp_path / "speed.png")
+
+
 def test_a_name_that_is_not_utf8_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
     """A file name in another encoding's bytes (``-o $'out-\\xff'``) reaches Python as text with surrogates, which no
     card, JSON or lock name can hold: convert wrote the export's weights, then failed with a traceback."""
