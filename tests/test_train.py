@@ -666,6 +666,17 @@ def tiny_multimodal(tmp_path_factory) -> dict[str, str]:
     }
 
 
+def test_num_labels_implies_image_classification_and_agrees_with_it():
+    """--num-labels gives the model a new classifier: it implies --task image-classification, takes it said too, and
+    refuses another task."""
+    from retrofit.finetune import task_for
+
+    assert task_for(None, 3) == task_for("image-classification", 3) == "image-classification"
+    assert task_for("image-feature-extraction", None) == "image-feature-extraction" and task_for(None, None) is None
+    with pytest.raises(RetrofitError, match="^--num-labels gives the model a new classifier, which a image-feature"):
+        task_for("image-feature-extraction", 3)
+
+
 def test_task_trains_a_vision_tower_or_a_new_classifier(tiny_multimodal, colours, tmp_path, capsys):
     """--task image-feature-extraction on a full CLIP checkpoint distils its vision tower from the unmerged tower;
     --num-labels on a DINOv2 backbone trains a new classifier; kd into a classifier the checkpoint does not have (its
@@ -707,6 +718,8 @@ def test_task_trains_a_vision_tower_or_a_new_classifier(tiny_multimodal, colours
     classify = ("--task", "image-classification")  # without it, a full CLIP checkpoint stays a dual encoder
     assert "CLIPModel checkpoint, so its classifier would be new" in refused("finetune", clip, "--data", colours,
                                                                              *classify)  # fmt: skip
+    mix = refused("finetune", clip, "--data", colours, *classify, "--loss", "mix")  # mix distils the logits too
+    assert "its classifier would be new and random, with no logits to distil (--loss mix)" in mix
     assert "CLIPModel checkpoint, so its classifier would be new" in refused("run", str(recipe), *classify)
     err = refused("run", str(recipe), "--set", "task=segmentation")
     assert "must be one of image-classification, image-feature-extraction, zero-shot-image-classification, not" in err
