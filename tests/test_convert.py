@@ -366,6 +366,12 @@ def test_weights_missing_from_the_backbone_are_refused(capsys, tmp_path, tiny_vi
     save_file({k: v for k, v in weights.items() if not k.startswith("classifier.")}, no_head / "model.safetensors",
               metadata={"format": "pt"})  # fmt: skip
     assert run_cli(capsys, "convert", no_head, "--after-layer", 2, "--tokens", 4)[0] == 0
+    # nor is a new pooler: a classifier checkpoint (which has none) loaded as its backbone
+    from retrofit.loading import load_config
+
+    assert (
+        type(load_model(tiny_vit, config=load_config(tiny_vit, task="image-feature-extraction"))).__name__ == "ViTModel"
+    )
 
 
 def test_weights_of_other_shapes_than_the_config_are_one_line(capsys, tmp_path, tiny_vit):

@@ -748,11 +748,13 @@ def test_an_export_with_a_mistyped_merge_setting_is_one_line(export_dir, tmp_pat
 
 def test_an_export_whose_config_json_transformers_refuses_is_one_line(export_dir, tmp_path, colours, capsys):
     """A field of an export's config.json that its config class cannot read (as `test_a_broken_source_is_one_line`
-    has for sources) escaped as a traceback: ValueError, StrictDataclassFieldValidationError, AttributeError."""
+    has for sources) escaped as a traceback: ValueError, StrictDataclassFieldValidationError, AttributeError. One
+    naming no class is refused too, not loaded as its family's first class."""
     for name, change, message in (
         ("id2label", {"id2label": {"a": "cat"}}, "config.json' is not a valid config (invalid literal for int() with"),
         ("layers", {"num_hidden_layers": "two"}, "config.json' is not a valid config (Validation error for field"),
         ("dtype", {"dtype": "auto"}, "config.json': dtype 'auto' is not a torch dtype; make it float32"),
+        ("class", {"architectures": None}, "cannot tell which ViT class this export is ([]); re-export it"),
     ):
         export = tmp_path / name
         shutil.copytree(export_dir, export)
