@@ -227,3 +227,33 @@ def test_an_overwrite_stopped_between_the_weights_and_the_graph_keeps_the_old_pa
     deploy._move_into_place(work, output, overwrite=True)
     assert output.read_bytes() == b"new graph" and (tmp_path / "m.onnx.data").read_bytes() == b"new weights"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data", "work"]
+
+
+def test_every_output_a_user_reads_is_checked_at_the_tolerance_of_its_dtype(tmp_path, capsys, monkeypatch):
+    """A backbone's graph returns its hidden states and its pooler output, and both are checked: a graph whose pooler
+    output alone drifts is refused (the check read the closest output). A refused fp16 graph is held to fp16's
+    tolerance (2e-2) and suggests fp32. The exporter and ONNX Runtime are stood in for: what they would return is the
+    PyTorch outputs plus a chosen drift."""
+    from conftest import save_tiny
+    from test_families import _vit_backbone
+
+    source = save_tiny(_vit_backbone(), tmp_path / "backbone")
+    drift = {}
+
+    def export(model, pixels, path, exporter):
+        drift["expected"] = deploy._outputs(model.float(), pixels)
+        return list(drift["expected"])
+
+    def run(path, pixels):
+        return {name: value + drift.get(name, 0.0) for name, value in drift["expected"].items()}
+
+    monkeypatch.setattr(deploy, "_export", export)
+    monkeypatch.setattr(deploy, "_write_metadata", lambda path, info: None)
+    monkeypatch.setattr(deploy, "_run", run)
+    drift["pooler_output"] = 1.0
+    err = refused(capsys, "export-onnx", source, "-o", tmp_path / "m.onnx", "--images", "2")
+    assert list(drift["expected"]) == ["last_hidden_state", "pooler_output"]
+    assert "differ from PyTorch's by 1 (more than 0.0001)" in err and "--dtype fp32" not in err
+    drift["pooler_output"] = 0.5
+    err = refused(capsys, "export-onnx", source, "-o", tmp_path / "m.onnx", "--images", "2", "--dtype", "fp16")
+    assert "by 0.5 (more than 0.02); it was not written. Try --dtype fp32, a --tolerance above 0.5 " in err
