@@ -426,6 +426,25 @@ def test_kd_needs_no_labels_and_merger_and_after_freezes_the_start(tiny_vit, col
     assert "loss: kd from the unmerged model (T = 2)\n" in (tmp_path / "kd" / "README.md").read_text()  # logits only
 
 
+def test_the_teacher_is_the_unmerged_source_with_weights_of_its_own(tiny_vit, colours, tmp_path):
+    """kd distils the source as it was: the teacher is unmerged and shares no tensor with the student (the merged
+    model shares the source's), so training the student cannot move its target."""
+    from retrofit.atomic import releases_write_locks
+    from retrofit.finetune import prepare
+    from retrofit.settings import FinetuneArgs
+
+    args = FinetuneArgs(source=str(tiny_vit), output=str(tmp_path / "o"), data=colours, after_layer=2, tokens=4,
+                        calibrate=False, batch_size=8)  # fmt: skip
+    ready = releases_write_locks(prepare)(args, log=lambda _: None)
+    student = {tensor.data_ptr() for tensor in ready.model.state_dict().values()}
+    assert not any(tensor.data_ptr() in student for tensor in ready.teacher.state_dict().values())
+    assert not hasattr(ready.teacher, "patch_merger") and not ready.teacher.training
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ready.teacher(pixel_values=pixels).logits,
+                                   load_model(tiny_vit).eval()(pixel_values=pixels).logits)  # fmt: skip
+
+
 def test_the_merger_gets_its_own_learning_rate_and_no_weight_decay(tiny_vit):
     model = insert_patch_merger(load_model(tiny_vit), after_layer=1, num_tokens=2)
     groups = param_groups(model, TrainSettings(lr=1e-4, merger_lr_scale=10, weight_decay=0.05))
