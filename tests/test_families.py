@@ -1235,14 +1235,17 @@ def test_a_model_too_small_to_merge_is_refused_in_one_line(tmp_path, capsys):
 def test_a_size_pair_for_a_family_of_square_sizes_is_refused_in_one_line(tmp_path, capsys):
     """CLIP and SigLIP build their embeddings from one image_size and patch_size: a (height, width) pair in config.json
     failed as "cannot load ...: unsupported operand type(s) for //; pass a folder holding config.json and weights"."""
-    source = save_tiny(_clip_vision(), tmp_path / "clip")
-    config = json.loads((source / "config.json").read_text())
-    (source / "config.json").write_text(json.dumps({**config, "image_size": [32, 32]}))
-    capsys.readouterr()
-    code = main(["convert", str(source), "--after-layer", "1", "--tokens", "2"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "\n" not in err, err
-    assert "image_size must be one whole number for CLIP vision tower" in err and "[32, 32]" in err, err
+    for make, name in ((_clip_vision, "CLIP vision tower"), (_clip, "CLIP")):  # the full model: in vision_config
+        source = save_tiny(make(), tmp_path / name)
+        config = json.loads((source / "config.json").read_text())
+        if "vision_config" in config:
+            config["vision_config"]["image_size"] = [32, 32]
+        (source / "config.json").write_text(json.dumps({**config, "image_size": [32, 32]}))
+        capsys.readouterr()
+        code = main(["convert", str(source), "--after-layer", "1", "--tokens", "2"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "\n" not in err, err
+        assert f"image_size must be one whole number for {name} (its" in err and "[32, 32]" in err, err
 
 
 def test_timm_checkpoints_are_refused_in_one_line(tmp_path, capsys):

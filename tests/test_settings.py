@@ -395,6 +395,7 @@ def test_a_pretraining_model_with_impossible_sizes_is_one_line():
         with pytest.raises(RetrofitError, match=f"^pretrain.model: {re.escape(message)}"):
             check_config(ViTConfig(**{**base, **change}), "pretrain.model")
     check_config(ViTConfig(**base, hidden_dropout_prob=0.1, intermediate_size=64), "pretrain.model")
+    check_config(ViTConfig(**base, hidden_dropout_prob=1, attention_probs_dropout_prob=0.0), "pretrain.model")  # 0, 1
 
 
 def test_options_are_read_whole_and_verbose_keeps_the_exit_code(tmp_path, monkeypatch, capsys):
