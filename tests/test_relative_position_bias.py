@@ -241,6 +241,8 @@ def test_cost_counts_merging_the_bias():
     assert model_cost(shared, merge=(K, M)).merger_macs == merger_macs + bias_macs
     no_bias = per_layer.to_dict() | {"use_relative_position_bias": False}
     assert model_cost(type(per_layer).from_dict(no_bias), merge=(K, M)).merger_macs == merger_macs
+    both = per_layer.to_dict() | {"use_shared_relative_position_bias": True}  # each layer adds (and merges) both
+    assert model_cost(type(per_layer).from_dict(both), merge=(K, M)).merger_macs == merger_macs + 2 * bias_macs
 
 
 def test_convert_prints_the_cost_and_the_card_says_how_the_bias_is_merged(tmp_path, capsys):
