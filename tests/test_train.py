@@ -623,6 +623,27 @@ def test_the_cards_loss_line_gives_each_term_its_own_weight():
     assert "with 5 templates such as 'a photo of a {}.'" in losses.describe_loss(PretrainSettings(loss="contrastive"))
 
 
+def test_the_cards_training_notes_say_how_it_was_trained():
+    """The card's notes on training: no clipping where --max-grad-norm is 0 (not "clipped at 0"), the mixed
+    precision, the batch and its accumulation, and the final accuracy in % (or the agreement with the teacher)."""
+    from retrofit.finetune import _training_info
+    from retrofit.settings import TrainingRun
+    from retrofit.train import TrainResult
+
+    run = TrainingRun(data="org/data", max_grad_norm=0, mixed_precision="bf16", grad_accum=2, batch_size=8, limit=40)
+    done = TrainResult(steps=10, epochs=2.0, last_loss=0.1, eval_history=[{"step": 10, "accuracy": 0.875}])
+    info = _training_info(run, done, "random", images=40)
+    assert info.notes == [
+        "trained: all; lr 0.0002, weight decay 0.05, warm-up ratio 0.05, no gradient clipping, batch 8x2, mixed "
+        "precision bf16, seed 0",
+        "accuracy on `org/data` test: 87.50 %",
+    ]
+    assert (info.images, info.steps, info.epochs) == ("train (the first 40 images)", 10, 2.0)
+    unlabelled = TrainResult(steps=10, epochs=2.0, last_loss=0.1, eval_history=[{"step": 10, "agreement": 0.5}])
+    notes = _training_info(TrainingRun(data="d", mixed_precision="fp16"), unlabelled, "random").notes
+    assert "mixed precision fp16" in notes[0] and notes[1] == "top-1 agreement with the teacher on `d` test: 50.00 %"
+
+
 @pytest.fixture(scope="module")
 def tiny_clip_vision(tmp_path_factory):
     from conftest import TINY, save_tiny
