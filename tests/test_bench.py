@@ -599,6 +599,13 @@ def test_shape_cost_matches_the_paper_setting():
         model = ViTForImageClassification(config)
     ratio = model_cost(config).gflops / model_cost(merged_config(model, 6, 8)).gflops
     assert ratio == pytest.approx(1.905, abs=0.01)
+    # each ViT shape is the published model its name says (ViT paper; Ti and S from DeiT): D, L, heads, I, patch
+    published = {"vit-ti16": (192, 12, 3, 768, 16), "vit-s16": (384, 12, 6, 1536, 16),
+                 "vit-b16": (768, 12, 12, 3072, 16), "vit-l16": (1024, 24, 16, 4096, 16),
+                 "vit-h14": (1280, 32, 16, 5120, 14)}  # fmt: skip
+    fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size")
+    for name, sizes in published.items():
+        assert tuple(getattr(benchmark.shape_config(name), field) for field in fields) == sizes, name
     assert parse_compile("both") == ("eager", "default")
     assert parse_merges("half:8,3:16") == (("half", 8), ("3", 16))
 
