@@ -609,6 +609,29 @@ def test_prompts_of_the_same_tokens_are_refused_by_a_recipe_and_prompt_weight(du
     assert sorted(path.name for path in tmp_path.iterdir()) == ["named", "run.yaml"]
 
 
+def test_prompt_weight_reads_each_class_as_the_unit_mean_of_its_prompts(duals, images):
+    """--prompt-weight's class embeddings are the mean of the class's prompts' embeddings, normalised (CLIP's prompt
+    ensembling): the mean of unit vectors is shorter than one, which would soften the image-text logits it is
+    distilled on."""
+    from types import SimpleNamespace
+
+    from retrofit.finetune import prompt_embeddings
+    from retrofit.loading import load_model, load_tokenizer
+    from retrofit.settings import FinetuneArgs
+    from retrofit.zero_shot import prompts, text_embeddings
+
+    source, _ = duals["clip"]
+    model = load_model(source).eval()
+    tokenizer = load_tokenizer(str(source), model.config, log=lambda _: None)
+    templates = ("a photo of a {}.", "a drawing of a {}.")
+    args = FinetuneArgs(source=str(source), output="o", data=str(images), prompt_weight=1.0, prompt_templates=templates)
+    got = prompt_embeddings(args, SimpleNamespace(teacher=None, model=model, tokenizer=tokenizer), log=lambda _: None)
+    mean = torch.stack([text_embeddings(model, tokenizer, prompts(["bird", "cat", "dog"], t)) for t in templates])
+    mean = mean.mean(dim=0)
+    torch.testing.assert_close(got, mean / mean.norm(dim=-1, keepdim=True))
+    assert mean.norm(dim=-1).max() < 0.999  # the two prompts differ: unnormalised, the rows would be shorter
+
+
 def test_a_dual_encoder_exported_without_a_tokenizer_says_so_in_its_card(duals, tmp_path):
     """A CLIPModel checkpoint without tokenizer files converts (a warning in the log), but its card's examples embed
     text (pipeline, processor(text=...)) and said nothing of the missing tokenizer: a note says what to add."""
