@@ -328,6 +328,34 @@ def test_a_runs_speed_note_flags_passes_that_spread_as_bench_does(tiny_vit):
     assert _speed_note("Test CPU", 32, (224, 224), {"baseline": None, "merged": 180.0}, {}) == none
 
 
+def test_a_runs_table_puts_each_cell_under_its_column():
+    """The before/after table of a dual encoder: feature similarity as a cosine, zero-shot top-1 and agreement with
+    the baseline as percentages, each under its own header, and a speed-up over the baseline row; kd without labels
+    the model knows gives agreement with the teacher instead of an accuracy."""
+    from retrofit.recipes import results_table
+
+    rows = [{"model": "base", "similarity": 1.0, "zero_shot_top1": 0.5, "agreement": 1.0, "gflops": 2.0,
+             "images_per_s": 100.0},
+            {"model": "merged", "similarity": 0.875, "zero_shot_top1": 0.25, "agreement": 0.75, "gflops": 1.0,
+             "images_per_s": 150.0}]  # fmt: skip
+    assert results_table(rows, note="scored on x").splitlines() == [
+        "| model | feature similarity | zero-shot top-1 | agreement with the baseline | GFLOPs/image "
+        "| images/s (measured) | speed-up |",
+        "|---|---|---|---|---|---|---|",
+        "| base | 1.0000 | 50.00 % | 100.00 % | 2.0000 | 100 | 1.00x |",
+        "| merged | 0.8750 | 25.00 % | 75.00 % | 1.0000 | 150 | 1.50x |",
+        "",
+        "scored on x",
+    ]
+    rows = [{"model": "base", "teacher_agreement": 1.0, "gflops": 2.0}, {"model": "m", "teacher_agreement": None,
+            "gflops": 1.0}]  # fmt: skip
+    assert results_table(rows).splitlines()[::2] == [
+        "| model | agreement with the teacher | GFLOPs/image | images/s (measured) | speed-up |",
+        "| base | 100.00 % | 2.0000 | n/a | n/a |",
+    ]
+    assert results_table(rows).splitlines()[-1] == "| m | n/a | 1.0000 | n/a | n/a |"
+
+
 def test_a_dual_encoder_recipe_reports_zero_shot_before_and_after(tmp_path, capsys):
     """`evaluation.zero_shot`: the before/after table of a CLIP recipe has zero-shot top-1 and agreement with the
     baseline for the baseline, the untrained merger and the fine-tuned model; the card carries it."""
