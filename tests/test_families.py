@@ -1011,6 +1011,10 @@ def test_feature_distillation_reads_what_the_head_reads(name, converted):
             torch.testing.assert_close(heads, got.logits)
         else:
             assert got.logits is None
+            # what these backbones' users read: DINOv2's linear-probe features; the mean where there is no CLS or pooler
+            kinds = {"Dinov2Model": "cls+mean", "Dinov2WithRegistersModel": "cls+mean", "IJepaModel": "mean",
+                     "Data2VecVisionModel": "mean", "ViTModel": "cls"}  # fmt: skip
+            assert head.features == kinds.get(head.class_name, head.features), head.class_name
             out, prefix = model(pixel_values=pixels), CASES[name].prefix
             hidden = out.last_hidden_state
             expected = {
