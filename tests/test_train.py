@@ -1420,7 +1420,8 @@ def test_a_resumed_pretraining_keeps_its_model_and_image_processor(colours, tmp_
 
 def test_pretrain_refuses_what_it_cannot_build_in_one_line(colours, tmp_path):
     """Settings pretraining cannot use are one line before any training: not a mapping, not a path, an image_mean
-    with a value per channel missing (it failed at the first image, blaming the data), a model too large to build."""
+    with a value per channel missing (it failed at the first image, blaming the data), a model too large to build, a
+    switch given as text, a ViT given the contrastive loss."""
     from retrofit.finetune import pretrain
 
     vit = {"image_size": 32, "patch_size": 8, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -1432,6 +1433,9 @@ def test_pretrain_refuses_what_it_cannot_build_in_one_line(colours, tmp_path):
         (vit, {"output": 5}, "pretrain's output must be a folder's path, not 5"),
         (vit, {"image_processor": {"image_mean": [0.5]}}, "pretrain.image_processor.image_mean has 1 values for 3"),
         ({**vit, "hidden_size": 2**40, "num_attention_heads": 1}, {}, "pretrain.model could not be built"),
+        # any text is true: "maybe" resized
+        (vit, {"image_processor": {"do_resize": "maybe"}}, "pretrain.image_processor.do_resize must be true or false"),
+        (vit, {"loss": "contrastive"}, "needs loss contrastive, a ViT loss ce"),  # a ViT has no captions to match
     ]
     for model, change, message in cases:
         options = {"output": out, "data": colours, "max_steps": 1, "progress": False, "log": lambda _: None, **change}
