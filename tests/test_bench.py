@@ -550,6 +550,7 @@ def test_dual_encoder_shapes_are_the_published_models(tmp_path, monkeypatch):
         assert sizes == (768, 12, patch, 224)
         assert model_cost(config).tokens_per_layer == [tokens] * 12
     assert shape_config("clip-b32").vision_config.hidden_act == "quick_gelu"
+    assert shape_config("siglip2-b16").vision_config.num_patches == 256  # google/siglip2-base-patch16-naflex's
     monkeypatch.chdir(tmp_path)
     (tmp_path / "clip-mine").mkdir()
     check_shape("clip-mine")  # an existing folder: loaded as a checkpoint, not refused as a shape
