@@ -632,9 +632,13 @@ def test_prompt_weight_reads_each_class_as_the_unit_mean_of_its_prompts(duals, i
     assert mean.norm(dim=-1).max() < 0.999  # the two prompts differ: unnormalised, the rows would be shorter
 
 
-def test_a_dual_encoder_exported_without_a_tokenizer_says_so_in_its_card(duals, tmp_path):
+def test_a_dual_encoder_exported_without_a_tokenizer_says_so_in_its_card(duals, images, tmp_path):
     """A CLIPModel checkpoint without tokenizer files converts (a warning in the log), but its card's examples embed
-    text (pipeline, processor(text=...)) and said nothing of the missing tokenizer: a note says what to add."""
+    text (pipeline, processor(text=...)) and said nothing of the missing tokenizer: a note says what to add.
+    --prompt-weight, which embeds prompts with it, is one line before any work."""
+    from retrofit import finetune
+    from retrofit.errors import RetrofitError
+
     source, _ = duals["clip"]
     bare = tmp_path / "bare"
     bare.mkdir()
@@ -647,6 +651,10 @@ def test_a_dual_encoder_exported_without_a_tokenizer_says_so_in_its_card(duals, 
     assert "- no tokenizer: the source had no usable one" in (tmp_path / "pm" / "README.md").read_text()
     convert(source, after_layer=2, num_tokens=3, output=tmp_path / "pm", overwrite=True, log=logged.append)
     assert "no tokenizer" not in (tmp_path / "pm" / "README.md").read_text()
+    with pytest.raises(RetrofitError, match=r"^--prompt-weight embeds prompts with the model's tokenizer, and '.*'"):
+        finetune(bare, after_layer=2, num_tokens=3, data=str(images), prompt_weight=1.0, max_steps=1, batch_size=4,
+                 output=tmp_path / "ft", log=lambda *_: None)  # fmt: skip
+    assert not (tmp_path / "ft").exists()
 
 
 def test_a_dual_encoder_whose_processor_gives_one_mean_takes_rgb_images(duals, images, tmp_path):
