@@ -445,6 +445,22 @@ def test_the_teacher_is_the_unmerged_source_with_weights_of_its_own(tiny_vit, co
                                    load_model(tiny_vit).eval()(pixel_values=pixels).logits)  # fmt: skip
 
 
+def test_a_run_stopped_before_its_export_uploads_nothing(monkeypatch):
+    """--push-to-hub uploads the export `finish` wrote; a run stopped early (`stop_after`, to be resumed) wrote none."""
+    import retrofit.push
+    from retrofit.finetune import publish
+    from retrofit.settings import FinetuneArgs
+    from retrofit.train import TrainResult
+
+    pushed = []
+    monkeypatch.setattr(retrofit.push, "push_written", lambda *args, **kwargs: pushed.append(args))
+    args = FinetuneArgs(source="s", output="o", data="d", push_to_hub="me/pm")
+    publish(args, TrainResult(steps=3, epochs=0.5, last_loss=1.0), log=pytest.fail)
+    assert pushed == []
+    publish(args, TrainResult(steps=6, epochs=1.0, last_loss=1.0, output=Path("o"), finished=True), log=print)
+    assert pushed == [("o", "me/pm")]
+
+
 def test_the_merger_gets_its_own_learning_rate_and_no_weight_decay(tiny_vit):
     model = insert_patch_merger(load_model(tiny_vit), after_layer=1, num_tokens=2)
     groups = param_groups(model, TrainSettings(lr=1e-4, merger_lr_scale=10, weight_decay=0.05))
