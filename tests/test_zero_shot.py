@@ -425,6 +425,8 @@ def test_pretrain_a_clip_on_captions_of_class_names(images, tmp_path):
     assert result.finished and 0 <= result.eval_history[-1]["accuracy"] <= 1
     assert any(line.startswith("step 4: eval zero-shot accuracy (first template) ") for line in said), said
     assert type(CLIPModel.from_pretrained(out)).__name__ == "CLIPModel" and (out / "tokenizer.json").exists()
+    info = json.loads((out / "training.json").read_text())  # what was trained, and how well
+    assert (info["steps"], info["accuracy"], info["settings"]["loss"]) == (4, result.final_accuracy, "contrastive")
     # --overwrite replaces it: its tokenizer files are retrofit's (they were "files retrofit did not write")
     check_output(out, True, kind=BASELINE)
     (out / "vocab.txt").write_text("mine")
