@@ -48,12 +48,17 @@ class CalibrationResult:
     images: int
     metric: str = "KL"
 
+    @property
+    def chosen(self) -> str:
+        """The start chosen: a query scale, or (scale 0) the random queries, which no candidate came closer than."""
+        return f"query scale {self.scale:g}" if self.scale else "random queries kept: no k-means start came closer"
+
     def summary(self) -> str:
         agreement = "agreement with" if self.metric == "KL" else "cosine similarity to"
         return (
             f"calibrated the merger on {self.images} images: {agreement} the unmerged model "
             f"{self.agreement_random:.3f} (random init) -> {self.agreement_calibrated:.3f}, "
-            f"{self.metric} {self.distance_random:.3f} -> {self.distance_calibrated:.3f} (query scale {self.scale:g})"
+            f"{self.metric} {self.distance_random:.3f} -> {self.distance_calibrated:.3f} ({self.chosen})"
         )
 
     def describe(self, data: str, split: str, layer: int, seed: int | None = None, of: str | None = None) -> str:
@@ -65,7 +70,7 @@ class CalibrationResult:
         return (
             f"calibrated: k-means of the layer-{layer} tokens of {self.images} images of `{public_name(data)}` "
             f"({split} split{drawn}), "
-            f"query scale {self.scale:g}; {closeness} with the source {self.agreement_calibrated:.3f} "
+            f"{self.chosen}; {closeness} with the source {self.agreement_calibrated:.3f} "
             f"(random queries: {self.agreement_random:.3f})"
         )
 

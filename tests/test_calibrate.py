@@ -147,10 +147,13 @@ def test_the_result_is_what_the_model_it_leaves_computes(tiny_vit):
         normed = merged.patch_merger.norm(out.hidden_states[2][:, 1:]).reshape(-1, 32)
     centroids = kmeans(normed, 3, seed=0)
     torch.testing.assert_close(calibrated, centroids / centroids.pow(2).mean(1, keepdim=True).sqrt() * result.scale)
-    # started from those queries, no candidate comes closer: they stay, and the result says none was chosen (scale 0)
+    # started from those queries, no candidate comes closer: they stay, and the log line and card say so (they said
+    # "query scale 0", as if the queries were zeros)
     again = calibrate(merged, pixels, restarts=1)
     assert (again.scale, again.distance_calibrated) == (0.0, again.distance_random)
     assert torch.equal(merged.patch_merger.queries, calibrated)
+    assert again.summary().endswith("(random queries kept: no k-means start came closer)")
+    assert "), random queries kept: no k-means start came closer; top-1 agreement" in again.describe("d", "train", 2)
 
 
 def test_the_calibration_line_and_card_say_which_number_is_which():
