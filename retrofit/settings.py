@@ -243,16 +243,6 @@ def from_options(cls: type, values: dict, *, where: str = "") -> Any:
     return cls(**values)
 
 
-def split(values: dict, *classes: type) -> list[dict]:
-    """`values` (field names) shared out among `classes` by their fields; each key goes to the first class that has
-    it. Keys no class has stay in a last dict."""
-    parts: list[dict] = [{} for _ in classes] + [{}]
-    for key, value in values.items():
-        index = next((i for i, cls in enumerate(classes) if key in {f.name for f in fields(cls)}), len(classes))
-        parts[index][key] = value
-    return parts
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Command-line options from settings
 # ----------------------------------------------------------------------------------------------------------------
