@@ -373,7 +373,7 @@ def test_a_dual_encoder_recipe_reports_zero_shot_before_and_after(tmp_path, caps
     data = make_imagefolder(tmp_path / "animals", per_class=4, test_per_class=4)
     recipe = tiny_recipe(source, data, tmp_path / "out") | {"teacher": str(teacher)}
     recipe["merge"]["calibrate"] = False
-    recipe["training"] |= {"prompt_weight": 1.0, "batch_size": 4}
+    recipe["training"] |= {"prompt_weight": 1.0, "batch_size": 4, "lr": 0.1}  # a step that moves its predictions
     recipe["evaluation"] |= {"zero_shot": True, "prompt_template": "a {}."}
     summary = run_recipe(write(tmp_path / "clip.yaml", recipe), log=lambda *_: None)
     baseline, untrained, trained = summary["rows"]
@@ -381,8 +381,12 @@ def test_a_dual_encoder_recipe_reports_zero_shot_before_and_after(tmp_path, caps
     assert all(0 <= row["zero_shot_top1"] <= 1 for row in (baseline, untrained, trained))
     # The baseline row is the source (not the teacher the recipe names, whose similarity to itself is no 1.0), and
     # the untrained merger says it starts random (merge.calibrate false).
-    alone = evaluate_models(source, data=data, split="test", zero_shot=True, prompt_template="a {}.", log=print)
-    assert baseline["zero_shot_top1"] == alone["models"][0]["top1"] and baseline["similarity"] is None
+    # The fine-tuned row's agreement is with the baseline's predictions (not its own: 100 % whatever it predicts).
+    report = evaluate_models([source, tmp_path / "out"], data=data, split="test", zero_shot=True,
+                             prompt_template="a {}.", log=print)  # fmt: skip
+    assert baseline["zero_shot_top1"] == report["models"][0]["top1"] and baseline["similarity"] is None
+    merged = report["models"][1]
+    assert (trained["zero_shot_top1"], trained["agreement"]) == (merged["top1"], merged["agreement"]), merged
     assert untrained["model"] == "merged K=2 M=4, random init, no training"
     card = (tmp_path / "out" / "README.md").read_text()
     assert "| zero-shot top-1 | agreement with the baseline |" in card
