@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from pathlib import Path
@@ -149,7 +150,9 @@ def test_run_a_tiny_recipe_with_overrides(tiny_vit, tmp_path, capsys):
     # which images the accuracies are on (data.eval_limit: the split's first 6), in the table and in how it was made
     assert "scored on `colours` test: the first 6 images" in card and "scored on `colours` test: the first 6" in printed
     assert re.search(r"accuracy on `colours` test \(the first 6 images\): \d+\.\d{2} %", card)
-    assert (tmp_path / "out-checkpoints" / "results.json").exists()
+    rows = json.loads((tmp_path / "out-checkpoints" / "results.json").read_text())["rows"]
+    speeds = [row["images_per_s"] for row in rows]  # the merged model's speed on both of its rows, the source's apart
+    assert speeds[1] == speeds[2] != speeds[0] and None not in speeds
     random.seed(7), np.random.seed(7), torch.manual_seed(7)  # a caller's own generators, which the run seeds
     before = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
     logged: list[str] = []  # a speed batch larger than memory: n/a in the table, and a line that says why
