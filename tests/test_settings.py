@@ -168,6 +168,19 @@ def test_every_path_retrofit_writes_to_under_a_tilde_is_in_the_home_folder(tmp_p
     assert built[2].plot == str(tmp_path / "speed.png")
 
 
+def test_option_words_mean_what_the_help_says():
+    """bench's --compile both is eager and default, off is eager; --merge is K:M whole (6:8x was read as 6:8);
+    --report-to all is a tracker setting of its own."""
+    from retrofit.settings import BenchArgs, BenchSettings
+
+    assert BenchSettings(compile_modes="both").compile_modes == ("eager", "default")
+    assert BenchSettings(compile_modes="off,max-autotune").compile_modes == ("eager", "max-autotune")
+    assert BenchArgs(models=["m"], merge="half:8,6:4").merge == (("half", 8), ("6", 4))
+    with pytest.raises(RetrofitError, match=r"^--merge '6:8x' is not K:M \(e.g. 6:8 or half:8\)$"):
+        BenchArgs(models=["m"], merge="6:8x")
+    assert TrainSettings(report_to="all").report_to == "all"
+
+
 def test_a_name_that_is_not_utf8_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
     """A file name in another encoding's bytes (``-o $'out-\\xff'``) reaches Python as text with surrogates, which no
     card, JSON or lock name can hold: convert wrote the export's weights, then failed with a traceback."""

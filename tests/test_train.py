@@ -608,6 +608,7 @@ def test_losses_are_their_formulas_written_out():
     mix = TrainSettings(loss="mix", alpha=0.3, temperature=3.0, feature_weight=2.0)
     kd3 = losses.kd_loss(student, teacher, 3.0)
     torch.testing.assert_close(losses.compute_loss(s, te, labels, mix), 0.3 * ce + 0.7 * (kd3 + 2.0 * feature))
+    torch.testing.assert_close(losses.compute_loss(s, te, labels, TrainSettings(loss="ce")), ce)
     dual = TrainSettings(loss="kd", temperature=3.0, feature_weight=2.0, prompt_weight=0.5)
     s, te = losses.Outputs(None, fs, student), losses.Outputs(None, ft, teacher)
     got = losses.compute_loss(s, te, None, dual, embeddings=True)
@@ -1326,6 +1327,10 @@ def test_an_export_whose_source_is_gone_needs_a_teacher(tiny_vit, colours, tmp_p
     result = finetune(tmp_path / "pm", output=tmp_path / "o", data=colours, teacher=str(tiny_vit), loss="kd",
                       max_steps=1, **FAST)  # fmt: skip
     assert result.steps == 1
+    # --loss ce reads no teacher: the export goes on training without its source
+    alone = finetune(tmp_path / "pm", output=tmp_path / "ce", data=colours, loss="ce", max_steps=1, eval_split="",
+                     **FAST)  # fmt: skip
+    assert alone.steps == 1 and alone.output
 
 
 def test_training_labels_that_are_not_class_ids_are_refused_before_training(tiny_vit, colours, tmp_path):
