@@ -609,6 +609,24 @@ def test_cost_uses_the_size_the_processor_feeds(tmp_path):
         convert(source, after_layer=2, num_tokens=20, log=lambda _: None)
 
 
+def test_the_image_size_is_the_processors_crop_or_resize_or_the_configs_without_one(tmp_path):
+    """The size a model is priced and checked at: its processor's crop where it crops, else its resize (a shortest
+    edge included); a source without a processor is fed its config's (height, width), not (width, height)."""
+    from conftest import TINY
+    from transformers import BitImageProcessor, ViTConfig, ViTModel
+
+    from retrofit.loading import load_config, load_image_processor, processor_image_size
+
+    crop = {"height": 32, "width": 32}
+    assert processor_image_size(BitImageProcessor(size={"shortest_edge": 40}, crop_size=crop)) == (32, 32)
+    no_crop = BitImageProcessor(size={"shortest_edge": 40}, crop_size=crop, do_center_crop=False)
+    assert processor_image_size(no_crop) == (40, 40)
+    source = tmp_path / "oblong"
+    ViTModel(ViTConfig(**{**TINY, "image_size": [32, 48]})).save_pretrained(source)
+    processor = load_image_processor(source, load_config(source), log=lambda _: None)
+    assert processor_image_size(processor) == (32, 48)
+
+
 def test_a_full_disk_is_one_line_and_leaves_nothing(capsys, tmp_path, tiny_vit, monkeypatch):
     """A file-system error (here the disk fills up as the export is moved into place) is one line naming the path,
     not a traceback, and the temporary folder is removed. The line names the output the user gave, not the temporary
