@@ -384,7 +384,7 @@ def task_for(task: str | None, num_labels: int | None) -> str | None:
         return task
     if task is not None:
         raise RetrofitError(
-            f"--num-labels gives the model a new classifier, which a {task} model has none of; drop one of them"
+            f"--num-labels gives the model a new classifier, which --task {task} leaves out; drop one of them"
         )
     return "image-classification"
 
