@@ -331,3 +331,20 @@ def test_onnx_refuses_naflex_in_one_line(siglip2, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "does not export SigLIP 2 models" in err and len(err.splitlines()) == 1
     assert not target.exists()
+
+
+def test_prompt_embeddings_take_the_tokenizers_mask_as_the_pipeline_does(siglip2):
+    """SigLIP 2's tokenizer gives an attention mask, which transformers' pipeline passes to the text tower (SigLIP's
+    gives none, and its tower attends to the padding): retrofit's prompt embeddings are the tower's with that mask."""
+    from retrofit.loading import load_config, load_model, load_tokenizer
+    from retrofit.zero_shot import text_embeddings
+
+    source, _ = siglip2
+    config = load_config(source)
+    model, tokenizer = load_model(source, config=config).eval(), load_tokenizer(source, config)
+    texts = ["a photo of a cat.", "a photo of a dog."]
+    inputs = tokenizer(texts, padding="max_length", max_length=64, return_tensors="pt")
+    with torch.no_grad():
+        features = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    expected = torch.nn.functional.normalize(getattr(features, "pooler_output", features), dim=-1)
+    torch.testing.assert_close(text_embeddings(model, tokenizer, texts), expected)
