@@ -835,7 +835,8 @@ DINOV3_PROCESSOR = {  # as published with the DINOv3 checkpoints: a torchvision-
 
 def test_a_torchvision_only_processor_is_stood_in_for_and_exported_as_it_was(converted, tmp_path, capsys):
     """Without torchvision, DINOv3's processor cannot load: a PIL processor with its settings prepares the images
-    (one warning line) and the export keeps the source's processor config, for users who have torchvision."""
+    (one warning line) and the export keeps the source's processor config, for users who have torchvision, less its
+    pointer to custom code (a second warning line)."""
     import importlib.util
 
     from PIL import Image
@@ -848,13 +849,16 @@ def test_a_torchvision_only_processor_is_stood_in_for_and_exported_as_it_was(con
     source.mkdir()
     for file in ("config.json", "model.safetensors"):
         (source / file).write_bytes((converted["dinov3"].source / file).read_bytes())
-    (source / "preprocessor_config.json").write_text(json.dumps(DINOV3_PROCESSOR))
+    # with a pointer to code elsewhere, which the export must not keep (it has not that code)
+    (source / "preprocessor_config.json").write_text(json.dumps({**DINOV3_PROCESSOR, "auto_map": {"A": "x.Y"}}))
     out = tmp_path / "out"
     assert main(["convert", str(source), "--after-layer", "2", "--tokens", "3", "--output", str(out)]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert warnings == [
         f"warning: '{source}' uses DINOv3ViTImageProcessorFast, which needs torchvision (not installed); preparing "
-        "images with a PIL ViT processor with the same settings (pip install torchvision for the original)"
+        "images with a PIL ViT processor with the same settings (pip install torchvision for the original)",
+        f"warning: '{source}''s image processor names custom code ({{'A': 'x.Y'}}); retrofit uses transformers' "
+        "ViTImageProcessorPil and exports do not name that code",
     ]
     assert json.loads((out / "preprocessor_config.json").read_text()) == DINOV3_PROCESSOR
     processor = load_image_processor(out, load_config(out), log=lambda _: None)
