@@ -184,7 +184,9 @@ def test_a_graph_records_the_gflops_of_the_images_it_runs_on(tmp_path):
     source = _dinov2_fed_smaller_crops(tmp_path / "dinov2")  # config 64x64, processor 32x32
     merged = convert(source, after_layer=2, num_tokens=4, output=tmp_path / "pm", log=lambda _: None)
     assert main(["export-onnx", str(tmp_path / "pm"), "--output", str(tmp_path / "pm.onnx")]) == 0
-    assert deploy.onnx_info(tmp_path / "pm.onnx")["gflops"] == pytest.approx(merged.after.gflops)
+    info = deploy.onnx_info(tmp_path / "pm.onnx")
+    assert info["gflops"] == pytest.approx(merged.after.gflops)
+    assert info["model"] == "pm"  # the folder's name: a file one shares holds no local path
 
 
 def test_a_bf16_export_gives_an_fp32_graph_checked_against_the_fp32_model(tiny_vit, tmp_path, capsys):
