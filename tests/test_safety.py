@@ -755,6 +755,7 @@ def test_an_export_whose_config_json_transformers_refuses_is_one_line(export_dir
         ("layers", {"num_hidden_layers": "two"}, "config.json' is not a valid config (Validation error for field"),
         ("dtype", {"dtype": "auto"}, "config.json': dtype 'auto' is not a torch dtype; make it float32"),
         ("class", {"architectures": None}, "cannot tell which ViT class this export is ([]); re-export it"),
+        ("after", {"merge_after_layer": 4}, "config.json': merge_after_layer 4 is not below num_hidden_layers 4; fix"),
     ):
         export = tmp_path / name
         shutil.copytree(export_dir, export)
