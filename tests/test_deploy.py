@@ -14,6 +14,7 @@ from conftest import error_line
 import retrofit.deploy as deploy
 from retrofit import convert
 from retrofit.cli import main
+from retrofit.errors import RetrofitError
 
 
 @pytest.fixture(scope="module")
@@ -212,16 +213,19 @@ def test_an_overwrite_stopped_between_the_weights_and_the_graph_keeps_the_old_pa
     (tmp_path / "m.onnx.data").write_bytes(b"old weights")
     (work / "m.onnx").write_bytes(b"new graph")
     (work / "m.onnx.data").write_bytes(b"new weights")
-    replace = os.replace
+    replace, moved = os.replace, []
 
-    def stopped_at_the_graph(source, target):
-        if Path(source) == work / "m.onnx":
-            raise KeyboardInterrupt
+    def stopped_at_the_second_file(source, target):  # the graph, which goes in last: in place with its weights
+        if Path(source).parent == work:
+            moved.append(Path(source).name)
+            if len(moved) == 2:
+                raise KeyboardInterrupt
         replace(source, target)
 
-    monkeypatch.setattr(deploy.os, "replace", stopped_at_the_graph)
+    monkeypatch.setattr(deploy.os, "replace", stopped_at_the_second_file)
     with pytest.raises(KeyboardInterrupt):
         deploy._move_into_place(work, output, overwrite=True)
+    assert moved == ["m.onnx.data", "m.onnx"]
     assert output.read_bytes() == b"old graph" and (tmp_path / "m.onnx.data").read_bytes() == b"old weights"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data", "work"]
     monkeypatch.setattr(deploy.os, "replace", replace)
@@ -229,6 +233,11 @@ def test_an_overwrite_stopped_between_the_weights_and_the_graph_keeps_the_old_pa
     deploy._move_into_place(work, output, overwrite=True)
     assert output.read_bytes() == b"new graph" and (tmp_path / "m.onnx.data").read_bytes() == b"new weights"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data", "work"]
+    # without --overwrite, a file that appeared at the output while the run was working is not replaced
+    (work / "m.onnx").write_bytes(b"newer graph")
+    with pytest.raises(RetrofitError, match="'.*m.onnx' appeared while this run was working; it was not replaced"):
+        deploy._move_into_place(work, output, overwrite=False)
+    assert output.read_bytes() == b"new graph"
 
 
 def test_every_output_a_user_reads_is_checked_at_the_tolerance_of_its_dtype(tmp_path, capsys, monkeypatch):
