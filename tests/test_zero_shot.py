@@ -705,8 +705,11 @@ def test_zero_shot_logits_are_the_models_logits_per_image(duals):
             if name == "siglip":  # the pipeline gives SigLIP's text tower no mask
                 inputs.pop("attention_mask", None)
             expected = model(pixel_values=pixels, **inputs).logits_per_image
-            got = zero_shot_logits(model, image_embeddings(model, pixels), text_embeddings(model, tokenizer, texts))
+            text_embeds = text_embeddings(model, tokenizer, texts)
+            got = zero_shot_logits(model, image_embeddings(model, pixels), text_embeds)
+            in_batches = text_embeddings(model, tokenizer, texts, batch_size=2)  # 1,000 classes: in batches of 256
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=str(path))
+        torch.testing.assert_close(in_batches, text_embeds, rtol=1e-5, atol=1e-5)
 
 
 def test_prompts_put_each_class_name_in_the_template_in_label_order():
