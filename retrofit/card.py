@@ -240,9 +240,12 @@ def build_card(
     base = base_head(family, head)
     source = str(config.merge_source or "")
     is_hub_id = _is_hub_id(source)
-    named = f"[`{source}`](https://huggingface.co/{source})" if is_hub_id else f"`{source}`"
     if not source:  # a model built in memory and merged with `insert_patch_merger`: no source to name ("None")
         named = f"a `{head.class_name}`"
+    elif is_hub_id:
+        named = f"[`{source}`](https://huggingface.co/{source})"
+    else:
+        named = f"`{source}`"
     title = source.split("/")[-1].removeprefix("retrofit:") or config.model_type.removesuffix(MERGED_SUFFIX)
     dataset = published_dataset(training.data) if training else None  # a local folder's path is never published
     licensing = source_license(model)

@@ -117,9 +117,7 @@ def load_config(
             family_for(model_type)  # a refused family says why it is refused, whether or not the package is there
         raise RetrofitError(f"loading '{source}' needs a package that is not installed ({brief(exc)})") from None
     except Exception as exc:  # noqa: BLE001 - a field of the wrong type: TypeError, huggingface_hub's strict checks
-        if local.is_dir():
-            raise _local_config_error(source, local, exc) from None
-        raise RetrofitError(f"'{source}/config.json' is not a valid config ({brief(exc)}); fix or re-save it") from None
+        raise _config_error(source, local, exc) from None
     if export:
         config = _load_export_config(source, local, revision)
     config = for_task(config, task)
@@ -141,6 +139,14 @@ def _check_local_config(source: str, folder: Path) -> None:
     if not isinstance(raw, dict) or not isinstance(raw.get("model_type", ""), str):
         what = _json_kind(raw) if not isinstance(raw, dict) else "an object whose model_type is not text"
         raise RetrofitError(f"'{source}/config.json' holds {what}, not a model config; fix or re-save it")
+
+
+def _config_error(source: str, local: Path, exc: Exception) -> RetrofitError:
+    """The one line for a config.json whose fields its config class cannot read: a local folder's says which field
+    (`_local_config_error`), a Hub checkpoint's quotes the library."""
+    if local.is_dir():
+        return _local_config_error(source, local, exc)
+    return RetrofitError(f"'{source}/config.json' is not a valid config ({brief(exc)}); fix or re-save it")
 
 
 def _local_config_error(source: str, folder: Path, exc: Exception) -> RetrofitError:
@@ -343,9 +349,7 @@ def _load_export_config(source: str, local: Path, revision: str | None) -> PreTr
     try:
         return load_classes(family, head).config_class.from_pretrained(source, revision=revision)
     except Exception as exc:  # noqa: BLE001 - a field of the wrong type: ValueError, TypeError, AttributeError, ...
-        if local.is_dir():
-            raise _local_config_error(source, local, exc) from None
-        raise RetrofitError(f"'{source}/config.json' is not a valid config ({brief(exc)}); fix or re-save it") from None
+        raise _config_error(source, local, exc) from None
 
 
 def merged_family_and_head(config: PreTrainedConfig | dict) -> tuple[Family, Head]:
