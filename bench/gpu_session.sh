@@ -114,19 +114,34 @@ teacher_step() {
     fi
 }
 
-# Preflight (seconds): the versions, retrofit importable, Fashion-MNIST readable through retrofit's data path.
-"$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, \
-'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" 2>&1 | tee -a "$LOG"
-if ! "$PYTHON" -c "import retrofit.benchmark" 2>&1 | tee -a "$LOG"; then
-    echo "== retrofit does not import: nothing can run (carry the wheels named at the top)" | tee -a "$LOG"
-    exit 1
-fi
-if ! "$PYTHON" -c "import evaluate; from retrofit.data import load_split; print('Fashion-MNIST test split:', \
-len(load_split('fashion-mnist', 'test')), 'images')" 2>&1 | tee -a "$LOG"; then
-    echo "== no Fashion-MNIST through retrofit.data (carry .data and the datasets wheels): its steps are skipped" \
+# Preflight (seconds, one process): the versions, retrofit importable (else exit 3: nothing can run), Fashion-MNIST
+# readable through retrofit's data path (else exit 4: the steps that need it are skipped).
+"$PYTHON" - <<'PREFLIGHT' 2>&1 | tee -a "$LOG"
+import sys, traceback
+import torch, transformers
+device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+print("torch", torch.__version__, "transformers", transformers.__version__, "device", device, flush=True)
+try:
+    import retrofit.benchmark
+except Exception:
+    traceback.print_exc()
+    sys.exit(3)
+try:
+    import evaluate
+    from retrofit.data import load_split
+    print("Fashion-MNIST test split:", len(load_split("fashion-mnist", "test")), "images")
+except Exception:
+    traceback.print_exc()
+    sys.exit(4)
+PREFLIGHT
+case ${PIPESTATUS[0]} in
+    0) ;;
+    4) echo "== no Fashion-MNIST through retrofit.data (carry .data and the datasets wheels): its steps are skipped" \
         | tee -a "$LOG"
-    NODATA=1
-fi
+       NODATA=1 ;;
+    *) echo "== retrofit does not import: nothing can run (carry the wheels named at the top)" | tee -a "$LOG"
+       exit 1 ;;
+esac
 
 # 0. Issue 21: below which batch size is the merged ViT-B/16 slower than its source? The whole curve, eager and with
 #    CUDA graphs (reduce-overhead), plotted afterwards from the JSON with `retrofit.benchmark.plot_batch_sizes`.
