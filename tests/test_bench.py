@@ -852,19 +852,26 @@ def test_the_loop_overhead_probe_serves_the_prepared_batch_and_restores_the_data
         ("zero_shot_recovery.py", ["--epochs", "0.002", "--seeds", "0"], 4),
     ],
 )
-def test_recovery_benchmarks_run_end_to_end(script, argv, rows, tmp_path):
-    """bench/small_data.py (issue 23) and bench/zero_shot_recovery.py (issue 24) on a few steps and test images."""
+def test_recovery_benchmarks_run_end_to_end(script, argv, rows, tmp_path, capsys, monkeypatch):
+    """bench/small_data.py (issue 23) and bench/zero_shot_recovery.py (issue 24) on a few steps and test images, run
+    in this process (a subprocess would spend longer importing torch); what local_target.py patches is put back."""
+    import importlib
+    import runpy
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))  # the scripts import common and small_data beside them
+    for module, name in (("finetune", "train"), ("train", "compute_loss")):  # local_target.py's probe replaces them
+        module = importlib.import_module(f"retrofit.{module}")
+        monkeypatch.setattr(module, name, getattr(module, name))
+    small_data = importlib.import_module("small_data")
+    monkeypatch.setattr(small_data, "RUNS", dict(small_data.RUNS))  # local_target.py adds its run
     out = tmp_path / "report.json"
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / script), *argv, "--eval-limit", "100", "--json", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
+    main = runpy.run_path(str(REPO / "bench" / script))["main"]
+    assert main([*argv, "--eval-limit", "100", "--json", str(out)]) == 0, capsys.readouterr().err[-2000:]
     report = json.loads(out.read_text())
     assert len(report["rows"] if "rows" in report else report["summary"]) == rows
     assert report["table"].count("\n| ") >= rows
     if script == "local_target.py":  # the probe's term was added to the loss at every step, and was not zero
-        said = next(line for line in done.stdout.splitlines() if line.startswith("local term"))
+        said = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("local term"))
         assert said.endswith("of 2") and float(said.split(": ")[1].split()[0]) > 0
 
 
