@@ -151,7 +151,7 @@ def train(model: nn.Module, loader, epochs: int, lr: float, teacher: nn.Module |
             schedule.step()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", choices=sorted(VARIANTS), default="dinov3")
     parser.add_argument("--epochs", type=int, default=3, help="pre-training epochs of the small model")
@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="distillation seeds, comma-separated (paired across variants)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N train and test images")
     parser.add_argument("--json", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     from transformers import ViTImageProcessor
 
     torch.set_num_threads(2)

@@ -679,17 +679,24 @@ def test_onnx_speed_script_times_source_and_merged_in_onnx_runtime(tmp_path, cap
         ("beit", ["| merge-weighted bias (default) | 0 |", "| no bias between merged tokens | mean |"]),
     ],
 )
-def test_position_merge_script_compares_both_variants(family, rows, tmp_path):
-    """bench/position_merge.py end to end on a few images: both variants calibrated and distilled, a table and JSON."""
+def test_position_merge_script_compares_both_variants(family, rows, tmp_path, capsys):
+    """bench/position_merge.py end to end on a few images: both variants calibrated and distilled, a table and JSON
+    (run in this process: a subprocess would spend longer importing torch)."""
+    import runpy
+
     out = tmp_path / "positions.json"
-    command = [sys.executable, str(REPO / "bench" / "position_merge.py"), "--family", family, "--epochs", "1",
-               "--limit", "256", "--json", str(out)]  # fmt: skip
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
+    threads = torch.get_num_threads()  # the script sets its own
+    try:
+        runpy.run_path(str(REPO / "bench" / "position_merge.py"))["main"](
+            ["--family", family, "--epochs", "1", "--limit", "256", "--json", str(out)]
+        )
+    finally:
+        torch.set_num_threads(threads)
     report = json.loads(out.read_text())
     assert report["family"] == family and [row["positions"] for row in report["rows"]] == ["mean", "none"]
     assert all(0 <= row[key] <= 1 for row in report["rows"] for key in ("calibrated", "distilled"))
-    assert all(row in run.stdout for row in rows)
+    printed = capsys.readouterr().out
+    assert all(row in printed for row in rows)
 
 
 def test_position_merge_beit_variant_drops_the_bias_between_merged_tokens():
