@@ -442,8 +442,7 @@ def rss_mib(key: str) -> float | None:
 
 
 def _weights_mib(model: torch.nn.Module) -> float:
-    if hasattr(model, "weights_mib"):  # an ONNX Runtime model: its files
-        return model.weights_mib()
+    """The MiB of a PyTorch model's parameters and buffers (an ONNX graph's peak memory is not measured)."""
     tensors = list(model.parameters()) + list(model.buffers())
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 

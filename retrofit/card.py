@@ -524,7 +524,8 @@ def eval_results_from(evaluation: dict, row: dict) -> list[EvalResult]:
     dataset_type, dataset_name = ("imagefolder", Path(data).name) if local else (data, data)
     if is_fashion_mnist(data):  # read from Debian's IDX files: the Hub's copy of them, whose test split it is
         dataset_type, split = FASHION_MNIST_HUB, fashion_mnist_split(split)
-    if evaluation.get("images") in ("first", "sample"):  # not the whole split: the Hub shows the name next to the value
+    if evaluation.get("images") in ("first", "sample") or evaluation.get("holdout"):  # not the whole split: the Hub
+        # shows the name next to the value
         from .evaluation import images_text
 
         dataset_name += f" ({images_text(evaluation)})"

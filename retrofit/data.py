@@ -179,12 +179,6 @@ def hub_dataset_id(data: str | os.PathLike | None) -> str | None:
     return None if is_fashion_mnist(data) or is_local_data(data) else data
 
 
-def chosen_images(limit: int | None, sample: int | None, seed: int) -> dict:
-    """`load_split`'s `limit` and `sample_seed` for a command's ``--limit N`` (the first N images) or ``--sample N``
-    (a shuffled sample of N, drawn with `seed`); the settings refuse both at once."""
-    return {"limit": sample or limit, "sample_seed": seed if sample else None}
-
-
 def _cache_files_elsewhere(function: Callable) -> Callable:
     """`function` with datasets' caching of transforms off while it runs: a dataset loaded from files (a save_to_disk
     folder) otherwise gets the cache files of its shuffle, select and cast written next to those files, into the
@@ -215,6 +209,27 @@ def sample_of(dataset, size: int, seed: int | None):
     return dataset.select(range(size)) if seed is None else dataset.shuffle(seed=seed).select(range(size))
 
 
+# The held-out images (``--holdout``) depend on the split and the fraction alone, not on a run's --seed: runs that
+# compare seeds, and `evaluate --holdout` afterwards, score the same images.
+HOLDOUT_SEED = 0
+
+
+def _held_out(dataset, fraction: float, held: bool, data: str, split: str):
+    """The images `--holdout fraction` holds out of `dataset` (`held`) or the rest: a seeded split, stratified by
+    class where the labels are a `ClassLabel` (an image folder's, Fashion-MNIST's), so each class keeps its share."""
+    from datasets import ClassLabel
+
+    stratify = "label" if isinstance(dataset.features.get("label"), ClassLabel) else None
+    try:
+        parts = dataset.train_test_split(test_size=fraction, seed=HOLDOUT_SEED, stratify_by_column=stratify)
+    except ValueError as exc:  # too few images for the fraction, or for one of each class on both sides
+        raise RetrofitError(
+            f"--holdout {fraction:g} of split '{split}' of '{data}' ({len(dataset)} images) cannot be held out: "
+            f"{brief(exc)}; choose another --holdout, or data with an evaluation split of its own"
+        ) from None
+    return parts["test" if held else "train"]
+
+
 @_cache_files_elsewhere
 def load_split(
     data: str,
@@ -228,6 +243,8 @@ def load_split(
     log: Callable[[str], None] | None = None,
     instead: str = "use --sample N for a shuffled sample of the split",
     choose: str | None = None,
+    holdout: float | None = None,
+    held: bool = False,
 ):
     """One split of an image-classification dataset as a `datasets.Dataset` with columns ``image`` (and ``label``).
 
@@ -241,10 +258,25 @@ def load_split(
     classes): a column of text labels names the classes of the whole split, not only those of the examples kept (a
     ClassLabel of their sorted names); from a streamed Hub split only the examples read are known, and `log` says so.
     `choose` ends the line refusing a split a local or Hub dataset lacks (how to name another: the caller's option).
+
+    `holdout` (``--holdout``, a fraction): the split without the images held out of it for evaluation, or with
+    `held` those images alone (`_held_out`); `limit` and `sample_seed` then choose among them.
     """
     import datasets
 
     check_at_least_one("--limit", limit)
+    if holdout is not None:  # held out of the whole split, whatever is read of it afterwards
+        whole = dict(data=data, split=split, image_column=image_column, split_classes=split_classes, choose=choose)
+        try:  # stratified by class even where the caller reads no labels (kd)
+            dataset = load_split(**whole, label_column=label_column or "label")
+        except RetrofitError:
+            if label_column is not None:
+                raise
+            dataset = load_split(**whole, label_column=None)
+        dataset = _held_out(dataset, holdout, held, str(data), split)
+        if label_column is None and "label" in dataset.column_names:
+            dataset = dataset.remove_columns("label")
+        return dataset if limit is None else sample_of(dataset, limit, sample_seed)
     if label_column is not None and label_column == image_column:
         raise RetrofitError(
             f"--label-column and --image-column are both '{label_column}'; the labels need a column of their own: "

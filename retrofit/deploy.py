@@ -355,7 +355,3 @@ class OnnxModel:
     def __call__(self, pixel_values: torch.Tensor) -> tuple:
         feed = pixel_values.detach().cpu().numpy().astype(self.dtype)
         return tuple(torch.from_numpy(value) for value in self.session.run(None, {"pixel_values": feed}))
-
-    def weights_mib(self) -> float:
-        files = [self.path, *self.path.parent.glob(f"{self.path.name}.data")]
-        return sum(file.stat().st_size for file in files if file.is_file()) / 2**20

@@ -29,10 +29,10 @@ from types import SimpleNamespace
 
 import torch
 
-from .data import chosen_images, dataset_label_map, generic_labels, model_labels, same_class_name
+from .data import dataset_label_map, generic_labels, model_labels, same_class_name
 from .errors import RetrofitError, brief, check_arguments, log_to_stderr
 from .provenance import versions
-from .settings import EVALUATE_SEED, EvaluateArgs, model_list
+from .settings import EVALUATE_SEED, EvaluateArgs, chosen_images, model_list
 from .train import keeps_callers_random_state
 from .zero_shot import DEFAULT_TEMPLATE
 
@@ -123,6 +123,7 @@ def evaluate_models(
     split: str = "validation",
     limit: int | None = None,
     sample: int | None = None,
+    holdout: float | None = None,
     batch_size: int = 64,
     top_k: int = 5,
     image_column: str = "image",
@@ -133,7 +134,8 @@ def evaluate_models(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Evaluate `models` (checkpoints, Hub ids, exports: one or a list) on one split (its first `limit` images, or a
-    shuffled `sample` of them, the same every run); returns a JSON-ready report with a table. `zero_shot`: score
+    shuffled `sample` of them, the same every run; of the fraction `holdout` of it that ``finetune --holdout`` held
+    out of training); returns a JSON-ready report with a table. `zero_shot`: score
     image-text dual encoders by zero-shot classification with `prompt_template`. The settings are checked as the
     command's options are."""
     from .data import load_split, make_dataloader
@@ -151,13 +153,15 @@ def evaluate_models(
     if not models:
         raise RetrofitError("no models to evaluate; pass one or more checkpoint folders, Hub ids or exports")
     args = EvaluateArgs(  # the checks of the command's options, for Python callers too (folders as paths)
-        models=models, data=data, split=split, limit=limit, sample=sample,
+        models=models, data=data, split=split, limit=limit, sample=sample, holdout=holdout,
         batch_size=batch_size, top_k=top_k, image_column=image_column, label_column=label_column,
         trust_remote_code=trust_remote_code, zero_shot=zero_shot, prompt_template=prompt_template,
     )  # fmt: skip
     models, data, split, batch_size, top_k = args.models, args.data, args.split, args.batch_size, args.top_k
-    # which images: the first --limit, or a shuffled --sample; `log` says where the first N miss classes of the split
+    # which images: the first --limit, or a shuffled --sample (of those --holdout held out); `log` says where the first
+    # N miss classes of the split
     choose = {**chosen_images(args.limit, args.sample, EVALUATE_SEED), "log": log}
+    choose |= {"holdout": args.holdout, "held": True} if args.holdout is not None else {}
     image_column, label_column, trust_remote_code = args.image_column, args.label_column, args.trust_remote_code
     saved = [load_config(spec, trust_remote_code=trust_remote_code) for spec in models]
     if zero_shot:
@@ -785,23 +789,28 @@ def _score_batch(model, pred_map, pixels, labels, k, accelerator, stats) -> None
 
 def images_chosen(choose: dict, count: int) -> dict:
     """What a report records of the images it was measured on, from `load_split`'s `limit` and `sample_seed`
-    (`retrofit.data.chosen_images`) and the number scored: ``images`` is ``first`` (the split's first `count`),
+    (`retrofit.settings.chosen_images`) and the number scored: ``images`` is ``first`` (the split's first `count`),
     ``sample`` (a shuffled sample, drawn with ``sample_seed``) or ``all`` (no limit, or one the split is smaller
-    than)."""
-    limit, seed = choose.get("limit"), choose.get("sample_seed")
+    than); with ``holdout``, of the images ``--holdout`` held out of training."""
+    limit, seed, holdout = choose.get("limit"), choose.get("sample_seed"), choose.get("holdout")
     kind = "all" if limit is None or count < limit else "first" if seed is None else "sample"
-    return {"images": kind, "sample_seed": seed if kind == "sample" else None}
+    chosen = {"images": kind, "sample_seed": seed if kind == "sample" else None}
+    return chosen | ({"holdout": holdout} if holdout else {})
 
 
 def images_text(report: dict) -> str:
     """The images a report's numbers are on, in words: "the first 1000 images", "a shuffled sample of 1000 images,
-    seed 0", "all 10000 images"; "1000 images" for a report written before retrofit recorded which."""
+    seed 0", "all 10000 images"; "1000 images" for a report written before retrofit recorded which; each "held out of
+    training (--holdout 0.1)" where they were."""
     count, kind = report["num_examples"], report.get("images")
     if kind == "first":
-        return f"the first {count} images"
-    if kind == "sample":
-        return f"a shuffled sample of {count} images, seed {report.get('sample_seed')}"
-    return f"all {count} images" if kind == "all" else f"{count} images"
+        text = f"the first {count} images"
+    elif kind == "sample":
+        text = f"a shuffled sample of {count} images, seed {report.get('sample_seed')}"
+    else:
+        text = f"all {count} images" if kind == "all" else f"{count} images"
+    holdout = report.get("holdout")
+    return text if not holdout else f"{text} held out of training (--holdout {holdout:g})"
 
 
 def first_images_text(limit: int | None, count: int) -> str:
@@ -885,6 +894,7 @@ def run_evaluate(args: EvaluateArgs, *, log: Callable[[str], None] = log_to_stde
         split=args.split,
         limit=args.limit,
         sample=args.sample,
+        holdout=args.holdout,
         batch_size=args.batch_size,
         top_k=args.top_k,
         image_column=args.image_column,

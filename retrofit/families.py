@@ -182,15 +182,6 @@ class Family:
         flags = ("use_relative_position_bias", "use_shared_relative_position_bias")
         return sum(bool(getattr(layer_config, flag, False)) for flag in flags)
 
-    def head(self, class_name: str) -> Head:
-        """The `Head` for a transformers class name, or a clear refusal."""
-        if class_name not in self.heads:
-            supported = ", ".join(self.heads)
-            raise RetrofitError(
-                f"{class_name} is not supported for {self.user_name}; load the checkpoint as one of: {supported}"
-            )
-        return self.heads[class_name]
-
 
 FAMILIES: dict[str, Family] = {}
 

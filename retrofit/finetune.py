@@ -214,12 +214,11 @@ def prompt_embeddings(args: FinetuneArgs, ready: Prepared, *, log: Callable[[str
     """For ``--prompt-weight``: one text embedding per class of the training data, the mean of its prompts'
     (``--prompt-templates``, CLIP's prompt ensembling) by the unmerged model's frozen text tower, normalised. Data
     without class names is one line, before training (`check_prompt_weight` refused the rest earlier)."""
-    from .data import chosen_images, load_split
+    from .data import load_split
     from .evaluation import zero_shot_classes
     from .zero_shot import prompts, text_embeddings
 
-    data = load_split(args.data, args.split, image_column=args.image_column, label_column=args.label_column,
-                      split_classes=True, **chosen_images(args.limit, args.sample, args.seed))  # fmt: skip
+    data = load_split(args.data, **args.images(), split_classes=True)
     names = zero_shot_classes(data, args.data)[0]
     text_model = ready.teacher if ready.teacher is not None else ready.model
     per_template = [text_embeddings(text_model, ready.tokenizer, prompts(names, t)) for t in args.prompt_templates]
@@ -368,7 +367,8 @@ def _calibrate(model, args: FinetuneArgs, *, resumed: Path | None, trained, log)
     images = sample_of(trained, args.calibrate_images, None if args.sample else args.seed).select_columns("image")
     calibration = calibrate_from_data(model, args.data, source=str(args.source), log=log, seed=args.seed,
                                       num_images=args.calibrate_images, split=args.split, images=images)  # fmt: skip
-    of = None if args.limit is None and args.sample is None else f"the {len(trained):,} images trained on"
+    whole = args.limit is None and args.sample is None and args.holdout is None
+    of = None if whole else f"the {len(trained):,} images trained on"
     return calibration.describe(args.data, args.split, args.after_layer, args.seed, of=of)
 
 
@@ -475,11 +475,11 @@ def _training_info(
     the weights (`checkpoints.TRAINING_SETTINGS`; the card named neither the split, a --limit or --sample, nor
     --augment, --weight-decay, --warmup-ratio, --max-grad-norm, --merger-lr-scale, --mixed-precision), the accuracy."""
     from .card import TrainingInfo
-    from .data import chosen_images
     from .evaluation import first_images_text, images_chosen, images_text
     from .loading import is_dual_encoder
     from .losses import describe_loss
     from .provenance import public_name
+    from .settings import chosen_images
     from .train import launched_processes
 
     lr = f"lr {run.lr:g}" + (f" (the merger's ×{run.merger_lr_scale:g})" if run.merger_lr_scale != 1 else "")
@@ -495,7 +495,7 @@ def _training_info(
     if run.ema_decay:
         notes.append(f"weights: the moving average over training (--ema-decay {run.ema_decay:g}), not the last step's")
     last = result.final_evaluation
-    on = f"`{public_name(run.data)}` {run.eval_split}"
+    on = f"`{public_name(run.data)}` {run.evaluated_on()}"
     if "examples" in last:  # which of the split's images: the first --eval-limit, or all
         on += f" ({first_images_text(run.eval_limit, last['examples'])})"
     if result.final_accuracy is not None:
@@ -508,6 +508,8 @@ def _training_info(
     if images is not None:  # the split, and the first --limit, a --sample or all of it
         chosen = images_chosen(chosen_images(run.limit, run.sample, run.seed), images)
         read = f"{run.split} ({images_text({'num_examples': images, **chosen})})"
+        if run.holdout is not None:
+            read += f", less the {100 * run.holdout:g} % held out to evaluate on (--holdout {run.holdout:g})"
     return TrainingInfo(data=run.data, images=read, steps=result.steps, epochs=epochs, loss=loss, init=init,
                         notes=notes)  # fmt: skip
 
@@ -547,7 +549,7 @@ def pretrain(
         output_record,
         resume_owns_output,
     )
-    from .data import chosen_images, class_names, load_split, named_classes
+    from .data import class_names, load_split, named_classes
     from .loading import check_config, processor_image_size
 
     run = from_options(PretrainRun, settings, where="pretrain()")
@@ -588,11 +590,7 @@ def pretrain(
     first = load_split(run.data, run.split, **columns, limit=1)
     names = class_names(first)
     if names is None and not clip and named_classes(first) is not None:  # text labels: the sorted names training reads
-        names = named_classes(
-            load_split(
-                run.data, run.split, **columns, split_classes=True, **chosen_images(run.limit, run.sample, run.seed)
-            )
-        )
+        names = named_classes(load_split(run.data, **run.images(), split_classes=True))
     if not names:
         what = "a ClassLabel" if clip else "a ClassLabel or text labels"
         raise RetrofitError(f"'{run.data}' has no class names ({what}); pretraining needs them")

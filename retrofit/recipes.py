@@ -509,7 +509,8 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
     scored = None  # which images the quality column is on: the evaluation split's first data.eval_limit, or all
     if ready.data is not None and ready.data[1] is not None:
         count = len(ready.data[1].dataset)
-        scored = f"scored on `{public_name(args.data)}` {args.eval_split}: {first_images_text(args.eval_limit, count)}"
+        images = first_images_text(args.eval_limit, count)
+        scored = f"scored on `{public_name(args.data)}` {args.evaluated_on()}: {images}"
         if prompts:  # which prompts the zero-shot column is over, as evaluate's card says
             scored += f"; zero-shot over one prompt per class, like {prompts[0]!r}"
     table = results_table(rows, note="\n\n".join(line for line in (scored, speed_note) if line) or None)
@@ -565,8 +566,8 @@ def _zero_shot_scorer(
         raise RetrofitError(
             f"evaluation.zero_shot embeds prompts with the source's tokenizer, and '{args.source}' has none"
         )
-    dataset = load_split(args.data, args.eval_split, image_column=args.image_column, label_column=args.label_column,
-                         limit=args.eval_limit, split_classes=True, log=log, instead=EVAL_LIMIT_INSTEAD)  # fmt: skip
+    dataset = load_split(args.data, **args.images(evaluation=True), split_classes=True, log=log,
+                         instead=EVAL_LIMIT_INSTEAD)  # fmt: skip
     names, label_map = zero_shot_classes(dataset, args.data)
     loader = make_dataloader(dataset, ready.processor, batch_size=min(evaluation.batch_size, len(dataset)),
                              label_map=label_map, num_channels=image_channels(ready.config))  # fmt: skip

@@ -394,6 +394,20 @@ def sample_setting(what: str, seed: str) -> Any:
     )  # fmt: skip
 
 
+def chosen_images(limit: int | None, sample: int | None, seed: int) -> dict:
+    """`load_split`'s `limit` and `sample_seed` for a command's ``--limit N`` (the first N images) or ``--sample N``
+    (a shuffled sample of N, drawn with `seed`); the settings refuse both at once."""
+    return {"limit": sample or limit, "sample_seed": seed if sample else None}
+
+
+EVAL_SPLIT = "test"  # the default evaluation split (``validation`` where the data has that instead, `load_split`)
+
+
+def holdout_setting(help: str) -> Any:
+    """``--holdout F``: a fraction of a split held out of training for evaluation (`retrofit.data.load_split`)."""
+    return setting(None, help, metavar="F", positive=True, interval=(0, 1, "(0, 1)"))
+
+
 def _check_limit_or_sample(settings: "Settings") -> None:
     """--limit (the first N images) and --sample (a shuffled sample) are two ways of choosing images: one at most."""
     if settings.limit is not None and settings.sample is not None:
@@ -450,12 +464,16 @@ class DataSettings(Settings):
 
     data: str = setting(help=DATA_HELP, key="name")
     split: str = setting("train", "training split", key="train_split")
-    eval_split: str | None = setting("test", "evaluation split ('' for none)", blank=True)
+    eval_split: str | None = setting(EVAL_SPLIT, "evaluation split ('' for none)", blank=True)
     image_column: str = image_column_setting()
     label_column: str | None = setting("label", "label column of the data")
     limit: int | None = setting(None, "use only the first N training images", metavar="N", at_least=1)
     sample: int | None = sample_setting("train on", "seeded by --seed")
     eval_limit: int | None = setting(None, "use only the first N evaluation images", metavar="N", at_least=1)
+    holdout: float | None = holdout_setting(
+        "hold this fraction of the training split out of training and evaluate on it, for data without an evaluation "
+        "split (an image folder of class folders): stratified by class, the same images every run"
+    )
     num_workers: int = setting(0, "dataloader worker processes", at_least=0, at_most=MAX_WORKERS)
     augment: bool = setting(False, "random resized crops and horizontal flips of the training images")
 
@@ -463,7 +481,26 @@ class DataSettings(Settings):
         super().check()
         if self.eval_split is not None and not self.eval_split.strip():  # '' (or spaces): none
             self.eval_split = None
+        if self.holdout is not None and self.eval_split != EVAL_SPLIT:
+            what = "none" if self.eval_split is None else f"split '{self.eval_split}'"
+            self.refuse("holdout", f"evaluates on the images it holds out, and --eval-split names {what}; drop one")
         _check_limit_or_sample(self)
+
+    def images(self, evaluation: bool = False) -> dict:
+        """`load_split`'s arguments for the training images (or, `evaluation`, the evaluation images) these settings
+        choose, ``--holdout`` included: the split with its column names, and which images of it."""
+        columns = {"image_column": self.image_column, "label_column": self.label_column}
+        if evaluation:
+            split = self.split if self.holdout is not None else self.eval_split
+            return {**columns, "split": split, "limit": self.eval_limit, "holdout": self.holdout, "held": True}
+        chosen = chosen_images(self.limit, self.sample, self.seed)
+        return {**columns, "split": self.split, "holdout": self.holdout, **chosen}
+
+    def evaluated_on(self) -> str:
+        """The evaluation images as a card and a results table name them: a split, or what --holdout keeps out."""
+        if self.holdout is None:
+            return str(self.eval_split)
+        return f"{self.split}, the {100 * self.holdout:g} % held out of training (--holdout {self.holdout:g})"
 
 
 @dataclass(kw_only=True)
@@ -701,6 +738,9 @@ class EvaluateArgs(Settings):
     limit: int | None = setting(None, "use only the first N images (an image folder lists its classes in turn, so "
                                 "they may be of one class: see --sample)", metavar="N", at_least=1)  # fmt: skip
     sample: int | None = sample_setting("evaluate on", f"seed {EVALUATE_SEED}: the same images every run")
+    holdout: float | None = holdout_setting(
+        "evaluate on the fraction of --split that `finetune --holdout F` held out of training (the same images)"
+    )
     batch_size: int = setting(64, "images per batch and process", at_least=1)
     top_k: int = setting(5, "k of the top-k accuracy", at_least=1)
     image_column: str = image_column_setting()

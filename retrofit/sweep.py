@@ -350,7 +350,7 @@ def _sweep(
     from .benchmark import Variant, environment, parse_device, place_model, run_benchmark, spread, timed_part
     from .benchmark import _input_shape as input_shape
     from .cost import model_cost
-    from .data import chosen_images, dataset_label_map, load_split, make_dataloader, model_labels
+    from .data import dataset_label_map, load_split, make_dataloader, model_labels
     from .evaluation import (
         check_dual_encoders,
         check_label_ids,
@@ -373,6 +373,7 @@ def _sweep(
         trained_head_config,
     )
     from .provenance import versions
+    from .settings import chosen_images
     from .surgery import check_merge
     from .zero_shot import prompts
 

@@ -241,15 +241,14 @@ def training_data(model, image_processor, run: TrainingRun, log: Callable[[str],
     folder is created). Labels are mapped to the model's by class name; ``--num-labels`` gives the model a new head
     for the data's classes. Without labels the model the evaluation compares with is the teacher. `log` hears where
     the first --limit or --eval-limit images hold fewer classes than their split."""
-    from .data import chosen_images, dataset_label_map, load_split, make_dataloader, model_labels, named_classes
+    from .data import dataset_label_map, load_split, make_dataloader, model_labels, named_classes
     from .loading import family_and_head, image_channels
 
     classifier = family_and_head(model.config)[1].is_classifier
     label_column = None if run.loss == "kd" else run.label_column
     new_head = run.num_labels is not None  # its classes are the data's: the whole split's, text labels too
-    train_set = load_split(run.data, run.split, image_column=run.image_column, label_column=label_column, log=log,
-                           split_classes=new_head, choose="choose one with --split",
-                           **chosen_images(run.limit, run.sample, run.seed))  # fmt: skip
+    train_set = load_split(run.data, **(run.images() | {"label_column": label_column}), log=log,
+                           split_classes=new_head, choose="choose one with --split")  # fmt: skip
     if new_head:
         if run.loss != "ce":
             raise RetrofitError("--num-labels re-initialises the head, so the teacher cannot guide it; use --loss ce")
@@ -283,16 +282,19 @@ def evaluation_loader(
     from .loading import family_and_head, image_channels
 
     labels = run.label_column
-    choose = "choose one with --eval-split, or pass --eval-split '' to train without evaluating"
+    choose = (
+        "choose one with --eval-split, hold some of the training images out to evaluate on with --holdout (such as "
+        "--holdout 0.1), or pass --eval-split '' to train without evaluating"
+    )
+    images = run.images(evaluation=True)
     try:
-        eval_set = load_split(run.data, run.eval_split, image_column=run.image_column, label_column=labels,
-                              limit=run.eval_limit, log=log, instead=EVAL_LIMIT_INSTEAD, choose=choose)  # fmt: skip
+        eval_set = load_split(run.data, **images, log=log, instead=EVAL_LIMIT_INSTEAD, choose=choose)
     except RetrofitError:
         if run.loss != "kd" or labels != "label":  # a column the user named is one they expect to be read
             raise
         labels = None  # kd needs no labels: an unlabelled split measures agreement with the teacher
-        eval_set = load_split(run.data, run.eval_split, image_column=run.image_column, label_column=None,
-                              limit=run.eval_limit, log=log, instead=EVAL_LIMIT_INSTEAD, choose=choose)  # fmt: skip
+        eval_set = load_split(run.data, **(images | {"label_column": None}), log=log, instead=EVAL_LIMIT_INSTEAD,
+                              choose=choose)  # fmt: skip
     eval_map = None
     if labels and family_and_head(config)[1].is_classifier:  # a new head (--num-labels) too: by the data's names
         fix = LABELS_FIX if run.num_labels is None else NEW_HEAD_FIX

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import HUB_ID
+from conftest import HUB_ID, error_line
 from transformers import ViTImageProcessor
 
 from retrofit.cli import main
@@ -198,7 +199,8 @@ def test_cli_bad_data_exits_2_and_writes_nothing(tiny_vit, imagefolder, tmp_path
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 4 and all(line.startswith("retrofit: error:") for line in errors)
     assert "no column 'kind'" in errors[1] and "larger than the data" in errors[2]
-    assert errors[3].endswith("has no split 'test'; available: train; choose one with --eval-split, or pass "
+    assert errors[3].endswith("has no split 'test'; available: train; choose one with --eval-split, hold some of the "
+                              "training images out to evaluate on with --holdout (such as --holdout 0.1), or pass "
                               "--eval-split '' to train without evaluating")  # fmt: skip
     assert not out.exists() and not (tmp_path / "out-checkpoints").exists()
 
@@ -859,3 +861,61 @@ def test_a_model_of_other_than_1_or_3_channels_is_refused_data_in_one_line_namin
         assert error.count("\n") == 1 and "takes 4-channel images" in error and "fix the dataset" not in error, error
         assert not out.exists()
     assert main(["convert", str(source), *merge, "--output", str(out)]) == 0 and (out / "config.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --holdout: evaluation images held out of a split, for data with no evaluation split of its own
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _pixels(dataset) -> list[bytes]:
+    return [np.asarray(image).tobytes() for image in dataset["image"]]
+
+
+def test_holdout_keeps_each_class_share_out_of_training_the_same_every_time(imagefolder):
+    """The held-out images and the rest partition the split, each class keeps its share on both sides, the same
+    images come back whoever asks (kd reads no labels; --eval-limit takes some of them); too few images is one line."""
+    whole = load_split(str(imagefolder), "train")  # 3 classes x 8 images
+    held = load_split(str(imagefolder), "train", holdout=0.25, held=True)
+    rest = load_split(str(imagefolder), "train", holdout=0.25)
+    assert sorted(held["label"]) == [0, 0, 1, 1, 2, 2] and sorted(rest["label"]) == sorted([0, 1, 2] * 6)
+    assert sorted(_pixels(held) + _pixels(rest)) == sorted(_pixels(whole))  # disjoint, and nothing left out
+    unlabelled = load_split(str(imagefolder), "train", label_column=None, holdout=0.25, held=True)
+    assert unlabelled.column_names == ["image"] and _pixels(unlabelled) == _pixels(held)
+    assert _pixels(load_split(str(imagefolder), "train", holdout=0.25, held=True, limit=4)) == _pixels(held)[:4]
+    with pytest.raises(RetrofitError, match=r"--holdout 0.05 of split 'train' of .* \(24 images\) cannot be held out"):
+        load_split(str(imagefolder), "train", holdout=0.05, held=True)  # 2 images for 3 classes
+
+
+def test_finetune_evaluates_on_the_images_holdout_keeps_out_and_evaluate_scores_them_again(
+    tiny_vit, imagefolder, tmp_path, capsys
+):
+    """A folder of class folders, no evaluation split: `finetune --holdout` trains on the rest, scores the held-out
+    images, says so on the card, and `evaluate --holdout` scores the same images to the same accuracy."""
+    folder = tmp_path / "train-only"
+    shutil.copytree(imagefolder / "train", folder / "train")
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    argv = ["finetune", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--data", str(folder), "--holdout",
+            "0.25", "--loss", "ce", "--max-steps", "2", "--min-steps", "0", "--batch-size", "6",
+            "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    card = (out / "README.md").read_text()
+    said = re.search(r"accuracy on `train-only` train, the 25 % held out of training \(--holdout 0.25\) \(all 6 "
+                     r"images\): ([\d.]+) %", card)  # fmt: skip
+    trained = "fine-tuned on `train-only` train (all 18 images), less the 25 % held out to evaluate on (--holdout 0.25)"
+    assert said and trained in card
+    assert main(["evaluate", str(out), "--data", str(folder), "--split", "train", "--holdout", "0.25", "--json",
+                 str(report)]) == 0  # fmt: skip
+    scored = json.loads(report.read_text())
+    assert scored["num_examples"] == 6 and scored["holdout"] == 0.25
+    assert f"{100 * scored['models'][0]['top1']:.2f}" == said.group(1)
+    assert "all 6 images held out of training (--holdout 0.25)" in capsys.readouterr().out
+    capsys.readouterr()
+    resumed = [*argv, "--resume"]
+    resumed[resumed.index("0.25")] = "0.5"  # other training images: another run
+    assert main(resumed) == 2 and "--holdout" in error_line(capsys.readouterr().err)
+    for extra, error in ((["--eval-split", ""], "--eval-split names none"), (["--eval-split", "val"], "split 'val'"),
+                         (["--holdout", "1"], "must be in (0, 1)")):  # fmt: skip
+        assert main([*argv[:-2], "--output", str(tmp_path / "no"), *extra]) == 2
+        assert error in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
