@@ -45,6 +45,7 @@ class TrainingInfo:
     """How the merged model was made, beyond the merge settings in its config."""
 
     data: str | None = None
+    data_revision: str | None = None  # the commit of a Hub dataset `data` (`provenance.dataset_commit`)
     images: str | None = None  # which of `data`'s images were trained on: "train (the first 1000 images)"
     steps: int | None = None
     epochs: float | None = None
@@ -171,7 +172,9 @@ def _how_made(
         lines.append(f"- merger initialisation: {training.init}")
         if training.data:
             lines.append(
-                f"- fine-tuned on `{public_name(training.data)}`{f' {training.images}' if training.images else ''} "
+                f"- fine-tuned on `{public_name(training.data)}`"
+                f"{f' at commit `{training.data_revision}`' if training.data_revision else ''}"
+                f"{f' {training.images}' if training.images else ''} "
                 f"for {counted(training.steps, 'step')} "
                 f"({training.epochs} epochs), loss: {training.loss}"
             )
@@ -535,6 +538,7 @@ def eval_results_from(evaluation: dict, row: dict) -> list[EvalResult]:
         dataset_type=dataset_type,
         dataset_name=dataset_name,
         dataset_split=split,
+        dataset_revision=None if local else evaluation.get("data_revision"),
     )
     if similarity:
         reference = evaluation["models"][0]["model"]

@@ -289,10 +289,10 @@ RUN_SETTINGS = {
 # The budget (--epochs, --max-steps, --min-steps, --warmup-ratio) is kept from run.json instead; evaluation, logging
 # and checkpointing settings, --num-workers and --gradient-checkpointing leave the weights as they are. finetune's
 # --calibrate is one: resumed without it, the card said the merger its checkpoints hold started random.
-TRAINING_SETTINGS = ("data", "split", "image_column", "label_column", "limit", "sample", "holdout", "augment", "loss",
-                     "function_matching", "temperature", "alpha", "feature_weight", "prompt_weight", "prompt_templates",
-                     "caption_templates", "lr", "merger_lr_scale", "weight_decay", "batch_size", "grad_accum",
-                     "max_grad_norm", "mixed_precision", "seed", "calibrate")  # fmt: skip
+TRAINING_SETTINGS = ("data", "data_revision", "split", "image_column", "label_column", "limit", "sample", "holdout",
+                     "augment", "loss", "function_matching", "temperature", "alpha", "feature_weight", "prompt_weight",
+                     "prompt_templates", "caption_templates", "lr", "merger_lr_scale", "weight_decay", "batch_size",
+                     "grad_accum", "max_grad_norm", "mixed_precision", "seed", "calibrate")  # fmt: skip
 OPTIONS = "options"  # run.json's record of them, by option (`check_same_run` names the option)
 PROCESSES = "accelerate launch --num_processes"  # the data's order and the random states are per process
 IMAGES = "training images (--data, --split)"

@@ -245,6 +245,7 @@ def load_split(
     choose: str | None = None,
     holdout: float | None = None,
     held: bool = False,
+    revision: str | None = None,
 ):
     """One split of an image-classification dataset as a `datasets.Dataset` with columns ``image`` (and ``label``).
 
@@ -260,13 +261,20 @@ def load_split(
     `choose` ends the line refusing a split a local or Hub dataset lacks (how to name another: the caller's option).
 
     `holdout` (``--holdout``, a fraction): the split without the images held out of it for evaluation, or with
-    `held` those images alone (`_held_out`); `limit` and `sample_seed` then choose among them.
+    `held` those images alone (`_held_out`); `limit` and `sample_seed` then choose among them. `revision`
+    (``--data-revision``): the commit, branch or tag of a Hub dataset to read.
     """
     import datasets
 
     check_at_least_one("--limit", limit)
+    if revision is not None and (is_fashion_mnist(str(data)) or is_local_data(str(data))):
+        what = "Debian's Fashion-MNIST files" if is_fashion_mnist(str(data)) else "a local folder"
+        raise RetrofitError(
+            f"--data-revision names a commit, branch or tag of a Hub dataset, and '{data}' is {what}; leave it out"
+        )
     if holdout is not None:  # held out of the whole split, whatever is read of it afterwards
-        whole = dict(data=data, split=split, image_column=image_column, split_classes=split_classes, choose=choose)
+        whole = dict(data=data, split=split, image_column=image_column, split_classes=split_classes, choose=choose,
+                     revision=revision)  # fmt: skip
         try:  # stratified by class even where the caller reads no labels (kd)
             dataset = load_split(**whole, label_column=label_column or "label")
         except RetrofitError:
@@ -315,7 +323,7 @@ def load_split(
                 splits = _local_splits(local, data)
                 available = list(splits.keys())
             else:  # a Hub dataset: download only the split that is needed
-                available = list(datasets.get_dataset_split_names(data))
+                available = list(datasets.get_dataset_split_names(data, **({"revision": revision} if revision else {})))
             chosen = split if split in available else None
             if chosen is None and split in ("validation", "test"):
                 chosen = next((name for name in ("validation", "test", "valid", "val") if name in available), None)
@@ -324,7 +332,7 @@ def load_split(
                 if is_local and available == ["train"] and not _saved(local) and not (local / "train").is_dir():
                     how = " (an image folder without split folders is one split, which datasets calls train)" + how
                 raise RetrofitError(f"dataset '{data}' has no split '{split}'; available: {', '.join(available)}{how}")
-            dataset = splits[chosen] if is_local else _hub_split(data, chosen, limit, sample_seed)
+            dataset = splits[chosen] if is_local else _hub_split(data, chosen, limit, sample_seed, revision)
             if is_local and label_column == "label" and dataset.column_names == ["image"] and not _saved(local):
                 dataset = _one_class(dataset, local, data)  # an image folder's labels, or why it has none
             if is_local and log is not None and label_column == "label" and not _saved(local):
@@ -673,17 +681,19 @@ def _one_class(dataset, folder: Path, data: str):
     )
 
 
-def _hub_split(data: str, split: str, limit: int | None, sample_seed: int | None):
-    """A Hub dataset's split. With a `limit`, it is streamed and only `limit` examples are downloaded (the first
-    ones, or with `sample_seed` a sample from a shuffled stream) and then kept as a `datasets.Dataset` in the cache.
-    Calibrating on 256 ImageNet images thus reads a few hundred MB instead of the whole training split."""
+def _hub_split(data: str, split: str, limit: int | None, sample_seed: int | None, revision: str | None = None):
+    """A Hub dataset's split (at `revision`: a commit, branch or tag; None: its default branch). With a `limit`, it
+    is streamed and only `limit` examples are downloaded (the first ones, or with `sample_seed` a sample from a
+    shuffled stream) and then kept as a `datasets.Dataset` in the cache. Calibrating on 256 ImageNet images thus reads
+    a few hundred MB instead of the whole training split."""
     import datasets
 
+    at = {"revision": revision} if revision else {}
     if limit is None:
-        return datasets.load_dataset(data, split=split)
-    stream = datasets.load_dataset(data, split=split, streaming=True)
+        return datasets.load_dataset(data, split=split, **at)
+    stream = datasets.load_dataset(data, split=split, streaming=True, **at)
     if stream.features is None:  # no schema without reading the data: download the split after all
-        return datasets.load_dataset(data, split=split)
+        return datasets.load_dataset(data, split=split, **at)
     features = stream.features
     if sample_seed is not None:
         stream = stream.shuffle(seed=sample_seed, buffer_size=max(1_000, 4 * limit))

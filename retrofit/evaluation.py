@@ -31,7 +31,7 @@ import torch
 
 from .data import dataset_label_map, generic_labels, model_labels, same_class_name
 from .errors import RetrofitError, brief, check_arguments, log_to_stderr
-from .provenance import versions
+from .provenance import dataset_commit, versions
 from .settings import EVALUATE_SEED, EvaluateArgs, chosen_images, model_list
 from .train import keeps_callers_random_state
 from .zero_shot import DEFAULT_TEMPLATE
@@ -120,6 +120,7 @@ def evaluate_models(
     models: list[str | os.PathLike] | str | os.PathLike,
     *,
     data: str | os.PathLike,
+    data_revision: str | None = None,
     split: str = "validation",
     limit: int | None = None,
     sample: int | None = None,
@@ -153,14 +154,16 @@ def evaluate_models(
     if not models:
         raise RetrofitError("no models to evaluate; pass one or more checkpoint folders, Hub ids or exports")
     args = EvaluateArgs(  # the checks of the command's options, for Python callers too (folders as paths)
-        models=models, data=data, split=split, limit=limit, sample=sample, holdout=holdout,
+        models=models, data=data, data_revision=data_revision, split=split, limit=limit, sample=sample, holdout=holdout,
         batch_size=batch_size, top_k=top_k, image_column=image_column, label_column=label_column,
         trust_remote_code=trust_remote_code, zero_shot=zero_shot, prompt_template=prompt_template,
     )  # fmt: skip
     models, data, split, batch_size, top_k = args.models, args.data, args.split, args.batch_size, args.top_k
     # which images: the first --limit, or a shuffled --sample (of those --holdout held out); `log` says where the first
     # N miss classes of the split
+    # a Hub dataset is read at the commit its --data-revision (or main branch) is at now: the one the report records
     choose = {**chosen_images(args.limit, args.sample, EVALUATE_SEED), "log": log}
+    choose["revision"] = dataset_commit(args.data, args.data_revision) or args.data_revision  # (local: refused)
     choose |= {"holdout": args.holdout, "held": True} if args.holdout is not None else {}
     image_column, label_column, trust_remote_code = args.image_column, args.label_column, args.trust_remote_code
     saved = [load_config(spec, trust_remote_code=trust_remote_code) for spec in models]
@@ -791,11 +794,12 @@ def images_chosen(choose: dict, count: int) -> dict:
     """What a report records of the images it was measured on, from `load_split`'s `limit` and `sample_seed`
     (`retrofit.settings.chosen_images`) and the number scored: ``images`` is ``first`` (the split's first `count`),
     ``sample`` (a shuffled sample, drawn with ``sample_seed``) or ``all`` (no limit, or one the split is smaller
-    than); with ``holdout``, of the images ``--holdout`` held out of training."""
-    limit, seed, holdout = choose.get("limit"), choose.get("sample_seed"), choose.get("holdout")
+    than); with ``holdout``, of the images ``--holdout`` held out of training; ``data_revision``: the commit of the
+    Hub dataset read (`provenance.dataset_commit`)."""
+    limit, seed, holdout, revision = (choose.get(key) for key in ("limit", "sample_seed", "holdout", "revision"))
     kind = "all" if limit is None or count < limit else "first" if seed is None else "sample"
     chosen = {"images": kind, "sample_seed": seed if kind == "sample" else None}
-    return chosen | ({"holdout": holdout} if holdout else {})
+    return chosen | ({"holdout": holdout} if holdout else {}) | ({"data_revision": revision} if revision else {})
 
 
 def images_text(report: dict) -> str:
@@ -891,6 +895,7 @@ def run_evaluate(args: EvaluateArgs, *, log: Callable[[str], None] = log_to_stde
     report = evaluate_models(
         args.models,
         data=args.data,
+        data_revision=args.data_revision,
         split=args.split,
         limit=args.limit,
         sample=args.sample,

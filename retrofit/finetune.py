@@ -478,7 +478,7 @@ def _training_info(
     from .evaluation import first_images_text, images_chosen, images_text
     from .loading import is_dual_encoder
     from .losses import describe_loss
-    from .provenance import public_name
+    from .provenance import dataset_commit, public_name
     from .settings import chosen_images
     from .train import launched_processes
 
@@ -510,8 +510,8 @@ def _training_info(
         read = f"{run.split} ({images_text({'num_examples': images, **chosen})})"
         if run.holdout is not None:
             read += f", less the {100 * run.holdout:g} % held out to evaluate on (--holdout {run.holdout:g})"
-    return TrainingInfo(data=run.data, images=read, steps=result.steps, epochs=epochs, loss=loss, init=init,
-                        notes=notes)  # fmt: skip
+    return TrainingInfo(data=run.data, data_revision=dataset_commit(run.data, run.data_revision), images=read,
+                        steps=result.steps, epochs=epochs, loss=loss, init=init, notes=notes)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -587,7 +587,7 @@ def pretrain(
     hold_write_lock(output, "--output")
     check_checkpoints(checkpoint_dir, resume=resume, overwrite=overwrite)
     columns = {"image_column": run.image_column, "label_column": run.label_column}
-    first = load_split(run.data, run.split, **columns, limit=1)
+    first = load_split(run.data, run.split, **columns, limit=1, revision=run.data_revision)
     names = class_names(first)
     if names is None and not clip and named_classes(first) is not None:  # text labels: the sorted names training reads
         names = named_classes(load_split(run.data, **run.images(), split_classes=True))

@@ -233,6 +233,21 @@ def find_teacher(export: str, config) -> tuple[str, str | None]:
     return str(folder), None
 
 
+def dataset_commit(data: str | os.PathLike | None, revision: str | None = None) -> str | None:
+    """The commit a Hub dataset's `revision` (None: its default branch) is at now, for the record; `revision` as it
+    is where the Hub cannot be asked (offline), and None for local data or Fashion-MNIST. Never fails."""
+    from huggingface_hub import dataset_info
+
+    from .data import is_fashion_mnist, is_local_data
+
+    if data is None or is_fashion_mnist(str(data)) or is_local_data(str(data)):
+        return None
+    try:
+        return dataset_info(str(data), revision=revision).sha or revision
+    except Exception:  # noqa: BLE001 - offline, unreachable, gated: the record says what was asked
+        return revision
+
+
 def public_name(text: str | os.PathLike | None) -> str | None:
     """How an export (its card, its config) names a source, teacher or data set: Hub ids, ``retrofit:NAME`` and
     other names as they are; a local path by its last part only, so that nothing pushed holds a local path."""

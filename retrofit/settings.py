@@ -400,6 +400,14 @@ def chosen_images(limit: int | None, sample: int | None, seed: int) -> dict:
     return {"limit": sample or limit, "sample_seed": seed if sample else None}
 
 
+def data_revision_setting(**kwargs: Any) -> Any:
+    """``--data-revision REV``: the commit, branch or tag of a Hub dataset to read (`retrofit.data.load_split`)."""
+    return setting(
+        None, "commit, branch or tag of a Hub dataset --data (default: its main branch; the commit read is recorded)",
+        metavar="REV", **kwargs,
+    )  # fmt: skip
+
+
 EVAL_SPLIT = "test"  # the default evaluation split (``validation`` where the data has that instead, `load_split`)
 
 
@@ -463,6 +471,7 @@ class DataSettings(Settings):
     """The training and evaluation data (recipe section ``data``)."""
 
     data: str = setting(help=DATA_HELP, key="name")
+    data_revision: str | None = data_revision_setting(key="revision")
     split: str = setting("train", "training split", key="train_split")
     eval_split: str | None = setting(EVAL_SPLIT, "evaluation split ('' for none)", blank=True)
     image_column: str = image_column_setting()
@@ -489,7 +498,7 @@ class DataSettings(Settings):
     def images(self, evaluation: bool = False) -> dict:
         """`load_split`'s arguments for the training images (or, `evaluation`, the evaluation images) these settings
         choose, ``--holdout`` included: the split with its column names, and which images of it."""
-        columns = {"image_column": self.image_column, "label_column": self.label_column}
+        columns = {"image_column": self.image_column, "label_column": self.label_column, "revision": self.data_revision}
         if evaluation:
             split = self.split if self.holdout is not None else self.eval_split
             return {**columns, "split": split, "limit": self.eval_limit, "holdout": self.holdout, "held": True}
@@ -734,6 +743,7 @@ class EvaluateArgs(Settings):
     models: list[str] = setting(help="checkpoints, Hub ids or exports (the first sets the labels)", positional=True,
                                 nargs="+")  # fmt: skip
     data: str = setting(help=DATA_HELP)
+    data_revision: str | None = data_revision_setting()
     split: str = setting("validation", "split to evaluate on")
     limit: int | None = setting(None, "use only the first N images (an image folder lists its classes in turn, so "
                                 "they may be of one class: see --sample)", metavar="N", at_least=1)  # fmt: skip
@@ -993,6 +1003,7 @@ class SweepSettings(Settings):
         metavar="M,...", parse=comma_ints, at_least=1,
     )  # fmt: skip
     data: str | None = setting(None, f"{DATA_HELP} (not with --dry-run)")
+    data_revision: str | None = data_revision_setting()
     split: str = setting("test", "split to measure accuracy on")
     calibrate_split: str = setting("train", "split to calibrate (and fine-tune) on")
     limit: int | None = setting(SWEEP_LIMIT, "evaluate on the first N images", metavar="N", at_least=1)

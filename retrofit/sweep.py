@@ -273,6 +273,7 @@ def _merged_models(
                         after_layer=k,
                         num_tokens=m,
                         data=settings.data,
+                        data_revision=settings.data_revision,
                         split=settings.calibrate_split,
                         image_column=settings.image_column,
                         label_column=settings.label_column,
@@ -372,7 +373,7 @@ def _sweep(
         processor_image_size,
         trained_head_config,
     )
-    from .provenance import versions
+    from .provenance import dataset_commit, versions
     from .settings import chosen_images
     from .surgery import check_merge
     from .zero_shot import prompts
@@ -413,7 +414,11 @@ def _sweep(
     for k in settings.after_layers:
         for m in settings.tokens:
             check_merge(config, k, m, image_size)
+    # a Hub dataset is read at the commit its --data-revision (or main branch) is at now: the one the report records
+    settings = replace(settings, data_revision=dataset_commit(settings.data, settings.data_revision) or
+                       settings.data_revision)  # fmt: skip
     chosen = chosen_images(settings.limit, settings.sample, settings.seed)  # the images every setting is scored on
+    chosen["revision"] = settings.data_revision
     dataset = load_split(
         settings.data, settings.split, image_column=settings.image_column,
         label_column=None if backbone else settings.label_column, split_classes=zero_shot, log=log, **chosen,
@@ -431,6 +436,7 @@ def _sweep(
         label_column=None,
         limit=settings.calibrate_images if settings.method == "calibrate" else 1,
         sample_seed=settings.seed if settings.method == "calibrate" else None,
+        revision=settings.data_revision,
     )
     label_map = zero_shot_map if zero_shot else None
     if not (backbone or zero_shot):  # string labels mapped by class name, bad ones refused before any setting is built

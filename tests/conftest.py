@@ -179,7 +179,8 @@ HUB_ID = "someone/colours"
 
 @pytest.fixture
 def hub_dataset(tmp_path, monkeypatch):
-    """Serve `HUB_ID` from parquet files; returns the calls to `datasets.load_dataset` and the full train split."""
+    """Serve `HUB_ID` from parquet files; returns the calls to `datasets.load_dataset` and `get_dataset_split_names`
+    (the latter as ``{"split_names": revision}``) and the full train split."""
     import datasets
     import numpy as np
     from test_data import make_imagefolder
@@ -199,11 +200,16 @@ def hub_dataset(tmp_path, monkeypatch):
     def load_dataset(path, split=None, streaming=False, **kwargs):
         if path != HUB_ID:
             return real_load(path, split=split, streaming=streaming, **kwargs)
-        calls.append({"split": split, "streaming": streaming})
+        calls.append({"split": split, "streaming": streaming} | ({"revision": kwargs["revision"]} if kwargs else {}))
         return real_load("parquet", data_files=files, split=split, streaming=streaming)
 
+    def split_names(path, revision=None, **kwargs):
+        if revision is not None:  # (a call without one is not recorded: the tests before revisions count calls)
+            calls.append({"split_names": revision})
+        return list(files)
+
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    monkeypatch.setattr(datasets, "get_dataset_split_names", lambda path, **kwargs: list(files))
+    monkeypatch.setattr(datasets, "get_dataset_split_names", split_names)
     # datasets waits 5 s after each parquet stream it read (https://github.com/apache/arrow/issues/45214): a pause
     # for a real download, 15 s of a test that streams three tiny local splits
     monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0, raising=False)  # newer datasets only

@@ -492,9 +492,13 @@ def test_a_fine_tune_lists_its_hub_dataset_but_not_a_local_folder(tiny_vit, hub_
 
     from retrofit import finetune
 
+    calls, _ = hub_dataset
     settings = dict(after_layer=2, num_tokens=4, max_steps=1, batch_size=8, progress=False, log=lambda _: None)
-    finetune(tiny_vit, output=tmp_path / "ft-hub", data=HUB_ID, split="train", **settings)
+    finetune(tiny_vit, output=tmp_path / "ft-hub", data=HUB_ID, data_revision="v1", split="train", **settings)
     assert _card_metadata(tmp_path / "ft-hub")["datasets"] == [HUB_ID]
+    # --data-revision: every read is of that revision, and the card says which (offline: the revision asked for)
+    assert calls and all(call.get("revision", call.get("split_names")) == "v1" for call in calls), calls
+    assert f"- fine-tuned on `{HUB_ID}` at commit `v1` train" in (tmp_path / "ft-hub" / "README.md").read_text()
     local = tmp_path / "colours"  # the image folder `hub_dataset` serves as HUB_ID
     finetune(tiny_vit, output=tmp_path / "ft-local", data=str(local), split="train", **settings)
     assert "datasets" not in _card_metadata(tmp_path / "ft-local")

@@ -252,6 +252,33 @@ def test_a_calibration_sample_from_the_hub_is_streamed_and_seeded(hub_dataset, t
     assert batch.shape == (5, 3, 32, 32) and calls == [{"split": "train", "streaming": True}]
 
 
+def test_evaluate_reads_and_records_the_commit_a_data_revision_is_at(
+    hub_dataset, tiny_vit, imagefolder, tmp_path, capsys, monkeypatch
+):
+    """`evaluate --data-revision v1` asks the Hub which commit v1 is at, reads that commit, and the report and the
+    card's model-index record it; a local folder or Fashion-MNIST has no revisions: one line."""
+    import huggingface_hub
+    from huggingface_hub import ModelCard
+
+    calls, _ = hub_dataset
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "dataset_info", lambda repo_id, revision=None: asked.append(
+        (repo_id, revision)) or type("Info", (), {"sha": "0123abc"})())  # fmt: skip
+    export, report = tmp_path / "pm", tmp_path / "report.json"
+    assert main(["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--output", str(export)]) == 0
+    argv = ["evaluate", str(tiny_vit), str(export), "--data", HUB_ID, "--split", "train", "--data-revision", "v1"]
+    assert main([*argv, "--limit", "6", "--json", str(report), "--card", str(export)]) == 0
+    assert asked == [(HUB_ID, "v1")] and calls == [
+        {"split_names": "0123abc"}, {"split": "train", "streaming": True, "revision": "0123abc"}
+    ]  # fmt: skip
+    assert json.loads(report.read_text())["data_revision"] == "0123abc"
+    assert {r.dataset_revision for r in ModelCard.load(export / "README.md").data.eval_results} == {"0123abc"}
+    capsys.readouterr()
+    for data in (str(imagefolder), "fashion-mnist"):
+        assert main([*argv[:4], data, "--data-revision", "v1"]) == 2
+        assert "--data-revision names a commit, branch or tag of a Hub dataset" in error_line(capsys.readouterr().err)
+
+
 def test_an_unreachable_hub_stream_is_a_one_line_error(hub_dataset, monkeypatch):
     import datasets
 

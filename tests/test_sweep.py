@@ -282,16 +282,21 @@ def test_finetune_sweep_on_a_hub_dataset_streams_only_what_it_uses(tiny_vit, hub
     assert main([*argv, "--output", str(out), "--finetune-batch-size", "64"]) == 2  # 64 > the 30 training images
     assert "lower --finetune-batch-size" in capsys.readouterr().err and not out.exists()
     calls.clear()
-    assert main([*argv, "--output", str(out), "--finetune-batch-size", "8"]) == 0
+    assert main([*argv, "--output", str(out), "--finetune-batch-size", "8", "--data-revision", "v1"]) == 0
     report = json.loads((out / "sweep.json").read_text())
+    # every read is of --data-revision, the report says which (offline: the revision asked for)
+    assert (
+        all(call.get("revision", call.get("split_names")) == "v1" for call in calls) and report["data_revision"] == "v1"
+    )
     assert report["method"] == "finetune 2 steps" and len(report["settings_results"]) == 2
     assert report["initialisation"] == {"split": "train", "images": 16, "seed": 0, "calibrate_images": 256}
     start = ("Initialisation: finetune 2 steps on 16 images of `someone/colours` train (a shuffled sample, seed 0), "
              "the merger calibrated first on up to 256 images of that split.")  # fmt: skip
     assert start in (out / "sweep.md").read_text()
     assert all(row["num_examples"] == 12 for row in report["settings_results"])
-    assert calls and all(call["streaming"] for call in calls), calls
-    assert {call["split"] for call in calls} == {"train", "test"}
+    loads = [call for call in calls if "split" in call]
+    assert loads and all(call["streaming"] for call in loads), calls
+    assert {call["split"] for call in loads} == {"train", "test"}
 
 
 def test_labels_that_are_not_class_ids_are_refused_before_any_setting(tiny_vit, images, tmp_path, capsys, monkeypatch):
