@@ -164,6 +164,10 @@ def test_run_a_tiny_recipe_with_overrides(tiny_vit, tmp_path, capsys):
     assert "not measured (out of memory?)" in (out / "README.md").read_text()
     after = random.getstate(), np.random.get_state()[1], torch.get_rng_state()
     assert after[0] == before[0] and (after[1] == before[1]).all() and torch.equal(after[2], before[2])
+    # data.holdout: the baseline and the fine-tuned model are scored on the images it keeps out of training
+    run_recipe(path, {"export.output": str(out), "data.holdout": 0.25}, overwrite=True, log=logged.append)
+    held = "scored on `colours` train, the 25 % held out of training (--holdout 0.25): all 3 images"
+    assert held in (out / "README.md").read_text()
     # Resuming those checkpoints with another merge is refused before the baseline is scored and timed (on ImageNet,
     # minutes of work that the refusal made useless).
     logged.clear()
