@@ -161,9 +161,10 @@ def evaluate_models(
     models, data, split, batch_size, top_k = args.models, args.data, args.split, args.batch_size, args.top_k
     # which images: the first --limit, or a shuffled --sample (of those --holdout held out); `log` says where the first
     # N miss classes of the split
-    # a Hub dataset is read at the commit its --data-revision (or main branch) is at now: the one the report records
-    choose = {**chosen_images(args.limit, args.sample, EVALUATE_SEED), "log": log}
-    choose["revision"] = dataset_commit(args.data, args.data_revision) or args.data_revision  # (local: refused)
+    choose = {**chosen_images(args.limit, args.sample, EVALUATE_SEED), "log": log, "revision": args.data_revision}
+    # the commit of a Hub dataset's --data-revision (or main branch), asked as it is read, for the report
+    commit = dataset_commit(args.data, args.data_revision)
+    recorded = {"data_revision": commit} if commit else {}
     choose |= {"holdout": args.holdout, "held": True} if args.holdout is not None else {}
     image_column, label_column, trust_remote_code = args.image_column, args.label_column, args.trust_remote_code
     saved = [load_config(spec, trust_remote_code=trust_remote_code) for spec in models]
@@ -172,7 +173,7 @@ def evaluate_models(
             models, saved, data=data, split=split, choose=choose, batch_size=batch_size, top_k=top_k,
             image_column=image_column, label_column=label_column, template=prompt_template,
             trust_remote_code=trust_remote_code, log=log,
-        )  # fmt: skip
+        ) | recorded  # fmt: skip
     configs = [trained_head_config(config) for config in saved]  # unsupported types are refused here
     for spec, before, config in zip(models, saved, configs, strict=True):
         if config is not before:
@@ -200,7 +201,7 @@ def evaluate_models(
         return _evaluate_backbones(
             models, configs, data=data, split=split, choose=choose, batch_size=batch_size, image_column=image_column,
             trust_remote_code=trust_remote_code, log=log,
-        )  # fmt: skip
+        ) | recorded  # fmt: skip
     reference = model_labels(configs[0])
     if not reference:
         raise RetrofitError(f"'{models[0]}' has no labels (no classification head); evaluate classifiers")
@@ -256,7 +257,7 @@ def evaluate_models(
         "models": rows,
     }
     report["table"] = markdown_table(report)
-    return report
+    return report | recorded
 
 
 def _what(config) -> str:
@@ -794,12 +795,11 @@ def images_chosen(choose: dict, count: int) -> dict:
     """What a report records of the images it was measured on, from `load_split`'s `limit` and `sample_seed`
     (`retrofit.settings.chosen_images`) and the number scored: ``images`` is ``first`` (the split's first `count`),
     ``sample`` (a shuffled sample, drawn with ``sample_seed``) or ``all`` (no limit, or one the split is smaller
-    than); with ``holdout``, of the images ``--holdout`` held out of training; ``data_revision``: the commit of the
-    Hub dataset read (`provenance.dataset_commit`)."""
-    limit, seed, holdout, revision = (choose.get(key) for key in ("limit", "sample_seed", "holdout", "revision"))
+    than); with ``holdout``, of the images ``--holdout`` held out of training."""
+    limit, seed, holdout = choose.get("limit"), choose.get("sample_seed"), choose.get("holdout")
     kind = "all" if limit is None or count < limit else "first" if seed is None else "sample"
     chosen = {"images": kind, "sample_seed": seed if kind == "sample" else None}
-    return chosen | ({"holdout": holdout} if holdout else {}) | ({"data_revision": revision} if revision else {})
+    return chosen | ({"holdout": holdout} if holdout else {})
 
 
 def images_text(report: dict) -> str:

@@ -414,11 +414,9 @@ def _sweep(
     for k in settings.after_layers:
         for m in settings.tokens:
             check_merge(config, k, m, image_size)
-    # a Hub dataset is read at the commit its --data-revision (or main branch) is at now: the one the report records
-    settings = replace(settings, data_revision=dataset_commit(settings.data, settings.data_revision) or
-                       settings.data_revision)  # fmt: skip
     chosen = chosen_images(settings.limit, settings.sample, settings.seed)  # the images every setting is scored on
     chosen["revision"] = settings.data_revision
+    commit = dataset_commit(settings.data, settings.data_revision)  # a Hub dataset's, asked as it is read
     dataset = load_split(
         settings.data, settings.split, image_column=settings.image_column,
         label_column=None if backbone else settings.label_column, split_classes=zero_shot, log=log, **chosen,
@@ -540,6 +538,7 @@ def _sweep(
             **({} if settings.method == "calibrate" else {"calibrate_images": settings.calibrate_images}),
         },
         "data": settings.data,
+        **({"data_revision": commit} if commit else {}),
         "split": settings.split,
         "num_examples": source_row["num_examples"],
         **images_chosen(chosen, source_row["num_examples"]),
