@@ -274,7 +274,7 @@ def load_split(
         )
     if holdout is not None:  # held out of the whole split, whatever is read of it afterwards
         whole = dict(data=data, split=split, image_column=image_column, split_classes=split_classes, choose=choose,
-                     revision=revision)  # fmt: skip
+                     revision=revision, log=log)  # fmt: skip
         try:  # stratified by class even where the caller reads no labels (kd)
             dataset = load_split(**whole, label_column=label_column or "label")
         except RetrofitError:
