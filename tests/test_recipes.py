@@ -178,15 +178,19 @@ def test_run_a_tiny_recipe_with_overrides(tiny_vit, tmp_path, capsys):
 
 def test_a_recipe_that_does_not_score_the_baseline_still_gives_the_agreement_it_trained_with(tiny_vit, tmp_path):
     """evaluation.before off, kd on an evaluation split of classes the model does not know: the training scored
-    agreement with the teacher, and the fine-tuned row holds it (it held an empty accuracy)."""
+    agreement with the teacher, and the fine-tuned row holds it (it held an empty accuracy). Resumed with
+    evaluation.before on, the run's first evaluation is after training: no row calls it the untrained merged model."""
     data = make_imagefolder(tmp_path / "colours", per_class=4, test_per_class=2)
     for old, new in zip(("cat", "dog", "bird"), ("lion", "tiger", "bear"), strict=True):
         (data / "test" / old).rename(data / "test" / new)
     recipe = tiny_recipe(tiny_vit, data, tmp_path / "out")
     recipe["evaluation"] |= {"before": False, "speed": False}
-    summary = run_recipe(write(tmp_path / "tiny.yaml", recipe), log=lambda _: None)
+    path = write(tmp_path / "tiny.yaml", recipe)
+    summary = run_recipe(path, log=lambda _: None)
     baseline, tuned = summary["rows"]
     assert 0 <= tuned["teacher_agreement"] <= 1 and tuned.get("accuracy") is None and "accuracy" not in baseline
+    resumed = run_recipe(path, {"evaluation.before": True}, resume=True, log=lambda _: None)
+    assert len(resumed["rows"]) == 2 and not any("no training" in row["model"] for row in resumed["rows"])
 
 
 def test_pretrain_recipe_with_nested_overrides(tmp_path, capsys):
