@@ -23,6 +23,20 @@ from retrofit.settings import BenchSettings, parse_compile, parse_merges
 from retrofit.surgery import merged_config
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, argv: list[str]):
+    """bench/NAME's ``main(argv)`` in this process (a subprocess spends longer importing torch than a small run
+    takes), with torch's thread count put back afterwards (some scripts set their own)."""
+    import runpy
+
+    threads = torch.get_num_threads()
+    try:
+        return runpy.run_path(str(REPO / "bench" / name))["main"](argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
 QUICK = ["--warmup", "1", "--repeats", "2", "--min-time", "0", "--latency-iters", "3"]
 
 
@@ -643,11 +657,8 @@ def test_speed_script_needs_only_torch_and_transformers(tmp_path):
 
 def test_gradient_checkpointing_script_refuses_a_bad_merge_in_one_line(capsys):
     """bench/gradient_checkpointing.py's measurements are checked by the GPU-session test below; bad input here."""
-    import runpy
-
-    script = runpy.run_path(str(REPO / "bench" / "gradient_checkpointing.py"))
     for merge, message in (("six", "is not K:M"), ("99:8", "--after-layer 99 is out of range")):
-        assert script["main"](["--model", "vit-ti16", "--merge", merge]) == 2
+        assert run_script("gradient_checkpointing.py", ["--model", "vit-ti16", "--merge", merge]) == 2
         error = capsys.readouterr().err
         assert error.count("\n") == 1 and message in error, error
 
@@ -655,19 +666,16 @@ def test_gradient_checkpointing_script_refuses_a_bad_merge_in_one_line(capsys):
 @pytest.mark.slow
 def test_onnx_speed_script_times_source_and_merged_in_onnx_runtime(tmp_path, capsys):
     """bench/onnx_speed.py exports both models with `retrofit export-onnx` and measures them with `retrofit bench`,
-    PyTorch and ONNX Runtime side by side (run in this process: a subprocess would spend longer importing torch)."""
-    import runpy
-
+    PyTorch and ONNX Runtime side by side."""
     pytest.importorskip("onnxruntime")
-    script = runpy.run_path(str(REPO / "bench" / "onnx_speed.py"))
     out = tmp_path / "onnx.json"
     options = ["--model", "vit-ti16", "--batch-size", "2", "--repeats", "1"]
-    assert script["main"]([*options, "--merge", "half:8", "--json", str(out)]) == 0
+    assert run_script("onnx_speed.py", [*options, "--merge", "half:8", "--json", str(out)]) == 0
     assert "| `vit-ti16/merged.onnx` | onnxruntime |" in capsys.readouterr().out
     rows = {Path(row["model"]).name: row for row in json.loads(out.read_text())["models"]}
     assert rows["merged.onnx"]["flops_ratio"] > 1.8 and rows["merged.onnx"]["results"]["2"]["speedup"] > 0
     assert rows["merged"]["results"]["2"]["speedup"] > 0  # the PyTorch pair too
-    assert script["main"]([*options, "--merge", "99:8"]) == 2
+    assert run_script("onnx_speed.py", [*options, "--merge", "99:8"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "out of range" in error, error
 
@@ -680,18 +688,9 @@ def test_onnx_speed_script_times_source_and_merged_in_onnx_runtime(tmp_path, cap
     ],
 )
 def test_position_merge_script_compares_both_variants(family, rows, tmp_path, capsys):
-    """bench/position_merge.py end to end on a few images: both variants calibrated and distilled, a table and JSON
-    (run in this process: a subprocess would spend longer importing torch)."""
-    import runpy
-
+    """bench/position_merge.py end to end on a few images: both variants calibrated and distilled, a table and JSON."""
     out = tmp_path / "positions.json"
-    threads = torch.get_num_threads()  # the script sets its own
-    try:
-        runpy.run_path(str(REPO / "bench" / "position_merge.py"))["main"](
-            ["--family", family, "--epochs", "1", "--limit", "256", "--json", str(out)]
-        )
-    finally:
-        torch.set_num_threads(threads)
+    run_script("position_merge.py", ["--family", family, "--epochs", "1", "--limit", "256", "--json", str(out)])
     report = json.loads(out.read_text())
     assert report["family"] == family and [row["positions"] for row in report["rows"]] == ["mean", "none"]
     assert all(0 <= row[key] <= 1 for row in report["rows"] for key in ("calibrated", "distilled"))
@@ -798,16 +797,10 @@ def test_the_prepared_gpu_session_runs_every_step_on_the_cpu(tmp_path):
 
 def test_forward_overhead_counts_the_mergers_operators(tmp_path, capfd):
     """bench/forward_overhead.py (issue 21's CPU guard): each merged twin issues exactly the merger's 12 extra aten
-    calls per forward, and the report says so (run in this process: a subprocess would spend longer importing torch)."""
-    import runpy
-
+    calls per forward, and the report says so."""
     out = tmp_path / "overhead.json"
     argv = ["--model", "vit-ti16", "--merge", "6:8,6:195", "--blocks", "1", "--passes", "2", "--json", str(out)]
-    threads = torch.get_num_threads()  # the script sets its own
-    try:
-        assert runpy.run_path(str(REPO / "bench" / "forward_overhead.py"))["main"](argv) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert run_script("forward_overhead.py", argv) == 0
     report = json.loads(out.read_text())
     calls = {name: sum(ops.values()) for name, ops in report["operators"].items()}
     assert calls["merged 6:8"] == calls["merged 6:195"] == calls["source"] + 12
@@ -851,20 +844,18 @@ def test_the_loop_overhead_probe_serves_the_prepared_batch_and_restores_the_data
     ],
 )
 def test_recovery_benchmarks_run_end_to_end(script, argv, rows, tmp_path, capsys, monkeypatch):
-    """bench/small_data.py (issue 23) and bench/zero_shot_recovery.py (issue 24) on a few steps and test images, run
-    in this process (a subprocess would spend longer importing torch); what local_target.py patches is put back."""
+    """bench/small_data.py (issue 23) and bench/zero_shot_recovery.py (issue 24) on a few steps and test images;
+    what local_target.py patches is put back."""
     import importlib
-    import runpy
 
     monkeypatch.syspath_prepend(str(REPO / "bench"))  # the scripts import common and small_data beside them
-    for module, name in (("finetune", "train"), ("train", "compute_loss")):  # local_target.py's probe replaces them
-        module = importlib.import_module(f"retrofit.{module}")
-        monkeypatch.setattr(module, name, getattr(module, name))
+    for module_name, name in (("finetune", "train"), ("train", "compute_loss")):  # local_target.py's probe replaces
+        owner = importlib.import_module(f"retrofit.{module_name}")
+        monkeypatch.setattr(owner, name, getattr(owner, name))
     small_data = importlib.import_module("small_data")
     monkeypatch.setattr(small_data, "RUNS", dict(small_data.RUNS))  # local_target.py adds its run
     out = tmp_path / "report.json"
-    main = runpy.run_path(str(REPO / "bench" / script))["main"]
-    assert main([*argv, "--eval-limit", "100", "--json", str(out)]) == 0, capsys.readouterr().err[-2000:]
+    assert run_script(script, [*argv, "--eval-limit", "100", "--json", str(out)]) == 0, capsys.readouterr().err[-2000:]
     report = json.loads(out.read_text())
     assert len(report["rows"] if "rows" in report else report["summary"]) == rows
     assert report["table"].count("\n| ") >= rows
