@@ -162,10 +162,10 @@ def evaluate_models(
     # which images: the first --limit, or a shuffled --sample (of those --holdout held out); `log` says where the first
     # N miss classes of the split
     choose = {**chosen_images(args.limit, args.sample, EVALUATE_SEED), "log": log, "revision": args.data_revision}
+    choose |= {"holdout": args.holdout, "held": True} if args.holdout is not None else {}
     # the commit of a Hub dataset's --data-revision (or main branch), asked as it is read, for the report
     commit = dataset_commit(args.data, args.data_revision)
     recorded = {"data_revision": commit} if commit else {}
-    choose |= {"holdout": args.holdout, "held": True} if args.holdout is not None else {}
     image_column, label_column, trust_remote_code = args.image_column, args.label_column, args.trust_remote_code
     saved = [load_config(spec, trust_remote_code=trust_remote_code) for spec in models]
     if zero_shot:

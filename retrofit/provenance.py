@@ -238,12 +238,13 @@ def dataset_commit(data: str | os.PathLike | None, revision: str | None = None) 
     is where the Hub cannot be asked (offline), and None for local data or Fashion-MNIST. Never fails."""
     from huggingface_hub import dataset_info
 
-    from .data import is_fashion_mnist, is_local_data
+    from .data import hub_dataset_id
 
-    if data is None or is_fashion_mnist(str(data)) or is_local_data(str(data)):
+    repo_id = hub_dataset_id(data)
+    if repo_id is None:
         return None
     try:
-        return dataset_info(str(data), revision=revision).sha or revision
+        return dataset_info(repo_id, revision=revision).sha or revision
     except Exception:  # noqa: BLE001 - offline, unreachable, gated: the record says what was asked
         return revision
 
