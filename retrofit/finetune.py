@@ -509,7 +509,8 @@ def _training_info(
         chosen = images_chosen(chosen_images(run.limit, run.sample, run.seed), images)
         read = f"{run.split} ({images_text({'num_examples': images, **chosen})})"
         if run.holdout is not None:
-            read += f", less the {100 * run.holdout:g} % held out to evaluate on (--holdout {run.holdout:g})"
+            purpose = " to evaluate on" if run.eval_split else ""
+            read += f", less the {100 * run.holdout:g} % held out{purpose} (--holdout {run.holdout:g})"
     return TrainingInfo(data=run.data, data_revision=dataset_commit(run.data, run.data_revision), images=read,
                         steps=result.steps, epochs=epochs, loss=loss, init=init, notes=notes)  # fmt: skip
 

@@ -473,7 +473,10 @@ class DataSettings(Settings):
     data: str = setting(help=DATA_HELP, key="name")
     data_revision: str | None = data_revision_setting(key="revision")
     split: str = setting("train", "training split", key="train_split")
-    eval_split: str | None = setting(EVAL_SPLIT, "evaluation split ('' for none)", blank=True)
+    eval_split: str | None = setting(
+        EVAL_SPLIT, "evaluation split ('' for none; with --holdout, the held-out images are then kept out of training "
+        "and not scored)", blank=True,
+    )  # fmt: skip
     image_column: str = image_column_setting()
     label_column: str | None = setting("label", "label column of the data")
     limit: int | None = setting(None, "use only the first N training images", metavar="N", at_least=1)
@@ -490,9 +493,9 @@ class DataSettings(Settings):
         super().check()
         if self.eval_split is not None and not self.eval_split.strip():  # '' (or spaces): none
             self.eval_split = None
-        if self.holdout is not None and self.eval_split != EVAL_SPLIT:
-            what = "none" if self.eval_split is None else f"split '{self.eval_split}'"
-            self.refuse("holdout", f"evaluates on the images it holds out, and --eval-split names {what}; drop one")
+        if self.holdout is not None and self.eval_split not in (EVAL_SPLIT, None):  # None: kept out, not scored
+            self.refuse("holdout", f"evaluates on the images it holds out, and --eval-split names split "
+                        f"'{self.eval_split}'; drop one")  # fmt: skip
         _check_limit_or_sample(self)
 
     def images(self, evaluation: bool = False) -> dict:
@@ -985,6 +988,7 @@ class BenchArgs(BenchSettings):
 
 METHODS = ("calibrate", "finetune")
 SWEEP_NEEDS_DATA = "is required: the sweep measures accuracy on it (or pass --dry-run for FLOPs alone)"
+SWEEP_SPLIT = "test"  # the split a sweep measures on, unless --split (or --holdout) says otherwise
 SWEEP_LIMIT = 1000  # sweep scores every setting: the first 1000 images, unless --limit or --sample says otherwise
 SWEEP_TOKENS = (8, 16, 32)  # sweep's default M values: the paper's M = 8 (after L/2) and two milder merges
 
@@ -1004,10 +1008,15 @@ class SweepSettings(Settings):
     )  # fmt: skip
     data: str | None = setting(None, f"{DATA_HELP} (not with --dry-run)")
     data_revision: str | None = data_revision_setting()
-    split: str = setting("test", "split to measure accuracy on")
+    split: str = setting(SWEEP_SPLIT, "split to measure accuracy on")
     calibrate_split: str = setting("train", "split to calibrate (and fine-tune) on")
     limit: int | None = setting(SWEEP_LIMIT, "evaluate on the first N images", metavar="N", at_least=1)
     sample: int | None = sample_setting("evaluate on", "instead of the first --limit; seed 0")
+    holdout: float | None = holdout_setting(
+        "hold this fraction of --calibrate-split out of calibration and fine-tuning and measure on it instead of "
+        "--split, for data without an evaluation split (an image folder of class folders): the images `finetune "
+        "--holdout F` holds out"
+    )
     image_column: str = image_column_setting()
     label_column: str = setting("label", "label column of the data (not read for backbones)")
     calibrate_images: int = calibrate_images_setting()
@@ -1038,6 +1047,9 @@ class SweepSettings(Settings):
         if self.sample is not None and self.limit == SWEEP_LIMIT:
             self.limit = None  # --sample replaces the default first N images
         _check_limit_or_sample(self)
+        if self.holdout is not None and self.split != SWEEP_SPLIT:
+            held = f"measures on the images it holds out of --calibrate-split '{self.calibrate_split}'"
+            self.refuse("holdout", f"{held}, and --split names '{self.split}'; drop one")
         _check_templates(self, "prompt_template")
         _check_zero_shot_only(self)
         if self.target_speedup is not None and not self.target_speedup > 1:
@@ -1064,8 +1076,8 @@ class SweepArgs(SweepSettings):
         super().check()
         if not self.dry_run and self.data is None:
             self.refuse("data", SWEEP_NEEDS_DATA)
-        for name in ("data", "sample", "output"):  # --dry-run reads no data and writes nothing: a user giving them
-            # expects both
+        for name in ("data", "sample", "holdout", "output"):  # --dry-run reads no data and writes nothing: a user
+            # giving them expects both
             if self.dry_run and getattr(self, name) is not None:
                 self.refuse(name, "is not used with --dry-run, which reads the config alone and writes nothing; "
                             "drop one of them")  # fmt: skip

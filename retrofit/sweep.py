@@ -195,7 +195,8 @@ def plot(report: dict, path: Path) -> None:
     quality = "feature similarity to the source" if key == "similarity" else "top-1 accuracy (%)"
     if report.get("metric") == "zero-shot":
         quality = "zero-shot top-1 accuracy (%)"
-    ax.set_ylabel(f"{quality} on {Path(report['data']).name} {report['split']}")
+    held = " (held out)" if report.get("holdout") else ""
+    ax.set_ylabel(f"{quality} on {Path(report['data']).name} {report['split']}{held}")
     ax.set_title(f"PatchMerger placement sweep: {Path(report['source']).name} ({report['method']})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -275,6 +276,7 @@ def _merged_models(
                         data=settings.data,
                         data_revision=settings.data_revision,
                         split=settings.calibrate_split,
+                        holdout=settings.holdout,  # never the images the sweep scores
                         image_column=settings.image_column,
                         label_column=settings.label_column,
                         calibrate_images=settings.calibrate_images,
@@ -416,9 +418,14 @@ def _sweep(
             check_merge(config, k, m, image_size)
     chosen = chosen_images(settings.limit, settings.sample, settings.seed)  # the images every setting is scored on
     chosen["revision"] = settings.data_revision
+    # --holdout: scored on the fraction of the calibration split that calibration and fine-tuning never read
+    held_out = settings.holdout is not None
+    if held_out:
+        chosen |= {"holdout": settings.holdout, "held": True}
+    split = settings.calibrate_split if held_out else settings.split  # the split the scores are on
     commit = dataset_commit(settings.data, settings.data_revision)  # a Hub dataset's, asked as it is read
     dataset = load_split(
-        settings.data, settings.split, image_column=settings.image_column,
+        settings.data, split, image_column=settings.image_column,
         label_column=None if backbone else settings.label_column, split_classes=zero_shot, log=log, **chosen,
     )  # fmt: skip
     if zero_shot:  # class names, the prompts and the tokenizer, refused in one line before any setting is built
@@ -435,6 +442,7 @@ def _sweep(
         limit=settings.calibrate_images if settings.method == "calibrate" else 1,
         sample_seed=settings.seed if settings.method == "calibrate" else None,
         revision=settings.data_revision,
+        holdout=settings.holdout,
     )
     label_map = zero_shot_map if zero_shot else None
     if not (backbone or zero_shot):  # string labels mapped by class name, bad ones refused before any setting is built
@@ -459,7 +467,8 @@ def _sweep(
             num_channels=image_channels(config),
         )
         k_top = None if backbone else min(5, len(names) if zero_shot else len(model_labels(config)))
-        log(f"evaluating {len(merged) + 1} models on {len(dataset)} images of {settings.data} {settings.split} ...")
+        held = f" (held out of calibration, --holdout {settings.holdout:g})" if held_out else ""
+        log(f"evaluating {len(merged) + 1} models on {len(dataset)} images of {settings.data} {split}{held} ...")
         models = [source_model] + [model for _, _, model in merged]
         if zero_shot:
             scores = zero_shot_scores(models, [tokenizer] * len(models), loader, texts, k=k_top)
@@ -472,7 +481,7 @@ def _sweep(
         if scores[0]["nonfinite"]:
             raise RetrofitError(
                 f"'{source}' gives non-finite outputs (NaN or inf) on {scores[0]['nonfinite']} of "
-                f"{scores[0]['num_examples']} images of {settings.data} {settings.split}, so no setting can be "
+                f"{scores[0]['num_examples']} images of {settings.data} {split}, so no setting can be "
                 "compared with it; check its weights for NaN"
             )
         for score in scores:  # NaN is not a similarity, nor valid JSON
@@ -539,7 +548,7 @@ def _sweep(
         },
         "data": settings.data,
         **({"data_revision": commit} if commit else {}),
-        "split": settings.split,
+        "split": split,
         "num_examples": source_row["num_examples"],
         **images_chosen(chosen, source_row["num_examples"]),
         "top_k": k_top,
@@ -595,7 +604,8 @@ def _markdown_report(report: dict) -> str:
     start = report.get("initialisation")  # None in the report of a retrofit that did not record it
     method = report["method"]
     if start:
-        on = f"`{report['data']}` {start['split']} (a shuffled sample, seed {start['seed']})"
+        less = f" less the {100 * report['holdout']:g} % held out" if report.get("holdout") else ""  # scored on
+        on = f"`{report['data']}` {start['split']}{less} (a shuffled sample, seed {start['seed']})"
         method = (
             f"{method}, k-means of {start['images']} images of {on}"
             if "calibrate_images" not in start

@@ -598,3 +598,43 @@ def test_the_data_columns_are_chosen_as_evaluate_chooses_them(tiny_vit, images, 
     assert main([*argv, "--image-column", "img", "--label-column", "fine_label"]) == 0
     report = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert report["num_examples"] == 9 and report["source_row"]["top1"] >= 0
+
+
+@pytest.mark.parametrize("method", ["calibrate", "finetune"])
+def test_holdout_scores_images_no_setting_started_from(tiny_vit, tmp_path, capsys, monkeypatch, method):
+    """A folder of class folders has no test split, and a sweep scored on its training split ranked settings on the
+    images they were calibrated or fine-tuned on. `--holdout F` scores the fraction `finetune --holdout F` keeps out,
+    and neither calibration nor the fine-tune reads it."""
+    import numpy as np
+
+    import retrofit.data
+    from retrofit.data import load_split
+
+    folder = make_imagefolder(tmp_path / "train-only", per_class=4, test_per_class=0)
+    read = []  # the images of every dataloader the sweep (and its fine-tunes) made
+    made = retrofit.data.make_dataloader
+    monkeypatch.setattr(retrofit.data, "make_dataloader", lambda dataset, *a, **k: read.append(dataset) or made(
+        dataset, *a, **k))  # fmt: skip
+    out = tmp_path / "sweep"
+    argv = ["sweep", str(tiny_vit), "--after-layer", "1", "--tokens", "2", "--data", str(folder), "--holdout", "0.5",
+            "--method", method, "--finetune-steps", "1", "--finetune-batch-size", "6", "--calibrate-images", "12",
+            "--bench-batch-size", "2", "--bench-repeats", "1", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "sweep.json").read_text())
+    held = load_split(str(folder), "train", holdout=0.5, held=True)
+    assert report["split"] == "train" and report["holdout"] == 0.5 and report["num_examples"] == len(held) == 6
+    text = (out / "sweep.md").read_text()
+    assert f"on `{folder}` train (all 6 images held out of training (--holdout 0.5))" in text
+    assert f"images of `{folder}` train less the 50 % held out (a shuffled sample, seed 0)" in text
+
+    def pixels(dataset) -> set[bytes]:
+        return {np.asarray(image).tobytes() for image in dataset["image"]}
+
+    scored = [dataset for dataset in read if pixels(dataset) == pixels(held)]
+    started = [dataset for dataset in read if dataset not in scored]
+    assert scored and started and all(not pixels(dataset) & pixels(held) for dataset in started)
+    assert "--holdout" in capsys.readouterr().err  # the log says which images are scored
+    for extra, error in ((["--split", "train"], "--split names 'train'; drop one"), (["--holdout", "1"], "(0, 1)")):
+        assert main([*argv, *extra, "--overwrite"]) == 2 and error in error_line(capsys.readouterr().err)
+    assert main(["sweep", str(tiny_vit), "--dry-run", "--holdout", "0.5"]) == 2
+    assert "--holdout is not used with --dry-run" in error_line(capsys.readouterr().err)
