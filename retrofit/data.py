@@ -214,20 +214,44 @@ def sample_of(dataset, size: int, seed: int | None):
 HOLDOUT_SEED = 0
 
 
-def _held_out(dataset, fraction: float, held: bool, data: str, split: str):
-    """The images `--holdout fraction` holds out of `dataset` (`held`) or the rest: a seeded split, stratified by
-    class where the labels are a `ClassLabel` (an image folder's, Fashion-MNIST's), so each class keeps its share."""
-    from datasets import ClassLabel
+def _classes_to_stratify(dataset) -> list[int] | None:
+    """Each image's class as a number, in the order of the classes' values (a ClassLabel's ids, text or integer labels;
+    a missing label is a class of its own), for `_held_out` to stratify by; None where the split has no such labels."""
+    from datasets import ClassLabel, Value
 
-    stratify = "label" if isinstance(dataset.features.get("label"), ClassLabel) else None
+    feature = dataset.features.get("label")
+    text = isinstance(feature, Value) and feature.dtype in ("string", "large_string")
+    integer = isinstance(feature, Value) and feature.dtype.startswith(("int", "uint"))
+    if not (isinstance(feature, ClassLabel) or text or integer):
+        return None
+    labels = list(dataset["label"])
+    order = sorted(set(labels), key=lambda label: (label is None, label if label is not None else 0))
+    number = {label: index for index, label in enumerate(order)}
+    return [number[label] for label in labels]
+
+
+def _held_out(dataset, fraction: float, held: bool, data: str, split: str):
+    """The images `--holdout fraction` holds out of `dataset` (`held`) or the rest: datasets' seeded
+    `train_test_split`, stratified by class where the split has labels (`_classes_to_stratify`), so each class keeps
+    its share. It splits the images' positions alone (and their classes), so the labels need not be a ClassLabel and
+    no image is read; a ClassLabel split holds out the same images as splitting the dataset itself."""
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    classes = _classes_to_stratify(dataset)
+    columns, features = {"position": list(range(len(dataset)))}, {"position": Value("int64")}
+    if classes is not None:
+        columns["class"], features["class"] = classes, ClassLabel(num_classes=max(classes, default=0) + 1)
+    positions = Dataset.from_dict(columns, features=Features(features))
     try:
-        parts = dataset.train_test_split(test_size=fraction, seed=HOLDOUT_SEED, stratify_by_column=stratify)
+        parts = positions.train_test_split(
+            test_size=fraction, seed=HOLDOUT_SEED, stratify_by_column=None if classes is None else "class"
+        )
     except ValueError as exc:  # too few images for the fraction, or for one of each class on both sides
         raise RetrofitError(
             f"--holdout {fraction:g} of split '{split}' of '{data}' ({len(dataset)} images) cannot be held out: "
             f"{brief(exc)}; choose another --holdout, or data with an evaluation split of its own"
         ) from None
-    return parts["test" if held else "train"]
+    return dataset.select(parts["test" if held else "train"]["position"])
 
 
 @_cache_files_elsewhere

@@ -914,6 +914,17 @@ def test_holdout_keeps_each_class_share_out_of_training_the_same_every_time(imag
         load_split(str(imagefolder), "train", holdout=0.05, held=True)  # 2 images for 3 classes
 
 
+@pytest.mark.parametrize("labels", [["cat", "dog", "bird"] * 4, [3, 7, 11] * 4], ids=["text", "integer"])
+def test_holdout_stratifies_labels_that_are_not_a_class_label(imagefolder, tmp_path, labels):
+    """A metadata.csv of text (or integer) labels is no ClassLabel, and datasets stratifies only by one: its held-out
+    images were drawn at random, and a small split could hold a class out whole or not at all."""
+    folder = make_labelled_folder(tmp_path / "labelled", imagefolder, labels)
+    held = load_split(folder, "train", holdout=0.5, held=True)
+    rest = load_split(folder, "train", holdout=0.5)
+    assert sorted(held["label"]) == sorted(rest["label"]) == sorted(labels[:6])  # 2 of each class on each side
+    assert sorted(_pixels(held) + _pixels(rest)) == sorted(_pixels(load_split(folder, "train")))
+
+
 def test_finetune_evaluates_on_the_images_holdout_keeps_out_and_evaluate_scores_them_again(
     tiny_vit, imagefolder, tmp_path, capsys
 ):
