@@ -246,10 +246,13 @@ def _held_out(dataset, fraction: float, held: bool, data: str, split: str):
         parts = positions.train_test_split(
             test_size=fraction, seed=HOLDOUT_SEED, stratify_by_column=None if classes is None else "class"
         )
-    except ValueError as exc:  # too few images for the fraction, or for one of each class on both sides
+    except ValueError:  # too few images for the fraction, or for one of each class on both sides
+        held_out = math.ceil(fraction * len(dataset))  # as datasets counts them
+        each = "one image" if classes is None else f"one image of each of the {len(set(classes))} classes"
         raise RetrofitError(
-            f"--holdout {fraction:g} of split '{split}' of '{data}' ({len(dataset)} images) cannot be held out: "
-            f"{brief(exc)}; choose another --holdout, or data with an evaluation split of its own"
+            f"--holdout {fraction:g} of split '{split}' of '{data}' ({len(dataset)} images) would hold out {held_out} "
+            f"and train on {len(dataset) - held_out}, and each side needs at least {each}; choose another --holdout, "
+            "or data with an evaluation split of its own"
         ) from None
     return dataset.select(parts["test" if held else "train"]["position"])
 

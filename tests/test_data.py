@@ -910,8 +910,11 @@ def test_holdout_keeps_each_class_share_out_of_training_the_same_every_time(imag
     unlabelled = load_split(str(imagefolder), "train", label_column=None, holdout=0.25, held=True)
     assert unlabelled.column_names == ["image"] and _pixels(unlabelled) == _pixels(held)
     assert _pixels(load_split(str(imagefolder), "train", holdout=0.25, held=True, limit=4)) == _pixels(held)[:4]
-    with pytest.raises(RetrofitError, match=r"--holdout 0.05 of split 'train' of .* \(24 images\) cannot be held out"):
+    too_few = r"--holdout {} of split 'train' of .* \(24 images\) would hold out {} and train on {}, and each side"
+    with pytest.raises(RetrofitError, match=too_few.format(0.05, 2, 22) + " needs at least one image of each of the 3"):
         load_split(str(imagefolder), "train", holdout=0.05, held=True)  # 2 images for 3 classes
+    with pytest.raises(RetrofitError, match=too_few.format(0.99, 24, 0)):
+        load_split(str(imagefolder), "train", holdout=0.99)
 
 
 @pytest.mark.parametrize("labels", [["cat", "dog", "bird"] * 4, [3, 7, 11] * 4], ids=["text", "integer"])
