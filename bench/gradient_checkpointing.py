@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from retrofit.benchmark import (  # noqa: E402
     DTYPES,
     VIT_SHAPES,
+    checked_merge,
     hardware_name,
     merge_option,
     parse_device,
@@ -38,7 +39,7 @@ from retrofit.benchmark import (  # noqa: E402
     shape_model,
 )
 from retrofit.errors import RetrofitError  # noqa: E402
-from retrofit.surgery import check_merge, insert_patch_merger  # noqa: E402
+from retrofit.surgery import insert_patch_merger  # noqa: E402
 from retrofit.train import enable_gradient_checkpointing  # noqa: E402
 
 
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         parse_device(args.device)
         (after, tokens), *_ = merge_option(args.merge)
         config = shape_config(args.model)
-        check_merge(config, resolve_after_layer(config, after), tokens)  # before any process is started
+        checked_merge(config, after, tokens)  # before any process is started
         if args.child:
             print(json.dumps(measure(args, args.child == "on")))
             return 0

@@ -21,12 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrofit.benchmark import VIT_SHAPES, benchmark, merge_option, resolve_after_layer, shape_model  # noqa: E402
+from retrofit.benchmark import VIT_SHAPES, benchmark, checked_merge, merge_option, shape_model  # noqa: E402
 from retrofit.deploy import export_onnx  # noqa: E402
 from retrofit.errors import RetrofitError  # noqa: E402
 from retrofit.export import export  # noqa: E402
 from retrofit.settings import BenchSettings, comma_ints  # noqa: E402
-from retrofit.surgery import check_merge, insert_patch_merger  # noqa: E402
+from retrofit.surgery import insert_patch_merger  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             disable_progress_bar()
             work = Path(folder)
             source = shape_model(args.model, torch.device("cpu"), torch.float32)
-            k = resolve_after_layer(source.config, after)
-            check_merge(source.config, k, tokens)
+            k = checked_merge(source.config, after, tokens)
             processor = ViTImageProcessor(size={"height": 224, "width": 224})
             source.save_pretrained(work / "source")
             processor.save_pretrained(work / "source")

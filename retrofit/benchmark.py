@@ -186,6 +186,16 @@ def resolve_after_layer(config, after: str) -> int:
     return layers // 2 if after == "half" else int(after)
 
 
+def checked_merge(config, after: str, tokens: int, image_size: tuple[int, int] | None = None) -> int:
+    """The layer index of a ``--merge K:M`` (`resolve_after_layer`) that `config` can merge with M tokens at
+    `image_size` (`surgery.check_merge`); else one line naming the option as it was given."""
+    from .surgery import check_merge
+
+    k, given = resolve_after_layer(config, after), f"--merge {after}:{tokens}"
+    check_merge(config, k, tokens, image_size, names=(f"{given}: after-layer", f"{given}: tokens"))
+    return k
+
+
 def build_variants(
     models: list[str], merges: list[tuple[str, int]], settings: BenchSettings, *, log: Callable[[str], None] = print
 ) -> list[Variant]:
@@ -198,7 +208,7 @@ def build_variants(
     from .cost import model_cost
     from .loading import is_merged, load_config
     from .provenance import made_from
-    from .surgery import check_merge, insert_patch_merger
+    from .surgery import insert_patch_merger
 
     device, dtype = parse_device(settings.device), parse_dtype(settings.dtype)
     if not models:
@@ -233,8 +243,7 @@ def build_variants(
             continue
         twins[spec] = []
         for after, tokens in merges:
-            k = resolve_after_layer(config, after)
-            check_merge(config, k, tokens, sizes[spec])
+            k = checked_merge(config, after, tokens, sizes[spec])
             if (k, tokens) in twins[spec]:
                 log(f"note: --merge {after}:{tokens} repeats after-layer {k}, {tokens} tokens for '{spec}'; skipped")
             else:

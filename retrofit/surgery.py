@@ -39,17 +39,20 @@ def check_merge(
     image_size: tuple[int, int] | None = None,
     *,
     rope_positions: str | None = None,
+    names: tuple[str, str] = ("--after-layer", "--tokens"),
 ) -> tuple[Family, Head, int]:
     """Validate a merge setting against a source config; return (family, head, number of prefix tokens).
 
     `image_size` is the size the model is fed (see `loading.processor_image_size`); defaults to the config's.
-    `rope_positions` (see `insert_patch_merger`) is only for families whose layers use RoPE.
+    `rope_positions` (see `insert_patch_merger`) is only for families whose layers use RoPE. `names`: how an error
+    names K and M (the options the user gave them with).
     """
     if is_merged(config):
         raise RetrofitError(ALREADY_MERGED)
     family, head = family_and_head(config)
     lc = layer_config(config, head)
-    check_merge_range(after_layer, num_tokens, lc.num_hidden_layers, num_patches(lc, image_size))
+    check_merge_range(after_layer, num_tokens, lc.num_hidden_layers, num_patches(lc, image_size),
+                      after_name=names[0], tokens_name=names[1])  # fmt: skip
     if rope_positions is not None and rope_positions not in ROPE_POSITIONS:
         raise RetrofitError(f"unknown --rope-positions '{rope_positions}': use one of {', '.join(ROPE_POSITIONS)}")
     if rope_positions is not None and not family.rope:

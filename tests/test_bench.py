@@ -424,7 +424,7 @@ def test_bench_times_a_dual_encoders_image_embeddings(tmp_path):
         (["--batch-size", "a,b"], "--batch-size"),
         (["--merge", "6-8"], "is not K:M"),
         (["--compile", "turbo"], "--compile has the unknown mode 'turbo'"),
-        (["--merge", "9:4"], "--after-layer 9 is out of range"),
+        (["--merge", "9:4"], "--merge 9:4: after-layer 9 is out of range: this model has"),
         (["--batch-size", "1,99999999999999999999999"], "too large to be a tensor dimension"),
         (["--threads", "0"], "--threads must be between 1 and"),
         (["--threads", str((os.cpu_count() or 1) + 1)], "--threads must be between 1 and"),
@@ -657,7 +657,7 @@ def test_speed_script_needs_only_torch_and_transformers(tmp_path):
 
 def test_gradient_checkpointing_script_refuses_a_bad_merge_in_one_line(capsys):
     """bench/gradient_checkpointing.py's measurements are checked by the GPU-session test below; bad input here."""
-    for merge, message in (("six", "is not K:M"), ("99:8", "--after-layer 99 is out of range")):
+    for merge, message in (("six", "is not K:M"), ("99:8", "--merge 99:8: after-layer 99 is out of range")):
         assert run_script("gradient_checkpointing.py", ["--model", "vit-ti16", "--merge", merge]) == 2
         error = capsys.readouterr().err
         assert error.count("\n") == 1 and message in error, error
@@ -921,7 +921,7 @@ def test_a_checkpoint_is_timed_and_priced_at_its_processors_image_size(tmp_path,
 
     source = _dinov2_fed_smaller_crops(tmp_path / "dinov2")  # config 64x64 (64 patches), processor 32x32 (16)
     assert main(["bench", str(source), "--merge", "2:20", *QUICK]) == 2
-    assert "--tokens 20 is out of range: the model has 16 patch tokens" in capsys.readouterr().err
+    assert "--merge 2:20: tokens 20 is out of range: the model has 16 patch tokens" in capsys.readouterr().err
     shapes = []
     real_time_block = benchmark._time_block
     monkeypatch.setattr(
