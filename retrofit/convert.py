@@ -122,8 +122,12 @@ def run_convert(
 
         calibration = calibrate_from_data(merged, args.calibrate_on, source=str(source), log=log,
                                           num_images=args.calibrate_images, split=args.calibrate_split,
-                                          image_column=args.image_column, seed=args.seed)  # fmt: skip
-        training.init = calibration.describe(args.calibrate_on, args.calibrate_split, args.after_layer, args.seed)
+                                          image_column=args.image_column, seed=args.seed,
+                                          holdout=args.holdout)  # fmt: skip
+        held = args.holdout
+        of = None if held is None else f"all but the {100 * held:g} % that --holdout {held:g} keeps out"
+        training.init = calibration.describe(args.calibrate_on, args.calibrate_split, args.after_layer, args.seed,
+                                             of=of)  # fmt: skip
     before, after = model_cost(config, image_size), model_cost(merged.config, image_size)
     show(compare(before, after))
     if output is not None:

@@ -708,6 +708,10 @@ class ConvertArgs(HubSettings, OutputSettings, MergeSettings, SourceSettings):
     )
     calibrate_split: str = setting("train", "split of DATA to calibrate on")
     calibrate_images: int = calibrate_images_setting()
+    holdout: float | None = holdout_setting(
+        "calibrate on --calibrate-split without the fraction `finetune --holdout F` holds out of it, so that "
+        "`evaluate --holdout F` scores images the merger never saw"
+    )
     image_column: str = image_column_setting()
     seed: int = setting(0, "seed of the merger's random start and of the calibration sample", interval=SEEDS)
 
@@ -716,6 +720,9 @@ class ConvertArgs(HubSettings, OutputSettings, MergeSettings, SourceSettings):
         for name in ("after_layer", "tokens"):
             if getattr(self, name) is None:
                 self.refuse(name, "is required (see retrofit convert --help)")
+        if self.holdout is not None and self.calibrate_on is None:
+            self.refuse("holdout", "keeps images out of calibration, and there is none without --calibrate-on DATA; "
+                        "add it, or drop --holdout")  # fmt: skip
 
 
 @dataclass(kw_only=True)

@@ -117,6 +117,15 @@ def test_calibrate_from_an_imagefolder_and_convert_cli(tiny_vit, tmp_path, capsy
     assert "no column 'img'" in capsys.readouterr().err
     assert main([*argv, "--overwrite", "--calibrate-on", str(data), "--calibrate-images", "0"]) == 2
     assert capsys.readouterr().err.strip() == "retrofit: error: --calibrate-images must be at least 1 (got 0)"
+    # --holdout: the images finetune and evaluate --holdout keep out are not calibrated on (9 of the 12 are left)
+    assert main([*argv, "--overwrite", "--calibrate-on", str(data), "--holdout", "0.25"]) == 0
+    assert "calibrated the merger on 9 images" in capsys.readouterr().err
+    assert (
+        "(train split, a shuffled sample, seed 0, from all but the 25 % that --holdout 0.25 keeps out)"
+        in (out / "README.md").read_text()
+    )
+    assert main([*argv, "--overwrite", "--holdout", "0.25"]) == 2
+    assert "--holdout keeps images out of calibration, and there is none without" in capsys.readouterr().err
 
 
 def test_the_result_is_what_the_model_it_leaves_computes(tiny_vit):
