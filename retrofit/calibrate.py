@@ -61,14 +61,24 @@ class CalibrationResult:
             f"{self.metric} {self.distance_random:.3f} -> {self.distance_calibrated:.3f} ({self.chosen})"
         )
 
-    def describe(self, data: str, split: str, layer: int, seed: int | None = None, of: str | None = None) -> str:
+    def describe(
+        self,
+        data: str,
+        split: str,
+        layer: int,
+        seed: int | None = None,
+        of: str | None = None,
+        commit: str | None = None,
+    ) -> str:
         """How the merger was initialised, for the model card; `seed`: the one that drew the images (a shuffled
-        sample) and the k-means starts; `of`: the images of the split they were drawn from, where not all."""
+        sample) and the k-means starts; `of`: the images of the split they were drawn from, where not all; `commit`:
+        the Hub dataset's (`provenance.dataset_commit`)."""
         closeness = "top-1 agreement" if self.metric == "KL" else "cosine similarity of the features"
         drawn = "" if seed is None else f", a shuffled sample, seed {seed}"
         drawn += f", from {of}" if of else ""
+        at = f" at commit `{commit}`" if commit else ""
         return (
-            f"calibrated: k-means of the layer-{layer} tokens of {self.images} images of `{public_name(data)}` "
+            f"calibrated: k-means of the layer-{layer} tokens of {self.images} images of `{public_name(data)}`{at} "
             f"({split} split{drawn}), "
             f"{self.chosen}; {closeness} with the source {self.agreement_calibrated:.3f} "
             f"(random queries: {self.agreement_random:.3f})"
@@ -291,18 +301,19 @@ def calibration_batch(
     seed: int = 0,
     images=None,
     holdout: float | None = None,
+    revision: str | None = None,
     log: Callable[[str], None] = print,
 ) -> torch.Tensor:
     """`num_images` preprocessed images of `data` (a shuffled sample of its `split`, less the fraction `holdout`
-    keeps out), as the model expects them; or, given `images` (a `datasets.Dataset` with an ``image`` column, such as
-    the images a fine-tune trains on), those."""
+    keeps out; a Hub dataset at `revision`), as the model expects them; or, given `images` (a `datasets.Dataset` with
+    an ``image`` column, such as the images a fine-tune trains on), those."""
     from .data import load_split, make_dataloader
     from .loading import image_channels, load_image_processor
 
     dataset = images
     if dataset is None:  # only the sample is loaded (from the Hub: streamed, unless --holdout needs the whole split)
         dataset = load_split(data, split, image_column=image_column, label_column=None, limit=num_images,
-                             sample_seed=seed, holdout=holdout)  # fmt: skip
+                             sample_seed=seed, holdout=holdout, revision=revision)  # fmt: skip
     processor = load_image_processor(source, model.config, log=log)
     loader = make_dataloader(dataset, processor, batch_size=len(dataset), num_channels=image_channels(model.config))
     return next(iter(loader))["pixel_values"]
@@ -320,12 +331,13 @@ def calibrate_from_data(
     seed: int = 0,
     images=None,
     holdout: float | None = None,
+    revision: str | None = None,
 ) -> CalibrationResult:
     """Calibrate `merged`'s PatchMerger on `num_images` images of `data` (fashion-mnist, image folder or Hub id), or
     on `images` where given (`calibration_batch`)."""
     pixels = calibration_batch(merged, data, source=source, num_images=num_images, split=split,
                                image_column=image_column, seed=seed, images=images, holdout=holdout,
-                               log=log)  # fmt: skip
+                               revision=revision, log=log)  # fmt: skip
     result = calibrate(merged, pixels, seed=seed)
     log(result.summary())
     return result

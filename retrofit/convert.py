@@ -119,15 +119,17 @@ def run_convert(
         training.notes.append(new_head)
     if args.calibrate_on is not None:
         from .calibrate import calibrate_from_data
+        from .provenance import dataset_commit
 
         calibration = calibrate_from_data(merged, args.calibrate_on, source=str(source), log=log,
                                           num_images=args.calibrate_images, split=args.calibrate_split,
                                           image_column=args.image_column, seed=args.seed,
-                                          holdout=args.holdout)  # fmt: skip
+                                          holdout=args.holdout, revision=args.data_revision)  # fmt: skip
         held = args.holdout
         of = None if held is None else f"all but the {100 * held:g} % that --holdout {held:g} keeps out"
+        commit = dataset_commit(args.calibrate_on, args.data_revision)  # a Hub dataset's
         training.init = calibration.describe(args.calibrate_on, args.calibrate_split, args.after_layer, args.seed,
-                                             of=of)  # fmt: skip
+                                             of=of, commit=commit)  # fmt: skip
     before, after = model_cost(config, image_size), model_cost(merged.config, image_size)
     show(compare(before, after))
     if output is not None:

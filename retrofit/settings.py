@@ -707,6 +707,10 @@ class ConvertArgs(HubSettings, OutputSettings, MergeSettings, SourceSettings):
         None, f"initialise the merger from k-means of layer-K tokens of DATA ({DATA_HELP})", metavar="DATA"
     )
     calibrate_split: str = setting("train", "split of DATA to calibrate on")
+    data_revision: str | None = setting(
+        None, "commit, branch or tag of a Hub dataset --calibrate-on DATA (default: its main branch; the card names "
+        "the commit read)", metavar="REV",
+    )  # fmt: skip
     calibrate_images: int = calibrate_images_setting()
     holdout: float | None = holdout_setting(
         "calibrate on --calibrate-split without the fraction `finetune --holdout F` holds out of it, so that "
@@ -720,9 +724,10 @@ class ConvertArgs(HubSettings, OutputSettings, MergeSettings, SourceSettings):
         for name in ("after_layer", "tokens"):
             if getattr(self, name) is None:
                 self.refuse(name, "is required (see retrofit convert --help)")
-        if self.holdout is not None and self.calibrate_on is None:
-            self.refuse("holdout", "keeps images out of calibration, and there is none without --calibrate-on DATA; "
-                        "add it, or drop --holdout")  # fmt: skip
+        for name, does in (("holdout", "keeps images out of calibration"), ("data_revision", "chooses its data")):
+            if getattr(self, name) is not None and self.calibrate_on is None:
+                self.refuse(name, f"{does}, and there is none without --calibrate-on DATA; add it, or drop "
+                            f"{option_of(type(self), name)}")  # fmt: skip
 
 
 @dataclass(kw_only=True)

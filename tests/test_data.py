@@ -277,6 +277,20 @@ def test_evaluate_reads_and_records_the_commit_a_data_revision_is_at(
     for data in (str(imagefolder), "fashion-mnist"):
         assert main([*argv[:4], data, "--data-revision", "v1"]) == 2
         assert "--data-revision names a commit, branch or tag of a Hub dataset" in error_line(capsys.readouterr().err)
+    # convert --calibrate-on calibrates on the revision, and its card names the commit
+    calls.clear()
+    asked.clear()
+    calibrated = ["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--output", str(tmp_path / "cal"),
+                  "--calibrate-images", "4", "--data-revision", "v1"]  # fmt: skip
+    assert main([*calibrated, "--calibrate-on", HUB_ID]) == 0
+    assert (
+        asked == [(HUB_ID, "v1")]
+        and calls
+        and all(call.get("revision", call.get("split_names")) == "v1" for call in calls)
+    )
+    assert f"4 images of `{HUB_ID}` at commit `0123abc` (train split" in (tmp_path / "cal" / "README.md").read_text()
+    assert main(calibrated) == 2
+    assert "--data-revision chooses its data, and there is none without --calibrate-on" in capsys.readouterr().err
 
 
 def test_an_unreachable_hub_stream_is_a_one_line_error(hub_dataset, monkeypatch):
