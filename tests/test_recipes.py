@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,8 @@ def test_a_recipe_file_that_is_no_recipe_is_one_line(tmp_path, capsys):
     repeated = tmp_path / "twice.yaml"
     repeated.write_text(recipe + "training:\n  lr: 1.0e-3\n")
     (tmp_path / "empty.yaml").write_text("# nothing yet\n")
-    (tmp_path / "deep.yaml").write_text("name: " + "[" * 5000 + "]" * 5000 + "\n")
+    deep = sys.getrecursionlimit() + 100  # each level is a frame of PyYAML's composer at least: a RecursionError
+    (tmp_path / "deep.yaml").write_text("name: " + "[" * deep + "]" * deep + "\n")
     aliases = [f"  - &a0 [{', '.join(['lol'] * 9)}]"]
     aliases += [f"  - &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
     (tmp_path / "aliases.yaml").write_text("name:\n" + "\n".join(aliases) + "\n")
@@ -105,7 +107,7 @@ def test_a_recipe_file_that_is_no_recipe_is_one_line(tmp_path, capsys):
     with pytest.raises(RetrofitError, match=re.escape("log must be a function taking one line of text (print; lambda")):
         run_recipe(tmp_path / "merged.yaml", log=None)  # a TypeError traceback from inside the run
     with pytest.raises(RetrofitError, match="nested too deeply"):
-        parse_value("[" * 5000)
+        parse_value("[" * deep)
     # An integer of thousands of digits (Python refuses to convert it: a ValueError traceback), in the file or --set.
     (tmp_path / "long.yaml").write_text(recipe.replace("max_steps: 3", "max_steps: " + "9" * 5000))
     with pytest.raises(RetrofitError, match="holds a value YAML cannot read"):
