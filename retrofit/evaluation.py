@@ -121,7 +121,7 @@ def evaluate_models(
     *,
     data: str | os.PathLike,
     data_revision: str | None = None,
-    split: str = "validation",
+    split: str | None = None,
     limit: int | None = None,
     sample: int | None = None,
     holdout: float | None = None,
@@ -134,11 +134,11 @@ def evaluate_models(
     prompt_template: str = DEFAULT_TEMPLATE,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Evaluate `models` (checkpoints, Hub ids, exports: one or a list) on one split (its first `limit` images, or a
-    shuffled `sample` of them, the same every run; of the fraction `holdout` of it that ``finetune --holdout`` held
-    out of training); returns a JSON-ready report with a table. `zero_shot`: score
-    image-text dual encoders by zero-shot classification with `prompt_template`. The settings are checked as the
-    command's options are."""
+    """Evaluate `models` (checkpoints, Hub ids, exports: one or a list) on one split (validation, or test where the
+    data has that instead; with `holdout`, train): its first `limit` images, or a shuffled `sample` of them, the same
+    every run; of the fraction `holdout` of it that ``finetune --holdout`` held out of training. Returns a JSON-ready
+    report with a table. `zero_shot`: score image-text dual encoders by zero-shot classification with
+    `prompt_template`. The settings are checked as the command's options are."""
     from .data import load_split, make_dataloader
     from .loading import (
         family_and_head,

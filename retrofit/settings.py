@@ -408,6 +408,7 @@ def data_revision_setting(**kwargs: Any) -> Any:
     )  # fmt: skip
 
 
+TRAIN_SPLIT = "train"  # the default training split (which --holdout holds images out of)
 EVAL_SPLIT = "test"  # the default evaluation split (``validation`` where the data has that instead, `load_split`)
 
 
@@ -472,7 +473,7 @@ class DataSettings(Settings):
 
     data: str = setting(help=DATA_HELP, key="name")
     data_revision: str | None = data_revision_setting(key="revision")
-    split: str = setting("train", "training split", key="train_split")
+    split: str = setting(TRAIN_SPLIT, "training split", key="train_split")
     eval_split: str | None = setting(
         EVAL_SPLIT, "evaluation split ('' for none; with --holdout, the held-out images are then kept out of training "
         "and not scored)", blank=True,
@@ -706,7 +707,7 @@ class ConvertArgs(HubSettings, OutputSettings, MergeSettings, SourceSettings):
     calibrate_on: str | None = setting(
         None, f"initialise the merger from k-means of layer-K tokens of DATA ({DATA_HELP})", metavar="DATA"
     )
-    calibrate_split: str = setting("train", "split of DATA to calibrate on")
+    calibrate_split: str = setting(TRAIN_SPLIT, "split of DATA to calibrate on")
     data_revision: str | None = setting(
         None, "commit, branch or tag of a Hub dataset --calibrate-on DATA (default: its main branch; the card names "
         "the commit read)", metavar="REV",
@@ -747,6 +748,7 @@ ZERO_SHOT_HELP = (
     "class of the data, each model with its own tokenizer and text tower"
 )
 PROMPT_TEMPLATE_HELP = "the zero-shot prompt: the class name goes where {} is"
+EVALUATE_SPLIT = "validation"  # evaluate's split (`load_split` reads test where the data has no validation split)
 EVALUATE_SEED = 0  # evaluate --sample: every run, and so every model compared across runs, scores the same images
 
 
@@ -759,7 +761,10 @@ class EvaluateArgs(Settings):
                                 nargs="+")  # fmt: skip
     data: str = setting(help=DATA_HELP)
     data_revision: str | None = data_revision_setting()
-    split: str = setting("validation", "split to evaluate on")
+    split: str | None = setting(
+        None, f"split to evaluate on (default: {EVALUATE_SPLIT}, or test where the data has that instead; with "
+        f"--holdout, {TRAIN_SPLIT}: the split `finetune --holdout` holds images out of)",
+    )  # fmt: skip
     limit: int | None = setting(None, "use only the first N images (an image folder lists its classes in turn, so "
                                 "they may be of one class: see --sample)", metavar="N", at_least=1)  # fmt: skip
     sample: int | None = sample_setting("evaluate on", f"seed {EVALUATE_SEED}: the same images every run")
@@ -779,6 +784,8 @@ class EvaluateArgs(Settings):
 
     def check(self) -> None:
         super().check()
+        if self.split is None:  # --holdout scores the images finetune --holdout kept out of its training split
+            self.split = TRAIN_SPLIT if self.holdout is not None else EVALUATE_SPLIT
         _check_limit_or_sample(self)
         _check_templates(self, "prompt_template")
         _check_zero_shot_only(self)
@@ -1021,7 +1028,7 @@ class SweepSettings(Settings):
     data: str | None = setting(None, f"{DATA_HELP} (not with --dry-run)")
     data_revision: str | None = data_revision_setting()
     split: str = setting(SWEEP_SPLIT, "split to measure accuracy on")
-    calibrate_split: str = setting("train", "split to calibrate (and fine-tune) on")
+    calibrate_split: str = setting(TRAIN_SPLIT, "split to calibrate (and fine-tune) on")
     limit: int | None = setting(SWEEP_LIMIT, "evaluate on the first N images", metavar="N", at_least=1)
     sample: int | None = sample_setting("evaluate on", "instead of the first --limit; seed 0")
     holdout: float | None = holdout_setting(
