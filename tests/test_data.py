@@ -14,7 +14,7 @@ from conftest import HUB_ID, error_line
 from transformers import ViTImageProcessor
 
 from retrofit.cli import main
-from retrofit.data import FASHION_MNIST_CLASSES, class_names, load_split, make_dataloader
+from retrofit.data import FASHION_MNIST_CLASSES, HOLDOUT_SEED, class_names, load_split, make_dataloader
 from retrofit.errors import RetrofitError
 
 COLOURS = {"cat": (220, 30, 30), "dog": (30, 220, 30), "bird": (30, 30, 220)}
@@ -929,6 +929,18 @@ def test_holdout_keeps_each_class_share_out_of_training_the_same_every_time(imag
         load_split(str(imagefolder), "train", holdout=0.05, held=True)  # 2 images for 3 classes
     with pytest.raises(RetrofitError, match=too_few.format(0.99, 24, 0)):
         load_split(str(imagefolder), "train", holdout=0.99)
+
+
+def test_holdout_is_datasets_own_split_without_reading_the_labels_row_by_row(imagefolder, monkeypatch):
+    """The held-out images are those `train_test_split` picks (its seeded, stratified draw, fed the classes at once:
+    it read Fashion-MNIST's labels row by row, 16 s), and the same where a later datasets moves that draw."""
+    import sys
+
+    whole = load_split(str(imagefolder), "train")
+    theirs = whole.train_test_split(test_size=0.25, seed=HOLDOUT_SEED, stratify_by_column="label")
+    assert _pixels(load_split(str(imagefolder), "train", holdout=0.25, held=True)) == _pixels(theirs["test"])
+    monkeypatch.setitem(sys.modules, "datasets.utils.stratify", None)  # import fails: train_test_split itself
+    assert _pixels(load_split(str(imagefolder), "train", holdout=0.25)) == _pixels(theirs["train"])
 
 
 @pytest.mark.parametrize("labels", [["cat", "dog", "bird"] * 4, [3, 7, 11] * 4], ids=["text", "integer"])
