@@ -414,12 +414,12 @@ def zero_shot_classes(dataset, data: str) -> tuple[list[str], dict | None]:
     distinct names of a column of text labels, sorted; a split limited by `load_split(split_classes=True)` names all
     of its split's) and the map of its labels to their index (None: the ids are); every label checked. No class names:
     one line."""
-    from .data import check_labels, class_names
+    from .data import check_labels, class_names, column_values
 
     names, label_map = class_names(dataset), None
     text = getattr(dataset.features.get("label"), "dtype", None) in ("string", "large_string")
     if names is None and text:
-        names = sorted({value for value in dataset["label"] if value is not None})
+        names = sorted({value for value in column_values(dataset) if value is not None})
         label_map = {name: index for index, name in enumerate(names)}
     if not names:
         raise RetrofitError(
