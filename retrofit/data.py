@@ -432,8 +432,11 @@ def load_split(
             dataset = dataset.rename_column(image_column, "image")
         if label_column and label_column != "label":
             dataset = dataset.rename_column(label_column, "label")
-        if is_local and len(dataset):
+        checked = _READ_FOLDERS.get(os.path.realpath(local), (None, None, set()))[2] if is_local else set()
+        if is_local and len(dataset) and chosen not in checked:  # an image folder's, once while it stays unchanged
             _check_local_images(dataset, "image", data)
+            if limit is None or sample:  # the whole split (not its first --limit images)
+                checked.add(chosen)
     if sample:
         dataset = sample_of(dataset, limit, sample_seed)
     if label_column is None and "label" in dataset.column_names:
@@ -522,12 +525,40 @@ def _saved(folder: Path) -> bool:
     return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
 
 
+# Image folders read, by path: what they held then (`_folder_state`), their splits, and the splits whose images
+# `_check_local_images` opened since. `datasets` finds a folder's files anew at each `load_dataset`, through fsspec
+# (25 s for 20,000 images, most of it stat calls; opening each image adds 2 s), and a command reads its splits
+# several times (training, evaluation, each setting of a sweep); a folder changed since is read and checked again.
+_READ_FOLDERS: dict[str, tuple[str, dict, set[str]]] = {}
+_READ_FOLDERS_KEPT = 4
+
+
+def _folder_state(folder: Path) -> str:
+    """A digest of every entry under `folder`: its path, size and modification time (a file added, removed, renamed
+    or rewritten changes it). Links are not followed, as `_check_split_folders` refuses linked folders."""
+    digest = hashlib.sha256()
+    for root, folders, files in os.walk(folder):
+        folders.sort()
+        for name in sorted(files) + folders:
+            path = os.path.join(root, name)
+            try:
+                stat = os.lstat(path)
+            except OSError:  # removed while walking: the state is another one anyway
+                continue
+            digest.update(f"{os.path.relpath(path, folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def _local_splits(folder: Path, data: str) -> dict:
     """The splits of a local folder by name: a ``save_to_disk`` folder's (one Dataset: the split it was saved as,
-    else train), else an image folder's (`datasets`' imagefolder)."""
+    else train), else an image folder's (`datasets`' imagefolder; read once while it stays as it is,
+    `_READ_FOLDERS`)."""
     import datasets
 
     if not _saved(folder):
+        key, state = os.path.realpath(folder), _folder_state(folder)
+        if key in _READ_FOLDERS and _READ_FOLDERS[key][0] == state:
+            return dict(_READ_FOLDERS[key][1])
         real = os.path.realpath(folder)  # datasets reads the folder's path, links resolved, as a glob pattern
         magic = sorted(set(re.findall(r"[][*?]", real)))
         if magic:
@@ -548,6 +579,10 @@ def _local_splits(folder: Path, data: str) -> dict:
                 _check_no_variable(path, folder, data)
             raise
         _check_split_folders(folder, splits, data)
+        _READ_FOLDERS.pop(key, None)
+        while len(_READ_FOLDERS) >= _READ_FOLDERS_KEPT:
+            _READ_FOLDERS.pop(next(iter(_READ_FOLDERS)))  # the one read longest ago
+        _READ_FOLDERS[key] = (state, dict(splits), set())
         return splits
     saved = datasets.load_from_disk(str(folder))
     if isinstance(saved, datasets.DatasetDict):
