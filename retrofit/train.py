@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -797,6 +798,13 @@ def train(
         # last reference to a gloo group, destroying the group would wait on gloo's threads with the GIL held, a
         # deadlock seen under `accelerate launch` on CPU. The caller gets the unwrapped model (`result.model`).
         model, optimizer, scheduler = accelerator.free_memory(model, optimizer, scheduler)
+    except BaseException as exc:
+        # An error a DataLoader worker raised (an unreadable image) comes back through torch's `reraise`, whose frame
+        # and the exception's traceback hold each other, and the loader's iterator with them: only the garbage
+        # collector frees it, and then its workers' shutdown waits 5 s each (a caller's later `gc.collect()` stalled
+        # 10 s). The finished frames' locals are not needed to report it.
+        traceback.clear_frames(exc.__traceback__)
+        raise
     finally:
         for tracker in accelerator.trackers:  # `end_training` without destroying the process group
             tracker.finish()
