@@ -1027,7 +1027,8 @@ class SweepSettings(Settings):
     )  # fmt: skip
     data: str | None = setting(None, f"{DATA_HELP} (not with --dry-run)")
     data_revision: str | None = data_revision_setting()
-    split: str = setting(SWEEP_SPLIT, "split to measure accuracy on")
+    split: str | None = setting(None, f"split to measure accuracy on (default: {SWEEP_SPLIT}; not with --holdout, "
+                                "which measures on --calibrate-split)")  # fmt: skip
     calibrate_split: str = setting(TRAIN_SPLIT, "split to calibrate (and fine-tune) on")
     limit: int | None = setting(SWEEP_LIMIT, "evaluate on the first N images", metavar="N", at_least=1)
     sample: int | None = sample_setting("evaluate on", "instead of the first --limit; seed 0")
@@ -1066,9 +1067,11 @@ class SweepSettings(Settings):
         if self.sample is not None and self.limit == SWEEP_LIMIT:
             self.limit = None  # --sample replaces the default first N images
         _check_limit_or_sample(self)
-        if self.holdout is not None and self.split != SWEEP_SPLIT:
+        if self.holdout is not None and self.split is not None:  # even --split test, the default: the user asked
             held = f"measures on the images it holds out of --calibrate-split '{self.calibrate_split}'"
             self.refuse("holdout", f"{held}, and --split names '{self.split}'; drop one")
+        if self.split is None and self.holdout is None:
+            self.split = SWEEP_SPLIT
         _check_templates(self, "prompt_template")
         _check_zero_shot_only(self)
         if self.target_speedup is not None and not self.target_speedup > 1:

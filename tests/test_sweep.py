@@ -634,7 +634,11 @@ def test_holdout_scores_images_no_setting_started_from(tiny_vit, tmp_path, capsy
     started = [dataset for dataset in read if dataset not in scored]
     assert scored and started and all(not pixels(dataset) & pixels(held) for dataset in started)
     assert "--holdout" in capsys.readouterr().err  # the log says which images are scored
-    for extra, error in ((["--split", "train"], "--split names 'train'; drop one"), (["--holdout", "1"], "(0, 1)")):
+    for extra, error in (
+        (["--split", "train"], "--split names 'train'; drop one"),
+        (["--split", "test"], "--split names 'test'; drop one"),
+        (["--holdout", "1"], "(0, 1)"),
+    ):
         assert main([*argv, *extra, "--overwrite"]) == 2 and error in error_line(capsys.readouterr().err)
     assert main(["sweep", str(tiny_vit), "--dry-run", "--holdout", "0.5"]) == 2
     assert "--holdout is not used with --dry-run" in error_line(capsys.readouterr().err)
