@@ -111,11 +111,17 @@ def train_prepared(
                  stored_dtype=ready.stored_dtype, log=log)  # fmt: skip
 
 
-def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepared:
+def prepare(
+    args: FinetuneArgs,
+    *,
+    log: Callable[[str], None] = print,
+    merge_names: tuple[str, str] = ("--after-layer", "--tokens"),
+) -> Prepared:
     """Everything before the training loop, in order: check where the run writes (export, checkpoints, Hub login)
     before any work → load the source as the model it is trained as (or a retrofit export to continue) → insert the
     PatchMerger → load the teacher → the dataloaders (every data error, before calibrating) → calibrate the merger
-    → embed the prompts of ``--prompt-weight``."""
+    → embed the prompts of ``--prompt-weight``. `merge_names`: how a K or M out of the model's range is named (a
+    recipe's keys for `run`)."""
     from accelerate.utils import set_seed
 
     from .atomic import check_checkpoint_dir, check_output, hold_write_lock
@@ -173,7 +179,7 @@ def prepare(args: FinetuneArgs, *, log: Callable[[str], None] = print) -> Prepar
         model, teacher, teacher_name, source_config = _continue_export(args, config, task)
         init = "continued from a retrofit export"
     else:
-        model, teacher, source_config = _merge_source(args, config, processor, task)
+        model, teacher, source_config = _merge_source(args, config, processor, task, merge_names)
         teacher_name, init = args.teacher or source, "random"
     check_runs_on_its_images(model, processor, source)
     if teacher is not None:
@@ -258,7 +264,7 @@ def publish(args: FinetuneArgs, result: TrainResult, *, log: Callable[[str], Non
         push_written(args.output, args.push_to_hub, private=args.private, create_pr=args.create_pr, log=log)
 
 
-def _merge_source(args: FinetuneArgs, config, processor, task: str) -> tuple:
+def _merge_source(args: FinetuneArgs, config, processor, task: str, merge_names: tuple[str, str]) -> tuple:
     """Load the source and insert the PatchMerger; the teacher for kd/mix is a frozen copy of the unmerged source
     (or the --teacher). Returns (merged model, teacher or None, the source's config for the card)."""
     from .loading import load_config, load_model, processor_image_size
@@ -267,7 +273,8 @@ def _merge_source(args: FinetuneArgs, config, processor, task: str) -> tuple:
     if args.after_layer is None or args.tokens is None:
         raise RetrofitError("--after-layer and --tokens are required when SOURCE is not a retrofit export")
     image_size = processor_image_size(processor)
-    check_merge(config, args.after_layer, args.tokens, image_size, rope_positions=args.rope_positions)
+    check_merge(config, args.after_layer, args.tokens, image_size, rope_positions=args.rope_positions,
+                names=merge_names)  # fmt: skip
     base = load_model(args.source, config=config, trust_remote_code=args.trust_remote_code, revision=args.revision)
     teacher = None
     if args.loss != "ce":  # its own copy: the merged model shares the source's tensors

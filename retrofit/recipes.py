@@ -441,7 +441,8 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
     args = finetune_args(recipe, overwrite=overwrite, resume=resume)
     refuse_inputs(args.output, (path,))  # the recipe is an input of the run too
     evaluation = RecipeEvaluation(**recipe["evaluation"])
-    ready = prepare(args, log=log)
+    keys = (f"recipe '{path}': merge.after_layer", f"recipe '{path}': merge.tokens")  # a merge out of range names them
+    ready = prepare(args, log=log, merge_names=keys)
     # A classifier the checkpoint does not hold (a backbone given --num-labels) starts random, and --num-labels gives
     # a classifier a new head (the source's predicts its own classes, in other ids): nothing to score before
     # training, so only the fine-tuned row has an accuracy.

@@ -176,6 +176,16 @@ def test_run_a_tiny_recipe_with_overrides(tiny_vit, tmp_path, capsys):
     with pytest.raises(RetrofitError, match="holds checkpoints of a run with --tokens 4, not 3"):
         run_recipe(path, {"export.output": str(out), "merge.tokens": 3}, resume=True, log=logged.append)
     assert not any("baseline" in line for line in logged), logged
+    # A merge out of the model's range names the recipe key it came from (the options' names meant nothing to `run`).
+    capsys.readouterr()
+    for option, key, value, problem in (
+        ("--after-layer", "after_layer", "4", "this model has 4 layers, so use 1..3"),
+        ("--tokens", "tokens", "16", "the model has 16 patch tokens, so use 1..15"),
+    ):
+        assert main(["run", str(path), "--output", str(tmp_path / "wide"), option, value]) == 2
+        error = f"retrofit: error: recipe '{path}': merge.{key} {value} is out of range: {problem}"
+        assert capsys.readouterr().err.strip().splitlines()[-1] == error
+    assert not (tmp_path / "wide").exists()
 
 
 def test_a_recipe_that_does_not_score_the_baseline_still_gives_the_agreement_it_trained_with(tiny_vit, tmp_path):
