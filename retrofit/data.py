@@ -114,6 +114,7 @@ def _fashion_mnist(split: str, limit: int | None):
     features = Features({"image": Image(), "label": ClassLabel(names=FASHION_MNIST_CLASSES)})
     dataset = Dataset.from_dict({"image": list(images), "label": labels.tolist()}, features=features)
     if limit is None:
+        tmp = None
         try:  # cache the encoded split (atomically: temp folder + rename); a failure only costs time next run
             cached.parent.mkdir(parents=True, exist_ok=True)
             tmp = tempfile.mkdtemp(prefix=f".{cached.name}.tmp-", dir=cached.parent)
@@ -121,8 +122,9 @@ def _fashion_mnist(split: str, limit: int | None):
                 dataset.save_to_disk(tmp)
             os.replace(tmp, cached)
             dataset = load_from_disk(str(cached))
-        except OSError:
-            pass
+        except OSError:  # another process cached it first (the other ranks of `accelerate launch`), or the disk is
+            if tmp is not None:  # full: the split is used from memory, and its half-written copy is not left behind
+                shutil.rmtree(tmp, ignore_errors=True)
     return dataset
 
 

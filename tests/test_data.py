@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -67,6 +68,29 @@ def test_fashion_mnist_split_has_images_and_class_names():
     assert data[0]["image"].size == (28, 28) and data[0]["image"].mode == "L"
     unlabelled = load_split("fashion-mnist", "train", label_column=None, limit=5)
     assert unlabelled.column_names == ["image"] and class_names(unlabelled) is None
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist is not installed")
+def test_a_fashion_mnist_cache_another_process_wrote_first_leaves_no_copy_behind(tmp_path, monkeypatch):
+    """The ranks of `accelerate launch` each cache the split on a first run; the one that renames its copy second
+    failed and left its 30 MB folder in ~/.cache/retrofit for good. It now removes it and reads the split as built."""
+    import retrofit.data as data_module
+
+    monkeypatch.setattr(data_module, "CACHE_DIR", tmp_path)
+    replace = os.replace
+
+    def other_process_first(source, target):  # the other rank's copy lands between this one's write and rename
+        if Path(target).parent == tmp_path / "datasets":
+            shutil.copytree(source, target)
+        replace(source, target)
+
+    monkeypatch.setattr(data_module.os, "replace", other_process_first)
+    data = load_split("fashion-mnist", "test")
+    assert len(data) == 10_000 and data["label"][:3] == [9, 2, 1]
+    cached = [path.name for path in (tmp_path / "datasets").iterdir()]
+    assert len(cached) == 1 and cached[0].startswith("fashion-mnist-test-")  # the other's copy, and no half of this
+    monkeypatch.setattr(data_module.os, "replace", replace)
+    assert load_split("fashion-mnist", "test")["label"][:3] == [9, 2, 1]  # the other process's copy
 
 
 @pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist is not installed")
