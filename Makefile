@@ -26,6 +26,10 @@ OVERLAYS := $(subst $(empty) $(empty),:,$(foreach v,$(LATER_TRANSFORMERS),$(absp
 # (not part of CI: run it when a change uses a newer API or moves a floor).
 LOWEST_VENV ?= .venv-lowest
 
+# The suite runs on every core (pytest-xdist): one worker per core, at most 4, each with its share of torch's threads
+# (tests/conftest.py). Most of a test's time is Python, single-threaded; on 2 cores this halves the suite's time.
+PYTEST := -m pytest -n auto --maxprocesses 4
+
 .PHONY: setup data demo test lint oldest test-lowest
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -58,11 +62,11 @@ $(OLDEST_VENV)/.installed: Makefile
 	touch $@
 
 test: setup data lint oldest
-	RETROFIT_OLDEST_PYTHON=$(OLDEST_VENV)/bin/python RETROFIT_TRANSFORMERS_OVERLAYS=$(OVERLAYS) $(PY) -m pytest
+	RETROFIT_OLDEST_PYTHON=$(OLDEST_VENV)/bin/python RETROFIT_TRANSFORMERS_OVERLAYS=$(OVERLAYS) $(PY) $(PYTEST)
 
 test-lowest: data oldest
 	python3 -m venv $(LOWEST_VENV)
 	$(LOWEST_VENV)/bin/python $(PIP_INSTALL) "$(TORCH_SPEC)"
 	$(LOWEST_VENV)/bin/python $(PIP_INSTALL) -e ".[dev,tensorboard,onnx]" $$(python3 .ci/lowest-pins)
 	RETROFIT_OLDEST_PYTHON=$(OLDEST_VENV)/bin/python RETROFIT_TRANSFORMERS_OVERLAYS=$(OVERLAYS) \
-	  $(LOWEST_VENV)/bin/python -m pytest
+	  $(LOWEST_VENV)/bin/python $(PYTEST)
