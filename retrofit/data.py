@@ -128,12 +128,14 @@ def _fashion_mnist(split: str, limit: int | None):
     return dataset
 
 
-def _check_local_images(dataset, image_column: str, source: str) -> None:
-    """Fail early, naming the file, if a local image cannot be opened (header check only: cheap)."""
+def _check_local_images(dataset, image_column: str, source: str) -> bool:
+    """Fail early, naming the file, if a local image cannot be opened (header check only: cheap). True where every
+    image is stored in the dataset itself (bytes), none as a path to a file that may change apart from it."""
     from datasets import Image
     from PIL import Image as PILImage
 
     raw = dataset.cast_column(image_column, Image(decode=False))
+    inside = True
     for index, item in enumerate(raw[image_column]):
         if item is None or (item.get("bytes") is None and not item.get("path")):
             raise RetrofitError(
@@ -141,6 +143,7 @@ def _check_local_images(dataset, image_column: str, source: str) -> None:
                 "an image"
             )
         path = item.get("path")
+        inside = inside and item.get("bytes") is not None
         try:
             if item.get("bytes") is not None:
                 import io
@@ -155,6 +158,7 @@ def _check_local_images(dataset, image_column: str, source: str) -> None:
             raise RetrofitError(
                 f"image {index}{where} in '{source}' is unreadable ({why}); remove or replace it"
             ) from None
+    return inside
 
 
 def is_fashion_mnist(data: str) -> bool:
@@ -435,9 +439,11 @@ def load_split(
         if label_column and label_column != "label":
             dataset = dataset.rename_column(label_column, "label")
         checked = _READ_FOLDERS.get(os.path.realpath(local), (None, None, set()))[2] if is_local else set()
-        if is_local and len(dataset) and chosen not in checked:  # an image folder's, once while it stays unchanged
-            _check_local_images(dataset, "image", data)
-            if limit is None or sample:  # the whole split (not its first --limit images)
+        if is_local and len(dataset) and chosen not in checked:  # once while the folder stays unchanged
+            inside = _check_local_images(dataset, "image", data)
+            # the whole split (not its first --limit images), whose images the folder's state covers: an image
+            # folder's files, or a saved dataset's images stored in it (not as paths to files elsewhere)
+            if (limit is None or sample) and (inside or not _saved(local)):
                 checked.add(chosen)
     if sample:
         dataset = sample_of(dataset, limit, sample_seed)
@@ -527,10 +533,11 @@ def _saved(folder: Path) -> bool:
     return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
 
 
-# Image folders read, by path: what they held then (`_folder_state`), their splits, and the splits whose images
-# `_check_local_images` opened since. `datasets` finds a folder's files anew at each `load_dataset`, through fsspec
-# (25 s for 20,000 images, most of it stat calls; opening each image adds 2 s), and a command reads its splits
-# several times (training, evaluation, each setting of a sweep); a folder changed since is read and checked again.
+# Local folders read, by path: what they held then (`_folder_state`), their splits, and the splits whose images
+# `_check_local_images` opened since. `datasets` finds an image folder's files anew at each `load_dataset`, through
+# fsspec (25 s for 20,000 images, most of it stat calls; opening each image adds 2 s; opening those of a save_to_disk
+# folder 1.7 s), and a command reads its splits several times (training, evaluation, each setting of a sweep); a
+# folder changed since is read and checked again.
 _READ_FOLDERS: dict[str, tuple[str, dict, set[str]]] = {}
 _READ_FOLDERS_KEPT = 4
 
@@ -553,39 +560,50 @@ def _folder_state(folder: Path) -> str:
 
 def _local_splits(folder: Path, data: str) -> dict:
     """The splits of a local folder by name: a ``save_to_disk`` folder's (one Dataset: the split it was saved as,
-    else train), else an image folder's (`datasets`' imagefolder; read once while it stays as it is,
-    `_READ_FOLDERS`)."""
+    else train), else an image folder's (`datasets`' imagefolder); read once while it stays as it is
+    (`_READ_FOLDERS`)."""
+    key, state = os.path.realpath(folder), _folder_state(folder)
+    if key in _READ_FOLDERS and _READ_FOLDERS[key][0] == state:
+        return dict(_READ_FOLDERS[key][1])
+    splits = _saved_splits(folder) if _saved(folder) else _image_folder_splits(folder, data)
+    _READ_FOLDERS.pop(key, None)
+    while len(_READ_FOLDERS) >= _READ_FOLDERS_KEPT:
+        _READ_FOLDERS.pop(next(iter(_READ_FOLDERS)))  # the one read longest ago
+    _READ_FOLDERS[key] = (state, dict(splits), set())
+    return splits
+
+
+def _image_folder_splits(folder: Path, data: str) -> dict:
+    """An image folder's splits, as `datasets`' imagefolder reads them; a path it would misread is one line."""
     import datasets
 
-    if not _saved(folder):
-        key, state = os.path.realpath(folder), _folder_state(folder)
-        if key in _READ_FOLDERS and _READ_FOLDERS[key][0] == state:
-            return dict(_READ_FOLDERS[key][1])
-        real = os.path.realpath(folder)  # datasets reads the folder's path, links resolved, as a glob pattern
-        magic = sorted(set(re.findall(r"[][*?]", real)))
-        if magic:
-            raise RetrofitError(
-                f"image folder '{data}' lies at '{real}', whose {' '.join(magic)} datasets reads as a file pattern "
-                "(it then finds no images); rename the folders on that path, or move the images to another folder"
-            )
-        variable = _variable(real)
-        if variable:
-            raise RetrofitError(
-                f"image folder '{data}' lies at '{real}', whose {variable} datasets replaces with that environment "
-                "variable's value (it then reads another folder, or none); rename the folders on that path"
-            )
-        try:
-            splits = dict(datasets.load_dataset("imagefolder", data_dir=str(folder)))
-        except Exception:
-            for path in _image_files(folder):  # a file it could not open: a $NAME in its path?
-                _check_no_variable(path, folder, data)
-            raise
-        _check_split_folders(folder, splits, data)
-        _READ_FOLDERS.pop(key, None)
-        while len(_READ_FOLDERS) >= _READ_FOLDERS_KEPT:
-            _READ_FOLDERS.pop(next(iter(_READ_FOLDERS)))  # the one read longest ago
-        _READ_FOLDERS[key] = (state, dict(splits), set())
-        return splits
+    real = os.path.realpath(folder)  # datasets reads the folder's path, links resolved, as a glob pattern
+    magic = sorted(set(re.findall(r"[][*?]", real)))
+    if magic:
+        raise RetrofitError(
+            f"image folder '{data}' lies at '{real}', whose {' '.join(magic)} datasets reads as a file pattern "
+            "(it then finds no images); rename the folders on that path, or move the images to another folder"
+        )
+    variable = _variable(real)
+    if variable:
+        raise RetrofitError(
+            f"image folder '{data}' lies at '{real}', whose {variable} datasets replaces with that environment "
+            "variable's value (it then reads another folder, or none); rename the folders on that path"
+        )
+    try:
+        splits = dict(datasets.load_dataset("imagefolder", data_dir=str(folder)))
+    except Exception:
+        for path in _image_files(folder):  # a file it could not open: a $NAME in its path?
+            _check_no_variable(path, folder, data)
+        raise
+    _check_split_folders(folder, splits, data)
+    return splits
+
+
+def _saved_splits(folder: Path) -> dict:
+    """A ``save_to_disk`` folder's splits: a DatasetDict's, or one Dataset as the split it was saved as (else train)."""
+    import datasets
+
     saved = datasets.load_from_disk(str(folder))
     if isinstance(saved, datasets.DatasetDict):
         return dict(saved)
