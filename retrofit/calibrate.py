@@ -301,19 +301,21 @@ def calibration_batch(
     seed: int = 0,
     images=None,
     holdout: float | None = None,
+    holdout_by: str | None = None,
     revision: str | None = None,
     log: Callable[[str], None] = print,
 ) -> torch.Tensor:
     """`num_images` preprocessed images of `data` (a shuffled sample of its `split`, less the fraction `holdout`
-    keeps out; a Hub dataset at `revision`), as the model expects them; or, given `images` (a `datasets.Dataset` with
-    an ``image`` column, such as the images a fine-tune trains on), those."""
+    keeps out, stratified by the label column `holdout_by`; a Hub dataset at `revision`), as the model expects them;
+    or, given `images` (a `datasets.Dataset` with an ``image`` column, such as the images a fine-tune trains on),
+    those."""
     from .data import load_split, make_dataloader
     from .loading import image_channels, load_image_processor
 
     dataset = images
     if dataset is None:  # only the sample is loaded (from the Hub: streamed, unless --holdout needs the whole split)
         dataset = load_split(data, split, image_column=image_column, label_column=None, limit=num_images,
-                             sample_seed=seed, holdout=holdout, revision=revision)  # fmt: skip
+                             sample_seed=seed, holdout=holdout, holdout_by=holdout_by, revision=revision)  # fmt: skip
     processor = load_image_processor(source, model.config, log=log)
     loader = make_dataloader(dataset, processor, batch_size=len(dataset), num_channels=image_channels(model.config))
     return next(iter(loader))["pixel_values"]
@@ -331,13 +333,14 @@ def calibrate_from_data(
     seed: int = 0,
     images=None,
     holdout: float | None = None,
+    holdout_by: str | None = None,
     revision: str | None = None,
 ) -> CalibrationResult:
     """Calibrate `merged`'s PatchMerger on `num_images` images of `data` (fashion-mnist, image folder or Hub id), or
     on `images` where given (`calibration_batch`)."""
     pixels = calibration_batch(merged, data, source=source, num_images=num_images, split=split,
                                image_column=image_column, seed=seed, images=images, holdout=holdout,
-                               revision=revision, log=log)  # fmt: skip
+                               holdout_by=holdout_by, revision=revision, log=log)  # fmt: skip
     result = calibrate(merged, pixels, seed=seed)
     log(result.summary())
     return result

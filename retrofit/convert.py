@@ -124,7 +124,8 @@ def run_convert(
         calibration = calibrate_from_data(merged, args.calibrate_on, source=str(source), log=log,
                                           num_images=args.calibrate_images, split=args.calibrate_split,
                                           image_column=args.image_column, seed=args.seed,
-                                          holdout=args.holdout, revision=args.data_revision)  # fmt: skip
+                                          holdout=args.holdout, holdout_by=args.label_column,
+                                          revision=args.data_revision)  # fmt: skip
         held = args.holdout
         of = None if held is None else f"all but the {100 * held:g} % that --holdout {held:g} keeps out"
         commit = dataset_commit(args.calibrate_on, args.data_revision)  # a Hub dataset's

@@ -297,6 +297,7 @@ def load_split(
     choose: str | None = None,
     holdout: float | None = None,
     held: bool = False,
+    holdout_by: str | None = None,
     revision: str | None = None,
 ):
     """One split of an image-classification dataset as a `datasets.Dataset` with columns ``image`` (and ``label``).
@@ -313,7 +314,9 @@ def load_split(
     `choose` ends the line refusing a split a local or Hub dataset lacks (how to name another: the caller's option).
 
     `holdout` (``--holdout``, a fraction): the split without the images held out of it for evaluation, or with
-    `held` those images alone (`_held_out`); `limit` and `sample_seed` then choose among them. `revision`
+    `held` those images alone (`_held_out`); `limit` and `sample_seed` then choose among them. `holdout_by`: the
+    label column they are stratified by (the user's ``--label-column``; default: `label_column`, else ``label``),
+    read or not by this call, so that the loads of every command hold out the same images. `revision`
     (``--data-revision``): the commit, branch or tag of a Hub dataset to read.
     """
     import datasets
@@ -325,10 +328,13 @@ def load_split(
             f"--data-revision names a commit, branch or tag of a Hub dataset, and '{data}' is {what}; leave it out"
         )
     if holdout is not None:  # held out of the whole split, whatever is read of it afterwards
+        by = holdout_by or label_column or "label"
+        if label_column not in (None, by):
+            raise ValueError(f"load_split reads labels from '{label_column}' and stratifies --holdout by '{by}'")
         whole = dict(data=data, split=split, image_column=image_column, split_classes=split_classes, choose=choose,
                      revision=revision, log=log)  # fmt: skip
-        try:  # stratified by class even where the caller reads no labels (kd)
-            dataset = load_split(**whole, label_column=label_column or "label")
+        try:  # stratified by class even where the caller reads no labels (kd, calibration)
+            dataset = load_split(**whole, label_column=by)
         except RetrofitError:
             if label_column is not None:
                 raise

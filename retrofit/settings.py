@@ -502,7 +502,8 @@ class DataSettings(Settings):
     def images(self, evaluation: bool = False) -> dict:
         """`load_split`'s arguments for the training images (or, `evaluation`, the evaluation images) these settings
         choose, ``--holdout`` included: the split with its column names, and which images of it."""
-        columns = {"image_column": self.image_column, "label_column": self.label_column, "revision": self.data_revision}
+        columns = {"image_column": self.image_column, "label_column": self.label_column, "revision": self.data_revision,
+                   "holdout_by": self.label_column}  # fmt: skip
         if evaluation:
             split = self.split if self.holdout is not None else self.eval_split
             return {**columns, "split": split, "limit": self.eval_limit, "holdout": self.holdout, "held": True}
@@ -718,6 +719,8 @@ class ConvertArgs(HubSettings, OutputSettings, MergeSettings, SourceSettings):
         "`evaluate --holdout F` scores images the merger never saw"
     )
     image_column: str = image_column_setting()
+    label_column: str = setting("label", "label column of DATA, which --holdout stratifies by as `finetune --holdout` "
+                                "does (not read otherwise)")  # fmt: skip
     seed: int = setting(0, "seed of the merger's random start and of the calibration sample", interval=SEEDS)
 
     def check(self) -> None:

@@ -420,8 +420,8 @@ def _sweep(
     chosen["revision"] = settings.data_revision
     # --holdout: scored on the fraction of the calibration split that calibration and fine-tuning never read
     held_out = settings.holdout is not None
-    if held_out:
-        chosen |= {"holdout": settings.holdout, "held": True}
+    if held_out:  # stratified by --label-column, as the calibration images and finetune's are (read or not)
+        chosen |= {"holdout": settings.holdout, "held": True, "holdout_by": settings.label_column}
     split = settings.calibrate_split if held_out else settings.split  # the split the scores are on
     commit = dataset_commit(settings.data, settings.data_revision)  # a Hub dataset's, asked as it is read
     dataset = load_split(
@@ -443,6 +443,7 @@ def _sweep(
         sample_seed=settings.seed if settings.method == "calibrate" else None,
         revision=settings.data_revision,
         holdout=settings.holdout,
+        holdout_by=settings.label_column,
     )
     label_map = zero_shot_map if zero_shot else None
     if not (backbone or zero_shot):  # string labels mapped by class name, bad ones refused before any setting is built

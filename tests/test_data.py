@@ -1038,6 +1038,41 @@ def test_holdout_stratifies_labels_that_are_not_a_class_label(imagefolder, tmp_p
     assert sorted(_pixels(held) + _pixels(rest)) == sorted(_pixels(load_split(folder, "train")))
 
 
+def test_holdout_keeps_the_same_images_out_whether_a_command_reads_the_labels_or_not(
+    tiny_vit, imagefolder, tmp_path, monkeypatch
+):
+    """With --label-column, the loads that read no labels (kd training, calibration) held out images by the `label`
+    column, or at random without one, and those that read them by the column named: `finetune --holdout` scored
+    images it had trained on, and so did sweep and `evaluate` after `convert --calibrate-on`. Every load now holds out
+    the images stratified by --label-column."""
+    import retrofit.data
+
+    folder = make_labelled_folder(tmp_path / "species", imagefolder, ["cat", "dog", "bird"] * 4)
+    metadata = Path(folder) / "metadata.csv"
+    metadata.write_text(metadata.read_text().replace("file_name,label", "file_name,species"))
+    read = []  # the images of every dataloader made
+    made = retrofit.data.make_dataloader
+    monkeypatch.setattr(retrofit.data, "make_dataloader", lambda dataset, *a, **k: read.append(dataset) or made(
+        dataset, *a, **k))  # fmt: skip
+    held = _pixels(load_split(folder, "train", label_column="species", holdout=0.5, held=True))
+    common = ["--after-layer", "2", "--tokens", "4", "--label-column", "species", "--holdout", "0.5"]
+    runs = {
+        "finetune": ["finetune", str(tiny_vit), "--data", folder, *common, "--max-steps", "1", "--min-steps", "0",
+                     "--batch-size", "6", "--output", str(tmp_path / "ft")],
+        "convert": ["convert", str(tiny_vit), "--calibrate-on", folder, *common, "--calibrate-images", "6",
+                    "--output", str(tmp_path / "cv")],
+        "sweep": ["sweep", str(tiny_vit), "--data", folder, *common, "--calibrate-images", "6",
+                  "--bench-batch-size", "2", "--bench-repeats", "1", "--output", str(tmp_path / "sw")],
+    }  # fmt: skip
+    for command, argv in runs.items():
+        read.clear()
+        assert main(argv) == 0, command
+        scored = [dataset for dataset in read if sorted(_pixels(dataset)) == sorted(held)]
+        started = [dataset for dataset in read if sorted(_pixels(dataset)) != sorted(held)]
+        assert started and all(not set(_pixels(dataset)) & set(held) for dataset in started), command
+        assert scored or command == "convert", command  # convert scores nothing; `evaluate --holdout` scores `held`
+
+
 def test_finetune_evaluates_on_the_images_holdout_keeps_out_and_evaluate_scores_them_again(
     tiny_vit, imagefolder, tmp_path, capsys
 ):
