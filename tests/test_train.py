@@ -1516,13 +1516,18 @@ def test_data_errors_come_before_calibrating(tiny_vit, colours, tmp_path, monkey
     assert not (tmp_path / "o").exists()
 
 
-def test_progress_false_hides_the_libraries_bars_too(tiny_vit, colours, tmp_path, capfd):
+def test_progress_false_hides_the_libraries_bars_too(tiny_vit, colours, tmp_path, capfd, monkeypatch):
     """`finetune(progress=False)` from Python printed the libraries' own bars (datasets' "Generating train split" for
     a new image folder, transformers' "Loading weights"); now nothing, and their switches are given back as they
     were."""
+    import importlib
+
     from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
     from transformers.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
 
+    # datasets reads HF_DATASETS_DISABLE_PROGRESS_BARS once, when imported: in a process where a test ran the CLI
+    # (which sets it) before datasets was first imported, its bars could not be switched on again
+    monkeypatch.setattr(importlib.import_module("datasets.utils.tqdm"), "HF_DATASETS_DISABLE_PROGRESS_BARS", None)
     was_disabled = are_progress_bars_disabled(), not is_progress_bar_enabled()  # the CLI switches them off
     enable_progress_bars()
     enable_progress_bar()
