@@ -676,6 +676,11 @@ def _check_split_folders(folder: Path, splits: dict, data: str) -> None:
                 "split, or put the class folders under train/ (and test/)"
             )
     for path in files:
+        if path.suffix.lower() in ImageFolder.EXTENSIONS and path.is_symlink() and not path.exists():
+            raise RetrofitError(
+                f"'{path.relative_to(folder)}' of image folder '{data}' is a link to '{os.readlink(path)}', which "
+                "does not exist (datasets' imagefolder would leave it out without a word); fix the link or remove it"
+            )
         if path.suffix.lower() in _UNREAD_IMAGES:
             raise RetrofitError(
                 f"'{path.relative_to(folder)}' of image folder '{data}' is a {path.suffix[1:].upper()} image, a "

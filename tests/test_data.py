@@ -604,6 +604,10 @@ def test_a_class_folder_named_like_a_split_is_refused_not_read_as_a_split(tmp_pa
     shutil.copytree(Path(hidden) / "car [old]", tmp_path / "linked" / "car")
     with pytest.raises(RetrofitError, match=r"'bus' of image folder .* is a link to a folder, which datasets'"):
         load_split(str(tmp_path / "linked"), "train")  # datasets would read the class car alone
+    (tmp_path / "linked" / "bus").unlink()
+    (tmp_path / "linked" / "car" / "moved.png").symlink_to(tmp_path / "nowhere.png")  # a link to a file moved away
+    with pytest.raises(RetrofitError, match=r"'car/moved.png' of image folder .* is a link to '.*nowhere.png', which"):
+        load_split(str(tmp_path / "linked"), "train")  # datasets would leave it out without a word
     shutil.copytree(hidden, tmp_path / "photos [2023]")  # brackets in a class folder are fine, not in its path
     with pytest.raises(RetrofitError, match=r"'.*photos \[2023\]', whose \[ \] datasets reads as a file pattern"):
         load_split(str(tmp_path / "photos [2023]"), "train")
