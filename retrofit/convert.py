@@ -28,6 +28,7 @@ from .loading import (
     resolve_source,
 )
 from .push import check_push, push_written
+from .reads import reads_each_folder_once
 from .settings import ConvertArgs, from_options
 from .surgery import check_merge, insert_patch_merger
 from .train import keeps_callers_random_state
@@ -72,6 +73,7 @@ def convert(
     return run_convert(args, log=log, show=log)
 
 
+@reads_each_folder_once
 @releases_write_locks
 @keeps_callers_random_state
 def run_convert(

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from .errors import RetrofitError, brief, check_at_least_one, shown
 from .naflex import patches_to_images
 from .provenance import CACHE_DIR, environment_folder
+from .reads import COMMAND_READS
 
 FASHION_MNIST = "fashion-mnist"
 FASHION_MNIST_DIR = environment_folder("RETROFIT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
@@ -567,15 +568,21 @@ def _folder_state(folder: Path) -> str:
 def _local_splits(folder: Path, data: str) -> dict:
     """The splits of a local folder by name: a ``save_to_disk`` folder's (one Dataset: the split it was saved as,
     else train), else an image folder's (`datasets`' imagefolder); read once while it stays as it is
-    (`_READ_FOLDERS`)."""
-    key, state = os.path.realpath(folder), _folder_state(folder)
+    (`_READ_FOLDERS`), and once per command (`reads_each_folder_once`)."""
+    key, command_reads = os.path.realpath(folder), COMMAND_READS.get()
+    if command_reads is not None and key in command_reads:  # read earlier in this command: the same images
+        return dict(command_reads[key])
+    state = _folder_state(folder)
     if key in _READ_FOLDERS and _READ_FOLDERS[key][0] == state:
-        return dict(_READ_FOLDERS[key][1])
-    splits = _saved_splits(folder) if _saved(folder) else _image_folder_splits(folder, data)
-    _READ_FOLDERS.pop(key, None)
-    while len(_READ_FOLDERS) >= _READ_FOLDERS_KEPT:
-        _READ_FOLDERS.pop(next(iter(_READ_FOLDERS)))  # the one read longest ago
-    _READ_FOLDERS[key] = (state, dict(splits), set())
+        splits = dict(_READ_FOLDERS[key][1])
+    else:
+        splits = _saved_splits(folder) if _saved(folder) else _image_folder_splits(folder, data)
+        _READ_FOLDERS.pop(key, None)
+        while len(_READ_FOLDERS) >= _READ_FOLDERS_KEPT:
+            _READ_FOLDERS.pop(next(iter(_READ_FOLDERS)))  # the one read longest ago
+        _READ_FOLDERS[key] = (state, dict(splits), set())
+    if command_reads is not None:
+        command_reads[key] = dict(splits)
     return splits
 
 

@@ -32,6 +32,7 @@ import torch
 from .data import dataset_label_map, generic_labels, model_labels, same_class_name
 from .errors import RetrofitError, brief, check_arguments, log_to_stderr
 from .provenance import dataset_commit, versions
+from .reads import reads_each_folder_once
 from .settings import EVALUATE_SEED, EvaluateArgs, chosen_images, model_list
 from .train import keeps_callers_random_state
 from .zero_shot import DEFAULT_TEMPLATE
@@ -115,6 +116,7 @@ def _accelerator(*, fresh: bool = False):
     return Accelerator(cpu=not torch.cuda.is_available())
 
 
+@reads_each_folder_once
 @keeps_callers_random_state
 def evaluate_models(
     models: list[str | os.PathLike] | str | os.PathLike,

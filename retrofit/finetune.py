@@ -22,6 +22,7 @@ import torch
 
 from .atomic import releases_write_locks
 from .errors import RetrofitError, brief, check_arguments, did_you_mean, log_to_stderr, shown
+from .reads import reads_each_folder_once
 from .settings import FinetuneArgs, PretrainRun, TrainingRun, from_options
 from .train import TrainResult, hides_library_bars, keeps_callers_random_state, settle_losses, train, training_data
 
@@ -73,6 +74,7 @@ class Prepared:
     notes: list[str] = field(default_factory=list)  # what the card must say about the source (a class not converted)
 
 
+@reads_each_folder_once
 @releases_write_locks
 @keeps_callers_random_state
 @hides_library_bars
@@ -527,6 +529,7 @@ def _training_info(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@reads_each_folder_once
 @releases_write_locks
 @keeps_callers_random_state
 @hides_library_bars

@@ -23,6 +23,7 @@ from typing import Literal
 
 from .atomic import releases_write_locks
 from .errors import RetrofitError, brief, check_arguments, counted, describe_os_error, did_you_mean, log_to_stderr
+from .reads import reads_each_folder_once
 from .settings import (
     RECIPE_SECTIONS,
     FinetuneArgs,
@@ -384,6 +385,7 @@ def run_recipe(
     return _run_recipe(path, overrides, overwrite=overwrite, resume=resume, progress=progress, log=log, show=log)
 
 
+@reads_each_folder_once
 def _run_recipe(
     path: str | Path,
     overrides: dict[str, object] | None,

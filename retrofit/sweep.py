@@ -20,6 +20,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from .errors import RetrofitError, check_arguments, log_to_stderr, shown
+from .reads import reads_each_folder_once
 from .settings import SWEEP_NEEDS_DATA, SWEEP_TOKENS, BenchSettings, SweepArgs, SweepSettings, from_options
 
 
@@ -322,6 +323,7 @@ def check_output_folder(settings: SweepSettings, output: str | Path | None, over
         check_output(output, overwrite, kind=SWEEP, inputs=(source, settings.data))
 
 
+@reads_each_folder_once
 def sweep(
     source: str,
     settings: SweepSettings | dict,

@@ -985,6 +985,61 @@ def test_an_image_folder_is_read_once_while_it_stays_the_same(imagefolder, tmp_p
         load_split(str(folder), "train")
 
 
+def test_a_folder_changed_during_a_command_keeps_its_held_out_images_out_of_training(
+    tiny_vit, imagefolder, tmp_path, monkeypatch
+):
+    """Images added to a folder while `finetune --holdout` ran (after its training load, before its evaluation load)
+    made the evaluation load draw the held-out images anew: 3 of 12 had been trained on. A command reads each folder
+    once; the next command reads it as it is then."""
+    from PIL import Image
+
+    import retrofit.data
+
+    folder = tmp_path / "growing"
+    shutil.copytree(imagefolder / "train", folder / "train")
+    read, reads = [], []
+    made, local_splits = retrofit.data.make_dataloader, retrofit.data._local_splits
+    monkeypatch.setattr(retrofit.data, "make_dataloader", lambda dataset, *a, **k: read.append(dataset) or made(
+        dataset, *a, **k))  # fmt: skip
+
+    def then_more_images(*args):  # another process adds images once the run has read the folder
+        reads.append(local_splits(*args))
+        for name in ("cat", "dog", "bird"):
+            for index in range(4):
+                Image.fromarray(np.full((32, 32, 3), 40 * index, np.uint8)).save(
+                    folder / "train" / name / f"n{index}.png"
+                )
+        return reads[-1]
+
+    monkeypatch.setattr(retrofit.data, "_local_splits", then_more_images)
+    argv = [
+        "finetune",
+        str(tiny_vit),
+        "--after-layer",
+        "2",
+        "--tokens",
+        "4",
+        "--data",
+        str(folder),
+        "--holdout",
+        "0.25",
+        "--max-steps",
+        "1",
+        "--min-steps",
+        "0",
+        "--batch-size",
+        "6",
+        "--output",
+        str(tmp_path / "out"),
+    ]
+    assert main(argv) == 0
+    assert [len(dataset) for dataset in read] == [18, 6, 18]  # training, evaluation, then calibration's images
+    assert not set(_pixels(read[0])) & set(_pixels(read[1]))  # none of the images scored was trained on
+    assert [len(splits["train"]) for splits in reads] == [24, 24]  # each load: the folder as the command first read it
+    monkeypatch.setattr(retrofit.data, "_local_splits", local_splits)
+    assert len(load_split(str(folder), "train")) == 24 + 12  # after the command: the folder as it is now
+
+
 def test_a_save_to_disk_folder_is_checked_once_while_it_and_its_images_stay_the_same(
     imagefolder, tmp_path, monkeypatch
 ):
