@@ -164,8 +164,8 @@ def evaluate_models(
     # which images: the first --limit, or a shuffled --sample (of those --holdout held out); `log` says where the first
     # N miss classes of the split
     choose = {**chosen_images(args.limit, args.sample, EVALUATE_SEED), "log": log, "revision": args.data_revision}
-    held = {"holdout": args.holdout, "held": True, "holdout_by": args.label_column}  # by --label-column, as finetune
-    choose |= held if args.holdout is not None else {}
+    if args.holdout is not None:  # stratified by --label-column, as finetune's training images are
+        choose |= {"holdout": args.holdout, "held": True, "holdout_by": args.label_column}
     # the commit of a Hub dataset's --data-revision (or main branch), asked as it is read, for the report
     commit = dataset_commit(args.data, args.data_revision)
     recorded = {"data_revision": commit} if commit else {}
