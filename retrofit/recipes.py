@@ -251,7 +251,20 @@ def load_recipe(path: str | Path, overrides: dict[str, object] | None = None) ->
     if not isinstance(raw, dict):
         raise RetrofitError(f"recipe '{path}' must be a YAML mapping")
     _check_size(raw, f"recipe '{path}'")
-    return validate(apply_overrides(raw, overrides or {}), where=f"recipe '{path}'")
+    overrides = overrides or {}
+    if _holdout_without_eval_split(overrides) and isinstance(raw.get("data"), dict) and raw["data"].get("eval_split"):
+        raw["data"] = {key: value for key, value in raw["data"].items() if key != "eval_split"}
+    return validate(apply_overrides(raw, overrides), where=f"recipe '{path}'")
+
+
+def _holdout_without_eval_split(overrides: Mapping[str, object]) -> bool:
+    """Whether `overrides` set data.holdout and not data.eval_split: the held-out images are then scored in place of
+    the recipe's evaluation split (``run recipes/fashion-mnist.yaml --holdout 0.1`` had to be refused for the
+    recipe's ``eval_split: test``). A recipe's ``eval_split: ''`` stays: held out, not scored."""
+    data = overrides.get("data")
+    data = data if isinstance(data, Mapping) else {}
+    holdout = overrides.get("data.holdout", data.get("holdout"))
+    return holdout is not None and "data.eval_split" not in overrides and "eval_split" not in data
 
 
 # More values than any recipe holds (a CLIP recipe's 80 prompt templates are the most): YAML aliases can make a

@@ -412,6 +412,14 @@ TRAIN_SPLIT = "train"  # the default training split (which --holdout holds image
 EVAL_SPLIT = "test"  # the default evaluation split (``validation`` where the data has that instead, `load_split`)
 
 
+class _DefaultSplit(str):
+    """`EVAL_SPLIT` as the default of ``--eval-split``: equal to ``"test"``, yet told apart from a ``--eval-split test``
+    someone gave, which `DataSettings.check` refuses beside ``--holdout`` (the held-out images are scored instead)."""
+
+
+DEFAULT_EVAL_SPLIT = _DefaultSplit(EVAL_SPLIT)
+
+
 def holdout_setting(help: str) -> Any:
     """``--holdout F``: a fraction of a split held out of training for evaluation (`retrofit.data.load_split`)."""
     return setting(None, help, metavar="F", positive=True, interval=(0, 1, "(0, 1)"))
@@ -475,8 +483,8 @@ class DataSettings(Settings):
     data_revision: str | None = data_revision_setting(key="revision")
     split: str = setting(TRAIN_SPLIT, "training split", key="train_split")
     eval_split: str | None = setting(
-        EVAL_SPLIT, "evaluation split ('' for none; with --holdout, the held-out images are then kept out of training "
-        "and not scored)", blank=True,
+        DEFAULT_EVAL_SPLIT, "evaluation split ('' for none); with --holdout, the held-out images are scored instead "
+        "(give none), or kept out of training and not scored ('')", blank=True,
     )  # fmt: skip
     image_column: str = image_column_setting()
     label_column: str | None = setting("label", "label column of the data")
@@ -494,7 +502,9 @@ class DataSettings(Settings):
         super().check()
         if self.eval_split is not None and not self.eval_split.strip():  # '' (or spaces): none
             self.eval_split = None
-        if self.holdout is not None and self.eval_split not in (EVAL_SPLIT, None):  # None: kept out, not scored
+        if self.holdout is None:
+            self.eval_split = None if self.eval_split is None else str(self.eval_split)  # a plain str from here on
+        elif self.eval_split is not None and not isinstance(self.eval_split, _DefaultSplit):  # None: kept out, unscored
             self.refuse("holdout", f"evaluates on the images it holds out, and --eval-split names split "
                         f"'{self.eval_split}'; drop one")  # fmt: skip
         _check_limit_or_sample(self)

@@ -517,3 +517,39 @@ def test_a_run_resumed_without_evaluations_gives_its_trained_row_no_stale_score(
     (trained,) = summary["rows"][1:]
     assert summary["steps"] == 3 and trained["model"].endswith("fine-tuned (3 steps, loss kd)")
     assert trained.get("accuracy") is None  # not step 1's
+
+
+def test_holdout_refuses_an_evaluation_split_someone_named_and_takes_a_recipes_place(tmp_path):
+    """``--holdout`` scores the images it keeps out. Beside it, an evaluation split someone named is refused: ``finetune
+    --holdout 0.1 --eval-split test`` scored the held-out images without a word, for 'test' equalled the default. A
+    ``--holdout`` given to ``run`` takes the place of the recipe's ``eval_split`` (the shipped recipes name test);
+    a recipe's ``eval_split: ''`` (score nothing) stays, and a recipe naming both is refused."""
+    from retrofit.recipes import finetune_args
+    from retrofit.settings import DataSettings, FinetuneArgs
+
+    for split in ("test", "validation"):
+        with pytest.raises(RetrofitError, match=f"--holdout evaluates on the images it holds out.*'{split}'; drop one"):
+            FinetuneArgs(source="s", output="o", data="d", holdout=0.1, eval_split=split)
+    assert main(["finetune", "s", "--after-layer", "2", "--tokens", "4", "--data", "d", "--holdout", "0.1",
+                 "--eval-split", "test", "--output", str(tmp_path / "no")]) == 2  # fmt: skip
+    assert not (tmp_path / "no").exists()
+    held = DataSettings(data="d", holdout=0.1)
+    assert held.images(evaluation=True)["split"] == "train" and held.eval_split  # scored: the held-out images
+    assert DataSettings(data="d", holdout=0.1, eval_split="").eval_split is None  # kept out, not scored
+    assert DataSettings(data="d", holdout=0.1, eval_split=None).eval_split is None
+    assert json.dumps(DataSettings(data="d").eval_split) == '"test"' and type(DataSettings(data="d").eval_split) is str
+
+    recipe = tiny_recipe("x", "y", tmp_path / "out") | {"data": {"name": "y", "eval_split": "test"}}
+    path = write(tmp_path / "r.yaml", recipe)
+    for overrides in ({"data.holdout": 0.1}, {"data": {"holdout": 0.1}}):
+        args = finetune_args(load_recipe(path, overrides), overwrite=False, resume=False)
+        assert args.holdout == 0.1 and args.images(evaluation=True)["split"] == "train"
+    for overrides in ({"data.holdout": 0.1, "data.eval_split": "test"}, {"data": {"holdout": 0.1, "eval_split": "x"}}):
+        with pytest.raises(RetrofitError, match="data.holdout in recipe .* drop one"):
+            load_recipe(path, overrides)
+    with pytest.raises(RetrofitError, match="data.holdout in recipe .* names split 'test'; drop one"):
+        both = {"name": "y", "eval_split": "test", "holdout": 0.1}
+        load_recipe(write(tmp_path / "both.yaml", recipe | {"data": both}))
+    unscored = load_recipe(write(tmp_path / "none.yaml", recipe | {"data": {"name": "y", "eval_split": ""}}),
+                           {"data.holdout": 0.1})  # fmt: skip
+    assert unscored["data"]["eval_split"] is None
