@@ -901,6 +901,20 @@ def test_pretraining_takes_text_labels_as_class_names(imagefolder, tmp_path):
     assert result.model.config.id2label == {0: "bird", 1: "cat", 2: "dog"} and result.steps == 1
 
 
+def test_a_pretraining_with_holdout_records_that_its_accuracy_is_on_the_held_out_images(imagefolder, tmp_path):
+    """training.json's eval_split said 'test' beside an accuracy `pretrain --holdout` measured on images held out of
+    train."""
+    from retrofit.finetune import pretrain
+
+    model = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+             "image_size": 16, "patch_size": 8}  # fmt: skip
+    result = pretrain(model, output=tmp_path / "vit", data=str(imagefolder), holdout=0.25, max_steps=1, min_steps=1,
+                      batch_size=2, progress=False, log=lambda line: None)  # fmt: skip
+    info = json.loads((tmp_path / "vit" / "training.json").read_text())
+    assert result.final_accuracy is not None and info["accuracy"] == result.final_accuracy
+    assert info["eval_split"] == "train, the 25 % held out of training (--holdout 0.25)"
+
+
 def test_a_model_of_other_than_1_or_3_channels_is_refused_data_in_one_line_naming_why(tmp_path, capsys):
     """A 4-channel model was refused with "image 0 is unreadable (mean must have 3 elements ...); fix the dataset":
     the dataset was fine, and the data path reads images as RGB or grey. convert without data still works."""
