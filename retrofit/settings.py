@@ -504,6 +504,10 @@ class DataSettings(Settings):
             self.eval_split = None
         if self.holdout is None:
             self.eval_split = None if self.eval_split is None else str(self.eval_split)  # a plain str from here on
+            if self.eval_split == self.split:
+                self.refuse("eval_split", f"names the training split '{self.split}', so its accuracy would be on "
+                            "images trained on; hold some out of training to score instead (--holdout 0.1), name "
+                            "another split, or pass --eval-split '' to train without evaluating")  # fmt: skip
         elif self.eval_split is not None and not isinstance(self.eval_split, _DefaultSplit):  # None: kept out, unscored
             self.refuse("holdout", f"evaluates on the images it holds out, and --eval-split names split "
                         f"'{self.eval_split}'; drop one")  # fmt: skip

@@ -559,3 +559,20 @@ def test_an_export_is_written_in_utf8_whatever_the_locale(tiny_vit, tmp_path):
     assert done.returncode == 0 and done.stdout.startswith("ANSI_X3.4-1968\n"), done.stderr[-2000:]
     code = next((tmp_path / "out").glob("modeling_*.py")).read_text(encoding="utf-8")
     assert not code.isascii()  # what the locale could not write
+
+
+def test_an_evaluation_split_that_is_the_training_split_is_refused(tmp_path, capsys):
+    """``finetune --split test --eval-split test`` reported as held-out an accuracy on the images it had trained on,
+    without a word; training on test (the default --eval-split) was the same. --holdout scores images kept out."""
+    from retrofit.cli import main
+    from retrofit.settings import DataSettings, FinetuneArgs
+
+    for given in ({"split": "test"}, {"split": "test", "eval_split": "test"}, {"eval_split": "train"}):
+        with pytest.raises(RetrofitError, match=r"^--eval-split names the training split '\w+', so its accuracy"):
+            FinetuneArgs(source="s", output="o", data="d", **given)
+    assert main(["finetune", "s", "--after-layer", "2", "--tokens", "4", "--data", "d", "--split", "test",
+                 "--output", str(tmp_path / "no")]) == 2  # fmt: skip
+    assert "--holdout 0.1" in capsys.readouterr().err and not (tmp_path / "no").exists()
+    assert DataSettings(data="d", split="test", holdout=0.1).images(evaluation=True)["split"] == "test"
+    assert DataSettings(data="d", split="test", eval_split="").eval_split is None
+    assert DataSettings(data="d", split="train[:90%]", eval_split="train[90%:]").eval_split == "train[90%:]"
