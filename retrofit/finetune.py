@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .atomic import releases_write_locks
-from .errors import RetrofitError, brief, check_arguments, did_you_mean, log_to_stderr, shown
+from .errors import RetrofitError, brief, check_arguments, counted, did_you_mean, log_to_stderr, shown
 from .reads import reads_each_folder_once
 from .settings import FinetuneArgs, PretrainRun, TrainingRun, from_options
 from .train import TrainResult, hides_library_bars, keeps_callers_random_state, settle_losses, train, training_data
@@ -495,7 +495,7 @@ def _training_info(
     processes = launched_processes()
     batch = f"batch {run.batch_size}x{run.grad_accum}" + (f" on each of {processes} processes" if processes > 1 else "")
     clip = f"gradient norm clipped at {run.max_grad_norm:g}" if run.max_grad_norm else "no gradient clipping"
-    how = [lr, f"weight decay {run.weight_decay:g}", f"warm-up ratio {run.warmup_ratio:g}", clip, batch]
+    how = [lr, f"weight decay {run.weight_decay:g}", counted(result.warmup_steps, "warm-up step"), clip, batch]
     if run.mixed_precision != "no":
         how.append(f"mixed precision {run.mixed_precision}")
     if run.augment:

@@ -92,8 +92,11 @@ def test_resume_reaches_the_same_weights(tiny_vit, colours, tmp_path):
     with pytest.raises(RetrofitError, match="--resume"):
         finetune(tiny_vit, output=tmp_path / "cut", **settings)
     said: list[str] = []
-    resumed = finetune(tiny_vit, output=tmp_path / "cut", resume=True, log=said.append, **{**settings, "min_steps": 0})
-    assert resumed.steps == 6
+    others = {"min_steps": 0, "warmup_ratio": 0.5}  # a budget of 3 steps, 1 of them warm-up: the first one's is kept
+    resumed = finetune(tiny_vit, output=tmp_path / "cut", resume=True, log=said.append, **{**settings, **others})
+    assert resumed.steps == 6 and resumed.warmup_steps == 0
+    for name in ("full", "cut"):  # the card said "warm-up ratio 0.5" of the resumed run, which kept the first's
+        assert ", 0 warm-up steps, " in (tmp_path / name / "README.md").read_text(), name
     assert (
         "training 6 steps (0 warm-up), the budget this run started with (its checkpoints' run.json), not the 3 these "
         "options give: pass --overwrite to start over with them"
@@ -350,7 +353,7 @@ def test_sample_and_calibration_images_are_seeded_shuffled_subsets(tiny_vit, col
     assert "(train split, a shuffled sample, seed 3, from the 16 images trained on)" in card
     assert "- fine-tuned on `colours` train (a shuffled sample of 16 images, seed 3) for 2 steps (1.0 epochs)" in card
     assert (
-        "- trained: all; lr 0.0002 (the merger's ×3), weight decay 0.1, warm-up ratio 0.05, gradient norm clipped at "
+        "- trained: all; lr 0.0002 (the merger's ×3), weight decay 0.1, 0 warm-up steps, gradient norm clipped at "
         "1, batch 8x1, augmented (random resized crops and horizontal flips), seed 3\n"
     ) in card
     # --limit 4: all 4 of those first images (5 of the whole split's 24 before), said on the card
@@ -648,10 +651,11 @@ def test_the_cards_training_notes_say_how_it_was_trained():
     from retrofit.train import TrainResult
 
     run = TrainingRun(data="org/data", max_grad_norm=0, mixed_precision="bf16", grad_accum=2, batch_size=8, limit=40)
-    done = TrainResult(steps=10, epochs=2.0, last_loss=0.1, eval_history=[{"step": 10, "accuracy": 0.875}])
+    done = TrainResult(steps=10, epochs=2.0, last_loss=0.1, eval_history=[{"step": 10, "accuracy": 0.875}],
+                       warmup_steps=1)  # fmt: skip
     info = _training_info(run, done, "random", images=40)
     assert info.notes == [
-        "trained: all; lr 0.0002, weight decay 0.05, warm-up ratio 0.05, no gradient clipping, batch 8x2, mixed "
+        "trained: all; lr 0.0002, weight decay 0.05, 1 warm-up step, no gradient clipping, batch 8x2, mixed "
         "precision bf16, seed 0",
         "accuracy on `org/data` test: 87.50 %",
     ]
