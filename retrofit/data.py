@@ -172,6 +172,49 @@ def fashion_mnist_split(split: str) -> str:
     return _SPLIT_ALIASES.get(split, split)
 
 
+def _chosen_split(split: str, available: list[str]) -> str | None:
+    """The split of `available` that `split` reads: itself, or for validation or test, the evaluation split the data
+    has instead (validation, test, valid or val); None where there is none."""
+    if split in available:
+        return split
+    if split in ("validation", "test"):
+        return next((name for name in ("validation", "test", "valid", "val") if name in available), None)
+    return None
+
+
+def split_read(data: str | os.PathLike, split: str, *, revision: str | None = None) -> str:
+    """The name of the split `load_split(data, split)` reads, for what a report or card says was scored: `split`, or
+    the evaluation split the data has in place of a validation or test it lacks (a folder of train/ and validation/
+    read for finetune's default --eval-split test had its card say test). `split` where the data cannot be read
+    here: `load_split` then says why."""
+    import datasets
+
+    data = str(data)
+    if is_fashion_mnist(data):
+        return fashion_mnist_split(split)
+    if split not in ("validation", "test"):  # read as named, or refused (no Hub call, no folder read, here)
+        return split
+    try:
+        if is_local_data(data):
+            available = list(_local_splits(Path(data).expanduser(), data))
+        else:
+            available = list(datasets.get_dataset_split_names(data, **({"revision": revision} if revision else {})))
+    except Exception:  # noqa: BLE001 - any failure to read is load_split's to report, in its words
+        return split
+    return _chosen_split(split, available) or split
+
+
+def read_splits(run):
+    """`run` (`DataSettings`) naming the splits its loads read (`split_read`): its training split, and its evaluation
+    split where it scores one (not the held-out images of ``--holdout``), so that the card names them."""
+    from dataclasses import replace
+
+    named = {"split": split_read(run.data, run.split, revision=run.data_revision)}
+    if run.holdout is None and run.eval_split:
+        named["eval_split"] = split_read(run.data, run.eval_split, revision=run.data_revision)
+    return run if all(getattr(run, key) == value for key, value in named.items()) else replace(run, **named)
+
+
 def is_local_data(data: str) -> bool:
     """True where `load_split` reads `data` from a local folder: it exists here, or is written as a path."""
     return Path(data).expanduser().exists() or data.startswith((".", "/", "~"))
@@ -383,9 +426,7 @@ def load_split(
                 available = list(splits.keys())
             else:  # a Hub dataset: download only the split that is needed
                 available = list(datasets.get_dataset_split_names(data, **({"revision": revision} if revision else {})))
-            chosen = split if split in available else None
-            if chosen is None and split in ("validation", "test"):
-                chosen = next((name for name in ("validation", "test", "valid", "val") if name in available), None)
+            chosen = _chosen_split(split, available)
             if chosen is None:
                 how = f"; {choose}" if choose else ""
                 if is_local and available == ["train"] and not _saved(local) and not (local / "train").is_dir():

@@ -141,7 +141,7 @@ def evaluate_models(
     every run; of the fraction `holdout` of it that ``finetune --holdout`` held out of training. Returns a JSON-ready
     report with a table. `zero_shot`: score image-text dual encoders by zero-shot classification with
     `prompt_template`. The settings are checked as the command's options are."""
-    from .data import load_split, make_dataloader
+    from .data import load_split, make_dataloader, split_read
     from .loading import (
         family_and_head,
         image_channels,
@@ -161,6 +161,7 @@ def evaluate_models(
         trust_remote_code=trust_remote_code, zero_shot=zero_shot, prompt_template=prompt_template,
     )  # fmt: skip
     models, data, split, batch_size, top_k = args.models, args.data, args.split, args.batch_size, args.top_k
+    split = split_read(data, split, revision=args.data_revision)  # validation read as the data's test names test
     # which images: the first --limit, or a shuffled --sample (of those --holdout held out); `log` says where the first
     # N miss classes of the split
     choose = {**chosen_images(args.limit, args.sample, EVALUATE_SEED), "log": log, "revision": args.data_revision}

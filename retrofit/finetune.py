@@ -87,6 +87,9 @@ def run_finetune(
     log: Callable[[str], None] = log_to_stderr,
 ) -> TrainResult:
     """`finetune` for settings already checked (the CLI builds `FinetuneArgs` itself): `prepare`, train, `finish`."""
+    from .data import read_splits
+
+    args = read_splits(args)  # the splits as read: --eval-split test of data with validation/ instead names it
     ready = prepare(args, log=log)
     result = train_prepared(args, ready, eval_at_start=eval_at_start, stop_after=stop_after, progress=progress, log=log)
     finish(args, ready, result, log=log)
@@ -560,10 +563,10 @@ def pretrain(
         output_record,
         resume_owns_output,
     )
-    from .data import class_names, load_split, named_classes
+    from .data import class_names, load_split, named_classes, read_splits
     from .loading import check_config, processor_image_size
 
-    run = from_options(PretrainRun, settings, where="pretrain()")
+    run = read_splits(from_options(PretrainRun, settings, where="pretrain()"))
     check_arguments("pretrain", log=log, flags={"resume": resume, "overwrite": overwrite, "progress": progress})
     for name, value in (("pretrain.model", model_config), ("pretrain.image_processor", image_processor or {})):
         if not isinstance(value, dict):

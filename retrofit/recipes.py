@@ -448,12 +448,13 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
     from .benchmark import hardware_name, images_per_second
     from .card import update_card
     from .cost import model_cost
+    from .data import read_splits
     from .evaluation import first_images_text, is_backbone
     from .finetune import finish, prepare, publish, train_prepared
     from .loading import classifier_is_new, load_config, load_model, processor_image_size
     from .provenance import public_name
 
-    args = finetune_args(recipe, overwrite=overwrite, resume=resume)
+    args = read_splits(finetune_args(recipe, overwrite=overwrite, resume=resume))  # the splits as read
     refuse_inputs(args.output, (path,))  # the recipe is an input of the run too
     evaluation = RecipeEvaluation(**recipe["evaluation"])
     keys = (f"recipe '{path}': merge.after_layer", f"recipe '{path}': merge.tokens")  # a merge out of range names them

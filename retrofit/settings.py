@@ -1089,6 +1089,10 @@ class SweepSettings(Settings):
             self.refuse("holdout", f"{held}, and --split names '{self.split}'; drop one")
         if self.split is None and self.holdout is None:
             self.split = SWEEP_SPLIT
+        if self.holdout is None and self.split == self.calibrate_split:
+            self.refuse("split", f"names the split calibration and fine-tuning read, '{self.split}', so each setting "
+                        "would be scored on images it saw; measure on another split, or hold some of it out with "
+                        "--holdout 0.1")  # fmt: skip
         _check_templates(self, "prompt_template")
         _check_zero_shot_only(self)
         if self.target_speedup is not None and not self.target_speedup > 1:

@@ -1180,3 +1180,31 @@ def test_finetune_evaluates_on_the_images_holdout_keeps_out_and_evaluate_scores_
         assert main([*argv[:-2], "--output", str(tmp_path / "no"), *extra]) == 2
         assert error in capsys.readouterr().err
     assert not (tmp_path / "no").exists()
+
+
+def test_reports_and_cards_name_the_split_read_not_the_one_asked(tiny_vit, imagefolder, tmp_path, capsys):
+    """Data without the split asked for validation or test is read at the one it has instead; the report, card and
+    model-index named the split asked: finetune's default --eval-split test of a folder of train/ and validation/, or
+    evaluate's default validation of one of train/ and test/. A sweep scored on its calibration split, and a run
+    whose evaluation split turns out to be its training split, are refused."""
+    from retrofit.data import read_splits, split_read
+    from retrofit.settings import DataSettings
+
+    data = tmp_path / "colours"
+    shutil.copytree(imagefolder, data)
+    (data / "test").rename(data / "validation")
+    out = tmp_path / "ft"
+    argv = ["finetune", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--data", str(data), "--max-steps", "1",
+            "--min-steps", "0", "--batch-size", "4", "--no-calibrate", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    card = (out / "README.md").read_text()
+    assert "- accuracy on `colours` validation (all 12 images): " in card and "`colours` test" not in card
+    capsys.readouterr()
+    assert main(["evaluate", str(tiny_vit), "--data", str(imagefolder), "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["split"] == "test"  # asked: validation, the default
+    assert split_read(str(data), "test") == "validation" and split_read(str(data), "train") == "train"
+    assert split_read("fashion-mnist", "validation") == "test" and split_read(str(tmp_path / "none"), "x") == "x"
+    with pytest.raises(RetrofitError, match="--eval-split names the training split 'validation'"):
+        read_splits(DataSettings(data=str(data), split="validation"))  # its test is validation too
+    assert main(["sweep", str(tiny_vit), "--data", str(imagefolder), "--split", "train"]) == 2
+    assert "--split names the split calibration and fine-tuning read, 'train'" in capsys.readouterr().err

@@ -303,10 +303,13 @@ def test_labels_that_are_not_class_ids_are_refused_before_any_setting(tiny_vit, 
     """The same label check as `evaluate` (string labels mapped by class name), before the source is loaded."""
     import retrofit.loading
 
-    data = make_labelled_folder(tmp_path / "labelled", images, [0, 1, 7, 2])
+    (tmp_path / "labelled").mkdir()
+    make_labelled_folder(tmp_path / "labelled" / "train", images, [0, 1, 2, 0])
+    make_labelled_folder(tmp_path / "labelled" / "test", images, [0, 1, 7, 2])
+    data = str(tmp_path / "labelled")
     monkeypatch.setattr(retrofit.loading, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
-    argv = ["sweep", str(tiny_vit), "--after-layer", "1", "--tokens", "2", "--data", data, "--split", "train"]
-    assert main([*argv, "--calibrate-split", "train", "--output", str(tmp_path / "out")]) == 2
+    argv = ["sweep", str(tiny_vit), "--after-layer", "1", "--tokens", "2", "--data", data, "--split", "test"]
+    assert main([*argv, "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert "example 2 of" in err and "has the label 7, outside the 3 classes" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
