@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import RetrofitError, brief, check_arguments, check_interrupted, log_to_stderr
+from .errors import RetrofitError, brief, check_arguments, check_interrupted, interrupts_deferred, log_to_stderr
 from .settings import ONNX_TOLERANCE, ExportOnnxArgs, from_options
 
 MODEL_KEY = "retrofit"  # metadata_props key of the JSON that says what a file is (`onnx_info`)
@@ -82,7 +82,8 @@ def run_export_onnx(args: ExportOnnxArgs, *, log: Callable[[str], None] = log_to
     tolerance = args.tolerance if args.tolerance is not None else ONNX_TOLERANCE[args.dtype]
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.tmp-", dir=output.parent) as work:
         path = Path(work) / output.name
-        names = _export(exported, pixels, path, exporter)
+        with interrupts_deferred("the ONNX export", log):  # interrupted mid-trace, torch aborted in C++
+            names = _export(exported, pixels, path, exporter)
         _write_metadata(path, _info(args, config, head, processor))
         got = _run(path, pixels)
         difference = max(_relative_difference(got[name], expected[name]) for name in names)

@@ -6,7 +6,7 @@ import errno
 import re
 import reprlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -71,6 +71,38 @@ def interrupts_watched() -> Iterator[None]:
         _INTERRUPTED[0] = False
         if ours:
             signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def interrupts_deferred(what: str, log: Callable[[str], None]) -> Iterator[None]:
+    """Hold a first Ctrl-C until `what` ends, then stop (KeyboardInterrupt): torch.onnx's tracer, interrupted, aborted
+    the process in C++ (a screen of frames, exit 134, its temporary folder left behind). A second Ctrl-C stops at
+    once. Where a caller has a SIGINT handler of its own, or off the main thread, nothing changes."""
+    import signal
+    import threading
+
+    previous = signal.getsignal(signal.SIGINT)
+    main_thread = threading.current_thread() is threading.main_thread()
+    if not main_thread or previous not in (interrupt, signal.default_int_handler):
+        yield
+        return
+
+    def hold(signum=None, frame=None) -> None:
+        if _INTERRUPTED[0]:
+            raise KeyboardInterrupt
+        _INTERRUPTED[0] = True
+        log(f"stopping once {what} ends (Ctrl-C again to stop at once)")
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        held = _INTERRUPTED[0]
+        if previous is signal.default_int_handler:  # a Python call: no CLI command forgets it at its end
+            _INTERRUPTED[0] = False
+    if held:
+        raise KeyboardInterrupt
 
 
 def check_interrupted() -> None:

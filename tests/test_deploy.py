@@ -268,3 +268,35 @@ def test_every_output_a_user_reads_is_checked_at_the_tolerance_of_its_dtype(tmp_
     drift["pooler_output"] = 0.5
     err = refused(capsys, "export-onnx", source, "-o", tmp_path / "m.onnx", "--images", "2", "--dtype", "fp16")
     assert "by 0.5 (more than 0.02); it was not written. Try --dtype fp32, a --tolerance above 0.5 " in err
+
+
+def test_ctrl_c_during_the_onnx_trace_stops_once_it_ends_and_writes_nothing(export_dir, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while torch.onnx's dynamo exporter traced the model aborted the process in C++ (a screen of C++ frames,
+    exit 134, its temporary folder left beside the output). The first Ctrl-C is held until the export ends; the
+    command then stops (exit 130) with nothing written, from the CLI or Python, and the next run starts afresh."""
+    import signal
+
+    real, traced = deploy._export, []
+
+    def interrupted_mid_trace(*args):
+        signal.raise_signal(signal.SIGINT)
+        traced.append(real(*args))  # the trace goes on to its end
+        return traced[-1]
+
+    output = tmp_path / "m.onnx"
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job (CI) starts with SIG_IGN
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(deploy, "_export", interrupted_mid_trace)
+            assert main(["export-onnx", str(export_dir), "--output", str(output)]) == 130
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            said: list[str] = []
+            with pytest.raises(KeyboardInterrupt):
+                deploy.export_onnx(export_dir, output, log=said.append)
+            assert said == ["stopping once the ONNX export ends (Ctrl-C again to stop at once)"]
+        assert len(traced) == 2 and list(tmp_path.iterdir()) == []
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["stopping once the ONNX export ends (Ctrl-C again to stop at once)", "retrofit: interrupted"]
+        assert deploy.export_onnx(export_dir, output, log=lambda _: None).output == output  # no interrupt held over
+    finally:
+        signal.signal(signal.SIGINT, handler)
