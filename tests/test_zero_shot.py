@@ -517,7 +517,7 @@ def test_class_names_that_give_no_zero_shot_score_are_refused(duals, images, tmp
         report = evaluate_models(source, data=cut, split="train", limit=limit, zero_shot=True, log=lambda _: None)
         assert report["labels"] == ["bird", "cat", "dog"] and report["num_examples"] == limit
     sweep = ["sweep", str(source), "--after-layer", "1", "--tokens", "3", "--data", cases[1][0], "--split", "train",
-             "--zero-shot", "--output", str(tmp_path / "sweep")]  # fmt: skip
+             "--calibrate-split", "nosuch", "--zero-shot", "--output", str(tmp_path / "sweep")]  # fmt: skip
     assert main(sweep) == 2
     captured = capsys.readouterr()
     assert cases[1][2] in captured.err and "setting after-layer" not in captured.out + captured.err
@@ -525,7 +525,7 @@ def test_class_names_that_give_no_zero_shot_score_are_refused(duals, images, tmp
     # sweep's prompts too are the split's classes: the first image alone passes the class check (and then stops, for
     # want of a calibration split, before any setting is built)
     sweep[sweep.index(cases[1][0])] = cut
-    assert main([*sweep, "--limit", "1", "--calibrate-split", "nosuch"]) == 2
+    assert main([*sweep, "--limit", "1"]) == 2
     assert "has no split 'nosuch'" in capsys.readouterr().err
 
 
