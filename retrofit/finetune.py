@@ -520,9 +520,10 @@ def _training_info(
     if images is not None:  # the split, and the first --limit, a --sample or all of it
         chosen = images_chosen(chosen_images(run.limit, run.sample, run.seed), images)
         read = f"{run.split} ({images_text({'num_examples': images, **chosen})})"
-        if run.holdout is not None:
+        if run.holdout is not None:  # the images counted are of the rest ("all 18 images, less the 25 %" read as 13)
             purpose = " to evaluate on" if run.eval_split else ""
-            read += f", less the {100 * run.holdout:g} % held out{purpose} (--holdout {run.holdout:g})"
+            read = (f"{run.split} less the {100 * run.holdout:g} % held out{purpose} (--holdout {run.holdout:g}); of "
+                    f"the rest, {images_text({'num_examples': images, **chosen})}")  # fmt: skip
     return TrainingInfo(data=run.data, data_revision=dataset_commit(run.data, run.data_revision), images=read,
                         steps=result.steps, epochs=epochs, loss=loss, init=init, notes=notes)  # fmt: skip
 
