@@ -242,16 +242,17 @@ def _label_points(fig, ax, labels: list[tuple[str, float, float]], avoid: list[t
 
 def _merged_models(
     source, source_model, pixels, settings: SweepSettings, work: Path, log, task: str | None = None
-) -> list[tuple]:
+) -> tuple[list[tuple], int | None]:
     """(K, M, model) per setting, initialised by calibration on `pixels` (the same images for every setting) or a
-    short fine-tune (of the source loaded for `task`: its backbone, where it has no trained classifier)."""
+    short fine-tune (of the source loaded for `task`: its backbone, where it has no trained classifier); and the
+    number of images each fine-tune read (None: calibrated)."""
     import torch
 
     from .calibrate import calibrate
     from .loading import load_model
     from .surgery import insert_patch_merger
 
-    models = []
+    models, images = [], None
     for k in settings.after_layers:
         for m in settings.tokens:
             log(f"setting after-layer {k}, {m} tokens ({settings.method}) ...")
@@ -269,7 +270,7 @@ def _merged_models(
 
                 out = work / f"k{k}-m{m}"
                 try:
-                    finetune(
+                    images = finetune(
                         source,
                         output=out,
                         after_layer=k,
@@ -292,12 +293,12 @@ def _merged_models(
                         progress=False,
                         overwrite=True,
                         log=log,
-                    )
+                    ).images  # fewer than steps × batch where the split holds fewer
                 except BatchLargerThanData as exc:
                     raise BatchLargerThanData(exc.batch_size, exc.examples, "--finetune-batch-size") from None
                 merged = load_model(out).eval()
             models.append((k, m, merged))
-    return models
+    return models, images
 
 
 def bench_settings(settings: SweepSettings) -> BenchSettings:
@@ -462,7 +463,7 @@ def _sweep(
 
     with tempfile.TemporaryDirectory(prefix="retrofit-sweep-") as work:
         task = "image-feature-extraction" if config is not saved else None  # as it is scored: its backbone
-        merged = _merged_models(source, source_model, pixels, settings, Path(work), log, task)
+        merged, trained_on = _merged_models(source, source_model, pixels, settings, Path(work), log, task)
         loader = make_dataloader(
             dataset,
             processor,
@@ -544,9 +545,7 @@ def _sweep(
         # a calibrate row's model): the sweep named only the method
         "initialisation": {
             "split": settings.calibrate_split,
-            "images": len(calibrate_on)
-            if settings.method == "calibrate"
-            else settings.finetune_steps * settings.finetune_batch_size,
+            "images": len(calibrate_on) if settings.method == "calibrate" else trained_on,
             "seed": settings.seed,
             **({} if settings.method == "calibrate" else {"calibrate_images": settings.calibrate_images}),
         },

@@ -69,6 +69,7 @@ class TrainResult:
     seconds: float = 0.0
     model: object = field(default=None, repr=False)  # printed, it would fill the screen
     finished: bool = False  # False: stopped early (`stop_after`), to be resumed
+    images: int = 0  # the training images read (on each process, under `accelerate launch`)
     warmup_steps: int = 0  # of the budget trained (a resumed run's: the first run's, whatever --warmup-ratio says now)
     is_main_process: bool = True  # the process that writes the export
 
@@ -689,6 +690,7 @@ def train(
             checkpoint_dir=checkpoint_dir,
             eval_history=progress.evaluations,
             warmup_steps=budget.warmup,
+            images=images,
         )  # saved with each checkpoint: a resumed run keeps it
 
         def run_eval(averaged: bool = False, stored: str | None = None) -> None:

@@ -297,6 +297,11 @@ def test_finetune_sweep_on_a_hub_dataset_streams_only_what_it_uses(tiny_vit, hub
     loads = [call for call in calls if "split" in call]
     assert loads and all(call["streaming"] for call in loads), calls
     assert {call["split"] for call in loads} == {"train", "test"}
+    # 5 steps x 8 images, of a split of 30: the report said 40 images
+    more = [*argv[:3], "1", *argv[4:], "--output", str(out), "--overwrite", "--finetune-batch-size", "8"]
+    assert main([*more, "--finetune-steps", "5"]) == 0
+    assert json.loads((out / "sweep.json").read_text())["initialisation"]["images"] == 30
+    assert "Initialisation: finetune 5 steps on 30 images of" in (out / "sweep.md").read_text()
 
 
 def test_labels_that_are_not_class_ids_are_refused_before_any_setting(tiny_vit, images, tmp_path, capsys, monkeypatch):
