@@ -572,10 +572,11 @@ def pretrain(
     for name, value in (("pretrain.model", model_config), ("pretrain.image_processor", image_processor or {})):
         if not isinstance(value, dict):
             raise RetrofitError(f"{name} must be a mapping of config fields, not {shown(value)}")
-    if not isinstance(output, str | os.PathLike):
-        raise RetrofitError(f"pretrain's output must be a folder's path, not {shown(output)}")
+    for name, value in (("output", output), ("checkpoint_dir", checkpoint_dir)):
+        if not isinstance(value, str | os.PathLike) and (name == "output" or value is not None):
+            raise RetrofitError(f"pretrain's {name} must be a folder's path, not {shown(value)}")
     output = os.path.expanduser(output)  # "~/baseline" is in the home folder, as `written` settings are
-    if isinstance(checkpoint_dir, str | os.PathLike):
+    if checkpoint_dir is not None:
         checkpoint_dir = os.path.expanduser(checkpoint_dir)
     clip = "vision_config" in model_config  # a CLIP dual encoder, pretrained on captions
     if clip != (run.loss == "contrastive"):
@@ -647,6 +648,12 @@ def pretrain(
             f"pretrain.image_processor gives {'×'.join(map(str, processor_image_size(processor)))} images, but "
             f"pretrain.model.image_size is {size}; give both the same size"
         )
+    try:  # a value it takes but cannot use (resample 99, image_mean 'abc') failed at the first image, "fix the dataset"
+        from PIL import Image
+
+        processor(images=[Image.new("RGB" if vision.num_channels == 3 else "L", (width, height))], return_tensors="pt")
+    except Exception as exc:  # noqa: BLE001 - whatever the processor raises, it is its settings'
+        raise RetrofitError(f"pretrain.image_processor cannot process an image ({brief(exc)}); fix its values") from exc
     torch.manual_seed(run.seed)
     captions = None
     try:
@@ -725,13 +732,25 @@ def clip_config(model_config: dict, tokenizer):
     return CLIPConfig(vision_config=model_config["vision_config"], text_config=text, **rest)
 
 
+# A pretrained CLIP's text tower fields that `clip_config` takes from the character tokenizer: another vocabulary size
+# or position count failed in torch.embedding ("index out of range"), another end id pooled the wrong token.
+TOKENIZER_FIELDS = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")
+
+
 def _check_clip_keys(model_config: dict) -> None:
     from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
     _check_keys(model_config, CLIPConfig().to_dict(), "pretrain.model", "CLIPConfig field")
     for key, config_class in (("vision_config", CLIPVisionConfig), ("text_config", CLIPTextConfig)):
-        _check_keys(model_config.get(key, {}), config_class().to_dict(), f"pretrain.model.{key}",
-                    f"{config_class.__name__} field")  # fmt: skip
+        given = model_config.get(key) or {}
+        if not isinstance(given, dict):
+            raise RetrofitError(f"pretrain.model.{key} must be a mapping of {config_class.__name__} fields, not "
+                                f"{shown(given)}")  # fmt: skip
+        _check_keys(given, config_class().to_dict(), f"pretrain.model.{key}", f"{config_class.__name__} field")
+    taken = next((key for key in TOKENIZER_FIELDS if key in (model_config.get("text_config") or {})), None)
+    if taken:
+        raise RetrofitError(f"pretrain.model.text_config.{taken} is set from the captions' character tokenizer; "
+                            "remove it from the recipe")  # fmt: skip
 
 
 def _check_keys(given: dict, valid, where: str, what: str) -> None:

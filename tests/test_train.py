@@ -1454,6 +1454,8 @@ def test_pretrain_refuses_what_it_cannot_build_in_one_line(colours, tmp_path):
 
     vit = {"image_size": 32, "patch_size": 8, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
            "intermediate_size": 32}  # fmt: skip
+    clip = {"projection_dim": 8, "vision_config": vit, "text_config": {"hidden_size": 16, "num_attention_heads": 2}}
+    contrastive = {"loss": "contrastive"}
     out = tmp_path / "base"
     cases = [
         (None, {}, "pretrain.model must be a mapping of config fields, not None"),
@@ -1464,6 +1466,15 @@ def test_pretrain_refuses_what_it_cannot_build_in_one_line(colours, tmp_path):
         # any text is true: "maybe" resized
         (vit, {"image_processor": {"do_resize": "maybe"}}, "pretrain.image_processor.do_resize must be true or false"),
         (vit, {"loss": "contrastive"}, "needs loss contrastive, a ViT loss ce"),  # a ViT has no captions to match
+        (vit, {"checkpoint_dir": 5}, "pretrain's checkpoint_dir must be a folder's path, not 5"),  # a TypeError
+        # blamed on the first image: "image 0 (...png) is unreadable (Unknown resampling filter (99).); fix the dataset"
+        (vit, {"image_processor": {"resample": 99}}, "cannot process an image (Unknown resampling"),
+        (vit, {"image_processor": {"image_mean": "abc"}}, "pretrain.image_processor cannot process an image"),
+        # a CLIP's: an AttributeError traceback, and torch.embedding's "index out of range in self"
+        ({**clip, "text_config": 5}, contrastive, "pretrain.model.text_config must be a mapping of CLIPTextConfig"),
+        ({**clip, "vision_config": [1]}, contrastive, "pretrain.model.vision_config must be a mapping of CLIPVision"),
+        ({**clip, "text_config": {"vocab_size": 5}}, contrastive, "text_config.vocab_size is set from the captions'"),
+        ({**clip, "text_config": {"eos_token_id": 77}}, contrastive, "text_config.eos_token_id is set from"),
     ]
     for model, change, message in cases:
         options = {"output": out, "data": colours, "max_steps": 1, "progress": False, "log": lambda _: None, **change}
