@@ -689,6 +689,15 @@ def _check_split_folders(folder: Path, splits: dict, data: str) -> None:
                     f"its {read[path]} and {name} splits: datasets takes every folder named like a split (train, "
                     "test, val, ...) for one, class folders too; rename the class folder"
                 )
+    for path, name in read.items() if len(splits) > 1 else ():  # splits of file names alone (cat/train0.png and
+        # cat/test0.png): each image is in one, so nothing else here caught it, and a third of the folder went unread
+        parts = Path(os.path.relpath(path, os.path.realpath(folder))).parts
+        if not any(map(_is_split_name, parts[:-1])) and _is_split_name(Path(parts[-1]).stem):
+            raise RetrofitError(
+                f"image '{Path(*parts)}' of image folder '{data}' is read as its {name} split for its file name: "
+                "datasets takes every folder or file named like a split (train, test, val, ...) for one; rename the "
+                "files named like a split, or put the class folders under train/ (and test/)"
+            )
     for split in splits.values():  # SPLIT/IMAGE (a metadata file beside the split folders or none): 'test', 'train'
         taken = _declared_classes(split, "label") or []
         if taken and all(_is_split_name(name) for name in taken):

@@ -592,6 +592,11 @@ def test_a_class_folder_named_like_a_split_is_refused_not_read_as_a_split(tmp_pa
     shutil.copy(Path(named) / "car" / "0.png", Path(named) / "car" / "test_drive.png")
     with pytest.raises(RetrofitError, match=r"in none of its splits \(test\).* e.g. 'car/test_drive.png' as test;"):
         load_split(named, "test")
+    # every photo named like a split: two splits of file names, each image in one, and finetune --holdout read half
+    for index, image in enumerate(sorted((tmp_path / "named").rglob("*.png"))):
+        image.rename(image.with_name(f"{('train', 'test')[index % 2]}_{index}.png"))
+    with pytest.raises(RetrofitError, match=r"'\w+/(train|test)[\w.]+png' of .* is read as its \w+ split for its file"):
+        load_split(named, "train")
     hidden = folder(tmp_path / "hidden", ["bus", "car [old]", ".thumbnails", "__MACOSX"])
     data = load_split(hidden, "train")
     assert class_names(data) == ["bus", "car [old]"] and data["label"] == [0, 0, 1, 1]
