@@ -683,7 +683,7 @@ def pretrain(
             tokenizer.save_pretrained(tmp)
         info = {"data": run.data, "steps": result.steps, "epochs": result.epochs, "accuracy": result.final_accuracy,
                 "eval_split": run.evaluated_on() if run.eval_split else None,  # with --holdout: the images held out
-                "settings": asdict(run)}  # fmt: skip
+                "settings": asdict(run) | result.budget_options}  # resumed: the first run's budget  # fmt: skip
         (tmp / "training.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
     log(f"wrote {output}")
     result.output = Path(output)

@@ -71,6 +71,7 @@ class TrainResult:
     finished: bool = False  # False: stopped early (`stop_after`), to be resumed
     images: int = 0  # the training images read (on each process, under `accelerate launch`)
     warmup_steps: int = 0  # of the budget trained (a resumed run's: the first run's, whatever --warmup-ratio says now)
+    budget_options: dict = field(default_factory=dict)  # the --epochs, --max-steps, ... that chose that budget
     is_main_process: bool = True  # the process that writes the export
 
     @property
@@ -98,6 +99,10 @@ class Budget:
     steps: int
     warmup: int
     why: str
+    options: dict = field(default_factory=dict)  # the `BUDGET_OPTIONS` that chose it (a resumed run's: its first's)
+
+
+BUDGET_OPTIONS = ("epochs", "max_steps", "min_steps", "warmup_ratio")
 
 
 def _epochs(epochs: float) -> str:
@@ -194,7 +199,8 @@ def training_budget(run: TrainSettings, images: int, steps_per_epoch: int, proce
         steps = from_epochs
         off = ", --min-steps 0" if not run.min_steps else ""
         why = f"training {counted(steps, 'step')} ({_epochs(steps / steps_per_epoch)} of {data}{off})"
-    return Budget(steps=steps, warmup=int(run.warmup_ratio * steps), why=why)
+    options = {name: getattr(run, name) for name in BUDGET_OPTIONS}
+    return Budget(steps=steps, warmup=int(run.warmup_ratio * steps), why=why, options=options)
 
 
 # --eval-every 0 evaluates at the end of each epoch, but not more often than this in a run (and at the end): on small
@@ -207,14 +213,17 @@ def resumed_budget(budget: Budget, recorded: dict | None) -> Budget:
     """The budget a resumed run trains: the one its first run chose (`recorded`, from ``run.json``), whatever the
     options now say (a different total would change the learning rate schedule halfway); `budget` where none was
     recorded (checkpoints of a retrofit from before the record)."""
-    if recorded is None or (recorded["steps"], recorded["warmup"]) == (budget.steps, budget.warmup):
+    if recorded is None:
         return budget
+    options = recorded.get("options") or budget.options  # none recorded before retrofit kept them
+    if (recorded["steps"], recorded["warmup"]) == (budget.steps, budget.warmup):
+        return Budget(budget.steps, budget.warmup, budget.why, options)
     steps, warmup = recorded["steps"], recorded["warmup"]
     why = (
         f"training {steps:,} steps ({warmup:,} warm-up), the budget this run started with (its checkpoints' run.json), "
         f"not the {budget.steps:,} these options give: pass --overwrite to start over with them"
     )
-    return Budget(steps=steps, warmup=warmup, why=why)
+    return Budget(steps=steps, warmup=warmup, why=why, options=options)
 
 
 def settle_losses(model, run: TrainingRun, *, captions: Captions | None = None) -> None:
@@ -636,7 +645,8 @@ def train(
     budget = training_budget(run, images, steps_per_epoch, accelerator.num_processes)
     if resuming:
         budget = resumed_budget(budget, recorded_budget(checkpoint_dir))
-    settings["budget"] = {"steps": budget.steps, "warmup": budget.warmup, "why": budget.why}  # for run.json
+    settings["budget"] = {"steps": budget.steps, "warmup": budget.warmup, "why": budget.why,
+                          "options": budget.options}  # for run.json  # fmt: skip
     total_steps = budget.steps
     planned_epochs = math.ceil(total_steps / steps_per_epoch)
     eval_epochs = max(1, math.ceil(planned_epochs / MAX_EPOCH_EVALUATIONS))  # between --eval-every 0 evaluations
@@ -690,6 +700,7 @@ def train(
             checkpoint_dir=checkpoint_dir,
             eval_history=progress.evaluations,
             warmup_steps=budget.warmup,
+            budget_options=budget.options,
             images=images,
         )  # saved with each checkpoint: a resumed run keeps it
 

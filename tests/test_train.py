@@ -1426,6 +1426,11 @@ def test_a_resumed_pretraining_keeps_its_model_and_image_processor(colours, tmp_
     # The same model and processor, with a field written out at its default value: the same run.
     same = {"hidden_act": "gelu", "layer_norm_eps": 1e-12}
     assert pretrain(vit | same, image_processor={"do_resize": True}, resume=True, **common).steps == 2
+    # Resumed with another budget, it keeps its first run's, and training.json says so (it said max_steps 6 beside
+    # "steps": 2)
+    assert pretrain(vit, resume=True, **{**common, "max_steps": 6, "warmup_ratio": 0.5}).steps == 2
+    info = json.loads((tmp_path / "base" / "training.json").read_text())
+    assert info["steps"] == 2 and (info["settings"]["max_steps"], info["settings"]["warmup_ratio"]) == (2, 0.05)
     # A fine-tune cannot resume a pretraining's checkpoints (it was told to resume with the --task of that run)
     with pytest.raises(RetrofitError, match=r"holds checkpoints of a pretraining \(no merge\), not of a fine-tune"):
         finetune(tmp_path / "base", after_layer=1, num_tokens=4, loss="ce", resume=True, calibrate=False,
