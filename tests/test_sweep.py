@@ -577,16 +577,19 @@ def test_a_checkpoint_without_a_trained_classifier_is_ranked_by_its_features(ima
     import importlib
 
     from retrofit import convert
+    from retrofit.train import TrainResult
 
     asked = []
 
     def fine_tune(source, *, output, after_layer, num_tokens, task=None, **_):
         asked.append(task)
         convert(source, after_layer=after_layer, num_tokens=num_tokens, output=output, task=task, log=lambda _: None)
+        return TrainResult(steps=1, epochs=1.0, last_loss=None, images=7)
 
     monkeypatch.setattr(importlib.import_module("retrofit.finetune"), "finetune", fine_tune)
     report = sweep(str(source), SweepSettings(**{**settings.__dict__, "method": "finetune"}), log=lambda _: None)
     assert asked == ["image-feature-extraction"] and report["metric"] == "similarity"
+    assert report["initialisation"]["images"] == 7  # the images the fine-tune read
 
 
 def test_the_data_columns_are_chosen_as_evaluate_chooses_them(tiny_vit, images, tmp_path, capsys):
