@@ -187,8 +187,6 @@ def split_read(data: str | os.PathLike, split: str, *, revision: str | None = No
     the evaluation split the data has in place of a validation or test it lacks (a folder of train/ and validation/
     read for finetune's default --eval-split test had its card say test). `split` where the data cannot be read
     here: `load_split` then says why."""
-    import datasets
-
     data = str(data)
     if is_fashion_mnist(data):
         return fashion_mnist_split(split)
@@ -198,10 +196,17 @@ def split_read(data: str | os.PathLike, split: str, *, revision: str | None = No
         if is_local_data(data):
             available = list(_local_splits(Path(data).expanduser(), data))
         else:
-            available = list(datasets.get_dataset_split_names(data, **({"revision": revision} if revision else {})))
+            available = _hub_split_names(data, revision)
     except Exception:  # noqa: BLE001 - any failure to read is load_split's to report, in its words
         return split
     return _chosen_split(split, available) or split
+
+
+def _hub_split_names(data: str, revision: str | None) -> list[str]:
+    """The split names of Hub dataset `data` at `revision` (None: its main branch)."""
+    import datasets
+
+    return list(datasets.get_dataset_split_names(data, **({"revision": revision} if revision else {})))
 
 
 def read_splits(run):
@@ -425,7 +430,7 @@ def load_split(
                 splits = _local_splits(local, data)
                 available = list(splits.keys())
             else:  # a Hub dataset: download only the split that is needed
-                available = list(datasets.get_dataset_split_names(data, **({"revision": revision} if revision else {})))
+                available = _hub_split_names(data, revision)
             chosen = _chosen_split(split, available)
             if chosen is None:
                 how = f"; {choose}" if choose else ""
