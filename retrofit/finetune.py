@@ -498,7 +498,8 @@ def _training_info(
     processes = launched_processes()
     batch = f"batch {run.batch_size}x{run.grad_accum}" + (f" on each of {processes} processes" if processes > 1 else "")
     clip = f"gradient norm clipped at {run.max_grad_norm:g}" if run.max_grad_norm else "no gradient clipping"
-    how = [lr, f"weight decay {run.weight_decay:g}", counted(result.warmup_steps, "warm-up step"), clip, batch]
+    warmup = counted(result.budget.warmup if result.budget else 0, "warm-up step")  # of the budget trained
+    how = [lr, f"weight decay {run.weight_decay:g}", warmup, clip, batch]
     if run.mixed_precision != "no":
         how.append(f"mixed precision {run.mixed_precision}")
     if run.augment:
@@ -683,7 +684,7 @@ def pretrain(
             tokenizer.save_pretrained(tmp)
         info = {"data": run.data, "steps": result.steps, "epochs": result.epochs, "accuracy": result.final_accuracy,
                 "eval_split": run.evaluated_on() if run.eval_split else None,  # with --holdout: the images held out
-                "settings": asdict(run) | result.budget_options}  # resumed: the first run's budget  # fmt: skip
+                "settings": asdict(run) | result.budget.options}  # resumed: the first run's budget  # fmt: skip
         (tmp / "training.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
     log(f"wrote {output}")
     result.output = Path(output)

@@ -70,8 +70,7 @@ class TrainResult:
     model: object = field(default=None, repr=False)  # printed, it would fill the screen
     finished: bool = False  # False: stopped early (`stop_after`), to be resumed
     images: int = 0  # the training images read (on each process, under `accelerate launch`)
-    warmup_steps: int = 0  # of the budget trained (a resumed run's: the first run's, whatever --warmup-ratio says now)
-    budget_options: dict = field(default_factory=dict)  # the --epochs, --max-steps, ... that chose that budget
+    budget: Budget | None = None  # the budget trained (a resumed run's: its first run's, whatever the options say now)
     is_main_process: bool = True  # the process that writes the export
 
     @property
@@ -699,8 +698,7 @@ def train(
             last_loss=None,
             checkpoint_dir=checkpoint_dir,
             eval_history=progress.evaluations,
-            warmup_steps=budget.warmup,
-            budget_options=budget.options,
+            budget=budget,
             images=images,
         )  # saved with each checkpoint: a resumed run keeps it
 

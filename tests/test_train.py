@@ -94,7 +94,7 @@ def test_resume_reaches_the_same_weights(tiny_vit, colours, tmp_path):
     said: list[str] = []
     others = {"min_steps": 0, "warmup_ratio": 0.5}  # a budget of 3 steps, 1 of them warm-up: the first one's is kept
     resumed = finetune(tiny_vit, output=tmp_path / "cut", resume=True, log=said.append, **{**settings, **others})
-    assert resumed.steps == 6 and resumed.warmup_steps == 0
+    assert resumed.steps == 6 and resumed.budget.warmup == 0
     for name in ("full", "cut"):  # the card said "warm-up ratio 0.5" of the resumed run, which kept the first's
         assert ", 0 warm-up steps, " in (tmp_path / name / "README.md").read_text(), name
     assert (
@@ -648,11 +648,11 @@ def test_the_cards_training_notes_say_how_it_was_trained():
     precision, the batch and its accumulation, and the final accuracy in % (or the agreement with the teacher)."""
     from retrofit.finetune import _training_info
     from retrofit.settings import TrainingRun
-    from retrofit.train import TrainResult
+    from retrofit.train import Budget, TrainResult
 
     run = TrainingRun(data="org/data", max_grad_norm=0, mixed_precision="bf16", grad_accum=2, batch_size=8, limit=40)
     done = TrainResult(steps=10, epochs=2.0, last_loss=0.1, eval_history=[{"step": 10, "accuracy": 0.875}],
-                       warmup_steps=1)  # fmt: skip
+                       budget=Budget(steps=10, warmup=1, why=""))  # fmt: skip
     info = _training_info(run, done, "random", images=40)
     assert info.notes == [
         "trained: all; lr 0.0002, weight decay 0.05, 1 warm-up step, no gradient clipping, batch 8x2, mixed "
