@@ -682,9 +682,10 @@ def pretrain(
         processor.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        evaluated_on = run.evaluated_on() if run.eval_split else None  # with --holdout: the images held out
+        settings = asdict(run) | {"eval_split": evaluated_on} | result.budget.options  # resumed: the first budget
         info = {"data": run.data, "steps": result.steps, "epochs": result.epochs, "accuracy": result.final_accuracy,
-                "eval_split": run.evaluated_on() if run.eval_split else None,  # with --holdout: the images held out
-                "settings": asdict(run) | result.budget.options}  # resumed: the first run's budget  # fmt: skip
+                "eval_split": evaluated_on, "settings": settings}  # fmt: skip
         (tmp / "training.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
     log(f"wrote {output}")
     result.output = Path(output)

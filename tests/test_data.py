@@ -918,6 +918,7 @@ def test_a_pretraining_with_holdout_records_that_its_accuracy_is_on_the_held_out
     info = json.loads((tmp_path / "vit" / "training.json").read_text())
     assert result.final_accuracy is not None and info["accuracy"] == result.final_accuracy
     assert info["eval_split"] == "train, the 25 % held out of training (--holdout 0.25)"
+    assert info["settings"]["eval_split"] == info["eval_split"]  # not the unused default 'test' beside it
 
 
 def test_a_model_of_other_than_1_or_3_channels_is_refused_data_in_one_line_naming_why(tmp_path, capsys):
