@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .errors import RetrofitError, brief, check_at_least_one, shown
 from .naflex import patches_to_images
 from .provenance import CACHE_DIR, environment_folder
-from .reads import COMMAND_READS
+from .reads import COMMAND_READS, command_memo
 
 FASHION_MNIST = "fashion-mnist"
 FASHION_MNIST_DIR = environment_folder("RETROFIT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
@@ -196,17 +196,29 @@ def split_read(data: str | os.PathLike, split: str, *, revision: str | None = No
         if is_local_data(data):
             available = list(_local_splits(Path(data).expanduser(), data))
         else:
-            available = _hub_split_names(data, revision)
+            available = _hub_split_names(data, _hub_revision(data, revision))
     except Exception:  # noqa: BLE001 - any failure to read is load_split's to report, in its words
         return split
     return _chosen_split(split, available) or split
 
 
 def _hub_split_names(data: str, revision: str | None) -> list[str]:
-    """The split names of Hub dataset `data` at `revision` (None: its main branch)."""
+    """The split names of Hub dataset `data` at `revision` (None: its main branch), asked once per command."""
     import datasets
 
-    return list(datasets.get_dataset_split_names(data, **({"revision": revision} if revision else {})))
+    at = {"revision": revision} if revision else {}
+    return command_memo(("hub splits", data, revision), lambda: list(datasets.get_dataset_split_names(data, **at)))
+
+
+def _hub_revision(data: str, revision: str | None) -> str | None:
+    """Within a command, the commit Hub dataset `data`'s `revision` is at (`provenance.dataset_commit`: asked once),
+    so that each of its loads reads the files its card records, even if the dataset is pushed to meanwhile; outside
+    one (or offline), `revision` as given."""
+    if COMMAND_READS.get() is None:
+        return revision
+    from .provenance import dataset_commit
+
+    return dataset_commit(data, revision)
 
 
 def read_splits(run):
@@ -429,7 +441,8 @@ def load_split(
                     )
                 splits = _local_splits(local, data)
                 available = list(splits.keys())
-            else:  # a Hub dataset: download only the split that is needed
+            else:  # a Hub dataset: download only the split that is needed, at the command's commit
+                revision = _hub_revision(data, revision)
                 available = _hub_split_names(data, revision)
             chosen = _chosen_split(split, available)
             if chosen is None:

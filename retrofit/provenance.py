@@ -234,19 +234,25 @@ def find_teacher(export: str, config) -> tuple[str, str | None]:
 
 
 def dataset_commit(data: str | os.PathLike | None, revision: str | None = None) -> str | None:
-    """The commit a Hub dataset's `revision` (None: its default branch) is at now, for the record; `revision` as it
-    is where the Hub cannot be asked (offline), and None for local data or Fashion-MNIST. Never fails."""
-    from huggingface_hub import dataset_info
-
+    """The commit a Hub dataset's `revision` (None: its default branch) is at now (within a command: when the command
+    first asked, the commit its loads read, `data.load_split`); `revision` as it is where the Hub cannot be asked
+    (offline), and None for local data or Fashion-MNIST. Never fails."""
     from .data import hub_dataset_id
+    from .reads import command_memo
 
     repo_id = hub_dataset_id(data)
     if repo_id is None:
         return None
-    try:
-        return dataset_info(repo_id, revision=revision).sha or revision
-    except Exception:  # noqa: BLE001 - offline, unreachable, gated: the record says what was asked
-        return revision
+
+    def ask() -> str | None:
+        from huggingface_hub import dataset_info
+
+        try:
+            return dataset_info(repo_id, revision=revision).sha or revision
+        except Exception:  # noqa: BLE001 - offline, unreachable, gated: the record says what was asked
+            return revision
+
+    return command_memo(("hub commit", repo_id, revision), ask)
 
 
 def public_name(text: str | os.PathLike | None) -> str | None:

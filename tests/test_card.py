@@ -505,6 +505,32 @@ def test_a_fine_tune_lists_its_hub_dataset_but_not_a_local_folder(tiny_vit, hub_
     assert str(tmp_path) not in (tmp_path / "ft-local" / "README.md").read_text()
 
 
+def test_a_fine_tune_reads_and_records_one_commit_though_the_hub_dataset_moves(
+    tiny_vit, hub_dataset, tmp_path, monkeypatch
+):
+    """A fine-tune on a Hub dataset's branch read each split at the branch as it was at that load, and its card named
+    the commit the branch was at when the card was written: a push during the run made the card name files it never
+    read. The command asks once, and every load and the card use that commit."""
+    import huggingface_hub
+    from conftest import HUB_ID
+
+    from retrofit import finetune
+
+    calls, _ = hub_dataset
+    asked = []
+
+    def moving(repo_id, revision=None):  # each question finds a new commit on the branch
+        asked.append(revision)
+        return type("Info", (), {"sha": f"commit{len(asked)}"})()
+
+    monkeypatch.setattr(huggingface_hub, "dataset_info", moving)
+    finetune(tiny_vit, output=tmp_path / "ft", data=HUB_ID, data_revision="main", split="train", eval_split="test",
+             after_layer=2, num_tokens=4, max_steps=1, batch_size=8, progress=False, log=lambda _: None)  # fmt: skip
+    assert asked == ["main"]
+    assert len(calls) >= 3 and all(call.get("revision", call.get("split_names")) == "commit1" for call in calls)
+    assert f"- fine-tuned on `{HUB_ID}` at commit `commit1` train" in (tmp_path / "ft" / "README.md").read_text()
+
+
 def test_a_value_the_evaluation_could_not_give_has_no_model_index_entry(tiny_vit, export_dir, tmp_path):
     """A model with non-finite outputs gets null for its loss or similarity (`evaluate`): the model-index entry was
     written without a value; now there is none, and an earlier evaluation's entries do not stay behind."""

@@ -279,8 +279,9 @@ def test_a_calibration_sample_from_the_hub_is_streamed_and_seeded(hub_dataset, t
 def test_evaluate_reads_and_records_the_commit_a_data_revision_is_at(
     hub_dataset, tiny_vit, imagefolder, tmp_path, capsys, monkeypatch
 ):
-    """`evaluate --data-revision v1` reads v1, asks the Hub which commit that is, and the report and the card's
-    model-index record it; a local folder or Fashion-MNIST has no revisions: one line."""
+    """`evaluate --data-revision v1` asks the Hub once which commit v1 is at, reads that commit (a push to v1 during
+    the command changes nothing it reads), and the report and the card's model-index record it; a local folder or
+    Fashion-MNIST has no revisions: one line."""
     import huggingface_hub
     from huggingface_hub import ModelCard
 
@@ -293,7 +294,7 @@ def test_evaluate_reads_and_records_the_commit_a_data_revision_is_at(
     argv = ["evaluate", str(tiny_vit), str(export), "--data", HUB_ID, "--split", "train", "--data-revision", "v1"]
     assert main([*argv, "--limit", "6", "--json", str(report), "--card", str(export)]) == 0
     assert asked == [(HUB_ID, "v1")] and calls == [
-        {"split_names": "v1"}, {"split": "train", "streaming": True, "revision": "v1"}
+        {"split_names": "0123abc"}, {"split": "train", "streaming": True, "revision": "0123abc"}
     ]  # fmt: skip
     assert json.loads(report.read_text())["data_revision"] == "0123abc"
     assert {r.dataset_revision for r in ModelCard.load(export / "README.md").data.eval_results} == {"0123abc"}
@@ -310,7 +311,7 @@ def test_evaluate_reads_and_records_the_commit_a_data_revision_is_at(
     assert (
         asked == [(HUB_ID, "v1")]
         and calls
-        and all(call.get("revision", call.get("split_names")) == "v1" for call in calls)
+        and all(call.get("revision", call.get("split_names")) == "0123abc" for call in calls)
     )
     assert f"4 images of `{HUB_ID}` at commit `0123abc` (train split" in (tmp_path / "cal" / "README.md").read_text()
     assert main(calibrated) == 2
