@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from .errors import RetrofitError, brief, check_interrupted
+from .errors import RetrofitError, brief, check_interrupted, interrupts_deferred, log_to_stderr
 from .families import MERGED_SUFFIX
 
 T = TypeVar("T")
@@ -577,6 +577,13 @@ def atomic_dir(
 
 def _move_into_place(tmp: Path, output: Path, overwrite: bool, kind: Kind, inputs: list) -> None:
     check_interrupted()  # a Ctrl-C that a library swallowed: the run stops here, its output unwritten
+    # a Ctrl-C from here on waits until the new output is in place and the old one gone: one between the renames, or
+    # in the old one's removal, left the replaced export half-deleted in a hidden folder beside it
+    with interrupts_deferred("the new output is in place", log_to_stderr):
+        _swap_into_place(tmp, output, overwrite, kind, inputs)
+
+
+def _swap_into_place(tmp: Path, output: Path, overwrite: bool, kind: Kind, inputs: list) -> None:
     if output.exists() and overwrite:
         check_output(output, overwrite, kind=kind, inputs=inputs)  # still ours, as at the start?
         old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))

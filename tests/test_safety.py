@@ -1015,6 +1015,39 @@ def test_a_ctrl_c_a_library_swallowed_still_stops_the_command_before_it_writes(t
     assert main(argv) == 0 and (tmp_path / "o" / "config.json").exists()
 
 
+def test_a_ctrl_c_while_overwrite_swaps_the_output_leaves_no_half_deleted_export(tiny_vit, tmp_path, capsys):
+    """Ctrl-C while `convert --overwrite` removed the export it had just replaced stopped the removal: the old export
+    was left half-deleted in a hidden `.o.old-*` folder that nothing removes. The swap and the removal now finish
+    first, then the command stops (exit 130), its new export in place, nothing beside it."""
+    import os
+    import signal
+
+    import retrofit.atomic
+
+    argv = ["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--output", str(tmp_path / "o")]
+    assert main(argv) == 0
+    real = retrofit.atomic.shutil.rmtree
+    interrupted = []
+
+    def removal_interrupted(path, *args, **kwargs):
+        if ".o.old-" in str(path) and not interrupted:
+            interrupted.append(path)
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C lands in the removal of the replaced export
+        return real(path, *args, **kwargs)
+
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job (CI) starts with SIG_IGN
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(retrofit.atomic.shutil, "rmtree", removal_interrupted)
+            assert main([*argv[:3], "3", *argv[4:], "--overwrite"]) == 130
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    err = capsys.readouterr().err
+    assert interrupted and "stopping once the new output is in place" in err and "retrofit: interrupted" in err
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["merge_after_layer"] == 3  # the new export, whole
+    assert [path.name for path in tmp_path.iterdir()] == ["o"]  # no hidden half of the old one
+
+
 def test_a_ctrl_c_a_library_swallowed_stops_onnx_plots_and_cards_before_they_are_written(
     export_dir, tmp_path, capsys, monkeypatch
 ):
