@@ -96,7 +96,9 @@ def run_export_onnx(args: ExportOnnxArgs, *, log: Callable[[str], None] = log_to
                 f"not written. Try {fp32}a --tolerance above {difference:.3g} if that is close enough, or report the "
                 "model"
             )
-        _move_into_place(Path(work), output, args.overwrite)
+        check_interrupted()  # a Ctrl-C that a library (the exporter) swallowed: the run stops here, its file unwritten
+        with interrupts_deferred("the new graph is in place", log):  # a Ctrl-C mid-swap left an .old- file behind
+            _move_into_place(Path(work), output, args.overwrite)
     log(f"wrote {output}")
     return OnnxResult(output, difference, tolerance, len(pixels), exporter)
 
@@ -311,7 +313,6 @@ def _move_into_place(work: Path, output: Path, overwrite: bool) -> None:
     keeps them beside it) into `output`'s folder; an `output` that appeared meanwhile is not replaced without
     `overwrite` (`_check_weights_file` checked the weights file before any work). The weights file of the graph
     replaced goes with it when the new graph keeps its weights inside (the TorchScript exporter's small graphs)."""
-    check_interrupted()  # a Ctrl-C that a library (the exporter) swallowed: the run stops here, its file unwritten
     stale = _weights_file(output)
     stale = stale if overwrite and not (work / stale.name).exists() and _own_weights_file(output) else None
     set_aside: list[tuple[Path, Path]] = []  # (a replaced weights file, its old version) until the graph is in place

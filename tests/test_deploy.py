@@ -111,6 +111,37 @@ def test_overwrite_with_a_graph_that_keeps_its_weights_inside_removes_the_old_we
     assert deploy.onnx_info(target) is not None
 
 
+def test_a_ctrl_c_while_overwrite_swaps_the_graph_leaves_no_old_weights_file(export_dir, tmp_path, capsys, monkeypatch):
+    """Ctrl-C as `export-onnx --overwrite` deleted the weights file of the graph it had replaced left that file (as
+    large as the model) hidden beside the new pair, `.new.onnx.data.old-PID`. The swap ends first, then the command
+    stops (exit 130), the new pair in place and nothing beside it."""
+    import os
+    import signal
+    from pathlib import Path
+
+    target = tmp_path / "new.onnx"
+    export = ["export-onnx", str(export_dir), "-o", str(target)]
+    assert main(export) == 0
+    real_unlink, interrupted = Path.unlink, []
+
+    def unlink_interrupted(path, *args, **kwargs):
+        if ".old-" in path.name and not interrupted:
+            interrupted.append(path)
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C lands as the old weights file is deleted
+        return real_unlink(path, *args, **kwargs)
+
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job (CI) starts with SIG_IGN
+    try:
+        monkeypatch.setattr(Path, "unlink", unlink_interrupted)
+        assert main([*export, "--overwrite"]) == 130
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        monkeypatch.undo()
+    assert interrupted and "stopping once the new graph is in place" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.onnx", "new.onnx.data"]
+    assert deploy.onnx_info(target) is not None
+
+
 def test_bad_input_is_one_line_and_writes_nothing(export_dir, tmp_path, capsys, monkeypatch):
     assert "must be a file name ending in .onnx" in refused(capsys, "export-onnx", export_dir, "-o", tmp_path / "m")
     err = refused(capsys, "export-onnx", export_dir, "-o", tmp_path / "m.safetensors")
