@@ -916,7 +916,8 @@ def run_evaluate(args: EvaluateArgs, *, log: Callable[[str], None] = log_to_stde
     if PartialState().is_main_process:
         classes = f", {len(report['prompts'])} prompts like {report['prompts'][0]!r}" if args.zero_shot else ""
         # what the table is on heads it (a table redirected to a file says so itself)
-        print(f"{args.data} / {args.split}: {images_text(report)}{classes}\n\n{report['table']}", flush=True)
+        heading = f"{args.data} / {report['split']}: {images_text(report)}{classes}"  # the split read (`split_read`)
+        print(f"{heading}\n\n{report['table']}", flush=True)
         if args.json is not None:
             write_report(args.json, report, args.overwrite, kind="evaluate")
             log(f"wrote {args.json}")

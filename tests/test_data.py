@@ -1210,6 +1210,7 @@ def test_reports_and_cards_name_the_split_read_not_the_one_asked(tiny_vit, image
     capsys.readouterr()
     assert main(["evaluate", str(tiny_vit), "--data", str(imagefolder), "--json", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["split"] == "test"  # asked: validation, the default
+    assert capsys.readouterr().out.startswith(f"{imagefolder} / test: all 12 images")  # the table's heading too
     assert split_read(str(data), "test") == "validation" and split_read(str(data), "train") == "train"
     assert split_read("fashion-mnist", "validation") == "test" and split_read(str(tmp_path / "none"), "x") == "x"
     with pytest.raises(RetrofitError, match="--eval-split names the training split 'validation'"):
