@@ -168,11 +168,17 @@ def kmeans(points: torch.Tensor, k: int, *, iterations: int = 20, seed: int = 0)
 
 
 @torch.no_grad()
-def model_outputs(model, pixel_values: torch.Tensor, batch_size: int = CHUNK) -> torch.Tensor:
-    """What users read from the model, per image: the logits of a classifier, a backbone's `Head.features`."""
-    read = HeadReader(model, features=False)
-    outputs = [read(model, chunk) for chunk in pixel_values.split(batch_size)]
-    return torch.cat([(out.features if out.logits is None else out.logits).float() for out in outputs])
+def model_outputs(
+    model, pixel_values: torch.Tensor, batch_size: int = CHUNK, *, features: bool = False
+) -> torch.Tensor:
+    """What users read from the model, per image: the logits of a classifier, a backbone's `Head.features`; with
+    `features`, a classifier's features too (the input of its classifier layer)."""
+    read = HeadReader(model, features=features)
+    try:
+        outputs = [read(model, chunk) for chunk in pixel_values.split(batch_size)]
+    finally:
+        read.close()
+    return torch.cat([(out.features if features or out.logits is None else out.logits).float() for out in outputs])
 
 
 def _compare(student: torch.Tensor, teacher: torch.Tensor, metric: str) -> tuple[float, float]:
@@ -193,12 +199,16 @@ def calibrate(
     seed: int = 0,
     scales=SCALES,
     restarts: int = RESTARTS,
+    new_classifier: bool = False,
 ) -> CalibrationResult:
     """Set ``model.patch_merger.queries`` from k-means of LN(layer-K input patch tokens) on `pixel_values`.
 
     k-means runs `restarts` times (seeds `seed`, `seed + 1`, ...), each centroid set at every scale of `scales`;
     the candidate closest to the unmerged model wins, or the random queries stay if none beats them. One full
-    forward pass records the layer-K inputs; the candidates then only run the layers after the merge.
+    forward pass records the layer-K inputs; the candidates then only run the layers after the merge. A classifier
+    is compared by its logits; one whose classifier is new and random (`new_classifier`: the source has none, or
+    ``--num-labels`` replaced it) by the features its classifier reads, as a backbone is: its random logits are no
+    output of the source's.
     """
     _check_inputs(model, pixel_values)
     iterations, restarts, scales = _checked_search(iterations, seed, scales, restarts)
@@ -206,20 +216,25 @@ def calibrate(
     was_training = model.training
     model.eval()
     pixel_values = pixel_values.to(device=merger.queries.device, dtype=next(model.parameters()).dtype)
+
+    def outputs() -> torch.Tensor:
+        return model_outputs(model, pixel_values, features=new_classifier)
+
     with bypass_merger(model), recording_merger_inputs(model) as recorded:
         try:
-            teacher = model_outputs(model, pixel_values)
+            teacher = outputs()
         except ValueError as exc:  # transformers' own check of the image size or channels
             model.train(was_training)
             raise RetrofitError(
                 f"calibrate cannot run the model on pixel_values of shape {tuple(pixel_values.shape)}: {brief(exc)}"
             ) from None
-    metric = "KL" if family_and_head(model.config)[1].is_classifier else "1 - cos"  # classifier or backbone
+    by_logits = family_and_head(model.config)[1].is_classifier and not new_classifier
+    metric = "KL" if by_logits else "1 - cos"  # a classifier, or a backbone or a new classifier's features
     tokens = torch.cat(recorded.passes)[:, merger.num_prefix_tokens :]  # (B, N, D)
     normed = merger.norm(tokens).reshape(-1, tokens.shape[-1]).float()
     with replay_first_layers(model, recorded):
         original = merger.queries.detach().clone()
-        random = _compare(model_outputs(model, pixel_values), teacher, metric)
+        random = _compare(outputs(), teacher, metric)
         best = (original, 0.0, *random)  # never end worse than the random start
         for restart in range(restarts):
             centroids = kmeans(normed, merger.num_tokens, iterations=iterations, seed=seed + restart)
@@ -228,7 +243,7 @@ def calibrate(
             for scale in scales:
                 queries = (unit * scale).to(merger.queries.dtype)
                 merger.queries.copy_(queries)
-                distance, agreement = _compare(model_outputs(model, pixel_values), teacher, metric)
+                distance, agreement = _compare(outputs(), teacher, metric)
                 if distance < best[2]:
                     best = (queries, scale, distance, agreement)
         merger.queries.copy_(best[0])
@@ -335,12 +350,13 @@ def calibrate_from_data(
     holdout: float | None = None,
     holdout_by: str | None = None,
     revision: str | None = None,
+    new_classifier: bool = False,
 ) -> CalibrationResult:
     """Calibrate `merged`'s PatchMerger on `num_images` images of `data` (fashion-mnist, image folder or Hub id), or
-    on `images` where given (`calibration_batch`)."""
+    on `images` where given (`calibration_batch`); `new_classifier`: see `calibrate`."""
     pixels = calibration_batch(merged, data, source=source, num_images=num_images, split=split,
                                image_column=image_column, seed=seed, images=images, holdout=holdout,
                                holdout_by=holdout_by, revision=revision, log=log)  # fmt: skip
-    result = calibrate(merged, pixels, seed=seed)
+    result = calibrate(merged, pixels, seed=seed, new_classifier=new_classifier)
     log(result.summary())
     return result

@@ -112,7 +112,8 @@ def run_convert(
         training.notes.append(other_class)
     if tokenizer is None and family_and_head(config)[1].is_dual_encoder:
         training.notes.append(NO_TOKENIZER_NOTE)
-    if classifier_is_new(saved, config):
+    new_classifier = classifier_is_new(saved, config)
+    if new_classifier:
         new_head = (
             f"the classifier is new (the checkpoint has none): its {config.num_labels} outputs are random until it is "
             "trained (`retrofit finetune --loss ce --num-labels N`)"
@@ -127,7 +128,7 @@ def run_convert(
                                           num_images=args.calibrate_images, split=args.calibrate_split,
                                           image_column=args.image_column, seed=args.seed,
                                           holdout=args.holdout, holdout_by=args.label_column,
-                                          revision=args.data_revision)  # fmt: skip
+                                          revision=args.data_revision, new_classifier=new_classifier)  # fmt: skip
         held = args.holdout
         of = None if held is None else f"all but the {100 * held:g} % that --holdout {held:g} keeps out"
         commit = dataset_commit(args.calibrate_on, args.data_revision)  # a Hub dataset's

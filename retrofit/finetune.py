@@ -144,6 +144,7 @@ def prepare(
     from .loading import (
         NO_TOKENIZER_NOTE,
         check_runs_on_its_images,
+        classifier_is_new,
         converted_as_other_class,
         family_and_head,
         for_task,
@@ -175,6 +176,8 @@ def prepare(
     other_class = converted_as_other_class(saved, config)  # a pretraining head or a projection left behind
     if other_class:
         log(f"note: {other_class}")
+    had_none = classifier_is_new(saved, config)  # a backbone or a dual encoder trained as a classifier
+    new_head = had_none or args.num_labels is not None  # the classifier's outputs start random
     task = family_and_head(config)[1].pipeline_tag  # the teacher is loaded as the same kind of model
     processor = load_image_processor(source, config, revision=args.revision, log=log)
     tokenizer = load_tokenizer(source, config, revision=args.revision, log=log)  # dual encoders only
@@ -197,8 +200,11 @@ def prepare(
         check_same_run(checkpoint_dir, run_settings(model, args.train, args.ema_decay) | {OPTIONS: options})
     if args.calibrate and init == "random":
         resumed = checkpoint_dir if resuming else None
-        init = _calibrate(model, args, resumed=resumed, trained=data[0].dataset.dataset, log=log)
+        init = _calibrate(model, args, resumed=resumed, trained=data[0].dataset.dataset, new_classifier=new_head,
+                          log=log)  # fmt: skip
     notes = [other_class] if other_class else []
+    if new_head:
+        notes.append(new_classifier_note(had_none, model.config.num_labels))
     if tokenizer is None and family_and_head(config)[1].is_dual_encoder:
         notes.append(NO_TOKENIZER_NOTE)
     ready = Prepared(model, teacher, processor, config, source_config, init, checkpoint_dir, resuming, model.dtype,
@@ -357,9 +363,10 @@ def _check_same_encoder(config, teacher_config, export, found: str) -> None:
         )
 
 
-def _calibrate(model, args: FinetuneArgs, *, resumed: Path | None, trained, log) -> str:
+def _calibrate(model, args: FinetuneArgs, *, resumed: Path | None, trained, new_classifier: bool, log) -> str:
     """Start the merger from k-means of the layer-K tokens of a shuffled sample of `trained`, the images the run
-    trains on (those ``--limit`` or ``--sample`` keep, not the whole split); returns the card's line for it. A resumed
+    trains on (those ``--limit`` or ``--sample`` keep, not the whole split), closest to the source by its logits, or
+    (`new_classifier`) by the features its new classifier reads; returns the card's line for it. A resumed
     run's checkpoints (in the folder `resumed`) already hold the calibrated merger: the line is the one their run.json
     recorded."""
     from .checkpoints import INIT, read_run_record
@@ -378,7 +385,8 @@ def _calibrate(model, args: FinetuneArgs, *, resumed: Path | None, trained, log)
     # this seed takes); the whole split's and --limit's are shuffled here
     images = sample_of(trained, args.calibrate_images, None if args.sample else args.seed).select_columns("image")
     calibration = calibrate_from_data(model, args.data, source=str(args.source), log=log, seed=args.seed,
-                                      num_images=args.calibrate_images, split=args.split, images=images)  # fmt: skip
+                                      num_images=args.calibrate_images, split=args.split, images=images,
+                                      new_classifier=new_classifier)  # fmt: skip
     whole = args.limit is None and args.sample is None and args.holdout is None
     of = None if whole else f"the {len(trained):,} images trained on"
     return calibration.describe(args.data, args.split, args.after_layer, args.seed, of=of)
@@ -399,6 +407,15 @@ def task_for(task: str | None, num_labels: int | None) -> str | None:
             f"--num-labels gives the model a new classifier, which --task {task} leaves out; drop one of them"
         )
     return "image-classification"
+
+
+def new_classifier_note(had_none: bool, num_labels: int) -> str:
+    """The card's line where the classifier trained (of `num_labels` outputs) is not the source's: the checkpoint
+    `had_none` (a backbone, a dual encoder), or ``--num-labels`` replaced its own."""
+    if had_none:
+        return f"the classifier is new (the checkpoint has none): its {num_labels} outputs started random"
+    return (f"the classifier is new (--num-labels {num_labels}): the source's own was replaced by one of {num_labels} "
+            "outputs that started random")  # fmt: skip
 
 
 def check_teacher_logits(source: str | Path, saved, config, loss: str) -> None:

@@ -94,7 +94,7 @@ def test_calibrate_from_an_imagefolder_and_convert_cli(tiny_vit, tmp_path, capsy
     processor = load_image_processor(str(tiny_vit), merged.config, log=lambda _: None)
     sample = load_split(str(data), "train", label_column=None, limit=10, sample_seed=1)
     (pixels, options), first = seen.pop(), load_split(str(data), "train", label_column=None, limit=10, sample_seed=0)
-    assert options == {"seed": 1} and not torch.equal(batch(first, processor), batch(sample, processor))
+    assert options["seed"] == 1 and not torch.equal(batch(first, processor), batch(sample, processor))
     torch.testing.assert_close(pixels, batch(sample, processor), rtol=0, atol=0)
     out = tmp_path / "converted"
     argv = ["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--output", str(out)]

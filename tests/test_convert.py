@@ -721,6 +721,7 @@ def test_a_classifier_loaded_from_a_backbone_checkpoint_is_merged_as_the_class_i
     """`ViTForImageClassification.from_pretrained(<a ViTModel checkpoint>)` keeps the checkpoint's architectures
     (ViTModel): insert_patch_merger built a merged ViTModel for it and failed with "surgery mismatch"."""
     from conftest import TINY
+    from test_data import make_imagefolder
     from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
     ViTModel(ViTConfig(**TINY)).save_pretrained(tmp_path / "backbone")
@@ -734,6 +735,12 @@ def test_a_classifier_loaded_from_a_backbone_checkpoint_is_merged_as_the_class_i
             log=logged.append)  # fmt: skip
     new = "the classifier is new (the checkpoint has none): its 3 outputs are random until it is trained"
     assert f"note: {new}" in "\n".join(logged) and new in (tmp_path / "pm" / "README.md").read_text()
+    # calibrated by the features the new classifier reads: the card gave the random head's "agreement with the source"
+    data = str(make_imagefolder(tmp_path / "colours"))
+    convert(tmp_path / "backbone", after_layer=2, num_tokens=4, output=tmp_path / "cal", task="image-classification",
+            calibrate_on=data, calibrate_images=4, log=logged.append)  # fmt: skip
+    card = (tmp_path / "cal" / "README.md").read_text()
+    assert "; cosine similarity of the features with the source " in card and "top-1 agreement" not in card
 
 
 def test_convert_is_reproducible_and_leaves_the_callers_random_state_alone(tiny_vit, tmp_path):

@@ -549,6 +549,8 @@ def test_label_mismatch_is_refused_unless_num_labels(tiny_vit, tmp_path):
     assert result.model.config.id2label == {0: "cat", 1: "dog", 2: "fish"}
     config = json.loads((tmp_path / "y" / "config.json").read_text())
     assert config["id2label"] == {"0": "cat", "1": "dog", "2": "fish"}
+    card = (tmp_path / "y" / "README.md").read_text()  # said nothing of the source's head being replaced
+    assert "- the classifier is new (--num-labels 3): the source's own was replaced by one of 3 outputs" in card
 
 
 def test_cli_finetune(tiny_deit, colours, tmp_path, monkeypatch, capsys):
@@ -751,7 +753,12 @@ def test_task_trains_a_vision_tower_or_a_new_classifier(tiny_multimodal, colours
     assert tower.eval_history[0]["reference"] == "teacher features" and tower.eval_history[0]["similarity"] > 0.5
     assert type(load_model(tmp_path / "tower")).__name__ == "CLIPVisionPatchMergerModel"
     classifier = finetune(dinov2, output=tmp_path / "cls", after_layer=1, num_tokens=2, data=colours, max_steps=2,
-                          loss="ce", num_labels=3, calibrate=False, **FAST)  # fmt: skip
+                          loss="ce", num_labels=3, calibrate_images=8, **FAST)  # fmt: skip
+    # the card says the classifier is new, and the merger is calibrated by the features it reads (the source has no
+    # logits: its card said "top-1 agreement with the source" of the new, random head's)
+    card = (tmp_path / "cls" / "README.md").read_text()
+    assert "- the classifier is new (the checkpoint has none): its 3 outputs started random" in card
+    assert "; cosine similarity of the features with the source " in card and "top-1 agreement" not in card
     reloaded = load_model(tmp_path / "cls")
     assert type(reloaded).__name__ == "Dinov2PatchMergerForImageClassification" and classifier.steps == 2
     assert sorted(reloaded.config.id2label.values()) == ["bird", "cat", "dog"]  # the data's class names
