@@ -619,7 +619,7 @@ _HELD: dict[Path, tuple] = {}
 
 
 def _lock_key(folder: str | Path) -> Path:
-    return Path(os.path.abspath(folder)).resolve()
+    return Path(folder).resolve()  # physically: ``LINK/..`` is the folder above LINK's target (abspath: beside LINK)
 
 
 def lock_file(folder: str | Path) -> Path:

@@ -182,12 +182,23 @@ class Settings:
         raise SettingError(type(self), name, problem)
 
 
+def physical_path(path: str) -> str:
+    """`path` with its ``..`` taken as the system takes it, after the link before it: ``LINK/../o`` is beside LINK's
+    target, where Python's lexical `os.path.abspath` (tempfile's) puts it beside LINK, so the checks and the writes of
+    a run went to two folders (a fine-tune failed at its first checkpoint)."""
+    parts = Path(path).parts
+    last = len(parts) - parts[::-1].index("..")  # up to and with the last ".."
+    return str(Path(os.path.realpath(Path(*parts[:last])), *parts[last:]))
+
+
 def _checked(cls: type, spec: dataclasses.Field, annotation, value):
     """`value` for setting `spec` of `cls`, as it is kept (option text parsed, paths as text), or a `SettingError`."""
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
     if spec.metadata.get("written") and isinstance(value, str) and value.startswith("~"):
         value = os.path.expanduser(value)
+    if spec.metadata.get("written") and isinstance(value, str) and ".." in Path(value).parts:
+        value = physical_path(value)
     kind, optional = _kind(annotation)
     if value is None and (optional or spec.default is None):
         return value

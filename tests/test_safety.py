@@ -1015,6 +1015,22 @@ def test_a_ctrl_c_a_library_swallowed_still_stops_the_command_before_it_writes(t
     assert main(argv) == 0 and (tmp_path / "o" / "config.json").exists()
 
 
+def test_an_output_through_a_link_and_dot_dot_is_where_the_system_puts_it(tiny_vit, colours, tmp_path, monkeypatch):
+    """``--output LINK/../o`` is beside LINK's target for the system, but Python's lexical abspath (tempfile's, the
+    lock's) put it beside LINK: a fine-tune passed every check, trained, and failed at its first checkpoint naming a
+    path never given, its empty checkpoint folder left behind; a second run on the real folder was not locked out."""
+    from retrofit.settings import physical_path
+
+    (tmp_path / "elsewhere" / "dir").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere" / "dir")
+    monkeypatch.chdir(tmp_path)
+    assert physical_path("link/../o") == str(tmp_path / "elsewhere" / "o")
+    result = finetune(tiny_vit, output="link/../o", after_layer=2, num_tokens=4, data=colours, max_steps=2, **FAST)
+    assert result.output == tmp_path / "elsewhere" / "o" and (result.output / "config.json").is_file()
+    assert sorted(path.name for path in (tmp_path / "elsewhere").iterdir()) == ["dir", "o", "o-checkpoints"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["elsewhere", "link"]  # nothing beside the link
+
+
 def test_a_ctrl_c_while_overwrite_swaps_the_output_leaves_no_half_deleted_export(tiny_vit, tmp_path, capsys):
     """Ctrl-C while `convert --overwrite` removed the export it had just replaced stopped the removal: the old export
     was left half-deleted in a hidden `.o.old-*` folder that nothing removes. The swap and the removal now finish
