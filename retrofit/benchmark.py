@@ -997,6 +997,9 @@ def plot_batch_sizes(report: dict, path: str | Path, *, overwrite: bool = False)
             handle.write(figure)
         check_interrupted()  # a Ctrl-C that a library swallowed: the run stops here, its file unwritten
         if overwrite and path.exists():
+            if path.is_symlink() or not is_our_plot(path):  # checked again: one put there meanwhile is the user's
+                raise RetrofitError(f"'{path}' became a file retrofit did not draw while this run was working, so it "
+                                    "was not replaced")  # fmt: skip
             os.replace(tmp, path)
         else:
             try:

@@ -110,6 +110,23 @@ def test_batch_size_curve_is_plotted_with_the_crossover(tiny_vit, tmp_path, caps
     Image.new("RGB", (4, 4)).save(plot)  # a PNG of the user's
     assert main([*argv, "--overwrite"]) == 2
     assert "is not a file retrofit wrote" in capsys.readouterr().err
+    # and one put in the place of retrofit's plot while the run measured: checked again, not replaced
+    import retrofit.benchmark
+
+    plot.unlink()
+    assert main(argv) == 0
+    real = retrofit.benchmark.run_benchmark
+
+    def users_plot_meanwhile(*args, **kwargs):
+        report = real(*args, **kwargs)
+        Image.new("RGB", (4, 4)).save(plot)  # a teammate's picture, copied over retrofit's during the run
+        return report
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(retrofit.benchmark, "run_benchmark", users_plot_meanwhile)
+        assert main([*argv, "--overwrite"]) == 2
+    assert "became a file retrofit did not draw while this run was working" in capsys.readouterr().err
+    assert not is_our_plot(plot) and [path.name for path in tmp_path.glob(".curve*")] == []
     assert main(["bench", str(tiny_vit), "--plot", str(tmp_path / "curve.svg")]) == 2
     assert f"--plot must be a file name ending in .png, e.g. {tmp_path / 'curve.png'} " in capsys.readouterr().err
     assert main(["bench", str(tiny_vit), "--json", str(tiny_vit)]) == 2  # a folder it reads: not "use a file in it"

@@ -111,6 +111,27 @@ def test_overwrite_with_a_graph_that_keeps_its_weights_inside_removes_the_old_we
     assert deploy.onnx_info(target) is not None
 
 
+def test_overwrite_does_not_replace_a_file_put_there_during_the_export(export_dir, tmp_path, capsys, monkeypatch):
+    """--overwrite checked that the graph and weights file were retrofit's before any work only: files of the user's
+    copied there while the model was exported were replaced at the end without a word. Checked again, refused."""
+    target, data = tmp_path / "new.onnx", tmp_path / "new.onnx.data"
+    export = ["export-onnx", str(export_dir), "-o", str(target), "--overwrite"]
+    assert main(export) == 0
+    real_export = deploy._export
+
+    def users_files_meanwhile(model, pixels, path, exporter):
+        names = real_export(model, pixels, path, exporter)
+        for file, text in ((target, "my graph"), (data, "my data")):
+            file.unlink()
+            file.write_text(text)
+        return names
+
+    monkeypatch.setattr(deploy, "_export", users_files_meanwhile)
+    assert "became a file retrofit did not write while this run was working" in refused(capsys, *export)
+    assert target.read_text() == "my graph" and data.read_text() == "my data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.onnx", "new.onnx.data"]
+
+
 def test_a_ctrl_c_while_overwrite_swaps_the_graph_leaves_no_old_weights_file(export_dir, tmp_path, capsys, monkeypatch):
     """Ctrl-C as `export-onnx --overwrite` deleted the weights file of the graph it had replaced left that file (as
     large as the model) hidden beside the new pair, `.new.onnx.data.old-PID`. The swap ends first, then the command
