@@ -268,6 +268,9 @@ def check_checkpoints(checkpoint_dir: Path | None, *, resume: bool, overwrite: b
             f"'{checkpoint_dir}' holds checkpoints of an earlier run; pass --resume to continue it or "
             "--overwrite to start over"
         )
+    for path in named:  # a checkpoint an earlier run was writing or deleting when it was stopped: retrofit's own
+        if UNFINISHED_NAME.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
     return existing
 
 
@@ -455,6 +458,9 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         why = describe_os_error(exc) if isinstance(exc, OSError) else f"{brief(exc, 120)}; check the free space"
         raise RetrofitError(f"cannot write checkpoint '{final}': {why}") from None
+    except BaseException:  # Ctrl-C mid-write: the half-written checkpoint goes too
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     return final
 

@@ -1015,6 +1015,23 @@ def test_a_ctrl_c_a_library_swallowed_still_stops_the_command_before_it_writes(t
     assert main(argv) == 0 and (tmp_path / "o" / "config.json").exists()
 
 
+def test_a_ctrl_c_while_a_checkpoint_is_written_leaves_no_half_written_folder(tiny_vit, colours, tmp_path,
+                                                                               monkeypatch):  # fmt: skip
+    """Ctrl-C as Accelerate wrote a checkpoint left its `.step-N.tmp` folder behind (a failed write did not)."""
+    import accelerate
+
+    real = accelerate.Accelerator.save_state
+
+    def interrupted(self, output_dir, **kwargs):
+        real(self, output_dir, **kwargs)
+        raise KeyboardInterrupt  # Ctrl-C as the last file was written
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_vit, output=tmp_path / "o", after_layer=2, num_tokens=4, data=colours, max_steps=2, **FAST)
+    assert [path.name for path in (tmp_path / "o-checkpoints").iterdir()] == ["run.json"]
+
+
 def test_an_output_through_a_link_and_dot_dot_is_where_the_system_puts_it(tiny_vit, colours, tmp_path, monkeypatch):
     """``--output LINK/../o`` is beside LINK's target for the system, but Python's lexical abspath (tempfile's, the
     lock's) put it beside LINK: a fine-tune passed every check, trained, and failed at its first checkpoint naming a

@@ -88,13 +88,16 @@ def test_resume_reaches_the_same_weights(tiny_vit, colours, tmp_path):
     checkpoints = tmp_path / "cut-checkpoints"
     shutil.copytree(checkpoints, tmp_path / "end-checkpoints")  # step 3 ends an epoch: its position is batch 3 of 3
     shutil.rmtree(checkpoints / "step-00000003")
-    (checkpoints / ".step-00000004.tmp").mkdir()  # a half-written checkpoint of a killed run is ignored
+    (checkpoints / ".step-00000004.tmp").mkdir()  # a half-written checkpoint of a killed run is ignored ...
+    (checkpoints / ".step-00000001.old.tmp").mkdir()  # ... and so is a half-deleted one
+    (checkpoints / ".step-00000001.old.tmp" / "optimizer.bin").write_bytes(b"")
     with pytest.raises(RetrofitError, match="--resume"):
         finetune(tiny_vit, output=tmp_path / "cut", **settings)
     said: list[str] = []
     others = {"min_steps": 0, "warmup_ratio": 0.5}  # a budget of 3 steps, 1 of them warm-up: the first one's is kept
     resumed = finetune(tiny_vit, output=tmp_path / "cut", resume=True, log=said.append, **{**settings, **others})
     assert resumed.steps == 6 and resumed.budget.warmup == 0
+    assert not list(checkpoints.glob(".step-*"))  # and then deleted: they stayed there for good
     for name in ("full", "cut"):  # the card said "warm-up ratio 0.5" of the resumed run, which kept the first's
         assert ", 0 warm-up steps, " in (tmp_path / name / "README.md").read_text(), name
     assert (
