@@ -372,6 +372,15 @@ def check_checkpoint_dir(
             f"{option} '{folder}' is inside --output '{output}', which the export replaces; put the checkpoints "
             "elsewhere (the default is <output>-checkpoints)"
         )
+    from .checkpoints import CHECKPOINT_NAME, RUN_FILE, UNFINISHED_NAME
+
+    written, checkpoints = Path(output).resolve(), folder.resolve()
+    first = written.relative_to(checkpoints).parts[0] if written.is_relative_to(checkpoints) else ""
+    if first and (CHECKPOINT_NAME.fullmatch(first) or UNFINISHED_NAME.fullmatch(first) or first == RUN_FILE):
+        raise RetrofitError(
+            f"--output '{output}' is in {option} '{folder}' under a name its checkpoints take ('{first}'), which "
+            "the run writes and deletes; choose another --output"
+        )
     for source in local_paths(inputs):
         if folder.resolve().is_relative_to(source):
             raise RetrofitError(f"{option} '{folder}' is in '{source}', which this run reads; choose another {option}")

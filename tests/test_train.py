@@ -1260,6 +1260,16 @@ def test_checkpoints_inside_the_output_are_refused(tiny_vit, colours, tmp_path):
         finetune(tiny_vit, output=tmp_path / "o", checkpoint_dir=tmp_path / "o" / "ckpt", after_layer=2, num_tokens=4,
                  data=colours, **FAST)  # fmt: skip
     assert not (tmp_path / "o").exists()
+    # the other way round, an output named as a checkpoint is: it failed after training (the checkpoint there), or
+    # was written where pruning had been, and the next run refused it as a damaged checkpoint
+    checkpoints = tmp_path / "ck"
+    settings = dict(after_layer=2, num_tokens=4, data=colours, max_steps=1, checkpoint_dir=checkpoints, **FAST)
+    for output in ("step-00000002", "step-00000002/x", "run.json", ".step-00000002.tmp"):
+        with pytest.raises(RetrofitError, match=r"is in --checkpoint-dir '.*' under a name its checkpoints take"):
+            finetune(tiny_vit, output=checkpoints / output, **settings)
+    assert not checkpoints.exists()
+    finetune(tiny_vit, output=checkpoints / "final", **settings)  # other names are the user's to choose
+    assert (checkpoints / "final" / "config.json").is_file() and (checkpoints / "step-00000001").is_dir()
     # a link to nothing (a moved disk) failed at the first checkpoint, after all the steps before it
     (tmp_path / "gone").symlink_to(tmp_path / "unmounted")
     for folder in (tmp_path / "gone", tmp_path / "gone" / "ckpt"):
