@@ -9,6 +9,7 @@ recipe; ``retrofit run RECIPE --help`` shows that recipe's values as the default
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import importlib
 import os
@@ -291,9 +292,11 @@ def _command(argv: list[str]) -> int:
         print(f"retrofit: error: {one_line(describe_os_error(exc))}{'' if namespace.verbose else ' (-v shows where)'}",
               file=sys.stderr)  # fmt: skip
         return RetrofitError.exit_code
-    except KeyboardInterrupt:
-        print("retrofit: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (`errors.Stopped`): cleaned up, then one line
+        signum = getattr(exc, "signum", signal.SIGINT)
+        with contextlib.suppress(OSError):  # (SIGHUP: the terminal may be gone)
+            print(f"retrofit: {'interrupted' if signum == signal.SIGINT else f'stopped ({exc})'}", file=sys.stderr)
+        return 128 + signum
     return code if isinstance(code, int) else 0
 
 

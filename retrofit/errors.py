@@ -43,73 +43,123 @@ def log_to_stderr(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-_INTERRUPTED = [False]  # set by `interrupt` (the CLI's Ctrl-C handler) until the command returns
+_INTERRUPTED = [0]  # the stop signal that came (`interrupt`) since the command started, until it returns; 0: none
+_OWNER = [0]  # the process whose command installed `interrupt` (a forked DataLoader worker inherits it)
 
 
-def interrupt(signum=None, frame=None) -> None:
-    """The CLI's SIGINT handler: Python's (raise KeyboardInterrupt), remembering that it came. Raised inside a
-    weakref callback or a ``__del__`` (a library's, mid-run), Python prints "Exception ignored" and goes on; the
-    run then stops at its next `check_interrupted` instead of writing its output."""
-    _INTERRUPTED[0] = True
-    raise KeyboardInterrupt
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (``kill``, ``timeout``, a job scheduler, a closed terminal) raised as Ctrl-C is, so that the
+    same clean-up runs: they had ended the process at once, without a word, its temporary folder (a whole model)
+    left behind. `signum` says which."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop_signals() -> list:
+    """The signals a CLI command stops on, cleaning up: Ctrl-C, SIGTERM and (where there is one) SIGHUP."""
+    import signal
+
+    return [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+
+
+def _stop(signum: int) -> None:
+    import signal
+
+    raise KeyboardInterrupt if signum == signal.SIGINT else Stopped(signum)
+
+
+def interrupt(signum: int | None = None, frame=None) -> None:
+    """The CLI's handler of `stop_signals`: Python's for Ctrl-C (raise KeyboardInterrupt; SIGTERM and SIGHUP raise
+    `Stopped`), remembering that it came. Raised inside a weakref callback or a ``__del__`` (a library's, mid-run),
+    Python prints "Exception ignored" and goes on; the run then stops at its next `check_interrupted` instead of
+    writing its output. A forked process (a DataLoader worker) stops on SIGTERM or SIGHUP as it would have."""
+    import os
+    import signal
+
+    signum = signum or signal.SIGINT
+    if signum != signal.SIGINT and os.getpid() != _OWNER[0]:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    _INTERRUPTED[0] = signum
+    _stop(signum)
+
+
+def _ours(signum: int, handler) -> bool:
+    """Whether `handler` of `signum` is Python's own (or the system's) default, which a CLI command may take over."""
+    import signal
+
+    return handler is (signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
 
 @contextlib.contextmanager
 def interrupts_watched() -> Iterator[None]:
-    """For one CLI command: Ctrl-C goes through `interrupt` (in the main thread, and only where Python's own handler
-    is installed: a caller's stays); afterwards the handler is restored and the interrupt forgotten."""
+    """For one CLI command: Ctrl-C, SIGTERM and SIGHUP go through `interrupt` (in the main thread, and only where the
+    default handler is installed: a caller's stays); afterwards the handlers are restored and the signal forgotten."""
+    import os
     import signal
     import threading
 
-    previous = signal.getsignal(signal.SIGINT)
-    ours = threading.current_thread() is threading.main_thread() and previous is signal.default_int_handler
-    if ours:
-        signal.signal(signal.SIGINT, interrupt)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {signum: signal.getsignal(signum) for signum in stop_signals()} if main_thread else {}
+    taken = {signum: handler for signum, handler in previous.items() if _ours(signum, handler)}
+    for signum in taken:
+        signal.signal(signum, interrupt)
+    _OWNER[0] = os.getpid()
     try:
         yield
     finally:
-        _INTERRUPTED[0] = False
-        if ours:
-            signal.signal(signal.SIGINT, previous)
+        _INTERRUPTED[0] = 0
+        for signum, handler in taken.items():
+            signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
 def interrupts_deferred(what: str, log: Callable[[str], None]) -> Iterator[None]:
-    """Hold a first Ctrl-C until `what` ends, then stop (KeyboardInterrupt): torch.onnx's tracer, interrupted, aborted
-    the process in C++ (a screen of frames, exit 134, its temporary folder left behind). A second Ctrl-C stops at
-    once. Where a caller has a SIGINT handler of its own, or off the main thread, nothing changes."""
+    """Hold a first Ctrl-C (or a CLI command's SIGTERM or SIGHUP) until `what` ends, then stop: torch.onnx's tracer,
+    interrupted, aborted the process in C++ (a screen of frames, exit 134, its temporary folder left behind); an
+    output's swap, interrupted, left the replaced one half-deleted. A second signal stops at once. Where a caller has
+    a handler of its own, or off the main thread, nothing changes."""
     import signal
     import threading
 
-    previous = signal.getsignal(signal.SIGINT)
     main_thread = threading.current_thread() is threading.main_thread()
-    if not main_thread or previous not in (interrupt, signal.default_int_handler):
+    previous = {signum: signal.getsignal(signum) for signum in stop_signals()} if main_thread else {}
+    held = {signum: handler for signum, handler in previous.items()
+            if handler is interrupt or signum == signal.SIGINT and _ours(signum, handler)}  # fmt: skip
+    if not held:
         yield
         return
 
-    def hold(signum=None, frame=None) -> None:
+    def hold(signum: int, frame=None) -> None:
         if _INTERRUPTED[0]:
-            raise KeyboardInterrupt
-        _INTERRUPTED[0] = True
+            _stop(signum)
+        _INTERRUPTED[0] = signum
         log(f"stopping once {what} ends (Ctrl-C again to stop at once)")
 
-    signal.signal(signal.SIGINT, hold)
+    for signum in held:
+        signal.signal(signum, hold)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        held = _INTERRUPTED[0]
-        if previous is signal.default_int_handler:  # a Python call: no CLI command forgets it at its end
-            _INTERRUPTED[0] = False
-    if held:
-        raise KeyboardInterrupt
+        for signum, handler in held.items():
+            signal.signal(signum, handler)
+        came = _INTERRUPTED[0]
+        if held.get(signal.SIGINT) is signal.default_int_handler:  # a Python call: no CLI command forgets it
+            _INTERRUPTED[0] = 0
+    if came:
+        _stop(came)
 
 
 def check_interrupted() -> None:
-    """Raise KeyboardInterrupt if Ctrl-C came since the command started, even where it was swallowed: called before
-    an output takes its place and after each training step."""
+    """Raise KeyboardInterrupt (`Stopped` for SIGTERM, SIGHUP) if a stop signal came since the command started, even
+    where it was swallowed: called before an output takes its place and after each training step."""
     if _INTERRUPTED[0]:
-        raise KeyboardInterrupt
+        _stop(_INTERRUPTED[0])
 
 
 def brief(exc: BaseException, limit: int = 160) -> str:

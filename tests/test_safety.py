@@ -890,6 +890,31 @@ def test_a_ctrl_c_while_the_cli_exits_prints_no_traceback():
     assert done.returncode == 0 and "KeyboardInterrupt" not in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_stop_a_command_as_ctrl_c_does(tiny_vit, tmp_path, name):
+    """`kill`, `timeout`, a job scheduler (SIGTERM) or a closed terminal (SIGHUP) ended a command at once, without a
+    word (exit 143 or 129), its temporary folder, a whole model, left beside the output for good. They now stop it as
+    Ctrl-C does: cleaned up, one line, exit 128 + the signal."""
+    import signal
+
+    number = int(getattr(signal, name))
+    script = f"""if True:
+        import os, sys
+        import retrofit.atomic
+        from retrofit.cli import main
+        real = retrofit.atomic._sync_folder
+        def signalled(path):  # the export written into its temporary folder, not yet in place
+            os.kill(os.getpid(), {number})
+            return real(path)
+        retrofit.atomic._sync_folder = signalled
+        sys.exit(main(["convert", {str(tiny_vit)!r}, "--after-layer", "2", "--tokens", "4", "--output",
+                       {str(tmp_path / "o")!r}]))
+    """
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 128 + number and done.stderr.splitlines()[-1] == f"retrofit: stopped ({name})"
+    assert "Traceback" not in done.stderr and list(tmp_path.iterdir()) == []  # no .o.tmp-* left, no output
+
+
 def test_the_python_api_names_its_own_argument(tiny_vit, tmp_path):
     (tmp_path / "o").mkdir()
     with pytest.raises(RetrofitError, match=r"already exists; .*pass --overwrite \(overwrite=True in Python\)"):
