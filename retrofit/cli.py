@@ -245,6 +245,17 @@ def _writable_stdout() -> None:
         sys.stdout.reconfigure(errors="backslashreplace")
 
 
+# The commands that run as one process, and what each did under `accelerate launch` (finetune, run and evaluate
+# share their work across the processes; these would run whole in each).
+ONE_PROCESS = {
+    "convert": "each writing the same output",
+    "sweep": "timing the models against the others on the same machine, each writing the same output",
+    "bench": "timing the models against the others on the same machine",
+    "export-onnx": "each writing the same file",
+    "push": "each uploading the export",
+}
+
+
 def _in_a_launch() -> bool:
     """Whether this process is one of several started by ``accelerate launch`` (torchrun's ``WORLD_SIZE``)."""
     return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
@@ -274,6 +285,11 @@ def _command(argv: list[str]) -> int:
             _quiet_libraries()
         module, function = runner.split(":")
         run = getattr(importlib.import_module(f".{module}", __package__), function)
+        if _in_a_launch() and namespace.command in ONE_PROCESS and not getattr(args, "dry_run", False):
+            raise RetrofitError(
+                f"`retrofit {namespace.command}` runs as one process: under accelerate launch each process ran it "
+                f"whole ({ONE_PROCESS[namespace.command]}); run it without accelerate launch"
+            )
         if _in_a_launch():  # its process group is destroyed before the interpreter is (else gloo may SIGABRT there)
             from .train import keep_process_group
 

@@ -23,8 +23,16 @@ import torch
 from .atomic import releases_write_locks
 from .errors import RetrofitError, brief, check_arguments, counted, did_you_mean, log_to_stderr, shown
 from .reads import reads_each_folder_once
-from .settings import FinetuneArgs, PretrainRun, TrainingRun, from_options
-from .train import TrainResult, hides_library_bars, keeps_callers_random_state, settle_losses, train, training_data
+from .settings import FinetuneArgs, PretrainRun, TrainingRun, from_options, written_path
+from .train import (
+    TrainResult,
+    hides_library_bars,
+    keeps_callers_random_state,
+    launched_processes,
+    settle_losses,
+    train,
+    training_data,
+)
 
 
 def finetune(
@@ -509,7 +517,6 @@ def _training_info(
     from .losses import describe_loss
     from .provenance import dataset_commit, public_name
     from .settings import chosen_images
-    from .train import launched_processes
 
     lr = f"lr {run.lr:g}" + (f" (the merger's ×{run.merger_lr_scale:g})" if run.merger_lr_scale != 1 else "")
     processes = launched_processes()
@@ -593,9 +600,9 @@ def pretrain(
     for name, value in (("output", output), ("checkpoint_dir", checkpoint_dir)):
         if not isinstance(value, str | os.PathLike) and (name == "output" or value is not None):
             raise RetrofitError(f"pretrain's {name} must be a folder's path, not {shown(value)}")
-    output = os.path.expanduser(output)  # "~/baseline" is in the home folder, as `written` settings are
+    output = written_path(os.fspath(output))  # "~/baseline" is in the home folder, as `written` settings are
     if checkpoint_dir is not None:
-        checkpoint_dir = os.path.expanduser(checkpoint_dir)
+        checkpoint_dir = written_path(os.fspath(checkpoint_dir))
     clip = "vision_config" in model_config  # a CLIP dual encoder, pretrained on captions
     if clip != (run.loss == "contrastive"):
         raise RetrofitError(
@@ -701,8 +708,10 @@ def pretrain(
             tokenizer.save_pretrained(tmp)
         evaluated_on = run.evaluated_on() if run.eval_split else None  # with --holdout: the images held out
         settings = asdict(run) | {"eval_split": evaluated_on} | result.budget.options  # resumed: the first budget
+        processes = launched_processes()  # settings' batch_size is each process's
         info = {"data": run.data, "steps": result.steps, "epochs": result.epochs, "accuracy": result.final_accuracy,
-                "eval_split": evaluated_on, "settings": settings}  # fmt: skip
+                "eval_split": evaluated_on, "processes": processes,
+                "global_batch_size": run.batch_size * run.grad_accum * processes, "settings": settings}  # fmt: skip
         (tmp / "training.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
     log(f"wrote {output}")
     result.output = Path(output)

@@ -444,7 +444,7 @@ def _run_pretrain(recipe: dict, path, *, overwrite: bool, resume: bool, progress
 def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress: bool, log, show) -> dict:
     """`finetune`'s steps with a before/after table: the source and the calibrated merged model are scored before
     training (the loop's step-0 evaluation) and timed against each other; the table goes into the model card."""
-    from .atomic import refuse_inputs, write_report
+    from .atomic import is_launch_main, refuse_inputs, write_report
     from .benchmark import hardware_name, images_per_second
     from .card import update_card
     from .cost import model_cost
@@ -490,7 +490,8 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
             rows[0]["accuracy"] = accuracy
             log(f"baseline accuracy: {100 * accuracy:.2f} %")
     speeds, speed_note, spreads = {}, None, {}
-    if evaluation.speed:
+    main_process = is_launch_main()  # under `accelerate launch` one process times and shows: N timed against each
+    if evaluation.speed and main_process:  # other on one machine, and printed N tables (the card kept one of them)
         speeds = images_per_second({"baseline": baseline, "merged": ready.model},
                                    batch_size=evaluation.speed_batch_size, image_size=image_size,
                                    spreads=spreads)  # fmt: skip
@@ -499,6 +500,10 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
         if None in speeds.values():  # out of memory at that batch size: the table says n/a, the note says why
             log(f"warning: images/s not measured at evaluation.speed_batch_size {evaluation.speed_batch_size} (out "
                 "of memory?); lower it to time the models")  # fmt: skip
+    if evaluation.speed:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()  # the other processes wait while it times, not working beside it
 
     zero_shot, prompts = _zero_shot_scorer(args, ready, evaluation, log) if evaluation.zero_shot else (None, [])
     zero_shot_before = zero_shot([baseline, ready.model]) if zero_shot else None  # the untrained merger too
@@ -535,8 +540,9 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
     if result.output is not None:
         update_card(result.output, run={"table": table})
         publish(args, result, log=log)
-    log("")
-    show(table)
+    if main_process:
+        log("")
+        show(table)
     summary = {"recipe": recipe, "rows": rows, "steps": result.steps, "seconds": result.seconds}
     if ready.checkpoint_dir.is_dir():
         try:  # replaces the results.json of an earlier run, nothing else

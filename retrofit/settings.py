@@ -182,6 +182,13 @@ class Settings:
         raise SettingError(type(self), name, problem)
 
 
+def written_path(path: str) -> str:
+    """A path retrofit writes to, as the system finds it: ``~`` is the home folder (no shell expands it in a recipe
+    or a Python call), and a ``..`` is taken after the link before it (`physical_path`)."""
+    path = os.path.expanduser(path) if path.startswith("~") else path
+    return physical_path(path) if ".." in Path(path).parts else path
+
+
 def physical_path(path: str) -> str:
     """`path` with its ``..`` taken as the system takes it, after the link before it: ``LINK/../o`` is beside LINK's
     target, where Python's lexical `os.path.abspath` (tempfile's) puts it beside LINK, so the checks and the writes of
@@ -195,10 +202,8 @@ def _checked(cls: type, spec: dataclasses.Field, annotation, value):
     """`value` for setting `spec` of `cls`, as it is kept (option text parsed, paths as text), or a `SettingError`."""
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
-    if spec.metadata.get("written") and isinstance(value, str) and value.startswith("~"):
-        value = os.path.expanduser(value)
-    if spec.metadata.get("written") and isinstance(value, str) and ".." in Path(value).parts:
-        value = physical_path(value)
+    if spec.metadata.get("written") and isinstance(value, str):
+        value = written_path(value)
     kind, optional = _kind(annotation)
     if value is None and (optional or spec.default is None):
         return value

@@ -551,8 +551,10 @@ def refuse_non_finite(loss: torch.Tensor, accelerator, step: int, checkpoint_dir
     if bad.item() > 0:
         good = list_checkpoints(checkpoint_dir) if checkpoint_dir else []
         again = f"--resume from the last good checkpoint, {good[-1]}" if good else "start again"
+        # a finite loss here: another process's became non-finite (this one's was quoted as what went wrong)
+        became = loss.item() if not torch.isfinite(loss) else "non-finite on another process"
         raise RetrofitError(
-            f"the loss became {loss.item()} at step {step}; stopped. Lower --lr or use --mixed-precision no or bf16, "
+            f"the loss became {became} at step {step}; stopped. Lower --lr or use --mixed-precision no or bf16, "
             f"then {again}"
         )
 

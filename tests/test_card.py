@@ -303,12 +303,14 @@ def test_update_card_on_a_full_disk_leaves_the_export_as_it_was(tiny_vit, export
     limit = len(before["README.md"])
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # (Python keeps a .pyc cut at the limit)
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
     try:
         with pytest.raises(RetrofitError, match="the card was left as it was") as refused:
             update_card(folder, evaluation=evaluation(str(tiny_vit), str(folder)))
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        sys.dont_write_bytecode = writes_bytecode
         signal.signal(signal.SIGXFSZ, handler)
     assert len(str(refused.value).splitlines()) == 1
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before  # no temp file, nothing replaced

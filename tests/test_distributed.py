@@ -75,3 +75,61 @@ def test_every_command_of_a_launch_destroys_its_process_group_at_exit(monkeypatc
         assert main(["sweep", "vit-b16", "--after-layer", "6", "--tokens", "8", "--dry-run"]) == 0
         assert registered == expected
     capsys.readouterr()
+
+
+def test_commands_that_run_as_one_process_are_refused_under_a_launch(tiny_vit, tmp_path, monkeypatch, capsys):
+    """Under `accelerate launch`, sweep ran whole in each process (its fine-tunes crashed: each process wrote its
+    settings' exports to a temporary folder of its own), timed against the others and failed writing one output
+    twice; convert, bench, export-onnx and push ran N times too. One line each, before any work."""
+    from retrofit.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for argv in (["sweep", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--data", str(tmp_path / "d")],
+                 ["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--output", str(tmp_path / "o")],
+                 ["bench", str(tiny_vit)]):  # fmt: skip
+        assert main(argv) == 2
+        assert f"`retrofit {argv[0]}` runs as one process: under accelerate launch each process ran it whole (" in (
+            capsys.readouterr().err
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+RECIPE_DRIVER = textwrap.dedent(
+    """
+    import sys
+    from retrofit.cli import main
+    from retrofit.finetune import pretrain
+
+    recipe, data, baseline = sys.argv[1:4]
+    code = main(["run", recipe])
+    vit = {"image_size": 32, "patch_size": 8, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+           "intermediate_size": 32}
+    pretrain(vit, output=baseline, data=data, max_steps=2, batch_size=4, eval_split="", progress=False)
+    sys.exit(code)
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_launched_recipe_times_and_shows_its_table_once_and_a_pretraining_records_its_processes(tiny_vit, tmp_path):
+    """`run RECIPE` under `accelerate launch`: every process timed the two models against the others on the same
+    machine and printed its own before/after table (the card kept one of them). The main process times while the
+    others wait, and shows the table. A pretraining's training.json gave each process's batch size alone, beside
+    steps and epochs that only add up with the number of processes: it records them and the global batch."""
+    import yaml
+
+    data = make_imagefolder(tmp_path / "colours", per_class=4, test_per_class=2)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "source": str(tiny_vit), "merge": {"after_layer": 2, "tokens": 4}, "data": {"name": str(data)},
+        "training": {"loss": "kd", "max_steps": 2, "batch_size": 4}, "export": {"output": str(tmp_path / "pm")},
+        "evaluation": {"batch_size": 6, "speed_batch_size": 2},
+    }))  # fmt: skip
+    driver = tmp_path / "driver.py"
+    driver.write_text(RECIPE_DRIVER)
+    done = launch_two_cpu_processes(str(driver), str(recipe), str(data), str(tmp_path / "base"))
+    assert done.returncode == 0, done.stderr[-6000:]
+    assert len([line for line in done.stdout.splitlines() if line.startswith("| baseline")]) == 1, done.stdout
+    assert "images/s: " in (tmp_path / "pm" / "README.md").read_text()
+    info = json.loads((tmp_path / "base" / "training.json").read_text())
+    assert info["processes"] == 2 and info["global_batch_size"] == 8 and info["settings"]["batch_size"] == 4

@@ -1668,3 +1668,18 @@ def test_a_run_resumed_without_evaluations_reports_no_stale_accuracy(tiny_vit, c
     assert resumed.steps == 3 and [entry["step"] for entry in resumed.eval_history] == [1]
     assert resumed.final_accuracy is None and resumed.final_evaluation == {}
     assert "accuracy on" not in (tmp_path / "o" / "README.md").read_text()
+
+
+def test_a_non_finite_loss_on_another_process_is_not_quoted_as_this_ones():
+    """Under `accelerate launch`, every process stops when one's loss is NaN; the others quoted their own finite loss
+    as what "became" non-finite ("the loss became 0.0007 at step 1")."""
+    from retrofit.train import refuse_non_finite
+
+    class Launch:  # another process's loss was NaN: the count over the processes is one more than this one's
+        def reduce(self, tensor, reduction):
+            return tensor + 1
+
+    with pytest.raises(RetrofitError, match=r"^the loss became non-finite on another process at step 3; stopped"):
+        refuse_non_finite(torch.tensor(0.5), Launch(), 3, None)
+    with pytest.raises(RetrofitError, match=r"^the loss became nan at step 3; stopped"):
+        refuse_non_finite(torch.tensor(float("nan")), Launch(), 3, None)
