@@ -369,11 +369,17 @@ def run_from_cli(
     before/after table goes to `show` (stdout), every other line to `log` (stderr)."""
     given = {name: value for name, value in vars(namespace).items() if name not in _RUN_OWN}
     overrides = option_overrides(given)
+    flags = set(overrides)
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise RetrofitError(f"--set {item!r} must look like section.key=value, e.g. training.epochs=0.5")
-        overrides[key.strip()] = parse_value(value)
+        key, value = key.strip(), parse_value(value)
+        if key in overrides and overrides[key] != value:  # the last one won without a word
+            other = "an option" if key in flags else "an earlier --set"
+            raise RetrofitError(f"--set {item!r} gives {key} another value than {other} does ({overrides[key]!r}); "
+                                "give it once")  # fmt: skip
+        overrides[key] = value
     return _run_recipe(args.recipe, overrides, overwrite=args.overwrite, resume=args.resume, log=log, show=show)
 
 

@@ -59,6 +59,15 @@ def test_mistyped_keys_name_the_nearest(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "did you mean 'training'" in err[0] and "did you mean 'epochs'" in err[1]
     assert not (tmp_path / "out").exists()
+    # a key given twice, with two values: the last one won without a word
+    fashion = str(RECIPES / "fashion-mnist.yaml")
+    twice = {"an option": ["--lr", "0.1"], "an earlier --set": ["--set", "training.lr=0.1"]}
+    for other, first in twice.items():
+        argv = [*first, "--set", "training.lr=0.2"]
+        assert main(["run", fashion, *argv]) == 2
+        assert f"--set 'training.lr=0.2' gives training.lr another value than {other} does (0.1); give it" in (
+            capsys.readouterr().err
+        )
 
 
 def test_a_recipe_file_that_is_no_recipe_is_one_line(tmp_path, capsys):
