@@ -139,7 +139,9 @@ def interrupts_deferred(what: str, log: Callable[[str], None]) -> Iterator[None]
         if _INTERRUPTED[0]:
             _stop(signum)
         _INTERRUPTED[0] = signum
-        log(f"stopping once {what} ends (Ctrl-C again to stop at once)")
+        again = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        with contextlib.suppress(OSError):  # a closed terminal (SIGHUP), a pipe's reader gone: the step goes on
+            log(f"stopping once {what} ends ({again} again to stop at once)")
 
     for signum in held:
         signal.signal(signum, hold)

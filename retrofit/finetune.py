@@ -212,7 +212,7 @@ def prepare(
                           log=log)  # fmt: skip
     notes = [other_class] if other_class else []
     if new_head:
-        notes.append(new_classifier_note(had_none, model.config.num_labels))
+        notes.append(new_classifier_note(had_none, model.config.num_labels, zeroed=args.num_labels is not None))
     if tokenizer is None and family_and_head(config)[1].is_dual_encoder:
         notes.append(NO_TOKENIZER_NOTE)
     ready = Prepared(model, teacher, processor, config, source_config, init, checkpoint_dir, resuming, model.dtype,
@@ -417,13 +417,15 @@ def task_for(task: str | None, num_labels: int | None) -> str | None:
     return "image-classification"
 
 
-def new_classifier_note(had_none: bool, num_labels: int) -> str:
+def new_classifier_note(had_none: bool, num_labels: int, zeroed: bool) -> str:
     """The card's line where the classifier trained (of `num_labels` outputs) is not the source's: the checkpoint
-    `had_none` (a backbone, a dual encoder), or ``--num-labels`` replaced its own."""
+    `had_none` (a backbone, a dual encoder), or ``--num-labels`` replaced its own; `zeroed`: ``--num-labels`` gave it
+    zero weights (`train.reinit_head`), else transformers' random ones."""
+    start = "at zero" if zeroed else "random"
     if had_none:
-        return f"the classifier is new (the checkpoint has none): its {num_labels} outputs started random"
+        return f"the classifier is new (the checkpoint has none): its {num_labels} outputs started {start}"
     return (f"the classifier is new (--num-labels {num_labels}): the source's own was replaced by one of {num_labels} "
-            "outputs that started random")  # fmt: skip
+            f"outputs that started {start}")  # fmt: skip
 
 
 def check_teacher_logits(source: str | Path, saved, config, loss: str) -> None:

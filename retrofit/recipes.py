@@ -332,6 +332,15 @@ def _kind(value) -> str:
     return f"a {type(value).__name__}"
 
 
+def _given_value(overrides: dict[str, object], name: str) -> object:
+    """The value `overrides` give key `name` (``section.key``), directly or in a whole section's mapping."""
+    if name in overrides:
+        return overrides[name]
+    section, _, key = name.rpartition(".")
+    whole = _given_value(overrides, section) if section else None
+    return whole.get(key) if isinstance(whole, dict) else None
+
+
 def option_overrides(values: dict[str, object]) -> dict[str, object]:
     """``run``'s options as recipe keys: {"lr": 1e-4, "data": "x"} -> {"training.lr": 1e-4, "data.name": "x"}. Only
     settings that are options count: ``--batch-size`` is training.batch_size, not evaluation.batch_size (no option)."""
@@ -369,16 +378,18 @@ def run_from_cli(
     before/after table goes to `show` (stdout), every other line to `log` (stderr)."""
     given = {name: value for name, value in vars(namespace).items() if name not in _RUN_OWN}
     overrides = option_overrides(given)
-    flags = set(overrides)
+    given_keys = dict.fromkeys(overrides, "an option")  # each key given, by whom, to refuse one given two values
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise RetrofitError(f"--set {item!r} must look like section.key=value, e.g. training.epochs=0.5")
         key, value = key.strip(), parse_value(value)
-        if key in overrides and overrides[key] != value:  # the last one won without a word
-            other = "an option" if key in flags else "an earlier --set"
-            raise RetrofitError(f"--set {item!r} gives {key} another value than {other} does ({overrides[key]!r}); "
-                                "give it once")  # fmt: skip
+        named = {f"{key}.{name}": each for name, each in value.items()} if isinstance(value, dict) else {key: value}
+        for name, each in named.items():  # (a whole section, --set 'training={lr: 1}', gives each of its keys)
+            if name in given_keys and _given_value(overrides, name) != each:  # the last one won without a word
+                raise RetrofitError(f"--set {item!r} gives {name} another value than {given_keys[name]} does "
+                                    f"({_given_value(overrides, name)!r}); give it once")  # fmt: skip
+            given_keys[name] = "an earlier --set"
         overrides[key] = value
     return _run_recipe(args.recipe, overrides, overwrite=args.overwrite, resume=args.resume, log=log, show=show)
 

@@ -810,7 +810,7 @@ class EvaluateArgs(Settings):
     label_column: str = setting("label", "label column of the data")
     json: str | None = setting(None, "write the results to FILE", metavar="FILE", written=True)
     overwrite: bool = overwrite_setting("the --json file")
-    card: str | None = setting(None, "write the results into this export's README.md", metavar="EXPORT")
+    card: str | None = setting(None, "write the results into this export's README.md", metavar="EXPORT", written=True)
     trust_remote_code: bool = setting(False, "allow the models' own code to run (off by default)")
     zero_shot: bool = setting(False, ZERO_SHOT_HELP + "; reports top-1, top-k and agreement with the first model")
     prompt_template: str = setting(DEFAULT_TEMPLATE, PROMPT_TEMPLATE_HELP + " (with --zero-shot)", metavar="TEXT")
@@ -1023,7 +1023,9 @@ class BenchArgs(BenchSettings):
         written=True,
     )  # fmt: skip
     overwrite: bool = overwrite_setting("the --json and --plot files")
-    card: str | None = setting(None, "write the speed table into this export's README.md", metavar="EXPORT")
+    card: str | None = setting(
+        None, "write the speed table into this export's README.md", metavar="EXPORT", written=True
+    )
 
     def check(self) -> None:
         super().check()

@@ -68,6 +68,8 @@ def test_mistyped_keys_name_the_nearest(tmp_path, capsys):
         assert f"--set 'training.lr=0.2' gives training.lr another value than {other} does (0.1); give it" in (
             capsys.readouterr().err
         )
+    assert main(["run", fashion, "--lr", "0.1", "--set", "training={lr: 0.2}"]) == 2  # a whole section gives it too
+    assert "gives training.lr another value than an option does (0.1)" in capsys.readouterr().err
 
 
 def test_a_recipe_file_that_is_no_recipe_is_one_line(tmp_path, capsys):

@@ -1071,6 +1071,32 @@ def test_an_output_through_a_link_and_dot_dot_is_where_the_system_puts_it(tiny_v
     assert result.output == tmp_path / "elsewhere" / "o" and (result.output / "config.json").is_file()
     assert sorted(path.name for path in (tmp_path / "elsewhere").iterdir()) == ["dir", "o", "o-checkpoints"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["elsewhere", "link"]  # nothing beside the link
+    argv = ["evaluate", str(tiny_vit), "link/../o", "--data", colours, "--limit", "4", "--card", "link/../o"]
+    assert main(argv) == 0  # --card through the link too (it was "cannot write in it")
+    assert "model-index" in (result.output / "README.md").read_text()
+
+
+def test_a_held_signal_whose_line_cannot_be_written_still_waits_for_the_step():
+    """SIGHUP from a closed terminal during export-onnx: the line saying the signal is held could not be written
+    (EIO), and the OSError raised inside torch.onnx was reported as the export's failure. The step goes on, then the
+    command stops."""
+    import os
+    import signal
+
+    from retrofit.errors import interrupts_deferred
+
+    def closed_terminal(line: str) -> None:
+        raise OSError(5, "Input/output error")
+
+    went_on = []
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), interrupts_deferred("the step", closed_terminal):
+            os.kill(os.getpid(), signal.SIGINT)
+            went_on.append(True)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert went_on
 
 
 def test_a_ctrl_c_while_overwrite_swaps_the_output_leaves_no_half_deleted_export(tiny_vit, tmp_path, capsys):

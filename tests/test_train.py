@@ -553,7 +553,8 @@ def test_label_mismatch_is_refused_unless_num_labels(tiny_vit, tmp_path):
     config = json.loads((tmp_path / "y" / "config.json").read_text())
     assert config["id2label"] == {"0": "cat", "1": "dog", "2": "fish"}
     card = (tmp_path / "y" / "README.md").read_text()  # said nothing of the source's head being replaced
-    assert "- the classifier is new (--num-labels 3): the source's own was replaced by one of 3 outputs" in card
+    new = "- the classifier is new (--num-labels 3): the source's own was replaced by one of 3 outputs that started at"
+    assert f"{new} zero" in card
 
 
 def test_cli_finetune(tiny_deit, colours, tmp_path, monkeypatch, capsys):
@@ -760,7 +761,7 @@ def test_task_trains_a_vision_tower_or_a_new_classifier(tiny_multimodal, colours
     # the card says the classifier is new, and the merger is calibrated by the features it reads (the source has no
     # logits: its card said "top-1 agreement with the source" of the new, random head's)
     card = (tmp_path / "cls" / "README.md").read_text()
-    assert "- the classifier is new (the checkpoint has none): its 3 outputs started random" in card
+    assert "- the classifier is new (the checkpoint has none): its 3 outputs started at zero" in card  # (reinit_head)
     assert "; cosine similarity of the features with the source " in card and "top-1 agreement" not in card
     reloaded = load_model(tmp_path / "cls")
     assert type(reloaded).__name__ == "Dinov2PatchMergerForImageClassification" and classifier.steps == 2
