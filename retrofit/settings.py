@@ -195,7 +195,12 @@ def physical_path(path: str) -> str:
     a run went to two folders (a fine-tune failed at its first checkpoint)."""
     parts = Path(path).parts
     last = len(parts) - parts[::-1].index("..")  # up to and with the last ".."
-    return str(Path(os.path.realpath(Path(*parts[:last])), *parts[last:]))
+    try:
+        head = os.path.realpath(Path(*parts[:last]), strict=True)
+    except OSError:  # a folder before a ".." that is missing: the system cannot climb out of it (the checks say so)
+        return path
+    physical = str(Path(head, *parts[last:]))
+    return path if physical == os.path.abspath(path) else physical  # no link before the "..": as the user wrote it
 
 
 def _checked(cls: type, spec: dataclasses.Field, annotation, value):

@@ -899,9 +899,10 @@ def test_sigterm_and_sighup_stop_a_command_as_ctrl_c_does(tiny_vit, tmp_path, na
 
     number = int(getattr(signal, name))
     script = f"""if True:
-        import os, sys
+        import os, signal, sys
         import retrofit.atomic
         from retrofit.cli import main
+        signal.signal({number}, signal.SIG_DFL)  # as in a terminal (nohup, CI's runner, ignore SIGHUP)
         real = retrofit.atomic._sync_folder
         def signalled(path):  # the export written into its temporary folder, not yet in place
             os.kill(os.getpid(), {number})

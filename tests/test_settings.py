@@ -151,8 +151,8 @@ def test_every_path_retrofit_writes_to_under_a_tilde_is_in_the_home_folder(tmp_p
     monkeypatch.setenv("HOME", str(tmp_path))
     built = [
         settings.FinetuneArgs(source="s", data="d", output="~/o", checkpoint_dir="~/checkpoints"),
-        settings.EvaluateArgs(models=["m"], data="d", json="~/evaluate.json"),
-        settings.BenchArgs(models=["m"], json="~/bench.json", plot="~/speed.png"),
+        settings.EvaluateArgs(models=["m"], data="d", json="~/evaluate.json", card="~/export"),
+        settings.BenchArgs(models=["m"], json="~/bench.json", plot="~/speed.png", card="~/export"),
         settings.SweepArgs(source="s", data="d", output="~/sweep"),
         settings.ExportOnnxArgs(model="m", output="~/m.onnx"),
         settings.ConvertArgs(source="s", after_layer=1, tokens=2, output="~/converted"),
@@ -164,7 +164,7 @@ def test_every_path_retrofit_writes_to_under_a_tilde_is_in_the_home_folder(tmp_p
                 value = getattr(args, spec.name)
                 assert value.startswith(str(tmp_path) + os.sep), (type(args).__name__, spec.name, value)
                 checked.add((type(args).__name__, spec.name))
-    assert len(checked) == 8  # every written setting of these commands
+    assert len(checked) == 10  # every written setting of these commands
     assert built[2].plot == str(tmp_path / "speed.png")
 
 
