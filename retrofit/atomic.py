@@ -439,6 +439,15 @@ def check_file_output(
     return path
 
 
+def check_still_ours(path: Path, ours: Callable[[Path], bool], made: str = "write") -> None:
+    """Right before ``--overwrite`` replaces the file `path` at the end of a run, refuse one that is no longer
+    retrofit's (`ours`, as `check_file_output` judged it before any work): a file put there meanwhile is the user's."""
+    if path.is_symlink() or (path.exists() and not ours(path)):
+        raise RetrofitError(
+            f"'{path}' became a file retrofit did not {made} while this run was working, so it was not replaced"
+        )
+
+
 def _finite(value):
     """`value` with every NaN or infinity as None: JSON has no such numbers (Python writes ``NaN``, which other
     readers refuse)."""

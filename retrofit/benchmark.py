@@ -989,6 +989,8 @@ def plot_batch_sizes(report: dict, path: str | Path, *, overwrite: bool = False)
     import os
     import tempfile
 
+    from .atomic import check_still_ours
+
     path = Path(path)
     figure = batch_size_figure(report)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
@@ -997,9 +999,7 @@ def plot_batch_sizes(report: dict, path: str | Path, *, overwrite: bool = False)
             handle.write(figure)
         check_interrupted()  # a Ctrl-C that a library swallowed: the run stops here, its file unwritten
         if overwrite and path.exists():
-            if path.is_symlink() or not is_our_plot(path):  # checked again: one put there meanwhile is the user's
-                raise RetrofitError(f"'{path}' became a file retrofit did not draw while this run was working, so it "
-                                    "was not replaced")  # fmt: skip
+            check_still_ours(path, is_our_plot, "draw")  # as before any work: one put there meanwhile is the user's
             os.replace(tmp, path)
         else:
             try:

@@ -285,12 +285,13 @@ def _command(argv: list[str]) -> int:
             _quiet_libraries()
         module, function = runner.split(":")
         run = getattr(importlib.import_module(f".{module}", __package__), function)
-        if _in_a_launch() and namespace.command in ONE_PROCESS and not getattr(args, "dry_run", False):
-            raise RetrofitError(
-                f"`retrofit {namespace.command}` runs as one process: under accelerate launch each process ran it "
-                f"whole ({ONE_PROCESS[namespace.command]}); run it without accelerate launch"
-            )
-        if _in_a_launch():  # its process group is destroyed before the interpreter is (else gloo may SIGABRT there)
+        if _in_a_launch():
+            if namespace.command in ONE_PROCESS and not getattr(args, "dry_run", False):
+                raise RetrofitError(
+                    f"`retrofit {namespace.command}` runs as one process: under accelerate launch each process ran it "
+                    f"whole ({ONE_PROCESS[namespace.command]}); run it without accelerate launch"
+                )
+            # its process group is destroyed before the interpreter is (else gloo may SIGABRT there)
             from .train import keep_process_group
 
             keep_process_group()

@@ -313,10 +313,10 @@ def _move_into_place(work: Path, output: Path, overwrite: bool) -> None:
     keeps them beside it) into `output`'s folder; an `output` that appeared meanwhile is not replaced without
     `overwrite` (`_check_weights_file` checked the weights file before any work). The weights file of the graph
     replaced goes with it when the new graph keeps its weights inside (the TorchScript exporter's small graphs)."""
+    from .atomic import check_still_ours
+
     if overwrite:  # checked again, as before any work: a file put there meanwhile is the user's
-        if output.is_symlink() or (output.exists() and not written_by_retrofit(output)):
-            raise RetrofitError(f"'{output}' became a file retrofit did not write while this run was working, so it "
-                                "was not replaced")  # fmt: skip
+        check_still_ours(output, written_by_retrofit)
         _check_weights_file(output)
     stale = _weights_file(output)
     stale = stale if overwrite and not (work / stale.name).exists() and _own_weights_file(output) else None
