@@ -45,7 +45,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 if [ "${SMOKE:-0}" = 1 ]; then  # every kind of step once, on the smallest shapes, to try the wiring out without a GPU
     MODELS="vit-ti16:6"; B=vit-ti16; KB=6; CHECKPOINTED=vit-ti16; POSITIONS=dinov3-vits16; BATCH=2; REPEATS=1
     GC_BATCH=2; SPEED_TIMING="--repeats 1 --warmup 1 --min-time 0 --latency-iters 2"; CURVE=1,2
-    CURVE_COMPILE=eager; LOOP="--batch-size 2 --steps 6 --block 2 --repeats 1"; PRECISION=no
+    CURVE_COMPILE=eager; LOOP="--batch-size 2 --steps 6 --block 2 --repeats 1 --num-workers 1"; PRECISION=no
     # the ViT-S/16 recipe shrunk to a few steps of a tiny model at 32×32, scored on a few test images
     TEACHER=(--set pretrain.model.image_size=32 --set pretrain.model.hidden_size=32 --set pretrain.model.num_hidden_layers=4
         --set pretrain.model.num_attention_heads=2 --set pretrain.model.intermediate_size=64 --set training.max_steps=2
@@ -57,7 +57,7 @@ else
     MODELS="vit-b16:6 vit-l16:12 vit-h14:16"; B=vit-b16; KB=6; CHECKPOINTED="vit-b16 vit-h14"
     POSITIONS=dinov3-vitb16,dinov3-vitl16,beit-b16,beit-l16; BATCH=256; REPEATS=10; GC_BATCH=128
     SPEED_TIMING="--repeats 3"; CURVE=1,2,4,8,16,32,64,128,256; CURVE_COMPILE=eager,reduce-overhead
-    LOOP="--batch-size 128 --steps 60 --block 5 --repeats 3"; PRECISION=bf16
+    LOOP="--batch-size 128 --steps 60 --block 5 --repeats 3 --num-workers 8"; PRECISION=bf16
     TEACHER=()
     SMALL=(--settings 6:8,3:8 --images 2000 --seeds 0,1,2 --num-workers 8 --mixed-precision bf16)
     SMALL_FULL=(--settings 6:8,3:8 --images 60000 --seeds 0 --num-workers 8 --mixed-precision bf16)
@@ -150,7 +150,7 @@ step "curve-$B" 240 "$PYTHON" bench/speed.py --models "$B" --merge "$KB:8" --dev
 # 0b. Issue 21 item 5: the training loop's overhead over the bare kd step at ViT-B/16 (Fashion-MNIST upscaled to 224
 #     by the processor, as a user's images are prepared), with the data prepared by worker processes.
 data_step "loop-$B" 180 "$PYTHON" bench/loop_overhead.py --model "$B" --merge "$KB:8" --device "$DEVICE" \
-    --mixed-precision "$PRECISION" --num-workers 8 $LOOP --json "$WORK/loop-$B.json"
+    --mixed-precision "$PRECISION" $LOOP --json "$WORK/loop-$B.json"
 # 1. Issue 4's open target (speed-up >= 0.95 x FLOPs ratio) and issue 21 item 2: the hook-free ratio with the model's
 #    conv patch embedding, and with the merged model alone computing it as one GEMM (should exports do that?).
 layers() {  # layers MODEL K VARIANT

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import releases_write_locks
 from .errors import RetrofitError, brief, check_arguments, check_interrupted, log_to_stderr, shown
 from .loading import DTYPES  # re-exported: bench scripts read it here
 from .settings import (
@@ -1058,6 +1059,7 @@ def benchmark(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@releases_write_locks
 def run_bench(args: BenchArgs, *, log: Callable[[str], None] = log_to_stderr) -> dict:
     """`retrofit bench`: measure, print the table on stdout (progress on stderr), write --json and --card."""
     from .atomic import check_file_output, refuse_same_outputs, write_report

@@ -15,7 +15,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import PreTrainedModel
 
 from . import __version__
-from .atomic import CURVE_FILE, RESULTS_FILE, cannot_write_in, write_files
+from .atomic import CURVE_FILE, RESULTS_FILE, cannot_write_in, hold_write_lock, releases_write_locks, write_files
 from .cost import compare, model_cost
 from .data import FASHION_MNIST_HUB, fashion_mnist_split, hub_dataset_id, is_fashion_mnist, is_local_data
 from .errors import RetrofitError, brief, counted, describe_os_error, shown
@@ -471,6 +471,9 @@ def check_card_target(export: str | Path, models: list[str], *, curve: bool = Fa
         raise RetrofitError(f"--card {export}: cannot write in it ({why}); copy the export")
     if not any(_same_model(spec, export) for spec in models):
         raise RetrofitError(f"--card {export}: the export must also be one of the models measured; add it to them")
+    # held until the command ends (`releases_write_locks`): an upload of the export, or another --card run, would
+    # otherwise take a README of one evaluation beside the results file of another
+    hold_write_lock(export, "--card")
     _load_card(export)
     if curve:
         _check_curve(export)
@@ -731,6 +734,7 @@ def _is_report(key: str, report) -> bool:
     )  # fmt: skip
 
 
+@releases_write_locks
 def update_card(
     export: str | Path, *, evaluation: dict | None = None, benchmark: dict | None = None, run: dict | None = None
 ) -> Path:
@@ -757,6 +761,7 @@ def update_card(
             f"update_card: '{export}' is not a retrofit export (no PatchMerger in its config), so its README.md is "
             "not retrofit's to rewrite; pass the folder convert or finetune wrote"
         )
+    hold_write_lock(export, "--card")  # not while `push` uploads it or another run writes it
     for key, report in (("evaluation", evaluation), ("benchmark", benchmark), ("run", run)):
         if report is not None and not _is_report(key, report):
             command = {"evaluation": "retrofit evaluate's", "benchmark": "retrofit bench's"}.get(key)

@@ -29,6 +29,7 @@ from types import SimpleNamespace
 
 import torch
 
+from .atomic import releases_write_locks
 from .data import dataset_label_map, generic_labels, model_labels, same_class_name
 from .errors import RetrofitError, brief, check_arguments, log_to_stderr
 from .provenance import dataset_commit, versions
@@ -883,6 +884,7 @@ def nonfinite_notes(rows: list[dict], name: Callable[[dict], str] = lambda row: 
     return ["", *notes] if notes else []
 
 
+@releases_write_locks
 def run_evaluate(args: EvaluateArgs, *, log: Callable[[str], None] = log_to_stderr) -> dict:
     """`retrofit evaluate`: evaluate, print the table on stdout (main process; the rest goes to `log`), write --json
     and --card."""

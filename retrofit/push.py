@@ -379,10 +379,10 @@ def push(
     `create_pr` opens a new pull request on an existing repo instead of committing to it (for a repo you may not
     write to, such as an organisation's), and returns its URL, or the repo's where its main branch already holds
     these files (no pull request is opened then). `private` makes a new repo private and refuses an existing public one
-    (an upload does not change a repo's visibility). A branch is created before the upload; if the Hub refuses it on
-    a repo this call created, that repo is deleted again (nothing left behind). The export must load as it stands
-    (`check_loads`; `check=False`: retrofit has just written it). Files of an earlier export the repo holds and this one
-    lacks (`STALE_PATTERNS`) are deleted in the same commit."""
+    (an upload does not change a repo's visibility). A branch is created before the upload; if the Hub refuses it, or
+    the upload fails, on a repo this call created, that repo is deleted again (nothing left behind). The export must
+    load as it stands (`check_loads`; `check=False`: retrofit has just written it). Files of an earlier export the repo
+    holds and this one lacks (`STALE_PATTERNS`) are deleted in the same commit."""
     from huggingface_hub import HfApi
 
     check_arguments("push", log=log, flags={"private": private, "create_pr": create_pr, "check": check})
@@ -408,35 +408,37 @@ def push(
                 f"--revision {revision} names a pull request, but '{repo_id}' does not exist (or is not visible to "
                 "you); push to a branch, or open the pull request first"
             )
+        created = False
         if create_pr or pull:
             url = f"{api.endpoint}/{repo_id}"
         else:
-            existed = api.repo_exists(repo_id, repo_type="model") if branch else True
+            created = not api.repo_exists(repo_id, repo_type="model")
             url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if branch:
-            try:
+        try:
+            if branch:
                 api.create_branch(repo_id, branch=branch, exist_ok=True, repo_type="model")
-            except Exception:
-                if not existed:  # the empty repo created above would be all this push leaves: remove it
-                    try:
-                        api.delete_repo(repo_id, repo_type="model", missing_ok=True)
-                    except Exception:  # noqa: BLE001, S110 - best effort; the branch error is the one to report
-                        pass
-                raise
-        others = sorted(p.name for p in Path(export).iterdir() if p.name not in files)
-        if others:
-            log(f"not uploaded (not part of the export): {', '.join(others)}")
-        head = None if create_pr else _head_commit(api, repo_id, revision)
-        with staged_for_hub(Path(export), files, repo_id, revision) as staged:
-            info = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=str(staged),
-                repo_type="model",
-                revision=revision,
-                commit_message=commit_message or f"Upload {Path(export).resolve().name} (retrofit PatchMerger export)",
-                create_pr=create_pr,
-                delete_patterns=list(STALE_PATTERNS),
-            )
+            others = sorted(p.name for p in Path(export).iterdir() if p.name not in files)
+            if others:
+                log(f"not uploaded (not part of the export): {', '.join(others)}")
+            head = None if create_pr else _head_commit(api, repo_id, revision)
+            with staged_for_hub(Path(export), files, repo_id, revision) as staged:
+                info = api.upload_folder(
+                    repo_id=repo_id,
+                    folder_path=str(staged),
+                    repo_type="model",
+                    revision=revision,
+                    commit_message=commit_message
+                    or f"Upload {Path(export).resolve().name} (retrofit PatchMerger export)",
+                    create_pr=create_pr,
+                    delete_patterns=list(STALE_PATTERNS),
+                )
+        except Exception:
+            if created:  # the empty repo created above would be all this push leaves: remove it
+                try:
+                    api.delete_repo(repo_id, repo_type="model", missing_ok=True)
+                except Exception:  # noqa: BLE001, S110 - best effort; the first error is the one to report
+                    pass
+            raise
     except RetrofitError:
         raise
     except Exception as exc:  # noqa: BLE001 - HfHubHTTPError, connection errors, timeouts: one line

@@ -778,7 +778,8 @@ def test_the_prepared_gpu_session_runs_every_step_on_the_cpu(tmp_path):
     ]
     assert reports["curve-vit-ti16"]["settings"]["batch_sizes"] == [1, 2]  # issue 21's batch-size curve
     loop = reports["loop-vit-ti16"]  # issue 21 item 5: the loop against the bare kd step, with data workers
-    assert loop["settings"]["model"] == "vit-ti16" and loop["settings"]["num_workers"] == 8
+    # a worker process prepares the data, as the GPU run's 8 do (8 on 2 cores took most of this test's time)
+    assert loop["settings"]["model"] == "vit-ti16" and loop["settings"]["num_workers"] == 1
     assert len(loop["raw_seconds"]) == len(loop["loop_seconds"]) == 1 and loop["raw_seconds"][0] > 0
     assert len(loop["memory_loop_seconds"]) == 1 and loop["memory_loop_seconds"][0] > 0  # also the data from memory
     assert "loop overhead:" in log and "with the data in memory:" in log

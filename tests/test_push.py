@@ -181,6 +181,33 @@ def test_no_upload_while_another_run_writes_the_export(export_dir, hub, tmp_path
     assert main(["push", str(folder), "--repo-id", "me/x"]) == 0 and len(hub["commits"]) == 1  # and freed after
 
 
+def test_no_card_update_while_the_export_is_uploaded(export_dir, tmp_path, capsys):
+    """`evaluate --card` or `bench --card` while `push` uploads the export: the Hub got the README of one evaluation
+    beside the results file of the other. The push's lock refuses them, before they measure anything."""
+    import fcntl
+
+    from retrofit import update_card
+    from retrofit.atomic import lock_file
+
+    folder = _copy(export_dir, tmp_path / "pm")
+    card = (folder / "README.md").read_bytes()
+    lock = lock_file(folder)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as held:  # the push's lock (flock: per open file, so this process too)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242 EXPORT")
+        held.flush()
+        assert main(["bench", str(folder), "--card", str(folder), "--batch-size", "1", "--repeats", "1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "another retrofit run (process 4242) is writing" in err and len(err.splitlines()) == 1
+        assert "Measuring" not in err and "images/s" not in err
+        with pytest.raises(RetrofitError, match="another retrofit run"):
+            update_card(folder, run={"table": "| a |"})
+    assert (folder / "README.md").read_bytes() == card
+    update_card(folder, run={"table": "| a |"})  # and freed after
+    assert (folder / "README.md").read_bytes() != card
+
+
 def test_export_files_names_code_from_auto_map(export_dir, tmp_path):
     files = export_files(export_dir)
     assert "configuration_vit_patch_merger.py" in files and "modeling_vit_patch_merger.py" in files
@@ -350,17 +377,23 @@ def test_push_to_an_open_pull_request(export_dir, hub, capsys):
 
 
 @pytest.mark.parametrize("existed", [False, True])
-def test_refused_branch_leaves_no_new_empty_repo(export_dir, hub, monkeypatch, capsys, existed):
-    def refuse(self, repo_id, *, branch, **kwargs):  # as the Hub's 400 (BadRequestError) would
-        raise RuntimeError("Invalid reference for a branch")
+@pytest.mark.parametrize("fails", ["branch", "upload", "upload to main"])
+def test_a_failed_push_leaves_no_new_empty_repo(export_dir, hub, monkeypatch, capsys, existed, fails):
+    """A refused branch or an upload cut off by the network: the repo this push created is deleted again; a repo
+    that was there before stays."""
 
-    monkeypatch.setattr(HfApi, "create_branch", refuse)
+    def refuse(self, repo_id, *args, **kwargs):
+        raise RuntimeError("Invalid reference for a branch" if fails == "branch" else "Connection reset by peer")
+
+    monkeypatch.setattr(HfApi, "create_branch" if fails == "branch" else "create_commit", refuse)
     if existed:
         hub["existing"].add("me/x")
-    assert main(["push", str(export_dir), "--repo-id", "me/x", "--revision", "v1"]) == 2
+    branch = [] if fails == "upload to main" else ["--revision", "v1"]
+    assert main(["push", str(export_dir), "--repo-id", "me/x", *branch]) == 2
     err = capsys.readouterr().err.strip()
-    assert "Invalid reference for a branch" in err and len(err.splitlines()) == 1
-    assert hub["deleted"] == ([] if existed else ["me/x"]) and hub["commits"] == []
+    assert ("Invalid reference" if fails == "branch" else "Connection reset") in err and len(err.splitlines()) == 1
+    assert [repo for repo, _ in hub["repos"]] == ["me/x"] and hub["commits"] == []
+    assert hub["deleted"] == ([] if existed else ["me/x"])
 
 
 def test_an_auto_map_naming_a_file_retrofit_did_not_write_uploads_nothing(export_dir, hub, tmp_path, capsys):
