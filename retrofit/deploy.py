@@ -208,25 +208,44 @@ def _info(args: ExportOnnxArgs, config, head, processor) -> dict:
     }
 
 
+def _graph_sha256(model) -> str:
+    """The sha256 of an ONNX model's graph (its nodes and initializers; weights kept in ``<file>.data`` are named,
+    not read): a graph quantised, optimised or converted after retrofit wrote it keeps the metadata, not this."""
+    import hashlib
+
+    return hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
+
+
 def _write_metadata(path: Path, info: dict) -> None:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     entry = model.metadata_props.add()
-    entry.key, entry.value = MODEL_KEY, json.dumps(info)
+    entry.key, entry.value = MODEL_KEY, json.dumps({**info, "graph_sha256": _graph_sha256(model)})
     onnx.save(model, str(path))
 
 
-def onnx_info(path: str | Path) -> dict | None:
-    """The metadata retrofit wrote into an ONNX file, or None (not an ONNX file retrofit wrote)."""
+def _read_info(path: str | Path) -> tuple[dict | None, bool]:
+    """(the metadata retrofit wrote into an ONNX file or None, whether its graph was changed since)."""
     try:
         import onnx
 
         model = onnx.load(str(path), load_external_data=False)
         entry = next((prop for prop in model.metadata_props if prop.key == MODEL_KEY), None)
-        return json.loads(entry.value) if entry is not None else None
+        info = json.loads(entry.value) if entry is not None else None
     except Exception:  # noqa: BLE001 - not ONNX, unreadable, onnx not installed: not ours
-        return None
+        return None, False
+    if not isinstance(info, dict):
+        return None, False
+    # (a file written before retrofit recorded graph_sha256 carries none: taken as written)
+    return info, info.get("graph_sha256", _graph_sha256(model)) != _graph_sha256(model)
+
+
+def onnx_info(path: str | Path) -> dict | None:
+    """The metadata retrofit wrote into an ONNX file, or None (not an ONNX file retrofit wrote, or one whose graph
+    was changed since: a quantised copy keeps the metadata, yet is the user's file and not the graph it describes)."""
+    info, changed = _read_info(path)
+    return None if changed else info
 
 
 def check_onnx_file(path: str | Path) -> dict:
@@ -236,7 +255,13 @@ def check_onnx_file(path: str | Path) -> dict:
         raise RetrofitError(f"'{path}' is a folder, not an ONNX file; give the .onnx file `retrofit export-onnx` wrote")
     if not Path(path).is_file():
         raise RetrofitError(f"'{path}' does not exist; make it with `retrofit export-onnx EXPORT --output {path}`")
-    info = onnx_info(path)
+    info, changed = _read_info(path)
+    if changed:
+        raise RetrofitError(
+            f"'{path}' was changed after retrofit wrote it (its graph is not the one `retrofit export-onnx` wrote: "
+            "quantised or optimised?), so what its metadata says of it (dtype, FLOPs, source) no longer holds; time "
+            "the file export-onnx wrote"
+        )
     if info is None:
         raise RetrofitError(f"'{path}' is not an ONNX file retrofit wrote; make one with `retrofit export-onnx`")
     return info

@@ -81,10 +81,34 @@ def test_overwrite_replaces_only_the_weights_file_of_its_own_graph(export_dir, t
     for extra in ((), ("--overwrite",)):  # the graph and its weights, written, then replaced
         assert main([*export, *extra]) == 0
         assert sorted(p.name for p in tmp_path.iterdir()) == ["new.onnx", "new.onnx.data"]
-    onnx.save(onnx.load(str(target)), str(target))  # retrofit's graph, its weights inside (the TorchScript exporter)
+    info = deploy.onnx_info(target)  # retrofit's graph written with its weights inside (the TorchScript exporter)
+    model = onnx.load(str(target))
+    del model.metadata_props[:]
+    onnx.save(model, str(target))
+    deploy._write_metadata(target, {key: value for key, value in info.items() if key != "graph_sha256"})
     data.write_text("precious")
     assert mine in refused_before_loading("--overwrite")
     assert data.read_text() == "precious" and deploy.onnx_info(target) is not None
+
+
+def test_a_graph_changed_after_export_is_the_users_file(export_dir, tmp_path, capsys):
+    """A quantised copy of retrofit's graph (ONNX Runtime's own tool) keeps its metadata, but it is the user's file:
+    --overwrite leaves it, and bench refuses to take it for the fp32 graph that metadata describes."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = tmp_path / "pm.onnx"
+    assert main(["export-onnx", str(export_dir), "-o", str(graph)]) == 0
+    mine = tmp_path / "pm-int8.onnx"
+    quantize_dynamic(str(graph), str(mine), weight_type=QuantType.QInt8)
+    assert any(prop.key == deploy.MODEL_KEY for prop in onnx.load(str(mine)).metadata_props)  # kept by the tool
+    before = mine.read_bytes()
+    line = refused(capsys, "bench", mine, "--batch-size", "1", "--repeats", "1", "--min-time", "0")
+    assert "was changed after retrofit wrote it" in line and "quantised" in line
+    line = refused(capsys, "export-onnx", export_dir, "-o", mine, "--overwrite")
+    assert "is not a file retrofit wrote" in line
+    assert mine.read_bytes() == before and not (tmp_path / "pm-int8.onnx.data").exists()
+    assert deploy.onnx_info(graph) is not None and deploy.onnx_info(mine) is None
 
 
 def test_overwrite_with_a_graph_that_keeps_its_weights_inside_removes_the_old_weights_file(
