@@ -220,6 +220,23 @@ def _refuse_protected(path: Path, option: str, inputs: Iterable) -> None:
         )
 
 
+def _refuse_inside_outputs(path: Path, option: str) -> None:
+    """Refuse a target inside a folder retrofit wrote (an export, a pretrained checkpoint, a sweep report), at any
+    depth: it would be pushed with the export's own files, and the folder's ``--overwrite`` would then refuse it as
+    a file that is not retrofit's."""
+    given = path.parents  # named as the user named them, then absolute above a relative path's first folder
+    for depth, folder in enumerate(path.absolute().parents):
+        if not folder.is_dir():
+            continue
+        for kind in (EXPORT, BASELINE, SWEEP):
+            if kind.marks(folder):
+                shown = given[depth] if depth < len(given) - (not path.is_absolute()) else folder
+                raise RetrofitError(
+                    f"{_what(option)} '{path}' is inside {kind.name} ('{shown}'), whose files are its own (the "
+                    "card's, pushed with it); write it outside that folder"
+                )
+
+
 def refuse_inputs(path: str | Path, inputs: Iterable[str | os.PathLike | None], option: str = "--output") -> None:
     """Refuse an output that is or holds one of `inputs` (for inputs `check_output` was not told about)."""
     _refuse_protected(Path(path), option, inputs)
@@ -341,6 +358,7 @@ def check_output(
         raise RetrofitError(f"{what} '{output}' exists and is not a folder; choose another {option}")
     _refuse_dangling(output, option)  # (after work, making the folder under it failed as "File exists")
     _refuse_protected(output, option, inputs)
+    _refuse_inside_outputs(output, option)
     if output.exists():
         if not overwrite:
             raise RetrofitError(
@@ -387,6 +405,7 @@ def check_checkpoint_dir(
     if folder.exists() and not folder.is_dir():
         raise RetrofitError(f"{option} '{folder}' exists and is not a folder; choose another {option}")
     _refuse_shipped(folder, option)
+    _refuse_inside_outputs(folder, option)
     _check_writable(folder / "x" if folder.is_dir() else folder, option)
     return folder
 
@@ -409,13 +428,7 @@ def check_file_output(
     _refuse_protected(path, option, inputs)  # a report goes next to the models and data it measures, never into them
     if path.is_dir():
         raise RetrofitError(f"{option} '{path}' is a folder; give a file name, e.g. {path / 'results.json'}")
-    folder = path.absolute().parent
-    for kind in (EXPORT, BASELINE, SWEEP):  # nor into another folder retrofit wrote (an export's speed.png, pushed)
-        if kind.marks(folder):
-            raise RetrofitError(
-                f"{option} '{path}' is inside {kind.name} ('{path.parent}'), whose files are its own (the card's, "
-                "pushed with it); write it outside that folder"
-            )
+    _refuse_inside_outputs(path, option)
     if path.exists() or path.is_symlink():
         if not path.is_file() or path.is_symlink():
             raise RetrofitError(f"{option} '{path}' exists and is not a regular file; give the path of a file")

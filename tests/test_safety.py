@@ -959,6 +959,27 @@ def test_a_report_or_plot_never_goes_into_a_folder_retrofit_wrote(tiny_vit, expo
     assert tree(export) == before
 
 
+def test_no_output_folder_goes_into_a_folder_retrofit_wrote(tiny_vit, export_dir, tmp_path, capsys):
+    """`sweep -o EXPORT/sub` or `convert -o EXPORT/sub` wrote into the export: the sub-folder was pushed with it, and
+    the export's own --overwrite then refused 'files retrofit did not write (sub)'. Any output or checkpoint folder
+    inside an export, a pretrained baseline or a sweep report, at any depth, is refused before any work."""
+    export = tmp_path / "vit-pm"
+    shutil.copytree(export_dir, export)
+    before = tree(export)
+    merge = ["--after-layer", "2", "--tokens", "4"]
+    for target in (export / "sub", export / "a" / "b"):
+        err = refused(capsys, "convert", tiny_vit, *merge, "-o", target)
+        assert f"output '{target}' is inside a retrofit export ('{export}')" in err
+    err = refused(capsys, "sweep", tiny_vit, "--after-layer", "2", "--tokens", "4", "--data", "fashion-mnist",
+                  "-o", export / "sweep")  # fmt: skip
+    assert "is inside a retrofit export" in err
+    err = refused(capsys, "finetune", tiny_vit, *merge, "--data", "fashion-mnist", "-o", tmp_path / "ft",
+                  "--checkpoint-dir", export / "ck")  # fmt: skip
+    assert f"--checkpoint-dir '{export / 'ck'}' is inside a retrofit export" in err
+    assert tree(export) == before
+    assert main(["convert", str(tiny_vit), *merge, "-o", str(export), "--overwrite"]) == 0  # still its own to replace
+
+
 def test_a_report_writes_nan_as_null_so_that_it_stays_json(tmp_path):
     """Python writes NaN and Infinity, which JSON readers other than Python's refuse: a report holds null."""
     path = retrofit.atomic.write_report(tmp_path / "r.json", {"loss": float("nan"), "rows": [{"x": float("inf")}]},
