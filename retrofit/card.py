@@ -327,7 +327,7 @@ pipe = pipeline("{head.pipeline_tag}", model={name}, trust_remote_code=True)
 
 ## Results
 
-{results_table or _not_evaluated(source or "SOURCE")}
+{_marked(results_table or _not_evaluated(source or "SOURCE"))}
 """
     return ModelCard(content)
 
@@ -348,6 +348,31 @@ def _not_evaluated(source: str) -> str:
 # `RESULTS_FILE` holds them; `CURVE_FILE`: images/s against batch size, drawn by `bench --card` when it measured
 # several batch sizes (named in `retrofit.atomic`, which tells them from a user's files of the same name).
 MODEL_NAME = "model_name"  # in `RESULTS_FILE`: the name `update_card` gave the model in the card's model-index
+WEIGHTS_KEY = "weights_sha256"  # in `RESULTS_FILE`: the export's weights its results were measured on
+
+
+def export_weights_sha256(export: str | Path) -> str | None:
+    """The sha256 of the weight files of `export` (None: none there)."""
+    from .provenance import weight_files, weights_sha256
+
+    return weights_sha256(weight_files(str(export)))
+
+
+def stale_results(export: str | Path) -> str | None:
+    """Why the results stored in `export`'s card are not of the weights it holds now (None: they are, or none are
+    stored, or they were stored before retrofit recorded the weights)."""
+    try:
+        results = json.loads((Path(export) / RESULTS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(results, dict) or not any(key in results for key in _REPORTS):
+        return None
+    recorded = results.get(WEIGHTS_KEY)
+    if recorded is None or recorded == export_weights_sha256(export):
+        return None
+    return "its card's results were measured on other weights than the folder holds now (changed after the --card run)"
+
+
 _REPORTS = ("evaluation", "benchmark", "run")
 
 
@@ -647,15 +672,88 @@ def results_section(results: dict, curve: bool = False) -> str:
     return "\n\n".join(parts) if parts else "Not evaluated yet."
 
 
-def _replace_section(text: str, heading: str, body: str) -> str:
-    marker = f"\n## {heading}\n"
+# The Results section's lines retrofit rewrites lie between these two (a user's notes around them stay)
+RESULTS_START = "<!-- retrofit: the results below are rewritten by `retrofit evaluate/bench --card` -->"
+RESULTS_END = "<!-- retrofit: end of results (write your own notes outside these two lines) -->"
+
+
+def _marked(body: str) -> str:
+    return f"{RESULTS_START}\n{body}\n{RESULTS_END}"
+
+
+def _replace_results(text: str, body: str) -> str:
+    """`text` with retrofit's results `body` between `RESULTS_START` and `RESULTS_END`; a card without them (written
+    before they were, or the user removed them) gets its whole Results section replaced, or one added at the end."""
+    start, end = text.find(RESULTS_START), text.find(RESULTS_END)
+    if 0 <= start < end:
+        return text[:start] + _marked(body) + text[end + len(RESULTS_END) :]
+    marker = "\n## Results\n"
     start = text.find(marker)
     if start < 0:
-        return text.rstrip("\n") + f"\n{marker}\n{body}\n"
+        return text.rstrip("\n") + f"\n{marker}\n{_marked(body)}\n"
     after = start + len(marker)
     end = text.find("\n## ", after)
     tail = "" if end < 0 else text[end:]
-    return text[:after] + f"\n{body}\n" + tail
+    return text[:after] + f"\n{_marked(body)}\n" + tail
+
+
+_TOP_LEVEL_KEY = re.compile(r"""^(?!-|#|\s)(["']?)([^:"'#]+)\1:(\s|$)""")
+
+
+def _keeping_the_users_yaml(original: str, card: ModelCard) -> str:
+    """`card` as text, its YAML metadata written as the `original` README had it where a value did not change (a
+    user's comments and layout stay), only the top-level keys whose values changed (model-index, model_name) dumped
+    anew. Where that would not read back as `card`'s metadata, the metadata is dumped whole, as huggingface_hub does."""
+    import yaml
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+    whole = str(card)
+    match = REGEX_YAML_BLOCK.search(original)
+    try:
+        old = yaml.safe_load(match.group(2)) if match else None
+        target = yaml.safe_load(card.data.to_yaml()) or {}
+    except yaml.YAMLError:
+        return whole
+    if not isinstance(old, dict) or not isinstance(target, dict):
+        return whole
+    blocks: list[tuple[str | None, list[str]]] = [(None, [])]  # (top-level key or None: comments, lines)
+    for line in match.group(2).splitlines(keepends=True):
+        key = _TOP_LEVEL_KEY.match(line)
+        if key or line.startswith("#"):
+            blocks.append((key.group(2).strip() if key else None, []))
+        blocks[-1][1].append(line)
+    kept, seen = [], set()
+    for key, lines in blocks:
+        seen.add(key)
+        if key is None or (key in target and target[key] == old.get(key)):
+            kept.extend(lines)
+        elif key in target:
+            kept.append(yaml.dump({key: target[key]}, sort_keys=False, allow_unicode=True))
+    kept += [yaml.dump({k: v}, sort_keys=False, allow_unicode=True) for k, v in target.items() if k not in seen]
+    text = "".join(line if line.endswith("\n") else line + "\n" for line in kept).rstrip("\n")
+    try:
+        if yaml.safe_load(text) != target:
+            return whole
+    except yaml.YAMLError:
+        return whole
+    return f"{match.group(1)}{text}{match.group(3)}{card.text}"
+
+
+def _index_key(result: EvalResult) -> tuple:
+    """What tells a model-index entry apart (as the card's YAML gives it back)."""
+    return (result.task_type, result.dataset_type, result.dataset_name, result.dataset_split, result.metric_type,
+            result.metric_name, result.metric_value)  # fmt: skip
+
+
+def _is_ours(result: EvalResult, previous: list[EvalResult], new: list[EvalResult]) -> bool:
+    """Whether a model-index entry of the card is retrofit's to replace: one it wrote from the stored evaluation, or
+    one of its metrics on the data and split the new evaluation scored (a results file deleted since, an older
+    version's entry). A user's entry (another data set, a metric of theirs, a value they edited) is not."""
+    if _index_key(result) in {_index_key(old) for old in previous}:
+        return True
+    same_data = {(r.task_type, r.dataset_type, r.dataset_name, r.dataset_split) for r in new}
+    on = (result.task_type, result.dataset_type, result.dataset_name, result.dataset_split)
+    return bool(_OUR_METRIC.fullmatch(result.metric_name or "")) and on in same_data
 
 
 _BACKTICKED = re.compile(r"`([^`\n]+)`")
@@ -769,6 +867,12 @@ def update_card(
             raise RetrofitError(f"update_card's {key} must be {what}, not {shown(report)}")
     _check_card_files(export)
     results = _load_results(export)
+    previous = _render(results)[1] or []  # the model-index entries retrofit wrote from what is stored
+    weights = export_weights_sha256(export)
+    changed = results.get(WEIGHTS_KEY, weights) != weights
+    if changed:  # measured on other weights than the export holds now: they describe another model, and go
+        results = {key: value for key, value in results.items() if key not in _REPORTS}
+    results[WEIGHTS_KEY] = weights
     if run is not None:
         results["run"] = _published(dict(run))
     for key, report in (("evaluation", evaluation), ("benchmark", benchmark)):
@@ -794,20 +898,22 @@ def update_card(
         _check_curve(export)
         drawn = batch_size_figure(results["benchmark"])  # its legend names the models as the card does
     ours = _is_our_curve(curve)
-    stale = benchmark is not None and drawn is None and ours  # a curve of an older benchmark than the new one
+    stale = (
+        ours and drawn is None and (benchmark is not None or changed)
+    )  # an older benchmark's curve, or other weights
     has_curve = drawn is not None or (ours and not stale)
     section, eval_results = _render(results, has_curve)
-    card.text = _replace_section(card.text, "Results", section)
-    if eval_results is not None:  # entries of an earlier evaluation go; those the user added stay, first
-        kept = [
-            result for result in card.data.eval_results or [] if not _OUR_METRIC.fullmatch(result.metric_name or "")
-        ]
-        card.data.eval_results = kept + eval_results or None
+    card.text = _replace_results(card.text, section)
+    if eval_results is not None or changed:  # entries of an earlier evaluation go; those the user added stay, first
+        new = eval_results or []
+        kept = [result for result in card.data.eval_results or [] if not _is_ours(result, previous, new)]
+        card.data.eval_results = kept + new or None
     if eval_results:
         folder = export.resolve().name  # retrofit names it by its folder, which may have been renamed or copied since
         if card.data.model_name in (None, results.get(MODEL_NAME), folder):  # retrofit's name for it (a user's stays)
             card.data.model_name = results[MODEL_NAME] = folder
-    files = {export / RESULTS_FILE: json.dumps(results, indent=2) + "\n", readme: str(card)}
+    content = _keeping_the_users_yaml(readme.read_text(encoding="utf-8"), card)
+    files = {export / RESULTS_FILE: json.dumps(results, indent=2) + "\n", readme: content}
     if drawn is not None:
         files[curve] = drawn
     try:

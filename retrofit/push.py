@@ -396,6 +396,14 @@ def push(
         )
     files = export_files(export)
     hold_write_lock(export, "EXPORT")  # a run replacing the export meanwhile would swap its files under the upload
+    from .card import stale_results
+
+    stale = stale_results(export)
+    if stale:  # the Hub would show accuracy and speed of a model it does not hold
+        raise RetrofitError(
+            f"'{export}': {stale}; score it again with `retrofit evaluate SOURCE {export} --data DATA --card {export}` "
+            f"(and `retrofit bench ... --card {export}`), then push"
+        )
     if check:
         check_loads(export)
     # a new PR: the repo exists; --private: it is not public

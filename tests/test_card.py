@@ -153,9 +153,76 @@ def test_update_card_writes_before_after_table_and_model_index(tiny_vit, export_
     assert metadata["model-index"][0]["results"][0]["task"]["type"] == "image-classification"
     assert metadata["library_name"] == "transformers" and "patch-merger" in metadata["tags"]
     stored = json.loads((folder / "retrofit_results.json").read_text())
-    assert set(stored) == {"evaluation", "benchmark", "model_name"}  # the name it gave the model in model-index
+    assert set(stored) == {"evaluation", "benchmark", "model_name", "weights_sha256"}  # name in model-index; weights
     # The rest of the card is untouched, and only one Results section exists.
     assert card.text.count("## Results") == 1 and "## How to use" in card.text
+
+
+def test_update_card_keeps_what_the_user_wrote_into_the_card(tiny_vit, export_dir, tmp_path):
+    """A model-index entry of the user's named as retrofit names its own ("Top-1 accuracy", on other data), a note in
+    the Results section and a comment in the YAML metadata were all lost to `evaluate --card`."""
+    folder = tmp_path / "vit-pm"
+    shutil.copytree(export_dir, folder)
+    source = str(tiny_vit)
+    readme = folder / "README.md"
+    mine = """# reviewed by legal: keep this comment
+model-index:
+- name: vit-pm
+  results:
+  - task:
+      type: image-classification
+    dataset:
+      name: ImageNet-1k (our run)
+      type: ILSVRC/imagenet-1k
+      split: validation
+    metrics:
+    - type: accuracy
+      value: 0.812
+      name: Top-1 accuracy
+"""
+    text = readme.read_text().replace("---\n", "---\n" + mine, 1)
+    readme.write_text(text.replace("\n## Results\n", "\n## Results\n\nOur private test set: 79.9 %.\n", 1))
+    for _ in range(2):  # the second replaces the first's entries
+        update_card(folder, evaluation=evaluation(source, str(folder)))
+    update_card(folder, benchmark=bench(source, str(folder)))
+    text = readme.read_text()
+    assert text.startswith("---\n# reviewed by legal: keep this comment\nmodel-index:\n")
+    assert "Our private test set: 79.9 %." in text and text.count("## Results") == 1 and "1.80×" in text
+    card = ModelCard.load(readme)
+    entries = [(r.dataset_name, r.metric_name, r.metric_value) for r in card.data.eval_results]
+    assert entries == [("ImageNet-1k (our run)", "Top-1 accuracy", 0.812), ("fashion-mnist", "Top-1 accuracy", 0.85),
+                       ("fashion-mnist", "Top-5 accuracy", 0.98)]  # fmt: skip
+    update_card(folder, evaluation={**evaluation(source, str(folder)), "split": "train"})  # another split: replaced
+    card = ModelCard.load(readme)
+    assert [r.dataset_split for r in card.data.eval_results] == ["validation", "train", "train"]
+    assert "# reviewed by legal" in readme.read_text() and "Our private test set" in readme.read_text()
+
+
+def test_results_of_weights_changed_since_are_neither_shown_nor_pushed(tiny_vit, export_dir, tmp_path, capsys):
+    """The user trained the export further and saved its weights in place: the stored results are of another model.
+    push refuses to publish them, and the next --card run drops them (and their curve) before adding its own."""
+    from safetensors.torch import load_file, save_file
+
+    from retrofit.card import stale_results
+    from retrofit.cli import main
+
+    folder = tmp_path / "vit-pm"
+    shutil.copytree(export_dir, folder)
+    source = str(tiny_vit)
+    update_card(folder, evaluation=evaluation(source, str(folder)))
+    assert stale_results(folder) is None
+    weights = load_file(folder / "model.safetensors")
+    weights["classifier.bias"] += 1.0
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    assert "measured on other weights" in stale_results(folder)
+    assert main(["push", str(folder), "--repo-id", "me/vit-pm"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "measured on other weights than the folder holds now" in err and len(err.splitlines()) == 1
+    update_card(folder, benchmark=bench(source, str(folder)))
+    stored = json.loads((folder / "retrofit_results.json").read_text())
+    assert "evaluation" not in stored and "benchmark" in stored and stale_results(folder) is None
+    card = ModelCard.load(folder / "README.md")
+    assert not card.data.eval_results and "85.00 %" not in card.text and "1.80×" in card.text
 
 
 def test_a_card_names_local_models_and_data_without_their_paths(tiny_vit, export_dir, tmp_path):
