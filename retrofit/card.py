@@ -17,7 +17,14 @@ from transformers import PreTrainedModel
 from . import __version__
 from .atomic import CURVE_FILE, RESULTS_FILE, cannot_write_in, hold_write_lock, releases_write_locks, write_files
 from .cost import compare, model_cost
-from .data import FASHION_MNIST_HUB, fashion_mnist_split, hub_dataset_id, is_fashion_mnist, is_local_data
+from .data import (
+    FASHION_MNIST_HUB,
+    fashion_mnist_split,
+    hub_dataset_id,
+    is_fashion_mnist,
+    is_local_data,
+    local_format,
+)
 from .errors import RetrofitError, brief, counted, describe_os_error, shown
 from .families import MERGED_SUFFIX
 from .hub_code import OLDEST_TRANSFORMERS, base_head, classifier_head
@@ -552,7 +559,9 @@ def eval_results_from(evaluation: dict, row: dict) -> list[EvalResult]:
     task_type, task_name = _TASKS.get(metric, ("image-classification", "Image Classification"))
     zero_shot = "Zero-shot top" if metric == "zero-shot" else "Top"
     split = evaluation.get("split")
-    dataset_type, dataset_name = ("imagefolder", Path(data).name) if local else (data, data)
+    # a local folder: no Hub id, the format read (files of an earlier version: image folders, the only kind then)
+    local_type = evaluation.get("data_format") or "imagefolder"
+    dataset_type, dataset_name = (local_type, Path(data).name) if local else (data, data)
     if is_fashion_mnist(data):  # read from Debian's IDX files: the Hub's copy of them, whose test split it is
         dataset_type, split = FASHION_MNIST_HUB, fashion_mnist_split(split)
     if evaluation.get("images") in ("first", "sample") or evaluation.get("holdout"):  # not the whole split: the Hub
@@ -884,6 +893,8 @@ def update_card(
         if key == "evaluation":  # the row of the model the export was made from, if it was evaluated too
             if "data_is_local" not in report:  # decided before publishing shortens the data's name
                 report["data_is_local"] = is_local_data(str(report.get("data")))
+            if report["data_is_local"] and "data_format" not in report:
+                report["data_format"] = local_format(str(report.get("data")))
             config = load_config(export)
             others = (row["model"] for row in report["models"] if row["model"] != this and not row.get("merged"))
             report["source"] = next((spec for spec in others if made_from(config, spec)), None)

@@ -237,6 +237,12 @@ def is_local_data(data: str) -> bool:
     return Path(data).expanduser().exists() or data.startswith((".", "/", "~"))
 
 
+def local_format(data: str) -> str:
+    """How a model-index names the format of local data `load_split` reads: ``arrow`` for a ``save_to_disk`` folder
+    (Arrow files), ``imagefolder`` for an image folder (datasets' builders of those names)."""
+    return "arrow" if _saved(Path(data).expanduser()) else "imagefolder"
+
+
 def hub_dataset_id(data: str | os.PathLike | None) -> str | None:
     """The Hub dataset id `load_split` reads `data` from; None for fashion-mnist (Debian's files) and local folders,
     whose paths no model card may name."""

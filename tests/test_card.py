@@ -269,6 +269,12 @@ def test_a_card_keeps_apart_a_folder_named_as_it_was_given_and_knows_local_data(
     update_card(folder, benchmark=bench(str(source), str(folder)))
     (top1, _) = ModelCard.load(folder / "README.md").data.eval_results
     assert (top1.dataset_type, top1.dataset_name, top1.metric_value) == ("imagefolder", "images", 0.85)
+    saved = tmp_path / "saved"  # a `save_to_disk` folder is Arrow files, not an image folder
+    saved.mkdir()
+    (saved / "dataset_dict.json").write_text('{"splits": ["test"]}')
+    update_card(folder, evaluation={**evaluation(str(source), str(folder)), "data": str(saved)})
+    (top1, _) = ModelCard.load(folder / "README.md").data.eval_results
+    assert (top1.dataset_type, top1.dataset_name) == ("arrow", "saved")
 
 
 def test_card_target_checks(tiny_vit, export_dir):
