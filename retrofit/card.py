@@ -709,7 +709,7 @@ def _replace_results(text: str, body: str) -> str:
 _TOP_LEVEL_KEY = re.compile(r"""^(?!-|#|\s)(["']?)([^:"'#]+)\1:(\s|$)""")
 
 
-def _keeping_the_users_yaml(original: str, card: ModelCard) -> str:
+def keeping_the_users_yaml(original: str, card: ModelCard) -> str:
     """`card` as text, its YAML metadata written as the `original` README had it where a value did not change (a
     user's comments and layout stay), only the top-level keys whose values changed (model-index, model_name) dumped
     anew. Where that would not read back as `card`'s metadata, the metadata is dumped whole, as huggingface_hub does."""
@@ -923,7 +923,7 @@ def update_card(
         folder = export.resolve().name  # retrofit names it by its folder, which may have been renamed or copied since
         if card.data.model_name in (None, results.get(MODEL_NAME), folder):  # retrofit's name for it (a user's stays)
             card.data.model_name = results[MODEL_NAME] = folder
-    content = _keeping_the_users_yaml(readme.read_text(encoding="utf-8"), card)
+    content = keeping_the_users_yaml(readme.read_text(encoding="utf-8"), card)
     files = {export / RESULTS_FILE: json.dumps(results, indent=2) + "\n", readme: content}
     if drawn is not None:
         files[curve] = drawn

@@ -276,14 +276,14 @@ def hub_model_name(text: str, folder_name: str, repo_id: str, written: str | Non
         return text
     from huggingface_hub import ModelCard
 
-    from .card import _no_missing_metadata_warning
+    from .card import _no_missing_metadata_warning, keeping_the_users_yaml
 
     with _no_missing_metadata_warning():
         card = ModelCard(text)
     if card.data.model_name not in (folder_name, written):
         return text
     card.data.model_name = repo_id.split("/")[-1]
-    return str(card)
+    return keeping_the_users_yaml(text, card)  # (the user's YAML comments reach the Hub too)
 
 
 def written_model_name(export: Path, files: list[str]) -> str | None:

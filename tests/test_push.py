@@ -131,9 +131,11 @@ def test_the_hub_card_names_the_evaluated_model_as_the_repo_does(export_dir, hub
     rows = [{"model": str(folder), "merged": True, "top1": 0.85, "top5": 0.98, "loss": 0.4, "gflops": 9.2}]
     update_card(folder, evaluation={"data": "fashion-mnist", "split": "test", "num_examples": 100, "models": rows,
                                     "table": "T"})  # fmt: skip
+    (folder / "README.md").write_text((folder / "README.md").read_text().replace("---\n", "---\n# reviewed\n", 1))
     local = (folder / "README.md").read_text()
     assert main(["push", str(folder), "--repo-id", "me/vit-b16-pm8"]) == 0
     hub_text = hub["commits"][0]["contents"]["README.md"].decode()
+    assert hub_text.startswith("---\n# reviewed\n")  # a comment of the user's in the YAML reaches the Hub
     hub_card, local_card = ModelCard(hub_text), ModelCard(local)
     assert local_card.data.model_name == "vit-pm" and hub_card.data.model_name == "vit-b16-pm8"
     assert hub_card.data.eval_results[0].metric_value == 0.85
