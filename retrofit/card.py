@@ -909,9 +909,8 @@ def update_card(
         _check_curve(export)
         drawn = batch_size_figure(results["benchmark"])  # its legend names the models as the card does
     ours = _is_our_curve(curve)
-    stale = (
-        ours and drawn is None and (benchmark is not None or changed)
-    )  # an older benchmark's curve, or other weights
+    # a curve of an older benchmark than the new one, or of other weights
+    stale = ours and drawn is None and (benchmark is not None or changed)
     has_curve = drawn is not None or (ours and not stale)
     section, eval_results = _render(results, has_curve)
     card.text = _replace_results(card.text, section)

@@ -237,8 +237,8 @@ def _read_info(path: str | Path) -> tuple[dict | None, bool]:
         return None, False
     if not isinstance(info, dict):
         return None, False
-    # (a file written before retrofit recorded graph_sha256 carries none: taken as written)
-    return info, info.get("graph_sha256", _graph_sha256(model)) != _graph_sha256(model)
+    recorded = info.get("graph_sha256")  # (none in a file written before retrofit recorded it: taken as written)
+    return info, recorded is not None and recorded != _graph_sha256(model)
 
 
 def onnx_info(path: str | Path) -> dict | None:
