@@ -224,15 +224,13 @@ def _refuse_inside_outputs(path: Path, option: str) -> None:
     """Refuse a target inside a folder retrofit wrote (an export, a pretrained checkpoint, a sweep report), at any
     depth: it would be pushed with the export's own files, and the folder's ``--overwrite`` would then refuse it as
     a file that is not retrofit's."""
-    given = path.parents  # named as the user named them, then absolute above a relative path's first folder
-    for depth, folder in enumerate(path.absolute().parents):
+    for folder in path.resolve().parents:  # where the system writes: '..' and links followed
         if not folder.is_dir():
             continue
         for kind in (EXPORT, BASELINE, SWEEP):
             if kind.marks(folder):
-                shown = given[depth] if depth < len(given) - (not path.is_absolute()) else folder
                 raise RetrofitError(
-                    f"{_what(option)} '{path}' is inside {kind.name} ('{shown}'), whose files are its own (the "
+                    f"{_what(option)} '{path}' is inside {kind.name} ('{folder}'), whose files are its own (the "
                     "card's, pushed with it); write it outside that folder"
                 )
 

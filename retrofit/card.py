@@ -355,14 +355,17 @@ def _not_evaluated(source: str) -> str:
 # `RESULTS_FILE` holds them; `CURVE_FILE`: images/s against batch size, drawn by `bench --card` when it measured
 # several batch sizes (named in `retrofit.atomic`, which tells them from a user's files of the same name).
 MODEL_NAME = "model_name"  # in `RESULTS_FILE`: the name `update_card` gave the model in the card's model-index
-WEIGHTS_KEY = "weights_sha256"  # in `RESULTS_FILE`: the export's weights its results were measured on
+MEASURED_KEY = "model_sha256"  # in `RESULTS_FILE`: the model its results were measured on (`export_model_sha256`)
 
 
-def export_weights_sha256(export: str | Path) -> str | None:
-    """The sha256 of the weight files of `export` (None: none there)."""
+def export_model_sha256(export: str | Path) -> str | None:
+    """The sha256 of what makes `export` the model it is: its weight files, config.json (labels, merge) and image
+    processor config (None: no weights there)."""
     from .provenance import weight_files, weights_sha256
 
-    return weights_sha256(weight_files(str(export)))
+    weights = weight_files(str(export))
+    settings = [Path(export) / name for name in ("config.json", "preprocessor_config.json")]
+    return weights_sha256([*weights, *(path for path in settings if path.is_file())]) if weights else None
 
 
 def stale_results(export: str | Path) -> str | None:
@@ -374,10 +377,13 @@ def stale_results(export: str | Path) -> str | None:
         return None
     if not isinstance(results, dict) or not any(key in results for key in _REPORTS):
         return None
-    recorded = results.get(WEIGHTS_KEY)
-    if recorded is None or recorded == export_weights_sha256(export):
+    recorded = results.get(MEASURED_KEY)
+    if recorded is None or recorded == export_model_sha256(export):
         return None
-    return "its card's results were measured on other weights than the folder holds now (changed after the --card run)"
+    return (
+        "its card's results were measured on another model than the folder holds now (its weights, config.json or "
+        "image processor changed after the --card run)"
+    )
 
 
 _REPORTS = ("evaluation", "benchmark", "run")
@@ -877,11 +883,11 @@ def update_card(
     _check_card_files(export)
     results = _load_results(export)
     previous = _render(results)[1] or []  # the model-index entries retrofit wrote from what is stored
-    weights = export_weights_sha256(export)
-    changed = results.get(WEIGHTS_KEY, weights) != weights
-    if changed:  # measured on other weights than the export holds now: they describe another model, and go
+    model = export_model_sha256(export)
+    changed = results.get(MEASURED_KEY, model) != model
+    if changed:  # measured on another model than the export holds now (retrained, relabelled): they go
         results = {key: value for key, value in results.items() if key not in _REPORTS}
-    results[WEIGHTS_KEY] = weights
+    results[MEASURED_KEY] = model
     if run is not None:
         results["run"] = _published(dict(run))
     for key, report in (("evaluation", evaluation), ("benchmark", benchmark)):
@@ -909,7 +915,7 @@ def update_card(
         _check_curve(export)
         drawn = batch_size_figure(results["benchmark"])  # its legend names the models as the card does
     ours = _is_our_curve(curve)
-    # a curve of an older benchmark than the new one, or of other weights
+    # a curve of an older benchmark than the new one, or of another model
     stale = ours and drawn is None and (benchmark is not None or changed)
     has_curve = drawn is not None or (ours and not stale)
     section, eval_results = _render(results, has_curve)

@@ -153,7 +153,7 @@ def test_update_card_writes_before_after_table_and_model_index(tiny_vit, export_
     assert metadata["model-index"][0]["results"][0]["task"]["type"] == "image-classification"
     assert metadata["library_name"] == "transformers" and "patch-merger" in metadata["tags"]
     stored = json.loads((folder / "retrofit_results.json").read_text())
-    assert set(stored) == {"evaluation", "benchmark", "model_name", "weights_sha256"}  # name in model-index; weights
+    assert set(stored) == {"evaluation", "benchmark", "model_name", "model_sha256"}  # name in model-index; the model
     # The rest of the card is untouched, and only one Results section exists.
     assert card.text.count("## Results") == 1 and "## How to use" in card.text
 
@@ -214,15 +214,19 @@ def test_results_of_weights_changed_since_are_neither_shown_nor_pushed(tiny_vit,
     weights = load_file(folder / "model.safetensors")
     weights["classifier.bias"] += 1.0
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    assert "measured on other weights" in stale_results(folder)
+    assert "measured on another model" in stale_results(folder)
     assert main(["push", str(folder), "--repo-id", "me/vit-pm"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "measured on other weights than the folder holds now" in err and len(err.splitlines()) == 1
+    assert "measured on another model than the folder holds now" in err and len(err.splitlines()) == 1
     update_card(folder, benchmark=bench(source, str(folder)))
     stored = json.loads((folder / "retrofit_results.json").read_text())
     assert "evaluation" not in stored and "benchmark" in stored and stale_results(folder) is None
     card = ModelCard.load(folder / "README.md")
     assert not card.data.eval_results and "85.00 %" not in card.text and "1.80×" in card.text
+    config = json.loads((folder / "config.json").read_text())  # the classes renamed, the weights as they were
+    config["id2label"] = {key: f"class {key}" for key in config["id2label"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert "measured on another model" in stale_results(folder)
 
 
 def test_a_card_names_local_models_and_data_without_their_paths(tiny_vit, export_dir, tmp_path):

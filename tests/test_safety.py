@@ -954,7 +954,8 @@ def test_a_report_or_plot_never_goes_into_a_folder_retrofit_wrote(tiny_vit, expo
     quick = ["--warmup", "1", "--repeats", "1", "--min-time", "0", "--latency-iters", "0", "--batch-size", "1"]
     for option, name in (("--plot", "speed.png"), ("--json", "notes.json"), ("--json", "new.json")):
         err = refused(capsys, "bench", tiny_vit, option, export / name, "--overwrite", *quick)
-        assert f"is inside a retrofit export ('{export}'), whose files are its own (the card's, pushed with it)" in err
+        inside = f"is inside a retrofit export ('{export.resolve()}'), whose files are its own (the card's, pushed"
+        assert inside in err
     err = refused(capsys, "evaluate", tiny_vit, "--data", "fashion-mnist", "--json", export / "r.json")
     assert "is inside a retrofit export" in err
     assert tree(export) == before
@@ -968,9 +969,11 @@ def test_no_output_folder_goes_into_a_folder_retrofit_wrote(tiny_vit, export_dir
     shutil.copytree(export_dir, export)
     before = tree(export)
     merge = ["--after-layer", "2", "--tokens", "4"]
-    for target in (export / "sub", export / "a" / "b"):
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "link").symlink_to(export)
+    for target in (export / "sub", export / "a" / "b", tmp_path / "work" / "link" / "out"):
         err = refused(capsys, "convert", tiny_vit, *merge, "-o", target)
-        assert f"output '{target}' is inside a retrofit export ('{export}')" in err
+        assert f"output '{target}' is inside a retrofit export ('{export.resolve()}')" in err
     err = refused(capsys, "sweep", tiny_vit, "--after-layer", "2", "--tokens", "4", "--data", "fashion-mnist",
                   "-o", export / "sweep")  # fmt: skip
     assert "is inside a retrofit export" in err
@@ -979,6 +982,7 @@ def test_no_output_folder_goes_into_a_folder_retrofit_wrote(tiny_vit, export_dir
     assert f"--checkpoint-dir '{export / 'ck'}' is inside a retrofit export" in err
     assert tree(export) == before
     assert main(["convert", str(tiny_vit), *merge, "-o", str(export), "--overwrite"]) == 0  # still its own to replace
+    assert main(["convert", str(tiny_vit), *merge, "-o", str(export / ".." / "beside")]) == 0  # next to it: fine
 
 
 def test_a_report_writes_nan_as_null_so_that_it_stays_json(tmp_path):
