@@ -512,7 +512,7 @@ def check_card_target(export: str | Path, models: list[str], *, curve: bool = Fa
     # held until the command ends (`releases_write_locks`): an upload of the export, or another --card run, would
     # otherwise take a README of one evaluation beside the results file of another
     hold_write_lock(export, "--card")
-    _load_card(export)
+    _check_results_lines(_load_card(export).text, export)
     if curve:
         _check_curve(export)
     results = _load_results(export)
@@ -694,6 +694,20 @@ RESULTS_END = "<!-- retrofit: end of results (write your own notes outside these
 
 def _marked(body: str) -> str:
     return f"{RESULTS_START}\n{body}\n{RESULTS_END}"
+
+
+def _check_results_lines(text: str, export: Path) -> None:
+    """Refuse a card whose two results lines are not one `RESULTS_START` before one `RESULTS_END` (one deleted or
+    moved by hand): replacing the whole Results section would delete the user's notes in it. Neither is fine (a
+    card written before them)."""
+    starts, ends = text.count(RESULTS_START), text.count(RESULTS_END)
+    if starts == ends == 0 or (starts == ends == 1 and text.find(RESULTS_START) < text.find(RESULTS_END)):
+        return
+    raise RetrofitError(
+        f"--card {export}: README.md's results lie between two `<!-- retrofit: ... -->` lines, and one is missing, "
+        "repeated or out of order; put them back around retrofit's results, or delete both to have the whole Results "
+        "section rewritten"
+    )
 
 
 def _replace_results(text: str, body: str) -> str:
@@ -907,6 +921,7 @@ def update_card(
         results[key] = _published(report)
     readme = export / "README.md"
     card = _load_card(export)
+    _check_results_lines(card.text, export)
     curve = export / CURVE_FILE
     drawn = None  # a new benchmark over several batch sizes: its curve goes into the card (and to the Hub with it)
     if benchmark is not None and len(benchmark["settings"]["batch_sizes"]) > 1:

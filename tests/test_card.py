@@ -12,7 +12,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from retrofit import convert
-from retrofit.card import TrainingInfo, build_card, check_card_target, update_card
+from retrofit.card import RESULTS_END, TrainingInfo, build_card, check_card_target, update_card
 from retrofit.errors import RetrofitError
 
 
@@ -196,6 +196,15 @@ model-index:
     card = ModelCard.load(readme)
     assert [r.dataset_split for r in card.data.eval_results] == ["validation", "train", "train"]
     assert "# reviewed by legal" in readme.read_text() and "Our private test set" in readme.read_text()
+    # one of retrofit's two lines deleted by hand, a note below: refused, not the whole section replaced
+    text = readme.read_text()
+    readme.write_text(text.replace(RESULTS_END, "") + "\nMy note after the results.\n")
+    before = readme.read_bytes()
+    for update in (lambda: update_card(folder, benchmark=bench(source, str(folder))),
+                   lambda: check_card_target(folder, [str(folder)])):  # fmt: skip
+        with pytest.raises(RetrofitError, match="one is missing, repeated or out of order"):
+            update()
+    assert readme.read_bytes() == before
 
 
 def test_results_of_weights_changed_since_are_neither_shown_nor_pushed(tiny_vit, export_dir, tmp_path, capsys):
