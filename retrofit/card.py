@@ -768,6 +768,18 @@ def keeping_the_users_yaml(original: str, card: ModelCard) -> str:
     return f"{match.group(1)}{text}{match.group(3)}{card.text}"
 
 
+def _kept_apart(new: list[EvalResult], kept: list[EvalResult]) -> list[EvalResult]:
+    """`new` entries, those that would join a kept entry of another data set in the model-index named as their
+    configuration: huggingface_hub groups entries by task, dataset type, configuration, split and revision and names
+    a group by its first entry's dataset, so retrofit's scores on `imgs` were shown as the user's on another image
+    folder (both type imagefolder), and then kept as the user's by the next run."""
+    taken = {result.unique_identifier: result.dataset_name for result in kept}
+    for result in new:
+        if taken.get(result.unique_identifier, result.dataset_name) != result.dataset_name:
+            result.dataset_config = result.dataset_name
+    return new
+
+
 def _index_key(result: EvalResult) -> tuple:
     """What tells a model-index entry apart (as the card's YAML gives it back)."""
     return (result.task_type, result.dataset_type, result.dataset_name, result.dataset_split, result.metric_type,
@@ -938,7 +950,7 @@ def update_card(
     if eval_results is not None or changed:  # entries of an earlier evaluation go; those the user added stay, first
         new = eval_results or []
         kept = [result for result in card.data.eval_results or [] if not _is_ours(result, previous, new)]
-        card.data.eval_results = kept + new or None
+        card.data.eval_results = kept + _kept_apart(new, kept) or None
     if eval_results:
         folder = export.resolve().name  # retrofit names it by its folder, which may have been renamed or copied since
         if card.data.model_name in (None, results.get(MODEL_NAME), folder):  # retrofit's name for it (a user's stays)

@@ -207,6 +207,33 @@ model-index:
     assert readme.read_bytes() == before
 
 
+def test_the_model_index_never_files_retrofits_scores_under_the_users_data_set(tiny_vit, export_dir, tmp_path):
+    """huggingface_hub groups model-index entries by task, dataset type, config and split: retrofit's scores on one
+    image folder were shown under the user's entry on another (both imagefolder), and added again by each run."""
+    folder = tmp_path / "vit-pm"
+    shutil.copytree(export_dir, folder)
+    readme = folder / "README.md"
+    mine = """model-index:
+- name: vit-pm
+  results:
+  - task:
+      type: image-classification
+    dataset:
+      name: my-holdout
+      type: imagefolder
+      split: test
+    metrics:
+    - type: f1
+      value: 0.5
+      name: Macro F1
+"""
+    readme.write_text(readme.read_text().replace("---\n", "---\n" + mine, 1))
+    for _ in range(2):
+        update_card(folder, evaluation={**evaluation(str(tiny_vit), str(folder)), "data": str(tmp_path / "imgs")})
+    entries = [(r.dataset_name, r.metric_name) for r in ModelCard.load(readme).data.eval_results]
+    assert entries == [("my-holdout", "Macro F1"), ("imgs", "Top-1 accuracy"), ("imgs", "Top-5 accuracy")]
+
+
 def test_results_of_weights_changed_since_are_neither_shown_nor_pushed(tiny_vit, export_dir, tmp_path, capsys):
     """The user trained the export further and saved its weights in place: the stored results are of another model.
     push refuses to publish them, and the next --card run drops them (and their curve) before adding its own."""
