@@ -420,8 +420,7 @@ def push(
         if create_pr or pull:
             url = f"{api.endpoint}/{repo_id}"
         else:
-            created = not api.repo_exists(repo_id, repo_type="model")
-            url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            url, created = _create_repo(api, repo_id, private)
         try:
             if branch:
                 api.create_branch(repo_id, branch=branch, exist_ok=True, repo_type="model")
@@ -471,6 +470,19 @@ def push(
     if commit_url:
         log(f"commit: {commit_url}")
     return tree
+
+
+def _create_repo(api, repo_id: str, private: bool) -> tuple[str, bool]:
+    """Create `repo_id` where it does not exist; return its URL and whether this call created it (only such a repo
+    is deleted again when the upload fails: asking first, then creating, took for ours a repo made in between)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return api.create_repo(repo_id, private=private, exist_ok=False, repo_type="model"), True
+    except HfHubHTTPError as exc:
+        if getattr(exc.response, "status_code", None) != 409:  # 409 Conflict: it exists
+            raise
+    return api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"), False
 
 
 def _head_commit(api, repo_id: str, revision: str | None) -> str | None:

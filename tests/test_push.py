@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 from huggingface_hub import HfApi, RepoUrl, constants
+from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.hf_api import CommitInfo
 
 from retrofit import convert
@@ -34,6 +35,10 @@ def hub(monkeypatch):
 
     def create_repo(self, repo_id, **kwargs):
         calls["repos"].append((repo_id, kwargs))
+        if repo_id in calls["existing"] and not kwargs.get("exist_ok"):  # as the Hub answers: 409 Conflict
+            response = SimpleNamespace(status_code=409, headers={}, url="", request=None)
+            raise HfHubHTTPError("409 Conflict: You already created this model repo", response=response)
+        calls["existing"].add(repo_id)
         return RepoUrl(f"https://huggingface.co/{repo_id}")
 
     def create_branch(self, repo_id, *, branch, **kwargs):
@@ -98,7 +103,7 @@ def test_push_uploads_exactly_the_export(export_dir, hub, capsys, tmp_path):
     (folder / ".DS_Store").write_text("junk")
     argv = ["push", str(folder), "--repo-id", "me/vit-pm", "--private", "--revision", "v1", "--commit-message", "hi"]
     assert main(argv) == 0
-    assert hub["repos"] == [("me/vit-pm", {"private": True, "exist_ok": True, "repo_type": "model"})]
+    assert hub["repos"] == [("me/vit-pm", {"private": True, "exist_ok": False, "repo_type": "model"})]  # created
     assert hub["branches"] == [("me/vit-pm", "v1")]
     (commit,) = hub["commits"]
     expected = {p.name for p in export_dir.iterdir()}
@@ -394,8 +399,27 @@ def test_a_failed_push_leaves_no_new_empty_repo(export_dir, hub, monkeypatch, ca
     assert main(["push", str(export_dir), "--repo-id", "me/x", *branch]) == 2
     err = capsys.readouterr().err.strip()
     assert ("Invalid reference" if fails == "branch" else "Connection reset") in err and len(err.splitlines()) == 1
-    assert [repo for repo, _ in hub["repos"]] == ["me/x"] and hub["commits"] == []
+    assert {repo for repo, _ in hub["repos"]} == {"me/x"} and hub["commits"] == []
     assert hub["deleted"] == ([] if existed else ["me/x"])
+
+
+def test_a_failed_push_never_deletes_a_repo_made_by_someone_else_meanwhile(export_dir, hub, monkeypatch, capsys):
+    """The repo did not exist when the push asked, then someone made it, then the upload failed: asking first and
+    creating with exist_ok=True took that repo for the push's own and deleted it. Only a repo this push's own
+    create_repo made is deleted."""
+    create_repo = HfApi.create_repo
+
+    def made_meanwhile(self, repo_id, **kwargs):  # someone else makes it just before the push's own request
+        hub["existing"].add(repo_id)
+        return create_repo(self, repo_id, **kwargs)
+
+    def refuse(self, repo_id, *args, **kwargs):
+        raise RuntimeError("Connection reset by peer")
+
+    monkeypatch.setattr(HfApi, "create_repo", made_meanwhile)
+    monkeypatch.setattr(HfApi, "create_commit", refuse)
+    assert main(["push", str(export_dir), "--repo-id", "me/shared"]) == 2
+    assert "Connection reset" in capsys.readouterr().err and hub["deleted"] == []
 
 
 def test_an_auto_map_naming_a_file_retrofit_did_not_write_uploads_nothing(export_dir, hub, tmp_path, capsys):
@@ -453,7 +477,7 @@ def test_private_refuses_an_existing_public_repo(export_dir, tiny_vit, hub, monk
         else:
             assert code == 0 and "error" not in err
     assert len(hub["commits"]) == (0 if public else 3) and out.exists() is not public
-    assert hub["repos"] == [] if public else len(hub["repos"]) == 3
+    assert hub["repos"] == [] if public else len(hub["repos"]) == 6  # each: create (409: it exists), then open it
     assert hub["branches"] == ([] if public else [("me/x", "v1")])
 
 
@@ -488,7 +512,7 @@ def test_convert_push_to_hub_uploads_the_new_export(tiny_vit, hub, tmp_path, cap
     out = tmp_path / "pm"
     argv = ["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "-o", str(out)]
     assert main([*argv, "--push-to-hub", "me/vit-pm", "--private"]) == 0
-    assert hub["repos"] == [("me/vit-pm", {"private": True, "exist_ok": True, "repo_type": "model"})]
+    assert hub["repos"] == [("me/vit-pm", {"private": True, "exist_ok": False, "repo_type": "model"})]  # created
     (commit,) = hub["commits"]
     assert set(commit["files"]) == {p.name for p in out.iterdir()} and "model.safetensors" in commit["files"]
     assert "https://huggingface.co/me/vit-pm" in capsys.readouterr().err

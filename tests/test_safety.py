@@ -635,7 +635,6 @@ def test_push_uploads_only_the_exports_own_regular_files(export_dir, tmp_path, c
     monkeypatch.setenv("HF_TOKEN", "hf_test")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     monkeypatch.setattr(HfApi, "whoami", lambda self: {"name": "me"})
-    monkeypatch.setattr(HfApi, "repo_exists", lambda self, *a, **k: True)
     monkeypatch.setattr(HfApi, "create_repo", lambda self, *a, **k: "https://huggingface.co/me/pm")
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     assert main(["push", str(folder), "--repo-id", "me/pm"]) == 0
