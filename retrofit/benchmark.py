@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import releases_write_locks
+from .atomic import hold_write_lock, releases_write_locks
 from .errors import RetrofitError, brief, check_arguments, check_interrupted, log_to_stderr, shown
 from .loading import DTYPES  # re-exported: bench scripts read it here
 from .settings import (
@@ -1069,6 +1069,7 @@ def run_bench(args: BenchArgs, *, log: Callable[[str], None] = log_to_stderr) ->
         from .card import check_card_target
 
         check_card_target(args.card, args.models, curve=len(args.batch_sizes) > 1)
+        hold_write_lock(args.card, "--card")  # until the command ends, as evaluate --card holds it
     refuse_same_outputs({"--json": args.json, "--plot": args.plot})
     if args.json is not None:
         check_file_output(args.json, "--json", args.overwrite, inputs=args.models)

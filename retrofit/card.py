@@ -509,9 +509,6 @@ def check_card_target(export: str | Path, models: list[str], *, curve: bool = Fa
         raise RetrofitError(f"--card {export}: cannot write in it ({why}); copy the export")
     if not any(_same_model(spec, export) for spec in models):
         raise RetrofitError(f"--card {export}: the export must also be one of the models measured; add it to them")
-    # held until the command ends (`releases_write_locks`): an upload of the export, or another --card run, would
-    # otherwise take a README of one evaluation beside the results file of another
-    hold_write_lock(export, "--card")
     _check_results_lines(_load_card(export).text, export)
     if curve:
         _check_curve(export)

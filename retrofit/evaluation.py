@@ -29,7 +29,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .atomic import releases_write_locks
+from .atomic import hold_write_lock, releases_write_locks
 from .data import dataset_label_map, generic_labels, model_labels, same_class_name
 from .errors import RetrofitError, brief, check_arguments, log_to_stderr
 from .provenance import dataset_commit, versions
@@ -896,6 +896,9 @@ def run_evaluate(args: EvaluateArgs, *, log: Callable[[str], None] = log_to_stde
         from .card import check_card_target
 
         check_card_target(args.card, args.models)
+        # held until the command ends: an upload of the export, or another --card run, would otherwise take a
+        # README of one evaluation beside the results file of another
+        hold_write_lock(args.card, "--card")
     if args.json is not None:
         check_file_output(args.json, "--json", args.overwrite, inputs=[*args.models, args.data])
     report = evaluate_models(
