@@ -729,7 +729,18 @@ _TOP_LEVEL_KEY = re.compile(r"""^(?!-|#|\s)(["']?)([^:"'#]+)\1:(\s|$)""")
 def keeping_the_users_yaml(original: str, card: ModelCard) -> str:
     """`card` as text, its YAML metadata written as the `original` README had it where a value did not change (a
     user's comments and layout stay), only the top-level keys whose values changed (model-index, model_name) dumped
-    anew. Where that would not read back as `card`'s metadata, the metadata is dumped whole, as huggingface_hub does."""
+    anew. Where that would not read back as `card`'s metadata, the metadata is dumped whole, as huggingface_hub does.
+    The lines end as most of the `original`'s do (CRLF or LF), all of them."""
+    crlf = original.count("\r\n") * 2 > original.count("\n")
+
+    def ending_as_original(text: str) -> str:
+        text = text.replace("\r\n", "\n")
+        return text.replace("\n", "\r\n") if crlf else text
+
+    return ending_as_original(_with_the_users_yaml(original, card))
+
+
+def _with_the_users_yaml(original: str, card: ModelCard) -> str:
     import yaml
     from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
@@ -952,7 +963,7 @@ def update_card(
         folder = export.resolve().name  # retrofit names it by its folder, which may have been renamed or copied since
         if card.data.model_name in (None, results.get(MODEL_NAME), folder):  # retrofit's name for it (a user's stays)
             card.data.model_name = results[MODEL_NAME] = folder
-    content = keeping_the_users_yaml(readme.read_text(encoding="utf-8"), card)
+    content = keeping_the_users_yaml(readme.read_bytes().decode("utf-8"), card)  # (its line endings as they are)
     files = {export / RESULTS_FILE: json.dumps(results, indent=2) + "\n", readme: content}
     if drawn is not None:
         files[curve] = drawn

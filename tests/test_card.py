@@ -207,6 +207,23 @@ model-index:
     assert readme.read_bytes() == before
 
 
+def test_a_card_saved_with_windows_line_endings_keeps_them(tiny_vit, export_dir, tmp_path):
+    """A card saved with CRLF line endings (an editor on Windows) came back from `evaluate --card` with the metadata's
+    lines ending in LF and the rest in CRLF."""
+    folder = tmp_path / "vit-pm"
+    shutil.copytree(export_dir, folder)
+    readme = folder / "README.md"
+    text = readme.read_text().replace("---\n", "---\n# keep me\n", 1) + "\nMy note.\n"
+    readme.write_bytes(text.replace("\n", "\r\n").encode())
+    for _ in range(2):
+        update_card(folder, evaluation=evaluation(str(tiny_vit), str(folder)))
+    raw = readme.read_bytes()
+    assert raw.count(b"\r\n") == raw.count(b"\n") > 50
+    text = raw.decode()
+    assert text.count("## Results") == 1 and "# keep me" in text and "My note." in text and "85.00 %" in text
+    assert len(ModelCard.load(readme).data.eval_results) == 2  # retrofit's top-1 and top-5, once
+
+
 def test_the_model_index_never_files_retrofits_scores_under_the_users_data_set(tiny_vit, export_dir, tmp_path):
     """huggingface_hub groups model-index entries by task, dataset type, config and split: retrofit's scores on one
     image folder were shown under the user's entry on another (both imagefolder), and added again by each run."""
