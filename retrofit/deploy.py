@@ -216,13 +216,43 @@ def _graph_sha256(model) -> str:
     return hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
 
 
+def _data_sha256(path: Path, model) -> str | None:
+    """The sha256 of the weights file the ONNX `model` at `path` names as its external data (None where it names
+    none, or the file is missing): a file changed in place (quantised weights) leaves the graph as it was, not this."""
+    import hashlib
+
+    names = {entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"}
+    data = path.with_name(f"{path.name}.data")
+    if data.name not in names or not data.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(data, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _write_metadata(path: Path, info: dict) -> None:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     entry = model.metadata_props.add()
-    entry.key, entry.value = MODEL_KEY, json.dumps({**info, "graph_sha256": _graph_sha256(model)})
+    digests = {"graph_sha256": _graph_sha256(model), "data_sha256": _data_sha256(path, model)}
+    entry.key, entry.value = MODEL_KEY, json.dumps({**info, **digests})
     onnx.save(model, str(path))
+
+
+def _data_changed(path: Path) -> bool:
+    """Whether the weights file beside the retrofit graph at `path` was changed since retrofit wrote it (read whole:
+    checked only where retrofit is about to replace or time it)."""
+    import onnx
+
+    info, _ = _read_info(path)
+    recorded = (info or {}).get("data_sha256")  # (none: no weights file, or written before this was recorded)
+    if recorded is None:
+        return False
+    now = _data_sha256(path, onnx.load(str(path), load_external_data=False))
+    return now is not None and now != recorded  # (a missing file is not a changed one: loading it says so)
 
 
 def _read_info(path: str | Path) -> tuple[dict | None, bool]:
@@ -256,6 +286,12 @@ def check_onnx_file(path: str | Path) -> dict:
     if not Path(path).is_file():
         raise RetrofitError(f"'{path}' does not exist; make it with `retrofit export-onnx EXPORT --output {path}`")
     info, changed = _read_info(path)
+    if info is not None and not changed and _data_changed(Path(path)):
+        raise RetrofitError(
+            f"'{path}.data', the weights of '{path}', was changed after retrofit wrote it (quantised, cut short?), so "
+            "what the graph's metadata says of it (dtype, FLOPs, source) no longer holds; time the files export-onnx "
+            "wrote, or write them again with `retrofit export-onnx`"
+        )
     if changed:
         raise RetrofitError(
             f"'{path}' was changed after retrofit wrote it (its graph is not the one `retrofit export-onnx` wrote: "
@@ -278,6 +314,11 @@ def _check_weights_file(output: Path) -> None:
     data = _weights_file(output)
     if not (data.exists() or data.is_symlink()) or _own_weights_file(output):
         return
+    if data.is_file() and not data.is_symlink() and written_by_retrofit(output) and _data_changed(output):
+        raise RetrofitError(
+            f"--output '{output}': its weights file '{data}' was changed after retrofit wrote it (quantised?), so it"
+            " is the user's now and --overwrite does not replace it; move it out or choose another --output"
+        )
     raise RetrofitError(
         f"--output '{output}': '{data}' exists and is not the weights file of an ONNX graph retrofit wrote there "
         "(the export writes its weights to that name), so it is not replaced; move it out or choose another --output"
@@ -296,7 +337,8 @@ def _own_weights_file(output: Path) -> bool:
     import onnx
 
     tensors = onnx.load(str(output), load_external_data=False).graph.initializer
-    return any(entry.key == "location" and entry.value == data.name for t in tensors for entry in t.external_data)
+    named = any(entry.key == "location" and entry.value == data.name for t in tensors for entry in t.external_data)
+    return named and not _data_changed(output)  # (weights changed in place: the user's now)
 
 
 def _session(path: Path, device: str = "cpu"):

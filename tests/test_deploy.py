@@ -111,6 +111,24 @@ def test_a_graph_changed_after_export_is_the_users_file(export_dir, tmp_path, ca
     assert deploy.onnx_info(graph) is not None and deploy.onnx_info(mine) is None
 
 
+def test_weights_changed_in_place_beside_the_graph_are_the_users(export_dir, tmp_path, capsys):
+    """Weights edited in ``X.onnx.data`` itself (the graph left as it was) were replaced by --overwrite, and timed by
+    bench as the graph the metadata describes: the file's sha256 is recorded beside the graph's."""
+    graph, data = tmp_path / "pm.onnx", tmp_path / "pm.onnx.data"
+    assert main(["export-onnx", str(export_dir), "-o", str(graph)]) == 0 and data.is_file()
+    weights = bytearray(data.read_bytes())
+    weights[100] ^= 1
+    data.write_bytes(weights)
+    line = refused(capsys, "export-onnx", export_dir, "-o", graph, "--overwrite")
+    assert "'pm.onnx.data' was changed after retrofit wrote it" in line.replace(str(tmp_path) + "/", "")
+    line = refused(capsys, "bench", graph, "--batch-size", "1", "--repeats", "1", "--min-time", "0")
+    assert "was changed after retrofit wrote it" in line and "weights of" in line
+    assert data.read_bytes() == weights
+    weights[100] ^= 1  # as retrofit wrote it: its own again
+    data.write_bytes(weights)
+    assert main(["export-onnx", str(export_dir), "-o", str(graph), "--overwrite"]) == 0
+
+
 def test_overwrite_with_a_graph_that_keeps_its_weights_inside_removes_the_old_weights_file(
     export_dir, tmp_path, monkeypatch
 ):
@@ -229,6 +247,11 @@ def test_a_graph_whose_weights_file_is_missing_or_cut_short_is_one_line_in_bench
         if weights is not None:
             data.write_bytes(weights)
         assert main(["bench", str(graph), *quick]) == 2
+        if weights is not None:  # cut short: not the file retrofit wrote (its sha256 is recorded), refused first
+            err = capsys.readouterr().err.strip()
+            assert "was changed after retrofit wrote it (quantised, cut short?)" in err and "\n" not in err
+            assert "write them again with `retrofit export-onnx`" in err
+            continue
         progress, err = capsys.readouterr().err.strip().splitlines()  # bench's progress is on stderr too
         assert progress == f"loading {graph} (ONNX Runtime) ..." and err.startswith("retrofit: error: ")
         assert f"ONNX Runtime cannot load '{graph}'" in err and "write it again with `retrofit export-onnx" in err
