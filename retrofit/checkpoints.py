@@ -307,23 +307,46 @@ def local_or_named(value: str | None) -> str | None:
     return os.path.abspath(value) if value and os.path.exists(value) else value
 
 
-def training_options(model, run, processes: int, images: int) -> dict:
+IMAGE_FILES = "training images' files (paths, sizes, times, labels)"
+# config fields that name where or how a model was loaded, not what it is
+_NOT_THE_MODEL = ("_name_or_path", "transformers_version", "merge_source", "dtype", "torch_dtype", "_commit_hash")
+
+
+def training_options(model, run, processes: int, images, image_processor) -> dict:
     """What a resumed `run` must share with the run that wrote its checkpoints (run.json's `OPTIONS`), by option:
-    `TRAINING_SETTINGS`, the teacher, the number of processes, the number of training `images` (a data folder that
-    gained or lost some since is other data, in another order) and the source's weights (their sha256, where `model`
-    records it)."""
+    `TRAINING_SETTINGS`, the teacher (and its weights), the number of processes, the training `images` (a
+    `TransformedDataset`: their number, and their files where they are files: a data folder whose images were added,
+    removed, rewritten or relabelled since is other data), the source's weights (their sha256, where `model` records
+    it), and the model's config and `image_processor` (a source whose config.json or preprocessor_config.json was
+    edited since trains another model, or on other inputs)."""
+    from .data import image_files_digest
+    from .provenance import source_record
     from .settings import option_of
 
     options = {option_of(type(run), name): getattr(run, name) for name in TRAINING_SETTINGS if hasattr(run, name)}
     options["--data"] = local_or_named(run.data)
     if hasattr(run, "teacher"):  # finetune's
         options["--teacher"] = local_or_named(run.teacher)
+        if run.teacher:
+            options["--teacher's weights (sha256)"] = source_record(run.teacher).sha256
     options[PROCESSES] = processes
-    options[IMAGES] = images
+    options[IMAGES] = len(images)
+    files = image_files_digest(images.dataset)
+    if files:
+        options[IMAGE_FILES] = files
     sha256 = getattr(model.config, "merge_source_sha256", None)
     if sha256:
         options["SOURCE's weights (sha256)"] = sha256
+    config = {key: value for key, value in model.config.to_dict().items() if key not in _NOT_THE_MODEL}
+    options["the model's config"] = without_release(config)
+    options["the image processor"] = without_release(image_processor.to_dict())
     return options
+
+
+def without_release(settings: dict) -> dict:
+    """A config's or image processor's `to_dict()` without the transformers release that wrote it (at any depth)."""
+    return {key: without_release(value) if isinstance(value, dict) else value
+            for key, value in settings.items() if key != "transformers_version"}  # fmt: skip
 
 
 def run_settings(model, train: str, ema_decay: float) -> dict:

@@ -1145,6 +1145,38 @@ def _in_mode(image, mode: str):
     return image if image.mode == mode else image.convert(mode)
 
 
+def image_files_digest(dataset) -> str | None:
+    """A digest of the image files a `datasets.Dataset` (columns "image" and maybe "label") reads from disk, in its
+    order: each file's path, size and modification time, and its label. Files rewritten, replaced or moved to another
+    class since change it, where the number of images stays. None where no image is a file (images held in the data:
+    a ``save_to_disk`` folder, Fashion-MNIST, a Hub dataset at its recorded commit). Once per command."""
+    from datasets import Image
+
+    from .reads import command_memo
+
+    def digest() -> str | None:
+        columns = [name for name in ("image", "label") if name in dataset.column_names]
+        rows = dataset.select_columns(columns).cast_column("image", Image(decode=False)).with_format("arrow")
+        total, files = hashlib.sha256(), 0
+        for batch in rows.iter(batch_size=10_000):
+            images = batch.column("image").combine_chunks()
+            labels = batch.column("label").to_pylist() if "label" in columns else [None] * len(batch)
+            for path, stored, label in zip(images.field("path").to_pylist(), images.field("bytes").is_valid(),
+                                           labels, strict=True):  # fmt: skip
+                if stored.as_py() or not path:
+                    continue
+                try:
+                    stat = os.stat(path)
+                    size, changed = stat.st_size, stat.st_mtime_ns
+                except OSError:  # gone: loading it says so
+                    size = changed = None
+                total.update(f"{path}\0{size}\0{changed}\0{label}\n".encode())
+                files += 1
+        return total.hexdigest()[:16] if files else None
+
+    return command_memo(("image files", dataset._fingerprint, len(dataset)), digest)
+
+
 class TransformedDataset(torch.utils.data.Dataset):
     """A `datasets.Dataset` split prepared by the checkpoint's own image processor (and an optional label
     remapping), with optional train-time `augment`ation of the processor's output.

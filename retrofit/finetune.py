@@ -203,7 +203,7 @@ def prepare(
     settle_losses(model, args)
     data = training_data(model, processor, args, log)
     if resuming:  # checkpoints of other settings are refused now, not after calibrating (`train` checks them again)
-        options = training_options(model, args, 1, len(data[0].dataset))
+        options = training_options(model, args, 1, data[0].dataset, processor)
         options.pop(PROCESSES)  # launched: `train` checks it
         check_same_run(checkpoint_dir, run_settings(model, args.train, args.ema_decay) | {OPTIONS: options})
     if args.calibrate and init == "random":
@@ -697,7 +697,10 @@ def pretrain(
         raise RetrofitError(f"pretrain.model could not be built ({brief(exc)}); make it smaller") from None
     # For --resume: the model and processor as built, every field, so a field the recipe adds at its default value
     # (or drops) changes nothing, and a changed one is named
-    same_run = {"pretrain": {"model": _fields(config.to_dict()), "image_processor": _fields(processor.to_dict())}}
+    from .checkpoints import without_release
+
+    same_run = {"pretrain": {"model": without_release(config.to_dict()),
+                             "image_processor": without_release(processor.to_dict())}}  # fmt: skip
     same_run |= output_record(output)
     result = train(model, processor, run, captions=captions, checkpoint_dir=checkpoint_dir, resume=resume,
                    overwrite=overwrite, progress_bar=progress, same_run=same_run, log=log)  # fmt: skip
@@ -737,12 +740,6 @@ def character_tokenizer():
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
     tokenizer.model_max_length = 64
     return tokenizer
-
-
-def _fields(settings: dict) -> dict:
-    """A config's or image processor's `to_dict()` without the transformers release that wrote it (at any depth)."""
-    return {key: _fields(value) if isinstance(value, dict) else value
-            for key, value in settings.items() if key != "transformers_version"}  # fmt: skip
 
 
 def clip_config(model_config: dict, tokenizer):

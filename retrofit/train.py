@@ -620,7 +620,7 @@ def train(
 
     # Accelerator, model, optimizer, schedule
     accelerator = make_accelerator(run, checkpoint_dir)
-    settings[OPTIONS] = training_options(model, run, accelerator.num_processes, images)
+    settings[OPTIONS] = training_options(model, run, accelerator.num_processes, train_dl.dataset, image_processor)
     if resuming:
         check_same_run(checkpoint_dir, settings)
     if checkpoint_dir and accelerator.is_main_process and existing and not resume:  # --overwrite: start over

@@ -1396,7 +1396,7 @@ def test_the_checkpoint_folder_keeps_to_what_retrofit_wrote_there(tmp_path, monk
     assert (progress.step, progress.epoch, progress.batch) == (1, 1, 0)
 
 
-def test_resume_compares_every_recorded_setting_but_the_budget_output_and_start(tmp_path):
+def test_resume_compares_every_recorded_setting_but_the_budget_output_and_start(tmp_path, monkeypatch):
     """`check_same_run` against a run.json, without a run: each setting the weights depend on, an option or a
     caller's own record (pretraining's model config, by key) that differs is refused in one line naming it; the
     budget, the output and the card's line on the merger's start are not compared (the run keeps or repeats them),
@@ -1439,19 +1439,26 @@ def test_resume_compares_every_recorded_setting_but_the_budget_output_and_start(
     assert recorded_budget(tmp_path) == {"steps": 1, "warmup": 1}
     # what a fine-tune records of its options: each setting that shapes the weights, and none of the budget's
     run = FinetuneArgs(source="s", data="d", after_layer=2, tokens=4, output="o")
-    model = SimpleNamespace(config=SimpleNamespace())
-    options = training_options(model, run, 1, 24)
+    model = SimpleNamespace(config=SimpleNamespace(to_dict=lambda: {"hidden_size": 16}))
+    processor = SimpleNamespace(to_dict=lambda: {"image_mean": [0.5]})
+
+    class Images(list):  # training images held in the data, not files (files: test_train's resume tests)
+        dataset = None
+
+    monkeypatch.setattr("retrofit.data.image_files_digest", lambda dataset: None)
+    options = training_options(model, run, 1, Images([0] * 24), processor)
     shaping = dict(data="e", split="other", image_column="img", label_column="y", limit=5, sample=5, augment=True,
                    loss="ce", function_matching=True, temperature=3.0, alpha=0.1, feature_weight=1.0,
                    prompt_weight=1.0, prompt_templates=("a {}.",), lr=0.1, merger_lr_scale=2.0, weight_decay=0.0,
                    batch_size=8, grad_accum=2, max_grad_norm=0.5, mixed_precision="bf16", seed=1, calibrate=False,
                    teacher="t")  # fmt: skip
     for name, value in shaping.items():
-        assert training_options(model, replace(run, **{name: value}), 1, 24) != options, name
-    assert training_options(model, run, 2, 24) != options != training_options(model, run, 1, 25)
+        assert training_options(model, replace(run, **{name: value}), 1, Images([0] * 24), processor) != options, name
+    assert training_options(model, run, 2, Images([0] * 24), processor) != options
+    assert training_options(model, run, 1, Images([0] * 25), processor) != options
     budget = dict(max_steps=9, epochs=9.0, min_steps=9, warmup_ratio=0.5, eval_every=1, save_every=1,
                   keep_checkpoints=9, num_workers=3, gradient_checkpointing=True)  # fmt: skip
-    assert training_options(model, replace(run, **budget), 1, 24) == options
+    assert training_options(model, replace(run, **budget), 1, Images([0] * 24), processor) == options
     checkpoint = tmp_path / "step-00000002"
     checkpoint.mkdir()
     (checkpoint / "progress.json").write_text(json.dumps({"step": 2, "epoch": 0, "batch": 2, "files": []}))

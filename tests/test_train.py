@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY, save_tiny
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_data import make_imagefolder, make_labelled_folder
 from transformers import ViTConfig, ViTForImageClassification
 
@@ -1409,6 +1409,49 @@ def test_function_matching_shows_teacher_and_student_the_same_mixed_views(tiny_v
     assert fresh.steps == 6
     with pytest.raises(RetrofitError, match="function_matching is for --loss kd|--function-matching is for --loss kd"):
         finetune(tiny_vit, output=tmp_path / "ce", **{**settings, "loss": "ce"})
+
+
+def test_resume_refuses_a_source_teacher_or_data_changed_in_place(tiny_vit, colours, tmp_path):
+    """The same paths with other contents resumed without a word: a teacher retrained in place, a source whose
+    preprocessor_config.json or config.json was edited (other inputs, another model), and a data folder relabelled
+    with as many images as before (two classes' folders swapped). Each is refused in one line naming what changed;
+    unchanged, the run resumes."""
+    source, teacher = shutil.copytree(tiny_vit, tmp_path / "vit"), shutil.copytree(tiny_vit, tmp_path / "teacher")
+    data = Path(shutil.copytree(colours, tmp_path / "data"))
+    settings = dict(after_layer=2, num_tokens=4, data=str(data), teacher=str(teacher), max_steps=4, calibrate=False,
+                    output=tmp_path / "out", **FAST)  # fmt: skip
+    finetune(source, stop_after=2, **settings)
+
+    def refused(message: str) -> None:
+        with pytest.raises(RetrofitError, match=f"^'.*out-checkpoints' holds checkpoints of a run with {message}"):
+            finetune(source, resume=True, **settings)
+
+    def edited(path: Path, old: str, new: str) -> str:
+        text = path.read_text()
+        assert old in text
+        path.write_text(text.replace(old, new))
+        return text
+
+    trained = (teacher / "model.safetensors").read_bytes()
+    state = load_file(str(teacher / "model.safetensors"))
+    save_file({name: value * 1.5 for name, value in state.items()}, str(teacher / "model.safetensors"))
+    refused(r"--teacher's weights \(sha256\) '[0-9a-f]{64}', not '[0-9a-f]{64}'")
+    (teacher / "model.safetensors").write_bytes(trained)
+    processor = edited(source / "preprocessor_config.json", "0.5", "0.2")
+    refused(re.escape("the image processor.image_mean [0.5, 0.5, 0.5], not [0.2, 0.2, 0.2]"))
+    (source / "preprocessor_config.json").write_text(processor)
+    config = edited(source / "config.json", '"hidden_dropout_prob": 0.0', '"hidden_dropout_prob": 0.3')
+    refused(re.escape("the model's config.hidden_dropout_prob 0.0, not 0.3"))
+    (source / "config.json").write_text(config)
+    train = data / "train"
+    os.rename(train / "cat", train / "swap")
+    os.rename(train / "dog", train / "cat")
+    os.rename(train / "swap", train / "dog")
+    refused(r"training images' files \(paths, sizes, times, labels\) '[0-9a-f]{16}', not '[0-9a-f]{16}'")
+    os.rename(train / "cat", train / "swap")
+    os.rename(train / "dog", train / "cat")
+    os.rename(train / "swap", train / "dog")
+    assert finetune(source, resume=True, **settings).steps == 4
 
 
 def test_mixup_blends_each_image_with_another_of_the_batch():
