@@ -195,13 +195,22 @@ def _how_made(
     return "\n".join(lines)
 
 
-def _zero_shot_usage(name: str, config) -> Callable[[bool], str]:
+def _zero_shot_usage(name: str, config, trained: bool = False) -> Callable[[bool], str]:
     """A dual encoder's usage beyond the pipeline: its processor (the source's class: CLIPProcessor, SiglipProcessor,
     ...) and a forward pass on an image and texts, with the padding and activation transformers' zero-shot pipeline
     uses for the family (SigLIP: padded to 64 tokens, sigmoid), as a function of `remote`: True for the section
     without retrofit, whose every load of the export passes ``trust_remote_code=True`` (transformers 5.25's
-    AutoProcessor and AutoTokenizer read the export's config, and would ask whether to run its code)."""
+    AutoProcessor and AutoTokenizer read the export's config, and would ask whether to run its code). `trained`: the
+    image side was fine-tuned (the visual projection with it), so only the text side is the source's, bit-exact."""
     siglip = "siglip" in config.model_type
+    scale = "the logit scale and bias" if siglip else "the logit scale"
+    if trained:
+        kept = (
+            f"The text tower, the text projection and {scale} are the source's, bit-exact (fine-tuning trained the "
+            "image side only, the visual projection with it)"
+        )
+    else:
+        kept = f"The text tower, the projections and {scale} are the source's, bit-exact"
     padding = 'padding="max_length", max_length=64' if siglip else "padding=True"
     scores = "sigmoid()  # one probability per text" if siglip else "softmax(dim=-1)  # over the texts"
 
@@ -222,7 +231,7 @@ with torch.no_grad():
 scores = pipe(Image.open("photo.jpg"), candidate_labels=["cat", "dog"], hypothesis_template="a photo of a {{}}.")
 ```
 
-The text tower, the projections and the logit scale are the source's, bit-exact: its text embeddings are unchanged;
+{kept}: its text embeddings are unchanged;
 `get_image_features` and `get_text_features` work as on the source.
 """
 
@@ -287,7 +296,7 @@ def build_card(
             f"{probe.class_name} with the merger and a new classifier (a linear probe, a fine-tune), as it does for "
             "the source checkpoint.\n"
         )
-    zero_shot = _zero_shot_usage(name, config) if head.is_dual_encoder else lambda remote: ""
+    zero_shot = _zero_shot_usage(name, config, training is not None) if head.is_dual_encoder else lambda remote: ""
     content = f"""---
 {data.to_yaml()}
 ---

@@ -18,7 +18,6 @@ import string
 from typing import TYPE_CHECKING
 
 from .errors import RetrofitError, shown
-from .families import MERGED_SUFFIX
 
 if TYPE_CHECKING:
     import torch
@@ -135,11 +134,10 @@ def text_embeddings(model: torch.nn.Module, tokenizer, texts: list[str], *, batc
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
             inputs = tokenize(tokenizer, texts[start : start + batch_size], inner.config)
+            # the mask where the tokenizer gives one, as the pipeline passes it: the Hub's SigLIP tokenizers give none
+            # (their text tower was trained attending to the padding), SigLIP 2's and a SigLIP tokenizer saved
+            # without that setting (`model_input_names`) do
             inputs = {key: value.to(device) for key, value in inputs.items() if key in ("input_ids", "attention_mask")}
-            if inner.config.model_type.removesuffix(MERGED_SUFFIX) == "siglip":
-                # SigLIP's text tower attends to its padding (its tokenizer gives no mask to the pipeline); SigLIP 2's
-                # tokenizer gives one, which the pipeline passes, and so does retrofit
-                inputs.pop("attention_mask", None)
             features = inner.get_text_features(**inputs)
             embeds = getattr(features, "pooler_output", features).float()
             chunks.append(embeds / embeds.norm(p=2, dim=-1, keepdim=True))

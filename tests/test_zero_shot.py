@@ -335,6 +335,10 @@ def test_finetune_trains_the_image_side_and_keeps_the_text_tower(name, duals, im
     card = (out / "README.md").read_text()
     assert "cosine distance (1 − cos) of the normalised image embeddings" in card
     assert "KL divergence of the image-text similarity distributions" in card and "text tower frozen" in card
+    # the card claimed the projections bit-exact, the visual projection trained
+    scale = "the logit scale and bias" if name == "siglip" else "the logit scale"
+    assert f"The text tower, the text projection and {scale} are the source's, bit-exact (fine-tuning" in card
+    assert "the projections" not in card
 
 
 def test_prompt_weight_is_refused_where_it_cannot_work(tiny_vit, images, tmp_path, capsys):
@@ -693,17 +697,25 @@ def test_zero_shot_logits_are_the_models_logits_per_image(duals):
 
     texts = ["a photo of a cat.", "a photo of a dog.", "a photo of a bird."]
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    for name, path in (("clip", duals["clip"][0]), ("siglip", duals["siglip"][1])):  # a source, an export
+    # SigLIP: a tokenizer that gives a mask (transformers' default), and one that gives none (the Hub's SigLIP
+    # tokenizers: `model_input_names` ["input_ids"]); the pipeline passes the text tower what the tokenizer gives
+    cases = [
+        ("clip", duals["clip"][0], True),
+        ("siglip", duals["siglip"][1], True),
+        ("siglip", duals["siglip"][1], False),
+    ]
+    for name, path, masked in cases:  # a source, an export
         model, config = load_model(path).eval(), load_config(path)
         tokenizer = load_tokenizer(path, config)
+        if not masked:
+            tokenizer.model_input_names = ["input_ids"]
         with torch.no_grad():
             model.logit_scale.fill_(1.5)  # exp: 4.48, not the scale's 1.5 itself
             if name == "siglip":
                 model.logit_bias.fill_(-0.75)
             padding = {"padding": "max_length", "max_length": 64} if name == "siglip" else {"padding": True}
             inputs = tokenizer(texts, return_tensors="pt", **padding)
-            if name == "siglip":  # the pipeline gives SigLIP's text tower no mask
-                inputs.pop("attention_mask", None)
+            assert ("attention_mask" in inputs) == masked
             expected = model(pixel_values=pixels, **inputs).logits_per_image
             text_embeds = text_embeddings(model, tokenizer, texts)
             got = zero_shot_logits(model, image_embeddings(model, pixels), text_embeds)
