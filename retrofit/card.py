@@ -365,6 +365,7 @@ def _not_evaluated(source: str) -> str:
 # several batch sizes (named in `retrofit.atomic`, which tells them from a user's files of the same name).
 MODEL_NAME = "model_name"  # in `RESULTS_FILE`: the name `update_card` gave the model in the card's model-index
 MEASURED_KEY = "model_sha256"  # in `RESULTS_FILE`: the model its results were measured on (`export_model_sha256`)
+TOKENIZER_KEY = "tokenizer_sha256"  # and the tokenizer a dual encoder's zero-shot results read the prompts with
 
 
 def export_model_sha256(export: str | Path) -> str | None:
@@ -377,6 +378,22 @@ def export_model_sha256(export: str | Path) -> str | None:
     return weights_sha256([*weights, *(path for path in settings if path.is_file())]) if weights else None
 
 
+def measured_on(export: str | Path) -> dict[str, str | None]:
+    """What `RESULTS_FILE` records of the model its results were measured on: `export_model_sha256`, and the sha256
+    of the tokenizer files (`atomic.TOKENIZER_FILES`) the export holds (None: none), which a dual encoder's zero-shot
+    scores depend on as much as on its weights. A key a results file lacks (written before it was recorded) is taken
+    as the same."""
+    from .atomic import TOKENIZER_FILES
+    from .provenance import weights_sha256
+
+    tokenizer = [Path(export) / name for name in TOKENIZER_FILES if (Path(export) / name).is_file()]
+    return {MEASURED_KEY: export_model_sha256(export), TOKENIZER_KEY: weights_sha256(tokenizer)}
+
+
+def _measured_on_another(results: dict, now: dict[str, str | None]) -> bool:
+    return any(key in results and results[key] != value for key, value in now.items())
+
+
 def stale_results(export: str | Path) -> str | None:
     """Why the results stored in `export`'s card are not of the weights it holds now (None: they are, or none are
     stored, or they were stored before retrofit recorded the weights)."""
@@ -386,12 +403,11 @@ def stale_results(export: str | Path) -> str | None:
         return None
     if not isinstance(results, dict) or not any(key in results for key in _REPORTS):
         return None
-    recorded = results.get(MEASURED_KEY)
-    if recorded is None or recorded == export_model_sha256(export):
+    if results.get(MEASURED_KEY) is None or not _measured_on_another(results, measured_on(export)):
         return None
     return (
-        "its card's results were measured on another model than the folder holds now (its weights, config.json or "
-        "image processor changed after the --card run)"
+        "its card's results were measured on another model than the folder holds now (its weights, config.json, "
+        "image processor or tokenizer changed after the --card run)"
     )
 
 
@@ -926,11 +942,11 @@ def update_card(
     _check_card_files(export)
     results = _load_results(export)
     previous = _render(results)[1] or []  # the model-index entries retrofit wrote from what is stored
-    model = export_model_sha256(export)
-    changed = results.get(MEASURED_KEY, model) != model
+    model = measured_on(export)
+    changed = _measured_on_another(results, model)
     if changed:  # measured on another model than the export holds now (retrained, relabelled): they go
         results = {key: value for key, value in results.items() if key not in _REPORTS}
-    results[MEASURED_KEY] = model
+    results |= model
     if run is not None:
         results["run"] = _published(dict(run))
     for key, report in (("evaluation", evaluation), ("benchmark", benchmark)):

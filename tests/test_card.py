@@ -153,7 +153,8 @@ def test_update_card_writes_before_after_table_and_model_index(tiny_vit, export_
     assert metadata["model-index"][0]["results"][0]["task"]["type"] == "image-classification"
     assert metadata["library_name"] == "transformers" and "patch-merger" in metadata["tags"]
     stored = json.loads((folder / "retrofit_results.json").read_text())
-    assert set(stored) == {"evaluation", "benchmark", "model_name", "model_sha256"}  # name in model-index; the model
+    # the name in the model-index; the model and tokenizer the results were measured on
+    assert set(stored) == {"evaluation", "benchmark", "model_name", "model_sha256", "tokenizer_sha256"}
     # The rest of the card is untouched, and only one Results section exists.
     assert card.text.count("## Results") == 1 and "## How to use" in card.text
 
@@ -276,10 +277,20 @@ def test_results_of_weights_changed_since_are_neither_shown_nor_pushed(tiny_vit,
     assert "evaluation" not in stored and "benchmark" in stored and stale_results(folder) is None
     card = ModelCard.load(folder / "README.md")
     assert not card.data.eval_results and "85.00 %" not in card.text and "1.80×" in card.text
-    config = json.loads((folder / "config.json").read_text())  # the classes renamed, the weights as they were
+    written = (folder / "config.json").read_text()
+    config = json.loads(written)  # the classes renamed, the weights as they were
     config["id2label"] = {key: f"class {key}" for key in config["id2label"]}
     (folder / "config.json").write_text(json.dumps(config))
     assert "measured on another model" in stale_results(folder)
+    (folder / "config.json").write_text(written)
+    assert stale_results(folder) is None
+    # a tokenizer put in since: a dual encoder's zero-shot scores read the prompts with it (they stayed, pushed)
+    (folder / "tokenizer.json").write_text("{}")
+    assert "image processor or tokenizer changed" in stale_results(folder)
+    stored = json.loads((folder / "retrofit_results.json").read_text())
+    del stored["tokenizer_sha256"]  # results stored before the tokenizer was recorded: not compared
+    (folder / "retrofit_results.json").write_text(json.dumps(stored))
+    assert stale_results(folder) is None
 
 
 def test_a_card_names_local_models_and_data_without_their_paths(tiny_vit, export_dir, tmp_path):
