@@ -13,7 +13,7 @@ from .atomic import check_output, hold_write_lock, releases_write_locks
 from .card import TrainingInfo
 from .cost import Cost, compare, model_cost
 from .errors import RetrofitError, check_arguments, log_to_stderr
-from .export import export
+from .export import check_tokenizer_files_kept, export
 from .loading import (
     NO_TOKENIZER_NOTE,
     check_runs_on_its_images,
@@ -93,6 +93,7 @@ def run_convert(
     config = load_config(source, trust_remote_code=args.trust_remote_code, revision=args.revision, task=args.task)
     processor = load_image_processor(source, config, revision=args.revision, log=log)
     tokenizer = load_tokenizer(source, config, revision=args.revision, log=log)  # dual encoders only
+    check_tokenizer_files_kept(output, args.overwrite, tokenizer)
     image_size = processor_image_size(processor)
     check_merge(config, args.after_layer, args.tokens, image_size, rope_positions=args.rope_positions)
     model = load_model(source, config=config, trust_remote_code=args.trust_remote_code, revision=args.revision)

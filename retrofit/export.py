@@ -54,6 +54,7 @@ def export(
             "init_empty_weights or device_map without loading them); load the weights first"
         )
     output = os.path.expanduser(output)  # "~/pm" is in the home folder, as in the settings of every command
+    check_tokenizer_files_kept(output, overwrite, tokenizer)
     family, head = family_and_head(model.config)
     classes = load_classes(family, head)
     model.config.auto_map = dict(classes.auto_map)
@@ -86,6 +87,37 @@ def export(
 
         remember(record)
     return Path(output)
+
+
+def tokenizer_file_names(tokenizer) -> set[str]:
+    """The names of the files `tokenizer` writes into an export (None: none)."""
+    import tempfile
+
+    if tokenizer is None:
+        return set()
+    with tempfile.TemporaryDirectory(prefix="retrofit-tokenizer-") as folder:
+        tokenizer.save_pretrained(folder)
+        return {path.name for path in Path(folder).iterdir()}
+
+
+def check_tokenizer_files_kept(output: str | Path | None, overwrite: bool, tokenizer) -> None:
+    """Refuse, in one line and before any work, to replace an export holding tokenizer files that the new one would
+    not write (`tokenizer` None: its source has none, or one of another kind). Those are the user's: an export of a
+    dual encoder without a tokenizer asks for the source's to be copied in, and `--overwrite` replaces only what
+    retrofit wrote, which it cannot tell by the files' names."""
+    if output is None or not overwrite or not Path(output).is_dir() or Path(output).is_symlink():
+        return
+    present = [name for name in TOKENIZER_FILES if (Path(output) / name).is_file()]
+    if not present:
+        return
+    lost = [name for name in present if name not in tokenizer_file_names(tokenizer)]
+    if lost:
+        why = "has no tokenizer: its source has none" if tokenizer is None else "writes no file of that name"
+        raise RetrofitError(
+            f"--output '{output}' holds {', '.join(lost)}, which retrofit did not write there (this export {why}), "
+            "so --overwrite would delete them; move them out (put a tokenizer into the source to export it), or "
+            "choose another --output"
+        )
 
 
 def _check_arguments(output, image_processor, card, training, tokenizer) -> None:

@@ -149,6 +149,7 @@ def prepare(
         run_settings,
         training_options,
     )
+    from .export import check_tokenizer_files_kept
     from .loading import (
         NO_TOKENIZER_NOTE,
         check_runs_on_its_images,
@@ -189,6 +190,7 @@ def prepare(
     task = family_and_head(config)[1].pipeline_tag  # the teacher is loaded as the same kind of model
     processor = load_image_processor(source, config, revision=args.revision, log=log)
     tokenizer = load_tokenizer(source, config, revision=args.revision, log=log)  # dual encoders only
+    check_tokenizer_files_kept(args.output, args.overwrite or resuming, tokenizer)
     if args.prompt_weight:
         check_prompt_weight(args, config, tokenizer)
     if is_merged(config):

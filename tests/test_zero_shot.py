@@ -655,6 +655,19 @@ def test_a_dual_encoder_exported_without_a_tokenizer_says_so_in_its_card(duals, 
     convert(bare, after_layer=2, num_tokens=3, output=tmp_path / "pm", log=logged.append)
     assert any("has no tokenizer files" in line for line in logged)
     assert "- no tokenizer: the source had no usable one" in (tmp_path / "pm" / "README.md").read_text()
+    # the user copies the source's tokenizer in, as the card says: --overwrite from the bare source deleted it
+    added = [path.name for path in source.iterdir() if not (bare / path.name).exists()]
+    assert "tokenizer_config.json" in added
+    for name in added:
+        (tmp_path / "pm" / name).write_bytes((source / name).read_bytes())
+    for run in (lambda: convert(bare, after_layer=2, num_tokens=2, output=tmp_path / "pm", overwrite=True),
+                lambda: finetune(bare, after_layer=2, num_tokens=2, data=str(images), max_steps=1, batch_size=4,
+                                 output=tmp_path / "pm", overwrite=True, log=lambda *_: None)):  # fmt: skip
+        with pytest.raises(
+            RetrofitError, match=r"^--output '.*pm' holds .*tokenizer_config.json.*, which retrofit did"
+        ):
+            run()
+    assert all((tmp_path / "pm" / name).is_file() for name in added)
     convert(source, after_layer=2, num_tokens=3, output=tmp_path / "pm", overwrite=True, log=logged.append)
     assert "no tokenizer" not in (tmp_path / "pm" / "README.md").read_text()
     with pytest.raises(RetrofitError, match=r"^--prompt-weight embeds prompts with the model's tokenizer, and '.*'"):
