@@ -523,7 +523,12 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
         PartialState().wait_for_everyone()  # the other processes wait while it times, not working beside it
 
     zero_shot, prompts = _zero_shot_scorer(args, ready, evaluation, log) if evaluation.zero_shot else (None, [])
-    zero_shot_before = zero_shot([baseline, ready.model]) if zero_shot else None  # the untrained merger too
+    # the untrained merger too, but not a resumed run's: calibration is not run again, so its model is not the
+    # calibrated start its checkpoints began from (the row's accuracy is that start's, from the checkpoints' record)
+    unscored_start = ready.resuming and ready.init.startswith("calibrated")
+    if zero_shot and unscored_start:
+        log("note: a resumed run does not calibrate again, so its calibrated start gets no zero-shot score (n/a)")
+    zero_shot_before = zero_shot([baseline] if unscored_start else [baseline, ready.model]) if zero_shot else None
     if zero_shot_before:
         rows[0] |= _zero_shot_cells(zero_shot_before[0])
         log(f"baseline zero-shot top-1: {100 * rows[0]['zero_shot_top1']:.2f} %")
@@ -537,7 +542,8 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
         init = "as exported" if continued else "calibrated init" if args.calibrate else "random init"
         rows.append({"model": f"{tag}, {init}, no training", column: history[0][quality],
                      "gflops": merged_cost.gflops, "images_per_s": speeds.get("merged")}
-                    | (_zero_shot_cells(zero_shot_before[1]) if zero_shot_before else {}))  # fmt: skip
+                    | (_zero_shot_cells(zero_shot_before[1]) if zero_shot_before and not unscored_start
+                       else {"zero_shot_top1": None, "agreement": None} if zero_shot_before else {}))  # fmt: skip
     after = {}
     if zero_shot:  # every process: the scores are gathered across them; agreement with the baseline's predictions
         reference = zero_shot_before[0]["predictions"]

@@ -443,6 +443,44 @@ def test_a_dual_encoder_recipe_reports_zero_shot_before_and_after(tmp_path, caps
         load_recipe(write(tmp_path / "bad.yaml", recipe))
 
 
+def test_a_resumed_dual_encoder_recipe_gives_its_calibrated_start_no_zero_shot_score_of_another_model(tmp_path):
+    """A resumed run does not calibrate again: the "calibrated init, no training" row's zero-shot cells scored the
+    random merger the resumed run starts from, not the calibrated one its checkpoints began with. They are n/a; its
+    similarity (from the checkpoints' record of the step-0 evaluation) and the other rows are scored as before."""
+    import torch
+    from conftest import save_tiny, tiny_clip_tokenizer
+    from test_families import _clip
+
+    from retrofit.finetune import run_finetune
+    from retrofit.recipes import finetune_args
+
+    source = tmp_path / "clip"
+    torch.manual_seed(0)
+    save_tiny(_clip(), source)
+    tiny_clip_tokenizer().save_pretrained(source)
+    data = make_imagefolder(tmp_path / "animals", per_class=4, test_per_class=4)
+    recipe = tiny_recipe(source, data, tmp_path / "out")
+    recipe["merge"]["calibrate"] = True
+    recipe["training"] |= {"batch_size": 4, "save_every": 1}
+    recipe["evaluation"] |= {"zero_shot": True, "speed": False}
+    path = write(tmp_path / "clip.yaml", recipe)
+    whole = run_recipe(path, progress=False, log=lambda *_: None)["rows"]
+    assert whole[1]["model"].endswith("calibrated init, no training") and whole[1]["zero_shot_top1"] is not None
+    recipe["export"]["output"] = str(tmp_path / "cut")
+    path = write(tmp_path / "clip.yaml", recipe)
+    # as the recipe's run (its step-0 evaluation included), interrupted after step 1
+    run_finetune(finetune_args(load_recipe(path), overwrite=False, resume=False), eval_at_start=True, stop_after=1,
+                 progress=False, log=lambda _: None)  # fmt: skip
+    lines: list[str] = []
+    resumed = run_recipe(path, resume=True, progress=False, log=lines.append)["rows"]
+    assert resumed[1]["model"] == whole[1]["model"]
+    assert (resumed[1]["zero_shot_top1"], resumed[1]["agreement"]) == (None, None)
+    assert resumed[1]["similarity"] == whole[1]["similarity"] and resumed[0] == whole[0]
+    assert resumed[2]["zero_shot_top1"] == whole[2]["zero_shot_top1"]
+    assert any("its calibrated start gets no zero-shot score" in line for line in lines)
+    assert "| n/a | n/a |" in (tmp_path / "cut" / "README.md").read_text()
+
+
 def test_a_mapping_given_for_a_section_sets_its_keys_and_null_is_refused(tmp_path, capsys):
     """`--set 'training={lr: 1.0e-4}'` replaced the whole section: max_steps (and epochs, loss, ...) fell back to their
     defaults without a word, so the run trained for full epochs. A mapping now sets the keys it names, also inside
