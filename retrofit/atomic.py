@@ -404,6 +404,12 @@ def check_checkpoint_dir(
         raise RetrofitError(f"{option} '{folder}' exists and is not a folder; choose another {option}")
     _refuse_shipped(folder, option)
     _refuse_inside_outputs(folder, option)
+    for kind in (EXPORT, BASELINE, SWEEP):  # the folder itself: its checkpoints would be among the export's files
+        if folder.resolve().is_dir() and kind.marks(folder.resolve()):
+            raise RetrofitError(
+                f"{option} '{folder}' is {kind.name}, whose files are its own (pushed with it, replaced by its "
+                f"--overwrite); put the checkpoints elsewhere (the default is <output>-checkpoints)"
+            )
     _check_writable(folder / "x" if folder.is_dir() else folder, option)
     return folder
 

@@ -979,6 +979,10 @@ def test_no_output_folder_goes_into_a_folder_retrofit_wrote(tiny_vit, export_dir
     err = refused(capsys, "finetune", tiny_vit, *merge, "--data", "fashion-mnist", "-o", tmp_path / "ft",
                   "--checkpoint-dir", export / "ck")  # fmt: skip
     assert f"--checkpoint-dir '{export / 'ck'}' is inside a retrofit export" in err
+    for folder in (export, tmp_path / "work" / "link"):  # the export itself (its run.json, step-* were its files)
+        err = refused(capsys, "finetune", tiny_vit, *merge, "--data", "fashion-mnist", "-o", tmp_path / "ft",
+                      "--checkpoint-dir", folder)  # fmt: skip
+        assert f"--checkpoint-dir '{folder}' is a retrofit export, whose files are its own" in err
     assert tree(export) == before
     assert main(["convert", str(tiny_vit), *merge, "-o", str(export), "--overwrite"]) == 0  # still its own to replace
     assert main(["convert", str(tiny_vit), *merge, "-o", str(export / ".." / "beside")]) == 0  # next to it: fine
