@@ -384,6 +384,7 @@ MAX_WORKERS = 1024
 MAX_GRAD_ACCUM = 1_000_000
 MAX_LABELS = 1_000_000
 MAX_EPOCHS = 1_000_000
+MAX_STEPS = 1_000_000_000  # --max-steps, --min-steps: far past any run, within the schedule's float arithmetic
 MAX_CHECK_IMAGES = 1024
 # --lr and --merger-lr-scale: AdamW's first step is 10 x their product, kept in float32 (1e300 raised a RuntimeError
 # from the optimizer); 1e6 each keeps it far inside, and far above any learning rate that trains.
@@ -588,10 +589,12 @@ class TrainSettings(Settings):
         1.0, "epochs (fractions allowed); a budget below --min-steps is raised to it (more epochs of small data)",
         at_most=MAX_EPOCHS,
     )  # fmt: skip
-    max_steps: int | None = setting(None, "optimizer steps, exactly (overrides --epochs, --min-steps)", positive=True)
+    max_steps: int | None = setting(
+        None, "optimizer steps, exactly (overrides --epochs, --min-steps)", positive=True, at_most=MAX_STEPS
+    )
     min_steps: int = setting(
         1000, "the fewest optimizer steps an --epochs budget trains: on small data a few epochs are too few steps to "
-        "recover, so the run takes more epochs (docs/recovery.md, small data); 0: off", at_least=0,
+        "recover, so the run takes more epochs (docs/recovery.md, small data); 0: off", at_least=0, at_most=MAX_STEPS,
     )  # fmt: skip
     lr: float = setting(2e-4, "peak learning rate", positive=True, at_most=MAX_LR)
     merger_lr_scale: float = setting(

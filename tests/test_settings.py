@@ -240,7 +240,15 @@ def test_a_count_far_above_any_real_use_is_refused_in_one_line(capsys):
     check batch, --num-labels 1e30 raised MemoryError naming the new head's labels, --epochs 1e308 raised
     OverflowError counting the steps, --num-workers 1e30 would have forked processes until the system refused, and
     --grad-accum 1e30 raised OverflowError at the first step (Accelerate divides the loss by it)."""
-    from retrofit.settings import MAX_CHECK_IMAGES, MAX_EPOCHS, MAX_GRAD_ACCUM, MAX_LABELS, MAX_WORKERS, ExportOnnxArgs
+    from retrofit.settings import (
+        MAX_CHECK_IMAGES,
+        MAX_EPOCHS,
+        MAX_GRAD_ACCUM,
+        MAX_LABELS,
+        MAX_STEPS,
+        MAX_WORKERS,
+        ExportOnnxArgs,
+    )
 
     huge = str(10**30)
     for argv, message in (
@@ -255,6 +263,9 @@ def test_a_count_far_above_any_real_use_is_refused_in_one_line(capsys):
         ),
         (["finetune", "s", "-o", "o", "--data", "d", "--num-workers", huge], "--num-workers must be at most 1,024"),
         (["finetune", "s", "-o", "o", "--data", "d", "--grad-accum", huge], "--grad-accum must be at most 1,000,000"),
+        # OverflowError counting the budget, after the model was loaded and calibrated
+        (["finetune", "s", "-o", "o", "--data", "d", "--max-steps", huge], "--max-steps must be at most 1,000,000,000"),
+        (["finetune", "s", "-o", "o", "--data", "d", "--min-steps", huge], "--min-steps must be at most 1,000,000,000"),
     ):
         assert main(argv) == 2
         assert capsys.readouterr().err.startswith(f"retrofit: error: {message}")
@@ -269,8 +280,10 @@ def test_a_count_far_above_any_real_use_is_refused_in_one_line(capsys):
         in (capsys.readouterr().err)
     )
     good = FinetuneArgs(source="s", output="o", data="d", num_labels=MAX_LABELS, epochs=MAX_EPOCHS,
-                        num_workers=MAX_WORKERS, grad_accum=MAX_GRAD_ACCUM)  # fmt: skip
+                        num_workers=MAX_WORKERS, grad_accum=MAX_GRAD_ACCUM, max_steps=MAX_STEPS,
+                        min_steps=MAX_STEPS)  # fmt: skip
     assert (good.num_labels, good.num_workers, good.grad_accum) == (MAX_LABELS, MAX_WORKERS, MAX_GRAD_ACCUM)
+    assert good.max_steps == good.min_steps == MAX_STEPS
     assert ExportOnnxArgs(model="m", output="m.onnx", images=MAX_CHECK_IMAGES).images == MAX_CHECK_IMAGES
 
 
