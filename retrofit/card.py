@@ -390,8 +390,23 @@ def measured_on(export: str | Path) -> dict[str, str | None]:
     return {MEASURED_KEY: export_model_sha256(export), TOKENIZER_KEY: weights_sha256(tokenizer)}
 
 
-def _measured_on_another(results: dict, now: dict[str, str | None]) -> bool:
-    return any(key in results and results[key] != value for key, value in now.items())
+def _stale_reports(results: dict, now: dict[str, str | None]) -> set[str]:
+    """The reports in `results` (`_REPORTS`) measured on another model than `now` (`measured_on`): all of them where
+    the weights or settings changed; where only the tokenizer did, those that read it (zero-shot scores)."""
+    stored = {key for key in _REPORTS if key in results}
+    if MEASURED_KEY in results and results[MEASURED_KEY] != now[MEASURED_KEY]:
+        return stored
+    if TOKENIZER_KEY in results and results[TOKENIZER_KEY] != now[TOKENIZER_KEY]:
+        return {key for key in stored if _reads_the_tokenizer(results[key])}
+    return set()
+
+
+def _reads_the_tokenizer(report) -> bool:
+    """Whether a stored report holds zero-shot scores: an evaluation with ``--zero-shot``, a recipe's table with
+    zero-shot columns (a benchmark's speed never reads the tokenizer)."""
+    if not isinstance(report, dict):
+        return False
+    return report.get("metric") == "zero-shot" or "zero-shot top-1" in str(report.get("table", ""))
 
 
 def stale_results(export: str | Path) -> str | None:
@@ -403,7 +418,7 @@ def stale_results(export: str | Path) -> str | None:
         return None
     if not isinstance(results, dict) or not any(key in results for key in _REPORTS):
         return None
-    if results.get(MEASURED_KEY) is None or not _measured_on_another(results, measured_on(export)):
+    if results.get(MEASURED_KEY) is None or not _stale_reports(results, measured_on(export)):
         return None
     return (
         "its card's results were measured on another model than the folder holds now (its weights, config.json, "
@@ -943,10 +958,8 @@ def update_card(
     results = _load_results(export)
     previous = _render(results)[1] or []  # the model-index entries retrofit wrote from what is stored
     model = measured_on(export)
-    changed = _measured_on_another(results, model)
-    if changed:  # measured on another model than the export holds now (retrained, relabelled): they go
-        results = {key: value for key, value in results.items() if key not in _REPORTS}
-    results |= model
+    dropped = _stale_reports(results, model)  # measured on another model than the export holds now: they go
+    results = {key: value for key, value in results.items() if key not in dropped} | model
     if run is not None:
         results["run"] = _published(dict(run))
     for key, report in (("evaluation", evaluation), ("benchmark", benchmark)):
@@ -976,11 +989,11 @@ def update_card(
         drawn = batch_size_figure(results["benchmark"])  # its legend names the models as the card does
     ours = _is_our_curve(curve)
     # a curve of an older benchmark than the new one, or of another model
-    stale = ours and drawn is None and (benchmark is not None or changed)
+    stale = ours and drawn is None and (benchmark is not None or "benchmark" in dropped)
     has_curve = drawn is not None or (ours and not stale)
     section, eval_results = _render(results, has_curve)
     card.text = _replace_results(card.text, section)
-    if eval_results is not None or changed:  # entries of an earlier evaluation go; those the user added stay, first
+    if eval_results is not None or "evaluation" in dropped:  # an earlier evaluation's entries go; the user's stay
         new = eval_results or []
         kept = [result for result in card.data.eval_results or [] if not _is_ours(result, previous, new)]
         card.data.eval_results = kept + _kept_apart(new, kept) or None

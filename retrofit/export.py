@@ -101,14 +101,21 @@ def tokenizer_file_names(tokenizer) -> set[str]:
 
 
 def check_tokenizer_files_kept(output: str | Path | None, overwrite: bool, tokenizer) -> None:
-    """Refuse, in one line and before any work, to replace an export holding tokenizer files that the new one would
-    not write (`tokenizer` None: its source has none, or one of another kind). Those are the user's: an export of a
-    dual encoder without a tokenizer asks for the source's to be copied in, and `--overwrite` replaces only what
-    retrofit wrote, which it cannot tell by the files' names."""
-    if output is None or not overwrite or not Path(output).is_dir() or Path(output).is_symlink():
+    """Refuse, in one line and before any work, to replace an export that retrofit wrote without a tokenizer (its
+    card says so: `NO_TOKENIZER_NOTE`) and that holds tokenizer files now, which the new export would not write. The
+    card asks the user to copy the source's tokenizer in, so those files are the user's, and `--overwrite` replaces
+    only what retrofit wrote (which it tells by the files' names: `atomic.TOKENIZER_FILES`)."""
+    from .loading import NO_TOKENIZER_NOTE
+
+    folder = Path(output) if output is not None else None
+    if folder is None or not overwrite or not folder.is_dir() or folder.is_symlink():
         return
-    present = [name for name in TOKENIZER_FILES if (Path(output) / name).is_file()]
-    if not present:
+    present = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    try:
+        wrote_none = NO_TOKENIZER_NOTE in (folder / "README.md").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        wrote_none = False
+    if not present or not wrote_none:
         return
     lost = [name for name in present if name not in tokenizer_file_names(tokenizer)]
     if lost:

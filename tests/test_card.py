@@ -257,7 +257,7 @@ def test_results_of_weights_changed_since_are_neither_shown_nor_pushed(tiny_vit,
     push refuses to publish them, and the next --card run drops them (and their curve) before adding its own."""
     from safetensors.torch import load_file, save_file
 
-    from retrofit.card import stale_results
+    from retrofit.card import _stale_reports, measured_on, stale_results
     from retrofit.cli import main
 
     folder = tmp_path / "vit-pm"
@@ -284,12 +284,17 @@ def test_results_of_weights_changed_since_are_neither_shown_nor_pushed(tiny_vit,
     assert "measured on another model" in stale_results(folder)
     (folder / "config.json").write_text(written)
     assert stale_results(folder) is None
-    # a tokenizer put in since: a dual encoder's zero-shot scores read the prompts with it (they stayed, pushed)
+    # a tokenizer put in since: a dual encoder's zero-shot scores read the prompts with it (they stayed, pushed);
+    # speed and accuracy against labels do not (a tokenizer copied into an export as its card asks kept them)
     (folder / "tokenizer.json").write_text("{}")
-    assert "image processor or tokenizer changed" in stale_results(folder)
+    assert stale_results(folder) is None
     stored = json.loads((folder / "retrofit_results.json").read_text())
-    del stored["tokenizer_sha256"]  # results stored before the tokenizer was recorded: not compared
-    (folder / "retrofit_results.json").write_text(json.dumps(stored))
+    zero_shot = stored | {"evaluation": {"metric": "zero-shot"}}
+    (folder / "retrofit_results.json").write_text(json.dumps(zero_shot))
+    assert "image processor or tokenizer changed" in stale_results(folder)
+    assert _stale_reports(zero_shot, measured_on(folder)) == {"evaluation"}  # what the next --card drops
+    del zero_shot["tokenizer_sha256"]  # results stored before the tokenizer was recorded: not compared
+    (folder / "retrofit_results.json").write_text(json.dumps(zero_shot))
     assert stale_results(folder) is None
 
 

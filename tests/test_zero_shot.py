@@ -669,6 +669,12 @@ def test_a_dual_encoder_exported_without_a_tokenizer_says_so_in_its_card(duals, 
             run()
     assert all((tmp_path / "pm" / name).is_file() for name in added)
     convert(source, after_layer=2, num_tokens=3, output=tmp_path / "pm", overwrite=True, log=logged.append)
+    # an export whose tokenizer retrofit wrote is replaced whole, by one without a tokenizer too
+    convert(bare, after_layer=2, num_tokens=3, output=tmp_path / "other", log=logged.append)
+    convert(source, after_layer=2, num_tokens=3, output=tmp_path / "other", overwrite=True, log=logged.append)
+    assert (tmp_path / "other" / "tokenizer_config.json").is_file()
+    convert(bare, after_layer=2, num_tokens=3, output=tmp_path / "other", overwrite=True, log=logged.append)
+    assert not (tmp_path / "other" / "tokenizer_config.json").exists()
     assert "no tokenizer" not in (tmp_path / "pm" / "README.md").read_text()
     with pytest.raises(RetrofitError, match=r"^--prompt-weight embeds prompts with the model's tokenizer, and '.*'"):
         finetune(bare, after_layer=2, num_tokens=3, data=str(images), prompt_weight=1.0, max_steps=1, batch_size=4,
