@@ -307,7 +307,7 @@ def local_or_named(value: str | None) -> str | None:
     return os.path.abspath(value) if value and os.path.exists(value) else value
 
 
-IMAGE_FILES = "training images' files (paths, sizes, times, labels)"
+IMAGE_FILES = "training images' files (paths, sizes, labels)"
 # config fields that name where or how a model was loaded, not what it is
 _NOT_THE_MODEL = ("_name_or_path", "transformers_version", "merge_source", "dtype", "torch_dtype", "_commit_hash")
 

@@ -1147,9 +1147,10 @@ def _in_mode(image, mode: str):
 
 def image_files_digest(dataset) -> str | None:
     """A digest of the image files a `datasets.Dataset` (columns "image" and maybe "label") reads from disk, in its
-    order: each file's path, size and modification time, and its label. Files rewritten, replaced or moved to another
-    class since change it, where the number of images stays. None where no image is a file (images held in the data:
-    a ``save_to_disk`` folder, Fashion-MNIST, a Hub dataset at its recorded commit). Once per command."""
+    order: each file's path, size and label. Files moved to another class, renamed, or rewritten at another size since
+    change it, where the number of images stays; copied anew (unpacked again, staged to another disk at the same
+    path) they do not, as their modification times would. None where no image is a file (images held in the data: a
+    ``save_to_disk`` folder, Fashion-MNIST, a Hub dataset at its recorded commit). Once per command."""
     from datasets import Image
 
     from .reads import command_memo
@@ -1166,11 +1167,10 @@ def image_files_digest(dataset) -> str | None:
                 if stored.as_py() or not path:
                     continue
                 try:
-                    stat = os.stat(path)
-                    size, changed = stat.st_size, stat.st_mtime_ns
+                    size = os.stat(path).st_size
                 except OSError:  # gone: loading it says so
-                    size = changed = None
-                total.update(f"{path}\0{size}\0{changed}\0{label}\n".encode())
+                    size = None
+                total.update(f"{path}\0{size}\0{label}\n".encode())
                 files += 1
         return total.hexdigest()[:16] if files else None
 
