@@ -690,16 +690,17 @@ def _saved_splits(folder: Path) -> dict:
 
 
 # Photo formats datasets' imagefolder does not read (not in its extensions): a folder of them would lose them quietly
-_UNREAD_IMAGES = {".heic", ".heif", ".avif", ".jxl", ".svg", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2"}
+_UNREAD_IMAGES = {".heic", ".heif", ".avif", ".avifs", ".jxl", ".svg", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf",
+                  ".rw2", ".mpo", ".qoi", ".pfm"}  # fmt: skip
 
 
 def _check_split_folders(folder: Path, splits: dict, data: str) -> None:
     """Refuse an image folder whose splits `datasets` took from class folders named like a split: it reads a folder
     named train, test, val, ... anywhere as a split, so a class 'train' (CIFAR-100's) puts test/train/ into the train
     split too, and a flat folder with a class 'train' becomes a train split of that class alone, the other classes
-    read by no split. An image in two splits, or (without a metadata file, which may leave images out on purpose)
-    an image in none or a photo in a format it skips (HEIC, AVIF, raw), and a linked folder (not followed), is one
-    line naming it."""
+    read by no split. An image twice in a split or in two splits, or (without a metadata file, which may leave images
+    out on purpose) an image in none or a photo in a format it skips (HEIC, AVIF, raw), and a linked folder (not
+    followed), is one line naming it."""
     from datasets import Image
     from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
@@ -707,6 +708,14 @@ def _check_split_folders(folder: Path, splits: dict, data: str) -> None:
     for name, split in splits.items():
         for item in column_values(split.cast_column("image", Image(decode=False)), "image"):
             path = os.path.realpath(item["path"])
+            if read.get(path) == name:  # a metadata file naming it twice: it counted twice, once per label
+                for image in _image_files(folder):  # or a $NAME datasets expanded made two paths one
+                    _check_no_variable(image, folder, data)
+                raise RetrofitError(
+                    f"image '{os.path.relpath(path, os.path.realpath(folder))}' of image folder '{data}' is in its "
+                    f"{name} split twice (its metadata file names it twice?), so it would count twice; name each "
+                    "image once"
+                )
             if read.setdefault(path, name) != name:
                 raise RetrofitError(
                     f"image '{os.path.relpath(path, os.path.realpath(folder))}' of image folder '{data}' is in both "
@@ -764,9 +773,9 @@ def _check_split_folders(folder: Path, splits: dict, data: str) -> None:
             )
         if path.suffix.lower() in _UNREAD_IMAGES:
             raise RetrofitError(
-                f"'{path.relative_to(folder)}' of image folder '{data}' is a {path.suffix[1:].upper()} image, a "
-                "format datasets' imagefolder skips without a word; convert it to JPEG or PNG, or move it out of the "
-                "folder"
+                f"'{path.relative_to(folder)}' of image folder '{data}' is an image in {path.suffix[1:].upper()} "
+                "format, which datasets' imagefolder skips without a word; convert it to JPEG or PNG, or move it out "
+                "of the folder"
             )
 
 

@@ -601,10 +601,17 @@ def test_a_class_folder_named_like_a_split_is_refused_not_read_as_a_split(tmp_pa
     hidden = folder(tmp_path / "hidden", ["bus", "car [old]", ".thumbnails", "__MACOSX"])
     data = load_split(hidden, "train")
     assert class_names(data) == ["bus", "car [old]"] and data["label"] == [0, 0, 1, 1]
-    (tmp_path / "hidden" / "car [old]" / "IMG_0001.HEIC").write_bytes(b"an iPhone photo")
-    with pytest.raises(RetrofitError, match=r"'car \[old\]/IMG_0001.HEIC' of image folder .* is a HEIC image"):
-        load_split(hidden, "train")
-    (tmp_path / "hidden" / "car [old]" / "IMG_0001.HEIC").unlink()
+    for photo in ("IMG_0001.HEIC", "IMG_0002.mpo"):  # (PIL reads MPO, a camera's JPEG; datasets skips it)
+        (tmp_path / "hidden" / "car [old]" / photo).write_bytes(b"a camera's photo")
+        kind = Path(photo).suffix[1:].upper()
+        with pytest.raises(RetrofitError, match=rf"'car \[old\]/{photo}' of image folder .* is an image in {kind} fo"):
+            load_split(hidden, "train")
+        (tmp_path / "hidden" / "car [old]" / photo).unlink()
+    twice = tmp_path / "twice"  # a metadata.csv naming one image twice (two labels): it counted twice
+    shutil.copytree(Path(hidden) / "bus", twice / "test")
+    (twice / "test" / "metadata.csv").write_text("file_name,label\n0.png,bus\n1.png,bus\n0.png,car\n")
+    with pytest.raises(RetrofitError, match=r"image 'test/0.png' of image folder .* is in its test split twice"):
+        load_split(str(twice), "test")
     (tmp_path / "linked").mkdir()
     (tmp_path / "linked" / "bus").symlink_to(Path(hidden) / "bus", target_is_directory=True)
     shutil.copytree(Path(hidden) / "car [old]", tmp_path / "linked" / "car")
