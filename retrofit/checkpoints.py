@@ -301,10 +301,13 @@ PROCESSES = "accelerate launch --num_processes"  # the data's order and the rand
 IMAGES = "training images (--data, --split)"
 
 
+PATH_OPTIONS = ("--data", "--teacher")  # recorded by `local_or_named`
+
+
 def local_or_named(value: str | None) -> str | None:
-    """A path that exists here as an absolute one (a resumed run may be started from another folder), else as it is
-    (a Hub id)."""
-    return os.path.abspath(value) if value and os.path.exists(value) else value
+    """A path that exists here as the folder it is, links resolved (a resumed run may be started from another folder,
+    or name it through a link), else as it is (a Hub id)."""
+    return os.path.realpath(value) if value and os.path.exists(value) else value
 
 
 IMAGE_FILES = "training images' files (paths, sizes, labels)"
@@ -396,6 +399,9 @@ def check_same_run(checkpoint_dir: Path, settings: dict) -> None:
                 f"'{checkpoint_dir}' holds checkpoints of a run with {was}, not {settings[key]}: resume with {fix}, "
                 "or pass --overwrite to start over"
             )
+    if isinstance(saved.get(OPTIONS), dict):  # a path recorded before links were resolved (`local_or_named`)
+        saved[OPTIONS] = {**saved[OPTIONS], **{key: local_or_named(value) for key, value in saved[OPTIONS].items()
+                                               if key in PATH_OPTIONS and isinstance(value, str)}}  # fmt: skip
     for key, value in settings.items():  # options and a caller's own settings (`train`'s same_run): JSON, by path
         if key in RUN_SETTINGS or key in ("budget", OUTPUT, INIT) or key not in saved:
             continue

@@ -1159,28 +1159,37 @@ def image_files_digest(dataset) -> str | None:
     order: each file's path, size and label. Files moved to another class, renamed, or rewritten at another size since
     change it, where the number of images stays; copied anew (unpacked again, staged to another disk at the same
     path) they do not, as their modification times would. None where no image is a file (images held in the data: a
-    ``save_to_disk`` folder, Fashion-MNIST, a Hub dataset at its recorded commit). Once per command."""
-    from datasets import Image
+    ``save_to_disk`` folder, Fashion-MNIST, a Hub dataset at its recorded commit). Read from the Arrow table's path
+    column and the bytes column's validity alone, so that images held in the data are never read. Once per command."""
+    import pyarrow as pa
 
     from .reads import command_memo
 
     def digest() -> str | None:
-        columns = [name for name in ("image", "label") if name in dataset.column_names]
-        rows = dataset.select_columns(columns).cast_column("image", Image(decode=False)).with_format("arrow")
+        table = dataset.data.table  # (memory-mapped) every row, before a selection (`_indices`) takes its rows
+        if "image" not in table.column_names or not pa.types.is_struct(table.schema.field("image").type):
+            return None  # not images as datasets' Image feature stores them: nothing here names files
+        images = table.column("image").chunks
+        if sum(chunk.field("bytes").null_count for chunk in images) == 0:
+            return None  # every image is held in the data
+        paths = pa.chunked_array([chunk.field("path") for chunk in images], pa.string())
+        stored = pa.chunked_array([chunk.field("bytes").is_valid() for chunk in images], pa.bool_())
+        labels = table.column("label") if "label" in table.column_names else None
+        if dataset._indices is not None:
+            rows = dataset._indices.column(0)
+            paths, stored = paths.take(rows), stored.take(rows)
+            labels = labels.take(rows) if labels is not None else None
         total, files = hashlib.sha256(), 0
-        for batch in rows.iter(batch_size=10_000):
-            images = batch.column("image").combine_chunks()
-            labels = batch.column("label").to_pylist() if "label" in columns else [None] * len(batch)
-            for path, stored, label in zip(images.field("path").to_pylist(), images.field("bytes").is_valid(),
-                                           labels, strict=True):  # fmt: skip
-                if stored.as_py() or not path:
-                    continue
-                try:
-                    size = os.stat(path).st_size
-                except OSError:  # gone: loading it says so
-                    size = None
-                total.update(f"{path}\0{size}\0{label}\n".encode())
-                files += 1
+        labels = labels.to_pylist() if labels is not None else [None] * len(paths)
+        for path, held, label in zip(paths.to_pylist(), stored.to_pylist(), labels, strict=True):
+            if held or not path:
+                continue
+            try:
+                size = os.stat(path).st_size
+            except OSError:  # gone: loading it says so
+                size = None
+            total.update(f"{path}\0{size}\0{label}\n".encode())
+            files += 1
         return total.hexdigest()[:16] if files else None
 
     return command_memo(("image files", dataset._fingerprint, len(dataset)), digest)

@@ -290,7 +290,7 @@ def check_onnx_file(path: str | Path) -> dict:
         raise RetrofitError(
             f"'{path}.data', the weights of '{path}', was changed after retrofit wrote it (quantised, cut short?), so "
             "what the graph's metadata says of it (dtype, FLOPs, source) no longer holds; time the files export-onnx "
-            "wrote, or write them again with `retrofit export-onnx`"
+            "wrote, or write new ones with `retrofit export-onnx` to another --output (these are kept as yours)"
         )
     if changed:
         raise RetrofitError(

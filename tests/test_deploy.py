@@ -250,7 +250,9 @@ def test_a_graph_whose_weights_file_is_missing_or_cut_short_is_one_line_in_bench
         if weights is not None:  # cut short: not the file retrofit wrote (its sha256 is recorded), refused first
             err = capsys.readouterr().err.strip()
             assert "was changed after retrofit wrote it (quantised, cut short?)" in err and "\n" not in err
-            assert "write them again with `retrofit export-onnx`" in err
+            assert "write new ones with `retrofit export-onnx` to another --output" in err
+            line = refused(capsys, "export-onnx", export_dir, "-o", graph, "--overwrite")  # as it says: kept
+            assert "was changed after retrofit wrote it" in line and data.read_bytes() == weights
             continue
         progress, err = capsys.readouterr().err.strip().splitlines()  # bench's progress is on stderr too
         assert progress == f"loading {graph} (ONNX Runtime) ..." and err.startswith("retrofit: error: ")

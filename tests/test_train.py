@@ -1453,7 +1453,11 @@ def test_resume_refuses_a_source_teacher_or_data_changed_in_place(tiny_vit, colo
     os.rename(train / "swap", train / "dog")
     shutil.rmtree(data)  # the same files copied anew (unpacked again: other modification times): the same data
     shutil.copytree(colours, data, copy_function=shutil.copy)
-    assert finetune(source, resume=True, **settings).steps == 4
+    # ... given through links: the same folders
+    (tmp_path / "data-link").symlink_to(data, target_is_directory=True)
+    (tmp_path / "teacher-link").symlink_to(teacher, target_is_directory=True)
+    links = {"data": str(tmp_path / "data-link"), "teacher": str(tmp_path / "teacher-link")}
+    assert finetune(source, resume=True, **{**settings, **links}).steps == 4
 
 
 def test_mixup_blends_each_image_with_another_of_the_batch():
