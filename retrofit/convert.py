@@ -96,7 +96,8 @@ def run_convert(
     check_tokenizer_files_kept(output, args.overwrite, tokenizer)
     image_size = processor_image_size(processor)
     check_merge(config, args.after_layer, args.tokens, image_size, rope_positions=args.rope_positions)
-    model = load_model(source, config=config, trust_remote_code=args.trust_remote_code, revision=args.revision)
+    model = load_model(source, config=config, trust_remote_code=args.trust_remote_code, revision=args.revision,
+                       new_classifier_ok=True)  # fmt: skip
     model.eval()
     check_runs_on_its_images(model, processor, source)
     with torch.random.fork_rng(devices=[]):  # the same export every time, and the caller's draws left alone

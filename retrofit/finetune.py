@@ -296,7 +296,10 @@ def _merge_source(args: FinetuneArgs, config, processor, task: str, merge_names:
     image_size = processor_image_size(processor)
     check_merge(config, args.after_layer, args.tokens, image_size, rope_positions=args.rope_positions,
                 names=merge_names)  # fmt: skip
-    base = load_model(args.source, config=config, trust_remote_code=args.trust_remote_code, revision=args.revision)
+    # a checkpoint saved as a classifier without one trains a new one from labels or another teacher (not from itself)
+    trained_anew = args.num_labels is not None or args.loss == "ce" or args.teacher is not None
+    base = load_model(args.source, config=config, trust_remote_code=args.trust_remote_code, revision=args.revision,
+                      new_classifier_ok=trained_anew)  # fmt: skip
     teacher = None
     if args.loss != "ce":  # its own copy: the merged model shares the source's tensors
         if args.teacher is None:

@@ -440,9 +440,14 @@ def load_model(
     trust_remote_code: bool = False,
     revision: str | None = None,
     dtype: str | torch.dtype | None = None,
+    new_classifier_ok: bool = False,
     **kwargs,
 ) -> PreTrainedModel:
     """Load a supported source checkpoint or a retrofit export as a transformers model.
+
+    A checkpoint saved as a classifier without its classifier's weights is refused in one line (scored, or used as a
+    teacher, its random classifier gives numbers that mean nothing) unless `new_classifier_ok` (a merge to be trained
+    with labels, a speed benchmark).
 
     Exports are loaded with retrofit's own generated classes, so no code from the folder is executed. `dtype`: None or
     ``"auto"`` (as stored), a floating-point `torch.dtype`, or its name as torch or ``retrofit bench --dtype`` spells
@@ -471,6 +476,16 @@ def load_model(
         raise _source_error(source, exc) from exc
     _check_mismatched_weights(source, info.get("mismatched_keys") or ())
     _check_missing_weights(source, info["missing_keys"], head)
+    classifier = tuple(f"{name}." for name in head.classifiers)
+    if not new_classifier_ok and head.is_classifier and any(key.startswith(classifier) for key in info["missing_keys"]):
+        saved = load_config(source, trust_remote_code=trust_remote_code, revision=revision)
+        if is_merged(saved) or head.class_name in (getattr(saved, "architectures", None) or []):  # saved with one
+            missing = ", ".join(sorted(key for key in info["missing_keys"] if key.startswith(classifier)))
+            raise RetrofitError(
+                f"'{source}' is a {head.class_name} checkpoint without its classifier's weights ({missing}), so the "
+                "classifier would start random and its scores mean nothing; re-save the checkpoint with its "
+                "classifier, or load it as a backbone (--task image-feature-extraction)"
+            )
     return take_images(model) if family.padded_patches else model
 
 

@@ -366,6 +366,18 @@ def test_weights_missing_from_the_backbone_are_refused(capsys, tmp_path, tiny_vi
     save_file({k: v for k, v in weights.items() if not k.startswith("classifier.")}, no_head / "model.safetensors",
               metadata={"format": "pt"})  # fmt: skip
     assert run_cli(capsys, "convert", no_head, "--after-layer", 2, "--tokens", 4)[0] == 0
+    # ... but scored, or distilled from, its random classifier gave numbers that meant nothing (a new one each run)
+    from test_data import make_imagefolder
+
+    from retrofit import evaluate_models, finetune
+    from retrofit.errors import RetrofitError
+
+    data = str(make_imagefolder(tmp_path / "imgs", per_class=2, test_per_class=2))
+    message = r"is a ViTForImageClassification checkpoint without its classifier's weights \(classifier.bias, class"
+    with pytest.raises(RetrofitError, match=message):
+        evaluate_models([str(no_head)], data=data, split="test", log=lambda _: None)
+    with pytest.raises(RetrofitError, match=message):
+        finetune(no_head, output=tmp_path / "ft", after_layer=2, num_tokens=4, data=data, max_steps=1)
     # nor is a new pooler: a classifier checkpoint (which has none) loaded as its backbone
     from retrofit.loading import load_config
 
