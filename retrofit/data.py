@@ -506,10 +506,11 @@ def load_split(
             dataset = dataset.cast_column(image_column, datasets.Image())
         keep = [image_column] + ([label_column] if label_column else [])
         dataset = dataset.remove_columns([c for c in dataset.column_names if c not in keep])
-        if image_column != "image":
-            dataset = dataset.rename_column(image_column, "image")
-        if label_column and label_column != "label":
-            dataset = dataset.rename_column(label_column, "label")
+        # at once: one renamed after the other, --image-column img --label-column image collided (a traceback)
+        names = {image_column: "image"} | ({label_column: "label"} if label_column else {})
+        names = {old: new for old, new in names.items() if old != new}
+        if names:
+            dataset = dataset.rename_columns(names)
         checked = _READ_FOLDERS.get(os.path.realpath(local), (None, None, set()))[2] if is_local else set()
         if is_local and len(dataset) and chosen not in checked:  # once while the folder stays unchanged
             inside = _check_local_images(dataset, "image", data)

@@ -350,6 +350,22 @@ def test_label_column_cannot_be_the_image_column(imagefolder):
         load_split(str(imagefolder), "test", label_column="image")
 
 
+def test_columns_named_each_others_target_are_read(imagefolder, tmp_path):
+    """Images in 'img' and their class names in a column called 'image' (or the two swapped): renamed one after the
+    other, --image-column img --label-column image collided (datasets' ValueError, a traceback)."""
+    from datasets import DatasetDict
+
+    split = load_split(str(imagefolder), "test")
+    names = [split.features["label"].int2str(label) for label in split["label"]]
+    for image, label in (("img", "image"), ("label", "image")):
+        saved = tmp_path / f"{image}-{label}"
+        renamed = split.remove_columns("label").rename_column("image", image).add_column(label, names)
+        DatasetDict({"test": renamed}).save_to_disk(saved)
+        read = load_split(str(saved), "test", image_column=image, label_column=label)
+        assert read.column_names == ["image", "label"] and read["label"] == names
+        assert read[0]["image"].size == split[0]["image"].size
+
+
 def test_a_mistyped_local_folder_is_named(tmp_path, monkeypatch):
     """A relative path that does not exist is tried as a Hub id; the error also says no such folder exists."""
     (tmp_path / "data").mkdir()
