@@ -1043,11 +1043,11 @@ def check_labels(
         if label is not None and 0 <= label < num_labels:
             continue
         if value is None or (label is not None and label < 0):
-            what = f"has no label ({value!r})"
+            what = f"has no label ({shown(value)})"
         elif label is None:
-            what = f"has the label {value!r}, which is not a class id (an integer) or a known class name"
+            what = f"has the label {shown(value)}, which is not a class id (an integer) or a known class name"
         else:
-            what = f"has the label {value!r}, outside the {num_labels} classes (ids 0..{num_labels - 1})"
+            what = f"has the label {shown(value)}, outside the {num_labels} classes (ids 0..{num_labels - 1})"
         where = f" of '{data}'" if data else ""
         raise RetrofitError(f"example {index}{where} {what}; {hint}")
 
@@ -1301,7 +1301,7 @@ class TransformedDataset(torch.utils.data.Dataset):
             raise RetrofitError(f"example {index} has no label; use --loss kd for unlabelled data")
         if label is None:
             raise RetrofitError(
-                f"example {index} has the label {value!r}, which is not a class id (an integer) or a known class "
+                f"example {index} has the label {shown(value)}, which is not a class id (an integer) or a known class "
                 "name; give every example a class id or a ClassLabel"
             )
         return label

@@ -478,9 +478,11 @@ def test_labels_are_checked_as_class_ids():
         ([-1, 0], r"example 0 has no label \(-1\)"),
         ([True, False], "example 0 has the label True, which is not a class id"),  # a yes/no column, not ids
         (["a", "z"], "example 1 has the label 'z', which is not a class id"),
+        (["a", "z" * 100_000], "example 1 has the label 'zzzz.*zzzz', which is not a class id"),  # shortened
     ):
-        with pytest.raises(RetrofitError, match=f"{message}.*; fix the labels"):
+        with pytest.raises(RetrofitError, match=f"{message}.*; fix the labels") as error:
             check_labels(Dataset.from_dict({"label": labels}), 3, label_map={"a": 0})
+        assert len(str(error.value)) < 300  # a mask image or a long text as a label printed 130,000 characters
 
 
 def test_a_label_that_is_not_a_class_id_is_one_line_when_read(imagefolder):
