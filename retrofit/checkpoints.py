@@ -319,9 +319,9 @@ def training_options(model, run, processes: int, images, image_processor) -> dic
     """What a resumed `run` must share with the run that wrote its checkpoints (run.json's `OPTIONS`), by option:
     `TRAINING_SETTINGS`, the teacher (and its weights), the number of processes, the training `images` (a
     `TransformedDataset`: their number, and their files where they are files: a data folder whose images were added,
-    removed, rewritten or relabelled since is other data), the source's weights (their sha256, where `model` records
-    it), and the model's config and `image_processor` (a source whose config.json or preprocessor_config.json was
-    edited since trains another model, or on other inputs)."""
+    removed, renamed, resized or relabelled since is other data), the source's weights (their sha256, where `model`
+    records it), and the model's config and `image_processor` (a source whose config.json or preprocessor_config.json
+    was edited since trains another model, or on other inputs)."""
     from .data import image_files_digest
     from .provenance import source_record
     from .settings import option_of
