@@ -870,6 +870,12 @@ def _one_class(dataset, folder: Path, data: str):
             "add a label column to it (or name its column with --label-column), or move it out of the folder"
         )
     shallow, deep = min(places, key=lambda p: len(p.parts)), max(places, key=lambda p: len(p.parts))
+    backslash = next((path for path in places if "\\" in str(path)), None)
+    if backslash is not None:  # (legal in a name here; datasets splits paths at it, as Windows does)
+        raise RetrofitError(
+            f"image '{backslash}' of image folder '{data}' has a backslash in its name, which datasets reads as a "
+            "folder separator (it then finds no class for the folder's images); rename it"
+        )
     if len(shallow.parts) != len(deep.parts):
         found = f"'{shallow}' and '{deep}' lie at different depths"
     elif parent is not None:

@@ -861,6 +861,19 @@ def test_a_dollar_name_in_an_image_folder_is_refused_not_read_as_another_path(tm
         load_split(str(tmp_path / "$WHERE"), "train")
 
 
+def test_a_backslash_in_an_image_name_is_named(tmp_path):
+    """A file name with a backslash (legal on Linux) left datasets without classes for the folder, and the refusal
+    blamed "the images of another split" at "another depth" in a folder of one split, every image at one depth."""
+    from PIL import Image
+
+    for name in ("cat", "dog"):
+        (tmp_path / "data" / "test" / name).mkdir(parents=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / "data" / "test" / name / "0.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "data" / "test" / "cat" / "scan\\2.png")
+    with pytest.raises(RetrofitError, match=r"^image 'test/cat/scan\\2.png' of image folder .* has a backslash in its"):
+        load_split(str(tmp_path / "data"), "test")
+
+
 def test_reading_a_saved_folder_writes_nothing_into_it(tmp_path):
     """datasets writes the cache files of a shuffle, a select, a cast or `unique` of a dataset loaded from files next
     to those files: --sample, a new head's text classes (``split_classes``) and the label checks left
