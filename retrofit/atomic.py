@@ -220,19 +220,25 @@ def _refuse_protected(path: Path, option: str, inputs: Iterable) -> None:
         )
 
 
-def _refuse_inside_outputs(path: Path, option: str) -> None:
+def _refuse_inside_outputs(path: Path, option: str, *, itself: bool = False) -> None:
     """Refuse a target inside a folder retrofit wrote (an export, a pretrained checkpoint, a sweep report), at any
-    depth: it would be pushed with the export's own files, and the folder's ``--overwrite`` would then refuse it as
-    a file that is not retrofit's."""
-    for folder in path.resolve().parents:  # where the system writes: '..' and links followed
+    depth, or (`itself`: a folder retrofit writes into, such as checkpoints) that is one: it would be pushed with the
+    export's own files, and the folder's ``--overwrite`` would then refuse it as a file that is not retrofit's."""
+    resolved = path.resolve()  # where the system writes: '..' and links followed
+    for folder in ([resolved] if itself else []) + list(resolved.parents):
         if not folder.is_dir():
             continue
-        for kind in (EXPORT, BASELINE, SWEEP):
-            if kind.marks(folder):
-                raise RetrofitError(
-                    f"{_what(option)} '{path}' is inside {kind.name} ('{folder}'), whose files are its own (the "
-                    "card's, pushed with it); write it outside that folder"
-                )
+        kind = next((kind for kind in (EXPORT, BASELINE, SWEEP) if kind.marks(folder)), None)
+        if kind is not None and folder == resolved:
+            raise RetrofitError(
+                f"{_what(option)} '{path}' is {kind.name}, whose files are its own (pushed with it, replaced by its "
+                "--overwrite); put it elsewhere"
+            )
+        if kind is not None:
+            raise RetrofitError(
+                f"{_what(option)} '{path}' is inside {kind.name} ('{folder}'), whose files are its own (the card's, "
+                "pushed with it); write it outside that folder"
+            )
 
 
 def refuse_inputs(path: str | Path, inputs: Iterable[str | os.PathLike | None], option: str = "--output") -> None:
@@ -403,13 +409,7 @@ def check_checkpoint_dir(
     if folder.exists() and not folder.is_dir():
         raise RetrofitError(f"{option} '{folder}' exists and is not a folder; choose another {option}")
     _refuse_shipped(folder, option)
-    _refuse_inside_outputs(folder, option)
-    for kind in (EXPORT, BASELINE, SWEEP):  # the folder itself: its checkpoints would be among the export's files
-        if folder.resolve().is_dir() and kind.marks(folder.resolve()):
-            raise RetrofitError(
-                f"{option} '{folder}' is {kind.name}, whose files are its own (pushed with it, replaced by its "
-                f"--overwrite); put the checkpoints elsewhere (the default is <output>-checkpoints)"
-            )
+    _refuse_inside_outputs(folder, option, itself=True)  # (an export itself: its checkpoints among its files)
     _check_writable(folder / "x" if folder.is_dir() else folder, option)
     return folder
 

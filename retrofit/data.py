@@ -672,8 +672,7 @@ def _image_folder_splits(folder: Path, data: str) -> dict:
     try:
         splits = dict(datasets.load_dataset("imagefolder", data_dir=str(folder)))
     except Exception:
-        for path in _image_files(folder):  # a file it could not open: a $NAME in its path?
-            _check_no_variable(path, folder, data)
+        _refuse_variables(folder, data)  # a file it could not open: a $NAME in its path?
         raise
     _check_split_folders(folder, splits, data)
     return splits
@@ -710,8 +709,7 @@ def _check_split_folders(folder: Path, splits: dict, data: str) -> None:
         for item in column_values(split.cast_column("image", Image(decode=False)), "image"):
             path = os.path.realpath(item["path"])
             if read.get(path) == name:  # a metadata file naming it twice: it counted twice, once per label
-                for image in _image_files(folder):  # or a $NAME datasets expanded made two paths one
-                    _check_no_variable(image, folder, data)
+                _refuse_variables(folder, data)  # or a $NAME datasets expanded made two paths one
                 raise RetrofitError(
                     f"image '{os.path.relpath(path, os.path.realpath(folder))}' of image folder '{data}' is in its "
                     f"{name} split twice (its metadata file names it twice?), so it would count twice; name each "
@@ -795,6 +793,12 @@ def _variable(path: str) -> str | None:
         if os.path.expandvars(match.group()) != match.group():
             return match.group()
     return None
+
+
+def _refuse_variables(folder: Path, data: str) -> None:
+    """Refuse an image folder with an image whose path has a ``$NAME`` datasets expands (`_check_no_variable`)."""
+    for path in _image_files(folder):
+        _check_no_variable(path, folder, data)
 
 
 def _check_no_variable(path: Path, folder: Path, data: str) -> None:

@@ -314,7 +314,7 @@ def _check_weights_file(output: Path) -> None:
     data = _weights_file(output)
     if not (data.exists() or data.is_symlink()) or _own_weights_file(output):
         return
-    if data.is_file() and not data.is_symlink() and written_by_retrofit(output) and _data_changed(output):
+    if _names_its_weights_file(output):  # named by retrofit's graph, yet not its own: changed in place
         raise RetrofitError(
             f"--output '{output}': its weights file '{data}' was changed after retrofit wrote it (quantised?), so it"
             " is the user's now and --overwrite does not replace it; move it out or choose another --output"
@@ -329,7 +329,7 @@ def _weights_file(output: Path) -> Path:
     return output.with_name(f"{output.name}.data")
 
 
-def _own_weights_file(output: Path) -> bool:
+def _names_its_weights_file(output: Path) -> bool:
     """Whether ``<output>.data`` is a regular file that the retrofit graph at `output` names as its external data."""
     data = _weights_file(output)
     if not data.is_file() or data.is_symlink() or not written_by_retrofit(output):
@@ -337,8 +337,13 @@ def _own_weights_file(output: Path) -> bool:
     import onnx
 
     tensors = onnx.load(str(output), load_external_data=False).graph.initializer
-    named = any(entry.key == "location" and entry.value == data.name for t in tensors for entry in t.external_data)
-    return named and not _data_changed(output)  # (weights changed in place: the user's now)
+    return any(entry.key == "location" and entry.value == data.name for t in tensors for entry in t.external_data)
+
+
+def _own_weights_file(output: Path) -> bool:
+    """Whether ``<output>.data`` is the weights file of the retrofit graph at `output`, as retrofit wrote it (changed
+    in place since, it is the user's)."""
+    return _names_its_weights_file(output) and not _data_changed(output)
 
 
 def _session(path: Path, device: str = "cpu"):

@@ -529,8 +529,11 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
     if zero_shot and unscored_start:
         log("note: a resumed run does not calibrate again, so its calibrated start gets no zero-shot score (n/a)")
     zero_shot_before = zero_shot([baseline] if unscored_start else [baseline, ready.model]) if zero_shot else None
+    untrained_cells = {}  # the untrained merger's zero-shot cells in its row
     if zero_shot_before:
         rows[0] |= _zero_shot_cells(zero_shot_before[0])
+        unscored = {"zero_shot_top1": None, "agreement": None}
+        untrained_cells = unscored if unscored_start else _zero_shot_cells(zero_shot_before[1])
         log(f"baseline zero-shot top-1: {100 * rows[0]['zero_shot_top1']:.2f} %")
 
     result = train_prepared(args, ready, eval_at_start=before, progress=progress, log=log)
@@ -542,8 +545,7 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
         init = "as exported" if continued else "calibrated init" if args.calibrate else "random init"
         rows.append({"model": f"{tag}, {init}, no training", column: history[0][quality],
                      "gflops": merged_cost.gflops, "images_per_s": speeds.get("merged")}
-                    | (_zero_shot_cells(zero_shot_before[1]) if zero_shot_before and not unscored_start
-                       else {"zero_shot_top1": None, "agreement": None} if zero_shot_before else {}))  # fmt: skip
+                    | untrained_cells)  # fmt: skip
     after = {}
     if zero_shot:  # every process: the scores are gathered across them; agreement with the baseline's predictions
         reference = zero_shot_before[0]["predictions"]
