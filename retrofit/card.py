@@ -451,12 +451,14 @@ def _no_missing_metadata_warning() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _load_card(export: Path) -> ModelCard:
-    """The export's README.md as a ModelCard; a broken YAML front matter is a one-line `RetrofitError`."""
+def _load_card(export: Path) -> tuple[ModelCard, str]:
+    """The export's README.md as a ModelCard, and its text as on disk (line endings and all), read once; a broken
+    YAML front matter is a one-line `RetrofitError`."""
     readme = export / "README.md"
     try:
+        text = readme.read_bytes().decode("utf-8")
         with _no_missing_metadata_warning():
-            return ModelCard.load(readme)
+            return ModelCard(text.removeprefix("\ufeff")), text  # as ModelCard.load reads it
     except Exception as exc:  # noqa: BLE001 - yaml.YAMLError, ValueError, UnicodeDecodeError: one line
         raise RetrofitError(
             f"--card {export}: {readme.name}'s metadata (the YAML between its first two '---' lines) cannot be read "
@@ -549,7 +551,7 @@ def check_card_target(export: str | Path, models: list[str], *, curve: bool = Fa
         raise RetrofitError(f"--card {export}: cannot write in it ({why}); copy the export")
     if not any(_same_model(spec, export) for spec in models):
         raise RetrofitError(f"--card {export}: the export must also be one of the models measured; add it to them")
-    _check_results_lines(_load_card(export).text, export)
+    _check_results_lines(_load_card(export)[0].text, export)
     if curve:
         _check_curve(export)
     results = _load_results(export)
@@ -834,15 +836,18 @@ def _index_key(result: EvalResult) -> tuple:
             result.metric_name, result.metric_value)  # fmt: skip
 
 
-def _is_ours(result: EvalResult, previous: list[EvalResult], new: list[EvalResult]) -> bool:
-    """Whether a model-index entry of the card is retrofit's to replace: one it wrote from the stored evaluation, or
-    one of its metrics on the data and split the new evaluation scored (a results file deleted since, an older
-    version's entry). A user's entry (another data set, a metric of theirs, a value they edited) is not."""
-    if _index_key(result) in {_index_key(old) for old in previous}:
-        return True
-    same_data = {(r.task_type, r.dataset_type, r.dataset_name, r.dataset_split) for r in new}
-    on = (result.task_type, result.dataset_type, result.dataset_name, result.dataset_split)
-    return bool(_OUR_METRIC.fullmatch(result.metric_name or "")) and on in same_data
+def _not_ours(entries: list[EvalResult], previous: list[EvalResult], new: list[EvalResult]) -> list[EvalResult]:
+    """The card's model-index entries that are not retrofit's to replace. Retrofit's: one it wrote from the stored
+    evaluation, or one of its metrics on the data and split the new evaluation scored (a results file deleted since,
+    an older version's entry). A user's entry (another data set, a metric of theirs, a value they edited) stays."""
+    written = {_index_key(old) for old in previous}
+    scored = {(r.task_type, r.dataset_type, r.dataset_name, r.dataset_split) for r in new}
+
+    def ours(result: EvalResult) -> bool:
+        on = (result.task_type, result.dataset_type, result.dataset_name, result.dataset_split)
+        return _index_key(result) in written or bool(_OUR_METRIC.fullmatch(result.metric_name or "")) and on in scored
+
+    return [result for result in entries if not ours(result)]
 
 
 _BACKTICKED = re.compile(r"`([^`\n]+)`")
@@ -978,7 +983,7 @@ def update_card(
             report["source"] = next((spec for spec in others if made_from(config, spec)), None)
         results[key] = _published(report)
     readme = export / "README.md"
-    card = _load_card(export)
+    card, on_disk = _load_card(export)
     _check_results_lines(card.text, export)
     curve = export / CURVE_FILE
     drawn = None  # a new benchmark over several batch sizes: its curve goes into the card (and to the Hub with it)
@@ -995,13 +1000,13 @@ def update_card(
     card.text = _replace_results(card.text, section)
     if eval_results is not None or "evaluation" in dropped:  # an earlier evaluation's entries go; the user's stay
         new = eval_results or []
-        kept = [result for result in card.data.eval_results or [] if not _is_ours(result, previous, new)]
+        kept = _not_ours(card.data.eval_results or [], previous, new)
         card.data.eval_results = kept + _kept_apart(new, kept) or None
     if eval_results:
         folder = export.resolve().name  # retrofit names it by its folder, which may have been renamed or copied since
         if card.data.model_name in (None, results.get(MODEL_NAME), folder):  # retrofit's name for it (a user's stays)
             card.data.model_name = results[MODEL_NAME] = folder
-    content = keeping_the_users_yaml(readme.read_bytes().decode("utf-8"), card)  # (its line endings as they are)
+    content = keeping_the_users_yaml(on_disk, card)  # (its line endings as they are)
     files = {export / RESULTS_FILE: json.dumps(results, indent=2) + "\n", readme: content}
     if drawn is not None:
         files[curve] = drawn

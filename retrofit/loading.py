@@ -476,16 +476,10 @@ def load_model(
         raise _source_error(source, exc) from exc
     _check_mismatched_weights(source, info.get("mismatched_keys") or ())
     _check_missing_weights(source, info["missing_keys"], head)
-    classifier = tuple(f"{name}." for name in head.classifiers)
-    if not new_classifier_ok and head.is_classifier and any(key.startswith(classifier) for key in info["missing_keys"]):
-        saved = load_config(source, trust_remote_code=trust_remote_code, revision=revision)
-        if is_merged(saved) or head.class_name in (getattr(saved, "architectures", None) or []):  # saved with one
-            missing = ", ".join(sorted(key for key in info["missing_keys"] if key.startswith(classifier)))
-            raise RetrofitError(
-                f"'{source}' is a {head.class_name} checkpoint without its classifier's weights ({missing}), so the "
-                "classifier would start random and its scores mean nothing; re-save the checkpoint with its "
-                "classifier, or load it as a backbone (--task image-feature-extraction)"
-            )
+    if not new_classifier_ok:
+        _check_classifier_weights(
+            source, info["missing_keys"], head, trust_remote_code=trust_remote_code, revision=revision
+        )
     return take_images(model) if family.padded_patches else model
 
 
@@ -571,14 +565,36 @@ def _check_missing_weights(source: str, missing, head: Head) -> None:
     config.json with more layers than the weights). A new task head is expected (a backbone checkpoint loaded as a
     classifier, a classifier's as a backbone): the classifier(s) and a pooler may be missing. transformers leaves
     out of `missing` the keys a model may lack (non-persistent buffers, its ``_keys_to_ignore_on_load_missing``)."""
-    new_head = tuple(f"{name}." for name in head.classifiers)
-    lacking = sorted(key for key in missing if not key.startswith(new_head) and ".pooler." not in f".{key}")
+    lacking = sorted(
+        key for key in missing if not key.startswith(_classifier_prefixes(head)) and ".pooler." not in f".{key}"
+    )
     if lacking:
         names = ", ".join(lacking[:2]) + (", ..." if len(lacking) > 2 else "")
         raise RetrofitError(
             f"'{source}' lacks {len(lacking)} of the model's weights ({names}), which would start random; re-download "
             "or re-save the checkpoint, or fix its config.json (num_hidden_layers, ...) to match its weights"
         )
+
+
+def _check_classifier_weights(source: str, missing, head: Head, **load) -> None:
+    """Refuse, in one line, a checkpoint saved as this classifier without its classifier's weights: scored, or used as
+    a teacher, its random classifier gives numbers that mean nothing. A checkpoint saved as a backbone may lack them
+    (its new head is what the caller trains)."""
+    absent = sorted(key for key in missing if key.startswith(_classifier_prefixes(head)))
+    if not head.is_classifier or not absent:
+        return
+    saved = load_config(source, **load)
+    if is_merged(saved) or head.class_name in (getattr(saved, "architectures", None) or []):  # saved with one
+        raise RetrofitError(
+            f"'{source}' is a {head.class_name} checkpoint without its classifier's weights ({', '.join(absent)}), so "
+            "the classifier would start random and its scores mean nothing; re-save the checkpoint with its "
+            "classifier, or load it as a backbone (--task image-feature-extraction)"
+        )
+
+
+def _classifier_prefixes(head: Head) -> tuple[str, ...]:
+    """The weight-name prefixes of `head`'s classifier(s) (``classifier.``)."""
+    return tuple(f"{name}." for name in head.classifiers)
 
 
 def load_image_processor(source: str | Path, config: PreTrainedConfig, *, revision: str | None = None, log=print):
