@@ -19,6 +19,7 @@ refused at its start, not after hours of training; `push` holds it on the export
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fnmatch
 import functools
@@ -618,9 +619,42 @@ def _move_into_place(tmp: Path, output: Path, overwrite: bool, kind: Kind, input
         _swap_into_place(tmp, output, overwrite, kind, inputs)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux's ``renameat2(RENAME_EXCHANGE)``): at no moment is either missing. False,
+    with nothing changed, where the system or the file system cannot (macOS, older kernels, some network file
+    systems)."""
+    rename = getattr(_libc(), "renameat2", None)
+    if rename is None:
+        return False
+    at_cwd, exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE
+    if rename(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(error, os.strerror(error), str(a), None, str(b))
+
+
+@functools.cache
+def _libc():
+    """The C library, with errno kept (None where there is none to load)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    if hasattr(libc, "renameat2"):
+        libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        libc.renameat2.restype = ctypes.c_int
+    return libc
+
+
 def _swap_into_place(tmp: Path, output: Path, overwrite: bool, kind: Kind, inputs: list) -> None:
     if output.exists() and overwrite:
         check_output(output, overwrite, kind=kind, inputs=inputs)  # still ours, as at the start?
+        if output.is_dir() and _exchange(tmp, output):  # killed after this, the old output is a left-over .tmp-*
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        # elsewhere, two renames: a SIGKILL between them leaves the old output in a hidden .NAME.old-* folder
         old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
         os.replace(output, old / output.name)
         try:

@@ -560,8 +560,8 @@ def test_an_output_that_appears_during_the_run_is_not_replaced(tiny_vit, tmp_pat
 
 
 def test_an_overwrite_stopped_at_its_last_rename_leaves_the_old_export_in_place(tiny_vit, tmp_path, monkeypatch):
-    """--overwrite moves the old export aside, then the new one in: stopped between the two (Ctrl-C, an error), the
-    old export stayed hidden in a .o.old-* folder and the output was gone."""
+    """Where the system has no one-step swap, --overwrite moves the old export aside, then the new one in: stopped
+    between the two (Ctrl-C, an error), the old export stayed hidden in a .o.old-* folder and the output was gone."""
     out = tmp_path / "o"
     convert(tiny_vit, after_layer=2, num_tokens=4, output=out, log=lambda _: None)
     real_replace = os.replace
@@ -572,6 +572,7 @@ def test_an_overwrite_stopped_at_its_last_rename_leaves_the_old_export_in_place(
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", stopped)
+    monkeypatch.setattr(retrofit.atomic, "_exchange", lambda a, b: False)  # a system without a one-step swap
     with pytest.raises(KeyboardInterrupt):
         convert(tiny_vit, after_layer=1, num_tokens=2, output=out, overwrite=True, log=lambda _: None)
     assert json.loads((out / "config.json").read_text())["merge_after_layer"] == 2  # the old export, in place
@@ -916,6 +917,33 @@ def test_sigterm_and_sighup_stop_a_command_as_ctrl_c_does(tiny_vit, tmp_path, na
     assert "Traceback" not in done.stderr and list(tmp_path.iterdir()) == []  # no .o.tmp-* left, no output
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="renameat2(RENAME_EXCHANGE) is Linux's")
+def test_a_sigkill_while_overwrite_swaps_the_output_leaves_an_export_in_place(tiny_vit, tmp_path):
+    """`--overwrite` moved the old export aside, then the new one in: a SIGKILL (the OOM killer, a preempted job)
+    between the two renames left no export at the output path, the old one hidden in a .o.old-* folder. On Linux the
+    two now trade places in one step: killed just after it, the new export is in place."""
+    out = tmp_path / "o"
+    assert main(["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--output", str(out)]) == 0
+    script = f"""if True:
+        import os
+        import retrofit.atomic as atomic
+        from retrofit.cli import main
+        out, real_replace, real_exchange = {str(out)!r}, os.replace, atomic._exchange
+        def killed_after(change):  # the process dies right after its first change to the output path
+            def changed(src, dst, *args):
+                done = change(src, dst, *args)
+                if out in (os.fspath(src), os.fspath(dst)):
+                    os._exit(137)
+                return done
+            return changed
+        os.replace, atomic._exchange = killed_after(real_replace), killed_after(real_exchange)
+        main(["convert", {str(tiny_vit)!r}, "--after-layer", "3", "--tokens", "4", "--output", out, "--overwrite"])
+    """
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 137, done.stderr
+    assert json.loads((out / "config.json").read_text())["merge_after_layer"] == 3  # the new export, whole
+
+
 def test_the_python_api_names_its_own_argument(tiny_vit, tmp_path):
     (tmp_path / "o").mkdir()
     with pytest.raises(RetrofitError, match=r"already exists; .*pass --overwrite \(overwrite=True in Python\)"):
@@ -1144,9 +1172,9 @@ def test_a_ctrl_c_while_overwrite_swaps_the_output_leaves_no_half_deleted_export
     interrupted = []
 
     def removal_interrupted(path, *args, **kwargs):
-        if ".o.old-" in str(path) and not interrupted:
+        if (".o.old-" in str(path) or ".o.tmp-" in str(path)) and not interrupted:
             interrupted.append(path)
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C lands in the removal of the replaced export
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C lands in the removal of the replaced export (swapped out)
         return real(path, *args, **kwargs)
 
     handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job (CI) starts with SIG_IGN
