@@ -311,8 +311,10 @@ def local_or_named(value: str | None) -> str | None:
 
 
 IMAGE_FILES = "training images' files (paths, sizes, labels)"
-# config fields that name where or how a model was loaded, not what it is
-_NOT_THE_MODEL = ("_name_or_path", "transformers_version", "merge_source", "dtype", "torch_dtype", "_commit_hash")
+# config fields that name where or how a model was loaded, not what it is; the source's commit too: its weights (their
+# sha256), config and image processor are compared themselves, and a commit that changed only its README is the same
+_NOT_THE_MODEL = ("_name_or_path", "transformers_version", "merge_source", "merge_source_revision", "dtype",
+                  "torch_dtype", "_commit_hash")  # fmt: skip
 
 
 def training_options(model, run, processes: int, images, image_processor) -> dict:

@@ -1460,6 +1460,31 @@ def test_resume_refuses_a_source_teacher_or_data_changed_in_place(tiny_vit, colo
     assert finetune(source, resume=True, **{**settings, **links}).steps == 4
 
 
+def test_resume_follows_a_hub_source_whose_main_moved_to_the_same_files(tiny_vit, colours, tmp_path, monkeypatch):
+    """A Hub source whose `main` moved by a commit that changed only its README (a model card edit) was refused on
+    --resume, as if it were another model: the commit is recorded with the model's config. Its weights, config and
+    image processor are compared themselves, so the run resumes; a commit that changed its config.json is refused."""
+    cache = tmp_path / "hub" / "models--someone--tiny-vit"
+    first, readme_edit, config_edit = "1" * 40, "2" * 40, "3" * 40
+    for commit in (first, readme_edit, config_edit):
+        shutil.copytree(tiny_vit, cache / "snapshots" / commit)
+    (cache / "snapshots" / readme_edit / "README.md").write_text("# a card edit\n")
+    config = cache / "snapshots" / config_edit / "config.json"
+    config.write_text(config.read_text().replace('"hidden_dropout_prob": 0.0', '"hidden_dropout_prob": 0.3'))
+    (cache / "refs").mkdir()
+    main_ref = cache / "refs" / "main"
+    main_ref.write_text(first)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))  # read at each call
+    settings = dict(after_layer=2, num_tokens=4, data=colours, max_steps=4, calibrate=False, output=tmp_path / "o",
+                    **FAST)  # fmt: skip
+    finetune("someone/tiny-vit", stop_after=2, **settings)
+    main_ref.write_text(config_edit)
+    with pytest.raises(RetrofitError, match=re.escape("the model's config.hidden_dropout_prob 0.0, not 0.3")):
+        finetune("someone/tiny-vit", resume=True, **settings)
+    main_ref.write_text(readme_edit)
+    assert finetune("someone/tiny-vit", resume=True, **settings).steps == 4
+
+
 def test_mixup_blends_each_image_with_another_of_the_batch():
     from retrofit.data import mixup_batch
 
