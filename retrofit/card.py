@@ -647,6 +647,14 @@ def eval_results_from(evaluation: dict, row: dict) -> list[EvalResult]:
     return results
 
 
+def _source_row(report: dict | None) -> dict | None:
+    """The row of `report` (an evaluation or a benchmark the card holds) of the model the export was made from."""
+    source = (report or {}).get("source")
+    return next(
+        (row for row in _rows(report) if source and (row["model"] == source or _same_path(row["model"], source))), None
+    )
+
+
 def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f} %"
 
@@ -660,12 +668,7 @@ def results_section(results: dict, curve: bool = False) -> str:
     evaluation, bench = results.get("evaluation"), results.get("benchmark")
     this_eval = _find(_rows(evaluation), "model", (evaluation or {}).get("this"))
     this_bench = _find(_rows(bench), "model", (bench or {}).get("this"))
-    source = (evaluation or {}).get("source")
-    before_eval = next(
-        (row for row in _rows(evaluation) if source and (row["model"] == source or _same_path(row["model"], source))),
-        None,
-    )
-    before_bench = _find(_rows(bench), "model", this_bench.get("baseline") if this_bench else None)
+    before_eval, before_bench = (_source_row(report) for report in (evaluation, bench))
     parts = []
     if results.get("run"):  # the before/after table of the recipe run that made the export
         parts.append(f"### Before and after fine-tuning (`retrofit run`)\n\n{results['run']['table']}")
@@ -967,20 +970,20 @@ def update_card(
     results = {key: value for key, value in results.items() if key not in dropped} | model
     if run is not None:
         results["run"] = _published(dict(run))
+    config = load_config(export)
     for key, report in (("evaluation", evaluation), ("benchmark", benchmark)):
         if report is None:
             continue
         report = dict(report)
         this = next((row["model"] for row in report.get("models", []) if _same_model(row["model"], export)), None)
         report["this"] = this
-        if key == "evaluation":  # the row of the model the export was made from, if it was evaluated too
-            if "data_is_local" not in report:  # decided before publishing shortens the data's name
-                report["data_is_local"] = is_local_data(str(report.get("data")))
-            if report["data_is_local"] and "data_format" not in report:
-                report["data_format"] = local_format(str(report.get("data")))
-            config = load_config(export)
-            others = (row["model"] for row in report["models"] if row["model"] != this and not row.get("merged"))
-            report["source"] = next((spec for spec in others if made_from(config, spec)), None)
+        # the row of the model the export was made from, if it was evaluated or timed too (the card's "before")
+        others = (row["model"] for row in report.get("models", []) if row["model"] != this and not row.get("merged"))
+        report["source"] = next((spec for spec in others if made_from(config, spec)), None)
+        if key == "evaluation" and "data_is_local" not in report:  # decided before publishing shortens the data's name
+            report["data_is_local"] = is_local_data(str(report.get("data")))
+        if key == "evaluation" and report["data_is_local"] and "data_format" not in report:
+            report["data_format"] = local_format(str(report.get("data")))
         results[key] = _published(report)
     readme = export / "README.md"
     card, on_disk = _load_card(export)

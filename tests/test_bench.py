@@ -230,7 +230,7 @@ def test_a_slow_models_images_per_second_is_not_printed_as_zero():
     table = benchmark.markdown_table(report)
     assert "| 0.04 |" in table and "| 0.08 (2.00×) |" in table and "0.0 " not in table
     assert "than its source" not in table  # one batch size: no crossover to name
-    card = results_section({"benchmark": {**report, "this": "m"}})
+    card = results_section({"benchmark": {**report, "this": "m", "source": "s"}})  # as update_card finds them
     assert "| before: source (`s`) | – | – | 300 | 0.04 |" in card
     assert "| after: this model (`m`) | – | – | 150 | 0.08 |" in card
     quality = {"top1": 0.5, "top5": 1.0, "loss": 1.0, "gflops": 300.0, "speed_spread": None}

@@ -507,6 +507,24 @@ def curve_bench(source: str, export: str) -> dict:
     }
 
 
+def test_a_benchmark_against_another_model_is_not_the_cards_before(tiny_vit, export_dir, tmp_path):
+    """`bench OTHER EXPORT --card EXPORT` timed the export against an unmerged model it was not made from (same
+    architecture, other weights): the card's Before / after table called that model "before: source". Only the model
+    the export was made from (by its weights) is; the export's own speed stays."""
+    import torch
+    from conftest import TINY, save_tiny
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(5)
+    other = save_tiny(ViTForImageClassification(ViTConfig(**TINY)), tmp_path / "other")
+    folder = shutil.copytree(export_dir, tmp_path / "vit-pm")
+    update_card(folder, benchmark=curve_bench(str(other), str(folder)))
+    text = (folder / "README.md").read_text()
+    assert "before: source" not in text and "| after: this model (`vit-pm`) | – | – | 9.2 | 1800.0 |" in text
+    update_card(folder, benchmark=curve_bench(str(tiny_vit), str(folder)))  # timed against its source: shown
+    assert f"| before: source (`{tiny_vit.name}`) | – | – | 17.6 | 1000.0 |" in (folder / "README.md").read_text()
+
+
 def test_the_card_shows_the_batch_size_curve_and_which_mode_serves_each_batch_size(tiny_vit, export_dir, tmp_path):
     """A benchmark of several batch sizes puts its curve (speed.png, retrofit's PNG) into the export, shown in the
     card with the advice of which compile mode serves each batch size; push uploads it; a later benchmark of one batch
