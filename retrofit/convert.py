@@ -6,7 +6,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from transformers import PreTrainedModel
 
 from .atomic import check_output, hold_write_lock, releases_write_locks
@@ -100,10 +99,9 @@ def run_convert(
                        new_classifier_ok=True)  # fmt: skip
     model.eval()
     check_runs_on_its_images(model, processor, source)
-    with torch.random.fork_rng(devices=[]):  # the same export every time, and the caller's draws left alone
-        torch.manual_seed(args.seed)
-        merged = insert_patch_merger(model, args.after_layer, args.tokens, source=str(source),
-                                     rope_positions=args.rope_positions, image_size=image_size)  # fmt: skip
+    # the same export every time, whatever the caller (or another thread) draws, and their draws left alone
+    merged = insert_patch_merger(model, args.after_layer, args.tokens, source=str(source),
+                                 rope_positions=args.rope_positions, image_size=image_size, seed=args.seed)  # fmt: skip
     training = TrainingInfo(init=f"random (seed {args.seed})")  # not fine-tuned; the card said no seed to rerun
     saved = (
         load_config(source, trust_remote_code=args.trust_remote_code, revision=args.revision) if args.task else config

@@ -117,6 +117,7 @@ def insert_patch_merger(
     source: str | None = None,
     rope_positions: str | None = None,
     image_size: tuple[int, int] | None = None,
+    seed: int | None = None,
 ) -> PreTrainedModel:
     """Return `model` with a PatchMerger before encoder layer `after_layer` (a new model object).
 
@@ -126,7 +127,9 @@ def insert_patch_merger(
     (the default: at the merge-weighted mean of their patches' positions, per image) or "none" (not rotated).
     `source`: the Hub id or folder `model` was loaded from, which the export records (default: the model's own
     ``name_or_path``). `image_size`: the (height, width) the model will be fed (its processor's,
-    `loading.processor_image_size`; default: the config's), which bounds `num_tokens` by its patch count.
+    `loading.processor_image_size`; default: the config's), which bounds `num_tokens` by its patch count. `seed`:
+    the merger's random start is drawn from a generator of its own, seeded so (the same merger whatever else the
+    process, or another thread, draws); None: from torch's global generator.
 
     Refused in one line (`RetrofitError`): anything but a loaded model, a class of the family retrofit does not
     convert (CLIPVisionModelWithProjection), a model that is already merged, and merge settings out of range
@@ -179,7 +182,8 @@ def insert_patch_merger(
     reference = next(model.parameters())
     merger = merged.patch_merger
     merger.to_empty(device=reference.device)
-    merger.reset_parameters(std=merged._merger_init_std())
+    generator = None if seed is None else torch.Generator(device=reference.device).manual_seed(seed)
+    merger.reset_parameters(std=merged._merger_init_std(), generator=generator)
     merger.to(dtype=reference.dtype)
     merged.train(model.training)
     # transformers renames old checkpoint weights on load (`encoder.layer.N` -> `layers.N`, ...) and names them back

@@ -246,7 +246,6 @@ def _merged_models(
     """(K, M, model) per setting, initialised by calibration on `pixels` (the same images for every setting) or a
     short fine-tune (of the source loaded for `task`: its backbone, where it has no trained classifier); and the
     number of images each fine-tune read (None: calibrated)."""
-    import torch
 
     from .calibrate import calibrate
     from .loading import load_model
@@ -260,9 +259,8 @@ def _merged_models(
                 size = tuple(pixels.shape[-2:])  # the processor's: `check_merge` bounded m by it
                 # the random start (kept where no k-means candidate beats it) drawn from the seed, as convert draws
                 # it: it came from whatever the process had drawn before, so a sweep's numbers changed between runs
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(settings.seed)
-                    merged = insert_patch_merger(source_model, k, m, source=str(source), image_size=size).eval()
+                merged = insert_patch_merger(source_model, k, m, source=str(source), image_size=size,
+                                             seed=settings.seed).eval()  # fmt: skip
                 log(calibrate(merged, pixels, seed=settings.seed).summary())
             else:
                 from .data import BatchLargerThanData

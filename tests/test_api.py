@@ -407,3 +407,32 @@ def test_the_training_loop_called_from_python_releases_its_checkpoint_folder(tin
     result = train(model, processor, run, checkpoint_dir=tmp_path / "ck", log=lambda _: None, progress_bar=False)
     assert result.finished and (tmp_path / "ck" / "step-00000001").is_dir()
     assert not atomic._HELD and not atomic.lock_file(tmp_path / "ck").exists()
+
+
+def test_convert_draws_the_same_merger_whatever_another_thread_draws(tiny_vit, tmp_path, monkeypatch):
+    """`convert(seed=0)` seeded torch's global generator, then drew the merger's start from it: a notebook's other
+    thread drawing meanwhile (here, just before the merger's draw) changed the export, and its card still said
+    "seed 0". The merger now draws from a generator of its own."""
+    import threading
+
+    import torch
+    from safetensors.torch import load_file
+
+    from retrofit import convert
+
+    convert(tiny_vit, after_layer=2, num_tokens=4, output=tmp_path / "alone", log=lambda _: None)
+    real = torch.nn.init.trunc_normal_
+
+    def another_thread_draws_first(*args, **kwargs):  # the merger's draw
+        thread = threading.Thread(target=torch.rand, args=(8,))
+        thread.start()
+        thread.join()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "trunc_normal_", another_thread_draws_first)
+    convert(tiny_vit, after_layer=2, num_tokens=4, output=tmp_path / "busy", log=lambda _: None)
+    alone, busy = (
+        load_file(tmp_path / "alone" / "model.safetensors"),
+        load_file(tmp_path / "busy" / "model.safetensors"),
+    )
+    assert alone.keys() == busy.keys() and all(torch.equal(alone[name], busy[name]) for name in alone)

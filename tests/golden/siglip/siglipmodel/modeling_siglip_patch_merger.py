@@ -70,9 +70,10 @@ class PatchMerger(nn.Module):
         self.queries = nn.Parameter(torch.empty(num_tokens, hidden_size))
         self.reset_parameters()
 
-    def reset_parameters(self, std: float = 0.02) -> None:
-        """Random initialisation: queries ~ N(0, std²), LayerNorm to identity."""
-        nn.init.trunc_normal_(self.queries, std=std, a=-2 * std, b=2 * std)
+    def reset_parameters(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random initialisation: queries ~ N(0, std²) (drawn from `generator`, or torch's global one), LayerNorm to
+        identity."""
+        nn.init.trunc_normal_(self.queries, std=std, a=-2 * std, b=2 * std, generator=generator)
         self.norm.reset_parameters()
 
     def merge_weights(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
