@@ -554,8 +554,8 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_files(files: dict[Path, str | bytes]) -> None:
     """Write several files (path -> UTF-8 text or bytes) together: every one first goes to a temporary sibling, where
-    a full disk fails before any file is touched, and only then is each renamed into place. Temporary files never
-    stay."""
+    a full disk fails before any file is touched, and only then is each renamed into place (a Ctrl-C waits until all
+    are). Temporary files never stay."""
     staged: list[tuple[Path, Path]] = []
     try:
         for path, content in files.items():
@@ -567,8 +567,9 @@ def write_files(files: dict[Path, str | bytes]) -> None:
                 _to_disk(handle)
             os.chmod(tmp, 0o644)
         check_interrupted()  # a Ctrl-C that a library swallowed: the files stay as they were
-        for tmp, path in staged:
-            os.replace(tmp, path)
+        with interrupts_deferred("the files are in place", log_to_stderr):  # not some old, some new
+            for tmp, path in staged:
+                os.replace(tmp, path)
         for folder in {path.parent for _, path in staged}:
             _sync_folder(folder)
     finally:

@@ -1033,6 +1033,12 @@ def benchmark(
     ``--merge`` takes it, or (K or "half", M) pairs; `settings`: a `BenchSettings`, or a dict of its fields."""
     check_arguments("benchmark", log=log)
     models = model_list(models)  # one, or several
+    for spec in models:
+        if not isinstance(spec, str):
+            raise RetrofitError(
+                f"benchmark's models are shape names, checkpoints, exports or .onnx files (text or paths), not "
+                f"{shown(spec)}"
+            )
     if isinstance(settings, dict):  # the fields of BenchSettings, as a notebook writes them
         settings = from_options(BenchSettings, settings, where="benchmark()")
     elif settings is not None and not isinstance(settings, BenchSettings):

@@ -388,6 +388,8 @@ def push(
     check_arguments("push", log=log, flags={"private": private, "create_pr": create_pr, "check": check})
     if not isinstance(export, str | os.PathLike):
         raise RetrofitError(f"push takes an export's folder, not {shown(export)}")
+    if not isinstance(repo_id, str):
+        raise RetrofitError(f"push's repo_id is a Hub repo id (your-user/name), not {shown(repo_id)}")
     check_revision(revision)
     if create_pr and revision not in (None, "main"):
         raise RetrofitError(

@@ -7,6 +7,7 @@ import logging
 import re
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
@@ -460,6 +461,34 @@ def test_update_card_on_a_full_disk_leaves_the_export_as_it_was(tiny_vit, export
         signal.signal(signal.SIGXFSZ, handler)
     assert len(str(refused.value).splitlines()) == 1
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before  # no temp file, nothing replaced
+
+
+def test_a_ctrl_c_while_a_card_is_written_leaves_its_files_all_new(tiny_vit, export_dir, tmp_path, monkeypatch):
+    """`--card` renames the new retrofit_results.json and README.md into place one by one: a Ctrl-C between the two
+    left the results file new and the card old (and the next --card showed the interrupted numbers). The renames now
+    finish first, then the Ctrl-C stops the call."""
+    import os
+    import signal
+
+    folder = shutil.copytree(export_dir, tmp_path / "vit-pm")
+    update_card(folder, benchmark=bench(str(tiny_vit), str(folder)))
+    real, renamed = os.replace, []
+
+    def ctrl_c_after_the_first(src, dst):
+        real(src, dst)
+        if Path(dst).parent == folder and not renamed:
+            renamed.append(dst)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", ctrl_c_after_the_first)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job (CI) starts with SIG_IGN
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            update_card(folder, evaluation=evaluation(str(tiny_vit), str(folder)))
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert renamed and "evaluation" in json.loads((folder / "retrofit_results.json").read_text())
+    assert "90.00 %" in (folder / "README.md").read_text()  # the card shows that evaluation too
 
 
 @pytest.mark.parametrize("key", ["top2", "top5"])  # as evaluate writes it; older files: "top5" for any k
