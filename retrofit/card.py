@@ -976,6 +976,11 @@ def update_card(
             continue
         report = dict(report)
         this = next((row["model"] for row in report.get("models", []) if _same_model(row["model"], export)), None)
+        if this is None:  # as --card refuses it: the card would show other models' numbers as this one's
+            raise RetrofitError(
+                f"update_card: the {key} does not measure '{export}' (its models: "
+                f"{', '.join(shown(row.get('model')) for row in report.get('models', []))}); measure the export too"
+            )
         report["this"] = this
         # the row of the model the export was made from, if it was evaluated or timed too (the card's "before")
         others = (row["model"] for row in report.get("models", []) if row["model"] != this and not row.get("merged"))

@@ -463,6 +463,17 @@ def test_update_card_on_a_full_disk_leaves_the_export_as_it_was(tiny_vit, export
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before  # no temp file, nothing replaced
 
 
+def test_update_card_refuses_reports_that_do_not_measure_the_export(tiny_vit, export_dir, tmp_path):
+    """`--card` refuses an export that is not one of the models measured; `update_card` from Python wrote the other
+    models' tables into the card, and `push` published them."""
+    folder = shutil.copytree(export_dir, tmp_path / "vit-pm")
+    card = (folder / "README.md").read_bytes()
+    for report in ({"evaluation": evaluation(str(tiny_vit), "other")}, {"benchmark": bench(str(tiny_vit), "other")}):
+        with pytest.raises(RetrofitError, match=r"^update_card: the \w+ does not measure '.*vit-pm' \(its models: "):
+            update_card(folder, **report)
+    assert (folder / "README.md").read_bytes() == card and not (folder / "retrofit_results.json").exists()
+
+
 def test_a_ctrl_c_while_a_card_is_written_leaves_its_files_all_new(tiny_vit, export_dir, tmp_path, monkeypatch):
     """`--card` renames the new retrofit_results.json and README.md into place one by one: a Ctrl-C between the two
     left the results file new and the card old (and the next --card showed the interrupted numbers). The renames now
