@@ -740,21 +740,21 @@ def _marked(body: str) -> str:
 
 def _check_results_lines(text: str, export: Path) -> None:
     """Refuse a card whose two results lines are not one `RESULTS_START` before one `RESULTS_END` (one deleted or
-    moved by hand): replacing the whole Results section would delete the user's notes in it. Neither is fine (a
-    card written before them)."""
+    moved by hand): retrofit cannot tell its results from the user's notes. Neither is fine (`_replace_results`)."""
     starts, ends = text.count(RESULTS_START), text.count(RESULTS_END)
     if starts == ends == 0 or (starts == ends == 1 and text.find(RESULTS_START) < text.find(RESULTS_END)):
         return
     raise RetrofitError(
         f"--card {export}: README.md's results lie between two `<!-- retrofit: ... -->` lines, and one is missing, "
-        "repeated or out of order; put them back around retrofit's results, or delete both to have the whole Results "
-        "section rewritten"
+        "repeated or out of order; put them back around retrofit's results, or delete both (retrofit's results then go "
+        "at the top of the Results section, your text below them)"
     )
 
 
 def _replace_results(text: str, body: str) -> str:
-    """`text` with retrofit's results `body` between `RESULTS_START` and `RESULTS_END`; a card without them (written
-    before they were, or the user removed them) gets its whole Results section replaced, or one added at the end."""
+    """`text` with retrofit's results `body` between `RESULTS_START` and `RESULTS_END`. A card without them (the user
+    wrote their own results in place of them, or it was written before them) gets them at the top of its Results
+    section, what the section says kept below (only retrofit's "Not evaluated yet" goes), or a section at the end."""
     start, end = text.find(RESULTS_START), text.find(RESULTS_END)
     if 0 <= start < end:
         return text[:start] + _marked(body) + text[end + len(RESULTS_END) :]
@@ -764,8 +764,9 @@ def _replace_results(text: str, body: str) -> str:
         return text.rstrip("\n") + f"\n{marker}\n{_marked(body)}\n"
     after = start + len(marker)
     end = text.find("\n## ", after)
-    tail = "" if end < 0 else text[end:]
-    return text[:after] + f"\n{_marked(body)}\n" + tail
+    section, tail = (text[after:], "") if end < 0 else (text[after:end], text[end:])
+    kept = "" if section.strip().startswith("Not evaluated yet") else section.strip("\n")
+    return text[:after] + f"\n{_marked(body)}\n" + (f"\n{kept}\n" if kept else "") + tail
 
 
 _TOP_LEVEL_KEY = re.compile(r"""^(?!-|#|\s)(["']?)([^:"'#]+)\1:(\s|$)""")

@@ -209,6 +209,27 @@ model-index:
     assert readme.read_bytes() == before
 
 
+def test_a_results_section_without_retrofits_lines_keeps_the_users_text(tiny_vit, export_dir, tmp_path):
+    """A user who wrote their own results in place of retrofit's "Not evaluated yet" (its two marker lines with it)
+    lost them to the next `--card`: a section without the lines was replaced whole. Retrofit's results now go at its
+    top, between their lines, the user's text below; the next update replaces only retrofit's."""
+    folder = shutil.copytree(export_dir, tmp_path / "vit-pm")
+    readme = folder / "README.md"
+    text = readme.read_text()
+    mine = "## Results\n\nOur own measurement on an A100: 1234 images/s.\n\n## Citation\n\n@misc{me}\n"
+    readme.write_text(text[: text.index("## Results")] + mine)
+    for report in (
+        {"benchmark": bench(str(tiny_vit), str(folder))},
+        {"evaluation": evaluation(str(tiny_vit), str(folder))},
+    ):
+        update_card(folder, **report)
+        text = readme.read_text()
+        section = text[text.index("## Results") : text.index("## Citation")]
+        assert section.index(RESULTS_END) < section.index("Our own measurement on an A100: 1234 images/s.")
+        assert text.count("Our own measurement") == 1 and text.endswith("## Citation\n\n@misc{me}\n")
+    assert "1.80×" in text and "85.00 %" in text and "Not evaluated yet" not in text
+
+
 def test_a_card_saved_with_windows_line_endings_keeps_them(tiny_vit, export_dir, tmp_path):
     """A card saved with CRLF line endings (an editor on Windows) came back from `evaluate --card` with the metadata's
     lines ending in LF and the rest in CRLF."""
