@@ -441,7 +441,7 @@ def push(
                     create_pr=create_pr,
                     delete_patterns=list(STALE_PATTERNS),
                 )
-        except Exception:
+        except BaseException:  # a failure, or a Ctrl-C (SIGTERM, SIGHUP) during the upload
             if created:  # the empty repo created above would be all this push leaves: remove it
                 try:
                     api.delete_repo(repo_id, repo_type="model", missing_ok=True)

@@ -403,6 +403,20 @@ def test_a_failed_push_leaves_no_new_empty_repo(export_dir, hub, monkeypatch, ca
     assert hub["deleted"] == ([] if existed else ["me/x"])
 
 
+def test_a_push_stopped_by_ctrl_c_during_the_upload_leaves_no_new_empty_repo(export_dir, hub, monkeypatch):
+    """A Ctrl-C (or SIGTERM) during the upload stopped the push, but left the repo it had created for it, empty and
+    perhaps public: only a failed upload deleted it again."""
+
+    def interrupted(self, repo_id, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(HfApi, "create_commit", interrupted)
+    hub["existing"].add("me/old")
+    assert main(["push", str(export_dir), "--repo-id", "me/new"]) == 130
+    assert main(["push", str(export_dir), "--repo-id", "me/old"]) == 130
+    assert hub["deleted"] == ["me/new"] and hub["commits"] == []  # the repo that was there before stays
+
+
 def test_a_failed_push_never_deletes_a_repo_made_by_someone_else_meanwhile(export_dir, hub, monkeypatch, capsys):
     """The repo did not exist when the push asked, then someone made it, then the upload failed: asking first and
     creating with exist_ok=True took that repo for the push's own and deleted it. Only a repo this push's own
