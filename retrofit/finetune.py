@@ -80,6 +80,7 @@ class Prepared:
     text_embeds: torch.Tensor | None = None  # a dual encoder's prompt embeddings, for --prompt-weight
     data: tuple | None = None  # the training and evaluation dataloaders (`train.training_data`)
     notes: list[str] = field(default_factory=list)  # what the card must say about the source (a class not converted)
+    teacher_name: str | None = None  # the teacher's Hub id or folder (an export's: the source it was made from)
 
 
 @reads_each_folder_once
@@ -218,7 +219,7 @@ def prepare(
     if tokenizer is None and family_and_head(config)[1].is_dual_encoder:
         notes.append(NO_TOKENIZER_NOTE)
     ready = Prepared(model, teacher, processor, config, source_config, init, checkpoint_dir, resuming, model.dtype,
-                     tokenizer, data=data, notes=notes)  # fmt: skip
+                     tokenizer, data=data, notes=notes, teacher_name=teacher_name)  # fmt: skip
     if args.prompt_weight:
         ready.text_embeds = prompt_embeddings(args, ready, log=log)
     return ready

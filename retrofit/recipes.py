@@ -468,7 +468,7 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
     from .data import read_splits
     from .evaluation import first_images_text, is_backbone
     from .finetune import finish, prepare, publish, train_prepared
-    from .loading import classifier_is_new, load_config, load_model, processor_image_size
+    from .loading import classifier_is_new, is_merged, load_config, load_model, processor_image_size
     from .provenance import public_name
 
     args = read_splits(finetune_args(recipe, overwrite=overwrite, resume=resume))  # the splits as read
@@ -482,15 +482,20 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
     random_head = classifier_is_new(load_config(args.source), ready.config)
     new_classifier = random_head or args.num_labels is not None
     before = evaluation.before and not new_classifier
+    # the baseline: the teacher where it is the source (for an export, the unmerged model it was made from), else the
+    # source as loaded (an export: merged already)
     baseline = ready.teacher if args.teacher is None and ready.teacher is not None else None
+    named = ready.teacher_name if baseline is not None else args.source
     baseline = baseline or load_model(args.source, config=ready.config).eval()
     image_size = processor_image_size(ready.processor)
     tag = f"merged K={args.after_layer} M={args.tokens}"
-    continued = ready.init.startswith("continued")  # the source is a retrofit export: the baseline is merged too
+    continued = ready.init.startswith("continued")  # the source is a retrofit export
     unscored = " (its classifier is new: not scored)" if random_head else " (--num-labels gives a new head: not scored)"
-    baseline_name = f"baseline `{args.source}`" + (unscored if new_classifier else "")
-    baseline_name += " (a retrofit export, already merged)" if continued else ""
-    rows = [{"model": baseline_name, "gflops": model_cost(ready.config, image_size).gflops}]
+    baseline_name = f"baseline `{named}`" + (unscored if new_classifier else "")
+    if continued:
+        merged = is_merged(baseline.config)
+        baseline_name += " (the export, already merged)" if merged else f" (the model `{args.source}` was made from)"
+    rows = [{"model": baseline_name, "gflops": model_cost(baseline.config, image_size).gflops}]
     merged_cost = model_cost(ready.model.config, image_size)
     # A backbone has no labels to score: its rows give the cosine similarity of its features to the baseline's.
     backbone = is_backbone(ready.config)

@@ -531,8 +531,10 @@ def test_an_override_without_its_section_names_the_section(tmp_path):
 def test_a_recipe_continuing_an_export_does_not_call_it_the_unmerged_baseline(tiny_vit, tmp_path):
     """A recipe whose source is a retrofit export (merged, not recalibrated) gave a table whose "baseline" row was that
     merged export, and whose untrained row said "calibrated init" of a merger nobody calibrated; the card showed it.
-    The rows now say the baseline is already merged and the merger starts as exported."""
-    from retrofit import convert
+    The merger now starts "as exported", and the baseline row is the model it names: then that row was labelled as
+    the export, merged, but its accuracy and speed were the unmerged source's (the teacher's). It is now the source,
+    named as such, with its own GFLOPs; without a teacher (loss ce), the export itself."""
+    from retrofit import convert, evaluate_models
 
     data = make_imagefolder(tmp_path / "colours", per_class=4, test_per_class=4)
     export = convert(str(tiny_vit), after_layer=2, num_tokens=4, output=tmp_path / "pm", log=lambda _: None).output
@@ -540,12 +542,19 @@ def test_a_recipe_continuing_an_export_does_not_call_it_the_unmerged_baseline(ti
     recipe["training"]["max_steps"], recipe["evaluation"]["speed"] = 1, False
     rows = run_recipe(write(tmp_path / "r.yaml", recipe), progress=False, log=lambda _: None)["rows"]
     assert [row["model"] for row in rows] == [
-        f"baseline `{export}` (a retrofit export, already merged)",
+        f"baseline `{tiny_vit}` (the model `{export}` was made from)",
         "merged K=2 M=4, as exported, no training",
         "merged K=2 M=4, fine-tuned (1 step, loss kd)",
     ]
+    scores = evaluate_models([str(tiny_vit), str(export)], data=str(data), log=lambda _: None)
+    assert [rows[0]["accuracy"], rows[1]["accuracy"]] == [row["top1"] for row in scores["models"]]
+    assert rows[0]["gflops"] == scores["models"][0]["gflops"] > rows[1]["gflops"] == scores["models"][1]["gflops"]
     card = (tmp_path / "out" / "README.md").read_text()
     assert "as exported, no training" in card and "calibrated init" not in card and " for 1 step (" in card
+    recipe["training"]["loss"], recipe["export"]["output"] = "ce", str(tmp_path / "out2")  # no teacher
+    rows = run_recipe(write(tmp_path / "r2.yaml", recipe), progress=False, log=lambda _: None)["rows"]
+    assert rows[0]["model"] == f"baseline `{export}` (the export, already merged)"
+    assert rows[0]["gflops"] == rows[1]["gflops"]
 
 
 def test_a_run_resumed_without_evaluations_gives_its_trained_row_no_stale_score(tiny_vit, tmp_path):
