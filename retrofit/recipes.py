@@ -573,6 +573,9 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
     if main_process:
         log("")
         show(table)
+    if result.budget is not None and recipe.get("training") is not None:  # resumed: the budget its first run chose
+        trained = {key: value for key, value in result.budget.options.items() if key in recipe["training"]}
+        recipe = {**recipe, "training": {**recipe["training"], **trained}}
     summary = {"recipe": recipe, "rows": rows, "steps": result.steps, "seconds": result.seconds}
     if ready.checkpoint_dir.is_dir():
         try:  # replaces the results.json of an earlier run, nothing else

@@ -559,7 +559,8 @@ def test_a_recipe_continuing_an_export_does_not_call_it_the_unmerged_baseline(ti
 
 def test_a_run_resumed_without_evaluations_gives_its_trained_row_no_stale_score(tiny_vit, tmp_path):
     """A recipe resumed with data.eval_split '' (no evaluation) gave its fine-tuned row the score of an evaluation
-    from before the interruption (step 1 of 3), as the trained model's, in the table and the card."""
+    from before the interruption (step 1 of 3), as the trained model's, in the table and the card. Resumed with
+    another training.max_steps, it trains its first budget, and its results.json recorded the other."""
     from retrofit.finetune import run_finetune
     from retrofit.recipes import finetune_args
 
@@ -571,10 +572,13 @@ def test_a_run_resumed_without_evaluations_gives_its_trained_row_no_stale_score(
     stopped = run_finetune(args, stop_after=1, progress=False, log=lambda _: None)
     assert stopped.eval_history[-1]["step"] == 1 and stopped.eval_history[-1]["accuracy"] is not None
     recipe["data"]["eval_split"] = ""
+    recipe["training"]["max_steps"] = 50  # a resumed run keeps its first budget, and results.json says which it ran
     summary = run_recipe(write(tmp_path / "r.yaml", recipe), resume=True, progress=False, log=lambda _: None)
     (trained,) = summary["rows"][1:]
     assert summary["steps"] == 3 and trained["model"].endswith("fine-tuned (3 steps, loss kd)")
     assert trained.get("accuracy") is None  # not step 1's
+    written = json.loads((tmp_path / "out-checkpoints" / "results.json").read_text())
+    assert written["recipe"]["training"]["max_steps"] == summary["recipe"]["training"]["max_steps"] == 3
 
 
 def test_holdout_refuses_an_evaluation_split_someone_named_and_takes_a_recipes_place(tmp_path):
