@@ -99,6 +99,9 @@ def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
 
 
 INIT = "init"  # run.json: the card's line on how the merger started, which a resumed run's card repeats; not compared
+# run.json: the images the first run's evaluations scored (data, split, how many): a resumed run may score others, and
+# a recipe's table then leaves out the step-0 score its checkpoints hold; not compared
+EVALUATED = "evaluated"
 
 
 def output_record(output: str | Path) -> dict:
@@ -405,7 +408,7 @@ def check_same_run(checkpoint_dir: Path, settings: dict) -> None:
         saved[OPTIONS] = {**saved[OPTIONS], **{key: local_or_named(value) for key, value in saved[OPTIONS].items()
                                                if key in PATH_OPTIONS and isinstance(value, str)}}  # fmt: skip
     for key, value in settings.items():  # options and a caller's own settings (`train`'s same_run): JSON, by path
-        if key in RUN_SETTINGS or key in ("budget", OUTPUT, INIT) or key not in saved:
+        if key in RUN_SETTINGS or key in ("budget", OUTPUT, INIT, EVALUATED) or key not in saved:
             continue
         where = "" if key == OPTIONS else key  # an option is named by itself
         difference = _first_difference(saved[key], json.loads(json.dumps(value, default=str)), where)

@@ -116,9 +116,10 @@ def train_prepared(
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """`retrofit.train.train` on what `prepare` made ready (``finetune`` and a recipe's fine-tune both run it)."""
-    from .checkpoints import INIT, output_record
+    from .checkpoints import EVALUATED, INIT, output_record
 
     same_run = output_record(args.output) | {INIT: ready.init}  # a resumed run's card repeats how the merger started
+    same_run[EVALUATED] = evaluated_images(args, ready)
     return train(ready.model.float(), ready.processor, args, teacher=ready.teacher, text_embeds=ready.text_embeds,
                  checkpoint_dir=ready.checkpoint_dir, resume=args.resume, overwrite=args.overwrite, data=ready.data,
                  eval_at_start=eval_at_start, stop_after=stop_after, progress_bar=progress, same_run=same_run,
@@ -375,6 +376,18 @@ def _check_same_encoder(config, teacher_config, export, found: str) -> None:
             f"'{found}' holds the weights '{export}' was made from, but its {key} is {theirs[key]!r}, the export's "
             f"{ours[key]!r}: not the model it was made from; pass --teacher with the unmerged model"
         )
+
+
+def evaluated_images(args: FinetuneArgs, ready: Prepared) -> str | None:
+    """The images the run's evaluations score, as run.json records them (`checkpoints.EVALUATED`): the data (links
+    resolved), the split and how many of its images; None where it scores none."""
+    from .checkpoints import local_or_named
+    from .evaluation import first_images_text
+
+    if ready.data is None or ready.data[1] is None:
+        return None
+    images = first_images_text(args.eval_limit, len(ready.data[1].dataset))
+    return f"{local_or_named(str(args.data))} {args.evaluated_on()}: {images}"
 
 
 def _calibrate(model, args: FinetuneArgs, *, resumed: Path | None, trained, new_classifier: bool, log) -> str:

@@ -548,7 +548,14 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
     column = "teacher_agreement" if quality == "agreement" else quality  # a row's "agreement" is zero-shot's
     if before and history and history[0]["step"] == 0:
         init = "as exported" if continued else "calibrated init" if args.calibrate else "random init"
-        rows.append({"model": f"{tag}, {init}, no training", column: history[0][quality],
+        start = history[0][quality]
+        if ready.resuming and not _evaluated_alike(args, ready):  # the step-0 score its checkpoints hold: other images
+            log(
+                "note: the resumed run scores other images (or none) than the run its checkpoints began (data, "
+                "data.eval_split or data.eval_limit changed), so the untrained row's score, from that run, is n/a"
+            )
+            start = None
+        rows.append({"model": f"{tag}, {init}, no training", column: start,
                      "gflops": merged_cost.gflops, "images_per_s": speeds.get("merged")}
                     | untrained_cells)  # fmt: skip
     after = {}
@@ -583,6 +590,16 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
         except (RetrofitError, OSError) as exc:  # (a full disk: the run itself is done, its export written)
             log(f"warning: results.json not written: {exc}")
     return summary
+
+
+def _evaluated_alike(args, ready) -> bool:
+    """Whether a resumed run scores the images its checkpoints' first run scored (run.json's `EVALUATED`; a record
+    without it, of an older retrofit: taken as alike)."""
+    from .checkpoints import EVALUATED, read_run_record
+    from .finetune import evaluated_images
+
+    record = read_run_record(ready.checkpoint_dir) or {}
+    return EVALUATED not in record or record[EVALUATED] == evaluated_images(args, ready)
 
 
 def _speed_note(hardware: str, batch_size: int, image_size: tuple[int, int], speeds: dict, spreads: dict) -> str:

@@ -581,6 +581,30 @@ def test_a_run_resumed_without_evaluations_gives_its_trained_row_no_stale_score(
     assert written["recipe"]["training"]["max_steps"] == summary["recipe"]["training"]["max_steps"] == 3
 
 
+def test_a_run_resumed_on_other_evaluation_images_gives_no_stale_untrained_score(tiny_vit, tmp_path):
+    """A recipe resumed with another data.eval_limit showed its untrained row's score from the step-0 evaluation of
+    its first run, on other images, under a note saying every row was scored on the new ones (75 % of 7 images).
+    That cell is now n/a, and the log says why; the baseline and fine-tuned rows are scored on the new images."""
+    from retrofit.finetune import run_finetune
+    from retrofit.recipes import finetune_args
+
+    data = make_imagefolder(tmp_path / "colours", per_class=4, test_per_class=4)
+    recipe = tiny_recipe(tiny_vit, data, tmp_path / "out")
+    recipe["training"].update(max_steps=2, save_every=1)
+    recipe["evaluation"].update(speed=False)
+    args = finetune_args(load_recipe(write(tmp_path / "r.yaml", recipe)), overwrite=False, resume=False)
+    stopped = run_finetune(args, eval_at_start=True, stop_after=1, progress=False, log=lambda _: None)
+    assert stopped.eval_history[0]["step"] == 0 and stopped.eval_history[0]["accuracy"] is not None
+    recipe["data"]["eval_limit"] = 5
+    lines: list[str] = []
+    summary = run_recipe(write(tmp_path / "r.yaml", recipe), resume=True, progress=False, log=lines.append)
+    baseline, untrained, tuned = summary["rows"]
+    assert untrained["model"].endswith("no training") and untrained["accuracy"] is None
+    assert baseline["accuracy"] is not None and tuned["accuracy"] is not None
+    assert any("the untrained row's score, from that run, is n/a" in line for line in lines)
+    assert "the first 5 images" in (tmp_path / "out" / "README.md").read_text()
+
+
 def test_holdout_refuses_an_evaluation_split_someone_named_and_takes_a_recipes_place(tmp_path):
     """``--holdout`` scores the images it keeps out. Beside it, an evaluation split someone named is refused: ``finetune
     --holdout 0.1 --eval-split test`` scored the held-out images without a word, for 'test' equalled the default. A
