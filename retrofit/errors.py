@@ -44,6 +44,7 @@ def log_to_stderr(line: str) -> None:
 
 
 _INTERRUPTED = [0]  # the stop signal that came (`interrupt`) since the command started, until it returns; 0: none
+_DEFERRING = [0]  # how many `interrupts_deferred` steps are running: `check_interrupted` waits for them to end
 _OWNER = [0]  # the process whose command installed `interrupt` (a forked DataLoader worker inherits it)
 
 
@@ -145,9 +146,11 @@ def interrupts_deferred(what: str, log: Callable[[str], None]) -> Iterator[None]
 
     for signum in held:
         signal.signal(signum, hold)
+    _DEFERRING[0] += 1
     try:
         yield
     finally:
+        _DEFERRING[0] -= 1
         for signum, handler in held.items():
             signal.signal(signum, handler)
         came = _INTERRUPTED[0]
@@ -159,8 +162,9 @@ def interrupts_deferred(what: str, log: Callable[[str], None]) -> Iterator[None]
 
 def check_interrupted() -> None:
     """Raise KeyboardInterrupt (`Stopped` for SIGTERM, SIGHUP) if a stop signal came since the command started, even
-    where it was swallowed: called before an output takes its place and after each training step."""
-    if _INTERRUPTED[0]:
+    where it was swallowed: called before an output takes its place and after each training step. Inside a step
+    that `interrupts_deferred` holds a signal for, nothing: that step ends first."""
+    if _INTERRUPTED[0] and not _DEFERRING[0]:
         _stop(_INTERRUPTED[0])
 
 

@@ -22,7 +22,16 @@ from pathlib import Path
 from typing import Literal
 
 from .atomic import releases_write_locks
-from .errors import RetrofitError, brief, check_arguments, counted, describe_os_error, did_you_mean, log_to_stderr
+from .errors import (
+    RetrofitError,
+    brief,
+    check_arguments,
+    counted,
+    describe_os_error,
+    did_you_mean,
+    interrupts_deferred,
+    log_to_stderr,
+)
 from .reads import reads_each_folder_once
 from .settings import (
     RECIPE_SECTIONS,
@@ -573,9 +582,13 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
         if prompts:  # which prompts the zero-shot column is over, as evaluate's card says
             scored += f"; zero-shot over one prompt per class, like {prompts[0]!r}"
     table = results_table(rows, note="\n\n".join(line for line in (scored, speed_note) if line) or None)
-    finish(args, ready, result, log=log)
+    # a Ctrl-C once the export is in place waits for its card's results (it left an export without them, which a
+    # rerun refused as existing and `push` uploaded)
+    with interrupts_deferred("the export and its results are written", log):
+        finish(args, ready, result, log=log)
+        if result.output is not None:
+            update_card(result.output, run={"table": table})
     if result.output is not None:
-        update_card(result.output, run={"table": table})
         publish(args, result, log=log)
     if main_process:
         log("")
