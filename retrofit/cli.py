@@ -20,7 +20,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from . import __version__
-from .errors import RetrofitError, describe_os_error, interrupts_watched, is_file_system_error
+from .errors import RetrofitError, brief, describe_os_error, interrupts_watched, is_file_system_error
 from .settings import (
     RECIPE_SECTIONS,
     BenchArgs,
@@ -261,6 +261,18 @@ def _in_a_launch() -> bool:
     return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
 
 
+def _peer_gone(exc: RuntimeError) -> bool:
+    """Whether `exc` is a collective operation's failure because another process of the launch is gone (stopped by
+    a signal, or failed with its own error): gloo's "Connection closed by peer", NCCL's or torch's distributed
+    errors. That process printed its own line; this one's traceback says nothing more."""
+    import torch.distributed
+
+    if isinstance(exc, torch.distributed.DistError):
+        return True
+    text = str(exc)
+    return any(sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL"))
+
+
 def _parse(argv: list[str]) -> argparse.Namespace:
     """`argv` parsed; an unknown option is refused by its command's parser, with the option it may have meant."""
     parser = build_parser(argv)
@@ -309,6 +321,15 @@ def _command(argv: list[str]) -> int:
         print(f"retrofit: error: {one_line(describe_os_error(exc))}{'' if namespace.verbose else ' (-v shows where)'}",
               file=sys.stderr)  # fmt: skip
         return RetrofitError.exit_code
+    except RuntimeError as exc:  # (torch.distributed's errors are RuntimeErrors)
+        if not (_in_a_launch() and _peer_gone(exc)):
+            raise
+        if namespace.verbose:
+            traceback.print_exc()
+        print(f"retrofit: error: another process of this launch stopped or failed ({brief(exc, 120)}); its "
+              "own line says why: fix that, then run the launch again (with --resume where it trained)",
+              file=sys.stderr)  # fmt: skip
+        return 1
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (`errors.Stopped`): cleaned up, then one line
         signum = getattr(exc, "signum", signal.SIGINT)
         with contextlib.suppress(OSError):  # (SIGHUP: the terminal may be gone)

@@ -77,6 +77,42 @@ def test_every_command_of_a_launch_destroys_its_process_group_at_exit(monkeypatc
     capsys.readouterr()
 
 
+def test_a_process_whose_peer_of_the_launch_is_gone_says_so_in_one_line(monkeypatch, capsys):
+    """SIGTERM to one process of a 2-process launch: it said "retrofit: stopped (SIGTERM)", and the other printed a
+    60-line traceback of gloo's "Connection closed by peer" from inside an evaluation's gather. It now says, in one
+    line, that another process of the launch is gone. Outside a launch, or another RuntimeError, nothing changes."""
+    import importlib
+
+    from retrofit.cli import main
+
+    finetune_module = importlib.import_module("retrofit.finetune")  # (`retrofit.finetune` is the function)
+    gloo = "[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:29500"
+
+    def failing(error: Exception):
+        def run(args):
+            raise error
+
+        return run
+
+    argv = ["finetune", "vit-b16", "--after-layer", "6", "--tokens", "8", "--data", "d", "--output", "unused"]
+    monkeypatch.setattr("retrofit.train.keep_process_group", lambda: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(finetune_module, "run_finetune", failing(RuntimeError(gloo)))
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("retrofit: error: another process of this launch stopped or failed")
+        and len(err.splitlines()) == 1
+    )
+    monkeypatch.setattr(finetune_module, "run_finetune", failing(RuntimeError("a bug of retrofit's")))
+    with pytest.raises(RuntimeError, match="a bug"):  # a traceback, as any bug's
+        main(argv)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(finetune_module, "run_finetune", failing(RuntimeError(gloo)))
+    with pytest.raises(RuntimeError, match="Connection closed"):
+        main(argv)
+
+
 def test_commands_that_run_as_one_process_are_refused_under_a_launch(tiny_vit, tmp_path, monkeypatch, capsys):
     """Under `accelerate launch`, sweep ran whole in each process (its fine-tunes crashed: each process wrote its
     settings' exports to a temporary folder of its own), timed against the others and failed writing one output
