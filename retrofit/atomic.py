@@ -641,7 +641,7 @@ def _libc():
     """The C library, with errno kept (None where there is none to load)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
+    except (OSError, TypeError):  # (Windows takes no None)
         return None
     if hasattr(libc, "renameat2"):
         libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
