@@ -754,7 +754,8 @@ def _check_results_lines(text: str, export: Path) -> None:
 def _replace_results(text: str, body: str) -> str:
     """`text` with retrofit's results `body` between `RESULTS_START` and `RESULTS_END`. A card without them (the user
     wrote their own results in place of them, or it was written before them) gets them at the top of its Results
-    section, what the section says kept below (only retrofit's "Not evaluated yet" goes), or a section at the end."""
+    section, what the section says kept below (only retrofit's "Not evaluated yet" paragraph goes), or a section at
+    the end."""
     start, end = text.find(RESULTS_START), text.find(RESULTS_END)
     if 0 <= start < end:
         return text[:start] + _marked(body) + text[end + len(RESULTS_END) :]
@@ -765,7 +766,8 @@ def _replace_results(text: str, body: str) -> str:
     after = start + len(marker)
     end = text.find("\n## ", after)
     section, tail = (text[after:], "") if end < 0 else (text[after:end], text[end:])
-    kept = "" if section.strip().startswith("Not evaluated yet") else section.strip("\n")
+    paragraphs = section.replace("\r\n", "\n").strip("\n").split("\n\n")  # (the card's endings are set on writing)
+    kept = "\n\n".join(part for part in paragraphs if not part.startswith("Not evaluated yet"))  # retrofit's own
     return text[:after] + f"\n{_marked(body)}\n" + (f"\n{kept}\n" if kept else "") + tail
 
 

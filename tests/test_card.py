@@ -228,6 +228,15 @@ def test_a_results_section_without_retrofits_lines_keeps_the_users_text(tiny_vit
         assert section.index(RESULTS_END) < section.index("Our own measurement on an A100: 1234 images/s.")
         assert text.count("Our own measurement") == 1 and text.endswith("## Citation\n\n@misc{me}\n")
     assert "1.80×" in text and "85.00 %" in text and "Not evaluated yet" not in text
+    # the two lines deleted, a note written under retrofit's "Not evaluated yet": only that paragraph goes
+    fresh = shutil.copytree(export_dir, tmp_path / "fresh")
+    text = (fresh / "README.md").read_text()
+    text = "".join(line for line in text.splitlines(True) if not line.startswith("<!-- retrofit:"))
+    (fresh / "README.md").write_text(text.rstrip("\n") + "\n\nMY NOTES: 81.2 % on our set.\n")  # (Results: last)
+    assert "Not evaluated yet" in text
+    update_card(fresh, benchmark=bench(str(tiny_vit), str(fresh)))
+    text = (fresh / "README.md").read_text()
+    assert "MY NOTES: 81.2 % on our set." in text and "Not evaluated yet" not in text
 
 
 def test_a_card_saved_with_windows_line_endings_keeps_them(tiny_vit, export_dir, tmp_path):
