@@ -380,14 +380,20 @@ def _check_same_encoder(config, teacher_config, export, found: str) -> None:
 
 def evaluated_images(args: FinetuneArgs, ready: Prepared) -> str | None:
     """The images the run's evaluations score, as run.json records them (`checkpoints.EVALUATED`): the data (links
-    resolved), the split and how many of its images; None where it scores none."""
+    resolved), the split, how many of its images and, where they are files, their paths, sizes and labels
+    (`data.image_files_digest`: a test folder relabelled since); None where it scores none."""
     from .checkpoints import local_or_named
+    from .data import image_files_digest
     from .evaluation import first_images_text
 
     if ready.data is None or ready.data[1] is None:
         return None
-    images = first_images_text(args.eval_limit, len(ready.data[1].dataset))
-    return f"{local_or_named(str(args.data))} {args.evaluated_on()}: {images}"
+    images = ready.data[1].dataset
+    files = image_files_digest(images.dataset)
+    scored = (
+        f"{local_or_named(str(args.data))} {args.evaluated_on()}: {first_images_text(args.eval_limit, len(images))}"
+    )
+    return scored + (f" (files {files})" if files else "")
 
 
 def _calibrate(model, args: FinetuneArgs, *, resumed: Path | None, trained, new_classifier: bool, log) -> str:

@@ -582,27 +582,36 @@ def test_a_run_resumed_without_evaluations_gives_its_trained_row_no_stale_score(
 
 
 def test_a_run_resumed_on_other_evaluation_images_gives_no_stale_untrained_score(tiny_vit, tmp_path):
-    """A recipe resumed with another data.eval_limit showed its untrained row's score from the step-0 evaluation of
-    its first run, on other images, under a note saying every row was scored on the new ones (75 % of 7 images).
-    That cell is now n/a, and the log says why; the baseline and fine-tuned rows are scored on the new images."""
+    """A recipe resumed with another data.eval_limit, or after its test folder was relabelled, showed its untrained
+    row's score from the step-0 evaluation of its first run, on other images, under a note saying every row was
+    scored on the new ones (75 % of 7 images). That cell is now n/a, and the log says why; the baseline and
+    fine-tuned rows are scored on the new images."""
     from retrofit.finetune import run_finetune
     from retrofit.recipes import finetune_args
 
     data = make_imagefolder(tmp_path / "colours", per_class=4, test_per_class=4)
-    recipe = tiny_recipe(tiny_vit, data, tmp_path / "out")
-    recipe["training"].update(max_steps=2, save_every=1)
-    recipe["evaluation"].update(speed=False)
-    args = finetune_args(load_recipe(write(tmp_path / "r.yaml", recipe)), overwrite=False, resume=False)
-    stopped = run_finetune(args, eval_at_start=True, stop_after=1, progress=False, log=lambda _: None)
-    assert stopped.eval_history[0]["step"] == 0 and stopped.eval_history[0]["accuracy"] is not None
-    recipe["data"]["eval_limit"] = 5
-    lines: list[str] = []
-    summary = run_recipe(write(tmp_path / "r.yaml", recipe), resume=True, progress=False, log=lines.append)
-    baseline, untrained, tuned = summary["rows"]
-    assert untrained["model"].endswith("no training") and untrained["accuracy"] is None
-    assert baseline["accuracy"] is not None and tuned["accuracy"] is not None
-    assert any("the untrained row's score, from that run, is n/a" in line for line in lines)
-    assert "the first 5 images" in (tmp_path / "out" / "README.md").read_text()
+
+    def relabelled() -> None:  # two classes' test folders swapped: as many images, other labels
+        test = data / "test"
+        (test / "cat").rename(test / "swap")
+        (test / "dog").rename(test / "cat")
+        (test / "swap").rename(test / "dog")
+
+    for name, change in (("limit", lambda recipe: recipe["data"].update(eval_limit=5)), ("labels", None)):
+        recipe = tiny_recipe(tiny_vit, data, tmp_path / name)
+        recipe["training"].update(max_steps=2, save_every=1)
+        recipe["evaluation"].update(speed=False)
+        args = finetune_args(load_recipe(write(tmp_path / "r.yaml", recipe)), overwrite=False, resume=False)
+        stopped = run_finetune(args, eval_at_start=True, stop_after=1, progress=False, log=lambda _: None)
+        assert stopped.eval_history[0]["step"] == 0 and stopped.eval_history[0]["accuracy"] is not None
+        change(recipe) if change else relabelled()
+        lines: list[str] = []
+        summary = run_recipe(write(tmp_path / "r.yaml", recipe), resume=True, progress=False, log=lines.append)
+        baseline, untrained, tuned = summary["rows"]
+        assert untrained["model"].endswith("no training") and untrained["accuracy"] is None, name
+        assert baseline["accuracy"] is not None and tuned["accuracy"] is not None
+        assert any("the untrained row's score, from that run, is n/a" in line for line in lines)
+    assert "the first 5 images" in (tmp_path / "limit" / "README.md").read_text()
 
 
 def test_a_ctrl_c_once_the_export_is_written_waits_for_its_results(tiny_vit, tmp_path):
