@@ -751,11 +751,12 @@ def _check_results_lines(text: str, export: Path) -> None:
     )
 
 
-def _replace_results(text: str, body: str) -> str:
+def _replace_results(text: str, body: str, before: str | None = None) -> str:
     """`text` with retrofit's results `body` between `RESULTS_START` and `RESULTS_END`. A card without them (the user
-    wrote their own results in place of them, or it was written before them) gets them at the top of its Results
-    section, what the section says kept below (only retrofit's "Not evaluated yet" paragraph goes), or a section at
-    the end."""
+    wrote their own results in place of them, deleted them, or it was written before them) gets them at the top of
+    its Results section, what the section says kept below: only retrofit's "Not evaluated yet" paragraph goes, and
+    `before`, the results retrofit showed there (rendered from the stored ones), where the section holds them
+    unedited. No section: one at the end."""
     start, end = text.find(RESULTS_START), text.find(RESULTS_END)
     if 0 <= start < end:
         return text[:start] + _marked(body) + text[end + len(RESULTS_END) :]
@@ -766,7 +767,10 @@ def _replace_results(text: str, body: str) -> str:
     after = start + len(marker)
     end = text.find("\n## ", after)
     section, tail = (text[after:], "") if end < 0 else (text[after:end], text[end:])
-    paragraphs = section.replace("\r\n", "\n").strip("\n").split("\n\n")  # (the card's endings are set on writing)
+    section = section.replace("\r\n", "\n")  # (the card's line endings are set on writing)
+    if before and before.strip("\n") in section:
+        section = section.replace(before.strip("\n"), "", 1)
+    paragraphs = [part.strip("\n") for part in section.split("\n\n") if part.strip("\n")]
     kept = "\n\n".join(part for part in paragraphs if not part.startswith("Not evaluated yet"))  # retrofit's own
     return text[:after] + f"\n{_marked(body)}\n" + (f"\n{kept}\n" if kept else "") + tail
 
@@ -967,7 +971,9 @@ def update_card(
             raise RetrofitError(f"update_card's {key} must be {what}, not {shown(report)}")
     _check_card_files(export)
     results = _load_results(export)
-    previous = _render(results)[1] or []  # the model-index entries retrofit wrote from what is stored
+    # the Results section and model-index entries retrofit wrote from what is stored
+    shown_before, previous = _render(results, _is_our_curve(export / CURVE_FILE))
+    previous = previous or []
     model = measured_on(export)
     dropped = _stale_reports(results, model)  # measured on another model than the export holds now: they go
     results = {key: value for key, value in results.items() if key not in dropped} | model
@@ -1008,7 +1014,7 @@ def update_card(
     stale = ours and drawn is None and (benchmark is not None or "benchmark" in dropped)
     has_curve = drawn is not None or (ours and not stale)
     section, eval_results = _render(results, has_curve)
-    card.text = _replace_results(card.text, section)
+    card.text = _replace_results(card.text, section, shown_before)
     if eval_results is not None or "evaluation" in dropped:  # an earlier evaluation's entries go; the user's stay
         new = eval_results or []
         kept = _not_ours(card.data.eval_results or [], previous, new)

@@ -237,6 +237,12 @@ def test_a_results_section_without_retrofits_lines_keeps_the_users_text(tiny_vit
     update_card(fresh, benchmark=bench(str(tiny_vit), str(fresh)))
     text = (fresh / "README.md").read_text()
     assert "MY NOTES: 81.2 % on our set." in text and "Not evaluated yet" not in text
+    # both lines deleted again (as --card advises where one is missing): retrofit's results shown there go, unedited
+    text = "".join(line for line in text.splitlines(True) if not line.startswith("<!-- retrofit:"))
+    (fresh / "README.md").write_text(text)
+    update_card(fresh, evaluation={**evaluation(str(tiny_vit), str(fresh)), "split": "train"})
+    text = (fresh / "README.md").read_text()
+    assert text.count("### Before / after") == text.count("### Speed") == 1 and "MY NOTES" in text
 
 
 def test_a_card_saved_with_windows_line_endings_keeps_them(tiny_vit, export_dir, tmp_path):
