@@ -987,8 +987,10 @@ def update_card(
         this = next((row["model"] for row in report.get("models", []) if _same_model(row["model"], export)), None)
         if this is None:  # as --card refuses it: the card would show other models' numbers as this one's
             raise RetrofitError(
-                f"update_card: the {key} does not measure '{export}' (its models: "
-                f"{', '.join(shown(row.get('model')) for row in report.get('models', []))}); measure the export too"
+                f"update_card: no model of the {key} is the export '{export}' (its models: "
+                f"{', '.join(shown(row.get('model')) for row in report.get('models', []))}; a relative path is read "
+                "from the current folder): measure the export too, or call update_card from the folder the report "
+                "was made in"
             )
         report["this"] = this
         # the row of the model the export was made from, if it was evaluated or timed too (the card's "before")

@@ -143,6 +143,12 @@ def insert_patch_merger(
     # 2.0 was a TypeError, True a "mismatch"; NumPy's become Python's: the config is saved as JSON
     after_layer = whole_number(after_layer, "insert_patch_merger's after_layer")
     num_tokens = whole_number(num_tokens, "insert_patch_merger's num_tokens")
+    if seed is not None:
+        from .settings import SEEDS
+
+        seed = whole_number(seed, "insert_patch_merger's seed")
+        if not SEEDS[0] <= seed < SEEDS[1]:
+            raise RetrofitError(f"insert_patch_merger's seed must be in {SEEDS[2]} (or None), not {seed}")
     if not is_merged(model.config):
         family = family_for(model.config.model_type)
         if type(model).__name__ not in family.heads:  # a CLIPVisionModelWithProjection: a "surgery mismatch"

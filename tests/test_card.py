@@ -505,7 +505,7 @@ def test_update_card_refuses_reports_that_do_not_measure_the_export(tiny_vit, ex
     folder = shutil.copytree(export_dir, tmp_path / "vit-pm")
     card = (folder / "README.md").read_bytes()
     for report in ({"evaluation": evaluation(str(tiny_vit), "other")}, {"benchmark": bench(str(tiny_vit), "other")}):
-        with pytest.raises(RetrofitError, match=r"^update_card: the \w+ does not measure '.*vit-pm' \(its models: "):
+        with pytest.raises(RetrofitError, match=r"^update_card: no model of the \w+ is the export '.*vit-pm' \(its "):
             update_card(folder, **report)
     assert (folder / "README.md").read_bytes() == card and not (folder / "retrofit_results.json").exists()
 
