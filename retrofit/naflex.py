@@ -68,8 +68,9 @@ def take_images(model: torch.nn.Module) -> torch.nn.Module:
     """Let `model`'s NaFlex vision towers (if it has any) take images (B, C, H, W) as `pixel_values`, as the other
     families do; returns `model`. Processor outputs (patch sequences) pass unchanged."""
     towers = {name for family in FAMILIES.values() for name in family.padded_patch_towers}
-    for module in model.modules():
-        if type(module).__name__ in towers and not hasattr(module, "_retrofit_mask_name"):
+    for module in model.modules():  # by its class or the one it derives from (the merged Siglip2VisionModel's)
+        named = {cls.__name__ for cls in type(module).__mro__}
+        if named & towers and not hasattr(module, "_retrofit_mask_name"):
             parameters = inspect.signature(module.forward).parameters
             module._retrofit_mask_name = (
                 "pixel_attention_mask" if "pixel_attention_mask" in parameters else "attention_mask"
