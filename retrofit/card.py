@@ -648,8 +648,11 @@ def eval_results_from(evaluation: dict, row: dict) -> list[EvalResult]:
 
 
 def _source_row(report: dict | None) -> dict | None:
-    """The row of `report` (an evaluation or a benchmark the card holds) of the model the export was made from."""
-    source = (report or {}).get("source")
+    """The row of `report` (an evaluation or a benchmark the card holds) of the model the export was made from; a
+    benchmark stored by an older retrofit, without "source": the model its speed-ups were against, as it showed."""
+    report = report or {}
+    this = _find(_rows(report), "model", report.get("this")) or {}
+    source = report["source"] if "source" in report else this.get("baseline")
     return next(
         (row for row in _rows(report) if source and (row["model"] == source or _same_path(row["model"], source))), None
     )

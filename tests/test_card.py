@@ -599,6 +599,15 @@ def test_a_benchmark_against_another_model_is_not_the_cards_before(tiny_vit, exp
     assert "before: source" not in text and "| after: this model (`vit-pm`) | – | – | 9.2 | 1800.0 |" in text
     update_card(folder, benchmark=curve_bench(str(tiny_vit), str(folder)))  # timed against its source: shown
     assert f"| before: source (`{tiny_vit.name}`) | – | – | 17.6 | 1000.0 |" in (folder / "README.md").read_text()
+    # a benchmark stored by an older retrofit (no "source"): its source's speed stays in the row, as it showed
+    stored = json.loads((folder / "retrofit_results.json").read_text())
+    del stored["benchmark"]["source"]
+    (folder / "retrofit_results.json").write_text(json.dumps(stored))
+    update_card(folder, evaluation=evaluation(str(tiny_vit), str(folder)))
+    assert (
+        f"| before: source (`{tiny_vit.name}`) | 90.00 % | 99.00 % | 17.6 | 1000.0 |"
+        in (folder / "README.md").read_text()
+    )
 
 
 def test_the_card_shows_the_batch_size_curve_and_which_mode_serves_each_batch_size(tiny_vit, export_dir, tmp_path):
