@@ -15,6 +15,7 @@ from .errors import RetrofitError, check_arguments, log_to_stderr
 from .export import check_tokenizer_files_kept, export
 from .loading import (
     NO_TOKENIZER_NOTE,
+    UNTRAINED_CLASSIFIER,
     check_runs_on_its_images,
     classifier_is_new,
     converted_as_other_class,
@@ -115,8 +116,8 @@ def run_convert(
     new_classifier = classifier_is_new(saved, config)
     if new_classifier:
         new_head = (
-            f"the classifier is new (the checkpoint has none): its {config.num_labels} outputs are random until it is "
-            "trained (`retrofit finetune --loss ce --num-labels N`)"
+            f"the classifier is new (the checkpoint has none): its {config.num_labels} {UNTRAINED_CLASSIFIER} "
+            "(`retrofit finetune --loss ce --num-labels N`)"
         )
         log(f"note: {new_head}")
         training.notes.append(new_head)

@@ -320,10 +320,10 @@ def _row(spec: str, config, processor) -> dict:
     """The columns every evaluated model has: what it is and what it costs, at the size of the images its `processor`
     gives it (what it was scored on; a DINOv2 config says 518 and its processor crops 224, as convert prices it)."""
     from .cost import model_cost
-    from .loading import is_merged, processor_image_size
+    from .loading import has_untrained_classifier, is_merged, processor_image_size
 
     merged = is_merged(config)
-    return {
+    row = {
         "model": spec,
         "merged": merged,
         "source": getattr(config, "merge_source", None) if merged else None,
@@ -333,6 +333,9 @@ def _row(spec: str, config, processor) -> dict:
         # which class prepared its images: transformers resizes with torchvision where it is installed, else with PIL
         "image_processor": type(processor).__name__,
     }
+    if merged and has_untrained_classifier(spec):  # scored, its numbers are chance (`markdown_table` says so)
+        row["untrained_classifier"] = True
+    return row
 
 
 def _models_and_loaders(
@@ -864,7 +867,13 @@ def markdown_table(report: dict) -> str:
             f"| `{row['model']}` | {100 * row['top1']:.2f} % | {100 * row[f'top{k}']:.2f} % | "
             f"{number(row['loss'], '.4f')} | {row['gflops']:.3g} | {delta:+.2f} pt |"
         )
-    return "\n".join(lines + nonfinite_notes(report["models"]))
+    untrained = [
+        f"⚠ `{row['model']}`'s classifier was never trained (its card says so: `convert` gave it a new one), so its "
+        "scores are chance, not the model's; train it with `retrofit finetune` (--loss ce --num-labels N)"
+        for row in report["models"]
+        if row.get("untrained_classifier")
+    ]
+    return "\n".join(lines + nonfinite_notes(report["models"]) + (["", *untrained] if untrained else []))
 
 
 def number(value: float | None, spec: str) -> str:

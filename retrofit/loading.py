@@ -654,6 +654,18 @@ NO_TOKENIZER_NOTE = (
     "no tokenizer: the source had no usable one, so this folder has none; copy the source's tokenizer files into it "
     "before zero-shot use (the pipeline and `processor(text=...)` below need them)"
 )
+# the words of the card's note on a classifier `convert` added to a checkpoint without one (`has_untrained_classifier`)
+UNTRAINED_CLASSIFIER = "outputs are random until it is trained"
+
+
+def has_untrained_classifier(spec: str) -> bool:
+    """Whether `spec` is an export whose card (retrofit's) says that its classifier was never trained: `convert`
+    gave a backbone or dual-encoder checkpoint a classifier, whose scores are chance until `finetune` trains it."""
+    readme = Path(spec).expanduser() / "README.md"
+    try:
+        return readme.is_file() and UNTRAINED_CLASSIFIER in readme.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
 
 
 def load_tokenizer(source: str | Path, config: PreTrainedConfig, *, revision: str | None = None, log=print):

@@ -753,6 +753,12 @@ def test_a_classifier_loaded_from_a_backbone_checkpoint_is_merged_as_the_class_i
             calibrate_on=data, calibrate_images=4, log=logged.append)  # fmt: skip
     card = (tmp_path / "cal" / "README.md").read_text()
     assert "; cosine similarity of the features with the source " in card and "top-1 agreement" not in card
+    # scored as it is, the random head's accuracy was shown as the model's: the table now says it is chance
+    from retrofit import evaluate_models
+
+    report = evaluate_models([str(tmp_path / "pm")], data=data, split="test", log=lambda _: None)
+    assert report["models"][0]["untrained_classifier"] is True
+    assert "`'s classifier was never trained (its card says so" in report["table"]
 
 
 def test_convert_is_reproducible_and_leaves_the_callers_random_state_alone(tiny_vit, tmp_path):
