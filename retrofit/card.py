@@ -27,7 +27,7 @@ from .data import (
 )
 from .errors import RetrofitError, brief, counted, describe_os_error, shown
 from .families import MERGED_SUFFIX
-from .hub_code import OLDEST_TRANSFORMERS, base_head, classifier_head
+from .hub_code import base_head, classifier_head, oldest_transformers_for
 from .loading import family_and_head, layer_config
 from .provenance import public_name
 
@@ -328,7 +328,7 @@ pipe = pipeline("{head.pipeline_tag}", model={name})
 ```
 {zero_shot(False)}{encoder_only}
 Without retrofit, the modeling code that ships here (`modeling_*.py`, `configuration_*.py`; it needs only `torch`
-and `transformers>={OLDEST_TRANSFORMERS}`) runs when you allow it:
+and `transformers>={oldest_transformers_for(config)}`) runs when you allow it:
 
 ```python
 from transformers import {head.auto_class}, pipeline

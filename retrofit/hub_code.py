@@ -28,6 +28,16 @@ TEMPLATES = Path(__file__).parent / "templates"
 OLDEST_TRANSFORMERS = "5.0.0"
 
 
+def oldest_transformers_for(config) -> str:
+    """The oldest transformers release an export of `config` loads on, as its card says: `OLDEST_TRANSFORMERS`, or a
+    later one where transformers' own class of the source needs it. A DINOv3 of a non-square image_size (a list): its
+    RoPE takes one in 5.25 (where it was checked), not in 5.17 or older, the source no more than the export."""
+    vision = getattr(config, "vision_config", None) or config
+    if config.model_type.startswith("dinov3") and not isinstance(getattr(vision, "image_size", 0), int):
+        return "5.25.0"
+    return OLDEST_TRANSFORMERS
+
+
 @dataclass(frozen=True)
 class MergedClasses:
     """The generated classes for one (family, head) and the files that define them."""

@@ -24,8 +24,8 @@ def _dinov3(**overrides):
 
     torch.manual_seed(0)
     config = DINOv3ViTConfig(
-        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32,
-        patch_size=4, num_register_tokens=4, layerscale_value=0.5, **overrides,
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, patch_size=4,
+        num_register_tokens=4, layerscale_value=0.5, **{"image_size": 32, **overrides},
     )  # fmt: skip
     return DINOv3ViTModel(config).eval()
 
@@ -169,6 +169,17 @@ def test_convert_writes_the_positions_and_the_export_reloads_them(checkpoint, tm
             torch.testing.assert_close(
                 theirs(pixel_values=pixels).last_hidden_state, ours(pixel_values=pixels).last_hidden_state
             )
+
+
+def test_the_card_of_a_non_square_dinov3_names_the_transformers_it_loads_on(checkpoint, tmp_path):
+    """A DINOv3 of a non-square image_size (a list) loads only on transformers releases whose DINOv3 RoPE takes one
+    (5.25; not 5.17 or older, the source no more than the export): its card said `transformers>=5.0.0`."""
+    from retrofit import convert
+
+    wide = save_tiny(_dinov3(image_size=[32, 48]), tmp_path / "wide")
+    for source, oldest in ((checkpoint, "5.0.0"), (wide, "5.25.0")):
+        out = convert(source, after_layer=K, num_tokens=M, output=tmp_path / f"pm-{oldest}", log=lambda _: None).output
+        assert f"`torch`\nand `transformers>={oldest}`)" in (out / "README.md").read_text()
 
 
 def test_an_export_from_before_the_setting_keeps_unrotated_merged_tokens(checkpoint, tmp_path):
