@@ -436,7 +436,9 @@ register(
             "CLS and the register tokens bypass the merger. Positions enter only through RoPE, which rotates the "
             "patch tokens' queries and keys in every layer; the layers after the merge rotate each merged token at "
             "the merge-weighted mean of its patches' centres, per image (--rope-positions none: not at all, like "
-            "CLS and the registers). RoPE follows the image size, so N varies with it without a flag."
+            "CLS and the registers). RoPE follows the image size, so N varies with it without a flag. A "
+            "checkpoint of a non-square image_size (a list) loads only on transformers releases whose DINOv3 takes "
+            "one (5.25 does; 5.17 and older do not), the source as much as the export; its card says so."
         ),
     )
 )
