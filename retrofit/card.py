@@ -974,8 +974,10 @@ def update_card(
             raise RetrofitError(f"update_card's {key} must be {what}, not {shown(report)}")
     _check_card_files(export)
     results = _load_results(export)
+    curve = export / CURVE_FILE
+    ours = _is_our_curve(curve)
     # the Results section and model-index entries retrofit wrote from what is stored
-    shown_before, previous = _render(results, _is_our_curve(export / CURVE_FILE))
+    shown_before, previous = _render(results, ours)
     previous = previous or []
     model = measured_on(export)
     dropped = _stale_reports(results, model)  # measured on another model than the export holds now: they go
@@ -1007,14 +1009,12 @@ def update_card(
     readme = export / "README.md"
     card, on_disk = _load_card(export)
     _check_results_lines(card.text, export)
-    curve = export / CURVE_FILE
     drawn = None  # a new benchmark over several batch sizes: its curve goes into the card (and to the Hub with it)
     if benchmark is not None and len(benchmark["settings"]["batch_sizes"]) > 1:
         from .benchmark import batch_size_figure
 
         _check_curve(export)
         drawn = batch_size_figure(results["benchmark"])  # its legend names the models as the card does
-    ours = _is_our_curve(curve)
     # a curve of an older benchmark than the new one, or of another model
     stale = ours and drawn is None and (benchmark is not None or "benchmark" in dropped)
     has_curve = drawn is not None or (ours and not stale)

@@ -105,17 +105,13 @@ def check_tokenizer_files_kept(output: str | Path | None, overwrite: bool, token
     card says so: `NO_TOKENIZER_NOTE`) and that holds tokenizer files now, which the new export would not write. The
     card asks the user to copy the source's tokenizer in, so those files are the user's, and `--overwrite` replaces
     only what retrofit wrote (which it tells by the files' names: `atomic.TOKENIZER_FILES`)."""
-    from .loading import NO_TOKENIZER_NOTE
+    from .loading import NO_TOKENIZER_NOTE, card_says
 
     folder = Path(output) if output is not None else None
     if folder is None or not overwrite or not folder.is_dir() or folder.is_symlink():
         return
     present = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
-    try:
-        wrote_none = NO_TOKENIZER_NOTE in (folder / "README.md").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        wrote_none = False
-    if not present or not wrote_none:
+    if not present or not card_says(folder, NO_TOKENIZER_NOTE):
         return
     lost = [name for name in present if name not in tokenizer_file_names(tokenizer)]
     if lost:

@@ -565,9 +565,8 @@ def _check_missing_weights(source: str, missing, head: Head) -> None:
     config.json with more layers than the weights). A new task head is expected (a backbone checkpoint loaded as a
     classifier, a classifier's as a backbone): the classifier(s) and a pooler may be missing. transformers leaves
     out of `missing` the keys a model may lack (non-persistent buffers, its ``_keys_to_ignore_on_load_missing``)."""
-    lacking = sorted(
-        key for key in missing if not key.startswith(_classifier_prefixes(head)) and ".pooler." not in f".{key}"
-    )
+    new_head = _classifier_prefixes(head)
+    lacking = sorted(key for key in missing if not key.startswith(new_head) and ".pooler." not in f".{key}")
     if lacking:
         names = ", ".join(lacking[:2]) + (", ..." if len(lacking) > 2 else "")
         raise RetrofitError(
@@ -658,14 +657,20 @@ NO_TOKENIZER_NOTE = (
 UNTRAINED_CLASSIFIER = "outputs are random until it is trained"
 
 
+def card_says(folder: str | Path, words: str) -> bool:
+    """Whether the model card (README.md) in `folder` holds `words`, one of the notes retrofit writes into it
+    (`NO_TOKENIZER_NOTE`, `UNTRAINED_CLASSIFIER`); False where there is none to read."""
+    readme = Path(folder).expanduser() / "README.md"
+    try:
+        return readme.is_file() and words in readme.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+
+
 def has_untrained_classifier(spec: str) -> bool:
     """Whether `spec` is an export whose card (retrofit's) says that its classifier was never trained: `convert`
     gave a backbone or dual-encoder checkpoint a classifier, whose scores are chance until `finetune` trains it."""
-    readme = Path(spec).expanduser() / "README.md"
-    try:
-        return readme.is_file() and UNTRAINED_CLASSIFIER in readme.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
+    return card_says(spec, UNTRAINED_CLASSIFIER)
 
 
 def load_tokenizer(source: str | Path, config: PreTrainedConfig, *, revision: str | None = None, log=print):
