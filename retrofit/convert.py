@@ -123,6 +123,7 @@ def run_convert(
         training.notes.append(new_head)
     if args.calibrate_on is not None:
         from .calibrate import calibrate_from_data
+        from .data import split_read
         from .provenance import dataset_commit
 
         calibration = calibrate_from_data(merged, args.calibrate_on, source=str(source), log=log,
@@ -133,7 +134,8 @@ def run_convert(
         held = args.holdout
         of = None if held is None else f"all but the {100 * held:g} % that --holdout {held:g} keeps out"
         commit = dataset_commit(args.calibrate_on, args.data_revision)  # a Hub dataset's
-        training.init = calibration.describe(args.calibrate_on, args.calibrate_split, args.after_layer, args.seed,
+        read = split_read(args.calibrate_on, args.calibrate_split, revision=args.data_revision)  # as load_split did
+        training.init = calibration.describe(args.calibrate_on, read, args.after_layer, args.seed,
                                              of=of, commit=commit)  # fmt: skip
     before, after = model_cost(config, image_size), model_cost(merged.config, image_size)
     show(compare(before, after))

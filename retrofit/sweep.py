@@ -340,6 +340,24 @@ def sweep(
         return _sweep(source, settings, output=output, overwrite=overwrite, log=log)
 
 
+def _splits_as_read(settings: SweepSettings) -> SweepSettings:
+    """`settings` naming the splits the sweep reads (`split_read`: validation of a folder of train/ and test/ reads
+    test/), refused where calibration and scoring would read one split under two names."""
+    from .data import split_read
+
+    read = {"calibrate_split": split_read(settings.data, settings.calibrate_split, revision=settings.data_revision)}
+    if settings.split is not None:
+        read["split"] = split_read(settings.data, settings.split, revision=settings.data_revision)
+        if read["split"] == read["calibrate_split"] and settings.holdout is None:
+            raise RetrofitError(
+                f"--split '{settings.split}' and --calibrate-split '{settings.calibrate_split}' both read the split "
+                f"'{read['split']}' of '{settings.data}' (validation and test read the evaluation split it has), so "
+                "each setting would be scored on images it saw; measure on another split, or hold some of it out with "
+                "--holdout 0.1"
+            )
+    return replace(settings, **read) if any(getattr(settings, k) != v for k, v in read.items()) else settings
+
+
 def _sweep(
     source: str,
     settings: SweepSettings | dict,
@@ -392,6 +410,7 @@ def _sweep(
         output = os.path.expanduser(output)
     if settings.data is None:
         raise RetrofitError(f"--data {SWEEP_NEEDS_DATA}")
+    settings = _splits_as_read(settings)
     check_output_folder(settings, output, overwrite, source)
     parse_device(settings.device)  # a GPU this machine lacks, before any setting is built (the speed test needs it)
     saved = load_config(source)

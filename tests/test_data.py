@@ -1255,3 +1255,14 @@ def test_reports_and_cards_name_the_split_read_not_the_one_asked(tiny_vit, image
         read_splits(DataSettings(data=str(data), split="validation"))  # its test is validation too
     assert main(["sweep", str(tiny_vit), "--data", str(imagefolder), "--split", "train"]) == 2
     assert "--split names the split calibration and fine-tuning read, 'train'" in capsys.readouterr().err
+    # two names of one split: calibrated on the images each setting would be scored on, under another name
+    for folder, split, calibrate, read in ((imagefolder, "test", "validation", "test"), (data, "test", "validation",
+                                                                                        "validation")):  # fmt: skip
+        sweep = ["sweep", str(tiny_vit), "--data", str(folder), "--split", split, "--calibrate-split", calibrate]
+        assert main([*sweep, "--output", str(tmp_path / "sweep")]) == 2 and not (tmp_path / "sweep").exists()
+        assert f"--split '{split}' and --calibrate-split '{calibrate}' both read the split '{read}' of" in (
+            capsys.readouterr().err
+        )
+    argv = ["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "--output", str(out)]
+    assert main([*argv, "--overwrite", "--calibrate-on", str(imagefolder), "--calibrate-split", "validation"]) == 0
+    assert "12 images of `colours` (test split, a shuffled sample" in (out / "README.md").read_text()  # as read
