@@ -166,8 +166,21 @@ BASELINE = Kind(
     files=(*_WEIGHTS, "config.json", "preprocessor_config.json", "training.json"),
     marked_files=_pretrained_files,
 )
+
+
+def sweep_file_ours(path: Path) -> bool:
+    """Whether a file of a sweep report is retrofit's: its plot only where retrofit drew it (a user's figure saved
+    as sweep.png is theirs); sweep.json and sweep.md by their names."""
+    if path.name != "sweep.png":
+        return True
+    from .benchmark import is_our_plot
+    from .sweep import PLOT_MARK
+
+    return is_our_plot(path, PLOT_MARK)
+
+
 SWEEP = Kind("a sweep report", marker="sweep.json", marker_keys=("source", "settings_results"),
-             files=("sweep.json", "sweep.md", "sweep.png"))  # fmt: skip
+             files=("sweep.json", "sweep.md", "sweep.png"), ours=sweep_file_ours)  # fmt: skip
 
 
 def local_paths(paths: Iterable[str | os.PathLike | None]) -> list[Path]:

@@ -928,14 +928,14 @@ def markdown_table(report: dict) -> str:
 PLOT_MARK = "retrofit bench"  # the PNG's Software field: how --overwrite knows a plot retrofit drew
 
 
-def is_our_plot(path: Path) -> bool:
+def is_our_plot(path: Path, mark: str = PLOT_MARK) -> bool:
     """True if `path` is a PNG that `batch_size_figure` drew (`plot_batch_sizes`, a card's curve): it carries
-    `PLOT_MARK`."""
+    `mark` (`PLOT_MARK`; `sweep.plot`'s, for a sweep's plot)."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            return image.format == "PNG" and image.info.get("Software") == PLOT_MARK
+            return image.format == "PNG" and image.info.get("Software") == mark
     except (OSError, ValueError):
         return False
 

@@ -164,9 +164,13 @@ def _setting_name(row: dict) -> str:
     return f"after-layer {row['after_layer']}, {row['tokens']} tokens"
 
 
+PLOT_MARK = "retrofit sweep"  # sweep.png's Software field: how --overwrite knows the plot is retrofit's
+
+
 def plot(report: dict, path: Path) -> None:
     """accuracy (backbones: feature similarity) against images/s, settings labelled K/M, Pareto front joined, the
-    source as a star; settings whose speed could not be measured are listed under the plot instead."""
+    source as a star; settings whose speed could not be measured are listed under the plot instead. The PNG carries
+    `PLOT_MARK`."""
     from .benchmark import figure
 
     src = report["source_row"]
@@ -205,7 +209,7 @@ def plot(report: dict, path: Path) -> None:
     source_point = [(src["images_per_s"], scale * src[key])] if src.get("images_per_s") is not None else []
     names = [(f"K={r['after_layer']},M={r['tokens']}", r["images_per_s"], scale * r[key]) for r in rows]
     _label_points(fig, ax, names, avoid=source_point)
-    fig.savefig(path)
+    fig.savefig(path, format="png", metadata={"Software": PLOT_MARK})
 
 
 # Where a point's label may go, in points from the point, tried in this order.

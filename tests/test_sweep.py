@@ -100,6 +100,14 @@ def test_sweep_writes_table_json_and_plot(tiny_vit, images, tmp_path, capsys):
     assert "| source | all |" in (out / "sweep.md").read_text()
     printed, err = capsys.readouterr()  # the table and the verdict on stdout, the progress on stderr
     assert printed == f"{report['table']}\n{report['verdict']}\n" and f"wrote {out}/sweep.md" in err
+    # a figure of the user's saved over the plot is theirs: --overwrite refuses before any work, and keeps it
+    from PIL import Image
+
+    Image.new("RGB", (30, 20), (255, 0, 0)).save(out / "sweep.png")
+    figure = (out / "sweep.png").read_bytes()
+    assert main([*argv, "--output", str(out), "--overwrite"]) == 2
+    assert "holds files retrofit did not write (sweep.png)" in capsys.readouterr().err
+    assert (out / "sweep.png").read_bytes() == figure
 
 
 def test_a_sweep_scores_the_same_models_every_run_and_leaves_the_callers_draws(tiny_vit, images, monkeypatch):
