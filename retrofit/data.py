@@ -402,8 +402,8 @@ def load_split(
                      revision=revision, log=log)  # fmt: skip
         try:  # stratified by class even where the caller reads no labels (kd, calibration)
             dataset = load_split(**whole, label_column=by)
-        except RetrofitError:
-            if label_column is not None:
+        except RetrofitError:  # data without labels (kd, calibration) is held out of unstratified
+            if label_column is not None or by != "label":  # a column the user named (--label-column) must be there
                 raise
             dataset = load_split(**whole, label_column=None)
         dataset = _held_out(dataset, holdout, held, str(data), split)

@@ -1157,7 +1157,7 @@ def test_holdout_stratifies_labels_that_are_not_a_class_label(imagefolder, tmp_p
 
 
 def test_holdout_keeps_the_same_images_out_whether_a_command_reads_the_labels_or_not(
-    tiny_vit, imagefolder, tmp_path, monkeypatch
+    tiny_vit, imagefolder, tmp_path, monkeypatch, capsys
 ):
     """With --label-column, the loads that read no labels (kd training, calibration) held out images by the `label`
     column, or at random without one, and those that read them by the column named: `finetune --holdout` scored
@@ -1189,6 +1189,12 @@ def test_holdout_keeps_the_same_images_out_whether_a_command_reads_the_labels_or
         started = [dataset for dataset in read if sorted(_pixels(dataset)) != sorted(held)]
         assert started and all(not set(_pixels(dataset)) & set(held) for dataset in started), command
         assert scored or command == "convert", command  # convert scores nothing; `evaluate --holdout` scores `held`
+    # a --label-column the data lacks (misspelt) is refused, not held out of at random: those would not be the
+    # images `evaluate --holdout` scores as held out
+    for command, argv in runs.items():
+        argv = ["specie" if value == "species" else value for value in argv[:-1]] + [str(tmp_path / "no")]
+        assert main(argv) == 2 and not (tmp_path / "no").exists(), command
+        assert "has no column 'specie'; available: image, species" in capsys.readouterr().err, command
 
 
 def test_finetune_evaluates_on_the_images_holdout_keeps_out_and_evaluate_scores_them_again(
