@@ -1073,7 +1073,8 @@ class SweepSettings(Settings):
     split: str | None = setting(None, f"split to measure accuracy on (default: {SWEEP_SPLIT}; not with --holdout, "
                                 "which measures on --calibrate-split)")  # fmt: skip
     calibrate_split: str = setting(TRAIN_SPLIT, "split to calibrate (and fine-tune) on")
-    limit: int | None = setting(SWEEP_LIMIT, "evaluate on the first N images", metavar="N", at_least=1)
+    limit: int | None = setting(None, f"evaluate on the first N images (default: {SWEEP_LIMIT}, unless --sample)",
+                                metavar="N", at_least=1)  # fmt: skip
     sample: int | None = sample_setting("evaluate on", "instead of the first --limit; seed 0")
     holdout: float | None = holdout_setting(
         "hold this fraction of --calibrate-split out of calibration and fine-tuning and measure on it instead of "
@@ -1107,9 +1108,9 @@ class SweepSettings(Settings):
             if not getattr(self, name):
                 self.refuse(name, f"is empty; give one or more values, e.g. {example}")
             setattr(self, name, tuple(dict.fromkeys(getattr(self, name))))
-        if self.sample is not None and self.limit == SWEEP_LIMIT:
-            self.limit = None  # --sample replaces the default first N images
         _check_limit_or_sample(self)
+        if self.sample is None and self.limit is None:
+            self.limit = SWEEP_LIMIT  # --sample replaces the default first N images
         if self.holdout is not None and self.split is not None:  # even --split test, the default: the user asked
             held = f"measures on the images it holds out of --calibrate-split '{self.calibrate_split}'"
             self.refuse("holdout", f"{held}, and --split names '{self.split}'; drop one")

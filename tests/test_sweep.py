@@ -146,6 +146,8 @@ def test_a_sweep_scores_the_same_models_every_run_and_leaves_the_callers_draws(t
         (["--after-layer", "1", "--tokens", "2", "--bench-repeats", "0"], "--bench-repeats must be at least 1"),
         (["--after-layer", "1", "--tokens", "2", "--batch-size", "0"], "--batch-size must be at least 1"),
         (["--after-layer", "1", "--tokens", "2", "--calibrate-split", "nope"], "has no split 'nope'"),
+        # the default's number given is still a --limit given
+        (["--after-layer", "1", "--tokens", "2", "--limit", "1000", "--sample", "5"], "exclude each other"),
     ],
 )
 def test_bad_sweep_input(tiny_vit, images, tmp_path, capsys, options, message):
