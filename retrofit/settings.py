@@ -699,6 +699,10 @@ def _check_zero_shot_only(settings: Settings, zero_shot: str = "--zero-shot", tu
         settings.refuse("prompt_template", f"is used with {zero_shot} only; {turn_on}, or drop it")
 
 
+# TrainSettings fields only a fine-tune reads: the merger's lr and what trains, distillation's, a dual encoder's prompts
+FINETUNE_ONLY_TRAINING = ("train", "merger_lr_scale", "temperature", "alpha", "prompt_weight", "prompt_templates")
+
+
 @dataclass(kw_only=True)
 class PretrainSettings(TrainSettings):
     """How a baseline is trained from scratch (a recipe with a ``pretrain`` section): cross-entropy for a ViT, a
@@ -718,6 +722,11 @@ class PretrainSettings(TrainSettings):
     def check(self) -> None:
         super().check()
         _check_templates(self, "caption_templates")
+        defaults = {spec.name: spec.default for spec in fields(TrainSettings)}
+        for name in FINETUNE_ONLY_TRAINING:  # a setting pretraining ignores would be recorded as what trained
+            if getattr(self, name) != defaults[name]:
+                self.refuse(name, "is for fine-tuning a merged model, and pretraining from scratch does not read it "
+                            "(every parameter trains, on labels or captions alone): remove it")  # fmt: skip
 
 
 @dataclass(kw_only=True)

@@ -314,6 +314,16 @@ def test_a_pretraining_recipe_refuses_what_only_a_fine_tune_reads(tmp_path, caps
         load_recipe(fine_tune, {"pretrain": 5})
     with pytest.raises(RetrofitError, match="unknown override 'name.x'; 'name' holds no keys"):
         load_recipe(fine_tune, {"name.x": 5})
+    # what trains, distillation's and the prompts' settings: taken and recorded as what trained, though every
+    # parameter trained on labels alone
+    for key, value in (("train", "merger-and-after"), ("prompt_templates", ["x {}"]), ("temperature", 3.0),
+                       ("alpha", 0.2), ("prompt_weight", 1.0), ("merger_lr_scale", 10.0)):  # fmt: skip
+        with pytest.raises(RetrofitError, match=f"training.{key} in recipe .* pretraining from scratch does not read"):
+            load_recipe(path, {f"training.{key}": value})
+    from retrofit.finetune import pretrain
+
+    with pytest.raises(RetrofitError, match="train is for fine-tuning a merged model"):
+        pretrain({}, output=tmp_path / "p", data="x", train="merger-and-after")
 
 
 def test_values_of_the_wrong_type_are_refused_and_1e_4_is_a_number(tmp_path, capsys):
