@@ -75,9 +75,11 @@ def _stop(signum: int) -> None:
 
 def interrupt(signum: int | None = None, frame=None) -> None:
     """The CLI's handler of `stop_signals`: Python's for Ctrl-C (raise KeyboardInterrupt; SIGTERM and SIGHUP raise
-    `Stopped`), remembering that it came. Raised inside a weakref callback or a ``__del__`` (a library's, mid-run),
-    Python prints "Exception ignored" and goes on; the run then stops at its next `check_interrupted` instead of
-    writing its output. A forked process (a DataLoader worker) stops on SIGTERM or SIGHUP as it would have."""
+    `Stopped`), remembering that it came. Inside a ``__del__`` (a library's, mid-run: `evaluate`'s metric modules)
+    it only remembers: raised there, Python printed "Exception ignored" and a traceback, and went on. Raised inside a
+    weakref callback, the same happens. Either way the run stops at its next `check_interrupted` (after each training
+    step, before an output takes its place), with one line. A forked process (a DataLoader worker) stops on SIGTERM
+    or SIGHUP as it would have."""
     import os
     import signal
 
@@ -87,7 +89,17 @@ def interrupt(signum: int | None = None, frame=None) -> None:
         os.kill(os.getpid(), signum)
         return
     _INTERRUPTED[0] = signum
-    _stop(signum)
+    if not _in_finalizer(frame):
+        _stop(signum)
+
+
+def _in_finalizer(frame) -> bool:
+    """Whether `frame` (where a signal came) runs inside a ``__del__``, whose exceptions Python prints and ignores."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _ours(signum: int, handler) -> bool:

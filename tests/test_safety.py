@@ -1065,6 +1065,33 @@ def test_a_step_folder_that_is_no_checkpoint_is_refused_by_the_main_process_only
     assert check_checkpoints(tmp_path, resume=False, overwrite=True) == []
 
 
+def test_a_signal_inside_a_finalizer_stops_the_run_in_one_line_not_a_traceback(monkeypatch):
+    """SIGTERM landing in a library's __del__ (`evaluate`'s metric modules, freed after an in-training evaluation)
+    was raised there: Python printed "Exception ignored" and a traceback above retrofit's one line. The handler
+    only remembers it there; the run stops at its next `check_interrupted`."""
+    import gc
+    import os
+    import signal
+
+    from retrofit import errors
+
+    class Metric:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        pytest.skip("SIGTERM has a handler of the caller's here, which the CLI leaves alone")
+    ignored = []  # what Python prints as "Exception ignored in: ..." goes through this hook
+    monkeypatch.setattr(sys, "unraisablehook", ignored.append)
+    with errors.interrupts_watched():
+        metric = Metric()
+        del metric
+        gc.collect()
+        with pytest.raises(errors.Stopped):
+            errors.check_interrupted()
+    assert ignored == []
+
+
 def test_a_ctrl_c_a_library_swallowed_still_stops_the_command_before_it_writes(tiny_vit, tmp_path, capsys, monkeypatch):
     """Ctrl-C landing in a weakref callback or a __del__ is printed by Python as "Exception ignored" and the run goes
     on: `sweep --method finetune` went on to write its output. The CLI's handler remembers it, and the command stops
