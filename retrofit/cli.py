@@ -20,7 +20,14 @@ from dataclasses import fields
 from pathlib import Path
 
 from . import __version__
-from .errors import RetrofitError, brief, describe_os_error, interrupts_watched, is_file_system_error
+from .errors import (
+    RetrofitError,
+    brief,
+    check_interrupted,
+    describe_os_error,
+    interrupts_watched,
+    is_file_system_error,
+)
 from .settings import (
     RECIPE_SECTIONS,
     BenchArgs,
@@ -308,6 +315,7 @@ def _command(argv: list[str]) -> int:
 
             keep_process_group()
         code = run(args, namespace) if namespace.command == "run" else run(args)
+        check_interrupted()  # a stop signal remembered but not acted on (it came in a __del__): not exit 0
     except RetrofitError as exc:
         if namespace.verbose:  # the traceback, then the same line and exit code as without -v
             traceback.print_exc()

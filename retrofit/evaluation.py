@@ -31,7 +31,7 @@ import torch
 
 from .atomic import hold_write_lock, releases_write_locks
 from .data import dataset_label_map, generic_labels, model_labels, same_class_name
-from .errors import RetrofitError, brief, check_arguments, log_to_stderr
+from .errors import RetrofitError, brief, check_arguments, check_interrupted, log_to_stderr
 from .provenance import dataset_commit, versions
 from .reads import reads_each_folder_once
 from .settings import EVALUATE_SEED, EvaluateArgs, chosen_images, model_list
@@ -720,6 +720,7 @@ def score_models(
     # cached process-wide by window size: evaluate, then finetune, failed with "Inference tensors cannot be saved")
     with torch.no_grad():
         for batch in loader:
+            check_interrupted()  # a stop signal that came inside a library's __del__ (or that it swallowed)
             labels = batch.get("labels")
             if labels_from is not None:
                 with accelerator.autocast():

@@ -1092,6 +1092,30 @@ def test_a_signal_inside_a_finalizer_stops_the_run_in_one_line_not_a_traceback(m
     assert ignored == []
 
 
+def test_a_signal_remembered_in_a_finalizer_is_not_lost_by_a_command_that_writes_nothing(tiny_vit, capsys, monkeypatch):
+    """A SIGTERM remembered inside a __del__ (tqdm's, as evaluate read the data) was never acted on: the command
+    printed its table and exited 0. It exits 143 with its one line."""
+    import importlib
+    import signal
+
+    from retrofit import errors
+
+    convert_module = importlib.import_module("retrofit.convert")
+    real = convert_module.insert_patch_merger
+
+    class Bar:
+        def __del__(self) -> None:
+            errors.interrupt(signal.SIGTERM, sys._getframe())  # the handler, called where the signal landed
+
+    def merge_after_a_finalizer(*args, **kwargs):
+        Bar()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "insert_patch_merger", merge_after_a_finalizer)
+    assert main(["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "4"]) == 143
+    assert capsys.readouterr().err.strip().endswith("retrofit: stopped (SIGTERM)")
+
+
 def test_a_ctrl_c_a_library_swallowed_still_stops_the_command_before_it_writes(tiny_vit, tmp_path, capsys, monkeypatch):
     """Ctrl-C landing in a weakref callback or a __del__ is printed by Python as "Exception ignored" and the run goes
     on: `sweep --method finetune` went on to write its output. The CLI's handler remembers it, and the command stops
