@@ -727,6 +727,12 @@ class PretrainSettings(TrainSettings):
             if getattr(self, name) != defaults[name]:
                 self.refuse(name, "is for fine-tuning a merged model, and pretraining from scratch does not read it "
                             "(every parameter trains, on labels or captions alone): remove it")  # fmt: skip
+        if self.feature_weight is not None:  # (`train.settle_losses` fills in its default later)
+            self.refuse("feature_weight", "distils a teacher's features, and pretraining from scratch has no teacher:"
+                        " remove it")  # fmt: skip
+        if self.loss != "contrastive" and self.caption_templates != CAPTION_TEMPLATES:
+            self.refuse("caption_templates", f"writes the captions of --loss contrastive (a CLIP), not of --loss "
+                        f"{self.loss}: remove it")  # fmt: skip
 
 
 @dataclass(kw_only=True)

@@ -320,6 +320,10 @@ def test_a_pretraining_recipe_refuses_what_only_a_fine_tune_reads(tmp_path, caps
                        ("alpha", 0.2), ("prompt_weight", 1.0), ("merger_lr_scale", 10.0)):  # fmt: skip
         with pytest.raises(RetrofitError, match=f"training.{key} in recipe .* pretraining from scratch does not read"):
             load_recipe(path, {f"training.{key}": value})
+    with pytest.raises(RetrofitError, match="training.feature_weight in recipe .* pretraining from scratch has no"):
+        load_recipe(path, {"training.feature_weight": 0.7})
+    with pytest.raises(RetrofitError, match="training.caption_templates .* not of --loss ce"):
+        load_recipe(path, {"training.caption_templates": ["a sketch of {}"]})  # a ViT's pretraining: no captions
     from retrofit.finetune import pretrain
 
     with pytest.raises(RetrofitError, match="train is for fine-tuning a merged model"):
