@@ -617,13 +617,19 @@ def load_image_processor(source: str | Path, config: PreTrainedConfig, *, revisi
             raise RetrofitError(
                 f"'{local}' is not an image processor config ({what}); fix it, or delete it to use a default one"
             )
-    try:
-        processor = AutoImageProcessor.from_pretrained(resolved, revision=revision)
+    try:  # never the source's own code (an auto_map): transformers would ask on stdin whether to run it
+        processor = AutoImageProcessor.from_pretrained(resolved, revision=revision, trust_remote_code=False)
     except ImportError as exc:
         if "torchvision" not in str(exc).lower():
             raise
         processor = _pil_processor(source, revision=revision, log=log)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as exc:
+        if "trust_remote_code" in str(exc):  # a class only the source's code defines
+            raise RetrofitError(
+                f"the image processor of '{source}' is custom code of its own (auto_map in preprocessor_config.json), "
+                "which retrofit does not run; give it a transformers image processor (image_processor_type, e.g. "
+                "ViTImageProcessor)"
+            ) from None
         _, head = family_and_head(config)
         from .cost import image_size  # cost imports this module
 
@@ -692,7 +698,9 @@ def load_tokenizer(source: str | Path, config: PreTrainedConfig, *, revision: st
             "its tokenizer files are added")  # fmt: skip
         return None
     try:
-        return AutoTokenizer.from_pretrained(resolve_source(source), revision=revision, **blank)
+        return AutoTokenizer.from_pretrained(  # never the source's own code (see load_image_processor)
+            resolve_source(source), revision=revision, trust_remote_code=False, **blank
+        )
     except (OSError, ValueError, ImportError) as exc:
         log(f"warning: '{source}' has no usable tokenizer ({brief(exc)}); the export will not run zero-shot "
             "classification until its tokenizer files are added")  # fmt: skip

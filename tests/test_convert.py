@@ -552,6 +552,40 @@ def test_source_code_never_runs_without_trust_remote_code(capsys, tmp_path, tiny
     assert not marker.exists()
 
 
+def test_a_source_image_processor_of_its_own_code_is_refused_without_a_prompt(tiny_vit, tmp_path, capsys):
+    """A preprocessor_config.json naming a class of the source's own code (auto_map): transformers asked on stdin
+    whether to run it, ran it on "y" (and the export kept its auto_map), or, unanswered, retrofit said the source had
+    no image processor and used a default one. It is refused in one line; nothing runs, nothing is asked."""
+    source = tmp_path / "custom"
+    shutil.copytree(tiny_vit, source)
+    marker = tmp_path / "code-ran"
+    (source / "image_processing_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import ViTImageProcessor\n\nclass EvilProc(ViTImageProcessor):\n    pass\n"
+    )
+    settings = json.loads((source / "preprocessor_config.json").read_text())
+    settings.update(image_processor_type="EvilProc", auto_map={"AutoImageProcessor": "image_processing_evil.EvilProc"})
+    (source / "preprocessor_config.json").write_text(json.dumps(settings))
+    code, err = run_cli(capsys, "convert", source, "--after-layer", 1, "--tokens", 2, "--output", tmp_path / "o")
+    assert code == 2 and "is custom code of its own (auto_map in preprocessor_config.json)" in err, err
+    assert not marker.exists() and not (tmp_path / "o").exists()
+
+
+def test_a_config_nested_too_deeply_to_parse_is_one_line(tiny_vit, tmp_path, capsys):
+    """json's parser gives up on a file nested thousands deep (damaged, or made to crash) with a RecursionError,
+    which no reader's `except ValueError` took: a traceback, exit 1. One line, exit 2."""
+    source = tmp_path / "deep"
+    shutil.copytree(tiny_vit, source)
+    text = (source / "config.json").read_text().rstrip().removesuffix("}")
+    (source / "config.json").write_text(text + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    code, err = run_cli(capsys, "convert", source, "--after-layer", 1, "--tokens", 2, "--output", tmp_path / "o")
+    assert code == 2 and err.strip().splitlines() == [
+        "retrofit: error: a file this command read (a config, a report, a checkpoint's record) is nested too deeply "
+        "to read: it is damaged; write it again or remove it (-v shows which)"
+    ]
+    assert not (tmp_path / "o").exists()
+
+
 def test_python_api_raises_retrofit_error(tiny_vit):
     with pytest.raises(RetrofitError, match="use 1..3"):
         convert(tiny_vit, after_layer=9, num_tokens=2, log=lambda _: None)
