@@ -170,7 +170,7 @@ def name_processor(folder: Path, family: Family) -> None:
         given = settings.get("processor_class")
         if not (isinstance(given, str) and given.isidentifier()):  # the source's own name is kept, if it is one
             settings["processor_class"] = name
-        for key in LOADING_KEYS:
+        for key in (*LOADING_KEYS, "auto_map"):  # (the source's code, which an export does not hold: its own only)
             settings.pop(key, None)
         # as transformers writes it
         path.write_text(json.dumps(settings, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -157,9 +157,14 @@ def test_auto_processor_gives_the_sources_processor_class(name, processor, duals
         assert model(**inputs).logits_per_image.shape == (1, 2)
     odd = shutil.copytree(source, tmp_path / "odd")  # a processor_class that is not a class name: the family's
     settings = json.loads((odd / "tokenizer_config.json").read_text())
-    (odd / "tokenizer_config.json").write_text(json.dumps({**settings, "processor_class": [processor]}))
+    # and an auto_map naming the source's own tokenizer code, which the export has not: loading it failed
+    code = {"AutoTokenizer": ["tokenization_own.OwnTokenizer", None]}
+    (odd / "tokenizer_config.json").write_text(json.dumps({**settings, "processor_class": [processor],
+                                                           "auto_map": code}))  # fmt: skip
     fixed = convert(odd, after_layer=2, num_tokens=3, output=tmp_path / "odd-pm", log=lambda _: None).output
-    assert json.loads((fixed / "tokenizer_config.json").read_text())["processor_class"] == processor
+    saved = json.loads((fixed / "tokenizer_config.json").read_text())
+    assert saved["processor_class"] == processor and "auto_map" not in saved
+    assert type(AutoProcessor.from_pretrained(fixed, trust_remote_code=True)).__name__ == processor
     vit = convert(tiny_vit, after_layer=2, num_tokens=3, output=tmp_path / "vit", log=lambda _: None).output
     assert not (vit / "tokenizer_config.json").exists()
     assert "tokenizer_config.json" not in family_files(json.loads((vit / "config.json").read_text()))
