@@ -329,6 +329,13 @@ def _command(argv: list[str]) -> int:
         print(f"retrofit: error: {one_line(describe_os_error(exc))}{'' if namespace.verbose else ' (-v shows where)'}",
               file=sys.stderr)  # fmt: skip
         return RetrofitError.exit_code
+    except RecursionError:  # json/yaml of a file nested thousands deep (damaged or hostile): its parser gave up
+        if namespace.verbose:
+            traceback.print_exc()
+        print("retrofit: error: a file this command read (a config, a report, a checkpoint's record) is nested "
+              "too deeply to read: it is damaged; write it again or remove it (-v shows which)",
+              file=sys.stderr)  # fmt: skip
+        return RetrofitError.exit_code
     except RuntimeError as exc:  # (torch.distributed's errors are RuntimeErrors)
         if not (_in_a_launch() and _peer_gone(exc)):
             raise
