@@ -1070,6 +1070,13 @@ SWEEP_LIMIT = 1000  # sweep scores every setting: the first 1000 images, unless 
 SWEEP_TOKENS = (8, 16, 32)  # sweep's default M values: the paper's M = 8 (after L/2) and two milder merges
 
 
+def scored_images(settings: "SweepSettings") -> dict:
+    """The images a sweep scores every setting on (`chosen_images`): --limit, --sample, or the first `SWEEP_LIMIT`
+    (left out of the settings, so that a copy given --sample is not refused for a --limit no one gave)."""
+    limit = SWEEP_LIMIT if settings.limit is None and settings.sample is None else settings.limit
+    return chosen_images(limit, settings.sample, settings.seed)
+
+
 @dataclass(kw_only=True)
 class SweepSettings(Settings):
     """What `retrofit sweep` tries and how it measures each setting."""
@@ -1123,9 +1130,7 @@ class SweepSettings(Settings):
             if not getattr(self, name):
                 self.refuse(name, f"is empty; give one or more values, e.g. {example}")
             setattr(self, name, tuple(dict.fromkeys(getattr(self, name))))
-        _check_limit_or_sample(self)
-        if self.sample is None and self.limit is None:
-            self.limit = SWEEP_LIMIT  # --sample replaces the default first N images
+        _check_limit_or_sample(self)  # (neither: the first `SWEEP_LIMIT`, `scored_images`)
         if self.holdout is not None and self.split is not None:  # even --split test, the default: the user asked
             held = f"measures on the images it holds out of --calibrate-split '{self.calibrate_split}'"
             self.refuse("holdout", f"{held}, and --split names '{self.split}'; drop one")

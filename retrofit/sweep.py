@@ -399,7 +399,7 @@ def _sweep(
         trained_head_config,
     )
     from .provenance import dataset_commit, versions
-    from .settings import chosen_images
+    from .settings import scored_images
     from .surgery import check_merge
     from .zero_shot import prompts
 
@@ -440,7 +440,7 @@ def _sweep(
     for k in settings.after_layers:
         for m in settings.tokens:
             check_merge(config, k, m, image_size)
-    chosen = chosen_images(settings.limit, settings.sample, settings.seed)  # the images every setting is scored on
+    chosen = scored_images(settings)  # the images every setting is scored on
     chosen["revision"] = settings.data_revision
     # --holdout: scored on the fraction of the calibration split that calibration and fine-tuning never read
     held_out = settings.holdout is not None

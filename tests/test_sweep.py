@@ -190,6 +190,13 @@ def test_the_python_api_checks_its_settings(tiny_vit, images, tmp_path, monkeypa
         sweep(str(tiny_vit), SweepSettings(**base), output="~/sweep", log=pytest.fail)
     assert not (tmp_path / "~").exists()
     assert SweepSettings(**base, sample=5).limit is None  # --sample replaces the first 1000 images by default
+    from dataclasses import replace
+
+    from retrofit.settings import scored_images
+
+    default = SweepSettings(**base)
+    assert scored_images(default)["limit"] == 1000 and default.limit is None  # the default, not a --limit given
+    assert scored_images(replace(default, sample=5)) == {"limit": 5, "sample_seed": 0}  # not "exclude each other"
     with pytest.raises(RetrofitError, match="--limit .* and --sample .* exclude each other"):
         SweepSettings(**base, limit=10, sample=5)
 
