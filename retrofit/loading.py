@@ -120,9 +120,56 @@ def load_config(
         raise _config_error(source, local, exc) from None
     if export:
         config = _load_export_config(source, local, revision)
+    else:
+        config = _subclassed_classifier(config, local)
     config = for_task(config, task)
     check_config(config, f"'{source}/config.json'")
     return config
+
+
+def _subclassed_classifier(config: PreTrainedConfig, folder: Path) -> PreTrainedConfig:
+    """A local checkpoint saved from a user's subclass (``class MyViT(ViTForImageClassification)``: architectures
+    ``["MyViT"]``, a class transformers does not define) whose weights hold the family's classifier, as that
+    classifier class: it was scored by its features and its trained classifier called new. Otherwise `config`."""
+    architectures = getattr(config, "architectures", None) or []
+    if not architectures or any(_is_transformers_class(name) for name in architectures) or not folder.is_dir():
+        return config
+    try:
+        heads = family_for(config.model_type).heads.values()
+    except RetrofitError:  # an unsupported model type: refused where it is loaded, in its words
+        return config
+    classifier = next((head for head in heads if head.is_classifier), None)
+    names = _weight_names(folder)
+    if classifier is None or not any(name.startswith(_classifier_prefixes(classifier)) for name in names):
+        return config
+    config = copy.deepcopy(config)
+    config.architectures = [classifier.class_name]
+    return config
+
+
+def _is_transformers_class(name: str) -> bool:
+    """Whether transformers defines a class `name` (ViTForMaskedImageModeling), not a user's subclass of one."""
+    try:
+        return isinstance(getattr(transformers, name, None), type)
+    except Exception:  # noqa: BLE001 - a lazy import that fails: not a class this machine has
+        return False
+
+
+def _weight_names(folder: Path) -> list[str]:
+    """The weight names of a local checkpoint's safetensors (the file's header, or its shard index); none for
+    other formats."""
+    from safetensors import safe_open
+
+    try:
+        if (folder / "model.safetensors").is_file():
+            with safe_open(folder / "model.safetensors", framework="pt") as weights:
+                return list(weights.keys())
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            return list(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+    except Exception:  # noqa: BLE001 - unreadable weights: loading them says why, in one line
+        pass
+    return []
 
 
 def _check_local_config(source: str, folder: Path) -> None:

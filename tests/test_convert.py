@@ -586,6 +586,28 @@ def test_a_config_nested_too_deeply_to_parse_is_one_line(tiny_vit, tmp_path, cap
     assert not (tmp_path / "o").exists()
 
 
+def test_a_checkpoint_of_a_users_subclass_keeps_its_trained_classifier(tiny_vit, tmp_path, capsys):
+    """`save_pretrained` of ``class MyViT(ViTForImageClassification)`` names MyViT, a class transformers does not
+    define: its trained classifier was called new (card and log) and evaluate scored its features. Its weights say
+    what it is: a classifier where they hold one; a subclass of the backbone still gets a new classifier, said so."""
+    from retrofit.loading import load_config
+
+    source = tmp_path / "mine"
+    shutil.copytree(tiny_vit, source)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "architectures": ["MyViT"]}))
+    code, err = run_cli(capsys, "convert", source, "--after-layer", 1, "--tokens", 2, "--output", tmp_path / "o")
+    assert code == 0 and "classifier is new" not in err + (tmp_path / "o" / "README.md").read_text()
+    assert load_config(source).architectures == ["ViTForImageClassification"]
+    backbone = tmp_path / "backbone"
+    load_model(tiny_vit, config=load_config(tiny_vit, task="image-feature-extraction")).save_pretrained(backbone)
+    config = json.loads((backbone / "config.json").read_text())
+    (backbone / "config.json").write_text(json.dumps({**config, "architectures": ["MyBackbone"]}))
+    assert load_config(backbone).architectures == ["MyBackbone"]  # no classifier weights: what it was
+    code, err = run_cli(capsys, "convert", backbone, "--after-layer", 1, "--tokens", 2, "--output", tmp_path / "b")
+    assert code == 0 and "the classifier is new (the checkpoint has none)" in err
+
+
 def test_python_api_raises_retrofit_error(tiny_vit):
     with pytest.raises(RetrofitError, match="use 1..3"):
         convert(tiny_vit, after_layer=9, num_tokens=2, log=lambda _: None)
