@@ -534,40 +534,34 @@ def test_converting_an_export_is_refused(capsys, tmp_path, vit_export):
     assert_refused(capsys, tmp_path / "o", out, "--after-layer", 1, "--tokens", 2, match="already has a PatchMerger")
 
 
-def test_source_code_never_runs_without_trust_remote_code(capsys, tmp_path, tiny_vit):
-    import shutil
-
+@pytest.mark.parametrize(
+    ("config_file", "code_file", "base", "fields", "refusal"),
+    [
+        ("config.json", "configuration_evil.py", "ViTConfig",
+         {"model_type": "evil", "auto_map": {"AutoConfig": "configuration_evil.Evil"}}, "--trust-remote-code"),
+        # transformers asked on stdin whether to run it, ran it on "y" (and the export kept its auto_map), or,
+        # unanswered, retrofit said the source had no image processor and used a default one
+        ("preprocessor_config.json", "image_processing_evil.py", "ViTImageProcessor",
+         {"image_processor_type": "Evil", "auto_map": {"AutoImageProcessor": "image_processing_evil.Evil"}},
+         "is custom code of its own (auto_map in preprocessor_config.json)"),
+    ],
+    ids=["config", "image-processor"],
+)  # fmt: skip
+def test_source_code_never_runs_without_trust_remote_code(
+    capsys, tmp_path, tiny_vit, config_file, code_file, base, fields, refusal
+):
+    """A source naming a class of its own code (auto_map) is refused in one line; nothing runs, nothing is asked."""
     source = tmp_path / "custom"
     shutil.copytree(tiny_vit, source)
     marker = tmp_path / "code-ran"
-    (source / "configuration_evil.py").write_text(
+    (source / code_file).write_text(
         f"open({str(marker)!r}, 'w').write('ran')\n"
-        "from transformers import ViTConfig\n\nclass EvilConfig(ViTConfig):\n    model_type = 'evil'\n"
+        f"from transformers import {base}\n\nclass Evil({base}):\n    model_type = 'evil'\n"
     )
-    config = json.loads((source / "config.json").read_text())
-    config.update(model_type="evil", auto_map={"AutoConfig": "configuration_evil.EvilConfig"})
-    (source / "config.json").write_text(json.dumps(config))
+    config = json.loads((source / config_file).read_text())
+    (source / config_file).write_text(json.dumps({**config, **fields}))
     code, err = run_cli(capsys, "convert", source, "--after-layer", 1, "--tokens", 2, "--output", tmp_path / "o")
-    assert code == 2 and "--trust-remote-code" in err, err
-    assert not marker.exists()
-
-
-def test_a_source_image_processor_of_its_own_code_is_refused_without_a_prompt(tiny_vit, tmp_path, capsys):
-    """A preprocessor_config.json naming a class of the source's own code (auto_map): transformers asked on stdin
-    whether to run it, ran it on "y" (and the export kept its auto_map), or, unanswered, retrofit said the source had
-    no image processor and used a default one. It is refused in one line; nothing runs, nothing is asked."""
-    source = tmp_path / "custom"
-    shutil.copytree(tiny_vit, source)
-    marker = tmp_path / "code-ran"
-    (source / "image_processing_evil.py").write_text(
-        f"open({str(marker)!r}, 'w').write('ran')\n"
-        "from transformers import ViTImageProcessor\n\nclass EvilProc(ViTImageProcessor):\n    pass\n"
-    )
-    settings = json.loads((source / "preprocessor_config.json").read_text())
-    settings.update(image_processor_type="EvilProc", auto_map={"AutoImageProcessor": "image_processing_evil.EvilProc"})
-    (source / "preprocessor_config.json").write_text(json.dumps(settings))
-    code, err = run_cli(capsys, "convert", source, "--after-layer", 1, "--tokens", 2, "--output", tmp_path / "o")
-    assert code == 2 and "is custom code of its own (auto_map in preprocessor_config.json)" in err, err
+    assert code == 2 and refusal in err, err
     assert not marker.exists() and not (tmp_path / "o").exists()
 
 
