@@ -139,8 +139,16 @@ def _subclassed_classifier(config: PreTrainedConfig, folder: Path) -> PreTrained
     except RetrofitError:  # an unsupported model type: refused where it is loaded, in its words
         return config
     classifier = next((head for head in heads if head.is_classifier), None)
-    names = _weight_names(folder)
-    if classifier is None or not any(name.startswith(_classifier_prefixes(classifier)) for name in names):
+    shapes = _weight_shapes(folder)
+    names = classifier.classifiers if classifier is not None else ()
+    held = (
+        bool(names)
+        and all(  # the family's own linear classifier(s), one row per label (a shard index: by name)
+            f"{name}.bias" in shapes and shapes.get(f"{name}.weight", (0,))[:1] in ((), (config.num_labels,))
+            for name in names
+        )
+    )
+    if not held:  # a head of the user's own (an MLP named classifier, another number of outputs): not that class
         return config
     config = copy.deepcopy(config)
     config.architectures = [classifier.class_name]
@@ -155,21 +163,21 @@ def _is_transformers_class(name: str) -> bool:
         return False
 
 
-def _weight_names(folder: Path) -> list[str]:
-    """The weight names of a local checkpoint's safetensors (the file's header, or its shard index); none for
-    other formats."""
+def _weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """The weight names of a local checkpoint's safetensors and their shapes (read from the file's header; () where a
+    shard index names them alone); none for other formats."""
     from safetensors import safe_open
 
     try:
         if (folder / "model.safetensors").is_file():
             with safe_open(folder / "model.safetensors", framework="pt") as weights:
-                return list(weights.keys())
+                return {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
         index = folder / "model.safetensors.index.json"
         if index.is_file():
-            return list(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+            return dict.fromkeys(json.loads(index.read_text(encoding="utf-8"))["weight_map"], ())
     except Exception:  # noqa: BLE001 - unreadable weights: loading them says why, in one line
         pass
-    return []
+    return {}
 
 
 def _check_local_config(source: str, folder: Path) -> None:

@@ -600,6 +600,15 @@ def test_a_checkpoint_of_a_users_subclass_keeps_its_trained_classifier(tiny_vit,
     assert load_config(backbone).architectures == ["MyBackbone"]  # no classifier weights: what it was
     code, err = run_cli(capsys, "convert", backbone, "--after-layer", 1, "--tokens", 2, "--output", tmp_path / "b")
     assert code == 0 and "the classifier is new (the checkpoint has none)" in err
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(backbone / "model.safetensors")
+    for own in (
+        {"classifier.0.weight": torch.zeros(16, 32), "classifier.0.bias": torch.zeros(16)},  # an MLP
+        {"classifier.weight": torch.zeros(10, 32), "classifier.bias": torch.zeros(10)},
+    ):  # 10 outputs, not 3
+        save_file({**weights, **own}, backbone / "model.safetensors", metadata={"format": "pt"})
+        assert load_config(backbone).architectures == ["MyBackbone"]  # a head of the user's own: not ViT's classifier
 
 
 def test_python_api_raises_retrofit_error(tiny_vit):
