@@ -679,9 +679,10 @@ def load_image_processor(source: str | Path, config: PreTrainedConfig, *, revisi
             raise
         processor = _pil_processor(source, revision=revision, log=log)
     except (OSError, ValueError) as exc:
-        if "trust_remote_code" in str(exc):  # a class only the source's code defines
+        own = _own_processor_code(Path(resolved).expanduser())
+        if own or "trust_remote_code" in str(exc):  # a class only the source's code defines
             raise RetrofitError(
-                f"the image processor of '{source}' is custom code of its own (auto_map in preprocessor_config.json), "
+                f"the image processor of '{source}' is custom code of its own (auto_map in {own or 'its config'}), "
                 "which retrofit does not run; give it a transformers image processor (image_processor_type, e.g. "
                 "ViTImageProcessor)"
             ) from None
@@ -706,6 +707,24 @@ def load_image_processor(source: str | Path, config: PreTrainedConfig, *, revisi
             "crop_size) in its preprocessor_config.json"
         )
     return processor
+
+
+def _own_processor_code(folder: Path) -> str | None:
+    """The processor config file of a local source that names image-processor code of the source's own (an
+    ``auto_map``, or a class transformers lacks, at its top or in a processor's ``image_processor``), or None."""
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        try:
+            settings = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        nested = settings.get("image_processor") if isinstance(settings, dict) else None
+        for part in (settings, nested):
+            if not isinstance(part, dict):
+                continue
+            kind = part.get("image_processor_type")
+            if "auto_map" in part or (isinstance(kind, str) and not _is_transformers_class(kind)):
+                return name
+    return None
 
 
 # The card's note on a dual encoder exported without a tokenizer (`load_tokenizer` returned None): its usage examples

@@ -544,8 +544,14 @@ def test_converting_an_export_is_refused(capsys, tmp_path, vit_export):
         ("preprocessor_config.json", "image_processing_evil.py", "ViTImageProcessor",
          {"image_processor_type": "Evil", "auto_map": {"AutoImageProcessor": "image_processing_evil.Evil"}},
          "is custom code of its own (auto_map in preprocessor_config.json)"),
+        # a processor's layout (processor_config.json, the image processor's settings nested), which transformers
+        # refused as having no image processor type: retrofit said the source had none, and used a default one
+        ("processor_config.json", "image_processing_evil.py", "ViTImageProcessor",
+         {"image_processor": {"image_processor_type": "Evil"},
+          "auto_map": {"AutoProcessor": "image_processing_evil.Evil"}},
+         "is custom code of its own (auto_map in processor_config.json)"),
     ],
-    ids=["config", "image-processor"],
+    ids=["config", "image-processor", "processor"],
 )  # fmt: skip
 def test_source_code_never_runs_without_trust_remote_code(
     capsys, tmp_path, tiny_vit, config_file, code_file, base, fields, refusal
@@ -558,7 +564,11 @@ def test_source_code_never_runs_without_trust_remote_code(
         f"open({str(marker)!r}, 'w').write('ran')\n"
         f"from transformers import {base}\n\nclass Evil({base}):\n    model_type = 'evil'\n"
     )
-    config = json.loads((source / config_file).read_text())
+    if config_file == "processor_config.json":
+        processor = json.loads((source / "preprocessor_config.json").read_text())
+        (source / "preprocessor_config.json").unlink()
+        fields = {**fields, "image_processor": {**processor, **fields["image_processor"]}}
+    config = json.loads((source / config_file).read_text()) if (source / config_file).exists() else {}
     (source / config_file).write_text(json.dumps({**config, **fields}))
     code, err = run_cli(capsys, "convert", source, "--after-layer", 1, "--tokens", 2, "--output", tmp_path / "o")
     assert code == 2 and refusal in err, err
