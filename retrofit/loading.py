@@ -130,25 +130,29 @@ def load_config(
 def _subclassed_classifier(config: PreTrainedConfig, folder: Path) -> PreTrainedConfig:
     """A local checkpoint saved from a user's subclass (``class MyViT(ViTForImageClassification)``: architectures
     ``["MyViT"]``, a class transformers does not define) whose weights hold the family's classifier, as that
-    classifier class: it was scored by its features and its trained classifier called new. Otherwise `config`."""
+    classifier class: it was scored by its features and its trained classifier called new. Otherwise (and for the
+    dual-encoder families, whose subclass may hold a text tower: converted as before, with convert's note) `config`."""
     architectures = getattr(config, "architectures", None) or []
     if not architectures or any(_is_transformers_class(name) for name in architectures) or not folder.is_dir():
         return config
     try:
-        heads = family_for(config.model_type).heads.values()
+        heads = list(family_for(config.model_type).heads.values())
     except RetrofitError:  # an unsupported model type: refused where it is loaded, in its words
         return config
-    classifier = next((head for head in heads if head.is_classifier), None)
+    if any(head.is_dual_encoder for head in heads):  # a CLIP of the user's may hold a text tower: converted as before
+        return config
     shapes = _weight_shapes(folder)
-    names = classifier.classifiers if classifier is not None else ()
-    held = (
-        bool(names)
-        and all(  # the family's own linear classifier(s), one row per label (a shard index: by name)
+
+    def held(head: Head) -> bool:  # the head's own linear classifier(s), one row per label (a shard index: by name)
+        return all(
             f"{name}.bias" in shapes and shapes.get(f"{name}.weight", (0,))[:1] in ((), (config.num_labels,))
-            for name in names
+            for name in head.classifiers
         )
-    )
-    if not held:  # a head of the user's own (an MLP named classifier, another number of outputs): not that class
+
+    # (DeiT's with-teacher head first: its two classifiers, where the plain head would miss them)
+    classifiers = sorted((head for head in heads if head.is_classifier), key=lambda head: -len(head.classifiers))
+    classifier = next((head for head in classifiers if head.classifiers and held(head)), None)
+    if classifier is None:  # a head of the user's own (an MLP named classifier, another number of outputs)
         return config
     config = copy.deepcopy(config)
     config.architectures = [classifier.class_name]

@@ -590,7 +590,7 @@ def test_a_config_nested_too_deeply_to_parse_is_one_line(tiny_vit, tmp_path, cap
     assert not (tmp_path / "o").exists()
 
 
-def test_a_checkpoint_of_a_users_subclass_keeps_its_trained_classifier(tiny_vit, tmp_path, capsys):
+def test_a_checkpoint_of_a_users_subclass_keeps_its_trained_classifier(tiny_vit, tiny_deit_distilled, tmp_path, capsys):
     """`save_pretrained` of ``class MyViT(ViTForImageClassification)`` names MyViT, a class transformers does not
     define: its trained classifier was called new (card and log) and evaluate scored its features. Its weights say
     what it is: a classifier where they hold one; a subclass of the backbone still gets a new classifier, said so."""
@@ -603,6 +603,22 @@ def test_a_checkpoint_of_a_users_subclass_keeps_its_trained_classifier(tiny_vit,
     code, err = run_cli(capsys, "convert", source, "--after-layer", 1, "--tokens", 2, "--output", tmp_path / "o")
     assert code == 0 and "classifier is new" not in err + (tmp_path / "o" / "README.md").read_text()
     assert load_config(source).architectures == ["ViTForImageClassification"]
+    deit = shutil.copytree(tiny_deit_distilled, tmp_path / "my-deit")  # two classifiers, named as DeiT's own
+    config = json.loads((deit / "config.json").read_text())
+    (deit / "config.json").write_text(json.dumps({**config, "architectures": ["MyDeiT"]}))
+    assert load_config(deit).architectures == ["DeiTForImageClassificationWithTeacher"]
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPConfig, CLIPModel
+
+    clip = tmp_path / "my-clip"  # a CLIP with a linear probe: its text tower goes only with convert's note
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    vision = {**small, "image_size": 32, "patch_size": 8}
+    CLIPModel(CLIPConfig(text_config=small, vision_config=vision)).save_pretrained(clip)
+    config = json.loads((clip / "config.json").read_text())
+    (clip / "config.json").write_text(json.dumps({**config, "architectures": ["MyCLIP"]}))
+    probe = {"classifier.weight": torch.zeros(2, 32), "classifier.bias": torch.zeros(2)}
+    save_file({**load_file(clip / "model.safetensors"), **probe}, clip / "model.safetensors", metadata={"format": "pt"})
+    assert load_config(clip).architectures == ["MyCLIP"]
     backbone = tmp_path / "backbone"
     load_model(tiny_vit, config=load_config(tiny_vit, task="image-feature-extraction")).save_pretrained(backbone)
     config = json.loads((backbone / "config.json").read_text())
@@ -610,8 +626,6 @@ def test_a_checkpoint_of_a_users_subclass_keeps_its_trained_classifier(tiny_vit,
     assert load_config(backbone).architectures == ["MyBackbone"]  # no classifier weights: what it was
     code, err = run_cli(capsys, "convert", backbone, "--after-layer", 1, "--tokens", 2, "--output", tmp_path / "b")
     assert code == 0 and "the classifier is new (the checkpoint has none)" in err
-    from safetensors.torch import load_file, save_file
-
     weights = load_file(backbone / "model.safetensors")
     for own in (
         {"classifier.0.weight": torch.zeros(16, 32), "classifier.0.bias": torch.zeros(16)},  # an MLP
