@@ -376,7 +376,7 @@ def _sweep(
     from .benchmark import Variant, environment, parse_device, place_model, run_benchmark, spread, timed_part
     from .benchmark import _input_shape as input_shape
     from .cost import model_cost
-    from .data import dataset_label_map, load_split, make_dataloader, model_labels, split_read
+    from .data import dataset_label_map, load_split, make_dataloader, model_labels
     from .evaluation import (
         check_dual_encoders,
         check_label_ids,
@@ -446,8 +446,8 @@ def _sweep(
     held_out = settings.holdout is not None
     if held_out:  # stratified by --label-column, as the calibration images and finetune's are (read or not)
         chosen |= {"holdout": settings.holdout, "held": True, "holdout_by": settings.label_column}
-    split = settings.calibrate_split if held_out else settings.split  # the split the scores are on, as read:
-    split = split_read(settings.data, split, revision=settings.data_revision)  # test read as validation names it
+    # the split the scores are on, as read (`_splits_as_read`: test read as validation names it)
+    split = settings.calibrate_split if held_out else settings.split
     commit = dataset_commit(settings.data, settings.data_revision)  # a Hub dataset's, asked as it is read
     dataset = load_split(
         settings.data, split, image_column=settings.image_column,
