@@ -22,6 +22,8 @@ from .settings import PushArgs
 # curve since deleted, another release's or family's code, shards where the weights are now one file, a tokenizer):
 # the upload deletes them (a file this export has is replaced anyway). Stale weights would load instead of the
 # export's (transformers reads model.safetensors before a shard index); a tokenizer.json before a SigLIP's spiece.model.
+# Only at the repo's top level, where an export puts its files: huggingface_hub's `delete_patterns` are fnmatch
+# patterns, whose `*` also matches a `/`, so `stale_files` names each one exactly (a user's `model-v1/` stays).
 STALE_PATTERNS = (
     "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors",
     f"configuration_*{MERGED_SUFFIX}.py", f"modeling_*{MERGED_SUFFIX}.py", RESULTS_FILE, CURVE_FILE,
@@ -439,7 +441,7 @@ def push(
                     commit_message=commit_message
                     or f"Upload {Path(export).resolve().name} (retrofit PatchMerger export)",
                     create_pr=create_pr,
-                    delete_patterns=list(STALE_PATTERNS),
+                    delete_patterns=stale_files(api, repo_id, revision, files) or None,
                 )
         except BaseException:  # a failure, or a Ctrl-C (SIGTERM, SIGHUP) during the upload
             if created:  # the empty repo created above would be all this push leaves: remove it
@@ -472,6 +474,21 @@ def push(
     if commit_url:
         log(f"commit: {commit_url}")
     return tree
+
+
+def stale_files(api, repo_id: str, revision: str | None, files: list[str]) -> list[str]:
+    """What an earlier export left at the top of `repo_id` (at `revision`) that this one, of `files`, lacks: the
+    `STALE_PATTERNS` the repo holds there, each escaped to match its own name alone (a file in a folder is the
+    user's)."""
+    from fnmatch import fnmatchcase
+    from glob import escape
+
+    held = api.list_repo_files(repo_id, repo_type="model", revision=revision)
+    return [
+        escape(name)
+        for name in held
+        if "/" not in name and name not in files and any(fnmatchcase(name, pattern) for pattern in STALE_PATTERNS)
+    ]
 
 
 def _create_repo(api, repo_id: str, private: bool) -> tuple[str, bool]:

@@ -749,6 +749,19 @@ def test_a_second_upload_removes_what_an_earlier_export_left_in_the_repo(export_
     assert set(commit["files"]) == {path.name for path in export_dir.iterdir()}
 
 
+def test_an_upload_deletes_nothing_in_the_repos_folders(export_dir, hub):
+    """The stale-file patterns are fnmatch patterns, whose `*` matches a `/` too: a user's archive of an older model
+    (`model-v1/model-00001-of-00002.safetensors`) and their experiments
+    (`modeling_experiments/ablation_patch_merger.py`)
+    were deleted by the upload. Only what an earlier export left at the top level goes."""
+    mine = ["model-v1/model-00001-of-00002.safetensors", "modeling_experiments/ablation_patch_merger.py",
+            "configuration_notes/old_patch_merger.py", "archive/model.safetensors", "old/tokenizer.json"]  # fmt: skip
+    hub["remote"]["me/vit-pm"] = ["README.md", "model-00001-of-00002.safetensors", *mine]
+    assert main(["push", str(export_dir), "--repo-id", "me/vit-pm"]) == 0
+    (commit,) = hub["commits"]
+    assert commit["deletes"] == ["model-00001-of-00002.safetensors"]
+
+
 def test_a_sharded_upload_removes_the_single_weight_file_an_earlier_export_left(export_dir, hub, tmp_path):
     """The other way round: transformers would load the old model.safetensors instead of the new shards."""
     folder = _shard(_copy(export_dir, tmp_path / "vit-pm"))
