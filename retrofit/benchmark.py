@@ -748,6 +748,7 @@ def to_json(variants: list[Variant], settings: BenchSettings) -> dict:
                 "results": {str(bs): r for bs, r in v.results.items()},
                 "latency_ms_batch1": v.latency_ms,
                 "faster_from_batch_size": faster_from(v.results, base and base.results) if v.baseline else None,
+                "slower_at_batch_size": slower_at(v.results, base and base.results) if v.baseline else None,
             }
         )
     return {
@@ -770,18 +771,30 @@ def faster_from(results: dict[int, dict], source_results: dict[int, dict] | None
     batch size where both were measured (None: slower at the largest of those, or nothing compared). A batch size
     where the source did not run (out of memory at the largest) or neither did compares nothing, so it is passed
     over; one where only the merged model failed (`source_results` say the source ran) counts as slower."""
+    return _walk_down(results, source_results)[0]
+
+
+def slower_at(results: dict[int, dict], source_results: dict[int, dict] | None = None) -> int | None:
+    """Where `faster_from` found no crossover: the largest batch size that compared the two models, at which the
+    merged model was slower than its source or failed where the source ran (None: a crossover, or nothing compared)."""
+    crossover, stop = _walk_down(results, source_results)
+    return stop if crossover is None else None
+
+
+def _walk_down(results: dict[int, dict], source_results: dict[int, dict] | None) -> tuple[int | None, int | None]:
+    """`faster_from`'s walk from the largest batch size down: (the crossover, the batch size it stopped at)."""
     crossover = None
     for batch_size in sorted(results, reverse=True):
         speedup = results[batch_size].get("speedup")
         if speedup is None:
             source_ran = (source_results or {}).get(batch_size, {}).get("images_per_s")
             if source_ran and not results[batch_size].get("images_per_s"):
-                break
+                return crossover, batch_size
             continue
         if speedup < 1.0:
-            break
+            return crossover, batch_size
         crossover = batch_size
-    return crossover
+    return crossover, None
 
 
 def _fmt(value: float | None, spec: str = ".1f", default: str = "–") -> str:
@@ -859,12 +872,21 @@ def fastest_modes(report: dict) -> list[str]:
     return lines
 
 
+def largest_measured(report: dict, rows: list[dict], every: bool = False) -> str:
+    """The largest batch size of `report` at which one of `rows` (`every`: each of them) was measured, as the JSON
+    keys it (the largest asked for where none was): a size where all ran out of memory measured nothing to show."""
+    sizes = report["settings"]["batch_sizes"]
+    test = all if every else any
+    ran = [bs for bs in sizes if test(row["results"].get(str(bs), {}).get("images_per_s") for row in rows)]
+    return str(max(ran or sizes))
+
+
 def markdown_table(report: dict) -> str:
     """The benchmark as a Markdown table (one row per model and compile mode), preceded by the hardware line and
     followed by a note on each measurement whose repeats spread by more than `SPREAD_LIMIT` (flagged ``⚠``): on a
     loaded machine a speed-up can be noise."""
     env, sizes = report["environment"], report["settings"]["batch_sizes"]
-    largest = str(max(sizes))
+    largest = largest_measured(report, report["models"])
     header = ["model", "compile", "GFLOPs", "FLOPs ratio"]
     header += [f"bs={bs} images/s (speed-up)" for bs in sizes]
     header += [f"speed-up ÷ FLOPs ratio (bs={largest})", "latency p50 / p90 ms (bs=1)", f"peak MiB (bs={largest})"]
@@ -910,7 +932,8 @@ def markdown_table(report: dict) -> str:
             crossovers.append(
                 f"{name} is at least as fast as its source from batch {start} up"
                 if start is not None
-                else f"{name} is slower than its source at the largest batch size measured, {largest}"
+                else f"{name} is slower than its source at batch {row.get('slower_at_batch_size') or largest}, the "
+                "largest it was compared at"
             )
     if crossovers:
         lines += ["", "; ".join(crossovers) + "."]

@@ -665,7 +665,7 @@ def _pct(value: float | None) -> str:
 def results_section(results: dict, curve: bool = False) -> str:
     """Markdown for the card's Results section: a before/after table, then the full evaluation and speed tables
     (with the batch-size curve, `CURVE_FILE`, where `curve`)."""
-    from .benchmark import rate_text
+    from .benchmark import largest_measured, rate_text
     from .evaluation import images_text
 
     evaluation, bench = results.get("evaluation"), results.get("benchmark")
@@ -679,7 +679,7 @@ def results_section(results: dict, curve: bool = False) -> str:
     largest = None
     if bench:
         env = bench["environment"]
-        largest = str(max(bench["settings"]["batch_sizes"]))
+        largest = largest_measured(bench, [row for row in (before_bench, this_bench) if row], every=True)
         speed_head = f"images/s ({env['hardware']}, {env['dtype']}, batch {largest})"
     similarity = (evaluation or {}).get("metric") == "similarity"
     k = top_k(evaluation)

@@ -16,6 +16,7 @@ from transformers import PretrainedConfig, ViTForImageClassification
 
 from retrofit import benchmark, convert
 from retrofit.benchmark import is_our_plot
+from retrofit.card import results_section
 from retrofit.cli import main
 from retrofit.cost import model_cost
 from retrofit.errors import RetrofitError
@@ -105,7 +106,7 @@ def test_batch_size_curve_is_plotted_with_the_crossover(tiny_vit, tmp_path, caps
     start = merged["faster_from_batch_size"]
     assert start is None or all(speedups[bs] >= 1 for bs in speedups if bs >= start)
     assert start is None or start == 1 or speedups[max(bs for bs in speedups if bs < start)] < 1
-    crossover = "is at least as fast as its source from batch" if start else "is slower than its source at the largest"
+    crossover = "is at least as fast as its source from batch" if start else "is slower than its source at batch"
     assert crossover in capsys.readouterr().out
     Image.new("RGB", (4, 4)).save(plot)  # a PNG of the user's
     assert main([*argv, "--overwrite"]) == 2
@@ -181,6 +182,7 @@ def test_crossover_is_the_batch_size_from_which_the_merged_model_stays_faster():
     source.results, merged.results = {4: {"images_per_s": 9.0}, 16: {"images_per_s": 50.0}}, merged_oom
     rows = benchmark.to_json([source, merged], BenchSettings(batch_sizes=(4, 16)))["models"]
     assert rows[1]["faster_from_batch_size"] is None  # to_json hands the source's results over
+    assert rows[1]["slower_at_batch_size"] == 16  # where it failed and its source ran
     # the table's speed-ups read as the crossover counts them: 0.998 is not "1.00×" next to "at no batch size"
     row = {"model": "m", "compile": "eager", "gflops": 1.0, "flops_ratio": 2.0, "baseline": "s",
            "latency_ms_batch1": None, "faster_from_batch_size": None}  # fmt: skip
@@ -191,8 +193,20 @@ def test_crossover_is_the_batch_size_from_which_the_merged_model_stays_faster():
     table = benchmark.markdown_table(report)
     assert (
         "| 10.0 (1.00×) | 99.8 (0.998×) |" in table
-        and "`m` (eager) is slower than its source at the largest batch size measured, 8." in table
+        and "`m` (eager) is slower than its source at batch 8, the largest it was compared at." in table
     )
+    # both out of memory at the largest batch size asked for: the sentence named that size, where neither ran
+    rates["64"] = {"status": "oom", "images_per_s": None, "speedup": None}
+    report["settings"]["batch_sizes"].append(64)
+    report["models"][0]["slower_at_batch_size"] = benchmark.slower_at({int(bs): r for bs, r in rates.items()})
+    table = benchmark.markdown_table(report)
+    assert "`m` (eager) is slower than its source at batch 8, the largest it was compared at." in table
+    assert "speed-up ÷ FLOPs ratio (bs=8)" in table and "peak MiB (bs=8)" in table  # not of batch 64, all "–"
+    source = {**row, "model": "s", "baseline": None, "flops_ratio": None, "results": {
+        "1": {"status": "ok", "images_per_s": 10.0}, "8": {"status": "ok", "images_per_s": 100.0},
+        "64": {"status": "oom", "images_per_s": None}}}  # fmt: skip
+    section = results_section({"benchmark": {**report, "models": [source, report["models"][0]], "this": "m"}})
+    assert "batch 8) |" in section and "| 99.8 |" in section  # the card's before/after table: a size both ran at
 
 
 def test_a_measurement_whose_repeats_spread_is_flagged():
