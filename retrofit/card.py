@@ -427,6 +427,7 @@ def stale_results(export: str | Path) -> str | None:
 
 
 _REPORTS = ("evaluation", "benchmark", "run")
+_RESULTS_KEYS = {*_REPORTS, MODEL_NAME, MEASURED_KEY, TOKENIZER_KEY}  # all `update_card` writes into `RESULTS_FILE`
 
 
 def _same_model(spec: str, export: Path) -> bool:
@@ -478,10 +479,10 @@ def _load_results(export: Path) -> dict:
             f"--card {export}: {RESULTS_FILE} cannot be read ({brief(exc, 120)}); fix it, or delete it to start the "
             "card's results afresh"
         ) from None
-    if not isinstance(results, dict) or not all(isinstance(results.get(key, {}), dict) for key in _REPORTS):
+    if not _holds_our_results(results):  # a file of the user's by that name: `push` leaves it out, so must --card
         raise RetrofitError(
-            f"--card {export}: {RESULTS_FILE} does not hold retrofit's results (a JSON object with "
-            "'evaluation'/'benchmark' reports); delete it to start the card's results afresh"
+            f"--card {export}: {RESULTS_FILE} does not hold retrofit's results (a JSON object of "
+            f"{', '.join(sorted(_RESULTS_KEYS))}), so it is yours and not replaced; move it out, then retry"
         )
     return results
 
@@ -492,7 +493,18 @@ def is_results_file(path: Path) -> bool:
         results = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(results, dict) and any(_is_report(key, results.get(key)) for key in _REPORTS)
+    return _holds_our_results(results)
+
+
+def _holds_our_results(results) -> bool:
+    """Whether `results` (a results file read) is what `update_card` writes: only its keys, at least one report or
+    the model the reports were measured on (reports measured on another model are dropped, the record stays)."""
+    return (
+        isinstance(results, dict)
+        and set(results) <= _RESULTS_KEYS
+        and all(key not in results or _is_report(key, results[key]) for key in _REPORTS)
+        and (MEASURED_KEY in results or any(key in results for key in _REPORTS))
+    )
 
 
 def _render(results: dict, curve: bool = False) -> tuple[str, list[EvalResult] | None]:

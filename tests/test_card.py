@@ -413,6 +413,8 @@ BROKEN_CARDS = {
     "json": ("retrofit_results.json", "{not json", "retrofit_results.json cannot be read"),
     "json-list": ("retrofit_results.json", "[1, 2]", "does not hold retrofit's results"),
     "json-shape": ("retrofit_results.json", '{"evaluation": {"models": [{"x": 1}]}}', "does not hold retrofit's"),
+    # a user's notes under that name: the update kept them and added retrofit's keys, and push then uploaded them
+    "json-users": ("retrofit_results.json", '{"my_notes": "private: see /home/alice/thesis"}', "so it is yours"),
 }
 
 
@@ -430,7 +432,8 @@ def test_card_target_refuses_a_broken_readme_or_results_file(tiny_vit, export_di
     argv = ["evaluate", str(tiny_vit), str(folder), "--data", str(tmp_path / "no-data"), "--card", str(folder)]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert message in err and "delete" in err and len(err.splitlines()) == 1
+    assert message in err and ("delete" in err or "move it out" in err) and len(err.splitlines()) == 1
+    assert (folder / name).read_text() == text
 
 
 @pytest.mark.parametrize("name", ["README.md", "retrofit_results.json"])
