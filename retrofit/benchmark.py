@@ -197,6 +197,12 @@ def checked_merge(config, after: str, tokens: int, image_size: tuple[int, int] |
     return k
 
 
+def _model_key(spec: str) -> str:
+    """What `spec` measures: a local file or folder by its resolved path, anything else (a Hub id, a shape) as given."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
 def build_variants(
     models: list[str], merges: list[tuple[str, int]], settings: BenchSettings, *, log: Callable[[str], None] = print
 ) -> list[Variant]:
@@ -216,9 +222,16 @@ def build_variants(
         raise RetrofitError(
             "no models to benchmark; pass shape names (vit-b16, ...), checkpoint folders / Hub ids or .onnx files"
         )
-    for spec in sorted({spec for spec in models if models.count(spec) > 1}, key=models.index):
-        log(f"note: '{spec}' is given {models.count(spec)} times; measuring it once")
-    models = list(dict.fromkeys(models))
+    same = {}  # one model, however its folder is written (`ex`, `ex/`, `./ex`): the first spelling names it
+    for spec in models:
+        same.setdefault(_model_key(spec), []).append(spec)
+    for spellings in same.values():
+        names = list(dict.fromkeys(spellings))
+        if len(names) > 1:
+            log(f"note: {' and '.join(map(repr, names))} name one model; measuring it once, as '{spellings[0]}'")
+        elif len(spellings) > 1:
+            log(f"note: '{spellings[0]}' is given {len(spellings)} times; measuring it once")
+    models = [spellings[0] for spellings in same.values()]
     onnx_files = [spec for spec in models if str(spec).endswith(".onnx")]  # run in ONNX Runtime, in their own mode
     models = [spec for spec in models if spec not in onnx_files]
     if onnx_files:

@@ -532,12 +532,15 @@ def test_repeated_models_and_merges_are_measured_once(tiny_vit, export_dir, tmp_
     """A model or merge setting given twice (also as 'half' and its K) gets one row, not two sharing one label;
     --merge skips an export with a note, and is refused when every model is already merged."""
     out = tmp_path / "bench.json"
-    argv = ["bench", str(tiny_vit), str(export_dir), str(tiny_vit), "--merge", "2:2,half:2", "--batch-size", "2"]
+    # the export also as `folder/` (its card showed three rows of one name, slower and faster than the source)
+    models = [str(tiny_vit), str(export_dir), str(tiny_vit), f"{export_dir}/"]
+    argv = ["bench", *models, "--merge", "2:2,half:2", "--batch-size", "2"]
     assert main([*argv, "--json", str(out), *QUICK]) == 0
     names = [row["model"] for row in json.loads(out.read_text())["models"]]
     assert names == [str(tiny_vit), f"{tiny_vit}+pm2:2", str(export_dir)]
     err = capsys.readouterr().err
     assert f"'{tiny_vit}' is given 2 times; measuring it once" in err
+    assert f"'{export_dir}' and '{export_dir}/' name one model; measuring it once, as '{export_dir}'" in err
     assert "--merge half:2 repeats after-layer 2, 2 tokens" in err
     assert f"'{export_dir}' is already merged; --merge applies to unmerged models only" in err
     assert main(["bench", str(export_dir), "--merge", "1:2", *QUICK]) == 2
