@@ -103,13 +103,14 @@ def _check_card_metadata(text: str, export: str | Path) -> None:
 
 
 def _shard_names(index: Path, export: str | Path) -> list[str]:
-    """The weight files a sharded export's ``model.safetensors.index.json`` names, checked to be file names."""
+    """The weight files a sharded export's ``model.safetensors.index.json`` names, checked to be file names of the
+    export's own folder (retrofit writes no folder, and the upload stages the top level only)."""
     content = _read_json(index, export)
     weight_map = content.get("weight_map") if isinstance(content, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise _not_complete(export, f'{index.name} has no "weight_map" object of tensor -> file')
     for name in weight_map.values():
-        if not isinstance(name, str) or not name or name.startswith("/") or ".." in Path(name).parts:
+        if not isinstance(name, str) or not name or name != Path(name).name or name in (".", ".."):
             raise _not_complete(export, f"{index.name} names a weight file {name!r} that is not a file name")
     return sorted(set(weight_map.values()))
 

@@ -287,6 +287,20 @@ def _shard(folder):
     return folder
 
 
+def test_a_shard_index_naming_a_file_in_a_folder_is_refused_up_front(export_dir, hub, tmp_path, capsys):
+    """Every check passed, the repo was created, and the upload failed on the staged shard ("check your network")."""
+    folder = _shard(_copy(export_dir, tmp_path / "nested"))
+    (folder / "weights").mkdir()
+    (folder / "model-00001-of-00001.safetensors").rename(folder / "weights" / "model-00001-of-00001.safetensors")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"] = dict.fromkeys(index["weight_map"], "weights/model-00001-of-00001.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert main(["push", str(folder), "--repo-id", "me/x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "names a weight file 'weights/model-00001-of-00001.safetensors' that is not a file name" in err
+    assert len(err.splitlines()) == 1 and hub["repos"] == [] and hub["commits"] == []
+
+
 @pytest.mark.parametrize("sharded", [False, True])
 def test_truncated_weights_are_refused(export_dir, hub, tmp_path, capsys, sharded):
     folder = _copy(export_dir, tmp_path / "trunc")
