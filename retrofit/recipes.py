@@ -305,8 +305,10 @@ class _RepeatedKey(Exception):
 
 def _loader() -> type:
     """`yaml.SafeLoader` refusing a key repeated in one mapping: ``training:`` twice would drop the first section's
-    settings without a word. The keys ``<<: *alias`` merges in may be repeated (that is what merging is for). A value
-    with a colon such as ``1:30`` stays text, as YAML 1.2 reads it (PyYAML's YAML 1.1 reads it in base 60: 90)."""
+    settings without a word. The keys ``<<: *alias`` merges in may be repeated (that is what merging is for).
+    Numbers read as the options read them (Python's ``int``/``float``), not as YAML 1.1 does: ``1e-4`` is a number
+    (PyYAML reads it as text, so ``--set training.lr=1e-4`` and ``--lr 1e-4`` differed), ``010`` is ten (YAML 1.1:
+    octal 8, where ``--tokens 010`` is 10), and ``1:30`` stays text (YAML 1.1: base 60, 90)."""
     import yaml
 
     class RecipeLoader(yaml.SafeLoader):
@@ -324,13 +326,18 @@ def _loader() -> type:
             return super().construct_mapping(node, deep=deep)
 
         def construct_yaml_int(self, node):
-            text = self.construct_scalar(node)  # YAML 1.1 reads 1:30 as 90 (base 60); YAML 1.2 as the text it is
-            return text if ":" in text else super().construct_yaml_int(node)
+            text = self.construct_scalar(node)
+            if ":" in text:  # 1:30 (YAML 1.1's base 60)
+                return text
+            # decimal as the options read it (010 is ten), 0x/0b as Python reads them; a ValueError (thousands of
+            # digits) is YAML that cannot be read
+            return int(text, 0 if text.lstrip("+-")[1:2] in ("x", "b") else 10)
 
         def construct_yaml_float(self, node):
             text = self.construct_scalar(node)
             return text if ":" in text else super().construct_yaml_float(node)
 
+    RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_NUMBER, list("-+0123456789."))
     RecipeLoader.add_constructor("tag:yaml.org,2002:int", RecipeLoader.construct_yaml_int)
     RecipeLoader.add_constructor("tag:yaml.org,2002:float", RecipeLoader.construct_yaml_float)
     return RecipeLoader

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -70,6 +71,23 @@ def test_mistyped_keys_name_the_nearest(tmp_path, capsys):
         )
     assert main(["run", fashion, "--lr", "0.1", "--set", "training={lr: 0.2}"]) == 2  # a whole section gives it too
     assert "gives training.lr another value than an option does (0.1)" in capsys.readouterr().err
+
+
+def test_a_value_given_twice_alike_is_one_value_and_numbers_read_as_the_options_read_them(monkeypatch, capsys):
+    """`--set training.lr=1e-4` after `--lr 1e-4` was refused as "another value" (YAML 1.1 reads 1e-4 as text), and
+    `--set merge.tokens=010` or `tokens: 010` merged into 8 tokens (YAML 1.1's octal) where `--tokens 010` gives 10."""
+    from retrofit import recipes
+    from retrofit.recipes import parse_value
+
+    ran = []
+    monkeypatch.setattr(recipes, "_run_recipe", lambda path, overrides, **kw: ran.append(overrides) or {})
+    fashion = str(RECIPES / "fashion-mnist.yaml")
+    for argv in (["--lr", "1e-4", "--set", "training.lr=1e-4"], ["--set", "training.lr=1e-4", "--set",
+                 "training={lr: 1.0e-4}"], ["--tokens", "010", "--set", "merge.tokens=10"]):  # fmt: skip
+        assert main(["run", fashion, *argv]) == 0, capsys.readouterr().err
+    assert ran[0]["training.lr"] == 1e-4 and ran[1]["training"] == {"lr": 1e-4} and ran[2]["merge.tokens"] == 10
+    texts = ("010", "1_0", "0x10", "-0b11", "-7", "1e-4", "'1e-4'", "1:30")
+    assert [parse_value(text) for text in texts] == [10, 10, 16, -3, -7, 1e-4, "1e-4", "1:30"]
 
 
 def test_a_recipe_file_that_is_no_recipe_is_one_line(tmp_path, capsys):
@@ -550,6 +568,9 @@ def test_a_recipe_continuing_an_export_does_not_call_it_the_unmerged_baseline(ti
     named as such, with its own GFLOPs; without a teacher (loss ce), the export itself."""
     from retrofit import convert, evaluate_models
 
+    # a copy of its own name: the other test process's tiny-vit holds the same weights, and the export's source is
+    # found again by weights and folder name (the most recently used of two alike)
+    tiny_vit = shutil.copytree(tiny_vit, tmp_path / "continued-vit")
     data = make_imagefolder(tmp_path / "colours", per_class=4, test_per_class=4)
     export = convert(str(tiny_vit), after_layer=2, num_tokens=4, output=tmp_path / "pm", log=lambda _: None).output
     recipe = tiny_recipe(export, data, tmp_path / "out")
