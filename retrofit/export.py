@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from huggingface_hub import ModelCard
@@ -30,6 +31,8 @@ def export(
     source_config=None,
     training: TrainingInfo | None = None,
     tokenizer=None,
+    keep_same: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> Path:
     """Write `model` (a merged model) to `output` as a Hub repository, atomically.
 
@@ -41,7 +44,10 @@ def export(
     classifier, ``AutoModelForZeroShotImageClassification`` for a dual encoder, ``AutoModel`` for a backbone) and
     ``trust_remote_code=True``. Without a `card`, one is built from the model, `source_config` (for the cost table)
     and `training` (how it was made). Refused in one line before anything is written: a model that is not merged, or
-    whose weights are on the meta device, and what `_check_arguments` refuses.
+    whose weights are on the meta device, and what `_check_arguments` refuses. `keep_same` (a resumed run, with
+    nothing or nothing new to train): an `output` that already holds this very model (weights, config, processor,
+    tokenizer and code alike) is left as it is, with the card a user wrote notes into and the results scored on it;
+    `log` hears that it was.
     """
     if not isinstance(model, PreTrainedModel) or not is_merged(model.config):
         raise RetrofitError("export() takes a merged model; make one with retrofit.insert_patch_merger first")
@@ -61,6 +67,26 @@ def export(
     if card is None:
         image_size = processor_image_size(image_processor) if image_processor is not None else None
         card = build_card(model, source_config=source_config, image_size=image_size, training=training, folder=output)
+    try:
+        _write(model, output, overwrite, classes, image_processor, tokenizer, card, family, keep_same)
+    except _AlreadyThere:
+        if log is not None:
+            log(f"'{output}' already holds this model (the run had finished): left as it is, its card and results kept")
+        return Path(output)
+    record = getattr(model, "retrofit_source", None)
+    if record is not None:
+        from .provenance import remember
+
+        remember(record)
+    return Path(output)
+
+
+class _AlreadyThere(Exception):
+    """The export `_write` made is the one at its output already (`export`'s `keep_same`)."""
+
+
+def _write(model, output, overwrite, classes, image_processor, tokenizer, card, family, keep_same) -> None:
+    """`export`'s writing: every file into a temporary folder, which then takes `output`'s place."""
     with atomic_dir(output, overwrite) as tmp:
         try:
             model.save_pretrained(tmp)
@@ -81,12 +107,21 @@ def export(
             if unexpected:  # a file `--overwrite` would not recognise as ours, or `push` would leave out
                 raise RuntimeError(f"the tokenizer wrote files retrofit does not know: {unexpected}")
         card.save(tmp / "README.md")
-    record = getattr(model, "retrofit_source", None)
-    if record is not None:
-        from .provenance import remember
+        if keep_same and _same_model(Path(output), tmp, classes.files):
+            raise _AlreadyThere  # (the temporary folder goes)
 
-        remember(record)
-    return Path(output)
+
+def _same_model(output: Path, new: Path, code: dict[str, str]) -> bool:
+    """Whether the export at `output` holds the model written to `new`: the same weights, config, image processor
+    and tokenizer (`card.measured_on`, what its results were measured on) and the same generated code."""
+    from .card import measured_on
+
+    if not output.is_dir() or measured_on(output) != measured_on(new):
+        return False
+    try:
+        return all((output / name).read_text(encoding="utf-8") == text for name, text in code.items())
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def tokenizer_file_names(tokenizer) -> set[str]:

@@ -273,9 +273,12 @@ def finish(args: FinetuneArgs, ready: Prepared, result: TrainResult, *, log: Cal
     training.notes[:0] = ready.notes
     card = build_card(trained, source_config=ready.source_config, image_size=processor_image_size(ready.processor),
                       training=training, folder=args.output)  # fmt: skip
+    # resumed after it finished (a job run again): the export there holds these weights, and the card the notes and
+    # results written since; it stays
     export(trained, args.output, image_processor=ready.processor, tokenizer=ready.tokenizer, card=card,
-           overwrite=args.overwrite or ready.resuming, source_config=ready.source_config)  # fmt: skip
-    log(f"wrote {args.output} (checkpoints in {ready.checkpoint_dir})")
+           overwrite=args.overwrite or ready.resuming, source_config=ready.source_config,
+           keep_same=ready.resuming, log=(kept := []).append)  # fmt: skip
+    log(kept[0] if kept else f"wrote {args.output} (checkpoints in {ready.checkpoint_dir})")
     result.output = Path(args.output)
 
 

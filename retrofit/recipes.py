@@ -562,15 +562,16 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
         quality = "agreement"  # the training's evaluations had no labels this model knows
     history = [h for h in result.eval_history if quality in h]
     column = "teacher_agreement" if quality == "agreement" else quality  # a row's "agreement" is zero-shot's
-    if before and history and history[0]["step"] == 0:
+    # a resumed run that scores other images than its checkpoints' first run: `train` dropped their evaluations
+    elsewhere = ready.resuming and not _evaluated_alike(args, ready)
+    if before and (elsewhere or history and history[0]["step"] == 0):
         init = "as exported" if continued else "calibrated init" if args.calibrate else "random init"
-        start = history[0][quality]
-        if ready.resuming and not _evaluated_alike(args, ready):  # the step-0 score its checkpoints hold: other images
+        start = None if elsewhere else history[0][quality]
+        if elsewhere:  # the step-0 score was of other images
             log(
                 "note: the resumed run scores other images (or none) than the run its checkpoints began (data, "
                 "data.eval_split or data.eval_limit changed), so the untrained row's score, from that run, is n/a"
             )
-            start = None
         rows.append({"model": f"{tag}, {init}, no training", column: start,
                      "gflops": merged_cost.gflops, "images_per_s": speeds.get("merged")}
                     | untrained_cells)  # fmt: skip

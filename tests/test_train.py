@@ -73,6 +73,28 @@ def test_ce_finetune_learns_and_exports(tiny_vit, colours, tmp_path):
     assert torch.equal(reloaded.patch_merger.queries, result.model.patch_merger.queries)
 
 
+def test_resuming_a_finished_run_keeps_its_export_and_scores_new_images_anew(tiny_vit, colours, tmp_path):
+    """A job run again with --resume after it finished rewrote the export: the notes a user wrote into its card and
+    the results `evaluate --card` put there were gone. Resumed with another --eval-limit (or none), the card and the
+    result gave the checkpoints' last score, of other images, under the new images' name."""
+    settings = dict(after_layer=2, num_tokens=4, data=colours, loss="mix", max_steps=2, eval_every=2, eval_limit=6,
+                    **FAST)  # fmt: skip
+    out = tmp_path / "pm"
+    first = finetune(tiny_vit, output=out, **settings)
+    assert first.final_evaluation["examples"] == 6
+    card = out / "README.md"
+    card.write_text(card.read_text() + "\n## My notes\n\nServed at batch 8 since Monday.\n")
+    said: list[str] = []
+    again = finetune(tiny_vit, output=out, resume=True, log=said.append, **settings)
+    assert again.steps == 2 and "Served at batch 8 since Monday." in card.read_text()
+    assert f"'{out}' already holds this model (the run had finished): left as it is, its card and results kept" in said
+    rescored = finetune(tiny_vit, output=out, resume=True, log=said.append, **{**settings, "eval_limit": None})
+    assert rescored.final_evaluation["examples"] == 12 and rescored.final_evaluation["step"] == 2
+    assert any("the checkpoints' evaluations scored other images than this run does" in line for line in said)
+    unscored = finetune(tiny_vit, output=out, resume=True, **{**settings, "eval_split": ""})
+    assert unscored.final_evaluation == {} and unscored.eval_history == []
+
+
 def test_resume_reaches_the_same_weights(tiny_vit, colours, tmp_path):
     """A resumed run ends with the weights of an uninterrupted one (resumed from the middle of an epoch or its end),
     and keeps the budget its first run chose (run.json), here raised by --min-steps, even when the options it is
@@ -1740,7 +1762,7 @@ def test_a_run_resumed_without_evaluations_reports_no_stale_accuracy(tiny_vit, c
     finetune(tiny_vit, output=tmp_path / "o", stop_after=1, resume=True, log=said.append, **settings)
     assert f"--resume: no checkpoint in '{tmp_path / 'o-checkpoints'}'; starting from the beginning" in said
     resumed = finetune(tiny_vit, output=tmp_path / "o", resume=True, **{**settings, "eval_split": ""})
-    assert resumed.steps == 3 and [entry["step"] for entry in resumed.eval_history] == [1]
+    assert resumed.steps == 3 and resumed.eval_history == []  # step 1's, of images this run does not score, went
     assert resumed.final_accuracy is None and resumed.final_evaluation == {}
     assert "accuracy on" not in (tmp_path / "o" / "README.md").read_text()
 
