@@ -499,6 +499,41 @@ def save_checkpoint(
     return final
 
 
+def _hyperparameters(accelerator) -> list[list[tuple]]:
+    """What each optimizer's parameter groups train with (learning rate before its schedule, weight decay)."""
+    return [[(group.get("initial_lr"), group.get("weight_decay")) for group in optimizer.param_groups]
+            for optimizer in accelerator._optimizers]  # fmt: skip
+
+
+def _check_loaded_state(accelerator, progress: Progress, hyperparameters: list, checkpoint: Path) -> None:
+    """Refuse optimizer and scheduler states that `load_state` took without a word: moments of other shapes than the
+    parameters (a traceback at the first step), learning rates or weight decays other than this run's (a checkpoint
+    of another run copied in: it trained on at that run's rate while the card named this one's), and a schedule past
+    the steps taken (torch steps it once per process per optimizer step, fewer where fp16 skipped one)."""
+    import torch
+
+    for optimizer in accelerator._optimizers:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                for name, value in optimizer.state.get(param, {}).items():
+                    if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                        raise ValueError(f"its optimizer's {name} of shape {tuple(value.shape)} is for no parameter "
+                                         f"of this model (one of {tuple(param.shape)})")  # fmt: skip
+    loaded = _hyperparameters(accelerator)
+    if loaded != hyperparameters:
+        groups = [*zip(loaded[0], hyperparameters[0], strict=False), (loaded[0][0], hyperparameters[0][0])]
+        theirs, ours = next(pair for pair in groups if pair[0] != pair[1] or pair is groups[-1])
+        raise RetrofitError(
+            f"checkpoint '{checkpoint}' was written by a run of another learning rate or weight decay (lr, weight "
+            f"decay: {theirs[0]}, {theirs[1]}; this run: {ours[0]}, {ours[1]}), not by the run its run.json describes; "
+            "resume with that run's checkpoints, or pass --overwrite to start over"
+        )
+    for scheduler in accelerator._schedulers:
+        steps = getattr(scheduler.scheduler, "last_epoch", 0)
+        if not 0 <= steps <= progress.step * accelerator.num_processes:
+            raise ValueError(f"its scheduler has taken {steps} steps, more than the run's {progress.step}")
+
+
 def load_checkpoint(
     accelerator, checkpoint: Path, progress: Progress, older: list[Path], average=None, batches: int | None = None
 ) -> None:
@@ -531,7 +566,11 @@ def load_checkpoint(
         with pickle_refused_quietly():
             # Accelerate ignores random states it cannot load: check them here, so a resumed run is the same run.
             load_tensors(checkpoint / f"random_states_{accelerator.process_index}.pkl")
+            hyperparameters = _hyperparameters(accelerator)  # this run's, which the loaded state replaces
             accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
+        _check_loaded_state(accelerator, progress, hyperparameters, checkpoint)
+    except RetrofitError:
+        raise
     except Exception as exc:
         if isinstance(exc, RuntimeError) and "state_dict" in str(exc):  # other merge settings (before run.json)
             raise RetrofitError(

@@ -95,6 +95,34 @@ def test_resuming_a_finished_run_keeps_its_export_and_scores_new_images_anew(tin
     assert unscored.final_evaluation == {} and unscored.eval_history == []
 
 
+def test_a_checkpoint_whose_optimizer_or_schedule_is_not_this_runs_is_refused(tiny_vit, colours, tmp_path):
+    """A checkpoint of a run with another --lr, copied into this run's folder, resumed at its learning rate while the
+    card named this run's; optimizer moments of other shapes (another --tokens) stopped the first step with a
+    traceback; a schedule edited past the steps taken was taken as it was."""
+    settings = dict(after_layer=2, num_tokens=4, data=colours, loss="ce", max_steps=4, stop_after=2, **FAST)
+    finetune(tiny_vit, output=tmp_path / "other", **{**settings, "lr": 1e-3})
+    finetune(tiny_vit, output=tmp_path / "five", **{**settings, "num_tokens": 5})
+    step = "step-00000002"
+
+    def resumed_with(name: str, source: Path) -> str:
+        out = tmp_path / name
+        finetune(tiny_vit, output=out, **settings)
+        shutil.copy(source, tmp_path / f"{name}-checkpoints" / step / source.name)
+        with pytest.raises(RetrofitError) as refused:
+            finetune(tiny_vit, output=out, resume=True, **{**settings, "stop_after": None})
+        return str(refused.value)
+
+    said = resumed_with("lr", tmp_path / "other-checkpoints" / step / "optimizer.bin")
+    assert "was written by a run of another learning rate or weight decay (lr, weight decay: 0.001" in said
+    said = resumed_with("shapes", tmp_path / "five-checkpoints" / step / "optimizer.bin")
+    assert "is damaged" in said and "is for no parameter of this model" in said
+    schedule = torch.load(tmp_path / "lr-checkpoints" / step / "scheduler.bin", weights_only=True)
+    schedule["last_epoch"] = 10**6
+    torch.save(schedule, tmp_path / "edited.bin")
+    said = resumed_with("schedule", (tmp_path / "edited.bin").rename(tmp_path / "scheduler.bin"))
+    assert "its scheduler has taken 1000000 steps, more than the run's 2" in said
+
+
 def test_resume_reaches_the_same_weights(tiny_vit, colours, tmp_path):
     """A resumed run ends with the weights of an uninterrupted one (resumed from the middle of an epoch or its end),
     and keeps the budget its first run chose (run.json), here raised by --min-steps, even when the options it is
