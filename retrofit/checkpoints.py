@@ -462,7 +462,7 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     from .atomic import write_text
-    from .errors import describe_os_error
+    from .errors import describe_os_error, peer_gone
 
     final = checkpoint_dir / f"step-{progress.step:08d}"
     tmp = checkpoint_dir / f".step-{progress.step:08d}.tmp"
@@ -490,6 +490,8 @@ def save_checkpoint(
                     discard_checkpoint(old, log)
     except (OSError, RuntimeError, SafetensorError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if peer_gone(exc):  # another process of the launch is gone mid-save: no disk's fault (`cli` says so)
+            raise
         why = describe_os_error(exc) if isinstance(exc, OSError) else f"{brief(exc, 120)}; check the free space"
         raise RetrofitError(f"cannot write checkpoint '{final}': {why}") from None
     except BaseException:  # Ctrl-C mid-write: the half-written checkpoint goes too

@@ -25,8 +25,10 @@ from .errors import (
     brief,
     check_interrupted,
     describe_os_error,
+    in_a_launch,
     interrupts_watched,
     is_file_system_error,
+    peer_gone,
 )
 from .settings import (
     RECIPE_SECTIONS,
@@ -263,23 +265,6 @@ ONE_PROCESS = {
 }
 
 
-def _in_a_launch() -> bool:
-    """Whether this process is one of several started by ``accelerate launch`` (torchrun's ``WORLD_SIZE``)."""
-    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
-
-
-def _peer_gone(exc: RuntimeError) -> bool:
-    """Whether `exc` is a collective operation's failure because another process of the launch is gone (stopped by
-    a signal, or failed with its own error): gloo's "Connection closed by peer", NCCL's or torch's distributed
-    errors. That process printed its own line; this one's traceback says nothing more."""
-    import torch.distributed
-
-    if isinstance(exc, torch.distributed.DistError):
-        return True
-    text = str(exc)
-    return any(sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL"))
-
-
 def _parse(argv: list[str]) -> argparse.Namespace:
     """`argv` parsed; an unknown option is refused by its command's parser, with the option it may have meant."""
     parser = build_parser(argv)
@@ -304,7 +289,7 @@ def _command(argv: list[str]) -> int:
             _quiet_libraries()
         module, function = runner.split(":")
         run = getattr(importlib.import_module(f".{module}", __package__), function)
-        if _in_a_launch():
+        if in_a_launch():
             if namespace.command in ONE_PROCESS and not getattr(args, "dry_run", False):
                 raise RetrofitError(
                     f"`retrofit {namespace.command}` runs as one process: under accelerate launch each process ran it "
@@ -337,7 +322,7 @@ def _command(argv: list[str]) -> int:
               file=sys.stderr)  # fmt: skip
         return RetrofitError.exit_code
     except RuntimeError as exc:  # (torch.distributed's errors are RuntimeErrors)
-        if not (_in_a_launch() and _peer_gone(exc)):
+        if not peer_gone(exc):
             raise
         if namespace.verbose:
             traceback.print_exc()

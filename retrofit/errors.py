@@ -3,6 +3,7 @@ CLI's log lines go (`log_to_stderr`)."""
 
 import contextlib
 import errno
+import os
 import re
 import reprlib
 import warnings
@@ -80,7 +81,6 @@ def interrupt(signum: int | None = None, frame=None) -> None:
     weakref callback, the same happens. Either way the run stops at its next `check_interrupted` (after each training
     step, before an output takes its place), with one line. A forked process (a DataLoader worker) stops on SIGTERM
     or SIGHUP as it would have."""
-    import os
     import signal
 
     signum = signum or signal.SIGINT
@@ -113,7 +113,6 @@ def _ours(signum: int, handler) -> bool:
 def interrupts_watched() -> Iterator[None]:
     """For one CLI command: Ctrl-C, SIGTERM and SIGHUP go through `interrupt` (in the main thread, and only where the
     default handler is installed: a caller's stays); afterwards the handlers are restored and the signal forgotten."""
-    import os
     import signal
     import threading
 
@@ -278,7 +277,6 @@ def describe_os_error(exc: OSError) -> str:
     """A one-line message for a file-system error (full disk, permissions, a file where a folder should be); a path
     under a cache folder an environment variable sets (``HF_HOME``, ...) names that variable, as the user gave no such
     path."""
-    import os
 
     given = [_as_given(os.fsdecode(name)) if isinstance(name, str | bytes) else name
              for name in (exc.filename, exc.filename2) if name is not None]  # fmt: skip
@@ -320,3 +318,22 @@ def pickle_refused_quietly() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Detected pickle protocol")
         yield
+
+
+def in_a_launch() -> bool:
+    """Whether this process is one of several started by ``accelerate launch`` (torchrun's ``WORLD_SIZE``)."""
+    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
+
+
+def peer_gone(exc: BaseException) -> bool:
+    """Whether `exc` is a collective operation's failure because another process of the launch is gone (stopped by
+    a signal, or failed with its own error): gloo's "Connection closed by peer", NCCL's or torch's distributed
+    errors. That process printed its own line; this one's traceback says nothing more."""
+    if not isinstance(exc, RuntimeError) or not in_a_launch():
+        return False
+    import torch.distributed
+
+    if isinstance(exc, torch.distributed.DistError):
+        return True
+    text = str(exc)
+    return any(sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL"))

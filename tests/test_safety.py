@@ -1559,6 +1559,27 @@ def test_resume_compares_every_recorded_setting_but_the_budget_output_and_start(
         resume_owns_output(older, tmp_path / "mine")
 
 
+def test_a_process_of_the_launch_gone_mid_checkpoint_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    """A rank killed while the others saved a checkpoint: gloo's "Connection reset by peer" came out as "cannot write
+    checkpoint ...; check the free space". It reaches the CLI, which says another process of the launch stopped."""
+    from types import SimpleNamespace
+
+    from retrofit.checkpoints import Progress, save_checkpoint
+
+    def save_state(path, **kwargs):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer")
+
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, save_state=save_state)
+    progress = Progress()
+    progress.step = 2
+    with pytest.raises(RetrofitError, match="check the free space"):  # one process: no launch to blame
+        save_checkpoint(accelerator, tmp_path / "one", progress, 2, {})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="Connection reset by peer"):
+        save_checkpoint(accelerator, tmp_path / "two", progress, 2, {})
+    assert not [path for path in (tmp_path / "two").iterdir() if path.name.startswith(".step-")]
+
+
 def test_a_checkpoint_is_saved_beside_the_users_files_and_never_over_them(tmp_path):
     """`save_checkpoint` with a stand-in for Accelerate: run.json is written with the first checkpoint only (a resumed
     run's would replace the record of how its run started), progress.json lists what retrofit wrote, the newest
