@@ -638,6 +638,7 @@ def test_push_uploads_only_the_exports_own_regular_files(export_dir, tmp_path, c
     monkeypatch.setattr(HfApi, "whoami", lambda self: {"name": "me"})
     monkeypatch.setattr(HfApi, "create_repo", lambda self, *a, **k: "https://huggingface.co/me/pm")
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(HfApi, "list_repo_files", lambda self, *a, **k: [".gitattributes"])  # a new, empty repo
     assert main(["push", str(folder), "--repo-id", "me/pm"]) == 0
     assert "not uploaded (not part of the export): notes.txt, token" in capsys.readouterr().err
     assert set(uploaded) == {p.name for p in export_dir.iterdir()} and b"hf_secret" not in b"".join(uploaded.values())
