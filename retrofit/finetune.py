@@ -170,6 +170,8 @@ def prepare(
     resolve_source(source)  # a bad retrofit:NAME is refused first
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else default_checkpoint_dir(output)
     check_checkpoint_dir(checkpoint_dir, output, inputs=(source, args.teacher, args.data))
+    # damaged checkpoints first: with none whole, the output they exported to was refused as existing (--overwrite!)
+    check_checkpoints(checkpoint_dir, resume=args.resume, overwrite=args.overwrite)
     resuming = args.resume and bool(list_checkpoints(checkpoint_dir))
     owned = resuming and resume_owns_output(checkpoint_dir, output)  # the output the resumed run was writing
     check_output(output, args.overwrite or owned, inputs=(source, args.teacher, args.data))
@@ -178,7 +180,6 @@ def prepare(
         from .push import check_push
 
         check_push(args.push_to_hub, private=args.private, create_pr=args.create_pr)
-    check_checkpoints(checkpoint_dir, resume=args.resume, overwrite=args.overwrite)
     set_seed(args.seed)  # the merger's random initialisation must be the same in a resumed run
 
     saved = load_config(source, trust_remote_code=args.trust_remote_code, revision=args.revision)
@@ -652,11 +653,11 @@ def pretrain(
     )
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(output)
     check_checkpoint_dir(checkpoint_dir, output, inputs=(run.data,))
+    check_checkpoints(checkpoint_dir, resume=resume, overwrite=overwrite)  # damaged ones before "output exists"
     resuming = resume and bool(list_checkpoints(checkpoint_dir))
     owned = resuming and resume_owns_output(checkpoint_dir, output)  # the output the resumed run was writing
     check_output(output, overwrite or owned, kind=BASELINE, inputs=(run.data,))
     hold_write_lock(output, "--output")
-    check_checkpoints(checkpoint_dir, resume=resume, overwrite=overwrite)
     columns = {"image_column": run.image_column, "label_column": run.label_column}
     first = load_split(run.data, run.split, **columns, limit=1, revision=run.data_revision)
     names = class_names(first)

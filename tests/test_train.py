@@ -123,6 +123,16 @@ def test_a_checkpoint_whose_optimizer_or_schedule_is_not_this_runs_is_refused(ti
     assert "its scheduler has taken 1000000 steps, more than the run's 2" in said
 
 
+def test_resume_names_the_damaged_checkpoints_not_the_output(tiny_vit, colours, tmp_path):
+    """With every checkpoint damaged (progress.json gone), --resume said the output exists and to pass --overwrite,
+    which throws the checkpoints away; it names them."""
+    settings = dict(after_layer=2, num_tokens=4, data=colours, loss="ce", max_steps=2, **FAST)
+    finetune(tiny_vit, output=tmp_path / "pm", **settings)
+    (tmp_path / "pm-checkpoints" / "step-00000002" / "progress.json").unlink()
+    with pytest.raises(RetrofitError, match=r"step-00000002' is named like a checkpoint but is not a whole one"):
+        finetune(tiny_vit, output=tmp_path / "pm", resume=True, **settings)
+
+
 def test_resume_reaches_the_same_weights(tiny_vit, colours, tmp_path):
     """A resumed run ends with the weights of an uninterrupted one (resumed from the middle of an epoch or its end),
     and keeps the budget its first run chose (run.json), here raised by --min-steps, even when the options it is
