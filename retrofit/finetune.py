@@ -170,9 +170,9 @@ def prepare(
     resolve_source(source)  # a bad retrofit:NAME is refused first
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else default_checkpoint_dir(output)
     check_checkpoint_dir(checkpoint_dir, output, inputs=(source, args.teacher, args.data))
-    # damaged checkpoints first: with none whole, the output they exported to was refused as existing (--overwrite!)
-    check_checkpoints(checkpoint_dir, resume=args.resume, overwrite=args.overwrite)
     resuming = args.resume and bool(list_checkpoints(checkpoint_dir))
+    if args.resume and not args.overwrite and not resuming:  # damaged checkpoints named, not the output
+        check_checkpoints(checkpoint_dir, resume=args.resume, overwrite=args.overwrite)
     owned = resuming and resume_owns_output(checkpoint_dir, output)  # the output the resumed run was writing
     check_output(output, args.overwrite or owned, inputs=(source, args.teacher, args.data))
     hold_write_lock(output, "--output")
@@ -180,6 +180,7 @@ def prepare(
         from .push import check_push
 
         check_push(args.push_to_hub, private=args.private, create_pr=args.create_pr)
+    check_checkpoints(checkpoint_dir, resume=args.resume, overwrite=args.overwrite)
     set_seed(args.seed)  # the merger's random initialisation must be the same in a resumed run
 
     saved = load_config(source, trust_remote_code=args.trust_remote_code, revision=args.revision)
@@ -653,11 +654,13 @@ def pretrain(
     )
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(output)
     check_checkpoint_dir(checkpoint_dir, output, inputs=(run.data,))
-    check_checkpoints(checkpoint_dir, resume=resume, overwrite=overwrite)  # damaged ones before "output exists"
     resuming = resume and bool(list_checkpoints(checkpoint_dir))
+    if resume and not overwrite and not resuming:  # damaged checkpoints named, not the output
+        check_checkpoints(checkpoint_dir, resume=resume, overwrite=overwrite)
     owned = resuming and resume_owns_output(checkpoint_dir, output)  # the output the resumed run was writing
     check_output(output, overwrite or owned, kind=BASELINE, inputs=(run.data,))
     hold_write_lock(output, "--output")
+    check_checkpoints(checkpoint_dir, resume=resume, overwrite=overwrite)
     columns = {"image_column": run.image_column, "label_column": run.label_column}
     first = load_split(run.data, run.split, **columns, limit=1, revision=run.data_revision)
     names = class_names(first)
@@ -809,11 +812,19 @@ def _check_clip_keys(model_config: dict) -> None:
                             "remove it from the recipe")  # fmt: skip
 
 
+# What a config's `to_dict` holds that describes a saved model rather than sets one up: the pretraining writes them
+# itself, so a recipe's value was taken without effect (dtype), or failed after the data was read (model_type).
+_NOT_SETTINGS = ("model_type", "transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype")
+
+
 def _check_keys(given: dict, valid, where: str, what: str) -> None:
-    """Refuse keys that `valid` lacks (configs accept unknown keyword arguments silently), and a value that is not
-    true or false where `valid` (a dict of defaults) holds a switch: `do_resize: maybe` resized, as any text is
-    true."""
+    """Refuse keys that `valid` lacks (configs accept unknown keyword arguments silently) or that the pretraining sets
+    itself (`_NOT_SETTINGS`), and a value that is not true or false where `valid` (a dict of defaults) holds a
+    switch: `do_resize: maybe` resized, as any text is true."""
     for key, value in given.items():
+        if key in _NOT_SETTINGS and where.startswith("pretrain.model"):
+            raise RetrofitError(f"{where}.{key} is not a setting: the pretraining writes it itself (a float32 model "
+                                "of its class, by this release); remove it from the recipe")  # fmt: skip
         if key not in valid:
             raise RetrofitError(f"unknown {what} '{key}' in {where}{did_you_mean(key, valid)}")
         if isinstance(valid, dict) and isinstance(valid[key], bool) and not isinstance(value, bool):
