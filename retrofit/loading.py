@@ -400,7 +400,8 @@ def _load_export_config(source: str, local: Path, revision: str | None) -> PreTr
     model_type = config_dict.get("model_type", "")
     if not model_type.endswith(MERGED_SUFFIX):
         raise RetrofitError(
-            f"'{source}' needs custom code (model type '{model_type}'); pass --trust-remote-code if you trust it"
+            f"'{source}' needs custom code (model type '{model_type}'); if you trust it, pass --trust-remote-code to "
+            "convert, finetune or evaluate (bench, sweep, export-onnx and run never run a checkpoint's own code)"
         )
     family, head = merged_family_and_head(config_dict)
     from .hub_code import load_classes

@@ -575,6 +575,17 @@ def test_source_code_never_runs_without_trust_remote_code(
     assert not marker.exists() and not (tmp_path / "o").exists()
 
 
+def test_the_custom_code_hint_names_the_commands_that_take_trust_remote_code(capsys, tmp_path, tiny_vit):
+    """bench said "pass --trust-remote-code if you trust it", an option bench refuses as unknown."""
+    source = tmp_path / "custom"
+    shutil.copytree(tiny_vit, source)
+    config = json.loads((source / "config.json").read_text())
+    custom = {"model_type": "mine", "auto_map": {"AutoConfig": "configuration_mine.Mine"}}
+    (source / "config.json").write_text(json.dumps({**config, **custom}))
+    code, err = run_cli(capsys, "bench", source, "--batch-size", 1)
+    assert code == 2 and "pass --trust-remote-code to convert, finetune or evaluate (bench, sweep" in err, err
+
+
 def test_a_config_nested_too_deeply_to_parse_is_one_line(tiny_vit, tmp_path, capsys):
     """json's parser gives up on a file nested thousands deep (damaged, or made to crash) with a RecursionError,
     which no reader's `except ValueError` took: a traceback, exit 1. One line, exit 2."""
