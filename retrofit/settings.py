@@ -660,6 +660,13 @@ class HubSettings(Settings):
         False, "with --push-to-hub: open a pull request on an existing repo (an organisation's) instead of committing"
     )
 
+    def check(self) -> None:
+        super().check()
+        for name in ("private", "create_pr"):  # each says how the upload goes: without one, it was ignored
+            if getattr(self, name) and self.push_to_hub is None:
+                self.refuse(name, f"says how --push-to-hub uploads the export, and nothing is uploaded without it; "
+                            f"add --push-to-hub REPO_ID, or drop {option_of(type(self), name)}")  # fmt: skip
+
 
 @dataclass(kw_only=True)
 class OutputSettings(Settings):

@@ -551,6 +551,19 @@ def test_bad_repo_id(export_dir, hub, capsys):
 # --- --push-to-hub on convert / finetune / run: checked before any work, uploaded after the export is written ---
 
 
+@pytest.mark.parametrize("command", ["convert", "finetune"])
+def test_private_or_create_pr_without_push_to_hub_is_refused(tiny_vit, hub, tmp_path, capsys, command):
+    """`convert ... --private --create-pr` wrote the export, uploaded nothing and said nothing of the two options."""
+    out = tmp_path / "o"
+    argv = [command, str(tiny_vit), "--after-layer", "2", "--tokens", "4", "-o", str(out), "--data", "x"]
+    argv = argv[:-2] if command == "convert" else argv
+    for option in ("--private", "--create-pr"):
+        assert main([*argv, option]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"{option} says how --push-to-hub uploads the export" in err and len(err.splitlines()) == 1
+    assert not out.exists() and hub["repos"] == []
+
+
 def test_convert_push_to_hub_uploads_the_new_export(tiny_vit, hub, tmp_path, capsys):
     out = tmp_path / "pm"
     argv = ["convert", str(tiny_vit), "--after-layer", "2", "--tokens", "4", "-o", str(out)]
