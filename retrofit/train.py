@@ -221,7 +221,8 @@ def resumed_budget(budget: Budget, recorded: dict | None) -> Budget:
     steps, warmup = recorded["steps"], recorded["warmup"]
     why = (
         f"training {steps:,} steps ({warmup:,} warm-up), the budget this run started with (its checkpoints' run.json), "
-        f"not the {budget.steps:,} these options give: pass --overwrite to start over with them"
+        f"not the {budget.steps:,} ({budget.warmup:,} warm-up) these options give: pass --overwrite to start over "
+        "with them"
     )
     return Budget(steps=steps, warmup=warmup, why=why, options=options)
 

@@ -161,8 +161,8 @@ def test_resume_reaches_the_same_weights(tiny_vit, colours, tmp_path):
     for name in ("full", "cut"):  # the card said "warm-up ratio 0.5" of the resumed run, which kept the first's
         assert ", 0 warm-up steps, " in (tmp_path / name / "README.md").read_text(), name
     assert (
-        "training 6 steps (0 warm-up), the budget this run started with (its checkpoints' run.json), not the 3 these "
-        "options give: pass --overwrite to start over with them"
+        "training 6 steps (0 warm-up), the budget this run started with (its checkpoints' run.json), not the 3 (1 "
+        "warm-up) these options give: pass --overwrite to start over with them"
     ) in said
     budget = json.loads((checkpoints / "run.json").read_text())["budget"]
     assert budget["steps"] == 6 and "below --min-steps 6" in budget["why"]
