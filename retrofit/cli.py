@@ -241,8 +241,29 @@ def _stdout_to_nowhere() -> None:
 
 def _main(argv: list[str]) -> int:
     _writable_stdout()
+    _end_with_the_launch()
     with interrupts_watched():  # a Ctrl-C a library swallows still stops the command before it writes
         return _command(argv)
+
+
+def _end_with_the_launch() -> None:
+    """Under ``accelerate launch`` (Linux), have the kernel kill this process when the launcher that started it dies:
+    a launcher killed with SIGKILL (an OOM killer, a scheduler) left its processes running on their own, waiting on
+    each other for gloo's half-hour timeout, the first one holding the output's write lock, so every retry and
+    ``--resume`` was refused as "another retrofit run is writing". SIGKILL, as the launcher's own end: a process
+    blocked in a collective operation runs no signal handler."""
+    if not in_a_launch() or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: sent when the parent (its thread) ends
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher ended before the request was made: nothing would send it
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _writable_stdout() -> None:

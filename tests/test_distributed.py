@@ -4,6 +4,7 @@ resumed in the same launch ends with the weights of an uninterrupted one."""
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
 
 import pytest
@@ -169,3 +170,38 @@ def test_a_launched_recipe_times_and_shows_its_table_once_and_a_pretraining_reco
     assert "images/s: " in (tmp_path / "pm" / "README.md").read_text()
     info = json.loads((tmp_path / "base" / "training.json").read_text())
     assert info["processes"] == 2 and info["global_batch_size"] == 8 and info["settings"]["batch_size"] == 4
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_launch_process_ends_when_its_launcher_is_killed():
+    """`accelerate launch` killed with SIGKILL left its processes running, waiting on each other for gloo's half-hour
+    timeout, the first one holding the output's lock: every retry and --resume was refused. They end with it now."""
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    rank = ("import time; from retrofit.cli import _end_with_the_launch; _end_with_the_launch(); "
+            "print('ready', flush=True); time.sleep(120)")  # fmt: skip
+    launcher = ("import os, subprocess, sys, time; "
+                f"child = subprocess.Popen([sys.executable, '-c', {rank!r}], env={{**os.environ, 'WORLD_SIZE': '2'}}, "
+                "stdout=sys.stdout); print(child.pid, flush=True); time.sleep(120)")  # fmt: skip
+    with subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True) as process:
+        child = int(process.stdout.readline())
+        assert process.stdout.readline().strip() == "ready"
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+
+    def gone() -> bool:
+        try:
+            return psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    deadline = time.monotonic() + 30
+    while not gone() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if not gone():
+        psutil.Process(child).kill()
+        pytest.fail("the launch's process outlived its launcher")
