@@ -32,6 +32,7 @@ def export(
     training: TrainingInfo | None = None,
     tokenizer=None,
     keep_same: bool = False,
+    run: dict | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Path:
     """Write `model` (a merged model) to `output` as a Hub repository, atomically.
@@ -47,7 +48,9 @@ def export(
     whose weights are on the meta device, and what `_check_arguments` refuses. `keep_same` (a resumed run, with
     nothing or nothing new to train): an `output` that already holds this very model (weights, config, processor,
     tokenizer and code alike) is left as it is, with the card a user wrote notes into and the results scored on it;
-    `log` hears that it was.
+    `log` hears that it was. `run`: a recipe run's before/after table ({"table": ...}), written into the card's
+    Results and `retrofit_results.json` before the folder takes its place (written after it, a kill between the two
+    left an export without them).
     """
     if not isinstance(model, PreTrainedModel) or not is_merged(model.config):
         raise RetrofitError("export() takes a merged model; make one with retrofit.insert_patch_merger first")
@@ -68,7 +71,7 @@ def export(
         image_size = processor_image_size(image_processor) if image_processor is not None else None
         card = build_card(model, source_config=source_config, image_size=image_size, training=training, folder=output)
     try:
-        _write(model, output, overwrite, classes, image_processor, tokenizer, card, family, keep_same)
+        _write(model, output, overwrite, classes, image_processor, tokenizer, card, family, keep_same, run)
     except _AlreadyThere:
         if log is not None:
             log(f"'{output}' already holds this model (the run had finished): left as it is, its card and results kept")
@@ -85,7 +88,7 @@ class _AlreadyThere(Exception):
     """The export `_write` made is the one at its output already (`export`'s `keep_same`)."""
 
 
-def _write(model, output, overwrite, classes, image_processor, tokenizer, card, family, keep_same) -> None:
+def _write(model, output, overwrite, classes, image_processor, tokenizer, card, family, keep_same, run) -> None:
     """`export`'s writing: every file into a temporary folder, which then takes `output`'s place."""
     with atomic_dir(output, overwrite) as tmp:
         try:
@@ -109,6 +112,10 @@ def _write(model, output, overwrite, classes, image_processor, tokenizer, card, 
         card.save(tmp / "README.md")
         if keep_same and _same_model(Path(output), tmp, classes.files):
             raise _AlreadyThere  # (the temporary folder goes)
+        if run is not None:
+            from .card import update_card
+
+            update_card(tmp, run=run)
 
 
 def _same_model(output: Path, new: Path, code: dict[str, str]) -> bool:

@@ -259,9 +259,17 @@ def prompt_embeddings(args: FinetuneArgs, ready: Prepared, *, log: Callable[[str
     return mean / mean.norm(dim=-1, keepdim=True)
 
 
-def finish(args: FinetuneArgs, ready: Prepared, result: TrainResult, *, log: Callable[[str], None] = print) -> None:
+def finish(
+    args: FinetuneArgs,
+    ready: Prepared,
+    result: TrainResult,
+    *,
+    run: dict | None = None,
+    log: Callable[[str], None] = print,
+) -> None:
     """After the training loop, on the process that writes: export the trained model with its model card, in the
-    source's dtype. A run stopped early (`stop_after`) writes nothing."""
+    source's dtype, and `run`, a recipe's before/after table, in its Results. A run stopped early (`stop_after`)
+    writes nothing."""
     if not (result.finished and result.is_main_process):
         return
     from .card import build_card
@@ -279,8 +287,12 @@ def finish(args: FinetuneArgs, ready: Prepared, result: TrainResult, *, log: Cal
     # results written since; it stays
     export(trained, args.output, image_processor=ready.processor, tokenizer=ready.tokenizer, card=card,
            overwrite=args.overwrite or ready.resuming, source_config=ready.source_config,
-           keep_same=ready.resuming, log=(kept := []).append)  # fmt: skip
+           keep_same=ready.resuming, run=run, log=(kept := []).append)  # fmt: skip
     log(kept[0] if kept else f"wrote {args.output} (checkpoints in {ready.checkpoint_dir})")
+    if kept and run is not None:  # the export stays; the table of this run replaces the one it showed
+        from .card import update_card
+
+        update_card(args.output, run=run)
     result.output = Path(args.output)
 
 

@@ -29,7 +29,6 @@ from .errors import (
     counted,
     describe_os_error,
     did_you_mean,
-    interrupts_deferred,
     log_to_stderr,
 )
 from .reads import reads_each_folder_once
@@ -479,7 +478,6 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
     training (the loop's step-0 evaluation) and timed against each other; the table goes into the model card."""
     from .atomic import is_launch_main, refuse_inputs, write_report
     from .benchmark import hardware_name, images_per_second
-    from .card import update_card
     from .cost import model_cost
     from .data import read_splits
     from .evaluation import first_images_text, is_backbone
@@ -590,12 +588,9 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
         if prompts:  # which prompts the zero-shot column is over, as evaluate's card says
             scored += f"; zero-shot over one prompt per class, like {prompts[0]!r}"
     table = results_table(rows, note="\n\n".join(line for line in (scored, speed_note) if line) or None)
-    # a Ctrl-C once the export is in place waits for its card's results (it left an export without them, which a
-    # rerun refused as existing and `push` uploaded)
-    with interrupts_deferred("the export and its results are written", log):
-        finish(args, ready, result, log=log)
-        if result.output is not None:
-            update_card(result.output, run={"table": table})
+    # the table goes into the export before it takes its place: written after, a kill between the two (a Ctrl-C then
+    # waited) left an export without it, which a rerun refused as existing and `push` uploaded
+    finish(args, ready, result, run={"table": table}, log=log)
     if result.output is not None:
         publish(args, result, log=log)
     if main_process:
