@@ -143,7 +143,13 @@ def _code_files(auto_map: object, export: str | Path, own: tuple[str, ...] = ())
         for ref in reference if isinstance(reference, list) else [reference]:
             if ref is None:  # [slow, fast] pairs may leave one out
                 continue
-            module = ref.split("--")[-1].rsplit(".", 1)[0] if isinstance(ref, str) and "." in ref else ""
+            if isinstance(ref, str) and "--" in ref:  # repo--module.Class: transformers fetches that repo's code
+                raise RetrofitError(
+                    f"'{export}/config.json' auto_map[{auto_class!r}] = {ref!r} loads code from another Hub repo, "
+                    "which is not code retrofit writes for this export, so it is not uploaded; restore config.json's "
+                    "auto_map or re-export it"
+                )
+            module = ref.rsplit(".", 1)[0] if isinstance(ref, str) and "." in ref else ""
             if not module or "/" in module or "\\" in module:
                 raise _not_complete(export, f"config.json's auto_map[{auto_class!r}] = {ref!r} is not 'module.Class'")
             if module + ".py" not in own and (own or not _generated(Path(export) / f"{module}.py", module)):
@@ -217,7 +223,27 @@ def export_files(export: str | Path) -> list[str]:
     # retrofit did not write (a user's file of that name) is the user's too.
     optional = [RESULTS_FILE, CURVE_FILE, *(name for name in TOKENIZER_FILES if name in own)]
     present = [name for name in optional if (folder / name).is_file() and not (folder / name).is_symlink()]
-    return required + [name for name in present if card_file_ours(folder / name)]
+    files = required + [name for name in present if card_file_ours(folder / name)]
+    _check_no_other_code(folder, export, [name for name in files if name.endswith(".json")])
+    return files
+
+
+def _check_no_other_code(folder: Path, export: str | Path, names: list[str]) -> None:
+    """Refuse a processor's or tokenizer's config in the export that names code (an ``auto_map``): retrofit writes
+    none there, and ``trust_remote_code`` users of the repo would run what it names (another repo's code, too)."""
+    for name in names:
+        path = folder / name
+        if name == "config.json" or not path.is_file() or path.is_symlink():
+            continue
+        try:
+            content = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # (`check_loads` says what is wrong with it)
+            continue
+        if isinstance(content, dict) and content.get("auto_map"):
+            raise RetrofitError(
+                f"'{export}/{name}' names code to load (auto_map {brief(json.dumps(content['auto_map']), 80)}), which "
+                "retrofit never writes there, so it is not uploaded; remove its auto_map or re-export it"
+            )
 
 
 def check_loads(export: str | Path) -> None:

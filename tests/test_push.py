@@ -450,6 +450,26 @@ def test_a_failed_push_never_deletes_a_repo_made_by_someone_else_meanwhile(expor
     assert "Connection reset" in capsys.readouterr().err and hub["deleted"] == []
 
 
+def test_an_export_naming_code_of_another_repo_uploads_nothing(export_dir, hub, tmp_path, capsys):
+    """`evil/repo--modeling_vit_patch_merger.X` in config.json's auto_map passed (its module name is the export's),
+    and transformers fetches that repo's code for `trust_remote_code` users; an auto_map in the processor's config
+    was never looked at."""
+    folder = _copy(export_dir, tmp_path / "other-repo")
+    config = json.loads((folder / "config.json").read_text())
+    edited = {key: f"evil/repo--{ref}" for key, ref in config["auto_map"].items()}
+    (folder / "config.json").write_text(json.dumps({**config, "auto_map": edited}))
+    assert main(["push", str(folder), "--repo-id", "me/x"]) == 2
+    assert "loads code from another Hub repo" in capsys.readouterr().err
+    (folder / "config.json").write_text(json.dumps(config))
+    processor = json.loads((folder / "preprocessor_config.json").read_text())
+    processor["auto_map"] = {"AutoImageProcessor": "evil/repo--image_processing_evil.Evil"}
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    assert main(["push", str(folder), "--repo-id", "me/x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "preprocessor_config.json' names code to load (auto_map" in err and len(err.splitlines()) == 1
+    assert hub["commits"] == [] and hub["repos"] == []
+
+
 @pytest.mark.parametrize("module", ["secrets", "modeling_evil_patch_merger"])
 def test_an_auto_map_naming_a_file_retrofit_did_not_write_uploads_nothing(export_dir, hub, tmp_path, capsys, module):
     """A hand-edited auto_map is no way to publish another file of the folder (a user's secrets, say), even one
