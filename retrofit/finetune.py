@@ -824,19 +824,26 @@ def _check_clip_keys(model_config: dict) -> None:
                             "remove it from the recipe")  # fmt: skip
 
 
-# What a config's `to_dict` holds that describes a saved model rather than sets one up: the pretraining writes them
-# itself, so a recipe's value was taken without effect (dtype), or failed after the data was read (model_type).
-_NOT_SETTINGS = ("model_type", "transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype")
+def _not_settings() -> set[str]:
+    """What every config's `to_dict` holds besides its model's own fields (`PretrainedConfig`'s: how a saved model
+    was made and how its outputs are returned): the pretraining sets them itself, so a recipe's value was taken
+    without effect (dtype), broke the run after the data was read (model_type, return_dict), or mislabelled the
+    export (problem_type: a softmax classifier trained, sigmoid scores served)."""
+    from transformers import PretrainedConfig
+
+    return {*PretrainedConfig().to_dict(), "torch_dtype"}
 
 
 def _check_keys(given: dict, valid, where: str, what: str) -> None:
     """Refuse keys that `valid` lacks (configs accept unknown keyword arguments silently) or that the pretraining sets
-    itself (`_NOT_SETTINGS`), and a value that is not true or false where `valid` (a dict of defaults) holds a
+    itself (`_not_settings`), and a value that is not true or false where `valid` (a dict of defaults) holds a
     switch: `do_resize: maybe` resized, as any text is true."""
+    reserved = _not_settings() if where.startswith("pretrain.model") else set()
     for key, value in given.items():
-        if key in _NOT_SETTINGS and where.startswith("pretrain.model"):
-            raise RetrofitError(f"{where}.{key} is not a setting: the pretraining writes it itself (a float32 model "
-                                "of its class, by this release); remove it from the recipe")  # fmt: skip
+        if key in reserved:
+            raise RetrofitError(f"{where}.{key} is not a setting of the model: the pretraining sets it itself (a "
+                                "float32 classifier of its class, returning its outputs as transformers does); remove "
+                                "it from the recipe")  # fmt: skip
         if key not in valid:
             raise RetrofitError(f"unknown {what} '{key}' in {where}{did_you_mean(key, valid)}")
         if isinstance(valid, dict) and isinstance(valid[key], bool) and not isinstance(value, bool):

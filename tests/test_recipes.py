@@ -249,7 +249,7 @@ def test_pretrain_recipe_with_nested_overrides(tmp_path, capsys):
     }  # fmt: skip
     path = write(tmp_path / "pretrain.yaml", recipe)
     overrides = ("pretrain.model.hiden_size=32", "pretrain.model.hidden_size.x=1", "pretrain.model.num_labels=3",
-                 "pretrain.model.model_type=vit", "pretrain.model.dtype=float16")  # fmt: skip
+                 "pretrain.model.model_type=vit", "pretrain.model.return_dict=false")  # fmt: skip
     for override in overrides:
         assert main(["run", str(path), "--set", override]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -257,8 +257,9 @@ def test_pretrain_recipe_with_nested_overrides(tmp_path, capsys):
     assert "only pretrain.image_processor, pretrain.model take a third key" in err[1]
     assert "pretrain.model.num_labels is taken from the data's class names" in err[2]
     # accepted, model_type failed after the data was read ("cannot tell which ViT class"), dtype did nothing
-    assert "pretrain.model.model_type is not a setting: the pretraining writes it itself" in err[3]
-    assert "pretrain.model.dtype is not a setting" in err[4]
+    # a traceback after the data was read (return_dict), or a run that failed there (model_type)
+    assert "pretrain.model.model_type is not a setting of the model: the pretraining sets it itself" in err[3]
+    assert "pretrain.model.return_dict is not a setting of the model" in err[4]
     assert not (tmp_path / "baseline").exists()
 
     assert main(["run", str(path), "--set", "pretrain.model.hidden_size=24", "--set", "training.max_steps=1"]) == 0
