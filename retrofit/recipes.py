@@ -13,6 +13,7 @@ line, not to the recipe's folder: the shipped recipes are run from the repositor
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import typing
@@ -44,7 +45,10 @@ from .settings import (
 )
 
 # YAML 1.1 (PyYAML) reads 1e-4 as text; it needs 1.0e-4. Numbers written that way are read as numbers here.
-EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+# Numbers written as Python's int() and float() read them, as the options do: YAML 1.1 reads some as text (1e-4, +.5,
+# 08), and `_as_meant` takes those as numbers where the setting is one.
+NUMBER = re.compile(r"[-+]?(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)([eE][-+]?\d+)?")
+DECIMAL = re.compile(r"[-+]?\d[\d_]*")
 # Mappings passed through as keyword arguments (checked where they are used), so `--set` may reach inside them.
 FREE_FORM = {"pretrain.model", "pretrain.image_processor"}
 
@@ -149,13 +153,20 @@ def _build(group: type, values: dict, name_of: Callable[[str], str], where: str)
 
 
 def _as_meant(group: type, name: str, value):
-    """`value` as the recipe's author meant it: text such as ``1e-4`` is the number it spells (see
-    `EXPONENT_NUMBER`), and YAML 1.1's booleans ``no``/``yes`` (``false``/``true``, ``off``/``on``) are the words
-    ``no``/``yes`` where the setting is a choice of words that has them (``mixed_precision: no``)."""
-    if isinstance(value, str) and EXPONENT_NUMBER.fullmatch(value.strip()):
-        return float(value)
+    """`value` as the recipe's author meant it, as the option of the setting reads it: text that spells a number is
+    that number where the setting is one (``1e-4``, ``+.5``, ``08``: YAML 1.1 reads them as text; a text setting such
+    as a revision ``1234e56`` stays text), and YAML 1.1's booleans ``no``/``yes`` (``false``/``true``,
+    ``off``/``on``) are the words ``no``/``yes`` where the setting is a choice of words that has them
+    (``mixed_precision: no``)."""
+    kind = typing.get_type_hints(group).get(name)
+    kinds = set(typing.get_args(kind)) | {kind}
+    if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+        with contextlib.suppress(ValueError):  # (`1__0`: text, which the setting refuses)
+            if int in kinds and DECIMAL.fullmatch(value.strip()):
+                return int(value, 10)
+            if float in kinds:
+                return float(value)
     if isinstance(value, bool):
-        kind = typing.get_type_hints(group).get(name)
         word = "yes" if value else "no"
         if typing.get_origin(kind) is Literal and word in typing.get_args(kind):
             return word
@@ -305,9 +316,9 @@ class _RepeatedKey(Exception):
 def _loader() -> type:
     """`yaml.SafeLoader` refusing a key repeated in one mapping: ``training:`` twice would drop the first section's
     settings without a word. The keys ``<<: *alias`` merges in may be repeated (that is what merging is for).
-    Numbers read as the options read them (Python's ``int``/``float``), not as YAML 1.1 does: ``1e-4`` is a number
-    (PyYAML reads it as text, so ``--set training.lr=1e-4`` and ``--lr 1e-4`` differed), ``010`` is ten (YAML 1.1:
-    octal 8, where ``--tokens 010`` is 10), and ``1:30`` stays text (YAML 1.1: base 60, 90)."""
+    Integers read as the options read them (Python's ``int``), not as YAML 1.1 does: ``010`` is ten (YAML 1.1: octal
+    8, where ``--tokens 010`` is 10), and ``1:30`` stays text (YAML 1.1: base 60, 90); what YAML 1.1 reads as text
+    (``1e-4``, ``08``) `_as_meant` reads as the setting's option would."""
     import yaml
 
     class RecipeLoader(yaml.SafeLoader):
@@ -336,7 +347,6 @@ def _loader() -> type:
             text = self.construct_scalar(node)
             return text if ":" in text else super().construct_yaml_float(node)
 
-    RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_NUMBER, list("-+0123456789."))
     RecipeLoader.add_constructor("tag:yaml.org,2002:int", RecipeLoader.construct_yaml_int)
     RecipeLoader.add_constructor("tag:yaml.org,2002:float", RecipeLoader.construct_yaml_float)
     return RecipeLoader
@@ -345,6 +355,16 @@ def _loader() -> type:
 def _kind(value) -> str:
     """What `value` is, in a few words (never its possibly long repr)."""
     return f"a {type(value).__name__}"
+
+
+def _meant(dotted: str, value):
+    """`value` of the recipe key `dotted` (``section.key``) as the setting reads it (`_as_meant`): ``1e-4`` and
+    0.0001, ``no`` and false, are one value given twice."""
+    section, _, key = dotted.partition(".")
+    if section not in RECIPE_SECTIONS:
+        return value
+    owner = (section_keys(section) | section_keys(section, pretrain=True)).get(key)
+    return value if owner is None else _as_meant(owner[0], owner[1], value)
 
 
 def _given_value(overrides: dict[str, object], name: str) -> object:
@@ -401,7 +421,8 @@ def run_from_cli(
         key, value = key.strip(), parse_value(value)
         named = {f"{key}.{name}": each for name, each in value.items()} if isinstance(value, dict) else {key: value}
         for name, each in named.items():  # (a whole section, --set 'training={lr: 1}', gives each of its keys)
-            if name in given_keys and _given_value(overrides, name) != each:  # the last one won without a word
+            earlier = _given_value(overrides, name)
+            if name in given_keys and _meant(name, earlier) != _meant(name, each):  # the last one won without a word
                 raise RetrofitError(f"--set {item!r} gives {name} another value than {given_keys[name]} does "
                                     f"({_given_value(overrides, name)!r}); give it once")  # fmt: skip
             given_keys[name] = "an earlier --set"

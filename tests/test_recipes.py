@@ -75,19 +75,24 @@ def test_mistyped_keys_name_the_nearest(tmp_path, capsys):
 
 def test_a_value_given_twice_alike_is_one_value_and_numbers_read_as_the_options_read_them(monkeypatch, capsys):
     """`--set training.lr=1e-4` after `--lr 1e-4` was refused as "another value" (YAML 1.1 reads 1e-4 as text), and
-    `--set merge.tokens=010` or `tokens: 010` merged into 8 tokens (YAML 1.1's octal) where `--tokens 010` gives 10."""
+    `--set merge.tokens=010` or `tokens: 010` merged into 8 tokens (YAML 1.1's octal) where `--tokens 010` gives 10.
+    A text setting keeps text that spells a number: `--data-revision 1234e56` (a short commit) was refused."""
     from retrofit import recipes
-    from retrofit.recipes import parse_value
 
     ran = []
     monkeypatch.setattr(recipes, "_run_recipe", lambda path, overrides, **kw: ran.append(overrides) or {})
     fashion = str(RECIPES / "fashion-mnist.yaml")
-    for argv in (["--lr", "1e-4", "--set", "training.lr=1e-4"], ["--set", "training.lr=1e-4", "--set",
-                 "training={lr: 1.0e-4}"], ["--tokens", "010", "--set", "merge.tokens=10"]):  # fmt: skip
+    twice = (["--lr", "1e-4", "--set", "training.lr=1e-4"], ["--set", "training.lr=1e-4", "--set",
+             "training={lr: 1.0e-4}"], ["--tokens", "010", "--set", "merge.tokens=10"], ["--tokens", "08", "--set",
+             "merge.tokens=08"], ["--mixed-precision", "no", "--set", "training.mixed_precision=no"])  # fmt: skip
+    for argv in twice:
         assert main(["run", fashion, *argv]) == 0, capsys.readouterr().err
-    assert ran[0]["training.lr"] == 1e-4 and ran[1]["training"] == {"lr": 1e-4} and ran[2]["merge.tokens"] == 10
-    texts = ("010", "1_0", "0x10", "-0b11", "-7", "1e-4", "'1e-4'", "1:30")
-    assert [parse_value(text) for text in texts] == [10, 10, 16, -3, -7, 1e-4, "1e-4", "1:30"]
+    assert main(["run", fashion, "--data-revision", "1234e56", "--set", "training.alpha=+.5"]) == 0
+    read = [recipes.load_recipe(fashion, overrides) for overrides in ran]
+    assert read[0]["training"]["lr"] == read[1]["training"]["lr"] == 1e-4
+    assert read[2]["merge"]["tokens"] == 10 and read[3]["merge"]["tokens"] == 8
+    assert read[4]["training"]["mixed_precision"] == "no"
+    assert read[5]["data"]["revision"] == "1234e56" and read[5]["training"]["alpha"] == 0.5
 
 
 def test_a_recipe_file_that_is_no_recipe_is_one_line(tmp_path, capsys):
