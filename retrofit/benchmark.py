@@ -198,8 +198,14 @@ def checked_merge(config, after: str, tokens: int, image_size: tuple[int, int] |
 
 
 def _model_key(spec: str) -> str:
-    """What `spec` measures: a local file or folder by its resolved path, anything else (a Hub id, a shape) as given."""
-    path = Path(spec).expanduser()
+    """What `spec` measures: a local file or folder (a shipped ``retrofit:NAME`` too) by its resolved path, anything
+    else (a Hub id, a shape) as given."""
+    from .loading import resolve_source
+
+    try:
+        path = Path(resolve_source(spec))
+    except RetrofitError:  # (an unknown retrofit:NAME is refused where it is loaded)
+        return spec
     return str(path.resolve()) if path.exists() else spec
 
 

@@ -550,6 +550,15 @@ def test_repeated_models_and_merges_are_measured_once(tiny_vit, export_dir, tmp_
     assert len(err.splitlines()) == 1
 
 
+def test_a_shipped_checkpoint_and_its_folder_are_one_model():
+    """`bench retrofit:fashion-mnist-vit <its folder>` measured it twice, as two models."""
+    from retrofit.loading import ASSETS
+
+    shipped = benchmark._model_key("retrofit:fashion-mnist-vit")
+    assert shipped == benchmark._model_key(str(ASSETS / "fashion-mnist-vit")) != "retrofit:fashion-mnist-vit"
+    assert benchmark._model_key("retrofit:no-such-model") == "retrofit:no-such-model"  # refused where it is loaded
+
+
 def test_json_is_written_whole_or_not_at_all(tiny_vit, tmp_path):
     """A --json write that fails half way (here: a file-size limit, as a full disk would) leaves the old file as it
     was and ends in one line, not a traceback over a half-written file."""
