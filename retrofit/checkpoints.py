@@ -81,12 +81,16 @@ def default_checkpoint_dir(output: str | Path) -> Path:
 
 
 def is_checkpoint(folder: Path) -> bool:
-    """A complete checkpoint written by retrofit: a real ``step-NNNNNNNN`` folder holding Accelerate's state and
-    the progress (``progress.json``, or an older retrofit's pickle, which `--resume` refuses to load)."""
+    """A complete checkpoint written by retrofit: a real ``step-NNNNNNNN`` folder holding Accelerate's state (its
+    weights, not empty) and the progress (``progress.json``, or an older retrofit's pickle, which `--resume` refuses to
+    load). One without its weights is not: `--resume` named it "damaged" and told to resume from an older one, just
+    as damaged."""
     if folder.is_symlink() or not folder.is_dir() or not CHECKPOINT_NAME.fullmatch(folder.name):
         return False
-    weights = (folder / "model.safetensors").is_file()
-    return (folder / PROGRESS_FILE).is_file() or weights and (folder / PICKLED_PROGRESS).is_file()
+    weights = folder / "model.safetensors"
+    if not weights.is_file() or weights.stat().st_size == 0:
+        return False
+    return (folder / PROGRESS_FILE).is_file() or (folder / PICKLED_PROGRESS).is_file()
 
 
 def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:

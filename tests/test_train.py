@@ -131,6 +131,12 @@ def test_resume_names_the_damaged_checkpoints_not_the_output(tiny_vit, colours, 
     (tmp_path / "pm-checkpoints" / "step-00000002" / "progress.json").unlink()
     with pytest.raises(RetrofitError, match=r"step-00000002' is named like a checkpoint but is not a whole one"):
         finetune(tiny_vit, output=tmp_path / "pm", resume=True, **settings)
+    # weights emptied in every checkpoint: "damaged; delete it to resume from step-00000001", which was too
+    finetune(tiny_vit, output=tmp_path / "two", **{**settings, "save_every": 1})
+    for step in ("step-00000001", "step-00000002"):
+        (tmp_path / "two-checkpoints" / step / "model.safetensors").write_bytes(b"")
+    with pytest.raises(RetrofitError, match=r"step-00000001' is named like a checkpoint but is not a whole one"):
+        finetune(tiny_vit, output=tmp_path / "two", resume=True, **settings)
 
 
 def test_resume_reaches_the_same_weights(tiny_vit, colours, tmp_path):
