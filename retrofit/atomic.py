@@ -346,7 +346,8 @@ def _refuse_replacing(output: Path, kind: Kind, option: str) -> None:
         shown = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
         raise RetrofitError(
             f"{what} '{output}' is {kind.name} but also holds files retrofit did not write ({shown}), which "
-            f"--overwrite would delete; move them out or choose another {option}"
+            f"replacing it (--overwrite, or --resume of the run that wrote it) would delete; move them out or choose "
+            f"another {option}"
         )
     raise RetrofitError(
         f"{what} '{output}' exists and is not {kind.name}, so --overwrite does not replace it (retrofit replaces "

@@ -93,6 +93,9 @@ def test_resuming_a_finished_run_keeps_its_export_and_scores_new_images_anew(tin
     assert any("the checkpoints' evaluations scored other images than this run does" in line for line in said)
     unscored = finetune(tiny_vit, output=out, resume=True, **{**settings, "eval_split": ""})
     assert unscored.final_evaluation == {} and unscored.eval_history == []
+    (out / "NOTES.txt").write_text("mine")  # refused before training: this run could write other weights over it
+    with pytest.raises(RetrofitError, match=r"\(NOTES.txt\), which replacing it \(--overwrite, or --resume of the run"):
+        finetune(tiny_vit, output=out, resume=True, **settings)
 
 
 def test_a_checkpoint_whose_optimizer_or_schedule_is_not_this_runs_is_refused(tiny_vit, colours, tmp_path):
