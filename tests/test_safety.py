@@ -1546,6 +1546,7 @@ def test_resume_compares_every_recorded_setting_but_the_budget_output_and_start(
     checkpoint = tmp_path / "step-00000002"
     checkpoint.mkdir()
     (checkpoint / "progress.json").write_text(json.dumps({"step": 2, "epoch": 0, "batch": 2, "files": []}))
+    (checkpoint / "model.safetensors").write_bytes(b"weights")
     (tmp_path / "run.json").unlink()
     with pytest.raises(RetrofitError, match=r"run.json' is missing: retrofit wrote it with the checkpoints there"):
         check_same_run(tmp_path, same)
