@@ -134,6 +134,24 @@ def resume_owns_output(checkpoint_dir: Path, output: str | Path) -> bool:
     return owned
 
 
+def scores_other_images(checkpoint_dir: Path, evaluated: str | None) -> bool:
+    """Whether a resumed run scoring `evaluated` (`finetune.evaluated_images`) scores other images than the run its
+    checkpoints began (``run.json``'s `EVALUATED`; a record without it, of an older retrofit, is taken as alike):
+    their evaluations, the last one of a finished run too, are of those images."""
+    record = read_run_record(checkpoint_dir) or {}
+    return EVALUATED in record and record[EVALUATED] != evaluated
+
+
+def resumes(checkpoint_dir: Path, *, resume: bool, overwrite: bool) -> bool:
+    """Whether a run continues the checkpoints in `checkpoint_dir` (``--resume`` and a whole one there). With
+    ``--resume`` and none whole, damaged ones are refused by name first (`check_checkpoints`): the output they export
+    to was refused as existing instead, with advice to pass ``--overwrite``, which throws them away."""
+    resuming = resume and bool(list_checkpoints(checkpoint_dir))
+    if resume and not overwrite and not resuming:
+        check_checkpoints(checkpoint_dir, resume=resume, overwrite=overwrite)
+    return resuming
+
+
 def read_run_record(checkpoint_dir: Path) -> dict | None:
     """The ``run.json`` retrofit wrote into `checkpoint_dir` (a regular file holding a JSON object with the keys every
     retrofit since run.json records), or None: there is none, or the file there is not one (retrofit writes it whole,

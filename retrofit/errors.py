@@ -277,7 +277,6 @@ def describe_os_error(exc: OSError) -> str:
     """A one-line message for a file-system error (full disk, permissions, a file where a folder should be); a path
     under a cache folder an environment variable sets (``HF_HOME``, ...) names that variable, as the user gave no such
     path."""
-
     given = [_as_given(os.fsdecode(name)) if isinstance(name, str | bytes) else name
              for name in (exc.filename, exc.filename2) if name is not None]  # fmt: skip
     paths = [os.path.abspath(name) for name in given if isinstance(name, str)]

@@ -50,7 +50,7 @@ def export(
     tokenizer and code alike) is left as it is, with the card a user wrote notes into and the results scored on it;
     `log` hears that it was. `run`: a recipe run's before/after table ({"table": ...}), written into the card's
     Results and `retrofit_results.json` before the folder takes its place (written after it, a kill between the two
-    left an export without them).
+    left an export without them), or into the export kept.
     """
     if not isinstance(model, PreTrainedModel) or not is_merged(model.config):
         raise RetrofitError("export() takes a merged model; make one with retrofit.insert_patch_merger first")
@@ -73,6 +73,10 @@ def export(
     try:
         _write(model, output, overwrite, classes, image_processor, tokenizer, card, family, keep_same, run)
     except _AlreadyThere:
+        if run is not None:  # the export stays; this run's table replaces the one it showed
+            from .card import update_card
+
+            update_card(output, run=run)
         if log is not None:
             log(f"'{output}' already holds this model (the run had finished): left as it is, its card and results kept")
         return Path(output)

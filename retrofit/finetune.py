@@ -146,8 +146,8 @@ def prepare(
         check_checkpoints,
         check_same_run,
         default_checkpoint_dir,
-        list_checkpoints,
         resume_owns_output,
+        resumes,
         run_settings,
         training_options,
     )
@@ -170,9 +170,7 @@ def prepare(
     resolve_source(source)  # a bad retrofit:NAME is refused first
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else default_checkpoint_dir(output)
     check_checkpoint_dir(checkpoint_dir, output, inputs=(source, args.teacher, args.data))
-    resuming = args.resume and bool(list_checkpoints(checkpoint_dir))
-    if args.resume and not args.overwrite and not resuming:  # damaged checkpoints named, not the output
-        check_checkpoints(checkpoint_dir, resume=args.resume, overwrite=args.overwrite)
+    resuming = resumes(checkpoint_dir, resume=args.resume, overwrite=args.overwrite)
     owned = resuming and resume_owns_output(checkpoint_dir, output)  # the output the resumed run was writing
     check_output(output, args.overwrite or owned, inputs=(source, args.teacher, args.data))
     hold_write_lock(output, "--output")
@@ -289,10 +287,6 @@ def finish(
            overwrite=args.overwrite or ready.resuming, source_config=ready.source_config,
            keep_same=ready.resuming, run=run, log=(kept := []).append)  # fmt: skip
     log(kept[0] if kept else f"wrote {args.output} (checkpoints in {ready.checkpoint_dir})")
-    if kept and run is not None:  # the export stays; the table of this run replaces the one it showed
-        from .card import update_card
-
-        update_card(args.output, run=run)
     result.output = Path(args.output)
 
 
@@ -629,9 +623,9 @@ def pretrain(
     from .checkpoints import (
         check_checkpoints,
         default_checkpoint_dir,
-        list_checkpoints,
         output_record,
         resume_owns_output,
+        resumes,
     )
     from .data import class_names, load_split, named_classes, read_splits
     from .loading import check_config, processor_image_size
@@ -666,9 +660,7 @@ def pretrain(
     )
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(output)
     check_checkpoint_dir(checkpoint_dir, output, inputs=(run.data,))
-    resuming = resume and bool(list_checkpoints(checkpoint_dir))
-    if resume and not overwrite and not resuming:  # damaged checkpoints named, not the output
-        check_checkpoints(checkpoint_dir, resume=resume, overwrite=overwrite)
+    resuming = resumes(checkpoint_dir, resume=resume, overwrite=overwrite)
     owned = resuming and resume_owns_output(checkpoint_dir, output)  # the output the resumed run was writing
     check_output(output, overwrite or owned, kind=BASELINE, inputs=(run.data,))
     hold_write_lock(output, "--output")

@@ -44,7 +44,6 @@ from .settings import (
     recipe_key,
 )
 
-# YAML 1.1 (PyYAML) reads 1e-4 as text; it needs 1.0e-4. Numbers written that way are read as numbers here.
 # Numbers written as Python's int() and float() read them, as the options do: YAML 1.1 reads some as text (1e-4, +.5,
 # 08), and `_as_meant` takes those as numbers where the setting is one.
 NUMBER = re.compile(r"[-+]?(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)([eE][-+]?\d+)?")
@@ -424,7 +423,7 @@ def run_from_cli(
             earlier = _given_value(overrides, name)
             if name in given_keys and _meant(name, earlier) != _meant(name, each):  # the last one won without a word
                 raise RetrofitError(f"--set {item!r} gives {name} another value than {given_keys[name]} does "
-                                    f"({_given_value(overrides, name)!r}); give it once")  # fmt: skip
+                                    f"({earlier!r}); give it once")  # fmt: skip
             given_keys[name] = "an earlier --set"
         overrides[key] = value
     return _run_recipe(args.recipe, overrides, overwrite=args.overwrite, resume=args.resume, log=log, show=show)
@@ -499,10 +498,11 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
     training (the loop's step-0 evaluation) and timed against each other; the table goes into the model card."""
     from .atomic import is_launch_main, refuse_inputs, write_report
     from .benchmark import hardware_name, images_per_second
+    from .checkpoints import scores_other_images
     from .cost import model_cost
     from .data import read_splits
     from .evaluation import first_images_text, is_backbone
-    from .finetune import finish, prepare, publish, train_prepared
+    from .finetune import evaluated_images, finish, prepare, publish, train_prepared
     from .loading import classifier_is_new, is_merged, load_config, load_model, processor_image_size
     from .provenance import public_name
 
@@ -582,7 +582,7 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
     history = [h for h in result.eval_history if quality in h]
     column = "teacher_agreement" if quality == "agreement" else quality  # a row's "agreement" is zero-shot's
     # a resumed run that scores other images than its checkpoints' first run: `train` dropped their evaluations
-    elsewhere = ready.resuming and not _evaluated_alike(args, ready)
+    elsewhere = ready.resuming and scores_other_images(ready.checkpoint_dir, evaluated_images(args, ready))
     if before and (elsewhere or history and history[0]["step"] == 0):
         init = "as exported" if continued else "calibrated init" if args.calibrate else "random init"
         start = None if elsewhere else history[0][quality]
@@ -627,16 +627,6 @@ def _run_finetune(recipe: dict, path, *, overwrite: bool, resume: bool, progress
         except (RetrofitError, OSError) as exc:  # (a full disk: the run itself is done, its export written)
             log(f"warning: results.json not written: {exc}")
     return summary
-
-
-def _evaluated_alike(args, ready) -> bool:
-    """Whether a resumed run scores the images its checkpoints' first run scored (run.json's `EVALUATED`; a record
-    without it, of an older retrofit: taken as alike)."""
-    from .checkpoints import EVALUATED, read_run_record
-    from .finetune import evaluated_images
-
-    record = read_run_record(ready.checkpoint_dir) or {}
-    return EVALUATED not in record or record[EVALUATED] == evaluated_images(args, ready)
 
 
 def _speed_note(hardware: str, batch_size: int, image_size: tuple[int, int], speeds: dict, spreads: dict) -> str:

@@ -38,6 +38,7 @@ from .checkpoints import (
     remove_checkpoints,
     run_settings,
     save_checkpoint,
+    scores_other_images,
     training_options,
 )
 from .data import mixup_batch
@@ -674,7 +675,7 @@ def train(
                 f"--max-steps {progress.step} or more, or pass --overwrite to start over"
             )
         log(f"resumed from {latest} (step {progress.step}, epoch {progress.epoch}, batch {progress.batch})")
-        if progress.evaluations and _scores_other_images(checkpoint_dir, settings):
+        if progress.evaluations and EVALUATED in settings and scores_other_images(checkpoint_dir, settings[EVALUATED]):
             log("note: the checkpoints' evaluations scored other images than this run does (data, --eval-split or "
                 "--eval-limit changed), so they are dropped; the trained model is scored again at the end")  # fmt: skip
             progress.evaluations.clear()
@@ -831,16 +832,6 @@ def train(
             tracker.finish()
     keep_process_group()
     return result
-
-
-def _scores_other_images(checkpoint_dir: Path, settings: dict) -> bool:
-    """Whether a resumed run scores other images than the run its checkpoints began (``run.json``'s `EVALUATED`; a
-    record without it, of an older retrofit, is taken as alike): their evaluations, the last one of a finished run
-    too, are of those images, yet the card and tables would name this run's."""
-    from .checkpoints import read_run_record
-
-    record = read_run_record(checkpoint_dir) or {}
-    return EVALUATED in record and EVALUATED in settings and record[EVALUATED] != settings[EVALUATED]
 
 
 @contextlib.contextmanager
